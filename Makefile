@@ -1,0 +1,46 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint typecheck pytest mosquitto venv clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# The tests and the demo start their own private broker; they need the binary only.
+mosquitto:
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing the mosquitto Debian package"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	else \
+		echo "edgefleet needs the MQTT broker binary 'mosquitto'."; \
+		echo "Install it as root:  sudo apt-get install mosquitto   (Debian/Ubuntu)"; \
+		exit 1; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check agent controller tests bench
+	$(BIN)/ruff format --check agent controller tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict agent controller
+
+pytest: $(STAMP) mosquitto
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+demo: $(STAMP) mosquitto
+	$(BIN)/python -m controller.demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,69 @@
+"""Errors of the agent, one tree, by cause.
+
+::
+
+    AgentError
+    ├── ConfigError            the operator's config is wrong (fix the file, restart)
+    ├── UntrustedInputError    something from outside was rejected (never retried blindly)
+    │   ├── BundleError        a bundle or its manifest is malformed or unsafe
+    │   └── DesiredStateError  the fleet's desired state is malformed
+    ├── FetchError             a transient transport failure (retried on the next poll)
+    ├── ModelError             a model could not be loaded or failed its golden vectors
+    │   └── GoldenMismatchError
+    └── InferenceError         a request could not be served
+        ├── InvalidRequestError    the client sent something wrong (HTTP 400)
+        ├── ModelNotFoundError     unknown model or version (HTTP 404)
+        └── NotReadyError          the model exists but cannot serve now (HTTP 503)
+
+HTTP status codes are chosen at the HTTP edge (``agent.server``), not here.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Root of every error the agent raises on purpose."""
+
+
+class ConfigError(AgentError):
+    """The agent's configuration is invalid."""
+
+
+class UntrustedInputError(AgentError):
+    """Input from outside the device was rejected."""
+
+
+class BundleError(UntrustedInputError):
+    """A bundle or its manifest is malformed or unsafe to unpack."""
+
+
+class DesiredStateError(UntrustedInputError):
+    """A fleet's desired-state document is malformed."""
+
+
+class FetchError(AgentError):
+    """A transient failure to fetch metadata or a target."""
+
+
+class ModelError(AgentError):
+    """A model could not be loaded or checked."""
+
+
+class GoldenMismatchError(ModelError):
+    """A model did not reproduce its golden vectors within tolerance."""
+
+
+class InferenceError(AgentError):
+    """A request could not be served."""
+
+
+class InvalidRequestError(InferenceError):
+    """The client's request is malformed or does not match the model's signature."""
+
+
+class ModelNotFoundError(InferenceError):
+    """The requested model or version is not served here."""
+
+
+class NotReadyError(InferenceError):
+    """The model is known but cannot serve right now."""
