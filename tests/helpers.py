@@ -1,0 +1,117 @@
+"""Shared test helpers: a private mosquitto on a free port and small real ONNX models."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+    )
+    if found is None:
+        raise RuntimeError(
+            "mosquitto is not installed: run `make test` (it installs it)"
+            " or apt-get install mosquitto"
+        )
+    return found
+
+
+@dataclass
+class Broker:
+    host: str
+    port: int
+    process: subprocess.Popen[bytes]
+    config: Path
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_broker(workdir: Path, port: int | None = None) -> Broker:
+    """Start a private mosquitto on 127.0.0.1 and a free port; anonymous, no persistence."""
+    port = port or free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\n"
+        "allow_anonymous true\n"
+        "persistence false\n"
+        "set_tcp_nodelay true\n"
+        "max_queued_messages 100000\n"
+        "log_dest stderr\n"
+        "log_type error\n"
+        "log_type warning\n"
+    )
+    log = open(workdir / "mosquitto.log", "ab")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log, stderr=log)
+    try:
+        wait_for_port(port)
+    except TimeoutError:
+        proc.kill()
+        raise
+    return Broker(host="127.0.0.1", port=port, process=proc, config=conf)
+
+
+def make_linear_model(path: Path, seed: int, in_features: int = 4, out_features: int = 3) -> Path:
+    """A small real ONNX model: y = softmax(x @ W + b), x float32 [N, in_features].
+
+    Different seeds give different weights, so two versions compute different outputs.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(in_features, out_features)).astype(np.float32)
+    b = rng.normal(size=(out_features,)).astype(np.float32)
+    graph = helper.make_graph(
+        nodes=[
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("Add", ["xw", "b"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["y"], axis=-1),
+        ],
+        name=f"linear_{seed}",
+        inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", in_features])],
+        outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out_features])],
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
