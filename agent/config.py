@@ -1,0 +1,226 @@
+"""The agent's configuration: frozen dataclasses loaded once from TOML.
+
+Every key has a default except the device's identity (``device_id``, ``fleet``) and the
+repository URL. Environment variables override the file: ``EDGE_AGENT_<KEY>`` for
+top-level keys and ``EDGE_AGENT_<SECTION>_<KEY>`` for keys in a section (for example
+``EDGE_AGENT_MQTT_PORT=1884``). docs/configuration.md lists every key.
+
+Invariants: a loaded ``AgentConfig`` has valid names, positive intervals and absolute
+or config-relative paths resolved to absolute ones. Loading raises ``ConfigError``
+naming the key, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.contracts import InvalidNameError, check_name
+from agent.errors import ConfigError
+
+ENV_PREFIX = "EDGE_AGENT_"
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    keepalive_s: int = 30
+    username: str = ""
+    password: str = ""
+    # Seconds between reconnect attempts grow from min to max.
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    url: str = ""
+    # The announcement over MQTT is the fast path; the poll catches lost messages.
+    poll_interval_s: float = 300.0
+    poll_jitter_s: float = 30.0
+    # Per request: connect and read timeouts; per file: an overall deadline.
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 30.0
+    download_deadline_s: float = 600.0
+    max_bundle_bytes: int = 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    socket_path: Path = Path("/run/edge-agent/infer.sock")
+    socket_mode: int = 0o660
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_concurrency: int = 4
+    intra_op_threads: int = 1
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str
+    fleet: str
+    state_dir: Path = Path("/var/lib/edge-agent")
+    trusted_root: Path = Path("/etc/edge-agent/root.json")
+    log_level: str = "INFO"
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    repository: RepositoryConfig = field(default_factory=RepositoryConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+
+_SECTIONS: Mapping[str, type[Any]] = {
+    "mqtt": MqttConfig,
+    "repository": RepositoryConfig,
+    "inference": InferenceConfig,
+}
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _coerce(raw: Any, kind: Any, base_dir: Path) -> Any:
+    """Coerce a TOML value, or a string from the environment, to ``kind``."""
+    if isinstance(raw, bool) and kind is not bool:
+        raise TypeError(raw)
+    if kind is Path:
+        path = Path(str(raw))
+        return path if path.is_absolute() else (base_dir / path).resolve()
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in _TRUE + _FALSE:
+            return raw.lower() in _TRUE
+        raise TypeError(raw)
+    if kind is int:
+        return raw if isinstance(raw, int) else int(str(raw), 0)
+    if kind is float:
+        return float(raw) if isinstance(raw, int | float) else float(str(raw))
+    if isinstance(raw, str):
+        return raw
+    raise TypeError(raw)
+
+
+def _convert(key: str, raw: Any, kind: Any, base_dir: Path) -> Any:
+    """Convert a value to the field's type, or raise ConfigError naming the key."""
+    try:
+        return _coerce(raw, kind, base_dir)
+    except (TypeError, ValueError):
+        name = getattr(kind, "__name__", str(kind))
+        raise ConfigError(f"config key {key!r}: expected {name}, got {raw!r}") from None
+
+
+def _build(cls: type[Any], values: Mapping[str, Any], prefix: str, base_dir: Path) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!r}; known keys: {', '.join(sorted(known))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        kind = hints[f.name]
+        if isinstance(kind, types.GenericAlias | types.UnionType):
+            raise ConfigError(f"config key {prefix}{f.name} has an unsupported type")
+        kwargs[f.name] = _convert(prefix + f.name, values[f.name], kind, base_dir)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"config section {prefix or 'top level'}: {exc}") from None
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Collect EDGE_AGENT_* variables into the same nested shape as the TOML file."""
+    out: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        for section in _SECTIONS:
+            if name.startswith(section + "_"):
+                out.setdefault(section, {})[name[len(section) + 1 :]] = value
+                break
+        else:
+            out[name] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_config(
+    doc: Mapping[str, Any], base_dir: Path, environ: Mapping[str, str] | None = None
+) -> AgentConfig:
+    """Build an AgentConfig from a parsed TOML document plus environment overrides."""
+    values = _merge(dict(doc), _env_overrides(environ if environ is not None else {}))
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        raw = values.pop(name, {})
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"config section [{name}] must be a table, got {raw!r}")
+        sections[name] = _build(cls, raw, f"{name}.", base_dir)
+    for required in ("device_id", "fleet"):
+        if required not in values:
+            raise ConfigError(f"config key {required!r} is required")
+    top = _build(AgentConfig, values, "", base_dir)
+    config: AgentConfig = dataclasses.replace(top, **sections)
+    _validate(config)
+    return config
+
+
+def _validate(config: AgentConfig) -> None:
+    try:
+        check_name("device", config.device_id)
+        check_name("fleet", config.fleet)
+    except InvalidNameError as exc:
+        raise ConfigError(str(exc)) from None
+    if not config.repository.url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"config key 'repository.url': expected an http:// or https:// URL, "
+            f"got {config.repository.url!r}"
+        )
+    positive = {
+        "repository.poll_interval_s": config.repository.poll_interval_s,
+        "repository.connect_timeout_s": config.repository.connect_timeout_s,
+        "repository.read_timeout_s": config.repository.read_timeout_s,
+        "repository.download_deadline_s": config.repository.download_deadline_s,
+        "repository.max_bundle_bytes": config.repository.max_bundle_bytes,
+        "inference.max_concurrency": config.inference.max_concurrency,
+        "inference.intra_op_threads": config.inference.intra_op_threads,
+        "mqtt.port": config.mqtt.port,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key {key!r}: expected a positive number, got {value}")
+    if config.repository.poll_jitter_s < 0:
+        raise ConfigError("config key 'repository.poll_jitter_s' must not be negative")
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> AgentConfig:
+    """Load the agent's TOML config; relative paths are relative to the file's folder."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        doc = tomllib.loads(raw.decode())
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    env = os.environ if environ is None else environ
+    return parse_config(doc, path.parent.resolve(), env)

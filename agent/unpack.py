@@ -1,0 +1,184 @@
+"""Safe unpacking of a bundle (an uncompressed tar) into a version directory.
+
+The bundle's hash was verified by TUF before it gets here, but unpacking still trusts
+nothing: a release key can sign a bad archive by mistake. Unpacking refuses
+
+- members that are not regular files (links, devices, FIFOs, directories),
+- names that are absolute, contain ``/`` or ``..``, or are not in the fixed member set,
+- duplicate members, a manifest that is not the first member or is over 1 MiB,
+- members over ``max_member_bytes``, or whose size or sha256 differ from the manifest,
+- an archive whose unpacked total exceeds ``max_total_bytes``,
+- a manifest whose model name or version differs from what desired state asked for.
+
+It writes into a fresh temporary directory beside the destination, fsyncs every file,
+and renames the directory into place: a crash leaves either nothing or a whole version.
+Raises ``BundleError`` naming the member and the rule.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tarfile
+from pathlib import Path
+from typing import IO
+
+from agent.contracts import (
+    BUNDLE_MANIFEST,
+    BUNDLE_OPTIONAL_MEMBERS,
+    BUNDLE_REQUIRED_MEMBERS,
+    Manifest,
+    parse_manifest,
+)
+from agent.errors import BundleError
+from agent.fsutil import durable_rename, fsync_dir, remove_tree
+
+MAX_MANIFEST_BYTES = 1024 * 1024
+_COPY_CHUNK = 1024 * 1024
+
+
+def _check_member(member: tarfile.TarInfo, seen: set[str], max_member_bytes: int) -> None:
+    name = member.name
+    if not member.isreg():
+        raise BundleError(
+            f"bundle member {name!r} is not a regular file (links and devices are refused)"
+        )
+    if name.startswith("/") or "/" in name or name in ("", ".", ".."):
+        raise BundleError(f"bundle member {name!r} has a path; members must be plain file names")
+    if name not in BUNDLE_REQUIRED_MEMBERS + BUNDLE_OPTIONAL_MEMBERS:
+        raise BundleError(f"unexpected bundle member {name!r}")
+    if name in seen:
+        raise BundleError(f"bundle member {name!r} appears twice")
+    if member.size > max_member_bytes:
+        raise BundleError(
+            f"bundle member {name!r} is {member.size} bytes, over the limit of {max_member_bytes}"
+        )
+
+
+def _copy_hashed(src: IO[bytes], dst_path: Path, limit: int) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(dst_path, "wb") as dst:
+        while chunk := src.read(_COPY_CHUNK):
+            size += len(chunk)
+            if size > limit:
+                raise BundleError(f"bundle member {dst_path.name!r} is larger than it claims")
+            digest.update(chunk)
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    return size, digest.hexdigest()
+
+
+def unpack_bundle(
+    bundle: Path,
+    destination: Path,
+    *,
+    expected_name: str,
+    expected_version: str,
+    max_member_bytes: int,
+    max_total_bytes: int,
+) -> Manifest:
+    """Unpack ``bundle`` into ``destination`` (which must not exist) and return its manifest."""
+    if destination.exists():
+        raise FileExistsError(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = destination.with_name(f".unpack-{destination.name}-{os.getpid()}")
+    remove_tree(staging)
+    staging.mkdir()
+    try:
+        manifest = _extract(
+            bundle, staging, expected_name, expected_version, max_member_bytes, max_total_bytes
+        )
+        fsync_dir(staging)
+        durable_rename(staging, destination)
+        return manifest
+    except BaseException:
+        remove_tree(staging)
+        raise
+
+
+def _extract(
+    bundle: Path,
+    staging: Path,
+    expected_name: str,
+    expected_version: str,
+    max_member_bytes: int,
+    max_total_bytes: int,
+) -> Manifest:
+    try:
+        archive = tarfile.open(bundle, mode="r:")  # noqa: SIM115 - closed by the with below
+    except (tarfile.TarError, OSError) as exc:
+        raise BundleError(f"bundle is not a readable tar archive: {exc}") from None
+    manifest: Manifest | None = None
+    seen: set[str] = set()
+    total = 0
+    with archive:
+        try:
+            for member in archive:
+                _check_member(member, seen, max_member_bytes)
+                seen.add(member.name)
+                total += member.size
+                if total > max_total_bytes:
+                    raise BundleError(
+                        f"bundle unpacks to more than the limit of {max_total_bytes} bytes"
+                    )
+                source = archive.extractfile(member)
+                if source is None:
+                    raise BundleError(f"bundle member {member.name!r} has no content")
+                if manifest is None:
+                    raw = _read_manifest_bytes(member, source)
+                    manifest = _check_manifest(raw, expected_name, expected_version)
+                    _write_synced(staging / BUNDLE_MANIFEST, raw)
+                    continue
+                _extract_member(member, source, staging, manifest)
+        except tarfile.TarError as exc:
+            raise BundleError(f"bundle archive is corrupt: {exc}") from None
+    if manifest is None:
+        raise BundleError("bundle is empty")
+    missing = sorted(set(manifest.members) - seen)
+    if missing:
+        raise BundleError(f"bundle lacks member(s) its manifest lists: {', '.join(missing)}")
+    return manifest
+
+
+def _read_manifest_bytes(member: tarfile.TarInfo, source: IO[bytes]) -> bytes:
+    if member.name != BUNDLE_MANIFEST:
+        raise BundleError(f"the first bundle member must be {BUNDLE_MANIFEST}, got {member.name!r}")
+    if member.size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{BUNDLE_MANIFEST} is {member.size} bytes, over {MAX_MANIFEST_BYTES}")
+    return source.read(MAX_MANIFEST_BYTES + 1)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _check_manifest(raw: bytes, expected_name: str, expected_version: str) -> Manifest:
+    manifest = parse_manifest(raw)
+    if (manifest.name, manifest.version) != (expected_name, expected_version):
+        raise BundleError(
+            f"bundle holds {manifest.name} {manifest.version}, "
+            f"but desired state asked for {expected_name} {expected_version}"
+        )
+    return manifest
+
+
+def _extract_member(
+    member: tarfile.TarInfo, source: IO[bytes], staging: Path, manifest: Manifest
+) -> None:
+    expected = manifest.members.get(member.name)
+    if expected is None:
+        raise BundleError(f"bundle member {member.name!r} is not listed in the manifest")
+    if member.size != expected["size"]:
+        raise BundleError(
+            f"bundle member {member.name!r}: size expected {expected['size']}, got {member.size}"
+        )
+    size, digest = _copy_hashed(source, staging / member.name, member.size)
+    if size != member.size or digest != expected["sha256"]:
+        raise BundleError(
+            f"bundle member {member.name!r}: sha256 expected {expected['sha256']}, got {digest}"
+        )
