@@ -1,0 +1,360 @@
+"""The signed TUF repository on disk: a thin layer over ``tuf.api.metadata``.
+
+Layout of a repository directory::
+
+    edgectl.json              settings (schema, expiry policy); marks an initialised repo
+    .lock                     the exclusive lock every change holds (``fsio.repo_lock``)
+    keys/<role>.pem           private keys, 0600 in a 0700 directory (never served)
+    metadata/N.root.json      every root version; metadata/root.json is a copy of the
+                              latest one, the trust anchor agents are enrolled with
+    metadata/N.targets.json   top-level targets: bundles, signed by the release key
+    metadata/N.rollout.json   delegated online role (``fleets/*/*``): desired states
+    metadata/N.snapshot.json
+    metadata/timestamp.json
+    targets/<dir>/<sha256>.<basename>   target files under consistent-snapshot names
+
+Invariants:
+- Consistent snapshots: a published metadata or target file is never rewritten; a change
+  writes a new version. Only ``timestamp.json`` and the ``root.json`` copy are replaced.
+- The current version of a role is the one the chain names: timestamp → snapshot →
+  targets / rollout; root is the highest ``N.root.json``.
+- Writes go bottom-up (target files, then the role naming them, then snapshot, then
+  timestamp), each atomic, so a client never sees a name for a file that is not there.
+- Only sha256 hashes; no ``custom`` fields; expiries always set from ``ExpiryPolicy``.
+- Callers hold ``repo_lock`` around any change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+from securesystemslib.signer import CryptoSigner  # type: ignore[attr-defined]
+from tuf.api.exceptions import RepositoryError as TufRepositoryError
+
+# tuf.api.metadata re-exports these from a private module without ``__all__``.
+from tuf.api.metadata import (  # type: ignore[attr-defined]
+    DelegatedRole,
+    Delegations,
+    Metadata,
+    MetaFile,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization import DeserializationError
+from tuf.api.serialization.json import JSONSerializer
+
+from agent.contracts import ROLLOUT_PATHS, ROLLOUT_ROLE
+from controller.errors import RepositoryError, UsageError
+from controller.fsio import atomic_write, make_dir
+from controller.keys import generate_key, load_key, save_key
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_FILE: Final = "edgectl.json"
+SETTINGS_SCHEMA: Final = "edgefleet.repository/1"
+TOP_ROLES: Final = ("root", "targets", "snapshot", "timestamp")
+ALL_ROLES: Final = (*TOP_ROLES, ROLLOUT_ROLE)
+HASH_ALGORITHMS: Final = ["sha256"]
+_ROOT_FILE_RE: Final = re.compile(r"^([1-9][0-9]*)\.root\.json$")
+
+
+@dataclass(frozen=True)
+class ExpiryPolicy:
+    """How long each role's metadata stays valid after it is signed, in days."""
+
+    root_days: int = 365
+    targets_days: int = 365
+    rollout_days: int = 30
+    snapshot_days: int = 7
+    timestamp_days: int = 1
+
+    def lifetime(self, role: str) -> timedelta:
+        return timedelta(days=getattr(self, f"{role}_days"))
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UsageError(f"expiry {f.name} must be a whole number >= 1, got {value!r}")
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def is_repository(path: Path) -> bool:
+    """True when ``path`` already holds a repository (or the remains of one)."""
+    return (path / SETTINGS_FILE).exists() or any(
+        (path / sub).is_dir() and any((path / sub).iterdir()) for sub in ("metadata", "keys")
+    )
+
+
+class Repository:
+    """An initialised repository directory. Construct with ``Repository.open``."""
+
+    def __init__(self, path: Path, policy: ExpiryPolicy) -> None:
+        self.path = path
+        self.policy = policy
+        self.metadata_dir = path / "metadata"
+        self.targets_dir = path / "targets"
+        self.keys_dir = path / "keys"
+        self._serializer = JSONSerializer(compact=False)
+
+    @classmethod
+    def open(cls, path: Path) -> Repository:
+        """Open an initialised repository; raise RepositoryError naming ``edgectl init``."""
+        settings = path / SETTINGS_FILE
+        try:
+            doc = json.loads(settings.read_bytes())
+        except FileNotFoundError:
+            raise RepositoryError(
+                f"{path} is not an edgectl repository (no {SETTINGS_FILE}); "
+                f"create one with `edgectl init {path}`"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise RepositoryError(f"cannot read {settings}: {exc}") from None
+        if not isinstance(doc, dict) or doc.get("schema") != SETTINGS_SCHEMA:
+            raise RepositoryError(f"{settings}: schema expected {SETTINGS_SCHEMA!r}")
+        try:
+            policy = ExpiryPolicy(**doc.get("expiry_days", {}))
+        except (TypeError, UsageError) as exc:
+            raise RepositoryError(f"{settings}: bad expiry_days: {exc}") from None
+        return cls(path, policy)
+
+    # ------------------------------------------------------------------ reading
+
+    def _read(self, filename: str) -> Metadata[Any]:
+        path = self.metadata_dir / filename
+        try:
+            return Metadata.from_file(str(path))
+        except FileNotFoundError:
+            raise RepositoryError(f"metadata file missing: {path}") from None
+        except (OSError, DeserializationError, ValueError) as exc:
+            raise RepositoryError(f"cannot load {path}: {exc}") from None
+
+    def root_version(self) -> int:
+        versions = [
+            int(m.group(1))
+            for p in self.metadata_dir.glob("*.root.json")
+            if (m := _ROOT_FILE_RE.match(p.name))
+        ]
+        if not versions:
+            raise RepositoryError(f"no N.root.json in {self.metadata_dir}")
+        return max(versions)
+
+    def load(self, role: str) -> Metadata[Any]:
+        """The current metadata of ``role``, following timestamp → snapshot → targets."""
+        if role == "root":
+            return self._read(f"{self.root_version()}.root.json")
+        timestamp = self._read("timestamp.json")
+        if role == "timestamp":
+            return timestamp
+        snapshot = self._read(f"{timestamp.signed.snapshot_meta.version}.snapshot.json")
+        if role == "snapshot":
+            return snapshot
+        meta = snapshot.signed.meta.get(f"{role}.json")
+        if meta is None:
+            raise RepositoryError(f"snapshot names no {role}.json")
+        return self._read(f"{meta.version}.{role}.json")
+
+    def versions(self) -> dict[str, int]:
+        """The current version of every role."""
+        return {role: int(self.load(role).signed.version) for role in ALL_ROLES}
+
+    def target_file_path(self, target_path: str, target: TargetFile) -> Path:
+        """Where a target's bytes live on disk (its consistent-snapshot name)."""
+        directory, _, basename = target_path.rpartition("/")
+        return self.targets_dir / directory / f"{target.hashes['sha256']}.{basename}"
+
+    def read_target(self, role: str, target_path: str) -> bytes | None:
+        """The bytes of a target ``role`` currently signs, or None when it names none."""
+        target = self.load(role).signed.targets.get(target_path)
+        if target is None:
+            return None
+        path = self.target_file_path(target_path, target)
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise RepositoryError(f"target file of {target_path} unreadable: {exc}") from None
+        try:
+            target.verify_length_and_hashes(data)
+        except TufRepositoryError as exc:
+            raise RepositoryError(f"target file {path} is damaged: {exc}") from None
+        return data
+
+    # ------------------------------------------------------------------ writing
+
+    def _signer(self, role: str) -> CryptoSigner:
+        return load_key(self.keys_dir, role)
+
+    def write(self, role: str, md: Metadata[Any], now: datetime | None = None) -> None:
+        """Set expiry, sign with the role's key and write the file under its public name."""
+        md.signed.expires = (now or _utc_now()) + self.policy.lifetime(role)
+        md.signatures.clear()
+        md.sign(self._signer(role))
+        data = md.to_bytes(self._serializer)
+        if role == "timestamp":
+            atomic_write(self.metadata_dir / "timestamp.json", data)
+            return
+        atomic_write(self.metadata_dir / f"{md.signed.version}.{role}.json", data)
+        if role == "root":
+            atomic_write(self.metadata_dir / "root.json", data)
+
+    def store_target(self, target_path: str, data: bytes) -> TargetFile:
+        """Write a target file under its consistent-snapshot name; return its TargetFile."""
+        target = TargetFile.from_data(target_path, data, HASH_ALGORITHMS)
+        path = self.target_file_path(target_path, target)
+        make_dir(path.parent)
+        if not path.exists():
+            atomic_write(path, data)
+        return target
+
+    def update_targets(
+        self, role: str, changes: dict[str, TargetFile], now: datetime | None = None
+    ) -> int:
+        """Add or replace targets in ``role`` (targets or rollout); return its new version."""
+        md = self.load(role)
+        md.signed.targets.update(changes)
+        md.signed.version += 1
+        self.write(role, md, now)
+        return int(md.signed.version)
+
+    def publish(self, now: datetime | None = None) -> tuple[int, int]:
+        """Sign a new snapshot naming the current targets roles, then a new timestamp.
+
+        Returns (snapshot version, timestamp version).
+        """
+        snapshot = self.load("snapshot")
+        for role in ("targets", ROLLOUT_ROLE):
+            snapshot.signed.meta[f"{role}.json"] = MetaFile(
+                version=int(self.load(role).signed.version)
+            )
+        snapshot.signed.version += 1
+        self.write("snapshot", snapshot, now)
+        return int(snapshot.signed.version), self.bump_timestamp(now)
+
+    def bump_timestamp(self, now: datetime | None = None) -> int:
+        """Sign a new timestamp naming the current snapshot; return its version."""
+        timestamp = self.load("timestamp")
+        snapshot_version = self.load("snapshot").signed.version
+        timestamp.signed.snapshot_meta = MetaFile(version=snapshot_version)
+        timestamp.signed.version += 1
+        self.write("timestamp", timestamp, now)
+        return int(timestamp.signed.version)
+
+    def fleets(self) -> list[str]:
+        """The fleets that have a desired state in the rollout role, sorted."""
+        names = set()
+        for path in self.load(ROLLOUT_ROLE).signed.targets:
+            parts = path.split("/")
+            if len(parts) == 3 and parts[0] == "fleets" and parts[2] == "desired.json":
+                names.add(parts[1])
+        return sorted(names)
+
+
+def init_repository(
+    path: Path, policy: ExpiryPolicy | None = None, now: datetime | None = None
+) -> Repository:
+    """Create keys and an empty, signed repository in ``path``.
+
+    Raises UsageError when ``path`` already holds a repository or is not a directory,
+    RepositoryError when it cannot be written.
+    """
+    policy = policy or ExpiryPolicy()
+    now = now or _utc_now()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{path} exists and is not a directory")
+    if path.exists() and is_repository(path):
+        raise UsageError(f"{path} already holds a repository; refusing to overwrite it")
+    try:
+        make_dir(path)
+        repo = Repository(path, policy)
+        _write_initial_metadata(repo, now)
+        settings = {"schema": SETTINGS_SCHEMA, "expiry_days": asdict(policy)}
+        atomic_write(path / SETTINGS_FILE, json.dumps(settings, indent=2).encode() + b"\n")
+    except OSError as exc:
+        raise RepositoryError(f"cannot create a repository in {path}: {exc}") from None
+    logger.info("initialised repository %s", path)
+    return repo
+
+
+def _write_initial_metadata(repo: Repository, now: datetime) -> None:
+    signers = {role: generate_key() for role in ALL_ROLES}
+    for role, signer in signers.items():
+        save_key(repo.keys_dir, role, signer)
+    make_dir(repo.metadata_dir)
+    make_dir(repo.targets_dir)
+
+    root = Root(expires=now, consistent_snapshot=True)
+    for role in TOP_ROLES:
+        root.add_key(signers[role].public_key, role)
+    rollout_key = signers[ROLLOUT_ROLE].public_key
+    delegated = DelegatedRole(
+        name=ROLLOUT_ROLE,
+        keyids=[rollout_key.keyid],
+        threshold=1,
+        terminating=True,
+        paths=list(ROLLOUT_PATHS),
+    )
+    targets = Targets(
+        expires=now,
+        delegations=Delegations(
+            keys={rollout_key.keyid: rollout_key}, roles={ROLLOUT_ROLE: delegated}
+        ),
+    )
+    snapshot = Snapshot(
+        expires=now,
+        meta={"targets.json": MetaFile(version=1), f"{ROLLOUT_ROLE}.json": MetaFile(version=1)},
+    )
+    timestamp = Timestamp(expires=now, snapshot_meta=MetaFile(version=1))
+    # Bottom-up, so every file a reader can reach names only files that exist.
+    repo.write(ROLLOUT_ROLE, Metadata(Targets(expires=now)), now)
+    repo.write("targets", Metadata(targets), now)
+    repo.write("snapshot", Metadata(snapshot), now)
+    repo.write("root", Metadata(root), now)
+    repo.write("timestamp", Metadata(timestamp), now)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def needs_resign(expires: datetime, lifetime: timedelta, now: datetime) -> bool:
+    """True when less than half of a role's lifetime is left (or it has expired)."""
+    return expires - now < lifetime / 2
+
+
+def resign_expiring(repo: Repository, now: datetime | None = None) -> dict[str, int]:
+    """Re-sign the online roles (rollout, snapshot, timestamp) that are due.
+
+    A re-signed rollout needs a new snapshot, a new snapshot a new timestamp. Returns the
+    new versions of what was re-signed (empty when nothing was due). Hold the lock.
+    """
+    now = now or _utc_now()
+
+    def due(role: str) -> bool:
+        return needs_resign(repo.load(role).signed.expires, repo.policy.lifetime(role), now)
+
+    changed: dict[str, int] = {}
+    if due(ROLLOUT_ROLE):
+        changed[ROLLOUT_ROLE] = repo.update_targets(ROLLOUT_ROLE, {}, now)
+    if changed or due("snapshot"):
+        changed["snapshot"], changed["timestamp"] = repo.publish(now)
+    elif due("timestamp"):
+        changed["timestamp"] = repo.bump_timestamp(now)
+    return changed
