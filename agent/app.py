@@ -1,0 +1,128 @@
+"""The agent's composition root: builds the parts, owns the tasks, shuts them down.
+
+Start-up order matters for the "always serve the last good version" contract: the
+versions active before a restart are loaded (and their golden vectors checked) before
+the socket listens, and before anything is fetched from the network.
+
+Tasks: ``update-loop`` runs one update check at a time in a worker thread whenever an
+announcement or the poll asks for one (requests made during a check coalesce into one
+more check). The poll runs on APScheduler with jitter so a fleet does not poll in step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+from agent.config import AgentConfig
+from agent.mqtt import MqttLink
+from agent.runtime import ModelRegistry
+from agent.server import InferenceServer
+from agent.store import ModelStore
+from agent.updater import UpdateService
+
+logger = logging.getLogger(__name__)
+
+
+class AgentApp:
+    """One running agent: inference server, update service, MQTT link and poll."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.registry = ModelRegistry()
+        self.store = ModelStore(config.state_dir / "models")
+        self.updates = UpdateService(config, self.registry, self.store, self._publish_status)
+        self.server = InferenceServer(
+            self.registry,
+            config.inference.socket_path,
+            socket_mode=config.inference.socket_mode,
+            max_body_bytes=config.inference.max_body_bytes,
+            max_concurrency=config.inference.max_concurrency,
+        )
+        self.link = MqttLink(config, self._announced, self.models_status)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._check_wanted = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._scheduler: AsyncIOScheduler | None = None
+
+    def models_status(self) -> Mapping[str, Mapping[str, Any]]:
+        return {
+            name: {"version": model.version, "state": "active"}
+            for name, model in sorted(self.registry.snapshot().items())
+        }
+
+    def request_check(self) -> None:
+        """Ask for an update check (event loop thread only)."""
+        self._check_wanted.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        restored = await asyncio.to_thread(self.updates.restore)
+        logger.info("restored %d model(s) from %s", len(restored), self.config.state_dir)
+        await self.server.start()
+        logger.info("inference socket listening on %s", self.config.inference.socket_path)
+        self.link.start()
+        self._tasks.append(asyncio.create_task(self._update_loop(), name="update-loop"))
+        self._scheduler = AsyncIOScheduler()
+        self._scheduler.add_job(
+            self.request_check,
+            "interval",
+            seconds=self.config.repository.poll_interval_s,
+            jitter=self.config.repository.poll_jitter_s or None,
+            id="poll",
+            name="repository poll",
+        )
+        self._scheduler.start()
+        self.request_check()
+        try:
+            await self._stopping.wait()
+        finally:
+            await self._shutdown()
+
+    async def _update_loop(self) -> None:
+        while True:
+            await self._check_wanted.wait()
+            self._check_wanted.clear()
+            await asyncio.to_thread(self.updates.check)
+
+    async def _shutdown(self) -> None:
+        logger.info("shutting down")
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.server.stop()
+        await asyncio.to_thread(self.link.stop)
+        self.updates.close()
+
+    # called from other threads ---------------------------------------------------
+
+    def _announced(self, timestamp_version: int | None) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.request_check)
+
+    def _publish_status(self) -> None:
+        self.link.publish_status()
+
+
+async def run_agent(config: AgentConfig) -> None:
+    """Run an agent until SIGTERM or SIGINT."""
+    app = AgentApp(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, app.stop)
+    await app.run()

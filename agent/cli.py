@@ -1,0 +1,120 @@
+"""``edge-agent``: run the agent, or call a running agent's inference socket.
+
+Exit codes: 0 success, 1 failure (the message says why), 2 bad usage or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import agent
+from agent.config import InferenceConfig, load_config
+from agent.errors import AgentError, ConfigError
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-agent",
+        description="Runs ONNX models on this device, updated from a signed edgefleet repository.",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-agent {agent.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run the agent (as systemd does)",
+        description="Run the agent until SIGTERM.",
+        epilog="example: edge-agent run --config /etc/edge-agent/agent.toml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("--config", type=Path, required=True, help="agent.toml")
+
+    infer = sub.add_parser(
+        "infer",
+        help="run one inference through the local socket",
+        description="Send one request to a running agent and print the outputs as JSON.",
+        epilog=(
+            "example: edge-agent infer digits --input sample.npy"
+            " --socket /run/edge-agent/infer.sock"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    infer.add_argument("model", help="model name")
+    infer.add_argument("--input", type=Path, required=True, help="a .npy, .npz or .json file")
+    infer.add_argument("--version", dest="model_version", help="require this model version")
+    where = infer.add_mutually_exclusive_group()
+    where.add_argument("--socket", type=Path, help="the agent's inference socket")
+    where.add_argument("--config", type=Path, help="read the socket path from agent.toml")
+    return parser
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from agent.app import run_agent
+
+    config = load_config(args.config)
+    _configure_logging(config.log_level)
+    logging.getLogger(__name__).info(
+        "edge-agent %s: device %s in fleet %s", agent.__version__, config.device_id, config.fleet
+    )
+    asyncio.run(run_agent(config))
+    return 0
+
+
+def _tensor_json(array: np.ndarray[Any, Any]) -> dict[str, Any]:
+    data = array.astype(str) if array.dtype == object else array
+    return {"shape": list(array.shape), "dtype": str(array.dtype), "data": data.tolist()}
+
+
+def _cmd_infer(args: argparse.Namespace) -> int:
+    from agent.client import InferenceClient, load_input_file
+
+    if args.socket is not None:
+        socket_path = args.socket
+    elif args.config is not None:
+        socket_path = load_config(args.config).inference.socket_path
+    else:
+        socket_path = InferenceConfig().socket_path
+    client = InferenceClient(socket_path)
+    metadata = client.model_metadata(args.model)
+    inputs = load_input_file(args.input, metadata)
+    outputs = client.infer(args.model, inputs, version=args.model_version)
+    print(json.dumps({name: _tensor_json(value) for name, value in outputs.items()}, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"run": _cmd_run, "infer": _cmd_infer}
+    try:
+        return commands[args.command](args)
+    except ConfigError as exc:
+        print(f"edge-agent: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except AgentError as exc:
+        print(f"edge-agent: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""One update check: refresh trusted metadata, read desired state, install what it names.
+
+This is the orchestrator of the update path. It decides what is expected (the same
+version: nothing to do; a version that failed here before: skip until desired state
+changes) and what gets reported; the rules it applies live in ``agent.contracts``
+(desired-state resolution) and the adapters it drives (``agent.fetcher``,
+``agent.unpack``, ``agent.runtime``, ``agent.store``) raise on anything wrong.
+
+Invariants:
+- The device always serves a version that passed its golden vectors on this device:
+  a new version is loaded, checked and warmed beside the old one, then swapped in by
+  reference; any failure before the swap leaves the old one serving.
+- Every check builds a new ``tuf.ngclient.Updater`` (one refresh per Updater).
+- Checks never overlap: ``check`` is serialised by a lock.
+
+Blocking: call ``check`` from a worker thread, never the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuf.api import exceptions as tuf_errors
+from tuf.api.metadata import TargetFile
+from tuf.ngclient import Updater
+
+from agent.config import AgentConfig
+from agent.contracts import (
+    DesiredState,
+    desired_target_path,
+    parse_desired_state,
+    parse_manifest,
+    resolve_release,
+)
+from agent.errors import AgentError, FetchError, UntrustedInputError
+from agent.fetcher import HttpxFetcher
+from agent.fsutil import durable_rename, free_bytes, remove_tree
+from agent.runtime import LoadedModel, ModelRegistry, check_golden, load_model, warm_up
+from agent.store import ActiveRecord, FailedRecord, ModelStore
+from agent.unpack import unpack_bundle
+
+logger = logging.getLogger(__name__)
+
+# Room for the unpacked copy next to the downloaded file, plus slack.
+_UNPACK_FACTOR = 2.2
+
+
+@dataclass
+class CheckResult:
+    """What one check did, for logs and tests."""
+
+    installed: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+    unchanged: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+class UpdateService:
+    """Keeps the device's models at the versions its fleet's desired state names."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        registry: ModelRegistry,
+        store: ModelStore,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._config = config
+        self._registry = registry
+        self._store = store
+        self._on_change = on_change
+        self._lock = threading.Lock()
+        base = config.repository.url.rstrip("/") + "/"
+        self._metadata_url = base + "metadata/"
+        self._targets_url = base + "targets/"
+        self._metadata_dir = config.state_dir / "tuf"
+        self._staging_dir = config.state_dir / "staging"
+        self._fetcher = HttpxFetcher(
+            connect_timeout_s=config.repository.connect_timeout_s,
+            read_timeout_s=config.repository.read_timeout_s,
+            deadline_s=config.repository.download_deadline_s,
+        )
+
+    def close(self) -> None:
+        self._fetcher.close()
+
+    # ------------------------------------------------------------------ start-up
+
+    def restore(self) -> list[str]:
+        """Load the versions that were active before a restart; return their names.
+
+        A version whose files no longer pass their golden vectors is skipped in favour
+        of the previous one, so the device comes back serving something good.
+        """
+        restored = []
+        for model in self._store.model_names():
+            record = self._store.read_active(model)
+            if record is None:
+                continue
+            for version in (record.version, record.previous):
+                if version is None:
+                    continue
+                try:
+                    self._load_checked(model, version)
+                except AgentError as exc:
+                    logger.error("cannot restore %s %s: %s", model, version, exc)
+                    continue
+                if version != record.version:
+                    self._store.write_active(model, ActiveRecord(version=version))
+                restored.append(model)
+                logger.info("serving %s %s (restored from disk)", model, version)
+                break
+        return restored
+
+    # ------------------------------------------------------------------ one check
+
+    def check(self) -> CheckResult:
+        """Refresh metadata and install whatever desired state names for this device."""
+        with self._lock:
+            try:
+                return self._check()
+            except FetchError as exc:
+                logger.warning("update check failed, will retry: %s", exc)
+                return CheckResult(error=str(exc))
+            except UntrustedInputError as exc:
+                logger.error("update check refused the repository: %s", exc)
+                return CheckResult(error=str(exc))
+
+    def _check(self) -> CheckResult:
+        updater = self._new_updater()
+        try:
+            updater.refresh()
+        except tuf_errors.DownloadError as exc:
+            raise FetchError(f"metadata refresh from {self._metadata_url}: {exc}") from exc
+        except tuf_errors.RepositoryError as exc:
+            raise UntrustedInputError(f"metadata refresh rejected: {_describe(exc)}") from exc
+        desired = self._read_desired_state(updater)
+        result = CheckResult()
+        if desired is None:
+            return result
+        for model, release in sorted(desired.models.items()):
+            resolved = resolve_release(release, self._config.device_id)
+            if resolved is None:
+                continue
+            version, target = resolved
+            self._apply(updater, model, version, target, result)
+        if result.installed:
+            self._on_change()
+        return result
+
+    def _new_updater(self) -> Updater:
+        self._metadata_dir.mkdir(parents=True, exist_ok=True)
+        bootstrap: bytes | None = None
+        if not (self._metadata_dir / "root.json").exists():
+            try:
+                bootstrap = self._config.trusted_root.read_bytes()
+            except OSError as exc:
+                raise UntrustedInputError(
+                    f"cannot read the trusted root {self._config.trusted_root}: {exc.strerror}; "
+                    "install the fleet's root.json there (edge-agent enroll does it)"
+                ) from None
+        try:
+            return Updater(
+                metadata_dir=str(self._metadata_dir),
+                metadata_base_url=self._metadata_url,
+                target_base_url=self._targets_url,
+                fetcher=self._fetcher,
+                bootstrap=bootstrap,
+            )
+        except tuf_errors.RepositoryError as exc:
+            raise UntrustedInputError(f"trusted root is not valid: {_describe(exc)}") from exc
+
+    def _read_desired_state(self, updater: Updater) -> DesiredState | None:
+        path = desired_target_path(self._config.fleet)
+        info = updater.get_targetinfo(path)
+        if info is None:
+            logger.info("fleet %s has no desired state yet (%s)", self._config.fleet, path)
+            return None
+        local = self._download(updater, info, self._staging_dir / "desired.json")
+        try:
+            return parse_desired_state(local.read_bytes(), self._config.fleet)
+        finally:
+            remove_tree(local)
+
+    # ------------------------------------------------------------------ install
+
+    def _apply(
+        self, updater: Updater, model: str, version: str, target: str, result: CheckResult
+    ) -> None:
+        current = self._registry.get(model)
+        if current is not None and current.version == version:
+            result.unchanged.append(model)
+            return
+        failed = self._store.read_failed(model)
+        if failed is not None and failed.version == version:
+            logger.debug("not retrying %s %s: it failed here (%s)", model, version, failed.reason)
+            return
+        try:
+            self._install(updater, model, version, target)
+        except FetchError as exc:
+            # Transient: try again on the next announcement or poll.
+            logger.warning("download of %s failed, will retry: %s", target, exc)
+            result.refused[model] = str(exc)
+        except AgentError as exc:
+            kept = current.version if current else "nothing"
+            logger.error("refused target %s: %s; still serving %s", target, exc, kept)
+            result.refused[model] = str(exc)
+            self._store.write_failed(model, FailedRecord(version=version, reason=str(exc)))
+        else:
+            result.installed[model] = version
+            self._store.clear_failed(model)
+
+    def _install(self, updater: Updater, model: str, version: str, target: str) -> None:
+        info = updater.get_targetinfo(target)
+        if info is None:
+            raise UntrustedInputError(f"desired state names {target}, which no signed targets list")
+        limit = self._config.repository.max_bundle_bytes
+        if info.length > limit:
+            raise UntrustedInputError(
+                f"bundle is {info.length} bytes, over repository.max_bundle_bytes={limit}"
+            )
+        self._check_disk_space(info.length)
+        logger.info("installing %s %s from %s (%d bytes)", model, version, target, info.length)
+        bundle = self._download(updater, info, self._staging_dir / f"{model}-{version}.bundle")
+        destination = self._store.version_dir(model, version)
+        try:
+            remove_tree(destination)  # a leftover of an install that did not finish
+            unpack_bundle(
+                bundle,
+                destination,
+                expected_name=model,
+                expected_version=version,
+                max_member_bytes=limit,
+                max_total_bytes=limit,
+            )
+        finally:
+            remove_tree(bundle)
+        try:
+            self._activate(model, version)
+        except BaseException:
+            remove_tree(destination)
+            raise
+
+    def _activate(self, model: str, version: str) -> None:
+        loaded = self._load_checked(model, version)
+        previous = self._registry.activate(loaded)
+        previous_version = previous.version if previous else None
+        self._store.write_active(model, ActiveRecord(version=version, previous=previous_version))
+        keep = {version} | ({previous_version} if previous_version else set())
+        self._store.prune(model, keep)
+        logger.info("now serving %s %s (was %s)", model, version, previous_version or "nothing")
+
+    def _load_checked(self, model: str, version: str) -> LoadedModel:
+        directory = self._store.version_dir(model, version)
+        manifest_path = directory / "manifest.json"
+        try:
+            manifest = parse_manifest(manifest_path.read_bytes())
+        except OSError as exc:
+            raise UntrustedInputError(f"{manifest_path}: {exc.strerror}") from None
+        loaded = load_model(
+            directory, manifest, intra_op_threads=self._config.inference.intra_op_threads
+        )
+        check_golden(loaded)
+        warm_up(loaded)
+        return loaded
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_disk_space(self, length: int) -> None:
+        self._staging_dir.mkdir(parents=True, exist_ok=True)
+        needed = int(length * _UNPACK_FACTOR)
+        available = free_bytes(self._staging_dir)
+        if available < needed:
+            raise UntrustedInputError(
+                f"not enough disk space in {self._staging_dir}: need {needed} bytes, "
+                f"have {available}"
+            )
+
+    def _download(self, updater: Updater, info: TargetFile, path: Path) -> Path:
+        """Download a verified target to ``path`` (staged under a .part name, then renamed)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".part")
+        try:
+            updater.download_target(info, filepath=str(partial))
+        except tuf_errors.DownloadError as exc:
+            remove_tree(partial)
+            raise FetchError(f"{info.path}: {exc}") from exc
+        except tuf_errors.RepositoryError as exc:
+            remove_tree(partial)
+            raise UntrustedInputError(f"{info.path}: {_describe(exc)}") from exc
+        except OSError as exc:
+            remove_tree(partial)
+            raise FetchError(f"{info.path}: cannot write {partial}: {exc.strerror}") from exc
+        durable_rename(partial, path)
+        return path
+
+
+def _describe(exc: tuf_errors.RepositoryError) -> str:
+    """A one-line reason for a TUF rejection, with its class (hash mismatch, expired, ...)."""
+    kinds: dict[type[Exception], str] = {
+        tuf_errors.LengthOrHashMismatchError: "length or hash mismatch",
+        tuf_errors.ExpiredMetadataError: "metadata expired",
+        tuf_errors.BadVersionNumberError: "rollback to an older version",
+        tuf_errors.UnsignedMetadataError: "signature threshold not met",
+    }
+    for kind, label in kinds.items():
+        if isinstance(exc, kind):
+            return f"{label}: {exc}"
+    return f"{type(exc).__name__}: {exc}"
