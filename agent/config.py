@@ -122,7 +122,7 @@ def _build(cls: type[Any], values: Mapping[str, Any], prefix: str, base_dir: Pat
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]!r}; known keys: {', '.join(sorted(known))}"
+            f"unknown config key '{prefix}{unknown[0]}'; known keys: {', '.join(sorted(known))}"
         )
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):

@@ -1,0 +1,158 @@
+"""Pure tests of the shared contracts: names, versions, manifest, desired state, buckets."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from agent.contracts import (
+    DesiredState,
+    InvalidNameError,
+    ModelRelease,
+    bundle_target_path,
+    check_name,
+    check_version,
+    desired_target_path,
+    device_bucket,
+    parse_desired_state,
+    parse_manifest,
+    resolve_release,
+    version_key,
+)
+from agent.errors import BundleError, DesiredStateError
+
+
+@pytest.mark.parametrize("name", ["lab", "fleet-1", "a.b_c", "X9"])
+def test_valid_names(name: str) -> None:
+    assert check_name("fleet", name) == name
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "a/b", "a+b", "a#", "é", "-x", "x" * 65])
+def test_invalid_names_say_the_rule(name: str) -> None:
+    with pytest.raises(InvalidNameError, match="invalid fleet name"):
+        check_name("fleet", name)
+
+
+def test_semver_ordering() -> None:
+    ordered = [
+        "1.0.0-alpha",
+        "1.0.0-alpha.1",
+        "1.0.0-beta",
+        "1.0.0-rc.1",
+        "1.0.0",
+        "1.2.0",
+        "10.0.0",
+    ]
+    assert sorted(reversed(ordered), key=version_key) == ordered
+    with pytest.raises(InvalidNameError, match="semantic version"):
+        check_version("1.0")
+
+
+def test_target_paths() -> None:
+    assert bundle_target_path("digits", "1.2.3") == "bundles/digits/1.2.3.bundle"
+    assert desired_target_path("lab") == "fleets/lab/desired.json"
+    with pytest.raises(InvalidNameError):
+        bundle_target_path("../x", "1.0.0")
+
+
+def _manifest_doc() -> dict[str, object]:
+    return {
+        "schema": "edgefleet.manifest/1",
+        "name": "m",
+        "version": "1.0.0",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}],
+        "opset": 17,
+        "min_ort_version": "1.17",
+        "golden": {"cases": 2, "rtol": 1e-3, "atol": 1e-4},
+        "members": {
+            "model.onnx": {"size": 10, "sha256": "0" * 64},
+            "golden.npz": {"size": 10, "sha256": "1" * 64},
+        },
+    }
+
+
+def test_manifest_round_trip() -> None:
+    manifest = parse_manifest(json.dumps(_manifest_doc()).encode())
+    assert manifest.inputs[0].shape == (-1, 4)
+    assert parse_manifest(manifest.to_json_bytes()) == manifest
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.pop("inputs"), "missing field 'inputs'"),
+        (lambda d: d.update(schema="edgefleet.manifest/9"), "schema expected"),
+        (lambda d: d.update(version="one"), "invalid version"),
+        (lambda d: d.update(opset="17"), "'opset' expected int, got str"),
+        (
+            lambda d: d["members"].update({"evil.sh": {"size": 1, "sha256": "2" * 64}}),
+            "unexpected member",
+        ),
+        (lambda d: d["inputs"][0].update(datatype="FLOAT"), "unknown datatype"),
+    ],
+)
+def test_manifest_errors_name_the_field(change, message: str) -> None:  # type: ignore[no-untyped-def]
+    doc = _manifest_doc()
+    change(doc)
+    with pytest.raises(BundleError, match=message):
+        parse_manifest(json.dumps(doc).encode())
+
+
+def test_manifest_not_json() -> None:
+    with pytest.raises(BundleError, match="not valid JSON"):
+        parse_manifest(b"\xff{")
+
+
+def _desired(**release: object) -> DesiredState:
+    base = dict(version="2.0.0", target="bundles/m/2.0.0.bundle", rollout_id="r1")
+    base.update(release)
+    return DesiredState(fleet="lab", models={"m": ModelRelease(**base)})  # type: ignore[arg-type]
+
+
+def test_desired_state_round_trip() -> None:
+    state = _desired(previous="1.0.0", previous_target="bundles/m/1.0.0.bundle", canaries=("d1",))
+    assert parse_desired_state(state.to_json_bytes(), "lab") == state
+
+
+def test_desired_state_for_another_fleet_is_refused() -> None:
+    with pytest.raises(DesiredStateError, match="fleet expected 'other'"):
+        parse_desired_state(_desired().to_json_bytes(), "other")
+
+
+def test_desired_state_target_must_match_version() -> None:
+    raw = _desired(target="bundles/m/9.9.9.bundle").to_json_bytes()
+    with pytest.raises(
+        DesiredStateError, match=re.escape("target expected 'bundles/m/2.0.0.bundle'")
+    ):
+        parse_desired_state(raw, "lab")
+
+
+def test_bucket_is_stable_and_roughly_uniform() -> None:
+    assert device_bucket("r1", "dev-1") == device_bucket("r1", "dev-1")
+    buckets = [device_bucket("r1", f"dev-{i}") for i in range(20_000)]
+    below_10 = sum(b < 10 for b in buckets) / len(buckets)
+    assert 0.09 < below_10 < 0.11
+    assert all(0 <= b < 100 for b in buckets)
+
+
+def test_resolve_release_percent_canaries_and_previous() -> None:
+    rel = ModelRelease(
+        version="2.0.0",
+        target="bundles/m/2.0.0.bundle",
+        rollout_id="r1",
+        percent=0.0,
+        previous="1.0.0",
+        previous_target="bundles/m/1.0.0.bundle",
+        canaries=("canary",),
+    )
+    assert resolve_release(rel, "canary") == ("2.0.0", "bundles/m/2.0.0.bundle")
+    assert resolve_release(rel, "other") == ("1.0.0", "bundles/m/1.0.0.bundle")
+    everyone = ModelRelease(version="2.0.0", target="bundles/m/2.0.0.bundle", rollout_id="r1")
+    assert resolve_release(everyone, "other") == ("2.0.0", "bundles/m/2.0.0.bundle")
+    nobody = ModelRelease(
+        version="2.0.0", target="bundles/m/2.0.0.bundle", rollout_id="r", percent=0
+    )
+    assert resolve_release(nobody, "other") is None
