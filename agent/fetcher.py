@@ -28,8 +28,6 @@ import agent
 
 logger = logging.getLogger(__name__)
 
-CHUNK_BYTES = 256 * 1024
-
 
 class HttpxFetcher(FetcherInterface):
     """Fetches metadata and targets with one pooled ``httpx.Client``."""
@@ -68,7 +66,9 @@ class HttpxFetcher(FetcherInterface):
 
     def _body(self, url: str, response: httpx.Response, started: float) -> Iterator[bytes]:
         try:
-            for chunk in response.iter_bytes(CHUNK_BYTES):
+            # No chunk size: httpx would buffer up to it, and the deadline must be checked
+            # after every read from the network, however small.
+            for chunk in response.iter_bytes():
                 if time.monotonic() - started > self._deadline_s:
                     raise DownloadError(
                         f"{url}: download exceeded its deadline of {self._deadline_s:.0f}s"
