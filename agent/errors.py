@@ -8,6 +8,7 @@
     │   ├── BundleError        a bundle or its manifest is malformed or unsafe
     │   └── DesiredStateError  the fleet's desired state is malformed
     ├── FetchError             a transient transport failure (retried on the next poll)
+    │   └── TamperedDownloadError  bytes did not match their signed length or hash
     ├── ModelError             a model could not be loaded or failed its golden vectors
     │   └── GoldenMismatchError
     └── InferenceError         a request could not be served
@@ -43,6 +44,14 @@ class DesiredStateError(UntrustedInputError):
 
 class FetchError(AgentError):
     """A transient failure to fetch metadata or a target."""
+
+
+class TamperedDownloadError(FetchError):
+    """Downloaded bytes did not match the length or hash that signed metadata gives.
+
+    The transport (a mirror, a proxy, a cut connection) is to blame, not the release,
+    so the download is refused now and tried again on the next check.
+    """
 
 
 class ModelError(AgentError):

@@ -36,7 +36,7 @@ from agent.contracts import (
     parse_manifest,
     resolve_release,
 )
-from agent.errors import AgentError, FetchError, UntrustedInputError
+from agent.errors import AgentError, FetchError, TamperedDownloadError, UntrustedInputError
 from agent.fetcher import HttpxFetcher
 from agent.fsutil import durable_rename, free_bytes, remove_tree
 from agent.runtime import LoadedModel, ModelRegistry, check_golden, load_model, warm_up
@@ -199,15 +199,24 @@ class UpdateService:
         if failed is not None and failed.version == version:
             logger.debug("not retrying %s %s: it failed here (%s)", model, version, failed.reason)
             return
+        kept = current.version if current else "nothing"
         try:
             self._install(updater, model, version, target)
+        except TamperedDownloadError as exc:
+            logger.error(
+                "refused target %s: %s; still serving %s %s; will fetch it again on the next check",
+                target,
+                exc,
+                model,
+                kept,
+            )
+            result.refused[model] = str(exc)
         except FetchError as exc:
             # Transient: try again on the next announcement or poll.
             logger.warning("download of %s failed, will retry: %s", target, exc)
             result.refused[model] = str(exc)
         except AgentError as exc:
-            kept = current.version if current else "nothing"
-            logger.error("refused target %s: %s; still serving %s", target, exc, kept)
+            logger.error("refused target %s: %s; still serving %s %s", target, exc, model, kept)
             result.refused[model] = str(exc)
             self._store.write_failed(model, FailedRecord(version=version, reason=str(exc)))
         else:
@@ -289,6 +298,9 @@ class UpdateService:
         except tuf_errors.DownloadError as exc:
             remove_tree(partial)
             raise FetchError(f"{info.path}: {exc}") from exc
+        except tuf_errors.LengthOrHashMismatchError as exc:
+            remove_tree(partial)
+            raise TamperedDownloadError(_describe(exc)) from exc
         except tuf_errors.RepositoryError as exc:
             remove_tree(partial)
             raise UntrustedInputError(f"{info.path}: {_describe(exc)}") from exc
