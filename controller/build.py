@@ -147,12 +147,18 @@ def _quantize(model: Any, original: bytes) -> tuple[bytes, dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="edgectl-build-") as tmp:
         src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
         src.write_bytes(original)
+        root = logging.getLogger()
+        level = root.level
+        # The quantizer logs advice ("consider pre-processing") on the root logger.
+        root.setLevel(logging.ERROR)
         try:
             quantize_dynamic(
                 src, dst, op_types_to_quantize=list(QUANTIZED_OPS), weight_type=QuantType.QInt8
             )
         except Exception as exc:  # the quantizer raises assorted errors
             raise BuildError(f"quantization failed: {exc}") from None
+        finally:
+            root.setLevel(level)
         built = dst.read_bytes()
     return built, {
         "quantization": "dynamic-matmul",

@@ -109,6 +109,8 @@ class Repository:
         self.targets_dir = path / "targets"
         self.keys_dir = path / "keys"
         self._serializer = JSONSerializer(compact=False)
+        # Targets roles signed since the last snapshot: role → version (see ``publish``).
+        self._unpublished: dict[str, int] = {}
 
     @classmethod
     def open(cls, path: Path) -> Repository:
@@ -162,6 +164,8 @@ class Repository:
         snapshot = self._read(f"{timestamp.signed.snapshot_meta.version}.snapshot.json")
         if role == "snapshot":
             return snapshot
+        if role in self._unpublished:
+            return self._read(f"{self._unpublished[role]}.{role}.json")
         meta = snapshot.signed.meta.get(f"{role}.json")
         if meta is None:
             raise RepositoryError(f"snapshot names no {role}.json")
@@ -222,11 +226,16 @@ class Repository:
     def update_targets(
         self, role: str, changes: dict[str, TargetFile], now: datetime | None = None
     ) -> int:
-        """Add or replace targets in ``role`` (targets or rollout); return its new version."""
+        """Add or replace targets in ``role`` (targets or rollout); return its new version.
+
+        The new version is what ``load`` returns from now on; ``publish`` names it in a
+        new snapshot.
+        """
         md = self.load(role)
         md.signed.targets.update(changes)
         md.signed.version += 1
         self.write(role, md, now)
+        self._unpublished[role] = int(md.signed.version)
         return int(md.signed.version)
 
     def publish(self, now: datetime | None = None) -> tuple[int, int]:
@@ -241,12 +250,15 @@ class Repository:
             )
         snapshot.signed.version += 1
         self.write("snapshot", snapshot, now)
-        return int(snapshot.signed.version), self.bump_timestamp(now)
+        self._unpublished.clear()
+        snapshot_version = int(snapshot.signed.version)
+        return snapshot_version, self.bump_timestamp(now, snapshot_version)
 
-    def bump_timestamp(self, now: datetime | None = None) -> int:
-        """Sign a new timestamp naming the current snapshot; return its version."""
+    def bump_timestamp(self, now: datetime | None = None, snapshot_version: int = 0) -> int:
+        """Sign a new timestamp naming ``snapshot_version`` (default: the current one)."""
         timestamp = self.load("timestamp")
-        snapshot_version = self.load("snapshot").signed.version
+        if not snapshot_version:
+            snapshot_version = int(timestamp.signed.snapshot_meta.version)
         timestamp.signed.snapshot_meta = MetaFile(version=snapshot_version)
         timestamp.signed.version += 1
         self.write("timestamp", timestamp, now)

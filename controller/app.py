@@ -1,0 +1,135 @@
+"""``edgectl serve``: the composition root of the controller service.
+
+Owns three things for the life of the process: the HTTP server for the repository,
+the announcer task (watches ``metadata/timestamp.json``; on start, on every new
+version and after every MQTT reconnection, publishes each fleet's retained
+announcement) and the re-signing task (online roles re-signed under the repository
+lock when less than half their lifetime is left).
+
+Invariants:
+- The readiness line ``edgectl serve: listening on http://HOST:PORT`` is printed and
+  flushed on stdout once the socket listens, with the bound port (so port 0 works).
+- An unreachable broker never stops the HTTP side; a failing re-sign is logged and
+  retried on the next check.
+- SIGTERM and SIGINT cancel every named task, stop the HTTP server and disconnect MQTT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from controller.announcer import Announcer
+from controller.config import ServeConfig
+from controller.errors import ControllerError, UsageError
+from controller.fsio import repo_lock
+from controller.http import make_app, start_http
+from controller.repository import Repository, resign_expiring
+
+logger = logging.getLogger(__name__)
+
+READY_LINE = "edgectl serve: listening on http://{host}:{port}"
+
+
+def read_timestamp_version(repo_dir: Path) -> int:
+    """The version in ``metadata/timestamp.json`` (not verified: this is our own file)."""
+    doc = json.loads((repo_dir / "metadata" / "timestamp.json").read_bytes())
+    return int(doc["signed"]["version"])
+
+
+def _resign(repo_dir: Path) -> dict[str, int]:
+    with repo_lock(repo_dir):
+        return resign_expiring(Repository.open(repo_dir))
+
+
+async def announce_loop(repo_dir: Path, announcer: Announcer, interval_s: float) -> None:
+    """Announce on start, on every new timestamp version and after every reconnection."""
+    announced: int | None = None
+    while True:
+        try:
+            version = await asyncio.to_thread(read_timestamp_version, repo_dir)
+            reconnected = announcer.take_needs_announce()
+            if version != announced or reconnected:
+                fleets = await asyncio.to_thread(lambda: Repository.open(repo_dir).fleets())
+                now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                if announcer.announce(fleets, version, now):
+                    announced = version
+                elif reconnected:
+                    announced = None
+        except (OSError, ValueError, KeyError, ControllerError) as exc:
+            logger.error("cannot read the repository to announce: %s", exc)
+        await asyncio.sleep(interval_s)
+
+
+async def resign_loop(repo_dir: Path, interval_s: float) -> None:
+    """Re-sign online metadata before it expires; check every ``interval_s``."""
+    while True:
+        try:
+            changed = await asyncio.to_thread(_resign, repo_dir)
+            if changed:
+                logger.info("re-signed metadata before expiry: %s", changed)
+        except (OSError, ControllerError) as exc:
+            logger.error("re-signing failed (retrying in %.0f s): %s", interval_s, exc)
+        await asyncio.sleep(interval_s)
+
+
+async def serve(config: ServeConfig) -> None:
+    """Run until SIGTERM or SIGINT. Raises RepositoryError or UsageError at start-up."""
+    Repository.open(config.repo_dir).versions()  # fail fast on a missing or damaged repo
+    try:
+        runner, port = await start_http(
+            make_app(config.repo_dir), config.listen_host, config.listen_port
+        )
+    except OSError as exc:
+        raise UsageError(
+            f"cannot listen on {config.listen_host}:{config.listen_port}: {exc}"
+        ) from None
+    print(READY_LINE.format(host=config.listen_host, port=port), flush=True)
+    logger.info("serving %s on port %d", config.repo_dir, port)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    announcer: Announcer | None = None
+    tasks = [
+        asyncio.create_task(
+            resign_loop(config.repo_dir, config.resign_check_interval_s), name="resign"
+        )
+    ]
+    if config.mqtt_host is not None:
+        announcer = Announcer(
+            config.mqtt_host, config.mqtt_port, config.mqtt_client_id, config.mqtt_keepalive_s
+        )
+        announcer.start()
+        tasks.append(
+            asyncio.create_task(
+                announce_loop(config.repo_dir, announcer, config.announce_interval_s),
+                name="announce",
+            )
+        )
+    try:
+        await stop.wait()
+        logger.info("shutting down")
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await runner.cleanup()
+        if announcer is not None:
+            await asyncio.to_thread(announcer.stop)
+        sys.stdout.flush()
+
+
+def run_serve(config: ServeConfig) -> None:
+    """Blocking entry point for the CLI."""
+    asyncio.run(serve(config))

@@ -1,0 +1,200 @@
+"""``edgectl``: the controller's command line.
+
+Maps errors to exit codes once, here: 0 success, 2 ``UsageError`` (and argparse's own
+usage errors), 1 any other ``ControllerError``. Errors print as
+``edgectl: error: <message>`` on stderr, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from controller.errors import ControllerError, UsageError
+
+logger = logging.getLogger(__name__)
+
+_RAW = argparse.RawDescriptionHelpFormatter
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from controller.repository import ExpiryPolicy, init_repository
+
+    policy = ExpiryPolicy(
+        root_days=args.expiry_days_root,
+        targets_days=args.expiry_days_targets,
+        rollout_days=args.expiry_days_rollout,
+        snapshot_days=args.expiry_days_snapshot,
+        timestamp_days=args.expiry_days_timestamp,
+    )
+    repo = init_repository(Path(args.repo_dir), policy)
+    print(f"initialised repository {repo.path}")
+    print(f"  keys:     {repo.keys_dir} (keep root.pem and targets.pem offline when you can)")
+    print(f"  metadata: {repo.metadata_dir} (enroll agents with {repo.metadata_dir}/root.json)")
+    print(f"  targets:  {repo.targets_dir}")
+    return 0
+
+
+def _cmd_bundle_build(args: argparse.Namespace) -> int:
+    from controller.build import build_bundle
+
+    result = build_bundle(
+        Path(args.model),
+        args.name,
+        args.version,
+        Path(args.output),
+        golden_cases=args.golden_cases,
+        seed=args.seed,
+    )
+    m = result.manifest
+    print(f"built {m.name} {m.version} -> {result.path}")
+    print(f"  sha256 {result.sha256}, {result.length} bytes")
+    print(f"  build: {m.build.get('quantization')}; sizes: {dict(m.sizes)}")
+    print(f"  golden: {m.golden.cases} cases, rtol {m.golden.rtol:g}, atol {m.golden.atol:g}")
+    return 0
+
+
+def _cmd_release(args: argparse.Namespace) -> int:
+    from controller.release import release_bundle
+
+    r = release_bundle(Path(args.bundle), args.fleet, Path(args.repo))
+    what = "published" if r.bundle_added else "already published (same bytes)"
+    print(f"{r.model} {r.version}: {what} as {r.target_path}")
+    print(f"  sha256 {r.sha256}, {r.length} bytes")
+    if r.fleet_changed:
+        print(f"  fleet {r.fleet}: desired version {r.version} (rollout {r.rollout_id})")
+    else:
+        print(f"  fleet {r.fleet}: already at {r.version}; nothing to change")
+    print("  metadata versions: " + ", ".join(f"{k} {v}" for k, v in r.versions.items()))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from controller.app import run_serve
+    from controller.config import load_serve_config
+
+    config = load_serve_config(
+        Path(args.config) if args.config else None,
+        os.environ,
+        {"repo": args.repo, "listen": args.listen, "mqtt": args.mqtt},
+    )
+    run_serve(config)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgectl",
+        description="Build, sign and publish ONNX model bundles for edge fleets.",
+        epilog="example:\n  edgectl init ./repo && edgectl bundle build m.onnx --name m "
+        "--version 1.0.0 -o m.bundle && edgectl release m.bundle --fleet lab --repo ./repo",
+        formatter_class=_RAW,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "init",
+        help="create signing keys and an empty signed repository",
+        description="Create Ed25519 keys (REPO_DIR/keys, 0600) and an empty TUF repository.",
+        epilog="example:\n  edgectl init ./repo --expiry-days-timestamp 1",
+        formatter_class=_RAW,
+    )
+    p.add_argument("repo_dir", metavar="REPO_DIR")
+    for role, days in (
+        ("root", 365),
+        ("targets", 365),
+        ("rollout", 30),
+        ("snapshot", 7),
+        ("timestamp", 1),
+    ):
+        p.add_argument(
+            f"--expiry-days-{role}",
+            type=int,
+            default=days,
+            metavar="DAYS",
+            help=f"{role} metadata lifetime (default {days})",
+        )
+    p.set_defaults(func=_cmd_init)
+
+    bundle = sub.add_parser("bundle", help="work with bundle files")
+    bsub = bundle.add_subparsers(dest="bundle_command", required=True, metavar="COMMAND")
+    b = bsub.add_parser(
+        "build",
+        help="quantize a model and pack it with golden vectors into a bundle",
+        description="Check, quantize (int8 dynamic, MatMul/Gemm), generate golden vectors, "
+        "measure quality against the original and pack a reproducible bundle. "
+        "Set SOURCE_DATE_EPOCH to fix created_at.",
+        epilog="example:\n  edgectl bundle build model.onnx --name resnet --version 1.2.0 "
+        "-o resnet-1.2.0.bundle",
+        formatter_class=_RAW,
+    )
+    b.add_argument("model", metavar="MODEL.onnx")
+    b.add_argument("--name", required=True, help="model name (letters, digits, . _ -)")
+    b.add_argument("--version", required=True, help="semantic version, e.g. 1.2.0")
+    b.add_argument("-o", "--output", required=True, metavar="FILE", help="bundle file to write")
+    b.add_argument("--golden-cases", type=int, default=8, metavar="N", help="default 8")
+    b.add_argument("--seed", type=int, default=0, help="golden input seed (default 0)")
+    b.set_defaults(func=_cmd_bundle_build)
+
+    r = sub.add_parser(
+        "release",
+        help="publish a bundle and make it a fleet's desired version",
+        description="Validate the bundle, add it to the signed targets, point the fleet's "
+        "desired state at it and sign a new snapshot and timestamp.",
+        epilog="example:\n  edgectl release resnet-1.2.0.bundle --fleet lab --repo ./repo",
+        formatter_class=_RAW,
+    )
+    r.add_argument("bundle", metavar="FILE")
+    r.add_argument("--fleet", required=True)
+    r.add_argument("--repo", required=True, metavar="REPO_DIR")
+    r.set_defaults(func=_cmd_release)
+
+    s = sub.add_parser(
+        "serve",
+        help="serve the repository over HTTP and announce releases over MQTT",
+        description="Serve REPO_DIR/metadata and REPO_DIR/targets over HTTP, announce new "
+        "metadata to each fleet on MQTT (retained) and re-sign online metadata before it "
+        "expires. Flags override the config file, which overrides defaults.",
+        epilog="example:\n  edgectl serve --repo ./repo --mqtt 127.0.0.1:1883 "
+        "--listen 0.0.0.0:8080",
+        formatter_class=_RAW,
+    )
+    s.add_argument("--repo", metavar="REPO_DIR")
+    s.add_argument("--mqtt", metavar="HOST:PORT", help="broker ('' disables announcements)")
+    s.add_argument("--listen", metavar="HOST:PORT", help="HTTP address (port 0: any free)")
+    s.add_argument("--config", metavar="controller.toml")
+    s.set_defaults(func=_cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``edgectl``; return the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG
+        if args.verbose
+        else (logging.INFO if args.command == "serve" else logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        code: int = args.func(args)
+        return code
+    except UsageError as exc:
+        print(f"edgectl: error: {exc}", file=sys.stderr)
+        return 2
+    except ControllerError as exc:
+        print(f"edgectl: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""``edgectl release``: publish a bundle and point a fleet's desired state at it.
+
+The orchestrator (``release_bundle``) validates the bundle, then, under the repository
+lock: adds it to top-level targets (release key), writes the fleet's desired state into
+the delegated rollout role (online key), and signs a new snapshot and timestamp.
+
+Invariants:
+- A released (model, version) never changes bytes: the same bytes again only re-point
+  the fleet; different bytes raise ConflictError.
+- A fleet's desired state keeps other models' entries; ``previous`` names the version
+  the fleet was told to run before, when it differs.
+- Nothing is signed when nothing changes (releasing what a fleet already runs).
+- ``next_desired_state`` is pure: data in, data out, no clock or randomness.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from agent.contracts import (
+    ROLLOUT_ROLE,
+    DesiredState,
+    InvalidNameError,
+    ModelRelease,
+    ProbationPolicy,
+    bundle_target_path,
+    check_name,
+    desired_target_path,
+    parse_desired_state,
+)
+from agent.errors import DesiredStateError
+from controller.bundle_file import read_bundle
+from controller.errors import ConflictError, RepositoryError, UsageError
+from controller.fsio import repo_lock
+from controller.repository import Repository
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReleaseResult:
+    """What ``release_bundle`` did, for the CLI to print."""
+
+    model: str
+    version: str
+    fleet: str
+    target_path: str
+    sha256: str
+    length: int
+    bundle_added: bool
+    fleet_changed: bool
+    rollout_id: str
+    versions: dict[str, int]
+
+
+def next_desired_state(
+    current: DesiredState | None,
+    fleet: str,
+    model: str,
+    version: str,
+    rollout_id: str,
+    issued_at: str,
+    probation: ProbationPolicy | None = None,
+) -> DesiredState | None:
+    """The fleet's desired state after releasing ``model`` ``version`` to all its devices.
+
+    Returns None when the fleet already runs exactly that release (nothing to sign).
+    """
+    models = dict(current.models) if current else {}
+    before = models.get(model)
+    if before is not None and before.version == version and before.percent == 100.0:
+        return None
+    previous = before.version if before is not None and before.version != version else None
+    if before is not None and before.version == version:
+        previous = before.previous  # re-pointing a partial rollout keeps its fallback
+    models[model] = ModelRelease(
+        version=version,
+        target=bundle_target_path(model, version),
+        rollout_id=rollout_id,
+        percent=100.0,
+        previous=previous,
+        previous_target=bundle_target_path(model, previous) if previous else None,
+        canaries=(),
+        probation=probation or ProbationPolicy(),
+    )
+    return DesiredState(fleet=fleet, models=models, issued_at=issued_at)
+
+
+def new_rollout_id(model: str, version: str) -> str:
+    """A rollout id unique per release: ``<model>-<version>-<8 hex>``."""
+    return f"{model}-{version}-{secrets.token_hex(4)}"
+
+
+def release_bundle(
+    bundle: Path, fleet: str, repo_dir: Path, now: datetime | None = None
+) -> ReleaseResult:
+    """Publish ``bundle`` and make it the desired release of ``fleet``.
+
+    Raises UsageError (bad fleet name, missing file), BundleFileError (malformed bundle),
+    RepositoryError (no repository, damaged metadata), ConflictError (the version is
+    already released with different bytes).
+    """
+    try:
+        check_name("fleet", fleet)
+    except InvalidNameError as exc:
+        raise UsageError(str(exc)) from None
+    info = read_bundle(bundle)
+    manifest = info.manifest
+    repo = Repository.open(repo_dir)
+    now = now or datetime.now(UTC).replace(microsecond=0)
+    target_path = bundle_target_path(manifest.name, manifest.version)
+    with repo_lock(repo_dir):
+        bundle_added = _add_bundle(repo, target_path, bundle, info.sha256, info.length, now)
+        current = _current_desired(repo, fleet)
+        rollout_id = new_rollout_id(manifest.name, manifest.version)
+        desired = next_desired_state(
+            current,
+            fleet,
+            manifest.name,
+            manifest.version,
+            rollout_id,
+            now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+        if desired is not None:
+            path = desired_target_path(fleet)
+            stored = repo.store_target(path, desired.to_json_bytes())
+            repo.update_targets(ROLLOUT_ROLE, {path: stored}, now)
+        else:
+            rollout_id = current.models[manifest.name].rollout_id if current else rollout_id
+        if bundle_added or desired is not None:
+            repo.publish(now)
+        versions = repo.versions()
+    logger.info("released %s to fleet %s", target_path, fleet)
+    return ReleaseResult(
+        model=manifest.name,
+        version=manifest.version,
+        fleet=fleet,
+        target_path=target_path,
+        sha256=info.sha256,
+        length=info.length,
+        bundle_added=bundle_added,
+        fleet_changed=desired is not None,
+        rollout_id=rollout_id,
+        versions=versions,
+    )
+
+
+def _add_bundle(
+    repo: Repository, target_path: str, bundle: Path, sha256: str, length: int, now: datetime
+) -> bool:
+    """Add the bundle to top-level targets; False when those exact bytes are already there."""
+    existing = repo.load("targets").signed.targets.get(target_path)
+    if existing is not None:
+        if existing.hashes.get("sha256") == sha256 and existing.length == length:
+            return False
+        model, version = target_path.split("/")[1], target_path.rsplit("/", 1)[1]
+        raise ConflictError(
+            f"version {version.removesuffix('.bundle')} of {model} is already released with "
+            f"different content (sha256 {existing.hashes.get('sha256')}, this bundle "
+            f"{sha256}); bump the version"
+        )
+    stored = repo.store_target(target_path, bundle.read_bytes())
+    if stored.hashes["sha256"] != sha256:
+        raise RepositoryError(f"{bundle} changed while it was being released; try again")
+    repo.update_targets("targets", {target_path: stored}, now)
+    return True
+
+
+def _current_desired(repo: Repository, fleet: str) -> DesiredState | None:
+    raw = repo.read_target(ROLLOUT_ROLE, desired_target_path(fleet))
+    if raw is None:
+        return None
+    try:
+        return parse_desired_state(raw, fleet)
+    except DesiredStateError as exc:
+        raise RepositoryError(
+            f"the current desired state of fleet {fleet} is damaged: {exc}"
+        ) from None
