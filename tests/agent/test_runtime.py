@@ -1,0 +1,126 @@
+"""agent.runtime on real ONNX Runtime: load, golden vectors, signature checks, the registry."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from agent.contracts import BUNDLE_GOLDEN, GOLDEN_INPUT_PREFIX, GOLDEN_OUTPUT_PREFIX, TensorSpec
+from agent.errors import GoldenMismatchError, InvalidRequestError, ModelError
+from agent.runtime import ModelRegistry, check_golden, load_model, warm_up
+from tests.agent._model_dir import make_model_dir
+from tests.helpers import make_linear_model
+
+
+def test_load_passes_golden_and_matches_ort(tmp_path: Path, linear_model: Path) -> None:
+    directory, manifest = make_model_dir(tmp_path / "v1", linear_model)
+    model = load_model(directory, manifest, intra_op_threads=2)
+    assert (model.name, model.version) == ("linear", "1.0.0")
+    check_golden(model)
+    warm_up(model, rounds=2)
+
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    reference = ort.InferenceSession(str(linear_model)).run(["y"], {"x": x})[0]
+    got = model.infer({"x": x})
+    assert list(got) == ["y"]
+    np.testing.assert_array_equal(got["y"], reference)
+
+
+def test_golden_mismatch_names_output_case_and_tolerance(
+    tmp_path: Path, linear_model: Path
+) -> None:
+    directory, manifest = make_model_dir(tmp_path / "v1", linear_model)
+    with np.load(directory / BUNDLE_GOLDEN) as npz:
+        arrays = {k: npz[k].copy() for k in npz.files}
+    arrays[GOLDEN_OUTPUT_PREFIX + "y"][1, 0, 2] += 0.25
+    np.savez(directory / BUNDLE_GOLDEN, **arrays)
+    model = load_model(directory, manifest)
+    with pytest.raises(GoldenMismatchError) as caught:
+        check_golden(model)
+    message = str(caught.value)
+    assert "'y'" in message and "case 1" in message
+    assert "max abs diff 0.25" in message and "rtol=0.0001" in message and "atol=1e-05" in message
+
+
+def test_golden_file_with_missing_array_is_refused(tmp_path: Path, linear_model: Path) -> None:
+    directory, manifest = make_model_dir(tmp_path / "v1", linear_model)
+    with np.load(directory / BUNDLE_GOLDEN) as npz:
+        np.savez(directory / BUNDLE_GOLDEN, **{GOLDEN_INPUT_PREFIX + "x": npz["input:x"]})
+    with pytest.raises(ModelError, match="missing arrays"):
+        check_golden(load_model(directory, manifest))
+
+
+@pytest.mark.parametrize(
+    ("inputs", "outputs", "expected"),
+    [
+        ((TensorSpec("z", "FP32", (-1, 4)),), None, "manifest has \\['z'\\]"),
+        ((TensorSpec("x", "FP64", (-1, 4)),), None, "datatype FP64"),
+        ((TensorSpec("x", "FP32", (-1, 5)),), None, "shape \\[-1, 5\\]"),
+        (None, (TensorSpec("y", "FP32", (-1,)),), "output 'y'"),
+    ],
+)
+def test_signature_differing_from_manifest_is_refused(
+    tmp_path: Path,
+    linear_model: Path,
+    inputs: tuple[TensorSpec, ...] | None,
+    outputs: tuple[TensorSpec, ...] | None,
+    expected: str,
+) -> None:
+    kwargs = {}
+    if inputs is not None:
+        kwargs["inputs"] = inputs
+    if outputs is not None:
+        kwargs["outputs"] = outputs
+    directory, manifest = make_model_dir(tmp_path / "v1", linear_model, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ModelError, match=expected):
+        load_model(directory, manifest)
+
+
+def test_missing_or_corrupt_model_file_is_refused(tmp_path: Path, linear_model: Path) -> None:
+    directory, manifest = make_model_dir(tmp_path / "v1", linear_model)
+    (directory / "model.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(ModelError, match="ONNX Runtime refused"):
+        load_model(directory, manifest)
+    (directory / "model.onnx").unlink()
+    with pytest.raises(ModelError, match=r"model\.onnx is missing"):
+        load_model(directory, manifest)
+
+
+def test_infer_rejects_unknown_output_and_bad_input(tmp_path: Path, linear_model: Path) -> None:
+    model = load_model(*make_model_dir(tmp_path / "v1", linear_model))
+    with pytest.raises(InvalidRequestError, match="unknown output 'nope'"):
+        model.infer({"x": np.zeros((1, 4), np.float32)}, ["nope"])
+    with pytest.raises(InvalidRequestError, match="rejected the input"):
+        model.infer({"x": np.zeros((1, 5), np.float32)})
+
+
+def test_registry_swap_returns_previous_and_frees_it(tmp_path: Path, linear_model: Path) -> None:
+    v1 = load_model(*make_model_dir(tmp_path / "v1", linear_model))
+    other = make_linear_model(tmp_path / "m2.onnx", seed=2)
+    v2 = load_model(*make_model_dir(tmp_path / "v2", other, version="1.1.0"))
+    registry = ModelRegistry()
+    assert registry.get("linear") is None and len(registry) == 0
+    assert registry.activate(v1) is None
+    assert registry.get("linear") is v1
+    in_flight = registry.get("linear")  # a request holding its reference across the swap
+    assert registry.activate(v2) is v1
+    assert registry.get("linear") is v2
+    assert in_flight is v1 and in_flight.infer({"x": np.ones((1, 4), np.float32)})["y"].shape == (
+        1,
+        3,
+    )
+    assert registry.snapshot() == {"linear": v2}
+
+    freed = weakref.ref(v1)
+    del v1, in_flight
+    gc.collect()
+    assert freed() is None, "the registry kept a reference to the replaced model"
+
+    assert registry.remove("linear") is v2
+    assert registry.remove("linear") is None
+    assert registry.snapshot() == {}
