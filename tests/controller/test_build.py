@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import io
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from agent.contracts import BUNDLE_REQUIRED_MEMBERS, parse_manifest
+from controller.build import build_bundle
+from controller.bundle_file import read_bundle
+from controller.errors import BuildError, BundleFileError, UsageError
+from tests.controller.conftest import edgectl_cmd
+
+
+def _members(path: Path) -> dict[str, tuple[tarfile.TarInfo, bytes]]:
+    out = {}
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            f = tar.extractfile(info)
+            assert f is not None
+            out[info.name] = (info, f.read())
+    return out
+
+
+def test_bundle_has_exactly_the_contract_members(linear_model: Path, tmp_path: Path) -> None:
+    result = build_bundle(linear_model, "lin", "1.0.0", tmp_path / "b.bundle")
+    members = _members(result.path)
+    assert list(members) == list(BUNDLE_REQUIRED_MEMBERS)
+    for info, _ in members.values():
+        assert info.isreg() and info.mode == 0o644 and info.uid == 0 and info.gid == 0
+    manifest = parse_manifest(members["manifest.json"][1])
+    assert (manifest.name, manifest.version) == ("lin", "1.0.0")
+    assert [(t.name, t.datatype, t.shape) for t in manifest.inputs] == [("x", "FP32", (-1, 4))]
+    assert [(t.name, t.datatype, t.shape) for t in manifest.outputs] == [("y", "FP32", (-1, 3))]
+    assert manifest.opset == 17
+    assert manifest.build["quantization"] == "dynamic-matmul"
+    assert manifest.build["golden_source"] == "generated"
+    assert manifest.quality["outputs"]["y"]["top1_agreement"] >= 0.75
+    assert manifest.quality["outputs"]["y"]["cosine"] > 0.99
+    assert manifest.sizes["original_bytes"] == linear_model.stat().st_size
+    assert manifest.members["model.onnx"]["size"] == len(members["model.onnx"][1])
+    assert read_bundle(result.path).manifest == manifest
+
+
+def test_golden_outputs_reproduce_in_onnx_runtime(linear_model: Path, tmp_path: Path) -> None:
+    result = build_bundle(linear_model, "lin", "1.0.0", tmp_path / "b.bundle", golden_cases=5)
+    members = _members(result.path)
+    golden = np.load(io.BytesIO(members["golden.npz"][1]))
+    assert sorted(golden.files) == ["input:x", "output:y"]
+    assert golden["input:x"].shape == (5, 1, 4)
+    spec = result.manifest.golden
+    assert spec.cases == 5
+    session = ort.InferenceSession(members["model.onnx"][1], providers=["CPUExecutionProvider"])
+    for i in range(spec.cases):
+        (got,) = session.run(["y"], {"x": golden["input:x"][i]})
+        np.testing.assert_allclose(got, golden["output:y"][i], rtol=spec.rtol, atol=spec.atol)
+
+
+def test_build_is_reproducible(
+    linear_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    a = build_bundle(linear_model, "lin", "1.0.0", tmp_path / "a.bundle")
+    b = build_bundle(linear_model, "lin", "1.0.0", tmp_path / "b.bundle")
+    assert a.path.read_bytes() == b.path.read_bytes()
+    assert a.manifest.created_at == "2023-11-14T22:13:20Z"
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["missing.onnx", "--name", "lin", "--version", "1.0.0"], 2, "does not exist"),
+        (["not.onnx", "--name", "lin", "--version", "1.0.0"], 1, "is not an ONNX model"),
+        (["MODEL", "--name", "../lin", "--version", "1.0.0"], 2, "invalid model name"),
+        (["MODEL", "--name", "lin", "--version", "v1"], 2, "invalid version"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(
+    linear_model: Path, tmp_path: Path, args: list[str], code: int, message: str
+) -> None:
+    (tmp_path / "not.onnx").write_text("this is not a model\n")
+    args = [str(linear_model) if a == "MODEL" else a for a in args]
+    out = subprocess.run(
+        edgectl_cmd("bundle", "build", *args, "-o", tmp_path / "out.bundle"),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert out.returncode == code, out.stderr
+    assert out.stderr.startswith("edgectl: error: ") and message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "out.bundle").exists()
+
+
+def test_invalid_graph_and_unwritable_output(linear_model: Path, tmp_path: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(linear_model))
+    model.graph.node[0].input[1] = "nowhere"  # an input no node or initializer produces
+    onnx.save(model, str(tmp_path / "broken.onnx"))
+    with pytest.raises(BuildError, match="not a valid ONNX graph"):
+        build_bundle(tmp_path / "broken.onnx", "lin", "1.0.0", tmp_path / "o.bundle")
+    with pytest.raises(UsageError, match="not a writable directory"):
+        build_bundle(linear_model, "lin", "1.0.0", tmp_path / "no" / "such" / "o.bundle")
+
+
+def test_tampered_bundle_is_refused(linear_model: Path, tmp_path: Path) -> None:
+    path = build_bundle(linear_model, "lin", "1.0.0", tmp_path / "b.bundle").path
+    with tarfile.open(path, "r:") as tar:
+        offset = tar.getmember("model.onnx").offset_data
+    data = bytearray(path.read_bytes())
+    data[offset + 10] ^= 0xFF
+    (tmp_path / "t.bundle").write_bytes(bytes(data))
+    with pytest.raises(BundleFileError, match="member model.onnx expected size"):
+        read_bundle(tmp_path / "t.bundle")
