@@ -1,0 +1,353 @@
+"""agent.server over a real Unix socket, with real ONNX Runtime behind it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import agent
+from agent.client import InferenceClient, UnixHTTPConnection
+from agent.errors import InvalidRequestError, ModelNotFoundError, NotReadyError
+from agent.runtime import LoadedModel, ModelRegistry, load_model
+from agent.server import InferenceServer
+from tests.agent._model_dir import make_model_dir
+from tests.agent._serving import ServerThread, serving, short_socket_dir
+from tests.helpers import make_linear_model
+
+X = np.array([[0.5, -1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0]], dtype=np.float32)
+
+
+@pytest.fixture
+def model_v1(tmp_path: Path, linear_model: Path) -> LoadedModel:
+    return load_model(*make_model_dir(tmp_path / "v1", linear_model, version="1.0.0"))
+
+
+@pytest.fixture
+def registry(model_v1: LoadedModel) -> ModelRegistry:
+    registry = ModelRegistry()
+    registry.activate(model_v1)
+    return registry
+
+
+@pytest.fixture
+def server(registry: ModelRegistry) -> Iterator[InferenceServer]:
+    with serving(registry, max_body_bytes=64 * 1024) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: InferenceServer) -> Iterator[InferenceClient]:
+    with InferenceClient(server.socket_path, timeout_s=10) as c:
+        yield c
+
+
+def raw(server: InferenceServer, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """One request on a fresh connection: (status, decoded JSON body)."""
+    connection = UnixHTTPConnection(server.socket_path, timeout=10)
+    try:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        connection.request(method, path, body=data)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def infer_body(
+    x: Any, datatype: str = "FP32", shape: Any = None, name: str = "x"
+) -> dict[str, Any]:
+    x = np.asarray(x)
+    return {
+        "id": "req-1",
+        "inputs": [
+            {
+                "name": name,
+                "datatype": datatype,
+                "shape": list(x.shape) if shape is None else shape,
+                "data": x.ravel().tolist(),
+            }
+        ],
+    }
+
+
+# ---------------------------------------------------------------------------- endpoints
+
+
+def test_health_and_metadata_endpoints(server: InferenceServer, client: InferenceClient) -> None:
+    assert client.live() is True
+    assert client.ready() is True
+    assert raw(server, "GET", "/v2/health/live") == (200, {"live": True})
+    assert raw(server, "GET", "/v2/health/ready") == (200, {"ready": True})
+    assert client.server_metadata() == {
+        "name": "edge-agent",
+        "version": agent.__version__,
+        "extensions": [],
+    }
+    expected = {
+        "name": "linear",
+        "versions": ["1.0.0"],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}],
+    }
+    assert client.model_metadata("linear") == expected
+    assert raw(server, "GET", "/v2/models/linear/versions/1.0.0") == (200, expected)
+    assert raw(server, "GET", "/v2/models/linear/ready")[0] == 200
+    assert raw(server, "GET", "/v2/models/linear/versions/1.0.0/ready")[0] == 200
+    assert raw(server, "GET", "/v2/models/linear/versions/9.9.9/ready")[0] == 404
+    assert raw(server, "GET", "/v2/models/nope/ready")[0] == 404
+
+
+def test_infer_equals_in_process_ort(
+    server: InferenceServer, client: InferenceClient, linear_model: Path
+) -> None:
+    reference = ort.InferenceSession(str(linear_model)).run(["y"], {"x": X})[0]
+    got = client.infer("linear", {"x": X})
+    np.testing.assert_array_equal(got["y"], reference)
+    assert got["y"].dtype == np.float32
+    np.testing.assert_array_equal(client.infer("linear", {"x": X}, version="1.0.0")["y"], reference)
+
+    status, doc = raw(server, "POST", "/v2/models/linear/infer", infer_body(X.tolist()))
+    assert status == 200
+    assert (doc["model_name"], doc["model_version"], doc["id"]) == ("linear", "1.0.0", "req-1")
+    [output] = doc["outputs"]
+    assert (output["name"], output["datatype"], output["shape"]) == ("y", "FP32", [2, 3])
+    np.testing.assert_array_equal(np.float32(output["data"]).reshape(2, 3), reference)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def test_unknown_model_and_version_are_404(
+    server: InferenceServer, client: InferenceClient
+) -> None:
+    with pytest.raises(ModelNotFoundError, match="unknown model 'nope'"):
+        client.infer("nope", {"x": X})
+    with pytest.raises(ModelNotFoundError, match=r"version '2\.0\.0' is not served"):
+        client.infer("linear", {"x": X}, version="2.0.0")
+    with pytest.raises(ModelNotFoundError):
+        client.model_metadata("nope")
+    assert raw(server, "GET", "/v2/models/linear/versions/2.0.0")[0] == 404
+    assert raw(server, "GET", "/nowhere")[0] == 404
+    assert raw(server, "GET", "/v2/models/linear/explain")[0] == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (infer_body(np.zeros((2, 5), np.float32)), "input 'x': shape expected [-1, 4], got [2, 5]"),
+        (
+            infer_body(np.zeros((2, 4), np.int64), "INT64"),
+            "input 'x': datatype expected FP32, got INT64",
+        ),
+        (
+            infer_body(np.zeros((2, 4)), shape=[3, 4]),
+            "input 'x': shape [3, 4] needs 12 values, got 8",
+        ),
+        (infer_body(np.zeros((1, 4)), name="z"), "unknown input 'z'"),
+        ({"inputs": []}, "missing input 'x' (expected FP32 [-1, 4])"),
+        (
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": ["a"] * 4}]},
+            "expects numbers, got strings",
+        ),
+        ({"inputs": infer_body(X)["inputs"], "outputs": [{"name": "q"}]}, "unknown output 'q'"),
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "expected a JSON object, got a list"),
+    ],
+)
+def test_bad_requests_are_400_naming_the_problem(
+    server: InferenceServer, body: Any, expected: str
+) -> None:
+    status, doc = raw(server, "POST", "/v2/models/linear/infer", body)
+    assert status == 400
+    assert expected in doc["error"]
+
+
+def test_client_maps_400_to_invalid_request(client: InferenceClient) -> None:
+    with pytest.raises(InvalidRequestError, match=r"datatype expected FP32, got FP64 \(HTTP 400\)"):
+        client.infer("linear", {"x": X.astype(np.float64)})
+
+
+def test_wrong_method_is_405(server: InferenceServer) -> None:
+    status, doc = raw(server, "GET", "/v2/models/linear/infer")
+    assert status == 405 and "use POST" in doc["error"]
+    assert raw(server, "POST", "/v2/health/live", b"{}")[0] == 405
+
+
+def test_body_over_limit_is_413_and_says_the_limit(server: InferenceServer) -> None:
+    big = infer_body(np.zeros((4000, 4), np.float32))
+    status, doc = raw(server, "POST", "/v2/models/linear/infer", big)
+    assert status == 413
+    assert str(64 * 1024) in doc["error"]
+    assert raw(server, "GET", "/v2/health/live")[0] == 200  # the server carries on
+
+
+def test_not_ready_is_503(registry: ModelRegistry) -> None:
+    ready = threading.Event()
+    with serving(registry, is_ready=ready.is_set) as server:
+        client = InferenceClient(server.socket_path)
+        assert client.live() and not client.ready()
+        assert raw(server, "GET", "/v2/health/ready") == (503, {"ready": False})
+        with pytest.raises(NotReadyError, match="not ready"):
+            client.infer("linear", {"x": X})
+        ready.set()
+        assert client.ready()
+        assert client.infer("linear", {"x": X})["y"].shape == (2, 3)
+        client.close()
+
+
+def test_empty_registry_is_not_ready(tmp_path: Path) -> None:
+    with serving(ModelRegistry()) as server:
+        assert raw(server, "GET", "/v2/health/ready") == (503, {"ready": False})
+        assert raw(server, "GET", "/v2/models/linear")[0] == 404
+
+
+# ---------------------------------------------------------------------------- the wire
+
+
+def _read_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """Read ``count`` Content-Length framed responses from a raw socket."""
+    buffer = b""
+    responses: list[tuple[int, bytes]] = []
+    while len(responses) < count:
+        while b"\r\n\r\n" not in buffer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return responses
+            buffer += chunk
+        head, buffer = buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        headers = dict(line.split(": ", 1) for line in lines[1:])
+        length = int(headers["Content-Length"])
+        while len(buffer) < length:
+            buffer += sock.recv(65536)
+        responses.append((int(lines[0].split()[1]), buffer[:length]))
+        buffer = buffer[length:]
+    return responses
+
+
+def test_keep_alive_and_pipelining_answer_in_order(server: InferenceServer) -> None:
+    body = json.dumps(infer_body(X)).encode()
+    infer = (
+        b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: x\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(server.socket_path))
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert _read_responses(sock, 1) == [(200, b'{"live":true}')]
+        # Pipelined: an infer (runs in a thread) then a health check must come back in order.
+        sock.sendall(infer + b"GET /v2 HTTP/1.1\r\nHost: x\r\n\r\n" + infer)
+        responses = _read_responses(sock, 3)
+        assert [status for status, _ in responses] == [200, 200, 200]
+        assert "outputs" in json.loads(responses[0][1])
+        assert json.loads(responses[1][1])["name"] == "edge-agent"
+        assert "outputs" in json.loads(responses[2][1])
+
+
+def test_malformed_request_line_is_400_not_a_crash(server: InferenceServer) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(server.socket_path))
+        sock.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+        [(status, body)] = _read_responses(sock, 1)
+        assert status == 400 and b"malformed HTTP request" in body
+        assert sock.recv(1) == b""  # then the connection is closed
+    assert raw(server, "GET", "/v2/health/live") == (200, {"live": True})
+
+
+def test_socket_mode_stale_socket_and_cleanup(registry: ModelRegistry) -> None:
+    directory = short_socket_dir()
+    path = directory / "infer.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))  # a socket file nobody listens on, as a crashed agent leaves
+    stale.close()
+    thread = ServerThread(InferenceServer(registry, path))
+    try:
+        thread.start()
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+        assert InferenceClient(path).live()
+        second = ServerThread(InferenceServer(registry, path))
+        try:
+            with pytest.raises(Exception, match="already serving"):
+                second.start()
+        finally:
+            second.close()
+        thread.stop()
+        assert not path.exists()
+    finally:
+        thread.close()
+        path.unlink(missing_ok=True)
+        directory.rmdir()
+
+
+# ---------------------------------------------------------------------------- hot swap
+
+
+def test_hot_swap_under_load_fails_no_request(
+    tmp_path: Path, registry: ModelRegistry, model_v1: LoadedModel, server: InferenceServer
+) -> None:
+    v2 = load_model(
+        *make_model_dir(
+            tmp_path / "v2", make_linear_model(tmp_path / "m2.onnx", seed=2), version="1.1.0"
+        )
+    )
+    expected = {
+        "1.0.0": model_v1.infer({"x": X})["y"],
+        "1.1.0": v2.infer({"x": X})["y"],
+    }
+    versions = [model_v1, v2]
+    stop = threading.Event()
+    failures: list[str] = []
+    seen: dict[str, int] = {"1.0.0": 0, "1.1.0": 0}
+    lock = threading.Lock()
+    body = infer_body(X)
+
+    def send() -> None:
+        connection = UnixHTTPConnection(server.socket_path, timeout=10)
+        for _ in range(3000):  # bounded even if the clock stalls
+            if stop.is_set():
+                break
+            try:
+                connection.request("POST", "/v2/models/linear/infer", body=json.dumps(body))
+                response = connection.getresponse()
+                doc = json.loads(response.read())
+                version = doc["model_version"]
+                y = np.float32(doc["outputs"][0]["data"]).reshape(2, 3)
+                if response.status != 200 or not np.array_equal(y, expected[version]):
+                    raise AssertionError(f"{response.status} {doc}")
+                with lock:
+                    seen[version] += 1
+            except Exception as exc:
+                with lock:
+                    failures.append(repr(exc))
+        connection.close()
+
+    senders = [threading.Thread(target=send) for _ in range(4)]
+    for t in senders:
+        t.start()
+    deadline = time.monotonic() + 1.0
+    swaps = 0
+    while time.monotonic() < deadline:
+        time.sleep(0.02)
+        swaps += 1
+        registry.activate(versions[swaps % 2])
+    stop.set()
+    for t in senders:
+        t.join(timeout=10)
+    assert failures == []
+    assert seen["1.0.0"] > 0 and seen["1.1.0"] > 0, seen
+    assert swaps > 10
