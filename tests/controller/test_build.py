@@ -115,5 +115,5 @@ def test_tampered_bundle_is_refused(linear_model: Path, tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[offset + 10] ^= 0xFF
     (tmp_path / "t.bundle").write_bytes(bytes(data))
-    with pytest.raises(BundleFileError, match="member model.onnx expected size"):
+    with pytest.raises(BundleFileError, match=r"member model\.onnx expected size"):
         read_bundle(tmp_path / "t.bundle")

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import json
+import queue
+import signal
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from agent.contracts import ANNOUNCE_SCHEMA, announce_topic
+from controller.config import load_serve_config
+from controller.errors import UsageError
+from controller.release import release_bundle
+from controller.repository import Repository, needs_resign, resign_expiring
+from tests.controller.conftest import Served
+from tests.helpers import Broker
+
+FLEET = "lab"
+
+
+def _subscribe(broker: Broker, topic: str) -> tuple[mqtt.Client, queue.Queue[dict[str, Any]]]:
+    got: queue.Queue[dict[str, Any]] = queue.Queue()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+    client.on_message = lambda _c, _u, msg: got.put(
+        {"retain": msg.retain, **json.loads(msg.payload)}
+    )
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    return client, got
+
+
+def _wait_for_version(got: queue.Queue[dict[str, Any]], version: int) -> dict[str, Any]:
+    seen = []
+    while True:
+        try:
+            message = got.get(timeout=10)
+        except queue.Empty:
+            raise AssertionError(f"no announce with version {version}; saw {seen}") from None
+        seen.append(message)
+        if message["timestamp_version"] == version:
+            return message
+
+
+def test_release_is_announced_retained(
+    repo: Repository,
+    bundles: dict[str, Path],
+    broker: Broker,
+    start_serve: Callable[..., Served],
+) -> None:
+    release_bundle(bundles["v1"], FLEET, repo.path)
+    served = start_serve(repo.path, broker.address)
+    client, got = _subscribe(broker, announce_topic(FLEET))
+    try:
+        first = _wait_for_version(got, 2)
+        assert first["schema"] == ANNOUNCE_SCHEMA and first["fleet"] == FLEET
+        result = release_bundle(bundles["v2"], FLEET, repo.path)
+        _wait_for_version(got, result.versions["timestamp"])
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    # Retained: a subscriber that arrives later gets the latest announcement at once.
+    late, late_got = _subscribe(broker, announce_topic(FLEET))
+    try:
+        message = _wait_for_version(late_got, result.versions["timestamp"])
+        assert message["retain"] is True
+    finally:
+        late.loop_stop()
+        late.disconnect()
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(timeout=10) == 0
+
+
+def test_serve_keeps_serving_http_without_a_broker(
+    repo: Repository, start_serve: Callable[..., Served]
+) -> None:
+    served = start_serve(repo.path, "127.0.0.1:1")
+    import urllib.request
+
+    with urllib.request.urlopen(f"{served.url}/metadata/root.json", timeout=5) as resp:
+        assert resp.status == 200
+    served.process.send_signal(signal.SIGINT)
+    assert served.process.wait(timeout=10) == 0
+    assert "unreachable" in served.stderr.read_text()
+
+
+def test_resign_only_when_half_the_lifetime_is_gone(repo: Repository) -> None:
+    now = datetime.now(UTC)
+    assert resign_expiring(repo, now) == {}
+    changed = resign_expiring(repo, now + timedelta(hours=13))
+    assert changed == {"timestamp": 2}
+    changed = resign_expiring(repo, now + timedelta(days=4))
+    assert changed == {"snapshot": 2, "timestamp": 3}
+    changed = resign_expiring(repo, now + timedelta(days=16))
+    assert changed == {"rollout": 2, "snapshot": 3, "timestamp": 4}
+    assert repo.load("timestamp").signed.expires > now + timedelta(days=16)
+    assert not needs_resign(now + timedelta(days=1), timedelta(days=1), now)
+
+
+def test_config_precedence(tmp_path: Path) -> None:
+    toml = tmp_path / "controller.toml"
+    toml.write_text(
+        '[serve]\nrepo = "/srv/repo"\nlisten = "0.0.0.0:9000"\nmqtt = "broker:1884"\n'
+        "announce_interval_s = 2\n"
+    )
+    config = load_serve_config(toml, {"EDGECTL_MQTT": "env:1885"}, {"listen": "127.0.0.1:0"})
+    assert config.repo_dir == Path("/srv/repo")
+    assert (config.listen_host, config.listen_port) == ("127.0.0.1", 0)
+    assert (config.mqtt_host, config.mqtt_port) == ("env", 1885)
+    assert config.announce_interval_s == 2.0
+    assert load_serve_config(toml, {}, {"mqtt": ""}).mqtt_host is None
+    toml.write_text('[serve]\nrepo = "r"\nlisten_port = 1\n')
+    with pytest.raises(UsageError, match="unknown keys in \\[serve\\]: listen_port"):
+        load_serve_config(toml, {}, {})
+    with pytest.raises(UsageError, match="expected HOST:PORT"):
+        load_serve_config(None, {}, {"repo": "r", "mqtt": "nohost"})
