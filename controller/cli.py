@@ -121,7 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
     p.set_defaults(func=_cmd_init)
 
-    bundle = sub.add_parser("bundle", help="work with bundle files")
+    bundle = sub.add_parser(
+        "bundle",
+        help="work with bundle files",
+        description="Work with bundle files.",
+        epilog="example:\n  edgectl bundle build model.onnx --name m --version 1.0.0 -o m.bundle",
+        formatter_class=_RAW,
+    )
     bsub = bundle.add_subparsers(dest="bundle_command", required=True, metavar="COMMAND")
     b = bsub.add_parser(
         "build",
