@@ -18,7 +18,9 @@ import pytest
 
 import agent
 from agent.client import InferenceClient, UnixHTTPConnection
+from agent.contracts import GoldenSpec, Manifest, TensorSpec
 from agent.errors import InvalidRequestError, ModelNotFoundError, NotReadyError
+from agent.oip import build_infer_response, parse_infer_request
 from agent.runtime import LoadedModel, ModelRegistry, load_model
 from agent.server import InferenceServer
 from tests.agent._model_dir import make_model_dir
@@ -351,3 +353,81 @@ def test_hot_swap_under_load_fails_no_request(
     assert failures == []
     assert seen["1.0.0"] > 0 and seen["1.1.0"] > 0, seen
     assert swaps > 10
+
+
+def test_oversized_head_is_431_and_chunked_body_over_limit_is_413(server: InferenceServer) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(server.socket_path))
+        sock.sendall(b"GET /v2 HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
+        [(status, _)] = _read_responses(sock, 1)
+        assert status == 431
+    chunk = b"x" * 40_000
+    framed = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(server.socket_path))
+        sock.sendall(
+            b"POST /v2/models/linear/infer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + framed * 2
+            + b"0\r\n\r\n"
+        )
+        [(status, body)] = _read_responses(sock, 1)
+        assert status == 413 and b"65536" in body
+
+
+# ---------------------------------------------------------------------------- the codec
+
+
+def _manifest(datatype: str, shape: tuple[int, ...]) -> Manifest:
+    return Manifest(
+        name="m",
+        version="1.0.0",
+        inputs=(TensorSpec("t", datatype, shape),),
+        outputs=(TensorSpec("o", datatype, shape),),
+        opset=17,
+        min_ort_version="1.17.0",
+        golden=GoldenSpec(cases=1, rtol=0.0, atol=0.0),
+        members={},
+    )
+
+
+def _request(datatype: str, shape: list[int], data: Any) -> bytes:
+    return json.dumps(
+        {"inputs": [{"name": "t", "datatype": datatype, "shape": shape, "data": data}]}
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "expected"),
+    [
+        ("BOOL", [True, False], np.array([[True, False]])),
+        ("INT8", [[-128, 127]], np.array([[-128, 127]], np.int8)),
+        ("FP16", [0.5, 2], np.array([[0.5, 2.0]], np.float16)),
+        ("BYTES", ["a", "bc"], np.array([["a", "bc"]], dtype=object)),
+    ],
+)
+def test_codec_accepts_every_kind(datatype: str, data: Any, expected: np.ndarray) -> None:
+    request = parse_infer_request(_request(datatype, [1, 2], data), _manifest(datatype, (-1, 2)))
+    got = request.inputs["t"]
+    assert got.dtype == expected.dtype and got.tolist() == expected.tolist()
+    body = build_infer_response("m", "1.0.0", {"o": got}, "id-7")
+    doc = json.loads(body)
+    assert doc["id"] == "id-7" and doc["outputs"][0]["datatype"] == datatype
+    assert doc["outputs"][0]["data"] == expected.ravel().tolist()
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "expected"),
+    [
+        ("INT8", [1, 300], "INT8 holds -128..127, got values in 1..300"),
+        ("INT32", [1.5, 2], "expects integers, got floats"),
+        ("BOOL", [1, 0], "expects true/false, got integers"),
+        ("FP32", [[1, 2], [3]], "regularly nested"),
+        ("FP32", [1, None], "expects numbers"),
+    ],
+)
+def test_codec_refuses_values_it_would_change(datatype: str, data: Any, expected: str) -> None:
+    with pytest.raises(InvalidRequestError, match="input 't'") as caught:
+        parse_infer_request(_request(datatype, [1, 2], data), _manifest(datatype, (-1, 2)))
+    assert expected in str(caught.value)
