@@ -40,16 +40,22 @@ def make_model_dir(
     inputs: tuple[TensorSpec, ...] = LINEAR_INPUTS,
     outputs: tuple[TensorSpec, ...] = LINEAR_OUTPUTS,
     seed: int = 0,
+    width: int = 4,
 ) -> tuple[Path, Manifest]:
     """Copy ``onnx_path`` in, compute golden outputs with ONNX Runtime, write the manifest.
 
-    Golden inputs are ``[cases, batch, 4]`` float32: the first axis is the case index.
+    Golden inputs are ``[cases, batch, width]`` float32: the first axis is the case index.
+    ``inputs``/``outputs`` default to the linear model's ([-1, 4] → [-1, 3]); for another
+    ``width`` both become [-1, width].
     """
+    if width != 4 and inputs is LINEAR_INPUTS:
+        inputs = (TensorSpec("x", "FP32", (-1, width)),)
+        outputs = (TensorSpec("y", "FP32", (-1, width)),)
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(onnx_path, directory / BUNDLE_MODEL)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(cases, batch, 4)).astype(np.float32)
+    x = rng.normal(size=(cases, batch, width)).astype(np.float32)
     y = np.stack([session.run(["y"], {"x": x[i]})[0] for i in range(cases)])
     np.savez(
         directory / BUNDLE_GOLDEN,

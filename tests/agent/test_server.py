@@ -431,3 +431,69 @@ def test_codec_refuses_values_it_would_change(datatype: str, data: Any, expected
     with pytest.raises(InvalidRequestError, match="input 't'") as caught:
         parse_infer_request(_request(datatype, [1, 2], data), _manifest(datatype, (-1, 2)))
     assert expected in str(caught.value)
+
+
+def _make_slow_model(path: Path, width: int = 384, layers: int = 48) -> Path:
+    """x float32 [-1, width] through ``layers`` dense layers: slow enough to be in flight."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i in range(layers):
+        weight = (rng.normal(size=(width, width)) / np.sqrt(width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(weight, f"w{i}"))
+        out = "y" if i == layers - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [out]))
+        prev = out
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_slow_model_does_not_stall_health_checks(tmp_path: Path) -> None:
+    width = 384
+    slow = load_model(
+        *make_model_dir(
+            tmp_path / "slow",
+            _make_slow_model(tmp_path / "slow.onnx", width),
+            name="slow",
+            cases=1,
+            batch=1,
+            width=width,
+        )
+    )
+    registry = ModelRegistry()
+    registry.activate(slow)
+    x = np.ones((512, width), np.float32)
+    with serving(registry) as server:
+        started, done = threading.Event(), threading.Event()
+
+        def run() -> None:
+            with InferenceClient(server.socket_path) as client:
+                started.set()
+                client.infer("slow", {"x": x})
+            done.set()
+
+        worker = threading.Thread(target=run)
+        worker.start()
+        started.wait(10)
+        answered_while_busy = 0
+        for _ in range(1000):  # bounded; the infer takes a few hundred ms at least
+            if done.is_set():
+                break
+            assert raw(server, "GET", "/v2/health/live") == (200, {"live": True})
+            if not done.is_set():
+                answered_while_busy += 1
+        worker.join(30)
+        assert done.is_set()
+        # A loop blocked by the run could answer one or two at most (around its end).
+        assert answered_while_busy >= 10, answered_while_busy
