@@ -97,7 +97,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     metadata = client.model_metadata(args.model)
     inputs = load_input_file(args.input, metadata)
     outputs = client.infer(args.model, inputs, version=args.model_version)
-    print(json.dumps({name: _tensor_json(value) for name, value in outputs.items()}, indent=2))
+    print(json.dumps({name: _tensor_json(value) for name, value in outputs.items()}))
     return 0
 
 

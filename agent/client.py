@@ -21,16 +21,13 @@ import numpy as np
 
 from agent.contracts import OIP_TO_NUMPY
 from agent.errors import (
+    AgentUnreachableError,
     InferenceError,
     InvalidRequestError,
     ModelNotFoundError,
     NotReadyError,
 )
 from agent.oip import build_infer_request, parse_infer_response
-
-
-class AgentUnreachableError(InferenceError):
-    """Nothing answers on the socket (the agent is not running, or no permission)."""
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

@@ -14,7 +14,8 @@
     └── InferenceError         a request could not be served
         ├── InvalidRequestError    the client sent something wrong (HTTP 400)
         ├── ModelNotFoundError     unknown model or version (HTTP 404)
-        └── NotReadyError          the model exists but cannot serve now (HTTP 503)
+        ├── NotReadyError          the model exists but cannot serve now (HTTP 503)
+        └── AgentUnreachableError  (client side) nothing answers on the socket
 
 HTTP status codes are chosen at the HTTP edge (``agent.server``), not here.
 """
@@ -76,3 +77,7 @@ class ModelNotFoundError(InferenceError):
 
 class NotReadyError(InferenceError):
     """The model is known but cannot serve right now."""
+
+
+class AgentUnreachableError(InferenceError):
+    """Nothing answers on the socket (the agent is not running, or no permission)."""

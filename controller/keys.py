@@ -12,9 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-# securesystemslib re-exports these without ``__all__``; mypy cannot see them as public.
-from securesystemslib.signer import CryptoSigner, SSlibKey  # type: ignore[attr-defined]
+from securesystemslib.signer import CryptoSigner, SSlibKey
 
 from controller.errors import RepositoryError
 from controller.fsio import atomic_write, make_dir

@@ -35,11 +35,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
-from securesystemslib.signer import CryptoSigner  # type: ignore[attr-defined]
+from securesystemslib.signer import CryptoSigner
 from tuf.api.exceptions import RepositoryError as TufRepositoryError
-
-# tuf.api.metadata re-exports these from a private module without ``__all__``.
-from tuf.api.metadata import (  # type: ignore[attr-defined]
+from tuf.api.metadata import (
     DelegatedRole,
     Delegations,
     Metadata,
