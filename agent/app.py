@@ -24,6 +24,7 @@ from agent.config import AgentConfig
 from agent.mqtt import MqttLink
 from agent.runtime import ModelRegistry
 from agent.server import InferenceServer
+from agent.stats import RequestStats
 from agent.store import ModelStore
 from agent.updater import UpdateService
 
@@ -36,6 +37,7 @@ class AgentApp:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.registry = ModelRegistry()
+        self.stats = RequestStats()
         self.store = ModelStore(config.state_dir / "models")
         self.updates = UpdateService(config, self.registry, self.store, self._publish_status)
         self.server = InferenceServer(
@@ -44,6 +46,7 @@ class AgentApp:
             socket_mode=config.inference.socket_mode,
             max_body_bytes=config.inference.max_body_bytes,
             max_concurrency=config.inference.max_concurrency,
+            stats=self.stats,
         )
         self.link = MqttLink(config, self._announced, self.models_status)
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import stat
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,7 @@ from agent.errors import (
 )
 from agent.oip import build_infer_response, error_body, model_metadata, parse_infer_request
 from agent.runtime import LoadedModel, ModelRegistry
+from agent.stats import Outcome, RequestStats
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +307,8 @@ class InferenceServer:
 
     ``is_ready`` says whether the agent as a whole may serve (default: at least one
     model is live); when it returns False, health/ready answers 503 and infer requests
-    get 503. ``max_concurrency`` bounds the ONNX Runtime runs in flight.
+    get 503. ``max_concurrency`` bounds the ONNX Runtime runs in flight. Every infer
+    request is recorded in ``stats`` (when given) under the version that served it.
     """
 
     def __init__(
@@ -317,6 +320,7 @@ class InferenceServer:
         max_body_bytes: int = 64 * 1024 * 1024,
         max_concurrency: int = 4,
         is_ready: Callable[[], bool] | None = None,
+        stats: RequestStats | None = None,
     ) -> None:
         if max_body_bytes < 1 or max_concurrency < 1:
             raise ConfigError(
@@ -324,6 +328,7 @@ class InferenceServer:
                 f"got {max_body_bytes} and {max_concurrency}"
             )
         self.registry = registry
+        self.stats = stats
         self.socket_path = Path(socket_path)
         self.socket_mode = socket_mode
         self.max_body_bytes = max_body_bytes
@@ -491,9 +496,14 @@ class InferenceServer:
     async def _infer(self, model: LoadedModel, body: bytes) -> _Response:
         assert self._executor is not None
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
             payload = await loop.run_in_executor(self._executor, _run_infer, model, body)
         except InferenceError as exc:
+            outcome = (
+                Outcome.CLIENT_ERROR if isinstance(exc, InvalidRequestError) else Outcome.ERROR
+            )
+            self._record(model, started, outcome)
             return _error_response(exc)
         except RuntimeError as exc:  # the executor was shut down by stop()
             if self._stopping:
@@ -502,8 +512,14 @@ class InferenceServer:
             return _error(500, "internal error (see the agent's log)")
         except Exception:
             logger.exception("unexpected error running %s %s", model.name, model.version)
+            self._record(model, started, Outcome.ERROR)
             return _error(500, "internal error (see the agent's log)")
+        self._record(model, started, Outcome.OK)
         return _Response(200, payload)
+
+    def _record(self, model: LoadedModel, started: float, outcome: Outcome) -> None:
+        if self.stats is not None:
+            self.stats.record(model.name, model.version, time.perf_counter() - started, outcome)
 
 
 class _MethodNotAllowed(InvalidRequestError):
