@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from agent.contracts import ProbationPolicy
 from controller.errors import ControllerError, UsageError
 
 logger = logging.getLogger(__name__)
@@ -58,10 +59,34 @@ def _cmd_bundle_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probation_policy(args: argparse.Namespace) -> ProbationPolicy:
+    values = {
+        "duration_s": args.probation_s,
+        "min_requests": args.probation_min_requests,
+        "max_error_rate": args.probation_max_error_rate,
+        "max_p99_ratio": args.probation_max_p99_ratio,
+    }
+    for key, value in values.items():
+        if value < 0:
+            raise UsageError(f"--probation option {key} must not be negative, got {value}")
+    if values["max_error_rate"] > 1:
+        raise UsageError(
+            f"--probation-max-error-rate is a fraction (0..1), got {values['max_error_rate']}"
+        )
+    return ProbationPolicy(
+        duration_s=float(values["duration_s"]),
+        min_requests=int(values["min_requests"]),
+        max_error_rate=float(values["max_error_rate"]),
+        max_p99_ratio=float(values["max_p99_ratio"]),
+    )
+
+
 def _cmd_release(args: argparse.Namespace) -> int:
     from controller.release import release_bundle
 
-    r = release_bundle(Path(args.bundle), args.fleet, Path(args.repo))
+    r = release_bundle(
+        Path(args.bundle), args.fleet, Path(args.repo), probation=_probation_policy(args)
+    )
     what = "published" if r.bundle_added else "already published (same bytes)"
     print(f"{r.model} {r.version}: {what} as {r.target_path}")
     print(f"  sha256 {r.sha256}, {r.length} bytes")
@@ -158,6 +183,38 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("bundle", metavar="FILE")
     r.add_argument("--fleet", required=True)
     r.add_argument("--repo", required=True, metavar="REPO_DIR")
+    default = ProbationPolicy()
+    prob = r.add_argument_group(
+        "probation", "what each device checks after activating the release before it commits"
+    )
+    prob.add_argument(
+        "--probation-s",
+        type=float,
+        default=default.duration_s,
+        metavar="SECONDS",
+        help=f"how long the new version is watched (default {default.duration_s:g})",
+    )
+    prob.add_argument(
+        "--probation-min-requests",
+        type=int,
+        default=default.min_requests,
+        metavar="N",
+        help="requests needed to judge it (default %(default)s)",
+    )
+    prob.add_argument(
+        "--probation-max-error-rate",
+        type=float,
+        default=default.max_error_rate,
+        metavar="RATE",
+        help="errors per request that roll back (default %(default)s)",
+    )
+    prob.add_argument(
+        "--probation-max-p99-ratio",
+        type=float,
+        default=default.max_p99_ratio,
+        metavar="RATIO",
+        help="p99 latency vs the previous version that rolls back (default %(default)s)",
+    )
     r.set_defaults(func=_cmd_release)
 
     s = sub.add_parser(

@@ -96,9 +96,16 @@ def new_rollout_id(model: str, version: str) -> str:
 
 
 def release_bundle(
-    bundle: Path, fleet: str, repo_dir: Path, now: datetime | None = None
+    bundle: Path,
+    fleet: str,
+    repo_dir: Path,
+    now: datetime | None = None,
+    probation: ProbationPolicy | None = None,
 ) -> ReleaseResult:
     """Publish ``bundle`` and make it the desired release of ``fleet``.
+
+    ``probation`` is the policy devices apply after activating it (default: the
+    contract's defaults).
 
     Raises UsageError (bad fleet name, missing file), BundleFileError (malformed bundle),
     RepositoryError (no repository, damaged metadata), ConflictError (the version is
@@ -124,6 +131,7 @@ def release_bundle(
             manifest.version,
             rollout_id,
             now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            probation,
         )
         if desired is not None:
             path = desired_target_path(fleet)
