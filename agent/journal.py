@@ -1,0 +1,286 @@
+"""The install state machine: one transition table, one record per model, pure rules.
+
+Phases (DESIGN.md)::
+
+    idle ─► downloading ─► verified ─► staged ─► smoke_tested ─► active ─► committed
+                 │             │          │            │            └──► rolled_back
+                 └─────────────┴──────────┴────────────┴──► failed
+                 (and back to idle when a restart abandons an install)
+
+The record of a model says which version it serves in every phase, so after a crash at
+any instant the agent knows what to load (``serving_version``):
+
+============  =====================================  ==========================
+phase         ``version`` is                         the device serves
+============  =====================================  ==========================
+idle          the version in service (or None)        ``version``
+downloading…  the candidate being installed           ``previous``
+smoke_tested
+active        the candidate, live, on probation       ``version``
+committed     the version in service                  ``version``
+rolled_back   the candidate that was rolled back      ``previous``
+failed        the candidate that failed               ``previous``
+============  =====================================  ==========================
+
+Invariants:
+- ``transition`` is the only way to change a record; it raises ``IllegalTransitionError``
+  naming the rule for any move the table does not allow. Records are immutable.
+- The orchestrator persists the new record *before* the side effect of the phase it
+  enters (download, unpack, load, swap, …), so a restart resumes from a known state.
+- A candidate that ended ``failed`` or ``rolled_back`` is not installed again for the
+  same rollout (``should_skip``); a new rollout id, or another version, retries.
+
+Everything here is a function of data and an injected ``now`` (seconds since the epoch).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from typing import Any, Final
+
+from agent.contracts import ProbationPolicy
+
+
+class Phase(StrEnum):
+    IDLE = "idle"
+    DOWNLOADING = "downloading"
+    VERIFIED = "verified"
+    STAGED = "staged"
+    SMOKE_TESTED = "smoke_tested"
+    ACTIVE = "active"
+    COMMITTED = "committed"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
+
+
+PRE_ACTIVE: Final = frozenset({Phase.DOWNLOADING, Phase.VERIFIED, Phase.STAGED, Phase.SMOKE_TESTED})
+SETTLED: Final = frozenset({Phase.IDLE, Phase.COMMITTED, Phase.ROLLED_BACK, Phase.FAILED})
+
+# The one transition table. A new install may start from any settled phase.
+TRANSITIONS: Final[Mapping[Phase, frozenset[Phase]]] = {
+    Phase.IDLE: frozenset({Phase.DOWNLOADING}),
+    Phase.DOWNLOADING: frozenset({Phase.VERIFIED, Phase.FAILED, Phase.IDLE}),
+    Phase.VERIFIED: frozenset({Phase.STAGED, Phase.FAILED, Phase.IDLE}),
+    Phase.STAGED: frozenset({Phase.SMOKE_TESTED, Phase.FAILED, Phase.IDLE}),
+    Phase.SMOKE_TESTED: frozenset({Phase.ACTIVE, Phase.FAILED, Phase.IDLE}),
+    Phase.ACTIVE: frozenset({Phase.COMMITTED, Phase.ROLLED_BACK}),
+    Phase.COMMITTED: frozenset({Phase.DOWNLOADING}),
+    Phase.ROLLED_BACK: frozenset({Phase.DOWNLOADING}),
+    Phase.FAILED: frozenset({Phase.DOWNLOADING}),
+}
+
+JOURNAL_SCHEMA: Final = "edgefleet.journal/1"
+# Restarts while a version is on probation before the agent calls it a crash loop.
+CRASH_LOOP_RESTARTS: Final = 3
+# Restarts that interrupt installs of the same candidate before it is given up.
+MAX_INTERRUPTED_INSTALLS: Final = 3
+
+
+class IllegalTransitionError(ValueError):
+    """A transition the table does not allow; the message names the rule."""
+
+
+class JournalFormatError(ValueError):
+    """A journal file that cannot be read back."""
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    """The install state of one model. Times are seconds since the epoch."""
+
+    model: str
+    phase: Phase = Phase.IDLE
+    version: str | None = None
+    previous: str | None = None
+    rollout_id: str = ""
+    entered_at: float = 0.0
+    deadline_at: float | None = None
+    reason: str = ""
+    # Restarts that interrupted installs of ``interrupted_version`` (pre-active phases).
+    interrupted: int = 0
+    interrupted_version: str | None = None
+    # Restarts while ``version`` was on probation.
+    restarts: int = 0
+    probation: ProbationPolicy = field(default_factory=ProbationPolicy)
+    probation_started_at: float | None = None
+    # The previous version's p99 latency (s) and sample count when the candidate went live.
+    baseline_p99_s: float | None = None
+    baseline_samples: int = 0
+
+    def to_json_bytes(self) -> bytes:
+        doc = asdict(self)
+        doc["schema"] = JOURNAL_SCHEMA
+        doc["phase"] = self.phase.value
+        return json.dumps(doc, sort_keys=True).encode()
+
+
+def parse_record(raw: bytes) -> JournalRecord:
+    """Read a record written by ``to_json_bytes``; raise JournalFormatError otherwise."""
+    try:
+        doc: dict[str, Any] = json.loads(raw)
+        if doc.pop("schema", None) != JOURNAL_SCHEMA:
+            raise JournalFormatError(f"journal schema is not {JOURNAL_SCHEMA}")
+        doc["phase"] = Phase(doc["phase"])
+        doc["probation"] = ProbationPolicy(**doc.get("probation", {}))
+        return JournalRecord(**doc)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise JournalFormatError(f"unreadable journal record: {exc}") from None
+
+
+def serving_version(record: JournalRecord) -> str | None:
+    """The version the device serves (or must restore) in this record's phase."""
+    if record.phase in (Phase.IDLE, Phase.ACTIVE, Phase.COMMITTED):
+        return record.version
+    return record.previous
+
+
+def transition(
+    record: JournalRecord,
+    to: Phase,
+    now: float,
+    *,
+    reason: str = "",
+    deadline_s: float | None = None,
+) -> JournalRecord:
+    """Move ``record`` to phase ``to``; raise IllegalTransitionError if the table forbids it."""
+    allowed = TRANSITIONS[record.phase]
+    if to not in allowed:
+        names = ", ".join(sorted(p.value for p in allowed))
+        raise IllegalTransitionError(
+            f"{record.model}: illegal transition {record.phase.value} -> {to.value} "
+            f"(from {record.phase.value} the table allows: {names})"
+        )
+    return replace(
+        record,
+        phase=to,
+        entered_at=now,
+        deadline_at=now + deadline_s if deadline_s is not None else None,
+        reason=reason,
+    )
+
+
+def begin_install(
+    record: JournalRecord,
+    version: str,
+    rollout_id: str,
+    probation: ProbationPolicy,
+    now: float,
+    deadline_s: float,
+) -> JournalRecord:
+    """Start installing ``version``: the version served now becomes ``previous``."""
+    serving = serving_version(record)
+    if serving == version:
+        raise IllegalTransitionError(f"{record.model}: {version} is already served")
+    started = transition(record, Phase.DOWNLOADING, now, deadline_s=deadline_s)
+    same_candidate = record.interrupted_version == version
+    return replace(
+        started,
+        version=version,
+        previous=serving,
+        rollout_id=rollout_id,
+        probation=probation,
+        interrupted=record.interrupted if same_candidate else 0,
+        interrupted_version=version,
+        restarts=0,
+        probation_started_at=None,
+        baseline_p99_s=None,
+        baseline_samples=0,
+    )
+
+
+def abandon(record: JournalRecord, now: float, reason: str) -> JournalRecord:
+    """Give up an install in a pre-active phase: back to idle on the version in service.
+
+    The record goes idle with ``version`` = what serves, and remembers the candidate in
+    ``interrupted_version`` with a count, so the next check retries it. When installs of
+    one candidate were interrupted ``MAX_INTERRUPTED_INSTALLS`` times, it fails instead,
+    so a bundle that crashes the agent while loading cannot make it restart forever.
+    """
+    if record.phase not in PRE_ACTIVE:
+        raise IllegalTransitionError(
+            f"{record.model}: only an install in progress can be abandoned"
+        )
+    count = record.interrupted + 1
+    if count >= MAX_INTERRUPTED_INSTALLS:
+        failed = transition(
+            record,
+            Phase.FAILED,
+            now,
+            reason=f"install interrupted {count} times (last in {record.phase.value}): {reason}",
+        )
+        return replace(failed, interrupted=count)
+    idle = transition(record, Phase.IDLE, now, reason=f"{record.phase.value} abandoned: {reason}")
+    # Idle names what serves in ``version``; the candidate stays in interrupted_version.
+    return replace(idle, version=record.previous, previous=None, interrupted=count)
+
+
+def retry_later(record: JournalRecord, now: float, reason: str) -> JournalRecord:
+    """A transient failure before activation: back to idle on the version in service.
+
+    Unlike ``abandon`` this counts nothing: the next check tries the candidate again.
+    """
+    if record.phase not in PRE_ACTIVE:
+        raise IllegalTransitionError(f"{record.model}: only an install in progress can be retried")
+    idle = transition(record, Phase.IDLE, now, reason=reason)
+    return replace(idle, version=record.previous, previous=None)
+
+
+def is_overdue(record: JournalRecord, now: float) -> bool:
+    """Whether the phase the record is in has run past its deadline."""
+    return record.deadline_at is not None and now > record.deadline_at
+
+
+def should_skip(record: JournalRecord, version: str, rollout_id: str) -> str | None:
+    """Why a candidate must not be installed now, or None when it may be."""
+    if (
+        record.phase in (Phase.FAILED, Phase.ROLLED_BACK)
+        and record.version == version
+        and record.rollout_id == rollout_id
+    ):
+        return (
+            f"{version} {record.phase.value} here for rollout {rollout_id} ({record.reason}); "
+            "waiting for desired state to name another release"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What to do at start-up for one model."""
+
+    record: JournalRecord  # the record to persist before loading anything
+    load: str | None  # the version to load and serve
+    fallback: str | None  # the version to load if ``load`` fails its checks
+    note: str
+
+
+def recover(record: JournalRecord, now: float) -> Recovery:
+    """Decide, after a restart, what to serve and which state to persist.
+
+    - settled phases: serve what the record says;
+    - pre-active phases: abandon the install, serve the previous version;
+    - active (probation): count the restart; at ``CRASH_LOOP_RESTARTS`` roll back,
+      otherwise resume probation on the candidate (the previous one is the fallback).
+    """
+    if record.phase in SETTLED:
+        return Recovery(record, serving_version(record), None, "nothing was in progress")
+    if record.phase in PRE_ACTIVE:
+        new = abandon(record, now, "the agent restarted")
+        return Recovery(new, serving_version(new), None, new.reason)
+    restarts = record.restarts + 1
+    if restarts >= CRASH_LOOP_RESTARTS:
+        reason = f"crash loop: the agent restarted {restarts} times during probation"
+        rolled = replace(
+            transition(record, Phase.ROLLED_BACK, now, reason=reason), restarts=restarts
+        )
+        return Recovery(rolled, rolled.previous, None, reason)
+    resumed = replace(record, restarts=restarts)
+    return Recovery(
+        resumed,
+        record.version,
+        record.previous,
+        f"resuming probation of {record.version} after restart {restarts}",
+    )

@@ -1,0 +1,163 @@
+"""The install state machine as pure functions, with an injected clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.contracts import ProbationPolicy
+from agent.journal import (
+    CRASH_LOOP_RESTARTS,
+    MAX_INTERRUPTED_INSTALLS,
+    TRANSITIONS,
+    IllegalTransitionError,
+    JournalFormatError,
+    JournalRecord,
+    Phase,
+    abandon,
+    begin_install,
+    is_overdue,
+    parse_record,
+    recover,
+    retry_later,
+    serving_version,
+    should_skip,
+    transition,
+)
+
+POLICY = ProbationPolicy(duration_s=30)
+
+
+def _installing(phase: Phase = Phase.DOWNLOADING, serving: str | None = "1.0.0") -> JournalRecord:
+    base = JournalRecord(
+        model="m", phase=Phase.COMMITTED if serving else Phase.IDLE, version=serving
+    )
+    record = begin_install(base, "2.0.0", "r2", POLICY, now=100.0, deadline_s=10)
+    for step in (Phase.VERIFIED, Phase.STAGED, Phase.SMOKE_TESTED, Phase.ACTIVE):
+        if record.phase == phase:
+            break
+        record = transition(record, step, now=101.0)
+    assert record.phase == phase
+    return record
+
+
+def test_every_phase_is_in_the_table_and_every_target_is_a_phase() -> None:
+    assert set(TRANSITIONS) == set(Phase)
+    assert all(targets <= set(Phase) for targets in TRANSITIONS.values())
+
+
+def test_happy_path_and_what_serves_in_each_phase() -> None:
+    record = _installing()
+    assert (record.version, record.previous, record.deadline_at) == ("2.0.0", "1.0.0", 110.0)
+    seen = {}
+    for phase in (Phase.VERIFIED, Phase.STAGED, Phase.SMOKE_TESTED, Phase.ACTIVE, Phase.COMMITTED):
+        seen[phase] = serving_version(record)
+        record = transition(record, phase, now=200.0)
+    seen[record.phase] = serving_version(record)
+    assert seen[Phase.VERIFIED] == seen[Phase.SMOKE_TESTED] == "1.0.0"
+    assert seen[Phase.COMMITTED] == "2.0.0"
+
+
+@pytest.mark.parametrize(
+    ("start", "to"),
+    [
+        (Phase.IDLE, Phase.ACTIVE),
+        (Phase.DOWNLOADING, Phase.ACTIVE),
+        (Phase.VERIFIED, Phase.COMMITTED),
+        (Phase.ACTIVE, Phase.FAILED),
+        (Phase.COMMITTED, Phase.ROLLED_BACK),
+        (Phase.FAILED, Phase.ACTIVE),
+    ],
+)
+def test_illegal_transitions_name_the_rule(start: Phase, to: Phase) -> None:
+    record = JournalRecord(model="m", phase=start, version="1.0.0")
+    with pytest.raises(
+        IllegalTransitionError, match=f"illegal transition {start.value} -> {to.value}"
+    ):
+        transition(record, to, now=1.0)
+
+
+def test_installing_what_already_serves_is_refused() -> None:
+    with pytest.raises(IllegalTransitionError, match="already served"):
+        begin_install(
+            JournalRecord(model="m", phase=Phase.COMMITTED, version="1.0.0"),
+            "1.0.0",
+            "r",
+            POLICY,
+            0.0,
+            1.0,
+        )
+
+
+def test_round_trip_and_bad_files() -> None:
+    record = _installing(Phase.ACTIVE)
+    assert parse_record(record.to_json_bytes()) == record
+    for raw in (b"", b"{}", b'{"schema": "edgefleet.journal/1", "phase": "nope", "model": "m"}'):
+        with pytest.raises(JournalFormatError):
+            parse_record(raw)
+
+
+@pytest.mark.parametrize(
+    "phase", [Phase.DOWNLOADING, Phase.VERIFIED, Phase.STAGED, Phase.SMOKE_TESTED]
+)
+def test_restart_in_an_install_abandons_it_and_serves_the_previous(phase: Phase) -> None:
+    plan = recover(_installing(phase), now=500.0)
+    assert plan.record.phase is Phase.IDLE
+    assert plan.load == "1.0.0" == serving_version(plan.record)
+    assert plan.record.interrupted == 1 and plan.record.interrupted_version == "2.0.0"
+    assert "abandoned" in plan.record.reason
+
+
+def test_a_candidate_that_keeps_crashing_the_install_fails() -> None:
+    record = JournalRecord(model="m", phase=Phase.COMMITTED, version="1.0.0")
+    for attempt in range(1, MAX_INTERRUPTED_INSTALLS + 1):
+        record = begin_install(record, "2.0.0", "r2", POLICY, now=float(attempt), deadline_s=5)
+        record = recover(record, now=float(attempt) + 1).record
+    assert record.phase is Phase.FAILED
+    assert serving_version(record) == "1.0.0"
+    assert f"interrupted {MAX_INTERRUPTED_INSTALLS} times" in record.reason
+    assert should_skip(record, "2.0.0", "r2") is not None
+    assert should_skip(record, "2.0.0", "r3") is None  # a new rollout retries
+    assert should_skip(record, "3.0.0", "r2") is None
+
+
+def test_a_new_candidate_resets_the_interrupted_count() -> None:
+    record = recover(_installing(), now=5.0).record
+    fresh = begin_install(record, "3.0.0", "r3", POLICY, now=6.0, deadline_s=1)
+    assert fresh.interrupted == 0 and fresh.previous == "1.0.0"
+
+
+def test_restarts_during_probation_resume_then_roll_back_as_a_crash_loop() -> None:
+    record = _installing(Phase.ACTIVE)
+    for restart in range(1, CRASH_LOOP_RESTARTS):
+        plan = recover(record, now=300.0)
+        assert (plan.load, plan.fallback) == ("2.0.0", "1.0.0")
+        record = plan.record
+        assert record.restarts == restart
+    plan = recover(record, now=301.0)
+    assert plan.record.phase is Phase.ROLLED_BACK and plan.load == "1.0.0"
+    assert "crash loop" in plan.record.reason
+
+
+def test_settled_records_recover_to_themselves() -> None:
+    for record in (
+        JournalRecord(model="m"),
+        JournalRecord(model="m", phase=Phase.COMMITTED, version="1.0.0"),
+    ):
+        assert recover(record, now=1.0).record == record
+
+
+def test_transient_failures_go_back_to_idle_without_counting() -> None:
+    record = retry_later(_installing(), now=5.0, reason="broker down")
+    assert record.phase is Phase.IDLE and record.version == "1.0.0" and record.interrupted == 0
+
+
+def test_abandon_only_applies_to_installs_in_progress() -> None:
+    with pytest.raises(IllegalTransitionError):
+        abandon(_installing(Phase.ACTIVE), now=1.0, reason="x")
+
+
+def test_deadlines() -> None:
+    record = _installing()
+    assert not is_overdue(record, now=109.0)
+    assert is_overdue(record, now=111.0)
+    assert not is_overdue(transition(record, Phase.FAILED, now=1.0), now=1e9)
