@@ -57,9 +57,42 @@ class RepositoryConfig:
 class InferenceConfig:
     socket_path: Path = Path("/run/edge-agent/infer.sock")
     socket_mode: int = 0o660
+    # Group of the socket file (name or number); empty: the agent's own group.
+    socket_group: str = ""
     max_body_bytes: int = 64 * 1024 * 1024
+    # Requests running on ONNX Runtime at once, and how many more may wait (503 beyond).
     max_concurrency: int = 4
+    max_queue: int = 32
+    max_connections: int = 256
     intra_op_threads: int = 1
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    # From a complete request to its answer; a request still waiting then never runs.
+    request_deadline_s: float = 30.0
+    idle_timeout_s: float = 60.0
+    # Versions whose recent runs take at most this long run on the event loop (0: never).
+    inline_max_run_s: float = 0.001
+    # Comma-separated user/group names or ids allowed to connect (SO_PEERCRED); empty: any
+    # peer the socket's mode lets in.
+    allowed_users: str = ""
+    allowed_groups: str = ""
+    # Loopback TCP listener for clients that cannot open Unix sockets; 0: off.
+    tcp_port: int = 0
+    tcp_host: str = "127.0.0.1"
+    shared_memory: bool = True
+
+
+@dataclass(frozen=True)
+class InstallConfig:
+    # Deadlines per install phase; the download's is repository.download_deadline_s.
+    unpack_deadline_s: float = 300.0
+    smoke_test_deadline_s: float = 300.0
+    activate_deadline_s: float = 60.0
+    # Version directories kept per model: the one serving, the previous one for an
+    # instant rollback, and older ones up to this count.
+    keep_versions: int = 2
+    # How often a version on probation is judged.
+    probation_tick_s: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -72,12 +105,14 @@ class AgentConfig:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     repository: RepositoryConfig = field(default_factory=RepositoryConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
+    install: InstallConfig = field(default_factory=InstallConfig)
 
 
 _SECTIONS: Mapping[str, type[Any]] = {
     "mqtt": MqttConfig,
     "repository": RepositoryConfig,
     "inference": InferenceConfig,
+    "install": InstallConfig,
 }
 
 
@@ -204,12 +239,67 @@ def _validate(config: AgentConfig) -> None:
         "inference.max_concurrency": config.inference.max_concurrency,
         "inference.intra_op_threads": config.inference.intra_op_threads,
         "mqtt.port": config.mqtt.port,
+        "install.unpack_deadline_s": config.install.unpack_deadline_s,
+        "install.smoke_test_deadline_s": config.install.smoke_test_deadline_s,
+        "install.activate_deadline_s": config.install.activate_deadline_s,
+        "install.probation_tick_s": config.install.probation_tick_s,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key!r}: expected a positive number, got {value}")
+    if config.install.keep_versions < 2:
+        raise ConfigError(
+            "config key 'install.keep_versions': expected at least 2 (the version serving "
+            f"and the previous one, for rollback), got {config.install.keep_versions}"
+        )
     if config.repository.poll_jitter_s < 0:
         raise ConfigError("config key 'repository.poll_jitter_s' must not be negative")
+    _validate_inference(config.inference)
+
+
+def _validate_inference(inference: InferenceConfig) -> None:
+    positive = {
+        "inference.max_body_bytes": inference.max_body_bytes,
+        "inference.max_connections": inference.max_connections,
+        "inference.header_timeout_s": inference.header_timeout_s,
+        "inference.body_timeout_s": inference.body_timeout_s,
+        "inference.request_deadline_s": inference.request_deadline_s,
+        "inference.idle_timeout_s": inference.idle_timeout_s,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key {key!r}: expected a positive number, got {value}")
+    for key, value in (
+        ("inference.max_queue", inference.max_queue),
+        ("inference.inline_max_run_s", inference.inline_max_run_s),
+    ):
+        if value < 0:
+            raise ConfigError(f"config key {key!r}: expected a number >= 0, got {value}")
+    if not 0 <= inference.tcp_port <= 65535:
+        raise ConfigError(
+            f"config key 'inference.tcp_port': expected 0 (off) or 1..65535, "
+            f"got {inference.tcp_port}"
+        )
+    if inference.tcp_port and inference.tcp_host not in ("127.0.0.1", "::1", "localhost"):
+        raise ConfigError(
+            f"config key 'inference.tcp_host': the TCP listener is loopback only "
+            f"(127.0.0.1, ::1 or localhost), got {inference.tcp_host!r}"
+        )
+    if inference.tcp_port and (inference.allowed_users or inference.allowed_groups):
+        raise ConfigError(
+            "config keys 'inference.allowed_users'/'inference.allowed_groups' restrict the "
+            "Unix socket, but TCP has no peer credentials: set 'inference.tcp_port = 0' "
+            "or remove the allow-list"
+        )
+    for key, names_text in (
+        ("inference.allowed_users", inference.allowed_users),
+        ("inference.allowed_groups", inference.allowed_groups),
+    ):
+        names = [n.strip() for n in names_text.split(",")]
+        if names_text and not all(names):
+            raise ConfigError(
+                f"config key {key!r}: expected comma-separated names or ids, got {names_text!r}"
+            )
 
 
 def load_config(path: Path, environ: Mapping[str, str] | None = None) -> AgentConfig:

@@ -1,7 +1,19 @@
-"""The Open Inference Protocol v2 codec (JSON tensors): pure functions, no I/O.
+"""The Open Inference Protocol v2 codec: pure functions, no I/O.
 
 It turns an infer request body into numpy arrays checked against a model's manifest, and
-arrays back into a response body; it also shapes the metadata documents.
+arrays back into a response body; it also shapes the metadata documents. Tensor data may
+travel three ways, per tensor:
+
+- JSON ``data`` (flat or nested, row-major);
+- the binary tensor extension: the JSON header is followed by raw little-endian bytes,
+  ``parameters.binary_data_size`` gives each tensor's share, in the order of the tensors
+  in the JSON, and the header's length travels in ``Inference-Header-Content-Length``;
+- the system shared-memory extension: ``parameters.shared_memory_region`` (plus
+  ``shared_memory_offset`` and ``shared_memory_byte_size``) names bytes in a region the
+  client registered; the codec reaches them only through an injected ``SharedMemory``.
+
+Binary layout (both extensions): row-major, no padding; BOOL is one byte 0 or 1; BYTES
+is, per element, a little-endian uint32 length followed by that many bytes.
 
 Invariants:
 - Every rejection is an ``InvalidRequestError`` whose message names the tensor (or the
@@ -9,16 +21,19 @@ Invariants:
 - A parsed input has exactly the manifest's datatype and a shape that fits the manifest's
   (``-1`` is a wildcard); every manifest input is present, no other is.
 - Values are never silently changed: floats are refused for integer tensors, integers out
-  of the datatype's range are refused, and only ``true``/``false`` make a BOOL.
+  of the datatype's range are refused, only ``true``/``false`` (or bytes 0/1) make a BOOL.
+- Binary sections are accounted for exactly: a size that disagrees with the shape, or
+  bytes left over or missing, is refused.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 
@@ -26,6 +41,8 @@ from agent.contracts import NUMPY_TO_OIP, OIP_TO_NUMPY, Manifest, TensorSpec
 from agent.errors import InvalidRequestError
 
 PLATFORM: Final = "onnxruntime_onnx"
+EXTENSIONS: Final = ("binary_tensor_data", "system_shared_memory")
+HEADER_LENGTH: Final = "Inference-Header-Content-Length"
 
 # Which numpy kinds (of the array JSON data makes) each OIP datatype accepts.
 _ACCEPTED_KINDS: Final[Mapping[str, str]] = {
@@ -51,41 +68,95 @@ _KIND_NAMES: Final[Mapping[str, str]] = {
     "U": "strings",
     "O": "mixed values",
 }
+# Little-endian wire dtypes of the fixed-size datatypes.
+_WIRE: Final[Mapping[str, np.dtype[Any]]] = {
+    name: np.dtype(numpy_name).newbyteorder("<")
+    for name, numpy_name in OIP_TO_NUMPY.items()
+    if name not in ("BYTES", "BOOL")
+}
+_LENGTH: Final = struct.Struct("<I")
+
+
+class SharedMemory(Protocol):
+    """Access to registered shared-memory regions (``agent.shm`` implements it)."""
+
+    def view(self, region: str, offset: int, byte_size: int) -> memoryview:
+        """``byte_size`` bytes at ``offset`` in ``region``; InvalidRequestError if out of it."""
+        ...
+
+
+@dataclass(frozen=True)
+class ShmRef:
+    """Where a tensor lives in a registered shared-memory region."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+
+@dataclass(frozen=True)
+class OutputRequest:
+    """One requested output and how it should travel back."""
+
+    name: str
+    binary: bool
+    shm: ShmRef | None = None
 
 
 @dataclass(frozen=True)
 class InferRequest:
-    """A checked infer request: inputs by name, the outputs asked for (None: all)."""
+    """A checked infer request.
+
+    ``outputs`` is None when the client asked for every output; ``binary_output`` is the
+    request-wide default (``parameters.binary_data_output``).
+    """
 
     inputs: dict[str, np.ndarray]
-    output_names: list[str] | None
+    outputs: list[OutputRequest] | None
     id: str | None
     parameters: Mapping[str, Any]
+    binary_output: bool = False
+
+    @property
+    def output_names(self) -> list[str] | None:
+        return None if self.outputs is None else [o.name for o in self.outputs]
 
 
 # ---------------------------------------------------------------------------- requests
 
 
-def parse_infer_request(body: bytes, manifest: Manifest) -> InferRequest:
-    """Parse an OIP v2 JSON infer request body against ``manifest``'s signature.
+def parse_infer_request(
+    body: bytes | bytearray | memoryview,
+    manifest: Manifest,
+    *,
+    header_length: int | None = None,
+    shm: SharedMemory | None = None,
+) -> InferRequest:
+    """Parse an OIP v2 infer request body against ``manifest``'s signature.
 
-    Raises InvalidRequestError naming the tensor and expected vs got: bad JSON, a body
-    that is not an object, an unknown, duplicate or missing input, a datatype or shape
-    that does not match the manifest, data whose count differs from the shape's, values
-    of the wrong kind or out of range, an unknown output.
+    ``header_length`` (from ``Inference-Header-Content-Length``) splits the JSON header
+    from the binary tensor data after it; ``shm`` resolves shared-memory references
+    (None: refuse them). Raises InvalidRequestError naming the tensor and expected vs
+    got: bad JSON, a body that is not an object, an unknown, duplicate or missing input,
+    a datatype or shape that does not match the manifest, data whose count or size
+    differs from the shape's, values of the wrong kind or out of range, binary sections
+    that do not add up, an unknown output.
     """
-    try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise InvalidRequestError(f"request body expected a JSON object, got {_json_type(doc)}")
+    view = memoryview(body)
+    header: bytes | bytearray | memoryview
+    if header_length is None:
+        header, binary = body, view[:0]
+    else:
+        if not 0 <= header_length <= len(view):
+            raise InvalidRequestError(
+                f"{HEADER_LENGTH} expected 0..{len(view)} (the body's length), got {header_length}"
+            )
+        header, binary = view[:header_length], view[header_length:]
+    doc = _load_json_object(header)
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidRequestError(f"'id' expected a string, got {_json_type(request_id)}")
-    parameters = doc.get("parameters", {})
-    if not isinstance(parameters, dict):
-        raise InvalidRequestError(f"'parameters' expected an object, got {_json_type(parameters)}")
+    parameters = _parameters(doc, "request")
     raw_inputs = doc.get("inputs")
     if not isinstance(raw_inputs, list):
         raise InvalidRequestError(
@@ -93,23 +164,48 @@ def parse_infer_request(body: bytes, manifest: Manifest) -> InferRequest:
         )
     specs = {t.name: t for t in manifest.inputs}
     inputs: dict[str, np.ndarray] = {}
+    cursor = 0
     for index, raw in enumerate(raw_inputs):
-        name, array = _parse_input(index, raw, specs)
+        name, array, used = _parse_input(index, raw, specs, binary, cursor, shm)
+        cursor += used
         if name in inputs:
             raise InvalidRequestError(f"input {name!r} is given more than once")
         inputs[name] = array
+    if cursor != len(binary):
+        raise InvalidRequestError(
+            f"binary tensor data: the inputs' binary_data_size add up to {cursor} bytes, "
+            f"the body carries {len(binary)} after the JSON header"
+        )
     missing = [t for t in manifest.inputs if t.name not in inputs]
     if missing:
         raise InvalidRequestError(
             "missing input "
             + ", ".join(f"{t.name!r} (expected {t.datatype} {list(t.shape)})" for t in missing)
         )
+    binary_output = parameters.get("binary_data_output", False)
+    if not isinstance(binary_output, bool):
+        raise InvalidRequestError(
+            f"parameter 'binary_data_output' expected true/false, got {binary_output!r}"
+        )
     return InferRequest(
         inputs=inputs,
-        output_names=_parse_outputs(doc.get("outputs"), manifest.outputs),
+        outputs=_parse_outputs(doc.get("outputs"), manifest.outputs, binary_output, shm),
         id=request_id,
         parameters=parameters,
+        binary_output=binary_output,
     )
+
+
+def _load_json_object(header: bytes | bytearray | memoryview) -> dict[str, Any]:
+    try:
+        doc = json.loads(header if not isinstance(header, memoryview) else bytes(header))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequestError("request body is nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise InvalidRequestError(f"request body expected a JSON object, got {_json_type(doc)}")
+    return doc
 
 
 def _json_type(value: Any) -> str:
@@ -125,7 +221,56 @@ def _json_type(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _parse_input(index: int, raw: Any, specs: Mapping[str, TensorSpec]) -> tuple[str, np.ndarray]:
+def _parameters(doc: Mapping[str, Any], where: str) -> dict[str, Any]:
+    parameters = doc.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InvalidRequestError(
+            f"{where}: 'parameters' expected an object, got {_json_type(parameters)}"
+        )
+    return parameters
+
+
+def _int_parameter(params: Mapping[str, Any], key: str, where: str, default: int | None) -> int:
+    value = params.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidRequestError(
+            f"{where}: parameter {key!r} expected an integer >= 0, got {value!r}"
+        )
+    return value
+
+
+def _shm_ref(params: Mapping[str, Any], where: str) -> ShmRef | None:
+    region = params.get("shared_memory_region")
+    if region is None:
+        if "shared_memory_byte_size" in params or "shared_memory_offset" in params:
+            raise InvalidRequestError(
+                f"{where}: shared memory parameters without 'shared_memory_region'"
+            )
+        return None
+    if not isinstance(region, str):
+        raise InvalidRequestError(
+            f"{where}: 'shared_memory_region' expected a string, got {_json_type(region)}"
+        )
+    if "shared_memory_byte_size" not in params:
+        raise InvalidRequestError(
+            f"{where}: 'shared_memory_region' needs 'shared_memory_byte_size'"
+        )
+    return ShmRef(
+        region,
+        _int_parameter(params, "shared_memory_offset", where, 0),
+        _int_parameter(params, "shared_memory_byte_size", where, None),
+    )
+
+
+def _parse_input(
+    index: int,
+    raw: Any,
+    specs: Mapping[str, TensorSpec],
+    binary: memoryview,
+    cursor: int,
+    shm: SharedMemory | None,
+) -> tuple[str, np.ndarray, int]:
+    """One input: (name, array, bytes of the binary section it used)."""
     if not isinstance(raw, dict):
         raise InvalidRequestError(f"inputs[{index}] expected an object, got {_json_type(raw)}")
     name = raw.get("name")
@@ -150,14 +295,31 @@ def _parse_input(index: int, raw: Any, specs: Mapping[str, TensorSpec]) -> tuple
         )
     if not shape_fits(spec.shape, shape):
         raise InvalidRequestError(f"input {name!r}: shape expected {list(spec.shape)}, got {shape}")
-    params = raw.get("parameters")
-    if isinstance(params, dict) and "binary_data_size" in params:
-        raise InvalidRequestError(
-            f"input {name!r}: the binary tensor extension is not supported yet; send JSON data"
-        )
+    where = f"input {name!r}"
+    params = _parameters(raw, where)
+    ref = _shm_ref(params, where)
+    if "binary_data_size" in params:
+        if ref is not None or "data" in raw:
+            raise InvalidRequestError(
+                f"{where}: give one of 'data', binary_data_size or shared memory"
+            )
+        size = _int_parameter(params, "binary_data_size", where, None)
+        if cursor + size > len(binary):
+            raise InvalidRequestError(
+                f"{where}: binary_data_size {size} runs past the end of the body "
+                f"({len(binary) - cursor} bytes left after the JSON header)"
+            )
+        return name, tensor_from_bytes(name, datatype, shape, binary[cursor : cursor + size]), size
+    if ref is not None:
+        if "data" in raw:
+            raise InvalidRequestError(f"{where}: give one of 'data' or shared memory")
+        if shm is None:
+            raise InvalidRequestError(f"{where}: shared memory is not available on this listener")
+        buffer = shm.view(ref.region, ref.offset, ref.byte_size)
+        return name, tensor_from_bytes(name, datatype, shape, buffer), 0
     if "data" not in raw:
-        raise InvalidRequestError(f"input {name!r}: missing 'data'")
-    return name, tensor_from_json(name, datatype, shape, raw["data"])
+        raise InvalidRequestError(f"{where}: missing 'data'")
+    return name, tensor_from_json(name, datatype, shape, raw["data"]), 0
 
 
 def shape_fits(expected: Sequence[int], got: Sequence[int]) -> bool:
@@ -178,7 +340,7 @@ def tensor_from_json(name: str, datatype: str, shape: Sequence[int], data: Any) 
         data = [data]
     try:
         values = np.asarray(data)
-    except (ValueError, TypeError, OverflowError):
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise InvalidRequestError(
             f"input {name!r}: data must be a flat or regularly nested list of values"
         ) from None
@@ -206,6 +368,61 @@ def tensor_from_json(name: str, datatype: str, shape: Sequence[int], data: Any) 
     return values.astype(target, copy=False).reshape(shape)
 
 
+def tensor_from_bytes(
+    name: str, datatype: str, shape: Sequence[int], data: bytes | bytearray | memoryview
+) -> np.ndarray:
+    """Build the array of one binary tensor; fixed-size types share ``data``'s memory.
+
+    Raises InvalidRequestError when the size disagrees with the shape, a BOOL byte is
+    not 0 or 1, or a BYTES element is truncated or not UTF-8.
+    """
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return _strings_from_bytes(name, shape, count, memoryview(data))
+    itemsize = 1 if datatype == "BOOL" else _WIRE[datatype].itemsize
+    if len(data) != count * itemsize:
+        raise InvalidRequestError(
+            f"input {name!r}: {datatype} {list(shape)} needs {count * itemsize} bytes, "
+            f"got {len(data)}"
+        )
+    if datatype == "BOOL":
+        raw = np.frombuffer(data, dtype=np.uint8)
+        if raw.size and raw.max() > 1:
+            raise InvalidRequestError(f"input {name!r}: BOOL bytes must be 0 or 1")
+        return raw.view(np.bool_).reshape(shape)
+    return np.frombuffer(data, dtype=_WIRE[datatype]).reshape(shape)
+
+
+def _strings_from_bytes(
+    name: str, shape: Sequence[int], count: int, data: memoryview
+) -> np.ndarray:
+    values: list[str] = []
+    offset, end = 0, len(data)
+    while offset < end:
+        if offset + 4 > end or len(values) >= count:
+            break
+        (length,) = _LENGTH.unpack_from(data, offset)
+        offset += 4
+        if offset + length > end:
+            raise InvalidRequestError(
+                f"input {name!r}: BYTES element {len(values)} claims {length} bytes, "
+                f"{end - offset} are left"
+            )
+        try:
+            values.append(str(data[offset : offset + length], "utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidRequestError(
+                f"input {name!r}: BYTES element {len(values)} is not UTF-8 text"
+            ) from None
+        offset += length
+    if len(values) != count or offset != end:
+        raise InvalidRequestError(
+            f"input {name!r}: shape {list(shape)} needs {count} BYTES elements, got "
+            f"{len(values)} and {end - offset} stray bytes"
+        )
+    return np.array(values, dtype=object).reshape(shape)
+
+
 def _expected_values(datatype: str) -> str:
     if datatype == "BOOL":
         return "true/false"
@@ -216,22 +433,31 @@ def _expected_values(datatype: str) -> str:
     return "integers"
 
 
-def _parse_outputs(raw: Any, specs: Sequence[TensorSpec]) -> list[str] | None:
+def _parse_outputs(
+    raw: Any, specs: Sequence[TensorSpec], binary_default: bool, shm: SharedMemory | None
+) -> list[OutputRequest] | None:
     if raw is None:
         return None
     if not isinstance(raw, list):
         raise InvalidRequestError(f"'outputs' expected a list, got {_json_type(raw)}")
     known = [t.name for t in specs]
-    names: list[str] = []
+    outputs: dict[str, OutputRequest] = {}
     for index, item in enumerate(raw):
         name = item.get("name") if isinstance(item, dict) else None
         if not isinstance(name, str):
             raise InvalidRequestError(f"outputs[{index}] expected an object with a 'name'")
         if name not in known:
             raise InvalidRequestError(f"unknown output {name!r}: the model's outputs are {known}")
-        if name not in names:
-            names.append(name)
-    return names or None
+        where = f"output {name!r}"
+        params = _parameters(item, where)
+        binary = params.get("binary_data", binary_default)
+        if not isinstance(binary, bool):
+            raise InvalidRequestError(f"{where}: 'binary_data' expected true/false, got {binary!r}")
+        ref = _shm_ref(params, where)
+        if ref is not None and shm is None:
+            raise InvalidRequestError(f"{where}: shared memory is not available on this listener")
+        outputs.setdefault(name, OutputRequest(name, binary, ref))
+    return list(outputs.values()) or None
 
 
 # ---------------------------------------------------------------------------- responses
@@ -247,13 +473,98 @@ def datatype_of(array: np.ndarray) -> str:
         raise InvalidRequestError(f"numpy dtype {array.dtype} has no OIP datatype") from None
 
 
+def _as_text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 def tensor_to_json(name: str, array: np.ndarray) -> dict[str, Any]:
     """One OIP JSON tensor: ``{name, datatype, shape, data}`` with flat row-major data."""
     datatype = datatype_of(array)
     data = array.ravel().tolist()
     if datatype == "BYTES":
-        data = [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in data]
+        data = [_as_text(v) for v in data]
     return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": data}
+
+
+def tensor_to_bytes(array: np.ndarray) -> bytes | memoryview:
+    """The binary form of a tensor (a view of the array's memory when it can be)."""
+    if datatype_of(array) == "BYTES":
+        parts: list[bytes] = []
+        for value in array.ravel().tolist():
+            encoded = value if isinstance(value, bytes) else str(value).encode("utf-8")
+            parts.append(_LENGTH.pack(len(encoded)))
+            parts.append(encoded)
+        return b"".join(parts)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    array = np.ascontiguousarray(array)
+    return array.reshape(-1).view(np.uint8).data if array.size else b""
+
+
+def _binary_tensor(name: str, array: np.ndarray, payload: bytes | memoryview) -> dict[str, Any]:
+    return {
+        "name": name,
+        "datatype": datatype_of(array),
+        "shape": list(array.shape),
+        "parameters": {"binary_data_size": len(payload)},
+    }
+
+
+def _shm_tensor(name: str, array: np.ndarray, ref: ShmRef, shm: SharedMemory) -> dict[str, Any]:
+    payload = tensor_to_bytes(array)
+    if len(payload) > ref.byte_size:
+        raise InvalidRequestError(
+            f"output {name!r}: {datatype_of(array)} {list(array.shape)} needs {len(payload)} "
+            f"bytes, shared_memory_byte_size is {ref.byte_size}"
+        )
+    shm.view(ref.region, ref.offset, len(payload))[:] = payload
+    return {
+        "name": name,
+        "datatype": datatype_of(array),
+        "shape": list(array.shape),
+        "parameters": {
+            "shared_memory_region": ref.region,
+            "shared_memory_offset": ref.offset,
+            "shared_memory_byte_size": len(payload),
+        },
+    }
+
+
+def encode_infer_response(
+    model_name: str,
+    model_version: str,
+    outputs: Mapping[str, np.ndarray],
+    request: InferRequest,
+    shm: SharedMemory | None = None,
+) -> tuple[list[bytes | memoryview], int | None]:
+    """The body of an infer response as parts, and the JSON header's length when binary
+    tensor data follows it (None: the body is plain JSON).
+
+    Each output travels as the request asked: JSON, binary, or written into shared
+    memory. Raises InvalidRequestError when an output does not fit its shared memory.
+    """
+    wanted = {o.name: o for o in request.outputs or ()}
+    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
+    if request.id is not None:
+        doc["id"] = request.id
+    tensors: list[dict[str, Any]] = []
+    payloads: list[bytes | memoryview] = []
+    for name, array in outputs.items():
+        choice = wanted.get(name)
+        if choice is not None and choice.shm is not None:
+            assert shm is not None  # _parse_outputs refused shm references without access
+            tensors.append(_shm_tensor(name, array, choice.shm, shm))
+        elif choice.binary if choice is not None else request.binary_output:
+            payload = tensor_to_bytes(array)
+            tensors.append(_binary_tensor(name, array, payload))
+            payloads.append(payload)
+        else:
+            tensors.append(tensor_to_json(name, array))
+    doc["outputs"] = tensors
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    if not payloads:
+        return [header], None
+    return [header, *payloads], len(header)
 
 
 def build_infer_response(
@@ -263,11 +574,9 @@ def build_infer_response(
     request_id: str | None = None,
 ) -> bytes:
     """The JSON body of an infer response, outputs in the given order."""
-    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
-    if request_id is not None:
-        doc["id"] = request_id
-    doc["outputs"] = [tensor_to_json(name, array) for name, array in outputs.items()]
-    return json.dumps(doc, separators=(",", ":")).encode()
+    request = InferRequest(inputs={}, outputs=None, id=request_id, parameters={})
+    parts, _ = encode_infer_response(model_name, model_version, outputs, request)
+    return bytes(parts[0])
 
 
 def build_infer_request(
@@ -285,21 +594,34 @@ def build_infer_request(
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def parse_infer_response(body: bytes) -> dict[str, np.ndarray]:
-    """The outputs of an infer response body, by name.
+def parse_infer_response(
+    body: bytes | bytearray | memoryview, header_length: int | None = None
+) -> dict[str, np.ndarray]:
+    """The outputs of an infer response body, by name (binary tensors share ``body``'s
+    memory; outputs left in shared memory are absent: read them from the region).
 
     Raises InvalidRequestError when the body is not an OIP infer response.
     """
+    view = memoryview(body)
+    header = view if header_length is None else view[:header_length]
+    binary = view[len(header) :]
     try:
-        doc = json.loads(body)
-        tensors = doc["outputs"]
+        doc = json.loads(bytes(header))
         result: dict[str, np.ndarray] = {}
-        for tensor in tensors:
+        cursor = 0
+        for tensor in doc["outputs"]:
             name, datatype, shape = tensor["name"], tensor["datatype"], tensor["shape"]
-            dtype = OIP_TO_NUMPY[datatype]
-            result[name] = np.asarray(tensor["data"], dtype=dtype).reshape(shape)
+            params = tensor.get("parameters") or {}
+            if "binary_data_size" in params:
+                size = int(params["binary_data_size"])
+                chunk = binary[cursor : cursor + size]
+                cursor += size
+                result[name] = tensor_from_bytes(name, datatype, shape, chunk)
+            elif "data" in tensor:
+                dtype = OIP_TO_NUMPY[datatype]
+                result[name] = np.asarray(tensor["data"], dtype=dtype).reshape(shape)
         return result
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, InvalidRequestError) as exc:
         raise InvalidRequestError(f"not an OIP infer response: {exc!r}") from None
 
 

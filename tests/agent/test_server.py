@@ -94,7 +94,7 @@ def test_health_and_metadata_endpoints(server: InferenceServer, client: Inferenc
     assert client.server_metadata() == {
         "name": "edge-agent",
         "version": agent.__version__,
-        "extensions": [],
+        "extensions": ["binary_tensor_data", "system_shared_memory"],
     }
     expected = {
         "name": "linear",

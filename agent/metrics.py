@@ -1,0 +1,124 @@
+"""Prometheus metrics of the local inference API (``GET /metrics``).
+
+One ``InferenceMetrics`` per agent, on its own ``CollectorRegistry`` (no global state):
+the inference server records requests, errors, latency, queue depth and connections; the
+update service records hot swaps and rollbacks through ``record_swap`` and
+``record_rollback``. Every method is thread-safe and cheap (label children are cached).
+
+Metric names (all prefixed ``edge_agent_``):
+
+- ``infer_requests_total{model,version}``: infer requests answered for that version;
+- ``infer_errors_total{model,version,kind}``: kind is ``client_error`` (4xx),
+  ``model_error`` (the run failed), ``overloaded`` (queue full, 503),
+  ``deadline`` (the request outlived its deadline, 503), ``not_ready`` (503);
+- ``infer_latency_seconds{model,version}``: histogram from a complete request to its
+  response being ready, successful requests only;
+- ``infer_queue_depth`` / ``infer_in_flight``: requests waiting for / holding a slot;
+- ``connections``: open client connections;
+- ``model_swaps_total{model,version}``, ``model_rollbacks_total{model,version}``: the
+  version made live, and the version rolled back to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+ERROR_KINDS: Final = ("client_error", "model_error", "overloaded", "deadline", "not_ready")
+# From 50 µs (a tiny model inline) to 10 s (a big model on a small device).
+_BUCKETS: Final = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+
+
+class InferenceMetrics:
+    """The agent's inference metrics, rendered in the Prometheus text format."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self._requests = Counter(
+            "edge_agent_infer_requests",
+            "Infer requests answered",
+            ["model", "version"],
+            registry=r,
+        )
+        self._errors = Counter(
+            "edge_agent_infer_errors",
+            "Infer requests that failed, by kind",
+            ["model", "version", "kind"],
+            registry=r,
+        )
+        self._latency = Histogram(
+            "edge_agent_infer_latency_seconds",
+            "Latency of successful infer requests",
+            ["model", "version"],
+            buckets=_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "edge_agent_infer_queue_depth", "Infer requests waiting for a slot", registry=r
+        )
+        self.in_flight = Gauge(
+            "edge_agent_infer_in_flight", "Infer requests running in the pool", registry=r
+        )
+        self.connections = Gauge("edge_agent_connections", "Open client connections", registry=r)
+        self._swaps = Counter(
+            "edge_agent_model_swaps", "Versions made live", ["model", "version"], registry=r
+        )
+        self._rollbacks = Counter(
+            "edge_agent_model_rollbacks",
+            "Rollbacks, by the version rolled back to",
+            ["model", "version"],
+            registry=r,
+        )
+        self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+
+    def _of(self, model: str, version: str) -> tuple[Counter, Histogram]:
+        key = (model, version)
+        found = self._children.get(key)
+        if found is None:
+            found = (
+                self._requests.labels(model, version),
+                self._latency.labels(model, version),
+            )
+            self._children[key] = found
+        return found
+
+    def record_request(self, model: str, version: str, latency_s: float | None) -> None:
+        """One answered infer request; ``latency_s`` only for a successful one."""
+        requests, latency = self._of(model, version)
+        requests.inc()
+        if latency_s is not None:
+            latency.observe(latency_s)
+
+    def record_error(self, model: str, version: str, kind: str) -> None:
+        """One failed infer request (``kind`` in ERROR_KINDS)."""
+        self._errors.labels(model, version, kind).inc()
+
+    def record_swap(self, model: str, version: str) -> None:
+        """``version`` of ``model`` was made live (the updater calls this)."""
+        self._swaps.labels(model, version).inc()
+
+    def record_rollback(self, model: str, version: str) -> None:
+        """``model`` was rolled back to ``version`` (the updater calls this)."""
+        self._rollbacks.labels(model, version).inc()
+
+    def forget(self, model: str, version: str) -> None:
+        """Drop the per-version series of a version no longer on the device."""
+        self._children.pop((model, version), None)
+        for metric in (self._requests, self._latency, self._swaps, self._rollbacks):
+            with contextlib.suppress(KeyError):
+                metric.remove(model, version)
+        for kind in ERROR_KINDS:
+            with contextlib.suppress(KeyError):
+                self._errors.remove(model, version, kind)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

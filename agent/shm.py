@@ -1,0 +1,244 @@
+"""System shared memory for tensors: the server's region registry and the client's region.
+
+A client creates a POSIX shared-memory object (``/dev/shm/<key>``), registers a window of
+it under a name (``POST /v2/systemsharedmemory/region/<name>/register`` with ``key``,
+``offset``, ``byte_size``), and then names that region in infer requests instead of
+sending tensor bytes through the socket. The agent maps the object once, at registration.
+
+Invariants:
+- A key is one file name in ``/dev/shm`` (a leading ``/`` is allowed, as shm_open
+  writes it): no other path, no links, only regular files.
+- Only the object's owner (or root, or the agent's own user) may register it: the agent
+  never lends its own access to another user's memory. The peer's uid comes from
+  SO_PEERCRED, so registration is refused on listeners without one (TCP).
+- Every access is bounds-checked against the registered window and against the object's
+  current size, so a client that shrinks its object gets a 400, not a SIGBUS, unless it
+  shrinks it during the copy itself (a race the docs call out).
+- Registered regions are bounded in number; unregistering drops the mapping once the
+  requests using it are done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import re
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+
+import numpy as np
+
+from agent.errors import InvalidRequestError, ModelNotFoundError
+
+SHM_DIR: Final = Path("/dev/shm")
+_KEY: Final = re.compile(r"/?[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}")
+_NAME: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
+
+
+class SharedMemoryDenied(InvalidRequestError):
+    """The peer may not register this object (not its owner, or no peer identity)."""
+
+
+def _path_of(key: str) -> Path:
+    if not _KEY.fullmatch(key) or ".." in key:
+        raise InvalidRequestError(
+            f"shared memory key expected a name in {SHM_DIR} like '/my-region', got {key!r}"
+        )
+    return SHM_DIR / key.lstrip("/")
+
+
+@dataclass(frozen=True)
+class _Region:
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+    fd: int
+    mapping: mmap.mmap
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "key": self.key,
+            "offset": self.offset,
+            "byte_size": self.byte_size,
+        }
+
+
+class SharedMemoryRegistry:
+    """Registered system shared-memory regions. Thread-safe: readers never lock."""
+
+    def __init__(self, max_regions: int = 64) -> None:
+        self.max_regions = max_regions
+        self._lock = threading.Lock()
+        self._regions: MappingProxyType[str, _Region] = MappingProxyType({})
+
+    def register(self, name: str, doc: Any, peer_uid: int | None) -> None:
+        """Map ``doc["key"]`` (a register request body) under ``name``.
+
+        Raises InvalidRequestError for a bad name, key, offset or size, an object that
+        is missing, too small or not a regular file, a name already registered, or too
+        many regions; SharedMemoryDenied when the peer does not own the object.
+        """
+        if not _NAME.fullmatch(name):
+            raise InvalidRequestError(f"region name expected [A-Za-z0-9_.-]+, got {name!r}")
+        if not isinstance(doc, dict):
+            raise InvalidRequestError("register body expected {key, offset, byte_size}")
+        key, offset, size = doc.get("key"), doc.get("offset", 0), doc.get("byte_size")
+        if not isinstance(key, str):
+            raise InvalidRequestError(f"register: 'key' expected a string, got {key!r}")
+        for field, value in (("offset", offset), ("byte_size", size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidRequestError(
+                    f"register: {field!r} expected an integer >= 0, got {value!r}"
+                )
+        assert isinstance(offset, int) and isinstance(size, int)
+        if peer_uid is None:
+            raise SharedMemoryDenied("shared memory is only available on the Unix socket")
+        path = _path_of(key)
+        if name in self._regions:
+            raise InvalidRequestError(f"region {name!r} is already registered; unregister it first")
+        if len(self._regions) >= self.max_regions:
+            raise InvalidRequestError(f"at most {self.max_regions} regions may be registered")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise InvalidRequestError(
+                f"cannot open shared memory {key!r}: {exc.strerror}"
+            ) from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise InvalidRequestError(f"shared memory {key!r} is not a regular file")
+            if peer_uid not in (0, os.getuid(), info.st_uid):
+                raise SharedMemoryDenied(
+                    f"shared memory {key!r} belongs to uid {info.st_uid}, not to the caller"
+                )
+            if offset + size > info.st_size or size == 0:
+                raise InvalidRequestError(
+                    f"region {name!r}: offset {offset} + byte_size {size} expected within "
+                    f"the object's {info.st_size} bytes (and byte_size > 0)"
+                )
+            mapping = mmap.mmap(fd, info.st_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        region = _Region(name, key, offset, size, fd, mapping)
+        with self._lock:
+            if name in self._regions:
+                _close(region)
+                raise InvalidRequestError(f"region {name!r} is already registered")
+            self._regions = MappingProxyType({**self._regions, name: region})
+
+    def unregister(self, name: str | None) -> None:
+        """Forget ``name`` (None: every region). Unknown names are not an error."""
+        with self._lock:
+            regions = dict(self._regions)
+            dropped = (
+                list(regions.values())
+                if name is None
+                else [regions.pop(name)]
+                if (name in regions)
+                else []
+            )
+            self._regions = MappingProxyType({} if name is None else regions)
+        for region in dropped:
+            _close(region)
+
+    def status(self, name: str | None) -> list[dict[str, Any]]:
+        """Status documents of ``name`` (None: all). Raises ModelNotFoundError if unknown."""
+        regions = self._regions
+        if name is None:
+            return [r.status() for r in regions.values()]
+        if name not in regions:
+            raise ModelNotFoundError(f"no shared memory region {name!r} is registered")
+        return [regions[name].status()]
+
+    def view(self, region: str, offset: int, byte_size: int) -> memoryview:
+        """Bytes ``offset..offset+byte_size`` of ``region``. Raises InvalidRequestError."""
+        found = self._regions.get(region)
+        if found is None:
+            raise InvalidRequestError(f"shared memory region {region!r} is not registered")
+        if offset + byte_size > found.byte_size:
+            raise InvalidRequestError(
+                f"shared memory region {region!r}: offset {offset} + byte_size {byte_size} "
+                f"expected within its {found.byte_size} bytes"
+            )
+        start = found.offset + offset
+        if os.fstat(found.fd).st_size < start + byte_size:  # shrunk since: no SIGBUS
+            raise InvalidRequestError(f"shared memory region {region!r} was truncated")
+        return memoryview(found.mapping)[start : start + byte_size]
+
+    def close(self) -> None:
+        self.unregister(None)
+
+
+def _close(region: _Region) -> None:
+    os.close(region.fd)
+    # A request may still hold a view; the mapping then goes when it drops it.
+    with contextlib.suppress(BufferError):
+        region.mapping.close()
+
+
+# ---------------------------------------------------------------------------- client side
+
+
+class SharedMemoryRegion:
+    """A client's POSIX shared-memory object, sized once, unlinked on ``close``.
+
+    ``write(offset, array)`` copies an array in (returns its byte size); ``read`` gives a
+    copy back. Create it, register it with ``InferenceClient.register_shared_memory``,
+    and pass it to ``InferenceClient.infer(..., shm=region)``.
+    """
+
+    def __init__(self, key: str, byte_size: int) -> None:
+        if byte_size <= 0:
+            raise InvalidRequestError(f"byte_size expected > 0, got {byte_size}")
+        self.key = key if key.startswith("/") else "/" + key
+        self.byte_size = byte_size
+        self.path = _path_of(self.key)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, byte_size)
+            self._mapping = mmap.mmap(fd, byte_size)
+        except BaseException:
+            os.close(fd)
+            self.path.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        self.buffer = memoryview(self._mapping)
+
+    def write(self, offset: int, data: bytes | memoryview) -> int:
+        end = offset + len(data)
+        if end > self.byte_size:
+            raise InvalidRequestError(
+                f"{len(data)} bytes at offset {offset} do not fit region {self.key} "
+                f"({self.byte_size} bytes)"
+            )
+        self.buffer[offset:end] = data
+        return len(data)
+
+    def array(self, offset: int, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+        """A copy of the array stored at ``offset``."""
+        count = int(np.prod(shape))
+        return (
+            np.frombuffer(self.buffer, dtype=dtype, count=count, offset=offset)
+            .reshape(shape)
+            .copy()
+        )
+
+    def close(self) -> None:
+        self.buffer.release()
+        self._mapping.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> SharedMemoryRegion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
