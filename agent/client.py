@@ -1,8 +1,11 @@
-"""A small Python client for the agent's local OIP v2 endpoint on a Unix socket.
+"""A lean Python client for the agent's local OIP v2 endpoint (Unix socket or loopback TCP).
 
-Stdlib only (plus numpy): one persistent HTTP/1.1 connection, reopened once when the
-server has closed it. Errors are mapped once, here, from the HTTP status to the agent's
-error tree, carrying the server's message.
+Built for per-call overhead, not generality: one persistent HTTP/1.1 connection on a raw
+socket (reopened once when the server has closed it), request heads built by hand,
+tensors sent with the binary tensor extension by default (no JSON encoding of data, the
+arrays' memory goes to the socket with ``sendmsg``), or through system shared memory
+when asked. Errors are mapped once, here, from the HTTP status to the agent's error
+tree, carrying the server's message.
 
 Also ``load_input_file``: read an infer input from ``.npy``, ``.npz`` or ``.json`` and
 cast it to the model's signature (what ``edge-agent infer MODEL --input FILE`` uses).
@@ -10,12 +13,13 @@ cast it to the model's signature (what ``edge-agent infer MODEL --input FILE`` u
 
 from __future__ import annotations
 
-import http.client
 import json
+import math
+import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -27,43 +31,153 @@ from agent.errors import (
     ModelNotFoundError,
     NotReadyError,
 )
-from agent.oip import build_infer_request, parse_infer_response
+from agent.oip import (
+    build_infer_request,
+    datatype_of,
+    parse_infer_response,
+    tensor_from_bytes,
+    tensor_to_bytes,
+)
+from agent.shm import SharedMemoryRegion
+
+_SEND_JOINED_BELOW: Final = 64 * 1024
+_ALIGN: Final = 64  # binary data and shared-memory tensors start on this boundary
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """``http.client.HTTPConnection`` over an AF_UNIX stream socket."""
+class _Stale(Exception):
+    """The server closed a kept-alive connection before answering: retry once."""
 
-    def __init__(self, socket_path: Path, timeout: float = 30.0) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.socket_path = Path(socket_path)
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+class UnixHTTPConnection:
+    """Minimal blocking HTTP/1.1 exchange over AF_UNIX (or TCP when ``address`` is a
+    ``(host, port)`` pair): ``request`` then ``getresponse``-style ``exchange``."""
+
+    def __init__(self, address: Path | tuple[str, int], timeout: float = 30.0) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+
+    def connect(self) -> socket.socket:
+        if isinstance(self.address, tuple):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.timeout)
         try:
-            sock.connect(str(self.socket_path))
+            sock.connect(
+                self.address if isinstance(self.address, tuple) else os.fspath(self.address)
+            )
         except OSError:
             sock.close()
             raise
         self.sock = sock
+        return sock
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def exchange(
+        self, head: bytes, parts: Sequence[bytes | memoryview]
+    ) -> tuple[int, dict[bytes, bytes], bytearray]:
+        """Send one request (``head`` ends with the blank line); read its response.
+
+        Raises _Stale when a reused connection was closed before any response byte,
+        OSError for other socket failures, InferenceError for a malformed response.
+        """
+        reused = self.sock is not None
+        sock = self.sock or self.connect()
+        try:
+            _send(sock, head, parts)
+            status, headers, body = _receive(sock)
+        except (BrokenPipeError, ConnectionResetError, _Stale):
+            self.close()
+            if reused:
+                raise _Stale from None
+            raise
+        if headers.get(b"connection", b"").lower() == b"close":
+            self.close()
+        return status, headers, body
 
 
-# Errors that mean the server closed a kept-alive connection: retry once on a new one.
-_STALE_CONNECTION = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+def _send(sock: socket.socket, head: bytes, parts: Sequence[bytes | memoryview]) -> None:
+    total = len(head) + sum(len(p) for p in parts)
+    if total < _SEND_JOINED_BELOW:
+        sock.sendall(b"".join((head, *parts)) if parts else head)
+        return
+    views = [memoryview(head), *(memoryview(p).cast("B") for p in parts if len(p))]
+    while views:
+        sent = sock.sendmsg(views)
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
+def _receive(sock: socket.socket) -> tuple[int, dict[bytes, bytes], bytearray]:
+    data = sock.recv(65536)
+    if not data:
+        raise _Stale
+    while b"\r\n\r\n" not in data:
+        if len(data) > 1024 * 1024:
+            raise InferenceError("the agent answered an oversized response head")
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise InferenceError("the agent closed the connection in a response head")
+        data += chunk
+    head, rest = data.split(b"\r\n\r\n", 1)
+    lines = head.split(b"\r\n")
+    try:
+        status = int(lines[0].split(b" ", 2)[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get(b"content-length", b"0"))
+    except (IndexError, ValueError):
+        raise InferenceError(f"the agent answered a malformed head: {head[:200]!r}") from None
+    body = bytearray(length)
+    have = min(len(rest), length)
+    body[:have] = rest[:have]
+    view = memoryview(body)
+    while have < length:
+        got = sock.recv_into(view[have:])
+        if not got:
+            raise InferenceError("the agent closed the connection in a response body")
+        have += got
+    return status, headers, body
 
 
 class InferenceClient:
-    """OIP v2 client over the agent's Unix socket. Not thread-safe: one per thread.
+    """OIP v2 client over the agent's socket. Not thread-safe: one per thread.
 
-    Every method raises AgentUnreachableError when nothing answers on the socket, and
-    an InferenceError subclass chosen by the HTTP status otherwise: 400/405/413 →
-    InvalidRequestError, 404 → ModelNotFoundError, 503 → NotReadyError, other → InferenceError.
+    ``address`` is the Unix socket path, or ``(host, port)`` for the loopback TCP
+    listener. ``binary`` (default True) sends and receives tensors with the binary tensor
+    extension; False uses JSON. ``infer(..., shm=region)`` passes tensors through a
+    registered ``SharedMemoryRegion`` instead.
+
+    Every method raises AgentUnreachableError when nothing answers (or the agent refuses
+    this peer, 403), and an InferenceError subclass chosen by the HTTP status otherwise:
+    400/405/408/413/431 → InvalidRequestError, 404 → ModelNotFoundError, 503 →
+    NotReadyError, other → InferenceError.
     """
 
-    def __init__(self, socket_path: Path, timeout_s: float = 30.0) -> None:
-        self.socket_path = Path(socket_path)
+    def __init__(
+        self, address: Path | tuple[str, int], timeout_s: float = 30.0, *, binary: bool = True
+    ) -> None:
+        self.address: Path | tuple[str, int] = (
+            address if isinstance(address, tuple) else Path(address)
+        )
+        self.socket_path = self.address  # the name older callers use
         self.timeout_s = timeout_s
-        self._connection = UnixHTTPConnection(self.socket_path, timeout=timeout_s)
+        self.binary = binary
+        self._connection = UnixHTTPConnection(self.address, timeout=timeout_s)
+        self._outputs: dict[str, list[dict[str, Any]]] = {}  # output metadata, for shm
 
     def close(self) -> None:
         self._connection.close()
@@ -76,48 +190,59 @@ class InferenceClient:
 
     # -- transport
 
-    def _request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+    def _request(
+        self,
+        method: str,
+        path: str,
+        parts: Sequence[bytes | memoryview] = (),
+        extra: bytes = b"",
+    ) -> tuple[int, dict[bytes, bytes], bytearray]:
+        length = sum(len(p) for p in parts)
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {length}\r\n".encode()
+            + extra
+            + b"\r\n"
+        )
         for attempt in (1, 2):
-            reused = self._connection.sock is not None
             try:
-                self._connection.request(method, path, body=body, headers=headers)
-                response = self._connection.getresponse()
-                data = response.read()
-            except _STALE_CONNECTION:
-                self._connection.close()
-                if attempt == 2 or not reused:
-                    raise AgentUnreachableError(
-                        f"the agent at {self.socket_path} closed the connection"
-                    ) from None
-                continue
+                return self._connection.exchange(head, parts)
+            except _Stale:
+                if attempt == 2:
+                    break
             except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
                 self._connection.close()
                 raise AgentUnreachableError(
-                    f"cannot connect to the agent at {self.socket_path}: {exc}"
+                    f"cannot connect to the agent at {self.address}: {exc}"
                 ) from None
-            except (OSError, http.client.HTTPException) as exc:
+            except (BrokenPipeError, ConnectionResetError):
                 self._connection.close()
-                raise InferenceError(
-                    f"{method} {path} on {self.socket_path} failed: {exc!r}"
-                ) from None
-            if response.will_close:
+                break
+            except OSError as exc:
                 self._connection.close()
-            return response.status, data
-        raise AssertionError("unreachable")
+                raise InferenceError(f"{method} {path} on {self.address} failed: {exc!r}") from None
+        raise AgentUnreachableError(f"the agent at {self.address} closed the connection")
 
-    def _call(self, method: str, path: str, body: bytes | None = None) -> bytes:
-        status, data = self._request(method, path, body)
+    def _call(
+        self,
+        method: str,
+        path: str,
+        parts: Sequence[bytes | memoryview] = (),
+        extra: bytes = b"",
+    ) -> tuple[dict[bytes, bytes], bytearray]:
+        status, headers, data = self._request(method, path, parts, extra)
         if status == 200:
-            return data
+            return headers, data
         raise _error_for(status, data)
 
-    def _get_json(self, path: str) -> dict[str, Any]:
-        data = self._call("GET", path)
+    def _get_json(self, path: str) -> Any:
+        _, data = self._call("GET", path)
         try:
-            doc = json.loads(data)
+            return json.loads(data)
         except ValueError as exc:
             raise InferenceError(f"GET {path}: the agent answered invalid JSON: {exc}") from None
+
+    def _get_object(self, path: str) -> dict[str, Any]:
+        doc = self._get_json(path)
         if not isinstance(doc, dict):
             raise InferenceError(f"GET {path}: expected a JSON object, got {doc!r}")
         return doc
@@ -127,7 +252,7 @@ class InferenceClient:
     def live(self) -> bool:
         """True when the agent answers its liveness check; False when nothing answers."""
         try:
-            status, _ = self._request("GET", "/v2/health/live")
+            status, _, _ = self._request("GET", "/v2/health/live")
         except AgentUnreachableError:
             return False
         return status == 200
@@ -135,42 +260,227 @@ class InferenceClient:
     def ready(self) -> bool:
         """True when the agent is ready to serve; False when not, or nothing answers."""
         try:
-            status, _ = self._request("GET", "/v2/health/ready")
+            status, _, _ = self._request("GET", "/v2/health/ready")
         except AgentUnreachableError:
             return False
         return status == 200
 
     def server_metadata(self) -> dict[str, Any]:
-        return self._get_json("/v2")
+        return self._get_object("/v2")
 
-    def model_metadata(self, model: str) -> dict[str, Any]:
-        return self._get_json(f"/v2/models/{model}")
+    def model_metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
+        return self._get_object(_model_path(model, version))
+
+    def model_ready(self, model: str, version: str | None = None) -> bool:
+        """True when the model (version) serves; raises ModelNotFoundError when unknown."""
+        return bool(self._get_object(_model_path(model, version) + "/ready").get("ready"))
+
+    def metrics(self) -> str:
+        """The agent's Prometheus metrics, as text."""
+        _, data = self._call("GET", "/metrics")
+        return data.decode()
+
+    def register_shared_memory(self, name: str, region: SharedMemoryRegion) -> None:
+        """Register ``region`` under ``name`` (POST .../region/<name>/register)."""
+        body = json.dumps({"key": region.key, "offset": 0, "byte_size": region.byte_size})
+        self._call("POST", f"/v2/systemsharedmemory/region/{name}/register", [body.encode()])
+        region.name = name
+
+    def unregister_shared_memory(self, name: str | None = None) -> None:
+        """Unregister ``name`` (None: every region)."""
+        where = "" if name is None else f"/region/{name}"
+        self._call("POST", f"/v2/systemsharedmemory{where}/unregister")
+
+    def shared_memory_status(self, name: str | None = None) -> list[dict[str, Any]]:
+        where = "" if name is None else f"/region/{name}"
+        doc = self._get_json(f"/v2/systemsharedmemory{where}/status")
+        if not isinstance(doc, list):
+            raise InferenceError(f"shared memory status: expected a list, got {doc!r}")
+        return doc
 
     def infer(
-        self, model: str, inputs: Mapping[str, np.ndarray], version: str | None = None
+        self,
+        model: str,
+        inputs: Mapping[str, np.ndarray],
+        version: str | None = None,
+        *,
+        outputs: Sequence[str] | None = None,
+        binary: bool | None = None,
+        shm: SharedMemoryRegion | None = None,
+        request_id: str | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run ``model`` (the live version, or exactly ``version``) on ``inputs``.
+        """Run ``model`` (the live version, or exactly ``version``) on ``inputs``; return
+        the outputs (``outputs``: only these) by name.
 
-        Arrays are sent as they are: their dtype must be the model's datatype.
+        Arrays are sent as they are: their dtype must be the model's datatype. ``binary``
+        overrides the client's default; ``shm`` (a region registered with
+        ``register_shared_memory``) carries the inputs, and the outputs whose size the
+        model's metadata predicts, through shared memory.
         """
-        path = f"/v2/models/{model}"
-        if version is not None:
-            path += f"/versions/{version}"
-        data = self._call("POST", path + "/infer", build_infer_request(inputs))
+        path = _model_path(model, version) + "/infer"
+        if shm is not None:
+            return self._infer_shm(model, path, inputs, outputs, shm, request_id)
+        if not (self.binary if binary is None else binary):
+            _, data = self._call("POST", path, [build_infer_request(inputs, outputs, request_id)])
+            return self._decode(data, None)
+        tensors: list[dict[str, Any]] = []
+        payloads: list[bytes | memoryview] = []
+        for name, value in inputs.items():
+            array = np.asarray(value)
+            payload = tensor_to_bytes(array)
+            tensors.append(_tensor_head(name, array, {"binary_data_size": len(payload)}))
+            payloads.append(payload)
+        doc = _request_doc(tensors, outputs, request_id, {"binary_data": True})
+        return self._send_binary(path, doc, payloads)
+
+    def _send_binary(
+        self, path: str, doc: dict[str, Any], payloads: Sequence[bytes | memoryview]
+    ) -> dict[str, np.ndarray]:
+        headers, data = self._post_binary(path, doc, payloads)
+        raw_length = headers.get(b"inference-header-content-length")
+        return self._decode(data, int(raw_length) if raw_length is not None else None)
+
+    def _post_binary(
+        self, path: str, doc: dict[str, Any], payloads: Sequence[bytes | memoryview]
+    ) -> tuple[dict[bytes, bytes], bytearray]:
+        header = json.dumps(doc, separators=(",", ":")).encode()
+        if payloads:  # pad with JSON whitespace so the tensor bytes start aligned
+            header += b" " * (-len(header) % _ALIGN)
+        extra = b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: "
+        return self._call(
+            "POST", path, [header, *payloads], extra + str(len(header)).encode() + b"\r\n"
+        )
+
+    @staticmethod
+    def _decode(data: bytearray, header_length: int | None) -> dict[str, np.ndarray]:
         try:
-            return parse_infer_response(data)
+            return parse_infer_response(data, header_length)
         except InvalidRequestError as exc:
             raise InferenceError(f"the agent answered {exc}") from None
 
+    def _infer_shm(
+        self,
+        model: str,
+        path: str,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None,
+        region: SharedMemoryRegion,
+        request_id: str | None,
+    ) -> dict[str, np.ndarray]:
+        if region.name is None:
+            raise InvalidRequestError("register the region first: register_shared_memory(...)")
+        tensors: list[dict[str, Any]] = []
+        offset = 0
+        batch: int | None = None
+        for name, value in inputs.items():
+            array = np.asarray(value)
+            batch = array.shape[0] if batch is None and array.ndim else batch
+            size = region.write(offset, tensor_to_bytes(array))
+            tensors.append(_tensor_head(name, array, _shm_params(region, offset, size)))
+            offset += size + (-size % _ALIGN)
+        if model not in self._outputs:
+            self._outputs[model] = self.model_metadata(model).get("outputs", [])
+        requested: list[dict[str, Any]] = []
+        for spec in self._outputs[model]:
+            name = spec["name"]
+            if outputs is not None and name not in outputs:
+                continue
+            predicted = _predicted_bytes(spec, batch)
+            if predicted is not None and offset + predicted <= region.byte_size:
+                requested.append(
+                    {"name": name, "parameters": _shm_params(region, offset, predicted)}
+                )
+                offset += predicted + (-predicted % _ALIGN)
+            else:
+                requested.append({"name": name, "parameters": {"binary_data": True}})
+        doc: dict[str, Any] = {"inputs": tensors, "outputs": requested}
+        if request_id is not None:
+            doc["id"] = request_id
+        try:
+            headers, data = self._post_binary(path, doc, [])
+        except InvalidRequestError:
+            self._outputs.pop(model, None)  # a new version may have other output shapes
+            raise
+        raw_length = headers.get(b"inference-header-content-length")
+        header_length = int(raw_length) if raw_length is not None else None
+        result = self._decode(data, header_length)
+        try:
+            answer = json.loads(data if header_length is None else data[:header_length])
+            for tensor in answer["outputs"]:
+                params = tensor.get("parameters") or {}
+                if "shared_memory_region" not in params:
+                    continue
+                start = int(params["shared_memory_offset"])
+                chunk = region.buffer[start : start + int(params["shared_memory_byte_size"])]
+                array = tensor_from_bytes(
+                    tensor["name"], tensor["datatype"], tensor["shape"], chunk
+                )
+                result[tensor["name"]] = array.copy()
+        except (ValueError, KeyError, TypeError, InvalidRequestError) as exc:
+            raise InferenceError(f"the agent answered a malformed shm response: {exc!r}") from None
+        return result
 
-def _error_for(status: int, data: bytes) -> InferenceError:
+
+def _model_path(model: str, version: str | None) -> str:
+    path = f"/v2/models/{model}"
+    return path if version is None else f"{path}/versions/{version}"
+
+
+def _tensor_head(name: str, array: np.ndarray, parameters: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "datatype": datatype_of(array),
+        "shape": list(array.shape),
+        "parameters": parameters,
+    }
+
+
+def _request_doc(
+    tensors: list[dict[str, Any]],
+    outputs: Sequence[str] | None,
+    request_id: str | None,
+    output_parameters: dict[str, Any],
+) -> dict[str, Any]:
+    doc: dict[str, Any] = {"inputs": tensors}
+    if request_id is not None:
+        doc["id"] = request_id
+    if outputs:
+        doc["outputs"] = [{"name": n, "parameters": output_parameters} for n in outputs]
+    else:
+        doc["parameters"] = {"binary_data_output": True}
+    return doc
+
+
+def _shm_params(region: SharedMemoryRegion, offset: int, size: int) -> dict[str, Any]:
+    return {
+        "shared_memory_region": region.name,
+        "shared_memory_offset": offset,
+        "shared_memory_byte_size": size,
+    }
+
+
+def _predicted_bytes(spec: Mapping[str, Any], batch: int | None) -> int | None:
+    """An output's size from its metadata, a leading -1 taken as the inputs' batch."""
+    datatype, shape = spec.get("datatype"), list(spec.get("shape", []))
+    if not isinstance(datatype, str) or datatype == "BYTES" or datatype not in OIP_TO_NUMPY:
+        return None
+    if shape and shape[0] == -1 and batch is not None:
+        shape[0] = batch
+    if any(d < 0 for d in shape):
+        return None
+    return int(math.prod(shape)) * np.dtype(OIP_TO_NUMPY[datatype]).itemsize
+
+
+def _error_for(status: int, data: bytes | bytearray) -> InferenceError:
     try:
         message = str(json.loads(data)["error"])
     except (ValueError, KeyError, TypeError):
-        message = data[:200].decode("utf-8", "replace") or "(no message)"
+        message = bytes(data[:200]).decode("utf-8", "replace") or "(no message)"
     text = f"{message} (HTTP {status})"
-    if status in (400, 405, 411, 413, 431):
+    if status in (400, 405, 408, 411, 413, 431):
         return InvalidRequestError(text)
+    if status == 403:
+        return AgentUnreachableError(text)
     if status == 404:
         return ModelNotFoundError(text)
     if status == 503:

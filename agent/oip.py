@@ -351,6 +351,8 @@ def tensor_from_json(name: str, datatype: str, shape: Sequence[int], data: Any) 
     if count == 0:
         return np.empty(shape, dtype=OIP_TO_NUMPY[datatype])
     kind = values.dtype.kind
+    if kind in "fO" and datatype.startswith(("UINT", "INT")):
+        return _big_integers(name, datatype, shape, data, values.dtype)
     if kind not in _ACCEPTED_KINDS[datatype]:
         raise InvalidRequestError(
             f"input {name!r}: datatype {datatype} expects "
@@ -366,6 +368,26 @@ def tensor_from_json(name: str, datatype: str, shape: Sequence[int], data: Any) 
                 f"got values in {low}..{high}"
             )
     return values.astype(target, copy=False).reshape(shape)
+
+
+def _big_integers(
+    name: str, datatype: str, shape: Sequence[int], data: Any, guessed: np.dtype[Any]
+) -> np.ndarray:
+    """Integers numpy could not hold in int64 (UINT64 above 2**63): check them one by one."""
+    flat = np.asarray(data, dtype=object).ravel().tolist()
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+        raise InvalidRequestError(
+            f"input {name!r}: datatype {datatype} expects integers, got "
+            f"{_KIND_NAMES.get(guessed.kind, guessed.name)}"
+        )
+    info = np.iinfo(np.dtype(OIP_TO_NUMPY[datatype]))
+    low, high = min(flat), max(flat)
+    if low < info.min or high > info.max:
+        raise InvalidRequestError(
+            f"input {name!r}: datatype {datatype} holds {info.min}..{info.max}, "
+            f"got values in {low}..{high}"
+        )
+    return np.array(flat, dtype=OIP_TO_NUMPY[datatype]).reshape(shape)
 
 
 def tensor_from_bytes(

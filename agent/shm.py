@@ -201,6 +201,7 @@ class SharedMemoryRegion:
             raise InvalidRequestError(f"byte_size expected > 0, got {byte_size}")
         self.key = key if key.startswith("/") else "/" + key
         self.byte_size = byte_size
+        self.name: str | None = None  # set when registered with the agent
         self.path = _path_of(self.key)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:

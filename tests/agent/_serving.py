@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -56,3 +59,63 @@ def serving(registry: ModelRegistry, **kwargs: Any) -> Iterator[InferenceServer]
     finally:
         thread.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+class StdlibUnixConnection(http.client.HTTPConnection):
+    """The standard library's HTTP client over AF_UNIX: a second, independent peer."""
+
+    def __init__(self, socket_path: Path, timeout: float = 10.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(str(self.socket_path))
+        self.sock = sock
+
+
+def raw(
+    server: InferenceServer,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    """One request on a fresh stdlib connection: (status, decoded JSON body or text)."""
+    connection = StdlibUnixConnection(server.socket_path)
+    try:
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        connection.request(method, path, body=data, headers=headers or {})
+        response = connection.getresponse()
+        payload = response.read()
+        try:
+            return response.status, json.loads(payload)
+        except ValueError:
+            return response.status, payload.decode("utf-8", "replace")
+    finally:
+        connection.close()
+
+
+def read_responses(sock: socket.socket, count: int) -> list[tuple[int, dict[str, str], bytes]]:
+    """Read ``count`` Content-Length framed responses from a raw socket."""
+    buffer = b""
+    responses: list[tuple[int, dict[str, str], bytes]] = []
+    while len(responses) < count:
+        while b"\r\n\r\n" not in buffer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return responses
+            buffer += chunk
+        head, buffer = buffer.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in lines[1:])}
+        length = int(headers["content-length"])
+        while len(buffer) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buffer += chunk
+        responses.append((int(lines[0].split()[1]), headers, buffer[:length]))
+        buffer = buffer[length:]
+    return responses

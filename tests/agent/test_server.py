@@ -17,14 +17,21 @@ import onnxruntime as ort
 import pytest
 
 import agent
-from agent.client import InferenceClient, UnixHTTPConnection
+from agent.client import InferenceClient
 from agent.contracts import GoldenSpec, Manifest, TensorSpec
 from agent.errors import InvalidRequestError, ModelNotFoundError, NotReadyError
 from agent.oip import build_infer_response, parse_infer_request
 from agent.runtime import LoadedModel, ModelRegistry, load_model
 from agent.server import InferenceServer
 from tests.agent._model_dir import make_model_dir
-from tests.agent._serving import ServerThread, serving, short_socket_dir
+from tests.agent._serving import (
+    ServerThread,
+    StdlibUnixConnection,
+    raw,
+    read_responses,
+    serving,
+    short_socket_dir,
+)
 from tests.helpers import make_linear_model
 
 X = np.array([[0.5, -1.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0]], dtype=np.float32)
@@ -52,18 +59,6 @@ def server(registry: ModelRegistry) -> Iterator[InferenceServer]:
 def client(server: InferenceServer) -> Iterator[InferenceClient]:
     with InferenceClient(server.socket_path, timeout_s=10) as c:
         yield c
-
-
-def raw(server: InferenceServer, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    """One request on a fresh connection: (status, decoded JSON body)."""
-    connection = UnixHTTPConnection(server.socket_path, timeout=10)
-    try:
-        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        connection.request(method, path, body=data)
-        response = connection.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        connection.close()
 
 
 def infer_body(
@@ -218,27 +213,6 @@ def test_empty_registry_is_not_ready(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- the wire
 
 
-def _read_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
-    """Read ``count`` Content-Length framed responses from a raw socket."""
-    buffer = b""
-    responses: list[tuple[int, bytes]] = []
-    while len(responses) < count:
-        while b"\r\n\r\n" not in buffer:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return responses
-            buffer += chunk
-        head, buffer = buffer.split(b"\r\n\r\n", 1)
-        lines = head.decode().split("\r\n")
-        headers = dict(line.split(": ", 1) for line in lines[1:])
-        length = int(headers["Content-Length"])
-        while len(buffer) < length:
-            buffer += sock.recv(65536)
-        responses.append((int(lines[0].split()[1]), buffer[:length]))
-        buffer = buffer[length:]
-    return responses
-
-
 def test_keep_alive_and_pipelining_answer_in_order(server: InferenceServer) -> None:
     body = json.dumps(infer_body(X)).encode()
     infer = (
@@ -250,14 +224,14 @@ def test_keep_alive_and_pipelining_answer_in_order(server: InferenceServer) -> N
         sock.settimeout(10)
         sock.connect(str(server.socket_path))
         sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert _read_responses(sock, 1) == [(200, b'{"live":true}')]
+        assert [(r[0], r[2]) for r in read_responses(sock, 1)] == [(200, b'{"live":true}')]
         # Pipelined: an infer (runs in a thread) then a health check must come back in order.
         sock.sendall(infer + b"GET /v2 HTTP/1.1\r\nHost: x\r\n\r\n" + infer)
-        responses = _read_responses(sock, 3)
-        assert [status for status, _ in responses] == [200, 200, 200]
-        assert "outputs" in json.loads(responses[0][1])
-        assert json.loads(responses[1][1])["name"] == "edge-agent"
-        assert "outputs" in json.loads(responses[2][1])
+        responses = read_responses(sock, 3)
+        assert [status for status, _, _ in responses] == [200, 200, 200]
+        assert "outputs" in json.loads(responses[0][2])
+        assert json.loads(responses[1][2])["name"] == "edge-agent"
+        assert "outputs" in json.loads(responses[2][2])
 
 
 def test_malformed_request_line_is_400_not_a_crash(server: InferenceServer) -> None:
@@ -265,7 +239,7 @@ def test_malformed_request_line_is_400_not_a_crash(server: InferenceServer) -> N
         sock.settimeout(10)
         sock.connect(str(server.socket_path))
         sock.sendall(b"THIS IS NOT HTTP\r\n\r\n")
-        [(status, body)] = _read_responses(sock, 1)
+        [(status, _, body)] = read_responses(sock, 1)
         assert status == 400 and b"malformed HTTP request" in body
         assert sock.recv(1) == b""  # then the connection is closed
     assert raw(server, "GET", "/v2/health/live") == (200, {"live": True})
@@ -319,7 +293,7 @@ def test_hot_swap_under_load_fails_no_request(
     body = infer_body(X)
 
     def send() -> None:
-        connection = UnixHTTPConnection(server.socket_path, timeout=10)
+        connection = StdlibUnixConnection(server.socket_path, timeout=10)
         for _ in range(3000):  # bounded even if the clock stalls
             if stop.is_set():
                 break
@@ -360,7 +334,7 @@ def test_oversized_head_is_431_and_chunked_body_over_limit_is_413(server: Infere
         sock.settimeout(10)
         sock.connect(str(server.socket_path))
         sock.sendall(b"GET /v2 HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
-        [(status, _)] = _read_responses(sock, 1)
+        [(status, _, _)] = read_responses(sock, 1)
         assert status == 431
     chunk = b"x" * 40_000
     framed = b"%x\r\n%s\r\n" % (len(chunk), chunk)
@@ -372,7 +346,7 @@ def test_oversized_head_is_431_and_chunked_body_over_limit_is_413(server: Infere
             + framed * 2
             + b"0\r\n\r\n"
         )
-        [(status, body)] = _read_responses(sock, 1)
+        [(status, _, body)] = read_responses(sock, 1)
         assert status == 413 and b"65536" in body
 
 
