@@ -157,8 +157,11 @@ def test_binary_sections_that_do_not_add_up_are_400(
 
 def test_bytes_and_bool_binary_are_checked(server: InferenceServer) -> None:
     def send(dt: str, data: bytes) -> tuple[int, str]:
-        inputs = [{"name": f"in_{d.lower()}", "datatype": d, "shape": [1, 3],
-                   "data": sample_tensor(d, 1).ravel().tolist()} for d in ALL_DATATYPES]  # fmt: skip
+        inputs = [
+            {"name": f"in_{d.lower()}", "datatype": d, "shape": [1, 3],
+             "data": sample_tensor(d, 1).ravel().tolist()}
+            for d in ALL_DATATYPES
+        ]  # fmt: skip
         target = next(t for t in inputs if t["datatype"] == dt)
         del target["data"]
         target["parameters"] = {"binary_data_size": len(data)}

@@ -1,0 +1,279 @@
+"""The limits that keep a device alive, peer checks, the TCP listener and where runs go.
+
+A gated session (a hook around the real ONNX Runtime session) holds a run until the test
+lets it go, so overload and deadline cases are deterministic, not timing races.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from agent.client import InferenceClient
+from agent.config import InferenceConfig, parse_config
+from agent.errors import AgentUnreachableError, ConfigError, NotReadyError
+from agent.runtime import LoadedModel, ModelRegistry, load_model
+from agent.server import InferenceServer, _RunTimes
+from agent.shm import SharedMemoryRegion
+from tests.agent._model_dir import make_model_dir
+from tests.agent._serving import ServerThread, raw, read_responses, serving, short_socket_dir
+
+X = np.ones((1, 4), np.float32)
+
+
+class GatedSession:
+    """Wraps a real session; ``run`` waits for ``gate`` (a test hook)."""
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.gate = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def run(self, names: Any, feeds: Any) -> Any:
+        self.entered.release()
+        self.gate.wait(10)
+        return self.session.run(names, feeds)
+
+
+@pytest.fixture
+def linear(tmp_path: Path, linear_model: Path) -> LoadedModel:
+    return load_model(*make_model_dir(tmp_path / "v1", linear_model))
+
+
+@pytest.fixture
+def gated(linear: LoadedModel) -> tuple[ModelRegistry, GatedSession]:
+    session = GatedSession(linear.session)
+    registry = ModelRegistry()
+    registry.activate(dataclasses.replace(linear, session=session))
+    return registry, session
+
+
+def _infer_in_thread(path: Path, results: list[Any]) -> threading.Thread:
+    def run() -> None:
+        with InferenceClient(path) as client:
+            try:
+                results.append(client.infer("linear", {"x": X})["y"].shape)
+            except Exception as exc:
+                results.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_full_queue_is_503_with_retry_after(gated: tuple[ModelRegistry, GatedSession]) -> None:
+    registry, session = gated
+    with serving(registry, max_concurrency=1, max_queue=1, inline_max_run_s=0) as server:
+        results: list[Any] = []
+        first = _infer_in_thread(server.socket_path, results)
+        assert session.entered.acquire(timeout=10)  # running: holds the only slot
+        second = _infer_in_thread(server.socket_path, results)
+        for _ in range(1000):  # until the second waits in the queue
+            if server._admitted == 2:
+                break
+            time.sleep(0.005)
+        status, doc = raw(
+            server,
+            "POST",
+            "/v2/models/linear/infer",
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [1] * 4}]},
+        )
+        assert status == 503 and "overloaded" in doc["error"]
+        assert raw(server, "GET", "/v2/health/live")[0] == 200  # the loop is free
+        metrics = InferenceClient(server.socket_path).metrics()
+        assert "edge_agent_infer_queue_depth 1.0" in metrics
+        assert 'kind="overloaded"' in metrics
+        session.gate.set()
+        first.join(10)
+        second.join(10)
+        assert results == [(1, 3), (1, 3)]
+
+
+def test_request_past_its_deadline_is_503_and_never_runs(
+    gated: tuple[ModelRegistry, GatedSession],
+) -> None:
+    registry, session = gated
+    with serving(
+        registry, max_concurrency=1, max_queue=4, request_deadline_s=0.2, inline_max_run_s=0
+    ) as server:
+        results: list[Any] = []
+        first = _infer_in_thread(server.socket_path, results)
+        assert session.entered.acquire(timeout=10)
+        with (
+            InferenceClient(server.socket_path) as client,
+            pytest.raises(NotReadyError, match="deadline"),
+        ):
+            client.infer("linear", {"x": X})
+        session.gate.set()
+        first.join(10)
+        assert len(results) == 1 and isinstance(results[0], NotReadyError)  # past 0.2 s too
+        time.sleep(0.05)
+        assert not session.entered.acquire(timeout=0.2)  # the queued request never ran
+        assert 'kind="deadline"' in InferenceClient(server.socket_path).metrics()
+
+
+def _connect(server: InferenceServer) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(str(server.socket_path))
+    return sock
+
+
+def test_slow_head_slow_body_and_idle_connections_are_cut(linear: LoadedModel) -> None:
+    registry = ModelRegistry()
+    registry.activate(linear)
+    limits = {"header_timeout_s": 0.2, "body_timeout_s": 0.2, "idle_timeout_s": 0.3}
+    with serving(registry, **limits) as server:
+        with _connect(server) as sock:
+            sock.sendall(b"GET /v2/health/li")
+            [(status, _, body)] = read_responses(sock, 1)
+            assert status == 408 and b"request head" in body
+            assert sock.recv(1) == b""
+        with _connect(server) as sock:
+            sock.sendall(b"POST /v2/models/linear/infer HTTP/1.1\r\nContent-Length: 50\r\n\r\n{")
+            [(status, _, body)] = read_responses(sock, 1)
+            assert status == 408 and b"request body" in body
+        with _connect(server) as sock:
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n\r\n")
+            assert read_responses(sock, 1)[0][0] == 200
+            assert sock.recv(1) == b""  # closed once idle past 0.3 s
+        assert raw(server, "GET", "/v2/health/live")[0] == 200
+
+
+def test_connections_beyond_the_limit_get_503(linear: LoadedModel) -> None:
+    registry = ModelRegistry()
+    registry.activate(linear)
+    with serving(registry, max_connections=2) as server:
+        held = [_connect(server), _connect(server)]
+        for sock in held:
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n\r\n")
+            assert read_responses(sock, 1)[0][0] == 200
+        with _connect(server) as extra:
+            [(status, headers, _)] = read_responses(extra, 1)
+            assert status == 503 and headers["retry-after"] == "1"
+        held.pop().close()
+        time.sleep(0.05)
+        assert raw(server, "GET", "/v2/health/live")[0] == 200
+        held[0].close()
+
+
+def test_peer_allow_list_by_uid_and_gid(linear: LoadedModel) -> None:
+    registry = ModelRegistry()
+    registry.activate(linear)
+    with (
+        serving(registry, allowed_uids=[os.getuid() + 4242]) as server,
+        pytest.raises(AgentUnreachableError, match="not in the allow-list"),
+    ):
+        InferenceClient(server.socket_path).server_metadata()
+    with serving(registry, allowed_uids=[os.getuid()]) as server:
+        assert InferenceClient(server.socket_path).server_metadata()["name"] == "edge-agent"
+    with serving(registry, allowed_gids=[os.getgid()]) as server:
+        assert InferenceClient(server.socket_path).live()
+
+
+def test_socket_group_and_unknown_group(linear: LoadedModel) -> None:
+    registry = ModelRegistry()
+    with serving(registry, socket_group=str(os.getgid()), socket_mode=0o600) as server:
+        info = os.stat(server.socket_path)
+        assert info.st_gid == os.getgid() and stat.S_IMODE(info.st_mode) == 0o600
+    directory = short_socket_dir()
+    thread = ServerThread(
+        InferenceServer(registry, directory / "s.sock", socket_group="no-such-group-ef")
+    )
+    try:
+        with pytest.raises(ConfigError, match="groupadd --system no-such-group-ef"):
+            thread.start()
+    finally:
+        thread.close()
+        directory.rmdir()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_loopback_tcp_listener(linear: LoadedModel) -> None:
+    registry = ModelRegistry()
+    registry.activate(linear)
+    with serving(registry, tcp_port=_free_port()) as server:
+        address = server.tcp_address()
+        assert address is not None and address[0] == "127.0.0.1"
+        with InferenceClient(address) as client:
+            assert client.live()
+            expected = linear.infer({"x": X})["y"]
+            np.testing.assert_array_equal(client.infer("linear", {"x": X})["y"], expected)
+            with (
+                SharedMemoryRegion(f"ef-tcp-{os.getpid()}", 64) as region,
+                pytest.raises(AgentUnreachableError, match="only available on the Unix socket"),
+            ):
+                client.register_shared_memory("t", region)
+    with serving(registry) as server:
+        assert server.tcp_address() is None  # off by default
+
+
+def test_fast_models_go_inline_and_a_slow_run_sends_them_back(linear: LoadedModel) -> None:
+    registry = ModelRegistry()
+    registry.activate(linear)
+    with (
+        serving(registry, inline_max_run_s=0.05) as server,
+        InferenceClient(server.socket_path) as client,
+    ):
+        assert not server._runs_inline(linear, 100)
+        for _ in range(10):
+            client.infer("linear", {"x": X})
+        assert server._runs_inline(linear, 100)
+        assert not server._runs_inline(linear, 1 << 20)  # big bodies stay in the pool
+        client.infer("linear", {"x": X})  # inline now: still right
+    with serving(registry, inline_max_run_s=0) as server:
+        with InferenceClient(server.socket_path) as client:
+            for _ in range(10):
+                client.infer("linear", {"x": X})
+        assert not server._runs_inline(linear, 100)
+    times = _RunTimes("1.0.0")
+    for _ in range(10):
+        times.add(0.0001, slow_s=0.004)
+    assert times.ewma_s < 0.001
+    times.add(0.01, slow_s=0.004)  # one slow run: demoted at once
+    assert times.ewma_s == 0.01
+
+
+def _config(**inference: Any) -> dict[str, Any]:
+    return {
+        "device_id": "d1",
+        "fleet": "f1",
+        "repository": {"url": "https://repo.example"},
+        "inference": inference,
+    }
+
+
+def test_inference_config_keys_and_validation(tmp_path: Path) -> None:
+    config = parse_config(
+        _config(max_queue=3, tcp_port=8085, inline_max_run_s=0.0, socket_group="edge-infer"),
+        tmp_path,
+    ).inference
+    assert (config.max_queue, config.tcp_port, config.inline_max_run_s) == (3, 8085, 0.0)
+    env = {"EDGE_AGENT_INFERENCE_ALLOWED_USERS": "root,1000"}
+    assert parse_config(_config(), tmp_path, env).inference.allowed_users == "root,1000"
+    with pytest.raises(ConfigError, match="loopback only"):
+        parse_config(_config(tcp_port=8085, tcp_host="0.0.0.0"), tmp_path)
+    with pytest.raises(ConfigError, match="TCP has no peer credentials"):
+        parse_config(_config(tcp_port=8085, allowed_groups="edge-infer"), tmp_path)
+    with pytest.raises(ConfigError, match="header_timeout_s"):
+        parse_config(_config(header_timeout_s=0), tmp_path)
+    with pytest.raises(ConfigError, match="no user named"):
+        InferenceServer.from_config(
+            ModelRegistry(), InferenceConfig(allowed_users="no-such-user-ef")
+        )
+    server = InferenceServer.from_config(ModelRegistry(), InferenceConfig(allowed_users="0"))
+    assert server.allowed_uids == {0} and server.max_queue == 32
