@@ -188,6 +188,7 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._broken = False  # the byte stream can no longer be parsed: answer and close
         self._draining = False  # the server stops: close once the current request is done
+        self._eof = False  # the client half-closed: close once every request is answered
         self._task: asyncio.Task[None] | None = None
         self.peer_uid: int | None = None
         self.phase = _Phase.IDLE
@@ -240,6 +241,13 @@ class _Connection(asyncio.Protocol):
         self._queue.clear()
         if self._task is not None:
             self._task.cancel()
+
+    def eof_received(self) -> bool | None:
+        """The client half-closed: answer what it sent, then close (True keeps it open)."""
+        self._eof = True
+        if self._busy or self._queue:
+            return True
+        return None
 
     def data_received(self, data: bytes) -> None:
         if self._broken:
@@ -394,7 +402,8 @@ class _Connection(asyncio.Protocol):
             self._paused = False
         if not self._busy:
             self.since = self._server._now()
-        if self._draining and not self._busy and not transport.is_closing():
+        idle = not self._busy and not transport.is_closing()
+        if idle and (self._draining or (self._eof and not self._queue)):
             transport.close()
 
     async def _finish(self, request: _Request, pending: Awaitable[_Response]) -> None:
@@ -408,7 +417,9 @@ class _Connection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        close = response.close or not keep_alive or self._draining
+        close = (
+            response.close or not keep_alive or self._draining or (self._eof and not self._queue)
+        )
         if close:
             connection = b"Connection: close\r\n"
         elif http_1_0:
