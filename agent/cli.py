@@ -46,13 +46,18 @@ def _parser() -> argparse.ArgumentParser:
         description="Send one request to a running agent and print the outputs as JSON.",
         epilog=(
             "example: edge-agent infer digits --input sample.npy"
-            " --socket /run/edge-agent/infer.sock"
+            " --socket /run/edge-agent/infer.sock\n"
+            "Tensors travel as binary by default; --json sends JSON, --shm uses shared memory."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     infer.add_argument("model", help="model name")
     infer.add_argument("--input", type=Path, required=True, help="a .npy, .npz or .json file")
     infer.add_argument("--version", dest="model_version", help="require this model version")
+    infer.add_argument("--output", action="append", dest="outputs", help="only this output")
+    how = infer.add_mutually_exclusive_group()
+    how.add_argument("--json", action="store_true", help="send JSON tensors, not binary")
+    how.add_argument("--shm", action="store_true", help="pass tensors through shared memory")
     where = infer.add_mutually_exclusive_group()
     where.add_argument("--socket", type=Path, help="the agent's inference socket")
     where.add_argument("--config", type=Path, help="read the socket path from agent.toml")
@@ -93,12 +98,35 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         socket_path = load_config(args.config).inference.socket_path
     else:
         socket_path = InferenceConfig().socket_path
-    client = InferenceClient(socket_path)
-    metadata = client.model_metadata(args.model)
-    inputs = load_input_file(args.input, metadata)
-    outputs = client.infer(args.model, inputs, version=args.model_version)
+    with InferenceClient(socket_path, binary=not args.json) as client:
+        metadata = client.model_metadata(args.model)
+        inputs = load_input_file(args.input, metadata)
+        if args.shm:
+            outputs = _infer_shm(client, args, inputs)
+        else:
+            outputs = client.infer(
+                args.model, inputs, version=args.model_version, outputs=args.outputs
+            )
     print(json.dumps({name: _tensor_json(value) for name, value in outputs.items()}))
     return 0
+
+
+def _infer_shm(client: Any, args: argparse.Namespace, inputs: dict[str, Any]) -> dict[str, Any]:
+    import os
+
+    from agent.shm import SharedMemoryRegion
+
+    need = sum(np.asarray(v).nbytes for v in inputs.values())
+    name = f"edge-agent-cli-{os.getpid()}"
+    with SharedMemoryRegion(name, max(2 * need, 1 << 20)) as region:
+        client.register_shared_memory(name, region)
+        try:
+            result: dict[str, Any] = client.infer(
+                args.model, inputs, version=args.model_version, outputs=args.outputs, shm=region
+            )
+        finally:
+            client.unregister_shared_memory(name)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,3 +107,24 @@ def test_unknown_extension_and_unreadable_file(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{oops")
     with pytest.raises(InvalidRequestError, match="cannot read input file"):
         load_input_file(tmp_path / "bad.json", ONE_INPUT)
+
+
+@pytest.mark.parametrize("how", [[], ["--json"], ["--shm"]], ids=["binary", "json", "shm"])
+def test_edge_agent_infer_command(
+    tmp_path: Path, linear_model: Path, how: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from agent.cli import main
+    from tests.agent._serving import serving
+
+    registry = ModelRegistry()
+    model = load_model(*make_model_dir(tmp_path / "v1", linear_model))
+    registry.activate(model)
+    np.save(tmp_path / "x.npy", X.astype(np.float64))  # cast to the model's FP32
+    with serving(registry) as server:
+        argv = ["infer", "linear", "--input", str(tmp_path / "x.npy"), "--socket"]
+        assert main([*argv, str(server.socket_path), *how]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["y"]["shape"] == [1, 3] and printed["y"]["dtype"] == "float32"
+        np.testing.assert_allclose(printed["y"]["data"], model.infer({"x": X})["y"], rtol=1e-6)
+        assert main([*argv, str(server.socket_path), "--version", "9.9.9", *how]) == 1
+        assert "version '9.9.9' is not served" in capsys.readouterr().err
