@@ -1,15 +1,23 @@
-"""``edgectl bundle build``: an ONNX model → a quantized, self-checking bundle file.
+"""``edgectl bundle build``: an ONNX model → a smaller, measured, self-checking bundle file.
 
-Steps: check the model; quantize MatMul/Gemm weights to int8 (dynamic quantization);
-generate golden inputs and record the built model's outputs; measure the built model
-against the original on the same inputs; write the manifest; pack the tar.
+Steps: check the model; load eval (and calibration) data and check it against the
+model's inputs; optionally prune; build one candidate per quantization recipe (one for
+an explicit ``--quantize``, several for ``auto``); measure each against the original
+(size, latency side by side, top-1 agreement, cosine, max abs diff, accuracy); keep the
+chosen one under the quality gate; record golden vectors with a tolerance derived from
+the measured drift; write the manifest; pack the tar.
 
 Invariants:
-- The same model, name, version, seed, case count and ``created_at`` give the same bytes
-  (``created_at`` defaults to ``$SOURCE_DATE_EPOCH`` when set, else the current time).
+- The same model, options, name, version, seed, case count and ``created_at`` give the
+  same bytes when latency is not measured (``latency_runs=0``): timings are the only
+  non-deterministic facts (``created_at`` defaults to ``$SOURCE_DATE_EPOCH`` when set,
+  else the current time).
 - The manifest is an ``agent.contracts.Manifest`` and round-trips ``parse_manifest``.
-- Bad input raises UsageError (missing file, bad name/version, unwritable output) or
-  BuildError (not ONNX, invalid graph, runtime failure); the output is written
+- Nothing that fails the gate is written: QualityGateError (a BuildError) unless the
+  operator asked for ``fallback="fp32"``, which keeps the original model.
+- Bad input raises UsageError (missing file, bad name/version/option, data that does not
+  match the model's inputs, unwritable output) or BuildError (not ONNX, invalid graph,
+  operators the recipe cannot handle, runtime failure); the output is written
   atomically, so a failed build leaves no partial file.
 """
 
@@ -17,12 +25,12 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -37,14 +45,19 @@ from agent.contracts import (
     check_name,
     check_version,
 )
-from controller import golden
+from controller import evaluate, golden, quantize
 from controller.bundle_file import member_digest, pack_bundle
 from controller.errors import BuildError, UsageError
+from controller.evaluate import Candidate, Gate, Samples
 from controller.fsio import atomic_write
+from controller.prune import check_sparsity, prune
 
 logger = logging.getLogger(__name__)
 
-QUANTIZED_OPS: Final = ("MatMul", "Gemm")
+QUANTIZE_CHOICES: Final = (*quantize.RECIPES, "auto")
+FALLBACK_CHOICES: Final = ("fp32",)
+# Samples generated from the input signature when no --eval data is given.
+GENERATED_EVAL_SAMPLES: Final = 64
 # The first ONNX Runtime release that implements each default-domain opset (conservative).
 _MIN_ORT_FOR_OPSET: Final = {
     13: "1.7.0", 14: "1.8.0", 15: "1.9.0", 16: "1.11.0", 17: "1.12.0",
@@ -52,14 +65,42 @@ _MIN_ORT_FOR_OPSET: Final = {
 }  # fmt: skip
 
 
+class QualityGateError(BuildError):
+    """No candidate met the quality gate (and the latency limit for ``auto``)."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """How to shrink and check the model; the defaults build as ``edgectl`` always did.
+
+    ``quantize`` None means the default recipe, which quietly keeps a model with nothing
+    to quantize as is; an explicit recipe refuses it. ``gate`` None means the default
+    gate for ``auto`` and no gate for an explicit recipe. ``latency_threads`` is the
+    intra-op thread count of the latency sessions (1: stable on a shared machine).
+    """
+
+    quantize: str | None = None
+    calibration: Path | None = None
+    prune: float | None = None
+    eval_data: Path | None = None
+    gate: Gate | None = None
+    fallback: str | None = None
+    latency_runs: int = 20
+    latency_threads: int = 1
+    max_latency_ratio: float = 1.1
+
+
 @dataclass(frozen=True)
 class BuildResult:
-    """What ``build_bundle`` wrote."""
+    """What ``build_bundle`` wrote, and the candidate table it measured."""
 
     path: Path
     manifest: Manifest
     sha256: str
     length: int
+    table: str = ""
+    reason: str = ""
+    candidates: tuple[Candidate, ...] = field(default=())
 
 
 def build_bundle(
@@ -70,11 +111,79 @@ def build_bundle(
     golden_cases: int = 8,
     seed: int = 0,
     created_at: datetime | None = None,
+    options: BuildOptions | None = None,
 ) -> BuildResult:
     """Build a bundle from ``model_path`` and write it to ``output``.
 
-    Raises UsageError or BuildError (see the module docstring).
+    Raises UsageError, BuildError or QualityGateError (see the module docstring).
     """
+    opts = options or BuildOptions()
+    _check_request(name, version, golden_cases, model_path, opts)
+    _check_writable(output)
+    original = model_path.read_bytes()
+    model = _load_checked(model_path, original)
+    if opts.quantize not in (None, "auto"):
+        quantize.check_quantizable(model, opts.quantize)  # before ORT refuses a custom op
+    reference = evaluate.session(original)
+    specs = evaluate.input_specs(reference)
+    samples = (
+        evaluate.load_samples(opts.eval_data, specs, "--eval")
+        if opts.eval_data
+        else evaluate.generated_samples(specs, GENERATED_EVAL_SAMPLES, seed)
+    )
+    calibration = (
+        evaluate.load_samples(opts.calibration, specs, "--calibration")
+        if opts.calibration
+        else None
+    )
+    base_model, base, prune_facts = model, original, None
+    if opts.prune is not None:
+        base_model, prune_facts = prune(model, opts.prune)
+        base = base_model.SerializeToString()
+    feeds = evaluate.batches(specs, samples)
+    expected = evaluate.run(reference, feeds)
+    candidates = _candidates(opts, base_model, base, specs, calibration)
+    gate = opts.gate or (Gate() if opts.quantize == "auto" else None)
+    for c in candidates:
+        _measure(c, feeds, expected, samples.labels, gate)
+    latency = _latencies(original, candidates, specs, feeds[0], opts)
+    chosen, reason = _select(candidates, opts, gate, latency)
+    table = evaluate.format_table(candidates, len(original), latency.get("original", 0.0))
+    if chosen is None:
+        if opts.fallback != "fp32":
+            raise QualityGateError(
+                f"{reason}; nothing was built.\n{table}\n"
+                "Loosen --max-drift, try another --quantize recipe, or keep the original "
+                "model with --fallback fp32."
+            )
+        chosen = Candidate("none", original, {"quantization": "none", "fallback": "fp32"})
+        chosen.outputs = evaluate.compare(expected, expected, samples.labels)
+        chosen.worst = evaluate.summary(chosen.outputs)
+        reason = f"{reason}; kept the original fp32 model (--fallback fp32)"
+        prune_facts = None
+    assert chosen.model is not None
+    record = _Record(
+        opts, gate, samples, calibration, prune_facts, candidates, chosen, reason, latency
+    )
+    manifest, golden_npz = _manifest(
+        original, chosen.model, record, name, version, golden_cases, seed, specs,
+        created_at or _created_at(),
+    )  # fmt: skip
+    data = pack_bundle(manifest.to_json_bytes(), chosen.model, golden_npz)
+    try:
+        atomic_write(output, data)
+    except OSError as exc:
+        raise UsageError(f"cannot write {output}: {exc}") from None
+    info = member_digest(data)
+    logger.info("built %s %s into %s (%s)", name, version, output, chosen.recipe)
+    return BuildResult(
+        output, manifest, str(info["sha256"]), len(data), table, reason, tuple(candidates)
+    )
+
+
+def _check_request(
+    name: str, version: str, golden_cases: int, model_path: Path, opts: BuildOptions
+) -> None:
     try:
         check_name("model", name)
         check_version(version)
@@ -82,23 +191,123 @@ def build_bundle(
         raise UsageError(str(exc)) from None
     if golden_cases < 1:
         raise UsageError(f"--golden-cases must be at least 1, got {golden_cases}")
+    if opts.quantize is not None and opts.quantize not in QUANTIZE_CHOICES:
+        raise UsageError(
+            f"--quantize expected one of {', '.join(QUANTIZE_CHOICES)}, got {opts.quantize!r}"
+        )
+    if opts.fallback is not None and opts.fallback not in FALLBACK_CHOICES:
+        raise UsageError(f"--fallback expected fp32, got {opts.fallback!r}")
+    if opts.quantize == "static" and opts.calibration is None:
+        raise UsageError("--quantize static needs --calibration DATA.npz")
+    if opts.calibration is not None and opts.quantize not in ("static", "auto"):
+        raise UsageError("--calibration is used only by --quantize static or auto")
+    if opts.prune is not None:
+        check_sparsity(opts.prune)
+    if not opts.max_latency_ratio > 0:
+        raise UsageError(f"--max-latency-ratio must be positive, got {opts.max_latency_ratio}")
+    if opts.latency_runs < 0:
+        raise UsageError(f"--latency-runs must be 0 or more, got {opts.latency_runs}")
     if not model_path.is_file():
         raise UsageError(f"model {model_path} does not exist or is not a file")
-    _check_writable(output)
-    original = model_path.read_bytes()
-    model = _load_checked(model_path, original)
-    built, quant = _quantize(model, original)
-    manifest, golden_npz = _manifest(
-        original, built, quant, name, version, golden_cases, seed, created_at or _created_at()
-    )
-    data = pack_bundle(manifest.to_json_bytes(), built, golden_npz)
+
+
+def _candidates(
+    opts: BuildOptions,
+    model: Any,
+    data: bytes,
+    specs: tuple[evaluate.InputSpec, ...],
+    calibration: Samples | None,
+) -> list[Candidate]:
+    """One candidate per recipe; ``auto`` notes recipes that cannot apply and goes on."""
+    auto = opts.quantize == "auto"
+    if auto:
+        recipes = list(quantize.AUTO_RECIPES)
+        if opts.prune is not None:
+            recipes.insert(0, "none")  # pruning alone is a candidate too
+    else:
+        recipes = [opts.quantize or quantize.DEFAULT_RECIPE]
+    calib_feeds = evaluate.batches(specs, calibration) if calibration else None
+    out: list[Candidate] = []
+    for recipe in recipes:
+        if recipe == "static" and calib_feeds is None:
+            out.append(Candidate(recipe, error="no --calibration data"))
+            continue
+        try:
+            built, facts = quantize.apply(recipe, model, data, calib_feeds)
+        except quantize.UnsupportedOpsError as exc:
+            if auto:
+                out.append(Candidate(recipe, error=str(exc)))
+                continue
+            if opts.quantize is None:  # the default recipe keeps such a model as is
+                built, facts = data, {"quantization": "none", "quantization_note": str(exc)}
+            else:
+                raise
+        except BuildError as exc:
+            if not auto:
+                raise
+            out.append(Candidate(recipe, error=str(exc)))
+            continue
+        out.append(Candidate(recipe, built, facts))
+    return out
+
+
+def _measure(
+    c: Candidate,
+    feeds: list[dict[str, Any]],
+    expected: dict[str, Any],
+    labels: Any,
+    gate: Gate | None,
+) -> None:
+    if c.model is None:
+        return
     try:
-        atomic_write(output, data)
-    except OSError as exc:
-        raise UsageError(f"cannot write {output}: {exc}") from None
-    info = member_digest(data)
-    logger.info("built %s %s into %s", name, version, output)
-    return BuildResult(output, manifest, str(info["sha256"]), len(data))
+        got = evaluate.run(evaluate.session(c.model), feeds)
+    except BuildError as exc:
+        c.error = f"{c.recipe} does not run: {exc}"
+        return
+    c.outputs = evaluate.compare(expected, got, labels)
+    c.worst = evaluate.summary(c.outputs)
+    c.failures = gate.check(c.worst) if gate is not None else []
+
+
+def _latencies(
+    original: bytes,
+    candidates: list[Candidate],
+    specs: tuple[evaluate.InputSpec, ...],
+    feed: dict[str, Any],
+    opts: BuildOptions,
+) -> dict[str, float]:
+    """Median latency (ms) of one batch (one sample, or the model's fixed batch) for the
+    original and every candidate, measured side by side; {} when ``latency_runs`` is 0."""
+    if opts.latency_runs == 0:
+        return {}
+    one = {s.name: feed[s.name][: s.batch or 1] for s in specs}
+    threads = opts.latency_threads
+    sessions = {"original": evaluate.session(original, threads)}
+    for i, c in enumerate(candidates):
+        if c.model is not None and c.error is None:
+            sessions[str(i)] = evaluate.session(c.model, threads)
+    result = evaluate.median_latencies_ms(sessions, one, opts.latency_runs)
+    for i, c in enumerate(candidates):
+        c.latency_ms = result.get(str(i))
+    return {"original": result["original"]}
+
+
+def _select(
+    candidates: list[Candidate], opts: BuildOptions, gate: Gate | None, latency: dict[str, float]
+) -> tuple[Candidate | None, str]:
+    original_ms = latency.get("original")
+    if opts.quantize == "auto":
+        limit = opts.max_latency_ratio if original_ms else float("inf")
+        return evaluate.choose(candidates, original_ms or 1.0, limit)
+    (c,) = candidates
+    if c.failures:
+        c.verdict = "fails gate: " + "; ".join(c.failures)
+        return None, f"--quantize {c.recipe} fails the quality gate"
+    c.verdict = "chosen" if gate is not None else "chosen (no gate asked)"
+    return c, f"{c.recipe}: asked for with --quantize" + (
+        ", passes the gate" if gate is not None else ""
+    )
 
 
 def _created_at() -> datetime:
@@ -134,47 +343,6 @@ def _load_checked(path: Path, data: bytes) -> Any:
     return model
 
 
-def _quantize(model: Any, original: bytes) -> tuple[bytes, dict[str, Any]]:
-    """The built model's bytes and the manifest's ``build`` facts about quantization."""
-    ops = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS})
-    if not ops:
-        return original, {
-            "quantization": "none",
-            "quantization_note": "the model has no MatMul or Gemm; kept as is",
-        }
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with tempfile.TemporaryDirectory(prefix="edgectl-build-") as tmp:
-        src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        src.write_bytes(original)
-        root = logging.getLogger()
-        level = root.level
-        # The quantizer logs advice ("consider pre-processing") on the root logger.
-        root.setLevel(logging.ERROR)
-        try:
-            quantize_dynamic(
-                src, dst, op_types_to_quantize=list(QUANTIZED_OPS), weight_type=QuantType.QInt8
-            )
-        except Exception as exc:  # the quantizer raises assorted errors
-            raise BuildError(f"quantization failed: {exc}") from None
-        finally:
-            root.setLevel(level)
-        built = dst.read_bytes()
-    return built, {
-        "quantization": "dynamic-matmul",
-        "weight_type": "int8",
-        "op_types": list(QUANTIZED_OPS),
-        "quantized_ops_found": ops,
-    }
-
-
-def _session(data: bytes) -> Any:
-    try:
-        return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises its own untyped errors
-        raise BuildError(f"ONNX Runtime cannot load the model: {exc}") from None
-
-
 def _specs(args: Any) -> tuple[TensorSpec, ...]:
     specs = []
     for a in args:
@@ -199,24 +367,98 @@ def min_ort_version(opset: int) -> str:
     return _MIN_ORT_FOR_OPSET.get(opset, str(ort.__version__).split("+")[0])
 
 
+@dataclass(frozen=True)
+class _Record:
+    """What the manifest records about how the model was chosen and measured."""
+
+    opts: BuildOptions
+    gate: Gate | None
+    samples: Samples
+    calibration: Samples | None
+    prune: dict[str, Any] | None
+    candidates: list[Candidate]
+    chosen: Candidate
+    reason: str
+    latency: dict[str, float]
+
+    def build_facts(self) -> dict[str, Any]:
+        facts: dict[str, Any] = {
+            **self.chosen.details,
+            "requested": self.opts.quantize or f"default ({quantize.DEFAULT_RECIPE})",
+            "recipe": self.chosen.recipe,
+            "selection_reason": self.reason,
+            "built_with_onnxruntime": str(ort.__version__),
+        }
+        if self.prune is not None:
+            facts["pruning"] = self.prune
+        if self.calibration is not None:
+            facts["calibration"] = {
+                "file": Path(self.calibration.source).name,
+                "sha256": self.calibration.sha256,
+                "samples": self.calibration.count,
+            }
+        return facts
+
+    def quality(self, original_size: int) -> dict[str, Any]:
+        original_ms = self.latency.get("original")
+        chosen = self.chosen
+        doc: dict[str, Any] = {
+            "reference": "original model",
+            "eval": {
+                "source": "generated" if self.samples.source == "generated" else "file",
+                "file": None
+                if self.samples.source == "generated"
+                else Path(self.samples.source).name,
+                "sha256": self.samples.sha256 or None,
+                "samples": self.samples.count,
+                "labelled": 0
+                if self.samples.labels is None
+                else int(np.count_nonzero(self.samples.labels >= 0)),
+            },
+            "outputs": chosen.outputs,
+            "summary": chosen.worst,
+            "gate": None if self.gate is None else self.gate.to_json(),
+            "gate_passed": None if self.gate is None else not chosen.failures,
+            "latency": None
+            if original_ms is None
+            else {
+                "original_ms": round(original_ms, 4),
+                "built_ms": None if chosen.latency_ms is None else round(chosen.latency_ms, 4),
+                "runs": self.opts.latency_runs,
+                "threads": self.opts.latency_threads,
+                "statistic": "median, candidates interleaved",
+                "max_ratio_auto": self.opts.max_latency_ratio,
+            },
+            "candidates": [c.record(original_size, original_ms or 0.0) for c in self.candidates],
+        }
+        return doc
+
+
 def _manifest(
     original: bytes,
     built: bytes,
-    quant: dict[str, Any],
+    record: _Record,
     name: str,
     version: str,
     cases: int,
     seed: int,
+    specs: tuple[evaluate.InputSpec, ...],
     created_at: datetime,
 ) -> tuple[Manifest, bytes]:
-    session = _session(built)
-    signature = [(i.name, i.type, i.shape) for i in session.get_inputs()]
-    inputs = golden.make_inputs(signature, cases, seed)
+    session = evaluate.session(built)
+    inputs, golden_facts = _golden_inputs(record.samples, session, specs, cases, seed)
     outputs = golden.run_cases(session, inputs)
-    reference = golden.run_cases(_session(original), inputs)
-    rtol, atol = golden.tolerance(outputs)
+    variants = [
+        golden.run_cases(evaluate.session(built, threads=1, optimize=False), inputs),
+        golden.run_cases(evaluate.session(built, threads=2), inputs),
+    ]
+    reference = golden.run_cases(evaluate.session(original), inputs)
+    rtol, atol, tolerance_facts = golden.derive_tolerance(outputs, variants, reference)
     golden_npz = golden.npz_bytes(inputs, outputs)
+    count = len(next(iter(inputs.values())))
     opset = _opset(built)
+    quality = record.quality(len(original))
+    quality["golden_tolerance"] = tolerance_facts
     manifest = Manifest(
         name=name,
         version=version,
@@ -224,17 +466,30 @@ def _manifest(
         outputs=_specs(session.get_outputs()),
         opset=opset,
         min_ort_version=min_ort_version(opset),
-        golden=GoldenSpec(cases, rtol, atol),
+        golden=GoldenSpec(count, rtol, atol),
         members={BUNDLE_MODEL: member_digest(built), BUNDLE_GOLDEN: member_digest(golden_npz)},
-        build={
-            **quant,
-            "golden_source": "generated",
-            "golden_seed": seed,
-            "golden_note": "random inputs from the input signature, dynamic dimensions set to 1",
-            "built_with_onnxruntime": str(ort.__version__),
-        },
+        build={**record.build_facts(), **golden_facts},
         sizes={"original_bytes": len(original), "built_bytes": len(built)},
-        quality=golden.compare(reference, outputs, cases),
+        quality=quality,
         created_at=created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
     return manifest, golden_npz
+
+
+def _golden_inputs(
+    samples: Samples, session: Any, specs: tuple[evaluate.InputSpec, ...], cases: int, seed: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Golden inputs from the eval data, or generated when there is none, and the facts."""
+    if samples.source != "generated":
+        batch = next((s.batch for s in specs if s.batch is not None), 1)
+        inputs = golden.inputs_from_samples(samples.inputs, batch, cases)
+        return inputs, {
+            "golden_source": "eval",
+            "golden_note": "evenly spaced samples of the --eval data, one batch per case",
+        }
+    signature = [(i.name, i.type, i.shape) for i in session.get_inputs()]
+    return golden.make_inputs(signature, cases, seed), {
+        "golden_source": "generated",
+        "golden_seed": seed,
+        "golden_note": "random inputs from the input signature, dynamic dimensions set to 1",
+    }

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from agent.contracts import BUNDLE_REQUIRED_MEMBERS, parse_manifest
-from controller.build import build_bundle
+from controller.build import BuildOptions, build_bundle
 from controller.bundle_file import read_bundle
 from controller.errors import BuildError, BundleFileError, UsageError
 from tests.controller.conftest import edgectl_cmd
@@ -38,6 +38,7 @@ def test_bundle_has_exactly_the_contract_members(linear_model: Path, tmp_path: P
     assert [(t.name, t.datatype, t.shape) for t in manifest.outputs] == [("y", "FP32", (-1, 3))]
     assert manifest.opset == 17
     assert manifest.build["quantization"] == "dynamic-matmul"
+    assert manifest.build["recipe"] == "dynamic-matmul"
     assert manifest.build["golden_source"] == "generated"
     assert manifest.quality["outputs"]["y"]["top1_agreement"] >= 0.75
     assert manifest.quality["outputs"]["y"]["cosine"] > 0.99
@@ -64,8 +65,9 @@ def test_build_is_reproducible(
     linear_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
-    a = build_bundle(linear_model, "lin", "1.0.0", tmp_path / "a.bundle")
-    b = build_bundle(linear_model, "lin", "1.0.0", tmp_path / "b.bundle")
+    untimed = BuildOptions(latency_runs=0)  # timings are the only non-deterministic facts
+    a = build_bundle(linear_model, "lin", "1.0.0", tmp_path / "a.bundle", options=untimed)
+    b = build_bundle(linear_model, "lin", "1.0.0", tmp_path / "b.bundle", options=untimed)
     assert a.path.read_bytes() == b.path.read_bytes()
     assert a.manifest.created_at == "2023-11-14T22:13:20Z"
 
