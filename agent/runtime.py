@@ -11,6 +11,9 @@ Invariants:
 - A request takes its reference to a ``LoadedModel`` once, at its start, and finishes on
   it. The registry keeps no other reference to a replaced model, so the old session is
   freed when the last in-flight request drops it: zero failed requests across a swap.
+- Sessions are created with glibc's mmap threshold fixed (``agent.memory``): a replaced
+  session's memory goes back to the kernel when its last request drops it, so RSS stays
+  bounded across swaps.
 - Nothing here touches the network; blocking calls (``load_model``, ``check_golden``,
   ``warm_up``, ``LoadedModel.infer``) are meant to run in a worker thread.
 """
@@ -46,6 +49,7 @@ from agent.errors import (
     InvalidRequestError,
     ModelError,
 )
+from agent.memory import configure_allocator
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +181,7 @@ def load_model(directory: Path, manifest: Manifest, *, intra_op_threads: int = 1
     """
     if intra_op_threads < 0:
         raise ModelError(f"intra_op_threads expected >= 0, got {intra_op_threads}")
+    configure_allocator()  # once per process; before the first session allocates
     directory = Path(directory)
     for member in (BUNDLE_MODEL, BUNDLE_GOLDEN):
         if not (directory / member).is_file():
