@@ -90,7 +90,17 @@ class UnixHTTPConnection:
         reused = self.sock is not None
         sock = self.sock or self.connect()
         try:
-            _send(sock, head, parts)
+            try:
+                _send(sock, head, parts)
+            except (BrokenPipeError, ConnectionResetError):
+                # The server may have answered early (403, 503, 431) and closed: read it.
+                sock.settimeout(min(self.timeout, 1.0))
+                try:
+                    status, headers, body = _receive(sock)
+                except (OSError, _Stale, InferenceError):
+                    raise BrokenPipeError from None
+                self.close()
+                return status, headers, body
             status, headers, body = _receive(sock)
         except (BrokenPipeError, ConnectionResetError, _Stale):
             self.close()

@@ -548,7 +548,7 @@ class InferenceServer:
         socket_mode: int = 0o660,
         socket_group: str = "",
         max_body_bytes: int = 64 * 1024 * 1024,
-        max_concurrency: int = 2,
+        max_concurrency: int = 4,
         max_queue: int = 32,
         max_connections: int = 256,
         header_timeout_s: float = 10.0,

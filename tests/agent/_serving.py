@@ -55,9 +55,11 @@ def serving(registry: ModelRegistry, **kwargs: Any) -> Iterator[InferenceServer]
     try:
         thread.start()
         yield thread.server
-        thread.stop()
     finally:
-        thread.close()
+        try:
+            thread.stop()
+        finally:
+            thread.close()
         shutil.rmtree(directory, ignore_errors=True)
 
 

