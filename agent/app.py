@@ -14,13 +14,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from agent.config import AgentConfig
+from agent.journal import Phase
+from agent.lifecycle import ModelLifecycle, PhaseHook
+from agent.metrics import InferenceMetrics
 from agent.mqtt import MqttLink
 from agent.runtime import ModelRegistry
 from agent.server import InferenceServer
@@ -29,6 +35,8 @@ from agent.store import ModelStore
 from agent.updater import UpdateService
 
 logger = logging.getLogger(__name__)
+# Not EDGE_AGENT_*: that prefix is reserved for config overrides.
+PAUSE_ENV = "EDGEFLEET_TEST_PAUSE_AT"
 
 
 class AgentApp:
@@ -39,14 +47,18 @@ class AgentApp:
         self.registry = ModelRegistry()
         self.stats = RequestStats()
         self.store = ModelStore(config.state_dir / "models")
-        self.updates = UpdateService(config, self.registry, self.store, self._publish_status)
-        self.server = InferenceServer(
+        self.lifecycle = ModelLifecycle(
+            config,
             self.registry,
-            config.inference.socket_path,
-            socket_mode=config.inference.socket_mode,
-            max_body_bytes=config.inference.max_body_bytes,
-            max_concurrency=config.inference.max_concurrency,
-            stats=self.stats,
+            self.store,
+            self.stats,
+            phase_hook=pause_hook_from_env(config.state_dir),
+            on_swap=self._swapped,
+        )
+        self.updates = UpdateService(config, self.lifecycle)
+        self.metrics = InferenceMetrics()
+        self.server = InferenceServer.from_config(
+            self.registry, config.inference, stats=self.stats, metrics=self.metrics
         )
         self.link = MqttLink(config, self._announced, self.models_status)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -56,10 +68,14 @@ class AgentApp:
         self._scheduler: AsyncIOScheduler | None = None
 
     def models_status(self) -> Mapping[str, Mapping[str, Any]]:
-        return {
-            name: {"version": model.version, "state": "active"}
-            for name, model in sorted(self.registry.snapshot().items())
-        }
+        status: dict[str, dict[str, Any]] = {}
+        for name, model in sorted(self.registry.snapshot().items()):
+            record = self.store.read_journal(name)
+            status[name] = {"version": model.version, "state": record.phase.value}
+            if record.phase.value in ("failed", "rolled_back"):
+                status[name]["failed_version"] = record.version
+                status[name]["reason"] = record.reason
+        return status
 
     def request_check(self) -> None:
         """Ask for an update check (event loop thread only)."""
@@ -71,7 +87,7 @@ class AgentApp:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
-        restored = await asyncio.to_thread(self.updates.restore)
+        restored = await asyncio.to_thread(self.lifecycle.restore)
         logger.info("restored %d model(s) from %s", len(restored), self.config.state_dir)
         await self.server.start()
         logger.info("inference socket listening on %s", self.config.inference.socket_path)
@@ -86,6 +102,15 @@ class AgentApp:
             id="poll",
             name="repository poll",
         )
+        self._scheduler.add_job(
+            self._judge_probation,
+            "interval",
+            seconds=self.config.install.probation_tick_s,
+            id="probation",
+            name="probation judge",
+            max_instances=1,
+            coalesce=True,
+        )
         self._scheduler.start()
         self.request_check()
         try:
@@ -98,6 +123,14 @@ class AgentApp:
             await self._check_wanted.wait()
             self._check_wanted.clear()
             await asyncio.to_thread(self.updates.check)
+            self._publish_status()
+
+    async def _judge_probation(self) -> None:
+        settled = await asyncio.to_thread(self.lifecycle.judge_probation)
+        if settled:
+            self._publish_status()
+            # A release that waited for this probation to end can start now.
+            self.request_check()
 
     async def _shutdown(self) -> None:
         logger.info("shutting down")
@@ -120,6 +153,30 @@ class AgentApp:
 
     def _publish_status(self) -> None:
         self.link.publish_status()
+
+    def _swapped(self, model: str, version: str, why: str) -> None:
+        if why == "rolled_back":
+            self.metrics.record_rollback(model, version)
+        else:
+            self.metrics.record_swap(model, version)
+        self.link.publish_status()
+
+
+def pause_hook_from_env(state_dir: Path) -> PhaseHook | None:
+    """Test-only: ``EDGEFLEET_TEST_PAUSE_AT=<phase>`` freezes the agent right after it
+    persists that phase, so a test can SIGKILL it there. It writes
+    ``<state_dir>/paused-at-<phase>`` first, then sleeps (at most 120 s)."""
+    wanted = os.environ.get(PAUSE_ENV)
+    if not wanted:
+        return None
+    logger.warning("%s=%s: this agent pauses for tests", PAUSE_ENV, wanted)
+
+    def hook(model: str, phase: Phase) -> None:
+        if phase.value == wanted:
+            (state_dir / f"paused-at-{phase.value}").write_text(model)
+            time.sleep(120)
+
+    return hook
 
 
 async def run_agent(config: AgentConfig) -> None:

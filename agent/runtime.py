@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 
 from agent.contracts import (
     BUNDLE_GOLDEN,
@@ -85,8 +84,11 @@ class LoadedModel:
         """Run the model once; return the requested outputs (all of them by default).
 
         ``inputs`` must already match the signature (``agent.oip`` checks requests).
-        Raises InvalidRequestError for an unknown output name or an input ONNX Runtime
-        rejects as invalid, InferenceError when the run itself fails.
+        Raises InvalidRequestError for an unknown output name or inputs the Python layer
+        refuses before running, InferenceError when the run itself fails. An
+        INVALID_ARGUMENT from a kernel (an index out of range, a reshape that does not
+        fit) is the model failing on an input its signature accepts: an InferenceError,
+        which counts against the version on probation, not a client error.
         """
         names = list(self.output_specs) if output_names is None else list(output_names)
         for name in names:
@@ -95,17 +97,30 @@ class LoadedModel:
                     f"unknown output {name!r}: model {self.name!r} has outputs "
                     f"{list(self.output_specs)}"
                 )
+        for spec in self.manifest.inputs:
+            given = inputs.get(spec.name)
+            if given is not None and not _fits(spec.shape, given.shape):
+                raise InvalidRequestError(
+                    f"input {spec.name!r}: expected shape {list(spec.shape)} (-1: any), "
+                    f"got {list(given.shape)}"
+                )
         try:
             results = self.session.run(names, dict(inputs))
-        except (InvalidArgument, ValueError) as exc:
+        except ValueError as exc:
             raise InvalidRequestError(
                 f"model {self.name!r} {self.version} rejected the input: {exc}"
             ) from None
-        except Exception as exc:  # ORT's own error types (Fail, RuntimeException, ...)
+        except Exception as exc:  # ORT's own: InvalidArgument, Fail, RuntimeException, ...
             raise InferenceError(
                 f"model {self.name!r} {self.version} failed to run: {exc}"
             ) from None
         return {name: np.asarray(value) for name, value in zip(names, results, strict=True)}
+
+
+def _fits(expected: Sequence[int], got: Sequence[int]) -> bool:
+    return len(expected) == len(got) and all(
+        e in (-1, g) for e, g in zip(expected, got, strict=True)
+    )
 
 
 # ---------------------------------------------------------------------------- loading

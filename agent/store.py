@@ -1,41 +1,25 @@
-"""The agent's models on disk: unpacked versions and which one is active.
+"""The agent's models on disk: unpacked versions and each model's install journal.
 
 Layout under ``<state_dir>/models``::
 
     <model>/<version>/           an unpacked bundle (manifest.json, model.onnx, golden.npz)
-    <model>/active.json          {"version": ..., "previous": ...}  (atomic)
-    <model>/failed.json          {"version": ..., "reason": ...}     (atomic)
+    <model>/journal.json         the model's install record (agent.journal), atomic
 
-Invariants: ``active.json`` only ever names a version directory that passed its golden
-vectors on this device; it is replaced atomically after the swap, so a crash leaves the
-old or the new pointer, both of which name a good version. A version recorded as failed
-is not installed again until desired state names a different one.
+Invariants: the journal is replaced atomically (temp file, fsync, rename, fsync dir), so
+after a crash it holds the old record or the new one. A version directory exists only
+whole: unpacking renames a finished directory into place.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from agent.contracts import InvalidNameError, check_name, check_version
 from agent.fsutil import atomic_write, remove_tree
+from agent.journal import JournalFormatError, JournalRecord, parse_record
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ActiveRecord:
-    version: str
-    previous: str | None = None
-
-
-@dataclass(frozen=True)
-class FailedRecord:
-    version: str
-    reason: str
 
 
 class ModelStore:
@@ -59,36 +43,37 @@ class ModelStore:
                 names.append(entry.name)
         return names
 
-    def read_active(self, model: str) -> ActiveRecord | None:
-        doc = self._read_json(self.root / model / "active.json")
-        if doc is None:
-            return None
+    def read_journal(self, model: str) -> JournalRecord:
+        """The model's record; an idle one when there is none (never installed)."""
+        path = self.root / check_name("model", model) / "journal.json"
         try:
-            previous = doc.get("previous")
-            return ActiveRecord(
-                version=check_version(doc["version"]),
-                previous=check_version(previous) if previous else None,
-            )
-        except (KeyError, TypeError, InvalidNameError):
-            logger.warning("ignoring malformed %s/active.json", model)
-            return None
+            return parse_record(path.read_bytes())
+        except FileNotFoundError:
+            return JournalRecord(model=model)
+        except (OSError, JournalFormatError) as exc:
+            # Atomic writes make this a disk fault, not a crash artefact: say so loudly.
+            logger.error("cannot read %s (%s); treating %s as never installed", path, exc, model)
+            return JournalRecord(model=model)
 
-    def write_active(self, model: str, record: ActiveRecord) -> None:
-        data = json.dumps({"version": record.version, "previous": record.previous}).encode()
-        atomic_write(self.root / model / "active.json", data)
+    def write_journal(self, record: JournalRecord) -> None:
+        atomic_write(
+            self.root / check_name("model", record.model) / "journal.json", record.to_json_bytes()
+        )
 
-    def read_failed(self, model: str) -> FailedRecord | None:
-        doc = self._read_json(self.root / model / "failed.json")
-        if doc is None or not isinstance(doc.get("version"), str):
-            return None
-        return FailedRecord(version=doc["version"], reason=str(doc.get("reason", "")))
-
-    def write_failed(self, model: str, record: FailedRecord) -> None:
-        data = json.dumps({"version": record.version, "reason": record.reason}).encode()
-        atomic_write(self.root / model / "failed.json", data)
-
-    def clear_failed(self, model: str) -> None:
-        remove_tree(self.root / model / "failed.json")
+    def versions_on_disk(self, model: str) -> list[str]:
+        """Version directories of ``model``, newest modification first."""
+        folder = self.root / model
+        if not folder.is_dir():
+            return []
+        found = []
+        for entry in folder.iterdir():
+            try:
+                check_version(entry.name)
+            except InvalidNameError:
+                continue
+            if entry.is_dir():
+                found.append(entry)
+        return [e.name for e in sorted(found, key=lambda e: e.stat().st_mtime, reverse=True)]
 
     def prune(self, model: str, keep: set[str]) -> list[str]:
         """Remove version directories (and leftovers of interrupted unpacks) not in ``keep``."""
@@ -102,14 +87,3 @@ class ModelStore:
             remove_tree(entry)
             removed.append(entry.name)
         return removed
-
-    @staticmethod
-    def _read_json(path: Path) -> dict[str, Any] | None:
-        try:
-            doc = json.loads(path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError):
-            logger.warning("ignoring unreadable %s", path)
-            return None
-        return doc if isinstance(doc, dict) else None

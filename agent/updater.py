@@ -1,15 +1,13 @@
 """One update check: refresh trusted metadata, read desired state, install what it names.
 
 This is the orchestrator of the update path. It decides what is expected (the same
-version: nothing to do; a version that failed here before: skip until desired state
-changes) and what gets reported; the rules it applies live in ``agent.contracts``
-(desired-state resolution) and the adapters it drives (``agent.fetcher``,
-``agent.unpack``, ``agent.runtime``, ``agent.store``) raise on anything wrong.
+version: nothing to do; a version that failed here for this rollout: skip until desired
+state changes; a version on probation: let probation finish, unless desired state went
+back to the previous release, which rolls back now) and what gets reported. The rules it
+applies live in ``agent.contracts`` (desired-state resolution) and ``agent.journal``; the
+install itself, phase by phase, is ``agent.lifecycle``'s.
 
 Invariants:
-- The device always serves a version that passed its golden vectors on this device:
-  a new version is loaded, checked and warmed beside the old one, then swapped in by
-  reference; any failure before the swap leaves the old one serving.
 - Every check builds a new ``tuf.ngclient.Updater`` (one refresh per Updater).
 - Checks never overlap: ``check`` is serialised by a lock.
 
@@ -20,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,17 +28,16 @@ from tuf.ngclient import Updater
 from agent.config import AgentConfig
 from agent.contracts import (
     DesiredState,
+    ModelRelease,
     desired_target_path,
     parse_desired_state,
-    parse_manifest,
     resolve_release,
 )
 from agent.errors import AgentError, FetchError, TamperedDownloadError, UntrustedInputError
 from agent.fetcher import HttpxFetcher
 from agent.fsutil import durable_rename, free_bytes, remove_tree
-from agent.runtime import LoadedModel, ModelRegistry, check_golden, load_model, warm_up
-from agent.store import ActiveRecord, FailedRecord, ModelStore
-from agent.unpack import unpack_bundle
+from agent.journal import Phase, serving_version, should_skip
+from agent.lifecycle import ModelLifecycle
 
 logger = logging.getLogger(__name__)
 
@@ -62,17 +58,9 @@ class CheckResult:
 class UpdateService:
     """Keeps the device's models at the versions its fleet's desired state names."""
 
-    def __init__(
-        self,
-        config: AgentConfig,
-        registry: ModelRegistry,
-        store: ModelStore,
-        on_change: Callable[[], None] = lambda: None,
-    ) -> None:
+    def __init__(self, config: AgentConfig, lifecycle: ModelLifecycle) -> None:
         self._config = config
-        self._registry = registry
-        self._store = store
-        self._on_change = on_change
+        self._lifecycle = lifecycle
         self._lock = threading.Lock()
         base = config.repository.url.rstrip("/") + "/"
         self._metadata_url = base + "metadata/"
@@ -87,34 +75,6 @@ class UpdateService:
 
     def close(self) -> None:
         self._fetcher.close()
-
-    # ------------------------------------------------------------------ start-up
-
-    def restore(self) -> list[str]:
-        """Load the versions that were active before a restart; return their names.
-
-        A version whose files no longer pass their golden vectors is skipped in favour
-        of the previous one, so the device comes back serving something good.
-        """
-        restored = []
-        for model in self._store.model_names():
-            record = self._store.read_active(model)
-            if record is None:
-                continue
-            for version in (record.version, record.previous):
-                if version is None:
-                    continue
-                try:
-                    self._load_checked(model, version)
-                except AgentError as exc:
-                    logger.error("cannot restore %s %s: %s", model, version, exc)
-                    continue
-                if version != record.version:
-                    self._store.write_active(model, ActiveRecord(version=version))
-                restored.append(model)
-                logger.info("serving %s %s (restored from disk)", model, version)
-                break
-        return restored
 
     # ------------------------------------------------------------------ one check
 
@@ -143,13 +103,7 @@ class UpdateService:
         if desired is None:
             return result
         for model, release in sorted(desired.models.items()):
-            resolved = resolve_release(release, self._config.device_id)
-            if resolved is None:
-                continue
-            version, target = resolved
-            self._apply(updater, model, version, target, result)
-        if result.installed:
-            self._on_change()
+            self._apply(updater, model, release, result)
         return result
 
     def _new_updater(self) -> Updater:
@@ -186,44 +140,60 @@ class UpdateService:
         finally:
             remove_tree(local)
 
-    # ------------------------------------------------------------------ install
+    # ------------------------------------------------------------------ decisions
 
     def _apply(
-        self, updater: Updater, model: str, version: str, target: str, result: CheckResult
+        self, updater: Updater, model: str, release: ModelRelease, result: CheckResult
     ) -> None:
-        current = self._registry.get(model)
-        if current is not None and current.version == version:
+        resolved = resolve_release(release, self._config.device_id)
+        if resolved is None:
+            return
+        version, target = resolved
+        record = self._lifecycle.record(model)
+        if record.phase is Phase.ACTIVE:
+            if version == record.previous:
+                self._lifecycle.roll_back(model, f"desired state went back to {version}")
+                result.installed[model] = version
+            elif version != record.version:
+                logger.info(
+                    "%s: %s waits until probation of %s ends", model, version, record.version
+                )
+            return
+        if serving_version(record) == version:
             result.unchanged.append(model)
             return
-        failed = self._store.read_failed(model)
-        if failed is not None and failed.version == version:
-            logger.debug("not retrying %s %s: it failed here (%s)", model, version, failed.reason)
+        skip = should_skip(record, version, release.rollout_id)
+        if skip is not None:
+            logger.debug("%s: not installing: %s", model, skip)
             return
-        kept = current.version if current else "nothing"
+        served = serving_version(record) or "nothing"
         try:
-            self._install(updater, model, version, target)
+            self._lifecycle.install(
+                model,
+                version,
+                release.rollout_id,
+                release.probation,
+                lambda: self._download_bundle(updater, model, version, target),
+            )
         except TamperedDownloadError as exc:
             logger.error(
                 "refused target %s: %s; still serving %s %s; will fetch it again on the next check",
                 target,
                 exc,
                 model,
-                kept,
+                served,
             )
             result.refused[model] = str(exc)
         except FetchError as exc:
-            # Transient: try again on the next announcement or poll.
             logger.warning("download of %s failed, will retry: %s", target, exc)
             result.refused[model] = str(exc)
         except AgentError as exc:
-            logger.error("refused target %s: %s; still serving %s %s", target, exc, model, kept)
+            logger.error("refused target %s: %s; still serving %s %s", target, exc, model, served)
             result.refused[model] = str(exc)
-            self._store.write_failed(model, FailedRecord(version=version, reason=str(exc)))
         else:
             result.installed[model] = version
-            self._store.clear_failed(model)
 
-    def _install(self, updater: Updater, model: str, version: str, target: str) -> None:
+    def _download_bundle(self, updater: Updater, model: str, version: str, target: str) -> Path:
         info = updater.get_targetinfo(target)
         if info is None:
             raise UntrustedInputError(f"desired state names {target}, which no signed targets list")
@@ -234,48 +204,7 @@ class UpdateService:
             )
         self._check_disk_space(info.length)
         logger.info("installing %s %s from %s (%d bytes)", model, version, target, info.length)
-        bundle = self._download(updater, info, self._staging_dir / f"{model}-{version}.bundle")
-        destination = self._store.version_dir(model, version)
-        try:
-            remove_tree(destination)  # a leftover of an install that did not finish
-            unpack_bundle(
-                bundle,
-                destination,
-                expected_name=model,
-                expected_version=version,
-                max_member_bytes=limit,
-                max_total_bytes=limit,
-            )
-        finally:
-            remove_tree(bundle)
-        try:
-            self._activate(model, version)
-        except BaseException:
-            remove_tree(destination)
-            raise
-
-    def _activate(self, model: str, version: str) -> None:
-        loaded = self._load_checked(model, version)
-        previous = self._registry.activate(loaded)
-        previous_version = previous.version if previous else None
-        self._store.write_active(model, ActiveRecord(version=version, previous=previous_version))
-        keep = {version} | ({previous_version} if previous_version else set())
-        self._store.prune(model, keep)
-        logger.info("now serving %s %s (was %s)", model, version, previous_version or "nothing")
-
-    def _load_checked(self, model: str, version: str) -> LoadedModel:
-        directory = self._store.version_dir(model, version)
-        manifest_path = directory / "manifest.json"
-        try:
-            manifest = parse_manifest(manifest_path.read_bytes())
-        except OSError as exc:
-            raise UntrustedInputError(f"{manifest_path}: {exc.strerror}") from None
-        loaded = load_model(
-            directory, manifest, intra_op_threads=self._config.inference.intra_op_threads
-        )
-        check_golden(loaded)
-        warm_up(loaded)
-        return loaded
+        return self._download(updater, info, self._staging_dir / f"{model}-{version}.bundle")
 
     # ------------------------------------------------------------------ helpers
 

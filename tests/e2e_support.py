@@ -63,10 +63,12 @@ class Proc:
                 self.process.wait()
 
 
-def _spawn(args: list[str], log: Path) -> Proc:
+def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> Proc:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
-        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
+        process = subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
     return Proc(process=process, log=log)
 
 
@@ -127,7 +129,9 @@ def write_agent_config(
     return config
 
 
-def start_agent(config: Path) -> Proc:
+def start_agent(
+    config: Path, *, env: dict[str, str] | None = None, log_name: str = "agent.log"
+) -> Proc:
     return _spawn(
-        [str(BIN / "edge-agent"), "run", "--config", str(config)], config.parent / "agent.log"
+        [str(BIN / "edge-agent"), "run", "--config", str(config)], config.parent / log_name, env
     )

@@ -115,3 +115,76 @@ def make_linear_model(path: Path, seed: int, in_features: int = 4, out_features:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+def make_misbehaving_model(path: Path, seed: int, kind: str) -> Path:
+    """A model that passes its golden vectors (batch 1) but misbehaves on real requests.
+
+    ``kind="errors"``: fails inside ONNX Runtime whenever ``|x[:, 0]| >= 8``, which
+    standard-normal build inputs practically never reach. ``kind="slow"``: a heavy branch
+    that depends on the input (so it cannot be folded away) is multiplied by zero and
+    added to the logits, so the outputs are right but every request costs milliseconds
+    instead of microseconds.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(4, 3)).astype(np.float32)
+    b = rng.normal(size=(3,)).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")]
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["xw"]),
+        helper.make_node("Add", ["xw", "b"], ["logits"]),
+    ]
+    if kind == "errors":
+        # A lookup indexed by |x[:, 0]|: in range for the standard-normal inputs the build
+        # evaluates and checks golden vectors on, out of range (an ONNX Runtime error) for
+        # real requests whose first feature is 8 or more. The lookup adds zero.
+        inits += [
+            numpy_helper.from_array(np.zeros((8,), dtype=np.float32), "table"),
+            numpy_helper.from_array(np.array([0], dtype=np.int64), "zero_i"),
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "one_i"),
+        ]
+        nodes += [
+            helper.make_node("Slice", ["x", "zero_i", "one_i", "one_i"], ["first"]),
+            helper.make_node("Abs", ["first"], ["magnitude"]),
+            helper.make_node("Floor", ["magnitude"], ["floored"]),
+            helper.make_node("Cast", ["floored"], ["index"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["table", "index"], ["looked_up"]),
+            helper.make_node("Reshape", ["looked_up", "shape_n1"], ["offset"]),
+            helper.make_node("Add", ["logits", "offset"], ["logits2"]),
+            helper.make_node("Softmax", ["logits2"], ["y"], axis=-1),
+        ]
+        inits.append(numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), "shape_n1"))
+    elif kind == "slow":
+        width = 2048
+        inits += [
+            numpy_helper.from_array(rng.normal(size=(4, width)).astype(np.float32), "A"),
+            numpy_helper.from_array(rng.normal(size=(width, width)).astype(np.float32) / 45, "B"),
+            numpy_helper.from_array(np.zeros((1,), dtype=np.float32), "zero"),
+        ]
+        nodes += [helper.make_node("MatMul", ["x", "A"], ["h0"])]
+        for i in range(6):
+            nodes.append(helper.make_node("MatMul", [f"h{i}", "B"], [f"h{i + 1}"]))
+        nodes += [
+            helper.make_node("ReduceSum", ["h6"], ["total"], keepdims=0),
+            helper.make_node("Mul", ["total", "zero"], ["nothing"]),
+            helper.make_node("Add", ["logits", "nothing"], ["logits2"]),
+            helper.make_node("Softmax", ["logits2"], ["y"], axis=-1),
+        ]
+    else:
+        raise ValueError(kind)
+    graph = helper.make_graph(
+        nodes,
+        f"{kind}_{seed}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path

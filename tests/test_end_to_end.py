@@ -35,6 +35,8 @@ from tests.helpers import Broker, make_linear_model
 
 FLEET = "lab"
 MODEL = "linear"
+# A short probation, so the next release does not wait a minute for this one's to end.
+QUICK = ("--probation-s", "0.5")
 X = np.array([[0.5, -1.0, 2.0, 0.25], [1.0, 1.0, 1.0, 1.0]], dtype=np.float32)
 
 
@@ -96,7 +98,7 @@ def world(tmp_path: Path, broker: Broker) -> Iterator[dict[str, object]]:
             "-o",
             bundles[version],
         )
-    edgectl("release", bundles["1.0.0"], "--fleet", FLEET, "--repo", repo)
+    edgectl("release", bundles["1.0.0"], "--fleet", FLEET, "--repo", repo, *QUICK)
     serve, url = start_serve(repo, broker.address, tmp_path / "serve.log")
     config = write_agent_config(
         tmp_path / "device",
@@ -140,7 +142,7 @@ def test_release_reaches_the_device_and_serves(world: dict[str, object], broker:
 
         # v2: through the MQTT announcement (poll is an hour away), no restart.
         pid = agent.process.pid
-        edgectl("release", bundles["2.0.0"], "--fleet", FLEET, "--repo", repo)
+        edgectl("release", bundles["2.0.0"], "--fleet", FLEET, "--repo", repo, *QUICK)
         wait_until(lambda: _served_version(client) == "2.0.0", 60, "v2 to be served")
         assert agent.process.poll() is None and agent.process.pid == pid
         assert "announcement for fleet lab" in agent.text()
@@ -149,10 +151,7 @@ def test_release_reaches_the_device_and_serves(world: dict[str, object], broker:
         )
         assert not np.allclose(_in_process(bundles["1.0.0"]), _in_process(bundles["2.0.0"]))
         wait_until(
-            lambda: (
-                (s := watcher.last())
-                and s["models"] == {MODEL: {"version": "2.0.0", "state": "active"}}
-            ),
+            lambda: (s := watcher.last()) and s["models"][MODEL]["version"] == "2.0.0",
             10,
             "status to report v2",
         )
@@ -160,7 +159,7 @@ def test_release_reaches_the_device_and_serves(world: dict[str, object], broker:
         # v3 released, then its bytes changed on the server before the agent fetches it.
         os.kill(serve.process.pid, signal.SIGSTOP)
         try:
-            edgectl("release", bundles["3.0.0"], "--fleet", FLEET, "--repo", repo)
+            edgectl("release", bundles["3.0.0"], "--fleet", FLEET, "--repo", repo, *QUICK)
             (stored,) = (repo / "targets" / "bundles" / MODEL).glob("*.3.0.0.bundle")
             data = bytearray(stored.read_bytes())
             data[len(data) // 2] ^= 0xFF

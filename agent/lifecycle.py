@@ -1,0 +1,354 @@
+"""The life of a model version on the device: install, restore, probation, rollback.
+
+This orchestrator drives the pure state machine of ``agent.journal`` through real side
+effects. The rule it keeps: **persist the new record, then do the side effect** of the
+phase it enters, so a process killed at any instant restarts into a known state
+(``agent.journal.recover`` decides what that state means).
+
+Each phase's work runs under its own deadline in a worker thread: a phase past its
+deadline fails with a reason and the device keeps serving its last good version (the
+worker's late result is discarded and cleaned up by the next prune).
+
+The device always serves a version that passed its golden vectors here: a candidate is
+loaded, checked and warmed while the old version serves, and a reference swap makes it
+live; in-flight requests finish on the old session.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import replace
+from pathlib import Path
+from typing import TypeVar
+
+from agent.config import AgentConfig
+from agent.contracts import ProbationPolicy, parse_manifest
+from agent.errors import AgentError, FetchError, ModelError, UntrustedInputError
+from agent.fsutil import remove_tree
+from agent.journal import (
+    JournalRecord,
+    Phase,
+    begin_install,
+    recover,
+    retry_later,
+    serving_version,
+    transition,
+)
+from agent.probation import Verdict, evaluate_probation
+from agent.runtime import LoadedModel, ModelRegistry, check_golden, load_model, warm_up
+from agent.stats import RequestStats, StatsSnapshot
+from agent.store import ModelStore
+from agent.unpack import unpack_bundle
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Called with the phase just persisted, before its side effect (test hook: pause there).
+PhaseHook = Callable[[str, Phase], None]
+
+
+class PhaseDeadlineError(AgentError):
+    """A phase of an install ran past its deadline."""
+
+
+def run_with_deadline(work: Callable[[], T], deadline_s: float, what: str) -> T:
+    """Run ``work`` in a worker thread; raise PhaseDeadlineError if it overruns."""
+    future: Future[T] = Future()
+
+    def target() -> None:
+        try:
+            future.set_result(work())
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    threading.Thread(target=target, name=f"phase:{what}", daemon=True).start()
+    try:
+        return future.result(timeout=deadline_s)
+    except TimeoutError:
+        raise PhaseDeadlineError(f"{what} exceeded its deadline of {deadline_s:g}s") from None
+
+
+class ModelLifecycle:
+    """Installs, restores, judges and rolls back model versions, one journal per model."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        registry: ModelRegistry,
+        store: ModelStore,
+        stats: RequestStats,
+        *,
+        clock: Callable[[], float] = time.time,
+        phase_hook: PhaseHook | None = None,
+        on_swap: Callable[[str, str, str], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._registry = registry
+        self._store = store
+        self._stats = stats
+        self._clock = clock
+        self._phase_hook = phase_hook or (lambda model, phase: None)
+        self._on_swap = on_swap or (lambda model, version, why: None)
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ journal
+
+    def record(self, model: str) -> JournalRecord:
+        return self._store.read_journal(model)
+
+    def _persist(self, record: JournalRecord) -> JournalRecord:
+        self._store.write_journal(record)
+        logger.debug("%s: journal %s %s", record.model, record.phase.value, record.version)
+        self._phase_hook(record.model, record.phase)
+        return record
+
+    # ------------------------------------------------------------------ start-up
+
+    def restore(self) -> list[str]:
+        """After a (re)start: recover every model's journal and load what it serves."""
+        restored = []
+        with self._lock:
+            for model in self._store.model_names():
+                plan = recover(self._store.read_journal(model), self._clock())
+                record = plan.record
+                if record != self._store.read_journal(model):
+                    record = self._persist(record)
+                    logger.warning("%s: %s", model, plan.note)
+                served = self._restore_one(record, plan.load, plan.fallback)
+                if served is not None:
+                    restored.append(model)
+        return restored
+
+    def _restore_one(
+        self, record: JournalRecord, load: str | None, fallback: str | None
+    ) -> str | None:
+        model = record.model
+        if load is not None:
+            try:
+                self._registry.activate(self._load_checked(model, load))
+                logger.info("serving %s %s (restored from disk)", model, load)
+                self._prune(model, {load} | ({fallback} if fallback else set()))
+                return load
+            except AgentError as exc:
+                logger.error("cannot restore %s %s: %s", model, load, exc)
+        if fallback is not None:
+            # The candidate on probation no longer loads: roll back to the previous one.
+            self._persist(
+                transition(
+                    record,
+                    Phase.ROLLED_BACK,
+                    self._clock(),
+                    reason=f"{load} failed to restore after a restart",
+                )
+            )
+            return self._restore_one(self._store.read_journal(model), fallback, None)
+        if load is not None:
+            logger.error("%s: nothing good to serve; waiting for the next release", model)
+        return None
+
+    # ------------------------------------------------------------------ install
+
+    def install(
+        self,
+        model: str,
+        version: str,
+        rollout_id: str,
+        policy: ProbationPolicy,
+        download: Callable[[], Path],
+    ) -> None:
+        """Install ``version`` through every phase up to probation, or fail cleanly.
+
+        Raises FetchError for a transient failure (the journal goes back to idle and the
+        next check retries) and AgentError for a failure of the candidate itself (the
+        journal records ``failed`` with the reason; not retried for this rollout).
+        """
+        with self._lock:
+            cfg = self._config
+            now = self._clock()
+            record = self._persist(
+                begin_install(
+                    self._store.read_journal(model),
+                    version,
+                    rollout_id,
+                    policy,
+                    now,
+                    deadline_s=cfg.repository.download_deadline_s,
+                )
+            )
+            try:
+                bundle = download()  # the fetcher enforces the download deadline itself
+                record = self._enter(record, Phase.VERIFIED, cfg.install.unpack_deadline_s)
+                destination = self._store.version_dir(model, version)
+                run_with_deadline(
+                    lambda: self._unpack(bundle, destination, model, version),
+                    cfg.install.unpack_deadline_s,
+                    "unpacking (phase verified)",
+                )
+                record = self._enter(record, Phase.STAGED, cfg.install.smoke_test_deadline_s)
+                loaded = run_with_deadline(
+                    lambda: self._load_checked(model, version),
+                    cfg.install.smoke_test_deadline_s,
+                    "the smoke test (phase staged)",
+                )
+                record = self._enter(record, Phase.SMOKE_TESTED, cfg.install.activate_deadline_s)
+            except FetchError as exc:
+                self._persist(retry_later(record, self._clock(), f"transient: {exc}"))
+                raise
+            except AgentError as exc:
+                self._persist(transition(record, Phase.FAILED, self._clock(), reason=str(exc)))
+                self._prune(model, set(), drop=frozenset({version}))
+                raise
+            self._activate(record, loaded)
+
+    def _enter(self, record: JournalRecord, phase: Phase, deadline_s: float) -> JournalRecord:
+        return self._persist(transition(record, phase, self._clock(), deadline_s=deadline_s))
+
+    def _unpack(self, bundle: Path, destination: Path, model: str, version: str) -> None:
+        limit = self._config.repository.max_bundle_bytes
+        try:
+            remove_tree(destination)  # a leftover of an install that did not finish
+            unpack_bundle(
+                bundle,
+                destination,
+                expected_name=model,
+                expected_version=version,
+                max_member_bytes=limit,
+                max_total_bytes=limit,
+            )
+        finally:
+            remove_tree(bundle)
+
+    def _activate(self, record: JournalRecord, loaded: LoadedModel) -> None:
+        model, version = record.model, loaded.version
+        baseline = self._stats.snapshot(model, record.previous) if record.previous else None
+        now = self._clock()
+        active = transition(record, Phase.ACTIVE, now)
+        active = self._persist(_with_probation(active, now, baseline))
+        self._registry.activate(loaded)
+        self._on_swap(model, version, "activated")
+        logger.info(
+            "now serving %s %s (was %s); on probation for %gs",
+            model,
+            version,
+            record.previous or "nothing",
+            active.probation.duration_s,
+        )
+
+    # ------------------------------------------------------------------ probation
+
+    def judge_probation(self) -> list[str]:
+        """Judge every model on probation; commit or roll back. Returns settled models."""
+        settled = []
+        with self._lock:
+            for model in self._store.model_names():
+                record = self._store.read_journal(model)
+                if record.phase is not Phase.ACTIVE or record.version is None:
+                    continue
+                decision = evaluate_probation(
+                    record.probation,
+                    record.probation_started_at or record.entered_at,
+                    self._clock(),
+                    self._stats.snapshot(model, record.version),
+                    _baseline(record),
+                )
+                if decision.verdict is Verdict.COMMIT:
+                    self._commit(record, decision.reason)
+                    settled.append(model)
+                elif decision.verdict is Verdict.ROLL_BACK:
+                    self.roll_back(model, decision.reason)
+                    settled.append(model)
+        return settled
+
+    def _commit(self, record: JournalRecord, reason: str) -> None:
+        self._persist(transition(record, Phase.COMMITTED, self._clock(), reason=reason))
+        logger.info("committed %s %s: %s", record.model, record.version, reason)
+        keep = {v for v in (record.version, record.previous) if v}
+        self._prune(record.model, keep)
+
+    def roll_back(self, model: str, reason: str) -> bool:
+        """Roll a version on probation back to the previous one; False if none is active."""
+        with self._lock:
+            record = self._store.read_journal(model)
+            if record.phase is not Phase.ACTIVE:
+                return False
+            rolled = self._persist(
+                transition(record, Phase.ROLLED_BACK, self._clock(), reason=reason)
+            )
+            logger.error("rolling back %s %s: %s", model, record.version, reason)
+            previous = rolled.previous
+            bad = frozenset({record.version}) if record.version else frozenset()
+            if previous is None:
+                self._registry.remove(model)
+                logger.error("%s: no previous version to roll back to; serving nothing", model)
+                return True
+            try:
+                self._registry.activate(self._load_checked(model, previous))
+            except AgentError as exc:
+                self._registry.remove(model)
+                logger.error("%s: previous version %s no longer loads (%s)", model, previous, exc)
+                return True
+            self._on_swap(model, previous, "rolled_back")
+            logger.info("serving %s %s again", model, previous)
+            self._prune(model, {previous}, drop=bad)
+            return True
+
+    # ------------------------------------------------------------------ helpers
+
+    def _load_checked(self, model: str, version: str) -> LoadedModel:
+        directory = self._store.version_dir(model, version)
+        try:
+            manifest = parse_manifest((directory / "manifest.json").read_bytes())
+        except OSError as exc:
+            raise ModelError(f"{model} {version} is not on disk: {exc.strerror}") from None
+        except UntrustedInputError as exc:
+            raise ModelError(f"{model} {version}: {exc}") from None
+        loaded = load_model(
+            directory, manifest, intra_op_threads=self._config.inference.intra_op_threads
+        )
+        check_golden(loaded)
+        warm_up(loaded)
+        return loaded
+
+    def _prune(self, model: str, keep: set[str], drop: frozenset[str] = frozenset()) -> None:
+        """Keep ``keep``, what serves, and the newest others up to ``keep_versions``."""
+        serving = serving_version(self._store.read_journal(model))
+        keep = set(keep) | ({serving} if serving else set())
+        budget = self._config.install.keep_versions
+        for version in self._store.versions_on_disk(model):
+            if len(keep) >= budget:
+                break
+            if version not in drop:
+                keep.add(version)
+        removed = self._store.prune(model, keep)
+        if removed:
+            self._stats.forget(model, keep)
+            logger.info("%s: removed old versions %s", model, ", ".join(sorted(removed)))
+
+
+def _with_probation(
+    record: JournalRecord, now: float, baseline: StatsSnapshot | None
+) -> JournalRecord:
+    return replace(
+        record,
+        probation_started_at=now,
+        baseline_p99_s=baseline.p99_s if baseline else None,
+        baseline_samples=baseline.window if baseline else 0,
+    )
+
+
+def _baseline(record: JournalRecord) -> StatsSnapshot | None:
+    if record.baseline_p99_s is None:
+        return None
+    return StatsSnapshot(
+        requests=record.baseline_samples,
+        errors=0,
+        client_errors=0,
+        p50_s=None,
+        p95_s=None,
+        p99_s=record.baseline_p99_s,
+        window=record.baseline_samples,
+    )

@@ -1,0 +1,134 @@
+"""SIGKILL a real agent at every install phase, three times each, and restart it.
+
+Every time it must come back serving a version whose outputs are those of a bundle it
+verified (so its golden vectors passed), with a journal that agrees with what it serves,
+and then finish installing the release. Real parts: a private mosquitto, `edgectl serve`,
+the `edge-agent` process, ONNX Runtime. The agent pauses at a named phase through its
+test-only hook (EDGEFLEET_TEST_PAUSE_AT), right after it persisted that phase.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from agent.client import InferenceClient
+from agent.contracts import ProbationPolicy
+from agent.journal import Phase, parse_record, serving_version
+from controller.build import build_bundle
+from controller.release import release_bundle
+from controller.repository import init_repository
+from tests.e2e_support import Proc, start_agent, start_serve, wait_until, write_agent_config
+from tests.helpers import Broker, make_linear_model
+
+FLEET = "lab"
+MODEL = "linear"
+PHASES = ["downloading", "verified", "staged", "smoke_tested", "active", "committed"]
+ROUNDS = 3
+X = np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32)
+QUICK = ProbationPolicy(duration_s=0.5, min_requests=0)
+
+
+def _expected(bundle: Path) -> np.ndarray:
+    with tarfile.open(bundle) as tar:
+        member = tar.extractfile("model.onnx")
+        assert member is not None
+        session = ort.InferenceSession(member.read(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"x": X})[0])
+
+
+def _journal(device: Path) -> dict[str, object]:
+    record = parse_record((device / "state" / "models" / MODEL / "journal.json").read_bytes())
+    return {"phase": record.phase, "serving": serving_version(record), "version": record.version}
+
+
+def _served(client: InferenceClient) -> str | None:
+    if not client.ready():
+        return None
+    return str(client.model_metadata(MODEL)["versions"][0])
+
+
+def test_sigkill_at_every_phase_recovers(tmp_path: Path, broker: Broker) -> None:
+    repo = tmp_path / "repo"
+    init_repository(repo)
+    models = [make_linear_model(tmp_path / f"m{s}.onnx", seed=s) for s in (1, 2)]
+    expected: dict[str, np.ndarray] = {}
+
+    def release(n: int) -> str:
+        version = f"1.0.{n}"
+        bundle = tmp_path / f"{version}.bundle"
+        build_bundle(models[n % 2], MODEL, version, bundle)
+        expected[version] = _expected(bundle)
+        release_bundle(bundle, FLEET, repo, probation=QUICK)
+        return version
+
+    release(0)
+    serve, url = start_serve(repo, broker.address, tmp_path / "serve.log")
+    device = tmp_path / "device"
+    config = write_agent_config(
+        device,
+        device="dev-1",
+        fleet=FLEET,
+        broker=broker.address,
+        repo_url=url,
+        root=repo / "metadata" / "root.json",
+    )
+    client = InferenceClient(device / "infer.sock")
+    agent: Proc = start_agent(config, log_name="agent-0.log")
+    procs = [serve]
+    recovered, tally, n = 0, [], 0
+    try:
+        wait_until(lambda: _journal(device)["phase"] is Phase.COMMITTED, 60, "v1.0.0 committed")
+        for phase in PHASES:
+            for _ in range(ROUNDS):
+                n += 1
+                agent.stop()
+                marker = device / "state" / f"paused-at-{phase}"
+                marker.unlink(missing_ok=True)
+                agent = start_agent(
+                    config,
+                    env={"EDGEFLEET_TEST_PAUSE_AT": phase},
+                    log_name=f"agent-{n}-paused.log",
+                )
+                wait_until(lambda: _served(client), 60, "the agent to serve before the release")
+                before = _served(client)
+                version = release(n)
+                wait_until(marker.exists, 60, f"the agent to pause at {phase}")
+                agent.process.send_signal(signal.SIGKILL)
+                agent.process.wait()
+
+                agent = start_agent(config, log_name=f"agent-{n}-restarted.log")
+                served = wait_until(lambda: _served(client), 60, "the restarted agent to serve")
+                assert served in (before, version), (phase, served)
+                np.testing.assert_allclose(
+                    client.infer(MODEL, {"x": X})["y"], expected[served], rtol=1e-6
+                )
+                # The restarted agent may already be re-installing; whatever phase its
+                # journal is in, the version it says serves is the one that serves.
+                wait_until(
+                    lambda: _journal(device)["serving"] == _served(client),
+                    10,
+                    f"the journal to agree with what serves after a kill at {phase}",
+                )
+                wait_until(
+                    lambda v=version: (
+                        _journal(device) == {"phase": Phase.COMMITTED, "serving": v, "version": v}
+                    ),
+                    60,
+                    f"{version} to be committed after the restart",
+                )
+                recovered += 1
+                tally.append(f"{phase}: served {served} after kill, then committed {version}")
+    finally:
+        agent.stop()
+        for proc in procs:
+            proc.stop()
+        print("\n".join(tally))
+        print(f"{recovered}/{len(PHASES) * ROUNDS} kill points recovered")
+    assert recovered == len(PHASES) * ROUNDS
+    assert json.loads((device / "state" / "models" / MODEL / "journal.json").read_bytes())
