@@ -9,6 +9,7 @@
     │   └── DesiredStateError  the fleet's desired state is malformed
     ├── FetchError             a transient transport failure (retried on the next poll)
     │   └── TamperedDownloadError  bytes did not match their signed length or hash
+    ├── InsufficientSpaceError not enough disk for an install (retried on the next check)
     ├── ModelError             a model could not be loaded or failed its golden vectors
     │   └── GoldenMismatchError
     └── InferenceError         a request could not be served
@@ -52,6 +53,14 @@ class TamperedDownloadError(FetchError):
 
     The transport (a mirror, a proxy, a cut connection) is to blame, not the release,
     so the download is refused now and tried again on the next check.
+    """
+
+
+class InsufficientSpaceError(AgentError):
+    """Not enough free disk for a download and its unpacked copy.
+
+    Not the release's fault: the install is put back and tried again on the next check,
+    so freeing space is all an operator has to do.
     """
 
 

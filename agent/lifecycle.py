@@ -27,7 +27,13 @@ from typing import TypeVar
 
 from agent.config import AgentConfig
 from agent.contracts import ProbationPolicy, parse_manifest
-from agent.errors import AgentError, FetchError, ModelError, UntrustedInputError
+from agent.errors import (
+    AgentError,
+    FetchError,
+    InsufficientSpaceError,
+    ModelError,
+    UntrustedInputError,
+)
 from agent.fsutil import remove_tree
 from agent.journal import (
     JournalRecord,
@@ -162,9 +168,10 @@ class ModelLifecycle:
     ) -> None:
         """Install ``version`` through every phase up to probation, or fail cleanly.
 
-        Raises FetchError for a transient failure (the journal goes back to idle and the
-        next check retries) and AgentError for a failure of the candidate itself (the
-        journal records ``failed`` with the reason; not retried for this rollout).
+        Raises FetchError or InsufficientSpaceError for a transient failure (the journal
+        goes back to idle and the next check retries) and AgentError for a failure of the
+        candidate itself (the journal records ``failed`` with the reason; not retried for
+        this rollout).
         """
         with self._lock:
             cfg = self._config
@@ -195,7 +202,7 @@ class ModelLifecycle:
                     "the smoke test (phase staged)",
                 )
                 record = self._enter(record, Phase.SMOKE_TESTED, cfg.install.activate_deadline_s)
-            except FetchError as exc:
+            except (FetchError, InsufficientSpaceError) as exc:
                 self._persist(retry_later(record, self._clock(), f"transient: {exc}"))
                 raise
             except AgentError as exc:

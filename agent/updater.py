@@ -33,7 +33,13 @@ from agent.contracts import (
     parse_desired_state,
     resolve_release,
 )
-from agent.errors import AgentError, FetchError, TamperedDownloadError, UntrustedInputError
+from agent.errors import (
+    AgentError,
+    FetchError,
+    InsufficientSpaceError,
+    TamperedDownloadError,
+    UntrustedInputError,
+)
 from agent.fetcher import HttpxFetcher
 from agent.fsutil import durable_rename, free_bytes, remove_tree
 from agent.journal import Phase, serving_version, should_skip
@@ -184,8 +190,8 @@ class UpdateService:
                 served,
             )
             result.refused[model] = str(exc)
-        except FetchError as exc:
-            logger.warning("download of %s failed, will retry: %s", target, exc)
+        except (FetchError, InsufficientSpaceError) as exc:
+            logger.warning("install of %s put back, will retry: %s", target, exc)
             result.refused[model] = str(exc)
         except AgentError as exc:
             logger.error("refused target %s: %s; still serving %s %s", target, exc, model, served)
@@ -213,9 +219,10 @@ class UpdateService:
         needed = int(length * _UNPACK_FACTOR)
         available = free_bytes(self._staging_dir)
         if available < needed:
-            raise UntrustedInputError(
-                f"not enough disk space in {self._staging_dir}: need {needed} bytes, "
-                f"have {available}"
+            raise InsufficientSpaceError(
+                f"not enough disk space in {self._staging_dir}: need {needed} bytes "
+                f"(the bundle and its unpacked copy), have {available}; free some space "
+                "and the install resumes on the next check"
             )
 
     def _download(self, updater: Updater, info: TargetFile, path: Path) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,27 +46,38 @@ class Device:
     client: InferenceClient
     tmp: Path
 
-    def journal(self) -> tuple[Phase, str | None, str]:
-        record = parse_record(
-            (self.folder / "state" / "models" / MODEL / "journal.json").read_bytes()
-        )
+    def journal(self, model: str = MODEL) -> tuple[Phase, str | None, str]:
+        return self.journal_at(self.folder / "state", model)
+
+    def journal_at(self, state: Path, model: str = MODEL) -> tuple[Phase, str | None, str]:
+        record = parse_record((state / "models" / model / "journal.json").read_bytes())
         return record.phase, record.version, record.reason
 
-    def served(self) -> str | None:
-        return (
-            str(self.client.model_metadata(MODEL)["versions"][0]) if self.client.ready() else None
-        )
+    def served(self, model: str = MODEL) -> str | None:
+        if not self.client.ready():
+            return None
+        return str(self.client.model_metadata(model)["versions"][0])
+
+    def restart(self, env: dict[str, str] | None = None, log_name: str = "agent-r.log") -> None:
+        self.agent.stop()
+        self.agent = start_agent(self.config, env=env, log_name=log_name)
+        wait_until(self.served, 60, "the agent to serve after a restart")
 
     def release(
-        self, onnx_path: Path, version: str, *probation: str, quantize: str = "dynamic-matmul"
+        self,
+        onnx_path: Path,
+        version: str,
+        *probation: str,
+        quantize: str = "dynamic-matmul",
+        model: str = MODEL,
     ) -> None:
-        bundle = self.tmp / f"{version}.bundle"
+        bundle = self.tmp / f"{model}-{version}.bundle"
         edgectl(
             "bundle",
             "build",
             onnx_path,
             "--name",
-            MODEL,
+            model,
             "--version",
             version,
             "-o",
@@ -145,7 +157,9 @@ def test_a_version_that_errors_on_real_requests_is_rolled_back(
             "the status to report the rollback and its reason",
         )
         # Not retried for the same rollout: a later check leaves v1 in place.
-        edgectl("release", device.tmp / "2.0.0.bundle", "--fleet", FLEET, "--repo", device.repo)
+        edgectl(
+            "release", device.tmp / f"{MODEL}-2.0.0.bundle", "--fleet", FLEET, "--repo", device.repo
+        )
         assert device.served() == "1.0.0"
     finally:
         watcher.loop_stop()
@@ -184,3 +198,83 @@ def test_a_crash_loop_during_probation_rolls_back(device: Device) -> None:
     assert (phase, version) == (Phase.ROLLED_BACK, "2.0.0")
     assert "crash loop" in reason
     assert threading.active_count() >= 1
+
+
+def test_a_phase_past_its_deadline_fails_and_the_old_version_keeps_serving(device: Device) -> None:
+    # A smoke test (load, golden vectors, warm-up) cannot finish in 10 ms for this model.
+    device.restart(env={"EDGE_AGENT_INSTALL_SMOKE_TEST_DEADLINE_S": "0.01"})
+    slow = make_misbehaving_model(device.tmp / "slow.onnx", seed=1, kind="slow")
+    device.release(slow, "2.0.0", quantize="none")
+    wait_until(lambda: device.journal()[0] is Phase.FAILED, 60, "the install to fail")
+    _, version, reason = device.journal()
+    assert version == "2.0.0"
+    assert "exceeded its deadline of 0.01s" in reason, reason
+    assert device.served() == "1.0.0"
+    assert _requests(device.client, ONE, 3) == (3, 0)
+
+
+def test_two_models_each_with_its_own_version_and_state(device: Device) -> None:
+    device.release(
+        make_linear_model(device.tmp / "b.onnx", seed=7),
+        "0.3.0",
+        "--probation-s",
+        "0.5",
+        model="other",
+    )
+    wait_until(
+        lambda: device.journal("other")[:2] == (Phase.COMMITTED, "0.3.0"), 60, "other committed"
+    )
+    assert (device.served(), device.served("other")) == ("1.0.0", "0.3.0")
+    device.release(
+        make_linear_model(device.tmp / "c.onnx", seed=8), "1.1.0", "--probation-s", "0.5"
+    )
+    wait_until(
+        lambda: device.journal()[:2] == (Phase.COMMITTED, "1.1.0"), 60, "linear 1.1.0 committed"
+    )
+    assert (device.served(), device.served("other")) == ("1.1.0", "0.3.0")
+    assert device.journal("other")[:2] == (Phase.COMMITTED, "0.3.0")
+
+
+def test_old_versions_are_pruned_keeping_the_previous_for_rollback(device: Device) -> None:
+    for n in (1, 2, 3):
+        device.release(
+            make_linear_model(device.tmp / f"v{n}.onnx", seed=10 + n),
+            f"1.{n}.0",
+            "--probation-s",
+            "0.5",
+        )
+        wait_until(lambda n=n: device.journal()[:2] == (Phase.COMMITTED, f"1.{n}.0"), 60, "commit")
+    on_disk = sorted(
+        p.name for p in (device.folder / "state" / "models" / MODEL).iterdir() if p.is_dir()
+    )
+    assert on_disk == ["1.2.0", "1.3.0"]  # keep_versions = 2: serving and previous
+    assert not list((device.folder / "state" / "staging").iterdir())
+
+
+def test_too_little_disk_puts_the_install_back_and_keeps_serving(
+    device: Device, tmp_path: Path
+) -> None:
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(small)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        device.restart(env={"EDGE_AGENT_STATE_DIR": str(small)})
+        assert device.served() == "1.0.0"  # v1 fits
+        big = make_misbehaving_model(device.tmp / "big.onnx", seed=1, kind="slow")  # ~17 MB
+        device.release(big, "2.0.0", quantize="none")
+        log = device.agent.log
+        wait_until(lambda: "not enough disk space" in log.read_text(), 60, "the disk-space refusal")
+        phase, version, reason = device.journal_at(small)
+        assert (phase, version) == (Phase.IDLE, "1.0.0")  # put back, not failed
+        assert "not enough disk space" in reason
+        assert device.served() == "1.0.0"
+        assert not list((small / "staging").glob("*.part"))
+    finally:
+        device.agent.stop()
+        subprocess.run(["umount", "-l", str(small)], check=False)
