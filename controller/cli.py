@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="shrink a model, measure it and pack it with golden vectors into a bundle",
         description="Check the model, optionally prune it, quantize it (one recipe, or "
         "'auto': try them all and keep the smallest that passes the quality gate and is "
-        "at most 10%% slower), measure every candidate against the original on the eval "
+        "at most 10% slower), measure every candidate against the original on the eval "
         "data (size, median latency, top-1 agreement, cosine, max abs diff, accuracy "
         "with labels), record golden vectors and pack a bundle. DATA.npz holds one array "
         "per model input (samples on the first axis) and optional integer 'labels'. "
