@@ -91,6 +91,7 @@ class ModelLifecycle:
         clock: Callable[[], float] = time.time,
         phase_hook: PhaseHook | None = None,
         on_swap: Callable[[str, str, str], None] | None = None,
+        on_transition: Callable[[JournalRecord], None] | None = None,
     ) -> None:
         self._config = config
         self._registry = registry
@@ -99,6 +100,8 @@ class ModelLifecycle:
         self._clock = clock
         self._phase_hook = phase_hook or (lambda model, phase: None)
         self._on_swap = on_swap or (lambda model, version, why: None)
+        # Every persisted record, in order: the source of lifecycle events (telemetry).
+        self._on_transition = on_transition or (lambda record: None)
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ journal
@@ -109,6 +112,7 @@ class ModelLifecycle:
     def _persist(self, record: JournalRecord) -> JournalRecord:
         self._store.write_journal(record)
         logger.debug("%s: journal %s %s", record.model, record.phase.value, record.version)
+        self._on_transition(record)
         self._phase_hook(record.model, record.phase)
         return record
 
