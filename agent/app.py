@@ -6,7 +6,10 @@ the socket listens, and before anything is fetched from the network.
 
 Tasks: ``update-loop`` runs one update check at a time in a worker thread whenever an
 announcement or the poll asks for one (requests made during a check coalesce into one
-more check). The poll runs on APScheduler with jitter so a fleet does not poll in step.
+more check). The poll runs on APScheduler with jitter so a fleet does not poll in step;
+the heartbeat runs on it too, in a worker thread. Every journal record the lifecycle
+persists becomes an event in the on-disk outbox (``state_dir/outbox.sqlite``), which the
+MQTT link drains in order whenever the broker is reachable.
 """
 
 from __future__ import annotations
@@ -24,14 +27,15 @@ from typing import Any
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from agent.config import AgentConfig
-from agent.journal import Phase
+from agent.journal import JournalRecord, Phase
 from agent.lifecycle import ModelLifecycle, PhaseHook
 from agent.metrics import InferenceMetrics
 from agent.mqtt import MqttLink
+from agent.outbox import Outbox
 from agent.runtime import ModelRegistry
 from agent.server import InferenceServer
-from agent.stats import RequestStats
 from agent.store import ModelStore
+from agent.telemetry import IntervalStats, TelemetryReporter
 from agent.updater import UpdateService
 
 logger = logging.getLogger(__name__)
@@ -45,8 +49,9 @@ class AgentApp:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.registry = ModelRegistry()
-        self.stats = RequestStats()
+        self.stats = IntervalStats()
         self.store = ModelStore(config.state_dir / "models")
+        self.outbox = Outbox(config.state_dir / "outbox.sqlite", config.telemetry.outbox_max_events)
         self.lifecycle = ModelLifecycle(
             config,
             self.registry,
@@ -54,13 +59,24 @@ class AgentApp:
             self.stats,
             phase_hook=pause_hook_from_env(config.state_dir),
             on_swap=self._swapped,
+            on_transition=self._transitioned,
         )
         self.updates = UpdateService(config, self.lifecycle)
         self.metrics = InferenceMetrics()
         self.server = InferenceServer.from_config(
             self.registry, config.inference, stats=self.stats, metrics=self.metrics
         )
-        self.link = MqttLink(config, self._announced, self.models_status)
+        self.link = MqttLink(config, self._announced, self.models_status, self.outbox)
+        self.telemetry = TelemetryReporter(
+            device=config.device_id,
+            fleet=config.fleet,
+            interval_s=config.telemetry.heartbeat_interval_s,
+            stats=self.stats,
+            outbox=self.outbox,
+            models_status=self.models_status,
+            publish_heartbeat=self.link.publish_heartbeat,
+            disk_path=config.state_dir,
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._check_wanted = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -89,6 +105,7 @@ class AgentApp:
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         restored = await asyncio.to_thread(self.lifecycle.restore)
         logger.info("restored %d model(s) from %s", len(restored), self.config.state_dir)
+        self.telemetry.agent_started(self.models_status())
         await self.server.start()
         logger.info("inference socket listening on %s", self.config.inference.socket_path)
         self.link.start()
@@ -108,6 +125,15 @@ class AgentApp:
             seconds=self.config.install.probation_tick_s,
             id="probation",
             name="probation judge",
+            max_instances=1,
+            coalesce=True,
+        )
+        self._scheduler.add_job(
+            self._heartbeat,
+            "interval",
+            seconds=self.config.telemetry.heartbeat_interval_s,
+            id="heartbeat",
+            name="telemetry heartbeat",
             max_instances=1,
             coalesce=True,
         )
@@ -132,6 +158,9 @@ class AgentApp:
             # A release that waited for this probation to end can start now.
             self.request_check()
 
+    async def _heartbeat(self) -> None:
+        await asyncio.to_thread(self.telemetry.heartbeat)
+
     async def _shutdown(self) -> None:
         logger.info("shutting down")
         if self._scheduler is not None:
@@ -143,6 +172,7 @@ class AgentApp:
                 await task
         await self.server.stop()
         await asyncio.to_thread(self.link.stop)
+        self.outbox.close()
         self.updates.close()
 
     # called from other threads ---------------------------------------------------
@@ -150,6 +180,9 @@ class AgentApp:
     def _announced(self, timestamp_version: int | None) -> None:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.request_check)
+
+    def _transitioned(self, record: JournalRecord) -> None:
+        self.telemetry.on_transition(record)
 
     def _publish_status(self) -> None:
         self.link.publish_status()

@@ -96,6 +96,19 @@ class InstallConfig:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    # Heartbeats on .../telemetry: how often, and at which QoS (0 or 1). A heartbeat due
+    # while the broker is unreachable is skipped: the next one carries fresh figures.
+    heartbeat_interval_s: float = 10.0
+    heartbeat_qos: int = 0
+    # Lifecycle events wait in an on-disk outbox (state_dir/outbox.sqlite) until the
+    # broker acknowledges them; past this many the oldest are dropped (and counted).
+    outbox_max_events: int = 10000
+    # How long one event may wait for the broker's PUBACK before it is sent again.
+    event_ack_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str
     fleet: str
@@ -106,6 +119,7 @@ class AgentConfig:
     repository: RepositoryConfig = field(default_factory=RepositoryConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     install: InstallConfig = field(default_factory=InstallConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
 
 
 _SECTIONS: Mapping[str, type[Any]] = {
@@ -113,6 +127,7 @@ _SECTIONS: Mapping[str, type[Any]] = {
     "repository": RepositoryConfig,
     "inference": InferenceConfig,
     "install": InstallConfig,
+    "telemetry": TelemetryConfig,
 }
 
 
@@ -255,6 +270,21 @@ def _validate(config: AgentConfig) -> None:
     if config.repository.poll_jitter_s < 0:
         raise ConfigError("config key 'repository.poll_jitter_s' must not be negative")
     _validate_inference(config.inference)
+    _validate_telemetry(config.telemetry)
+
+
+def _validate_telemetry(telemetry: TelemetryConfig) -> None:
+    for key, value in (
+        ("telemetry.heartbeat_interval_s", telemetry.heartbeat_interval_s),
+        ("telemetry.outbox_max_events", telemetry.outbox_max_events),
+        ("telemetry.event_ack_timeout_s", telemetry.event_ack_timeout_s),
+    ):
+        if value <= 0:
+            raise ConfigError(f"config key {key!r}: expected a positive number, got {value}")
+    if telemetry.heartbeat_qos not in (0, 1):
+        raise ConfigError(
+            f"config key 'telemetry.heartbeat_qos': expected 0 or 1, got {telemetry.heartbeat_qos}"
+        )
 
 
 def _validate_inference(inference: InferenceConfig) -> None:

@@ -1,9 +1,16 @@
-"""The agent's MQTT link: fleet announcements in, retained status out.
+"""The agent's MQTT link: fleet announcements in; status, heartbeats and events out.
 
 A thin adapter over paho-mqtt. The announcement is a hint only (the agent verifies
 everything through TUF), so a malformed one is logged and ignored, and a lost one is
 caught by the poll. The retained status message says ``online: true`` with the versions
-served; the broker publishes the last will (``online: false``) when the agent vanishes.
+served; the broker publishes the last will (``online: false``, with the versions served
+when the will was last set) when the agent vanishes.
+
+Heartbeats go out only while connected (QoS from config, never retained). Events are
+drained from the on-disk outbox by the ``outbox-sender`` thread: oldest first, QoS 1,
+and an event leaves the outbox only after the broker's PUBACK. Delivery is at least
+once: a PUBACK lost with the connection makes the event go again, with the same
+(stream, seq), which readers use to drop the duplicate.
 
 Callbacks run on paho's network thread; ``on_announce`` must be thread-safe.
 """
@@ -14,6 +21,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -24,10 +32,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 import agent
 from agent.config import AgentConfig
 from agent.contracts import ANNOUNCE_SCHEMA, announce_topic, device_topic, status_payload
+from agent.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 
 StatusProvider = Callable[[], Mapping[str, Mapping[str, Any]]]
+# Events published per round trip of the outbox sender.
+OUTBOX_BATCH = 100
 
 
 def _now() -> str:
@@ -42,13 +53,20 @@ class MqttLink:
         config: AgentConfig,
         on_announce: Callable[[int | None], None],
         models_status: StatusProvider,
+        outbox: Outbox | None = None,
     ) -> None:
         self._config = config
         self._on_announce = on_announce
         self._models_status = models_status
+        self._outbox = outbox
         self._announce_topic = announce_topic(config.fleet)
         self._status_topic = device_topic(config.fleet, config.device_id, "status")
+        self._telemetry_topic = device_topic(config.fleet, config.device_id, "telemetry")
         self._connected = threading.Event()
+        self._stopping = threading.Event()
+        self._sender: threading.Thread | None = None
+        # Events handed to paho and not yet acknowledged: seq -> (message, when sent).
+        self._in_flight: dict[int, tuple[mqtt.MQTTMessageInfo, float]] = {}
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"edge-agent-{config.device_id}",
@@ -56,7 +74,6 @@ class MqttLink:
         )
         if config.mqtt.username:
             client.username_pw_set(config.mqtt.username, config.mqtt.password or None)
-        client.will_set(self._status_topic, self._status(online=False), qos=1, retain=True)
         client.reconnect_delay_set(
             min_delay=max(1, int(config.mqtt.reconnect_min_s)),
             max_delay=max(1, int(config.mqtt.reconnect_max_s)),
@@ -73,14 +90,25 @@ class MqttLink:
     def start(self) -> None:
         """Connect in the background; paho reconnects on its own after any loss."""
         mqtt_cfg = self._config.mqtt
+        self._set_will()
         self._client.connect_async(mqtt_cfg.host, mqtt_cfg.port, keepalive=mqtt_cfg.keepalive_s)
         self._client.loop_start()
+        if self._outbox is not None:
+            self._sender = threading.Thread(
+                target=self._drain_outbox, name="outbox-sender", daemon=True
+            )
+            self._sender.start()
 
     def stop(self, timeout_s: float = 2.0) -> None:
-        """Say offline (retained), disconnect and stop the network thread."""
+        """Stop the sender, say offline (retained), disconnect and stop the network thread."""
+        self._stopping.set()
+        if self._sender is not None:
+            if self._outbox is not None:
+                self._outbox.wake()
+            self._sender.join(timeout=timeout_s + self._config.telemetry.event_ack_timeout_s)
         if self._connected.is_set():
             info = self._client.publish(
-                self._status_topic, self._status(online=False), qos=1, retain=True
+                self._status_topic, self._status(online=False, models=True), qos=1, retain=True
             )
             with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=timeout_s)
@@ -89,16 +117,34 @@ class MqttLink:
 
     def publish_status(self) -> None:
         """Publish the retained status with the versions served now (no-op while offline)."""
+        self._set_will()
         if not self._connected.is_set():
             return
         self._client.publish(self._status_topic, self._status(online=True), qos=1, retain=True)
 
-    def _status(self, online: bool) -> bytes:
+    def publish_heartbeat(self, payload: bytes) -> bool:
+        """Publish a heartbeat if connected; False when it was skipped."""
+        if not self._connected.is_set():
+            return False
+        info = self._client.publish(
+            self._telemetry_topic, payload, qos=self._config.telemetry.heartbeat_qos
+        )
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    def _set_will(self) -> None:
+        # The will goes out with the next CONNECT: keep it naming the versions served, so
+        # "offline" still says what the device runs.
+        self._client.will_set(
+            self._status_topic, self._status(online=False, models=True), qos=1, retain=True
+        )
+
+    def _status(self, online: bool, models: bool | None = None) -> bytes:
+        with_models = online if models is None else models
         return status_payload(
             device=self._config.device_id,
             fleet=self._config.fleet,
             online=online,
-            models=self._models_status() if online else {},
+            models=self._models_status() if with_models else {},
             agent_version=agent.__version__,
             at=_now(),
         )
@@ -127,6 +173,49 @@ class MqttLink:
         if self._connected.is_set():
             logger.warning("lost the broker connection (%s); reconnecting", reason)
         self._connected.clear()
+
+    # the outbox sender (its own thread) -----------------------------------------
+
+    def _drain_outbox(self) -> None:
+        outbox = self._outbox
+        assert outbox is not None
+        while not self._stopping.is_set():
+            if not self._connected.wait(timeout=0.5):
+                continue
+            if not outbox.wait_for_events(timeout_s=0.5):
+                continue
+            items = outbox.peek(OUTBOX_BATCH)
+            for seq in [s for s in self._in_flight if items and s < items[0].seq]:
+                del self._in_flight[seq]  # dropped from a full outbox while in flight
+            acked = self._send_in_order([(i.seq, i.topic, i.payload) for i in items])
+            outbox.remove(acked)
+            if len(acked) < len(items) and not self._stopping.is_set():
+                time.sleep(0.2)  # not acknowledged in time: the connection is in trouble
+
+    def _send_in_order(self, items: list[tuple[int, str, bytes]]) -> list[int]:
+        """Publish ``items`` (QoS 1) and return the seqs acknowledged, a prefix in order."""
+        timeout_s = self._config.telemetry.event_ack_timeout_s
+        now = time.monotonic()
+        infos = []
+        for seq, topic, payload in items:
+            sent = self._in_flight.get(seq)
+            # paho resends its unacknowledged messages after a reconnection; send again
+            # only what it refused or what has waited far too long.
+            if sent is None or sent[0].rc != mqtt.MQTT_ERR_SUCCESS or now - sent[1] > 3 * timeout_s:
+                sent = (self._client.publish(topic, payload, qos=1), now)
+                self._in_flight[seq] = sent
+            infos.append((seq, sent[0]))
+        acked: list[int] = []
+        for seq, info in infos:
+            try:
+                info.wait_for_publish(timeout=timeout_s)
+            except (RuntimeError, ValueError):
+                break
+            if not info.is_published():
+                break
+            acked.append(seq)
+            del self._in_flight[seq]
+        return acked
 
     def _handle_message(
         self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage
