@@ -1,0 +1,468 @@
+"""The controller's store of fleet telemetry: one small interface, two SQL backends.
+
+What it keeps, per device: the latest status (online, from the retained status message
+and its last will), when it was last heard from, the latest heartbeat's figures per model,
+a history of heartbeats (pruned after a retention period) and every lifecycle event,
+once. ``open_store`` picks the backend: a ``postgresql://`` DSN (or libpq ``key=value``
+string) opens PostgreSQL through psycopg 3, so several ``edgectl serve`` workers can
+share it; anything else is a SQLite file in WAL mode.
+
+Invariants:
+- ``write`` stores one batch in one transaction; events are keyed on
+  (fleet, device, stream, seq) and a duplicate (at-least-once delivery) is ignored.
+- Figures only move forward: a heartbeat or status older than what is stored does not
+  overwrite it (two workers may store a device's messages out of order).
+- Rows are written in key order, so concurrent writers on PostgreSQL cannot deadlock.
+- Readers never block the writer: each store holds its own read connection.
+
+Raises ``StoreError`` (a ``ControllerError``) when the store cannot be opened.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from agent.contracts import Event, Heartbeat, Status, telemetry_payload
+from controller.errors import ControllerError
+
+
+class StoreError(ControllerError):
+    """The telemetry store cannot be opened or used (a bad DSN, an unreachable server)."""
+
+
+@dataclass
+class IngestBatch:
+    """Parsed messages with the time (epoch seconds) the controller received each."""
+
+    heartbeats: list[tuple[Heartbeat, float]] = field(default_factory=list)
+    events: list[tuple[Event, float]] = field(default_factory=list)
+    statuses: list[tuple[Status, float]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.heartbeats) + len(self.events) + len(self.statuses)
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    model: str
+    version: str | None
+    state: str
+    requests: int
+    errors: int
+    client_errors: int
+    p99_s: float | None
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class DeviceRow:
+    fleet: str
+    device: str
+    online: bool | None
+    status_at: float | None
+    last_seen: float
+    agent_version: str
+    interval_s: float | None
+    system: dict[str, Any]
+    outbox_pending: int
+    outbox_dropped: int
+    models: tuple[ModelRow, ...] = ()
+
+
+@dataclass(frozen=True)
+class EventRow:
+    id: int
+    fleet: str
+    device: str
+    stream: str
+    seq: int
+    at: str
+    received_at: float
+    kind: str
+    model: str | None
+    version: str | None
+    previous: str | None
+    phase: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class HeartbeatRow:
+    fleet: str
+    device: str
+    received_at: float
+    payload: dict[str, Any]
+
+
+def is_postgres(location: str) -> bool:
+    return location.startswith(("postgresql://", "postgres://")) or "dbname=" in location
+
+
+def open_store(location: str) -> TelemetryStore:
+    """Open (and create the tables of) the store at ``location``. Raises StoreError."""
+    if is_postgres(location):
+        from controller.store_postgres import PostgresStore
+
+        return PostgresStore(location)
+    from controller.store_sqlite import SqliteStore
+
+    return SqliteStore(Path(location))
+
+
+# The schema, in the dialect both backends accept; each backend maps the few types.
+DDL: Final = (
+    """CREATE TABLE IF NOT EXISTS devices (
+        fleet TEXT NOT NULL, device TEXT NOT NULL,
+        online INTEGER, status_at DOUBLE PRECISION,
+        last_seen DOUBLE PRECISION NOT NULL, last_heartbeat DOUBLE PRECISION,
+        agent_version TEXT NOT NULL DEFAULT '', interval_s DOUBLE PRECISION,
+        system TEXT NOT NULL DEFAULT '{}',
+        outbox_pending INTEGER NOT NULL DEFAULT 0, outbox_dropped INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (fleet, device))""",
+    """CREATE TABLE IF NOT EXISTS device_models (
+        fleet TEXT NOT NULL, device TEXT NOT NULL, model TEXT NOT NULL,
+        version TEXT, state TEXT NOT NULL,
+        requests INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0,
+        client_errors INTEGER NOT NULL DEFAULT 0, p99_s DOUBLE PRECISION,
+        updated_at DOUBLE PRECISION NOT NULL, figures_at DOUBLE PRECISION,
+        PRIMARY KEY (fleet, device, model))""",
+    """CREATE TABLE IF NOT EXISTS heartbeats (
+        id {serial}, fleet TEXT NOT NULL, device TEXT NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL, payload TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS heartbeats_device ON heartbeats (device, received_at)",
+    "CREATE INDEX IF NOT EXISTS heartbeats_received ON heartbeats (received_at)",
+    """CREATE TABLE IF NOT EXISTS events (
+        id {serial}, fleet TEXT NOT NULL, device TEXT NOT NULL, stream TEXT NOT NULL,
+        seq BIGINT NOT NULL, at TEXT NOT NULL, received_at DOUBLE PRECISION NOT NULL,
+        kind TEXT NOT NULL, model TEXT, version TEXT, previous TEXT, phase TEXT,
+        reason TEXT NOT NULL DEFAULT '',
+        UNIQUE (fleet, device, stream, seq))""",
+    "CREATE INDEX IF NOT EXISTS events_device ON events (device, id)",
+)
+
+_HEARTBEAT_INSERT: Final = (
+    "INSERT INTO heartbeats (fleet, device, received_at, payload) VALUES (?, ?, ?, ?)"
+)
+_DEVICE_FROM_HEARTBEAT: Final = """
+INSERT INTO devices (fleet, device, last_seen, last_heartbeat, agent_version, interval_s,
+                     system, outbox_pending, outbox_dropped)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (fleet, device) DO UPDATE SET
+    last_seen = {greatest}(devices.last_seen, excluded.last_seen),
+    last_heartbeat = excluded.last_heartbeat, agent_version = excluded.agent_version,
+    interval_s = excluded.interval_s, system = excluded.system,
+    outbox_pending = excluded.outbox_pending, outbox_dropped = excluded.outbox_dropped
+WHERE devices.last_heartbeat IS NULL OR devices.last_heartbeat <= excluded.last_heartbeat
+"""
+# Version and state follow the newest of heartbeat and status; figures follow heartbeats.
+_MODEL_UPSERT: Final = """
+INSERT INTO device_models (fleet, device, model, version, state, requests, errors,
+                           client_errors, p99_s, updated_at, figures_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (fleet, device, model) DO UPDATE SET
+    version = CASE WHEN device_models.updated_at <= excluded.updated_at
+                   THEN excluded.version ELSE device_models.version END,
+    state = CASE WHEN device_models.updated_at <= excluded.updated_at
+                 THEN excluded.state ELSE device_models.state END,
+    updated_at = {greatest}(device_models.updated_at, excluded.updated_at),
+    requests = excluded.requests, errors = excluded.errors,
+    client_errors = excluded.client_errors, p99_s = excluded.p99_s,
+    figures_at = excluded.figures_at
+WHERE device_models.figures_at IS NULL OR device_models.figures_at <= excluded.figures_at
+"""
+# A status changes the model's version and state only: figures come from heartbeats.
+_MODEL_FROM_STATUS: Final = """
+INSERT INTO device_models (fleet, device, model, version, state, updated_at)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (fleet, device, model) DO UPDATE SET
+    version = excluded.version, state = excluded.state, updated_at = excluded.updated_at
+WHERE device_models.updated_at <= excluded.updated_at
+"""
+_DEVICE_FROM_STATUS: Final = """
+INSERT INTO devices (fleet, device, online, status_at, last_seen, agent_version)
+VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (fleet, device) DO UPDATE SET
+    online = excluded.online, status_at = excluded.status_at,
+    last_seen = {greatest}(devices.last_seen, excluded.last_seen),
+    agent_version = CASE WHEN excluded.agent_version = '' THEN devices.agent_version
+                         ELSE excluded.agent_version END
+WHERE devices.status_at IS NULL OR devices.status_at <= excluded.status_at
+"""
+_DEVICE_SEEN: Final = """
+INSERT INTO devices (fleet, device, last_seen) VALUES (?, ?, ?)
+ON CONFLICT (fleet, device) DO UPDATE SET
+    last_seen = {greatest}(devices.last_seen, excluded.last_seen)
+"""
+_EVENT_INSERT: Final = """
+INSERT INTO events (fleet, device, stream, seq, at, received_at, kind, model, version,
+                    previous, phase, reason)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (fleet, device, stream, seq) DO NOTHING
+"""
+_EVENT_COLUMNS: Final = (
+    "id, fleet, device, stream, seq, at, received_at, kind, model, version, previous, phase, reason"
+)
+
+
+def _heartbeat_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
+    history = []
+    latest: dict[tuple[str, str], tuple[Heartbeat, float]] = {}
+    for beat, received in batch.heartbeats:
+        history.append((beat.fleet, beat.device, received, telemetry_payload(beat).decode()))
+        key = (beat.fleet, beat.device)
+        if key not in latest or latest[key][1] <= received:
+            latest[key] = (beat, received)
+    devices, models = [], []
+    for (fleet, device), (beat, received) in sorted(latest.items()):
+        devices.append(
+            (
+                fleet,
+                device,
+                received,
+                received,
+                beat.agent_version,
+                beat.interval_s,
+                json.dumps(asdict(beat.system), sort_keys=True),
+                beat.outbox_pending,
+                beat.outbox_dropped,
+            )
+        )
+        for name, m in sorted(beat.models.items()):
+            models.append(
+                (
+                    fleet,
+                    device,
+                    name,
+                    m.version,
+                    m.state,
+                    m.requests,
+                    m.errors,
+                    m.client_errors,
+                    m.p99_s,
+                    received,
+                    received,
+                )
+            )
+    return {"history": history, "devices": devices, "models": models}
+
+
+def _status_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
+    latest: dict[tuple[str, str], tuple[Status, float]] = {}
+    for status, received in batch.statuses:
+        key = (status.fleet, status.device)
+        if key not in latest or latest[key][1] <= received:
+            latest[key] = (status, received)
+    devices, models = [], []
+    for (fleet, device), (status, received) in sorted(latest.items()):
+        devices.append(
+            (fleet, device, int(status.online), received, received, status.agent_version)
+        )
+        # The will and a clean goodbye may carry the versions too; an empty map says nothing.
+        for name, entry in sorted(status.models.items()):
+            version = entry.get("version")
+            models.append(
+                (
+                    fleet,
+                    device,
+                    name,
+                    version if isinstance(version, str) else None,
+                    str(entry.get("state", "unknown")),
+                    received,
+                )
+            )
+    return {"devices": devices, "models": models}
+
+
+def _event_rows(batch: IngestBatch) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    events = [
+        (
+            e.fleet,
+            e.device,
+            e.stream,
+            e.seq,
+            e.at,
+            received,
+            e.kind,
+            e.model,
+            e.version,
+            e.previous,
+            e.phase,
+            e.reason,
+        )
+        for e, received in batch.events
+    ]
+    seen: dict[tuple[str, str], float] = {}
+    for e, received in batch.events:
+        key = (e.fleet, e.device)
+        seen[key] = max(seen.get(key, received), received)
+    return events, [(f, d, t) for (f, d), t in sorted(seen.items())]
+
+
+class TelemetryStore(ABC):
+    """The SQL both backends share; a backend supplies connections and its dialect."""
+
+    placeholder = "?"
+    greatest = "max"
+    serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
+
+    def __init__(self) -> None:
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+
+    # a backend provides ---------------------------------------------------------
+
+    @abstractmethod
+    def _writer(self) -> AbstractContextManager[Any]:
+        """A cursor inside one write transaction, committed on exit."""
+
+    @abstractmethod
+    def _reader(self) -> AbstractContextManager[Any]:
+        """A cursor for reads."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # shared ---------------------------------------------------------------------
+
+    def _sql(self, text: str) -> str:
+        text = text.replace("{greatest}", self.greatest).replace("{serial}", self.serial)
+        return text.replace("?", self.placeholder) if self.placeholder != "?" else text
+
+    def _create_tables(self) -> None:
+        with self._writer() as cur:
+            for statement in DDL:
+                cur.execute(self._sql(statement))
+
+    def write(self, batch: IngestBatch) -> int:
+        """Store one batch in one transaction; return the rows it added or changed."""
+        if not len(batch):
+            return 0
+        beats = _heartbeat_rows(batch)
+        statuses = _status_rows(batch)
+        events, seen = _event_rows(batch)
+        plan: Sequence[tuple[str, list[tuple[Any, ...]]]] = (
+            (_DEVICE_FROM_STATUS, statuses["devices"]),
+            (_DEVICE_FROM_HEARTBEAT, beats["devices"]),
+            (_DEVICE_SEEN, seen),
+            (_MODEL_FROM_STATUS, statuses["models"]),
+            (_MODEL_UPSERT, beats["models"]),
+            (_HEARTBEAT_INSERT, beats["history"]),
+            (_EVENT_INSERT, events),
+        )
+        with self._write_lock, self._writer() as cur:
+            for statement, rows in plan:
+                if rows:
+                    cur.executemany(self._sql(statement), rows)
+        return len(batch)
+
+    def devices(self, fleet: str | None = None, model: str | None = None) -> list[DeviceRow]:
+        """Every device (of ``fleet``; running ``model``), with its models, by fleet and id."""
+        where, args = [], []
+        if fleet:
+            where.append("d.fleet = ?")
+            args.append(fleet)
+        if model:
+            where.append(
+                "EXISTS (SELECT 1 FROM device_models m WHERE m.fleet = d.fleet "
+                "AND m.device = d.device AND m.model = ?)"
+            )
+            args.append(model)
+        query = (
+            "SELECT d.fleet, d.device, d.online, d.status_at, d.last_seen, d.agent_version, "
+            "d.interval_s, d.system, d.outbox_pending, d.outbox_dropped FROM devices d"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY d.fleet, d.device"
+        )
+        with self._read_lock, self._reader() as cur:
+            cur.execute(self._sql(query), args)
+            rows = cur.fetchall()
+            cur.execute(
+                self._sql(
+                    "SELECT fleet, device, model, version, state, requests, errors, "
+                    "client_errors, p99_s, updated_at FROM device_models"
+                    + (" WHERE fleet = ?" if fleet else "")
+                    + " ORDER BY fleet, device, model"
+                ),
+                [fleet] if fleet else [],
+            )
+            model_rows = cur.fetchall()
+        by_device: dict[tuple[str, str], list[ModelRow]] = {}
+        for f, d, *rest in model_rows:
+            by_device.setdefault((f, d), []).append(ModelRow(*rest))
+        return [
+            DeviceRow(
+                fleet=r[0],
+                device=r[1],
+                online=None if r[2] is None else bool(r[2]),
+                status_at=r[3],
+                last_seen=float(r[4]),
+                agent_version=r[5] or "",
+                interval_s=r[6],
+                system=json.loads(r[7] or "{}"),
+                outbox_pending=int(r[8]),
+                outbox_dropped=int(r[9]),
+                models=tuple(by_device.get((r[0], r[1]), ())),
+            )
+            for r in rows
+        ]
+
+    def events(
+        self, device: str | None = None, fleet: str | None = None, limit: int = 50
+    ) -> list[EventRow]:
+        """The most recent ``limit`` events (of ``device``), oldest first, in stored order."""
+        where, args = [], []
+        if device:
+            where.append("device = ?")
+            args.append(device)
+        if fleet:
+            where.append("fleet = ?")
+            args.append(fleet)
+        query = (
+            f"SELECT {_EVENT_COLUMNS} FROM events"
+            + (" WHERE " + " AND ".join(where) if where else "")
+            + " ORDER BY id DESC LIMIT ?"
+        )
+        with self._read_lock, self._reader() as cur:
+            cur.execute(self._sql(query), [*args, limit])
+            rows = cur.fetchall()
+        return [EventRow(*r) for r in reversed(rows)]
+
+    def heartbeats(self, device: str, limit: int = 10) -> list[HeartbeatRow]:
+        """The device's most recent heartbeats, oldest first."""
+        with self._read_lock, self._reader() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT fleet, device, received_at, payload FROM heartbeats "
+                    "WHERE device = ? ORDER BY received_at DESC, id DESC LIMIT ?"
+                ),
+                [device, limit],
+            )
+            rows = cur.fetchall()
+        return [HeartbeatRow(f, d, float(t), json.loads(p)) for f, d, t, p in reversed(rows)]
+
+    def event_counts(self) -> list[tuple[str, str, int]]:
+        """(fleet, kind, count) of every event stored."""
+        with self._read_lock, self._reader() as cur:
+            cur.execute("SELECT fleet, kind, count(*) FROM events GROUP BY fleet, kind")
+            return [(str(f), str(k), int(n)) for f, k, n in cur.fetchall()]
+
+    def count(self, table: str) -> int:
+        """Rows in ``table`` (devices, device_models, heartbeats or events)."""
+        if table not in ("devices", "device_models", "heartbeats", "events"):
+            raise ValueError(f"unknown table {table!r}")
+        with self._read_lock, self._reader() as cur:
+            cur.execute(f"SELECT count(*) FROM {table}")
+            return int(cur.fetchone()[0])
+
+    def prune_heartbeats(self, before: float) -> int:
+        """Delete heartbeats received before ``before`` (epoch seconds); return how many."""
+        with self._write_lock, self._writer() as cur:
+            cur.execute(self._sql("DELETE FROM heartbeats WHERE received_at < ?"), [before])
+            return int(cur.rowcount or 0)

@@ -1,0 +1,54 @@
+"""The SQLite backend of the telemetry store: one file, WAL, batched transactions.
+
+WAL lets ``edgectl fleet status`` and ``/metrics`` read while ``edgectl serve`` writes;
+``synchronous=NORMAL`` keeps the file consistent across a power cut (the last batches may
+be lost, never half of one), which measured about twice as fast as ``FULL`` here.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from controller.store import StoreError, TelemetryStore
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+class SqliteStore(TelemetryStore):
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._write_conn = _connect(path)
+            self._read_conn = _connect(path)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open the telemetry store {path}: {exc}") from None
+        self._create_tables()
+
+    @contextmanager
+    def _writer(self) -> Iterator[sqlite3.Cursor]:
+        cur = self._write_conn.cursor()
+        cur.execute("BEGIN IMMEDIATE")
+        try:
+            yield cur
+        except BaseException:
+            cur.execute("ROLLBACK")
+            raise
+        cur.execute("COMMIT")
+
+    @contextmanager
+    def _reader(self) -> Iterator[sqlite3.Cursor]:
+        yield self._read_conn.cursor()
+
+    def close(self) -> None:
+        self._write_conn.close()
+        self._read_conn.close()
