@@ -1,10 +1,12 @@
 """``edgectl serve``: the composition root of the controller service.
 
-Owns three things for the life of the process: the HTTP server for the repository,
-the announcer task (watches ``metadata/timestamp.json``; on start, on every new
-version and after every MQTT reconnection, publishes each fleet's retained
-announcement) and the re-signing task (online roles re-signed under the repository
-lock when less than half their lifetime is left).
+Owns for the life of the process: the HTTP server for the repository and
+``/metrics``, the announcer task (watches ``metadata/timestamp.json``; on start, on
+every new version and after every MQTT reconnection, publishes each fleet's retained
+announcement), the re-signing task (online roles re-signed under the repository lock
+when less than half their lifetime is left), the telemetry ingestor (devices' status,
+heartbeats and events into the store, ``controller.ingest``) and the task that prunes
+heartbeats past their retention.
 
 Invariants:
 - The readiness line ``edgectl serve: listening on http://HOST:PORT`` is printed and
@@ -22,15 +24,21 @@ import json
 import logging
 import signal
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+from aiohttp import web
 
 from controller.announcer import Announcer
 from controller.config import ServeConfig
 from controller.errors import ControllerError, UsageError
+from controller.fleet import StalePolicy, render_metrics
 from controller.fsio import repo_lock
 from controller.http import make_app, start_http
+from controller.ingest import Ingestor, IngestSettings
 from controller.repository import Repository, resign_expiring
+from controller.store import TelemetryStore, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +87,62 @@ async def resign_loop(repo_dir: Path, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
 
 
+async def prune_loop(store: TelemetryStore, retention_s: float, interval_s: float) -> None:
+    """Delete heartbeats older than the retention period, every ``interval_s``."""
+    while True:
+        try:
+            removed = await asyncio.to_thread(store.prune_heartbeats, time.time() - retention_s)
+            if removed:
+                logger.info("pruned %d heartbeat(s) older than %.0f s", removed, retention_s)
+        except Exception as exc:  # the store may be briefly unreachable (PostgreSQL)
+            logger.error("pruning heartbeats failed: %s", exc)
+        await asyncio.sleep(interval_s)
+
+
+def add_metrics_route(
+    app: web.Application,
+    store: TelemetryStore,
+    ingestor: Ingestor | None,
+    policy: StalePolicy,
+) -> None:
+    """``GET /metrics``: fleet aggregates from the store, in the Prometheus text format."""
+
+    def render() -> str:
+        counts = dict(ingestor.counts) if ingestor is not None else {}
+        return render_metrics(store.devices(), store.event_counts(), counts, time.time(), policy)
+
+    async def handle(_request: web.Request) -> web.Response:
+        text = await asyncio.to_thread(render)
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+    app.router.add_get("/metrics", handle)
+
+
 async def serve(config: ServeConfig) -> None:
-    """Run until SIGTERM or SIGINT. Raises RepositoryError or UsageError at start-up."""
+    """Run until SIGTERM or SIGINT. Raises RepositoryError, StoreError or UsageError at
+    start-up."""
     Repository.open(config.repo_dir).versions()  # fail fast on a missing or damaged repo
-    try:
-        runner, port = await start_http(
-            make_app(config.repo_dir), config.listen_host, config.listen_port
+    store = await asyncio.to_thread(open_store, config.store_location)
+    ingestor: Ingestor | None = None
+    if config.mqtt_host is not None:
+        ingestor = Ingestor(
+            IngestSettings(
+                host=config.mqtt_host,
+                port=config.mqtt_port,
+                client_id=config.ingest_client_id,
+                keepalive_s=config.mqtt_keepalive_s,
+                shared_group=config.mqtt_shared_group,
+                session_expiry_s=config.ingest_session_expiry_s,
+                batch_size=config.ingest_batch_size,
+                flush_s=config.ingest_flush_s,
+            ),
+            store,
         )
+    app = make_app(config.repo_dir)
+    policy = StalePolicy(config.heartbeat_interval_s, config.stale_after_heartbeats)
+    add_metrics_route(app, store, ingestor, policy)
+    try:
+        runner, port = await start_http(app, config.listen_host, config.listen_port)
     except OSError as exc:
         raise UsageError(
             f"cannot listen on {config.listen_host}:{config.listen_port}: {exc}"
@@ -102,8 +159,14 @@ async def serve(config: ServeConfig) -> None:
     tasks = [
         asyncio.create_task(
             resign_loop(config.repo_dir, config.resign_check_interval_s), name="resign"
-        )
+        ),
+        asyncio.create_task(
+            prune_loop(store, config.heartbeat_retention_s, 3600.0), name="prune-heartbeats"
+        ),
     ]
+    if ingestor is not None:
+        ingestor.start()
+        logger.info("ingesting telemetry into %s", _redacted(config.store_location))
     if config.mqtt_host is not None:
         announcer = Announcer(
             config.mqtt_host, config.mqtt_port, config.mqtt_client_id, config.mqtt_keepalive_s
@@ -127,7 +190,18 @@ async def serve(config: ServeConfig) -> None:
         await runner.cleanup()
         if announcer is not None:
             await asyncio.to_thread(announcer.stop)
+        if ingestor is not None:
+            await asyncio.to_thread(ingestor.stop)
+        await asyncio.to_thread(store.close)
         sys.stdout.flush()
+
+
+def _redacted(location: str) -> str:
+    """A store location fit for a log line (no password)."""
+    if "://" in location and "@" in location:
+        scheme, rest = location.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return location
 
 
 def run_serve(config: ServeConfig) -> None:

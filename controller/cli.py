@@ -13,9 +13,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent.contracts import ProbationPolicy
 from controller.errors import ControllerError, UsageError
+
+if TYPE_CHECKING:
+    from controller.fleet import StalePolicy
+    from controller.store import TelemetryStore
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +134,85 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     run_serve(config)
     return 0
+
+
+def _open_view(args: argparse.Namespace) -> tuple[TelemetryStore, StalePolicy]:
+    from controller.config import load_view_config
+    from controller.fleet import StalePolicy
+    from controller.store import open_store
+
+    view = load_view_config(
+        Path(args.config) if args.config else None,
+        os.environ,
+        {"store": args.store, "repo": args.repo},
+    )
+    if "://" not in view.store and "=" not in view.store and not Path(view.store).exists():
+        raise UsageError(
+            f"no telemetry store at {view.store}: is `edgectl serve` running with this "
+            "repository, or pass --store PATH|DSN"
+        )
+    return open_store(view.store), StalePolicy(
+        view.heartbeat_interval_s, view.stale_after_heartbeats
+    )
+
+
+def _cmd_fleet_status(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from controller.fleet import device_json, render_fleet_table
+
+    store, policy = _open_view(args)
+    try:
+        rows = store.devices(fleet=args.fleet, model=args.model)
+    finally:
+        store.close()
+    now = time.time()
+    if args.json:
+        print(json.dumps([device_json(r, now, policy) for r in rows], indent=2))
+    else:
+        print(render_fleet_table(rows, now, policy, model=args.model))
+    return 0
+
+
+def _cmd_device_show(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from controller.fleet import device_json, event_json, render_device
+
+    store, policy = _open_view(args)
+    try:
+        rows = [r for r in store.devices(fleet=args.fleet) if r.device == args.device_id]
+        events = store.events(device=args.device_id, fleet=args.fleet, limit=args.events)
+        beats = store.heartbeats(args.device_id, limit=args.heartbeats)
+    finally:
+        store.close()
+    if not rows and not events:
+        raise UsageError(f"no device {args.device_id!r} in the telemetry store")
+    now = time.time()
+    if args.json:
+        doc = {
+            "devices": [device_json(r, now, policy) for r in rows],
+            "events": [event_json(e) for e in events],
+            "heartbeats": [b.payload for b in beats],
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        print(render_device(rows, events, beats, now, policy))
+    return 0
+
+
+def _add_store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store",
+        metavar="PATH|DSN",
+        help="telemetry store: a SQLite file or a postgresql:// DSN (default: "
+        "REPO_DIR/telemetry.sqlite; env EDGECTL_STORE)",
+    )
+    p.add_argument("--repo", metavar="REPO_DIR", help="find the store in this repository")
+    p.add_argument("--config", metavar="controller.toml", help="read [serve] store from here")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,6 +388,51 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", metavar="HOST:PORT", help="HTTP address (port 0: any free)")
     s.add_argument("--config", metavar="controller.toml")
     s.set_defaults(func=_cmd_serve)
+
+    fleet = sub.add_parser(
+        "fleet",
+        help="what the fleet's devices run and how they do",
+        description="Read the telemetry `edgectl serve` stored.",
+        formatter_class=_RAW,
+    )
+    fsub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="COMMAND")
+    fs = fsub.add_parser(
+        "status",
+        help="one line per device and model: health, version, install state, error rate, p99",
+        description="Every device with its health (online; stale: silent for more than "
+        "stale_after_heartbeats heartbeat intervals even if the broker calls it online; "
+        "offline), model versions, install state, error rate and p99 of the last heartbeat "
+        "interval, and when it was last heard from.",
+        epilog="examples:\n  edgectl fleet status --repo ./repo\n  edgectl fleet status "
+        "--store postgresql://edgefleet@db/edgefleet --fleet north --model resnet --json",
+        formatter_class=_RAW,
+    )
+    fs.add_argument("--fleet", help="only this fleet")
+    fs.add_argument("--model", help="only devices that run this model")
+    _add_store_options(fs)
+    fs.set_defaults(func=_cmd_fleet_status)
+
+    device = sub.add_parser(
+        "device",
+        help="one device's telemetry",
+        description="Read one device's telemetry from the store.",
+        formatter_class=_RAW,
+    )
+    dsub = device.add_subparsers(dest="device_command", required=True, metavar="COMMAND")
+    ds = dsub.add_parser(
+        "show",
+        help="a device's state, recent heartbeats and lifecycle events",
+        description="A device's health, models and figures, its last heartbeats and its "
+        "recent lifecycle events (install phases, activation, probation, rollback, reasons).",
+        epilog="example:\n  edgectl device show cam-0042 --repo ./repo --events 20",
+        formatter_class=_RAW,
+    )
+    ds.add_argument("device_id", metavar="ID")
+    ds.add_argument("--fleet", help="the device's fleet, when the id is used in several")
+    ds.add_argument("--events", type=int, default=30, metavar="N", help="default 30")
+    ds.add_argument("--heartbeats", type=int, default=5, metavar="N", help="default 5")
+    _add_store_options(ds)
+    ds.set_defaults(func=_cmd_device_show)
     return parser
 
 

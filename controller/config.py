@@ -1,8 +1,8 @@
 """Configuration of ``edgectl serve``: a frozen dataclass loaded once.
 
 Precedence, highest first: command-line flags, environment (``EDGECTL_REPO``,
-``EDGECTL_LISTEN``, ``EDGECTL_MQTT``), the ``[serve]`` table of ``controller.toml``,
-the defaults below. Every key is documented in ``docs/configuration.md``.
+``EDGECTL_LISTEN``, ``EDGECTL_MQTT``, ``EDGECTL_STORE``), the ``[serve]`` table of
+``controller.toml``, the defaults below. Every key is documented in ``docs/configuration.md``.
 
 Invariants: a ``ServeConfig`` is valid once built (ports in range, intervals positive);
 loading raises UsageError naming the key, what was expected and what was found.
@@ -10,7 +10,9 @@ loading raises UsageError naming the key, what was expected and what was found.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
+import socket
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,7 +21,15 @@ from typing import Any, Final
 
 from controller.errors import UsageError
 
-ENV_KEYS: Final = {"repo": "EDGECTL_REPO", "listen": "EDGECTL_LISTEN", "mqtt": "EDGECTL_MQTT"}
+ENV_KEYS: Final = {
+    "repo": "EDGECTL_REPO",
+    "listen": "EDGECTL_LISTEN",
+    "mqtt": "EDGECTL_MQTT",
+    "store": "EDGECTL_STORE",
+}
+# The telemetry store's file inside the repository folder when ``store`` is not set
+# (beside metadata/ and targets/, never served over HTTP).
+DEFAULT_STORE_NAME: Final = "telemetry.sqlite"
 _KNOWN_KEYS: Final = (
     "repo",
     "listen",
@@ -28,6 +38,15 @@ _KNOWN_KEYS: Final = (
     "mqtt_keepalive_s",
     "announce_interval_s",
     "resign_check_interval_s",
+    "store",
+    "mqtt_shared_group",
+    "ingest_client_id",
+    "ingest_session_expiry_s",
+    "ingest_batch_size",
+    "ingest_flush_s",
+    "heartbeat_interval_s",
+    "stale_after_heartbeats",
+    "heartbeat_retention_s",
 )
 
 
@@ -44,6 +63,22 @@ class ServeConfig:
     mqtt_keepalive_s: int = 30
     announce_interval_s: float = 0.5
     resign_check_interval_s: float = 60.0
+    # Telemetry: a SQLite path or a postgresql:// DSN ("" = REPO_DIR/telemetry.sqlite).
+    store: str = ""
+    # MQTT 5 shared subscription group for several ingest workers ("" = a plain one).
+    mqtt_shared_group: str = ""
+    ingest_client_id: str = ""
+    ingest_session_expiry_s: int = 3600
+    ingest_batch_size: int = 2000
+    ingest_flush_s: float = 0.2
+    # Devices that do not say their heartbeat interval are assumed to use this one.
+    heartbeat_interval_s: float = 10.0
+    stale_after_heartbeats: float = 3.0
+    heartbeat_retention_s: float = 7 * 86400.0
+
+    @property
+    def store_location(self) -> str:
+        return self.store or str(self.repo_dir / DEFAULT_STORE_NAME)
 
 
 def parse_endpoint(value: str, what: str, allow_zero: bool = False) -> tuple[str, int]:
@@ -104,9 +139,11 @@ def load_serve_config(
     )
     mqtt = str(doc.get("mqtt", "127.0.0.1:1883"))
     mqtt_host, mqtt_port = parse_endpoint(mqtt, "mqtt") if mqtt else (None, 1883)
-    client_id = doc.get("mqtt_client_id", "")
-    if not isinstance(client_id, str):
-        raise UsageError(f"[serve] mqtt_client_id expected a string, got {client_id!r}")
+    client_id = _string(doc, "mqtt_client_id")
+    group = _string(doc, "mqtt_shared_group")
+    if any(c in group for c in "/+#"):
+        raise UsageError(f"[serve] mqtt_shared_group must not contain '/', '+' or '#': {group!r}")
+    ingest_id = _string(doc, "ingest_client_id") or default_ingest_client_id(repo, group)
     return ServeConfig(
         repo_dir=Path(repo),
         listen_host=listen_host,
@@ -117,4 +154,66 @@ def load_serve_config(
         mqtt_keepalive_s=_number(doc, "mqtt_keepalive_s", 30, integer=True),
         announce_interval_s=float(_number(doc, "announce_interval_s", 0.5)),
         resign_check_interval_s=float(_number(doc, "resign_check_interval_s", 60.0)),
+        store=_string(doc, "store"),
+        mqtt_shared_group=group,
+        ingest_client_id=ingest_id,
+        ingest_session_expiry_s=_number(doc, "ingest_session_expiry_s", 3600, integer=True),
+        ingest_batch_size=_number(doc, "ingest_batch_size", 2000, integer=True),
+        ingest_flush_s=float(_number(doc, "ingest_flush_s", 0.2)),
+        heartbeat_interval_s=float(_number(doc, "heartbeat_interval_s", 10.0)),
+        stale_after_heartbeats=float(_number(doc, "stale_after_heartbeats", 3.0)),
+        heartbeat_retention_s=float(_number(doc, "heartbeat_retention_s", 7 * 86400.0)),
+    )
+
+
+def _string(doc: Mapping[str, Any], key: str) -> str:
+    value = doc.get(key, "")
+    if not isinstance(value, str):
+        raise UsageError(f"[serve] {key} expected a string, got {value!r}")
+    return value
+
+
+def default_ingest_client_id(repo: str, group: str) -> str:
+    """Stable across restarts (the broker keeps the session), distinct per host and repo.
+
+    Workers of one shared group on one host need their own ``ingest_client_id``.
+    """
+    digest = hashlib.sha256(f"{Path(repo).resolve()}\x00{group}".encode()).hexdigest()[:8]
+    return f"edgectl-ingest-{socket.gethostname()}-{digest}"
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """What ``edgectl fleet``/``device`` need: where the store is, when a device is stale."""
+
+    store: str
+    heartbeat_interval_s: float = 10.0
+    stale_after_heartbeats: float = 3.0
+
+
+def load_view_config(
+    path: Path | None, env: Mapping[str, str], flags: Mapping[str, str | None]
+) -> ViewConfig:
+    """Find the store: ``--store``, ``EDGECTL_STORE``, ``[serve] store``, or the repository's
+    ``telemetry.sqlite`` (``--repo``, ``EDGECTL_REPO``, ``[serve] repo``). Raises UsageError."""
+    doc: dict[str, Any] = read_toml(path) if path else {}
+    for key, var in ENV_KEYS.items():
+        if env.get(var):
+            doc[key] = env[var]
+    for key, flag_value in flags.items():
+        if flag_value is not None:
+            doc[key] = flag_value
+    store = _string(doc, "store")
+    if not store:
+        repo = _string(doc, "repo")
+        if not repo:
+            raise UsageError(
+                "no telemetry store given: pass --store PATH|DSN or --repo REPO_DIR "
+                "(or set EDGECTL_STORE, or [serve] store in --config controller.toml)"
+            )
+        store = str(Path(repo) / DEFAULT_STORE_NAME)
+    return ViewConfig(
+        store=store,
+        heartbeat_interval_s=float(_number(doc, "heartbeat_interval_s", 10.0)),
+        stale_after_heartbeats=float(_number(doc, "stale_after_heartbeats", 3.0)),
     )

@@ -1,0 +1,284 @@
+"""What the fleet is doing: device health, the ``fleet status`` table and fleet metrics.
+
+Pure functions of store rows and an injected ``now`` (epoch seconds), plus the
+Prometheus rendering ``edgectl serve`` exposes at ``/metrics``.
+
+Health of a device:
+- ``offline``: its last status says offline (a goodbye or the broker's last will);
+- ``stale``: nothing heard for more than ``stale_after`` heartbeat intervals (the
+  device's own interval, from its heartbeats, else the configured default), even
+  when the broker still calls it online: a hung agent or a half-open connection;
+- ``online`` otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from controller.store import DeviceRow, EventRow, HeartbeatRow, ModelRow
+
+HEALTH_STATES: Final = ("online", "stale", "offline")
+
+
+@dataclass(frozen=True)
+class StalePolicy:
+    default_interval_s: float = 10.0
+    stale_after: float = 3.0
+
+
+def health(row: DeviceRow, now: float, policy: StalePolicy) -> str:
+    """``online``, ``stale`` or ``offline`` (see the module docstring)."""
+    if row.online is False:
+        return "offline"
+    interval = row.interval_s or policy.default_interval_s
+    if now - row.last_seen > policy.stale_after * interval:
+        return "stale"
+    return "online"
+
+
+def error_rate(requests: int, errors: int, client_errors: int) -> float | None:
+    served = requests - client_errors
+    return errors / served if served > 0 else None
+
+
+def device_json(row: DeviceRow, now: float, policy: StalePolicy) -> dict[str, Any]:
+    """One device as ``fleet status --json`` prints it."""
+    return {
+        "fleet": row.fleet,
+        "device": row.device,
+        "health": health(row, now, policy),
+        "online": row.online,
+        "last_seen": _iso(row.last_seen),
+        "last_seen_s_ago": round(now - row.last_seen, 1),
+        "agent_version": row.agent_version,
+        "heartbeat_interval_s": row.interval_s,
+        "system": row.system,
+        "outbox": {"pending": row.outbox_pending, "dropped": row.outbox_dropped},
+        "models": {
+            m.model: {
+                "version": m.version,
+                "state": m.state,
+                "requests": m.requests,
+                "errors": m.errors,
+                "error_rate": error_rate(m.requests, m.errors, m.client_errors),
+                "p99_s": m.p99_s,
+            }
+            for m in row.models
+        },
+    }
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    rows = [list(r) for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def render_fleet_table(
+    rows: Sequence[DeviceRow], now: float, policy: StalePolicy, model: str | None = None
+) -> str:
+    """The ``fleet status`` table: one line per (device, model)."""
+    header = ("FLEET", "DEVICE", "HEALTH", "MODEL", "VERSION", "STATE", "ERR%", "P99", "LAST SEEN")
+    lines = []
+    for row in rows:
+        state = health(row, now, policy)
+        models: list[ModelRow | None] = [m for m in row.models if model is None or m.model == model]
+        for m in models or [None]:
+            rate = error_rate(m.requests, m.errors, m.client_errors) if m else None
+            lines.append(
+                (
+                    row.fleet,
+                    row.device,
+                    state,
+                    m.model if m else "-",
+                    (m.version or "-") if m else "-",
+                    m.state if m else "-",
+                    f"{rate * 100:.1f}" if rate is not None else "-",
+                    f"{m.p99_s * 1000:.1f}ms" if m and m.p99_s is not None else "-",
+                    _ago(now - row.last_seen),
+                )
+            )
+    counts = Counter(health(r, now, policy) for r in rows)
+    summary = ", ".join(f"{counts[s]} {s}" for s in HEALTH_STATES)
+    return _table(header, lines) + f"\n\n{len(rows)} device(s): {summary}"
+
+
+def render_device(
+    rows: Sequence[DeviceRow],
+    events: Sequence[EventRow],
+    beats: Sequence[HeartbeatRow],
+    now: float,
+    policy: StalePolicy,
+) -> str:
+    """``device show``: the device's state, its last heartbeats and recent events."""
+    out = []
+    for row in rows:
+        out.append(
+            f"device {row.device} (fleet {row.fleet}): {health(row, now, policy)}, "
+            f"last seen {_ago(now - row.last_seen)}, agent {row.agent_version or '?'}"
+        )
+        out.append(f"  outbox: {row.outbox_pending} pending, {row.outbox_dropped} dropped")
+        if row.system:
+            out.append("  system: " + json.dumps(row.system, sort_keys=True))
+        for m in row.models:
+            rate = error_rate(m.requests, m.errors, m.client_errors)
+            out.append(
+                f"  model {m.model}: {m.version or '-'} ({m.state}); last interval "
+                f"{m.requests} requests, {m.errors} errors"
+                + (f" ({rate * 100:.1f}%)" if rate is not None else "")
+                + (f", p99 {m.p99_s * 1000:.2f} ms" if m.p99_s is not None else "")
+            )
+    if beats:
+        out.append("")
+        out.append(
+            _table(
+                ("HEARTBEAT", "CPU%", "MEM USED", "DISK FREE", "REQUESTS"),
+                (
+                    (
+                        _iso(b.received_at) or "",
+                        _fmt(b.payload.get("system", {}).get("cpu_percent")),
+                        _bytes(b.payload.get("system", {}).get("memory_used_bytes")),
+                        _bytes(b.payload.get("system", {}).get("disk_free_bytes")),
+                        str(sum(int(m.get("requests", 0)) for m in b.payload["models"].values())),
+                    )
+                    for b in beats
+                ),
+            )
+        )
+    if events:
+        out.append("")
+        out.append(
+            _table(
+                ("SEQ", "AT", "EVENT", "MODEL", "VERSION", "REASON"),
+                (
+                    (
+                        str(e.seq),
+                        e.at,
+                        e.kind,
+                        e.model or "-",
+                        e.version or "-",
+                        e.reason[:80],
+                    )
+                    for e in events
+                ),
+            )
+        )
+    return "\n".join(out)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, int | float) else "-"
+
+
+def _bytes(value: Any) -> str:
+    if not isinstance(value, int):
+        return "-"
+    return f"{value / 2**20:.0f} MiB"
+
+
+def event_json(e: EventRow) -> dict[str, Any]:
+    return {
+        "seq": e.seq,
+        "stream": e.stream,
+        "at": e.at,
+        "received_at": _iso(e.received_at),
+        "kind": e.kind,
+        "model": e.model,
+        "version": e.version,
+        "previous": e.previous,
+        "phase": e.phase,
+        "reason": e.reason,
+    }
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _sample(name: str, labels: dict[str, str], value: float) -> str:
+    text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+    return f"{name}{{{text}}} {value:g}"
+
+
+def render_metrics(
+    rows: Sequence[DeviceRow],
+    event_counts: Sequence[tuple[str, str, int]],
+    ingest_counts: dict[str, int],
+    now: float,
+    policy: StalePolicy,
+) -> str:
+    """Fleet aggregates in the Prometheus text format (version 0.0.4)."""
+    out = [
+        "# HELP edgefleet_devices Devices by fleet and health (online, stale, offline).",
+        "# TYPE edgefleet_devices gauge",
+    ]
+    by_health: Counter[tuple[str, str]] = Counter()
+    by_version: Counter[tuple[str, str, str, str]] = Counter()
+    dropped: Counter[str] = Counter()
+    fleets = sorted({r.fleet for r in rows})
+    for row in rows:
+        by_health[(row.fleet, health(row, now, policy))] += 1
+        dropped[row.fleet] += row.outbox_dropped
+        for m in row.models:
+            by_version[(row.fleet, m.model, m.version or "", m.state)] += 1
+    for fleet in fleets:
+        for state in HEALTH_STATES:
+            out.append(
+                _sample(
+                    "edgefleet_devices",
+                    {"fleet": fleet, "health": state},
+                    by_health[(fleet, state)],
+                )
+            )
+    out += [
+        "# HELP edgefleet_model_devices Devices by fleet, model, version and install state.",
+        "# TYPE edgefleet_model_devices gauge",
+    ]
+    for (fleet, model, version, state), n in sorted(by_version.items()):
+        labels = {"fleet": fleet, "model": model, "version": version, "state": state}
+        out.append(_sample("edgefleet_model_devices", labels, n))
+    out += [
+        "# HELP edgefleet_events_total Lifecycle events stored, by fleet and kind.",
+        "# TYPE edgefleet_events_total counter",
+    ]
+    for fleet, kind, n in sorted(event_counts):
+        out.append(_sample("edgefleet_events_total", {"fleet": fleet, "kind": kind}, n))
+    out += [
+        "# HELP edgefleet_device_events_dropped Events devices dropped from a full outbox.",
+        "# TYPE edgefleet_device_events_dropped gauge",
+    ]
+    for fleet in fleets:
+        out.append(_sample("edgefleet_device_events_dropped", {"fleet": fleet}, dropped[fleet]))
+    out += [
+        "# HELP edgefleet_ingest_messages_total Messages this process ingested, by outcome.",
+        "# TYPE edgefleet_ingest_messages_total counter",
+    ]
+    for kind in ("heartbeats", "events", "statuses", "rejected", "lost"):
+        out.append(
+            _sample("edgefleet_ingest_messages_total", {"kind": kind}, ingest_counts.get(kind, 0))
+        )
+    return "\n".join(out) + "\n"

@@ -1,0 +1,153 @@
+"""The telemetry store against both backends: SQLite and a real PostgreSQL server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.contracts import Event, Heartbeat, ModelFigures, Status, SystemFigures
+from controller.fleet import StalePolicy, health, render_fleet_table, render_metrics
+from controller.store import DeviceRow, IngestBatch, TelemetryStore
+from tests.controller.test_store_support import store_for
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TelemetryStore]:
+    with store_for(request.param, tmp_path) as s:
+        yield s
+
+
+def beat(device: str, requests: int, version: str = "1.0.0", fleet: str = "lab") -> Heartbeat:
+    return Heartbeat(
+        device=device,
+        fleet=fleet,
+        at="2026-01-01T00:00:00Z",
+        seq=1,
+        interval_s=10.0,
+        agent_version="0.1.0",
+        uptime_s=5.0,
+        system=SystemFigures(cpu_percent=12.5, disk_free_bytes=10**9),
+        models={"lin": ModelFigures(version, "committed", requests, 1, 0, 0.001, 0.002, 0.004)},
+        outbox_pending=2,
+        outbox_dropped=3,
+    )
+
+
+def event(device: str, seq: int, kind: str = "install_started", stream: str = "s1") -> Event:
+    return Event(device, "lab", stream, seq, "2026-01-01T00:00:00Z", kind, "lin", "2.0.0")
+
+
+def status(device: str, online: bool, models: dict[str, dict[str, str]]) -> Status:
+    return Status(device, "lab", online, "0.1.0", models, "2026-01-01T00:00:00Z")
+
+
+def test_a_batch_is_stored_and_read_back(store: TelemetryStore) -> None:
+    batch = IngestBatch(
+        heartbeats=[(beat("d1", 10), 100.0), (beat("d2", 20, "2.0.0"), 100.0)],
+        events=[(event("d1", 1), 100.0), (event("d1", 2, "verified"), 100.5)],
+        statuses=[(status("d1", True, {"lin": {"version": "1.0.0", "state": "committed"}}), 99.0)],
+    )
+    assert store.write(batch) == 5
+    devices = {d.device: d for d in store.devices()}
+    assert set(devices) == {"d1", "d2"}
+    d1 = devices["d1"]
+    assert d1.online is True and d1.last_seen == 100.5 and d1.interval_s == 10.0
+    assert d1.outbox_pending == 2 and d1.outbox_dropped == 3
+    assert d1.system["cpu_percent"] == 12.5
+    (model,) = d1.models
+    assert (model.model, model.version, model.requests, model.errors) == ("lin", "1.0.0", 10, 1)
+    assert model.p99_s == pytest.approx(0.004)
+    assert devices["d2"].online is None  # no status seen yet
+    assert [e.seq for e in store.events(device="d1")] == [1, 2]
+    assert [b.payload["models"]["lin"]["requests"] for b in store.heartbeats("d2")] == [20]
+    assert sorted(store.event_counts()) == [("lab", "install_started", 1), ("lab", "verified", 1)]
+
+
+def test_duplicate_events_are_stored_once_and_new_streams_are_kept(store: TelemetryStore) -> None:
+    store.write(IngestBatch(events=[(event("d1", 1), 1.0), (event("d1", 2), 1.0)]))
+    store.write(IngestBatch(events=[(event("d1", 2), 2.0), (event("d1", 3), 2.0)]))
+    store.write(IngestBatch(events=[(event("d1", 1, stream="s2"), 3.0)]))
+    assert [(e.stream, e.seq) for e in store.events(device="d1")] == [
+        ("s1", 1),
+        ("s1", 2),
+        ("s1", 3),
+        ("s2", 1),
+    ]
+    assert store.count("events") == 4
+
+
+def test_an_older_heartbeat_does_not_overwrite_a_newer_one(store: TelemetryStore) -> None:
+    store.write(IngestBatch(heartbeats=[(beat("d1", 50, "2.0.0"), 200.0)]))
+    store.write(IngestBatch(heartbeats=[(beat("d1", 5, "1.0.0"), 150.0)]))
+    (device,) = store.devices()
+    assert device.last_seen == 200.0
+    assert (device.models[0].version, device.models[0].requests) == ("2.0.0", 50)
+    assert store.count("heartbeats") == 2  # history keeps both
+
+
+def test_the_last_will_says_offline_and_keeps_the_versions(store: TelemetryStore) -> None:
+    running = {"lin": {"version": "2.0.0", "state": "committed"}}
+    store.write(IngestBatch(statuses=[(status("d1", True, running), 10.0)]))
+    store.write(IngestBatch(heartbeats=[(beat("d1", 7, "2.0.0"), 11.0)]))
+    store.write(IngestBatch(statuses=[(status("d1", False, {}), 12.0)]))
+    (device,) = store.devices()
+    assert device.online is False
+    assert device.models[0].version == "2.0.0" and device.models[0].requests == 7
+
+
+def test_filters_by_fleet_and_model(store: TelemetryStore) -> None:
+    other = Heartbeat(**{**beat("d3", 1, fleet="north").__dict__, "models": {}})
+    store.write(IngestBatch(heartbeats=[(beat("d1", 1), 1.0), (beat("d2", 1), 1.0), (other, 1.0)]))
+    assert [d.device for d in store.devices(fleet="lab")] == ["d1", "d2"]
+    assert [d.device for d in store.devices(model="lin")] == ["d1", "d2"]
+    assert [d.device for d in store.devices(fleet="north")] == ["d3"]
+    assert store.devices(model="other") == []
+
+
+def test_old_heartbeats_are_pruned(store: TelemetryStore) -> None:
+    store.write(IngestBatch(heartbeats=[(beat("d1", 1), 100.0), (beat("d1", 2), 200.0)]))
+    assert store.prune_heartbeats(150.0) == 1
+    assert [b.received_at for b in store.heartbeats("d1")] == [200.0]
+
+
+# ---------------------------------------------------------------------------- pure views
+
+
+def _row(online: bool | None, last_seen: float, interval_s: float | None = 10.0) -> DeviceRow:
+    return DeviceRow("lab", "d1", online, None, last_seen, "0.1.0", interval_s, {}, 0, 0)
+
+
+def test_health_stale_after_three_silent_intervals_even_when_online() -> None:
+    policy = StalePolicy(default_interval_s=60.0, stale_after=3.0)
+    assert health(_row(True, 1000.0), 1029.0, policy) == "online"
+    assert health(_row(True, 1000.0), 1031.0, policy) == "stale"
+    assert health(_row(None, 1000.0), 1031.0, policy) == "stale"
+    assert health(_row(False, 1000.0), 1001.0, policy) == "offline"
+    # A device that never said its interval is judged on the configured default.
+    assert health(_row(True, 1000.0, None), 1170.0, policy) == "online"
+    assert health(_row(True, 1000.0, None), 1190.0, policy) == "stale"
+
+
+def test_table_and_metrics_render_what_the_store_holds(store: TelemetryStore) -> None:
+    store.write(
+        IngestBatch(
+            heartbeats=[(beat("d1", 10), 100.0), (beat("d2", 10, "2.0.0"), 50.0)],
+            events=[(event("d1", 1, "rolled_back"), 100.0)],
+        )
+    )
+    rows = store.devices()
+    policy = StalePolicy()
+    table = render_fleet_table(rows, 101.0, policy)
+    assert "d1" in table and "online" in table and "10.0" in table  # 1 error in 10 requests
+    assert "d2" in table and "stale" in table
+    text = render_metrics(rows, store.event_counts(), {"heartbeats": 2}, 101.0, policy)
+    assert 'edgefleet_devices{fleet="lab",health="online"} 1' in text
+    assert 'edgefleet_devices{fleet="lab",health="stale"} 1' in text
+    assert (
+        'edgefleet_model_devices{fleet="lab",model="lin",version="2.0.0",state="committed"} 1'
+        in text
+    )
+    assert 'edgefleet_events_total{fleet="lab",kind="rolled_back"} 1' in text
+    assert 'edgefleet_device_events_dropped{fleet="lab"} 6' in text
