@@ -72,9 +72,14 @@ def parse_message(topic: str, payload: bytes) -> Message:
     return message
 
 
-def add_to_batch(batch: IngestBatch, message: Message, received_at: float) -> None:
+def add_to_batch(
+    batch: IngestBatch, message: Message, received_at: float, payload: bytes | None = None
+) -> None:
+    """Add a parsed message; ``payload`` (a heartbeat as received) is kept as history."""
     if isinstance(message, Heartbeat):
         batch.heartbeats.append((message, received_at))
+        if payload is not None and len(batch.heartbeat_payloads) == len(batch.heartbeats) - 1:
+            batch.heartbeat_payloads.append(payload)
     elif isinstance(message, Event):
         batch.events.append((message, received_at))
     else:
@@ -205,7 +210,7 @@ class Ingestor:
         batch = IngestBatch()
         for topic, payload, received_at in items:
             try:
-                add_to_batch(batch, parse_message(topic, payload), received_at)
+                add_to_batch(batch, parse_message(topic, payload), received_at, payload)
             except PayloadError as exc:
                 self.counts["rejected"] += 1
                 self._log_reject(topic, exc)

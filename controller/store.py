@@ -25,7 +25,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,6 +44,9 @@ class IngestBatch:
     heartbeats: list[tuple[Heartbeat, float]] = field(default_factory=list)
     events: list[tuple[Event, float]] = field(default_factory=list)
     statuses: list[tuple[Status, float]] = field(default_factory=list)
+    # The heartbeats as received (same order), kept as history without re-encoding them;
+    # when absent the history is encoded from the parsed heartbeats.
+    heartbeat_payloads: list[bytes] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.heartbeats) + len(self.events) + len(self.statuses)
@@ -214,8 +217,11 @@ _EVENT_COLUMNS: Final = (
 def _heartbeat_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
     history = []
     latest: dict[tuple[str, str], tuple[Heartbeat, float]] = {}
-    for beat, received in batch.heartbeats:
-        history.append((beat.fleet, beat.device, received, telemetry_payload(beat).decode()))
+    raw = batch.heartbeat_payloads
+    if len(raw) != len(batch.heartbeats):
+        raw = [telemetry_payload(beat) for beat, _ in batch.heartbeats]
+    for (beat, received), payload in zip(batch.heartbeats, raw, strict=True):
+        history.append((beat.fleet, beat.device, received, payload.decode()))
         key = (beat.fleet, beat.device)
         if key not in latest or latest[key][1] <= received:
             latest[key] = (beat, received)
@@ -229,7 +235,7 @@ def _heartbeat_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
                 received,
                 beat.agent_version,
                 beat.interval_s,
-                json.dumps(asdict(beat.system), sort_keys=True),
+                json.dumps(vars(beat.system), sort_keys=True),
                 beat.outbox_pending,
                 beat.outbox_dropped,
             )
