@@ -651,7 +651,7 @@ def _optional(doc: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -
 
 
 def _number_or_none(doc: Mapping[str, Any], key: str) -> float | None:
-    value = doc.get(key)
+    value: Any = doc.get(key)
     return float(value) if type(value) in (int, float) else None
 
 
