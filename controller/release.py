@@ -179,6 +179,14 @@ def _add_bundle(
 
 
 def _current_desired(repo: Repository, fleet: str) -> DesiredState | None:
+    return current_desired_state(repo, fleet)
+
+
+def current_desired_state(repo: Repository, fleet: str) -> DesiredState | None:
+    """The fleet's desired state as the rollout role signs it now, or None.
+
+    Raises RepositoryError when it is damaged.
+    """
     raw = repo.read_target(ROLLOUT_ROLE, desired_target_path(fleet))
     if raw is None:
         return None
@@ -188,3 +196,56 @@ def _current_desired(repo: Repository, fleet: str) -> DesiredState | None:
         raise RepositoryError(
             f"the current desired state of fleet {fleet} is damaged: {exc}"
         ) from None
+
+
+def publish_bundle(bundle: Path, repo_dir: Path, now: datetime | None = None) -> ReleaseResult:
+    """Add ``bundle`` to top-level targets (release key) without pointing any fleet at it.
+
+    ``edgectl rollout start --bundle`` uses it; the rollout then moves the fleet.
+    Raises what ``release_bundle`` raises.
+    """
+    info = read_bundle(bundle)
+    manifest = info.manifest
+    repo = Repository.open(repo_dir)
+    now = now or datetime.now(UTC).replace(microsecond=0)
+    target_path = bundle_target_path(manifest.name, manifest.version)
+    with repo_lock(repo_dir):
+        added = _add_bundle(repo, target_path, bundle, info.sha256, info.length, now)
+        if added:
+            repo.publish(now)
+        versions = repo.versions()
+    logger.info("published %s (no fleet changed)", target_path)
+    return ReleaseResult(
+        model=manifest.name,
+        version=manifest.version,
+        fleet="",
+        target_path=target_path,
+        sha256=info.sha256,
+        length=info.length,
+        bundle_added=added,
+        fleet_changed=False,
+        rollout_id="",
+        versions=versions,
+    )
+
+
+def write_model_release(
+    repo: Repository, fleet: str, model: str, release: ModelRelease, now: datetime
+) -> bool:
+    """Make ``release`` the fleet's entry for ``model``, keeping the other models' entries.
+
+    Signs the rollout role, then a new snapshot and timestamp. Returns False (and signs
+    nothing) when the entry is already exactly that. Hold ``repo_lock``; raises
+    RepositoryError.
+    """
+    current = current_desired_state(repo, fleet)
+    if current is not None and current.models.get(model) == release:
+        return False
+    models = dict(current.models) if current else {}
+    models[model] = release
+    desired = DesiredState(fleet=fleet, models=models, issued_at=now.strftime("%Y-%m-%dT%H:%M:%SZ"))
+    path = desired_target_path(fleet)
+    stored = repo.store_target(path, desired.to_json_bytes())
+    repo.update_targets(ROLLOUT_ROLE, {path: stored}, now)
+    repo.publish(now)
+    return True

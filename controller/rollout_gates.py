@@ -1,0 +1,418 @@
+"""Rollout health gates: parsing the operator's gate text and judging a stage's evidence.
+
+Pure: ``evaluate_gates`` is a function of the policy and an ``Evidence`` value (the
+heartbeats and lifecycle events of one stage's window, gathered by
+``controller.rollout_service``); it never reads a clock or a store.
+
+Gates (``edgectl rollout start --gate``), each ``metric<limit``; the stage keeps going
+while every figure stays *below* its limit:
+
+``error_rate``       errors / served requests of the new version, summed over devices
+                     (served = requests − client errors; a 4xx is the caller's fault).
+``p99_ratio``        the median over devices of the new version's p99 latency, divided by
+                     the previous version's (the same median over devices still running
+                     it, or the baseline measured earlier in the rollout).
+``failed_installs``  devices whose install of the new version failed (golden vectors, an
+                     unpackable or untrusted bundle, a phase deadline) or that rolled it
+                     back (probation, crash loop), over the devices that tried it.
+``rollbacks``        the rolled-back share alone (optional, stricter on its own).
+
+And two evidence floors, ``name=value``:
+
+``min_devices``      devices reporting heartbeats on the new version in the stage window
+                     before the stage may pass (default 3).
+``min_requests``     served requests on the new version, summed, before it may pass
+                     (default 0: a quiet fleet still advances, as a quiet device commits).
+
+Evidence rules, the fleet-level twin of the device's probation (``agent.probation``):
+- ``error_rate`` is judged once ``judge_n = max(min_requests, 20, ceil(3 / limit))``
+  requests were served (300 for a 1 % limit: enough that one error is not a verdict);
+  before that it breaks only when the breach is already certain (``errors >= limit *
+  judge_n``, i.e. at least 3 errors), so one unlucky error does not halt a rollout but a
+  version that fails everything does, after its third error.
+- ``p99_ratio`` is judged only with at least 100 requests on each side: below that a
+  p99 is the maximum of a handful.
+- ``failed_installs`` and ``rollbacks`` break on the first failure that puts the share at
+  or over the limit: one failure in three devices is a third of the stage.
+A broken gate halts the stage whatever ``min_devices`` says: evidence of harm is enough;
+passing needs enough evidence of health.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from controller.errors import UsageError
+
+LIMIT_METRICS: Final = ("error_rate", "p99_ratio", "failed_installs", "rollbacks")
+FLOOR_NAMES: Final = ("min_devices", "min_requests")
+DEFAULT_GATES: Final = "error_rate<0.01,p99_ratio<1.5,failed_installs<0.02,min_devices=3"
+MIN_REQUESTS_TO_JUDGE: Final = 20
+# Errors that must be seen before an error rate may halt a rollout (sets judge_n).
+MIN_ERRORS_TO_HALT: Final = 3
+MIN_LATENCY_REQUESTS: Final = 100
+# Devices named in a breach, worst first; the count says how many there were in all.
+MAX_NAMED_DEVICES: Final = 10
+FAILURE_KINDS: Final = frozenset({"install_failed", "rolled_back"})
+
+
+@dataclass(frozen=True)
+class Gate:
+    metric: str
+    limit: float
+
+
+@dataclass(frozen=True)
+class GatePolicy:
+    """The gates of a rollout: limits on figures, and evidence floors."""
+
+    limits: tuple[Gate, ...]
+    min_devices: int = 3
+    min_requests: int = 0
+
+    def limit(self, metric: str) -> float | None:
+        return next((g.limit for g in self.limits if g.metric == metric), None)
+
+    def to_text(self) -> str:
+        parts = [f"{g.metric}<{g.limit:g}" for g in self.limits]
+        parts.append(f"min_devices={self.min_devices}")
+        if self.min_requests:
+            parts.append(f"min_requests={self.min_requests}")
+        return ",".join(parts)
+
+
+def parse_gates(text: str) -> GatePolicy:
+    """``"error_rate<0.01,p99_ratio<1.5,min_devices=3"`` → GatePolicy; raises UsageError."""
+    limits: dict[str, float] = {}
+    floors = {"min_devices": 3, "min_requests": 0}
+    for raw in text.split(","):
+        part = raw.strip()
+        if not part:
+            continue
+        if "<" in part:
+            name, _, value = part.partition("<")
+            name = name.strip()
+            if name not in LIMIT_METRICS:
+                raise UsageError(
+                    f"--gate: unknown metric {name!r}; expected one of {', '.join(LIMIT_METRICS)}"
+                )
+            limits[name] = _number(value, part, integer=False)
+        elif "=" in part:
+            name, _, value = part.partition("=")
+            name = name.strip()
+            if name not in FLOOR_NAMES:
+                raise UsageError(
+                    f"--gate: unknown setting {name!r}; expected one of {', '.join(FLOOR_NAMES)}"
+                )
+            floors[name] = int(_number(value, part, integer=True))
+        else:
+            raise UsageError(
+                f"--gate: expected metric<limit or name=value, got {part!r} (e.g. {DEFAULT_GATES})"
+            )
+    for name in ("error_rate", "failed_installs", "rollbacks"):
+        if name in limits and not 0 < limits[name] <= 1:
+            raise UsageError(f"--gate: {name} is a share within (0, 1], got {limits[name]:g}")
+    if "p99_ratio" in limits and not limits["p99_ratio"] > 0:
+        raise UsageError(f"--gate: p99_ratio must be > 0, got {limits['p99_ratio']:g}")
+    return GatePolicy(
+        limits=tuple(Gate(m, limits[m]) for m in LIMIT_METRICS if m in limits),
+        min_devices=floors["min_devices"],
+        min_requests=floors["min_requests"],
+    )
+
+
+def _number(value: str, part: str, integer: bool) -> float:
+    try:
+        number = int(value) if integer else float(value)
+    except ValueError:
+        kind = "a whole number" if integer else "a number"
+        raise UsageError(f"--gate: {part!r} expected {kind} after the sign") from None
+    if not number >= 0:
+        raise UsageError(f"--gate: {part!r} must not be negative")
+    return number
+
+
+# ---------------------------------------------------------------------------- evidence
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One heartbeat's figures for the rollout's model, on whichever version served."""
+
+    device: str
+    at: float
+    version: str | None
+    requests: int = 0
+    errors: int = 0
+    client_errors: int = 0
+    p99_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Incident:
+    """A lifecycle event of the new version: ``install_started``, ``install_failed``,
+    ``rolled_back``, ``committed`` …, with the device's reason."""
+
+    device: str
+    at: float
+    kind: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What one stage's window holds for a rollout of ``version`` over ``previous``."""
+
+    version: str
+    previous: str | None
+    samples: tuple[Sample, ...] = ()
+    incidents: tuple[Incident, ...] = ()
+    # The previous version's p99 measured earlier in the rollout (a fallback baseline).
+    baseline_p99_s: float | None = None
+
+
+@dataclass
+class DeviceFigures:
+    requests: int = 0
+    errors: int = 0
+    client_errors: int = 0
+    p99s: list[float] = field(default_factory=list)
+
+    @property
+    def served(self) -> int:
+        return self.requests - self.client_errors
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.served if self.served > 0 else None
+
+    @property
+    def p99_s(self) -> float | None:
+        return statistics.median(self.p99s) if self.p99s else None
+
+    def add(self, s: Sample) -> None:
+        self.requests += s.requests
+        self.errors += s.errors
+        self.client_errors += s.client_errors
+        if s.p99_s is not None and s.requests > s.client_errors:
+            self.p99s.append(s.p99_s)
+
+
+def per_device(samples: Iterable[Sample], version: str | None) -> dict[str, DeviceFigures]:
+    out: dict[str, DeviceFigures] = {}
+    for s in samples:
+        if s.version == version:
+            out.setdefault(s.device, DeviceFigures()).add(s)
+    return out
+
+
+@dataclass(frozen=True)
+class Breach:
+    """A gate that broke: the figure against its limit and the devices behind it."""
+
+    gate: str
+    limit: float
+    observed: float
+    detail: str
+    devices: Mapping[str, str]  # device → its own figure, worst first
+    device_count: int
+
+    def describe(self) -> str:
+        named = ", ".join(f"{d} ({fig})" for d, fig in self.devices.items())
+        more = self.device_count - len(self.devices)
+        return (
+            f"gate {self.gate}<{self.limit:g} broke: {self.observed:.4g} ({self.detail})"
+            + (f" on {named}" if named else "")
+            + (f" and {more} more" if more > 0 else "")
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "gate": self.gate,
+            "limit": self.limit,
+            "observed": self.observed,
+            "detail": self.detail,
+            "devices": dict(self.devices),
+            "device_count": self.device_count,
+        }
+
+
+@dataclass(frozen=True)
+class GateReport:
+    """The verdict on one stage window: the breaches, and whether evidence suffices."""
+
+    breaches: tuple[Breach, ...]
+    reporting: tuple[str, ...]  # devices with heartbeats on the new version
+    served: int
+    errors: int
+    error_rate: float | None
+    p99_s: float | None
+    baseline_p99_s: float | None
+    p99_ratio: float | None
+    attempted: int
+    failed: int
+    rolled_back: int
+    min_devices: int
+    min_requests: int
+
+    @property
+    def enough(self) -> bool:
+        return len(self.reporting) >= self.min_devices and self.served >= self.min_requests
+
+    @property
+    def healthy(self) -> bool:
+        return not self.breaches and self.enough
+
+    def shortfall(self) -> str:
+        """What evidence is missing, in words (empty when there is enough)."""
+        parts = []
+        if len(self.reporting) < self.min_devices:
+            parts.append(
+                f"only {len(self.reporting)} of min_devices={self.min_devices} devices "
+                "reporting the new version"
+            )
+        if self.served < self.min_requests:
+            parts.append(f"only {self.served} of min_requests={self.min_requests} requests")
+        return " and ".join(parts)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "reporting": len(self.reporting),
+            "served": self.served,
+            "errors": self.errors,
+            "error_rate": self.error_rate,
+            "p99_s": self.p99_s,
+            "baseline_p99_s": self.baseline_p99_s,
+            "p99_ratio": self.p99_ratio,
+            "attempted": self.attempted,
+            "failed": self.failed,
+            "rolled_back": self.rolled_back,
+            "enough": self.enough,
+            "breaches": [b.gate for b in self.breaches],
+        }
+
+
+def evaluate_gates(policy: GatePolicy, evidence: Evidence) -> GateReport:
+    """Judge one stage window against ``policy`` (see the module docstring's rules)."""
+    new = per_device(evidence.samples, evidence.version)
+    served = sum(f.served for f in new.values())
+    errors = sum(f.errors for f in new.values())
+    p99_new = _median_p99(new)
+    old = per_device(evidence.samples, evidence.previous) if evidence.previous else {}
+    old_served = sum(f.served for f in old.values())
+    baseline = _median_p99(old) if old_served >= MIN_LATENCY_REQUESTS else None
+    baseline = baseline if baseline is not None else evidence.baseline_p99_s
+    ratio = p99_new / baseline if p99_new is not None and baseline else None
+    failed = _devices_with(evidence.incidents, FAILURE_KINDS)
+    rolled_back = _devices_with(evidence.incidents, {"rolled_back"})
+    attempted = set(new) | {i.device for i in evidence.incidents}
+    breaches = [
+        b
+        for b in (
+            _error_rate_breach(policy, new, served, errors),
+            _latency_breach(policy, new, served, p99_new, baseline, ratio),
+            _failure_breach(policy, "failed_installs", failed, attempted),
+            _failure_breach(policy, "rollbacks", rolled_back, attempted),
+        )
+        if b is not None
+    ]
+    return GateReport(
+        breaches=tuple(breaches),
+        reporting=tuple(sorted(new)),
+        served=served,
+        errors=errors,
+        error_rate=errors / served if served > 0 else None,
+        p99_s=p99_new,
+        baseline_p99_s=baseline,
+        p99_ratio=ratio,
+        attempted=len(attempted),
+        failed=len(failed),
+        rolled_back=len(rolled_back),
+        min_devices=policy.min_devices,
+        min_requests=policy.min_requests,
+    )
+
+
+def _median_p99(figures: Mapping[str, DeviceFigures]) -> float | None:
+    values = [p for f in figures.values() if (p := f.p99_s) is not None]
+    return statistics.median(values) if values else None
+
+
+def _devices_with(incidents: Iterable[Incident], kinds: Iterable[str]) -> dict[str, str]:
+    wanted = set(kinds)
+    out: dict[str, str] = {}
+    for i in sorted(incidents, key=lambda i: i.at):
+        if i.kind in wanted:
+            out[i.device] = f"{i.kind}: {i.reason}" if i.reason else i.kind
+    return out
+
+
+def _named(ranked: list[tuple[float, str, str]]) -> tuple[dict[str, str], int]:
+    ranked.sort(key=lambda t: (-t[0], t[1]))
+    return {d: text for _, d, text in ranked[:MAX_NAMED_DEVICES]}, len(ranked)
+
+
+def _error_rate_breach(
+    policy: GatePolicy, new: Mapping[str, DeviceFigures], served: int, errors: int
+) -> Breach | None:
+    limit = policy.limit("error_rate")
+    if limit is None or errors == 0:
+        return None
+    judge_n = max(
+        policy.min_requests, MIN_REQUESTS_TO_JUDGE, math.ceil(MIN_ERRORS_TO_HALT / limit)
+    )
+    rate = errors / served if served > 0 else 1.0
+    if served >= judge_n and rate >= limit:
+        detail = f"{errors} errors in {served} requests"
+    elif served < judge_n and errors >= limit * judge_n:
+        detail = f"certain: {errors} errors in the first {served} requests"
+    else:
+        return None
+    ranked = [
+        (r, d, f"{f.errors}/{f.served} errors")
+        for d, f in new.items()
+        if (r := f.error_rate) is not None and f.errors and r >= limit
+    ]
+    devices, count = _named(ranked)
+    return Breach("error_rate", limit, rate, detail, devices, count)
+
+
+def _latency_breach(
+    policy: GatePolicy,
+    new: Mapping[str, DeviceFigures],
+    served: int,
+    p99_new: float | None,
+    baseline: float | None,
+    ratio: float | None,
+) -> Breach | None:
+    limit = policy.limit("p99_ratio")
+    if limit is None or ratio is None or baseline is None or p99_new is None:
+        return None
+    if served < MIN_LATENCY_REQUESTS or ratio < limit:
+        return None
+    ranked = [
+        (p / baseline, d, f"p99 {p * 1000:.3g} ms")
+        for d, f in new.items()
+        if (p := f.p99_s) is not None and p / baseline >= limit
+    ]
+    devices, count = _named(ranked)
+    detail = f"p99 {p99_new * 1000:.3g} ms vs previous {baseline * 1000:.3g} ms"
+    return Breach("p99_ratio", limit, ratio, detail, devices, count)
+
+
+def _failure_breach(
+    policy: GatePolicy, gate: str, failed: Mapping[str, str], attempted: set[str]
+) -> Breach | None:
+    limit = policy.limit(gate)
+    if limit is None or not failed:
+        return None
+    share = len(failed) / max(len(attempted), len(failed))
+    if share < limit:
+        return None
+    devices, count = _named([(1.0, d, reason[:120]) for d, reason in failed.items()])
+    detail = f"{len(failed)} of {max(len(attempted), len(failed))} devices"
+    return Breach(gate, limit, share, detail, devices, count)

@@ -1,0 +1,402 @@
+"""Rollouts at the edges: operator commands, and the scheduled job ``edgectl serve`` runs.
+
+The orchestrators here read the telemetry store and the repository, call the pure core
+(``controller.rollout``, ``controller.rollout_gates``) and write what it decides: the
+rollout record (``controller.rollout_store``) and the fleet's desired state, signed with
+the online rollout key, under the repository lock.
+
+Order of writes, so a crash at any instant leaves a state the next tick repairs:
+- ``start_rollout`` saves the record (``published`` false) before it writes desired
+  state; a tick that finds an unpublished record writes it.
+- Every later change writes desired state first, then the record. A crash in between
+  leaves the record as it was; the next tick writes desired state back to what the
+  record says (the command did not happen, and the operator's command reported an error).
+- A record whose entry in desired state now carries another rollout id, after it was
+  published, was replaced by someone else (``edgectl release``, another rollout): it
+  becomes ``superseded`` and is never written again.
+
+Wiring into ``edgectl serve`` (``controller.app``)::
+
+    scheduler = AsyncIOScheduler()
+    start_rollout_service(scheduler, config.repo_dir, store, RolloutSettings(
+        tick_interval_s=5.0, heartbeat_interval_s=config.heartbeat_interval_s))
+    scheduler.start()            # ... and scheduler.shutdown(wait=False) on stop
+
+The tick is synchronous (store reads, signing, fsync); APScheduler's asyncio executor
+runs it in a worker thread, one at a time (``max_instances=1``, ``coalesce``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+from agent.contracts import (
+    InvalidNameError,
+    ModelRelease,
+    ProbationPolicy,
+    bundle_target_path,
+    check_name,
+    check_version,
+    resolve_release,
+)
+from controller.errors import ConflictError, UsageError
+from controller.fsio import repo_lock
+from controller.release import (
+    current_desired_state,
+    new_rollout_id,
+    publish_bundle,
+    write_model_release,
+)
+from controller.repository import Repository
+from controller.rollout import (
+    OnFailure,
+    Rollout,
+    RolloutState,
+    abort,
+    advance,
+    desired_release,
+    new_rollout,
+    pause,
+    promote,
+    resume,
+    stable_version,
+    supersede,
+)
+from controller.rollout_gates import (
+    Evidence,
+    GatePolicy,
+    GateReport,
+    Incident,
+    Sample,
+    evaluate_gates,
+)
+from controller.rollout_store import RolloutStore
+from controller.store import TelemetryStore
+
+logger = logging.getLogger(__name__)
+
+ACTIONS: Final = ("pause", "resume", "promote", "abort")
+JOB_ID: Final = "rollouts"
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """How the scheduled job runs: tick period and how much telemetry one tick reads."""
+
+    tick_interval_s: float = 5.0
+    # Devices that do not say their heartbeat interval are assumed to use this one.
+    heartbeat_interval_s: float = 10.0
+    # The most recent events of a fleet one tick reads (a stage's window must fit).
+    max_events: int = 50_000
+    max_heartbeats_per_device: int = 2_000
+
+
+def _utc(now: float) -> datetime:
+    return datetime.fromtimestamp(now, UTC).replace(microsecond=0)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def start_rollout(
+    repo_dir: Path,
+    *,
+    fleet: str,
+    model: str,
+    version: str,
+    stages: Sequence[float],
+    wait_s: float,
+    deadline_s: float,
+    gates: GatePolicy,
+    canaries: Sequence[str] = (),
+    on_failure: OnFailure = OnFailure.PAUSE,
+    probation: ProbationPolicy | None = None,
+    bundle: Path | None = None,
+    now: float | None = None,
+) -> Rollout:
+    """Start a staged rollout and write its first stage into the fleet's desired state.
+
+    With ``bundle``, publish it first (release key). Raises UsageError (bad names, the
+    version is not published, the fleet already runs it), ConflictError (another rollout
+    of the model is active in the fleet), RepositoryError.
+    """
+    now = time.time() if now is None else now
+    try:
+        check_name("fleet", fleet)
+        check_name("model", model)
+        check_version(version)
+        for device in canaries:
+            check_name("device", device)
+    except InvalidNameError as exc:
+        raise UsageError(str(exc)) from None
+    if bundle is not None:
+        published = publish_bundle(bundle, repo_dir, _utc(now))
+        if (published.model, published.version) != (model, version):
+            raise UsageError(
+                f"{bundle} holds {published.model} {published.version}, not {model} {version}"
+            )
+    records = RolloutStore(repo_dir)
+    with repo_lock(repo_dir):
+        repo = Repository.open(repo_dir)
+        target = bundle_target_path(model, version)
+        if target not in repo.load("targets").signed.targets:
+            raise UsageError(
+                f"{model} {version} is not published ({target} is not in the signed targets); "
+                "pass --bundle FILE to publish it"
+            )
+        for other in records.find(fleet, model, active_only=True):
+            raise ConflictError(
+                f"rollout {other.id} of {model} {other.version} is {other.state.value} in "
+                f"fleet {fleet} at {other.percent:g}%: `edgectl rollout abort` or "
+                "`promote` it first"
+            )
+        desired = current_desired_state(repo, fleet)
+        rollout = new_rollout(
+            rollout_id=new_rollout_id(model, version),
+            fleet=fleet,
+            model=model,
+            version=version,
+            previous=stable_version(desired.models.get(model) if desired else None),
+            stages=stages,
+            wait_s=wait_s,
+            deadline_s=deadline_s,
+            gates=gates,
+            canaries=canaries,
+            on_failure=on_failure,
+            probation=probation or ProbationPolicy(),
+            now=now,
+        )
+        records.save(rollout)
+        rollout = _commit(repo, records, rollout, rollout, now)
+    logger.info("rollout %s started: %s %s in fleet %s", rollout.id, model, version, fleet)
+    return rollout
+
+
+def control_rollout(
+    repo_dir: Path,
+    fleet: str,
+    model: str,
+    action: str,
+    now: float | None = None,
+    reason: str = "",
+) -> Rollout:
+    """Apply an operator command (pause, resume, promote, abort) to the fleet's active
+    rollout of ``model``. Raises UsageError (no such rollout, an illegal move)."""
+    if action not in ACTIONS:
+        raise UsageError(f"unknown rollout action {action!r}; expected {', '.join(ACTIONS)}")
+    now = time.time() if now is None else now
+    records = RolloutStore(repo_dir)
+    with repo_lock(repo_dir):
+        active = records.find(fleet, model, active_only=True)
+        if not active:
+            raise UsageError(
+                f"no running or paused rollout of {model} in fleet {fleet}; "
+                "see `edgectl rollout status`"
+            )
+        before = active[0]
+        if action == "pause":
+            after = pause(before, now, reason or "paused by the operator")
+        elif action == "resume":
+            after = resume(before, now)
+        elif action == "promote":
+            after = promote(before, now)
+        else:
+            after = abort(before, now, reason or "aborted by the operator")
+        after = _commit(Repository.open(repo_dir), records, before, after, now)
+    logger.info("rollout %s: %s -> %s", after.id, action, after.state.value)
+    return after
+
+
+def _entry(repo: Repository, r: Rollout) -> ModelRelease | None:
+    desired = current_desired_state(repo, r.fleet)
+    return desired.models.get(r.model) if desired is not None else None
+
+
+def _commit(
+    repo: Repository, records: RolloutStore, before: Rollout, after: Rollout, now: float
+) -> Rollout:
+    """Write ``after``'s desired state, then the record; supersede instead when someone
+    else owns the fleet's entry now. Hold the repository lock."""
+    entry = _entry(repo, after)
+    if entry is not None and entry.rollout_id != after.id and after.published:
+        if not before.is_active:
+            return before
+        superseded = supersede(
+            before, now, f"desired state now names {entry.version} (rollout {entry.rollout_id})"
+        )
+        records.save(superseded)
+        logger.warning("rollout %s superseded by %s", before.id, entry.rollout_id)
+        return superseded
+    if write_model_release(repo, after.fleet, after.model, desired_release(after), _utc(now)):
+        logger.info(
+            "fleet %s: %s %s at %g%% (rollout %s, %s)",
+            after.fleet,
+            after.model,
+            after.version,
+            after.percent,
+            after.id,
+            after.state.value,
+        )
+    after = replace(after, published=True)
+    if after != before or not before.published:
+        records.save(after)
+    return after
+
+
+# ---------------------------------------------------------------------------- the job
+
+
+class RolloutService:
+    """Advances and halts every active rollout of one repository; ``tick`` is one pass."""
+
+    def __init__(
+        self, repo_dir: Path, store: TelemetryStore, settings: RolloutSettings | None = None
+    ) -> None:
+        self.repo_dir = repo_dir
+        self.store = store
+        self.settings = settings or RolloutSettings()
+        self.records = RolloutStore(repo_dir)
+
+    def run_once(self) -> None:
+        """The scheduled entry point: one tick, errors logged (the next tick retries)."""
+        try:
+            self.tick()
+        except Exception:  # a store or repository hiccup must not kill the schedule
+            logger.exception("rollout tick failed; retrying on the next one")
+
+    def tick(self, now: float | None = None) -> list[Rollout]:
+        """Evaluate every active rollout once; return the records as they are after it."""
+        out = []
+        for r in self.records.active():
+            now_r = time.time() if now is None else now
+            out.append(self._tick_one(r, now_r))
+        return out
+
+    def _tick_one(self, seen: Rollout, now: float) -> Rollout:
+        report: GateReport | None = None
+        counts: dict[str, Any] = {}
+        if seen.state is RolloutState.RUNNING:
+            # Store reads happen outside the lock: they may take a while on a big fleet.
+            report = evaluate_gates(seen.gates, self.evidence(seen, now))
+            counts = self.fleet_counts(seen)
+        with repo_lock(self.repo_dir):
+            current = self.records.load(seen.id)
+            if (current.state, current.stage, current.stage_started_at) != (
+                seen.state,
+                seen.stage,
+                seen.stage_started_at,
+            ):
+                return current  # an operator command got in between: judge it next tick
+            after = current
+            if report is not None:
+                after = advance(current, report, now)
+                if after.state is RolloutState.RUNNING and after.stage == current.stage:
+                    after = replace(after, last_report={**after.last_report, **counts})
+            after = _commit(Repository.open(self.repo_dir), self.records, current, after, now)
+        if after.state is not current.state or after.stage != current.stage:
+            _log_change(after)
+        return after
+
+    # ------------------------------------------------------------------ reading telemetry
+
+    def evidence(self, r: Rollout, now: float) -> Evidence:
+        """The heartbeats and events of ``r``'s model since its stage started."""
+        since = r.stage_started_at
+        samples: list[Sample] = []
+        for row in self.store.devices(fleet=r.fleet):
+            if row.last_seen < since:
+                continue
+            interval = row.interval_s or self.settings.heartbeat_interval_s
+            limit = min(self.settings.max_heartbeats_per_device, int((now - since) / interval) + 5)
+            for beat in self.store.heartbeats(row.device, limit):
+                if beat.fleet != r.fleet or beat.received_at < since:
+                    continue
+                sample = _sample(row.device, beat.received_at, beat.payload, r.model)
+                if sample is not None:
+                    samples.append(sample)
+        incidents = tuple(
+            Incident(e.device, e.received_at, e.kind, e.reason)
+            for e in self.store.events(fleet=r.fleet, limit=self.settings.max_events)
+            if e.model == r.model and e.version == r.version and e.received_at >= since
+        )
+        return Evidence(
+            version=r.version,
+            previous=r.previous,
+            samples=tuple(samples),
+            incidents=incidents,
+            baseline_p99_s=r.baseline_p99_s,
+        )
+
+    def fleet_counts(self, r: Rollout) -> dict[str, Any]:
+        """Devices the store knows in the fleet, those the stage gives the new version,
+        and those that run it now (for ``rollout status``)."""
+        release = desired_release(r)
+        known = expected = on_new = 0
+        for row in self.store.devices(fleet=r.fleet):
+            known += 1
+            resolved = resolve_release(release, row.device)
+            if resolved is not None and resolved[0] == r.version:
+                expected += 1
+            if any(m.model == r.model and m.version == r.version for m in row.models):
+                on_new += 1
+        return {"devices_known": known, "expected": expected, "on_new": on_new}
+
+
+def _sample(device: str, at: float, payload: dict[str, Any], model: str) -> Sample | None:
+    models = payload.get("models")
+    entry = models.get(model) if isinstance(models, dict) else None
+    if not isinstance(entry, dict):
+        return None
+
+    def count(key: str) -> int:
+        value = entry.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    p99 = entry.get("p99_s")
+    version = entry.get("version")
+    return Sample(
+        device=device,
+        at=at,
+        version=version if isinstance(version, str) else None,
+        requests=count("requests"),
+        errors=count("errors"),
+        client_errors=count("client_errors"),
+        p99_s=float(p99) if isinstance(p99, int | float) and not isinstance(p99, bool) else None,
+    )
+
+
+def _log_change(r: Rollout) -> None:
+    if r.halt is not None and r.state in (RolloutState.PAUSED, RolloutState.ABORTED):
+        logger.warning("rollout %s %s: %s", r.id, r.state.value, r.halt.reason)
+    else:
+        logger.info("rollout %s: %s at %g%%", r.id, r.state.value, r.percent)
+
+
+def start_rollout_service(
+    scheduler: Any,
+    repo_dir: Path,
+    store: TelemetryStore,
+    settings: RolloutSettings | None = None,
+) -> RolloutService:
+    """Add the rollout job to an APScheduler scheduler (started or not); return the
+    service. The first tick runs at once, then every ``tick_interval_s``."""
+    service = RolloutService(repo_dir, store, settings)
+    scheduler.add_job(
+        service.run_once,
+        "interval",
+        seconds=service.settings.tick_interval_s,
+        id=JOB_ID,
+        name="rollout gates",
+        max_instances=1,
+        coalesce=True,
+        next_run_time=datetime.now(UTC),
+        replace_existing=True,
+    )
+    logger.info("rollout service: evaluating gates every %.1f s", service.settings.tick_interval_s)
+    return service

@@ -1,0 +1,106 @@
+"""``edgectl rollout status``: rollout records as text (a bar per stage) and as JSON.
+
+Pure functions of records and an injected ``now`` (epoch seconds). The figures come from
+the record's ``last_report`` and ``passed`` summaries, which the rollout service writes
+on every tick; a status whose report is older than a few ticks says how old it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from typing import Any, Final
+
+from controller.rollout import Rollout, RolloutState
+
+BAR_WIDTH: Final = 24
+
+
+def _bar(fraction: float) -> str:
+    fraction = min(max(fraction, 0.0), 1.0)
+    full = round(fraction * BAR_WIDTH)
+    return "█" * full + "░" * (BAR_WIDTH - full)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(seconds, 0.0)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def _figures(report: Mapping[str, Any]) -> str:
+    if not report:
+        return ""
+    parts = [f"{report.get('reporting', 0)} reporting"]
+    if report.get("served"):
+        parts.append(f"{report['served']} req")
+    rate = report.get("error_rate")
+    if rate is not None:
+        parts.append(f"err {rate * 100:.2f}%")
+    ratio = report.get("p99_ratio")
+    if ratio is not None:
+        parts.append(f"p99 x{ratio:.2f}")
+    if report.get("failed"):
+        parts.append(f"{report['failed']} failed")
+    return ", ".join(parts)
+
+
+def _stage_line(r: Rollout, index: int, now: float) -> str:
+    percent = r.stages[index]
+    label = f"  stage {index + 1:<2} {percent:>5g}%  "
+    report = r.passed.get(str(index))
+    if report is not None or index < r.stage or r.state is RolloutState.COMPLETED:
+        how = "promoted" if report and report.get("promoted") else "passed"
+        return label + _bar(1.0) + f"  {how}" + (f"  ({_figures(report)})" if report else "")
+    if index > r.stage:
+        return label + _bar(0.0)
+    # The current stage: the bar shows devices on the new version over those it targets.
+    rep = r.last_report
+    expected = int(rep.get("expected", 0) or 0)
+    on_new = int(rep.get("on_new", 0) or 0)
+    fraction = on_new / expected if expected else 0.0
+    if r.state is RolloutState.RUNNING:
+        elapsed = now - r.stage_started_at
+        state = f"running {_duration(elapsed)} of {_duration(r.wait_s)}"
+    else:
+        state = r.state.value
+    devices = f"{on_new}/{expected} devices" if expected else "devices: no report yet"
+    figures = _figures(rep)
+    return label + _bar(fraction) + f"  {state}, {devices}" + (f"; {figures}" if figures else "")
+
+
+def render_rollout(r: Rollout, now: float) -> str:
+    """One rollout: header, gates, a bar per stage, the halt reason when halted."""
+    frm = r.previous or "(nothing)"
+    lines = [
+        f"rollout {r.id}  fleet {r.fleet}  {r.model} {frm} -> {r.version}  "
+        f"{r.state.value.upper()} at {r.percent:g}%",
+        f"  gates {r.gates.to_text()}; wait {_duration(r.wait_s)}, deadline "
+        f"{_duration(r.deadline_s)}, on failure {r.on_failure.value}"
+        + (f"; canaries {', '.join(r.canaries)}" if r.canaries else ""),
+    ]
+    lines += [_stage_line(r, i, now) for i in range(len(r.stages))]
+    if r.halt is not None:
+        lines.append(f"  halted ({r.halt.kind}) {_duration(now - r.halt.at)} ago: {r.halt.reason}")
+    if r.is_active and r.updated_at and now - r.updated_at > 60:
+        lines.append(
+            f"  last evaluated {_duration(now - r.updated_at)} ago: is `edgectl serve` running?"
+        )
+    return "\n".join(lines)
+
+
+def render_status(rollouts: Sequence[Rollout], now: float) -> str:
+    if not rollouts:
+        return "no rollouts"
+    return "\n\n".join(render_rollout(r, now) for r in rollouts)
+
+
+def rollout_json(r: Rollout) -> dict[str, Any]:
+    doc = asdict(r)
+    doc["gates"] = r.gates.to_text()
+    doc["percent"] = r.percent
+    doc["history"] = [list(h) for h in r.history]
+    return doc
