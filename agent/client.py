@@ -1,11 +1,11 @@
 """A lean Python client for the agent's local OIP v2 endpoint (Unix socket or loopback TCP).
 
-Built for per-call overhead, not generality: one persistent HTTP/1.1 connection on a raw
-socket (reopened once when the server has closed it), request heads built by hand,
-tensors sent with the binary tensor extension by default (no JSON encoding of data, the
-arrays' memory goes to the socket with ``sendmsg``), or through system shared memory
-when asked. Errors are mapped once, here, from the HTTP status to the agent's error
-tree, carrying the server's message.
+Built for per-call overhead, not generality: one persistent HTTP/1.1 connection
+(``agent.client_http``), tensors sent with the binary tensor extension by default (no
+JSON encoding of data, the arrays' memory goes to the socket as it is), or through
+system shared memory when asked; binary tensors and shared-memory tensors start on
+64-byte boundaries. Errors are mapped once, here, from the HTTP status to the agent's
+error tree, carrying the server's message.
 
 Also ``load_input_file``: read an infer input from ``.npy``, ``.npz`` or ``.json`` and
 cast it to the model's signature (what ``edge-agent infer MODEL --input FILE`` uses).
@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
 
+from agent.client_http import UnixHTTPConnection
 from agent.contracts import OIP_TO_NUMPY
 from agent.errors import (
     AgentUnreachableError,
@@ -31,136 +30,13 @@ from agent.errors import (
     ModelNotFoundError,
     NotReadyError,
 )
-from agent.oip import (
-    build_infer_request,
-    datatype_of,
-    parse_infer_response,
-    tensor_from_bytes,
-    tensor_to_bytes,
-)
+from agent.oip import build_infer_request, parse_infer_response
 from agent.shm import SharedMemoryRegion
+from agent.tensors import tensor_from_bytes, tensor_head, tensor_to_bytes
 
-_SEND_JOINED_BELOW: Final = 64 * 1024
+__all__ = ["AgentUnreachableError", "InferenceClient", "load_input_file"]
+
 _ALIGN: Final = 64  # binary data and shared-memory tensors start on this boundary
-
-
-class _Stale(Exception):
-    """The server closed a kept-alive connection before answering: retry once."""
-
-
-class UnixHTTPConnection:
-    """Minimal blocking HTTP/1.1 exchange over AF_UNIX (or TCP when ``address`` is a
-    ``(host, port)`` pair): ``request`` then ``getresponse``-style ``exchange``."""
-
-    def __init__(self, address: Path | tuple[str, int], timeout: float = 30.0) -> None:
-        self.address = address
-        self.timeout = timeout
-        self.sock: socket.socket | None = None
-
-    def connect(self) -> socket.socket:
-        if isinstance(self.address, tuple):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        else:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(
-                self.address if isinstance(self.address, tuple) else os.fspath(self.address)
-            )
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-        return sock
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-    def exchange(
-        self, head: bytes, parts: Sequence[bytes | memoryview]
-    ) -> tuple[int, dict[bytes, bytes], bytearray]:
-        """Send one request (``head`` ends with the blank line); read its response.
-
-        Raises _Stale when a reused connection was closed before any response byte,
-        OSError for other socket failures, InferenceError for a malformed response.
-        """
-        reused = self.sock is not None
-        sock = self.sock or self.connect()
-        try:
-            try:
-                _send(sock, head, parts)
-            except (BrokenPipeError, ConnectionResetError):
-                # The server may have answered early (403, 503, 431) and closed: read it.
-                sock.settimeout(min(self.timeout, 1.0))
-                try:
-                    status, headers, body = _receive(sock)
-                except (OSError, _Stale, InferenceError):
-                    raise BrokenPipeError from None
-                self.close()
-                return status, headers, body
-            status, headers, body = _receive(sock)
-        except (BrokenPipeError, ConnectionResetError, _Stale):
-            self.close()
-            if reused:
-                raise _Stale from None
-            raise
-        if headers.get(b"connection", b"").lower() == b"close":
-            self.close()
-        return status, headers, body
-
-
-def _send(sock: socket.socket, head: bytes, parts: Sequence[bytes | memoryview]) -> None:
-    total = len(head) + sum(len(p) for p in parts)
-    if total < _SEND_JOINED_BELOW:
-        sock.sendall(b"".join((head, *parts)) if parts else head)
-        return
-    views = [memoryview(head), *(memoryview(p).cast("B") for p in parts if len(p))]
-    while views:
-        sent = sock.sendmsg(views)
-        while sent:
-            if sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][sent:]
-                sent = 0
-
-
-def _receive(sock: socket.socket) -> tuple[int, dict[bytes, bytes], bytearray]:
-    data = sock.recv(65536)
-    if not data:
-        raise _Stale
-    while b"\r\n\r\n" not in data:
-        if len(data) > 1024 * 1024:
-            raise InferenceError("the agent answered an oversized response head")
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise InferenceError("the agent closed the connection in a response head")
-        data += chunk
-    head, rest = data.split(b"\r\n\r\n", 1)
-    lines = head.split(b"\r\n")
-    try:
-        status = int(lines[0].split(b" ", 2)[1])
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
-        length = int(headers.get(b"content-length", b"0"))
-    except (IndexError, ValueError):
-        raise InferenceError(f"the agent answered a malformed head: {head[:200]!r}") from None
-    body = bytearray(length)
-    have = min(len(rest), length)
-    body[:have] = rest[:have]
-    view = memoryview(body)
-    while have < length:
-        got = sock.recv_into(view[have:])
-        if not got:
-            raise InferenceError("the agent closed the connection in a response body")
-        have += got
-    return status, headers, body
 
 
 class InferenceClient:
@@ -200,38 +76,6 @@ class InferenceClient:
 
     # -- transport
 
-    def _request(
-        self,
-        method: str,
-        path: str,
-        parts: Sequence[bytes | memoryview] = (),
-        extra: bytes = b"",
-    ) -> tuple[int, dict[bytes, bytes], bytearray]:
-        length = sum(len(p) for p in parts)
-        head = (
-            f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {length}\r\n".encode()
-            + extra
-            + b"\r\n"
-        )
-        for attempt in (1, 2):
-            try:
-                return self._connection.exchange(head, parts)
-            except _Stale:
-                if attempt == 2:
-                    break
-            except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
-                self._connection.close()
-                raise AgentUnreachableError(
-                    f"cannot connect to the agent at {self.address}: {exc}"
-                ) from None
-            except (BrokenPipeError, ConnectionResetError):
-                self._connection.close()
-                break
-            except OSError as exc:
-                self._connection.close()
-                raise InferenceError(f"{method} {path} on {self.address} failed: {exc!r}") from None
-        raise AgentUnreachableError(f"the agent at {self.address} closed the connection")
-
     def _call(
         self,
         method: str,
@@ -239,7 +83,7 @@ class InferenceClient:
         parts: Sequence[bytes | memoryview] = (),
         extra: bytes = b"",
     ) -> tuple[dict[bytes, bytes], bytearray]:
-        status, headers, data = self._request(method, path, parts, extra)
+        status, headers, data = self._connection.request(method, path, parts, extra)
         if status == 200:
             return headers, data
         raise _error_for(status, data)
@@ -262,7 +106,7 @@ class InferenceClient:
     def live(self) -> bool:
         """True when the agent answers its liveness check; False when nothing answers."""
         try:
-            status, _, _ = self._request("GET", "/v2/health/live")
+            status, _, _ = self._connection.request("GET", "/v2/health/live")
         except AgentUnreachableError:
             return False
         return status == 200
@@ -270,7 +114,7 @@ class InferenceClient:
     def ready(self) -> bool:
         """True when the agent is ready to serve; False when not, or nothing answers."""
         try:
-            status, _, _ = self._request("GET", "/v2/health/ready")
+            status, _, _ = self._connection.request("GET", "/v2/health/ready")
         except AgentUnreachableError:
             return False
         return status == 200
@@ -338,7 +182,7 @@ class InferenceClient:
         for name, value in inputs.items():
             array = np.asarray(value)
             payload = tensor_to_bytes(array)
-            tensors.append(_tensor_head(name, array, {"binary_data_size": len(payload)}))
+            tensors.append(tensor_head(name, array, {"binary_data_size": len(payload)}))
             payloads.append(payload)
         doc = _request_doc(tensors, outputs, request_id, {"binary_data": True})
         return self._send_binary(path, doc, payloads)
@@ -386,7 +230,7 @@ class InferenceClient:
             array = np.asarray(value)
             batch = array.shape[0] if batch is None and array.ndim else batch
             size = region.write(offset, tensor_to_bytes(array))
-            tensors.append(_tensor_head(name, array, _shm_params(region, offset, size)))
+            tensors.append(tensor_head(name, array, _shm_params(region, offset, size)))
             offset += size + (-size % _ALIGN)
         if model not in self._outputs:
             self._outputs[model] = self.model_metadata(model).get("outputs", [])
@@ -434,15 +278,6 @@ class InferenceClient:
 def _model_path(model: str, version: str | None) -> str:
     path = f"/v2/models/{model}"
     return path if version is None else f"{path}/versions/{version}"
-
-
-def _tensor_head(name: str, array: np.ndarray, parameters: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "datatype": datatype_of(array),
-        "shape": list(array.shape),
-        "parameters": parameters,
-    }
 
 
 def _request_doc(

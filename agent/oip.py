@@ -1,8 +1,9 @@
-"""The Open Inference Protocol v2 codec: pure functions, no I/O.
+"""The Open Inference Protocol v2 documents: pure functions, no I/O.
 
 It turns an infer request body into numpy arrays checked against a model's manifest, and
-arrays back into a response body; it also shapes the metadata documents. Tensor data may
-travel three ways, per tensor:
+arrays back into a response body; it also shapes the metadata documents. Converting one
+tensor is ``agent.tensors``'s job; this module owns the documents around the tensors and
+where each tensor's data travels, per tensor:
 
 - JSON ``data`` (flat or nested, row-major);
 - the binary tensor extension: the JSON header is followed by raw little-endian bytes,
@@ -12,16 +13,12 @@ travel three ways, per tensor:
   ``shared_memory_offset`` and ``shared_memory_byte_size``) names bytes in a region the
   client registered; the codec reaches them only through an injected ``SharedMemory``.
 
-Binary layout (both extensions): row-major, no padding; BOOL is one byte 0 or 1; BYTES
-is, per element, a little-endian uint32 length followed by that many bytes.
-
 Invariants:
 - Every rejection is an ``InvalidRequestError`` whose message names the tensor (or the
   field) and says what was expected and what was got; the HTTP edge maps it to 400.
 - A parsed input has exactly the manifest's datatype and a shape that fits the manifest's
   (``-1`` is a wildcard); every manifest input is present, no other is.
-- Values are never silently changed: floats are refused for integer tensors, integers out
-  of the datatype's range are refused, only ``true``/``false`` (or bytes 0/1) make a BOOL.
+- Values are never silently changed (``agent.tensors`` refuses what does not fit).
 - Binary sections are accounted for exactly: a size that disagrees with the shape, or
   bytes left over or missing, is refused.
 """
@@ -29,52 +26,27 @@ Invariants:
 from __future__ import annotations
 
 import json
-import math
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import numpy as np
 
-from agent.contracts import NUMPY_TO_OIP, OIP_TO_NUMPY, Manifest, TensorSpec
+from agent.contracts import OIP_TO_NUMPY, Manifest, TensorSpec
 from agent.errors import InvalidRequestError
+from agent.tensors import (
+    datatype_of,
+    shape_fits,
+    tensor_from_bytes,
+    tensor_from_json,
+    tensor_head,
+    tensor_to_bytes,
+    tensor_to_json,
+)
 
 PLATFORM: Final = "onnxruntime_onnx"
 EXTENSIONS: Final = ("binary_tensor_data", "system_shared_memory")
 HEADER_LENGTH: Final = "Inference-Header-Content-Length"
-
-# Which numpy kinds (of the array JSON data makes) each OIP datatype accepts.
-_ACCEPTED_KINDS: Final[Mapping[str, str]] = {
-    "BOOL": "b",
-    "UINT8": "iu",
-    "UINT16": "iu",
-    "UINT32": "iu",
-    "UINT64": "iu",
-    "INT8": "iu",
-    "INT16": "iu",
-    "INT32": "iu",
-    "INT64": "iu",
-    "FP16": "iuf",
-    "FP32": "iuf",
-    "FP64": "iuf",
-    "BYTES": "U",
-}
-_KIND_NAMES: Final[Mapping[str, str]] = {
-    "b": "booleans",
-    "i": "integers",
-    "u": "integers",
-    "f": "floats",
-    "U": "strings",
-    "O": "mixed values",
-}
-# Little-endian wire dtypes of the fixed-size datatypes.
-_WIRE: Final[Mapping[str, np.dtype[Any]]] = {
-    name: np.dtype(numpy_name).newbyteorder("<")
-    for name, numpy_name in OIP_TO_NUMPY.items()
-    if name not in ("BYTES", "BOOL")
-}
-_LENGTH: Final = struct.Struct("<I")
 
 
 class SharedMemory(Protocol):
@@ -322,139 +294,6 @@ def _parse_input(
     return name, tensor_from_json(name, datatype, shape, raw["data"]), 0
 
 
-def shape_fits(expected: Sequence[int], got: Sequence[int]) -> bool:
-    """True when ``got`` has ``expected``'s rank and every fixed dimension (-1: any)."""
-    if len(expected) != len(got):
-        return False
-    return all(want < 0 or want == have for want, have in zip(expected, got, strict=True))
-
-
-def tensor_from_json(name: str, datatype: str, shape: Sequence[int], data: Any) -> np.ndarray:
-    """Build the array of one JSON tensor (``data`` flat or nested, row-major).
-
-    Raises InvalidRequestError when the count of values differs from the shape's
-    product, or the values are not of the datatype's kind or out of its range.
-    """
-    count = math.prod(shape)
-    if not isinstance(data, list):
-        data = [data]
-    try:
-        values = np.asarray(data)
-    except (ValueError, TypeError, OverflowError, RecursionError):
-        raise InvalidRequestError(
-            f"input {name!r}: data must be a flat or regularly nested list of values"
-        ) from None
-    if values.size != count:
-        raise InvalidRequestError(
-            f"input {name!r}: shape {list(shape)} needs {count} values, got {values.size}"
-        )
-    if count == 0:
-        return np.empty(shape, dtype=OIP_TO_NUMPY[datatype])
-    kind = values.dtype.kind
-    if kind in "fO" and datatype.startswith(("UINT", "INT")):
-        return _big_integers(name, datatype, shape, data, values.dtype)
-    if kind not in _ACCEPTED_KINDS[datatype]:
-        raise InvalidRequestError(
-            f"input {name!r}: datatype {datatype} expects "
-            f"{_expected_values(datatype)}, got {_KIND_NAMES.get(kind, values.dtype.name)}"
-        )
-    target = np.dtype(OIP_TO_NUMPY[datatype])
-    if kind in "iu" and target.kind in "iu":
-        info = np.iinfo(target)
-        low, high = values.min(), values.max()
-        if low < info.min or high > info.max:
-            raise InvalidRequestError(
-                f"input {name!r}: datatype {datatype} holds {info.min}..{info.max}, "
-                f"got values in {low}..{high}"
-            )
-    return values.astype(target, copy=False).reshape(shape)
-
-
-def _big_integers(
-    name: str, datatype: str, shape: Sequence[int], data: Any, guessed: np.dtype[Any]
-) -> np.ndarray:
-    """Integers numpy could not hold in int64 (UINT64 above 2**63): check them one by one."""
-    flat = np.asarray(data, dtype=object).ravel().tolist()
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
-        raise InvalidRequestError(
-            f"input {name!r}: datatype {datatype} expects integers, got "
-            f"{_KIND_NAMES.get(guessed.kind, guessed.name)}"
-        )
-    info = np.iinfo(np.dtype(OIP_TO_NUMPY[datatype]))
-    low, high = min(flat), max(flat)
-    if low < info.min or high > info.max:
-        raise InvalidRequestError(
-            f"input {name!r}: datatype {datatype} holds {info.min}..{info.max}, "
-            f"got values in {low}..{high}"
-        )
-    return np.array(flat, dtype=OIP_TO_NUMPY[datatype]).reshape(shape)
-
-
-def tensor_from_bytes(
-    name: str, datatype: str, shape: Sequence[int], data: bytes | bytearray | memoryview
-) -> np.ndarray:
-    """Build the array of one binary tensor; fixed-size types share ``data``'s memory.
-
-    Raises InvalidRequestError when the size disagrees with the shape, a BOOL byte is
-    not 0 or 1, or a BYTES element is truncated or not UTF-8.
-    """
-    count = math.prod(shape)
-    if datatype == "BYTES":
-        return _strings_from_bytes(name, shape, count, memoryview(data))
-    itemsize = 1 if datatype == "BOOL" else _WIRE[datatype].itemsize
-    if len(data) != count * itemsize:
-        raise InvalidRequestError(
-            f"input {name!r}: {datatype} {list(shape)} needs {count * itemsize} bytes, "
-            f"got {len(data)}"
-        )
-    if datatype == "BOOL":
-        raw = np.frombuffer(data, dtype=np.uint8)
-        if raw.size and raw.max() > 1:
-            raise InvalidRequestError(f"input {name!r}: BOOL bytes must be 0 or 1")
-        return raw.view(np.bool_).reshape(shape)
-    return np.frombuffer(data, dtype=_WIRE[datatype]).reshape(shape)
-
-
-def _strings_from_bytes(
-    name: str, shape: Sequence[int], count: int, data: memoryview
-) -> np.ndarray:
-    values: list[str] = []
-    offset, end = 0, len(data)
-    while offset < end:
-        if offset + 4 > end or len(values) >= count:
-            break
-        (length,) = _LENGTH.unpack_from(data, offset)
-        offset += 4
-        if offset + length > end:
-            raise InvalidRequestError(
-                f"input {name!r}: BYTES element {len(values)} claims {length} bytes, "
-                f"{end - offset} are left"
-            )
-        try:
-            values.append(str(data[offset : offset + length], "utf-8"))
-        except UnicodeDecodeError:
-            raise InvalidRequestError(
-                f"input {name!r}: BYTES element {len(values)} is not UTF-8 text"
-            ) from None
-        offset += length
-    if len(values) != count or offset != end:
-        raise InvalidRequestError(
-            f"input {name!r}: shape {list(shape)} needs {count} BYTES elements, got "
-            f"{len(values)} and {end - offset} stray bytes"
-        )
-    return np.array(values, dtype=object).reshape(shape)
-
-
-def _expected_values(datatype: str) -> str:
-    if datatype == "BOOL":
-        return "true/false"
-    if datatype == "BYTES":
-        return "strings"
-    if datatype.startswith("FP"):
-        return "numbers"
-    return "integers"
-
-
 def _parse_outputs(
     raw: Any, specs: Sequence[TensorSpec], binary_default: bool, shm: SharedMemory | None
 ) -> list[OutputRequest] | None:
@@ -485,53 +324,6 @@ def _parse_outputs(
 # ---------------------------------------------------------------------------- responses
 
 
-def datatype_of(array: np.ndarray) -> str:
-    """The OIP datatype of an array (numpy strings and objects are BYTES)."""
-    if array.dtype.kind in "USO":
-        return "BYTES"
-    try:
-        return NUMPY_TO_OIP[array.dtype.name]
-    except KeyError:
-        raise InvalidRequestError(f"numpy dtype {array.dtype} has no OIP datatype") from None
-
-
-def _as_text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-
-
-def tensor_to_json(name: str, array: np.ndarray) -> dict[str, Any]:
-    """One OIP JSON tensor: ``{name, datatype, shape, data}`` with flat row-major data."""
-    datatype = datatype_of(array)
-    data = array.ravel().tolist()
-    if datatype == "BYTES":
-        data = [_as_text(v) for v in data]
-    return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": data}
-
-
-def tensor_to_bytes(array: np.ndarray) -> bytes | memoryview:
-    """The binary form of a tensor (a view of the array's memory when it can be)."""
-    if datatype_of(array) == "BYTES":
-        parts: list[bytes] = []
-        for value in array.ravel().tolist():
-            encoded = value if isinstance(value, bytes) else str(value).encode("utf-8")
-            parts.append(_LENGTH.pack(len(encoded)))
-            parts.append(encoded)
-        return b"".join(parts)
-    if array.dtype.byteorder == ">":
-        array = array.astype(array.dtype.newbyteorder("<"))
-    array = np.ascontiguousarray(array)
-    return array.reshape(-1).view(np.uint8).data if array.size else b""
-
-
-def _binary_tensor(name: str, array: np.ndarray, payload: bytes | memoryview) -> dict[str, Any]:
-    return {
-        "name": name,
-        "datatype": datatype_of(array),
-        "shape": list(array.shape),
-        "parameters": {"binary_data_size": len(payload)},
-    }
-
-
 def _shm_tensor(name: str, array: np.ndarray, ref: ShmRef, shm: SharedMemory) -> dict[str, Any]:
     payload = tensor_to_bytes(array)
     if len(payload) > ref.byte_size:
@@ -540,16 +332,12 @@ def _shm_tensor(name: str, array: np.ndarray, ref: ShmRef, shm: SharedMemory) ->
             f"bytes, shared_memory_byte_size is {ref.byte_size}"
         )
     shm.view(ref.region, ref.offset, len(payload))[:] = payload
-    return {
-        "name": name,
-        "datatype": datatype_of(array),
-        "shape": list(array.shape),
-        "parameters": {
-            "shared_memory_region": ref.region,
-            "shared_memory_offset": ref.offset,
-            "shared_memory_byte_size": len(payload),
-        },
+    parameters = {
+        "shared_memory_region": ref.region,
+        "shared_memory_offset": ref.offset,
+        "shared_memory_byte_size": len(payload),
     }
+    return tensor_head(name, array, parameters)
 
 
 def encode_infer_response(
@@ -578,7 +366,7 @@ def encode_infer_response(
             tensors.append(_shm_tensor(name, array, choice.shm, shm))
         elif choice.binary if choice is not None else request.binary_output:
             payload = tensor_to_bytes(array)
-            tensors.append(_binary_tensor(name, array, payload))
+            tensors.append(tensor_head(name, array, {"binary_data_size": len(payload)}))
             payloads.append(payload)
         else:
             tensors.append(tensor_to_json(name, array))

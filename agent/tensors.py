@@ -1,0 +1,242 @@
+"""One tensor between numpy and the Open Inference Protocol v2: pure functions, no I/O.
+
+A tensor travels as JSON ``data`` (flat or nested, row-major) or as raw bytes (the
+binary tensor and shared-memory extensions). Binary layout: row-major, little-endian,
+no padding; BOOL is one byte 0 or 1; BYTES is, per element, a little-endian uint32
+length followed by that many bytes. ``agent.oip`` builds whole request and response
+documents from these.
+
+Invariants:
+- Every rejection is an ``InvalidRequestError`` that names the tensor and says what was
+  expected and what was got.
+- Values are never silently changed: floats are refused for integer tensors, integers out
+  of the datatype's range are refused, only ``true``/``false`` (or bytes 0/1) make a BOOL.
+- A binary tensor's size must match its shape exactly; fixed-size types share the
+  buffer's memory instead of copying it.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import numpy as np
+
+from agent.contracts import NUMPY_TO_OIP, OIP_TO_NUMPY
+from agent.errors import InvalidRequestError
+
+# Which numpy kinds (of the array JSON data makes) each OIP datatype accepts.
+_ACCEPTED_KINDS: Final[Mapping[str, str]] = {
+    "BOOL": "b",
+    "UINT8": "iu",
+    "UINT16": "iu",
+    "UINT32": "iu",
+    "UINT64": "iu",
+    "INT8": "iu",
+    "INT16": "iu",
+    "INT32": "iu",
+    "INT64": "iu",
+    "FP16": "iuf",
+    "FP32": "iuf",
+    "FP64": "iuf",
+    "BYTES": "U",
+}
+_KIND_NAMES: Final[Mapping[str, str]] = {
+    "b": "booleans",
+    "i": "integers",
+    "u": "integers",
+    "f": "floats",
+    "U": "strings",
+    "O": "mixed values",
+}
+# Little-endian wire dtypes of the fixed-size datatypes.
+_WIRE: Final[Mapping[str, np.dtype[Any]]] = {
+    name: np.dtype(numpy_name).newbyteorder("<")
+    for name, numpy_name in OIP_TO_NUMPY.items()
+    if name not in ("BYTES", "BOOL")
+}
+_LENGTH: Final = struct.Struct("<I")
+
+
+def shape_fits(expected: Sequence[int], got: Sequence[int]) -> bool:
+    """True when ``got`` has ``expected``'s rank and every fixed dimension (-1: any)."""
+    if len(expected) != len(got):
+        return False
+    return all(want < 0 or want == have for want, have in zip(expected, got, strict=True))
+
+
+def tensor_from_json(name: str, datatype: str, shape: Sequence[int], data: Any) -> np.ndarray:
+    """Build the array of one JSON tensor (``data`` flat or nested, row-major).
+
+    Raises InvalidRequestError when the count of values differs from the shape's
+    product, or the values are not of the datatype's kind or out of its range.
+    """
+    count = math.prod(shape)
+    if not isinstance(data, list):
+        data = [data]
+    try:
+        values = np.asarray(data)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        raise InvalidRequestError(
+            f"input {name!r}: data must be a flat or regularly nested list of values"
+        ) from None
+    if values.size != count:
+        raise InvalidRequestError(
+            f"input {name!r}: shape {list(shape)} needs {count} values, got {values.size}"
+        )
+    if count == 0:
+        return np.empty(shape, dtype=OIP_TO_NUMPY[datatype])
+    kind = values.dtype.kind
+    if kind in "fO" and datatype.startswith(("UINT", "INT")):
+        return _big_integers(name, datatype, shape, data, values.dtype)
+    if kind not in _ACCEPTED_KINDS[datatype]:
+        raise InvalidRequestError(
+            f"input {name!r}: datatype {datatype} expects "
+            f"{_expected_values(datatype)}, got {_KIND_NAMES.get(kind, values.dtype.name)}"
+        )
+    target = np.dtype(OIP_TO_NUMPY[datatype])
+    if kind in "iu" and target.kind in "iu":
+        info = np.iinfo(target)
+        low, high = values.min(), values.max()
+        if low < info.min or high > info.max:
+            raise InvalidRequestError(
+                f"input {name!r}: datatype {datatype} holds {info.min}..{info.max}, "
+                f"got values in {low}..{high}"
+            )
+    return values.astype(target, copy=False).reshape(shape)
+
+
+def _big_integers(
+    name: str, datatype: str, shape: Sequence[int], data: Any, guessed: np.dtype[Any]
+) -> np.ndarray:
+    """Integers numpy could not hold in int64 (UINT64 above 2**63): check them one by one."""
+    flat = np.asarray(data, dtype=object).ravel().tolist()
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in flat):
+        raise InvalidRequestError(
+            f"input {name!r}: datatype {datatype} expects integers, got "
+            f"{_KIND_NAMES.get(guessed.kind, guessed.name)}"
+        )
+    info = np.iinfo(np.dtype(OIP_TO_NUMPY[datatype]))
+    low, high = min(flat), max(flat)
+    if low < info.min or high > info.max:
+        raise InvalidRequestError(
+            f"input {name!r}: datatype {datatype} holds {info.min}..{info.max}, "
+            f"got values in {low}..{high}"
+        )
+    return np.array(flat, dtype=OIP_TO_NUMPY[datatype]).reshape(shape)
+
+
+def tensor_from_bytes(
+    name: str, datatype: str, shape: Sequence[int], data: bytes | bytearray | memoryview
+) -> np.ndarray:
+    """Build the array of one binary tensor; fixed-size types share ``data``'s memory.
+
+    Raises InvalidRequestError when the size disagrees with the shape, a BOOL byte is
+    not 0 or 1, or a BYTES element is truncated or not UTF-8.
+    """
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        return _strings_from_bytes(name, shape, count, memoryview(data))
+    itemsize = 1 if datatype == "BOOL" else _WIRE[datatype].itemsize
+    if len(data) != count * itemsize:
+        raise InvalidRequestError(
+            f"input {name!r}: {datatype} {list(shape)} needs {count * itemsize} bytes, "
+            f"got {len(data)}"
+        )
+    if datatype == "BOOL":
+        raw = np.frombuffer(data, dtype=np.uint8)
+        if raw.size and raw.max() > 1:
+            raise InvalidRequestError(f"input {name!r}: BOOL bytes must be 0 or 1")
+        return raw.view(np.bool_).reshape(shape)
+    return np.frombuffer(data, dtype=_WIRE[datatype]).reshape(shape)
+
+
+def _strings_from_bytes(
+    name: str, shape: Sequence[int], count: int, data: memoryview
+) -> np.ndarray:
+    values: list[str] = []
+    offset, end = 0, len(data)
+    while offset < end:
+        if offset + 4 > end or len(values) >= count:
+            break
+        (length,) = _LENGTH.unpack_from(data, offset)
+        offset += 4
+        if offset + length > end:
+            raise InvalidRequestError(
+                f"input {name!r}: BYTES element {len(values)} claims {length} bytes, "
+                f"{end - offset} are left"
+            )
+        try:
+            values.append(str(data[offset : offset + length], "utf-8"))
+        except UnicodeDecodeError:
+            raise InvalidRequestError(
+                f"input {name!r}: BYTES element {len(values)} is not UTF-8 text"
+            ) from None
+        offset += length
+    if len(values) != count or offset != end:
+        raise InvalidRequestError(
+            f"input {name!r}: shape {list(shape)} needs {count} BYTES elements, got "
+            f"{len(values)} and {end - offset} stray bytes"
+        )
+    return np.array(values, dtype=object).reshape(shape)
+
+
+def _expected_values(datatype: str) -> str:
+    if datatype == "BOOL":
+        return "true/false"
+    if datatype == "BYTES":
+        return "strings"
+    if datatype.startswith("FP"):
+        return "numbers"
+    return "integers"
+
+
+def datatype_of(array: np.ndarray) -> str:
+    """The OIP datatype of an array (numpy strings and objects are BYTES)."""
+    if array.dtype.kind in "USO":
+        return "BYTES"
+    try:
+        return NUMPY_TO_OIP[array.dtype.name]
+    except KeyError:
+        raise InvalidRequestError(f"numpy dtype {array.dtype} has no OIP datatype") from None
+
+
+def _as_text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def tensor_to_json(name: str, array: np.ndarray) -> dict[str, Any]:
+    """One OIP JSON tensor: ``{name, datatype, shape, data}`` with flat row-major data."""
+    datatype = datatype_of(array)
+    data = array.ravel().tolist()
+    if datatype == "BYTES":
+        data = [_as_text(v) for v in data]
+    return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": data}
+
+
+def tensor_to_bytes(array: np.ndarray) -> bytes | memoryview:
+    """The binary form of a tensor (a view of the array's memory when it can be)."""
+    if datatype_of(array) == "BYTES":
+        parts: list[bytes] = []
+        for value in array.ravel().tolist():
+            encoded = value if isinstance(value, bytes) else str(value).encode("utf-8")
+            parts.append(_LENGTH.pack(len(encoded)))
+            parts.append(encoded)
+        return b"".join(parts)
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    array = np.ascontiguousarray(array)
+    return array.reshape(-1).view(np.uint8).data if array.size else b""
+
+
+def tensor_head(name: str, array: np.ndarray, parameters: dict[str, Any]) -> dict[str, Any]:
+    """A tensor's JSON without its data: ``{name, datatype, shape, parameters}`` (the
+    data travels as binary or in shared memory, as ``parameters`` say)."""
+    return {
+        "name": name,
+        "datatype": datatype_of(array),
+        "shape": list(array.shape),
+        "parameters": parameters,
+    }
