@@ -105,16 +105,15 @@ def test_p99_ratio_against_devices_still_on_the_previous_version() -> None:
 def test_p99_ratio_needs_100_requests_and_falls_back_to_the_recorded_baseline() -> None:
     few = Evidence("2.0.0", "1.0.0", _samples("2.0.0", 3, 30, 0, 0.05, "n"), baseline_p99_s=0.01)
     assert not evaluate_gates(POLICY, few).breaches
-    enough = Evidence(
-        "2.0.0", "1.0.0", _samples("2.0.0", 3, 40, 0, 0.05, "n"), baseline_p99_s=0.01
-    )
+    enough = Evidence("2.0.0", "1.0.0", _samples("2.0.0", 3, 40, 0, 0.05, "n"), baseline_p99_s=0.01)
     assert evaluate_gates(POLICY, enough).breaches[0].gate == "p99_ratio"
     no_baseline = Evidence("2.0.0", "1.0.0", _samples("2.0.0", 3, 40, 0, 0.05, "n"))
     assert evaluate_gates(POLICY, no_baseline).p99_ratio is None
 
 
 def test_failed_installs_and_rollbacks_name_devices_and_reasons() -> None:
-    incidents = tuple(Incident(f"d{i}", 1.0, "install_started") for i in range(10)) + (
+    incidents = (
+        *tuple(Incident(f"d{i}", 1.0, "install_started") for i in range(10)),
         Incident("d3", 2.0, "install_failed", "golden vectors: output y differs by 0.3"),
     )
     ev = Evidence("2.0.0", "1.0.0", incidents=incidents)
