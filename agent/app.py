@@ -29,6 +29,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from agent.config import AgentConfig
 from agent.journal import JournalRecord, Phase
 from agent.lifecycle import ModelLifecycle, PhaseHook
+from agent.memory import configure_allocator
 from agent.metrics import InferenceMetrics
 from agent.mqtt import MqttLink
 from agent.outbox import Outbox
@@ -103,6 +104,7 @@ class AgentApp:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        configure_allocator()  # before the first model loads (see agent.memory)
         restored = await asyncio.to_thread(self.lifecycle.restore)
         logger.info("restored %d model(s) from %s", len(restored), self.config.state_dir)
         self.telemetry.agent_started(self.models_status())

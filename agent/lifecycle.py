@@ -44,6 +44,7 @@ from agent.journal import (
     serving_version,
     transition,
 )
+from agent.memory import release_memory
 from agent.probation import Verdict, evaluate_probation
 from agent.runtime import LoadedModel, ModelRegistry, check_golden, load_model, warm_up
 from agent.stats import RequestStats, StatsSnapshot
@@ -240,6 +241,10 @@ class ModelLifecycle:
         active = transition(record, Phase.ACTIVE, now)
         active = self._persist(_with_probation(active, now, baseline))
         self._registry.activate(loaded)
+        del loaded
+        # The old session is freed when its last in-flight request ends; give back what
+        # is already free (a dropped session is not memory returned, see agent.memory).
+        release_memory()
         self._on_swap(model, version, "activated")
         logger.info(
             "now serving %s %s (was %s); on probation for %gs",
@@ -302,6 +307,7 @@ class ModelLifecycle:
                 self._registry.remove(model)
                 logger.error("%s: previous version %s no longer loads (%s)", model, previous, exc)
                 return True
+            release_memory()
             self._on_swap(model, previous, "rolled_back")
             logger.info("serving %s %s again", model, previous)
             self._prune(model, {previous}, drop=bad)
