@@ -23,8 +23,10 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -142,8 +144,10 @@ def build_bundle(
         base = base_model.SerializeToString()
     feeds = evaluate.batches(specs, samples)
     expected = evaluate.run(reference, feeds)
-    candidates = _candidates(opts, base_model, base, specs, calibration)
     gate = opts.gate or (Gate() if opts.quantize == "auto" else None)
+    judge_feeds = evaluate.batches(specs, calibration) if calibration else None
+    judge = _calibration_judge(reference, judge_feeds, gate)
+    candidates = _candidates(opts, base_model, base, specs, calibration, judge)
     for c in candidates:
         _measure(c, feeds, expected, samples.labels, gate)
     latency = _latencies(original, candidates, specs, feeds[0], opts)
@@ -197,10 +201,13 @@ def _check_request(
         )
     if opts.fallback is not None and opts.fallback not in FALLBACK_CHOICES:
         raise UsageError(f"--fallback expected fp32, got {opts.fallback!r}")
-    if opts.quantize == "static" and opts.calibration is None:
-        raise UsageError("--quantize static needs --calibration DATA.npz")
-    if opts.calibration is not None and opts.quantize not in ("static", "auto"):
-        raise UsageError("--calibration is used only by --quantize static or auto")
+    calibrated = quantize.CALIBRATED_RECIPES
+    if opts.quantize in calibrated and opts.calibration is None:
+        raise UsageError(f"--quantize {opts.quantize} needs --calibration DATA.npz")
+    if opts.calibration is not None and opts.quantize not in (*calibrated, "auto"):
+        raise UsageError(
+            f"--calibration is used only by --quantize {', '.join(calibrated)} or auto"
+        )
     if opts.prune is not None:
         check_sparsity(opts.prune)
     if not opts.max_latency_ratio > 0:
@@ -217,6 +224,7 @@ def _candidates(
     data: bytes,
     specs: tuple[evaluate.InputSpec, ...],
     calibration: Samples | None,
+    judge: quantize.Judge | None,
 ) -> list[Candidate]:
     """One candidate per recipe; ``auto`` notes recipes that cannot apply and goes on."""
     auto = opts.quantize == "auto"
@@ -226,29 +234,54 @@ def _candidates(
             recipes.insert(0, "none")  # pruning alone is a candidate too
     else:
         recipes = [opts.quantize or quantize.DEFAULT_RECIPE]
-    calib_feeds = evaluate.batches(specs, calibration) if calibration else None
+    calib_feeds = evaluate.batches(specs, calibration, rows=1) if calibration else None
     out: list[Candidate] = []
-    for recipe in recipes:
-        if recipe == "static" and calib_feeds is None:
-            out.append(Candidate(recipe, error="no --calibration data"))
-            continue
-        try:
-            built, facts = quantize.apply(recipe, model, data, calib_feeds)
-        except quantize.UnsupportedOpsError as exc:
-            if auto:
+    with tempfile.TemporaryDirectory(prefix="edgectl-calib-") as workdir:
+        for recipe in recipes:
+            if recipe in quantize.CALIBRATED_RECIPES and calib_feeds is None:
+                out.append(Candidate(recipe, error="no --calibration data"))
+                continue
+            try:
+                built, facts = quantize.apply(
+                    recipe, model, data, calib_feeds, judge, Path(workdir)
+                )
+            except quantize.UnsupportedOpsError as exc:
+                if auto:
+                    out.append(Candidate(recipe, error=str(exc)))
+                    continue
+                if opts.quantize is None:  # the default recipe keeps such a model as is
+                    built, facts = data, {"quantization": "none", "quantization_note": str(exc)}
+                else:
+                    raise
+            except BuildError as exc:
+                if not auto:
+                    raise
                 out.append(Candidate(recipe, error=str(exc)))
                 continue
-            if opts.quantize is None:  # the default recipe keeps such a model as is
-                built, facts = data, {"quantization": "none", "quantization_note": str(exc)}
-            else:
-                raise
-        except BuildError as exc:
-            if not auto:
-                raise
-            out.append(Candidate(recipe, error=str(exc)))
-            continue
-        out.append(Candidate(recipe, built, facts))
+            out.append(Candidate(recipe, built, facts))
     return out
+
+
+def _calibration_judge(
+    reference: Any, feeds: list[dict[str, Any]] | None, gate: Gate | None
+) -> quantize.Judge | None:
+    """The judge of ``static-mixed``'s search: ``gate`` (the default gate when none was
+    asked) on the calibration data against the original model. Accuracy is left out
+    (calibration data has no labels); the error is 1 - cosine, or the max abs diff for
+    models without float outputs."""
+    if feeds is None:
+        return None
+    limits = dataclasses.replace(gate or Gate(), max_accuracy_drop=None)
+    expected = evaluate.run(reference, feeds)
+
+    def judge(model: bytes) -> quantize.Verdict:
+        got = evaluate.run(evaluate.session(model), feeds)
+        worst = evaluate.summary(evaluate.compare(expected, got, None))
+        cosine, diff = worst.get("cosine"), worst.get("max_abs_diff")
+        error = 1.0 - cosine if cosine is not None else (diff or 0.0)
+        return quantize.Verdict(not limits.check(worst), error)
+
+    return judge
 
 
 def _measure(

@@ -468,11 +468,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="generated input seed (default 0)")
     b.add_argument(
         "--quantize",
-        choices=("none", "dynamic", "dynamic-matmul", "static", "fp16", "auto"),
-        help="recipe (default dynamic-matmul); auto tries them all under the gate",
+        choices=("none", "dynamic", "dynamic-matmul", "static", "static-mixed", "fp16", "auto"),
+        help="recipe (default dynamic-matmul); static-mixed keeps the blocks most sensitive "
+        "to int8 in float (searched on the calibration data); auto tries them all under "
+        "the gate",
     )
     b.add_argument(
-        "--calibration", metavar="DATA.npz", help="calibration inputs for static (and auto)"
+        "--calibration",
+        metavar="DATA.npz",
+        help="calibration inputs for static and static-mixed (and auto)",
     )
     b.add_argument(
         "--prune",

@@ -189,10 +189,15 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def batches(specs: Sequence[InputSpec], samples: Samples) -> list[dict[str, Array]]:
-    """The samples cut into feeds: ``EVAL_BATCH`` rows, or the model's fixed batch."""
+def batches(
+    specs: Sequence[InputSpec], samples: Samples, rows: int = EVAL_BATCH
+) -> list[dict[str, Array]]:
+    """The samples cut into feeds: ``rows`` rows, or the model's fixed batch.
+
+    Calibration wants ``rows=1``: ORT's histogram calibrators (percentile, entropy)
+    need every feed to have the same shape."""
     fixed = {s.batch for s in specs if s.batch is not None}
-    step = fixed.pop() if len(fixed) == 1 else (1 if fixed else EVAL_BATCH)
+    step = fixed.pop() if len(fixed) == 1 else (1 if fixed else rows)
     return [
         {k: v[i : i + step] for k, v in samples.inputs.items()}
         for i in range(0, samples.count, step)

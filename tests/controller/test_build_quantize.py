@@ -82,14 +82,16 @@ def _check_golden_reproduces(path: Path) -> None:
             )
 
 
-@pytest.mark.parametrize("recipe", ["none", "dynamic", "dynamic-matmul", "static", "fp16"])
+@pytest.mark.parametrize(
+    "recipe", ["none", "dynamic", "dynamic-matmul", "static", "static-mixed", "fp16"]
+)
 def test_each_recipe_builds_a_measured_bundle(
     digits: dict[str, Path], tmp_path: Path, recipe: str
 ) -> None:
     opts = BuildOptions(
         quantize=recipe,
         eval_data=digits["eval"],
-        calibration=digits["calib"] if recipe == "static" else None,
+        calibration=digits["calib"] if recipe.startswith("static") else None,
         **FAST,
     )
     result = build_bundle(digits["mlp"], "digits", "1.0.0", tmp_path / "b.bundle", options=opts)
@@ -108,9 +110,9 @@ def test_each_recipe_builds_a_measured_bundle(
     if recipe in ("none",):
         assert m.sizes["built_bytes"] == m.sizes["original_bytes"]
         assert probs["max_abs_diff"] == 0.0
-    if recipe in ("dynamic", "dynamic-matmul", "static", "fp16"):
+    if recipe in ("dynamic", "dynamic-matmul", "static", "static-mixed", "fp16"):
         assert m.sizes["built_bytes"] < 0.8 * m.sizes["original_bytes"]
-    if recipe == "static":
+    if recipe.startswith("static"):
         assert m.build["calibration"]["samples"] == 200
         assert len(m.build["calibration"]["sha256"]) == 64
     assert quality["gate"] is None  # an explicit recipe without --max-drift is not gated
@@ -123,7 +125,7 @@ def test_auto_keeps_the_smallest_passing_candidate(digits: dict[str, Path], tmp_
     )
     result = build_bundle(digits["mlp"], "digits", "1.0.0", tmp_path / "b.bundle", options=opts)
     rows = {r["recipe"]: r for r in result.manifest.quality["candidates"]}
-    assert set(rows) == {"dynamic-matmul", "dynamic", "static", "fp16"}
+    assert set(rows) == {"dynamic-matmul", "dynamic", "static", "static-mixed", "fp16"}
     passing = [
         r for r in rows.values() if r["verdict"] in ("passes", "chosen") and "size_bytes" in r
     ]
@@ -143,6 +145,7 @@ def test_auto_without_calibration_skips_static(digits: dict[str, Path], tmp_path
     result = build_bundle(digits["mlp"], "digits", "1.0.0", tmp_path / "b.bundle", options=opts)
     rows = {r["recipe"]: r for r in result.manifest.quality["candidates"]}
     assert rows["static"]["verdict"] == "skipped: no --calibration data"
+    assert rows["static-mixed"]["verdict"] == "skipped: no --calibration data"
     assert result.manifest.quality["latency"] is None
     assert "accuracy" not in result.manifest.quality["outputs"]["probabilities"]
 
@@ -175,6 +178,7 @@ def test_fallback_keeps_the_original(digits: dict[str, Path], tmp_path: Path) ->
     assert m.sizes["built_bytes"] == m.sizes["original_bytes"]
     verdicts = {r["recipe"]: r["verdict"] for r in m.quality["candidates"]}
     assert verdicts.pop("static") == "skipped: no --calibration data"
+    assert verdicts.pop("static-mixed") == "skipped: no --calibration data"
     assert all(v.startswith("fails gate") for v in verdicts.values()), verdicts
     assert "kept the original fp32 model" in result.reason
     _, _, model = _golden(result.path)
