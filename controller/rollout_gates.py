@@ -362,9 +362,7 @@ def _error_rate_breach(
     limit = policy.limit("error_rate")
     if limit is None or errors == 0:
         return None
-    judge_n = max(
-        policy.min_requests, MIN_REQUESTS_TO_JUDGE, math.ceil(MIN_ERRORS_TO_HALT / limit)
-    )
+    judge_n = max(policy.min_requests, MIN_REQUESTS_TO_JUDGE, math.ceil(MIN_ERRORS_TO_HALT / limit))
     rate = errors / served if served > 0 else 1.0
     if served >= judge_n and rate >= limit:
         detail = f"{errors} errors in {served} requests"
