@@ -38,6 +38,25 @@ class MqttConfig:
     # Seconds between reconnect attempts grow from min to max.
     reconnect_min_s: float = 1.0
     reconnect_max_s: float = 30.0
+    # TLS with a client certificate (what `edgectl device add` enrolls): the broker is
+    # verified against ca_file (and its name against host); the device proves itself
+    # with cert_file and its key. Under systemd the key comes as the credential
+    # key_credential in $CREDENTIALS_DIRECTORY (LoadCredential=), so the file on disk
+    # stays root-only; key_file is the fallback outside systemd.
+    tls: bool = False
+    ca_file: Path = Path("/etc/edge-agent/ca.crt")
+    cert_file: Path = Path("/etc/edge-agent/device.crt")
+    key_file: Path = Path("/etc/edge-agent/device.key")
+    key_credential: str = "device.key"
+
+    def tls_key_path(self, environ: Mapping[str, str]) -> Path:
+        """The client key to use: the systemd credential when there is one, else key_file."""
+        credentials = environ.get("CREDENTIALS_DIRECTORY", "")
+        if credentials and self.key_credential:
+            candidate = Path(credentials) / self.key_credential
+            if candidate.exists():
+                return candidate
+        return self.key_file
 
 
 @dataclass(frozen=True)
@@ -50,7 +69,19 @@ class RepositoryConfig:
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 30.0
     download_deadline_s: float = 600.0
+    # Minimum progress: a transfer averaging fewer bytes/s than this over any window of
+    # progress_window_s is cut (0: off). An interrupted bundle resumes on the next check.
+    min_bytes_per_s: float = 1024.0
+    progress_window_s: float = 60.0
     max_bundle_bytes: int = 1024 * 1024 * 1024
+    # "http": the URL above; "mqtt": chunks over the broker of [mqtt] (docs/protocol.md);
+    # "auto": HTTP, falling back to MQTT while HTTP cannot be reached.
+    transport: str = "http"
+    # MQTT transport: bytes per chunk request, chunk requests in flight, and how long
+    # "auto" stays on MQTT before trying HTTP again.
+    mqtt_chunk_bytes: int = 64 * 1024
+    mqtt_window: int = 4
+    fallback_retry_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -240,17 +271,17 @@ def _validate(config: AgentConfig) -> None:
         check_name("fleet", config.fleet)
     except InvalidNameError as exc:
         raise ConfigError(str(exc)) from None
-    if not config.repository.url.startswith(("http://", "https://")):
-        raise ConfigError(
-            f"config key 'repository.url': expected an http:// or https:// URL, "
-            f"got {config.repository.url!r}"
-        )
+    _validate_repository(config.repository)
     positive = {
         "repository.poll_interval_s": config.repository.poll_interval_s,
         "repository.connect_timeout_s": config.repository.connect_timeout_s,
         "repository.read_timeout_s": config.repository.read_timeout_s,
         "repository.download_deadline_s": config.repository.download_deadline_s,
         "repository.max_bundle_bytes": config.repository.max_bundle_bytes,
+        "repository.progress_window_s": config.repository.progress_window_s,
+        "repository.mqtt_chunk_bytes": config.repository.mqtt_chunk_bytes,
+        "repository.mqtt_window": config.repository.mqtt_window,
+        "repository.fallback_retry_s": config.repository.fallback_retry_s,
         "inference.max_concurrency": config.inference.max_concurrency,
         "inference.intra_op_threads": config.inference.intra_op_threads,
         "mqtt.port": config.mqtt.port,
@@ -267,10 +298,40 @@ def _validate(config: AgentConfig) -> None:
             "config key 'install.keep_versions': expected at least 2 (the version serving "
             f"and the previous one, for rollback), got {config.install.keep_versions}"
         )
+    if config.mqtt.key_credential and "/" in config.mqtt.key_credential:
+        raise ConfigError(
+            "config key 'mqtt.key_credential': expected a credential name (no '/'), "
+            f"got {config.mqtt.key_credential!r}"
+        )
     if config.repository.poll_jitter_s < 0:
         raise ConfigError("config key 'repository.poll_jitter_s' must not be negative")
     _validate_inference(config.inference)
     _validate_telemetry(config.telemetry)
+
+
+TRANSPORTS = ("http", "mqtt", "auto")
+# The controller answers at most this many bytes per chunk (agent.mqtt_fetcher).
+MAX_MQTT_CHUNK_BYTES = 1024 * 1024
+
+
+def _validate_repository(repository: RepositoryConfig) -> None:
+    if repository.transport not in TRANSPORTS:
+        raise ConfigError(
+            f"config key 'repository.transport': expected one of {', '.join(TRANSPORTS)}, "
+            f"got {repository.transport!r}"
+        )
+    if repository.transport != "mqtt" and not repository.url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"config key 'repository.url': expected an http:// or https:// URL "
+            f"(transport {repository.transport}), got {repository.url!r}"
+        )
+    if repository.min_bytes_per_s < 0:
+        raise ConfigError("config key 'repository.min_bytes_per_s' must not be negative")
+    if repository.mqtt_chunk_bytes > MAX_MQTT_CHUNK_BYTES:
+        raise ConfigError(
+            f"config key 'repository.mqtt_chunk_bytes': expected at most "
+            f"{MAX_MQTT_CHUNK_BYTES}, got {repository.mqtt_chunk_bytes}"
+        )
 
 
 def _validate_telemetry(telemetry: TelemetryConfig) -> None:

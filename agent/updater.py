@@ -10,6 +10,13 @@ install itself, phase by phase, is ``agent.lifecycle``'s.
 Invariants:
 - Every check builds a new ``tuf.ngclient.Updater`` (one refresh per Updater).
 - Checks never overlap: ``check`` is serialised by a lock.
+- Targets are downloaded here, not by ``Updater.download_target`` (which stages in a
+  temporary file and copies: twice the disk, and no resumption): into
+  ``staging/<name>.<sha256 prefix>.part``, resumed from its size on the next check after
+  an interruption, never past the signed length, verified as a whole against the signed
+  length and hashes, then renamed into place. A part that fails verification is deleted.
+- The transport is chosen by ``[repository] transport``: HTTP, MQTT chunks, or HTTP
+  falling back to MQTT (``agent.fetcher``, ``agent.mqtt_fetcher``).
 
 Blocking: call ``check`` from a worker thread, never the event loop.
 """
@@ -17,12 +24,15 @@ Blocking: call ``check`` from a worker thread, never the event loop.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from tuf.api import exceptions as tuf_errors
-from tuf.api.metadata import TargetFile
+from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.ngclient import Updater
 
 from agent.config import AgentConfig
@@ -40,10 +50,11 @@ from agent.errors import (
     TamperedDownloadError,
     UntrustedInputError,
 )
-from agent.fetcher import HttpxFetcher
+from agent.fetcher import FallbackFetcher, HttpxFetcher, ResumableFetcher, TransferLimits
 from agent.fsutil import durable_rename, free_bytes, remove_tree
 from agent.journal import Phase, serving_version, should_skip
 from agent.lifecycle import ModelLifecycle
+from agent.mqtt_fetcher import URL_PREFIX, MqttFetcher, mqtt_url
 
 logger = logging.getLogger(__name__)
 
@@ -68,16 +79,13 @@ class UpdateService:
         self._config = config
         self._lifecycle = lifecycle
         self._lock = threading.Lock()
-        base = config.repository.url.rstrip("/") + "/"
+        repository = config.repository
+        base = URL_PREFIX if repository.transport == "mqtt" else repository.url.rstrip("/") + "/"
         self._metadata_url = base + "metadata/"
         self._targets_url = base + "targets/"
         self._metadata_dir = config.state_dir / "tuf"
         self._staging_dir = config.state_dir / "staging"
-        self._fetcher = HttpxFetcher(
-            connect_timeout_s=config.repository.connect_timeout_s,
-            read_timeout_s=config.repository.read_timeout_s,
-            deadline_s=config.repository.download_deadline_s,
-        )
+        self._fetcher = build_fetcher(config, base)
 
     def close(self) -> None:
         self._fetcher.close()
@@ -225,26 +233,127 @@ class UpdateService:
                 "and the install resumes on the next check"
             )
 
+    def _target_url(self, info: TargetFile) -> str:
+        """The target's URL: under its consistent-snapshot name when root says so."""
+        path = info.path
+        if self._consistent_snapshot():
+            directory, sep, basename = path.rpartition("/")
+            path = f"{directory}{sep}{info.hashes['sha256']}.{basename}"
+        return self._targets_url + path
+
+    def _consistent_snapshot(self) -> bool:
+        # The root the refresh just trusted (python-tuf wrote it after verifying it).
+        root = Metadata[Root].from_file(str(self._metadata_dir / "root.json"))
+        return bool(root.signed.consistent_snapshot)
+
     def _download(self, updater: Updater, info: TargetFile, path: Path) -> Path:
-        """Download a verified target to ``path`` (staged under a .part name, then renamed)."""
+        """Download a verified target to ``path``: resumed into a ``.part``, checked whole
+        against its signed length and hashes, then renamed.
+
+        Raises FetchError (transient: the part is kept and resumed next time),
+        TamperedDownloadError (more bytes than signed, or a hash mismatch: the part is
+        deleted), UntrustedInputError (no sha256 in the signed target).
+        """
+        del updater  # the trusted metadata is on disk; the transfer is ours
+        sha256 = info.hashes.get("sha256")
+        if not sha256:
+            raise UntrustedInputError(f"{info.path}: the signed target has no sha256 hash")
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".part")
+        partial = path.with_name(f"{path.name}.{sha256[:16]}.part")
+        for stale in path.parent.glob(f"{path.name}.*.part"):
+            if stale != partial:
+                remove_tree(stale)  # a part of other bytes under the same name
         try:
-            updater.download_target(info, filepath=str(partial))
-        except tuf_errors.DownloadError as exc:
-            remove_tree(partial)
-            raise FetchError(f"{info.path}: {exc}") from exc
+            self._transfer(info, partial)
+            with open(partial, "rb") as f:
+                info.verify_length_and_hashes(f)
         except tuf_errors.LengthOrHashMismatchError as exc:
             remove_tree(partial)
             raise TamperedDownloadError(_describe(exc)) from exc
-        except tuf_errors.RepositoryError as exc:
-            remove_tree(partial)
-            raise UntrustedInputError(f"{info.path}: {_describe(exc)}") from exc
         except OSError as exc:
-            remove_tree(partial)
             raise FetchError(f"{info.path}: cannot write {partial}: {exc.strerror}") from exc
         durable_rename(partial, path)
         return path
+
+    def _transfer(self, info: TargetFile, partial: Path) -> None:
+        """Append to ``partial`` from its current size up to the signed length."""
+        have = partial.stat().st_size if partial.exists() else 0
+        if have > info.length:
+            remove_tree(partial)
+            have = 0
+        if have == info.length:
+            return  # complete already: only the verification was missing
+        url = self._target_url(info)
+        try:
+            start, body = self._fetcher.fetch_from(url, have)
+            if have:
+                logger.info(
+                    "%s: resuming at byte %d of %d%s",
+                    info.path,
+                    have,
+                    info.length,
+                    "" if start == have else " (the server cannot resume: from the start)",
+                )
+            with open(partial, "r+b" if start else "wb") as out:
+                out.truncate(start)
+                out.seek(start)
+                _write_bounded(body, out, info.length - start, info.path)
+        except tuf_errors.DownloadError as exc:
+            raise FetchError(f"{info.path}: {exc}") from exc
+
+
+def _write_bounded(body: Iterator[bytes], out: BinaryIO, allowed: int, what: str) -> None:
+    """Write ``body`` to ``out``, refusing a byte past ``allowed``; fsync at the end.
+
+    A source that sends more than the signed length is hostile (endless data): raise
+    LengthOrHashMismatchError without reading further.
+    """
+    written = 0
+    try:
+        for chunk in body:
+            written += len(chunk)
+            if written > allowed:
+                raise tuf_errors.LengthOrHashMismatchError(
+                    f"{what}: received more than the signed length ({allowed} bytes left)"
+                )
+            out.write(chunk)
+    finally:
+        out.flush()
+        os.fsync(out.fileno())
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+
+
+def build_fetcher(config: AgentConfig, base_url: str) -> ResumableFetcher:
+    """The fetcher ``[repository] transport`` asks for."""
+    repository = config.repository
+    limits = TransferLimits(
+        connect_timeout_s=repository.connect_timeout_s,
+        read_timeout_s=repository.read_timeout_s,
+        deadline_s=repository.download_deadline_s,
+        min_bytes_per_s=repository.min_bytes_per_s,
+        progress_window_s=repository.progress_window_s,
+    )
+
+    def over_mqtt() -> MqttFetcher:
+        return MqttFetcher(
+            config.mqtt,
+            config.fleet,
+            config.device_id,
+            limits,
+            chunk_bytes=repository.mqtt_chunk_bytes,
+            window=repository.mqtt_window,
+        )
+
+    if repository.transport == "mqtt":
+        return over_mqtt()
+    http = HttpxFetcher(limits)
+    if repository.transport == "auto":
+        return FallbackFetcher(
+            http, over_mqtt(), lambda url: mqtt_url(base_url, url), repository.fallback_retry_s
+        )
+    return http
 
 
 def _describe(exc: tuf_errors.RepositoryError) -> str:

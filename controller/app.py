@@ -37,6 +37,7 @@ from controller.fleet import StalePolicy, render_metrics
 from controller.fsio import repo_lock
 from controller.http import make_app, start_http
 from controller.ingest import Ingestor, IngestSettings
+from controller.mqtt_repo import RepoResponder
 from controller.repository import Repository, resign_expiring
 from controller.store import TelemetryStore, open_store
 
@@ -156,6 +157,14 @@ async def serve(config: ServeConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     announcer: Announcer | None = None
+    # --- repository over MQTT (issue 8): chunk answers for devices without HTTP ---
+    responder: RepoResponder | None = None
+    if config.mqtt_host is not None:
+        responder = RepoResponder(
+            config.repo_dir, config.mqtt_host, config.mqtt_port, f"{config.mqtt_client_id}-repo"
+        )
+        responder.start()
+    # --- end repository over MQTT ---
     tasks = [
         asyncio.create_task(
             resign_loop(config.repo_dir, config.resign_check_interval_s), name="resign"
@@ -190,6 +199,8 @@ async def serve(config: ServeConfig) -> None:
         await runner.cleanup()
         if announcer is not None:
             await asyncio.to_thread(announcer.stop)
+        if responder is not None:  # repository over MQTT (issue 8)
+            await asyncio.to_thread(responder.stop)
         if ingestor is not None:
             await asyncio.to_thread(ingestor.stop)
         await asyncio.to_thread(store.close)

@@ -1,4 +1,5 @@
-"""The TUF fetcher against a real HTTP server on 127.0.0.1."""
+"""The TUF fetchers against a real HTTP server on 127.0.0.1, and the transfer rules as
+pure functions of byte counts and an injected clock."""
 
 from __future__ import annotations
 
@@ -10,22 +11,50 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from tuf.api.exceptions import DownloadError, DownloadHTTPError
 
-from agent.fetcher import HttpxFetcher
+from agent.fetcher import (
+    FallbackFetcher,
+    HttpxFetcher,
+    ResumableFetcher,
+    TransferGuard,
+    TransferLimits,
+)
+
+BODY = bytes(range(256)) * 40  # 10,240 bytes
 
 
 class _Handler(BaseHTTPRequestHandler):
+    ranges_seen: list[str] = []
+
     def log_message(self, format: str, *args: object) -> None:
         pass
 
+    def _send_body(self, body: bytes) -> None:
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def do_GET(self) -> None:
         if self.path == "/ok":
-            body = b"x" * 1000
             self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self._send_body(b"x" * 1000)
+        elif self.path in ("/ranged", "/no-range", "/wrong-range"):
+            header = self.headers.get("Range")
+            _Handler.ranges_seen.append(header or "")
+            if header and self.path != "/no-range":
+                start = int(header.removeprefix("bytes=").rstrip("-"))
+                if start >= len(BODY):
+                    self.send_error(416)
+                    return
+                if self.path == "/wrong-range":
+                    start = 0
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(BODY) - 1}/{len(BODY)}")
+                self._send_body(BODY[start:])
+            else:
+                self.send_response(200)
+                self._send_body(BODY)
         elif self.path == "/drip":
-            # Under the read timeout per byte, forever (bounded: 40 bytes, 4 s at most).
+            # Under the read timeout per byte (bounded: 40 bytes, 4 s at most).
             self.send_response(200)
             self.send_header("Content-Length", "40")
             self.end_headers()
@@ -51,6 +80,7 @@ def server() -> Iterator[str]:
     httpd.block_on_close = False  # a drip still writing must not hold up the teardown
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
+    _Handler.ranges_seen = []
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:
@@ -58,8 +88,10 @@ def server() -> Iterator[str]:
         httpd.server_close()
 
 
-def _fetcher(deadline_s: float = 30.0) -> HttpxFetcher:
-    return HttpxFetcher(connect_timeout_s=2.0, read_timeout_s=1.0, deadline_s=deadline_s)
+def _fetcher(deadline_s: float = 30.0, **rules: float) -> HttpxFetcher:
+    return HttpxFetcher(
+        TransferLimits(connect_timeout_s=2.0, read_timeout_s=1.0, deadline_s=deadline_s, **rules)
+    )
 
 
 def test_fetches_a_body(server: str) -> None:
@@ -78,6 +110,115 @@ def test_a_drip_under_the_read_timeout_hits_the_deadline(server: str) -> None:
         list(_fetcher(deadline_s=1.0).fetch(f"{server}/drip"))
 
 
+def test_a_drip_breaks_the_minimum_progress_rule_long_before_the_deadline(server: str) -> None:
+    fetcher = _fetcher(deadline_s=600.0, min_bytes_per_s=100.0, progress_window_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match="below the minimum progress of 100 bytes/s"):
+        list(fetcher.fetch(f"{server}/drip"))
+    assert time.monotonic() - started < 3.0
+
+
 def test_unreachable_server_is_a_download_error() -> None:
     with pytest.raises(DownloadError, match="cannot fetch"):
         list(_fetcher().fetch("http://127.0.0.1:9/nothing"))
+
+
+def test_resume_asks_for_a_range_and_gets_the_rest(server: str) -> None:
+    start, body = _fetcher().fetch_from(f"{server}/ranged", 4000)
+    assert start == 4000
+    assert b"".join(body) == BODY[4000:]
+    assert _Handler.ranges_seen == ["bytes=4000-"]
+
+
+def test_a_server_that_ignores_ranges_starts_over(server: str) -> None:
+    start, body = _fetcher().fetch_from(f"{server}/no-range", 4000)
+    assert start == 0
+    assert b"".join(body) == BODY
+
+
+def test_a_range_past_the_end_starts_over(server: str) -> None:
+    start, body = _fetcher().fetch_from(f"{server}/ranged", len(BODY) + 10)
+    assert (start, b"".join(body)) == (0, BODY)
+    assert _Handler.ranges_seen == [f"bytes={len(BODY) + 10}-", ""]
+
+
+def test_a_range_answered_from_elsewhere_is_refused(server: str) -> None:
+    with pytest.raises(DownloadError, match="asked for bytes from 4000, the server answered from 0"):
+        _fetcher().fetch_from(f"{server}/wrong-range", 4000)
+
+
+# ---------------------------------------------------------------------------- pure rules
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_guard_deadline() -> None:
+    clock = Clock()
+    guard = TransferGuard("f", TransferLimits(deadline_s=10.0), clock)
+    clock.now += 9.9
+    guard.observe(1)
+    clock.now += 0.2
+    with pytest.raises(DownloadError, match=r"exceeded its deadline of 10s \(2 bytes received\)"):
+        guard.observe(1)
+
+
+def test_guard_minimum_progress_is_judged_per_window() -> None:
+    clock = Clock()
+    limits = TransferLimits(deadline_s=1e6, min_bytes_per_s=10.0, progress_window_s=5.0)
+    guard = TransferGuard("f", limits, clock)
+    for _ in range(5):  # 50 bytes in 5 s: exactly the minimum, the window starts over
+        clock.now += 1.0
+        guard.observe(10)
+    clock.now += 4.9
+    guard.observe(0)  # the window is not over yet: nothing judged
+    clock.now += 0.2
+    with pytest.raises(DownloadError, match=r"minimum progress of 10 bytes/s: 0 bytes in 5\.1s"):
+        guard.observe(0)
+
+
+def test_guard_without_a_progress_rule_only_has_the_deadline() -> None:
+    clock = Clock()
+    guard = TransferGuard("f", TransferLimits(deadline_s=100.0, min_bytes_per_s=0), clock)
+    clock.now += 99
+    guard.observe(0)
+
+
+class _Scripted(ResumableFetcher):
+    def __init__(self, outcome: Exception | None) -> None:
+        self.outcome = outcome
+        self.urls: list[str] = []
+
+    def fetch_from(self, url: str, offset: int) -> tuple[int, Iterator[bytes]]:
+        self.urls.append(url)
+        if self.outcome is not None:
+            raise self.outcome
+        return offset, iter([b"ok"])
+
+
+def test_fallback_only_on_an_unreachable_primary_and_retries_it_later() -> None:
+    clock = Clock()
+    down = _Scripted(DownloadError("cannot fetch"))
+    mqtt = _Scripted(None)
+    fetcher = FallbackFetcher(down, mqtt, lambda u: "mqtt://repository/" + u, 60.0, clock)
+    assert b"".join(fetcher.fetch("a")) == b"ok"
+    assert b"".join(fetcher.fetch("b")) == b"ok"
+    assert down.urls == ["a"]  # not asked again while it is known down
+    assert mqtt.urls == ["mqtt://repository/a", "mqtt://repository/b"]
+    clock.now += 61
+    fetcher.fetch("c")
+    assert down.urls == ["a", "c"]
+
+
+def test_fallback_passes_a_not_found_through() -> None:
+    missing = _Scripted(DownloadHTTPError("nope", 404))
+    mqtt = _Scripted(None)
+    fetcher = FallbackFetcher(missing, mqtt, lambda u: u, 60.0)
+    with pytest.raises(DownloadHTTPError):
+        fetcher.fetch("2.root.json")
+    assert mqtt.urls == []
