@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -100,9 +101,12 @@ def test_static_mixed_keeps_the_sensitive_blocks_in_float(
     facts = result.manifest.build
     # The unnamed nodes were named; the two blocks around the wide tensor stay float.
     assert sorted(facts["float_blocks"]) == ["MatMul_2", "MatMul_4"]
-    assert facts["float_nodes"] == 3 and 0 < facts["float_weight_share"] < 0.2
+    assert facts["float_nodes"] == 3
+    # In them, the larger weight is stored int8 (float compute); the last stays float.
+    assert facts["int8_weights_float_compute"] == ["MatMul_2"]
+    assert facts["float_weight_share"] == round(32 * 4 / (256 * 32 + 32 * 32 + 32 * 4), 4)
     search = facts["search"]
-    assert search["blocks"] == 3 and search["profile_trials"] == 3
+    assert search["blocks"] == 3 and search["profile_trials"] == 3 and search["trials"] > 3
     assert search["most_sensitive"][-1][0] == "MatMul_0"  # the int8 block barely matters
     assert "calibration data" in search["criterion"]
     assert result.manifest.quality["gate_passed"] is True
@@ -198,3 +202,27 @@ def test_static_mixed_needs_calibration(wide: dict[str, Path], tmp_path: Path) -
     model = _wide_mlp()
     with pytest.raises(BuildError, match="needs a judge"):
         quantize.apply("static-mixed", model, model.SerializeToString(), [{"x": None}])
+
+
+def test_store_weights_int8_keeps_float_compute() -> None:
+    model = _wide_mlp()
+    quantize.name_nodes(model)
+    assert quantize.weight_sizes(model) == {"MatMul_0": 8192, "MatMul_2": 1024, "MatMul_4": 128}
+    x = np.random.default_rng(4).random((16, 256), dtype=np.float32)
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    quantize.store_weights_int8(model, ["MatMul_2"])
+    onnx.checker.check_model(model)
+    (dq,) = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq.output == ["w2"] and dq.attribute[0].i == 1  # per output column
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert inits["w2_int8"].dtype == np.int8 and "w2" not in inits
+    assert inits["w2_int8_scale"].shape == (32,)
+    for level in (
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    ):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(model.SerializeToString(), options)
+        after = session.run(None, {"x": x})[0]
+        np.testing.assert_allclose(after, before, rtol=0.02, atol=0.02 * np.abs(before).max())
