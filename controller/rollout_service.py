@@ -83,6 +83,8 @@ logger = logging.getLogger(__name__)
 
 ACTIONS: Final = ("pause", "resume", "promote", "abort")
 JOB_ID: Final = "rollouts"
+# Seconds of heartbeats read again on every tick, for those stored after the last read.
+WINDOW_OVERLAP_S: Final = 30.0
 
 
 @dataclass(frozen=True)
@@ -262,6 +264,11 @@ class RolloutService:
         self.store = store
         self.settings = settings or RolloutSettings()
         self.records = RolloutStore(repo_dir)
+        # Samples already read, per stage window: (rollout id, stage, started) → samples by
+        # (device, received_at). Later ticks read only the newest heartbeats (with an
+        # overlap for late writes) instead of the whole window again.
+        self._windows: dict[tuple[str, int, float], dict[tuple[str, float], Sample]] = {}
+        self._read_at: dict[tuple[str, int, float], float] = {}
 
     def run_once(self) -> None:
         """The scheduled entry point: one tick, errors logged (the next tick retries)."""
@@ -273,7 +280,11 @@ class RolloutService:
     def tick(self, now: float | None = None) -> list[Rollout]:
         """Evaluate every active rollout once; return the records as they are after it."""
         out = []
-        for r in self.records.active():
+        active = self.records.active()
+        keep = {(r.id, r.stage, r.stage_started_at) for r in active}
+        self._windows = {k: v for k, v in self._windows.items() if k in keep}
+        self._read_at = {k: v for k, v in self._read_at.items() if k in keep}
+        for r in active:
             now_r = time.time() if now is None else now
             out.append(self._tick_one(r, now_r))
         return out
@@ -308,18 +319,25 @@ class RolloutService:
     def evidence(self, r: Rollout, now: float) -> Evidence:
         """The heartbeats and events of ``r``'s model since its stage started."""
         since = r.stage_started_at
-        samples: list[Sample] = []
+        key = (r.id, r.stage, r.stage_started_at)
+        window = self._windows.setdefault(key, {})
+        # Re-read an overlap: a heartbeat is stamped when received, stored a batch later.
+        read_from = max(since, self._read_at.get(key, since) - WINDOW_OVERLAP_S)
         for row in self.store.devices(fleet=r.fleet):
-            if row.last_seen < since:
+            if row.last_seen < read_from:
                 continue
             interval = row.interval_s or self.settings.heartbeat_interval_s
-            limit = min(self.settings.max_heartbeats_per_device, int((now - since) / interval) + 5)
+            limit = min(
+                self.settings.max_heartbeats_per_device, int((now - read_from) / interval) + 5
+            )
             for beat in self.store.heartbeats(row.device, limit):
                 if beat.fleet != r.fleet or beat.received_at < since:
                     continue
                 sample = _sample(row.device, beat.received_at, beat.payload, r.model)
                 if sample is not None:
-                    samples.append(sample)
+                    window[(row.device, beat.received_at)] = sample
+        self._read_at[key] = now
+        samples = list(window.values())
         incidents = tuple(
             Incident(e.device, e.received_at, e.kind, e.reason)
             for e in self.store.events(fleet=r.fleet, limit=self.settings.max_events)

@@ -1,0 +1,436 @@
+"""A fleet of simulated agents on the real update path, against one controller.
+
+    python bench/fleet_rollout.py [--devices 1000] [--workers 4] [--threads 24] [--mb 5]
+
+What runs for real: a private mosquitto; ``edgectl serve`` (aiohttp serving the TUF
+repository, the MQTT announcer, the telemetry ingestor); ``edgectl release`` of a bundle
+of about ``--mb`` MB; and per simulated device the agent's own ``UpdateService``: a new
+``tuf.ngclient.Updater`` per check (timestamp, snapshot, targets and rollout metadata,
+signatures, versions, expiry), the fleet's desired state and the device's bucket,
+download of the bundle through the agent's ``HttpxFetcher`` with TUF's length and sha256
+check, staged under ``.part`` and renamed.
+
+What is simulated, and says so in the results: loading the model is skipped (no
+unpacking, no ONNX Runtime session, no golden vectors, no probation): the install step
+deletes the verified file and records the version as committed. Each worker process
+holds one MQTT connection for its devices (a real agent holds its own) and runs their
+checks on ``--threads`` threads. Every device has its own TUF metadata folder, HTTP
+connection pool and journal.
+
+Measured: time from starting ``edgectl release`` to the last device committed, and the
+CPU seconds ``edgectl serve`` used meanwhile (utime + stime from /proc). Then, for the
+rollout job itself: one ``RolloutService.tick`` over a telemetry store holding the same
+number of devices with a stage window of heartbeats each.
+
+Appends a run to the "Fleet rollout" section of docs/benchmarks.md (``--no-record`` to
+skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+FLEET = "bench"
+MODEL = "big"
+BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
+HEADING = "Fleet rollout"
+_OUT = threading.Lock()
+
+
+def emit(doc: Any) -> None:
+    """One JSON line on stdout; whole lines only (print() from threads can interleave)."""
+    line = doc if isinstance(doc, str) else json.dumps(doc)
+    with _OUT:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
+# ---------------------------------------------------------------------------- the simulated agent
+
+
+class SkipLoadLifecycle:
+    """The part of ``agent.lifecycle.ModelLifecycle`` the update service calls, with the
+    model load skipped: the verified download is deleted and the version committed."""
+
+    def __init__(self, on_commit: Any) -> None:
+        from agent.journal import JournalRecord
+
+        self._records: dict[str, JournalRecord] = {}
+        self._on_commit = on_commit
+
+    def record(self, model: str) -> Any:
+        from agent.journal import JournalRecord
+
+        return self._records.get(model, JournalRecord(model=model))
+
+    def install(
+        self, model: str, version: str, rollout_id: str, probation: Any, download: Any
+    ) -> None:
+        from agent.journal import JournalRecord, Phase, serving_version
+
+        path = download()  # TUF download: length and sha256 checked against signed metadata
+        size = path.stat().st_size
+        path.unlink()
+        before = self.record(model)
+        self._records[model] = JournalRecord(
+            model=model,
+            phase=Phase.COMMITTED,
+            version=version,
+            previous=serving_version(before),
+            rollout_id=rollout_id,
+            entered_at=time.time(),
+        )
+        self._on_commit(model, version, size)
+
+    def roll_back(self, model: str, reason: str) -> bool:
+        return False
+
+
+class SimAgent:
+    def __init__(self, device: str, state: Path, url: str, root: Path) -> None:
+        from agent.config import AgentConfig, RepositoryConfig
+        from agent.updater import UpdateService
+
+        config = AgentConfig(
+            device_id=device,
+            fleet=FLEET,
+            state_dir=state,
+            trusted_root=root,
+            repository=RepositoryConfig(url=url, read_timeout_s=60, download_deadline_s=300),
+        )
+        self.device = device
+        self.lifecycle = SkipLoadLifecycle(self._committed)
+        self.updates = UpdateService(config, self.lifecycle)  # type: ignore[arg-type]
+        self.lock = threading.Lock()
+        self.wanted = False
+        self.running = False
+
+    def _committed(self, model: str, version: str, size: int) -> None:
+        emit({"device": self.device, "version": version, "at": time.time(), "bytes": size})
+
+    def check(self) -> None:
+        try:
+            result = self.updates.check()
+        except Exception as exc:  # report it: a swallowed error would strand the device
+            emit({"device": self.device, "error": f"{type(exc).__name__}: {exc}"})
+            return
+        if result.error or result.refused:
+            emit({"device": self.device, "error": result.error or result.refused})
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from agent.contracts import announce_topic
+
+    devices = [f"sim-{i:04d}" for i in range(args.first, args.first + args.count)]
+    agents = [SimAgent(d, Path(args.state) / d, args.url, Path(args.root)) for d in devices]
+    pool = ThreadPoolExecutor(args.threads, thread_name_prefix="check")
+    list(pool.map(lambda a: a.check(), agents))  # bootstrap: trusted metadata cached
+    pending = threading.Lock()
+    checking: set[str] = set()
+    again: set[str] = set()
+
+    def run(agent: SimAgent) -> None:
+        while True:
+            agent.check()
+            with pending:
+                if agent.device not in again:
+                    checking.discard(agent.device)
+                    return
+                again.discard(agent.device)
+
+    def announced(*_: Any) -> None:
+        for agent in agents:
+            with pending:
+                if agent.device in checking:
+                    again.add(agent.device)  # checks coalesce, as the agent's do
+                    continue
+                checking.add(agent.device)
+            pool.submit(run, agent)
+
+    host, port = args.broker.rsplit(":", 1)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-worker-{args.first}")
+    client.on_message = announced
+    client.on_connect = lambda c, *_: c.subscribe(announce_topic(FLEET), qos=1)
+    client.connect(host, int(port))
+    client.loop_start()
+    emit("ready")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait(args.lifetime)
+    client.loop_stop()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------- the controller side
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def build_bundle_of(mb: float, out: Path, work: Path) -> Path:
+    from controller.build import BuildOptions, build_bundle
+    from tests.helpers import make_linear_model
+
+    in_features = max(4, int(mb * 2**20 / 4 / 1000))
+    model = make_linear_model(work / "big.onnx", seed=7, in_features=in_features, out_features=1000)
+    options = BuildOptions(quantize="none", latency_runs=0)
+    return build_bundle(model, MODEL, "1.0.0", out, 4, options=options).path
+
+
+def tick_cost(devices: int, beats: int) -> tuple[float, float]:
+    """Seconds per RolloutService.tick over ``devices`` with ``beats`` heartbeats each in
+    the stage window: later ticks (mean of 5), and the first one."""
+    from agent.contracts import Heartbeat, ModelFigures, ProbationPolicy, SystemFigures
+    from controller.repository import init_repository
+    from controller.rollout import OnFailure, new_rollout
+    from controller.rollout_gates import DEFAULT_GATES, parse_gates
+    from controller.rollout_service import RolloutService
+    from controller.rollout_store import RolloutStore
+    from controller.store import IngestBatch, open_store
+
+    work = Path(tempfile.mkdtemp(prefix="rollout-tick-"))
+    try:
+        init_repository(work / "repo")
+        store = open_store(str(work / "telemetry.sqlite"))
+        now = time.time()
+        started = now - beats * 10
+        fill = time.perf_counter()
+        for b in range(beats):
+            batch = IngestBatch()
+            for d in range(devices):
+                version = "2.0.0" if d % 10 == 0 else "1.0.0"
+                figures = ModelFigures(version, "committed", 50, 0, 0, 0.004, 0.008, 0.01)
+                hb = Heartbeat(f"sim-{d:04d}", FLEET, "", b, 10.0, "b", 1.0, SystemFigures(),
+                               {MODEL: figures})  # fmt: skip
+                batch.heartbeats.append((hb, started + b * 10 + 1))
+            store.write(batch)
+        fill = time.perf_counter() - fill
+        rollout = new_rollout(
+            rollout_id="big-2.0.0-bench", fleet=FLEET, model=MODEL, version="2.0.0",
+            previous="1.0.0", stages=(10, 100), wait_s=10 * beats + 3600, deadline_s=86400,
+            gates=parse_gates(DEFAULT_GATES), canaries=(), on_failure=OnFailure.PAUSE,
+            probation=ProbationPolicy(), now=started,
+        )  # fmt: skip
+        RolloutStore(work / "repo").save(rollout)
+        service = RolloutService(work / "repo", store)
+        t = time.perf_counter()
+        service.tick(now)  # reads the whole stage window, publishes desired state
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        for i in range(5):  # later ticks read what arrived since (and an overlap)
+            service.tick(now + i + 1)
+        per_tick = (time.perf_counter() - t) / 5
+        store.close()
+        return per_tick, first
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=24, help="checks at once per worker")
+    parser.add_argument("--mb", type=float, default=5.0, help="bundle size (MB)")
+    parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument(
+        "--record-to", type=Path, default=BENCHMARKS_MD, help="default docs/benchmarks.md"
+    )
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    for name in ("first", "count"):
+        parser.add_argument(f"--{name}", type=int, default=0, help=argparse.SUPPRESS)
+    for name in ("broker", "url", "root", "state"):
+        parser.add_argument(f"--{name}", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--lifetime", type=float, default=900.0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        run_worker(args)
+        return
+    run_bench(args)
+
+
+def run_bench(args: argparse.Namespace) -> None:
+    from tests.e2e_support import edgectl, start_serve
+    from tests.helpers import start_broker
+
+    work = Path(tempfile.mkdtemp(prefix="fleet-rollout-"))
+    broker = start_broker(work / "broker")
+    workers: list[subprocess.Popen[str]] = []
+    serve = None
+    try:
+        repo = work / "repo"
+        edgectl("init", repo)
+        bundle = build_bundle_of(args.mb, work / "big.bundle", work)
+        size = bundle.stat().st_size
+        serve, url = start_serve(repo, broker.address, work / "serve.log")
+        commits: dict[str, float] = {}
+        errors: list[str] = []
+        ready = threading.Semaphore(0)
+        per = -(-args.devices // args.workers)
+        for first in range(0, args.devices, per):
+            cmd = [
+                sys.executable, __file__, "--worker", "--first", str(first),
+                "--count", str(min(per, args.devices - first)), "--broker", broker.address,
+                "--url", url, "--root", str(repo / "metadata" / "root.json"),
+                "--state", str(work / "devices"), "--threads", str(args.threads),
+            ]  # fmt: skip
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            workers.append(proc)
+            threading.Thread(target=_read, args=(proc, commits, errors, ready), daemon=True).start()
+        t_boot = time.monotonic()
+        for _ in workers:
+            if not ready.acquire(timeout=args.timeout):
+                raise SystemExit("workers did not bootstrap in time")
+        boot_s = time.monotonic() - t_boot
+        time.sleep(1.0)  # let the retained announcement's checks settle
+        cpu0 = cpu_seconds(serve.process.pid)
+        t0 = time.time()
+        edgectl("release", bundle, "--fleet", FLEET, "--repo", repo)
+        release_s = time.time() - t0
+        deadline = time.monotonic() + args.timeout
+        while len(commits) < args.devices and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cpu1 = cpu_seconds(serve.process.pid)
+        done = len(commits)
+        last = max(commits.values()) - t0 if commits else float("nan")
+        lat = sorted(v - t0 for v in commits.values())
+        p50 = lat[len(lat) // 2] if lat else float("nan")
+        print(
+            f"release command: {release_s:.2f} s; "
+            f"bootstrap of {args.devices} devices: {boot_s:.1f} s"
+        )
+        print(f"committed: {done}/{args.devices}; errors: {len(errors)} {errors[:3]}")
+        print(f"release -> last device committed: {last:.1f} s (median device {p50:.1f} s)")
+        print(f"edgectl serve CPU meanwhile: {cpu1 - cpu0:.1f} s")
+        per_tick, first_tick = tick_cost(args.devices, 60)
+        print(
+            f"rollout tick over {args.devices} devices x 60 heartbeats: first "
+            f"{first_tick * 1000:.0f} ms, then {per_tick * 1000:.0f} ms"
+        )
+        if not args.no_record:
+            record(
+                args,
+                size,
+                done,
+                last,
+                p50,
+                cpu1 - cpu0,
+                release_s,
+                (first_tick, per_tick),
+                len(errors),
+            )
+    finally:
+        for proc in workers:
+            proc.terminate()
+        for proc in workers:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if serve is not None:
+            serve.stop()
+        broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _read(proc: subprocess.Popen[str], commits: dict[str, float], errors: list[str],
+          ready: threading.Semaphore) -> None:  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.strip() == "ready":
+            ready.release()
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        if "error" in doc:
+            errors.append(f"{doc['device']}: {doc['error']}")
+        elif doc.get("version") == "1.0.0":
+            commits.setdefault(doc["device"], float(doc["at"]))
+
+
+def record(
+    args: argparse.Namespace, size: int, done: int, last: float, p50: float, cpu: float,
+    release_s: float, ticks: tuple[float, float], errors: int,
+) -> None:  # fmt: skip
+    import onnxruntime as ort
+
+    machine = (
+        f"{os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()}, "
+        f"Python {platform.python_version()}, onnxruntime {ort.__version__}"
+    )
+    met = done == args.devices and last <= 60
+    command = (
+        f"python bench/fleet_rollout.py --devices {args.devices} --workers {args.workers} "
+        f"--threads {args.threads} --mb {args.mb:g}"
+    )
+    verdict = "met" if met else "NOT met"
+    run = "\n".join(
+        [
+            f"### {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
+            "",
+            f"`{command}` on {machine}.",
+            f"Bundle {size / 1e6:.2f} MB; {args.workers} worker processes x {args.threads} "
+            "threads; model loading skipped (simulated).",
+            "",
+            "| figure | value |",
+            "|---|---|",
+            f"| devices committed | {done} / {args.devices} (errors {errors}) |",
+            f"| `edgectl release` (command) | {release_s:.2f} s |",
+            f"| release → median device committed | {p50:.1f} s |",
+            f"| release → last device committed | {last:.1f} s |",
+            f"| `edgectl serve` CPU meanwhile | {cpu:.1f} s |",
+            f"| rollout tick, {args.devices} devices x 60 heartbeats each | first "
+            f"{ticks[0] * 1000:.0f} ms, then {ticks[1] * 1000:.0f} ms |",
+            "",
+            f"- {verdict}: ≤ 60 s from release to the last of {args.devices} devices committed "
+            f"({last:.1f} s).",
+        ]
+    )
+    intro = (
+        "`bench/fleet_rollout.py`: simulated agents on the real update path (TUF refresh, "
+        "desired state, download, length and sha256 verification; loading the model is "
+        "skipped) against one `edgectl serve`. See the script's docstring for what is real."
+    )
+    path = args.record_to
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    marker = f"\n## {HEADING}\n"
+    if marker not in text:
+        text = text.rstrip("\n") + f"\n{marker}\n{intro}\n"
+    start = text.index(marker) + len(marker)
+    following = text.find("\n## ", start)
+    end = len(text) if following < 0 else following
+    text = text[:end].rstrip("\n") + "\n\n" + run.strip() + "\n" + text[end:]
+    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+    print(f"recorded in {path}")
+
+
+if __name__ == "__main__":
+    main()
