@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck pytest mosquitto venv bench-deps clean
+.PHONY: demo test lint typecheck pytest mosquitto system-deps deb venv bench-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,25 @@ mosquitto:
 		exit 1; \
 	fi
 
+# The device-install system test (tests/system/) boots the .deb under real systemd in
+# systemd-nspawn on a debootstrapped Debian root; systemd-analyze checks the units.
+SYSTEM_PACKAGES := debootstrap systemd-container
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		echo "installing$$missing (Debian packages, for tests/system)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	else \
+		echo "tests/system needs:$$missing (sudo apt-get install$$missing); it skips without them"; \
+	fi
+
+# The agent as a Debian package: build/edge-agent_<version>_<arch>.deb (packaging/README.md).
+deb: $(STAMP)
+	$(BIN)/python packaging/build_deb.py --output build
+
 lint: $(STAMP)
 	$(BIN)/ruff check agent controller tests bench
 	$(BIN)/ruff format --check agent controller tests bench
@@ -42,7 +61,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict agent controller
 
-pytest: $(STAMP) mosquitto
+pytest: $(STAMP) mosquitto system-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest

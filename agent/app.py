@@ -10,6 +10,13 @@ more check). The poll runs on APScheduler with jitter so a fleet does not poll i
 the heartbeat runs on it too, in a worker thread. Every journal record the lifecycle
 persists becomes an event in the on-disk outbox (``state_dir/outbox.sqlite``), which the
 MQTT link drains in order whenever the broker is reachable.
+
+Under systemd (``Type=notify``, see ``systemd/edge-agent.service``) the agent sends
+``READY=1`` once the socket listens with the restored (last good) versions serving,
+``STATUS=`` with the versions served whenever they change, ``STOPPING=1`` on shutdown,
+and ``WATCHDOG=1`` from the ``watchdog`` task on the event loop, so a hung loop stops
+the pings and systemd kills and restarts the agent. The watchdog task starts first:
+systemd arms the timer when the process starts, not when it is ready.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from agent.metrics import InferenceMetrics
 from agent.mqtt import MqttLink
 from agent.outbox import Outbox
 from agent.runtime import ModelRegistry
+from agent.sdnotify import Notifier, NotifyError
 from agent.server import InferenceServer
 from agent.store import ModelStore
 from agent.telemetry import IntervalStats, TelemetryReporter
@@ -47,8 +55,10 @@ PAUSE_ENV = "EDGEFLEET_TEST_PAUSE_AT"
 class AgentApp:
     """One running agent: inference server, update service, MQTT link and poll."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, notifier: Notifier | None = None) -> None:
         self.config = config
+        self.notifier = notifier or Notifier()
+        self._notify_failed = False
         self.registry = ModelRegistry()
         self.stats = IntervalStats()
         self.store = ModelStore(config.state_dir / "models")
@@ -103,13 +113,17 @@ class AgentApp:
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self.notifier.watchdog_interval_s is not None:
+            self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        self._notify(STATUS="restoring the last good versions")
         configure_allocator()  # before the first model loads (see agent.memory)
         restored = await asyncio.to_thread(self.lifecycle.restore)
         logger.info("restored %d model(s) from %s", len(restored), self.config.state_dir)
         self.telemetry.agent_started(self.models_status())
         await self.server.start()
         logger.info("inference socket listening on %s", self.config.inference.socket_path)
+        self._notify(READY=1, STATUS=self.status_line())
         self.link.start()
         self._tasks.append(asyncio.create_task(self._update_loop(), name="update-loop"))
         self._scheduler = AsyncIOScheduler()
@@ -146,6 +160,32 @@ class AgentApp:
         finally:
             await self._shutdown()
 
+    def status_line(self) -> str:
+        """One line for ``systemctl status``: the versions served now."""
+        models = self.registry.snapshot()
+        if not models:
+            return "serving no model yet"
+        served = ", ".join(f"{name} {m.version}" for name, m in sorted(models.items()))
+        return f"serving {served}"
+
+    def _notify(self, **fields: str | int) -> None:
+        """Tell systemd; a failure is logged once, never fatal (the watchdog will tell)."""
+        try:
+            self.notifier.send(**fields)
+        except NotifyError as exc:
+            if not self._notify_failed:
+                logger.warning("%s", exc)
+            self._notify_failed = True
+
+    async def _watchdog(self) -> None:
+        interval_s = self.notifier.watchdog_interval_s
+        assert interval_s is not None
+        # Twice per interval, as sd_watchdog_enabled(3) advises, so one late tick is no kill.
+        logger.info("systemd watchdog: %.1f s, pinging every %.1f s", interval_s, interval_s / 2)
+        while True:
+            self._notify(WATCHDOG=1)
+            await asyncio.sleep(interval_s / 2)
+
     async def _update_loop(self) -> None:
         while True:
             await self._check_wanted.wait()
@@ -165,6 +205,7 @@ class AgentApp:
 
     async def _shutdown(self) -> None:
         logger.info("shutting down")
+        self._notify(STOPPING=1, STATUS="stopping")
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
         for task in self._tasks:
@@ -188,13 +229,14 @@ class AgentApp:
 
     def _publish_status(self) -> None:
         self.link.publish_status()
+        self._notify(STATUS=self.status_line())
 
     def _swapped(self, model: str, version: str, why: str) -> None:
         if why == "rolled_back":
             self.metrics.record_rollback(model, version)
         else:
             self.metrics.record_swap(model, version)
-        self.link.publish_status()
+        self._publish_status()
 
 
 def pause_hook_from_env(state_dir: Path) -> PhaseHook | None:
@@ -214,9 +256,9 @@ def pause_hook_from_env(state_dir: Path) -> PhaseHook | None:
     return hook
 
 
-async def run_agent(config: AgentConfig) -> None:
+async def run_agent(config: AgentConfig, notifier: Notifier | None = None) -> None:
     """Run an agent until SIGTERM or SIGINT."""
-    app = AgentApp(config)
+    app = AgentApp(config, notifier)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, app.stop)

@@ -40,6 +40,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--config", type=Path, required=True, help="agent.toml")
 
+    enroll = sub.add_parser(
+        "enroll",
+        help="install an enrollment archive from `edgectl device add`",
+        description="Check an enrollment archive (certificate, key, TUF root, config) and "
+        "install it under the config folder: device.key 0600, the rest 0644, owned by root. "
+        "Restart the agent afterwards.",
+        epilog="example: edge-agent enroll enroll.tar && systemctl restart edge-agent",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    enroll.add_argument("archive", type=Path, help="the .tar from `edgectl device add`")
+    enroll.add_argument(
+        "--config-dir", type=Path, default=Path("/etc/edge-agent"), help="default %(default)s"
+    )
+    enroll.add_argument("--force", action="store_true", help="replace another device's config")
+
     infer = sub.add_parser(
         "infer",
         help="run one inference through the local socket",
@@ -76,14 +91,31 @@ def _configure_logging(level: str) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    import faulthandler
+    import signal
+
     from agent.app import run_agent
+    from agent.sdnotify import Notifier
 
     config = load_config(args.config)
     _configure_logging(config.log_level)
+    # systemd's watchdog kills with SIGABRT: leave every thread's stack in the journal.
+    faulthandler.enable()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    notifier = Notifier.from_environ()
     logging.getLogger(__name__).info(
         "edge-agent %s: device %s in fleet %s", agent.__version__, config.device_id, config.fleet
     )
-    asyncio.run(run_agent(config))
+    asyncio.run(run_agent(config, notifier))
+    return 0
+
+
+def _cmd_enroll(args: argparse.Namespace) -> int:
+    from agent.enroll import enroll_from_file
+
+    enrollment = enroll_from_file(args.archive, args.config_dir, force=args.force)
+    print(f"enrolled {enrollment.device_id} in fleet {enrollment.fleet} under {args.config_dir}")
+    print("  restart the agent: systemctl restart edge-agent")
     return 0
 
 
@@ -134,7 +166,7 @@ def _infer_shm(client: Any, args: argparse.Namespace, inputs: dict[str, Any]) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"run": _cmd_run, "infer": _cmd_infer}
+    commands = {"run": _cmd_run, "infer": _cmd_infer, "enroll": _cmd_enroll}
     try:
         return commands[args.command](args)
     except ConfigError as exc:

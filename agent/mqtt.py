@@ -12,6 +12,11 @@ and an event leaves the outbox only after the broker's PUBACK. Delivery is at le
 once: a PUBACK lost with the connection makes the event go again, with the same
 (stream, seq), which readers use to drop the duplicate.
 
+With ``[mqtt] tls`` the link speaks TLS (1.2 or later), verifies the broker against
+``ca_file`` and its host name, and presents the device's client certificate; the broker
+takes the certificate's CN (the device id) as the identity its ACL checks. Missing or
+unreadable TLS files are a ``ConfigError`` at construction, before anything connects.
+
 Callbacks run on paho's network thread; ``on_announce`` must be thread-safe.
 """
 
@@ -20,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +39,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 import agent
 from agent.config import AgentConfig
 from agent.contracts import ANNOUNCE_SCHEMA, announce_topic, device_topic, status_payload
+from agent.errors import ConfigError
 from agent.outbox import Outbox
 
 logger = logging.getLogger(__name__)
@@ -43,6 +51,28 @@ OUTBOX_BATCH = 100
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def tls_context(config: AgentConfig, environ: Mapping[str, str]) -> ssl.SSLContext:
+    """The client TLS context of ``[mqtt]``; raises ConfigError naming the file at fault."""
+    mqtt_cfg = config.mqtt
+    key_path = mqtt_cfg.tls_key_path(environ)
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_verify_locations(cafile=str(mqtt_cfg.ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"config key 'mqtt.ca_file': cannot load {mqtt_cfg.ca_file}: {exc}"
+        ) from None
+    try:
+        context.load_cert_chain(certfile=str(mqtt_cfg.cert_file), keyfile=str(key_path))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"config keys 'mqtt.cert_file'/'mqtt.key_file': cannot load {mqtt_cfg.cert_file} "
+            f"with key {key_path}: {exc} (enroll with `edge-agent enroll enroll.tar`)"
+        ) from None
+    return context
 
 
 class MqttLink:
@@ -74,6 +104,8 @@ class MqttLink:
         )
         if config.mqtt.username:
             client.username_pw_set(config.mqtt.username, config.mqtt.password or None)
+        if config.mqtt.tls:
+            client.tls_set_context(tls_context(config, os.environ))
         client.reconnect_delay_set(
             min_delay=max(1, int(config.mqtt.reconnect_min_s)),
             max_delay=max(1, int(config.mqtt.reconnect_max_s)),

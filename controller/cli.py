@@ -204,6 +204,149 @@ def _cmd_device_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_device_add(args: argparse.Namespace) -> int:
+    from controller.broker import refresh_broker_files
+    from controller.config import parse_endpoint
+    from controller.devices import EnrollOptions, add_device
+    from controller.fsio import atomic_write
+
+    host, port = parse_endpoint(args.broker, "--broker")
+    options = EnrollOptions(
+        repository_url=args.repository_url,
+        mqtt_host=host,
+        mqtt_port=port,
+        tls=not args.no_tls,
+        cert_days=args.days,
+    )
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise UsageError(f"{output} exists; pass --force to overwrite it")
+    repo = Path(args.repo)
+    record, archive = add_device(repo, args.device_id, args.fleet, options)
+    atomic_write(output, archive, mode=0o600)
+    refreshed = refresh_broker_files(repo)
+    print(f"enrolled {record.device_id} in fleet {record.fleet} -> {output}")
+    print(f"  certificate serial {record.serial:x}, valid until {record.not_after}")
+    print("  the archive holds the device's private key: copy it over a trusted channel")
+    print(f"  on the device: edge-agent enroll {output.name} && systemctl restart edge-agent")
+    if refreshed:
+        print(f"  broker ACL updated in {refreshed[0].parent}: reload the broker (SIGHUP)")
+    return 0
+
+
+def _cmd_device_revoke(args: argparse.Namespace) -> int:
+    from controller.broker import refresh_broker_files
+    from controller.devices import ca_dir, revoke_device
+
+    repo = Path(args.repo)
+    record = revoke_device(repo, args.device_id)
+    refreshed = refresh_broker_files(repo)
+    print(f"revoked {record.device_id} (serial {record.serial:x}) at {record.revoked_at}")
+    print(f"  CRL: {ca_dir(repo) / 'crl.pem'}")
+    if refreshed:
+        print(f"  broker CRL and ACL updated in {refreshed[0].parent}: reload the broker (SIGHUP)")
+    else:
+        print("  copy the CRL to the broker's crlfile and reload it (SIGHUP)")
+    return 0
+
+
+def _cmd_broker_config(args: argparse.Namespace) -> int:
+    from controller.broker import BrokerOptions, write_broker_config
+
+    options = BrokerOptions(
+        hosts=tuple(args.host),
+        port=args.port,
+        bind=args.bind,
+        controller_identity=args.controller_identity,
+    )
+    output = Path(args.output)
+    write_broker_config(Path(args.repo), output, options)
+    print(f"wrote a mosquitto config for TLS with client certificates to {output}")
+    print(f"  run: mosquitto -c {output.resolve() / 'mosquitto.conf'}")
+    print(f"  the controller's client certificate: {output / 'controller.crt'} (+ .key)")
+    print("  keys are 0640: chgrp them to the broker's group (Debian: mosquitto)")
+    return 0
+
+
+def _add_device_enrollment(dsub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    da = dsub.add_parser(
+        "add",
+        help="enroll a device: a client certificate, the TUF root and an agent config",
+        description="Issue the device a client certificate from the controller's device CA "
+        "(REPO_DIR/ca, created on first use) and write an archive with it, its key, the CA "
+        "certificate, the repository's TUF root and an agent config. Install it on the "
+        "device with `edge-agent enroll FILE`. The archive holds a private key.",
+        epilog="example:\n  edgectl device add cam-0042 --fleet north --repo ./repo "
+        "--repository-url https://updates.example.net/ --broker broker.example.net:8883 "
+        "-o enroll.tar",
+        formatter_class=_RAW,
+    )
+    da.add_argument("device_id", metavar="ID")
+    da.add_argument("--fleet", required=True)
+    da.add_argument("--repo", required=True, metavar="REPO_DIR")
+    da.add_argument("-o", "--output", required=True, metavar="FILE", help="archive to write")
+    da.add_argument(
+        "--repository-url", required=True, metavar="URL", help="where the device reads the repo"
+    )
+    da.add_argument(
+        "--broker", required=True, metavar="HOST:PORT", help="the MQTT broker the device dials"
+    )
+    da.add_argument("--no-tls", action="store_true", help="plain MQTT (tests only)")
+    da.add_argument("--days", type=int, default=825, help="certificate lifetime (default 825)")
+    da.add_argument("--force", action="store_true", help="overwrite FILE")
+    da.set_defaults(func=_cmd_device_add)
+
+    dr = dsub.add_parser(
+        "revoke",
+        help="revoke a device's certificate and publish a new CRL",
+        description="Mark the device revoked, re-sign the CRL (REPO_DIR/ca/crl.pem) and, "
+        "when `edgectl broker config` wrote a broker folder, refresh its CRL and ACL. "
+        "Reload the broker afterwards.",
+        epilog="example:\n  edgectl device revoke cam-0042 --repo ./repo",
+        formatter_class=_RAW,
+    )
+    dr.add_argument("device_id", metavar="ID")
+    dr.add_argument("--repo", required=True, metavar="REPO_DIR")
+    dr.set_defaults(func=_cmd_device_revoke)
+
+
+def _add_broker_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    broker = sub.add_parser(
+        "broker",
+        help="broker configuration for per-device identities",
+        description="Broker configuration.",
+        formatter_class=_RAW,
+    )
+    bsub = broker.add_subparsers(dest="broker_command", required=True, metavar="COMMAND")
+    bc = bsub.add_parser(
+        "config",
+        help="write a mosquitto config: TLS, client certificates, CRL and a per-device ACL",
+        description="Write mosquitto.conf, an ACL file with pattern rules (a device publishes "
+        "only under its own topics and reads only its fleet's announcement), the broker's "
+        "server certificate and the controller's client certificate into DIR.",
+        epilog="example:\n  edgectl broker config --repo ./repo --host broker.example.net "
+        "-o /etc/mosquitto/edgefleet",
+        formatter_class=_RAW,
+    )
+    bc.add_argument("--repo", required=True, metavar="REPO_DIR")
+    bc.add_argument("-o", "--output", required=True, metavar="DIR")
+    bc.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        help="a name or address devices dial (repeatable; the certificate's SANs)",
+    )
+    bc.add_argument("--port", type=int, default=8883, help="TLS listener (default 8883)")
+    bc.add_argument("--bind", default="", metavar="ADDRESS", help="listen address (default: all)")
+    bc.add_argument(
+        "--controller-identity",
+        default="edgectl",
+        metavar="CN",
+        help="CN of the controller's client certificate (default edgectl)",
+    )
+    bc.set_defaults(func=_cmd_broker_config)
+
+
 def _add_store_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--store",
@@ -604,8 +747,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     device = sub.add_parser(
         "device",
-        help="one device's telemetry",
-        description="Read one device's telemetry from the store.",
+        help="enroll, revoke and inspect devices",
+        description="Enroll a device (add), revoke it, or read its telemetry (show).",
         formatter_class=_RAW,
     )
     dsub = device.add_subparsers(dest="device_command", required=True, metavar="COMMAND")
@@ -623,6 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--heartbeats", type=int, default=5, metavar="N", help="default 5")
     _add_store_options(ds)
     ds.set_defaults(func=_cmd_device_show)
+    _add_device_enrollment(dsub)
+    _add_broker_parser(sub)
 
     _add_rollout_parser(sub)
     return parser

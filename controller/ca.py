@@ -1,0 +1,268 @@
+"""The controller's device CA: X.509 identities for devices, the controller and the broker.
+
+One small CA (ECDSA P-256, ``cryptography``) issues three kinds of certificate:
+
+- a device's client certificate, subject CN = the device id, EKU clientAuth: the broker
+  takes the CN as the MQTT username (``use_identity_as_username``), so the ACL's
+  ``%u`` is the device id the certificate proves;
+- the controller's client certificate (CN ``edgectl`` by default), EKU clientAuth;
+- the broker's server certificate, with the host names devices dial as SANs, EKU
+  serverAuth, so agents verify the broker against the same CA file.
+
+Layout (inside ``REPO_DIR/ca``, never served over HTTP; see ``controller.http``)::
+
+    ca.key      the CA's private key, 0600 in a 0700 directory
+    ca.crt      the CA certificate (what the broker and the agents trust)
+    crl.pem     the certificate revocation list, re-signed on every revocation
+
+Invariants: serial numbers are random 159-bit integers (RFC 5280 allows 20 octets);
+the CRL is always present once the CA exists (mosquitto refuses to start with a
+``crlfile`` that does not exist) and carries every revoked serial; its next update is
+``CRL_DAYS`` ahead, and re-signing it (``edgectl device revoke`` or ``edgectl broker
+config``) must happen before then, or the broker refuses every client.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from controller.errors import RepositoryError, UsageError
+from controller.fsio import atomic_write, make_dir
+
+CA_DIR_NAME: Final = "ca"
+CA_DAYS: Final = 3650
+CRL_DAYS: Final = 365
+ORGANIZATION: Final = "edgefleet"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A private key and its certificate, both PEM."""
+
+    key_pem: bytes
+    cert_pem: bytes
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert_pem)
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _name(common_name: str, unit: str | None = None) -> x509.Name:
+    attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION)]
+    if unit:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
+    attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
+    return x509.Name(attributes)
+
+
+class DeviceCA:
+    """An initialised CA directory. Build with ``DeviceCA.create`` or ``DeviceCA.open``."""
+
+    def __init__(self, path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate):
+        self.path = path
+        self._key = key
+        self.certificate = cert
+
+    @property
+    def cert_path(self) -> Path:
+        return self.path / "ca.crt"
+
+    @property
+    def crl_path(self) -> Path:
+        return self.path / "crl.pem"
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.certificate.public_bytes(serialization.Encoding.PEM)
+
+    @classmethod
+    def open_or_create(cls, path: Path, now: dt.datetime | None = None) -> DeviceCA:
+        """The CA at ``path``, created (key, certificate, empty CRL) on first use."""
+        if (path / "ca.key").exists():
+            return cls.open(path)
+        return cls.create(path, now)
+
+    @classmethod
+    def create(cls, path: Path, now: dt.datetime | None = None) -> DeviceCA:
+        """A new CA in ``path``; raises UsageError when one is already there."""
+        if (path / "ca.key").exists():
+            raise UsageError(f"a device CA already exists in {path}")
+        when = now or _now()
+        key = _new_key()
+        subject = _name("edgefleet device CA")
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(when - dt.timedelta(minutes=5))
+            .not_valid_after(when + dt.timedelta(days=CA_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .sign(key, hashes.SHA256())
+        )
+        make_dir(path, 0o700)
+        atomic_write(path / "ca.key", _key_pem(key), mode=0o600)
+        ca = cls(path, key, cert)
+        atomic_write(ca.cert_path, ca.cert_pem, mode=0o644)
+        ca.write_crl([], when)
+        return ca
+
+    @classmethod
+    def open(cls, path: Path) -> DeviceCA:
+        """Load the CA in ``path``; raises RepositoryError naming what is missing."""
+        try:
+            key = serialization.load_pem_private_key((path / "ca.key").read_bytes(), None)
+            cert = x509.load_pem_x509_certificate((path / "ca.crt").read_bytes())
+        except FileNotFoundError as exc:
+            raise RepositoryError(
+                f"no device CA in {path} (missing {Path(exc.filename).name}): "
+                "`edgectl device add` creates one"
+            ) from None
+        except ValueError as exc:
+            raise RepositoryError(f"the device CA in {path} is unreadable: {exc}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise RepositoryError(f"{path / 'ca.key'}: expected an EC key, got {type(key)}")
+        return cls(path, key, cert)
+
+    # ------------------------------------------------------------------ issuing
+
+    def issue_client(
+        self,
+        common_name: str,
+        *,
+        unit: str | None = None,
+        days: int,
+        now: dt.datetime | None = None,
+    ) -> Identity:
+        """A new key and a client certificate (CN = ``common_name``) valid for ``days``."""
+        return self._issue(
+            _name(common_name, unit),
+            ExtendedKeyUsageOID.CLIENT_AUTH,
+            sans=[],
+            days=days,
+            now=now,
+        )
+
+    def issue_server(
+        self, hosts: Sequence[str], *, days: int, now: dt.datetime | None = None
+    ) -> Identity:
+        """A new key and a server certificate for the broker at ``hosts`` (names or IPs)."""
+        if not hosts:
+            raise UsageError("the broker's certificate needs at least one host name or address")
+        sans: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                sans.append(x509.DNSName(host))
+        return self._issue(
+            _name(hosts[0], "broker"), ExtendedKeyUsageOID.SERVER_AUTH, sans, days, now
+        )
+
+    def _issue(
+        self,
+        subject: x509.Name,
+        usage: x509.ObjectIdentifier,
+        sans: list[x509.GeneralName],
+        days: int,
+        now: dt.datetime | None,
+    ) -> Identity:
+        if days < 1:
+            raise UsageError(f"certificate lifetime expected >= 1 day, got {days}")
+        when = now or _now()
+        key = _new_key()
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.certificate.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(when - dt.timedelta(minutes=5))
+            .not_valid_after(when + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=True,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()),
+                critical=False,
+            )
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(self._key, hashes.SHA256())
+        return Identity(_key_pem(key), cert.public_bytes(serialization.Encoding.PEM))
+
+    # ------------------------------------------------------------------ revocation
+
+    def write_crl(
+        self, revoked: Iterable[tuple[int, dt.datetime]], now: dt.datetime | None = None
+    ) -> None:
+        """Sign a CRL listing ``revoked`` (serial, when) and write it to ``crl.pem``."""
+        when = now or _now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.certificate.subject)
+            .last_update(when - dt.timedelta(minutes=5))
+            .next_update(when + dt.timedelta(days=CRL_DAYS))
+        )
+        for serial, at in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(at).build()
+            )
+        crl = builder.sign(self._key, hashes.SHA256())
+        atomic_write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
