@@ -4,7 +4,11 @@ Layout of a repository directory::
 
     edgectl.json              settings (schema, expiry policy); marks an initialised repo
     .lock                     the exclusive lock every change holds (``fsio.repo_lock``)
-    keys/<role>.pem           private keys, 0600 in a 0700 directory (never served)
+    keys/<role>[-<id>].pem    private keys, 0600 in a 0700 directory (never served);
+                              offline keys (root, and targets where possible) belong
+                              elsewhere (``controller.keys``, docs/security.md)
+    root-pending.json         a new root version waiting for offline signatures
+                              (``edgectl keys export-root`` / ``import-root``; never served)
     metadata/N.root.json      every root version; metadata/root.json is a copy of the
                               latest one, the trust anchor agents are enrolled with
     metadata/N.targets.json   top-level targets: bundles, signed by the release key
@@ -21,6 +25,9 @@ Invariants:
 - Writes go bottom-up (target files, then the role naming them, then snapshot, then
   timestamp), each atomic, so a client never sees a name for a file that is not there.
 - Only sha256 hashes; no ``custom`` fields; expiries always set from ``ExpiryPolicy``.
+- Metadata is signed by every available key the trusted metadata lists for the role and
+  written only when the role's threshold is met; a new root also needs the threshold of
+  the previous root (``sign_root``), so clients can follow the chain N → N+1.
 - Callers hold ``repo_lock`` around any change.
 """
 
@@ -35,7 +42,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
-from securesystemslib.signer import CryptoSigner
+from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.exceptions import RepositoryError as TufRepositoryError
 from tuf.api.metadata import (
     DelegatedRole,
@@ -54,11 +61,12 @@ from tuf.api.serialization.json import JSONSerializer
 from agent.contracts import ROLLOUT_PATHS, ROLLOUT_ROLE
 from controller.errors import RepositoryError, UsageError
 from controller.fsio import atomic_write, make_dir
-from controller.keys import generate_key, load_key, save_key
+from controller.keys import generate_key, load_signers, save_key
 
 logger = logging.getLogger(__name__)
 
 SETTINGS_FILE: Final = "edgectl.json"
+PENDING_ROOT_FILE: Final = "root-pending.json"
 SETTINGS_SCHEMA: Final = "edgefleet.repository/1"
 TOP_ROLES: Final = ("root", "targets", "snapshot", "timestamp")
 ALL_ROLES: Final = (*TOP_ROLES, ROLLOUT_ROLE)
@@ -68,13 +76,17 @@ _ROOT_FILE_RE: Final = re.compile(r"^([1-9][0-9]*)\.root\.json$")
 
 @dataclass(frozen=True)
 class ExpiryPolicy:
-    """How long each role's metadata stays valid after it is signed, in days."""
+    """How long each role's metadata stays valid after it is signed, in days.
 
-    root_days: int = 365
-    targets_days: int = 365
-    rollout_days: int = 30
-    snapshot_days: int = 7
-    timestamp_days: int = 1
+    Fractions are allowed (``timestamp_days = 0.25`` is six hours): a short timestamp
+    lifetime bounds how long a frozen repository can go unnoticed.
+    """
+
+    root_days: float = 365
+    targets_days: float = 365
+    rollout_days: float = 30
+    snapshot_days: float = 7
+    timestamp_days: float = 1
 
     def lifetime(self, role: str) -> timedelta:
         return timedelta(days=getattr(self, f"{role}_days"))
@@ -82,8 +94,10 @@ class ExpiryPolicy:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UsageError(f"expiry {f.name} must be a whole number >= 1, got {value!r}")
+            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                raise UsageError(f"expiry {f.name} must be a number of days > 0, got {value!r}")
+            if value * 86400 < 60:
+                raise UsageError(f"expiry {f.name} must be at least a minute, got {value!r} days")
 
 
 def _utc_now() -> datetime:
@@ -100,19 +114,25 @@ def is_repository(path: Path) -> bool:
 class Repository:
     """An initialised repository directory. Construct with ``Repository.open``."""
 
-    def __init__(self, path: Path, policy: ExpiryPolicy) -> None:
+    def __init__(
+        self, path: Path, policy: ExpiryPolicy, extra_key_dirs: tuple[Path, ...] = ()
+    ) -> None:
         self.path = path
         self.policy = policy
         self.metadata_dir = path / "metadata"
         self.targets_dir = path / "targets"
         self.keys_dir = path / "keys"
+        # Where else keys may be (an offline key on a mounted medium, ``--key-dir``).
+        self.key_dirs = (self.keys_dir, *extra_key_dirs)
         self._serializer = JSONSerializer(compact=False)
         # Targets roles signed since the last snapshot: role → version (see ``publish``).
         self._unpublished: dict[str, int] = {}
 
     @classmethod
-    def open(cls, path: Path) -> Repository:
-        """Open an initialised repository; raise RepositoryError naming ``edgectl init``."""
+    def open(cls, path: Path, extra_key_dirs: tuple[Path, ...] = ()) -> Repository:
+        """Open an initialised repository; raise RepositoryError naming ``edgectl init``.
+
+        ``extra_key_dirs``: more folders to look for private keys in (besides keys/)."""
         settings = path / SETTINGS_FILE
         try:
             doc = json.loads(settings.read_bytes())
@@ -129,7 +149,7 @@ class Repository:
             policy = ExpiryPolicy(**doc.get("expiry_days", {}))
         except (TypeError, UsageError) as exc:
             raise RepositoryError(f"{settings}: bad expiry_days: {exc}") from None
-        return cls(path, policy)
+        return cls(path, policy, extra_key_dirs)
 
     # ------------------------------------------------------------------ reading
 
@@ -194,23 +214,101 @@ class Repository:
             raise RepositoryError(f"target file {path} is damaged: {exc}") from None
         return data
 
+    def role_keys(self, role: str) -> tuple[list[str], int]:
+        """(key ids, threshold) the trusted metadata gives ``role``: root for the top-level
+        roles, the current targets delegation for ``rollout``."""
+        delegator = self.load("targets" if role == ROLLOUT_ROLE else "root").signed
+        delegated = delegator.get_delegated_role(role)
+        return list(delegated.keyids), int(delegated.threshold)
+
+    def signers(self, role: str) -> dict[str, CryptoSigner]:
+        """The available private keys of ``role``, by key id."""
+        keyids, _ = self.role_keys(role)
+        return load_signers(self.key_dirs, role, keyids)
+
     # ------------------------------------------------------------------ writing
 
-    def _signer(self, role: str) -> CryptoSigner:
-        return load_key(self.keys_dir, role)
+    def write(
+        self,
+        role: str,
+        md: Metadata[Any],
+        now: datetime | None = None,
+        signers: list[Signer] | None = None,
+    ) -> None:
+        """Set expiry, sign with the role's keys and write the file under its public name.
 
-    def write(self, role: str, md: Metadata[Any], now: datetime | None = None) -> None:
-        """Set expiry, sign with the role's key and write the file under its public name."""
+        ``signers`` defaults to every available key the trusted metadata lists for the
+        role. Raises RepositoryError when fewer than its threshold are available (root:
+        see ``sign_root``).
+        """
         md.signed.expires = (now or _utc_now()) + self.policy.lifetime(role)
         md.signatures.clear()
-        md.sign(self._signer(role))
+        if role == "root":
+            self.sign_root(md, signers)
+            self._publish_root(md)
+            return
+        if signers is None:
+            found = self.signers(role)
+            _, threshold = self.role_keys(role)
+            if len(found) < threshold:
+                raise RepositoryError(
+                    f"the {role} role needs {threshold} signature(s), but only {len(found)} of "
+                    f"its keys are in {', '.join(map(str, self.key_dirs))}; pass --key-dir "
+                    "where the others are"
+                )
+            signers = list(found.values())
+        for signer in signers:
+            md.sign(signer, append=True)
         data = md.to_bytes(self._serializer)
         if role == "timestamp":
             atomic_write(self.metadata_dir / "timestamp.json", data)
             return
         atomic_write(self.metadata_dir / f"{md.signed.version}.{role}.json", data)
-        if role == "root":
-            atomic_write(self.metadata_dir / "root.json", data)
+
+    def sign_root(self, md: Metadata[Root], signers: list[Signer] | None = None) -> None:
+        """Add signatures to a new root from ``signers`` (default: every available key of
+        the previous and the new root) and check both thresholds.
+
+        Raises RootSignaturesMissingError (with the signatures added so far kept on
+        ``md``) when the previous root's threshold or its own is not met.
+        """
+        previous = self._previous_root(md)
+        if signers is None:
+            keyids = set(md.signed.roles["root"].keyids)
+            if previous is not None:
+                keyids |= set(previous.roles["root"].keyids)
+            signers = list(load_signers(self.key_dirs, "root", keyids).values())
+        for signer in signers:
+            if signer.public_key.keyid not in md.signatures:
+                md.sign(signer, append=True)
+        check_root_signatures(md, previous)
+
+    def _previous_root(self, md: Metadata[Root]) -> Root | None:
+        version = int(md.signed.version)
+        if version == 1:
+            return None
+        previous: Root = self._read(f"{version - 1}.root.json").signed
+        return previous
+
+    def _publish_root(self, md: Metadata[Root]) -> None:
+        data = md.to_bytes(self._serializer)
+        atomic_write(self.metadata_dir / f"{md.signed.version}.root.json", data)
+        atomic_write(self.metadata_dir / "root.json", data)
+
+    def publish_root(self, md: Metadata[Root]) -> None:
+        """Publish an already signed next root version (``import-root``).
+
+        Raises RepositoryError when it is not the next version, RootSignaturesMissingError
+        when either threshold is not met.
+        """
+        expected = self.root_version() + 1
+        if md.signed.version != expected:
+            raise RepositoryError(
+                f"root version expected {expected} (the next one), got {md.signed.version}"
+            )
+        check_root_signatures(md, self._previous_root(md))
+        self._publish_root(md)
+        (self.path / PENDING_ROOT_FILE).unlink(missing_ok=True)
 
     def store_target(self, target_path: str, data: bytes) -> TargetFile:
         """Write a target file under its consistent-snapshot name; return its TargetFile."""
@@ -231,9 +329,15 @@ class Repository:
         """
         md = self.load(role)
         md.signed.targets.update(changes)
+        return self.sign_next_version(role, md, now)
+
+    def sign_next_version(self, role: str, md: Metadata[Any], now: datetime | None = None) -> int:
+        """Bump ``md``'s version, sign and write it; a targets role becomes what ``load``
+        returns and ``publish`` names. Returns the new version."""
         md.signed.version += 1
         self.write(role, md, now)
-        self._unpublished[role] = int(md.signed.version)
+        if role in ("targets", ROLLOUT_ROLE):
+            self._unpublished[role] = int(md.signed.version)
         return int(md.signed.version)
 
     def publish(self, now: datetime | None = None) -> tuple[int, int]:
@@ -272,6 +376,33 @@ class Repository:
         return sorted(names)
 
 
+class RootSignaturesMissingError(RepositoryError):
+    """A new root lacks signatures of the previous root's or its own threshold."""
+
+
+def check_root_signatures(md: Metadata[Root], previous: Root | None) -> None:
+    """Raise RootSignaturesMissingError unless ``md`` is signed by a threshold of
+    ``previous``'s root keys and of its own."""
+    result = md.signed.get_root_verification_result(previous, md.signed_bytes, md.signatures)
+    if result.verified:
+        return
+    parts = []
+    for label, part in (("previous root", result.first), ("new root", result.second)):
+        if previous is None and label == "previous root":
+            continue
+        if part.missing:
+            parts.append(f"{label}: {len(part.signed)}/{part.threshold}")
+    raise RootSignaturesMissingError(
+        f"root version {md.signed.version} lacks signatures ({'; '.join(parts)} signed)"
+    )
+
+
+def save_policy(path: Path, policy: ExpiryPolicy) -> None:
+    """Write ``policy`` into the repository's settings file (hold the lock)."""
+    settings = {"schema": SETTINGS_SCHEMA, "expiry_days": asdict(policy)}
+    atomic_write(path / SETTINGS_FILE, json.dumps(settings, indent=2).encode() + b"\n")
+
+
 def init_repository(
     path: Path, policy: ExpiryPolicy | None = None, now: datetime | None = None
 ) -> Repository:
@@ -290,8 +421,7 @@ def init_repository(
         make_dir(path)
         repo = Repository(path, policy)
         _write_initial_metadata(repo, now)
-        settings = {"schema": SETTINGS_SCHEMA, "expiry_days": asdict(policy)}
-        atomic_write(path / SETTINGS_FILE, json.dumps(settings, indent=2).encode() + b"\n")
+        save_policy(path, policy)
     except OSError as exc:
         raise RepositoryError(f"cannot create a repository in {path}: {exc}") from None
     logger.info("initialised repository %s", path)
@@ -328,11 +458,11 @@ def _write_initial_metadata(repo: Repository, now: datetime) -> None:
     )
     timestamp = Timestamp(expires=now, snapshot_meta=MetaFile(version=1))
     # Bottom-up, so every file a reader can reach names only files that exist.
-    repo.write(ROLLOUT_ROLE, Metadata(Targets(expires=now)), now)
-    repo.write("targets", Metadata(targets), now)
-    repo.write("snapshot", Metadata(snapshot), now)
-    repo.write("root", Metadata(root), now)
-    repo.write("timestamp", Metadata(timestamp), now)
+    repo.write(ROLLOUT_ROLE, Metadata(Targets(expires=now)), now, [signers[ROLLOUT_ROLE]])
+    repo.write("targets", Metadata(targets), now, [signers["targets"]])
+    repo.write("snapshot", Metadata(snapshot), now, [signers["snapshot"]])
+    repo.write("root", Metadata(root), now, [signers["root"]])
+    repo.write("timestamp", Metadata(timestamp), now, [signers["timestamp"]])
 
 
 def sha256_file(path: Path) -> str:

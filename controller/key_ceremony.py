@@ -1,0 +1,317 @@
+"""Key lifecycle: rotate a role's key, k-of-n root, the offline root flow, expiry per role.
+
+Orchestrators over ``controller.repository`` (signing, thresholds) and
+``controller.keys`` (files). Every change keeps devices able to follow it without being
+touched:
+
+- A top-level role's key (targets, snapshot, timestamp) changes in a new root version
+  signed by the current root keys; then the role is re-signed with its new key and a new
+  snapshot and timestamp are published. Clients fetch ``N+1.root.json`` on their next
+  refresh, so they trust the new key before they see metadata signed by it.
+- A root rotation writes a root version whose root role lists the new key(s) and
+  threshold, signed by a threshold of the previous root keys and of the new ones.
+- ``rollout`` is delegated by targets: its key changes in a new targets version (the
+  release key signs it), then rollout is re-signed.
+- When root signatures are missing here (the root keys are offline, or k-of-n held by
+  several people), the new root waits in ``root-pending.json``: ``export-root`` hands
+  it out, ``sign-root`` adds signatures on the offline machine, ``import-root`` checks
+  both thresholds, publishes it and finishes the rotation.
+- The revoked key's file is deleted only after the metadata that revokes it is out.
+
+Every function here expects the caller to hold ``repo_lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import Metadata, Root
+from tuf.api.serialization import DeserializationError
+from tuf.api.serialization.json import JSONSerializer
+
+from agent.contracts import ROLLOUT_ROLE
+from controller.errors import UsageError
+from controller.fsio import atomic_write
+from controller.keys import generate_key, key_id, load_key_file, remove_revoked, save_key
+from controller.repository import (
+    ALL_ROLES,
+    PENDING_ROOT_FILE,
+    TOP_ROLES,
+    ExpiryPolicy,
+    Repository,
+    RootSignaturesMissingError,
+    check_root_signatures,
+    save_policy,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CeremonyResult:
+    """What a key operation did, for the CLI to print."""
+
+    role: str
+    new_keyids: list[str] = field(default_factory=list)
+    key_files: list[Path] = field(default_factory=list)
+    root_version: int | None = None  # a root version published now
+    pending: Path | None = None  # a root version waiting for signatures
+    missing: str = ""  # which signatures the pending root lacks
+    resigned: dict[str, int] = field(default_factory=dict)
+    revoked: list[str] = field(default_factory=list)
+
+
+def _now(now: datetime | None) -> datetime:
+    return now or datetime.now(UTC).replace(microsecond=0)
+
+
+def _check_role(role: str) -> None:
+    if role not in ALL_ROLES:
+        raise UsageError(f"role expected one of {', '.join(ALL_ROLES)}, got {role!r}")
+
+
+def _refuse_if_pending(repo: Repository) -> None:
+    pending = repo.path / PENDING_ROOT_FILE
+    if pending.exists():
+        raise UsageError(
+            f"a root version already waits for signatures in {pending}: finish it with "
+            f"`edgectl keys import-root FILE --repo {repo.path}` or delete it"
+        )
+
+
+def rotate(
+    repo: Repository,
+    role: str,
+    *,
+    count: int = 1,
+    threshold: int = 1,
+    key_out: Path | None = None,
+    now: datetime | None = None,
+) -> CeremonyResult:
+    """Replace ``role``'s key(s) with new ones; revoke the old ones.
+
+    ``count`` and ``threshold`` apply to root only (k-of-n); ``key_out`` is where new
+    private keys go (default: the repository's keys/). Raises UsageError, RepositoryError.
+    """
+    _check_role(role)
+    if role != "root" and (count, threshold) != (1, 1):
+        raise UsageError("--keys and --threshold apply to the root role only")
+    if not 1 <= threshold <= count:
+        raise UsageError(f"threshold expected 1..{count} (the number of keys), got {threshold}")
+    _refuse_if_pending(repo)
+    now = _now(now)
+    if key_out is not None and key_out not in repo.key_dirs:
+        repo.key_dirs = (*repo.key_dirs, key_out)  # the new keys sign too
+    if role == ROLLOUT_ROLE:
+        return _rotate_rollout(repo, now, key_out)
+    result = CeremonyResult(role)
+    signers = [generate_key() for _ in range(count)]
+    out_dir = key_out or repo.keys_dir
+    for signer in signers:
+        result.key_files.append(save_key(out_dir, role, signer, keyed_name=True))
+        result.new_keyids.append(key_id(signer))
+    root: Metadata[Root] = repo.load("root")
+    for old in list(root.signed.roles[role].keyids):
+        root.signed.revoke_key(old, role)
+    for signer in signers:
+        root.signed.add_key(signer.public_key, role)
+    root.signed.roles[role].threshold = threshold
+    root.signed.version += 1
+    _publish_or_park(repo, root, now, result)
+    return result
+
+
+def _publish_or_park(
+    repo: Repository, root: Metadata[Root], now: datetime, result: CeremonyResult
+) -> None:
+    try:
+        repo.write("root", root, now)
+    except RootSignaturesMissingError as exc:
+        pending = repo.path / PENDING_ROOT_FILE
+        atomic_write(pending, root.to_bytes(JSONSerializer(compact=False)), mode=0o600)
+        result.pending, result.missing = pending, str(exc)
+        logger.warning("root version %d waits for signatures: %s", root.signed.version, exc)
+        return
+    result.root_version = int(root.signed.version)
+    finished = finish_rotation(repo, now)
+    result.resigned, result.revoked = finished.resigned, finished.revoked
+
+
+def _rotate_rollout(repo: Repository, now: datetime, key_out: Path | None) -> CeremonyResult:
+    result = CeremonyResult(ROLLOUT_ROLE)
+    signer = generate_key()
+    result.key_files.append(
+        save_key(key_out or repo.keys_dir, ROLLOUT_ROLE, signer, keyed_name=True)
+    )
+    result.new_keyids.append(key_id(signer))
+    targets = repo.load("targets")
+    for old in list(targets.signed.delegations.roles[ROLLOUT_ROLE].keyids):
+        targets.signed.revoke_key(old, ROLLOUT_ROLE)
+    targets.signed.add_key(signer.public_key, ROLLOUT_ROLE)
+    result.resigned["targets"] = repo.sign_next_version("targets", targets, now)
+    finished = finish_rotation(repo, now)
+    result.resigned.update(finished.resigned)
+    result.revoked = finished.revoked
+    return result
+
+
+def _is_signed(delegator: Any, role: str, md: Metadata[Any]) -> bool:
+    try:
+        delegator.verify_delegate(role, md.signed_bytes, md.signatures)
+    except UnsignedMetadataError:
+        return False
+    return True
+
+
+def finish_rotation(repo: Repository, now: datetime | None = None) -> CeremonyResult:
+    """Re-sign every role whose current metadata the trusted keys no longer verify, then
+    delete the key files the metadata no longer lists. Idempotent."""
+    now = _now(now)
+    result = CeremonyResult("*")
+    root = repo.load("root").signed
+    if not _is_signed(root, "targets", repo.load("targets")):
+        result.resigned["targets"] = repo.sign_next_version("targets", repo.load("targets"))
+    if not _is_signed(repo.load("targets").signed, ROLLOUT_ROLE, repo.load(ROLLOUT_ROLE)):
+        result.resigned[ROLLOUT_ROLE] = repo.update_targets(ROLLOUT_ROLE, {}, now)
+    if result.resigned or not _is_signed(root, "snapshot", repo.load("snapshot")):
+        result.resigned["snapshot"], result.resigned["timestamp"] = repo.publish(now)
+    elif not _is_signed(root, "timestamp", repo.load("timestamp")):
+        result.resigned["timestamp"] = repo.bump_timestamp(now)
+    for role in ALL_ROLES:
+        keep, _ = repo.role_keys(role)
+        result.revoked += remove_revoked(repo.keys_dir, role, keep)
+    return result
+
+
+# ---------------------------------------------------------------------------- offline root
+
+
+def export_root(repo: Repository, out: Path, now: datetime | None = None) -> CeremonyResult:
+    """Write the root version waiting for signatures to ``out``.
+
+    With none waiting, make one: the current root as the next version with a renewed
+    expiry (the yearly root renewal), signed with whatever root keys are here.
+    """
+    result = CeremonyResult("root")
+    pending = repo.path / PENDING_ROOT_FILE
+    if pending.exists():
+        md = _read_root(pending)
+    else:
+        md = repo.load("root")
+        md.signed.version += 1
+        md.signed.expires = _now(now) + repo.policy.lifetime("root")
+        md.signatures.clear()
+        with contextlib.suppress(RootSignaturesMissingError):
+            repo.sign_root(md)  # what is missing is reported below
+        atomic_write(pending, md.to_bytes(JSONSerializer(compact=False)), mode=0o600)
+    result.missing = _missing(repo, md)
+    atomic_write(out, md.to_bytes(JSONSerializer(compact=False)))
+    result.pending = out
+    return result
+
+
+def _missing(repo: Repository, md: Metadata[Root]) -> str:
+    previous = repo.load("root").signed if md.signed.version > 1 else None
+    try:
+        check_root_signatures(md, previous)
+    except RootSignaturesMissingError as exc:
+        return str(exc)
+    return ""
+
+
+def _read_root(path: Path) -> Metadata[Root]:
+    try:
+        md = Metadata[Root].from_file(str(path))
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist") from None
+    except (OSError, DeserializationError, ValueError) as exc:
+        raise UsageError(f"{path} is not root metadata: {exc}") from None
+    if not isinstance(md.signed, Root):
+        raise UsageError(f"{path} is {md.signed.type} metadata, not root")
+    return md
+
+
+def sign_root_file(path: Path, key_files: list[Path]) -> list[str]:
+    """Add a signature with each key to the root metadata in ``path`` (on the offline
+    machine: no repository needed). Returns the key ids that signed."""
+    md = _read_root(path)
+    signed = []
+    for key_file in key_files:
+        signer = load_key_file(key_file)
+        md.sign(signer, append=True)
+        signed.append(key_id(signer))
+    atomic_write(path, md.to_bytes(JSONSerializer(compact=False)))
+    return signed
+
+
+def import_root(repo: Repository, path: Path, now: datetime | None = None) -> CeremonyResult:
+    """Check and publish a signed root version, then finish the rotation it carries.
+
+    Raises RootSignaturesMissingError (naming the counts) when a threshold is not met.
+    """
+    md = _read_root(path)
+    repo.publish_root(md)
+    result = CeremonyResult("root", root_version=int(md.signed.version))
+    finished = finish_rotation(repo, now)
+    result.resigned, result.revoked = finished.resigned, finished.revoked
+    return result
+
+
+# ---------------------------------------------------------------------------- expiry
+
+
+def set_expiry(
+    repo: Repository, role: str, days: float, now: datetime | None = None
+) -> tuple[ExpiryPolicy, dict[str, int]]:
+    """Set ``role``'s metadata lifetime in the repository settings.
+
+    An online role (rollout, snapshot, timestamp) whose current expiry lies beyond the
+    new lifetime is re-signed now; root and targets take it the next time they are
+    signed. Returns the new policy and what was re-signed.
+    """
+    _check_role(role)
+    policy = replace(repo.policy, **{f"{role}_days": days})  # validates: UsageError
+    save_policy(repo.path, policy)
+    repo.policy = policy
+    now = _now(now)
+    resigned: dict[str, int] = {}
+    if role in TOP_ROLES[:2]:
+        return policy, resigned
+    if repo.load(role).signed.expires > now + policy.lifetime(role):
+        if role == ROLLOUT_ROLE:
+            resigned[ROLLOUT_ROLE] = repo.update_targets(ROLLOUT_ROLE, {}, now)
+            resigned["snapshot"], resigned["timestamp"] = repo.publish(now)
+        elif role == "snapshot":
+            resigned["snapshot"], resigned["timestamp"] = repo.publish(now)
+        else:
+            resigned["timestamp"] = repo.bump_timestamp(now)
+    return policy, resigned
+
+
+@dataclass(frozen=True)
+class RoleKeys:
+    role: str
+    keyids: list[str]
+    threshold: int
+    present: list[str]  # key ids whose private key is in the key folders
+    expires: datetime
+    version: int
+
+
+def key_status(repo: Repository) -> list[RoleKeys]:
+    """Every role's key ids, threshold, which private keys are here, expiry, version."""
+    rows = []
+    for role in ALL_ROLES:
+        keyids, threshold = repo.role_keys(role)
+        present = sorted(repo.signers(role))
+        md = repo.load(role)
+        rows.append(
+            RoleKeys(role, keyids, threshold, present, md.signed.expires, int(md.signed.version))
+        )
+    return rows
