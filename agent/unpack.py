@@ -3,11 +3,14 @@
 The bundle's hash was verified by TUF before it gets here, but unpacking still trusts
 nothing: a release key can sign a bad archive by mistake. Unpacking refuses
 
-- members that are not regular files (links, devices, FIFOs, directories),
+- members that are not regular files (links, devices, FIFOs, directories, sparse
+  files, whose unpacked size is not what the header says),
 - names that are absolute, contain ``/`` or ``..``, or are not in the fixed member set,
 - duplicate members, a manifest that is not the first member or is over 1 MiB,
-- members over ``max_member_bytes``, or whose size or sha256 differ from the manifest,
-- an archive whose unpacked total exceeds ``max_total_bytes``,
+- members over ``max_member_bytes``, over the size their manifest gives them, or whose
+  size or sha256 differ from the manifest,
+- an archive whose unpacked total exceeds ``max_total_bytes``: judged from the
+  manifest before anything but the manifest is written, and again while writing,
 - a manifest whose model name or version differs from what desired state asked for.
 
 It writes into a fresh temporary directory beside the destination, fsyncs every file,
@@ -39,7 +42,7 @@ _COPY_CHUNK = 1024 * 1024
 
 def _check_member(member: tarfile.TarInfo, seen: set[str], max_member_bytes: int) -> None:
     name = member.name
-    if not member.isreg():
+    if not member.isreg() or member.issparse():
         raise BundleError(
             f"bundle member {name!r} is not a regular file (links and devices are refused)"
         )
@@ -129,6 +132,7 @@ def _extract(
                 if manifest is None:
                     raw = _read_manifest_bytes(member, source)
                     manifest = _check_manifest(raw, expected_name, expected_version)
+                    _check_declared_sizes(manifest, len(raw), max_member_bytes, max_total_bytes)
                     _write_synced(staging / BUNDLE_MANIFEST, raw)
                     continue
                 _extract_member(member, source, staging, manifest)
@@ -167,12 +171,39 @@ def _check_manifest(raw: bytes, expected_name: str, expected_version: str) -> Ma
     return manifest
 
 
+def _check_declared_sizes(
+    manifest: Manifest, manifest_bytes: int, max_member_bytes: int, max_total_bytes: int
+) -> None:
+    """Refuse a manifest whose members could not be unpacked within the bounds."""
+    allowed = set(BUNDLE_REQUIRED_MEMBERS + BUNDLE_OPTIONAL_MEMBERS) - {BUNDLE_MANIFEST}
+    total = manifest_bytes
+    for name, entry in manifest.members.items():
+        if name not in allowed:
+            raise BundleError(f"the manifest lists an unexpected member {name!r}")
+        size = int(entry["size"])
+        if size > max_member_bytes:
+            raise BundleError(
+                f"the manifest gives {name!r} {size} bytes, over the limit of {max_member_bytes}"
+            )
+        total += size
+    if total > max_total_bytes:
+        raise BundleError(
+            f"bundle unpacks to more than the limit of {max_total_bytes} bytes "
+            f"(its manifest declares {total})"
+        )
+
+
 def _extract_member(
     member: tarfile.TarInfo, source: IO[bytes], staging: Path, manifest: Manifest
 ) -> None:
     expected = manifest.members.get(member.name)
     if expected is None:
         raise BundleError(f"bundle member {member.name!r} is not listed in the manifest")
+    if member.size > expected["size"]:
+        raise BundleError(
+            f"bundle member {member.name!r} is {member.size} bytes, over its manifest size "
+            f"of {expected['size']}"
+        )
     if member.size != expected["size"]:
         raise BundleError(
             f"bundle member {member.name!r}: size expected {expected['size']}, got {member.size}"
