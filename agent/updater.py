@@ -361,7 +361,7 @@ def _describe(exc: tuf_errors.RepositoryError) -> str:
     kinds: dict[type[Exception], str] = {
         tuf_errors.LengthOrHashMismatchError: "length or hash mismatch",
         tuf_errors.ExpiredMetadataError: "metadata expired",
-        tuf_errors.BadVersionNumberError: "rollback to an older version",
+        tuf_errors.BadVersionNumberError: "version mismatch (rollback or mix-and-match)",
         tuf_errors.UnsignedMetadataError: "signature threshold not met",
     }
     for kind, label in kinds.items():

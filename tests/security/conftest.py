@@ -1,0 +1,204 @@
+"""Fixtures of the attack suite and its tally.
+
+Every attack test carries ``@pytest.mark.attack(N)`` (N = the class in issue 8); a class
+counts as rejected when all of its tests passed. The tally is printed at the end of the
+run: ``10/10 attack classes rejected``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.config import AgentConfig, InferenceConfig, RepositoryConfig
+from agent.contracts import ProbationPolicy
+from agent.journal import Phase, serving_version
+from agent.lifecycle import ModelLifecycle
+from agent.runtime import ModelRegistry
+from agent.store import ModelStore
+from agent.telemetry import IntervalStats
+from agent.updater import CheckResult, UpdateService
+from controller.build import build_bundle
+from controller.release import release_bundle
+from controller.repository import Repository, init_repository
+from tests.helpers import make_linear_model
+from tests.security.simulator import Forger, HostileMirror
+
+MODEL = "lin"
+FLEET = "lab"
+NOW_SERVING = ProbationPolicy(duration_s=0)
+ATTACK_CLASSES = {
+    1: "arbitrary bundle (not signed by the release key)",
+    2: "rollback to older metadata",
+    3: "freeze (expired timestamp replayed)",
+    4: "mix-and-match (snapshot and targets from different versions)",
+    5: "endless data (metadata and bundles)",
+    6: "slow retrieval (drip under the read timeout)",
+    7: "malicious mirror serving altered bytes",
+    8: "signatures below the root threshold",
+    9: "delegated role signing outside its paths",
+    10: "root key rotation followed, attacker's root rejected",
+}
+_outcomes: dict[int, list[bool]] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "attack(n): the test proves a defence of attack class n")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    attack = next((k for k in report.keywords if k.startswith("attack-class-")), None)
+    if attack is None:
+        return
+    n = int(attack.removeprefix("attack-class-"))
+    if report.when == "call" or (report.when == "setup" and not report.passed):
+        _outcomes.setdefault(n, []).append(report.passed)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        marker = item.get_closest_marker("attack")
+        if marker is not None:
+            item.keywords[f"attack-class-{marker.args[0]}"] = True
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not _outcomes:
+        return
+    rejected = sorted(n for n, results in _outcomes.items() if results and all(results))
+    tr = terminalreporter
+    tr.section("attack classes (issue 8)")
+    for n, name in ATTACK_CLASSES.items():
+        results = _outcomes.get(n)
+        state = "not run" if not results else ("rejected" if all(results) else "NOT REJECTED")
+        tr.write_line(f"{n:>2}. {name}: {state}")
+    tr.write_line(f"{len(rejected)}/{len(ATTACK_CLASSES)} attack classes rejected")
+
+
+# ---------------------------------------------------------------------------- the device
+
+
+class Device:
+    """The real update path of an agent: UpdateService + ModelLifecycle (TUF refresh,
+    desired state, download, verify, unpack, golden vectors, swap), no process around."""
+
+    def __init__(self, tmp: Path, trusted_root: Path, repository: RepositoryConfig) -> None:
+        self.config = AgentConfig(
+            device_id="dev-1",
+            fleet=FLEET,
+            state_dir=tmp / "state",
+            trusted_root=trusted_root,
+            repository=repository,
+            inference=InferenceConfig(socket_path=tmp / "infer.sock"),
+        )
+        self.registry = ModelRegistry()
+        self.lifecycle = ModelLifecycle(
+            self.config, self.registry, ModelStore(tmp / "state" / "models"), IntervalStats()
+        )
+        self.updates = UpdateService(self.config, self.lifecycle)
+
+    def check(self) -> CheckResult:
+        result = self.updates.check()
+        self.lifecycle.judge_probation()  # probation of 0 s: commit now
+        return result
+
+    def phase(self) -> tuple[Phase, str | None]:
+        record = self.lifecycle.record(MODEL)
+        return record.phase, record.version
+
+    def serving(self) -> str | None:
+        """The version the journal says serves, checked against the loaded session."""
+        version = serving_version(self.lifecycle.record(MODEL))
+        loaded = self.registry.snapshot().get(MODEL)
+        assert (loaded.version if loaded else None) == version
+        return version
+
+    def trusted_version(self, role: str) -> int:
+        from tuf.api.metadata import Metadata
+
+        path = self.config.state_dir / "tuf" / f"{role}.json"
+        return int(Metadata.from_file(str(path)).signed.version)
+
+    def close(self) -> None:
+        self.updates.close()
+
+
+def quick_repository(url: str, **overrides: Any) -> RepositoryConfig:
+    base = RepositoryConfig(
+        url=url,
+        poll_jitter_s=0,
+        connect_timeout_s=2.0,
+        read_timeout_s=2.0,
+        download_deadline_s=30.0,
+        min_bytes_per_s=0.0,
+    )
+    return replace(base, **overrides)
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real bundles of one model: 1.0.0, 2.0.0, 3.0.0 (different weights), and an evil
+    6.6.6 nobody released."""
+    out = tmp_path_factory.mktemp("bundles")
+    built = {}
+    for seed, version in ((1, "1.0.0"), (2, "2.0.0"), (3, "3.0.0"), (66, "6.6.6")):
+        model = make_linear_model(out / f"{version}.onnx", seed=seed)
+        built[version] = build_bundle(model, MODEL, version, out / f"{version}.bundle", 4).path
+    return built
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repository:
+    return init_repository(tmp_path / "repo")
+
+
+@pytest.fixture
+def mirror(repo: Repository) -> Iterator[HostileMirror]:
+    m = HostileMirror(repo.path)
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def forger(repo: Repository) -> Forger:
+    return Forger(repo)
+
+
+def release(repo: Repository, bundle: Path) -> None:
+    release_bundle(bundle, FLEET, repo.path, probation=NOW_SERVING)
+
+
+@pytest.fixture
+def make_device(tmp_path: Path, repo: Repository, mirror: HostileMirror) -> Iterator[Any]:
+    made: list[Device] = []
+
+    def make(**overrides: Any) -> Device:
+        device = Device(
+            tmp_path / f"device-{len(made)}",
+            repo.metadata_dir / "1.root.json",
+            quick_repository(mirror.url, **overrides),
+        )
+        made.append(device)
+        return device
+
+    yield make
+    for device in made:
+        device.close()
+
+
+@pytest.fixture
+def device(make_device: Any, repo: Repository, bundles: dict[str, Path]) -> Device:
+    """A device serving 1.0.0, committed, through the mirror (behaving, so far)."""
+    release(repo, bundles["1.0.0"])
+    dev: Device = make_device()
+    result = dev.check()
+    assert result.installed == {MODEL: "1.0.0"}, result
+    assert dev.phase() == (Phase.COMMITTED, "1.0.0")
+    return dev

@@ -1,0 +1,426 @@
+"""One test per attack class of issue 8, against the real update path of a device.
+
+Each test starts from a device serving 1.0.0 (committed) through a hostile mirror, mounts
+the attack, runs an update check and asserts two things: the specific rejection, and that
+the device still serves its last good version. docs/security.md maps each test to the
+attack and the defence.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.contracts import (
+    ROLLOUT_ROLE,
+    DesiredState,
+    ModelRelease,
+    bundle_target_path,
+    desired_target_path,
+)
+from agent.journal import Phase
+from controller.fsio import repo_lock
+from controller.key_ceremony import rotate
+from controller.keys import generate_key, load_key_file
+from controller.repository import Repository
+from tests.security.conftest import FLEET, MODEL, NOW_SERVING, Device, release
+from tests.security.simulator import (
+    Cut,
+    Drip,
+    Endless,
+    Forger,
+    HostileMirror,
+    Replace,
+    capture_metadata,
+)
+
+
+def bundle_url(repo: Repository, version: str) -> str:
+    """The URL path of a released bundle (its consistent-snapshot name)."""
+    path = bundle_target_path(MODEL, version)
+    target = repo.load("targets").signed.targets[path]
+    return "/" + str(repo.target_file_path(path, target).relative_to(repo.path))
+
+
+def desired_state_for(version: str) -> bytes:
+    entry = ModelRelease(
+        version=version,
+        target=bundle_target_path(MODEL, version),
+        rollout_id=f"evil-{version}",
+        percent=100.0,
+        previous="1.0.0",
+        previous_target=bundle_target_path(MODEL, "1.0.0"),
+        probation=NOW_SERVING,
+    )
+    return DesiredState(fleet=FLEET, models={MODEL: entry}, issued_at="x").to_json_bytes()
+
+
+def assert_still_serving(device: Device, version: str = "1.0.0") -> None:
+    assert device.serving() == version
+    assert not list((device.config.state_dir / "models" / MODEL).glob("6.6.6*"))
+
+
+# ---------------------------------------------------------------------------- 1
+
+
+@pytest.mark.attack(1)
+def test_1_arbitrary_bundle_in_targets_signed_by_a_key_root_does_not_trust(
+    repo: Repository, device: Device, forger: Forger, bundles: dict[str, Path]
+) -> None:
+    """A compromised server (online keys) adds an evil bundle to targets and signs the
+    targets with a key of its own; desired state (rollout key, online) points at it."""
+    evil = bundles["6.6.6"].read_bytes()
+    path = bundle_target_path(MODEL, "6.6.6")
+    evil_target = repo.store_target(path, evil)
+    attacker = generate_key()
+    targets = forger.write(
+        "targets", lambda t: t.targets.__setitem__(path, evil_target), [attacker]
+    )
+    desired_path = desired_target_path(FLEET)
+    stored = repo.store_target(desired_path, desired_state_for("6.6.6"))
+    rollout = forger.write(
+        ROLLOUT_ROLE,
+        lambda r: r.targets.__setitem__(desired_path, stored),
+        list(repo.signers(ROLLOUT_ROLE).values()),
+    )
+    forger.publish("targets", int(targets.signed.version))
+    forger.publish(ROLLOUT_ROLE, int(rollout.signed.version))
+
+    result = device.check()
+    assert result.error is not None
+    assert "metadata refresh rejected: signature threshold not met" in result.error
+    assert "targets was signed by 0/1 keys" in result.error
+    assert_still_serving(device)
+
+
+# ---------------------------------------------------------------------------- 2
+
+
+@pytest.mark.attack(2)
+def test_2_rollback_to_older_metadata_is_refused(
+    tmp_path: Path,
+    repo: Repository,
+    device: Device,
+    mirror: HostileMirror,
+    bundles: dict[str, Path],
+) -> None:
+    """The mirror replays the whole metadata of the 1.0.0 days to a device on 2.0.0."""
+    old = capture_metadata(repo, tmp_path / "metadata-1.0.0")
+    release(repo, bundles["2.0.0"])
+    assert device.check().installed == {MODEL: "2.0.0"}
+    mirror.metadata_dir = old
+
+    result = device.check()
+    assert result.error is not None
+    assert "version mismatch (rollback or mix-and-match)" in result.error
+    assert "New timestamp version" in result.error and "must be >=" in result.error
+    assert device.phase() == (Phase.COMMITTED, "2.0.0")
+    assert_still_serving(device, "2.0.0")
+
+
+# ---------------------------------------------------------------------------- 3
+
+
+@pytest.mark.attack(3)
+def test_3_freeze_an_expired_timestamp_replayed_is_refused(
+    repo: Repository,
+    device: Device,
+    mirror: HostileMirror,
+    forger: Forger,
+    bundles: dict[str, Path],
+) -> None:
+    """The mirror keeps serving a timestamp captured long ago (newer than what this
+    device saw, since expired), hiding the 2.0.0 release from it."""
+    online = list(repo.signers("timestamp").values())
+    past = datetime.now(UTC).replace(microsecond=0) - timedelta(days=2)
+    frozen = forger.write("timestamp", lambda t: None, online, expires=past + timedelta(days=1))
+    mirror.set("/metadata/timestamp.json", Replace(frozen.to_bytes()))
+    release(repo, bundles["2.0.0"])  # the real repository moves on
+
+    result = device.check()
+    assert result.error is not None
+    assert "metadata expired" in result.error and "timestamp.json is expired" in result.error
+    assert_still_serving(device)
+
+
+# ---------------------------------------------------------------------------- 4
+
+
+@pytest.mark.attack(4)
+def test_4_mix_and_match_targets_from_another_snapshot_is_refused(
+    repo: Repository, device: Device, mirror: HostileMirror, bundles: dict[str, Path]
+) -> None:
+    """Snapshot names targets version N; the mirror serves targets version N-1 (validly
+    signed, from an older snapshot) under N's name."""
+    older = repo.load("targets")
+    release(repo, bundles["2.0.0"])
+    current = int(repo.load("targets").signed.version)
+    assert current == older.signed.version + 1
+    mirror.set(f"/metadata/{current}.targets.json", Replace(older.to_bytes()))
+
+    result = device.check()
+    assert result.error is not None
+    assert "version mismatch (rollback or mix-and-match)" in result.error
+    assert f"Expected targets v{current}, got v{current - 1}" in result.error
+    assert_still_serving(device)
+
+
+# ---------------------------------------------------------------------------- 5
+
+
+@pytest.mark.attack(5)
+def test_5_endless_metadata_is_cut_at_its_maximum_length(
+    device: Device, mirror: HostileMirror
+) -> None:
+    mirror.set("/metadata/timestamp.json", Endless())
+    result = device.check()
+    assert result.error is not None
+    assert "exceeding the maximum allowed length" in result.error
+    assert_still_serving(device)
+
+
+@pytest.mark.attack(5)
+def test_5_endless_bundle_is_cut_at_its_signed_length(
+    repo: Repository, device: Device, mirror: HostileMirror, bundles: dict[str, Path]
+) -> None:
+    release(repo, bundles["2.0.0"])
+    mirror.set(bundle_url(repo, "2.0.0"), Endless())
+    result = device.check()
+    assert "received more than the signed length" in result.refused[MODEL]
+    assert_still_serving(device)
+    assert not list((device.config.state_dir / "staging").glob("*.part"))  # not kept
+
+
+# ---------------------------------------------------------------------------- 6
+
+
+@pytest.mark.attack(6)
+def test_6_slow_retrieval_breaks_the_minimum_progress_rule(
+    repo: Repository, make_device: Any, mirror: HostileMirror, bundles: dict[str, Path]
+) -> None:
+    """8 bytes every 0.2 s: never silent for a read timeout (2 s), far under 1 kB/s."""
+    release(repo, bundles["1.0.0"])
+    device = make_device(min_bytes_per_s=1000.0, progress_window_s=1.0)
+    assert device.check().installed == {MODEL: "1.0.0"}
+    release(repo, bundles["2.0.0"])
+    mirror.set(bundle_url(repo, "2.0.0"), Drip(size=8, interval_s=0.2))
+    result = device.check()
+    assert "below the minimum progress of 1000 bytes/s" in result.refused[MODEL]
+    assert device.phase() == (Phase.IDLE, "1.0.0")  # put back: retried on the next check
+    assert_still_serving(device)
+
+
+@pytest.mark.attack(6)
+def test_6_slow_retrieval_hits_the_overall_deadline(
+    repo: Repository, make_device: Any, mirror: HostileMirror, bundles: dict[str, Path]
+) -> None:
+    release(repo, bundles["1.0.0"])
+    device = make_device(download_deadline_s=1.5)
+    assert device.check().installed == {MODEL: "1.0.0"}
+    release(repo, bundles["2.0.0"])
+    mirror.set(bundle_url(repo, "2.0.0"), Drip(size=64, interval_s=0.2))
+    result = device.check()
+    assert "exceeded its deadline of 1.5s" in result.refused[MODEL]
+    assert_still_serving(device)
+
+
+# ---------------------------------------------------------------------------- 7
+
+
+@pytest.mark.attack(7)
+def test_7_mirror_altering_bundle_bytes_is_refused(
+    repo: Repository, device: Device, mirror: HostileMirror, bundles: dict[str, Path]
+) -> None:
+    release(repo, bundles["2.0.0"])
+    data = bytearray(bundles["2.0.0"].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    mirror.set(bundle_url(repo, "2.0.0"), Replace(bytes(data)))
+    result = device.check()
+    assert "length or hash mismatch" in result.refused[MODEL]
+    assert_still_serving(device)
+    # The next check against an honest mirror installs the real bytes.
+    mirror.clear()
+    assert device.check().installed == {MODEL: "2.0.0"}
+
+
+@pytest.mark.attack(7)
+def test_7_mirror_altering_metadata_bytes_is_refused(
+    repo: Repository, device: Device, mirror: HostileMirror, bundles: dict[str, Path]
+) -> None:
+    release(repo, bundles["2.0.0"])
+    version = int(repo.load("targets").signed.version)
+    raw = (repo.metadata_dir / f"{version}.targets.json").read_bytes()
+    sha = repo.load("targets").signed.targets[bundle_target_path(MODEL, "2.0.0")].hashes
+    # The attacker's own bundle hash in place of the signed one.
+    forged = raw.replace(sha["sha256"].encode(), b"0" * 64)
+    assert forged != raw
+    mirror.set(f"/metadata/{version}.targets.json", Replace(forged))
+    result = device.check()
+    assert result.error is not None
+    assert "signature threshold not met" in result.error
+    assert_still_serving(device)
+
+
+# ---------------------------------------------------------------------------- 8
+
+
+@pytest.mark.attack(8)
+def test_8_root_signed_below_the_threshold_is_refused(
+    tmp_path: Path,
+    repo: Repository,
+    device: Device,
+    mirror: HostileMirror,
+    forger: Forger,
+    bundles: dict[str, Path],
+) -> None:
+    """Root is 2-of-3. One holder turns (or one key leaks): a root that trusts the
+    attacker's targets key, signed by that one key, is refused."""
+    with repo_lock(repo.path):
+        ceremony = rotate(repo, "root", count=3, threshold=2, key_out=tmp_path / "holders")
+    assert device.check().error is None
+    assert device.trusted_version("root") == 2
+    leaked = load_key_file(ceremony.key_files[0])
+    attacker = generate_key()
+
+    def trust_attacker(root: Any) -> None:
+        for keyid in list(root.roles["targets"].keyids):
+            root.revoke_key(keyid, "targets")
+        root.add_key(attacker.public_key, "targets")
+
+    release(repo, bundles["2.0.0"])  # whatever else happens, this root must not pass
+    evil_root = forger.make("root", trust_attacker, [leaked])
+    mirror.set("/metadata/3.root.json", Replace(evil_root.to_bytes()))
+
+    result = device.check()
+    assert result.error is not None
+    assert "signature threshold not met" in result.error
+    assert "root was signed by 1/2 keys" in result.error
+    assert device.trusted_version("root") == 2
+    assert_still_serving(device)
+
+
+# ---------------------------------------------------------------------------- 9
+
+
+@pytest.mark.attack(9)
+def test_9_rollout_key_signing_a_bundle_is_ignored(
+    repo: Repository, device: Device, forger: Forger, bundles: dict[str, Path]
+) -> None:
+    """The online rollout key lists an evil bundle itself, with its right hash, and points
+    desired state at it: the delegation covers fleets/*/* only, so TUF never sees it."""
+    evil_path = bundle_target_path(MODEL, "6.6.6")
+    evil = repo.store_target(evil_path, bundles["6.6.6"].read_bytes())
+    desired_path = desired_target_path(FLEET)
+    desired = repo.store_target(desired_path, desired_state_for("6.6.6"))
+
+    def sign_both(rollout: Any) -> None:
+        rollout.targets[desired_path] = desired
+        rollout.targets[evil_path] = evil
+
+    md = forger.write(ROLLOUT_ROLE, sign_both, list(repo.signers(ROLLOUT_ROLE).values()))
+    forger.publish(ROLLOUT_ROLE, int(md.signed.version))
+
+    result = device.check()
+    assert (
+        "desired state names bundles/lin/6.6.6.bundle, which no signed targets list"
+        in (result.refused[MODEL])
+    )
+    assert device.phase() == (Phase.FAILED, "6.6.6")  # refused before any byte came
+    assert_still_serving(device)
+
+
+# ---------------------------------------------------------------------------- 10
+
+
+@pytest.mark.attack(10)
+def test_10_root_rotation_is_followed_and_a_root_from_the_old_key_is_refused(
+    tmp_path: Path,
+    repo: Repository,
+    device: Device,
+    mirror: HostileMirror,
+    forger: Forger,
+    bundles: dict[str, Path],
+) -> None:
+    """The operator rotates the root key (and the release key); the untouched device
+    follows and installs a release signed after the rotation. The old root key, stolen,
+    then signs a root v4 that the mirror serves: refused."""
+    stolen = load_key_file(repo.keys_dir / "root.pem")
+    shutil.copy(repo.keys_dir / "root.pem", tmp_path / "stolen-root.pem")
+    with repo_lock(repo.path):
+        rotate(repo, "root")
+        rotate(repo, "targets")
+    assert repo.root_version() == 3
+    release(repo, bundles["2.0.0"])
+    assert device.check().installed == {MODEL: "2.0.0"}
+    assert device.trusted_version("root") == 3
+
+    attacker = generate_key()
+    evil_root = forger.make(
+        "root", lambda root: root.add_key(attacker.public_key, "targets"), [stolen]
+    )
+    mirror.set("/metadata/4.root.json", Replace(evil_root.to_bytes()))
+    result = device.check()
+    assert result.error is not None
+    assert "root was signed by 0/1 keys" in result.error
+    assert device.trusted_version("root") == 3
+    assert_still_serving(device, "2.0.0")
+
+
+# ---------------------------------------------------------------------------- resumption
+
+
+def test_a_download_cut_at_half_is_resumed_with_range_and_verified(
+    repo: Repository, device: Device, mirror: HostileMirror, bundles: dict[str, Path]
+) -> None:
+    release(repo, bundles["2.0.0"])
+    url = bundle_url(repo, "2.0.0")
+    length = bundles["2.0.0"].stat().st_size
+    mirror.set(url, Cut(0.5))
+
+    first = device.check()
+    assert MODEL in first.refused and "transfer failed" in first.refused[MODEL]
+    assert device.phase() == (Phase.IDLE, "1.0.0")
+    (part,) = (device.config.state_dir / "staging").glob("*.part")
+    assert part.stat().st_size == int(length * 0.5)
+    assert_still_serving(device)
+
+    second = device.check()
+    assert second.installed == {MODEL: "2.0.0"}
+    assert mirror.fetched(url) == ["", f"bytes={int(length * 0.5)}-"]
+    assert device.serving() == "2.0.0"
+    assert not list((device.config.state_dir / "staging").glob("*.part"))
+
+
+def test_a_resumed_part_of_other_bytes_fails_the_whole_file_hash(
+    repo: Repository, device: Device, mirror: HostileMirror, bundles: dict[str, Path]
+) -> None:
+    """What was kept from an interrupted download is not trusted: the hash covers it."""
+    release(repo, bundles["2.0.0"])
+    url = bundle_url(repo, "2.0.0")
+    mirror.set(url, Cut(0.5))
+    device.check()
+    (part,) = (device.config.state_dir / "staging").glob("*.part")
+    part.write_bytes(b"\0" * part.stat().st_size)  # corrupted while the device was off
+    result = device.check()
+    assert "length or hash mismatch" in result.refused[MODEL]
+    assert not part.exists()  # dropped: the next check starts over
+    assert device.check().installed == {MODEL: "2.0.0"}
+
+
+def test_the_suite_knows_every_attack_class() -> None:
+    """A guard for the tally: every class of issue 8 has a test above."""
+    import inspect
+    import sys
+
+    module = sys.modules[__name__]
+    classes = {
+        marker.args[0]
+        for _, fn in inspect.getmembers(module, inspect.isfunction)
+        for marker in getattr(fn, "pytestmark", [])
+        if marker.name == "attack"
+    }
+    assert classes == set(range(1, 11))
