@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig, InferenceConfig, RepositoryConfig
+from agent.config import AgentConfig, InferenceConfig, MqttConfig, RepositoryConfig
 from agent.contracts import ProbationPolicy
 from agent.journal import Phase, serving_version
 from agent.lifecycle import ModelLifecycle
@@ -86,7 +86,13 @@ class Device:
     """The real update path of an agent: UpdateService + ModelLifecycle (TUF refresh,
     desired state, download, verify, unpack, golden vectors, swap), no process around."""
 
-    def __init__(self, tmp: Path, trusted_root: Path, repository: RepositoryConfig) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        trusted_root: Path,
+        repository: RepositoryConfig,
+        mqtt: MqttConfig | None = None,
+    ) -> None:
         self.config = AgentConfig(
             device_id="dev-1",
             fleet=FLEET,
@@ -94,6 +100,7 @@ class Device:
             trusted_root=trusted_root,
             repository=repository,
             inference=InferenceConfig(socket_path=tmp / "infer.sock"),
+            mqtt=mqtt or MqttConfig(),
         )
         self.registry = ModelRegistry()
         self.lifecycle = ModelLifecycle(

@@ -1,0 +1,157 @@
+"""The repository over MQTT with a private mosquitto: the fetcher against the controller's
+responder, then the whole update path of a device through ``edgectl serve``."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tuf.api.exceptions import DownloadError, DownloadHTTPError
+
+from agent.config import MqttConfig
+from agent.fetcher import TransferLimits
+from agent.journal import Phase
+from agent.mqtt_fetcher import URL_PREFIX, MqttFetcher
+from controller.fsio import repo_lock
+from controller.key_ceremony import rotate
+from controller.mqtt_repo import RepoResponder, ResponderLimits
+from controller.repository import Repository
+from tests.e2e_support import Proc, start_serve
+from tests.helpers import Broker, free_port
+from tests.security.conftest import MODEL, Device, quick_repository, release
+
+LIMITS = TransferLimits(connect_timeout_s=5.0, read_timeout_s=1.0, deadline_s=20.0)
+
+
+@pytest.fixture
+def responder(repo: Repository, broker: Broker) -> Iterator[RepoResponder]:
+    r = RepoResponder(
+        repo.path, broker.host, broker.port, "test-responder", limits=ResponderLimits(2, 8, 2)
+    )
+    r.start()
+    yield r
+    r.stop()
+
+
+def _fetcher(broker: Broker, **kw: int) -> MqttFetcher:
+    config = MqttConfig(host=broker.host, port=broker.port)
+    return MqttFetcher(config, "lab", "dev-1", LIMITS, **kw)
+
+
+def test_fetcher_reads_chunks_in_order_resumes_and_maps_not_found(
+    repo: Repository, broker: Broker, responder: RepoResponder, bundles: dict[str, Path]
+) -> None:
+    release(repo, bundles["1.0.0"])
+    (stored,) = (repo.targets_dir / "bundles" / MODEL).glob("*.bundle")
+    data = stored.read_bytes()
+    url = URL_PREFIX + str(stored.relative_to(repo.path))
+    # Small chunks, a window of 4, and a responder allowing 2 per device: it answers
+    # "busy" (503) to some requests, which the fetcher asks again.
+    fetcher = _fetcher(broker, chunk_bytes=1000, window=4)
+    try:
+        assert b"".join(fetcher.fetch(url)) == data
+        start, body = fetcher.fetch_from(url, 2500)
+        assert start == 2500 and b"".join(body) == data[2500:]
+        with pytest.raises(DownloadHTTPError) as missing:
+            list(fetcher.fetch(URL_PREFIX + "metadata/99.root.json"))
+        assert missing.value.status_code == 404
+        for hostile in ("metadata/../keys/root.pem", "targets/../edgectl.json"):
+            with pytest.raises(DownloadHTTPError):  # never served: not found
+                list(fetcher.fetch(URL_PREFIX + hostile))
+    finally:
+        fetcher.close()
+    assert len(data) > 4000 and responder.answered > len(data) // 1000
+
+
+def test_fetcher_without_a_responder_hits_its_limits(broker: Broker) -> None:
+    fetcher = _fetcher(broker)
+    try:
+        with pytest.raises(DownloadError, match="no answer over MQTT"):
+            list(fetcher.fetch(URL_PREFIX + "metadata/timestamp.json"))
+    finally:
+        fetcher.close()
+
+
+def test_fetcher_with_no_broker_is_a_download_error() -> None:
+    fetcher = MqttFetcher(MqttConfig(host="127.0.0.1", port=free_port()), "lab", "dev-1", LIMITS)
+    with pytest.raises(DownloadError, match="cannot reach MQTT broker"):
+        list(fetcher.fetch(URL_PREFIX + "metadata/timestamp.json"))
+
+
+@pytest.fixture
+def served(tmp_path: Path, repo: Repository, broker: Broker) -> Iterator[Proc]:
+    proc, _url = start_serve(repo.path, broker.address, tmp_path / "serve.log")
+    yield proc
+    proc.stop()
+
+
+def _mqtt_device(tmp: Path, repo: Repository, broker: Broker, **repository: object) -> Device:
+    return Device(
+        tmp,
+        repo.metadata_dir / "1.root.json",
+        quick_repository(repository.pop("url", ""), transport="mqtt", **repository),  # type: ignore[arg-type]
+        MqttConfig(host=broker.host, port=broker.port),
+    )
+
+
+def test_the_whole_update_path_over_mqtt(
+    tmp_path: Path,
+    repo: Repository,
+    broker: Broker,
+    served: Proc,
+    bundles: dict[str, Path],
+) -> None:
+    """Install, update, follow a key rotation and refuse tampered bytes, all through the
+    broker: the device has no HTTP URL at all."""
+    release(repo, bundles["1.0.0"])
+    device = _mqtt_device(tmp_path / "dev", repo, broker, mqtt_chunk_bytes=4096)
+    try:
+        assert device.check().installed == {MODEL: "1.0.0"}
+        release(repo, bundles["2.0.0"])
+        with repo_lock(repo.path):
+            rotate(repo, "timestamp")  # a new root version, fetched over MQTT too
+        assert device.check().installed == {MODEL: "2.0.0"}
+        assert device.trusted_version("root") == 2
+
+        os.kill(served.process.pid, signal.SIGSTOP)  # tamper while nobody reads
+        try:
+            release(repo, bundles["3.0.0"])
+            (stored,) = (repo.targets_dir / "bundles" / MODEL).glob("*.3.0.0.bundle")
+            data = bytearray(stored.read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            stored.write_bytes(bytes(data))
+        finally:
+            os.kill(served.process.pid, signal.SIGCONT)
+        result = device.check()
+        assert "length or hash mismatch" in result.refused[MODEL]
+        assert device.phase() == (Phase.IDLE, "2.0.0")  # put back: fetched again next time
+        assert device.serving() == "2.0.0"
+    finally:
+        device.close()
+    assert "answering repository requests" in served.text()
+
+
+def test_auto_falls_back_to_mqtt_when_http_is_unreachable(
+    tmp_path: Path,
+    repo: Repository,
+    broker: Broker,
+    served: Proc,
+    bundles: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release(repo, bundles["1.0.0"])
+    dead = f"http://127.0.0.1:{free_port()}"
+    device = Device(
+        tmp_path / "dev",
+        repo.metadata_dir / "1.root.json",
+        quick_repository(dead, transport="auto"),
+        MqttConfig(host=broker.host, port=broker.port),
+    )
+    try:
+        assert device.check().installed == {MODEL: "1.0.0"}
+    finally:
+        device.close()
+    assert "falling back to MQTT" in caplog.text
