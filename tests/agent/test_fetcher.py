@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 from tuf.api.exceptions import DownloadError, DownloadHTTPError
@@ -23,7 +24,7 @@ BODY = bytes(range(256)) * 40  # 10,240 bytes
 
 
 class _Handler(BaseHTTPRequestHandler):
-    ranges_seen: list[str] = []
+    ranges_seen: ClassVar[list[str]] = []
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -143,7 +144,7 @@ def test_a_range_past_the_end_starts_over(server: str) -> None:
 
 
 def test_a_range_answered_from_elsewhere_is_refused(server: str) -> None:
-    with pytest.raises(DownloadError, match="asked for bytes from 4000, the server answered from 0"):
+    with pytest.raises(DownloadError, match="asked for bytes from 4000, the server answered"):
         _fetcher().fetch_from(f"{server}/wrong-range", 4000)
 
 

@@ -241,6 +241,4 @@ def test_keys_list_cli(repo: Repository) -> None:
     assert out.returncode == 0, out.stderr
     for role in ("root", "targets", "snapshot", "timestamp", ROLLOUT_ROLE):
         assert role in out.stdout
-    assert [row.present for row in key_status(repo)] == [
-        row.keyids for row in key_status(repo)
-    ]
+    assert [row.present for row in key_status(repo)] == [row.keyids for row in key_status(repo)]
