@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 # Room for the unpacked copy next to the downloaded file, plus slack.
 _UNPACK_FACTOR = 2.2
+# A staged part nobody resumed for this long belongs to a release no longer wanted.
+_STALE_PART_S = 7 * 86400.0
 
 
 @dataclass
@@ -260,9 +263,7 @@ class UpdateService:
             raise UntrustedInputError(f"{info.path}: the signed target has no sha256 hash")
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f"{path.name}.{sha256[:16]}.part")
-        for stale in path.parent.glob(f"{path.name}.*.part"):
-            if stale != partial:
-                remove_tree(stale)  # a part of other bytes under the same name
+        _drop_stale_parts(path, partial)
         try:
             self._transfer(info, partial)
             with open(partial, "rb") as f:
@@ -300,6 +301,23 @@ class UpdateService:
                 _write_bounded(body, out, info.length - start, info.path)
         except tuf_errors.DownloadError as exc:
             raise FetchError(f"{info.path}: {exc}") from exc
+
+
+def _drop_stale_parts(path: Path, keep: Path) -> None:
+    """Delete parts of other bytes under ``path``'s name, and any part left untouched for
+    ``_STALE_PART_S`` (a version desired state no longer names)."""
+    now = time.time()
+    for part in path.parent.glob("*.part"):
+        if part == keep:
+            continue
+        try:
+            stale = part.name.startswith(path.name + ".") or now - part.stat().st_mtime > (
+                _STALE_PART_S
+            )
+        except OSError:
+            continue
+        if stale:
+            remove_tree(part)
 
 
 def _write_bounded(body: Iterator[bytes], out: BinaryIO, allowed: int, what: str) -> None:
