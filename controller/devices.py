@@ -167,9 +167,6 @@ def agent_config_toml(device_id: str, fleet: str, options: EnrollOptions) -> str
         "[repository]",
         f'url = "{options.repository_url}"',
         "",
-        "[inference]",
-        'socket_group = "edge-infer"',
-        "",
     ]
     return "\n".join(lines)
 
