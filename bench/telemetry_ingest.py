@@ -1,15 +1,25 @@
-"""How many heartbeats a second one `edgectl serve` stores, and what CPU it takes.
+"""How many heartbeats a second `edgectl serve` stores, and what CPU it takes per message.
 
-A private mosquitto on loopback; a real `edgectl serve` process ingesting into its store
+A private mosquitto on loopback; real `edgectl serve` processes ingesting into a store
 (SQLite by default, ``--store DSN`` for PostgreSQL); simulated devices in separate
 processes publishing real ``edgefleet.telemetry/1`` heartbeats (one model each, QoS 0
 as agents do by default) from ``--devices`` distinct device ids, at each offered rate of
-``--rates`` for ``--seconds``. For every step it reports what was published, what the
-controller stored (rows in ``heartbeats``), the sustained stored rate (stored / time from
-the step's start until the store stopped growing) and the controller's CPU (user+system
-seconds per wall second, 100% = one core).
+``--rates`` for ``--seconds``. ``--workers N`` runs N serve processes on one MQTT 5 shared
+subscription (``mqtt_shared_group``) and one store.
 
-    python bench/telemetry_ingest.py [--rates 5000,10000,15000] [--seconds 10] [--record]
+Every step starts fresh serve processes on an empty store, so steps do not inherit each
+other's backlog or table size. ``--baseline REV`` runs each step twice, once with the
+``agent/`` and ``controller/`` of git revision REV and once with the working tree,
+interleaved, so both see the same machine load; on a shared machine the CPU per message
+is the robust figure, the stored rate depends on what else runs.
+
+For every step it reports what was published, what the controller stored (rows in
+``heartbeats``), the sustained stored rate (stored / time from the step's start until the
+store stopped growing), the controller's CPU (user+system seconds of all its processes
+per wall second, 100% = one core) and CPU per stored message.
+
+    python bench/telemetry_ingest.py [--rates 5000,10000,15000] [--seconds 10] \
+        [--workers 2] [--baseline 96201a8] [--record]
 """
 
 from __future__ import annotations
@@ -102,76 +112,153 @@ def publisher(
     out.put(sent)
 
 
-def _start_serve(repo: Path, port: int, store: str, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "EDGECTL_STORE": store}
-    args = [str(BIN / "edgectl"), "serve", "--repo", str(repo), "--mqtt", f"127.0.0.1:{port}"]
-    out = open(log, "wb")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen([*args, "--listen", "127.0.0.1:0"], stdout=out, stderr=out, env=env)
+class Controller:
+    """``workers`` `edgectl serve` processes of one code tree on one store."""
+
+    def __init__(self, code: Path | None, port: int, store: str, work: Path, workers: int):
+        self.procs: list[subprocess.Popen[bytes]] = []
+        repo = work / "repo"
+        if not repo.exists():
+            subprocess.run(
+                [str(BIN / "edgectl"), "init", str(repo)], check=True, capture_output=True
+            )
+        for k in range(workers):
+            config = work / f"serve-{k}.toml"
+            config.write_text(
+                "[serve]\n"
+                f'store = "{store}"\n'
+                # Stable per worker: the broker keeps each id's session (and its place in
+                # the shared group) after a step; a new id would leave a dead member
+                # that still takes its share of the heartbeats.
+                f'ingest_client_id = "bench-ingest-{k}"\n'
+                + ('mqtt_shared_group = "bench"\n' if workers > 1 else "")
+            )
+            args = ["serve", "--repo", str(repo), "--mqtt", f"127.0.0.1:{port}"]
+            args += ["--listen", "127.0.0.1:0", "--config", str(config)]
+            if code is None:
+                command = [str(BIN / "edgectl"), *args]
+            else:  # another revision's tree, run by this interpreter
+                boot = (
+                    f"import sys; sys.path.insert(0, {str(code)!r}); "
+                    "from controller.cli import main; sys.exit(main())"
+                )
+                command = [sys.executable, "-c", boot, *args]
+            log = work / f"serve-{k}.log"
+            out = open(log, "wb")  # noqa: SIM115 - closed with the process
+            self.procs.append(subprocess.Popen(command, stdout=out, stderr=out))
+            _wait_subscribed(log)
+
+    def cpu_s(self) -> float:
+        return sum(sum(psutil.Process(p.pid).cpu_times()[:2]) for p in self.procs)
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            p.wait(timeout=60)
+
+
+def _wait_subscribed(log: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if re.search(r"ingest: subscribed", log.read_text(errors="replace")):
-            return proc
+            return
         time.sleep(0.1)
     raise RuntimeError(f"edgectl serve did not subscribe:\n{log.read_text()}")
+
+
+def export_revision(rev: str, into: Path) -> Path:
+    """The ``agent/`` and ``controller/`` packages of git revision ``rev``, under ``into``."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "agent", "controller"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def measure_step(
+    args: argparse.Namespace, port: int, rate: float, code: Path | None, work: Path, step: str
+) -> tuple[int, int, float, float]:
+    """(published, stored, stored per second, controller CPU seconds) of one step.
+
+    SQLite: a new file per step. PostgreSQL: the DSN's tables, counting what the step adds.
+    """
+    location = args.store or str(work / f"{step}.sqlite")
+    controller = Controller(code, port, location, work, args.workers)
+    store = open_store(location)
+    try:
+        before = store.count("heartbeats")
+        cpu0 = controller.cpu_s()
+        t0 = time.monotonic()
+        results: mp.Queue[int] = mp.Queue()
+        share = rate / args.publishers
+        procs = [
+            mp.Process(
+                target=publisher,
+                args=(port, share, args.seconds, k * 10**7, args.devices, results),
+            )
+            for k in range(args.publishers)
+        ]
+        for p in procs:
+            p.start()
+        published = sum(results.get(timeout=args.seconds + 60) for _ in procs)
+        for p in procs:
+            p.join()
+        # Wait until the store stops growing (the controller drains what it queued).
+        last, last_change = store.count("heartbeats"), time.monotonic()
+        while time.monotonic() - last_change < 1.0:
+            time.sleep(0.2)
+            now_count = store.count("heartbeats")
+            if now_count != last:
+                last, last_change = now_count, time.monotonic()
+        wall = last_change - t0
+        cpu = controller.cpu_s() - cpu0
+    finally:
+        store.close()
+        controller.stop()
+    return published, last - before, (last - before) / wall, cpu
 
 
 def run(args: argparse.Namespace) -> list[str]:
     work = Path(tempfile.mkdtemp(prefix="telemetry-bench-"))
     broker = start_broker(work / "broker")
-    repo = work / "repo"
-    subprocess.run([str(BIN / "edgectl"), "init", str(repo)], check=True, capture_output=True)
-    store_location = args.store or str(work / "telemetry.sqlite")
-    serve = _start_serve(repo, broker.port, store_location, work / "serve.log")
-    controller = psutil.Process(serve.pid)
-    store = open_store(store_location)
-    backend = "PostgreSQL" if "://" in store_location else "SQLite (WAL)"
+    variants: list[tuple[str, Path | None]] = [("this tree", None)]
+    if args.baseline:
+        code = export_revision(args.baseline, work / "baseline")
+        variants.insert(0, (f"before ({args.baseline})", code))
+    backend = "PostgreSQL" if args.store else "SQLite (WAL)"
     rows = []
+    loads = [os.getloadavg()[0]]
     try:
         for rate in args.rates:
-            before = store.count("heartbeats")
-            cpu0 = sum(controller.cpu_times()[:2])
-            t0 = time.monotonic()
-            results: mp.Queue[int] = mp.Queue()
-            share = rate / args.publishers
-            procs = [
-                mp.Process(
-                    target=publisher,
-                    args=(broker.port, share, args.seconds, k * 10**7, args.devices, results),
+            for n, (name, code) in enumerate(variants):
+                step = f"step-{int(rate)}-{n}"
+                published, stored, per_s, cpu = measure_step(
+                    args, broker.port, rate, code, work, step
                 )
-                for k in range(args.publishers)
-            ]
-            for p in procs:
-                p.start()
-            published = sum(results.get(timeout=args.seconds + 60) for _ in procs)
-            for p in procs:
-                p.join()
-            # Wait until the store stops growing (the controller drains what it queued).
-            last, last_change = store.count("heartbeats"), time.monotonic()
-            while time.monotonic() - last_change < 1.0:
-                time.sleep(0.2)
-                now_count = store.count("heartbeats")
-                if now_count != last:
-                    last, last_change = now_count, time.monotonic()
-            wall = last_change - t0
-            cpu = sum(controller.cpu_times()[:2]) - cpu0
-            stored = last - before
-            rows.append(
-                f"| {rate:,.0f} | {published:,} | {stored:,} | {stored / wall:,.0f} | "
-                f"{100 * cpu / wall:.0f}% |"
-            )
-            print(rows[-1], flush=True)
+                wall = stored / per_s if per_s else float("nan")
+                rows.append(
+                    f"| {name} | {rate:,.0f} | {published:,} | {stored:,} | {per_s:,.0f} | "
+                    f"{100 * cpu / wall:.0f}% | {1e6 * cpu / max(stored, 1):.0f} |"
+                )
+                print(rows[-1], flush=True)
+                loads.append(os.getloadavg()[0])
     finally:
-        store.close()
-        serve.terminate()
-        serve.wait(timeout=30)
         broker.stop()
         shutil.rmtree(work, ignore_errors=True)
     header = [
-        f"Store: {backend}; {args.devices:,} simulated devices, {args.publishers} publisher "
-        f"processes, {args.seconds:g} s per offered rate; heartbeat {len(_template())} bytes.",
+        f"Store: {backend}; {args.workers} serve process(es)"
+        + (" on a shared subscription" if args.workers > 1 else "")
+        + f"; {args.devices:,} simulated devices, {args.publishers} publisher processes, "
+        f"{args.seconds:g} s per step; heartbeat {len(_template())} bytes; load average "
+        f"(1 min) {min(loads):.1f}–{max(loads):.1f} during the run.",
         "",
-        "| offered msg/s | published | stored | stored msg/s (sustained) | controller CPU |",
-        "|---|---|---|---|---|",
+        "| code | offered msg/s | published | stored | stored msg/s (sustained) "
+        "| controller CPU | CPU µs/msg |",
+        "|---|---|---|---|---|---|---|",
     ]
     return header + rows
 
@@ -191,13 +278,17 @@ def record(lines: list[str], command: str) -> None:
             "cores), the controller's CPU measured on its process. Goal: ≥ 10,000 msg/s "
             "stored (100,000 devices at one heartbeat per 10 s).\n"
         )
-    text += (
+    entry = (
         f"\n### telemetry_ingest.py — {dt.date.today().isoformat()}\n\n"
         f"Command: `{command}`; machine: {machine}; shared with other jobs.\n\n"
         + "\n".join(lines)
         + "\n"
     )
-    path.write_text(text)
+    # At the end of this section, not of the file: other benchmarks' sections follow.
+    start = text.index("\n## Telemetry ingest\n") + 1
+    end = text.find("\n## ", start)
+    end = len(text) if end < 0 else end
+    path.write_text(text[:end].rstrip("\n") + "\n" + entry + text[end:])
 
 
 def main() -> None:
@@ -206,6 +297,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--devices", type=int, default=100_000)
     parser.add_argument("--publishers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="serve processes (shared group)")
+    parser.add_argument("--baseline", default="", metavar="REV", help="also run this revision")
     parser.add_argument("--store", default="", help="a postgresql:// DSN (default: SQLite)")
     parser.add_argument("--record", action="store_true", help="append to docs/benchmarks.md")
     args = parser.parse_args()

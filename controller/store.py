@@ -23,11 +23,13 @@ from __future__ import annotations
 import json
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
+
+import orjson
 
 from agent.contracts import Event, Heartbeat, Status, telemetry_payload
 from controller.errors import ControllerError
@@ -37,19 +39,60 @@ class StoreError(ControllerError):
     """The telemetry store cannot be opened or used (a bad DSN, an unreachable server)."""
 
 
+# One model of a heartbeat as the store keeps it:
+# (name, version, state, requests, errors, client_errors, p99_s).
+ModelFacts = tuple[str, str | None, str, int, int, int, float | None]
+
+
+class HeartbeatFacts(NamedTuple):
+    """What the store keeps of a heartbeat: the ingest hot path builds this straight from
+    the decoded JSON (controller.ingest), without the contract's dataclasses."""
+
+    fleet: str
+    device: str
+    agent_version: str
+    interval_s: float
+    system: Mapping[str, Any]
+    outbox_pending: int
+    outbox_dropped: int
+    models: tuple[ModelFacts, ...]  # sorted by name
+
+
+def heartbeat_facts(beat: Heartbeat) -> HeartbeatFacts:
+    """The facts of a parsed heartbeat (the contract's dataclass)."""
+    return HeartbeatFacts(
+        beat.fleet,
+        beat.device,
+        beat.agent_version,
+        beat.interval_s,
+        asdict(beat.system),
+        beat.outbox_pending,
+        beat.outbox_dropped,
+        tuple(
+            (name, m.version, m.state, m.requests, m.errors, m.client_errors, m.p99_s)
+            for name, m in sorted(beat.models.items())
+        ),
+    )
+
+
 @dataclass
 class IngestBatch:
-    """Parsed messages with the time (epoch seconds) the controller received each."""
+    """Parsed messages with the time (epoch seconds) the controller received each.
+
+    Heartbeats come in either form: ``heartbeats`` (the contract's dataclass; its history
+    is re-encoded) or ``heartbeat_facts`` (facts, received at, the payload as received,
+    kept verbatim as history), which is what ingestion produces.
+    """
 
     heartbeats: list[tuple[Heartbeat, float]] = field(default_factory=list)
     events: list[tuple[Event, float]] = field(default_factory=list)
     statuses: list[tuple[Status, float]] = field(default_factory=list)
-    # The heartbeats as received (same order), kept as history without re-encoding them;
-    # when absent the history is encoded from the parsed heartbeats.
-    heartbeat_payloads: list[bytes] = field(default_factory=list)
+    heartbeat_facts: list[tuple[HeartbeatFacts, float, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return len(self.heartbeats) + len(self.events) + len(self.statuses)
+        return (
+            len(self.heartbeats) + len(self.heartbeat_facts) + len(self.events) + len(self.statuses)
+        )
 
 
 @dataclass(frozen=True)
@@ -215,47 +258,36 @@ _EVENT_COLUMNS: Final = (
 
 
 def _heartbeat_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
+    beats = batch.heartbeat_facts
+    if batch.heartbeats:
+        beats = beats + [
+            (heartbeat_facts(beat), received, telemetry_payload(beat).decode())
+            for beat, received in batch.heartbeats
+        ]
     history = []
-    latest: dict[tuple[str, str], tuple[Heartbeat, float]] = {}
-    raw = batch.heartbeat_payloads
-    if len(raw) != len(batch.heartbeats):
-        raw = [telemetry_payload(beat) for beat, _ in batch.heartbeats]
-    for (beat, received), payload in zip(batch.heartbeats, raw, strict=True):
-        history.append((beat.fleet, beat.device, received, payload.decode()))
-        key = (beat.fleet, beat.device)
-        if key not in latest or latest[key][1] <= received:
-            latest[key] = (beat, received)
+    latest: dict[tuple[str, str], tuple[HeartbeatFacts, float]] = {}
+    for facts, received, payload in beats:
+        key = (facts.fleet, facts.device)
+        history.append((key[0], key[1], received, payload))
+        known = latest.get(key)
+        if known is None or known[1] <= received:
+            latest[key] = (facts, received)
     devices, models = [], []
-    for (fleet, device), (beat, received) in sorted(latest.items()):
+    for (fleet, device), (facts, received) in sorted(latest.items()):
         devices.append(
             (
                 fleet,
                 device,
                 received,
                 received,
-                beat.agent_version,
-                beat.interval_s,
-                json.dumps(vars(beat.system), sort_keys=True),
-                beat.outbox_pending,
-                beat.outbox_dropped,
+                facts.agent_version,
+                facts.interval_s,
+                orjson.dumps(facts.system, option=orjson.OPT_SORT_KEYS).decode(),
+                facts.outbox_pending,
+                facts.outbox_dropped,
             )
         )
-        for name, m in sorted(beat.models.items()):
-            models.append(
-                (
-                    fleet,
-                    device,
-                    name,
-                    m.version,
-                    m.state,
-                    m.requests,
-                    m.errors,
-                    m.client_errors,
-                    m.p99_s,
-                    received,
-                    received,
-                )
-            )
+        models += [(fleet, device, *model, received, received) for model in facts.models]
     return {"history": history, "devices": devices, "models": models}
 
 
