@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from aiohttp import web
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from controller.announcer import Announcer
 from controller.config import ServeConfig
@@ -39,6 +40,7 @@ from controller.http import make_app, start_http
 from controller.ingest import Ingestor, IngestSettings
 from controller.mqtt_repo import RepoResponder
 from controller.repository import Repository, resign_expiring
+from controller.rollout_service import RolloutSettings, start_rollout_service
 from controller.store import TelemetryStore, open_store
 
 logger = logging.getLogger(__name__)
@@ -165,6 +167,18 @@ async def serve(config: ServeConfig) -> None:
         )
         responder.start()
     # --- end repository over MQTT ---
+    # Staged rollouts: judged on telemetry and advanced on a schedule (controller.rollout).
+    scheduler = AsyncIOScheduler()
+    start_rollout_service(
+        scheduler,
+        config.repo_dir,
+        store,
+        RolloutSettings(
+            tick_interval_s=config.rollout_tick_interval_s,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+        ),
+    )
+    scheduler.start()
     tasks = [
         asyncio.create_task(
             resign_loop(config.repo_dir, config.resign_check_interval_s), name="resign"
@@ -191,6 +205,7 @@ async def serve(config: ServeConfig) -> None:
         await stop.wait()
         logger.info("shutting down")
     finally:
+        scheduler.shutdown(wait=False)
         for task in tasks:
             task.cancel()
         for task in tasks:

@@ -47,6 +47,7 @@ _KNOWN_KEYS: Final = (
     "heartbeat_interval_s",
     "stale_after_heartbeats",
     "heartbeat_retention_s",
+    "rollout_tick_interval_s",
 )
 
 
@@ -75,6 +76,8 @@ class ServeConfig:
     heartbeat_interval_s: float = 10.0
     stale_after_heartbeats: float = 3.0
     heartbeat_retention_s: float = 7 * 86400.0
+    # How often staged rollouts are judged against their gates and advanced.
+    rollout_tick_interval_s: float = 5.0
 
     @property
     def store_location(self) -> str:
@@ -163,6 +166,7 @@ def load_serve_config(
         heartbeat_interval_s=float(_number(doc, "heartbeat_interval_s", 10.0)),
         stale_after_heartbeats=float(_number(doc, "stale_after_heartbeats", 3.0)),
         heartbeat_retention_s=float(_number(doc, "heartbeat_retention_s", 7 * 86400.0)),
+        rollout_tick_interval_s=float(_number(doc, "rollout_tick_interval_s", 5.0)),
     )
 
 

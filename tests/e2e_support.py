@@ -72,18 +72,18 @@ def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> Pro
     return Proc(process=process, log=log)
 
 
-def start_serve(repo: Path, mqtt: str, log: Path) -> tuple[Proc, str]:
+def start_serve(
+    repo: Path, mqtt: str, log: Path, settings: dict[str, float] | None = None
+) -> tuple[Proc, str]:
+    """Start `edgectl serve`; ``settings`` go to its ``[serve]`` table (controller.toml)."""
+    args = [str(BIN / "edgectl"), "serve", "--repo", str(repo), "--mqtt", mqtt]
+    args += ["--listen", "127.0.0.1:0"]
+    if settings:
+        config = log.with_suffix(".toml")
+        config.write_text("[serve]\n" + "".join(f"{k} = {v!r}\n" for k, v in settings.items()))
+        args += ["--config", str(config)]
     proc = _spawn(
-        [
-            str(BIN / "edgectl"),
-            "serve",
-            "--repo",
-            str(repo),
-            "--mqtt",
-            mqtt,
-            "--listen",
-            "127.0.0.1:0",
-        ],
+        args,
         log,
     )
 

@@ -2,9 +2,8 @@
 
 The agents are full ``AgentApp`` instances, twelve per process (``tests.fleet_agents``),
 each with its own socket, state folder, MQTT connection, probation and heartbeats. Real
-requests flow to every device all along. The rollout service runs as the scheduled job
-``edgectl serve`` runs, in this process on the same repository and telemetry store
-(``RolloutService.tick`` every 0.5 s), until it is wired into ``controller/app.py``.
+requests flow to every device all along. `edgectl serve` ingests their telemetry and runs
+the rollout job on its own schedule (every 0.5 s here, ``rollout_tick_interval_s``).
 
 1. A good release walks 1 → 10 → 50 → 100 % on healthy telemetry and every device
    commits it.
@@ -28,9 +27,7 @@ from agent.client import InferenceClient
 from agent.errors import AgentError
 from agent.journal import Phase, parse_record, serving_version
 from controller.rollout import Rollout, RolloutState
-from controller.rollout_service import RolloutService, RolloutSettings
 from controller.rollout_store import RolloutStore
-from controller.store import open_store
 from tests.e2e_support import BIN, Proc, _spawn, edgectl, start_serve, wait_until
 from tests.e2e_support import write_agent_config as _write_config
 from tests.helpers import Broker, make_linear_model, make_misbehaving_model
@@ -43,7 +40,10 @@ CANARIES = DEVICES[:3]
 # Real traffic whose first feature is large: the "errors" model fails on it; the
 # linear model serves it fine.
 LARGE = np.array([[12.0, -1.0, 2.0, 0.25]], dtype=np.float32)
-GATES = "error_rate<0.01,p99_ratio<4,failed_installs<0.02,min_devices=3"
+# No latency gate here: on a shared 2-core machine running 24 agents a p99 ratio is
+# noise, and a test must not depend on timings. The p99 gate is tested as a pure function
+# (tests/controller/test_rollout_gates.py) and on a device (tests/test_probation_rollback.py).
+GATES = "error_rate<0.01,failed_installs<0.02,min_devices=3"
 
 
 @dataclass
@@ -98,7 +98,12 @@ class Fleet:
 def fleet(tmp_path: Path, broker: Broker) -> Iterator[Fleet]:
     repo = tmp_path / "repo"
     edgectl("init", repo)
-    serve, url = start_serve(repo, broker.address, tmp_path / "serve.log")
+    serve, url = start_serve(
+        repo,
+        broker.address,
+        tmp_path / "serve.log",
+        {"rollout_tick_interval_s": 0.5, "heartbeat_interval_s": 1.0},
+    )
     folders: dict[str, Path] = {}
     configs = []
     for device in DEVICES:
@@ -140,26 +145,6 @@ def fleet(tmp_path: Path, broker: Broker) -> Iterator[Fleet]:
         serve.stop()
 
 
-class Ticker:
-    """The rollout job, as `edgectl serve` schedules it, every 0.5 s in a thread."""
-
-    def __init__(self, repo: Path) -> None:
-        self.store = open_store(str(repo / "telemetry.sqlite"))
-        self.service = RolloutService(repo, self.store, RolloutSettings(heartbeat_interval_s=1))
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="rollout-ticker", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.done.wait(0.5):
-            self.service.run_once()
-
-    def close(self) -> None:
-        self.done.set()
-        self.thread.join(10)
-        self.store.close()
-
-
 def _rollout(repo: Path, version: str) -> Rollout:
     (r,) = [r for r in RolloutStore(repo).all() if r.version == version]
     return r
@@ -178,7 +163,6 @@ def test_a_good_release_walks_every_stage_and_a_bad_one_halts_at_the_first(
 ) -> None:
     traffic = threading.Thread(target=fleet.traffic, name="traffic", daemon=True)
     traffic.start()
-    ticker = Ticker(fleet.repo)
     try:
         # -- a good release: 1 → 10 → 50 → 100 %
         v2 = fleet.bundle(make_linear_model(fleet.tmp / "v2.onnx", seed=2), "2.0.0")
@@ -236,7 +220,6 @@ def test_a_good_release_walks_every_stage_and_a_bad_one_halts_at_the_first(
     finally:
         fleet.stop.set()
         traffic.join(10)
-        ticker.close()
     assert fleet.sent > 0
     print("\n".join(f"{at - good.created_at:6.1f}s {note}" for at, note in good.history))
     print("\n".join(f"{at - bad.created_at:6.1f}s {note}" for at, note in bad.history))
