@@ -62,15 +62,28 @@ class Broker:
                 self.process.wait()
 
 
-def start_broker(workdir: Path, port: int | None = None) -> Broker:
-    """Start a private mosquitto on 127.0.0.1 and a free port; anonymous, no persistence."""
+def start_broker(workdir: Path, port: int | None = None, *, persistent: bool = False) -> Broker:
+    """Start a private mosquitto on 127.0.0.1 and a free port; anonymous.
+
+    ``persistent`` keeps sessions and queued messages across a restart (on disk in
+    ``workdir``), as a production broker must for the controller's persistent session.
+    """
     port = port or free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "mosquitto.conf"
+    persistence = (
+        "persistence true\n"
+        f"persistence_location {workdir}/\n"
+        # Started as root, mosquitto would switch to its own user, which cannot write
+        # the test's private folder (ignored when not started as root).
+        "user root\n"
+        if persistent
+        else "persistence false\n"
+    )
     conf.write_text(
         f"listener {port} 127.0.0.1\n"
         "allow_anonymous true\n"
-        "persistence false\n"
+        f"{persistence}"
         "set_tcp_nodelay true\n"
         "max_queued_messages 100000\n"
         "log_dest stderr\n"

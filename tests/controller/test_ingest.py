@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,39 +27,14 @@ from controller.store import TelemetryStore, open_store
 from controller.store_postgres import PostgresStore
 from tests.controller.test_store_support import store_for
 from tests.e2e_support import wait_until
-from tests.helpers import Broker, free_port, mosquitto_binary, wait_for_port
+from tests.helpers import Broker, free_port, start_broker
 
 FLEET = "lab"
 
 
 def start_persistent_broker(workdir: Path, port: int | None = None) -> Broker:
-    """A private mosquitto that keeps sessions and queued messages across a restart,
-    as a production broker must for the controller's persistent session."""
-    port = port or free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(
-        f"listener {port} 127.0.0.1\n"
-        "allow_anonymous true\n"
-        "persistence true\n"
-        f"persistence_location {workdir}/\n"
-        # Started as root, mosquitto would switch to its own user, which cannot write
-        # the test's private folder (ignored when not started as root).
-        "user root\n"
-        "set_tcp_nodelay true\n"
-        "max_queued_messages 100000\n"
-        "log_dest stderr\n"
-        "log_type error\n"
-        "log_type warning\n"
-    )
-    log = open(workdir / "mosquitto.log", "ab")  # noqa: SIM115 - closed with the process
-    proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=log, stderr=log)
-    try:
-        wait_for_port(port)
-    except TimeoutError:
-        proc.kill()
-        raise
-    return Broker(host="127.0.0.1", port=port, process=proc, config=conf)
+    """A private mosquitto that keeps sessions and queued messages across a restart."""
+    return start_broker(workdir, port, persistent=True)
 
 
 def agent_config(tmp_path: Path, port: int, device: str = "dev-1") -> AgentConfig:
