@@ -1,0 +1,591 @@
+"""Release history: what the repository has shipped, who is told to run it, going back.
+
+``edgectl release list|show|diff|retire|prune`` (docs/releases.md). The pure core
+(``fleet_references``, ``device_counts``, ``diff_manifests``, ``due_for_pruning``) takes
+data; the orchestrators (``load_releases``, ``retire_release``, ``prune_retired``) read
+the repository through ``controller.repository``'s public methods and write under
+``repo_lock``.
+
+Invariants:
+- A release is a ``bundles/<model>/<version>.bundle`` entry of the current top-level
+  targets; its facts come from the manifest inside the stored bundle.
+- A release is retired only while no fleet's desired state names it, as ``version`` or
+  as ``previous`` (the version an abort or a device rollback goes back to).
+- Retiring removes the target from targets metadata (release key) and records the time
+  in ``REPO_DIR/retired.json`` (not served); the bundle file stays on disk until the
+  grace period has passed, then ``prune_retired`` deletes it unless the targets name it
+  again (a re-release of the same bytes shares its consistent-snapshot file name).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+from agent.contracts import (
+    BUNDLE_MANIFEST,
+    DesiredState,
+    InvalidNameError,
+    Manifest,
+    bundle_target_path,
+    check_name,
+    check_version,
+    parse_manifest,
+    version_key,
+)
+from agent.errors import BundleError
+from controller.errors import RepositoryError, UsageError
+from controller.fsio import atomic_write, repo_lock
+from controller.release import current_desired_state
+from controller.repository import Repository
+from controller.store import DeviceRow
+
+logger = logging.getLogger(__name__)
+
+RETIRED_FILE: Final = "retired.json"
+RETIRED_SCHEMA: Final = "edgefleet.retired/1"
+# Long enough for a device that fetched targets metadata just before the retirement to
+# finish downloading, and for an operator to notice a mistake; the agent drops staged
+# parts untouched for the same 7 days.
+DEFAULT_GRACE: Final = timedelta(days=7)
+_BUNDLE_PREFIX: Final = "bundles/"
+_BUNDLE_SUFFIX: Final = ".bundle"
+
+
+class RetireRefusedError(UsageError):
+    """A retirement would strand a fleet: its desired state still names the release."""
+
+
+@dataclass(frozen=True)
+class FleetReference:
+    """A fleet whose desired state names a release, as ``version`` or ``previous``."""
+
+    fleet: str
+    role: str  # "desired" or "previous"
+    percent: float
+
+
+@dataclass(frozen=True)
+class Release:
+    """One published release: its manifest, bundle facts and where it is deployed.
+
+    ``devices`` is None when the telemetry store was not reachable.
+    """
+
+    model: str
+    version: str
+    target_path: str
+    sha256: str
+    length: int
+    manifest: Manifest
+    fleets: tuple[FleetReference, ...] = ()
+    devices: int | None = None
+
+    @property
+    def recipe(self) -> str:
+        return str(self.manifest.build.get("recipe") or "-")
+
+    @property
+    def quality(self) -> Mapping[str, Any]:
+        summary = self.manifest.quality.get("summary")
+        return summary if isinstance(summary, Mapping) else {}
+
+
+@dataclass(frozen=True)
+class Change:
+    """One field that differs between two releases."""
+
+    field: str
+    before: Any
+    after: Any
+
+
+@dataclass(frozen=True)
+class ReleaseDiff:
+    """What changed from ``old`` to ``new``; ``signature_changed`` means clients break."""
+
+    model: str
+    old: str
+    new: str
+    changes: tuple[Change, ...]
+    signature_changed: bool
+    warnings: tuple[str, ...] = field(default=())
+
+
+# ---------------------------------------------------------------------------- pure core
+
+
+def fleet_references(
+    desired: Mapping[str, DesiredState], model: str, version: str
+) -> list[FleetReference]:
+    """The fleets whose desired state names ``model`` ``version``, sorted by fleet."""
+    found = []
+    for fleet, state in sorted(desired.items()):
+        entry = state.models.get(model)
+        if entry is None:
+            continue
+        if entry.version == version:
+            found.append(FleetReference(fleet, "desired", entry.percent))
+        elif entry.previous == version and entry.percent < 100.0:
+            found.append(FleetReference(fleet, "previous", 100.0 - entry.percent))
+        elif entry.previous == version:
+            # At 100 % no device is told to run it, but an abort or a device's
+            # rollback goes back to it: still a reference.
+            found.append(FleetReference(fleet, "previous", 0.0))
+    return found
+
+
+def device_counts(rows: Iterable[DeviceRow]) -> dict[tuple[str, str], int]:
+    """How many devices report running each (model, version)."""
+    counts: dict[tuple[str, str], int] = {}
+    for row in rows:
+        for m in row.models:
+            if m.version:
+                key = (m.model, m.version)
+                counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def signature(manifest: Manifest) -> dict[str, list[str]]:
+    """Inputs and outputs as ``name:DATATYPE[shape]`` strings (-1: dynamic axis)."""
+
+    def text(specs: Iterable[Any]) -> list[str]:
+        return [f"{t.name}:{t.datatype}{list(t.shape)}" for t in specs]
+
+    return {"inputs": text(manifest.inputs), "outputs": text(manifest.outputs)}
+
+
+def diff_manifests(old: Manifest, new: Manifest, old_length: int, new_length: int) -> ReleaseDiff:
+    """Compare two releases of one model: signature, opset, recipe, sizes, quality."""
+    if old.name != new.name:
+        raise UsageError(f"diff compares releases of one model, got {old.name} and {new.name}")
+    sig_old, sig_new = signature(old), signature(new)
+    pairs: list[tuple[str, Any, Any]] = [
+        ("inputs", sig_old["inputs"], sig_new["inputs"]),
+        ("outputs", sig_old["outputs"], sig_new["outputs"]),
+        ("opset", old.opset, new.opset),
+        ("min_ort_version", old.min_ort_version, new.min_ort_version),
+        ("recipe", old.build.get("recipe"), new.build.get("recipe")),
+        ("bundle_bytes", old_length, new_length),
+    ]
+    for key in sorted(set(old.sizes) | set(new.sizes)):
+        pairs.append((f"sizes.{key}", old.sizes.get(key), new.sizes.get(key)))
+    q_old, q_new = _summary(old), _summary(new)
+    for key in sorted(set(q_old) | set(q_new)):
+        pairs.append((f"quality.{key}", q_old.get(key), q_new.get(key)))
+    pairs.append(
+        ("golden", _golden(old), _golden(new)),
+    )
+    changes = tuple(Change(f, a, b) for f, a, b in pairs if a != b)
+    changed = sig_old != sig_new
+    warnings: tuple[str, ...] = ()
+    if changed:
+        warnings = (
+            f"the input/output signature of {old.name} differs between {old.version} and "
+            f"{new.version}: clients on the device that call it would break",
+        )
+    return ReleaseDiff(old.name, old.version, new.version, changes, changed, warnings)
+
+
+def _summary(m: Manifest) -> Mapping[str, Any]:
+    summary = m.quality.get("summary")
+    return summary if isinstance(summary, Mapping) else {}
+
+
+def _golden(m: Manifest) -> str:
+    return f"{m.golden.cases} cases, rtol {m.golden.rtol:g}, atol {m.golden.atol:g}"
+
+
+def due_for_pruning(
+    retired: Mapping[str, Mapping[str, Any]],
+    live_targets: Iterable[str],
+    now: datetime,
+    grace: timedelta,
+) -> list[str]:
+    """Retired target paths whose grace period has passed and the targets do not name again."""
+    live = set(live_targets)
+    due = []
+    for path, info in sorted(retired.items()):
+        at = _parse_time(str(info.get("retired_at", "")))
+        if path not in live and at is not None and now - at >= grace:
+            due.append(path)
+    return due
+
+
+def is_going_back(version: str, previous: str | None) -> bool:
+    """True when a rollout moves a fleet to an older release than the one it runs."""
+    return previous is not None and version_key(version) < version_key(previous)
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _check(model: str | None, version: str | None = None) -> None:
+    try:
+        if model is not None:
+            check_name("model", model)
+        if version is not None:
+            check_version(version)
+    except InvalidNameError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _split_target(path: str) -> tuple[str, str] | None:
+    if not (path.startswith(_BUNDLE_PREFIX) and path.endswith(_BUNDLE_SUFFIX)):
+        return None
+    parts = path.removeprefix(_BUNDLE_PREFIX).removesuffix(_BUNDLE_SUFFIX).split("/")
+    return (parts[0], parts[1]) if len(parts) == 2 else None
+
+
+def read_stored_manifest(bundle_file: Path) -> Manifest:
+    """The manifest inside a stored bundle, without reading the model. Raises RepositoryError."""
+    try:
+        with tarfile.open(bundle_file, mode="r:") as tar:
+            member = tar.extractfile(BUNDLE_MANIFEST)
+            if member is None:
+                raise RepositoryError(f"{bundle_file}: {BUNDLE_MANIFEST} is not a file")
+            return parse_manifest(member.read())
+    except (OSError, tarfile.TarError, KeyError, BundleError) as exc:
+        raise RepositoryError(f"stored bundle {bundle_file} is unreadable: {exc}") from None
+
+
+def desired_states(repo: Repository) -> dict[str, DesiredState]:
+    """Every fleet's current desired state."""
+    out = {}
+    for fleet in repo.fleets():
+        state = current_desired_state(repo, fleet)
+        if state is not None:
+            out[fleet] = state
+    return out
+
+
+def load_releases(
+    repo_dir: Path,
+    model: str | None = None,
+    devices: Sequence[DeviceRow] | None = None,
+) -> list[Release]:
+    """Every release (of ``model``) in the signed targets, oldest version first.
+
+    ``devices`` are the telemetry store's rows (None: the store was not reachable).
+    Raises UsageError (bad or unknown model name), RepositoryError.
+    """
+    _check(model)
+    repo = Repository.open(repo_dir)
+    targets = repo.load("targets").signed.targets
+    desired = desired_states(repo)
+    counts = device_counts(devices) if devices is not None else None
+    releases = []
+    for path, target in targets.items():
+        split = _split_target(path)
+        if split is None or (model is not None and split[0] != model):
+            continue
+        name, version = split
+        releases.append(
+            Release(
+                model=name,
+                version=version,
+                target_path=path,
+                sha256=str(target.hashes.get("sha256", "")),
+                length=int(target.length),
+                manifest=read_stored_manifest(repo.target_file_path(path, target)),
+                fleets=tuple(fleet_references(desired, name, version)),
+                devices=None if counts is None else counts.get((name, version), 0),
+            )
+        )
+    if model is not None and not releases:
+        known = sorted({s[0] for p in targets if (s := _split_target(p))})
+        raise UsageError(
+            f"no release of model {model!r} in {repo_dir}; models: {', '.join(known) or 'none'}"
+        )
+    return sorted(releases, key=lambda r: (r.model, version_key(r.version)))
+
+
+def find_release(
+    repo_dir: Path, model: str, version: str, devices: Sequence[DeviceRow] | None = None
+) -> Release:
+    """One release. Raises UsageError naming the versions there are when it is unknown."""
+    _check(model, version)
+    releases = load_releases(repo_dir, model, devices)
+    for r in releases:
+        if r.version == version:
+            return r
+    raise UsageError(
+        f"no release {model} {version}; released versions: "
+        + ", ".join(r.version for r in releases)
+    )
+
+
+def diff_releases(repo_dir: Path, model: str, old: str, new: str) -> ReleaseDiff:
+    """Compare two releases of ``model``. Raises UsageError for an unknown one."""
+    a = find_release(repo_dir, model, old)
+    b = find_release(repo_dir, model, new)
+    return diff_manifests(a.manifest, b.manifest, a.length, b.length)
+
+
+# ---------------------------------------------------------------------------- retiring
+
+
+def read_retired(repo_dir: Path) -> dict[str, dict[str, Any]]:
+    """``retired.json``: target path → {retired_at, sha256}. Raises RepositoryError."""
+    path = repo_dir / RETIRED_FILE
+    if not path.exists():
+        return {}
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise RepositoryError(f"{path} is unreadable: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("schema") != RETIRED_SCHEMA:
+        raise RepositoryError(f"{path}: schema expected {RETIRED_SCHEMA!r}")
+    entries = doc.get("targets", {})
+    return {str(k): dict(v) for k, v in entries.items() if isinstance(v, dict)}
+
+
+def _write_retired(repo_dir: Path, entries: Mapping[str, Mapping[str, Any]]) -> None:
+    doc = {"schema": RETIRED_SCHEMA, "targets": dict(sorted(entries.items()))}
+    atomic_write(repo_dir / RETIRED_FILE, json.dumps(doc, indent=2).encode() + b"\n")
+
+
+@dataclass(frozen=True)
+class RetireResult:
+    model: str
+    version: str
+    target_path: str
+    targets_version: int
+    prune_after: datetime
+    pruned: tuple[str, ...]
+
+
+def retire_release(
+    repo_dir: Path,
+    model: str,
+    version: str,
+    now: datetime | None = None,
+    grace: timedelta = DEFAULT_GRACE,
+) -> RetireResult:
+    """Remove ``model`` ``version`` from the signed targets so no fleet can be pointed at it.
+
+    Also prunes the files of earlier retirements past ``grace``. Raises UsageError (unknown
+    release), RetireRefusedError (a fleet's desired state names it), RepositoryError.
+    """
+    _check(model, version)
+    now = now or datetime.now(UTC).replace(microsecond=0)
+    target_path = bundle_target_path(model, version)
+    repo = Repository.open(repo_dir)
+    with repo_lock(repo_dir):
+        md = repo.load("targets")
+        target = md.signed.targets.get(target_path)
+        if target is None:
+            find_release(repo_dir, model, version)  # raises naming what there is
+            raise UsageError(f"no release {model} {version}")
+        refs = fleet_references(desired_states(repo), model, version)
+        if refs:
+            named = ", ".join(f"{r.fleet} ({_role_text(r)})" for r in refs)
+            raise RetireRefusedError(
+                f"{model} {version} is still named by fleet(s) {named}; retiring it would "
+                f"strand them. Move them first: edgectl rollout start {model} VERSION "
+                "--fleet FLEET --repo REPO (and let it complete)"
+            )
+        del md.signed.targets[target_path]
+        targets_version = repo.sign_next_version("targets", md, now)
+        repo.publish(now)
+        retired = read_retired(repo_dir)
+        retired[target_path] = {
+            "retired_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "sha256": target.hashes["sha256"],
+        }
+        _write_retired(repo_dir, retired)
+        pruned = _prune_locked(repo, now, grace)
+    logger.info("retired %s (targets v%d)", target_path, targets_version)
+    return RetireResult(model, version, target_path, targets_version, now + grace, tuple(pruned))
+
+
+def _role_text(ref: FleetReference) -> str:
+    if ref.role == "desired":
+        return f"desired at {ref.percent:g}%"
+    return "previous, the version an abort goes back to"
+
+
+def prune_retired(
+    repo_dir: Path, now: datetime | None = None, grace: timedelta = DEFAULT_GRACE
+) -> list[str]:
+    """Delete the bundle files of releases retired at least ``grace`` ago; return their
+    target paths. Raises RepositoryError."""
+    now = now or datetime.now(UTC).replace(microsecond=0)
+    repo = Repository.open(repo_dir)
+    with repo_lock(repo_dir):
+        return _prune_locked(repo, now, grace)
+
+
+def _prune_locked(repo: Repository, now: datetime, grace: timedelta) -> list[str]:
+    retired = read_retired(repo.path)
+    live = repo.load("targets").signed.targets
+    due = due_for_pruning(retired, live, now, grace)
+    for path in due:
+        directory, _, basename = path.rpartition("/")
+        sha = retired[path].get("sha256", "")
+        (repo.targets_dir / directory / f"{sha}.{basename}").unlink(missing_ok=True)
+        del retired[path]
+    # A retired path released again is live: forget its retirement.
+    for path in [p for p in retired if p in live]:
+        del retired[path]
+    if retired != read_retired(repo.path):
+        _write_retired(repo.path, retired)
+    return due
+
+
+def _parse_time(text: str) -> datetime | None:
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+# ---------------------------------------------------------------------------- views
+
+
+def release_json(r: Release) -> dict[str, Any]:
+    """A release for ``--json``: bundle facts, manifest and deployment."""
+    manifest = json.loads(r.manifest.to_json_bytes())
+    return {
+        "model": r.model,
+        "version": r.version,
+        "created_at": r.manifest.created_at,
+        "target": r.target_path,
+        "sha256": r.sha256,
+        "bundle_bytes": r.length,
+        "recipe": r.manifest.build.get("recipe"),
+        "quality": dict(r.quality),
+        "fleets": [{"fleet": f.fleet, "role": f.role, "percent": f.percent} for f in r.fleets],
+        "devices": r.devices,
+        "manifest": manifest,
+    }
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _bytes(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024 or unit == "GiB":
+            break
+    return f"{size:.1f} {unit}"
+
+
+def _fleets_text(r: Release) -> str:
+    if not r.fleets:
+        return "-"
+    return ",".join(f.fleet if f.role == "desired" else f"{f.fleet}(prev)" for f in r.fleets)
+
+
+def render_list(releases: Sequence[Release], store_note: str = "") -> str:
+    """The ``release list`` table."""
+    header = ("MODEL", "VERSION", "DATE", "SIZE", "RECIPE", "AGREE", "COSINE", "FLEETS", "DEVICES")
+    rows = [
+        (
+            r.model,
+            r.version,
+            r.manifest.created_at or "-",
+            _bytes(r.length),
+            r.recipe,
+            _fmt(r.quality.get("top1_agreement")),
+            _fmt(r.quality.get("cosine")),
+            _fleets_text(r),
+            "?" if r.devices is None else str(r.devices),
+        )
+        for r in releases
+    ]
+    widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=False)]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+        for row in (header, *rows)
+    ]
+    if store_note:
+        lines.append("")
+        lines.append(store_note)
+    return "\n".join(lines)
+
+
+def render_show(r: Release) -> str:
+    """``release show``: the manifest in readable form and where it is deployed."""
+    m = r.manifest
+    lines = [
+        f"{r.model} {r.version}  built {m.created_at or '-'}",
+        f"  target   {r.target_path}  {_bytes(r.length)}  sha256 {r.sha256}",
+        f"  opset {m.opset}, needs onnxruntime >= {m.min_ort_version}",
+        "  inputs:",
+        *(f"    {t}" for t in signature(m)["inputs"]),
+        "  outputs:",
+        *(f"    {t}" for t in signature(m)["outputs"]),
+        f"  build: recipe {r.recipe}; {m.build.get('selection_reason', '')}".rstrip("; "),
+    ]
+    for key in ("quantized_ops", "weight_type", "activation_type", "pruning"):
+        if key in m.build:
+            lines.append(f"    {key}: {_fmt(m.build[key])}")
+    lines.append("  sizes: " + ", ".join(f"{k} {v}" for k, v in sorted(m.sizes.items())))
+    candidates = m.quality.get("candidates")
+    if isinstance(candidates, list) and candidates:
+        lines.append("  candidates the build tried:")
+        cols = (
+            "recipe",
+            "size_bytes",
+            "top1_agreement",
+            "cosine",
+            "max_abs_diff",
+            "latency_ratio",
+            "verdict",
+        )
+        lines.append("    " + "  ".join(c.upper() for c in cols))
+        for c in candidates:
+            if isinstance(c, Mapping):
+                lines.append("    " + "  ".join(_fmt(c.get(k)) for k in cols))
+    lines.append(f"  golden vectors: {_golden(m)}")
+    tol = m.quality.get("golden_tolerance")
+    if isinstance(tol, Mapping) and tol.get("rule"):
+        lines.append(f"    rule: {tol['rule']}")
+    lines.append("  deployed:")
+    if not r.fleets:
+        lines.append("    no fleet's desired state names it")
+    for f in r.fleets:
+        lines.append(f"    fleet {f.fleet}: {_role_text(f)}")
+    lines.append(
+        "    devices reporting it: "
+        + ("unknown (no telemetry store)" if r.devices is None else str(r.devices))
+    )
+    return "\n".join(lines)
+
+
+def render_diff(d: ReleaseDiff) -> str:
+    """``release diff``: one line per changed field, warnings first."""
+    lines = [f"WARNING: {w}" for w in d.warnings]
+    lines.append(f"{d.model} {d.old} -> {d.new}")
+    if not d.changes:
+        lines.append("  no differences in signature, opset, recipe, sizes or quality")
+    for c in d.changes:
+        lines.append(f"  {c.field}: {_fmt(c.before)} -> {_fmt(c.after)}")
+    return "\n".join(lines)
+
+
+def diff_json(d: ReleaseDiff) -> dict[str, Any]:
+    return {
+        "model": d.model,
+        "old": d.old,
+        "new": d.new,
+        "signature_changed": d.signature_changed,
+        "warnings": list(d.warnings),
+        "changes": [{"field": c.field, "before": c.before, "after": c.after} for c in d.changes],
+    }
