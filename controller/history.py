@@ -471,7 +471,7 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.6g}"
     return str(value)
 
 
@@ -570,9 +570,8 @@ def render_show(r: Release) -> str:
 
 
 def render_diff(d: ReleaseDiff) -> str:
-    """``release diff``: one line per changed field, warnings first."""
-    lines = [f"WARNING: {w}" for w in d.warnings]
-    lines.append(f"{d.model} {d.old} -> {d.new}")
+    """``release diff``: one line per changed field (the CLI prints warnings on stderr)."""
+    lines = [f"{d.model} {d.old} -> {d.new}"]
     if not d.changes:
         lines.append("  no differences in signature, opset, recipe, sizes or quality")
     for c in d.changes:
