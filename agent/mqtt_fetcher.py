@@ -27,6 +27,7 @@ import json
 import logging
 import queue
 import secrets
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -192,8 +193,10 @@ class MqttFetcher(ResumableFetcher):
         *,
         chunk_bytes: int = 64 * 1024,
         window: int = 4,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._config = mqtt_config
+        self._tls = tls
         self._limits = limits
         self._chunk_bytes = chunk_bytes
         self._window = window
@@ -233,6 +236,8 @@ class MqttFetcher(ResumableFetcher):
         )
         if self._config.username:
             client.username_pw_set(self._config.username, self._config.password or None)
+        if self._tls is not None:  # the same TLS and client certificate as agent.mqtt
+            client.tls_set_context(self._tls)
         client.connect_timeout = self._limits.connect_timeout_s
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect

@@ -55,6 +55,7 @@ from agent.fetcher import FallbackFetcher, HttpxFetcher, ResumableFetcher, Trans
 from agent.fsutil import durable_rename, free_bytes, remove_tree
 from agent.journal import Phase, serving_version, should_skip
 from agent.lifecycle import ModelLifecycle
+from agent.mqtt import tls_context
 from agent.mqtt_fetcher import URL_PREFIX, MqttFetcher, mqtt_url
 
 logger = logging.getLogger(__name__)
@@ -362,6 +363,7 @@ def build_fetcher(config: AgentConfig, base_url: str) -> ResumableFetcher:
             limits,
             chunk_bytes=repository.mqtt_chunk_bytes,
             window=repository.mqtt_window,
+            tls=tls_context(config, os.environ) if config.mqtt.tls else None,
         )
 
     if repository.transport == "mqtt":
