@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, Final
 
+from controller.history import is_going_back
 from controller.rollout import Rollout, RolloutState
 
 BAR_WIDTH: Final = 24
@@ -75,9 +76,10 @@ def _stage_line(r: Rollout, index: int, now: float) -> str:
 def render_rollout(r: Rollout, now: float) -> str:
     """One rollout: header, gates, a bar per stage, the halt reason when halted."""
     frm = r.previous or "(nothing)"
+    back = "  (going back to an older release)" if is_going_back(r.version, r.previous) else ""
     lines = [
         f"rollout {r.id}  fleet {r.fleet}  {r.model} {frm} -> {r.version}  "
-        f"{r.state.value.upper()} at {r.percent:g}%",
+        f"{r.state.value.upper()} at {r.percent:g}%{back}",
         f"  gates {r.gates.to_text()}; wait {_duration(r.wait_s)}, deadline "
         f"{_duration(r.deadline_s)}, on failure {r.on_failure.value}"
         + (f"; canaries {', '.join(r.canaries)}" if r.canaries else ""),
@@ -103,4 +105,5 @@ def rollout_json(r: Rollout) -> dict[str, Any]:
     doc["gates"] = r.gates.to_text()
     doc["percent"] = r.percent
     doc["history"] = [list(h) for h in r.history]
+    doc["going_back"] = is_going_back(r.version, r.previous)
     return doc

@@ -40,6 +40,7 @@ from controller.repository import Repository, init_repository
 from controller.rollout import RolloutState
 from controller.rollout_gates import parse_gates
 from controller.rollout_service import RolloutService, start_rollout
+from controller.rollout_view import render_rollout, rollout_json
 from controller.store import IngestBatch, TelemetryStore, open_store
 from tests.controller.conftest import edgectl_cmd
 from tests.helpers import make_linear_model
@@ -313,6 +314,9 @@ def test_going_back_is_a_rollout_through_the_same_gates(history_repo: Path, tmp_
             (r,) = service.tick(now)
             assert r.state is expected_state
         assert r.percent == 100.0
+        shown = render_rollout(r, now)
+        assert "1.1.0 -> 1.0.0" in shown and "(going back to an older release)" in shown
+        assert rollout_json(r)["going_back"] is True
         releases = {x.version: x for x in load_releases(history_repo, LIN)}
         assert [(f.fleet, f.role) for f in releases["1.0.0"].fleets] == [("lab", "desired")]
         assert [(f.fleet, f.role) for f in releases["1.1.0"].fleets] == [("lab", "previous")]
