@@ -95,3 +95,21 @@ def test_the_check_catches_a_wrong_command() -> None:
 @pytest.mark.parametrize(("doc", "command"), _all_commands())
 def test_every_command_in_the_docs_exists(doc: str, command: str) -> None:
     assert _problems(command) == [], f"{doc}: {command}"
+
+
+def test_the_grafana_dashboard_queries_metrics_the_code_exports() -> None:
+    import json
+
+    dashboard = json.loads((ROOT / "packaging" / "grafana-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
+    sources = {
+        "edge_agent_": (ROOT / "agent" / "metrics.py").read_text(),
+        "edgefleet_": (ROOT / "controller" / "fleet.py").read_text(),
+    }
+    names = set(re.findall(r"\b(edge_agent_[a-z_]+|edgefleet_[a-z_]+)", exprs))
+    assert len(names) >= 10, names
+    for name in names:
+        prefix = "edge_agent_" if name.startswith("edge_agent_") else "edgefleet_"
+        # prometheus_client adds _total to counters and _bucket to histograms.
+        base = re.sub(r"_(total|bucket)$", "", name) if prefix == "edge_agent_" else name
+        assert f'"{base}"' in sources[prefix], f"{name} is not exported (looked for {base!r})"
