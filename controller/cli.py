@@ -173,7 +173,28 @@ def _cmd_fleet_status(args: argparse.Namespace) -> int:
         print(json.dumps([device_json(r, now, policy) for r in rows], indent=2))
     else:
         print(render_fleet_table(rows, now, policy, model=args.model))
+        for line in _active_rollout_lines(args):
+            print(line)
     return 0
+
+
+def _active_rollout_lines(args: argparse.Namespace) -> list[str]:
+    """One line per rollout in progress, so the table says where the fleet is heading."""
+    from controller.history import is_going_back
+    from controller.rollout_store import RolloutStore
+
+    if not args.repo:
+        return []
+    lines = []
+    for r in RolloutStore(Path(args.repo)).active():
+        if (args.fleet and r.fleet != args.fleet) or (args.model and r.model != args.model):
+            continue
+        back = " (going back)" if is_going_back(r.version, r.previous) else ""
+        lines.append(
+            f"rollout {r.fleet}/{r.model}: {r.previous or '(nothing)'} -> {r.version}{back}, "
+            f"{r.state.value} at {r.percent:g}%"
+        )
+    return lines
 
 
 def _cmd_device_show(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from agent.contracts import (
     resolve_release,
 )
 from controller.build import build_bundle
+from controller.cli import main as cli_main
 from controller.cli import route_release_verbs
 from controller.errors import UsageError
 from controller.history import (
@@ -279,7 +280,9 @@ def test_a_retired_release_published_again_is_not_pruned(
 # ---------------------------------------------------------------------------- going back
 
 
-def test_going_back_is_a_rollout_through_the_same_gates(history_repo: Path, tmp_path: Path) -> None:
+def test_going_back_is_a_rollout_through_the_same_gates(
+    history_repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """lab runs lin 1.1.0; the operator goes back to 1.0.0 with a staged rollout."""
     devices = [f"dev-{i:02d}" for i in range(20)]
     store = open_store(str(tmp_path / "telemetry.sqlite"))
@@ -299,6 +302,11 @@ def test_going_back_is_a_rollout_through_the_same_gates(history_repo: Path, tmp_
         )
         assert (r.version, r.previous) == ("1.0.0", "1.1.0")
         assert is_going_back(r.version, r.previous) and not is_going_back("2.0.0", "1.1.0")
+        store_path = str(tmp_path / "telemetry.sqlite")
+        assert (
+            cli_main(["fleet", "status", "--repo", str(history_repo), "--store", store_path]) == 0
+        )
+        assert f"rollout lab/{LIN}: 1.1.0 -> 1.0.0 (going back)" in capsys.readouterr().out
         service = RolloutService(history_repo, store)
         for expected_state in (RolloutState.RUNNING, RolloutState.COMPLETED):
             desired = current_desired_state(Repository.open(history_repo), "lab")
