@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from typing import Any
 
@@ -28,11 +29,21 @@ logger = logging.getLogger(__name__)
 class Announcer:
     """Publishes retained QoS 1 announcements on ``announce_topic(fleet)``."""
 
-    def __init__(self, host: str, port: int, client_id: str, keepalive_s: int = 30) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        keepalive_s: int = 30,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """``tls``: connect over TLS with this context (``controller.mqtt_tls``)."""
         self._host, self._port, self._keepalive_s = host, port, keepalive_s
         self._connected = threading.Event()
         self._needs_announce = threading.Event()
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+        if tls is not None:
+            self._client.tls_set_context(tls)
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.on_connect = self._on_connect
         self._client.on_connect_fail = self._on_connect_fail

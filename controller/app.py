@@ -39,6 +39,7 @@ from controller.fsio import repo_lock
 from controller.http import make_app, start_http
 from controller.ingest import Ingestor, IngestSettings
 from controller.mqtt_repo import RepoResponder
+from controller.mqtt_tls import serve_tls_context
 from controller.repository import Repository, resign_expiring
 from controller.rollout_service import RolloutSettings, start_rollout_service
 from controller.store import TelemetryStore, open_store
@@ -125,6 +126,8 @@ async def serve(config: ServeConfig) -> None:
     """Run until SIGTERM or SIGINT. Raises RepositoryError, StoreError or UsageError at
     start-up."""
     Repository.open(config.repo_dir).versions()  # fail fast on a missing or damaged repo
+    # Before anything connects: a bad CA, certificate or key is an error here, not a log.
+    tls = await asyncio.to_thread(serve_tls_context, config)
     store = await asyncio.to_thread(open_store, config.store_location)
     ingestor: Ingestor | None = None
     if config.mqtt_host is not None:
@@ -140,6 +143,7 @@ async def serve(config: ServeConfig) -> None:
                 flush_s=config.ingest_flush_s,
             ),
             store,
+            tls=tls,
         )
     app = make_app(config.repo_dir)
     policy = StalePolicy(config.heartbeat_interval_s, config.stale_after_heartbeats)
@@ -163,7 +167,11 @@ async def serve(config: ServeConfig) -> None:
     responder: RepoResponder | None = None
     if config.mqtt_host is not None:
         responder = RepoResponder(
-            config.repo_dir, config.mqtt_host, config.mqtt_port, f"{config.mqtt_client_id}-repo"
+            config.repo_dir,
+            config.mqtt_host,
+            config.mqtt_port,
+            f"{config.mqtt_client_id}-repo",
+            tls=tls,
         )
         responder.start()
     # --- end repository over MQTT ---
@@ -192,7 +200,11 @@ async def serve(config: ServeConfig) -> None:
         logger.info("ingesting telemetry into %s", _redacted(config.store_location))
     if config.mqtt_host is not None:
         announcer = Announcer(
-            config.mqtt_host, config.mqtt_port, config.mqtt_client_id, config.mqtt_keepalive_s
+            config.mqtt_host,
+            config.mqtt_port,
+            config.mqtt_client_id,
+            config.mqtt_keepalive_s,
+            tls=tls,
         )
         announcer.start()
         tasks.append(

@@ -48,7 +48,16 @@ _KNOWN_KEYS: Final = (
     "stale_after_heartbeats",
     "heartbeat_retention_s",
     "rollout_tick_interval_s",
+    "mqtt_tls",
+    "mqtt_ca_file",
+    "mqtt_cert_file",
+    "mqtt_key_file",
 )
+_TLS_FILE_KEYS: Final = {
+    "mqtt_ca_file": "ca.crt",
+    "mqtt_cert_file": "controller.crt",
+    "mqtt_key_file": "controller.key",
+}
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,12 @@ class ServeConfig:
     heartbeat_retention_s: float = 7 * 86400.0
     # How often staged rollouts are judged against their gates and advanced.
     rollout_tick_interval_s: float = 5.0
+    # MQTT over TLS with the controller's client certificate; when ``mqtt_tls`` is true
+    # the three files are set (defaults: the broker folder of `edgectl broker config`).
+    mqtt_tls: bool = False
+    mqtt_ca_file: Path | None = None
+    mqtt_cert_file: Path | None = None
+    mqtt_key_file: Path | None = None
 
     @property
     def store_location(self) -> str:
@@ -147,6 +162,10 @@ def load_serve_config(
     if any(c in group for c in "/+#"):
         raise UsageError(f"[serve] mqtt_shared_group must not contain '/', '+' or '#': {group!r}")
     ingest_id = _string(doc, "ingest_client_id") or default_ingest_client_id(repo, group)
+    mqtt_tls = doc.get("mqtt_tls", False)
+    if not isinstance(mqtt_tls, bool):
+        raise UsageError(f"[serve] mqtt_tls expected true or false, got {mqtt_tls!r}")
+    tls_files = _tls_files(doc, Path(repo), mqtt_tls)
     return ServeConfig(
         repo_dir=Path(repo),
         listen_host=listen_host,
@@ -167,7 +186,41 @@ def load_serve_config(
         stale_after_heartbeats=float(_number(doc, "stale_after_heartbeats", 3.0)),
         heartbeat_retention_s=float(_number(doc, "heartbeat_retention_s", 7 * 86400.0)),
         rollout_tick_interval_s=float(_number(doc, "rollout_tick_interval_s", 5.0)),
+        mqtt_tls=mqtt_tls,
+        mqtt_ca_file=tls_files.get("mqtt_ca_file"),
+        mqtt_cert_file=tls_files.get("mqtt_cert_file"),
+        mqtt_key_file=tls_files.get("mqtt_key_file"),
     )
+
+
+def _tls_files(doc: Mapping[str, Any], repo_dir: Path, mqtt_tls: bool) -> dict[str, Path]:
+    """The CA, certificate and key paths; unset ones default to the files `edgectl broker
+    config` wrote for the controller. Raises UsageError."""
+    given = {key: _string(doc, key) for key in _TLS_FILE_KEYS}
+    if not mqtt_tls:
+        named = [key for key, value in given.items() if value]
+        if named:
+            raise UsageError(
+                f"[serve] {named[0]} is set but mqtt_tls is false: set mqtt_tls = true"
+            )
+        return {}
+    folder: Path | None = None
+    if not all(given.values()):
+        from controller.mqtt_tls import broker_folder  # the CA's modules: only when needed
+
+        folder = broker_folder(repo_dir)
+    files: dict[str, Path] = {}
+    for key, name in _TLS_FILE_KEYS.items():
+        if given[key]:
+            files[key] = Path(given[key])
+        elif folder is not None:
+            files[key] = folder / name
+        else:
+            raise UsageError(
+                f"[serve] {key} not set and `edgectl broker config` never ran for {repo_dir}: "
+                f"set {key} or run `edgectl broker config --repo {repo_dir} ...`"
+            )
+    return files
 
 
 def _string(doc: Mapping[str, Any], key: str) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import queue
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -296,7 +297,10 @@ class IngestSettings:
 class Ingestor:
     """Subscribes to every device topic and stores what arrives, in batches."""
 
-    def __init__(self, settings: IngestSettings, store: TelemetryStore) -> None:
+    def __init__(
+        self, settings: IngestSettings, store: TelemetryStore, tls: ssl.SSLContext | None = None
+    ) -> None:
+        """``tls``: connect over TLS with this context (``controller.mqtt_tls``)."""
         self.settings = settings
         self.store = store
         self.counts: Counter[str] = Counter()
@@ -307,6 +311,8 @@ class Ingestor:
         client = _IngestClient(
             CallbackAPIVersion.VERSION2, client_id=settings.client_id, protocol=mqtt.MQTTv5
         )
+        if tls is not None:
+            client.tls_set_context(tls)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         client.max_inflight_messages_set(1000)
         client.on_connect = self._on_connect

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import ssl
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ class RepoResponder:
         client_id: str,
         keepalive_s: int = 30,
         limits: ResponderLimits | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._repo_dir = repo_dir
         self._host, self._port, self._keepalive_s = host, port, keepalive_s
@@ -91,6 +93,8 @@ class RepoResponder:
         self._workers: list[threading.Thread] = []
         self.answered = 0
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+        if tls is not None:  # controller.mqtt_tls
+            self._client.tls_set_context(tls)
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
