@@ -539,8 +539,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    # SIGTERM cleans up like Ctrl-C (a test or a CI runner may stop the demo).
+    # SIGTERM cleans up like Ctrl-C (a test or a CI runner may stop the demo), and Ctrl-C
+    # works even when a shell started the demo with SIGINT ignored (a background job).
     signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with _workdir(args.keep) as work:
         demo = Demo(work)
         code = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,32 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_an_interrupted_demo_cleans_up(tmp_path: Path, sig: signal.Signals) -> None:
+    """Ctrl-C (or SIGTERM) in the middle stops the demo and everything it started."""
+    summary_path = tmp_path / "summary.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "controller.demo", "--json-summary", str(summary_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        # As a background job of a shell would: SIGINT starts out ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:  # bounded: the demo prints this within a minute
+            if line.startswith("MILESTONE v1_served"):
+                break
+        proc.send_signal(sig)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, rest[-3000:]
+    assert "interrupted: cleaning up" in rest
+    summary = json.loads(summary_path.read_text())
+    assert summary["ok"] is False
+    assert [name for name, pid in summary["pids"].items() if _alive(pid)] == []
