@@ -1,0 +1,135 @@
+"""``edgectl bundle build``: shrink, measure and pack a model into a bundle file."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from controller.cli_common import RAW
+
+if TYPE_CHECKING:
+    from controller.cli_common import Subparsers
+
+
+def _cmd_bundle_build(args: argparse.Namespace) -> int:
+    from controller.build import BuildOptions, build_bundle
+    from controller.evaluate import parse_gate
+
+    options = BuildOptions(
+        quantize=args.quantize,
+        calibration=Path(args.calibration) if args.calibration else None,
+        prune=args.prune,
+        eval_data=Path(args.eval) if args.eval else None,
+        gate=parse_gate(args.max_drift) if args.max_drift is not None else None,
+        fallback=args.fallback,
+        latency_runs=args.latency_runs,
+        max_latency_ratio=args.max_latency_ratio,
+    )
+    result = build_bundle(
+        Path(args.model),
+        args.name,
+        args.version,
+        Path(args.output),
+        golden_cases=args.golden_cases,
+        seed=args.seed,
+        options=options,
+    )
+    m = result.manifest
+    print(result.table)
+    print(f"built {m.name} {m.version} -> {result.path}")
+    print(f"  sha256 {result.sha256}, {result.length} bytes")
+    print(f"  recipe: {m.build.get('recipe')} ({result.reason})")
+    pruning = m.build.get("pruning")
+    if isinstance(pruning, dict):
+        print(f"  pruning: sparsity reached {pruning.get('sparsity_reached')}")
+    print(f"  sizes: {dict(m.sizes)}")
+    print(
+        f"  golden: {m.golden.cases} cases from {m.build.get('golden_source')}, "
+        f"rtol {m.golden.rtol:g}, atol {m.golden.atol:g}"
+    )
+    return 0
+
+
+def add_parser(sub: Subparsers) -> None:
+    bundle = sub.add_parser(
+        "bundle",
+        help="work with bundle files",
+        description="Work with bundle files.",
+        epilog="example:\n  edgectl bundle build model.onnx --name m --version 1.0.0 -o m.bundle",
+        formatter_class=RAW,
+    )
+    bsub = bundle.add_subparsers(dest="bundle_command", required=True, metavar="COMMAND")
+    b = bsub.add_parser(
+        "build",
+        help="shrink a model, measure it and pack it with golden vectors into a bundle",
+        description="Check the model, optionally prune it, quantize it (one recipe, or "
+        "'auto': try them all and keep the smallest that passes the quality gate and is "
+        "at most 10% slower), measure every candidate against the original on the eval "
+        "data (size, median latency, top-1 agreement, cosine, max abs diff, accuracy "
+        "with labels), record golden vectors and pack a bundle. DATA.npz holds one array "
+        "per model input (samples on the first axis) and optional integer 'labels'. "
+        "Set SOURCE_DATE_EPOCH and --latency-runs 0 for byte-identical bundles.",
+        epilog="examples:\n  edgectl bundle build model.onnx --name resnet --version 1.2.0 "
+        "-o resnet-1.2.0.bundle\n  edgectl bundle build model.onnx --name resnet --version "
+        "1.3.0 -o r.bundle --quantize auto --calibration calib.npz --eval eval.npz "
+        "--max-drift 0.01 --fallback fp32",
+        formatter_class=RAW,
+    )
+    b.add_argument("model", metavar="MODEL.onnx")
+    b.add_argument("--name", required=True, help="model name (letters, digits, . _ -)")
+    b.add_argument("--version", required=True, help="semantic version, e.g. 1.2.0")
+    b.add_argument("-o", "--output", required=True, metavar="FILE", help="bundle file to write")
+    b.add_argument("--golden-cases", type=int, default=8, metavar="N", help="default 8")
+    b.add_argument("--seed", type=int, default=0, help="generated input seed (default 0)")
+    b.add_argument(
+        "--quantize",
+        choices=("none", "dynamic", "dynamic-matmul", "static", "static-mixed", "fp16", "auto"),
+        help="recipe (default dynamic-matmul); static-mixed keeps the blocks most sensitive "
+        "to int8 in float (searched on the calibration data); auto tries them all under "
+        "the gate",
+    )
+    b.add_argument(
+        "--calibration",
+        metavar="DATA.npz",
+        help="calibration inputs for static and static-mixed (and auto)",
+    )
+    b.add_argument(
+        "--prune",
+        type=float,
+        metavar="SPARSITY",
+        help="prune weights to this share of zeros (0-1) by W <- W - a*sign(W)",
+    )
+    b.add_argument(
+        "--eval",
+        metavar="DATA.npz",
+        help="inputs (and optional labels) to measure quality on and draw golden vectors "
+        "from (default: 64 random inputs from the input signature)",
+    )
+    b.add_argument(
+        "--max-drift",
+        metavar="GATE",
+        help="quality gate: a share of top-1 decisions allowed to change (0.01) or "
+        "agreement=,cosine=,abs=,accuracy= limits (auto's default: agreement=0.99,"
+        "cosine=0.99; explicit recipes: no gate)",
+    )
+    b.add_argument(
+        "--fallback",
+        choices=("fp32",),
+        help="when nothing passes the gate, keep the original model instead of failing",
+    )
+    b.add_argument(
+        "--latency-runs",
+        type=int,
+        default=20,
+        metavar="N",
+        help="timed runs per candidate, interleaved (default 20; 0 skips timing)",
+    )
+    b.add_argument(
+        "--max-latency-ratio",
+        type=float,
+        default=1.1,
+        metavar="R",
+        help="auto keeps only candidates at most R times the original's latency (default 1.1)",
+    )
+    b.set_defaults(func=_cmd_bundle_build)

@@ -1,0 +1,310 @@
+"""``edgectl fleet status``, ``edgectl device show|add|revoke`` and ``edgectl broker config``:
+what the devices report, who they are, and the broker that admits them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from controller.cli_common import RAW
+from controller.errors import UsageError
+
+if TYPE_CHECKING:
+    from controller.cli_common import Subparsers
+    from controller.fleet import StalePolicy
+    from controller.store import TelemetryStore
+
+
+def _open_view(args: argparse.Namespace) -> tuple[TelemetryStore, StalePolicy]:
+    from controller.config import load_view_config
+    from controller.fleet import StalePolicy
+    from controller.store import open_store
+
+    view = load_view_config(
+        Path(args.config) if args.config else None,
+        os.environ,
+        {"store": args.store, "repo": args.repo},
+    )
+    if "://" not in view.store and "=" not in view.store and not Path(view.store).exists():
+        raise UsageError(
+            f"no telemetry store at {view.store}: is `edgectl serve` running with this "
+            "repository, or pass --store PATH|DSN"
+        )
+    return open_store(view.store), StalePolicy(
+        view.heartbeat_interval_s, view.stale_after_heartbeats
+    )
+
+
+def _cmd_fleet_status(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from controller.fleet import device_json, render_fleet_table
+
+    store, policy = _open_view(args)
+    try:
+        rows = store.devices(fleet=args.fleet, model=args.model)
+    finally:
+        store.close()
+    now = time.time()
+    if args.json:
+        print(json.dumps([device_json(r, now, policy) for r in rows], indent=2))
+    else:
+        print(render_fleet_table(rows, now, policy, model=args.model))
+        for line in _active_rollout_lines(args):
+            print(line)
+    return 0
+
+
+def _active_rollout_lines(args: argparse.Namespace) -> list[str]:
+    """One line per rollout in progress, so the table says where the fleet is heading."""
+    from controller.history import is_going_back
+    from controller.rollout_store import RolloutStore
+
+    if not args.repo:
+        return []
+    lines = []
+    for r in RolloutStore(Path(args.repo)).active():
+        if (args.fleet and r.fleet != args.fleet) or (args.model and r.model != args.model):
+            continue
+        back = " (going back)" if is_going_back(r.version, r.previous) else ""
+        lines.append(
+            f"rollout {r.fleet}/{r.model}: {r.previous or '(nothing)'} -> {r.version}{back}, "
+            f"{r.state.value} at {r.percent:g}%"
+        )
+    return lines
+
+
+def _cmd_device_show(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from controller.fleet import device_json, event_json, render_device
+
+    store, policy = _open_view(args)
+    try:
+        rows = [r for r in store.devices(fleet=args.fleet) if r.device == args.device_id]
+        events = store.events(device=args.device_id, fleet=args.fleet, limit=args.events)
+        beats = store.heartbeats(args.device_id, limit=args.heartbeats)
+    finally:
+        store.close()
+    if not rows and not events:
+        raise UsageError(f"no device {args.device_id!r} in the telemetry store")
+    now = time.time()
+    if args.json:
+        doc = {
+            "devices": [device_json(r, now, policy) for r in rows],
+            "events": [event_json(e) for e in events],
+            "heartbeats": [b.payload for b in beats],
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        print(render_device(rows, events, beats, now, policy))
+    return 0
+
+
+def _cmd_device_add(args: argparse.Namespace) -> int:
+    from controller.broker import refresh_broker_files
+    from controller.config import parse_endpoint
+    from controller.devices import EnrollOptions, add_device
+    from controller.fsio import atomic_write
+
+    host, port = parse_endpoint(args.broker, "--broker")
+    options = EnrollOptions(
+        repository_url=args.repository_url,
+        mqtt_host=host,
+        mqtt_port=port,
+        tls=not args.no_tls,
+        cert_days=args.days,
+    )
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise UsageError(f"{output} exists; pass --force to overwrite it")
+    repo = Path(args.repo)
+    record, archive = add_device(repo, args.device_id, args.fleet, options)
+    atomic_write(output, archive, mode=0o600)
+    refreshed = refresh_broker_files(repo)
+    print(f"enrolled {record.device_id} in fleet {record.fleet} -> {output}")
+    print(f"  certificate serial {record.serial:x}, valid until {record.not_after}")
+    print("  the archive holds the device's private key: copy it over a trusted channel")
+    print(f"  on the device: edge-agent enroll {output.name} && systemctl restart edge-agent")
+    if refreshed:
+        print(f"  broker ACL updated in {refreshed[0].parent}: reload the broker (SIGHUP)")
+    return 0
+
+
+def _cmd_device_revoke(args: argparse.Namespace) -> int:
+    from controller.broker import refresh_broker_files
+    from controller.devices import ca_dir, revoke_device
+
+    repo = Path(args.repo)
+    record = revoke_device(repo, args.device_id)
+    refreshed = refresh_broker_files(repo)
+    print(f"revoked {record.device_id} (serial {record.serial:x}) at {record.revoked_at}")
+    print(f"  CRL: {ca_dir(repo) / 'crl.pem'}")
+    if refreshed:
+        print(f"  broker CRL and ACL updated in {refreshed[0].parent}: reload the broker (SIGHUP)")
+    else:
+        print("  copy the CRL to the broker's crlfile and reload it (SIGHUP)")
+    return 0
+
+
+def _cmd_broker_config(args: argparse.Namespace) -> int:
+    from controller.broker import BrokerOptions, write_broker_config
+
+    options = BrokerOptions(
+        hosts=tuple(args.host),
+        port=args.port,
+        bind=args.bind,
+        controller_identity=args.controller_identity,
+    )
+    output = Path(args.output)
+    write_broker_config(Path(args.repo), output, options)
+    print(f"wrote a mosquitto config for TLS with client certificates to {output}")
+    print(f"  run: mosquitto -c {output.resolve() / 'mosquitto.conf'}")
+    print(f"  the controller's client certificate: {output / 'controller.crt'} (+ .key)")
+    print("  keys are 0640: chgrp them to the broker's group (Debian: mosquitto)")
+    return 0
+
+
+def _add_device_enrollment(dsub: Subparsers) -> None:
+    da = dsub.add_parser(
+        "add",
+        help="enroll a device: a client certificate, the TUF root and an agent config",
+        description="Issue the device a client certificate from the controller's device CA "
+        "(REPO_DIR/ca, created on first use) and write an archive with it, its key, the CA "
+        "certificate, the repository's TUF root and an agent config. Install it on the "
+        "device with `edge-agent enroll FILE`. The archive holds a private key.",
+        epilog="example:\n  edgectl device add cam-0042 --fleet north --repo ./repo "
+        "--repository-url https://updates.example.net/ --broker broker.example.net:8883 "
+        "-o enroll.tar",
+        formatter_class=RAW,
+    )
+    da.add_argument("device_id", metavar="ID")
+    da.add_argument("--fleet", required=True)
+    da.add_argument("--repo", required=True, metavar="REPO_DIR")
+    da.add_argument("-o", "--output", required=True, metavar="FILE", help="archive to write")
+    da.add_argument(
+        "--repository-url", required=True, metavar="URL", help="where the device reads the repo"
+    )
+    da.add_argument(
+        "--broker", required=True, metavar="HOST:PORT", help="the MQTT broker the device dials"
+    )
+    da.add_argument("--no-tls", action="store_true", help="plain MQTT (tests only)")
+    da.add_argument("--days", type=int, default=825, help="certificate lifetime (default 825)")
+    da.add_argument("--force", action="store_true", help="overwrite FILE")
+    da.set_defaults(func=_cmd_device_add)
+
+    dr = dsub.add_parser(
+        "revoke",
+        help="revoke a device's certificate and publish a new CRL",
+        description="Mark the device revoked, re-sign the CRL (REPO_DIR/ca/crl.pem) and, "
+        "when `edgectl broker config` wrote a broker folder, refresh its CRL and ACL. "
+        "Reload the broker afterwards.",
+        epilog="example:\n  edgectl device revoke cam-0042 --repo ./repo",
+        formatter_class=RAW,
+    )
+    dr.add_argument("device_id", metavar="ID")
+    dr.add_argument("--repo", required=True, metavar="REPO_DIR")
+    dr.set_defaults(func=_cmd_device_revoke)
+
+
+def _add_broker_parser(sub: Subparsers) -> None:
+    broker = sub.add_parser(
+        "broker",
+        help="broker configuration for per-device identities",
+        description="Broker configuration.",
+        formatter_class=RAW,
+    )
+    bsub = broker.add_subparsers(dest="broker_command", required=True, metavar="COMMAND")
+    bc = bsub.add_parser(
+        "config",
+        help="write a mosquitto config: TLS, client certificates, CRL and a per-device ACL",
+        description="Write mosquitto.conf, an ACL file with pattern rules (a device publishes "
+        "only under its own topics and reads only its fleet's announcement), the broker's "
+        "server certificate and the controller's client certificate into DIR.",
+        epilog="example:\n  edgectl broker config --repo ./repo --host broker.example.net "
+        "-o /etc/mosquitto/edgefleet",
+        formatter_class=RAW,
+    )
+    bc.add_argument("--repo", required=True, metavar="REPO_DIR")
+    bc.add_argument("-o", "--output", required=True, metavar="DIR")
+    bc.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        help="a name or address devices dial (repeatable; the certificate's SANs)",
+    )
+    bc.add_argument("--port", type=int, default=8883, help="TLS listener (default 8883)")
+    bc.add_argument("--bind", default="", metavar="ADDRESS", help="listen address (default: all)")
+    bc.add_argument(
+        "--controller-identity",
+        default="edgectl",
+        metavar="CN",
+        help="CN of the controller's client certificate (default edgectl)",
+    )
+    bc.set_defaults(func=_cmd_broker_config)
+
+
+def _add_store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store",
+        metavar="PATH|DSN",
+        help="telemetry store: a SQLite file or a postgresql:// DSN (default: "
+        "REPO_DIR/telemetry.sqlite; env EDGECTL_STORE)",
+    )
+    p.add_argument("--repo", metavar="REPO_DIR", help="find the store in this repository")
+    p.add_argument("--config", metavar="controller.toml", help="read [serve] store from here")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def add_parser(sub: Subparsers) -> None:
+    fleet = sub.add_parser(
+        "fleet",
+        help="what the fleet's devices run and how they do",
+        description="Read the telemetry `edgectl serve` stored.",
+        formatter_class=RAW,
+    )
+    fsub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="COMMAND")
+    fs = fsub.add_parser(
+        "status",
+        help="one line per device and model: health, version, install state, error rate, p99",
+        description="Every device with its health (online; stale: silent for more than "
+        "stale_after_heartbeats heartbeat intervals even if the broker calls it online; "
+        "offline), model versions, install state, error rate and p99 of the last heartbeat "
+        "interval, and when it was last heard from.",
+        epilog="examples:\n  edgectl fleet status --repo ./repo\n  edgectl fleet status "
+        "--store postgresql://edgefleet@db/edgefleet --fleet north --model resnet --json",
+        formatter_class=RAW,
+    )
+    fs.add_argument("--fleet", help="only this fleet")
+    fs.add_argument("--model", help="only devices that run this model")
+    _add_store_options(fs)
+    fs.set_defaults(func=_cmd_fleet_status)
+
+    device = sub.add_parser(
+        "device",
+        help="enroll, revoke and inspect devices",
+        description="Enroll a device (add), revoke it, or read its telemetry (show).",
+        formatter_class=RAW,
+    )
+    dsub = device.add_subparsers(dest="device_command", required=True, metavar="COMMAND")
+    ds = dsub.add_parser(
+        "show",
+        help="a device's state, recent heartbeats and lifecycle events",
+        description="A device's health, models and figures, its last heartbeats and its "
+        "recent lifecycle events (install phases, activation, probation, rollback, reasons).",
+        epilog="example:\n  edgectl device show cam-0042 --repo ./repo --events 20",
+        formatter_class=RAW,
+    )
+    ds.add_argument("device_id", metavar="ID")
+    ds.add_argument("--fleet", help="the device's fleet, when the id is used in several")
+    ds.add_argument("--events", type=int, default=30, metavar="N", help="default 30")
+    ds.add_argument("--heartbeats", type=int, default=5, metavar="N", help="default 5")
+    _add_store_options(ds)
+    ds.set_defaults(func=_cmd_device_show)
+    _add_device_enrollment(dsub)
+    _add_broker_parser(sub)

@@ -1,0 +1,274 @@
+"""``edgectl init`` and ``edgectl keys ...``: create a repository and run its key ceremony."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from controller.cli_common import RAW
+
+if TYPE_CHECKING:
+    from controller.cli_common import Subparsers
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from controller.repository import ExpiryPolicy, init_repository
+
+    policy = ExpiryPolicy(
+        root_days=args.expiry_days_root,
+        targets_days=args.expiry_days_targets,
+        rollout_days=args.expiry_days_rollout,
+        snapshot_days=args.expiry_days_snapshot,
+        timestamp_days=args.expiry_days_timestamp,
+    )
+    repo = init_repository(Path(args.repo_dir), policy)
+    print(f"initialised repository {repo.path}")
+    print(f"  keys:     {repo.keys_dir} (keep root.pem and targets.pem offline when you can)")
+    print(f"  metadata: {repo.metadata_dir} (enroll agents with {repo.metadata_dir}/root.json)")
+    print(f"  targets:  {repo.targets_dir}")
+    return 0
+
+
+def _open_for_keys(args: argparse.Namespace) -> tuple[Path, tuple[Path, ...]]:
+    extra = tuple(Path(d) for d in (getattr(args, "key_dir", None) or []))
+    return Path(args.repo), extra
+
+
+def _print_ceremony(result: object) -> None:
+    from controller.key_ceremony import CeremonyResult
+
+    assert isinstance(result, CeremonyResult)
+    for keyid, path in zip(result.new_keyids, result.key_files, strict=False):
+        print(f"  new {result.role} key {keyid[:16]}… -> {path}")
+    if result.root_version is not None:
+        print(
+            f"  published root version {result.root_version} "
+            "(devices follow it on their next check)"
+        )
+    if result.resigned:
+        print("  re-signed: " + ", ".join(f"{r} v{v}" for r, v in result.resigned.items()))
+    for keyid in result.revoked:
+        print(f"  revoked key {keyid[:16]}… (its file is deleted)")
+    if result.pending is not None:
+        print(f"  root waits for signatures: {result.missing or 'complete'}")
+        print(
+            "  next: edgectl keys export-root --repo REPO -o root.json, sign it offline with "
+            "edgectl keys sign-root root.json --key KEY.pem, then edgectl keys import-root "
+            "root.json --repo REPO"
+        )
+
+
+def _cmd_keys_list(args: argparse.Namespace) -> int:
+    from controller.key_ceremony import key_status
+    from controller.repository import Repository
+
+    repo_dir, extra = _open_for_keys(args)
+    rows = key_status(Repository.open(repo_dir, extra))
+    for row in rows:
+        print(
+            f"{row.role:<10} v{row.version:<4} threshold {row.threshold}/{len(row.keyids)}  "
+            f"expires {row.expires:%Y-%m-%dT%H:%M:%SZ}  keys here {len(row.present)}"
+        )
+        for keyid in row.keyids:
+            where = "here" if keyid in row.present else "offline"
+            print(f"    {keyid[:16]}… ({where})")
+    return 0
+
+
+def _cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from controller.fsio import repo_lock
+    from controller.key_ceremony import rotate
+    from controller.repository import Repository
+
+    repo_dir, extra = _open_for_keys(args)
+    with repo_lock(repo_dir):
+        result = rotate(
+            Repository.open(repo_dir, extra),
+            args.role,
+            count=args.keys,
+            threshold=args.threshold,
+            key_out=extra[0] if extra else None,
+        )
+    print(f"rotated the {args.role} key" + (" (root pending)" if result.pending else ""))
+    _print_ceremony(result)
+    return 0 if result.pending is None else 3
+
+
+def _cmd_keys_export_root(args: argparse.Namespace) -> int:
+    from controller.fsio import repo_lock
+    from controller.key_ceremony import export_root
+    from controller.repository import Repository
+
+    repo_dir, extra = _open_for_keys(args)
+    with repo_lock(repo_dir):
+        result = export_root(Repository.open(repo_dir, extra), Path(args.output))
+    print(f"wrote the root waiting for signatures to {args.output}")
+    print(f"  {result.missing or 'all signatures present: import it'}")
+    return 0
+
+
+def _cmd_keys_sign_root(args: argparse.Namespace) -> int:
+    from controller.key_ceremony import sign_root_file
+
+    signed = sign_root_file(Path(args.file), [Path(k) for k in args.key])
+    for keyid in signed:
+        print(f"signed {args.file} with key {keyid[:16]}…")
+    return 0
+
+
+def _cmd_keys_import_root(args: argparse.Namespace) -> int:
+    from controller.fsio import repo_lock
+    from controller.key_ceremony import import_root
+    from controller.repository import Repository
+
+    repo_dir, extra = _open_for_keys(args)
+    with repo_lock(repo_dir):
+        result = import_root(Repository.open(repo_dir, extra), Path(args.file))
+    print(f"imported {args.file}")
+    _print_ceremony(result)
+    return 0
+
+
+def _cmd_keys_expiry(args: argparse.Namespace) -> int:
+    from controller.fsio import repo_lock
+    from controller.key_ceremony import set_expiry
+    from controller.repository import Repository
+
+    repo_dir, extra = _open_for_keys(args)
+    with repo_lock(repo_dir):
+        _policy, resigned = set_expiry(Repository.open(repo_dir, extra), args.role, args.days)
+    print(f"{args.role} metadata now lives {args.days:g} day(s) after each signature")
+    if resigned:
+        print("  re-signed now: " + ", ".join(f"{r} v{v}" for r, v in resigned.items()))
+    elif args.role in ("root", "targets"):
+        print("  takes effect the next time it is signed")
+    return 0
+
+
+def _add_keys_parser(sub: Subparsers) -> None:
+    from controller.repository import ALL_ROLES
+
+    keys = sub.add_parser(
+        "keys",
+        help="key lifecycle: list, rotate, offline root signing, expiry per role",
+        description="Signing keys of the repository (docs/security.md: the key ceremony).",
+        formatter_class=RAW,
+    )
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+
+    def repo_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--repo", required=True, metavar="REPO_DIR")
+        p.add_argument(
+            "--key-dir",
+            action="append",
+            metavar="DIR",
+            help="another folder holding private keys (an offline medium); repeatable",
+        )
+
+    ls = ksub.add_parser(
+        "list",
+        help="every role's keys, threshold, expiry and which private keys are here",
+        description="Every role's key ids, threshold, version, expiry, and whether each "
+        "private key is in keys/ (or a --key-dir).",
+        epilog="example:\n  edgectl keys list --repo ./repo",
+        formatter_class=RAW,
+    )
+    repo_options(ls)
+    ls.set_defaults(func=_cmd_keys_list)
+
+    rot = ksub.add_parser(
+        "rotate",
+        help="replace a role's key and revoke the old one; devices follow untouched",
+        description="Make a new key for ROLE and revoke the old one. Top-level roles change "
+        "in a new root version signed by the current root keys (and, for root, by the new "
+        "ones too), then the role is re-signed. When root keys are not here the new root "
+        "waits in REPO_DIR/root-pending.json (exit status 3): export, sign offline, import.",
+        epilog="examples:\n  edgectl keys rotate timestamp --repo ./repo\n"
+        "  edgectl keys rotate root --repo ./repo --keys 3 --threshold 2 --key-dir /media/usb",
+        formatter_class=RAW,
+    )
+    rot.add_argument("role", metavar="ROLE", choices=ALL_ROLES)
+    repo_options(rot)
+    rot.add_argument("--keys", type=int, default=1, metavar="N", help="root: how many keys")
+    rot.add_argument(
+        "--threshold", type=int, default=1, metavar="K", help="root: signatures required (K of N)"
+    )
+    rot.set_defaults(func=_cmd_keys_rotate)
+
+    ex = ksub.add_parser(
+        "export-root",
+        help="write the root version waiting for offline signatures (or a renewal) to a file",
+        description="Write REPO_DIR/root-pending.json to FILE. With none pending, make one: "
+        "the current root as the next version with a renewed expiry.",
+        epilog="example:\n  edgectl keys export-root --repo ./repo -o root-unsigned.json",
+        formatter_class=RAW,
+    )
+    repo_options(ex)
+    ex.add_argument("-o", "--output", required=True, metavar="FILE")
+    ex.set_defaults(func=_cmd_keys_export_root)
+
+    sg = ksub.add_parser(
+        "sign-root",
+        help="add signatures to an exported root (on the offline machine)",
+        description="Sign FILE with each --key; needs no repository.",
+        epilog="example:\n  edgectl keys sign-root root-unsigned.json --key /media/usb/root-1.pem",
+        formatter_class=RAW,
+    )
+    sg.add_argument("file", metavar="FILE")
+    sg.add_argument("--key", action="append", required=True, metavar="KEY.pem")
+    sg.set_defaults(func=_cmd_keys_sign_root)
+
+    im = ksub.add_parser(
+        "import-root",
+        help="check a signed root (both thresholds), publish it and finish the rotation",
+        description="Publish FILE as the next root version when a threshold of the current "
+        "root keys and of its own keys signed it; re-sign what the rotation needs and delete "
+        "revoked keys.",
+        epilog="example:\n  edgectl keys import-root root-signed.json --repo ./repo",
+        formatter_class=RAW,
+    )
+    im.add_argument("file", metavar="FILE")
+    repo_options(im)
+    im.set_defaults(func=_cmd_keys_import_root)
+
+    exp = ksub.add_parser(
+        "expiry",
+        help="how long a role's metadata stays valid after each signature",
+        description="Set ROLE's metadata lifetime in DAYS (fractions allowed: 0.25 = 6 h). "
+        "Online roles past the new lifetime are re-signed now.",
+        epilog="example:\n  edgectl keys expiry timestamp 0.25 --repo ./repo",
+        formatter_class=RAW,
+    )
+    exp.add_argument("role", metavar="ROLE", choices=ALL_ROLES)
+    exp.add_argument("days", type=float, metavar="DAYS")
+    repo_options(exp)
+    exp.set_defaults(func=_cmd_keys_expiry)
+
+
+def add_parser(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "init",
+        help="create signing keys and an empty signed repository",
+        description="Create Ed25519 keys (REPO_DIR/keys, 0600) and an empty TUF repository.",
+        epilog="example:\n  edgectl init ./repo --expiry-days-timestamp 1",
+        formatter_class=RAW,
+    )
+    p.add_argument("repo_dir", metavar="REPO_DIR")
+    for role, days in (
+        ("root", 365),
+        ("targets", 365),
+        ("rollout", 30),
+        ("snapshot", 7),
+        ("timestamp", 1),
+    ):
+        p.add_argument(
+            f"--expiry-days-{role}",
+            type=int,
+            default=days,
+            metavar="DAYS",
+            help=f"{role} metadata lifetime (default {days})",
+        )
+    p.set_defaults(func=_cmd_init)
+
+    _add_keys_parser(sub)

@@ -1,0 +1,197 @@
+"""``edgectl rollout ...``: start, watch and steer staged rollouts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agent.contracts import ProbationPolicy
+from controller.cli_common import RAW, probation_policy
+
+if TYPE_CHECKING:
+    from controller.cli_common import Subparsers
+    from controller.rollout import Rollout
+
+
+def _cmd_rollout_start(args: argparse.Namespace) -> int:
+    from controller.rollout import OnFailure, parse_duration, parse_stages
+    from controller.rollout_gates import parse_gates
+    from controller.rollout_service import start_rollout
+    from controller.rollout_view import render_rollout
+
+    wait_s = parse_duration(args.wait, "--wait")
+    deadline_s = (
+        parse_duration(args.deadline, "--deadline") if args.deadline else max(3 * wait_s, 600.0)
+    )
+    canaries = [c.strip() for c in (args.canary or "").split(",") if c.strip()]
+    r = start_rollout(
+        Path(args.repo),
+        fleet=args.fleet,
+        model=args.model,
+        version=args.version,
+        stages=parse_stages(args.stages),
+        wait_s=wait_s,
+        deadline_s=deadline_s,
+        gates=parse_gates(args.gate),
+        canaries=canaries,
+        on_failure=OnFailure(args.on_failure),
+        probation=probation_policy(args),
+        bundle=Path(args.bundle) if args.bundle else None,
+    )
+    import time
+
+    print(render_rollout(r, time.time()))
+    return 0
+
+
+def _cmd_rollout_status(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from controller.rollout_store import RolloutStore
+    from controller.rollout_view import render_status, rollout_json
+
+    records = RolloutStore(Path(args.repo))
+
+    def select() -> list[Rollout]:
+        found = [
+            r
+            for r in records.all()
+            if (args.fleet is None or r.fleet == args.fleet)
+            and (args.model is None or r.model == args.model)
+        ]
+        active = [r for r in found if r.is_active]
+        return found if args.all else (active or found[-1:])
+
+    deadline = time.monotonic() + args.watch_timeout
+    while True:
+        rollouts = select()
+        if args.json:
+            print(json.dumps([rollout_json(r) for r in rollouts], indent=2))
+        else:
+            if args.watch and sys.stdout.isatty():
+                print("\x1b[2J\x1b[H", end="")
+            print(render_status(rollouts, time.time()), flush=True)
+        done = not any(r.is_active for r in rollouts)
+        if not args.watch or done or time.monotonic() >= deadline:
+            return 0
+        time.sleep(args.interval)
+        if not sys.stdout.isatty():
+            print()
+
+
+def _cmd_rollout_control(args: argparse.Namespace) -> int:
+    import time
+
+    from controller.rollout_service import control_rollout
+    from controller.rollout_view import render_rollout
+
+    r = control_rollout(
+        Path(args.repo), args.fleet, args.model, args.rollout_command, reason=args.reason or ""
+    )
+    print(render_rollout(r, time.time()))
+    return 0
+
+
+def add_parser(sub: Subparsers) -> None:
+    from controller.rollout_gates import DEFAULT_GATES
+
+    rollout = sub.add_parser(
+        "rollout",
+        help="staged rollouts that promote on healthy telemetry and halt on bad",
+        description="Roll a published version out to a fleet stage by stage. `edgectl "
+        "serve` advances a stage once its gates hold over the wait with enough devices "
+        "reporting, halts it when a gate breaks, and pauses it when too few devices "
+        "report by the stage's deadline. See docs/rollouts.md.",
+        formatter_class=RAW,
+    )
+    rsub = rollout.add_subparsers(dest="rollout_command", required=True, metavar="COMMAND")
+    st = rsub.add_parser(
+        "start",
+        help="start a staged rollout of MODEL VERSION in a fleet",
+        description="Write the first stage into the fleet's desired state (signed by the "
+        "rollout key). Devices take the new version when they are canaries or their bucket "
+        "(a hash of rollout id and device id) falls below the stage's percentage.",
+        epilog="example:\n  edgectl rollout start resnet 1.3.0 --fleet lab --repo ./repo "
+        "--bundle resnet-1.3.0.bundle --stages 1,10,50,100 --wait 10m \\\n"
+        f'    --gate "{DEFAULT_GATES}" --canary cam-01,cam-02,cam-03',
+        formatter_class=RAW,
+    )
+    st.add_argument("model", metavar="MODEL")
+    st.add_argument("version", metavar="VERSION")
+    st.add_argument("--fleet", required=True)
+    st.add_argument("--repo", required=True, metavar="REPO_DIR")
+    st.add_argument("--bundle", metavar="FILE", help="publish this bundle first (release key)")
+    st.add_argument(
+        "--stages", default="1,10,50,100", help="percentages, ending at 100 (default %(default)s)"
+    )
+    st.add_argument(
+        "--wait", default="10m", help="how long each stage is watched (default %(default)s)"
+    )
+    st.add_argument(
+        "--deadline",
+        help="pause a stage with too few devices reporting after this (default max(3 x wait, 10m))",
+    )
+    st.add_argument("--gate", default=DEFAULT_GATES, help="health gates (default %(default)s)")
+    st.add_argument("--canary", metavar="DEV,...", help="devices that take every stage")
+    st.add_argument(
+        "--on-failure",
+        choices=("pause", "abort"),
+        default="pause",
+        help="when a gate breaks: hold (pause) or go back to the previous version (abort); "
+        "default %(default)s",
+    )
+    _add_probation_options(st)
+    st.set_defaults(func=_cmd_rollout_start)
+
+    ss = rsub.add_parser(
+        "status",
+        help="rollouts with a bar per stage",
+        description="The active rollouts (or the latest one) with a bar per stage, the "
+        "figures of the current stage and the halt reason.",
+        epilog="example:\n  edgectl rollout status --repo ./repo --fleet lab --watch",
+        formatter_class=RAW,
+    )
+    ss.add_argument("--repo", required=True, metavar="REPO_DIR")
+    ss.add_argument("--fleet")
+    ss.add_argument("--model")
+    ss.add_argument("--all", action="store_true", help="every rollout, finished ones too")
+    ss.add_argument("--json", action="store_true", help="print JSON for scripts")
+    ss.add_argument("--watch", action="store_true", help="redraw until no rollout is active")
+    ss.add_argument("--interval", type=float, default=2.0, metavar="SECONDS")
+    ss.add_argument(
+        "--watch-timeout", type=float, default=86400.0, metavar="SECONDS", help=argparse.SUPPRESS
+    )
+    ss.set_defaults(func=_cmd_rollout_status)
+
+    for action, text in (
+        ("pause", "hold the rollout; devices keep what they run"),
+        ("resume", "run a paused rollout again (its stage's wait starts over)"),
+        ("promote", "go to the next stage now, whatever the gates say"),
+        ("abort", "send the fleet back to the previous version; devices roll back"),
+    ):
+        pc = rsub.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+        pc.add_argument("model", metavar="MODEL")
+        pc.add_argument("--fleet", required=True)
+        pc.add_argument("--repo", required=True, metavar="REPO_DIR")
+        pc.add_argument("--reason", help="recorded in the rollout's history")
+        pc.set_defaults(func=_cmd_rollout_control)
+
+
+def _add_probation_options(p: argparse.ArgumentParser) -> None:
+    default = ProbationPolicy()
+    prob = p.add_argument_group(
+        "probation", "what each device checks after activating the release before it commits"
+    )
+    prob.add_argument("--probation-s", type=float, default=default.duration_s, metavar="SECONDS")
+    prob.add_argument(
+        "--probation-min-requests", type=int, default=default.min_requests, metavar="N"
+    )
+    prob.add_argument(
+        "--probation-max-error-rate", type=float, default=default.max_error_rate, metavar="RATE"
+    )
+    prob.add_argument(
+        "--probation-max-p99-ratio", type=float, default=default.max_p99_ratio, metavar="RATIO"
+    )
