@@ -1,6 +1,10 @@
 """``edge-agent``: run the agent, or call a running agent's inference socket.
 
-Exit codes: 0 success, 1 failure (the message says why), 2 bad usage or config.
+Exit codes (docs/cli.md has the table for both programs): 0 success, 1 failure (the
+message says why), 2 bad usage or config, 130 interrupted (Ctrl-C).
+
+Also home of :func:`completion_script`, the shell-completion generator both programs
+use (``edgectl`` may import the agent; the agent never imports the controller).
 """
 
 from __future__ import annotations
@@ -21,12 +25,17 @@ from agent.errors import AgentError, ConfigError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+SHELLS = ("bash", "zsh")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edge-agent",
         description="Runs ONNX models on this device, updated from a signed edgefleet repository.",
+        epilog="example: edge-agent run --config /etc/edge-agent/agent.toml\n"
+        "exit codes: 0 ok, 1 failure, 2 usage or config error, 130 interrupted",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"edge-agent {agent.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     where = infer.add_mutually_exclusive_group()
     where.add_argument("--socket", type=Path, help="the agent's inference socket")
     where.add_argument("--config", type=Path, help="read the socket path from agent.toml")
+
+    add_completion_parser(sub, "edge-agent")
     return parser
 
 
@@ -164,9 +175,111 @@ def _infer_shm(client: Any, args: argparse.Namespace, inputs: dict[str, Any]) ->
     return result
 
 
+# ------------------------------------------------------------------- shell completion
+
+
+def add_completion_parser(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], prog: str
+) -> argparse.ArgumentParser:
+    """Add ``PROG completion bash|zsh`` to ``sub``; the caller runs :func:`completion_script`."""
+    p = sub.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description=f"Print a {' or '.join(SHELLS)} script that completes {prog}'s commands "
+        "and options. Source it from your shell's startup file.",
+        epilog=f"examples:\n  source <({prog} completion bash)   # in ~/.bashrc\n"
+        f"  {prog} completion bash > /etc/bash_completion.d/{prog}\n"
+        f"  source <({prog} completion zsh)    # in ~/.zshrc, after compinit",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("shell", choices=SHELLS, metavar="SHELL", help=" or ".join(SHELLS))
+    return p
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    print(completion_script(_parser(), args.shell), end="")
+    return 0
+
+
+def _command_tree(
+    parser: argparse.ArgumentParser, path: str = ""
+) -> dict[str, tuple[list[str], list[str]]]:
+    """``{"": (words, options), " rollout": (...), " rollout start": ...}``.
+
+    ``words`` are the subcommands, or for a leaf command the choices of its positionals
+    (``completion bash|zsh``, ``keys rotate ROLE``). Hidden options
+    (``help=argparse.SUPPRESS``) are left out, as in ``--help``.
+    """
+    commands: list[str] = []
+    options: list[str] = []
+    tree: dict[str, tuple[list[str], list[str]]] = {path: (commands, options)}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                commands.append(name)
+                tree.update(_command_tree(child, f"{path} {name}"))
+        elif not action.option_strings and action.choices:
+            commands.extend(str(choice) for choice in action.choices)
+        elif action.help != argparse.SUPPRESS:
+            options.extend(s for s in action.option_strings if s.startswith("--") or s == "-h")
+    return tree
+
+
+def completion_script(parser: argparse.ArgumentParser, shell: str) -> str:
+    """A bash (or zsh, through ``bashcompinit``) completion script for ``parser``.
+
+    It completes subcommands at every level, ``--options`` of the command typed so far
+    and file names where a command takes no subcommand. Generated from the parser, so
+    a new command or option completes without touching this code. Raises ``ValueError``
+    for a shell not in ``SHELLS``.
+    """
+    if shell not in SHELLS:
+        raise ValueError(f"shell must be one of {', '.join(SHELLS)}, got {shell!r}")
+    prog = parser.prog
+    func = "_" + prog.replace("-", "_")
+    tree = _command_tree(parser)
+    children = " | ".join(f'"{path}"' for path in tree if path)
+    cases = "".join(
+        f'        "{path}") commands="{" ".join(cmds)}"; options="{" ".join(opts)}" ;;\n'
+        for path, (cmds, opts) in tree.items()
+    )
+    body = (
+        f"# {shell} completion for {prog}, generated by `{prog} completion {shell}`\n"
+        f"{func}() {{\n"
+        '    local cur="${COMP_WORDS[COMP_CWORD]}" path="" word i commands="" options=""\n'
+        "    for ((i = 1; i < COMP_CWORD; i++)); do\n"
+        '        word="${COMP_WORDS[i]}"\n'
+        '        case "$path $word" in\n'
+        f'            {children}) path="$path $word" ;;\n'
+        "        esac\n"
+        "    done\n"
+        '    case "$path" in\n'
+        f"{cases}"
+        "    esac\n"
+        '    if [[ "$cur" == -* ]]; then\n'
+        '        COMPREPLY=($(compgen -W "$options" -- "$cur"))\n'
+        '    elif [[ -n "$commands" ]]; then\n'
+        '        COMPREPLY=($(compgen -W "$commands" -- "$cur"))\n'
+        "    else\n"
+        '        COMPREPLY=($(compgen -f -- "$cur"))\n'
+        "    fi\n"
+        "}\n"
+        f"complete -o filenames -F {func} {prog}\n"
+    )
+    if shell == "zsh":
+        # zsh runs bash completion functions through bashcompinit (needs compinit first).
+        body = "autoload -U +X bashcompinit && bashcompinit\n" + body
+    return body
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"run": _cmd_run, "infer": _cmd_infer, "enroll": _cmd_enroll}
+    commands = {
+        "run": _cmd_run,
+        "infer": _cmd_infer,
+        "enroll": _cmd_enroll,
+        "completion": _cmd_completion,
+    }
     try:
         return commands[args.command](args)
     except ConfigError as exc:
@@ -176,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"edge-agent: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
-        return EXIT_FAILURE
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

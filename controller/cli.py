@@ -21,6 +21,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from agent.cli import add_completion_parser, completion_script
 from controller import cli_bundle, cli_fleet, cli_release, cli_repo, cli_rollout, cli_serve
 from controller.cli_common import RAW
 from controller.cli_release import RELEASE_VERBS, route_release_verbs
@@ -36,14 +37,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edgectl",
         description="Build, sign and publish ONNX model bundles for edge fleets.",
         epilog="example:\n  edgectl init ./repo && edgectl bundle build m.onnx --name m "
-        "--version 1.0.0 -o m.bundle && edgectl release m.bundle --fleet lab --repo ./repo",
+        "--version 1.0.0 -o m.bundle && edgectl release m.bundle --fleet lab --repo ./repo\n"
+        "exit codes: 0 ok, 1 failure, 2 usage error, 3 a new root waits for offline "
+        "signatures (keys rotate), 130 interrupted (docs/cli.md)",
         formatter_class=RAW,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for group in (cli_repo, cli_bundle, cli_release, cli_serve, cli_fleet, cli_rollout):
         group.add_parser(sub)
+    add_completion_parser(sub, "edgectl").set_defaults(func=_cmd_completion)
     return parser
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    print(completion_script(build_parser(), args.shell), end="")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

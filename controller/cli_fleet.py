@@ -217,6 +217,8 @@ def _add_broker_parser(sub: Subparsers) -> None:
         "broker",
         help="broker configuration for per-device identities",
         description="Broker configuration.",
+        epilog="example:\n  edgectl broker config --repo ./repo --host broker.example.net "
+        "-o /etc/mosquitto/edgefleet",
         formatter_class=RAW,
     )
     bsub = broker.add_subparsers(dest="broker_command", required=True, metavar="COMMAND")
@@ -266,6 +268,7 @@ def add_parser(sub: Subparsers) -> None:
         "fleet",
         help="what the fleet's devices run and how they do",
         description="Read the telemetry `edgectl serve` stored.",
+        epilog="example:\n  edgectl fleet status --repo ./repo --fleet north --json",
         formatter_class=RAW,
     )
     fsub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="COMMAND")
@@ -289,6 +292,8 @@ def add_parser(sub: Subparsers) -> None:
         "device",
         help="enroll, revoke and inspect devices",
         description="Enroll a device (add), revoke it, or read its telemetry (show).",
+        epilog="examples:\n  edgectl device show cam-0042 --repo ./repo\n"
+        "  edgectl device revoke cam-0042 --repo ./repo",
         formatter_class=RAW,
     )
     dsub = device.add_subparsers(dest="device_command", required=True, metavar="COMMAND")

@@ -168,6 +168,8 @@ def _add_releases_parser(sub: Subparsers) -> None:
         help="release history: list, show, diff, retire, prune (also `edgectl release VERB`)",
         description="What the repository has shipped, how good each build was, who runs "
         "it, and retiring old releases. See docs/releases.md.",
+        epilog="examples:\n  edgectl releases list --repo ./repo\n"
+        "  edgectl release diff resnet 1.2.0 1.3.0 --repo ./repo",
         formatter_class=RAW,
     )
     rsub = releases.add_subparsers(dest="releases_command", required=True, metavar="COMMAND")

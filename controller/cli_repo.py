@@ -153,6 +153,9 @@ def _add_keys_parser(sub: Subparsers) -> None:
         "keys",
         help="key lifecycle: list, rotate, offline root signing, expiry per role",
         description="Signing keys of the repository (docs/security.md: the key ceremony).",
+        epilog="examples:\n  edgectl keys list --repo ./repo\n"
+        "  edgectl keys rotate timestamp --repo ./repo\n"
+        "exit status 3: a new root waits for offline signatures (keys export-root)",
         formatter_class=RAW,
     )
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")

@@ -105,6 +105,9 @@ def add_parser(sub: Subparsers) -> None:
         "serve` advances a stage once its gates hold over the wait with enough devices "
         "reporting, halts it when a gate breaks, and pauses it when too few devices "
         "report by the stage's deadline. See docs/rollouts.md.",
+        epilog="examples:\n  edgectl rollout start resnet 1.3.0 --fleet lab --repo ./repo "
+        "--canary cam-01\n  edgectl rollout status --repo ./repo --watch\n"
+        "  edgectl rollout abort resnet --fleet lab --repo ./repo --reason 'p99 doubled'",
         formatter_class=RAW,
     )
     rsub = rollout.add_subparsers(dest="rollout_command", required=True, metavar="COMMAND")
@@ -172,7 +175,14 @@ def add_parser(sub: Subparsers) -> None:
         ("promote", "go to the next stage now, whatever the gates say"),
         ("abort", "send the fleet back to the previous version; devices roll back"),
     ):
-        pc = rsub.add_parser(action, help=text, description=text[0].upper() + text[1:] + ".")
+        pc = rsub.add_parser(
+            action,
+            help=text,
+            description=text[0].upper() + text[1:] + ".",
+            epilog=f"example:\n  edgectl rollout {action} resnet --fleet lab --repo ./repo "
+            f"--reason 'ticket OPS-12'",
+            formatter_class=RAW,
+        )
         pc.add_argument("model", metavar="MODEL")
         pc.add_argument("--fleet", required=True)
         pc.add_argument("--repo", required=True, metavar="REPO_DIR")
