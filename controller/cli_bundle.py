@@ -6,9 +6,10 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from controller.cli_common import RAW
+from controller.cli_common import RAW, print_json
 
 if TYPE_CHECKING:
+    from controller.build import BuildResult
     from controller.cli_common import Subparsers
 
 
@@ -36,6 +37,9 @@ def _cmd_bundle_build(args: argparse.Namespace) -> int:
         options=options,
     )
     m = result.manifest
+    if args.json:
+        print_json(_build_json(result))
+        return 0
     print(result.table)
     print(f"built {m.name} {m.version} -> {result.path}")
     print(f"  sha256 {result.sha256}, {result.length} bytes")
@@ -49,6 +53,39 @@ def _cmd_bundle_build(args: argparse.Namespace) -> int:
         f"rtol {m.golden.rtol:g}, atol {m.golden.atol:g}"
     )
     return 0
+
+
+def _build_json(result: BuildResult) -> dict[str, object]:
+    m = result.manifest
+    return {
+        "name": m.name,
+        "version": m.version,
+        "path": str(result.path),
+        "sha256": result.sha256,
+        "length": result.length,
+        "recipe": m.build.get("recipe"),
+        "reason": result.reason,
+        "sizes": dict(m.sizes),
+        "golden": {
+            "cases": m.golden.cases,
+            "source": m.build.get("golden_source"),
+            "rtol": m.golden.rtol,
+            "atol": m.golden.atol,
+        },
+        "build": m.build,
+        "candidates": [
+            {
+                "recipe": c.recipe,
+                "size": c.size,
+                "latency_ms": c.latency_ms,
+                "worst": c.worst,
+                "verdict": c.verdict,
+                "failures": c.failures,
+                "error": c.error,
+            }
+            for c in result.candidates
+        ],
+    }
 
 
 def add_parser(sub: Subparsers) -> None:
@@ -132,4 +169,5 @@ def add_parser(sub: Subparsers) -> None:
         metavar="R",
         help="auto keeps only candidates at most R times the original's latency (default 1.1)",
     )
+    b.add_argument("--json", action="store_true", help="print the summary as JSON, no table")
     b.set_defaults(func=_cmd_bundle_build)

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from controller.cli_common import RAW
+from controller.cli_common import RAW, print_json
 from controller.errors import UsageError
 
 if TYPE_CHECKING:
@@ -127,6 +127,10 @@ def _cmd_device_add(args: argparse.Namespace) -> int:
     record, archive = add_device(repo, args.device_id, args.fleet, options)
     atomic_write(output, archive, mode=0o600)
     refreshed = refresh_broker_files(repo)
+    if args.json:
+        doc = {"device_id": record.device_id, **record.to_json(), "archive": str(output)}
+        print_json({**doc, "broker_files_refreshed": [str(p) for p in refreshed]})
+        return 0
     print(f"enrolled {record.device_id} in fleet {record.fleet} -> {output}")
     print(f"  certificate serial {record.serial:x}, valid until {record.not_after}")
     print("  the archive holds the device's private key: copy it over a trusted channel")
@@ -196,6 +200,7 @@ def _add_device_enrollment(dsub: Subparsers) -> None:
     da.add_argument("--no-tls", action="store_true", help="plain MQTT (tests only)")
     da.add_argument("--days", type=int, default=825, help="certificate lifetime (default 825)")
     da.add_argument("--force", action="store_true", help="overwrite FILE")
+    da.add_argument("--json", action="store_true", help="print JSON for scripts")
     da.set_defaults(func=_cmd_device_add)
 
     dr = dsub.add_parser(

@@ -7,6 +7,7 @@ before parsing, so both spellings work.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.contracts import ProbationPolicy
-from controller.cli_common import RAW, probation_policy
+from controller.cli_common import RAW, print_json, probation_policy
 from controller.errors import UsageError
 
 if TYPE_CHECKING:
@@ -28,6 +29,9 @@ def _cmd_release(args: argparse.Namespace) -> int:
     r = release_bundle(
         Path(args.bundle), args.fleet, Path(args.repo), probation=probation_policy(args)
     )
+    if args.json:
+        print_json(dataclasses.asdict(r))
+        return 0
     what = "published" if r.bundle_added else "already published (same bytes)"
     print(f"{r.model} {r.version}: {what} as {r.target_path}")
     print(f"  sha256 {r.sha256}, {r.length} bytes")
@@ -313,6 +317,7 @@ def add_parser(sub: Subparsers) -> None:
         metavar="RATIO",
         help="p99 latency vs the previous version that rolls back (default %(default)s)",
     )
+    r.add_argument("--json", action="store_true", help="print JSON for scripts")
     r.set_defaults(func=_cmd_release)
 
     _add_releases_parser(sub)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from controller.cli_common import RAW
+from controller.cli_common import RAW, print_json
 
 if TYPE_CHECKING:
     from controller.cli_common import Subparsers
@@ -65,6 +65,20 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
 
     repo_dir, extra = _open_for_keys(args)
     rows = key_status(Repository.open(repo_dir, extra))
+    if args.json:
+        print_json(
+            [
+                {
+                    "role": row.role,
+                    "version": row.version,
+                    "threshold": row.threshold,
+                    "expires": f"{row.expires:%Y-%m-%dT%H:%M:%SZ}",
+                    "keys": [{"keyid": k, "here": k in row.present} for k in row.keyids],
+                }
+                for row in rows
+            ]
+        )
+        return 0
     for row in rows:
         print(
             f"{row.role:<10} v{row.version:<4} threshold {row.threshold}/{len(row.keyids)}  "
@@ -178,6 +192,7 @@ def _add_keys_parser(sub: Subparsers) -> None:
         formatter_class=RAW,
     )
     repo_options(ls)
+    ls.add_argument("--json", action="store_true", help="print JSON for scripts")
     ls.set_defaults(func=_cmd_keys_list)
 
     rot = ksub.add_parser(

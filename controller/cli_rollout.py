@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.contracts import ProbationPolicy
-from controller.cli_common import RAW, probation_policy
+from controller.cli_common import RAW, print_json, probation_policy
 
 if TYPE_CHECKING:
     from controller.cli_common import Subparsers
@@ -19,7 +19,6 @@ def _cmd_rollout_start(args: argparse.Namespace) -> int:
     from controller.rollout import OnFailure, parse_duration, parse_stages
     from controller.rollout_gates import parse_gates
     from controller.rollout_service import start_rollout
-    from controller.rollout_view import render_rollout
 
     wait_s = parse_duration(args.wait, "--wait")
     deadline_s = (
@@ -40,9 +39,7 @@ def _cmd_rollout_start(args: argparse.Namespace) -> int:
         probation=probation_policy(args),
         bundle=Path(args.bundle) if args.bundle else None,
     )
-    import time
-
-    print(render_rollout(r, time.time()))
+    _print_rollout(r, args.json)
     return 0
 
 
@@ -83,16 +80,25 @@ def _cmd_rollout_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_rollout_control(args: argparse.Namespace) -> int:
-    import time
 
     from controller.rollout_service import control_rollout
-    from controller.rollout_view import render_rollout
 
     r = control_rollout(
         Path(args.repo), args.fleet, args.model, args.rollout_command, reason=args.reason or ""
     )
-    print(render_rollout(r, time.time()))
+    _print_rollout(r, args.json)
     return 0
+
+
+def _print_rollout(r: Rollout, as_json: bool) -> None:
+    import time
+
+    from controller.rollout_view import render_rollout, rollout_json
+
+    if as_json:
+        print_json(rollout_json(r))
+    else:
+        print(render_rollout(r, time.time()))
 
 
 def add_parser(sub: Subparsers) -> None:
@@ -147,6 +153,7 @@ def add_parser(sub: Subparsers) -> None:
         "default %(default)s",
     )
     _add_probation_options(st)
+    st.add_argument("--json", action="store_true", help="print the rollout as JSON")
     st.set_defaults(func=_cmd_rollout_start)
 
     ss = rsub.add_parser(
@@ -187,6 +194,7 @@ def add_parser(sub: Subparsers) -> None:
         pc.add_argument("--fleet", required=True)
         pc.add_argument("--repo", required=True, metavar="REPO_DIR")
         pc.add_argument("--reason", help="recorded in the rollout's history")
+        pc.add_argument("--json", action="store_true", help="print the rollout as JSON")
         pc.set_defaults(func=_cmd_rollout_control)
 
 

@@ -4,6 +4,7 @@ shell completion generated from the argparse parsers (run through a real bash)."
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -170,3 +171,97 @@ def test_zsh_completion_loads_through_bashcompinit(tmp_path: Path) -> None:
         subprocess.run(["zsh", "-n", str(path)], check=True)
     with pytest.raises(ValueError, match="fish"):
         completion_script(controller_parser(), "fish")
+
+
+def _json_out(capsys: pytest.CaptureFixture[str], argv: list[str]) -> object:
+    code = controller.cli.main(argv)
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    return json.loads(out.out)  # the whole of stdout is one JSON document
+
+
+def test_data_commands_print_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bundle build, release, keys list, device add and rollout start: real runs, --json."""
+    from tests.helpers import make_linear_model
+
+    repo = str(tmp_path / "repo")
+    assert controller.cli.main(["init", repo]) == 0
+    capsys.readouterr()
+    model = make_linear_model(tmp_path / "m.onnx", seed=1)
+    bundles = []
+    for version in ("1.0.0", "1.1.0"):
+        bundle = tmp_path / f"m-{version}.bundle"
+        built = _json_out(
+            capsys,
+            [
+                "bundle",
+                "build",
+                str(model),
+                "--name",
+                "m",
+                "--version",
+                version,
+                "-o",
+                str(bundle),
+                "--latency-runs",
+                "0",
+                "--json",
+            ],
+        )
+        assert isinstance(built, dict)
+        assert (built["name"], built["version"], built["path"]) == ("m", version, str(bundle))
+        assert built["length"] == bundle.stat().st_size and len(built["sha256"]) == 64
+        bundles.append(bundle)
+
+    released = _json_out(
+        capsys, ["release", str(bundles[0]), "--fleet", "lab", "--repo", repo, "--json"]
+    )
+    assert isinstance(released, dict)
+    assert (released["version"], released["fleet_changed"]) == ("1.0.0", True)
+
+    rollout = _json_out(
+        capsys,
+        [
+            "rollout",
+            "start",
+            "m",
+            "1.1.0",
+            "--fleet",
+            "lab",
+            "--repo",
+            repo,
+            "--bundle",
+            str(bundles[1]),
+            "--json",
+        ],
+    )
+    assert isinstance(rollout, dict) and rollout["version"] == "1.1.0"
+
+    keys = _json_out(capsys, ["keys", "list", "--repo", repo, "--json"])
+    assert isinstance(keys, list)
+    assert {k["role"] for k in keys} >= {"root", "targets", "snapshot", "timestamp"}
+    assert all(key["here"] for row in keys for key in row["keys"])
+
+    archive = tmp_path / "cam-7.tar"
+    added = _json_out(
+        capsys,
+        [
+            "device",
+            "add",
+            "cam-7",
+            "--fleet",
+            "lab",
+            "--repo",
+            repo,
+            "-o",
+            str(archive),
+            "--repository-url",
+            "https://u.example/",
+            "--broker",
+            "mq.example:8883",
+            "--json",
+        ],
+    )
+    assert isinstance(added, dict)
+    assert (added["device_id"], added["fleet"], added["archive"]) == ("cam-7", "lab", str(archive))
+    assert int(added["serial"]) > 0
