@@ -419,16 +419,10 @@ def record(
         "desired state, download, length and sha256 verification; loading the model is "
         "skipped) against one `edgectl serve`. See the script's docstring for what is real."
     )
+    from bench._common import record_section
+
     path = args.record_to
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    marker = f"\n## {HEADING}\n"
-    if marker not in text:
-        text = text.rstrip("\n") + f"\n{marker}\n{intro}\n"
-    start = text.index(marker) + len(marker)
-    following = text.find("\n## ", start)
-    end = len(text) if following < 0 else following
-    text = text[:end].rstrip("\n") + "\n\n" + run.strip() + "\n" + text[end:]
-    path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+    record_section(HEADING, intro, run, path)
     print(f"recorded in {path}")
 
 
