@@ -55,6 +55,14 @@ logger = logging.getLogger(__name__)
 _CPU_PROVIDERS = ["CPUExecutionProvider"]
 
 
+class RunTerminatedError(InferenceError):
+    """A run was cancelled at its deadline through its ``RunOptions.terminate`` flag.
+
+    The model did not fail on the input: the caller that set the flag decides how to
+    answer and count it.
+    """
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """One version of a model, loaded in its own ONNX Runtime session and ready to run.
@@ -78,49 +86,91 @@ class LoadedModel:
         """The manifest's outputs by name, in manifest order."""
         return MappingProxyType({t.name: t for t in self.manifest.outputs})
 
+    @cached_property
+    def _output_names(self) -> list[str]:
+        """Every output, in manifest order: what a run without ``output_names`` returns."""
+        return [t.name for t in self.manifest.outputs]
+
+    @cached_property
+    def _shape_rules(self) -> tuple[tuple[str, int, tuple[tuple[int, int], ...]], ...]:
+        """Per input: its name, its rank and its fixed dimensions as (axis, size)."""
+        return tuple(
+            (t.name, len(t.shape), tuple((axis, d) for axis, d in enumerate(t.shape) if d >= 0))
+            for t in self.manifest.inputs
+        )
+
     def infer(
-        self, inputs: Mapping[str, np.ndarray], output_names: Sequence[str] | None = None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        output_names: Sequence[str] | None = None,
+        *,
+        run_options: ort.RunOptions | None = None,
     ) -> dict[str, np.ndarray]:
         """Run the model once; return the requested outputs (all of them by default).
 
-        ``inputs`` must already match the signature (``agent.oip`` checks requests).
+        ``inputs`` must already match the signature (``agent.oip`` checks requests; the
+        shapes are checked again here, cheaply, for the callers that do not go through
+        it). ``run_options`` is passed to ONNX Runtime: setting its ``terminate`` flag
+        from another thread cancels the run.
+
         Raises InvalidRequestError for an unknown output name or inputs the Python layer
-        refuses before running, InferenceError when the run itself fails. An
-        INVALID_ARGUMENT from a kernel (an index out of range, a reshape that does not
-        fit) is the model failing on an input its signature accepts: an InferenceError,
-        which counts against the version on probation, not a client error.
+        refuses before running, RunTerminatedError when the run was cancelled through
+        ``run_options``, InferenceError when the run itself fails. An INVALID_ARGUMENT
+        from a kernel (an index out of range, a reshape that does not fit) is the model
+        failing on an input its signature accepts: an InferenceError, which counts
+        against the version on probation, not a client error.
         """
-        names = list(self.output_specs) if output_names is None else list(output_names)
-        for name in names:
-            if name not in self.output_specs:
-                raise InvalidRequestError(
-                    f"unknown output {name!r}: model {self.name!r} has outputs "
-                    f"{list(self.output_specs)}"
-                )
-        for spec in self.manifest.inputs:
-            given = inputs.get(spec.name)
-            if given is not None and not _fits(spec.shape, given.shape):
-                raise InvalidRequestError(
-                    f"input {spec.name!r}: expected shape {list(spec.shape)} (-1: any), "
-                    f"got {list(given.shape)}"
-                )
+        names = self._output_names if output_names is None else self._known(output_names)
+        self._check_shapes(inputs)
         try:
-            results = self.session.run(names, dict(inputs))
+            results = self.session.run(
+                names, inputs if type(inputs) is dict else dict(inputs), run_options
+            )
         except ValueError as exc:
             raise InvalidRequestError(
                 f"model {self.name!r} {self.version} rejected the input: {exc}"
             ) from None
         except Exception as exc:  # ORT's own: InvalidArgument, Fail, RuntimeException, ...
+            if run_options is not None and run_options.terminate:
+                raise RunTerminatedError(
+                    f"model {self.name!r} {self.version}: the run was cancelled at its "
+                    f"deadline ({exc})"
+                ) from None
             raise InferenceError(
                 f"model {self.name!r} {self.version} failed to run: {exc}"
             ) from None
-        return {name: np.asarray(value) for name, value in zip(names, results, strict=True)}
+        return {
+            name: value if type(value) is np.ndarray else np.asarray(value)
+            for name, value in zip(names, results, strict=True)
+        }
 
+    def _known(self, output_names: Sequence[str]) -> list[str]:
+        """``output_names`` as a list; InvalidRequestError naming one the model lacks."""
+        specs = self.output_specs
+        for name in output_names:
+            if name not in specs:
+                raise InvalidRequestError(
+                    f"unknown output {name!r}: model {self.name!r} has outputs {list(specs)}"
+                )
+        return list(output_names)
 
-def _fits(expected: Sequence[int], got: Sequence[int]) -> bool:
-    return len(expected) == len(got) and all(
-        e in (-1, g) for e, g in zip(expected, got, strict=True)
-    )
+    def _check_shapes(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """InvalidRequestError when a given input's shape does not fit the manifest's."""
+        for name, rank, fixed in self._shape_rules:
+            given = inputs.get(name)
+            if given is None:
+                continue
+            shape = given.shape
+            fits = len(shape) == rank
+            for axis, size in fixed if fits else ():
+                if shape[axis] != size:
+                    fits = False
+                    break
+            if not fits:
+                raise InvalidRequestError(
+                    f"input {name!r}: expected shape {list(self.input_specs[name].shape)} "
+                    f"(-1: any), got {list(shape)}"
+                )
 
 
 # ---------------------------------------------------------------------------- loading

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import threading
+import time
 import weakref
 from pathlib import Path
 
@@ -11,10 +13,16 @@ import onnxruntime as ort
 import pytest
 
 from agent.contracts import BUNDLE_GOLDEN, GOLDEN_INPUT_PREFIX, GOLDEN_OUTPUT_PREFIX, TensorSpec
-from agent.errors import GoldenMismatchError, InvalidRequestError, ModelError
-from agent.runtime import ModelRegistry, check_golden, load_model, warm_up
+from agent.errors import GoldenMismatchError, InferenceError, InvalidRequestError, ModelError
+from agent.runtime import (
+    ModelRegistry,
+    RunTerminatedError,
+    check_golden,
+    load_model,
+    warm_up,
+)
 from tests.agent._model_dir import make_model_dir
-from tests.helpers import make_linear_model
+from tests.helpers import make_linear_model, make_misbehaving_model
 
 
 def test_load_passes_golden_and_matches_ort(tmp_path: Path, linear_model: Path) -> None:
@@ -124,3 +132,46 @@ def test_registry_swap_returns_previous_and_frees_it(tmp_path: Path, linear_mode
     assert registry.remove("linear") is v2
     assert registry.remove("linear") is None
     assert registry.snapshot() == {}
+
+
+def test_infer_without_output_names_returns_every_output_each_call(
+    tmp_path: Path, linear_model: Path
+) -> None:
+    model = load_model(*make_model_dir(tmp_path / "v1", linear_model))
+    x = np.ones((2, 4), np.float32)
+    first = model.infer({"x": x})
+    first["extra"] = x  # a caller's changes to one result never leak into the next
+    assert list(model.infer({"x": x})) == ["y"]
+    assert list(model.infer({"x": x}, ("y",))) == ["y"]
+    with pytest.raises(InvalidRequestError, match=r"input 'x': expected shape \[-1, 4\]"):
+        model.infer({"x": np.zeros((4,), np.float32)})
+
+
+def test_run_options_terminate_from_another_thread_raises_run_terminated(
+    tmp_path: Path,
+) -> None:
+    slow = make_misbehaving_model(tmp_path / "slow.onnx", seed=1, kind="slow")
+    model = load_model(*make_model_dir(tmp_path / "v1", slow))
+    batch = np.zeros((256, 4), np.float32)  # ~100 ms of matmuls: terminate lands mid-run
+    options = ort.RunOptions()
+    timer = threading.Timer(0.02, lambda: setattr(options, "terminate", True))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(RunTerminatedError, match="cancelled at its deadline"):
+            model.infer({"x": batch}, run_options=options)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 5.0
+    # The same model runs fine with fresh options: the flag belongs to one run.
+    assert model.infer({"x": batch[:1]}, run_options=ort.RunOptions())["y"].shape == (1, 3)
+
+
+def test_failing_run_without_terminate_stays_an_inference_error(tmp_path: Path) -> None:
+    errors = make_misbehaving_model(tmp_path / "errors.onnx", seed=1, kind="errors")
+    model = load_model(*make_model_dir(tmp_path / "v1", errors))
+    x = np.full((1, 4), 9.0, np.float32)
+    with pytest.raises(InferenceError) as caught:
+        model.infer({"x": x}, run_options=ort.RunOptions())
+    assert not isinstance(caught.value, RunTerminatedError)
+    assert "failed to run" in str(caught.value)
