@@ -13,6 +13,7 @@ naming the key, what was expected and what was found.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import tomllib
 import types
@@ -26,6 +27,8 @@ from agent.contracts import InvalidNameError, check_name
 from agent.errors import ConfigError
 
 ENV_PREFIX = "EDGE_AGENT_"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,6 @@ class InferenceConfig:
     # From a complete request to its answer; a request still waiting then never runs.
     request_deadline_s: float = 30.0
     idle_timeout_s: float = 60.0
-    # Versions whose recent runs take at most this long run on the event loop (0: never).
-    inline_max_run_s: float = 0.001
     # Comma-separated user/group names or ids allowed to connect (SO_PEERCRED); empty: any
     # peer the socket's mode lets in.
     allowed_users: str = ""
@@ -162,6 +163,12 @@ _SECTIONS: Mapping[str, type[Any]] = {
 }
 
 
+# Keys an older agent knew and this one ignores: why, for the warning.
+_RETIRED: Mapping[str, str] = {
+    "inference.inline_max_run_s": "every request now runs on its connection's thread, "
+    "with no hop between threads; remove the key",
+}
+
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -200,6 +207,7 @@ def _convert(key: str, raw: Any, kind: Any, base_dir: Path) -> Any:
 def _build(cls: type[Any], values: Mapping[str, Any], prefix: str, base_dir: Path) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
+    values = _drop_retired(values, prefix)
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(
@@ -217,6 +225,14 @@ def _build(cls: type[Any], values: Mapping[str, Any], prefix: str, base_dir: Pat
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"config section {prefix or 'top level'}: {exc}") from None
+
+
+def _drop_retired(values: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
+    """Drop keys older agents knew, with a warning (an upgrade must not stop a device)."""
+    retired = [key for key in values if prefix + key in _RETIRED]
+    for key in retired:
+        logger.warning("config key %r is no longer used: %s", prefix + key, _RETIRED[prefix + key])
+    return {k: v for k, v in values.items() if k not in retired} if retired else values
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -360,12 +376,10 @@ def _validate_inference(inference: InferenceConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key!r}: expected a positive number, got {value}")
-    for key, value in (
-        ("inference.max_queue", inference.max_queue),
-        ("inference.inline_max_run_s", inference.inline_max_run_s),
-    ):
-        if value < 0:
-            raise ConfigError(f"config key {key!r}: expected a number >= 0, got {value}")
+    if inference.max_queue < 0:
+        raise ConfigError(
+            f"config key 'inference.max_queue': expected a number >= 0, got {inference.max_queue}"
+        )
     if not 0 <= inference.tcp_port <= 65535:
         raise ConfigError(
             f"config key 'inference.tcp_port': expected 0 (off) or 1..65535, "

@@ -1,14 +1,15 @@
 """Local inference: the Open Inference Protocol v2 (REST) over a Unix socket.
 
-The stack is deliberately lean for per-request latency: asyncio's servers, one
-``asyncio.Protocol`` per connection, httptools (llhttp) as the HTTP/1.1 parser,
-precomputed response heads, no framework. Three layers:
+The stack is deliberately lean for per-request latency: a thread per connection on a
+blocking socket, httptools (llhttp) as the HTTP/1.1 parser, precomputed response heads,
+no framework, no hop between threads per request. Three layers:
 
-- ``agent.server`` (this module): the ``InferenceServer`` lifecycle — listeners, limits,
-  the thread pool, peer credentials and the allow-list, timeouts, ``from_config``;
-- ``agent.routes``: routing each request to its endpoint, and where an infer request
-  runs (inline on the loop or in the pool);
-- ``agent.http11``: the HTTP/1.1 transport — parsing, pipelining, response writing.
+- ``agent.server`` (this module): the ``InferenceServer`` lifecycle — listeners, the
+  thread that accepts connections, limits, peer credentials and the allow-list,
+  ``from_config``;
+- ``agent.routes``: routing each request to its endpoint, admission and deadlines;
+- ``agent.http11``: the HTTP/1.1 transport of one connection — parsing, timeouts,
+  pipelining, response writing.
 
 Invariants:
 - Bad input never gets a 5xx and never crashes the server: a peer outside the
@@ -16,42 +17,43 @@ Invariants:
   transport and the router map the rest (see their docstrings).
 - The socket is created with its mode (and group) before it listens, so no client can
   connect through a wider mode, and ``stop`` removes the socket file.
-- Header, body and idle timeouts are enforced by one sweeper task, at a quarter of the
-  shortest timeout (at most 1 s between sweeps).
+- ``start`` and ``stop`` are coroutines for the agent's event loop, but serving never
+  touches that loop: a busy loop (MQTT, an install) does not delay inference, and a
+  slow model does not delay the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import grp
 import json
 import logging
 import os
 import pwd
+import selectors
 import socket
 import stat
 import struct
+import threading
+import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import agent
 from agent.errors import ConfigError
-from agent.http11 import RETRY_AFTER, Connection, Response
+from agent.http11 import RETRY_AFTER, Connection, Response, refuse
 from agent.metrics import InferenceMetrics
 from agent.oip import EXTENSIONS
 from agent.routes import Router
-from agent.routes import RunTimes as _RunTimes
-from agent.runtime import LoadedModel, ModelRegistry
+from agent.runtime import ModelRegistry
 from agent.shm import SharedMemoryRegistry
 from agent.stats import RequestStats
 
 if TYPE_CHECKING:
     from agent.config import InferenceConfig
 
-__all__ = ["InferenceServer", "_RunTimes"]  # _RunTimes: the limit tests import it here
+__all__ = ["InferenceServer"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +86,6 @@ class InferenceServer:
         body_timeout_s: float = 30.0,
         request_deadline_s: float = 30.0,
         idle_timeout_s: float = 60.0,
-        inline_max_run_s: float = 0.001,
         allowed_uids: Iterable[int] = (),
         allowed_gids: Iterable[int] = (),
         tcp_port: int = 0,
@@ -106,10 +107,8 @@ class InferenceServer:
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key} expected > 0, got {value}")
-        if max_queue < 0 or inline_max_run_s < 0:
-            raise ConfigError(
-                f"max_queue and inline_max_run_s expected >= 0, got {max_queue}, {inline_max_run_s}"
-            )
+        if max_queue < 0:
+            raise ConfigError(f"max_queue expected >= 0, got {max_queue}")
         self.registry = registry
         self.stats = stats
         self.metrics = metrics if metrics is not None else InferenceMetrics()
@@ -124,16 +123,17 @@ class InferenceServer:
         self.body_timeout_s = body_timeout_s
         self.request_deadline_s = request_deadline_s
         self.idle_timeout_s = idle_timeout_s
-        self.inline_max_run_s = inline_max_run_s
         self.allowed_uids = frozenset(allowed_uids)
         self.allowed_gids = frozenset(allowed_gids)
         self.tcp_port = tcp_port
         self.tcp_host = tcp_host
         self.shm = SharedMemoryRegistry() if shared_memory else None
-        self._servers: list[asyncio.AbstractServer] = []
-        self._executor: ThreadPoolExecutor | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+        self._listeners: list[socket.socket] = []
+        self._acceptor: threading.Thread | None = None
+        self._wake_r, self._wake_w = -1, -1  # a pipe that wakes the acceptor to stop
         self._connections: set[Connection] = set()
+        self._connections_lock = threading.Lock()
+        self._serial = 0
         extensions = [e for e in EXTENSIONS if shared_memory or e != "system_shared_memory"]
         self._router = Router(
             registry,
@@ -147,7 +147,6 @@ class InferenceServer:
             max_concurrency=max_concurrency,
             max_queue=max_queue,
             request_deadline_s=request_deadline_s,
-            inline_max_run_s=inline_max_run_s,
         )
 
     @classmethod
@@ -174,7 +173,6 @@ class InferenceServer:
             body_timeout_s=config.body_timeout_s,
             request_deadline_s=config.request_deadline_s,
             idle_timeout_s=config.idle_timeout_s,
-            inline_max_run_s=config.inline_max_run_s,
             allowed_uids=_ids(config.allowed_users, "user"),
             allowed_gids=_ids(config.allowed_groups, "group"),
             tcp_port=config.tcp_port,
@@ -189,13 +187,10 @@ class InferenceServer:
     def has_allow_list(self) -> bool:
         return bool(self.allowed_uids or self.allowed_gids)
 
-    # The limit tests watch admission and inline placement through these two.
     @property
-    def _admitted(self) -> int:
-        return self._router.admitted
-
-    def _runs_inline(self, model: LoadedModel, body_bytes: int) -> bool:
-        return self._router.runs_inline(model, body_bytes)
+    def admitted(self) -> int:
+        """Infer requests running or waiting for a slot."""
+        return self._router.admission.admitted
 
     # -- lifecycle
 
@@ -227,45 +222,41 @@ class InferenceServer:
             sock.close()
             path.unlink(missing_ok=True)
             raise ConfigError(f"cannot create socket {path}: {exc}") from None
-        loop = asyncio.get_running_loop()
-        self._executor = ThreadPoolExecutor(
-            max_workers=self.max_concurrency, thread_name_prefix="edge-agent-infer"
-        )
-        self._router.start(self._executor)
-        self._servers.append(
-            await loop.create_unix_server(
-                lambda: Connection(self, self._router.dispatch, unix=True),
-                sock=sock,
-                backlog=1024,
-            )
-        )
+        sock.listen(1024)
+        self._listeners.append(sock)
         logger.info("serving OIP v2 on %s (mode %o)", path, self.socket_mode)
         if self.tcp_port:
             try:
-                self._servers.append(
-                    await loop.create_server(
-                        lambda: Connection(self, self._router.dispatch, unix=False),
-                        host=self.tcp_host,
-                        port=self.tcp_port,
-                        backlog=1024,
-                    )
-                )
+                self._listeners.append(self._listen_tcp())
             except OSError as exc:
                 await self.stop(grace_s=0)
                 raise ConfigError(
                     f"cannot listen on {self.tcp_host}:{self.tcp_port}: {exc}"
                 ) from None
             logger.info("serving OIP v2 on http://%s:%d", self.tcp_host, self.tcp_port)
-        self._sweeper = loop.create_task(self._sweep(), name="inference-timeouts")
+        self._router.start()
+        self._wake_r, self._wake_w = os.pipe()
+        self._acceptor = threading.Thread(target=self._accept, name="infer-accept", daemon=True)
+        self._acceptor.start()
+
+    def _listen_tcp(self) -> socket.socket:
+        family = socket.AF_INET6 if ":" in self.tcp_host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.tcp_host, self.tcp_port))
+            sock.listen(1024)
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     def tcp_address(self) -> tuple[str, int] | None:
         """The bound TCP (host, port), or None when TCP is off."""
-        for server in self._servers:
-            assert isinstance(server, asyncio.Server)
-            for sock in server.sockets:
-                if sock.family in (socket.AF_INET, socket.AF_INET6):
-                    host, port = sock.getsockname()[:2]
-                    return str(host), int(port)
+        for sock in self._listeners:
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                host, port = sock.getsockname()[:2]
+                return str(host), int(port)
         return None
 
     def _group_id(self) -> int | None:
@@ -301,42 +292,29 @@ class InferenceServer:
         finally:
             probe.close()
 
-    async def _sweep(self) -> None:
-        """Enforce header, body and idle timeouts (resolution: a quarter of the shortest)."""
-        shortest = min(self.header_timeout_s, self.body_timeout_s, self.idle_timeout_s)
-        period = min(max(shortest / 4, 0.01), 1.0)
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(period)
-            now = loop.time()
-            for connection in list(self._connections):
-                connection.check_timeouts(now)
-
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop accepting, answer the requests in progress (up to ``grace_s``), close
         every connection, unmap shared memory and remove the socket file."""
         self._router.stop()
-        for server in self._servers:
-            server.close()
-        for connection in list(self._connections):
+        if self._acceptor is not None:
+            os.write(self._wake_w, b"x")
+            await asyncio.to_thread(self._acceptor.join, 5)
+            self._acceptor = None
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+        for listener in self._listeners:
+            listener.close()
+        self._listeners = []
+        for connection in self._snapshot():
             connection.shut_down()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace_s
-        while self._connections and loop.time() < deadline:
+        deadline = time.monotonic() + grace_s
+        while self._snapshot() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        for connection in list(self._connections):
+        for connection in self._snapshot():
             connection.abort()
-        for server in self._servers:
-            await server.wait_closed()
-        self._servers = []
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        while self._snapshot() and time.monotonic() < deadline + 1.0:
+            await asyncio.sleep(0.01)
+        self._router.close()
         if self.shm is not None:
             self.shm.close()
         try:
@@ -346,42 +324,74 @@ class InferenceServer:
             pass
         logger.info("stopped serving on %s", self.socket_path)
 
-    # -- connections (the http11.Host protocol)
+    # -- connections
 
-    def connection_opened(
-        self, connection: Connection, transport: asyncio.Transport
-    ) -> Response | None:
-        """Count a new connection; refuse it past ``max_connections`` (503) or when its
-        Unix peer is outside the allow-list (403)."""
-        self._connections.add(connection)
-        self.metrics.connections.set(len(self._connections))
-        if len(self._connections) > self.max_connections:
+    def _accept(self) -> None:
+        """The acceptor thread: accept on every listener until ``stop`` wakes it."""
+        with selectors.DefaultSelector() as selector:
+            for listener in self._listeners:
+                listener.setblocking(False)
+                selector.register(listener, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while True:
+                for key, _ in selector.select():
+                    if key.fileobj == self._wake_r:
+                        return
+                    assert isinstance(key.fileobj, socket.socket)
+                    try:
+                        sock, _ = key.fileobj.accept()
+                    except OSError:  # the peer went away before accept, or no fds left
+                        continue
+                    self._open(sock)
+
+    def _open(self, sock: socket.socket) -> None:
+        """Serve an accepted socket on its own thread, or refuse it: past
+        ``max_connections`` (503), or a Unix peer outside the allow-list (403)."""
+        sock.setblocking(True)
+        unix = sock.family == socket.AF_UNIX
+        if not unix:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._connections_lock:
+            count = len(self._connections)
+        if count >= self.max_connections:
             message = f"too many connections (at most {self.max_connections})"
-            return Response.error(503, message, close=True, extra=RETRY_AFTER)
-        if connection.unix:
-            refusal = self._check_peer(connection, transport)
+            refuse(sock, Response.error(503, message, close=True, extra=RETRY_AFTER))
+            return
+        peer_uid: int | None = None
+        if unix:
+            peer_uid, refusal = self._check_peer(sock)
             if refusal is not None:
                 logger.warning("refused a connection: %s", refusal)
-                return Response.error(403, refusal, close=True)
-        return None
+                refuse(sock, Response.error(403, refusal, close=True))
+                return
+        connection = Connection(sock, self, self._router.dispatch, peer_uid=peer_uid)
+        with self._connections_lock:
+            self._connections.add(connection)
+            self.metrics.connections.set(len(self._connections))
+            self._serial += 1
+            name = f"infer-conn-{self._serial}"
+        threading.Thread(target=connection.serve, name=name, daemon=True).start()
 
     def connection_closed(self, connection: Connection) -> None:
-        self._connections.discard(connection)
-        self.metrics.connections.set(len(self._connections))
+        """Forget a connection that has closed (its thread calls this)."""
+        with self._connections_lock:
+            self._connections.discard(connection)
+            self.metrics.connections.set(len(self._connections))
+
+    def _snapshot(self) -> list[Connection]:
+        with self._connections_lock:
+            return list(self._connections)
 
     # -- peers
 
-    def _check_peer(self, connection: Connection, transport: asyncio.Transport) -> str | None:
-        """Read the peer's credentials (SO_PEERCRED) into ``connection.peer_uid``; return
-        why the peer is refused, or None."""
-        sock = transport.get_extra_info("socket")
+    def _check_peer(self, sock: socket.socket) -> tuple[int | None, str | None]:
+        """The Unix peer's uid (SO_PEERCRED), and why it is refused (None: it may connect)."""
         try:
             raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
             pid, uid, gid = _PEERCRED.unpack(raw)
-        except (OSError, AttributeError):
-            return "cannot read the peer's credentials" if self.has_allow_list else None
-        connection.peer_uid = uid
-        return self._refusal(pid, uid, gid)
+        except OSError:
+            return None, "cannot read the peer's credentials" if self.has_allow_list else None
+        return uid, self._refusal(pid, uid, gid)
 
     def _refusal(self, pid: int, uid: int, gid: int) -> str | None:
         """Why a Unix peer is refused, or None when it may connect."""

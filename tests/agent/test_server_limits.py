@@ -1,4 +1,5 @@
-"""The limits that keep a device alive, peer checks, the TCP listener and where runs go.
+"""The limits that keep a device alive, peer checks, the TCP listener, admission and
+deadlines.
 
 A gated session (a hook around the real ONNX Runtime session) holds a run until the test
 lets it go, so overload and deadline cases are deterministic, not timing races.
@@ -22,10 +23,11 @@ from agent.client import InferenceClient
 from agent.config import InferenceConfig, parse_config
 from agent.errors import AgentUnreachableError, ConfigError, NotReadyError
 from agent.runtime import LoadedModel, ModelRegistry, load_model
-from agent.server import InferenceServer, _RunTimes
+from agent.server import InferenceServer
 from agent.shm import SharedMemoryRegion
 from tests.agent._model_dir import make_model_dir
 from tests.agent._serving import ServerThread, raw, read_responses, serving, short_socket_dir
+from tests.helpers import make_misbehaving_model
 
 X = np.ones((1, 4), np.float32)
 
@@ -38,10 +40,10 @@ class GatedSession:
         self.gate = threading.Event()
         self.entered = threading.Semaphore(0)
 
-    def run(self, names: Any, feeds: Any) -> Any:
+    def run(self, names: Any, feeds: Any, options: Any = None) -> Any:
         self.entered.release()
         self.gate.wait(10)
-        return self.session.run(names, feeds)
+        return self.session.run(names, feeds, options)
 
 
 @pytest.fixture
@@ -72,13 +74,13 @@ def _infer_in_thread(path: Path, results: list[Any]) -> threading.Thread:
 
 def test_full_queue_is_503_with_retry_after(gated: tuple[ModelRegistry, GatedSession]) -> None:
     registry, session = gated
-    with serving(registry, max_concurrency=1, max_queue=1, inline_max_run_s=0) as server:
+    with serving(registry, max_concurrency=1, max_queue=1) as server:
         results: list[Any] = []
         first = _infer_in_thread(server.socket_path, results)
         assert session.entered.acquire(timeout=10)  # running: holds the only slot
         second = _infer_in_thread(server.socket_path, results)
         for _ in range(1000):  # until the second waits in the queue
-            if server._admitted == 2:
+            if server.admitted == 2:
                 break
             time.sleep(0.005)
         status, doc = raw(
@@ -102,9 +104,7 @@ def test_request_past_its_deadline_is_503_and_never_runs(
     gated: tuple[ModelRegistry, GatedSession],
 ) -> None:
     registry, session = gated
-    with serving(
-        registry, max_concurrency=1, max_queue=4, request_deadline_s=0.2, inline_max_run_s=0
-    ) as server:
+    with serving(registry, max_concurrency=1, max_queue=4, request_deadline_s=0.2) as server:
         results: list[Any] = []
         first = _infer_in_thread(server.socket_path, results)
         assert session.entered.acquire(timeout=10)
@@ -222,30 +222,30 @@ def test_loopback_tcp_listener(linear: LoadedModel) -> None:
         assert server.tcp_address() is None  # off by default
 
 
-def test_fast_models_go_inline_and_a_slow_run_sends_them_back(linear: LoadedModel) -> None:
+def test_a_run_past_its_deadline_is_503_and_frees_its_slot(
+    tmp_path: Path, linear: LoadedModel
+) -> None:
+    slow_onnx = make_misbehaving_model(tmp_path / "slow.onnx", seed=3, kind="slow")
+    slow = load_model(*make_model_dir(tmp_path / "slow", slow_onnx, name="slow"))
     registry = ModelRegistry()
+    registry.activate(slow)
     registry.activate(linear)
+    # A batch of 1024 makes each of the slow model's six 2048x2048 MatMuls heavy (~0.1 s
+    # each here): the run outlives a 0.05 s deadline, and the watch cancels it between
+    # nodes (tests/agent/test_admission.py shows the cancelling itself).
+    batch = np.ones((1024, 4), np.float32)
     with (
-        serving(registry, inline_max_run_s=0.05) as server,
+        serving(registry, max_concurrency=1, request_deadline_s=0.05) as server,
         InferenceClient(server.socket_path) as client,
     ):
-        assert not server._runs_inline(linear, 100)
-        for _ in range(10):
-            client.infer("linear", {"x": X})
-        assert server._runs_inline(linear, 100)
-        assert not server._runs_inline(linear, 1 << 20)  # big bodies stay in the pool
-        client.infer("linear", {"x": X})  # inline now: still right
-    with serving(registry, inline_max_run_s=0) as server:
-        with InferenceClient(server.socket_path) as client:
-            for _ in range(10):
-                client.infer("linear", {"x": X})
-        assert not server._runs_inline(linear, 100)
-    times = _RunTimes("1.0.0")
-    for _ in range(10):
-        times.add(0.0001, slow_s=0.004)
-    assert times.ewma_s < 0.001
-    times.add(0.01, slow_s=0.004)  # one slow run: demoted at once
-    assert times.ewma_s == 0.01
+        with pytest.raises(NotReadyError, match="deadline"):
+            client.infer("slow", {"x": batch})
+        assert server.admitted == 0  # the slot is free again
+        np.testing.assert_array_equal(
+            client.infer("linear", {"x": X})["y"], linear.infer({"x": X})["y"]
+        )
+        expected = 'infer_errors_total{kind="deadline",model="slow",version="1.0.0"} 1.0'
+        assert expected in client.metrics()
 
 
 def _config(**inference: Any) -> dict[str, Any]:
@@ -261,8 +261,8 @@ def test_inference_config_keys_and_validation(tmp_path: Path) -> None:
     config = parse_config(
         _config(max_queue=3, tcp_port=8085, inline_max_run_s=0.0, socket_group="edge-infer"),
         tmp_path,
-    ).inference
-    assert (config.max_queue, config.tcp_port, config.inline_max_run_s) == (3, 8085, 0.0)
+    ).inference  # inline_max_run_s: retired, ignored with a warning
+    assert (config.max_queue, config.tcp_port, config.socket_group) == (3, 8085, "edge-infer")
     env = {"EDGE_AGENT_INFERENCE_ALLOWED_USERS": "root,1000"}
     assert parse_config(_config(), tmp_path, env).inference.allowed_users == "root,1000"
     with pytest.raises(ConfigError, match="loopback only"):

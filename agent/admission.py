@@ -1,0 +1,167 @@
+"""Who may run a model now, and cutting runs at their deadline.
+
+``Admission`` bounds the work of the inference server: at most ``slots`` requests run on
+ONNX Runtime at once, at most ``queue`` more wait for a slot, and a waiter gives up at its
+deadline. ``RunWatch`` cancels runs that outlive their deadline through ONNX Runtime's
+``RunOptions.terminate``, so a stuck request frees its slot instead of holding it.
+
+Invariants:
+- ``running <= slots`` and ``waiting <= queue`` at all times; a request refused for a
+  full queue never waited, a request whose deadline passed while waiting never ran.
+- Waiters are served in arrival order: a newcomer does not take a slot while others wait.
+- ``Admission.stop`` wakes every waiter, which then gives up (the server is stopping).
+- The watch marks the runs it cancelled; ``RunWatch.expired`` tells the caller that a
+  run's failure was its deadline, not the model. It checks every ``period_s`` while runs
+  are in flight and sleeps otherwise (a run started while it sleeps is checked within a
+  second).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from typing import Final
+
+import onnxruntime as ort
+
+from agent.errors import NotReadyError
+
+_IDLE_CHECK_S: Final = 1.0
+
+
+class DeadlineExceeded(NotReadyError):
+    """The request outlived its deadline (waiting for a slot, or running)."""
+
+
+class Overloaded(NotReadyError):
+    """Every slot is busy and the queue is full."""
+
+
+class Admission:
+    """At most ``slots`` runs at once and ``queue`` waiters (thread-safe).
+
+    ``on_change(running, waiting)`` is called under the lock after every change (the
+    server keeps its gauges with it).
+    """
+
+    def __init__(
+        self,
+        slots: int,
+        queue: int,
+        on_change: Callable[[int, int], None] = lambda running, waiting: None,
+    ) -> None:
+        self.slots = slots
+        self.queue = queue
+        self.running = 0
+        self.waiting = 0
+        self._on_change = on_change
+        self._condition = threading.Condition(threading.Lock())
+        self._stopping = False
+
+    @property
+    def admitted(self) -> int:
+        """Requests running or waiting."""
+        return self.running + self.waiting
+
+    def enter(self, deadline: float) -> None:
+        """Take a slot, waiting until ``deadline`` (``time.monotonic``) at most.
+
+        Raises Overloaded when the queue is full, DeadlineExceeded when the deadline
+        passes before a slot frees, NotReadyError when the server stops meanwhile.
+        """
+        with self._condition:
+            if self.running < self.slots and not self.waiting and not self._stopping:
+                self.running += 1
+                self._on_change(self.running, self.waiting)
+                return
+            if self.waiting >= self.queue:
+                raise Overloaded(
+                    f"overloaded: {self.slots} requests running and {self.queue} waiting; "
+                    f"retry later"
+                )
+            self.waiting += 1
+            self._on_change(self.running, self.waiting)
+            try:
+                while self.running >= self.slots or self._stopping:
+                    if self._stopping:
+                        raise NotReadyError("the agent is stopping")
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise DeadlineExceeded(
+                            "the request waited past its deadline for a free slot"
+                        )
+                    self._condition.wait(remaining)
+                self.running += 1
+            finally:
+                self.waiting -= 1
+                self._on_change(self.running, self.waiting)
+
+    def leave(self) -> None:
+        """Give a slot back."""
+        with self._condition:
+            self.running -= 1
+            self._on_change(self.running, self.waiting)
+            self._condition.notify()
+
+    def stop(self) -> None:
+        """Refuse to admit anyone from now on; wake every waiter."""
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+
+
+class RunWatch:
+    """Sets ``terminate`` on the ``RunOptions`` of runs past their deadline."""
+
+    def __init__(self, period_s: float) -> None:
+        self.period_s = period_s
+        self._runs: dict[int, tuple[float, ort.RunOptions]] = {}
+        self._expired: set[int] = set()
+        self._keys = itertools.count()
+        self._lock = threading.Lock()  # check vs end: a key is marked only while watched
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, name="infer-deadlines", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def begin(self, deadline: float) -> tuple[int, ort.RunOptions]:
+        """Watch a run that must end by ``deadline``; returns its key and its options."""
+        options = ort.RunOptions()
+        key = next(self._keys)
+        self._runs[key] = (deadline, options)  # one dict operation: atomic under the GIL
+        return key, options
+
+    def end(self, key: int) -> bool:
+        """Stop watching a run; True when the watch cancelled it (it hit its deadline)."""
+        with self._lock:
+            self._runs.pop(key, None)
+            if key in self._expired:
+                self._expired.discard(key)
+                return True
+            return False
+
+    def check(self, now: float) -> int:
+        """Cancel every watched run past its deadline at ``now``; return how many."""
+        cancelled = 0
+        with self._lock:
+            for key, (deadline, options) in list(self._runs.items()):
+                if now >= deadline and key not in self._expired:
+                    self._expired.add(key)
+                    options.terminate = True
+                    cancelled += 1
+        return cancelled
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.period_s if self._runs else _IDLE_CHECK_S):
+            self.check(time.monotonic())
