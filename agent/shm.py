@@ -191,9 +191,12 @@ def _close(region: _Region) -> None:
 class SharedMemoryRegion:
     """A client's POSIX shared-memory object, sized once, unlinked on ``close``.
 
-    ``write(offset, array)`` copies an array in (returns its byte size); ``read`` gives a
-    copy back. Create it, register it with ``InferenceClient.register_shared_memory``,
-    and pass it to ``InferenceClient.infer(..., shm=region)``.
+    ``write(offset, array)`` copies an array in (returns its byte size); ``array`` gives a
+    copy back; ``ndarray`` gives a writable array that lives *in* the region, so an
+    application can produce its input there (decode a frame into it, say) and the client
+    sends only where it is (``offset_of``), with no copy at all. Create it, register it
+    with ``InferenceClient.register_shared_memory``, and pass it to
+    ``InferenceClient.infer(..., shm=region)``.
     """
 
     def __init__(self, key: str, byte_size: int) -> None:
@@ -213,6 +216,9 @@ class SharedMemoryRegion:
             raise
         os.close(fd)
         self.buffer = memoryview(self._mapping)
+        probe = np.frombuffer(self.buffer, dtype=np.uint8)
+        self._base = int(probe.ctypes.data)  # the mapping's address, for offset_of
+        del probe
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
         end = offset + len(data)
@@ -233,10 +239,40 @@ class SharedMemoryRegion:
             .copy()
         )
 
+    def ndarray(self, offset: int, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+        """A writable array of ``shape`` stored in the region at ``offset`` (no copy).
+
+        Raises InvalidRequestError when it does not fit or ``offset`` is not aligned
+        to the dtype.
+        """
+        kind = np.dtype(dtype)
+        count = int(np.prod(shape))
+        if offset < 0 or offset + count * kind.itemsize > self.byte_size:
+            raise InvalidRequestError(
+                f"{count * kind.itemsize} bytes at offset {offset} do not fit region "
+                f"{self.key} ({self.byte_size} bytes)"
+            )
+        if offset % kind.alignment:
+            raise InvalidRequestError(f"offset {offset} is not aligned for {kind}")
+        return np.frombuffer(self.buffer, dtype=kind, count=count, offset=offset).reshape(shape)
+
+    def offset_of(self, array: np.ndarray) -> int | None:
+        """Where ``array``'s bytes start in the region, when it is a C-contiguous,
+        little-endian array lying wholly inside it (as ``ndarray`` makes); else None."""
+        if not array.flags.c_contiguous or array.dtype.byteorder == ">":
+            return None
+        start = int(array.__array_interface__["data"][0]) - self._base
+        if start < 0 or start + array.nbytes > self.byte_size:
+            return None
+        return start
+
     def close(self) -> None:
-        self.buffer.release()
-        self._mapping.close()
+        """Unlink the object and unmap it; while arrays from ``ndarray`` are still alive
+        the mapping stays until the last of them goes."""
         self.path.unlink(missing_ok=True)
+        with contextlib.suppress(BufferError):
+            self.buffer.release()
+            self._mapping.close()
 
     def __enter__(self) -> SharedMemoryRegion:
         return self
