@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable
 from typing import Final
 
 import onnxruntime as ort
@@ -40,23 +39,14 @@ class Overloaded(NotReadyError):
 
 
 class Admission:
-    """At most ``slots`` runs at once and ``queue`` waiters (thread-safe).
+    """At most ``slots`` runs at once and ``queue`` waiters (thread-safe; ``running`` and
+    ``waiting`` may be read without the lock, as gauges)."""
 
-    ``on_change(running, waiting)`` is called under the lock after every change (the
-    server keeps its gauges with it).
-    """
-
-    def __init__(
-        self,
-        slots: int,
-        queue: int,
-        on_change: Callable[[int, int], None] = lambda running, waiting: None,
-    ) -> None:
+    def __init__(self, slots: int, queue: int) -> None:
         self.slots = slots
         self.queue = queue
         self.running = 0
         self.waiting = 0
-        self._on_change = on_change
         self._condition = threading.Condition(threading.Lock())
         self._stopping = False
 
@@ -74,7 +64,6 @@ class Admission:
         with self._condition:
             if self.running < self.slots and not self.waiting and not self._stopping:
                 self.running += 1
-                self._on_change(self.running, self.waiting)
                 return
             if self.waiting >= self.queue:
                 raise Overloaded(
@@ -82,7 +71,6 @@ class Admission:
                     f"retry later"
                 )
             self.waiting += 1
-            self._on_change(self.running, self.waiting)
             try:
                 while self.running >= self.slots or self._stopping:
                     if self._stopping:
@@ -96,13 +84,11 @@ class Admission:
                 self.running += 1
             finally:
                 self.waiting -= 1
-                self._on_change(self.running, self.waiting)
 
     def leave(self) -> None:
         """Give a slot back."""
         with self._condition:
             self.running -= 1
-            self._on_change(self.running, self.waiting)
             self._condition.notify()
 
     def stop(self) -> None:
