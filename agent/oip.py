@@ -1,4 +1,4 @@
-"""The Open Inference Protocol v2 documents: pure functions, no I/O.
+"""The Open Inference Protocol v2 documents: pure functions (and one cache), no I/O.
 
 It turns an infer request body into numpy arrays checked against a model's manifest, and
 arrays back into a response body; it also shapes the metadata documents. Converting one
@@ -21,13 +21,27 @@ Invariants:
 - Values are never silently changed (``agent.tensors`` refuses what does not fit).
 - Binary sections are accounted for exactly: a size that disagrees with the shape, or
   bytes left over or missing, is refused.
+
+Plans: parsing checks a request's JSON header into a ``RequestPlan`` (where each input's
+bytes are, the outputs asked for, id, parameters), then builds the arrays from it. A
+``PlanCache`` (bounded, process-wide by default) keeps plans by manifest identity, whether
+shared memory is available and the header's exact bytes, so a repeated header skips the
+JSON and its checks: the same bytes against the same manifest pass the same checks. Only
+headers whose inputs carry no JSON ``data`` are kept. What depends on a request's own
+bytes is checked on every request, plan or not: the binary section's length, BOOL bytes,
+BYTES elements, and each shared-memory reference against its region as it is now. A plan
+also keeps the response headers built for it (``encode_infer_response``); the outputs'
+bytes, and their fit in shared memory, are per request.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Final, Protocol
 
 import numpy as np
@@ -35,6 +49,7 @@ import numpy as np
 from agent.contracts import OIP_TO_NUMPY, Manifest, TensorSpec
 from agent.errors import InvalidRequestError
 from agent.tensors import (
+    check_binary_size,
     datatype_of,
     shape_fits,
     tensor_from_bytes,
@@ -42,6 +57,7 @@ from agent.tensors import (
     tensor_head,
     tensor_to_bytes,
     tensor_to_json,
+    wire_dtype,
 )
 
 PLATFORM: Final = "onnxruntime_onnx"
@@ -80,7 +96,9 @@ class InferRequest:
     """A checked infer request.
 
     ``outputs`` is None when the client asked for every output; ``binary_output`` is the
-    request-wide default (``parameters.binary_data_output``).
+    request-wide default (``parameters.binary_data_output``). ``plan`` is the checked
+    header it was built from; it, ``outputs`` and ``parameters`` are shared with every
+    request of the same header: read-only.
     """
 
     inputs: dict[str, np.ndarray]
@@ -88,10 +106,99 @@ class InferRequest:
     id: str | None
     parameters: Mapping[str, Any]
     binary_output: bool = False
+    plan: RequestPlan | None = field(default=None, repr=False, compare=False)
 
     @property
     def output_names(self) -> list[str] | None:
         return None if self.outputs is None else [o.name for o in self.outputs]
+
+
+# ---------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True, slots=True)
+class _InputPlan:
+    """One input whose JSON is checked: where its values come from, per request.
+
+    ``size`` >= 0: ``size`` bytes at ``offset`` of the binary section; else ``shm``
+    names them; else they are the JSON ``data``. ``wire`` is the dtype a fixed-size
+    binary or shared-memory tensor is read as (None: BOOL, BYTES or JSON data), and
+    ``count`` its number of values; such a tensor's size was checked against its shape
+    when the plan was made.
+    """
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    offset: int = 0
+    size: int = -1
+    shm: ShmRef | None = None
+    wire: np.dtype[Any] | None = None
+    count: int = 0
+    data: Any = None
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """What one infer request header says, checked against one manifest's signature.
+
+    Everything that depends only on the header's bytes is decided here, once; a request
+    with the same header bytes reuses it and only checks what depends on its own bytes:
+    the binary section's length, BOOL and BYTES values, shared memory (which can be
+    unregistered or truncated between requests). ``responses`` caches response headers
+    built for this plan (see ``encode_infer_response``).
+    """
+
+    manifest: Manifest
+    inputs: tuple[_InputPlan, ...]
+    binary_size: int
+    outputs: list[OutputRequest] | None
+    id: str | None
+    parameters: Mapping[str, Any]
+    binary_output: bool
+    responses: dict[tuple[Any, ...], _ResponseTemplate] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    @property
+    def is_reusable(self) -> bool:
+        """True when no input carries JSON data: the plan holds no values, only where
+        they are."""
+        return all(p.size >= 0 or p.shm is not None for p in self.inputs)
+
+
+class PlanCache:
+    """Request plans by (manifest identity, shared memory available, header bytes).
+
+    Thread-safe: lookups take no lock; inserts do. Bounded: when full, the oldest plan
+    goes (first in, first out; a plan still in use comes back on its next miss). A plan
+    holds its manifest, so a manifest's ``id`` cannot be reused while a plan keyed by it
+    lives, and a lookup also checks identity: another version never uses this one's plan.
+    """
+
+    def __init__(self, max_plans: int = 256, max_header_bytes: int = 4096) -> None:
+        self.max_plans = max_plans
+        self.max_header_bytes = max_header_bytes
+        self._lock = threading.Lock()
+        self._plans: dict[tuple[int, bool, bytes], RequestPlan] = {}
+
+    def get(self, manifest: Manifest, shm_available: bool, header: bytes) -> RequestPlan | None:
+        plan = self._plans.get((id(manifest), shm_available, header))
+        return plan if plan is not None and plan.manifest is manifest else None
+
+    def put(self, shm_available: bool, header: bytes, plan: RequestPlan) -> None:
+        key = (id(plan.manifest), shm_available, header)
+        with self._lock:
+            while len(self._plans) >= self.max_plans:
+                del self._plans[next(iter(self._plans))]
+            self._plans[key] = plan
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+
+# The server's: ``parse_infer_request``'s default (pass None to parse without caching).
+PLANS: Final = PlanCache()
 
 
 # ---------------------------------------------------------------------------- requests
@@ -103,16 +210,18 @@ def parse_infer_request(
     *,
     header_length: int | None = None,
     shm: SharedMemory | None = None,
+    plans: PlanCache | None = PLANS,
 ) -> InferRequest:
     """Parse an OIP v2 infer request body against ``manifest``'s signature.
 
     ``header_length`` (from ``Inference-Header-Content-Length``) splits the JSON header
     from the binary tensor data after it; ``shm`` resolves shared-memory references
-    (None: refuse them). Raises InvalidRequestError naming the tensor and expected vs
-    got: bad JSON, a body that is not an object, an unknown, duplicate or missing input,
-    a datatype or shape that does not match the manifest, data whose count or size
-    differs from the shape's, values of the wrong kind or out of range, binary sections
-    that do not add up, an unknown output.
+    (None: refuse them). A header seen before for this manifest reuses its checked plan
+    from ``plans`` (None: check it afresh). Raises InvalidRequestError naming the tensor
+    and expected vs got: bad JSON, a body that is not an object, an unknown, duplicate or
+    missing input, a datatype or shape that does not match the manifest, data whose
+    count or size differs from the shape's, values of the wrong kind or out of range,
+    binary sections that do not add up, an unknown output.
     """
     view = memoryview(body)
     header: bytes | bytearray | memoryview
@@ -124,7 +233,34 @@ def parse_infer_request(
                 f"{HEADER_LENGTH} expected 0..{len(view)} (the body's length), got {header_length}"
             )
         header, binary = view[:header_length], view[header_length:]
-    doc = _load_json_object(header)
+    if plans is None or len(header) > plans.max_header_bytes:
+        plan = _plan(_load_json_object(header), manifest, shm is not None)
+    else:
+        if type(header) is bytes:
+            key = header
+        elif type(body) is bytes and header_length is not None:
+            key = body[:header_length]  # one copy, no view in between
+        else:
+            key = bytes(header)
+        found = plans.get(manifest, shm is not None, key)
+        if found is None:
+            plan = _plan(_load_json_object(key), manifest, shm is not None)
+            if plan.is_reusable:
+                plans.put(shm is not None, key, plan)
+        else:
+            plan = found
+    return InferRequest(
+        _inputs(plan, binary, shm),
+        plan.outputs,
+        plan.id,
+        plan.parameters,
+        plan.binary_output,
+        plan,
+    )
+
+
+def _plan(doc: dict[str, Any], manifest: Manifest, shm_available: bool) -> RequestPlan:
+    """Check a request's JSON against ``manifest``; say where each input's values are."""
     request_id = doc.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise InvalidRequestError(f"'id' expected a string, got {_json_type(request_id)}")
@@ -135,19 +271,15 @@ def parse_infer_request(
             f"'inputs' expected a list of tensors, got {_json_type(raw_inputs)}"
         )
     specs = {t.name: t for t in manifest.inputs}
-    inputs: dict[str, np.ndarray] = {}
+    inputs: dict[str, _InputPlan] = {}
     cursor = 0
     for index, raw in enumerate(raw_inputs):
-        name, array, used = _parse_input(index, raw, specs, binary, cursor, shm)
-        cursor += used
-        if name in inputs:
-            raise InvalidRequestError(f"input {name!r} is given more than once")
-        inputs[name] = array
-    if cursor != len(binary):
-        raise InvalidRequestError(
-            f"binary tensor data: the inputs' binary_data_size add up to {cursor} bytes, "
-            f"the body carries {len(binary)} after the JSON header"
-        )
+        planned = _plan_input(index, raw, specs, cursor, shm_available)
+        if planned.size > 0:
+            cursor += planned.size
+        if planned.name in inputs:
+            raise InvalidRequestError(f"input {planned.name!r} is given more than once")
+        inputs[planned.name] = planned
     missing = [t for t in manifest.inputs if t.name not in inputs]
     if missing:
         raise InvalidRequestError(
@@ -159,12 +291,60 @@ def parse_infer_request(
         raise InvalidRequestError(
             f"parameter 'binary_data_output' expected true/false, got {binary_output!r}"
         )
-    return InferRequest(
-        inputs=inputs,
-        outputs=_parse_outputs(doc.get("outputs"), manifest.outputs, binary_output, shm),
+    return RequestPlan(
+        manifest=manifest,
+        inputs=tuple(inputs.values()),
+        binary_size=cursor,
+        outputs=_parse_outputs(doc.get("outputs"), manifest.outputs, binary_output, shm_available),
         id=request_id,
-        parameters=parameters,
+        parameters=MappingProxyType(parameters),
         binary_output=binary_output,
+    )
+
+
+def _inputs(
+    plan: RequestPlan, binary: memoryview, shm: SharedMemory | None
+) -> dict[str, np.ndarray]:
+    """The input arrays of one request from its plan: what depends on its own bytes.
+
+    Raises InvalidRequestError when the binary section's length differs from the sum of
+    the inputs' binary_data_size, a BOOL byte is not 0 or 1, a BYTES element is
+    truncated or not UTF-8, a shared-memory reference does not fit its region, JSON data
+    does not fit its tensor.
+    """
+    if len(binary) != plan.binary_size:
+        _refuse_binary_length(plan, len(binary))
+    inputs: dict[str, np.ndarray] = {}
+    for p in plan.inputs:
+        if p.size >= 0:
+            if p.wire is not None:  # fixed-size: its size was checked with the plan
+                inputs[p.name] = np.frombuffer(binary, p.wire, p.count, p.offset).reshape(p.shape)
+            else:
+                chunk = binary[p.offset : p.offset + p.size]
+                inputs[p.name] = tensor_from_bytes(p.name, p.datatype, p.shape, chunk)
+        elif p.shm is not None:
+            assert shm is not None  # a plan with shared memory is only made with access
+            buffer = shm.view(p.shm.region, p.shm.offset, p.shm.byte_size)
+            if p.wire is not None:
+                inputs[p.name] = np.frombuffer(buffer, p.wire).reshape(p.shape)
+            else:
+                inputs[p.name] = tensor_from_bytes(p.name, p.datatype, p.shape, buffer)
+        else:
+            inputs[p.name] = tensor_from_json(p.name, p.datatype, p.shape, p.data)
+    return inputs
+
+
+def _refuse_binary_length(plan: RequestPlan, length: int) -> None:
+    """Raise the InvalidRequestError that says how the binary section does not add up."""
+    for p in plan.inputs:
+        if p.size >= 0 and p.offset + p.size > length:
+            raise InvalidRequestError(
+                f"input {p.name!r}: binary_data_size {p.size} runs past the end of the body "
+                f"({length - p.offset} bytes left after the JSON header)"
+            )
+    raise InvalidRequestError(
+        f"binary tensor data: the inputs' binary_data_size add up to {plan.binary_size} "
+        f"bytes, the body carries {length} after the JSON header"
     )
 
 
@@ -234,15 +414,14 @@ def _shm_ref(params: Mapping[str, Any], where: str) -> ShmRef | None:
     )
 
 
-def _parse_input(
+def _plan_input(
     index: int,
     raw: Any,
     specs: Mapping[str, TensorSpec],
-    binary: memoryview,
     cursor: int,
-    shm: SharedMemory | None,
-) -> tuple[str, np.ndarray, int]:
-    """One input: (name, array, bytes of the binary section it used)."""
+    shm_available: bool,
+) -> _InputPlan:
+    """Check one input's JSON; ``cursor``: where its binary data would start."""
     if not isinstance(raw, dict):
         raise InvalidRequestError(f"inputs[{index}] expected an object, got {_json_type(raw)}")
     name = raw.get("name")
@@ -276,26 +455,24 @@ def _parse_input(
                 f"{where}: give one of 'data', binary_data_size or shared memory"
             )
         size = _int_parameter(params, "binary_data_size", where, None)
-        if cursor + size > len(binary):
-            raise InvalidRequestError(
-                f"{where}: binary_data_size {size} runs past the end of the body "
-                f"({len(binary) - cursor} bytes left after the JSON header)"
-            )
-        return name, tensor_from_bytes(name, datatype, shape, binary[cursor : cursor + size]), size
+        check_binary_size(name, datatype, shape, size)
+        return _InputPlan(
+            name, datatype, tuple(shape), cursor, size, None, wire_dtype(datatype), math.prod(shape)
+        )
     if ref is not None:
         if "data" in raw:
             raise InvalidRequestError(f"{where}: give one of 'data' or shared memory")
-        if shm is None:
+        if not shm_available:
             raise InvalidRequestError(f"{where}: shared memory is not available on this listener")
-        buffer = shm.view(ref.region, ref.offset, ref.byte_size)
-        return name, tensor_from_bytes(name, datatype, shape, buffer), 0
+        check_binary_size(name, datatype, shape, ref.byte_size)
+        return _InputPlan(name, datatype, tuple(shape), shm=ref, wire=wire_dtype(datatype))
     if "data" not in raw:
         raise InvalidRequestError(f"{where}: missing 'data'")
-    return name, tensor_from_json(name, datatype, shape, raw["data"]), 0
+    return _InputPlan(name, datatype, tuple(shape), data=raw["data"])
 
 
 def _parse_outputs(
-    raw: Any, specs: Sequence[TensorSpec], binary_default: bool, shm: SharedMemory | None
+    raw: Any, specs: Sequence[TensorSpec], binary_default: bool, shm_available: bool
 ) -> list[OutputRequest] | None:
     if raw is None:
         return None
@@ -315,7 +492,7 @@ def _parse_outputs(
         if not isinstance(binary, bool):
             raise InvalidRequestError(f"{where}: 'binary_data' expected true/false, got {binary!r}")
         ref = _shm_ref(params, where)
-        if ref is not None and shm is None:
+        if ref is not None and not shm_available:
             raise InvalidRequestError(f"{where}: shared memory is not available on this listener")
         outputs.setdefault(name, OutputRequest(name, binary, ref))
     return list(outputs.values()) or None
@@ -324,20 +501,29 @@ def _parse_outputs(
 # ---------------------------------------------------------------------------- responses
 
 
-def _shm_tensor(name: str, array: np.ndarray, ref: ShmRef, shm: SharedMemory) -> dict[str, Any]:
-    payload = tensor_to_bytes(array)
+@dataclass(frozen=True, slots=True)
+class _ResponseTemplate:
+    """A response header built once for a plan and a signature of outputs, and per
+    output (in order) its shared-memory reference, or None when its bytes follow."""
+
+    header: bytes
+    shm_refs: tuple[ShmRef | None, ...]
+
+
+# Response templates kept per plan: distinct output shapes of one header are few.
+_MAX_TEMPLATES: Final = 8
+
+
+def _write_shm(
+    name: str, array: np.ndarray, payload: bytes | memoryview, ref: ShmRef, shm: SharedMemory
+) -> None:
+    """Copy an output into shared memory; InvalidRequestError when it does not fit."""
     if len(payload) > ref.byte_size:
         raise InvalidRequestError(
             f"output {name!r}: {datatype_of(array)} {list(array.shape)} needs {len(payload)} "
             f"bytes, shared_memory_byte_size is {ref.byte_size}"
         )
     shm.view(ref.region, ref.offset, len(payload))[:] = payload
-    parameters = {
-        "shared_memory_region": ref.region,
-        "shared_memory_offset": ref.offset,
-        "shared_memory_byte_size": len(payload),
-    }
-    return tensor_head(name, array, parameters)
 
 
 def encode_infer_response(
@@ -351,30 +537,79 @@ def encode_infer_response(
     tensor data follows it (None: the body is plain JSON).
 
     Each output travels as the request asked: JSON, binary, or written into shared
-    memory. Raises InvalidRequestError when an output does not fit its shared memory.
+    memory. A request parsed from a plan reuses the response header built for the same
+    model, version and output names, dtypes and shapes when no output travels as JSON or
+    is BYTES (whose sizes depend on the values). Raises InvalidRequestError when an
+    output does not fit its shared memory.
     """
+    plan = request.plan
+    key: tuple[Any, ...] | None = None
+    if (
+        plan is not None
+        and request.id == plan.id
+        and request.outputs is plan.outputs
+        and request.binary_output == plan.binary_output
+    ):
+        key = (model_name, model_version, *[(n, a.dtype, a.shape) for n, a in outputs.items()])
+        template = plan.responses.get(key)
+        if template is not None:
+            return _fill(template, outputs, shm)
     wanted = {o.name: o for o in request.outputs or ()}
     doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request.id is not None:
         doc["id"] = request.id
     tensors: list[dict[str, Any]] = []
     payloads: list[bytes | memoryview] = []
+    refs: list[ShmRef | None] = []
     for name, array in outputs.items():
         choice = wanted.get(name)
+        payload: bytes | memoryview | None = None
         if choice is not None and choice.shm is not None:
             assert shm is not None  # _parse_outputs refused shm references without access
-            tensors.append(_shm_tensor(name, array, choice.shm, shm))
+            payload = tensor_to_bytes(array)
+            _write_shm(name, array, payload, choice.shm, shm)
+            tensors.append(tensor_head(name, array, _shm_parameters(choice.shm, len(payload))))
         elif choice.binary if choice is not None else request.binary_output:
             payload = tensor_to_bytes(array)
             tensors.append(tensor_head(name, array, {"binary_data_size": len(payload)}))
             payloads.append(payload)
         else:
             tensors.append(tensor_to_json(name, array))
+            key = None  # its values are in the header
+        if tensors[-1]["datatype"] == "BYTES":
+            key = None  # its size is in the header
+        refs.append(choice.shm if choice is not None else None)
     doc["outputs"] = tensors
     header = json.dumps(doc, separators=(",", ":")).encode()
+    if key is not None and plan is not None and len(plan.responses) < _MAX_TEMPLATES:
+        plan.responses[key] = _ResponseTemplate(header, tuple(refs))
     if not payloads:
         return [header], None
     return [header, *payloads], len(header)
+
+
+def _shm_parameters(ref: ShmRef, byte_size: int) -> dict[str, Any]:
+    return {
+        "shared_memory_region": ref.region,
+        "shared_memory_offset": ref.offset,
+        "shared_memory_byte_size": byte_size,
+    }
+
+
+def _fill(
+    template: _ResponseTemplate, outputs: Mapping[str, np.ndarray], shm: SharedMemory | None
+) -> tuple[list[bytes | memoryview], int | None]:
+    """A response from a cached header: the outputs' bytes follow it or go to shared
+    memory (its bounds checked now: a region can change between requests)."""
+    parts: list[bytes | memoryview] = [template.header]
+    for ref, (name, array) in zip(template.shm_refs, outputs.items(), strict=True):
+        payload = tensor_to_bytes(array)
+        if ref is None:
+            parts.append(payload)
+        else:
+            assert shm is not None  # _parse_outputs refused shm references without access
+            _write_shm(name, array, payload, ref, shm)
+    return parts, (len(template.header) if len(parts) > 1 else None)
 
 
 def build_infer_response(

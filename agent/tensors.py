@@ -58,6 +58,9 @@ _WIRE: Final[Mapping[str, np.dtype[Any]]] = {
     if name not in ("BYTES", "BOOL")
 }
 _LENGTH: Final = struct.Struct("<I")
+# dtypes whose memory already is the wire form (on a little-endian machine: the native
+# ones); ``tensor_to_bytes`` hands out a view of such an array without converting it.
+_SHAREABLE: Final = frozenset([*_WIRE.values(), np.dtype(np.bool_)])
 
 
 def shape_fits(expected: Sequence[int], got: Sequence[int]) -> bool:
@@ -137,20 +140,47 @@ def tensor_from_bytes(
     not 0 or 1, or a BYTES element is truncated or not UTF-8.
     """
     count = math.prod(shape)
+    wire = _WIRE.get(datatype)
+    if wire is not None:
+        if len(data) != count * wire.itemsize:
+            check_binary_size(name, datatype, shape, len(data))  # raises, saying why
+        return np.frombuffer(data, wire).reshape(shape)
     if datatype == "BYTES":
         return _strings_from_bytes(name, shape, count, memoryview(data))
-    itemsize = 1 if datatype == "BOOL" else _WIRE[datatype].itemsize
-    if len(data) != count * itemsize:
+    check_binary_size(name, datatype, shape, len(data))  # BOOL: one byte each
+    return bools_from_bytes(name, np.frombuffer(data, np.uint8)).reshape(shape)
+
+
+def wire_dtype(datatype: str) -> np.dtype[Any] | None:
+    """The little-endian dtype of a fixed-size datatype's binary form (None: BOOL, BYTES)."""
+    return _WIRE.get(datatype)
+
+
+def check_binary_size(name: str, datatype: str, shape: Sequence[int], size: int) -> None:
+    """Refuse ``size`` bytes unless they are exactly what a ``datatype`` tensor of
+    ``shape`` needs (BYTES elements vary in size: any size passes here).
+
+    Raises InvalidRequestError naming the tensor, the bytes needed and the bytes got;
+    also for a datatype the protocol does not have.
+    """
+    if datatype == "BYTES":
+        return
+    wire = _WIRE.get(datatype)
+    if wire is None and datatype != "BOOL":
+        raise InvalidRequestError(f"input {name!r}: unknown datatype {datatype!r}")
+    needed = math.prod(shape) * (1 if wire is None else wire.itemsize)
+    if size != needed:
         raise InvalidRequestError(
-            f"input {name!r}: {datatype} {list(shape)} needs {count * itemsize} bytes, "
-            f"got {len(data)}"
+            f"input {name!r}: {datatype} {list(shape)} needs {needed} bytes, got {size}"
         )
-    if datatype == "BOOL":
-        raw = np.frombuffer(data, dtype=np.uint8)
-        if raw.size and raw.max() > 1:
-            raise InvalidRequestError(f"input {name!r}: BOOL bytes must be 0 or 1")
-        return raw.view(np.bool_).reshape(shape)
-    return np.frombuffer(data, dtype=_WIRE[datatype]).reshape(shape)
+
+
+def bools_from_bytes(name: str, raw: np.ndarray) -> np.ndarray:
+    """BOOL values of uint8 bytes (sharing their memory); InvalidRequestError unless
+    every byte is 0 or 1."""
+    if raw.size and raw.max() > 1:
+        raise InvalidRequestError(f"input {name!r}: BOOL bytes must be 0 or 1")
+    return raw.view(np.bool_)
 
 
 def _strings_from_bytes(
@@ -226,6 +256,13 @@ def tensor_to_json(name: str, array: np.ndarray) -> dict[str, Any]:
 
 def tensor_to_bytes(array: np.ndarray) -> bytes | memoryview:
     """The binary form of a tensor (a view of the array's memory when it can be)."""
+    if array.dtype in _SHAREABLE:  # already little-endian and fixed-size: no conversion
+        if not array.size:
+            return b""
+        try:
+            return array.data.cast("B")
+        except TypeError:  # not C-contiguous
+            return np.ascontiguousarray(array).data.cast("B")
     if datatype_of(array) == "BYTES":
         parts: list[bytes] = []
         for value in array.ravel().tolist():

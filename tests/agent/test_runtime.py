@@ -175,3 +175,15 @@ def test_failing_run_without_terminate_stays_an_inference_error(tmp_path: Path) 
         model.infer({"x": x}, run_options=ort.RunOptions())
     assert not isinstance(caught.value, RunTerminatedError)
     assert "failed to run" in str(caught.value)
+
+
+def test_infer_refuses_a_missing_input_and_takes_empty_output_names_as_all(
+    tmp_path: Path, linear_model: Path
+) -> None:
+    model = load_model(*make_model_dir(tmp_path / "v1", linear_model))
+    with pytest.raises(InvalidRequestError, match="input 'x' is missing"):
+        model.infer({})
+    x = np.ones((1, 4), np.float32)
+    assert list(model.infer({"x": x}, [])) == ["y"]
+    with pytest.raises(InferenceError, match="failed to run"):  # the binding's own check
+        model.infer({"x": x.astype(np.float64)})
