@@ -224,29 +224,25 @@ def parse_infer_request(
     binary sections that do not add up, an unknown output.
     """
     view = memoryview(body)
-    header: bytes | bytearray | memoryview
     if header_length is None:
-        header, binary = body, view[:0]
+        header_length = len(view)  # all JSON: no binary section
+    elif not 0 <= header_length <= len(view):
+        raise InvalidRequestError(
+            f"{HEADER_LENGTH} expected 0..{len(view)} (the body's length), got {header_length}"
+        )
+    binary = view[header_length:]
+    shm_available = shm is not None
+    if plans is None or header_length > plans.max_header_bytes:
+        header = body if header_length == len(view) else view[:header_length]
+        plan = _plan(_load_json_object(header), manifest, shm_available)
     else:
-        if not 0 <= header_length <= len(view):
-            raise InvalidRequestError(
-                f"{HEADER_LENGTH} expected 0..{len(view)} (the body's length), got {header_length}"
-            )
-        header, binary = view[:header_length], view[header_length:]
-    if plans is None or len(header) > plans.max_header_bytes:
-        plan = _plan(_load_json_object(header), manifest, shm is not None)
-    else:
-        if type(header) is bytes:
-            key = header
-        elif type(body) is bytes and header_length is not None:
-            key = body[:header_length]  # one copy, no view in between
-        else:
-            key = bytes(header)
-        found = plans.get(manifest, shm is not None, key)
+        # bytes: one copy (none for a whole bytes body), no view in between
+        key = body[:header_length] if type(body) is bytes else bytes(view[:header_length])
+        found = plans.get(manifest, shm_available, key)
         if found is None:
-            plan = _plan(_load_json_object(key), manifest, shm is not None)
+            plan = _plan(_load_json_object(key), manifest, shm_available)
             if plan.is_reusable:
-                plans.put(shm is not None, key, plan)
+                plans.put(shm_available, key, plan)
         else:
             plan = found
     return InferRequest(
@@ -503,11 +499,13 @@ def _parse_outputs(
 
 @dataclass(frozen=True, slots=True)
 class _ResponseTemplate:
-    """A response header built once for a plan and a signature of outputs, and per
-    output (in order) its shared-memory reference, or None when its bytes follow."""
+    """A response header built once for a plan and a signature of outputs (names, dtypes
+    and shapes, in order): per output its shared-memory reference, or None when its bytes
+    follow the header; None for all when every output's bytes follow."""
 
     header: bytes
-    shm_refs: tuple[ShmRef | None, ...]
+    shm_refs: tuple[ShmRef | None, ...] | None
+    header_length: int | None  # what encode_infer_response returns with the parts
 
 
 # Response templates kept per plan: distinct output shapes of one header are few.
@@ -582,7 +580,10 @@ def encode_infer_response(
     doc["outputs"] = tensors
     header = json.dumps(doc, separators=(",", ":")).encode()
     if key is not None and plan is not None and len(plan.responses) < _MAX_TEMPLATES:
-        plan.responses[key] = _ResponseTemplate(header, tuple(refs))
+        all_binary = len(payloads) == len(refs)
+        plan.responses[key] = _ResponseTemplate(
+            header, None if all_binary else tuple(refs), len(header) if payloads else None
+        )
     if not payloads:
         return [header], None
     return [header, *payloads], len(header)
@@ -600,8 +601,12 @@ def _fill(
     template: _ResponseTemplate, outputs: Mapping[str, np.ndarray], shm: SharedMemory | None
 ) -> tuple[list[bytes | memoryview], int | None]:
     """A response from a cached header: the outputs' bytes follow it or go to shared
-    memory (its bounds checked now: a region can change between requests)."""
+    memory (its bounds checked now: a region can change between requests). ``outputs``
+    has the template's signature (its key)."""
     parts: list[bytes | memoryview] = [template.header]
+    if template.shm_refs is None:
+        parts += [tensor_to_bytes(array) for array in outputs.values()]
+        return parts, template.header_length
     for ref, (name, array) in zip(template.shm_refs, outputs.items(), strict=True):
         payload = tensor_to_bytes(array)
         if ref is None:
@@ -609,7 +614,7 @@ def _fill(
         else:
             assert shm is not None  # _parse_outputs refused shm references without access
             _write_shm(name, array, payload, ref, shm)
-    return parts, (len(template.header) if len(parts) > 1 else None)
+    return parts, template.header_length
 
 
 def build_infer_response(
