@@ -1,11 +1,34 @@
 """A lean Python client for the agent's local OIP v2 endpoint (Unix socket or loopback TCP).
 
-Built for per-call overhead, not generality: one persistent HTTP/1.1 connection
+Built for per-call CPU, not generality: one persistent HTTP/1.1 connection
 (``agent.client_http``), tensors sent with the binary tensor extension by default (no
 JSON encoding of data, the arrays' memory goes to the socket as it is), or through
 system shared memory when asked; binary tensors and shared-memory tensors start on
 64-byte boundaries. Errors are mapped once, here, from the HTTP status to the agent's
 error tree, carrying the server's message.
+
+Most callers send identically shaped tensors on every call, so the client remembers:
+
+- per request signature (model, version, requested outputs, each input's name, dtype and
+  shape; for shared memory also the region's name and size), the request's bytes up to
+  the tensor data: HTTP head and JSON header. A call then looks the signature up, and
+  sends those bytes and the arrays' memory in one write (one ``sendmsg`` when large).
+- per response JSON header (the exact bytes), a decode plan: each output's name, dtype,
+  shape and where its bytes lie. A call then skips ``json.loads`` and builds each array
+  over the body (binary) or copies it out of the region (shared memory).
+
+Invariants:
+- A remembered request is only ever the bytes the uncached path would build for the same
+  signature; requests with an ``id``, with BYTES tensors or non-native byte order are
+  built afresh each call (their bytes vary) and their responses decoded afresh.
+- A plan is only used when the body's size is exactly the JSON header plus the binary
+  sizes the plan expects; otherwise the response is decoded the slow way, whose errors
+  are the ones callers see.
+- Returned arrays never alias memory the client reuses: binary outputs live in the
+  response's own fresh buffer, shared-memory outputs are copied out of the region once.
+- The caches are bounded (cleared when full); the shared-memory requests are forgotten
+  with the model's output metadata when the agent refuses one (a new version may have
+  other output shapes).
 
 Also ``load_input_file``: read an infer input from ``.npy``, ``.npz`` or ``.json`` and
 cast it to the model's signature (what ``edge-agent infer MODEL --input FILE`` uses).
@@ -17,11 +40,11 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 
-from agent.client_http import UnixHTTPConnection
+from agent.client_http import UnixHTTPConnection, request_head
 from agent.contracts import OIP_TO_NUMPY
 from agent.errors import (
     AgentUnreachableError,
@@ -37,6 +60,56 @@ from agent.tensors import tensor_from_bytes, tensor_head, tensor_to_bytes
 __all__ = ["AgentUnreachableError", "InferenceClient", "load_input_file"]
 
 _ALIGN: Final = 64  # binary data and shared-memory tensors start on this boundary
+_JOIN_BELOW: Final = 64 * 1024  # smaller requests go out as one joined buffer
+_MAX_REMEMBERED: Final = 256  # entries per cache before it is cleared
+_BINARY_HEADERS: Final = (
+    b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: "
+)
+# Native dtypes whose memory is the tensor's wire form (fixed size, little-endian here).
+_SENT_AS_IS: Final = frozenset(
+    np.dtype(name) for oip, name in OIP_TO_NUMPY.items() if oip != "BYTES"
+)
+# Datatypes whose wire bytes an array can view directly (BOOL is checked, BYTES parsed).
+_VIEWED: Final[Mapping[str, np.dtype[Any]]] = {
+    oip: np.dtype(name).newbyteorder("<")
+    for oip, name in OIP_TO_NUMPY.items()
+    if oip not in ("BYTES", "BOOL")
+}
+
+Signature = tuple[Any, ...]
+
+
+class _Request(NamedTuple):
+    """A remembered binary request: its bytes before the tensor data."""
+
+    head: bytes
+    joined: bool  # small enough to send head and data as one joined buffer
+
+
+class _ShmRequest(NamedTuple):
+    """A remembered shared-memory request: the whole request, and where each input goes."""
+
+    data: bytes
+    offsets: tuple[int, ...]
+
+
+class _Slot(NamedTuple):
+    """Where one output of a response lies, and how to make its array."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any] | None  # set: view the bytes as this (size checked); None: parse
+    in_region: bool  # in the shared-memory region (else in the body's binary section)
+    start: int
+    size: int
+
+
+class _Plan(NamedTuple):
+    """How to decode a response with one exact JSON header."""
+
+    slots: tuple[_Slot, ...]
+    binary_bytes: int  # the size of the binary section after the header
 
 
 class InferenceClient:
@@ -45,7 +118,9 @@ class InferenceClient:
     ``address`` is the Unix socket path, or ``(host, port)`` for the loopback TCP
     listener. ``binary`` (default True) sends and receives tensors with the binary tensor
     extension; False uses JSON. ``infer(..., shm=region)`` passes tensors through a
-    registered ``SharedMemoryRegion`` instead.
+    registered ``SharedMemoryRegion`` instead. ``spin_s`` (default 0: off) polls for
+    each response without blocking for up to that long before sleeping on the socket:
+    lower latency where waking a sleeping thread is slow, paid for in CPU.
 
     Every method raises AgentUnreachableError when nothing answers (or the agent refuses
     this peer, 403), and an InferenceError subclass chosen by the HTTP status otherwise:
@@ -54,7 +129,12 @@ class InferenceClient:
     """
 
     def __init__(
-        self, address: Path | tuple[str, int], timeout_s: float = 30.0, *, binary: bool = True
+        self,
+        address: Path | tuple[str, int],
+        timeout_s: float = 30.0,
+        *,
+        binary: bool = True,
+        spin_s: float = 0.0,
     ) -> None:
         self.address: Path | tuple[str, int] = (
             address if isinstance(address, tuple) else Path(address)
@@ -62,8 +142,11 @@ class InferenceClient:
         self.socket_path = self.address  # the name older callers use
         self.timeout_s = timeout_s
         self.binary = binary
-        self._connection = UnixHTTPConnection(self.address, timeout=timeout_s)
+        self._connection = UnixHTTPConnection(self.address, timeout=timeout_s, spin_s=spin_s)
         self._outputs: dict[str, list[dict[str, Any]]] = {}  # output metadata, for shm
+        self._requests: dict[Signature, _Request] = {}
+        self._shm_requests: dict[Signature, _ShmRequest] = {}
+        self._plans: dict[bytes, _Plan] = {}
 
     def close(self) -> None:
         self._connection.close()
@@ -82,10 +165,18 @@ class InferenceClient:
         path: str,
         parts: Sequence[bytes | memoryview] = (),
         extra: bytes = b"",
-    ) -> tuple[dict[bytes, bytes], bytearray]:
-        status, headers, data = self._connection.request(method, path, parts, extra)
+    ) -> tuple[int | None, bytearray]:
+        status, header_length, data = self._connection.request(method, path, parts, extra)
         if status == 200:
-            return headers, data
+            return header_length, data
+        raise _error_for(status, data)
+
+    def _send(
+        self, head: bytes, parts: Sequence[bytes | memoryview] = ()
+    ) -> tuple[int | None, bytearray]:
+        status, header_length, data = self._connection.send(head, parts)
+        if status == 200:
+            return header_length, data
         raise _error_for(status, data)
 
     def _get_json(self, path: str) -> Any:
@@ -171,51 +262,82 @@ class InferenceClient:
         ``register_shared_memory``) carries the inputs, and the outputs whose size the
         model's metadata predicts, through shared memory.
         """
-        path = _model_path(model, version) + "/infer"
         if shm is not None:
-            return self._infer_shm(model, path, inputs, outputs, shm, request_id)
+            return self._infer_shm(model, version, inputs, outputs, shm, request_id)
         if not (self.binary if binary is None else binary):
+            path = _model_path(model, version) + "/infer"
             _, data = self._call("POST", path, [build_infer_request(inputs, outputs, request_id)])
-            return self._decode(data, None)
+            return _decode_slowly(data, None, None)
+        signature, arrays = _signature((model, version, outputs), inputs)
+        remembered = self._requests.get(signature) if request_id is None else None
+        if remembered is None:
+            head, payloads = self._binary_request(signature, inputs, arrays, outputs, request_id)
+            header_length, data = self._send(head, payloads)
+        elif remembered.joined:
+            # numpy arrays are buffers; its stubs say so only from Python 3.12 on.
+            joined = b"".join((remembered.head, *arrays))  # type: ignore[arg-type]
+            header_length, data = self._send(joined)
+        else:
+            header_length, data = self._send(remembered.head, [_bytes_of(a) for a in arrays])
+        return self._decode(data, header_length, None, request_id is None)
+
+    # -- binary requests
+
+    def _binary_request(
+        self,
+        signature: Signature,
+        inputs: Mapping[str, np.ndarray],
+        arrays: list[np.ndarray],
+        outputs: Sequence[str] | None,
+        request_id: str | None,
+    ) -> tuple[bytes, list[bytes | memoryview]]:
+        """A binary request's head (HTTP head and padded JSON header) and tensor bytes;
+        remembered under ``signature`` when its bytes cannot vary."""
+        model, version = signature[0], signature[1]
         tensors: list[dict[str, Any]] = []
         payloads: list[bytes | memoryview] = []
-        for name, value in inputs.items():
-            array = np.asarray(value)
+        for name, array in zip(inputs, arrays, strict=True):
             payload = tensor_to_bytes(array)
             tensors.append(tensor_head(name, array, {"binary_data_size": len(payload)}))
             payloads.append(payload)
         doc = _request_doc(tensors, outputs, request_id, {"binary_data": True})
-        return self._send_binary(path, doc, payloads)
+        header = _json_header(doc, padded=bool(payloads))
+        length = len(header) + sum(len(p) for p in payloads)
+        path = _model_path(model, version) + "/infer"
+        head = request_head("POST", path, length, _binary_headers(len(header))) + header
+        if request_id is None and all(a.dtype in _SENT_AS_IS for a in arrays):
+            _remember(self._requests, signature, _Request(head, len(head) + length < _JOIN_BELOW))
+        return head, payloads
 
-    def _send_binary(
-        self, path: str, doc: dict[str, Any], payloads: Sequence[bytes | memoryview]
+    # -- responses
+
+    def _decode(
+        self,
+        data: bytearray,
+        header_length: int | None,
+        region: SharedMemoryRegion | None,
+        remember: bool,
     ) -> dict[str, np.ndarray]:
-        headers, data = self._post_binary(path, doc, payloads)
-        raw_length = headers.get(b"inference-header-content-length")
-        return self._decode(data, int(raw_length) if raw_length is not None else None)
+        """The outputs of an infer response: through the plan of its JSON header when
+        ``remember`` (and the body fits the plan), else parsed afresh."""
+        end = len(data) if header_length is None else header_length
+        if remember and 0 <= end <= len(data):
+            header = bytes(memoryview(data)[:end])
+            plan = self._plans.get(header)
+            if plan is None:
+                plan = _plan_response(header)
+                if plan is not None:
+                    _remember(self._plans, header, plan)
+            if plan is not None and len(data) - end == plan.binary_bytes:
+                return _apply_plan(plan, data, end, region)
+        return _decode_slowly(data, header_length, region)
 
-    def _post_binary(
-        self, path: str, doc: dict[str, Any], payloads: Sequence[bytes | memoryview]
-    ) -> tuple[dict[bytes, bytes], bytearray]:
-        header = json.dumps(doc, separators=(",", ":")).encode()
-        if payloads:  # pad with JSON whitespace so the tensor bytes start aligned
-            header += b" " * (-len(header) % _ALIGN)
-        extra = b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: "
-        return self._call(
-            "POST", path, [header, *payloads], extra + str(len(header)).encode() + b"\r\n"
-        )
-
-    @staticmethod
-    def _decode(data: bytearray, header_length: int | None) -> dict[str, np.ndarray]:
-        try:
-            return parse_infer_response(data, header_length)
-        except InvalidRequestError as exc:
-            raise InferenceError(f"the agent answered {exc}") from None
+    # -- shared memory
 
     def _infer_shm(
         self,
         model: str,
-        path: str,
+        version: str | None,
         inputs: Mapping[str, np.ndarray],
         outputs: Sequence[str] | None,
         region: SharedMemoryRegion,
@@ -223,15 +345,68 @@ class InferenceClient:
     ) -> dict[str, np.ndarray]:
         if region.name is None:
             raise InvalidRequestError("register the region first: register_shared_memory(...)")
+        signature, arrays = _signature(
+            (region.name, region.byte_size, model, version, outputs), inputs
+        )
+        remembered = self._shm_requests.get(signature) if request_id is None else None
+        try:
+            if remembered is None:
+                data = self._shm_request(signature, inputs, arrays, outputs, region, request_id)
+            else:
+                for offset, array in zip(remembered.offsets, arrays, strict=True):
+                    region.write(offset, _bytes_of(array))
+                data = remembered.data
+            header_length, body = self._send(data)
+        except InvalidRequestError:
+            self._outputs.pop(model, None)  # a new version may have other output shapes
+            self._shm_requests.clear()
+            raise
+        return self._decode(body, header_length, region, request_id is None)
+
+    def _shm_request(
+        self,
+        signature: Signature,
+        inputs: Mapping[str, np.ndarray],
+        arrays: list[np.ndarray],
+        outputs: Sequence[str] | None,
+        region: SharedMemoryRegion,
+        request_id: str | None,
+    ) -> bytes:
+        """Write the inputs into ``region``; return the request naming them and the
+        outputs' places there (remembered under ``signature`` when it cannot vary)."""
+        model, version = signature[2], signature[3]
         tensors: list[dict[str, Any]] = []
+        offsets: list[int] = []
         offset = 0
-        batch: int | None = None
-        for name, value in inputs.items():
-            array = np.asarray(value)
-            batch = array.shape[0] if batch is None and array.ndim else batch
+        for name, array in zip(inputs, arrays, strict=True):
             size = region.write(offset, tensor_to_bytes(array))
             tensors.append(tensor_head(name, array, _shm_params(region, offset, size)))
+            offsets.append(offset)
             offset += size + (-size % _ALIGN)
+        batch = next((a.shape[0] for a in arrays if a.ndim), None)
+        doc: dict[str, Any] = {
+            "inputs": tensors,
+            "outputs": self._shm_outputs(model, outputs, region, offset, batch),
+        }
+        if request_id is not None:
+            doc["id"] = request_id
+        header = _json_header(doc, padded=False)
+        path = _model_path(model, version) + "/infer"
+        data = request_head("POST", path, len(header), _binary_headers(len(header))) + header
+        if request_id is None and all(a.dtype in _SENT_AS_IS for a in arrays):
+            _remember(self._shm_requests, signature, _ShmRequest(data, tuple(offsets)))
+        return data
+
+    def _shm_outputs(
+        self,
+        model: str,
+        outputs: Sequence[str] | None,
+        region: SharedMemoryRegion,
+        offset: int,
+        batch: int | None,
+    ) -> list[dict[str, Any]]:
+        """The requested outputs: in ``region`` from ``offset`` on when the model's
+        metadata predicts their size and they fit, else as binary data."""
         if model not in self._outputs:
             self._outputs[model] = self.model_metadata(model).get("outputs", [])
         requested: list[dict[str, Any]] = []
@@ -247,37 +422,55 @@ class InferenceClient:
                 offset += predicted + (-predicted % _ALIGN)
             else:
                 requested.append({"name": name, "parameters": {"binary_data": True}})
-        doc: dict[str, Any] = {"inputs": tensors, "outputs": requested}
-        if request_id is not None:
-            doc["id"] = request_id
-        try:
-            headers, data = self._post_binary(path, doc, [])
-        except InvalidRequestError:
-            self._outputs.pop(model, None)  # a new version may have other output shapes
-            raise
-        raw_length = headers.get(b"inference-header-content-length")
-        header_length = int(raw_length) if raw_length is not None else None
-        result = self._decode(data, header_length)
-        try:
-            answer = json.loads(data if header_length is None else data[:header_length])
-            for tensor in answer["outputs"]:
-                params = tensor.get("parameters") or {}
-                if "shared_memory_region" not in params:
-                    continue
-                start = int(params["shared_memory_offset"])
-                chunk = region.buffer[start : start + int(params["shared_memory_byte_size"])]
-                array = tensor_from_bytes(
-                    tensor["name"], tensor["datatype"], tensor["shape"], chunk
-                )
-                result[tensor["name"]] = array.copy()
-        except (ValueError, KeyError, TypeError, InvalidRequestError) as exc:
-            raise InferenceError(f"the agent answered a malformed shm response: {exc!r}") from None
-        return result
+        return requested
+
+
+# ---------------------------------------------------------------------------- requests
 
 
 def _model_path(model: str, version: str | None) -> str:
     path = f"/v2/models/{model}"
     return path if version is None else f"{path}/versions/{version}"
+
+
+def _signature(
+    prefix: tuple[Any, ...], inputs: Mapping[str, np.ndarray]
+) -> tuple[Signature, list[np.ndarray]]:
+    """The request's signature (``prefix``, then each input's name, dtype and shape) and
+    the inputs as C-contiguous arrays. A list of outputs counts as its tuple."""
+    key: list[Any] = list(prefix)
+    outputs = key[-1]
+    if outputs is not None and not isinstance(outputs, tuple):
+        key[-1] = tuple(outputs)
+    arrays: list[np.ndarray] = []
+    for name, value in inputs.items():
+        array = value if type(value) is np.ndarray else np.asarray(value)
+        if not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array)
+        arrays.append(array)
+        key += (name, array.dtype, array.shape)
+    return tuple(key), arrays
+
+
+def _bytes_of(array: np.ndarray) -> memoryview | bytes:
+    """A C-contiguous array's memory as bytes (its wire form when its dtype is sent as is)."""
+    return array.data.cast("B") if array.size else b""
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(cache) >= _MAX_REMEMBERED:
+        cache.clear()
+    cache[key] = value
+
+
+def _json_header(doc: dict[str, Any], *, padded: bool) -> bytes:
+    """Compact JSON; ``padded`` with JSON whitespace so tensor bytes after it align."""
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    return header + b" " * (-len(header) % _ALIGN) if padded else header
+
+
+def _binary_headers(header_length: int) -> bytes:
+    return _BINARY_HEADERS + str(header_length).encode() + b"\r\n"
 
 
 def _request_doc(
@@ -314,6 +507,110 @@ def _predicted_bytes(spec: Mapping[str, Any], batch: int | None) -> int | None:
     if any(d < 0 for d in shape):
         return None
     return int(math.prod(shape)) * np.dtype(OIP_TO_NUMPY[datatype]).itemsize
+
+
+# ---------------------------------------------------------------------------- responses
+
+
+def _plan_response(header: bytes) -> _Plan | None:
+    """The decode plan of a response's JSON header; None when it does not make one (JSON
+    ``data``, which varies per call, or anything malformed: the slow path reports it)."""
+    try:
+        doc = json.loads(header)
+        in_body: list[_Slot] = []
+        in_region: list[_Slot] = []
+        cursor = 0
+        for tensor in doc["outputs"]:
+            name, datatype, shape = tensor["name"], tensor["datatype"], tensor["shape"]
+            if not (isinstance(name, str) and isinstance(datatype, str)):
+                return None
+            if not all(type(d) is int and d >= 0 for d in shape):
+                return None
+            params = tensor.get("parameters") or {}
+            if "binary_data_size" in params:
+                size = int(params["binary_data_size"])
+                in_body.append(_slot(name, datatype, shape, False, cursor, size))
+                cursor += size
+            elif "data" in tensor:
+                return None
+            elif "shared_memory_region" in params:
+                start = int(params["shared_memory_offset"])
+                size = int(params["shared_memory_byte_size"])
+                in_region.append(_slot(name, datatype, shape, True, start, size))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return _Plan((*in_body, *in_region), cursor)
+
+
+def _slot(
+    name: str, datatype: str, shape: list[int], in_region: bool, start: int, size: int
+) -> _Slot:
+    dtype = _VIEWED.get(datatype)
+    if dtype is not None and size != math.prod(shape) * dtype.itemsize:
+        dtype = None  # let tensor_from_bytes say what is wrong, each call
+    return _Slot(name, datatype, tuple(shape), dtype, in_region, start, size)
+
+
+def _apply_plan(
+    plan: _Plan, data: bytearray, header_length: int, region: SharedMemoryRegion | None
+) -> dict[str, np.ndarray]:
+    """The outputs by ``plan``; binary ones share ``data``, the region's are copied."""
+    result: dict[str, np.ndarray] = {}
+    try:
+        for slot in plan.slots:
+            if not slot.in_region:
+                start = header_length + slot.start
+                if slot.dtype is not None:
+                    result[slot.name] = np.ndarray(slot.shape, slot.dtype, data, start)
+                else:
+                    chunk = memoryview(data)[start : start + slot.size]
+                    result[slot.name] = tensor_from_bytes(
+                        slot.name, slot.datatype, slot.shape, chunk
+                    )
+            elif region is not None:
+                result[slot.name] = _copy_from_region(slot, region)
+    except InvalidRequestError as exc:
+        raise InferenceError(f"the agent answered {exc}") from None
+    return result
+
+
+def _copy_from_region(slot: _Slot, region: SharedMemoryRegion) -> np.ndarray:
+    end = slot.start + slot.size
+    if end > region.byte_size:
+        raise InferenceError(
+            f"the agent answered a malformed shm response: output {slot.name!r} at "
+            f"{slot.start}..{end} expected within the region's {region.byte_size} bytes"
+        )
+    chunk = region.buffer[slot.start : end]
+    if slot.dtype is not None:
+        return np.ndarray(slot.shape, slot.dtype, bytearray(chunk))
+    return tensor_from_bytes(slot.name, slot.datatype, slot.shape, chunk).copy()
+
+
+def _decode_slowly(
+    data: bytearray, header_length: int | None, region: SharedMemoryRegion | None
+) -> dict[str, np.ndarray]:
+    """The outputs of an infer response, parsed afresh (with ``region``: also the
+    outputs the agent left there, copied out)."""
+    try:
+        result = parse_infer_response(data, header_length)
+    except InvalidRequestError as exc:
+        raise InferenceError(f"the agent answered {exc}") from None
+    if region is None:
+        return result
+    try:
+        answer = json.loads(data if header_length is None else data[:header_length])
+        for tensor in answer["outputs"]:
+            params = tensor.get("parameters") or {}
+            if "shared_memory_region" not in params:
+                continue
+            start = int(params["shared_memory_offset"])
+            chunk = region.buffer[start : start + int(params["shared_memory_byte_size"])]
+            array = tensor_from_bytes(tensor["name"], tensor["datatype"], tensor["shape"], chunk)
+            result[tensor["name"]] = array.copy()
+    except (ValueError, KeyError, TypeError, InvalidRequestError) as exc:
+        raise InferenceError(f"the agent answered a malformed shm response: {exc!r}") from None
+    return result
 
 
 def _error_for(status: int, data: bytes | bytearray) -> InferenceError:

@@ -1,23 +1,33 @@
 """The client's transport: blocking HTTP/1.1 to the agent over a Unix socket (or TCP).
 
-One persistent connection on a raw socket, request heads built by hand, the body's
-parts sent without copying when large (``sendmsg``), the response read into one buffer.
-No chunked encoding, no redirects: the agent's server answers with Content-Length.
+One persistent connection on a raw socket, request heads built by the caller (or here,
+for the generic ``request``), the body's parts sent without copying when large
+(``sendmsg``), the response read through one reused scratch buffer. No chunked encoding,
+no redirects: the agent's server answers with Content-Length. Built for per-call CPU:
+the socket is in blocking mode with kernel send/receive timeouts (no ``poll`` before
+each ``recv``), and a response head is read for three fields only (Content-Length,
+Inference-Header-Content-Length, Connection), any order and case, the parse remembered
+per distinct head.
 
 Invariants:
 - A kept-alive connection the server closed before answering is reopened once and the
   request sent again; never more than once.
 - When the server answers early and closes while the request is still being sent (403,
   503, 431), that answer is read and returned rather than the send error.
+- A returned body is a fresh ``bytearray`` the caller owns: never the scratch buffer.
+- Spinning on a response (``spin_s`` > 0, off by default) polls without blocking for at
+  most ``spin_s`` seconds per response, then blocks as usual.
 - Errors leave as the agent's tree: nothing listening (or no permission) →
-  ``AgentUnreachableError``, any other socket failure or a malformed response →
-  ``InferenceError``. The HTTP status is not interpreted here.
+  ``AgentUnreachableError``, any other socket failure (a timeout included) or a
+  malformed response → ``InferenceError``. The HTTP status is not interpreted here.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import struct
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -25,6 +35,19 @@ from typing import Final
 from agent.errors import AgentUnreachableError, InferenceError
 
 _SEND_JOINED_BELOW: Final = 64 * 1024
+_SCRATCH_BYTES: Final = 64 * 1024  # one recv's worth: a whole small response
+_MAX_HEAD_BYTES: Final = 1024 * 1024
+_EARLY_ANSWER_TIMEOUT_S: Final = 1.0  # waiting for an early answer after a failed send
+_HEAD_END: Final = b"\r\n\r\n"
+_CONTENT_LENGTH: Final = b"\r\ncontent-length:"
+_HEADER_LENGTH: Final = b"\r\ninference-header-content-length:"
+_CONNECTION: Final = b"\r\nconnection:"
+_MAX_HEADS_REMEMBERED: Final = 64
+
+# (status, Content-Length, Inference-Header-Content-Length or None, Connection: close)
+Head = tuple[int, int, int | None, bool]
+# (status, Inference-Header-Content-Length or None, body)
+Answer = tuple[int, int | None, bytearray]
 
 
 class _Stale(Exception):
@@ -33,13 +56,19 @@ class _Stale(Exception):
 
 class UnixHTTPConnection:
     """Minimal blocking HTTP/1.1 over AF_UNIX (or TCP when ``address`` is a
-    ``(host, port)`` pair): ``request`` sends one request and reads its response through
-    ``exchange``, reconnecting once when the kept-alive connection went stale."""
+    ``(host, port)`` pair). ``send`` sends one prepared request and reads its response,
+    reconnecting once when the kept-alive connection went stale; ``request`` builds the
+    head first. Not thread-safe (one scratch buffer, one socket)."""
 
-    def __init__(self, address: Path | tuple[str, int], timeout: float = 30.0) -> None:
+    def __init__(
+        self, address: Path | tuple[str, int], timeout: float = 30.0, *, spin_s: float = 0.0
+    ) -> None:
         self.address = address
         self.timeout = timeout
+        self.spin_s = spin_s
         self.sock: socket.socket | None = None
+        self._scratch = bytearray(_SCRATCH_BYTES)
+        self._heads: dict[bytes, Head] = {}
 
     def connect(self) -> socket.socket:
         if isinstance(self.address, tuple):
@@ -52,6 +81,10 @@ class UnixHTTPConnection:
             sock.connect(
                 self.address if isinstance(self.address, tuple) else os.fspath(self.address)
             )
+            # Blocking mode with kernel timeouts: Python's own timeout polls before
+            # every recv and send, a syscall per call that shows at this scale.
+            sock.settimeout(None)
+            _set_kernel_timeouts(sock, self.timeout)
         except OSError:
             sock.close()
             raise
@@ -69,19 +102,21 @@ class UnixHTTPConnection:
         path: str,
         parts: Sequence[bytes | memoryview] = (),
         extra: bytes = b"",
-    ) -> tuple[int, dict[bytes, bytes], bytearray]:
+    ) -> Answer:
         """Send ``method path`` with ``parts`` as the body and ``extra`` header lines (each
-        ending in CRLF); return the status, the headers (lower-case names) and the body.
+        ending in CRLF); return the status, the Inference-Header-Content-Length (None
+        when absent) and the body. Raises as ``send``."""
+        length = sum(len(p) for p in parts)
+        return self.send(request_head(method, path, length, extra), parts)
+
+    def send(self, head: bytes, parts: Sequence[bytes | memoryview] = ()) -> Answer:
+        """Send ``head`` (the request line and headers through the blank line, possibly
+        followed by the whole body) and then ``parts`` (byte-sized buffers); return the
+        status, the Inference-Header-Content-Length (None when absent) and the body.
 
         Raises AgentUnreachableError when nothing listens, the peer may not connect, or
         the server closed the connection twice; InferenceError for other failures.
         """
-        length = sum(len(p) for p in parts)
-        head = (
-            f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {length}\r\n".encode()
-            + extra
-            + b"\r\n"
-        )
         for attempt in (1, 2):
             try:
                 return self.exchange(head, parts)
@@ -98,13 +133,13 @@ class UnixHTTPConnection:
                 break
             except OSError as exc:
                 self.close()
-                raise InferenceError(f"{method} {path} on {self.address} failed: {exc!r}") from None
+                raise InferenceError(
+                    f"{_request_line(head)} on {self.address} failed: {exc!r}"
+                ) from None
         raise AgentUnreachableError(f"the agent at {self.address} closed the connection")
 
-    def exchange(
-        self, head: bytes, parts: Sequence[bytes | memoryview]
-    ) -> tuple[int, dict[bytes, bytes], bytearray]:
-        """Send one request (``head`` ends with the blank line); read its response.
+    def exchange(self, head: bytes, parts: Sequence[bytes | memoryview]) -> Answer:
+        """Send one request; read its response.
 
         Raises _Stale when a reused connection was closed before any response byte,
         OSError for other socket failures, InferenceError for a malformed response.
@@ -116,28 +151,155 @@ class UnixHTTPConnection:
                 _send(sock, head, parts)
             except (BrokenPipeError, ConnectionResetError):
                 # The server may have answered early (403, 503, 431) and closed: read it.
-                sock.settimeout(min(self.timeout, 1.0))
+                _set_kernel_timeouts(sock, min(self.timeout, _EARLY_ANSWER_TIMEOUT_S))
                 try:
-                    status, headers, body = _receive(sock)
+                    status, _, header_length, body = self._receive(sock, 0.0)
                 except (OSError, _Stale, InferenceError):
                     raise BrokenPipeError from None
                 self.close()
-                return status, headers, body
-            status, headers, body = _receive(sock)
+                return status, header_length, body
+            status, close, header_length, body = self._receive(sock, self.spin_s)
         except (BrokenPipeError, ConnectionResetError, _Stale):
             self.close()
             if reused:
                 raise _Stale from None
             raise
-        if headers.get(b"connection", b"").lower() == b"close":
+        if close:
             self.close()
-        return status, headers, body
+        return status, header_length, body
+
+    def _receive(
+        self, sock: socket.socket, spin_s: float
+    ) -> tuple[int, bool, int | None, bytearray]:
+        """One response: (status, Connection: close, Inference-Header-Content-Length,
+        body). Raises _Stale when the peer closed before any byte."""
+        scratch = self._scratch
+        got = _spin_recv(sock, scratch, spin_s) if spin_s > 0 else sock.recv_into(scratch)
+        if not got:
+            raise _Stale
+        data, filled = scratch, got
+        end = scratch.find(_HEAD_END, 0, got)
+        if end < 0:
+            data, filled, end = _read_head(sock, scratch, got)
+        key = bytes(data[:end])
+        parsed = self._heads.get(key)
+        if parsed is None:
+            parsed = parse_head(key)
+            if len(self._heads) >= _MAX_HEADS_REMEMBERED:
+                self._heads.clear()
+            self._heads[key] = parsed
+        status, length, header_length, close = parsed
+        start = end + len(_HEAD_END)
+        have = min(filled - start, length)
+        if have == length:
+            return status, close, header_length, data[start : start + length]
+        body = bytearray(length)
+        body[:have] = memoryview(data)[start : start + have]
+        _recv_exactly(sock, memoryview(body)[have:])
+        return status, close, header_length, body
+
+
+def request_head(method: str, path: str, length: int, extra: bytes = b"") -> bytes:
+    """A request's line and headers through the blank line; ``extra`` header lines each
+    end in CRLF."""
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {length}\r\n".encode()
+        + extra
+        + b"\r\n"
+    )
+
+
+def parse_head(head: bytes) -> Head:
+    """(status, Content-Length (0 when absent), Inference-Header-Content-Length (None
+    when absent), whether Connection is close) of a response head without its blank
+    line. Names match in any case and order; a repeated field counts its last value.
+
+    Raises InferenceError for a malformed status line or a non-integer length.
+    """
+    lower = head.lower()
+    line_end = lower.find(b"\r\n")
+    try:
+        status = int((head if line_end < 0 else head[:line_end]).split(b" ", 2)[1])
+        length = _field(lower, _CONTENT_LENGTH)
+        header_length = _field(lower, _HEADER_LENGTH)
+        return (
+            status,
+            0 if length is None else int(length),
+            None if header_length is None else int(header_length),
+            _field(lower, _CONNECTION) == b"close",
+        )
+    except (IndexError, ValueError):
+        raise InferenceError(f"the agent answered a malformed head: {head[:200]!r}") from None
+
+
+def _field(lower: bytes, prefix: bytes) -> bytes | None:
+    """The stripped value of the last header line starting with ``prefix`` (CRLF, the
+    lower-case name and the colon), or None."""
+    start = lower.rfind(prefix)
+    if start < 0:
+        return None
+    start += len(prefix)
+    end = lower.find(b"\r\n", start)
+    return (lower[start:] if end < 0 else lower[start:end]).strip()
+
+
+def _request_line(head: bytes) -> str:
+    """``METHOD /path`` of a request head, for error messages."""
+    return b" ".join(head.split(b" ", 2)[:2]).decode("latin-1")
+
+
+def _set_kernel_timeouts(sock: socket.socket, timeout_s: float) -> None:
+    """SO_RCVTIMEO and SO_SNDTIMEO (a zero timeval would mean "never": at least 1 µs)."""
+    timeout_s = max(timeout_s, 1e-6)
+    seconds = int(timeout_s)
+    value = struct.pack("ll", seconds, int((timeout_s - seconds) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+
+def _spin_recv(sock: socket.socket, scratch: bytearray, spin_s: float) -> int:
+    """``recv_into`` polled without blocking for up to ``spin_s``, then blocking."""
+    deadline = time.perf_counter() + spin_s
+    while True:
+        try:
+            return sock.recv_into(scratch, 0, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            if time.perf_counter() >= deadline:
+                return sock.recv_into(scratch)
+
+
+def _read_head(sock: socket.socket, scratch: bytearray, got: int) -> tuple[bytearray, int, int]:
+    """A head split across reads: (buffer, bytes in it, offset of the blank line)."""
+    data = bytearray(memoryview(scratch)[:got])
+    while True:
+        if len(data) > _MAX_HEAD_BYTES:
+            raise InferenceError("the agent answered an oversized response head")
+        got = sock.recv_into(scratch)
+        if not got:
+            raise InferenceError("the agent closed the connection in a response head")
+        searched_from = max(0, len(data) - len(_HEAD_END) + 1)
+        data += memoryview(scratch)[:got]
+        end = data.find(_HEAD_END, searched_from)
+        if end >= 0:
+            return data, len(data), end
+
+
+def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
+    have, length = 0, len(view)
+    while have < length:
+        got = sock.recv_into(view[have:])
+        if not got:
+            raise InferenceError("the agent closed the connection in a response body")
+        have += got
 
 
 def _send(sock: socket.socket, head: bytes, parts: Sequence[bytes | memoryview]) -> None:
+    if not parts:
+        sock.sendall(head)
+        return
     total = len(head) + sum(len(p) for p in parts)
     if total < _SEND_JOINED_BELOW:
-        sock.sendall(b"".join((head, *parts)) if parts else head)
+        sock.sendall(b"".join((head, *parts)))
         return
     views = [memoryview(head), *(memoryview(p).cast("B") for p in parts if len(p))]
     while views:
@@ -149,37 +311,3 @@ def _send(sock: socket.socket, head: bytes, parts: Sequence[bytes | memoryview])
             else:
                 views[0] = views[0][sent:]
                 sent = 0
-
-
-def _receive(sock: socket.socket) -> tuple[int, dict[bytes, bytes], bytearray]:
-    data = sock.recv(65536)
-    if not data:
-        raise _Stale
-    while b"\r\n\r\n" not in data:
-        if len(data) > 1024 * 1024:
-            raise InferenceError("the agent answered an oversized response head")
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise InferenceError("the agent closed the connection in a response head")
-        data += chunk
-    head, rest = data.split(b"\r\n\r\n", 1)
-    lines = head.split(b"\r\n")
-    try:
-        status = int(lines[0].split(b" ", 2)[1])
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
-        length = int(headers.get(b"content-length", b"0"))
-    except (IndexError, ValueError):
-        raise InferenceError(f"the agent answered a malformed head: {head[:200]!r}") from None
-    body = bytearray(length)
-    have = min(len(rest), length)
-    body[:have] = rest[:have]
-    view = memoryview(body)
-    while have < length:
-        got = sock.recv_into(view[have:])
-        if not got:
-            raise InferenceError("the agent closed the connection in a response body")
-        have += got
-    return status, headers, body

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from agent.client import AgentUnreachableError, InferenceClient, load_input_file
-from agent.errors import InvalidRequestError
+from agent.client_http import UnixHTTPConnection, parse_head
+from agent.errors import InferenceError, InvalidRequestError
 from agent.runtime import ModelRegistry, load_model
 from agent.server import InferenceServer
+from agent.shm import SharedMemoryRegion
 from tests.agent._model_dir import make_model_dir
-from tests.agent._serving import ServerThread, short_socket_dir
+from tests.agent._serving import ServerThread, serving, short_socket_dir
 
 X = np.array([[0.5, -1.0, 2.0, 0.0]], dtype=np.float32)
 ONE_INPUT = {
@@ -114,7 +120,6 @@ def test_edge_agent_infer_command(
     tmp_path: Path, linear_model: Path, how: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     from agent.cli import main
-    from tests.agent._serving import serving
 
     registry = ModelRegistry()
     model = load_model(*make_model_dir(tmp_path / "v1", linear_model))
@@ -128,3 +133,148 @@ def test_edge_agent_infer_command(
         np.testing.assert_allclose(printed["y"]["data"], model.infer({"x": X})["y"], rtol=1e-6)
         assert main([*argv, str(server.socket_path), "--version", "9.9.9", *how]) == 1
         assert "version '9.9.9' is not served" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- per-call fast path
+
+
+def test_repeated_signatures_send_each_call_s_data_and_results_stay_independent(
+    tmp_path: Path, linear_model: Path
+) -> None:
+    registry = ModelRegistry()
+    model = load_model(*make_model_dir(tmp_path / "v1", linear_model))
+    registry.activate(model)
+    rng = np.random.default_rng(3)
+    batches = [rng.normal(size=(rows, 4)).astype(np.float32) for rows in (1, 3, 1, 3, 2)]
+    with serving(registry) as server, InferenceClient(server.socket_path) as client:
+        got = [client.infer("linear", {"x": x}) for x in batches]
+        for x, result in zip(batches, got, strict=True):  # earlier results were not overwritten
+            np.testing.assert_allclose(result["y"], model.infer({"x": x})["y"], rtol=1e-6)
+        got[0]["y"][0, 0] = 42.0  # a result is the caller's own, writable memory
+        assert got[2]["y"][0, 0] != 42.0
+        fortran = np.asfortranarray(rng.normal(size=(3, 4)).astype(np.float32))
+        strided = rng.normal(size=(3, 8)).astype(np.float32)[:, ::2]
+        for value in (fortran, fortran, strided, strided.copy()):
+            expected = model.infer({"x": value})["y"]
+            got_y = client.infer("linear", {"x": value}, outputs=["y"])["y"]
+            np.testing.assert_allclose(got_y, expected, rtol=1e-6)
+        for request_id in ("a", None, "b"):
+            got_y = client.infer("linear", {"x": batches[1]}, request_id=request_id)["y"]
+            np.testing.assert_allclose(got_y, model.infer({"x": batches[1]})["y"], rtol=1e-6)
+        with pytest.raises(InvalidRequestError, match="datatype expected FP32"):
+            client.infer("linear", {"x": batches[0].astype(np.float64)})
+        with pytest.raises(InvalidRequestError, match="datatype expected FP32"):
+            client.infer("linear", {"x": batches[0].astype(np.float64)})  # remembered: same
+
+
+def test_shared_memory_results_are_copies_of_the_region(tmp_path: Path, linear_model: Path) -> None:
+    registry = ModelRegistry()
+    model = load_model(*make_model_dir(tmp_path / "v1", linear_model))
+    registry.activate(model)
+    rng = np.random.default_rng(4)
+    batches = [rng.normal(size=(2, 4)).astype(np.float32) for _ in range(3)]
+    with (
+        serving(registry) as server,
+        SharedMemoryRegion(f"ef-client-{os.getpid()}", 1 << 12) as region,
+        InferenceClient(server.socket_path) as client,
+    ):
+        client.register_shared_memory("r", region)
+        got = [client.infer("linear", {"x": x}, shm=region)["y"] for x in batches]
+        for x, y in zip(batches, got, strict=True):
+            np.testing.assert_allclose(y, model.infer({"x": x})["y"], rtol=1e-6)
+        np.testing.assert_allclose(  # shapes the region cannot hold come back as binary
+            client.infer("linear", {"x": np.ones((200, 4), np.float32)}, shm=region)["y"],
+            model.infer({"x": np.ones((200, 4), np.float32)})["y"],
+            rtol=1e-6,
+        )
+
+
+def test_spinning_on_the_response_gives_the_same_answers(
+    tmp_path: Path, linear_model: Path
+) -> None:
+    registry = ModelRegistry()
+    model = load_model(*make_model_dir(tmp_path / "v1", linear_model))
+    registry.activate(model)
+    with (
+        serving(registry) as server,
+        InferenceClient(server.socket_path, spin_s=0.0005) as client,
+    ):
+        for _ in range(3):
+            np.testing.assert_allclose(
+                client.infer("linear", {"x": X})["y"], model.infer({"x": X})["y"], rtol=1e-6
+            )
+        assert client.live()
+
+
+def test_response_heads_are_read_in_any_order_and_case() -> None:
+    assert parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 12") == (200, 12, None, False)
+    head = (
+        b"HTTP/1.1 503 Service Unavailable\r\nCONNECTION: Close\r\n"
+        b"inference-header-CONTENT-length:  7 \r\ncontent-length:9\r\nContent-Length: 10"
+    )
+    assert parse_head(head) == (503, 10, 7, True)  # a repeated field: the last one counts
+    assert parse_head(b"HTTP/1.1 204 No Content") == (204, 0, None, False)
+    for bad in (b"HTTP/1.1\r\nContent-Length: 1", b"HTTP/1.1 200 OK\r\nContent-Length: x"):
+        with pytest.raises(InferenceError, match="malformed head"):
+            parse_head(bad)
+
+
+def _peer(connection: UnixHTTPConnection) -> socket.socket:
+    ours, theirs = socket.socketpair()
+    connection.sock = ours
+    return theirs
+
+
+def test_a_response_split_anywhere_is_read_whole() -> None:
+    body = b'{"a":1}' + bytes(range(256)) * 300
+    response = (
+        b"HTTP/1.1 200 OK\r\nInference-Header-Content-Length: 7\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+    )
+    for cut in (1, 20, len(response) - len(body) - 2, len(response) - 5):
+        connection = UnixHTTPConnection(Path("/nonexistent"))
+        peer = _peer(connection)
+
+        def answer(peer: socket.socket = peer, cut: int = cut) -> None:
+            peer.recv(65536)
+            peer.sendall(response[:cut])
+            time.sleep(0.01)
+            peer.sendall(response[cut:])
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        status, header_length, got = connection.send(b"GET / HTTP/1.1\r\n\r\n")
+        thread.join()
+        assert (status, header_length, bytes(got)) == (200, 7, body)
+        assert connection.sock is None  # Connection: close was honoured
+        peer.close()
+
+
+def test_a_body_that_disagrees_with_the_remembered_plan_is_refused() -> None:
+    header = (
+        b'{"model_name":"m","model_version":"1","outputs":[{"name":"y","datatype":"FP32",'
+        b'"shape":[1,3],"parameters":{"binary_data_size":12}}]}'
+    )
+
+    def response(data: bytes) -> bytes:
+        return (
+            b"HTTP/1.1 200 OK\r\nInference-Header-Content-Length: "
+            + str(len(header)).encode()
+            + b"\r\nContent-Length: "
+            + str(len(header) + len(data)).encode()
+            + b"\r\n\r\n"
+            + header
+            + data
+        )
+
+    client = InferenceClient(Path("/nonexistent"))
+    peer = _peer(client._connection)
+    values = np.array([[1.0, 2.0, 3.0]], np.float32)
+    for _ in range(2):  # the second time through the remembered plan
+        peer.sendall(response(values.tobytes()))
+        np.testing.assert_array_equal(client.infer("m", {"x": X})["y"], values)
+    peer.sendall(response(values.tobytes()[:8]))
+    with pytest.raises(InferenceError, match="needs 12 bytes, got 8"):
+        client.infer("m", {"x": X})
+    client.close()
+    peer.close()
