@@ -131,6 +131,12 @@ class UnixHTTPConnection:
             except (BrokenPipeError, ConnectionResetError):
                 self.close()
                 break
+            except BlockingIOError:  # SO_RCVTIMEO / SO_SNDTIMEO ran out
+                self.close()
+                raise InferenceError(
+                    f"{_request_line(head)} on {self.address} failed: no progress within "
+                    f"the timeout of {self.timeout} s"
+                ) from None
             except OSError as exc:
                 self.close()
                 raise InferenceError(

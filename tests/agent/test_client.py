@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from agent.client import AgentUnreachableError, InferenceClient, load_input_file
-from agent.client_http import UnixHTTPConnection, parse_head
+from agent.client_http import UnixHTTPConnection, _set_kernel_timeouts, parse_head
 from agent.errors import InferenceError, InvalidRequestError
 from agent.runtime import ModelRegistry, load_model
 from agent.server import InferenceServer
@@ -220,7 +220,9 @@ def test_response_heads_are_read_in_any_order_and_case() -> None:
 
 
 def _peer(connection: UnixHTTPConnection) -> socket.socket:
+    """A connected peer for ``connection``, set up as ``connect`` would."""
     ours, theirs = socket.socketpair()
+    _set_kernel_timeouts(ours, connection.timeout)
     connection.sock = ours
     return theirs
 
@@ -277,4 +279,15 @@ def test_a_body_that_disagrees_with_the_remembered_plan_is_refused() -> None:
     with pytest.raises(InferenceError, match="needs 12 bytes, got 8"):
         client.infer("m", {"x": X})
     client.close()
+    peer.close()
+
+
+def test_an_agent_that_does_not_answer_times_out() -> None:
+    connection = UnixHTTPConnection(Path("/nonexistent"), timeout=0.2)
+    peer = _peer(connection)
+    started = time.monotonic()
+    with pytest.raises(InferenceError, match=r"GET /slow on .* within the timeout of 0.2 s"):
+        connection.send(b"GET /slow HTTP/1.1\r\n\r\n")
+    assert 0.15 < time.monotonic() - started < 5
+    assert connection.sock is None
     peer.close()
