@@ -11,8 +11,9 @@ Most callers send identically shaped tensors on every call, so the client rememb
 
 - per request signature (model, version, requested outputs, each input's name, dtype and
   shape; for shared memory also the region's name and size), the request's bytes up to
-  the tensor data: HTTP head and JSON header. A call then looks the signature up, and
-  sends those bytes and the arrays' memory in one write (one ``sendmsg`` when large).
+  the tensor data: HTTP head and JSON header. A call then looks the signature up and
+  sends those bytes and the arrays' memory in one write (one ``sendmsg`` when large);
+  with shared memory, copies each input into the region once and sends the request.
 - per response JSON header (the exact bytes), a decode plan: each output's name, dtype,
   shape and where its bytes lie. A call then skips ``json.loads`` and builds each array
   over the body (binary) or copies it out of the region (shared memory).
@@ -20,7 +21,8 @@ Most callers send identically shaped tensors on every call, so the client rememb
 Invariants:
 - A remembered request is only ever the bytes the uncached path would build for the same
   signature; requests with an ``id``, with BYTES tensors or non-native byte order are
-  built afresh each call (their bytes vary) and their responses decoded afresh.
+  built afresh each call (their bytes vary). Responses to requests with an ``id`` are
+  decoded afresh (the echoed id makes each header unique).
 - A plan is only used when the body's size is exactly the JSON header plus the binary
   sizes the plan expects; otherwise the response is decoded the slow way, whose errors
   are the ones callers see.
@@ -306,7 +308,11 @@ class InferenceClient:
         path = _model_path(model, version) + "/infer"
         head = request_head("POST", path, length, _binary_headers(len(header))) + header
         if request_id is None and all(a.dtype in _SENT_AS_IS for a in arrays):
-            _remember(self._requests, signature, _Request(head, len(head) + length < _JOIN_BELOW))
+            _remember(
+                self._requests,
+                signature,
+                _Request(head, len(head) - len(header) + length < _JOIN_BELOW),
+            )
         return head, payloads
 
     # -- responses
