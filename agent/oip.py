@@ -42,7 +42,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final, Protocol
+from typing import Any, Final, NamedTuple, Protocol
 
 import numpy as np
 
@@ -116,15 +116,15 @@ class InferRequest:
 # ---------------------------------------------------------------------------- plans
 
 
-@dataclass(frozen=True, slots=True)
-class _InputPlan:
+class _InputPlan(NamedTuple):
     """One input whose JSON is checked: where its values come from, per request.
 
     ``size`` >= 0: ``size`` bytes at ``offset`` of the binary section; else ``shm``
     names them; else they are the JSON ``data``. ``wire`` is the dtype a fixed-size
     binary or shared-memory tensor is read as (None: BOOL, BYTES or JSON data), and
-    ``count`` its number of values; such a tensor's size was checked against its shape
-    when the plan was made.
+    ``n_values`` its number of values; such a tensor's size was checked against its
+    shape when the plan was made. (A named tuple: immutable and cheap to build, which
+    JSON requests do every time.)
     """
 
     name: str
@@ -134,19 +134,21 @@ class _InputPlan:
     size: int = -1
     shm: ShmRef | None = None
     wire: np.dtype[Any] | None = None
-    count: int = 0
+    n_values: int = 0
     data: Any = None
 
 
-@dataclass(frozen=True)
-class RequestPlan:
+class RequestPlan(NamedTuple):
     """What one infer request header says, checked against one manifest's signature.
 
     Everything that depends only on the header's bytes is decided here, once; a request
     with the same header bytes reuses it and only checks what depends on its own bytes:
     the binary section's length, BOOL and BYTES values, shared memory (which can be
     unregistered or truncated between requests). ``responses`` caches response headers
-    built for this plan (see ``encode_infer_response``).
+    built for this plan (see ``encode_infer_response``): each reusable plan has its own
+    dict; None when no header could be reused (an input carries JSON data, or an output
+    travels as JSON). (A named tuple: immutable and cheap to build, which JSON requests
+    do every time.)
     """
 
     manifest: Manifest
@@ -156,15 +158,8 @@ class RequestPlan:
     id: str | None
     parameters: Mapping[str, Any]
     binary_output: bool
-    responses: dict[tuple[Any, ...], _ResponseTemplate] = field(
-        default_factory=dict, repr=False, compare=False
-    )
-
-    @property
-    def is_reusable(self) -> bool:
-        """True when no input carries JSON data: the plan holds no values, only where
-        they are."""
-        return all(p.size >= 0 or p.shm is not None for p in self.inputs)
+    responses: dict[tuple[Any, ...], _ResponseTemplate] | None
+    is_reusable: bool  # no input carries JSON data: the plan holds where values are, not them
 
 
 class PlanCache:
@@ -269,6 +264,7 @@ def _plan(doc: dict[str, Any], manifest: Manifest, shm_available: bool) -> Reque
     specs = {t.name: t for t in manifest.inputs}
     inputs: dict[str, _InputPlan] = {}
     cursor = 0
+    reusable = True
     for index, raw in enumerate(raw_inputs):
         planned = _plan_input(index, raw, specs, cursor, shm_available)
         if planned.size > 0:
@@ -276,6 +272,7 @@ def _plan(doc: dict[str, Any], manifest: Manifest, shm_available: bool) -> Reque
         if planned.name in inputs:
             raise InvalidRequestError(f"input {planned.name!r} is given more than once")
         inputs[planned.name] = planned
+        reusable = reusable and (planned.size >= 0 or planned.shm is not None)
     missing = [t for t in manifest.inputs if t.name not in inputs]
     if missing:
         raise InvalidRequestError(
@@ -287,15 +284,25 @@ def _plan(doc: dict[str, Any], manifest: Manifest, shm_available: bool) -> Reque
         raise InvalidRequestError(
             f"parameter 'binary_data_output' expected true/false, got {binary_output!r}"
         )
+    outputs = _parse_outputs(doc.get("outputs"), manifest.outputs, binary_output, shm_available)
     return RequestPlan(
         manifest=manifest,
         inputs=tuple(inputs.values()),
         binary_size=cursor,
-        outputs=_parse_outputs(doc.get("outputs"), manifest.outputs, binary_output, shm_available),
+        outputs=outputs,
         id=request_id,
         parameters=MappingProxyType(parameters),
         binary_output=binary_output,
+        responses={} if reusable and not _has_json_output(outputs, binary_output) else None,
+        is_reusable=reusable,
     )
+
+
+def _has_json_output(outputs: list[OutputRequest] | None, binary_default: bool) -> bool:
+    """True when some output of the response travels as JSON ``data``."""
+    if outputs is None:
+        return not binary_default
+    return any(not o.binary and o.shm is None for o in outputs)
 
 
 def _inputs(
@@ -314,7 +321,9 @@ def _inputs(
     for p in plan.inputs:
         if p.size >= 0:
             if p.wire is not None:  # fixed-size: its size was checked with the plan
-                inputs[p.name] = np.frombuffer(binary, p.wire, p.count, p.offset).reshape(p.shape)
+                inputs[p.name] = np.frombuffer(binary, p.wire, p.n_values, p.offset).reshape(
+                    p.shape
+                )
             else:
                 chunk = binary[p.offset : p.offset + p.size]
                 inputs[p.name] = tensor_from_bytes(p.name, p.datatype, p.shape, chunk)
@@ -541,15 +550,17 @@ def encode_infer_response(
     output does not fit its shared memory.
     """
     plan = request.plan
+    responses = None if plan is None else plan.responses
     key: tuple[Any, ...] | None = None
     if (
         plan is not None
-        and request.id == plan.id
+        and responses is not None
+        and request.id == plan.id  # the same request as the plan's, not a changed copy
         and request.outputs is plan.outputs
         and request.binary_output == plan.binary_output
     ):
         key = (model_name, model_version, *[(n, a.dtype, a.shape) for n, a in outputs.items()])
-        template = plan.responses.get(key)
+        template = responses.get(key)
         if template is not None:
             return _fill(template, outputs, shm)
     wanted = {o.name: o for o in request.outputs or ()}
@@ -579,9 +590,9 @@ def encode_infer_response(
         refs.append(choice.shm if choice is not None else None)
     doc["outputs"] = tensors
     header = json.dumps(doc, separators=(",", ":")).encode()
-    if key is not None and plan is not None and len(plan.responses) < _MAX_TEMPLATES:
+    if key is not None and responses is not None and len(responses) < _MAX_TEMPLATES:
         all_binary = len(payloads) == len(refs)
-        plan.responses[key] = _ResponseTemplate(
+        responses[key] = _ResponseTemplate(
             header, None if all_binary else tuple(refs), len(header) if payloads else None
         )
     if not payloads:

@@ -215,7 +215,8 @@ def test_a_cached_response_header_follows_the_outputs_shapes_and_values() -> Non
         got = encode_infer_response("m", "1.0.0", {"y": y}, parsed)
         want = encode_infer_response("m", "1.0.0", {"y": y}, dataclasses.replace(parsed, plan=None))
         assert [bytes(p) for p in got[0]] == [bytes(p) for p in want[0]] and got[1] == want[1]
-    assert parsed.plan is not None and len(parsed.plan.responses) == 2
+    assert parsed.plan is not None and parsed.plan.responses is not None
+    assert len(parsed.plan.responses) == 2
     v2 = encode_infer_response("m", "2.0.0", {"y": y}, parsed)
     assert json.loads(bytes(v2[0][0]))["model_version"] == "2.0.0"
 
