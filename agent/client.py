@@ -13,7 +13,10 @@ Most callers send identically shaped tensors on every call, so the client rememb
   shape; for shared memory also the region's name and size), the request's bytes up to
   the tensor data: HTTP head and JSON header. A call then looks the signature up and
   sends those bytes and the arrays' memory in one write (one ``sendmsg`` when large);
-  with shared memory, copies each input into the region once and sends the request.
+  with shared memory, copies each input into the region once and sends the request. An
+  input that already lives in the region (``SharedMemoryRegion.ndarray``: an
+  application that produces its frames there) is not copied: the request names where
+  it is, and copied inputs and outputs go after the last such input.
 - per response JSON header (the exact bytes), a decode plan: each output's name, dtype,
   shape and where its bytes lie. A call then skips ``json.loads`` and builds each array
   over the body (binary) or copies it out of the region (shared memory).
@@ -89,10 +92,11 @@ class _Request(NamedTuple):
 
 
 class _ShmRequest(NamedTuple):
-    """A remembered shared-memory request: the whole request, and where each input goes."""
+    """A remembered shared-memory request: the whole request, and where each input is
+    copied (None: the input lives in the region already and is not copied)."""
 
     data: bytes
-    offsets: tuple[int, ...]
+    offsets: tuple[int | None, ...]
 
 
 class _Slot(NamedTuple):
@@ -354,13 +358,18 @@ class InferenceClient:
         signature, arrays = _signature(
             (region.name, region.byte_size, model, version, outputs), inputs
         )
+        places = tuple(region.offset_of(a) if a.dtype in _SENT_AS_IS else None for a in arrays)
+        signature += (places,)
         remembered = self._shm_requests.get(signature) if request_id is None else None
         try:
             if remembered is None:
-                data = self._shm_request(signature, inputs, arrays, outputs, region, request_id)
+                data = self._shm_request(
+                    signature, inputs, arrays, places, outputs, region, request_id
+                )
             else:
                 for offset, array in zip(remembered.offsets, arrays, strict=True):
-                    region.write(offset, _bytes_of(array))
+                    if offset is not None:
+                        region.write(offset, _bytes_of(array))
                 data = remembered.data
             header_length, body = self._send(data)
         except InvalidRequestError:
@@ -374,17 +383,29 @@ class InferenceClient:
         signature: Signature,
         inputs: Mapping[str, np.ndarray],
         arrays: list[np.ndarray],
+        places: tuple[int | None, ...],
         outputs: Sequence[str] | None,
         region: SharedMemoryRegion,
         request_id: str | None,
     ) -> bytes:
-        """Write the inputs into ``region``; return the request naming them and the
-        outputs' places there (remembered under ``signature`` when it cannot vary)."""
+        """Write the inputs into ``region`` (except those in ``places``, already there);
+        return the request naming them and the outputs' places (remembered under
+        ``signature`` when it cannot vary). Copied inputs and outputs go after the last
+        input that lives in the region."""
         model, version = signature[2], signature[3]
         tensors: list[dict[str, Any]] = []
-        offsets: list[int] = []
-        offset = 0
-        for name, array in zip(inputs, arrays, strict=True):
+        offsets: list[int | None] = []
+        offset = max(
+            (p + a.nbytes for p, a in zip(places, arrays, strict=True) if p is not None),
+            default=0,
+        )
+        offset += -offset % _ALIGN
+        for name, array, place in zip(inputs, arrays, places, strict=True):
+            if place is not None:
+                params = _shm_params(region, place, array.nbytes)
+                tensors.append(tensor_head(name, array, params))
+                offsets.append(None)
+                continue
             size = region.write(offset, tensor_to_bytes(array))
             tensors.append(tensor_head(name, array, _shm_params(region, offset, size)))
             offsets.append(offset)

@@ -189,6 +189,32 @@ def test_shared_memory_results_are_copies_of_the_region(tmp_path: Path, linear_m
         )
 
 
+def test_inputs_living_in_the_region_are_not_copied(tmp_path: Path, linear_model: Path) -> None:
+    registry = ModelRegistry()
+    model = load_model(*make_model_dir(tmp_path / "v1", linear_model))
+    registry.activate(model)
+    rng = np.random.default_rng(5)
+    with (
+        serving(registry) as server,
+        SharedMemoryRegion(f"ef-client-{os.getpid()}-p", 1 << 12) as region,
+        InferenceClient(server.socket_path) as client,
+    ):
+        client.register_shared_memory("r", region)
+        sentinel = region.ndarray(0, np.uint8, (1024,))
+        sentinel[:] = 0xAB  # where a copied input would go
+        frame = region.ndarray(1024, np.float32, (2, 4))
+        for _ in range(3):  # the first call builds the request, the others reuse it
+            x = rng.normal(size=(2, 4)).astype(np.float32)
+            frame[:] = x  # the application writes its input in place
+            y = client.infer("linear", {"x": frame}, shm=region)["y"]
+            np.testing.assert_allclose(y, model.infer({"x": x})["y"], rtol=1e-6)
+        assert bool((sentinel == 0xAB).all())  # nothing was copied below the frame
+        copied = rng.normal(size=(2, 4)).astype(np.float32)  # an input from elsewhere
+        y = client.infer("linear", {"x": copied}, shm=region)["y"]
+        np.testing.assert_allclose(y, model.infer({"x": copied})["y"], rtol=1e-6)
+        del sentinel, frame
+
+
 def test_spinning_on_the_response_gives_the_same_answers(
     tmp_path: Path, linear_model: Path
 ) -> None:
