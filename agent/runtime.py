@@ -14,6 +14,10 @@ Invariants:
 - Sessions are created with glibc's mmap threshold fixed (``agent.memory``): a replaced
   session's memory goes back to the kernel when its last request drops it, so RSS stays
   bounded across swaps.
+- ``LoadedModel.infer`` checks every input's presence and shape itself, whoever calls it
+  (cheap: rules computed once per model), then calls ONNX Runtime's binding directly. A
+  run cancelled through its ``RunOptions`` raises ``RunTerminatedError``, never a plain
+  ``InferenceError``.
 - Nothing here touches the network; blocking calls (``load_model``, ``check_golden``,
   ``warm_up``, ``LoadedModel.infer``) are meant to run in a worker thread.
 """

@@ -12,7 +12,8 @@ Invariants:
 - Values are never silently changed: floats are refused for integer tensors, integers out
   of the datatype's range are refused, only ``true``/``false`` (or bytes 0/1) make a BOOL.
 - A binary tensor's size must match its shape exactly; fixed-size types share the
-  buffer's memory instead of copying it.
+  buffer's memory instead of copying it, and ``tensor_to_bytes`` hands out a view of an
+  array whose memory already is the wire form (little-endian, C-contiguous).
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import struct
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -355,3 +356,27 @@ def _shm_header(region: SharedMemoryRegion, x: np.ndarray, output_bytes: int = 0
             }
         ]
     return json.dumps(doc).encode()
+
+
+def test_threads_sharing_a_small_cache_each_get_their_own_request() -> None:
+    plans = PlanCache(max_plans=4)  # far fewer plans than headers: constant eviction
+    failures: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            for i in range(300):
+                rows = 1 + (seed + i) % 9
+                x = np.full((rows, 4), seed * 1000 + i, np.float32)
+                header, binary = _binary_body({"x": x}, {"id": f"{seed}-{rows}"})
+                got = _parse(header, binary, LINEAR, plans)
+                assert got.id == f"{seed}-{rows}"
+                np.testing.assert_array_equal(got.inputs["x"], x)
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == [] and len(plans) <= 4
