@@ -35,8 +35,8 @@ Invariants:
   with the model's output metadata when the agent refuses one (a new version may have
   other output shapes).
 
-Also ``load_input_file``: read an infer input from ``.npy``, ``.npz`` or ``.json`` and
-cast it to the model's signature (what ``edge-agent infer MODEL --input FILE`` uses).
+Responses are decoded by ``agent.client_decode``; ``load_input_file`` (re-exported
+here) lives in ``agent.input_files``.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from typing import Any, Final, NamedTuple
 
 import numpy as np
 
+from agent.client_decode import Plan, apply_plan, decode_slowly, plan_response
 from agent.client_http import UnixHTTPConnection, request_head
 from agent.contracts import OIP_TO_NUMPY
 from agent.errors import (
@@ -58,9 +59,10 @@ from agent.errors import (
     ModelNotFoundError,
     NotReadyError,
 )
-from agent.oip import build_infer_request, parse_infer_response
+from agent.input_files import load_input_file
+from agent.oip import build_infer_request
 from agent.shm import SharedMemoryRegion
-from agent.tensors import tensor_from_bytes, tensor_head, tensor_to_bytes
+from agent.tensors import tensor_head, tensor_to_bytes
 
 __all__ = ["AgentUnreachableError", "InferenceClient", "load_input_file"]
 
@@ -74,13 +76,6 @@ _BINARY_HEADERS: Final = (
 _SENT_AS_IS: Final = frozenset(
     np.dtype(name) for oip, name in OIP_TO_NUMPY.items() if oip != "BYTES"
 )
-# Datatypes whose wire bytes an array can view directly (BOOL is checked, BYTES parsed).
-_VIEWED: Final[Mapping[str, np.dtype[Any]]] = {
-    oip: np.dtype(name).newbyteorder("<")
-    for oip, name in OIP_TO_NUMPY.items()
-    if oip not in ("BYTES", "BOOL")
-}
-
 Signature = tuple[Any, ...]
 
 
@@ -97,25 +92,6 @@ class _ShmRequest(NamedTuple):
 
     data: bytes
     offsets: tuple[int | None, ...]
-
-
-class _Slot(NamedTuple):
-    """Where one output of a response lies, and how to make its array."""
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    dtype: np.dtype[Any] | None  # set: view the bytes as this (size checked); None: parse
-    in_region: bool  # in the shared-memory region (else in the body's binary section)
-    start: int
-    size: int
-
-
-class _Plan(NamedTuple):
-    """How to decode a response with one exact JSON header."""
-
-    slots: tuple[_Slot, ...]
-    binary_bytes: int  # the size of the binary section after the header
 
 
 class InferenceClient:
@@ -152,7 +128,7 @@ class InferenceClient:
         self._outputs: dict[str, list[dict[str, Any]]] = {}  # output metadata, for shm
         self._requests: dict[Signature, _Request] = {}
         self._shm_requests: dict[Signature, _ShmRequest] = {}
-        self._plans: dict[bytes, _Plan] = {}
+        self._plans: dict[bytes, Plan] = {}
 
     def close(self) -> None:
         self._connection.close()
@@ -273,7 +249,7 @@ class InferenceClient:
         if not (self.binary if binary is None else binary):
             path = _model_path(model, version) + "/infer"
             _, data = self._call("POST", path, [build_infer_request(inputs, outputs, request_id)])
-            return _decode_slowly(data, None, None)
+            return decode_slowly(data, None, None)
         signature, arrays = _signature((model, version, outputs), inputs)
         remembered = self._requests.get(signature) if request_id is None else None
         if remembered is None:
@@ -335,12 +311,12 @@ class InferenceClient:
             header = bytes(memoryview(data)[:end])
             plan = self._plans.get(header)
             if plan is None:
-                plan = _plan_response(header)
+                plan = plan_response(header)
                 if plan is not None:
                     _remember(self._plans, header, plan)
             if plan is not None and len(data) - end == plan.binary_bytes:
-                return _apply_plan(plan, data, end, region)
-        return _decode_slowly(data, header_length, region)
+                return apply_plan(plan, data, end, region)
+        return decode_slowly(data, header_length, region)
 
     # -- shared memory
 
@@ -536,110 +512,6 @@ def _predicted_bytes(spec: Mapping[str, Any], batch: int | None) -> int | None:
     return int(math.prod(shape)) * np.dtype(OIP_TO_NUMPY[datatype]).itemsize
 
 
-# ---------------------------------------------------------------------------- responses
-
-
-def _plan_response(header: bytes) -> _Plan | None:
-    """The decode plan of a response's JSON header; None when it does not make one (JSON
-    ``data``, which varies per call, or anything malformed: the slow path reports it)."""
-    try:
-        doc = json.loads(header)
-        in_body: list[_Slot] = []
-        in_region: list[_Slot] = []
-        cursor = 0
-        for tensor in doc["outputs"]:
-            name, datatype, shape = tensor["name"], tensor["datatype"], tensor["shape"]
-            if not (isinstance(name, str) and isinstance(datatype, str)):
-                return None
-            if not all(type(d) is int and d >= 0 for d in shape):
-                return None
-            params = tensor.get("parameters") or {}
-            if "binary_data_size" in params:
-                size = int(params["binary_data_size"])
-                in_body.append(_slot(name, datatype, shape, False, cursor, size))
-                cursor += size
-            elif "data" in tensor:
-                return None
-            elif "shared_memory_region" in params:
-                start = int(params["shared_memory_offset"])
-                size = int(params["shared_memory_byte_size"])
-                in_region.append(_slot(name, datatype, shape, True, start, size))
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None
-    return _Plan((*in_body, *in_region), cursor)
-
-
-def _slot(
-    name: str, datatype: str, shape: list[int], in_region: bool, start: int, size: int
-) -> _Slot:
-    dtype = _VIEWED.get(datatype)
-    if dtype is not None and size != math.prod(shape) * dtype.itemsize:
-        dtype = None  # let tensor_from_bytes say what is wrong, each call
-    return _Slot(name, datatype, tuple(shape), dtype, in_region, start, size)
-
-
-def _apply_plan(
-    plan: _Plan, data: bytearray, header_length: int, region: SharedMemoryRegion | None
-) -> dict[str, np.ndarray]:
-    """The outputs by ``plan``; binary ones share ``data``, the region's are copied."""
-    result: dict[str, np.ndarray] = {}
-    try:
-        for slot in plan.slots:
-            if not slot.in_region:
-                start = header_length + slot.start
-                if slot.dtype is not None:
-                    result[slot.name] = np.ndarray(slot.shape, slot.dtype, data, start)
-                else:
-                    chunk = memoryview(data)[start : start + slot.size]
-                    result[slot.name] = tensor_from_bytes(
-                        slot.name, slot.datatype, slot.shape, chunk
-                    )
-            elif region is not None:
-                result[slot.name] = _copy_from_region(slot, region)
-    except InvalidRequestError as exc:
-        raise InferenceError(f"the agent answered {exc}") from None
-    return result
-
-
-def _copy_from_region(slot: _Slot, region: SharedMemoryRegion) -> np.ndarray:
-    end = slot.start + slot.size
-    if end > region.byte_size:
-        raise InferenceError(
-            f"the agent answered a malformed shm response: output {slot.name!r} at "
-            f"{slot.start}..{end} expected within the region's {region.byte_size} bytes"
-        )
-    chunk = region.buffer[slot.start : end]
-    if slot.dtype is not None:
-        return np.ndarray(slot.shape, slot.dtype, bytearray(chunk))
-    return tensor_from_bytes(slot.name, slot.datatype, slot.shape, chunk).copy()
-
-
-def _decode_slowly(
-    data: bytearray, header_length: int | None, region: SharedMemoryRegion | None
-) -> dict[str, np.ndarray]:
-    """The outputs of an infer response, parsed afresh (with ``region``: also the
-    outputs the agent left there, copied out)."""
-    try:
-        result = parse_infer_response(data, header_length)
-    except InvalidRequestError as exc:
-        raise InferenceError(f"the agent answered {exc}") from None
-    if region is None:
-        return result
-    try:
-        answer = json.loads(data if header_length is None else data[:header_length])
-        for tensor in answer["outputs"]:
-            params = tensor.get("parameters") or {}
-            if "shared_memory_region" not in params:
-                continue
-            start = int(params["shared_memory_offset"])
-            chunk = region.buffer[start : start + int(params["shared_memory_byte_size"])]
-            array = tensor_from_bytes(tensor["name"], tensor["datatype"], tensor["shape"], chunk)
-            result[tensor["name"]] = array.copy()
-    except (ValueError, KeyError, TypeError, InvalidRequestError) as exc:
-        raise InferenceError(f"the agent answered a malformed shm response: {exc!r}") from None
-    return result
-
-
 def _error_for(status: int, data: bytes | bytearray) -> InferenceError:
     try:
         message = str(json.loads(data)["error"])
@@ -655,80 +527,3 @@ def _error_for(status: int, data: bytes | bytearray) -> InferenceError:
     if status == 503:
         return NotReadyError(text)
     return InferenceError(text)
-
-
-# ---------------------------------------------------------------------------- input files
-
-
-def load_input_file(path: Path, metadata: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """Read infer inputs from a file, cast to the datatypes of ``metadata`` (OIP model
-    metadata, as ``InferenceClient.model_metadata`` returns it).
-
-    - ``.npy``: the model's single input (an error if the model has several);
-    - ``.npz``: arrays named after the inputs;
-    - ``.json``: an OIP request body (``{"inputs": [...]}``) or ``{"<input>": nested list}``.
-
-    Raises InvalidRequestError for an unknown extension, an unreadable file, missing or
-    unknown input names, or values that cannot take the input's datatype (floats for an
-    integer input, say).
-    """
-    path = Path(path)
-    specs = {t["name"]: t for t in metadata.get("inputs", [])}
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".npy":
-            if len(specs) != 1:
-                raise InvalidRequestError(
-                    f"{path}: a .npy file gives one input, but the model has inputs "
-                    f"{list(specs)}; use .npz or .json with one array per input"
-                )
-            raw: dict[str, Any] = {next(iter(specs)): np.load(path, allow_pickle=False)}
-        elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as npz:
-                raw = {key: npz[key] for key in npz.files}
-        elif suffix == ".json":
-            raw = _read_json_inputs(path)
-        else:
-            raise InvalidRequestError(
-                f"{path}: unknown input file type {suffix or '(none)'!r}; use .npy, .npz or .json"
-            )
-    except (OSError, ValueError) as exc:
-        raise InvalidRequestError(f"cannot read input file {path}: {exc}") from None
-    missing = [name for name in specs if name not in raw]
-    unknown = [name for name in raw if name not in specs]
-    if missing or unknown:
-        raise InvalidRequestError(
-            f"{path}: the model's inputs are {list(specs)}; missing {missing}, unknown {unknown}"
-        )
-    return {name: _cast(path, name, raw[name], specs[name]["datatype"]) for name in specs}
-
-
-def _read_json_inputs(path: Path) -> dict[str, Any]:
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(doc, dict):
-        raise InvalidRequestError(f"{path}: expected a JSON object")
-    if "inputs" in doc and isinstance(doc["inputs"], list):
-        raw: dict[str, Any] = {}
-        for index, tensor in enumerate(doc["inputs"]):
-            if not isinstance(tensor, dict) or "name" not in tensor or "data" not in tensor:
-                raise InvalidRequestError(f"{path}: inputs[{index}] needs 'name' and 'data'")
-            array = np.asarray(tensor["data"])
-            if "shape" in tensor:
-                array = array.reshape(tensor["shape"])
-            raw[str(tensor["name"])] = array
-        return raw
-    return {str(name): np.asarray(value) for name, value in doc.items()}
-
-
-def _cast(path: Path, name: str, value: Any, datatype: str) -> np.ndarray:
-    array = np.asarray(value)
-    if datatype == "BYTES":
-        if array.dtype.kind not in "USO":
-            raise InvalidRequestError(f"{path}: input {name!r} expects strings, got {array.dtype}")
-        return array.astype(object)
-    target = np.dtype(OIP_TO_NUMPY[datatype])
-    if not np.can_cast(array.dtype, target, casting="same_kind"):
-        raise InvalidRequestError(
-            f"{path}: input {name!r} expects {datatype}, got {array.dtype} values"
-        )
-    return array.astype(target)
