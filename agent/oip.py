@@ -233,8 +233,7 @@ def parse_infer_request(
     else:
         # bytes: one copy (none for a whole bytes body), no view in between
         key = body[:header_length] if type(body) is bytes else bytes(view[:header_length])
-        # A header with JSON data is never kept: spare hashing it to look for it.
-        found = None if b'"data"' in key else plans.get(manifest, shm_available, key)
+        found = plans.get(manifest, shm_available, key)
         if found is None:
             plan = _plan(_load_json_object(key), manifest, shm_available)
             if plan.is_reusable:

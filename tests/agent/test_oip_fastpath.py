@@ -380,3 +380,11 @@ def test_threads_sharing_a_small_cache_each_get_their_own_request() -> None:
     for thread in threads:
         thread.join()
     assert failures == [] and len(plans) <= 4
+
+
+def test_an_input_named_data_is_cached_like_any_other() -> None:
+    named = _manifest([TensorSpec("data", "FP32", (-1, 4))], [TensorSpec("y", "FP32", (-1, 3))])
+    plans = PlanCache()
+    header, binary = _binary_body({"data": X})
+    first = _parse(header, binary, named, plans)
+    assert len(plans) == 1 and _parse(header, binary, named, plans).plan is first.plan
