@@ -192,10 +192,6 @@ class PlanCache:
         return len(self._plans)
 
 
-# The server's: ``parse_infer_request``'s default (pass None to parse without caching).
-PLANS: Final = PlanCache()
-
-
 # ---------------------------------------------------------------------------- requests
 
 
@@ -205,7 +201,7 @@ def parse_infer_request(
     *,
     header_length: int | None = None,
     shm: SharedMemory | None = None,
-    plans: PlanCache | None = PLANS,
+    plans: PlanCache | None = None,
 ) -> InferRequest:
     """Parse an OIP v2 infer request body against ``manifest``'s signature.
 
@@ -236,7 +232,9 @@ def parse_infer_request(
         found = plans.get(manifest, shm_available, key)
         if found is None:
             plan = _plan(_load_json_object(key), manifest, shm_available)
-            if plan.is_reusable:
+            # A header with an id is one request's: a client that numbers its requests
+            # would only push the others' plans out.
+            if plan.is_reusable and plan.id is None:
                 plans.put(shm_available, key, plan)
         else:
             plan = found

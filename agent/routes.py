@@ -42,7 +42,7 @@ from agent.errors import (
 from agent.http11 import RETRY_AFTER, Request, Response
 from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.metrics import InferenceMetrics
-from agent.oip import encode_infer_response, model_metadata, parse_infer_request
+from agent.oip import PlanCache, encode_infer_response, model_metadata, parse_infer_request
 from agent.runtime import LoadedModel, ModelRegistry
 from agent.shm import SharedMemoryDenied, SharedMemoryRegistry
 from agent.stats import Outcome, RequestStats
@@ -94,6 +94,7 @@ class Router:
         self._request_deadline_s = request_deadline_s
         self._server_metadata = server_metadata
         self._is_ready = is_ready
+        self._plans = PlanCache()  # checked request headers, reused by repeat requests
         self.admission = Admission(max_concurrency, max_queue)
         # Read when /metrics is rendered, not written per request (two locks saved each).
         admission = self.admission
@@ -229,7 +230,7 @@ class Router:
         try:
             key, options = self._watch.begin(deadline)
             try:
-                response = _execute(model, request, self._shm, options)
+                response = _execute(model, request, self._shm, self._plans, options)
             except Exception as exc:
                 if self._watch.end(key):
                     return self._expired(model, request)
@@ -283,12 +284,17 @@ def _execute(
     model: LoadedModel,
     request: Request,
     shm: SharedMemoryRegistry | None,
+    plans: PlanCache,
     options: ort.RunOptions | None,
 ) -> Response:
     """Parse, run and encode one infer request (``options``: the run's, to cancel it)."""
     shared = shm if request.peer_uid is not None else None
     parsed = parse_infer_request(
-        request.body, model.manifest, header_length=request.header_length, shm=shared
+        request.body,
+        model.manifest,
+        header_length=request.header_length,
+        shm=shared,
+        plans=plans,
     )
     outputs = model.infer(parsed.inputs, parsed.output_names, run_options=options)
     parts, header_length = encode_infer_response(model.name, model.version, outputs, parsed, shared)
