@@ -10,8 +10,8 @@ Invariants:
   full queue never waited, a request whose deadline passed while waiting never ran.
 - Waiters are served in arrival order: a newcomer does not take a slot while others wait.
 - ``Admission.stop`` wakes every waiter, which then gives up (the server is stopping).
-- The watch marks the runs it cancelled; ``RunWatch.expired`` tells the caller that a
-  run's failure was its deadline, not the model. It checks every ``period_s`` while runs
+- A run's own ``RunOptions.terminate`` says whether the watch cancelled it: the caller
+  tells a run cut at its deadline from a model that failed. It checks every ``period_s`` while runs
   are in flight and sleeps otherwise (a run started while it sleeps is checked within a
   second).
 """
@@ -99,14 +99,18 @@ class Admission:
 
 
 class RunWatch:
-    """Sets ``terminate`` on the ``RunOptions`` of runs past their deadline."""
+    """Sets ``terminate`` on the ``RunOptions`` of runs past their deadline.
+
+    Lock-free: ``begin`` and ``end`` are one dict operation each (atomic under the GIL);
+    the watch may set the flag of a run that has just ended, which is harmless, since
+    every run has its own ``RunOptions`` and the flag is only ever set past the run's
+    deadline.
+    """
 
     def __init__(self, period_s: float) -> None:
         self.period_s = period_s
         self._runs: dict[int, tuple[float, ort.RunOptions]] = {}
-        self._expired: set[int] = set()
         self._keys = itertools.count()
-        self._lock = threading.Lock()  # check vs end: a key is marked only while watched
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -125,27 +129,21 @@ class RunWatch:
         """Watch a run that must end by ``deadline``; returns its key and its options."""
         options = ort.RunOptions()
         key = next(self._keys)
-        self._runs[key] = (deadline, options)  # one dict operation: atomic under the GIL
+        self._runs[key] = (deadline, options)
         return key, options
 
-    def end(self, key: int) -> bool:
+    def end(self, key: int, options: ort.RunOptions) -> bool:
         """Stop watching a run; True when the watch cancelled it (it hit its deadline)."""
-        with self._lock:
-            self._runs.pop(key, None)
-            if key in self._expired:
-                self._expired.discard(key)
-                return True
-            return False
+        self._runs.pop(key, None)
+        return bool(options.terminate)
 
     def check(self, now: float) -> int:
         """Cancel every watched run past its deadline at ``now``; return how many."""
         cancelled = 0
-        with self._lock:
-            for key, (deadline, options) in list(self._runs.items()):
-                if now >= deadline and key not in self._expired:
-                    self._expired.add(key)
-                    options.terminate = True
-                    cancelled += 1
+        for deadline, options in list(self._runs.values()):
+            if now >= deadline and not options.terminate:
+                options.terminate = True
+                cancelled += 1
         return cancelled
 
     def _watch(self) -> None:

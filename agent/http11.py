@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -66,6 +67,7 @@ _REUSE_ABOVE: Final = 64 * 1024  # bodies this large are read into a reusable bu
 _REUSE_AT_MOST: Final = 16 * 1024 * 1024  # ... up to this size (kept per connection)
 _DRAIN_S: Final = 2.0  # how long an oversized body is drained after its 413
 _END_OF_HEAD: Final = b"\r\n\r\n"
+_TIMEVAL: Final = struct.Struct("ll")
 RETRY_AFTER: Final = b"Retry-After: 1\r\n"
 
 
@@ -176,6 +178,24 @@ class _Closed(Exception):
 class _Head:
     """httptools callbacks collecting one request head (and a chunked body)."""
 
+    __slots__ = (
+        "bad_header",
+        "body",
+        "body_bytes",
+        "chunked",
+        "complete",
+        "content_length",
+        "expect_continue",
+        "header_length",
+        "http_1_0",
+        "keep_alive",
+        "max_body_bytes",
+        "method",
+        "parser",
+        "too_large",
+        "url",
+    )
+
     def __init__(self, max_body_bytes: int) -> None:
         self.max_body_bytes = max_body_bytes
         self.url = b""
@@ -185,7 +205,6 @@ class _Head:
         self.expect_continue = False
         self.chunked = False
         self.too_large = False
-        self.headers_done = False
         self.complete = False
         self.method = b""
         self.keep_alive = True
@@ -215,9 +234,6 @@ class _Head:
             self.expect_continue = True
         elif lower == b"transfer-encoding" and b"chunked" in value.lower():
             self.chunked = True
-
-    def on_headers_complete(self) -> None:
-        self.headers_done = True
 
     def on_body(self, body: bytes) -> None:  # chunked bodies only
         if self.too_large:
@@ -253,7 +269,11 @@ class Connection:
         self._start = 0  # unread bytes are _buffer[_start:_end]
         self._end = 0
         self._spare: bytearray | None = None  # a large body buffer to reuse
-        self._timeout: float | None = None
+        # Kernel timeouts on a blocking socket: Python's own would poll() before every
+        # recv and send, a syscall each (costly on a small VM's cold path).
+        sock.settimeout(None)
+        _set_timeout(sock, socket.SO_SNDTIMEO, host.body_timeout_s)
+        self._timeout = -1.0  # the SO_RCVTIMEO in force
         self._lock = threading.Lock()
         self._busy = False  # answering a request (shut_down waits for it)
         self._draining = False  # the server stops: close after the current request
@@ -314,12 +334,16 @@ class Connection:
                 self._busy = False
 
     def _recv_into(self, view: memoryview, timeout: float) -> int:
+        """``recv_into`` waiting at most ``timeout`` s (raises TimeoutError)."""
         if timeout <= 0:
             raise TimeoutError
         if timeout != self._timeout:
-            self.sock.settimeout(timeout)
+            _set_timeout(self.sock, socket.SO_RCVTIMEO, timeout)
             self._timeout = timeout
-        return self.sock.recv_into(view)
+        try:
+            return self.sock.recv_into(view)
+        except BlockingIOError:  # SO_RCVTIMEO ran out
+            raise TimeoutError from None
 
     def _read_head(self) -> int:
         """Read until a whole request head is buffered; return the index of its CRLFCRLF.
@@ -478,11 +502,7 @@ class Connection:
             connection = b"Connection: keep-alive\r\n"
         else:
             connection = b""
-        head, parts = response.encode_head(connection)
-        timeout = self._host.body_timeout_s
-        if timeout != self._timeout:
-            self.sock.settimeout(timeout)
-            self._timeout = timeout
+        head, parts = response.encode_head(connection)  # SO_SNDTIMEO: body_timeout_s
         if len(head) + sum(len(p) for p in parts) < _JOIN_BELOW:
             self.sock.sendall(b"".join((head, *parts)))
         else:
@@ -534,6 +554,13 @@ def refuse(sock: socket.socket, response: Response) -> None:
         pass
     finally:
         sock.close()
+
+
+def _set_timeout(sock: socket.socket, option: int, seconds: float) -> None:
+    """Set SO_RCVTIMEO or SO_SNDTIMEO (a zero timeval means never: at least 1 µs)."""
+    seconds = max(seconds, 1e-6)
+    whole = int(seconds)
+    sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, int((seconds - whole) * 1e6)))
 
 
 def _unreferenced(buffer: bytearray) -> bool:

@@ -50,6 +50,7 @@ from agent.stats import Outcome, RequestStats
 logger = logging.getLogger(__name__)
 
 _BINARY: Final = b"application/octet-stream"
+_MAX_INFER_URLS: Final = 256
 _LIVE_BODY: Final = b'{"live":true}'
 _READY_BODY: Final = b'{"ready":true}'
 _NOT_READY_BODY: Final = b'{"ready":false}'
@@ -95,6 +96,8 @@ class Router:
         self._server_metadata = server_metadata
         self._is_ready = is_ready
         self._plans = PlanCache()  # checked request headers, reused by repeat requests
+        # Infer URLs (exact bytes) that routed to a served model: (name, version).
+        self._infer_urls: dict[bytes, tuple[str, str | None]] = {}
         self.admission = Admission(max_concurrency, max_queue)
         # Read when /metrics is rendered, not written per request (two locks saved each).
         admission = self.admission
@@ -121,6 +124,10 @@ class Router:
 
     def dispatch(self, request: Request) -> Response:
         try:
+            if request.method == b"POST":
+                known = self._infer_urls.get(request.url)
+                if known is not None:  # an infer URL seen before: skip parsing the path
+                    return self._infer(self._resolve(*known), request)
             return self._route(request)
         except InferenceError as exc:
             return _error_response(exc)
@@ -167,6 +174,10 @@ class Router:
         action = rest[0] if rest else "metadata"
         _require(request.method, b"POST" if action == "infer" else b"GET")
         model = self._resolve(name, version)  # the one reference this request uses
+        if action == "infer":
+            if len(self._infer_urls) >= _MAX_INFER_URLS:
+                self._infer_urls.clear()
+            self._infer_urls[request.url] = (name, version)
         if action == "metadata":
             return Response(200, json.dumps(model_metadata(model.manifest)).encode())
         if action == "ready":
@@ -232,10 +243,10 @@ class Router:
             try:
                 response = _execute(model, request, self._shm, self._plans, options)
             except Exception as exc:
-                if self._watch.end(key):
+                if self._watch.end(key, options):
                     return self._expired(model, request)
                 return self._failed(model, request, exc)
-            if self._watch.end(key) or time.monotonic() > deadline:
+            if self._watch.end(key, options) or time.monotonic() > deadline:
                 return self._expired(model, request)
             return self._succeeded(model, request, response)
         finally:

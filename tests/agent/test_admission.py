@@ -87,8 +87,8 @@ def test_watch_cancels_only_runs_past_their_deadline(linear_model: Path) -> None
     with pytest.raises(Exception, match="terminate"):
         session.run(None, {"x": x}, late)
     assert session.run(None, {"x": x}, on_time)[0].shape == (1, 3)
-    assert watch.end(late_key) is True
-    assert watch.end(on_time_key) is False
+    assert watch.end(late_key, late) is True
+    assert watch.end(on_time_key, on_time) is False
 
 
 def test_watch_thread_cancels_a_run_in_progress(linear_model: Path) -> None:
@@ -101,6 +101,6 @@ def test_watch_thread_cancels_a_run_in_progress(linear_model: Path) -> None:
                 break
             time.sleep(0.005)
         assert options.terminate
-        assert watch.end(key) is True
+        assert watch.end(key, options) is True
     finally:
         watch.stop()
