@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.client import InferenceClient  # noqa: E402
+from agent.config import InferenceConfig  # noqa: E402
 from agent.contracts import (  # noqa: E402
     BUNDLE_GOLDEN,
     BUNDLE_MANIFEST,
@@ -286,7 +287,8 @@ def run(quick: bool) -> tuple[list[str], list[str]]:
     served: dict[str, float] = {}
     regions: list[SharedMemoryRegion] = []
     lock = threading.Lock()
-    for threads, concurrency in ((1, cores), (cores, 1)):
+    default = InferenceConfig().max_concurrency  # the shipped [inference] default
+    for threads, concurrency in ((1, default), (1, cores), (cores, 1)):
         agent = Agent(dirs, threads=threads, concurrency=concurrency)
         try:
 
@@ -305,7 +307,9 @@ def run(quick: bool) -> tuple[list[str], list[str]]:
                 frame[:] = x_cnn
                 return lambda: client.infer("cnn", {"x": frame}, shm=region)
 
-            where = f"agent: {threads} ORT thread(s) × max_concurrency {concurrency}, 4 clients"
+            where = f"agent: {threads} ORT thread(s) × max_concurrency {concurrency}"
+            where += " (default)" if (threads, concurrency) == (1, default) else ""
+            where += ", 4 clients"
             served[f"{where}, binary"] = throughput(factory, 4, seconds)
             served[f"{where}, shm (in place)"] = throughput(shm_factory, 4, seconds)
         finally:
