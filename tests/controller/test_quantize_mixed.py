@@ -132,7 +132,10 @@ def test_static_mixed_with_nothing_to_keep_in_float(wide: dict[str, Path], tmp_p
         quantize="static-mixed",
         calibration=wide["gcalib"],
         eval_data=wide["geval"],
-        gate=Gate(min_agreement=0.9, source="test"),
+        # All-int8 keeps 57 of 64 top-1 decisions (0.89) on the calibration data with
+        # today's onnx/ORT quantizer: a gate at 0.8 tests "nothing to keep in float"
+        # rather than where the quantizer's rounding lands.
+        gate=Gate(min_agreement=0.8, source="test"),
         **FAST,
     )
     result = build_bundle(wide["gemm"], "g", "1.0.0", tmp_path / "g.bundle", options=opts)
