@@ -335,32 +335,32 @@ def _goal(text: str, met: bool, got: str) -> str:
 
 
 def record(lines: list[str], verdicts: list[str], command: str) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
+    """Add this run at the end of the Inference overhead section of docs/benchmarks.md."""
+    import onnxruntime as ort
+    from _common import record_section
+
     machine = f"{platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, " \
               f"Python {platform.python_version()}"  # fmt: skip
-    import onnxruntime as ort
-
-    section = [
-        "",
-        f"### infer_overhead.py — {dt.date.today().isoformat()}",
-        "",
-        f"Command: `{command}`; machine: {machine}, onnxruntime {ort.__version__}; shared "
-        "with other jobs, so compare ratios within the run.",
-        "",
-        *lines,
-        "",
-        "Goals:",
-        *verdicts,
-        "",
-    ]
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if "## Inference overhead" not in text:
-        text = text.rstrip("\n") + "\n\n## Inference overhead\n"
-        text += (
-            "\nIn-process `LoadedModel.infer` against our client through the agent's Unix "
-            "socket (`bench/infer_overhead.py`). The agent runs in its own process.\n"
-        )
-    path.write_text(text.rstrip("\n") + "\n" + "\n".join(section), encoding="utf-8")
+    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    run = "\n".join(
+        [
+            f"### infer_overhead.py — {when}",
+            "",
+            f"Command: `{command}`; machine: {machine}, onnxruntime {ort.__version__}; "
+            f"load average {os.getloadavg()[0]:.1f} at the end; shared with other jobs, so "
+            "compare ratios within the run.",
+            "",
+            *lines,
+            "",
+            "Goals:",
+            *verdicts,
+        ]
+    )
+    intro = (
+        "In-process `LoadedModel.infer` against our client through the agent's Unix "
+        "socket (`bench/infer_overhead.py`). The agent runs in its own process."
+    )
+    record_section("Inference overhead", intro, run)
 
 
 def main() -> None:
