@@ -65,6 +65,7 @@ _READ_SIZE: Final = 64 * 1024  # bytes asked of the kernel per read of a head
 _JOIN_BELOW: Final = 64 * 1024  # smaller responses go out in one buffer
 _REUSE_ABOVE: Final = 64 * 1024  # bodies this large are read into a reusable buffer
 _REUSE_AT_MOST: Final = 16 * 1024 * 1024  # ... up to this size (kept per connection)
+_HEADS_REMEMBERED: Final = 16  # distinct request heads remembered per connection
 _DRAIN_S: Final = 2.0  # how long an oversized body is drained after its 413
 _END_OF_HEAD: Final = b"\r\n\r\n"
 _TIMEVAL: Final = struct.Struct("ll")
@@ -176,7 +177,9 @@ class _Closed(Exception):
 
 
 class _Head:
-    """httptools callbacks collecting one request head (and a chunked body)."""
+    """httptools callbacks collecting one request head (and a chunked body). Read-only
+    once parsed, except a chunked request's body fields: a connection reuses the
+    ``_Head`` of a repeated non-chunked head."""
 
     __slots__ = (
         "bad_header",
@@ -269,6 +272,7 @@ class Connection:
         self._start = 0  # unread bytes are _buffer[_start:_end]
         self._end = 0
         self._spare: bytearray | None = None  # a large body buffer to reuse
+        self._heads: dict[bytes, _Head] = {}  # heads parsed before (never chunked ones)
         # Kernel timeouts on a blocking socket: Python's own would poll() before every
         # recv and send, a syscall each (costly on a small VM's cold path).
         sock.settimeout(None)
@@ -384,22 +388,35 @@ class Connection:
             self._end += got
 
     def _parse_head(self, head_end: int) -> _Head:
-        """Parse the buffered head ending at ``head_end``; consume it from the buffer."""
-        parsed = _Head(self._host.max_body_bytes)
-        parser = httptools.HttpRequestParser(parsed)
+        """Parse the buffered head ending at ``head_end``; consume it from the buffer.
+
+        A client repeats the same head byte for byte (same path, lengths, headers), so a
+        head llhttp accepted once is remembered with what it said (not for chunked
+        bodies, whose parser carries state): a repeat skips the parser.
+        """
         stop = head_end + len(_END_OF_HEAD)
         head = bytes(self._view[self._start : stop])
         self._start = stop
+        known = self._heads.get(head)
+        if known is not None:
+            return known
+        parsed = _Head(self._host.max_body_bytes)
+        parser = httptools.HttpRequestParser(parsed)
         try:
             parser.feed_data(head)
         except httptools.HttpParserUpgrade:
             self._fail(Response.error(400, "protocol upgrades are not supported", close=True))
         except httptools.HttpParserError as exc:
             self._fail(Response.error(400, f"malformed HTTP request: {exc}", close=True))
-        parsed.parser = parser
         parsed.method = parser.get_method()
         parsed.keep_alive = parser.should_keep_alive()
         parsed.http_1_0 = parser.get_http_version() == "1.0"
+        if parsed.chunked:
+            parsed.parser = parser
+        else:
+            if len(self._heads) >= _HEADS_REMEMBERED:
+                self._heads.clear()
+            self._heads[head] = parsed
         return parsed
 
     def _read_body(self, parsed: _Head) -> bytes | bytearray | memoryview:

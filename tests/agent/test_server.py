@@ -234,6 +234,34 @@ def test_keep_alive_and_pipelining_answer_in_order(server: InferenceServer) -> N
         assert "outputs" in json.loads(responses[2][2])
 
 
+def test_a_repeated_head_is_answered_from_its_own_body(
+    server: InferenceServer, model_v1: LoadedModel
+) -> None:
+    """A connection remembers heads it parsed; the same head with other bodies (same
+    length) still answers each body, and a bad header stays a 400 every time."""
+    xs = [np.full((1, 4), v, np.float32) for v in (1.0, 2.0, 3.0)]
+    bodies = [json.dumps(infer_body(x)).encode() for x in xs]
+    assert len({len(b) for b in bodies}) == 1  # one head for all three
+    head = (
+        b"POST /v2/models/linear/infer HTTP/1.1\r\nHost: x\r\n"
+        + f"Content-Length: {len(bodies[0])}\r\n\r\n".encode()
+    )
+    bad = b"POST /v2/models/linear/infer HTTP/1.1\r\nInference-Header-Content-Length: x\r\n"
+    bad += f"Content-Length: {len(bodies[0])}\r\n\r\n".encode() + bodies[0]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(server.socket_path))
+        for x, body in zip(xs, bodies, strict=True):
+            sock.sendall(head + body)
+            [(status, _, answer)] = read_responses(sock, 1)
+            got = json.loads(answer)["outputs"][0]["data"]
+            np.testing.assert_allclose(got, model_v1.infer({"x": x})["y"].ravel(), rtol=1e-6)
+        for _ in range(2):
+            sock.sendall(bad)
+            [(status, _, answer)] = read_responses(sock, 1)
+            assert status == 400 and b"Inference-Header-Content-Length" in answer
+
+
 def test_malformed_request_line_is_400_not_a_crash(server: InferenceServer) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
