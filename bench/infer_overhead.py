@@ -168,19 +168,21 @@ def _time_calls(call: Callable[[], Any], count: int) -> list[float]:
 
 
 def latency(
-    modes: dict[str, Callable[[], Any]], rounds: int, per_round: dict[str, int]
+    modes: dict[str, Callable[[], Any]], rounds: int, per_round: dict[str, int], block: int = 1
 ) -> dict[str, float]:
-    """Median seconds per call of each mode; calls alternate between modes one by one, so
-    a noisy neighbour hits every mode alike."""
+    """Median seconds per call of each mode. Modes take turns ``block`` calls at a time,
+    so a noisy neighbour hits every mode alike: with ``block=1`` every call follows other
+    modes' calls (each call starts cold, as for a camera calling every 33 ms); with a
+    large block a mode's calls run back to back (warm, as a batch job calls)."""
     samples: dict[str, list[float]] = {name: [] for name in modes}
-    for call in modes.values():  # warm-up (also lets the agent decide where a model runs)
+    for call in modes.values():  # warm-up
         _time_calls(call, 20)
     for _ in range(rounds):
         counts = {name: per_round.get(name, per_round["*"]) for name in modes}
-        for i in range(max(counts.values())):
+        for i in range(0, max(counts.values()), block):
             for name, call in modes.items():
                 if i < counts[name]:
-                    samples[name] += _time_calls(call, 1)
+                    samples[name] += _time_calls(call, min(block, counts[name] - i))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -245,6 +247,7 @@ def run(quick: bool) -> tuple[list[str], list[str]]:
             ),
         }
         t = latency(tiny_modes, rounds, {"*": 300 if quick else 1000})
+        warm = latency(tiny_modes, rounds, {"*": 300 if quick else 1000}, block=100)
         cnn_modes = {
             "in-process": lambda: cnn.infer({"x": x_cnn}),
             "socket JSON": lambda: json_client.infer("cnn", {"x": x_cnn}),
@@ -258,18 +261,24 @@ def run(quick: bool) -> tuple[list[str], list[str]]:
         region.close()
     finally:
         agent.close()
-    lines.append("| mode | tiny p50 | × in-process | CNN p50 | × in-process |")
-    lines.append("|---|---|---|---|---|")
+    lines.append(
+        "| mode | tiny p50, calls interleaved | × in-process | tiny p50, back to back "
+        "| × in-process | CNN p50 | × in-process |"
+    )
+    lines.append("|---|---|---|---|---|---|---|")
     for name in tiny_modes:
         lines.append(
             f"| {name} | {t[name] * 1e6:.0f} µs | {t[name] / t['in-process']:.1f} | "
+            f"{warm[name] * 1e6:.0f} µs | {warm[name] / warm['in-process']:.1f} | "
             f"{c[name] * 1e3:.2f} ms | {c[name] / c['in-process']:.3f} |"
         )
     cnn_bin = c["socket binary"] / c["in-process"]
     cnn_shm = c["socket shm (in place)"] / c["in-process"]
-    tiny_bin = t["socket binary"]
-    verdicts.append(_goal("tiny model p50 ≤ 250 µs (binary)", tiny_bin <= 250e-6,
-                          f"{tiny_bin * 1e6:.0f} µs"))  # fmt: skip
+    tiny_bin, tiny_warm = t["socket binary"], warm["socket binary"]
+    verdicts.append(_goal("tiny model p50 ≤ 250 µs (binary), calls interleaved",
+                          tiny_bin <= 250e-6, f"{tiny_bin * 1e6:.0f} µs"))  # fmt: skip
+    verdicts.append(_goal("tiny model p50 ≤ 250 µs (binary), back to back",
+                          tiny_warm <= 250e-6, f"{tiny_warm * 1e6:.0f} µs"))  # fmt: skip
     verdicts.append(_goal("CNN binary ≤ 1.15× in-process", cnn_bin <= 1.15, f"{cnn_bin:.3f}×"))
     verdicts.append(
         _goal("CNN shm (in place) ≤ 1.05× in-process", cnn_shm <= 1.05, f"{cnn_shm:.3f}×")
