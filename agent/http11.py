@@ -34,6 +34,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import struct
 import threading
@@ -44,6 +45,8 @@ from typing import Final, Protocol
 import httptools
 
 from agent.oip import error_body
+
+logger = logging.getLogger(__name__)
 
 _REASONS: Final = {
     200: "OK",
@@ -292,6 +295,8 @@ class Connection:
                 pass
         except (_Closed, OSError):
             pass
+        except Exception:  # a bug here must cost one connection, never the server
+            logger.exception("connection failed unexpectedly; closing it")
         finally:
             with self._lock:
                 self._closed = True
