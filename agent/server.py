@@ -86,6 +86,7 @@ class InferenceServer:
         body_timeout_s: float = 30.0,
         request_deadline_s: float = 30.0,
         idle_timeout_s: float = 60.0,
+        busy_poll_s: float = 0.0002,
         allowed_uids: Iterable[int] = (),
         allowed_gids: Iterable[int] = (),
         tcp_port: int = 0,
@@ -107,8 +108,10 @@ class InferenceServer:
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(f"{key} expected > 0, got {value}")
-        if max_queue < 0:
-            raise ConfigError(f"max_queue expected >= 0, got {max_queue}")
+        if max_queue < 0 or busy_poll_s < 0:
+            raise ConfigError(
+                f"max_queue and busy_poll_s expected >= 0, got {max_queue}, {busy_poll_s}"
+            )
         self.registry = registry
         self.stats = stats
         self.metrics = metrics if metrics is not None else InferenceMetrics()
@@ -123,6 +126,7 @@ class InferenceServer:
         self.body_timeout_s = body_timeout_s
         self.request_deadline_s = request_deadline_s
         self.idle_timeout_s = idle_timeout_s
+        self.busy_poll_s = busy_poll_s
         self.allowed_uids = frozenset(allowed_uids)
         self.allowed_gids = frozenset(allowed_gids)
         self.tcp_port = tcp_port
@@ -173,6 +177,7 @@ class InferenceServer:
             body_timeout_s=config.body_timeout_s,
             request_deadline_s=config.request_deadline_s,
             idle_timeout_s=config.idle_timeout_s,
+            busy_poll_s=config.busy_poll_s,
             allowed_uids=_ids(config.allowed_users, "user"),
             allowed_gids=_ids(config.allowed_groups, "group"),
             tcp_port=config.tcp_port,

@@ -248,6 +248,31 @@ def test_a_run_past_its_deadline_is_503_and_frees_its_slot(
         assert expected in client.metrics()
 
 
+@pytest.mark.parametrize("busy_poll_s", [0.0, 0.05])
+def test_back_to_back_requests_with_and_without_busy_polling(
+    linear: LoadedModel, busy_poll_s: float
+) -> None:
+    registry = ModelRegistry()
+    registry.activate(linear)
+    rng = np.random.default_rng(7)
+    with serving(registry, busy_poll_s=busy_poll_s) as server:
+        with InferenceClient(server.socket_path) as client:
+            for _ in range(20):  # back to back: from the second on, the server polls
+                x = rng.normal(size=(1, 4)).astype(np.float32)
+                np.testing.assert_allclose(
+                    client.infer("linear", {"x": x})["y"], linear.infer({"x": x})["y"], rtol=1e-6
+                )
+        # The client closed while its connection polled: the server serves the next one.
+        assert raw(server, "GET", "/v2/health/live")[0] == 200
+        with _connect(server) as sock:  # a head split across the poll and the block
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n\r\n")
+            assert read_responses(sock, 1)[0][0] == 200
+            sock.sendall(b"GET /v2/health/")
+            time.sleep(0.1)
+            sock.sendall(b"live HTTP/1.1\r\n\r\n")
+            assert read_responses(sock, 1)[0][0] == 200
+
+
 def _config(**inference: Any) -> dict[str, Any]:
     return {
         "device_id": "d1",
@@ -271,6 +296,9 @@ def test_inference_config_keys_and_validation(tmp_path: Path) -> None:
         parse_config(_config(tcp_port=8085, allowed_groups="edge-infer"), tmp_path)
     with pytest.raises(ConfigError, match="header_timeout_s"):
         parse_config(_config(header_timeout_s=0), tmp_path)
+    with pytest.raises(ConfigError, match="busy_poll_s"):
+        parse_config(_config(busy_poll_s=0.5), tmp_path)
+    assert parse_config(_config(busy_poll_s=0), tmp_path).inference.busy_poll_s == 0
     with pytest.raises(ConfigError, match="no user named"):
         InferenceServer.from_config(
             ModelRegistry(), InferenceConfig(allowed_users="no-such-user-ef")
