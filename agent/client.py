@@ -60,7 +60,7 @@ from agent.errors import (
     NotReadyError,
 )
 from agent.input_files import load_input_file
-from agent.oip import build_infer_request
+from agent.oip_response import build_infer_request
 from agent.shm import SharedMemoryRegion
 from agent.tensors import tensor_head, tensor_to_bytes
 

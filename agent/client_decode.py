@@ -23,7 +23,7 @@ import numpy as np
 
 from agent.contracts import OIP_TO_NUMPY
 from agent.errors import InferenceError, InvalidRequestError
-from agent.oip import parse_infer_response
+from agent.oip_response import parse_infer_response
 from agent.shm import SharedMemoryRegion
 from agent.tensors import tensor_from_bytes
 

@@ -42,7 +42,8 @@ from agent.errors import (
 from agent.http11 import RETRY_AFTER, Request, Response
 from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.metrics import InferenceMetrics
-from agent.oip import PlanCache, encode_infer_response, model_metadata, parse_infer_request
+from agent.oip import PlanCache, model_metadata, parse_infer_request
+from agent.oip_response import encode_infer_response
 from agent.runtime import LoadedModel, ModelRegistry
 from agent.shm import SharedMemoryDenied, SharedMemoryRegistry
 from agent.stats import Outcome, RequestStats

@@ -21,13 +21,8 @@ from hypothesis import strategies as st
 
 from agent.contracts import GoldenSpec, Manifest, TensorSpec
 from agent.errors import InvalidRequestError
-from agent.oip import (
-    InferRequest,
-    PlanCache,
-    SharedMemory,
-    encode_infer_response,
-    parse_infer_request,
-)
+from agent.oip import InferRequest, PlanCache, SharedMemory, parse_infer_request
+from agent.oip_response import encode_infer_response
 from agent.shm import SharedMemoryRegion, SharedMemoryRegistry
 from agent.tensors import tensor_head, tensor_to_bytes
 from tests.agent._model_dir import ALL_DATATYPES, sample_tensor

@@ -20,7 +20,8 @@ import agent
 from agent.client import InferenceClient
 from agent.contracts import GoldenSpec, Manifest, TensorSpec
 from agent.errors import InvalidRequestError, ModelNotFoundError, NotReadyError
-from agent.oip import build_infer_response, parse_infer_request
+from agent.oip import parse_infer_request
+from agent.oip_response import build_infer_response
 from agent.runtime import LoadedModel, ModelRegistry, load_model
 from agent.server import InferenceServer
 from tests.agent._model_dir import make_model_dir
