@@ -375,7 +375,13 @@ class InferenceServer:
             self.metrics.connections.set(len(self._connections))
             self._serial += 1
             name = f"infer-conn-{self._serial}"
-        threading.Thread(target=connection.serve, name=name, daemon=True).start()
+        try:
+            threading.Thread(target=connection.serve, name=name, daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had (a tasks limit): refuse, go on
+            logger.error("cannot serve a connection: %s", exc)
+            self.connection_closed(connection)
+            message = "the agent cannot take another connection now"
+            refuse(sock, Response.error(503, message, close=True, extra=RETRY_AFTER))
 
     def connection_closed(self, connection: Connection) -> None:
         """Forget a connection that has closed (its thread calls this)."""

@@ -166,6 +166,34 @@ def test_connections_beyond_the_limit_get_503(linear: LoadedModel) -> None:
         held[0].close()
 
 
+def test_no_thread_for_a_connection_is_503_and_the_server_goes_on(
+    linear: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry = ModelRegistry()
+    registry.activate(linear)
+    real_start = threading.Thread.start
+    refused: list[str] = []
+
+    def start(thread: threading.Thread) -> None:  # fault injection: a tasks limit hit once
+        if thread.name.startswith("infer-conn-") and not refused:
+            refused.append(thread.name)
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    with serving(registry) as server:
+        monkeypatch.setattr(threading.Thread, "start", start)
+        with _connect(server) as sock:
+            [(status, headers, body)] = read_responses(sock, 1)
+            assert status == 503 and headers["retry-after"] == "1"
+            assert b"cannot take another connection" in body
+        assert refused and raw(server, "GET", "/v2/health/live")[0] == 200
+        for _ in range(500):  # the health check's thread closes its connection after us
+            if server.metrics.connections._value.get() == 0:
+                break
+            time.sleep(0.01)
+        assert server.metrics.connections._value.get() == 0  # the refused one is forgotten
+
+
 def test_peer_allow_list_by_uid_and_gid(linear: LoadedModel) -> None:
     registry = ModelRegistry()
     registry.activate(linear)
