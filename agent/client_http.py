@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
 from agent.errors import AgentUnreachableError, InferenceError
+from agent.sockets import poll_recv_into, send_parts, set_timeout
 
 _SEND_JOINED_BELOW: Final = 64 * 1024
 _SCRATCH_BYTES: Final = 64 * 1024  # one recv's worth: a whole small response
@@ -255,23 +254,15 @@ def _request_line(head: bytes) -> str:
 
 
 def _set_kernel_timeouts(sock: socket.socket, timeout_s: float) -> None:
-    """SO_RCVTIMEO and SO_SNDTIMEO (a zero timeval would mean "never": at least 1 µs)."""
-    timeout_s = max(timeout_s, 1e-6)
-    seconds = int(timeout_s)
-    value = struct.pack("ll", seconds, int((timeout_s - seconds) * 1_000_000))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+    """SO_RCVTIMEO and SO_SNDTIMEO both ``timeout_s``."""
+    set_timeout(sock, socket.SO_RCVTIMEO, timeout_s)
+    set_timeout(sock, socket.SO_SNDTIMEO, timeout_s)
 
 
 def _spin_recv(sock: socket.socket, scratch: bytearray, spin_s: float) -> int:
     """``recv_into`` polled without blocking for up to ``spin_s``, then blocking."""
-    deadline = time.perf_counter() + spin_s
-    while True:
-        try:
-            return sock.recv_into(scratch, 0, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            if time.perf_counter() >= deadline:
-                return sock.recv_into(scratch)
+    got = poll_recv_into(sock, scratch, spin_s)
+    return sock.recv_into(scratch) if got is None else got
 
 
 def _read_head(sock: socket.socket, scratch: bytearray, got: int) -> tuple[bytearray, int, int]:
@@ -307,13 +298,4 @@ def _send(sock: socket.socket, head: bytes, parts: Sequence[bytes | memoryview])
     if total < _SEND_JOINED_BELOW:
         sock.sendall(b"".join((head, *parts)))
         return
-    views = [memoryview(head), *(memoryview(p).cast("B") for p in parts if len(p))]
-    while views:
-        sent = sock.sendmsg(views)
-        while sent:
-            if sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][sent:]
-                sent = 0
+    send_parts(sock, [head, *parts])

@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -48,6 +47,7 @@ from typing import Final, Protocol
 import httptools
 
 from agent.oip import error_body
+from agent.sockets import poll_recv_into, send_parts, set_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,6 @@ _REUSE_AT_MOST: Final = 16 * 1024 * 1024  # ... up to this size (kept per connec
 _HEADS_REMEMBERED: Final = 16  # distinct request heads remembered per connection
 _DRAIN_S: Final = 2.0  # how long an oversized body is drained after its 413
 _END_OF_HEAD: Final = b"\r\n\r\n"
-_TIMEVAL: Final = struct.Struct("ll")
 RETRY_AFTER: Final = b"Retry-After: 1\r\n"
 
 
@@ -285,7 +284,7 @@ class Connection:
         # Kernel timeouts on a blocking socket: Python's own would poll() before every
         # recv and send, a syscall each (costly on a small VM's cold path).
         sock.settimeout(None)
-        _set_timeout(sock, socket.SO_SNDTIMEO, host.body_timeout_s)
+        set_timeout(sock, socket.SO_SNDTIMEO, host.body_timeout_s)
         self._timeout = -1.0  # the SO_RCVTIMEO in force
         self._lock = threading.Lock()
         self._busy = False  # answering a request (shut_down waits for it)
@@ -353,7 +352,7 @@ class Connection:
         if timeout <= 0:
             raise TimeoutError
         if timeout != self._timeout:
-            _set_timeout(self.sock, socket.SO_RCVTIMEO, timeout)
+            set_timeout(self.sock, socket.SO_RCVTIMEO, timeout)
             self._timeout = timeout
         try:
             return self.sock.recv_into(view)
@@ -388,7 +387,7 @@ class Connection:
             try:
                 got = None
                 if head_started is None and self._gap_s <= host.busy_poll_s:
-                    got = self._poll_into(self._view[self._end :], host.busy_poll_s)
+                    got = poll_recv_into(self.sock, self._view[self._end :], host.busy_poll_s)
                 if got is None:
                     got = self._recv_into(self._view[self._end :], timeout)
             except TimeoutError:
@@ -402,21 +401,6 @@ class Connection:
                 head_started = time.monotonic()
                 self._gap_s = head_started - self._answered
             self._end += got
-
-    def _poll_into(self, view: memoryview, for_s: float) -> int | None:
-        """Busy-poll for data for up to ``for_s`` s; None when none came (then block).
-
-        A client that sends its next request right after reading an answer gets it read
-        without the wake-up of a blocked thread (tens of µs on a small VM, and the
-        caches it costs); only connections whose last gap was that short poll.
-        """
-        give_up = time.monotonic() + for_s
-        while True:
-            try:
-                return self.sock.recv_into(view, 0, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                if time.monotonic() >= give_up:
-                    return None
 
     def _parse_head(self, head_end: int) -> _Head:
         """Parse the buffered head ending at ``head_end``; consume it from the buffer.
@@ -578,20 +562,6 @@ class Connection:
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in recv
 
 
-def send_parts(sock: socket.socket, parts: Sequence[bytes | memoryview]) -> None:
-    """Send every part in order without joining them (``sendmsg`` scatter-gather)."""
-    views = [memoryview(p).cast("B") for p in parts if len(p)]
-    while views:
-        sent = sock.sendmsg(views[:1024])  # IOV_MAX
-        while sent:
-            if sent >= len(views[0]):
-                sent -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][sent:]
-                sent = 0
-
-
 def refuse(sock: socket.socket, response: Response) -> None:
     """Answer a connection the server will not serve (403, 503) and close it, without
     blocking the thread that accepts connections."""
@@ -603,13 +573,6 @@ def refuse(sock: socket.socket, response: Response) -> None:
         pass
     finally:
         sock.close()
-
-
-def _set_timeout(sock: socket.socket, option: int, seconds: float) -> None:
-    """Set SO_RCVTIMEO or SO_SNDTIMEO (a zero timeval means never: at least 1 µs)."""
-    seconds = max(seconds, 1e-6)
-    whole = int(seconds)
-    sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, int((seconds - whole) * 1e6)))
 
 
 def _unreferenced(buffer: bytearray) -> bool:
