@@ -413,11 +413,14 @@ def run(quick: bool) -> tuple[list[str], list[str]]:
         lines.append(f"| {name} | {value:.0f} |")
     for region in regions:
         region.close()
-    best_served = max(served.values())
-    verdicts.append(_goal("CNN 4 clients ≥ 0.85× best in-process throughput",
-                          best_served >= 0.85 * inproc[best_name],
-                          f"{best_served / inproc[best_name]:.2f}× "
-                          f"({max(served, key=lambda k: served[k])} vs {best_name})"))  # fmt: skip
+    # Judged on the shipped configuration, each transport on its own; the other
+    # configurations are there to show why the default is the default.
+    for name in served:
+        if "(default)" in name:
+            ratio = served[name] / inproc[best_name]
+            verdicts.append(_goal(f"CNN 4 clients ≥ 0.85× best in-process throughput, "
+                                  f"{name.rsplit(', ', 1)[1]}", ratio >= 0.85,
+                                  f"{ratio:.2f}× ({name} vs {best_name})"))  # fmt: skip
     shutil.rmtree(base, ignore_errors=True)
     return lines, verdicts
 
