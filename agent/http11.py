@@ -25,7 +25,8 @@ Invariants:
 - ``100 Continue`` is sent before reading a body the limits accept.
 - Between requests, a connection whose client came back within ``busy_poll_s`` last
   time polls for that long before blocking (a blocked thread's wake-up costs tens of
-  µs and cold caches on a small VM); any other connection blocks at once.
+  µs and cold caches on a small VM), when the host says a core is free for it; any
+  other connection blocks at once.
 - Timeouts: the head must arrive within ``header_timeout_s`` of its first byte, the body
   within ``body_timeout_s`` of the head, the next request within ``idle_timeout_s``;
   a response must be taken by the client within ``body_timeout_s``.
@@ -174,6 +175,11 @@ class Host(Protocol):
 
     def connection_closed(self, connection: Connection) -> None:
         """Forget a connection that has closed."""
+        ...
+
+    def may_busy_poll(self) -> bool:
+        """Whether a connection may poll for its client's next request now (a core is
+        free: polling would not take CPU from a model run or from the client)."""
         ...
 
 
@@ -386,7 +392,11 @@ class Connection:
                 timeout = head_started + host.header_timeout_s - time.monotonic()
             try:
                 got = None
-                if head_started is None and self._gap_s <= host.busy_poll_s:
+                if (
+                    head_started is None
+                    and self._gap_s <= host.busy_poll_s
+                    and host.may_busy_poll()
+                ):
                     got = poll_recv_into(self.sock, self._view[self._end :], host.busy_poll_s)
                 if got is None:
                     got = self._recv_into(self._view[self._end :], timeout)

@@ -127,6 +127,7 @@ class InferenceServer:
         self.request_deadline_s = request_deadline_s
         self.idle_timeout_s = idle_timeout_s
         self.busy_poll_s = busy_poll_s
+        self._cores = len(os.sched_getaffinity(0))  # what systemd's CPUAffinity= leaves us
         self.allowed_uids = frozenset(allowed_uids)
         self.allowed_gids = frozenset(allowed_gids)
         self.tcp_port = tcp_port
@@ -382,6 +383,12 @@ class InferenceServer:
             self.connection_closed(connection)
             message = "the agent cannot take another connection now"
             refuse(sock, Response.error(503, message, close=True, extra=RETRY_AFTER))
+
+    def may_busy_poll(self) -> bool:
+        """A core is free to poll on: one for the polling thread and one for its client
+        besides the runs in flight (never on a single core, where polling would only
+        delay the client it waits for)."""
+        return self._router.admission.running + 2 <= self._cores
 
     def connection_closed(self, connection: Connection) -> None:
         """Forget a connection that has closed (its thread calls this)."""

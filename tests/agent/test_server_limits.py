@@ -301,6 +301,23 @@ def test_back_to_back_requests_with_and_without_busy_polling(
             assert read_responses(sock, 1)[0][0] == 200
 
 
+def test_busy_polling_only_with_a_core_to_spare(gated: tuple[ModelRegistry, GatedSession]) -> None:
+    registry, session = gated
+    cores = len(os.sched_getaffinity(0))
+    with serving(registry) as server:
+        assert server.may_busy_poll() == (cores >= 2)  # a core for the poller, one for its client
+        results: list[Any] = []
+        thread = _infer_in_thread(server.socket_path, results)
+        assert session.entered.acquire(timeout=10)  # one run in flight
+        try:
+            assert server.may_busy_poll() == (cores >= 3)
+        finally:
+            session.gate.set()
+            thread.join(10)
+        assert results == [(1, 3)]
+        assert server.may_busy_poll() == (cores >= 2)
+
+
 def _config(**inference: Any) -> dict[str, Any]:
     return {
         "device_id": "d1",
