@@ -36,6 +36,7 @@ import multiprocessing as mp
 import os
 import platform
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -143,23 +144,23 @@ def _serve(
     asyncio.run(main())
 
 
-class Agent:
-    """An agent process serving the bench models."""
+class _Process:
+    """A spawned process serving the bench models on a Unix socket in its own folder:
+    ``target(dirs, socket_path, *args, ready)`` sets ``ready`` once it listens."""
 
-    def __init__(self, dirs: dict[str, Path], threads: int, concurrency: int) -> None:
+    def __init__(self, what: str, target: Callable[..., None], dirs: dict[str, Path],
+                 *args: Any) -> None:  # fmt: skip
         self.directory = Path(tempfile.mkdtemp(prefix="ef-bench-", dir="/tmp"))
         self.socket_path = self.directory / "infer.sock"
         ctx = mp.get_context("spawn")
         ready = ctx.Event()
+        paths = {k: str(v) for k, v in dirs.items()}
         self.process = ctx.Process(
-            target=_serve,
-            args=({k: str(v) for k, v in dirs.items()}, str(self.socket_path), threads,
-                  concurrency, ready),
-            daemon=True,
-        )  # fmt: skip
+            target=target, args=(paths, str(self.socket_path), *args, ready), daemon=True
+        )
         self.process.start()
         if not ready.wait(120):
-            raise RuntimeError("the agent process did not start")
+            raise RuntimeError(f"the {what} process did not start")
 
     def close(self) -> None:
         self.process.terminate()
@@ -167,10 +168,15 @@ class Agent:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+class Agent(_Process):
+    """An agent process serving the bench models."""
+
+    def __init__(self, dirs: dict[str, Path], threads: int, concurrency: int) -> None:
+        super().__init__("agent", _serve, dirs, threads, concurrency)
+
+
 def _bare_serve(dirs: dict[str, str], socket_path: str, ready: Any) -> None:
     """Answer each one-byte request (``t``: tiny, ``c``: CNN) with a run and one byte."""
-    import socket
-
     inputs = dict(zip("tc", _inputs(), strict=True))
     models = {"t": _load(Path(dirs["tiny"]), 1), "c": _load(Path(dirs["cnn"]), 1)}
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -185,25 +191,13 @@ def _bare_serve(dirs: dict[str, str], socket_path: str, ready: Any) -> None:
                 connection.sendall(b"k")
 
 
-class BareHop:
+class BareHop(_Process):
     """The floor: a process running the same sessions behind a one-byte protocol."""
 
     def __init__(self, dirs: dict[str, Path]) -> None:
-        import socket
-
-        self.directory = Path(tempfile.mkdtemp(prefix="ef-bench-hop-", dir="/tmp"))
-        path = self.directory / "hop.sock"
-        ctx = mp.get_context("spawn")
-        ready = ctx.Event()
-        self.process = ctx.Process(
-            target=_bare_serve, args=({k: str(v) for k, v in dirs.items()}, str(path), ready),
-            daemon=True,
-        )  # fmt: skip
-        self.process.start()
-        if not ready.wait(120):
-            raise RuntimeError("the bare-hop process did not start")
+        super().__init__("bare-hop", _bare_serve, dirs)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(path))
+        self.sock.connect(str(self.socket_path))
 
     def call(self, which: bytes) -> None:
         self.sock.sendall(which)
@@ -212,9 +206,7 @@ class BareHop:
 
     def close(self) -> None:
         self.sock.close()
-        self.process.terminate()
-        self.process.join(10)
-        shutil.rmtree(self.directory, ignore_errors=True)
+        super().close()
 
 
 def _inputs() -> tuple[np.ndarray, np.ndarray]:
