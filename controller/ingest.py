@@ -1,10 +1,11 @@
 """Ingest devices' status, heartbeats and events from MQTT into the telemetry store.
 
 Two threads and a queue: paho's network thread only enqueues (topic, payload, time
-received); the ``ingest-writer`` thread drains the queue in batches (up to
-``batch_size`` messages, or what arrived within ``flush_s``), parses them and writes each
-batch to the store in one transaction. Batching is what makes SQLite keep up with a large
-fleet: one commit per message is about half as fast (docs/benchmarks.md).
+received, and what is needed to acknowledge it); the ``ingest-writer`` thread drains the
+queue in batches (up to ``batch_size`` messages, or what arrived within ``flush_s``),
+parses them, writes each batch to the store in one transaction and only then
+acknowledges its QoS 1 messages (PUBACK). Batching is what makes SQLite keep up with a
+large fleet: one commit per message is about half as fast (docs/benchmarks.md).
 
 Heartbeats are most of the traffic (a fleet of 100,000 sends 10,000 a second), so they
 take a hot path: orjson decodes them and ``parse_heartbeat`` checks and keeps only what
@@ -15,13 +16,33 @@ and status messages go through the contract's parsers. paho reads the socket thr
 
 The client speaks MQTT 5 with a persistent session (``clean_start`` false, a session
 expiry), so QoS 1 events published while this process is down or reconnecting wait in
-the broker for it. With ``shared_group`` set it subscribes as
-``$share/<group>/edgefleet/v1/fleets/+/devices/+/+``: several workers, one store.
+the broker for it, and so do the ones it received but never acknowledged: the broker
+sends those again after a reconnect. Acknowledging manually, the client tells the
+broker how many unacknowledged messages it may hold (the CONNECT property Receive
+Maximum, ``IngestSettings.receive_maximum``); mosquitto's own ``max_inflight_messages``
+(20 by default) applies only to clients that do not send it. With ``shared_group`` set it
+subscribes as ``$share/<group>/edgefleet/v1/fleets/+/devices/+/+``: several workers, one
+store. The subscription is QoS 1, so no QoS 2 message ever arrives.
+
+A store outage: the writer retries the batch it holds (backoff up to
+``store_retry_max_s``, an error logged per attempt) and acknowledges nothing meanwhile;
+the broker stops sending QoS 1 messages once ``receive_maximum`` are unacknowledged and
+queues the rest (up to its ``max_queued_messages``).
 
 Invariants:
+- A QoS 1 message is acknowledged only after the transaction holding it committed, or
+  when it is rejected for good (it does not parse); so a message this process received
+  but did not store is sent again by the broker, never lost. Redelivery may repeat a
+  stored message: events are stored once (the store's key), status and heartbeat
+  figures only move forward (controller.store).
+- Acknowledgements go out in the order the messages arrived, and only on the connection
+  that delivered them (a packet id means nothing on the next one; the broker sends
+  what was not acknowledged again there).
 - A message that does not parse, or whose payload names another device or fleet than
   its topic, is counted as rejected and logged (rate-limited), never stored.
-- ``stop`` stores what was received before it returns.
+- ``stop`` stores and acknowledges what was received before it returns, unless the store
+  fails then: it does not retry, leaves those messages unacknowledged for the broker
+  to send again (QoS 0 ones are counted as lost) and returns within ``stop_timeout_s``.
 """
 
 from __future__ import annotations
@@ -287,15 +308,34 @@ class IngestSettings:
     session_expiry_s: int = 3600
     batch_size: int = 2000
     flush_s: float = 0.2
+    store_retry_max_s: float = 10.0
+    stop_timeout_s: float = 30.0
 
     @property
     def subscription(self) -> str:
         topic = device_topic_filter()
         return f"$share/{self.shared_group}/{topic}" if self.shared_group else topic
 
+    @property
+    def receive_maximum(self) -> int:
+        """Unacknowledged QoS 1 messages the broker may send us (MQTT 5 Receive Maximum).
+
+        A batch is acknowledged after its commit, while the next one fills: a window of
+        four batches keeps the broker sending during a commit (at most 65535, MQTT's
+        limit; at least 1000, so small batches are not throttled by the round trip).
+        """
+        return min(65535, max(1000, 4 * self.batch_size))
+
+
+# A queued message: (topic, payload, received at, qos, packet id, connection number).
+_Item = tuple[str, bytes, float, int, int, int]
+
 
 class Ingestor:
-    """Subscribes to every device topic and stores what arrives, in batches."""
+    """Subscribes to every device topic and stores what arrives, in batches; acknowledges
+    a QoS 1 message once it is stored."""
+
+    _RETRY_FIRST_S: Final = 0.5
 
     def __init__(
         self, settings: IngestSettings, store: TelemetryStore, tls: ssl.SSLContext | None = None
@@ -304,10 +344,19 @@ class Ingestor:
         self.settings = settings
         self.store = store
         self.counts: Counter[str] = Counter()
-        self._queue: queue.SimpleQueue[tuple[str, bytes, float] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._connected = threading.Event()
+        self._stopping = threading.Event()
         self._writer: threading.Thread | None = None
         self._last_reject_log = 0.0
+        # Which connection a message came on: an acknowledgement is sent only on it. The
+        # network thread moves it on (dis)connect, under the lock the writer acks under.
+        self._connection = 0
+        self._ack_lock = threading.Lock()
+        # QoS 1 messages received (network thread) and settled: acknowledged, or left to
+        # the broker to send again (writer thread). Each is written by one thread only.
+        self._received_qos1 = 0
+        self._settled_qos1 = 0
         client = _IngestClient(
             CallbackAPIVersion.VERSION2, client_id=settings.client_id, protocol=mqtt.MQTTv5
         )
@@ -315,6 +364,7 @@ class Ingestor:
             client.tls_set_context(tls)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         client.max_inflight_messages_set(1000)
+        client.manual_ack_set(True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -324,12 +374,18 @@ class Ingestor:
     def is_connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def unacknowledged(self) -> int:
+        """QoS 1 messages received and not yet acknowledged (nor left to the broker)."""
+        return self._received_qos1 - self._settled_qos1
+
     def start(self) -> None:
         """Start the writer and connect in the background (never raises for a down broker)."""
         self._writer = threading.Thread(target=self._write_loop, name="ingest-writer", daemon=True)
         self._writer.start()
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self.settings.session_expiry_s
+        props.ReceiveMaximum = self.settings.receive_maximum
         self._client.connect_async(
             self.settings.host,
             self.settings.port,
@@ -340,12 +396,28 @@ class Ingestor:
         self._client.loop_start()
 
     def stop(self) -> None:
-        """Disconnect, then store everything received so far and stop the writer."""
-        self._client.disconnect()
-        self._client.loop_stop()
+        """Store and acknowledge everything received so far, then disconnect.
+
+        Returns within about ``stop_timeout_s``: a batch the store fails to take is not
+        retried now; its messages stay unacknowledged, and the broker keeps them for the
+        persistent session.
+        """
+        self._stopping.set()
         self._queue.put(None)
         if self._writer is not None:
-            self._writer.join(timeout=30)
+            self._writer.join(timeout=self.settings.stop_timeout_s)
+            if self._writer.is_alive():
+                logger.error(
+                    "ingest: the store did not finish within %.0f s; disconnecting with "
+                    "%d message(s) unacknowledged (the broker sends them again)",
+                    self.settings.stop_timeout_s,
+                    self.unacknowledged,
+                )
+        with self._ack_lock:
+            self._connection += 1  # a writer still running must not ack any more
+        self._connected.clear()  # so the disconnect is not logged as lost
+        self._client.disconnect()  # after the acks queued before it
+        self._client.loop_stop()
 
     # paho callbacks (network thread) --------------------------------------------
 
@@ -353,6 +425,8 @@ class Ingestor:
         if reason.is_failure:
             logger.warning("ingest: broker refused us: %s", reason)
             return
+        with self._ack_lock:
+            self._connection += 1
         self._connected.set()
         client.subscribe(self.settings.subscription, options=SubscribeOptions(qos=1))
         logger.info(
@@ -362,18 +436,32 @@ class Ingestor:
         )
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        with self._ack_lock:
+            self._connection += 1
         if self._connected.is_set():
             logger.warning("ingest: lost the broker (%s); reconnecting", reason)
         self._connected.clear()
 
     def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
-        self._queue.put((message.topic, bytes(message.payload), time.time()))
+        qos = message.qos
+        if qos:
+            self._received_qos1 += 1
+        self._queue.put(
+            (
+                message.topic,
+                bytes(message.payload),
+                time.time(),
+                qos,
+                message.mid,
+                self._connection,
+            )
+        )
 
     # the writer thread ----------------------------------------------------------
 
-    def _next_batch(self) -> tuple[list[tuple[str, bytes, float]], bool]:
+    def _next_batch(self) -> tuple[list[_Item], bool]:
         """Up to ``batch_size`` messages; True as second item when asked to stop."""
-        items: list[tuple[str, bytes, float]] = []
+        items: list[_Item] = []
         try:
             first = self._queue.get(timeout=self.settings.flush_s)
         except queue.Empty:
@@ -397,33 +485,94 @@ class Ingestor:
 
     def _write_loop(self) -> None:
         stopping = False
+        unstored: list[_Item] = []
         while not stopping:
             items, stopping = self._next_batch()
-            if items:
-                self._store(items)
+            if items and not self._store(items):
+                unstored = items  # the store failed while stopping
+                break
+        while not self._queue.empty():  # what arrived after stop, or after that failure
+            item = self._queue.get_nowait()
+            if item is not None:
+                unstored.append(item)
+        self._leave_to_broker(unstored)
 
-    def _store(self, items: list[tuple[str, bytes, float]]) -> None:
+    def _store(self, items: list[_Item]) -> bool:
+        """Parse and store ``items``, then acknowledge them; False when the store failed
+        and ``stop`` was called (nothing acknowledged then)."""
         batch = IngestBatch()
-        for topic, payload, received_at in items:
+        for topic, payload, received_at, *_ack in items:
             try:
                 add_payload(batch, topic, payload, received_at)
             except PayloadError as exc:
                 self.counts["rejected"] += 1
                 self._log_reject(topic, exc)
-        for _attempt in range(3):
-            try:
-                self.store.write(batch)
-                break
-            except Exception as exc:  # a store error must not kill ingestion
-                logger.error("ingest: storing %d message(s) failed: %s", len(batch), exc)
-                time.sleep(1)
-        else:
-            self.counts["lost"] += len(batch)
-            return
+        if not self._write_until_stored(batch):
+            return False
         self.counts["heartbeats"] += len(batch.heartbeats) + len(batch.heartbeat_facts)
         self.counts["events"] += len(batch.events)
         self.counts["statuses"] += len(batch.statuses)
         self.counts["batches"] += 1
+        self._acknowledge(items)
+        return True
+
+    def _write_until_stored(self, batch: IngestBatch) -> bool:
+        """Write ``batch``, retrying with backoff while the store fails; False if it still
+        fails once ``stop`` was called."""
+        if not len(batch):
+            return True
+        delay, attempt = self._RETRY_FIRST_S, 1
+        while True:
+            try:
+                self.store.write(batch)
+            except Exception as exc:  # a store error must not kill ingestion
+                if self._stopping.is_set():
+                    logger.error(
+                        "ingest: storing %d message(s) failed while stopping: %s",
+                        len(batch),
+                        exc,
+                    )
+                    return False
+                logger.error(
+                    "ingest: storing %d message(s) failed (attempt %d): %s; retrying in "
+                    "%.1f s, %d message(s) unacknowledged meanwhile",
+                    len(batch),
+                    attempt,
+                    exc,
+                    delay,
+                    self.unacknowledged,
+                )
+                self._stopping.wait(delay)
+                delay, attempt = min(delay * 2, self.settings.store_retry_max_s), attempt + 1
+                continue
+            if attempt > 1:
+                logger.warning(
+                    "ingest: stored %d message(s) after %d attempts", len(batch), attempt
+                )
+            return True
+
+    def _acknowledge(self, items: list[_Item]) -> None:
+        """PUBACK the QoS 1 messages of ``items`` in order, on the connection that
+        delivered them; on a later one the broker has already sent them again."""
+        with self._ack_lock:
+            connection = self._connection
+            for *_message, qos, mid, delivered_on in items:
+                if qos:
+                    if delivered_on == connection:
+                        self._client.ack(mid, qos)
+                    self._settled_qos1 += 1
+
+    def _leave_to_broker(self, items: list[_Item]) -> None:
+        """Give up on ``items`` without acknowledging them: the broker keeps the QoS 1
+        ones for the session; QoS 0 ones are lost (counted)."""
+        left_qos1 = sum(1 for item in items if item[3])
+        self._settled_qos1 += left_qos1
+        self.counts["lost"] += len(items) - left_qos1
+        if left_qos1:
+            logger.warning(
+                "ingest: left %d QoS 1 message(s) unacknowledged; the broker sends them again",
+                left_qos1,
+            )
 
     def _log_reject(self, topic: str, exc: Exception) -> None:
         now = time.monotonic()
