@@ -11,7 +11,8 @@ httptools (llhttp) parses each request line and headers; a body with Content-Len
 then read straight into its own buffer with ``recv_into`` (no intermediate copies; large
 buffers are reused across requests of a connection once nothing refers to them). A
 chunked body goes through the parser, and the connection closes after answering it (the
-parser may have consumed bytes of a following request). No framework.
+parser may have consumed bytes of a following request). No framework. The request and
+response it passes to and from ``dispatch`` are ``agent.http_messages``'s.
 
 Invariants:
 - Responses leave in the order requests came (HTTP/1.1 pipelining): the thread handles
@@ -42,30 +43,15 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
 import httptools
 
-from agent.oip import error_body
+from agent.http_messages import Dispatch, Request, Response
 from agent.sockets import poll_recv_into, send_parts, set_timeout
 
 logger = logging.getLogger(__name__)
 
-_REASONS: Final = {
-    200: "OK",
-    400: "Bad Request",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    413: "Payload Too Large",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-_STATUS_LINES: Final = {s: f"HTTP/1.1 {s} {r}\r\n".encode() for s, r in _REASONS.items()}
-_JSON: Final = b"application/json"
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _MAX_HEAD_BYTES: Final = 64 * 1024  # request line and headers together
 _READ_SIZE: Final = 64 * 1024  # bytes asked of the kernel per read of a head
@@ -75,93 +61,6 @@ _REUSE_AT_MOST: Final = 16 * 1024 * 1024  # ... up to this size (kept per connec
 _HEADS_REMEMBERED: Final = 16  # distinct request heads remembered per connection
 _DRAIN_S: Final = 2.0  # how long an oversized body is drained after its 413
 _END_OF_HEAD: Final = b"\r\n\r\n"
-RETRY_AFTER: Final = b"Retry-After: 1\r\n"
-
-
-class Response:
-    """A response to write: status, body (bytes or parts), extra header lines."""
-
-    __slots__ = ("body", "close", "content_type", "extra", "status")
-
-    def __init__(
-        self,
-        status: int,
-        body: bytes | Sequence[bytes | memoryview],
-        *,
-        close: bool = False,
-        extra: bytes = b"",
-        content_type: bytes = _JSON,
-    ) -> None:
-        self.status = status
-        self.body = body
-        self.close = close
-        self.extra = extra  # extra header lines, each ending in CRLF
-        self.content_type = content_type
-
-    @classmethod
-    def error(
-        cls, status: int, message: str, *, close: bool = False, extra: bytes = b""
-    ) -> Response:
-        """An error response with the JSON body ``{"error": message}``."""
-        return cls(status, error_body(message), close=close, extra=extra)
-
-    def encode_head(self, connection_header: bytes) -> tuple[bytes, Sequence[bytes | memoryview]]:
-        """The status line and headers (with ``connection_header``), and the body parts."""
-        body = self.body
-        parts: Sequence[bytes | memoryview] = (body,) if isinstance(body, bytes) else body
-        length = sum(len(p) for p in parts)
-        head = b"".join(
-            (
-                _STATUS_LINES[self.status],
-                b"Content-Type: ",
-                self.content_type,
-                b"\r\nContent-Length: ",
-                str(length).encode(),
-                b"\r\n",
-                connection_header,
-                self.extra,
-                b"\r\n",
-            )
-        )
-        return head, parts
-
-
-class Request:
-    """One complete request, as the connection hands it to ``dispatch``."""
-
-    __slots__ = (
-        "body",
-        "header_length",
-        "http_1_0",
-        "keep_alive",
-        "method",
-        "peer_uid",
-        "received",
-        "url",
-    )
-
-    def __init__(
-        self,
-        method: bytes,
-        url: bytes,
-        body: bytes | bytearray | memoryview,
-        keep_alive: bool,
-        http_1_0: bool,
-        header_length: int | None,
-        peer_uid: int | None,
-        received: float,
-    ) -> None:
-        self.method = method
-        self.url = url
-        self.body = body
-        self.keep_alive = keep_alive
-        self.http_1_0 = http_1_0
-        self.header_length = header_length  # Inference-Header-Content-Length
-        self.peer_uid = peer_uid  # None on TCP: no SO_PEERCRED there
-        self.received = received  # time.monotonic() when the request was complete
-
-
-Dispatch = Callable[[Request], Response]
 
 
 class Host(Protocol):
@@ -570,19 +469,6 @@ class Connection:
     def _shutdown_socket(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in recv
-
-
-def refuse(sock: socket.socket, response: Response) -> None:
-    """Answer a connection the server will not serve (403, 503) and close it, without
-    blocking the thread that accepts connections."""
-    head, parts = response.encode_head(b"Connection: close\r\n")
-    try:
-        sock.setblocking(False)
-        sock.send(b"".join((head, *parts)))
-    except OSError:
-        pass
-    finally:
-        sock.close()
 
 
 def _unreferenced(buffer: bytearray) -> bool:

@@ -39,7 +39,7 @@ from agent.errors import (
     ModelNotFoundError,
     NotReadyError,
 )
-from agent.http11 import RETRY_AFTER, Request, Response
+from agent.http_messages import RETRY_AFTER, Request, Response
 from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.metrics import InferenceMetrics
 from agent.oip import PlanCache, model_metadata, parse_infer_request

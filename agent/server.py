@@ -9,7 +9,8 @@ no framework, no hop between threads per request. Three layers:
   ``from_config``;
 - ``agent.routes``: routing each request to its endpoint, admission and deadlines;
 - ``agent.http11``: the HTTP/1.1 transport of one connection — parsing, timeouts,
-  pipelining, response writing.
+  pipelining, response writing;
+- ``agent.http_messages``: the request and response passed between the two.
 
 Invariants:
 - Bad input never gets a 5xx and never crashes the server: a peer outside the
@@ -42,7 +43,8 @@ from typing import TYPE_CHECKING, Final
 
 import agent
 from agent.errors import ConfigError
-from agent.http11 import RETRY_AFTER, Connection, Response, refuse
+from agent.http11 import Connection
+from agent.http_messages import RETRY_AFTER, Response, refuse
 from agent.metrics import InferenceMetrics
 from agent.oip import EXTENSIONS
 from agent.routes import Router
