@@ -1,0 +1,199 @@
+"""Tensor datatypes and the bundle format: its members and its ``manifest.json``.
+
+A bundle holds ``manifest.json``, ``model.onnx``, ``golden.npz`` and optionally
+``labels.txt``; the manifest lists every other member with its size and sha256.
+``parse_manifest`` raises ``BundleError`` naming the field, what was expected and what
+was found.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+from agent.contracts._fields import _require
+from agent.contracts.names import InvalidNameError, check_name, check_version
+from agent.errors import BundleError
+
+# ---------------------------------------------------------------------------- datatypes
+
+# Open Inference Protocol v2 datatype → numpy dtype string.
+OIP_TO_NUMPY: Final[Mapping[str, str]] = {
+    "BOOL": "bool",
+    "UINT8": "uint8",
+    "UINT16": "uint16",
+    "UINT32": "uint32",
+    "UINT64": "uint64",
+    "INT8": "int8",
+    "INT16": "int16",
+    "INT32": "int32",
+    "INT64": "int64",
+    "FP16": "float16",
+    "FP32": "float32",
+    "FP64": "float64",
+    "BYTES": "object",
+}
+NUMPY_TO_OIP: Final[Mapping[str, str]] = {v: k for k, v in OIP_TO_NUMPY.items()}
+
+# ONNX Runtime's type strings (``NodeArg.type``) → OIP datatype.
+ORT_TO_OIP: Final[Mapping[str, str]] = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+# ---------------------------------------------------------------------------- bundle
+
+BUNDLE_MANIFEST: Final = "manifest.json"
+BUNDLE_MODEL: Final = "model.onnx"
+BUNDLE_GOLDEN: Final = "golden.npz"
+BUNDLE_REQUIRED_MEMBERS: Final = (BUNDLE_MANIFEST, BUNDLE_MODEL, BUNDLE_GOLDEN)
+BUNDLE_OPTIONAL_MEMBERS: Final = ("labels.txt",)
+# golden.npz holds arrays named ``input:<tensor name>`` and ``output:<tensor name>``;
+# the first axis of each array indexes the golden case.
+GOLDEN_INPUT_PREFIX: Final = "input:"
+GOLDEN_OUTPUT_PREFIX: Final = "output:"
+MANIFEST_SCHEMA: Final = "edgefleet.manifest/1"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output: its name, OIP datatype and shape (-1 for a dynamic axis)."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GoldenSpec:
+    """How many golden cases the bundle carries and the tolerance they must meet.
+
+    An output matches when ``|got - expected| <= atol + rtol * |expected|`` elementwise.
+    """
+
+    cases: int
+    rtol: float
+    atol: float
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The bundle's ``manifest.json``: what the model is, how it was built, how good it is.
+
+    ``members`` maps every file of the bundle (other than the manifest) to its size in
+    bytes and sha256, so unpacking can refuse anything unexpected or oversized.
+    """
+
+    name: str
+    version: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    opset: int
+    min_ort_version: str
+    golden: GoldenSpec
+    members: Mapping[str, Mapping[str, Any]]
+    build: Mapping[str, Any] = field(default_factory=dict)
+    sizes: Mapping[str, int] = field(default_factory=dict)
+    quality: Mapping[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    schema: str = MANIFEST_SCHEMA
+
+    def to_json_bytes(self) -> bytes:
+        doc = asdict(self)
+        doc["inputs"] = [t.to_json() for t in self.inputs]
+        doc["outputs"] = [t.to_json() for t in self.outputs]
+        return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=True).encode()
+
+
+def _parse_tensor(doc: Any, where: str) -> TensorSpec:
+    if not isinstance(doc, Mapping):
+        raise BundleError(f"{where}: expected an object, got {type(doc).__name__}")
+    name = _require(doc, "name", str, where)
+    datatype = _require(doc, "datatype", str, where)
+    if datatype not in OIP_TO_NUMPY:
+        raise BundleError(f"{where}: unknown datatype {datatype!r}")
+    shape = _require(doc, "shape", list, where)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= -1 for d in shape):
+        raise BundleError(f"{where}: shape must be integers >= -1, got {shape!r}")
+    return TensorSpec(name=name, datatype=datatype, shape=tuple(shape))
+
+
+def parse_manifest(raw: bytes) -> Manifest:
+    """Parse and validate ``manifest.json``; raise BundleError naming what is wrong."""
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"manifest.json is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise BundleError("manifest.json: expected a JSON object")
+    where = "manifest.json"
+    schema = _require(doc, "schema", str, where)
+    if schema != MANIFEST_SCHEMA:
+        raise BundleError(f"{where}: schema expected {MANIFEST_SCHEMA!r}, got {schema!r}")
+    try:
+        name = check_name("model", _require(doc, "name", str, where))
+        version = check_version(_require(doc, "version", str, where))
+    except InvalidNameError as exc:
+        raise BundleError(f"{where}: {exc}") from None
+    inputs = tuple(
+        _parse_tensor(t, f"{where} inputs[{i}]")
+        for i, t in enumerate(_require(doc, "inputs", list, where))
+    )
+    outputs = tuple(
+        _parse_tensor(t, f"{where} outputs[{i}]")
+        for i, t in enumerate(_require(doc, "outputs", list, where))
+    )
+    if not inputs or not outputs:
+        raise BundleError(f"{where}: a model needs at least one input and one output")
+    golden_doc = _require(doc, "golden", dict, where)
+    golden = GoldenSpec(
+        cases=_require(golden_doc, "cases", int, f"{where} golden"),
+        rtol=float(_require(golden_doc, "rtol", (int, float), f"{where} golden")),
+        atol=float(_require(golden_doc, "atol", (int, float), f"{where} golden")),
+    )
+    members = _require(doc, "members", dict, where)
+    for member, info in members.items():
+        if member not in BUNDLE_REQUIRED_MEMBERS + BUNDLE_OPTIONAL_MEMBERS:
+            raise BundleError(f"{where}: unexpected member {member!r}")
+        if member == BUNDLE_MANIFEST:
+            raise BundleError(f"{where}: the manifest cannot list itself")
+        if not isinstance(info, dict):
+            raise BundleError(f"{where}: members[{member!r}] expected an object")
+        size = _require(info, "size", int, f"{where} members[{member!r}]")
+        digest = _require(info, "sha256", str, f"{where} members[{member!r}]")
+        if size < 0 or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise BundleError(f"{where}: members[{member!r}] has a bad size or sha256")
+    for required in (BUNDLE_MODEL, BUNDLE_GOLDEN):
+        if required not in members:
+            raise BundleError(f"{where}: members must list {required!r}")
+    return Manifest(
+        name=name,
+        version=version,
+        inputs=inputs,
+        outputs=outputs,
+        opset=_require(doc, "opset", int, where),
+        min_ort_version=_require(doc, "min_ort_version", str, where),
+        golden=golden,
+        members=members,
+        build=doc.get("build", {}) if isinstance(doc.get("build", {}), dict) else {},
+        sizes=doc.get("sizes", {}) if isinstance(doc.get("sizes", {}), dict) else {},
+        quality=doc.get("quality", {}) if isinstance(doc.get("quality", {}), dict) else {},
+        created_at=str(doc.get("created_at", "")),
+    )

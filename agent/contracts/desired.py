@@ -1,0 +1,165 @@
+"""A fleet's desired state (``desired.json``) and how a rollout picks each device's release.
+
+``parse_desired_state`` raises ``DesiredStateError`` naming the field, what was expected
+and what was found. ``device_bucket`` is stable per (rollout, device), so a device stays
+on the same side of a rollout while its percentage grows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+from agent.contracts._fields import _require
+from agent.contracts.names import (
+    InvalidNameError,
+    bundle_target_path,
+    check_name,
+    check_version,
+)
+from agent.errors import BundleError, DesiredStateError
+
+# ---------------------------------------------------------------------------- desired state
+
+DESIRED_SCHEMA: Final = "edgefleet.desired/1"
+
+
+@dataclass(frozen=True)
+class ProbationPolicy:
+    """What a new version must show after activation before the device commits it."""
+
+    duration_s: float = 60.0
+    min_requests: int = 0
+    max_error_rate: float = 0.05
+    max_p99_ratio: float = 2.0
+
+
+@dataclass(frozen=True)
+class ModelRelease:
+    """One model's entry in a fleet's desired state.
+
+    ``version`` is the new release; devices outside the rollout keep ``previous``
+    (or nothing, when there is none). ``percent`` of devices (by bucket) plus every
+    device in ``canaries`` take ``version``.
+    """
+
+    version: str
+    target: str
+    rollout_id: str
+    percent: float = 100.0
+    previous: str | None = None
+    previous_target: str | None = None
+    canaries: tuple[str, ...] = ()
+    probation: ProbationPolicy = field(default_factory=ProbationPolicy)
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """A fleet's ``desired.json``: per model, which release its devices should run."""
+
+    fleet: str
+    models: Mapping[str, ModelRelease]
+    issued_at: str = ""
+    schema: str = DESIRED_SCHEMA
+
+    def to_json_bytes(self) -> bytes:
+        doc: dict[str, Any] = {
+            "schema": self.schema,
+            "fleet": self.fleet,
+            "issued_at": self.issued_at,
+            "models": {},
+        }
+        for name, rel in sorted(self.models.items()):
+            entry = asdict(rel)
+            entry["canaries"] = list(rel.canaries)
+            doc["models"][name] = entry
+        return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=True).encode()
+
+
+def _desired_field(
+    doc: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str
+) -> Any:
+    try:
+        return _require(doc, key, kind, where)
+    except BundleError as exc:
+        raise DesiredStateError(str(exc)) from None
+
+
+def parse_desired_state(raw: bytes, expected_fleet: str) -> DesiredState:
+    """Parse ``desired.json``; raise DesiredStateError naming what is wrong."""
+    where = f"fleets/{expected_fleet}/desired.json"
+    try:
+        doc = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DesiredStateError(f"{where} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise DesiredStateError(f"{where}: expected a JSON object")
+    schema = _desired_field(doc, "schema", str, where)
+    if schema != DESIRED_SCHEMA:
+        raise DesiredStateError(f"{where}: schema expected {DESIRED_SCHEMA!r}, got {schema!r}")
+    fleet = _desired_field(doc, "fleet", str, where)
+    if fleet != expected_fleet:
+        raise DesiredStateError(f"{where}: fleet expected {expected_fleet!r}, got {fleet!r}")
+    models: dict[str, ModelRelease] = {}
+    for name, entry in _desired_field(doc, "models", dict, where).items():
+        w = f"{where} models[{name!r}]"
+        try:
+            check_name("model", name)
+            version = check_version(_desired_field(entry, "version", str, w))
+            previous = entry.get("previous")
+            if previous is not None:
+                check_version(previous)
+        except InvalidNameError as exc:
+            raise DesiredStateError(f"{w}: {exc}") from None
+        target = _desired_field(entry, "target", str, w)
+        if target != bundle_target_path(name, version):
+            raise DesiredStateError(
+                f"{w}: target expected {bundle_target_path(name, version)!r}, got {target!r}"
+            )
+        percent = float(_desired_field(entry, "percent", (int, float), w))
+        if not 0.0 <= percent <= 100.0:
+            raise DesiredStateError(f"{w}: percent expected 0..100, got {percent}")
+        canaries = _desired_field(entry, "canaries", list, w)
+        prob = entry.get("probation", {})
+        if not isinstance(prob, dict):
+            raise DesiredStateError(f"{w}: probation expected an object")
+        try:
+            policy = ProbationPolicy(**prob)
+        except TypeError as exc:
+            raise DesiredStateError(f"{w}: probation: {exc}") from None
+        models[name] = ModelRelease(
+            version=version,
+            target=target,
+            rollout_id=str(_desired_field(entry, "rollout_id", str, w)),
+            percent=percent,
+            previous=previous,
+            previous_target=bundle_target_path(name, previous) if previous else None,
+            canaries=tuple(str(c) for c in canaries),
+            probation=policy,
+        )
+    return DesiredState(fleet=fleet, models=models, issued_at=str(doc.get("issued_at", "")))
+
+
+def device_bucket(rollout_id: str, device_id: str) -> float:
+    """The device's place in a rollout, in [0, 100): stable per (rollout, device)."""
+    digest = hashlib.sha256(f"{rollout_id}\x00{device_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 * 100.0
+
+
+def resolve_release(release: ModelRelease, device_id: str) -> tuple[str, str] | None:
+    """Which (version, target) this device should run for one model, or None for nothing.
+
+    A canary or a device whose bucket falls below ``percent`` takes the new release;
+    every other device keeps the previous release, if there is one.
+    """
+    if (
+        device_id in release.canaries
+        or device_bucket(release.rollout_id, device_id) < release.percent
+    ):
+        return release.version, release.target
+    if release.previous is not None and release.previous_target is not None:
+        return release.previous, release.previous_target
+    return None
