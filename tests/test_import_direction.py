@@ -30,7 +30,8 @@ def test_no_agent_module_names_the_controller() -> None:
 
 def test_importing_every_agent_module_loads_no_controller_module() -> None:
     modules = sorted(
-        "agent." + p.stem for p in (ROOT / "agent").glob("*.py") if p.stem != "__init__"
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for p in (ROOT / "agent").rglob("*.py")
     )
     code = (
         "import importlib, sys\n"
