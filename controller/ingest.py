@@ -27,7 +27,8 @@ store. The subscription is QoS 1, so no QoS 2 message ever arrives.
 A store outage: the writer retries the batch it holds (backoff up to
 ``store_retry_max_s``, an error logged per attempt) and acknowledges nothing meanwhile;
 the broker stops sending QoS 1 messages once ``receive_maximum`` are unacknowledged and
-queues the rest (up to its ``max_queued_messages``).
+queues the rest (up to its ``max_queued_messages``). QoS 0 messages keep coming and wait
+in the queue here, which has no bound: a long store outage costs memory.
 
 Invariants:
 - A QoS 1 message is acknowledged only after the transaction holding it committed, or
