@@ -141,6 +141,8 @@ async def serve(config: ServeConfig) -> None:
                 session_expiry_s=config.ingest_session_expiry_s,
                 batch_size=config.ingest_batch_size,
                 flush_s=config.ingest_flush_s,
+                store_retry_max_s=config.ingest_store_retry_max_s,
+                stop_timeout_s=config.ingest_stop_timeout_s,
             ),
             store,
             tls=tls,

@@ -44,6 +44,8 @@ _KNOWN_KEYS: Final = (
     "ingest_session_expiry_s",
     "ingest_batch_size",
     "ingest_flush_s",
+    "ingest_store_retry_max_s",
+    "ingest_stop_timeout_s",
     "heartbeat_interval_s",
     "stale_after_heartbeats",
     "heartbeat_retention_s",
@@ -81,6 +83,10 @@ class ServeConfig:
     ingest_session_expiry_s: int = 3600
     ingest_batch_size: int = 2000
     ingest_flush_s: float = 0.2
+    # A failing store: the longest wait between retries of a batch, and how long a stop
+    # waits for the store before leaving unstored messages to the broker.
+    ingest_store_retry_max_s: float = 10.0
+    ingest_stop_timeout_s: float = 30.0
     # Devices that do not say their heartbeat interval are assumed to use this one.
     heartbeat_interval_s: float = 10.0
     stale_after_heartbeats: float = 3.0
@@ -182,6 +188,8 @@ def load_serve_config(
         ingest_session_expiry_s=_number(doc, "ingest_session_expiry_s", 3600, integer=True),
         ingest_batch_size=_number(doc, "ingest_batch_size", 2000, integer=True),
         ingest_flush_s=float(_number(doc, "ingest_flush_s", 0.2)),
+        ingest_store_retry_max_s=float(_number(doc, "ingest_store_retry_max_s", 10.0)),
+        ingest_stop_timeout_s=float(_number(doc, "ingest_stop_timeout_s", 30.0)),
         heartbeat_interval_s=float(_number(doc, "heartbeat_interval_s", 10.0)),
         stale_after_heartbeats=float(_number(doc, "stale_after_heartbeats", 3.0)),
         heartbeat_retention_s=float(_number(doc, "heartbeat_retention_s", 7 * 86400.0)),

@@ -105,9 +105,10 @@ def test_config_precedence(tmp_path: Path) -> None:
     toml = tmp_path / "controller.toml"
     toml.write_text(
         '[serve]\nrepo = "/srv/repo"\nlisten = "0.0.0.0:9000"\nmqtt = "broker:1884"\n'
-        "announce_interval_s = 2\n"
+        "announce_interval_s = 2\ningest_store_retry_max_s = 3\n"
     )
     config = load_serve_config(toml, {"EDGECTL_MQTT": "env:1885"}, {"listen": "127.0.0.1:0"})
+    assert (config.ingest_store_retry_max_s, config.ingest_stop_timeout_s) == (3.0, 30.0)
     assert config.repo_dir == Path("/srv/repo")
     assert (config.listen_host, config.listen_port) == ("127.0.0.1", 0)
     assert (config.mqtt_host, config.mqtt_port) == ("env", 1885)
