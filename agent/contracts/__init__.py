@@ -11,8 +11,10 @@ Invariants:
 - Versions are semantic versions (semver 2.0) and order as semver says.
 - Every JSON document carries a ``schema`` field ``edgefleet.<kind>/<major>``; a reader
   refuses a major version it does not know.
-- Parsers raise ``ValueError`` subclasses from ``agent.errors`` (``BundleError``,
-  ``DesiredStateError``) naming the field, what was expected and what was found.
+- Parsers raise ``ValueError`` subclasses naming the field, what was expected and what
+  was found: ``BundleError`` and ``DesiredStateError`` (from ``agent.errors``) for
+  manifests and desired state, ``PayloadError`` (``agent.contracts.messages``) for
+  MQTT payloads, ``InvalidNameError`` for names and versions.
 
 The contracts live in submodules, and this package re-exports every public name, so
 callers import from ``agent.contracts``:
