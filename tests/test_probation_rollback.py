@@ -244,10 +244,14 @@ def test_old_versions_are_pruned_keeping_the_previous_for_rollback(device: Devic
             "0.5",
         )
         wait_until(lambda n=n: device.journal()[:2] == (Phase.COMMITTED, f"1.{n}.0"), 60, "commit")
-    on_disk = sorted(
-        p.name for p in (device.folder / "state" / "models" / MODEL).iterdir() if p.is_dir()
-    )
-    assert on_disk == ["1.2.0", "1.3.0"]  # keep_versions = 2: serving and previous
+    folder = device.folder / "state" / "models" / MODEL
+
+    def on_disk() -> list[str]:
+        return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+    # keep_versions = 2: serving and previous. The agent prunes right after it persists
+    # the commit the loop above saw, so give it that moment; a version never pruned stays.
+    wait_until(lambda: on_disk() == ["1.2.0", "1.3.0"], 30, f"pruned to 2 versions: {folder}")
     # Nothing is left in staging. A check the last announcement started may be reading
     # desired state through a part file right now, so wait for it; a leaked part stays.
     staging = device.folder / "state" / "staging"
