@@ -64,6 +64,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     enroll.add_argument("--force", action="store_true", help="replace another device's config")
 
+    request = sub.add_parser(
+        "request",
+        help="make this device's key and a certificate request for `edgectl device add --csr`",
+        description="Generate the device's private key (EC P-256) as device.key (0600) in "
+        "the config folder and write a certificate signing request (CN = ID) for it. Send "
+        "the request to the controller (`edgectl device add ID --csr FILE`), then install "
+        "the archive it writes with `edge-agent enroll`: the key never leaves the device.",
+        epilog="example: edge-agent request cam-0042 -o cam-0042.csr\n"
+        "  then on the controller: edgectl device add cam-0042 --csr cam-0042.csr ...",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    request.add_argument("device_id", metavar="ID", help="this device's id")
+    request.add_argument(
+        "-o", "--output", metavar="FILE", help="where the request goes (default ID.csr; - stdout)"
+    )
+    request.add_argument(
+        "--config-dir", type=Path, default=Path("/etc/edge-agent"), help="default %(default)s"
+    )
+    request.add_argument("--force", action="store_true", help="replace an existing device.key")
+
     infer = sub.add_parser(
         "infer",
         help="run one inference through the local socket",
@@ -130,6 +150,33 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_request(args: argparse.Namespace) -> int:
+    from agent.enroll import request_enrollment
+    from agent.fsutil import atomic_write
+
+    output = args.output or f"{args.device_id}.csr"
+    if output != "-" and not Path(output).resolve().parent.is_dir():
+        # Checked before the key is made: a key without its request helps nobody.
+        raise AgentError(f"cannot write {output}: its folder does not exist")
+    csr = request_enrollment(args.device_id, args.config_dir, force=args.force)
+    key = args.config_dir / "device.key"
+    if output == "-":
+        sys.stdout.write(csr.decode())
+        print(f"wrote {key} (0600)", file=sys.stderr)
+        return 0
+    try:
+        atomic_write(Path(output), csr, mode=0o644)
+    except OSError as exc:
+        raise AgentError(
+            f"cannot write {output}: {exc.strerror or exc} ({key} was written: "
+            f"pass --force to make a new key and request)"
+        ) from None
+    print(f"wrote {key} (0600) and the certificate request {output}")
+    print(f"  on the controller: edgectl device add {args.device_id} --csr {Path(output).name} ...")
+    print("  then here: edge-agent enroll FILE && systemctl restart edge-agent")
+    return 0
+
+
 def _tensor_json(array: np.ndarray[Any, Any]) -> dict[str, Any]:
     data = array.astype(str) if array.dtype == object else array
     return {"shape": list(array.shape), "dtype": str(array.dtype), "data": data.tolist()}
@@ -189,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": _cmd_run,
         "infer": _cmd_infer,
         "enroll": _cmd_enroll,
+        "request": _cmd_request,
         "completion": _cmd_completion,
     }
     try:

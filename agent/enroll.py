@@ -1,16 +1,26 @@
-"""Enrollment: the ``enroll.tar`` contract and installing one under ``/etc/edge-agent``.
+"""Enrollment: the ``enroll.tar`` contract, installing one under ``/etc/edge-agent``, and
+the device's own key and certificate signing request (CSR) for the flow without a key.
 
 ``edgectl device add`` (controller) writes the archive; ``edge-agent enroll`` (here)
 installs it. The agent owns the contract, so both sides use the names below.
 
-The archive is a plain tar with exactly these regular-file members, at the top level:
+The archive is a plain tar with these regular-file members, at the top level, and no
+others:
 
     enroll.json   {"schema": "edgefleet.enroll/1", "device_id", "fleet"}
     agent.toml    the agent's config (paths relative to its folder)
     root.json     the fleet repository's TUF root: the agent's trust anchor
     ca.crt        the device CA: verifies the broker (and issued device.crt)
     device.crt    this device's client certificate, CN = device id
-    device.key    its private key (the only secret)
+    device.key    its private key (the only secret); OPTIONAL, see below
+
+Two flows. Key made by the controller: the archive carries ``device.key``, which is
+installed. Key made on the device: ``edge-agent request ID`` (:func:`request_enrollment`)
+writes an EC P-256 ``device.key`` into the config folder and returns a PEM CSR (subject
+CN = the device id, signed by that key); ``edgectl device add --csr`` issues the
+certificate for the request's key and leaves ``device.key`` out of the archive, and
+``enroll`` then requires the ``device.key`` already in the folder to be the key of
+``device.crt``, and leaves it as it is.
 
 Installed modes: the folder 0755, ``device.key`` 0600, everything else 0644, all owned
 by root when enroll runs as root. The key stays root-only on disk; the systemd unit hands
@@ -18,9 +28,10 @@ it to the sandboxed agent with ``LoadCredential=device.key:...`` (see
 ``[mqtt] key_credential``).
 
 Invariants: nothing is written unless the whole archive checks out (members, sizes,
-the config parses, the certificate names this device and matches the key, the root is
-TUF root metadata). Each file is replaced atomically; a config already there for
-another device is not replaced without ``force``.
+the config parses, the certificate names this device and matches the key, from the
+archive or already installed, the root is TUF root metadata). Each file is replaced
+atomically; a config already there for another device is not replaced without
+``force``. ``request_enrollment`` never replaces a key without ``force``.
 """
 
 from __future__ import annotations
@@ -37,10 +48,12 @@ from typing import Final
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.config import AgentConfig, parse_config
+from agent.contracts import InvalidNameError, check_name
 from agent.errors import AgentError, ConfigError, UntrustedInputError
 from agent.fsutil import atomic_write
 
@@ -54,6 +67,9 @@ CA_CERT: Final = "ca.crt"
 DEVICE_CERT: Final = "device.crt"
 DEVICE_KEY: Final = "device.key"
 MEMBERS: Final = (INFO, CONFIG, ROOT, CA_CERT, DEVICE_CERT, DEVICE_KEY)
+# Absent when the device made its own key (the CSR flow).
+OPTIONAL_MEMBERS: Final = frozenset({DEVICE_KEY})
+REQUIRED_MEMBERS: Final = tuple(m for m in MEMBERS if m not in OPTIONAL_MEMBERS)
 SECRET_MEMBERS: Final = frozenset({DEVICE_KEY})
 MAX_MEMBER_BYTES: Final = 1024 * 1024
 DEFAULT_CONFIG_DIR: Final = Path("/etc/edge-agent")
@@ -65,7 +81,11 @@ class EnrollmentError(UntrustedInputError):
 
 @dataclass(frozen=True)
 class Enrollment:
-    """A checked enrollment archive, ready to install."""
+    """A checked enrollment archive, ready to install.
+
+    ``files`` lacks ``device.key`` when the archive had none: the key already in the
+    config folder is the certificate's (checked) and stays.
+    """
 
     device_id: str
     fleet: str
@@ -77,13 +97,20 @@ def member_mode(name: str) -> int:
 
 
 def pack_enrollment(files: dict[str, bytes]) -> bytes:
-    """The archive bytes for ``files`` (every name in MEMBERS), deterministic order."""
-    missing = [m for m in MEMBERS if m not in files]
+    """The archive bytes for ``files``, deterministic order.
+
+    ``files`` holds every name in REQUIRED_MEMBERS and may hold ``device.key``; raises
+    ValueError otherwise.
+    """
+    missing = [m for m in REQUIRED_MEMBERS if m not in files]
     if missing or set(files) - set(MEMBERS):
-        raise ValueError(f"enrollment members expected {MEMBERS}, got {sorted(files)}")
+        raise ValueError(
+            f"enrollment members expected {REQUIRED_MEMBERS} (+ optional "
+            f"{sorted(OPTIONAL_MEMBERS)}), got {sorted(files)}"
+        )
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in MEMBERS:
+        for name in (m for m in MEMBERS if m in files):
             info = tarfile.TarInfo(name)
             info.size = len(files[name])
             info.mode = member_mode(name)
@@ -92,7 +119,12 @@ def pack_enrollment(files: dict[str, bytes]) -> bytes:
 
 
 def read_enrollment(data: bytes, config_dir: Path = DEFAULT_CONFIG_DIR) -> Enrollment:
-    """Check an archive; raises EnrollmentError saying what is wrong."""
+    """Check an archive; raises EnrollmentError saying what is wrong.
+
+    An archive without ``device.key`` is checked against ``config_dir/device.key`` (from
+    ``edge-agent request``): EnrollmentError when it is missing or not the certificate's
+    key, AgentError when it cannot be read.
+    """
     files = _read_members(data)
     try:
         info = json.loads(files[INFO])
@@ -106,7 +138,8 @@ def read_enrollment(data: bytes, config_dir: Path = DEFAULT_CONFIG_DIR) -> Enrol
             f"{CONFIG} names device {config.device_id!r} in fleet {config.fleet!r}, "
             f"{INFO} names {info.get('device_id')!r} in {info.get('fleet')!r}"
         )
-    _check_identity(files, config.device_id)
+    key_pem = files[DEVICE_KEY] if DEVICE_KEY in files else _own_key(config_dir, config.device_id)
+    _check_identity(files, key_pem, config.device_id)
     _check_root(files[ROOT])
     return Enrollment(config.device_id, config.fleet, files)
 
@@ -135,7 +168,10 @@ def install_enrollment(
     as_root = os.geteuid() == 0
     written = []
     # The key first and the config last: a config is never there without its files.
+    # Without a key in the archive the one already here (checked to match) stays as is.
     for name in (DEVICE_KEY, DEVICE_CERT, CA_CERT, ROOT, INFO, CONFIG):
+        if name not in enrollment.files:
+            continue
         path = config_dir / name
         atomic_write(path, enrollment.files[name], mode=member_mode(name))
         if as_root:
@@ -154,7 +190,7 @@ def _read_members(data: bytes) -> dict[str, bytes]:
             _read_tar(tar, files)
     except tarfile.TarError as exc:
         raise EnrollmentError(f"not an enrollment archive (tar): {exc}") from None
-    missing = [m for m in MEMBERS if m not in files]
+    missing = [m for m in REQUIRED_MEMBERS if m not in files]
     if missing:
         raise EnrollmentError(f"the archive lacks {', '.join(missing)}")
     return files
@@ -189,11 +225,26 @@ def _check_config(raw: bytes, config_dir: Path) -> AgentConfig:
         raise EnrollmentError(f"{CONFIG}: {exc}") from None
 
 
-def _check_identity(files: dict[str, bytes], device_id: str) -> None:
+def _own_key(config_dir: Path, device_id: str) -> bytes:
+    """The key ``edge-agent request`` left in ``config_dir``, for an archive without one."""
+    path = config_dir / DEVICE_KEY
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise EnrollmentError(
+            f"the archive holds no {DEVICE_KEY} (it was issued for a certificate signing "
+            f"request) and {path} does not exist: run `edge-agent request {device_id}` "
+            "first on this device, then `edgectl device add --csr` with its request"
+        ) from None
+    except OSError as exc:
+        raise AgentError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _check_identity(files: dict[str, bytes], key_pem: bytes, device_id: str) -> None:
     try:
         ca = x509.load_pem_x509_certificate(files[CA_CERT])
         cert = x509.load_pem_x509_certificate(files[DEVICE_CERT])
-        key = serialization.load_pem_private_key(files[DEVICE_KEY], password=None)
+        key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as exc:
         raise EnrollmentError(f"unreadable certificate or key: {exc}") from None
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
@@ -206,7 +257,15 @@ def _check_identity(files: dict[str, bytes], device_id: str) -> None:
     if key.public_key().public_bytes(
         serialization.Encoding.DER, public
     ) != cert.public_key().public_bytes(serialization.Encoding.DER, public):
-        raise EnrollmentError(f"{DEVICE_KEY} does not belong to {DEVICE_CERT}")
+        if DEVICE_KEY in files:
+            raise EnrollmentError(f"{DEVICE_KEY} does not belong to {DEVICE_CERT}")
+        raise EnrollmentError(
+            f"this certificate was issued for another key: {DEVICE_CERT} does not match "
+            f"the {DEVICE_KEY} already on this device (a request made elsewhere, or the "
+            f"key replaced since): run `edge-agent request {device_id} --force` here, then "
+            f"on the controller `edgectl device revoke {device_id}` and `edgectl device add "
+            f"{device_id} --csr FILE` with the new request"
+        )
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as exc:
@@ -240,3 +299,57 @@ def enroll_from_file(
         "enrolled %s in fleet %s under %s", enrollment.device_id, enrollment.fleet, config_dir
     )
     return enrollment
+
+
+# ------------------------------------------------------------------ the device's own key
+
+
+def make_request(device_id: str) -> tuple[bytes, bytes]:
+    """A new EC P-256 key (PEM, PKCS#8) and a PEM CSR for it, subject CN = ``device_id``.
+
+    The same kind of key ``edgectl device add`` makes without a request. Raises AgentError
+    for an invalid device id.
+    """
+    try:
+        check_name("device", device_id)
+    except InvalidNameError as exc:
+        raise AgentError(str(exc)) from None
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return key_pem, csr.public_bytes(serialization.Encoding.PEM)
+
+
+def request_enrollment(
+    device_id: str, config_dir: Path = DEFAULT_CONFIG_DIR, *, force: bool = False
+) -> bytes:
+    """Write a new ``device.key`` (0600) into ``config_dir``; return the PEM CSR for it.
+
+    Raises AgentError for an invalid id, when ``config_dir`` already holds a key and
+    ``force`` is not set (replacing it orphans the certificate issued for it), or when
+    the folder cannot be written.
+    """
+    key_pem, csr_pem = make_request(device_id)
+    path = config_dir / DEVICE_KEY
+    if path.exists() and not force:
+        raise AgentError(
+            f"{path} already exists; its certificate would stop matching if it were "
+            "replaced: pass --force to make a new key (then enroll again with a new request)"
+        )
+    try:
+        config_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, key_pem, mode=member_mode(DEVICE_KEY))
+        if os.geteuid() == 0:
+            os.chown(path, 0, 0)
+    except OSError as exc:
+        raise AgentError(f"cannot write {path}: {exc.strerror or exc}") from None
+    logger.info("made a key for %s in %s", device_id, path)
+    return csr_pem

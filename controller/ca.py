@@ -15,6 +15,12 @@ Layout (inside ``REPO_DIR/ca``, never served over HTTP; see ``controller.http``)
     ca.crt      the CA certificate (what the broker and the agents trust)
     crl.pem     the certificate revocation list, re-signed on every revocation
 
+A device's certificate is issued either with a key made here (``issue_client``: the key
+travels in the enrollment archive) or for the public key of a certificate signing request
+the device made itself (``public_key_from_csr`` then ``issue_client_for``: the key never
+leaves the device). Both build the same certificate; only the CSR's public key is used,
+never its subject or extensions.
+
 Invariants: serial numbers are random 159-bit integers (RFC 5280 allows 20 octets);
 the CRL is always present once the CA exists (mosquitto refuses to start with a
 ``crlfile`` that does not exist) and carries every revoked serial; its next update is
@@ -33,7 +39,7 @@ from typing import Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controller.errors import RepositoryError, UsageError
@@ -43,6 +49,12 @@ CA_DIR_NAME: Final = "ca"
 CA_DAYS: Final = 3650
 CRL_DAYS: Final = 365
 ORGANIZATION: Final = "edgefleet"
+# What a device's own key (the CSR flow) may be: what mosquitto/OpenSSL and the agent's
+# TLS stack take, at a strength no weaker than the CA's own P-256.
+ACCEPTED_CURVES: Final = frozenset({"secp256r1", "secp384r1", "secp521r1"})
+MIN_RSA_BITS: Final = 2048
+
+ClientPublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,54 @@ def _name(common_name: str, unit: str | None = None) -> x509.Name:
         attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
     attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, common_name))
     return x509.Name(attributes)
+
+
+def public_key_from_csr(pem: bytes, common_name: str) -> ClientPublicKey:
+    """The public key of a device's PEM certificate signing request, once it checks out.
+
+    The request must be signed by its own key (proof the device holds it), name
+    ``common_name`` as its subject CN, and carry an EC key on an accepted curve or an
+    RSA key of at least ``MIN_RSA_BITS``. Raises UsageError saying which check failed.
+    """
+    try:
+        csr = x509.load_pem_x509_csr(pem)
+    except ValueError as exc:
+        raise UsageError(
+            f"not a PEM certificate signing request ({exc}): on the device, "
+            f"`edge-agent request {common_name}` writes one"
+        ) from None
+    if not csr.is_signature_valid:
+        raise UsageError(
+            "the certificate signing request's signature does not verify: it was altered "
+            f"or damaged on the way; make a new one on the device (`edge-agent request "
+            f"{common_name} --force`) and copy it again"
+        )
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    requested = names[0].value if len(names) == 1 else None
+    if requested != common_name:
+        raise UsageError(
+            f"the certificate signing request is for CN {requested!r}, expected the device "
+            f"id {common_name!r}: pass the matching device id, or make the request on the "
+            f"device with `edge-agent request {common_name}`"
+        )
+    key = csr.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in ACCEPTED_CURVES:
+            raise UsageError(
+                f"the request's EC key is on {key.curve.name}, expected one of "
+                f"{', '.join(sorted(ACCEPTED_CURVES))}"
+            )
+        return key
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise UsageError(
+                f"the request's RSA key has {key.key_size} bits, expected at least {MIN_RSA_BITS}"
+            )
+        return key
+    raise UsageError(
+        f"the request's key is {type(key).__name__}, expected an EC (P-256, P-384, P-521) "
+        f"or RSA (>= {MIN_RSA_BITS} bits) key"
+    )
 
 
 class DeviceCA:
@@ -185,6 +245,29 @@ class DeviceCA:
             now=now,
         )
 
+    def issue_client_for(
+        self,
+        public_key: ClientPublicKey,
+        common_name: str,
+        *,
+        unit: str | None = None,
+        days: int,
+        now: dt.datetime | None = None,
+    ) -> x509.Certificate:
+        """A client certificate (CN = ``common_name``) for a key held elsewhere.
+
+        The same certificate ``issue_client`` makes, for ``public_key`` (from
+        :func:`public_key_from_csr`). Raises UsageError for ``days`` < 1.
+        """
+        return self._sign(
+            _name(common_name, unit),
+            public_key,
+            ExtendedKeyUsageOID.CLIENT_AUTH,
+            sans=[],
+            days=days,
+            now=now,
+        )
+
     def issue_server(
         self, hosts: Sequence[str], *, days: int, now: dt.datetime | None = None
     ) -> Identity:
@@ -209,15 +292,27 @@ class DeviceCA:
         days: int,
         now: dt.datetime | None,
     ) -> Identity:
+        key = _new_key()
+        cert = self._sign(subject, key.public_key(), usage, sans, days, now)
+        return Identity(_key_pem(key), cert.public_bytes(serialization.Encoding.PEM))
+
+    def _sign(
+        self,
+        subject: x509.Name,
+        public_key: ClientPublicKey,
+        usage: x509.ObjectIdentifier,
+        sans: list[x509.GeneralName],
+        days: int,
+        now: dt.datetime | None,
+    ) -> x509.Certificate:
         if days < 1:
             raise UsageError(f"certificate lifetime expected >= 1 day, got {days}")
         when = now or _now()
-        key = _new_key()
         builder = (
             x509.CertificateBuilder()
             .subject_name(subject)
             .issuer_name(self.certificate.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(when - dt.timedelta(minutes=5))
             .not_valid_after(when + dt.timedelta(days=days))
@@ -228,7 +323,8 @@ class DeviceCA:
                     content_commitment=False,
                     key_encipherment=False,
                     data_encipherment=False,
-                    key_agreement=True,
+                    # ECDH is an EC key's business only; an RSA key signs.
+                    key_agreement=isinstance(public_key, ec.EllipticCurvePublicKey),
                     key_cert_sign=False,
                     crl_sign=False,
                     encipher_only=False,
@@ -244,8 +340,7 @@ class DeviceCA:
         )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(self._key, hashes.SHA256())
-        return Identity(_key_pem(key), cert.public_bytes(serialization.Encoding.PEM))
+        return builder.sign(self._key, hashes.SHA256())
 
     # ------------------------------------------------------------------ revocation
 

@@ -123,17 +123,31 @@ def _cmd_device_add(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and not args.force:
         raise UsageError(f"{output} exists; pass --force to overwrite it")
+    csr_pem = None
+    if args.csr is not None:
+        try:
+            csr_pem = Path(args.csr).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read the request {args.csr}: {exc.strerror}") from None
     repo = Path(args.repo)
-    record, archive = add_device(repo, args.device_id, args.fleet, options)
+    record, archive = add_device(repo, args.device_id, args.fleet, options, csr_pem=csr_pem)
     atomic_write(output, archive, mode=0o600)
     refreshed = refresh_broker_files(repo)
     if args.json:
-        doc = {"device_id": record.device_id, **record.to_json(), "archive": str(output)}
+        doc = {
+            "device_id": record.device_id,
+            **record.to_json(),
+            "archive": str(output),
+            "key_in_archive": csr_pem is None,
+        }
         print_json({**doc, "broker_files_refreshed": [str(p) for p in refreshed]})
         return 0
     print(f"enrolled {record.device_id} in fleet {record.fleet} -> {output}")
     print(f"  certificate serial {record.serial:x}, valid until {record.not_after}")
-    print("  the archive holds the device's private key: copy it over a trusted channel")
+    if csr_pem is None:
+        print("  the archive holds the device's private key: copy it over a trusted channel")
+    else:
+        print("  issued for the device's request: the archive holds no key, the device keeps it")
     print(f"  on the device: edge-agent enroll {output.name} && systemctl restart edge-agent")
     if refreshed:
         print(f"  broker ACL updated in {refreshed[0].parent}: reload the broker (SIGHUP)")
@@ -181,10 +195,14 @@ def _add_device_enrollment(dsub: Subparsers) -> None:
         description="Issue the device a client certificate from the controller's device CA "
         "(REPO_DIR/ca, created on first use) and write an archive with it, its key, the CA "
         "certificate, the repository's TUF root and an agent config. Install it on the "
-        "device with `edge-agent enroll FILE`. The archive holds a private key.",
-        epilog="example:\n  edgectl device add cam-0042 --fleet north --repo ./repo "
+        "device with `edge-agent enroll FILE`. The archive holds a private key, unless "
+        "--csr names the device's certificate request (`edge-agent request ID` on the "
+        "device): then the certificate is for the device's own key and the archive has none.",
+        epilog="examples:\n  edgectl device add cam-0042 --fleet north --repo ./repo "
         "--repository-url https://updates.example.net/ --broker broker.example.net:8883 "
-        "-o enroll.tar",
+        "-o enroll.tar\n  edgectl device add cam-0042 --csr cam-0042.csr --fleet north "
+        "--repo ./repo --repository-url https://updates.example.net/ "
+        "--broker broker.example.net:8883 -o enroll.tar",
         formatter_class=RAW,
     )
     da.add_argument("device_id", metavar="ID")
@@ -196,6 +214,11 @@ def _add_device_enrollment(dsub: Subparsers) -> None:
     )
     da.add_argument(
         "--broker", required=True, metavar="HOST:PORT", help="the MQTT broker the device dials"
+    )
+    da.add_argument(
+        "--csr",
+        metavar="FILE",
+        help="the device's certificate request (from `edge-agent request`): no key is made here",
     )
     da.add_argument("--no-tls", action="store_true", help="plain MQTT (tests only)")
     da.add_argument("--days", type=int, default=825, help="certificate lifetime (default 825)")

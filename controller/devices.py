@@ -5,9 +5,12 @@ of the certificate it was last issued, and when that was revoked. It is the sour
 the broker's per-device ACL lines (``controller.broker``) and of the CRL.
 
 ``add_device`` issues a client certificate from the device CA (``controller.ca``) and
-packs it with its key, the CA certificate, the repository's TUF root and an agent config
-into the archive ``edge-agent enroll`` installs (contract: ``agent.enroll``). The
-archive holds the device's private key: hand it over like a password.
+packs it with the CA certificate, the repository's TUF root and an agent config into the
+archive ``edge-agent enroll`` installs (contract: ``agent.enroll``). Without a CSR the
+key is made here and packed too: the archive holds the device's private key, hand it
+over like a password. With a CSR (``edge-agent request`` on the device) the certificate
+is issued for the request's public key and the archive holds no key: the key never
+leaves the device.
 
 Invariants: a device id has at most one valid certificate: adding an id that is
 enrolled and not revoked raises UsageError naming ``edgectl device revoke``; revoking
@@ -28,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from cryptography.hazmat.primitives import serialization
+
 from agent.contracts import InvalidNameError, check_name
 from agent.enroll import (
     CA_CERT,
@@ -39,7 +44,7 @@ from agent.enroll import (
     ROOT,
     pack_enrollment,
 )
-from controller.ca import CA_DIR_NAME, DeviceCA
+from controller.ca import CA_DIR_NAME, DeviceCA, public_key_from_csr
 from controller.errors import RepositoryError, UsageError
 from controller.fsio import atomic_write
 
@@ -194,13 +199,20 @@ def add_device(
     fleet: str,
     options: EnrollOptions,
     now: dt.datetime | None = None,
+    *,
+    csr_pem: bytes | None = None,
 ) -> tuple[DeviceRecord, bytes]:
     """Enroll ``device_id`` in ``fleet``: issue its certificate, record it, return the
     record and the enrollment archive bytes.
 
-    Raises UsageError (bad names, already enrolled) and RepositoryError (no repository).
+    With ``csr_pem`` (the device's PEM certificate signing request) the certificate is
+    for the request's key and the archive has no ``device.key``; otherwise a key is made
+    here and packed. Raises UsageError (bad names, already enrolled, a CSR that does not
+    check out) and RepositoryError (no repository).
     """
     _check_options(device_id, fleet, options)
+    # Checked before the registry is touched: a bad request enrolls nothing.
+    device_key = public_key_from_csr(csr_pem, device_id) if csr_pem is not None else None
     root = repo_dir / "metadata" / "root.json"
     try:
         root_bytes = root.read_bytes()
@@ -219,8 +231,14 @@ def add_device(
                 f"revoke it first: edgectl device revoke {device_id} --repo {repo_dir}"
             )
         ca = DeviceCA.open_or_create(folder, when)
-        identity = ca.issue_client(device_id, unit=fleet, days=options.cert_days, now=when)
-        cert = identity.certificate
+        key_pem: bytes | None = None
+        if device_key is None:
+            identity = ca.issue_client(device_id, unit=fleet, days=options.cert_days, now=when)
+            cert, key_pem = identity.certificate, identity.key_pem
+        else:
+            cert = ca.issue_client_for(
+                device_key, device_id, unit=fleet, days=options.cert_days, now=when
+            )
         record = DeviceRecord(
             device_id=device_id,
             fleet=fleet,
@@ -231,16 +249,16 @@ def add_device(
         records[device_id] = record
         _save_registry(repo_dir, records)
     info = {"schema": ENROLL_SCHEMA, "device_id": device_id, "fleet": fleet}
-    archive = pack_enrollment(
-        {
-            INFO: json.dumps(info, indent=2).encode() + b"\n",
-            CONFIG: agent_config_toml(device_id, fleet, options).encode(),
-            ROOT: root_bytes,
-            CA_CERT: ca.cert_pem,
-            DEVICE_CERT: identity.cert_pem,
-            DEVICE_KEY: identity.key_pem,
-        }
-    )
+    files = {
+        INFO: json.dumps(info, indent=2).encode() + b"\n",
+        CONFIG: agent_config_toml(device_id, fleet, options).encode(),
+        ROOT: root_bytes,
+        CA_CERT: ca.cert_pem,
+        DEVICE_CERT: cert.public_bytes(serialization.Encoding.PEM),
+    }
+    if key_pem is not None:
+        files[DEVICE_KEY] = key_pem
+    archive = pack_enrollment(files)
     logger.info("enrolled %s in fleet %s (serial %x)", device_id, fleet, record.serial)
     return record, archive
 

@@ -131,7 +131,9 @@ def test_enroll_rejects_archives_that_do_not_add_up(repo: Path, tmp_path: Path) 
     etc = tmp_path / "etc"
     cases = {
         "unexpected member": _repack(members, ("../evil", b"x")),
-        "lacks device.key": _repack({k: v for k, v in members.items() if k != "device.key"}),
+        "lacks device.crt": _repack({k: v for k, v in members.items() if k != "device.crt"}),
+        # Without the key it must be this device's own (CSR flow), and there is none here.
+        "holds no device.key": _repack({k: v for k, v in members.items() if k != "device.key"}),
         "is for 'cam-2'": _repack({**members, "device.crt": _members(other)["device.crt"]}),
         "does not belong": _repack({**members, "device.key": _members(other)["device.key"]}),
         "not TUF root": _repack({**members, "root.json": b'{"signed": {"_type": "targets"}}'}),

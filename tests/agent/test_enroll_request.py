@@ -1,0 +1,100 @@
+"""`edge-agent request`: the device's own key (0600, never replaced without --force) and
+a CSR for it. The controller's side of the CSR flow is tests/controller/test_devices_csr.py.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from agent.cli import main as agent_main
+from agent.enroll import make_request, request_enrollment
+from agent.errors import AgentError
+
+
+def _spki(key: object) -> bytes:
+    assert isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey)
+    public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
+    return public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def test_request_writes_a_p256_key_0600_and_a_csr_signed_by_it(tmp_path: Path) -> None:
+    etc = tmp_path / "etc"
+    csr_pem = request_enrollment("cam-7", etc)
+    key_path = etc / "device.key"
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    assert [p.name for p in etc.iterdir()] == ["device.key"]  # no temporary file left
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    assert key.curve.name == "secp256r1"
+    csr = x509.load_pem_x509_csr(csr_pem)
+    assert csr.is_signature_valid
+    assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "cam-7"
+    assert _spki(csr.public_key()) == _spki(key)
+
+
+def test_request_does_not_replace_a_key_without_force(tmp_path: Path) -> None:
+    etc = tmp_path / "etc"
+    request_enrollment("cam-7", etc)
+    before = (etc / "device.key").read_bytes()
+    with pytest.raises(AgentError, match=r"already exists.*--force"):
+        request_enrollment("cam-7", etc)
+    assert (etc / "device.key").read_bytes() == before
+    csr = x509.load_pem_x509_csr(request_enrollment("cam-7", etc, force=True))
+    after = serialization.load_pem_private_key((etc / "device.key").read_bytes(), None)
+    assert (etc / "device.key").read_bytes() != before
+    assert _spki(csr.public_key()) == _spki(after)
+    assert stat.S_IMODE((etc / "device.key").stat().st_mode) == 0o600
+
+
+def test_request_checks_the_device_id_before_writing(tmp_path: Path) -> None:
+    for bad in ("../cam", "", "cam/7", ".hidden"):
+        with pytest.raises(AgentError, match="invalid device name"):
+            request_enrollment(bad, tmp_path / "etc")
+        with pytest.raises(AgentError, match="invalid device name"):
+            make_request(bad)
+    assert not (tmp_path / "etc").exists()
+
+
+def test_cli_request_writes_id_csr_in_the_current_folder_or_stdout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert agent_main(["request", "cam-7", "--config-dir", "etc"]) == 0
+    out = capsys.readouterr().out
+    assert "edgectl device add cam-7 --csr cam-7.csr" in out
+    csr = x509.load_pem_x509_csr((tmp_path / "cam-7.csr").read_bytes())
+    assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "cam-7"
+
+    # A key is there: refused (exit 1), nothing replaced, the message names --force.
+    key_before = (tmp_path / "etc" / "device.key").read_bytes()
+    assert agent_main(["request", "cam-7", "--config-dir", "etc", "-o", "-"]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert (tmp_path / "etc" / "device.key").read_bytes() == key_before
+
+    assert agent_main(["request", "cam-8", "--config-dir", "etc8", "-o", "-"]) == 0
+    captured = capsys.readouterr()
+    csr = x509.load_pem_x509_csr(captured.out.encode())
+    assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "cam-8"
+    assert "etc8/device.key" in captured.err
+
+    # An output folder that does not exist: refused before a key is made.
+    assert agent_main(["request", "cam-9", "--config-dir", "etc9", "-o", "no/such.csr"]) == 1
+    assert "folder does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "etc9").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership is set only when run as root")
+def test_request_as_root_leaves_the_key_root_owned(tmp_path: Path) -> None:
+    request_enrollment("cam-7", tmp_path / "etc")
+    st = (tmp_path / "etc" / "device.key").stat()
+    assert (st.st_uid, st.st_gid) == (0, 0)
