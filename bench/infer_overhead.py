@@ -402,13 +402,14 @@ def run(quick: bool) -> tuple[list[str], list[str]]:
     # and the shipped agent side by side, windows alternating (the machine drifts).
     seconds = 2.0 if quick else 4.0
     inproc: dict[str, float] = {}
-    models: dict[str, LoadedModel] = {}
+    callers_of: dict[str, tuple[LoadedModel, int]] = {}
     for threads, callers in ((1, cores), (cores, 1), (1, 1), (cores, cores)):
         name = f"in-process: {threads} ORT thread(s) × {callers} caller(s)"
-        models[name] = _load(dirs["cnn"], threads)
-        inproc[name] = throughput(_inproc_factory(models[name], x_cnn), callers, seconds)
+        model = _load(dirs["cnn"], threads)
+        callers_of[name] = (model, callers)
+        inproc[name] = throughput(_inproc_factory(model, x_cnn), callers, seconds)
     best_name = max(inproc, key=lambda k: inproc[k])
-    best_callers = int(best_name.split("× ")[1].split(" ")[0])
+    best_model, best_callers = callers_of[best_name]
     served: dict[str, float] = {}
     shm = _ShmFrames(x_cnn)
     default = InferenceConfig().max_concurrency  # the shipped [inference] default
@@ -426,7 +427,7 @@ def run(quick: bool) -> tuple[list[str], list[str]]:
                     served[f"{where}, 4 clients, {how}"] = throughput(factory, 4, seconds)
                 continue
             where += " (default), 4 clients"
-            modes = {best_name: (_inproc_factory(models[best_name], x_cnn), best_callers)}
+            modes = {best_name: (_inproc_factory(best_model, x_cnn), best_callers)}
             modes.update({f"{where}, {how}": (f, 4) for how, f in factories.items()})
             for _ in range(2 if quick else 3):
                 for name, (factory, workers) in modes.items():
