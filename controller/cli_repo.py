@@ -9,7 +9,16 @@ from typing import TYPE_CHECKING
 from controller.cli_common import RAW, print_json
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from controller.cli_common import Subparsers
+    from controller.key_ceremony import CeremonyResult
+    from controller.repository import Repository
+
+
+def _iso(when: datetime) -> str:
+    """A metadata expiry as ISO 8601 UTC, as ``keys list`` prints it."""
+    return f"{when:%Y-%m-%dT%H:%M:%SZ}"
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -23,6 +32,9 @@ def _cmd_init(args: argparse.Namespace) -> int:
         timestamp_days=args.expiry_days_timestamp,
     )
     repo = init_repository(Path(args.repo_dir), policy)
+    if args.json:
+        print_json(_init_json(repo))
+        return 0
     print(f"initialised repository {repo.path}")
     print(f"  keys:     {repo.keys_dir} (keep root.pem and targets.pem offline when you can)")
     print(f"  metadata: {repo.metadata_dir} (enroll agents with {repo.metadata_dir}/root.json)")
@@ -30,15 +42,55 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init_json(repo: Repository) -> dict[str, object]:
+    """What ``init --json`` reports: where things are and each role's public key ids and
+    key file paths (never the keys themselves)."""
+    from controller.key_ceremony import key_status
+    from controller.keys import key_files
+
+    return {
+        "repo": str(repo.path),
+        "keys_dir": str(repo.keys_dir),
+        "metadata_dir": str(repo.metadata_dir),
+        "targets_dir": str(repo.targets_dir),
+        "root_metadata": str(repo.metadata_dir / "root.json"),
+        "roles": [
+            {
+                "role": row.role,
+                "version": row.version,
+                "threshold": row.threshold,
+                "expires": _iso(row.expires),
+                "keyids": row.keyids,
+                "key_files": [str(p) for p in key_files(repo.keys_dir, row.role)],
+            }
+            for row in key_status(repo)
+        ],
+    }
+
+
 def _open_for_keys(args: argparse.Namespace) -> tuple[Path, tuple[Path, ...]]:
     extra = tuple(Path(d) for d in (getattr(args, "key_dir", None) or []))
     return Path(args.repo), extra
 
 
-def _print_ceremony(result: object) -> None:
-    from controller.key_ceremony import CeremonyResult
+def _ceremony_json(result: CeremonyResult) -> dict[str, object]:
+    """A key ceremony's outcome for ``--json``: key ids and file paths, never key bytes."""
+    return {
+        "role": result.role,
+        "new_keys": [
+            {"keyid": keyid, "file": str(path)}
+            for keyid, path in zip(result.new_keyids, result.key_files, strict=False)
+        ],
+        "root_version": result.root_version,
+        "resigned": result.resigned,
+        "revoked": result.revoked,
+        "waits_for_signatures": result.pending is not None,
+        "pending": None if result.pending is None else str(result.pending),
+        "missing": result.missing or None,
+    }
 
-    assert isinstance(result, CeremonyResult)
+
+def _print_ceremony(result: CeremonyResult) -> None:
     for keyid, path in zip(result.new_keyids, result.key_files, strict=False):
         print(f"  new {result.role} key {keyid[:16]}… -> {path}")
     if result.root_version is not None:
@@ -104,9 +156,13 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
             threshold=args.threshold,
             key_out=extra[0] if extra else None,
         )
+    code = 0 if result.pending is None else 3
+    if args.json:
+        print_json(_ceremony_json(result))
+        return code
     print(f"rotated the {args.role} key" + (" (root pending)" if result.pending else ""))
     _print_ceremony(result)
-    return 0 if result.pending is None else 3
+    return code
 
 
 def _cmd_keys_export_root(args: argparse.Namespace) -> int:
@@ -117,6 +173,15 @@ def _cmd_keys_export_root(args: argparse.Namespace) -> int:
     repo_dir, extra = _open_for_keys(args)
     with repo_lock(repo_dir):
         result = export_root(Repository.open(repo_dir, extra), Path(args.output))
+    if args.json:
+        print_json(
+            {
+                "output": str(result.pending),
+                "complete": not result.missing,
+                "missing": result.missing or None,
+            }
+        )
+        return 0
     print(f"wrote the root waiting for signatures to {args.output}")
     print(f"  {result.missing or 'all signatures present: import it'}")
     return 0
@@ -126,6 +191,9 @@ def _cmd_keys_sign_root(args: argparse.Namespace) -> int:
     from controller.key_ceremony import sign_root_file
 
     signed = sign_root_file(Path(args.file), [Path(k) for k in args.key])
+    if args.json:
+        print_json({"file": args.file, "signed_by": signed})
+        return 0
     for keyid in signed:
         print(f"signed {args.file} with key {keyid[:16]}…")
     return 0
@@ -139,6 +207,9 @@ def _cmd_keys_import_root(args: argparse.Namespace) -> int:
     repo_dir, extra = _open_for_keys(args)
     with repo_lock(repo_dir):
         result = import_root(Repository.open(repo_dir, extra), Path(args.file))
+    if args.json:
+        print_json({"file": args.file, **_ceremony_json(result)})
+        return 0
     print(f"imported {args.file}")
     _print_ceremony(result)
     return 0
@@ -151,7 +222,20 @@ def _cmd_keys_expiry(args: argparse.Namespace) -> int:
 
     repo_dir, extra = _open_for_keys(args)
     with repo_lock(repo_dir):
-        _policy, resigned = set_expiry(Repository.open(repo_dir, extra), args.role, args.days)
+        repo = Repository.open(repo_dir, extra)
+        _policy, resigned = set_expiry(repo, args.role, args.days)
+        expires = repo.load(args.role).signed.expires
+    if args.json:
+        print_json(
+            {
+                "role": args.role,
+                "days": args.days,
+                "resigned": resigned,
+                "expires": _iso(expires),
+                "next_signature_applies": not resigned and args.role in ("root", "targets"),
+            }
+        )
+        return 0
     print(f"{args.role} metadata now lives {args.days:g} day(s) after each signature")
     if resigned:
         print("  re-signed now: " + ", ".join(f"{r} v{v}" for r, v in resigned.items()))
@@ -212,6 +296,7 @@ def _add_keys_parser(sub: Subparsers) -> None:
     rot.add_argument(
         "--threshold", type=int, default=1, metavar="K", help="root: signatures required (K of N)"
     )
+    rot.add_argument("--json", action="store_true", help="print JSON for scripts")
     rot.set_defaults(func=_cmd_keys_rotate)
 
     ex = ksub.add_parser(
@@ -224,6 +309,7 @@ def _add_keys_parser(sub: Subparsers) -> None:
     )
     repo_options(ex)
     ex.add_argument("-o", "--output", required=True, metavar="FILE")
+    ex.add_argument("--json", action="store_true", help="print JSON for scripts")
     ex.set_defaults(func=_cmd_keys_export_root)
 
     sg = ksub.add_parser(
@@ -235,6 +321,7 @@ def _add_keys_parser(sub: Subparsers) -> None:
     )
     sg.add_argument("file", metavar="FILE")
     sg.add_argument("--key", action="append", required=True, metavar="KEY.pem")
+    sg.add_argument("--json", action="store_true", help="print JSON for scripts")
     sg.set_defaults(func=_cmd_keys_sign_root)
 
     im = ksub.add_parser(
@@ -248,6 +335,7 @@ def _add_keys_parser(sub: Subparsers) -> None:
     )
     im.add_argument("file", metavar="FILE")
     repo_options(im)
+    im.add_argument("--json", action="store_true", help="print JSON for scripts")
     im.set_defaults(func=_cmd_keys_import_root)
 
     exp = ksub.add_parser(
@@ -261,6 +349,7 @@ def _add_keys_parser(sub: Subparsers) -> None:
     exp.add_argument("role", metavar="ROLE", choices=ALL_ROLES)
     exp.add_argument("days", type=float, metavar="DAYS")
     repo_options(exp)
+    exp.add_argument("--json", action="store_true", help="print JSON for scripts")
     exp.set_defaults(func=_cmd_keys_expiry)
 
 
@@ -287,6 +376,7 @@ def add_parser(sub: Subparsers) -> None:
             metavar="DAYS",
             help=f"{role} metadata lifetime (default {days})",
         )
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=_cmd_init)
 
     _add_keys_parser(sub)

@@ -1,0 +1,121 @@
+"""``--json`` on the commands that act rather than read: init, keys, releases retire and
+prune, device revoke, broker config. Real runs of ``edgectl`` against a repository made
+by ``edgectl init`` in tmp_path; stdout must be exactly one JSON document."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import controller.cli
+from controller.key_ceremony import key_status
+from controller.repository import Repository
+
+ROLES = {"root", "targets", "rollout", "snapshot", "timestamp"}
+
+
+def _run_json(
+    capsys: pytest.CaptureFixture[str], argv: list[str], expect_code: int = 0
+) -> dict[str, Any]:
+    code = controller.cli.main([*argv, "--json"])
+    out = capsys.readouterr()
+    assert code == expect_code, out.err
+    doc = json.loads(out.out)  # the whole of stdout is one JSON document
+    assert isinstance(doc, dict)
+    return doc
+
+
+def _parse_iso(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+@pytest.fixture
+def repo_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    repo = tmp_path / "repo"
+    assert controller.cli.main(["init", str(repo)]) == 0
+    capsys.readouterr()
+    return repo
+
+
+def test_init_json_names_roles_key_ids_and_files_but_no_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = tmp_path / "repo"
+    doc = _run_json(capsys, ["init", str(repo), "--expiry-days-timestamp", "2"])
+    assert doc["repo"] == str(repo)
+    assert doc["root_metadata"] == str(repo / "metadata" / "root.json")
+    by_role = {r["role"]: r for r in doc["roles"]}
+    assert set(by_role) == ROLES
+    status = {row.role: row for row in key_status(Repository.open(repo))}
+    now = datetime.now(UTC)
+    for role, row in by_role.items():
+        assert row["keyids"] == status[role].keyids
+        assert row["key_files"] == [str(repo / "keys" / f"{role}.pem")]
+        assert Path(row["key_files"][0]).is_file()
+        assert _parse_iso(row["expires"]) > now
+    assert _parse_iso(by_role["timestamp"]["expires"]) < now + timedelta(days=2, minutes=1)
+    text = json.dumps(doc)
+    for pem in (repo / "keys").glob("*.pem"):
+        assert "PRIVATE KEY" not in text and pem.read_text().splitlines()[1] not in text
+
+
+def test_keys_rotate_json_reports_new_and_revoked_keys(
+    repo_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = {row.role: row.keyids for row in key_status(Repository.open(repo_dir))}
+    doc = _run_json(capsys, ["keys", "rotate", "timestamp", "--repo", str(repo_dir)])
+    after = {row.role: row.keyids for row in key_status(Repository.open(repo_dir))}
+    assert doc["role"] == "timestamp" and doc["waits_for_signatures"] is False
+    assert [k["keyid"] for k in doc["new_keys"]] == after["timestamp"]
+    assert Path(doc["new_keys"][0]["file"]).is_file()
+    assert doc["revoked"] == before["timestamp"]
+    assert doc["root_version"] == 2 and doc["resigned"]["timestamp"] == 2
+    assert doc["pending"] is None and doc["missing"] is None
+
+
+def test_offline_root_flow_json_keeps_exit_3_while_root_waits(
+    repo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    offline = tmp_path / "offline"
+    offline.mkdir()
+    old_root = offline / "root.pem"
+    (repo_dir / "keys" / "root.pem").rename(old_root)
+    repo = str(repo_dir)
+
+    rotated = _run_json(capsys, ["keys", "rotate", "root", "--repo", repo], expect_code=3)
+    assert rotated["waits_for_signatures"] is True and rotated["root_version"] is None
+    assert rotated["pending"] == str(repo_dir / "root-pending.json")
+    assert "lacks signatures" in rotated["missing"]
+
+    exported = tmp_path / "root.json"
+    doc = _run_json(capsys, ["keys", "export-root", "--repo", repo, "-o", str(exported)])
+    assert doc == {"output": str(exported), "complete": False, "missing": rotated["missing"]}
+
+    old_keyid = key_status(Repository.open(repo_dir))[0].keyids[0]
+    signed = _run_json(capsys, ["keys", "sign-root", str(exported), "--key", str(old_root)])
+    assert signed == {"file": str(exported), "signed_by": [old_keyid]}
+
+    imported = _run_json(capsys, ["keys", "import-root", str(exported), "--repo", repo])
+    assert imported["file"] == str(exported) and imported["root_version"] == 2
+    assert imported["waits_for_signatures"] is False
+    root = key_status(Repository.open(repo_dir))[0]
+    assert root.version == 2 and root.keyids == [k["keyid"] for k in rotated["new_keys"]]
+
+
+def test_keys_expiry_json_reports_the_new_lifetime_and_expiry(
+    repo_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    now = datetime.now(UTC)
+    doc = _run_json(capsys, ["keys", "expiry", "timestamp", "0.25", "--repo", str(repo_dir)])
+    assert (doc["role"], doc["days"], doc["next_signature_applies"]) == ("timestamp", 0.25, False)
+    assert doc["resigned"] == {"timestamp": 2}
+    expires = _parse_iso(doc["expires"])
+    assert now < expires <= now + timedelta(hours=6, seconds=2)
+
+    doc = _run_json(capsys, ["keys", "expiry", "root", "30", "--repo", str(repo_dir)])
+    assert (doc["resigned"], doc["next_signature_applies"]) == ({}, True)
+    assert _parse_iso(doc["expires"]) > now + timedelta(days=300)  # the root signed at init
