@@ -11,6 +11,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -130,8 +131,6 @@ def _cmd_releases_diff(args: argparse.Namespace) -> int:
 
 
 def _cmd_releases_retire(args: argparse.Namespace) -> int:
-    from datetime import timedelta
-
     from controller.history import retire_release
 
     if args.grace_days < 0:
@@ -139,6 +138,18 @@ def _cmd_releases_retire(args: argparse.Namespace) -> int:
     r = retire_release(
         Path(args.repo), args.model, args.version, grace=timedelta(days=args.grace_days)
     )
+    if args.json:
+        print_json(
+            {
+                "model": r.model,
+                "version": r.version,
+                "target_path": r.target_path,
+                "targets_version": r.targets_version,
+                "prune_after": f"{r.prune_after:%Y-%m-%dT%H:%M:%SZ}",
+                "pruned": list(r.pruned),
+            }
+        )
+        return 0
     print(
         f"retired {r.model} {r.version}: removed {r.target_path} from targets v{r.targets_version}"
     )
@@ -148,14 +159,33 @@ def _cmd_releases_retire(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_releases_prune(args: argparse.Namespace) -> int:
-    from datetime import timedelta
+def _prune_after(retired_at: object, grace: timedelta) -> str | None:
+    """When a retired bundle file becomes due for pruning (None: no readable date)."""
+    try:
+        at = datetime.strptime(str(retired_at), "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return None
+    return f"{at + grace:%Y-%m-%dT%H:%M:%SZ}"
 
-    from controller.history import prune_retired
+
+def _cmd_releases_prune(args: argparse.Namespace) -> int:
+    from controller.history import prune_retired, read_retired
 
     if args.grace_days < 0:
         raise UsageError(f"--grace-days must not be negative, got {args.grace_days}")
-    pruned = prune_retired(Path(args.repo), grace=timedelta(days=args.grace_days))
+    grace = timedelta(days=args.grace_days)
+    pruned = prune_retired(Path(args.repo), grace=grace)
+    if args.json:
+        kept = [
+            {
+                "target_path": path,
+                "retired_at": info.get("retired_at"),
+                "prune_after": _prune_after(info.get("retired_at"), grace),
+            }
+            for path, info in sorted(read_retired(Path(args.repo)).items())
+        ]
+        print_json({"pruned": pruned, "kept": kept})
+        return 0
     for path in pruned:
         print(f"pruned the bundle file of {path}")
     if not pruned:
@@ -256,6 +286,7 @@ def _add_releases_parser(sub: Subparsers) -> None:
         metavar="DAYS",
         help="keep retired bundle files this long (default %(default)g)",
     )
+    rt.add_argument("--json", action="store_true", help="print JSON for scripts")
     rt.set_defaults(func=_cmd_releases_retire)
 
     pr = rsub.add_parser(
@@ -269,6 +300,7 @@ def _add_releases_parser(sub: Subparsers) -> None:
     pr.add_argument(
         "--grace-days", type=float, default=grace_days, metavar="DAYS", help="default %(default)g"
     )
+    pr.add_argument("--json", action="store_true", help="print JSON for scripts")
     pr.set_defaults(func=_cmd_releases_prune)
 
 

@@ -12,8 +12,12 @@ from typing import Any
 import pytest
 
 import controller.cli
+from agent.contracts import bundle_target_path
+from controller.history import read_retired, retire_release
 from controller.key_ceremony import key_status
+from controller.release import publish_bundle
 from controller.repository import Repository
+from tests.controller.conftest import MODEL
 
 ROLES = {"root", "targets", "rollout", "snapshot", "timestamp"}
 
@@ -119,3 +123,48 @@ def test_keys_expiry_json_reports_the_new_lifetime_and_expiry(
     doc = _run_json(capsys, ["keys", "expiry", "root", "30", "--repo", str(repo_dir)])
     assert (doc["resigned"], doc["next_signature_applies"]) == ({}, True)
     assert _parse_iso(doc["expires"]) > now + timedelta(days=300)  # the root signed at init
+
+
+def test_releases_retire_and_prune_json_name_what_was_removed_and_kept(
+    repo_dir: Path, bundles: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    for key in ("v1", "v2"):
+        publish_bundle(bundles[key], repo_dir)
+    repo = str(repo_dir)
+    # 1.0.0 was retired two days ago, 2.0.0 now: a one-day grace prunes only 1.0.0.
+    old = retire_release(repo_dir, MODEL, "1.0.0", now=datetime.now(UTC) - timedelta(days=2))
+    stored_old = repo_dir / "targets" / _stored_name(repo_dir, old.target_path)
+    assert stored_old.is_file()
+
+    now = datetime.now(UTC).replace(microsecond=0)
+    retired = _run_json(capsys, ["releases", "retire", MODEL, "2.0.0", "--repo", repo])
+    target = bundle_target_path(MODEL, "2.0.0")
+    assert (retired["model"], retired["version"], retired["target_path"]) == (
+        MODEL,
+        "2.0.0",
+        target,
+    )
+    assert retired["targets_version"] == Repository.open(repo_dir).versions()["targets"]
+    assert retired["pruned"] == []  # 1.0.0 is within the default 7-day grace
+    prune_after = _parse_iso(retired["prune_after"])
+    assert timedelta(days=7) <= prune_after - now <= timedelta(days=7, seconds=2)
+
+    pruned = _run_json(capsys, ["release", "prune", "--repo", repo, "--grace-days", "1"])
+    assert pruned["pruned"] == [old.target_path]
+    assert not stored_old.exists()
+    assert [k["target_path"] for k in pruned["kept"]] == [target]
+    kept_at = _parse_iso(pruned["kept"][0]["retired_at"])
+    assert _parse_iso(pruned["kept"][0]["prune_after"]) == kept_at + timedelta(days=1)
+    assert list(read_retired(repo_dir)) == [target]
+
+    assert _run_json(capsys, ["releases", "prune", "--repo", repo, "--grace-days", "0"]) == {
+        "pruned": [target],
+        "kept": [],
+    }
+
+
+def _stored_name(repo_dir: Path, target_path: str) -> str:
+    """The consistent-snapshot file name of a retired target (``<sha256>.<basename>``)."""
+    directory, _, basename = target_path.rpartition("/")
+    sha = read_retired(repo_dir)[target_path]["sha256"]
+    return f"{directory}/{sha}.{basename}"
