@@ -161,8 +161,13 @@ def _cmd_device_revoke(args: argparse.Namespace) -> int:
     repo = Path(args.repo)
     record = revoke_device(repo, args.device_id)
     refreshed = refresh_broker_files(repo)
+    crl = ca_dir(repo) / "crl.pem"
+    if args.json:
+        doc = {"device_id": record.device_id, **record.to_json(), "crl": str(crl)}
+        print_json({**doc, "broker_files_refreshed": [str(p) for p in refreshed]})
+        return 0
     print(f"revoked {record.device_id} (serial {record.serial:x}) at {record.revoked_at}")
-    print(f"  CRL: {ca_dir(repo) / 'crl.pem'}")
+    print(f"  CRL: {crl}")
     if refreshed:
         print(f"  broker CRL and ACL updated in {refreshed[0].parent}: reload the broker (SIGHUP)")
     else:
@@ -180,7 +185,17 @@ def _cmd_broker_config(args: argparse.Namespace) -> int:
         controller_identity=args.controller_identity,
     )
     output = Path(args.output)
-    write_broker_config(Path(args.repo), output, options)
+    written = write_broker_config(Path(args.repo), output, options)
+    if args.json:
+        folder = output.resolve()
+        doc = {
+            "folder": str(folder),
+            "config": str(folder / "mosquitto.conf"),
+            "controller_certificate": str(folder / "controller.crt"),
+            "files_written": [str(p) for p in written],
+        }
+        print_json(doc)
+        return 0
     print(f"wrote a mosquitto config for TLS with client certificates to {output}")
     print(f"  run: mosquitto -c {output.resolve() / 'mosquitto.conf'}")
     print(f"  the controller's client certificate: {output / 'controller.crt'} (+ .key)")
@@ -237,6 +252,7 @@ def _add_device_enrollment(dsub: Subparsers) -> None:
     )
     dr.add_argument("device_id", metavar="ID")
     dr.add_argument("--repo", required=True, metavar="REPO_DIR")
+    dr.add_argument("--json", action="store_true", help="print JSON for scripts")
     dr.set_defaults(func=_cmd_device_revoke)
 
 
@@ -276,6 +292,7 @@ def _add_broker_parser(sub: Subparsers) -> None:
         metavar="CN",
         help="CN of the controller's client certificate (default edgectl)",
     )
+    bc.add_argument("--json", action="store_true", help="print JSON for scripts")
     bc.set_defaults(func=_cmd_broker_config)
 
 

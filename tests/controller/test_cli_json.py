@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
 
 import controller.cli
 from agent.contracts import bundle_target_path
+from controller.devices import load_registry
 from controller.history import read_retired, retire_release
 from controller.key_ceremony import key_status
 from controller.release import publish_bundle
@@ -168,3 +170,47 @@ def _stored_name(repo_dir: Path, target_path: str) -> str:
     directory, _, basename = target_path.rpartition("/")
     sha = read_retired(repo_dir)[target_path]["sha256"]
     return f"{directory}/{sha}.{basename}"
+
+
+def test_broker_config_and_device_revoke_json(
+    repo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = str(repo_dir)
+    folder = tmp_path / "broker"
+    broker = _run_json(
+        capsys, ["broker", "config", "--repo", repo, "--host", "mq.example", "-o", str(folder)]
+    )
+    assert broker["folder"] == str(folder.resolve())
+    assert broker["config"] == str(folder.resolve() / "mosquitto.conf")
+    written = {Path(p).name for p in broker["files_written"]}
+    assert written == {
+        "broker.key",
+        "broker.crt",
+        "controller.key",
+        "controller.crt",
+        "mosquitto.conf",
+        "acl",
+        "ca.crt",
+        "crl.pem",
+    }
+    assert all(Path(p).is_file() for p in broker["files_written"])
+    assert "PRIVATE KEY" not in json.dumps(broker)
+
+    for device in ("cam-1", "cam-2"):
+        argv = ["device", "add", device, "--fleet", "north", "--repo", repo]
+        argv += ["-o", str(tmp_path / f"{device}.tar"), "--repository-url", "https://u.example/"]
+        assert controller.cli.main([*argv, "--broker", "mq.example:8883"]) == 0
+    capsys.readouterr()
+
+    revoked = _run_json(capsys, ["device", "revoke", "cam-1", "--repo", repo])
+    record = load_registry(repo_dir)["cam-1"]
+    assert record.revoked_at is not None
+    assert (revoked["device_id"], revoked["fleet"]) == ("cam-1", "north")
+    assert (revoked["serial"], revoked["revoked_at"]) == (str(record.serial), record.revoked_at)
+    assert revoked["crl"] == str(repo_dir / "ca" / "crl.pem")
+    crl = x509.load_pem_x509_crl(Path(revoked["crl"]).read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(int(revoked["serial"])) is not None
+    refreshed = [Path(p) for p in revoked["broker_files_refreshed"]]
+    assert {p.name for p in refreshed} == {"acl", "ca.crt", "crl.pem"}
+    assert {p.parent for p in refreshed} == {folder.resolve()}
+    assert "user cam-1" not in (folder / "acl").read_text().splitlines()
