@@ -39,7 +39,6 @@ def _open_view(args: argparse.Namespace) -> tuple[TelemetryStore, StalePolicy]:
 
 
 def _cmd_fleet_status(args: argparse.Namespace) -> int:
-    import json
     import time
 
     from controller.fleet import device_json, render_fleet_table
@@ -51,7 +50,7 @@ def _cmd_fleet_status(args: argparse.Namespace) -> int:
         store.close()
     now = time.time()
     if args.json:
-        print(json.dumps([device_json(r, now, policy) for r in rows], indent=2))
+        print_json([device_json(r, now, policy) for r in rows])
     else:
         print(render_fleet_table(rows, now, policy, model=args.model))
         for line in _active_rollout_lines(args):
@@ -79,7 +78,6 @@ def _active_rollout_lines(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_device_show(args: argparse.Namespace) -> int:
-    import json
     import time
 
     from controller.fleet import device_json, event_json, render_device
@@ -100,7 +98,7 @@ def _cmd_device_show(args: argparse.Namespace) -> int:
             "events": [event_json(e) for e in events],
             "heartbeats": [b.payload for b in beats],
         }
-        print(json.dumps(doc, indent=2))
+        print_json(doc)
     else:
         print(render_device(rows, events, beats, now, policy))
     return 0

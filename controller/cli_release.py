@@ -87,7 +87,6 @@ def _store_rows(args: argparse.Namespace) -> tuple[list[DeviceRow] | None, str]:
 
 
 def _cmd_releases_list(args: argparse.Namespace) -> int:
-    import json
 
     from controller.history import load_releases, release_json, render_list
 
@@ -95,34 +94,32 @@ def _cmd_releases_list(args: argparse.Namespace) -> int:
     releases = load_releases(Path(args.repo), args.model, rows)
     if args.json:
         doc = {"releases": [release_json(r) for r in releases], "store": note or "ok"}
-        print(json.dumps(doc, indent=2))
+        print_json(doc)
     else:
         print(render_list(releases, note) if releases else "no releases")
     return 0
 
 
 def _cmd_releases_show(args: argparse.Namespace) -> int:
-    import json
 
     from controller.history import find_release, release_json, render_show
 
     rows, note = _store_rows(args)
     r = find_release(Path(args.repo), args.model, args.version, rows)
     if args.json:
-        print(json.dumps(release_json(r), indent=2))
+        print_json(release_json(r))
     else:
         print(render_show(r) + (f"\n  {note}" if note else ""))
     return 0
 
 
 def _cmd_releases_diff(args: argparse.Namespace) -> int:
-    import json
 
     from controller.history import diff_json, diff_releases, render_diff
 
     d = diff_releases(Path(args.repo), args.model, args.old, args.new)
     if args.json:
-        print(json.dumps(diff_json(d), indent=2))
+        print_json(diff_json(d))
     else:
         print(render_diff(d))
     for warning in d.warnings:

@@ -44,7 +44,6 @@ def _cmd_rollout_start(args: argparse.Namespace) -> int:
 
 
 def _cmd_rollout_status(args: argparse.Namespace) -> int:
-    import json
     import time
 
     from controller.rollout_store import RolloutStore
@@ -66,7 +65,7 @@ def _cmd_rollout_status(args: argparse.Namespace) -> int:
     while True:
         rollouts = select()
         if args.json:
-            print(json.dumps([rollout_json(r) for r in rollouts], indent=2))
+            print_json([rollout_json(r) for r in rollouts])
         else:
             if args.watch and sys.stdout.isatty():
                 print("\x1b[2J\x1b[H", end="")
