@@ -34,6 +34,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from controller.announcer import Announcer
 from controller.config import ServeConfig
 from controller.errors import ControllerError, UsageError
+from controller.expiry import ExpiryReader
 from controller.fleet import StalePolicy, render_metrics
 from controller.fsio import repo_lock
 from controller.http import make_app, start_http
@@ -108,12 +109,18 @@ def add_metrics_route(
     store: TelemetryStore,
     ingestor: Ingestor | None,
     policy: StalePolicy,
+    repo_dir: Path | None = None,
 ) -> None:
-    """``GET /metrics``: fleet aggregates from the store, in the Prometheus text format."""
+    """``GET /metrics``: fleet aggregates from the store, in the Prometheus text format;
+    with ``repo_dir``, also when the repository's metadata, CA, CRL and device
+    certificates expire (read at each scrape, ``controller.expiry``)."""
+    reader = ExpiryReader(repo_dir) if repo_dir is not None else None
 
     def render() -> str:
         counts = dict(ingestor.counts) if ingestor is not None else {}
-        return render_metrics(store.devices(), store.event_counts(), counts, time.time(), policy)
+        now = time.time()
+        expiries = reader.read(now) if reader is not None else None
+        return render_metrics(store.devices(), store.event_counts(), counts, now, policy, expiries)
 
     async def handle(_request: web.Request) -> web.Response:
         text = await asyncio.to_thread(render)
@@ -149,7 +156,7 @@ async def serve(config: ServeConfig) -> None:
         )
     app = make_app(config.repo_dir)
     policy = StalePolicy(config.heartbeat_interval_s, config.stale_after_heartbeats)
-    add_metrics_route(app, store, ingestor, policy)
+    add_metrics_route(app, store, ingestor, policy, config.repo_dir)
     try:
         runner, port = await start_http(app, config.listen_host, config.listen_port)
     except OSError as exc:

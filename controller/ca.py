@@ -361,3 +361,36 @@ class DeviceCA:
             )
         crl = builder.sign(self._key, hashes.SHA256())
         atomic_write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
+
+
+# ------------------------------------------------------------------ reading without the key
+
+
+def read_ca_certificate(path: Path) -> x509.Certificate:
+    """The CA certificate in ``path`` (``ca.crt``), read without the CA's private key.
+
+    For watchers (``/metrics``) that must not touch the key. Raises FileNotFoundError
+    when there is no ``ca.crt``, RepositoryError when it is unreadable.
+    """
+    cert_file = path / "ca.crt"
+    try:
+        return x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise RepositoryError(f"cannot read the CA certificate {cert_file}: {exc}") from None
+
+
+def read_crl(path: Path) -> x509.CertificateRevocationList:
+    """The CRL in ``path`` (``crl.pem``) as last written by ``DeviceCA.write_crl``.
+
+    Read-only, no key needed. Raises FileNotFoundError when there is no ``crl.pem``,
+    RepositoryError when it is unreadable.
+    """
+    crl_file = path / "crl.pem"
+    try:
+        return x509.load_pem_x509_crl(crl_file.read_bytes())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise RepositoryError(f"cannot read the CRL {crl_file}: {exc}") from None

@@ -18,9 +18,12 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from controller.store import DeviceRow, EventRow, HeartbeatRow, ModelRow
+
+if TYPE_CHECKING:
+    from controller.expiry import Expiries
 
 HEALTH_STATES: Final = ("online", "stale", "offline")
 
@@ -230,8 +233,10 @@ def render_metrics(
     ingest_counts: dict[str, int],
     now: float,
     policy: StalePolicy,
+    expiries: Expiries | None = None,
 ) -> str:
-    """Fleet aggregates in the Prometheus text format (version 0.0.4)."""
+    """Fleet aggregates in the Prometheus text format (version 0.0.4), then, given
+    ``expiries``, when what the operator must renew expires (``_render_expiries``)."""
     out = [
         "# HELP edgefleet_devices Devices by fleet and health (online, stale, offline).",
         "# TYPE edgefleet_devices gauge",
@@ -281,4 +286,57 @@ def render_metrics(
         out.append(
             _sample("edgefleet_ingest_messages_total", {"kind": kind}, ingest_counts.get(kind, 0))
         )
+    if expiries is not None:
+        out += _render_expiries(expiries)
     return "\n".join(out) + "\n"
+
+
+def _timestamp_sample(name: str, labels: dict[str, str], value: int) -> str:
+    """A sample with an integer value written in full: ``:g`` would round a Unix time to
+    six digits."""
+    text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+    return f"{name}{{{text}}} {value:d}" if labels else f"{name} {value:d}"
+
+
+def _render_expiries(expiries: Expiries) -> list[str]:
+    """Expiry gauges as Unix seconds (alert on ``metric - time()``); a series whose source
+    is absent or unreadable is left out, its HELP and TYPE kept."""
+    out = [
+        "# HELP edgefleet_tuf_metadata_expires_timestamp_seconds When each TUF role's "
+        "current metadata expires.",
+        "# TYPE edgefleet_tuf_metadata_expires_timestamp_seconds gauge",
+    ]
+    for role, expires_s in expiries.roles_s.items():
+        out.append(
+            _timestamp_sample(
+                "edgefleet_tuf_metadata_expires_timestamp_seconds", {"role": role}, expires_s
+            )
+        )
+    singles = (
+        (
+            "edgefleet_device_ca_cert_expires_timestamp_seconds",
+            "When the device CA certificate (REPO_DIR/ca/ca.crt) expires.",
+            expiries.ca_not_after_s,
+        ),
+        (
+            "edgefleet_device_crl_next_update_timestamp_seconds",
+            "When the CRL (REPO_DIR/ca/crl.pem) expires: re-sign it before, or the broker "
+            "refuses every client.",
+            expiries.crl_next_update_s,
+        ),
+        (
+            "edgefleet_device_certs_earliest_expires_timestamp_seconds",
+            "The earliest expiry among enrolled, unrevoked devices' certificates.",
+            None if expiries.device_certs is None else expiries.device_certs.earliest_not_after_s,
+        ),
+        (
+            "edgefleet_device_certs_expiring_within_30d",
+            "Enrolled, unrevoked devices whose certificate expires within 30 days (or has).",
+            None if expiries.device_certs is None else expiries.device_certs.expiring,
+        ),
+    )
+    for name, help_text, value in singles:
+        out += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        if value is not None:
+            out.append(_timestamp_sample(name, {}, value))
+    return out
