@@ -36,8 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeVar
 
-from securesystemslib.exceptions import StorageError
-
 from controller.ca import read_ca_certificate, read_crl
 from controller.devices import DeviceRecord, ca_dir, load_registry
 from controller.errors import ControllerError
@@ -48,10 +46,9 @@ logger = logging.getLogger(__name__)
 DEVICE_CERT_WINDOW_DAYS: Final = 30
 DEVICE_CERT_WINDOW_S: Final = DEVICE_CERT_WINDOW_DAYS * 86400
 WARN_INTERVAL_S: Final = 3600.0
-# What reading a source may raise when it is missing, damaged or half-written. A missing
-# metadata file reaches us as securesystemslib's StorageError (``Metadata.from_file``
-# wraps the OSError), which ``Repository.load`` lets through.
-_READ_ERRORS: Final = (ControllerError, OSError, ValueError, StorageError)
+# What reading a source may raise when it is missing, damaged or half-written
+# (``Repository.load`` raises RepositoryError, a ControllerError, for its files).
+_READ_ERRORS: Final = (ControllerError, OSError, ValueError)
 
 T = TypeVar("T")
 

@@ -156,7 +156,9 @@ class Repository:
     def _read(self, filename: str) -> Metadata[Any]:
         path = self.metadata_dir / filename
         try:
-            return Metadata.from_file(str(path))
+            # Read here, not with Metadata.from_file: its storage layer turns a missing
+            # file into a StorageError that says less than this.
+            return Metadata.from_bytes(path.read_bytes())
         except FileNotFoundError:
             raise RepositoryError(f"metadata file missing: {path}") from None
         except (OSError, DeserializationError, ValueError) as exc:

@@ -10,7 +10,7 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata
 
 from agent.contracts import ROLLOUT_PATHS, ROLLOUT_ROLE
-from controller.errors import UsageError
+from controller.errors import RepositoryError, UsageError
 from controller.repository import ALL_ROLES, Repository, init_repository
 from tests.controller.conftest import edgectl_cmd
 
@@ -74,3 +74,16 @@ def test_init_cli_sets_expiries(tmp_path: Path) -> None:
     left = repo.load("timestamp").signed.expires - datetime.now(UTC)
     assert timedelta(days=1, hours=23) < left <= timedelta(days=2)
     assert repo.policy.timestamp_days == 2
+
+
+def test_a_missing_or_damaged_metadata_file_is_named(repo: Repository) -> None:
+    timestamp = repo.metadata_dir / "timestamp.json"
+    saved = timestamp.read_bytes()
+    timestamp.unlink()
+    with pytest.raises(RepositoryError, match=f"metadata file missing: {timestamp}"):
+        repo.load("timestamp")
+    timestamp.write_bytes(saved[: len(saved) // 2])
+    with pytest.raises(RepositoryError, match=f"cannot load {timestamp}"):
+        repo.load("timestamp")
+    timestamp.write_bytes(saved)
+    assert repo.load("timestamp").signed.version >= 1
