@@ -223,8 +223,12 @@ def _escape(value: str) -> str:
 
 
 def _sample(name: str, labels: dict[str, str], value: float) -> str:
+    """One sample line. Values are written in full: an integer as it is, a float as its
+    shortest exact form (``:g`` would round a counter past 999,999 or a Unix time to six
+    digits, and Prometheus would see a counter move in steps)."""
     text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-    return f"{name}{{{text}}} {value:g}"
+    number = str(value) if isinstance(value, int) else repr(float(value))
+    return f"{name}{{{text}}} {number}" if labels else f"{name} {number}"
 
 
 def render_metrics(
@@ -291,13 +295,6 @@ def render_metrics(
     return "\n".join(out) + "\n"
 
 
-def _timestamp_sample(name: str, labels: dict[str, str], value: int) -> str:
-    """A sample with an integer value written in full: ``:g`` would round a Unix time to
-    six digits."""
-    text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-    return f"{name}{{{text}}} {value:d}" if labels else f"{name} {value:d}"
-
-
 def _render_expiries(expiries: Expiries) -> list[str]:
     """Expiry gauges as Unix seconds (alert on ``metric - time()``); a series whose source
     is absent or unreadable is left out, its HELP and TYPE kept."""
@@ -308,9 +305,7 @@ def _render_expiries(expiries: Expiries) -> list[str]:
     ]
     for role, expires_s in expiries.roles_s.items():
         out.append(
-            _timestamp_sample(
-                "edgefleet_tuf_metadata_expires_timestamp_seconds", {"role": role}, expires_s
-            )
+            _sample("edgefleet_tuf_metadata_expires_timestamp_seconds", {"role": role}, expires_s)
         )
     singles = (
         (
@@ -338,5 +333,5 @@ def _render_expiries(expiries: Expiries) -> list[str]:
     for name, help_text, value in singles:
         out += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
         if value is not None:
-            out.append(_timestamp_sample(name, {}, value))
+            out.append(_sample(name, {}, value))
     return out

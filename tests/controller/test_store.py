@@ -151,3 +151,6 @@ def test_table_and_metrics_render_what_the_store_holds(store: TelemetryStore) ->
     )
     assert 'edgefleet_events_total{fleet="lab",kind="rolled_back"} 1' in text
     assert 'edgefleet_device_events_dropped{fleet="lab"} 6' in text
+    # Counters past a million are written in full, not rounded to six digits.
+    big = render_metrics(rows, [], {"heartbeats": 1_234_567_891}, 101.0, policy)
+    assert 'edgefleet_ingest_messages_total{kind="heartbeats"} 1234567891' in big
