@@ -16,27 +16,16 @@ from agent.config import load_config
 from agent.enroll import EnrollmentError, install_enrollment, read_enrollment
 from controller.broker import render_acl
 from controller.cli import main as edgectl_main
-from controller.devices import EnrollOptions, add_device, load_registry, revoke_device
+from controller.devices import add_device, load_registry, revoke_device
 from controller.errors import UsageError
 from controller.repository import init_repository
-
-OPTIONS = EnrollOptions(repository_url="https://updates.example.net/", mqtt_host="mq.example")
+from tests.controller.enroll_support import OPTIONS, archive_members
 
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     init_repository(tmp_path / "repo")
     return tmp_path / "repo"
-
-
-def _members(archive: bytes) -> dict[str, bytes]:
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        out = {}
-        for m in tar:
-            f = tar.extractfile(m)
-            assert f is not None
-            out[m.name] = f.read()
-        return out
 
 
 def _repack(members: dict[str, bytes], extra: tuple[str, bytes] | None = None) -> bytes:
@@ -127,15 +116,15 @@ def test_the_acl_confines_devices_by_pattern_and_fleet(repo: Path) -> None:
 def test_enroll_rejects_archives_that_do_not_add_up(repo: Path, tmp_path: Path) -> None:
     _, archive = add_device(repo, "cam-1", "north", OPTIONS)
     _, other = add_device(repo, "cam-2", "north", OPTIONS)
-    members = _members(archive)
+    members = archive_members(archive)
     etc = tmp_path / "etc"
     cases = {
         "unexpected member": _repack(members, ("../evil", b"x")),
         "lacks device.crt": _repack({k: v for k, v in members.items() if k != "device.crt"}),
         # Without the key it must be this device's own (CSR flow), and there is none here.
         "holds no device.key": _repack({k: v for k, v in members.items() if k != "device.key"}),
-        "is for 'cam-2'": _repack({**members, "device.crt": _members(other)["device.crt"]}),
-        "does not belong": _repack({**members, "device.key": _members(other)["device.key"]}),
+        "is for 'cam-2'": _repack({**members, "device.crt": archive_members(other)["device.crt"]}),
+        "does not belong": _repack({**members, "device.key": archive_members(other)["device.key"]}),
         "not TUF root": _repack({**members, "root.json": b'{"signed": {"_type": "targets"}}'}),
         "not an enrollment archive": b"not a tar at all" * 100,
     }

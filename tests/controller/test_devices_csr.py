@@ -4,9 +4,7 @@ with the key made on the device and never in the archive; and what each side ref
 
 from __future__ import annotations
 
-import io
 import stat
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -23,27 +21,16 @@ from agent.enroll import (
     request_enrollment,
 )
 from controller.cli import main as edgectl_main
-from controller.devices import EnrollOptions, add_device, load_registry
+from controller.devices import add_device, load_registry
 from controller.errors import UsageError
 from controller.repository import init_repository
-
-OPTIONS = EnrollOptions(repository_url="https://updates.example.net/", mqtt_host="mq.example")
+from tests.controller.enroll_support import OPTIONS, archive_members
 
 
 @pytest.fixture
 def repo(tmp_path: Path) -> Path:
     init_repository(tmp_path / "repo")
     return tmp_path / "repo"
-
-
-def _members(archive: bytes) -> dict[str, bytes]:
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        out = {}
-        for m in tar:
-            f = tar.extractfile(m)
-            assert f is not None
-            out[m.name] = f.read()
-        return out
 
 
 def _csr(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
@@ -81,7 +68,7 @@ def test_cli_round_trip_keeps_the_key_on_the_device(
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert "the archive holds no key" in capsys.readouterr().out
-    members = _members(archive.read_bytes())
+    members = archive_members(archive.read_bytes())
     assert sorted(members) == ["agent.toml", "ca.crt", "device.crt", "enroll.json", "root.json"]
 
     assert agent_main(["enroll", str(archive), "--config-dir", str(etc)]) == 0
@@ -106,10 +93,10 @@ def test_csr_and_key_certificates_are_the_same_but_for_the_key(repo: Path, tmp_p
     csr_pem = request_enrollment("cam-1", tmp_path / "etc")
     _, by_csr = add_device(repo, "cam-1", "north", OPTIONS, csr_pem=csr_pem)
     _, by_key = add_device(repo, "cam-2", "north", OPTIONS)
-    csr_cert = x509.load_pem_x509_certificate(_members(by_csr)["device.crt"])
-    key_cert = x509.load_pem_x509_certificate(_members(by_key)["device.crt"])
+    csr_cert = x509.load_pem_x509_certificate(archive_members(by_csr)["device.crt"])
+    key_cert = x509.load_pem_x509_certificate(archive_members(by_key)["device.crt"])
     assert [e.value for e in csr_cert.extensions] == [e.value for e in key_cert.extensions]
-    assert "device.key" in _members(by_key)
+    assert "device.key" in archive_members(by_key)
 
 
 def test_device_add_refuses_a_csr_that_does_not_check_out(repo: Path, tmp_path: Path) -> None:
@@ -136,7 +123,7 @@ def test_device_add_refuses_a_csr_that_does_not_check_out(repo: Path, tmp_path: 
 def test_device_add_accepts_an_rsa_2048_request(repo: Path) -> None:
     key = rsa.generate_private_key(65537, 2048)
     _, archive = add_device(repo, "cam-1", "north", OPTIONS, csr_pem=_csr(key, "cam-1"))
-    cert = x509.load_pem_x509_certificate(_members(archive)["device.crt"])
+    cert = x509.load_pem_x509_certificate(archive_members(archive)["device.crt"])
     assert isinstance(cert.public_key(), rsa.RSAPublicKey)
     usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     assert usage.digital_signature and not usage.key_agreement  # an RSA key signs
@@ -177,5 +164,5 @@ def test_an_archive_with_a_key_replaces_a_requested_key(repo: Path, tmp_path: Pa
     path = tmp_path / "enroll.tar"
     path.write_bytes(archive)
     enroll_from_file(path, etc)
-    assert (etc / "device.key").read_bytes() == _members(archive)["device.key"]
+    assert (etc / "device.key").read_bytes() == archive_members(archive)["device.key"]
     assert stat.S_IMODE((etc / "device.key").stat().st_mode) == 0o600
