@@ -43,7 +43,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 import httptools
 
@@ -184,6 +184,7 @@ class Connection:
         self._end = 0
         self._spare: bytearray | None = None  # a large body buffer to reuse
         self._heads: dict[bytes, _Head] = {}  # heads parsed before (never chunked ones)
+        self._memo: dict[bytes, Any] = {}  # what routing keeps between requests (Request.memo)
         self._answered = 0.0  # time.monotonic() when the last answer was written
         self._gap_s = float("inf")  # from the last answer to the next request's first byte
         # Kernel timeouts on a blocking socket: Python's own would poll() before every
@@ -240,6 +241,7 @@ class Connection:
                         parsed.header_length,
                         self.peer_uid,
                         received,
+                        self._memo,
                     )
                 )
             del body  # the last reference: a reusable body buffer is free again

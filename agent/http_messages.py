@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 from agent.oip import error_body
 
@@ -40,7 +40,7 @@ RETRY_AFTER: Final = b"Retry-After: 1\r\n"
 class Response:
     """A response to write: status, body (bytes or parts), extra header lines."""
 
-    __slots__ = ("body", "close", "content_type", "extra", "status")
+    __slots__ = ("_encoded", "body", "close", "content_type", "extra", "status")
 
     def __init__(
         self,
@@ -56,6 +56,7 @@ class Response:
         self.close = close
         self.extra = extra  # extra header lines, each ending in CRLF
         self.content_type = content_type
+        self._encoded: tuple[bytes, bytes] | None = None  # (connection header, head)
 
     @classmethod
     def error(
@@ -65,9 +66,14 @@ class Response:
         return cls(status, error_body(message), close=close, extra=extra)
 
     def encode_head(self, connection_header: bytes) -> tuple[bytes, Sequence[bytes | memoryview]]:
-        """The status line and headers (with ``connection_header``), and the body parts."""
+        """The status line and headers (with ``connection_header``), and the body parts.
+        A response is not changed once made, so its head is encoded once per connection
+        header (a repeat's response is one object answered many times)."""
         body = self.body
         parts: Sequence[bytes | memoryview] = (body,) if isinstance(body, bytes) else body
+        encoded = self._encoded
+        if encoded is not None and encoded[0] == connection_header:
+            return encoded[1], parts
         length = sum(len(p) for p in parts)
         head = b"".join(
             (
@@ -82,6 +88,7 @@ class Response:
                 b"\r\n",
             )
         )
+        self._encoded = (connection_header, head)
         return head, parts
 
 
@@ -93,6 +100,7 @@ class Request:
         "header_length",
         "http_1_0",
         "keep_alive",
+        "memo",
         "method",
         "peer_uid",
         "received",
@@ -109,6 +117,7 @@ class Request:
         header_length: int | None,
         peer_uid: int | None,
         received: float,
+        memo: dict[bytes, Any] | None = None,
     ) -> None:
         self.method = method
         self.url = url
@@ -118,6 +127,8 @@ class Request:
         self.header_length = header_length  # Inference-Header-Content-Length
         self.peer_uid = peer_uid  # None on TCP: no SO_PEERCRED there
         self.received = received  # time.monotonic() when the request was complete
+        # The connection's own memo: what routing keeps between one connection's requests.
+        self.memo: dict[bytes, Any] = {} if memo is None else memo
 
 
 Dispatch = Callable[[Request], Response]

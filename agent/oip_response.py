@@ -87,7 +87,7 @@ def encode_infer_response(
         and request.outputs is plan.outputs
         and request.binary_output == plan.binary_output
     ):
-        key = (model_name, model_version, *[(n, a.dtype, a.shape) for n, a in outputs.items()])
+        key = template_key(model_name, model_version, outputs)
         template = responses.get(key)
         if template is not None:
             return _fill(template, outputs, shm)
@@ -126,6 +126,14 @@ def encode_infer_response(
     if not payloads:
         return [header], None
     return [header, *payloads], len(header)
+
+
+def template_key(
+    model_name: str, model_version: str, outputs: Mapping[str, np.ndarray]
+) -> tuple[Any, ...]:
+    """What a response template is kept under in its plan: the model, its version, and
+    each output's name, dtype and shape, in order."""
+    return (model_name, model_version, *[(n, a.dtype, a.shape) for n, a in outputs.items()])
 
 
 def _shm_parameters(ref: ShmRef, byte_size: int) -> dict[str, Any]:

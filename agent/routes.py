@@ -44,13 +44,13 @@ from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.metrics import InferenceMetrics
 from agent.oip import PlanCache, model_metadata, parse_infer_request
 from agent.oip_response import encode_infer_response
+from agent.repeat import Repeat, infer_response, remember
 from agent.runtime import LoadedModel, ModelRegistry
 from agent.shm import SharedMemoryDenied, SharedMemoryRegistry
 from agent.stats import Outcome, RequestStats
 
 logger = logging.getLogger(__name__)
 
-_BINARY: Final = b"application/octet-stream"
 _MAX_INFER_URLS: Final = 256
 _LIVE_BODY: Final = b'{"live":true}'
 _READY_BODY: Final = b'{"ready":true}'
@@ -128,7 +128,11 @@ class Router:
             if request.method == b"POST":
                 known = self._infer_urls.get(request.url)
                 if known is not None:  # an infer URL seen before: skip parsing the path
-                    return self._infer(self._resolve(*known), request)
+                    model = self._resolve(*known)
+                    repeat = request.memo.get(request.url)
+                    if repeat is not None and repeat.matches(request, model):
+                        return self._infer(model, request, repeat)
+                    return self._infer(model, request)
             return self._route(request)
         except InferenceError as exc:
             return _error_response(exc)
@@ -228,7 +232,11 @@ class Router:
 
     # -- infer
 
-    def _infer(self, model: LoadedModel, request: Request) -> Response:
+    def _infer(
+        self, model: LoadedModel, request: Request, repeat: Repeat | None = None
+    ) -> Response:
+        """Run an infer request within the limits: the full path, or through ``repeat``
+        when it is an exact repeat of an earlier request on its connection."""
         if self._stopping or not self._is_ready():
             self._metrics.record_error(model.name, model.version, "not_ready")
             raise NotReadyError("the agent is not ready to serve (starting, stopping or draining)")
@@ -242,7 +250,10 @@ class Router:
         try:
             key, options = self._watch.begin(deadline)
             try:
-                response = _execute(model, request, self._shm, self._plans, options)
+                if repeat is not None:
+                    response = repeat.run(request.body, self._shared(request), options)
+                else:
+                    response = _execute(model, request, self._shared(request), self._plans, options)
             except Exception as exc:
                 if self._watch.end(key, options):
                     return self._expired(model, request)
@@ -252,6 +263,10 @@ class Router:
             return self._succeeded(model, request, response)
         finally:
             self.admission.leave()
+
+    def _shared(self, request: Request) -> SharedMemoryRegistry | None:
+        """Shared memory, for a peer on the Unix socket (TCP peers get none)."""
+        return self._shm if request.peer_uid is not None else None
 
     def _expired(self, model: LoadedModel, request: Request) -> Response:
         """A run that outlived the deadline: 503, and an error of the version (a request
@@ -299,25 +314,21 @@ def _execute(
     plans: PlanCache,
     options: ort.RunOptions | None,
 ) -> Response:
-    """Parse, run and encode one infer request (``options``: the run's, to cancel it)."""
-    shared = shm if request.peer_uid is not None else None
+    """Parse, run and encode one infer request (``options``: the run's, to cancel it);
+    keep it as a ``Repeat`` in its connection's memo when it can be one."""
     parsed = parse_infer_request(
         request.body,
         model.manifest,
         header_length=request.header_length,
-        shm=shared,
+        shm=shm,
         plans=plans,
     )
     outputs = model.infer(parsed.inputs, parsed.output_names, run_options=options)
-    parts, header_length = encode_infer_response(model.name, model.version, outputs, parsed, shared)
-    if header_length is None:
-        return Response(200, parts)
-    return Response(
-        200,
-        parts,
-        content_type=_BINARY,
-        extra=b"Inference-Header-Content-Length: %d\r\n" % header_length,
+    response = infer_response(
+        *encode_infer_response(model.name, model.version, outputs, parsed, shm)
     )
+    remember(request, model, parsed, outputs)
+    return response
 
 
 def _require(method: bytes, allowed: bytes) -> None:

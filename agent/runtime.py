@@ -144,6 +144,17 @@ class LoadedModel:
         """
         names = self._output_names if not output_names else self._known(output_names)
         self._check_inputs(inputs)
+        return dict(zip(names, self.run(names, inputs, run_options), strict=True))
+
+    def run(
+        self,
+        names: list[str],
+        inputs: Mapping[str, np.ndarray],
+        run_options: ort.RunOptions | None = None,
+    ) -> list[np.ndarray]:
+        """The outputs ``names`` (known to the model) of one run on ``inputs``, which the
+        caller has checked against the signature (``infer`` does, as does a request plan).
+        Raises as ``infer``."""
         try:
             results = self._run(
                 names, inputs if type(inputs) is dict else dict(inputs), run_options
@@ -163,7 +174,7 @@ class LoadedModel:
             ) from None
         # Every output is a tensor (load_model refuses other types), so ONNX Runtime gives
         # numpy arrays: no conversion.
-        return dict(zip(names, results, strict=True))
+        return results
 
     def _known(self, output_names: Sequence[str]) -> list[str]:
         """``output_names`` as a list; InvalidRequestError naming one the model lacks."""
