@@ -47,7 +47,10 @@ class Admission:
         self.queue = queue
         self.running = 0
         self.waiting = 0
-        self._condition = threading.Condition(threading.Lock())
+        # The lock alone on the common path (a free slot, nobody waiting): the
+        # Condition's Python-level wrappers cost more than the work they guard.
+        self._lock = threading.Lock()
+        self._condition = threading.Condition(self._lock)
         self._stopping = False
 
     @property
@@ -61,7 +64,7 @@ class Admission:
         Raises Overloaded when the queue is full, DeadlineExceeded when the deadline
         passes before a slot frees, NotReadyError when the server stops meanwhile.
         """
-        with self._condition:
+        with self._lock:
             if self.running < self.slots and not self.waiting and not self._stopping:
                 self.running += 1
                 return
@@ -87,9 +90,10 @@ class Admission:
 
     def leave(self) -> None:
         """Give a slot back."""
-        with self._condition:
+        with self._lock:
             self.running -= 1
-            self._condition.notify()
+            if self.waiting:
+                self._condition.notify()
 
     def stop(self) -> None:
         """Refuse to admit anyone from now on; wake every waiter."""

@@ -33,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 
 from agent.http_messages import Request, Response
-from agent.oip import InferRequest, ShmRef
+from agent.oip import InferRequest
 from agent.oip_response import ResponseTemplate, encode_infer_response, template_key
 from agent.runtime import LoadedModel
 from agent.shm import SharedMemoryRegistry
@@ -44,23 +44,24 @@ _MAX_PER_CONNECTION: Final = 8  # distinct infer URLs remembered per connection
 
 
 class _Input(NamedTuple):
-    """Where one input's values are: ``size`` bytes at ``offset`` of the body, or ``shm``."""
+    """Where one input's values are: at ``offset`` of the body, or in shared-memory view
+    number ``view`` (-1: in the body)."""
 
     name: str
     wire: np.dtype[Any]
     shape: tuple[int, ...]
     n_values: int
     offset: int  # in the body (the JSON header's length included)
-    shm: ShmRef | None
+    view: int
 
 
 class _Output(NamedTuple):
-    """What the template expects of one output, and where it goes (None: after the
-    header, as binary data)."""
+    """What the template expects of one output, and where it goes: shared-memory view
+    number ``view`` (-1: after the header, as binary data)."""
 
     dtype: np.dtype[Any]
     shape: tuple[int, ...]
-    shm: ShmRef | None
+    view: int
 
 
 def infer_response(parts: list[bytes | memoryview], header_length: int | None) -> Response:
@@ -88,6 +89,7 @@ class Repeat:
         "outputs",
         "request",
         "response",
+        "shm_refs",
         "template",
     )
 
@@ -99,6 +101,7 @@ class Repeat:
         inputs: tuple[_Input, ...],
         names: list[str],
         outputs: tuple[_Output, ...],
+        shm_refs: tuple[tuple[str, int, int], ...],
         template: ResponseTemplate,
         parsed: InferRequest,
     ) -> None:
@@ -109,6 +112,7 @@ class Repeat:
         self.inputs = inputs
         self.names = names
         self.outputs = outputs
+        self.shm_refs = shm_refs  # (region, offset, byte_size) of each shared-memory view
         self.template = template
         # What the full encoder needs: the plan and what it says, not the first inputs.
         self.request = InferRequest(
@@ -139,14 +143,16 @@ class Repeat:
         options: ort.RunOptions,
     ) -> Response:
         """Answer a repeat (``body``: its body). Raises as the full path does."""
+        views: list[memoryview] = []
+        if self.shm_refs:
+            assert shm is not None  # only made with shared memory available
+            views = shm.views(self.shm_refs)  # every region checked as it is now
         inputs: dict[str, np.ndarray] = {}
         for spec in self.inputs:
-            if spec.shm is None:
+            if spec.view < 0:
                 array = np.frombuffer(body, spec.wire, spec.n_values, spec.offset)
             else:
-                assert shm is not None  # only made with shared memory available
-                ref = spec.shm
-                array = np.frombuffer(shm.view(ref.region, ref.offset, ref.byte_size), spec.wire)
+                array = np.frombuffer(views[spec.view], spec.wire)
             inputs[spec.name] = array.reshape(spec.shape)
         model = self.model
         results = model.run(self.names, inputs, options)
@@ -157,13 +163,10 @@ class Repeat:
                 return infer_response(
                     *encode_infer_response(model.name, model.version, outputs, self.request, shm)
                 )
-            payload = tensor_to_bytes(array)
-            if expected.shm is None:
-                parts.append(payload)
+            if expected.view < 0:
+                parts.append(tensor_to_bytes(array))
             else:
-                assert shm is not None
-                ref = expected.shm
-                shm.view(ref.region, ref.offset, len(payload))[:] = payload
+                views[expected.view][:] = tensor_to_bytes(array)
         if self.response is not None:
             return self.response
         return infer_response(parts, self.template.header_length)
@@ -184,20 +187,37 @@ def remember(
     if template is None:
         return
     header_length = len(request.body) if request.header_length is None else request.header_length
+    shm_refs: list[tuple[str, int, int]] = []
     inputs: list[_Input] = []
     for p in plan.inputs:
         if p.wire is None:  # BOOL or BYTES: their bytes are checked per request
             return
-        inputs.append(_Input(p.name, p.wire, p.shape, p.n_values, header_length + p.offset, p.shm))
+        view = -1
+        if p.shm is not None:
+            view = len(shm_refs)
+            shm_refs.append((p.shm.region, p.shm.offset, p.shm.byte_size))
+        offset = header_length + p.offset
+        inputs.append(_Input(p.name, p.wire, p.shape, p.n_values, offset, view))
+    expected: list[_Output] = []
     refs = template.shm_refs or (None,) * len(outputs)
-    expected = tuple(
-        _Output(array.dtype, array.shape, ref)
-        for array, ref in zip(outputs.values(), refs, strict=True)
-    )
+    for array, ref in zip(outputs.values(), refs, strict=True):
+        view = -1
+        if ref is not None:
+            view = len(shm_refs)
+            shm_refs.append((ref.region, ref.offset, array.nbytes))
+        expected.append(_Output(array.dtype, array.shape, view))
     header = bytes(memoryview(request.body)[:header_length])
     memo = request.memo
     if len(memo) >= _MAX_PER_CONNECTION and request.url not in memo:
         memo.clear()
     memo[request.url] = Repeat(
-        model, request, header, tuple(inputs), list(outputs), expected, template, parsed
+        model,
+        request,
+        header,
+        tuple(inputs),
+        list(outputs),
+        tuple(expected),
+        tuple(shm_refs),
+        template,
+        parsed,
     )

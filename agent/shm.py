@@ -26,6 +26,7 @@ import os
 import re
 import stat
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -161,18 +162,32 @@ class SharedMemoryRegistry:
 
     def view(self, region: str, offset: int, byte_size: int) -> memoryview:
         """Bytes ``offset..offset+byte_size`` of ``region``. Raises InvalidRequestError."""
-        found = self._regions.get(region)
-        if found is None:
-            raise InvalidRequestError(f"shared memory region {region!r} is not registered")
-        if offset + byte_size > found.byte_size:
-            raise InvalidRequestError(
-                f"shared memory region {region!r}: offset {offset} + byte_size {byte_size} "
-                f"expected within its {found.byte_size} bytes"
-            )
-        start = found.offset + offset
-        if os.fstat(found.fd).st_size < start + byte_size:  # shrunk since: no SIGBUS
-            raise InvalidRequestError(f"shared memory region {region!r} was truncated")
-        return memoryview(found.mapping)[start : start + byte_size]
+        return self.views(((region, offset, byte_size),))[0]
+
+    def views(self, refs: Sequence[tuple[str, int, int]]) -> list[memoryview]:
+        """A view of each ``(region, offset, byte_size)``. Raises InvalidRequestError
+        naming a region that is not registered, a range outside its region, or a region
+        whose object is now shorter than what was registered (reading a mapping past
+        its object's end would kill the agent with SIGBUS): one ``fstat`` per region."""
+        regions = self._regions
+        result: list[memoryview] = []
+        checked: _Region | None = None  # requests name one region, mostly
+        for region, offset, byte_size in refs:
+            found = regions.get(region)
+            if found is None:
+                raise InvalidRequestError(f"shared memory region {region!r} is not registered")
+            if offset + byte_size > found.byte_size:
+                raise InvalidRequestError(
+                    f"shared memory region {region!r}: offset {offset} + byte_size {byte_size} "
+                    f"expected within its {found.byte_size} bytes"
+                )
+            if found is not checked:
+                if os.fstat(found.fd).st_size < found.offset + found.byte_size:
+                    raise InvalidRequestError(f"shared memory region {region!r} was truncated")
+                checked = found
+            start = found.offset + offset
+            result.append(memoryview(found.mapping)[start : start + byte_size])
+        return result
 
     def close(self) -> None:
         self.unregister(None)
