@@ -7,7 +7,8 @@ no redirects: the agent's server answers with Content-Length. Built for per-call
 the socket is in blocking mode with kernel send/receive timeouts (no ``poll`` before
 each ``recv``), and a response head is read for three fields only (Content-Length,
 Inference-Header-Content-Length, Connection), any order and case, the parse remembered
-per distinct head.
+per distinct head; the last head read is recognised by comparing the next response's
+first bytes with it, before any search, copy or hash.
 
 Invariants:
 - A kept-alive connection the server closed before answering is reopened once and the
@@ -15,6 +16,8 @@ Invariants:
 - When the server answers early and closes while the request is still being sent (403,
   503, 431), that answer is read and returned rather than the send error.
 - A returned body is a fresh ``bytearray`` the caller owns: never the scratch buffer.
+- A remembered parse is used only for a head whose bytes, through the blank line, are
+  exactly those it was made from, and only bytes read for this response are compared.
 - Spinning on a response (``spin_s`` > 0, off by default) polls without blocking for at
   most ``spin_s`` seconds per response, then blocks as usual.
 - Errors leave as the agent's tree: nothing listening (or no permission) →
@@ -42,6 +45,7 @@ _CONTENT_LENGTH: Final = b"\r\ncontent-length:"
 _HEADER_LENGTH: Final = b"\r\ninference-header-content-length:"
 _CONNECTION: Final = b"\r\nconnection:"
 _MAX_HEADS_REMEMBERED: Final = 64
+_NO_HEAD: Final = bytes(_SCRATCH_BYTES + 1)  # longer than any first read: starts none
 
 # (status, Content-Length, Inference-Header-Content-Length or None, Connection: close)
 Head = tuple[int, int, int | None, bool]
@@ -68,6 +72,9 @@ class UnixHTTPConnection:
         self.sock: socket.socket | None = None
         self._scratch = bytearray(_SCRATCH_BYTES)
         self._heads: dict[bytes, Head] = {}
+        # The last head read, through its blank line, and its parse: the next response
+        # usually starts with the very same bytes.
+        self._last_head: tuple[bytes, Head] = (_NO_HEAD, (0, 0, None, False))
 
     def connect(self) -> socket.socket:
         if isinstance(self.address, tuple):
@@ -183,18 +190,24 @@ class UnixHTTPConnection:
         if not got:
             raise _Stale
         data, filled = scratch, got
-        end = scratch.find(_HEAD_END, 0, got)
-        if end < 0:
-            data, filled, end = _read_head(sock, scratch, got)
-        key = bytes(data[:end])
-        parsed = self._heads.get(key)
-        if parsed is None:
-            parsed = parse_head(key)
-            if len(self._heads) >= _MAX_HEADS_REMEMBERED:
-                self._heads.clear()
-            self._heads[key] = parsed
+        last, parsed = self._last_head
+        if scratch.startswith(last, 0, got):  # the last head again, through its blank line
+            start = len(last)
+        else:
+            end = scratch.find(_HEAD_END, 0, got)
+            if end < 0:
+                data, filled, end = _read_head(sock, scratch, got)
+            key = bytes(memoryview(data)[:end])
+            found = self._heads.get(key)
+            if found is None:
+                found = parse_head(key)
+                if len(self._heads) >= _MAX_HEADS_REMEMBERED:
+                    self._heads.clear()
+                self._heads[key] = found
+            parsed = found
+            start = end + len(_HEAD_END)
+            self._last_head = (key + _HEAD_END, parsed)
         status, length, header_length, close = parsed
-        start = end + len(_HEAD_END)
         have = min(filled - start, length)
         if have == length:
             return status, close, header_length, data[start : start + length]
