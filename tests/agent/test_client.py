@@ -278,6 +278,47 @@ def test_a_response_split_anywhere_is_read_whole() -> None:
         peer.close()
 
 
+def test_a_head_that_differs_from_the_last_one_is_read_afresh() -> None:
+    def response(body: bytes, extra: bytes = b"") -> bytes:
+        length = str(len(body)).encode()
+        return b"HTTP/1.1 200 OK\r\nContent-Length: " + length + b"\r\n" + extra + b"\r\n" + body
+
+    connection = UnixHTTPConnection(Path("/nonexistent"))
+    peer = _peer(connection)
+    answers = [
+        (response(b"abcd"), (200, None, b"abcd")),
+        (response(b"efgh"), (200, None, b"efgh")),  # the same head: remembered
+        (response(b"efghi"), (200, None, b"efghi")),  # the same but for one digit
+        (response(b"jklm", b"Inference-Header-Content-Length: 2\r\n"), (200, 2, b"jklm")),
+        (response(b"jklm"), (200, None, b"jklm")),  # a prefix of the last head
+        (b"HTTP/1.1 404 Not Found\r\nContent-Length: 2\r\n\r\nno", (404, None, b"no")),
+    ]
+    for data, expected in answers:
+        peer.sendall(data)
+        status, header_length, body = connection.send(b"GET / HTTP/1.1\r\n\r\n")
+        assert (status, header_length, bytes(body)) == expected
+        peer.recv(65536)
+    # The remembered head split across reads: the first read holds only part of it, the
+    # scratch buffer behind it still the whole last response; read afresh all the same.
+    for cut in (5, len(response(b"wxyz")) - 6):
+
+        def answer(cut: int = cut) -> None:
+            peer.recv(65536)
+            peer.sendall(response(b"wxyz")[:cut])
+            time.sleep(0.01)
+            peer.sendall(response(b"wxyz")[cut:])
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        status, header_length, body = connection.send(b"GET / HTTP/1.1\r\n\r\n")
+        thread.join()
+        assert (status, header_length, bytes(body)) == (200, None, b"wxyz")
+    peer.sendall(response(b"ab", b"Connection: close\r\n"))
+    assert bytes(connection.send(b"GET / HTTP/1.1\r\n\r\n")[2]) == b"ab"
+    assert connection.sock is None  # the last head's Connection: close was honoured
+    peer.close()
+
+
 def test_a_body_that_disagrees_with_the_remembered_plan_is_refused() -> None:
     header = (
         b'{"model_name":"m","model_version":"1","outputs":[{"name":"y","datatype":"FP32",'
