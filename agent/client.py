@@ -16,10 +16,14 @@ Most callers send identically shaped tensors on every call, so the client rememb
   with shared memory, copies each input into the region once and sends the request. An
   input that already lives in the region (``SharedMemoryRegion.ndarray``: an
   application that produces its frames there) is not copied: the request names where
-  it is, and copied inputs and outputs go after the last such input.
+  it is, and copied inputs and outputs go after the last such input. Such an array is
+  remembered (weakly) with where it lies: passing the same array object again, the
+  client does not ask for its address again.
 - per response JSON header (the exact bytes), a decode plan: each output's name, dtype,
   shape and where its bytes lie. A call then skips ``json.loads`` and builds each array
-  over the body (binary) or copies it out of the region (shared memory).
+  over the body (binary) or copies it out of the region (shared memory). A remembered
+  request also keeps its last response's header and plan: a response starting with the
+  very same header is recognised by comparing bytes, before any copy or hash.
 
 Invariants:
 - A remembered request is only ever the bytes the uncached path would build for the same
@@ -29,6 +33,10 @@ Invariants:
 - A plan is only used when the body's size is exactly the JSON header plus the binary
   sizes the plan expects; otherwise the response is decoded the slow way, whose errors
   are the ones callers see.
+- A remembered place is used only for the very array object it was found for, still
+  alive (so its memory has not moved: NumPy refuses ``array.data = ...``; with a NumPy
+  that allows it nothing is remembered), with the same dtype and shape, and for the same
+  region object of the same size; anything else asks ``SharedMemoryRegion.offset_of``.
 - Returned arrays never alias memory the client reuses: binary outputs live in the
   response's own fresh buffer, shared-memory outputs are copied out of the region once.
 - The caches are bounded (cleared when full); the shared-memory requests are forgotten
@@ -43,9 +51,11 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 import numpy as np
 
@@ -77,21 +87,57 @@ _SENT_AS_IS: Final = frozenset(
     np.dtype(name) for oip, name in OIP_TO_NUMPY.items() if oip != "BYTES"
 )
 Signature = tuple[Any, ...]
+# An array found in a region: (array, region) weakly, the region's size, the array's
+# dtype and shape then, and its offset in the region.
+_Placed = tuple[
+    "weakref.ref[np.ndarray]",
+    "weakref.ref[SharedMemoryRegion]",
+    int,
+    np.dtype[Any],
+    tuple[int, ...],
+    int,
+]
 
 
-class _Request(NamedTuple):
-    """A remembered binary request: its bytes before the tensor data."""
+def _data_is_fixed() -> bool:
+    """Whether an array's memory stays where it is for the array's life: NumPy refuses
+    ``array.data = ...`` (older versions only warn, and move it)."""
+    probe = np.zeros(1, np.uint8)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probe.data = np.zeros(1, np.uint8).data  # type: ignore[misc]
+    except AttributeError:
+        return True
+    return False
 
-    head: bytes
-    joined: bool  # small enough to send head and data as one joined buffer
+
+_FIXED_DATA: Final = _data_is_fixed()
 
 
-class _ShmRequest(NamedTuple):
-    """A remembered shared-memory request: the whole request, and where each input is
-    copied (None: the input lives in the region already and is not copied)."""
+class _Request:
+    """A remembered binary request: its bytes before the tensor data, and the JSON header
+    of its last response with that header's plan."""
 
-    data: bytes
-    offsets: tuple[int | None, ...]
+    __slots__ = ("answer", "head", "joined")
+
+    def __init__(self, head: bytes, joined: bool) -> None:
+        self.head = head
+        self.joined = joined  # small enough to send head and data as one joined buffer
+        self.answer: tuple[bytes, Plan] | None = None
+
+
+class _ShmRequest:
+    """A remembered shared-memory request: the whole request, which inputs are copied
+    and where (the others live in the region already), and the JSON header of its last
+    response with that header's plan."""
+
+    __slots__ = ("answer", "copies", "data")
+
+    def __init__(self, data: bytes, copies: tuple[tuple[int, int], ...]) -> None:
+        self.data = data
+        self.copies = copies  # (input index, offset in the region)
+        self.answer: tuple[bytes, Plan] | None = None
 
 
 class InferenceClient:
@@ -129,6 +175,7 @@ class InferenceClient:
         self._requests: dict[Signature, _Request] = {}
         self._shm_requests: dict[Signature, _ShmRequest] = {}
         self._plans: dict[bytes, Plan] = {}
+        self._placed: dict[int, _Placed] = {}  # id(array) → where it was found, for shm
 
     def close(self) -> None:
         self._connection.close()
@@ -261,7 +308,7 @@ class InferenceClient:
             header_length, data = self._send(joined)
         else:
             header_length, data = self._send(remembered.head, [_bytes_of(a) for a in arrays])
-        return self._decode(data, header_length, None, request_id is None)
+        return self._decode(data, header_length, None, request_id is None, remembered)
 
     # -- binary requests
 
@@ -303,17 +350,26 @@ class InferenceClient:
         header_length: int | None,
         region: SharedMemoryRegion | None,
         remember: bool,
+        request: _Request | _ShmRequest | None = None,
     ) -> dict[str, np.ndarray]:
         """The outputs of an infer response: through the plan of its JSON header when
-        ``remember`` (and the body fits the plan), else parsed afresh."""
+        ``remember`` (and the body fits the plan), else parsed afresh. A remembered
+        ``request`` keeps its last response's header and plan: the same header again is
+        recognised by comparing bytes, without copying or hashing them."""
         end = len(data) if header_length is None else header_length
         if remember and 0 <= end <= len(data):
-            header = bytes(memoryview(data)[:end])
-            plan = self._plans.get(header)
-            if plan is None:
-                plan = plan_response(header)
-                if plan is not None:
-                    _remember(self._plans, header, plan)
+            answer = None if request is None else request.answer
+            if answer is not None and len(answer[0]) == end and data.startswith(answer[0]):
+                plan: Plan | None = answer[1]
+            else:
+                header = bytes(memoryview(data)[:end])
+                plan = self._plans.get(header)
+                if plan is None:
+                    plan = plan_response(header)
+                    if plan is not None:
+                        _remember(self._plans, header, plan)
+                if plan is not None and request is not None:
+                    request.answer = (header, plan)
             if plan is not None and len(data) - end == plan.binary_bytes:
                 return apply_plan(plan, data, end, region)
         return decode_slowly(data, header_length, region)
@@ -334,7 +390,7 @@ class InferenceClient:
         signature, arrays = _signature(
             (region.name, region.byte_size, model, version, outputs), inputs
         )
-        places = tuple(region.offset_of(a) if a.dtype in _SENT_AS_IS else None for a in arrays)
+        places = self._places(region, arrays)
         signature += (places,)
         remembered = self._shm_requests.get(signature) if request_id is None else None
         try:
@@ -343,16 +399,50 @@ class InferenceClient:
                     signature, inputs, arrays, places, outputs, region, request_id
                 )
             else:
-                for offset, array in zip(remembered.offsets, arrays, strict=True):
-                    if offset is not None:
-                        region.write(offset, _bytes_of(array))
+                for index, offset in remembered.copies:
+                    region.write(offset, _bytes_of(arrays[index]))
                 data = remembered.data
             header_length, body = self._send(data)
         except InvalidRequestError:
             self._outputs.pop(model, None)  # a new version may have other output shapes
             self._shm_requests.clear()
             raise
-        return self._decode(body, header_length, region, request_id is None)
+        return self._decode(body, header_length, region, request_id is None, remembered)
+
+    def _places(
+        self, region: SharedMemoryRegion, arrays: list[np.ndarray]
+    ) -> tuple[int | None, ...]:
+        """Where each array lies in ``region`` (``region.offset_of``; None for dtypes not
+        sent as they are). An array found there is remembered, weakly, with its dtype
+        and shape: while it lives its memory cannot move, so the same array object again
+        lies at the same place, and its address need not be asked for again."""
+        places: list[int | None] = []
+        placed = self._placed
+        for array in arrays:
+            hit = placed.get(id(array))
+            if (
+                hit is not None
+                and hit[0]() is array
+                and hit[1]() is region
+                and hit[2] == region.byte_size
+                and hit[3] == array.dtype
+                and hit[4] == array.shape
+            ):
+                places.append(hit[5])
+                continue
+            place = region.offset_of(array) if array.dtype in _SENT_AS_IS else None
+            if place is not None and _FIXED_DATA:
+                entry = (
+                    weakref.ref(array),
+                    weakref.ref(region),
+                    region.byte_size,
+                    array.dtype,
+                    array.shape,
+                    place,
+                )
+                _remember(placed, id(array), entry)
+            places.append(place)
+        return tuple(places)
 
     def _shm_request(
         self,
@@ -370,21 +460,20 @@ class InferenceClient:
         input that lives in the region."""
         model, version = signature[2], signature[3]
         tensors: list[dict[str, Any]] = []
-        offsets: list[int | None] = []
+        copies: list[tuple[int, int]] = []
         offset = max(
             (p + a.nbytes for p, a in zip(places, arrays, strict=True) if p is not None),
             default=0,
         )
         offset += -offset % _ALIGN
-        for name, array, place in zip(inputs, arrays, places, strict=True):
+        for index, (name, array, place) in enumerate(zip(inputs, arrays, places, strict=True)):
             if place is not None:
                 params = _shm_params(region, place, array.nbytes)
                 tensors.append(tensor_head(name, array, params))
-                offsets.append(None)
                 continue
             size = region.write(offset, tensor_to_bytes(array))
             tensors.append(tensor_head(name, array, _shm_params(region, offset, size)))
-            offsets.append(offset)
+            copies.append((index, offset))
             offset += size + (-size % _ALIGN)
         batch = next((a.shape[0] for a in arrays if a.ndim), None)
         doc: dict[str, Any] = {
@@ -397,7 +486,7 @@ class InferenceClient:
         path = _model_path(model, version) + "/infer"
         data = request_head("POST", path, len(header), _binary_headers(len(header))) + header
         if request_id is None and all(a.dtype in _SENT_AS_IS for a in arrays):
-            _remember(self._shm_requests, signature, _ShmRequest(data, tuple(offsets)))
+            _remember(self._shm_requests, signature, _ShmRequest(data, tuple(copies)))
         return data
 
     def _shm_outputs(

@@ -7,7 +7,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -347,6 +349,158 @@ def test_a_body_that_disagrees_with_the_remembered_plan_is_refused() -> None:
         client.infer("m", {"x": X})
     client.close()
     peer.close()
+
+
+def _answer(client: InferenceClient, respond: Callable[[bytes], bytes]) -> list[bytes]:
+    """Answer each of ``client``'s requests with ``respond(request)``, in a thread; the
+    returned list collects the requests."""
+    peer = _peer(client._connection)
+    requests: list[bytes] = []
+
+    def serve() -> None:
+        data = b""
+        with peer:
+            while True:
+                while b"\r\n\r\n" not in data:
+                    chunk = peer.recv(1 << 16)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, rest = data.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                while len(rest) < length:
+                    rest += peer.recv(1 << 16)
+                request, data = head + b"\r\n\r\n" + rest[:length], rest[length:]
+                requests.append(request)
+                peer.sendall(respond(request))
+
+    threading.Thread(target=serve, daemon=True).start()
+    return requests
+
+
+def _response(doc: dict[str, Any], binary: bytes = b"") -> bytes:
+    header = json.dumps(doc).encode()
+    extra = b""
+    if binary:
+        extra = b"Inference-Header-Content-Length: " + str(len(header)).encode() + b"\r\n"
+    return (
+        b"HTTP/1.1 200 OK\r\n"
+        + extra
+        + b"Content-Length: "
+        + str(len(header) + len(binary)).encode()
+        + b"\r\n\r\n"
+        + header
+        + binary
+    )
+
+
+def _outputs(*outputs: tuple[str, list[int], dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "model_name": "m",
+        "outputs": [
+            {"name": name, "datatype": "FP32", "shape": shape, "parameters": params}
+            for name, shape, params in outputs
+        ],
+    }
+
+
+def test_a_remembered_request_s_answer_is_decoded_by_its_own_header() -> None:
+    values = np.arange(6, dtype=np.float32)
+    binary = {"binary_data_size": 24}
+    answers = iter(
+        [
+            _response(_outputs(("y", [2, 3], binary)), values.tobytes()),
+            _response(_outputs(("y", [2, 3], binary)), values[::-1].tobytes()),  # remembered
+            _response(_outputs(("y", [3, 2], binary)), values.tobytes()),  # as long, other shape
+            _response(_outputs(("z", [2, 3], binary)), values.tobytes()),  # another name
+            _response(
+                _outputs(
+                    ("y", [1, 3], {"binary_data_size": 12}), ("z", [1, 3], {"binary_data_size": 12})
+                ),
+                values.tobytes(),
+            ),
+            _response(_outputs(("y", [2, 3], binary)), values.tobytes()),  # the first again
+        ]
+    )
+    client = InferenceClient(Path("/nonexistent"))
+    _answer(client, lambda _: next(answers))
+    expected = [
+        {"y": values.reshape(2, 3)},
+        {"y": values[::-1].reshape(2, 3)},
+        {"y": values.reshape(3, 2)},
+        {"z": values.reshape(2, 3)},
+        {"y": values[:3].reshape(1, 3), "z": values[3:].reshape(1, 3)},
+        {"y": values.reshape(2, 3)},
+    ]
+    for want in expected:
+        got = client.infer("m", {"x": X})
+        assert got.keys() == want.keys()
+        for name, array in want.items():
+            assert got[name].shape == array.shape
+            np.testing.assert_array_equal(got[name], array)
+    client.close()
+
+
+def test_inputs_in_the_region_are_placed_by_where_each_array_lies_now(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    metadata = {"name": "m", "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}]}
+    out_at = [4096]  # where the answer says the output is
+
+    def respond(request: bytes) -> bytes:
+        if request.startswith(b"GET "):
+            return _response(metadata)
+        params = {
+            "shared_memory_region": "r",
+            "shared_memory_offset": out_at[0],
+            "shared_memory_byte_size": 12,
+        }
+        return _response(_outputs(("y", [1, 3], params)))
+
+    def placed(request: bytes) -> tuple[str, int]:
+        params = json.loads(request.partition(b"\r\n\r\n")[2])["inputs"][0]["parameters"]
+        return params["shared_memory_region"], params["shared_memory_offset"]
+
+    client = InferenceClient(Path("/nonexistent"))
+    requests = _answer(client, respond)
+    name = f"ef-client-{os.getpid()}-places"
+    with (
+        SharedMemoryRegion(name, 1 << 13) as region,
+        SharedMemoryRegion(name + "2", 1 << 13) as other,
+    ):
+        region.name, other.name = "r", "r2"
+        y = np.array([[1.0, 2.0, 3.0]], np.float32)
+        region.write(4096, y.tobytes())
+        region.write(4160, (y * 2).tobytes())
+        frame = region.ndarray(1024, np.float32, (1, 4))
+        for _ in range(2):  # the second call through the remembered request
+            np.testing.assert_array_equal(client.infer("m", {"x": frame}, shm=region)["y"], y)
+            assert placed(requests[-1]) == ("r", 1024)
+        assert requests[-1] == requests[-2]
+        out_at[0] = 4160  # the same request answered with another place: read there
+        np.testing.assert_array_equal(client.infer("m", {"x": frame}, shm=region)["y"], y * 2)
+        out_at[0] = 4096
+        for offset in (2048, 1024, 3072):  # new arrays, likely at the old one's id
+            del frame
+            frame = region.ndarray(offset, np.float32, (1, 4))
+            np.testing.assert_array_equal(client.infer("m", {"x": frame}, shm=region)["y"], y)
+            assert placed(requests[-1]) == ("r", offset)
+        # The same array with another region is copied into that region (whose output
+        # the answer's offset names there).
+        other.write(4096, (y * 3).tobytes())
+        np.testing.assert_array_equal(client.infer("m", {"x": frame}, shm=other)["y"], y * 3)
+        assert placed(requests[-1]) == ("r2", 0)
+        np.testing.assert_array_equal(other.array(0, np.dtype(np.float32), (1, 4)), frame)
+        monkeypatch.setattr("agent.client._FIXED_DATA", False)  # nothing remembered
+        client._placed.clear()
+        for offset in (512, 1024):
+            del frame
+            frame = region.ndarray(offset, np.float32, (1, 4))
+            np.testing.assert_array_equal(client.infer("m", {"x": frame}, shm=region)["y"], y)
+            assert placed(requests[-1]) == ("r", offset)
+        assert not client._placed
+        del frame
+    client.close()
 
 
 def test_an_agent_that_does_not_answer_times_out() -> None:
