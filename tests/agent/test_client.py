@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -485,6 +486,17 @@ def test_inputs_in_the_region_are_placed_by_where_each_array_lies_now(
             frame = region.ndarray(offset, np.float32, (1, 4))
             np.testing.assert_array_equal(client.infer("m", {"x": frame}, shm=region)["y"], y)
             assert placed(requests[-1]) == ("r", offset)
+        # Strides changed in place (deprecated, still possible): no longer contiguous,
+        # so no longer sent from where it lies but copied (to the region's start).
+        square = region.ndarray(1024, np.float32, (2, 2))
+        client.infer("m", {"x": square}, shm=region)
+        assert placed(requests[-1]) == ("r", 1024)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            square.strides = (4, 8)
+        client.infer("m", {"x": square}, shm=region)
+        assert placed(requests[-1]) == ("r", 0)
+        del square
         # The same array with another region is copied into that region (whose output
         # the answer's offset names there).
         other.write(4096, (y * 3).tobytes())
