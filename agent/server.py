@@ -130,6 +130,7 @@ class InferenceServer:
         self.idle_timeout_s = idle_timeout_s
         self.busy_poll_s = busy_poll_s
         self._cores = len(os.sched_getaffinity(0))  # what systemd's CPUAffinity= leaves us
+        self._machine_cores = max(os.cpu_count() or 1, self._cores)  # where clients run
         self.allowed_uids = frozenset(allowed_uids)
         self.allowed_gids = frozenset(allowed_gids)
         self.tcp_port = tcp_port
@@ -387,10 +388,8 @@ class InferenceServer:
             refuse(sock, Response.error(503, message, close=True, extra=RETRY_AFTER))
 
     def may_busy_poll(self) -> bool:
-        """A core is free to poll on: one for the polling thread and one for its client
-        besides the runs in flight (never on a single core, where polling would only
-        delay the client it waits for)."""
-        return self._router.admission.running + 2 <= self._cores
+        """A core is free to poll on (see ``may_poll``)."""
+        return may_poll(self._router.admission.running, self._cores, self._machine_cores)
 
     def connection_closed(self, connection: Connection) -> None:
         """Forget a connection that has closed (its thread calls this)."""
@@ -423,6 +422,15 @@ class InferenceServer:
             f"peer uid {uid} gid {gid} is not in the allow-list "
             f"([inference] allowed_uids / allowed_gids)"
         )
+
+
+def may_poll(running: int, agent_cores: int, machine_cores: int) -> bool:
+    """Whether a connection may poll for its client's next request, with ``running``
+    runs in flight: one of the agent's cores is left for the poller, and one of the
+    machine's for the client besides the poller and the runs. Never on a single core,
+    where polling would only delay the client it waits for; on an agent pinned to one
+    core of several (``CPUAffinity=``), while no run is in flight."""
+    return running + 1 <= agent_cores and running + 2 <= machine_cores
 
 
 def _ids(names: str, kind: str) -> list[int]:

@@ -23,7 +23,7 @@ from agent.client import InferenceClient
 from agent.config import InferenceConfig, parse_config
 from agent.errors import AgentUnreachableError, ConfigError, NotReadyError
 from agent.runtime import LoadedModel, ModelRegistry, load_model
-from agent.server import InferenceServer
+from agent.server import InferenceServer, may_poll
 from agent.shm import SharedMemoryRegion
 from tests.agent._model_dir import make_model_dir
 from tests.agent._serving import ServerThread, raw, read_responses, serving, short_socket_dir
@@ -316,6 +316,40 @@ def test_busy_polling_only_with_a_core_to_spare(gated: tuple[ModelRegistry, Gate
             thread.join(10)
         assert results == [(1, 3)]
         assert server.may_busy_poll() == (cores >= 2)
+
+
+def test_polling_leaves_a_core_for_the_client() -> None:
+    # (runs in flight, the agent's cores, the machine's cores) → may poll
+    table = {
+        (0, 1, 1): False,  # one core: polling would only delay the client
+        (0, 2, 2): True,
+        (1, 2, 2): False,  # the run and the poller take both cores: none for the client
+        (1, 4, 4): True,
+        (2, 4, 4): True,
+        (3, 4, 4): False,
+        (0, 1, 2): True,  # pinned to one core of two: the client has the other
+        (1, 1, 2): False,  # ... but not while a run holds the agent's core
+        (0, 2, 8): True,
+        (1, 2, 8): True,
+        (2, 2, 8): False,
+    }
+    for (running, agent_cores, machine_cores), expected in table.items():
+        assert may_poll(running, agent_cores, machine_cores) is expected, (running, agent_cores)
+
+
+def test_an_agent_pinned_to_one_core_polls_when_idle(
+    gated: tuple[ModelRegistry, GatedSession],
+) -> None:
+    registry, _ = gated
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        pytest.skip("needs two cores")
+    os.sched_setaffinity(0, cores[:1])  # the server reads the affinity it starts with
+    try:
+        with serving(registry) as server:
+            assert server.may_busy_poll()
+    finally:
+        os.sched_setaffinity(0, cores)
 
 
 def _config(**inference: Any) -> dict[str, Any]:
