@@ -21,12 +21,15 @@ Invariants:
   template's (an output that differs is encoded by the full encoder).
 - Only requests whose inputs are all fixed-size binary or shared-memory tensors, with no
   ``id``, whose response came from a template (no JSON or BYTES output), are kept. A
-  repeat holds no reference to a request body or to shared memory.
+  repeat holds no reference to a request body or to shared memory, and only a weak one
+  to its model: a replaced version's session is freed when its last request ends, as
+  ``agent.runtime`` promises, not when an idle connection next calls.
 - Admission, deadlines, errors, metrics and stats are the router's, as for any request.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Final, NamedTuple
 
 import numpy as np
@@ -105,7 +108,7 @@ class Repeat:
         template: ResponseTemplate,
         parsed: InferRequest,
     ) -> None:
-        self.model = model
+        self.model = weakref.ref(model)
         self.header_length = request.header_length
         self.body_length = len(request.body)
         self.header = header
@@ -127,7 +130,7 @@ class Repeat:
         """Whether ``request``, to be served by ``model``, is an exact repeat of this one."""
         body = request.body
         if (
-            model is not self.model
+            model is not self.model()
             or request.header_length != self.header_length
             or len(body) != self.body_length
         ):
@@ -138,11 +141,13 @@ class Repeat:
 
     def run(
         self,
+        model: LoadedModel,
         body: bytes | bytearray | memoryview,
         shm: SharedMemoryRegistry | None,
         options: ort.RunOptions,
     ) -> Response:
-        """Answer a repeat (``body``: its body). Raises as the full path does."""
+        """Answer a repeat (``body``: its body) on ``model``, the one it ``matches``.
+        Raises as the full path does."""
         views: list[memoryview] = []
         if self.shm_refs:
             assert shm is not None  # only made with shared memory available
@@ -154,7 +159,6 @@ class Repeat:
             else:
                 array = np.frombuffer(views[spec.view], spec.wire)
             inputs[spec.name] = array.reshape(spec.shape)
-        model = self.model
         results = model.run(self.names, inputs, options)
         parts: list[bytes | memoryview] = [self.template.header]
         for expected, array in zip(self.outputs, results, strict=True):

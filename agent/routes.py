@@ -251,7 +251,7 @@ class Router:
             key, options = self._watch.begin(deadline)
             try:
                 if repeat is not None:
-                    response = repeat.run(request.body, self._shared(request), options)
+                    response = repeat.run(model, request.body, self._shared(request), options)
                 else:
                     response = _execute(model, request, self._shared(request), self._plans, options)
             except Exception as exc:

@@ -5,9 +5,11 @@ ONNX Runtime."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -127,6 +129,26 @@ def test_a_hot_swap_reaches_the_next_repeat(
                 client.infer("linear", {"x": x})["y"], _expected(models["2.0.0"], x)
             )
     assert not np.array_equal(_expected(models["1.0.0"], x), _expected(models["2.0.0"], x))
+
+
+def test_an_idle_connection_does_not_keep_a_replaced_version_alive(
+    models: dict[str, LoadedModel],
+) -> None:
+    first = load_model(models["1.0.0"].directory, models["1.0.0"].manifest)
+    registry = ModelRegistry()
+    registry.activate(first)
+    replaced = weakref.ref(first)
+    del first
+    x = _frames(1)[0]
+    with serving(registry) as server, InferenceClient(server.socket_path) as client:
+        for _ in range(3):  # the connection now keeps a repeat of this request
+            client.infer("linear", {"x": x})
+        registry.activate(models["2.0.0"])
+        gc.collect()
+        assert replaced() is None  # its session is freed while the connection idles
+        np.testing.assert_array_equal(
+            client.infer("linear", {"x": x})["y"], _expected(models["2.0.0"], x)
+        )
 
 
 def test_changed_shared_memory_is_refused_after_repeats(server: InferenceServer) -> None:
