@@ -453,7 +453,7 @@ def run(quick: bool) -> tuple[list[str], list[str]]:
         if name != best_name:
             ratio = statistics.median(values) / reference
             goal = f"CNN 4 clients ≥ 0.85× best in-process throughput, {name.rsplit(', ', 1)[1]}"
-            got = f"{ratio:.2f}× ({name} vs {best_name}, side by side)"
+            got = f"{ratio:.3f}× ({name} vs {best_name}, side by side)"
             verdicts.append(_goal(goal, ratio >= 0.85, got))
     shutil.rmtree(base, ignore_errors=True)
     return lines, verdicts
