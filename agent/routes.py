@@ -1,5 +1,7 @@
 """The inference server's endpoints: routing a ``Request`` to its handler, and running an
-infer request within the server's limits.
+infer request within the server's limits. An exact repeat of an infer request on one
+connection (same URL and JSON header) is answered through ``agent.repeat``, within the
+same limits, with the same errors, metrics and stats.
 
 Endpoints: health, server and model metadata, infer (JSON, binary tensor and system
 shared-memory extensions), shared-memory registration, and ``/metrics``.
