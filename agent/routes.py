@@ -132,7 +132,7 @@ class Router:
                 if known is not None:  # an infer URL seen before: skip parsing the path
                     model = self._resolve(*known)
                     repeat = request.memo.get(request.url)
-                    if repeat is not None and repeat.matches(request, model):
+                    if isinstance(repeat, Repeat) and repeat.matches(request, model):
                         return self._infer(model, request, repeat)
                     return self._infer(model, request)
             return self._route(request)
