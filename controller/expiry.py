@@ -22,23 +22,30 @@ Invariants:
   ``DEVICE_CERT_WINDOW_S``. An unrevoked device whose certificate already ended counts
   as expiring: it cannot connect, and only ``edgectl device revoke`` or a re-enrollment
   clears it.
+- The registry and the CRL are parsed again only when their file changed
+  (``controller.filememo``: keyed by its stat, re-read after an atomic replace, an
+  in-place rewrite, a removal or a creation). What is kept is time-independent (the
+  sorted not-afters, the CRL's next update); the window count is taken at each ``read``
+  from ``now_s``, so a certificate crossing into the window is counted without a write.
 """
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeVar
 
 from controller.ca import read_ca_certificate, read_crl
-from controller.devices import DeviceRecord, ca_dir, load_registry
+from controller.devices import REGISTRY_FILE, DeviceRecord, ca_dir, load_registry
 from controller.errors import ControllerError
+from controller.filememo import FileMemo
 from controller.repository import ALL_ROLES, Repository
 
 logger = logging.getLogger(__name__)
@@ -82,9 +89,14 @@ def summarize_device_certs(
     """Earliest not-after and the count ending before ``now_s + window_s``, over unrevoked
     records. Raises ValueError naming the device when a ``not_after`` is not ISO 8601
     with a time zone."""
-    earliest: int | None = None
-    expiring = 0
-    horizon = now_s + window_s
+    return summarize_not_afters(device_cert_not_afters(records), now_s, window_s)
+
+
+def device_cert_not_afters(records: Iterable[DeviceRecord]) -> tuple[int, ...]:
+    """The not-after (Unix seconds) of every unrevoked record's certificate, ascending:
+    what the summary needs from the registry, independent of the time. Raises
+    ValueError naming the device when a ``not_after`` is not ISO 8601 with a time zone."""
+    not_afters = []
     for record in records:
         if record.is_revoked:
             continue
@@ -93,11 +105,16 @@ def summarize_device_certs(
             raise ValueError(
                 f"device {record.device_id}: not_after {record.not_after!r} has no zone"
             )
-        not_after_s = int(not_after.timestamp())
-        earliest = not_after_s if earliest is None else min(earliest, not_after_s)
-        if not_after_s < horizon:
-            expiring += 1
-    return DeviceCertSummary(earliest, expiring)
+        not_afters.append(int(not_after.timestamp()))
+    return tuple(sorted(not_afters))
+
+
+def summarize_not_afters(
+    not_afters: Sequence[int], now_s: float, window_s: float = DEVICE_CERT_WINDOW_S
+) -> DeviceCertSummary:
+    """The summary of ascending not-afters (``device_cert_not_afters``) at ``now_s``."""
+    earliest = not_afters[0] if not_afters else None
+    return DeviceCertSummary(earliest, bisect.bisect_left(not_afters, now_s + window_s))
 
 
 def has_device_ca(repo_dir: Path) -> bool:
@@ -124,6 +141,11 @@ class ExpiryReader:
         self._clock = clock
         self._last_warned: dict[str, float] = {}
         self._lock = threading.Lock()
+        folder = ca_dir(repo_dir)
+        self._device_not_afters = FileMemo(folder / REGISTRY_FILE, self._parse_registry)
+        self._crl_next_update = FileMemo(
+            folder / "crl.pem", functools.partial(_crl_next_update_s, folder)
+        )
 
     def read(self, now_s: float) -> Expiries:
         """Every expiry that can be read now; never raises for a bad source."""
@@ -134,12 +156,17 @@ class ExpiryReader:
         ca_not_after = self._attempt(
             "ca", lambda: int(read_ca_certificate(folder).not_valid_after_utc.timestamp())
         )
-        crl_next_update = self._attempt("crl", lambda: _crl_next_update_s(folder))
+        crl_next_update = self._attempt("crl", lambda: self._crl_next_update.get(now_s))
         device_certs = self._attempt(
             "devices",
-            lambda: summarize_device_certs(load_registry(self.repo_dir).values(), now_s),
+            lambda: summarize_not_afters(self._device_not_afters.get(now_s), now_s),
         )
         return Expiries(roles, ca_not_after, crl_next_update, device_certs)
+
+    def _parse_registry(self) -> tuple[int, ...]:
+        # The module's load_registry looked up at each call: tests count parses by
+        # wrapping it.
+        return device_cert_not_afters(load_registry(self.repo_dir).values())
 
     def _read_roles(self) -> dict[str, int]:
         repo = self._attempt("repository", lambda: Repository.open(self.repo_dir))
