@@ -1,8 +1,9 @@
-"""Enrolled devices: the registry, ``edgectl device add`` and ``edgectl device revoke``.
+"""Enrolled devices: ``edgectl device add``, ``device renew`` and ``device revoke``.
 
-The registry (``REPO_DIR/ca/devices.json``) records each device's fleet and the serial
-of the certificate it was last issued, and when that was revoked. It is the source of
-the broker's per-device ACL lines (``controller.broker``) and of the CRL.
+The registry (``REPO_DIR/ca/devices.json``, format in ``controller.device_registry``)
+records each device's fleet, its current certificate and its earlier ones that have not
+expired, and what was revoked when. It is the source of the broker's per-device ACL
+lines (``controller.broker``) and of the CRL.
 
 ``add_device`` issues a client certificate from the device CA (``controller.ca``) and
 packs it with the CA certificate, the repository's TUF root and an agent config into the
@@ -10,27 +11,28 @@ archive ``edge-agent enroll`` installs (contract: ``agent.enroll``). Without a C
 key is made here and packed too: the archive holds the device's private key, hand it
 over like a password. With a CSR (``edge-agent request`` on the device) the certificate
 is issued for the request's public key and the archive holds no key: the key never
-leaves the device.
+leaves the device. ``renew_device`` issues an enrolled device a new certificate the same
+two ways and writes the same archive; the device's earlier certificate stays valid (so it
+keeps connecting until it installs the new one) unless the renewal revokes it.
 
-Invariants: a device id has at most one valid certificate: adding an id that is
-enrolled and not revoked raises UsageError naming ``edgectl device revoke``; revoking
-re-signs the CRL with every revoked serial. Registry writes are atomic and happen under
+Invariants: a device id has at most one *current* certificate: adding an id that is
+enrolled and not revoked raises UsageError naming ``edgectl device renew`` and ``edgectl
+device revoke``; renewing needs an enrolled, unrevoked id. Revoking revokes every
+unexpired certificate of the id, current and previous, and re-signs the CRL with every
+revoked serial of every device. Registry writes are atomic and happen under
 ``REPO_DIR/ca/.lock``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
-import fcntl
 import json
 import logging
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.contracts import InvalidNameError, check_name
@@ -44,118 +46,53 @@ from agent.enroll import (
     ROOT,
     pack_enrollment,
 )
-from controller.ca import CA_DIR_NAME, DeviceCA, public_key_from_csr
+from controller.ca import ClientPublicKey, DeviceCA, public_key_from_csr
+from controller.device_registry import (
+    DEFAULT_CERT_DAYS,
+    REGISTRY_FILE,
+    REGISTRY_SCHEMA,
+    DeviceRecord,
+    EnrollOptions,
+    IssuedCert,
+    ca_dir,
+    load_registry,
+    registry_lock,
+    save_registry,
+    unexpired,
+)
 from controller.errors import RepositoryError, UsageError
-from controller.fsio import atomic_write
+
+# Re-exported: callers (broker, expiry, tests) import the registry's names from here.
+__all__ = [
+    "DEFAULT_CERT_DAYS",
+    "REGISTRY_FILE",
+    "REGISTRY_SCHEMA",
+    "DeviceRecord",
+    "EnrollOptions",
+    "IssuedCert",
+    "add_device",
+    "agent_config_toml",
+    "ca_dir",
+    "load_registry",
+    "renew_device",
+    "revoke_device",
+    "write_crl",
+]
 
 logger = logging.getLogger(__name__)
 
-REGISTRY_FILE: Final = "devices.json"
-REGISTRY_SCHEMA: Final = "edgefleet.devices/1"
-DEFAULT_CERT_DAYS: Final = 825
 # The broker's ACL gives this CN the controller's rights (controller.broker).
 RESERVED_IDS: Final = frozenset({"edgectl"})
-
-
-@dataclass(frozen=True)
-class DeviceRecord:
-    device_id: str
-    fleet: str
-    serial: int
-    not_after: str
-    enrolled_at: str
-    revoked_at: str | None = None
-
-    @property
-    def is_revoked(self) -> bool:
-        return self.revoked_at is not None
-
-    def to_json(self) -> dict[str, Any]:
-        # Serials are 159-bit: strings, so any JSON reader keeps them exact.
-        return {
-            "fleet": self.fleet,
-            "serial": str(self.serial),
-            "not_after": self.not_after,
-            "enrolled_at": self.enrolled_at,
-            "revoked_at": self.revoked_at,
-        }
-
-    @classmethod
-    def from_json(cls, device_id: str, doc: dict[str, Any]) -> DeviceRecord:
-        return cls(
-            device_id=device_id,
-            fleet=str(doc["fleet"]),
-            serial=int(doc["serial"]),
-            not_after=str(doc["not_after"]),
-            enrolled_at=str(doc["enrolled_at"]),
-            revoked_at=doc.get("revoked_at"),
-        )
-
-
-@dataclass(frozen=True)
-class EnrollOptions:
-    """Where the device will find its repository and broker."""
-
-    repository_url: str
-    mqtt_host: str
-    mqtt_port: int = 8883
-    tls: bool = True
-    cert_days: int = DEFAULT_CERT_DAYS
-
-
-def ca_dir(repo_dir: Path) -> Path:
-    return repo_dir / CA_DIR_NAME
 
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC).replace(microsecond=0)
 
 
-@contextlib.contextmanager
-def _registry_lock(folder: Path) -> Iterator[None]:
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with open(folder / ".lock", "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
-def load_registry(repo_dir: Path) -> dict[str, DeviceRecord]:
-    """Every device ever enrolled, by id; empty when none was. Raises RepositoryError."""
-    path = ca_dir(repo_dir) / REGISTRY_FILE
-    try:
-        doc = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise RepositoryError(f"cannot read the device registry {path}: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("schema") != REGISTRY_SCHEMA:
-        raise RepositoryError(f"{path}: expected schema {REGISTRY_SCHEMA!r}")
-    try:
-        return {
-            device: DeviceRecord.from_json(device, entry)
-            for device, entry in doc["devices"].items()
-        }
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RepositoryError(f"{path}: malformed entry ({exc!r})") from None
-
-
-def _save_registry(repo_dir: Path, records: dict[str, DeviceRecord]) -> None:
-    doc = {
-        "schema": REGISTRY_SCHEMA,
-        "devices": {d: r.to_json() for d, r in sorted(records.items())},
-    }
-    atomic_write(
-        ca_dir(repo_dir) / REGISTRY_FILE, json.dumps(doc, indent=2).encode() + b"\n", 0o600
-    )
-
-
 def agent_config_toml(device_id: str, fleet: str, options: EnrollOptions) -> str:
     """The agent.toml an enrolled device starts with (paths relative to /etc/edge-agent)."""
     lines = [
-        "# Written by `edgectl device add`; installed by `edge-agent enroll`.",
+        "# Written by `edgectl device add` or `device renew`; installed by `edge-agent enroll`.",
         "# Every key: docs/configuration.md. Relative paths are relative to this folder.",
         f'device_id = "{device_id}"',
         f'fleet = "{fleet}"',
@@ -213,74 +150,122 @@ def add_device(
     _check_options(device_id, fleet, options)
     # Checked before the registry is touched: a bad request enrolls nothing.
     device_key = public_key_from_csr(csr_pem, device_id) if csr_pem is not None else None
-    root = repo_dir / "metadata" / "root.json"
-    try:
-        root_bytes = root.read_bytes()
-    except FileNotFoundError:
-        raise RepositoryError(
-            f"no TUF root at {root}: is {repo_dir} a repository (`edgectl init {repo_dir}`)?"
-        ) from None
+    root_bytes = _read_root(repo_dir)
     when = now or _now()
     folder = ca_dir(repo_dir)
-    with _registry_lock(folder):
+    with registry_lock(folder):
         records = load_registry(repo_dir)
         previous = records.get(device_id)
         if previous is not None and not previous.is_revoked:
             raise UsageError(
-                f"device {device_id!r} is already enrolled (fleet {previous.fleet}); "
+                f"device {device_id!r} is already enrolled (fleet {previous.fleet}): renew its "
+                f"certificate with `edgectl device renew {device_id} --repo {repo_dir}`, or "
                 f"revoke it first: edgectl device revoke {device_id} --repo {repo_dir}"
             )
         ca = DeviceCA.open_or_create(folder, when)
-        key_pem: bytes | None = None
-        if device_key is None:
-            identity = ca.issue_client(device_id, unit=fleet, days=options.cert_days, now=when)
-            cert, key_pem = identity.certificate, identity.key_pem
-        else:
-            cert = ca.issue_client_for(
-                device_key, device_id, unit=fleet, days=options.cert_days, now=when
-            )
+        cert, key_pem = _issue(ca, device_id, fleet, options.cert_days, when, device_key)
+        # A revoked id added again keeps its revoked serials until they expire: dropping
+        # them would take them off the next CRL, and a stolen certificate would work again.
+        kept = () if previous is None else unexpired((previous.current, *previous.previous), when)
         record = DeviceRecord(
             device_id=device_id,
             fleet=fleet,
             serial=cert.serial_number,
             not_after=cert.not_valid_after_utc.isoformat(),
             enrolled_at=when.isoformat(),
+            previous=kept,
+            endpoints=dataclasses.replace(options, cert_days=DEFAULT_CERT_DAYS),
         )
         records[device_id] = record
-        _save_registry(repo_dir, records)
-    info = {"schema": ENROLL_SCHEMA, "device_id": device_id, "fleet": fleet}
-    files = {
-        INFO: json.dumps(info, indent=2).encode() + b"\n",
-        CONFIG: agent_config_toml(device_id, fleet, options).encode(),
-        ROOT: root_bytes,
-        CA_CERT: ca.cert_pem,
-        DEVICE_CERT: cert.public_bytes(serialization.Encoding.PEM),
-    }
-    if key_pem is not None:
-        files[DEVICE_KEY] = key_pem
-    archive = pack_enrollment(files)
+        save_registry(repo_dir, records)
+    archive = _enrollment_archive(record, options, root_bytes, ca, cert, key_pem)
     logger.info("enrolled %s in fleet %s (serial %x)", device_id, fleet, record.serial)
     return record, archive
 
 
+def renew_device(
+    repo_dir: Path,
+    device_id: str,
+    now: dt.datetime | None = None,
+    *,
+    cert_days: int = DEFAULT_CERT_DAYS,
+    csr_pem: bytes | None = None,
+    revoke_previous: bool = False,
+    options: EnrollOptions | None = None,
+) -> tuple[DeviceRecord, bytes]:
+    """Issue enrolled ``device_id`` a new certificate; return the record and the archive.
+
+    The archive is the one ``add_device`` writes (``edge-agent enroll`` installs it over
+    the enrollment in place), with a new key, or none with ``csr_pem`` (checked exactly
+    as ``add_device`` checks it). The config in it uses ``options`` when given, else the
+    endpoints recorded at enrollment. The earlier certificate moves to ``previous``;
+    ``revoke_previous`` revokes it (and any other previous one) and re-signs the CRL.
+    Raises UsageError (unknown or revoked device, a CSR that does not check out, no
+    endpoints known) and RepositoryError (no repository or CA).
+    """
+    root_bytes = _read_root(repo_dir)
+    when = now or _now()
+    folder = ca_dir(repo_dir)
+    with registry_lock(folder):
+        records = load_registry(repo_dir)
+        record = _renewable(records, repo_dir, device_id)
+        device_key = public_key_from_csr(csr_pem, device_id) if csr_pem is not None else None
+        chosen = options or record.endpoints
+        if chosen is None:
+            raise UsageError(
+                f"the registry does not say where {device_id!r} connects (enrolled before "
+                "`device renew` existed): pass --repository-url URL and --broker HOST:PORT "
+                "as given to `edgectl device add`"
+            )
+        _check_options(device_id, record.fleet, chosen)
+        ca = DeviceCA.open(folder)
+        cert, key_pem = _issue(ca, device_id, record.fleet, cert_days, when, device_key)
+        earlier = unexpired((record.current, *record.previous), when)
+        if revoke_previous:
+            earlier = tuple(_revoked(c, when) for c in earlier)
+        record = dataclasses.replace(
+            record,
+            serial=cert.serial_number,
+            not_after=cert.not_valid_after_utc.isoformat(),
+            renewed_at=when.isoformat(),
+            previous=earlier,
+            endpoints=dataclasses.replace(chosen, cert_days=DEFAULT_CERT_DAYS),
+        )
+        records[device_id] = record
+        save_registry(repo_dir, records)
+        if revoke_previous:
+            write_crl(repo_dir, records, when)
+    archive = _enrollment_archive(
+        record, dataclasses.replace(chosen, cert_days=cert_days), root_bytes, ca, cert, key_pem
+    )
+    logger.info("renewed %s's certificate (serial %x)", device_id, record.serial)
+    return record, archive
+
+
 def revoke_device(repo_dir: Path, device_id: str, now: dt.datetime | None = None) -> DeviceRecord:
-    """Revoke ``device_id``'s certificate and re-sign the CRL (``REPO_DIR/ca/crl.pem``).
+    """Revoke every unexpired certificate of ``device_id`` (the current one and those a
+    renewal kept) and re-sign the CRL (``REPO_DIR/ca/crl.pem``).
 
     Revoking a revoked device re-signs the CRL and changes nothing else. Raises
     UsageError for a device never enrolled.
     """
     when = now or _now()
     folder = ca_dir(repo_dir)
-    with _registry_lock(folder):
+    with registry_lock(folder):
         records = load_registry(repo_dir)
         record = records.get(device_id)
         if record is None:
             known = ", ".join(sorted(records)) or "none"
             raise UsageError(f"no enrolled device {device_id!r} (enrolled: {known})")
-        if not record.is_revoked:
-            record = dataclasses.replace(record, revoked_at=when.isoformat())
+        revoked = dataclasses.replace(
+            record,
+            revoked_at=record.revoked_at or when.isoformat(),
+            previous=tuple(_revoked(c, when) for c in unexpired(record.previous, when)),
+        )
+        if revoked != record:
+            record = revoked
             records[device_id] = record
-            _save_registry(repo_dir, records)
+            save_registry(repo_dir, records)
         write_crl(repo_dir, records, when)
     return record
 
@@ -288,13 +273,84 @@ def revoke_device(repo_dir: Path, device_id: str, now: dt.datetime | None = None
 def write_crl(
     repo_dir: Path, records: dict[str, DeviceRecord] | None = None, now: dt.datetime | None = None
 ) -> Path:
-    """Re-sign the CRL from the registry; return its path. Raises RepositoryError."""
+    """Re-sign the CRL from the registry (every revoked serial, current or previous);
+    return its path. Raises RepositoryError."""
     entries = records if records is not None else load_registry(repo_dir)
     ca = DeviceCA.open(ca_dir(repo_dir))
     revoked = [
-        (r.serial, dt.datetime.fromisoformat(r.revoked_at))
+        (serial, dt.datetime.fromisoformat(at))
         for r in entries.values()
-        if r.revoked_at is not None
+        for serial, at in r.revoked_serials()
     ]
     ca.write_crl(revoked, now)
     return ca.crl_path
+
+
+# ------------------------------------------------------------------ shared steps
+
+
+def _read_root(repo_dir: Path) -> bytes:
+    root = repo_dir / "metadata" / "root.json"
+    try:
+        return root.read_bytes()
+    except FileNotFoundError:
+        raise RepositoryError(
+            f"no TUF root at {root}: is {repo_dir} a repository (`edgectl init {repo_dir}`)?"
+        ) from None
+
+
+def _renewable(records: dict[str, DeviceRecord], repo_dir: Path, device_id: str) -> DeviceRecord:
+    record = records.get(device_id)
+    if record is None:
+        known = ", ".join(sorted(records)) or "none"
+        raise UsageError(
+            f"no enrolled device {device_id!r} to renew (enrolled: {known}): enroll it "
+            f"with `edgectl device add {device_id} --fleet FLEET --repo {repo_dir} ...`"
+        )
+    if record.is_revoked:
+        raise UsageError(
+            f"device {device_id!r} was revoked at {record.revoked_at}: a revoked device is "
+            f"not renewed; enroll it again with `edgectl device add {device_id} --fleet "
+            f"{record.fleet} --repo {repo_dir} ...`"
+        )
+    return record
+
+
+def _revoked(cert: IssuedCert, when: dt.datetime) -> IssuedCert:
+    return cert if cert.revoked_at else dataclasses.replace(cert, revoked_at=when.isoformat())
+
+
+def _issue(
+    ca: DeviceCA,
+    device_id: str,
+    fleet: str,
+    days: int,
+    when: dt.datetime,
+    device_key: ClientPublicKey | None,
+) -> tuple[x509.Certificate, bytes | None]:
+    """The device's certificate, and the key made for it (None: for ``device_key``)."""
+    if device_key is None:
+        identity = ca.issue_client(device_id, unit=fleet, days=days, now=when)
+        return identity.certificate, identity.key_pem
+    return ca.issue_client_for(device_key, device_id, unit=fleet, days=days, now=when), None
+
+
+def _enrollment_archive(
+    record: DeviceRecord,
+    options: EnrollOptions,
+    root_bytes: bytes,
+    ca: DeviceCA,
+    cert: x509.Certificate,
+    key_pem: bytes | None,
+) -> bytes:
+    info = {"schema": ENROLL_SCHEMA, "device_id": record.device_id, "fleet": record.fleet}
+    files = {
+        INFO: json.dumps(info, indent=2).encode() + b"\n",
+        CONFIG: agent_config_toml(record.device_id, record.fleet, options).encode(),
+        ROOT: root_bytes,
+        CA_CERT: ca.cert_pem,
+        DEVICE_CERT: cert.public_bytes(serialization.Encoding.PEM),
+    }
+    if key_pem is not None:
+        files[DEVICE_KEY] = key_pem
+    return pack_enrollment(files)

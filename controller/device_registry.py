@@ -1,0 +1,216 @@
+"""The device registry, ``REPO_DIR/ca/devices.json``: who is enrolled, in which fleet,
+with which certificates, and where each device was told to connect.
+
+Format (schema ``edgefleet.devices/1``; serials are decimal strings, times ISO 8601 UTC)::
+
+    {"schema": "edgefleet.devices/1",
+     "devices": {"cam-0042": {
+        "fleet": "north",
+        "serial": "...", "not_after": "...",    the current certificate
+        "enrolled_at": "...", "revoked_at": null,
+        "renewed_at": "...",                    optional: the last `edgectl device renew`
+        "previous": [                           optional: earlier certificates of this id
+          {"serial": "...", "not_after": "...", "revoked_at": null}],
+        "endpoints": {"repository_url": "...", "mqtt_host": "...",
+                      "mqtt_port": 8883, "tls": true}}}}   optional, see below
+
+``serial``/``not_after`` always describe the device's *current* certificate, so readers
+that know only them (the ACL, the ``/metrics`` expiry gauges) see the certificate the
+device should be using. ``previous`` lists the device's other certificates that have not
+expired yet: kept by ``device renew`` so the device still connects until it installs the
+new one (``revoked_at`` set when ``--revoke-previous`` or ``device revoke`` put it on the
+CRL), and, after a revoked id is added again, the revoked ones so they stay on the CRL.
+``endpoints`` are what ``device add`` wrote into the device's ``agent.toml``, so
+``device renew`` writes the same config. Files written before renewal existed have
+neither ``previous`` nor ``endpoints`` and load as records with none.
+
+Invariants: the current serial and every ``previous`` serial were issued to the device id
+by the device CA; a revoked record's certificates are all revoked; expired entries are
+dropped from ``previous`` whenever the record changes (an expired certificate no longer
+passes the broker's TLS check, so the CRL does not need it). Writes are atomic and
+happen under ``REPO_DIR/ca/.lock`` (:func:`registry_lock`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from controller.ca import CA_DIR_NAME
+from controller.errors import RepositoryError
+from controller.fsio import atomic_write
+
+REGISTRY_FILE: Final = "devices.json"
+REGISTRY_SCHEMA: Final = "edgefleet.devices/1"
+DEFAULT_CERT_DAYS: Final = 825
+
+
+@dataclass(frozen=True)
+class EnrollOptions:
+    """Where the device will find its repository and broker."""
+
+    repository_url: str
+    mqtt_host: str
+    mqtt_port: int = 8883
+    tls: bool = True
+    cert_days: int = DEFAULT_CERT_DAYS
+
+    def endpoints_json(self) -> dict[str, Any]:
+        """What the registry keeps (the lifetime is chosen per issue, not per device)."""
+        return {
+            "repository_url": self.repository_url,
+            "mqtt_host": self.mqtt_host,
+            "mqtt_port": self.mqtt_port,
+            "tls": self.tls,
+        }
+
+    @classmethod
+    def from_endpoints_json(cls, doc: dict[str, Any]) -> EnrollOptions:
+        return cls(
+            repository_url=str(doc["repository_url"]),
+            mqtt_host=str(doc["mqtt_host"]),
+            mqtt_port=int(doc["mqtt_port"]),
+            tls=bool(doc["tls"]),
+        )
+
+
+@dataclass(frozen=True)
+class IssuedCert:
+    """One certificate the CA issued to a device, other than its current one."""
+
+    serial: int
+    not_after: str
+    revoked_at: str | None = None
+
+    def has_expired(self, now: dt.datetime) -> bool:
+        return dt.datetime.fromisoformat(self.not_after) <= now
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "serial": str(self.serial),
+            "not_after": self.not_after,
+            "revoked_at": self.revoked_at,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> IssuedCert:
+        revoked_at = doc.get("revoked_at")
+        return cls(
+            serial=int(doc["serial"]),
+            not_after=str(doc["not_after"]),
+            revoked_at=None if revoked_at is None else str(revoked_at),
+        )
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """A device's registry entry; ``serial``/``not_after`` are its current certificate."""
+
+    device_id: str
+    fleet: str
+    serial: int
+    not_after: str
+    enrolled_at: str
+    revoked_at: str | None = None
+    previous: tuple[IssuedCert, ...] = ()
+    endpoints: EnrollOptions | None = None
+    renewed_at: str | None = None
+
+    @property
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    @property
+    def current(self) -> IssuedCert:
+        return IssuedCert(self.serial, self.not_after, self.revoked_at)
+
+    def revoked_serials(self) -> list[tuple[int, str]]:
+        """(serial, revoked at) of every certificate of this record that is revoked."""
+        return [(c.serial, c.revoked_at) for c in (self.current, *self.previous) if c.revoked_at]
+
+    def to_json(self) -> dict[str, Any]:
+        # Serials are 159-bit: strings, so any JSON reader keeps them exact.
+        doc: dict[str, Any] = {
+            "fleet": self.fleet,
+            "serial": str(self.serial),
+            "not_after": self.not_after,
+            "enrolled_at": self.enrolled_at,
+            "revoked_at": self.revoked_at,
+            "previous": [c.to_json() for c in self.previous],
+        }
+        if self.renewed_at is not None:
+            doc["renewed_at"] = self.renewed_at
+        if self.endpoints is not None:
+            doc["endpoints"] = self.endpoints.endpoints_json()
+        return doc
+
+    @classmethod
+    def from_json(cls, device_id: str, doc: dict[str, Any]) -> DeviceRecord:
+        endpoints = doc.get("endpoints")
+        return cls(
+            device_id=device_id,
+            fleet=str(doc["fleet"]),
+            serial=int(doc["serial"]),
+            not_after=str(doc["not_after"]),
+            enrolled_at=str(doc["enrolled_at"]),
+            revoked_at=doc.get("revoked_at"),
+            previous=tuple(IssuedCert.from_json(c) for c in doc.get("previous", [])),
+            endpoints=None if endpoints is None else EnrollOptions.from_endpoints_json(endpoints),
+            renewed_at=doc.get("renewed_at"),
+        )
+
+
+def unexpired(certs: tuple[IssuedCert, ...], now: dt.datetime) -> tuple[IssuedCert, ...]:
+    return tuple(c for c in certs if not c.has_expired(now))
+
+
+def ca_dir(repo_dir: Path) -> Path:
+    return repo_dir / CA_DIR_NAME
+
+
+@contextlib.contextmanager
+def registry_lock(folder: Path) -> Iterator[None]:
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(folder / ".lock", "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def load_registry(repo_dir: Path) -> dict[str, DeviceRecord]:
+    """Every device ever enrolled, by id; empty when none was. Raises RepositoryError."""
+    path = ca_dir(repo_dir) / REGISTRY_FILE
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise RepositoryError(f"cannot read the device registry {path}: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("schema") != REGISTRY_SCHEMA:
+        raise RepositoryError(f"{path}: expected schema {REGISTRY_SCHEMA!r}")
+    try:
+        return {
+            device: DeviceRecord.from_json(device, entry)
+            for device, entry in doc["devices"].items()
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RepositoryError(f"{path}: malformed entry ({exc!r})") from None
+
+
+def save_registry(repo_dir: Path, records: dict[str, DeviceRecord]) -> None:
+    """Write the registry atomically (0600); call it under :func:`registry_lock`."""
+    doc = {
+        "schema": REGISTRY_SCHEMA,
+        "devices": {d: r.to_json() for d, r in sorted(records.items())},
+    }
+    atomic_write(
+        ca_dir(repo_dir) / REGISTRY_FILE, json.dumps(doc, indent=2).encode() + b"\n", 0o600
+    )
