@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ from controller.errors import UsageError
 
 if TYPE_CHECKING:
     from controller.cli_common import Subparsers
+    from controller.devices import DeviceRecord, EnrollOptions
     from controller.fleet import StalePolicy
     from controller.store import TelemetryStore
 
@@ -89,7 +91,8 @@ def _cmd_device_show(args: argparse.Namespace) -> int:
         beats = store.heartbeats(args.device_id, limit=args.heartbeats)
     finally:
         store.close()
-    if not rows and not events:
+    record = _registry_record(args)
+    if not rows and not events and record is None:
         raise UsageError(f"no device {args.device_id!r} in the telemetry store")
     now = time.time()
     if args.json:
@@ -97,11 +100,49 @@ def _cmd_device_show(args: argparse.Namespace) -> int:
             "devices": [device_json(r, now, policy) for r in rows],
             "events": [event_json(e) for e in events],
             "heartbeats": [b.payload for b in beats],
+            "certificates": None if record is None else certificates_json(record),
         }
         print_json(doc)
     else:
-        print(render_device(rows, events, beats, now, policy))
+        text = render_device(rows, events, beats, now, policy) if rows or events else ""
+        if record is not None:
+            text = "\n".join(filter(None, [text, *render_certificates(record)]))
+        print(text)
     return 0
+
+
+def _registry_record(args: argparse.Namespace) -> DeviceRecord | None:
+    """The device's registry entry when ``--repo`` names a repository (None otherwise)."""
+    from controller.devices import load_registry
+
+    if not args.repo:
+        return None
+    return load_registry(Path(args.repo)).get(args.device_id)
+
+
+def certificates_json(record: DeviceRecord) -> dict[str, object]:
+    """``device show --json``'s ``certificates``: the current and the previous ones."""
+    return {
+        "fleet": record.fleet,
+        "enrolled_at": record.enrolled_at,
+        "renewed_at": record.renewed_at,
+        "revoked_at": record.revoked_at,
+        "current": record.current.to_json(),
+        "previous": [c.to_json() for c in record.previous],
+    }
+
+
+def render_certificates(record: DeviceRecord) -> list[str]:
+    state = f"revoked at {record.revoked_at}" if record.revoked_at else "enrolled"
+    lines = [
+        f"certificates (registry): fleet {record.fleet}, {state}, enrolled {record.enrolled_at}"
+        + (f", renewed {record.renewed_at}" if record.renewed_at else ""),
+        f"  current  serial {record.serial:x}, valid until {record.not_after}",
+    ]
+    for cert in record.previous:
+        valid = f"revoked at {cert.revoked_at}" if cert.revoked_at else "still valid"
+        lines.append(f"  previous serial {cert.serial:x}, until {cert.not_after} ({valid})")
+    return lines
 
 
 def _cmd_device_add(args: argparse.Namespace) -> int:
@@ -121,12 +162,7 @@ def _cmd_device_add(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and not args.force:
         raise UsageError(f"{output} exists; pass --force to overwrite it")
-    csr_pem = None
-    if args.csr is not None:
-        try:
-            csr_pem = Path(args.csr).read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read the request {args.csr}: {exc.strerror}") from None
+    csr_pem = _read_csr(args.csr)
     repo = Path(args.repo)
     record, archive = add_device(repo, args.device_id, args.fleet, options, csr_pem=csr_pem)
     atomic_write(output, archive, mode=0o600)
@@ -152,6 +188,117 @@ def _cmd_device_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_csr(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read the request {path}: {exc.strerror}") from None
+
+
+def _renew_options(args: argparse.Namespace, repo: Path) -> EnrollOptions | None:
+    """The endpoints given on the command line, over those recorded at enrollment."""
+    import dataclasses
+
+    from controller.config import parse_endpoint
+    from controller.devices import EnrollOptions, load_registry
+
+    if args.repository_url is None and args.broker is None:
+        return None  # the recorded ones (renew_device refuses when there are none)
+    record = load_registry(repo).get(args.device_id)
+    recorded = record.endpoints if record is not None else None
+    if recorded is None:
+        if args.repository_url is None or args.broker is None:
+            raise UsageError(
+                f"the registry does not say where {args.device_id!r} connects: pass both "
+                "--repository-url URL and --broker HOST:PORT"
+            )
+        host, port = parse_endpoint(args.broker, "--broker")
+        return EnrollOptions(repository_url=args.repository_url, mqtt_host=host, mqtt_port=port)
+    if args.broker is not None:
+        host, port = parse_endpoint(args.broker, "--broker")
+        recorded = dataclasses.replace(recorded, mqtt_host=host, mqtt_port=port)
+    if args.repository_url is not None:
+        recorded = dataclasses.replace(recorded, repository_url=args.repository_url)
+    return recorded
+
+
+def _cmd_device_renew(args: argparse.Namespace) -> int:
+    import sys
+
+    from controller.broker import refresh_broker_files
+    from controller.devices import renew_device
+    from controller.fsio import atomic_write
+
+    to_stdout = args.output == "-"
+    if to_stdout and args.json:
+        raise UsageError("-o - writes the archive to stdout: --json needs -o FILE")
+    output = Path(args.output or f"{args.device_id}-renewed.tar")
+    if not to_stdout and output.exists() and not args.force:
+        raise UsageError(f"{output} exists; pass --force to overwrite it")
+    csr_pem = _read_csr(args.csr)
+    repo = Path(args.repo)
+    record, archive = renew_device(
+        repo,
+        args.device_id,
+        cert_days=args.days,
+        csr_pem=csr_pem,
+        revoke_previous=args.revoke_previous,
+        options=_renew_options(args, repo),
+    )
+    if to_stdout:
+        sys.stdout.buffer.write(archive)
+        sys.stdout.flush()
+    else:
+        atomic_write(output, archive, mode=0o600)
+    refreshed = refresh_broker_files(repo)
+    if args.json:
+        doc = {
+            "device_id": record.device_id,
+            **record.to_json(),
+            "archive": str(output),
+            "key_in_archive": csr_pem is None,
+            "previous_revoked": args.revoke_previous,
+        }
+        print_json({**doc, "broker_files_refreshed": [str(p) for p in refreshed]})
+        return 0
+    print(
+        "\n".join(_renewal_summary(record, args, refreshed)),
+        file=sys.stderr if to_stdout else sys.stdout,
+    )
+    return 0
+
+
+def _renewal_summary(
+    record: DeviceRecord, args: argparse.Namespace, refreshed: Sequence[Path]
+) -> list[str]:
+    to_stdout = args.output == "-"
+    output = "stdout" if to_stdout else args.output or f"{args.device_id}-renewed.tar"
+    lines = [
+        f"renewed {record.device_id} (fleet {record.fleet}) -> {output}",
+        f"  new certificate serial {record.serial:x}, valid until {record.not_after}",
+    ]
+    for cert in record.previous:
+        state = f"revoked at {cert.revoked_at}" if cert.revoked_at else "still valid"
+        lines.append(f"  previous serial {cert.serial:x}, until {cert.not_after}: {state}")
+    if args.csr is None:
+        lines.append(
+            "  the archive holds the device's new private key: copy it over a trusted channel"
+        )
+    else:
+        lines.append(
+            "  issued for the device's request: the archive holds no key, the device keeps it"
+        )
+    name = "FILE" if to_stdout else Path(output).name
+    lines.append(f"  on the device: edge-agent enroll {name} && systemctl restart edge-agent")
+    if refreshed:
+        lines.append(
+            f"  broker CRL and ACL updated in {refreshed[0].parent}: reload the broker (SIGHUP)"
+        )
+    return lines
+
+
 def _cmd_device_revoke(args: argparse.Namespace) -> int:
     from controller.broker import refresh_broker_files
     from controller.devices import ca_dir, revoke_device
@@ -165,6 +312,8 @@ def _cmd_device_revoke(args: argparse.Namespace) -> int:
         print_json({**doc, "broker_files_refreshed": [str(p) for p in refreshed]})
         return 0
     print(f"revoked {record.device_id} (serial {record.serial:x}) at {record.revoked_at}")
+    for cert in record.previous:
+        print(f"  and its previous certificate, serial {cert.serial:x} (until {cert.not_after})")
     print(f"  CRL: {crl}")
     if refreshed:
         print(f"  broker CRL and ACL updated in {refreshed[0].parent}: reload the broker (SIGHUP)")
@@ -239,10 +388,59 @@ def _add_device_enrollment(dsub: Subparsers) -> None:
     da.add_argument("--json", action="store_true", help="print JSON for scripts")
     da.set_defaults(func=_cmd_device_add)
 
+    dn = dsub.add_parser(
+        "renew",
+        help="issue an enrolled device a new certificate (before the old one expires)",
+        description="Issue an enrolled, unrevoked device a new client certificate and write "
+        "an enrollment archive for it, like `device add` (a new key in the archive, or none "
+        "with --csr). The device installs it with `edge-agent enroll FILE` and a restart. The "
+        "previous certificate stays valid until it expires, so the device keeps connecting "
+        "until then, unless --revoke-previous puts it on the CRL now. The agent config in "
+        "the archive uses the repository URL and broker recorded at enrollment "
+        "(--repository-url / --broker replace them, and are needed for devices enrolled "
+        "before renewal existed).",
+        epilog="examples:\n  edgectl device renew cam-0042 --repo ./repo -o cam-0042-renewed.tar"
+        "\n  edgectl device renew cam-0042 --csr cam-0042.csr --repo ./repo "
+        "--revoke-previous -o cam-0042-renewed.tar",
+        formatter_class=RAW,
+    )
+    dn.add_argument("device_id", metavar="ID")
+    dn.add_argument("--repo", required=True, metavar="REPO_DIR")
+    dn.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="archive to write, - for stdout (default ID-renewed.tar)",
+    )
+    dn.add_argument(
+        "--csr",
+        metavar="FILE",
+        help="the device's certificate request (from `edge-agent request`): no key is made here",
+    )
+    dn.add_argument("--days", type=int, default=825, help="certificate lifetime (default 825)")
+    dn.add_argument(
+        "--revoke-previous",
+        action="store_true",
+        help="put the device's previous certificates on the CRL now (default: valid until expiry)",
+    )
+    dn.add_argument(
+        "--repository-url",
+        metavar="URL",
+        help="where the device reads the repo (default: as enrolled)",
+    )
+    dn.add_argument(
+        "--broker", metavar="HOST:PORT", help="the MQTT broker it dials (default: as enrolled)"
+    )
+    dn.add_argument("--force", action="store_true", help="overwrite FILE")
+    dn.add_argument("--json", action="store_true", help="print JSON for scripts")
+    dn.set_defaults(func=_cmd_device_renew)
+
     dr = dsub.add_parser(
         "revoke",
-        help="revoke a device's certificate and publish a new CRL",
-        description="Mark the device revoked, re-sign the CRL (REPO_DIR/ca/crl.pem) and, "
+        help="revoke a device's certificates and publish a new CRL",
+        description="Mark the device revoked with every certificate it holds that has not "
+        "expired (the current one and those `device renew` kept valid), re-sign the CRL "
+        "(REPO_DIR/ca/crl.pem) and, "
         "when `edgectl broker config` wrote a broker folder, refresh its CRL and ACL. "
         "Reload the broker afterwards.",
         epilog="example:\n  edgectl device revoke cam-0042 --repo ./repo",
@@ -333,8 +531,9 @@ def add_parser(sub: Subparsers) -> None:
 
     device = sub.add_parser(
         "device",
-        help="enroll, revoke and inspect devices",
-        description="Enroll a device (add), revoke it, or read its telemetry (show).",
+        help="enroll, renew, revoke and inspect devices",
+        description="Enroll a device (add), renew its certificate, revoke it, or read its "
+        "telemetry and certificates (show).",
         epilog="examples:\n  edgectl device show cam-0042 --repo ./repo\n"
         "  edgectl device revoke cam-0042 --repo ./repo",
         formatter_class=RAW,
