@@ -168,13 +168,7 @@ def _cmd_device_add(args: argparse.Namespace) -> int:
     atomic_write(output, archive, mode=0o600)
     refreshed = refresh_broker_files(repo)
     if args.json:
-        doc = {
-            "device_id": record.device_id,
-            **record.to_json(),
-            "archive": str(output),
-            "key_in_archive": csr_pem is None,
-        }
-        print_json({**doc, "broker_files_refreshed": [str(p) for p in refreshed]})
+        _print_archive_json(record, output, csr_pem, refreshed)
         return 0
     print(f"enrolled {record.device_id} in fleet {record.fleet} -> {output}")
     print(f"  certificate serial {record.serial:x}, valid until {record.not_after}")
@@ -224,6 +218,26 @@ def _renew_options(args: argparse.Namespace, repo: Path) -> EnrollOptions | None
     return recorded
 
 
+def _print_archive_json(
+    record: DeviceRecord,
+    output: Path,
+    csr_pem: bytes | None,
+    refreshed: Sequence[Path],
+    **extra: object,
+) -> None:
+    """The ``--json`` report of ``device add`` and ``device renew``."""
+    print_json(
+        {
+            "device_id": record.device_id,
+            **record.to_json(),
+            "archive": str(output),
+            "key_in_archive": csr_pem is None,
+            **extra,
+            "broker_files_refreshed": [str(p) for p in refreshed],
+        }
+    )
+
+
 def _cmd_device_renew(args: argparse.Namespace) -> int:
     import sys
 
@@ -254,14 +268,9 @@ def _cmd_device_renew(args: argparse.Namespace) -> int:
         atomic_write(output, archive, mode=0o600)
     refreshed = refresh_broker_files(repo)
     if args.json:
-        doc = {
-            "device_id": record.device_id,
-            **record.to_json(),
-            "archive": str(output),
-            "key_in_archive": csr_pem is None,
-            "previous_revoked": args.revoke_previous,
-        }
-        print_json({**doc, "broker_files_refreshed": [str(p) for p in refreshed]})
+        _print_archive_json(
+            record, output, csr_pem, refreshed, previous_revoked=args.revoke_previous
+        )
         return 0
     print(
         "\n".join(_renewal_summary(record, args, refreshed)),
