@@ -43,14 +43,14 @@ Invariants:
   with the model's output metadata when the agent refuses one (a new version may have
   other output shapes).
 
-Responses are decoded by ``agent.client_decode``; ``load_input_file`` (re-exported
-here) lives in ``agent.input_files``.
+Requests are built by ``agent.client_requests``, responses decoded by
+``agent.client_decode``; ``load_input_file`` (re-exported here) lives in
+``agent.input_files``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
@@ -61,7 +61,23 @@ import numpy as np
 
 from agent.client_decode import Plan, apply_plan, decode_slowly, plan_response
 from agent.client_http import UnixHTTPConnection, request_head
-from agent.contracts import OIP_TO_NUMPY
+from agent.client_requests import (
+    ALIGN,
+    JOIN_BELOW,
+    SENT_AS_IS,
+    RememberedRequest,
+    RememberedShmRequest,
+    Signature,
+    binary_headers,
+    bounded_put,
+    bytes_of,
+    json_header,
+    model_path,
+    predicted_bytes,
+    request_doc,
+    shm_params,
+    signature_of,
+)
 from agent.errors import (
     AgentUnreachableError,
     InferenceError,
@@ -76,17 +92,6 @@ from agent.tensors import tensor_head, tensor_to_bytes
 
 __all__ = ["AgentUnreachableError", "InferenceClient", "load_input_file"]
 
-_ALIGN: Final = 64  # binary data and shared-memory tensors start on this boundary
-_JOIN_BELOW: Final = 64 * 1024  # smaller requests go out as one joined buffer
-_MAX_REMEMBERED: Final = 256  # entries per cache before it is cleared
-_BINARY_HEADERS: Final = (
-    b"Content-Type: application/octet-stream\r\nInference-Header-Content-Length: "
-)
-# Native dtypes whose memory is the tensor's wire form (fixed size, little-endian here).
-_SENT_AS_IS: Final = frozenset(
-    np.dtype(name) for oip, name in OIP_TO_NUMPY.items() if oip != "BYTES"
-)
-Signature = tuple[Any, ...]
 # An array found in a region: (array, region) weakly, the region's size, the array's
 # dtype and shape then, and its offset in the region.
 _Placed = tuple[
@@ -113,31 +118,6 @@ def _data_is_fixed() -> bool:
 
 
 _FIXED_DATA: Final = _data_is_fixed()
-
-
-class _Request:
-    """A remembered binary request: its bytes before the tensor data, and the JSON header
-    of its last response with that header's plan."""
-
-    __slots__ = ("answer", "head", "joined")
-
-    def __init__(self, head: bytes, joined: bool) -> None:
-        self.head = head
-        self.joined = joined  # small enough to send head and data as one joined buffer
-        self.answer: tuple[bytes, Plan] | None = None
-
-
-class _ShmRequest:
-    """A remembered shared-memory request: the whole request, which inputs are copied
-    and where (the others live in the region already), and the JSON header of its last
-    response with that header's plan."""
-
-    __slots__ = ("answer", "copies", "data")
-
-    def __init__(self, data: bytes, copies: tuple[tuple[int, int], ...]) -> None:
-        self.data = data
-        self.copies = copies  # (input index, offset in the region)
-        self.answer: tuple[bytes, Plan] | None = None
 
 
 class InferenceClient:
@@ -172,8 +152,8 @@ class InferenceClient:
         self.binary = binary
         self._connection = UnixHTTPConnection(self.address, timeout=timeout_s, spin_s=spin_s)
         self._outputs: dict[str, list[dict[str, Any]]] = {}  # output metadata, for shm
-        self._requests: dict[Signature, _Request] = {}
-        self._shm_requests: dict[Signature, _ShmRequest] = {}
+        self._requests: dict[Signature, RememberedRequest] = {}
+        self._shm_requests: dict[Signature, RememberedShmRequest] = {}
         self._plans: dict[bytes, Plan] = {}
         self._placed: dict[int, _Placed] = {}  # id(array) → where it was found, for shm
 
@@ -243,11 +223,11 @@ class InferenceClient:
         return self._get_object("/v2")
 
     def model_metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
-        return self._get_object(_model_path(model, version))
+        return self._get_object(model_path(model, version))
 
     def model_ready(self, model: str, version: str | None = None) -> bool:
         """True when the model (version) serves; raises ModelNotFoundError when unknown."""
-        return bool(self._get_object(_model_path(model, version) + "/ready").get("ready"))
+        return bool(self._get_object(model_path(model, version) + "/ready").get("ready"))
 
     def metrics(self) -> str:
         """The agent's Prometheus metrics, as text."""
@@ -294,10 +274,10 @@ class InferenceClient:
         if shm is not None:
             return self._infer_shm(model, version, inputs, outputs, shm, request_id)
         if not (self.binary if binary is None else binary):
-            path = _model_path(model, version) + "/infer"
+            path = model_path(model, version) + "/infer"
             _, data = self._call("POST", path, [build_infer_request(inputs, outputs, request_id)])
             return decode_slowly(data, None, None)
-        signature, arrays = _signature((model, version, outputs), inputs)
+        signature, arrays = signature_of((model, version, outputs), inputs)
         remembered = self._requests.get(signature) if request_id is None else None
         if remembered is None:
             head, payloads = self._binary_request(signature, inputs, arrays, outputs, request_id)
@@ -307,7 +287,7 @@ class InferenceClient:
             joined = b"".join((remembered.head, *arrays))  # type: ignore[arg-type]
             header_length, data = self._send(joined)
         else:
-            header_length, data = self._send(remembered.head, [_bytes_of(a) for a in arrays])
+            header_length, data = self._send(remembered.head, [bytes_of(a) for a in arrays])
         return self._decode(data, header_length, None, request_id is None, remembered)
 
     # -- binary requests
@@ -329,16 +309,16 @@ class InferenceClient:
             payload = tensor_to_bytes(array)
             tensors.append(tensor_head(name, array, {"binary_data_size": len(payload)}))
             payloads.append(payload)
-        doc = _request_doc(tensors, outputs, request_id, {"binary_data": True})
-        header = _json_header(doc, padded=bool(payloads))
+        doc = request_doc(tensors, outputs, request_id, {"binary_data": True})
+        header = json_header(doc, padded=bool(payloads))
         length = len(header) + sum(len(p) for p in payloads)
-        path = _model_path(model, version) + "/infer"
-        head = request_head("POST", path, length, _binary_headers(len(header))) + header
-        if request_id is None and all(a.dtype in _SENT_AS_IS for a in arrays):
-            _remember(
+        path = model_path(model, version) + "/infer"
+        head = request_head("POST", path, length, binary_headers(len(header))) + header
+        if request_id is None and all(a.dtype in SENT_AS_IS for a in arrays):
+            bounded_put(
                 self._requests,
                 signature,
-                _Request(head, len(head) - len(header) + length < _JOIN_BELOW),
+                RememberedRequest(head, len(head) - len(header) + length < JOIN_BELOW),
             )
         return head, payloads
 
@@ -350,7 +330,7 @@ class InferenceClient:
         header_length: int | None,
         region: SharedMemoryRegion | None,
         remember: bool,
-        request: _Request | _ShmRequest | None = None,
+        request: RememberedRequest | RememberedShmRequest | None = None,
     ) -> dict[str, np.ndarray]:
         """The outputs of an infer response: through the plan of its JSON header when
         ``remember`` (and the body fits the plan), else parsed afresh. A remembered
@@ -367,7 +347,7 @@ class InferenceClient:
                 if plan is None:
                     plan = plan_response(header)
                     if plan is not None:
-                        _remember(self._plans, header, plan)
+                        bounded_put(self._plans, header, plan)
                 if plan is not None and request is not None:
                     request.answer = (header, plan)
             if plan is not None and len(data) - end == plan.binary_bytes:
@@ -387,7 +367,7 @@ class InferenceClient:
     ) -> dict[str, np.ndarray]:
         if region.name is None:
             raise InvalidRequestError("register the region first: register_shared_memory(...)")
-        signature, arrays = _signature(
+        signature, arrays = signature_of(
             (region.name, region.byte_size, model, version, outputs), inputs
         )
         places = self._places(region, arrays)
@@ -400,7 +380,7 @@ class InferenceClient:
                 )
             else:
                 for index, offset in remembered.copies:
-                    region.write(offset, _bytes_of(arrays[index]))
+                    region.write(offset, bytes_of(arrays[index]))
                 data = remembered.data
             header_length, body = self._send(data)
         except InvalidRequestError:
@@ -430,7 +410,7 @@ class InferenceClient:
             ):
                 places.append(hit[5])
                 continue
-            place = region.offset_of(array) if array.dtype in _SENT_AS_IS else None
+            place = region.offset_of(array) if array.dtype in SENT_AS_IS else None
             if place is not None and _FIXED_DATA:
                 entry = (
                     weakref.ref(array),
@@ -440,7 +420,7 @@ class InferenceClient:
                     array.shape,
                     place,
                 )
-                _remember(placed, id(array), entry)
+                bounded_put(placed, id(array), entry)
             places.append(place)
         return tuple(places)
 
@@ -465,16 +445,16 @@ class InferenceClient:
             (p + a.nbytes for p, a in zip(places, arrays, strict=True) if p is not None),
             default=0,
         )
-        offset += -offset % _ALIGN
+        offset += -offset % ALIGN
         for index, (name, array, place) in enumerate(zip(inputs, arrays, places, strict=True)):
             if place is not None:
-                params = _shm_params(region, place, array.nbytes)
+                params = shm_params(region, place, array.nbytes)
                 tensors.append(tensor_head(name, array, params))
                 continue
             size = region.write(offset, tensor_to_bytes(array))
-            tensors.append(tensor_head(name, array, _shm_params(region, offset, size)))
+            tensors.append(tensor_head(name, array, shm_params(region, offset, size)))
             copies.append((index, offset))
-            offset += size + (-size % _ALIGN)
+            offset += size + (-size % ALIGN)
         batch = next((a.shape[0] for a in arrays if a.ndim), None)
         doc: dict[str, Any] = {
             "inputs": tensors,
@@ -482,11 +462,11 @@ class InferenceClient:
         }
         if request_id is not None:
             doc["id"] = request_id
-        header = _json_header(doc, padded=False)
-        path = _model_path(model, version) + "/infer"
-        data = request_head("POST", path, len(header), _binary_headers(len(header))) + header
-        if request_id is None and all(a.dtype in _SENT_AS_IS for a in arrays):
-            _remember(self._shm_requests, signature, _ShmRequest(data, tuple(copies)))
+        header = json_header(doc, padded=False)
+        path = model_path(model, version) + "/infer"
+        data = request_head("POST", path, len(header), binary_headers(len(header))) + header
+        if request_id is None and all(a.dtype in SENT_AS_IS for a in arrays):
+            bounded_put(self._shm_requests, signature, RememberedShmRequest(data, tuple(copies)))
         return data
 
     def _shm_outputs(
@@ -506,99 +486,15 @@ class InferenceClient:
             name = spec["name"]
             if outputs is not None and name not in outputs:
                 continue
-            predicted = _predicted_bytes(spec, batch)
+            predicted = predicted_bytes(spec, batch)
             if predicted is not None and offset + predicted <= region.byte_size:
                 requested.append(
-                    {"name": name, "parameters": _shm_params(region, offset, predicted)}
+                    {"name": name, "parameters": shm_params(region, offset, predicted)}
                 )
-                offset += predicted + (-predicted % _ALIGN)
+                offset += predicted + (-predicted % ALIGN)
             else:
                 requested.append({"name": name, "parameters": {"binary_data": True}})
         return requested
-
-
-# ---------------------------------------------------------------------------- requests
-
-
-def _model_path(model: str, version: str | None) -> str:
-    path = f"/v2/models/{model}"
-    return path if version is None else f"{path}/versions/{version}"
-
-
-def _signature(
-    prefix: tuple[Any, ...], inputs: Mapping[str, np.ndarray]
-) -> tuple[Signature, list[np.ndarray]]:
-    """The request's signature (``prefix``, then each input's name, dtype and shape) and
-    the inputs as C-contiguous arrays. A list of outputs counts as its tuple."""
-    key: list[Any] = list(prefix)
-    outputs = key[-1]
-    if outputs is not None and not isinstance(outputs, tuple):
-        key[-1] = tuple(outputs)
-    arrays: list[np.ndarray] = []
-    for name, value in inputs.items():
-        array = value if type(value) is np.ndarray else np.asarray(value)
-        if not array.flags.c_contiguous:
-            array = np.ascontiguousarray(array)
-        arrays.append(array)
-        key += (name, array.dtype, array.shape)
-    return tuple(key), arrays
-
-
-def _bytes_of(array: np.ndarray) -> memoryview | bytes:
-    """A C-contiguous array's memory as bytes (its wire form when its dtype is sent as is)."""
-    return array.data.cast("B") if array.size else b""
-
-
-def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
-    if len(cache) >= _MAX_REMEMBERED:
-        cache.clear()
-    cache[key] = value
-
-
-def _json_header(doc: dict[str, Any], *, padded: bool) -> bytes:
-    """Compact JSON; ``padded`` with JSON whitespace so tensor bytes after it align."""
-    header = json.dumps(doc, separators=(",", ":")).encode()
-    return header + b" " * (-len(header) % _ALIGN) if padded else header
-
-
-def _binary_headers(header_length: int) -> bytes:
-    return _BINARY_HEADERS + str(header_length).encode() + b"\r\n"
-
-
-def _request_doc(
-    tensors: list[dict[str, Any]],
-    outputs: Sequence[str] | None,
-    request_id: str | None,
-    output_parameters: dict[str, Any],
-) -> dict[str, Any]:
-    doc: dict[str, Any] = {"inputs": tensors}
-    if request_id is not None:
-        doc["id"] = request_id
-    if outputs:
-        doc["outputs"] = [{"name": n, "parameters": output_parameters} for n in outputs]
-    else:
-        doc["parameters"] = {"binary_data_output": True}
-    return doc
-
-
-def _shm_params(region: SharedMemoryRegion, offset: int, size: int) -> dict[str, Any]:
-    return {
-        "shared_memory_region": region.name,
-        "shared_memory_offset": offset,
-        "shared_memory_byte_size": size,
-    }
-
-
-def _predicted_bytes(spec: Mapping[str, Any], batch: int | None) -> int | None:
-    """An output's size from its metadata, a leading -1 taken as the inputs' batch."""
-    datatype, shape = spec.get("datatype"), list(spec.get("shape", []))
-    if not isinstance(datatype, str) or datatype == "BYTES" or datatype not in OIP_TO_NUMPY:
-        return None
-    if shape and shape[0] == -1 and batch is not None:
-        shape[0] = batch
-    if any(d < 0 for d in shape):
-        return None
-    return int(math.prod(shape)) * np.dtype(OIP_TO_NUMPY[datatype]).itemsize
 
 
 def _error_for(status: int, data: bytes | bytearray) -> InferenceError:
