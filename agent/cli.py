@@ -83,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
         "--config-dir", type=Path, default=Path("/etc/edge-agent"), help="default %(default)s"
     )
     request.add_argument("--force", action="store_true", help="replace an existing device.key")
+    request.add_argument(
+        "--reuse-key",
+        action="store_true",
+        help="a request for the device.key already here, left unchanged (to renew its "
+        "certificate: edgectl device renew ID --csr FILE)",
+    )
 
     infer = sub.add_parser(
         "infer",
@@ -151,28 +157,38 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def _cmd_request(args: argparse.Namespace) -> int:
-    from agent.enroll import request_enrollment
+    from agent.enroll import request_enrollment, request_renewal
     from agent.fsutil import atomic_write
 
+    if args.reuse_key and args.force:
+        raise AgentError("--reuse-key keeps device.key and --force replaces it: pass one")
     output = args.output or f"{args.device_id}.csr"
     if output != "-" and not Path(output).resolve().parent.is_dir():
         # Checked before the key is made: a key without its request helps nobody.
         raise AgentError(f"cannot write {output}: its folder does not exist")
-    csr = request_enrollment(args.device_id, args.config_dir, force=args.force)
+    if args.reuse_key:
+        csr = request_renewal(args.device_id, args.config_dir)
+    else:
+        csr = request_enrollment(args.device_id, args.config_dir, force=args.force)
     key = args.config_dir / "device.key"
+    wrote = f"used {key} as it is" if args.reuse_key else f"wrote {key} (0600)"
     if output == "-":
         sys.stdout.write(csr.decode())
-        print(f"wrote {key} (0600)", file=sys.stderr)
+        print(wrote, file=sys.stderr)
         return 0
     try:
         atomic_write(Path(output), csr, mode=0o644)
     except OSError as exc:
+        again = "run it again" if args.reuse_key else "pass --force to make a new key and request"
         raise AgentError(
-            f"cannot write {output}: {exc.strerror or exc} ({key} was written: "
-            f"pass --force to make a new key and request)"
+            f"cannot write {output}: {exc.strerror or exc} ({wrote}: {again})"
         ) from None
-    print(f"wrote {key} (0600) and the certificate request {output}")
-    print(f"  on the controller: edgectl device add {args.device_id} --csr {Path(output).name} ...")
+    command = "renew" if args.reuse_key else "add"
+    print(f"{wrote}; the certificate request is {output}")
+    print(
+        f"  on the controller: edgectl device {command} {args.device_id} "
+        f"--csr {Path(output).name} ..."
+    )
     print("  then here: edge-agent enroll FILE && systemctl restart edge-agent")
     return 0
 

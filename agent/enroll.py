@@ -49,7 +49,7 @@ from typing import Final
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from agent.config import AgentConfig, parse_config
@@ -315,17 +315,52 @@ def make_request(device_id: str) -> tuple[bytes, bytes]:
     except InvalidNameError as exc:
         raise AgentError(str(exc)) from None
     key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
-        .sign(key, hashes.SHA256())
-    )
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    return key_pem, csr.public_bytes(serialization.Encoding.PEM)
+    return key_pem, _csr(key, device_id)
+
+
+def _csr(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, device_id: str) -> bytes:
+    """A PEM CSR for ``key``, subject CN = ``device_id``, signed with SHA-256."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, device_id)]))
+        .sign(key, hashes.SHA256())
+    )
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def request_renewal(device_id: str, config_dir: Path = DEFAULT_CONFIG_DIR) -> bytes:
+    """A PEM CSR (CN = ``device_id``) for the ``device.key`` already in ``config_dir``,
+    which is left as it is: what ``edgectl device renew ID --csr FILE`` takes to renew
+    the certificate of a key that never leaves the device.
+
+    Raises AgentError for an invalid id, a missing or unreadable key, or one that is not
+    an unencrypted EC or RSA private key in PEM.
+    """
+    try:
+        check_name("device", device_id)
+    except InvalidNameError as exc:
+        raise AgentError(str(exc)) from None
+    path = config_dir / DEVICE_KEY
+    try:
+        pem = path.read_bytes()
+    except FileNotFoundError:
+        raise AgentError(
+            f"{path} does not exist: without --reuse-key, `edge-agent request` makes a key"
+        ) from None
+    except OSError as exc:
+        raise AgentError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise AgentError(f"{path} is not an unencrypted PEM private key: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise AgentError(f"{path} holds a {type(key).__name__}; expected an EC or RSA key")
+    return _csr(key, device_id)
 
 
 def request_enrollment(

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from agent.cli import main as agent_main
-from agent.enroll import make_request, request_enrollment
+from agent.enroll import make_request, request_enrollment, request_renewal
 from agent.errors import AgentError
 
 
@@ -91,6 +91,40 @@ def test_cli_request_writes_id_csr_in_the_current_folder_or_stdout(
     assert agent_main(["request", "cam-9", "--config-dir", "etc9", "-o", "no/such.csr"]) == 1
     assert "folder does not exist" in capsys.readouterr().err
     assert not (tmp_path / "etc9").exists()
+
+
+def test_a_request_for_the_key_already_there_leaves_it_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    etc = tmp_path / "etc"
+    request_enrollment("cam-7", etc)
+    key_before = (etc / "device.key").read_bytes()
+    csr = x509.load_pem_x509_csr(request_renewal("cam-7", etc))
+    assert csr.is_signature_valid
+    assert csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "cam-7"
+    assert _spki(csr.public_key()) == _spki(serialization.load_pem_private_key(key_before, None))
+    assert (etc / "device.key").read_bytes() == key_before
+
+    monkeypatch.chdir(tmp_path)
+    assert agent_main(["request", "cam-7", "--reuse-key", "--config-dir", "etc"]) == 0
+    assert "edgectl device renew cam-7 --csr cam-7.csr" in capsys.readouterr().out
+    renewal = x509.load_pem_x509_csr((tmp_path / "cam-7.csr").read_bytes())
+    assert _spki(renewal.public_key()) == _spki(csr.public_key())
+    assert (etc / "device.key").read_bytes() == key_before
+
+    # Contradictory flags, no key, a key that is not one: refused, nothing written.
+    assert agent_main(["request", "cam-7", "--reuse-key", "--force", "--config-dir", "etc"]) == 1
+    assert "pass one" in capsys.readouterr().err
+    assert (etc / "device.key").read_bytes() == key_before
+    with pytest.raises(AgentError, match="does not exist: without --reuse-key"):
+        request_renewal("cam-7", tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "device.key").write_bytes(b"not a key")
+    with pytest.raises(AgentError, match="not an unencrypted PEM private key"):
+        request_renewal("cam-7", tmp_path / "bad")
+    with pytest.raises(AgentError, match="device"):
+        request_renewal("../cam", etc)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="ownership is set only when run as root")

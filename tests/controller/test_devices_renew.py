@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from agent.cli import main as agent_main
 from agent.enroll import request_enrollment
@@ -52,15 +50,6 @@ def _crl_serials(repo: Path) -> set[int]:
     ca = x509.load_pem_x509_certificate((repo / "ca" / "ca.crt").read_bytes())
     assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
     return {entry.serial_number for entry in crl}
-
-
-def _csr_for(key_pem: bytes, cn: str) -> bytes:
-    """A request for an existing key, as `openssl req -new -key device.key` makes one."""
-    key = serialization.load_pem_private_key(key_pem, None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
-    return csr.public_bytes(serialization.Encoding.PEM)
 
 
 def _spki(cert: x509.Certificate) -> bytes:
@@ -130,8 +119,9 @@ def test_renewal_by_request_keeps_the_device_key(
     key = (etc / "device.key").read_bytes()
     old_cert = x509.load_pem_x509_certificate((etc / "device.crt").read_bytes())
 
-    csr = tmp_path / "cam-1.csr"
-    csr.write_bytes(_csr_for(key, "cam-1"))
+    csr = tmp_path / "cam-1.csr"  # the device's request for the key it has
+    assert agent_main(["request", "cam-1", "--reuse-key", "--config-dir", str(etc),
+                       "-o", str(csr)]) == 0  # fmt: skip
     renewed = tmp_path / "renewed.tar"
     out = _edgectl(
         capsys, "device", "renew", "cam-1", "--csr", str(csr), "--repo", str(repo),
