@@ -35,7 +35,7 @@ from controller.announcer import Announcer
 from controller.config import ServeConfig
 from controller.errors import ControllerError, UsageError
 from controller.expiry import ExpiryReader
-from controller.fleet import StalePolicy, render_metrics
+from controller.fleet import StalePolicy, render_aggregates
 from controller.fsio import repo_lock
 from controller.http import make_app, start_http
 from controller.ingest import Ingestor, IngestSettings
@@ -120,7 +120,8 @@ def add_metrics_route(
         counts = dict(ingestor.counts) if ingestor is not None else {}
         now = time.time()
         expiries = reader.read(now) if reader is not None else None
-        return render_metrics(store.devices(), store.event_counts(), counts, now, policy, expiries)
+        aggregates = store.fleet_aggregates(now, policy.default_interval_s, policy.stale_after)
+        return render_aggregates(aggregates, store.event_counts(), counts, expiries)
 
     async def handle(_request: web.Request) -> web.Response:
         text = await asyncio.to_thread(render)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
-from controller.store import DeviceRow, EventRow, HeartbeatRow, ModelRow
+from controller.store import DeviceRow, EventRow, FleetAggregates, HeartbeatRow, ModelRow
 
 if TYPE_CHECKING:
     from controller.expiry import Expiries
@@ -231,6 +231,19 @@ def _sample(name: str, labels: dict[str, str], value: float) -> str:
     return f"{name}{{{text}}} {number}" if labels else f"{name} {number}"
 
 
+def aggregate_rows(rows: Iterable[DeviceRow], now: float, policy: StalePolicy) -> FleetAggregates:
+    """What ``TelemetryStore.fleet_aggregates`` computes in SQL, from loaded rows."""
+    by_health: Counter[tuple[str, str]] = Counter()
+    by_version: Counter[tuple[str, str, str, str]] = Counter()
+    dropped: Counter[str] = Counter()
+    for row in rows:
+        by_health[(row.fleet, health(row, now, policy))] += 1
+        dropped[row.fleet] += row.outbox_dropped
+        for m in row.models:
+            by_version[(row.fleet, m.model, m.version or "", m.state)] += 1
+    return FleetAggregates(dict(by_health), dict(dropped), dict(by_version))
+
+
 def render_metrics(
     rows: Sequence[DeviceRow],
     event_counts: Sequence[tuple[str, str, int]],
@@ -239,35 +252,40 @@ def render_metrics(
     policy: StalePolicy,
     expiries: Expiries | None = None,
 ) -> str:
+    """``render_aggregates`` of device rows already loaded."""
+    return render_aggregates(
+        aggregate_rows(rows, now, policy), event_counts, ingest_counts, expiries
+    )
+
+
+def render_aggregates(
+    aggregates: FleetAggregates,
+    event_counts: Sequence[tuple[str, str, int]],
+    ingest_counts: dict[str, int],
+    expiries: Expiries | None = None,
+) -> str:
     """Fleet aggregates in the Prometheus text format (version 0.0.4), then, given
-    ``expiries``, when what the operator must renew expires (``_render_expiries``)."""
+    ``expiries``, when what the operator must renew expires (``_render_expiries``).
+    ``/metrics`` gets the aggregates from ``TelemetryStore.fleet_aggregates``."""
     out = [
         "# HELP edgefleet_devices Devices by fleet and health (online, stale, offline).",
         "# TYPE edgefleet_devices gauge",
     ]
-    by_health: Counter[tuple[str, str]] = Counter()
-    by_version: Counter[tuple[str, str, str, str]] = Counter()
-    dropped: Counter[str] = Counter()
-    fleets = sorted({r.fleet for r in rows})
-    for row in rows:
-        by_health[(row.fleet, health(row, now, policy))] += 1
-        dropped[row.fleet] += row.outbox_dropped
-        for m in row.models:
-            by_version[(row.fleet, m.model, m.version or "", m.state)] += 1
+    fleets = sorted(aggregates.dropped)
     for fleet in fleets:
         for state in HEALTH_STATES:
             out.append(
                 _sample(
                     "edgefleet_devices",
                     {"fleet": fleet, "health": state},
-                    by_health[(fleet, state)],
+                    aggregates.devices.get((fleet, state), 0),
                 )
             )
     out += [
         "# HELP edgefleet_model_devices Devices by fleet, model, version and install state.",
         "# TYPE edgefleet_model_devices gauge",
     ]
-    for (fleet, model, version, state), n in sorted(by_version.items()):
+    for (fleet, model, version, state), n in sorted(aggregates.models.items()):
         labels = {"fleet": fleet, "model": model, "version": version, "state": state}
         out.append(_sample("edgefleet_model_devices", labels, n))
     out += [
@@ -281,7 +299,9 @@ def render_metrics(
         "# TYPE edgefleet_device_events_dropped gauge",
     ]
     for fleet in fleets:
-        out.append(_sample("edgefleet_device_events_dropped", {"fleet": fleet}, dropped[fleet]))
+        out.append(
+            _sample("edgefleet_device_events_dropped", {"fleet": fleet}, aggregates.dropped[fleet])
+        )
     out += [
         "# HELP edgefleet_ingest_messages_total Messages this process ingested, by outcome.",
         "# TYPE edgefleet_ingest_messages_total counter",

@@ -123,6 +123,20 @@ class DeviceRow:
 
 
 @dataclass(frozen=True)
+class FleetAggregates:
+    """What ``/metrics`` counts over the devices, without loading them (``fleet_aggregates``).
+
+    ``devices``: (fleet, health) -> devices, only the pairs that have one; ``dropped``:
+    fleet -> the sum of its devices' ``outbox_dropped``, for every fleet with a device;
+    ``models``: (fleet, model, version or "", install state) -> devices.
+    """
+
+    devices: dict[tuple[str, str], int]
+    dropped: dict[str, int]
+    models: dict[tuple[str, str, str, str], int]
+
+
+@dataclass(frozen=True)
 class EventRow:
     id: int
     fleet: str
@@ -255,6 +269,26 @@ ON CONFLICT (fleet, device, stream, seq) DO NOTHING
 _EVENT_COLUMNS: Final = (
     "id, fleet, device, stream, seq, at, received_at, kind, model, version, previous, phase, reason"
 )
+
+# fleet_aggregates: the arithmetic is controller.fleet.health's, operand for operand, in
+# IEEE doubles on both backends, so a device exactly at the threshold is judged the same.
+_HEALTH_COUNTS: Final = """
+SELECT fleet,
+       CASE WHEN online = 0 THEN 'offline'
+            WHEN CAST(? AS DOUBLE PRECISION) - last_seen
+                 > CAST(? AS DOUBLE PRECISION)
+                   * COALESCE(NULLIF(interval_s, 0), CAST(? AS DOUBLE PRECISION))
+            THEN 'stale'
+            ELSE 'online' END,
+       count(*), sum(outbox_dropped)
+FROM devices GROUP BY 1, 2
+"""
+# Models of stored devices only, as ``devices()`` attaches them.
+_MODEL_COUNTS: Final = """
+SELECT m.fleet, m.model, COALESCE(m.version, ''), m.state, count(*)
+FROM device_models m JOIN devices d ON d.fleet = m.fleet AND d.device = m.device
+GROUP BY 1, 2, 3, 4
+"""
 
 
 def _heartbeat_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
@@ -450,6 +484,29 @@ class TelemetryStore(ABC):
             )
             for r in rows
         ]
+
+    def fleet_aggregates(
+        self, now: float, default_interval_s: float, stale_after: float
+    ) -> FleetAggregates:
+        """The device counts of ``/metrics``, grouped in SQL: health as
+        ``controller.fleet.health`` judges it at ``now`` (offline when the last status
+        says so, else stale past ``stale_after`` intervals of silence, the device's own
+        interval unless it is missing or zero, then ``default_interval_s``)."""
+        with self._read_lock, self._reader() as cur:
+            cur.execute(
+                self._sql(_HEALTH_COUNTS),
+                [float(now), float(stale_after), float(default_interval_s)],
+            )
+            health_rows = cur.fetchall()
+            cur.execute(_MODEL_COUNTS)
+            model_rows = cur.fetchall()
+        devices: dict[tuple[str, str], int] = {}
+        dropped: dict[str, int] = {}
+        for fleet, state, n, lost in health_rows:
+            devices[(str(fleet), str(state))] = int(n)
+            dropped[str(fleet)] = dropped.get(str(fleet), 0) + int(lost)
+        models = {(str(f), str(m), str(v), str(s)): int(n) for f, m, v, s, n in model_rows}
+        return FleetAggregates(devices, dropped, models)
 
     def events(
         self, device: str | None = None, fleet: str | None = None, limit: int = 50
