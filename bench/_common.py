@@ -10,8 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import statistics
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +71,16 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     low = int(rank)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def median_ms(run: Callable[[], object], repeat: int) -> tuple[float, float]:
+    """The median and the least of ``repeat`` timed calls of ``run``, in ms."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000, min(times) * 1000
 
 
 def rss_kib(pid: int) -> int | None:

@@ -21,20 +21,24 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from _common import load_average, machine, markdown_table, record_section, today
+from _common import (
+    load_average,
+    machine,
+    markdown_table,
+    median_ms,
+    record_section,
+    today,
+)
 
 from agent.contracts import Status
 from controller.fleet import StalePolicy, render_aggregates, render_metrics
-from controller.store import HeartbeatFacts, IngestBatch, TelemetryStore, open_store
-from tests.controller.test_store_support import fresh_pg_schema
+from controller.store import HeartbeatFacts, IngestBatch, TelemetryStore
+from tests.controller.test_store_support import store_for
 
 MODELS = ("detector", "classifier", "segmenter")
 VERSIONS = ("1.0.0", "1.1.0", "2.0.0")
@@ -81,36 +85,10 @@ def fill(store: TelemetryStore, devices: int, now: float) -> None:
         store.write(batch)
 
 
-def median_ms(run: Callable[[], object], repeat: int) -> tuple[float, float]:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000, min(times) * 1000
-
-
-@contextmanager
-def opened(backend: str, folder: Path) -> Iterator[TelemetryStore]:
-    if backend == "sqlite":
-        store = open_store(str(folder / "telemetry.sqlite"))
-        try:
-            yield store
-        finally:
-            store.close()
-        return
-    with fresh_pg_schema() as dsn:
-        store = open_store(dsn)
-        try:
-            yield store
-        finally:
-            store.close()
-
-
 def measure(backend: str, folder: Path, args: argparse.Namespace) -> list[tuple[object, ...]]:
     policy = StalePolicy()
     now = time.time()
-    with opened(backend, folder) as store:
+    with store_for(backend, folder) as store:
         start = time.perf_counter()
         fill(store, args.devices, now)
         fill_s = time.perf_counter() - start

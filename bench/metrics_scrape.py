@@ -22,14 +22,19 @@ import argparse
 import datetime as dt
 import json
 import random
-import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from _common import load_average, machine, markdown_table, record_section, today
+from _common import (
+    load_average,
+    machine,
+    markdown_table,
+    median_ms,
+    record_section,
+    today,
+)
 
 from controller.ca import DeviceCA
 from controller.devices import EnrollOptions, add_device, ca_dir, load_registry
@@ -74,15 +79,6 @@ def build_repository(folder: Path, devices: int, revoked_percent: float) -> Path
     time.sleep(SETTLE_S + 0.5)
     assert len(load_registry(repo)) == devices
     return repo
-
-
-def median_ms(run: Callable[[], object], repeat: int) -> tuple[float, float]:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000, min(times) * 1000
 
 
 def main() -> None:
