@@ -32,10 +32,10 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -44,6 +44,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controller.errors import RepositoryError, UsageError
 from controller.fsio import atomic_write, make_dir
+
+T = TypeVar("T")
 
 CA_DIR_NAME: Final = "ca"
 CA_DAYS: Final = 3650
@@ -372,13 +374,7 @@ def read_ca_certificate(path: Path) -> x509.Certificate:
     For watchers (``/metrics``) that must not touch the key. Raises FileNotFoundError
     when there is no ``ca.crt``, RepositoryError when it is unreadable.
     """
-    cert_file = path / "ca.crt"
-    try:
-        return x509.load_pem_x509_certificate(cert_file.read_bytes())
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise RepositoryError(f"cannot read the CA certificate {cert_file}: {exc}") from None
+    return _read_pem(path / "ca.crt", x509.load_pem_x509_certificate, "the CA certificate")
 
 
 def read_crl(path: Path) -> x509.CertificateRevocationList:
@@ -387,10 +383,15 @@ def read_crl(path: Path) -> x509.CertificateRevocationList:
     Read-only, no key needed. Raises FileNotFoundError when there is no ``crl.pem``,
     RepositoryError when it is unreadable.
     """
-    crl_file = path / "crl.pem"
+    return _read_pem(path / "crl.pem", x509.load_pem_x509_crl, "the CRL")
+
+
+def _read_pem(file: Path, load: Callable[[bytes], T], what: str) -> T:
+    """``load`` of ``file``'s bytes; FileNotFoundError as it is, RepositoryError naming
+    ``what`` for anything else unreadable."""
     try:
-        return x509.load_pem_x509_crl(crl_file.read_bytes())
+        return load(file.read_bytes())
     except FileNotFoundError:
         raise
     except (OSError, ValueError) as exc:
-        raise RepositoryError(f"cannot read the CRL {crl_file}: {exc}") from None
+        raise RepositoryError(f"cannot read {what} {file}: {exc}") from None
