@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -96,6 +96,15 @@ class LoadedModel:
         return [t.name for t in self.manifest.outputs]
 
     @cached_property
+    def _binding(self) -> Any:
+        """ONNX Runtime's C++ session binding, for a real ``InferenceSession`` (None for
+        anything else, such as a test double)."""
+        binding = getattr(self.session, "_sess", None)
+        if type(self.session) is ort.InferenceSession and callable(getattr(binding, "run", None)):
+            return binding
+        return None
+
+    @cached_property
     def _run(self) -> Callable[[list[str], dict[str, Any], ort.RunOptions | None], list[Any]]:
         """ONNX Runtime's run for this session.
 
@@ -106,9 +115,8 @@ class LoadedModel:
         a loaded model has no optional inputs, since ``load_model`` maps each to an OIP
         datatype); the binding itself refuses unknown names, dtypes and shapes.
         """
-        binding = getattr(self.session, "_sess", None)
-        if type(self.session) is ort.InferenceSession and callable(getattr(binding, "run", None)):
-            return binding.run  # type: ignore[no-any-return, union-attr]
+        if self._binding is not None:
+            return self._binding.run  # type: ignore[no-any-return]
         return self.session.run  # type: ignore[no-any-return]
 
     @cached_property
@@ -159,22 +167,32 @@ class LoadedModel:
             results = self._run(
                 names, inputs if type(inputs) is dict else dict(inputs), run_options
             )
-        except ValueError as exc:
-            raise InvalidRequestError(
-                f"model {self.name!r} {self.version} rejected the input: {exc}"
-            ) from None
         except Exception as exc:  # ORT's own: InvalidArgument, Fail, RuntimeException, ...
-            if run_options is not None and run_options.terminate:
-                raise RunTerminatedError(
-                    f"model {self.name!r} {self.version}: the run was cancelled at its "
-                    f"deadline ({exc})"
-                ) from None
-            raise InferenceError(
-                f"model {self.name!r} {self.version} failed to run: {exc}"
-            ) from None
+            raise run_error(self.name, self.version, exc, run_options) from None
         # Every output is a tensor (load_model refuses other types), so ONNX Runtime gives
         # numpy arrays: no conversion.
         return results
+
+    def bind(self, key: int, inputs: Sequence[Bound], outputs: Sequence[Bound]) -> BoundRun | None:
+        """Runs reading each input from, and writing each output to, memory at a fixed
+        address (ONNX Runtime's I/O binding), kept under ``key`` until ``unbind``: the
+        model owns its bindings (each holds its session), so whoever asked for one keeps
+        only the key, and a replaced version's session is freed with it. None when the
+        session cannot bind (not a plain ``InferenceSession``). See ``BoundRun`` for what
+        the caller guarantees."""
+        if self._binding is None:
+            return None
+        bound = self.bound_runs[key] = BoundRun(self, inputs, outputs)
+        return bound
+
+    def unbind(self, key: int) -> None:
+        """Drop the binding kept under ``key`` (none: nothing to do)."""
+        self.bound_runs.pop(key, None)
+
+    @cached_property
+    def bound_runs(self) -> dict[int, BoundRun]:
+        """The bindings ``bind`` made, by key."""
+        return {}
 
     def _known(self, output_names: Sequence[str]) -> list[str]:
         """``output_names`` as a list; InvalidRequestError naming one the model lacks."""
@@ -207,6 +225,72 @@ class LoadedModel:
                     f"input {name!r}: expected shape {list(self.input_specs[name].shape)} "
                     f"(-1: any), got {list(shape)}"
                 )
+
+
+def run_error(
+    name: str, version: str, exc: Exception, run_options: ort.RunOptions | None
+) -> InferenceError:
+    """What a failed run of ``name`` ``version`` raises: a ``ValueError`` is the binding
+    refusing the inputs, a run whose ``terminate`` flag is set was cancelled at its
+    deadline, anything else is the model failing."""
+    if isinstance(exc, ValueError):
+        return InvalidRequestError(f"model {name!r} {version} rejected the input: {exc}")
+    if run_options is not None and run_options.terminate:
+        return RunTerminatedError(
+            f"model {name!r} {version}: the run was cancelled at its deadline ({exc})"
+        )
+    return InferenceError(f"model {name!r} {version} failed to run: {exc}")
+
+
+class Bound(NamedTuple):
+    """One tensor of a ``BoundRun``: its name, dtype and shape, and the address of its
+    first byte."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    address: int
+
+
+class BoundRun:
+    """Runs of one model that read every input from, and write every output to, memory
+    at fixed addresses (ONNX Runtime's I/O binding): no numpy array is made or converted
+    on either side of the run. After a model run has flushed the caches, that
+    conversion is the costliest Python of a request: ~60-90 µs measured on a 2-core VM
+    for the CNN of ``bench/infer_overhead.py``, against the plain run.
+
+    The caller guarantees that the memory at every address is there, readable (inputs)
+    and writable (outputs), for the whole of each ``run`` (holding a buffer export of
+    it), that outputs overlap no input, and that inputs and outputs have the bound
+    dtypes and shapes (a request plan checked them). An output whose shape differs from
+    the bound one on some run (a data-dependent shape) fails that run: the caller then
+    runs the request without a binding.
+    """
+
+    __slots__ = ("_binding", "_label", "_run")
+
+    def __init__(self, model: LoadedModel, inputs: Sequence[Bound], outputs: Sequence[Bound]):
+        binding = ort.IOBinding(model.session)
+        for tensor in inputs:
+            binding.bind_input(
+                tensor.name, "cpu", 0, tensor.dtype.type, list(tensor.shape), tensor.address
+            )
+        for tensor in outputs:
+            binding.bind_output(
+                tensor.name, "cpu", 0, tensor.dtype.type, list(tensor.shape), tensor.address
+            )
+        # The C++ objects: the Python wrapper's run re-checks WebGPU graph capture.
+        self._binding = binding._iobinding
+        self._run = model._binding.run_with_iobinding
+        self._label = (model.name, model.version)  # not the model: it owns this
+
+    def run(self, run_options: ort.RunOptions | None) -> None:
+        """One run: inputs read and outputs written where they were bound. Raises as
+        ``LoadedModel.run``."""
+        try:
+            self._run(self._binding, run_options)
+        except Exception as exc:
+            raise run_error(*self._label, exc, run_options) from None
 
 
 # ---------------------------------------------------------------------------- loading

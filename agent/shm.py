@@ -21,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import re
@@ -61,6 +62,7 @@ class _Region:
     byte_size: int
     fd: int
     mapping: mmap.mmap
+    address: int  # of the mapping's first byte, for ONNX Runtime's I/O binding
 
     def status(self) -> dict[str, Any]:
         return {
@@ -129,7 +131,7 @@ class SharedMemoryRegistry:
         except BaseException:
             os.close(fd)
             raise
-        region = _Region(name, key, offset, size, fd, mapping)
+        region = _Region(name, key, offset, size, fd, mapping, _address_of(mapping))
         with self._lock:
             if name in self._regions:
                 _close(region)
@@ -164,11 +166,17 @@ class SharedMemoryRegistry:
         """Bytes ``offset..offset+byte_size`` of ``region``. Raises InvalidRequestError."""
         return self.views(((region, offset, byte_size),))[0]
 
-    def views(self, refs: Sequence[tuple[str, int, int]]) -> list[memoryview]:
-        """A view of each ``(region, offset, byte_size)``. Raises InvalidRequestError
-        naming a region that is not registered, a range outside its region, or a region
-        whose object is now shorter than what was registered (reading a mapping past
-        its object's end would kill the agent with SIGBUS): one ``fstat`` per region."""
+    def views(
+        self, refs: Sequence[tuple[str, int, int]], addresses: list[int] | None = None
+    ) -> list[memoryview]:
+        """A view of each ``(region, offset, byte_size)``; with ``addresses``, each
+        view's address is appended to it. A view holds its mapping: while a caller holds
+        it, the memory at its address stays mapped, even if the region is unregistered.
+
+        Raises InvalidRequestError naming a region that is not registered, a range
+        outside its region, or a region whose object is now shorter than what was
+        registered (reading a mapping past its object's end would kill the agent with
+        SIGBUS): one ``fstat`` per region."""
         regions = self._regions
         result: list[memoryview] = []
         checked: _Region | None = None  # requests name one region, mostly
@@ -187,10 +195,21 @@ class SharedMemoryRegistry:
                 checked = found
             start = found.offset + offset
             result.append(memoryview(found.mapping)[start : start + byte_size])
+            if addresses is not None:
+                addresses.append(found.address + start)
         return result
 
     def close(self) -> None:
         self.unregister(None)
+
+
+def _address_of(mapping: mmap.mmap) -> int:
+    """Where ``mapping`` starts in memory (the export made to ask is dropped at once)."""
+    anchor = ctypes.c_char.from_buffer(mapping)
+    try:
+        return ctypes.addressof(anchor)
+    finally:
+        del anchor
 
 
 def _close(region: _Region) -> None:
