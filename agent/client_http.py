@@ -70,6 +70,7 @@ class UnixHTTPConnection:
         self.timeout = timeout
         self.spin_s = spin_s
         self.sock: socket.socket | None = None
+        self._sized = 0  # the largest request the socket's send buffer was sized for
         self._scratch = bytearray(_SCRATCH_BYTES)
         self._heads: dict[bytes, Head] = {}
         # The last head read, through its blank line, and its parse: the next response
@@ -95,6 +96,7 @@ class UnixHTTPConnection:
             sock.close()
             raise
         self.sock = sock
+        self._sized = 0
         return sock
 
     def close(self) -> None:
@@ -160,7 +162,7 @@ class UnixHTTPConnection:
         sock = self.sock or self.connect()
         try:
             try:
-                _send(sock, head, parts)
+                self._sized = _send(sock, head, parts, self._sized)
             except (BrokenPipeError, ConnectionResetError):
                 # The server may have answered early (403, 503, 431) and closed: read it.
                 _set_kernel_timeouts(sock, min(self.timeout, _EARLY_ANSWER_TIMEOUT_S))
@@ -303,12 +305,14 @@ def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
         have += got
 
 
-def _send(sock: socket.socket, head: bytes, parts: Sequence[bytes | memoryview]) -> None:
+def _send(sock: socket.socket, head: bytes, parts: Sequence[bytes | memoryview], sized: int) -> int:
+    """Send a request; return what ``send_parts`` says the send buffer is sized for
+    (``sized``: what it said last time on this socket)."""
     if not parts:
         sock.sendall(head)
-        return
+        return sized
     total = len(head) + sum(len(p) for p in parts)
     if total < _SEND_JOINED_BELOW:
         sock.sendall(b"".join((head, *parts)))
-        return
-    send_parts(sock, [head, *parts])
+        return sized
+    return send_parts(sock, [head, *parts], sized)

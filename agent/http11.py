@@ -183,6 +183,7 @@ class Connection:
         self._start = 0  # unread bytes are _buffer[_start:_end]
         self._end = 0
         self._spare: bytearray | None = None  # a large body buffer to reuse
+        self._sized = 0  # the largest response the send buffer was sized for (send_parts)
         self._heads: dict[bytes, _Head] = {}  # heads parsed before (never chunked ones)
         self._memo: dict[bytes, Any] = {}  # what routing keeps between requests (Request.memo)
         self._answered = 0.0  # time.monotonic() when the last answer was written
@@ -449,7 +450,7 @@ class Connection:
         if len(head) + sum(len(p) for p in parts) < _JOIN_BELOW:
             self.sock.sendall(b"".join((head, *parts)))
         else:
-            send_parts(self.sock, [head, *parts])
+            self._sized = send_parts(self.sock, [head, *parts], self._sized)
         self._answered = time.monotonic()
 
     # -- the server's thread

@@ -39,6 +39,33 @@ def test_send_parts_sends_every_part_in_order_and_grows_a_unix_send_buffer() -> 
         assert grown >= min(len(expected), 2 * _wmem_max())
 
 
+class _Asking(socket.socket):
+    """A real socket that counts how often its send buffer's size is asked."""
+
+    asked = 0
+
+    def getsockopt(self, *args: int) -> int:  # type: ignore[override]
+        self.asked += 1
+        return super().getsockopt(*args)
+
+
+def test_send_parts_asks_the_buffer_size_only_for_a_larger_message() -> None:
+    first, receiver = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sender = _Asking(fileno=first.detach())
+    with sender, receiver:
+        sized = 0
+        steps = ((300_000, 300_000, 1), (300_000, 300_000, 1), (200_000, 300_000, 1),
+                 (400_000, 400_000, 2), (100, 400_000, 2))  # fmt: skip
+        for size, expected, asks in steps:
+            received = bytearray(size)
+            reader = threading.Thread(target=_receive_all, args=(receiver, size, received))
+            reader.start()
+            sized = send_parts(sender, [b"h", b"x" * (size - 1)], sized)
+            reader.join(10)
+            assert bytes(received) == b"h" + b"x" * (size - 1)
+            assert (sized, sender.asked) == (expected, asks)
+
+
 def test_send_parts_leaves_a_tcp_send_buffer_to_autotuning() -> None:
     with socket.create_server(("127.0.0.1", 0)) as listener:
         sender = socket.create_connection(listener.getsockname())
