@@ -129,9 +129,16 @@ class RunWatch:
             self._thread.join(5)
             self._thread = None
 
-    def begin(self, deadline: float) -> tuple[int, ort.RunOptions]:
-        """Watch a run that must end by ``deadline``; returns its key and its options."""
-        options = ort.RunOptions()
+    def begin(
+        self, deadline: float, options: ort.RunOptions | None = None
+    ) -> tuple[int, ort.RunOptions]:
+        """Watch a run that must end by ``deadline``; returns its key and its options:
+        ``options`` when given, which must be fresh or those of a run that ended before
+        its deadline (the watch only ever sets the flag of a run past its deadline, so
+        theirs is still clear and stays so), else new ones (~10 µs after a model run has
+        flushed the caches)."""
+        if options is None:
+            options = ort.RunOptions()
         key = next(self._keys)
         self._runs[key] = (deadline, options)
         return key, options

@@ -117,6 +117,7 @@ class Repeat:
         "key",
         "model",
         "names",
+        "options",
         "outputs",
         "request",
         "response",
@@ -161,6 +162,8 @@ class Repeat:
         )
         self.in_body = any(spec.view < 0 for spec in inputs)
         self.key = next(_KEYS)
+        # The RunOptions of this repeat's runs, while they end in time (routes._infer).
+        self.options = ort.RunOptions()
         self.addresses: list[int] | None = None
         self.buffers: list[np.ndarray] = []  # the binary outputs of bound runs
         self.bound_response: Response | None = None

@@ -250,17 +250,22 @@ class Router:
             self._metrics.record_error(model.name, model.version, kind)
             raise
         try:
-            key, options = self._watch.begin(deadline)
+            # A repeat's options are reused while its runs end in time (see RunWatch).
+            key, options = self._watch.begin(deadline, None if repeat is None else repeat.options)
             try:
                 if repeat is not None:
                     response = repeat.run(model, request.body, self._shared(request), options)
                 else:
                     response = _execute(model, request, self._shared(request), self._plans, options)
             except Exception as exc:
+                if repeat is not None:
+                    repeat.options = ort.RunOptions()
                 if self._watch.end(key, options):
                     return self._expired(model, request)
                 return self._failed(model, request, exc)
             if self._watch.end(key, options) or time.monotonic() > deadline:
+                if repeat is not None:
+                    repeat.options = ort.RunOptions()
                 return self._expired(model, request)
             return self._succeeded(model, request, response)
         finally:

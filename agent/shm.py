@@ -176,7 +176,7 @@ class SharedMemoryRegistry:
         Raises InvalidRequestError naming a region that is not registered, a range
         outside its region, or a region whose object is now shorter than what was
         registered (reading a mapping past its object's end would kill the agent with
-        SIGBUS): one ``fstat`` per region."""
+        SIGBUS): one ``lseek`` per region."""
         regions = self._regions
         result: list[memoryview] = []
         checked: _Region | None = None  # requests name one region, mostly
@@ -190,7 +190,10 @@ class SharedMemoryRegistry:
                     f"expected within its {found.byte_size} bytes"
                 )
             if found is not checked:
-                if os.fstat(found.fd).st_size < found.offset + found.byte_size:
+                # The object's size: lseek is ~11 µs after a model run has flushed the
+                # caches, fstat (and its stat_result) ~25 µs. The fd is only ever mapped,
+                # so its offset is nobody's.
+                if os.lseek(found.fd, 0, os.SEEK_END) < found.offset + found.byte_size:
                     raise InvalidRequestError(f"shared memory region {region!r} was truncated")
                 checked = found
             start = found.offset + offset
