@@ -384,3 +384,39 @@ def test_inference_config_keys_and_validation(tmp_path: Path) -> None:
         )
     server = InferenceServer.from_config(ModelRegistry(), InferenceConfig(allowed_users="0"))
     assert server.allowed_uids == {0} and server.max_queue == 32
+
+
+def test_stop_answers_the_request_in_flight_and_closes_every_connection(
+    tmp_path: Path, linear: LoadedModel
+) -> None:
+    """A request running when the server stops is answered (within the grace period);
+    then its connection closes, as does an idle one, without waiting for the grace."""
+    slow_onnx = make_misbehaving_model(tmp_path / "slow.onnx", seed=3, kind="slow")
+    slow = load_model(*make_model_dir(tmp_path / "slow", slow_onnx, name="slow"))
+    registry = ModelRegistry()
+    registry.activate(slow)
+    batch = np.ones((1024, 4), np.float32)  # a run of ~0.6 s here
+    directory = short_socket_dir()
+    thread = ServerThread(InferenceServer(registry, directory / "infer.sock"))
+    try:
+        thread.start()
+        server = thread.server
+        idle = InferenceClient(server.socket_path)
+        assert idle.live()  # connected, then idle
+        busy = InferenceClient(server.socket_path)
+        answers: list[dict[str, np.ndarray]] = []
+        worker = threading.Thread(target=lambda: answers.append(busy.infer("slow", {"x": batch})))
+        worker.start()
+        for _ in range(1000):  # bounded: until the run is in flight
+            if server.admitted:
+                break
+            time.sleep(0.005)
+        assert server.admitted == 1
+        thread.stop()
+        worker.join(10)
+        np.testing.assert_array_equal(answers[0]["y"], slow.infer({"x": batch})["y"])
+        assert server.admitted == 0 and not server._snapshot()  # every connection closed
+        assert not idle.live() and not busy.live()  # nothing listens any more
+    finally:
+        thread.close()
+        directory.rmdir()
