@@ -37,7 +37,7 @@ Invariants:
   ``agent.runtime`` promises, not when an idle connection next calls.
 - A binding is only run with every address it was made for checked on this request,
   and with a view of every region held for the run (an unregistered region stays mapped
-  until the run ends). It is not made for outputs overlapping an input, for inputs not
+  until the run ends). It is not made for outputs overlapping an input, for tensors not
   aligned to their dtype (a client that does not pad its JSON header) or for a body that
   is ``bytes``; a bound run that fails other than at its deadline (an output of a new
   shape, the model failing) is run again unbound, which answers it as the full path
@@ -268,8 +268,6 @@ class Repeat:
             )
             for spec in self.inputs
         ]
-        if any(t.address % t.dtype.itemsize for t in inputs):  # a client that does not pad
-            return None
         outputs: list[Bound] = []
         buffers: list[np.ndarray] = []
         for name, spec in zip(self.names, self.outputs, strict=True):
@@ -279,7 +277,9 @@ class Repeat:
                 buffers.append(np.empty(spec.shape, spec.dtype))
                 address = buffers[-1].ctypes.data
             outputs.append(Bound(name, spec.dtype, spec.shape, address))
-        if _overlap(inputs, outputs):
+        if _overlap(inputs, outputs) or any(  # misaligned: a client that does not pad
+            t.address % t.dtype.itemsize for t in (*inputs, *outputs)
+        ):
             return None
         bound = model.bind(self.key, inputs, outputs)
         if bound is None:

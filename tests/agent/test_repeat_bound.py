@@ -194,28 +194,31 @@ def test_unaligned_inputs_and_overlapping_outputs_are_not_bound(
         np.testing.assert_array_equal(got, linear.infer({"x": frame})["y"])
     assert isinstance(memo[URL], Repeat) and not linear.bound_runs
 
-    # The output written over the input's own bytes: bound, ONNX Runtime could write
-    # the output while it still reads the input; unbound, it is copied after the run.
+    # An output written over the input's own bytes (bound, ONNX Runtime could write it
+    # while it still reads the input; unbound, it is copied after the run), and one at
+    # an odd offset (a float32 written where a strict CPU would fault).
     with SharedMemoryRegion(f"ef-bound-ov-{os.getpid()}", 1 << 20) as region:
         assert server.shm is not None
         server.shm.register("ov", {"key": region.key, "byte_size": 1 << 20}, os.getuid())
         small = _frames(1)[0]
-        shm = {"shared_memory_region": "ov", "shared_memory_offset": 0}
-        doc = {
-            "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4],
-                        "parameters": {**shm, "shared_memory_byte_size": 32}}],
-            "outputs": [{"name": "y", "parameters": {**shm, "shared_memory_byte_size": 24}}],
-        }  # fmt: skip
-        body = json.dumps(doc).encode()
-        memo.clear()
-        for i in range(4):
-            frame = small + i
-            region.write(0, frame.tobytes())
-            request = Request(b"POST", URL, body, True, False, None, 0, time.monotonic(), memo)
-            assert router.dispatch(request).status == 200
-            got = region.array(0, np.dtype(np.float32), (2, 3))
-            np.testing.assert_array_equal(got, linear.infer({"x": frame})["y"])
-        assert isinstance(memo[URL], Repeat) and not linear.bound_runs
+        for output_at in (0, 34):
+            shm = {"shared_memory_region": "ov", "shared_memory_offset": 0}
+            doc = {
+                "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4],
+                            "parameters": {**shm, "shared_memory_byte_size": 32}}],
+                "outputs": [{"name": "y", "parameters": {
+                    **shm, "shared_memory_offset": output_at, "shared_memory_byte_size": 24}}],
+            }  # fmt: skip
+            body = json.dumps(doc).encode()
+            memo.clear()
+            for i in range(4):
+                frame = small + i
+                region.write(0, frame.tobytes())
+                request = Request(b"POST", URL, body, True, False, None, 0, time.monotonic(), memo)
+                assert router.dispatch(request).status == 200
+                got = np.frombuffer(region.buffer[output_at : output_at + 24], np.float32)
+                np.testing.assert_array_equal(got.reshape(2, 3), linear.infer({"x": frame})["y"])
+            assert isinstance(memo[URL], Repeat) and not linear.bound_runs
         server.shm.unregister("ov")
 
 
