@@ -56,6 +56,8 @@ from agent.memory import configure_allocator
 
 logger = logging.getLogger(__name__)
 
+_BIND_REFUSED: set[tuple[str, str]] = set()  # versions whose binding was refused (logged)
+
 _CPU_PROVIDERS = ["CPUExecutionProvider"]
 
 
@@ -178,11 +180,19 @@ class LoadedModel:
         address (ONNX Runtime's I/O binding), kept under ``key`` until ``unbind``: the
         model owns its bindings (each holds its session), so whoever asked for one keeps
         only the key, and a replaced version's session is freed with it. None when the
-        session cannot bind (not a plain ``InferenceSession``). See ``BoundRun`` for what
-        the caller guarantees."""
+        session cannot bind (not a plain ``InferenceSession``) or ONNX Runtime refuses
+        the binding (logged once per model): the caller then runs unbound, as before
+        binding existed. See ``BoundRun`` for what the caller guarantees."""
         if self._binding is None:
             return None
-        bound = self.bound_runs[key] = BoundRun(self, inputs, outputs)
+        try:
+            bound = BoundRun(self, inputs, outputs)
+        except Exception as exc:  # its Python API, or a private attribute it moved
+            if (self.name, self.version) not in _BIND_REFUSED:
+                _BIND_REFUSED.add((self.name, self.version))
+                logger.warning("%s %s: runs stay unbound (%r)", self.name, self.version, exc)
+            return None
+        self.bound_runs[key] = bound
         return bound
 
     def unbind(self, key: int) -> None:

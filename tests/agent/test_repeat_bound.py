@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import time
 import weakref
@@ -18,12 +19,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from agent import runtime
 from agent.client import InferenceClient
 from agent.contracts import TensorSpec
 from agent.errors import InferenceError
 from agent.http_messages import Request
 from agent.repeat import Repeat
-from agent.runtime import LoadedModel, ModelRegistry, load_model
+from agent.runtime import Bound, LoadedModel, ModelRegistry, load_model
 from agent.server import InferenceServer
 from agent.shm import SharedMemoryRegion
 from tests.agent._model_dir import make_model_dir
@@ -281,3 +283,26 @@ def test_a_model_failing_on_a_bound_run_is_reported_as_on_the_full_path(
         assert 'infer_errors_total{kind="model_error",model="err",version="1.0.0"} 1.0' in (
             client.metrics()
         )
+
+
+def test_a_binding_onnx_runtime_refuses_leaves_runs_unbound(
+    linear: LoadedModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused binding (here an input name the model lacks) is no error for the
+    request: ``bind`` says None, the repeat runs unbound, and the version is logged once."""
+    x, y = np.ones((2, 4), np.float32), np.zeros((2, 3), np.float32)
+    output = [Bound("y", y.dtype, y.shape, y.ctypes.data)]
+    unknown = [Bound("nope", x.dtype, x.shape, x.ctypes.data)]
+    runtime._BIND_REFUSED.discard(("linear", "1.0.0"))  # another test's refusal, if any
+    with caplog.at_level(logging.WARNING, logger="agent.runtime"):
+        for key in (1, 2):
+            assert linear.bind(key, unknown, output) is None
+    assert not linear.bound_runs
+    assert [r.getMessage() for r in caplog.records].count(
+        "linear 1.0.0: runs stay unbound (RuntimeError('Error when binding input: Failed to "
+        "find input name in the mapping: nope'))"
+    ) == 1
+    bound = linear.bind(3, [Bound("x", x.dtype, x.shape, x.ctypes.data)], output)
+    assert bound is not None and linear.bound_runs == {3: bound}
+    bound.run(None)
+    np.testing.assert_array_equal(y, linear.infer({"x": x})["y"])
