@@ -130,6 +130,25 @@ def make_linear_model(path: Path, seed: int, in_features: int = 4, out_features:
     return path
 
 
+def make_nonzero_model(path: Path) -> Path:
+    """y = NonZero(x), x float32 [N, 4], y int64 [2, K]: the output's shape depends on the
+    input's values."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("NonZero", ["x"], ["y"])],
+        "nonzero",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.INT64, [2, "K"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
 def make_misbehaving_model(path: Path, seed: int, kind: str) -> Path:
     """A model that passes its golden vectors (batch 1) but misbehaves on real requests.
 

@@ -11,12 +11,9 @@ import os
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from agent.client import InferenceClient
 from agent.contracts import TensorSpec
@@ -28,24 +25,9 @@ from agent.server import InferenceServer
 from agent.shm import SharedMemoryRegion
 from tests.agent._model_dir import make_model_dir
 from tests.agent._serving import serving
-from tests.helpers import make_linear_model
+from tests.helpers import make_linear_model, make_nonzero_model
 
 URL = b"/v2/models/linear/infer"
-
-
-def _nonzero_model(path: Path) -> Path:
-    """y = NonZero(x): the output's shape depends on the input's values."""
-    graph = helper.make_graph(
-        [helper.make_node("NonZero", ["x"], ["y"])],
-        "nonzero",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.INT64, [2, "K"])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +39,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, LoadedModel]:
         found[version] = load_model(
             *make_model_dir(base / version, onnx_path, version=version, seed=seed)
         )
-    nonzero = _nonzero_model(base / "nonzero.onnx")
+    nonzero = make_nonzero_model(base / "nonzero.onnx")
     found["nonzero"] = load_model(
         *make_model_dir(
             base / "nonzero",

@@ -15,9 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
 from agent import runtime
 from agent.client import InferenceClient
@@ -30,7 +28,7 @@ from agent.server import InferenceServer
 from agent.shm import SharedMemoryRegion
 from tests.agent._model_dir import make_model_dir
 from tests.agent._serving import serving
-from tests.helpers import make_linear_model, make_misbehaving_model
+from tests.helpers import make_linear_model, make_misbehaving_model, make_nonzero_model
 
 URL = b"/v2/models/linear/infer"
 LARGE = 20000  # rows of 4 floats: a 320 KB body, read into a buffer (not bytes)
@@ -42,20 +40,9 @@ def _linear(base: Path, seed: int = 1, version: str = "1.0.0") -> LoadedModel:
 
 
 def _nonzero(base: Path) -> LoadedModel:
-    """y = NonZero(x): the output's shape depends on the input's values."""
-    graph = helper.make_graph(
-        [helper.make_node("NonZero", ["x"], ["y"])],
-        "nonzero",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.INT64, [2, "K"])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(base / "nonzero.onnx"))
     outputs = (TensorSpec("y", "INT64", (2, -1)),)
-    return load_model(
-        *make_model_dir(base / "nz", base / "nonzero.onnx", name="nonzero", outputs=outputs)
-    )
+    onnx_path = make_nonzero_model(base / "nonzero.onnx")
+    return load_model(*make_model_dir(base / "nz", onnx_path, name="nonzero", outputs=outputs))
 
 
 @pytest.fixture
