@@ -34,8 +34,8 @@ Invariants:
 - A QoS 1 message is acknowledged only after the transaction holding it committed, or
   when it is rejected for good (it does not parse); so a message this process received
   but did not store is sent again by the broker, never lost. Redelivery may repeat a
-  stored message: events are stored once (the store's key), status and heartbeat
-  figures only move forward (controller.store).
+  stored message: events and heartbeats are stored once (the store's keys), status and
+  heartbeat figures only move forward (controller.store).
 - Acknowledgements go out in the order the messages arrived, and only on the connection
   that delivered them (a packet id means nothing on the next one; the broker sends
   what was not acknowledged again there).
@@ -120,6 +120,7 @@ def add_to_batch(batch: IngestBatch, message: Message, received_at: float) -> No
 # The store's integer columns are 32-bit on PostgreSQL: a larger count must be refused
 # here, or one device's heartbeat would fail the whole batch's transaction.
 _MAX_COUNT: Final = 2**31 - 1
+_MAX_SEQ: Final = 2**63 - 1  # BIGINT
 _SYSTEM_NUMBERS: Final = ("cpu_percent", "load_1m", "temperature_c")
 _SYSTEM_INTEGERS: Final = ("disk_free_bytes", "memory_total_bytes", "memory_used_bytes")
 
@@ -130,7 +131,8 @@ def parse_heartbeat(fleet: str, device: str, raw: bytes) -> HeartbeatFacts:
     Accepts what ``agent.contracts.parse_telemetry`` accepts and yields the same figures
     (tests/controller/test_ingest_hot_path.py holds them side by side), except that it
     also refuses what a store cannot hold: JSON that is not UTF-8, NaN or infinite
-    numbers, lone surrogates, NUL characters in stored text and counts beyond 2**31-1.
+    numbers, lone surrogates, NUL characters in stored text, counts beyond 2**31-1 and a
+    ``seq`` beyond 2**63-1.
     The topic's names must be valid (``check_name``) and the payload must name the same
     fleet and device. Raises PayloadError naming the field.
     """
@@ -147,8 +149,9 @@ def parse_heartbeat(fleet: str, device: str, raw: bytes) -> HeartbeatFacts:
             f"telemetry: payload names {doc.get('fleet')!r}/{doc.get('device')!r} but "
             f"arrived on the topic of {fleet}/{device}"
         )
-    if type(doc.get("at")) is not str:
-        raise PayloadError(f"telemetry: field 'at' expected str, got {doc.get('at')!r}")
+    at = doc.get("at")
+    if type(at) is not str:
+        raise PayloadError(f"telemetry: field 'at' expected str, got {at!r}")
     interval = doc.get("interval_s")
     if not isinstance(interval, int | float):  # bool too, as parse_telemetry does
         raise PayloadError(f"telemetry: field 'interval_s' expected a number, got {interval!r}")
@@ -168,6 +171,8 @@ def parse_heartbeat(fleet: str, device: str, raw: bytes) -> HeartbeatFacts:
         _count(outbox.get("pending"), "outbox.pending"),
         _count(outbox.get("dropped"), "outbox.dropped"),
         tuple(_model(name, entry) for name, entry in sorted(models.items())),
+        _text(at, "at"),
+        _count(doc.get("seq"), "seq", _MAX_SEQ),
     )
 
 
@@ -200,12 +205,12 @@ def _model(name: str, entry: Any) -> ModelFacts:
     )
 
 
-def _count(value: Any, what: str) -> int:
+def _count(value: Any, what: str, limit: int = _MAX_COUNT) -> int:
     """An integer field of the contract (0 when absent or not an integer)."""
     if type(value) is not int:
         return 0
-    if not -_MAX_COUNT <= value <= _MAX_COUNT:
-        raise PayloadError(f"telemetry: {what} expected at most {_MAX_COUNT:,}, got {value}")
+    if not -limit <= value <= limit:
+        raise PayloadError(f"telemetry: {what} expected at most {limit:,}, got {value}")
     return value
 
 

@@ -9,7 +9,10 @@ share it; anything else is a SQLite file in WAL mode.
 
 Invariants:
 - ``write`` stores one batch in one transaction; events are keyed on
-  (fleet, device, stream, seq) and a duplicate (at-least-once delivery) is ignored.
+  (fleet, device, stream, seq) and heartbeats on (fleet, device, at, seq), the time and
+  number the agent gave them: a duplicate (at-least-once delivery) is ignored.
+  A heartbeat without ``at`` (``HeartbeatFacts`` built by hand) has no key and is
+  always added; so are the rows of a database made before heartbeats had a key.
 - Figures only move forward: a heartbeat or status older than what is stored does not
   overwrite it (two workers may store a device's messages out of order).
 - Rows are written in key order, so concurrent writers on PostgreSQL cannot deadlock.
@@ -46,7 +49,11 @@ ModelFacts = tuple[str, str | None, str, int, int, int, float | None]
 
 class HeartbeatFacts(NamedTuple):
     """What the store keeps of a heartbeat: the ingest hot path builds this straight from
-    the decoded JSON (controller.ingest), without the contract's dataclasses."""
+    the decoded JSON (controller.ingest), without the contract's dataclasses.
+
+    ``at`` and ``seq`` (the agent's time and number of the heartbeat) identify it: a
+    redelivered copy with the same pair adds no history row. ``at`` None: no identity.
+    """
 
     fleet: str
     device: str
@@ -56,6 +63,8 @@ class HeartbeatFacts(NamedTuple):
     outbox_pending: int
     outbox_dropped: int
     models: tuple[ModelFacts, ...]  # sorted by name
+    at: str | None = None
+    seq: int = 0
 
 
 def heartbeat_facts(beat: Heartbeat) -> HeartbeatFacts:
@@ -72,6 +81,8 @@ def heartbeat_facts(beat: Heartbeat) -> HeartbeatFacts:
             (name, m.version, m.state, m.requests, m.errors, m.client_errors, m.p99_s)
             for name, m in sorted(beat.models.items())
         ),
+        beat.at,
+        beat.seq,
     )
 
 
@@ -195,7 +206,8 @@ DDL: Final = (
         PRIMARY KEY (fleet, device, model))""",
     """CREATE TABLE IF NOT EXISTS heartbeats (
         id {serial}, fleet TEXT NOT NULL, device TEXT NOT NULL,
-        received_at DOUBLE PRECISION NOT NULL, payload TEXT NOT NULL)""",
+        received_at DOUBLE PRECISION NOT NULL, payload TEXT NOT NULL,
+        at TEXT, seq BIGINT)""",
     "CREATE INDEX IF NOT EXISTS heartbeats_device ON heartbeats (device, received_at)",
     "CREATE INDEX IF NOT EXISTS heartbeats_received ON heartbeats (received_at)",
     """CREATE TABLE IF NOT EXISTS events (
@@ -207,9 +219,18 @@ DDL: Final = (
     "CREATE INDEX IF NOT EXISTS events_device ON events (device, id)",
 )
 
-_HEARTBEAT_INSERT: Final = (
-    "INSERT INTO heartbeats (fleet, device, received_at, payload) VALUES (?, ?, ?, ?)"
+# Created after MIGRATIONS: a table made before then lacks the columns. Rows that were
+# there have no key (NULL, never equal), so duplicates stored before cannot fail it.
+HEARTBEAT_KEY: Final = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS heartbeats_key ON heartbeats (fleet, device, at, seq)"
 )
+# Columns added since the first release: (table, column, type), added when missing.
+MIGRATIONS: Final = (("heartbeats", "at", "TEXT"), ("heartbeats", "seq", "BIGINT"))
+
+_HEARTBEAT_INSERT: Final = """
+INSERT INTO heartbeats (fleet, device, received_at, payload, at, seq) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT (fleet, device, at, seq) DO NOTHING
+"""
 _DEVICE_FROM_HEARTBEAT: Final = """
 INSERT INTO devices (fleet, device, last_seen, last_heartbeat, agent_version, interval_s,
                      system, outbox_pending, outbox_dropped)
@@ -304,7 +325,7 @@ def _heartbeat_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
     latest: dict[tuple[str, str], tuple[HeartbeatFacts, float]] = {}
     for facts, received, payload in beats:
         key = (facts.fleet, facts.device)
-        history.append((key[0], key[1], received, payload))
+        history.append((key[0], key[1], received, payload, facts.at, facts.seq))
         known = latest.get(key)
         if known is None or known[1] <= received:
             latest[key] = (facts, received)
@@ -324,6 +345,9 @@ def _heartbeat_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
             )
         )
         models += [(fleet, device, *model, received, received) for model in facts.models]
+    # In key order, as the other rows: two workers given the same redelivered heartbeats
+    # then wait for each other on the unique key instead of deadlocking.
+    history.sort(key=lambda row: (row[0], row[1], row[4] or "", row[5]))
     return {"history": history, "devices": devices, "models": models}
 
 
@@ -385,6 +409,7 @@ class TelemetryStore(ABC):
     placeholder = "?"
     greatest = "max"
     serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
+    add_column = "ADD COLUMN"
 
     def __init__(self) -> None:
         self._write_lock = threading.Lock()
@@ -413,6 +438,17 @@ class TelemetryStore(ABC):
         with self._writer() as cur:
             for statement in DDL:
                 cur.execute(self._sql(statement))
+            self._migrate(cur)
+            cur.execute(HEARTBEAT_KEY)
+
+    def _migrate(self, cur: Any) -> None:
+        """Add the columns a store created by an earlier release lacks (``MIGRATIONS``)."""
+        for table in sorted({table for table, _c, _t in MIGRATIONS}):
+            cur.execute(f"SELECT * FROM {table} WHERE 1 = 0")
+            have = {column[0] for column in cur.description}
+            for name, column, kind in MIGRATIONS:
+                if name == table and column not in have:
+                    cur.execute(f"ALTER TABLE {table} {self.add_column} {column} {kind}")
 
     def write(self, batch: IngestBatch) -> int:
         """Store one batch in one transaction; return the rows it added or changed."""

@@ -22,6 +22,8 @@ class PostgresStore(TelemetryStore):
     placeholder = "%s"
     greatest = "GREATEST"
     serial = "BIGSERIAL PRIMARY KEY"
+    # Another worker may add the column between our look and our ALTER.
+    add_column = "ADD COLUMN IF NOT EXISTS"
 
     def __init__(self, dsn: str) -> None:
         super().__init__()

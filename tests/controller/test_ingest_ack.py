@@ -13,14 +13,18 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.contracts import device_topic
 from controller.ingest import Ingestor, IngestSettings
 from controller.store import IngestBatch, TelemetryStore, is_postgres, open_store
 from controller.store_postgres import PostgresStore
 from controller.store_sqlite import SqliteStore
 from tests.controller.test_ingest import Device, stored_seqs
-from tests.controller.test_store_support import fresh_pg_schema
+from tests.controller.test_ingest_hot_path import good_payload
+from tests.controller.test_store_support import store_location
 from tests.e2e_support import wait_until
 from tests.helpers import Broker
 
@@ -29,8 +33,8 @@ CLIENT_ID = "ingest-ack"
 
 class _Failing:
     """A store's ``write`` that fails while ``failing`` is set. With ``commit_first`` it
-    commits a batch and then fails if the batch holds events, as a process killed
-    between the commit and the PUBACKs would."""
+    commits a batch and then fails if the batch holds events or heartbeats, as a process
+    killed between the commit and the PUBACKs would."""
 
     def setup_failure(self, commit_first: bool) -> None:
         self.failing = threading.Event()
@@ -42,7 +46,7 @@ class _Failing:
         self.attempts += 1
         if self.commit_first:
             stored = int(super().write(batch))  # type: ignore[misc]
-            if self.failing.is_set() and batch.events:
+            if self.failing.is_set() and (batch.events or batch.heartbeat_facts):
                 raise sqlite3.OperationalError("disk I/O error")
             return stored
         if self.failing.is_set():
@@ -61,11 +65,8 @@ class FailingPostgresStore(_Failing, PostgresStore):
 @pytest.fixture(params=["sqlite", "postgres"])
 def location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """Where the telemetry store lives: a SQLite file or a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield str(tmp_path / "telemetry.sqlite")
-    else:
-        with fresh_pg_schema() as dsn:
-            yield dsn
+    with store_location(request.param, tmp_path) as where:
+        yield where
 
 
 def failing_store(location: str, commit_first: bool = False) -> _Failing:
@@ -181,4 +182,43 @@ def test_events_stored_but_not_acknowledged_come_again_and_are_stored_once(
             working.close()
     finally:
         device.close()
+        first.stop()
+
+
+def test_heartbeats_stored_but_not_acknowledged_come_again_and_are_stored_once(
+    broker: Broker, location: str
+) -> None:
+    """QoS 1 heartbeats (``heartbeat_qos = 1``): the broker sends them again, and the
+    failing store's retries commit them again too; each adds one history row."""
+    store = failing_store(location, commit_first=True)
+    assert isinstance(store, TelemetryStore)
+    first = start_ingest(broker, store)
+    publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="beats-qos1")
+    publisher.connect(broker.host, broker.port)
+    publisher.loop_start()
+    try:
+        infos = [
+            publisher.publish(device_topic("lab", f"d{i}", "telemetry"), good_payload(f"d{i}"), 1)
+            for i in range(50)
+        ]
+        for info in infos:
+            info.wait_for_publish(timeout=10)
+        wait_until(lambda: store.attempts >= 3, 20, "the committed batch to be retried")
+        wait_until(lambda: first.unacknowledged >= 50, 10, "the heartbeats unacknowledged")
+        first.stop()
+        store.close()
+
+        working = open_store(location)
+        second = start_ingest(broker, working)
+        try:
+            wait_until(lambda: second.counts["heartbeats"] >= 50, 30, "the beats to come again")
+            wait_until(lambda: second.unacknowledged == 0, 10, "the acknowledgements")
+            assert working.count("heartbeats") == 50
+            assert [len(working.heartbeats(f"d{i}")) for i in range(50)] == [1] * 50
+        finally:
+            second.stop()
+            working.close()
+    finally:
+        publisher.loop_stop()
+        publisher.disconnect()
         first.stop()

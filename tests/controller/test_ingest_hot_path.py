@@ -114,6 +114,7 @@ _top_fields = {
     "device": st.sampled_from([DEVICE, "cam-2", 7]),
     "fleet": st.sampled_from([FLEET, "north"]),
     "at": st.one_of(_text, st.integers()),
+    "seq": st.one_of(_scalar, st.integers(-(2**63) + 1, 2**63 - 1)),
     "interval_s": _scalar,
     "agent_version": _value,
     "system": _value,
@@ -153,6 +154,7 @@ def test_a_real_heartbeat_is_accepted_with_its_figures() -> None:
     assert kind == "ok"
     assert facts.models == (("resnet", "1.4.0", "committed", 200, 1, 0, 0.02),)
     assert facts.system["cpu_percent"] == 12.5 and facts.system["temperature_c"] is None
+    assert (facts.at, facts.seq) == ("2026-01-01T00:00:00.000Z", 3)  # what identifies it
 
 
 @pytest.mark.parametrize(
@@ -165,6 +167,8 @@ def test_a_real_heartbeat_is_accepted_with_its_figures() -> None:
         (good_payload().replace(b'"1.4.0"', b'"\\ud800"'), "not valid JSON"),
         (good_payload().replace(b'"1.4.0"', b'"1.4\\u0000"'), "NUL"),
         (good_payload(requests=2**40), "requests expected at most"),
+        (good_payload().replace(b'"seq":3', b'"seq":%d' % 2**63), "seq expected at most"),
+        (good_payload().replace(b'"at":"', b'"at":"\\u0000'), "at holds a NUL"),
         (good_payload(device="cam-2"), "arrived on the topic of lab/cam-1"),
         (good_payload().replace(b'"models":{', b'"modelz":{'), "'models' expected an object"),
     ],

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from agent.contracts import Event, Heartbeat, ModelFigures, Status, SystemFigures
+from agent.contracts import (
+    Event,
+    Heartbeat,
+    ModelFigures,
+    Status,
+    SystemFigures,
+    telemetry_payload,
+)
 from controller.fleet import StalePolicy, health, render_fleet_table, render_metrics
-from controller.store import DeviceRow, IngestBatch, TelemetryStore
-from tests.controller.test_store_support import store_for
+from controller.store import DeviceRow, IngestBatch, TelemetryStore, is_postgres, open_store
+from tests.controller.test_store_support import store_for, store_location
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -19,12 +28,14 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TelemetryS
         yield s
 
 
-def beat(device: str, requests: int, version: str = "1.0.0", fleet: str = "lab") -> Heartbeat:
+def beat(
+    device: str, requests: int, version: str = "1.0.0", fleet: str = "lab", seq: int = 1
+) -> Heartbeat:
     return Heartbeat(
         device=device,
         fleet=fleet,
-        at="2026-01-01T00:00:00Z",
-        seq=1,
+        at=f"2026-01-01T00:00:{seq:02}Z",
+        seq=seq,
         interval_s=10.0,
         agent_version="0.1.0",
         uptime_s=5.0,
@@ -79,12 +90,70 @@ def test_duplicate_events_are_stored_once_and_new_streams_are_kept(store: Teleme
 
 
 def test_an_older_heartbeat_does_not_overwrite_a_newer_one(store: TelemetryStore) -> None:
-    store.write(IngestBatch(heartbeats=[(beat("d1", 50, "2.0.0"), 200.0)]))
-    store.write(IngestBatch(heartbeats=[(beat("d1", 5, "1.0.0"), 150.0)]))
+    store.write(IngestBatch(heartbeats=[(beat("d1", 50, "2.0.0", seq=2), 200.0)]))
+    store.write(IngestBatch(heartbeats=[(beat("d1", 5, "1.0.0", seq=1), 150.0)]))
     (device,) = store.devices()
     assert device.last_seen == 200.0
     assert (device.models[0].version, device.models[0].requests) == ("2.0.0", 50)
     assert store.count("heartbeats") == 2  # history keeps both
+
+
+def test_a_redelivered_heartbeat_adds_one_history_row(store: TelemetryStore) -> None:
+    # The broker sends a QoS 1 heartbeat again when its acknowledgement was lost: same
+    # device, same at and seq, received later, in the same batch or a later one.
+    store.write(IngestBatch(heartbeats=[(beat("d1", 7), 100.0), (beat("d1", 7), 100.5)]))
+    store.write(IngestBatch(heartbeats=[(beat("d1", 7), 101.0), (beat("d2", 7), 101.0)]))
+    assert [b.payload["seq"] for b in store.heartbeats("d1")] == [1]
+    assert store.count("heartbeats") == 2
+    # After a restart the agent counts from 1 again, at another time: a new heartbeat.
+    restarted = Heartbeat(**{**beat("d1", 3).__dict__, "at": "2026-01-02T00:00:00Z"})
+    store.write(IngestBatch(heartbeats=[(restarted, 200.0)]))
+    assert [b.payload["at"][:10] for b in store.heartbeats("d1")] == ["2026-01-01", "2026-01-02"]
+
+
+# The heartbeats table as the first release created it: no at, no seq, no key.
+_FIRST_HEARTBEATS = (
+    "CREATE TABLE heartbeats (id {serial}, fleet TEXT NOT NULL, device TEXT NOT NULL, "
+    "received_at DOUBLE PRECISION NOT NULL, payload TEXT NOT NULL)"
+)
+
+
+def _make_first_release_store(location: str, duplicates: int) -> None:
+    """A store as the first release left it, holding ``duplicates`` copies of one beat."""
+    payload = telemetry_payload(beat("d1", 7)).decode()
+    rows = [("lab", "d1", 100.0 + i, payload) for i in range(duplicates)]
+    insert = "INSERT INTO heartbeats (fleet, device, received_at, payload) VALUES "
+    if is_postgres(location):
+        import psycopg
+
+        with psycopg.connect(location, autocommit=True) as pg:
+            pg.execute(_FIRST_HEARTBEATS.format(serial="BIGSERIAL PRIMARY KEY"))
+            pg.cursor().executemany(insert + "(%s, %s, %s, %s)", rows)
+        return
+    with closing(sqlite3.connect(location)) as lite, lite:
+        lite.execute(_FIRST_HEARTBEATS.format(serial="INTEGER PRIMARY KEY AUTOINCREMENT"))
+        lite.executemany(insert + "(?, ?, ?, ?)", rows)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_store_of_the_first_release_holding_duplicates_is_upgraded(
+    tmp_path: Path, backend: str
+) -> None:
+    with store_location(backend, tmp_path) as location:
+        _make_first_release_store(location, duplicates=2)
+        # The rows stored before have no key: both kept, and the same heartbeat once more
+        # (its first keyed copy); the second start finds the store upgraded.
+        for start, expected in ((1, [2, 3, 3, 4]), (2, [4, 4, 4, 4])):
+            store = open_store(location)
+            try:
+                counts = [store.count("heartbeats")]
+                for received in (200.0, 300.0):
+                    store.write(IngestBatch(heartbeats=[(beat("d1", 7), received + start)]))
+                    counts.append(store.count("heartbeats"))
+                store.write(IngestBatch(heartbeats=[(beat("d1", 8, seq=2), 400.0 + start)]))
+                assert [*counts, store.count("heartbeats")] == expected
+            finally:
+                store.close()
 
 
 def test_the_last_will_says_offline_and_keeps_the_versions(store: TelemetryStore) -> None:
@@ -107,7 +176,7 @@ def test_filters_by_fleet_and_model(store: TelemetryStore) -> None:
 
 
 def test_old_heartbeats_are_pruned(store: TelemetryStore) -> None:
-    store.write(IngestBatch(heartbeats=[(beat("d1", 1), 100.0), (beat("d1", 2), 200.0)]))
+    store.write(IngestBatch(heartbeats=[(beat("d1", 1), 100.0), (beat("d1", 2, seq=2), 200.0)]))
     assert store.prune_heartbeats(150.0) == 1
     assert [b.received_at for b in store.heartbeats("d1")] == [200.0]
 

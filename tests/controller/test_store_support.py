@@ -49,17 +49,21 @@ def fresh_pg_schema() -> Iterator[str]:
 
 
 @contextmanager
-def store_for(backend: str, tmp_path: Path) -> Iterator[TelemetryStore]:
-    """An empty store of ``backend`` (``sqlite`` or ``postgres``), closed afterwards."""
+def store_location(backend: str, tmp_path: Path) -> Iterator[str]:
+    """Where an empty store of ``backend`` (``sqlite`` or ``postgres``) can be opened: a
+    file under ``tmp_path``, or a fresh PostgreSQL schema (dropped afterwards)."""
     if backend == "sqlite":
-        store = open_store(str(tmp_path / "telemetry.sqlite"))
-        try:
-            yield store
-        finally:
-            store.close()
+        yield str(tmp_path / "telemetry.sqlite")
         return
     with fresh_pg_schema() as dsn:
-        store = open_store(dsn)
+        yield dsn
+
+
+@contextmanager
+def store_for(backend: str, tmp_path: Path) -> Iterator[TelemetryStore]:
+    """An empty store of ``backend`` (``sqlite`` or ``postgres``), closed afterwards."""
+    with store_location(backend, tmp_path) as location:
+        store = open_store(location)
         try:
             yield store
         finally:
