@@ -56,6 +56,7 @@ from agent.config import AgentConfig, parse_config
 from agent.contracts import InvalidNameError, check_name
 from agent.errors import AgentError, ConfigError, UntrustedInputError
 from agent.fsutil import atomic_write
+from agent.tls_identity import is_key_of
 
 logger = logging.getLogger(__name__)
 
@@ -253,10 +254,7 @@ def _check_identity(files: dict[str, bytes], key_pem: bytes, device_id: str) -> 
         raise EnrollmentError(
             f"{DEVICE_CERT} is for {common_name!r}, expected the device id {device_id!r}"
         )
-    public = serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(
-        serialization.Encoding.DER, public
-    ) != cert.public_key().public_bytes(serialization.Encoding.DER, public):
+    if not is_key_of(key, cert):
         if DEVICE_KEY in files:
             raise EnrollmentError(f"{DEVICE_KEY} does not belong to {DEVICE_CERT}")
         raise EnrollmentError(

@@ -15,7 +15,8 @@ once: a PUBACK lost with the connection makes the event go again, with the same
 With ``[mqtt] tls`` the link speaks TLS (1.2 or later), verifies the broker against
 ``ca_file`` and its host name, and presents the device's client certificate; the broker
 takes the certificate's CN (the device id) as the identity its ACL checks. Missing or
-unreadable TLS files are a ``ConfigError`` at construction, before anything connects.
+unreadable TLS files, and a key that is not its certificate's, are a ``ConfigError`` at
+construction, before anything connects (``agent.tls_identity``).
 
 Callbacks run on paho's network thread; ``on_announce`` must be thread-safe.
 """
@@ -41,6 +42,7 @@ from agent.config import AgentConfig
 from agent.contracts import ANNOUNCE_SCHEMA, announce_topic, device_topic, status_payload
 from agent.errors import ConfigError
 from agent.outbox import Outbox
+from agent.tls_identity import resolve_tls_files
 
 logger = logging.getLogger(__name__)
 
@@ -55,22 +57,21 @@ def _now() -> str:
 
 def tls_context(config: AgentConfig, environ: Mapping[str, str]) -> ssl.SSLContext:
     """The client TLS context of ``[mqtt]``; raises ConfigError naming the file at fault."""
-    mqtt_cfg = config.mqtt
-    key_path = mqtt_cfg.tls_key_path(environ)
+    files = resolve_tls_files(config.mqtt, environ)  # the key is its certificate's
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        context.load_verify_locations(cafile=str(mqtt_cfg.ca_file))
+        context.load_verify_locations(cafile=str(files.ca_file))
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(
-            f"config key 'mqtt.ca_file': cannot load {mqtt_cfg.ca_file}: {exc}"
+            f"config key 'mqtt.ca_file': cannot load {files.ca_file}: {exc}"
         ) from None
     try:
-        context.load_cert_chain(certfile=str(mqtt_cfg.cert_file), keyfile=str(key_path))
+        context.load_cert_chain(certfile=str(files.cert_file), keyfile=str(files.key_file))
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(
-            f"config keys 'mqtt.cert_file'/'mqtt.key_file': cannot load {mqtt_cfg.cert_file} "
-            f"with key {key_path}: {exc} (enroll with `edge-agent enroll enroll.tar`)"
+            f"config keys 'mqtt.cert_file'/'mqtt.key_file': cannot load {files.cert_file} "
+            f"with key {files.key_file}: {exc} (enroll with `edge-agent enroll enroll.tar`)"
         ) from None
     return context
 
