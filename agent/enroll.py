@@ -27,11 +27,13 @@ by root when enroll runs as root. The key stays root-only on disk; the systemd u
 it to the sandboxed agent with ``LoadCredential=device.key:...`` (see
 ``[mqtt] key_credential``).
 
-Invariants: nothing is written unless the whole archive checks out (members, sizes,
+Invariants: nothing of an archive is written unless it checks out (members, sizes,
 the config parses, the certificate names this device and matches the key, from the
-archive or already installed, the root is TUF root metadata). Each file is replaced
-atomically; a config already there for another device is not replaced without
-``force``. ``request_enrollment`` never replaces a key without ``force``.
+archive or already installed, the root is TUF root metadata). The files are replaced
+as one set (``agent.enroll_install``): after an interruption the folder holds the old
+set or the new one, or the next enroll completes the new one (the agent meanwhile uses
+the certificate that matches its key). A config already there for another device is not
+replaced without ``force``. ``request_enrollment`` never replaces a key without ``force``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from cryptography.x509.oid import NameOID
 
 from agent.config import AgentConfig, parse_config
 from agent.contracts import InvalidNameError, check_name
+from agent.enroll_install import StepHook, install_files, recover
 from agent.errors import AgentError, ConfigError, UntrustedInputError
 from agent.fsutil import atomic_write
 from agent.tls_identity import is_key_of
@@ -74,6 +77,7 @@ REQUIRED_MEMBERS: Final = tuple(m for m in MEMBERS if m not in OPTIONAL_MEMBERS)
 SECRET_MEMBERS: Final = frozenset({DEVICE_KEY})
 MAX_MEMBER_BYTES: Final = 1024 * 1024
 DEFAULT_CONFIG_DIR: Final = Path("/etc/edge-agent")
+INSTALL_ORDER: Final = (DEVICE_KEY, DEVICE_CERT, CA_CERT, ROOT, INFO, CONFIG)
 
 
 class EnrollmentError(UntrustedInputError):
@@ -146,12 +150,19 @@ def read_enrollment(data: bytes, config_dir: Path = DEFAULT_CONFIG_DIR) -> Enrol
 
 
 def install_enrollment(
-    enrollment: Enrollment, config_dir: Path = DEFAULT_CONFIG_DIR, *, force: bool = False
+    enrollment: Enrollment,
+    config_dir: Path = DEFAULT_CONFIG_DIR,
+    *,
+    force: bool = False,
+    after_step: StepHook | None = None,
 ) -> list[Path]:
-    """Write the archive's files into ``config_dir``; return the paths written.
+    """Write the archive's files into ``config_dir`` as one set (``agent.enroll_install``);
+    return the paths written. ``after_step`` is for tests that interrupt the install.
 
     Raises EnrollmentError when ``config_dir`` already holds another device's config and
-    ``force`` is not set; OSError when the folder cannot be written.
+    ``force`` is not set; AgentError when an interrupted install is pending (call
+    ``agent.enroll_install.recover`` before :func:`read_enrollment`, as
+    :func:`enroll_from_file` does); OSError when the folder cannot be written.
     """
     existing = config_dir / CONFIG
     if existing.exists() and not force:
@@ -166,19 +177,11 @@ def install_enrollment(
             )
     config_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(config_dir, 0o755)
-    as_root = os.geteuid() == 0
-    written = []
-    # The key first and the config last: a config is never there without its files.
-    # Without a key in the archive the one already here (checked to match) stays as is.
-    for name in (DEVICE_KEY, DEVICE_CERT, CA_CERT, ROOT, INFO, CONFIG):
-        if name not in enrollment.files:
-            continue
-        path = config_dir / name
-        atomic_write(path, enrollment.files[name], mode=member_mode(name))
-        if as_root:
-            os.chown(path, 0, 0)
-        written.append(path)
-    return written
+    # The key first (after it every file still staged is one the agent may read) and the
+    # config last. Without a key in the archive the one here (checked to match) stays.
+    return install_files(
+        config_dir, enrollment.files, INSTALL_ORDER, member_mode, after_step=after_step
+    )
 
 
 # ------------------------------------------------------------------ checks
@@ -283,16 +286,24 @@ def _check_root(raw: bytes) -> None:
 def enroll_from_file(
     archive: Path, config_dir: Path = DEFAULT_CONFIG_DIR, *, force: bool = False
 ) -> Enrollment:
-    """Read, check and install ``archive``; raises EnrollmentError or AgentError."""
+    """Complete or discard an interrupted install, then read, check and install
+    ``archive``; raises EnrollmentError or AgentError."""
     try:
         data = archive.read_bytes()
     except OSError as exc:
         raise AgentError(f"cannot read {archive}: {exc.strerror}") from None
-    enrollment = read_enrollment(data, config_dir)
     try:
+        # First: the archive is checked against the folder, which an interrupted install
+        # may be about to change (the key, the config).
+        if config_dir.is_dir():
+            recover(config_dir)
+        enrollment = read_enrollment(data, config_dir)
         install_enrollment(enrollment, config_dir, force=force)
     except OSError as exc:
-        raise AgentError(f"cannot write {config_dir}: {exc.strerror or exc}") from None
+        raise AgentError(
+            f"cannot write {config_dir}: {exc.strerror or exc} (an install stopped after "
+            "it replaced a file is completed by the next `edge-agent enroll`)"
+        ) from None
     logger.info(
         "enrolled %s in fleet %s under %s", enrollment.device_id, enrollment.fleet, config_dir
     )

@@ -4,7 +4,12 @@ Checked at start, before anything connects: a key that is not its certificate's 
 fail only in the TLS handshake, on every reconnect, with an OpenSSL message. Here it is
 a ConfigError that names both files and what to run.
 
-Invariant: the files returned are a key and a certificate of the same public key.
+An enrollment install interrupted between its renames (``agent.enroll_install``) leaves
+``device.key`` new and ``device.crt`` old. The agent cannot finish it (under systemd
+the config folder is read-only to it), but it can read the journal: the new set's
+certificate, still staged, matches the new key, and is used until the next
+``edge-agent enroll`` completes the install. Invariant: the files returned are a key
+and a certificate of the same public key.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from agent.config import MqttConfig
-from agent.errors import ConfigError
+from agent.enroll_install import PendingInstall, read_pending
+from agent.errors import AgentError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +48,21 @@ def is_key_of(key: PrivateKeyTypes, cert: x509.Certificate) -> bool:
 
 def resolve_tls_files(mqtt: MqttConfig, environ: Mapping[str, str]) -> TlsFiles:
     """The certificate and CA to use with the client key; raises ConfigError when the key
-    or certificate cannot be read, or when the certificate is not the key's.
+    or certificate cannot be read, or when no certificate at hand is the key's.
     """
     key_file = mqtt.tls_key_path(environ)
     key = _load_key(key_file, mqtt.cert_file)
+    pending = _pending(mqtt.cert_file.parent)
+    if pending is not None:
+        new = TlsFiles(_source(pending, mqtt.cert_file), key_file, _source(pending, mqtt.ca_file))
+        if is_key_of(key, _load_cert(new.cert_file, key_file)):
+            logger.warning(
+                "an enrollment install into %s was interrupted: using its new certificate "
+                "%s; `sudo edge-agent enroll ARCHIVE` completes it",
+                pending.config_dir,
+                new.cert_file,
+            )
+            return new
     if not is_key_of(key, _load_cert(mqtt.cert_file, key_file)):
         raise ConfigError(
             f"config keys 'mqtt.cert_file'/'mqtt.key_file': the key {key_file} is not the "
@@ -55,7 +72,28 @@ def resolve_tls_files(mqtt: MqttConfig, environ: Mapping[str, str]) -> TlsFiles:
             "request --force`), make a request for it here (`edge-agent request ID "
             "--reuse-key`), renew with `edgectl device renew ID --csr FILE` and enroll that"
         )
+    if pending is not None:
+        logger.warning(
+            "an enrollment install into %s was interrupted before its key was replaced: "
+            "using the previous certificate %s; `sudo edge-agent enroll ARCHIVE` completes it",
+            pending.config_dir,
+            mqtt.cert_file,
+        )
     return TlsFiles(mqtt.cert_file, key_file, mqtt.ca_file)
+
+
+def _pending(config_dir: Path) -> PendingInstall | None:
+    try:
+        return read_pending(config_dir)
+    except AgentError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _source(pending: PendingInstall, path: Path) -> Path:
+    """Where the pending install's new ``path`` is: staged or in place."""
+    if path.parent == pending.config_dir and path.name in pending.names:
+        return pending.source(path.name)
+    return path
 
 
 def _load_key(path: Path, cert_file: Path) -> PrivateKeyTypes:

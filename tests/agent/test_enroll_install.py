@@ -1,10 +1,15 @@
-"""The agent refuses at start a key that is not its certificate's. Real archives from
-the controller, real files, real keys.
+"""Installing an enrollment as one set: an install killed (SIGKILL, in a real process)
+between its steps is completed or discarded by the next `edge-agent enroll`, and the
+agent meanwhile starts with a certificate that matches its key, or refuses a key that
+matches none. Real archives from the controller, real files, real keys.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -14,14 +19,31 @@ import pytest
 
 from agent.cli import main as agent_main
 from agent.config import load_config
-from agent.enroll import request_enrollment
-from agent.errors import ConfigError
+from agent.enroll import MEMBERS, install_enrollment, read_enrollment, request_enrollment
+from agent.enroll_install import JOURNAL, recover, staged_path
+from agent.errors import AgentError, ConfigError
 from agent.mqtt import tls_context
+from agent.tls_identity import resolve_tls_files
 from controller.devices import add_device, renew_device
 from controller.repository import init_repository
 from tests.controller.enroll_support import OPTIONS, archive_members
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# Installs the archive in a process of its own that SIGKILLs itself after one step.
+KILLED_INSTALL = """
+import os, signal, sys
+from pathlib import Path
+from agent.enroll import install_enrollment, read_enrollment
+
+archive, etc, step = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+
+def crash(name):
+    if name == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+install_enrollment(read_enrollment(archive.read_bytes(), etc), etc, after_step=crash)
+"""
 
 
 @dataclass(frozen=True)
@@ -52,6 +74,120 @@ def renewal(tmp_path: Path, request: pytest.FixtureRequest) -> Renewal:
     assert old["device.key"] != new["device.key"] and old["device.crt"] != new["device.crt"]
     assert (old["ca.crt"] != new["ca.crt"]) == (request.param == "new CA")
     return Renewal(etc, archive, old, new)
+
+
+def _install_killed_after(step: str, r: Renewal) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", KILLED_INSTALL, str(r.archive), str(r.etc), step],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == -signal.SIGKILL, run.stderr
+
+
+def _installed(etc: Path) -> dict[str, bytes]:
+    return {name: (etc / name).read_bytes() for name in MEMBERS}
+
+
+def _leftovers(etc: Path) -> list[str]:
+    return sorted(p.name for p in etc.iterdir() if p.name.startswith("."))
+
+
+def test_an_install_killed_between_key_and_certificate_is_completed_by_the_next_enroll(
+    renewal: Renewal, caplog: pytest.LogCaptureFixture
+) -> None:
+    _install_killed_after("device.key", renewal)
+    assert (renewal.etc / "device.key").read_bytes() == renewal.new["device.key"]
+    assert (renewal.etc / "device.crt").read_bytes() == renewal.old["device.crt"]  # no pair
+    assert (renewal.etc / JOURNAL).exists()
+
+    with caplog.at_level(logging.WARNING, logger="agent.enroll_install"):
+        assert agent_main(["enroll", str(renewal.archive), "--config-dir", str(renewal.etc)]) == 0
+    assert "completed an install" in caplog.text and "device.crt" in caplog.text
+    assert _installed(renewal.etc) == renewal.new
+    assert _leftovers(renewal.etc) == []
+
+
+def test_an_install_over_a_pending_one_is_refused_until_it_is_recovered(
+    renewal: Renewal,
+) -> None:
+    _install_killed_after("journal", renewal)  # the old key in place, the new one staged
+    with pytest.raises(AgentError, match="was interrupted and is pending"):
+        install_enrollment(read_enrollment(renewal.archive.read_bytes(), renewal.etc), renewal.etc)
+    assert _installed(renewal.etc) == renewal.old
+    assert (renewal.etc / JOURNAL).exists()
+
+
+@pytest.mark.parametrize(
+    ("step", "left"),
+    [
+        ("staged", "old"),  # killed before its journal: discarded
+        ("journal", "new"),  # after it: completed, whatever was renamed
+        ("device.key", "new"),
+        ("device.crt", "new"),
+        ("enroll.json", "new"),
+    ],
+)
+def test_recover_leaves_one_whole_set_after_a_kill_at_any_step(
+    renewal: Renewal, step: str, left: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _install_killed_after(step, renewal)
+    assert staged_path(renewal.etc, "agent.toml").exists()  # the kill was mid-install
+
+    with caplog.at_level(logging.WARNING, logger="agent.enroll_install"):
+        recover(renewal.etc)
+    assert _installed(renewal.etc) == getattr(renewal, left)
+    assert _leftovers(renewal.etc) == []
+    said = "before its journal was written" if left == "old" else "completed an install"
+    assert said in caplog.text
+
+
+def test_staged_files_have_their_modes_whatever_the_umask(renewal: Renewal) -> None:
+    old = os.umask(0o077)  # root's umask on some devices; the agent must read device.crt
+    try:
+        _install_killed_after("staged", renewal)
+    finally:
+        os.umask(old)
+    assert staged_path(renewal.etc, "device.key").read_bytes() == renewal.new["device.key"]
+    assert os.stat(staged_path(renewal.etc, "device.key")).st_mode & 0o777 == 0o600
+    assert os.stat(staged_path(renewal.etc, "device.crt")).st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize(
+    ("step", "uses"),
+    [
+        ("staged", "old"),  # nothing decided: the old set, no journal
+        ("journal", "old"),  # decided, nothing renamed: the old key is the old cert's
+        ("device.key", "staged"),  # the new key, its certificate still staged
+        ("device.crt", "new"),  # the new pair in place
+    ],
+)
+def test_the_agent_starts_with_the_certificate_of_its_key_after_an_interrupted_install(
+    renewal: Renewal, tmp_path: Path, step: str, uses: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _install_killed_after(step, renewal)
+    # As under systemd: the key is a credential copied from device.key at start.
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    shutil.copy(renewal.etc / "device.key", credentials / "device.key")
+    config = load_config(renewal.etc / "agent.toml", environ={})
+    environ = {"CREDENTIALS_DIRECTORY": str(credentials)}
+
+    with caplog.at_level(logging.WARNING, logger="agent.tls_identity"):
+        files = resolve_tls_files(config.mqtt, environ)
+        tls_context(config, environ)  # loads them: the pair matches
+    expected = {
+        "old": renewal.etc / "device.crt",
+        "staged": staged_path(renewal.etc, "device.crt"),
+        "new": renewal.etc / "device.crt",
+    }[uses]
+    assert files.cert_file == expected
+    assert files.key_file == credentials / "device.key"
+    key = "new" if uses != "old" else "old"
+    assert files.cert_file.read_bytes() == getattr(renewal, key)["device.crt"]
+    assert files.ca_file.read_bytes() == getattr(renewal, key)["ca.crt"]
+    assert ("was interrupted" in caplog.text) == (step != "staged")
 
 
 def test_the_agent_refuses_a_key_that_is_not_its_certificates(renewal: Renewal) -> None:
