@@ -11,8 +11,9 @@ Invariants:
 - ``write`` stores one batch in one transaction; events are keyed on
   (fleet, device, stream, seq) and heartbeats on (fleet, device, at, seq), the time and
   number the agent gave them: a duplicate (at-least-once delivery) is ignored.
-  A heartbeat without ``at`` (``HeartbeatFacts`` built by hand) has no key and is
-  always added; so are the rows of a database made before heartbeats had a key.
+  A heartbeat without both (an empty ``at``, no ``seq`` of 1 or more: not from our
+  agent) has no key and is always added, so that a device whose ``at`` never changes
+  cannot stop its own history; so are the rows of a database made before the key.
 - Figures only move forward: a heartbeat or status older than what is stored does not
   overwrite it (two workers may store a device's messages out of order).
 - Rows are written in key order, so concurrent writers on PostgreSQL cannot deadlock.
@@ -52,7 +53,8 @@ class HeartbeatFacts(NamedTuple):
     the decoded JSON (controller.ingest), without the contract's dataclasses.
 
     ``at`` and ``seq`` (the agent's time and number of the heartbeat) identify it: a
-    redelivered copy with the same pair adds no history row. ``at`` None: no identity.
+    redelivered copy with the same pair adds no history row. Without a non-empty ``at``
+    and a ``seq`` of 1 or more it has no identity (``identity`` is None).
     """
 
     fleet: str
@@ -65,6 +67,11 @@ class HeartbeatFacts(NamedTuple):
     models: tuple[ModelFacts, ...]  # sorted by name
     at: str | None = None
     seq: int = 0
+
+    @property
+    def identity(self) -> tuple[str, int] | None:
+        """(at, seq), the history's key, or None when the heartbeat has none."""
+        return (self.at, self.seq) if self.at and self.seq > 0 else None
 
 
 def heartbeat_facts(beat: Heartbeat) -> HeartbeatFacts:
@@ -325,7 +332,8 @@ def _heartbeat_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
     latest: dict[tuple[str, str], tuple[HeartbeatFacts, float]] = {}
     for facts, received, payload in beats:
         key = (facts.fleet, facts.device)
-        history.append((key[0], key[1], received, payload, facts.at, facts.seq))
+        at, seq = facts.identity or (None, None)
+        history.append((key[0], key[1], received, payload, at, seq))
         known = latest.get(key)
         if known is None or known[1] <= received:
             latest[key] = (facts, received)
@@ -347,7 +355,7 @@ def _heartbeat_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
         models += [(fleet, device, *model, received, received) for model in facts.models]
     # In key order, as the other rows: two workers given the same redelivered heartbeats
     # then wait for each other on the unique key instead of deadlocking.
-    history.sort(key=lambda row: (row[0], row[1], row[4] or "", row[5]))
+    history.sort(key=lambda row: (row[0], row[1], row[4] or "", row[5] or 0))
     return {"history": history, "devices": devices, "models": models}
 
 

@@ -111,6 +111,17 @@ def test_a_redelivered_heartbeat_adds_one_history_row(store: TelemetryStore) -> 
     assert [b.payload["at"][:10] for b in store.heartbeats("d1")] == ["2026-01-01", "2026-01-02"]
 
 
+def test_a_heartbeat_without_at_or_seq_has_no_key_and_is_always_added(
+    store: TelemetryStore,
+) -> None:
+    # Not our agent's: a device whose at never changes must not stop its own history.
+    no_at = Heartbeat(**{**beat("d1", 7).__dict__, "at": ""})
+    no_seq = Heartbeat(**{**beat("d2", 7).__dict__, "seq": 0})
+    store.write(IngestBatch(heartbeats=[(no_at, 1.0), (no_seq, 1.0), (no_at, 2.0)]))
+    store.write(IngestBatch(heartbeats=[(no_at, 3.0), (no_seq, 3.0)]))
+    assert [len(store.heartbeats(d)) for d in ("d1", "d2")] == [3, 2]
+
+
 # The heartbeats table as the first release created it: no at, no seq, no key.
 _FIRST_HEARTBEATS = (
     "CREATE TABLE heartbeats (id {serial}, fleet TEXT NOT NULL, device TEXT NOT NULL, "
