@@ -306,7 +306,7 @@ def render_aggregates(
         "# HELP edgefleet_ingest_messages_total Messages this process ingested, by outcome.",
         "# TYPE edgefleet_ingest_messages_total counter",
     ]
-    for kind in ("heartbeats", "events", "statuses", "rejected", "lost"):
+    for kind in ("heartbeats", "events", "statuses", "rejected", "lost", "coalesced", "dropped"):
         out.append(
             _sample("edgefleet_ingest_messages_total", {"kind": kind}, ingest_counts.get(kind, 0))
         )

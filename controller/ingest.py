@@ -1,11 +1,12 @@
 """Ingest devices' status, heartbeats and events from MQTT into the telemetry store.
 
-Two threads and a queue: paho's network thread only enqueues (topic, payload, time
+Two threads and a backlog: paho's network thread only enqueues (topic, payload, time
 received, and what is needed to acknowledge it); the ``ingest-writer`` thread drains the
-queue in batches (up to ``batch_size`` messages, or what arrived within ``flush_s``),
-parses them, writes each batch to the store in one transaction and only then
-acknowledges its QoS 1 messages (PUBACK). Batching is what makes SQLite keep up with a
-large fleet: one commit per message is about half as fast (docs/benchmarks.md).
+backlog (``controller.ingest_backlog``) in batches (up to ``batch_size`` messages, or
+what arrived within ``flush_s``), parses them, writes each batch to the store in one
+transaction and only then acknowledges its QoS 1 messages (PUBACK). Batching is what
+makes SQLite keep up with a large fleet: one commit per message is about half as fast
+(docs/benchmarks.md).
 
 Heartbeats are most of the traffic (a fleet of 100,000 sends 10,000 a second), so they
 take a hot path: orjson decodes them and ``parse_heartbeat`` checks and keeps only what
@@ -28,7 +29,12 @@ A store outage: the writer retries the batch it holds (backoff up to
 ``store_retry_max_s``, an error logged per attempt) and acknowledges nothing meanwhile;
 the broker stops sending QoS 1 messages once ``receive_maximum`` are unacknowledged and
 queues the rest (up to its ``max_queued_messages``). QoS 0 messages keep coming and wait
-in the queue here, which has no bound: a long store outage costs memory.
+in the backlog here, at most ``IngestSettings.qos0_backlog_max`` of them: past that, the
+heartbeat superseded longest ago by a newer one of its device gives way (``coalesced``),
+or when there is none the oldest QoS 0 message (``dropped``); see
+``controller.ingest_backlog``. Both are counted and logged at most every 10 s. So a long
+store outage costs bounded memory and, with the bound at least the number of devices,
+loses history rows but no device's latest heartbeat.
 
 Invariants:
 - A QoS 1 message is acknowledged only after the transaction holding it committed, or
@@ -39,6 +45,8 @@ Invariants:
 - Acknowledgements go out in the order the messages arrived, and only on the connection
   that delivered them (a packet id means nothing on the next one; the broker sends
   what was not acknowledged again there).
+- No QoS 1 message is ever dropped; at most ``qos0_backlog_max`` QoS 0 messages wait
+  (besides the batch the writer holds).
 - A message that does not parse, or whose payload names another device or fleet than
   its topic, is counted as rejected and logged (rate-limited), never stored.
 - ``stop`` stores and acknowledges what was received before it returns, unless the store
@@ -49,7 +57,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
-import queue
+import math
 import socket
 import ssl
 import threading
@@ -80,6 +88,7 @@ from agent.contracts import (
     parse_status,
     parse_telemetry,
 )
+from controller.ingest_backlog import QUEUED, Backlog, Item
 from controller.store import HeartbeatFacts, IngestBatch, ModelFacts, TelemetryStore
 
 logger = logging.getLogger(__name__)
@@ -316,6 +325,9 @@ class IngestSettings:
     flush_s: float = 0.2
     store_retry_max_s: float = 10.0
     stop_timeout_s: float = 30.0
+    # QoS 0 messages held while the store is slow or down (about 1 KB each); at least the
+    # devices this worker hears from, so that each one's latest heartbeat is kept.
+    qos0_backlog_max: int = 100_000
 
     @property
     def subscription(self) -> str:
@@ -333,28 +345,29 @@ class IngestSettings:
         return min(65535, max(1000, 4 * self.batch_size))
 
 
-# A queued message: (topic, payload, received at, qos, packet id, connection number).
-_Item = tuple[str, bytes, float, int, int, int]
-
-
 class Ingestor:
     """Subscribes to every device topic and stores what arrives, in batches; acknowledges
     a QoS 1 message once it is stored."""
 
     _RETRY_FIRST_S: Final = 0.5
+    _SHED_LOG_EVERY_S: Final = 10.0
 
     def __init__(
         self, settings: IngestSettings, store: TelemetryStore, tls: ssl.SSLContext | None = None
     ) -> None:
-        """``tls``: connect over TLS with this context (``controller.mqtt_tls``)."""
+        """``tls``: connect over TLS with this context (``controller.mqtt_tls``).
+
+        Raises ValueError when ``settings.qos0_backlog_max`` is below 1."""
         self.settings = settings
         self.store = store
+        # Written by the writer thread, except coalesced and dropped (the network thread).
         self.counts: Counter[str] = Counter()
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._backlog = Backlog(settings.qos0_backlog_max)
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._writer: threading.Thread | None = None
         self._last_reject_log = 0.0
+        self._last_shed_log = -math.inf
         # Which connection a message came on: an acknowledgement is sent only on it. The
         # network thread moves it on (dis)connect, under the lock the writer acks under.
         self._connection = 0
@@ -379,6 +392,11 @@ class Ingestor:
     @property
     def is_connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def qos0_waiting(self) -> int:
+        """QoS 0 messages held for the writer (at most ``qos0_backlog_max``)."""
+        return self._backlog.qos0_held
 
     @property
     def unacknowledged(self) -> int:
@@ -409,7 +427,7 @@ class Ingestor:
         persistent session.
         """
         self._stopping.set()
-        self._queue.put(None)
+        self._backlog.close()
         if self._writer is not None:
             self._writer.join(timeout=self.settings.stop_timeout_s)
             if self._writer.is_alive():
@@ -452,58 +470,55 @@ class Ingestor:
         qos = message.qos
         if qos:
             self._received_qos1 += 1
-        self._queue.put(
-            (
-                message.topic,
-                bytes(message.payload),
-                time.time(),
-                qos,
-                message.mid,
-                self._connection,
-            )
+        outcome = self._backlog.put(
+            (message.topic, bytes(message.payload), time.time(), qos, message.mid, self._connection)
         )
+        if outcome != QUEUED:
+            self._count_shed(outcome)
+
+    def _count_shed(self, outcome: str) -> None:
+        """Count a QoS 0 message given up at the bound; log it at most every 10 s."""
+        self.counts[outcome] += 1
+        now = time.monotonic()
+        if now - self._last_shed_log >= self._SHED_LOG_EVERY_S:
+            self._last_shed_log = now
+            logger.warning(
+                "ingest: %d QoS 0 message(s) wait for the store, the most allowed "
+                "(qos0_backlog_max); so far %d heartbeat(s) replaced by a newer one of "
+                "their device, %d message(s) dropped",
+                self._backlog.qos0_held,
+                self.counts["coalesced"],
+                self.counts["dropped"],
+            )
 
     # the writer thread ----------------------------------------------------------
 
-    def _next_batch(self) -> tuple[list[_Item], bool]:
-        """Up to ``batch_size`` messages; True as second item when asked to stop."""
-        items: list[_Item] = []
-        try:
-            first = self._queue.get(timeout=self.settings.flush_s)
-        except queue.Empty:
-            return items, False
-        if first is None:
-            return items, True
-        items.append(first)
+    def _next_batch(self) -> list[Item]:
+        """Up to ``batch_size`` messages: those that arrive within ``flush_s`` of the first
+        (after ``stop``, only those that arrived before it)."""
+        backlog, size = self._backlog, self.settings.batch_size
+        if not backlog.wait(self.settings.flush_s):
+            return []
+        items = backlog.take(size)
         deadline = time.monotonic() + self.settings.flush_s
-        while len(items) < self.settings.batch_size:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                if time.monotonic() >= deadline:
-                    break
-                time.sleep(0.002)
-                continue
-            if item is None:
-                return items, True
-            items.append(item)
-        return items, False
+        while items and len(items) < size and not backlog.is_closed:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.002)
+            items += backlog.take(size - len(items))
+        return items
 
     def _write_loop(self) -> None:
-        stopping = False
-        unstored: list[_Item] = []
-        while not stopping:
-            items, stopping = self._next_batch()
+        unstored: list[Item] = []
+        while not self._backlog.is_finished:
+            items = self._next_batch()
             if items and not self._store(items):
                 unstored = items  # the store failed while stopping
                 break
-        while not self._queue.empty():  # what arrived after stop, or after that failure
-            item = self._queue.get_nowait()
-            if item is not None:
-                unstored.append(item)
-        self._leave_to_broker(unstored)
+        # What arrived after stop, or after that failure.
+        self._leave_to_broker(unstored + self._backlog.take_rest())
 
-    def _store(self, items: list[_Item]) -> bool:
+    def _store(self, items: list[Item]) -> bool:
         """Parse and store ``items``, then acknowledge them; False when the store failed
         and ``stop`` was called (nothing acknowledged then)."""
         batch = IngestBatch()
@@ -541,12 +556,13 @@ class Ingestor:
                     return False
                 logger.error(
                     "ingest: storing %d message(s) failed (attempt %d): %s; retrying in "
-                    "%.1f s, %d message(s) unacknowledged meanwhile",
+                    "%.1f s, %d message(s) unacknowledged and %d QoS 0 waiting meanwhile",
                     len(batch),
                     attempt,
                     exc,
                     delay,
                     self.unacknowledged,
+                    self._backlog.qos0_held,
                 )
                 self._stopping.wait(delay)
                 delay, attempt = min(delay * 2, self.settings.store_retry_max_s), attempt + 1
@@ -557,7 +573,7 @@ class Ingestor:
                 )
             return True
 
-    def _acknowledge(self, items: list[_Item]) -> None:
+    def _acknowledge(self, items: list[Item]) -> None:
         """PUBACK the QoS 1 messages of ``items`` in order, on the connection that
         delivered them; on a later one the broker has already sent them again."""
         with self._ack_lock:
@@ -568,7 +584,7 @@ class Ingestor:
                         self._client.ack(mid, qos)
                     self._settled_qos1 += 1
 
-    def _leave_to_broker(self, items: list[_Item]) -> None:
+    def _leave_to_broker(self, items: list[Item]) -> None:
         """Give up on ``items`` without acknowledging them: the broker keeps the QoS 1
         ones for the session; QoS 0 ones are lost (counted)."""
         left_qos1 = sum(1 for item in items if item[3])

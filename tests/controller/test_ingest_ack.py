@@ -12,6 +12,7 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -79,16 +80,20 @@ def failing_store(location: str, commit_first: bool = False) -> _Failing:
     return store
 
 
-def start_ingest(broker: Broker, store: TelemetryStore) -> Ingestor:
-    settings = IngestSettings(
+def start_ingest(broker: Broker, store: TelemetryStore, **settings: Any) -> Ingestor:
+    """An ingestor of ``store``, connected; ``settings`` override the tests' ones."""
+    ingest_settings = IngestSettings(
         broker.host,
         broker.port,
-        client_id=CLIENT_ID,  # the same persistent session each time
-        flush_s=0.05,
-        store_retry_max_s=0.5,
-        stop_timeout_s=10,
+        **{
+            "client_id": CLIENT_ID,  # the same persistent session each time
+            "flush_s": 0.05,
+            "store_retry_max_s": 0.5,
+            "stop_timeout_s": 10,
+            **settings,
+        },
     )
-    ingestor = Ingestor(settings, store)
+    ingestor = Ingestor(ingest_settings, store)
     ingestor.start()
     wait_until(lambda: ingestor.is_connected, 10, "the ingestor to connect")
     return ingestor
