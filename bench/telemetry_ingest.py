@@ -54,6 +54,7 @@ from tests.helpers import start_broker  # noqa: E402
 
 BIN = Path(sys.executable).parent
 FLEET = "bench"
+_SEQ = 7777777777  # a placeholder no other field of the template contains
 
 
 def _template() -> bytes:
@@ -61,7 +62,7 @@ def _template() -> bytes:
         device="DEVICEXXXXXX",
         fleet=FLEET,
         at="2026-01-01T00:00:00.000Z",
-        seq=1,
+        seq=_SEQ,  # replaced per message: the store keeps one row per (device, at, seq)
         interval_s=10.0,
         uptime_s=3600.0,
         system=SystemFigures(12.5, 512 * 2**20, 2**30, 8 * 2**30, 0.4, 48.0),
@@ -102,7 +103,10 @@ def publisher(
             device = f"d{i % devices:011d}"
             client.publish(
                 device_topic(FLEET, device, "telemetry"),
-                template.replace(b"DEVICEXXXXXX", device.encode()),
+                template.replace(b"DEVICEXXXXXX", device.encode()).replace(
+                    b"%d" % _SEQ,
+                    b"%d" % (i + 1),  # publishers' i ranges are disjoint
+                ),
                 qos=0,
             )
             i += 1
