@@ -130,6 +130,24 @@ def add_metrics_route(
     app.router.add_get("/metrics", handle)
 
 
+def ingest_settings(config: ServeConfig) -> IngestSettings:
+    """The ingest settings of ``edgectl serve``'s config (an MQTT broker is set)."""
+    assert config.mqtt_host is not None
+    return IngestSettings(
+        host=config.mqtt_host,
+        port=config.mqtt_port,
+        client_id=config.ingest_client_id,
+        keepalive_s=config.mqtt_keepalive_s,
+        shared_group=config.mqtt_shared_group,
+        session_expiry_s=config.ingest_session_expiry_s,
+        batch_size=config.ingest_batch_size,
+        flush_s=config.ingest_flush_s,
+        store_retry_max_s=config.ingest_store_retry_max_s,
+        stop_timeout_s=config.ingest_stop_timeout_s,
+        qos0_backlog_max=config.ingest_qos0_backlog_max,
+    )
+
+
 async def serve(config: ServeConfig) -> None:
     """Run until SIGTERM or SIGINT. Raises RepositoryError, StoreError or UsageError at
     start-up."""
@@ -140,18 +158,7 @@ async def serve(config: ServeConfig) -> None:
     ingestor: Ingestor | None = None
     if config.mqtt_host is not None:
         ingestor = Ingestor(
-            IngestSettings(
-                host=config.mqtt_host,
-                port=config.mqtt_port,
-                client_id=config.ingest_client_id,
-                keepalive_s=config.mqtt_keepalive_s,
-                shared_group=config.mqtt_shared_group,
-                session_expiry_s=config.ingest_session_expiry_s,
-                batch_size=config.ingest_batch_size,
-                flush_s=config.ingest_flush_s,
-                store_retry_max_s=config.ingest_store_retry_max_s,
-                stop_timeout_s=config.ingest_stop_timeout_s,
-            ),
+            ingest_settings(config),
             store,
             tls=tls,
         )

@@ -46,6 +46,7 @@ _KNOWN_KEYS: Final = (
     "ingest_flush_s",
     "ingest_store_retry_max_s",
     "ingest_stop_timeout_s",
+    "ingest_qos0_backlog_max",
     "heartbeat_interval_s",
     "stale_after_heartbeats",
     "heartbeat_retention_s",
@@ -87,6 +88,8 @@ class ServeConfig:
     # waits for the store before leaving unstored messages to the broker.
     ingest_store_retry_max_s: float = 10.0
     ingest_stop_timeout_s: float = 30.0
+    # QoS 0 messages held while the store lags or fails (controller/ingest_backlog.py).
+    ingest_qos0_backlog_max: int = 100_000
     # Devices that do not say their heartbeat interval are assumed to use this one.
     heartbeat_interval_s: float = 10.0
     stale_after_heartbeats: float = 3.0
@@ -190,6 +193,7 @@ def load_serve_config(
         ingest_flush_s=float(_number(doc, "ingest_flush_s", 0.2)),
         ingest_store_retry_max_s=float(_number(doc, "ingest_store_retry_max_s", 10.0)),
         ingest_stop_timeout_s=float(_number(doc, "ingest_stop_timeout_s", 30.0)),
+        ingest_qos0_backlog_max=_number(doc, "ingest_qos0_backlog_max", 100_000, integer=True),
         heartbeat_interval_s=float(_number(doc, "heartbeat_interval_s", 10.0)),
         stale_after_heartbeats=float(_number(doc, "stale_after_heartbeats", 3.0)),
         heartbeat_retention_s=float(_number(doc, "heartbeat_retention_s", 7 * 86400.0)),

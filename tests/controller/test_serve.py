@@ -12,6 +12,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from agent.contracts import ANNOUNCE_SCHEMA, announce_topic
+from controller.app import ingest_settings
 from controller.config import load_serve_config
 from controller.errors import UsageError
 from controller.release import release_bundle
@@ -105,10 +106,12 @@ def test_config_precedence(tmp_path: Path) -> None:
     toml = tmp_path / "controller.toml"
     toml.write_text(
         '[serve]\nrepo = "/srv/repo"\nlisten = "0.0.0.0:9000"\nmqtt = "broker:1884"\n'
-        "announce_interval_s = 2\ningest_store_retry_max_s = 3\n"
+        "announce_interval_s = 2\ningest_store_retry_max_s = 3\ningest_qos0_backlog_max = 500\n"
     )
     config = load_serve_config(toml, {"EDGECTL_MQTT": "env:1885"}, {"listen": "127.0.0.1:0"})
     assert (config.ingest_store_retry_max_s, config.ingest_stop_timeout_s) == (3.0, 30.0)
+    assert ingest_settings(config).qos0_backlog_max == 500  # what the Ingestor gets
+    assert load_serve_config(None, {}, {"repo": "r"}).ingest_qos0_backlog_max == 100_000
     assert config.repo_dir == Path("/srv/repo")
     assert (config.listen_host, config.listen_port) == ("127.0.0.1", 0)
     assert (config.mqtt_host, config.mqtt_port) == ("env", 1885)
