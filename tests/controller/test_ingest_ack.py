@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,21 @@ def start_ingest(broker: Broker, store: TelemetryStore, **settings: Any) -> Inge
     return ingestor
 
 
+@contextmanager
+def redelivered(broker: Broker, location: str, kind: str, count: int) -> Iterator[TelemetryStore]:
+    """The store at ``location`` under a new ingest, once the broker has sent ``count``
+    messages of ``kind`` to it again and it has acknowledged them all."""
+    working = open_store(location)
+    second = start_ingest(broker, working)
+    try:
+        wait_until(lambda: second.counts[kind] >= count, 30, f"the {kind} to come again")
+        wait_until(lambda: second.unacknowledged == 0, 10, "the acknowledgements")
+        yield working
+    finally:
+        second.stop()
+        working.close()
+
+
 def test_events_a_failing_store_did_not_take_are_stored_by_the_next_ingest(
     tmp_path: Path, broker: Broker, location: str
 ) -> None:
@@ -174,17 +190,10 @@ def test_events_stored_but_not_acknowledged_come_again_and_are_stored_once(
         first.stop()
         store.close()
 
-        working = open_store(location)
-        second = start_ingest(broker, working)
-        try:
-            # The broker sends all 100 again, the committed ones too.
-            wait_until(lambda: second.counts["events"] >= 100, 30, "the events to come again")
-            wait_until(lambda: second.unacknowledged == 0, 10, "the acknowledgements")
+        # The broker sends all 100 again, the committed ones too.
+        with redelivered(broker, location, "events", 100) as working:
             assert working.count("events") == 100
             assert stored_seqs(working) == produced
-        finally:
-            second.stop()
-            working.close()
     finally:
         device.close()
         first.stop()
@@ -213,16 +222,9 @@ def test_heartbeats_stored_but_not_acknowledged_come_again_and_are_stored_once(
         first.stop()
         store.close()
 
-        working = open_store(location)
-        second = start_ingest(broker, working)
-        try:
-            wait_until(lambda: second.counts["heartbeats"] >= 50, 30, "the beats to come again")
-            wait_until(lambda: second.unacknowledged == 0, 10, "the acknowledgements")
+        with redelivered(broker, location, "heartbeats", 50) as working:
             assert working.count("heartbeats") == 50
             assert [len(working.heartbeats(f"d{i}")) for i in range(50)] == [1] * 50
-        finally:
-            second.stop()
-            working.close()
     finally:
         publisher.loop_stop()
         publisher.disconnect()
