@@ -323,19 +323,19 @@ class RolloutService:
         window = self._windows.setdefault(key, {})
         # Re-read an overlap: a heartbeat is stamped when received, stored a batch later.
         read_from = max(since, self._read_at.get(key, since) - WINDOW_OVERLAP_S)
-        for row in self.store.devices(fleet=r.fleet):
-            if row.last_seen < read_from:
-                continue
-            interval = row.interval_s or self.settings.heartbeat_interval_s
-            limit = min(
-                self.settings.max_heartbeats_per_device, int((now - read_from) / interval) + 5
-            )
-            for beat in self.store.heartbeats(row.device, limit):
-                if beat.fleet != r.fleet or beat.received_at < since:
-                    continue
-                sample = _sample(row.device, beat.received_at, beat.payload, r.model)
-                if sample is not None:
-                    window[(row.device, beat.received_at)] = sample
+        # One query for the fleet, bounded per device as the window needs: a device's
+        # newest heartbeats, a few more than its interval puts in (now - read_from).
+        for beat in self.store.fleet_heartbeats(
+            r.fleet,
+            since,
+            read_from,
+            now - read_from,
+            self.settings.heartbeat_interval_s,
+            self.settings.max_heartbeats_per_device,
+        ):
+            sample = _sample(beat.device, beat.received_at, beat.payload, r.model)
+            if sample is not None:
+                window[(beat.device, beat.received_at)] = sample
         self._read_at[key] = now
         samples = list(window.values())
         incidents = tuple(

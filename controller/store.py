@@ -416,6 +416,9 @@ class TelemetryStore(ABC):
 
     placeholder = "?"
     greatest = "max"
+    least = "min"
+    # Towards zero, as Python's int() of a float.
+    truncate = "CAST({} AS INTEGER)"
     serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
     add_column = "ADD COLUMN"
 
@@ -589,6 +592,49 @@ class TelemetryStore(ABC):
             )
             rows = cur.fetchall()
         return [HeartbeatRow(f, d, float(t), json.loads(p)) for f, d, t, p in reversed(rows)]
+
+    def fleet_heartbeats(
+        self,
+        fleet: str,
+        since: float,
+        read_from: float,
+        span_s: float,
+        default_interval_s: float,
+        max_per_device: int,
+    ) -> list[HeartbeatRow]:
+        """The heartbeats of ``fleet`` received at or after ``since``, read in one query as
+        ``heartbeats(device, limit)`` would for each device of the fleet last seen at or
+        after ``read_from``: of a device's heartbeats received at or after ``read_from``
+        (in any fleet), the ``limit`` most recent, where ``limit`` is
+        ``min(max_per_device, int(span_s / interval) + 5)`` and ``interval`` the device's
+        own heartbeat interval (``default_interval_s`` when missing or zero). By device,
+        then oldest first (ties in stored order)."""
+        per_device = self.truncate.format("? / COALESCE(NULLIF(interval_s, 0), ?)")
+        query = f"""
+            SELECT device, received_at, payload FROM (
+                SELECT h.id, h.fleet, h.device, h.received_at, h.payload, d.per_device,
+                       ROW_NUMBER() OVER (PARTITION BY h.device
+                                          ORDER BY h.received_at DESC, h.id DESC) AS n
+                FROM (SELECT device, {self.least}(?, {per_device} + 5) AS per_device
+                      FROM devices WHERE fleet = ? AND last_seen >= ?) d
+                JOIN heartbeats h ON h.device = d.device
+                WHERE h.received_at >= ?) recent
+            WHERE n <= per_device AND fleet = ? AND received_at >= ?
+            ORDER BY device, received_at, id"""
+        args = [
+            max_per_device,
+            float(span_s),
+            float(default_interval_s),
+            fleet,
+            float(read_from),
+            float(read_from),
+            fleet,
+            float(since),
+        ]
+        with self._read_lock, self._reader() as cur:
+            cur.execute(self._sql(query), args)
+            rows = cur.fetchall()
+        return [HeartbeatRow(fleet, d, float(t), json.loads(p)) for d, t, p in rows]
 
     def event_counts(self) -> list[tuple[str, str, int]]:
         """(fleet, kind, count) of every event stored."""

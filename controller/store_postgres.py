@@ -21,6 +21,8 @@ from controller.store import IngestBatch, StoreError, TelemetryStore
 class PostgresStore(TelemetryStore):
     placeholder = "%s"
     greatest = "GREATEST"
+    least = "LEAST"
+    truncate = "trunc({})"
     serial = "BIGSERIAL PRIMARY KEY"
     # Another worker may add the column between our look and our ALTER.
     add_column = "ADD COLUMN IF NOT EXISTS"

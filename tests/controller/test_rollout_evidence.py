@@ -1,0 +1,164 @@
+"""``RolloutService.evidence`` (one ``fleet_heartbeats`` query a tick) gives the Evidence
+the per-device reads gave (``store.devices`` + one ``store.heartbeats`` per device),
+on randomised store contents, on SQLite and PostgreSQL.
+
+The reference below is that earlier algorithm, kept small. The two agree whenever the
+heartbeats in [stage start, read_from) are already in the window, which holds on a
+stage's first tick (read_from is the stage start) and on later ones as long as every
+heartbeat is stored within ``WINDOW_OVERLAP_S`` of being received.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from agent.contracts import ProbationPolicy
+from controller.rollout import OnFailure, Rollout, new_rollout
+from controller.rollout_gates import Evidence, Incident, Sample, parse_gates
+from controller.rollout_service import (
+    WINDOW_OVERLAP_S,
+    RolloutService,
+    RolloutSettings,
+    _sample,
+)
+from controller.store import HeartbeatFacts, IngestBatch, TelemetryStore
+from tests.controller.test_store_support import store_for
+
+FLEET = "lab"
+MODEL = "lin"
+T0 = 1_700_000_000.0
+SETTINGS = RolloutSettings(heartbeat_interval_s=10.0, max_heartbeats_per_device=7)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TelemetryStore]:
+    with store_for(request.param, tmp_path) as s:
+        yield s
+
+
+@dataclass
+class Reference:
+    """The per-device reads, as ``evidence`` did them before ``fleet_heartbeats``."""
+
+    store: TelemetryStore
+    window: dict[tuple[str, float], Sample]
+    read_at: float | None = None
+
+    def evidence(self, r: Rollout, now: float) -> Evidence:
+        since = r.stage_started_at
+        read_from = since if self.read_at is None else max(since, self.read_at - WINDOW_OVERLAP_S)
+        for row in self.store.devices(fleet=r.fleet):
+            if row.last_seen < read_from:
+                continue
+            interval = row.interval_s or SETTINGS.heartbeat_interval_s
+            limit = min(SETTINGS.max_heartbeats_per_device, int((now - read_from) / interval) + 5)
+            for beat in self.store.heartbeats(row.device, limit):
+                if beat.fleet != r.fleet or beat.received_at < since:
+                    continue
+                sample = _sample(row.device, beat.received_at, beat.payload, r.model)
+                if sample is not None:
+                    self.window[(row.device, beat.received_at)] = sample
+        self.read_at = now
+        incidents = tuple(
+            Incident(e.device, e.received_at, e.kind, e.reason)
+            for e in self.store.events(fleet=r.fleet, limit=SETTINGS.max_events)
+            if e.model == r.model and e.version == r.version and e.received_at >= since
+        )
+        return Evidence(
+            r.version, r.previous, tuple(self.window.values()), incidents, r.baseline_p99_s
+        )
+
+
+def _rollout(since: float) -> Rollout:
+    return new_rollout(
+        rollout_id=f"{MODEL}-2.0.0-test",
+        fleet=FLEET,
+        model=MODEL,
+        version="2.0.0",
+        previous="1.0.0",
+        stages=(10, 100),
+        wait_s=60.0,
+        deadline_s=600.0,
+        gates=parse_gates("error_rate<0.01"),
+        canaries=(),
+        on_failure=OnFailure.PAUSE,
+        probation=ProbationPolicy(),
+        now=since,
+    )
+
+
+def _payload(rng: random.Random) -> str:
+    models: dict[str, object] = {
+        "other": {"version": "9.0.0", "requests": 1},
+        MODEL: {
+            "version": rng.choice(("1.0.0", "2.0.0")),
+            "requests": rng.randrange(100),
+            "errors": rng.randrange(3),
+            "p99_s": rng.choice((None, 0.01, 0.02)),
+        },
+    }
+    if rng.random() < 0.15:
+        del models[MODEL]  # a heartbeat without the rollout's model: no sample
+    return json.dumps({"models": models})
+
+
+def _beats(rng: random.Random, since: float, end: float) -> list[tuple[HeartbeatFacts, float, str]]:
+    """Devices of the rollout's fleet and of another (some with the same ids), each with
+    its own interval (or none), 0-20 heartbeats from before the stage start to ``end``,
+    some at the same instant, some with no identity."""
+    rows = []
+    for i in range(30):
+        device = f"dev-{i:02d}"
+        fleets = [FLEET] if i < 20 else ["other"] if i >= 25 else [FLEET, "other"]
+        for fleet in fleets:
+            interval = rng.choice((0.0, 5.0, 10.0, 30.0))
+            quiet = rng.random() < 0.2  # nothing since well before the window
+            last = since - rng.uniform(50, 500) if quiet else end
+            times = sorted(rng.uniform(since - 120, last) for _ in range(rng.randrange(21)))
+            for k, received in enumerate(times):
+                if k and rng.random() < 0.1:
+                    received = times[k - 1]  # two heartbeats received at the same instant
+                keyed = rng.random() < 0.8
+                facts = HeartbeatFacts(
+                    fleet, device, "t", interval, {}, 0, 0, (), f"a{k}" if keyed else "", k + 1
+                )
+                rows.append((facts, received, _payload(rng)))
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_first_tick_evidence_equals_the_per_device_reads(store: TelemetryStore, seed: int) -> None:
+    rng = random.Random(seed)
+    since = T0 + rng.uniform(0, 100)
+    now = since + rng.uniform(1, 60)
+    rows = _beats(rng, since, now + 15)  # some received after `now`: the tick is late
+    rng.shuffle(rows)
+    store.write(IngestBatch(heartbeat_facts=rows))
+    r = _rollout(since)
+    want = Reference(store, {}).evidence(r, now)
+    assert len(want.samples) > 20  # the data exercises the reads
+    assert RolloutService(Path("unused"), store, SETTINGS).evidence(r, now) == want
+
+
+def test_later_ticks_read_only_the_newest_and_still_agree(store: TelemetryStore) -> None:
+    """Ticks every 5 s over a stage, each heartbeat stored 0-4 s after it was received."""
+    rng = random.Random(99)
+    since = T0
+    beats = _beats(rng, since, since + 120)
+    stored_at = sorted((row[1] + rng.uniform(0, 4), i) for i, row in enumerate(beats))
+    r = _rollout(since)
+    service = RolloutService(Path("unused"), store, SETTINGS)
+    reference = Reference(store, {})
+    stored = 0
+    for now in (since + 5 * k for k in range(1, 25)):
+        due = [beats[i] for at, i in stored_at[stored:] if at <= now]
+        store.write(IngestBatch(heartbeat_facts=due))
+        stored += len(due)
+        assert service.evidence(r, now) == reference.evidence(r, now), f"tick at {now - since}"
+    assert stored == len(beats) and len(reference.window) > 50
