@@ -317,7 +317,11 @@ class RolloutService:
     # ------------------------------------------------------------------ reading telemetry
 
     def evidence(self, r: Rollout, now: float) -> Evidence:
-        """The heartbeats and events of ``r``'s model since its stage started."""
+        """The heartbeats and events of ``r``'s model since its stage started.
+
+        Heartbeats are read in one query (``store.fleet_heartbeats``) from ``read_from``:
+        the stage start on its first tick, later the last read less WINDOW_OVERLAP_S. A
+        heartbeat stored later than that after it was received is not read."""
         since = r.stage_started_at
         key = (r.id, r.stage, r.stage_started_at)
         window = self._windows.setdefault(key, {})
@@ -356,13 +360,12 @@ class RolloutService:
         and those that run it now (for ``rollout status``)."""
         release = desired_release(r)
         known = expected = on_new = 0
-        for row in self.store.devices(fleet=r.fleet):
+        for device, runs_new in self.store.devices_running(r.fleet, r.model, r.version):
             known += 1
-            resolved = resolve_release(release, row.device)
+            resolved = resolve_release(release, device)
             if resolved is not None and resolved[0] == r.version:
                 expected += 1
-            if any(m.model == r.model and m.version == r.version for m in row.models):
-                on_new += 1
+            on_new += runs_new
         return {"devices_known": known, "expected": expected, "on_new": on_new}
 
 

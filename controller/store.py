@@ -636,6 +636,19 @@ class TelemetryStore(ABC):
             rows = cur.fetchall()
         return [HeartbeatRow(fleet, d, float(t), json.loads(p)) for d, t, p in rows]
 
+    def devices_running(self, fleet: str, model: str, version: str) -> list[tuple[str, bool]]:
+        """Every device of ``fleet``, by id, and whether its stored models (what
+        ``devices()`` attaches) include ``model`` at ``version``: only ids and a flag
+        leave the store, not the device rows."""
+        query = """
+            SELECT d.device, CASE WHEN EXISTS (
+                SELECT 1 FROM device_models m WHERE m.fleet = d.fleet AND m.device = d.device
+                AND m.model = ? AND m.version = ?) THEN 1 ELSE 0 END
+            FROM devices d WHERE d.fleet = ? ORDER BY d.device"""
+        with self._read_lock, self._reader() as cur:
+            cur.execute(self._sql(query), [model, version, fleet])
+            return [(str(device), bool(runs)) for device, runs in cur.fetchall()]
+
     def event_counts(self) -> list[tuple[str, str, int]]:
         """(fleet, kind, count) of every event stored."""
         with self._read_lock, self._reader() as cur:

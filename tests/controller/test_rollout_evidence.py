@@ -1,6 +1,7 @@
 """``RolloutService.evidence`` (one ``fleet_heartbeats`` query a tick) gives the Evidence
-the per-device reads gave (``store.devices`` + one ``store.heartbeats`` per device),
-on randomised store contents, on SQLite and PostgreSQL.
+the per-device reads gave (``store.devices`` + one ``store.heartbeats`` per device), and
+``fleet_counts`` (``store.devices_running``) the counts of the device rows, on randomised
+store contents, on SQLite and PostgreSQL.
 
 The reference below is that earlier algorithm, kept small. The two agree whenever the
 heartbeats in [stage start, read_from) are already in the window, which holds on a
@@ -13,13 +14,13 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
-from agent.contracts import ProbationPolicy
-from controller.rollout import OnFailure, Rollout, new_rollout
+from agent.contracts import ProbationPolicy, resolve_release
+from controller.rollout import OnFailure, Rollout, desired_release, new_rollout
 from controller.rollout_gates import Evidence, Incident, Sample, parse_gates
 from controller.rollout_service import (
     WINDOW_OVERLAP_S,
@@ -162,3 +163,33 @@ def test_later_ticks_read_only_the_newest_and_still_agree(store: TelemetryStore)
         stored += len(due)
         assert service.evidence(r, now) == reference.evidence(r, now), f"tick at {now - since}"
     assert stored == len(beats) and len(reference.window) > 50
+
+
+def _reference_counts(store: TelemetryStore, r: Rollout) -> dict[str, int]:
+    """``fleet_counts`` as it was: every device row of the fleet loaded."""
+    release = desired_release(r)
+    known = expected = on_new = 0
+    for row in store.devices(fleet=r.fleet):
+        known += 1
+        resolved = resolve_release(release, row.device)
+        expected += resolved is not None and resolved[0] == r.version
+        on_new += any(m.model == r.model and m.version == r.version for m in row.models)
+    return {"devices_known": known, "expected": expected, "on_new": on_new}
+
+
+def test_fleet_counts_equal_those_of_the_device_rows(store: TelemetryStore) -> None:
+    rng = random.Random(7)
+    batch = IngestBatch()
+    for i in range(300):
+        fleet = rng.choice((FLEET, FLEET, "other"))
+        models = tuple(
+            (name, rng.choice(("1.0.0", "2.0.0", None)), "committed", 1, 0, 0, None)
+            for name in sorted(rng.sample((MODEL, "other"), rng.randrange(3)))
+        )
+        facts = HeartbeatFacts(fleet, f"dev-{i % 250:03d}", "t", 10.0, {}, 0, 0, models)
+        batch.heartbeat_facts.append((facts, T0 + i, "{}"))
+    store.write(batch)
+    r = replace(_rollout(T0), stages=(40.0, 100.0), canaries=("dev-001", "dev-002"))
+    want = _reference_counts(store, r)
+    assert want["on_new"] > 10 and 0 < want["expected"] < want["devices_known"]
+    assert RolloutService(Path("unused"), store, SETTINGS).fleet_counts(r) == want
