@@ -10,7 +10,8 @@ It times, median of ``--repeat`` calls each:
 
 - the first tick of a stage: a fresh ``RolloutService``, the whole window read;
 - a later tick: the same service 5 s on, reading only the newest heartbeats (with the
-  ``WINDOW_OVERLAP_S`` overlap).
+  ``WINDOW_OVERLAP_S`` overlap);
+- ``fleet_counts``, the device counts a tick saves for ``rollout status``.
 
     python bench/rollout_evidence.py [--devices 10000,100000] [--repeat 5] [--no-postgres]
                                      [--record]
@@ -102,10 +103,20 @@ def measure(
             return len(later.evidence(r, now + 5.0).samples)
 
         rows: list[tuple[object, ...]] = []
-        for label, run in (("first tick of a stage", first_tick), ("later tick", later_tick)):
+
+        def counts() -> int:
+            return int(later.fleet_counts(r)["devices_known"])
+
+        runs = (
+            ("evidence, first tick of a stage", first_tick),
+            ("evidence, later tick", later_tick),
+            ("fleet_counts", counts),
+        )
+        for label, run in runs:
+            shown = samples if label.startswith("evidence") else ""
             median, best = median_ms(run, args.repeat)
             rows.append(
-                (backend, devices, label, samples, f"{median:.0f}", f"{best:.0f}", args.repeat)
+                (backend, devices, label, shown, f"{median:.0f}", f"{best:.0f}", args.repeat)
             )
         print(
             f"{backend}: {store.count('devices')} devices, {store.count('heartbeats')} "
@@ -130,7 +141,7 @@ def main() -> None:
         for backend in ("sqlite",) if args.no_postgres else ("sqlite", "postgres"):
             with tempfile.TemporaryDirectory(prefix="rollout-evidence-") as tmp:
                 rows += measure(backend, Path(tmp), devices, args)
-    headers = ("store", "devices", "evidence()", "samples", "median ms", "min ms", "runs")
+    headers = ("store", "devices", "call", "samples", "median ms", "min ms", "runs")
     table = markdown_table(headers, rows)
     command = "python bench/rollout_evidence.py " + " ".join(sys.argv[1:])
     print(table)
@@ -140,7 +151,8 @@ def main() -> None:
                 f"### {today()}{' — ' + args.label if args.label else ''}",
                 "",
                 f"`{command.strip()}` on {machine()}; load average {load_average()}.",
-                f"`bench/rollout_evidence.py`: one `RolloutService.evidence` call for a rollout "
+                f"`bench/rollout_evidence.py`: one `RolloutService.evidence` (and `fleet_counts`) "
+                "call for a rollout "
                 f"of a fleet of that many devices, {args.beats} heartbeats each 10 s apart, "
                 "stored through `TelemetryStore.write`; the stage started 45 s before.",
                 "",
