@@ -34,6 +34,10 @@ as one set (``agent.enroll_install``): after an interruption the folder holds th
 set or the new one, or the next enroll completes the new one (the agent meanwhile uses
 the certificate that matches its key). A config already there for another device is not
 replaced without ``force``. ``request_enrollment`` never replaces a key without ``force``.
+
+Enroll (its recovery, checks and install) holds the config folder's install lock
+(``agent.enroll_install.install_lock``) for its whole run, waiting up to ``lock_wait_s``
+(ENROLL_LOCK_WAIT_S) for another one to finish.
 """
 
 from __future__ import annotations
@@ -56,7 +60,12 @@ from cryptography.x509.oid import NameOID
 
 from agent.config import AgentConfig, parse_config
 from agent.contracts import InvalidNameError, check_name
-from agent.enroll_install import StepHook, install_files, recover
+from agent.enroll_install import (
+    StepHook,
+    install_files,
+    install_lock,
+    recover,
+)
 from agent.errors import AgentError, ConfigError, UntrustedInputError
 from agent.fsutil import atomic_write
 from agent.tls_identity import is_key_of
@@ -78,6 +87,9 @@ SECRET_MEMBERS: Final = frozenset({DEVICE_KEY})
 MAX_MEMBER_BYTES: Final = 1024 * 1024
 DEFAULT_CONFIG_DIR: Final = Path("/etc/edge-agent")
 INSTALL_ORDER: Final = (DEVICE_KEY, DEVICE_CERT, CA_CERT, ROOT, INFO, CONFIG)
+# An enroll or request holds the lock well under a second (a few fsyncs): 30 s covers a
+# slow card, and a script that runs two at once has them take turns instead of failing.
+ENROLL_LOCK_WAIT_S: Final = 30.0
 
 
 class EnrollmentError(UntrustedInputError):
@@ -284,21 +296,31 @@ def _check_root(raw: bytes) -> None:
 
 
 def enroll_from_file(
-    archive: Path, config_dir: Path = DEFAULT_CONFIG_DIR, *, force: bool = False
+    archive: Path,
+    config_dir: Path = DEFAULT_CONFIG_DIR,
+    *,
+    force: bool = False,
+    lock_wait_s: float = ENROLL_LOCK_WAIT_S,
 ) -> Enrollment:
-    """Complete or discard an interrupted install, then read, check and install
-    ``archive``; raises EnrollmentError or AgentError."""
+    """Under the install lock, complete or discard an interrupted install, then read,
+    check and install ``archive``; raises EnrollmentError, InstallLockedError when
+    another enroll or request holds the lock for longer than ``lock_wait_s``, or
+    AgentError."""
     try:
         data = archive.read_bytes()
     except OSError as exc:
         raise AgentError(f"cannot read {archive}: {exc.strerror}") from None
     try:
-        # First: the archive is checked against the folder, which an interrupted install
-        # may be about to change (the key, the config).
-        if config_dir.is_dir():
+        if not config_dir.is_dir():
+            # The lock needs the folder: make it only for an archive that checks out.
+            read_enrollment(data, config_dir)
+            config_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        with install_lock(config_dir, lock_wait_s):
+            # First: the archive is checked against the folder, which an interrupted
+            # install may be about to change (the key, the config).
             recover(config_dir)
-        enrollment = read_enrollment(data, config_dir)
-        install_enrollment(enrollment, config_dir, force=force)
+            enrollment = read_enrollment(data, config_dir)
+            install_enrollment(enrollment, config_dir, force=force)
     except OSError as exc:
         raise AgentError(
             f"cannot write {config_dir}: {exc.strerror or exc} (an install stopped after "

@@ -18,15 +18,26 @@ agent, which cannot write the folder under systemd, reads the same view
 (:func:`read_pending`) to pick a certificate that matches its key.
 
 The key is renamed first: after it, every file still staged is one the agent can read.
+
+``edge-agent enroll`` (recovery, checks and install) holds :func:`install_lock`, an
+exclusive ``flock(2)`` on the config folder itself, for its whole run, so two of them
+never interleave their staging, journal and renames. The folder
+is locked rather than a file in it, so the folder holds only the identity files and
+nothing is left to clean up; the kernel releases the lock when its holder exits or is
+killed, so a crash never leaves a stale lock. A second writer waits up to ``wait_s``,
+then raises :class:`InstallLockedError` naming the holder. The agent only reads, never
+locks: it copes with any moment of an install (:func:`read_pending`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -40,9 +51,69 @@ JOURNAL: Final = ".enroll-pending.json"
 JOURNAL_SCHEMA: Final = "edgefleet.enroll-pending/1"
 STAGED_SUFFIX: Final = ".enroll-new"
 
+# How often a writer that waits for the lock tries it again.
+LOCK_POLL_S: Final = 0.1
+
 # Called after each step with its name ("staged", "journal", then each file's name once
 # it is in place): the install's tests interrupt it there.
 StepHook = Callable[[str], None]
+
+
+class InstallLockedError(AgentError):
+    """Another writer held the config folder's install lock for longer than the wait."""
+
+
+@contextlib.contextmanager
+def install_lock(config_dir: Path, wait_s: float) -> Iterator[None]:
+    """Hold the exclusive install lock of ``config_dir`` (an existing folder) while the
+    block runs; wait up to ``wait_s`` (0: not at all) while another process holds it.
+
+    Raises InstallLockedError when the wait runs out, FileNotFoundError when the folder
+    does not exist, OSError when it cannot be opened.
+    """
+    fd = os.open(config_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # closing the descriptor releases the lock
+        _acquire(fd, config_dir, wait_s)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _acquire(fd: int, config_dir: Path, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    waiting = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        if time.monotonic() >= deadline:
+            raise InstallLockedError(
+                f"{config_dir} is locked by {_holder(fd)}, another `edge-agent enroll` or "
+                f"`edge-agent request` (or a `flock {config_dir}`), still after {wait_s:g} s: "
+                "let it finish, then run this again"
+            )
+        if not waiting:
+            waiting = True
+            logger.warning(
+                "%s is locked by %s: waiting up to %g s for it", config_dir, _holder(fd), wait_s
+            )
+        time.sleep(LOCK_POLL_S)
+
+
+def _holder(fd: int) -> str:
+    """Who holds the flock on ``fd``'s file, from ``/proc/locks`` (best effort)."""
+    st = os.fstat(fd)
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        lines = []
+    pids = sorted(
+        {f[4] for f in map(str.split, lines) if f[1:2] == ["FLOCK"] and f[5:6] == [ident]}
+    )
+    return f"process {', '.join(pids)}" if pids else "another process"
 
 
 def staged_path(config_dir: Path, name: str) -> Path:

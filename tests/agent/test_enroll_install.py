@@ -1,7 +1,9 @@
 """Installing an enrollment as one set: an install killed (SIGKILL, in a real process)
 between its steps is completed or discarded by the next `edge-agent enroll`, and the
 agent meanwhile starts with a certificate that matches its key, or refuses a key that
-matches none. Real archives from the controller, real files, real keys.
+matches none. Enroll holds the folder's install lock against another process that holds it
+(paused mid-install, or killed).
+Real archives from the controller, real files, real keys, real processes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +23,21 @@ import pytest
 
 from agent.cli import main as agent_main
 from agent.config import load_config
-from agent.enroll import MEMBERS, install_enrollment, read_enrollment, request_enrollment
-from agent.enroll_install import JOURNAL, recover, staged_path
+from agent.enroll import (
+    MEMBERS,
+    EnrollmentError,
+    enroll_from_file,
+    install_enrollment,
+    read_enrollment,
+    request_enrollment,
+)
+from agent.enroll_install import (
+    JOURNAL,
+    InstallLockedError,
+    install_lock,
+    recover,
+    staged_path,
+)
 from agent.errors import AgentError, ConfigError
 from agent.mqtt import tls_context
 from agent.tls_identity import resolve_tls_files
@@ -43,6 +60,26 @@ def crash(name):
         os.kill(os.getpid(), signal.SIGKILL)
 
 install_enrollment(read_enrollment(archive.read_bytes(), etc), etc, after_step=crash)
+"""
+
+
+# Installs the archive under the install lock and pauses after its journal (nothing
+# renamed yet), saying so on stdout, until its stdin closes.
+PAUSED_INSTALL = """
+import sys
+from pathlib import Path
+from agent.enroll import install_enrollment, read_enrollment
+from agent.enroll_install import install_lock
+
+archive, etc = Path(sys.argv[1]), Path(sys.argv[2])
+
+def pause(name):
+    if name == "journal":
+        print("paused", flush=True)
+        sys.stdin.read()
+
+with install_lock(etc, 0):
+    install_enrollment(read_enrollment(archive.read_bytes(), etc), etc, after_step=pause)
 """
 
 
@@ -217,3 +254,156 @@ def test_edge_agent_run_exits_2_naming_the_mismatch(renewal: Renewal, tmp_path: 
     )
     assert run.returncode == 2, run.stderr
     assert "config error" in run.stderr and "is not the key of the certificate" in run.stderr
+
+
+# ------------------------------------------------------------------ the install lock
+
+
+@pytest.fixture
+def paused(renewal: Renewal) -> Iterator[subprocess.Popen[str]]:
+    """Another process installing the renewal, holding the lock, paused after its journal."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_INSTALL, str(renewal.archive), str(renewal.etc)],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline() == "paused\n"
+    assert (renewal.etc / JOURNAL).exists()
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _resume(proc: subprocess.Popen[str]) -> None:
+    assert proc.stdin is not None
+    proc.stdin.close()
+    assert proc.wait(timeout=60) == 0
+
+
+def _untouched_by_the_paused_install(r: Renewal) -> bool:
+    return (r.etc / JOURNAL).exists() and _installed(r.etc) == r.old
+
+
+class _Said(logging.Handler):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.messages, self.event = text, list[str](), threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.messages.append(record.getMessage())
+            self.event.set()
+
+
+def test_a_second_enroll_waits_for_the_lock_then_installs_after_the_first(
+    renewal: Renewal, paused: subprocess.Popen[str]
+) -> None:
+    said = _Said("waiting up to")
+    logger = logging.getLogger("agent.enroll_install")
+    logger.addHandler(said)
+    errors: list[BaseException] = []
+
+    def enroll() -> None:
+        try:
+            enroll_from_file(renewal.archive, renewal.etc, lock_wait_s=600)
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            errors.append(exc)
+
+    second = threading.Thread(target=enroll)
+    try:
+        second.start()
+        while second.is_alive() and not said.event.wait(0.05):
+            pass
+        assert said.event.is_set(), f"the second enroll did not wait: {errors}"
+        assert f"locked by process {paused.pid}" in said.messages[0]
+        assert _untouched_by_the_paused_install(renewal)  # it neither recovered nor staged
+        _resume(paused)
+        second.join(timeout=60)
+    finally:
+        logger.removeHandler(said)
+    assert not second.is_alive() and errors == []
+    assert _installed(renewal.etc) == renewal.new
+    assert _leftovers(renewal.etc) == []
+
+
+def test_an_enroll_that_does_not_wait_fails_naming_the_lock_and_its_holder(
+    renewal: Renewal, paused: subprocess.Popen[str]
+) -> None:
+    with pytest.raises(InstallLockedError) as info:
+        enroll_from_file(renewal.archive, renewal.etc, lock_wait_s=0)
+    message = str(info.value)
+    assert f"{renewal.etc} is locked by process {paused.pid}" in message
+    assert "let it finish, then run this again" in message
+    assert _untouched_by_the_paused_install(renewal)
+
+    _resume(paused)
+    enroll_from_file(renewal.archive, renewal.etc, lock_wait_s=0)
+    assert _installed(renewal.etc) == renewal.new
+    assert _leftovers(renewal.etc) == []
+
+
+def test_a_holder_killed_with_sigkill_leaves_no_lock_and_enroll_completes_its_install(
+    renewal: Renewal, paused: subprocess.Popen[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    paused.send_signal(signal.SIGKILL)
+    assert paused.wait(timeout=60) == -signal.SIGKILL
+    with caplog.at_level(logging.WARNING, logger="agent.enroll_install"):
+        enroll_from_file(renewal.archive, renewal.etc, lock_wait_s=0)
+    assert "completed an install" in caplog.text
+    assert _installed(renewal.etc) == renewal.new
+    assert _leftovers(renewal.etc) == []
+
+
+def test_the_lock_is_on_the_folder_and_leaves_nothing_in_it(renewal: Renewal) -> None:
+    # A second descriptor conflicts like another process would.
+    with (
+        install_lock(renewal.etc, 0),
+        pytest.raises(InstallLockedError),
+        install_lock(renewal.etc, 0),
+    ):
+        pass
+    with install_lock(renewal.etc, 0):  # released
+        pass
+    assert sorted(p.name for p in renewal.etc.iterdir()) == sorted(MEMBERS)  # as enrolled
+
+
+def test_a_first_enroll_makes_the_folder_it_locks_only_for_an_archive_that_checks_out(
+    renewal: Renewal, tmp_path: Path
+) -> None:
+    fresh = tmp_path / "fresh"
+    (tmp_path / "bad.tar").write_bytes(b"not a tar" * 100)
+    with pytest.raises(EnrollmentError, match="not an enrollment archive"):
+        enroll_from_file(tmp_path / "bad.tar", fresh, lock_wait_s=0)
+    assert not fresh.exists()
+    enroll_from_file(renewal.archive, fresh, lock_wait_s=0)
+    assert _installed(fresh) == renewal.new
+
+
+def test_the_enroll_command_says_it_waits_for_the_lock_then_installs(
+    renewal: Renewal, paused: subprocess.Popen[str]
+) -> None:
+    command = ["enroll", str(renewal.archive), "--config-dir", str(renewal.etc)]
+    enroll = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", *command],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert enroll.stderr is not None
+        said = enroll.stderr.readline()  # the operator sees why it does not return
+        assert f"{renewal.etc} is locked by process {paused.pid}: waiting up to 30 s" in said
+        assert _untouched_by_the_paused_install(renewal)
+        _resume(paused)
+        out, err = enroll.communicate(timeout=60)
+    finally:
+        if enroll.poll() is None:
+            enroll.kill()
+            enroll.wait()
+    assert enroll.returncode == 0, err
+    assert "enrolled cam-7" in out
+    assert _installed(renewal.etc) == renewal.new
