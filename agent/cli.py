@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         help="install an enrollment archive from `edgectl device add`",
         description="Check an enrollment archive (certificate, key, TUF root, config) and "
         "install it under the config folder: device.key 0600, the rest 0644, owned by root. "
-        "It holds an exclusive lock on the folder while it runs (another enroll "
+        "It holds an exclusive lock on the folder while it runs (another enroll or request "
         "waits for it, at most 30 s). Restart the agent afterwards.",
         epilog="example: edge-agent enroll enroll.tar && systemctl restart edge-agent",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -35,9 +35,10 @@ set or the new one, or the next enroll completes the new one (the agent meanwhil
 the certificate that matches its key). A config already there for another device is not
 replaced without ``force``. ``request_enrollment`` never replaces a key without ``force``.
 
-Enroll (its recovery, checks and install) holds the config folder's install lock
-(``agent.enroll_install.install_lock``) for its whole run, waiting up to ``lock_wait_s``
-(ENROLL_LOCK_WAIT_S) for another one to finish.
+Enroll (its recovery, checks and install) and both requests hold the config folder's
+install lock (``agent.enroll_install.install_lock``) for their whole run, waiting up to
+``lock_wait_s`` (ENROLL_LOCK_WAIT_S) for another one to finish. A request refuses while
+an interrupted install is pending: the key in place may be about to be replaced.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from agent.enroll_install import (
     install_files,
     install_lock,
     recover,
+    refuse_pending,
 )
 from agent.errors import AgentError, ConfigError, UntrustedInputError
 from agent.fsutil import atomic_write
@@ -364,13 +366,20 @@ def _csr(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey, device_id: str) ->
     return csr.public_bytes(serialization.Encoding.PEM)
 
 
-def request_renewal(device_id: str, config_dir: Path = DEFAULT_CONFIG_DIR) -> bytes:
+def request_renewal(
+    device_id: str,
+    config_dir: Path = DEFAULT_CONFIG_DIR,
+    *,
+    lock_wait_s: float = ENROLL_LOCK_WAIT_S,
+) -> bytes:
     """A PEM CSR (CN = ``device_id``) for the ``device.key`` already in ``config_dir``,
     which is left as it is: what ``edgectl device renew ID --csr FILE`` takes to renew
     the certificate of a key that never leaves the device.
 
     Raises AgentError for an invalid id, a missing or unreadable key, or one that is not
-    an unencrypted EC or RSA private key in PEM.
+    an unencrypted EC or RSA private key in PEM; InstallPendingError while an interrupted
+    install is pending (the key in place may be about to be replaced); InstallLockedError
+    when an enroll holds the install lock for longer than ``lock_wait_s``.
     """
     try:
         check_name("device", device_id)
@@ -378,7 +387,9 @@ def request_renewal(device_id: str, config_dir: Path = DEFAULT_CONFIG_DIR) -> by
         raise AgentError(str(exc)) from None
     path = config_dir / DEVICE_KEY
     try:
-        pem = path.read_bytes()
+        with install_lock(config_dir, lock_wait_s):
+            refuse_pending(config_dir, f"`edge-agent request {device_id} --reuse-key`")
+            pem = path.read_bytes()
     except FileNotFoundError:
         raise AgentError(
             f"{path} does not exist: without --reuse-key, `edge-agent request` makes a key"
@@ -395,26 +406,35 @@ def request_renewal(device_id: str, config_dir: Path = DEFAULT_CONFIG_DIR) -> by
 
 
 def request_enrollment(
-    device_id: str, config_dir: Path = DEFAULT_CONFIG_DIR, *, force: bool = False
+    device_id: str,
+    config_dir: Path = DEFAULT_CONFIG_DIR,
+    *,
+    force: bool = False,
+    lock_wait_s: float = ENROLL_LOCK_WAIT_S,
 ) -> bytes:
     """Write a new ``device.key`` (0600) into ``config_dir``; return the PEM CSR for it.
 
     Raises AgentError for an invalid id, when ``config_dir`` already holds a key and
     ``force`` is not set (replacing it orphans the certificate issued for it), or when
-    the folder cannot be written.
+    the folder cannot be written; InstallPendingError while an interrupted install is
+    pending (it would replace or orphan the new key); InstallLockedError when an enroll
+    holds the install lock for longer than ``lock_wait_s``.
     """
     key_pem, csr_pem = make_request(device_id)
     path = config_dir / DEVICE_KEY
-    if path.exists() and not force:
-        raise AgentError(
-            f"{path} already exists; its certificate would stop matching if it were "
-            "replaced: pass --force to make a new key (then enroll again with a new request)"
-        )
     try:
         config_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, key_pem, mode=member_mode(DEVICE_KEY))
-        if os.geteuid() == 0:
-            os.chown(path, 0, 0)
+        with install_lock(config_dir, lock_wait_s):
+            refuse_pending(config_dir, f"`edge-agent request {device_id}`")
+            if path.exists() and not force:
+                raise AgentError(
+                    f"{path} already exists; its certificate would stop matching if it were "
+                    "replaced: pass --force to make a new key (then enroll again with a new "
+                    "request)"
+                )
+            atomic_write(path, key_pem, mode=member_mode(DEVICE_KEY))
+            if os.geteuid() == 0:
+                os.chown(path, 0, 0)
     except OSError as exc:
         raise AgentError(f"cannot write {path}: {exc.strerror or exc}") from None
     logger.info("made a key for %s in %s", device_id, path)

@@ -19,9 +19,10 @@ agent, which cannot write the folder under systemd, reads the same view
 
 The key is renamed first: after it, every file still staged is one the agent can read.
 
-``edge-agent enroll`` (recovery, checks and install) holds :func:`install_lock`, an
-exclusive ``flock(2)`` on the config folder itself, for its whole run, so two of them
-never interleave their staging, journal and renames. The folder
+Every writer of the identity files (``edge-agent enroll``: recovery, checks and install;
+``edge-agent request``) holds :func:`install_lock`, an exclusive ``flock(2)`` on the
+config folder itself, for its whole run, so two of them never interleave their staging,
+journal and renames, and none reads a key that another is about to replace. The folder
 is locked rather than a file in it, so the folder holds only the identity files and
 nothing is left to clean up; the kernel releases the lock when its holder exits or is
 killed, so a crash never leaves a stale lock. A second writer waits up to ``wait_s``,
@@ -61,6 +62,10 @@ StepHook = Callable[[str], None]
 
 class InstallLockedError(AgentError):
     """Another writer held the config folder's install lock for longer than the wait."""
+
+
+class InstallPendingError(AgentError):
+    """An interrupted install is pending; what was asked must wait until it is completed."""
 
 
 @contextlib.contextmanager
@@ -114,6 +119,18 @@ def _holder(fd: int) -> str:
         {f[4] for f in map(str.split, lines) if f[1:2] == ["FLOCK"] and f[5:6] == [ident]}
     )
     return f"process {', '.join(pids)}" if pids else "another process"
+
+
+def refuse_pending(config_dir: Path, doing: str) -> None:
+    """Raise InstallPendingError (saying what ``doing`` waits for) when an interrupted
+    install is pending in ``config_dir``; AgentError for an unreadable journal."""
+    if read_pending(config_dir) is not None:
+        raise InstallPendingError(
+            f"an install into {config_dir} was interrupted and is pending "
+            f"({config_dir / JOURNAL}), so its device.key may be about to be replaced: "
+            "run `edge-agent enroll ARCHIVE` again with the archive being installed (it "
+            f"completes the install before it checks the archive), then {doing} again"
+        )
 
 
 def staged_path(config_dir: Path, name: str) -> Path:

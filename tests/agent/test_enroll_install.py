@@ -1,8 +1,8 @@
 """Installing an enrollment as one set: an install killed (SIGKILL, in a real process)
 between its steps is completed or discarded by the next `edge-agent enroll`, and the
 agent meanwhile starts with a certificate that matches its key, or refuses a key that
-matches none. Enroll holds the folder's install lock against another process that holds it
-(paused mid-install, or killed).
+matches none. Enroll and request hold the folder's install lock against another process
+that holds it (paused mid-install, or killed), and a request refuses a pending install.
 Real archives from the controller, real files, real keys, real processes.
 """
 
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from agent.cli import main as agent_main
 from agent.config import load_config
@@ -30,10 +31,12 @@ from agent.enroll import (
     install_enrollment,
     read_enrollment,
     request_enrollment,
+    request_renewal,
 )
 from agent.enroll_install import (
     JOURNAL,
     InstallLockedError,
+    InstallPendingError,
     install_lock,
     recover,
     staged_path,
@@ -355,6 +358,35 @@ def test_a_holder_killed_with_sigkill_leaves_no_lock_and_enroll_completes_its_in
     assert "completed an install" in caplog.text
     assert _installed(renewal.etc) == renewal.new
     assert _leftovers(renewal.etc) == []
+
+
+def test_requests_wait_for_the_lock_too(renewal: Renewal, paused: subprocess.Popen[str]) -> None:
+    with pytest.raises(InstallLockedError, match=f"locked by process {paused.pid}"):
+        request_renewal("cam-7", renewal.etc, lock_wait_s=0)
+    with pytest.raises(InstallLockedError, match=f"locked by process {paused.pid}"):
+        request_enrollment("cam-7", renewal.etc, force=True, lock_wait_s=0)
+    assert _untouched_by_the_paused_install(renewal)
+
+
+def test_a_request_refuses_a_pending_install_and_says_to_enroll_again(
+    renewal: Renewal, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _install_killed_after("journal", renewal)  # the old key in place, about to be replaced
+    with pytest.raises(InstallPendingError, match=r"run `edge-agent enroll ARCHIVE` again"):
+        request_renewal("cam-7", renewal.etc, lock_wait_s=0)
+    with pytest.raises(InstallPendingError, match=r"then `edge-agent request cam-7` again"):
+        request_enrollment("cam-7", renewal.etc, force=True, lock_wait_s=0)
+    csr = tmp_path / "cam-7.csr"
+    request = ["request", "cam-7", "--reuse-key", "--config-dir", str(renewal.etc), "-o", str(csr)]
+    assert agent_main(request) == 1
+    assert "edge-agent enroll ARCHIVE" in capsys.readouterr().err
+    assert not csr.exists()
+    assert _installed(renewal.etc) == renewal.old and (renewal.etc / JOURNAL).exists()
+
+    assert agent_main(["enroll", str(renewal.archive), "--config-dir", str(renewal.etc)]) == 0
+    assert agent_main(request) == 0  # for the key now in place: the new one
+    request_key = x509.load_pem_x509_csr(csr.read_bytes()).public_key()
+    assert request_key == x509.load_pem_x509_certificate(renewal.new["device.crt"]).public_key()
 
 
 def test_the_lock_is_on_the_folder_and_leaves_nothing_in_it(renewal: Renewal) -> None:
