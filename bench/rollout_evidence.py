@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -143,7 +144,7 @@ def main() -> None:
                 rows += measure(backend, Path(tmp), devices, args)
     headers = ("store", "devices", "call", "samples", "median ms", "min ms", "runs")
     table = markdown_table(headers, rows)
-    command = "python bench/rollout_evidence.py " + " ".join(sys.argv[1:])
+    command = shlex.join(["python", "bench/rollout_evidence.py", *sys.argv[1:]])
     print(table)
     if args.record:
         run_text = "\n".join(
