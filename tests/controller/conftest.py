@@ -1,4 +1,5 @@
-"""Fixtures for the controller: an initialised repository, built bundles, a running serve."""
+"""Fixtures for the controller: an initialised repository, built bundles, a running serve,
+a telemetry store on each backend."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import pytest
 
 from controller.build import build_bundle
 from controller.repository import Repository, init_repository
+from controller.store import TelemetryStore
+from tests.controller.test_store_support import store_for
 from tests.helpers import make_linear_model
 
 MODEL = "lin"
@@ -25,6 +28,14 @@ MODEL = "lin"
 @pytest.fixture
 def repo(tmp_path: Path) -> Repository:
     return init_repository(tmp_path / "repo")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TelemetryStore]:
+    """A fresh telemetry store on SQLite, then on PostgreSQL (a test file may define its
+    own ``store``)."""
+    with store_for(request.param, tmp_path) as s:
+        yield s
 
 
 @pytest.fixture

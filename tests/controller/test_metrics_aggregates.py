@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -23,16 +21,9 @@ from agent.contracts import Event, Status
 from controller.app import add_metrics_route
 from controller.fleet import StalePolicy, health, render_aggregates, render_metrics
 from controller.store import HeartbeatFacts, IngestBatch, ModelFacts, TelemetryStore
-from tests.controller.test_store_support import store_for
 
 NOW = 1_800_000_000.0
 POLICY = StalePolicy(default_interval_s=10.0, stale_after=3.0)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TelemetryStore]:
-    with store_for(request.param, tmp_path) as s:
-        yield s
 
 
 def facts(

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -29,18 +28,11 @@ from controller.rollout_service import (
     _sample,
 )
 from controller.store import HeartbeatFacts, IngestBatch, TelemetryStore
-from tests.controller.test_store_support import store_for
 
 FLEET = "lab"
 MODEL = "lin"
 T0 = 1_700_000_000.0
 SETTINGS = RolloutSettings(heartbeat_interval_s=10.0, max_heartbeats_per_device=7)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TelemetryStore]:
-    with store_for(request.param, tmp_path) as s:
-        yield s
 
 
 @dataclass

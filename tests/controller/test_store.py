@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -19,13 +18,7 @@ from agent.contracts import (
 )
 from controller.fleet import StalePolicy, health, render_fleet_table, render_metrics
 from controller.store import DeviceRow, IngestBatch, TelemetryStore, is_postgres, open_store
-from tests.controller.test_store_support import store_for, store_location
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TelemetryStore]:
-    with store_for(request.param, tmp_path) as s:
-        yield s
+from tests.controller.test_store_support import store_location
 
 
 def beat(
