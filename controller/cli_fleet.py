@@ -86,7 +86,7 @@ def _cmd_device_show(args: argparse.Namespace) -> int:
 
     store, policy = _open_view(args)
     try:
-        rows = [r for r in store.devices(fleet=args.fleet) if r.device == args.device_id]
+        rows = store.devices(fleet=args.fleet, device=args.device_id)
         events = store.events(device=args.device_id, fleet=args.fleet, limit=args.events)
         beats = store.heartbeats(args.device_id, limit=args.heartbeats)
     finally:

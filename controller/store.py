@@ -483,12 +483,18 @@ class TelemetryStore(ABC):
                     cur.executemany(self._sql(statement), rows)
         return len(batch)
 
-    def devices(self, fleet: str | None = None, model: str | None = None) -> list[DeviceRow]:
-        """Every device (of ``fleet``; running ``model``), with its models, by fleet and id."""
-        where, args = [], []
-        if fleet:
-            where.append("d.fleet = ?")
-            args.append(fleet)
+    def devices(
+        self, fleet: str | None = None, model: str | None = None, device: str | None = None
+    ) -> list[DeviceRow]:
+        """Every device (of ``fleet``; running ``model``; with the id ``device``, in each
+        fleet that has one), with its models, by fleet and id."""
+        where, args, model_where, model_args = [], [], [], []
+        for column, value in (("fleet", fleet), ("device", device)):
+            if value:
+                where.append(f"d.{column} = ?")
+                args.append(value)
+                model_where.append(f"{column} = ?")
+                model_args.append(value)
         if model:
             where.append(
                 "EXISTS (SELECT 1 FROM device_models m WHERE m.fleet = d.fleet "
@@ -508,10 +514,10 @@ class TelemetryStore(ABC):
                 self._sql(
                     "SELECT fleet, device, model, version, state, requests, errors, "
                     "client_errors, p99_s, updated_at FROM device_models"
-                    + (" WHERE fleet = ?" if fleet else "")
+                    + (" WHERE " + " AND ".join(model_where) if model_where else "")
                     + " ORDER BY fleet, device, model"
                 ),
-                [fleet] if fleet else [],
+                model_args,
             )
             model_rows = cur.fetchall()
         by_device: dict[tuple[str, str], list[ModelRow]] = {}

@@ -179,6 +179,29 @@ def test_filters_by_fleet_and_model(store: TelemetryStore) -> None:
     assert store.devices(model="other") == []
 
 
+def test_filters_by_device_id_in_every_fleet_with_only_its_models(store: TelemetryStore) -> None:
+    """``edgectl fleet device show`` reads one device, not the fleet's every row."""
+    store.write(
+        IngestBatch(
+            heartbeats=[
+                (beat("d1", 5, fleet="lab"), 1.0),
+                (beat("d1", 7, "2.0.0", fleet="north"), 2.0),
+                (beat("d2", 9), 1.0),
+            ]
+        )
+    )
+    found = store.devices(device="d1")
+    assert [(d.fleet, d.device) for d in found] == [("lab", "d1"), ("north", "d1")]
+    assert [[(m.version, m.requests) for m in d.models] for d in found] == [
+        [("1.0.0", 5)],
+        [("2.0.0", 7)],
+    ]
+    assert [d.fleet for d in store.devices(fleet="north", device="d1")] == ["north"]
+    assert store.devices(fleet="north", device="d2") == []
+    assert [d.device for d in store.devices(device="d2", model="lin")] == ["d2"]
+    assert store.devices(device="d9") == []
+
+
 def test_old_heartbeats_are_pruned(store: TelemetryStore) -> None:
     store.write(IngestBatch(heartbeats=[(beat("d1", 1), 100.0), (beat("d1", 2, seq=2), 200.0)]))
     assert store.prune_heartbeats(150.0) == 1
