@@ -25,7 +25,7 @@ from typing import Final
 
 import onnxruntime as ort
 
-from agent.errors import NotReadyError
+from agent.base.errors import NotReadyError
 
 _IDLE_CHECK_S: Final = 1.0
 

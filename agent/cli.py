@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 import agent
-from agent.completion import add_completion_parser, completion_script
+from agent.base.completion import add_completion_parser, completion_script
+from agent.base.errors import AgentError, ConfigError
 from agent.config import InferenceConfig, load_config
-from agent.errors import AgentError, ConfigError
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -158,8 +158,8 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def _cmd_request(args: argparse.Namespace) -> int:
+    from agent.base.fsutil import atomic_write
     from agent.enroll import request_enrollment, request_renewal
-    from agent.fsutil import atomic_write
 
     if args.reuse_key and args.force:
         raise AgentError("--reuse-key keeps device.key and --force replaces it: pass one")

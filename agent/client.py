@@ -59,6 +59,13 @@ from typing import Any, Final
 
 import numpy as np
 
+from agent.base.errors import (
+    AgentUnreachableError,
+    InferenceError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    NotReadyError,
+)
 from agent.client_decode import Plan, apply_plan, decode_slowly, plan_response
 from agent.client_http import UnixHTTPConnection, request_head
 from agent.client_requests import (
@@ -77,13 +84,6 @@ from agent.client_requests import (
     request_doc,
     shm_params,
     signature_of,
-)
-from agent.errors import (
-    AgentUnreachableError,
-    InferenceError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    NotReadyError,
 )
 from agent.input_files import load_input_file
 from agent.oip_response import build_infer_request

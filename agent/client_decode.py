@@ -21,8 +21,8 @@ from typing import Any, Final, NamedTuple
 
 import numpy as np
 
+from agent.base.errors import InferenceError, InvalidRequestError
 from agent.contracts import OIP_TO_NUMPY
-from agent.errors import InferenceError, InvalidRequestError
 from agent.oip_response import parse_infer_response
 from agent.shm import SharedMemoryRegion
 from agent.tensors import tensor_from_bytes

@@ -33,8 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
-from agent.errors import AgentUnreachableError, InferenceError
-from agent.sockets import poll_recv_into, send_parts, set_timeout
+from agent.base.errors import AgentUnreachableError, InferenceError
+from agent.base.sockets import poll_recv_into, send_parts, set_timeout
 
 _SEND_JOINED_BELOW: Final = 64 * 1024
 _SCRATCH_BYTES: Final = 64 * 1024  # one recv's worth: a whole small response

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.base.errors import ConfigError
 from agent.contracts import InvalidNameError, check_name
-from agent.errors import ConfigError
 
 ENV_PREFIX = "EDGE_AGENT_"
 

@@ -59,6 +59,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
+from agent.base.errors import AgentError, ConfigError, UntrustedInputError
+from agent.base.fsutil import atomic_write
 from agent.config import AgentConfig, parse_config
 from agent.contracts import InvalidNameError, check_name
 from agent.enroll_install import (
@@ -68,8 +70,6 @@ from agent.enroll_install import (
     recover,
     refuse_pending,
 )
-from agent.errors import AgentError, ConfigError, UntrustedInputError
-from agent.fsutil import atomic_write
 from agent.tls_identity import is_key_of
 
 logger = logging.getLogger(__name__)

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from agent.errors import AgentError
-from agent.fsutil import atomic_write, durable_rename, fsync_dir
+from agent.base.errors import AgentError
+from agent.base.fsutil import atomic_write, durable_rename, fsync_dir
 
 logger = logging.getLogger(__name__)
 

@@ -47,8 +47,8 @@ from typing import Any, Final, Protocol
 
 import httptools
 
+from agent.base.sockets import poll_recv_into, send_parts, set_timeout
 from agent.http_messages import Dispatch, Request, Response
-from agent.sockets import poll_recv_into, send_parts, set_timeout
 
 logger = logging.getLogger(__name__)
 

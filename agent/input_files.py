@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from agent.base.errors import InvalidRequestError
 from agent.contracts import OIP_TO_NUMPY
-from agent.errors import InvalidRequestError
 
 
 def load_input_file(path: Path, metadata: Mapping[str, Any]) -> dict[str, np.ndarray]:

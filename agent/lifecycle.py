@@ -25,16 +25,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
-from agent.config import AgentConfig
-from agent.contracts import ProbationPolicy, parse_manifest
-from agent.errors import (
+from agent.base.errors import (
     AgentError,
     FetchError,
     InsufficientSpaceError,
     ModelError,
     UntrustedInputError,
 )
-from agent.fsutil import remove_tree
+from agent.base.fsutil import remove_tree
+from agent.config import AgentConfig
+from agent.contracts import ProbationPolicy, parse_manifest
 from agent.journal import (
     JournalRecord,
     Phase,

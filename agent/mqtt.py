@@ -38,9 +38,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 import agent
+from agent.base.errors import ConfigError
 from agent.config import AgentConfig
 from agent.contracts import ANNOUNCE_SCHEMA, announce_topic, device_topic, status_payload
-from agent.errors import ConfigError
 from agent.outbox import Outbox
 from agent.tls_identity import resolve_tls_files
 

@@ -47,8 +47,8 @@ from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
 import numpy as np
 
+from agent.base.errors import InvalidRequestError
 from agent.contracts import Manifest, TensorSpec
-from agent.errors import InvalidRequestError
 
 if TYPE_CHECKING:
     from agent.oip_response import ResponseTemplate

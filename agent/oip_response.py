@@ -22,8 +22,8 @@ from typing import Any, Final
 
 import numpy as np
 
+from agent.base.errors import InvalidRequestError
 from agent.contracts import OIP_TO_NUMPY
-from agent.errors import InvalidRequestError
 from agent.oip import InferRequest, SharedMemory, ShmRef
 from agent.tensors import (
     datatype_of,

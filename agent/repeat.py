@@ -55,7 +55,7 @@ from typing import Any, Final, NamedTuple
 import numpy as np
 import onnxruntime as ort
 
-from agent.errors import InferenceError
+from agent.base.errors import InferenceError
 from agent.http_messages import Request, Response
 from agent.oip import InferRequest
 from agent.oip_response import ResponseTemplate, encode_infer_response, template_key

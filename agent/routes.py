@@ -35,7 +35,7 @@ from typing import Final
 import onnxruntime as ort
 
 from agent.admission import Admission, DeadlineExceeded, Overloaded, RunWatch
-from agent.errors import (
+from agent.base.errors import (
     InferenceError,
     InvalidRequestError,
     ModelNotFoundError,

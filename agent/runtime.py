@@ -36,6 +36,12 @@ from typing import Any, NamedTuple
 import numpy as np
 import onnxruntime as ort
 
+from agent.base.errors import (
+    GoldenMismatchError,
+    InferenceError,
+    InvalidRequestError,
+    ModelError,
+)
 from agent.contracts import (
     BUNDLE_GOLDEN,
     BUNDLE_MODEL,
@@ -45,12 +51,6 @@ from agent.contracts import (
     ORT_TO_OIP,
     Manifest,
     TensorSpec,
-)
-from agent.errors import (
-    GoldenMismatchError,
-    InferenceError,
-    InvalidRequestError,
-    ModelError,
 )
 from agent.memory import configure_allocator
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import agent
-from agent.errors import ConfigError
+from agent.base.errors import ConfigError
 from agent.http11 import Connection
 from agent.http_messages import RETRY_AFTER, Response, refuse
 from agent.metrics import InferenceMetrics

@@ -35,7 +35,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from agent.errors import InvalidRequestError, ModelNotFoundError
+from agent.base.errors import InvalidRequestError, ModelNotFoundError
 
 SHM_DIR: Final = Path("/dev/shm")
 _KEY: Final = re.compile(r"/?[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}")

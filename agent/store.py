@@ -15,8 +15,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from agent.base.fsutil import atomic_write, remove_tree
 from agent.contracts import InvalidNameError, check_name, check_version
-from agent.fsutil import atomic_write, remove_tree
 from agent.journal import JournalFormatError, JournalRecord, parse_record
 
 logger = logging.getLogger(__name__)

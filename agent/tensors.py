@@ -25,8 +25,8 @@ from typing import Any, Final
 
 import numpy as np
 
+from agent.base.errors import InvalidRequestError
 from agent.contracts import NUMPY_TO_OIP, OIP_TO_NUMPY
-from agent.errors import InvalidRequestError
 
 # Which numpy kinds (of the array JSON data makes) each OIP datatype accepts.
 _ACCEPTED_KINDS: Final[Mapping[str, str]] = {

@@ -23,9 +23,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from agent.base.errors import AgentError, ConfigError
 from agent.config import MqttConfig
 from agent.enroll_install import PendingInstall, read_pending
-from agent.errors import AgentError, ConfigError
 
 logger = logging.getLogger(__name__)
 

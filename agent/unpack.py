@@ -26,6 +26,8 @@ import tarfile
 from pathlib import Path
 from typing import IO
 
+from agent.base.errors import BundleError
+from agent.base.fsutil import durable_rename, fsync_dir, remove_tree
 from agent.contracts import (
     BUNDLE_MANIFEST,
     BUNDLE_OPTIONAL_MEMBERS,
@@ -33,8 +35,6 @@ from agent.contracts import (
     Manifest,
     parse_manifest,
 )
-from agent.errors import BundleError
-from agent.fsutil import durable_rename, fsync_dir, remove_tree
 
 MAX_MANIFEST_BYTES = 1024 * 1024
 _COPY_CHUNK = 1024 * 1024

@@ -36,6 +36,14 @@ from tuf.api import exceptions as tuf_errors
 from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.ngclient import Updater
 
+from agent.base.errors import (
+    AgentError,
+    FetchError,
+    InsufficientSpaceError,
+    TamperedDownloadError,
+    UntrustedInputError,
+)
+from agent.base.fsutil import durable_rename, free_bytes, remove_tree
 from agent.config import AgentConfig
 from agent.contracts import (
     DesiredState,
@@ -44,15 +52,7 @@ from agent.contracts import (
     parse_desired_state,
     resolve_release,
 )
-from agent.errors import (
-    AgentError,
-    FetchError,
-    InsufficientSpaceError,
-    TamperedDownloadError,
-    UntrustedInputError,
-)
 from agent.fetcher import FallbackFetcher, HttpxFetcher, ResumableFetcher, TransferLimits
-from agent.fsutil import durable_rename, free_bytes, remove_tree
 from agent.journal import Phase, serving_version, should_skip
 from agent.lifecycle import ModelLifecycle
 from agent.mqtt import tls_context

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from agent.base.errors import BundleError
 from agent.contracts import (
     BUNDLE_GOLDEN,
     BUNDLE_MANIFEST,
@@ -27,7 +28,6 @@ from agent.contracts import (
     Manifest,
     parse_manifest,
 )
-from agent.errors import BundleError
 from controller.errors import BundleFileError, UsageError
 
 # A fixed member mtime keeps bundles reproducible (2000-01-01T00:00:00Z).

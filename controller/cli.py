@@ -21,7 +21,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from agent.completion import add_completion_parser, completion_script
+from agent.base.completion import add_completion_parser, completion_script
 from controller import cli_bundle, cli_fleet, cli_release, cli_repo, cli_rollout, cli_serve
 from controller.cli_common import RAW
 from controller.cli_release import RELEASE_VERBS, route_release_verbs

@@ -28,6 +28,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
+from agent.base.errors import BundleError
 from agent.contracts import (
     BUNDLE_MANIFEST,
     DesiredState,
@@ -39,7 +40,6 @@ from agent.contracts import (
     parse_manifest,
     version_key,
 )
-from agent.errors import BundleError
 from controller.errors import RepositoryError, UsageError
 from controller.fsio import atomic_write, repo_lock
 from controller.release import current_desired_state

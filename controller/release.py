@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from agent.base.errors import DesiredStateError
 from agent.contracts import (
     ROLLOUT_ROLE,
     DesiredState,
@@ -32,7 +33,6 @@ from agent.contracts import (
     desired_target_path,
     parse_desired_state,
 )
-from agent.errors import DesiredStateError
 from controller.bundle_file import read_bundle
 from controller.errors import ConflictError, RepositoryError, UsageError
 from controller.fsio import repo_lock

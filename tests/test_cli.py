@@ -16,8 +16,8 @@ import pytest
 import agent.cli
 import controller.cli
 import controller.cli_repo
+from agent.base.completion import completion_script
 from agent.cli import _parser as agent_parser
-from agent.completion import completion_script
 from controller.cli import build_parser as controller_parser
 from tests.test_docs import _problems
 

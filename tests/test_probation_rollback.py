@@ -17,8 +17,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from agent.base.errors import InferenceError
 from agent.client import InferenceClient
-from agent.errors import InferenceError
 from agent.journal import Phase, parse_record
 from tests.e2e_support import (
     Proc,

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.base.errors import AgentError
 from agent.client import InferenceClient
-from agent.errors import AgentError
 from agent.journal import Phase, parse_record, serving_version
 from controller.rollout import Rollout, RolloutState
 from controller.rollout_store import RolloutStore

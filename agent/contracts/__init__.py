@@ -12,7 +12,7 @@ Invariants:
 - Every JSON document carries a ``schema`` field ``edgefleet.<kind>/<major>``; a reader
   refuses a major version it does not know.
 - Parsers raise ``ValueError`` subclasses naming the field, what was expected and what
-  was found: ``BundleError`` and ``DesiredStateError`` (from ``agent.errors``) for
+  was found: ``BundleError`` and ``DesiredStateError`` (from ``agent.base.errors``) for
   manifests and desired state, ``PayloadError`` (``agent.contracts.messages``) for
   MQTT payloads, ``InvalidNameError`` for names and versions.
 

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
+from agent.base.errors import BundleError
 from agent.contracts._fields import _require
 from agent.contracts.names import InvalidNameError, check_name, check_version
-from agent.errors import BundleError
 
 # ---------------------------------------------------------------------------- datatypes
 

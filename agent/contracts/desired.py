@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
+from agent.base.errors import BundleError, DesiredStateError
 from agent.contracts._fields import _require
 from agent.contracts.names import (
     InvalidNameError,
@@ -20,7 +21,6 @@ from agent.contracts.names import (
     check_name,
     check_version,
 )
-from agent.errors import BundleError, DesiredStateError
 
 # ---------------------------------------------------------------------------- desired state
 

@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
+from agent.base.errors import BundleError
 from agent.contracts._fields import _require
 from agent.contracts.names import _NAME_RE, TOPIC_ROOT, InvalidNameError, check_name
-from agent.errors import BundleError
 
 # ---------------------------------------------------------------------------- MQTT payloads
 

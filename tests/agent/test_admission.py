@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from agent.admission import Admission, DeadlineExceeded, Overloaded, RunWatch
-from agent.errors import NotReadyError
+from agent.base.errors import NotReadyError
 
 FAR = 1e9  # a deadline that never passes in a test
 

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.base.errors import InferenceError, InvalidRequestError
 from agent.client import AgentUnreachableError, InferenceClient, load_input_file
 from agent.client_http import UnixHTTPConnection, _set_kernel_timeouts, parse_head
-from agent.errors import InferenceError, InvalidRequestError
 from agent.runtime import ModelRegistry, load_model
 from agent.server import InferenceServer
 from agent.shm import SharedMemoryRegion

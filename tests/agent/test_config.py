@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.base.errors import ConfigError
 from agent.config import load_config
-from agent.errors import ConfigError
 
 MINIMAL = """
 device_id = "dev-1"

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from agent.base.errors import BundleError, DesiredStateError
 from agent.contracts import (
     DesiredState,
     InvalidNameError,
@@ -21,7 +22,6 @@ from agent.contracts import (
     resolve_release,
     version_key,
 )
-from agent.errors import BundleError, DesiredStateError
 
 
 @pytest.mark.parametrize("name", ["lab", "fleet-1", "a.b_c", "X9"])

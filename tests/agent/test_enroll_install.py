@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from agent.base.errors import AgentError, ConfigError
 from agent.cli import main as agent_main
 from agent.config import load_config
 from agent.enroll import (
@@ -41,7 +42,6 @@ from agent.enroll_install import (
     recover,
     staged_path,
 )
-from agent.errors import AgentError, ConfigError
 from agent.mqtt import tls_context
 from agent.tls_identity import resolve_tls_files
 from controller.devices import add_device, renew_device

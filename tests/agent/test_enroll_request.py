@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from agent.base.errors import AgentError
 from agent.cli import main as agent_main
 from agent.enroll import make_request, request_enrollment, request_renewal
-from agent.errors import AgentError
 
 
 def _spki(key: object) -> bytes:

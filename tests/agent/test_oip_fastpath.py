@@ -19,8 +19,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.base.errors import InvalidRequestError
 from agent.contracts import GoldenSpec, Manifest, TensorSpec
-from agent.errors import InvalidRequestError
 from agent.oip import InferRequest, PlanCache, SharedMemory, parse_infer_request
 from agent.oip_response import encode_infer_response
 from agent.shm import SharedMemoryRegion, SharedMemoryRegistry

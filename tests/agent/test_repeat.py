@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import pytest
 
+from agent.base.errors import InvalidRequestError
 from agent.client import InferenceClient
 from agent.contracts import TensorSpec
-from agent.errors import InvalidRequestError
 from agent.http_messages import Request
 from agent.repeat import Repeat
 from agent.runtime import LoadedModel, ModelRegistry, load_model

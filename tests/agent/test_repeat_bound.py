@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from agent import runtime
+from agent.base.errors import InferenceError
 from agent.client import InferenceClient
 from agent.contracts import TensorSpec
-from agent.errors import InferenceError
 from agent.http_messages import Request
 from agent.repeat import Repeat
 from agent.runtime import Bound, LoadedModel, ModelRegistry, load_model

@@ -12,8 +12,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from agent.base.errors import GoldenMismatchError, InferenceError, InvalidRequestError, ModelError
 from agent.contracts import BUNDLE_GOLDEN, GOLDEN_INPUT_PREFIX, GOLDEN_OUTPUT_PREFIX, TensorSpec
-from agent.errors import GoldenMismatchError, InferenceError, InvalidRequestError, ModelError
 from agent.runtime import (
     ModelRegistry,
     RunTerminatedError,

@@ -17,9 +17,9 @@ import onnxruntime as ort
 import pytest
 
 import agent
+from agent.base.errors import InvalidRequestError, ModelNotFoundError, NotReadyError
 from agent.client import InferenceClient
 from agent.contracts import GoldenSpec, Manifest, TensorSpec
-from agent.errors import InvalidRequestError, ModelNotFoundError, NotReadyError
 from agent.oip import parse_infer_request
 from agent.oip_response import build_infer_response
 from agent.runtime import LoadedModel, ModelRegistry, load_model

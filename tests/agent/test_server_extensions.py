@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from agent.base.errors import AgentUnreachableError, InvalidRequestError
 from agent.client import InferenceClient
-from agent.errors import AgentUnreachableError, InvalidRequestError
 from agent.metrics import InferenceMetrics
 from agent.runtime import LoadedModel, ModelRegistry, load_model
 from agent.server import InferenceServer

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.base.errors import AgentUnreachableError, ConfigError, NotReadyError
 from agent.client import InferenceClient
 from agent.config import InferenceConfig, parse_config
-from agent.errors import AgentUnreachableError, ConfigError, NotReadyError
 from agent.runtime import LoadedModel, ModelRegistry, load_model
 from agent.server import InferenceServer, may_poll
 from agent.shm import SharedMemoryRegion

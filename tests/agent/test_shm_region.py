@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from agent.errors import InvalidRequestError
+from agent.base.errors import InvalidRequestError
 from agent.shm import SharedMemoryRegion
 
 

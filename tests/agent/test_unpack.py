@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import BundleError
+from agent.base.errors import BundleError
 from agent.unpack import unpack_bundle
 from tests.agent._bundles import good_entries, manifest_for, write_tar
 

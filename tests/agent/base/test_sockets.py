@@ -6,7 +6,7 @@ import socket
 import threading
 from pathlib import Path
 
-from agent.sockets import poll_recv_into, send_parts
+from agent.base.sockets import poll_recv_into, send_parts
 
 
 def _receive_all(sock: socket.socket, nbytes: int, into: bytearray) -> None:
