@@ -33,7 +33,8 @@ from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from agent.config import AgentConfig
+from agent.device.config import AgentConfig
+from agent.device.sdnotify import Notifier, NotifyError
 from agent.journal import JournalRecord, Phase
 from agent.lifecycle import ModelLifecycle, PhaseHook
 from agent.memory import configure_allocator
@@ -41,7 +42,6 @@ from agent.metrics import InferenceMetrics
 from agent.mqtt import MqttLink
 from agent.outbox import Outbox
 from agent.runtime import ModelRegistry
-from agent.sdnotify import Notifier, NotifyError
 from agent.server import InferenceServer
 from agent.store import ModelStore
 from agent.telemetry import IntervalStats, TelemetryReporter

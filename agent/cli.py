@@ -22,7 +22,7 @@ import numpy as np
 import agent
 from agent.base.completion import add_completion_parser, completion_script
 from agent.base.errors import AgentError, ConfigError
-from agent.config import InferenceConfig, load_config
+from agent.device.config import InferenceConfig, load_config
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -133,7 +133,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import signal
 
     from agent.app import run_agent
-    from agent.sdnotify import Notifier
+    from agent.device.sdnotify import Notifier
 
     config = load_config(args.config)
     _configure_logging(config.log_level)
@@ -149,7 +149,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_enroll(args: argparse.Namespace) -> int:
-    from agent.enroll import enroll_from_file
+    from agent.device.enroll import enroll_from_file
 
     enrollment = enroll_from_file(args.archive, args.config_dir, force=args.force)
     print(f"enrolled {enrollment.device_id} in fleet {enrollment.fleet} under {args.config_dir}")
@@ -159,7 +159,7 @@ def _cmd_enroll(args: argparse.Namespace) -> int:
 
 def _cmd_request(args: argparse.Namespace) -> int:
     from agent.base.fsutil import atomic_write
-    from agent.enroll import request_enrollment, request_renewal
+    from agent.device.enroll import request_enrollment, request_renewal
 
     if args.reuse_key and args.force:
         raise AgentError("--reuse-key keeps device.key and --force replaces it: pass one")

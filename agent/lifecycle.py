@@ -33,8 +33,8 @@ from agent.base.errors import (
     UntrustedInputError,
 )
 from agent.base.fsutil import remove_tree
-from agent.config import AgentConfig
 from agent.contracts import ProbationPolicy, parse_manifest
+from agent.device.config import AgentConfig
 from agent.journal import (
     JournalRecord,
     Phase,

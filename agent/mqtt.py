@@ -16,7 +16,7 @@ With ``[mqtt] tls`` the link speaks TLS (1.2 or later), verifies the broker agai
 ``ca_file`` and its host name, and presents the device's client certificate; the broker
 takes the certificate's CN (the device id) as the identity its ACL checks. Missing or
 unreadable TLS files, and a key that is not its certificate's, are a ``ConfigError`` at
-construction, before anything connects (``agent.tls_identity``).
+construction, before anything connects (``agent.device.tls_identity``).
 
 Callbacks run on paho's network thread; ``on_announce`` must be thread-safe.
 """
@@ -39,10 +39,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 import agent
 from agent.base.errors import ConfigError
-from agent.config import AgentConfig
 from agent.contracts import ANNOUNCE_SCHEMA, announce_topic, device_topic, status_payload
+from agent.device.config import AgentConfig
+from agent.device.tls_identity import resolve_tls_files
 from agent.outbox import Outbox
-from agent.tls_identity import resolve_tls_files
 
 logger = logging.getLogger(__name__)
 

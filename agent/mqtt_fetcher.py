@@ -38,8 +38,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from tuf.api.exceptions import DownloadError, DownloadHTTPError
 
-from agent.config import MqttConfig
 from agent.contracts import TOPIC_ROOT, check_name
+from agent.device.config import MqttConfig
 from agent.fetcher import ResumableFetcher, TransferGuard, TransferLimits
 
 logger = logging.getLogger(__name__)

@@ -53,7 +53,7 @@ from agent.shm import SharedMemoryRegistry
 from agent.stats import RequestStats
 
 if TYPE_CHECKING:
-    from agent.config import InferenceConfig
+    from agent.device.config import InferenceConfig
 
 __all__ = ["InferenceServer"]
 

@@ -44,7 +44,6 @@ from agent.base.errors import (
     UntrustedInputError,
 )
 from agent.base.fsutil import durable_rename, free_bytes, remove_tree
-from agent.config import AgentConfig
 from agent.contracts import (
     DesiredState,
     ModelRelease,
@@ -52,6 +51,7 @@ from agent.contracts import (
     parse_desired_state,
     resolve_release,
 )
+from agent.device.config import AgentConfig
 from agent.fetcher import FallbackFetcher, HttpxFetcher, ResumableFetcher, TransferLimits
 from agent.journal import Phase, serving_version, should_skip
 from agent.lifecycle import ModelLifecycle

@@ -106,7 +106,7 @@ class SkipLoadLifecycle:
 
 class SimAgent:
     def __init__(self, device: str, state: Path, url: str, root: Path) -> None:
-        from agent.config import AgentConfig, RepositoryConfig
+        from agent.device.config import AgentConfig, RepositoryConfig
         from agent.updater import UpdateService
 
         config = AgentConfig(

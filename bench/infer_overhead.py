@@ -52,7 +52,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.client import InferenceClient  # noqa: E402
-from agent.config import InferenceConfig  # noqa: E402
 from agent.contracts import (  # noqa: E402
     BUNDLE_GOLDEN,
     BUNDLE_MANIFEST,
@@ -63,6 +62,7 @@ from agent.contracts import (  # noqa: E402
     Manifest,
     TensorSpec,
 )
+from agent.device.config import InferenceConfig  # noqa: E402
 from agent.runtime import LoadedModel, ModelRegistry, load_model  # noqa: E402
 from agent.shm import SharedMemoryRegion  # noqa: E402
 

@@ -7,7 +7,7 @@ lines (``controller.broker``) and of the CRL.
 
 ``add_device`` issues a client certificate from the device CA (``controller.ca``) and
 packs it with the CA certificate, the repository's TUF root and an agent config into the
-archive ``edge-agent enroll`` installs (contract: ``agent.enroll``). Without a CSR the
+archive ``edge-agent enroll`` installs (contract: ``agent.device.enroll``). Without a CSR the
 key is made here and packed too: the archive holds the device's private key, hand it
 over like a password. With a CSR (``edge-agent request`` on the device) the certificate
 is issued for the request's public key and the archive holds no key: the key never
@@ -36,7 +36,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.contracts import InvalidNameError, check_name
-from agent.enroll import (
+from agent.device.enroll import (
     CA_CERT,
     CONFIG,
     DEVICE_CERT,

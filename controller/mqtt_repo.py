@@ -28,7 +28,7 @@ from typing import Any, Final
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.config import MAX_MQTT_CHUNK_BYTES
+from agent.device.config import MAX_MQTT_CHUNK_BYTES
 from agent.mqtt_fetcher import (
     REQUEST_FILTER,
     Chunk,

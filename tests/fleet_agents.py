@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from agent.app import AgentApp
-from agent.config import load_config
+from agent.device.config import load_config
 
 
 async def run(configs: list[Path]) -> None:

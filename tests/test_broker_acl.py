@@ -26,9 +26,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from agent.config import load_config
 from agent.contracts import announce_topic, device_topic
-from agent.enroll import enroll_from_file
+from agent.device.config import load_config
+from agent.device.enroll import enroll_from_file
 from agent.mqtt import MqttLink
 from controller.broker import BrokerOptions, refresh_broker_files, write_broker_config
 from controller.devices import EnrollOptions, add_device, revoke_device

@@ -21,7 +21,7 @@ import pytest
 
 from agent.base.errors import AgentUnreachableError, ConfigError, NotReadyError
 from agent.client import InferenceClient
-from agent.config import InferenceConfig, parse_config
+from agent.device.config import InferenceConfig, parse_config
 from agent.runtime import LoadedModel, ModelRegistry, load_model
 from agent.server import InferenceServer, may_poll
 from agent.shm import SharedMemoryRegion

@@ -12,8 +12,8 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.cli import main as agent_main
-from agent.config import load_config
-from agent.enroll import EnrollmentError, install_enrollment, read_enrollment
+from agent.device.config import load_config
+from agent.device.enroll import EnrollmentError, install_enrollment, read_enrollment
 from controller.broker import render_acl
 from controller.cli import main as edgectl_main
 from controller.devices import add_device, load_registry, revoke_device

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from agent.cli import main as agent_main
-from agent.enroll import (
+from agent.device.enroll import (
     EnrollmentError,
     enroll_from_file,
     read_enrollment,

@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.cli import main as agent_main
-from agent.enroll import request_enrollment
+from agent.device.enroll import request_enrollment
 from controller.cli import main as edgectl_main
 from controller.devices import (
     EnrollOptions,

@@ -10,7 +10,6 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.config import AgentConfig, parse_config
 from agent.contracts import (
     Event,
     PayloadError,
@@ -19,6 +18,7 @@ from agent.contracts import (
     event_payload,
     telemetry_payload,
 )
+from agent.device.config import AgentConfig, parse_config
 from agent.mqtt import MqttLink
 from agent.outbox import Outbox
 from agent.telemetry import IntervalStats, TelemetryReporter, build_heartbeat

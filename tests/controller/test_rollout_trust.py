@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig, InferenceConfig, RepositoryConfig
 from agent.contracts import (
     ROLLOUT_ROLE,
     DesiredState,
@@ -28,6 +27,7 @@ from agent.contracts import (
     bundle_target_path,
     desired_target_path,
 )
+from agent.device.config import AgentConfig, InferenceConfig, RepositoryConfig
 from agent.journal import Phase, serving_version
 from agent.lifecycle import ModelLifecycle
 from agent.runtime import ModelRegistry

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig, InferenceConfig, MqttConfig, RepositoryConfig
 from agent.contracts import ProbationPolicy
+from agent.device.config import AgentConfig, InferenceConfig, MqttConfig, RepositoryConfig
 from agent.journal import Phase, serving_version
 from agent.lifecycle import ModelLifecycle
 from agent.runtime import ModelRegistry

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tuf.api.exceptions import DownloadError, DownloadHTTPError
 
-from agent.config import MqttConfig
+from agent.device.config import MqttConfig
 from agent.fetcher import TransferLimits
 from agent.journal import Phase
 from agent.mqtt_fetcher import URL_PREFIX, MqttFetcher

@@ -24,8 +24,8 @@ from cryptography import x509
 
 from agent.base.errors import AgentError, ConfigError
 from agent.cli import main as agent_main
-from agent.config import load_config
-from agent.enroll import (
+from agent.device.config import load_config
+from agent.device.enroll import (
     MEMBERS,
     EnrollmentError,
     enroll_from_file,
@@ -34,7 +34,7 @@ from agent.enroll import (
     request_enrollment,
     request_renewal,
 )
-from agent.enroll_install import (
+from agent.device.enroll_install import (
     JOURNAL,
     InstallLockedError,
     InstallPendingError,
@@ -42,19 +42,19 @@ from agent.enroll_install import (
     recover,
     staged_path,
 )
+from agent.device.tls_identity import resolve_tls_files
 from agent.mqtt import tls_context
-from agent.tls_identity import resolve_tls_files
 from controller.devices import add_device, renew_device
 from controller.repository import init_repository
 from tests.controller.enroll_support import OPTIONS, archive_members
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 # Installs the archive in a process of its own that SIGKILLs itself after one step.
 KILLED_INSTALL = """
 import os, signal, sys
 from pathlib import Path
-from agent.enroll import install_enrollment, read_enrollment
+from agent.device.enroll import install_enrollment, read_enrollment
 
 archive, etc, step = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 
@@ -71,8 +71,8 @@ install_enrollment(read_enrollment(archive.read_bytes(), etc), etc, after_step=c
 PAUSED_INSTALL = """
 import sys
 from pathlib import Path
-from agent.enroll import install_enrollment, read_enrollment
-from agent.enroll_install import install_lock
+from agent.device.enroll import install_enrollment, read_enrollment
+from agent.device.enroll_install import install_lock
 
 archive, etc = Path(sys.argv[1]), Path(sys.argv[2])
 
@@ -142,7 +142,7 @@ def test_an_install_killed_between_key_and_certificate_is_completed_by_the_next_
     assert (renewal.etc / "device.crt").read_bytes() == renewal.old["device.crt"]  # no pair
     assert (renewal.etc / JOURNAL).exists()
 
-    with caplog.at_level(logging.WARNING, logger="agent.enroll_install"):
+    with caplog.at_level(logging.WARNING, logger="agent.device.enroll_install"):
         assert agent_main(["enroll", str(renewal.archive), "--config-dir", str(renewal.etc)]) == 0
     assert "completed an install" in caplog.text and "device.crt" in caplog.text
     assert _installed(renewal.etc) == renewal.new
@@ -175,7 +175,7 @@ def test_recover_leaves_one_whole_set_after_a_kill_at_any_step(
     _install_killed_after(step, renewal)
     assert staged_path(renewal.etc, "agent.toml").exists()  # the kill was mid-install
 
-    with caplog.at_level(logging.WARNING, logger="agent.enroll_install"):
+    with caplog.at_level(logging.WARNING, logger="agent.device.enroll_install"):
         recover(renewal.etc)
     assert _installed(renewal.etc) == getattr(renewal, left)
     assert _leftovers(renewal.etc) == []
@@ -214,7 +214,7 @@ def test_the_agent_starts_with_the_certificate_of_its_key_after_an_interrupted_i
     config = load_config(renewal.etc / "agent.toml", environ={})
     environ = {"CREDENTIALS_DIRECTORY": str(credentials)}
 
-    with caplog.at_level(logging.WARNING, logger="agent.tls_identity"):
+    with caplog.at_level(logging.WARNING, logger="agent.device.tls_identity"):
         files = resolve_tls_files(config.mqtt, environ)
         tls_context(config, environ)  # loads them: the pair matches
     expected = {
@@ -305,7 +305,7 @@ def test_a_second_enroll_waits_for_the_lock_then_installs_after_the_first(
     renewal: Renewal, paused: subprocess.Popen[str]
 ) -> None:
     said = _Said("waiting up to")
-    logger = logging.getLogger("agent.enroll_install")
+    logger = logging.getLogger("agent.device.enroll_install")
     logger.addHandler(said)
     errors: list[BaseException] = []
 
@@ -353,7 +353,7 @@ def test_a_holder_killed_with_sigkill_leaves_no_lock_and_enroll_completes_its_in
 ) -> None:
     paused.send_signal(signal.SIGKILL)
     assert paused.wait(timeout=60) == -signal.SIGKILL
-    with caplog.at_level(logging.WARNING, logger="agent.enroll_install"):
+    with caplog.at_level(logging.WARNING, logger="agent.device.enroll_install"):
         enroll_from_file(renewal.archive, renewal.etc, lock_wait_s=0)
     assert "completed an install" in caplog.text
     assert _installed(renewal.etc) == renewal.new

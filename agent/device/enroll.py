@@ -30,13 +30,13 @@ it to the sandboxed agent with ``LoadCredential=device.key:...`` (see
 Invariants: nothing of an archive is written unless it checks out (members, sizes,
 the config parses, the certificate names this device and matches the key, from the
 archive or already installed, the root is TUF root metadata). The files are replaced
-as one set (``agent.enroll_install``): after an interruption the folder holds the old
+as one set (``agent.device.enroll_install``): after an interruption the folder holds the old
 set or the new one, or the next enroll completes the new one (the agent meanwhile uses
 the certificate that matches its key). A config already there for another device is not
 replaced without ``force``. ``request_enrollment`` never replaces a key without ``force``.
 
 Enroll (its recovery, checks and install) and both requests hold the config folder's
-install lock (``agent.enroll_install.install_lock``) for their whole run, waiting up to
+install lock (``agent.device.enroll_install.install_lock``) for their whole run, waiting up to
 ``lock_wait_s`` (ENROLL_LOCK_WAIT_S) for another one to finish. A request refuses while
 an interrupted install is pending: the key in place may be about to be replaced.
 """
@@ -61,16 +61,16 @@ from cryptography.x509.oid import NameOID
 
 from agent.base.errors import AgentError, ConfigError, UntrustedInputError
 from agent.base.fsutil import atomic_write
-from agent.config import AgentConfig, parse_config
 from agent.contracts import InvalidNameError, check_name
-from agent.enroll_install import (
+from agent.device.config import AgentConfig, parse_config
+from agent.device.enroll_install import (
     StepHook,
     install_files,
     install_lock,
     recover,
     refuse_pending,
 )
-from agent.tls_identity import is_key_of
+from agent.device.tls_identity import is_key_of
 
 logger = logging.getLogger(__name__)
 
@@ -170,12 +170,12 @@ def install_enrollment(
     force: bool = False,
     after_step: StepHook | None = None,
 ) -> list[Path]:
-    """Write the archive's files into ``config_dir`` as one set (``agent.enroll_install``);
+    """Write the archive's files into ``config_dir`` as one set (``agent.device.enroll_install``);
     return the paths written. ``after_step`` is for tests that interrupt the install.
 
     Raises EnrollmentError when ``config_dir`` already holds another device's config and
     ``force`` is not set; AgentError when an interrupted install is pending (call
-    ``agent.enroll_install.recover`` before :func:`read_enrollment`, as
+    ``agent.device.enroll_install.recover`` before :func:`read_enrollment`, as
     :func:`enroll_from_file` does); OSError when the folder cannot be written.
     """
     existing = config_dir / CONFIG

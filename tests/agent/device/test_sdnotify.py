@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.sdnotify import Notifier, NotifyError, format_message, parse_address
+from agent.device.sdnotify import Notifier, NotifyError, format_message, parse_address
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ Checked at start, before anything connects: a key that is not its certificate's 
 fail only in the TLS handshake, on every reconnect, with an OpenSSL message. Here it is
 a ConfigError that names both files and what to run.
 
-An enrollment install interrupted between its renames (``agent.enroll_install``) leaves
+An enrollment install interrupted between its renames (``agent.device.enroll_install``) leaves
 ``device.key`` new and ``device.crt`` old. The agent cannot finish it (under systemd
 the config folder is read-only to it), but it can read the journal: the new set's
 certificate, still staged, matches the new key, and is used until the next
@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from agent.base.errors import AgentError, ConfigError
-from agent.config import MqttConfig
-from agent.enroll_install import PendingInstall, read_pending
+from agent.device.config import MqttConfig
+from agent.device.enroll_install import PendingInstall, read_pending
 
 logger = logging.getLogger(__name__)
 

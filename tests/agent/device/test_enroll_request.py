@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from agent.base.errors import AgentError
 from agent.cli import main as agent_main
-from agent.enroll import make_request, request_enrollment, request_renewal
+from agent.device.enroll import make_request, request_enrollment, request_renewal
 
 
 def _spki(key: object) -> bytes:

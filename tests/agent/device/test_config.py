@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from agent.base.errors import ConfigError
-from agent.config import load_config
+from agent.device.config import load_config
 
 MINIMAL = """
 device_id = "dev-1"
