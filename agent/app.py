@@ -37,11 +37,11 @@ from agent.device.config import AgentConfig
 from agent.device.sdnotify import Notifier, NotifyError
 from agent.journal import JournalRecord, Phase
 from agent.lifecycle import ModelLifecycle, PhaseHook
-from agent.memory import configure_allocator
 from agent.metrics import InferenceMetrics
 from agent.mqtt import MqttLink
 from agent.outbox import Outbox
-from agent.runtime import ModelRegistry
+from agent.runtime.memory import configure_allocator
+from agent.runtime.models import ModelRegistry
 from agent.server import InferenceServer
 from agent.store import ModelStore
 from agent.telemetry import IntervalStats, TelemetryReporter
@@ -117,7 +117,7 @@ class AgentApp:
             self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self._notify(STATUS="restoring the last good versions")
-        configure_allocator()  # before the first model loads (see agent.memory)
+        configure_allocator()  # before the first model loads (see agent.runtime.memory)
         restored = await asyncio.to_thread(self.lifecycle.restore)
         logger.info("restored %d model(s) from %s", len(restored), self.config.state_dir)
         self.telemetry.agent_started(self.models_status())

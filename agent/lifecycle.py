@@ -44,10 +44,10 @@ from agent.journal import (
     serving_version,
     transition,
 )
-from agent.memory import release_memory
 from agent.probation import Verdict, evaluate_probation
-from agent.runtime import LoadedModel, ModelRegistry, check_golden, load_model, warm_up
-from agent.stats import RequestStats, StatsSnapshot
+from agent.runtime.memory import release_memory
+from agent.runtime.models import LoadedModel, ModelRegistry, check_golden, load_model, warm_up
+from agent.runtime.stats import RequestStats, StatsSnapshot
 from agent.store import ModelStore
 from agent.unpack import unpack_bundle
 
@@ -243,7 +243,7 @@ class ModelLifecycle:
         self._registry.activate(loaded)
         del loaded
         # The old session is freed when its last in-flight request ends; give back what
-        # is already free (a dropped session is not memory returned, see agent.memory).
+        # is already free (a dropped session is not memory returned, see agent.runtime.memory).
         release_memory()
         self._on_swap(model, version, "activated")
         logger.info(

@@ -46,7 +46,7 @@ from enum import Enum
 from typing import Final
 
 from agent.contracts import ProbationPolicy
-from agent.stats import StatsSnapshot
+from agent.runtime.stats import StatsSnapshot
 
 # Fewest served requests before an error rate is judged (unless the breach is certain).
 MIN_REQUESTS_TO_JUDGE: Final = 20

@@ -47,9 +47,9 @@ from agent.metrics import InferenceMetrics
 from agent.oip import PlanCache, model_metadata, parse_infer_request
 from agent.oip_response import encode_infer_response
 from agent.repeat import Repeat, infer_response, remember
-from agent.runtime import LoadedModel, ModelRegistry
+from agent.runtime.models import LoadedModel, ModelRegistry
+from agent.runtime.stats import Outcome, RequestStats
 from agent.shm import SharedMemoryDenied, SharedMemoryRegistry
-from agent.stats import Outcome, RequestStats
 
 logger = logging.getLogger(__name__)
 

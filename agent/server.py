@@ -48,9 +48,9 @@ from agent.http_messages import RETRY_AFTER, Response, refuse
 from agent.metrics import InferenceMetrics
 from agent.oip import EXTENSIONS
 from agent.routes import Router
-from agent.runtime import ModelRegistry
+from agent.runtime.models import ModelRegistry
+from agent.runtime.stats import RequestStats
 from agent.shm import SharedMemoryRegistry
-from agent.stats import RequestStats
 
 if TYPE_CHECKING:
     from agent.device.config import InferenceConfig

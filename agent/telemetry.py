@@ -41,7 +41,7 @@ from agent.contracts import (
 )
 from agent.journal import JournalRecord
 from agent.outbox import Outbox
-from agent.stats import Outcome, RequestStats, StatsSnapshot
+from agent.runtime.stats import Outcome, RequestStats, StatsSnapshot
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import numpy as np
 from _common import load_average, machine, record_section, today
 from infer_overhead import _inputs, _load, build_models
 
-from agent.runtime import Bound
+from agent.runtime.models import Bound
 from agent.shm import SharedMemoryRegion
 from agent.tensors import tensor_to_bytes
 

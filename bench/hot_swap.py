@@ -421,9 +421,9 @@ def allocator_child(config: str, swaps: int, work: Path) -> dict[str, float]:
 
     import onnxruntime as ort
 
-    import agent.runtime as runtime
-    from agent import memory
+    import agent.runtime.models as runtime
     from agent.contracts import parse_manifest
+    from agent.runtime import memory
     from agent.unpack import unpack_bundle
 
     options = set(config.split("+"))

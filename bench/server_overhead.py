@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from infer_overhead import _inputs, _load, build_models
 from agent.http_messages import Request
-from agent.runtime import ModelRegistry
+from agent.runtime.models import ModelRegistry
 from agent.server import InferenceServer
 from agent.shm import SharedMemoryRegion
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from agent.runtime import ModelRegistry
+from agent.runtime.models import ModelRegistry
 from agent.server import InferenceServer
 
 

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.client import InferenceClient
-from agent.runtime import ModelRegistry, load_model
+from agent.runtime.models import ModelRegistry, load_model
 from agent.server import InferenceServer
 from agent.shm import SharedMemoryRegion
 from tests.agent._model_dir import ALL_DATATYPES, make_identity_model_dir, make_model_dir

@@ -17,7 +17,7 @@ from agent.probation import (
     Verdict,
     evaluate_probation,
 )
-from agent.stats import Outcome, RequestStats, StatsSnapshot
+from agent.runtime.stats import Outcome, RequestStats, StatsSnapshot
 
 T0 = 1000.0
 POLICY = ProbationPolicy(duration_s=60.0, min_requests=0, max_error_rate=0.05, max_p99_ratio=2.0)

@@ -20,7 +20,7 @@ from agent.client import InferenceClient
 from agent.contracts import TensorSpec
 from agent.http_messages import Request
 from agent.repeat import Repeat
-from agent.runtime import LoadedModel, ModelRegistry, load_model
+from agent.runtime.models import LoadedModel, ModelRegistry, load_model
 from agent.server import InferenceServer
 from agent.shm import SharedMemoryRegion
 from tests.agent._model_dir import make_model_dir

@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent import runtime
 from agent.base.errors import InferenceError
 from agent.client import InferenceClient
 from agent.contracts import TensorSpec
 from agent.http_messages import Request
 from agent.repeat import Repeat
-from agent.runtime import Bound, LoadedModel, ModelRegistry, load_model
+from agent.runtime import models as runtime
+from agent.runtime.models import Bound, LoadedModel, ModelRegistry, load_model
 from agent.server import InferenceServer
 from agent.shm import SharedMemoryRegion
 from tests.agent._model_dir import make_model_dir
@@ -281,7 +281,7 @@ def test_a_binding_onnx_runtime_refuses_leaves_runs_unbound(
     output = [Bound("y", y.dtype, y.shape, y.ctypes.data)]
     unknown = [Bound("nope", x.dtype, x.shape, x.ctypes.data)]
     runtime._BIND_REFUSED.discard(("linear", "1.0.0"))  # another test's refusal, if any
-    with caplog.at_level(logging.WARNING, logger="agent.runtime"):
+    with caplog.at_level(logging.WARNING, logger="agent.runtime.models"):
         for key in (1, 2):
             assert linear.bind(key, unknown, output) is None
     assert not linear.bound_runs

@@ -22,7 +22,7 @@ from agent.client import InferenceClient
 from agent.contracts import GoldenSpec, Manifest, TensorSpec
 from agent.oip import parse_infer_request
 from agent.oip_response import build_infer_response
-from agent.runtime import LoadedModel, ModelRegistry, load_model
+from agent.runtime.models import LoadedModel, ModelRegistry, load_model
 from agent.server import InferenceServer
 from tests.agent._model_dir import make_model_dir
 from tests.agent._serving import (

@@ -22,7 +22,7 @@ import pytest
 from agent.base.errors import AgentUnreachableError, ConfigError, NotReadyError
 from agent.client import InferenceClient
 from agent.device.config import InferenceConfig, parse_config
-from agent.runtime import LoadedModel, ModelRegistry, load_model
+from agent.runtime.models import LoadedModel, ModelRegistry, load_model
 from agent.server import InferenceServer, may_poll
 from agent.shm import SharedMemoryRegion
 from tests.agent._model_dir import make_model_dir

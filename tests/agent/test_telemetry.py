@@ -19,7 +19,7 @@ from agent.contracts import (
     telemetry_payload,
 )
 from agent.journal import JournalRecord, Phase
-from agent.stats import Outcome
+from agent.runtime.stats import Outcome
 from agent.telemetry import IntervalStats, build_heartbeat, lifecycle_event, sample_system
 
 

@@ -18,7 +18,7 @@ from agent.contracts import ProbationPolicy
 from agent.device.config import AgentConfig, InferenceConfig, MqttConfig, RepositoryConfig
 from agent.journal import Phase, serving_version
 from agent.lifecycle import ModelLifecycle
-from agent.runtime import ModelRegistry
+from agent.runtime.models import ModelRegistry
 from agent.store import ModelStore
 from agent.telemetry import IntervalStats
 from agent.updater import CheckResult, UpdateService

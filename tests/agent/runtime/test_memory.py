@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent import memory
 from agent.contracts import Manifest
-from agent.runtime import LoadedModel, check_golden, load_model, warm_up
+from agent.runtime import memory
+from agent.runtime.models import LoadedModel, check_golden, load_model, warm_up
 from tests.agent._model_dir import make_model_dir
 from tests.helpers import make_linear_model
 

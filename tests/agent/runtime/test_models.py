@@ -1,4 +1,4 @@
-"""agent.runtime on real ONNX Runtime: load, golden vectors, signature checks, the registry."""
+"""agent.runtime.models on real ONNX Runtime: load, golden vectors, signatures, the registry."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from agent.base.errors import GoldenMismatchError, InferenceError, InvalidRequestError, ModelError
 from agent.contracts import BUNDLE_GOLDEN, GOLDEN_INPUT_PREFIX, GOLDEN_OUTPUT_PREFIX, TensorSpec
-from agent.runtime import (
+from agent.runtime.models import (
     ModelRegistry,
     RunTerminatedError,
     check_golden,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.stats import Outcome, RequestStats
+from agent.runtime.stats import Outcome, RequestStats
 
 
 def test_counts_and_percentiles_per_version() -> None:

@@ -11,7 +11,7 @@ Invariants:
 - A request takes its reference to a ``LoadedModel`` once, at its start, and finishes on
   it. The registry keeps no other reference to a replaced model, so the old session is
   freed when the last in-flight request drops it: zero failed requests across a swap.
-- Sessions are created with glibc's mmap threshold fixed (``agent.memory``): a replaced
+- Sessions are created with glibc's mmap threshold fixed (``agent.runtime.memory``): a replaced
   session's memory goes back to the kernel when its last request drops it, so RSS stays
   bounded across swaps.
 - ``LoadedModel.infer`` checks every input's presence and shape itself, whoever calls it
@@ -52,7 +52,7 @@ from agent.contracts import (
     Manifest,
     TensorSpec,
 )
-from agent.memory import configure_allocator
+from agent.runtime.memory import configure_allocator
 
 logger = logging.getLogger(__name__)
 
