@@ -224,7 +224,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
 def _infer_shm(client: Any, args: argparse.Namespace, inputs: dict[str, Any]) -> dict[str, Any]:
     import os
 
-    from agent.shm import SharedMemoryRegion
+    from agent.oip.shm import SharedMemoryRegion
 
     need = sum(np.asarray(v).nbytes for v in inputs.values())
     name = f"edge-agent-cli-{os.getpid()}"

@@ -86,9 +86,9 @@ from agent.client_requests import (
     signature_of,
 )
 from agent.input_files import load_input_file
-from agent.oip_response import build_infer_request
-from agent.shm import SharedMemoryRegion
-from agent.tensors import tensor_head, tensor_to_bytes
+from agent.oip.response import build_infer_request
+from agent.oip.shm import SharedMemoryRegion
+from agent.oip.tensors import tensor_head, tensor_to_bytes
 
 __all__ = ["AgentUnreachableError", "InferenceClient", "load_input_file"]
 

@@ -23,9 +23,9 @@ import numpy as np
 
 from agent.base.errors import InferenceError, InvalidRequestError
 from agent.contracts import OIP_TO_NUMPY
-from agent.oip_response import parse_infer_response
-from agent.shm import SharedMemoryRegion
-from agent.tensors import tensor_from_bytes
+from agent.oip.response import parse_infer_response
+from agent.oip.shm import SharedMemoryRegion
+from agent.oip.tensors import tensor_from_bytes
 
 # Datatypes whose wire bytes an array can view directly (BOOL is checked, BYTES parsed).
 _VIEWED: Final[Mapping[str, np.dtype[Any]]] = {

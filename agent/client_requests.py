@@ -23,7 +23,7 @@ import numpy as np
 
 from agent.client_decode import Plan
 from agent.contracts import OIP_TO_NUMPY
-from agent.shm import SharedMemoryRegion
+from agent.oip.shm import SharedMemoryRegion
 
 ALIGN: Final = 64  # binary data and shared-memory tensors start on this boundary
 JOIN_BELOW: Final = 64 * 1024  # smaller requests go out as one joined buffer

@@ -57,11 +57,11 @@ import onnxruntime as ort
 
 from agent.base.errors import InferenceError
 from agent.http_messages import Request, Response
-from agent.oip import InferRequest
-from agent.oip_response import ResponseTemplate, encode_infer_response, template_key
+from agent.oip.request import InferRequest
+from agent.oip.response import ResponseTemplate, encode_infer_response, template_key
+from agent.oip.shm import SharedMemoryRegistry
+from agent.oip.tensors import tensor_to_bytes
 from agent.runtime.models import Bound, BoundRun, LoadedModel, RunTerminatedError
-from agent.shm import SharedMemoryRegistry
-from agent.tensors import tensor_to_bytes
 
 _BINARY: Final = b"application/octet-stream"
 _MAX_PER_CONNECTION: Final = 8  # distinct infer URLs remembered per connection

@@ -44,12 +44,12 @@ from agent.base.errors import (
 from agent.http_messages import RETRY_AFTER, Request, Response
 from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.metrics import InferenceMetrics
-from agent.oip import PlanCache, model_metadata, parse_infer_request
-from agent.oip_response import encode_infer_response
+from agent.oip.request import PlanCache, model_metadata, parse_infer_request
+from agent.oip.response import encode_infer_response
+from agent.oip.shm import SharedMemoryDenied, SharedMemoryRegistry
 from agent.repeat import Repeat, infer_response, remember
 from agent.runtime.models import LoadedModel, ModelRegistry
 from agent.runtime.stats import Outcome, RequestStats
-from agent.shm import SharedMemoryDenied, SharedMemoryRegistry
 
 logger = logging.getLogger(__name__)
 

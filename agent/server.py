@@ -46,11 +46,11 @@ from agent.base.errors import ConfigError
 from agent.http11 import Connection
 from agent.http_messages import RETRY_AFTER, Response, refuse
 from agent.metrics import InferenceMetrics
-from agent.oip import EXTENSIONS
+from agent.oip.request import EXTENSIONS
+from agent.oip.shm import SharedMemoryRegistry
 from agent.routes import Router
 from agent.runtime.models import ModelRegistry
 from agent.runtime.stats import RequestStats
-from agent.shm import SharedMemoryRegistry
 
 if TYPE_CHECKING:
     from agent.device.config import InferenceConfig

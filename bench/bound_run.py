@@ -30,9 +30,9 @@ import numpy as np
 from _common import load_average, machine, record_section, today
 from infer_overhead import _inputs, _load, build_models
 
+from agent.oip.shm import SharedMemoryRegion
+from agent.oip.tensors import tensor_to_bytes
 from agent.runtime.models import Bound
-from agent.shm import SharedMemoryRegion
-from agent.tensors import tensor_to_bytes
 
 _OUTPUT_AT = 1 << 20
 

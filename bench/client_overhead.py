@@ -47,7 +47,7 @@ from _common import ROOT  # noqa: F401  (puts the repository on sys.path)
 from infer_overhead import Agent, _inputs, build_models
 
 from agent.client import InferenceClient
-from agent.shm import SharedMemoryRegion
+from agent.oip.shm import SharedMemoryRegion
 
 CASES = ("tiny-binary", "tiny-shm", "cnn-binary", "cnn-shm")
 Responses = dict[str, dict[bytes, bytes]]  # case → request line → response (or request)

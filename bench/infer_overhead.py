@@ -63,8 +63,8 @@ from agent.contracts import (  # noqa: E402
     TensorSpec,
 )
 from agent.device.config import InferenceConfig  # noqa: E402
+from agent.oip.shm import SharedMemoryRegion  # noqa: E402
 from agent.runtime.models import LoadedModel, ModelRegistry, load_model  # noqa: E402
-from agent.shm import SharedMemoryRegion  # noqa: E402
 
 
 def _bundle_dir(

@@ -42,7 +42,7 @@ from infer_overhead import _inputs, _load, build_models
 from agent.http_messages import Request
 from agent.runtime.models import ModelRegistry
 from agent.server import InferenceServer
-from agent.shm import SharedMemoryRegion
+from agent.oip.shm import SharedMemoryRegion
 
 base = Path(tempfile.mkdtemp(prefix="ef-server-overhead-"))
 dirs = build_models(base)

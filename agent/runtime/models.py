@@ -138,7 +138,7 @@ class LoadedModel:
     ) -> dict[str, np.ndarray]:
         """Run the model once; return the requested outputs (all of them by default).
 
-        ``inputs`` should already match the signature (``agent.oip`` checks requests);
+        ``inputs`` should already match the signature (``agent.oip.request`` checks requests);
         every input's presence and shape are checked again here, cheaply, for callers
         that do not go through it. No or empty ``output_names``: every output, in manifest
         order. ``run_options`` is passed to ONNX Runtime: setting its ``terminate`` flag

@@ -19,10 +19,10 @@ from agent.base.errors import InvalidRequestError
 from agent.client import InferenceClient
 from agent.contracts import TensorSpec
 from agent.http_messages import Request
+from agent.oip.shm import SharedMemoryRegion
 from agent.repeat import Repeat
 from agent.runtime.models import LoadedModel, ModelRegistry, load_model
 from agent.server import InferenceServer
-from agent.shm import SharedMemoryRegion
 from tests.agent._model_dir import make_model_dir
 from tests.agent._serving import serving
 from tests.helpers import make_linear_model, make_nonzero_model

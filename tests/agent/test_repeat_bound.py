@@ -21,11 +21,11 @@ from agent.base.errors import InferenceError
 from agent.client import InferenceClient
 from agent.contracts import TensorSpec
 from agent.http_messages import Request
+from agent.oip.shm import SharedMemoryRegion
 from agent.repeat import Repeat
 from agent.runtime import models as runtime
 from agent.runtime.models import Bound, LoadedModel, ModelRegistry, load_model
 from agent.server import InferenceServer
-from agent.shm import SharedMemoryRegion
 from tests.agent._model_dir import make_model_dir
 from tests.agent._serving import serving
 from tests.helpers import make_linear_model, make_misbehaving_model, make_nonzero_model

@@ -20,8 +20,8 @@ import agent
 from agent.base.errors import InvalidRequestError, ModelNotFoundError, NotReadyError
 from agent.client import InferenceClient
 from agent.contracts import GoldenSpec, Manifest, TensorSpec
-from agent.oip import parse_infer_request
-from agent.oip_response import build_infer_response
+from agent.oip.request import parse_infer_request
+from agent.oip.response import build_infer_response
 from agent.runtime.models import LoadedModel, ModelRegistry, load_model
 from agent.server import InferenceServer
 from tests.agent._model_dir import make_model_dir

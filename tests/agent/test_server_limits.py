@@ -22,9 +22,9 @@ import pytest
 from agent.base.errors import AgentUnreachableError, ConfigError, NotReadyError
 from agent.client import InferenceClient
 from agent.device.config import InferenceConfig, parse_config
+from agent.oip.shm import SharedMemoryRegion
 from agent.runtime.models import LoadedModel, ModelRegistry, load_model
 from agent.server import InferenceServer, may_poll
-from agent.shm import SharedMemoryRegion
 from tests.agent._model_dir import make_model_dir
 from tests.agent._serving import ServerThread, raw, read_responses, serving, short_socket_dir
 from tests.helpers import make_misbehaving_model

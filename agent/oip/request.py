@@ -2,7 +2,7 @@
 
 It turns an infer request body into numpy arrays checked against a model's manifest, and
 arrays back into a response body; it also shapes the metadata documents. Converting one
-tensor is ``agent.tensors``'s job; this module owns the documents around the tensors and
+tensor is ``agent.oip.tensors``'s job; this module owns the documents around the tensors and
 where each tensor's data travels, per tensor:
 
 - JSON ``data`` (flat or nested, row-major);
@@ -18,7 +18,7 @@ Invariants:
   field) and says what was expected and what was got; the HTTP edge maps it to 400.
 - A parsed input has exactly the manifest's datatype and a shape that fits the manifest's
   (``-1`` is a wildcard); every manifest input is present, no other is.
-- Values are never silently changed (``agent.tensors`` refuses what does not fit).
+- Values are never silently changed (``agent.oip.tensors`` refuses what does not fit).
 - Binary sections are accounted for exactly: a size that disagrees with the shape, or
   bytes left over or missing, is refused.
 
@@ -30,9 +30,9 @@ JSON and its checks: the same bytes against the same manifest pass the same chec
 headers whose inputs carry no JSON ``data`` are kept. What depends on a request's own
 bytes is checked on every request, plan or not: the binary section's length, BOOL bytes,
 BYTES elements, and each shared-memory reference against its region as it is now. A plan
-also keeps the response headers built for it (``agent.oip_response``); the outputs'
+also keeps the response headers built for it (``agent.oip.response``); the outputs'
 bytes, and their fit in shared memory, are per request. Responses (encoding them, and
-decoding them for the client) live in ``agent.oip_response``.
+decoding them for the client) live in ``agent.oip.response``.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ from agent.base.errors import InvalidRequestError
 from agent.contracts import Manifest, TensorSpec
 
 if TYPE_CHECKING:
-    from agent.oip_response import ResponseTemplate
+    from agent.oip.response import ResponseTemplate
 
-from agent.tensors import (
+from agent.oip.tensors import (
     check_binary_size,
     shape_fits,
     tensor_from_bytes,
@@ -67,7 +67,7 @@ HEADER_LENGTH: Final = "Inference-Header-Content-Length"
 
 
 class SharedMemory(Protocol):
-    """Access to registered shared-memory regions (``agent.shm`` implements it)."""
+    """Access to registered shared-memory regions (``agent.oip.shm`` implements it)."""
 
     def view(self, region: str, offset: int, byte_size: int) -> memoryview:
         """``byte_size`` bytes at ``offset`` in ``region``; InvalidRequestError if out of it."""

@@ -1,8 +1,8 @@
 """Open Inference Protocol v2 responses: encoding an infer response (the server) and
-decoding one (the client). Pure functions, no I/O; requests are ``agent.oip``'s.
+decoding one (the client). Pure functions, no I/O; requests are ``agent.oip.request``'s.
 
 Each output travels as its request asked: JSON, binary data after the JSON header, or
-written into the client's shared memory. A request plan (``agent.oip.RequestPlan``)
+written into the client's shared memory. A request plan (``agent.oip.request.RequestPlan``)
 keeps the response headers built for it as ``ResponseTemplate``s, so a repeat request
 with the same output signature only fills in the outputs' bytes.
 
@@ -24,8 +24,8 @@ import numpy as np
 
 from agent.base.errors import InvalidRequestError
 from agent.contracts import OIP_TO_NUMPY
-from agent.oip import InferRequest, SharedMemory, ShmRef
-from agent.tensors import (
+from agent.oip.request import InferRequest, SharedMemory, ShmRef
+from agent.oip.tensors import (
     datatype_of,
     tensor_from_bytes,
     tensor_head,

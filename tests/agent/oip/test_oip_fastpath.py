@@ -1,4 +1,4 @@
-"""agent.oip's plan cache cannot change a result: a request parsed from a cached plan, and
+"""agent.oip.request's plan cache cannot change a result: a request parsed from a cached plan, and
 a response encoded from a cached header, equal what the full path gives, and every check
 that depends on a request's own bytes still runs on every request."""
 
@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 
 from agent.base.errors import InvalidRequestError
 from agent.contracts import GoldenSpec, Manifest, TensorSpec
-from agent.oip import InferRequest, PlanCache, SharedMemory, parse_infer_request
-from agent.oip_response import encode_infer_response
-from agent.shm import SharedMemoryRegion, SharedMemoryRegistry
-from agent.tensors import tensor_head, tensor_to_bytes
+from agent.oip.request import InferRequest, PlanCache, SharedMemory, parse_infer_request
+from agent.oip.response import encode_infer_response
+from agent.oip.shm import SharedMemoryRegion, SharedMemoryRegistry
+from agent.oip.tensors import tensor_head, tensor_to_bytes
 from tests.agent._model_dir import ALL_DATATYPES, sample_tensor
 
 

@@ -3,7 +3,7 @@
 A tensor travels as JSON ``data`` (flat or nested, row-major) or as raw bytes (the
 binary tensor and shared-memory extensions). Binary layout: row-major, little-endian,
 no padding; BOOL is one byte 0 or 1; BYTES is, per element, a little-endian uint32
-length followed by that many bytes. ``agent.oip`` builds whole request and response
+length followed by that many bytes. ``agent.oip.request`` builds whole request and response
 documents from these.
 
 Invariants:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from agent.base.errors import InvalidRequestError
-from agent.shm import SharedMemoryRegion
+from agent.oip.shm import SharedMemoryRegion
 
 
 def test_ndarray_lives_in_the_region_and_offset_of_finds_it() -> None:
