@@ -37,12 +37,12 @@ from agent.device.config import AgentConfig
 from agent.device.sdnotify import Notifier, NotifyError
 from agent.journal import JournalRecord, Phase
 from agent.lifecycle import ModelLifecycle, PhaseHook
-from agent.metrics import InferenceMetrics
 from agent.mqtt import MqttLink
 from agent.outbox import Outbox
 from agent.runtime.memory import configure_allocator
 from agent.runtime.models import ModelRegistry
-from agent.server import InferenceServer
+from agent.serving.metrics import InferenceMetrics
+from agent.serving.server import InferenceServer
 from agent.store import ModelStore
 from agent.telemetry import IntervalStats, TelemetryReporter
 from agent.updater import UpdateService

@@ -129,7 +129,7 @@ def _load(directory: Path, threads: int) -> LoadedModel:
 def _serve(
     dirs: dict[str, str], socket_path: str, threads: int, concurrency: int, ready: Any
 ) -> None:
-    from agent.server import InferenceServer
+    from agent.serving.server import InferenceServer
 
     registry = ModelRegistry()
     for directory in dirs.values():

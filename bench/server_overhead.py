@@ -39,9 +39,9 @@ sys.path.insert(1, os.path.join(TREE, "bench"))
 from pathlib import Path
 import numpy as np
 from infer_overhead import _inputs, _load, build_models
-from agent.http_messages import Request
+from agent.serving.http_messages import Request
 from agent.runtime.models import ModelRegistry
-from agent.server import InferenceServer
+from agent.serving.server import InferenceServer
 from agent.oip.shm import SharedMemoryRegion
 
 base = Path(tempfile.mkdtemp(prefix="ef-server-overhead-"))

@@ -120,7 +120,7 @@ def test_the_grafana_dashboard_queries_metrics_the_code_exports() -> None:
     dashboard = json.loads((ROOT / "packaging" / "grafana-dashboard.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
     sources = {
-        "edge_agent_": (ROOT / "agent" / "metrics.py").read_text(),
+        "edge_agent_": (ROOT / "agent" / "serving" / "metrics.py").read_text(),
         "edgefleet_": (ROOT / "controller" / "fleet.py").read_text(),
     }
     names = set(re.findall(r"\b(edge_agent_[a-z_]+|edgefleet_[a-z_]+)", exprs))

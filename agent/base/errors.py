@@ -18,7 +18,7 @@
         ├── NotReadyError          the model exists but cannot serve now (HTTP 503)
         └── AgentUnreachableError  (client side) nothing answers on the socket
 
-HTTP status codes are chosen at the HTTP edge (``agent.server``), not here.
+HTTP status codes are chosen at the HTTP edge (``agent.serving.server``), not here.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.runtime.models import ModelRegistry
-from agent.server import InferenceServer
+from agent.serving.server import InferenceServer
 
 
 class ServerThread:

@@ -20,7 +20,7 @@ from agent.client import AgentUnreachableError, InferenceClient, load_input_file
 from agent.client_http import UnixHTTPConnection, _set_kernel_timeouts, parse_head
 from agent.oip.shm import SharedMemoryRegion
 from agent.runtime.models import ModelRegistry, load_model
-from agent.server import InferenceServer
+from agent.serving.server import InferenceServer
 from tests.agent._model_dir import make_model_dir
 from tests.agent._serving import ServerThread, serving, short_socket_dir
 

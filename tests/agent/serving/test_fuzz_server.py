@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from agent.client import InferenceClient
 from agent.oip.shm import SharedMemoryRegion
 from agent.runtime.models import ModelRegistry, load_model
-from agent.server import InferenceServer
+from agent.serving.server import InferenceServer
 from tests.agent._model_dir import ALL_DATATYPES, make_identity_model_dir, make_model_dir
 from tests.agent._serving import raw, serving
 

@@ -15,11 +15,11 @@ import pytest
 
 from agent.base.errors import AgentUnreachableError, InvalidRequestError
 from agent.client import InferenceClient
-from agent.metrics import InferenceMetrics
 from agent.oip.shm import SharedMemoryRegion
 from agent.runtime.models import LoadedModel, ModelRegistry, load_model
 from agent.runtime.stats import RequestStats
-from agent.server import InferenceServer
+from agent.serving.metrics import InferenceMetrics
+from agent.serving.server import InferenceServer
 from tests.agent._model_dir import (
     ALL_DATATYPES,
     make_identity_model_dir,

@@ -24,7 +24,7 @@ from agent.client import InferenceClient
 from agent.device.config import InferenceConfig, parse_config
 from agent.oip.shm import SharedMemoryRegion
 from agent.runtime.models import LoadedModel, ModelRegistry, load_model
-from agent.server import InferenceServer, may_poll
+from agent.serving.server import InferenceServer, may_poll
 from tests.agent._model_dir import make_model_dir
 from tests.agent._serving import ServerThread, raw, read_responses, serving, short_socket_dir
 from tests.helpers import make_misbehaving_model
@@ -260,7 +260,7 @@ def test_a_run_past_its_deadline_is_503_and_frees_its_slot(
     registry.activate(linear)
     # A batch of 1024 makes each of the slow model's six 2048x2048 MatMuls heavy (~0.1 s
     # each here): the run outlives a 0.05 s deadline, and the watch cancels it between
-    # nodes (tests/agent/test_admission.py shows the cancelling itself).
+    # nodes (tests/agent/serving/test_admission.py shows the cancelling itself).
     batch = np.ones((1024, 4), np.float32)
     with (
         serving(registry, max_concurrency=1, request_deadline_s=0.05) as server,

@@ -1,12 +1,12 @@
 """The inference server's endpoints: routing a ``Request`` to its handler, and running an
 infer request within the server's limits. An exact repeat of an infer request on one
-connection (same URL and JSON header) is answered through ``agent.repeat``, within the
+connection (same URL and JSON header) is answered through ``agent.serving.repeat``, within the
 same limits, with the same errors, metrics and stats.
 
 Endpoints: health, server and model metadata, infer (JSON, binary tensor and system
 shared-memory extensions), shared-memory registration, and ``/metrics``.
 
-Every request is answered on the thread of its connection (``agent.http11``): parsing,
+Every request is answered on the thread of its connection (``agent.serving.http11``): parsing,
 ONNX Runtime and encoding run there, with no hop to another thread. ``Admission`` bounds
 how many run at once and how many wait; ``RunWatch`` cancels a run past its deadline.
 
@@ -34,22 +34,22 @@ from typing import Final
 
 import onnxruntime as ort
 
-from agent.admission import Admission, DeadlineExceeded, Overloaded, RunWatch
 from agent.base.errors import (
     InferenceError,
     InvalidRequestError,
     ModelNotFoundError,
     NotReadyError,
 )
-from agent.http_messages import RETRY_AFTER, Request, Response
-from agent.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from agent.metrics import InferenceMetrics
 from agent.oip.request import PlanCache, model_metadata, parse_infer_request
 from agent.oip.response import encode_infer_response
 from agent.oip.shm import SharedMemoryDenied, SharedMemoryRegistry
-from agent.repeat import Repeat, infer_response, remember
 from agent.runtime.models import LoadedModel, ModelRegistry
 from agent.runtime.stats import Outcome, RequestStats
+from agent.serving.admission import Admission, DeadlineExceeded, Overloaded, RunWatch
+from agent.serving.http_messages import RETRY_AFTER, Request, Response
+from agent.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from agent.serving.metrics import InferenceMetrics
+from agent.serving.repeat import Repeat, infer_response, remember
 
 logger = logging.getLogger(__name__)
 

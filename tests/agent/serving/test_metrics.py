@@ -1,4 +1,4 @@
-"""The agent's request and latency series (``agent.metrics``), rendered by its own
+"""The agent's request and latency series (``agent.serving.metrics``), rendered by its own
 collector, read the same as prometheus-client's Counter and Histogram would."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import threading
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
 
-from agent.metrics import _BUCKETS, InferenceMetrics
+from agent.serving.metrics import _BUCKETS, InferenceMetrics
 
 # Below, on and above bounds, past the last one, and failures (no latency).
 LATENCIES = (0.00004, 0.00005, 0.0003, 0.0003, 0.004, 2.0, 10.0, 20.0, None, None)

@@ -2,8 +2,8 @@
 complete request), ``Response`` (status, body parts, extra header lines) and how a
 response's head is encoded; ``refuse`` answers a connection the server will not serve.
 
-``agent.http11`` reads requests and writes responses on a connection's thread;
-``agent.routes`` turns a ``Request`` into a ``Response``. Neither needs the other's
+``agent.serving.http11`` reads requests and writes responses on a connection's thread;
+``agent.serving.routes`` turns a ``Request`` into a ``Response``. Neither needs the other's
 internals, only these types.
 
 Invariants:

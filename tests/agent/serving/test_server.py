@@ -1,4 +1,4 @@
-"""agent.server over a real Unix socket, with real ONNX Runtime behind it."""
+"""agent.serving.server over a real Unix socket, with real ONNX Runtime behind it."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from agent.contracts import GoldenSpec, Manifest, TensorSpec
 from agent.oip.request import parse_infer_request
 from agent.oip.response import build_infer_response
 from agent.runtime.models import LoadedModel, ModelRegistry, load_model
-from agent.server import InferenceServer
+from agent.serving.server import InferenceServer
 from tests.agent._model_dir import make_model_dir
 from tests.agent._serving import (
     ServerThread,

@@ -12,7 +12,7 @@ then read straight into its own buffer with ``recv_into`` (no intermediate copie
 buffers are reused across requests of a connection once nothing refers to them). A
 chunked body goes through the parser, and the connection closes after answering it (the
 parser may have consumed bytes of a following request). No framework. The request and
-response it passes to and from ``dispatch`` are ``agent.http_messages``'s.
+response it passes to and from ``dispatch`` are ``agent.serving.http_messages``'s.
 
 Invariants:
 - Responses leave in the order requests came (HTTP/1.1 pipelining): the thread handles
@@ -48,7 +48,7 @@ from typing import Any, Final, Protocol
 import httptools
 
 from agent.base.sockets import poll_recv_into, send_parts, set_timeout
-from agent.http_messages import Dispatch, Request, Response
+from agent.serving.http_messages import Dispatch, Request, Response
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Repeats that run through ONNX Runtime's I/O binding (``agent.repeat``, ``BoundRun``):
+"""Repeats that run through ONNX Runtime's I/O binding (``agent.serving.repeat``, ``BoundRun``):
 inputs read where they lie (shared memory, a large body), outputs written where the
 response says, with the same answers, errors and lifetimes as the full path. Real server,
 real Unix socket, real ONNX Runtime."""
@@ -20,12 +20,12 @@ import pytest
 from agent.base.errors import InferenceError
 from agent.client import InferenceClient
 from agent.contracts import TensorSpec
-from agent.http_messages import Request
 from agent.oip.shm import SharedMemoryRegion
-from agent.repeat import Repeat
 from agent.runtime import models as runtime
 from agent.runtime.models import Bound, LoadedModel, ModelRegistry, load_model
-from agent.server import InferenceServer
+from agent.serving.http_messages import Request
+from agent.serving.repeat import Repeat
+from agent.serving.server import InferenceServer
 from tests.agent._model_dir import make_model_dir
 from tests.agent._serving import serving
 from tests.helpers import make_linear_model, make_misbehaving_model, make_nonzero_model

@@ -12,8 +12,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from agent.admission import Admission, DeadlineExceeded, Overloaded, RunWatch
 from agent.base.errors import NotReadyError
+from agent.serving.admission import Admission, DeadlineExceeded, Overloaded, RunWatch
 
 FAR = 1e9  # a deadline that never passes in a test
 

@@ -4,13 +4,13 @@ The stack is deliberately lean for per-request latency: a thread per connection 
 blocking socket, httptools (llhttp) as the HTTP/1.1 parser, precomputed response heads,
 no framework, no hop between threads per request. Three layers:
 
-- ``agent.server`` (this module): the ``InferenceServer`` lifecycle — listeners, the
+- ``agent.serving.server`` (this module): the ``InferenceServer`` lifecycle — listeners, the
   thread that accepts connections, limits, peer credentials and the allow-list,
   ``from_config``;
-- ``agent.routes``: routing each request to its endpoint, admission and deadlines;
-- ``agent.http11``: the HTTP/1.1 transport of one connection — parsing, timeouts,
+- ``agent.serving.routes``: routing each request to its endpoint, admission and deadlines;
+- ``agent.serving.http11``: the HTTP/1.1 transport of one connection — parsing, timeouts,
   pipelining, response writing;
-- ``agent.http_messages``: the request and response passed between the two.
+- ``agent.serving.http_messages``: the request and response passed between the two.
 
 Invariants:
 - Bad input never gets a 5xx and never crashes the server: a peer outside the
@@ -43,14 +43,14 @@ from typing import TYPE_CHECKING, Final
 
 import agent
 from agent.base.errors import ConfigError
-from agent.http11 import Connection
-from agent.http_messages import RETRY_AFTER, Response, refuse
-from agent.metrics import InferenceMetrics
 from agent.oip.request import EXTENSIONS
 from agent.oip.shm import SharedMemoryRegistry
-from agent.routes import Router
 from agent.runtime.models import ModelRegistry
 from agent.runtime.stats import RequestStats
+from agent.serving.http11 import Connection
+from agent.serving.http_messages import RETRY_AFTER, Response, refuse
+from agent.serving.metrics import InferenceMetrics
+from agent.serving.routes import Router
 
 if TYPE_CHECKING:
     from agent.device.config import InferenceConfig

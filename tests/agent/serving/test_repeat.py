@@ -1,4 +1,4 @@
-"""Exact repeats of an infer request (``agent.repeat``): each repeat reads its own values,
+"""Exact repeats of an infer request (``agent.serving.repeat``): each repeat reads its own values,
 and what can change between two identical requests (the live model, the shared memory,
 the outputs' shapes) sends it down the full path. Real server, real Unix socket, real
 ONNX Runtime."""
@@ -18,11 +18,11 @@ import pytest
 from agent.base.errors import InvalidRequestError
 from agent.client import InferenceClient
 from agent.contracts import TensorSpec
-from agent.http_messages import Request
 from agent.oip.shm import SharedMemoryRegion
-from agent.repeat import Repeat
 from agent.runtime.models import LoadedModel, ModelRegistry, load_model
-from agent.server import InferenceServer
+from agent.serving.http_messages import Request
+from agent.serving.repeat import Repeat
+from agent.serving.server import InferenceServer
 from tests.agent._model_dir import make_model_dir
 from tests.agent._serving import serving
 from tests.helpers import make_linear_model, make_nonzero_model

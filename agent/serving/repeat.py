@@ -56,12 +56,12 @@ import numpy as np
 import onnxruntime as ort
 
 from agent.base.errors import InferenceError
-from agent.http_messages import Request, Response
 from agent.oip.request import InferRequest
 from agent.oip.response import ResponseTemplate, encode_infer_response, template_key
 from agent.oip.shm import SharedMemoryRegistry
 from agent.oip.tensors import tensor_to_bytes
 from agent.runtime.models import Bound, BoundRun, LoadedModel, RunTerminatedError
+from agent.serving.http_messages import Request, Response
 
 _BINARY: Final = b"application/octet-stream"
 _MAX_PER_CONNECTION: Final = 8  # distinct infer URLs remembered per connection

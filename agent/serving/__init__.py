@@ -1,0 +1,3 @@
+"""The local inference server (OIP v2 on a Unix socket): transport, routes, repeats, admission,
+/metrics. Imports runtime, oip, device (its config), contracts, base; never update or telemetry.
+"""
