@@ -1,4 +1,4 @@
-"""agent.client: the socket client against a real server, and input files."""
+"""agent.client.inference: the socket client against a real server, and input files."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from agent.base.errors import InferenceError, InvalidRequestError
-from agent.client import AgentUnreachableError, InferenceClient, load_input_file
-from agent.client_http import UnixHTTPConnection, _set_kernel_timeouts, parse_head
+from agent.client.http import UnixHTTPConnection, _set_kernel_timeouts, parse_head
+from agent.client.inference import AgentUnreachableError, InferenceClient, load_input_file
 from agent.oip.shm import SharedMemoryRegion
 from agent.runtime.models import ModelRegistry, load_model
 from agent.serving.server import InferenceServer
@@ -503,7 +503,7 @@ def test_inputs_in_the_region_are_placed_by_where_each_array_lies_now(
         np.testing.assert_array_equal(client.infer("m", {"x": frame}, shm=other)["y"], y * 3)
         assert placed(requests[-1]) == ("r2", 0)
         np.testing.assert_array_equal(other.array(0, np.dtype(np.float32), (1, 4)), frame)
-        monkeypatch.setattr("agent.client._FIXED_DATA", False)  # nothing remembered
+        monkeypatch.setattr("agent.client.inference._FIXED_DATA", False)  # nothing remembered
         client._placed.clear()
         for offset in (512, 1024):
             del frame

@@ -1,7 +1,7 @@
 """A lean Python client for the agent's local OIP v2 endpoint (Unix socket or loopback TCP).
 
 Built for per-call CPU, not generality: one persistent HTTP/1.1 connection
-(``agent.client_http``), tensors sent with the binary tensor extension by default (no
+(``agent.client.http``), tensors sent with the binary tensor extension by default (no
 JSON encoding of data, the arrays' memory goes to the socket as it is), or through
 system shared memory when asked; binary tensors and shared-memory tensors start on
 64-byte boundaries. Errors are mapped once, here, from the HTTP status to the agent's
@@ -43,9 +43,9 @@ Invariants:
   with the model's output metadata when the agent refuses one (a new version may have
   other output shapes).
 
-Requests are built by ``agent.client_requests``, responses decoded by
-``agent.client_decode``; ``load_input_file`` (re-exported here) lives in
-``agent.input_files``.
+Requests are built by ``agent.client.requests``, responses decoded by
+``agent.client.decode``; ``load_input_file`` (re-exported here) lives in
+``agent.client.input_files``.
 """
 
 from __future__ import annotations
@@ -66,9 +66,10 @@ from agent.base.errors import (
     ModelNotFoundError,
     NotReadyError,
 )
-from agent.client_decode import Plan, apply_plan, decode_slowly, plan_response
-from agent.client_http import UnixHTTPConnection, request_head
-from agent.client_requests import (
+from agent.client.decode import Plan, apply_plan, decode_slowly, plan_response
+from agent.client.http import UnixHTTPConnection, request_head
+from agent.client.input_files import load_input_file
+from agent.client.requests import (
     ALIGN,
     JOIN_BELOW,
     SENT_AS_IS,
@@ -85,7 +86,6 @@ from agent.client_requests import (
     shm_params,
     signature_of,
 )
-from agent.input_files import load_input_file
 from agent.oip.response import build_infer_request
 from agent.oip.shm import SharedMemoryRegion
 from agent.oip.tensors import tensor_head, tensor_to_bytes

@@ -1,7 +1,7 @@
-"""The requests ``agent.client`` remembers, and how it builds them: the signature a
+"""The requests ``agent.client.inference`` remembers, and how it builds them: the signature a
 call is remembered under, the JSON header and HTTP head of a binary or shared-memory
 infer request, and where each tensor goes. Pure functions and two small records, no
-I/O; ``agent.client`` keeps the caches and decides when a remembered request applies.
+I/O; ``agent.client.inference`` keeps the caches and decides when a remembered request applies.
 
 Invariants:
 - A signature names everything a request's bytes before the tensor data depend on
@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from agent.client_decode import Plan
+from agent.client.decode import Plan
 from agent.contracts import OIP_TO_NUMPY
 from agent.oip.shm import SharedMemoryRegion
 

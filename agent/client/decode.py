@@ -1,5 +1,5 @@
 """The client's response decoding: plans remembered per exact JSON header, and the slow
-path that reports what is wrong (``agent.client`` uses both).
+path that reports what is wrong (``agent.client.inference`` uses both).
 
 A plan says, for one exact response JSON header, where each output's bytes lie (in the
 body's binary section or in the shared-memory region) and how to make its array.
