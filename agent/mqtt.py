@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import os
-import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -38,10 +37,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 import agent
-from agent.base.errors import ConfigError
 from agent.contracts import ANNOUNCE_SCHEMA, announce_topic, device_topic, status_payload
 from agent.device.config import AgentConfig
-from agent.device.tls_identity import resolve_tls_files
+from agent.device.tls_identity import tls_context
 from agent.outbox import Outbox
 
 logger = logging.getLogger(__name__)
@@ -53,27 +51,6 @@ OUTBOX_BATCH = 100
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def tls_context(config: AgentConfig, environ: Mapping[str, str]) -> ssl.SSLContext:
-    """The client TLS context of ``[mqtt]``; raises ConfigError naming the file at fault."""
-    files = resolve_tls_files(config.mqtt, environ)  # the key is its certificate's
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_verify_locations(cafile=str(files.ca_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"config key 'mqtt.ca_file': cannot load {files.ca_file}: {exc}"
-        ) from None
-    try:
-        context.load_cert_chain(certfile=str(files.cert_file), keyfile=str(files.key_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"config keys 'mqtt.cert_file'/'mqtt.key_file': cannot load {files.cert_file} "
-            f"with key {files.key_file}: {exc} (enroll with `edge-agent enroll enroll.tar`)"
-        ) from None
-    return context
 
 
 class MqttLink:

@@ -52,10 +52,10 @@ from agent.contracts import (
     resolve_release,
 )
 from agent.device.config import AgentConfig
+from agent.device.tls_identity import tls_context
 from agent.fetcher import FallbackFetcher, HttpxFetcher, ResumableFetcher, TransferLimits
 from agent.journal import Phase, serving_version, should_skip
 from agent.lifecycle import ModelLifecycle
-from agent.mqtt import tls_context
 from agent.mqtt_fetcher import URL_PREFIX, MqttFetcher, mqtt_url
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""The device's identity on the broker: which certificate (and CA) go with its key.
+"""The device's identity on the broker: which certificate (and CA) go with its key, and the
+client TLS context built from them (the MQTT link and the MQTT fetcher both use it).
 
 Checked at start, before anything connects: a key that is not its certificate's would
 fail only in the TLS handshake, on every reconnect, with an OpenSSL message. Here it is
@@ -15,6 +16,7 @@ and a certificate of the same public key.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from agent.base.errors import AgentError, ConfigError
-from agent.device.config import MqttConfig
+from agent.device.config import AgentConfig, MqttConfig
 from agent.device.enroll_install import PendingInstall, read_pending
 
 logger = logging.getLogger(__name__)
@@ -114,3 +116,24 @@ def _load_cert(path: Path, key_file: Path) -> x509.Certificate:
             f"config keys 'mqtt.cert_file'/'mqtt.key_file': cannot load {path} with key "
             f"{key_file}: {exc} (enroll with `edge-agent enroll enroll.tar`)"
         ) from None
+
+
+def tls_context(config: AgentConfig, environ: Mapping[str, str]) -> ssl.SSLContext:
+    """The client TLS context of ``[mqtt]``; raises ConfigError naming the file at fault."""
+    files = resolve_tls_files(config.mqtt, environ)  # the key is its certificate's
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_verify_locations(cafile=str(files.ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"config key 'mqtt.ca_file': cannot load {files.ca_file}: {exc}"
+        ) from None
+    try:
+        context.load_cert_chain(certfile=str(files.cert_file), keyfile=str(files.key_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(
+            f"config keys 'mqtt.cert_file'/'mqtt.key_file': cannot load {files.cert_file} "
+            f"with key {files.key_file}: {exc} (enroll with `edge-agent enroll enroll.tar`)"
+        ) from None
+    return context

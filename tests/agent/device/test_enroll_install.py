@@ -42,8 +42,7 @@ from agent.device.enroll_install import (
     recover,
     staged_path,
 )
-from agent.device.tls_identity import resolve_tls_files
-from agent.mqtt import tls_context
+from agent.device.tls_identity import resolve_tls_files, tls_context
 from controller.devices import add_device, renew_device
 from controller.repository import init_repository
 from tests.controller.enroll_support import OPTIONS, archive_members
