@@ -37,14 +37,14 @@ from agent.device.config import AgentConfig
 from agent.device.sdnotify import Notifier, NotifyError
 from agent.journal import JournalRecord, Phase
 from agent.lifecycle import ModelLifecycle, PhaseHook
-from agent.mqtt import MqttLink
-from agent.outbox import Outbox
 from agent.runtime.memory import configure_allocator
 from agent.runtime.models import ModelRegistry
 from agent.serving.metrics import InferenceMetrics
 from agent.serving.server import InferenceServer
 from agent.store import ModelStore
-from agent.telemetry import IntervalStats, TelemetryReporter
+from agent.telemetry.mqtt import MqttLink
+from agent.telemetry.outbox import Outbox
+from agent.telemetry.reporter import IntervalStats, TelemetryReporter
 from agent.updater import UpdateService
 
 logger = logging.getLogger(__name__)

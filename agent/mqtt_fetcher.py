@@ -236,7 +236,7 @@ class MqttFetcher(ResumableFetcher):
         )
         if self._config.username:
             client.username_pw_set(self._config.username, self._config.password or None)
-        if self._tls is not None:  # the same TLS and client certificate as agent.mqtt
+        if self._tls is not None:  # the same TLS and client certificate as agent.telemetry.mqtt
             client.tls_set_context(self._tls)
         client.connect_timeout = self._limits.connect_timeout_s
         client.on_connect = self._on_connect

@@ -48,7 +48,7 @@ from agent.contracts import (  # noqa: E402
     device_topic,
     telemetry_payload,
 )
-from agent.telemetry import build_heartbeat  # noqa: E402
+from agent.telemetry.reporter import build_heartbeat  # noqa: E402
 from controller.store import open_store  # noqa: E402
 from tests.helpers import start_broker  # noqa: E402
 

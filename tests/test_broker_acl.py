@@ -29,7 +29,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.contracts import announce_topic, device_topic
 from agent.device.config import load_config
 from agent.device.enroll import enroll_from_file
-from agent.mqtt import MqttLink
+from agent.telemetry.mqtt import MqttLink
 from controller.broker import BrokerOptions, refresh_broker_files, write_broker_config
 from controller.devices import EnrollOptions, add_device, revoke_device
 from controller.repository import init_repository

@@ -162,7 +162,7 @@ def _health(repo: Path, device: str) -> str | None:
 
 
 def _produced(agent: Proc) -> list[int]:
-    return [int(m) for m in re.findall(r"agent\.telemetry: event (\d+):", agent.text())]
+    return [int(m) for m in re.findall(r"agent\.telemetry\.reporter: event (\d+):", agent.text())]
 
 
 @pytest.mark.slow

@@ -19,9 +19,9 @@ from agent.contracts import (
     telemetry_payload,
 )
 from agent.device.config import AgentConfig, parse_config
-from agent.mqtt import MqttLink
-from agent.outbox import Outbox
-from agent.telemetry import IntervalStats, TelemetryReporter, build_heartbeat
+from agent.telemetry.mqtt import MqttLink
+from agent.telemetry.outbox import Outbox
+from agent.telemetry.reporter import IntervalStats, TelemetryReporter, build_heartbeat
 from controller.ingest import Ingestor, IngestSettings, parse_message
 from controller.store import TelemetryStore, open_store
 from controller.store_postgres import PostgresStore

@@ -10,7 +10,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.contracts import SystemFigures, device_topic, telemetry_payload
-from agent.telemetry import build_heartbeat
+from agent.telemetry.reporter import build_heartbeat
 from controller.fleet import render_aggregates
 from controller.ingest_backlog import COALESCED, DROPPED, QUEUED, Backlog, Item
 from controller.store import FleetAggregates

@@ -25,7 +25,7 @@ from agent.contracts import (
     parse_telemetry,
     telemetry_payload,
 )
-from agent.telemetry import build_heartbeat
+from agent.telemetry.reporter import build_heartbeat
 from controller.ingest import Ingestor, IngestSettings, _BufferedSocket, parse_heartbeat
 from controller.store import heartbeat_facts
 from tests.controller.test_store_support import store_for

@@ -20,7 +20,7 @@ from agent.journal import Phase, serving_version
 from agent.lifecycle import ModelLifecycle
 from agent.runtime.models import ModelRegistry
 from agent.store import ModelStore
-from agent.telemetry import IntervalStats
+from agent.telemetry.reporter import IntervalStats
 from agent.updater import CheckResult, UpdateService
 from controller.build import build_bundle
 from controller.release import release_bundle

@@ -6,7 +6,7 @@ import json
 import threading
 from pathlib import Path
 
-from agent.outbox import Outbox
+from agent.telemetry.outbox import Outbox
 
 
 def _append(outbox: Outbox, n: int) -> list[int]:

@@ -20,7 +20,7 @@ from agent.contracts import (
 )
 from agent.journal import JournalRecord, Phase
 from agent.runtime.stats import Outcome
-from agent.telemetry import IntervalStats, build_heartbeat, lifecycle_event, sample_system
+from agent.telemetry.reporter import IntervalStats, build_heartbeat, lifecycle_event, sample_system
 
 
 def test_interval_figures_cover_only_the_time_since_the_last_heartbeat() -> None:

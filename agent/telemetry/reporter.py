@@ -40,8 +40,8 @@ from agent.contracts import (
     telemetry_payload,
 )
 from agent.journal import JournalRecord
-from agent.outbox import Outbox
 from agent.runtime.stats import Outcome, RequestStats, StatsSnapshot
+from agent.telemetry.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ import agent
 from agent.contracts import ANNOUNCE_SCHEMA, announce_topic, device_topic, status_payload
 from agent.device.config import AgentConfig
 from agent.device.tls_identity import tls_context
-from agent.outbox import Outbox
+from agent.telemetry.outbox import Outbox
 
 logger = logging.getLogger(__name__)
 
