@@ -35,17 +35,17 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from agent.device.config import AgentConfig
 from agent.device.sdnotify import Notifier, NotifyError
-from agent.journal import JournalRecord, Phase
-from agent.lifecycle import ModelLifecycle, PhaseHook
 from agent.runtime.memory import configure_allocator
 from agent.runtime.models import ModelRegistry
 from agent.serving.metrics import InferenceMetrics
 from agent.serving.server import InferenceServer
-from agent.store import ModelStore
 from agent.telemetry.mqtt import MqttLink
 from agent.telemetry.outbox import Outbox
 from agent.telemetry.reporter import IntervalStats, TelemetryReporter
-from agent.updater import UpdateService
+from agent.update.journal import JournalRecord, Phase
+from agent.update.lifecycle import ModelLifecycle, PhaseHook
+from agent.update.store import ModelStore
+from agent.update.updater import UpdateService
 
 logger = logging.getLogger(__name__)
 # Not EDGE_AGENT_*: that prefix is reserved for config overrides.

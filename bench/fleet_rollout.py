@@ -67,24 +67,24 @@ def emit(doc: Any) -> None:
 
 
 class SkipLoadLifecycle:
-    """The part of ``agent.lifecycle.ModelLifecycle`` the update service calls, with the
+    """The part of ``agent.update.lifecycle.ModelLifecycle`` the update service calls, with the
     model load skipped: the verified download is deleted and the version committed."""
 
     def __init__(self, on_commit: Any) -> None:
-        from agent.journal import JournalRecord
+        from agent.update.journal import JournalRecord
 
         self._records: dict[str, JournalRecord] = {}
         self._on_commit = on_commit
 
     def record(self, model: str) -> Any:
-        from agent.journal import JournalRecord
+        from agent.update.journal import JournalRecord
 
         return self._records.get(model, JournalRecord(model=model))
 
     def install(
         self, model: str, version: str, rollout_id: str, probation: Any, download: Any
     ) -> None:
-        from agent.journal import JournalRecord, Phase, serving_version
+        from agent.update.journal import JournalRecord, Phase, serving_version
 
         path = download()  # TUF download: length and sha256 checked against signed metadata
         size = path.stat().st_size
@@ -107,7 +107,7 @@ class SkipLoadLifecycle:
 class SimAgent:
     def __init__(self, device: str, state: Path, url: str, root: Path) -> None:
         from agent.device.config import AgentConfig, RepositoryConfig
-        from agent.updater import UpdateService
+        from agent.update.updater import UpdateService
 
         config = AgentConfig(
             device_id=device,

@@ -424,7 +424,7 @@ def allocator_child(config: str, swaps: int, work: Path) -> dict[str, float]:
     import agent.runtime.models as runtime
     from agent.contracts import parse_manifest
     from agent.runtime import memory
-    from agent.unpack import unpack_bundle
+    from agent.update.unpack import unpack_bundle
 
     options = set(config.split("+"))
     libc = ctypes.CDLL(None)

@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from agent.client import InferenceClient
-from agent.journal import Phase, parse_record
+from agent.update.journal import Phase, parse_record
 
 BIN = Path(sys.executable).parent
 FLEET = "demo"

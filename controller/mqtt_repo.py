@@ -1,6 +1,6 @@
 """The repository over MQTT: answers devices' chunk requests for metadata and targets.
 
-The contract is the agent's (``agent.mqtt_fetcher``, ``docs/protocol.md``): a request on
+The contract is the agent's (``agent.update.mqtt_fetcher``, ``docs/protocol.md``): a request on
 ``edgefleet/v1/fleets/{fleet}/devices/{device}/repo/request`` is answered on the same
 device's ``.../repo/response``. Files are resolved exactly as the HTTP side resolves
 them (``controller.http.resolve_static``): only regular files below ``metadata/`` and
@@ -29,7 +29,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.device.config import MAX_MQTT_CHUNK_BYTES
-from agent.mqtt_fetcher import (
+from agent.update.mqtt_fetcher import (
     REQUEST_FILTER,
     Chunk,
     ChunkRequest,

@@ -30,7 +30,7 @@ Rules of ``advance`` (a running rollout only), in this order:
 Invariants:
 - Stages ascend strictly within (0, 100] and the last one is 100.
 - The rollout id never changes: devices keep their bucket across stages, and a device
-  that failed or rolled back this rollout does not retry it (``agent.journal.should_skip``).
+  that failed or rolled back this rollout does not retry it (``agent.update.journal.should_skip``).
 - Every state change goes through ``_move``, which raises ``IllegalTransitionError``
   naming the rule for a move the table does not allow.
 """

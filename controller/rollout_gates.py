@@ -24,7 +24,7 @@ And two evidence floors, ``name=value``:
 ``min_requests``     served requests on the new version, summed, before it may pass
                      (default 0: a quiet fleet still advances, as a quiet device commits).
 
-Evidence rules, the fleet-level twin of the device's probation (``agent.probation``):
+Evidence rules, the fleet-level twin of the device's probation (``agent.update.probation``):
 - ``error_rate`` is judged once ``judge_n = max(min_requests, 20, ceil(3 / limit))``
   requests were served (300 for a 1 % limit: enough that one error is not a verdict);
   before that it breaks only when the breach is already certain (``errors >= limit *

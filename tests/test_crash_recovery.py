@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from agent.client import InferenceClient
 from agent.contracts import ProbationPolicy
-from agent.journal import Phase, parse_record, serving_version
+from agent.update.journal import Phase, parse_record, serving_version
 from controller.build import build_bundle
 from controller.release import release_bundle
 from controller.repository import init_repository

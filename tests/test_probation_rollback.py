@@ -19,7 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.base.errors import InferenceError
 from agent.client import InferenceClient
-from agent.journal import Phase, parse_record
+from agent.update.journal import Phase, parse_record
 from tests.e2e_support import (
     Proc,
     edgectl,

@@ -25,7 +25,7 @@ import pytest
 
 from agent.base.errors import AgentError
 from agent.client import InferenceClient
-from agent.journal import Phase, parse_record, serving_version
+from agent.update.journal import Phase, parse_record, serving_version
 from controller.rollout import Rollout, RolloutState
 from controller.rollout_store import RolloutStore
 from tests.e2e_support import BIN, Proc, _spawn, edgectl, start_serve, wait_until

@@ -330,7 +330,7 @@ def _validate(config: AgentConfig) -> None:
 
 
 TRANSPORTS = ("http", "mqtt", "auto")
-# The controller answers at most this many bytes per chunk (agent.mqtt_fetcher).
+# The controller answers at most this many bytes per chunk (agent.update.mqtt_fetcher).
 MAX_MQTT_CHUNK_BYTES = 1024 * 1024
 
 

@@ -39,9 +39,9 @@ from agent.contracts import (
     event_payload,
     telemetry_payload,
 )
-from agent.journal import JournalRecord
 from agent.runtime.stats import Outcome, RequestStats, StatsSnapshot
 from agent.telemetry.outbox import Outbox
+from agent.update.journal import JournalRecord
 
 logger = logging.getLogger(__name__)
 

@@ -28,12 +28,12 @@ from agent.contracts import (
     desired_target_path,
 )
 from agent.device.config import AgentConfig, InferenceConfig, RepositoryConfig
-from agent.journal import Phase, serving_version
-from agent.lifecycle import ModelLifecycle
 from agent.runtime.models import ModelRegistry
-from agent.store import ModelStore
 from agent.telemetry.reporter import IntervalStats
-from agent.updater import UpdateService
+from agent.update.journal import Phase, serving_version
+from agent.update.lifecycle import ModelLifecycle
+from agent.update.store import ModelStore
+from agent.update.updater import UpdateService
 from controller.build import build_bundle
 from controller.release import publish_bundle, release_bundle
 from controller.repository import Repository

@@ -16,12 +16,12 @@ import pytest
 
 from agent.contracts import ProbationPolicy
 from agent.device.config import AgentConfig, InferenceConfig, MqttConfig, RepositoryConfig
-from agent.journal import Phase, serving_version
-from agent.lifecycle import ModelLifecycle
 from agent.runtime.models import ModelRegistry
-from agent.store import ModelStore
 from agent.telemetry.reporter import IntervalStats
-from agent.updater import CheckResult, UpdateService
+from agent.update.journal import Phase, serving_version
+from agent.update.lifecycle import ModelLifecycle
+from agent.update.store import ModelStore
+from agent.update.updater import CheckResult, UpdateService
 from controller.build import build_bundle
 from controller.release import release_bundle
 from controller.repository import Repository, init_repository

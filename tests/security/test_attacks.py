@@ -22,7 +22,7 @@ from agent.contracts import (
     bundle_target_path,
     desired_target_path,
 )
-from agent.journal import Phase
+from agent.update.journal import Phase
 from controller.fsio import repo_lock
 from controller.key_ceremony import rotate
 from controller.keys import generate_key, load_key_file

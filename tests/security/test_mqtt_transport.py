@@ -12,9 +12,9 @@ import pytest
 from tuf.api.exceptions import DownloadError, DownloadHTTPError
 
 from agent.device.config import MqttConfig
-from agent.fetcher import TransferLimits
-from agent.journal import Phase
-from agent.mqtt_fetcher import URL_PREFIX, MqttFetcher
+from agent.update.fetcher import TransferLimits
+from agent.update.journal import Phase
+from agent.update.mqtt_fetcher import URL_PREFIX, MqttFetcher
 from controller.fsio import repo_lock
 from controller.key_ceremony import rotate
 from controller.mqtt_repo import RepoResponder, ResponderLimits

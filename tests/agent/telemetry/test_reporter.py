@@ -18,9 +18,9 @@ from agent.contracts import (
     status_payload,
     telemetry_payload,
 )
-from agent.journal import JournalRecord, Phase
 from agent.runtime.stats import Outcome
 from agent.telemetry.reporter import IntervalStats, build_heartbeat, lifecycle_event, sample_system
+from agent.update.journal import JournalRecord, Phase
 
 
 def test_interval_figures_cover_only_the_time_since_the_last_heartbeat() -> None:

@@ -3,7 +3,7 @@
 Layout under ``<state_dir>/models``::
 
     <model>/<version>/           an unpacked bundle (manifest.json, model.onnx, golden.npz)
-    <model>/journal.json         the model's install record (agent.journal), atomic
+    <model>/journal.json         the model's install record (agent.update.journal), atomic
 
 Invariants: the journal is replaced atomically (temp file, fsync, rename, fsync dir), so
 after a crash it holds the old record or the new one. A version directory exists only
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from agent.base.fsutil import atomic_write, remove_tree
 from agent.contracts import InvalidNameError, check_name, check_version
-from agent.journal import JournalFormatError, JournalRecord, parse_record
+from agent.update.journal import JournalFormatError, JournalRecord, parse_record
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """The life of a model version on the device: install, restore, probation, rollback.
 
-This orchestrator drives the pure state machine of ``agent.journal`` through real side
+This orchestrator drives the pure state machine of ``agent.update.journal`` through real side
 effects. The rule it keeps: **persist the new record, then do the side effect** of the
 phase it enters, so a process killed at any instant restarts into a known state
-(``agent.journal.recover`` decides what that state means).
+(``agent.update.journal.recover`` decides what that state means).
 
 Each phase's work runs under its own deadline in a worker thread: a phase past its
 deadline fails with a reason and the device keeps serving its last good version (the
@@ -35,7 +35,10 @@ from agent.base.errors import (
 from agent.base.fsutil import remove_tree
 from agent.contracts import ProbationPolicy, parse_manifest
 from agent.device.config import AgentConfig
-from agent.journal import (
+from agent.runtime.memory import release_memory
+from agent.runtime.models import LoadedModel, ModelRegistry, check_golden, load_model, warm_up
+from agent.runtime.stats import RequestStats, StatsSnapshot
+from agent.update.journal import (
     JournalRecord,
     Phase,
     begin_install,
@@ -44,12 +47,9 @@ from agent.journal import (
     serving_version,
     transition,
 )
-from agent.probation import Verdict, evaluate_probation
-from agent.runtime.memory import release_memory
-from agent.runtime.models import LoadedModel, ModelRegistry, check_golden, load_model, warm_up
-from agent.runtime.stats import RequestStats, StatsSnapshot
-from agent.store import ModelStore
-from agent.unpack import unpack_bundle
+from agent.update.probation import Verdict, evaluate_probation
+from agent.update.store import ModelStore
+from agent.update.unpack import unpack_bundle
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -4,8 +4,8 @@ This is the orchestrator of the update path. It decides what is expected (the sa
 version: nothing to do; a version that failed here for this rollout: skip until desired
 state changes; a version on probation: let probation finish, unless desired state went
 back to the previous release, which rolls back now) and what gets reported. The rules it
-applies live in ``agent.contracts`` (desired-state resolution) and ``agent.journal``; the
-install itself, phase by phase, is ``agent.lifecycle``'s.
+applies live in ``agent.contracts`` (desired-state resolution) and ``agent.update.journal``; the
+install itself, phase by phase, is ``agent.update.lifecycle``'s.
 
 Invariants:
 - Every check builds a new ``tuf.ngclient.Updater`` (one refresh per Updater).
@@ -16,7 +16,7 @@ Invariants:
   an interruption, never past the signed length, verified as a whole against the signed
   length and hashes, then renamed into place. A part that fails verification is deleted.
 - The transport is chosen by ``[repository] transport``: HTTP, MQTT chunks, or HTTP
-  falling back to MQTT (``agent.fetcher``, ``agent.mqtt_fetcher``).
+  falling back to MQTT (``agent.update.fetcher``, ``agent.update.mqtt_fetcher``).
 
 Blocking: call ``check`` from a worker thread, never the event loop.
 """
@@ -53,10 +53,10 @@ from agent.contracts import (
 )
 from agent.device.config import AgentConfig
 from agent.device.tls_identity import tls_context
-from agent.fetcher import FallbackFetcher, HttpxFetcher, ResumableFetcher, TransferLimits
-from agent.journal import Phase, serving_version, should_skip
-from agent.lifecycle import ModelLifecycle
-from agent.mqtt_fetcher import URL_PREFIX, MqttFetcher, mqtt_url
+from agent.update.fetcher import FallbackFetcher, HttpxFetcher, ResumableFetcher, TransferLimits
+from agent.update.journal import Phase, serving_version, should_skip
+from agent.update.lifecycle import ModelLifecycle
+from agent.update.mqtt_fetcher import URL_PREFIX, MqttFetcher, mqtt_url
 
 logger = logging.getLogger(__name__)
 

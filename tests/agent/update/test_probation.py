@@ -10,14 +10,14 @@ import math
 import pytest
 
 from agent.contracts import ProbationPolicy
-from agent.probation import (
+from agent.runtime.stats import Outcome, RequestStats, StatsSnapshot
+from agent.update.probation import (
     MIN_LATENCY_SAMPLES,
     MIN_REQUESTS_TO_JUDGE,
     ProbationDecision,
     Verdict,
     evaluate_probation,
 )
-from agent.runtime.stats import Outcome, RequestStats, StatsSnapshot
 
 T0 = 1000.0
 POLICY = ProbationPolicy(duration_s=60.0, min_requests=0, max_error_rate=0.05, max_p99_ratio=2.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.contracts import ProbationPolicy
-from agent.journal import (
+from agent.update.journal import (
     CRASH_LOOP_RESTARTS,
     MAX_INTERRUPTED_INSTALLS,
     TRANSITIONS,

@@ -40,7 +40,7 @@ from tuf.api.exceptions import DownloadError, DownloadHTTPError
 
 from agent.contracts import TOPIC_ROOT, check_name
 from agent.device.config import MqttConfig
-from agent.fetcher import ResumableFetcher, TransferGuard, TransferLimits
+from agent.update.fetcher import ResumableFetcher, TransferGuard, TransferLimits
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.base.errors import BundleError
-from agent.unpack import unpack_bundle
+from agent.update.unpack import unpack_bundle
 from tests.agent._bundles import good_entries, manifest_for, write_tar
 
 LIMIT = 1024 * 1024

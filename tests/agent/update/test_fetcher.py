@@ -12,7 +12,7 @@ from typing import ClassVar
 import pytest
 from tuf.api.exceptions import DownloadError, DownloadHTTPError
 
-from agent.fetcher import (
+from agent.update.fetcher import (
     FallbackFetcher,
     HttpxFetcher,
     ResumableFetcher,
