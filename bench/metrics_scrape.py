@@ -36,10 +36,10 @@ from _common import (
     today,
 )
 
+from controller.base.filememo import SETTLE_S
 from controller.ca import DeviceCA
 from controller.devices import EnrollOptions, add_device, ca_dir, load_registry
 from controller.expiry import ExpiryReader, summarize_device_certs
-from controller.filememo import SETTLE_S
 from controller.repository import init_repository
 
 REGISTRY_SCHEMA = "edgefleet.devices/1"
@@ -153,7 +153,7 @@ def main() -> None:
             "scrape (`controller/expiry.py`) against a real repository, device CA and CRL and "
             "a device registry written in its real format. Cold is the first scrape and the "
             "first after the registry or CRL changed; cached is every other scrape "
-            "(`controller/filememo.py`)."
+            "(`controller/base/filememo.py`)."
         )
         record_section("Controller metrics scrape", intro, run_text)
 

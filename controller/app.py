@@ -32,11 +32,11 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from controller.announcer import Announcer
+from controller.base.errors import ControllerError, UsageError
+from controller.base.fsio import repo_lock
 from controller.config import ServeConfig
-from controller.errors import ControllerError, UsageError
 from controller.expiry import ExpiryReader
 from controller.fleet import StalePolicy, render_aggregates
-from controller.fsio import repo_lock
 from controller.http import make_app, start_http
 from controller.ingest import Ingestor, IngestSettings
 from controller.mqtt_repo import RepoResponder

@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import Final
 
 from agent.contracts import TOPIC_ROOT
+from controller.base.errors import UsageError
+from controller.base.fsio import atomic_write, make_dir
 from controller.ca import DeviceCA
 from controller.devices import DeviceRecord, ca_dir, load_registry, write_crl
-from controller.errors import UsageError
-from controller.fsio import atomic_write, make_dir
 
 logger = logging.getLogger(__name__)
 

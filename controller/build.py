@@ -48,10 +48,10 @@ from agent.contracts import (
     check_version,
 )
 from controller import evaluate, golden, quantize
+from controller.base.errors import BuildError, UsageError
+from controller.base.fsio import atomic_write
 from controller.bundle_file import member_digest, pack_bundle
-from controller.errors import BuildError, UsageError
 from controller.evaluate import Candidate, Gate, Samples
-from controller.fsio import atomic_write
 from controller.prune import check_sparsity, prune
 
 logger = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from agent.contracts import (
     Manifest,
     parse_manifest,
 )
-from controller.errors import BundleFileError, UsageError
+from controller.base.errors import BundleFileError, UsageError
 
 # A fixed member mtime keeps bundles reproducible (2000-01-01T00:00:00Z).
 BUNDLE_MTIME: Final = 946_684_800

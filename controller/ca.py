@@ -42,8 +42,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from controller.errors import RepositoryError, UsageError
-from controller.fsio import atomic_write, make_dir
+from controller.base.errors import RepositoryError, UsageError
+from controller.base.fsio import atomic_write, make_dir
 
 T = TypeVar("T")
 

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 
 from agent.base.completion import add_completion_parser, completion_script
 from controller import cli_bundle, cli_fleet, cli_release, cli_repo, cli_rollout, cli_serve
+from controller.base.errors import ControllerError, UsageError
 from controller.cli_common import RAW
 from controller.cli_release import RELEASE_VERBS, route_release_verbs
-from controller.errors import ControllerError, UsageError
 
 __all__ = ["RELEASE_VERBS", "build_parser", "main", "route_release_verbs"]
 

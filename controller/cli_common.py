@@ -12,7 +12,7 @@ import json
 from typing import TYPE_CHECKING
 
 from agent.contracts import ProbationPolicy
-from controller.errors import UsageError
+from controller.base.errors import UsageError
 
 if TYPE_CHECKING:
     from typing import TypeAlias

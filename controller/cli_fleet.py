@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from controller.base.errors import UsageError
 from controller.cli_common import RAW, print_json
-from controller.errors import UsageError
 
 if TYPE_CHECKING:
     from controller.cli_common import Subparsers
@@ -146,10 +146,10 @@ def render_certificates(record: DeviceRecord) -> list[str]:
 
 
 def _cmd_device_add(args: argparse.Namespace) -> int:
+    from controller.base.fsio import atomic_write
     from controller.broker import refresh_broker_files
     from controller.config import parse_endpoint
     from controller.devices import EnrollOptions, add_device
-    from controller.fsio import atomic_write
 
     host, port = parse_endpoint(args.broker, "--broker")
     options = EnrollOptions(
@@ -241,9 +241,9 @@ def _print_archive_json(
 def _cmd_device_renew(args: argparse.Namespace) -> int:
     import sys
 
+    from controller.base.fsio import atomic_write
     from controller.broker import refresh_broker_files
     from controller.devices import renew_device
-    from controller.fsio import atomic_write
 
     to_stdout = args.output == "-"
     if to_stdout and args.json:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.contracts import ProbationPolicy
+from controller.base.errors import UsageError
 from controller.cli_common import RAW, print_json, probation_policy
-from controller.errors import UsageError
 
 if TYPE_CHECKING:
     from controller.cli_common import Subparsers

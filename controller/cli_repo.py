@@ -143,7 +143,7 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from controller.fsio import repo_lock
+    from controller.base.fsio import repo_lock
     from controller.key_ceremony import rotate
     from controller.repository import Repository
 
@@ -166,7 +166,7 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_export_root(args: argparse.Namespace) -> int:
-    from controller.fsio import repo_lock
+    from controller.base.fsio import repo_lock
     from controller.key_ceremony import export_root
     from controller.repository import Repository
 
@@ -200,7 +200,7 @@ def _cmd_keys_sign_root(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_import_root(args: argparse.Namespace) -> int:
-    from controller.fsio import repo_lock
+    from controller.base.fsio import repo_lock
     from controller.key_ceremony import import_root
     from controller.repository import Repository
 
@@ -216,7 +216,7 @@ def _cmd_keys_import_root(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_expiry(args: argparse.Namespace) -> int:
-    from controller.fsio import repo_lock
+    from controller.base.fsio import repo_lock
     from controller.key_ceremony import set_expiry
     from controller.repository import Repository
 

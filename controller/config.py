@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from controller.errors import UsageError
+from controller.base.errors import UsageError
 
 ENV_KEYS: Final = {
     "repo": "EDGECTL_REPO",

@@ -42,9 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from controller.base.errors import RepositoryError
+from controller.base.fsio import atomic_write
 from controller.ca import CA_DIR_NAME
-from controller.errors import RepositoryError
-from controller.fsio import atomic_write
 
 REGISTRY_FILE: Final = "devices.json"
 REGISTRY_SCHEMA: Final = "edgefleet.devices/1"

@@ -46,6 +46,7 @@ from agent.device.enroll import (
     ROOT,
     pack_enrollment,
 )
+from controller.base.errors import RepositoryError, UsageError
 from controller.ca import ClientPublicKey, DeviceCA, public_key_from_csr
 from controller.device_registry import (
     DEFAULT_CERT_DAYS,
@@ -60,7 +61,6 @@ from controller.device_registry import (
     save_registry,
     unexpired,
 )
-from controller.errors import RepositoryError, UsageError
 
 # Re-exported: callers (broker, expiry, tests) import the registry's names from here.
 __all__ = [

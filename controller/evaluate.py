@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from controller.errors import BuildError, UsageError
+from controller.base.errors import BuildError, UsageError
 from controller.golden import numpy_dtype
 
 Array = npt.NDArray[Any]

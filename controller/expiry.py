@@ -23,7 +23,7 @@ Invariants:
   as expiring: it cannot connect, and only ``edgectl device revoke`` or a re-enrollment
   clears it.
 - The registry and the CRL are parsed again only when their file changed
-  (``controller.filememo``: keyed by its stat, re-read after an atomic replace, an
+  (``controller.base.filememo``: keyed by its stat, re-read after an atomic replace, an
   in-place rewrite, a removal or a creation). What is kept is time-independent (the
   sorted not-afters, the CRL's next update); the window count is taken at each ``read``
   from ``now_s``, so a certificate crossing into the window is counted without a write.
@@ -42,10 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, TypeVar
 
+from controller.base.errors import ControllerError
+from controller.base.filememo import FileMemo
 from controller.ca import read_ca_certificate, read_crl
 from controller.devices import REGISTRY_FILE, DeviceRecord, ca_dir, load_registry
-from controller.errors import ControllerError
-from controller.filememo import FileMemo
 from controller.repository import ALL_ROLES, Repository
 
 logger = logging.getLogger(__name__)

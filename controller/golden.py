@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.contracts import GOLDEN_INPUT_PREFIX, GOLDEN_OUTPUT_PREFIX, OIP_TO_NUMPY, ORT_TO_OIP
-from controller.errors import BuildError
+from controller.base.errors import BuildError
 
 Array = npt.NDArray[Any]
 RTOL: Final = 1e-3

@@ -40,8 +40,8 @@ from agent.contracts import (
     parse_manifest,
     version_key,
 )
-from controller.errors import RepositoryError, UsageError
-from controller.fsio import atomic_write, repo_lock
+from controller.base.errors import RepositoryError, UsageError
+from controller.base.fsio import atomic_write, repo_lock
 from controller.release import current_desired_state
 from controller.repository import Repository
 from controller.store import DeviceRow

@@ -36,8 +36,8 @@ from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from agent.contracts import ROLLOUT_ROLE
-from controller.errors import UsageError
-from controller.fsio import atomic_write
+from controller.base.errors import UsageError
+from controller.base.fsio import atomic_write
 from controller.keys import generate_key, key_id, load_key_file, remove_revoked, save_key
 from controller.repository import (
     ALL_ROLES,

@@ -19,8 +19,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
-from controller.errors import RepositoryError
-from controller.fsio import atomic_write, make_dir
+from controller.base.errors import RepositoryError
+from controller.base.fsio import atomic_write, make_dir
 
 logger = logging.getLogger(__name__)
 

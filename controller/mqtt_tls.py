@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from controller.base.errors import UsageError
 from controller.broker import BROKER_RECORD
 from controller.devices import ca_dir
-from controller.errors import UsageError
 
 if TYPE_CHECKING:
     from controller.config import ServeConfig

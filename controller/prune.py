@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from controller.errors import BuildError, UsageError
+from controller.base.errors import BuildError, UsageError
 
 WEIGHT_OPS: Final = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 

@@ -45,7 +45,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from controller.errors import BuildError
+from controller.base.errors import BuildError
 
 logger = logging.getLogger(__name__)
 

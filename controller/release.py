@@ -33,9 +33,9 @@ from agent.contracts import (
     desired_target_path,
     parse_desired_state,
 )
+from controller.base.errors import ConflictError, RepositoryError, UsageError
+from controller.base.fsio import repo_lock
 from controller.bundle_file import read_bundle
-from controller.errors import ConflictError, RepositoryError, UsageError
-from controller.fsio import repo_lock
 from controller.repository import Repository
 
 logger = logging.getLogger(__name__)

@@ -59,8 +59,8 @@ from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from agent.contracts import ROLLOUT_PATHS, ROLLOUT_ROLE
-from controller.errors import RepositoryError, UsageError
-from controller.fsio import atomic_write, make_dir
+from controller.base.errors import RepositoryError, UsageError
+from controller.base.fsio import atomic_write, make_dir
 from controller.keys import generate_key, load_signers, save_key
 
 logger = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ from enum import StrEnum
 from typing import Any, Final
 
 from agent.contracts import ModelRelease, ProbationPolicy, bundle_target_path
-from controller.errors import ControllerError, UsageError
+from controller.base.errors import ControllerError, UsageError
 from controller.rollout_gates import GatePolicy, GateReport, parse_gates
 
 

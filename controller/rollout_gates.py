@@ -46,7 +46,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from controller.errors import UsageError
+from controller.base.errors import UsageError
 
 LIMIT_METRICS: Final = ("error_rate", "p99_ratio", "failed_installs", "rollbacks")
 FLOOR_NAMES: Final = ("min_devices", "min_requests")

@@ -45,8 +45,8 @@ from agent.contracts import (
     check_version,
     resolve_release,
 )
-from controller.errors import ConflictError, UsageError
-from controller.fsio import repo_lock
+from controller.base.errors import ConflictError, UsageError
+from controller.base.fsio import repo_lock
 from controller.release import (
     current_desired_state,
     new_rollout_id,

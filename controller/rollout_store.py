@@ -21,8 +21,8 @@ import logging
 from pathlib import Path
 from typing import Final
 
-from controller.errors import RepositoryError
-from controller.fsio import atomic_write, make_dir
+from controller.base.errors import RepositoryError
+from controller.base.fsio import atomic_write, make_dir
 from controller.rollout import Rollout, RolloutRecordError, parse_rollout
 
 logger = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ from typing import Any, Final, NamedTuple
 import orjson
 
 from agent.contracts import Event, Heartbeat, Status, telemetry_payload
-from controller.errors import ControllerError
+from controller.base.errors import ControllerError
 
 
 class StoreError(ControllerError):

@@ -10,9 +10,9 @@ import onnxruntime as ort
 import pytest
 
 from agent.contracts import BUNDLE_REQUIRED_MEMBERS, parse_manifest
+from controller.base.errors import BuildError, BundleFileError, UsageError
 from controller.build import BuildOptions, build_bundle
 from controller.bundle_file import read_bundle
-from controller.errors import BuildError, BundleFileError, UsageError
 from tests.controller.conftest import edgectl_cmd
 
 

@@ -21,8 +21,8 @@ import pytest
 from onnx import TensorProto, helper
 
 from agent.contracts import parse_manifest
+from controller.base.errors import BuildError, UsageError
 from controller.build import BuildOptions, QualityGateError, build_bundle
-from controller.errors import BuildError, UsageError
 from controller.evaluate import Gate, parse_gate
 from controller.prune import prune, shrink, weight_names
 from controller.quantize import UnsupportedOpsError

@@ -20,9 +20,9 @@ from agent.device.enroll import (
     read_enrollment,
     request_enrollment,
 )
+from controller.base.errors import UsageError
 from controller.cli import main as edgectl_main
 from controller.devices import add_device, load_registry
-from controller.errors import UsageError
 from controller.repository import init_repository
 from tests.controller.enroll_support import OPTIONS, archive_members
 

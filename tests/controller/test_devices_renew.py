@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 
 from agent.cli import main as agent_main
 from agent.device.enroll import request_enrollment
+from controller.base.errors import UsageError
 from controller.cli import main as edgectl_main
 from controller.devices import (
     EnrollOptions,
@@ -24,7 +25,6 @@ from controller.devices import (
     renew_device,
     revoke_device,
 )
-from controller.errors import UsageError
 from controller.expiry import ExpiryReader
 from controller.repository import init_repository
 from controller.store import open_store

@@ -4,7 +4,7 @@ Real repositories, registries and CRLs written by ``add_device`` / ``revoke_devi
 rewritten in place here); parses are counted by wrapping the function
 ``controller.expiry`` calls, which still does the real work. ``now_s`` is injected, a
 minute after the files were written unless a test says otherwise, so they have settled
-(``controller.filememo``).
+(``controller.base.filememo``).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 import controller.expiry as expiry
+from controller.base.filememo import SETTLE_S, FileMemo
+from controller.base.fsio import atomic_write
 from controller.devices import EnrollOptions, add_device, ca_dir, revoke_device
 from controller.expiry import DeviceCertSummary, ExpiryReader
-from controller.filememo import SETTLE_S, FileMemo
-from controller.fsio import atomic_write
 from controller.repository import Repository
 
 

@@ -22,10 +22,10 @@ from agent.contracts import (
     bundle_target_path,
     resolve_release,
 )
+from controller.base.errors import UsageError
 from controller.build import build_bundle
 from controller.cli import main as cli_main
 from controller.cli import route_release_verbs
-from controller.errors import UsageError
 from controller.history import (
     RetireRefusedError,
     diff_releases,

@@ -18,8 +18,8 @@ from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
 from agent.contracts import ROLLOUT_ROLE, desired_target_path
-from controller.errors import UsageError
-from controller.fsio import repo_lock
+from controller.base.errors import UsageError
+from controller.base.fsio import repo_lock
 from controller.key_ceremony import (
     export_root,
     import_root,

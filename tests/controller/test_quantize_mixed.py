@@ -20,8 +20,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from controller import quantize
+from controller.base.errors import BuildError, UsageError
 from controller.build import BuildOptions, QualityGateError, build_bundle
-from controller.errors import BuildError, UsageError
 from controller.evaluate import Gate
 
 FAST: dict[str, Any] = {"latency_runs": 3, "max_latency_ratio": 1000.0}

@@ -16,7 +16,7 @@ from agent.contracts import (
     desired_target_path,
     parse_desired_state,
 )
-from controller.errors import ConflictError, RepositoryError
+from controller.base.errors import ConflictError, RepositoryError
 from controller.release import next_desired_state, release_bundle
 from controller.repository import Repository
 from tests.controller.conftest import MODEL, Served, edgectl_cmd

@@ -17,7 +17,7 @@ from agent.contracts import (
     parse_desired_state,
     resolve_release,
 )
-from controller.errors import UsageError
+from controller.base.errors import UsageError
 from controller.rollout import (
     IllegalTransitionError,
     OnFailure,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from controller.errors import UsageError
+from controller.base.errors import UsageError
 from controller.rollout_gates import (
     DEFAULT_GATES,
     Evidence,

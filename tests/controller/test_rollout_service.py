@@ -21,8 +21,8 @@ from agent.contracts import (
     parse_desired_state,
     resolve_release,
 )
-from controller.errors import ConflictError, UsageError
-from controller.fsio import repo_lock
+from controller.base.errors import ConflictError, UsageError
+from controller.base.fsio import repo_lock
 from controller.release import current_desired_state, release_bundle, write_model_release
 from controller.repository import Repository
 from controller.rollout import OnFailure, RolloutState

@@ -13,8 +13,8 @@ import pytest
 
 from agent.contracts import ANNOUNCE_SCHEMA, announce_topic
 from controller.app import ingest_settings
+from controller.base.errors import UsageError
 from controller.config import load_serve_config
-from controller.errors import UsageError
 from controller.release import release_bundle
 from controller.repository import Repository, needs_resign, resign_expiring
 from tests.controller.conftest import Served

@@ -23,7 +23,7 @@ from agent.contracts import (
     desired_target_path,
 )
 from agent.update.journal import Phase
-from controller.fsio import repo_lock
+from controller.base.fsio import repo_lock
 from controller.key_ceremony import rotate
 from controller.keys import generate_key, load_key_file
 from controller.repository import Repository

@@ -15,7 +15,7 @@ from agent.device.config import MqttConfig
 from agent.update.fetcher import TransferLimits
 from agent.update.journal import Phase
 from agent.update.mqtt_fetcher import URL_PREFIX, MqttFetcher
-from controller.fsio import repo_lock
+from controller.base.fsio import repo_lock
 from controller.key_ceremony import rotate
 from controller.mqtt_repo import RepoResponder, ResponderLimits
 from controller.repository import Repository

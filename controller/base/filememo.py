@@ -8,7 +8,7 @@ identity and version from one ``os.stat`` and recomputes when they differ.
 Invariants:
 - The key is ``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)``, or None while the
   file does not exist: a file that appears, vanishes or changes is recomputed at the
-  next ``get``. Our writers replace files atomically (``controller.fsio.atomic_write``:
+  next ``get``. Our writers replace files atomically (``controller.base.fsio.atomic_write``:
   temporary file + rename), so every write gives the path a new inode even when it lands
   in the same timestamp tick with the same size. ``st_ctime_ns`` also catches an in-place
   rewrite whose mtime was set back (``cp -p``, ``tar``, ``rsync --inplace -t``): no call
