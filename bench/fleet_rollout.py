@@ -191,7 +191,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def build_bundle_of(mb: float, out: Path, work: Path) -> Path:
-    from controller.build import BuildOptions, build_bundle
+    from controller.build.builder import BuildOptions, build_bundle
     from tests.helpers import make_linear_model
 
     in_features = max(4, int(mb * 2**20 / 4 / 1000))

@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from controller.build import BuildOptions, BuildResult, QualityGateError, build_bundle  # noqa: E402
+from controller.build.builder import BuildOptions, BuildResult, QualityGateError, build_bundle  # noqa: E402
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)

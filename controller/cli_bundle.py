@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING
 from controller.cli_common import RAW, print_json
 
 if TYPE_CHECKING:
-    from controller.build import BuildResult
+    from controller.build.builder import BuildResult
     from controller.cli_common import Subparsers
 
 
 def _cmd_bundle_build(args: argparse.Namespace) -> int:
-    from controller.build import BuildOptions, build_bundle
-    from controller.evaluate import parse_gate
+    from controller.build.builder import BuildOptions, build_bundle
+    from controller.build.evaluate import parse_gate
 
     options = BuildOptions(
         quantize=args.quantize,

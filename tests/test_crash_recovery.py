@@ -20,7 +20,7 @@ import onnxruntime as ort
 from agent.client import InferenceClient
 from agent.contracts import ProbationPolicy
 from agent.update.journal import Phase, parse_record, serving_version
-from controller.build import build_bundle
+from controller.build.builder import build_bundle
 from controller.release import release_bundle
 from controller.repository import init_repository
 from tests.e2e_support import Proc, start_agent, start_serve, wait_until, write_agent_config

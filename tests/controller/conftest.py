@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.build import build_bundle
+from controller.build.builder import build_bundle
 from controller.repository import Repository, init_repository
 from controller.store import TelemetryStore
 from tests.controller.test_store_support import store_for

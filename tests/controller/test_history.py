@@ -23,7 +23,7 @@ from agent.contracts import (
     resolve_release,
 )
 from controller.base.errors import UsageError
-from controller.build import build_bundle
+from controller.build.builder import build_bundle
 from controller.cli import main as cli_main
 from controller.cli import route_release_verbs
 from controller.history import (

@@ -34,7 +34,7 @@ from agent.update.journal import Phase, serving_version
 from agent.update.lifecycle import ModelLifecycle
 from agent.update.store import ModelStore
 from agent.update.updater import UpdateService
-from controller.build import build_bundle
+from controller.build.builder import build_bundle
 from controller.release import publish_bundle, release_bundle
 from controller.repository import Repository
 from tests.controller.conftest import MODEL

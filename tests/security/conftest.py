@@ -22,7 +22,7 @@ from agent.update.journal import Phase, serving_version
 from agent.update.lifecycle import ModelLifecycle
 from agent.update.store import ModelStore
 from agent.update.updater import CheckResult, UpdateService
-from controller.build import build_bundle
+from controller.build.builder import build_bundle
 from controller.release import release_bundle
 from controller.repository import Repository, init_repository
 from tests.helpers import make_linear_model

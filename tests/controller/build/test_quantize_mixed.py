@@ -19,10 +19,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from controller import quantize
+from controller.build import quantize
 from controller.base.errors import BuildError, UsageError
-from controller.build import BuildOptions, QualityGateError, build_bundle
-from controller.evaluate import Gate
+from controller.build.builder import BuildOptions, QualityGateError, build_bundle
+from controller.build.evaluate import Gate
 
 FAST: dict[str, Any] = {"latency_runs": 3, "max_latency_ratio": 1000.0}
 

@@ -22,10 +22,10 @@ from onnx import TensorProto, helper
 
 from agent.contracts import parse_manifest
 from controller.base.errors import BuildError, UsageError
-from controller.build import BuildOptions, QualityGateError, build_bundle
-from controller.evaluate import Gate, parse_gate
-from controller.prune import prune, shrink, weight_names
-from controller.quantize import UnsupportedOpsError
+from controller.build.builder import BuildOptions, QualityGateError, build_bundle
+from controller.build.evaluate import Gate, parse_gate
+from controller.build.prune import prune, shrink, weight_names
+from controller.build.quantize import UnsupportedOpsError
 from tests.controller.conftest import edgectl_cmd
 
 # Few timed runs, and no latency limit: a 10 µs model's timings are noise.

@@ -34,7 +34,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from controller.base.errors import BuildError, UsageError
-from controller.golden import numpy_dtype
+from controller.build.golden import numpy_dtype
 
 Array = npt.NDArray[Any]
 LABELS_KEY: Final = "labels"

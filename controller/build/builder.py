@@ -47,12 +47,12 @@ from agent.contracts import (
     check_name,
     check_version,
 )
-from controller import evaluate, golden, quantize
+from controller.build import evaluate, golden, quantize
 from controller.base.errors import BuildError, UsageError
 from controller.base.fsio import atomic_write
-from controller.bundle_file import member_digest, pack_bundle
-from controller.evaluate import Candidate, Gate, Samples
-from controller.prune import check_sparsity, prune
+from controller.build.bundle_file import member_digest, pack_bundle
+from controller.build.evaluate import Candidate, Gate, Samples
+from controller.build.prune import check_sparsity, prune
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import pytest
 
 from agent.contracts import BUNDLE_REQUIRED_MEMBERS, parse_manifest
 from controller.base.errors import BuildError, BundleFileError, UsageError
-from controller.build import BuildOptions, build_bundle
-from controller.bundle_file import read_bundle
+from controller.build.builder import BuildOptions, build_bundle
+from controller.build.bundle_file import read_bundle
 from tests.controller.conftest import edgectl_cmd
 
 
