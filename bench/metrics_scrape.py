@@ -37,9 +37,9 @@ from _common import (
 )
 
 from controller.base.filememo import SETTLE_S
-from controller.ca import DeviceCA
-from controller.devices import EnrollOptions, add_device, ca_dir, load_registry
 from controller.expiry import ExpiryReader, summarize_device_certs
+from controller.identity.ca import DeviceCA
+from controller.identity.devices import EnrollOptions, add_device, ca_dir, load_registry
 from controller.repository import init_repository
 
 REGISTRY_SCHEMA = "edgefleet.devices/1"
@@ -62,7 +62,7 @@ def build_repository(folder: Path, devices: int, revoked_percent: float) -> Path
         if rng.random() * 100 < revoked_percent:
             revoked_at = now - dt.timedelta(seconds=rng.randrange(0, 86400))
             revoked.append((serial, revoked_at))
-        # The format DeviceRecord.to_json writes (controller/devices.py).
+        # The format DeviceRecord.to_json writes (controller/identity/devices.py).
         entries[f"dev-{i:06d}"] = {
             "fleet": f"fleet-{i % 20:02d}",
             "serial": str(serial),

@@ -15,8 +15,8 @@ from controller.cli_common import RAW, print_json
 
 if TYPE_CHECKING:
     from controller.cli_common import Subparsers
-    from controller.devices import DeviceRecord, EnrollOptions
     from controller.fleet import StalePolicy
+    from controller.identity.devices import DeviceRecord, EnrollOptions
     from controller.store import TelemetryStore
 
 
@@ -113,7 +113,7 @@ def _cmd_device_show(args: argparse.Namespace) -> int:
 
 def _registry_record(args: argparse.Namespace) -> DeviceRecord | None:
     """The device's registry entry when ``--repo`` names a repository (None otherwise)."""
-    from controller.devices import load_registry
+    from controller.identity.devices import load_registry
 
     if not args.repo:
         return None
@@ -147,9 +147,9 @@ def render_certificates(record: DeviceRecord) -> list[str]:
 
 def _cmd_device_add(args: argparse.Namespace) -> int:
     from controller.base.fsio import atomic_write
-    from controller.broker import refresh_broker_files
     from controller.config import parse_endpoint
-    from controller.devices import EnrollOptions, add_device
+    from controller.identity.broker import refresh_broker_files
+    from controller.identity.devices import EnrollOptions, add_device
 
     host, port = parse_endpoint(args.broker, "--broker")
     options = EnrollOptions(
@@ -196,7 +196,7 @@ def _renew_options(args: argparse.Namespace, repo: Path) -> EnrollOptions | None
     import dataclasses
 
     from controller.config import parse_endpoint
-    from controller.devices import EnrollOptions, load_registry
+    from controller.identity.devices import EnrollOptions, load_registry
 
     if args.repository_url is None and args.broker is None:
         return None  # the recorded ones (renew_device refuses when there are none)
@@ -242,8 +242,8 @@ def _cmd_device_renew(args: argparse.Namespace) -> int:
     import sys
 
     from controller.base.fsio import atomic_write
-    from controller.broker import refresh_broker_files
-    from controller.devices import renew_device
+    from controller.identity.broker import refresh_broker_files
+    from controller.identity.devices import renew_device
 
     to_stdout = args.output == "-"
     if to_stdout and args.json:
@@ -309,8 +309,8 @@ def _renewal_summary(
 
 
 def _cmd_device_revoke(args: argparse.Namespace) -> int:
-    from controller.broker import refresh_broker_files
-    from controller.devices import ca_dir, revoke_device
+    from controller.identity.broker import refresh_broker_files
+    from controller.identity.devices import ca_dir, revoke_device
 
     repo = Path(args.repo)
     record = revoke_device(repo, args.device_id)
@@ -332,7 +332,7 @@ def _cmd_device_revoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_broker_config(args: argparse.Namespace) -> int:
-    from controller.broker import BrokerOptions, write_broker_config
+    from controller.identity.broker import BrokerOptions, write_broker_config
 
     options = BrokerOptions(
         hosts=tuple(args.host),

@@ -16,7 +16,7 @@ Invariants:
   not a warning.
 - No private key is read: TUF metadata comes from ``Repository.load`` (the path
   ``edgectl keys list`` takes, without its key lookup), the CA certificate and CRL from
-  ``controller.ca.read_ca_certificate`` / ``read_crl``.
+  ``controller.identity.ca.read_ca_certificate`` / ``read_crl``.
 - Device certificates are summarised, never listed (fleets have 100,000 devices): the
   earliest not-after among unrevoked devices and how many end within
   ``DEVICE_CERT_WINDOW_S``. An unrevoked device whose certificate already ended counts
@@ -44,8 +44,8 @@ from typing import Final, TypeVar
 
 from controller.base.errors import ControllerError
 from controller.base.filememo import FileMemo
-from controller.ca import read_ca_certificate, read_crl
-from controller.devices import REGISTRY_FILE, DeviceRecord, ca_dir, load_registry
+from controller.identity.ca import read_ca_certificate, read_crl
+from controller.identity.devices import REGISTRY_FILE, DeviceRecord, ca_dir, load_registry
 from controller.repository import ALL_ROLES, Repository
 
 logger = logging.getLogger(__name__)

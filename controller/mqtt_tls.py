@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from controller.base.errors import UsageError
-from controller.broker import BROKER_RECORD
-from controller.devices import ca_dir
+from controller.identity.broker import BROKER_RECORD
+from controller.identity.devices import ca_dir
 
 if TYPE_CHECKING:
     from controller.config import ServeConfig

@@ -19,9 +19,9 @@ import pytest
 
 from agent.contracts import announce_topic, device_topic, status_payload
 from controller.base.errors import UsageError
-from controller.broker import BrokerOptions, write_broker_config
 from controller.build.builder import build_bundle
 from controller.config import ServeConfig, load_serve_config
+from controller.identity.broker import BrokerOptions, write_broker_config
 from controller.release import release_bundle
 from controller.repository import init_repository
 from controller.store import open_store

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import tarfile
 
-from controller.devices import EnrollOptions
+from controller.identity.devices import EnrollOptions
 
 OPTIONS = EnrollOptions(repository_url="https://updates.example.net/", mqtt_host="mq.example")
 

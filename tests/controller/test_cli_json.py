@@ -14,8 +14,8 @@ from cryptography import x509
 
 import controller.cli
 from agent.contracts import bundle_target_path
-from controller.devices import load_registry
 from controller.history import read_retired, retire_release
+from controller.identity.devices import load_registry
 from controller.key_ceremony import key_status
 from controller.release import publish_bundle
 from controller.repository import Repository

@@ -21,8 +21,8 @@ import pytest
 import controller.expiry as expiry
 from controller.base.filememo import SETTLE_S, FileMemo
 from controller.base.fsio import atomic_write
-from controller.devices import EnrollOptions, add_device, ca_dir, revoke_device
 from controller.expiry import DeviceCertSummary, ExpiryReader
+from controller.identity.devices import EnrollOptions, add_device, ca_dir, revoke_device
 from controller.repository import Repository
 
 

@@ -33,7 +33,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.contracts import device_topic
-from controller.broker import BrokerOptions, write_broker_config
+from controller.identity.broker import BrokerOptions, write_broker_config
 from tests.e2e_support import edgectl, start_serve
 from tests.helpers import free_port, make_linear_model, mosquitto_binary, wait_for_port
 

@@ -43,7 +43,7 @@ from agent.device.enroll_install import (
     staged_path,
 )
 from agent.device.tls_identity import resolve_tls_files, tls_context
-from controller.devices import add_device, renew_device
+from controller.identity.devices import add_device, renew_device
 from controller.repository import init_repository
 from tests.controller.enroll_support import OPTIONS, archive_members
 

@@ -1,5 +1,6 @@
 """`edge-agent request`: the device's own key (0600, never replaced without --force) and
-a CSR for it. The controller's side of the CSR flow is tests/controller/test_devices_csr.py.
+a CSR for it. The controller's side of the CSR flow is
+tests/controller/identity/test_devices_csr.py.
 """
 
 from __future__ import annotations

@@ -15,9 +15,9 @@ from agent.cli import main as agent_main
 from agent.device.config import load_config
 from agent.device.enroll import EnrollmentError, install_enrollment, read_enrollment
 from controller.base.errors import UsageError
-from controller.broker import render_acl
 from controller.cli import main as edgectl_main
-from controller.devices import add_device, load_registry, revoke_device
+from controller.identity.broker import render_acl
+from controller.identity.devices import add_device, load_registry, revoke_device
 from controller.repository import init_repository
 from tests.controller.enroll_support import OPTIONS, archive_members
 

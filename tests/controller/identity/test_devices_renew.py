@@ -18,14 +18,14 @@ from agent.cli import main as agent_main
 from agent.device.enroll import request_enrollment
 from controller.base.errors import UsageError
 from controller.cli import main as edgectl_main
-from controller.devices import (
+from controller.expiry import ExpiryReader
+from controller.identity.devices import (
     EnrollOptions,
     add_device,
     load_registry,
     renew_device,
     revoke_device,
 )
-from controller.expiry import ExpiryReader
 from controller.repository import init_repository
 from controller.store import open_store
 from tests.controller.enroll_support import OPTIONS, archive_members

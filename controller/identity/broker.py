@@ -1,7 +1,7 @@
 """``edgectl broker config``: a mosquitto configuration for per-device identities.
 
 The broker authenticates every client by its X.509 certificate from the device CA
-(``controller.ca``): ``require_certificate``, ``use_identity_as_username`` (the CN, the
+(``controller.identity.ca``): ``require_certificate``, ``use_identity_as_username`` (the CN, the
 device id, becomes the username) and ``crlfile`` (revoked devices cannot connect). The
 ACL file then keeps each device on its own topics:
 
@@ -43,8 +43,8 @@ from typing import Final
 from agent.contracts import TOPIC_ROOT
 from controller.base.errors import UsageError
 from controller.base.fsio import atomic_write, make_dir
-from controller.ca import DeviceCA
-from controller.devices import DeviceRecord, ca_dir, load_registry, write_crl
+from controller.identity.ca import DeviceCA
+from controller.identity.devices import DeviceRecord, ca_dir, load_registry, write_crl
 
 logger = logging.getLogger(__name__)
 

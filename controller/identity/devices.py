@@ -1,11 +1,11 @@
 """Enrolled devices: ``edgectl device add``, ``device renew`` and ``device revoke``.
 
-The registry (``REPO_DIR/ca/devices.json``, format in ``controller.device_registry``)
+The registry (``REPO_DIR/ca/devices.json``, format in ``controller.identity.registry``)
 records each device's fleet, its current certificate and its earlier ones that have not
 expired, and what was revoked when. It is the source of the broker's per-device ACL
-lines (``controller.broker``) and of the CRL.
+lines (``controller.identity.broker``) and of the CRL.
 
-``add_device`` issues a client certificate from the device CA (``controller.ca``) and
+``add_device`` issues a client certificate from the device CA (``controller.identity.ca``) and
 packs it with the CA certificate, the repository's TUF root and an agent config into the
 archive ``edge-agent enroll`` installs (contract: ``agent.device.enroll``). Without a CSR the
 key is made here and packed too: the archive holds the device's private key, hand it
@@ -47,8 +47,8 @@ from agent.device.enroll import (
     pack_enrollment,
 )
 from controller.base.errors import RepositoryError, UsageError
-from controller.ca import ClientPublicKey, DeviceCA, public_key_from_csr
-from controller.device_registry import (
+from controller.identity.ca import ClientPublicKey, DeviceCA, public_key_from_csr
+from controller.identity.registry import (
     DEFAULT_CERT_DAYS,
     REGISTRY_FILE,
     REGISTRY_SCHEMA,
@@ -81,7 +81,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The broker's ACL gives this CN the controller's rights (controller.broker).
+# The broker's ACL gives this CN the controller's rights (controller.identity.broker).
 RESERVED_IDS: Final = frozenset({"edgectl"})
 
 

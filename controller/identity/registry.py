@@ -44,7 +44,7 @@ from typing import Any, Final
 
 from controller.base.errors import RepositoryError
 from controller.base.fsio import atomic_write
-from controller.ca import CA_DIR_NAME
+from controller.identity.ca import CA_DIR_NAME
 
 REGISTRY_FILE: Final = "devices.json"
 REGISTRY_SCHEMA: Final = "edgefleet.devices/1"
