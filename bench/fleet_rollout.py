@@ -204,12 +204,12 @@ def tick_cost(devices: int, beats: int) -> tuple[float, float]:
     """Seconds per RolloutService.tick over ``devices`` with ``beats`` heartbeats each in
     the stage window: later ticks (mean of 5), and the first one."""
     from agent.contracts import Heartbeat, ModelFigures, ProbationPolicy, SystemFigures
+    from controller.fleet.store import IngestBatch, open_store
     from controller.repository import init_repository
     from controller.rollout import OnFailure, new_rollout
     from controller.rollout_gates import DEFAULT_GATES, parse_gates
     from controller.rollout_service import RolloutService
     from controller.rollout_store import RolloutStore
-    from controller.store import IngestBatch, open_store
 
     work = Path(tempfile.mkdtemp(prefix="rollout-tick-"))
     try:

@@ -36,8 +36,8 @@ from _common import (
 )
 
 from agent.contracts import Status
-from controller.fleet import StalePolicy, render_aggregates, render_metrics
-from controller.store import HeartbeatFacts, IngestBatch, TelemetryStore
+from controller.fleet.status import StalePolicy, render_aggregates, render_metrics
+from controller.fleet.store import HeartbeatFacts, IngestBatch, TelemetryStore
 from tests.controller.test_store_support import store_for
 
 MODELS = ("detector", "classifier", "segmenter")

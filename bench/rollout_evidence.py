@@ -37,10 +37,10 @@ from _common import (
 )
 
 from agent.contracts import ProbationPolicy
+from controller.fleet.store import HeartbeatFacts, IngestBatch, TelemetryStore
 from controller.rollout import OnFailure, Rollout, new_rollout
 from controller.rollout_gates import parse_gates
 from controller.rollout_service import RolloutService
-from controller.store import HeartbeatFacts, IngestBatch, TelemetryStore
 from tests.controller.test_store_support import store_for
 
 FLEET = "fleet-00"

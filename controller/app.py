@@ -5,7 +5,7 @@ Owns for the life of the process: the HTTP server for the repository and
 every new version and after every MQTT reconnection, publishes each fleet's retained
 announcement), the re-signing task (online roles re-signed under the repository lock
 when less than half their lifetime is left), the telemetry ingestor (devices' status,
-heartbeats and events into the store, ``controller.ingest``) and the task that prunes
+heartbeats and events into the store, ``controller.fleet.ingest``) and the task that prunes
 heartbeats past their retention.
 
 Invariants:
@@ -36,14 +36,14 @@ from controller.base.errors import ControllerError, UsageError
 from controller.base.fsio import repo_lock
 from controller.config import ServeConfig
 from controller.expiry import ExpiryReader
-from controller.fleet import StalePolicy, render_aggregates
+from controller.fleet.ingest import Ingestor, IngestSettings
+from controller.fleet.status import StalePolicy, render_aggregates
+from controller.fleet.store import TelemetryStore, open_store
 from controller.http import make_app, start_http
-from controller.ingest import Ingestor, IngestSettings
 from controller.mqtt_repo import RepoResponder
 from controller.mqtt_tls import serve_tls_context
 from controller.repository import Repository, resign_expiring
 from controller.rollout_service import RolloutSettings, start_rollout_service
-from controller.store import TelemetryStore, open_store
 
 logger = logging.getLogger(__name__)
 

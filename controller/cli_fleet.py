@@ -15,15 +15,15 @@ from controller.cli_common import RAW, print_json
 
 if TYPE_CHECKING:
     from controller.cli_common import Subparsers
-    from controller.fleet import StalePolicy
+    from controller.fleet.status import StalePolicy
+    from controller.fleet.store import TelemetryStore
     from controller.identity.devices import DeviceRecord, EnrollOptions
-    from controller.store import TelemetryStore
 
 
 def _open_view(args: argparse.Namespace) -> tuple[TelemetryStore, StalePolicy]:
     from controller.config import load_view_config
-    from controller.fleet import StalePolicy
-    from controller.store import open_store
+    from controller.fleet.status import StalePolicy
+    from controller.fleet.store import open_store
 
     view = load_view_config(
         Path(args.config) if args.config else None,
@@ -43,7 +43,7 @@ def _open_view(args: argparse.Namespace) -> tuple[TelemetryStore, StalePolicy]:
 def _cmd_fleet_status(args: argparse.Namespace) -> int:
     import time
 
-    from controller.fleet import device_json, render_fleet_table
+    from controller.fleet.status import device_json, render_fleet_table
 
     store, policy = _open_view(args)
     try:
@@ -82,7 +82,7 @@ def _active_rollout_lines(args: argparse.Namespace) -> list[str]:
 def _cmd_device_show(args: argparse.Namespace) -> int:
     import time
 
-    from controller.fleet import device_json, event_json, render_device
+    from controller.fleet.status import device_json, event_json, render_device
 
     store, policy = _open_view(args)
     try:

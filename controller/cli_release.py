@@ -21,7 +21,7 @@ from controller.cli_common import RAW, print_json, probation_policy
 
 if TYPE_CHECKING:
     from controller.cli_common import Subparsers
-    from controller.store import DeviceRow
+    from controller.fleet.store import DeviceRow
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
@@ -64,7 +64,7 @@ def route_release_verbs(argv: Sequence[str]) -> list[str]:
 def _store_rows(args: argparse.Namespace) -> tuple[list[DeviceRow] | None, str]:
     """The telemetry store's device rows, or None and why it was not reachable."""
     from controller.config import load_view_config
-    from controller.store import StoreError, open_store
+    from controller.fleet.store import StoreError, open_store
 
     try:
         view = load_view_config(

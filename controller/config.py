@@ -88,7 +88,7 @@ class ServeConfig:
     # waits for the store before leaving unstored messages to the broker.
     ingest_store_retry_max_s: float = 10.0
     ingest_stop_timeout_s: float = 30.0
-    # QoS 0 messages held while the store lags or fails (controller/ingest_backlog.py).
+    # QoS 0 messages held while the store lags or fails (controller/fleet/backlog.py).
     ingest_qos0_backlog_max: int = 100_000
     # Devices that do not say their heartbeat interval are assumed to use this one.
     heartbeat_interval_s: float = 10.0

@@ -42,9 +42,9 @@ from agent.contracts import (
 )
 from controller.base.errors import RepositoryError, UsageError
 from controller.base.fsio import atomic_write, repo_lock
+from controller.fleet.store import DeviceRow
 from controller.release import current_desired_state
 from controller.repository import Repository
-from controller.store import DeviceRow
 
 logger = logging.getLogger(__name__)
 

@@ -47,6 +47,7 @@ from agent.contracts import (
 )
 from controller.base.errors import ConflictError, UsageError
 from controller.base.fsio import repo_lock
+from controller.fleet.store import TelemetryStore
 from controller.release import (
     current_desired_state,
     new_rollout_id,
@@ -77,7 +78,6 @@ from controller.rollout_gates import (
     evaluate_gates,
 )
 from controller.rollout_store import RolloutStore
-from controller.store import TelemetryStore
 
 logger = logging.getLogger(__name__)
 

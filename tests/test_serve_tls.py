@@ -21,10 +21,10 @@ from agent.contracts import announce_topic, device_topic, status_payload
 from controller.base.errors import UsageError
 from controller.build.builder import build_bundle
 from controller.config import ServeConfig, load_serve_config
+from controller.fleet.store import open_store
 from controller.identity.broker import BrokerOptions, write_broker_config
 from controller.release import release_bundle
 from controller.repository import init_repository
-from controller.store import open_store
 from tests import test_broker_acl
 from tests.e2e_support import wait_until
 from tests.helpers import make_linear_model

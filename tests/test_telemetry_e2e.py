@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.controller.test_ingest import start_persistent_broker
+from tests.controller.fleet.test_ingest import start_persistent_broker
 from tests.e2e_support import Proc, edgectl, start_agent, start_serve, wait_until
 from tests.e2e_support import write_agent_config as _write_agent_config
 from tests.helpers import Broker, make_linear_model

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from controller.build.builder import build_bundle
+from controller.fleet.store import TelemetryStore
 from controller.repository import Repository, init_repository
-from controller.store import TelemetryStore
 from tests.controller.test_store_support import store_for
 from tests.helpers import make_linear_model
 

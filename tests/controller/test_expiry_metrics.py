@@ -18,7 +18,7 @@ import pytest
 from cryptography import x509
 
 from controller.expiry import DeviceCertSummary, ExpiryReader, summarize_device_certs
-from controller.fleet import StalePolicy, render_metrics
+from controller.fleet.status import StalePolicy, render_metrics
 from controller.identity.devices import EnrollOptions, add_device, ca_dir, revoke_device
 from controller.key_ceremony import key_status
 from controller.repository import ALL_ROLES, Repository

@@ -26,6 +26,7 @@ from controller.base.errors import UsageError
 from controller.build.builder import build_bundle
 from controller.cli import main as cli_main
 from controller.cli import route_release_verbs
+from controller.fleet.store import IngestBatch, TelemetryStore, open_store
 from controller.history import (
     RetireRefusedError,
     diff_releases,
@@ -42,7 +43,6 @@ from controller.rollout import RolloutState
 from controller.rollout_gates import parse_gates
 from controller.rollout_service import RolloutService, start_rollout
 from controller.rollout_view import render_rollout, rollout_json
-from controller.store import IngestBatch, TelemetryStore, open_store
 from tests.controller.conftest import edgectl_cmd
 from tests.helpers import make_linear_model
 

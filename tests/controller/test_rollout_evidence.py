@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent.contracts import ProbationPolicy, resolve_release
+from controller.fleet.store import HeartbeatFacts, IngestBatch, TelemetryStore
 from controller.rollout import OnFailure, Rollout, desired_release, new_rollout
 from controller.rollout_gates import Evidence, Incident, Sample, parse_gates
 from controller.rollout_service import (
@@ -27,7 +28,6 @@ from controller.rollout_service import (
     RolloutSettings,
     _sample,
 )
-from controller.store import HeartbeatFacts, IngestBatch, TelemetryStore
 
 FLEET = "lab"
 MODEL = "lin"

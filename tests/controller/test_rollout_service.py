@@ -23,13 +23,13 @@ from agent.contracts import (
 )
 from controller.base.errors import ConflictError, UsageError
 from controller.base.fsio import repo_lock
+from controller.fleet.store import IngestBatch, TelemetryStore, open_store
 from controller.release import current_desired_state, release_bundle, write_model_release
 from controller.repository import Repository
 from controller.rollout import OnFailure, RolloutState
 from controller.rollout_gates import parse_gates
 from controller.rollout_service import RolloutService, control_rollout, start_rollout
 from controller.rollout_store import RolloutStore
-from controller.store import IngestBatch, TelemetryStore, open_store
 from tests.controller.conftest import MODEL
 
 FLEET = "lab"

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 import pytest
 
-from controller.store import TelemetryStore, open_store
+from controller.fleet.store import TelemetryStore, open_store
 
 PG_DSN = os.environ.get("EDGEFLEET_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 

@@ -19,6 +19,7 @@ from agent.device.enroll import request_enrollment
 from controller.base.errors import UsageError
 from controller.cli import main as edgectl_main
 from controller.expiry import ExpiryReader
+from controller.fleet.store import open_store
 from controller.identity.devices import (
     EnrollOptions,
     add_device,
@@ -27,7 +28,6 @@ from controller.identity.devices import (
     revoke_device,
 )
 from controller.repository import init_repository
-from controller.store import open_store
 from tests.controller.enroll_support import OPTIONS, archive_members
 
 

@@ -16,8 +16,8 @@ from agent.contracts import (
     SystemFigures,
     telemetry_payload,
 )
-from controller.fleet import StalePolicy, health, render_fleet_table, render_metrics
-from controller.store import DeviceRow, IngestBatch, TelemetryStore, is_postgres, open_store
+from controller.fleet.status import StalePolicy, health, render_fleet_table, render_metrics
+from controller.fleet.store import DeviceRow, IngestBatch, TelemetryStore, is_postgres, open_store
 from tests.controller.test_store_support import store_location
 
 

@@ -50,7 +50,7 @@ ModelFacts = tuple[str, str | None, str, int, int, int, float | None]
 
 class HeartbeatFacts(NamedTuple):
     """What the store keeps of a heartbeat: the ingest hot path builds this straight from
-    the decoded JSON (controller.ingest), without the contract's dataclasses.
+    the decoded JSON (controller.fleet.ingest), without the contract's dataclasses.
 
     ``at`` and ``seq`` (the agent's time and number of the heartbeat) identify it: a
     redelivered copy with the same pair adds no history row. Without a non-empty ``at``
@@ -186,10 +186,10 @@ def is_postgres(location: str) -> bool:
 def open_store(location: str) -> TelemetryStore:
     """Open (and create the tables of) the store at ``location``. Raises StoreError."""
     if is_postgres(location):
-        from controller.store_postgres import PostgresStore
+        from controller.fleet.postgres import PostgresStore
 
         return PostgresStore(location)
-    from controller.store_sqlite import SqliteStore
+    from controller.fleet.sqlite import SqliteStore
 
     return SqliteStore(Path(location))
 
@@ -298,7 +298,7 @@ _EVENT_COLUMNS: Final = (
     "id, fleet, device, stream, seq, at, received_at, kind, model, version, previous, phase, reason"
 )
 
-# fleet_aggregates: the arithmetic is controller.fleet.health's, operand for operand, in
+# fleet_aggregates: the arithmetic is controller.fleet.status.health's, operand for operand, in
 # IEEE doubles on both backends, so a device exactly at the threshold is judged the same.
 # Grouped by fleet alone (sums of CASE, not GROUP BY health): SQLite then walks the
 # primary key in order instead of sorting every device (31 ms instead of 73 at 100,000).
@@ -544,7 +544,7 @@ class TelemetryStore(ABC):
         self, now: float, default_interval_s: float, stale_after: float
     ) -> FleetAggregates:
         """The device counts of ``/metrics``, grouped in SQL: health as
-        ``controller.fleet.health`` judges it at ``now`` (offline when the last status
+        ``controller.fleet.status.health`` judges it at ``now`` (offline when the last status
         says so, else stale past ``stale_after`` intervals of silence, the device's own
         interval unless it is missing or zero, then ``default_interval_s``)."""
         with self._read_lock, self._reader() as cur:

@@ -2,7 +2,7 @@
 
 Two threads and a backlog: paho's network thread only enqueues (topic, payload, time
 received, and what is needed to acknowledge it); the ``ingest-writer`` thread drains the
-backlog (``controller.ingest_backlog``) in batches (up to ``batch_size`` messages, or
+backlog (``controller.fleet.backlog``) in batches (up to ``batch_size`` messages, or
 what arrived within ``flush_s``), parses them, writes each batch to the store in one
 transaction and only then acknowledges its QoS 1 messages (PUBACK). Batching is what
 makes SQLite keep up with a large fleet: one commit per message is about half as fast
@@ -32,7 +32,7 @@ queues the rest (up to its ``max_queued_messages``). QoS 0 messages keep coming 
 in the backlog here, at most ``IngestSettings.qos0_backlog_max`` of them: past that, the
 heartbeat superseded longest ago by a newer one of its device gives way (``coalesced``),
 or when there is none the oldest QoS 0 message (``dropped``); see
-``controller.ingest_backlog``. Both are counted and logged at most every 10 s. So a long
+``controller.fleet.backlog``. Both are counted and logged at most every 10 s. So a long
 store outage costs bounded memory and, with the bound at least the number of devices,
 loses history rows but no device's latest heartbeat.
 
@@ -41,7 +41,7 @@ Invariants:
   when it is rejected for good (it does not parse); so a message this process received
   but did not store is sent again by the broker, never lost. Redelivery may repeat a
   stored message: events and heartbeats are stored once (the store's keys), status and
-  heartbeat figures only move forward (controller.store).
+  heartbeat figures only move forward (controller.fleet.store).
 - Acknowledgements go out in the order the messages arrived, and only on the connection
   that delivered them (a packet id means nothing on the next one; the broker sends
   what was not acknowledged again there).
@@ -88,8 +88,8 @@ from agent.contracts import (
     parse_status,
     parse_telemetry,
 )
-from controller.ingest_backlog import QUEUED, Backlog, Item
-from controller.store import HeartbeatFacts, IngestBatch, ModelFacts, TelemetryStore
+from controller.fleet.backlog import QUEUED, Backlog, Item
+from controller.fleet.store import HeartbeatFacts, IngestBatch, ModelFacts, TelemetryStore
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def parse_heartbeat(fleet: str, device: str, raw: bytes) -> HeartbeatFacts:
     """Check a heartbeat that arrived on ``fleet``/``device``'s topic; keep what is stored.
 
     Accepts what ``agent.contracts.parse_telemetry`` accepts and yields the same figures
-    (tests/controller/test_ingest_hot_path.py holds them side by side), except that it
+    (tests/controller/fleet/test_ingest_hot_path.py holds them side by side), except that it
     also refuses what a store cannot hold: JSON that is not UTF-8, NaN or infinite
     numbers, lone surrogates, NUL characters in stored text, counts beyond 2**31-1 and a
     ``seq`` beyond 2**63-1.

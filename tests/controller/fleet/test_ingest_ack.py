@@ -20,12 +20,12 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.contracts import device_topic
-from controller.ingest import Ingestor, IngestSettings
-from controller.store import IngestBatch, TelemetryStore, is_postgres, open_store
-from controller.store_postgres import PostgresStore
-from controller.store_sqlite import SqliteStore
-from tests.controller.test_ingest import Device, stored_seqs
-from tests.controller.test_ingest_hot_path import good_payload
+from controller.fleet.ingest import Ingestor, IngestSettings
+from controller.fleet.postgres import PostgresStore
+from controller.fleet.sqlite import SqliteStore
+from controller.fleet.store import IngestBatch, TelemetryStore, is_postgres, open_store
+from tests.controller.fleet.test_ingest import Device, stored_seqs
+from tests.controller.fleet.test_ingest_hot_path import good_payload
 from tests.controller.test_store_support import store_location
 from tests.e2e_support import wait_until
 from tests.helpers import Broker

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
-from controller.store import IngestBatch, StoreError, TelemetryStore
+from controller.fleet.store import IngestBatch, StoreError, TelemetryStore
 
 
 class PostgresStore(TelemetryStore):

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from controller.store import StoreError, TelemetryStore
+from controller.fleet.store import StoreError, TelemetryStore
 
 
 def _connect(path: Path) -> sqlite3.Connection:

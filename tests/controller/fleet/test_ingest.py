@@ -22,9 +22,9 @@ from agent.device.config import AgentConfig, parse_config
 from agent.telemetry.mqtt import MqttLink
 from agent.telemetry.outbox import Outbox
 from agent.telemetry.reporter import IntervalStats, TelemetryReporter, build_heartbeat
-from controller.ingest import Ingestor, IngestSettings, parse_message
-from controller.store import TelemetryStore, open_store
-from controller.store_postgres import PostgresStore
+from controller.fleet.ingest import Ingestor, IngestSettings, parse_message
+from controller.fleet.postgres import PostgresStore
+from controller.fleet.store import TelemetryStore, open_store
 from tests.controller.test_store_support import store_for
 from tests.e2e_support import wait_until
 from tests.helpers import Broker, free_port, start_broker

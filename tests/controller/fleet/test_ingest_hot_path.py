@@ -26,8 +26,8 @@ from agent.contracts import (
     telemetry_payload,
 )
 from agent.telemetry.reporter import build_heartbeat
-from controller.ingest import Ingestor, IngestSettings, _BufferedSocket, parse_heartbeat
-from controller.store import heartbeat_facts
+from controller.fleet.ingest import Ingestor, IngestSettings, _BufferedSocket, parse_heartbeat
+from controller.fleet.store import heartbeat_facts
 from tests.controller.test_store_support import store_for
 from tests.e2e_support import wait_until
 from tests.helpers import Broker
