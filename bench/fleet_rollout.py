@@ -205,7 +205,7 @@ def tick_cost(devices: int, beats: int) -> tuple[float, float]:
     the stage window: later ticks (mean of 5), and the first one."""
     from agent.contracts import Heartbeat, ModelFigures, ProbationPolicy, SystemFigures
     from controller.fleet.store import IngestBatch, open_store
-    from controller.repository import init_repository
+    from controller.repository.repo import init_repository
     from controller.rollout import OnFailure, new_rollout
     from controller.rollout_gates import DEFAULT_GATES, parse_gates
     from controller.rollout_service import RolloutService

@@ -37,10 +37,10 @@ from _common import (
 )
 
 from controller.base.filememo import SETTLE_S
-from controller.expiry import ExpiryReader, summarize_device_certs
 from controller.identity.ca import DeviceCA
 from controller.identity.devices import EnrollOptions, add_device, ca_dir, load_registry
-from controller.repository import init_repository
+from controller.repository.expiry import ExpiryReader, summarize_device_certs
+from controller.repository.repo import init_repository
 
 REGISTRY_SCHEMA = "edgefleet.devices/1"
 
@@ -150,9 +150,9 @@ def main() -> None:
         )
         intro = (
             "`bench/metrics_scrape.py`: the expiry gauges' part of a controller `GET /metrics` "
-            "scrape (`controller/expiry.py`) against a real repository, device CA and CRL and "
-            "a device registry written in its real format. Cold is the first scrape and the "
-            "first after the registry or CRL changed; cached is every other scrape "
+            "scrape (`controller/repository/expiry.py`) against a real repository, device CA "
+            "and CRL and a device registry written in its real format. Cold is the first "
+            "scrape and the first after the registry or CRL changed; cached is every other scrape "
             "(`controller/base/filememo.py`)."
         )
         record_section("Controller metrics scrape", intro, run_text)

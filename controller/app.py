@@ -35,14 +35,14 @@ from controller.announcer import Announcer
 from controller.base.errors import ControllerError, UsageError
 from controller.base.fsio import repo_lock
 from controller.config import ServeConfig
-from controller.expiry import ExpiryReader
 from controller.fleet.ingest import Ingestor, IngestSettings
 from controller.fleet.status import StalePolicy, render_aggregates
 from controller.fleet.store import TelemetryStore, open_store
 from controller.http import make_app, start_http
 from controller.mqtt_repo import RepoResponder
 from controller.mqtt_tls import serve_tls_context
-from controller.repository import Repository, resign_expiring
+from controller.repository.expiry import ExpiryReader
+from controller.repository.repo import Repository, resign_expiring
 from controller.rollout_service import RolloutSettings, start_rollout_service
 
 logger = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ def add_metrics_route(
 ) -> None:
     """``GET /metrics``: fleet aggregates from the store, in the Prometheus text format;
     with ``repo_dir``, also when the repository's metadata, CA, CRL and device
-    certificates expire (read at each scrape, ``controller.expiry``)."""
+    certificates expire (read at each scrape, ``controller.repository.expiry``)."""
     reader = ExpiryReader(repo_dir) if repo_dir is not None else None
 
     def render() -> str:

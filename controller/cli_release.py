@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 
 def _cmd_release(args: argparse.Namespace) -> int:
-    from controller.release import release_bundle
+    from controller.repository.release import release_bundle
 
     r = release_bundle(
         Path(args.bundle), args.fleet, Path(args.repo), probation=probation_policy(args)
@@ -88,7 +88,7 @@ def _store_rows(args: argparse.Namespace) -> tuple[list[DeviceRow] | None, str]:
 
 def _cmd_releases_list(args: argparse.Namespace) -> int:
 
-    from controller.history import load_releases, release_json, render_list
+    from controller.repository.history import load_releases, release_json, render_list
 
     rows, note = _store_rows(args)
     releases = load_releases(Path(args.repo), args.model, rows)
@@ -102,7 +102,7 @@ def _cmd_releases_list(args: argparse.Namespace) -> int:
 
 def _cmd_releases_show(args: argparse.Namespace) -> int:
 
-    from controller.history import find_release, release_json, render_show
+    from controller.repository.history import find_release, release_json, render_show
 
     rows, note = _store_rows(args)
     r = find_release(Path(args.repo), args.model, args.version, rows)
@@ -115,7 +115,7 @@ def _cmd_releases_show(args: argparse.Namespace) -> int:
 
 def _cmd_releases_diff(args: argparse.Namespace) -> int:
 
-    from controller.history import diff_json, diff_releases, render_diff
+    from controller.repository.history import diff_json, diff_releases, render_diff
 
     d = diff_releases(Path(args.repo), args.model, args.old, args.new)
     if args.json:
@@ -128,7 +128,7 @@ def _cmd_releases_diff(args: argparse.Namespace) -> int:
 
 
 def _cmd_releases_retire(args: argparse.Namespace) -> int:
-    from controller.history import retire_release
+    from controller.repository.history import retire_release
 
     if args.grace_days < 0:
         raise UsageError(f"--grace-days must not be negative, got {args.grace_days}")
@@ -166,7 +166,7 @@ def _prune_after(retired_at: object, grace: timedelta) -> str | None:
 
 
 def _cmd_releases_prune(args: argparse.Namespace) -> int:
-    from controller.history import prune_retired, read_retired
+    from controller.repository.history import prune_retired, read_retired
 
     if args.grace_days < 0:
         raise UsageError(f"--grace-days must not be negative, got {args.grace_days}")
@@ -191,7 +191,7 @@ def _cmd_releases_prune(args: argparse.Namespace) -> int:
 
 
 def _add_releases_parser(sub: Subparsers) -> None:
-    from controller.history import DEFAULT_GRACE
+    from controller.repository.history import DEFAULT_GRACE
 
     grace_days = DEFAULT_GRACE.total_seconds() / 86400
     releases = sub.add_parser(

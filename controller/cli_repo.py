@@ -12,8 +12,8 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from controller.cli_common import Subparsers
-    from controller.key_ceremony import CeremonyResult
-    from controller.repository import Repository
+    from controller.repository.ceremony import CeremonyResult
+    from controller.repository.repo import Repository
 
 
 def _iso(when: datetime) -> str:
@@ -22,7 +22,7 @@ def _iso(when: datetime) -> str:
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from controller.repository import ExpiryPolicy, init_repository
+    from controller.repository.repo import ExpiryPolicy, init_repository
 
     policy = ExpiryPolicy(
         root_days=args.expiry_days_root,
@@ -45,8 +45,8 @@ def _cmd_init(args: argparse.Namespace) -> int:
 def _init_json(repo: Repository) -> dict[str, object]:
     """What ``init --json`` reports: where things are and each role's public key ids and
     key file paths (never the keys themselves)."""
-    from controller.key_ceremony import key_status
-    from controller.keys import key_files
+    from controller.repository.ceremony import key_status
+    from controller.repository.keys import key_files
 
     return {
         "repo": str(repo.path),
@@ -112,8 +112,8 @@ def _print_ceremony(result: CeremonyResult) -> None:
 
 
 def _cmd_keys_list(args: argparse.Namespace) -> int:
-    from controller.key_ceremony import key_status
-    from controller.repository import Repository
+    from controller.repository.ceremony import key_status
+    from controller.repository.repo import Repository
 
     repo_dir, extra = _open_for_keys(args)
     rows = key_status(Repository.open(repo_dir, extra))
@@ -144,8 +144,8 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
 
 def _cmd_keys_rotate(args: argparse.Namespace) -> int:
     from controller.base.fsio import repo_lock
-    from controller.key_ceremony import rotate
-    from controller.repository import Repository
+    from controller.repository.ceremony import rotate
+    from controller.repository.repo import Repository
 
     repo_dir, extra = _open_for_keys(args)
     with repo_lock(repo_dir):
@@ -167,8 +167,8 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 def _cmd_keys_export_root(args: argparse.Namespace) -> int:
     from controller.base.fsio import repo_lock
-    from controller.key_ceremony import export_root
-    from controller.repository import Repository
+    from controller.repository.ceremony import export_root
+    from controller.repository.repo import Repository
 
     repo_dir, extra = _open_for_keys(args)
     with repo_lock(repo_dir):
@@ -188,7 +188,7 @@ def _cmd_keys_export_root(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_sign_root(args: argparse.Namespace) -> int:
-    from controller.key_ceremony import sign_root_file
+    from controller.repository.ceremony import sign_root_file
 
     signed = sign_root_file(Path(args.file), [Path(k) for k in args.key])
     if args.json:
@@ -201,8 +201,8 @@ def _cmd_keys_sign_root(args: argparse.Namespace) -> int:
 
 def _cmd_keys_import_root(args: argparse.Namespace) -> int:
     from controller.base.fsio import repo_lock
-    from controller.key_ceremony import import_root
-    from controller.repository import Repository
+    from controller.repository.ceremony import import_root
+    from controller.repository.repo import Repository
 
     repo_dir, extra = _open_for_keys(args)
     with repo_lock(repo_dir):
@@ -217,8 +217,8 @@ def _cmd_keys_import_root(args: argparse.Namespace) -> int:
 
 def _cmd_keys_expiry(args: argparse.Namespace) -> int:
     from controller.base.fsio import repo_lock
-    from controller.key_ceremony import set_expiry
-    from controller.repository import Repository
+    from controller.repository.ceremony import set_expiry
+    from controller.repository.repo import Repository
 
     repo_dir, extra = _open_for_keys(args)
     with repo_lock(repo_dir):
@@ -245,7 +245,7 @@ def _cmd_keys_expiry(args: argparse.Namespace) -> int:
 
 
 def _add_keys_parser(sub: Subparsers) -> None:
-    from controller.repository import ALL_ROLES
+    from controller.repository.repo import ALL_ROLES
 
     keys = sub.add_parser(
         "keys",

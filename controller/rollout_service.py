@@ -48,13 +48,13 @@ from agent.contracts import (
 from controller.base.errors import ConflictError, UsageError
 from controller.base.fsio import repo_lock
 from controller.fleet.store import TelemetryStore
-from controller.release import (
+from controller.repository.release import (
     current_desired_state,
     new_rollout_id,
     publish_bundle,
     write_model_release,
 )
-from controller.repository import Repository
+from controller.repository.repo import Repository
 from controller.rollout import (
     OnFailure,
     Rollout,

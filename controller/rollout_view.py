@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, Final
 
-from controller.history import is_going_back
+from controller.repository.history import is_going_back
 from controller.rollout import Rollout, RolloutState
 
 BAR_WIDTH: Final = 24

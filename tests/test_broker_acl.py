@@ -32,7 +32,7 @@ from agent.device.enroll import enroll_from_file
 from agent.telemetry.mqtt import MqttLink
 from controller.identity.broker import BrokerOptions, refresh_broker_files, write_broker_config
 from controller.identity.devices import EnrollOptions, add_device, revoke_device
-from controller.repository import init_repository
+from controller.repository.repo import init_repository
 from tests.e2e_support import wait_until
 from tests.helpers import free_port, mosquitto_binary, wait_for_port
 

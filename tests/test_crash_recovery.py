@@ -21,8 +21,8 @@ from agent.client import InferenceClient
 from agent.contracts import ProbationPolicy
 from agent.update.journal import Phase, parse_record, serving_version
 from controller.build.builder import build_bundle
-from controller.release import release_bundle
-from controller.repository import init_repository
+from controller.repository.release import release_bundle
+from controller.repository.repo import init_repository
 from tests.e2e_support import Proc, start_agent, start_serve, wait_until, write_agent_config
 from tests.helpers import Broker, make_linear_model
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Final
 from controller.fleet.store import DeviceRow, EventRow, FleetAggregates, HeartbeatRow, ModelRow
 
 if TYPE_CHECKING:
-    from controller.expiry import Expiries
+    from controller.repository.expiry import Expiries
 
 HEALTH_STATES: Final = ("online", "stale", "offline")
 

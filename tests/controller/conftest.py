@@ -18,7 +18,7 @@ import pytest
 
 from controller.build.builder import build_bundle
 from controller.fleet.store import TelemetryStore
-from controller.repository import Repository, init_repository
+from controller.repository.repo import Repository, init_repository
 from tests.controller.test_store_support import store_for
 from tests.helpers import make_linear_model
 

@@ -14,11 +14,11 @@ from cryptography import x509
 
 import controller.cli
 from agent.contracts import bundle_target_path
-from controller.history import read_retired, retire_release
 from controller.identity.devices import load_registry
-from controller.key_ceremony import key_status
-from controller.release import publish_bundle
-from controller.repository import Repository
+from controller.repository.ceremony import key_status
+from controller.repository.history import read_retired, retire_release
+from controller.repository.release import publish_bundle
+from controller.repository.repo import Repository
 from tests.controller.conftest import MODEL
 
 ROLES = {"root", "targets", "rollout", "snapshot", "timestamp"}

@@ -6,8 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
-from controller.release import release_bundle
-from controller.repository import Repository
+from controller.repository.release import release_bundle
+from controller.repository.repo import Repository
 from tests.controller.conftest import MODEL, edgectl_cmd
 
 

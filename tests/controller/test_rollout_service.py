@@ -24,8 +24,8 @@ from agent.contracts import (
 from controller.base.errors import ConflictError, UsageError
 from controller.base.fsio import repo_lock
 from controller.fleet.store import IngestBatch, TelemetryStore, open_store
-from controller.release import current_desired_state, release_bundle, write_model_release
-from controller.repository import Repository
+from controller.repository.release import current_desired_state, release_bundle, write_model_release
+from controller.repository.repo import Repository
 from controller.rollout import OnFailure, RolloutState
 from controller.rollout_gates import parse_gates
 from controller.rollout_service import RolloutService, control_rollout, start_rollout

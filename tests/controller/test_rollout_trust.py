@@ -35,8 +35,8 @@ from agent.update.lifecycle import ModelLifecycle
 from agent.update.store import ModelStore
 from agent.update.updater import UpdateService
 from controller.build.builder import build_bundle
-from controller.release import publish_bundle, release_bundle
-from controller.repository import Repository
+from controller.repository.release import publish_bundle, release_bundle
+from controller.repository.repo import Repository
 from tests.controller.conftest import MODEL
 from tests.helpers import make_linear_model
 

@@ -15,8 +15,8 @@ from agent.contracts import ANNOUNCE_SCHEMA, announce_topic
 from controller.app import ingest_settings
 from controller.base.errors import UsageError
 from controller.config import load_serve_config
-from controller.release import release_bundle
-from controller.repository import Repository, needs_resign, resign_expiring
+from controller.repository.release import release_bundle
+from controller.repository.repo import Repository, needs_resign, resign_expiring
 from tests.controller.conftest import Served
 from tests.helpers import Broker
 

@@ -23,8 +23,8 @@ from agent.update.lifecycle import ModelLifecycle
 from agent.update.store import ModelStore
 from agent.update.updater import CheckResult, UpdateService
 from controller.build.builder import build_bundle
-from controller.release import release_bundle
-from controller.repository import Repository, init_repository
+from controller.repository.release import release_bundle
+from controller.repository.repo import Repository, init_repository
 from tests.helpers import make_linear_model
 from tests.security.simulator import Forger, HostileMirror
 

@@ -27,7 +27,7 @@ from tuf.api.metadata import Metadata, MetaFile
 from tuf.api.serialization.json import JSONSerializer
 
 from controller.http import resolve_static
-from controller.repository import Repository
+from controller.repository.repo import Repository
 
 # ---------------------------------------------------------------------------- behaviours
 

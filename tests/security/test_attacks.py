@@ -24,9 +24,9 @@ from agent.contracts import (
 )
 from agent.update.journal import Phase
 from controller.base.fsio import repo_lock
-from controller.key_ceremony import rotate
-from controller.keys import generate_key, load_key_file
-from controller.repository import Repository
+from controller.repository.ceremony import rotate
+from controller.repository.keys import generate_key, load_key_file
+from controller.repository.repo import Repository
 from tests.security.conftest import FLEET, MODEL, NOW_SERVING, Device, release
 from tests.security.simulator import (
     Cut,

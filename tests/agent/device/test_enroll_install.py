@@ -44,7 +44,7 @@ from agent.device.enroll_install import (
 )
 from agent.device.tls_identity import resolve_tls_files, tls_context
 from controller.identity.devices import add_device, renew_device
-from controller.repository import init_repository
+from controller.repository.repo import init_repository
 from tests.controller.enroll_support import OPTIONS, archive_members
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -18,7 +18,7 @@ from controller.base.errors import UsageError
 from controller.cli import main as edgectl_main
 from controller.identity.broker import render_acl
 from controller.identity.devices import add_device, load_registry, revoke_device
-from controller.repository import init_repository
+from controller.repository.repo import init_repository
 from tests.controller.enroll_support import OPTIONS, archive_members
 
 

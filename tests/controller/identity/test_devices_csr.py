@@ -23,7 +23,7 @@ from agent.device.enroll import (
 from controller.base.errors import UsageError
 from controller.cli import main as edgectl_main
 from controller.identity.devices import add_device, load_registry
-from controller.repository import init_repository
+from controller.repository.repo import init_repository
 from tests.controller.enroll_support import OPTIONS, archive_members
 
 

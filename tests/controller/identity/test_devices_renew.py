@@ -18,7 +18,6 @@ from agent.cli import main as agent_main
 from agent.device.enroll import request_enrollment
 from controller.base.errors import UsageError
 from controller.cli import main as edgectl_main
-from controller.expiry import ExpiryReader
 from controller.fleet.store import open_store
 from controller.identity.devices import (
     EnrollOptions,
@@ -27,7 +26,8 @@ from controller.identity.devices import (
     renew_device,
     revoke_device,
 )
-from controller.repository import init_repository
+from controller.repository.expiry import ExpiryReader
+from controller.repository.repo import init_repository
 from tests.controller.enroll_support import OPTIONS, archive_members
 
 

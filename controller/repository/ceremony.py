@@ -1,7 +1,7 @@
 """Key lifecycle: rotate a role's key, k-of-n root, the offline root flow, expiry per role.
 
-Orchestrators over ``controller.repository`` (signing, thresholds) and
-``controller.keys`` (files). Every change keeps devices able to follow it without being
+Orchestrators over ``controller.repository.repo`` (signing, thresholds) and
+``controller.repository.keys`` (files). Every change keeps devices able to follow it without being
 touched:
 
 - A top-level role's key (targets, snapshot, timestamp) changes in a new root version
@@ -38,8 +38,8 @@ from tuf.api.serialization.json import JSONSerializer
 from agent.contracts import ROLLOUT_ROLE
 from controller.base.errors import UsageError
 from controller.base.fsio import atomic_write
-from controller.keys import generate_key, key_id, load_key_file, remove_revoked, save_key
-from controller.repository import (
+from controller.repository.keys import generate_key, key_id, load_key_file, remove_revoked, save_key
+from controller.repository.repo import (
     ALL_ROLES,
     PENDING_ROOT_FILE,
     TOP_ROLES,

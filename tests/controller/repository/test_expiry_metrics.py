@@ -1,6 +1,6 @@
 """``/metrics`` expiry gauges against a real repository, CA and device registry.
 
-The expected values are read independently of ``controller.expiry``: role expiries from
+The expected values are read independently of ``controller.repository.expiry``: role expiries from
 ``key_status`` (what ``edgectl keys list`` prints), the CA certificate and CRL with
 ``cryptography`` directly, device not-afters from the records ``add_device`` returns.
 """
@@ -17,11 +17,11 @@ import httpx
 import pytest
 from cryptography import x509
 
-from controller.expiry import DeviceCertSummary, ExpiryReader, summarize_device_certs
 from controller.fleet.status import StalePolicy, render_metrics
 from controller.identity.devices import EnrollOptions, add_device, ca_dir, revoke_device
-from controller.key_ceremony import key_status
-from controller.repository import ALL_ROLES, Repository
+from controller.repository.ceremony import key_status
+from controller.repository.expiry import DeviceCertSummary, ExpiryReader, summarize_device_certs
+from controller.repository.repo import ALL_ROLES, Repository
 from tests.controller.conftest import Served
 
 SAMPLE = re.compile(r"^([a-z_][a-z0-9_]*)(\{[^}]*\})? (\S+)$")
@@ -103,7 +103,7 @@ def test_serve_metrics_give_the_expiries_the_repository_ca_and_registry_report(
 def test_a_repository_without_a_ca_has_the_tuf_gauges_only(
     repo: Repository, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="controller.expiry"):
+    with caplog.at_level(logging.WARNING, logger="controller.repository.expiry"):
         got = render(repo.path)
     assert {k for k in got if k.startswith(TUF)} == {f'{TUF}{{role="{r}"}}' for r in ALL_ROLES}
     assert got[f'{TUF}{{role="timestamp"}}'] == epoch(repo.load("timestamp").signed.expires)
@@ -131,7 +131,7 @@ def test_unreadable_sources_are_left_out_and_warned_at_most_once_per_interval(
     clock = [1000.0]
     reader = ExpiryReader(repo.path, warn_interval_s=60, clock=lambda: clock[0])
 
-    with caplog.at_level(logging.WARNING, logger="controller.expiry"):
+    with caplog.at_level(logging.WARNING, logger="controller.repository.expiry"):
         got = render(repo.path, reader)
         render(repo.path, reader)
     # Every role but root is found through timestamp.json; root stands on its own.
@@ -144,7 +144,7 @@ def test_unreadable_sources_are_left_out_and_warned_at_most_once_per_interval(
 
     caplog.clear()
     clock[0] += 61
-    with caplog.at_level(logging.WARNING, logger="controller.expiry"):
+    with caplog.at_level(logging.WARNING, logger="controller.repository.expiry"):
         render(repo.path, reader)
     assert len(caplog.records) == 6
 

@@ -46,7 +46,7 @@ from controller.base.errors import ControllerError
 from controller.base.filememo import FileMemo
 from controller.identity.ca import read_ca_certificate, read_crl
 from controller.identity.devices import REGISTRY_FILE, DeviceRecord, ca_dir, load_registry
-from controller.repository import ALL_ROLES, Repository
+from controller.repository.repo import ALL_ROLES, Repository
 
 logger = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 ``edgectl release list|show|diff|retire|prune`` (docs/releases.md). The pure core
 (``fleet_references``, ``device_counts``, ``diff_manifests``, ``due_for_pruning``) takes
 data; the orchestrators (``load_releases``, ``retire_release``, ``prune_retired``) read
-the repository through ``controller.repository``'s public methods and write under
+the repository through ``controller.repository.repo``'s public methods and write under
 ``repo_lock``.
 
 Invariants:
@@ -43,8 +43,8 @@ from agent.contracts import (
 from controller.base.errors import RepositoryError, UsageError
 from controller.base.fsio import atomic_write, repo_lock
 from controller.fleet.store import DeviceRow
-from controller.release import current_desired_state
-from controller.repository import Repository
+from controller.repository.release import current_desired_state
+from controller.repository.repo import Repository
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from agent.contracts import (
     parse_desired_state,
 )
 from controller.base.errors import ConflictError, RepositoryError
-from controller.release import next_desired_state, release_bundle
-from controller.repository import Repository
+from controller.repository.release import next_desired_state, release_bundle
+from controller.repository.repo import Repository
 from tests.controller.conftest import MODEL, Served, edgectl_cmd
 
 FLEET = "lab"

@@ -36,7 +36,7 @@ from agent.contracts import (
 from controller.base.errors import ConflictError, RepositoryError, UsageError
 from controller.base.fsio import repo_lock
 from controller.build.bundle_file import read_bundle
-from controller.repository import Repository
+from controller.repository.repo import Repository
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from tuf.ngclient.fetcher import FetcherInterface
 from agent.contracts import ROLLOUT_ROLE, desired_target_path
 from controller.base.errors import UsageError
 from controller.base.fsio import repo_lock
-from controller.key_ceremony import (
+from controller.repository.ceremony import (
     export_root,
     import_root,
     key_status,
@@ -28,8 +28,8 @@ from controller.key_ceremony import (
     set_expiry,
     sign_root_file,
 )
-from controller.keys import key_files, load_key_file
-from controller.repository import (
+from controller.repository.keys import key_files, load_key_file
+from controller.repository.repo import (
     PENDING_ROOT_FILE,
     Repository,
     RootSignaturesMissingError,

@@ -6,7 +6,7 @@ Layout of a repository directory::
     .lock                     the exclusive lock every change holds (``fsio.repo_lock``)
     keys/<role>[-<id>].pem    private keys, 0600 in a 0700 directory (never served);
                               offline keys (root, and targets where possible) belong
-                              elsewhere (``controller.keys``, docs/security.md)
+                              elsewhere (``controller.repository.keys``, docs/security.md)
     root-pending.json         a new root version waiting for offline signatures
                               (``edgectl keys export-root`` / ``import-root``; never served)
     metadata/N.root.json      every root version; metadata/root.json is a copy of the
@@ -61,7 +61,7 @@ from tuf.api.serialization.json import JSONSerializer
 from agent.contracts import ROLLOUT_PATHS, ROLLOUT_ROLE
 from controller.base.errors import RepositoryError, UsageError
 from controller.base.fsio import atomic_write, make_dir
-from controller.keys import generate_key, load_signers, save_key
+from controller.repository.keys import generate_key, load_signers, save_key
 
 logger = logging.getLogger(__name__)
 

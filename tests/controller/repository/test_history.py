@@ -27,7 +27,7 @@ from controller.build.builder import build_bundle
 from controller.cli import main as cli_main
 from controller.cli import route_release_verbs
 from controller.fleet.store import IngestBatch, TelemetryStore, open_store
-from controller.history import (
+from controller.repository.history import (
     RetireRefusedError,
     diff_releases,
     find_release,
@@ -37,8 +37,8 @@ from controller.history import (
     read_retired,
     retire_release,
 )
-from controller.release import current_desired_state, publish_bundle, release_bundle
-from controller.repository import Repository, init_repository
+from controller.repository.release import current_desired_state, publish_bundle, release_bundle
+from controller.repository.repo import Repository, init_repository
 from controller.rollout import RolloutState
 from controller.rollout_gates import parse_gates
 from controller.rollout_service import RolloutService, start_rollout

@@ -11,7 +11,7 @@ from tuf.api.metadata import Metadata
 
 from agent.contracts import ROLLOUT_PATHS, ROLLOUT_ROLE
 from controller.base.errors import RepositoryError, UsageError
-from controller.repository import ALL_ROLES, Repository, init_repository
+from controller.repository.repo import ALL_ROLES, Repository, init_repository
 from tests.controller.conftest import edgectl_cmd
 
 

@@ -2,7 +2,7 @@
 
 Real repositories, registries and CRLs written by ``add_device`` / ``revoke_device`` (or
 rewritten in place here); parses are counted by wrapping the function
-``controller.expiry`` calls, which still does the real work. ``now_s`` is injected, a
+``controller.repository.expiry`` calls, which still does the real work. ``now_s`` is injected, a
 minute after the files were written unless a test says otherwise, so they have settled
 (``controller.base.filememo``).
 """
@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-import controller.expiry as expiry
+import controller.repository.expiry as expiry
 from controller.base.filememo import SETTLE_S, FileMemo
 from controller.base.fsio import atomic_write
-from controller.expiry import DeviceCertSummary, ExpiryReader
 from controller.identity.devices import EnrollOptions, add_device, ca_dir, revoke_device
-from controller.repository import Repository
+from controller.repository.expiry import DeviceCertSummary, ExpiryReader
+from controller.repository.repo import Repository
 
 
 def options(days: int = 825) -> EnrollOptions:
@@ -37,7 +37,7 @@ def epoch(iso: str) -> int:
 
 
 def counting(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
-    """Wrap ``controller.expiry.<name>``; the returned list grows by one per call."""
+    """Wrap ``controller.repository.expiry.<name>``; the returned list grows by one per call."""
     real: Callable[..., Any] = getattr(expiry, name)
     calls: list[int] = []
 
