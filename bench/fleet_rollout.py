@@ -206,10 +206,10 @@ def tick_cost(devices: int, beats: int) -> tuple[float, float]:
     from agent.contracts import Heartbeat, ModelFigures, ProbationPolicy, SystemFigures
     from controller.fleet.store import IngestBatch, open_store
     from controller.repository.repo import init_repository
-    from controller.rollout import OnFailure, new_rollout
-    from controller.rollout_gates import DEFAULT_GATES, parse_gates
-    from controller.rollout_service import RolloutService
-    from controller.rollout_store import RolloutStore
+    from controller.rollout.gates import DEFAULT_GATES, parse_gates
+    from controller.rollout.service import RolloutService
+    from controller.rollout.stages import OnFailure, new_rollout
+    from controller.rollout.store import RolloutStore
 
     work = Path(tempfile.mkdtemp(prefix="rollout-tick-"))
     try:

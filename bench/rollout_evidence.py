@@ -38,9 +38,9 @@ from _common import (
 
 from agent.contracts import ProbationPolicy
 from controller.fleet.store import HeartbeatFacts, IngestBatch, TelemetryStore
-from controller.rollout import OnFailure, Rollout, new_rollout
-from controller.rollout_gates import parse_gates
-from controller.rollout_service import RolloutService
+from controller.rollout.gates import parse_gates
+from controller.rollout.service import RolloutService
+from controller.rollout.stages import OnFailure, Rollout, new_rollout
 from tests.controller.test_store_support import store_for
 
 FLEET = "fleet-00"

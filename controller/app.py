@@ -43,7 +43,7 @@ from controller.mqtt_repo import RepoResponder
 from controller.mqtt_tls import serve_tls_context
 from controller.repository.expiry import ExpiryReader
 from controller.repository.repo import Repository, resign_expiring
-from controller.rollout_service import RolloutSettings, start_rollout_service
+from controller.rollout.service import RolloutSettings, start_rollout_service
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ async def serve(config: ServeConfig) -> None:
         )
         responder.start()
     # --- end repository over MQTT ---
-    # Staged rollouts: judged on telemetry and advanced on a schedule (controller.rollout).
+    # Staged rollouts: judged on telemetry and advanced on a schedule (controller.rollout.stages).
     scheduler = AsyncIOScheduler()
     start_rollout_service(
         scheduler,

@@ -63,7 +63,7 @@ def _cmd_fleet_status(args: argparse.Namespace) -> int:
 def _active_rollout_lines(args: argparse.Namespace) -> list[str]:
     """One line per rollout in progress, so the table says where the fleet is heading."""
     from controller.repository.history import is_going_back
-    from controller.rollout_store import RolloutStore
+    from controller.rollout.store import RolloutStore
 
     if not args.repo:
         return []

@@ -12,13 +12,13 @@ from controller.cli_common import RAW, print_json, probation_policy
 
 if TYPE_CHECKING:
     from controller.cli_common import Subparsers
-    from controller.rollout import Rollout
+    from controller.rollout.stages import Rollout
 
 
 def _cmd_rollout_start(args: argparse.Namespace) -> int:
-    from controller.rollout import OnFailure, parse_duration, parse_stages
-    from controller.rollout_gates import parse_gates
-    from controller.rollout_service import start_rollout
+    from controller.rollout.gates import parse_gates
+    from controller.rollout.service import start_rollout
+    from controller.rollout.stages import OnFailure, parse_duration, parse_stages
 
     wait_s = parse_duration(args.wait, "--wait")
     deadline_s = (
@@ -46,8 +46,8 @@ def _cmd_rollout_start(args: argparse.Namespace) -> int:
 def _cmd_rollout_status(args: argparse.Namespace) -> int:
     import time
 
-    from controller.rollout_store import RolloutStore
-    from controller.rollout_view import render_status, rollout_json
+    from controller.rollout.store import RolloutStore
+    from controller.rollout.view import render_status, rollout_json
 
     records = RolloutStore(Path(args.repo))
 
@@ -80,7 +80,7 @@ def _cmd_rollout_status(args: argparse.Namespace) -> int:
 
 def _cmd_rollout_control(args: argparse.Namespace) -> int:
 
-    from controller.rollout_service import control_rollout
+    from controller.rollout.service import control_rollout
 
     r = control_rollout(
         Path(args.repo), args.fleet, args.model, args.rollout_command, reason=args.reason or ""
@@ -92,7 +92,7 @@ def _cmd_rollout_control(args: argparse.Namespace) -> int:
 def _print_rollout(r: Rollout, as_json: bool) -> None:
     import time
 
-    from controller.rollout_view import render_rollout, rollout_json
+    from controller.rollout.view import render_rollout, rollout_json
 
     if as_json:
         print_json(rollout_json(r))
@@ -101,7 +101,7 @@ def _print_rollout(r: Rollout, as_json: bool) -> None:
 
 
 def add_parser(sub: Subparsers) -> None:
-    from controller.rollout_gates import DEFAULT_GATES
+    from controller.rollout.gates import DEFAULT_GATES
 
     rollout = sub.add_parser(
         "rollout",

@@ -26,8 +26,8 @@ import pytest
 from agent.base.errors import AgentError
 from agent.client import InferenceClient
 from agent.update.journal import Phase, parse_record, serving_version
-from controller.rollout import Rollout, RolloutState
-from controller.rollout_store import RolloutStore
+from controller.rollout.stages import Rollout, RolloutState
+from controller.rollout.store import RolloutStore
 from tests.e2e_support import BIN, Proc, _spawn, edgectl, start_serve, wait_until
 from tests.e2e_support import write_agent_config as _write_config
 from tests.helpers import Broker, make_linear_model, make_misbehaving_model
@@ -42,7 +42,7 @@ CANARIES = DEVICES[:3]
 LARGE = np.array([[12.0, -1.0, 2.0, 0.25]], dtype=np.float32)
 # No latency gate here: on a shared 2-core machine running 24 agents a p99 ratio is
 # noise, and a test must not depend on timings. The p99 gate is tested as a pure function
-# (tests/controller/test_rollout_gates.py) and on a device (tests/test_probation_rollback.py).
+# (tests/controller/rollout/test_gates.py) and on a device (tests/test_probation_rollback.py).
 GATES = "error_rate<0.01,failed_installs<0.02,min_devices=3"
 
 

@@ -39,10 +39,10 @@ from controller.repository.history import (
 )
 from controller.repository.release import current_desired_state, publish_bundle, release_bundle
 from controller.repository.repo import Repository, init_repository
-from controller.rollout import RolloutState
-from controller.rollout_gates import parse_gates
-from controller.rollout_service import RolloutService, start_rollout
-from controller.rollout_view import render_rollout, rollout_json
+from controller.rollout.gates import parse_gates
+from controller.rollout.service import RolloutService, start_rollout
+from controller.rollout.stages import RolloutState
+from controller.rollout.view import render_rollout, rollout_json
 from tests.controller.conftest import edgectl_cmd
 from tests.helpers import make_linear_model
 

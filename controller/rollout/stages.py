@@ -3,7 +3,7 @@ writes into a fleet's desired state.
 
 A rollout takes one model of one fleet from ``previous`` to ``version`` through stages
 (percentages of devices, by bucket, plus explicit canaries). ``edgectl serve`` calls
-``advance`` on a schedule with a ``GateReport`` (``controller.rollout_gates``) and acts on
+``advance`` on a schedule with a ``GateReport`` (``controller.rollout.gates``) and acts on
 the record it returns; the operator's commands call ``pause``, ``resume``, ``promote``
 and ``abort``. Nothing here reads a clock, a file or a socket: ``now`` is epoch seconds,
 injected.
@@ -46,7 +46,7 @@ from typing import Any, Final
 
 from agent.contracts import ModelRelease, ProbationPolicy, bundle_target_path
 from controller.base.errors import ControllerError, UsageError
-from controller.rollout_gates import GatePolicy, GateReport, parse_gates
+from controller.rollout.gates import GatePolicy, GateReport, parse_gates
 
 
 class RolloutState(StrEnum):

@@ -1,8 +1,8 @@
 """Rollouts at the edges: operator commands, and the scheduled job ``edgectl serve`` runs.
 
 The orchestrators here read the telemetry store and the repository, call the pure core
-(``controller.rollout``, ``controller.rollout_gates``) and write what it decides: the
-rollout record (``controller.rollout_store``) and the fleet's desired state, signed with
+(``controller.rollout.stages``, ``controller.rollout.gates``) and write what it decides: the
+rollout record (``controller.rollout.store``) and the fleet's desired state, signed with
 the online rollout key, under the repository lock.
 
 Order of writes, so a crash at any instant leaves a state the next tick repairs:
@@ -55,7 +55,15 @@ from controller.repository.release import (
     write_model_release,
 )
 from controller.repository.repo import Repository
-from controller.rollout import (
+from controller.rollout.gates import (
+    Evidence,
+    GatePolicy,
+    GateReport,
+    Incident,
+    Sample,
+    evaluate_gates,
+)
+from controller.rollout.stages import (
     OnFailure,
     Rollout,
     RolloutState,
@@ -69,15 +77,7 @@ from controller.rollout import (
     stable_version,
     supersede,
 )
-from controller.rollout_gates import (
-    Evidence,
-    GatePolicy,
-    GateReport,
-    Incident,
-    Sample,
-    evaluate_gates,
-)
-from controller.rollout_store import RolloutStore
+from controller.rollout.store import RolloutStore
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ Invariants:
 - ``save`` is atomic (``fsio.atomic_write``); callers hold ``repo_lock`` around
   read-modify-write sequences.
 - At most one active (running or paused) rollout per (fleet, model):
-  ``controller.rollout_service.start_rollout`` refuses a second one.
+  ``controller.rollout.service.start_rollout`` refuses a second one.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Final
 
 from controller.base.errors import RepositoryError
 from controller.base.fsio import atomic_write, make_dir
-from controller.rollout import Rollout, RolloutRecordError, parse_rollout
+from controller.rollout.stages import Rollout, RolloutRecordError, parse_rollout
 
 logger = logging.getLogger(__name__)
 

@@ -20,14 +20,14 @@ import pytest
 
 from agent.contracts import ProbationPolicy, resolve_release
 from controller.fleet.store import HeartbeatFacts, IngestBatch, TelemetryStore
-from controller.rollout import OnFailure, Rollout, desired_release, new_rollout
-from controller.rollout_gates import Evidence, Incident, Sample, parse_gates
-from controller.rollout_service import (
+from controller.rollout.gates import Evidence, Incident, Sample, parse_gates
+from controller.rollout.service import (
     WINDOW_OVERLAP_S,
     RolloutService,
     RolloutSettings,
     _sample,
 )
+from controller.rollout.stages import OnFailure, Rollout, desired_release, new_rollout
 
 FLEET = "lab"
 MODEL = "lin"

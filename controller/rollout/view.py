@@ -12,7 +12,7 @@ from dataclasses import asdict
 from typing import Any, Final
 
 from controller.repository.history import is_going_back
-from controller.rollout import Rollout, RolloutState
+from controller.rollout.stages import Rollout, RolloutState
 
 BAR_WIDTH: Final = 24
 

@@ -2,7 +2,7 @@
 
 Pure: ``evaluate_gates`` is a function of the policy and an ``Evidence`` value (the
 heartbeats and lifecycle events of one stage's window, gathered by
-``controller.rollout_service``); it never reads a clock or a store.
+``controller.rollout.service``); it never reads a clock or a store.
 
 Gates (``edgectl rollout start --gate``), each ``metric<limit``; the stage keeps going
 while every figure stays *below* its limit:

@@ -18,7 +18,8 @@ from agent.contracts import (
     resolve_release,
 )
 from controller.base.errors import UsageError
-from controller.rollout import (
+from controller.rollout.gates import Evidence, Incident, Sample, evaluate_gates, parse_gates
+from controller.rollout.stages import (
     IllegalTransitionError,
     OnFailure,
     Rollout,
@@ -36,7 +37,6 @@ from controller.rollout import (
     stable_version,
     supersede,
 )
-from controller.rollout_gates import Evidence, Incident, Sample, evaluate_gates, parse_gates
 
 T0 = 1_700_000_000.0
 N_IDS = 100_000

@@ -26,10 +26,10 @@ from controller.base.fsio import repo_lock
 from controller.fleet.store import IngestBatch, TelemetryStore, open_store
 from controller.repository.release import current_desired_state, release_bundle, write_model_release
 from controller.repository.repo import Repository
-from controller.rollout import OnFailure, RolloutState
-from controller.rollout_gates import parse_gates
-from controller.rollout_service import RolloutService, control_rollout, start_rollout
-from controller.rollout_store import RolloutStore
+from controller.rollout.gates import parse_gates
+from controller.rollout.service import RolloutService, control_rollout, start_rollout
+from controller.rollout.stages import OnFailure, RolloutState
+from controller.rollout.store import RolloutStore
 from tests.controller.conftest import MODEL
 
 FLEET = "lab"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from controller.base.errors import UsageError
-from controller.rollout_gates import (
+from controller.rollout.gates import (
     DEFAULT_GATES,
     Evidence,
     Gate,
