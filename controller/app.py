@@ -31,19 +31,19 @@ from pathlib import Path
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from controller.announcer import Announcer
 from controller.base.errors import ControllerError, UsageError
 from controller.base.fsio import repo_lock
-from controller.config import ServeConfig
 from controller.fleet.ingest import Ingestor, IngestSettings
 from controller.fleet.status import StalePolicy, render_aggregates
 from controller.fleet.store import TelemetryStore, open_store
-from controller.http import make_app, start_http
-from controller.mqtt_repo import RepoResponder
-from controller.mqtt_tls import serve_tls_context
 from controller.repository.expiry import ExpiryReader
 from controller.repository.repo import Repository, resign_expiring
 from controller.rollout.service import RolloutSettings, start_rollout_service
+from controller.serve.announcer import Announcer
+from controller.serve.config import ServeConfig
+from controller.serve.http import make_app, start_http
+from controller.serve.mqtt_repo import RepoResponder
+from controller.serve.mqtt_tls import serve_tls_context
 
 logger = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 
 
 def _open_view(args: argparse.Namespace) -> tuple[TelemetryStore, StalePolicy]:
-    from controller.config import load_view_config
     from controller.fleet.status import StalePolicy
     from controller.fleet.store import open_store
+    from controller.serve.config import load_view_config
 
     view = load_view_config(
         Path(args.config) if args.config else None,
@@ -147,9 +147,9 @@ def render_certificates(record: DeviceRecord) -> list[str]:
 
 def _cmd_device_add(args: argparse.Namespace) -> int:
     from controller.base.fsio import atomic_write
-    from controller.config import parse_endpoint
     from controller.identity.broker import refresh_broker_files
     from controller.identity.devices import EnrollOptions, add_device
+    from controller.serve.config import parse_endpoint
 
     host, port = parse_endpoint(args.broker, "--broker")
     options = EnrollOptions(
@@ -195,8 +195,8 @@ def _renew_options(args: argparse.Namespace, repo: Path) -> EnrollOptions | None
     """The endpoints given on the command line, over those recorded at enrollment."""
     import dataclasses
 
-    from controller.config import parse_endpoint
     from controller.identity.devices import EnrollOptions, load_registry
+    from controller.serve.config import parse_endpoint
 
     if args.repository_url is None and args.broker is None:
         return None  # the recorded ones (renew_device refuses when there are none)

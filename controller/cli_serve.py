@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from controller.app import run_serve
-    from controller.config import load_serve_config
+    from controller.serve.config import load_serve_config
 
     config = load_serve_config(
         Path(args.config) if args.config else None,

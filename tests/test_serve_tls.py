@@ -20,11 +20,11 @@ import pytest
 from agent.contracts import announce_topic, device_topic, status_payload
 from controller.base.errors import UsageError
 from controller.build.builder import build_bundle
-from controller.config import ServeConfig, load_serve_config
 from controller.fleet.store import open_store
 from controller.identity.broker import BrokerOptions, write_broker_config
 from controller.repository.release import release_bundle
 from controller.repository.repo import init_repository
+from controller.serve.config import ServeConfig, load_serve_config
 from tests import test_broker_acl
 from tests.e2e_support import wait_until
 from tests.helpers import make_linear_model

@@ -2,7 +2,7 @@
 the broker.
 
 The contract (``docs/protocol.md``, "Repository over MQTT") lives here because the agent
-owns its contracts; ``controller.mqtt_repo`` answers it.
+owns its contracts; ``controller.serve.mqtt_repo`` answers it.
 
 - A device publishes chunk requests (JSON, ``edgefleet.repo-request/1``) on
   ``edgefleet/v1/fleets/{fleet}/devices/{device}/repo/request`` and reads answers on

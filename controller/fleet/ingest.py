@@ -355,7 +355,7 @@ class Ingestor:
     def __init__(
         self, settings: IngestSettings, store: TelemetryStore, tls: ssl.SSLContext | None = None
     ) -> None:
-        """``tls``: connect over TLS with this context (``controller.mqtt_tls``).
+        """``tls``: connect over TLS with this context (``controller.serve.mqtt_tls``).
 
         Raises ValueError when ``settings.qos0_backlog_max`` is below 1."""
         self.settings = settings

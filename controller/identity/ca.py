@@ -9,7 +9,7 @@ One small CA (ECDSA P-256, ``cryptography``) issues three kinds of certificate:
 - the broker's server certificate, with the host names devices dial as SANs, EKU
   serverAuth, so agents verify the broker against the same CA file.
 
-Layout (inside ``REPO_DIR/ca``, never served over HTTP; see ``controller.http``)::
+Layout (inside ``REPO_DIR/ca``, never served over HTTP; see ``controller.serve.http``)::
 
     ca.key      the CA's private key, 0600 in a 0700 directory
     ca.crt      the CA certificate (what the broker and the agents trust)

@@ -26,8 +26,8 @@ from securesystemslib.signer import Signer
 from tuf.api.metadata import Metadata, MetaFile
 from tuf.api.serialization.json import JSONSerializer
 
-from controller.http import resolve_static
 from controller.repository.repo import Repository
+from controller.serve.http import resolve_static
 
 # ---------------------------------------------------------------------------- behaviours
 

@@ -16,9 +16,9 @@ from agent.update.fetcher import TransferLimits
 from agent.update.journal import Phase
 from agent.update.mqtt_fetcher import URL_PREFIX, MqttFetcher
 from controller.base.fsio import repo_lock
-from controller.mqtt_repo import RepoResponder, ResponderLimits
 from controller.repository.ceremony import rotate
 from controller.repository.repo import Repository
+from controller.serve.mqtt_repo import RepoResponder, ResponderLimits
 from tests.e2e_support import Proc, start_serve
 from tests.helpers import Broker, free_port
 from tests.security.conftest import MODEL, Device, quick_repository, release

@@ -3,7 +3,7 @@
 The contract is the agent's (``agent.update.mqtt_fetcher``, ``docs/protocol.md``): a request on
 ``edgefleet/v1/fleets/{fleet}/devices/{device}/repo/request`` is answered on the same
 device's ``.../repo/response``. Files are resolved exactly as the HTTP side resolves
-them (``controller.http.resolve_static``): only regular files below ``metadata/`` and
+them (``controller.serve.http.resolve_static``): only regular files below ``metadata/`` and
 ``targets/``; anything else is a 404.
 
 Flow control, so that a fleet cannot bury the controller: at most ``MAX_CHUNK_BYTES``
@@ -37,7 +37,7 @@ from agent.update.mqtt_fetcher import (
     parse_request_topic,
     response_topic,
 )
-from controller.http import resolve_static
+from controller.serve.http import resolve_static
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class RepoResponder:
         self._workers: list[threading.Thread] = []
         self.answered = 0
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
-        if tls is not None:  # controller.mqtt_tls
+        if tls is not None:  # controller.serve.mqtt_tls
             self._client.tls_set_context(tls)
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.on_connect = self._on_connect

@@ -14,9 +14,9 @@ import pytest
 from agent.contracts import ANNOUNCE_SCHEMA, announce_topic
 from controller.app import ingest_settings
 from controller.base.errors import UsageError
-from controller.config import load_serve_config
 from controller.repository.release import release_bundle
 from controller.repository.repo import Repository, needs_resign, resign_expiring
+from controller.serve.config import load_serve_config
 from tests.controller.conftest import Served
 from tests.helpers import Broker
 

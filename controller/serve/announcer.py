@@ -37,7 +37,7 @@ class Announcer:
         keepalive_s: int = 30,
         tls: ssl.SSLContext | None = None,
     ) -> None:
-        """``tls``: connect over TLS with this context (``controller.mqtt_tls``)."""
+        """``tls``: connect over TLS with this context (``controller.serve.mqtt_tls``)."""
         self._host, self._port, self._keepalive_s = host, port, keepalive_s
         self._connected = threading.Event()
         self._needs_announce = threading.Event()

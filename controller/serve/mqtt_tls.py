@@ -26,7 +26,7 @@ from controller.identity.broker import BROKER_RECORD
 from controller.identity.devices import ca_dir
 
 if TYPE_CHECKING:
-    from controller.config import ServeConfig
+    from controller.serve.config import ServeConfig
 
 logger = logging.getLogger(__name__)
 

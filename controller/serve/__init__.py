@@ -1,0 +1,3 @@
+"""The parts of ``edgectl serve``: its config, the repository over HTTP and MQTT, the announcer,
+the MQTT TLS client. Imports rollout, repository, fleet, identity, base, agent.contracts.
+"""
