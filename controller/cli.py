@@ -1,9 +1,9 @@
 """``edgectl``: the controller's command line.
 
-This module assembles the parser from one module per command group (``cli_repo``: init
-and keys; ``cli_bundle``; ``cli_release``: release and releases; ``cli_rollout``;
-``cli_serve``; ``cli_fleet``: fleet, device and broker), each exposing ``add_parser(sub)``,
-and maps errors to exit codes once, here (docs/cli.md has the table):
+This module assembles the parser from one module per command group in
+``controller.commands`` (``repo``: init and keys; ``bundle``; ``release``: release and
+releases; ``rollout``; ``serve``; ``fleet``: fleet, device and broker), each exposing
+``add_parser(sub)``, and maps errors to exit codes once, here (docs/cli.md has the table):
 
 - 0 success
 - 1 any other ``ControllerError`` (the message says why)
@@ -22,10 +22,10 @@ import sys
 from collections.abc import Sequence
 
 from agent.base.completion import add_completion_parser, completion_script
-from controller import cli_bundle, cli_fleet, cli_release, cli_repo, cli_rollout, cli_serve
 from controller.base.errors import ControllerError, UsageError
-from controller.cli_common import RAW
-from controller.cli_release import RELEASE_VERBS, route_release_verbs
+from controller.commands import bundle, fleet, release, repo, rollout, serve
+from controller.commands.common import RAW
+from controller.commands.release import RELEASE_VERBS, route_release_verbs
 
 __all__ = ["RELEASE_VERBS", "build_parser", "main", "route_release_verbs"]
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (cli_repo, cli_bundle, cli_release, cli_serve, cli_fleet, cli_rollout):
+    for group in (repo, bundle, release, serve, fleet, rollout):
         group.add_parser(sub)
     add_completion_parser(sub, "edgectl").set_defaults(func=_cmd_completion)
     return parser

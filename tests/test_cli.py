@@ -15,7 +15,7 @@ import pytest
 
 import agent.cli
 import controller.cli
-import controller.cli_repo
+import controller.commands.repo
 from agent.base.completion import completion_script
 from agent.cli import _parser as agent_parser
 from controller.cli import build_parser as controller_parser
@@ -92,7 +92,7 @@ def test_interrupted_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
     def interrupted(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(controller.cli_repo, "_cmd_init", interrupted)
+    monkeypatch.setattr(controller.commands.repo, "_cmd_init", interrupted)
     monkeypatch.setattr(agent.cli, "_cmd_enroll", interrupted)
     assert controller.cli.main(["init", "x"]) == 130
     assert agent.cli.main(["enroll", "x.tar"]) == 130

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 
 from agent.contracts import ProbationPolicy
 from controller.base.errors import UsageError
-from controller.cli_common import RAW, print_json, probation_policy
+from controller.commands.common import RAW, print_json, probation_policy
 
 if TYPE_CHECKING:
-    from controller.cli_common import Subparsers
+    from controller.commands.common import Subparsers
     from controller.fleet.store import DeviceRow
 
 

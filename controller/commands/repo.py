@@ -6,12 +6,12 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from controller.cli_common import RAW, print_json
+from controller.commands.common import RAW, print_json
 
 if TYPE_CHECKING:
     from datetime import datetime
 
-    from controller.cli_common import Subparsers
+    from controller.commands.common import Subparsers
     from controller.repository.ceremony import CeremonyResult
     from controller.repository.repo import Repository
 

@@ -6,11 +6,11 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from controller.cli_common import RAW, print_json
+from controller.commands.common import RAW, print_json
 
 if TYPE_CHECKING:
     from controller.build.builder import BuildResult
-    from controller.cli_common import Subparsers
+    from controller.commands.common import Subparsers
 
 
 def _cmd_bundle_build(args: argparse.Namespace) -> int:

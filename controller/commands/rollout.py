@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.contracts import ProbationPolicy
-from controller.cli_common import RAW, print_json, probation_policy
+from controller.commands.common import RAW, print_json, probation_policy
 
 if TYPE_CHECKING:
-    from controller.cli_common import Subparsers
+    from controller.commands.common import Subparsers
     from controller.rollout.stages import Rollout
 
 

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from controller.base.errors import UsageError
-from controller.cli_common import RAW, print_json
+from controller.commands.common import RAW, print_json
 
 if TYPE_CHECKING:
-    from controller.cli_common import Subparsers
+    from controller.commands.common import Subparsers
     from controller.fleet.status import StalePolicy
     from controller.fleet.store import TelemetryStore
     from controller.identity.devices import DeviceRecord, EnrollOptions

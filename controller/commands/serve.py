@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from controller.cli_common import RAW
+from controller.commands.common import RAW
 
 if TYPE_CHECKING:
-    from controller.cli_common import Subparsers
+    from controller.commands.common import Subparsers
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
