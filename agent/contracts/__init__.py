@@ -22,6 +22,11 @@ callers import from ``agent.contracts``:
 - ``bundle``: tensor datatypes and the bundle manifest;
 - ``desired``: a fleet's desired state and rollout bucketing;
 - ``messages``: announcement, status, telemetry and event payloads and their parsers.
+
+Two contracts are imported from their own modules, not re-exported here, because their
+names only make sense next to their module's: ``agent.contracts.chunks`` (the repository
+over MQTT: topics, chunk requests and answers) and ``agent.contracts.enrollment`` (the
+``enroll.tar`` archive the controller writes and ``edge-agent enroll`` reads).
 """
 
 from __future__ import annotations

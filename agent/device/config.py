@@ -25,6 +25,7 @@ from typing import Any
 
 from agent.base.errors import ConfigError
 from agent.contracts import InvalidNameError, check_name
+from agent.contracts.chunks import MAX_CHUNK_BYTES
 
 ENV_PREFIX = "EDGE_AGENT_"
 
@@ -330,8 +331,6 @@ def _validate(config: AgentConfig) -> None:
 
 
 TRANSPORTS = ("http", "mqtt", "auto")
-# The controller answers at most this many bytes per chunk (agent.update.mqtt_fetcher).
-MAX_MQTT_CHUNK_BYTES = 1024 * 1024
 
 
 def _validate_repository(repository: RepositoryConfig) -> None:
@@ -347,10 +346,10 @@ def _validate_repository(repository: RepositoryConfig) -> None:
         )
     if repository.min_bytes_per_s < 0:
         raise ConfigError("config key 'repository.min_bytes_per_s' must not be negative")
-    if repository.mqtt_chunk_bytes > MAX_MQTT_CHUNK_BYTES:
+    if repository.mqtt_chunk_bytes > MAX_CHUNK_BYTES:
         raise ConfigError(
             f"config key 'repository.mqtt_chunk_bytes': expected at most "
-            f"{MAX_MQTT_CHUNK_BYTES}, got {repository.mqtt_chunk_bytes}"
+            f"{MAX_CHUNK_BYTES}, got {repository.mqtt_chunk_bytes}"
         )
 
 

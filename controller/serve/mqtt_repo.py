@@ -1,6 +1,6 @@
 """The repository over MQTT: answers devices' chunk requests for metadata and targets.
 
-The contract is the agent's (``agent.update.mqtt_fetcher``, ``docs/protocol.md``): a request on
+The contract is the agent's (``agent.contracts.chunks``, ``docs/protocol.md``): a request on
 ``edgefleet/v1/fleets/{fleet}/devices/{device}/repo/request`` is answered on the same
 device's ``.../repo/response``. Files are resolved exactly as the HTTP side resolves
 them (``controller.serve.http.resolve_static``): only regular files below ``metadata/`` and
@@ -23,13 +23,13 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.device.config import MAX_MQTT_CHUNK_BYTES
-from agent.update.mqtt_fetcher import (
+from agent.contracts.chunks import (
+    MAX_CHUNK_BYTES,
     REQUEST_FILTER,
     Chunk,
     ChunkRequest,
@@ -40,8 +40,6 @@ from agent.update.mqtt_fetcher import (
 from controller.serve.http import resolve_static
 
 logger = logging.getLogger(__name__)
-
-MAX_CHUNK_BYTES: Final = MAX_MQTT_CHUNK_BYTES
 
 
 @dataclass(frozen=True)
