@@ -1,18 +1,10 @@
-"""Enrollment: the ``enroll.tar`` contract, installing one under ``/etc/edge-agent``, and
-the device's own key and certificate signing request (CSR) for the flow without a key.
+"""Enrollment, the device's side: checking an ``enroll.tar`` and installing it under
+``/etc/edge-agent``, and the device's own key and certificate signing request (CSR) for
+the flow without a key.
 
 ``edgectl device add`` (controller) writes the archive; ``edge-agent enroll`` (here)
-installs it. The agent owns the contract, so both sides use the names below.
-
-The archive is a plain tar with these regular-file members, at the top level, and no
-others:
-
-    enroll.json   {"schema": "edgefleet.enroll/1", "device_id", "fleet"}
-    agent.toml    the agent's config (paths relative to its folder)
-    root.json     the fleet repository's TUF root: the agent's trust anchor
-    ca.crt        the device CA: verifies the broker (and issued device.crt)
-    device.crt    this device's client certificate, CN = device id
-    device.key    its private key (the only secret); OPTIONAL, see below
+installs it. The archive's format is a contract the agent owns:
+``agent.contracts.enrollment`` (its members, their modes, how it is packed).
 
 Two flows. Key made by the controller: the archive carries ``device.key``, which is
 installed. Key made on the device: ``edge-agent request ID`` (:func:`request_enrollment`)
@@ -62,6 +54,19 @@ from cryptography.x509.oid import NameOID
 from agent.base.errors import AgentError, ConfigError, UntrustedInputError
 from agent.base.fsutil import atomic_write
 from agent.contracts import InvalidNameError, check_name
+from agent.contracts.enrollment import (
+    CA_CERT,
+    CONFIG,
+    DEVICE_CERT,
+    DEVICE_KEY,
+    ENROLL_SCHEMA,
+    INFO,
+    MAX_MEMBER_BYTES,
+    MEMBERS,
+    REQUIRED_MEMBERS,
+    ROOT,
+    member_mode,
+)
 from agent.device.config import AgentConfig, parse_config
 from agent.device.enroll_install import (
     StepHook,
@@ -74,19 +79,6 @@ from agent.device.tls_identity import is_key_of
 
 logger = logging.getLogger(__name__)
 
-ENROLL_SCHEMA: Final = "edgefleet.enroll/1"
-INFO: Final = "enroll.json"
-CONFIG: Final = "agent.toml"
-ROOT: Final = "root.json"
-CA_CERT: Final = "ca.crt"
-DEVICE_CERT: Final = "device.crt"
-DEVICE_KEY: Final = "device.key"
-MEMBERS: Final = (INFO, CONFIG, ROOT, CA_CERT, DEVICE_CERT, DEVICE_KEY)
-# Absent when the device made its own key (the CSR flow).
-OPTIONAL_MEMBERS: Final = frozenset({DEVICE_KEY})
-REQUIRED_MEMBERS: Final = tuple(m for m in MEMBERS if m not in OPTIONAL_MEMBERS)
-SECRET_MEMBERS: Final = frozenset({DEVICE_KEY})
-MAX_MEMBER_BYTES: Final = 1024 * 1024
 DEFAULT_CONFIG_DIR: Final = Path("/etc/edge-agent")
 INSTALL_ORDER: Final = (DEVICE_KEY, DEVICE_CERT, CA_CERT, ROOT, INFO, CONFIG)
 # An enroll or request holds the lock well under a second (a few fsyncs): 30 s covers a
@@ -109,32 +101,6 @@ class Enrollment:
     device_id: str
     fleet: str
     files: dict[str, bytes]
-
-
-def member_mode(name: str) -> int:
-    return 0o600 if name in SECRET_MEMBERS else 0o644
-
-
-def pack_enrollment(files: dict[str, bytes]) -> bytes:
-    """The archive bytes for ``files``, deterministic order.
-
-    ``files`` holds every name in REQUIRED_MEMBERS and may hold ``device.key``; raises
-    ValueError otherwise.
-    """
-    missing = [m for m in REQUIRED_MEMBERS if m not in files]
-    if missing or set(files) - set(MEMBERS):
-        raise ValueError(
-            f"enrollment members expected {REQUIRED_MEMBERS} (+ optional "
-            f"{sorted(OPTIONAL_MEMBERS)}), got {sorted(files)}"
-        )
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in (m for m in MEMBERS if m in files):
-            info = tarfile.TarInfo(name)
-            info.size = len(files[name])
-            info.mode = member_mode(name)
-            tar.addfile(info, io.BytesIO(files[name]))
-    return out.getvalue()
 
 
 def read_enrollment(data: bytes, config_dir: Path = DEFAULT_CONFIG_DIR) -> Enrollment:

@@ -36,7 +36,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from agent.contracts import InvalidNameError, check_name
-from agent.device.enroll import (
+from agent.contracts.enrollment import (
     CA_CERT,
     CONFIG,
     DEVICE_CERT,

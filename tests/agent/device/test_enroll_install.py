@@ -24,9 +24,9 @@ from cryptography import x509
 
 from agent.base.errors import AgentError, ConfigError
 from agent.cli import main as agent_main
+from agent.contracts.enrollment import MEMBERS
 from agent.device.config import load_config
 from agent.device.enroll import (
-    MEMBERS,
     EnrollmentError,
     enroll_from_file,
     install_enrollment,
