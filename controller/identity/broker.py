@@ -160,6 +160,15 @@ def write_broker_config(repo_dir: Path, folder: Path, options: BrokerOptions) ->
     return written
 
 
+def broker_folder(repo_dir: Path) -> Path | None:
+    """The folder ``edgectl broker config`` wrote last for ``repo_dir``, or None."""
+    try:
+        record = json.loads((ca_dir(repo_dir) / BROKER_RECORD).read_bytes())
+        return Path(record["folder"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def refresh_broker_files(repo_dir: Path, resign_crl: bool = False) -> Sequence[Path]:
     """Rewrite the ACL and copy CA and CRL into the broker folder last configured
     (nothing when ``edgectl broker config`` never ran). Returns the files written."""

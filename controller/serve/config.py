@@ -218,7 +218,7 @@ def _tls_files(doc: Mapping[str, Any], repo_dir: Path, mqtt_tls: bool) -> dict[s
         return {}
     folder: Path | None = None
     if not all(given.values()):
-        from controller.serve.mqtt_tls import broker_folder  # the CA's modules: only when needed
+        from controller.identity.broker import broker_folder  # the CA's modules: only when needed
 
         folder = broker_folder(repo_dir)
     files: dict[str, Path] = {}

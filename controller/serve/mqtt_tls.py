@@ -2,8 +2,9 @@
 
 ``edgectl broker config`` writes a broker that requires client certificates from the
 device CA; ``edgectl serve`` connects to it with the controller's certificate
-(``controller.crt/.key`` in the broker folder). This module finds those files (the folder
-recorded in ``REPO_DIR/ca/broker.json``) and builds the context.
+(``controller.crt/.key`` in the broker folder). ``[serve]`` names those files (by default
+in the folder recorded in ``REPO_DIR/ca/broker.json``: ``controller.identity.broker``'s
+``broker_folder``); this module builds the context from them.
 
 Invariants: the context speaks TLS 1.2 or later, verifies the broker's certificate and
 host name against the given CA only (not the system store), and presents the
@@ -13,7 +14,6 @@ the file, raised before any client connects.
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 import ssl
@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from controller.base.errors import UsageError
-from controller.identity.broker import BROKER_RECORD
-from controller.identity.devices import ca_dir
 
 if TYPE_CHECKING:
     from controller.serve.config import ServeConfig
@@ -38,15 +36,6 @@ class MqttTlsFiles:
     ca_file: Path
     cert_file: Path
     key_file: Path
-
-
-def broker_folder(repo_dir: Path) -> Path | None:
-    """The folder ``edgectl broker config`` wrote last for ``repo_dir``, or None."""
-    try:
-        record = json.loads((ca_dir(repo_dir) / BROKER_RECORD).read_bytes())
-        return Path(record["folder"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def client_tls_context(files: MqttTlsFiles) -> ssl.SSLContext:
