@@ -1,9 +1,9 @@
-"""The Open Inference Protocol v2 documents: pure functions (and one cache), no I/O.
+"""Parsing an Open Inference Protocol v2 infer request: pure functions (and one cache), no I/O.
 
-It turns an infer request body into numpy arrays checked against a model's manifest, and
-arrays back into a response body; it also shapes the metadata documents. Converting one
-tensor is ``agent.oip.tensors``'s job; this module owns the documents around the tensors and
-where each tensor's data travels, per tensor:
+It turns an infer request body into numpy arrays checked against a model's manifest: an
+``InferRequest`` (the values it makes, and the plan below, are ``agent.oip.documents``').
+Converting one tensor is ``agent.oip.tensors``'s job; this module owns the checks of the
+document around the tensors and where each tensor's data travels, per tensor:
 
 - JSON ``data`` (flat or nested, row-major);
 - the binary tensor extension: the JSON header is followed by raw little-endian bytes,
@@ -32,7 +32,8 @@ bytes is checked on every request, plan or not: the binary section's length, BOO
 BYTES elements, and each shared-memory reference against its region as it is now. A plan
 also keeps the response headers built for it (``agent.oip.response``); the outputs'
 bytes, and their fit in shared memory, are per request. Responses (encoding them, and
-decoding them for the client) live in ``agent.oip.response``.
+decoding them for the client) live in ``agent.oip.response``, the metadata and error
+documents in ``agent.oip.documents``.
 """
 
 from __future__ import annotations
@@ -41,18 +42,22 @@ import json
 import math
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
+from typing import Any
 
 import numpy as np
 
 from agent.base.errors import InvalidRequestError
 from agent.contracts import Manifest, TensorSpec
-
-if TYPE_CHECKING:
-    from agent.oip.response import ResponseTemplate
-
+from agent.oip.documents import (
+    HEADER_LENGTH,
+    InferRequest,
+    InputPlan,
+    OutputRequest,
+    RequestPlan,
+    SharedMemory,
+    ShmRef,
+)
 from agent.oip.tensors import (
     check_binary_size,
     shape_fits,
@@ -61,106 +66,7 @@ from agent.oip.tensors import (
     wire_dtype,
 )
 
-PLATFORM: Final = "onnxruntime_onnx"
-EXTENSIONS: Final = ("binary_tensor_data", "system_shared_memory")
-HEADER_LENGTH: Final = "Inference-Header-Content-Length"
-
-
-class SharedMemory(Protocol):
-    """Access to registered shared-memory regions (``agent.oip.shm`` implements it)."""
-
-    def view(self, region: str, offset: int, byte_size: int) -> memoryview:
-        """``byte_size`` bytes at ``offset`` in ``region``; InvalidRequestError if out of it."""
-        ...
-
-
-@dataclass(frozen=True)
-class ShmRef:
-    """Where a tensor lives in a registered shared-memory region."""
-
-    region: str
-    offset: int
-    byte_size: int
-
-
-@dataclass(frozen=True)
-class OutputRequest:
-    """One requested output and how it should travel back."""
-
-    name: str
-    binary: bool
-    shm: ShmRef | None = None
-
-
-@dataclass(frozen=True)
-class InferRequest:
-    """A checked infer request.
-
-    ``outputs`` is None when the client asked for every output; ``binary_output`` is the
-    request-wide default (``parameters.binary_data_output``). ``plan`` is the checked
-    header it was built from; it, ``outputs`` and ``parameters`` are shared with every
-    request of the same header: read-only.
-    """
-
-    inputs: dict[str, np.ndarray]
-    outputs: list[OutputRequest] | None
-    id: str | None
-    parameters: Mapping[str, Any]
-    binary_output: bool = False
-    plan: RequestPlan | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def output_names(self) -> list[str] | None:
-        return None if self.outputs is None else [o.name for o in self.outputs]
-
-
 # ---------------------------------------------------------------------------- plans
-
-
-class _InputPlan(NamedTuple):
-    """One input whose JSON is checked: where its values come from, per request.
-
-    ``size`` >= 0: ``size`` bytes at ``offset`` of the binary section; else ``shm``
-    names them; else they are the JSON ``data``. ``wire`` is the dtype a fixed-size
-    binary or shared-memory tensor is read as (None: BOOL, BYTES or JSON data), and
-    ``n_values`` its number of values; such a tensor's size was checked against its
-    shape when the plan was made. (A named tuple: immutable and cheap to build, which
-    JSON requests do every time.)
-    """
-
-    name: str
-    datatype: str
-    shape: tuple[int, ...]
-    offset: int = 0
-    size: int = -1
-    shm: ShmRef | None = None
-    wire: np.dtype[Any] | None = None
-    n_values: int = 0
-    data: Any = None
-
-
-class RequestPlan(NamedTuple):
-    """What one infer request header says, checked against one manifest's signature.
-
-    Everything that depends only on the header's bytes is decided here, once; a request
-    with the same header bytes reuses it and only checks what depends on its own bytes:
-    the binary section's length, BOOL and BYTES values, shared memory (which can be
-    unregistered or truncated between requests). ``responses`` caches response headers
-    built for this plan (see ``encode_infer_response``): each reusable plan has its own
-    dict; None when no header could be reused (an input carries JSON data, or an output
-    travels as JSON). (A named tuple: immutable and cheap to build, which JSON requests
-    do every time.)
-    """
-
-    manifest: Manifest
-    inputs: tuple[_InputPlan, ...]
-    binary_size: int
-    outputs: list[OutputRequest] | None
-    id: str | None
-    parameters: Mapping[str, Any]
-    binary_output: bool
-    responses: dict[tuple[Any, ...], ResponseTemplate] | None
-    is_reusable: bool  # no input carries JSON data: the plan holds where values are, not them
 
 
 class PlanCache:
@@ -261,7 +167,7 @@ def _plan(doc: dict[str, Any], manifest: Manifest, shm_available: bool) -> Reque
             f"'inputs' expected a list of tensors, got {_json_type(raw_inputs)}"
         )
     specs = {t.name: t for t in manifest.inputs}
-    inputs: dict[str, _InputPlan] = {}
+    inputs: dict[str, InputPlan] = {}
     cursor = 0
     reusable = True
     for index, raw in enumerate(raw_inputs):
@@ -424,7 +330,7 @@ def _plan_input(
     specs: Mapping[str, TensorSpec],
     cursor: int,
     shm_available: bool,
-) -> _InputPlan:
+) -> InputPlan:
     """Check one input's JSON; ``cursor``: where its binary data would start."""
     if not isinstance(raw, dict):
         raise InvalidRequestError(f"inputs[{index}] expected an object, got {_json_type(raw)}")
@@ -460,7 +366,7 @@ def _plan_input(
             )
         size = _int_parameter(params, "binary_data_size", where, None)
         check_binary_size(name, datatype, shape, size)
-        return _InputPlan(
+        return InputPlan(
             name, datatype, tuple(shape), cursor, size, None, wire_dtype(datatype), math.prod(shape)
         )
     if ref is not None:
@@ -469,10 +375,10 @@ def _plan_input(
         if not shm_available:
             raise InvalidRequestError(f"{where}: shared memory is not available on this listener")
         check_binary_size(name, datatype, shape, ref.byte_size)
-        return _InputPlan(name, datatype, tuple(shape), shm=ref, wire=wire_dtype(datatype))
+        return InputPlan(name, datatype, tuple(shape), shm=ref, wire=wire_dtype(datatype))
     if "data" not in raw:
         raise InvalidRequestError(f"{where}: missing 'data'")
-    return _InputPlan(name, datatype, tuple(shape), data=raw["data"])
+    return InputPlan(name, datatype, tuple(shape), data=raw["data"])
 
 
 def _parse_outputs(
@@ -500,22 +406,3 @@ def _parse_outputs(
             raise InvalidRequestError(f"{where}: shared memory is not available on this listener")
         outputs.setdefault(name, OutputRequest(name, binary, ref))
     return list(outputs.values()) or None
-
-
-# ---------------------------------------------------------------------------- metadata
-
-
-def model_metadata(manifest: Manifest) -> dict[str, Any]:
-    """The OIP model metadata document of the version ``manifest`` describes."""
-    return {
-        "name": manifest.name,
-        "versions": [manifest.version],
-        "platform": PLATFORM,
-        "inputs": [t.to_json() for t in manifest.inputs],
-        "outputs": [t.to_json() for t in manifest.outputs],
-    }
-
-
-def error_body(message: str) -> bytes:
-    """The JSON body of an error response: ``{"error": message}``."""
-    return json.dumps({"error": message}).encode()

@@ -2,9 +2,10 @@
 decoding one (the client). Pure functions, no I/O; requests are ``agent.oip.request``'s.
 
 Each output travels as its request asked: JSON, binary data after the JSON header, or
-written into the client's shared memory. A request plan (``agent.oip.request.RequestPlan``)
-keeps the response headers built for it as ``ResponseTemplate``s, so a repeat request
-with the same output signature only fills in the outputs' bytes.
+written into the client's shared memory. A request plan (``RequestPlan``, made by
+``agent.oip.request``) keeps the response headers built for it as ``ResponseTemplate``s
+(both are ``agent.oip.documents``'), so a repeat request with the same output signature
+only fills in the outputs' bytes.
 
 Invariants:
 - A template is only used for the exact plan, outputs (names, dtypes, shapes, in order)
@@ -17,14 +18,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
 
 from agent.base.errors import InvalidRequestError
 from agent.contracts import OIP_TO_NUMPY
-from agent.oip.request import InferRequest, SharedMemory, ShmRef
+from agent.oip.documents import InferRequest, ResponseTemplate, SharedMemory, ShmRef
 from agent.oip.tensors import (
     datatype_of,
     tensor_from_bytes,
@@ -32,18 +32,6 @@ from agent.oip.tensors import (
     tensor_to_bytes,
     tensor_to_json,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseTemplate:
-    """A response header built once for a plan and a signature of outputs (names, dtypes
-    and shapes, in order): per output its shared-memory reference, or None when its bytes
-    follow the header; None for all when every output's bytes follow."""
-
-    header: bytes
-    shm_refs: tuple[ShmRef | None, ...] | None
-    header_length: int | None  # what encode_infer_response returns with the parts
-
 
 # Response templates kept per plan: distinct output shapes of one header are few.
 _MAX_TEMPLATES: Final = 8

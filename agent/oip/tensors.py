@@ -3,8 +3,8 @@
 A tensor travels as JSON ``data`` (flat or nested, row-major) or as raw bytes (the
 binary tensor and shared-memory extensions). Binary layout: row-major, little-endian,
 no padding; BOOL is one byte 0 or 1; BYTES is, per element, a little-endian uint32
-length followed by that many bytes. ``agent.oip.request`` builds whole request and response
-documents from these.
+length followed by that many bytes. ``agent.oip.request`` and ``agent.oip.response`` build
+whole request and response documents from these.
 
 Invariants:
 - Every rejection is an ``InvalidRequestError`` that names the tensor and says what was

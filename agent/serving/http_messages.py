@@ -18,7 +18,7 @@ import socket
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from agent.oip.request import error_body
+from agent.oip.documents import error_body
 
 _REASONS: Final = {
     200: "OK",

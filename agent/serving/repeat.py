@@ -56,8 +56,8 @@ import numpy as np
 import onnxruntime as ort
 
 from agent.base.errors import InferenceError
-from agent.oip.request import InferRequest
-from agent.oip.response import ResponseTemplate, encode_infer_response, template_key
+from agent.oip.documents import InferRequest, ResponseTemplate
+from agent.oip.response import encode_infer_response, template_key
 from agent.oip.shm import SharedMemoryRegistry
 from agent.oip.tensors import tensor_to_bytes
 from agent.runtime.models import Bound, BoundRun, LoadedModel, RunTerminatedError

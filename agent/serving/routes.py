@@ -40,7 +40,8 @@ from agent.base.errors import (
     ModelNotFoundError,
     NotReadyError,
 )
-from agent.oip.request import PlanCache, model_metadata, parse_infer_request
+from agent.oip.documents import model_metadata
+from agent.oip.request import PlanCache, parse_infer_request
 from agent.oip.response import encode_infer_response
 from agent.oip.shm import SharedMemoryDenied, SharedMemoryRegistry
 from agent.runtime.models import LoadedModel, ModelRegistry

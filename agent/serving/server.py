@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Final
 
 import agent
 from agent.base.errors import ConfigError
-from agent.oip.request import EXTENSIONS
+from agent.oip.documents import EXTENSIONS
 from agent.oip.shm import SharedMemoryRegistry
 from agent.runtime.models import ModelRegistry
 from agent.runtime.stats import RequestStats

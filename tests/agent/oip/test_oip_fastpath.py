@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from agent.base.errors import InvalidRequestError
 from agent.contracts import GoldenSpec, Manifest, TensorSpec
-from agent.oip.request import InferRequest, PlanCache, SharedMemory, parse_infer_request
+from agent.oip.documents import InferRequest, SharedMemory
+from agent.oip.request import PlanCache, parse_infer_request
 from agent.oip.response import encode_infer_response
 from agent.oip.shm import SharedMemoryRegion, SharedMemoryRegistry
 from agent.oip.tensors import tensor_head, tensor_to_bytes
