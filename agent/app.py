@@ -36,7 +36,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from agent.device.config import AgentConfig
 from agent.device.sdnotify import Notifier, NotifyError
 from agent.runtime.memory import configure_allocator
-from agent.runtime.models import ModelRegistry
+from agent.runtime.registry import ModelRegistry
 from agent.serving.metrics import InferenceMetrics
 from agent.serving.server import InferenceServer
 from agent.telemetry.mqtt import MqttLink

@@ -421,9 +421,10 @@ def allocator_child(config: str, swaps: int, work: Path) -> dict[str, float]:
 
     import onnxruntime as ort
 
-    import agent.runtime.models as runtime
     from agent.contracts import parse_manifest
-    from agent.runtime import memory
+    from agent.runtime import loading, memory
+    from agent.runtime.models import LoadedModel
+    from agent.runtime.registry import ModelRegistry
     from agent.update.unpack import unpack_bundle
 
     options = set(config.split("+"))
@@ -432,10 +433,10 @@ def allocator_child(config: str, swaps: int, work: Path) -> dict[str, float]:
         libc.mallopt(-8, 2)  # M_ARENA_MAX
     if "mmap-threshold" not in options:  # the agent fixes it on first load: undo that here
         memory.configure_allocator.cache_clear()
-        runtime.configure_allocator = lambda: False  # type: ignore[assignment]
+        loading.configure_allocator = lambda: False  # type: ignore[assignment]
     else:
         memory.configure_allocator()
-    base_options = runtime._session_options
+    base_options = loading._session_options
 
     def session_options(threads: int) -> ort.SessionOptions:
         opts = base_options(threads)
@@ -443,7 +444,7 @@ def allocator_child(config: str, swaps: int, work: Path) -> dict[str, float]:
         opts.enable_mem_pattern = "no-mem-pattern" not in config
         return opts
 
-    runtime._session_options = session_options  # type: ignore[assignment]
+    loading._session_options = session_options  # type: ignore[assignment]
     bundles = build_bundles(work, 2, 1)
     dirs = []
     for i, bundle in enumerate(bundles):
@@ -453,13 +454,13 @@ def allocator_child(config: str, swaps: int, work: Path) -> dict[str, float]:
                           max_member_bytes=1 << 30, max_total_bytes=1 << 30)  # fmt: skip
         dirs.append((target, parse_manifest((target / "manifest.json").read_bytes())))
 
-    def load(i: int) -> runtime.LoadedModel:
-        model = runtime.load_model(*dirs[i % 2])
-        runtime.check_golden(model)
-        runtime.warm_up(model)
+    def load(i: int) -> LoadedModel:
+        model = loading.load_model(*dirs[i % 2])
+        loading.check_golden(model)
+        loading.warm_up(model)
         return model
 
-    registry = runtime.ModelRegistry()
+    registry = ModelRegistry()
     stop = threading.Event()
     x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
 

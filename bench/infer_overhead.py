@@ -64,7 +64,9 @@ from agent.contracts import (  # noqa: E402
 )
 from agent.device.config import InferenceConfig  # noqa: E402
 from agent.oip.shm import SharedMemoryRegion  # noqa: E402
-from agent.runtime.models import LoadedModel, ModelRegistry, load_model  # noqa: E402
+from agent.runtime.loading import load_model  # noqa: E402
+from agent.runtime.models import LoadedModel  # noqa: E402
+from agent.runtime.registry import ModelRegistry  # noqa: E402
 
 
 def _bundle_dir(

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from infer_overhead import _inputs, _load, build_models
 from agent.serving.http_messages import Request
-from agent.runtime.models import ModelRegistry
+from agent.runtime.registry import ModelRegistry
 from agent.serving.server import InferenceServer
 from agent.oip.shm import SharedMemoryRegion
 

@@ -78,7 +78,7 @@ def glibc() -> Glibc | None:
 def configure_allocator(mmap_threshold_bytes: int = DEFAULT_MMAP_THRESHOLD_BYTES) -> bool:
     """Fix glibc's mmap threshold so freed sessions go back to the kernel. Idempotent.
 
-    Call once at start-up, before the first model loads (``agent.runtime.models.load_model``
+    Call once at start-up, before the first model loads (``agent.runtime.loading.load_model``
     calls it too). Returns True when applied; False off glibc, when glibc refused, or when
     ``MALLOC_MMAP_THRESHOLD_`` is set in the environment (the operator's choice stands).
     """

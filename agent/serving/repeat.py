@@ -34,7 +34,7 @@ Invariants:
   ``id``, whose response came from a template (no JSON or BYTES output), are kept. A
   repeat holds no reference to a request body or to shared memory, and only a weak one
   to its model: a replaced version's session is freed when its last request ends, as
-  ``agent.runtime.models`` promises, not when an idle connection next calls.
+  ``agent.runtime.registry`` promises, not when an idle connection next calls.
 - A binding is only run with every address it was made for checked on this request,
   and with a view of every region held for the run (an unregistered region stays mapped
   until the run ends). It is not made for outputs overlapping an input, for tensors not

@@ -44,7 +44,8 @@ from agent.oip.documents import model_metadata
 from agent.oip.request import PlanCache, parse_infer_request
 from agent.oip.response import encode_infer_response
 from agent.oip.shm import SharedMemoryDenied, SharedMemoryRegistry
-from agent.runtime.models import LoadedModel, ModelRegistry
+from agent.runtime.models import LoadedModel
+from agent.runtime.registry import ModelRegistry
 from agent.runtime.stats import Outcome, RequestStats
 from agent.serving.admission import Admission, DeadlineExceeded, Overloaded, RunWatch
 from agent.serving.http_messages import RETRY_AFTER, Request, Response

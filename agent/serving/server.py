@@ -45,7 +45,7 @@ import agent
 from agent.base.errors import ConfigError
 from agent.oip.documents import EXTENSIONS
 from agent.oip.shm import SharedMemoryRegistry
-from agent.runtime.models import ModelRegistry
+from agent.runtime.registry import ModelRegistry
 from agent.runtime.stats import RequestStats
 from agent.serving.http11 import Connection
 from agent.serving.http_messages import RETRY_AFTER, Response, refuse

@@ -35,8 +35,10 @@ from agent.base.errors import (
 from agent.base.fsutil import remove_tree
 from agent.contracts import ProbationPolicy, parse_manifest
 from agent.device.config import AgentConfig
+from agent.runtime.loading import check_golden, load_model, warm_up
 from agent.runtime.memory import release_memory
-from agent.runtime.models import LoadedModel, ModelRegistry, check_golden, load_model, warm_up
+from agent.runtime.models import LoadedModel
+from agent.runtime.registry import ModelRegistry
 from agent.runtime.stats import RequestStats, StatsSnapshot
 from agent.update.journal import (
     JournalRecord,

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from agent.runtime.models import ModelRegistry
+from agent.runtime.registry import ModelRegistry
 from agent.serving.server import InferenceServer
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from agent.contracts import ProbationPolicy
 from agent.device.config import AgentConfig, InferenceConfig, MqttConfig, RepositoryConfig
-from agent.runtime.models import ModelRegistry
+from agent.runtime.registry import ModelRegistry
 from agent.telemetry.reporter import IntervalStats
 from agent.update.journal import Phase, serving_version
 from agent.update.lifecycle import ModelLifecycle

@@ -19,7 +19,8 @@ from agent.base.errors import InferenceError, InvalidRequestError
 from agent.client.http import UnixHTTPConnection, _set_kernel_timeouts, parse_head
 from agent.client.inference import AgentUnreachableError, InferenceClient, load_input_file
 from agent.oip.shm import SharedMemoryRegion
-from agent.runtime.models import ModelRegistry, load_model
+from agent.runtime.loading import load_model
+from agent.runtime.registry import ModelRegistry
 from agent.serving.server import InferenceServer
 from tests.agent._model_dir import make_model_dir
 from tests.agent._serving import ServerThread, serving, short_socket_dir

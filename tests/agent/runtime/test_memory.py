@@ -13,7 +13,8 @@ import pytest
 
 from agent.contracts import Manifest
 from agent.runtime import memory
-from agent.runtime.models import LoadedModel, check_golden, load_model, warm_up
+from agent.runtime.loading import check_golden, load_model, warm_up
+from agent.runtime.models import LoadedModel
 from tests.agent._model_dir import make_model_dir
 from tests.helpers import make_linear_model
 

@@ -1,4 +1,5 @@
-"""agent.runtime.models on real ONNX Runtime: load, golden vectors, signatures, the registry."""
+"""agent.runtime.models, .loading and .registry on real ONNX Runtime: load, golden vectors,
+signatures, running, the registry."""
 
 from __future__ import annotations
 
@@ -14,13 +15,9 @@ import pytest
 
 from agent.base.errors import GoldenMismatchError, InferenceError, InvalidRequestError, ModelError
 from agent.contracts import BUNDLE_GOLDEN, GOLDEN_INPUT_PREFIX, GOLDEN_OUTPUT_PREFIX, TensorSpec
-from agent.runtime.models import (
-    ModelRegistry,
-    RunTerminatedError,
-    check_golden,
-    load_model,
-    warm_up,
-)
+from agent.runtime.loading import check_golden, load_model, warm_up
+from agent.runtime.models import RunTerminatedError
+from agent.runtime.registry import ModelRegistry
 from tests.agent._model_dir import make_model_dir
 from tests.helpers import make_linear_model, make_misbehaving_model
 

@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 
 from agent.client import InferenceClient
 from agent.oip.shm import SharedMemoryRegion
-from agent.runtime.models import ModelRegistry, load_model
+from agent.runtime.loading import load_model
+from agent.runtime.registry import ModelRegistry
 from agent.serving.server import InferenceServer
 from tests.agent._model_dir import ALL_DATATYPES, make_identity_model_dir, make_model_dir
 from tests.agent._serving import raw, serving

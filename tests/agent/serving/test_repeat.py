@@ -19,7 +19,9 @@ from agent.base.errors import InvalidRequestError
 from agent.client import InferenceClient
 from agent.contracts import TensorSpec
 from agent.oip.shm import SharedMemoryRegion
-from agent.runtime.models import LoadedModel, ModelRegistry, load_model
+from agent.runtime.loading import load_model
+from agent.runtime.models import LoadedModel
+from agent.runtime.registry import ModelRegistry
 from agent.serving.http_messages import Request
 from agent.serving.repeat import Repeat
 from agent.serving.server import InferenceServer

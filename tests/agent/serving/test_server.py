@@ -22,7 +22,9 @@ from agent.client import InferenceClient
 from agent.contracts import GoldenSpec, Manifest, TensorSpec
 from agent.oip.request import parse_infer_request
 from agent.oip.response import build_infer_response
-from agent.runtime.models import LoadedModel, ModelRegistry, load_model
+from agent.runtime.loading import load_model
+from agent.runtime.models import LoadedModel
+from agent.runtime.registry import ModelRegistry
 from agent.serving.server import InferenceServer
 from tests.agent._model_dir import make_model_dir
 from tests.agent._serving import (

@@ -16,7 +16,9 @@ import pytest
 from agent.base.errors import AgentUnreachableError, InvalidRequestError
 from agent.client import InferenceClient
 from agent.oip.shm import SharedMemoryRegion
-from agent.runtime.models import LoadedModel, ModelRegistry, load_model
+from agent.runtime.loading import load_model
+from agent.runtime.models import LoadedModel
+from agent.runtime.registry import ModelRegistry
 from agent.runtime.stats import RequestStats
 from agent.serving.metrics import InferenceMetrics
 from agent.serving.server import InferenceServer

@@ -23,7 +23,9 @@ from agent.base.errors import AgentUnreachableError, ConfigError, NotReadyError
 from agent.client import InferenceClient
 from agent.device.config import InferenceConfig, parse_config
 from agent.oip.shm import SharedMemoryRegion
-from agent.runtime.models import LoadedModel, ModelRegistry, load_model
+from agent.runtime.loading import load_model
+from agent.runtime.models import LoadedModel
+from agent.runtime.registry import ModelRegistry
 from agent.serving.server import InferenceServer, may_poll
 from tests.agent._model_dir import make_model_dir
 from tests.agent._serving import ServerThread, raw, read_responses, serving, short_socket_dir

@@ -28,7 +28,7 @@ from agent.contracts import (
     desired_target_path,
 )
 from agent.device.config import AgentConfig, InferenceConfig, RepositoryConfig
-from agent.runtime.models import ModelRegistry
+from agent.runtime.registry import ModelRegistry
 from agent.telemetry.reporter import IntervalStats
 from agent.update.journal import Phase, serving_version
 from agent.update.lifecycle import ModelLifecycle
