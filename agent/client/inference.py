@@ -3,22 +3,17 @@
 Built for per-call CPU, not generality: one persistent HTTP/1.1 connection
 (``agent.client.http``), tensors sent with the binary tensor extension by default (no
 JSON encoding of data, the arrays' memory goes to the socket as it is), or through
-system shared memory when asked; binary tensors and shared-memory tensors start on
-64-byte boundaries. Errors are mapped once, here, from the HTTP status to the agent's
-error tree, carrying the server's message.
+system shared memory when asked (``agent.client.shm_requests``); binary tensors and
+shared-memory tensors start on 64-byte boundaries. Errors are mapped once, here, from the
+HTTP status to the agent's error tree, carrying the server's message.
 
 Most callers send identically shaped tensors on every call, so the client remembers:
 
 - per request signature (model, version, requested outputs, each input's name, dtype and
-  shape; for shared memory also the region's name and size), the request's bytes up to
-  the tensor data: HTTP head and JSON header. A call then looks the signature up and
-  sends those bytes and the arrays' memory in one write (one ``sendmsg`` when large);
-  with shared memory, copies each input into the region once and sends the request. An
-  input that already lives in the region (``SharedMemoryRegion.ndarray``: an
-  application that produces its frames there) is not copied: the request names where
-  it is, and copied inputs and outputs go after the last such input. Such an array is
-  remembered (weakly) with where it lies: passing the same array object again, the
-  client does not ask for its address again.
+  shape), the request's bytes up to the tensor data: HTTP head and JSON header. A call
+  then looks the signature up and sends those bytes and the arrays' memory in one write
+  (one ``sendmsg`` when large). Calls through shared memory remember their requests in
+  ``agent.client.shm_requests`` (the whole request, and where inputs are copied).
 - per response JSON header (the exact bytes), a decode plan: each output's name, dtype,
   shape and where its bytes lie. A call then skips ``json.loads`` and builds each array
   over the body (binary) or copies it out of the region (shared memory). A remembered
@@ -33,10 +28,6 @@ Invariants:
 - A plan is only used when the body's size is exactly the JSON header plus the binary
   sizes the plan expects; otherwise the response is decoded the slow way, whose errors
   are the ones callers see.
-- A remembered place is used only for the very array object it was found for, still
-  alive (so its memory has not moved: NumPy refuses ``array.data = ...``; with a NumPy
-  that allows it nothing is remembered), with the same dtype and shape, and for the same
-  region object of the same size; anything else asks ``SharedMemoryRegion.offset_of``.
 - Returned arrays never alias memory the client reuses: binary outputs live in the
   response's own fresh buffer, shared-memory outputs are copied out of the region once.
 - The caches are bounded (cleared when full); the shared-memory requests are forgotten
@@ -51,11 +42,9 @@ Requests are built by ``agent.client.requests``, responses decoded by
 from __future__ import annotations
 
 import json
-import warnings
-import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +59,6 @@ from agent.client.decode import Plan, apply_plan, decode_slowly, plan_response
 from agent.client.http import UnixHTTPConnection, request_head
 from agent.client.input_files import load_input_file
 from agent.client.requests import (
-    ALIGN,
     JOIN_BELOW,
     SENT_AS_IS,
     RememberedRequest,
@@ -81,43 +69,15 @@ from agent.client.requests import (
     bytes_of,
     json_header,
     model_path,
-    predicted_bytes,
     request_doc,
-    shm_params,
     signature_of,
 )
+from agent.client.shm_requests import ShmRequests
 from agent.oip.response import build_infer_request
 from agent.oip.shm import SharedMemoryRegion
 from agent.oip.tensors import tensor_head, tensor_to_bytes
 
 __all__ = ["AgentUnreachableError", "InferenceClient", "load_input_file"]
-
-# An array found in a region: (array, region) weakly, the region's size, the array's
-# dtype and shape then, and its offset in the region.
-_Placed = tuple[
-    "weakref.ref[np.ndarray]",
-    "weakref.ref[SharedMemoryRegion]",
-    int,
-    np.dtype[Any],
-    tuple[int, ...],
-    int,
-]
-
-
-def _data_is_fixed() -> bool:
-    """Whether an array's memory stays where it is for the array's life: NumPy refuses
-    ``array.data = ...`` (older versions only warn, and move it)."""
-    probe = np.zeros(1, np.uint8)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            probe.data = np.zeros(1, np.uint8).data  # type: ignore[misc]
-    except AttributeError:
-        return True
-    return False
-
-
-_FIXED_DATA: Final = _data_is_fixed()
 
 
 class InferenceClient:
@@ -151,11 +111,9 @@ class InferenceClient:
         self.timeout_s = timeout_s
         self.binary = binary
         self._connection = UnixHTTPConnection(self.address, timeout=timeout_s, spin_s=spin_s)
-        self._outputs: dict[str, list[dict[str, Any]]] = {}  # output metadata, for shm
         self._requests: dict[Signature, RememberedRequest] = {}
-        self._shm_requests: dict[Signature, RememberedShmRequest] = {}
+        self._shm = ShmRequests(self.model_metadata)
         self._plans: dict[bytes, Plan] = {}
-        self._placed: dict[int, _Placed] = {}  # id(array) → where it was found, for shm
 
     def close(self) -> None:
         self._connection.close()
@@ -367,134 +325,15 @@ class InferenceClient:
     ) -> dict[str, np.ndarray]:
         if region.name is None:
             raise InvalidRequestError("register the region first: register_shared_memory(...)")
-        signature, arrays = signature_of(
-            (region.name, region.byte_size, model, version, outputs), inputs
-        )
-        places = self._places(region, arrays)
-        signature += (places,)
-        remembered = self._shm_requests.get(signature) if request_id is None else None
         try:
-            if remembered is None:
-                data = self._shm_request(
-                    signature, inputs, arrays, places, outputs, region, request_id
-                )
-            else:
-                for index, offset in remembered.copies:
-                    region.write(offset, bytes_of(arrays[index]))
-                data = remembered.data
+            data, remembered = self._shm.request(
+                model, version, inputs, outputs, region, request_id
+            )
             header_length, body = self._send(data)
         except InvalidRequestError:
-            self._outputs.pop(model, None)  # a new version may have other output shapes
-            self._shm_requests.clear()
+            self._shm.forget(model)  # a new version may have other output shapes
             raise
         return self._decode(body, header_length, region, request_id is None, remembered)
-
-    def _places(
-        self, region: SharedMemoryRegion, arrays: list[np.ndarray]
-    ) -> tuple[int | None, ...]:
-        """Where each array lies in ``region`` (``region.offset_of``; None for dtypes not
-        sent as they are). An array found there is remembered, weakly, with its dtype
-        and shape: while it lives its memory cannot move, so the same array object again
-        lies at the same place, and its address need not be asked for again."""
-        places: list[int | None] = []
-        placed = self._placed
-        for array in arrays:
-            hit = placed.get(id(array))
-            if (
-                hit is not None
-                and hit[0]() is array
-                and hit[1]() is region
-                and hit[2] == region.byte_size
-                and hit[3] == array.dtype
-                and hit[4] == array.shape
-            ):
-                places.append(hit[5])
-                continue
-            place = region.offset_of(array) if array.dtype in SENT_AS_IS else None
-            if place is not None and _FIXED_DATA:
-                entry = (
-                    weakref.ref(array),
-                    weakref.ref(region),
-                    region.byte_size,
-                    array.dtype,
-                    array.shape,
-                    place,
-                )
-                bounded_put(placed, id(array), entry)
-            places.append(place)
-        return tuple(places)
-
-    def _shm_request(
-        self,
-        signature: Signature,
-        inputs: Mapping[str, np.ndarray],
-        arrays: list[np.ndarray],
-        places: tuple[int | None, ...],
-        outputs: Sequence[str] | None,
-        region: SharedMemoryRegion,
-        request_id: str | None,
-    ) -> bytes:
-        """Write the inputs into ``region`` (except those in ``places``, already there);
-        return the request naming them and the outputs' places (remembered under
-        ``signature`` when it cannot vary). Copied inputs and outputs go after the last
-        input that lives in the region."""
-        model, version = signature[2], signature[3]
-        tensors: list[dict[str, Any]] = []
-        copies: list[tuple[int, int]] = []
-        offset = max(
-            (p + a.nbytes for p, a in zip(places, arrays, strict=True) if p is not None),
-            default=0,
-        )
-        offset += -offset % ALIGN
-        for index, (name, array, place) in enumerate(zip(inputs, arrays, places, strict=True)):
-            if place is not None:
-                params = shm_params(region, place, array.nbytes)
-                tensors.append(tensor_head(name, array, params))
-                continue
-            size = region.write(offset, tensor_to_bytes(array))
-            tensors.append(tensor_head(name, array, shm_params(region, offset, size)))
-            copies.append((index, offset))
-            offset += size + (-size % ALIGN)
-        batch = next((a.shape[0] for a in arrays if a.ndim), None)
-        doc: dict[str, Any] = {
-            "inputs": tensors,
-            "outputs": self._shm_outputs(model, outputs, region, offset, batch),
-        }
-        if request_id is not None:
-            doc["id"] = request_id
-        header = json_header(doc, padded=False)
-        path = model_path(model, version) + "/infer"
-        data = request_head("POST", path, len(header), binary_headers(len(header))) + header
-        if request_id is None and all(a.dtype in SENT_AS_IS for a in arrays):
-            bounded_put(self._shm_requests, signature, RememberedShmRequest(data, tuple(copies)))
-        return data
-
-    def _shm_outputs(
-        self,
-        model: str,
-        outputs: Sequence[str] | None,
-        region: SharedMemoryRegion,
-        offset: int,
-        batch: int | None,
-    ) -> list[dict[str, Any]]:
-        """The requested outputs: in ``region`` from ``offset`` on when the model's
-        metadata predicts their size and they fit, else as binary data."""
-        if model not in self._outputs:
-            self._outputs[model] = self.model_metadata(model).get("outputs", [])
-        requested: list[dict[str, Any]] = []
-        for spec in self._outputs[model]:
-            name = spec["name"]
-            if outputs is not None and name not in outputs:
-                continue
-            predicted = predicted_bytes(spec, batch)
-            if predicted is not None and offset + predicted <= region.byte_size:
-                requested.append(
-                    {"name": name, "parameters": shm_params(region, offset, predicted)}
-                )
-                offset += predicted + (-predicted % ALIGN)
-            else:
-                requested.append({"name": name, "parameters": {"binary_data": True}})
-        return requested
 
 
 def _error_for(status: int, data: bytes | bytearray) -> InferenceError:

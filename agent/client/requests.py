@@ -1,7 +1,8 @@
-"""The requests ``agent.client.inference`` remembers, and how it builds them: the signature a
-call is remembered under, the JSON header and HTTP head of a binary or shared-memory
-infer request, and where each tensor goes. Pure functions and two small records, no
-I/O; ``agent.client.inference`` keeps the caches and decides when a remembered request applies.
+"""The requests the client remembers, and how it builds them: the signature a call is
+remembered under, the JSON header and HTTP head of a binary or shared-memory infer
+request, and where each tensor goes. Pure functions and two small records, no I/O;
+``agent.client.inference`` (binary requests) and ``agent.client.shm_requests``
+(shared-memory requests) keep the caches and decide when a remembered request applies.
 
 Invariants:
 - A signature names everything a request's bytes before the tensor data depend on

@@ -504,14 +504,14 @@ def test_inputs_in_the_region_are_placed_by_where_each_array_lies_now(
         np.testing.assert_array_equal(client.infer("m", {"x": frame}, shm=other)["y"], y * 3)
         assert placed(requests[-1]) == ("r2", 0)
         np.testing.assert_array_equal(other.array(0, np.dtype(np.float32), (1, 4)), frame)
-        monkeypatch.setattr("agent.client.inference._FIXED_DATA", False)  # nothing remembered
-        client._placed.clear()
+        monkeypatch.setattr("agent.client.shm_requests._FIXED_DATA", False)  # nothing remembered
+        client._shm._placed.clear()
         for offset in (512, 1024):
             del frame
             frame = region.ndarray(offset, np.float32, (1, 4))
             np.testing.assert_array_equal(client.infer("m", {"x": frame}, shm=region)["y"], y)
             assert placed(requests[-1]) == ("r", offset)
-        assert not client._placed
+        assert not client._shm._placed
         del frame
     client.close()
 
