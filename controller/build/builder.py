@@ -47,9 +47,9 @@ from agent.contracts import (
     check_name,
     check_version,
 )
-from controller.build import evaluate, golden, quantize
 from controller.base.errors import BuildError, UsageError
 from controller.base.fsio import atomic_write
+from controller.build import evaluate, golden, mixed, quantize
 from controller.build.bundle_file import member_digest, pack_bundle
 from controller.build.evaluate import Candidate, Gate, Samples
 from controller.build.prune import check_sparsity, prune
@@ -224,7 +224,7 @@ def _candidates(
     data: bytes,
     specs: tuple[evaluate.InputSpec, ...],
     calibration: Samples | None,
-    judge: quantize.Judge | None,
+    judge: mixed.Judge | None,
 ) -> list[Candidate]:
     """One candidate per recipe; ``auto`` notes recipes that cannot apply and goes on."""
     auto = opts.quantize == "auto"
@@ -264,7 +264,7 @@ def _candidates(
 
 def _calibration_judge(
     reference: Any, feeds: list[dict[str, Any]] | None, gate: Gate | None
-) -> quantize.Judge | None:
+) -> mixed.Judge | None:
     """The judge of ``static-mixed``'s search: ``gate`` (the default gate when none was
     asked) on the calibration data against the original model. Accuracy is left out
     (calibration data has no labels); the error is 1 - cosine, or the max abs diff for
@@ -274,12 +274,12 @@ def _calibration_judge(
     limits = dataclasses.replace(gate or Gate(), max_accuracy_drop=None)
     expected = evaluate.run(reference, feeds)
 
-    def judge(model: bytes) -> quantize.Verdict:
+    def judge(model: bytes) -> mixed.Verdict:
         got = evaluate.run(evaluate.session(model), feeds)
         worst = evaluate.summary(evaluate.compare(expected, got, None))
         cosine, diff = worst.get("cosine"), worst.get("max_abs_diff")
         error = 1.0 - cosine if cosine is not None else (diff or 0.0)
-        return quantize.Verdict(not limits.check(worst), error)
+        return mixed.Verdict(not limits.check(worst), error)
 
     return judge
 

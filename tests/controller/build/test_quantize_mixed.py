@@ -19,8 +19,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from controller.build import quantize
 from controller.base.errors import BuildError, UsageError
+from controller.build import mixed, quantize
 from controller.build.builder import BuildOptions, QualityGateError, build_bundle
 from controller.build.evaluate import Gate
 
@@ -152,9 +152,9 @@ def test_static_mixed_refuses_when_only_all_float_passes(tmp_path: Path) -> None
     feeds = [{"x": np.random.default_rng(3).random((1, 256), dtype=np.float32)}] * 4
     seen: list[bytes] = []
 
-    def never(built: bytes) -> quantize.Verdict:
+    def never(built: bytes) -> mixed.Verdict:
         seen.append(built)
-        return quantize.Verdict(False, 1.0)
+        return mixed.Verdict(False, 1.0)
 
     with pytest.raises(BuildError, match="no mix with at least one of the 3 blocks"):
         quantize.apply("static-mixed", model, data, feeds, never, tmp_path)
@@ -171,10 +171,10 @@ def test_smallest_passing_doubles_then_bisects() -> None:
                 asked.append(k)
                 return k >= first
 
-            assert quantize._smallest_passing(n, passes) == first
+            assert mixed._smallest_passing(n, passes) == first
             assert len(asked) <= 2 * n.bit_length() + 1
-    assert quantize._smallest_passing(4, lambda k: False) is None
-    assert quantize._smallest_passing(0, lambda k: True) is None
+    assert mixed._smallest_passing(4, lambda k: False) is None
+    assert mixed._smallest_passing(0, lambda k: True) is None
 
 
 def test_name_nodes_makes_names_unique() -> None:
@@ -192,7 +192,7 @@ def test_name_nodes_makes_names_unique() -> None:
 def test_blocks_start_at_weighted_nodes() -> None:
     model = _wide_mlp()
     quantize.name_nodes(model)
-    got = quantize.blocks(model)
+    got = mixed.blocks(model)
     assert [b.anchor for b in got] == ["MatMul_0", "MatMul_2", "MatMul_4"]
     assert [b.nodes for b in got] == [("MatMul_0", "Relu_1"), ("MatMul_2", "Relu_3"), ("MatMul_4",)]
     assert [b.params for b in got] == [256 * 32, 32 * 32, 32 * 4]
@@ -210,10 +210,10 @@ def test_static_mixed_needs_calibration(wide: dict[str, Path], tmp_path: Path) -
 def test_store_weights_int8_keeps_float_compute() -> None:
     model = _wide_mlp()
     quantize.name_nodes(model)
-    assert quantize.weight_sizes(model) == {"MatMul_0": 8192, "MatMul_2": 1024, "MatMul_4": 128}
+    assert mixed.weight_sizes(model) == {"MatMul_0": 8192, "MatMul_2": 1024, "MatMul_4": 128}
     x = np.random.default_rng(4).random((16, 256), dtype=np.float32)
     before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
-    quantize.store_weights_int8(model, ["MatMul_2"])
+    mixed.store_weights_int8(model, ["MatMul_2"])
     onnx.checker.check_model(model)
     (dq,) = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
     assert dq.output == ["w2"] and dq.attribute[0].i == 1  # per output column
