@@ -88,7 +88,8 @@ def _store_rows(args: argparse.Namespace) -> tuple[list[DeviceRow] | None, str]:
 
 def _cmd_releases_list(args: argparse.Namespace) -> int:
 
-    from controller.repository.history import load_releases, release_json, render_list
+    from controller.repository.history import load_releases
+    from controller.repository.history_view import release_json, render_list
 
     rows, note = _store_rows(args)
     releases = load_releases(Path(args.repo), args.model, rows)
@@ -102,7 +103,8 @@ def _cmd_releases_list(args: argparse.Namespace) -> int:
 
 def _cmd_releases_show(args: argparse.Namespace) -> int:
 
-    from controller.repository.history import find_release, release_json, render_show
+    from controller.repository.history import find_release
+    from controller.repository.history_view import release_json, render_show
 
     rows, note = _store_rows(args)
     r = find_release(Path(args.repo), args.model, args.version, rows)
@@ -115,7 +117,8 @@ def _cmd_releases_show(args: argparse.Namespace) -> int:
 
 def _cmd_releases_diff(args: argparse.Namespace) -> int:
 
-    from controller.repository.history import diff_json, diff_releases, render_diff
+    from controller.repository.history import diff_releases
+    from controller.repository.history_view import diff_json, render_diff
 
     d = diff_releases(Path(args.repo), args.model, args.old, args.new)
     if args.json:

@@ -1,10 +1,11 @@
 """Release history: what the repository has shipped, who is told to run it, going back.
 
-``edgectl release list|show|diff|retire|prune`` (docs/releases.md). The pure core
-(``fleet_references``, ``device_counts``, ``diff_manifests``, ``due_for_pruning``) takes
-data; the orchestrators (``load_releases``, ``retire_release``, ``prune_retired``) read
-the repository through ``controller.repository.repo``'s public methods and write under
-``repo_lock``.
+Reading and changing the history behind ``edgectl release list|show|diff|retire|prune``
+(docs/releases.md); its text and ``--json`` views are ``controller.repository.history_view``.
+The pure core (``fleet_references``, ``device_counts``, ``diff_manifests``,
+``due_for_pruning``) takes data; the orchestrators (``load_releases``, ``retire_release``,
+``prune_retired``) read the repository through ``controller.repository.repo``'s public
+methods and write under ``repo_lock``.
 
 Invariants:
 - A release is a ``bundles/<model>/<version>.bundle`` entry of the current top-level
@@ -180,7 +181,7 @@ def diff_manifests(old: Manifest, new: Manifest, old_length: int, new_length: in
     for key in sorted(set(q_old) | set(q_new)):
         pairs.append((f"quality.{key}", q_old.get(key), q_new.get(key)))
     pairs.append(
-        ("golden", _golden(old), _golden(new)),
+        ("golden", golden_text(old), golden_text(new)),
     )
     changes = tuple(Change(f, a, b) for f, a, b in pairs if a != b)
     changed = sig_old != sig_new
@@ -198,7 +199,8 @@ def _summary(m: Manifest) -> Mapping[str, Any]:
     return summary if isinstance(summary, Mapping) else {}
 
 
-def _golden(m: Manifest) -> str:
+def golden_text(m: Manifest) -> str:
+    """The golden vectors' case count and tolerances, as diff and ``release show`` print them."""
     return f"{m.golden.cases} cases, rtol {m.golden.rtol:g}, atol {m.golden.atol:g}"
 
 
@@ -385,7 +387,7 @@ def retire_release(
             raise UsageError(f"no release {model} {version}")
         refs = fleet_references(desired_states(repo), model, version)
         if refs:
-            named = ", ".join(f"{r.fleet} ({_role_text(r)})" for r in refs)
+            named = ", ".join(f"{r.fleet} ({role_text(r)})" for r in refs)
             raise RetireRefusedError(
                 f"{model} {version} is still named by fleet(s) {named}; retiring it would "
                 f"strand them. Move them first: edgectl rollout start {model} VERSION "
@@ -405,7 +407,8 @@ def retire_release(
     return RetireResult(model, version, target_path, targets_version, now + grace, tuple(pruned))
 
 
-def _role_text(ref: FleetReference) -> str:
+def role_text(ref: FleetReference) -> str:
+    """How a fleet names a release, in words (retire's refusal, ``release show``)."""
     if ref.role == "desired":
         return f"desired at {ref.percent:g}%"
     return "previous, the version an abort goes back to"
@@ -444,147 +447,3 @@ def _parse_time(text: str) -> datetime | None:
         return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     except ValueError:
         return None
-
-
-# ---------------------------------------------------------------------------- views
-
-
-def release_json(r: Release) -> dict[str, Any]:
-    """A release for ``--json``: bundle facts, manifest and deployment."""
-    manifest = json.loads(r.manifest.to_json_bytes())
-    return {
-        "model": r.model,
-        "version": r.version,
-        "created_at": r.manifest.created_at,
-        "target": r.target_path,
-        "sha256": r.sha256,
-        "bundle_bytes": r.length,
-        "recipe": r.manifest.build.get("recipe"),
-        "quality": dict(r.quality),
-        "fleets": [{"fleet": f.fleet, "role": f.role, "percent": f.percent} for f in r.fleets],
-        "devices": r.devices,
-        "manifest": manifest,
-    }
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def _bytes(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    size = float(n)
-    for unit in ("KiB", "MiB", "GiB"):
-        size /= 1024
-        if size < 1024 or unit == "GiB":
-            break
-    return f"{size:.1f} {unit}"
-
-
-def _fleets_text(r: Release) -> str:
-    if not r.fleets:
-        return "-"
-    return ",".join(f.fleet if f.role == "desired" else f"{f.fleet}(prev)" for f in r.fleets)
-
-
-def render_list(releases: Sequence[Release], store_note: str = "") -> str:
-    """The ``release list`` table."""
-    header = ("MODEL", "VERSION", "DATE", "SIZE", "RECIPE", "AGREE", "COSINE", "FLEETS", "DEVICES")
-    rows = [
-        (
-            r.model,
-            r.version,
-            r.manifest.created_at or "-",
-            _bytes(r.length),
-            r.recipe,
-            _fmt(r.quality.get("top1_agreement")),
-            _fmt(r.quality.get("cosine")),
-            _fleets_text(r),
-            "?" if r.devices is None else str(r.devices),
-        )
-        for r in releases
-    ]
-    widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=False)]
-    lines = [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-        for row in (header, *rows)
-    ]
-    if store_note:
-        lines.append("")
-        lines.append(store_note)
-    return "\n".join(lines)
-
-
-def render_show(r: Release) -> str:
-    """``release show``: the manifest in readable form and where it is deployed."""
-    m = r.manifest
-    lines = [
-        f"{r.model} {r.version}  built {m.created_at or '-'}",
-        f"  target   {r.target_path}  {_bytes(r.length)}  sha256 {r.sha256}",
-        f"  opset {m.opset}, needs onnxruntime >= {m.min_ort_version}",
-        "  inputs:",
-        *(f"    {t}" for t in signature(m)["inputs"]),
-        "  outputs:",
-        *(f"    {t}" for t in signature(m)["outputs"]),
-        f"  build: recipe {r.recipe}; {m.build.get('selection_reason', '')}".rstrip("; "),
-    ]
-    for key in ("quantized_ops", "weight_type", "activation_type", "pruning"):
-        if key in m.build:
-            lines.append(f"    {key}: {_fmt(m.build[key])}")
-    lines.append("  sizes: " + ", ".join(f"{k} {v}" for k, v in sorted(m.sizes.items())))
-    candidates = m.quality.get("candidates")
-    if isinstance(candidates, list) and candidates:
-        lines.append("  candidates the build tried:")
-        cols = (
-            "recipe",
-            "size_bytes",
-            "top1_agreement",
-            "cosine",
-            "max_abs_diff",
-            "latency_ratio",
-            "verdict",
-        )
-        lines.append("    " + "  ".join(c.upper() for c in cols))
-        for c in candidates:
-            if isinstance(c, Mapping):
-                lines.append("    " + "  ".join(_fmt(c.get(k)) for k in cols))
-    lines.append(f"  golden vectors: {_golden(m)}")
-    tol = m.quality.get("golden_tolerance")
-    if isinstance(tol, Mapping) and tol.get("rule"):
-        lines.append(f"    rule: {tol['rule']}")
-    lines.append("  deployed:")
-    if not r.fleets:
-        lines.append("    no fleet's desired state names it")
-    for f in r.fleets:
-        lines.append(f"    fleet {f.fleet}: {_role_text(f)}")
-    lines.append(
-        "    devices reporting it: "
-        + ("unknown (no telemetry store)" if r.devices is None else str(r.devices))
-    )
-    return "\n".join(lines)
-
-
-def render_diff(d: ReleaseDiff) -> str:
-    """``release diff``: one line per changed field (the CLI prints warnings on stderr)."""
-    lines = [f"{d.model} {d.old} -> {d.new}"]
-    if not d.changes:
-        lines.append("  no differences in signature, opset, recipe, sizes or quality")
-    for c in d.changes:
-        lines.append(f"  {c.field}: {_fmt(c.before)} -> {_fmt(c.after)}")
-    return "\n".join(lines)
-
-
-def diff_json(d: ReleaseDiff) -> dict[str, Any]:
-    return {
-        "model": d.model,
-        "old": d.old,
-        "new": d.new,
-        "signature_changed": d.signature_changed,
-        "warnings": list(d.warnings),
-        "changes": [{"field": c.field, "before": c.before, "after": c.after} for c in d.changes],
-    }
