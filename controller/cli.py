@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from agent.base.completion import add_completion_parser, completion_script
 from controller.base.errors import ControllerError, UsageError
-from controller.commands import bundle, fleet, release, repo, rollout, serve
+from controller.commands import bundle, device, release, repo, rollout, serve
 from controller.commands.common import RAW
 from controller.commands.release import RELEASE_VERBS, route_release_verbs
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (repo, bundle, release, serve, fleet, rollout):
+    for group in (repo, bundle, release, serve, device, rollout):
         group.add_parser(sub)
     add_completion_parser(sub, "edgectl").set_defaults(func=_cmd_completion)
     return parser
