@@ -1,7 +1,7 @@
 """What the ``edgectl`` command modules share: the help formatter, the subparsers type,
 JSON output and the probation options every path to a new release takes.
 
-Each ``controller/cli_*.py`` module owns one command group and exposes
+Each ``controller/commands/*.py`` module owns one command group and exposes
 ``add_parser(sub)``; ``controller.cli`` assembles them and maps errors to exit codes.
 """
 

@@ -1,0 +1,207 @@
+"""``edgectl fleet status`` and ``edgectl device show``: what the devices report.
+
+Both read the telemetry store ``edgectl serve`` fills (found through ``--store``,
+``--repo`` or ``--config``); ``device show`` adds the device's certificates from the
+registry when ``--repo`` names the repository. Read only: nothing here writes.
+
+This module owns the ``fleet`` group (``add_parser``) and the ``show`` command of the
+``device`` group, whose parser ``controller.commands.device`` builds and hands to
+``add_device_show_parser``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from controller.base.errors import UsageError
+from controller.commands.common import RAW, print_json
+
+if TYPE_CHECKING:
+    from controller.commands.common import Subparsers
+    from controller.fleet.status import StalePolicy
+    from controller.fleet.store import TelemetryStore
+    from controller.identity.devices import DeviceRecord
+
+
+def _open_view(args: argparse.Namespace) -> tuple[TelemetryStore, StalePolicy]:
+    from controller.fleet.status import StalePolicy
+    from controller.fleet.store import open_store
+    from controller.serve.config import load_view_config
+
+    view = load_view_config(
+        Path(args.config) if args.config else None,
+        os.environ,
+        {"store": args.store, "repo": args.repo},
+    )
+    if "://" not in view.store and "=" not in view.store and not Path(view.store).exists():
+        raise UsageError(
+            f"no telemetry store at {view.store}: is `edgectl serve` running with this "
+            "repository, or pass --store PATH|DSN"
+        )
+    return open_store(view.store), StalePolicy(
+        view.heartbeat_interval_s, view.stale_after_heartbeats
+    )
+
+
+def _cmd_fleet_status(args: argparse.Namespace) -> int:
+    import time
+
+    from controller.fleet.status import device_json, render_fleet_table
+
+    store, policy = _open_view(args)
+    try:
+        rows = store.devices(fleet=args.fleet, model=args.model)
+    finally:
+        store.close()
+    now = time.time()
+    if args.json:
+        print_json([device_json(r, now, policy) for r in rows])
+    else:
+        print(render_fleet_table(rows, now, policy, model=args.model))
+        for line in _active_rollout_lines(args):
+            print(line)
+    return 0
+
+
+def _active_rollout_lines(args: argparse.Namespace) -> list[str]:
+    """One line per rollout in progress, so the table says where the fleet is heading."""
+    from controller.repository.history import is_going_back
+    from controller.rollout.store import RolloutStore
+
+    if not args.repo:
+        return []
+    lines = []
+    for r in RolloutStore(Path(args.repo)).active():
+        if (args.fleet and r.fleet != args.fleet) or (args.model and r.model != args.model):
+            continue
+        back = " (going back)" if is_going_back(r.version, r.previous) else ""
+        lines.append(
+            f"rollout {r.fleet}/{r.model}: {r.previous or '(nothing)'} -> {r.version}{back}, "
+            f"{r.state.value} at {r.percent:g}%"
+        )
+    return lines
+
+
+def _cmd_device_show(args: argparse.Namespace) -> int:
+    import time
+
+    from controller.fleet.status import device_json, event_json, render_device
+
+    store, policy = _open_view(args)
+    try:
+        rows = store.devices(fleet=args.fleet, device=args.device_id)
+        events = store.events(device=args.device_id, fleet=args.fleet, limit=args.events)
+        beats = store.heartbeats(args.device_id, limit=args.heartbeats)
+    finally:
+        store.close()
+    record = _registry_record(args)
+    if not rows and not events and record is None:
+        raise UsageError(f"no device {args.device_id!r} in the telemetry store")
+    now = time.time()
+    if args.json:
+        doc = {
+            "devices": [device_json(r, now, policy) for r in rows],
+            "events": [event_json(e) for e in events],
+            "heartbeats": [b.payload for b in beats],
+            "certificates": None if record is None else certificates_json(record),
+        }
+        print_json(doc)
+    else:
+        text = render_device(rows, events, beats, now, policy) if rows or events else ""
+        if record is not None:
+            text = "\n".join(filter(None, [text, *render_certificates(record)]))
+        print(text)
+    return 0
+
+
+def _registry_record(args: argparse.Namespace) -> DeviceRecord | None:
+    """The device's registry entry when ``--repo`` names a repository (None otherwise)."""
+    from controller.identity.devices import load_registry
+
+    if not args.repo:
+        return None
+    return load_registry(Path(args.repo)).get(args.device_id)
+
+
+def certificates_json(record: DeviceRecord) -> dict[str, object]:
+    """``device show --json``'s ``certificates``: the current and the previous ones."""
+    return {
+        "fleet": record.fleet,
+        "enrolled_at": record.enrolled_at,
+        "renewed_at": record.renewed_at,
+        "revoked_at": record.revoked_at,
+        "current": record.current.to_json(),
+        "previous": [c.to_json() for c in record.previous],
+    }
+
+
+def render_certificates(record: DeviceRecord) -> list[str]:
+    state = f"revoked at {record.revoked_at}" if record.revoked_at else "enrolled"
+    lines = [
+        f"certificates (registry): fleet {record.fleet}, {state}, enrolled {record.enrolled_at}"
+        + (f", renewed {record.renewed_at}" if record.renewed_at else ""),
+        f"  current  serial {record.serial:x}, valid until {record.not_after}",
+    ]
+    for cert in record.previous:
+        valid = f"revoked at {cert.revoked_at}" if cert.revoked_at else "still valid"
+        lines.append(f"  previous serial {cert.serial:x}, until {cert.not_after} ({valid})")
+    return lines
+
+
+def _add_store_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--store",
+        metavar="PATH|DSN",
+        help="telemetry store: a SQLite file or a postgresql:// DSN (default: "
+        "REPO_DIR/telemetry.sqlite; env EDGECTL_STORE)",
+    )
+    p.add_argument("--repo", metavar="REPO_DIR", help="find the store in this repository")
+    p.add_argument("--config", metavar="controller.toml", help="read [serve] store from here")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+
+def add_parser(sub: Subparsers) -> None:
+    fleet = sub.add_parser(
+        "fleet",
+        help="what the fleet's devices run and how they do",
+        description="Read the telemetry `edgectl serve` stored.",
+        epilog="example:\n  edgectl fleet status --repo ./repo --fleet north --json",
+        formatter_class=RAW,
+    )
+    fsub = fleet.add_subparsers(dest="fleet_command", required=True, metavar="COMMAND")
+    fs = fsub.add_parser(
+        "status",
+        help="one line per device and model: health, version, install state, error rate, p99",
+        description="Every device with its health (online; stale: silent for more than "
+        "stale_after_heartbeats heartbeat intervals even if the broker calls it online; "
+        "offline), model versions, install state, error rate and p99 of the last heartbeat "
+        "interval, and when it was last heard from.",
+        epilog="examples:\n  edgectl fleet status --repo ./repo\n  edgectl fleet status "
+        "--store postgresql://edgefleet@db/edgefleet --fleet north --model resnet --json",
+        formatter_class=RAW,
+    )
+    fs.add_argument("--fleet", help="only this fleet")
+    fs.add_argument("--model", help="only devices that run this model")
+    _add_store_options(fs)
+    fs.set_defaults(func=_cmd_fleet_status)
+
+
+def add_device_show_parser(dsub: Subparsers) -> None:
+    """``device show``, in the ``device`` group ``controller.commands.device`` builds."""
+    ds = dsub.add_parser(
+        "show",
+        help="a device's state, recent heartbeats and lifecycle events",
+        description="A device's health, models and figures, its last heartbeats and its "
+        "recent lifecycle events (install phases, activation, probation, rollback, reasons).",
+        epilog="example:\n  edgectl device show cam-0042 --repo ./repo --events 20",
+        formatter_class=RAW,
+    )
+    ds.add_argument("device_id", metavar="ID")
+    ds.add_argument("--fleet", help="the device's fleet, when the id is used in several")
+    ds.add_argument("--events", type=int, default=30, metavar="N", help="default 30")
+    ds.add_argument("--heartbeats", type=int, default=5, metavar="N", help="default 5")
+    _add_store_options(ds)
+    ds.set_defaults(func=_cmd_device_show)
