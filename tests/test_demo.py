@@ -1,6 +1,6 @@
 """`make demo` end to end: run it non-interactively and check its milestones.
 
-The demo (controller/demo.py) starts its own broker, `edgectl serve` and three agents,
+The demo (controller/demo/) starts its own broker, `edgectl serve` and three agents,
 so this test is the whole story in one process tree: v1 served on every device, v2 on
 every device after a staged rollout, a bad v3 halted by its gate and rolled back on the
 canary, and nothing left running afterwards.

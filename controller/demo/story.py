@@ -17,6 +17,10 @@ at the end, on failure and on Ctrl-C.
 
 Machine-checkable milestones are printed as ``MILESTONE <name> <json>`` lines and, with
 ``--json-summary FILE``, written to FILE (``tests/test_demo.py`` checks them).
+
+This module is the story (``Demo``) and its command line (``main``, which
+``controller/demo/__main__.py`` runs); the model is ``controller.demo.digits``'s and the
+commands run through ``controller.demo.process``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,14 +40,25 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from agent.client import InferenceClient
 from agent.update.journal import Phase, parse_record
+from controller.demo.digits import Digits, train_mlp, write_onnx
+from controller.demo.process import (
+    BIN,
+    DemoError,
+    can_connect,
+    free_port,
+    milestone,
+    mosquitto,
+    run,
+    step,
+    wait,
+)
 
-BIN = Path(sys.executable).parent
 FLEET = "demo"
 DEVICES = ("device-1", "device-2", "device-3")
 CANARY = DEVICES[0]
@@ -52,159 +66,6 @@ MODEL = "digits-mlp"
 # Three devices: the canary alone is the first stage's evidence, so min_devices=1. The
 # latency gate is left out: on a shared laptop a p99 ratio of three devices is noise.
 GATES = "error_rate<0.01,failed_installs<0.02,min_devices=1"
-T = TypeVar("T")
-
-
-class DemoError(RuntimeError):
-    """A step of the demo did not reach its expected outcome (the message says which)."""
-
-
-def _step(text: str) -> None:
-    print(f"\n==> {text}", flush=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait(probe: Callable[[], T | None], timeout_s: float, what: str) -> T:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            value = probe()
-            if value:
-                return value
-        time.sleep(0.2)
-    raise DemoError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-
-
-def _can_connect(port: int) -> bool:
-    with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-        return True
-
-
-def _run(*args: str | Path, quiet: bool = False) -> str:
-    shown = " ".join(str(a) for a in args)
-    if not quiet:
-        print(f"$ {shown}", flush=True)
-    out = subprocess.run(
-        [str(BIN / str(args[0])), *map(str, args[1:])], capture_output=True, text=True
-    )
-    if out.returncode != 0:
-        raise DemoError(f"{shown} failed ({out.returncode}):\n{out.stdout}{out.stderr}")
-    if not quiet:
-        for line in out.stdout.rstrip().splitlines():
-            print(f"    {line}")
-    return out.stdout
-
-
-def _mosquitto() -> str:
-    found = shutil.which("mosquitto") or (
-        "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
-    )
-    if found is None:
-        raise DemoError("the demo needs mosquitto: sudo apt-get install mosquitto")
-    return found
-
-
-def milestone(name: str, **facts: Any) -> dict[str, Any]:
-    """Print one machine-checkable line: ``MILESTONE <name> <json facts>``."""
-    print(f"MILESTONE {name} {json.dumps(facts, sort_keys=True)}", flush=True)
-    return {"name": name, **facts}
-
-
-# -- the model -------------------------------------------------------------------------
-
-
-class Digits:
-    """scikit-learn's 8x8 digits (pixels 0-16), split into train, calibration and eval."""
-
-    def __init__(self) -> None:
-        from sklearn.datasets import load_digits  # type: ignore[import-untyped]
-
-        x, y = load_digits(return_X_y=True)
-        order = np.random.default_rng(0).permutation(len(y))
-        x, y = x[order].astype(np.float32), y[order].astype(np.int64)
-        self.train_x, self.train_y = x[:1200], y[:1200]
-        self.calib_x = x[1200:1328]
-        self.eval_x, self.eval_y = x[1328:], y[1328:]
-
-    def write_npz(self, folder: Path) -> tuple[Path, Path]:
-        calib, evaluation = folder / "calibration.npz", folder / "eval.npz"
-        np.savez(calib, pixels=self.calib_x)
-        np.savez(evaluation, pixels=self.eval_x[:256], labels=self.eval_y[:256])
-        return calib, evaluation
-
-
-def train_mlp(digits: Digits, hidden: int, seed: int) -> list[np.ndarray]:
-    """Weights [w1, b1, w2, b2] of a one-hidden-layer MLP trained on the digits."""
-    from sklearn.neural_network import MLPClassifier  # type: ignore[import-untyped]
-
-    clf = MLPClassifier(hidden_layer_sizes=(hidden,), max_iter=300, random_state=seed)
-    clf.fit(digits.train_x, digits.train_y)
-    return [
-        clf.coefs_[0].astype(np.float32),
-        clf.intercepts_[0].astype(np.float32),
-        clf.coefs_[1].astype(np.float32),
-        clf.intercepts_[1].astype(np.float32),
-    ]
-
-
-def write_onnx(path: Path, weights: list[np.ndarray], *, fails_on_real_digits: bool) -> Path:
-    """pixels float32 [N, 64] -> probabilities [N, 10].
-
-    ``fails_on_real_digits`` adds a lookup indexed by ``floor(max |pixel|)`` in a table of
-    8 zeros: in range for the standard-normal inputs the build draws golden vectors from,
-    out of range (an ONNX Runtime error) for real digits, whose brightest pixel is 16.
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    names = ("w1", "b1", "w2", "b2")
-    inits = [numpy_helper.from_array(a, n) for a, n in zip(weights, names, strict=True)]
-    nodes = [
-        helper.make_node("MatMul", ["pixels", "w1"], ["h0"]),
-        helper.make_node("Add", ["h0", "b1"], ["h1"]),
-        helper.make_node("Relu", ["h1"], ["h2"]),
-        helper.make_node("MatMul", ["h2", "w2"], ["l0"]),
-        helper.make_node("Add", ["l0", "b2"], ["logits"]),
-    ]
-    if fails_on_real_digits:
-        inits += [
-            numpy_helper.from_array(np.zeros((8,), dtype=np.float32), "table"),
-            numpy_helper.from_array(np.array([-1, 1], dtype=np.int64), "column"),
-        ]
-        nodes += [
-            helper.make_node("Abs", ["pixels"], ["magnitude"]),
-            helper.make_node("ReduceMax", ["magnitude"], ["brightest"], axes=[1], keepdims=0),
-            helper.make_node("Floor", ["brightest"], ["floored"]),
-            helper.make_node("Cast", ["floored"], ["index"], to=TensorProto.INT64),
-            helper.make_node("Gather", ["table", "index"], ["looked_up"]),
-            helper.make_node("Reshape", ["looked_up", "column"], ["offset"]),
-            helper.make_node("Add", ["logits", "offset"], ["logits_"]),
-        ]
-    nodes.append(
-        helper.make_node(
-            "Softmax", ["logits_" if fails_on_real_digits else "logits"], ["probabilities"]
-        )
-    )
-    graph = helper.make_graph(
-        nodes,
-        "digits_mlp",
-        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["N", 64])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
-
-
-# -- the demo --------------------------------------------------------------------------
 
 
 class Demo:
@@ -266,7 +127,7 @@ class Demo:
         return record.phase if record.version == version else None
 
     def rollout(self, version: str) -> dict[str, Any] | None:
-        out = _run(
+        out = run(
             "edgectl", "rollout", "status", "--repo", self.repo, "--fleet", FLEET,
             "--model", MODEL, "--all", "--json", quiet=True,
         )  # fmt: skip
@@ -276,33 +137,33 @@ class Demo:
         return found[-1] if found else None
 
     def fleet_table(self) -> None:
-        _run("edgectl", "fleet", "status", "--repo", self.repo, "--fleet", FLEET)
+        run("edgectl", "fleet", "status", "--repo", self.repo, "--fleet", FLEET)
 
     # -- steps
 
     def start_broker(self) -> str:
-        _step("a private MQTT broker on a free loopback port")
-        port = _free_port()
+        step("a private MQTT broker on a free loopback port")
+        port = free_port()
         conf = self.work / "mosquitto.conf"
         conf.write_text(
             f"listener {port} 127.0.0.1\nallow_anonymous true\n"
             "persistence false\nset_tcp_nodelay true\n"
         )
-        self.spawn("mosquitto", [_mosquitto(), "-c", str(conf)])
-        _wait(lambda: _can_connect(port), 10, "mosquitto")
+        self.spawn("mosquitto", [mosquitto(), "-c", str(conf)])
+        wait(lambda: can_connect(port), 10, "mosquitto")
         print(f"    mosquitto on 127.0.0.1:{port}")
         return f"127.0.0.1:{port}"
 
     def build(self, version: str, onnx_path: Path, *extra: str | Path) -> Path:
         bundle = self.work / f"{MODEL}-{version}.bundle"
-        _run(
+        run(
             "edgectl", "bundle", "build", onnx_path, "--name", MODEL, "--version", version,
             "-o", bundle, *extra,
         )  # fmt: skip
         return bundle
 
     def start_serve(self, mqtt: str) -> str:
-        _step("the controller: repository over HTTP, announcements, telemetry, rollout job")
+        step("the controller: repository over HTTP, announcements, telemetry, rollout job")
         config = self.work / "controller.toml"
         config.write_text("[serve]\nheartbeat_interval_s = 1.0\nrollout_tick_interval_s = 0.5\n")
         args = ["edgectl", "serve", "--repo", str(self.repo), "--mqtt", mqtt]
@@ -316,12 +177,12 @@ class Demo:
             match = re.search(r"listening on (http://\S+)", log.read_text())
             return match.group(1) if match else None
 
-        found = _wait(url, 20, "edgectl serve")
+        found = wait(url, 20, "edgectl serve")
         print(f"    repository at {found}")
         return found
 
     def start_agents(self, mqtt: str, url: str) -> None:
-        _step(f"three agents ({', '.join(DEVICES)}), each with its own state and socket")
+        step(f"three agents ({', '.join(DEVICES)}), each with its own state and socket")
         host, port = mqtt.rsplit(":", 1)
         for device in DEVICES:
             folder = self.work / device
@@ -341,7 +202,7 @@ class Demo:
             self.spawn(device, [str(BIN / "edge-agent"), "run", "--config", str(config)])
 
     def wait_serving(self, version: str, devices: tuple[str, ...], timeout_s: float) -> None:
-        _wait(
+        wait(
             lambda: all(self.serving(d) == version for d in devices),
             timeout_s,
             f"{version} on {', '.join(devices)}",
@@ -353,7 +214,7 @@ class Demo:
         np.save(sample, pixels)
         predicted = {}
         for device in DEVICES:
-            out = _run(
+            out = run(
                 "edge-agent", "infer", MODEL, "--input", sample, "--socket",
                 self.socket_of(device), quiet=device != DEVICES[0],
             )  # fmt: skip
@@ -403,7 +264,7 @@ class Demo:
         raise DemoError(f"timed out after {timeout_s:.0f}s watching the rollout of {version}")
 
     def start_rollout(self, version: str, bundle: Path) -> None:
-        _run(
+        run(
             "edgectl", "rollout", "start", MODEL, version, "--fleet", FLEET, "--repo",
             self.repo, "--bundle", bundle, "--stages", "1,50,100", "--wait", "3s",
             "--deadline", "60s", "--gate", GATES, "--canary", CANARY, "--probation-s", "2",
@@ -413,33 +274,33 @@ class Demo:
         started = time.monotonic()
         mqtt = self.start_broker()
 
-        _step("a signed TUF repository (keys for root, targets, snapshot, timestamp, rollout)")
-        _run("edgectl", "init", self.repo)
+        step("a signed TUF repository (keys for root, targets, snapshot, timestamp, rollout)")
+        run("edgectl", "init", self.repo)
 
-        _step("train a small real model: an MLP on scikit-learn's 8x8 digits")
+        step("train a small real model: an MLP on scikit-learn's 8x8 digits")
         calib, evaluation = self.digits.write_npz(self.work)
         v1_onnx = write_onnx(
             self.work / "v1.onnx", train_mlp(self.digits, 24, 1), fails_on_real_digits=False
         )
         print(f"    {v1_onnx.name}: 64 -> 24 -> 10, eval on {evaluation.name} (256 real digits)")
 
-        _step("build bundle v1 with --quantize auto: every recipe measured, the gate picks")
+        step("build bundle v1 with --quantize auto: every recipe measured, the gate picks")
         # At ~15 us a call, int8 kernels save little on so small a model; the demo allows
         # 1.5x the original's latency (the default is 1.1x) so that the table has a winner.
         v1 = self.build(
             "1.0.0", v1_onnx, "--quantize", "auto", "--calibration", calib, "--eval",
             evaluation, "--fallback", "fp32", "--latency-runs", "10", "--max-latency-ratio", "1.5",
         )  # fmt: skip
-        _step(f"release v1 to fleet {FLEET!r} (signed into the repository)")
+        step(f"release v1 to fleet {FLEET!r} (signed into the repository)")
         # A short probation: a device takes the next version only once it has committed this one.
-        _run(
+        run(
             "edgectl", "release", v1, "--fleet", FLEET, "--repo", self.repo, "--probation-s", "2"
         )  # fmt: skip
 
         url = self.start_serve(mqtt)
         self.start_agents(mqtt, url)
         self.wait_serving("1.0.0", DEVICES, 90)
-        _step("every device serves v1: inference with a real digit over each Unix socket")
+        step("every device serves v1: inference with a real digit over each Unix socket")
         predicted = self.infer_everywhere()
         self.mark("v1_served", devices={d: self.serving(d) for d in DEVICES}, predicted=predicted)
         self.fleet_table()
@@ -447,7 +308,7 @@ class Demo:
         traffic = threading.Thread(target=self.traffic, name="demo-traffic", daemon=True)
         traffic.start()
 
-        _step(f"v2: a staged rollout (1% -> 50% -> 100%) with {CANARY} as the canary")
+        step(f"v2: a staged rollout (1% -> 50% -> 100%) with {CANARY} as the canary")
         v2_onnx = write_onnx(
             self.work / "v2.onnx", train_mlp(self.digits, 32, 2), fails_on_real_digits=False
         )
@@ -458,7 +319,7 @@ class Demo:
         self.start_rollout("2.0.0", v2)
         self.watch_rollout("2.0.0", lambda r: r["state"] != "running", 120)
         self.wait_serving("2.0.0", DEVICES, 60)
-        _run("edgectl", "rollout", "status", "--repo", self.repo, "--model", MODEL)
+        run("edgectl", "rollout", "status", "--repo", self.repo, "--model", MODEL)
         final = self.rollout("2.0.0") or {}
         self.mark(
             "v2_rolled_out",
@@ -467,14 +328,14 @@ class Demo:
         )
         self.fleet_table()
 
-        _step("v3 is bad: it passes its golden vectors but fails on real digits")
+        step("v3 is bad: it passes its golden vectors but fails on real digits")
         v3_onnx = write_onnx(
             self.work / "v3.onnx", train_mlp(self.digits, 32, 2), fails_on_real_digits=True
         )
         v3 = self.build("3.0.0", v3_onnx, "--latency-runs", "0")
         self.start_rollout("3.0.0", v3)
         halted = self.watch_rollout("3.0.0", lambda r: r["state"] != "running", 90)
-        _wait(
+        wait(
             lambda: (
                 self.phase_of(CANARY, "3.0.0") is Phase.ROLLED_BACK
                 and self.serving(CANARY) == "2.0.0"
@@ -482,7 +343,7 @@ class Demo:
             60,
             f"{CANARY} to roll back to 2.0.0",
         )
-        _run("edgectl", "rollout", "status", "--repo", self.repo, "--model", MODEL)
+        run("edgectl", "rollout", "status", "--repo", self.repo, "--model", MODEL)
         halt = halted.get("halt") or {}
         self.mark(
             "v3_halted",
@@ -501,7 +362,7 @@ class Demo:
 
         self.traffic_stop.set()
         traffic.join(10)
-        _step("what the canary's agent logged about v3")
+        step("what the canary's agent logged about v3")
         for line in (self.work / f"{CANARY}.log").read_text().splitlines():
             if "3.0.0" in line and any(k in line for k in ("roll", "probation", "install")):
                 print(f"    {line[:160]}")
@@ -512,7 +373,7 @@ class Demo:
             requests=self.traffic_sent,
             failed_requests=self.traffic_failed,
         )
-        _step(f"done in {elapsed:.0f}s: everything is cleaned up on exit")
+        step(f"done in {elapsed:.0f}s: everything is cleaned up on exit")
 
 
 @contextlib.contextmanager
@@ -569,7 +430,3 @@ def main(argv: list[str] | None = None) -> int:
             }
             args.json_summary.write_text(json.dumps(summary, indent=2))
     return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
