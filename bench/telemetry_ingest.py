@@ -49,7 +49,7 @@ from agent.contracts import (  # noqa: E402
     telemetry_payload,
 )
 from agent.telemetry.reporter import build_heartbeat  # noqa: E402
-from controller.fleet.store import open_store  # noqa: E402
+from controller.fleet.stores import open_store  # noqa: E402
 from tests.helpers import start_broker  # noqa: E402
 
 BIN = Path(sys.executable).parent

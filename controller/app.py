@@ -35,7 +35,8 @@ from controller.base.errors import ControllerError, UsageError
 from controller.base.fsio import repo_lock
 from controller.fleet.ingest import Ingestor, IngestSettings
 from controller.fleet.status import StalePolicy, render_aggregates
-from controller.fleet.store import TelemetryStore, open_store
+from controller.fleet.store import TelemetryStore
+from controller.fleet.stores import open_store
 from controller.repository.expiry import ExpiryReader
 from controller.repository.repo import Repository, resign_expiring
 from controller.rollout.service import RolloutSettings, start_rollout_service

@@ -20,7 +20,7 @@ import pytest
 from agent.contracts import announce_topic, device_topic, status_payload
 from controller.base.errors import UsageError
 from controller.build.builder import build_bundle
-from controller.fleet.store import open_store
+from controller.fleet.stores import open_store
 from controller.identity.broker import BrokerOptions, write_broker_config
 from controller.repository.release import release_bundle
 from controller.repository.repo import init_repository

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 def _open_view(args: argparse.Namespace) -> tuple[TelemetryStore, StalePolicy]:
     from controller.fleet.status import StalePolicy
-    from controller.fleet.store import open_store
+    from controller.fleet.stores import open_store
     from controller.serve.config import load_view_config
 
     view = load_view_config(

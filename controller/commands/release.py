@@ -63,7 +63,8 @@ def route_release_verbs(argv: Sequence[str]) -> list[str]:
 
 def _store_rows(args: argparse.Namespace) -> tuple[list[DeviceRow] | None, str]:
     """The telemetry store's device rows, or None and why it was not reachable."""
-    from controller.fleet.store import StoreError, open_store
+    from controller.fleet.store import StoreError
+    from controller.fleet.stores import open_store
     from controller.serve.config import load_view_config
 
     try:

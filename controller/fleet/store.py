@@ -3,9 +3,9 @@
 What it keeps, per device: the latest status (online, from the retained status message
 and its last will), when it was last heard from, the latest heartbeat's figures per model,
 a history of heartbeats (pruned after a retention period) and every lifecycle event,
-once. ``open_store`` picks the backend: a ``postgresql://`` DSN (or libpq ``key=value``
-string) opens PostgreSQL through psycopg 3, so several ``edgectl serve`` workers can
-share it; anything else is a SQLite file in WAL mode.
+once. Two backends implement it: SQLite (``controller.fleet.sqlite``) and PostgreSQL
+(``controller.fleet.postgres``, so several ``edgectl serve`` workers can share it);
+``controller.fleet.stores.open_store`` picks one. This module imports neither.
 
 Invariants:
 - ``write`` stores one batch in one transaction; events are keyed on
@@ -30,7 +30,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Final, NamedTuple
 
 import orjson
@@ -177,21 +176,6 @@ class HeartbeatRow:
     device: str
     received_at: float
     payload: dict[str, Any]
-
-
-def is_postgres(location: str) -> bool:
-    return location.startswith(("postgresql://", "postgres://")) or "dbname=" in location
-
-
-def open_store(location: str) -> TelemetryStore:
-    """Open (and create the tables of) the store at ``location``. Raises StoreError."""
-    if is_postgres(location):
-        from controller.fleet.postgres import PostgresStore
-
-        return PostgresStore(location)
-    from controller.fleet.sqlite import SqliteStore
-
-    return SqliteStore(Path(location))
 
 
 # The schema, in the dialect both backends accept; each backend maps the few types.

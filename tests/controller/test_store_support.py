@@ -17,7 +17,8 @@ from urllib.parse import quote
 
 import pytest
 
-from controller.fleet.store import TelemetryStore, open_store
+from controller.fleet.store import TelemetryStore
+from controller.fleet.stores import open_store
 
 PG_DSN = os.environ.get("EDGEFLEET_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 

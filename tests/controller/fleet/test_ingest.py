@@ -24,7 +24,8 @@ from agent.telemetry.outbox import Outbox
 from agent.telemetry.reporter import IntervalStats, TelemetryReporter, build_heartbeat
 from controller.fleet.ingest import Ingestor, IngestSettings, parse_message
 from controller.fleet.postgres import PostgresStore
-from controller.fleet.store import TelemetryStore, open_store
+from controller.fleet.store import TelemetryStore
+from controller.fleet.stores import open_store
 from tests.controller.test_store_support import store_for
 from tests.e2e_support import wait_until
 from tests.helpers import Broker, free_port, start_broker

@@ -23,7 +23,8 @@ from agent.contracts import device_topic
 from controller.fleet.ingest import Ingestor, IngestSettings
 from controller.fleet.postgres import PostgresStore
 from controller.fleet.sqlite import SqliteStore
-from controller.fleet.store import IngestBatch, TelemetryStore, is_postgres, open_store
+from controller.fleet.store import IngestBatch, TelemetryStore
+from controller.fleet.stores import is_postgres, open_store
 from tests.controller.fleet.test_ingest import Device, stored_seqs
 from tests.controller.fleet.test_ingest_hot_path import good_payload
 from tests.controller.test_store_support import store_location

@@ -17,7 +17,8 @@ from agent.contracts import (
     telemetry_payload,
 )
 from controller.fleet.status import StalePolicy, health, render_fleet_table, render_metrics
-from controller.fleet.store import DeviceRow, IngestBatch, TelemetryStore, is_postgres, open_store
+from controller.fleet.store import DeviceRow, IngestBatch, TelemetryStore
+from controller.fleet.stores import is_postgres, open_store
 from tests.controller.test_store_support import store_location
 
 

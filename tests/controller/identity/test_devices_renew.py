@@ -18,7 +18,7 @@ from agent.cli import main as agent_main
 from agent.device.enroll import request_enrollment
 from controller.base.errors import UsageError
 from controller.cli import main as edgectl_main
-from controller.fleet.store import open_store
+from controller.fleet.stores import open_store
 from controller.identity.devices import (
     EnrollOptions,
     add_device,
