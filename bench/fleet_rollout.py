@@ -204,7 +204,7 @@ def tick_cost(devices: int, beats: int) -> tuple[float, float]:
     """Seconds per RolloutService.tick over ``devices`` with ``beats`` heartbeats each in
     the stage window: later ticks (mean of 5), and the first one."""
     from agent.contracts import Heartbeat, ModelFigures, ProbationPolicy, SystemFigures
-    from controller.fleet.store import IngestBatch
+    from controller.fleet.records import IngestBatch
     from controller.fleet.stores import open_store
     from controller.repository.repo import init_repository
     from controller.rollout.gates import DEFAULT_GATES, parse_gates

@@ -36,8 +36,9 @@ from _common import (
 )
 
 from agent.contracts import Status
+from controller.fleet.records import HeartbeatFacts, IngestBatch
 from controller.fleet.status import StalePolicy, render_aggregates, render_metrics
-from controller.fleet.store import HeartbeatFacts, IngestBatch, TelemetryStore
+from controller.fleet.store import TelemetryStore
 from tests.controller.test_store_support import store_for
 
 MODELS = ("detector", "classifier", "segmenter")

@@ -37,7 +37,8 @@ from _common import (
 )
 
 from agent.contracts import ProbationPolicy
-from controller.fleet.store import HeartbeatFacts, IngestBatch, TelemetryStore
+from controller.fleet.records import HeartbeatFacts, IngestBatch
+from controller.fleet.store import TelemetryStore
 from controller.rollout.gates import parse_gates
 from controller.rollout.service import RolloutService
 from controller.rollout.stages import OnFailure, Rollout, new_rollout

@@ -21,7 +21,7 @@ from controller.commands.common import RAW, print_json, probation_policy
 
 if TYPE_CHECKING:
     from controller.commands.common import Subparsers
-    from controller.fleet.store import DeviceRow
+    from controller.fleet.records import DeviceRow
 
 
 def _cmd_release(args: argparse.Namespace) -> int:

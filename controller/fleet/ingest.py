@@ -89,7 +89,8 @@ from agent.contracts import (
     parse_telemetry,
 )
 from controller.fleet.backlog import QUEUED, Backlog, Item
-from controller.fleet.store import HeartbeatFacts, IngestBatch, ModelFacts, TelemetryStore
+from controller.fleet.records import HeartbeatFacts, IngestBatch, ModelFacts
+from controller.fleet.store import TelemetryStore
 
 logger = logging.getLogger(__name__)
 

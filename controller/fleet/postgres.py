@@ -15,7 +15,8 @@ from typing import Any
 import psycopg
 from psycopg import errors as pg_errors
 
-from controller.fleet.store import IngestBatch, StoreError, TelemetryStore
+from controller.fleet.records import IngestBatch
+from controller.fleet.store import StoreError, TelemetryStore
 
 
 class PostgresStore(TelemetryStore):

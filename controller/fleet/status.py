@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
-from controller.fleet.store import DeviceRow, EventRow, FleetAggregates, HeartbeatRow, ModelRow
+from controller.fleet.records import DeviceRow, EventRow, FleetAggregates, HeartbeatRow, ModelRow
 
 if TYPE_CHECKING:
     from controller.repository.expiry import Expiries

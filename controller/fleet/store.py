@@ -3,9 +3,11 @@
 What it keeps, per device: the latest status (online, from the retained status message
 and its last will), when it was last heard from, the latest heartbeat's figures per model,
 a history of heartbeats (pruned after a retention period) and every lifecycle event,
-once. Two backends implement it: SQLite (``controller.fleet.sqlite``) and PostgreSQL
-(``controller.fleet.postgres``, so several ``edgectl serve`` workers can share it);
-``controller.fleet.stores.open_store`` picks one. This module imports neither.
+once. This module holds the interface (``TelemetryStore``), the schema and the SQL both
+backends run; the values it takes and returns, and the rows a batch writes, are in
+``controller.fleet.records``. Two backends implement it: SQLite (``controller.fleet.sqlite``)
+and PostgreSQL (``controller.fleet.postgres``, so several ``edgectl serve`` workers can
+share it); ``controller.fleet.stores.open_store`` picks one. This module imports neither.
 
 Invariants:
 - ``write`` stores one batch in one transaction; events are keyed on
@@ -16,7 +18,8 @@ Invariants:
   cannot stop its own history; so are the rows of a database made before the key.
 - Figures only move forward: a heartbeat or status older than what is stored does not
   overwrite it (two workers may store a device's messages out of order).
-- Rows are written in key order, so concurrent writers on PostgreSQL cannot deadlock.
+- Rows are written in key order, so concurrent writers on PostgreSQL cannot deadlock
+  (``controller.fleet.records`` builds them so, in the column order of the statements here).
 - Readers never block the writer: each store holds its own read connection.
 
 Raises ``StoreError`` (a ``ControllerError``) when the store cannot be opened.
@@ -27,155 +30,26 @@ from __future__ import annotations
 import json
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
-import orjson
-
-from agent.contracts import Event, Heartbeat, Status, telemetry_payload
 from controller.base.errors import ControllerError
+from controller.fleet.records import (
+    DeviceRow,
+    EventRow,
+    FleetAggregates,
+    HeartbeatRow,
+    IngestBatch,
+    ModelRow,
+    event_rows,
+    heartbeat_rows,
+    status_rows,
+)
 
 
 class StoreError(ControllerError):
     """The telemetry store cannot be opened or used (a bad DSN, an unreachable server)."""
-
-
-# One model of a heartbeat as the store keeps it:
-# (name, version, state, requests, errors, client_errors, p99_s).
-ModelFacts = tuple[str, str | None, str, int, int, int, float | None]
-
-
-class HeartbeatFacts(NamedTuple):
-    """What the store keeps of a heartbeat: the ingest hot path builds this straight from
-    the decoded JSON (controller.fleet.ingest), without the contract's dataclasses.
-
-    ``at`` and ``seq`` (the agent's time and number of the heartbeat) identify it: a
-    redelivered copy with the same pair adds no history row. Without a non-empty ``at``
-    and a ``seq`` of 1 or more it has no identity (``identity`` is None).
-    """
-
-    fleet: str
-    device: str
-    agent_version: str
-    interval_s: float
-    system: Mapping[str, Any]
-    outbox_pending: int
-    outbox_dropped: int
-    models: tuple[ModelFacts, ...]  # sorted by name
-    at: str | None = None
-    seq: int = 0
-
-    @property
-    def identity(self) -> tuple[str, int] | None:
-        """(at, seq), the history's key, or None when the heartbeat has none."""
-        return (self.at, self.seq) if self.at and self.seq > 0 else None
-
-
-def heartbeat_facts(beat: Heartbeat) -> HeartbeatFacts:
-    """The facts of a parsed heartbeat (the contract's dataclass)."""
-    return HeartbeatFacts(
-        beat.fleet,
-        beat.device,
-        beat.agent_version,
-        beat.interval_s,
-        asdict(beat.system),
-        beat.outbox_pending,
-        beat.outbox_dropped,
-        tuple(
-            (name, m.version, m.state, m.requests, m.errors, m.client_errors, m.p99_s)
-            for name, m in sorted(beat.models.items())
-        ),
-        beat.at,
-        beat.seq,
-    )
-
-
-@dataclass
-class IngestBatch:
-    """Parsed messages with the time (epoch seconds) the controller received each.
-
-    Heartbeats come in either form: ``heartbeats`` (the contract's dataclass; its history
-    is re-encoded) or ``heartbeat_facts`` (facts, received at, the payload as received,
-    kept verbatim as history), which is what ingestion produces.
-    """
-
-    heartbeats: list[tuple[Heartbeat, float]] = field(default_factory=list)
-    events: list[tuple[Event, float]] = field(default_factory=list)
-    statuses: list[tuple[Status, float]] = field(default_factory=list)
-    heartbeat_facts: list[tuple[HeartbeatFacts, float, str]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return (
-            len(self.heartbeats) + len(self.heartbeat_facts) + len(self.events) + len(self.statuses)
-        )
-
-
-@dataclass(frozen=True)
-class ModelRow:
-    model: str
-    version: str | None
-    state: str
-    requests: int
-    errors: int
-    client_errors: int
-    p99_s: float | None
-    updated_at: float
-
-
-@dataclass(frozen=True)
-class DeviceRow:
-    fleet: str
-    device: str
-    online: bool | None
-    status_at: float | None
-    last_seen: float
-    agent_version: str
-    interval_s: float | None
-    system: dict[str, Any]
-    outbox_pending: int
-    outbox_dropped: int
-    models: tuple[ModelRow, ...] = ()
-
-
-@dataclass(frozen=True)
-class FleetAggregates:
-    """What ``/metrics`` counts over the devices, without loading them (``fleet_aggregates``).
-
-    ``devices``: (fleet, health) -> devices, only the pairs that have one; ``dropped``:
-    fleet -> the sum of its devices' ``outbox_dropped``, for every fleet with a device;
-    ``models``: (fleet, model, version or "", install state) -> devices.
-    """
-
-    devices: dict[tuple[str, str], int]
-    dropped: dict[str, int]
-    models: dict[tuple[str, str, str, str], int]
-
-
-@dataclass(frozen=True)
-class EventRow:
-    id: int
-    fleet: str
-    device: str
-    stream: str
-    seq: int
-    at: str
-    received_at: float
-    kind: str
-    model: str | None
-    version: str | None
-    previous: str | None
-    phase: str | None
-    reason: str
-
-
-@dataclass(frozen=True)
-class HeartbeatRow:
-    fleet: str
-    device: str
-    received_at: float
-    payload: dict[str, Any]
 
 
 # The schema, in the dialect both backends accept; each backend maps the few types.
@@ -305,96 +179,6 @@ GROUP BY 1, 2, 3, 4
 """
 
 
-def _heartbeat_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
-    beats = batch.heartbeat_facts
-    if batch.heartbeats:
-        beats = beats + [
-            (heartbeat_facts(beat), received, telemetry_payload(beat).decode())
-            for beat, received in batch.heartbeats
-        ]
-    history = []
-    latest: dict[tuple[str, str], tuple[HeartbeatFacts, float]] = {}
-    for facts, received, payload in beats:
-        key = (facts.fleet, facts.device)
-        at, seq = facts.identity or (None, None)
-        history.append((key[0], key[1], received, payload, at, seq))
-        known = latest.get(key)
-        if known is None or known[1] <= received:
-            latest[key] = (facts, received)
-    devices, models = [], []
-    for (fleet, device), (facts, received) in sorted(latest.items()):
-        devices.append(
-            (
-                fleet,
-                device,
-                received,
-                received,
-                facts.agent_version,
-                facts.interval_s,
-                orjson.dumps(facts.system, option=orjson.OPT_SORT_KEYS).decode(),
-                facts.outbox_pending,
-                facts.outbox_dropped,
-            )
-        )
-        models += [(fleet, device, *model, received, received) for model in facts.models]
-    # In key order, as the other rows: two workers given the same redelivered heartbeats
-    # then wait for each other on the unique key instead of deadlocking.
-    history.sort(key=lambda row: (row[0], row[1], row[4] or "", row[5] or 0))
-    return {"history": history, "devices": devices, "models": models}
-
-
-def _status_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
-    latest: dict[tuple[str, str], tuple[Status, float]] = {}
-    for status, received in batch.statuses:
-        key = (status.fleet, status.device)
-        if key not in latest or latest[key][1] <= received:
-            latest[key] = (status, received)
-    devices, models = [], []
-    for (fleet, device), (status, received) in sorted(latest.items()):
-        devices.append(
-            (fleet, device, int(status.online), received, received, status.agent_version)
-        )
-        # The will and a clean goodbye may carry the versions too; an empty map says nothing.
-        for name, entry in sorted(status.models.items()):
-            version = entry.get("version")
-            models.append(
-                (
-                    fleet,
-                    device,
-                    name,
-                    version if isinstance(version, str) else None,
-                    str(entry.get("state", "unknown")),
-                    received,
-                )
-            )
-    return {"devices": devices, "models": models}
-
-
-def _event_rows(batch: IngestBatch) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    events = [
-        (
-            e.fleet,
-            e.device,
-            e.stream,
-            e.seq,
-            e.at,
-            received,
-            e.kind,
-            e.model,
-            e.version,
-            e.previous,
-            e.phase,
-            e.reason,
-        )
-        for e, received in batch.events
-    ]
-    seen: dict[tuple[str, str], float] = {}
-    for e, received in batch.events:
-        key = (e.fleet, e.device)
-        seen[key] = max(seen.get(key, received), received)
-    return events, [(f, d, t) for (f, d), t in sorted(seen.items())]
-
-
 class TelemetryStore(ABC):
     """The SQL both backends share; a backend supplies connections and its dialect."""
 
@@ -449,9 +233,9 @@ class TelemetryStore(ABC):
         """Store one batch in one transaction; return the rows it added or changed."""
         if not len(batch):
             return 0
-        beats = _heartbeat_rows(batch)
-        statuses = _status_rows(batch)
-        events, seen = _event_rows(batch)
+        beats = heartbeat_rows(batch)
+        statuses = status_rows(batch)
+        events, seen = event_rows(batch)
         plan: Sequence[tuple[str, list[tuple[Any, ...]]]] = (
             (_DEVICE_FROM_STATUS, statuses["devices"]),
             (_DEVICE_FROM_HEARTBEAT, beats["devices"]),

@@ -43,7 +43,7 @@ from agent.contracts import (
 )
 from controller.base.errors import RepositoryError, UsageError
 from controller.base.fsio import atomic_write, repo_lock
-from controller.fleet.store import DeviceRow
+from controller.fleet.records import DeviceRow
 from controller.repository.release import current_desired_state
 from controller.repository.repo import Repository
 

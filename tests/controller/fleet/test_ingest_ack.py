@@ -22,8 +22,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.contracts import device_topic
 from controller.fleet.ingest import Ingestor, IngestSettings
 from controller.fleet.postgres import PostgresStore
+from controller.fleet.records import IngestBatch
 from controller.fleet.sqlite import SqliteStore
-from controller.fleet.store import IngestBatch, TelemetryStore
+from controller.fleet.store import TelemetryStore
 from controller.fleet.stores import is_postgres, open_store
 from tests.controller.fleet.test_ingest import Device, stored_seqs
 from tests.controller.fleet.test_ingest_hot_path import good_payload

@@ -27,7 +27,7 @@ from agent.contracts import (
 )
 from agent.telemetry.reporter import build_heartbeat
 from controller.fleet.ingest import Ingestor, IngestSettings, _BufferedSocket, parse_heartbeat
-from controller.fleet.store import heartbeat_facts
+from controller.fleet.records import heartbeat_facts
 from tests.controller.test_store_support import store_for
 from tests.e2e_support import wait_until
 from tests.helpers import Broker

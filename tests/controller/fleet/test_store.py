@@ -16,8 +16,9 @@ from agent.contracts import (
     SystemFigures,
     telemetry_payload,
 )
+from controller.fleet.records import DeviceRow, IngestBatch
 from controller.fleet.status import StalePolicy, health, render_fleet_table, render_metrics
-from controller.fleet.store import DeviceRow, IngestBatch, TelemetryStore
+from controller.fleet.store import TelemetryStore
 from controller.fleet.stores import is_postgres, open_store
 from tests.controller.test_store_support import store_location
 

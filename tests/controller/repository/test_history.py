@@ -26,7 +26,8 @@ from controller.base.errors import UsageError
 from controller.build.builder import build_bundle
 from controller.cli import main as cli_main
 from controller.cli import route_release_verbs
-from controller.fleet.store import IngestBatch, TelemetryStore
+from controller.fleet.records import IngestBatch
+from controller.fleet.store import TelemetryStore
 from controller.fleet.stores import open_store
 from controller.repository.history import (
     RetireRefusedError,

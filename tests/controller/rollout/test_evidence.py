@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from agent.contracts import ProbationPolicy, resolve_release
-from controller.fleet.store import HeartbeatFacts, IngestBatch, TelemetryStore
+from controller.fleet.records import HeartbeatFacts, IngestBatch
+from controller.fleet.store import TelemetryStore
 from controller.rollout.gates import Evidence, Incident, Sample, parse_gates
 from controller.rollout.service import (
     WINDOW_OVERLAP_S,

@@ -23,7 +23,8 @@ from agent.contracts import (
 )
 from controller.base.errors import ConflictError, UsageError
 from controller.base.fsio import repo_lock
-from controller.fleet.store import IngestBatch, TelemetryStore
+from controller.fleet.records import IngestBatch
+from controller.fleet.store import TelemetryStore
 from controller.fleet.stores import open_store
 from controller.repository.release import current_desired_state, release_bundle, write_model_release
 from controller.repository.repo import Repository
