@@ -8,12 +8,9 @@ transaction and only then acknowledges its QoS 1 messages (PUBACK). Batching is 
 makes SQLite keep up with a large fleet: one commit per message is about half as fast
 (docs/benchmarks.md).
 
-Heartbeats are most of the traffic (a fleet of 100,000 sends 10,000 a second), so they
-take a hot path: orjson decodes them and ``parse_heartbeat`` checks and keeps only what
-the store writes (``HeartbeatFacts``), accepting exactly what the contract's
-``parse_telemetry`` accepts, minus what no store can hold (see its docstring). Events
-and status messages go through the contract's parsers. paho reads the socket through
-``_BufferedSocket`` (64 KiB per ``recv`` instead of four system calls per message).
+Parsing a message is ``controller.fleet.payloads.add_payload`` (pure; heartbeats take a
+hot path there). paho reads the socket through ``_BufferedSocket`` (64 KiB per ``recv``
+instead of four system calls per message).
 
 The client speaks MQTT 5 with a persistent session (``clean_start`` false, a session
 expiry), so QoS 1 events published while this process is down or reconnecting wait in
@@ -63,191 +60,22 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
-import orjson
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from agent.contracts import (
-    TELEMETRY_SCHEMA,
-    Event,
-    Heartbeat,
-    InvalidNameError,
-    PayloadError,
-    Status,
-    check_name,
-    device_topic_filter,
-    parse_device_topic,
-    parse_event,
-    parse_status,
-    parse_telemetry,
-)
+from agent.contracts import PayloadError, device_topic_filter
 from controller.fleet.backlog import QUEUED, Backlog, Item
-from controller.fleet.records import HeartbeatFacts, IngestBatch, ModelFacts
+from controller.fleet.payloads import add_payload
+from controller.fleet.records import IngestBatch
 from controller.fleet.store import TelemetryStore
 
 logger = logging.getLogger(__name__)
-
-Message = Heartbeat | Event | Status
-_PARSERS: Final[dict[str, Callable[[bytes], Message]]] = {
-    "telemetry": parse_telemetry,
-    "events": parse_event,
-    "status": parse_status,
-}
-
-
-def parse_message(topic: str, payload: bytes) -> Message:
-    """Parse a device message; raise PayloadError when it breaks the contract.
-
-    The device and fleet in the payload must be those of the topic: the broker's ACL
-    binds a device to its topics, so the topic is what identifies the sender.
-    """
-    fleet, device, kind = parse_device_topic(topic)
-    message: Message = _PARSERS[kind](payload)
-    if (message.fleet, message.device) != (fleet, device):
-        raise PayloadError(
-            f"payload names {message.fleet}/{message.device} but arrived on {topic!r}"
-        )
-    return message
-
-
-def add_to_batch(batch: IngestBatch, message: Message, received_at: float) -> None:
-    """Add a parsed message to the batch of its kind."""
-    if isinstance(message, Heartbeat):
-        batch.heartbeats.append((message, received_at))
-    elif isinstance(message, Event):
-        batch.events.append((message, received_at))
-    else:
-        batch.statuses.append((message, received_at))
-
-
-# The store's integer columns are 32-bit on PostgreSQL: a larger count must be refused
-# here, or one device's heartbeat would fail the whole batch's transaction.
-_MAX_COUNT: Final = 2**31 - 1
-_MAX_SEQ: Final = 2**63 - 1  # BIGINT
-_SYSTEM_NUMBERS: Final = ("cpu_percent", "load_1m", "temperature_c")
-_SYSTEM_INTEGERS: Final = ("disk_free_bytes", "memory_total_bytes", "memory_used_bytes")
-
-
-def parse_heartbeat(fleet: str, device: str, raw: bytes) -> HeartbeatFacts:
-    """Check a heartbeat that arrived on ``fleet``/``device``'s topic; keep what is stored.
-
-    Accepts what ``agent.contracts.parse_telemetry`` accepts and yields the same figures
-    (tests/controller/fleet/test_ingest_hot_path.py holds them side by side), except that it
-    also refuses what a store cannot hold: JSON that is not UTF-8, NaN or infinite
-    numbers, lone surrogates, NUL characters in stored text, counts beyond 2**31-1 and a
-    ``seq`` beyond 2**63-1.
-    The topic's names must be valid (``check_name``) and the payload must name the same
-    fleet and device. Raises PayloadError naming the field.
-    """
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise PayloadError(f"telemetry: not valid JSON: {exc}") from None
-    if type(doc) is not dict:
-        raise PayloadError(f"telemetry: expected a JSON object, got {type(doc).__name__}")
-    if doc.get("schema") != TELEMETRY_SCHEMA:
-        raise PayloadError(f"schema expected {TELEMETRY_SCHEMA!r}, got {doc.get('schema')!r}")
-    if doc.get("device") != device or doc.get("fleet") != fleet:
-        raise PayloadError(
-            f"telemetry: payload names {doc.get('fleet')!r}/{doc.get('device')!r} but "
-            f"arrived on the topic of {fleet}/{device}"
-        )
-    at = doc.get("at")
-    if type(at) is not str:
-        raise PayloadError(f"telemetry: field 'at' expected str, got {at!r}")
-    interval = doc.get("interval_s")
-    if not isinstance(interval, int | float):  # bool too, as parse_telemetry does
-        raise PayloadError(f"telemetry: field 'interval_s' expected a number, got {interval!r}")
-    models = doc.get("models")
-    if type(models) is not dict:
-        raise PayloadError(f"telemetry: field 'models' expected an object, got {models!r}")
-    version = doc.get("agent_version")
-    outbox = doc.get("outbox")
-    if type(outbox) is not dict:
-        outbox = {}
-    return HeartbeatFacts(
-        fleet,
-        device,
-        _text(version, "agent_version") if type(version) is str else "",
-        float(interval),
-        _system(doc.get("system")),
-        _count(outbox.get("pending"), "outbox.pending"),
-        _count(outbox.get("dropped"), "outbox.dropped"),
-        tuple(_model(name, entry) for name, entry in sorted(models.items())),
-        _text(at, "at"),
-        _count(doc.get("seq"), "seq", _MAX_SEQ),
-    )
-
-
-def _system(doc: Any) -> dict[str, Any]:
-    if type(doc) is not dict:
-        doc = {}
-    system: dict[str, Any] = {}
-    for key in _SYSTEM_NUMBERS:
-        value = doc.get(key)
-        system[key] = float(value) if type(value) in (int, float) else None
-    for key in _SYSTEM_INTEGERS:
-        value = doc.get(key)
-        system[key] = value if type(value) is int else None
-    return system
-
-
-def _model(name: str, entry: Any) -> ModelFacts:
-    if type(entry) is not dict:
-        raise PayloadError(f"telemetry: models[{name!r}] expected an object")
-    version, state = entry.get("version"), entry.get("state")
-    p99: Any = entry.get("p99_s")
-    return (
-        _text(name, "model name"),
-        _text(version, "version") if type(version) is str else None,
-        _text(state, "state") if type(state) is str and state else "unknown",
-        _count(entry.get("requests"), "requests"),
-        _count(entry.get("errors"), "errors"),
-        _count(entry.get("client_errors"), "client_errors"),
-        float(p99) if type(p99) in (int, float) else None,
-    )
-
-
-def _count(value: Any, what: str, limit: int = _MAX_COUNT) -> int:
-    """An integer field of the contract (0 when absent or not an integer)."""
-    if type(value) is not int:
-        return 0
-    if not -limit <= value <= limit:
-        raise PayloadError(f"telemetry: {what} expected at most {limit:,}, got {value}")
-    return value
-
-
-def _text(value: str, what: str) -> str:
-    if "\x00" in value:
-        raise PayloadError(f"telemetry: {what} holds a NUL character")
-    return value
-
-
-def _topic_names(topic: str) -> tuple[str, str, str]:
-    """(fleet, device, kind) of a device topic whose names are valid; PayloadError if not."""
-    fleet, device, kind = parse_device_topic(topic)
-    try:
-        return check_name("fleet", fleet), check_name("device", device), kind
-    except InvalidNameError as exc:
-        raise PayloadError(f"topic {topic!r}: {exc}") from None
-
-
-def add_payload(batch: IngestBatch, topic: str, payload: bytes, received_at: float) -> None:
-    """Parse one message as received and add it to ``batch``; raise PayloadError if it
-    breaks the contract (nothing is added then)."""
-    fleet, device, kind = _topic_names(topic)
-    if kind == "telemetry":
-        facts = parse_heartbeat(fleet, device, payload)
-        batch.heartbeat_facts.append((facts, received_at, payload.decode()))
-    else:
-        add_to_batch(batch, parse_message(topic, payload), received_at)
 
 
 class _BufferedSocket:
@@ -291,7 +119,7 @@ class _IngestClient(mqtt.Client):
     callbacks, so paho's topic matcher and callback lock are skipped).
 
     These overrides are paho 2.x internals (the dependency is pinned below 3);
-    tests/controller/test_ingest*.py run them against a real mosquitto.
+    tests/controller/fleet/test_ingest*.py run them against a real mosquitto.
     """
 
     def _handle_on_message(self, message: mqtt.MQTTMessage) -> None:

@@ -36,7 +36,7 @@ ModelFacts = tuple[str, str | None, str, int, int, int, float | None]
 
 class HeartbeatFacts(NamedTuple):
     """What the store keeps of a heartbeat: the ingest hot path builds this straight from
-    the decoded JSON (controller.fleet.ingest), without the contract's dataclasses.
+    the decoded JSON (controller.fleet.payloads), without the contract's dataclasses.
 
     ``at`` and ``seq`` (the agent's time and number of the heartbeat) identify it: a
     redelivered copy with the same pair adds no history row. Without a non-empty ``at``

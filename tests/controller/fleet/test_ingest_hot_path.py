@@ -26,7 +26,8 @@ from agent.contracts import (
     telemetry_payload,
 )
 from agent.telemetry.reporter import build_heartbeat
-from controller.fleet.ingest import Ingestor, IngestSettings, _BufferedSocket, parse_heartbeat
+from controller.fleet.ingest import Ingestor, IngestSettings, _BufferedSocket
+from controller.fleet.payloads import parse_heartbeat
 from controller.fleet.records import heartbeat_facts
 from tests.controller.test_store_support import store_for
 from tests.e2e_support import wait_until
