@@ -37,8 +37,9 @@ from _common import (
 
 from agent.contracts import Status
 from controller.fleet.records import HeartbeatFacts, IngestBatch
-from controller.fleet.status import StalePolicy, render_aggregates, render_metrics
+from controller.fleet.status import StalePolicy
 from controller.fleet.store import TelemetryStore
+from controller.serve.metrics import render_aggregates, render_metrics
 from tests.controller.test_store_support import store_for
 
 MODELS = ("detector", "classifier", "segmenter")

@@ -34,7 +34,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from controller.base.errors import ControllerError, UsageError
 from controller.base.fsio import repo_lock
 from controller.fleet.ingest import Ingestor, IngestSettings
-from controller.fleet.status import StalePolicy, render_aggregates
+from controller.fleet.status import StalePolicy
 from controller.fleet.store import TelemetryStore
 from controller.fleet.stores import open_store
 from controller.repository.expiry import ExpiryReader
@@ -43,6 +43,7 @@ from controller.rollout.service import RolloutSettings, start_rollout_service
 from controller.serve.announcer import Announcer
 from controller.serve.config import ServeConfig
 from controller.serve.http import make_app, start_http
+from controller.serve.metrics import render_aggregates
 from controller.serve.mqtt_repo import RepoResponder
 from controller.serve.mqtt_tls import serve_tls_context
 

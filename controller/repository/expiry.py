@@ -5,7 +5,7 @@ targets are signed offline; ``edgectl serve`` re-signs snapshot, timestamp and r
 the device CA's CRL (``REPO_DIR/ca/crl.pem``: OpenSSL refuses every client once it is
 past its next update), the device CA certificate, and each device's client certificate
 (``REPO_DIR/ca/devices.json``). ``ExpiryReader.read`` gathers their expiry times as Unix
-seconds into an ``Expiries`` value; ``controller.fleet.status.render_metrics`` renders it.
+seconds into an ``Expiries`` value; ``controller.serve.metrics.render_metrics`` renders it.
 
 Invariants:
 - ``read`` never raises for a missing or unreadable source: that source's fields stay

@@ -13,7 +13,7 @@ from agent.contracts import SystemFigures, device_topic, telemetry_payload
 from agent.telemetry.reporter import build_heartbeat
 from controller.fleet.backlog import COALESCED, DROPPED, QUEUED, Backlog, Item
 from controller.fleet.records import FleetAggregates
-from controller.fleet.status import render_aggregates
+from controller.serve.metrics import render_aggregates
 from tests.controller.fleet.test_ingest_ack import failing_store, start_ingest
 from tests.e2e_support import wait_until
 from tests.helpers import Broker

@@ -20,8 +20,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from agent.contracts import Event, Status
 from controller.app import add_metrics_route
 from controller.fleet.records import HeartbeatFacts, IngestBatch, ModelFacts
-from controller.fleet.status import StalePolicy, health, render_aggregates, render_metrics
+from controller.fleet.status import StalePolicy, health
 from controller.fleet.store import TelemetryStore
+from controller.serve.metrics import render_aggregates, render_metrics
 
 NOW = 1_800_000_000.0
 POLICY = StalePolicy(default_interval_s=10.0, stale_after=3.0)

@@ -17,9 +17,10 @@ from agent.contracts import (
     telemetry_payload,
 )
 from controller.fleet.records import DeviceRow, IngestBatch
-from controller.fleet.status import StalePolicy, health, render_fleet_table, render_metrics
+from controller.fleet.status import StalePolicy, health, render_fleet_table
 from controller.fleet.store import TelemetryStore
 from controller.fleet.stores import is_postgres, open_store
+from controller.serve.metrics import render_metrics
 from tests.controller.test_store_support import store_location
 
 

@@ -17,11 +17,12 @@ import httpx
 import pytest
 from cryptography import x509
 
-from controller.fleet.status import StalePolicy, render_metrics
+from controller.fleet.status import StalePolicy
 from controller.identity.devices import EnrollOptions, add_device, ca_dir, revoke_device
 from controller.repository.ceremony import key_status
 from controller.repository.expiry import DeviceCertSummary, ExpiryReader, summarize_device_certs
 from controller.repository.repo import ALL_ROLES, Repository
+from controller.serve.metrics import render_metrics
 from tests.controller.conftest import Served
 
 SAMPLE = re.compile(r"^([a-z_][a-z0-9_]*)(\{[^}]*\})? (\S+)$")

@@ -1,0 +1,165 @@
+"""The controller's Prometheus exposition: fleet gauges and expiry gauges.
+
+``GET /metrics`` of ``edgectl serve`` (``controller.app.add_metrics_route``) renders, in the
+Prometheus text format (version 0.0.4): devices by fleet and health, devices by model,
+version and install state, events stored, events devices dropped, messages this process
+ingested, and, given the repository's ``Expiries`` (``controller.repository.expiry``),
+when what the operator must renew expires. Pure functions of their arguments: the
+counts come from the telemetry store (``TelemetryStore.fleet_aggregates``, or
+``aggregate_rows`` of device rows already loaded), health from
+``controller.fleet.status.health``.
+
+Invariants:
+- Every metric has its HELP and TYPE lines even when it has no sample; each fleet with a
+  device has a sample per health state (0 when none).
+- Values are written in full (``_sample``): Prometheus never sees a counter move in steps.
+- An expiry whose source is absent or unreadable is left out, never guessed.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+from controller.fleet.records import DeviceRow, FleetAggregates
+from controller.fleet.status import HEALTH_STATES, StalePolicy, health
+from controller.repository.expiry import Expiries
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _sample(name: str, labels: dict[str, str], value: float) -> str:
+    """One sample line. Values are written in full: an integer as it is, a float as its
+    shortest exact form (``:g`` would round a counter past 999,999 or a Unix time to six
+    digits, and Prometheus would see a counter move in steps)."""
+    text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+    number = str(value) if isinstance(value, int) else repr(float(value))
+    return f"{name}{{{text}}} {number}" if labels else f"{name} {number}"
+
+
+def aggregate_rows(rows: Iterable[DeviceRow], now: float, policy: StalePolicy) -> FleetAggregates:
+    """What ``TelemetryStore.fleet_aggregates`` computes in SQL, from loaded rows."""
+    by_health: Counter[tuple[str, str]] = Counter()
+    by_version: Counter[tuple[str, str, str, str]] = Counter()
+    dropped: Counter[str] = Counter()
+    for row in rows:
+        by_health[(row.fleet, health(row, now, policy))] += 1
+        dropped[row.fleet] += row.outbox_dropped
+        for m in row.models:
+            by_version[(row.fleet, m.model, m.version or "", m.state)] += 1
+    return FleetAggregates(dict(by_health), dict(dropped), dict(by_version))
+
+
+def render_metrics(
+    rows: Sequence[DeviceRow],
+    event_counts: Sequence[tuple[str, str, int]],
+    ingest_counts: dict[str, int],
+    now: float,
+    policy: StalePolicy,
+    expiries: Expiries | None = None,
+) -> str:
+    """``render_aggregates`` of device rows already loaded."""
+    return render_aggregates(
+        aggregate_rows(rows, now, policy), event_counts, ingest_counts, expiries
+    )
+
+
+def render_aggregates(
+    aggregates: FleetAggregates,
+    event_counts: Sequence[tuple[str, str, int]],
+    ingest_counts: dict[str, int],
+    expiries: Expiries | None = None,
+) -> str:
+    """Fleet aggregates in the Prometheus text format (version 0.0.4), then, given
+    ``expiries``, when what the operator must renew expires (``_render_expiries``).
+    ``/metrics`` gets the aggregates from ``TelemetryStore.fleet_aggregates``."""
+    out = [
+        "# HELP edgefleet_devices Devices by fleet and health (online, stale, offline).",
+        "# TYPE edgefleet_devices gauge",
+    ]
+    fleets = sorted(aggregates.dropped)
+    for fleet in fleets:
+        for state in HEALTH_STATES:
+            out.append(
+                _sample(
+                    "edgefleet_devices",
+                    {"fleet": fleet, "health": state},
+                    aggregates.devices.get((fleet, state), 0),
+                )
+            )
+    out += [
+        "# HELP edgefleet_model_devices Devices by fleet, model, version and install state.",
+        "# TYPE edgefleet_model_devices gauge",
+    ]
+    for (fleet, model, version, state), n in sorted(aggregates.models.items()):
+        labels = {"fleet": fleet, "model": model, "version": version, "state": state}
+        out.append(_sample("edgefleet_model_devices", labels, n))
+    out += [
+        "# HELP edgefleet_events_total Lifecycle events stored, by fleet and kind.",
+        "# TYPE edgefleet_events_total counter",
+    ]
+    for fleet, kind, n in sorted(event_counts):
+        out.append(_sample("edgefleet_events_total", {"fleet": fleet, "kind": kind}, n))
+    out += [
+        "# HELP edgefleet_device_events_dropped Events devices dropped from a full outbox.",
+        "# TYPE edgefleet_device_events_dropped gauge",
+    ]
+    for fleet in fleets:
+        out.append(
+            _sample("edgefleet_device_events_dropped", {"fleet": fleet}, aggregates.dropped[fleet])
+        )
+    out += [
+        "# HELP edgefleet_ingest_messages_total Messages this process ingested, by outcome.",
+        "# TYPE edgefleet_ingest_messages_total counter",
+    ]
+    for kind in ("heartbeats", "events", "statuses", "rejected", "lost", "coalesced", "dropped"):
+        out.append(
+            _sample("edgefleet_ingest_messages_total", {"kind": kind}, ingest_counts.get(kind, 0))
+        )
+    if expiries is not None:
+        out += _render_expiries(expiries)
+    return "\n".join(out) + "\n"
+
+
+def _render_expiries(expiries: Expiries) -> list[str]:
+    """Expiry gauges as Unix seconds (alert on ``metric - time()``); a series whose source
+    is absent or unreadable is left out, its HELP and TYPE kept."""
+    out = [
+        "# HELP edgefleet_tuf_metadata_expires_timestamp_seconds When each TUF role's "
+        "current metadata expires.",
+        "# TYPE edgefleet_tuf_metadata_expires_timestamp_seconds gauge",
+    ]
+    for role, expires_s in expiries.roles_s.items():
+        out.append(
+            _sample("edgefleet_tuf_metadata_expires_timestamp_seconds", {"role": role}, expires_s)
+        )
+    singles = (
+        (
+            "edgefleet_device_ca_cert_expires_timestamp_seconds",
+            "When the device CA certificate (REPO_DIR/ca/ca.crt) expires.",
+            expiries.ca_not_after_s,
+        ),
+        (
+            "edgefleet_device_crl_next_update_timestamp_seconds",
+            "When the CRL (REPO_DIR/ca/crl.pem) expires: re-sign it before, or the broker "
+            "refuses every client.",
+            expiries.crl_next_update_s,
+        ),
+        (
+            "edgefleet_device_certs_earliest_expires_timestamp_seconds",
+            "The earliest expiry among enrolled, unrevoked devices' certificates.",
+            None if expiries.device_certs is None else expiries.device_certs.earliest_not_after_s,
+        ),
+        (
+            "edgefleet_device_certs_expiring_within_30d",
+            "Enrolled, unrevoked devices whose certificate expires within 30 days (or has).",
+            None if expiries.device_certs is None else expiries.device_certs.expiring,
+        ),
+    )
+    for name, help_text, value in singles:
+        out += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        if value is not None:
+            out.append(_sample(name, {}, value))
+    return out
