@@ -1,4 +1,5 @@
-"""The contracts the agent and the controller share, owned by the agent.
+"""The contracts the agent and the controller share, owned by the agent. Pure: it imports
+nothing of ours but agent.base (the error tree); the controller imports it.
 
 The controller imports this module to produce exactly what the agent accepts; the agent
 never imports the controller. Everything here is pure: names, target paths, MQTT topics,
