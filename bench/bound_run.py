@@ -19,7 +19,6 @@ runs each once). With ``--record`` appends the table to docs/benchmarks.md.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -27,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import load_average, machine, record_section, today
+from _common import arguments, parse_arguments, record_section, run_heading
 from infer_overhead import _inputs, _load, build_models
 
 from agent.oip.shm import SharedMemoryRegion
@@ -97,10 +96,9 @@ def measure(rounds: int) -> tuple[dict[str, list[int]], list[str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__doc__)
     parser.add_argument("--rounds", type=int, default=300)
-    parser.add_argument("--record", action="store_true")
-    args = parser.parse_args()
+    args = parse_arguments(parser)
     _, lines = measure(args.rounds)
     print("\n".join(lines))
     if args.record:
@@ -109,8 +107,7 @@ def main() -> None:
             "I/O binding",
             "What running a repeat through ONNX Runtime's I/O binding saves, after a model "
             "run has flushed the caches (`bench/bound_run.py`).",
-            f"### bound_run.py — {today()}\n\n`{command}` on {machine()}; load average "
-            f"{load_average()}.\n\n" + "\n".join(lines),
+            run_heading(command) + "\n\n" + "\n".join(lines),
         )
 
 

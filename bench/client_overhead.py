@@ -26,9 +26,7 @@ runs before and after a client change answer the very same bytes.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
-import multiprocessing as mp
 import os
 import pickle
 import pstats
@@ -43,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import ROOT  # noqa: F401  (puts the repository on sys.path)
+from _common import SocketProcess, arguments
 from infer_overhead import Agent, _inputs, build_models
 
 from agent.client import InferenceClient
@@ -186,23 +184,18 @@ def _respond(socket_path: str, responses: dict[bytes, bytes], ready: Any) -> Non
         threading.Thread(target=serve, args=(connection,), daemon=True).start()
 
 
-class _Responder:
-    def __init__(self, responses: dict[bytes, bytes]) -> None:
-        self.directory = Path(tempfile.mkdtemp(prefix="ef-canned-", dir="/tmp"))
-        self.socket_path = self.directory / "canned.sock"
-        ctx = mp.get_context("spawn")
-        ready = ctx.Event()
-        self.process = ctx.Process(
-            target=_respond, args=(str(self.socket_path), responses, ready), daemon=True
-        )
-        self.process.start()
-        if not ready.wait(60):
-            raise RuntimeError("the canned responder did not start")
+class _Responder(SocketProcess):
+    """The canned responder, in a process of its own."""
 
-    def close(self) -> None:
-        self.process.terminate()
-        self.process.join(10)
-        shutil.rmtree(self.directory, ignore_errors=True)
+    def __init__(self, responses: dict[bytes, bytes]) -> None:
+        super().__init__(
+            "canned responder",
+            _respond,
+            responses,
+            prefix="ef-canned-",
+            socket_name="canned.sock",
+            start_s=60,
+        )
 
 
 def _raw_call(
@@ -288,7 +281,7 @@ def _repeat(call: Callable[[], Any], count: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__doc__)
     parser.add_argument("--calls", type=int, default=3000, help="timed calls per case")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per case (best kept)")
     parser.add_argument("--cold", action="store_true", help="sweep the caches between calls")

@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -40,17 +38,13 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _common import BENCHMARKS_MD, cpu_seconds, record_section, run_heading
 
 FLEET = "bench"
 MODEL = "big"
-BENCHMARKS_MD = ROOT / "docs" / "benchmarks.md"
 HEADING = "Fleet rollout"
 _OUT = threading.Lock()
 
@@ -183,11 +177,6 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------- the controller side
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def build_bundle_of(mb: float, out: Path, work: Path) -> Path:
@@ -381,12 +370,6 @@ def record(
     args: argparse.Namespace, size: int, done: int, last: float, p50: float, cpu: float,
     release_s: float, ticks: tuple[float, float], errors: int,
 ) -> None:  # fmt: skip
-    import onnxruntime as ort
-
-    machine = (
-        f"{os.cpu_count()} cores, {platform.machine()}, Linux {platform.release()}, "
-        f"Python {platform.python_version()}, onnxruntime {ort.__version__}"
-    )
     met = done == args.devices and last <= 60
     command = (
         f"python bench/fleet_rollout.py --devices {args.devices} --workers {args.workers} "
@@ -395,9 +378,7 @@ def record(
     verdict = "met" if met else "NOT met"
     run = "\n".join(
         [
-            f"### {datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
-            "",
-            f"`{command}` on {machine}.",
+            run_heading(command),
             f"Bundle {size / 1e6:.2f} MB; {args.workers} worker processes x {args.threads} "
             "threads; model loading skipped (simulated).",
             "",
@@ -420,8 +401,6 @@ def record(
         "desired state, download, length and sha256 verification; loading the model is "
         "skipped) against one `edgectl serve`. See the script's docstring for what is real."
     )
-    from bench._common import record_section
-
     path = args.record_to
     record_section(HEADING, intro, run, path)
     print(f"recorded in {path}")

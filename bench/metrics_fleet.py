@@ -27,12 +27,14 @@ import time
 from pathlib import Path
 
 from _common import (
-    load_average,
-    machine,
+    arguments,
+    command_line,
     markdown_table,
     median_ms,
+    parse_arguments,
     record_section,
-    today,
+    run_heading,
+    store_backends,
 )
 
 from agent.contracts import Status
@@ -123,26 +125,21 @@ def measure(backend: str, folder: Path, args: argparse.Namespace) -> list[tuple[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__doc__)
     parser.add_argument("--devices", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
-    parser.add_argument("--record", action="store_true", help="append to docs/benchmarks.md")
-    args = parser.parse_args()
+    args = parse_arguments(parser, stores=True)
 
     rows: list[tuple[object, ...]] = []
     with tempfile.TemporaryDirectory(prefix="metrics-fleet-") as tmp:
-        for backend in ("sqlite",) if args.no_postgres else ("sqlite", "postgres"):
+        for backend in store_backends(args):
             rows += measure(backend, Path(tmp), args)
     table = markdown_table(("store", "fleet part of a scrape", "median ms", "min ms", "runs"), rows)
-    command = "python bench/metrics_fleet.py " + " ".join(sys.argv[1:])
     print(table)
     if args.record:
         run_text = "\n".join(
             [
-                f"### {today()}",
-                "",
-                f"`{command.strip()}` on {machine()}; load average {load_average()}.",
+                run_heading(command_line()),
                 f"`bench/metrics_fleet.py`: the device gauges of a scrape over {args.devices} "
                 "devices (20 fleets, 1-2 models each) stored through `TelemetryStore.write`; "
                 "before loads every device row, after groups in SQL; outputs checked equal.",

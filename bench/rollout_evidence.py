@@ -21,19 +21,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from _common import (
-    load_average,
-    machine,
+    arguments,
+    command_line,
     markdown_table,
     median_ms,
+    parse_arguments,
     record_section,
-    today,
+    run_heading,
+    store_backends,
 )
 
 from agent.contracts import ProbationPolicy
@@ -129,30 +130,25 @@ def measure(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__doc__)
     parser.add_argument("--devices", default="10000,100000", help="fleet sizes, comma-separated")
     parser.add_argument("--beats", type=int, default=8, help="heartbeats per device")
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
     parser.add_argument("--label", default="", help="what this run measures (for --record)")
-    parser.add_argument("--record", action="store_true", help="append to docs/benchmarks.md")
-    args = parser.parse_args()
+    args = parse_arguments(parser, stores=True)
 
     rows: list[tuple[object, ...]] = []
     for devices in (int(n) for n in args.devices.split(",")):
-        for backend in ("sqlite",) if args.no_postgres else ("sqlite", "postgres"):
+        for backend in store_backends(args):
             with tempfile.TemporaryDirectory(prefix="rollout-evidence-") as tmp:
                 rows += measure(backend, Path(tmp), devices, args)
     headers = ("store", "devices", "call", "samples", "median ms", "min ms", "runs")
     table = markdown_table(headers, rows)
-    command = shlex.join(["python", "bench/rollout_evidence.py", *sys.argv[1:]])
     print(table)
     if args.record:
         run_text = "\n".join(
             [
-                f"### {today()}{' — ' + args.label if args.label else ''}",
-                "",
-                f"`{command.strip()}` on {machine()}; load average {load_average()}.",
+                run_heading(command_line(), label=args.label),
                 f"`bench/rollout_evidence.py`: one `RolloutService.evidence` (and `fleet_counts`) "
                 "call for a rollout "
                 f"of a fleet of that many devices, {args.beats} heartbeats each 10 s apart, "

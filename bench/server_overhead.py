@@ -17,17 +17,13 @@ each case's median over the runs of the median per-call time (5000 calls per run
 
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from _common import ROOT, record_section
+from _common import ROOT, arguments, command_line, parse_arguments, record_section, run_heading
 
 CASES = ("shm", "binary", "model.infer")
 
@@ -108,11 +104,10 @@ def measure(tree: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__doc__)
     parser.add_argument("--tree", type=Path, action="append", default=[], help="another checkout")
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--record", action="store_true", help="append to docs/benchmarks.md")
-    args = parser.parse_args()
+    args = parse_arguments(parser)
     trees = [*args.tree, ROOT]
     runs: dict[Path, list[dict[str, float]]] = {tree: [] for tree in trees}
     for _ in range(args.runs):
@@ -135,21 +130,10 @@ def main() -> None:
             ).stdout.strip()
             for tree in trees
         }  # fmt: skip
-        when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        command = "python bench/server_overhead.py " + " ".join(sys.argv[1:])
         trees_at = ", ".join(
             f"{'this tree' if t == ROOT else t} at {c}" for t, c in commits.items()
         )
-        run = "\n".join(
-            [
-                f"### server_overhead.py — {when}",
-                "",
-                f"Command: `{command}`; {trees_at}; {platform.machine()}, "
-                f"{os.cpu_count()} cores, Python {platform.python_version()}.",
-                "",
-                *lines,
-            ]
-        )
+        run = "\n".join([run_heading(command_line(), note=f"; {trees_at}"), "", *lines])
         intro = (
             "The server's own code per repeated infer request, warm, without the "
             "transport (`bench/server_overhead.py`): the router's dispatch of a "

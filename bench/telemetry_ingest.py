@@ -25,10 +25,8 @@ per wall second, 100% = one core) and CPU per stored message.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import multiprocessing as mp
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -37,22 +35,27 @@ import tempfile
 import time
 from pathlib import Path
 
-import psutil
+from _common import (
+    ROOT,
+    arguments,
+    command_line,
+    cpu_seconds,
+    parse_arguments,
+    record_section,
+    run_heading,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from agent.contracts import (  # noqa: E402
+from agent.contracts import (
     ModelFigures,
     SystemFigures,
     device_topic,
     telemetry_payload,
 )
-from agent.telemetry.reporter import build_heartbeat  # noqa: E402
-from controller.fleet.stores import open_store  # noqa: E402
-from tests.helpers import start_broker  # noqa: E402
+from agent.telemetry.reporter import build_heartbeat
+from controller.fleet.stores import open_store
+from tests.e2e_support import BIN
+from tests.helpers import start_broker
 
-BIN = Path(sys.executable).parent
 FLEET = "bench"
 _SEQ = 7777777777  # a placeholder no other field of the template contains
 
@@ -153,7 +156,7 @@ class Controller:
             _wait_subscribed(log)
 
     def cpu_s(self) -> float:
-        return sum(sum(psutil.Process(p.pid).cpu_times()[:2]) for p in self.procs)
+        return sum(cpu_seconds(p.pid) for p in self.procs)
 
     def stop(self) -> None:
         for p in self.procs:
@@ -267,36 +270,16 @@ def run(args: argparse.Namespace) -> list[str]:
     return header + rows
 
 
-def record(lines: list[str], command: str) -> None:
-    path = ROOT / "docs" / "benchmarks.md"
-    machine = (
-        f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} "
-        f"{platform.release()}, Python {platform.python_version()}"
-    )
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if "\n## Telemetry ingest\n" not in text:
-        text = text.rstrip("\n") + (
-            "\n\n## Telemetry ingest\n\nHeartbeats stored per second by one `edgectl serve` "
-            "(`bench/telemetry_ingest.py`): a private mosquitto on loopback, simulated "
-            "devices in other processes on the same machine (they compete for the same "
-            "cores), the controller's CPU measured on its process. Goal: ≥ 10,000 msg/s "
-            "stored (100,000 devices at one heartbeat per 10 s).\n"
-        )
-    entry = (
-        f"\n### telemetry_ingest.py — {dt.date.today().isoformat()}\n\n"
-        f"Command: `{command}`; machine: {machine}; shared with other jobs.\n\n"
-        + "\n".join(lines)
-        + "\n"
-    )
-    # At the end of this section, not of the file: other benchmarks' sections follow.
-    start = text.index("\n## Telemetry ingest\n") + 1
-    end = text.find("\n## ", start)
-    end = len(text) if end < 0 else end
-    path.write_text(text[:end].rstrip("\n") + "\n" + entry + text[end:])
+INTRO = (
+    "Heartbeats stored per second by one `edgectl serve` (`bench/telemetry_ingest.py`): a "
+    "private mosquitto on loopback, simulated devices in other processes on the same machine "
+    "(they compete for the same cores), the controller's CPU measured on its process. Goal: "
+    "≥ 10,000 msg/s stored (100,000 devices at one heartbeat per 10 s)."
+)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = arguments(__doc__)
     parser.add_argument("--rates", default="5000,10000,15000,20000")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--devices", type=int, default=100_000)
@@ -304,13 +287,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="serve processes (shared group)")
     parser.add_argument("--baseline", default="", metavar="REV", help="also run this revision")
     parser.add_argument("--store", default="", help="a postgresql:// DSN (default: SQLite)")
-    parser.add_argument("--record", action="store_true", help="append to docs/benchmarks.md")
-    args = parser.parse_args()
+    args = parse_arguments(parser)
     args.rates = [float(r) for r in args.rates.split(",")]
     lines = run(args)
     print("\n".join(lines))
     if args.record:
-        record(lines, "python bench/telemetry_ingest.py " + " ".join(sys.argv[1:]))
+        heading = run_heading(command_line(), note="; shared with other jobs")
+        record_section("Telemetry ingest", INTRO, "\n".join([heading, "", *lines]))
 
 
 if __name__ == "__main__":

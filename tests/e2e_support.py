@@ -7,11 +7,14 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
+
+import numpy as np
 
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
@@ -135,3 +138,15 @@ def start_agent(
     return _spawn(
         [str(BIN / "edge-agent"), "run", "--config", str(config)], config.parent / log_name, env
     )
+
+
+def bundle_output(bundle: Path, x: np.ndarray) -> np.ndarray:
+    """What the bundle's model computes for input ``x`` (its first output), run by ONNX
+    Runtime in this process: the answer a device serving that bundle must give."""
+    import onnxruntime as ort
+
+    with tarfile.open(bundle) as tar:
+        member = tar.extractfile("model.onnx")
+        assert member is not None
+        session = ort.InferenceSession(member.read(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"x": x})[0])
