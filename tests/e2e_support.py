@@ -1,20 +1,35 @@
-"""Real processes for end-to-end tests: `edgectl` commands, `edgectl serve`, `edge-agent run`."""
+"""Real processes for end-to-end tests: `edgectl` commands, `edgectl serve`, `edge-agent run`.
+
+Also what those tests do to and ask of them: bundles built with `edgectl bundle build`, a
+released bundle tampered with in the repository, a process paused, the version an agent
+serves, the status a device publishes, and what a bundle's model computes in-process (the
+answer a device serving it must give).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.client import InferenceClient
+from tests.helpers import Broker, make_linear_model, stop_process
 
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
@@ -29,6 +44,29 @@ def edgectl(*args: str | Path, check: bool = True) -> subprocess.CompletedProces
             f"edgectl {args} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}"
         )
     return out
+
+
+def edgectl_bundles(folder: Path, model: str, versions: list[str]) -> dict[str, Path]:
+    """A bundle of ``model`` per version, built by `edgectl bundle build` from linear
+    models of seeds 1, 2, ... (so each version computes different outputs)."""
+    bundles = {}
+    for seed, version in enumerate(versions, start=1):
+        onnx_path = make_linear_model(folder / f"model-{seed}.onnx", seed=seed)
+        bundles[version] = folder / f"{model}-{version}.bundle"
+        edgectl(
+            "bundle", "build", onnx_path, "--name", model, "--version", version,
+            "-o", bundles[version],
+        )  # fmt: skip
+    return bundles
+
+
+def tamper_stored_bundle(repo: Path, model: str, version: str) -> None:
+    """Flip a byte in the middle of the released bundle of ``model`` ``version`` as it
+    lies in ``repo``'s targets (its signed length and hash stay as they were)."""
+    (stored,) = (repo / "targets" / "bundles" / model).glob(f"*.{version}.bundle")
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
 
 
 def wait_until(probe: Callable[[], T | None], timeout_s: float, what: str) -> T:
@@ -57,13 +95,18 @@ class Proc:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
+
+
+@contextmanager
+def paused(proc: Proc) -> Iterator[None]:
+    """``proc`` stopped (SIGSTOP) for the block: its connections stay open, it answers
+    nothing; continued (SIGCONT) after."""
+    os.kill(proc.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.process.pid, signal.SIGCONT)
 
 
 def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> Proc:
@@ -150,3 +193,40 @@ def bundle_output(bundle: Path, x: np.ndarray) -> np.ndarray:
         assert member is not None
         session = ort.InferenceSession(member.read(), providers=["CPUExecutionProvider"])
     return np.asarray(session.run(None, {"x": x})[0])
+
+
+def served_version(client: InferenceClient, model: str) -> str | None:
+    """The version of ``model`` the agent serves, or None while it is not ready."""
+    if not client.ready():
+        return None
+    return str(client.model_metadata(model)["versions"][0])
+
+
+class StatusWatcher:
+    """Subscribes to a device's retained status topic with a real MQTT client."""
+
+    def __init__(self, broker: Broker, fleet: str, device: str) -> None:
+        self._messages: list[dict[str, object]] = []
+        self._lock = threading.Lock()
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"watch-{device}")
+        self._client.on_message = self._on_message
+        self._client.connect(broker.host, broker.port)
+        self._client.subscribe(f"edgefleet/v1/fleets/{fleet}/devices/{device}/status", qos=1)
+        self._client.loop_start()
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self._messages.append(json.loads(msg.payload))
+
+    def messages(self) -> list[dict[str, object]]:
+        """Every status received so far, oldest first."""
+        with self._lock:
+            return list(self._messages)
+
+    def last(self) -> dict[str, object] | None:
+        with self._lock:
+            return self._messages[-1] if self._messages else None
+
+    def close(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()

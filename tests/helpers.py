@@ -1,4 +1,5 @@
-"""Shared test helpers: a private mosquitto on a free port and small real ONNX models."""
+"""Shared test helpers: a private mosquitto on a free port, stopping a child process,
+and small real ONNX models."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +43,17 @@ def mosquitto_binary() -> str:
     return found
 
 
+def stop_process(process: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
+    """SIGTERM ``process`` if it still runs and wait for it; SIGKILL it after ``timeout_s``."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @dataclass
 class Broker:
     host: str
@@ -53,13 +66,7 @@ class Broker:
         return f"{self.host}:{self.port}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout_s=5)
 
 
 def start_broker(workdir: Path, port: int | None = None, *, persistent: bool = False) -> Broker:
@@ -105,7 +112,6 @@ def make_linear_model(path: Path, seed: int, in_features: int = 4, out_features:
 
     Different seeds give different weights, so two versions compute different outputs.
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -122,18 +128,12 @@ def make_linear_model(path: Path, seed: int, in_features: int = 4, out_features:
         outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out_features])],
         initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return _save_model(graph, path)
 
 
 def make_nonzero_model(path: Path) -> Path:
     """y = NonZero(x), x float32 [N, 4], y int64 [2, K]: the output's shape depends on the
     input's values."""
-    import onnx
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
@@ -142,11 +142,7 @@ def make_nonzero_model(path: Path) -> Path:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("y", TensorProto.INT64, [2, "K"])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return _save_model(graph, path, check=False)
 
 
 def make_misbehaving_model(path: Path, seed: int, kind: str) -> Path:
@@ -158,7 +154,6 @@ def make_misbehaving_model(path: Path, seed: int, kind: str) -> Path:
     added to the logits, so the outputs are right but every request costs milliseconds
     instead of microseconds.
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -214,9 +209,19 @@ def make_misbehaving_model(path: Path, seed: int, kind: str) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
         inits,
     )
+    return _save_model(graph, path)
+
+
+def _save_model(graph: Any, path: Path, *, check: bool = True) -> Path:
+    """``graph`` as an opset-17 model (IR version 8) at ``path``; ``check`` runs the ONNX
+    checker first."""
+    import onnx
+    from onnx import helper
+
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    onnx.checker.check_model(model)
+    if check:
+        onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path

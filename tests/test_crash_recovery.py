@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import signal
-import tarfile
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from agent.client import InferenceClient
 from agent.contracts import ProbationPolicy
@@ -23,7 +21,15 @@ from agent.update.journal import Phase, parse_record, serving_version
 from controller.build.builder import build_bundle
 from controller.repository.release import release_bundle
 from controller.repository.repo import init_repository
-from tests.e2e_support import Proc, start_agent, start_serve, wait_until, write_agent_config
+from tests.e2e_support import (
+    Proc,
+    bundle_output,
+    served_version,
+    start_agent,
+    start_serve,
+    wait_until,
+    write_agent_config,
+)
 from tests.helpers import Broker, make_linear_model
 
 FLEET = "lab"
@@ -34,23 +40,9 @@ X = np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32)
 QUICK = ProbationPolicy(duration_s=0.5, min_requests=0)
 
 
-def _expected(bundle: Path) -> np.ndarray:
-    with tarfile.open(bundle) as tar:
-        member = tar.extractfile("model.onnx")
-        assert member is not None
-        session = ort.InferenceSession(member.read(), providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, {"x": X})[0])
-
-
 def _journal(device: Path) -> dict[str, object]:
     record = parse_record((device / "state" / "models" / MODEL / "journal.json").read_bytes())
     return {"phase": record.phase, "serving": serving_version(record), "version": record.version}
-
-
-def _served(client: InferenceClient) -> str | None:
-    if not client.ready():
-        return None
-    return str(client.model_metadata(MODEL)["versions"][0])
 
 
 def test_sigkill_at_every_phase_recovers(tmp_path: Path, broker: Broker) -> None:
@@ -63,7 +55,7 @@ def test_sigkill_at_every_phase_recovers(tmp_path: Path, broker: Broker) -> None
         version = f"1.0.{n}"
         bundle = tmp_path / f"{version}.bundle"
         build_bundle(models[n % 2], MODEL, version, bundle)
-        expected[version] = _expected(bundle)
+        expected[version] = bundle_output(bundle, X)
         release_bundle(bundle, FLEET, repo, probation=QUICK)
         return version
 
@@ -79,6 +71,10 @@ def test_sigkill_at_every_phase_recovers(tmp_path: Path, broker: Broker) -> None
         root=repo / "metadata" / "root.json",
     )
     client = InferenceClient(device / "infer.sock")
+
+    def serving() -> str | None:
+        return served_version(client, MODEL)
+
     agent: Proc = start_agent(config, log_name="agent-0.log")
     procs = [serve]
     recovered, tally, n = 0, [], 0
@@ -95,15 +91,15 @@ def test_sigkill_at_every_phase_recovers(tmp_path: Path, broker: Broker) -> None
                     env={"EDGEFLEET_TEST_PAUSE_AT": phase},
                     log_name=f"agent-{n}-paused.log",
                 )
-                wait_until(lambda: _served(client), 60, "the agent to serve before the release")
-                before = _served(client)
+                wait_until(serving, 60, "the agent to serve before the release")
+                before = serving()
                 version = release(n)
                 wait_until(marker.exists, 60, f"the agent to pause at {phase}")
                 agent.process.send_signal(signal.SIGKILL)
                 agent.process.wait()
 
                 agent = start_agent(config, log_name=f"agent-{n}-restarted.log")
-                served = wait_until(lambda: _served(client), 60, "the restarted agent to serve")
+                served = wait_until(serving, 60, "the restarted agent to serve")
                 assert served in (before, version), (phase, served)
                 np.testing.assert_allclose(
                     client.infer(MODEL, {"x": X})["y"], expected[served], rtol=1e-6
@@ -111,7 +107,7 @@ def test_sigkill_at_every_phase_recovers(tmp_path: Path, broker: Broker) -> None
                 # The restarted agent may already be re-installing; whatever phase its
                 # journal is in, the version it says serves is the one that serves.
                 wait_until(
-                    lambda: _journal(device)["serving"] == _served(client),
+                    lambda: _journal(device)["serving"] == serving(),
                     10,
                     f"the journal to agree with what serves after a kill at {phase}",
                 )

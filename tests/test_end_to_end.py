@@ -8,30 +8,28 @@ and v2 keeps serving.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import tarfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.client import InferenceClient
 from tests.e2e_support import (
     Proc,
+    StatusWatcher,
+    bundle_output,
     edgectl,
+    edgectl_bundles,
+    paused,
+    served_version,
     start_agent,
     start_serve,
+    tamper_stored_bundle,
     wait_until,
     write_agent_config,
 )
-from tests.helpers import Broker, make_linear_model
+from tests.helpers import Broker
 
 FLEET = "lab"
 MODEL = "linear"
@@ -40,64 +38,11 @@ QUICK = ("--probation-s", "0.5")
 X = np.array([[0.5, -1.0, 2.0, 0.25], [1.0, 1.0, 1.0, 1.0]], dtype=np.float32)
 
 
-def _in_process(bundle: Path) -> np.ndarray:
-    """What the bundle's model computes in this process, for comparison."""
-    with tarfile.open(bundle) as tar:
-        member = tar.extractfile("model.onnx")
-        assert member is not None
-        session = ort.InferenceSession(member.read(), providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, {"x": X})[0])
-
-
-def _served_version(client: InferenceClient) -> str | None:
-    meta = client.model_metadata(MODEL)
-    return str(meta["versions"][0])
-
-
-class StatusWatcher:
-    """Subscribes to the device's retained status topic with a real MQTT client."""
-
-    def __init__(self, broker: Broker, device: str) -> None:
-        self.messages: list[dict[str, object]] = []
-        self._lock = threading.Lock()
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"watch-{device}")
-        self._client.on_message = self._on_message
-        self._client.connect(broker.host, broker.port)
-        self._client.subscribe(f"edgefleet/v1/fleets/{FLEET}/devices/{device}/status", qos=1)
-        self._client.loop_start()
-
-    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self.messages.append(json.loads(msg.payload))
-
-    def last(self) -> dict[str, object] | None:
-        with self._lock:
-            return self.messages[-1] if self.messages else None
-
-    def close(self) -> None:
-        self._client.loop_stop()
-        self._client.disconnect()
-
-
 @pytest.fixture
 def world(tmp_path: Path, broker: Broker) -> Iterator[dict[str, object]]:
     repo = tmp_path / "repo"
     edgectl("init", repo)
-    bundles = {}
-    for seed, version in ((1, "1.0.0"), (2, "2.0.0"), (3, "3.0.0")):
-        onnx_path = make_linear_model(tmp_path / f"model-{seed}.onnx", seed=seed)
-        bundles[version] = tmp_path / f"{MODEL}-{version}.bundle"
-        edgectl(
-            "bundle",
-            "build",
-            onnx_path,
-            "--name",
-            MODEL,
-            "--version",
-            version,
-            "-o",
-            bundles[version],
-        )
+    bundles = edgectl_bundles(tmp_path, MODEL, ["1.0.0", "2.0.0", "3.0.0"])
     edgectl("release", bundles["1.0.0"], "--fleet", FLEET, "--repo", repo, *QUICK)
     serve, url = start_serve(repo, broker.address, tmp_path / "serve.log")
     config = write_agent_config(
@@ -129,13 +74,13 @@ def test_release_reaches_the_device_and_serves(world: dict[str, object], broker:
     agent: Proc = world["agent"]  # type: ignore[assignment]
     serve: Proc = world["serve"]  # type: ignore[assignment]
     client = InferenceClient(world["socket"])  # type: ignore[arg-type]
-    watcher = StatusWatcher(broker, "dev-1")
+    watcher = StatusWatcher(broker, FLEET, "dev-1")
     try:
         # v1: served, and its outputs are what the model computes in-process.
-        wait_until(lambda: _served_version(client) == "1.0.0", 60, "v1 to be served")
+        wait_until(lambda: served_version(client, MODEL) == "1.0.0", 60, "v1 to be served")
         assert client.live() and client.ready()
         np.testing.assert_allclose(
-            client.infer(MODEL, {"x": X})["y"], _in_process(bundles["1.0.0"]), rtol=1e-6
+            client.infer(MODEL, {"x": X})["y"], bundle_output(bundles["1.0.0"], X), rtol=1e-6
         )
         status = wait_until(watcher.last, 10, "a retained status message")
         assert status["online"] is True
@@ -143,13 +88,14 @@ def test_release_reaches_the_device_and_serves(world: dict[str, object], broker:
         # v2: through the MQTT announcement (poll is an hour away), no restart.
         pid = agent.process.pid
         edgectl("release", bundles["2.0.0"], "--fleet", FLEET, "--repo", repo, *QUICK)
-        wait_until(lambda: _served_version(client) == "2.0.0", 60, "v2 to be served")
+        wait_until(lambda: served_version(client, MODEL) == "2.0.0", 60, "v2 to be served")
         assert agent.process.poll() is None and agent.process.pid == pid
         assert "announcement for fleet lab" in agent.text()
         np.testing.assert_allclose(
-            client.infer(MODEL, {"x": X})["y"], _in_process(bundles["2.0.0"]), rtol=1e-6
+            client.infer(MODEL, {"x": X})["y"], bundle_output(bundles["2.0.0"], X), rtol=1e-6
         )
-        assert not np.allclose(_in_process(bundles["1.0.0"]), _in_process(bundles["2.0.0"]))
+        v1, v2 = bundle_output(bundles["1.0.0"], X), bundle_output(bundles["2.0.0"], X)
+        assert not np.allclose(v1, v2)
         wait_until(
             lambda: (s := watcher.last()) and s["models"][MODEL]["version"] == "2.0.0",
             10,
@@ -157,23 +103,17 @@ def test_release_reaches_the_device_and_serves(world: dict[str, object], broker:
         )
 
         # v3 released, then its bytes changed on the server before the agent fetches it.
-        os.kill(serve.process.pid, signal.SIGSTOP)
-        try:
+        with paused(serve):
             edgectl("release", bundles["3.0.0"], "--fleet", FLEET, "--repo", repo, *QUICK)
-            (stored,) = (repo / "targets" / "bundles" / MODEL).glob("*.3.0.0.bundle")
-            data = bytearray(stored.read_bytes())
-            data[len(data) // 2] ^= 0xFF
-            stored.write_bytes(bytes(data))
-        finally:
-            os.kill(serve.process.pid, signal.SIGCONT)
+            tamper_stored_bundle(repo, MODEL, "3.0.0")
         refusal = f"refused target bundles/{MODEL}/3.0.0.bundle"
         wait_until(lambda: refusal in agent.text(), 60, "the agent to refuse the tampered bundle")
         lines = [line for line in agent.text().splitlines() if refusal in line]
         assert len(lines) == 1, lines
         assert "hash mismatch" in lines[0] and "still serving linear 2.0.0" in lines[0]
-        assert _served_version(client) == "2.0.0"
+        assert served_version(client, MODEL) == "2.0.0"
         np.testing.assert_allclose(
-            client.infer(MODEL, {"x": X})["y"], _in_process(bundles["2.0.0"]), rtol=1e-6
+            client.infer(MODEL, {"x": X})["y"], bundle_output(bundles["2.0.0"], X), rtol=1e-6
         )
 
         # The last will: killed without a goodbye, the broker says offline.

@@ -4,7 +4,6 @@ which the agent keeps crashing (a crash loop during probation)."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import threading
@@ -13,16 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.base.errors import InferenceError
 from agent.client import InferenceClient
 from agent.update.journal import Phase, parse_record
 from tests.e2e_support import (
     Proc,
+    StatusWatcher,
     edgectl,
+    served_version,
     start_agent,
     start_serve,
     wait_until,
@@ -54,9 +53,7 @@ class Device:
         return record.phase, record.version, record.reason
 
     def served(self, model: str = MODEL) -> str | None:
-        if not self.client.ready():
-            return None
-        return str(self.client.model_metadata(model)["versions"][0])
+        return served_version(self.client, model)
 
     def restart(self, env: dict[str, str] | None = None, log_name: str = "agent-r.log") -> None:
         self.agent.stop()
@@ -128,12 +125,7 @@ def _requests(client: InferenceClient, x: np.ndarray, count: int) -> tuple[int, 
 def test_a_version_that_errors_on_real_requests_is_rolled_back(
     device: Device, broker: Broker
 ) -> None:
-    statuses: list[dict[str, object]] = []
-    watcher = mqtt.Client(CallbackAPIVersion.VERSION2)
-    watcher.on_message = lambda c, u, m: statuses.append(json.loads(m.payload))
-    watcher.connect(broker.host, broker.port)
-    watcher.subscribe(f"edgefleet/v1/fleets/{FLEET}/devices/dev-1/status", qos=1)
-    watcher.loop_start()
+    watcher = StatusWatcher(broker, FLEET, "dev-1")
     try:
         bad = make_misbehaving_model(device.tmp / "bad.onnx", seed=1, kind="errors")
         device.release(bad, "2.0.0", "--probation-s", "120")
@@ -151,7 +143,7 @@ def test_a_version_that_errors_on_real_requests_is_rolled_back(
             lambda: any(
                 s["models"].get(MODEL, {}).get("state") == "rolled_back"  # type: ignore[attr-defined]
                 and "error rate" in s["models"][MODEL].get("reason", "")  # type: ignore[index]
-                for s in statuses
+                for s in watcher.messages()
             ),
             10,
             "the status to report the rollback and its reason",
@@ -162,8 +154,7 @@ def test_a_version_that_errors_on_real_requests_is_rolled_back(
         )
         assert device.served() == "1.0.0"
     finally:
-        watcher.loop_stop()
-        watcher.disconnect()
+        watcher.close()
 
 
 def test_a_much_slower_version_is_rolled_back(device: Device) -> None:

@@ -9,9 +9,7 @@ an agent installs releases and checks that every event produced arrives, in orde
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,9 +19,17 @@ import httpx
 import pytest
 
 from tests.controller.fleet.test_ingest import start_persistent_broker
-from tests.e2e_support import Proc, edgectl, start_agent, start_serve, wait_until
+from tests.e2e_support import (
+    Proc,
+    edgectl,
+    edgectl_bundles,
+    paused,
+    start_agent,
+    start_serve,
+    wait_until,
+)
 from tests.e2e_support import write_agent_config as _write_agent_config
-from tests.helpers import Broker, make_linear_model
+from tests.helpers import Broker
 
 FLEET = "lab"
 MODEL = "linear"
@@ -59,18 +65,6 @@ def device_show(repo: Path, device: str) -> dict[str, Any]:
     return result
 
 
-def build_bundles(tmp_path: Path, versions: list[str]) -> dict[str, Path]:
-    bundles = {}
-    for seed, version in enumerate(versions, start=1):
-        onnx_path = make_linear_model(tmp_path / f"model-{seed}.onnx", seed=seed)
-        bundles[version] = tmp_path / f"{MODEL}-{version}.bundle"
-        edgectl(
-            "bundle", "build", onnx_path, "--name", MODEL, "--version", version,
-            "-o", bundles[version],
-        )  # fmt: skip
-    return bundles
-
-
 @pytest.fixture
 def persistent_broker(tmp_path: Path) -> Iterator[list[Broker]]:
     """A restartable broker: the test may replace the list's only item."""
@@ -89,7 +83,7 @@ def test_heartbeats_events_and_status_reach_fleet_status(
     broker = persistent_broker[0]
     repo = tmp_path / "repo"
     edgectl("init", repo)
-    bundles = build_bundles(tmp_path, ["1.0.0"])
+    bundles = edgectl_bundles(tmp_path, MODEL, ["1.0.0"])
     serve, url = start_serve(repo, broker.address, tmp_path / "serve.log")
     agents: list[Proc] = []
     try:
@@ -137,11 +131,8 @@ def test_heartbeats_events_and_status_reach_fleet_status(
         assert 'edgefleet_events_total{fleet="lab",kind="committed"} 2' in metrics
 
         # Silent but connected (SIGSTOP keeps the TCP connection): stale, not online.
-        os.kill(agents[0].process.pid, signal.SIGSTOP)
-        try:
+        with paused(agents[0]):
             wait_until(lambda: _health(repo, "dev-1") == "stale", 20, "dev-1 to be shown stale")
-        finally:
-            os.kill(agents[0].process.pid, signal.SIGCONT)
         wait_until(lambda: _health(repo, "dev-1") == "online", 20, "dev-1 to be back")
 
         # Killed without a goodbye: the broker's last will makes it offline, versions kept.
@@ -172,7 +163,7 @@ def test_every_event_produced_during_a_30s_broker_outage_arrives_in_order(
     broker = persistent_broker[0]
     repo = tmp_path / "repo"
     edgectl("init", repo)
-    bundles = build_bundles(tmp_path, ["1.0.0", "2.0.0", "3.0.0"])
+    bundles = edgectl_bundles(tmp_path, MODEL, ["1.0.0", "2.0.0", "3.0.0"])
     edgectl("release", bundles["1.0.0"], "--fleet", FLEET, "--repo", repo, *QUICK)
     serve, url = start_serve(repo, broker.address, tmp_path / "serve.log")
     config = write_agent_config(

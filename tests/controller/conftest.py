@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import selectors
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from controller.build.builder import build_bundle
 from controller.fleet.store import TelemetryStore
 from controller.repository.repo import Repository, init_repository
 from tests.controller.test_store_support import store_for
-from tests.helpers import make_linear_model
+from tests.helpers import make_linear_model, stop_process
 
 MODEL = "lin"
 
@@ -96,10 +95,4 @@ def start_serve(tmp_path: Path) -> Iterator[object]:
 
     yield start
     for served in started:
-        if served.process.poll() is None:
-            served.process.send_signal(signal.SIGTERM)
-            try:
-                served.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                served.process.kill()
-                served.process.wait()
+        stop_process(served.process)

@@ -10,8 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from agent.client import InferenceClient
-from tests.e2e_support import edgectl, start_agent, start_serve, wait_until, write_agent_config
-from tests.helpers import Broker, make_linear_model
+from tests.e2e_support import (
+    edgectl,
+    edgectl_bundles,
+    served_version,
+    start_agent,
+    start_serve,
+    wait_until,
+    write_agent_config,
+)
+from tests.helpers import Broker
 
 MODEL = "linear"
 
@@ -19,13 +27,7 @@ MODEL = "linear"
 def test_a_real_agent_installs_and_updates_over_mqtt_only(tmp_path: Path, broker: Broker) -> None:
     repo = tmp_path / "repo"
     edgectl("init", repo)
-    bundles = {}
-    for seed, version in ((1, "1.0.0"), (2, "2.0.0")):
-        model = make_linear_model(tmp_path / f"m{seed}.onnx", seed=seed)
-        bundles[version] = tmp_path / f"{version}.bundle"
-        edgectl(
-            "bundle", "build", model, "--name", MODEL, "--version", version, "-o", bundles[version]
-        )
+    bundles = edgectl_bundles(tmp_path, MODEL, ["1.0.0", "2.0.0"])
     edgectl("release", bundles["1.0.0"], "--fleet", "lab", "--repo", repo, "--probation-s", "0.5")
     serve, _url = start_serve(repo, broker.address, tmp_path / "serve.log")
     config = write_agent_config(
@@ -41,8 +43,8 @@ def test_a_real_agent_installs_and_updates_over_mqtt_only(tmp_path: Path, broker
     agent = start_agent(config)
     client = InferenceClient(tmp_path / "device" / "infer.sock")
 
-    def served() -> str:
-        return str(client.model_metadata(MODEL)["versions"][0])
+    def served() -> str | None:
+        return served_version(client, MODEL)
 
     try:
         wait_until(lambda: served() == "1.0.0", 60, "1.0.0 over MQTT")

@@ -3,8 +3,6 @@ responder, then the whole update path of a device through ``edgectl serve``."""
 
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from controller.base.fsio import repo_lock
 from controller.repository.ceremony import rotate
 from controller.repository.repo import Repository
 from controller.serve.mqtt_repo import RepoResponder, ResponderLimits
-from tests.e2e_support import Proc, start_serve
+from tests.e2e_support import Proc, paused, start_serve, tamper_stored_bundle
 from tests.helpers import Broker, free_port
 from tests.security.conftest import MODEL, Device, quick_repository, release
 
@@ -116,15 +114,9 @@ def test_the_whole_update_path_over_mqtt(
         assert device.check().installed == {MODEL: "2.0.0"}
         assert device.trusted_version("root") == 2
 
-        os.kill(served.process.pid, signal.SIGSTOP)  # tamper while nobody reads
-        try:
+        with paused(served):  # tamper while nobody reads
             release(repo, bundles["3.0.0"])
-            (stored,) = (repo.targets_dir / "bundles" / MODEL).glob("*.3.0.0.bundle")
-            data = bytearray(stored.read_bytes())
-            data[len(data) // 2] ^= 0xFF
-            stored.write_bytes(bytes(data))
-        finally:
-            os.kill(served.process.pid, signal.SIGCONT)
+            tamper_stored_bundle(repo.path, MODEL, "3.0.0")
         result = device.check()
         assert "length or hash mismatch" in result.refused[MODEL]
         assert device.phase() == (Phase.IDLE, "2.0.0")  # put back: fetched again next time
