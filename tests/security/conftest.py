@@ -7,7 +7,7 @@ run: ``10/10 attack classes rejected``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -201,11 +201,24 @@ def make_device(tmp_path: Path, repo: Repository, mirror: HostileMirror) -> Iter
 
 
 @pytest.fixture
-def device(make_device: Any, repo: Repository, bundles: dict[str, Path]) -> Device:
+def make_serving_device(
+    make_device: Any, repo: Repository, bundles: dict[str, Path]
+) -> Callable[..., Device]:
+    """Makes a device serving 1.0.0, committed, through the mirror (behaving, so far);
+    keyword arguments override its repository config (``quick_repository``)."""
+
+    def make(**overrides: Any) -> Device:
+        release(repo, bundles["1.0.0"])
+        dev: Device = make_device(**overrides)
+        result = dev.check()
+        assert result.installed == {MODEL: "1.0.0"}, result
+        assert dev.phase() == (Phase.COMMITTED, "1.0.0")
+        return dev
+
+    return make
+
+
+@pytest.fixture
+def device(make_serving_device: Callable[..., Device]) -> Device:
     """A device serving 1.0.0, committed, through the mirror (behaving, so far)."""
-    release(repo, bundles["1.0.0"])
-    dev: Device = make_device()
-    result = dev.check()
-    assert result.installed == {MODEL: "1.0.0"}, result
-    assert dev.phase() == (Phase.COMMITTED, "1.0.0")
-    return dev
+    return make_serving_device()

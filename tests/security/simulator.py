@@ -7,7 +7,8 @@ drip under the read timeout, or cut the connection half way.
 
 ``Forger`` writes metadata the way an attacker holding some keys would: any role,
 any version, signed by whatever keys the attacker has, published under a snapshot and
-timestamp signed with the (compromised) online keys.
+timestamp signed with the (compromised) online keys. ``evil_desired_state`` is the
+desired state such an attacker signs with the rollout key.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from securesystemslib.signer import Signer
 from tuf.api.metadata import Metadata, MetaFile
 from tuf.api.serialization.json import JSONSerializer
 
+from agent.contracts import DesiredState, ModelRelease, ProbationPolicy, bundle_target_path
 from controller.repository.repo import Repository
 from controller.serve.http import resolve_static
 
@@ -250,6 +252,21 @@ class Forger:
             lambda t: setattr(t, "snapshot_meta", MetaFile(version=snapshot.signed.version)),
             timestamp_keys,
         )
+
+
+def evil_desired_state(fleet: str, model: str, version: str) -> bytes:
+    """A desired state sending every device of ``fleet`` from ``model`` 1.0.0 to
+    ``version`` at once, with no probation: what an attacker signs with the rollout key."""
+    entry = ModelRelease(
+        version=version,
+        target=bundle_target_path(model, version),
+        rollout_id=f"evil-{version}",
+        percent=100.0,
+        previous="1.0.0",
+        previous_target=bundle_target_path(model, "1.0.0"),
+        probation=ProbationPolicy(duration_s=0),
+    )
+    return DesiredState(fleet=fleet, models={model: entry}, issued_at="x").to_json_bytes()
 
 
 def capture_metadata(repo: Repository, into: Path) -> Path:

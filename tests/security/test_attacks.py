@@ -15,20 +15,15 @@ from typing import Any
 
 import pytest
 
-from agent.contracts import (
-    ROLLOUT_ROLE,
-    DesiredState,
-    ModelRelease,
-    bundle_target_path,
-    desired_target_path,
-)
+from agent.contracts import ROLLOUT_ROLE, bundle_target_path, desired_target_path
 from agent.update.journal import Phase
 from controller.base.fsio import repo_lock
 from controller.repository.ceremony import rotate
 from controller.repository.keys import generate_key, load_key_file
 from controller.repository.repo import Repository
-from tests.security.conftest import FLEET, MODEL, NOW_SERVING, Device, release
+from tests.security.conftest import FLEET, MODEL, Device, release
 from tests.security.simulator import (
+    Behaviour,
     Cut,
     Drip,
     Endless,
@@ -36,6 +31,7 @@ from tests.security.simulator import (
     HostileMirror,
     Replace,
     capture_metadata,
+    evil_desired_state,
 )
 
 
@@ -46,17 +42,30 @@ def bundle_url(repo: Repository, version: str) -> str:
     return "/" + str(repo.target_file_path(path, target).relative_to(repo.path))
 
 
-def desired_state_for(version: str) -> bytes:
-    entry = ModelRelease(
-        version=version,
-        target=bundle_target_path(MODEL, version),
-        rollout_id=f"evil-{version}",
-        percent=100.0,
-        previous="1.0.0",
-        previous_target=bundle_target_path(MODEL, "1.0.0"),
-        probation=NOW_SERVING,
-    )
-    return DesiredState(fleet=FLEET, models={MODEL: entry}, issued_at="x").to_json_bytes()
+def release_2_0_0_served_as(
+    repo: Repository, mirror: HostileMirror, bundles: dict[str, Path], behaviour: Behaviour
+) -> str:
+    """Release 2.0.0, its bundle served by the mirror with ``behaviour``; the bundle's URL."""
+    release(repo, bundles["2.0.0"])
+    url = bundle_url(repo, "2.0.0")
+    mirror.set(url, behaviour)
+    return url
+
+
+def assert_refresh_rejected(device: Device, *reasons: str) -> None:
+    """An update check fails in its metadata refresh, the error naming every one of
+    ``reasons``."""
+    result = device.check()
+    assert result.error is not None
+    for reason in reasons:
+        assert reason in result.error, result.error
+
+
+def assert_bundle_refused(device: Device, reason: str) -> None:
+    """An update check refuses the model's bundle, saying ``reason``."""
+    result = device.check()
+    assert MODEL in result.refused, result
+    assert reason in result.refused[MODEL], result.refused[MODEL]
 
 
 def assert_still_serving(device: Device, version: str = "1.0.0") -> None:
@@ -81,7 +90,7 @@ def test_1_arbitrary_bundle_in_targets_signed_by_a_key_root_does_not_trust(
         "targets", lambda t: t.targets.__setitem__(path, evil_target), [attacker]
     )
     desired_path = desired_target_path(FLEET)
-    stored = repo.store_target(desired_path, desired_state_for("6.6.6"))
+    stored = repo.store_target(desired_path, evil_desired_state(FLEET, MODEL, "6.6.6"))
     rollout = forger.write(
         ROLLOUT_ROLE,
         lambda r: r.targets.__setitem__(desired_path, stored),
@@ -90,10 +99,11 @@ def test_1_arbitrary_bundle_in_targets_signed_by_a_key_root_does_not_trust(
     forger.publish("targets", int(targets.signed.version))
     forger.publish(ROLLOUT_ROLE, int(rollout.signed.version))
 
-    result = device.check()
-    assert result.error is not None
-    assert "metadata refresh rejected: signature threshold not met" in result.error
-    assert "targets was signed by 0/1 keys" in result.error
+    assert_refresh_rejected(
+        device,
+        "metadata refresh rejected: signature threshold not met",
+        "targets was signed by 0/1 keys",
+    )
     assert_still_serving(device)
 
 
@@ -114,10 +124,12 @@ def test_2_rollback_to_older_metadata_is_refused(
     assert device.check().installed == {MODEL: "2.0.0"}
     mirror.metadata_dir = old
 
-    result = device.check()
-    assert result.error is not None
-    assert "version mismatch (rollback or mix-and-match)" in result.error
-    assert "New timestamp version" in result.error and "must be >=" in result.error
+    assert_refresh_rejected(
+        device,
+        "version mismatch (rollback or mix-and-match)",
+        "New timestamp version",
+        "must be >=",
+    )
     assert device.phase() == (Phase.COMMITTED, "2.0.0")
     assert_still_serving(device, "2.0.0")
 
@@ -141,9 +153,7 @@ def test_3_freeze_an_expired_timestamp_replayed_is_refused(
     mirror.set("/metadata/timestamp.json", Replace(frozen.to_bytes()))
     release(repo, bundles["2.0.0"])  # the real repository moves on
 
-    result = device.check()
-    assert result.error is not None
-    assert "metadata expired" in result.error and "timestamp.json is expired" in result.error
+    assert_refresh_rejected(device, "metadata expired", "timestamp.json is expired")
     assert_still_serving(device)
 
 
@@ -162,10 +172,11 @@ def test_4_mix_and_match_targets_from_another_snapshot_is_refused(
     assert current == older.signed.version + 1
     mirror.set(f"/metadata/{current}.targets.json", Replace(older.to_bytes()))
 
-    result = device.check()
-    assert result.error is not None
-    assert "version mismatch (rollback or mix-and-match)" in result.error
-    assert f"Expected targets v{current}, got v{current - 1}" in result.error
+    assert_refresh_rejected(
+        device,
+        "version mismatch (rollback or mix-and-match)",
+        f"Expected targets v{current}, got v{current - 1}",
+    )
     assert_still_serving(device)
 
 
@@ -177,9 +188,7 @@ def test_5_endless_metadata_is_cut_at_its_maximum_length(
     device: Device, mirror: HostileMirror
 ) -> None:
     mirror.set("/metadata/timestamp.json", Endless())
-    result = device.check()
-    assert result.error is not None
-    assert "exceeding the maximum allowed length" in result.error
+    assert_refresh_rejected(device, "exceeding the maximum allowed length")
     assert_still_serving(device)
 
 
@@ -187,10 +196,8 @@ def test_5_endless_metadata_is_cut_at_its_maximum_length(
 def test_5_endless_bundle_is_cut_at_its_signed_length(
     repo: Repository, device: Device, mirror: HostileMirror, bundles: dict[str, Path]
 ) -> None:
-    release(repo, bundles["2.0.0"])
-    mirror.set(bundle_url(repo, "2.0.0"), Endless())
-    result = device.check()
-    assert "received more than the signed length" in result.refused[MODEL]
+    release_2_0_0_served_as(repo, mirror, bundles, Endless())
+    assert_bundle_refused(device, "received more than the signed length")
     assert_still_serving(device)
     assert not list((device.config.state_dir / "staging").glob("*.part"))  # not kept
 
@@ -200,31 +207,23 @@ def test_5_endless_bundle_is_cut_at_its_signed_length(
 
 @pytest.mark.attack(6)
 def test_6_slow_retrieval_breaks_the_minimum_progress_rule(
-    repo: Repository, make_device: Any, mirror: HostileMirror, bundles: dict[str, Path]
+    repo: Repository, make_serving_device: Any, mirror: HostileMirror, bundles: dict[str, Path]
 ) -> None:
     """8 bytes every 0.2 s: never silent for a read timeout (2 s), far under 1 kB/s."""
-    release(repo, bundles["1.0.0"])
-    device = make_device(min_bytes_per_s=1000.0, progress_window_s=1.0)
-    assert device.check().installed == {MODEL: "1.0.0"}
-    release(repo, bundles["2.0.0"])
-    mirror.set(bundle_url(repo, "2.0.0"), Drip(size=8, interval_s=0.2))
-    result = device.check()
-    assert "below the minimum progress of 1000 bytes/s" in result.refused[MODEL]
+    device = make_serving_device(min_bytes_per_s=1000.0, progress_window_s=1.0)
+    release_2_0_0_served_as(repo, mirror, bundles, Drip(size=8, interval_s=0.2))
+    assert_bundle_refused(device, "below the minimum progress of 1000 bytes/s")
     assert device.phase() == (Phase.IDLE, "1.0.0")  # put back: retried on the next check
     assert_still_serving(device)
 
 
 @pytest.mark.attack(6)
 def test_6_slow_retrieval_hits_the_overall_deadline(
-    repo: Repository, make_device: Any, mirror: HostileMirror, bundles: dict[str, Path]
+    repo: Repository, make_serving_device: Any, mirror: HostileMirror, bundles: dict[str, Path]
 ) -> None:
-    release(repo, bundles["1.0.0"])
-    device = make_device(download_deadline_s=1.5)
-    assert device.check().installed == {MODEL: "1.0.0"}
-    release(repo, bundles["2.0.0"])
-    mirror.set(bundle_url(repo, "2.0.0"), Drip(size=64, interval_s=0.2))
-    result = device.check()
-    assert "exceeded its deadline of 1.5s" in result.refused[MODEL]
+    device = make_serving_device(download_deadline_s=1.5)
+    release_2_0_0_served_as(repo, mirror, bundles, Drip(size=64, interval_s=0.2))
+    assert_bundle_refused(device, "exceeded its deadline of 1.5s")
     assert_still_serving(device)
 
 
@@ -235,12 +234,10 @@ def test_6_slow_retrieval_hits_the_overall_deadline(
 def test_7_mirror_altering_bundle_bytes_is_refused(
     repo: Repository, device: Device, mirror: HostileMirror, bundles: dict[str, Path]
 ) -> None:
-    release(repo, bundles["2.0.0"])
     data = bytearray(bundles["2.0.0"].read_bytes())
     data[len(data) // 2] ^= 0xFF
-    mirror.set(bundle_url(repo, "2.0.0"), Replace(bytes(data)))
-    result = device.check()
-    assert "length or hash mismatch" in result.refused[MODEL]
+    release_2_0_0_served_as(repo, mirror, bundles, Replace(bytes(data)))
+    assert_bundle_refused(device, "length or hash mismatch")
     assert_still_serving(device)
     # The next check against an honest mirror installs the real bytes.
     mirror.clear()
@@ -259,9 +256,7 @@ def test_7_mirror_altering_metadata_bytes_is_refused(
     forged = raw.replace(sha["sha256"].encode(), b"0" * 64)
     assert forged != raw
     mirror.set(f"/metadata/{version}.targets.json", Replace(forged))
-    result = device.check()
-    assert result.error is not None
-    assert "signature threshold not met" in result.error
+    assert_refresh_rejected(device, "signature threshold not met")
     assert_still_serving(device)
 
 
@@ -295,10 +290,7 @@ def test_8_root_signed_below_the_threshold_is_refused(
     evil_root = forger.make("root", trust_attacker, [leaked])
     mirror.set("/metadata/3.root.json", Replace(evil_root.to_bytes()))
 
-    result = device.check()
-    assert result.error is not None
-    assert "signature threshold not met" in result.error
-    assert "root was signed by 1/2 keys" in result.error
+    assert_refresh_rejected(device, "signature threshold not met", "root was signed by 1/2 keys")
     assert device.trusted_version("root") == 2
     assert_still_serving(device)
 
@@ -315,7 +307,7 @@ def test_9_rollout_key_signing_a_bundle_is_ignored(
     evil_path = bundle_target_path(MODEL, "6.6.6")
     evil = repo.store_target(evil_path, bundles["6.6.6"].read_bytes())
     desired_path = desired_target_path(FLEET)
-    desired = repo.store_target(desired_path, desired_state_for("6.6.6"))
+    desired = repo.store_target(desired_path, evil_desired_state(FLEET, MODEL, "6.6.6"))
 
     def sign_both(rollout: Any) -> None:
         rollout.targets[desired_path] = desired
@@ -324,10 +316,8 @@ def test_9_rollout_key_signing_a_bundle_is_ignored(
     md = forger.write(ROLLOUT_ROLE, sign_both, list(repo.signers(ROLLOUT_ROLE).values()))
     forger.publish(ROLLOUT_ROLE, int(md.signed.version))
 
-    result = device.check()
-    assert (
-        "desired state names bundles/lin/6.6.6.bundle, which no signed targets list"
-        in (result.refused[MODEL])
+    assert_bundle_refused(
+        device, "desired state names bundles/lin/6.6.6.bundle, which no signed targets list"
     )
     assert device.phase() == (Phase.FAILED, "6.6.6")  # refused before any byte came
     assert_still_serving(device)
@@ -363,9 +353,7 @@ def test_10_root_rotation_is_followed_and_a_root_from_the_old_key_is_refused(
         "root", lambda root: root.add_key(attacker.public_key, "targets"), [stolen]
     )
     mirror.set("/metadata/4.root.json", Replace(evil_root.to_bytes()))
-    result = device.check()
-    assert result.error is not None
-    assert "root was signed by 0/1 keys" in result.error
+    assert_refresh_rejected(device, "root was signed by 0/1 keys")
     assert device.trusted_version("root") == 3
     assert_still_serving(device, "2.0.0")
 
@@ -376,13 +364,10 @@ def test_10_root_rotation_is_followed_and_a_root_from_the_old_key_is_refused(
 def test_a_download_cut_at_half_is_resumed_with_range_and_verified(
     repo: Repository, device: Device, mirror: HostileMirror, bundles: dict[str, Path]
 ) -> None:
-    release(repo, bundles["2.0.0"])
-    url = bundle_url(repo, "2.0.0")
+    url = release_2_0_0_served_as(repo, mirror, bundles, Cut(0.5))
     length = bundles["2.0.0"].stat().st_size
-    mirror.set(url, Cut(0.5))
 
-    first = device.check()
-    assert MODEL in first.refused and "transfer failed" in first.refused[MODEL]
+    assert_bundle_refused(device, "transfer failed")
     assert device.phase() == (Phase.IDLE, "1.0.0")
     (part,) = (device.config.state_dir / "staging").glob("*.part")
     assert part.stat().st_size == int(length * 0.5)
@@ -399,14 +384,11 @@ def test_a_resumed_part_of_other_bytes_fails_the_whole_file_hash(
     repo: Repository, device: Device, mirror: HostileMirror, bundles: dict[str, Path]
 ) -> None:
     """What was kept from an interrupted download is not trusted: the hash covers it."""
-    release(repo, bundles["2.0.0"])
-    url = bundle_url(repo, "2.0.0")
-    mirror.set(url, Cut(0.5))
+    release_2_0_0_served_as(repo, mirror, bundles, Cut(0.5))
     device.check()
     (part,) = (device.config.state_dir / "staging").glob("*.part")
     part.write_bytes(b"\0" * part.stat().st_size)  # corrupted while the device was off
-    result = device.check()
-    assert "length or hash mismatch" in result.refused[MODEL]
+    assert_bundle_refused(device, "length or hash mismatch")
     assert not part.exists()  # dropped: the next check starts over
     assert device.check().installed == {MODEL: "2.0.0"}
 
