@@ -18,14 +18,7 @@ from controller.base.errors import UsageError
 from controller.cli import main as edgectl_main
 from controller.identity.broker import render_acl
 from controller.identity.devices import add_device, load_registry, revoke_device
-from controller.repository.repo import init_repository
 from tests.controller.enroll_support import OPTIONS, archive_members
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    init_repository(tmp_path / "repo")
-    return tmp_path / "repo"
 
 
 def _repack(members: dict[str, bytes], extra: tuple[str, bytes] | None = None) -> bytes:

@@ -23,14 +23,7 @@ from agent.device.enroll import (
 from controller.base.errors import UsageError
 from controller.cli import main as edgectl_main
 from controller.identity.devices import add_device, load_registry
-from controller.repository.repo import init_repository
-from tests.controller.enroll_support import OPTIONS, archive_members
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    init_repository(tmp_path / "repo")
-    return tmp_path / "repo"
+from tests.controller.enroll_support import OPTIONS, archive_members, spki
 
 
 def _csr(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey,
@@ -40,17 +33,6 @@ def _csr(key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519Pr
     )
     algorithm = None if isinstance(key, ed25519.Ed25519PrivateKey) else hashes.SHA256()
     return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM)
-
-
-def _spki(key: x509.Certificate | bytes) -> bytes:
-    public = (
-        key.public_key()
-        if isinstance(key, x509.Certificate)
-        else serialization.load_pem_private_key(key, None).public_key()
-    )
-    return public.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 def test_cli_round_trip_keeps_the_key_on_the_device(
@@ -79,7 +61,7 @@ def test_cli_round_trip_keeps_the_key_on_the_device(
         "enroll.json": 0o644, "agent.toml": 0o644,
     }  # fmt: skip
     cert = x509.load_pem_x509_certificate((etc / "device.crt").read_bytes())
-    assert _spki(cert) == _spki(key_before)
+    assert spki(cert) == spki(key_before)
     assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "cam-7"
     assert cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)[0].value == (
         "north"

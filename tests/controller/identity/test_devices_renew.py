@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from agent.cli import main as agent_main
 from agent.device.enroll import request_enrollment
@@ -27,14 +26,7 @@ from controller.identity.devices import (
     revoke_device,
 )
 from controller.repository.expiry import ExpiryReader
-from controller.repository.repo import init_repository
-from tests.controller.enroll_support import OPTIONS, archive_members
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    init_repository(tmp_path / "repo")
-    return tmp_path / "repo"
+from tests.controller.enroll_support import OPTIONS, archive_members, spki
 
 
 def _edgectl(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
@@ -50,12 +42,6 @@ def _crl_serials(repo: Path) -> set[int]:
     ca = x509.load_pem_x509_certificate((repo / "ca" / "ca.crt").read_bytes())
     assert crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
     return {entry.serial_number for entry in crl}
-
-
-def _spki(cert: x509.Certificate) -> bytes:
-    return cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
 
 
 def test_renewal_archive_installs_over_the_enrollment_with_a_new_key(
@@ -91,10 +77,7 @@ def test_renewal_archive_installs_over_the_enrollment_with_a_new_key(
     new_cert = x509.load_pem_x509_certificate((etc / "device.crt").read_bytes())
     assert new_cert.serial_number == int(doc["serial"]) != old_cert.serial_number
     assert (etc / "device.key").read_bytes() == members["device.key"]
-    key = serialization.load_pem_private_key((etc / "device.key").read_bytes(), None)
-    assert _spki(new_cert) == key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+    assert spki(new_cert) == spki((etc / "device.key").read_bytes())
     new_cert.verify_directly_issued_by(
         x509.load_pem_x509_certificate((repo / "ca" / "ca.crt").read_bytes())
     )
@@ -133,7 +116,7 @@ def test_renewal_by_request_keeps_the_device_key(
     assert (etc / "device.key").read_bytes() == key  # untouched
     new_cert = x509.load_pem_x509_certificate((etc / "device.crt").read_bytes())
     assert new_cert.serial_number != old_cert.serial_number
-    assert _spki(new_cert) == _spki(old_cert)
+    assert spki(new_cert) == spki(old_cert)
     lifetime = new_cert.not_valid_after_utc - new_cert.not_valid_before_utc
     assert lifetime == dt.timedelta(days=400, minutes=5)
 
