@@ -27,7 +27,7 @@ from controller.repository.repo import init_repository
 from controller.serve.config import ServeConfig, load_serve_config
 from tests import test_broker_acl
 from tests.e2e_support import wait_until
-from tests.helpers import make_linear_model
+from tests.helpers import make_linear_model, stop_process
 from tests.test_broker_acl import Client, Setup
 
 BIN = Path(sys.executable).parent
@@ -50,14 +50,15 @@ def _serve(repo: Path, port: int, tmp_path: Path, extra: str = "") -> subprocess
     )
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def _start_up_error(s: Setup, tmp_path: Path, extra: str) -> str:
+    """Start ``edgectl serve`` with ``extra`` in its config, which must make it exit with
+    2 at start-up; its log."""
+    serve = _serve(s.repo, s.port, tmp_path, extra)
+    try:
+        assert serve.wait(30) == 2
+    finally:
+        stop_process(serve)
+    return (tmp_path / "serve.log").read_text()
 
 
 @pytest.fixture
@@ -105,7 +106,7 @@ def test_serve_connects_with_the_controllers_certificate(released: Setup, tmp_pa
         wait_until(ingested, 15, "the controller to ingest cam-1's status over TLS")
     finally:
         cam1.close()
-        _stop(serve)
+        stop_process(serve)
     log = (tmp_path / "serve.log").read_text()
     assert "refused" not in log and "unreachable" not in log, log
 
@@ -118,12 +119,7 @@ def test_a_ca_that_does_not_verify_the_broker_is_a_start_up_error(
     init_repository(other_repo)
     write_broker_config(other_repo, tmp_path / "other-broker", BrokerOptions(hosts=("localhost",)))
     wrong_ca = tmp_path / "other-broker" / "ca.crt"
-    serve = _serve(s.repo, s.port, tmp_path, f'mqtt_ca_file = "{wrong_ca}"\n')
-    try:
-        assert serve.wait(30) == 2
-    finally:
-        _stop(serve)
-    log = (tmp_path / "serve.log").read_text()
+    log = _start_up_error(s, tmp_path, f'mqtt_ca_file = "{wrong_ca}"\n')
     assert "[serve] mqtt_ca_file" in log and str(wrong_ca) in log, log
     assert "does not verify" in log, log
 
@@ -133,12 +129,7 @@ def test_a_missing_ca_file_is_a_start_up_error(
 ) -> None:
     s, _ = setup
     missing = tmp_path / "nowhere" / "ca.crt"
-    serve = _serve(s.repo, s.port, tmp_path, f'mqtt_ca_file = "{missing}"\n')
-    try:
-        assert serve.wait(30) == 2
-    finally:
-        _stop(serve)
-    log = (tmp_path / "serve.log").read_text()
+    log = _start_up_error(s, tmp_path, f'mqtt_ca_file = "{missing}"\n')
     assert f"[serve] mqtt_ca_file: cannot load the CA certificate {missing}" in log, log
 
 

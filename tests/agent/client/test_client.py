@@ -20,6 +20,7 @@ from agent.client.http import UnixHTTPConnection, _set_kernel_timeouts, parse_he
 from agent.client.inference import AgentUnreachableError, InferenceClient, load_input_file
 from agent.oip.shm import SharedMemoryRegion
 from agent.runtime.loading import load_model
+from agent.runtime.models import LoadedModel
 from agent.runtime.registry import ModelRegistry
 from agent.serving.server import InferenceServer
 from tests.agent._model_dir import make_model_dir
@@ -41,11 +42,21 @@ TWO_INPUTS = {
 }
 
 
-def test_client_reconnects_once_after_the_server_restarts(
-    tmp_path: Path, linear_model: Path
-) -> None:
+@pytest.fixture
+def model(tmp_path: Path, linear_model: Path) -> LoadedModel:
+    """The linear model, loaded from a bundle folder."""
+    return load_model(*make_model_dir(tmp_path / "v1", linear_model))
+
+
+@pytest.fixture
+def registry(model: LoadedModel) -> ModelRegistry:
+    """A registry serving ``model``."""
     registry = ModelRegistry()
-    registry.activate(load_model(*make_model_dir(tmp_path / "v1", linear_model)))
+    registry.activate(model)
+    return registry
+
+
+def test_client_reconnects_once_after_the_server_restarts(registry: ModelRegistry) -> None:
     directory = short_socket_dir()
     path = directory / "infer.sock"
     client = InferenceClient(path, timeout_s=10)
@@ -121,13 +132,14 @@ def test_unknown_extension_and_unreadable_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("how", [[], ["--json"], ["--shm"]], ids=["binary", "json", "shm"])
 def test_edge_agent_infer_command(
-    tmp_path: Path, linear_model: Path, how: list[str], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    registry: ModelRegistry,
+    model: LoadedModel,
+    how: list[str],
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     from agent.cli import main
 
-    registry = ModelRegistry()
-    model = load_model(*make_model_dir(tmp_path / "v1", linear_model))
-    registry.activate(model)
     np.save(tmp_path / "x.npy", X.astype(np.float64))  # cast to the model's FP32
     with serving(registry) as server:
         argv = ["infer", "linear", "--input", str(tmp_path / "x.npy"), "--socket"]
@@ -143,11 +155,8 @@ def test_edge_agent_infer_command(
 
 
 def test_repeated_signatures_send_each_call_s_data_and_results_stay_independent(
-    tmp_path: Path, linear_model: Path
+    registry: ModelRegistry, model: LoadedModel
 ) -> None:
-    registry = ModelRegistry()
-    model = load_model(*make_model_dir(tmp_path / "v1", linear_model))
-    registry.activate(model)
     rng = np.random.default_rng(3)
     batches = [rng.normal(size=(rows, 4)).astype(np.float32) for rows in (1, 3, 1, 3, 2)]
     with serving(registry) as server, InferenceClient(server.socket_path) as client:
@@ -171,10 +180,9 @@ def test_repeated_signatures_send_each_call_s_data_and_results_stay_independent(
             client.infer("linear", {"x": batches[0].astype(np.float64)})  # remembered: same
 
 
-def test_shared_memory_results_are_copies_of_the_region(tmp_path: Path, linear_model: Path) -> None:
-    registry = ModelRegistry()
-    model = load_model(*make_model_dir(tmp_path / "v1", linear_model))
-    registry.activate(model)
+def test_shared_memory_results_are_copies_of_the_region(
+    registry: ModelRegistry, model: LoadedModel
+) -> None:
     rng = np.random.default_rng(4)
     batches = [rng.normal(size=(2, 4)).astype(np.float32) for _ in range(3)]
     with (
@@ -193,10 +201,9 @@ def test_shared_memory_results_are_copies_of_the_region(tmp_path: Path, linear_m
         )
 
 
-def test_inputs_living_in_the_region_are_not_copied(tmp_path: Path, linear_model: Path) -> None:
-    registry = ModelRegistry()
-    model = load_model(*make_model_dir(tmp_path / "v1", linear_model))
-    registry.activate(model)
+def test_inputs_living_in_the_region_are_not_copied(
+    registry: ModelRegistry, model: LoadedModel
+) -> None:
     rng = np.random.default_rng(5)
     with (
         serving(registry) as server,
@@ -220,11 +227,8 @@ def test_inputs_living_in_the_region_are_not_copied(tmp_path: Path, linear_model
 
 
 def test_spinning_on_the_response_gives_the_same_answers(
-    tmp_path: Path, linear_model: Path
+    registry: ModelRegistry, model: LoadedModel
 ) -> None:
-    registry = ModelRegistry()
-    model = load_model(*make_model_dir(tmp_path / "v1", linear_model))
-    registry.activate(model)
     with (
         serving(registry) as server,
         InferenceClient(server.socket_path, spin_s=0.0005) as client,

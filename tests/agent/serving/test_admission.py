@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,18 @@ from agent.serving.admission import Admission, DeadlineExceeded, Overloaded, Run
 FAR = 1e9  # a deadline that never passes in a test
 
 
+def _start_waiter(admission: Admission, wait_for_slot: Callable[[], None]) -> threading.Thread:
+    """``wait_for_slot`` on a thread of its own, returned once it waits in ``admission``'s
+    queue (or after 5 s: the test's assertions then say what went wrong)."""
+    waiter = threading.Thread(target=wait_for_slot)
+    waiter.start()
+    for _ in range(1000):
+        if admission.waiting == 1:
+            break
+        time.sleep(0.005)
+    return waiter
+
+
 def test_slots_then_queue_then_overloaded() -> None:
     admission = Admission(1, 1)
     admission.enter(time.monotonic() + FAR)
@@ -27,12 +40,7 @@ def test_slots_then_queue_then_overloaded() -> None:
         admission.enter(time.monotonic() + FAR)
         waiter_done.set()
 
-    waiter = threading.Thread(target=wait_for_slot)
-    waiter.start()
-    for _ in range(1000):
-        if admission.waiting == 1:
-            break
-        time.sleep(0.005)
+    waiter = _start_waiter(admission, wait_for_slot)
     assert admission.admitted == 2
     with pytest.raises(Overloaded, match="1 requests running and 1 waiting"):
         admission.enter(time.monotonic() + FAR)
@@ -63,12 +71,7 @@ def test_stop_wakes_waiters() -> None:
         except NotReadyError as exc:
             errors.append(exc)
 
-    waiter = threading.Thread(target=wait_for_slot)
-    waiter.start()
-    for _ in range(1000):
-        if admission.waiting == 1:
-            break
-        time.sleep(0.005)
+    waiter = _start_waiter(admission, wait_for_slot)
     admission.stop()
     waiter.join(10)
     assert len(errors) == 1 and "stopping" in str(errors[0])

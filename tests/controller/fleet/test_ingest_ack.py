@@ -137,16 +137,9 @@ def test_events_a_failing_store_did_not_take_are_stored_by_the_next_ingest(
         assert first.counts["lost"] == 0 and first.counts["events"] == 0
         store.close()
 
-        working = open_store(location)
-        second = start_ingest(broker, working)
-        try:
-            wait_until(lambda: len(stored_seqs(working)) >= 300, 30, "every event to arrive")
-            wait_until(lambda: second.unacknowledged == 0, 10, "the acknowledgements")
+        with redelivered(broker, location, "events", 300) as working:
             assert stored_seqs(working) == produced  # each once, in the order produced
             assert working.count("events") == 300
-        finally:
-            second.stop()
-            working.close()
     finally:
         device.close()
         first.stop()
