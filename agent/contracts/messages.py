@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from agent.base.errors import BundleError
 from agent.contracts._fields import _require
-from agent.contracts.names import _NAME_RE, TOPIC_ROOT, InvalidNameError, check_name
+from agent.contracts.names import TOPIC_ROOT, InvalidNameError, check_name, is_name
 
 # ---------------------------------------------------------------------------- MQTT payloads
 
@@ -290,7 +290,7 @@ def parse_event(raw: bytes) -> Event:
     if seq < 1:
         raise PayloadError(f"{where}: seq expected >= 1, got {seq}")
     kind = _field(doc, "kind", str, where)
-    if not _NAME_RE.match(kind):
+    if not is_name(kind):
         raise PayloadError(f"{where}: kind expected a short name, got {kind!r}")
     return Event(
         device=device,

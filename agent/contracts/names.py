@@ -3,7 +3,9 @@
 Invariants:
 - Fleet, model and device names are ASCII, start with a letter or digit, and hold no
   ``/`` and no MQTT wildcard, so they are safe in topics, TUF target paths and file names.
-- Versions are semantic versions (semver 2.0) and order as semver says.
+- Versions are semantic versions (semver 2.0, ASCII digits) and order as semver says.
+- A name or version is the whole string: no character before or after it, not even a
+  final newline (every pattern is applied with ``fullmatch``).
 - ``check_name``, ``check_version`` and ``version_key`` raise ``InvalidNameError``.
 """
 
@@ -14,12 +16,22 @@ from typing import Any, Final
 
 # ---------------------------------------------------------------------------- names
 
-_NAME_RE: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Applied with ``fullmatch`` only: ``match`` with a ``$`` anchor also accepts a final
+# newline ("dev1\n"), which would then reach ACL lines, topics and file names. Digits are
+# spelled ``[0-9]``: ``\d`` matches every Unicode digit.
+_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_NUM: Final = r"(?:0|[1-9][0-9]*)"
+_PRE_ID: Final = rf"(?:{_NUM}|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
 _SEMVER_RE: Final = re.compile(
-    r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
-    r"(?:-((?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*)(?:\.(?:0|[1-9]\d*|\d*[A-Za-z-][0-9A-Za-z-]*))*))?"
-    r"(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?$"
+    rf"({_NUM})\.({_NUM})\.({_NUM})"
+    rf"(?:-({_PRE_ID}(?:\.{_PRE_ID})*))?"
+    r"(?:\+([0-9A-Za-z-]+(?:\.[0-9A-Za-z-]+)*))?"
 )
+
+
+def is_name(value: object) -> bool:
+    """Whether ``value`` is a string of a name's form (see ``check_name``)."""
+    return isinstance(value, str) and _NAME_RE.fullmatch(value) is not None
 
 
 class InvalidNameError(ValueError):
@@ -31,7 +43,7 @@ def check_name(kind: str, value: str) -> str:
 
     Raises InvalidNameError naming the rule that was broken.
     """
-    if not isinstance(value, str) or not _NAME_RE.match(value):
+    if not is_name(value):
         raise InvalidNameError(
             f"invalid {kind} name {value!r}: expected 1-64 ASCII letters, digits, '.', '_' "
             "or '-', starting with a letter or digit (no '/', no leading '.')"
@@ -41,7 +53,7 @@ def check_name(kind: str, value: str) -> str:
 
 def check_version(value: str) -> str:
     """Return ``value`` if it is a semantic version; raise InvalidNameError otherwise."""
-    if not isinstance(value, str) or not _SEMVER_RE.match(value):
+    if not isinstance(value, str) or not _SEMVER_RE.fullmatch(value):
         raise InvalidNameError(
             f"invalid version {value!r}: expected a semantic version such as 1.4.0 or 2.0.0-rc.1"
         )
@@ -50,7 +62,7 @@ def check_version(value: str) -> str:
 
 def version_key(value: str) -> tuple[Any, ...]:
     """A sort key that orders versions as semver 2.0 does (build metadata ignored)."""
-    match = _SEMVER_RE.match(value)
+    match = _SEMVER_RE.fullmatch(value)
     if match is None:
         raise InvalidNameError(f"invalid version {value!r}")
     major, minor, patch, pre, _build = match.groups()

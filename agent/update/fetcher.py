@@ -37,7 +37,7 @@ import agent
 
 logger = logging.getLogger(__name__)
 
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)")
 # Statuses that mean "this file is not there" to the TUF client.
 _NOT_FOUND = frozenset({403, 404, 410})
 
@@ -179,7 +179,7 @@ class HttpxFetcher(ResumableFetcher):
 
 
 def _range_start(content_range: str) -> int | None:
-    match = _CONTENT_RANGE.match(content_range.strip())
+    match = _CONTENT_RANGE.fullmatch(content_range.strip())
     return int(match.group(1)) if match else None
 
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from agent.contracts import TOPIC_ROOT
+from agent.contracts import TOPIC_ROOT, InvalidNameError, check_name
 from controller.base.errors import UsageError
 from controller.base.fsio import atomic_write, make_dir
 from controller.identity.ca import DeviceCA
@@ -132,6 +132,13 @@ def write_broker_config(repo_dir: Path, folder: Path, options: BrokerOptions) ->
     """
     if not options.hosts:
         raise UsageError("--host: give at least one name or address devices use for the broker")
+    try:  # it is written into the ACL as a user line and is the certificate's CN
+        check_name("controller identity", options.controller_identity)
+    except InvalidNameError as exc:
+        raise UsageError(f"--controller-identity: {exc}") from None
+    for option, value in [*(("--host", h) for h in options.hosts), ("--bind", options.bind)]:
+        if any(c.isspace() or not c.isprintable() for c in value):  # mosquitto.conf lines
+            raise UsageError(f"{option} expected a name or address, got {value!r}")
     if not 1 <= options.port <= 65535:
         raise UsageError(f"--port expected 1-65535, got {options.port}")
     if not (repo_dir / "metadata" / "root.json").exists():

@@ -71,7 +71,7 @@ SETTINGS_SCHEMA: Final = "edgefleet.repository/1"
 TOP_ROLES: Final = ("root", "targets", "snapshot", "timestamp")
 ALL_ROLES: Final = (*TOP_ROLES, ROLLOUT_ROLE)
 HASH_ALGORITHMS: Final = ["sha256"]
-_ROOT_FILE_RE: Final = re.compile(r"^([1-9][0-9]*)\.root\.json$")
+_ROOT_FILE_RE: Final = re.compile(r"([1-9][0-9]*)\.root\.json")
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ class Repository:
         versions = [
             int(m.group(1))
             for p in self.metadata_dir.glob("*.root.json")
-            if (m := _ROOT_FILE_RE.match(p.name))
+            if (m := _ROOT_FILE_RE.fullmatch(p.name))
         ]
         if not versions:
             raise RepositoryError(f"no N.root.json in {self.metadata_dir}")

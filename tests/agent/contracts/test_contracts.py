@@ -4,24 +4,33 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 
 from agent.base.errors import BundleError, DesiredStateError
 from agent.contracts import (
+    TOPIC_ROOT,
     DesiredState,
+    Event,
     InvalidNameError,
     ModelRelease,
+    PayloadError,
+    announce_topic,
     bundle_target_path,
     check_name,
     check_version,
     desired_target_path,
     device_bucket,
+    device_topic,
+    event_payload,
     parse_desired_state,
+    parse_event,
     parse_manifest,
     resolve_release,
     version_key,
 )
+from agent.contracts.chunks import parse_request_topic
 
 
 @pytest.mark.parametrize("name", ["lab", "fleet-1", "a.b_c", "X9"])
@@ -48,6 +57,70 @@ def test_semver_ordering() -> None:
     assert sorted(reversed(ordered), key=version_key) == ordered
     with pytest.raises(InvalidNameError, match="semantic version"):
         check_version("1.0")
+
+
+# What a pattern anchored with ``$`` and applied with ``match`` lets through (``$`` also
+# matches before a final newline), and whitespace or control characters around a name.
+SUFFIXES = ["\n", "\r", "\r\n", " ", "\t", "\x00", "\n\n", "\u2028"]
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_names_and_versions_with_a_trailing_newline_or_space_are_refused(suffix: str) -> None:
+    for kind in ("fleet", "model", "device"):
+        with pytest.raises(InvalidNameError, match=f"invalid {kind} name"):
+            check_name(kind, "dev1" + suffix)
+        with pytest.raises(InvalidNameError):
+            check_name(kind, suffix + "dev1")
+    for version in ("1.0.0", "1.0.0-rc.1", "1.0.0+build.7"):
+        with pytest.raises(InvalidNameError, match="invalid version"):
+            check_version(version + suffix)
+        with pytest.raises(InvalidNameError, match="invalid version"):
+            version_key(version + suffix)
+    # What is built from names refuses them too (topics, target paths).
+    for build in (
+        lambda: bundle_target_path("m" + suffix, "1.0.0"),
+        lambda: bundle_target_path("m", "1.0.0" + suffix),
+        lambda: desired_target_path("lab" + suffix),
+        lambda: announce_topic("lab" + suffix),
+        lambda: device_topic("lab", "dev1" + suffix, "events"),
+    ):
+        with pytest.raises(InvalidNameError):
+            build()
+
+
+@pytest.mark.parametrize("suffix", SUFFIXES)
+def test_documents_naming_a_model_or_device_with_a_trailing_newline_are_refused(
+    suffix: str,
+) -> None:
+    for change in (
+        lambda d: d.update(name="m" + suffix),
+        lambda d: d.update(version="1.0.0" + suffix),
+    ):
+        doc = _manifest_doc()
+        change(doc)
+        with pytest.raises(BundleError, match="invalid"):
+            parse_manifest(json.dumps(doc).encode())
+    state = json.loads(_desired().to_json_bytes())
+    state["models"]["m" + suffix] = state["models"].pop("m")
+    with pytest.raises(DesiredStateError, match="invalid model name"):
+        parse_desired_state(json.dumps(state).encode(), "lab")
+    event = Event(device="dev1", fleet="lab", stream="s", seq=1, at="", kind="agent_started")
+    for bad in (
+        replace(event, device="dev1" + suffix),
+        replace(event, fleet="lab" + suffix),
+        replace(event, kind="agent_started" + suffix),
+    ):
+        with pytest.raises(PayloadError):
+            parse_event(event_payload(bad))
+    with pytest.raises(ValueError, match="invalid device name"):
+        parse_request_topic(f"{TOPIC_ROOT}/fleets/lab/devices/dev1{suffix}/repo/request")
+
+
+def test_versions_are_ascii() -> None:
+    """``\\d`` matches any Unicode digit: a version of Arabic-Indic digits is no semver."""
+    for version in ("1\u0661.0.0", "1.1\u0662.0", "1.0.0-rc.1\u0663", "1.0.1\uff13"):
+        with pytest.raises(InvalidNameError, match="invalid version"):
+            check_version(version)
 
 
 def test_target_paths() -> None:
