@@ -36,7 +36,8 @@ MAY_IMPORT: dict[str, set[str]] = {
     "agent.serving": {"agent.runtime", "agent.oip", "agent.device"} | _AGENT_FLOOR,
     "agent.update": {"agent.runtime", "agent.device"} | _AGENT_FLOOR,
     "agent.telemetry": {"agent.update", "agent.runtime", "agent.device"} | _AGENT_FLOOR,
-    "controller.base": set(),
+    # One atomic write for both programs (agent.base imports nothing, so no cycle).
+    "controller.base": {"agent.base"},
     "controller.build": _CONTROLLER_FLOOR,
     "controller.identity": _CONTROLLER_FLOOR,
     "controller.fleet": _CONTROLLER_FLOOR,

@@ -1,16 +1,29 @@
-"""Durable file operations: every write that matters is atomic.
+"""Durable file operations: every write that matters is atomic. The agent and the
+controller (``controller.base.fsio``) share this one implementation.
 
 An atomic write goes to a temporary file in the same directory, is flushed and fsynced,
 renamed over the target, and the directory is fsynced, so after a crash or power cut the
 target holds either the old content or the new one, never a mix.
+
+Secrets (``device.key``, the controller's signing keys and CA key) go through the same
+write, so its temporary file is created the way a secret must be: a fresh name, with
+``O_CREAT | O_EXCL | O_NOFOLLOW`` (never an existing file or a planted symlink) and
+permissions no wider than its final ``mode`` from the instant it exists, set exactly
+before the first byte is written. Nobody who may not read the target can open the
+temporary file while the data is in it, and no descriptor opened earlier can exist.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 from pathlib import Path
+from typing import Final
+
+# A new file only: never an existing one, never through a symlink, not inherited by children.
+_CREATE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def fsync_dir(path: Path) -> None:
@@ -23,21 +36,38 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` atomically and durably."""
+    """Replace ``path`` with ``data`` atomically and durably, with permissions ``mode``
+    (exactly: the umask does not narrow it). Creates ``path``'s folder if it is missing.
+
+    The temporary file ``.NAME.tmp-XXXXXXXX`` is never readable beyond ``mode``, at no
+    instant (see the module docstring). Raises OSError when the folder cannot be written.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd, tmp = _create_temporary(path, mode)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)  # exactly ``mode`` whatever the umask, before any data
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
     fsync_dir(path.parent)
+
+
+def _create_temporary(path: Path, mode: int) -> tuple[int, Path]:
+    """A new, empty file beside ``path`` that nobody else can have opened."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            # ``mode`` & 0o600 at creation: owner-only until fchmod sets ``mode``.
+            return os.open(tmp, _CREATE_FLAGS, mode & 0o600), tmp
+        except FileExistsError:
+            continue  # a leftover or another writer's name: draw another
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def durable_rename(src: Path, dst: Path) -> None:

@@ -2,8 +2,9 @@
 
 Invariants:
 - ``atomic_write`` leaves either the old file or the complete new one, never a torn
-  file: it writes a temporary file in the same directory, fsyncs it, renames it over
-  the destination and fsyncs the directory so the rename survives a power cut.
+  file, and its temporary file is never readable beyond the target's mode (a key is
+  0600 from the instant its temporary file exists). It is the agent's
+  (``agent.base.fsutil``): the one implementation both programs use.
 - ``repo_lock`` is an exclusive ``fcntl`` lock on ``<repo>/.lock``; every change to a
   repository happens while it is held, by ``edgectl release`` and ``edgectl serve`` alike.
 """
@@ -13,38 +14,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from agent.base.fsutil import atomic_write
 
-def fsync_dir(path: Path) -> None:
-    """Flush a directory entry (a rename or a new file) to disk."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` atomically and durably with permissions ``mode``.
-
-    Raises OSError when the directory is missing or not writable.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+__all__ = ["atomic_write", "make_dir", "repo_lock"]
 
 
 def make_dir(path: Path, mode: int = 0o755) -> None:

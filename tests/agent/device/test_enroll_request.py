@@ -18,6 +18,7 @@ from cryptography.x509.oid import NameOID
 from agent.base.errors import AgentError
 from agent.cli import main as agent_main
 from agent.device.enroll import make_request, request_enrollment, request_renewal
+from tests.secret_writes import shared_dir, watching_fsyncs
 
 
 def _spki(key: object) -> bytes:
@@ -133,3 +134,19 @@ def test_request_as_root_leaves_the_key_root_owned(tmp_path: Path) -> None:
     request_enrollment("cam-7", tmp_path / "etc")
     st = (tmp_path / "etc" / "device.key").stat()
     assert (st.st_uid, st.st_gid) == (0, 0)
+
+
+def test_no_other_local_user_can_open_the_key_while_request_writes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue #18, defect 4: the key's temporary file was 0644 (the umask's) until after
+    its data was fsynced, in a 0755 folder; a local user could open it and keep it."""
+    with shared_dir() as root, watching_fsyncs(monkeypatch, probe_under=root) as watch:
+        etc, csr = root / "etc", root / "cam-7.csr"
+        assert agent_main(["request", "cam-7", "--config-dir", str(etc), "-o", str(csr)]) == 0
+        assert stat.S_IMODE(etc.stat().st_mode) & 0o005 == 0o005  # others may enter it
+        key_writes = watch.temporaries_of(etc / "device.key")
+        assert [(oct(s.mode), s.readable_by_nobody) for s in key_writes] == [(oct(0o600), False)]
+        # The probe does see what others may read: the request itself, at the same instant.
+        assert [s.readable_by_nobody for s in watch.temporaries_of(csr)] == [True]
+        assert stat.S_IMODE((etc / "device.key").stat().st_mode) == 0o600
