@@ -21,7 +21,7 @@ import numpy as np
 
 import agent
 from agent.base.completion import add_completion_parser, completion_script
-from agent.base.errors import AgentError, ConfigError
+from agent.base.errors import AgentError, ConfigError, IncompatibleStateError
 from agent.device.config import InferenceConfig, load_config
 
 EXIT_FAILURE = 1
@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="edge-agent",
         description="Runs ONNX models on this device, updated from a signed edgefleet repository.",
         epilog="example: edge-agent run --config /etc/edge-agent/agent.toml\n"
-        "exit codes: 0 ok, 1 failure, 2 usage or config error, 130 interrupted",
+        "exit codes: 0 ok, 1 failure, 2 usage, config or state error, 130 interrupted",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"edge-agent {agent.__version__}")
@@ -260,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except ConfigError as exc:
         print(f"edge-agent: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except IncompatibleStateError as exc:
+        # 2, like a config error: restarting cannot help (the unit's RestartPreventExitStatus).
+        print(f"edge-agent: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except AgentError as exc:
         print(f"edge-agent: error: {exc}", file=sys.stderr)

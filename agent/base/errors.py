@@ -4,6 +4,7 @@
 
     AgentError
     ├── ConfigError            the operator's config is wrong (fix the file, restart)
+    ├── IncompatibleStateError the state folder was written by a newer agent (install it)
     ├── UntrustedInputError    something from outside was rejected (never retried blindly)
     │   ├── BundleError        a bundle or its manifest is malformed or unsafe
     │   └── DesiredStateError  the fleet's desired state is malformed
@@ -30,6 +31,14 @@ class AgentError(Exception):
 
 class ConfigError(AgentError):
     """The agent's configuration is invalid."""
+
+
+class IncompatibleStateError(AgentError):
+    """The state folder holds a file a newer agent wrote, in a schema this one cannot read.
+
+    The agent refuses to start rather than forget (or overwrite) what it records: the
+    operator installs the newer agent again.
+    """
 
 
 class UntrustedInputError(AgentError):

@@ -30,18 +30,32 @@ Invariants:
 - A candidate that ended ``failed`` or ``rolled_back`` is not installed again for the
   same rollout (``should_skip``); a new rollout id, or another version, retries.
 
+Schemas (what an upgraded agent finds on disk; ``tests/agent/update/test_journal.py``
+holds a record of each as the older agent wrote it):
+
+- ``edgefleet.journal/1`` (``JOURNAL_SCHEMA``), this record, since the journal exists;
+- before it, no journal: ``<model>/active.json`` ``{"version", "previous"}`` (what
+  served, after its golden vectors passed here) and ``<model>/failed.json``
+  ``{"version", "reason"}`` (a candidate refused here); ``record_from_pointers`` turns
+  them into a record (``ModelStore.migrate_pointers`` does it once, at start-up).
+
+A record of a newer schema raises ``NewerJournalError``, never "treat as empty": an
+older agent must not forget, nor overwrite, what a newer one recorded. Changing the
+record's fields means a new schema number and a step here that reads the old one.
+
 Everything here is a function of data and an injected ``now`` (seconds since the epoch).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any, Final
 
-from agent.contracts import ProbationPolicy
+from agent.contracts import InvalidNameError, ProbationPolicy, check_version
 
 
 class Phase(StrEnum):
@@ -72,7 +86,9 @@ TRANSITIONS: Final[Mapping[Phase, frozenset[Phase]]] = {
     Phase.FAILED: frozenset({Phase.DOWNLOADING}),
 }
 
-JOURNAL_SCHEMA: Final = "edgefleet.journal/1"
+JOURNAL_VERSION: Final = 1
+JOURNAL_SCHEMA: Final = f"edgefleet.journal/{JOURNAL_VERSION}"
+_SCHEMA_RE: Final = re.compile(r"edgefleet\.journal/([1-9][0-9]{0,8})")
 # Restarts while a version is on probation before the agent calls it a crash loop.
 CRASH_LOOP_RESTARTS: Final = 3
 # Restarts that interrupt installs of the same candidate before it is given up.
@@ -85,6 +101,16 @@ class IllegalTransitionError(ValueError):
 
 class JournalFormatError(ValueError):
     """A journal file that cannot be read back."""
+
+
+class NewerJournalError(ValueError):
+    """A record of a schema newer than this agent reads: a newer agent wrote it."""
+
+    def __init__(self, found: str) -> None:
+        super().__init__(
+            f"journal schema {found!r} is newer than this agent reads ({JOURNAL_SCHEMA!r})"
+        )
+        self.found = found
 
 
 @dataclass(frozen=True)
@@ -118,16 +144,80 @@ class JournalRecord:
 
 
 def parse_record(raw: bytes) -> JournalRecord:
-    """Read a record written by ``to_json_bytes``; raise JournalFormatError otherwise."""
+    """Read a record of a schema this agent knows (see the module docstring).
+
+    Raises NewerJournalError for a newer schema, JournalFormatError for anything else
+    that is not a record (no known schema, bad JSON, missing or unknown fields).
+    """
     try:
-        doc: dict[str, Any] = json.loads(raw)
-        if doc.pop("schema", None) != JOURNAL_SCHEMA:
-            raise JournalFormatError(f"journal schema is not {JOURNAL_SCHEMA}")
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise JournalFormatError(f"unreadable journal record: {exc}") from None
+    if not isinstance(doc, dict):
+        raise JournalFormatError(f"a journal record is a JSON object, got {type(doc).__name__}")
+    schema = doc.pop("schema", None)
+    match = _SCHEMA_RE.fullmatch(schema) if isinstance(schema, str) else None
+    if match is None:
+        raise JournalFormatError(f"journal schema expected {JOURNAL_SCHEMA!r}, got {schema!r}")
+    if int(match.group(1)) > JOURNAL_VERSION:
+        raise NewerJournalError(schema)
+    # edgefleet.journal/1 is the first schema; an older one would be upgraded here.
+    unknown = sorted(set(doc) - {f.name for f in fields(JournalRecord)})
+    if unknown:
+        raise JournalFormatError(f"journal record fields this agent does not know: {unknown}")
+    try:
         doc["phase"] = Phase(doc["phase"])
         doc["probation"] = ProbationPolicy(**doc.get("probation", {}))
         return JournalRecord(**doc)
     except (ValueError, TypeError, KeyError) as exc:
-        raise JournalFormatError(f"unreadable journal record: {exc}") from None
+        raise JournalFormatError(f"unreadable journal record: {exc!r}") from None
+
+
+def record_from_pointers(
+    model: str, active: bytes | None, failed: bytes | None, now: float
+) -> JournalRecord:
+    """The record of what an agent from before the journal left for ``model``: the bytes
+    of ``active.json`` and ``failed.json`` (None: absent).
+
+    ``active.json`` named a version that passed its golden vectors here and served:
+    committed. A ``failed.json`` naming another version becomes ``failed`` on that
+    candidate, still serving the active one; it has no rollout id, so the next rollout
+    of that version tries it once more. Raises JournalFormatError naming the file.
+    """
+    reason = "migrated from active.json, written by an agent before the install journal"
+    record = JournalRecord(model=model, entered_at=now, reason=reason)
+    if active is not None:
+        doc = _pointer(active, "active.json", ("version",), ("previous",))
+        record = replace(
+            record, phase=Phase.COMMITTED, version=doc["version"], previous=doc["previous"]
+        )
+    if failed is not None:
+        doc = _pointer(failed, "failed.json", ("version",), ())
+        if doc["version"] != record.version:
+            record = replace(
+                record,
+                phase=Phase.FAILED,
+                version=doc["version"],
+                previous=record.version,
+                reason=str(doc.get("reason", "")) or "failed here (failed.json)",
+            )
+    return record
+
+
+def _pointer(
+    raw: bytes, name: str, versions: tuple[str, ...], optional: tuple[str, ...]
+) -> dict[str, Any]:
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError(f"expected a JSON object, got {type(doc).__name__}")
+        for key in versions:
+            check_version(doc[key])
+        for key in optional:
+            doc[key] = check_version(doc[key]) if doc.get(key) is not None else None
+        return doc
+    except (ValueError, KeyError, InvalidNameError) as exc:
+        raise JournalFormatError(f"unreadable {name}: {exc!r}") from None
 
 
 def serving_version(record: JournalRecord) -> str | None:

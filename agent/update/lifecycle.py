@@ -122,10 +122,19 @@ class ModelLifecycle:
     # ------------------------------------------------------------------ start-up
 
     def restore(self) -> list[str]:
-        """After a (re)start: recover every model's journal and load what it serves."""
+        """After a (re)start: recover every model's journal and load what it serves.
+
+        Raises IncompatibleStateError, before anything is written or loaded, when a
+        journal was written by a newer agent (the agent must not start on it).
+        """
         restored = []
         with self._lock:
-            for model in self._store.model_names():
+            models = self._store.model_names()
+            for model in models:
+                self._store.read_journal(model)  # a newer agent's journal stops us here
+            for model in models:
+                self._store.migrate_pointers(model, self._clock())
+            for model in models:
                 plan = recover(self._store.read_journal(model), self._clock())
                 record = plan.record
                 if record != self._store.read_journal(model):

@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from agent.contracts import ProbationPolicy
 from agent.update.journal import (
     CRASH_LOOP_RESTARTS,
+    JOURNAL_SCHEMA,
     MAX_INTERRUPTED_INSTALLS,
     TRANSITIONS,
     IllegalTransitionError,
     JournalFormatError,
     JournalRecord,
+    NewerJournalError,
     Phase,
     abandon,
     begin_install,
     is_overdue,
     parse_record,
+    record_from_pointers,
     recover,
     retry_later,
     serving_version,
     should_skip,
     transition,
+)
+from tests.agent.update._old_records import (
+    POINTERS_WRITTEN_BY_E3FAC1E,
+    V1_SERVES,
+    V1_WRITTEN_BY_3C52CD2,
 )
 
 POLICY = ProbationPolicy(duration_s=30)
@@ -161,3 +171,75 @@ def test_deadlines() -> None:
     assert not is_overdue(record, now=109.0)
     assert is_overdue(record, now=111.0)
     assert not is_overdue(transition(record, Phase.FAILED, now=1.0), now=1e9)
+
+
+# ---------------------------------------------------------------- schemas and migrations
+@pytest.mark.parametrize("phase", sorted(V1_WRITTEN_BY_3C52CD2))
+def test_a_record_written_by_the_first_journal_still_reads_and_recovers(phase: str) -> None:
+    record = parse_record(V1_WRITTEN_BY_3C52CD2[phase])
+    assert (record.model, record.phase.value) == ("digits", phase)
+    serves, load, fallback = V1_SERVES[phase]
+    assert serving_version(record) == serves
+    plan = recover(record, now=1_780_000_300.0)
+    assert (plan.load, plan.fallback) == (load, fallback)
+    assert parse_record(record.to_json_bytes()) == record
+
+
+def test_a_newer_schema_is_refused_naming_both_schemas() -> None:
+    doc = json.loads(V1_WRITTEN_BY_3C52CD2["committed"])
+    doc.update(schema="edgefleet.journal/2", checksum="abc")
+    with pytest.raises(NewerJournalError) as refused:
+        parse_record(json.dumps(doc).encode())
+    assert refused.value.found == "edgefleet.journal/2"
+    assert "edgefleet.journal/2" in str(refused.value)
+    assert JOURNAL_SCHEMA in str(refused.value)
+    assert not isinstance(refused.value, JournalFormatError)  # never "treat as empty"
+
+
+@pytest.mark.parametrize(
+    "schema", [None, "", "edgefleet.journal/0", "edgefleet.journal/x", "other/1", 1]
+)
+def test_a_record_of_no_known_schema_is_unreadable(schema: object) -> None:
+    doc = json.loads(V1_WRITTEN_BY_3C52CD2["committed"])
+    doc["schema"] = schema
+    with pytest.raises(JournalFormatError, match="schema"):
+        parse_record(json.dumps(doc).encode())
+
+
+def test_fields_this_agent_does_not_know_are_named() -> None:
+    doc = json.loads(V1_WRITTEN_BY_3C52CD2["committed"])
+    doc["surprise"] = 1
+    with pytest.raises(JournalFormatError, match="surprise"):
+        parse_record(json.dumps(doc).encode())
+
+
+def test_pointer_files_of_an_agent_before_the_journal_become_a_record() -> None:
+    p = POINTERS_WRITTEN_BY_E3FAC1E
+    committed = record_from_pointers("digits", p["active"], None, now=5.0)
+    assert (committed.phase, committed.version, committed.previous) == (
+        Phase.COMMITTED, "1.1.0", "1.0.0"
+    )  # fmt: skip
+    assert serving_version(committed) == "1.1.0" and committed.entered_at == 5.0
+    assert recover(committed, now=6.0).load == "1.1.0"
+    first = record_from_pointers("other", p["active_first"], None, now=5.0)
+    assert (first.phase, serving_version(first), first.previous) == (
+        Phase.COMMITTED, "0.3.0", None
+    )  # fmt: skip
+    # A candidate refused here: failed, serving what active.json named.
+    failed = record_from_pointers("digits", p["active"], p["failed"], now=5.0)
+    assert (failed.phase, failed.version, serving_version(failed)) == (
+        Phase.FAILED, "2.0.0", "1.1.0"
+    )  # fmt: skip
+    assert "golden vectors differ" in failed.reason
+    nothing_yet = record_from_pointers("digits", None, p["failed"], now=5.0)
+    assert (nothing_yet.phase, serving_version(nothing_yet)) == (Phase.FAILED, None)
+    assert parse_record(failed.to_json_bytes()) == failed
+
+
+@pytest.mark.parametrize(
+    "active",
+    [b"{", b"[]", b'{"previous": "1.0.0"}', b'{"version": "one"}', b'{"version": "1.0.0\\n"}'],
+)
+def test_unreadable_pointer_files_are_refused(active: bytes) -> None:
+    with pytest.raises(JournalFormatError, match=r"active\.json"):
+        record_from_pointers("digits", active, None, now=5.0)
