@@ -30,7 +30,7 @@ Invariants:
 - A candidate that ended ``failed`` or ``rolled_back`` is not installed again for the
   same rollout (``should_skip``); a new rollout id, or another version, retries.
 
-Schemas (what an upgraded agent finds on disk; ``tests/agent/update/test_journal.py``
+Schemas (what an upgraded agent finds on disk; ``tests/agent/update/_old_records.py``
 holds a record of each as the older agent wrote it):
 
 - ``edgefleet.journal/1`` (``JOURNAL_SCHEMA``), this record, since the journal exists;
