@@ -27,6 +27,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.contracts import announce_topic, device_topic
+from agent.contracts.chunks import request_topic, response_topic
 from agent.device.config import load_config
 from agent.device.enroll import enroll_from_file
 from agent.telemetry.mqtt import MqttLink
@@ -233,6 +234,41 @@ def test_a_device_publishes_only_as_itself_and_reads_only_its_fleet(
     finally:
         controller.close()
         cam1.close()
+
+
+def test_a_device_cannot_publish_into_another_fleets_tree_even_as_itself(
+    setup: tuple[Setup, subprocess.Popen[bytes]],
+) -> None:
+    """cam-3 is enrolled in south: north's tree is closed to it, its own id included
+    (issue 18: the ACL bound the device id but not the fleet)."""
+    s, _ = setup
+    controller = Client("controller", s.port, s.ca, s.controller)
+    cam3 = Client("cam-3", s.port, s.ca, s.devices["cam-3"])
+    try:
+        assert controller.connect(), controller.connect_reason
+        assert controller.subscribe("edgefleet/v1/fleets/+/devices/+/#") == 1
+        assert cam3.connect(), cam3.connect_reason
+        for forged in (
+            *(device_topic("north", "cam-3", kind) for kind in ("telemetry", "events", "status")),
+            request_topic("north", "cam-3"),
+        ):
+            assert cam3.publish(forged, b'{"forged": true}') == NOT_AUTHORIZED, forged
+        own = device_topic("south", "cam-3", "telemetry")
+        assert cam3.publish(own, b'{"own": true}') == 0
+        wait_until(lambda: (own, b'{"own": true}') in controller.messages, 10, "own telemetry")
+        assert [t for t, _ in controller.messages] == [own]
+        # Nor does it read its own id's answers in another fleet's tree.
+        for fleet in ("north", "south"):
+            cam3.subscribe(response_topic(fleet, "cam-3"))
+        for fleet in ("north", "south"):
+            assert controller.publish(response_topic(fleet, "cam-3"), fleet.encode()) == 0
+        south = response_topic("south", "cam-3")
+        wait_until(lambda: (south, b"south") in cam3.messages, 10, "its own answer")
+        time.sleep(0.5)  # north's answer would have arrived by now
+        assert cam3.messages == [(south, b"south")]
+    finally:
+        controller.close()
+        cam3.close()
 
 
 def test_no_certificate_and_revoked_devices_cannot_connect(

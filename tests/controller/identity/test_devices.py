@@ -90,20 +90,26 @@ def test_revocation_publishes_a_crl_with_the_serial(repo: Path) -> None:
     assert stat.S_IMODE((repo / "ca").stat().st_mode) == 0o700
 
 
-def test_the_acl_confines_devices_by_pattern_and_fleet(repo: Path) -> None:
+def test_the_acl_confines_each_device_to_its_own_topics_in_its_own_fleet(repo: Path) -> None:
     add_device(repo, "cam-1", "north", OPTIONS)
     add_device(repo, "cam-2", "south", OPTIONS)
     revoke_device(repo, "cam-2")
     acl = render_acl(load_registry(repo).values(), "edgectl")
     lines = acl.splitlines()
-    assert "pattern write edgefleet/v1/fleets/+/devices/%u/telemetry" in lines
-    assert "pattern write edgefleet/v1/fleets/+/devices/%u/events" in lines
-    assert lines[lines.index("user cam-1") + 1] == "topic read edgefleet/v1/fleets/north/announce"
-    assert "user cam-2" not in lines  # revoked: no fleet access left
+    own = "edgefleet/v1/fleets/north/devices/cam-1"
+    block = lines[lines.index("user cam-1") + 1 : lines.index("user cam-1") + 7]
+    assert block == [
+        "topic read edgefleet/v1/fleets/north/announce",
+        f"topic write {own}/status",
+        f"topic write {own}/telemetry",
+        f"topic write {own}/events",
+        f"topic write {own}/repo/request",
+        f"topic read {own}/repo/response",
+    ]
+    # No rule names a fleet by wildcard for a device (a pattern cannot bind the fleet).
+    assert not any(line.startswith("pattern") for line in lines)
+    assert "user cam-2" not in lines and "cam-2" not in acl  # revoked: nothing left
     assert "topic readwrite edgefleet/v1/fleets/+/announce" in lines
-    # Patterns come before the first user block (mosquitto applies them to everyone).
-    first_user = next(i for i, line in enumerate(lines) if line.startswith("user "))
-    assert all(i < first_user for i, line in enumerate(lines) if line.startswith("pattern"))
 
 
 def test_enroll_rejects_archives_that_do_not_add_up(repo: Path, tmp_path: Path) -> None:
