@@ -5,14 +5,16 @@ Owns for the life of the process: the HTTP server for the repository and
 every new version and after every MQTT reconnection, publishes each fleet's retained
 announcement), the re-signing task (online roles re-signed under the repository lock
 when less than half their lifetime is left), the telemetry ingestor (devices' status,
-heartbeats and events into the store, ``controller.fleet.ingest``) and the task that prunes
-heartbeats past their retention.
+heartbeats and events into the store, ``controller.fleet.ingest``, admitting only what the
+device registry allows, ``controller.fleet.roster``) and the task that prunes heartbeats
+and events past their retention.
 
 Invariants:
 - The readiness line ``edgectl serve: listening on http://HOST:PORT`` is printed and
   flushed on stdout once the socket listens, with the bound port (so port 0 works).
 - An unreachable broker never stops the HTTP side; a failing re-sign is logged and
-  retried on the next check.
+  retried on the next check. A device registry that cannot be read is a start-up error
+  (ingestion would otherwise admit every device or none).
 - SIGTERM and SIGINT cancel every named task, stop the HTTP server and disconnect MQTT.
 """
 
@@ -34,9 +36,11 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from controller.base.errors import ControllerError, UsageError
 from controller.base.fsio import repo_lock
 from controller.fleet.ingest import Ingestor, IngestSettings
+from controller.fleet.roster import RosterEntry, RosterReader
 from controller.fleet.status import StalePolicy
 from controller.fleet.store import TelemetryStore
 from controller.fleet.stores import open_store
+from controller.identity.devices import REGISTRY_FILE, ca_dir, load_registry
 from controller.repository.expiry import ExpiryReader
 from controller.repository.repo import Repository, resign_expiring
 from controller.rollout.service import RolloutSettings, start_rollout_service
@@ -94,16 +98,51 @@ async def resign_loop(repo_dir: Path, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
 
 
-async def prune_loop(store: TelemetryStore, retention_s: float, interval_s: float) -> None:
-    """Delete heartbeats older than the retention period, every ``interval_s``."""
+# Pruning is cheap when little changed (indexed deletes; events: only devices heard
+# from since the last pass), so it runs often enough to keep a flood's rows few.
+PRUNE_INTERVAL_S = 600.0
+
+
+def prune_once(store: TelemetryStore, config: ServeConfig, now: float, active_since: float) -> None:
+    """Delete heartbeats and events past their retention (``[serve] heartbeat_retention_s``,
+    ``event_retention_s``, ``event_max_per_device``)."""
+    removed = store.prune_heartbeats(now - config.heartbeat_retention_s)
+    if removed:
+        logger.info(
+            "pruned %d heartbeat(s) older than %.0f s", removed, config.heartbeat_retention_s
+        )
+    removed = store.prune_events(
+        now - config.event_retention_s, config.event_max_per_device, active_since
+    )
+    if removed:
+        logger.info(
+            "pruned %d event(s) older than %.0f s or past %d per device",
+            removed,
+            config.event_retention_s,
+            config.event_max_per_device,
+        )
+
+
+async def prune_loop(store: TelemetryStore, config: ServeConfig, interval_s: float) -> None:
+    """``prune_once`` every ``interval_s``."""
+    active_since = 0.0  # the first pass looks at every device's events
     while True:
+        now = time.time()
         try:
-            removed = await asyncio.to_thread(store.prune_heartbeats, time.time() - retention_s)
-            if removed:
-                logger.info("pruned %d heartbeat(s) older than %.0f s", removed, retention_s)
+            await asyncio.to_thread(prune_once, store, config, now, active_since)
+            active_since = now - interval_s  # overlap: events stored late are looked at too
         except Exception as exc:  # the store may be briefly unreachable (PostgreSQL)
-            logger.error("pruning heartbeats failed: %s", exc)
+            logger.error("pruning heartbeats and events failed: %s", exc)
         await asyncio.sleep(interval_s)
+
+
+def registry_roster(repo_dir: Path) -> RosterReader:
+    """The device registry as ingestion checks senders against it (controller.fleet.roster)."""
+
+    def entries() -> list[RosterEntry]:
+        return [(r.device_id, r.fleet, r.is_revoked) for r in load_registry(repo_dir).values()]
+
+    return RosterReader(ca_dir(repo_dir) / REGISTRY_FILE, entries)
 
 
 def add_metrics_route(
@@ -120,10 +159,11 @@ def add_metrics_route(
 
     def render() -> str:
         counts = dict(ingestor.counts) if ingestor is not None else {}
+        refusals = dict(ingestor.refusals) if ingestor is not None else {}
         now = time.time()
         expiries = reader.read(now) if reader is not None else None
         aggregates = store.fleet_aggregates(now, policy.default_interval_s, policy.stale_after)
-        return render_aggregates(aggregates, store.event_counts(), counts, expiries)
+        return render_aggregates(aggregates, store.event_counts(), counts, expiries, refusals)
 
     async def handle(_request: web.Request) -> web.Response:
         text = await asyncio.to_thread(render)
@@ -147,6 +187,7 @@ def ingest_settings(config: ServeConfig) -> IngestSettings:
         store_retry_max_s=config.ingest_store_retry_max_s,
         stop_timeout_s=config.ingest_stop_timeout_s,
         qos0_backlog_max=config.ingest_qos0_backlog_max,
+        max_requests_per_s=config.max_requests_per_s,
     )
 
 
@@ -156,14 +197,15 @@ async def serve(config: ServeConfig) -> None:
     Repository.open(config.repo_dir).versions()  # fail fast on a missing or damaged repo
     # Before anything connects: a bad CA, certificate or key is an error here, not a log.
     tls = await asyncio.to_thread(serve_tls_context, config)
+    roster = registry_roster(config.repo_dir)
+    try:
+        await asyncio.to_thread(roster.load)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read the device registry {roster.path}: {exc}") from None
     store = await asyncio.to_thread(open_store, config.store_location)
     ingestor: Ingestor | None = None
     if config.mqtt_host is not None:
-        ingestor = Ingestor(
-            ingest_settings(config),
-            store,
-            tls=tls,
-        )
+        ingestor = Ingestor(ingest_settings(config), store, tls=tls, roster=roster)
     app = make_app(config.repo_dir)
     policy = StalePolicy(config.heartbeat_interval_s, config.stale_after_heartbeats)
     add_metrics_route(app, store, ingestor, policy, config.repo_dir)
@@ -210,9 +252,7 @@ async def serve(config: ServeConfig) -> None:
         asyncio.create_task(
             resign_loop(config.repo_dir, config.resign_check_interval_s), name="resign"
         ),
-        asyncio.create_task(
-            prune_loop(store, config.heartbeat_retention_s, 3600.0), name="prune-heartbeats"
-        ),
+        asyncio.create_task(prune_loop(store, config, PRUNE_INTERVAL_S), name="prune"),
     ]
     if ingestor is not None:
         ingestor.start()

@@ -46,6 +46,12 @@ Invariants:
   (besides the batch the writer holds).
 - A message that does not parse, or whose payload names another device or fleet than
   its topic, is counted as rejected and logged (rate-limited), never stored.
+- With a ``RosterReader`` (the device registry): a message from a device that is not
+  enrolled, is revoked, or is enrolled in another fleet than its topic's, and a heartbeat
+  with counts no device can serve, are counted as refused by reason (``refusals``) and
+  logged (rate-limited), never stored (``controller.fleet.roster``,
+  ``controller.fleet.payloads.check_plausible``). The roster is taken once per batch;
+  checking a message against it is one dict lookup.
 - ``stop`` stores and acknowledges what was received before it returns, unless the store
   fails then: it does not retry, leaves those messages unacknowledged for the broker
   to send again (QoS 0 ones are counted as lost) and returns within ``stop_timeout_s``.
@@ -71,8 +77,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.contracts import PayloadError, device_topic_filter
 from controller.fleet.backlog import QUEUED, Backlog, Item
-from controller.fleet.payloads import add_payload
+from controller.fleet.payloads import DEFAULT_MAX_REQUESTS_PER_S, Admission, add_payload
 from controller.fleet.records import IngestBatch
+from controller.fleet.roster import RefusedMessage, RosterReader
 from controller.fleet.store import TelemetryStore
 
 logger = logging.getLogger(__name__)
@@ -157,6 +164,8 @@ class IngestSettings:
     # QoS 0 messages held while the store is slow or down (about 1 KB each); at least the
     # devices this worker hears from, so that each one's latest heartbeat is kept.
     qos0_backlog_max: int = 100_000
+    # Heartbeats counting more requests per model than this per second are refused.
+    max_requests_per_s: float = DEFAULT_MAX_REQUESTS_PER_S
 
     @property
     def subscription(self) -> str:
@@ -182,20 +191,29 @@ class Ingestor:
     _SHED_LOG_EVERY_S: Final = 10.0
 
     def __init__(
-        self, settings: IngestSettings, store: TelemetryStore, tls: ssl.SSLContext | None = None
+        self,
+        settings: IngestSettings,
+        store: TelemetryStore,
+        tls: ssl.SSLContext | None = None,
+        roster: RosterReader | None = None,
     ) -> None:
-        """``tls``: connect over TLS with this context (``controller.serve.mqtt_tls``).
+        """``tls``: connect over TLS with this context (``controller.serve.mqtt_tls``);
+        ``roster``: admit only what the device registry allows (``controller.fleet.roster``).
 
         Raises ValueError when ``settings.qos0_backlog_max`` is below 1."""
         self.settings = settings
         self.store = store
+        self._roster = roster
         # Written by the writer thread, except coalesced and dropped (the network thread).
         self.counts: Counter[str] = Counter()
+        # Messages refused by reason (controller.fleet.roster.REFUSAL_REASONS); writer thread.
+        self.refusals: Counter[str] = Counter()
         self._backlog = Backlog(settings.qos0_backlog_max)
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._writer: threading.Thread | None = None
-        self._last_reject_log = 0.0
+        self._last_reject_log = -math.inf
+        self._last_refusal_log = -math.inf
         self._last_shed_log = -math.inf
         # Which connection a message came on: an acknowledgement is sent only on it. The
         # network thread moves it on (dis)connect, under the lock the writer acks under.
@@ -351,9 +369,15 @@ class Ingestor:
         """Parse and store ``items``, then acknowledge them; False when the store failed
         and ``stop`` was called (nothing acknowledged then)."""
         batch = IngestBatch()
+        roster = self._roster.current() if self._roster is not None else None
+        admission = Admission(roster, self.settings.max_requests_per_s)
         for topic, payload, received_at, *_ack in items:
             try:
-                add_payload(batch, topic, payload, received_at)
+                add_payload(batch, topic, payload, received_at, admission)
+            except RefusedMessage as exc:
+                self.counts["refused"] += 1
+                self.refusals[exc.reason] += 1
+                self._log_refusal(topic, exc)
             except PayloadError as exc:
                 self.counts["rejected"] += 1
                 self._log_reject(topic, exc)
@@ -423,6 +447,17 @@ class Ingestor:
             logger.warning(
                 "ingest: left %d QoS 1 message(s) unacknowledged; the broker sends them again",
                 left_qos1,
+            )
+
+    def _log_refusal(self, topic: str, exc: RefusedMessage) -> None:
+        now = time.monotonic()
+        if now - self._last_refusal_log > 10:
+            self._last_refusal_log = now
+            logger.warning(
+                "ingest: refused a message on %s: %s (refused so far: %s)",
+                topic,
+                exc,
+                ", ".join(f"{n} {reason}" for reason, n in sorted(self.refusals.items())),
             )
 
     def _log_reject(self, topic: str, exc: Exception) -> None:

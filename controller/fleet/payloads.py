@@ -15,11 +15,16 @@ Invariants:
   a device to its topics, so the topic is what identifies the sender).
 - Nothing that parses can fail the store's transaction: counts beyond the store's 32-bit
   columns, NaN, NUL characters and the like are refused here.
+- With an ``Admission`` (what ``edgectl serve`` passes): a message whose device the
+  registry does not admit on its topic's fleet, and a heartbeat whose counts no device
+  can serve (``check_plausible``), raise ``RefusedMessage`` (a PayloadError with a
+  reason), checked before the payload is parsed and after, respectively.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
 import orjson
@@ -38,6 +43,7 @@ from agent.contracts import (
     parse_telemetry,
 )
 from controller.fleet.records import HeartbeatFacts, IngestBatch, ModelFacts
+from controller.fleet.roster import IMPLAUSIBLE, RefusedMessage, Roster
 
 Message = Heartbeat | Event | Status
 _PARSERS: Final[dict[str, Callable[[bytes], Message]]] = {
@@ -184,12 +190,71 @@ def _topic_names(topic: str) -> tuple[str, str, str]:
         raise PayloadError(f"topic {topic!r}: {exc}") from None
 
 
-def add_payload(batch: IngestBatch, topic: str, payload: bytes, received_at: float) -> None:
+# The most requests one device can plausibly serve of one model per second: about 15
+# times the fastest the agent was measured to serve (a tiny model, ~3,000 a second on one
+# connection, docs/benchmarks.md). ``[serve] max_requests_per_s`` sets it.
+DEFAULT_MAX_REQUESTS_PER_S: Final = 50_000.0
+# A heartbeat may cover up to two intervals (its scheduler runs late, or coalesces a
+# missed run); an interval counts as at least 1 s and at most an hour, whatever it claims.
+INTERVALS_PER_HEARTBEAT: Final = 2
+MIN_INTERVAL_S: Final = 1.0
+MAX_INTERVAL_S: Final = 3600.0
+
+
+def most_requests(interval_s: float, max_requests_per_s: float) -> int:
+    """The most requests a heartbeat claiming ``interval_s`` may report per model."""
+    interval = min(max(interval_s, MIN_INTERVAL_S), MAX_INTERVAL_S)
+    return int(max_requests_per_s * interval * INTERVALS_PER_HEARTBEAT)
+
+
+def check_plausible(facts: HeartbeatFacts, max_requests_per_s: float) -> None:
+    """Raise RefusedMessage (``implausible``) when a model's counts are negative, its
+    errors and client errors outnumber its requests, or its requests exceed
+    ``most_requests``: figures no device serves, sent to outweigh the fleet's."""
+    most = most_requests(facts.interval_s, max_requests_per_s)
+    for name, _version, _state, requests, errors, client_errors, _p99 in facts.models:
+        if min(requests, errors, client_errors) < 0:
+            problem = f"a negative count ({requests}, {errors}, {client_errors})"
+        elif errors + client_errors > requests:
+            problem = f"{errors} errors and {client_errors} client errors in {requests} requests"
+        elif requests > most:
+            problem = (
+                f"{requests:,} requests in an interval of {facts.interval_s:g} s (at most "
+                f"{most:,} at max_requests_per_s={max_requests_per_s:g})"
+            )
+        else:
+            continue
+        raise RefusedMessage(IMPLAUSIBLE, f"telemetry: models[{name!r}]: {problem}")
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What ingestion admits beyond the contract: with a ``roster``, only devices it lists
+    on their own fleet's topics; heartbeats whose counts ``check_plausible`` accepts."""
+
+    roster: Roster | None = None
+    max_requests_per_s: float = DEFAULT_MAX_REQUESTS_PER_S
+
+
+OPEN: Final = Admission()
+
+
+def add_payload(
+    batch: IngestBatch,
+    topic: str,
+    payload: bytes,
+    received_at: float,
+    admission: Admission = OPEN,
+) -> None:
     """Parse one message as received and add it to ``batch``; raise PayloadError if it
-    breaks the contract (nothing is added then)."""
+    breaks the contract, RefusedMessage if ``admission`` refuses it (nothing is added
+    then)."""
     fleet, device, kind = _topic_names(topic)
+    if admission.roster is not None:
+        admission.roster.check(fleet, device)
     if kind == "telemetry":
         facts = parse_heartbeat(fleet, device, payload)
+        check_plausible(facts, admission.max_requests_per_s)
         batch.heartbeat_facts.append((facts, received_at, payload.decode()))
     else:
         add_to_batch(batch, parse_message(topic, payload), received_at)

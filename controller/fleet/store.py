@@ -21,6 +21,10 @@ Invariants:
 - Rows are written in key order, so concurrent writers on PostgreSQL cannot deadlock
   (``controller.fleet.records`` builds them so, in the column order of the statements here).
 - Readers never block the writer: each store holds its own read connection.
+- Events are bounded: ``prune_events`` drops those older than the retention period and,
+  of each device, all but its newest ``max_per_device`` (a device flooding events
+  fills only its own share). A rollout reads a fleet's events per device
+  (``fleet_events``), so one device's flood cannot push another's out of the window.
 
 Raises ``StoreError`` (a ``ControllerError``) when the store cannot be opened.
 """
@@ -82,6 +86,8 @@ DDL: Final = (
         reason TEXT NOT NULL DEFAULT '',
         UNIQUE (fleet, device, stream, seq))""",
     "CREATE INDEX IF NOT EXISTS events_device ON events (device, id)",
+    "CREATE INDEX IF NOT EXISTS events_received ON events (received_at)",
+    "CREATE INDEX IF NOT EXISTS events_version ON events (fleet, model, version, received_at)",
 )
 
 # Created after MIGRATIONS: a table made before then lacks the columns. Rows that were
@@ -354,6 +360,24 @@ class TelemetryStore(ABC):
             rows = cur.fetchall()
         return [EventRow(*r) for r in reversed(rows)]
 
+    def fleet_events(
+        self, fleet: str, model: str, version: str, since: float, max_per_device: int
+    ) -> list[EventRow]:
+        """The events of ``fleet``'s devices about ``model`` at ``version`` received at or
+        after ``since``: of each device, its newest ``max_per_device``; all in stored
+        order. One device's flood leaves the others' events in."""
+        query = f"""
+            SELECT {_EVENT_COLUMNS} FROM (
+                SELECT {_EVENT_COLUMNS},
+                       ROW_NUMBER() OVER (PARTITION BY device ORDER BY id DESC) AS n
+                FROM events
+                WHERE fleet = ? AND model = ? AND version = ? AND received_at >= ?) recent
+            WHERE n <= ? ORDER BY id"""
+        with self._read_lock, self._reader() as cur:
+            cur.execute(self._sql(query), [fleet, model, version, float(since), max_per_device])
+            rows = cur.fetchall()
+        return [EventRow(*r) for r in rows]
+
     def heartbeats(self, device: str, limit: int = 10) -> list[HeartbeatRow]:
         """The device's most recent heartbeats, oldest first."""
         with self._read_lock, self._reader() as cur:
@@ -442,3 +466,31 @@ class TelemetryStore(ABC):
         with self._write_lock, self._writer() as cur:
             cur.execute(self._sql("DELETE FROM heartbeats WHERE received_at < ?"), [before])
             return int(cur.rowcount or 0)
+
+    def prune_events(self, before: float, max_per_device: int, active_since: float = 0.0) -> int:
+        """Delete events received before ``before`` (epoch seconds) and, of each device
+        that sent one at or after ``active_since``, all but its newest ``max_per_device``
+        (only those devices can have gone past it since the last prune); return how many
+        were deleted."""
+        with self._write_lock, self._writer() as cur:
+            cur.execute(self._sql("DELETE FROM events WHERE received_at < ?"), [before])
+            removed = int(cur.rowcount or 0)
+            cur.execute(
+                self._sql("SELECT DISTINCT device FROM events WHERE received_at >= ?"),
+                [active_since],
+            )
+            for (device,) in cur.fetchall():
+                cur.execute(
+                    self._sql(
+                        "SELECT id FROM events WHERE device = ? ORDER BY id DESC LIMIT 1 OFFSET ?"
+                    ),
+                    [device, max_per_device],
+                )
+                row = cur.fetchone()
+                if row is not None:
+                    cur.execute(
+                        self._sql("DELETE FROM events WHERE device = ? AND id <= ?"),
+                        [device, row[0]],
+                    )
+                    removed += int(cur.rowcount or 0)
+            return removed

@@ -8,7 +8,10 @@ Gates (``edgectl rollout start --gate``), each ``metric<limit``; the stage keeps
 while every figure stays *below* its limit:
 
 ``error_rate``       errors / served requests of the new version, summed over devices
-                     (served = requests − client errors; a 4xx is the caller's fault).
+                     (served = requests − client errors; a 4xx is the caller's fault),
+                     each device's requests counted up to ``judge_n`` (its errors in
+                     proportion): per device, so that one device reporting a flood of
+                     clean requests cannot hide another's failures.
 ``p99_ratio``        the median over devices of the new version's p99 latency, divided by
                      the previous version's (the same median over devices still running
                      it, or the baseline measured earlier in the rollout).
@@ -29,7 +32,11 @@ Evidence rules, the fleet-level twin of the device's probation (``agent.update.p
   requests were served (300 for a 1 % limit: enough that one error is not a verdict);
   before that it breaks only when the breach is already certain (``errors >= limit *
   judge_n``, i.e. at least 3 errors), so one unlucky error does not halt a rollout but a
-  version that fails everything does, after its third error.
+  version that fails everything does, after its third error. A device weighs at most
+  ``judge_n`` requests, the evidence that suffices to judge: below it the weighting
+  changes nothing, above it a device's figures are scaled down, so a device that claims
+  a million clean requests counts as ``judge_n`` clean ones. The report's ``served`` and
+  ``errors`` stay the sums devices reported; its ``error_rate`` is the weighted one.
 - ``p99_ratio`` is judged only with at least 100 requests on each side: below that a
   p99 is the maximum of a handful.
 - ``failed_installs`` and ``rollbacks`` break on the first failure that puts the share at
@@ -296,11 +303,31 @@ class GateReport:
         }
 
 
+def judge_n(policy: GatePolicy, limit: float) -> int:
+    """Served requests before an error rate against ``limit`` is judged (module docstring)."""
+    return max(policy.min_requests, MIN_REQUESTS_TO_JUDGE, math.ceil(MIN_ERRORS_TO_HALT / limit))
+
+
+def weighted(figures: Mapping[str, DeviceFigures], cap: float | None) -> tuple[float, float]:
+    """(served, errors) summed over devices, each device's served requests counted up to
+    ``cap`` and its errors in proportion (``cap`` None: the plain sums)."""
+    served = errors = 0.0
+    for f in figures.values():
+        share = cap / f.served if cap is not None and f.served > cap else 1.0
+        served += max(f.served, 0) * share
+        errors += f.errors * share
+    return served, errors
+
+
 def evaluate_gates(policy: GatePolicy, evidence: Evidence) -> GateReport:
     """Judge one stage window against ``policy`` (see the module docstring's rules)."""
     new = per_device(evidence.samples, evidence.version)
     served = sum(f.served for f in new.values())
     errors = sum(f.errors for f in new.values())
+    limit = policy.limit("error_rate")
+    weighted_served, weighted_errors = weighted(
+        new, judge_n(policy, limit) if limit is not None else None
+    )
     p99_new = _median_p99(new)
     old = per_device(evidence.samples, evidence.previous) if evidence.previous else {}
     old_served = sum(f.served for f in old.values())
@@ -313,7 +340,7 @@ def evaluate_gates(policy: GatePolicy, evidence: Evidence) -> GateReport:
     breaches = [
         b
         for b in (
-            _error_rate_breach(policy, new, served, errors),
+            _error_rate_breach(policy, new, (served, errors), (weighted_served, weighted_errors)),
             _latency_breach(policy, new, served, p99_new, baseline, ratio),
             _failure_breach(policy, "failed_installs", failed, attempted),
             _failure_breach(policy, "rollbacks", rolled_back, attempted),
@@ -325,7 +352,7 @@ def evaluate_gates(policy: GatePolicy, evidence: Evidence) -> GateReport:
         reporting=tuple(sorted(new)),
         served=served,
         errors=errors,
-        error_rate=errors / served if served > 0 else None,
+        error_rate=weighted_errors / weighted_served if weighted_served > 0 else None,
         p99_s=p99_new,
         baseline_p99_s=baseline,
         p99_ratio=ratio,
@@ -357,17 +384,24 @@ def _named(ranked: list[tuple[float, str, str]]) -> tuple[dict[str, str], int]:
 
 
 def _error_rate_breach(
-    policy: GatePolicy, new: Mapping[str, DeviceFigures], served: int, errors: int
+    policy: GatePolicy,
+    new: Mapping[str, DeviceFigures],
+    reported: tuple[int, int],
+    counted: tuple[float, float],
 ) -> Breach | None:
+    """``reported``: (served, errors) as devices reported them; ``counted``: the same
+    with each device weighted up to ``judge_n`` (``weighted``)."""
     limit = policy.limit("error_rate")
-    if limit is None or errors == 0:
+    served, errors = counted
+    if limit is None or errors <= 0:
         return None
-    judge_n = max(policy.min_requests, MIN_REQUESTS_TO_JUDGE, math.ceil(MIN_ERRORS_TO_HALT / limit))
+    n = judge_n(policy, limit)
     rate = errors / served if served > 0 else 1.0
-    if served >= judge_n and rate >= limit:
-        detail = f"{errors} errors in {served} requests"
-    elif served < judge_n and errors >= limit * judge_n:
-        detail = f"certain: {errors} errors in the first {served} requests"
+    said = f"{reported[1]} errors in {reported[0]} requests"
+    if served >= n and rate >= limit:
+        detail = said if served == reported[0] else f"{said}, each device counted up to {n}"
+    elif served < n and errors >= limit * n:
+        detail = f"certain: {reported[1]} errors in the first {reported[0]} requests"
     else:
         return None
     ranked = [

@@ -94,8 +94,9 @@ class RolloutSettings:
     tick_interval_s: float = 5.0
     # Devices that do not say their heartbeat interval are assumed to use this one.
     heartbeat_interval_s: float = 10.0
-    # The most recent events of a fleet one tick reads (a stage's window must fit).
-    max_events: int = 50_000
+    # The newest events of each device one tick reads about the rollout's version (an
+    # install is about ten; a device's flood then hides only its own older ones).
+    max_events_per_device: int = 200
     max_heartbeats_per_device: int = 2_000
 
 
@@ -321,7 +322,9 @@ class RolloutService:
 
         Heartbeats are read in one query (``store.fleet_heartbeats``) from ``read_from``:
         the stage start on its first tick, later the last read less WINDOW_OVERLAP_S. A
-        heartbeat stored later than that after it was received is not read."""
+        heartbeat stored later than that after it was received is not read. Events are
+        read per device (``store.fleet_events``): a device's flood cannot push another
+        device's failure out of the window."""
         since = r.stage_started_at
         key = (r.id, r.stage, r.stage_started_at)
         window = self._windows.setdefault(key, {})
@@ -344,8 +347,9 @@ class RolloutService:
         samples = list(window.values())
         incidents = tuple(
             Incident(e.device, e.received_at, e.kind, e.reason)
-            for e in self.store.events(fleet=r.fleet, limit=self.settings.max_events)
-            if e.model == r.model and e.version == r.version and e.received_at >= since
+            for e in self.store.fleet_events(
+                r.fleet, r.model, r.version, since, self.settings.max_events_per_device
+            )
         )
         return Evidence(
             version=r.version,

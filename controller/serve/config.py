@@ -50,6 +50,9 @@ _KNOWN_KEYS: Final = (
     "heartbeat_interval_s",
     "stale_after_heartbeats",
     "heartbeat_retention_s",
+    "event_retention_s",
+    "event_max_per_device",
+    "max_requests_per_s",
     "rollout_tick_interval_s",
     "mqtt_tls",
     "mqtt_ca_file",
@@ -94,6 +97,12 @@ class ServeConfig:
     heartbeat_interval_s: float = 10.0
     stale_after_heartbeats: float = 3.0
     heartbeat_retention_s: float = 7 * 86400.0
+    # Lifecycle events kept: this long, and at most this many of each device (its newest).
+    event_retention_s: float = 90 * 86400.0
+    event_max_per_device: int = 1000
+    # Heartbeats counting more requests per model than this a second are refused
+    # (controller.fleet.payloads.check_plausible).
+    max_requests_per_s: float = 50_000.0
     # How often staged rollouts are judged against their gates and advanced.
     rollout_tick_interval_s: float = 5.0
     # MQTT over TLS with the controller's client certificate; when ``mqtt_tls`` is true
@@ -197,6 +206,9 @@ def load_serve_config(
         heartbeat_interval_s=float(_number(doc, "heartbeat_interval_s", 10.0)),
         stale_after_heartbeats=float(_number(doc, "stale_after_heartbeats", 3.0)),
         heartbeat_retention_s=float(_number(doc, "heartbeat_retention_s", 7 * 86400.0)),
+        event_retention_s=float(_number(doc, "event_retention_s", 90 * 86400.0)),
+        event_max_per_device=_number(doc, "event_max_per_device", 1000, integer=True),
+        max_requests_per_s=float(_number(doc, "max_requests_per_s", 50_000.0)),
         rollout_tick_interval_s=float(_number(doc, "rollout_tick_interval_s", 5.0)),
         mqtt_tls=mqtt_tls,
         mqtt_ca_file=tls_files.get("mqtt_ca_file"),

@@ -3,8 +3,9 @@
 ``GET /metrics`` of ``edgectl serve`` (``controller.app.add_metrics_route``) renders, in the
 Prometheus text format (version 0.0.4): devices by fleet and health, devices by model,
 version and install state, events stored, events devices dropped, messages this process
-ingested, and, given the repository's ``Expiries`` (``controller.repository.expiry``),
-when what the operator must renew expires. Pure functions of their arguments: the
+ingested, messages it refused by reason (``controller.fleet.roster``), and, given the
+repository's ``Expiries`` (``controller.repository.expiry``), when what the operator must
+renew expires. Pure functions of their arguments: the
 counts come from the telemetry store (``TelemetryStore.fleet_aggregates``, or
 ``aggregate_rows`` of device rows already loaded), health from
 ``controller.fleet.status.health``.
@@ -19,9 +20,10 @@ Invariants:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from controller.fleet.records import DeviceRow, FleetAggregates
+from controller.fleet.roster import REFUSAL_REASONS
 from controller.fleet.status import HEALTH_STATES, StalePolicy, health
 from controller.repository.expiry import Expiries
 
@@ -59,10 +61,11 @@ def render_metrics(
     now: float,
     policy: StalePolicy,
     expiries: Expiries | None = None,
+    refusals: Mapping[str, int] | None = None,
 ) -> str:
     """``render_aggregates`` of device rows already loaded."""
     return render_aggregates(
-        aggregate_rows(rows, now, policy), event_counts, ingest_counts, expiries
+        aggregate_rows(rows, now, policy), event_counts, ingest_counts, expiries, refusals
     )
 
 
@@ -71,8 +74,10 @@ def render_aggregates(
     event_counts: Sequence[tuple[str, str, int]],
     ingest_counts: dict[str, int],
     expiries: Expiries | None = None,
+    refusals: Mapping[str, int] | None = None,
 ) -> str:
-    """Fleet aggregates in the Prometheus text format (version 0.0.4), then, given
+    """Fleet aggregates in the Prometheus text format (version 0.0.4), the messages
+    ingestion refused by reason (``refusals``, every reason even at 0), then, given
     ``expiries``, when what the operator must renew expires (``_render_expiries``).
     ``/metrics`` gets the aggregates from ``TelemetryStore.fleet_aggregates``."""
     out = [
@@ -114,9 +119,30 @@ def render_aggregates(
         "# HELP edgefleet_ingest_messages_total Messages this process ingested, by outcome.",
         "# TYPE edgefleet_ingest_messages_total counter",
     ]
-    for kind in ("heartbeats", "events", "statuses", "rejected", "lost", "coalesced", "dropped"):
+    kinds = (
+        "heartbeats",
+        "events",
+        "statuses",
+        "rejected",
+        "refused",
+        "lost",
+        "coalesced",
+        "dropped",
+    )
+    for kind in kinds:
         out.append(
             _sample("edgefleet_ingest_messages_total", {"kind": kind}, ingest_counts.get(kind, 0))
+        )
+    out += [
+        "# HELP edgefleet_ingest_refused_total Messages refused because the device registry "
+        "does not allow their sender (unenrolled, revoked, other_fleet) or their counts "
+        "(implausible).",
+        "# TYPE edgefleet_ingest_refused_total counter",
+    ]
+    refused = refusals or {}
+    for reason in REFUSAL_REASONS:
+        out.append(
+            _sample("edgefleet_ingest_refused_total", {"reason": reason}, refused.get(reason, 0))
         )
     if expiries is not None:
         out += _render_expiries(expiries)

@@ -211,6 +211,30 @@ def test_old_heartbeats_are_pruned(store: TelemetryStore) -> None:
     assert [b.received_at for b in store.heartbeats("d1")] == [200.0]
 
 
+def test_events_are_pruned_by_age_and_to_each_devices_newest(store: TelemetryStore) -> None:
+    """Issue 18: the events table grew without bound; a device flooding it now fills only
+    its own share, and old events go after the retention period."""
+
+    def events(device: str, seqs: range, received: float) -> list[tuple[Event, float]]:
+        return [(Event(device, "lab", "s", n, "t", "committed", "m", "1"), received) for n in seqs]
+
+    store.write(
+        IngestBatch(
+            events=events("quiet", range(1, 11), 100.0)  # old
+            + events("quiet", range(11, 16), 300.0)
+            + events("flood", range(1, 51), 300.0)
+        )
+    )
+    assert store.prune_events(before=200.0, max_per_device=20) == 10 + 30
+    assert [e.seq for e in store.events(device="quiet")] == list(range(11, 16))
+    assert [e.seq for e in store.events(device="flood", limit=100)] == list(range(31, 51))
+    # Later passes look only at devices heard from since the last one.
+    store.write(IngestBatch(events=events("flood", range(51, 61), 400.0)))
+    assert store.prune_events(before=0.0, max_per_device=20, active_since=350.0) == 10
+    assert [e.seq for e in store.events(device="flood", limit=100)] == list(range(41, 61))
+    assert store.prune_events(before=0.0, max_per_device=3, active_since=450.0) == 0
+
+
 # ---------------------------------------------------------------------------- pure views
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.contracts import ProbationPolicy, resolve_release
-from controller.fleet.records import HeartbeatFacts, IngestBatch
+from agent.contracts import Event, ProbationPolicy, resolve_release
+from controller.fleet.records import EventRow, HeartbeatFacts, IngestBatch
 from controller.fleet.store import TelemetryStore
-from controller.rollout.gates import Evidence, Incident, Sample, parse_gates
+from controller.rollout.gates import Evidence, Incident, Sample, evaluate_gates, parse_gates
 from controller.rollout.service import (
     WINDOW_OVERLAP_S,
     RolloutService,
@@ -33,7 +33,9 @@ from controller.rollout.stages import OnFailure, Rollout, desired_release, new_r
 FLEET = "lab"
 MODEL = "lin"
 T0 = 1_700_000_000.0
-SETTINGS = RolloutSettings(heartbeat_interval_s=10.0, max_heartbeats_per_device=7)
+SETTINGS = RolloutSettings(
+    heartbeat_interval_s=10.0, max_heartbeats_per_device=7, max_events_per_device=3
+)
 
 
 @dataclass
@@ -59,10 +61,16 @@ class Reference:
                 if sample is not None:
                     self.window[(row.device, beat.received_at)] = sample
         self.read_at = now
+        # Each device's newest max_events_per_device events of the version, by id.
+        kept: dict[str, list[EventRow]] = {}
+        for e in reversed(self.store.events(fleet=r.fleet, limit=10**9)):
+            if e.model == r.model and e.version == r.version and e.received_at >= since:
+                mine = kept.setdefault(e.device, [])
+                if len(mine) < SETTINGS.max_events_per_device:
+                    mine.append(e)
         incidents = tuple(
             Incident(e.device, e.received_at, e.kind, e.reason)
-            for e in self.store.events(fleet=r.fleet, limit=SETTINGS.max_events)
-            if e.model == r.model and e.version == r.version and e.received_at >= since
+            for e in sorted((e for mine in kept.values() for e in mine), key=lambda e: e.id)
         )
         return Evidence(
             r.version, r.previous, tuple(self.window.values()), incidents, r.baseline_p99_s
@@ -126,6 +134,27 @@ def _beats(rng: random.Random, since: float, end: float) -> list[tuple[Heartbeat
     return rows
 
 
+def _events(rng: random.Random, since: float) -> list[tuple[Event, float]]:
+    """0-8 events per device of both fleets, before and after the stage start, about the
+    rollout's model and version or others."""
+    rows = []
+    for i in range(30):
+        for k in range(rng.randrange(9)):
+            kind = rng.choice(("install_started", "install_failed", "committed", "rolled_back"))
+            event = Event(
+                f"dev-{i:02d}",
+                rng.choice((FLEET, FLEET, "other")),
+                "s",
+                k + 1,
+                "t",
+                kind,
+                rng.choice((MODEL, MODEL, "other")),
+                rng.choice(("2.0.0", "2.0.0", "1.0.0")),
+            )
+            rows.append((event, since + rng.uniform(-30, 60)))
+    return rows
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_first_tick_evidence_equals_the_per_device_reads(store: TelemetryStore, seed: int) -> None:
     rng = random.Random(seed)
@@ -133,10 +162,11 @@ def test_first_tick_evidence_equals_the_per_device_reads(store: TelemetryStore, 
     now = since + rng.uniform(1, 60)
     rows = _beats(rng, since, now + 15)  # some received after `now`: the tick is late
     rng.shuffle(rows)
-    store.write(IngestBatch(heartbeat_facts=rows))
+    store.write(IngestBatch(heartbeat_facts=rows, events=_events(rng, since)))
     r = _rollout(since)
     want = Reference(store, {}).evidence(r, now)
     assert len(want.samples) > 20  # the data exercises the reads
+    assert len(want.incidents) > 10 and len({i.device for i in want.incidents}) > 5
     assert RolloutService(Path("unused"), store, SETTINGS).evidence(r, now) == want
 
 
@@ -186,3 +216,22 @@ def test_fleet_counts_equal_those_of_the_device_rows(store: TelemetryStore) -> N
     want = _reference_counts(store, r)
     assert want["on_new"] > 10 and 0 < want["expected"] < want["devices_known"]
     assert RolloutService(Path("unused"), store, SETTINGS).fleet_counts(r) == want
+
+
+def test_a_devices_flood_of_events_cannot_push_anothers_failure_out(store: TelemetryStore) -> None:
+    """Issue 18: the gates read the fleet's latest events, so a device sending more of its
+    own than that window hid every other device's failure; now each device has its share."""
+    r = _rollout(T0)
+    failed = Event("dev-honest", FLEET, "s", 1, "t", "install_failed", MODEL, "2.0.0")
+    flood = [
+        (Event("dev-evil", FLEET, "s", seq, "t", "committed", MODEL, "2.0.0"), T0 + 2)
+        for seq in range(1, 50_002)
+    ]
+    store.write(IngestBatch(events=[(failed, T0 + 1), *flood]))
+    service = RolloutService(Path("unused"), store)  # the default settings
+    evidence = service.evidence(r, T0 + 10)
+    assert Incident("dev-honest", T0 + 1, "install_failed") in evidence.incidents
+    mine = [i for i in evidence.incidents if i.device == "dev-evil"]
+    assert len(mine) == service.settings.max_events_per_device
+    report = evaluate_gates(parse_gates("failed_installs<0.02"), evidence)
+    assert report.failed == 1 and [b.gate for b in report.breaches] == ["failed_installs"]

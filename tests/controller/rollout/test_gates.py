@@ -84,6 +84,24 @@ def test_error_rate_needs_evidence_unless_the_breach_is_certain() -> None:
     assert evaluate_gates(lenient, one(20, 4)).breaches
 
 
+def test_one_devices_volume_cannot_hide_anothers_errors() -> None:
+    """Issue 18: summed over devices, one device reporting a million clean requests
+    diluted three others failing 5 % of theirs below the 1 % limit. Each device now
+    weighs at most judge_n (300) requests."""
+    failing = _samples("2.0.0", 3, 400, 20, 0.01, "n")
+    flood = (Sample("evil", 1.0, "2.0.0", 1_000_000, 0, 0, 0.01),)
+    report = evaluate_gates(POLICY, Evidence("2.0.0", None, failing + flood))
+    (breach,) = report.breaches
+    assert breach.gate == "error_rate" and set(breach.devices) == {"n0", "n1", "n2"}
+    # 3 x 300 weighted requests with 15 errors each, and evil's 300 clean ones.
+    assert breach.observed == pytest.approx(45 / 1200)
+    assert breach.detail == "60 errors in 1001200 requests, each device counted up to 300"
+    assert (report.served, report.errors) == (1_001_200, 60)  # what devices reported
+    # Below judge_n per device the weighting changes nothing.
+    small = evaluate_gates(POLICY, Evidence("2.0.0", None, _samples("2.0.0", 4, 250, 1, 0.01, "s")))
+    assert small.error_rate == pytest.approx(4 / 1000) and not small.breaches
+
+
 def test_client_errors_are_not_the_versions_fault() -> None:
     ev = Evidence("2.0.0", None, (Sample("a", 1.0, "2.0.0", 100, 0, 60, 0.01),))
     report = evaluate_gates(POLICY, ev)

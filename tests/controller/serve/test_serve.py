@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import queue
 import signal
+import subprocess
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,7 +18,7 @@ from controller.base.errors import UsageError
 from controller.repository.release import release_bundle
 from controller.repository.repo import Repository, needs_resign, resign_expiring
 from controller.serve.config import load_serve_config
-from tests.controller.conftest import Served
+from tests.controller.conftest import Served, edgectl_cmd
 from tests.helpers import Broker
 
 FLEET = "lab"
@@ -122,3 +123,39 @@ def test_config_precedence(tmp_path: Path) -> None:
         load_serve_config(toml, {}, {})
     with pytest.raises(UsageError, match="expected HOST:PORT"):
         load_serve_config(None, {}, {"repo": "r", "mqtt": "nohost"})
+
+
+def test_retention_and_the_count_bound_are_serve_keys(tmp_path: Path) -> None:
+    toml = tmp_path / "controller.toml"
+    toml.write_text(
+        '[serve]\nrepo = "r"\nevent_retention_s = 3600\nevent_max_per_device = 50\n'
+        "max_requests_per_s = 2000\n"
+    )
+    config = load_serve_config(toml, {}, {})
+    assert (config.event_retention_s, config.event_max_per_device) == (3600.0, 50)
+    assert ingest_settings(config).max_requests_per_s == 2000.0
+    default = load_serve_config(None, {}, {"repo": "r"})
+    assert (default.event_retention_s, default.event_max_per_device) == (90 * 86400.0, 1000)
+    toml.write_text('[serve]\nrepo = "r"\nevent_max_per_device = 0\n')
+    with pytest.raises(UsageError, match=r"\[serve\] event_max_per_device expected > 0"):
+        load_serve_config(toml, {}, {})
+
+
+def test_a_damaged_device_registry_stops_serve_at_start_up(
+    repo: Repository, tmp_path: Path
+) -> None:
+    """Ingestion checks every sender against the registry: rather than admit everyone (or
+    no one), serve refuses to start, naming the file."""
+    registry = repo.path / "ca" / "devices.json"
+    registry.parent.mkdir(mode=0o700, exist_ok=True)
+    registry.write_text("{not json")
+    done = subprocess.run(
+        edgectl_cmd(
+            "serve", "--repo", repo.path, "--mqtt", "127.0.0.1:1", "--listen", "127.0.0.1:0"
+        ),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"cannot read the device registry {registry}" in done.stderr
