@@ -16,7 +16,8 @@ import subprocess
 import tarfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,8 +148,12 @@ def _start_mosquitto(conf: Path, log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen([mosquitto_binary(), "-c", str(conf), "-v"], stdout=out, stderr=out)
 
 
-@pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[Setup, subprocess.Popen[bytes]]]:
+@contextmanager
+def tls_broker(
+    tmp_path: Path, devices: Mapping[str, str]
+) -> Iterator[tuple[Setup, subprocess.Popen[bytes]]]:
+    """A real mosquitto running `edgectl broker config`'s output for a new repository, with
+    ``devices`` (id -> fleet) enrolled as `edgectl device add` does; stopped afterwards."""
     repo = tmp_path / "repo"
     init_repository(repo)
     port = free_port()
@@ -161,21 +166,17 @@ def setup(tmp_path: Path) -> Iterator[tuple[Setup, subprocess.Popen[bytes]]]:
     options = EnrollOptions(
         repository_url="http://127.0.0.1:1/", mqtt_host="localhost", mqtt_port=port
     )
-    devices: dict[str, Identity] = {}
+    identities: dict[str, Identity] = {}
     archives: dict[str, Path] = {}
-    for device, fleet in (("cam-1", "north"), ("cam-2", "north"), ("cam-3", "south")):
+    for device, fleet in devices.items():
         _, archive = add_device(repo, device, fleet, options)
         archives[device] = tmp_path / f"{device}.tar"
         archives[device].write_bytes(archive)
-        devices[device] = _unpack(archives[device], tmp_path / "ids" / device)
-    # As `edgectl device add` does: the broker folder's ACL gets the device's fleet line.
+        identities[device] = _unpack(archives[device], tmp_path / "ids" / device)
+    # As `edgectl device add` does: the broker folder's ACL gets the device's lines.
     refresh_broker_files(repo)
-    assert (
-        "user cam-3\ntopic read edgefleet/v1/fleets/south/announce"
-        in (broker_dir / "acl").read_text()
-    )
     controller = Identity(broker_dir / "controller.crt", broker_dir / "controller.key")
-    s = Setup(repo, broker_dir, port, broker_dir / "ca.crt", controller, devices, archives)
+    s = Setup(repo, broker_dir, port, broker_dir / "ca.crt", controller, identities, archives)
     proc = _start_mosquitto(broker_dir / "mosquitto.conf", tmp_path / "mosquitto.log")
     try:
         wait_for_port(port)
@@ -183,6 +184,14 @@ def setup(tmp_path: Path) -> Iterator[tuple[Setup, subprocess.Popen[bytes]]]:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[Setup, subprocess.Popen[bytes]]]:
+    with tls_broker(tmp_path, {"cam-1": "north", "cam-2": "north", "cam-3": "south"}) as started:
+        acl = (started[0].broker_dir / "acl").read_text()
+        assert "user cam-3\ntopic read edgefleet/v1/fleets/south/announce" in acl
+        yield started
 
 
 def test_a_device_publishes_only_as_itself_and_reads_only_its_fleet(

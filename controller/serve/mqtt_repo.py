@@ -90,12 +90,15 @@ class RepoResponder:
         self._count_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
         self.answered = 0
+        # Set once the broker acknowledged the subscription: requests reach us from then on.
+        self.subscribed = threading.Event()
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
         if tls is not None:  # controller.serve.mqtt_tls
             self._client.tls_set_context(tls)
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.on_connect = self._on_connect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = lambda *_: self.subscribed.set()
 
     def start(self) -> None:
         """Start connecting in the background and the worker threads; never raises for an

@@ -1,8 +1,10 @@
-"""Fixtures of the attack suite and its tally.
+"""Fixtures of the attack suites and their tallies.
 
 Every attack test carries ``@pytest.mark.attack(N)`` (N = the class in issue 8); a class
 counts as rejected when all of its tests passed. The tally is printed at the end of the
-run: ``10/10 attack classes rejected``.
+run: ``10/10 attack classes rejected``. The device adversary suite
+(``test_device_adversary.py``, issue 18) marks each test ``@pytest.mark.device_attack(KEY)``
+with a key of ``DEVICE_ATTACKS``: ``8/8 device attacks refused``.
 """
 
 from __future__ import annotations
@@ -43,20 +45,44 @@ ATTACK_CLASSES = {
     9: "delegated role signing outside its paths",
     10: "root key rotation followed, attacker's root rejected",
 }
+# What a device holding a valid certificate tries against the fleet (issue 18).
+DEVICE_ATTACKS = {
+    "other_fleet": "publish into another fleet's tree",
+    "other_device": "publish onto another device's topics",
+    "read_others": "read other devices' and fleets' topics",
+    "event_flood": "flood events to push others' failures out of the gates' window",
+    "impossible_counts": "report counts no device serves",
+    "outweigh": "outweigh the fleet with one device's volume of clean requests",
+    "chunk_flood": "flood the MQTT chunk transport with requests",
+    "revoked": "keep publishing after being revoked while connected",
+}
 _outcomes: dict[int, list[bool]] = {}
+_device_outcomes: dict[str, list[bool]] = {}
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "attack(n): the test proves a defence of attack class n")
+    config.addinivalue_line(
+        "markers", "device_attack(key): the test proves a device attack of DEVICE_ATTACKS refused"
+    )
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    attack = next((k for k in report.keywords if k.startswith("attack-class-")), None)
-    if attack is None:
+    counts = (
+        report.when == "call"
+        or (report.when == "setup" and not report.passed)  # failed or skipped: not proven
+        or (report.when == "teardown" and report.failed)
+    )
+    if not counts:
         return
-    n = int(attack.removeprefix("attack-class-"))
-    if report.when == "call" or (report.when == "setup" and not report.passed):
-        _outcomes.setdefault(n, []).append(report.passed)
+    for keyword in report.keywords:
+        if keyword.startswith("attack-class-"):
+            _outcomes.setdefault(int(keyword.removeprefix("attack-class-")), []).append(
+                report.passed
+            )
+        elif keyword.startswith("device-attack-"):
+            key = keyword.removeprefix("device-attack-")
+            _device_outcomes.setdefault(key, []).append(report.passed)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -64,19 +90,30 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         marker = item.get_closest_marker("attack")
         if marker is not None:
             item.keywords[f"attack-class-{marker.args[0]}"] = True
+        marker = item.get_closest_marker("device_attack")
+        if marker is not None:
+            assert marker.args[0] in DEVICE_ATTACKS, marker.args[0]
+            item.keywords[f"device-attack-{marker.args[0]}"] = True
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if not _outcomes:
-        return
-    rejected = sorted(n for n, results in _outcomes.items() if results and all(results))
     tr = terminalreporter
-    tr.section("attack classes (issue 8)")
-    for n, name in ATTACK_CLASSES.items():
-        results = _outcomes.get(n)
-        state = "not run" if not results else ("rejected" if all(results) else "NOT REJECTED")
-        tr.write_line(f"{n:>2}. {name}: {state}")
-    tr.write_line(f"{len(rejected)}/{len(ATTACK_CLASSES)} attack classes rejected")
+    if _outcomes:
+        rejected = sorted(n for n, results in _outcomes.items() if results and all(results))
+        tr.section("attack classes (issue 8)")
+        for n, name in ATTACK_CLASSES.items():
+            results = _outcomes.get(n)
+            state = "not run" if not results else ("rejected" if all(results) else "NOT REJECTED")
+            tr.write_line(f"{n:>2}. {name}: {state}")
+        tr.write_line(f"{len(rejected)}/{len(ATTACK_CLASSES)} attack classes rejected")
+    if _device_outcomes:
+        refused = [k for k, results in _device_outcomes.items() if results and all(results)]
+        tr.section("device attacks (issue 18)")
+        for key, name in DEVICE_ATTACKS.items():
+            results = _device_outcomes.get(key)
+            state = "not run" if not results else ("refused" if all(results) else "NOT REFUSED")
+            tr.write_line(f"- {name}: {state}")
+        tr.write_line(f"{len(refused)}/{len(DEVICE_ATTACKS)} device attacks refused")
 
 
 # ---------------------------------------------------------------------------- the device
