@@ -11,7 +11,10 @@ Every step starts fresh serve processes on an empty store, so steps do not inher
 other's backlog or table size. ``--baseline REV`` runs each step twice, once with the
 ``agent/`` and ``controller/`` of git revision REV and once with the working tree,
 interleaved, so both see the same machine load; on a shared machine the CPU per message
-is the robust figure, the stored rate depends on what else runs.
+is the robust figure, the stored rate depends on what else runs. ``--registry`` enrolls
+every simulated device in the repository's device registry, so ingestion checks each
+message against it (as a repository with `edgectl device add` devices does; a baseline
+older than that check ignores the file).
 
 For every step it reports what was published, what the controller stored (rows in
 ``heartbeats``), the sustained stored rate (stored / time from the step's start until the
@@ -19,7 +22,7 @@ store stopped growing), the controller's CPU (user+system seconds of all its pro
 per wall second, 100% = one core) and CPU per stored message.
 
     python bench/telemetry_ingest.py [--rates 5000,10000,15000] [--seconds 10] \
-        [--workers 2] [--baseline 96201a8] [--record]
+        [--workers 2] [--baseline 96201a8] [--registry] [--record]
 """
 
 from __future__ import annotations
@@ -165,6 +168,19 @@ class Controller:
             p.wait(timeout=60)
 
 
+def write_registry(repo: Path, devices: int) -> None:
+    """Enroll ``devices`` simulated ids in fleet FLEET: registry entries only (ingestion
+    reads the registry, never the certificates)."""
+    from controller.identity.devices import DeviceRecord, ca_dir, save_registry
+
+    ca_dir(repo).mkdir(mode=0o700, exist_ok=True)
+    records = {
+        f"d{i:011d}": DeviceRecord(f"d{i:011d}", FLEET, i + 1, "2099-01-01T00:00:00+00:00", "t")
+        for i in range(devices)
+    }
+    save_registry(repo, records)
+
+
 def _wait_subscribed(log: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -232,6 +248,11 @@ def measure_step(
 def run(args: argparse.Namespace) -> list[str]:
     work = Path(tempfile.mkdtemp(prefix="telemetry-bench-"))
     broker = start_broker(work / "broker")
+    if args.registry:
+        subprocess.run(
+            [str(BIN / "edgectl"), "init", str(work / "repo")], check=True, capture_output=True
+        )
+        write_registry(work / "repo", args.devices)
     variants: list[tuple[str, Path | None]] = [("this tree", None)]
     if args.baseline:
         code = export_revision(args.baseline, work / "baseline")
@@ -259,7 +280,9 @@ def run(args: argparse.Namespace) -> list[str]:
     header = [
         f"Store: {backend}; {args.workers} serve process(es)"
         + (" on a shared subscription" if args.workers > 1 else "")
-        + f"; {args.devices:,} simulated devices, {args.publishers} publisher processes, "
+        + f"; {args.devices:,} simulated devices"
+        + (" enrolled in the device registry" if args.registry else "")
+        + f", {args.publishers} publisher processes, "
         f"{args.seconds:g} s per step; heartbeat {len(_template())} bytes; load average "
         f"(1 min) {min(loads):.1f}–{max(loads):.1f} during the run.",
         "",
@@ -287,6 +310,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="serve processes (shared group)")
     parser.add_argument("--baseline", default="", metavar="REV", help="also run this revision")
     parser.add_argument("--store", default="", help="a postgresql:// DSN (default: SQLite)")
+    parser.add_argument(
+        "--registry", action="store_true", help="enroll the simulated devices (checked per message)"
+    )
     args = parse_arguments(parser)
     args.rates = [float(r) for r in args.rates.split(",")]
     lines = run(args)
