@@ -212,8 +212,7 @@ class Ingestor:
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._writer: threading.Thread | None = None
-        self._last_reject_log = -math.inf
-        self._last_refusal_log = -math.inf
+        self._last_drop_log: dict[str, float] = {}
         self._last_shed_log = -math.inf
         # Which connection a message came on: an acknowledgement is sent only on it. The
         # network thread moves it on (dis)connect, under the lock the writer acks under.
@@ -377,10 +376,10 @@ class Ingestor:
             except RefusedMessage as exc:
                 self.counts["refused"] += 1
                 self.refusals[exc.reason] += 1
-                self._log_refusal(topic, exc)
+                self._log_dropped("refused", topic, exc)
             except PayloadError as exc:
                 self.counts["rejected"] += 1
-                self._log_reject(topic, exc)
+                self._log_dropped("rejected", topic, exc)
         if not self._write_until_stored(batch):
             return False
         self.counts["heartbeats"] += len(batch.heartbeats) + len(batch.heartbeat_facts)
@@ -449,24 +448,17 @@ class Ingestor:
                 left_qos1,
             )
 
-    def _log_refusal(self, topic: str, exc: RefusedMessage) -> None:
+    def _log_dropped(self, outcome: str, topic: str, exc: Exception) -> None:
+        """Log a message ``rejected`` (breaks the contract) or ``refused`` (its sender or
+        counts are not admitted), at most every 10 s per outcome."""
         now = time.monotonic()
-        if now - self._last_refusal_log > 10:
-            self._last_refusal_log = now
+        if now - self._last_drop_log.get(outcome, -math.inf) > 10:
+            self._last_drop_log[outcome] = now
             logger.warning(
-                "ingest: refused a message on %s: %s (refused so far: %s)",
+                "ingest: %s a message on %s: %s (%d %s so far)",
+                outcome,
                 topic,
                 exc,
-                ", ".join(f"{n} {reason}" for reason, n in sorted(self.refusals.items())),
-            )
-
-    def _log_reject(self, topic: str, exc: Exception) -> None:
-        now = time.monotonic()
-        if now - self._last_reject_log > 10:
-            self._last_reject_log = now
-            logger.warning(
-                "ingest: rejected a message on %s: %s (%d rejected so far)",
-                topic,
-                exc,
-                self.counts["rejected"],
+                self.counts[outcome],
+                outcome,
             )

@@ -96,24 +96,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.keywords[f"device-attack-{marker.args[0]}"] = True
 
 
+def _tally(
+    tr: Any, section: str, names: dict[Any, str], outcomes: dict[Any, list[bool]], verdict: str
+) -> None:
+    """Each attack's state, then ``N/M <section's first words> <verdict>``."""
+    tr.section(section)
+    for key, name in names.items():
+        results = outcomes.get(key)
+        state = "not run" if not results else verdict if all(results) else f"NOT {verdict.upper()}"
+        label = f"{key:>2}." if isinstance(key, int) else "-"
+        tr.write_line(f"{label} {name}: {state}")
+    done = sum(1 for results in outcomes.values() if results and all(results))
+    what = section.split(" (")[0]
+    tr.write_line(f"{done}/{len(names)} {what} {verdict}")
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     tr = terminalreporter
     if _outcomes:
-        rejected = sorted(n for n, results in _outcomes.items() if results and all(results))
-        tr.section("attack classes (issue 8)")
-        for n, name in ATTACK_CLASSES.items():
-            results = _outcomes.get(n)
-            state = "not run" if not results else ("rejected" if all(results) else "NOT REJECTED")
-            tr.write_line(f"{n:>2}. {name}: {state}")
-        tr.write_line(f"{len(rejected)}/{len(ATTACK_CLASSES)} attack classes rejected")
+        _tally(tr, "attack classes (issue 8)", ATTACK_CLASSES, _outcomes, "rejected")
     if _device_outcomes:
-        refused = [k for k, results in _device_outcomes.items() if results and all(results)]
-        tr.section("device attacks (issue 18)")
-        for key, name in DEVICE_ATTACKS.items():
-            results = _device_outcomes.get(key)
-            state = "not run" if not results else ("refused" if all(results) else "NOT REFUSED")
-            tr.write_line(f"- {name}: {state}")
-        tr.write_line(f"{len(refused)}/{len(DEVICE_ATTACKS)} device attacks refused")
+        _tally(tr, "device attacks (issue 18)", DEVICE_ATTACKS, _device_outcomes, "refused")
 
 
 # ---------------------------------------------------------------------------- the device

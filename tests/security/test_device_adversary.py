@@ -19,6 +19,7 @@ import re
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from agent.contracts.chunks import (
 )
 from agent.telemetry.reporter import build_heartbeat
 from controller.build.builder import build_bundle
+from controller.fleet.store import TelemetryStore
 from controller.fleet.stores import open_store
 from controller.identity.broker import refresh_broker_files
 from controller.identity.devices import revoke_device
@@ -108,15 +110,21 @@ class World:
         wait_until(lambda: self.refused().get(reason, 0) >= want, 20, f"{more} {reason} refusal(s)")
         assert self.refused()[reason] == want
 
+    @contextmanager
+    def store(self) -> Iterator[TelemetryStore]:
+        """A connection of its own to the store serve writes."""
+        store = open_store(str(self.repo / "telemetry.sqlite"))
+        try:
+            yield store
+        finally:
+            store.close()
+
     def judged(self, fleet: str) -> dict[str, Any]:
         """What the gates see in ``fleet`` now, read from the store serve writes: the stage
         window's evidence, the report and its breaches."""
-        store = open_store(str(self.repo / "telemetry.sqlite"))
-        try:
-            (rollout,) = [r for r in RolloutStore(self.repo).find(fleet, MODEL) if r.version == NEW]
+        (rollout,) = [r for r in RolloutStore(self.repo).find(fleet, MODEL) if r.version == NEW]
+        with self.store() as store:
             evidence = RolloutService(self.repo, store).evidence(rollout, time.time())
-        finally:
-            store.close()
         report = evaluate_gates(rollout.gates, evidence)
         return {
             "samples": sorted(evidence.samples, key=repr),
@@ -125,19 +133,11 @@ class World:
             "breaches": sorted(b.describe() for b in report.breaches),
         }
 
-    def stored_events(self, device: str) -> int:
-        store = open_store(str(self.repo / "telemetry.sqlite"))
-        try:
-            return len(store.events(device=device, limit=10**6))
-        finally:
-            store.close()
-
-    def stored_heartbeats(self, device: str) -> int:
-        store = open_store(str(self.repo / "telemetry.sqlite"))
-        try:
-            return len(store.heartbeats(device, limit=10**6))
-        finally:
-            store.close()
+    def stored(self, device: str) -> tuple[int, int]:
+        """(heartbeats, events) stored of ``device``."""
+        with self.store() as store:
+            beats = store.heartbeats(device, limit=10**6)
+            return len(beats), len(store.events(device=device, limit=10**6))
 
 
 def _release(setup: Setup, folder: Path) -> None:
@@ -253,7 +253,7 @@ def test_publishing_into_another_fleet_is_refused_by_the_broker(
     }
     for topic, payload in attempts.items():
         assert evil.publish(topic, payload) == NOT_AUTHORIZED, topic
-    assert world.stored_heartbeats("s-evil") == 0 and world.stored_events("s-evil") == 0
+    assert world.stored("s-evil") == (0, 0)
 
 
 @pytest.mark.device_attack("other_device")
@@ -326,17 +326,14 @@ def test_a_flood_of_events_cannot_hide_another_devices_failure(
     for info in infos:
         info.wait_for_publish(timeout=20)
     # Its own topic: the broker takes it and serve stores it.
-    wait_until(lambda: world.stored_events("s-evil") >= flood, 30, "the flood to be stored")
+    wait_until(lambda: world.stored("s-evil")[1] >= flood, 30, "the flood to be stored")
     view = _south_still_fails(world)
     evil_incidents = [i for i in view["incidents"] if i.device == "s-evil"]
     assert len(evil_incidents) == RolloutSettings().max_events_per_device
     # And the table keeps of a device only its newest (serve prunes so every 10 min).
-    store = open_store(str(world.repo / "telemetry.sqlite"))
-    try:
+    with world.store() as store:
         assert store.prune_events(before=0.0, max_per_device=100) == flood - 100
-        assert world.stored_events("s-evil") == 100 and world.stored_events("s-1") == 1
-    finally:
-        store.close()
+    assert world.stored("s-evil")[1] == 100 and world.stored("s-1")[1] == 1
     _south_still_fails(world)
 
 
@@ -346,7 +343,7 @@ def test_counts_no_device_serves_are_refused_by_ingest(
 ) -> None:
     evil = world.clients["s-evil"]
     south = _south_still_fails(world)
-    stored = world.stored_heartbeats("s-evil")
+    stored = world.stored("s-evil")[0]
     before = world.refused()
     topic = device_topic("south", "s-evil", "telemetry")
     lies = [
@@ -357,7 +354,7 @@ def test_counts_no_device_serves_are_refused_by_ingest(
     for payload in lies:
         assert evil.publish(topic, payload) == 0  # its own topic: the broker takes it
     world.wait_refused(before, "implausible", len(lies))
-    assert world.stored_heartbeats("s-evil") == stored
+    assert world.stored("s-evil")[0] == stored
     assert world.judged("south") == south
 
 
@@ -368,10 +365,10 @@ def test_one_devices_volume_cannot_hide_anothers_errors(
     """A plausible volume (a million requests in 10 s is within the bound) is stored, but
     the gates weigh each device at most judge_n requests: s-1's 5 % still breaks them."""
     evil = world.clients["s-evil"]
-    stored = world.stored_heartbeats("s-evil")
+    stored = world.stored("s-evil")[0]
     payload = heartbeat("south", "s-evil", 21, 1_000_000, 0)
     assert evil.publish(device_topic("south", "s-evil", "telemetry"), payload) == 0
-    wait_until(lambda: world.stored_heartbeats("s-evil") > stored, 20, "the heartbeat stored")
+    wait_until(lambda: world.stored("s-evil")[0] > stored, 20, "the heartbeat stored")
     view = _south_still_fails(world)
     assert view["summary"]["served"] == 1_000_400  # what devices reported, all of it
     assert view["summary"]["error_rate"] >= 0.01  # weighted: 15 errors in 600
@@ -458,7 +455,7 @@ def test_a_revoked_device_still_connected_is_refused_by_ingest(
     rogue = world.clients["s-rogue"]
     topic = device_topic("south", "s-rogue", "telemetry")
     assert rogue.publish(topic, heartbeat("south", "s-rogue", 1, 100, 0)) == 0
-    wait_until(lambda: world.stored_heartbeats("s-rogue") == 1, 20, "its heartbeat before")
+    wait_until(lambda: world.stored("s-rogue")[0] == 1, 20, "its heartbeat before")
     revoke_device(world.repo, "s-rogue")
     refresh_broker_files(world.repo)  # as `edgectl device revoke` does; no broker reload
     south = _south_still_fails(world)
@@ -476,7 +473,7 @@ def test_a_revoked_device_still_connected_is_refused_by_ingest(
         )
 
     wait_until(refused_one, 20, "serve to see the revocation")
-    stored = world.stored_heartbeats("s-rogue")
+    stored = world.stored("s-rogue")[0]
     south = _south_still_fails(world)
     before = world.refused()
     attempts = [
@@ -490,5 +487,5 @@ def test_a_revoked_device_still_connected_is_refused_by_ingest(
         assert answer in (0, NOT_AUTHORIZED)  # the broker may cut it too (issue 20)
         by_ingest += answer == 0
     world.wait_refused(before, "revoked", by_ingest)
-    assert world.stored_heartbeats("s-rogue") == stored and world.stored_events("s-rogue") == 0
+    assert world.stored("s-rogue")[0] == stored and world.stored("s-rogue")[1] == 0
     assert world.judged("south") == south
