@@ -198,10 +198,11 @@ async def serve(config: ServeConfig) -> None:
     # Before anything connects: a bad CA, certificate or key is an error here, not a log.
     tls = await asyncio.to_thread(serve_tls_context, config)
     roster = registry_roster(config.repo_dir)
-    try:
-        await asyncio.to_thread(roster.load)
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read the device registry {roster.path}: {exc}") from None
+    if config.mqtt_host is not None:  # ingestion checks senders against it
+        try:
+            await asyncio.to_thread(roster.load)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"cannot read the device registry {roster.path}: {exc}") from None
     store = await asyncio.to_thread(open_store, config.store_location)
     ingestor: Ingestor | None = None
     if config.mqtt_host is not None:
