@@ -11,6 +11,7 @@
     ├── FetchError             a transient transport failure (retried on the next poll)
     │   └── TamperedDownloadError  bytes did not match their signed length or hash
     ├── InsufficientSpaceError not enough disk for an install (retried on the next check)
+    ├── StorageError           the device's own disk failed a write (full, read-only, I/O)
     ├── ModelError             a model could not be loaded or failed its golden vectors
     │   └── GoldenMismatchError
     └── InferenceError         a request could not be served
@@ -70,6 +71,14 @@ class InsufficientSpaceError(AgentError):
 
     Not the release's fault: the install is put back and tried again on the next check,
     so freeing space is all an operator has to do.
+    """
+
+
+class StorageError(AgentError):
+    """The device's own disk refused a read or write (full, out of inodes, read-only, I/O).
+
+    Not the release's fault either: whatever was in progress is put back and tried
+    again on the next check, once the disk is healthy.
     """
 
 

@@ -9,6 +9,12 @@ Each phase's work runs under its own deadline in a worker thread: a phase past i
 deadline fails with a reason and the device keeps serving its last good version (the
 worker's late result is discarded and cleaned up by the next prune).
 
+The device's own disk failing under an install (full, out of inodes, read-only: any
+``OSError`` in a phase's work, or a journal write refused) is a ``StorageError``: the
+install is put back to idle, not failed, and retried on the next check. When even that
+journal write is refused, the record stays in the phase the disk last took, and the
+next check puts it back first (``put_back_interrupted``).
+
 The device always serves a version that passed its golden vectors here: a candidate is
 loaded, checked and warmed while the old version serves, and a reference swap makes it
 live; in-flight requests finish on the old session.
@@ -30,6 +36,7 @@ from agent.base.errors import (
     FetchError,
     InsufficientSpaceError,
     ModelError,
+    StorageError,
     UntrustedInputError,
 )
 from agent.base.fsutil import remove_tree
@@ -41,6 +48,7 @@ from agent.runtime.models import LoadedModel
 from agent.runtime.registry import ModelRegistry
 from agent.runtime.stats import RequestStats, StatsSnapshot
 from agent.update.journal import (
+    PRE_ACTIVE,
     JournalRecord,
     Phase,
     begin_install,
@@ -113,6 +121,7 @@ class ModelLifecycle:
         return self._store.read_journal(model)
 
     def _persist(self, record: JournalRecord) -> JournalRecord:
+        """Write ``record`` (raises StorageError when the disk refuses), then report it."""
         self._store.write_journal(record)
         logger.debug("%s: journal %s %s", record.model, record.phase.value, record.version)
         self._on_transition(record)
@@ -184,10 +193,10 @@ class ModelLifecycle:
     ) -> None:
         """Install ``version`` through every phase up to probation, or fail cleanly.
 
-        Raises FetchError or InsufficientSpaceError for a transient failure (the journal
-        goes back to idle and the next check retries) and AgentError for a failure of the
-        candidate itself (the journal records ``failed`` with the reason; not retried for
-        this rollout).
+        Raises FetchError, InsufficientSpaceError or StorageError for a transient
+        failure (the journal goes back to idle and the next check retries) and AgentError
+        for a failure of the candidate itself (the journal records ``failed`` with the
+        reason; not retried for this rollout).
         """
         with self._lock:
             cfg = self._config
@@ -218,14 +227,56 @@ class ModelLifecycle:
                     "the smoke test (phase staged)",
                 )
                 record = self._enter(record, Phase.SMOKE_TESTED, cfg.install.activate_deadline_s)
-            except (FetchError, InsufficientSpaceError) as exc:
-                self._persist(retry_later(record, self._clock(), f"transient: {exc}"))
+            except (FetchError, InsufficientSpaceError, StorageError) as exc:
+                self._put_back(record, exc)
                 raise
+            except OSError as exc:
+                # The device's disk, not the candidate: full, out of inodes, read-only.
+                error = StorageError(
+                    f"{record.phase.value} {model} {version}: {exc.strerror or exc}"
+                    f"{f' ({exc.filename})' if exc.filename else ''}; free space on the device "
+                    "(or fix the state folder) and the next check retries"
+                )
+                self._put_back(record, error)
+                raise error from exc
             except AgentError as exc:
                 self._persist(transition(record, Phase.FAILED, self._clock(), reason=str(exc)))
                 self._prune(model, set(), drop=frozenset({version}))
                 raise
             self._activate(record, loaded)
+
+    def _put_back(self, record: JournalRecord, exc: AgentError) -> None:
+        """A transient failure: back to idle. Raises StorageError naming both failures
+        when the journal cannot record it (``put_back_interrupted`` does, next check)."""
+        try:
+            self._persist(retry_later(record, self._clock(), f"transient: {exc}"))
+        except StorageError as failed:
+            raise StorageError(
+                f"{exc} (the journal could not record the put-back either, and still says "
+                f"{record.phase.value}: the next check puts it back)"
+            ) from failed
+
+    def put_back_interrupted(self, model: str) -> JournalRecord:
+        """The model's record, an install left mid-way put back to idle first.
+
+        Installs run to their end inside one check, so between checks a record in a
+        pre-active phase means the disk refused the journal write that would have put it
+        back. It is put back now, as ``recover`` does after a restart, but without counting
+        an interruption: the disk, not the candidate, was at fault. Raises StorageError
+        when the journal still cannot be written.
+        """
+        with self._lock:
+            record = self._store.read_journal(model)
+            if record.phase not in PRE_ACTIVE:
+                return record
+            logger.warning(
+                "%s: the install of %s was left in %s (a journal write failed); putting it back",
+                model,
+                record.version,
+                record.phase.value,
+            )
+            reason = f"{record.phase.value} interrupted by a journal write the disk refused"
+            return self._persist(retry_later(record, self._clock(), reason))
 
     def _enter(self, record: JournalRecord, phase: Phase, deadline_s: float) -> JournalRecord:
         return self._persist(transition(record, phase, self._clock(), deadline_s=deadline_s))

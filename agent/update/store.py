@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Final
 
 import agent
-from agent.base.errors import IncompatibleStateError
+from agent.base.errors import IncompatibleStateError, StorageError
 from agent.base.fsutil import atomic_write, fsync_dir, remove_tree
 from agent.contracts import InvalidNameError, check_name, check_version
 from agent.update.journal import (
@@ -88,9 +88,16 @@ class ModelStore:
             return JournalRecord(model=model)
 
     def write_journal(self, record: JournalRecord) -> None:
-        atomic_write(
-            self.root / check_name("model", record.model) / JOURNAL, record.to_json_bytes()
-        )
+        """Replace the model's record atomically; raises StorageError when the disk refuses
+        (the record on disk is then the previous one, whole)."""
+        path = self.root / check_name("model", record.model) / JOURNAL
+        try:
+            atomic_write(path, record.to_json_bytes())
+        except OSError as exc:
+            raise StorageError(
+                f"cannot write {path} (phase {record.phase.value}): {exc.strerror or exc}; "
+                "free space on the device (or fix the state folder) and the next check resumes"
+            ) from exc
 
     def migrate_pointers(self, model: str, now: float) -> JournalRecord | None:
         """Turn what an agent from before the journal left for ``model`` (``active.json``,

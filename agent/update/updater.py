@@ -9,6 +9,11 @@ install itself, phase by phase, is ``agent.update.lifecycle``'s.
 
 Invariants:
 - Every check builds a new ``tuf.ngclient.Updater`` (one refresh per Updater).
+- Every call into python-tuf maps its errors (``_tuf_errors``): a transfer failure is a
+  ``FetchError``, metadata that fails verification an ``UntrustedInputError``, a cache
+  the disk refuses a ``StorageError``. That includes ``get_targetinfo``, which loads the
+  delegated ``rollout`` role lazily, after the refresh. ``check`` returns every
+  ``AgentError`` in its result; anything else is a bug, left to the update loop.
 - Checks never overlap: ``check`` is serialised by a lock.
 - Targets are downloaded here, not by ``Updater.download_target`` (which stages in a
   temporary file and copies: twice the disk, and no resumption): into
@@ -28,6 +33,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -40,11 +46,13 @@ from agent.base.errors import (
     AgentError,
     FetchError,
     InsufficientSpaceError,
+    StorageError,
     TamperedDownloadError,
     UntrustedInputError,
 )
 from agent.base.fsutil import durable_rename, free_bytes, remove_tree
 from agent.contracts import (
+    ROLLOUT_ROLE,
     DesiredState,
     ModelRelease,
     desired_target_path,
@@ -107,15 +115,14 @@ class UpdateService:
             except UntrustedInputError as exc:
                 logger.error("update check refused the repository: %s", exc)
                 return CheckResult(error=str(exc))
+            except AgentError as exc:
+                logger.error("update check failed, will retry: %s", exc)
+                return CheckResult(error=str(exc))
 
     def _check(self) -> CheckResult:
         updater = self._new_updater()
-        try:
+        with self._tuf_errors("metadata refresh"):
             updater.refresh()
-        except tuf_errors.DownloadError as exc:
-            raise FetchError(f"metadata refresh from {self._metadata_url}: {exc}") from exc
-        except tuf_errors.RepositoryError as exc:
-            raise UntrustedInputError(f"metadata refresh rejected: {_describe(exc)}") from exc
         desired = self._read_desired_state(updater)
         result = CheckResult()
         if desired is None:
@@ -125,16 +132,13 @@ class UpdateService:
         return result
 
     def _new_updater(self) -> Updater:
-        self._metadata_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._metadata_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise self._storage_error("the metadata cache", exc) from exc
         bootstrap: bytes | None = None
         if not (self._metadata_dir / "root.json").exists():
-            try:
-                bootstrap = self._config.trusted_root.read_bytes()
-            except OSError as exc:
-                raise UntrustedInputError(
-                    f"cannot read the trusted root {self._config.trusted_root}: {exc.strerror}; "
-                    "install the fleet's root.json there (edge-agent enroll does it)"
-                ) from None
+            bootstrap = self._enrolled_root()
         try:
             return Updater(
                 metadata_dir=str(self._metadata_dir),
@@ -145,10 +149,46 @@ class UpdateService:
             )
         except tuf_errors.RepositoryError as exc:
             raise UntrustedInputError(f"trusted root is not valid: {_describe(exc)}") from exc
+        except OSError as exc:
+            raise self._storage_error("the trusted root", exc) from exc
+
+    def _enrolled_root(self) -> bytes:
+        try:
+            return self._config.trusted_root.read_bytes()
+        except OSError as exc:
+            raise UntrustedInputError(
+                f"cannot read the trusted root {self._config.trusted_root}: {exc.strerror}; "
+                "install the fleet's root.json there (edge-agent enroll does it)"
+            ) from None
+
+    @contextmanager
+    def _tuf_errors(self, what: str) -> Iterator[None]:
+        """Map the errors of one call into python-tuf (every call goes through here).
+
+        DownloadError → FetchError, RepositoryError → UntrustedInputError, OSError (its
+        metadata cache) → StorageError.
+        """
+        try:
+            yield
+        except tuf_errors.DownloadError as exc:
+            raise FetchError(f"{what} from {self._metadata_url}: {exc}") from exc
+        except tuf_errors.RepositoryError as exc:
+            raise UntrustedInputError(f"{what} rejected: {_describe(exc)}") from exc
+        except OSError as exc:
+            raise self._storage_error(what, exc) from exc
+
+    def _storage_error(self, what: str, exc: OSError) -> StorageError:
+        return StorageError(
+            f"{what}: cannot write the TUF metadata cache {self._metadata_dir}: "
+            f"{exc.strerror or exc}; free space on the device (or fix the state folder) and "
+            "the next check retries"
+        )
 
     def _read_desired_state(self, updater: Updater) -> DesiredState | None:
         path = desired_target_path(self._config.fleet)
-        info = updater.get_targetinfo(path)
+        # The delegated rollout role is fetched here, lazily, not by the refresh.
+        with self._tuf_errors(f"the {ROLLOUT_ROLE} role's metadata for {path}"):
+            info = updater.get_targetinfo(path)
         if info is None:
             logger.info("fleet %s has no desired state yet (%s)", self._config.fleet, path)
             return None
@@ -167,7 +207,7 @@ class UpdateService:
         if resolved is None:
             return
         version, target = resolved
-        record = self._lifecycle.record(model)
+        record = self._lifecycle.put_back_interrupted(model)
         if record.phase is Phase.ACTIVE:
             if version == record.previous:
                 self._lifecycle.roll_back(model, f"desired state went back to {version}")
@@ -202,7 +242,7 @@ class UpdateService:
                 served,
             )
             result.refused[model] = str(exc)
-        except (FetchError, InsufficientSpaceError) as exc:
+        except (FetchError, InsufficientSpaceError, StorageError) as exc:
             logger.warning("install of %s put back, will retry: %s", target, exc)
             result.refused[model] = str(exc)
         except AgentError as exc:
@@ -212,7 +252,13 @@ class UpdateService:
             result.installed[model] = version
 
     def _download_bundle(self, updater: Updater, model: str, version: str, target: str) -> Path:
-        info = updater.get_targetinfo(target)
+        try:
+            with self._tuf_errors(f"the targets metadata for {target}"):
+                info = updater.get_targetinfo(target)
+        except UntrustedInputError as exc:
+            # Metadata that fails verification now is the repository's (or a mirror's)
+            # doing, not the release's: put the install back, as for altered bytes.
+            raise TamperedDownloadError(str(exc)) from exc
         if info is None:
             raise UntrustedInputError(f"desired state names {target}, which no signed targets list")
         limit = self._config.repository.max_bundle_bytes
@@ -247,7 +293,11 @@ class UpdateService:
 
     def _consistent_snapshot(self) -> bool:
         # The root the refresh just trusted (python-tuf wrote it after verifying it).
-        root = Metadata[Root].from_file(str(self._metadata_dir / "root.json"))
+        try:
+            with self._tuf_errors("the trusted root"):
+                root = Metadata[Root].from_file(str(self._metadata_dir / "root.json"))
+        except UntrustedInputError as exc:
+            raise TamperedDownloadError(str(exc)) from exc
         return bool(root.signed.consistent_snapshot)
 
     def _download(self, updater: Updater, info: TargetFile, path: Path) -> Path:
@@ -256,7 +306,8 @@ class UpdateService:
 
         Raises FetchError (transient: the part is kept and resumed next time),
         TamperedDownloadError (more bytes than signed, or a hash mismatch: the part is
-        deleted), UntrustedInputError (no sha256 in the signed target).
+        deleted), StorageError (the disk refused the part), UntrustedInputError (no
+        sha256 in the signed target).
         """
         del updater  # the trusted metadata is on disk; the transfer is ours
         sha256 = info.hashes.get("sha256")
@@ -273,7 +324,10 @@ class UpdateService:
             remove_tree(partial)
             raise TamperedDownloadError(_describe(exc)) from exc
         except OSError as exc:
-            raise FetchError(f"{info.path}: cannot write {partial}: {exc.strerror}") from exc
+            raise StorageError(
+                f"{info.path}: cannot write {partial}: {exc.strerror or exc}; free space on the "
+                "device (or fix the state folder) and the next check resumes"
+            ) from exc
         durable_rename(partial, path)
         return path
 
@@ -376,7 +430,7 @@ def build_fetcher(config: AgentConfig, base_url: str) -> ResumableFetcher:
     return http
 
 
-def _describe(exc: tuf_errors.RepositoryError) -> str:
+def _describe(exc: Exception) -> str:
     """A one-line reason for a TUF rejection, with its class (hash mismatch, expired, ...)."""
     kinds: dict[type[Exception], str] = {
         tuf_errors.LengthOrHashMismatchError: "length or hash mismatch",

@@ -21,7 +21,7 @@ from agent.device.config import AgentConfig, InferenceConfig, MqttConfig, Reposi
 from agent.runtime.registry import ModelRegistry
 from agent.telemetry.reporter import IntervalStats
 from agent.update.journal import Phase, serving_version
-from agent.update.lifecycle import ModelLifecycle
+from agent.update.lifecycle import ModelLifecycle, PhaseHook
 from agent.update.store import ModelStore
 from agent.update.updater import CheckResult, UpdateService
 from controller.build.builder import build_bundle
@@ -132,6 +132,7 @@ class Device:
         trusted_root: Path,
         repository: RepositoryConfig,
         mqtt: MqttConfig | None = None,
+        phase_hook: PhaseHook | None = None,
     ) -> None:
         self.config = AgentConfig(
             device_id="dev-1",
@@ -144,7 +145,11 @@ class Device:
         )
         self.registry = ModelRegistry()
         self.lifecycle = ModelLifecycle(
-            self.config, self.registry, ModelStore(tmp / "state" / "models"), IntervalStats()
+            self.config,
+            self.registry,
+            ModelStore(tmp / "state" / "models"),
+            IntervalStats(),
+            phase_hook=phase_hook,
         )
         self.updates = UpdateService(self.config, self.lifecycle)
 
