@@ -8,7 +8,10 @@ applies live in ``agent.contracts`` (desired-state resolution) and ``agent.updat
 install itself, phase by phase, is ``agent.update.lifecycle``'s.
 
 Invariants:
-- Every check builds a new ``tuf.ngclient.Updater`` (one refresh per Updater).
+- Every check builds a new ``tuf.ngclient.Updater`` (one refresh per Updater). Its
+  metadata cache is written durably (``DurableUpdater``); a cached root that no longer
+  loads (a power cut left it empty or half written) is replaced by the enrolled
+  ``trusted_root``, from which TUF walks the root rotations forward again.
 - Every call into python-tuf maps its errors (``_tuf_errors``): a transfer failure is a
   ``FetchError``, metadata that fails verification an ``UntrustedInputError``, a cache
   the disk refuses a ``StorageError``. That includes ``get_targetinfo``, which loads the
@@ -50,7 +53,7 @@ from agent.base.errors import (
     TamperedDownloadError,
     UntrustedInputError,
 )
-from agent.base.fsutil import durable_rename, free_bytes, remove_tree
+from agent.base.fsutil import atomic_write, durable_rename, free_bytes, remove_tree
 from agent.contracts import (
     ROLLOUT_ROLE,
     DesiredState,
@@ -132,25 +135,59 @@ class UpdateService:
         return result
 
     def _new_updater(self) -> Updater:
+        """An Updater on the cached root, or on the enrolled root when the cache has none
+        or its root no longer loads (TUF then walks the rotations forward again)."""
         try:
             self._metadata_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise self._storage_error("the metadata cache", exc) from exc
-        bootstrap: bytes | None = None
-        if not (self._metadata_dir / "root.json").exists():
-            bootstrap = self._enrolled_root()
+        cached = self._cached_root()
+        if cached is not None:
+            try:
+                return self._updater(cached)
+            except tuf_errors.RepositoryError as exc:
+                self._log_cache_rebuilt(_describe(exc))
+            except OSError as exc:
+                raise self._storage_error("the cached root", exc) from exc
         try:
-            return Updater(
-                metadata_dir=str(self._metadata_dir),
-                metadata_base_url=self._metadata_url,
-                target_base_url=self._targets_url,
-                fetcher=self._fetcher,
-                bootstrap=bootstrap,
-            )
+            return self._updater(self._enrolled_root())
         except tuf_errors.RepositoryError as exc:
-            raise UntrustedInputError(f"trusted root is not valid: {_describe(exc)}") from exc
+            raise UntrustedInputError(
+                f"trusted root {self._config.trusted_root} is not valid: {_describe(exc)}; "
+                "enroll the device again (edge-agent enroll)"
+            ) from exc
         except OSError as exc:
             raise self._storage_error("the trusted root", exc) from exc
+
+    def _cached_root(self) -> bytes | None:
+        """The root the last check trusted (``root.json``); None when there is none."""
+        path = self._metadata_dir / "root.json"
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None  # a first check, or a link left dangling: bootstrap
+        except OSError as exc:
+            self._log_cache_rebuilt(exc.strerror or str(exc))
+            return None
+
+    def _log_cache_rebuilt(self, why: str) -> None:
+        logger.warning(
+            "the cached TUF root %s cannot be loaded (%s); starting again from the enrolled "
+            "root %s, walking its rotations forward",
+            self._metadata_dir / "root.json",
+            why,
+            self._config.trusted_root,
+        )
+
+    def _updater(self, bootstrap: bytes) -> Updater:
+        """Raises RepositoryError or OSError, as python-tuf does (mapped by the caller)."""
+        return DurableUpdater(
+            metadata_dir=str(self._metadata_dir),
+            metadata_base_url=self._metadata_url,
+            target_base_url=self._targets_url,
+            fetcher=self._fetcher,
+            bootstrap=bootstrap,
+        )
 
     def _enrolled_root(self) -> bytes:
         try:
@@ -356,6 +393,30 @@ class UpdateService:
                 _write_bounded(body, out, info.length - start, info.path)
         except tuf_errors.DownloadError as exc:
             raise FetchError(f"{info.path}: {exc}") from exc
+
+
+class DurableUpdater(Updater):
+    """python-tuf's ``Updater`` with a metadata cache that survives a power cut.
+
+    python-tuf writes each metadata file to a temporary file and renames it, without
+    fsync: after a power cut the renamed file can be empty, and an empty cached root
+    would refuse every later check. Here every file goes through ``atomic_write``
+    (fsync of the file, rename, fsync of its folder), and a write of the bytes already
+    there is skipped: each check persists the trusted root again, and flash wears.
+
+    Overrides ``Updater._persist_file``, the one write path of python-tuf 6 and 7 (every
+    role and ``root_history/N.root.json``); tests/security/test_update_faults.py checks
+    it is still there.
+    """
+
+    def _persist_file(self, filename: str, data: bytes) -> None:
+        path = Path(filename)
+        try:
+            if path.read_bytes() == data:
+                return
+        except OSError:
+            pass  # absent or unreadable: write it
+        atomic_write(path, data)
 
 
 def _drop_stale_parts(path: Path, keep: Path) -> None:

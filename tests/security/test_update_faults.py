@@ -1,4 +1,4 @@
-"""Faults at the update path's boundaries (issue 18, defect 1), on a real device
+"""Faults at the update path's boundaries (issue 18, defects 1 and 6), on a real device
 update path (``UpdateService`` + ``ModelLifecycle``) against a real HTTP mirror.
 
 - The delegated ``rollout`` role is loaded lazily, after the refresh: garbled, endless
@@ -7,6 +7,9 @@ update path (``UpdateService`` + ``ModelLifecycle``) against a real HTTP mirror.
 - The state folder fails under an install (read-only, out of inodes: real tmpfs
   conditions): the check returns, the journal is left in a state the next check
   recovers from, and the release installs once the disk is healthy.
+- The cached TUF root is emptied or truncated, as a power cut leaves a file renamed
+  before its data reached the disk: the device starts again from its enrolled root,
+  walks the rotations forward and keeps following the fleet.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import pytest
 
 from agent.contracts import ROLLOUT_ROLE
 from agent.update.journal import Phase
+from controller.base.fsio import repo_lock
+from controller.repository.ceremony import rotate
 from controller.repository.repo import Repository
 from tests.security.conftest import MODEL, Device, quick_repository, release
 from tests.security.simulator import Behaviour, Cut, Endless, HostileMirror, Replace
@@ -189,3 +194,55 @@ def test_no_inode_left_while_unpacking_puts_the_install_back(
     subprocess.run(["rm", "-rf", str(fillers[0])], check=True)
     assert device.check().installed == {MODEL: "2.0.0"}
     assert device.serving() == "2.0.0"
+
+
+# ---------------------------------------------------------------------------- the root cache
+
+
+def _rotate_root(repo: Repository) -> None:
+    with repo_lock(repo.path):
+        rotate(repo, "root")
+
+
+@pytest.mark.parametrize("damage", ["emptied", "truncated"])
+def test_a_cached_root_damaged_by_a_power_cut_is_rebuilt_from_the_enrolled_root(
+    damage: str,
+    repo: Repository,
+    device: Device,
+    bundles: dict[str, Path],
+) -> None:
+    """Root rotated to v2 and trusted; then the power cut leaves ``root_history/2.root.json``
+    (what ``root.json`` links to) empty or half written. The device starts again from its
+    enrolled root v1, walks forward to v2 (fetched again), installs the next release, and
+    follows a later rotation to v3."""
+    _rotate_root(repo)
+    assert device.check().error is None
+    assert device.trusted_version("root") == 2
+    cached = device.config.state_dir / "tuf" / "root_history" / "2.root.json"
+    assert (device.config.state_dir / "tuf" / "root.json").resolve() == cached.resolve()
+    raw = cached.read_bytes()
+    cached.write_bytes(b"" if damage == "emptied" else raw[: len(raw) // 2])
+
+    release(repo, bundles["2.0.0"])
+    result = device.check()
+    assert result.installed == {MODEL: "2.0.0"}, result
+    assert device.trusted_version("root") == 2
+    assert cached.read_bytes() == raw  # fetched again and verified, not trusted from disk
+
+    _rotate_root(repo)
+    release(repo, bundles["3.0.0"])
+    assert device.check().installed == {MODEL: "3.0.0"}
+    assert device.trusted_version("root") == 3
+    assert device.serving() == "3.0.0"
+
+
+def test_a_check_does_not_write_again_the_cached_metadata_it_holds(device: Device) -> None:
+    """Every check persists the trusted root again. ``DurableUpdater`` (an override of
+    python-tuf's ``Updater._persist_file``) writes durably, and skips bytes already there:
+    the file is the same one afterwards. A python-tuf that renamed the hook would rewrite
+    it through a new file, without fsync, and this would fail."""
+    cached = device.config.state_dir / "tuf" / "root_history" / "1.root.json"
+    before = cached.stat()
+    assert device.check().error is None
+    after = cached.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
