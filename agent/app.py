@@ -11,29 +11,40 @@ the heartbeat runs on it too, in a worker thread. Every journal record the lifec
 persists becomes an event in the on-disk outbox (``state_dir/outbox.sqlite``), which the
 MQTT link drains in order whenever the broker is reachable.
 
+The update loop never ends on an error: ``UpdateService.check`` returns every error it
+expects in its result, and anything else (a bug) is logged with its traceback and the
+check retried after a back-off (``retry_delay_s``).
+
 Under systemd (``Type=notify``, see ``systemd/edge-agent.service``) the agent sends
 ``READY=1`` once the socket listens with the restored (last good) versions serving,
 ``STATUS=`` with the versions served whenever they change, ``STOPPING=1`` on shutdown,
-and ``WATCHDOG=1`` from the ``watchdog`` task on the event loop, so a hung loop stops
-the pings and systemd kills and restarts the agent. The watchdog task starts first:
-systemd arms the timer when the process starts, not when it is ready.
+and ``WATCHDOG=1`` from the ``watchdog`` task on the event loop, but only while every
+long-lived loop is alive and within its pass deadline (``agent.device.liveness``; the
+loops and deadlines: ``watch_loops``, ``pass_deadlines``). So a hung event loop, a dead
+loop (the update loop, the poll, the probation judge, the heartbeat, the MQTT link's
+threads, the inference acceptor) or a pass stuck past its deadline stops the pings, and
+systemd kills and restarts the agent. The watchdog task starts first: systemd arms the
+timer when the process starts, not when it is ready; until the loops start (restoring
+the last good versions), nothing is watched and the pings go on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from agent.base.errors import ConfigError
 from agent.device.config import AgentConfig
+from agent.device.liveness import Liveness, Verdict
 from agent.device.sdnotify import Notifier, NotifyError
 from agent.runtime.memory import configure_allocator
 from agent.runtime.registry import ModelRegistry
@@ -50,6 +61,55 @@ from agent.update.updater import UpdateService
 logger = logging.getLogger(__name__)
 # Not EDGE_AGENT_*: that prefix is reserved for config overrides.
 PAUSE_ENV = "EDGEFLEET_TEST_PAUSE_AT"
+STOP_LOOP_ENV = "EDGEFLEET_TEST_STOP_LOOP"
+# Transfers one check may make, each up to the download deadline: root, timestamp,
+# snapshot, targets, the rollout role, desired state, a bundle, and one to spare.
+CHECK_TRANSFERS = 8
+# Slack on top of a probation tick's own deadlines, and a heartbeat's least deadline.
+PASS_SLACK_S = 60.0
+# Back-off after an unexpected error in the update loop: from this, doubling.
+FIRST_RETRY_S = 5.0
+# How often loops are judged when systemd asks for no watchdog (problems are logged).
+HEALTH_CHECK_S = 10.0
+
+
+class LoopStoppedForTest(RuntimeError):
+    """Raised by the update loop when ``EDGEFLEET_TEST_STOP_LOOP=update`` asks it to end."""
+
+
+@dataclass(frozen=True)
+class PassDeadlines:
+    """How long one pass of each loop may run before the watchdog calls it stuck."""
+
+    update_s: float  # counted again from every journal record the check persists
+    probation_s: float
+    telemetry_s: float
+
+
+def pass_deadlines(config: AgentConfig) -> PassDeadlines:
+    """Generous bounds from the config: they catch a hang, never a slow network.
+
+    A check: every transfer running to ``download_deadline_s``, then the install phases'
+    deadlines. A probation tick (which never waits behind an install): a rollback's
+    load and swap. A heartbeat: twice its interval, at least a minute.
+    """
+    install = config.install
+    phases_s = install.unpack_deadline_s + install.smoke_test_deadline_s
+    phases_s += install.activate_deadline_s
+    return PassDeadlines(
+        update_s=CHECK_TRANSFERS * config.repository.download_deadline_s + phases_s,
+        probation_s=install.smoke_test_deadline_s + install.activate_deadline_s + PASS_SLACK_S,
+        telemetry_s=max(PASS_SLACK_S, 2 * config.telemetry.heartbeat_interval_s),
+    )
+
+
+def retry_delay_s(failures: int, first_s: float, max_s: float) -> float:
+    """The wait before retrying after ``failures`` unexpected errors in a row (≥ 1):
+    ``first_s``, doubling, at most ``max_s``."""
+    if failures < 1:
+        raise ValueError(f"failures expected >= 1, got {failures}")
+    doublings = min(failures - 1, 32)  # past that the cap has long been reached
+    return min(max_s, first_s * float(1 << doublings))
 
 
 class AgentApp:
@@ -93,6 +153,10 @@ class AgentApp:
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._scheduler: AsyncIOScheduler | None = None
+        self.liveness = Liveness()
+        self.deadlines = pass_deadlines(config)
+        self._problems: tuple[str, ...] = ()
+        self._stop_loop = stop_loop_from_env()
 
     def models_status(self) -> Mapping[str, Mapping[str, Any]]:
         status: dict[str, dict[str, Any]] = {}
@@ -113,8 +177,7 @@ class AgentApp:
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self.notifier.watchdog_interval_s is not None:
-            self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
+        self._tasks.append(asyncio.create_task(self._watchdog(), name="watchdog"))
         self.config.state_dir.mkdir(parents=True, exist_ok=True)
         self._notify(STATUS="restoring the last good versions")
         configure_allocator()  # before the first model loads (see agent.runtime.memory)
@@ -125,7 +188,9 @@ class AgentApp:
         logger.info("inference socket listening on %s", self.config.inference.socket_path)
         self._notify(READY=1, STATUS=self.status_line())
         self.link.start()
-        self._tasks.append(asyncio.create_task(self._update_loop(), name="update-loop"))
+        update_loop = asyncio.create_task(self._update_loop(), name="update-loop")
+        update_loop.add_done_callback(_log_end)
+        self._tasks.append(update_loop)
         self._scheduler = AsyncIOScheduler()
         self._scheduler.add_job(
             self.request_check,
@@ -154,19 +219,35 @@ class AgentApp:
             coalesce=True,
         )
         self._scheduler.start()
+        self.watch_loops(update_loop, self._scheduler)
         self.request_check()
         try:
             await self._stopping.wait()
         finally:
             await self._shutdown()
 
+    def watch_loops(self, update_loop: asyncio.Task[None], scheduler: AsyncIOScheduler) -> None:
+        """Register every long-lived loop with the liveness registry (see ``_watchdog``)."""
+
+        def job_alive(job_id: str) -> bool:
+            return bool(scheduler.running) and scheduler.get_job(job_id) is not None
+
+        watch = self.liveness.watch
+        watch("update", lambda: not update_loop.done() and job_alive("poll"))
+        watch("probation", lambda: job_alive("probation"))
+        watch("telemetry", lambda: job_alive("heartbeat"))
+        watch("mqtt", lambda: self.link.is_running)
+        watch("inference acceptor", lambda: self.server.is_accepting)
+
     def status_line(self) -> str:
-        """One line for ``systemctl status``: the versions served now."""
+        """One line for ``systemctl status``: the versions served now, and what keeps the
+        watchdog from being fed, if anything."""
         models = self.registry.snapshot()
-        if not models:
-            return "serving no model yet"
         served = ", ".join(f"{name} {m.version}" for name, m in sorted(models.items()))
-        return f"serving {served}"
+        line = f"serving {served}" if models else "serving no model yet"
+        if self._problems:
+            line += f"; not feeding the watchdog: {'; '.join(self._problems)}"
+        return line
 
     def _notify(self, **fields: str | int) -> None:
         """Tell systemd; a failure is logged once, never fatal (the watchdog will tell)."""
@@ -178,30 +259,77 @@ class AgentApp:
             self._notify_failed = True
 
     async def _watchdog(self) -> None:
+        """Judge the loops; ping systemd's watchdog only while they are all healthy."""
         interval_s = self.notifier.watchdog_interval_s
-        assert interval_s is not None
-        # Twice per interval, as sd_watchdog_enabled(3) advises, so one late tick is no kill.
-        logger.info("systemd watchdog: %.1f s, pinging every %.1f s", interval_s, interval_s / 2)
+        if interval_s is not None:
+            # Twice per interval, as sd_watchdog_enabled(3) advises: one late tick is no kill.
+            logger.info(
+                "systemd watchdog: %.1f s, pinging every %.1f s while every loop is healthy",
+                interval_s,
+                interval_s / 2,
+            )
         while True:
-            self._notify(WATCHDOG=1)
-            await asyncio.sleep(interval_s / 2)
+            verdict = self.liveness.verdict()
+            if verdict.problems != self._problems:
+                self._report(verdict)
+            if verdict.is_healthy and interval_s is not None:
+                self._notify(WATCHDOG=1)
+            await asyncio.sleep(interval_s / 2 if interval_s is not None else HEALTH_CHECK_S)
+
+    def _report(self, verdict: Verdict) -> None:
+        self._problems = verdict.problems
+        if verdict.is_healthy:
+            logger.warning("every loop is healthy again; feeding the watchdog")
+        elif self.notifier.watchdog_interval_s is not None:
+            logger.error(
+                "not feeding the systemd watchdog: %s; systemd restarts the agent",
+                "; ".join(verdict.problems),
+            )
+        else:
+            logger.error(
+                "%s; restart the agent (under systemd, its watchdog would)",
+                "; ".join(verdict.problems),
+            )
+        self._notify(STATUS=self.status_line())
 
     async def _update_loop(self) -> None:
+        failures = 0
         while True:
             await self._check_wanted.wait()
             self._check_wanted.clear()
-            await asyncio.to_thread(self.updates.check)
-            self._publish_status()
+            try:
+                with self.liveness.passing("update", self.deadlines.update_s):
+                    await asyncio.to_thread(self.updates.check)
+                    self._publish_status()
+            except Exception:
+                # Expected errors come back in the check's result: this is a bug. Keep
+                # following the fleet all the same.
+                failures += 1
+                poll_s = self.config.repository.poll_interval_s
+                delay_s = retry_delay_s(failures, FIRST_RETRY_S, poll_s)
+                logger.exception(
+                    "update check failed unexpectedly (%d in a row); retrying in %.0f s",
+                    failures,
+                    delay_s,
+                )
+                await asyncio.sleep(delay_s)
+                self.request_check()
+                continue
+            failures = 0
+            if self._stop_loop == "update":
+                raise LoopStoppedForTest(f"the update loop ends here ({STOP_LOOP_ENV}=update)")
 
     async def _judge_probation(self) -> None:
-        settled = await asyncio.to_thread(self.lifecycle.judge_probation)
+        with self.liveness.passing("probation", self.deadlines.probation_s):
+            settled = await asyncio.to_thread(self.lifecycle.judge_probation)
         if settled:
             self._publish_status()
             # A release that waited for this probation to end can start now.
             self.request_check()
 
     async def _heartbeat(self) -> None:
-        await asyncio.to_thread(self.telemetry.heartbeat)
+        with self.liveness.passing("telemetry", self.deadlines.telemetry_s):
+            await asyncio.to_thread(self.telemetry.heartbeat)
 
     async def _shutdown(self) -> None:
         logger.info("shutting down")
@@ -210,9 +338,8 @@ class AgentApp:
             self._scheduler.shutdown(wait=False)
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # A task that ended with an error was logged then (``_log_end``): shut down anyway.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.server.stop()
         await asyncio.to_thread(self.link.stop)
         self.outbox.close()
@@ -225,7 +352,15 @@ class AgentApp:
             self._loop.call_soon_threadsafe(self.request_check)
 
     def _transitioned(self, record: JournalRecord) -> None:
-        self.telemetry.on_transition(record)
+        self.liveness.renew("update")  # an install that persists a record makes progress
+        try:
+            self.telemetry.on_transition(record)
+        except Exception:
+            # The journal holds the record; an event the outbox cannot take (a full
+            # disk) must not stop the install it describes.
+            logger.exception(
+                "cannot queue the event for %s %s %s", record.model, record.phase, record.version
+            )
 
     def _publish_status(self) -> None:
         self.link.publish_status()
@@ -254,6 +389,28 @@ def pause_hook_from_env(state_dir: Path) -> PhaseHook | None:
             time.sleep(120)
 
     return hook
+
+
+def stop_loop_from_env() -> str | None:
+    """Test-only: ``EDGEFLEET_TEST_STOP_LOOP=update`` ends the update loop after its first
+    check (with ``LoopStoppedForTest``), so a test can see the watchdog stop being fed
+    and systemd restart the agent. Any other value is refused."""
+    wanted = os.environ.get(STOP_LOOP_ENV)
+    if not wanted:
+        return None
+    if wanted != "update":
+        raise ConfigError(f"{STOP_LOOP_ENV}: expected 'update', got {wanted!r}")
+    logger.warning("%s=update: the update loop ends after its first check (tests)", STOP_LOOP_ENV)
+    return wanted
+
+
+def _log_end(task: asyncio.Task[None]) -> None:
+    """A long-lived task ended: say how (the watchdog then stops being fed)."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        logger.error("task %s ended: %s", task.get_name(), exc, exc_info=exc)
 
 
 async def run_agent(config: AgentConfig, notifier: Notifier | None = None) -> None:

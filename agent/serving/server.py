@@ -201,6 +201,11 @@ class InferenceServer:
         """Infer requests running or waiting for a slot."""
         return self._router.admission.admitted
 
+    @property
+    def is_accepting(self) -> bool:
+        """Whether the acceptor thread runs (after ``start``, before ``stop``)."""
+        return self._acceptor is not None and self._acceptor.is_alive()
+
     # -- lifecycle
 
     async def start(self) -> None:

@@ -97,6 +97,17 @@ class MqttLink:
     def is_connected(self) -> bool:
         return self._connected.is_set()
 
+    @property
+    def is_running(self) -> bool:
+        """Whether the link's threads still run (after ``start``, before ``stop``): paho's
+        network thread (it reconnects; an exception in a callback ends it) and the outbox
+        sender. Either ended, the agent is deaf or mute to its fleet for good."""
+        # paho keeps its network thread in ``_thread`` and has no public accessor.
+        network = self._client._thread
+        if network is None or not network.is_alive():
+            return False
+        return self._sender is None or self._sender.is_alive()
+
     def start(self) -> None:
         """Connect in the background; paho reconnects on its own after any loss."""
         mqtt_cfg = self._config.mqtt

@@ -319,9 +319,16 @@ class ModelLifecycle:
     # ------------------------------------------------------------------ probation
 
     def judge_probation(self) -> list[str]:
-        """Judge every model on probation; commit or roll back. Returns settled models."""
-        settled = []
-        with self._lock:
+        """Judge every model on probation; commit or roll back. Returns settled models.
+
+        While an install or a rollback holds the lifecycle, it judges nothing and returns
+        at once (the next tick judges): a tick never waits behind a download, so its own
+        duration stays short and bounded (the watchdog holds it to a deadline).
+        """
+        settled: list[str] = []
+        if not self._lock.acquire(blocking=False):
+            return settled
+        try:
             for model in self._store.model_names():
                 record = self._store.read_journal(model)
                 if record.phase is not Phase.ACTIVE or record.version is None:
@@ -339,6 +346,8 @@ class ModelLifecycle:
                 elif decision.verdict is Verdict.ROLL_BACK:
                     self.roll_back(model, decision.reason)
                     settled.append(model)
+        finally:
+            self._lock.release()
         return settled
 
     def _commit(self, record: JournalRecord, reason: str) -> None:

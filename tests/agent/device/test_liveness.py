@@ -1,0 +1,92 @@
+"""The watchdog's rule (``agent.device.liveness``): pure, with an injected clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.device.liveness import Liveness, LoopState, judge
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_every_loop_alive_and_idle_is_healthy() -> None:
+    verdict = judge([LoopState("update", True), LoopState("mqtt", True)], now=5.0)
+    assert verdict.is_healthy
+    assert verdict.problems == ()
+    assert judge([], now=0.0).is_healthy  # nothing watched yet (before start-up ends)
+
+
+def test_an_ended_loop_is_named() -> None:
+    verdict = judge([LoopState("update", False), LoopState("mqtt", True)], now=5.0)
+    assert not verdict.is_healthy
+    assert verdict.problems == ("update loop has ended",)
+
+
+def test_a_pass_is_judged_against_its_own_deadline() -> None:
+    within = LoopState("probation", True, pass_started_at=100.0, pass_deadline_s=30.0)
+    assert judge([within], now=130.0).is_healthy  # at the deadline: still fine
+    (problem,) = judge([within], now=130.5).problems
+    assert problem == ("probation loop is stuck: one pass has run 30s, past its deadline of 30s")
+
+
+def test_a_dead_loop_is_reported_as_dead_even_in_a_pass() -> None:
+    dead = LoopState("update", False, pass_started_at=0.0, pass_deadline_s=1.0)
+    assert judge([dead], now=100.0).problems == ("update loop has ended",)
+
+
+def test_the_registry_follows_passes_with_its_clock() -> None:
+    clock = Clock()
+    alive = {"update": True, "telemetry": True}
+    liveness = Liveness(clock)
+    for name in alive:
+        liveness.watch(name, lambda name=name: alive[name])
+    assert liveness.verdict().is_healthy
+
+    liveness.begin("update", deadline_s=60.0)
+    clock.now += 59.0
+    assert liveness.verdict().is_healthy
+    liveness.renew("update")  # progress: the deadline counts from now
+    clock.now += 59.0
+    assert liveness.verdict().is_healthy
+    clock.now += 2.0
+    assert liveness.verdict().problems == (
+        "update loop is stuck: one pass has run 61s, past its deadline of 60s",
+    )
+    liveness.end("update")
+    assert liveness.verdict().is_healthy
+
+    alive["telemetry"] = False
+    assert liveness.verdict().problems == ("telemetry loop has ended",)
+
+
+def test_renew_between_passes_or_before_watching_starts_nothing() -> None:
+    clock = Clock()
+    liveness = Liveness(clock)
+    liveness.renew("update")  # e.g. a journal record persisted while restoring
+    liveness.watch("update", lambda: True)
+    liveness.renew("update")
+    (state,) = liveness.states()
+    assert state.pass_started_at is None
+
+
+def test_a_pass_ends_even_when_its_work_raises() -> None:
+    clock = Clock()
+    liveness = Liveness(clock)
+    liveness.watch("update", lambda: True)
+    with pytest.raises(RuntimeError), liveness.passing("update", deadline_s=1.0):
+        raise RuntimeError("boom")
+    clock.now += 100.0
+    assert liveness.verdict().is_healthy
+
+
+def test_a_pass_of_an_unwatched_loop_is_refused_naming_it() -> None:
+    liveness = Liveness(Clock())
+    liveness.watch("update", lambda: True)
+    with pytest.raises(KeyError, match=r"'probation' is not watched \(watched: \['update'\]\)"):
+        liveness.begin("probation", deadline_s=1.0)

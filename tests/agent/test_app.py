@@ -1,0 +1,47 @@
+"""The composition root's pure pieces: the loops' pass deadlines and the update loop's
+back-off (the loops themselves run in tests/test_update_liveness.py, in a real agent)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from agent.app import PassDeadlines, pass_deadlines, retry_delay_s
+from agent.device.config import AgentConfig, InstallConfig, RepositoryConfig, TelemetryConfig
+
+
+def _config(tmp_path: Path) -> AgentConfig:
+    return AgentConfig(
+        device_id="dev-1",
+        fleet="lab",
+        state_dir=tmp_path / "state",
+        trusted_root=tmp_path / "root.json",
+        repository=RepositoryConfig(url="http://127.0.0.1:1", download_deadline_s=100.0),
+        install=InstallConfig(
+            unpack_deadline_s=10.0, smoke_test_deadline_s=20.0, activate_deadline_s=5.0
+        ),
+        telemetry=TelemetryConfig(heartbeat_interval_s=10.0),
+    )
+
+
+def test_pass_deadlines_follow_the_config(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    assert pass_deadlines(config) == PassDeadlines(
+        update_s=8 * 100.0 + 10.0 + 20.0 + 5.0,  # every transfer to its deadline, the phases
+        probation_s=20.0 + 5.0 + 60.0,  # a rollback's load and swap, and slack
+        telemetry_s=60.0,  # at least a minute
+    )
+    slow = replace(config, telemetry=TelemetryConfig(heartbeat_interval_s=45.0))
+    assert pass_deadlines(slow).telemetry_s == 90.0
+
+
+def test_the_retry_delay_doubles_up_to_the_poll_interval() -> None:
+    assert [retry_delay_s(n, 5.0, 300.0) for n in range(1, 9)] == [
+        5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 300.0, 300.0,
+    ]  # fmt: skip
+    assert retry_delay_s(10_000, 5.0, 300.0) == 300.0
+    assert retry_delay_s(1, 5.0, 1.0) == 1.0  # a poll shorter than the first delay wins
+    with pytest.raises(ValueError, match="failures expected >= 1, got 0"):
+        retry_delay_s(0, 5.0, 300.0)
