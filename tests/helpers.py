@@ -1,5 +1,5 @@
 """Shared test helpers: a private mosquitto on a free port, stopping a child process,
-and small real ONNX models."""
+small real ONNX models, and a clock a test moves by hand."""
 
 from __future__ import annotations
 
@@ -12,6 +12,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+class ManualClock:
+    """A clock for pure rules: ``now`` moves only when the test moves it."""
+
+    def __init__(self, now: float = 100.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def free_port() -> int:

@@ -5,14 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.device.liveness import Liveness, LoopState, judge
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.helpers import ManualClock
 
 
 def test_every_loop_alive_and_idle_is_healthy() -> None:
@@ -41,7 +34,7 @@ def test_a_dead_loop_is_reported_as_dead_even_in_a_pass() -> None:
 
 
 def test_the_registry_follows_passes_with_its_clock() -> None:
-    clock = Clock()
+    clock = ManualClock()
     alive = {"update": True, "telemetry": True}
     liveness = Liveness(clock)
     for name in alive:
@@ -66,7 +59,7 @@ def test_the_registry_follows_passes_with_its_clock() -> None:
 
 
 def test_renew_between_passes_or_before_watching_starts_nothing() -> None:
-    clock = Clock()
+    clock = ManualClock()
     liveness = Liveness(clock)
     liveness.renew("update")  # e.g. a journal record persisted while restoring
     liveness.watch("update", lambda: True)
@@ -76,7 +69,7 @@ def test_renew_between_passes_or_before_watching_starts_nothing() -> None:
 
 
 def test_a_pass_ends_even_when_its_work_raises() -> None:
-    clock = Clock()
+    clock = ManualClock()
     liveness = Liveness(clock)
     liveness.watch("update", lambda: True)
     with pytest.raises(RuntimeError), liveness.passing("update", deadline_s=1.0):
@@ -86,7 +79,7 @@ def test_a_pass_ends_even_when_its_work_raises() -> None:
 
 
 def test_a_pass_of_an_unwatched_loop_is_refused_naming_it() -> None:
-    liveness = Liveness(Clock())
+    liveness = Liveness(ManualClock())
     liveness.watch("update", lambda: True)
     with pytest.raises(KeyError, match=r"'probation' is not watched \(watched: \['update'\]\)"):
         liveness.begin("probation", deadline_s=1.0)

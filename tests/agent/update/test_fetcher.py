@@ -19,6 +19,7 @@ from agent.update.fetcher import (
     TransferGuard,
     TransferLimits,
 )
+from tests.helpers import ManualClock
 
 BODY = bytes(range(256)) * 40  # 10,240 bytes
 
@@ -151,16 +152,8 @@ def test_a_range_answered_from_elsewhere_is_refused(server: str) -> None:
 # ---------------------------------------------------------------------------- pure rules
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_guard_deadline() -> None:
-    clock = Clock()
+    clock = ManualClock()
     guard = TransferGuard("f", TransferLimits(deadline_s=10.0), clock)
     clock.now += 9.9
     guard.observe(1)
@@ -170,7 +163,7 @@ def test_guard_deadline() -> None:
 
 
 def test_guard_minimum_progress_is_judged_per_window() -> None:
-    clock = Clock()
+    clock = ManualClock()
     limits = TransferLimits(deadline_s=1e6, min_bytes_per_s=10.0, progress_window_s=5.0)
     guard = TransferGuard("f", limits, clock)
     for _ in range(5):  # 50 bytes in 5 s: exactly the minimum, the window starts over
@@ -184,7 +177,7 @@ def test_guard_minimum_progress_is_judged_per_window() -> None:
 
 
 def test_guard_without_a_progress_rule_only_has_the_deadline() -> None:
-    clock = Clock()
+    clock = ManualClock()
     guard = TransferGuard("f", TransferLimits(deadline_s=100.0, min_bytes_per_s=0), clock)
     clock.now += 99
     guard.observe(0)
@@ -203,7 +196,7 @@ class _Scripted(ResumableFetcher):
 
 
 def test_fallback_only_on_an_unreachable_primary_and_retries_it_later() -> None:
-    clock = Clock()
+    clock = ManualClock()
     down = _Scripted(DownloadError("cannot fetch"))
     mqtt = _Scripted(None)
     fetcher = FallbackFetcher(down, mqtt, lambda u: "mqtt://repository/" + u, 60.0, clock)
