@@ -256,8 +256,8 @@ class ModelLifecycle:
                 f"{record.phase.value}: the next check puts it back)"
             ) from failed
 
-    def put_back_interrupted(self, model: str) -> JournalRecord:
-        """The model's record, an install left mid-way put back to idle first.
+    def put_back_interrupted(self) -> list[str]:
+        """Put back to idle every install left mid-way; returns the models put back.
 
         Installs run to their end inside one check, so between checks a record in a
         pre-active phase means the disk refused the journal write that would have put it
@@ -265,18 +265,23 @@ class ModelLifecycle:
         an interruption: the disk, not the candidate, was at fault. Raises StorageError
         when the journal still cannot be written.
         """
+        put_back = []
         with self._lock:
-            record = self._store.read_journal(model)
-            if record.phase not in PRE_ACTIVE:
-                return record
-            logger.warning(
-                "%s: the install of %s was left in %s (a journal write failed); putting it back",
-                model,
-                record.version,
-                record.phase.value,
-            )
-            reason = f"{record.phase.value} interrupted by a journal write the disk refused"
-            return self._persist(retry_later(record, self._clock(), reason))
+            for model in self._store.model_names():
+                record = self._store.read_journal(model)
+                if record.phase not in PRE_ACTIVE:
+                    continue
+                logger.warning(
+                    "%s: the install of %s was left in %s (a journal write failed); "
+                    "putting it back",
+                    model,
+                    record.version,
+                    record.phase.value,
+                )
+                reason = f"{record.phase.value} interrupted by a journal write the disk refused"
+                self._persist(retry_later(record, self._clock(), reason))
+                put_back.append(model)
+        return put_back
 
     def _enter(self, record: JournalRecord, phase: Phase, deadline_s: float) -> JournalRecord:
         return self._persist(transition(record, phase, self._clock(), deadline_s=deadline_s))

@@ -123,6 +123,8 @@ class UpdateService:
                 return CheckResult(error=str(exc))
 
     def _check(self) -> CheckResult:
+        # Decisions below start from settled journals, whatever the repository says.
+        self._lifecycle.put_back_interrupted()
         updater = self._new_updater()
         with self._tuf_errors("metadata refresh"):
             updater.refresh()
@@ -244,7 +246,7 @@ class UpdateService:
         if resolved is None:
             return
         version, target = resolved
-        record = self._lifecycle.put_back_interrupted(model)
+        record = self._lifecycle.record(model)
         if record.phase is Phase.ACTIVE:
             if version == record.previous:
                 self._lifecycle.roll_back(model, f"desired state went back to {version}")
