@@ -4,9 +4,13 @@ On the host: a repository with one release served by `edgectl serve` on 127.0.0.
 mosquitto from `edgectl broker config`, an enrollment archive from `edgectl device add`.
 The container shares the host's network (no --private-network), so the agent reaches
 both on loopback. Inside, ``probe.sh`` (a Type=simple unit wanted by multi-user.target)
-installs the .deb, enrolls, starts the agent and checks READY, inference on the socket,
-the watchdog restart of a SIGSTOPped agent and `dpkg --purge`; it writes its results to
-a bind mount and powers off.
+installs the previous release's .deb, enrolls, serves, then upgrades to this tree's .deb
+and checks the same version keeps serving from the same state; then READY, inference on
+the socket, the watchdog restart of a SIGSTOPped agent and of an agent whose update loop
+died, and `dpkg --purge`; it writes its results to a bind mount and powers off.
+
+"The previous release" is commit ``PREVIOUS`` (main before issue #18), built from
+``git archive`` with its version lowered to 0.0.9 so dpkg sees an upgrade.
 
 The Debian root is cached in /var/cache/edgefleet-test (debootstrap: ~90 s, ~300 MB),
 the wheelhouse too. The test skips, saying why, where nspawn cannot run; with
@@ -19,6 +23,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -44,6 +49,8 @@ BASE = CACHE / "bookworm-base"
 MIRROR = "http://deb.debian.org/debian"
 FLEET = "lab"
 DEVICE = "dev-1"
+PREVIOUS = "3ada5d04f1f210d48d91d3e1dc682527368e1229"  # main before issue #18
+PREVIOUS_VERSION = "0.0.9"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -100,15 +107,15 @@ def base_root() -> Path:
     return BASE
 
 
-def build_deb(output: Path) -> Path:
+def build_deb(output: Path, tree: Path = ROOT, wheels: Path = CACHE / "wheels") -> Path:
     subprocess.run(
         [
             sys.executable,
-            str(ROOT / "packaging" / "build_deb.py"),
+            str(tree / "packaging" / "build_deb.py"),
             "--output",
             str(output),
             "--wheels",
-            str(CACHE / "wheels"),
+            str(wheels),
         ],
         check=True,
         capture_output=True,
@@ -116,6 +123,38 @@ def build_deb(output: Path) -> Path:
     )
     (deb,) = output.glob("edge-agent_*.deb")
     return deb
+
+
+def build_previous_deb(work: Path) -> Path:
+    """The .deb of commit PREVIOUS, as version PREVIOUS_VERSION (a tree from git archive)."""
+    tree = work / "previous-tree"
+    tree.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", PREVIOUS],
+        capture_output=True,
+        timeout=120,
+    )
+    if archive.returncode != 0:
+        _skip_or_fail(
+            f"the upgrade test builds commit {PREVIOUS}, which this checkout lacks "
+            f"(a shallow clone?): {archive.stderr.decode(errors='replace')[-500:]}"
+        )
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True)
+    for path, old, new in (
+        (tree / "pyproject.toml", 'version = "0.1.0"', f'version = "{PREVIOUS_VERSION}"'),
+        (tree / "agent" / "__init__.py", '"0.1.0"', f'"{PREVIOUS_VERSION}"'),
+    ):
+        text = path.read_text()
+        assert old in text, f"{path} no longer says {old}"
+        path.write_text(text.replace(old, new))
+    # Its own wheel cache (build_wheels replaces only edgefleet-*.whl), seeded with the
+    # dependencies' wheels this tree's build already has.
+    wheels = CACHE / "wheels-previous"
+    wheels.mkdir(parents=True, exist_ok=True)
+    for wheel in (CACHE / "wheels").glob("*.whl"):
+        if not wheel.name.startswith("edgefleet-") and not (wheels / wheel.name).exists():
+            shutil.copy(wheel, wheels / wheel.name)
+    return build_deb(work / "previous-build", tree, wheels)
 
 
 class StatusWatcher:
@@ -168,6 +207,7 @@ def host_side(tmp_path: Path) -> Iterator[dict[str, object]]:
             "device", "add", DEVICE, "--fleet", FLEET, "--repo", repo, "-o", enroll,
             "--repository-url", url, "--broker", f"localhost:{port}",
         )  # fmt: skip
+        broker.send_signal(signal.SIGHUP)  # the ACL names each device: reload it, as add says
         watcher = StatusWatcher(port, broker_dir)
         try:
             yield {"enroll": enroll, "watcher": watcher, "serve": serve}
@@ -217,6 +257,7 @@ def test_the_deb_under_real_systemd(tmp_path: Path, host_side: dict[str, object]
     base = base_root()
     t_base = time.monotonic() - t0
     deb = build_deb(tmp_path / "build")
+    previous_deb = build_previous_deb(tmp_path)
     t_deb = time.monotonic() - t0 - t_base
 
     machine = tmp_path / "machine"
@@ -224,6 +265,7 @@ def test_the_deb_under_real_systemd(tmp_path: Path, host_side: dict[str, object]
     probe_dir = tmp_path / "probe"
     (probe_dir / "results").mkdir(parents=True)
     shutil.copy(deb, probe_dir / "edge-agent.deb")
+    shutil.copy(previous_deb, probe_dir / "edge-agent-previous.deb")
     shutil.copy(host_side["enroll"], probe_dir / "enroll.tar")  # type: ignore[arg-type]
     np.save(probe_dir / "input.npy", np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32))
     shutil.copy(Path(__file__).with_name("probe.sh"), probe_dir / "probe.sh")
@@ -261,15 +303,20 @@ def test_the_deb_under_real_systemd(tmp_path: Path, host_side: dict[str, object]
     )
     assert (results_dir / "done").exists() and not failed, f"probe results {results}\n{logs}"
     expected = {
-        "install", "enabled", "group", "not_failed_before_enroll", "enroll", "key_mode",
-        "config_mode", "ready", "socket_mode", "served", "infer", "runs_unprivileged",
-        "watchdog_restart", "watchdog_logged", "served_after_restart", "purge", "purged",
+        "install_previous", "previous_version", "enabled", "group", "not_failed_before_enroll",
+        "enroll", "key_mode", "config_mode", "ready", "socket_mode", "served", "infer",
+        "upgrade", "upgraded_version", "active_after_upgrade", "served_after_upgrade",
+        "same_answer_after_upgrade", "journal_kept", "version_folder_kept", "not_reinstalled",
+        "runs_unprivileged", "watchdog_restart", "watchdog_logged", "served_after_restart",
+        "dead_loop_restart", "dead_loop_logged", "served_after_dead_loop", "purge", "purged",
         "stopped",
     }  # fmt: skip
     assert set(results) == expected
     assert "serving" in (results_dir / "status_at_ready.txt").read_text()
     outputs = json.loads((results_dir / "infer_output.json").read_text())
     assert outputs["y"]["shape"] == [1, 3]
+    before = json.loads((results_dir / "infer_before_upgrade.json").read_text())
+    assert before == outputs  # the upgraded agent answers as the previous one did
     # The agent reached the TLS broker with its enrolled certificate (key via LoadCredential).
     watcher = host_side["watcher"]
     assert isinstance(watcher, StatusWatcher)
