@@ -17,7 +17,9 @@ Invariants:
 - Every rejection is an ``InvalidRequestError`` whose message names the tensor (or the
   field) and says what was expected and what was got; the HTTP edge maps it to 400.
 - A parsed input has exactly the manifest's datatype and a shape that fits the manifest's
-  (``-1`` is a wildcard); every manifest input is present, no other is.
+  (``-1`` is a wildcard) and that an array can have (``agent.oip.tensors.check_shape``:
+  ``[0, 10**20]`` is refused, not left to numpy); every manifest input is present, no
+  other is.
 - Values are never silently changed (``agent.oip.tensors`` refuses what does not fit).
 - Binary sections are accounted for exactly: a size that disagrees with the shape, or
   bytes left over or missing, is refused.
@@ -60,6 +62,7 @@ from agent.oip.documents import (
 )
 from agent.oip.tensors import (
     check_binary_size,
+    check_shape,
     shape_fits,
     tensor_from_bytes,
     tensor_from_json,
@@ -347,13 +350,7 @@ def _plan_input(
             if not isinstance(datatype, str)
             else f"input {name!r}: datatype expected {spec.datatype}, got {datatype}"
         )
-    shape = raw.get("shape")
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        raise InvalidRequestError(
-            f"input {name!r}: shape expected a list of integers >= 0, got {shape!r}"
-        )
+    shape = check_shape(name, raw.get("shape"))
     if not shape_fits(spec.shape, shape):
         raise InvalidRequestError(f"input {name!r}: shape expected {list(spec.shape)}, got {shape}")
     where = f"input {name!r}"

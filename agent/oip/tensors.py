@@ -11,6 +11,10 @@ Invariants:
   expected and what was got.
 - Values are never silently changed: floats are refused for integer tensors, integers out
   of the datatype's range are refused, only ``true``/``false`` (or bytes 0/1) make a BOOL.
+- A shape is a list of integers >= 0 whose non-zero dimensions multiply to at most
+  ``MAX_ELEMENTS``: any such shape makes an array (numpy counts a tensor's bytes without
+  its zero dimensions, in 64 bits), so a shape like ``[0, 10**20]`` is a 400, not a
+  numpy error.
 - A binary tensor's size must match its shape exactly; fixed-size types share the
   buffer's memory instead of copying it, and ``tensor_to_bytes`` hands out a view of an
   array whose memory already is the wire form (little-endian, C-contiguous).
@@ -59,9 +63,33 @@ _WIRE: Final[Mapping[str, np.dtype[Any]]] = {
     if name not in ("BYTES", "BOOL")
 }
 _LENGTH: Final = struct.Struct("<I")
+# Elements of a shape, its zero dimensions left out: times the widest element (8 bytes:
+# INT64, FP64, a BYTES object) this stays within numpy's signed 64-bit byte count.
+MAX_ELEMENTS: Final = 2**59
 # dtypes whose memory already is the wire form (on a little-endian machine: the native
 # ones); ``tensor_to_bytes`` hands out a view of such an array without converting it.
 _SHAREABLE: Final = frozenset([*_WIRE.values(), np.dtype(np.bool_)])
+
+
+def check_shape(name: str, shape: Any) -> list[int]:
+    """``shape`` when it can be a tensor's: a list of integers >= 0 whose non-zero
+    dimensions multiply to at most ``MAX_ELEMENTS``.
+
+    Raises InvalidRequestError naming the tensor, what was expected and what came.
+    """
+    if not isinstance(shape, list) or not all(
+        type(d) is int and d >= 0
+        for d in shape  # type(): no bools
+    ):
+        raise InvalidRequestError(
+            f"input {name!r}: shape expected a list of integers >= 0, got {shape!r}"
+        )
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise InvalidRequestError(
+            f"input {name!r}: shape {shape} is too large: its non-zero dimensions multiply "
+            f"to more than 2**59 elements"
+        )
+    return shape
 
 
 def shape_fits(expected: Sequence[int], got: Sequence[int]) -> bool:

@@ -1,10 +1,12 @@
 """Hostile requests against a real server on a real socket (hypothesis).
 
 At least 10,000 malformed or hostile requests — bad JSON, wrong shapes and datatypes,
-lying binary sizes and header lengths, bogus shared-memory references, lying
-Content-Length, oversized and garbage heads, raw garbage — plus slow senders. The server
-must never answer a 5xx, never log an unexpected error, and must answer a health check
-after every batch. The counts are printed (``pytest -s`` shows them).
+hostile dimensions (huge, negative, zero beside huge, products past 2**63) on models
+whose dimensions are wildcards, lying binary sizes and header lengths, bogus
+shared-memory references, lying Content-Length, oversized and garbage heads, raw
+garbage — plus slow senders. The server must never answer a 5xx, never log an
+unexpected error, and must answer a health check after every batch. The counts are
+printed (``pytest -s`` shows them).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -25,6 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.client import InferenceClient
+from agent.contracts import TensorSpec
 from agent.oip.shm import SharedMemoryRegion
 from agent.runtime.loading import load_model
 from agent.runtime.registry import ModelRegistry
@@ -48,7 +52,13 @@ _json_values = st.recursive(
     max_leaves=12,
 )
 _datatypes = st.sampled_from([*ALL_DATATYPES, "FP8", "", "fp32"]) | st.text(max_size=4)
-_shapes = st.lists(st.integers(min_value=-3, max_value=6), max_size=4) | _json_values
+# Dimensions that are legal one by one but not together (0 beside 2**63: a product of 0
+# that numpy cannot make), past int64, negative, or ordinary.
+_hostile_dims = st.sampled_from(
+    [0, 1, 3, 4, 2**31, 2**60, 2**62, 2**63 - 1, 2**63, 2**64, 10**20, -1, -(2**63)]
+)
+_dims = _hostile_dims | st.integers(min_value=-(2**70), max_value=2**70) | st.integers(-3, 6)
+_shapes = st.lists(_dims, max_size=4) | _json_values
 _names = st.sampled_from(["x", "in_fp32", "in_bytes", "in_bool", "y", ""]) | st.text(max_size=5)
 _paths = st.sampled_from(
     [
@@ -57,6 +67,7 @@ _paths = st.sampled_from(
         "/v2/models/linear/versions/1.0.0/infer",
         "/v2/models/nope/infer",
         "/v2/models/linear/versions/9/infer",
+        "/v2/models/wide/infer",
     ]
 )
 _any_path = (
@@ -122,6 +133,7 @@ def _hostile(draw: st.DrawFn) -> tuple[str, bytes]:
                 "register",
                 "wrong_method",
                 "deep_json",
+                "hostile_shape",
             ]
         )
     )
@@ -150,6 +162,8 @@ def _hostile(draw: st.DrawFn) -> tuple[str, bytes]:
             st.just(str(len(head))) | st.integers(-10, 500).map(str) | st.text(max_size=4)
         )
         return kind, _http("POST", path, head + tail, {"Inference-Header-Content-Length": length})
+    if kind == "hostile_shape":
+        return kind, _hostile_shape(draw)
     if kind == "lying_length":
         body = draw(st.binary(max_size=100))
         claimed = draw(st.integers(0, 300).map(str) | st.sampled_from(["-1", "1e3", "x", ""]))
@@ -173,6 +187,36 @@ def _hostile(draw: st.DrawFn) -> tuple[str, bytes]:
         return kind, _http("POST", f"/v2/systemsharedmemory/region/{name}/{verb}", body.encode())
     method = draw(st.sampled_from(["GET", "PUT", "PATCH", "POST"]))
     return kind, _http(method, draw(_any_path), draw(st.binary(max_size=30)))
+
+
+# A real input of each model, so a request with hostile dimensions passes every other check.
+_REAL_INPUTS = {
+    "/v2/models/wide/infer": ("x", "FP32", 2),  # [-1, -1]
+    "/v2/models/linear/infer": ("x", "FP32", 2),  # [-1, 4]
+    "/v2/models/echo/infer": ("in_int64", "INT64", 2),  # [-1, 3], one input of many
+}
+
+
+def _hostile_shape(draw: st.DrawFn) -> bytes:
+    """A well-formed infer request whose shape is hostile: its data as JSON (none, or
+    what the shape asks if it is small), binary or in shared memory."""
+    path = draw(st.sampled_from([*_REAL_INPUTS, "/v2/models/wide/infer"]))  # wide: twice
+    name, datatype, rank = _REAL_INPUTS[path]
+    shape = draw(st.lists(_hostile_dims, min_size=rank, max_size=rank))
+    tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": shape}
+    where = draw(st.sampled_from(["json", "binary", "shm"]))
+    count = math.prod(shape) if all(d >= 0 for d in shape) else 0
+    size = count * (8 if datatype == "INT64" else 4)
+    if where == "json":
+        tensor["data"] = [1] * count if count <= 64 else []
+        return _http("POST", path, json.dumps({"inputs": [tensor]}).encode())
+    if where == "shm":
+        tensor["parameters"] = {"shared_memory_region": "fz", "shared_memory_byte_size": size}
+        return _http("POST", path, json.dumps({"inputs": [tensor]}).encode())
+    tensor["parameters"] = {"binary_data_size": size}
+    head = json.dumps({"inputs": [tensor]}).encode()
+    tail = b"\0" * size if 0 <= size <= 256 else b""
+    return _http("POST", path, head + tail, {"Inference-Header-Content-Length": str(len(head))})
 
 
 def _statuses(server: InferenceServer, request: bytes) -> list[int]:
@@ -208,6 +252,22 @@ class _Errors(logging.Handler):
         self.records.append(self.format(record))
 
 
+def _identity(path: Path) -> Path:
+    """An ONNX Identity x → y whose two dimensions are both free (["N", "M"])."""
+    import onnx
+    from onnx import helper
+
+    def value(name: str) -> Any:
+        return helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["N", "M"])
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "wide",
+                              [value("x")], [value("y")])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def hostile_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceServer]:
     from tests.helpers import make_linear_model
@@ -218,6 +278,11 @@ def hostile_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Inferen
         load_model(*make_model_dir(base / "lin", make_linear_model(base / "l.onnx", 1)))
     )
     registry.activate(load_model(*make_identity_model_dir(base / "echo")))
+    wide = (TensorSpec("x", "FP32", (-1, -1)),), (TensorSpec("y", "FP32", (-1, -1)),)
+    registry.activate(
+        load_model(*make_model_dir(base / "wide", _identity(base / "id.onnx"), name="wide",
+                                   inputs=wide[0], outputs=wide[1]))
+    )  # fmt: skip
     limits = {
         "max_body_bytes": 64 * 1024,
         "header_timeout_s": 0.3,

@@ -438,6 +438,33 @@ def test_codec_refuses_values_it_would_change(datatype: str, data: Any, expected
     assert expected in str(caught.value)
 
 
+def _empty_tensor(shape: list[int], where: str) -> tuple[bytes, int | None]:
+    """(body, header length) of a request whose one FP64 input ``t`` (the widest
+    elements) has ``shape``, its values (none: a dimension is 0) as JSON or binary."""
+    tensor: dict[str, Any] = {"name": "t", "datatype": "FP64", "shape": shape}
+    if where == "json":
+        tensor["data"] = []
+        return json.dumps({"inputs": [tensor]}).encode(), None
+    tensor["parameters"] = {"binary_data_size": 0}
+    body = json.dumps({"inputs": [tensor]}).encode()
+    return body, len(body)
+
+
+@pytest.mark.parametrize("shape", [[0, 10**20], [10**20, 0], [0, 2**63], [2**31, 2**31, 0]])
+@pytest.mark.parametrize("where", ["json", "binary"])
+def test_codec_refuses_shapes_no_array_can_have(shape: list[int], where: str) -> None:
+    """Dimensions that multiply to 0 but that numpy cannot make into an array: a 400
+    naming the tensor (issue 18, defect 7: was a ValueError out of numpy, a 500)."""
+    manifest = _manifest("FP64", (-1,) * len(shape))
+    body, header_length = _empty_tensor(shape, where)
+    with pytest.raises(InvalidRequestError, match=r"input 't': shape .* is too large"):
+        parse_infer_request(body, manifest, header_length=header_length)
+    at_the_bound = [0, 2**59] if len(shape) == 2 else [2**20, 2**39, 0]
+    body, header_length = _empty_tensor(at_the_bound, where)
+    parsed = parse_infer_request(body, manifest, header_length=header_length)
+    assert parsed.inputs["t"].shape == tuple(at_the_bound)
+
+
 def _make_slow_model(path: Path, width: int = 384, layers: int = 48) -> Path:
     """x float32 [-1, width] through ``layers`` dense layers: slow enough to be in flight."""
     import onnx
