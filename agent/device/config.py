@@ -95,10 +95,19 @@ class InferenceConfig:
     # Group of the socket file (name or number); empty: the agent's own group.
     socket_group: str = ""
     max_body_bytes: int = 64 * 1024 * 1024
+    # Large request bodies (64 KiB and up) held in memory at once, all clients together:
+    # being received, or kept for reuse by a connection (503 with Retry-After beyond).
+    max_body_buffer_bytes: int = 256 * 1024 * 1024
+    # The JSON of an infer request (all of it, or its Inference-Header-Content-Length
+    # part): parsing takes ~12 times its size in memory (413 beyond).
+    max_json_bytes: int = 4 * 1024 * 1024
     # Requests running on ONNX Runtime at once, and how many more may wait (503 beyond).
     max_concurrency: int = 4
     max_queue: int = 32
     max_connections: int = 256
+    # The share of max_connections and of max_body_buffer_bytes one client (a uid; every
+    # TCP client together) may hold, so that no client can lock out the others.
+    peer_share: float = 0.5
     intra_op_threads: int = 1
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
@@ -367,9 +376,28 @@ def _validate_telemetry(telemetry: TelemetryConfig) -> None:
         )
 
 
+def check_body_limits(max_body_bytes: int, max_body_buffer_bytes: int, peer_share: float) -> None:
+    """Raise ConfigError unless one client may hold a largest body: ``max_body_bytes``
+    within its share (``peer_share``, 0 < share <= 1) of ``max_body_buffer_bytes``."""
+    if not 0 < peer_share <= 1:
+        raise ConfigError(
+            "config key 'inference.peer_share': expected 0 < share <= 1 (what one client "
+            f"may hold of max_connections and max_body_buffer_bytes), got {peer_share}"
+        )
+    if max_body_bytes > max_body_buffer_bytes * peer_share:
+        raise ConfigError(
+            f"config key 'inference.max_body_bytes' ({max_body_bytes}) is more than one "
+            f"client may hold of 'inference.max_body_buffer_bytes' ({max_body_buffer_bytes}) "
+            f"× 'inference.peer_share' ({peer_share}), so no body that large would ever be "
+            "accepted: raise max_body_buffer_bytes or lower max_body_bytes"
+        )
+
+
 def _validate_inference(inference: InferenceConfig) -> None:
     positive = {
         "inference.max_body_bytes": inference.max_body_bytes,
+        "inference.max_body_buffer_bytes": inference.max_body_buffer_bytes,
+        "inference.max_json_bytes": inference.max_json_bytes,
         "inference.max_connections": inference.max_connections,
         "inference.header_timeout_s": inference.header_timeout_s,
         "inference.body_timeout_s": inference.body_timeout_s,
@@ -379,6 +407,9 @@ def _validate_inference(inference: InferenceConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key!r}: expected a positive number, got {value}")
+    check_body_limits(
+        inference.max_body_bytes, inference.max_body_buffer_bytes, inference.peer_share
+    )
     if not 0 <= inference.busy_poll_s <= 0.01:
         raise ConfigError(
             f"config key 'inference.busy_poll_s': expected 0 (off) to 0.01 s, "

@@ -10,12 +10,18 @@ Invariants:
   writes it): no other path, no links, only regular files.
 - Only the object's owner (or root, or the agent's own user) may register it: the agent
   never lends its own access to another user's memory. The peer's uid comes from
-  SO_PEERCRED, so registration is refused on listeners without one (TCP).
+  SO_PEERCRED, so registration is refused on listeners without one (TCP), and for a uid
+  the agent cannot tell apart from other users (``unknown_uids``: the overflow id of a
+  user namespace that does not map them).
+- A region belongs to the uid that registered it: region names are per owner, and
+  requests, unregistering and status reach only the caller's own regions
+  (``SharedMemoryRegistry.scope``). Another user's regions are as if they did not
+  exist: naming one is "not registered", status does not list it.
 - Every access is bounds-checked against the registered window and against the object's
   current size, so a client that shrinks its object gets a 400, not a SIGBUS, unless it
   shrinks it during the copy itself (a race the docs call out).
-- Registered regions are bounded in number; unregistering drops the mapping once the
-  requests using it are done.
+- Registered regions are bounded in number per owner and in all; unregistering drops the
+  mapping once the requests using it are done.
 """
 
 from __future__ import annotations
@@ -73,20 +79,46 @@ class _Region:
         }
 
 
-class SharedMemoryRegistry:
-    """Registered system shared-memory regions. Thread-safe: readers never lock."""
+_NONE: Final[MappingProxyType[str, _Region]] = MappingProxyType({})
 
-    def __init__(self, max_regions: int = 64) -> None:
-        self.max_regions = max_regions
+
+class SharedMemoryRegistry:
+    """Registered system shared-memory regions, by owner (the registering peer's uid).
+
+    Thread-safe: readers never lock (they read an immutable snapshot, replaced whole on
+    every change)."""
+
+    def __init__(
+        self,
+        max_regions: int = 64,
+        max_total_regions: int = 1024,
+        unknown_uids: frozenset[int] = frozenset(),
+    ) -> None:
+        self.max_regions = max_regions  # per owner
+        self.max_total_regions = max_total_regions  # each holds a descriptor
+        self.unknown_uids = unknown_uids
         self._lock = threading.Lock()
-        self._regions: MappingProxyType[str, _Region] = MappingProxyType({})
+        self._regions: MappingProxyType[int, MappingProxyType[str, _Region]] = MappingProxyType({})
+        self._scopes: dict[int, OwnedRegions] = {}
+
+    def scope(self, owner: int) -> OwnedRegions:
+        """The regions ``owner`` registered, as requests reach them."""
+        found = self._scopes.get(owner)
+        if found is None:
+            found = self._scopes.setdefault(owner, OwnedRegions(self, owner))
+        return found
+
+    def owned_by(self, owner: int) -> MappingProxyType[str, _Region]:
+        return self._regions.get(owner, _NONE)
 
     def register(self, name: str, doc: Any, peer_uid: int | None) -> None:
-        """Map ``doc["key"]`` (a register request body) under ``name``.
+        """Map ``doc["key"]`` (a register request body) under ``name``, owned by
+        ``peer_uid``.
 
         Raises InvalidRequestError for a bad name, key, offset or size, an object that
-        is missing, too small or not a regular file, a name already registered, or too
-        many regions; SharedMemoryDenied when the peer does not own the object.
+        is missing, too small or not a regular file, a name the peer already registered,
+        or too many regions; SharedMemoryDenied when the peer does not own the object or
+        cannot be told apart from other users.
         """
         if not _NAME.fullmatch(name):
             raise InvalidRequestError(f"region name expected [A-Za-z0-9_.-]+, got {name!r}")
@@ -103,11 +135,14 @@ class SharedMemoryRegistry:
         assert isinstance(offset, int) and isinstance(size, int)
         if peer_uid is None:
             raise SharedMemoryDenied("shared memory is only available on the Unix socket")
+        if peer_uid in self.unknown_uids:
+            raise SharedMemoryDenied(
+                f"the agent cannot tell uid {peer_uid} from other users (its user namespace "
+                "does not map them: PrivateUsers=), so it lends shared memory to none of "
+                'them; run it without PrivateUsers= (docs/operations.md, "The service")'
+            )
         path = _path_of(key)
-        if name in self._regions:
-            raise InvalidRequestError(f"region {name!r} is already registered; unregister it first")
-        if len(self._regions) >= self.max_regions:
-            raise InvalidRequestError(f"at most {self.max_regions} regions may be registered")
+        self._check_room(name, peer_uid)
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError as exc:
@@ -133,34 +168,74 @@ class SharedMemoryRegistry:
             raise
         region = _Region(name, key, offset, size, fd, mapping, _address_of(mapping))
         with self._lock:
-            if name in self._regions:
+            try:
+                self._check_room(name, peer_uid)
+            except InvalidRequestError:
                 _close(region)
-                raise InvalidRequestError(f"region {name!r} is already registered")
-            self._regions = MappingProxyType({**self._regions, name: region})
+                raise
+            mine = MappingProxyType({**self.owned_by(peer_uid), name: region})
+            self._regions = MappingProxyType({**self._regions, peer_uid: mine})
 
-    def unregister(self, name: str | None) -> None:
-        """Forget ``name`` (None: every region). Unknown names are not an error."""
-        with self._lock:
-            regions = dict(self._regions)
-            dropped = (
-                list(regions.values())
-                if name is None
-                else [regions.pop(name)]
-                if (name in regions)
-                else []
+    def _check_room(self, name: str, owner: int) -> None:
+        """Raise InvalidRequestError when ``owner`` has ``name`` already, or no room."""
+        mine = self.owned_by(owner)
+        if name in mine:
+            raise InvalidRequestError(f"region {name!r} is already registered; unregister it first")
+        if len(mine) >= self.max_regions:
+            raise InvalidRequestError(
+                f"at most {self.max_regions} regions may be registered by one user"
             )
-            self._regions = MappingProxyType({} if name is None else regions)
+        if sum(len(r) for r in self._regions.values()) >= self.max_total_regions:
+            raise InvalidRequestError(
+                f"at most {self.max_total_regions} regions may be registered in all"
+            )
+
+    def unregister(self, name: str | None, owner: int) -> None:
+        """Forget ``owner``'s region ``name`` (None: every region of ``owner``). Unknown
+        names are not an error."""
+        with self._lock:
+            mine = dict(self.owned_by(owner))
+            if name is None:
+                dropped, mine = list(mine.values()), {}
+            else:
+                found = mine.pop(name, None)
+                dropped = [] if found is None else [found]
+            regions = dict(self._regions)
+            if mine:
+                regions[owner] = MappingProxyType(mine)
+            else:
+                regions.pop(owner, None)
+            self._regions = MappingProxyType(regions)
         for region in dropped:
             _close(region)
 
-    def status(self, name: str | None) -> list[dict[str, Any]]:
-        """Status documents of ``name`` (None: all). Raises ModelNotFoundError if unknown."""
-        regions = self._regions
+    def status(self, name: str | None, owner: int) -> list[dict[str, Any]]:
+        """Status documents of ``owner``'s region ``name`` (None: all of them). Raises
+        ModelNotFoundError if ``owner`` has no such region."""
+        mine = self.owned_by(owner)
         if name is None:
-            return [r.status() for r in regions.values()]
-        if name not in regions:
+            return [r.status() for r in mine.values()]
+        if name not in mine:
             raise ModelNotFoundError(f"no shared memory region {name!r} is registered")
-        return [regions[name].status()]
+        return [mine[name].status()]
+
+    def close(self) -> None:
+        """Unmap every region of every owner."""
+        with self._lock:
+            dropped = [r for mine in self._regions.values() for r in mine.values()]
+            self._regions = MappingProxyType({})
+        for region in dropped:
+            _close(region)
+
+
+class OwnedRegions:
+    """One owner's regions, as an infer request reaches them (``SharedMemory``)."""
+
+    __slots__ = ("_owner", "_registry")
+
+    def __init__(self, registry: SharedMemoryRegistry, owner: int) -> None:
+        self._registry = registry
+        self._owner = owner
 
     def view(self, region: str, offset: int, byte_size: int) -> memoryview:
         """Bytes ``offset..offset+byte_size`` of ``region``. Raises InvalidRequestError."""
@@ -173,11 +248,11 @@ class SharedMemoryRegistry:
         view's address is appended to it. A view holds its mapping: while a caller holds
         it, the memory at its address stays mapped, even if the region is unregistered.
 
-        Raises InvalidRequestError naming a region that is not registered, a range
-        outside its region, or a region whose object is now shorter than what was
-        registered (reading a mapping past its object's end would kill the agent with
-        SIGBUS): one ``lseek`` per region."""
-        regions = self._regions
+        Raises InvalidRequestError naming a region that is not registered (by this
+        owner), a range outside its region, or a region whose object is now shorter than
+        what was registered (reading a mapping past its object's end would kill the
+        agent with SIGBUS): one ``lseek`` per region."""
+        regions = self._registry.owned_by(self._owner)
         result: list[memoryview] = []
         checked: _Region | None = None  # requests name one region, mostly
         for region, offset, byte_size in refs:
@@ -201,9 +276,6 @@ class SharedMemoryRegistry:
             if addresses is not None:
                 addresses.append(found.address + start)
         return result
-
-    def close(self) -> None:
-        self.unregister(None)
 
 
 def _address_of(mapping: mmap.mmap) -> int:

@@ -14,16 +14,27 @@ chunked body goes through the parser, and the connection closes after answering 
 parser may have consumed bytes of a following request). No framework. The request and
 response it passes to and from ``dispatch`` are ``agent.serving.http_messages``'s.
 
+Memory: a large body (``_LARGE`` bytes or more) is charged to the server's body quota
+(``Host.body_quota``: a total, and a share per client) before anything is allocated,
+and read into an anonymous private mapping whose pages the kernel provides only as the
+bytes land in them, so a head that announces 64 MiB and sends nothing costs no memory.
+The charge goes back when the buffer is freed (the last view of it dropped), so the
+quota counts exactly the large buffers alive, a connection's kept buffer included. A
+chunked body is charged as its chunks arrive. Smaller bodies are not charged: a
+connection holds at most its head buffer and one body under ``_LARGE``.
+
 Invariants:
 - Responses leave in the order requests came (HTTP/1.1 pipelining): the thread handles
   one request at a time and reads the next only after answering.
 - Errors found here never reach ``dispatch``: a malformed request or a protocol upgrade
-  → 400, a slow sender → 408, an oversized body → 413 (answered at once; the rest of the
-  body is drained for a bounded time so the client can read the answer), an oversized
-  head → 431. Errors that leave the byte stream unparseable answer and then close.
+  → 400, a slow sender → 408, an oversized body → 413, a body the quota cannot hold now
+  → 503 with Retry-After (both answered at once; the rest of the body is drained for a
+  bounded time so the client can read the answer), an oversized head → 431. Errors that
+  leave the byte stream unparseable answer and then close.
 - A bad ``Inference-Header-Content-Length`` is a 400 answered after the body is read,
   on a connection that stays usable.
-- ``100 Continue`` is sent before reading a body the limits accept.
+- ``100 Continue`` is sent before reading a body the limits and the quota accept, and
+  only then.
 - Between requests, a connection whose client came back within ``busy_poll_s`` last
   time polls for that long before blocking (a blocked thread's wake-up costs tens of
   µs and cold caches on a small VM), when the host says a core is free for it; any
@@ -40,15 +51,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import socket
+import sys
 import threading
 import time
+import weakref
+from collections.abc import Callable, Hashable
 from typing import Any, Final, Protocol
 
 import httptools
 
 from agent.base.sockets import poll_recv_into, send_parts, set_timeout
-from agent.serving.http_messages import Dispatch, Request, Response
+from agent.serving.http_messages import RETRY_AFTER, Dispatch, Request, Response
+from agent.serving.quota import Quota, Refusal
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +72,10 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _MAX_HEAD_BYTES: Final = 64 * 1024  # request line and headers together
 _READ_SIZE: Final = 64 * 1024  # bytes asked of the kernel per read of a head
 _JOIN_BELOW: Final = 64 * 1024  # smaller responses go out in one buffer
-_REUSE_ABOVE: Final = 64 * 1024  # bodies this large are read into a reusable buffer
-_REUSE_AT_MOST: Final = 16 * 1024 * 1024  # ... up to this size (kept per connection)
+_LARGE: Final = 64 * 1024  # bodies this large are charged to the quota and mapped
+_REUSE_AT_MOST: Final = 16 * 1024 * 1024  # large buffers up to this are kept per connection
 _HEADS_REMEMBERED: Final = 16  # distinct request heads remembered per connection
-_DRAIN_S: Final = 2.0  # how long an oversized body is drained after its 413
+_DRAIN_S: Final = 2.0  # how long a refused body is drained after its 413 or 503
 _END_OF_HEAD: Final = b"\r\n\r\n"
 
 
@@ -71,6 +87,7 @@ class Host(Protocol):
     body_timeout_s: float
     idle_timeout_s: float
     busy_poll_s: float
+    body_quota: Quota  # large request bodies in memory, per client and in all
 
     def connection_closed(self, connection: Connection) -> None:
         """Forget a connection that has closed."""
@@ -96,6 +113,8 @@ class _Head:
         "bad_header",
         "body",
         "body_bytes",
+        "charge",
+        "charged",
         "chunked",
         "complete",
         "content_length",
@@ -105,6 +124,7 @@ class _Head:
         "keep_alive",
         "max_body_bytes",
         "method",
+        "over_quota",
         "parser",
         "too_large",
         "url",
@@ -126,6 +146,11 @@ class _Head:
         self.parser: httptools.HttpRequestParser | None = None
         self.body: list[bytes] = []
         self.body_bytes = 0
+        # Chunked bodies: takes bytes from the body quota (a refusal: none taken), how
+        # much it took for this body so far, and the refusal that stopped it.
+        self.charge: Callable[[int], Refusal | None] | None = None
+        self.charged = 0
+        self.over_quota: Refusal | None = None
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -150,13 +175,19 @@ class _Head:
             self.chunked = True
 
     def on_body(self, body: bytes) -> None:  # chunked bodies only
-        if self.too_large:
+        if self.too_large or self.over_quota is not None:
             return
         self.body_bytes += len(body)
         if self.body_bytes > self.max_body_bytes:
             self.too_large = True
             self.body.clear()
             return
+        if self.charge is not None:
+            self.over_quota = self.charge(len(body))
+            if self.over_quota is not None:
+                self.body.clear()
+                return
+            self.charged += len(body)
         self.body.append(body)
 
     def on_message_complete(self) -> None:
@@ -173,16 +204,19 @@ class Connection:
         dispatch: Dispatch,
         *,
         peer_uid: int | None,
+        peer_key: Hashable,
     ) -> None:
         self.sock = sock
         self.peer_uid = peer_uid  # from SO_PEERCRED; None on TCP
+        self.peer_key = peer_key  # whose share of the server's quotas this connection uses
         self._host = host
         self._dispatch = dispatch
         self._buffer = bytearray(_MAX_HEAD_BYTES + _READ_SIZE)
         self._view = memoryview(self._buffer)
         self._start = 0  # unread bytes are _buffer[_start:_end]
         self._end = 0
-        self._spare: bytearray | None = None  # a large body buffer to reuse
+        self._spare: mmap.mmap | None = None  # a large body buffer to reuse (charged)
+        self._charged = 0  # of the body quota, by the chunked body being answered
         self._sized = 0  # the largest response the send buffer was sized for (send_parts)
         self._heads: dict[bytes, _Head] = {}  # heads parsed before (never chunked ones)
         self._memo: dict[bytes, Any] = {}  # what routing keeps between requests (Request.memo)
@@ -214,6 +248,7 @@ class Connection:
             with self._lock:
                 self._closed = True
             self.sock.close()
+            self._spare = None  # its charge goes back now (or when its last view goes)
             self._host.connection_closed(self)
 
     def _serve_one(self) -> bool:
@@ -251,6 +286,9 @@ class Connection:
             return not close
         finally:
             self._busy = False
+            if self._charged:
+                self._host.body_quota.give(self.peer_key, self._charged)
+                self._charged = 0
 
     def _recv_into(self, view: memoryview, timeout: float) -> int:
         """``recv_into`` waiting at most ``timeout`` s (raises TimeoutError)."""
@@ -347,10 +385,9 @@ class Connection:
         """Read a Content-Length body (empty without one)."""
         length = parsed.content_length or 0
         if length > self._host.max_body_bytes:
-            self._refuse_body(length)
+            message = f"request body exceeds the limit of {self._host.max_body_bytes} bytes"
+            self._refuse_body(Response.error(413, message, close=True), length)
         have = self._end - self._start
-        if parsed.expect_continue and have < length:
-            self.sock.sendall(_CONTINUE)
         if have >= length:
             body = bytes(self._view[self._start : self._start + length])
             self._start += length
@@ -358,6 +395,8 @@ class Connection:
                 self._start = self._end = 0
             return body
         body_view = self._body_buffer(length)
+        if parsed.expect_continue:
+            self.sock.sendall(_CONTINUE)
         body_view[:have] = self._view[self._start : self._end]
         self._start = self._end = 0
         deadline = time.monotonic() + self._host.body_timeout_s
@@ -374,18 +413,48 @@ class Connection:
         return body_view
 
     def _body_buffer(self, length: int) -> memoryview:
-        """A buffer of ``length`` bytes for a body; a large one reuses the connection's
-        spare buffer when nothing refers to it any more (no page faults per request)."""
-        spare = self._spare
-        if length < _REUSE_ABOVE or length > _REUSE_AT_MOST:
+        """A buffer of ``length`` bytes for a body. A large one reuses the connection's
+        kept buffer when nothing refers to it any more (no page faults per request);
+        else it is charged to the body quota and mapped (answers 503 and closes, raising
+        _Closed, when the quota cannot hold it)."""
+        if length < _LARGE:
             return memoryview(bytearray(length))
-        if spare is not None and length <= len(spare) <= 2 * length and _unreferenced(spare):
+        spare = self._spare
+        # Nothing else refers to the kept buffer: no view of it (a memoryview, a numpy
+        # array) is alive. getrefcount: the attribute, this local and its own argument.
+        if spare is not None and length <= len(spare) <= 2 * length and sys.getrefcount(spare) == 3:
             return memoryview(spare)[:length]
-        spare = self._spare = bytearray(length)
-        return memoryview(spare)
+        self._spare = spare = None  # its charge goes back once its last view is gone
+        quota = self._host.body_quota
+        refusal = quota.take(self.peer_key, length)
+        if refusal is not None:
+            message = f"request body of {length} bytes refused now: " + quota.explain(
+                refusal, self.peer_key
+            )
+            refused = Response.error(503, message, close=True, extra=RETRY_AFTER)
+            self._refuse_body(refused, length)
+        try:
+            buffer = mmap.mmap(-1, length, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except BaseException:
+            quota.give(self.peer_key, length)
+            raise
+        weakref.finalize(buffer, quota.give, self.peer_key, length)
+        if length <= _REUSE_AT_MOST:
+            self._spare = buffer
+        return memoryview(buffer)
 
     def _read_chunked(self, parsed: _Head) -> bytes:
-        """Feed the rest of the stream to the parser until the chunked body is complete."""
+        """Feed the rest of the stream to the parser until the chunked body is complete,
+        charging the body quota as chunks arrive (given back once answered)."""
+        quota = self._host.body_quota
+        parsed.charge = lambda amount: quota.take(self.peer_key, amount)
+        try:
+            return self._parse_chunks(parsed)
+        finally:
+            self._charged = parsed.charged  # the body is alive until answered
+            parsed.charge = None
+
+    def _parse_chunks(self, parsed: _Head) -> bytes:
         deadline = time.monotonic() + self._host.body_timeout_s
         pending = bytes(self._view[self._start : self._end])
         self._start = self._end = 0
@@ -409,13 +478,21 @@ class Connection:
         if parsed.too_large:
             message = f"request body exceeds the limit of {self._host.max_body_bytes} bytes"
             self._fail(Response.error(413, message, close=True))
-        return b"".join(parsed.body)
+        if parsed.over_quota is not None:
+            quota = self._host.body_quota
+            message = "chunked request body refused now: " + quota.explain(
+                parsed.over_quota, self.peer_key
+            )
+            self._fail(Response.error(503, message, close=True, extra=RETRY_AFTER))
+        body = b"".join(parsed.body)
+        parsed.body.clear()
+        return body
 
-    def _refuse_body(self, length: int) -> None:
-        """Answer 413 at once, then drain the body for a bounded time so the client can
-        read the answer (closing with unread data would reset a TCP connection)."""
-        message = f"request body exceeds the limit of {self._host.max_body_bytes} bytes"
-        self._write(Response.error(413, message, close=True), close=True, http_1_0=False)
+    def _refuse_body(self, response: Response, length: int) -> None:
+        """Answer ``response`` (413, 503) at once, then drain the body for a bounded time
+        so the client can read the answer (closing with unread data would reset a TCP
+        connection). Raises _Closed."""
+        self._write(response, close=True, http_1_0=False)
         left = length - (self._end - self._start)
         deadline = time.monotonic() + min(_DRAIN_S, self._host.body_timeout_s)
         try:
@@ -478,14 +555,3 @@ class Connection:
     def _shutdown_socket(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in recv
-
-
-def _unreferenced(buffer: bytearray) -> bool:
-    """True when no view (memoryview, numpy array) of ``buffer`` is alive: a bytearray
-    with exports refuses to resize."""
-    try:
-        buffer.append(0)
-    except BufferError:
-        return False
-    buffer.pop()
-    return True

@@ -58,7 +58,7 @@ import onnxruntime as ort
 from agent.base.errors import InferenceError
 from agent.oip.documents import InferRequest, ResponseTemplate
 from agent.oip.response import encode_infer_response, template_key
-from agent.oip.shm import SharedMemoryRegistry
+from agent.oip.shm import OwnedRegions
 from agent.oip.tensors import tensor_to_bytes
 from agent.runtime.models import Bound, BoundRun, LoadedModel, RunTerminatedError
 from agent.serving.http_messages import Request, Response
@@ -190,7 +190,7 @@ class Repeat:
         self,
         model: LoadedModel,
         body: bytes | bytearray | memoryview,
-        shm: SharedMemoryRegistry | None,
+        shm: OwnedRegions | None,
         options: ort.RunOptions,
     ) -> Response:
         """Answer a repeat (``body``: its body) on ``model``, the one it ``matches``.

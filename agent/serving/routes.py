@@ -14,14 +14,21 @@ Invariants:
 - An infer request takes its reference to the live ``LoadedModel`` once, when it is
   dispatched, and finishes on it; a hot swap never fails a request.
 - Bad input never gets a 5xx: ``InvalidRequestError`` → 400, a peer that may not use
-  shared memory → 403, ``ModelNotFoundError`` → 404, a wrong method → 405,
-  ``NotReadyError``, a full queue or a passed deadline → 503 with Retry-After.
+  shared memory → 403, ``ModelNotFoundError`` → 404, a wrong method → 405, JSON larger
+  than may be parsed → 413, ``NotReadyError``, a full queue or a passed deadline → 503
+  with Retry-After.
   ``_error_response`` is the one place that maps the agent's errors to a status. Only an
   unexpected exception gives 500, with its traceback logged.
 - At most ``max_concurrency`` requests run and at most ``max_queue`` wait; a request
   still waiting at its deadline never runs, and one still running at its deadline is
   cancelled (ONNX Runtime's terminate flag) and answered 503: its result, even if it
   arrives, is never sent after the deadline.
+- JSON is parsed only within bounds, since parsing takes ~12 times its bytes in memory:
+  an infer request's JSON part (the whole body, or its ``Inference-Header-Content-Length``)
+  up to ``max_json_bytes``, parsed within admission (so at most ``max_concurrency`` at
+  once); a register body up to ``_MAX_REGISTER_BYTES``.
+- Shared memory is per peer (its uid): a request reaches only the regions its own uid
+  registered (``SharedMemoryRegistry.scope``); none over TCP.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from agent.base.errors import (
 from agent.oip.documents import model_metadata
 from agent.oip.request import PlanCache, parse_infer_request
 from agent.oip.response import encode_infer_response
-from agent.oip.shm import SharedMemoryDenied, SharedMemoryRegistry
+from agent.oip.shm import OwnedRegions, SharedMemoryDenied, SharedMemoryRegistry
 from agent.runtime.models import LoadedModel
 from agent.runtime.registry import ModelRegistry
 from agent.runtime.stats import Outcome, RequestStats
@@ -56,6 +63,7 @@ from agent.serving.repeat import Repeat, infer_response, remember
 logger = logging.getLogger(__name__)
 
 _MAX_INFER_URLS: Final = 256
+_MAX_REGISTER_BYTES: Final = 4096  # {"key", "offset", "byte_size"} and some room
 _LIVE_BODY: Final = b'{"live":true}'
 _READY_BODY: Final = b'{"ready":true}'
 _NOT_READY_BODY: Final = b'{"ready":false}'
@@ -63,6 +71,10 @@ _NOT_READY_BODY: Final = b'{"ready":false}'
 
 class _Forbidden(InvalidRequestError):
     """The peer may not do this."""
+
+
+class _TooLarge(InvalidRequestError):
+    """A part of the request is larger than the server parses."""
 
 
 class _MethodNotAllowed(InvalidRequestError):
@@ -92,8 +104,10 @@ class Router:
         max_concurrency: int,
         max_queue: int,
         request_deadline_s: float,
+        max_json_bytes: int,
     ) -> None:
         self._registry = registry
+        self._max_json_bytes = max_json_bytes
         self._shm = shm
         self._metrics = metrics
         self._stats = stats
@@ -216,22 +230,28 @@ class Router:
             raise ModelNotFoundError(f"no such endpoint: /v2/systemsharedmemory/{'/'.join(rest)}")
         action = rest[0]
         _require(request.method, b"GET" if action == "status" else b"POST")
-        if action == "status":
-            return Response(200, json.dumps(shm.status(name)).encode())
-        if request.peer_uid is None:
+        owner = request.peer_uid
+        if owner is None:
             raise _Forbidden("shared memory is only available on the Unix socket")
+        if action == "status":
+            return Response(200, json.dumps(shm.status(name, owner)).encode())
         if action == "register":
             if name is None:
                 raise ModelNotFoundError(
                     "register needs a region: /v2/systemsharedmemory/region/<name>/register"
                 )
+            if len(request.body) > _MAX_REGISTER_BYTES:
+                raise _TooLarge(
+                    f"register body of {len(request.body)} bytes, expected at most "
+                    f"{_MAX_REGISTER_BYTES}: {{key, offset, byte_size}}"
+                )
             try:
                 doc = json.loads(bytes(request.body))
             except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
                 raise InvalidRequestError(f"register body is not valid JSON: {exc}") from None
-            shm.register(name, doc, request.peer_uid)
+            shm.register(name, doc, owner)
         else:
-            shm.unregister(name)
+            shm.unregister(name, owner)
         return Response(200, b"{}")
 
     # -- infer
@@ -244,6 +264,14 @@ class Router:
         if self._stopping or not self._is_ready():
             self._metrics.record_error(model.name, model.version, "not_ready")
             raise NotReadyError("the agent is not ready to serve (starting, stopping or draining)")
+        header_length = request.header_length
+        json_length = len(request.body) if header_length is None else header_length
+        if json_length > self._max_json_bytes:
+            raise _TooLarge(
+                f"the request's JSON is {json_length} bytes, at most {self._max_json_bytes} "
+                "are parsed ([inference] max_json_bytes): send large tensors as binary data "
+                "(Inference-Header-Content-Length) or in shared memory"
+            )
         deadline = request.received + self._request_deadline_s
         try:
             self.admission.enter(deadline)
@@ -273,9 +301,11 @@ class Router:
         finally:
             self.admission.leave()
 
-    def _shared(self, request: Request) -> SharedMemoryRegistry | None:
-        """Shared memory, for a peer on the Unix socket (TCP peers get none)."""
-        return self._shm if request.peer_uid is not None else None
+    def _shared(self, request: Request) -> OwnedRegions | None:
+        """The regions of the request's peer (its uid); TCP peers have none."""
+        if self._shm is None or request.peer_uid is None:
+            return None
+        return self._shm.scope(request.peer_uid)
 
     def _expired(self, model: LoadedModel, request: Request) -> Response:
         """A run that outlived the deadline: 503, and an error of the version (a request
@@ -319,7 +349,7 @@ class Router:
 def _execute(
     model: LoadedModel,
     request: Request,
-    shm: SharedMemoryRegistry | None,
+    shm: OwnedRegions | None,
     plans: PlanCache,
     options: ort.RunOptions | None,
 ) -> Response:
@@ -352,6 +382,8 @@ def _error_response(exc: InferenceError) -> Response:
         return Response.error(405, str(exc), extra=f"Allow: {exc.allowed}\r\n".encode())
     if isinstance(exc, _Forbidden | SharedMemoryDenied):
         return Response.error(403, str(exc))
+    if isinstance(exc, _TooLarge):
+        return Response.error(413, str(exc))
     if isinstance(exc, InvalidRequestError):
         return Response.error(400, str(exc))
     if isinstance(exc, ModelNotFoundError):

@@ -16,6 +16,12 @@ Invariants:
 - Bad input never gets a 5xx and never crashes the server: a peer outside the
   allow-list → 403 and too many connections → 503 with Retry-After (here); the
   transport and the router map the rest (see their docstrings).
+- No one client can take what the others need: a client (a uid, by SO_PEERCRED; every
+  TCP client together) holds at most ``peer_share`` of ``max_connections`` and of the
+  large request bodies in memory (``max_body_buffer_bytes``, ``agent.serving.quota``).
+- Peers are told apart by the kernel's credentials (``agent.serving.peers``); where the
+  agent's user namespace cannot tell users apart (``PrivateUsers=``), a peer whose uid
+  reads as the overflow id matches no allow-list entry and may not use shared memory.
 - The socket is created with its mode (and group) before it listens, so no client can
   connect through a wider mode, and ``stop`` removes the socket file.
 - ``start`` and ``stop`` are coroutines for the agent's event loop, but serving never
@@ -34,15 +40,15 @@ import pwd
 import selectors
 import socket
 import stat
-import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import agent
 from agent.base.errors import ConfigError
+from agent.device.config import check_body_limits
 from agent.oip.documents import EXTENSIONS
 from agent.oip.shm import SharedMemoryRegistry
 from agent.runtime.registry import ModelRegistry
@@ -50,6 +56,8 @@ from agent.runtime.stats import RequestStats
 from agent.serving.http11 import Connection
 from agent.serving.http_messages import RETRY_AFTER, Response, refuse
 from agent.serving.metrics import InferenceMetrics
+from agent.serving.peers import IdMap, PeerCredentials, read_credentials, read_id_map
+from agent.serving.quota import TCP_PEER, Quota, share_of
 from agent.serving.routes import Router
 
 if TYPE_CHECKING:
@@ -60,7 +68,6 @@ __all__ = ["InferenceServer"]
 logger = logging.getLogger(__name__)
 
 _UNIX_PATH_MAX: Final = 107
-_PEERCRED: Final = struct.Struct("3i")
 
 
 class InferenceServer:
@@ -81,9 +88,12 @@ class InferenceServer:
         socket_mode: int = 0o660,
         socket_group: str = "",
         max_body_bytes: int = 64 * 1024 * 1024,
+        max_body_buffer_bytes: int = 256 * 1024 * 1024,
+        max_json_bytes: int = 4 * 1024 * 1024,
         max_concurrency: int = 4,
         max_queue: int = 32,
         max_connections: int = 256,
+        peer_share: float = 0.5,
         header_timeout_s: float = 10.0,
         body_timeout_s: float = 30.0,
         request_deadline_s: float = 30.0,
@@ -97,9 +107,12 @@ class InferenceServer:
         is_ready: Callable[[], bool] | None = None,
         stats: RequestStats | None = None,
         metrics: InferenceMetrics | None = None,
+        id_map: IdMap | None = None,
     ) -> None:
         positive = {
             "max_body_bytes": max_body_bytes,
+            "max_body_buffer_bytes": max_body_buffer_bytes,
+            "max_json_bytes": max_json_bytes,
             "max_concurrency": max_concurrency,
             "max_connections": max_connections,
             "header_timeout_s": header_timeout_s,
@@ -114,6 +127,7 @@ class InferenceServer:
             raise ConfigError(
                 f"max_queue and busy_poll_s expected >= 0, got {max_queue}, {busy_poll_s}"
             )
+        check_body_limits(max_body_bytes, max_body_buffer_bytes, peer_share)
         self.registry = registry
         self.stats = stats
         self.metrics = metrics if metrics is not None else InferenceMetrics()
@@ -124,6 +138,19 @@ class InferenceServer:
         self.max_concurrency = max_concurrency
         self.max_queue = max_queue
         self.max_connections = max_connections
+        self.connection_quota = Quota(
+            max_connections,
+            share_of(max_connections, peer_share),
+            "connections",
+            "[inference] max_connections × peer_share",
+        )
+        self.body_quota = Quota(
+            max_body_buffer_bytes,
+            share_of(max_body_buffer_bytes, peer_share),
+            "bytes of request bodies in memory",
+            "[inference] max_body_buffer_bytes × peer_share",
+        )
+        self.id_map = id_map if id_map is not None else read_id_map()
         self.header_timeout_s = header_timeout_s
         self.body_timeout_s = body_timeout_s
         self.request_deadline_s = request_deadline_s
@@ -135,7 +162,8 @@ class InferenceServer:
         self.allowed_gids = frozenset(allowed_gids)
         self.tcp_port = tcp_port
         self.tcp_host = tcp_host
-        self.shm = SharedMemoryRegistry() if shared_memory else None
+        unknown = frozenset() if self.id_map.uids_complete else {self.id_map.overflow_uid}
+        self.shm = SharedMemoryRegistry(unknown_uids=frozenset(unknown)) if shared_memory else None
         self._listeners: list[socket.socket] = []
         self._acceptor: threading.Thread | None = None
         self._wake_r, self._wake_w = -1, -1  # a pipe that wakes the acceptor to stop
@@ -155,6 +183,7 @@ class InferenceServer:
             max_concurrency=max_concurrency,
             max_queue=max_queue,
             request_deadline_s=request_deadline_s,
+            max_json_bytes=max_json_bytes,
         )
 
     @classmethod
@@ -174,9 +203,12 @@ class InferenceServer:
             socket_mode=config.socket_mode,
             socket_group=config.socket_group,
             max_body_bytes=config.max_body_bytes,
+            max_body_buffer_bytes=config.max_body_buffer_bytes,
+            max_json_bytes=config.max_json_bytes,
             max_concurrency=config.max_concurrency,
             max_queue=config.max_queue,
             max_connections=config.max_connections,
+            peer_share=config.peer_share,
             header_timeout_s=config.header_timeout_s,
             body_timeout_s=config.body_timeout_s,
             request_deadline_s=config.request_deadline_s,
@@ -248,6 +280,13 @@ class InferenceServer:
                     f"cannot listen on {self.tcp_host}:{self.tcp_port}: {exc}"
                 ) from None
             logger.info("serving OIP v2 on http://%s:%d", self.tcp_host, self.tcp_port)
+        if not self.id_map.is_complete:
+            logger.warning(
+                "the agent's user namespace does not map every user (PrivateUsers=): peers "
+                "whose uid or gid reads as %d match no allow-list entry and may not use "
+                "shared memory; run the agent without PrivateUsers= (docs/operations.md)",
+                self.id_map.overflow_uid,
+            )
         self._router.start()
         self._wake_r, self._wake_w = os.pipe()
         self._acceptor = threading.Thread(target=self._accept, name="infer-accept", daemon=True)
@@ -359,26 +398,29 @@ class InferenceServer:
                     self._open(sock)
 
     def _open(self, sock: socket.socket) -> None:
-        """Serve an accepted socket on its own thread, or refuse it: past
-        ``max_connections`` (503), or a Unix peer outside the allow-list (403)."""
+        """Serve an accepted socket on its own thread, or refuse it: a Unix peer outside
+        the allow-list (403), past ``max_connections`` or past its client's share of
+        them (503)."""
         sock.setblocking(True)
-        unix = sock.family == socket.AF_UNIX
-        if not unix:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self._connections_lock:
-            count = len(self._connections)
-        if count >= self.max_connections:
-            message = f"too many connections (at most {self.max_connections})"
-            refuse(sock, Response.error(503, message, close=True, extra=RETRY_AFTER))
-            return
         peer_uid: int | None = None
-        if unix:
+        peer_key: Hashable = TCP_PEER
+        if sock.family == socket.AF_UNIX:
             peer_uid, refusal = self._check_peer(sock)
             if refusal is not None:
                 logger.warning("refused a connection: %s", refusal)
                 refuse(sock, Response.error(403, refusal, close=True))
                 return
-        connection = Connection(sock, self, self._router.dispatch, peer_uid=peer_uid)
+            peer_key = peer_uid
+        else:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        over = self.connection_quota.take(peer_key, 1)
+        if over is not None:
+            message = "too many connections: " + self.connection_quota.explain(over, peer_key)
+            refuse(sock, Response.error(503, message, close=True, extra=RETRY_AFTER))
+            return
+        connection = Connection(
+            sock, self, self._router.dispatch, peer_uid=peer_uid, peer_key=peer_key
+        )
         with self._connections_lock:
             self._connections.add(connection)
             self.metrics.connections.set(len(self._connections))
@@ -397,10 +439,11 @@ class InferenceServer:
         return may_poll(self._router.admission.running, self._cores, self._machine_cores)
 
     def connection_closed(self, connection: Connection) -> None:
-        """Forget a connection that has closed (its thread calls this)."""
+        """Forget a connection that has closed (its thread calls this, once)."""
         with self._connections_lock:
             self._connections.discard(connection)
             self.metrics.connections.set(len(self._connections))
+        self.connection_quota.give(connection.peer_key, 1)
 
     def _snapshot(self) -> list[Connection]:
         with self._connections_lock:
@@ -411,21 +454,32 @@ class InferenceServer:
     def _check_peer(self, sock: socket.socket) -> tuple[int | None, str | None]:
         """The Unix peer's uid (SO_PEERCRED), and why it is refused (None: it may connect)."""
         try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-            pid, uid, gid = _PEERCRED.unpack(raw)
+            peer = read_credentials(sock)
         except OSError:
             return None, "cannot read the peer's credentials" if self.has_allow_list else None
-        return uid, self._refusal(pid, uid, gid)
+        return peer.uid, self._refusal(peer)
 
-    def _refusal(self, pid: int, uid: int, gid: int) -> str | None:
-        """Why a Unix peer is refused, or None when it may connect."""
-        if not self.has_allow_list or uid in self.allowed_uids or gid in self.allowed_gids:
+    def _refusal(self, peer: PeerCredentials) -> str | None:
+        """Why a Unix peer is refused, or None when it may connect: an allow-list entry
+        matches its uid, its gid or one of its supplementary groups (SO_PEERGROUPS). An
+        id every unmapped user reads as (``PrivateUsers=``) matches nothing."""
+        if not self.has_allow_list:
             return None
-        if self.allowed_gids and not self.allowed_gids.isdisjoint(_supplementary_groups(pid)):
+        ids = self.id_map
+        if ids.is_known_uid(peer.uid) and peer.uid in self.allowed_uids:
             return None
+        groups = {g for g in (peer.gid, *peer.groups) if ids.is_known_gid(g)}
+        if not self.allowed_gids.isdisjoint(groups):
+            return None
+        if not ids.is_known_uid(peer.uid):
+            return (
+                f"peer uid {peer.uid} is the id every user outside the agent's user "
+                "namespace reads as, so it matches no allow-list entry; run the agent "
+                'without PrivateUsers= (docs/operations.md, "The service")'
+            )
         return (
-            f"peer uid {uid} gid {gid} is not in the allow-list "
-            f"([inference] allowed_uids / allowed_gids)"
+            f"peer uid {peer.uid} gid {peer.gid} is not in the allow-list "
+            f"([inference] allowed_users / allowed_groups)"
         )
 
 
@@ -457,15 +511,3 @@ def _ids(names: str, kind: str) -> list[int]:
             key = "allowed_users" if kind == "user" else "allowed_groups"
             raise ConfigError(f"[inference] {key}: no {kind} named {name!r}") from None
     return ids
-
-
-def _supplementary_groups(pid: int) -> set[int]:
-    """The peer process's supplementary groups (empty when /proc cannot tell)."""
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
-            for line in status:
-                if line.startswith("Groups:"):
-                    return {int(g) for g in line.split()[1:] if g.isdigit()}
-    except OSError:
-        pass
-    return set()

@@ -1,15 +1,19 @@
-"""Run a real InferenceServer on a real Unix socket in a background event loop (tests)."""
+"""Run a real InferenceServer on a real Unix socket in a background event loop (tests),
+talk to it raw, and run a client as another local user."""
 
 from __future__ import annotations
 
 import asyncio
 import http.client
 import json
+import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -121,3 +125,40 @@ def read_responses(sock: socket.socket, count: int) -> list[tuple[int, dict[str,
         responses.append((int(lines[0].split()[1]), headers, buffer[:length]))
         buffer = buffer[length:]
     return responses
+
+
+# ---------------------------------------------------------------------------- other users
+
+OTHER_UID = 4242  # a uid with no process of the test's: "another local user"
+_TREE = Path(__file__).resolve().parents[2]
+
+
+def can_switch_users() -> bool:
+    """Whether the tests may run a client as another uid (root, with setpriv)."""
+    return os.geteuid() == 0 and shutil.which("setpriv") is not None
+
+
+def open_to_every_user(server: InferenceServer) -> None:
+    """Let any local user reach ``server``'s socket (its folder is the test's, 0700)."""
+    server.socket_path.parent.chmod(0o755)
+    server.socket_path.chmod(0o666)
+
+
+def run_as(
+    uid: int, script: str, *args: str, groups: Sequence[int] = (), timeout_s: float = 60.0
+) -> Any:
+    """Run ``script`` (Python, this tree importable, ``sys.argv[1:]`` = ``args``) as
+    ``uid`` (group ``uid``, supplementary ``groups``) in a fresh process (setpriv); the
+    JSON it prints last.
+
+    Raises AssertionError with its stderr when it fails.
+    """
+    supplementary = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
+    done = subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", supplementary,
+         sys.executable, "-c", script, *args],
+        capture_output=True, text=True, timeout=timeout_s, cwd="/",
+        env={**os.environ, "PYTHONPATH": str(_TREE), "HOME": "/"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -47,6 +47,7 @@ def _manifest(
 LINEAR = _manifest([TensorSpec("x", "FP32", (-1, 4))], [TensorSpec("y", "FP32", (-1, 3))])
 FLAGS = _manifest([TensorSpec("flags", "BOOL", (-1, 3))], [TensorSpec("out", "BOOL", (-1, 3))])
 X = np.array([[0.5, -1.0, 2.0, 0.0]], np.float32)
+OWNER = os.getuid()  # the peer that registers the test's regions
 
 
 def _binary_body(
@@ -158,9 +159,10 @@ def test_two_versions_with_the_same_header_each_get_their_own_plan() -> None:
 def test_a_plan_made_with_shared_memory_is_not_used_without_it() -> None:
     plans = PlanCache()
     registry = SharedMemoryRegistry()
+    shm = registry.scope(OWNER)
     with _region(registry) as region:
         header = _shm_header(region, X)
-        assert _parse(header, b"", LINEAR, plans, registry).inputs["x"].tolist() == X.tolist()
+        assert _parse(header, b"", LINEAR, plans, shm).inputs["x"].tolist() == X.tolist()
         refused = _refusal(lambda: _parse(header, b"", LINEAR, plans, None))
         assert refused == "input 'x': shared memory is not available on this listener"
 
@@ -168,17 +170,16 @@ def test_a_plan_made_with_shared_memory_is_not_used_without_it() -> None:
 def test_shared_memory_is_checked_on_every_request_of_a_cached_plan() -> None:
     plans = PlanCache()
     registry = SharedMemoryRegistry()
+    shm = registry.scope(OWNER)
     with _region(registry) as region:
         header = _shm_header(region, X)
-        np.testing.assert_array_equal(_parse(header, b"", LINEAR, plans, registry).inputs["x"], X)
+        np.testing.assert_array_equal(_parse(header, b"", LINEAR, plans, shm).inputs["x"], X)
         region.write(0, tensor_to_bytes(X * 3))  # new values, same header: read afresh
-        np.testing.assert_array_equal(
-            _parse(header, b"", LINEAR, plans, registry).inputs["x"], X * 3
-        )
+        np.testing.assert_array_equal(_parse(header, b"", LINEAR, plans, shm).inputs["x"], X * 3)
         os.truncate(region.path, 8)  # shrunk behind the agent's back
-        assert "was truncated" in _refusal(lambda: _parse(header, b"", LINEAR, plans, registry))
-        registry.unregister("r0")
-        assert "is not registered" in _refusal(lambda: _parse(header, b"", LINEAR, plans, registry))
+        assert "was truncated" in _refusal(lambda: _parse(header, b"", LINEAR, plans, shm))
+        registry.unregister("r0", OWNER)
+        assert "is not registered" in _refusal(lambda: _parse(header, b"", LINEAR, plans, shm))
 
 
 def test_an_id_carrying_request_echoes_its_own_id() -> None:
@@ -224,22 +225,21 @@ def test_a_cached_response_header_follows_the_outputs_shapes_and_values() -> Non
 def test_a_cached_shared_memory_response_writes_and_checks_every_time() -> None:
     plans = PlanCache()
     registry = SharedMemoryRegistry()
+    shm = registry.scope(OWNER)
     with _region(registry) as region:
         header = _shm_header(region, X, output_bytes=12)
-        parsed = _parse(header, b"", LINEAR, plans, registry)
+        parsed = _parse(header, b"", LINEAR, plans, shm)
         for value in (1.0, 2.0):
             y = np.full((1, 3), value, np.float32)
-            parts, length = encode_infer_response("m", "1.0.0", {"y": y}, parsed, registry)
+            parts, length = encode_infer_response("m", "1.0.0", {"y": y}, parsed, shm)
             assert length is None and len(parts) == 1
             assert region.array(64, np.dtype(np.float32), (1, 3)).tolist() == y.tolist()
         too_big = np.zeros((2, 3), np.float32)  # 24 bytes for a 12-byte slot
-        message = _refusal(
-            lambda: encode_infer_response("m", "1.0.0", {"y": too_big}, parsed, registry)
-        )
+        message = _refusal(lambda: encode_infer_response("m", "1.0.0", {"y": too_big}, parsed, shm))
         assert "needs 24 bytes, shared_memory_byte_size is 12" in message
-        registry.unregister("r0")
+        registry.unregister("r0", OWNER)
         assert "is not registered" in _refusal(
-            lambda: encode_infer_response("m", "1.0.0", {"y": X[:, :3]}, parsed, registry)
+            lambda: encode_infer_response("m", "1.0.0", {"y": X[:, :3]}, parsed, shm)
         )
 
 
@@ -325,7 +325,7 @@ def _region(registry: SharedMemoryRegistry) -> Iterator[SharedMemoryRegion]:
     """A real shared-memory object registered in ``registry`` as ``r0``."""
     region = SharedMemoryRegion(f"/ef-plan-{uuid.uuid4().hex[:12]}", 4096)
     try:
-        registry.register("r0", {"key": region.key, "byte_size": 4096}, peer_uid=os.getuid())
+        registry.register("r0", {"key": region.key, "byte_size": 4096}, peer_uid=OWNER)
         yield region
     finally:
         registry.close()

@@ -205,12 +205,14 @@ def test_unaligned_inputs_and_overlapping_outputs_are_not_bound(
             for i in range(4):
                 frame = small + i
                 region.write(0, frame.tobytes())
-                request = Request(b"POST", URL, body, True, False, None, 0, time.monotonic(), memo)
+                request = Request(
+                    b"POST", URL, body, True, False, None, os.getuid(), time.monotonic(), memo
+                )
                 assert router.dispatch(request).status == 200
                 got = np.frombuffer(region.buffer[output_at : output_at + 24], np.float32)
                 np.testing.assert_array_equal(got.reshape(2, 3), linear.infer({"x": frame})["y"])
             assert isinstance(memo[URL], Repeat) and not linear.bound_runs
-        server.shm.unregister("ov")
+        server.shm.unregister("ov", os.getuid())
 
 
 def test_a_bound_run_past_its_deadline_is_503_and_the_next_is_bound_again(

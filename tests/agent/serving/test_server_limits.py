@@ -7,6 +7,7 @@ lets it go, so overload and deadline cases are deterministic, not timing races.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -24,11 +25,22 @@ from agent.client import InferenceClient
 from agent.device.config import InferenceConfig, parse_config
 from agent.oip.shm import SharedMemoryRegion
 from agent.runtime.loading import load_model
+from agent.runtime.memory import rss_bytes
 from agent.runtime.models import LoadedModel
 from agent.runtime.registry import ModelRegistry
 from agent.serving.server import InferenceServer, may_poll
 from tests.agent._model_dir import make_model_dir
-from tests.agent._serving import ServerThread, raw, read_responses, serving, short_socket_dir
+from tests.agent._serving import (
+    OTHER_UID,
+    ServerThread,
+    can_switch_users,
+    open_to_every_user,
+    raw,
+    read_responses,
+    run_as,
+    serving,
+    short_socket_dir,
+)
 from tests.helpers import make_misbehaving_model
 
 X = np.ones((1, 4), np.float32)
@@ -154,7 +166,7 @@ def test_slow_head_slow_body_and_idle_connections_are_cut(linear: LoadedModel) -
 def test_connections_beyond_the_limit_get_503(linear: LoadedModel) -> None:
     registry = ModelRegistry()
     registry.activate(linear)
-    with serving(registry, max_connections=2) as server:
+    with serving(registry, max_connections=2, peer_share=1.0) as server:  # one client: all
         held = [_connect(server), _connect(server)]
         for sock in held:
             sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n\r\n")
@@ -166,6 +178,98 @@ def test_connections_beyond_the_limit_get_503(linear: LoadedModel) -> None:
         time.sleep(0.05)
         assert raw(server, "GET", "/v2/health/live")[0] == 200
         held[0].close()
+
+
+MIB = 1024 * 1024
+needs_root = pytest.mark.skipif(not can_switch_users(), reason="needs root and setpriv")
+# A well-behaved client, run as another user: a health check and an inference.
+WELL_BEHAVED = r"""
+import json, sys
+import numpy as np
+from agent.client import InferenceClient
+with InferenceClient(sys.argv[1]) as client:
+    y = client.infer("linear", {"x": np.ones((1, 4), np.float32)})["y"]
+    print(json.dumps({"live": client.live(), "shape": list(y.shape)}))
+"""
+
+
+def _first_status(sock: socket.socket) -> int:
+    """The status of the first response line on ``sock`` (a 100 Continue counts)."""
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return 0
+        data += chunk
+    return int(data.split(b" ", 2)[1])
+
+
+def test_bodies_announced_but_not_sent_take_no_memory(linear: LoadedModel) -> None:
+    """Issue 18, defect 3: each head announcing a 64 MiB body used to allocate (and
+    zero) 64 MiB at once and hold it for body_timeout_s. Now the body is charged to a
+    budget and its memory is only touched as bytes arrive; past the client's share of the
+    budget, 503 with Retry-After."""
+    registry = ModelRegistry()
+    registry.activate(linear)
+    with serving(registry, max_body_bytes=64 * MIB) as server:
+        before = rss_bytes()
+        assert before is not None
+        head = (
+            b"POST /v2/models/linear/infer HTTP/1.1\r\nContent-Length: %d\r\n"
+            b"Expect: 100-continue\r\n\r\n" % (64 * MIB)
+        )
+        socks = [_connect(server) for _ in range(8)]
+        try:
+            for sock in socks:
+                sock.sendall(head)
+            statuses = [_first_status(sock) for sock in socks]
+            peak = max(_rss_now() for _ in range(20) if not time.sleep(0.05))
+            assert peak - before < 48 * MIB, (statuses, (peak - before) // MIB)
+            assert set(statuses) == {100, 503}, statuses  # waiting for a body, or refused
+            assert raw(server, "GET", "/v2/health/live")[0] == 200
+            with InferenceClient(server.socket_path) as client:
+                assert client.infer("linear", {"x": X})["y"].shape == (1, 3)
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def _rss_now() -> int:
+    rss = rss_bytes()
+    assert rss is not None
+    return rss
+
+
+@needs_root
+def test_one_user_holding_every_connection_does_not_lock_out_another(
+    linear: LoadedModel,
+) -> None:
+    """Issue 18, defect 3: one local client holding max_connections idle connections
+    locked every other client out. Now one user (uid) holds at most its share."""
+    registry = ModelRegistry()
+    registry.activate(linear)
+    held: list[socket.socket] = []
+    with serving(registry, max_connections=8) as server:
+        open_to_every_user(server)
+        try:
+            for _ in range(16):  # until refused
+                sock = _connect(server)
+                held.append(sock)
+                with contextlib.suppress(BrokenPipeError):  # refused: answered and closed
+                    sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n\r\n")
+                [(status, headers, body)] = read_responses(sock, 1)
+                if status != 200:
+                    assert status == 503 and headers["retry-after"] == "1", body
+                    assert b"per client" in body, body
+                    break
+            assert len(held) - 1 < 8  # refused before it held them all
+            assert run_as(OTHER_UID, WELL_BEHAVED, str(server.socket_path)) == {
+                "live": True,
+                "shape": [1, 3],
+            }
+        finally:
+            for sock in held:
+                sock.close()
 
 
 def test_no_thread_for_a_connection_is_503_and_the_server_goes_on(
