@@ -20,8 +20,9 @@ and read into an anonymous private mapping whose pages the kernel provides only 
 bytes land in them, so a head that announces 64 MiB and sends nothing costs no memory.
 The charge goes back when the buffer is freed (the last view of it dropped), so the
 quota counts exactly the large buffers alive, a connection's kept buffer included. A
-chunked body is charged as its chunks arrive. Smaller bodies are not charged: a
-connection holds at most its head buffer and one body under ``_LARGE``.
+chunked body is charged as its chunks arrive. Not charged: a body under ``_LARGE``,
+or one that came whole with its head (into the connection's 128 KiB head buffer), so a
+connection holds at most about twice its head buffer uncharged.
 
 Invariants:
 - Responses leave in the order requests came (HTTP/1.1 pipelining): the thread handles

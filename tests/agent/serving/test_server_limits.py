@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import socket
 import stat
@@ -232,6 +233,82 @@ def test_bodies_announced_but_not_sent_take_no_memory(linear: LoadedModel) -> No
         finally:
             for sock in socks:
                 sock.close()
+
+
+def _chunked(path: str, body: bytes, chunk: int = 16 * 1024) -> bytes:
+    parts = [b"%x\r\n%s\r\n" % (len(body[i : i + chunk]), body[i : i + chunk])
+             for i in range(0, len(body), chunk)]  # fmt: skip
+    head = f"POST {path} HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+    return head + b"".join(parts) + b"0\r\n\r\n"
+
+
+def test_bodies_past_a_clients_share_of_the_quota_are_503_until_it_frees(
+    linear: LoadedModel,
+) -> None:
+    """A body held (announced, waiting for its bytes) counts against its client's share:
+    a second one, Content-Length or chunked, is refused at once with Retry-After; once
+    the first is gone the same request is served."""
+    registry = ModelRegistry()
+    registry.activate(linear)
+    limits = {"max_body_bytes": MIB, "max_body_buffer_bytes": 2 * MIB}  # a share: 1 MiB
+    x = np.zeros((20000, 4), np.float32)  # 320 KB: more than comes in with a head
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": [20000, 4],
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ]
+        }
+    ).encode()
+    head = (f"POST /v2/models/linear/infer HTTP/1.1\r\nContent-Length: {len(header) + x.nbytes}"
+            f"\r\nInference-Header-Content-Length: {len(header)}\r\n\r\n").encode()  # fmt: skip
+    binary = head + header + x.tobytes()
+    chunked = _chunked("/v2/models/linear/infer", b" " * 300_000)
+    with serving(registry, **limits) as server:
+        holder = _connect(server)
+        holder.sendall(b"POST /v2/models/linear/infer HTTP/1.1\r\nContent-Length: %d\r\n"
+                       b"Expect: 100-continue\r\n\r\n" % MIB)  # fmt: skip
+        assert _first_status(holder) == 100  # its 1 MiB: the client's whole share
+        assert server.body_quota.held == MIB
+        for request in (binary, chunked):
+            with _connect(server) as sock:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    sock.sendall(request)
+                [(status, headers, body)] = read_responses(sock, 1)
+                assert status == 503 and headers["retry-after"] == "1", body
+                assert b"at most 1048576 per client" in body, body
+        holder.close()
+        for _ in range(200):  # bounded: until its thread has seen the close
+            if not server.body_quota.held:
+                break
+            time.sleep(0.01)
+        assert server.body_quota.held == 0
+        with _connect(server) as sock:
+            sock.sendall(binary)
+            [(status, _, body)] = read_responses(sock, 1)
+            assert status == 200, body[:200]
+
+
+def test_json_past_max_json_bytes_is_413_and_not_the_models_error(linear: LoadedModel) -> None:
+    """Parsing JSON takes ~12 times its size: a request's JSON is bounded on its own,
+    and the same tensor as binary data passes."""
+    registry = ModelRegistry()
+    registry.activate(linear)
+    x = np.ones((100, 4), np.float32)
+    with serving(registry, max_json_bytes=1024) as server:
+        tensor = {"name": "x", "datatype": "FP32", "shape": [100, 4], "data": x.ravel().tolist()}
+        status, doc = raw(server, "POST", "/v2/models/linear/infer", {"inputs": [tensor]})
+        assert status == 413 and "[inference] max_json_bytes" in doc["error"], doc
+        status, doc = raw(server, "POST", "/v2/systemsharedmemory/region/r/register",
+                          b'{"key": "' + b"k" * 5000 + b'"}')  # fmt: skip
+        assert status == 413 and "at most 4096" in doc["error"], doc
+        with InferenceClient(server.socket_path) as client:  # binary: the JSON is small
+            assert client.infer("linear", {"x": x})["y"].shape == (100, 3)
+            assert "model_error" not in client.metrics()
 
 
 def _rss_now() -> int:
@@ -483,6 +560,14 @@ def test_inference_config_keys_and_validation(tmp_path: Path) -> None:
         parse_config(_config(header_timeout_s=0), tmp_path)
     with pytest.raises(ConfigError, match="busy_poll_s"):
         parse_config(_config(busy_poll_s=0.5), tmp_path)
+    with pytest.raises(ConfigError, match=r"'inference.peer_share': expected 0 < share <= 1"):
+        parse_config(_config(peer_share=0), tmp_path)
+    with pytest.raises(ConfigError, match="no body that large would ever be accepted"):
+        parse_config(_config(max_body_bytes=200, max_body_buffer_bytes=300), tmp_path)
+    with pytest.raises(ConfigError, match="max_json_bytes"):
+        parse_config(_config(max_json_bytes=0), tmp_path)
+    limits = parse_config(_config(max_body_buffer_bytes=400, max_body_bytes=200), tmp_path)
+    assert limits.inference.peer_share == 0.5 and limits.inference.max_json_bytes == 4 << 20
     assert parse_config(_config(busy_poll_s=0), tmp_path).inference.busy_poll_s == 0
     with pytest.raises(ConfigError, match="no user named"):
         InferenceServer.from_config(
