@@ -376,6 +376,28 @@ def _validate_telemetry(telemetry: TelemetryConfig) -> None:
         )
 
 
+# What the memory bound counts besides request data (measured, docs/operations.md): the
+# interpreter, ONNX Runtime and the agent's other tasks (~114 MiB RSS with every module
+# loaded and a tiny model); per connection its thread's stack, its 128 KiB head buffer,
+# a body that came with its head and one under 64 KiB; JSON parsed, per byte.
+AGENT_BASE_BYTES = 128 * 1024 * 1024
+CONNECTION_BYTES = 384 * 1024
+JSON_PARSE_FACTOR = 12
+
+
+def memory_without_models_bytes(inference: InferenceConfig) -> int:
+    """The most the agent takes under any local load, its models aside: the base, every
+    connection, the large request bodies in memory and the JSON of the runs in flight.
+    ``MemoryMax=`` in the unit must exceed this by what the models take (sessions and
+    the activations of ``max_concurrency`` runs; twice the sessions during a swap)."""
+    return (
+        AGENT_BASE_BYTES
+        + inference.max_connections * CONNECTION_BYTES
+        + inference.max_body_buffer_bytes
+        + inference.max_concurrency * JSON_PARSE_FACTOR * inference.max_json_bytes
+    )
+
+
 def check_body_limits(max_body_bytes: int, max_body_buffer_bytes: int, peer_share: float) -> None:
     """Raise ConfigError unless one client may hold a largest body: ``max_body_bytes``
     within its share (``peer_share``, 0 < share <= 1) of ``max_body_buffer_bytes``."""

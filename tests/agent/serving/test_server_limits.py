@@ -23,7 +23,7 @@ import pytest
 
 from agent.base.errors import AgentUnreachableError, ConfigError, NotReadyError
 from agent.client import InferenceClient
-from agent.device.config import InferenceConfig, parse_config
+from agent.device.config import InferenceConfig, memory_without_models_bytes, parse_config
 from agent.oip.shm import SharedMemoryRegion
 from agent.runtime.loading import load_model
 from agent.runtime.memory import rss_bytes
@@ -575,6 +575,22 @@ def test_inference_config_keys_and_validation(tmp_path: Path) -> None:
         )
     server = InferenceServer.from_config(ModelRegistry(), InferenceConfig(allowed_users="0"))
     assert server.allowed_uids == {0} and server.max_queue == 32
+
+
+UNIT = Path(__file__).resolve().parents[3] / "systemd" / "edge-agent.service"
+
+
+def test_the_shipped_unit_bounds_memory_from_the_config_and_sees_real_uids() -> None:
+    """MemoryMax= covers what the [inference] defaults let local clients make the agent
+    take, with room for models; PrivateUsers= would make every local user 65534."""
+    settings = dict(
+        line.split("=", 1) for line in UNIT.read_text().splitlines() if "=" in line[:40]
+    )
+    assert "PrivateUsers" not in settings
+    memory_max = int(settings["MemoryMax"].removesuffix("G")) << 30
+    bound = memory_without_models_bytes(InferenceConfig())
+    assert bound == 672 * MIB  # the figure the unit's comment and the docs give
+    assert memory_max - bound >= 256 * MIB  # left for the models
 
 
 def test_stop_answers_the_request_in_flight_and_closes_every_connection(
