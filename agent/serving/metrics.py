@@ -18,6 +18,8 @@ Metric names (all prefixed ``edge_agent_``):
   response being ready, successful requests only;
 - ``infer_queue_depth`` / ``infer_in_flight``: requests waiting for / holding a slot;
 - ``connections``: open client connections;
+- ``infer_body_buffer_bytes``: large request bodies held in memory (the body quota's
+  charge: bodies being received, and buffers connections keep for reuse);
 - ``model_swaps_total{model,version}``, ``model_rollbacks_total{model,version}``: the
   version made live, and the version rolled back to.
 """
@@ -111,6 +113,11 @@ class InferenceMetrics:
             "edge_agent_infer_in_flight", "Infer requests running in the pool", registry=r
         )
         self.connections = Gauge("edge_agent_connections", "Open client connections", registry=r)
+        self.body_buffer_bytes = Gauge(
+            "edge_agent_infer_body_buffer_bytes",
+            "Large request bodies held in memory (received or kept for reuse)",
+            registry=r,
+        )
         self._swaps = Counter(
             "edge_agent_model_swaps", "Versions made live", ["model", "version"], registry=r
         )

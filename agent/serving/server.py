@@ -150,6 +150,8 @@ class InferenceServer:
             "bytes of request bodies in memory",
             "[inference] max_body_buffer_bytes × peer_share",
         )
+        body_quota = self.body_quota
+        self.metrics.body_buffer_bytes.set_function(lambda: body_quota.held)
         self.id_map = id_map if id_map is not None else read_id_map()
         self.header_timeout_s = header_timeout_s
         self.body_timeout_s = body_timeout_s

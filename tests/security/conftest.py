@@ -4,7 +4,10 @@ Every attack test carries ``@pytest.mark.attack(N)`` (N = the class in issue 8);
 counts as rejected when all of its tests passed. The tally is printed at the end of the
 run: ``10/10 attack classes rejected``. The device adversary suite
 (``test_device_adversary.py``, issue 18) marks each test ``@pytest.mark.device_attack(KEY)``
-with a key of ``DEVICE_ATTACKS``: ``8/8 device attacks refused``.
+with a key of ``DEVICE_ATTACKS``: ``8/8 device attacks refused``. Every local attack test
+(``test_local_adversary.py``) carries ``@pytest.mark.local_attack(name)``: an attack counts
+as contained when its test passed, and the run ends with ``N/N local attacks contained``
+(with the agent's RSS growth each test recorded as ``rss_growth_mib``).
 """
 
 from __future__ import annotations
@@ -56,14 +59,26 @@ DEVICE_ATTACKS = {
     "chunk_flood": "flood the MQTT chunk transport with requests",
     "revoked": "keep publishing after being revoked while connected",
 }
+# What a hostile local user tries against the agent's socket (issue 18).
+LOCAL_ATTACKS = {
+    "header-only bodies": "heads announcing the largest body, and no body",
+    "connection hoarding": "idle connections, as many as the agent lets one user open",
+    "slow senders": "heads and bodies dripped below every rate",
+    "JSON amplification": "JSON bodies as large as a body may be, parsed at once",
+    "another user's shared memory": "listing, naming, unregistering, taking a region",
+}
 _outcomes: dict[int, list[bool]] = {}
 _device_outcomes: dict[str, list[bool]] = {}
+_local: dict[str, list[tuple[bool, float | None]]] = {}
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "attack(n): the test proves a defence of attack class n")
     config.addinivalue_line(
         "markers", "device_attack(key): the test proves a device attack of DEVICE_ATTACKS refused"
+    )
+    config.addinivalue_line(
+        "markers", "local_attack(name): the test proves a local attack is contained"
     )
 
 
@@ -83,6 +98,11 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         elif keyword.startswith("device-attack-"):
             key = keyword.removeprefix("device-attack-")
             _device_outcomes.setdefault(key, []).append(report.passed)
+        elif keyword.startswith("local-attack-") and not report.skipped:  # skipped: "not run"
+            growth = dict(report.user_properties).get("rss_growth_mib")
+            _local.setdefault(keyword.removeprefix("local-attack-"), []).append(
+                (report.passed, None if growth is None else float(growth))
+            )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -94,6 +114,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if marker is not None:
             assert marker.args[0] in DEVICE_ATTACKS, marker.args[0]
             item.keywords[f"device-attack-{marker.args[0]}"] = True
+        marker = item.get_closest_marker("local_attack")
+        if marker is not None:
+            assert marker.args[0] in LOCAL_ATTACKS, marker.args[0]
+            item.keywords[f"local-attack-{marker.args[0]}"] = True
 
 
 def _tally(
@@ -117,6 +141,21 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         _tally(tr, "attack classes (issue 8)", ATTACK_CLASSES, _outcomes, "rejected")
     if _device_outcomes:
         _tally(tr, "device attacks (issue 18)", DEVICE_ATTACKS, _device_outcomes, "refused")
+    if _local:
+        tr.section("local attacks (issue 18)")
+        contained = 0
+        for name, what in LOCAL_ATTACKS.items():
+            results = _local.get(name)
+            if not results:
+                state = "not run"
+            elif all(passed for passed, _ in results):
+                contained += 1
+                growths = [g for _, g in results if g is not None]
+                state = "contained" + (f", agent RSS +{max(growths):.0f} MiB" if growths else "")
+            else:
+                state = "NOT CONTAINED"
+            tr.write_line(f"- {name} ({what}): {state}")
+        tr.write_line(f"{contained}/{len(LOCAL_ATTACKS)} local attacks contained")
 
 
 # ---------------------------------------------------------------------------- the device
