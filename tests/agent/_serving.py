@@ -162,3 +162,35 @@ def run_as(
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def intrude(path: str, owners_key: str) -> dict[str, Any]:
+    """What a local user that did not register the region "cam0" tries on it, through
+    the socket at ``path``: list it, name it as input and output, unregister it (and
+    all), register its owner's object (key ``owners_key``). Per attempt, the HTTP status
+    and the JSON answer."""
+
+    def call(method: str, url: str, body: Any = None) -> list[Any]:
+        connection = StdlibUnixConnection(Path(path))
+        try:
+            connection.request(method, url, body=None if body is None else json.dumps(body))
+            response = connection.getresponse()
+            return [response.status, json.loads(response.read())]
+        finally:
+            connection.close()
+
+    infer = "/v2/models/linear/infer"
+    tensor = {"name": "x", "datatype": "FP32", "shape": [1, 4]}
+    region = {"shared_memory_region": "cam0", "shared_memory_byte_size": 16}
+    output = {"name": "y", "parameters": {**region, "shared_memory_byte_size": 12}}
+    return {
+        "status": call("GET", "/v2/systemsharedmemory/status"),
+        "status_one": call("GET", "/v2/systemsharedmemory/region/cam0/status"),
+        "as_input": call("POST", infer, {"inputs": [{**tensor, "parameters": region}]}),
+        "as_output": call("POST", infer, {"inputs": [{**tensor, "data": [1, 2, 3, 4]}],
+                                          "outputs": [output]}),
+        "unregister_one": call("POST", "/v2/systemsharedmemory/region/cam0/unregister"),
+        "unregister_all": call("POST", "/v2/systemsharedmemory/unregister"),
+        "register_owners_object": call("POST", "/v2/systemsharedmemory/region/cam0/register",
+                                       {"key": owners_key, "byte_size": 64}),
+    }  # fmt: skip

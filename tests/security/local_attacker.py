@@ -223,42 +223,10 @@ def json_bomb(path: str, body_bytes: str) -> None:
 
 def intruder(path: str, owners_key: str) -> None:
     """Everything the single region namespace let any local user do to another's region
-    "cam0": list it, name it as input or output, unregister it, register its object."""
-    from tests.agent._serving import StdlibUnixConnection
+    "cam0" (``tests.agent._serving.intrude``)."""
+    from tests.agent._serving import intrude
 
-    def call(method: str, url: str, body: Any = None) -> list[Any]:
-        connection = StdlibUnixConnection(path)
-        try:
-            connection.request(method, url, body=None if body is None else json.dumps(body))
-            response = connection.getresponse()
-            return [response.status, json.loads(response.read())]
-        finally:
-            connection.close()
-
-    tensor = {"name": "x", "datatype": "FP32", "shape": [1, 4]}
-    region = {"shared_memory_region": "cam0", "shared_memory_byte_size": 16}
-    out = {
-        "status": call("GET", "/v2/systemsharedmemory/status"),
-        "as_input": call(
-            "POST", "/v2/models/linear/infer", {"inputs": [{**tensor, "parameters": region}]}
-        ),
-        "as_output": call(
-            "POST",
-            "/v2/models/linear/infer",
-            {
-                "inputs": [{**tensor, "data": [1, 2, 3, 4]}],
-                "outputs": [{"name": "y", "parameters": {**region, "shared_memory_byte_size": 12}}],
-            },
-        ),
-        "unregister_one": call("POST", "/v2/systemsharedmemory/region/cam0/unregister"),
-        "unregister_all": call("POST", "/v2/systemsharedmemory/unregister"),
-        "register_owners_object": call(
-            "POST",
-            "/v2/systemsharedmemory/region/cam0/register",
-            {"key": owners_key, "byte_size": 64},
-        ),
-    }
-    report(out)
+    report(intrude(path, owners_key))
     wait_for_release()
     report({"released": True})
 

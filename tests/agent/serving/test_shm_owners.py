@@ -38,40 +38,17 @@ pytestmark = pytest.mark.skipif(not can_switch_users(), reason="needs root and s
 
 X = np.array([[0.5, -1.0, 2.0, 0.0]], np.float32)
 
-# Another user's attempts on the region "cam0" it did not register. Prints, per attempt,
-# the HTTP status and the error (or body).
+# Another user's attempts on the region "cam0" it did not register (``intrude``), then
+# its own "cam0". Prints, per attempt, the HTTP status and the answer.
 INTRUDER = r"""
 import json, os, sys
 import numpy as np
 from agent.client import InferenceClient
 from agent.oip.shm import SharedMemoryRegion
-from tests.agent._serving import StdlibUnixConnection
+from tests.agent._serving import intrude
 
 path = sys.argv[1]
-
-def call(method, url, body=None):
-    connection = StdlibUnixConnection(path)
-    try:
-        connection.request(method, url, body=None if body is None else json.dumps(body))
-        response = connection.getresponse()
-        return [response.status, json.loads(response.read())]
-    finally:
-        connection.close()
-
-tensor = {"name": "x", "datatype": "FP32", "shape": [1, 4]}
-region = {"shared_memory_region": "cam0", "shared_memory_byte_size": 16}
-out = {}
-out["status"] = call("GET", "/v2/systemsharedmemory/status")
-out["status_one"] = call("GET", "/v2/systemsharedmemory/region/cam0/status")
-out["as_input"] = call("POST", "/v2/models/linear/infer",
-                       {"inputs": [{**tensor, "parameters": region}]})
-out["as_output"] = call("POST", "/v2/models/linear/infer", {
-    "inputs": [{**tensor, "data": [1, 2, 3, 4]}],
-    "outputs": [{"name": "y", "parameters": {**region, "shared_memory_byte_size": 12}}]})
-out["unregister_one"] = call("POST", "/v2/systemsharedmemory/region/cam0/unregister")
-out["unregister_all"] = call("POST", "/v2/systemsharedmemory/unregister")
-out["register_owners_key"] = call("POST", "/v2/systemsharedmemory/region/mine/register",
-                                  {"key": sys.argv[2], "byte_size": 64})
+out = intrude(path, sys.argv[2])
 # Its own object under the same name: names are per user, so this is no squat.
 with SharedMemoryRegion(f"ef-intruder-{os.getpid()}", 4096) as own, \
         InferenceClient(path) as client:
@@ -119,7 +96,7 @@ def test_another_user_cannot_see_use_unregister_or_squat_a_region(
         status, doc = got[attempt]
         assert status == 400 and "'cam0' is not registered" in doc["error"], (attempt, doc)
     assert got["unregister_one"][0] == got["unregister_all"][0] == 200  # nothing of theirs
-    status, doc = got["register_owners_key"]
+    status, doc = got["register_owners_object"]
     assert status == 403 and "belongs to uid 0" in doc["error"], doc
     expected = linear.infer({"x": np.full((1, 4), 7, np.float32)})["y"]
     assert got["own_cam0"][0] == 200, got["own_cam0"]  # its own "cam0", no conflict
