@@ -54,7 +54,6 @@ import contextlib
 import logging
 import mmap
 import socket
-import sys
 import threading
 import time
 import weakref
@@ -421,9 +420,7 @@ class Connection:
         if length < _LARGE:
             return memoryview(bytearray(length))
         spare = self._spare
-        # Nothing else refers to the kept buffer: no view of it (a memoryview, a numpy
-        # array) is alive. getrefcount: the attribute, this local and its own argument.
-        if spare is not None and length <= len(spare) <= 2 * length and sys.getrefcount(spare) == 3:
+        if spare is not None and length <= len(spare) <= 2 * length and _unexported(spare):
             return memoryview(spare)[:length]
         self._spare = spare = None  # its charge goes back once its last view is gone
         quota = self._host.body_quota
@@ -556,3 +553,14 @@ class Connection:
     def _shutdown_socket(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in recv
+
+
+def _unexported(buffer: mmap.mmap) -> bool:
+    """True when no view (memoryview, numpy array) of ``buffer`` is alive: a mapping
+    with exports refuses to resize (here, to its own size: an ``mremap`` that moves
+    nothing)."""
+    try:
+        buffer.resize(len(buffer))
+    except (BufferError, OSError, ValueError, SystemError):
+        return False
+    return True

@@ -293,6 +293,36 @@ def test_bodies_past_a_clients_share_of_the_quota_are_503_until_it_frees(
             assert status == 200, body[:200]
 
 
+def test_a_connection_reuses_its_large_body_buffer_and_the_quota_counts_it(
+    linear: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Back-to-back large bodies on one connection land in one mapping (no fresh pages
+    per request), charged while the connection keeps it and given back when it closes."""
+    import agent.serving.http11 as http11
+
+    mapped: list[int] = []
+    real = http11.mmap.mmap
+
+    def counting(*args: Any, **kwargs: Any) -> Any:  # a hook around the real mmap
+        mapped.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(http11.mmap, "mmap", counting)
+    registry = ModelRegistry()
+    registry.activate(linear)
+    x = np.ones((20000, 4), np.float32)  # 320 KB: read into a large buffer
+    with serving(registry) as server:
+        with InferenceClient(server.socket_path) as client:
+            for _ in range(5):
+                assert client.infer("linear", {"x": x})["y"].shape == (20000, 3)
+            assert len(mapped) == 1 and server.body_quota.held == mapped[0]
+        for _ in range(200):  # bounded: until the connection's thread has closed it
+            if not server.body_quota.held:
+                break
+            time.sleep(0.01)
+        assert server.body_quota.held == 0
+
+
 def test_json_past_max_json_bytes_is_413_and_not_the_models_error(linear: LoadedModel) -> None:
     """Parsing JSON takes ~12 times its size: a request's JSON is bounded on its own,
     and the same tensor as binary data passes."""
