@@ -164,8 +164,9 @@ class InferenceServer:
         self.allowed_gids = frozenset(allowed_gids)
         self.tcp_port = tcp_port
         self.tcp_host = tcp_host
-        unknown = frozenset() if self.id_map.uids_complete else {self.id_map.overflow_uid}
-        self.shm = SharedMemoryRegistry(unknown_uids=frozenset(unknown)) if shared_memory else None
+        ids = self.id_map
+        unknown = frozenset() if ids.uids_complete else frozenset({ids.overflow_uid})
+        self.shm = SharedMemoryRegistry(unknown_uids=unknown) if shared_memory else None
         self._listeners: list[socket.socket] = []
         self._acceptor: threading.Thread | None = None
         self._wake_r, self._wake_w = -1, -1  # a pipe that wakes the acceptor to stop
