@@ -174,6 +174,12 @@ class _Head:
         elif lower == b"transfer-encoding" and b"chunked" in value.lower():
             self.chunked = True
 
+    def on_headers_complete(self) -> None:
+        # Asked now: llhttp resets what "Connection: close" set once the message is
+        # complete, and a request without a body is complete with its head.
+        assert self.parser is not None
+        self.keep_alive = self.parser.should_keep_alive()
+
     def on_body(self, body: bytes) -> None:  # chunked bodies only
         if self.too_large or self.over_quota is not None:
             return
@@ -364,6 +370,7 @@ class Connection:
             return known
         parsed = _Head(self._host.max_body_bytes)
         parser = httptools.HttpRequestParser(parsed)
+        parsed.parser = parser  # for on_headers_complete; kept for a chunked body only
         try:
             parser.feed_data(head)
         except httptools.HttpParserUpgrade:
@@ -371,11 +378,9 @@ class Connection:
         except httptools.HttpParserError as exc:
             self._fail(Response.error(400, f"malformed HTTP request: {exc}", close=True))
         parsed.method = parser.get_method()
-        parsed.keep_alive = parser.should_keep_alive()
         parsed.http_1_0 = parser.get_http_version() == "1.0"
-        if parsed.chunked:
-            parsed.parser = parser
-        else:
+        if not parsed.chunked:
+            parsed.parser = None
             if len(self._heads) >= _HEADS_REMEMBERED:
                 self._heads.clear()
             self._heads[head] = parsed

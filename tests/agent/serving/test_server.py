@@ -237,6 +237,30 @@ def test_keep_alive_and_pipelining_answer_in_order(server: InferenceServer) -> N
         assert "outputs" in json.loads(responses[2][2])
 
 
+@pytest.mark.parametrize(
+    ("request_head", "answer"),
+    [
+        (b"GET /v2/health/live HTTP/1.1\r\nConnection: close\r\n\r\n", b'{"live":true}'),
+        (b"POST /v2/systemsharedmemory/unregister HTTP/1.1\r\nContent-Length: 0\r\n"
+         b"Connection: close\r\n\r\n", b"{}"),
+        (b"GET /v2/health/live HTTP/1.0\r\n\r\n", b'{"live":true}'),
+    ],
+)  # fmt: skip
+def test_a_request_without_a_body_that_asks_to_close_is_answered_then_closed(
+    server: InferenceServer, request_head: bytes, answer: bytes
+) -> None:
+    """llhttp forgets ``Connection: close`` once a message is complete, and a request
+    with no body is complete with its head: the server must still close after it."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)  # the server's idle timeout is longer: a wait means no close
+        sock.connect(str(server.socket_path))
+        sock.sendall(request_head)
+        [(status, headers, body)] = read_responses(sock, 1)
+        assert (status, body) == (200, answer)
+        assert headers.get("connection") == "close"
+        assert sock.recv(1) == b""  # closed, not kept alive
+
+
 def test_a_repeated_head_is_answered_from_its_own_body(
     server: InferenceServer, model_v1: LoadedModel
 ) -> None:
