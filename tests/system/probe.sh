@@ -92,6 +92,118 @@ systemctl restart edge-agent.service
 check served_after_dead_loop wait_for 60 infer
 elapsed dead_loop_s
 
+# --- Local users under the shipped unit (issue #18, defects 3 and 5) ---
+# alice and bob may call the socket (group edge-infer); alice is also in cams, a group an
+# allow-list names below; eve is in neither. The agent runs as the unit's dynamic user,
+# so a client grants it its shared-memory object with an ACL (docs/inference-api.md).
+DROPINS=/etc/systemd/system/edge-agent.service.d
+client() { user=$1; shift; runuser -u "$user" -- python3 /probe/probe_client.py "$@"; }
+answers() {  # answers USER STATUS TEXT ARGS...: `client USER ARGS` gets STATUS, TEXT in its body
+    user=$1 status=$2 text=$3; shift 3
+    out=$(client "$user" "$@"); echo "$user: $*: $out"
+    case "$out" in "$status "*"$text"*) return 0 ;; esac
+    return 1
+}
+region_doc() { printf '{"key":"/%s","offset":0,"byte_size":4096}' "$1"; }
+register() { client "$1" call POST "/v2/systemsharedmemory/region/$2/register" "$(region_doc "$3")"; }
+agent_uid() { stat -c %u "/proc/$(show MainPID)"; }
+grant() { runuser -u "$1" -- setfacl -m "u:$(agent_uid):rw" "/dev/shm/$2"; }
+reconfigure() {  # reconfigure NAME [LINE...]: drop-in NAME.conf holds [Service] LINEs (none: gone)
+    name=$1; shift
+    rm -f "$DROPINS/$name.conf"
+    [ $# -eq 0 ] || printf '[Service]\n%s\n' "$@" > "$DROPINS/$name.conf"
+    systemctl daemon-reload && systemctl restart edge-agent.service
+}
+own_region() {  # own_region USER NAME KEY: USER makes /dev/shm/KEY, grants it, registers it as NAME
+    client "$1" region "$3" && grant "$1" "$3" && register "$1" "$2" "$3" | grep "^200 "
+}
+lists() {  # lists USER MINE THEIRS: USER's status lists key MINE and not key THEIRS
+    out=$(client "$1" call GET /v2/systemsharedmemory/status); echo "$out"
+    case "$out" in *"$3"*) return 1 ;; "200 "*"$2"*) return 0 ;; esac
+    return 1
+}
+unregisters() {  # unregisters USER NAME: unregistering NAME, then all, answers 200
+    client "$1" call POST "/v2/systemsharedmemory/region/$2/unregister" | grep "^200 " &&
+        client "$1" call POST /v2/systemsharedmemory/unregister | grep "^200 "
+}
+memory() {  # the unit's MemoryCurrent, else (no memory controller here) the agent's RSS, bytes
+    current=$(show MemoryCurrent)
+    case "$current" in
+        *[!0-9]* | "") awk '/^VmRSS:/ { print $2 * 1024 }' "/proc/$(show MainPID)/status" ;;
+        *) echo "$current" ;;
+    esac
+}
+grew_less_than() {  # grew_less_than BEFORE AFTER BYTES (numbers, else it fails)
+    echo "from $1 to $2 bytes"
+    python3 -c 'import sys; b, a, n = map(int, sys.argv[1:]); sys.exit(a - b >= n)' "$@"
+}
+
+check local_users sh -c 'groupadd cams && useradd -M -G edge-infer,cams alice && useradd -M -G edge-infer bob && useradd -M eve'
+alice=$(id -u alice)
+check unit_not_private_users sh -c '[ "$(systemctl show -P PrivateUsers edge-agent)" = no ]'
+check unit_memory_max sh -c '[ "$(systemctl show -P MemoryMax edge-agent)" = 1073741824 ]'
+check outsider_refused_by_socket answers eve refused "Permission denied" call GET /v2/health/ready
+
+# Shared memory is its owner's: alice's cam0 is invisible and untouchable to bob.
+client alice region alice-raw
+check shm_needs_grant answers alice 400 "Permission denied" call POST /v2/systemsharedmemory/region/raw/register "$(region_doc alice-raw)"
+check alice_registers own_region alice cam0 alice-cam
+check alice_shm_infer answers alice 200 '"shared_memory_region":"cam0"' infer cam0 cam0
+client alice read alice-cam > "$R/alice_shm_output.json"
+check bob_sees_no_regions answers bob 200 '[]' call GET /v2/systemsharedmemory/status
+check bob_cannot_read_cam0 answers bob 400 "'cam0' is not registered" infer cam0 -
+check bob_cannot_write_cam0 answers bob 400 "'cam0' is not registered" infer - cam0
+check bob_unregisters_his_own unregisters bob cam0
+check bob_cannot_take_key answers bob 403 "belongs to uid $alice" call POST /v2/systemsharedmemory/region/mine/register "$(region_doc alice-cam)"
+check bob_registers_own_cam0 own_region bob cam0 bob-cam
+check bob_own_cam0_serves answers bob 200 '"shared_memory_region":"cam0"' infer cam0 cam0
+check bob_lists_his_own lists bob bob-cam alice-cam
+check alice_region_kept lists alice alice-cam bob-cam
+check alice_still_served answers alice 200 '"shared_memory_region":"cam0"' infer cam0 cam0
+elapsed shm_s
+
+# bob hoards: 16 bodies of 64 MiB announced and never sent, then 140 idle connections.
+# He holds his share (peer_share ½ of 256 MiB, of 256 connections), no more, and the
+# announced gigabyte is never allocated; alice, meanwhile, sends a 1 MiB body.
+echo "MemoryCurrent=$(show MemoryCurrent) (not a number: the agent's RSS is measured)" > "$R/memory.txt"
+before=$(memory)
+rm -f /run/probe-stop-hoard
+client bob hoard 16 140 /run/probe-stop-hoard > "$R/hoard.log" 2>&1 &
+hoarder=$!
+wait_for 30 grep -q "bodies held" "$R/hoard.log"
+during=$(memory)
+check bob_bodies_past_share_refused grep -q "bodies held=2 refused=14;.*refused now: this client" "$R/hoard.log"
+idle_held=$(sed -n 's/.*idle held=\([0-9]*\) .*/\1/p' "$R/hoard.log")
+idle_refused=$(sed -n 's/.*idle held=[0-9]* refused=\([0-9]*\) .*/\1/p' "$R/hoard.log")
+check bob_connections_past_share_refused sh -c "[ '$idle_held' -le 126 ] && [ '$idle_refused' -ge 14 ]"
+check hoard_not_allocated grew_less_than "$before" "$during" 67108864
+check alice_served_during_hoard answers alice 200 "" large-infer 65536
+touch /run/probe-stop-hoard
+wait "$hoarder"
+elapsed hoard_s
+
+# Allow-lists by user and by a supplementary group, checked on real uids and groups.
+reconfigure test-allow 'Environment=EDGE_AGENT_INFERENCE_ALLOWED_USERS=alice'
+check allowed_user_served answers alice 200 '"outputs"' infer - -
+check other_user_refused answers bob 403 "not in the allow-list" infer - -
+reconfigure test-allow 'Environment=EDGE_AGENT_INFERENCE_ALLOWED_GROUPS=cams'
+check allowed_group_served answers alice 200 '"outputs"' infer - -
+check other_group_refused answers bob 403 "not in the allow-list" infer - -
+reconfigure test-allow
+elapsed allow_s
+
+# Negative control: PrivateUsers= back in a drop-in. Every other user then reads as 65534,
+# and the agent says so and fails closed instead of trusting that id.
+since=$(date +%s)
+reconfigure test-private-users 'PrivateUsers=yes'
+check private_users_warned sh -c "journalctl -u edge-agent.service --since @$since --no-pager | grep -q 'does not map every user'"
+check private_users_shm_refused answers bob 403 "cannot tell uid 65534" call POST /v2/systemsharedmemory/region/cam0/register "$(region_doc bob-cam)"
+reconfigure test-private-users 'PrivateUsers=yes' 'Environment=EDGE_AGENT_INFERENCE_ALLOWED_USERS=alice'
+check private_users_allow_list_refused answers alice 403 "matches no allow-list entry" infer - -
+reconfigure test-private-users
+check served_after_private_users answers alice 200 '"outputs"' infer - -
+elapsed private_users_s
+
 systemctl status edge-agent.service --no-pager > "$R/status.txt" 2>&1
 journalctl -u edge-agent.service --no-pager > "$R/agent-journal.log" 2>&1
 

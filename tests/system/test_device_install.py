@@ -7,7 +7,14 @@ both on loopback. Inside, ``probe.sh`` (a Type=simple unit wanted by multi-user.
 installs the previous release's .deb, enrolls, serves, then upgrades to this tree's .deb
 and checks the same version keeps serving from the same state; then READY, inference on
 the socket, the watchdog restart of a SIGSTOPped agent and of an agent whose update loop
-died, and `dpkg --purge`; it writes its results to a bind mount and powers off.
+died; then local users under the shipped unit (its dynamic user, no ``PrivateUsers=``):
+alice and bob, two real accounts, each with a shared-memory region granted to the agent by
+an ACL, see and use only their own; bob hoarding bodies and connections gets 503s past his
+share while the agent's memory stays put and alice is served; allow-lists by user and by
+supplementary group; and, as a negative control, ``PrivateUsers=yes`` in a drop-in, under
+which the agent warns and refuses instead of trusting uid 65534. Last, `dpkg --purge`.
+The probe acts as each user through ``probe_client.py`` (stdlib only, raw HTTP on the
+socket); it writes its results to a bind mount and powers off.
 
 "The previous release" is commit ``PREVIOUS`` (main before issue #18), built from
 ``git archive`` with its version lowered to 0.0.9 so dpkg sees an upgrade.
@@ -44,7 +51,7 @@ from tests.helpers import free_port, make_linear_model, mosquitto_binary, wait_f
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("EDGEFLEET_TEST_CACHE", "/var/cache/edgefleet-test"))
-INCLUDE = "systemd,systemd-sysv,dbus,python3,python3-venv,ca-certificates"
+INCLUDE = "systemd,systemd-sysv,dbus,python3,python3-venv,ca-certificates,acl"
 BASE = CACHE / "bookworm-base"
 MIRROR = "http://deb.debian.org/debian"
 FLEET = "lab"
@@ -268,7 +275,8 @@ def test_the_deb_under_real_systemd(tmp_path: Path, host_side: dict[str, object]
     shutil.copy(previous_deb, probe_dir / "edge-agent-previous.deb")
     shutil.copy(host_side["enroll"], probe_dir / "enroll.tar")  # type: ignore[arg-type]
     np.save(probe_dir / "input.npy", np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32))
-    shutil.copy(Path(__file__).with_name("probe.sh"), probe_dir / "probe.sh")
+    for name in ("probe.sh", "probe_client.py"):
+        shutil.copy(Path(__file__).with_name(name), probe_dir / name)
     units = machine / "etc" / "systemd" / "system"
     (units / "edgefleet-probe.service").write_text(
         "[Unit]\nDescription=edgefleet system test probe\nAfter=multi-user.target\n"
@@ -291,15 +299,17 @@ def test_the_deb_under_real_systemd(tmp_path: Path, host_side: dict[str, object]
         line.split("=", 1) for line in results_file.read_text().splitlines() if "=" in line
     )
     timings = (results_dir / "timings").read_text() if (results_dir / "timings").exists() else ""
+    hoard = results_dir / "hoard_not_allocated.log"
     print(
         f"\nsystem test: base root {t_base:.1f} s, make deb {t_deb:.1f} s, "
-        f"boot to poweroff {boot_s:.1f} s; inside: {' '.join(timings.split())}"
+        f"boot to poweroff {boot_s:.1f} s; inside: {' '.join(timings.split())}; "
+        f"agent memory while bob hoards: {hoard.read_text().strip() if hoard.exists() else '?'}"
     )
     failed = {name: value for name, value in results.items() if value != "ok"}
     logs = "\n".join(
         f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}"
         for p in sorted(results_dir.glob("*.log"))
-        if p.stem in failed or p.name == "agent-journal.log"
+        if p.stem in failed or p.name in ("agent-journal.log", "hoard.log")
     )
     assert (results_dir / "done").exists() and not failed, f"probe results {results}\n{logs}"
     expected = {
@@ -308,8 +318,19 @@ def test_the_deb_under_real_systemd(tmp_path: Path, host_side: dict[str, object]
         "upgrade", "upgraded_version", "active_after_upgrade", "served_after_upgrade",
         "same_answer_after_upgrade", "journal_kept", "version_folder_kept", "not_reinstalled",
         "runs_unprivileged", "watchdog_restart", "watchdog_logged", "served_after_restart",
-        "dead_loop_restart", "dead_loop_logged", "served_after_dead_loop", "purge", "purged",
-        "stopped",
+        "dead_loop_restart", "dead_loop_logged", "served_after_dead_loop",
+        # local users: shared memory per owner, shares, allow-lists (issue #18, defects 3, 5)
+        "local_users", "unit_not_private_users", "unit_memory_max", "outsider_refused_by_socket",
+        "shm_needs_grant", "alice_registers", "alice_shm_infer", "bob_sees_no_regions",
+        "bob_cannot_read_cam0", "bob_cannot_write_cam0", "bob_unregisters_his_own",
+        "bob_cannot_take_key", "bob_registers_own_cam0", "bob_own_cam0_serves",
+        "bob_lists_his_own", "alice_region_kept", "alice_still_served",
+        "bob_bodies_past_share_refused", "bob_connections_past_share_refused",
+        "hoard_not_allocated", "alice_served_during_hoard", "allowed_user_served",
+        "other_user_refused", "allowed_group_served", "other_group_refused",
+        "private_users_warned", "private_users_shm_refused", "private_users_allow_list_refused",
+        "served_after_private_users",
+        "purge", "purged", "stopped",
     }  # fmt: skip
     assert set(results) == expected
     assert "serving" in (results_dir / "status_at_ready.txt").read_text()
@@ -317,6 +338,9 @@ def test_the_deb_under_real_systemd(tmp_path: Path, host_side: dict[str, object]
     assert outputs["y"]["shape"] == [1, 3]
     before = json.loads((results_dir / "infer_before_upgrade.json").read_text())
     assert before == outputs  # the upgraded agent answers as the previous one did
+    # The agent wrote alice's answer into her region, through the ACL she granted it.
+    in_region = json.loads((results_dir / "alice_shm_output.json").read_text())
+    np.testing.assert_allclose([in_region], outputs["y"]["data"], rtol=1e-6)
     # The agent reached the TLS broker with its enrolled certificate (key via LoadCredential).
     watcher = host_side["watcher"]
     assert isinstance(watcher, StatusWatcher)
