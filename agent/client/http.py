@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -45,6 +46,7 @@ _CONTENT_LENGTH: Final = b"\r\ncontent-length:"
 _HEADER_LENGTH: Final = b"\r\ninference-header-content-length:"
 _CONNECTION: Final = b"\r\nconnection:"
 _MAX_HEADS_REMEMBERED: Final = 64
+_PEERCRED: Final = struct.Struct("3i")  # pid, uid, gid
 _NO_HEAD: Final = bytes(_SCRATCH_BYTES + 1)  # longer than any first read: starts none
 
 # (status, Content-Length, Inference-Header-Content-Length or None, Connection: close)
@@ -98,6 +100,23 @@ class UnixHTTPConnection:
         self.sock = sock
         self._sized = 0
         return sock
+
+    def peer_uid(self) -> int | None:
+        """The uid of the process serving the Unix socket (SO_PEERCRED: the agent's
+        user), connecting first if needed; None over TCP.
+
+        Raises AgentUnreachableError when nothing listens or the kernel cannot say."""
+        if isinstance(self.address, tuple):
+            return None
+        try:
+            sock = self.sock if self.sock is not None else self.connect()
+            raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        except OSError as exc:
+            self.close()
+            raise AgentUnreachableError(
+                f"cannot connect to the agent at {self.address}: {exc}"
+            ) from None
+        return int(_PEERCRED.unpack(raw)[1])
 
     def close(self) -> None:
         if self.sock is not None:

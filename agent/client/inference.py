@@ -42,6 +42,7 @@ Requests are built by ``agent.client.requests``, responses decoded by
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -193,7 +194,15 @@ class InferenceClient:
         return data.decode()
 
     def register_shared_memory(self, name: str, region: SharedMemoryRegion) -> None:
-        """Register ``region`` under ``name`` (POST .../region/<name>/register)."""
+        """Register ``region`` under ``name`` (POST .../region/<name>/register).
+
+        The agent opens the region's object with its own rights: when it runs as another
+        user (the shipped unit's dynamic user), that user, and only it, is let open it
+        first (``SharedMemoryRegion.grant``: an ACL entry for the socket's peer uid).
+        Raises InferenceError when that cannot be done, and as every call."""
+        agent_uid = self._connection.peer_uid()
+        if agent_uid is not None and agent_uid != os.geteuid():
+            region.grant(agent_uid)
         body = json.dumps({"key": region.key, "offset": 0, "byte_size": region.byte_size})
         self._call("POST", f"/v2/systemsharedmemory/region/{name}/register", [body.encode()])
         region.name = name

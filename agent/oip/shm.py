@@ -41,7 +41,8 @@ from typing import Any, Final
 
 import numpy as np
 
-from agent.base.errors import InvalidRequestError, ModelNotFoundError
+from agent.base.errors import InferenceError, InvalidRequestError, ModelNotFoundError
+from agent.oip.acl import grant_user
 
 SHM_DIR: Final = Path("/dev/shm")
 _KEY: Final = re.compile(r"/?[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}")
@@ -304,8 +305,8 @@ class SharedMemoryRegion:
     copy back; ``ndarray`` gives a writable array that lives *in* the region, so an
     application can produce its input there (decode a frame into it, say) and the client
     sends only where it is (``offset_of``), with no copy at all. Create it, register it
-    with ``InferenceClient.register_shared_memory``, and pass it to
-    ``InferenceClient.infer(..., shm=region)``.
+    with ``InferenceClient.register_shared_memory`` (which ``grant``s the agent access
+    when it runs as another user), and pass it to ``InferenceClient.infer(..., shm=region)``.
     """
 
     def __init__(self, key: str, byte_size: int) -> None:
@@ -328,6 +329,22 @@ class SharedMemoryRegion:
         probe = np.frombuffer(self.buffer, dtype=np.uint8)
         self._base = int(probe.ctypes.data)  # the mapping's address, for offset_of
         del probe
+
+    def grant(self, uid: int) -> None:
+        """Let user ``uid`` (the agent's) open the object read-write, and no one else:
+        an ACL entry for that uid (``agent.oip.acl``). The group-owner and other entries
+        stay empty (``ls -l`` shows the ACL's mask, ``rw-``, in the group bits).
+
+        Raises InferenceError naming the object when the ACL cannot be set (a
+        filesystem without ACLs, say)."""
+        try:
+            grant_user(self.path, uid)
+        except OSError as exc:
+            raise InferenceError(
+                f"cannot let the agent (uid {uid}) open shared memory {self.key}: "
+                f"{exc.strerror or exc}; it runs as another user, so {SHM_DIR} must "
+                "support POSIX ACLs (or run the agent as this user)"
+            ) from None
 
     def write(self, offset: int, data: bytes | memoryview) -> int:
         end = offset + len(data)

@@ -63,18 +63,24 @@ def _line(stream: IO[str], timeout_s: float, what: str) -> str:
 
 class LocalAgent:
     """A running inference server with ``limits`` (``[inference]`` keys) serving the
-    unpacked bundle in ``model_dir``."""
+    unpacked bundle in ``model_dir``; as user ``uid`` (and group) when given, as the
+    shipped unit runs it as a user of its own (``model_dir`` must be readable by it)."""
 
-    def __init__(self, model_dir: Path, **limits: Any) -> None:
+    def __init__(self, model_dir: Path, uid: int | None = None, **limits: Any) -> None:
         self.limits = limits
         self.directory = Path(tempfile.mkdtemp(prefix="ef-local-", dir="/tmp"))
         self.directory.chmod(0o755)
         self.socket_path = self.directory / "infer.sock"
         self.log = self.directory / "agent.log"
+        as_user = (
+            [] if uid is None else ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        )
+        if uid is not None:
+            os.chown(self.directory, uid, uid)
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", _SERVE, str(self.socket_path), str(model_dir),
-                 json.dumps(limits)],
+                [*as_user, sys.executable, "-c", _SERVE, str(self.socket_path),
+                 str(model_dir), json.dumps(limits)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, env=_ENV,
             )  # fmt: skip
         try:
