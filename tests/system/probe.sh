@@ -133,6 +133,10 @@ memory() {  # the unit's MemoryCurrent, else (no memory controller here) the age
         *) echo "$current" ;;
     esac
 }
+cli_shm_infer() {  # cli_shm_infer USER: `edge-agent infer --shm` as USER answers as `infer` did
+    out=$(runuser -u "$1" -- edge-agent infer linear --input /probe/input.npy --socket /run/edge-agent/infer.sock --shm 2>&1)
+    echo "$out"; [ "$out" = "$(cat "$R/infer_output.json")" ]
+}
 grew_less_than() {  # grew_less_than BEFORE AFTER BYTES (numbers, else it fails)
     echo "from $1 to $2 bytes"
     python3 -c 'import sys; b, a, n = map(int, sys.argv[1:]); sys.exit(a - b >= n)' "$@"
@@ -160,6 +164,8 @@ check bob_own_cam0_serves answers bob 200 '"shared_memory_region":"cam0"' infer 
 check bob_lists_his_own lists bob bob-cam alice-cam
 check alice_region_kept lists alice alice-cam bob-cam
 check alice_still_served answers alice 200 '"shared_memory_region":"cam0"' infer cam0 cam0
+# The project's own client grants the agent its region (an ACL for the socket's peer uid).
+check cli_shm_infer cli_shm_infer alice
 elapsed shm_s
 
 # bob hoards: 16 bodies of 64 MiB announced and never sent, then 140 idle connections.

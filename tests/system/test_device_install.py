@@ -324,7 +324,7 @@ def test_the_deb_under_real_systemd(tmp_path: Path, host_side: dict[str, object]
         "shm_needs_grant", "alice_registers", "alice_shm_infer", "bob_sees_no_regions",
         "bob_cannot_read_cam0", "bob_cannot_write_cam0", "bob_unregisters_his_own",
         "bob_cannot_take_key", "bob_registers_own_cam0", "bob_own_cam0_serves",
-        "bob_lists_his_own", "alice_region_kept", "alice_still_served",
+        "bob_lists_his_own", "alice_region_kept", "alice_still_served", "cli_shm_infer",
         "bob_bodies_past_share_refused", "bob_connections_past_share_refused",
         "hoard_not_allocated", "alice_served_during_hoard", "allowed_user_served",
         "other_user_refused", "allowed_group_served", "other_group_refused",
