@@ -36,18 +36,19 @@ mosquitto:
 	fi
 
 # The device-install system test (tests/system/) boots the .deb under real systemd in
-# systemd-nspawn on a debootstrapped Debian root; systemd-analyze checks the units.
-SYSTEM_PACKAGES := debootstrap systemd-container
+# systemd-nspawn on a debootstrapped Debian root; systemd-analyze checks the units. The
+# fault-injection run (tests/chaos/) steps one agent's clock with libfaketime.
+SYSTEM_PACKAGES := debootstrap systemd-container faketime
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then \
-		echo "installing$$missing (Debian packages, for tests/system)"; \
+		echo "installing$$missing (Debian packages, for tests/system and tests/chaos)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else \
-		echo "tests/system needs:$$missing (sudo apt-get install$$missing); it skips without them"; \
+		echo "tests/system and tests/chaos need:$$missing (sudo apt-get install$$missing); they skip without them"; \
 	fi
 
 # The agent as a Debian package: build/edge-agent_<version>_<arch>.deb (packaging/README.md).
