@@ -222,8 +222,10 @@ class AgentProcess:
             if proc.process.poll() is not None:
                 self.proc = None
                 self.unexpected_exits += 1
-                tail = proc.text()[-3000:]
-                exited = f"exited with status {proc.process.returncode}:\n{tail}"
+                exited = (
+                    f"exited with status {proc.process.returncode} ({proc.log.name}): "
+                    + _last_error(proc.text())
+                )
             else:
                 exited = None
                 if self._awaiting_listen and LISTENING in proc.text():
@@ -255,15 +257,41 @@ class AgentProcess:
                 out[int(seq)] = kind
         return out
 
-    def tracebacks(self) -> list[str]:
-        """The last lines of each traceback in this agent's logs (evidence for reports)."""
-        out = []
-        for log in self.logs():
-            text = log.read_text(errors="replace")
-            for match in _TRACEBACK.finditer(text):
-                lines = match.group(0).splitlines()
-                out.append(f"{log.name}: " + " | ".join(lines[-3:]))
-        return out
+    def diagnose(self) -> str:
+        """Evidence for a device that did not converge, read from its logs (after it
+        stopped: an update loop that died shows its exception only at shutdown)."""
+        texts = [(log.name, log.read_text(errors="replace")) for log in self.logs()]
+        for name, text in reversed(texts):
+            died = [m.group(0) for m in _TRACEBACK.finditer(text) if _is_loop_death(m.group(0))]
+            if died:
+                return f"its update loop had died ({name}): {_summary(died[-1])}"
+        notes = [
+            line
+            for _, text in texts
+            for line in text.splitlines()
+            if (" WARNING " in line or " ERROR " in line or "waits until" in line)
+            and "agent.serving.routes" not in line
+        ]
+        return "its update loop ran; its last notes: " + " | ".join(notes[-3:])
+
+
+def _is_loop_death(traceback: str) -> bool:
+    """An exception that ended the update loop's task, raised again when shutdown awaits it."""
+    return "in _update_loop" in traceback and "in _shutdown" in traceback
+
+
+def _summary(traceback: str) -> str:
+    """A traceback's innermost frame and its exception, on one line."""
+    return " | ".join(line.strip() for line in traceback.splitlines()[-3:])
+
+
+def _last_error(text: str) -> str:
+    """The last two tracebacks of a log (a chained exception's cause and itself), each as
+    its innermost frame and exception; else the log's last lines."""
+    found = list(_TRACEBACK.finditer(text))
+    if found:
+        return " ... then: ".join(_summary(m.group(0)) for m in found[-2:])
+    return " | ".join(text.strip().splitlines()[-5:])
 
 
 # ---------------------------------------------------------------------------- disk, clock

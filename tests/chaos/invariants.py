@@ -26,6 +26,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import numpy as np
 
@@ -182,8 +183,15 @@ def judge_convergence(
         and served == serving_version(record)
     ):
         return None
-    state = "no journal" if record is None else f"journal {record.phase.value} {record.version}"
-    return f"serves {served} ({state}), desired {version}"
+    return f"serves {served} ({describe_journal(record)}), desired {version}"
+
+
+def describe_journal(record: JournalRecord | None) -> str:
+    """ "journal PHASE VERSION since TIME" (the device's own wall clock), for reports."""
+    if record is None:
+        return "no journal"
+    since = datetime.fromtimestamp(record.entered_at, UTC).strftime("%H:%M:%S")
+    return f"journal {record.phase.value} {record.version} since {since} on its clock"
 
 
 # ---------------------------------------------------------------------------- 4. events

@@ -342,8 +342,8 @@ class ChaosRun:
             want = sch.final_version(self.plan, FLEETS, agent.fleet)
             served, record = _serving(agent), _journal(agent)
             if served != want or record is None or record.phase is not Phase.COMMITTED:
-                state = "no journal" if record is None else f"{record.phase.value} {record.version}"
-                out[device] = f"serves {served} (journal {state}), the final release is {want}"
+                state = inv.describe_journal(record)
+                out[device] = f"serves {served} ({state}), the final release is {want}"
         return out
 
     # ------------------------------------------------------------------ 4. events, stop
@@ -359,13 +359,8 @@ class ChaosRun:
         for agent in self.agents.values():
             agent.stop()
         for device, reason in self._unconverged.items():
-            agent = self.agents[device]
-            evidence = "; ".join(agent.tracebacks()[-3:]) or "no traceback in its logs"
-            self.violations.add(
-                inv.CONVERGENCE,
-                device,
-                f"did not converge ({reason}); its update loop may be dead: {evidence}",
-            )
+            why = f"did not converge ({reason}); {self.agents[device].diagnose()}"
+            self.violations.add(inv.CONVERGENCE, device, why)
         if self.serve is not None:
             self.serve.stop()
         for device, agent in self.agents.items():
