@@ -301,7 +301,7 @@ def echo() -> Iterator[int]:
 
 
 def _echo(conn: socket.socket) -> None:
-    with conn:
+    with conn, contextlib.suppress(OSError):  # the proxy may reset it
         while data := conn.recv(4096):
             conn.sendall(data)
 
