@@ -235,15 +235,16 @@ class FaultProxy:
         """Answer one request (faulty or not); False when the connection must end."""
         path = _request_path(request)
         where = f"{self.name} {path}"
+        # A fault is recorded before the client can see it.
         if d is not None and d.kind == "http.5xx":
+            self._log.record("http.5xx", where, str(d.status))
             writer.write(_status_response(d.status))
             await writer.drain()
-            self._log.record("http.5xx", where, str(d.status))
             return True
         if d is not None and d.kind == "http.garbage":
+            self._log.record("http.garbage", where, f"{len(d.garbage) + 1} bytes")
             writer.write(b"\x00" + d.garbage)
             await writer.drain()
-            self._log.record("http.garbage", where, f"{len(d.garbage) + 1} bytes")
             return False
         if d is not None and d.kind == "http.reset" and d.early:
             _reset(writer)
@@ -264,11 +265,12 @@ class FaultProxy:
             cut = min(len(data) - 1, int(d.fraction * len(data)))
             cut = max(cut, 1) if d.kind == "http.truncate" else max(cut, 0)
             writer.write(data[:cut])
-            await writer.drain()
             if d.kind == "http.truncate":
                 self._log.record("http.truncate", where, f"{cut} of {len(data)} bytes")
+                await writer.drain()
                 writer.close()
                 return False
+            await writer.drain()
             if d.kind == "http.reset":
                 self._log.record("http.reset", where, f"after {cut} of {len(data)} bytes")
                 _reset(writer)
@@ -373,8 +375,8 @@ class FaultProxy:
             if kind == "mqtt.stall":
                 pipe.flowing.clear()
                 await asyncio.sleep(stall_s)
-                pipe.flowing.set()
                 self._log.record(kind, self.name, f"{stall_s:.1f}s")
+                pipe.flowing.set()
                 continue
             if kind == "mqtt.reset":
                 self._log.record(kind, self.name)
@@ -383,9 +385,9 @@ class FaultProxy:
                 return
             if kind == "mqtt.garbage":
                 target = pipe.agent if to_agent else pipe.broker
-                target.write(b"\x00" + garbage)
                 side = "agent" if to_agent else "broker"
                 self._log.record(kind, self.name, f"{len(garbage) + 1} bytes to the {side}")
+                target.write(b"\x00" + garbage)
                 await asyncio.sleep(1.0)
                 _close(pipe.agent)
                 _close(pipe.broker)
