@@ -310,7 +310,9 @@ class ChaosRun:
             self.operator.send(sch.Release(0.0, fleet, version, "release"))
         final = self._wait(t0 + CONVERGE_S, self._not_final)
         for device, reason in final.items():
-            self._unconverged.setdefault(device, f"final release, by {CONVERGE_S:.0f} s: {reason}")
+            then = f"final release, by {CONVERGE_S:.0f} s: {reason}"
+            earlier = self._unconverged.get(device)
+            self._unconverged[device] = f"{earlier}; then the {then}" if earlier else then
         self.outcome.judged = True
         if not self._unconverged:
             self.outcome.converged_s = time.monotonic() - t0
@@ -359,7 +361,10 @@ class ChaosRun:
         for agent in self.agents.values():
             agent.stop()
         for device, reason in self._unconverged.items():
-            why = f"did not converge ({reason}); {self.agents[device].diagnose()}"
+            agent = self.agents[device]
+            why = f"did not converge ({reason}); {agent.diagnose()}"
+            if agent.clock is not None:
+                why += f"; its wall clock ends {agent.clock.offset_s:+.0f} s off real time"
             self.violations.add(inv.CONVERGENCE, device, why)
         if self.serve is not None:
             self.serve.stop()
