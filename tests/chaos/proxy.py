@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 import socket
 import struct
 import threading
@@ -47,6 +46,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+
+from tests.chaos import http_bytes as http
 
 T = TypeVar("T")
 
@@ -62,10 +63,7 @@ HTTP_KINDS = (
 HTTP_WEIGHTS = (14, 14, 8, 14, 16, 24, 10)
 MQTT_KINDS = ("mqtt.reset", "mqtt.truncate", "mqtt.garbage", "mqtt.stall")
 MQTT_WEIGHTS = (30, 25, 20, 25)
-_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)[ \t]*", re.I)
-_VERSION_FIELD = re.compile(rb'"version":\s*(\d+)')
 _UPSTREAM_TIMEOUT_S = 30.0
-_MAX_HEAD_BYTES = 64 * 1024
 
 
 class FaultLog:
@@ -197,10 +195,10 @@ class FaultProxy:
     ) -> None:
         try:
             while True:
-                head = await _read_head(reader)
+                head = await http.read_head(reader)
                 if head is None:
                     return
-                request = head + await reader.readexactly(_content_length(head) or 0)
+                request = head + await reader.readexactly(http.content_length(head) or 0)
                 decision = self._http_decision()
                 if not await self._answer(request, decision, writer):
                     return
@@ -209,7 +207,7 @@ class FaultProxy:
         finally:
             _close(writer)
 
-    def _http_decision(self) -> HttpDecision | None:
+    def _http_decision(self) -> http.HttpDecision | None:
         """Drawn whole per request while faults are on, so the sequence of decisions
         depends on the seed only."""
         if not self._switch.on:
@@ -217,7 +215,7 @@ class FaultProxy:
         rng = self._rng
         roll, kind = rng.random(), rng.choices(HTTP_KINDS, HTTP_WEIGHTS)[0]
         kind = self._settings.only or kind
-        decision = HttpDecision(
+        decision = http.HttpDecision(
             kind=kind,
             fraction=rng.random(),
             early=rng.random() < 0.5,
@@ -230,15 +228,15 @@ class FaultProxy:
         return decision if roll < self._settings.http_fault_rate else None
 
     async def _answer(
-        self, request: bytes, d: HttpDecision | None, writer: asyncio.StreamWriter
+        self, request: bytes, d: http.HttpDecision | None, writer: asyncio.StreamWriter
     ) -> bool:
         """Answer one request (faulty or not); False when the connection must end."""
-        path = _request_path(request)
+        path = http.request_path(request)
         where = f"{self.name} {path}"
         # A fault is recorded before the client can see it.
         if d is not None and d.kind == "http.5xx":
             self._log.record("http.5xx", where, str(d.status))
-            writer.write(_status_response(d.status))
+            writer.write(http.status_response(d.status))
             await writer.drain()
             return True
         if d is not None and d.kind == "http.garbage":
@@ -256,7 +254,7 @@ class FaultProxy:
         head, body = answer
         data = head + body
         if d is not None and d.kind in ("http.corrupt", "http.oversize"):
-            altered = _alter(path, head, body, d)
+            altered = http.alter(path, head, body, d)
             if altered is not None:
                 kind, data, detail = altered
                 self._log.record(kind, where, detail)
@@ -280,7 +278,7 @@ class FaultProxy:
             data = data[cut:]
         writer.write(data)
         await writer.drain()
-        return not _closes(head)
+        return not http.closes(head)
 
     async def _upstream(self, request: bytes) -> tuple[bytes, bytes] | None:
         """The upstream's answer to ``request`` on a fresh connection, or None when the
@@ -294,10 +292,10 @@ class FaultProxy:
         try:
             writer.write(request)
             await writer.drain()
-            head = await asyncio.wait_for(_read_head(reader), _UPSTREAM_TIMEOUT_S)
+            head = await asyncio.wait_for(http.read_head(reader), _UPSTREAM_TIMEOUT_S)
             if head is None:
                 return None
-            length = _content_length(head)
+            length = http.content_length(head)
             if length is None:
                 body = await asyncio.wait_for(reader.read(), _UPSTREAM_TIMEOUT_S)
             else:
@@ -396,18 +394,6 @@ class FaultProxy:
             return
 
 
-@dataclass(frozen=True)
-class HttpDecision:
-    kind: str
-    fraction: float
-    early: bool
-    stall_s: float
-    status: int
-    variant: str
-    extra: int
-    garbage: bytes
-
-
 class _Pipe:
     def __init__(self, agent: asyncio.StreamWriter, broker: asyncio.StreamWriter) -> None:
         self.agent = agent
@@ -437,76 +423,6 @@ def _tracked(
             proxy._connections.discard(task)
 
     return run
-
-
-async def _read_head(reader: asyncio.StreamReader) -> bytes | None:
-    """Bytes through the blank line; None on a clean end of stream before any byte."""
-    try:
-        return await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError as exc:
-        if not exc.partial:
-            return None
-        raise
-    except asyncio.LimitOverrunError:
-        raise ValueError(f"a head longer than {_MAX_HEAD_BYTES} bytes") from None
-
-
-def _content_length(head: bytes) -> int | None:
-    match = _CONTENT_LENGTH.search(head)
-    return int(match.group(1)) if match else None
-
-
-def _request_path(request: bytes) -> str:
-    line = request.split(b"\r\n", 1)[0].decode("latin-1")
-    parts = line.split(" ")
-    return parts[1] if len(parts) > 1 else line
-
-
-def _status(head: bytes) -> int:
-    try:
-        return int(head.split(b" ", 2)[1])
-    except (IndexError, ValueError):
-        return 0
-
-
-def _closes(head: bytes) -> bool:
-    return re.search(rb"\r\nconnection:[ \t]*close", head, re.I) is not None
-
-
-def _with_length(head: bytes, length: int) -> bytes:
-    return _CONTENT_LENGTH.sub(f"\r\nContent-Length: {length}".encode(), head, count=1)
-
-
-def _status_response(status: int) -> bytes:
-    body = f"chaos proxy: {status}\n".encode()
-    return (
-        f"HTTP/1.1 {status} Chaos\r\nContent-Type: text/plain\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode() + body
-
-
-def _alter(path: str, head: bytes, body: bytes, d: HttpDecision) -> tuple[str, bytes, str] | None:
-    """The altered answer (kind, bytes, detail), or None when there is no body to alter."""
-    if _status(head) not in (200, 206) or not body or _content_length(head) is None:
-        return None
-    if d.kind == "http.oversize":
-        grown = body + bytes(d.garbage * (d.extra // len(d.garbage) + 1))[: d.extra]
-        return "http.oversize", _with_length(head, len(grown)) + grown, f"+{d.extra} bytes"
-    metadata = "/metadata/" in path
-    variant = d.variant if metadata else "flip"
-    if variant == "flip":
-        at = min(len(body) - 1, int(d.fraction * len(body)))
-        changed = body[:at] + bytes([body[at] ^ (1 + d.extra % 255)]) + body[at + 1 :]
-    elif variant == "truncate_json":
-        changed = body[: int(d.fraction * len(body))]
-    elif variant == "version" and _VERSION_FIELD.search(body):
-        changed = _VERSION_FIELD.sub(
-            lambda m: b'"version": ' + str(int(m.group(1)) + 1).encode(), body, count=1
-        )
-    else:
-        changed, variant = b'{"signed": {"_type": "junk"}, "signatures": []}', "junk"
-    kind = "http.corrupt_metadata" if metadata else "http.corrupt_target"
-    return kind, _with_length(head, len(changed)) + changed, variant
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -32,14 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.client import InferenceClient
 from agent.contracts import bundle_target_path, resolve_release
-from agent.update.journal import JournalRecord, Phase, parse_record
+from agent.update.journal import Phase
 from controller.build.builder import build_bundle
 from controller.repository.release import current_desired_state
 from controller.repository.repo import Repository
-from controller.serve.config import DEFAULT_STORE_NAME
 from tests.chaos import invariants as inv
+from tests.chaos import observe
 from tests.chaos import schedule as sch
 from tests.chaos.fleet import (
     AgentProcess,
@@ -59,7 +57,7 @@ from tests.chaos.traffic import (
     Operator,
     Signed,
 )
-from tests.e2e_support import bundle_output, edgectl, served_version, wait_until
+from tests.e2e_support import bundle_output, edgectl, wait_until
 from tests.helpers import make_linear_model, make_misbehaving_model
 
 FLEETS = ("lab", "field")
@@ -187,7 +185,7 @@ class ChaosRun:
         for device, agent in self.agents.items():
             want = sch.initial_version(FLEETS, agent.fleet)
             wait_until(
-                lambda a=agent, v=want: _serving(a) == v,  # type: ignore[misc]
+                lambda a=agent, v=want: observe.serving(a) == v,  # type: ignore[misc]
                 90,
                 f"{device} to serve {want} before the faults start",
             )
@@ -332,7 +330,10 @@ class ChaosRun:
             release = state.models.get(MODEL) if state is not None else None
             desired = resolve_release(release, device) if release is not None else None
             problem = inv.judge_convergence(
-                desired, release.rollout_id if release else "", _serving(agent), _journal(agent)
+                desired,
+                release.rollout_id if release else "",
+                observe.serving(agent),
+                observe.journal(agent),
             )
             if problem is not None:
                 out[device] = problem
@@ -342,7 +343,7 @@ class ChaosRun:
         out = {}
         for device, agent in self.agents.items():
             want = sch.final_version(self.plan, FLEETS, agent.fleet)
-            served, record = _serving(agent), _journal(agent)
+            served, record = observe.serving(agent), observe.journal(agent)
             if served != want or record is None or record.phase is not Phase.COMMITTED:
                 state = inv.describe_journal(record)
                 out[device] = f"serves {served} ({state}), the final release is {want}"
@@ -369,8 +370,8 @@ class ChaosRun:
         if self.serve is not None:
             self.serve.stop()
         for device, agent in self.agents.items():
-            stored = self._stored(device)
-            for problem in inv.check_events(_ledger(agent), stored, agent.logged_events()):
+            stored = observe.stored_events(self.repo, device)
+            for problem in inv.check_events(observe.ledger(agent), stored, agent.logged_events()):
                 self.violations.add(inv.EVENTS, device, problem)
         self._check_served()
         self.outcome.faults = self.faults.snapshot()
@@ -378,25 +379,13 @@ class ChaosRun:
     def _undrained(self) -> dict[str, str]:
         out = {}
         for device, agent in self.agents.items():
-            ledger = _ledger(agent)
-            stored = {e.seq for e in self._stored(device) if e.stream == ledger.stream}
+            ledger = observe.ledger(agent)
+            stored = {
+                e.seq for e in observe.stored_events(self.repo, device) if e.stream == ledger.stream
+            }
             if ledger.pending or not set(range(1, ledger.last_seq + 1)) <= stored:
                 out[device] = f"{ledger.pending} pending"
         return out
-
-    def _stored(self, device: str) -> list[inv.StoredEvent]:
-        """The device's events in the store, in stored order. Read-only SQL on the store's
-        events table (controller.fleet.store's schema): opening the store itself would
-        write (it creates its tables), and this runs while serve ingests."""
-        path = self.repo / DEFAULT_STORE_NAME
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-        try:
-            rows = db.execute(
-                "SELECT id, stream, seq, kind FROM events WHERE device = ? ORDER BY id", (device,)
-            ).fetchall()
-        finally:
-            db.close()
-        return [inv.StoredEvent(int(i), str(st), int(sq), str(k)) for i, st, sq, k in rows]
 
     def _check_served(self) -> None:
         """Every version any client was served: signed in the targets, and named by its
@@ -448,38 +437,6 @@ class ChaosRun:
         # The tmpfs goes with the test: keep its state folder for the report.
         with contextlib.suppress(OSError):
             shutil.copytree(self._disk.state_dir, self.tmp / "statefs-copy", dirs_exist_ok=True)
-
-
-def _serving(agent: AgentProcess) -> str | None:
-    with InferenceClient(agent.socket, timeout_s=10) as client:
-        try:
-            return served_version(client, MODEL)
-        except Exception:  # not listening (yet), or nothing served
-            return None
-
-
-def _journal(agent: AgentProcess) -> JournalRecord | None:
-    try:
-        return parse_record((agent.state_dir / "models" / MODEL / "journal.json").read_bytes())
-    except (OSError, ValueError):
-        return None
-
-
-def _ledger(agent: AgentProcess) -> inv.Ledger:
-    """What the agent's outbox says it produced (read-only, also while it runs)."""
-    path = agent.state_dir / "outbox.sqlite"
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    try:
-        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        pending = int(db.execute("SELECT count(*) FROM events").fetchone()[0])
-    finally:
-        db.close()
-    return inv.Ledger(
-        stream=str(meta.get("stream", "")),
-        last_seq=int(meta.get("last_seq", 0)),
-        dropped=int(meta.get("dropped", 0)),
-        pending=pending,
-    )
 
 
 def _sleep_until(at: float) -> None:
