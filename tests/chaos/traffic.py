@@ -166,7 +166,7 @@ class Client(threading.Thread):
         why = f"a {which} request failed while its agent ran (pid {self.agent.pid}): {message}"
         if bad:
             why = (
-                f"the bad release has failed requests for {streak_s:.0f} s (more than "
+                f"the bad release has failed requests for {streak_s:.1f} s (more than "
                 f"{inv.BAD_RELEASE_GRACE_S:.0f} s): its probation did not roll it back: {message}"
             )
         self._violations.add(inv.CLIENT_FAILURE, self.agent.device, why)
