@@ -44,6 +44,14 @@ older agent must not forget, nor overwrite, what a newer one recorded. Changing 
 record's fields means a new schema number and a step here that reads the old one.
 
 Everything here is a function of data and an injected ``now`` (seconds since the epoch).
+
+Times in a record are the wall clock's, as it read then: they say when, for people and
+telemetry, and they carry a probation's elapsed time across a restart
+(``probation_carried_s``, which allows for a clock that stepped meanwhile). Nothing
+compares them with the clock to time anything within one process: a wall clock steps
+(NTP at boot), so the phases' deadlines (``deadline_at`` records them) are enforced on
+the monotonic clock where the work runs, and a probation's elapsed time is counted there
+too (``agent.update.probation.ProbationClock``).
 """
 
 from __future__ import annotations
@@ -318,11 +326,6 @@ def retry_later(record: JournalRecord, now: float, reason: str) -> JournalRecord
     return replace(idle, version=record.previous, previous=None)
 
 
-def is_overdue(record: JournalRecord, now: float) -> bool:
-    """Whether the phase the record is in has run past its deadline."""
-    return record.deadline_at is not None and now > record.deadline_at
-
-
 def should_skip(record: JournalRecord, version: str, rollout_id: str) -> str | None:
     """Why a candidate must not be installed now, or None when it may be."""
     if (
@@ -345,6 +348,42 @@ class Recovery:
     load: str | None  # the version to load and serve
     fallback: str | None  # the version to load if ``load`` fails its checks
     note: str
+    # For a probation resumed: how much of it counts as passed already.
+    probation_carried_s: float = 0.0
+
+
+def probation_carried_s(record: JournalRecord, now: float) -> tuple[float, str]:
+    """How much of the probation of an ``active`` record a restarted agent counts as
+    passed, from the recorded start and the wall clock ``now``; with the reason when it
+    counts none of it ("" otherwise).
+
+    The agent that wrote the record had not ended the probation, so it had watched the
+    version for less than ``duration_s``; ``now - start`` is that time, plus the time the
+    agent was down, plus whatever the wall clock stepped meanwhile. Within
+    ``[0, duration_s)`` it is taken as it reads (a restart after a crash resumes where it
+    was). Below 0 the wall clock went back since; at or past ``duration_s`` it went
+    forward, or the agent was down past the probation's end. Either way how long the
+    version was watched is unknown, and counting that time would end the probation with
+    no evidence (the request figures start from zero in every process): the probation
+    starts over, which costs one more ``duration_s`` and never commits early.
+    """
+    started = record.probation_started_at
+    if started is None:
+        started = record.entered_at
+    elapsed = now - started
+    duration = record.probation.duration_s
+    if elapsed < 0:
+        return 0.0, (
+            f"the wall clock reads {-elapsed:.0f}s before the probation started: "
+            "it went back, so the probation starts over"
+        )
+    if elapsed >= duration > 0:  # (a probation of 0 s ends at once anyway)
+        return 0.0, (
+            f"the wall clock reads {elapsed:.0f}s since the probation started, past its "
+            f"{duration:g}s that never ended: the clock went forward or the agent was "
+            "down meanwhile, so the probation starts over"
+        )
+    return elapsed, ""
 
 
 def recover(record: JournalRecord, now: float) -> Recovery:
@@ -353,7 +392,8 @@ def recover(record: JournalRecord, now: float) -> Recovery:
     - settled phases: serve what the record says;
     - pre-active phases: abandon the install, serve the previous version;
     - active (probation): count the restart; at ``CRASH_LOOP_RESTARTS`` roll back,
-      otherwise resume probation on the candidate (the previous one is the fallback).
+      otherwise resume probation on the candidate (the previous one is the fallback),
+      with the elapsed time ``probation_carried_s`` allows.
     """
     if record.phase in SETTLED:
         return Recovery(record, serving_version(record), None, "nothing was in progress")
@@ -368,9 +408,12 @@ def recover(record: JournalRecord, now: float) -> Recovery:
         )
         return Recovery(rolled, rolled.previous, None, reason)
     resumed = replace(record, restarts=restarts)
-    return Recovery(
-        resumed,
-        record.version,
-        record.previous,
-        f"resuming probation of {record.version} after restart {restarts}",
-    )
+    carried_s, starts_over = probation_carried_s(record, now)
+    note = f"resuming probation of {record.version} after restart {restarts}"
+    if starts_over:
+        # The record's start then says when the count began again, on the clock as it is.
+        resumed = replace(resumed, probation_started_at=now)
+        note += f"; {starts_over}"
+    else:
+        note += f", {carried_s:.0f}s of {record.probation.duration_s:g}s passed"
+    return Recovery(resumed, record.version, record.previous, note, carried_s)

@@ -15,6 +15,12 @@ install is put back to idle, not failed, and retried on the next check. When eve
 journal write is refused, the record stays in the phase the disk last took, and the
 next check puts it back first (``put_back_interrupted``).
 
+Two clocks: the wall clock (``clock``) stamps the journal's records; the monotonic one
+(``monotonic``) times everything within this process, the phases' deadlines and a
+probation's elapsed time (``ProbationClock``, per model), so a wall clock that steps
+neither stalls nor rushes a verdict. A probation resumed after a restart starts from
+what the journal vouches for (``agent.update.journal.probation_carried_s``).
+
 The device always serves a version that passed its golden vectors here: a candidate is
 loaded, checked and warmed while the old version serves, and a reference swap makes it
 live; in-flight requests finish on the old session.
@@ -52,12 +58,13 @@ from agent.update.journal import (
     JournalRecord,
     Phase,
     begin_install,
+    probation_carried_s,
     recover,
     retry_later,
     serving_version,
     transition,
 )
-from agent.update.probation import Verdict, evaluate_probation
+from agent.update.probation import ProbationClock, Verdict, evaluate_probation
 from agent.update.store import ModelStore
 from agent.update.unpack import unpack_bundle
 
@@ -100,6 +107,7 @@ class ModelLifecycle:
         stats: RequestStats,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
         phase_hook: PhaseHook | None = None,
         on_swap: Callable[[str, str, str], None] | None = None,
         on_transition: Callable[[JournalRecord], None] | None = None,
@@ -109,6 +117,9 @@ class ModelLifecycle:
         self._store = store
         self._stats = stats
         self._clock = clock
+        self._monotonic = monotonic
+        # The elapsed probation of each model on probation, in this process.
+        self._probation: dict[str, ProbationClock] = {}
         self._phase_hook = phase_hook or (lambda model, phase: None)
         self._on_swap = on_swap or (lambda model, version, why: None)
         # Every persisted record, in order: the source of lifecycle events (telemetry).
@@ -152,6 +163,9 @@ class ModelLifecycle:
                 served = self._restore_one(record, plan.load, plan.fallback)
                 if served is not None:
                     restored.append(model)
+                    if record.phase is Phase.ACTIVE and served == record.version:
+                        # The candidate resumed (not the fallback that rolled it back).
+                        self._start_probation(model, served, plan.probation_carried_s)
         return restored
 
     def _restore_one(
@@ -307,6 +321,7 @@ class ModelLifecycle:
         now = self._clock()
         active = transition(record, Phase.ACTIVE, now)
         active = self._persist(_with_probation(active, now, baseline))
+        self._start_probation(model, version, 0.0)
         self._registry.activate(loaded)
         del loaded
         # The old session is freed when its last in-flight request ends; give back what
@@ -340,8 +355,7 @@ class ModelLifecycle:
                     continue
                 decision = evaluate_probation(
                     record.probation,
-                    record.probation_started_at or record.entered_at,
-                    self._clock(),
+                    self._probation_elapsed_s(record, record.version),
                     self._stats.snapshot(model, record.version),
                     _baseline(record),
                 )
@@ -355,8 +369,25 @@ class ModelLifecycle:
             self._lock.release()
         return settled
 
+    def _start_probation(self, model: str, version: str, carried_s: float) -> None:
+        self._probation[model] = ProbationClock(version, carried_s, self._monotonic())
+
+    def _probation_elapsed_s(self, record: JournalRecord, version: str) -> float:
+        """How long ``version`` of ``record.model`` has been on probation, on the monotonic
+        clock. A probation this process did not start or resume (none today) is taken
+        over as a restart would, from what the journal vouches for."""
+        clock = self._probation.get(record.model)
+        if clock is None or clock.version != version:
+            carried_s, starts_over = probation_carried_s(record, self._clock())
+            if starts_over:
+                logger.warning("%s: %s", record.model, starts_over)
+            self._start_probation(record.model, version, carried_s)
+            clock = self._probation[record.model]
+        return clock.elapsed_s(self._monotonic())
+
     def _commit(self, record: JournalRecord, reason: str) -> None:
         self._persist(transition(record, Phase.COMMITTED, self._clock(), reason=reason))
+        self._probation.pop(record.model, None)
         logger.info("committed %s %s: %s", record.model, record.version, reason)
         keep = {v for v in (record.version, record.previous) if v}
         self._prune(record.model, keep)
@@ -370,6 +401,7 @@ class ModelLifecycle:
             rolled = self._persist(
                 transition(record, Phase.ROLLED_BACK, self._clock(), reason=reason)
             )
+            self._probation.pop(model, None)
             logger.error("rolling back %s %s: %s", model, record.version, reason)
             previous = rolled.previous
             bad = frozenset({record.version}) if record.version else frozenset()

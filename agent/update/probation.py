@@ -1,10 +1,16 @@
 """The probation verdict: after activation, does a new version stay, go, or wait?
 
-A pure function of the policy (from desired state), the activation time, an injected
-``now`` and two request-statistics snapshots: ``new`` (the new version since it went
-live) and ``baseline`` (the previous version's figures just before the swap, or None when
-nothing served before). It never reads a clock, a file or a socket; the orchestrator
-calls it on a schedule and acts on the verdict.
+A pure function of the policy (from desired state), the probation's elapsed time and
+two request-statistics snapshots: ``new`` (the new version since it went live) and
+``baseline`` (the previous version's figures just before the swap, or None when nothing
+served before). It never reads a clock, a file or a socket; the orchestrator calls it on
+a schedule and acts on the verdict.
+
+Elapsed time is counted on the monotonic clock (``ProbationClock``), never as the wall
+clock's "now minus the recorded start": a wall clock that steps back (NTP at boot) would
+make the elapsed time negative for hours, one that steps forward would end the probation
+at once, with none of the evidence it exists to gather. The wall-clock start in the
+journal only carries elapsed time across a restart (``agent.update.journal.recover``).
 
 Rules, checked in this order on every evaluation:
 
@@ -21,7 +27,7 @@ Rules, checked in this order on every evaluation:
    MIN_LATENCY_SAMPLES)`` latency samples (the baseline needs ``MIN_LATENCY_SAMPLES``):
    below ~100 samples a p99 is the maximum of a handful, and one GC pause would roll
    back a good version. Without a baseline (first install) there is nothing to compare.
-3. **Duration.** Until ``duration_s`` has passed since ``started_at``: CONTINUE. Then:
+3. **Duration.** Until ``duration_s`` has elapsed: CONTINUE. Then:
    COMMIT. With ``served >= min_requests`` the reason is "probation passed"; with fewer
    the version is still committed, and the reason says so:
    "probation passed with only N requests (policy min M)".
@@ -35,7 +41,7 @@ project exists to avoid. The previous version has no more evidence in its favour
 new one. Fleet-level evidence is the controller's job: it sums requests across devices
 and sees the "only N requests" reason in telemetry before it promotes a rollout.
 
-Raises ValueError on a policy out of range or a ``now`` before ``started_at``.
+Raises ValueError on a policy out of range or a negative elapsed time.
 """
 
 from __future__ import annotations
@@ -86,22 +92,38 @@ def check_policy(policy: ProbationPolicy) -> None:
         raise ValueError(f"probation.max_p99_ratio expected > 0, got {policy.max_p99_ratio}")
 
 
+@dataclass(frozen=True)
+class ProbationClock:
+    """The elapsed probation of ``version`` in one process, on the monotonic clock.
+
+    ``carried_s`` elapsed before this process took it over (0 at activation; what the
+    journal vouches for after a restart), ``since`` is the monotonic reading when it did.
+    """
+
+    version: str
+    carried_s: float
+    since: float
+
+    def elapsed_s(self, monotonic_now: float) -> float:
+        """Never less than ``carried_s``, whatever the wall clock does."""
+        return self.carried_s + max(0.0, monotonic_now - self.since)
+
+
 def evaluate_probation(
     policy: ProbationPolicy,
-    started_at: float,
-    now: float,
+    elapsed_s: float,
     new: StatsSnapshot,
     baseline: StatsSnapshot | None,
 ) -> ProbationDecision:
-    """The verdict on the version activated at ``started_at``, at ``now`` (same clock).
+    """The verdict on the version on probation for ``elapsed_s`` so far.
 
     See the module docstring for the rules. Raises ValueError when the policy is out of
-    range or ``now`` is before ``started_at``.
+    range or ``elapsed_s`` is negative (or NaN).
     """
     check_policy(policy)
-    if now < started_at:
-        raise ValueError(f"now ({now}) is before the probation started ({started_at})")
-    elapsed = now - started_at
+    if not elapsed_s >= 0:
+        raise ValueError(f"elapsed probation expected >= 0 s, got {elapsed_s}")
+    elapsed = elapsed_s
     served = new.requests - new.client_errors
     figures: dict[str, float | int | None] = {
         "elapsed_s": elapsed,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -19,8 +20,8 @@ from agent.update.journal import (
     Phase,
     abandon,
     begin_install,
-    is_overdue,
     parse_record,
+    probation_carried_s,
     record_from_pointers,
     recover,
     retry_later,
@@ -166,11 +167,66 @@ def test_abandon_only_applies_to_installs_in_progress() -> None:
         abandon(_installing(Phase.ACTIVE), now=1.0, reason="x")
 
 
-def test_deadlines() -> None:
+def test_deadlines_are_recorded_for_the_phases_that_have_one() -> None:
     record = _installing()
-    assert not is_overdue(record, now=109.0)
-    assert is_overdue(record, now=111.0)
-    assert not is_overdue(transition(record, Phase.FAILED, now=1.0), now=1e9)
+    assert record.deadline_at == 110.0  # entered at 100 with a deadline of 10 s
+    assert transition(record, Phase.FAILED, now=1.0).deadline_at is None
+
+
+# ---------------------------------------------------------------- probation across a restart
+
+STARTED = 1_780_000_000.0  # the wall clock at activation, as the journal records it
+HOUR_S = 3600.0
+
+
+def _on_probation(started_at: float = STARTED) -> JournalRecord:
+    record = replace(_installing(Phase.ACTIVE), probation_started_at=started_at)
+    assert record.probation.duration_s == 30
+    return record
+
+
+def test_a_quick_restart_resumes_probation_where_it_was() -> None:
+    plan = recover(_on_probation(), now=STARTED + 12)
+    assert plan.probation_carried_s == 12.0
+    assert plan.record.probation_started_at == STARTED  # unchanged: the count goes on
+    assert plan.note == "resuming probation of 2.0.0 after restart 1, 12s of 30s passed"
+
+
+def test_a_wall_clock_stepped_back_across_a_restart_starts_probation_over() -> None:
+    now = STARTED + 12 - 6 * HOUR_S  # 12 s in; the wall clock went back 6 h meanwhile
+    assert probation_carried_s(_on_probation(), now)[0] == 0.0
+    plan = recover(_on_probation(), now)
+    assert (plan.load, plan.fallback, plan.probation_carried_s) == ("2.0.0", "1.0.0", 0.0)
+    # The record's start is when the count began again, so the next restart reads sense.
+    assert plan.record.probation_started_at == now
+    assert plan.note == (
+        "resuming probation of 2.0.0 after restart 1; the wall clock reads 21588s before "
+        "the probation started: it went back, so the probation starts over"
+    )
+    again = recover(plan.record, now + 5)
+    assert again.probation_carried_s == 5.0 and again.record.restarts == 2
+
+
+def test_a_wall_clock_stepped_forward_across_a_restart_does_not_end_probation() -> None:
+    now = STARTED + 12 + 6 * HOUR_S  # 12 s in; the wall clock jumped 6 h ahead meanwhile
+    plan = recover(_on_probation(), now)
+    assert plan.probation_carried_s == 0.0  # not 21612 s: that would commit at once
+    assert plan.record.probation_started_at == now
+    assert "the clock went forward or the agent was down meanwhile" in plan.note
+    # The same for a device that was down past the probation's end: it watched the
+    # version for less than 30 s, and has no figures of it left (they start from zero).
+    assert probation_carried_s(_on_probation(), STARTED + 30)[0] == 0.0
+    assert probation_carried_s(_on_probation(), STARTED + 29.5)[0] == 29.5
+
+
+def test_a_record_without_a_probation_start_counts_from_activation() -> None:
+    record = replace(_on_probation(), probation_started_at=None, entered_at=STARTED)
+    assert probation_carried_s(record, STARTED + 7) == (7.0, "")
+
+
+def test_a_probation_of_no_duration_never_starts_over() -> None:
+    record = replace(_on_probation(), probation=ProbationPolicy(duration_s=0))
+    assert probation_carried_s(record, STARTED + 99) == (99.0, "")
 
 
 # ---------------------------------------------------------------- schemas and migrations

@@ -1,6 +1,8 @@
 """The probation verdict: every rule, its boundaries, no baseline, too few samples.
 
-Pure: snapshots are built by hand or through a real RequestStats, the clock is a number.
+Pure: snapshots are built by hand or through a real RequestStats; elapsed time is a
+number, and ``ProbationClock`` (what the lifecycle counts it with) takes the monotonic
+clock's readings, whatever the wall clock does meanwhile.
 """
 
 from __future__ import annotations
@@ -14,12 +16,12 @@ from agent.runtime.stats import Outcome, RequestStats, StatsSnapshot
 from agent.update.probation import (
     MIN_LATENCY_SAMPLES,
     MIN_REQUESTS_TO_JUDGE,
+    ProbationClock,
     ProbationDecision,
     Verdict,
     evaluate_probation,
 )
 
-T0 = 1000.0
 POLICY = ProbationPolicy(duration_s=60.0, min_requests=0, max_error_rate=0.05, max_p99_ratio=2.0)
 
 
@@ -53,7 +55,7 @@ def decide(
     policy: ProbationPolicy = POLICY,
     baseline: StatsSnapshot | None = BASELINE,
 ) -> ProbationDecision:
-    return evaluate_probation(policy, T0, T0 + elapsed, new, baseline)
+    return evaluate_probation(policy, elapsed, new, baseline)
 
 
 # ---------------------------------------------------------------------------- error rate
@@ -205,9 +207,42 @@ def test_a_policy_out_of_range_raises_naming_the_field(policy: ProbationPolicy, 
         decide(snap(0), policy=policy)
 
 
-def test_a_clock_going_backwards_raises() -> None:
-    with pytest.raises(ValueError, match="before the probation started"):
-        evaluate_probation(POLICY, T0, T0 - 1, snap(0), None)
+@pytest.mark.parametrize("elapsed", [-1.0, math.nan])
+def test_a_negative_elapsed_time_raises(elapsed: float) -> None:
+    with pytest.raises(ValueError, match="elapsed probation expected >= 0 s, got"):
+        evaluate_probation(POLICY, elapsed, snap(0), None)
+
+
+# ---------------------------------------------------------------------------- elapsed time
+
+
+WALL_T0 = 1_780_000_000.0  # the wall clock at activation, as the journal records it
+
+
+def test_a_wall_clock_stepped_back_neither_stalls_nor_breaks_probation() -> None:
+    clock = ProbationClock("2.0.0", carried_s=0.0, since=500.0)  # monotonic at activation
+    wall_after_step = WALL_T0 + 10 - 6 * 3600  # 10 s in, NTP steps the wall clock back 6 h
+    assert wall_after_step < WALL_T0  # "now - start" on the wall clock: negative for 6 h
+    during = decide(snap(40), elapsed=clock.elapsed_s(510.0))
+    assert during.verdict is Verdict.CONTINUE and during.figures["elapsed_s"] == 10.0
+    done = decide(snap(40), elapsed=clock.elapsed_s(560.0))  # 60 s after activation
+    assert done.verdict is Verdict.COMMIT and done.reason.endswith("after 60s")
+
+
+def test_a_wall_clock_stepped_forward_does_not_end_probation_early() -> None:
+    clock = ProbationClock("2.0.0", carried_s=0.0, since=500.0)
+    wall_after_step = WALL_T0 + 10 + 6 * 3600  # 10 s in, the wall clock jumps 6 h ahead
+    assert wall_after_step - WALL_T0 > POLICY.duration_s  # on wall time: committed at once
+    assert decide(snap(40), elapsed=clock.elapsed_s(510.0)).verdict is Verdict.CONTINUE
+    assert decide(snap(40), elapsed=clock.elapsed_s(559.9)).verdict is Verdict.CONTINUE
+    assert decide(snap(40), elapsed=clock.elapsed_s(560.0)).verdict is Verdict.COMMIT
+
+
+def test_a_resumed_probation_counts_on_from_what_it_carried() -> None:
+    clock = ProbationClock("2.0.0", carried_s=45.0, since=7.0)  # after a restart
+    assert clock.elapsed_s(7.0) == 45.0
+    assert clock.elapsed_s(22.0) == 60.0
+    assert clock.elapsed_s(6.0) == 45.0  # never less than carried
 
 
 # ---------------------------------------------------------------------------- with real stats
@@ -220,7 +255,7 @@ def test_figures_from_the_servers_request_stats() -> None:
     for i in range(MIN_LATENCY_SAMPLES * 2):
         stats.record("m", "2.0.0", 0.004 if i % 10 else 0.050, Outcome.OK)
     decision = evaluate_probation(
-        POLICY, T0, T0 + 30, stats.snapshot("m", "2.0.0"), stats.snapshot("m", "1.0.0")
+        POLICY, 30.0, stats.snapshot("m", "2.0.0"), stats.snapshot("m", "1.0.0")
     )
     assert decision.verdict is Verdict.ROLL_BACK
     assert decision.reason == "p99 latency 50 ms > 2 x baseline p99 4 ms over 200 requests"
