@@ -6,10 +6,14 @@ the socket listens, and before anything is fetched from the network.
 
 Tasks: ``update-loop`` runs one update check at a time in a worker thread whenever an
 announcement or the poll asks for one (requests made during a check coalesce into one
-more check). The poll runs on APScheduler with jitter so a fleet does not poll in step;
-the heartbeat runs on it too, in a worker thread. Every journal record the lifecycle
-persists becomes an event in the on-disk outbox (``state_dir/outbox.sqlite``), which the
-MQTT link drains in order whenever the broker is reachable.
+more check). ``poll`` asks for one every ``poll_interval_s``, with jitter so a fleet does
+not poll in step; ``probation`` judges the versions on probation every
+``probation_tick_s``; ``heartbeat`` publishes one every ``heartbeat_interval_s``, in a
+worker thread. All three keep their cadence on the monotonic clock
+(``agent.device.cadence``), so a wall clock that steps (NTP at boot) neither stalls nor
+rushes them. Every journal record the lifecycle persists becomes an event in the on-disk
+outbox (``state_dir/outbox.sqlite``), which the MQTT link drains in order whenever the
+broker is reachable.
 
 The update loop never ends on an error: ``UpdateService.check`` returns every error it
 expects in its result, and anything else (a bug) is logged with its traceback and the
@@ -19,10 +23,11 @@ Under systemd (``Type=notify``, see ``systemd/edge-agent.service``) the agent se
 ``READY=1`` once the socket listens with the restored (last good) versions serving,
 ``STATUS=`` with the versions served whenever they change, ``STOPPING=1`` on shutdown,
 and ``WATCHDOG=1`` from the ``watchdog`` task on the event loop, but only while every
-long-lived loop is alive and within its pass deadline (``agent.device.liveness``; the
-loops and deadlines: ``watch_loops``, ``pass_deadlines``). So a hung event loop, a dead
-loop (the update loop, the poll, the probation judge, the heartbeat, the MQTT link's
-threads, the inference acceptor) or a pass stuck past its deadline stops the pings, and
+long-lived loop is alive, within its pass deadline and not late for its next pass
+(``agent.device.liveness``; the loops and bounds: ``watch_loops``, ``pass_deadlines``,
+``idle_bounds``). So a hung event loop, a dead loop (the update loop, the poll, the
+probation judge, the heartbeat, the MQTT link's threads, the inference acceptor), a pass
+stuck past its deadline or a loop whose passes stopped coming stops the pings, and
 systemd kills and restarts the agent. The watchdog task starts first: systemd arms the
 timer when the process starts, not when it is ready; until the loops start (restoring
 the last good versions), nothing is watched and the pings go on.
@@ -35,14 +40,13 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
 from agent.base.errors import ConfigError
+from agent.device.cadence import Cadence, run_every
 from agent.device.config import AgentConfig
 from agent.device.liveness import Liveness, Verdict
 from agent.device.sdnotify import Notifier, NotifyError
@@ -65,7 +69,8 @@ STOP_LOOP_ENV = "EDGEFLEET_TEST_STOP_LOOP"
 # Transfers one check may make, each up to the download deadline: root, timestamp,
 # snapshot, targets, the rollout role, desired state, a bundle, and one to spare.
 CHECK_TRANSFERS = 8
-# Slack on top of a probation tick's own deadlines, and a heartbeat's least deadline.
+# Slack on top of a probation tick's own deadlines, a heartbeat's least deadline, and on
+# top of each loop's cadence before it is late.
 PASS_SLACK_S = 60.0
 # Back-off after an unexpected error in the update loop: from this, doubling.
 FIRST_RETRY_S = 5.0
@@ -101,6 +106,32 @@ def pass_deadlines(config: AgentConfig) -> PassDeadlines:
         probation_s=install.smoke_test_deadline_s + install.activate_deadline_s + PASS_SLACK_S,
         telemetry_s=max(PASS_SLACK_S, 2 * config.telemetry.heartbeat_interval_s),
     )
+
+
+@dataclass(frozen=True)
+class IdleBounds:
+    """How long each periodic loop may go without a pass before the watchdog calls it late."""
+
+    update_s: float  # the poll asks for a check at least this often
+    probation_s: float
+    telemetry_s: float
+
+
+def idle_bounds(config: AgentConfig) -> IdleBounds:
+    """Each loop's longest gap between passes on its cadence, plus a minute of slack.
+
+    The update loop passes whenever the poll asks (or an announcement), so its gap is the
+    poll's (its back-off after an unexpected error never exceeds ``poll_interval_s``).
+    """
+    return IdleBounds(
+        update_s=poll_cadence(config).longest_gap_s + PASS_SLACK_S,
+        probation_s=config.install.probation_tick_s + PASS_SLACK_S,
+        telemetry_s=config.telemetry.heartbeat_interval_s + PASS_SLACK_S,
+    )
+
+
+def poll_cadence(config: AgentConfig) -> Cadence:
+    return Cadence(config.repository.poll_interval_s, config.repository.poll_jitter_s)
 
 
 def retry_delay_s(failures: int, first_s: float, max_s: float) -> float:
@@ -152,9 +183,9 @@ class AgentApp:
         self._check_wanted = asyncio.Event()
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._scheduler: AsyncIOScheduler | None = None
         self.liveness = Liveness()
         self.deadlines = pass_deadlines(config)
+        self.idle = idle_bounds(config)
         self._problems: tuple[str, ...] = ()
         self._stop_loop = stop_loop_from_env()
 
@@ -188,54 +219,53 @@ class AgentApp:
         logger.info("inference socket listening on %s", self.config.inference.socket_path)
         self._notify(READY=1, STATUS=self.status_line())
         self.link.start()
-        update_loop = asyncio.create_task(self._update_loop(), name="update-loop")
-        update_loop.add_done_callback(_log_end)
-        self._tasks.append(update_loop)
-        self._scheduler = AsyncIOScheduler()
-        self._scheduler.add_job(
-            self.request_check,
-            "interval",
-            seconds=self.config.repository.poll_interval_s,
-            jitter=self.config.repository.poll_jitter_s or None,
-            id="poll",
-            name="repository poll",
+        update_loop = self._start_task(self._update_loop(), "update-loop")
+        config = self.config
+        poll = self._start_task(
+            run_every(poll_cadence(config), self._poll, "the repository poll"), "poll"
         )
-        self._scheduler.add_job(
-            self._judge_probation,
-            "interval",
-            seconds=self.config.install.probation_tick_s,
-            id="probation",
-            name="probation judge",
-            max_instances=1,
-            coalesce=True,
+        probation = self._start_task(
+            run_every(
+                Cadence(config.install.probation_tick_s),
+                self._judge_probation,
+                "a probation tick",
+            ),
+            "probation",
         )
-        self._scheduler.add_job(
-            self._heartbeat,
-            "interval",
-            seconds=self.config.telemetry.heartbeat_interval_s,
-            id="heartbeat",
-            name="telemetry heartbeat",
-            max_instances=1,
-            coalesce=True,
+        heartbeat = self._start_task(
+            run_every(
+                Cadence(config.telemetry.heartbeat_interval_s),
+                self._heartbeat,
+                "a telemetry heartbeat",
+            ),
+            "heartbeat",
         )
-        self._scheduler.start()
-        self.watch_loops(update_loop, self._scheduler)
+        self.watch_loops(update_loop, poll, probation, heartbeat)
         self.request_check()
         try:
             await self._stopping.wait()
         finally:
             await self._shutdown()
 
-    def watch_loops(self, update_loop: asyncio.Task[None], scheduler: AsyncIOScheduler) -> None:
+    def _start_task(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        """A long-lived task, named, cancelled on shutdown; logged if it ever ends."""
+        task = asyncio.create_task(work, name=name)
+        task.add_done_callback(_log_end)
+        self._tasks.append(task)
+        return task
+
+    def watch_loops(
+        self,
+        update_loop: asyncio.Task[None],
+        poll: asyncio.Task[None],
+        probation: asyncio.Task[None],
+        heartbeat: asyncio.Task[None],
+    ) -> None:
         """Register every long-lived loop with the liveness registry (see ``_watchdog``)."""
-
-        def job_alive(job_id: str) -> bool:
-            return bool(scheduler.running) and scheduler.get_job(job_id) is not None
-
-        watch = self.liveness.watch
-        watch("update", lambda: not update_loop.done() and job_alive("poll"))
-        watch("probation", lambda: job_alive("probation"))
-        watch("telemetry", lambda: job_alive("heartbeat"))
+        watch, idle = self.liveness.watch, self.idle
+        watch("update", lambda: not update_loop.done() and not poll.done(), idle.update_s)
+        watch("probation", lambda: not probation.done(), idle.probation_s)
+        watch("telemetry", lambda: not heartbeat.done(), idle.telemetry_s)
         watch("mqtt", lambda: self.link.is_running)
         watch("inference acceptor", lambda: self.server.is_accepting)
 
@@ -319,6 +349,9 @@ class AgentApp:
             if self._stop_loop == "update":
                 raise LoopStoppedForTest(f"the update loop ends here ({STOP_LOOP_ENV}=update)")
 
+    async def _poll(self) -> None:
+        self.request_check()
+
     async def _judge_probation(self) -> None:
         with self.liveness.passing("probation", self.deadlines.probation_s):
             settled = await asyncio.to_thread(self.lifecycle.judge_probation)
@@ -334,8 +367,6 @@ class AgentApp:
     async def _shutdown(self) -> None:
         logger.info("shutting down")
         self._notify(STOPPING=1, STATUS="stopping")
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
         for task in self._tasks:
             task.cancel()
         # A task that ended with an error was logged then (``_log_end``): shut down anyway.

@@ -123,8 +123,8 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # One line per HTTP request or scheduled job would drown what matters.
-    for noisy in ("httpx", "httpcore", "apscheduler"):
+    # One line per HTTP request would drown what matters.
+    for noisy in ("httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.root.level))
 
 

@@ -4,18 +4,22 @@ The agent is healthy only while every loop it depends on works: the update loop,
 probation judge, the telemetry heartbeat, the MQTT link and the inference acceptor. A
 loop is *watched* with a probe that says whether its task or thread still runs. A loop
 that works in passes (one update check, one probation tick, one heartbeat) also reports
-each pass: its start, with that pass's own deadline, and its end.
+each pass: its start, with that pass's own deadline, and its end; a loop that must pass
+regularly is watched with the longest it may stay between passes (``idle_s``).
 
 ``judge`` is the rule, a pure function of the loops' states and ``now``: healthy when
-every watched loop is alive (its task or thread has not ended) and none is stuck (no
-pass running past its deadline); otherwise it names each problem. The orchestrator
+every watched loop is alive (its task or thread has not ended), none is stuck (no pass
+running past its deadline) and none is late (idle past its ``idle_s``: a loop whose task
+runs but whose passes stopped coming, as a schedule kept on a wall clock that stepped
+back did); otherwise it names each problem. The orchestrator
 (``agent.app``) feeds systemd's watchdog only while the verdict is healthy, so a dead or
 hung loop gets the agent killed and restarted instead of running on, deaf to its fleet.
 
 Invariants: ``judge`` touches no clock, thread or I/O. ``Liveness`` is safe to call from
 any thread; its times come from one monotonic clock (injected for tests); a loop has at
 most one pass at a time (``begin`` while a pass runs starts it again, ``renew`` restarts
-its clock only if one runs); a loop must be watched before it begins or ends a pass.
+its clock only if one runs); a loop must be watched before it begins or ends a pass; a
+loop is idle from when it is watched, and again from the end of each pass.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,9 @@ class LoopState:
     alive: bool
     pass_started_at: float | None = None
     pass_deadline_s: float | None = None
+    # Between passes: since when, and the longest it may stay so (None: no cadence).
+    idle_since: float | None = None
+    idle_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,7 @@ class Verdict:
 
 
 def judge(loops: Iterable[LoopState], now: float) -> Verdict:
-    """Whether every loop is alive and within its pass deadline, as of ``now``."""
+    """Whether every loop is alive, within its pass deadline and not late, as of ``now``."""
     problems = []
     for loop in loops:
         if not loop.alive:
@@ -61,14 +68,26 @@ def judge(loops: Iterable[LoopState], now: float) -> Verdict:
                     f"{loop.name} loop is stuck: one pass has run {running_s:.0f}s, "
                     f"past its deadline of {loop.pass_deadline_s:g}s"
                 )
+        elif loop.idle_since is not None and loop.idle_s is not None:
+            idle_s = now - loop.idle_since
+            if idle_s > loop.idle_s:
+                problems.append(
+                    f"{loop.name} loop is late: no pass for {idle_s:.0f}s, "
+                    f"expected one within {loop.idle_s:g}s"
+                )
     return Verdict(tuple(problems))
 
 
 @dataclass
 class _Watched:
     is_alive: Callable[[], bool]
+    idle_since: float
+    idle_s: float | None
     started_at: float | None = None
     deadline_s: float | None = None
+
+    def pass_and_idle(self) -> tuple[float | None, float | None, float, float | None]:
+        return self.started_at, self.deadline_s, self.idle_since, self.idle_s
 
 
 class Liveness:
@@ -79,10 +98,11 @@ class Liveness:
         self._lock = threading.Lock()
         self._loops: dict[str, _Watched] = {}
 
-    def watch(self, name: str, is_alive: Callable[[], bool]) -> None:
-        """Watch loop ``name``; ``is_alive`` must be cheap and never block."""
+    def watch(self, name: str, is_alive: Callable[[], bool], idle_s: float | None = None) -> None:
+        """Watch loop ``name``; ``is_alive`` must be cheap and never block. ``idle_s``: the
+        longest the loop may go without a pass (from now, then from each pass's end)."""
         with self._lock:
-            self._loops[name] = _Watched(is_alive)
+            self._loops[name] = _Watched(is_alive, self._clock(), idle_s)
 
     def begin(self, name: str, deadline_s: float) -> None:
         """Loop ``name`` starts a pass that must end within ``deadline_s``.
@@ -109,6 +129,7 @@ class Liveness:
             loop = self._watched(name)
             loop.started_at = None
             loop.deadline_s = None
+            loop.idle_since = self._clock()
 
     @contextmanager
     def passing(self, name: str, deadline_s: float) -> Iterator[None]:
@@ -123,11 +144,11 @@ class Liveness:
         """Every watched loop as it is now (calls each probe), sorted by name."""
         with self._lock:
             taken = [
-                (name, loop.is_alive, loop.started_at, loop.deadline_s)
+                (loop.is_alive, LoopState(name, True, *loop.pass_and_idle()))
                 for name, loop in sorted(self._loops.items())
             ]
         # Probes run outside the lock: a probe may take its own locks.
-        return [LoopState(name, probe(), at, deadline) for name, probe, at, deadline in taken]
+        return [replace(state, alive=probe()) for probe, state in taken]
 
     def verdict(self) -> Verdict:
         return judge(self.states(), self._clock())

@@ -1,5 +1,6 @@
-"""The composition root's pure pieces: the loops' pass deadlines and the update loop's
-back-off (the loops themselves run in tests/test_update_liveness.py, in a real agent)."""
+"""The composition root's pure pieces: the loops' pass deadlines, how long each may go
+without a pass, and the update loop's back-off (the loops themselves run in a real agent:
+tests/test_update_liveness.py, tests/test_clock_step.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.app import PassDeadlines, pass_deadlines, retry_delay_s
+from agent.app import IdleBounds, PassDeadlines, idle_bounds, pass_deadlines, retry_delay_s
 from agent.device.config import AgentConfig, InstallConfig, RepositoryConfig, TelemetryConfig
 
 
@@ -18,9 +19,17 @@ def _config(tmp_path: Path) -> AgentConfig:
         fleet="lab",
         state_dir=tmp_path / "state",
         trusted_root=tmp_path / "root.json",
-        repository=RepositoryConfig(url="http://127.0.0.1:1", download_deadline_s=100.0),
+        repository=RepositoryConfig(
+            url="http://127.0.0.1:1",
+            download_deadline_s=100.0,
+            poll_interval_s=300.0,
+            poll_jitter_s=30.0,
+        ),
         install=InstallConfig(
-            unpack_deadline_s=10.0, smoke_test_deadline_s=20.0, activate_deadline_s=5.0
+            unpack_deadline_s=10.0,
+            smoke_test_deadline_s=20.0,
+            activate_deadline_s=5.0,
+            probation_tick_s=1.0,
         ),
         telemetry=TelemetryConfig(heartbeat_interval_s=10.0),
     )
@@ -35,6 +44,14 @@ def test_pass_deadlines_follow_the_config(tmp_path: Path) -> None:
     )
     slow = replace(config, telemetry=TelemetryConfig(heartbeat_interval_s=45.0))
     assert pass_deadlines(slow).telemetry_s == 90.0
+
+
+def test_a_loop_is_late_after_its_longest_gap_and_a_minute(tmp_path: Path) -> None:
+    assert idle_bounds(_config(tmp_path)) == IdleBounds(
+        update_s=300.0 + 2 * 30.0 + 60.0,  # a poll early, the next late, and slack
+        probation_s=1.0 + 60.0,
+        telemetry_s=10.0 + 60.0,
+    )
 
 
 def test_the_retry_delay_doubles_up_to_the_poll_interval() -> None:

@@ -83,3 +83,41 @@ def test_a_pass_of_an_unwatched_loop_is_refused_naming_it() -> None:
     liveness.watch("update", lambda: True)
     with pytest.raises(KeyError, match=r"'probation' is not watched \(watched: \['update'\]\)"):
         liveness.begin("probation", deadline_s=1.0)
+
+
+# ---------------------------------------------------------------------------- late loops
+
+
+def test_an_idle_loop_is_judged_against_its_cadence() -> None:
+    idle = LoopState("probation", True, idle_since=100.0, idle_s=61.0)
+    assert judge([idle], now=161.0).is_healthy  # at the bound: still fine
+    assert judge([idle], now=161.5).problems == (
+        "probation loop is late: no pass for 62s, expected one within 61s",
+    )
+    # A loop without a cadence (the MQTT link) is never late; one in a pass is judged by
+    # the pass's deadline instead.
+    assert judge([LoopState("mqtt", True, idle_since=0.0)], now=1e9).is_healthy
+    in_pass = LoopState("probation", True, 1e9 - 1, 30.0, idle_since=0.0, idle_s=61.0)
+    assert judge([in_pass], now=1e9).is_healthy
+
+
+def test_a_loop_whose_passes_stop_coming_is_late_until_one_comes() -> None:
+    """What a schedule kept on a wall clock that stepped back looked like: the task runs,
+    its job is scheduled, and no pass begins for as long as the step."""
+    clock = ManualClock()
+    liveness = Liveness(clock)
+    liveness.watch("telemetry", lambda: True, idle_s=70.0)  # idle from now
+    liveness.watch("mqtt", lambda: True)
+    clock.now += 70.0
+    assert liveness.verdict().is_healthy
+    with liveness.passing("telemetry", deadline_s=60.0):
+        clock.now += 50.0  # a long pass is no gap: its deadline judges it
+        assert liveness.verdict().is_healthy
+    clock.now += 70.0  # idle from the pass's end
+    assert liveness.verdict().is_healthy
+    clock.now += 1.0
+    assert liveness.verdict().problems == (
+        "telemetry loop is late: no pass for 71s, expected one within 70s",
+    )
+    liveness.begin("telemetry", deadline_s=60.0)  # a pass comes: forgiven
+    assert liveness.verdict().is_healthy
