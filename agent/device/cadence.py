@@ -13,8 +13,8 @@ on wall time stalls for as long as a backward step (APScheduler 3 waits until th
 clock reaches the next fire time again: measured, a job every 0.25 s stopped for the
 whole 6 h of a -6 h step, and a later +12 h step did not wake it, since its timer was
 already armed on the event loop's monotonic clock for 6 h), and a forward step makes it
-compute every missed fire time at once (86,400 of them for a 6 h step, a second of the
-event loop). Periodic work means "every N seconds of real time", which is what
+compute every missed fire time at once on the event loop (86,400 of them for a 6 h step
+of that job, about 0.15 s here). Periodic work means "every N seconds of real time", which is what
 ``asyncio``'s clock (``time.monotonic``) measures; wall time is only for what is shown
 or sent as a date.
 
