@@ -40,7 +40,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,24 +221,18 @@ class AgentApp:
         self.link.start()
         update_loop = self._start_task(self._update_loop(), "update-loop")
         config = self.config
-        poll = self._start_task(
-            run_every(poll_cadence(config), self._poll, "the repository poll"), "poll"
-        )
-        probation = self._start_task(
-            run_every(
-                Cadence(config.install.probation_tick_s),
-                self._judge_probation,
-                "a probation tick",
-            ),
+        poll = self._every(poll_cadence(config), self._poll, "poll", "the repository poll")
+        probation = self._every(
+            Cadence(config.install.probation_tick_s),
+            self._judge_probation,
             "probation",
+            "a probation tick",
         )
-        heartbeat = self._start_task(
-            run_every(
-                Cadence(config.telemetry.heartbeat_interval_s),
-                self._heartbeat,
-                "a telemetry heartbeat",
-            ),
+        heartbeat = self._every(
+            Cadence(config.telemetry.heartbeat_interval_s),
+            self._heartbeat,
             "heartbeat",
+            "a telemetry heartbeat",
         )
         self.watch_loops(update_loop, poll, probation, heartbeat)
         self.request_check()
@@ -253,6 +247,12 @@ class AgentApp:
         task.add_done_callback(_log_end)
         self._tasks.append(task)
         return task
+
+    def _every(
+        self, cadence: Cadence, work: Callable[[], Awaitable[None]], name: str, what: str
+    ) -> asyncio.Task[None]:
+        """A task running ``work`` on ``cadence`` (the monotonic clock) until shutdown."""
+        return self._start_task(run_every(cadence, work, what), name)
 
     def watch_loops(
         self,
