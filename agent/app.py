@@ -384,14 +384,7 @@ class AgentApp:
 
     def _transitioned(self, record: JournalRecord) -> None:
         self.liveness.renew("update")  # an install that persists a record makes progress
-        try:
-            self.telemetry.on_transition(record)
-        except Exception:
-            # The journal holds the record; an event the outbox cannot take (a full
-            # disk) must not stop the install it describes.
-            logger.exception(
-                "cannot queue the event for %s %s %s", record.model, record.phase, record.version
-            )
+        self.telemetry.on_transition(record)  # never raises: an event must not stop an install
 
     def _publish_status(self) -> None:
         self.link.publish_status()

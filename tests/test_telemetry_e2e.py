@@ -2,8 +2,9 @@
 
 Heartbeats, events and status reach the store and `edgectl fleet status` / `device show`
 / `/metrics` show them; a device that goes silent is stale while the broker still calls
-it online; its last will makes it offline. The slow test stops the broker for 30 s while
-an agent installs releases and checks that every event produced arrives, in order.
+it online; its last will makes it offline. The slow tests stop the broker for 30 s while
+an agent installs releases, and start an agent on a state disk filled to the last byte
+(a real tmpfs), and check that every event produced arrives, in order.
 """
 
 from __future__ import annotations
@@ -13,23 +14,28 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 
+from agent.client import InferenceClient
 from tests.controller.fleet.test_ingest import start_persistent_broker
 from tests.e2e_support import (
     Proc,
     edgectl,
     edgectl_bundles,
     paused,
+    served_version,
     start_agent,
     start_serve,
     wait_until,
 )
 from tests.e2e_support import write_agent_config as _write_agent_config
 from tests.helpers import Broker
+
+if TYPE_CHECKING:
+    from tests.chaos.fleet import StateDisk
 
 FLEET = "lab"
 MODEL = "linear"
@@ -203,4 +209,71 @@ def test_every_event_produced_during_a_30s_broker_outage_arrives_in_order(
         assert kinds[-2 * len(INSTALL_KINDS) :] == INSTALL_KINDS * 2
     finally:
         agent.stop()
+        serve.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["stopped", "killed"])
+def test_an_agent_started_on_a_full_state_disk_serves_and_delivers_its_events_later(
+    tmp_path: Path, persistent_broker: list[Broker], small_disk: StateDisk, stop: str
+) -> None:
+    """Stopped cleanly (SQLite removed its -shm file, which a full disk cannot give back)
+    or killed, then started again on a state disk full to the last byte: the agent serves
+    its last good version, keeps following the fleet, holds its agent_started event in
+    memory, and once the disk has room installs the release it could not fetch and every
+    event reaches the store, once, in order."""
+    broker = persistent_broker[0]
+    repo = tmp_path / "repo"
+    edgectl("init", repo)
+    bundles = edgectl_bundles(tmp_path, MODEL, ["1.0.0", "2.0.0"])
+    edgectl("release", bundles["1.0.0"], "--fleet", FLEET, "--repo", repo, *QUICK)
+    serve, url = start_serve(repo, broker.address, tmp_path / "serve.log")
+    folder = tmp_path / "dev-1"
+    config = write_agent_config(
+        folder,
+        poll_interval_s=2.0,
+        device="dev-1",
+        fleet=FLEET,
+        broker=broker.address,
+        repo_url=url,
+        root=repo / "metadata" / "root.json",
+    )
+    config.write_text(config.read_text().replace(str(folder / "state"), str(small_disk.state_dir)))
+    client = InferenceClient(folder / "infer.sock")
+    agents = [start_agent(config)]
+    try:
+        wait_until(lambda: _kinds(repo, "dev-1") == ["agent_started", *INSTALL_KINDS], 60, "v1")
+        if stop == "killed":
+            agents[0].process.kill()
+            agents[0].process.wait()
+        else:
+            agents[0].stop()
+        small_disk.fill()
+
+        agents.append(start_agent(config, log_name="agent-2.log"))
+        wait_until(lambda: served_version(client, MODEL) == "1.0.0", 30, "v1 served again")
+        assert "agent_started (held in memory: the disk refuses it)" in agents[1].text()
+        # Its update checks fail (the TUF cache cannot be written) and are retried.
+        edgectl("release", bundles["2.0.0"], "--fleet", FLEET, "--repo", repo, *QUICK)
+        wait_until(
+            lambda: agents[1].text().count("update check failed, will retry") >= 2,
+            30,
+            "update checks on the full disk",
+        )
+        assert agents[1].process.poll() is None, agents[1].text()[-3000:]
+        assert served_version(client, MODEL) == "1.0.0"
+        assert len(_kinds(repo, "dev-1")) == 1 + len(INSTALL_KINDS)  # nothing new sent
+
+        small_disk.free()
+        wait_until(lambda: _kinds(repo, "dev-1").count("committed") == 2, 60, "v2 committed")
+        assert served_version(client, MODEL) == "2.0.0"
+        produced = _produced(agents[0]) + _produced(agents[1])
+        stored = [e["seq"] for e in device_show(repo, "dev-1")["events"]]
+        assert stored == produced == list(range(1, len(produced) + 1))
+        kinds = _kinds(repo, "dev-1")
+        assert kinds == ["agent_started", *INSTALL_KINDS] * 2, kinds
+        assert agents[1].process.poll() is None
+    finally:
+        for agent in agents:
+            agent.stop()
         serve.stop()

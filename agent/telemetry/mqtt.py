@@ -10,7 +10,9 @@ Heartbeats go out only while connected (QoS from config, never retained). Events
 drained from the on-disk outbox by the ``outbox-sender`` thread: oldest first, QoS 1,
 and an event leaves the outbox only after the broker's PUBACK. Delivery is at least
 once: a PUBACK lost with the connection makes the event go again, with the same
-(stream, seq), which readers use to drop the duplicate.
+(stream, seq), which readers use to drop the duplicate. The sender also gives the
+outbox the chance to write the events it holds in memory while the disk refuses them
+(``Outbox.persist_held``).
 
 With ``[mqtt] tls`` the link speaks TLS (1.2 or later), verifies the broker against
 ``ca_file`` and its host name, and presents the device's client certificate; the broker
@@ -201,6 +203,7 @@ class MqttLink:
         outbox = self._outbox
         assert outbox is not None
         while not self._stopping.is_set():
+            outbox.persist_held()  # the disk may have room again
             if not self._connected.wait(timeout=0.5):
                 continue
             if not outbox.wait_for_events(timeout_s=0.5):

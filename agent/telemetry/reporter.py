@@ -11,6 +11,10 @@ Invariants:
   interval since the previous heartbeat only (figures of the version serving now).
 - Every journal record the lifecycle persists becomes exactly one event, appended to
   the outbox before the call returns; the MQTT link delivers it later, in order.
+- Queuing an event never raises (``on_transition``, ``agent_started``): an event must
+  not stop what it describes, nor the agent's start. A disk that refuses it is the
+  outbox's to absorb (it holds the event in memory, in order); anything else (a bug) is
+  logged with its traceback and the event is lost.
 - Heartbeats are never queued: one due while the broker is unreachable is skipped.
 """
 
@@ -40,7 +44,7 @@ from agent.contracts import (
     telemetry_payload,
 )
 from agent.runtime.stats import Outcome, RequestStats, StatsSnapshot
-from agent.telemetry.outbox import Outbox
+from agent.telemetry.outbox import Outbox, PayloadBuilder
 from agent.update.journal import JournalRecord
 
 logger = logging.getLogger(__name__)
@@ -269,9 +273,10 @@ class TelemetryReporter:
         return sent
 
     def on_transition(self, record: JournalRecord) -> None:
-        """Append the event for a persisted journal record (any thread)."""
-        seq = self._outbox.append(
-            self._events_topic,
+        """Append the event for a persisted journal record (any thread; never raises)."""
+        kind = EVENT_KIND_BY_PHASE.get(record.phase.value, record.phase.value)
+        reason = f" ({record.reason})" if record.reason else ""
+        self._queue(
             lambda stream, seq: event_payload(
                 lifecycle_event(
                     record,
@@ -282,18 +287,12 @@ class TelemetryReporter:
                     seq=seq,
                 )
             ),
-        )
-        logger.info(
-            "event %d: %s %s %s%s",
-            seq,
-            EVENT_KIND_BY_PHASE[record.phase.value],
-            record.model,
-            record.version,
-            f" ({record.reason})" if record.reason else "",
+            f"{kind} {record.model} {record.version}{reason}",
         )
 
     def agent_started(self, restored: Mapping[str, Mapping[str, Any]]) -> None:
-        """Append an ``agent_started`` event naming what the agent serves after start-up."""
+        """Append an ``agent_started`` event naming what the agent serves after start-up
+        (never raises)."""
         serving = ", ".join(f"{m} {s.get('version')}" for m, s in sorted(restored.items()))
 
         def build(stream: str, seq: int) -> bytes:
@@ -309,5 +308,15 @@ class TelemetryReporter:
                 )
             )
 
-        seq = self._outbox.append(self._events_topic, build)
-        logger.info("event %d: agent_started", seq)
+        self._queue(build, "agent_started")
+
+    def _queue(self, build: PayloadBuilder, summary: str) -> None:
+        """Append one event to the outbox and log it as ``event N: KIND ...``."""
+        try:
+            seq = self._outbox.append(self._events_topic, build)
+        except Exception:
+            logger.exception("cannot queue the event %s; it is lost", summary)
+            return
+        # Held events are the newest: any held means this one is.
+        held = " (held in memory: the disk refuses it)" if self._outbox.held else ""
+        logger.info("event %d: %s%s", seq, summary, held)

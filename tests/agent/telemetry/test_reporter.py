@@ -1,9 +1,12 @@
-"""Heartbeat and event building (pure), the interval figures, and the payload contracts."""
+"""Heartbeat and event building (pure), the interval figures, and the payload contracts;
+and events queued on a real full disk (a small tmpfs)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -19,8 +22,18 @@ from agent.contracts import (
     telemetry_payload,
 )
 from agent.runtime.stats import Outcome
-from agent.telemetry.reporter import IntervalStats, build_heartbeat, lifecycle_event, sample_system
+from agent.telemetry.outbox import Outbox
+from agent.telemetry.reporter import (
+    IntervalStats,
+    TelemetryReporter,
+    build_heartbeat,
+    lifecycle_event,
+    sample_system,
+)
 from agent.update.journal import JournalRecord, Phase
+
+if TYPE_CHECKING:
+    from tests.chaos.fleet import StateDisk
 
 
 def test_interval_figures_cover_only_the_time_since_the_last_heartbeat() -> None:
@@ -111,3 +124,31 @@ def test_status_round_trips() -> None:
     status = parse_status(raw)
     assert status.online is False and status.models["m"]["version"] == "1.0.0"
     assert json.loads(raw)["schema"] == "edgefleet.status/1"
+
+
+def test_events_of_an_install_on_a_full_disk_are_held_in_order_not_raised(
+    small_disk: StateDisk, caplog: pytest.LogCaptureFixture
+) -> None:
+    outbox = Outbox(small_disk.state_dir / "outbox.sqlite", max_events=100)
+    reporter = TelemetryReporter(
+        device="d1",
+        fleet="lab",
+        interval_s=10.0,
+        stats=IntervalStats(),
+        outbox=outbox,
+        models_status=lambda: {},
+        publish_heartbeat=lambda payload: False,
+        disk_path=small_disk.state_dir,
+    )
+    reporter.agent_started({})
+    small_disk.fill()
+    with caplog.at_level(logging.INFO, logger="agent.telemetry"):
+        for phase in (Phase.DOWNLOADING, Phase.IDLE):
+            reporter.on_transition(JournalRecord(model="m", phase=phase, version="2.0.0"))
+        reporter.agent_started({})
+    assert "event 2: install_started m 2.0.0 (held in memory: the disk refuses it)" in caplog.text
+    assert "event 4: agent_started (held in memory" in caplog.text
+    small_disk.free()
+    assert outbox.persist_held()
+    kinds = [json.loads(i.payload)["kind"] for i in outbox.peek(10)]
+    assert kinds == ["agent_started", "install_started", "install_put_back", "agent_started"]
