@@ -8,11 +8,15 @@ when the will was last set) when the agent vanishes.
 
 Heartbeats go out only while connected (QoS from config, never retained). Events are
 drained from the on-disk outbox by the ``outbox-sender`` thread: oldest first, QoS 1,
-and an event leaves the outbox only after the broker's PUBACK. Delivery is at least
-once: a PUBACK lost with the connection makes the event go again, with the same
-(stream, seq), which readers use to drop the duplicate. The sender also gives the
-outbox the chance to write the events it holds in memory while the disk refuses them
-(``Outbox.persist_held``).
+one at a time, and an event leaves the outbox only after the broker's PUBACK. One in
+flight is what keeps the order across a lost connection: paho sends its unacknowledged
+message again after reconnecting, and the next event is published only once that one
+is acknowledged, so no event can overtake an earlier one on the new connection (a
+window of several would let the sender's new publishes go before paho's resends). The
+cost is one round trip to the broker per event. Delivery is at least once: a PUBACK
+lost with the connection makes the event go again, with the same (stream, seq), which
+readers use to drop the duplicate. The sender also gives the outbox the chance to write
+the events it holds in memory while the disk refuses them (``Outbox.persist_held``).
 
 With ``[mqtt] tls`` the link speaks TLS (1.2 or later), verifies the broker against
 ``ca_file`` and its host name, and presents the device's client certificate; the broker
@@ -31,6 +35,7 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -47,8 +52,10 @@ from agent.telemetry.outbox import Outbox
 logger = logging.getLogger(__name__)
 
 StatusProvider = Callable[[], Mapping[str, Mapping[str, Any]]]
-# Events published per round trip of the outbox sender.
-OUTBOX_BATCH = 100
+# How often a sender waiting for a PUBACK (or a connection) looks at whether to stop.
+_POLL_S = 0.5
+# PUBACKs remembered for the sender (it looks after each one arrives).
+_RECENT_ACKS = 1024
 
 
 def _now() -> str:
@@ -75,8 +82,11 @@ class MqttLink:
         self._connected = threading.Event()
         self._stopping = threading.Event()
         self._sender: threading.Thread | None = None
-        # Events handed to paho and not yet acknowledged: seq -> (message, when sent).
-        self._in_flight: dict[int, tuple[mqtt.MQTTMessageInfo, float]] = {}
+        # PUBACKs as they arrive: (serial, message id). paho's MQTTMessageInfo cannot say
+        # that a message published while disconnected (rc NO_CONN) was delivered later.
+        self._acks = threading.Condition()
+        self._ack_serial = 0
+        self._recent_acks: deque[tuple[int, int]] = deque(maxlen=_RECENT_ACKS)
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"edge-agent-{config.device_id}",
@@ -93,6 +103,7 @@ class MqttLink:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
         self._client = client
 
     @property
@@ -128,7 +139,9 @@ class MqttLink:
         if self._sender is not None:
             if self._outbox is not None:
                 self._outbox.wake()
-            self._sender.join(timeout=timeout_s + self._config.telemetry.event_ack_timeout_s)
+            with self._acks:
+                self._acks.notify_all()
+            self._sender.join(timeout=timeout_s + _POLL_S)
         if self._connected.is_set():
             info = self._client.publish(
                 self._status_topic, self._status(online=False, models=True), qos=1, retain=True
@@ -197,6 +210,14 @@ class MqttLink:
             logger.warning("lost the broker connection (%s); reconnecting", reason)
         self._connected.clear()
 
+    def _handle_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any
+    ) -> None:
+        with self._acks:
+            self._ack_serial += 1
+            self._recent_acks.append((self._ack_serial, mid))
+            self._acks.notify_all()
+
     # the outbox sender (its own thread) -----------------------------------------
 
     def _drain_outbox(self) -> None:
@@ -204,42 +225,41 @@ class MqttLink:
         assert outbox is not None
         while not self._stopping.is_set():
             outbox.persist_held()  # the disk may have room again
-            if not self._connected.wait(timeout=0.5):
+            if not self._connected.wait(timeout=_POLL_S):
                 continue
-            if not outbox.wait_for_events(timeout_s=0.5):
+            if not outbox.wait_for_events(timeout_s=_POLL_S):
                 continue
-            items = outbox.peek(OUTBOX_BATCH)
-            for seq in [s for s in self._in_flight if items and s < items[0].seq]:
-                del self._in_flight[seq]  # dropped from a full outbox while in flight
-            acked = self._send_in_order([(i.seq, i.topic, i.payload) for i in items])
-            outbox.remove(acked)
-            if len(acked) < len(items) and not self._stopping.is_set():
-                time.sleep(0.2)  # not acknowledged in time: the connection is in trouble
+            for item in outbox.peek(1):
+                if self._deliver(item.seq, item.topic, item.payload):
+                    outbox.remove([item.seq])
 
-    def _send_in_order(self, items: list[tuple[int, str, bytes]]) -> list[int]:
-        """Publish ``items`` (QoS 1) and return the seqs acknowledged, a prefix in order."""
-        timeout_s = self._config.telemetry.event_ack_timeout_s
-        now = time.monotonic()
-        infos = []
-        for seq, topic, payload in items:
-            sent = self._in_flight.get(seq)
-            # paho resends its unacknowledged messages after a reconnection; send again
-            # only what it refused or what has waited far too long.
-            if sent is None or sent[0].rc != mqtt.MQTT_ERR_SUCCESS or now - sent[1] > 3 * timeout_s:
-                sent = (self._client.publish(topic, payload, qos=1), now)
-                self._in_flight[seq] = sent
-            infos.append((seq, sent[0]))
-        acked: list[int] = []
-        for seq, info in infos:
-            try:
-                info.wait_for_publish(timeout=timeout_s)
-            except (RuntimeError, ValueError):
-                break
-            if not info.is_published():
-                break
-            acked.append(seq)
-            del self._in_flight[seq]
-        return acked
+    def _deliver(self, seq: int, topic: str, payload: bytes) -> bool:
+        """Publish one event (QoS 1) and wait for its PUBACK, however many reconnections
+        that takes (paho sends it again after each); False if the link stops first."""
+        with self._acks:
+            since = self._ack_serial
+        info = self._client.publish(topic, payload, qos=1)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            # paho did not keep it (NO_CONN: kept, sent once connected).
+            logger.warning("event %d not queued by the MQTT client (%s)", seq, info.rc)
+            self._stopping.wait(_POLL_S)
+            return False
+        patience_s = self._config.telemetry.event_ack_timeout_s
+        said_late_at = time.monotonic() + patience_s
+        with self._acks:
+            while not self._stopping.is_set():
+                if any(n > since and mid == info.mid for n, mid in self._recent_acks):
+                    return True
+                if time.monotonic() > said_late_at:
+                    logger.info(
+                        "event %d: no PUBACK after %.0f s; paho sends it again after "
+                        "reconnecting, and the next waits for it",
+                        seq,
+                        patience_s,
+                    )
+                    said_late_at = float("inf")
+                self._acks.wait(_POLL_S)
+        return False
 
     def _handle_message(
         self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage
