@@ -104,6 +104,9 @@ class Outbox:
                 self._db = _open(path)
                 figures = _read_figures(self._db)
             except sqlite3.OperationalError as exc:
+                if self._db is not None:
+                    self._db.close()
+                    self._db = None
                 figures = _read_closed(path, exc)
                 self._refused(exc)
             self.stream = figures.stream or secrets.token_hex(8)
