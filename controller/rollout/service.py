@@ -146,7 +146,8 @@ def start_rollout(
 
     With ``bundle``, publish it first (release key). Raises UsageError (bad names, the
     version is not published, the fleet already runs it), ConflictError (another rollout
-    of the model is active in the fleet), RepositoryError.
+    of the model is active in the fleet), RepositoryError, OSError (the repository could
+    not be written; the record is then discarded, by this call or the next settle).
     """
     now = time.time() if now is None else now
     try:
@@ -217,7 +218,8 @@ def control_rollout(
     reason: str = "",
 ) -> Rollout:
     """Apply an operator command (pause, resume, promote, abort) to the fleet's active
-    rollout of ``model``. Raises UsageError (no such rollout, an illegal move)."""
+    rollout of ``model``. Raises UsageError (no such rollout, an illegal move),
+    RepositoryError, OSError (the repository could not be written)."""
     if action not in ACTIONS:
         raise UsageError(f"unknown rollout action {action!r}; expected {', '.join(ACTIONS)}")
     now = time.time() if now is None else now
