@@ -158,6 +158,9 @@ def test_a_start_killed_after_saving_its_record_can_simply_be_run_again(
     tmp_path: Path, repo_dir: Path, bundles: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     _killed_start(repo_dir, bundles["v2"], save=1, when="after")
+    capsys.readouterr()
+    assert main(["rollout", "status", "--repo", str(repo_dir)]) == 0
+    assert "not published: its start was interrupted" in capsys.readouterr().out
     assert main(_start_args(repo_dir, bundles["v2"])) == 0
     entry = device_entry(repo_dir, tmp_path / "device", FLEET, MODEL)
     assert (entry.version, entry.percent, entry.previous) == ("2.0.0", 5.0, "1.0.0")
