@@ -68,7 +68,8 @@ FIXES = {
     errno.EFBIG: "a file-size limit stopped the write (`ulimit -f`, or LimitFSIZE= in the "
     "service's unit): raise it, then run the command again",
     errno.EROFS: "the file system holding it is mounted read-only: remount it read-write "
-    "(`mount -o remount,rw`) or use a repository on a writable disk, then run the command again",
+    "(`mount -o remount,rw`) or point edgectl at a folder on a writable disk, then run the "
+    "command again",
     errno.EACCES: "this user may not use it: run edgectl as the user that owns the "
     "repository, or fix the owner and mode (`ls -l`, `chown`), then run the command again",
     errno.EIO: "the disk reported an I/O error: check the disk (`dmesg`) before running "
@@ -77,6 +78,8 @@ FIXES = {
 FIXES[errno.EPERM] = FIXES[errno.EACCES]
 FIX_MISSING = "check the path (a typo in --repo, --key-dir or a file argument?)"
 FIX_OTHER = "fix the cause, then run the command again"
+# controller.repository.repo.SETTINGS_FILE (the CLI imports nothing below the commands).
+_SETTINGS = "edgectl.json"
 
 
 def describe_os_error(exc: OSError, repo: str | None = None) -> str:
@@ -90,9 +93,7 @@ def describe_os_error(exc: OSError, repo: str | None = None) -> str:
     cause = exc.strerror or str(exc)
     code = errno.errorcode.get(exc.errno or 0)
     cause = f"{cause} ({code})" if code else cause
-    if (
-        exc.errno == errno.ENOENT and repo is not None and not Path(repo, "edgectl.json").exists()
-    ):  # SETTINGS_FILE
+    if exc.errno == errno.ENOENT and repo is not None and not Path(repo, _SETTINGS).exists():
         fix = (
             f"{repo} is not an edgectl repository: pass the right --repo, or create one "
             f"with `edgectl init {repo}`"

@@ -350,12 +350,12 @@ def retire_version(
         settle_records(repo_dir, records, now.timestamp())
         for r in records.active():
             if r.model == model and version in (r.version, r.previous):
-                role = "the new version" if version == r.version else "the version it goes back to"
+                role = "its new version" if version == r.version else "what an abort goes back to"
                 raise RetireRefusedError(
-                    f"{model} {version} is {role} of rollout {r.id}, {r.state.value} in fleet "
-                    f"{r.fleet} at {r.percent:g}%; retiring it would strand the fleet. Let the "
-                    f"rollout complete, or `edgectl rollout abort {model} --fleet {r.fleet} "
-                    f"--repo {repo_dir}` and move the fleet off {version}, first"
+                    f"rollout {r.id} ({r.state.value} in fleet {r.fleet} at {r.percent:g}%) "
+                    f"names {model} {version} as {role}; retiring it would strand the fleet. "
+                    f"Let the rollout complete, or `edgectl rollout abort {model} --fleet "
+                    f"{r.fleet} --repo {repo_dir}` and move the fleet off {version}, first"
                 )
         return retire_locked(repo, model, version, now, grace)
 
