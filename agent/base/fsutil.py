@@ -43,7 +43,11 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     instant (see the module docstring). Raises OSError when the folder cannot be written.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temporary(path, mode)
+    try:
+        fd, tmp = _create_temporary(path, mode)
+    except OSError as exc:
+        exc.filename = str(path)  # the file meant, not a temporary name (EROFS, ENOSPC)
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), mode)  # exactly ``mode`` whatever the umask, before any data
@@ -51,9 +55,11 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
+            exc.filename = str(path)  # name the file meant, not none (write) or a temporary
         raise
     fsync_dir(path.parent)
 

@@ -132,11 +132,11 @@ def _cmd_releases_diff(args: argparse.Namespace) -> int:
 
 
 def _cmd_releases_retire(args: argparse.Namespace) -> int:
-    from controller.repository.history import retire_release
+    from controller.rollout.service import retire_version
 
     if args.grace_days < 0:
         raise UsageError(f"--grace-days must not be negative, got {args.grace_days}")
-    r = retire_release(
+    r = retire_version(
         Path(args.repo), args.model, args.version, grace=timedelta(days=args.grace_days)
     )
     if args.json:

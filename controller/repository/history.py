@@ -377,32 +377,42 @@ def retire_release(
     """
     _check(model, version)
     now = now or datetime.now(UTC).replace(microsecond=0)
-    target_path = bundle_target_path(model, version)
     repo = Repository.open(repo_dir)
     with repo_lock(repo_dir):
-        md = repo.load("targets")
-        target = md.signed.targets.get(target_path)
-        if target is None:
-            find_release(repo_dir, model, version)  # raises naming what there is
-            raise UsageError(f"no release {model} {version}")
-        refs = fleet_references(desired_states(repo), model, version)
-        if refs:
-            named = ", ".join(f"{r.fleet} ({role_text(r)})" for r in refs)
-            raise RetireRefusedError(
-                f"{model} {version} is still named by fleet(s) {named}; retiring it would "
-                f"strand them. Move them first: edgectl rollout start {model} VERSION "
-                "--fleet FLEET --repo REPO (and let it complete)"
-            )
-        del md.signed.targets[target_path]
-        targets_version = repo.sign_next_version("targets", md, now)
-        repo.publish(now)
-        retired = read_retired(repo_dir)
-        retired[target_path] = {
-            "retired_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "sha256": target.hashes["sha256"],
-        }
-        _write_retired(repo_dir, retired)
-        pruned = _prune_locked(repo, now, grace)
+        return retire_locked(repo, model, version, now, grace)
+
+
+def retire_locked(
+    repo: Repository, model: str, version: str, now: datetime, grace: timedelta
+) -> RetireResult:
+    """``retire_release`` for a caller that holds the repository lock (the rollout layer
+    checks its records under the same lock first: ``controller.rollout.service``)."""
+    _check(model, version)
+    repo_dir = repo.path
+    target_path = bundle_target_path(model, version)
+    md = repo.load("targets")
+    target = md.signed.targets.get(target_path)
+    if target is None:
+        find_release(repo_dir, model, version)  # raises naming what there is
+        raise UsageError(f"no release {model} {version}")
+    refs = fleet_references(desired_states(repo), model, version)
+    if refs:
+        named = ", ".join(f"{r.fleet} ({role_text(r)})" for r in refs)
+        raise RetireRefusedError(
+            f"{model} {version} is still named by fleet(s) {named}; retiring it would "
+            f"strand them. Move them first: edgectl rollout start {model} VERSION "
+            "--fleet FLEET --repo REPO (and let it complete)"
+        )
+    del md.signed.targets[target_path]
+    targets_version = repo.sign_next_version("targets", md, now)
+    repo.publish(now)
+    retired = read_retired(repo_dir)
+    retired[target_path] = {
+        "retired_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "sha256": target.hashes["sha256"],
+    }
+    _write_retired(repo_dir, retired)
+    pruned = _prune_locked(repo, now, grace)
     logger.info("retired %s (targets v%d)", target_path, targets_version)
     return RetireResult(model, version, target_path, targets_version, now + grace, tuple(pruned))
 

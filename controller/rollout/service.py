@@ -7,13 +7,24 @@ the online rollout key, under the repository lock.
 
 Order of writes, so a crash at any instant leaves a state the next tick repairs:
 - ``start_rollout`` saves the record (``published`` false) before it writes desired
-  state; a tick that finds an unpublished record writes it.
+  state, then saves it again with ``published`` true.
+- A record is either published with its desired state or discarded. Before any command
+  or tick acts on records, ``settle_records`` (under the lock) looks at every active
+  record that is not published: when desired state names its rollout id, its start
+  published and died before saying so (the record becomes published); otherwise its
+  start was interrupted before it published (SIGKILL, a full disk, a missing key) and
+  it becomes ``abandoned``, never written to desired state. A start that fails with an
+  error settles its own record before it returns. So a leftover record can never push
+  desired state back over a release made after it.
 - Every later change writes desired state first, then the record. A crash in between
   leaves the record as it was; the next tick writes desired state back to what the
   record says (the command did not happen, and the operator's command reported an error).
 - A record whose entry in desired state now carries another rollout id, after it was
   published, was replaced by someone else (``edgectl release``, another rollout): it
   becomes ``superseded`` and is never written again.
+- Desired state moves backwards only on an operator's command (``abort``, a release or
+  a rollout of an older version); ``retire_version`` refuses a version an active
+  rollout names.
 
 Wiring into ``edgectl serve`` (``controller.app``)::
 
@@ -28,11 +39,12 @@ runs it in a worker thread, one at a time (``max_instances=1``, ``coalesce``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -48,6 +60,12 @@ from agent.contracts import (
 from controller.base.errors import ConflictError, UsageError
 from controller.base.fsio import repo_lock
 from controller.fleet.store import TelemetryStore
+from controller.repository.history import (
+    DEFAULT_GRACE,
+    RetireRefusedError,
+    RetireResult,
+    retire_locked,
+)
 from controller.repository.release import (
     current_desired_state,
     new_rollout_id,
@@ -67,6 +85,7 @@ from controller.rollout.stages import (
     OnFailure,
     Rollout,
     RolloutState,
+    abandon,
     abort,
     advance,
     desired_release,
@@ -127,7 +146,8 @@ def start_rollout(
 
     With ``bundle``, publish it first (release key). Raises UsageError (bad names, the
     version is not published, the fleet already runs it), ConflictError (another rollout
-    of the model is active in the fleet), RepositoryError.
+    of the model is active in the fleet), RepositoryError, OSError (the repository could
+    not be written; the record is then discarded, by this call or the next settle).
     """
     now = time.time() if now is None else now
     try:
@@ -145,8 +165,9 @@ def start_rollout(
                 f"{bundle} holds {published.model} {published.version}, not {model} {version}"
             )
     records = RolloutStore(repo_dir)
+    repo = Repository.open(repo_dir)  # names `edgectl init` when there is no repository
     with repo_lock(repo_dir):
-        repo = Repository.open(repo_dir)
+        settle_records(repo_dir, records, now)
         target = bundle_target_path(model, version)
         if target not in repo.load("targets").signed.targets:
             raise UsageError(
@@ -176,7 +197,14 @@ def start_rollout(
             now=now,
         )
         records.save(rollout)
-        rollout = _commit(repo, records, rollout, rollout, now)
+        try:
+            rollout = _commit(repo, records, rollout, rollout, now)
+        except BaseException:
+            # Publish failed (a key, the disk, Ctrl-C): discard the record now unless
+            # desired state names it. If even that fails, the next command or tick does.
+            with contextlib.suppress(Exception):
+                settle_records(repo_dir, records, now)
+            raise
     logger.info("rollout %s started: %s %s in fleet %s", rollout.id, model, version, fleet)
     return rollout
 
@@ -190,12 +218,15 @@ def control_rollout(
     reason: str = "",
 ) -> Rollout:
     """Apply an operator command (pause, resume, promote, abort) to the fleet's active
-    rollout of ``model``. Raises UsageError (no such rollout, an illegal move)."""
+    rollout of ``model``. Raises UsageError (no such rollout, an illegal move),
+    RepositoryError, OSError (the repository could not be written)."""
     if action not in ACTIONS:
         raise UsageError(f"unknown rollout action {action!r}; expected {', '.join(ACTIONS)}")
     now = time.time() if now is None else now
     records = RolloutStore(repo_dir)
+    Repository.open(repo_dir)  # names `edgectl init` when there is no repository
     with repo_lock(repo_dir):
+        settle_records(repo_dir, records, now)
         active = records.find(fleet, model, active_only=True)
         if not active:
             raise UsageError(
@@ -221,11 +252,58 @@ def _entry(repo: Repository, r: Rollout) -> ModelRelease | None:
     return desired.models.get(r.model) if desired is not None else None
 
 
+def settle_records(repo_dir: Path, records: RolloutStore, now: float) -> list[Rollout]:
+    """Make every active record agree with the fleet's published desired state before
+    anything acts on records; return those that changed. Hold the repository lock.
+
+    - Not published, and desired state names its rollout id: its start published the
+      first stage and died before saving that; it is published.
+    - Not published, and desired state names another rollout (or none): its start was
+      interrupted before it published; it is ``abandoned`` and never written.
+    - Published, and desired state names another rollout: ``superseded``.
+
+    Reads desired state through a freshly opened ``Repository``: a role signed but never
+    named by a snapshot (a publish that failed half-way) does not count.
+    """
+    active = records.active()
+    if not active:
+        return []
+    repo = Repository.open(repo_dir)
+    changed = []
+    for r in active:
+        entry = _entry(repo, r)
+        owned = entry is not None and entry.rollout_id == r.id
+        if owned and not r.published:
+            after = replace(r, published=True)
+            logger.warning("rollout %s: its start published and was interrupted; going on", r.id)
+        elif not r.published:
+            after = abandon(
+                r,
+                now,
+                "`edgectl rollout start` was interrupted before it published its first "
+                "stage; desired state never named it (run the start again)",
+            )
+            logger.warning("rollout %s abandoned: its start never published", r.id)
+        elif entry is not None and not owned:
+            after = supersede(
+                r, now, f"desired state now names {entry.version} (rollout {entry.rollout_id})"
+            )
+            logger.warning("rollout %s superseded by %s", r.id, entry.rollout_id)
+        else:
+            continue
+        records.save(after)
+        changed.append(after)
+    return changed
+
+
 def _commit(
     repo: Repository, records: RolloutStore, before: Rollout, after: Rollout, now: float
 ) -> Rollout:
     """Write ``after``'s desired state, then the record; supersede instead when someone
-    else owns the fleet's entry now. Hold the repository lock."""
+    else owns the fleet's entry now. Hold the repository lock.
+
+    Only ``start_rollout`` passes a record that is not published (its first write, under
+    the lock it saved the record in); everyone else settles records first."""
     entry = _entry(repo, after)
     if entry is not None and entry.rollout_id != after.id and after.published:
         if not before.is_active:
@@ -250,6 +328,36 @@ def _commit(
     if after != before or not before.published:
         records.save(after)
     return after
+
+
+def retire_version(
+    repo_dir: Path,
+    model: str,
+    version: str,
+    now: datetime | None = None,
+    grace: timedelta = DEFAULT_GRACE,
+) -> RetireResult:
+    """``edgectl releases retire``: ``controller.repository.history.retire_release``, but
+    records are settled first and a version an active rollout names (as its new version or
+    as the one an abort goes back to) is refused, naming the rollout.
+
+    Raises RetireRefusedError, UsageError, RepositoryError.
+    """
+    now = now or datetime.now(UTC).replace(microsecond=0)
+    records = RolloutStore(repo_dir)
+    repo = Repository.open(repo_dir)
+    with repo_lock(repo_dir):
+        settle_records(repo_dir, records, now.timestamp())
+        for r in records.active():
+            if r.model == model and version in (r.version, r.previous):
+                role = "its new version" if version == r.version else "what an abort goes back to"
+                raise RetireRefusedError(
+                    f"rollout {r.id} ({r.state.value} in fleet {r.fleet} at {r.percent:g}%) "
+                    f"names {model} {version} as {role}; retiring it would strand the fleet. "
+                    f"Let the rollout complete, or `edgectl rollout abort {model} --fleet "
+                    f"{r.fleet} --repo {repo_dir}` and move the fleet off {version}, first"
+                )
+        return retire_locked(repo, model, version, now, grace)
 
 
 # ---------------------------------------------------------------------------- the job
@@ -282,6 +390,10 @@ class RolloutService:
         """Evaluate every active rollout once; return the records as they are after it."""
         out = []
         active = self.records.active()
+        if any(not r.published for r in active):
+            with repo_lock(self.repo_dir):
+                settle_records(self.repo_dir, self.records, time.time() if now is None else now)
+            active = self.records.active()
         keep = {(r.id, r.stage, r.stage_started_at) for r in active}
         self._windows = {k: v for k, v in self._windows.items() if k in keep}
         self._read_at = {k: v for k, v in self._read_at.items() if k in keep}

@@ -15,6 +15,8 @@ States and the one transition table::
        ▼  │ resume / promote
     paused ──► aborted            running/paused ──► superseded (another release took
                                                       over the fleet's desired state)
+                                  running/paused ──► abandoned (its start was interrupted
+                                                      before desired state named it)
 
 Rules of ``advance`` (a running rollout only), in this order:
 
@@ -55,6 +57,9 @@ class RolloutState(StrEnum):
     COMPLETED = "completed"
     ABORTED = "aborted"
     SUPERSEDED = "superseded"
+    # ``rollout start`` saved the record but never published it; desired state never named
+    # it, so it is discarded (controller.rollout.service.settle_records).
+    ABANDONED = "abandoned"
 
 
 class OnFailure(StrEnum):
@@ -71,6 +76,7 @@ TRANSITIONS: Final[Mapping[RolloutState, frozenset[RolloutState]]] = {
             RolloutState.COMPLETED,
             RolloutState.ABORTED,
             RolloutState.SUPERSEDED,
+            RolloutState.ABANDONED,
         }
     ),
     RolloutState.PAUSED: frozenset(
@@ -79,11 +85,13 @@ TRANSITIONS: Final[Mapping[RolloutState, frozenset[RolloutState]]] = {
             RolloutState.COMPLETED,
             RolloutState.ABORTED,
             RolloutState.SUPERSEDED,
+            RolloutState.ABANDONED,
         }
     ),
     RolloutState.COMPLETED: frozenset(),
     RolloutState.ABORTED: frozenset(),
     RolloutState.SUPERSEDED: frozenset(),
+    RolloutState.ABANDONED: frozenset(),
 }
 ROLLOUT_SCHEMA: Final = "edgefleet.rollout/1"
 # History entries kept in a record (oldest dropped first).
@@ -132,7 +140,9 @@ class Rollout:
     stage_started_at: float = 0.0
     updated_at: float = 0.0
     halt: Halt | None = None
-    # Whether this record's desired state was ever written (see rollout_service.sync).
+    # Whether desired state named this rollout (its first stage was published). A record
+    # that is not published is discarded (``abandoned``) by the next command or tick
+    # unless desired state names it (controller.rollout.service.settle_records).
     published: bool = False
     # The previous version's p99 the latency gate compares with, once measured.
     baseline_p99_s: float | None = None
@@ -145,7 +155,7 @@ class Rollout:
     @property
     def percent(self) -> float:
         """The share of devices (by bucket) this rollout's desired state gives ``version``."""
-        if self.state is RolloutState.ABORTED:
+        if self.state in (RolloutState.ABORTED, RolloutState.ABANDONED):
             return 0.0
         if self.state is RolloutState.COMPLETED:
             return 100.0
@@ -395,6 +405,14 @@ def abort(r: Rollout, now: float, reason: str = "aborted by the operator") -> Ro
 def supersede(r: Rollout, now: float, why: str) -> Rollout:
     """Another release replaced this rollout's entry in the fleet's desired state."""
     return _move(r, RolloutState.SUPERSEDED, now, f"superseded: {why}")
+
+
+def abandon(r: Rollout, now: float, why: str) -> Rollout:
+    """Discard a record desired state never named (its start was interrupted before it
+    published). Raises IllegalTransitionError for a published or finished one."""
+    if r.published:
+        raise IllegalTransitionError(f"rollout {r.id} was published: it cannot be abandoned")
+    return _move(r, RolloutState.ABANDONED, now, f"abandoned: {why}")
 
 
 # ---------------------------------------------------------------------------- desired state

@@ -40,12 +40,10 @@ class RolloutStore:
         return self.dir / f"{rollout_id}.json"
 
     def save(self, rollout: Rollout) -> None:
-        """Write the record atomically. Raises RepositoryError when it cannot."""
-        try:
-            make_dir(self.dir, 0o750)
-            atomic_write(self.path(rollout.id), rollout.to_json_bytes() + b"\n", 0o640)
-        except OSError as exc:
-            raise RepositoryError(f"cannot write rollout record {rollout.id}: {exc}") from None
+        """Write the record atomically. Raises OSError naming the file when it cannot (the
+        CLI turns it into the cause and what to do: ``controller.cli.describe_os_error``)."""
+        make_dir(self.dir, 0o750)
+        atomic_write(self.path(rollout.id), rollout.to_json_bytes() + b"\n", 0o640)
 
     def load(self, rollout_id: str) -> Rollout:
         """One record. Raises RepositoryError when missing or damaged."""

@@ -87,6 +87,14 @@ def render_rollout(r: Rollout, now: float) -> str:
     lines += [_stage_line(r, i, now) for i in range(len(r.stages))]
     if r.halt is not None:
         lines.append(f"  halted ({r.halt.kind}) {_duration(now - r.halt.at)} ago: {r.halt.reason}")
+    if r.is_active and not r.published:
+        lines.append(
+            "  not published: its start was interrupted before desired state named it; the "
+            "next rollout command or tick of `edgectl serve` discards it"
+        )
+    if r.state in (RolloutState.SUPERSEDED, RolloutState.ABANDONED) and r.history:
+        at, note = r.history[-1]
+        lines.append(f"  {_duration(now - at)} ago: {note}")
     if r.is_active and r.updated_at and now - r.updated_at > 60:
         lines.append(
             f"  last evaluated {_duration(now - r.updated_at)} ago: is `edgectl serve` running?"
