@@ -17,6 +17,9 @@ touched:
   it out, ``sign-root`` adds signatures on the offline machine, ``import-root`` checks
   both thresholds, publishes it and finishes the rotation.
 - The revoked key's file is deleted only after the metadata that revokes it is out.
+- A new key of an online role (snapshot, timestamp, rollout) always goes to the
+  repository's ``keys/``, where ``edgectl serve`` signs with it; only an offline role's
+  (root, targets) goes to ``key_out`` (``--key-dir``).
 
 Every function here expects the caller to hold ``repo_lock``.
 """
@@ -28,7 +31,7 @@ import logging
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root
@@ -51,6 +54,9 @@ from controller.repository.repo import (
 )
 
 logger = logging.getLogger(__name__)
+
+# Roles whose keys may live away from the controller (``--key-dir``): docs/security.md.
+OFFLINE_ROLES: Final = ("root", "targets")
 
 
 @dataclass
@@ -96,8 +102,9 @@ def rotate(
 ) -> CeremonyResult:
     """Replace ``role``'s key(s) with new ones; revoke the old ones.
 
-    ``count`` and ``threshold`` apply to root only (k-of-n); ``key_out`` is where new
-    private keys go (default: the repository's keys/). Raises UsageError, RepositoryError.
+    ``count`` and ``threshold`` apply to root only (k-of-n); ``key_out`` is where a new
+    private key of an offline role (root, targets) goes (default: the repository's
+    keys/); an online role's always goes to keys/. Raises UsageError, RepositoryError.
     """
     _check_role(role)
     if role != "root" and (count, threshold) != (1, 1):
@@ -106,10 +113,12 @@ def rotate(
         raise UsageError(f"threshold expected 1..{count} (the number of keys), got {threshold}")
     _refuse_if_pending(repo)
     now = _now(now)
+    if role not in OFFLINE_ROLES:
+        key_out = None  # serve signs with it: never onto the offline medium
     if key_out is not None and key_out not in repo.key_dirs:
         repo.key_dirs = (*repo.key_dirs, key_out)  # the new keys sign too
     if role == ROLLOUT_ROLE:
-        return _rotate_rollout(repo, now, key_out)
+        return _rotate_rollout(repo, now)
     result = CeremonyResult(role)
     signers = [generate_key() for _ in range(count)]
     out_dir = key_out or repo.keys_dir
@@ -143,12 +152,10 @@ def _publish_or_park(
     result.resigned, result.revoked = finished.resigned, finished.revoked
 
 
-def _rotate_rollout(repo: Repository, now: datetime, key_out: Path | None) -> CeremonyResult:
+def _rotate_rollout(repo: Repository, now: datetime) -> CeremonyResult:
     result = CeremonyResult(ROLLOUT_ROLE)
     signer = generate_key()
-    result.key_files.append(
-        save_key(key_out or repo.keys_dir, ROLLOUT_ROLE, signer, keyed_name=True)
-    )
+    result.key_files.append(save_key(repo.keys_dir, ROLLOUT_ROLE, signer, keyed_name=True))
     result.new_keyids.append(key_id(signer))
     targets = repo.load("targets")
     for old in list(targets.signed.delegations.roles[ROLLOUT_ROLE].keyids):
