@@ -20,6 +20,9 @@ touched:
 - A new key of an online role (snapshot, timestamp, rollout) always goes to the
   repository's ``keys/``, where ``edgectl serve`` signs with it; only an offline role's
   (root, targets) goes to ``key_out`` (``--key-dir``).
+- Publishing the new delegator version and re-signing go through the rotation journal
+  (``controller.repository.rotation``): an interrupted rotation is rolled forward by the
+  next change or ``serve``'s next check.
 
 Every function here expects the caller to hold ``repo_lock``.
 """
@@ -28,12 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
-from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
@@ -41,7 +43,7 @@ from tuf.api.serialization.json import JSONSerializer
 from agent.contracts import ROLLOUT_ROLE
 from controller.base.errors import UsageError
 from controller.base.fsio import atomic_write
-from controller.repository.keys import generate_key, key_id, load_key_file, remove_revoked, save_key
+from controller.repository.keys import generate_key, key_id, load_key_file, save_key
 from controller.repository.repo import (
     ALL_ROLES,
     PENDING_ROOT_FILE,
@@ -52,25 +54,14 @@ from controller.repository.repo import (
     check_root_signatures,
     save_policy,
 )
+from controller.repository.rotation import CeremonyResult, begin, end, finish_rotation
+
+__all__ = ["CeremonyResult", "finish_rotation"]  # where they lived before rotation.py
 
 logger = logging.getLogger(__name__)
 
 # Roles whose keys may live away from the controller (``--key-dir``): docs/security.md.
 OFFLINE_ROLES: Final = ("root", "targets")
-
-
-@dataclass
-class CeremonyResult:
-    """What a key operation did, for the CLI to print."""
-
-    role: str
-    new_keyids: list[str] = field(default_factory=list)
-    key_files: list[Path] = field(default_factory=list)
-    root_version: int | None = None  # a root version published now
-    pending: Path | None = None  # a root version waiting for signatures
-    missing: str = ""  # which signatures the pending root lacks
-    resigned: dict[str, int] = field(default_factory=dict)
-    revoked: list[str] = field(default_factory=list)
 
 
 def _now(now: datetime | None) -> datetime:
@@ -140,15 +131,18 @@ def _publish_or_park(
     repo: Repository, root: Metadata[Root], now: datetime, result: CeremonyResult
 ) -> None:
     try:
-        repo.write("root", root, now)
+        repo.sign("root", root, now)
     except RootSignaturesMissingError as exc:
         pending = repo.path / PENDING_ROOT_FILE
         atomic_write(pending, root.to_bytes(JSONSerializer(compact=False)), mode=0o600)
         result.pending, result.missing = pending, str(exc)
         logger.warning("root version %d waits for signatures: %s", root.signed.version, exc)
         return
+    begin(repo, [result.role], "root", root)
+    repo.publish_root(root)
     result.root_version = int(root.signed.version)
     finished = finish_rotation(repo, now)
+    end(repo)
     result.resigned, result.revoked = finished.resigned, finished.revoked
 
 
@@ -161,38 +155,16 @@ def _rotate_rollout(repo: Repository, now: datetime) -> CeremonyResult:
     for old in list(targets.signed.delegations.roles[ROLLOUT_ROLE].keyids):
         targets.signed.revoke_key(old, ROLLOUT_ROLE)
     targets.signed.add_key(signer.public_key, ROLLOUT_ROLE)
-    result.resigned["targets"] = repo.sign_next_version("targets", targets, now)
+    targets.signed.version += 1
+    repo.sign("targets", targets, now)
+    begin(repo, [ROLLOUT_ROLE], "targets", targets)
+    repo.write_signed("targets", targets)
+    repo.adopt_unpublished("targets", int(targets.signed.version))
+    result.resigned["targets"] = int(targets.signed.version)
     finished = finish_rotation(repo, now)
+    end(repo)
     result.resigned.update(finished.resigned)
     result.revoked = finished.revoked
-    return result
-
-
-def _is_signed(delegator: Any, role: str, md: Metadata[Any]) -> bool:
-    try:
-        delegator.verify_delegate(role, md.signed_bytes, md.signatures)
-    except UnsignedMetadataError:
-        return False
-    return True
-
-
-def finish_rotation(repo: Repository, now: datetime | None = None) -> CeremonyResult:
-    """Re-sign every role whose current metadata the trusted keys no longer verify, then
-    delete the key files the metadata no longer lists. Idempotent."""
-    now = _now(now)
-    result = CeremonyResult("*")
-    root = repo.load("root").signed
-    if not _is_signed(root, "targets", repo.load("targets")):
-        result.resigned["targets"] = repo.sign_next_version("targets", repo.load("targets"))
-    if not _is_signed(repo.load("targets").signed, ROLLOUT_ROLE, repo.load(ROLLOUT_ROLE)):
-        result.resigned[ROLLOUT_ROLE] = repo.update_targets(ROLLOUT_ROLE, {}, now)
-    if result.resigned or not _is_signed(root, "snapshot", repo.load("snapshot")):
-        result.resigned["snapshot"], result.resigned["timestamp"] = repo.publish(now)
-    elif not _is_signed(root, "timestamp", repo.load("timestamp")):
-        result.resigned["timestamp"] = repo.bump_timestamp(now)
-    for role in ALL_ROLES:
-        keep, _ = repo.role_keys(role)
-        result.revoked += remove_revoked(repo.keys_dir, role, keep)
     return result
 
 
@@ -263,11 +235,25 @@ def import_root(repo: Repository, path: Path, now: datetime | None = None) -> Ce
     Raises RootSignaturesMissingError (naming the counts) when a threshold is not met.
     """
     md = _read_root(path)
+    if md.signed.version == repo.root_version() + 1:
+        check_root_signatures(md, repo.load("root").signed)  # before the journal
+        begin(repo, _changed_roles(repo.load("root").signed, md.signed), "root", md)
     repo.publish_root(md)
     result = CeremonyResult("root", root_version=int(md.signed.version))
     finished = finish_rotation(repo, now)
+    end(repo)
     result.resigned, result.revoked = finished.resigned, finished.revoked
     return result
+
+
+def _changed_roles(old: Root, new: Root) -> list[str]:
+    """The roles whose keys or threshold differ between two root versions."""
+    return [
+        role
+        for role in TOP_ROLES
+        if (set(old.roles[role].keyids), old.roles[role].threshold)
+        != (set(new.roles[role].keyids), new.roles[role].threshold)
+    ] or ["root"]
 
 
 # ---------------------------------------------------------------------------- expiry

@@ -243,11 +243,24 @@ class Repository:
         role. Raises RepositoryError when fewer than its threshold are available (root:
         see ``sign_root``).
         """
+        self.sign(role, md, now, signers)
+        if role == "root":
+            self._publish_root(md)
+        else:
+            self.write_signed(role, md)
+
+    def sign(
+        self,
+        role: str,
+        md: Metadata[Any],
+        now: datetime | None = None,
+        signers: list[Signer] | None = None,
+    ) -> None:
+        """The first half of ``write``: set expiry and sign, writing nothing."""
         md.signed.expires = (now or _utc_now()) + self.policy.lifetime(role)
         md.signatures.clear()
         if role == "root":
             self.sign_root(md, signers)
-            self._publish_root(md)
             return
         if signers is None:
             found = self.signers(role)
@@ -255,17 +268,27 @@ class Repository:
             if len(found) < threshold:
                 raise RepositoryError(
                     f"the {role} role needs {threshold} signature(s), but only {len(found)} of "
-                    f"its keys are in {', '.join(map(str, self.key_dirs))}; pass --key-dir "
-                    "where the others are"
+                    f"its keys are in {', '.join(map(str, self.key_dirs))}; pass "
+                    "--key-dir where the others are, or finish an interrupted rotation with "
+                    f"`edgectl keys finish --repo {self.path}`"
                 )
             signers = list(found.values())
         for signer in signers:
             md.sign(signer, append=True)
+
+    def write_signed(self, role: str, md: Metadata[Any]) -> None:
+        """The second half of ``write`` for a role other than root: write ``md`` as it is
+        signed (timestamp.json, or N.<role>.json)."""
         data = md.to_bytes(self._serializer)
         if role == "timestamp":
             atomic_write(self.metadata_dir / "timestamp.json", data)
             return
         atomic_write(self.metadata_dir / f"{md.signed.version}.{role}.json", data)
+
+    def adopt_unpublished(self, role: str, version: int) -> None:
+        """Make the written ``N.<role>.json`` (targets or rollout) what ``load`` returns and
+        ``publish`` names, as ``sign_next_version`` does (rolling a rotation forward)."""
+        self._unpublished[role] = version
 
     def sign_root(self, md: Metadata[Root], signers: list[Signer] | None = None) -> None:
         """Add signatures to a new root from ``signers`` (default: every available key of
@@ -296,6 +319,16 @@ class Repository:
         data = md.to_bytes(self._serializer)
         atomic_write(self.metadata_dir / f"{md.signed.version}.root.json", data)
         atomic_write(self.metadata_dir / "root.json", data)
+
+    def repair_root_copy(self) -> bool:
+        """Make ``metadata/root.json`` a copy of the newest ``N.root.json`` again (an
+        interruption between the two writes); True when it had to be rewritten."""
+        data = (self.metadata_dir / f"{self.root_version()}.root.json").read_bytes()
+        copy = self.metadata_dir / "root.json"
+        if copy.exists() and copy.read_bytes() == data:
+            return False
+        atomic_write(copy, data)
+        return True
 
     def publish_root(self, md: Metadata[Root]) -> None:
         """Publish an already signed next root version (``import-root``).
