@@ -63,7 +63,8 @@ def read_timestamp_version(repo_dir: Path) -> int:
 
 
 def _resign(repo_dir: Path) -> dict[str, int]:
-    # locked_repository first finishes an interrupted key rotation.
+    # locked_repository first finishes an interrupted key rotation and refuses keys or a
+    # lock this user cannot use (naming the chown).
     with locked_repository(repo_dir) as repo:
         return resign_expiring(repo)
 

@@ -61,7 +61,7 @@ from tuf.api.serialization.json import JSONSerializer
 from agent.contracts import ROLLOUT_PATHS, ROLLOUT_ROLE
 from controller.base.errors import RepositoryError, UsageError
 from controller.base.fsio import atomic_write, make_dir
-from controller.repository.keys import generate_key, load_signers, save_key
+from controller.repository.keys import generate_key, load_signers, save_key, scan_signers
 
 logger = logging.getLogger(__name__)
 
@@ -263,12 +263,13 @@ class Repository:
             self.sign_root(md, signers)
             return
         if signers is None:
-            found = self.signers(role)
-            _, threshold = self.role_keys(role)
+            keyids, threshold = self.role_keys(role)
+            found, ignored = scan_signers(self.key_dirs, role, keyids)
             if len(found) < threshold:
+                why = f" (ignored: {'; '.join(ignored)})" if ignored else ""
                 raise RepositoryError(
                     f"the {role} role needs {threshold} signature(s), but only {len(found)} of "
-                    f"its keys are in {', '.join(map(str, self.key_dirs))}; pass "
+                    f"its keys are in {', '.join(map(str, self.key_dirs))}{why}; pass "
                     "--key-dir where the others are, or finish an interrupted rotation with "
                     f"`edgectl keys finish --repo {self.path}`"
                 )

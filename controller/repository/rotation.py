@@ -47,7 +47,8 @@ from tuf.api.serialization.json import JSONSerializer
 from agent.contracts import ROLLOUT_ROLE
 from controller.base.errors import RepositoryError
 from controller.base.fsio import atomic_write, repo_lock
-from controller.repository.keys import remove_revoked
+from controller.repository.access import check_lock, serving_user
+from controller.repository.keys import check_key_access, remove_revoked
 from controller.repository.repo import ALL_ROLES, Repository
 
 logger = logging.getLogger(__name__)
@@ -224,6 +225,13 @@ def roll_forward(repo: Repository, now: datetime | None = None) -> CeremonyResul
     return result
 
 
+def check_serving_access(repo: Repository) -> None:
+    """Raise RepositoryError (with the ``chown``) when the user who runs ``edgectl serve``
+    could not read a current key in ``keys/``."""
+    keyids = {role: repo.role_keys(role)[0] for role in ALL_ROLES}
+    check_key_access(repo.keys_dir, keyids, serving_user(repo.path))
+
+
 @contextlib.contextmanager
 def locked_repository(
     repo_dir: Path,
@@ -232,14 +240,18 @@ def locked_repository(
     *,
     finish: bool = True,
 ) -> Iterator[Repository]:
-    """The repository, for a change: its lock held, an interrupted rotation finished
-    (unless ``finish`` is False: the caller rolls forward itself).
+    """The repository, for a change: its lock held, the lock and the current keys usable
+    by the serving user, an interrupted rotation finished (unless ``finish`` is False:
+    the caller rolls forward itself).
 
-    Raises RepositoryError (no repository, a rotation that cannot be finished here).
+    Raises RepositoryError (no repository, a lock or key the serving user could not use,
+    a rotation that cannot be finished here).
     """
     Repository.open(repo_dir, extra_key_dirs)  # "not a repository" before any lock file
+    check_lock(repo_dir)
     with repo_lock(repo_dir):
         repo = Repository.open(repo_dir, extra_key_dirs)
+        check_serving_access(repo)
         if finish:
             roll_forward(repo, now)
         yield repo
