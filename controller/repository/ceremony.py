@@ -117,6 +117,7 @@ def rotate(
         result.key_files.append(save_key(out_dir, role, signer, keyed_name=True))
         result.new_keyids.append(key_id(signer))
     root: Metadata[Root] = repo.load("root")
+    repo.revoking.update(root.signed.roles[role].keyids)
     for old in list(root.signed.roles[role].keyids):
         root.signed.revoke_key(old, role)
     for signer in signers:
@@ -152,6 +153,7 @@ def _rotate_rollout(repo: Repository, now: datetime) -> CeremonyResult:
     result.key_files.append(save_key(repo.keys_dir, ROLLOUT_ROLE, signer, keyed_name=True))
     result.new_keyids.append(key_id(signer))
     targets = repo.load("targets")
+    repo.revoking.update(targets.signed.delegations.roles[ROLLOUT_ROLE].keyids)
     for old in list(targets.signed.delegations.roles[ROLLOUT_ROLE].keyids):
         targets.signed.revoke_key(old, ROLLOUT_ROLE)
     targets.signed.add_key(signer.public_key, ROLLOUT_ROLE)
@@ -236,14 +238,21 @@ def import_root(repo: Repository, path: Path, now: datetime | None = None) -> Ce
     """
     md = _read_root(path)
     if md.signed.version == repo.root_version() + 1:
-        check_root_signatures(md, repo.load("root").signed)  # before the journal
-        begin(repo, _changed_roles(repo.load("root").signed, md.signed), "root", md)
+        current = repo.load("root").signed
+        check_root_signatures(md, current)  # before the journal
+        begin(repo, _changed_roles(current, md.signed), "root", md)
+        repo.revoking.update(_revoked_keyids(current, md.signed))
     repo.publish_root(md)
     result = CeremonyResult("root", root_version=int(md.signed.version))
     finished = finish_rotation(repo, now)
     end(repo)
     result.resigned, result.revoked = finished.resigned, finished.revoked
     return result
+
+
+def _revoked_keyids(old: Root, new: Root) -> set[str]:
+    """The key ids ``old`` gives a top-level role and ``new`` no longer does."""
+    return {k for r in TOP_ROLES for k in old.roles[r].keyids if k not in new.roles[r].keyids}
 
 
 def _changed_roles(old: Root, new: Root) -> list[str]:

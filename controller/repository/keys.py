@@ -121,46 +121,59 @@ def load_signers(
 
 
 def scan_signers(
-    key_dirs: Iterable[Path], role: str, keyids: Collection[str]
+    key_dirs: Iterable[Path],
+    role: str,
+    keyids: Collection[str],
+    quiet: Collection[str] = (),
 ) -> tuple[dict[str, CryptoSigner], list[str]]:
     """``load_signers``, and why each ignored file was ignored (for an error that says
-    why a threshold is not met). Raises KeyUnreadableError for a file that may hold a
-    current key and that this process may not read."""
+    why a threshold is not met), each also logged as a warning once, except for a key
+    whose id is in ``quiet`` (being revoked right now). Raises KeyUnreadableError for a
+    file that may hold a current key and that this process may not read."""
     found: dict[str, CryptoSigner] = {}
     ignored: list[str] = []
     for directory in key_dirs:
         for path in key_files(directory, role):
-            reason = _load_one(path, role, keyids, found)
-            if reason:
-                ignored.append(reason)
-                try:
-                    mtime = str(path.stat().st_mtime_ns)
-                except OSError:
-                    mtime = ""
-                warn_once(("ignored", str(path), mtime, reason), "ignoring %s", reason)
+            signer, reason = _load_one(path, role, keyids)
+            if signer is not None and not reason:
+                found.setdefault(key_id(signer), signer)
+                continue
+            ignored.append(reason)
+            if signer is not None and key_id(signer) in quiet:
+                logger.debug("passing over %s", reason)
+                continue
+            try:
+                mtime = str(path.stat().st_mtime_ns)
+            except OSError:
+                mtime = ""
+            warn_once(
+                ("ignored", str(path), mtime, reason),
+                "ignoring a file among the %s keys: %s",
+                role,
+                reason,
+            )
     return found, ignored
 
 
-def _load_one(
-    path: Path, role: str, keyids: Collection[str], found: dict[str, CryptoSigner]
-) -> str:
-    """Load ``path`` into ``found`` when it holds a current key; else say why not."""
+def _load_one(path: Path, role: str, keyids: Collection[str]) -> tuple[CryptoSigner | None, str]:
+    """The key in ``path`` and, when it is not one of ``keyids`` or unusable, why."""
     try:
+        signer = load_key_file(path)  # its errors name the path
         warn_if_exposed(path, path.stat())
-        signer = load_key_file(path)
     except KeyUnreadableError as exc:
         if may_be_current(path, role, keyids):
             raise
-        return f"{path}: {exc}"
-    except (OSError, RepositoryError) as exc:
-        return f"{path}: {exc}"
+        return None, str(exc)
+    except RepositoryError as exc:
+        return None, str(exc)
+    except OSError as exc:
+        return None, f"{path}: {exc}"
     if key_id(signer) not in keyids:
-        return (
+        return signer, (
             f"{path}: its key {key_id(signer)[:16]}… is not one of the {role} role's current "
             "keys (a revoked key, one waiting for a new root version, or a stray file)"
         )
-    found.setdefault(key_id(signer), signer)
-    return ""
+    return signer, ""
 
 
 def check_key_access(keys_dir: Path, keyids: Mapping[str, Collection[str]], user: User) -> None:

@@ -127,6 +127,9 @@ class Repository:
         self._serializer = JSONSerializer(compact=False)
         # Targets roles signed since the last snapshot: role → version (see ``publish``).
         self._unpublished: dict[str, int] = {}
+        # Key ids a rotation in progress revokes: their files are expected until it
+        # deletes them, so signing passes over them without a warning.
+        self.revoking: set[str] = set()
 
     @classmethod
     def open(cls, path: Path, extra_key_dirs: tuple[Path, ...] = ()) -> Repository:
@@ -264,7 +267,7 @@ class Repository:
             return
         if signers is None:
             keyids, threshold = self.role_keys(role)
-            found, ignored = scan_signers(self.key_dirs, role, keyids)
+            found, ignored = scan_signers(self.key_dirs, role, keyids, quiet=self.revoking)
             if len(found) < threshold:
                 why = f" (ignored: {'; '.join(ignored)})" if ignored else ""
                 raise RepositoryError(

@@ -77,8 +77,9 @@ def test_a_stray_file_among_the_keys_is_ignored_with_a_warning(
 
     assert changed == {"timestamp": 2}
     warnings = " ".join(r.getMessage() for r in caplog.records)
-    assert f"ignoring {stray}" in warnings
-    assert f"ignoring {revoked}" in warnings and "not one of the timestamp role's" in warnings
+    assert f"ignoring a file among the timestamp keys: cannot load the key {stray}" in warnings
+    assert f"ignoring a file among the timestamp keys: {revoked}: its key" in warnings
+    assert "is not one of the timestamp role's current keys" in warnings
     client.refresh()
     assert client.trusted("timestamp") == 2
 
@@ -161,3 +162,12 @@ def test_a_key_readable_by_others_is_warned_about(
     warnings = " ".join(r.getMessage() for r in caplog.records)
     assert f"the key file {key} is readable by other users (mode 0644)" in warnings
     assert f"fix: chmod 600 {key}" in warnings
+
+
+@pytest.mark.parametrize("role", ["timestamp", "rollout"])
+def test_a_rotation_passes_over_the_key_it_revokes_without_a_warning(
+    repo: Repository, role: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        assert main(["keys", "rotate", role, "--repo", str(repo.path)]) == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
