@@ -9,6 +9,8 @@ Layout of a repository directory::
                               elsewhere (``controller.repository.keys``, docs/security.md)
     root-pending.json         a new root version waiting for offline signatures
                               (``edgectl keys export-root`` / ``import-root``; never served)
+    rotation-journal.json     a key rotation decided but maybe not finished
+                              (``controller.repository.rotation``; never served)
     metadata/N.root.json      every root version; metadata/root.json is a copy of the
                               latest one, the trust anchor agents are enrolled with
     metadata/N.targets.json   top-level targets: bundles, signed by the release key
@@ -28,7 +30,8 @@ Invariants:
 - Metadata is signed by every available key the trusted metadata lists for the role and
   written only when the role's threshold is met; a new root also needs the threshold of
   the previous root (``sign_root``), so clients can follow the chain N → N+1.
-- Callers hold ``repo_lock`` around any change.
+- Callers hold ``repo_lock`` around any change; they enter through
+  ``rotation.locked_repository``, which also finishes an interrupted rotation.
 """
 
 from __future__ import annotations
