@@ -299,7 +299,10 @@ def _add_keys_parser(sub: Subparsers) -> None:
         description="Make a new key for ROLE and revoke the old one. Top-level roles change "
         "in a new root version signed by the current root keys (and, for root, by the new "
         "ones too), then the role is re-signed. When root keys are not here the new root "
-        "waits in REPO_DIR/root-pending.json (exit status 3): export, sign offline, import.",
+        "waits in REPO_DIR/root-pending.json (exit status 3): export, sign offline, import. "
+        "A new snapshot, timestamp or rollout key always goes to REPO_DIR/keys, where serve "
+        "signs with it; a new root or targets key goes to the first --key-dir if given. An "
+        "interrupted rotation is finished by the next change (or `edgectl keys finish`).",
         epilog="examples:\n  edgectl keys rotate timestamp --repo ./repo\n"
         "  edgectl keys rotate root --repo ./repo --keys 3 --threshold 2 --key-dir /media/usb",
         formatter_class=RAW,

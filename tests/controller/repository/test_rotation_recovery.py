@@ -20,12 +20,14 @@ from tuf.api.exceptions import UnsignedMetadataError
 
 from agent.contracts import ROLLOUT_ROLE, desired_target_path
 from controller.app import _resign
+from controller.build.builder import build_bundle
 from controller.cli import main
 from controller.repository import ceremony
 from controller.repository.keys import key_files, load_key_file
 from controller.repository.repo import Repository, resign_expiring
 from controller.repository.rotation import JOURNAL_FILE, locked_repository, read_journal
 from tests.controller.repository.test_keys import Client
+from tests.helpers import make_linear_model
 
 ROOT = Path(__file__).resolve().parents[3]
 ONLINE = ["timestamp", "snapshot", ROLLOUT_ROLE]
@@ -227,3 +229,27 @@ def test_an_interrupted_offline_key_rotation_names_the_fix_and_keys_finish_does_
     assert client.trusted("root") == 2
     assert main(["keys", "finish", "--repo", str(repo.path)]) == 0  # idempotent
     assert "no rotation was interrupted" in capsys.readouterr().out
+
+
+def test_an_interrupted_targets_rotation_is_finished_by_the_next_release(
+    tmp_path: Path, repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = make_linear_model(tmp_path / "lin.onnx", seed=1)
+    bundle = build_bundle(model, "lin", "1.0.0", tmp_path / "lin.bundle", 4).path
+    client = Client(tmp_path, repo)
+    client.refresh()
+    with monkeypatch.context() as m:
+        _interrupt(m, ceremony, "finish_rotation")
+        assert main(["keys", "rotate", "targets", "--repo", str(repo.path)]) == 130
+    with pytest.raises(UnsignedMetadataError):
+        client.refresh()  # root 2 names a targets key that signed nothing yet
+
+    assert main(["release", str(bundle), "--fleet", "lab", "--repo", str(repo.path)]) == 0
+
+    updater = client.refresh()
+    assert client.trusted("root") == 2
+    assert updater.get_targetinfo("bundles/lin/1.0.0.bundle") is not None
+    assert updater.get_targetinfo(desired_target_path("lab")) is not None
+    assert not (repo.path / JOURNAL_FILE).exists()
+    new_keyids, _ = Repository.open(repo.path).role_keys("targets")
+    assert _key_ids(repo.keys_dir, "targets") == new_keyids  # the revoked key is deleted
