@@ -73,6 +73,7 @@ from controller.repository.release import (
     write_model_release,
 )
 from controller.repository.repo import Repository
+from controller.repository.rotation import locked_repository
 from controller.rollout.gates import (
     Evidence,
     GatePolicy,
@@ -165,8 +166,8 @@ def start_rollout(
                 f"{bundle} holds {published.model} {published.version}, not {model} {version}"
             )
     records = RolloutStore(repo_dir)
-    repo = Repository.open(repo_dir)  # names `edgectl init` when there is no repository
-    with repo_lock(repo_dir):
+    # names `edgectl init` when there is no repository; finishes a half-done key rotation
+    with locked_repository(repo_dir) as repo:
         settle_records(repo_dir, records, now)
         target = bundle_target_path(model, version)
         if target not in repo.load("targets").signed.targets:
@@ -224,8 +225,7 @@ def control_rollout(
         raise UsageError(f"unknown rollout action {action!r}; expected {', '.join(ACTIONS)}")
     now = time.time() if now is None else now
     records = RolloutStore(repo_dir)
-    Repository.open(repo_dir)  # names `edgectl init` when there is no repository
-    with repo_lock(repo_dir):
+    with locked_repository(repo_dir):  # names `edgectl init` when there is no repository
         settle_records(repo_dir, records, now)
         active = records.find(fleet, model, active_only=True)
         if not active:
@@ -345,8 +345,7 @@ def retire_version(
     """
     now = now or datetime.now(UTC).replace(microsecond=0)
     records = RolloutStore(repo_dir)
-    repo = Repository.open(repo_dir)
-    with repo_lock(repo_dir):
+    with locked_repository(repo_dir, now=now) as repo:
         settle_records(repo_dir, records, now.timestamp())
         for r in records.active():
             if r.model == model and version in (r.version, r.previous):
