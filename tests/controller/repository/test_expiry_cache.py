@@ -21,6 +21,7 @@ import pytest
 import controller.repository.expiry as expiry
 from controller.base.filememo import SETTLE_S, FileMemo
 from controller.base.fsio import atomic_write
+from controller.identity.ca import CRL_DAYS
 from controller.identity.devices import EnrollOptions, add_device, ca_dir, revoke_device
 from controller.repository.expiry import DeviceCertSummary, ExpiryReader
 from controller.repository.repo import Repository
@@ -179,7 +180,11 @@ def test_an_unchanged_crl_is_parsed_once_and_a_re_signed_one_is_seen(
 
     when = dt.datetime.now(dt.UTC).replace(microsecond=0) + dt.timedelta(days=2)
     revoke_device(repo.path, "cam-2", now=when)
-    assert reader.read(later()).crl_next_update_s == first + 2 * 86400
+    # The re-signed list is read, not the cached one: its next update follows `when`
+    # (the first one followed the clock at add_device, a second boundary may lie between).
+    expected = (when + dt.timedelta(days=CRL_DAYS)).timestamp()
+    assert reader.read(later()).crl_next_update_s == expected
+    assert expected != first
     assert len(parses) == 2
 
 
