@@ -23,8 +23,12 @@ Invariants:
 - Readers never block the writer: each store holds its own read connection.
 - Events are bounded: ``prune_events`` drops those older than the retention period and,
   of each device, all but its newest ``max_per_device`` (a device flooding events
-  fills only its own share). A rollout reads a fleet's events per device
-  (``fleet_events``), so one device's flood cannot push another's out of the window.
+  fills only its own share).
+- An event keeps the rollout it was sent under (``rollout_id``, empty from agents that
+  predate it). A rollout's evidence is read by that id (``rollout_events``), reduced in
+  SQL to a few rows per device: what an aborted rollout of the same version reported
+  late is not evidence against a new one, and no window of "the newest N" leaves
+  anything out.
 
 Raises ``StoreError`` (a ``ControllerError``) when the store cannot be opened, and its
 ``StoreUnavailable`` when an operation cannot reach it (PostgreSQL restarting or failing
@@ -93,7 +97,7 @@ DDL: Final = (
         id {serial}, fleet TEXT NOT NULL, device TEXT NOT NULL, stream TEXT NOT NULL,
         seq BIGINT NOT NULL, at TEXT NOT NULL, received_at DOUBLE PRECISION NOT NULL,
         kind TEXT NOT NULL, model TEXT, version TEXT, previous TEXT, phase TEXT,
-        reason TEXT NOT NULL DEFAULT '',
+        reason TEXT NOT NULL DEFAULT '', rollout_id TEXT,
         UNIQUE (fleet, device, stream, seq))""",
     "CREATE INDEX IF NOT EXISTS events_device ON events (device, id)",
     "CREATE INDEX IF NOT EXISTS events_received ON events (received_at)",
@@ -106,7 +110,12 @@ HEARTBEAT_KEY: Final = (
     "CREATE UNIQUE INDEX IF NOT EXISTS heartbeats_key ON heartbeats (fleet, device, at, seq)"
 )
 # Columns added since the first release: (table, column, type), added when missing.
-MIGRATIONS: Final = (("heartbeats", "at", "TEXT"), ("heartbeats", "seq", "BIGINT"))
+# Rows stored before a column was added hold NULL in it.
+MIGRATIONS: Final = (
+    ("heartbeats", "at", "TEXT"),
+    ("heartbeats", "seq", "BIGINT"),
+    ("events", "rollout_id", "TEXT"),
+)
 
 _HEARTBEAT_INSERT: Final = """
 INSERT INTO heartbeats (fleet, device, received_at, payload, at, seq) VALUES (?, ?, ?, ?, ?, ?)
@@ -164,13 +173,28 @@ ON CONFLICT (fleet, device) DO UPDATE SET
 """
 _EVENT_INSERT: Final = """
 INSERT INTO events (fleet, device, stream, seq, at, received_at, kind, model, version,
-                    previous, phase, reason)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    previous, phase, reason, rollout_id)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (fleet, device, stream, seq) DO NOTHING
 """
 _EVENT_COLUMNS: Final = (
-    "id, fleet, device, stream, seq, at, received_at, kind, model, version, previous, phase, reason"
+    "id, fleet, device, stream, seq, at, received_at, kind, model, version, previous, phase, "
+    "reason, COALESCE(rollout_id, '')"
 )
+# rollout_events: of each device, its latest event of each kind in ``apart`` and its
+# latest of any other kind. An event without a rollout id (an agent that predates it, a
+# row stored before the column) counts for the rollout of its model and version.
+_ROLLOUT_EVENTS: Final = """
+SELECT {columns} FROM (
+    SELECT id, fleet, device, stream, seq, at, received_at, kind, model, version, previous,
+           phase, reason, rollout_id,
+           ROW_NUMBER() OVER (PARTITION BY device, CASE WHEN kind IN ({apart}) THEN kind
+                                                        ELSE '' END
+                              ORDER BY received_at DESC, id DESC) AS n
+    FROM events
+    WHERE fleet = ? AND model = ? AND version = ? AND received_at >= ?
+      AND (rollout_id = ? OR COALESCE(rollout_id, '') = '')) latest
+WHERE n = 1 ORDER BY received_at, id"""
 
 # fleet_aggregates: the arithmetic is controller.fleet.status.health's, operand for operand, in
 # IEEE doubles on both backends, so a device exactly at the threshold is judged the same.
@@ -415,21 +439,26 @@ class TelemetryStore(ABC):
             rows = cur.fetchall()
         return [EventRow(*r) for r in reversed(rows)]
 
-    def fleet_events(
-        self, fleet: str, model: str, version: str, since: float, max_per_device: int
+    def rollout_events(
+        self,
+        fleet: str,
+        rollout_id: str,
+        model: str,
+        version: str,
+        since: float,
+        apart: Sequence[str] = (),
     ) -> list[EventRow]:
-        """The events of ``fleet``'s devices about ``model`` at ``version`` received at or
-        after ``since``: of each device, its newest ``max_per_device``; all in stored
-        order. One device's flood leaves the others' events in."""
-        query = f"""
-            SELECT {_EVENT_COLUMNS} FROM (
-                SELECT {_EVENT_COLUMNS},
-                       ROW_NUMBER() OVER (PARTITION BY device ORDER BY id DESC) AS n
-                FROM events
-                WHERE fleet = ? AND model = ? AND version = ? AND received_at >= ?) recent
-            WHERE n <= ? ORDER BY id"""
+        """The events of rollout ``rollout_id`` (of ``model`` at ``version``) in ``fleet``
+        received at or after ``since``, reduced in SQL: of each device, its latest event
+        of each kind in ``apart`` and its latest of any other kind (ties: the last
+        stored), all oldest first. At most ``len(apart) + 1`` rows per device whatever
+        the device sent: who tried the version, and the last word of each kind that
+        matters. Events without a rollout id count for every rollout of their version."""
+        marks = ", ".join("?" for _ in apart) or "NULL"
+        query = _ROLLOUT_EVENTS.format(columns=_EVENT_COLUMNS, apart=marks)
+        args = [*apart, fleet, model, version, float(since), rollout_id]
         with self._read() as cur:
-            cur.execute(self._sql(query), [fleet, model, version, float(since), max_per_device])
+            cur.execute(self._sql(query), args)
             rows = cur.fetchall()
         return [EventRow(*r) for r in rows]
 
