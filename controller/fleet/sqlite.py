@@ -23,6 +23,9 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 class SqliteStore(TelemetryStore):
+    # Too big (SQLITE_TOOBIG), a type or constraint refused; OverflowError: beyond 64 bits.
+    data_errors = (*TelemetryStore.data_errors, sqlite3.DataError, sqlite3.IntegrityError)
+
     def __init__(self, path: Path) -> None:
         super().__init__()
         self.path = path
@@ -41,7 +44,8 @@ class SqliteStore(TelemetryStore):
         try:
             yield cur
         except BaseException:
-            cur.execute("ROLLBACK")
+            if self._write_conn.in_transaction:  # SQLite ends it itself on a full disk
+                cur.execute("ROLLBACK")
             raise
         cur.execute("COMMIT")
 

@@ -16,14 +16,19 @@ whose ``reason`` is ``poison``, as a gap between parser and store would.
 from __future__ import annotations
 
 import json
+import logging
 import operator
+import sqlite3
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.contracts import (
     MAX_TEXT,
@@ -35,10 +40,18 @@ from agent.contracts import (
     parse_status,
     parse_telemetry,
 )
+from controller.fleet.ingest import Ingestor, IngestSettings
 from controller.fleet.payloads import add_payload, add_to_batch, parse_message
-from controller.fleet.records import IngestBatch
+from controller.fleet.records import FleetAggregates, IngestBatch
+from controller.fleet.roster import POISON
+from controller.fleet.sqlite import SqliteStore
+from controller.fleet.store import TelemetryStore
+from controller.fleet.stores import is_postgres, open_store
+from controller.serve.metrics import render_aggregates
 from tests.controller.fleet.test_ingest_hot_path import good_payload
-from tests.controller.test_store_support import store_for
+from tests.controller.test_store_support import store_for, store_location
+from tests.e2e_support import wait_until
+from tests.helpers import Broker
 
 FLEET, DEVICE = "lab", "dev-1"
 EVENTS = device_topic(FLEET, DEVICE, "events")
@@ -143,6 +156,137 @@ def test_what_the_stores_hold_at_the_limits_still_parses() -> None:
     assert parse_event(event(1, reason=f"emoji {ASTRAL}")).reason == f"emoji {ASTRAL}"
     beat = parse_telemetry(heartbeat(lambda d: d["system"].update(disk_free_bytes=2**64)))
     assert beat.system.disk_free_bytes is None  # beyond what orjson reads as an integer
+
+
+# ------------------------------------------------------------------ through a real ingest
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    with store_location(request.param, tmp_path) as where:
+        yield where
+
+
+def refuse_poison_reason(location: str) -> None:
+    """Make the store at ``location`` refuse events whose reason is ``poison``, the way a
+    value its parser lets through but its database refuses would."""
+    if is_postgres(location):
+        import psycopg
+
+        with psycopg.connect(location, autocommit=True) as conn:
+            conn.execute("ALTER TABLE events ADD CONSTRAINT no_poison CHECK (reason <> 'poison')")
+        return
+    with sqlite3.connect(location) as conn:
+        conn.execute(
+            "CREATE TRIGGER no_poison BEFORE INSERT ON events WHEN NEW.reason = 'poison' "
+            "BEGIN SELECT RAISE(ABORT, 'poison refused'); END"
+        )
+
+
+def ingest(broker: Broker, store: TelemetryStore) -> Ingestor:
+    ingestor = Ingestor(
+        IngestSettings(broker.host, broker.port, client_id="ingest-poison", store_retry_max_s=0.5),
+        store,
+    )
+    ingestor.start()
+    wait_until(lambda: ingestor.is_connected, 10, "the ingestor to connect")
+    return ingestor
+
+
+def publish(broker: Broker, payloads: list[bytes]) -> None:
+    """Publish ``payloads`` on dev-1's events topic at QoS 1 and wait for the broker."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="poison-device")
+    client.connect(broker.host, broker.port)
+    client.loop_start()
+    try:
+        for info in [client.publish(EVENTS, raw, qos=1) for raw in payloads]:
+            info.wait_for_publish(timeout=10)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+def seqs(store: TelemetryStore) -> list[int]:
+    return [e.seq for e in store.events(device=DEVICE, limit=1000)]
+
+
+def test_a_poison_message_is_dropped_and_counted_and_the_rest_stored_and_acknowledged(
+    broker: Broker, location: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In one batch: good events, one the store refuses (``poison``), and the ones the
+    parsers used to let through; then later events. Before, the batch was retried forever
+    (or the writer thread died), so none of the good events were stored."""
+    caplog.set_level(logging.ERROR, logger="controller.fleet.ingest")
+    store = open_store(location)
+    refuse_poison_reason(location)
+    ingestor = ingest(broker, store)
+    ingestor.stop()  # the session stays: what is published now waits in the broker
+    bad = [
+        REFUSED_EVENTS[name]
+        for name in ("seq 2**63", "lone surrogate in stream", "NUL in model", "nested too deeply")
+    ]
+    first = [event(n) for n in range(1, 11)]
+    publish(broker, [*first[:5], *bad[:2], event(11, reason="poison"), *bad[2:], *first[5:]])
+    publish(broker, [event(n) for n in range(12, 21)])
+    ingestor = ingest(broker, store)  # the broker sends them all at once: one batch
+    try:
+        wait_until(lambda: len(seqs(store)) >= 19, 30, "the good events of the batch")
+        publish(broker, [event(n) for n in range(21, 26)])  # and ingest goes on
+        wait_until(lambda: len(seqs(store)) >= 24, 30, "the later events")
+        wait_until(lambda: ingestor.unacknowledged == 0, 10, "every message acknowledged")
+    finally:
+        ingestor.stop()
+    try:
+        assert seqs(store) == [*range(1, 11), *range(12, 26)]
+        assert ingestor.refusals[POISON] == 1 and ingestor.counts["refused"] == 1
+        assert ingestor.counts["rejected"] == 4 and ingestor.counts["events"] == 24
+        assert "the store cannot hold a message on" in caplog.text
+        text = render_aggregates(
+            FleetAggregates({}, {}, {}), [], dict(ingestor.counts), None, ingestor.refusals
+        )
+        assert 'edgefleet_ingest_refused_total{reason="poison"} 1' in text
+    finally:
+        store.close()
+
+    # Acknowledged, poison included: a new ingest of the same session gets nothing again.
+    again = open_store(location)
+    second = ingest(broker, again)
+    try:
+        publish(broker, [event(26)])
+        wait_until(lambda: second.counts["events"] >= 1, 20, "the next event")
+        assert second.counts["events"] == 1 and second.counts["refused"] == 0
+        assert second.counts["rejected"] == 0
+    finally:
+        second.stop()
+        again.close()
+
+
+def test_a_full_store_is_retried_and_nothing_is_dropped(
+    tmp_path: Path, broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store error that is not about the data (SQLite's real "database or disk is full",
+    from a page limit) is retried with backoff: nothing dropped, nothing acknowledged,
+    until there is room again; then everything is stored."""
+    caplog.set_level(logging.ERROR, logger="controller.fleet.ingest")
+    store = SqliteStore(tmp_path / "telemetry.sqlite")
+    with store._write_lock:
+        (pages,) = store._write_conn.execute("PRAGMA page_count").fetchone()
+        store._write_conn.execute(f"PRAGMA max_page_count = {pages}")
+    ingestor = ingest(broker, store)
+    try:
+        publish(broker, [event(n, reason="r" * 2000) for n in range(1, 31)])
+        wait_until(lambda: "(attempt 3)" in caplog.text, 30, "the batch to be retried")
+        assert "database or disk is full" in caplog.text
+        assert store.count("events") == 0 and ingestor.unacknowledged == 30
+        assert ingestor.refusals[POISON] == 0 and ingestor.counts["rejected"] == 0
+        with store._write_lock:
+            store._write_conn.execute("PRAGMA max_page_count = 1073741823")
+        wait_until(lambda: len(seqs(store)) == 30, 30, "the events once there is room")
+        wait_until(lambda: ingestor.unacknowledged == 0, 10, "the acknowledgements")
+        assert seqs(store) == list(range(1, 31)) and ingestor.refusals[POISON] == 0
+    finally:
+        ingestor.stop()
+        store.close()
 
 
 # ------------------------------------------------------------------ the parsers against the stores
