@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,8 +197,6 @@ def refresh_broker_files(repo_dir: Path, resign_crl: bool = False) -> Sequence[P
     atomic_write(acl, render_acl(devices.values(), record["controller_identity"]).encode(), 0o644)
     written = [acl]
     for name in ("ca.crt", "crl.pem"):
-        shutil.copyfile(ca_dir(repo_dir) / name, folder / f".{name}.tmp")
-        (folder / f".{name}.tmp").chmod(0o644)
-        (folder / f".{name}.tmp").replace(folder / name)
+        atomic_write(folder / name, (ca_dir(repo_dir) / name).read_bytes(), mode=0o644)
         written.append(folder / name)
     return written
