@@ -47,6 +47,7 @@ from controller.base.errors import UsageError
 from controller.base.fsio import atomic_write, make_dir
 from controller.identity.ca import DeviceCA
 from controller.identity.devices import DeviceRecord, ca_dir, load_registry, write_crl
+from controller.identity.registry import registry_lock
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,8 @@ def write_broker_config(repo_dir: Path, folder: Path, options: BrokerOptions) ->
         raise UsageError(f"--port expected 1-65535, got {options.port}")
     if not (repo_dir / "metadata" / "root.json").exists():
         raise UsageError(f"{repo_dir} is not a repository: run `edgectl init {repo_dir}` first")
-    ca = DeviceCA.open_or_create(ca_dir(repo_dir))
+    with registry_lock(ca_dir(repo_dir)):  # device add may be creating the CA too
+        ca = DeviceCA.open_or_create(ca_dir(repo_dir))
     folder = folder.resolve()
     make_dir(folder, 0o755)
     written = []
