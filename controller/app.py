@@ -99,6 +99,8 @@ async def resign_loop(repo_dir: Path, interval_s: float) -> None:
             changed = await asyncio.to_thread(_resign, repo_dir)
             if changed:
                 logger.info("re-signed metadata before expiry: %s", changed)
+            else:
+                logger.debug("re-sign check: nothing due")
         except (OSError, ControllerError) as exc:
             logger.error("re-signing failed (retrying in %.0f s): %s", interval_s, exc)
         await asyncio.sleep(interval_s)

@@ -22,12 +22,14 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from agent.base.completion import add_completion_parser, completion_script
 from controller.base.errors import ControllerError, UsageError
+from controller.base.fsio import install_step_hook_from_env
 from controller.commands import bundle, device, fleet, release, repo, rollout, serve
 from controller.commands.common import RAW
 from controller.commands.release import RELEASE_VERBS, route_release_verbs
@@ -117,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        if args.command != "serve":  # test-only hook; serve never honours it
+            install_step_hook_from_env(os.environ)
         code: int = args.func(args)
         return code
     except UsageError as exc:

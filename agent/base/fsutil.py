@@ -11,6 +11,12 @@ write, so its temporary file is created the way a secret must be: a fresh name, 
 permissions no wider than its final ``mode`` from the instant it exists, set exactly
 before the first byte is written. Nobody who may not read the target can open the
 temporary file while the data is in it, and no descriptor opened earlier can exist.
+
+Every durable step (``atomic_write``, ``durable_rename``, ``durable_unlink``) ends by
+calling the step hook, ``None`` unless a test installed one (``set_step_hook``): only
+``edgectl`` does, and only under ``EDGEFLEET_TEST_WRITE_LOG`` (``controller.base.fsio``),
+so a test can SIGKILL the controller right after each of its durable steps. Unset, it
+costs one comparison per write.
 """
 
 from __future__ import annotations
@@ -19,11 +25,28 @@ import contextlib
 import os
 import secrets
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
 # A new file only: never an existing one, never through a symlink, not inherited by children.
 _CREATE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# Test-only: called with the path after each durable step (see the module docstring).
+_step_hook: Callable[[Path], None] | None = None
+
+
+def set_step_hook(hook: Callable[[Path], None] | None) -> None:
+    """Test-only: run ``hook(path)`` after every durable step of this process (None: none).
+
+    ``controller.base.fsio.install_step_hook_from_env`` is its one production caller."""
+    global _step_hook
+    _step_hook = hook
+
+
+def _stepped(path: Path) -> None:
+    if _step_hook is not None:
+        _step_hook(path)
 
 
 def fsync_dir(path: Path) -> None:
@@ -62,6 +85,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
             exc.filename = str(path)  # name the file meant, not none (write) or a temporary
         raise
     fsync_dir(path.parent)
+    _stepped(path)
 
 
 def _create_temporary(path: Path, mode: int) -> tuple[int, Path]:
@@ -82,6 +106,18 @@ def durable_rename(src: Path, dst: Path) -> None:
     fsync_dir(dst.parent)
     if src.parent != dst.parent:
         fsync_dir(src.parent)
+    _stepped(dst)
+
+
+def durable_unlink(path: Path) -> bool:
+    """Remove the file ``path`` and fsync its folder; False when it was not there."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    fsync_dir(path.parent)
+    _stepped(path)
+    return True
 
 
 def remove_tree(path: Path) -> None:

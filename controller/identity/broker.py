@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +47,7 @@ from controller.base.errors import UsageError
 from controller.base.fsio import atomic_write, make_dir
 from controller.identity.ca import DeviceCA
 from controller.identity.devices import DeviceRecord, ca_dir, load_registry, write_crl
+from controller.identity.registry import registry_lock
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +147,8 @@ def write_broker_config(repo_dir: Path, folder: Path, options: BrokerOptions) ->
         raise UsageError(f"--port expected 1-65535, got {options.port}")
     if not (repo_dir / "metadata" / "root.json").exists():
         raise UsageError(f"{repo_dir} is not a repository: run `edgectl init {repo_dir}` first")
-    ca = DeviceCA.open_or_create(ca_dir(repo_dir))
+    with registry_lock(ca_dir(repo_dir)):  # device add may be creating the CA too
+        ca = DeviceCA.open_or_create(ca_dir(repo_dir))
     folder = folder.resolve()
     make_dir(folder, 0o755)
     written = []
@@ -198,8 +199,6 @@ def refresh_broker_files(repo_dir: Path, resign_crl: bool = False) -> Sequence[P
     atomic_write(acl, render_acl(devices.values(), record["controller_identity"]).encode(), 0o644)
     written = [acl]
     for name in ("ca.crt", "crl.pem"):
-        shutil.copyfile(ca_dir(repo_dir) / name, folder / f".{name}.tmp")
-        (folder / f".{name}.tmp").chmod(0o644)
-        (folder / f".{name}.tmp").replace(folder / name)
+        atomic_write(folder / name, (ca_dir(repo_dir) / name).read_bytes(), mode=0o644)
         written.append(folder / name)
     return written

@@ -14,6 +14,7 @@ Layout (inside ``REPO_DIR/ca``, never served over HTTP; see ``controller.serve.h
     ca.key      the CA's private key, 0600 in a 0700 directory
     ca.crt      the CA certificate (what the broker and the agents trust)
     crl.pem     the certificate revocation list, re-signed on every revocation
+    .creating/  only while a new CA is made: its files, moved into place one by one
 
 A device's certificate is issued either with a key made here (``issue_client``: the key
 travels in the enrollment archive) or for the public key of a certificate signing request
@@ -26,6 +27,13 @@ the CRL is always present once the CA exists (mosquitto refuses to start with a
 ``crlfile`` that does not exist) and carries every revoked serial; its next update is
 ``CRL_DAYS`` ahead, and re-signing it (``edgectl device revoke`` or ``edgectl broker
 config``) must happen before then, or the broker refuses every client.
+
+A new CA is crash-safe: its key, CRL and certificate are written into ``.creating/``
+(certificate last), then moved into place in ``CA_FILES`` order (certificate last). A
+command interrupted there leaves ``.creating/``; the next ``open_or_create`` finishes the
+moves once the staged CA was complete, or else discards it and starts again. Without
+``.creating/``, a key without its certificate is damage (never replaced by a new CA).
+Callers hold the registry lock (``controller.identity.registry.registry_lock``).
 """
 
 from __future__ import annotations
@@ -42,12 +50,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent.base.fsutil import durable_rename, fsync_dir, remove_tree
 from controller.base.errors import RepositoryError, UsageError
 from controller.base.fsio import atomic_write, make_dir
 
 T = TypeVar("T")
 
 CA_DIR_NAME: Final = "ca"
+# A new CA's folder while it is made, and its files in the order they move into place.
+CREATING_DIR: Final = ".creating"
+CA_FILES: Final = ("ca.key", "crl.pem", "ca.crt")
 CA_DAYS: Final = 3650
 CRL_DAYS: Final = 365
 ORGANIZATION: Final = "edgefleet"
@@ -165,15 +177,17 @@ class DeviceCA:
 
     @classmethod
     def open_or_create(cls, path: Path, now: dt.datetime | None = None) -> DeviceCA:
-        """The CA at ``path``, created (key, certificate, empty CRL) on first use."""
-        if (path / "ca.key").exists():
+        """The CA at ``path``, created (key, certificate, empty CRL) on first use; a
+        creation an interrupted command left unfinished is finished first, or made again."""
+        finish_creation(path)
+        if (path / "ca.key").exists() or (path / "ca.crt").exists():
             return cls.open(path)
         return cls.create(path, now)
 
     @classmethod
     def create(cls, path: Path, now: dt.datetime | None = None) -> DeviceCA:
         """A new CA in ``path``; raises UsageError when one is already there."""
-        if (path / "ca.key").exists():
+        if (path / "ca.key").exists() or (path / "ca.crt").exists():
             raise UsageError(f"a device CA already exists in {path}")
         when = now or _now()
         key = _new_key()
@@ -205,11 +219,15 @@ class DeviceCA:
             .sign(key, hashes.SHA256())
         )
         make_dir(path, 0o700)
-        atomic_write(path / "ca.key", _key_pem(key), mode=0o600)
-        ca = cls(path, key, cert)
-        atomic_write(ca.cert_path, ca.cert_pem, mode=0o644)
-        ca.write_crl([], when)
-        return ca
+        staging = path / CREATING_DIR
+        remove_tree(staging)
+        make_dir(staging, 0o700)
+        staged = cls(staging, key, cert)
+        atomic_write(staging / "ca.key", _key_pem(key), mode=0o600)
+        staged.write_crl([], when)
+        atomic_write(staged.cert_path, staged.cert_pem, mode=0o644)  # the staged CA is whole
+        finish_creation(path)
+        return cls(path, key, cert)
 
     @classmethod
     def open(cls, path: Path) -> DeviceCA:
@@ -363,6 +381,27 @@ class DeviceCA:
             )
         crl = builder.sign(self._key, hashes.SHA256())
         atomic_write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
+
+
+def creation_pending(path: Path) -> bool:
+    """True while a new CA in ``path`` is not in place yet (see the module docstring)."""
+    return (path / CREATING_DIR).is_dir()
+
+
+def finish_creation(path: Path) -> None:
+    """Finish a CA creation an interrupted command left in ``path/.creating``: move the
+    rest of a complete staged CA into place (certificate last), or discard an incomplete
+    one (nothing of it was moved or used). Nothing to do without ``.creating``."""
+    staging = path / CREATING_DIR
+    if not staging.is_dir():
+        return
+    moving = (path / "ca.key").exists()  # the moves began: the staged CA was complete
+    if moving or (staging / "ca.crt").exists():
+        for name in CA_FILES:
+            if (staging / name).exists():
+                durable_rename(staging / name, path / name)
+    remove_tree(staging)
+    fsync_dir(path)
 
 
 # ------------------------------------------------------------------ reading without the key

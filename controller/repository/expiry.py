@@ -44,7 +44,7 @@ from typing import Final, TypeVar
 
 from controller.base.errors import ControllerError
 from controller.base.filememo import FileMemo
-from controller.identity.ca import read_ca_certificate, read_crl
+from controller.identity.ca import creation_pending, read_ca_certificate, read_crl
 from controller.identity.devices import REGISTRY_FILE, DeviceRecord, ca_dir, load_registry
 from controller.repository.repo import ALL_ROLES, Repository
 
@@ -118,8 +118,11 @@ def summarize_not_afters(
 
 
 def has_device_ca(repo_dir: Path) -> bool:
-    """True once a device CA was created (``edgectl device add`` or ``broker config``)."""
+    """True once a device CA was created (``edgectl device add`` or ``broker config``),
+    not while its creation is unfinished (``controller.identity.ca.creation_pending``)."""
     folder = ca_dir(repo_dir)
+    if creation_pending(folder):
+        return False
     return (folder / "ca.key").exists() or (folder / "ca.crt").exists()
 
 

@@ -42,7 +42,7 @@ from agent.contracts import (
     version_key,
 )
 from controller.base.errors import RepositoryError, UsageError
-from controller.base.fsio import atomic_write
+from controller.base.fsio import atomic_write, durable_unlink
 from controller.fleet.records import DeviceRow
 from controller.repository.release import current_desired_state
 from controller.repository.repo import Repository
@@ -375,6 +375,12 @@ def retire_release(
 
     Also prunes the files of earlier retirements past ``grace``. Raises UsageError (unknown
     release), RetireRefusedError (a fleet's desired state names it), RepositoryError.
+
+    ``retired.json`` records the retirement before the targets drop it, so a retirement
+    interrupted anywhere leaves its bundle file known (pruned after the grace period)
+    rather than orphaned; while the targets still name it, pruning forgets the record.
+    Retiring a retired release raises UsageError saying when it was retired (after an
+    interruption too: ``releases prune`` then does what is left).
     """
     _check(model, version)
     now = now or datetime.now(UTC).replace(microsecond=0)
@@ -392,6 +398,13 @@ def retire_locked(
     target_path = bundle_target_path(model, version)
     md = repo.load("targets")
     target = md.signed.targets.get(target_path)
+    retired = read_retired(repo_dir)
+    if target is None and target_path in retired:
+        raise UsageError(
+            f"no release {model} {version}: it was retired at "
+            f"{retired[target_path].get('retired_at')}; `edgectl releases prune` deletes "
+            "its bundle file once the grace period is over"
+        )
     if target is None:
         find_release(repo_dir, model, version)  # raises naming what there is
         raise UsageError(f"no release {model} {version}")
@@ -403,15 +416,14 @@ def retire_locked(
             f"strand them. Move them first: edgectl rollout start {model} VERSION "
             "--fleet FLEET --repo REPO (and let it complete)"
         )
-    del md.signed.targets[target_path]
-    targets_version = repo.sign_next_version("targets", md, now)
-    repo.publish(now)
-    retired = read_retired(repo_dir)
     retired[target_path] = {
         "retired_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "sha256": target.hashes["sha256"],
     }
-    _write_retired(repo_dir, retired)
+    _write_retired(repo_dir, retired)  # first: an interruption cannot orphan the file
+    del md.signed.targets[target_path]
+    targets_version = repo.sign_next_version("targets", md, now)
+    repo.publish(now)
     pruned = _prune_locked(repo, now, grace)
     logger.info("retired %s (targets v%d)", target_path, targets_version)
     return RetireResult(model, version, target_path, targets_version, now + grace, tuple(pruned))
@@ -441,7 +453,7 @@ def _prune_locked(repo: Repository, now: datetime, grace: timedelta) -> list[str
     for path in due:
         directory, _, basename = path.rpartition("/")
         sha = retired[path].get("sha256", "")
-        (repo.targets_dir / directory / f"{sha}.{basename}").unlink(missing_ok=True)
+        durable_unlink(repo.targets_dir / directory / f"{sha}.{basename}")
         del retired[path]
     # A retired path released again is live: forget its retirement.
     for path in [p for p in retired if p in live]:

@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner, SSlibKey
 
 from controller.base.errors import RepositoryError
-from controller.base.fsio import atomic_write, make_dir
+from controller.base.fsio import atomic_write, durable_unlink, make_dir
 from controller.repository.access import (
     LIST,
     READ,
@@ -213,7 +213,7 @@ def remove_revoked(keys_dir: Path, role: str, keep: Collection[str]) -> list[str
         except RepositoryError:
             continue  # not ours to judge: leave unreadable files alone
         if key_id(signer) not in keep:
-            path.unlink()
+            durable_unlink(path)
             removed.append(key_id(signer))
             logger.info("deleted revoked %s key %s (%s)", role, key_id(signer), path)
     return removed

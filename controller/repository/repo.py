@@ -63,7 +63,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from agent.contracts import ROLLOUT_PATHS, ROLLOUT_ROLE
 from controller.base.errors import RepositoryError, UsageError
-from controller.base.fsio import atomic_write, make_dir
+from controller.base.fsio import atomic_write, durable_unlink, make_dir
 from controller.repository.keys import generate_key, load_signers, save_key, scan_signers
 
 logger = logging.getLogger(__name__)
@@ -350,7 +350,7 @@ class Repository:
             )
         check_root_signatures(md, self._previous_root(md))
         self._publish_root(md)
-        (self.path / PENDING_ROOT_FILE).unlink(missing_ok=True)
+        durable_unlink(self.path / PENDING_ROOT_FILE)
 
     def store_target(self, target_path: str, data: bytes) -> TargetFile:
         """Write a target file under its consistent-snapshot name; return its TargetFile."""

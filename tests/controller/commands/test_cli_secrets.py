@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from controller.cli import main as edgectl_main
+from controller.identity.ca import CREATING_DIR
 from tests.secret_writes import FsyncWatch, shared_dir, watching_fsyncs
 
 
@@ -18,9 +19,12 @@ def _edgectl(*argv: str | Path) -> None:
     assert edgectl_main([str(a) for a in argv]) == 0
 
 
-def _secret_writes(watch: FsyncWatch, target: Path, mode: int) -> None:
-    """``target`` was written (once or more), each time 0``mode`` and closed to others."""
-    writes = watch.temporaries_of(target)
+def _secret_writes(
+    watch: FsyncWatch, target: Path, mode: int, written_as: Path | None = None
+) -> None:
+    """``target`` was written (once or more, as ``written_as`` when it is written there
+    and then moved), each time 0``mode`` and closed to others."""
+    writes = watch.temporaries_of(written_as or target)
     assert writes, f"{target} was not written"
     assert {(oct(s.mode), s.readable_by_nobody) for s in writes} == {(oct(mode), False)}
     assert oct(stat.S_IMODE(target.stat().st_mode)) == oct(mode)
@@ -41,7 +45,9 @@ def test_edgectl_writes_every_key_with_its_final_mode_from_the_start(
         assert len(keys) >= 5, keys  # a key per role, and the rotated targets key
         for key in keys:
             _secret_writes(watch, key, 0o600)
-        _secret_writes(watch, repo / "ca" / "ca.key", 0o600)
+        # A new CA is written in ca/.creating, then moved into place (controller.identity.ca).
+        ca_key = repo / "ca" / "ca.key"
+        _secret_writes(watch, ca_key, 0o600, ca_key.parent / CREATING_DIR / ca_key.name)
         _secret_writes(watch, archive, 0o600)  # it holds the device's private key
         # mosquitto reads its key after dropping to its own group: 0640, never others.
         _secret_writes(watch, broker / "broker.key", 0o640)

@@ -358,3 +358,56 @@ def test_release_of_a_bundle_file_still_works(
     out = _edgectl("release", bundle, "--fleet", "field", "--repo", history_repo)
     assert out.returncode == 0, out.stderr
     assert "fleet field: desired version 1.1.0" in out.stdout
+
+
+class _Interrupted(BaseException):
+    """The process stopping right after a durable step."""
+
+
+def test_an_interrupted_retirement_never_orphans_its_bundle_file(
+    history_repo: Path, tmp_path: Path
+) -> None:
+    """Stopped after any of its durable steps (issue 19, section 2), ``retire`` leaves the
+    bundle file named by the targets or by retired.json, so `releases prune` removes it;
+    retiring it again either completes or says it is retired."""
+    from agent.base.fsutil import set_step_hook
+
+    target = bundle_target_path(CLS, "1.1.0")
+    steps: list[Path] = []
+    reference = tmp_path / "reference"
+    shutil.copytree(history_repo, reference)
+    set_step_hook(steps.append)
+    try:
+        retire_release(reference, CLS, "1.1.0", now=T0)
+    finally:
+        set_step_hook(None)
+    assert steps[0].name == "retired.json"  # the intent, before the targets
+    for n in range(1, len(steps) + 1):
+        repo_dir = tmp_path / f"interrupted-{n}"
+        shutil.copytree(history_repo, repo_dir)
+        stored = Repository.open(repo_dir).target_file_path(
+            target, Repository.open(repo_dir).load("targets").signed.targets[target]
+        )
+        count = 0
+
+        def hook(path: Path, n: int = n) -> None:
+            nonlocal count
+            count += 1
+            if count == n:
+                raise _Interrupted(path)
+
+        set_step_hook(hook)
+        try:
+            with pytest.raises(_Interrupted):
+                retire_release(repo_dir, CLS, "1.1.0", now=T0)
+        finally:
+            set_step_hook(None)
+        live = Repository.open(repo_dir).load("targets").signed.targets
+        assert target in live or target in read_retired(repo_dir), f"orphaned after step {n}"
+        try:
+            retire_release(repo_dir, CLS, "1.1.0", now=T0)
+        except UsageError as exc:
+            assert "it was retired at 2030-01-01T00:00:00Z" in str(exc)
+        assert target not in Repository.open(repo_dir).load("targets").signed.targets
+        assert prune_retired(repo_dir, now=T0 + timedelta(days=7)) == [target]
+        assert not stored.exists() and read_retired(repo_dir) == {}
