@@ -31,14 +31,6 @@ _ROTATION_WHY = (
 )
 # spec name -> (why, the written paths of the kill points that fail on it)
 KNOWN: dict[str, tuple[str, str]] = {
-    "rollout start, then release": (
-        "issue 19 defect 2 (h2): killed between saving its unpublished record and saving it "
-        "published, `rollout start 2.0.0` is overwritten by `release 3.0.0`, then serve's "
-        "tick publishes the stale record: the fleet goes back from 3.0.0 at 100% to 2.0.0 at "
-        "10% with previous 1.0.0",
-        r"repo/(rollouts/.*|targets/fleets/.*|metadata/(\d+\.rollout|\d+\.snapshot|timestamp))"
-        r"\.json$",
-    ),
     "rollout promote": (
         "issue 19 defect 2 (h2): killed after publishing the next stage's desired state and "
         "before saving the record, `rollout promote` is undone by serve's tick, which writes "
