@@ -260,18 +260,41 @@ def settle_records(repo_dir: Path, records: RolloutStore, now: float) -> list[Ro
       interrupted before it published; it is ``abandoned`` and never written.
     - Published, and desired state names another rollout: ``superseded``.
 
+    - Pending (saved ahead of its desired state by a command that was interrupted before
+      it published, see ``_commit``), and desired state still names it: its desired state
+      is published now, so the command is finished, never undone. Named by another
+      rollout: the pending change lost to it (superseded when still active).
+
     Reads desired state through a freshly opened ``Repository``: a role signed but never
     named by a snapshot (a publish that failed half-way) does not count.
     """
-    active = records.active()
-    if not active:
+    todo = [r for r in records.all() if r.is_active or r.pending]
+    if not todo:
         return []
     repo = Repository.open(repo_dir)
     changed = []
-    for r in active:
+    for r in todo:
         entry = _entry(repo, r)
         owned = entry is not None and entry.rollout_id == r.id
-        if owned and not r.published:
+        if r.pending:
+            after = replace(r, pending=False)
+            if owned:
+                write_model_release(repo, r.fleet, r.model, desired_release(r), _utc(now))
+                logger.warning(
+                    "rollout %s: a change saved before an interruption is published now "
+                    "(%s at %g%%)",
+                    r.id,
+                    r.state.value,
+                    r.percent,
+                )
+            elif r.is_active and entry is not None:
+                after = supersede(
+                    after,
+                    now,
+                    f"desired state now names {entry.version} (rollout {entry.rollout_id})",
+                )
+                logger.warning("rollout %s superseded by %s", r.id, entry.rollout_id)
+        elif owned and not r.published:
             after = replace(r, published=True)
             logger.warning("rollout %s: its start published and was interrupted; going on", r.id)
         elif not r.published:
@@ -297,11 +320,14 @@ def settle_records(repo_dir: Path, records: RolloutStore, now: float) -> list[Ro
 def _commit(
     repo: Repository, records: RolloutStore, before: Rollout, after: Rollout, now: float
 ) -> Rollout:
-    """Write ``after``'s desired state, then the record; supersede instead when someone
+    """Publish ``after``: its desired state and its record; supersede instead when someone
     else owns the fleet's entry now. Hold the repository lock.
 
     Only ``start_rollout`` passes a record that is not published (its first write, under
-    the lock it saved the record in); everyone else settles records first."""
+    the lock it saved the record in): desired state first, then the record, so an
+    interrupted start is discarded. A published rollout whose desired state changes saves
+    its record first, marked pending, so an interrupted change is finished by the next
+    command or tick (``settle_records``). Everyone else settles records first."""
     entry = _entry(repo, after)
     if entry is not None and entry.rollout_id != after.id and after.published:
         if not before.is_active:
@@ -312,6 +338,29 @@ def _commit(
         records.save(superseded)
         logger.warning("rollout %s superseded by %s", before.id, entry.rollout_id)
         return superseded
+    if before.published and desired_release(after) != desired_release(before):
+        # A published rollout changes: its record first (pending), then desired state. An
+        # interruption between the two leaves a record ahead of desired state, which the
+        # next command or tick publishes (settle_records): the change is finished, never
+        # undone. A failure that is not an interruption puts the record back.
+        records.save(replace(after, published=True, pending=True))
+        try:
+            _publish(repo, after, now)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                records.save(before)
+            raise
+        after = replace(after, published=True, pending=False)
+        records.save(after)
+        return after
+    _publish(repo, after, now)
+    after = replace(after, published=True)
+    if after != before or not before.published:
+        records.save(after)
+    return after
+
+
+def _publish(repo: Repository, after: Rollout, now: float) -> None:
     if write_model_release(repo, after.fleet, after.model, desired_release(after), _utc(now)):
         logger.info(
             "fleet %s: %s %s at %g%% (rollout %s, %s)",
@@ -322,10 +371,6 @@ def _commit(
             after.id,
             after.state.value,
         )
-    after = replace(after, published=True)
-    if after != before or not before.published:
-        records.save(after)
-    return after
 
 
 def retire_version(
@@ -386,8 +431,9 @@ class RolloutService:
     def tick(self, now: float | None = None) -> list[Rollout]:
         """Evaluate every active rollout once; return the records as they are after it."""
         out = []
-        active = self.records.active()
-        if any(not r.published for r in active):
+        records = self.records.all()
+        active = [r for r in records if r.is_active]
+        if any((r.is_active and not r.published) or r.pending for r in records):
             with repo_lock(self.repo_dir):
                 settle_records(self.repo_dir, self.records, time.time() if now is None else now)
             active = self.records.active()

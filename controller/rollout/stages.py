@@ -144,6 +144,11 @@ class Rollout:
     # that is not published is discarded (``abandoned``) by the next command or tick
     # unless desired state names it (controller.rollout.service.settle_records).
     published: bool = False
+    # Saved ahead of the desired state it asks for (an operator command or a tick of a
+    # published rollout writes its record first, then desired state): while set, the next
+    # command or tick publishes ``desired_release(self)`` and clears it, so an interrupted
+    # command is finished, never undone (controller.rollout.service.settle_records).
+    pending: bool = False
     # The previous version's p99 the latency gate compares with, once measured.
     baseline_p99_s: float | None = None
     # The last gate report, summarised for ``rollout status``.
@@ -483,6 +488,7 @@ def parse_rollout(raw: bytes) -> Rollout:
             if halt is None
             else Halt(**{**halt, "breaches": tuple(halt.get("breaches", ()))}),
             published=bool(doc.get("published", False)),
+            pending=bool(doc.get("pending", False)),
             baseline_p99_s=doc.get("baseline_p99_s"),
             last_report=dict(doc.get("last_report", {})),
             passed={str(k): dict(v) for k, v in doc.get("passed", {}).items()},

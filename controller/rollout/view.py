@@ -92,6 +92,11 @@ def render_rollout(r: Rollout, now: float) -> str:
             "  not published: its start was interrupted before desired state named it; the "
             "next rollout command or tick of `edgectl serve` discards it"
         )
+    if r.pending:
+        lines.append(
+            "  pending: its last change was saved and not yet published (an interrupted "
+            "command); the next rollout command or tick of `edgectl serve` publishes it"
+        )
     if r.state in (RolloutState.SUPERSEDED, RolloutState.ABANDONED) and r.history:
         at, note = r.history[-1]
         lines.append(f"  {_duration(now - at)} ago: {note}")

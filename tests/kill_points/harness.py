@@ -33,7 +33,8 @@ itself right after its Kth durable step. Then, in order:
 At every refresh no fleet's desired state may have gone backwards from where it was
 before the command (a lower version, or the same version at a lower percentage), except
 for an explicit rollback (``rollout abort``); and a serve pass never moves one backwards
-from where it was just before it (serve is no operator).
+from where it was just before it (serve is no operator), except to finish an interrupted
+``rollout abort`` exactly as the uninterrupted command would have left the fleet.
 
 Not covered: the telemetry store (no command here writes it: ``serve`` alone does), the
 repository lock's release (a SIGKILL releases an ``flock`` with the process, so "after
@@ -786,9 +787,12 @@ class Runner:
         def check(stage: str, view: DesiredView, last: DesiredView | None = None) -> DesiredView:
             """No regression from before the command (unless it is a rollback), nor,
             for a serve pass (``last``: what devices saw before it), from before serve:
-            serve is no operator and never sends a fleet back."""
+            serve is no operator and never sends a fleet back on its own. It may finish the
+            operator's interrupted rollback (the command saved it before publishing): then
+            the fleet is exactly where the uninterrupted command put it."""
             back = [] if spec.rollback else regressions(ref.before_view, view)
-            if last is not None:
+            finished = spec.rollback and view == ref.after["desired"]
+            if last is not None and not finished:
                 back += [f"{b} (by serve)" for b in regressions(last, view)]
             if back:
                 raise CaseFailure(f"{stage}: desired state went backwards: {'; '.join(back)}")

@@ -31,12 +31,6 @@ _ROTATION_WHY = (
 )
 # spec name -> (why, the written paths of the kill points that fail on it)
 KNOWN: dict[str, tuple[str, str]] = {
-    "rollout promote": (
-        "issue 19 defect 2 (h2): killed after publishing the next stage's desired state and "
-        "before saving the record, `rollout promote` is undone by serve's tick, which writes "
-        "back the record's stage: the fleet goes from 50% back to 10%",
-        r"repo/metadata/timestamp\.json$",
-    ),
     "keys rotate targets": (_ROTATION_WHY, _ROTATION),
     "keys rotate snapshot": (_ROTATION_WHY, _ROTATION),
     "keys rotate timestamp": (_ROTATION_WHY, _ROTATION),
