@@ -36,9 +36,10 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from controller.base.errors import ControllerError, UsageError
 from controller.base.fsio import repo_lock
 from controller.fleet.ingest import Ingestor, IngestSettings
+from controller.fleet.records import FleetAggregates
 from controller.fleet.roster import RosterEntry, RosterReader
 from controller.fleet.status import StalePolicy
-from controller.fleet.store import TelemetryStore
+from controller.fleet.store import StoreError, TelemetryStore
 from controller.fleet.stores import open_store
 from controller.identity.devices import REGISTRY_FILE, ca_dir, load_registry
 from controller.repository.expiry import ExpiryReader
@@ -47,7 +48,7 @@ from controller.rollout.service import RolloutSettings, start_rollout_service
 from controller.serve.announcer import Announcer
 from controller.serve.config import ServeConfig
 from controller.serve.http import make_app, start_http
-from controller.serve.metrics import render_aggregates
+from controller.serve.metrics import StoreHealth, render_aggregates
 from controller.serve.mqtt_repo import RepoResponder
 from controller.serve.mqtt_tls import serve_tls_context
 
@@ -162,8 +163,14 @@ def add_metrics_route(
         refusals = dict(ingestor.refusals) if ingestor is not None else {}
         now = time.time()
         expiries = reader.read(now) if reader is not None else None
-        aggregates = store.fleet_aggregates(now, policy.default_interval_s, policy.stale_after)
-        return render_aggregates(aggregates, store.event_counts(), counts, expiries, refusals)
+        try:
+            aggregates = store.fleet_aggregates(now, policy.default_interval_s, policy.stale_after)
+            events = store.event_counts()
+        except StoreError as exc:  # unreachable: say so, and serve the rest
+            logger.warning("/metrics without the fleet gauges: %s", exc)
+            aggregates, events = FleetAggregates({}, {}, {}), []
+        health = StoreHealth(up=store.up, errors=store.errors)
+        return render_aggregates(aggregates, events, counts, expiries, refusals, health)
 
     async def handle(_request: web.Request) -> web.Response:
         text = await asyncio.to_thread(render)

@@ -1,22 +1,60 @@
 """The PostgreSQL backend of the telemetry store (psycopg 3), for several workers.
 
-Each ``edgectl serve`` worker of a shared MQTT subscription holds one write and one read
-connection. Batches go through ``executemany`` (pipelined by psycopg) in one transaction;
-rows are written in key order so two workers touching the same devices cannot deadlock.
-A transaction that still fails on a serialization error or a deadlock is retried once.
+Each ``edgectl serve`` worker of a shared MQTT subscription holds a small pool of
+connections (``psycopg_pool``): the writer and a reader each take one, so readers never
+wait for the writer. Batches go through ``executemany`` (pipelined by psycopg) in one
+transaction; rows are written in key order so two workers touching the same devices
+cannot deadlock. A transaction that still fails on a serialization error or a deadlock
+is retried once.
+
+A database restart or failover never needs ``edgectl serve`` restarted: a connection is
+checked when taken from the pool, a broken one is replaced, and the pool reconnects in
+the background with exponential back-off (1 s, doubling, with jitter) while the server
+is away. Meanwhile each operation waits at most ``timeout_s`` for a connection, then
+raises ``StoreUnavailable``: ingestion keeps its messages unacknowledged and retries, the
+rollout job skips the tick, ``/metrics`` says ``edgefleet_store_up 0``. An error with a
+live connection is about the data and is raised as psycopg raised it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Final
 
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from controller.fleet.records import IngestBatch
-from controller.fleet.store import StoreError, TelemetryStore
+from controller.fleet.store import StoreError, StoreUnavailable, TelemetryStore
+
+logger = logging.getLogger(__name__)
+
+# libpq settings used unless the DSN sets them: fail a connection attempt in seconds, and
+# notice a server that vanished without closing the socket (a failover, a cut cable)
+# within about a minute instead of the kernel's two hours.
+CONNECT_DEFAULTS: Final = {
+    "connect_timeout": "5",
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+}
+
+
+def describe(dsn: str) -> str:
+    """Where ``dsn`` points, fit for a message (no password)."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.Error:
+        return "PostgreSQL"
+    host = params.get("host") or params.get("hostaddr") or "localhost"
+    port = params.get("port") or "5432"
+    db = params.get("dbname") or params.get("user") or ""
+    return f"PostgreSQL at {host}:{port}" + (f" (database {db})" if db else "")
 
 
 class PostgresStore(TelemetryStore):
@@ -28,29 +66,73 @@ class PostgresStore(TelemetryStore):
     # Another worker may add the column between our look and our ALTER.
     add_column = "ADD COLUMN IF NOT EXISTS"
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, timeout_s: float = 5.0) -> None:
         super().__init__()
         self.dsn = dsn
+        self.where = describe(dsn)
+        self.timeout_s = timeout_s
+        given = conninfo_to_dict(dsn)
+        conninfo = make_conninfo(
+            dsn, **{k: v for k, v in CONNECT_DEFAULTS.items() if k not in given}
+        )
+        # One plain connection first: a bad DSN or a server that is down fails here, at
+        # once and with libpq's own words, not after the pool's retries.
         try:
-            self._write_conn = psycopg.connect(dsn, connect_timeout=10)
-            self._read_conn = psycopg.connect(dsn, connect_timeout=10, autocommit=True)
+            with psycopg.connect(conninfo) as conn:
+                self._create_tables_on(conn)
         except psycopg.Error as exc:
-            raise StoreError(f"cannot connect to the telemetry store: {exc}") from None
+            raise StoreError(
+                f"the telemetry store ({self.where}) is unreachable: {str(exc).strip()}"
+            ) from None
+        self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
+            conninfo,
+            min_size=2,  # the writer's and a reader's
+            max_size=4,
+            open=True,
+            check=ConnectionPool.check_connection,
+            timeout=timeout_s,
+            name="telemetry-store",
+            reconnect_failed=self._reconnect_failed,
+        )
+
+    def _create_tables_on(self, conn: psycopg.Connection[Any]) -> None:
         try:
-            self._create_tables()
+            with conn.transaction(), conn.cursor() as cur:
+                self._create_tables_with(cur)
         except pg_errors.UniqueViolation:
-            # Two workers creating the tables at once: the other one won.
-            self._write_conn.rollback()
+            pass  # two workers creating the tables at once: the other one won
+
+    def _reconnect_failed(self, _pool: ConnectionPool[Any]) -> None:
+        logger.error(
+            "telemetry store (%s) still unreachable; reconnecting when next used", self.where
+        )
 
     @contextmanager
-    def _writer(self) -> Iterator[Any]:
-        with self._write_conn.transaction(), self._write_conn.cursor() as cur:
-            yield cur
+    def _cursor(self) -> Iterator[Any]:
+        """A cursor in one transaction (committed on exit, rolled back on an error) on a
+        pooled connection; ``StoreUnavailable`` when there is no live connection."""
+        try:
+            with self._pool.connection(timeout=self.timeout_s) as conn:
+                try:
+                    with conn.cursor() as cur:
+                        yield cur
+                except psycopg.Error as exc:
+                    if conn.closed:  # the connection died under us: the pool replaces it
+                        raise self._unavailable(str(exc)) from exc
+                    raise
+        except PoolTimeout:
+            raise self._unavailable(f"no connection within {self.timeout_s:g} s") from None
 
-    @contextmanager
-    def _reader(self) -> Iterator[Any]:
-        with self._read_conn.cursor() as cur:
-            yield cur
+    def _unavailable(self, cause: str) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"the telemetry store ({self.where}) is unreachable: {cause.strip()}"
+        )
+
+    def _writer(self) -> AbstractContextManager[Any]:
+        return self._cursor()
+
+    def _reader(self) -> AbstractContextManager[Any]:
+        return self._cursor()
 
     def write(self, batch: IngestBatch) -> int:
         try:
@@ -59,5 +141,4 @@ class PostgresStore(TelemetryStore):
             return super().write(batch)
 
     def close(self) -> None:
-        self._write_conn.close()
-        self._read_conn.close()
+        self._pool.close()

@@ -155,6 +155,7 @@ class EventRow:
     previous: str | None
     phase: str | None
     reason: str
+    rollout_id: str = ""  # the rollout the device installed under; "" if it did not say
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,7 @@ def event_rows(batch: IngestBatch) -> tuple[list[tuple[Any, ...]], list[tuple[An
             e.previous,
             e.phase,
             e.reason,
+            e.rollout_id,
         )
         for e, received in batch.events
     ]

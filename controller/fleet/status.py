@@ -210,4 +210,5 @@ def event_json(e: EventRow) -> dict[str, Any]:
         "previous": e.previous,
         "phase": e.phase,
         "reason": e.reason,
+        "rollout_id": e.rollout_id,
     }

@@ -23,10 +23,17 @@ Invariants:
 - Readers never block the writer: each store holds its own read connection.
 - Events are bounded: ``prune_events`` drops those older than the retention period and,
   of each device, all but its newest ``max_per_device`` (a device flooding events
-  fills only its own share). A rollout reads a fleet's events per device
-  (``fleet_events``), so one device's flood cannot push another's out of the window.
+  fills only its own share).
+- An event keeps the rollout it was sent under (``rollout_id``, empty from agents that
+  predate it). A rollout's evidence is read by that id (``rollout_events``), reduced in
+  SQL to a few rows per device: what an aborted rollout of the same version reported
+  late is not evidence against a new one, and no window of "the newest N" leaves
+  anything out.
 
-Raises ``StoreError`` (a ``ControllerError``) when the store cannot be opened.
+Raises ``StoreError`` (a ``ControllerError``) when the store cannot be opened, and its
+``StoreUnavailable`` when an operation cannot reach it (PostgreSQL restarting or failing
+over; ``controller.fleet.postgres`` reconnects by itself): retry later. ``up`` and
+``errors`` say how the last operation went and how many failed (``/metrics``).
 """
 
 from __future__ import annotations
@@ -34,8 +41,8 @@ from __future__ import annotations
 import json
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Final
 
 from controller.base.errors import ControllerError
@@ -54,6 +61,13 @@ from controller.fleet.records import (
 
 class StoreError(ControllerError):
     """The telemetry store cannot be opened or used (a bad DSN, an unreachable server)."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached now (PostgreSQL down, restarting or failing over): the
+    operation did not happen, or a write's commit was lost with the connection. Retrying
+    later is safe (writes are idempotent: ``write``'s rows are keyed). Any other error
+    the store raises is about the data, and retrying the same data fails the same way."""
 
 
 # The schema, in the dialect both backends accept; each backend maps the few types.
@@ -83,7 +97,7 @@ DDL: Final = (
         id {serial}, fleet TEXT NOT NULL, device TEXT NOT NULL, stream TEXT NOT NULL,
         seq BIGINT NOT NULL, at TEXT NOT NULL, received_at DOUBLE PRECISION NOT NULL,
         kind TEXT NOT NULL, model TEXT, version TEXT, previous TEXT, phase TEXT,
-        reason TEXT NOT NULL DEFAULT '',
+        reason TEXT NOT NULL DEFAULT '', rollout_id TEXT,
         UNIQUE (fleet, device, stream, seq))""",
     "CREATE INDEX IF NOT EXISTS events_device ON events (device, id)",
     "CREATE INDEX IF NOT EXISTS events_received ON events (received_at)",
@@ -96,7 +110,12 @@ HEARTBEAT_KEY: Final = (
     "CREATE UNIQUE INDEX IF NOT EXISTS heartbeats_key ON heartbeats (fleet, device, at, seq)"
 )
 # Columns added since the first release: (table, column, type), added when missing.
-MIGRATIONS: Final = (("heartbeats", "at", "TEXT"), ("heartbeats", "seq", "BIGINT"))
+# Rows stored before a column was added hold NULL in it.
+MIGRATIONS: Final = (
+    ("heartbeats", "at", "TEXT"),
+    ("heartbeats", "seq", "BIGINT"),
+    ("events", "rollout_id", "TEXT"),
+)
 
 _HEARTBEAT_INSERT: Final = """
 INSERT INTO heartbeats (fleet, device, received_at, payload, at, seq) VALUES (?, ?, ?, ?, ?, ?)
@@ -154,13 +173,28 @@ ON CONFLICT (fleet, device) DO UPDATE SET
 """
 _EVENT_INSERT: Final = """
 INSERT INTO events (fleet, device, stream, seq, at, received_at, kind, model, version,
-                    previous, phase, reason)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                    previous, phase, reason, rollout_id)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (fleet, device, stream, seq) DO NOTHING
 """
 _EVENT_COLUMNS: Final = (
-    "id, fleet, device, stream, seq, at, received_at, kind, model, version, previous, phase, reason"
+    "id, fleet, device, stream, seq, at, received_at, kind, model, version, previous, phase, "
+    "reason, COALESCE(rollout_id, '')"
 )
+# rollout_events: of each device, its latest event of each kind in ``apart`` and its
+# latest of any other kind. An event without a rollout id (an agent that predates it, a
+# row stored before the column) counts for the rollout of its model and version.
+_ROLLOUT_EVENTS: Final = """
+SELECT {columns} FROM (
+    SELECT id, fleet, device, stream, seq, at, received_at, kind, model, version, previous,
+           phase, reason, rollout_id,
+           ROW_NUMBER() OVER (PARTITION BY device, CASE WHEN kind IN ({apart}) THEN kind
+                                                        ELSE '' END
+                              ORDER BY received_at DESC, id DESC) AS n
+    FROM events
+    WHERE fleet = ? AND model = ? AND version = ? AND received_at >= ?
+      AND (rollout_id = ? OR COALESCE(rollout_id, '') = '')) latest
+WHERE n = 1 ORDER BY received_at, id"""
 
 # fleet_aggregates: the arithmetic is controller.fleet.status.health's, operand for operand, in
 # IEEE doubles on both backends, so a device exactly at the threshold is judged the same.
@@ -199,6 +233,9 @@ class TelemetryStore(ABC):
     def __init__(self) -> None:
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
+        self._health_lock = threading.Lock()
+        self._up = True
+        self._errors = 0
 
     # a backend provides ---------------------------------------------------------
 
@@ -215,16 +252,58 @@ class TelemetryStore(ABC):
 
     # shared ---------------------------------------------------------------------
 
+    @property
+    def up(self) -> bool:
+        """False while the last operation found the store unreachable (``StoreUnavailable``)."""
+        return self._up
+
+    @property
+    def errors(self) -> int:
+        """Operations that raised since the store was opened (``edgefleet_store_errors_total``)."""
+        return self._errors
+
+    @contextmanager
+    def _observed(self, cursor: AbstractContextManager[Any]) -> Iterator[Any]:
+        """``cursor``, with its outcome kept for ``up`` and ``errors``."""
+        try:
+            with cursor as cur:
+                yield cur
+        except StoreUnavailable:
+            with self._health_lock:
+                self._errors += 1
+                self._up = False
+            raise
+        except Exception:
+            with self._health_lock:
+                self._errors += 1
+            raise
+        self._up = True
+
+    @contextmanager
+    def _write(self) -> Iterator[Any]:
+        """A cursor inside one write transaction, one writer at a time."""
+        with self._write_lock, self._observed(self._writer()) as cur:
+            yield cur
+
+    @contextmanager
+    def _read(self) -> Iterator[Any]:
+        """A read cursor, one reader at a time (never waiting for the writer)."""
+        with self._read_lock, self._observed(self._reader()) as cur:
+            yield cur
+
     def _sql(self, text: str) -> str:
         text = text.replace("{greatest}", self.greatest).replace("{serial}", self.serial)
         return text.replace("?", self.placeholder) if self.placeholder != "?" else text
 
     def _create_tables(self) -> None:
         with self._writer() as cur:
-            for statement in DDL:
-                cur.execute(self._sql(statement))
-            self._migrate(cur)
-            cur.execute(HEARTBEAT_KEY)
+            self._create_tables_with(cur)
+
+    def _create_tables_with(self, cur: Any) -> None:
+        for statement in DDL:
+            cur.execute(self._sql(statement))
+        self._migrate(cur)
+        cur.execute(HEARTBEAT_KEY)
 
     def _migrate(self, cur: Any) -> None:
         """Add the columns a store created by an earlier release lacks (``MIGRATIONS``)."""
@@ -251,7 +330,7 @@ class TelemetryStore(ABC):
             (_HEARTBEAT_INSERT, beats["history"]),
             (_EVENT_INSERT, events),
         )
-        with self._write_lock, self._writer() as cur:
+        with self._write() as cur:
             for statement, rows in plan:
                 if rows:
                     cur.executemany(self._sql(statement), rows)
@@ -281,7 +360,7 @@ class TelemetryStore(ABC):
             + (" WHERE " + " AND ".join(where) if where else "")
             + " ORDER BY d.fleet, d.device"
         )
-        with self._read_lock, self._reader() as cur:
+        with self._read() as cur:
             cur.execute(self._sql(query), args)
             rows = cur.fetchall()
             cur.execute(
@@ -321,7 +400,7 @@ class TelemetryStore(ABC):
         ``controller.fleet.status.health`` judges it at ``now`` (offline when the last status
         says so, else stale past ``stale_after`` intervals of silence, the device's own
         interval unless it is missing or zero, then ``default_interval_s``)."""
-        with self._read_lock, self._reader() as cur:
+        with self._read() as cur:
             cur.execute(
                 self._sql(_HEALTH_COUNTS),
                 [float(now), float(stale_after), float(default_interval_s)],
@@ -355,32 +434,37 @@ class TelemetryStore(ABC):
             + (" WHERE " + " AND ".join(where) if where else "")
             + " ORDER BY id DESC LIMIT ?"
         )
-        with self._read_lock, self._reader() as cur:
+        with self._read() as cur:
             cur.execute(self._sql(query), [*args, limit])
             rows = cur.fetchall()
         return [EventRow(*r) for r in reversed(rows)]
 
-    def fleet_events(
-        self, fleet: str, model: str, version: str, since: float, max_per_device: int
+    def rollout_events(
+        self,
+        fleet: str,
+        rollout_id: str,
+        model: str,
+        version: str,
+        since: float,
+        apart: Sequence[str] = (),
     ) -> list[EventRow]:
-        """The events of ``fleet``'s devices about ``model`` at ``version`` received at or
-        after ``since``: of each device, its newest ``max_per_device``; all in stored
-        order. One device's flood leaves the others' events in."""
-        query = f"""
-            SELECT {_EVENT_COLUMNS} FROM (
-                SELECT {_EVENT_COLUMNS},
-                       ROW_NUMBER() OVER (PARTITION BY device ORDER BY id DESC) AS n
-                FROM events
-                WHERE fleet = ? AND model = ? AND version = ? AND received_at >= ?) recent
-            WHERE n <= ? ORDER BY id"""
-        with self._read_lock, self._reader() as cur:
-            cur.execute(self._sql(query), [fleet, model, version, float(since), max_per_device])
+        """The events of rollout ``rollout_id`` (of ``model`` at ``version``) in ``fleet``
+        received at or after ``since``, reduced in SQL: of each device, its latest event
+        of each kind in ``apart`` and its latest of any other kind (ties: the last
+        stored), all oldest first. At most ``len(apart) + 1`` rows per device whatever
+        the device sent: who tried the version, and the last word of each kind that
+        matters. Events without a rollout id count for every rollout of their version."""
+        marks = ", ".join("?" for _ in apart) or "NULL"
+        query = _ROLLOUT_EVENTS.format(columns=_EVENT_COLUMNS, apart=marks)
+        args = [*apart, fleet, model, version, float(since), rollout_id]
+        with self._read() as cur:
+            cur.execute(self._sql(query), args)
             rows = cur.fetchall()
         return [EventRow(*r) for r in rows]
 
     def heartbeats(self, device: str, limit: int = 10) -> list[HeartbeatRow]:
         """The device's most recent heartbeats, oldest first."""
-        with self._read_lock, self._reader() as cur:
+        with self._read() as cur:
             cur.execute(
                 self._sql(
                     "SELECT fleet, device, received_at, payload FROM heartbeats "
@@ -429,7 +513,7 @@ class TelemetryStore(ABC):
             fleet,
             float(since),
         ]
-        with self._read_lock, self._reader() as cur:
+        with self._read() as cur:
             cur.execute(self._sql(query), args)
             rows = cur.fetchall()
         return [HeartbeatRow(fleet, d, float(t), json.loads(p)) for d, t, p in rows]
@@ -443,13 +527,13 @@ class TelemetryStore(ABC):
                 SELECT 1 FROM device_models m WHERE m.fleet = d.fleet AND m.device = d.device
                 AND m.model = ? AND m.version = ?) THEN 1 ELSE 0 END
             FROM devices d WHERE d.fleet = ? ORDER BY d.device"""
-        with self._read_lock, self._reader() as cur:
+        with self._read() as cur:
             cur.execute(self._sql(query), [model, version, fleet])
             return [(str(device), bool(runs)) for device, runs in cur.fetchall()]
 
     def event_counts(self) -> list[tuple[str, str, int]]:
         """(fleet, kind, count) of every event stored."""
-        with self._read_lock, self._reader() as cur:
+        with self._read() as cur:
             cur.execute("SELECT fleet, kind, count(*) FROM events GROUP BY fleet, kind")
             return [(str(f), str(k), int(n)) for f, k, n in cur.fetchall()]
 
@@ -457,13 +541,13 @@ class TelemetryStore(ABC):
         """Rows in ``table`` (devices, device_models, heartbeats or events)."""
         if table not in ("devices", "device_models", "heartbeats", "events"):
             raise ValueError(f"unknown table {table!r}")
-        with self._read_lock, self._reader() as cur:
+        with self._read() as cur:
             cur.execute(f"SELECT count(*) FROM {table}")
             return int(cur.fetchone()[0])
 
     def prune_heartbeats(self, before: float) -> int:
         """Delete heartbeats received before ``before`` (epoch seconds); return how many."""
-        with self._write_lock, self._writer() as cur:
+        with self._write() as cur:
             cur.execute(self._sql("DELETE FROM heartbeats WHERE received_at < ?"), [before])
             return int(cur.rowcount or 0)
 
@@ -472,7 +556,7 @@ class TelemetryStore(ABC):
         that sent one at or after ``active_since``, all but its newest ``max_per_device``
         (only those devices can have gone past it since the last prune); return how many
         were deleted."""
-        with self._write_lock, self._writer() as cur:
+        with self._write() as cur:
             cur.execute(self._sql("DELETE FROM events WHERE received_at < ?"), [before])
             removed = int(cur.rowcount or 0)
             cur.execute(

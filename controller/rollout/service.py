@@ -56,6 +56,7 @@ from controller.repository.release import (
 )
 from controller.repository.repo import Repository
 from controller.rollout.gates import (
+    FAILURE_KINDS,
     Evidence,
     GatePolicy,
     GateReport,
@@ -94,9 +95,6 @@ class RolloutSettings:
     tick_interval_s: float = 5.0
     # Devices that do not say their heartbeat interval are assumed to use this one.
     heartbeat_interval_s: float = 10.0
-    # The newest events of each device one tick reads about the rollout's version (an
-    # install is about ten; a device's flood then hides only its own older ones).
-    max_events_per_device: int = 200
     max_heartbeats_per_device: int = 2_000
 
 
@@ -323,8 +321,10 @@ class RolloutService:
         Heartbeats are read in one query (``store.fleet_heartbeats``) from ``read_from``:
         the stage start on its first tick, later the last read less WINDOW_OVERLAP_S. A
         heartbeat stored later than that after it was received is not read. Events are
-        read per device (``store.fleet_events``): a device's flood cannot push another
-        device's failure out of the window."""
+        those sent under this rollout's id (``store.rollout_events``), reduced in SQL to
+        each device's last failure of each kind and its last other event: all the gates
+        judge, so no device's failure is left out however many events the stage holds,
+        and a late report from another rollout of the same version is not counted."""
         since = r.stage_started_at
         key = (r.id, r.stage, r.stage_started_at)
         window = self._windows.setdefault(key, {})
@@ -347,8 +347,8 @@ class RolloutService:
         samples = list(window.values())
         incidents = tuple(
             Incident(e.device, e.received_at, e.kind, e.reason)
-            for e in self.store.fleet_events(
-                r.fleet, r.model, r.version, since, self.settings.max_events_per_device
+            for e in self.store.rollout_events(
+                r.fleet, r.id, r.model, r.version, since, sorted(FAILURE_KINDS)
             )
         )
         return Evidence(

@@ -1,7 +1,8 @@
 """The controller's Prometheus exposition: fleet gauges and expiry gauges.
 
 ``GET /metrics`` of ``edgectl serve`` (``controller.app.add_metrics_route``) renders, in the
-Prometheus text format (version 0.0.4): devices by fleet and health, devices by model,
+Prometheus text format (version 0.0.4): whether the telemetry store is reachable and its
+failed operations, devices by fleet and health, devices by model,
 version and install state, events stored, events devices dropped, messages this process
 ingested, messages it refused by reason (``controller.fleet.roster``), and, given the
 repository's ``Expiries`` (``controller.repository.expiry``), when what the operator must
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from controller.fleet.records import DeviceRow, FleetAggregates
 from controller.fleet.roster import REFUSAL_REASONS
@@ -54,6 +56,15 @@ def aggregate_rows(rows: Iterable[DeviceRow], now: float, policy: StalePolicy) -
     return FleetAggregates(dict(by_health), dict(dropped), dict(by_version))
 
 
+@dataclass(frozen=True)
+class StoreHealth:
+    """Whether the telemetry store answered this scrape, and its failed operations since
+    ``serve`` started (``TelemetryStore.up``, ``TelemetryStore.errors``)."""
+
+    up: bool = True
+    errors: int = 0
+
+
 def render_metrics(
     rows: Sequence[DeviceRow],
     event_counts: Sequence[tuple[str, str, int]],
@@ -62,10 +73,11 @@ def render_metrics(
     policy: StalePolicy,
     expiries: Expiries | None = None,
     refusals: Mapping[str, int] | None = None,
+    store: StoreHealth | None = None,
 ) -> str:
     """``render_aggregates`` of device rows already loaded."""
     return render_aggregates(
-        aggregate_rows(rows, now, policy), event_counts, ingest_counts, expiries, refusals
+        aggregate_rows(rows, now, policy), event_counts, ingest_counts, expiries, refusals, store
     )
 
 
@@ -75,12 +87,23 @@ def render_aggregates(
     ingest_counts: dict[str, int],
     expiries: Expiries | None = None,
     refusals: Mapping[str, int] | None = None,
+    store: StoreHealth | None = None,
 ) -> str:
     """Fleet aggregates in the Prometheus text format (version 0.0.4), the messages
-    ingestion refused by reason (``refusals``, every reason even at 0), then, given
-    ``expiries``, when what the operator must renew expires (``_render_expiries``).
-    ``/metrics`` gets the aggregates from ``TelemetryStore.fleet_aggregates``."""
+    ingestion refused by reason (``refusals``, every reason even at 0), the store's
+    health (``store``; default: up, no errors), then, given ``expiries``, when what the
+    operator must renew expires (``_render_expiries``). ``/metrics`` gets the aggregates
+    from ``TelemetryStore.fleet_aggregates`` (empty while the store is unreachable)."""
+    health_of_store = store or StoreHealth()
     out = [
+        "# HELP edgefleet_store_up Whether the telemetry store answered this scrape (1) or "
+        "is unreachable (0: the fleet gauges below are missing, ingestion is held).",
+        "# TYPE edgefleet_store_up gauge",
+        _sample("edgefleet_store_up", {}, int(health_of_store.up)),
+        "# HELP edgefleet_store_errors_total Telemetry store operations that failed since "
+        "serve started (unreachable, or data the store refused).",
+        "# TYPE edgefleet_store_errors_total counter",
+        _sample("edgefleet_store_errors_total", {}, health_of_store.errors),
         "# HELP edgefleet_devices Devices by fleet and health (online, stale, offline).",
         "# TYPE edgefleet_devices gauge",
     ]

@@ -21,7 +21,14 @@ import pytest
 from agent.contracts import Event, ProbationPolicy, resolve_release
 from controller.fleet.records import EventRow, HeartbeatFacts, IngestBatch
 from controller.fleet.store import TelemetryStore
-from controller.rollout.gates import Evidence, Incident, Sample, evaluate_gates, parse_gates
+from controller.rollout.gates import (
+    FAILURE_KINDS,
+    Evidence,
+    Incident,
+    Sample,
+    evaluate_gates,
+    parse_gates,
+)
 from controller.rollout.service import (
     WINDOW_OVERLAP_S,
     RolloutService,
@@ -33,9 +40,8 @@ from controller.rollout.stages import OnFailure, Rollout, desired_release, new_r
 FLEET = "lab"
 MODEL = "lin"
 T0 = 1_700_000_000.0
-SETTINGS = RolloutSettings(
-    heartbeat_interval_s=10.0, max_heartbeats_per_device=7, max_events_per_device=3
-)
+SETTINGS = RolloutSettings(heartbeat_interval_s=10.0, max_heartbeats_per_device=7)
+ROLLOUT_ID = f"{MODEL}-2.0.0-test"
 
 
 @dataclass
@@ -61,16 +67,19 @@ class Reference:
                 if sample is not None:
                     self.window[(row.device, beat.received_at)] = sample
         self.read_at = now
-        # Each device's newest max_events_per_device events of the version, by id.
-        kept: dict[str, list[EventRow]] = {}
-        for e in reversed(self.store.events(fleet=r.fleet, limit=10**9)):
-            if e.model == r.model and e.version == r.version and e.received_at >= since:
-                mine = kept.setdefault(e.device, [])
-                if len(mine) < SETTINGS.max_events_per_device:
-                    mine.append(e)
+        # Every event of the rollout (its id, or none given) since the stage start, then
+        # of each device the latest failure of each kind and the latest other event.
+        latest: dict[tuple[str, str], EventRow] = {}
+        for e in self.store.events(fleet=r.fleet, limit=10**9):  # in stored order
+            if (e.model, e.version) != (r.model, r.version) or e.received_at < since:
+                continue
+            if e.rollout_id in (r.id, ""):
+                key = (e.device, e.kind if e.kind in FAILURE_KINDS else "")
+                if key not in latest or e.received_at >= latest[key].received_at:
+                    latest[key] = e
         incidents = tuple(
             Incident(e.device, e.received_at, e.kind, e.reason)
-            for e in sorted((e for mine in kept.values() for e in mine), key=lambda e: e.id)
+            for e in sorted(latest.values(), key=lambda e: (e.received_at, e.id))
         )
         return Evidence(
             r.version, r.previous, tuple(self.window.values()), incidents, r.baseline_p99_s
@@ -79,7 +88,7 @@ class Reference:
 
 def _rollout(since: float) -> Rollout:
     return new_rollout(
-        rollout_id=f"{MODEL}-2.0.0-test",
+        rollout_id=ROLLOUT_ID,
         fleet=FLEET,
         model=MODEL,
         version="2.0.0",
@@ -150,6 +159,8 @@ def _events(rng: random.Random, since: float) -> list[tuple[Event, float]]:
                 kind,
                 rng.choice((MODEL, MODEL, "other")),
                 rng.choice(("2.0.0", "2.0.0", "1.0.0")),
+                # this rollout's, an earlier one's of the same version, or none (old agents)
+                rollout_id=rng.choice((ROLLOUT_ID, ROLLOUT_ID, f"{MODEL}-2.0.0-old", "")),
             )
             rows.append((event, since + rng.uniform(-30, 60)))
     return rows
@@ -168,6 +179,17 @@ def test_first_tick_evidence_equals_the_per_device_reads(store: TelemetryStore, 
     assert len(want.samples) > 20  # the data exercises the reads
     assert len(want.incidents) > 10 and len({i.device for i in want.incidents}) > 5
     assert RolloutService(Path("unused"), store, SETTINGS).evidence(r, now) == want
+    # Reduced to each device's last word of each kind, the gates judge as on every event.
+    every = tuple(
+        Incident(e.device, e.received_at, e.kind, e.reason)
+        for e in store.events(fleet=FLEET, limit=10**9)
+        if (e.model, e.version, e.rollout_id)
+        in ((MODEL, "2.0.0", ROLLOUT_ID), (MODEL, "2.0.0", ""))
+        and e.received_at >= since
+    )
+    policy = parse_gates("failed_installs<0.3,rollbacks<0.5")
+    assert len(every) > len(want.incidents)
+    assert evaluate_gates(policy, replace(want, incidents=every)) == evaluate_gates(policy, want)
 
 
 def test_later_ticks_read_only_the_newest_and_still_agree(store: TelemetryStore) -> None:
@@ -232,6 +254,73 @@ def test_a_devices_flood_of_events_cannot_push_anothers_failure_out(store: Telem
     evidence = service.evidence(r, T0 + 10)
     assert Incident("dev-honest", T0 + 1, "install_failed") in evidence.incidents
     mine = [i for i in evidence.incidents if i.device == "dev-evil"]
-    assert len(mine) == service.settings.max_events_per_device
+    assert mine == [Incident("dev-evil", T0 + 2, "committed")]  # its last word, once
     report = evaluate_gates(parse_gates("failed_installs<0.02"), evidence)
     assert report.failed == 1 and [b.gate for b in report.breaches] == ["failed_installs"]
+
+
+def test_a_devices_failure_counts_however_many_of_its_events_follow(
+    store: TelemetryStore,
+) -> None:
+    """Issue 19, item 8: a tick read each device's newest 200 events, so a failure followed
+    by more (a device retrying its install) fell out of the window."""
+    r = _rollout(T0)
+    failed = Event("dev-a", FLEET, "s", 1, "t", "install_failed", MODEL, "2.0.0", reason="golden")
+    retries = [
+        (Event("dev-a", FLEET, "s", seq, "t", "install_started", MODEL, "2.0.0"), T0 + 2)
+        for seq in range(2, 303)
+    ]
+    store.write(IngestBatch(events=[(failed, T0 + 1), *retries]))
+    evidence = RolloutService(Path("unused"), store).evidence(r, T0 + 10)
+    assert Incident("dev-a", T0 + 1, "install_failed", "golden") in evidence.incidents
+    report = evaluate_gates(parse_gates("failed_installs<0.02"), evidence)
+    assert (report.attempted, report.failed) == (1, 1)
+
+
+def test_a_stage_of_thousands_of_devices_counts_every_early_failure(
+    store: TelemetryStore,
+) -> None:
+    """Issue 19, item 8: 8,000 devices of seven events each (56,000, more than the 50,000
+    a tick once read), one in ten failing first: every failure is counted."""
+    r = _rollout(T0)
+    kinds = ("install_started", "downloaded", "verified", "activated", "probation", "committed")
+    rows = []
+    for i in range(8_000):
+        device = f"dev-{i:05d}"
+        first = "install_failed" if i % 10 == 0 else "install_started"
+        events = [first, *kinds]
+        for seq, kind in enumerate(events, start=1):
+            event = Event(device, FLEET, "s", seq, "t", kind, MODEL, "2.0.0", rollout_id=r.id)
+            rows.append((event, T0 + seq))
+    store.write(IngestBatch(events=rows))
+    evidence = RolloutService(Path("unused"), store).evidence(r, T0 + 100)
+    assert len(evidence.incidents) == 8_000 + 800  # each device's last word, and its failure
+    report = evaluate_gates(parse_gates("failed_installs<0.5"), evidence)
+    assert (report.attempted, report.failed, report.breaches) == (8_000, 800, ())
+
+
+def test_a_late_rollback_of_an_aborted_rollout_does_not_count_against_a_new_one(
+    store: TelemetryStore,
+) -> None:
+    """Issue 19, item 8: 2.0.0 was rolled out, aborted and rolled out again; a device's
+    rollback under the first rollout, reported after the second began, is not evidence
+    against the second. Its own rollback under the second is."""
+    r = _rollout(T0)
+    old = f"{MODEL}-2.0.0-aborted"
+
+    def event(device: str, seq: int, kind: str, rollout_id: str) -> tuple[Event, float]:
+        e = Event(device, FLEET, "s", seq, "t", kind, MODEL, "2.0.0", rollout_id=rollout_id)
+        return e, T0 + seq
+
+    late = [event("dev-1", 1, "rolled_back", old)]
+    healthy = [event(f"dev-{i}", 2, "committed", r.id) for i in range(1, 6)]
+    store.write(IngestBatch(events=[*late, *healthy]))
+    service = RolloutService(Path("unused"), store)
+    policy = parse_gates("failed_installs<0.02,rollbacks<0.02")
+    report = evaluate_gates(policy, service.evidence(r, T0 + 10))
+    assert (report.attempted, report.failed, report.rolled_back, report.breaches) == (5, 0, 0, ())
+
+    store.write(IngestBatch(events=[event("dev-2", 3, "rolled_back", r.id)]))
+    report = evaluate_gates(policy, service.evidence(r, T0 + 10))
+    assert (report.failed, report.rolled_back) == (1, 1)
+    assert [b.gate for b in report.breaches] == ["failed_installs", "rollbacks"]
