@@ -3,11 +3,22 @@
 Builders produce the bytes the agent publishes; parsers (used by the controller) raise
 ``PayloadError`` naming what is wrong and ignore fields they do not know, so a minor
 revision may add some. ``parse_device_topic`` reads a device topic back into its parts.
+
+Invariant: what a parser accepts, the controller's telemetry stores (SQLite and
+PostgreSQL) can hold, so one device's message cannot fail the transaction of a batch:
+the parsers refuse NaN and infinite numbers, lone surrogates anywhere in the document,
+NUL characters in the text they return, text they return for a name, version, time or
+id longer than ``MAX_TEXT`` characters (PostgreSQL indexes them, and an index entry
+holds at most 2,704 bytes), counts beyond ``MAX_COUNT`` (32-bit columns) and sequence
+numbers beyond ``MAX_SEQ`` (64-bit). Nesting deeper than the parser can follow is not
+valid JSON.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Final
@@ -87,6 +98,16 @@ EVENT_KINDS: Final = frozenset({*EVENT_KIND_BY_PHASE.values(), "agent_started"})
 
 class PayloadError(ValueError):
     """A telemetry, event or status payload that does not follow its schema."""
+
+
+# What the controller's stores hold (module docstring): larger values are refused.
+MAX_SEQ: Final = 2**63 - 1  # BIGINT
+MAX_COUNT: Final = 2**31 - 1  # INTEGER on PostgreSQL
+MAX_TEXT: Final = 256  # characters of a name, version, time or id; 4 bytes each at most
+# A system figure beyond these is not an integer to orjson, the controller's hot path
+# (controller.fleet.payloads): it reads as None (not measured) on both paths.
+_SYSTEM_INT_RANGE: Final = (-(2**63), 2**64 - 1)
+_LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -184,13 +205,46 @@ def event_payload(event: Event) -> bytes:
     return _compact(doc)
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise PayloadError(f"not valid JSON: number {text[:40]!r} is not finite")
+    return value
+
+
+def _constant(text: str) -> Any:
+    raise PayloadError(f"not valid JSON: {text} is not a number")
+
+
+def _has_lone_surrogate(doc: Any) -> bool:
+    """True when a string of ``doc`` (keys too, at any depth) holds a lone surrogate:
+    json.loads joins every valid pair into one character, so any left is lone."""
+    stack = [doc]
+    while stack:
+        value = stack.pop()
+        kind = type(value)
+        if kind is str:
+            if not value.isascii() and _LONE_SURROGATE.search(value):
+                return True
+        elif kind is dict:
+            stack += value.keys()
+            stack += value.values()
+        elif kind is list:
+            stack += value
+    return False
+
+
 def _load_doc(raw: bytes, schema: str) -> dict[str, Any]:
     try:
-        doc = json.loads(raw)
+        doc = json.loads(raw, parse_float=_finite, parse_constant=_constant)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PayloadError(f"not valid JSON: {exc}") from None
+    except RecursionError:
+        raise PayloadError("not valid JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise PayloadError(f"expected a JSON object, got {type(doc).__name__}")
+    if _has_lone_surrogate(doc):
+        raise PayloadError("not valid JSON: a string holds a lone surrogate")
     got = doc.get("schema")
     if got != schema:
         raise PayloadError(f"schema expected {schema!r}, got {got!r}")
@@ -222,6 +276,36 @@ def _int_or_none(doc: Mapping[str, Any], key: str) -> int | None:
     return value if type(value) is int else None
 
 
+def _text(value: str, what: str, limit: int | None = MAX_TEXT) -> str:
+    """``value`` if a store can hold it: no NUL, at most ``limit`` characters (None: any)."""
+    if "\x00" in value:
+        raise PayloadError(f"{what} holds a NUL character")
+    if limit is not None and len(value) > limit:
+        raise PayloadError(f"{what} expected at most {limit} characters, got {len(value)}")
+    return value
+
+
+def _text_or_none(doc: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = doc.get(key)
+    return _text(value, f"{where}: {key}") if type(value) is str else None
+
+
+def _int_within(doc: Mapping[str, Any], key: str, limit: int, where: str) -> int:
+    """An integer field (0 when absent or not an integer); PayloadError beyond ±limit."""
+    value = doc.get(key)
+    if type(value) is not int:
+        return 0
+    if not -limit <= value <= limit:
+        raise PayloadError(f"{where}: {key} expected at most {limit:,}, got {value}")
+    return value
+
+
+def _system_int(doc: Mapping[str, Any], key: str) -> int | None:
+    value = _int_or_none(doc, key)
+    low, high = _SYSTEM_INT_RANGE
+    return value if value is not None and low <= value <= high else None
+
+
 def _identity(doc: Mapping[str, Any], where: str) -> tuple[str, str]:
     device = _field(doc, "device", str, where)
     fleet = _field(doc, "fleet", str, where)
@@ -244,9 +328,9 @@ def parse_telemetry(raw: bytes) -> Heartbeat:
     assert isinstance(system_doc, dict)
     system = SystemFigures(
         cpu_percent=_number_or_none(system_doc, "cpu_percent"),
-        memory_used_bytes=_int_or_none(system_doc, "memory_used_bytes"),
-        memory_total_bytes=_int_or_none(system_doc, "memory_total_bytes"),
-        disk_free_bytes=_int_or_none(system_doc, "disk_free_bytes"),
+        memory_used_bytes=_system_int(system_doc, "memory_used_bytes"),
+        memory_total_bytes=_system_int(system_doc, "memory_total_bytes"),
+        disk_free_bytes=_system_int(system_doc, "disk_free_bytes"),
         load_1m=_number_or_none(system_doc, "load_1m"),
         temperature_c=_number_or_none(system_doc, "temperature_c"),
     )
@@ -254,12 +338,13 @@ def parse_telemetry(raw: bytes) -> Heartbeat:
     for name, entry in _field(doc, "models", dict, where).items():
         if not isinstance(entry, dict):
             raise PayloadError(f"{where}: models[{name!r}] expected an object")
-        models[str(name)] = ModelFigures(
-            version=_optional(entry, "version", str),
-            state=str(_optional(entry, "state", str) or "unknown"),
-            requests=_int_or_none(entry, "requests") or 0,
-            errors=_int_or_none(entry, "errors") or 0,
-            client_errors=_int_or_none(entry, "client_errors") or 0,
+        model = f"{where}: models[{name!r}]"
+        models[_text(str(name), f"{where}: model name")] = ModelFigures(
+            version=_text_or_none(entry, "version", model),
+            state=_text_or_none(entry, "state", model) or "unknown",
+            requests=_int_within(entry, "requests", MAX_COUNT, model),
+            errors=_int_within(entry, "errors", MAX_COUNT, model),
+            client_errors=_int_within(entry, "client_errors", MAX_COUNT, model),
             p50_s=_number_or_none(entry, "p50_s"),
             p95_s=_number_or_none(entry, "p95_s"),
             p99_s=_number_or_none(entry, "p99_s"),
@@ -269,15 +354,15 @@ def parse_telemetry(raw: bytes) -> Heartbeat:
     return Heartbeat(
         device=device,
         fleet=fleet,
-        at=_field(doc, "at", str, where),
-        seq=_int_or_none(doc, "seq") or 0,
+        at=_text(_field(doc, "at", str, where), f"{where}: at"),
+        seq=_int_within(doc, "seq", MAX_SEQ, where),
         interval_s=float(_field(doc, "interval_s", (int, float), where)),
-        agent_version=str(_optional(doc, "agent_version", str) or ""),
+        agent_version=_text_or_none(doc, "agent_version", where) or "",
         uptime_s=_number_or_none(doc, "uptime_s") or 0.0,
         system=system,
         models=models,
-        outbox_pending=_int_or_none(outbox, "pending") or 0,
-        outbox_dropped=_int_or_none(outbox, "dropped") or 0,
+        outbox_pending=_int_within(outbox, "pending", MAX_COUNT, f"{where}: outbox"),
+        outbox_dropped=_int_within(outbox, "dropped", MAX_COUNT, f"{where}: outbox"),
     )
 
 
@@ -287,24 +372,25 @@ def parse_event(raw: bytes) -> Event:
     doc = _load_doc(raw, EVENT_SCHEMA)
     device, fleet = _identity(doc, where)
     seq = _field(doc, "seq", int, where)
-    if seq < 1:
-        raise PayloadError(f"{where}: seq expected >= 1, got {seq}")
+    if not 1 <= seq <= MAX_SEQ:
+        raise PayloadError(f"{where}: seq expected 1 to {MAX_SEQ:,}, got {seq}")
     kind = _field(doc, "kind", str, where)
     if not is_name(kind):
         raise PayloadError(f"{where}: kind expected a short name, got {kind!r}")
     return Event(
         device=device,
         fleet=fleet,
-        stream=_field(doc, "stream", str, where),
+        stream=_text(_field(doc, "stream", str, where), f"{where}: stream"),
         seq=seq,
-        at=_field(doc, "at", str, where),
+        at=_text(_field(doc, "at", str, where), f"{where}: at"),
         kind=kind,
-        model=_optional(doc, "model", str),
-        version=_optional(doc, "version", str),
-        previous=_optional(doc, "previous", str),
-        phase=_optional(doc, "phase", str),
-        rollout_id=str(_optional(doc, "rollout_id", str) or ""),
-        reason=str(_optional(doc, "reason", str) or ""),
+        model=_text_or_none(doc, "model", where),
+        version=_text_or_none(doc, "version", where),
+        previous=_text_or_none(doc, "previous", where),
+        phase=_text_or_none(doc, "phase", where),
+        rollout_id=_text_or_none(doc, "rollout_id", where) or "",
+        # Free text, not indexed: any length.
+        reason=_text(str(_optional(doc, "reason", str) or ""), f"{where}: reason", None),
     )
 
 
@@ -325,15 +411,28 @@ def parse_status(raw: bytes) -> Status:
     where = "status"
     doc = _load_doc(raw, STATUS_SCHEMA)
     device, fleet = _identity(doc, where)
-    models = _field(doc, "models", dict, where)
+    models = {
+        _text(str(name), f"{where}: model name"): _status_model(entry, f"{where}: models[{name!r}]")
+        for name, entry in _field(doc, "models", dict, where).items()
+        if isinstance(entry, dict)
+    }
     return Status(
         device=device,
         fleet=fleet,
         online=bool(_field(doc, "online", bool, where)),
-        agent_version=str(_optional(doc, "agent_version", str) or ""),
-        models={str(k): dict(v) for k, v in models.items() if isinstance(v, dict)},
-        at=str(_optional(doc, "at", str) or ""),
+        agent_version=_text_or_none(doc, "agent_version", where) or "",
+        models=models,
+        at=_text_or_none(doc, "at", where) or "",
     )
+
+
+def _status_model(entry: dict[str, Any], where: str) -> dict[str, Any]:
+    """A model of a status message, its version and state checked as the store keeps
+    them (``controller.fleet.records.status_rows``: the version if text, the state as
+    text)."""
+    _text_or_none(entry, "version", where)
+    _text(str(entry.get("state", "unknown")), f"{where}: state")
+    return dict(entry)
 
 
 def parse_device_topic(topic: str) -> tuple[str, str, str]:

@@ -46,6 +46,12 @@ Invariants:
   (besides the batch the writer holds).
 - A message that does not parse, or whose payload names another device or fleet than
   its topic, is counted as rejected and logged (rate-limited), never stored.
+- One message cannot stop ingestion. The parsers refuse what the store cannot hold;
+  should the store still refuse a batch for what it holds (``TelemetryStore.is_data_error``:
+  the same rows would fail again), the batch is split in halves, and halves of those,
+  until the message it refuses is alone: that one is dropped, counted as refused
+  (reason ``poison``), logged and acknowledged, and the others are stored. Any other
+  store error (the database down, a full disk) is retried with backoff and drops nothing.
 - With a ``RosterReader`` (the device registry): a message from a device that is not
   enrolled, is revoked, or is enrolled in another fleet than its topic's, and a heartbeat
   with counts no device can serve, are counted as refused by reason (``refusals``) and
@@ -79,10 +85,18 @@ from agent.contracts import PayloadError, device_topic_filter
 from controller.fleet.backlog import QUEUED, Backlog, Item
 from controller.fleet.payloads import DEFAULT_MAX_REQUESTS_PER_S, Admission, add_payload
 from controller.fleet.records import IngestBatch
-from controller.fleet.roster import RefusedMessage, RosterReader
+from controller.fleet.roster import POISON, RefusedMessage, RosterReader
 from controller.fleet.store import TelemetryStore
 
 logger = logging.getLogger(__name__)
+
+
+class _Refused(Exception):
+    """The store refused a batch for what it holds (``TelemetryStore.is_data_error``)."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class _BufferedSocket:
@@ -366,11 +380,42 @@ class Ingestor:
 
     def _store(self, items: list[Item]) -> bool:
         """Parse and store ``items``, then acknowledge them; False when the store failed
-        and ``stop`` was called (nothing acknowledged then)."""
-        batch = IngestBatch()
+        and ``stop`` was called (nothing acknowledged then).
+
+        A batch the store refuses for what it holds is split in two, each half written
+        on its own (and split again if refused), so only the message it cannot hold is
+        left out (``_drop_poison``)."""
         roster = self._roster.current() if self._roster is not None else None
         admission = Admission(roster, self.settings.max_requests_per_s)
-        for topic, payload, received_at, *_ack in items:
+        pieces = [self._parse(items, admission)]  # a stack: the first half is written first
+        while pieces:
+            batch, parsed = pieces.pop()
+            try:
+                if not self._write_until_stored(batch):
+                    return False
+            except _Refused as refused:
+                if len(parsed) == 1:
+                    self._drop_poison(parsed[0], refused.cause)
+                else:
+                    half = len(parsed) // 2
+                    pieces.append(self._parse(parsed[half:], admission))
+                    pieces.append(self._parse(parsed[:half], admission))
+                continue
+            self.counts["heartbeats"] += len(batch.heartbeats) + len(batch.heartbeat_facts)
+            self.counts["events"] += len(batch.events)
+            self.counts["statuses"] += len(batch.statuses)
+        self.counts["batches"] += 1
+        self._acknowledge(items)
+        return True
+
+    def _parse(self, items: list[Item], admission: Admission) -> tuple[IngestBatch, list[Item]]:
+        """The batch of what ``items`` hold and the items it holds (one entry each): a
+        message that breaks the contract or is refused is counted, logged and left out.
+        Pure but for the counts, so a part of ``items`` parses again to the same rows."""
+        batch = IngestBatch()
+        parsed: list[Item] = []
+        for item in items:
+            topic, payload, received_at, *_ack = item
             try:
                 add_payload(batch, topic, payload, received_at, admission)
             except RefusedMessage as exc:
@@ -380,18 +425,34 @@ class Ingestor:
             except PayloadError as exc:
                 self.counts["rejected"] += 1
                 self._log_dropped("rejected", topic, exc)
-        if not self._write_until_stored(batch):
-            return False
-        self.counts["heartbeats"] += len(batch.heartbeats) + len(batch.heartbeat_facts)
-        self.counts["events"] += len(batch.events)
-        self.counts["statuses"] += len(batch.statuses)
-        self.counts["batches"] += 1
-        self._acknowledge(items)
-        return True
+            except Exception as exc:  # a parser's bug must not stop ingestion either
+                self.counts["rejected"] += 1
+                self._log_dropped("rejected", topic, PayloadError(f"{type(exc).__name__}: {exc}"))
+            else:
+                parsed.append(item)
+        return batch, parsed
+
+    def _drop_poison(self, item: Item, exc: Exception) -> None:
+        """Leave out a message the store refused on its own for what it holds: counted as
+        refused (``poison``), logged at most every 10 s, acknowledged with its batch."""
+        self.counts["refused"] += 1
+        self.refusals[POISON] += 1
+        now = time.monotonic()
+        if now - self._last_drop_log.get(POISON, -math.inf) > 10:
+            self._last_drop_log[POISON] = now
+            logger.error(
+                "ingest: the store cannot hold a message on %s (%s: %s); dropped it and "
+                "stored the rest of its batch (%d such message(s) so far)",
+                item[0],
+                type(exc).__name__,
+                exc,
+                self.refusals[POISON],
+            )
 
     def _write_until_stored(self, batch: IngestBatch) -> bool:
         """Write ``batch``, retrying with backoff while the store fails; False if it still
-        fails once ``stop`` was called."""
+        fails once ``stop`` was called. Raises ``_Refused`` at once when the store refuses
+        it for what it holds: writing it again would fail again."""
         if not len(batch):
             return True
         delay, attempt = self._RETRY_FIRST_S, 1
@@ -399,6 +460,8 @@ class Ingestor:
             try:
                 self.store.write(batch)
             except Exception as exc:  # a store error must not kill ingestion
+                if self.store.is_data_error(exc):
+                    raise _Refused(exc) from exc
                 if self._stopping.is_set():
                     logger.error(
                         "ingest: storing %d message(s) failed while stopping: %s",

@@ -14,7 +14,8 @@ Invariants:
 - A message's payload must name the fleet and device of its topic (the broker's ACL binds
   a device to its topics, so the topic is what identifies the sender).
 - Nothing that parses can fail the store's transaction: counts beyond the store's 32-bit
-  columns, NaN, NUL characters and the like are refused here.
+  columns, NaN, NUL characters, over-long names and the like are refused, here for
+  heartbeats and by the contract's parsers for events and status messages.
 - With an ``Admission`` (what ``edgectl serve`` passes): a message whose device the
   registry does not admit on its topic's fleet, and a heartbeat whose counts no device
   can serve (``check_plausible``), raise ``RefusedMessage`` (a PayloadError with a
@@ -30,6 +31,9 @@ from typing import Any, Final
 import orjson
 
 from agent.contracts import (
+    MAX_COUNT,
+    MAX_SEQ,
+    MAX_TEXT,
     TELEMETRY_SCHEMA,
     Event,
     Heartbeat,
@@ -78,10 +82,6 @@ def add_to_batch(batch: IngestBatch, message: Message, received_at: float) -> No
         batch.statuses.append((message, received_at))
 
 
-# The store's integer columns are 32-bit on PostgreSQL: a larger count must be refused
-# here, or one device's heartbeat would fail the whole batch's transaction.
-_MAX_COUNT: Final = 2**31 - 1
-_MAX_SEQ: Final = 2**63 - 1  # BIGINT
 _SYSTEM_NUMBERS: Final = ("cpu_percent", "load_1m", "temperature_c")
 _SYSTEM_INTEGERS: Final = ("disk_free_bytes", "memory_total_bytes", "memory_used_bytes")
 
@@ -91,9 +91,11 @@ def parse_heartbeat(fleet: str, device: str, raw: bytes) -> HeartbeatFacts:
 
     Accepts what ``agent.contracts.parse_telemetry`` accepts and yields the same figures
     (tests/controller/fleet/test_ingest_hot_path.py holds them side by side), except that it
-    also refuses what a store cannot hold: JSON that is not UTF-8, NaN or infinite
-    numbers, lone surrogates, NUL characters in stored text, counts beyond 2**31-1 and a
-    ``seq`` beyond 2**63-1.
+    refuses what the contract refuses for the stores' sake (``agent.contracts.messages``):
+    NaN or infinite numbers, lone surrogates, NUL characters or more than ``MAX_TEXT``
+    characters in stored text, counts beyond ``MAX_COUNT`` and a ``seq`` beyond
+    ``MAX_SEQ``; and JSON that is not UTF-8. (An integer beyond 64 bits is a float to
+    orjson: not an integer here, where the contract refuses it as a count.)
     The topic's names must be valid (``check_name``) and the payload must name the same
     fleet and device. Raises PayloadError naming the field.
     """
@@ -133,7 +135,7 @@ def parse_heartbeat(fleet: str, device: str, raw: bytes) -> HeartbeatFacts:
         _count(outbox.get("dropped"), "outbox.dropped"),
         tuple(_model(name, entry) for name, entry in sorted(models.items())),
         _text(at, "at"),
-        _count(doc.get("seq"), "seq", _MAX_SEQ),
+        _count(doc.get("seq"), "seq", MAX_SEQ),
     )
 
 
@@ -166,7 +168,7 @@ def _model(name: str, entry: Any) -> ModelFacts:
     )
 
 
-def _count(value: Any, what: str, limit: int = _MAX_COUNT) -> int:
+def _count(value: Any, what: str, limit: int = MAX_COUNT) -> int:
     """An integer field of the contract (0 when absent or not an integer)."""
     if type(value) is not int:
         return 0
@@ -178,6 +180,8 @@ def _count(value: Any, what: str, limit: int = _MAX_COUNT) -> int:
 def _text(value: str, what: str) -> str:
     if "\x00" in value:
         raise PayloadError(f"telemetry: {what} holds a NUL character")
+    if len(value) > MAX_TEXT:
+        raise PayloadError(f"telemetry: {what} expected at most {MAX_TEXT} characters")
     return value
 
 

@@ -65,6 +65,14 @@ class PostgresStore(TelemetryStore):
     serial = "BIGSERIAL PRIMARY KEY"
     # Another worker may add the column between our look and our ALTER.
     add_column = "ADD COLUMN IF NOT EXISTS"
+    # SQLSTATE classes 22 (data exception: out of range, NUL in text), 23 (integrity) and
+    # 54 (program limit exceeded: an index entry too large).
+    data_errors = (
+        *TelemetryStore.data_errors,
+        psycopg.DataError,
+        psycopg.IntegrityError,
+        pg_errors.ProgramLimitExceeded,
+    )
 
     def __init__(self, dsn: str, timeout_s: float = 5.0) -> None:
         super().__init__()

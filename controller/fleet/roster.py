@@ -46,7 +46,9 @@ UNENROLLED: Final = "unenrolled"
 OTHER_FLEET: Final = "other_fleet"
 REVOKED: Final = "revoked"
 IMPLAUSIBLE: Final = "implausible"
-REFUSAL_REASONS: Final = (UNENROLLED, OTHER_FLEET, REVOKED, IMPLAUSIBLE)
+# Not the roster's: a message the store refused for what it holds (controller.fleet.ingest).
+POISON: Final = "poison"
+REFUSAL_REASONS: Final = (UNENROLLED, OTHER_FLEET, REVOKED, IMPLAUSIBLE, POISON)
 
 # (device id, fleet, revoked) of every device the registry lists.
 RosterEntry = tuple[str, str, bool]

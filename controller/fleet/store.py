@@ -237,6 +237,17 @@ class TelemetryStore(ABC):
         self._up = True
         self._errors = 0
 
+    # What ``write`` raises when a batch holds a value the database refuses (out of range,
+    # text it cannot encode): the same rows fail again, whatever the database's state.
+    # Every other error may pass (a lost connection, a full disk). A backend adds its
+    # driver's classes.
+    data_errors: tuple[type[BaseException], ...] = (OverflowError, UnicodeError)
+
+    def is_data_error(self, exc: BaseException) -> bool:
+        """Whether ``write`` failed with ``exc`` because of what its batch holds (so one
+        of its messages can never be stored), not because of the store's state."""
+        return isinstance(exc, self.data_errors)
+
     # a backend provides ---------------------------------------------------------
 
     @abstractmethod
