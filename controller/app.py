@@ -34,7 +34,6 @@ from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from controller.base.errors import ControllerError, UsageError
-from controller.base.fsio import repo_lock
 from controller.fleet.ingest import Ingestor, IngestSettings
 from controller.fleet.records import FleetAggregates
 from controller.fleet.roster import RosterEntry, RosterReader
@@ -44,6 +43,7 @@ from controller.fleet.stores import open_store
 from controller.identity.devices import REGISTRY_FILE, ca_dir, load_registry
 from controller.repository.expiry import ExpiryReader
 from controller.repository.repo import Repository, resign_expiring
+from controller.repository.rotation import locked_repository
 from controller.rollout.service import RolloutSettings, start_rollout_service
 from controller.serve.announcer import Announcer
 from controller.serve.config import ServeConfig
@@ -64,8 +64,10 @@ def read_timestamp_version(repo_dir: Path) -> int:
 
 
 def _resign(repo_dir: Path) -> dict[str, int]:
-    with repo_lock(repo_dir):
-        return resign_expiring(Repository.open(repo_dir))
+    # locked_repository first finishes an interrupted key rotation and refuses keys or a
+    # lock this user cannot use (naming the chown).
+    with locked_repository(repo_dir) as repo:
+        return resign_expiring(repo)
 
 
 async def announce_loop(repo_dir: Path, announcer: Announcer, interval_s: float) -> None:

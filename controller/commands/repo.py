@@ -143,14 +143,13 @@ def _cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_rotate(args: argparse.Namespace) -> int:
-    from controller.base.fsio import repo_lock
     from controller.repository.ceremony import rotate
-    from controller.repository.repo import Repository
+    from controller.repository.rotation import locked_repository
 
     repo_dir, extra = _open_for_keys(args)
-    with repo_lock(repo_dir):
+    with locked_repository(repo_dir, extra) as repo:
         result = rotate(
-            Repository.open(repo_dir, extra),
+            repo,
             args.role,
             count=args.keys,
             threshold=args.threshold,
@@ -165,14 +164,32 @@ def _cmd_keys_rotate(args: argparse.Namespace) -> int:
     return code
 
 
-def _cmd_keys_export_root(args: argparse.Namespace) -> int:
-    from controller.base.fsio import repo_lock
-    from controller.repository.ceremony import export_root
-    from controller.repository.repo import Repository
+def _cmd_keys_finish(args: argparse.Namespace) -> int:
+    from controller.repository.rotation import finish_rotation, locked_repository, roll_forward
 
     repo_dir, extra = _open_for_keys(args)
-    with repo_lock(repo_dir):
-        result = export_root(Repository.open(repo_dir, extra), Path(args.output))
+    with locked_repository(repo_dir, extra, finish=False) as repo:
+        interrupted = roll_forward(repo)
+        result = interrupted or finish_rotation(repo)
+    if args.json:
+        print_json({"interrupted": interrupted is not None, **_ceremony_json(result)})
+        return 0
+    print(
+        "finished an interrupted rotation"
+        if interrupted is not None
+        else "no rotation was interrupted; every role verifies"
+    )
+    _print_ceremony(result)
+    return 0
+
+
+def _cmd_keys_export_root(args: argparse.Namespace) -> int:
+    from controller.repository.ceremony import export_root
+    from controller.repository.rotation import locked_repository
+
+    repo_dir, extra = _open_for_keys(args)
+    with locked_repository(repo_dir, extra) as repo:
+        result = export_root(repo, Path(args.output))
     if args.json:
         print_json(
             {
@@ -200,13 +217,12 @@ def _cmd_keys_sign_root(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_import_root(args: argparse.Namespace) -> int:
-    from controller.base.fsio import repo_lock
     from controller.repository.ceremony import import_root
-    from controller.repository.repo import Repository
+    from controller.repository.rotation import locked_repository
 
     repo_dir, extra = _open_for_keys(args)
-    with repo_lock(repo_dir):
-        result = import_root(Repository.open(repo_dir, extra), Path(args.file))
+    with locked_repository(repo_dir, extra) as repo:
+        result = import_root(repo, Path(args.file))
     if args.json:
         print_json({"file": args.file, **_ceremony_json(result)})
         return 0
@@ -216,13 +232,11 @@ def _cmd_keys_import_root(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys_expiry(args: argparse.Namespace) -> int:
-    from controller.base.fsio import repo_lock
     from controller.repository.ceremony import set_expiry
-    from controller.repository.repo import Repository
+    from controller.repository.rotation import locked_repository
 
     repo_dir, extra = _open_for_keys(args)
-    with repo_lock(repo_dir):
-        repo = Repository.open(repo_dir, extra)
+    with locked_repository(repo_dir, extra) as repo:
         _policy, resigned = set_expiry(repo, args.role, args.days)
         expires = repo.load(args.role).signed.expires
     if args.json:
@@ -285,7 +299,10 @@ def _add_keys_parser(sub: Subparsers) -> None:
         description="Make a new key for ROLE and revoke the old one. Top-level roles change "
         "in a new root version signed by the current root keys (and, for root, by the new "
         "ones too), then the role is re-signed. When root keys are not here the new root "
-        "waits in REPO_DIR/root-pending.json (exit status 3): export, sign offline, import.",
+        "waits in REPO_DIR/root-pending.json (exit status 3): export, sign offline, import. "
+        "A new snapshot, timestamp or rollout key always goes to REPO_DIR/keys, where serve "
+        "signs with it; a new root or targets key goes to the first --key-dir if given. An "
+        "interrupted rotation is finished by the next change (or `edgectl keys finish`).",
         epilog="examples:\n  edgectl keys rotate timestamp --repo ./repo\n"
         "  edgectl keys rotate root --repo ./repo --keys 3 --threshold 2 --key-dir /media/usb",
         formatter_class=RAW,
@@ -298,6 +315,21 @@ def _add_keys_parser(sub: Subparsers) -> None:
     )
     rot.add_argument("--json", action="store_true", help="print JSON for scripts")
     rot.set_defaults(func=_cmd_keys_rotate)
+
+    fin = ksub.add_parser(
+        "finish",
+        help="finish a key rotation that was interrupted (re-sign, delete revoked keys)",
+        description="Finish a rotation left half-done (Ctrl-C, a crash, a full disk): publish "
+        "the new root or targets version it journaled, re-sign every role the trusted keys no "
+        "longer verify and delete revoked key files. Any change to the repository and "
+        "`edgectl serve`'s re-sign check do the same; this is for when the new key is on an "
+        "offline medium (pass --key-dir). Idempotent.",
+        epilog="example:\n  edgectl keys finish --repo ./repo --key-dir /media/usb",
+        formatter_class=RAW,
+    )
+    repo_options(fin)
+    fin.add_argument("--json", action="store_true", help="print JSON for scripts")
+    fin.set_defaults(func=_cmd_keys_finish)
 
     ex = ksub.add_parser(
         "export-root",

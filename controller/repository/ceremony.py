@@ -17,6 +17,12 @@ touched:
   it out, ``sign-root`` adds signatures on the offline machine, ``import-root`` checks
   both thresholds, publishes it and finishes the rotation.
 - The revoked key's file is deleted only after the metadata that revokes it is out.
+- A new key of an online role (snapshot, timestamp, rollout) always goes to the
+  repository's ``keys/``, where ``edgectl serve`` signs with it; only an offline role's
+  (root, targets) goes to ``key_out`` (``--key-dir``).
+- Publishing the new delegator version and re-signing go through the rotation journal
+  (``controller.repository.rotation``): an interrupted rotation is rolled forward by the
+  next change or ``serve``'s next check.
 
 Every function here expects the caller to hold ``repo_lock``.
 """
@@ -25,12 +31,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Final
 
-from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
@@ -38,7 +43,7 @@ from tuf.api.serialization.json import JSONSerializer
 from agent.contracts import ROLLOUT_ROLE
 from controller.base.errors import UsageError
 from controller.base.fsio import atomic_write
-from controller.repository.keys import generate_key, key_id, load_key_file, remove_revoked, save_key
+from controller.repository.keys import generate_key, key_id, load_key_file, save_key
 from controller.repository.repo import (
     ALL_ROLES,
     PENDING_ROOT_FILE,
@@ -49,22 +54,14 @@ from controller.repository.repo import (
     check_root_signatures,
     save_policy,
 )
+from controller.repository.rotation import CeremonyResult, begin, end, finish_rotation
+
+__all__ = ["CeremonyResult", "finish_rotation"]  # where they lived before rotation.py
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class CeremonyResult:
-    """What a key operation did, for the CLI to print."""
-
-    role: str
-    new_keyids: list[str] = field(default_factory=list)
-    key_files: list[Path] = field(default_factory=list)
-    root_version: int | None = None  # a root version published now
-    pending: Path | None = None  # a root version waiting for signatures
-    missing: str = ""  # which signatures the pending root lacks
-    resigned: dict[str, int] = field(default_factory=dict)
-    revoked: list[str] = field(default_factory=list)
+# Roles whose keys may live away from the controller (``--key-dir``): docs/security.md.
+OFFLINE_ROLES: Final = ("root", "targets")
 
 
 def _now(now: datetime | None) -> datetime:
@@ -96,8 +93,9 @@ def rotate(
 ) -> CeremonyResult:
     """Replace ``role``'s key(s) with new ones; revoke the old ones.
 
-    ``count`` and ``threshold`` apply to root only (k-of-n); ``key_out`` is where new
-    private keys go (default: the repository's keys/). Raises UsageError, RepositoryError.
+    ``count`` and ``threshold`` apply to root only (k-of-n); ``key_out`` is where a new
+    private key of an offline role (root, targets) goes (default: the repository's
+    keys/); an online role's always goes to keys/. Raises UsageError, RepositoryError.
     """
     _check_role(role)
     if role != "root" and (count, threshold) != (1, 1):
@@ -106,10 +104,12 @@ def rotate(
         raise UsageError(f"threshold expected 1..{count} (the number of keys), got {threshold}")
     _refuse_if_pending(repo)
     now = _now(now)
+    if role not in OFFLINE_ROLES:
+        key_out = None  # serve signs with it: never onto the offline medium
     if key_out is not None and key_out not in repo.key_dirs:
         repo.key_dirs = (*repo.key_dirs, key_out)  # the new keys sign too
     if role == ROLLOUT_ROLE:
-        return _rotate_rollout(repo, now, key_out)
+        return _rotate_rollout(repo, now)
     result = CeremonyResult(role)
     signers = [generate_key() for _ in range(count)]
     out_dir = key_out or repo.keys_dir
@@ -117,6 +117,7 @@ def rotate(
         result.key_files.append(save_key(out_dir, role, signer, keyed_name=True))
         result.new_keyids.append(key_id(signer))
     root: Metadata[Root] = repo.load("root")
+    repo.revoking.update(root.signed.roles[role].keyids)
     for old in list(root.signed.roles[role].keyids):
         root.signed.revoke_key(old, role)
     for signer in signers:
@@ -131,61 +132,41 @@ def _publish_or_park(
     repo: Repository, root: Metadata[Root], now: datetime, result: CeremonyResult
 ) -> None:
     try:
-        repo.write("root", root, now)
+        repo.sign("root", root, now)
     except RootSignaturesMissingError as exc:
         pending = repo.path / PENDING_ROOT_FILE
         atomic_write(pending, root.to_bytes(JSONSerializer(compact=False)), mode=0o600)
         result.pending, result.missing = pending, str(exc)
         logger.warning("root version %d waits for signatures: %s", root.signed.version, exc)
         return
+    begin(repo, [result.role], "root", root)
+    repo.publish_root(root)
     result.root_version = int(root.signed.version)
     finished = finish_rotation(repo, now)
+    end(repo)
     result.resigned, result.revoked = finished.resigned, finished.revoked
 
 
-def _rotate_rollout(repo: Repository, now: datetime, key_out: Path | None) -> CeremonyResult:
+def _rotate_rollout(repo: Repository, now: datetime) -> CeremonyResult:
     result = CeremonyResult(ROLLOUT_ROLE)
     signer = generate_key()
-    result.key_files.append(
-        save_key(key_out or repo.keys_dir, ROLLOUT_ROLE, signer, keyed_name=True)
-    )
+    result.key_files.append(save_key(repo.keys_dir, ROLLOUT_ROLE, signer, keyed_name=True))
     result.new_keyids.append(key_id(signer))
     targets = repo.load("targets")
+    repo.revoking.update(targets.signed.delegations.roles[ROLLOUT_ROLE].keyids)
     for old in list(targets.signed.delegations.roles[ROLLOUT_ROLE].keyids):
         targets.signed.revoke_key(old, ROLLOUT_ROLE)
     targets.signed.add_key(signer.public_key, ROLLOUT_ROLE)
-    result.resigned["targets"] = repo.sign_next_version("targets", targets, now)
+    targets.signed.version += 1
+    repo.sign("targets", targets, now)
+    begin(repo, [ROLLOUT_ROLE], "targets", targets)
+    repo.write_signed("targets", targets)
+    repo.adopt_unpublished("targets", int(targets.signed.version))
+    result.resigned["targets"] = int(targets.signed.version)
     finished = finish_rotation(repo, now)
+    end(repo)
     result.resigned.update(finished.resigned)
     result.revoked = finished.revoked
-    return result
-
-
-def _is_signed(delegator: Any, role: str, md: Metadata[Any]) -> bool:
-    try:
-        delegator.verify_delegate(role, md.signed_bytes, md.signatures)
-    except UnsignedMetadataError:
-        return False
-    return True
-
-
-def finish_rotation(repo: Repository, now: datetime | None = None) -> CeremonyResult:
-    """Re-sign every role whose current metadata the trusted keys no longer verify, then
-    delete the key files the metadata no longer lists. Idempotent."""
-    now = _now(now)
-    result = CeremonyResult("*")
-    root = repo.load("root").signed
-    if not _is_signed(root, "targets", repo.load("targets")):
-        result.resigned["targets"] = repo.sign_next_version("targets", repo.load("targets"))
-    if not _is_signed(repo.load("targets").signed, ROLLOUT_ROLE, repo.load(ROLLOUT_ROLE)):
-        result.resigned[ROLLOUT_ROLE] = repo.update_targets(ROLLOUT_ROLE, {}, now)
-    if result.resigned or not _is_signed(root, "snapshot", repo.load("snapshot")):
-        result.resigned["snapshot"], result.resigned["timestamp"] = repo.publish(now)
-    elif not _is_signed(root, "timestamp", repo.load("timestamp")):
-        result.resigned["timestamp"] = repo.bump_timestamp(now)
-    for role in ALL_ROLES:
-        keep, _ = repo.role_keys(role)
-        result.revoked += remove_revoked(repo.keys_dir, role, keep)
     return result
 
 
@@ -256,11 +237,32 @@ def import_root(repo: Repository, path: Path, now: datetime | None = None) -> Ce
     Raises RootSignaturesMissingError (naming the counts) when a threshold is not met.
     """
     md = _read_root(path)
+    if md.signed.version == repo.root_version() + 1:
+        current = repo.load("root").signed
+        check_root_signatures(md, current)  # before the journal
+        begin(repo, _changed_roles(current, md.signed), "root", md)
+        repo.revoking.update(_revoked_keyids(current, md.signed))
     repo.publish_root(md)
     result = CeremonyResult("root", root_version=int(md.signed.version))
     finished = finish_rotation(repo, now)
+    end(repo)
     result.resigned, result.revoked = finished.resigned, finished.revoked
     return result
+
+
+def _revoked_keyids(old: Root, new: Root) -> set[str]:
+    """The key ids ``old`` gives a top-level role and ``new`` no longer does."""
+    return {k for r in TOP_ROLES for k in old.roles[r].keyids if k not in new.roles[r].keyids}
+
+
+def _changed_roles(old: Root, new: Root) -> list[str]:
+    """The roles whose keys or threshold differ between two root versions."""
+    return [
+        role
+        for role in TOP_ROLES
+        if (set(old.roles[role].keyids), old.roles[role].threshold)
+        != (set(new.roles[role].keyids), new.roles[role].threshold)
+    ] or ["root"]
 
 
 # ---------------------------------------------------------------------------- expiry

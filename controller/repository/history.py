@@ -5,7 +5,7 @@ Reading and changing the history behind ``edgectl release list|show|diff|retire|
 The pure core (``fleet_references``, ``device_counts``, ``diff_manifests``,
 ``due_for_pruning``) takes data; the orchestrators (``load_releases``, ``retire_release``,
 ``prune_retired``) read the repository through ``controller.repository.repo``'s public
-methods and write under ``repo_lock``.
+methods and write under ``rotation.locked_repository`` (the lock).
 
 Invariants:
 - A release is a ``bundles/<model>/<version>.bundle`` entry of the current top-level
@@ -42,10 +42,11 @@ from agent.contracts import (
     version_key,
 )
 from controller.base.errors import RepositoryError, UsageError
-from controller.base.fsio import atomic_write, repo_lock
+from controller.base.fsio import atomic_write
 from controller.fleet.records import DeviceRow
 from controller.repository.release import current_desired_state
 from controller.repository.repo import Repository
+from controller.repository.rotation import locked_repository
 
 logger = logging.getLogger(__name__)
 
@@ -378,8 +379,7 @@ def retire_release(
     _check(model, version)
     now = now or datetime.now(UTC).replace(microsecond=0)
     target_path = bundle_target_path(model, version)
-    repo = Repository.open(repo_dir)
-    with repo_lock(repo_dir):
+    with locked_repository(repo_dir, now=now) as repo:
         md = repo.load("targets")
         target = md.signed.targets.get(target_path)
         if target is None:
@@ -420,8 +420,7 @@ def prune_retired(
     """Delete the bundle files of releases retired at least ``grace`` ago; return their
     target paths. Raises RepositoryError."""
     now = now or datetime.now(UTC).replace(microsecond=0)
-    repo = Repository.open(repo_dir)
-    with repo_lock(repo_dir):
+    with locked_repository(repo_dir, now=now) as repo:
         return _prune_locked(repo, now, grace)
 
 

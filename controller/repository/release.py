@@ -34,9 +34,9 @@ from agent.contracts import (
     parse_desired_state,
 )
 from controller.base.errors import ConflictError, RepositoryError, UsageError
-from controller.base.fsio import repo_lock
 from controller.build.bundle_file import read_bundle
 from controller.repository.repo import Repository
+from controller.repository.rotation import locked_repository, roll_forward
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +117,9 @@ def release_bundle(
         raise UsageError(str(exc)) from None
     info = read_bundle(bundle)
     manifest = info.manifest
-    repo = Repository.open(repo_dir)
     now = now or datetime.now(UTC).replace(microsecond=0)
     target_path = bundle_target_path(manifest.name, manifest.version)
-    with repo_lock(repo_dir):
+    with locked_repository(repo_dir, now=now) as repo:
         bundle_added = _add_bundle(repo, target_path, bundle, info.sha256, info.length, now)
         current = _current_desired(repo, fleet)
         rollout_id = new_rollout_id(manifest.name, manifest.version)
@@ -206,10 +205,9 @@ def publish_bundle(bundle: Path, repo_dir: Path, now: datetime | None = None) ->
     """
     info = read_bundle(bundle)
     manifest = info.manifest
-    repo = Repository.open(repo_dir)
     now = now or datetime.now(UTC).replace(microsecond=0)
     target_path = bundle_target_path(manifest.name, manifest.version)
-    with repo_lock(repo_dir):
+    with locked_repository(repo_dir, now=now) as repo:
         added = _add_bundle(repo, target_path, bundle, info.sha256, info.length, now)
         if added:
             repo.publish(now)
@@ -238,6 +236,7 @@ def write_model_release(
     nothing) when the entry is already exactly that. Hold ``repo_lock``; raises
     RepositoryError.
     """
+    roll_forward(repo, now)  # the rollout job's way in: an interrupted rotation first
     current = current_desired_state(repo, fleet)
     if current is not None and current.models.get(model) == release:
         return False

@@ -9,6 +9,8 @@ Layout of a repository directory::
                               elsewhere (``controller.repository.keys``, docs/security.md)
     root-pending.json         a new root version waiting for offline signatures
                               (``edgectl keys export-root`` / ``import-root``; never served)
+    rotation-journal.json     a key rotation decided but maybe not finished
+                              (``controller.repository.rotation``; never served)
     metadata/N.root.json      every root version; metadata/root.json is a copy of the
                               latest one, the trust anchor agents are enrolled with
     metadata/N.targets.json   top-level targets: bundles, signed by the release key
@@ -28,7 +30,8 @@ Invariants:
 - Metadata is signed by every available key the trusted metadata lists for the role and
   written only when the role's threshold is met; a new root also needs the threshold of
   the previous root (``sign_root``), so clients can follow the chain N → N+1.
-- Callers hold ``repo_lock`` around any change.
+- Callers hold ``repo_lock`` around any change; they enter through
+  ``rotation.locked_repository``, which also finishes an interrupted rotation.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from tuf.api.serialization.json import JSONSerializer
 from agent.contracts import ROLLOUT_PATHS, ROLLOUT_ROLE
 from controller.base.errors import RepositoryError, UsageError
 from controller.base.fsio import atomic_write, make_dir
-from controller.repository.keys import generate_key, load_signers, save_key
+from controller.repository.keys import generate_key, load_signers, save_key, scan_signers
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +130,9 @@ class Repository:
         self._serializer = JSONSerializer(compact=False)
         # Targets roles signed since the last snapshot: role → version (see ``publish``).
         self._unpublished: dict[str, int] = {}
+        # Key ids a rotation in progress revokes: their files are expected until it
+        # deletes them, so signing passes over them without a warning.
+        self.revoking: set[str] = set()
 
     @classmethod
     def open(cls, path: Path, extra_key_dirs: tuple[Path, ...] = ()) -> Repository:
@@ -243,29 +249,53 @@ class Repository:
         role. Raises RepositoryError when fewer than its threshold are available (root:
         see ``sign_root``).
         """
+        self.sign(role, md, now, signers)
+        if role == "root":
+            self._publish_root(md)
+        else:
+            self.write_signed(role, md)
+
+    def sign(
+        self,
+        role: str,
+        md: Metadata[Any],
+        now: datetime | None = None,
+        signers: list[Signer] | None = None,
+    ) -> None:
+        """The first half of ``write``: set expiry and sign, writing nothing."""
         md.signed.expires = (now or _utc_now()) + self.policy.lifetime(role)
         md.signatures.clear()
         if role == "root":
             self.sign_root(md, signers)
-            self._publish_root(md)
             return
         if signers is None:
-            found = self.signers(role)
-            _, threshold = self.role_keys(role)
+            keyids, threshold = self.role_keys(role)
+            found, ignored = scan_signers(self.key_dirs, role, keyids, quiet=self.revoking)
             if len(found) < threshold:
+                why = f" (ignored: {'; '.join(ignored)})" if ignored else ""
                 raise RepositoryError(
                     f"the {role} role needs {threshold} signature(s), but only {len(found)} of "
-                    f"its keys are in {', '.join(map(str, self.key_dirs))}; pass --key-dir "
-                    "where the others are"
+                    f"its keys are in {', '.join(map(str, self.key_dirs))}{why}; pass "
+                    "--key-dir where the others are, or finish an interrupted rotation with "
+                    f"`edgectl keys finish --repo {self.path}`"
                 )
             signers = list(found.values())
         for signer in signers:
             md.sign(signer, append=True)
+
+    def write_signed(self, role: str, md: Metadata[Any]) -> None:
+        """The second half of ``write`` for a role other than root: write ``md`` as it is
+        signed (timestamp.json, or N.<role>.json)."""
         data = md.to_bytes(self._serializer)
         if role == "timestamp":
             atomic_write(self.metadata_dir / "timestamp.json", data)
             return
         atomic_write(self.metadata_dir / f"{md.signed.version}.{role}.json", data)
+
+    def adopt_unpublished(self, role: str, version: int) -> None:
+        """Make the written ``N.<role>.json`` (targets or rollout) what ``load`` returns and
+        ``publish`` names, as ``sign_next_version`` does (rolling a rotation forward)."""
+        self._unpublished[role] = version
 
     def sign_root(self, md: Metadata[Root], signers: list[Signer] | None = None) -> None:
         """Add signatures to a new root from ``signers`` (default: every available key of
@@ -296,6 +326,16 @@ class Repository:
         data = md.to_bytes(self._serializer)
         atomic_write(self.metadata_dir / f"{md.signed.version}.root.json", data)
         atomic_write(self.metadata_dir / "root.json", data)
+
+    def repair_root_copy(self) -> bool:
+        """Make ``metadata/root.json`` a copy of the newest ``N.root.json`` again (an
+        interruption between the two writes); True when it had to be rewritten."""
+        data = (self.metadata_dir / f"{self.root_version()}.root.json").read_bytes()
+        copy = self.metadata_dir / "root.json"
+        if copy.exists() and copy.read_bytes() == data:
+            return False
+        atomic_write(copy, data)
+        return True
 
     def publish_root(self, md: Metadata[Root]) -> None:
         """Publish an already signed next root version (``import-root``).
