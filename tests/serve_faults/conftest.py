@@ -7,7 +7,6 @@ run: ``4/4 serve faults recovered``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ import pytest
 from controller.build.builder import build_bundle
 from tests.helpers import Broker, make_linear_model, start_broker
 from tests.serve_faults.harness import MODEL, VERSION
-from tests.serve_faults.postgres import PrivatePostgres, unavailable_reason
 
 # What each case does to `edgectl serve`'s surroundings (issue 19, section 3).
 SERVE_FAULTS = {
@@ -69,15 +67,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     tr.write_line(f"{done}/{len(SERVE_FAULTS)} serve faults recovered")
 
 
-def skip_or_fail(reason: str) -> None:
-    """Skip, saying why; under CI (EDGEFLEET_REQUIRE_SYSTEM_TEST=1) fail instead."""
-    if os.environ.get("EDGEFLEET_REQUIRE_SYSTEM_TEST") == "1":
-        pytest.fail(
-            f"the serve fault cases must run here (EDGEFLEET_REQUIRE_SYSTEM_TEST=1): {reason}"
-        )
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="session")
 def rollout_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bundle the cases roll out (built once)."""
@@ -95,17 +84,3 @@ def restartable_broker(tmp_path: Path) -> Iterator[list[Broker]]:
         yield brokers
     finally:
         brokers[0].stop()
-
-
-@pytest.fixture(scope="module")
-def private_pg() -> Iterator[PrivatePostgres]:
-    """A throwaway PostgreSQL server of these tests' own, to stop and start at will."""
-    reason = unavailable_reason()
-    if reason is not None:
-        skip_or_fail(reason)
-    server = PrivatePostgres()
-    try:
-        server.start()
-        yield server
-    finally:
-        server.destroy()

@@ -17,7 +17,7 @@ ends up in the store, once.
 from __future__ import annotations
 
 import json
-import secrets
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,9 +27,9 @@ import pytest
 
 from controller.base.fsio import repo_lock
 from controller.repository.repo import Repository
+from tests.controller.private_postgres import PrivatePostgres, private_postgres
 from tests.helpers import Broker, start_broker
-from tests.serve_faults.harness import Fault, Scenario, metric
-from tests.serve_faults.postgres import PrivatePostgres
+from tests.serve_faults.harness import Fault, Scenario, metric, scrape
 
 if TYPE_CHECKING:
     from tests.chaos.fleet import StateDisk
@@ -37,8 +37,24 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture
+def private_pg() -> Iterator[PrivatePostgres]:
+    """A PostgreSQL server of the test's own (the shared one serves other tests)."""
+    with private_postgres() as server:
+        yield server
+
+
+INGESTED_EVENTS = "edgefleet_ingest_messages_total"
+
+
 def _store_up(text: str) -> float | None:
     return metric(text, "edgefleet_store_up")
+
+
+def _counter(text: str, name: str, labels: str = "") -> float:
+    value = metric(text, name, labels)
+    assert value is not None, f"no {name}{{{labels}}} in /metrics"
+    return value
 
 
 @pytest.mark.serve_fault("postgres_restart")
@@ -48,9 +64,8 @@ def test_postgres_restarted_mid_ingest_and_mid_rollout(
     private_pg: PrivatePostgres,
     rollout_bundle: Path,
 ) -> None:
-    dsn = private_pg.create_database(f"serve_{secrets.token_hex(4)}")
     scenario = Scenario(
-        tmp_path, tmp_path / "repo", rollout_bundle, restartable_broker[0].address, dsn
+        tmp_path, tmp_path / "repo", rollout_bundle, restartable_broker[0].address, private_pg.dsn
     )
     try:
         scenario.run(
@@ -105,17 +120,25 @@ def test_sqlite_store_disk_full(
         tmp_path, tmp_path / "repo", rollout_bundle, restartable_broker[0].address, store
     )
 
-    def failing(text: str) -> bool:
-        return (metric(text, "edgefleet_store_errors_total") or 0) > 0
+    before: dict[str, float] = {}
+
+    def fill() -> None:
+        before["errors"] = _counter(scrape(scenario.url), "edgefleet_store_errors_total")
+        small_disk.fill()
+
+    def free() -> None:
+        before["events"] = _counter(scrape(scenario.url), INGESTED_EVENTS, 'kind="events"')
+        small_disk.free()
 
     try:
         scenario.run(
             Fault(
-                inject=small_disk.fill,
-                clear=small_disk.free,
+                inject=fill,
+                clear=free,
                 log=r"database or disk is full",
-                during=failing,
-                after=lambda m: _store_up(m) == 1,
+                # The failed writes are counted; once there is room, events are stored again.
+                during=lambda m: _counter(m, "edgefleet_store_errors_total") > before["errors"],
+                after=lambda m: _counter(m, INGESTED_EVENTS, 'kind="events"') > before["events"],
             )
         )
     finally:
