@@ -48,6 +48,7 @@ from controller.fleet.store import StoreError, TelemetryStore
 from controller.fleet.stores import open_store
 from controller.identity.devices import REGISTRY_FILE, ca_dir, load_registry
 from controller.repository.expiry import ExpiryReader
+from controller.repository.keys import scan_signers
 from controller.repository.repo import Repository, resign_expiring
 from controller.repository.rotation import locked_repository
 from controller.rollout.service import RolloutSettings, start_rollout_service
@@ -129,13 +130,14 @@ def signing_problems(repo_dir: Path) -> dict[str, str]:
     problems = {}
     for role in ONLINE_ROLES:
         try:
-            _keyids, threshold = repo.role_keys(role)
-            found = len(repo.signers(role))
+            keyids, threshold = repo.role_keys(role)
+            found, ignored = scan_signers(repo.key_dirs, role, keyids, quiet=repo.revoking)
             problems[role] = (
                 ""
-                if found >= threshold
-                else f"it needs {threshold} key(s) and {found} of its files in "
-                f"{', '.join(map(str, repo.key_dirs))} hold one (see the warnings above)"
+                if len(found) >= threshold
+                else f"it needs {threshold} key(s), {len(found)} usable in "
+                f"{', '.join(map(str, repo.key_dirs))}"
+                + (f" ({'; '.join(ignored)})" if ignored else "")
             )
         except (OSError, ControllerError) as exc:
             problems[role] = str(exc)
