@@ -72,7 +72,7 @@ def test_postgres_restarted_mid_ingest_and_mid_rollout(
             Fault(
                 inject=private_pg.stop,
                 clear=private_pg.start,
-                log=r"storing \d+ message\(s\) failed",
+                log=r"storing \d+ message\(s\) failed .*telemetry store .*is unreachable",
                 during=lambda m: _store_up(m) == 0,
                 after=lambda m: _store_up(m) == 1,
                 holds_rollout=True,
@@ -192,7 +192,7 @@ def test_timestamp_key_unreadable(
             Fault(
                 inject=break_key,
                 clear=fix_key,
-                log=r"re-signing failed.*timestamp",
+                log=r"cannot sign timestamp metadata: .*keys/timestamp\.pem",
                 during=serving,
                 after=resigned,
                 holds_rollout=True,
