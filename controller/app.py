@@ -6,8 +6,8 @@ every new version and after every MQTT reconnection, publishes each fleet's reta
 announcement), the re-signing task (online roles re-signed under the repository lock
 when less than half their lifetime is left), the telemetry ingestor (devices' status,
 heartbeats and events into the store, ``controller.fleet.ingest``, admitting only what the
-device registry allows, ``controller.fleet.roster``) and the task that prunes heartbeats
-and events past their retention.
+device registry allows, ``controller.fleet.roster``) and the task that prunes what is past its
+retention (heartbeats, events, devices, models, rollout records, old metadata).
 
 Invariants:
 - The readiness line ``edgectl serve: listening on http://HOST:PORT`` is printed and
@@ -31,6 +31,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +51,9 @@ from controller.identity.devices import REGISTRY_FILE, ca_dir, load_registry
 from controller.repository.expiry import ExpiryReader
 from controller.repository.keys import scan_signers
 from controller.repository.repo import Repository, resign_expiring
+from controller.repository.retention import MetadataRetention, prune_metadata
 from controller.repository.rotation import locked_repository
+from controller.rollout.retention import RolloutRetention, prune_rollout_records
 from controller.rollout.service import RolloutSettings, start_rollout_service
 from controller.serve.announcer import Announcer
 from controller.serve.config import ServeConfig
@@ -184,24 +187,77 @@ async def resign_loop(repo_dir: Path, interval_s: float, state: ServeState | Non
 PRUNE_INTERVAL_S = 600.0
 
 
+def _revoked(repo_dir: Path) -> list[tuple[str, str]]:
+    """(fleet, device) of every revoked device in the registry (none without a CA)."""
+    if not (ca_dir(repo_dir) / REGISTRY_FILE).exists():
+        return []
+    return [(r.fleet, r.device_id) for r in load_registry(repo_dir).values() if r.is_revoked]
+
+
 def prune_once(store: TelemetryStore, config: ServeConfig, now: float, active_since: float) -> None:
-    """Delete heartbeats and events past their retention (``[serve] heartbeat_retention_s``,
-    ``event_retention_s``, ``event_max_per_device``)."""
-    removed = store.prune_heartbeats(now - config.heartbeat_retention_s)
-    if removed:
-        logger.info(
-            "pruned %d heartbeat(s) older than %.0f s", removed, config.heartbeat_retention_s
-        )
-    removed = store.prune_events(
-        now - config.event_retention_s, config.event_max_per_device, active_since
+    """Delete what is past its retention (docs/operations.md, "Retention"), each kind on
+    its own so one failing does not keep the others: heartbeats and events
+    (``heartbeat_retention_s``, ``event_retention_s``, ``event_max_per_device``), devices
+    and models in the store (``device_retention_s``, ``revoked_device_retention_s``,
+    ``model_retention_s``), finished rollout records (``rollout_retention_s``,
+    ``rollout_keep_per_model``), old metadata versions and desired-state files
+    (``metadata_keep_versions``, ``metadata_min_age_s``). Raises the first failure."""
+    steps: tuple[tuple[str, Callable[[], int]], ...] = (
+        (
+            "heartbeat(s)",
+            lambda: store.prune_heartbeats(now - config.heartbeat_retention_s),
+        ),
+        (
+            "event(s)",
+            lambda: store.prune_events(
+                now - config.event_retention_s, config.event_max_per_device, active_since
+            ),
+        ),
+        (
+            "silent or revoked device(s)",
+            lambda: store.prune_devices(
+                now - config.device_retention_s,
+                _revoked(config.repo_dir),
+                now - config.revoked_device_retention_s,
+            ),
+        ),
+        (
+            "model row(s) no longer reported",
+            lambda: store.prune_models(now - config.model_retention_s),
+        ),
+        (
+            "finished rollout record(s)",
+            lambda: len(
+                prune_rollout_records(
+                    config.repo_dir,
+                    now,
+                    RolloutRetention(config.rollout_retention_s, config.rollout_keep_per_model),
+                )
+            ),
+        ),
+        (
+            "old metadata or desired-state file(s)",
+            lambda: len(
+                prune_metadata(
+                    config.repo_dir,
+                    now,
+                    MetadataRetention(config.metadata_keep_versions, config.metadata_min_age_s),
+                )
+            ),
+        ),
     )
-    if removed:
-        logger.info(
-            "pruned %d event(s) older than %.0f s or past %d per device",
-            removed,
-            config.event_retention_s,
-            config.event_max_per_device,
-        )
+    failed: Exception | None = None
+    for what, step in steps:
+        try:
+            removed = step()
+        except Exception as exc:  # the store may be briefly unreachable (PostgreSQL)
+            logger.error("pruning %s failed: %s", what, exc)
+            failed = failed or exc
+            continue
+        if removed:
+            logger.info("pruned %d %s past retention", removed, what)
+    if failed is not None:
+        raise failed
 
 
 async def prune_loop(store: TelemetryStore, config: ServeConfig, interval_s: float) -> None:
@@ -212,8 +268,8 @@ async def prune_loop(store: TelemetryStore, config: ServeConfig, interval_s: flo
         try:
             await asyncio.to_thread(prune_once, store, config, now, active_since)
             active_since = now - interval_s  # overlap: events stored late are looked at too
-        except Exception as exc:  # the store may be briefly unreachable (PostgreSQL)
-            logger.error("pruning heartbeats and events failed: %s", exc)
+        except Exception:  # logged per kind; events are looked at from the start again
+            pass
         await asyncio.sleep(interval_s)
 
 

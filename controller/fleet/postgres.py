@@ -19,6 +19,7 @@ live connection is about the data and is raised as psycopg raised it.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Final
@@ -29,7 +30,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from controller.fleet.records import IngestBatch
-from controller.fleet.store import StoreError, StoreUnavailable, TelemetryStore
+from controller.fleet.store import EVENT_INSERT, StoreError, StoreUnavailable, TelemetryStore
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +142,20 @@ class PostgresStore(TelemetryStore):
 
     def _reader(self) -> AbstractContextManager[Any]:
         return self._cursor()
+
+    def _has_table(self, cur: Any, name: str) -> bool:
+        cur.execute("SELECT to_regclass(%s)", [name])  # in the search path, as the DDL
+        return cur.fetchone()[0] is not None
+
+    def _insert_events(self, cur: Any, rows: list[tuple[Any, ...]]) -> Counter[tuple[str, str]]:
+        # Several writers at once: each counts the rows its own statements returned.
+        cur.executemany(self._sql(EVENT_INSERT) + " RETURNING fleet, kind", rows, returning=True)
+        added: Counter[tuple[str, str]] = Counter()
+        while True:
+            for fleet, kind in cur.fetchall():
+                added[(str(fleet), str(kind))] += 1
+            if not cur.nextset():
+                return added
 
     def write(self, batch: IngestBatch) -> int:
         try:

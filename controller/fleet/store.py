@@ -24,6 +24,10 @@ Invariants:
 - Events are bounded: ``prune_events`` drops those older than the retention period and,
   of each device, all but its newest ``max_per_device`` (a device flooding events
   fills only its own share).
+- Devices and model rows are bounded too: ``prune_devices`` forgets devices silent past
+  their retention (sooner when revoked), ``prune_models`` the models a device stopped
+  naming. ``event_counts`` is kept as events are stored (``write`` counts only the rows
+  it added), so ``/metrics`` never scans the events table and pruning never lowers it.
 - An event keeps the rollout it was sent under (``rollout_id``, empty from agents that
   predate it). A rollout's evidence is read by that id (``rollout_events``), reduced in
   SQL to a few rows per device: what an aborted rollout of the same version reported
@@ -41,7 +45,8 @@ from __future__ import annotations
 import json
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Final
 
@@ -102,7 +107,21 @@ DDL: Final = (
     "CREATE INDEX IF NOT EXISTS events_device ON events (device, id)",
     "CREATE INDEX IF NOT EXISTS events_received ON events (received_at)",
     "CREATE INDEX IF NOT EXISTS events_version ON events (fleet, model, version, received_at)",
+    # Events ever stored, by fleet and kind (``/metrics``): counted as they are stored,
+    # never lowered by pruning, so a scrape reads a few rows instead of every event.
+    """CREATE TABLE IF NOT EXISTS event_counts (
+        fleet TEXT NOT NULL, kind TEXT NOT NULL, n BIGINT NOT NULL,
+        PRIMARY KEY (fleet, kind))""",
 )
+# A store made before event_counts: counted once from the events it holds.
+_SEED_EVENT_COUNTS: Final = """
+INSERT INTO event_counts (fleet, kind, n) SELECT fleet, kind, count(*) FROM events
+GROUP BY fleet, kind ON CONFLICT (fleet, kind) DO NOTHING
+"""
+_COUNT_EVENTS: Final = """
+INSERT INTO event_counts (fleet, kind, n) VALUES (?, ?, ?)
+ON CONFLICT (fleet, kind) DO UPDATE SET n = event_counts.n + excluded.n
+"""
 
 # Created after MIGRATIONS: a table made before then lacks the columns. Rows that were
 # there have no key (NULL, never equal), so duplicates stored before cannot fail it.
@@ -175,8 +194,8 @@ _EVENT_INSERT: Final = """
 INSERT INTO events (fleet, device, stream, seq, at, received_at, kind, model, version,
                     previous, phase, reason, rollout_id)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (fleet, device, stream, seq) DO NOTHING
-"""
+ON CONFLICT (fleet, device, stream, seq) DO NOTHING"""
+EVENT_INSERT: Final = _EVENT_INSERT  # for a backend's own way of counting what it added
 _EVENT_COLUMNS: Final = (
     "id, fleet, device, stream, seq, at, received_at, kind, model, version, previous, phase, "
     "reason, COALESCE(rollout_id, '')"
@@ -311,10 +330,31 @@ class TelemetryStore(ABC):
             self._create_tables_with(cur)
 
     def _create_tables_with(self, cur: Any) -> None:
+        counted = self._has_table(cur, "event_counts")
         for statement in DDL:
             cur.execute(self._sql(statement))
         self._migrate(cur)
         cur.execute(HEARTBEAT_KEY)
+        if not counted:
+            cur.execute(_SEED_EVENT_COUNTS)
+
+    def _has_table(self, cur: Any, name: str) -> bool:
+        cur.execute(
+            self._sql("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"), [name]
+        )
+        return cur.fetchone() is not None
+
+    def _insert_events(self, cur: Any, rows: list[tuple[Any, ...]]) -> Counter[tuple[str, str]]:
+        """Insert event rows; return how many were new (not duplicates), by fleet and kind.
+        One writer at a time on SQLite: the new rows are those past the largest id."""
+        cur.execute("SELECT COALESCE(max(id), 0) FROM events")
+        last = int(cur.fetchone()[0])
+        cur.executemany(self._sql(_EVENT_INSERT), rows)
+        cur.execute(
+            self._sql("SELECT fleet, kind, count(*) FROM events WHERE id > ? GROUP BY fleet, kind"),
+            [last],
+        )
+        return Counter({(str(f), str(k)): int(n) for f, k, n in cur.fetchall()})
 
     def _migrate(self, cur: Any) -> None:
         """Add the columns a store created by an earlier release lacks (``MIGRATIONS``)."""
@@ -339,12 +379,17 @@ class TelemetryStore(ABC):
             (_MODEL_FROM_STATUS, statuses["models"]),
             (_MODEL_UPSERT, beats["models"]),
             (_HEARTBEAT_INSERT, beats["history"]),
-            (_EVENT_INSERT, events),
         )
         with self._write() as cur:
             for statement, rows in plan:
                 if rows:
                     cur.executemany(self._sql(statement), rows)
+            if events:
+                added = self._insert_events(cur, events)
+                # Last and in key order: concurrent writers take these rows' locks alike.
+                counts = [(f, k, n) for (f, k), n in sorted(added.items())]
+                if counts:
+                    cur.executemany(self._sql(_COUNT_EVENTS), counts)
         return len(batch)
 
     def devices(
@@ -543,9 +588,10 @@ class TelemetryStore(ABC):
             return [(str(device), bool(runs)) for device, runs in cur.fetchall()]
 
     def event_counts(self) -> list[tuple[str, str, int]]:
-        """(fleet, kind, count) of every event stored."""
+        """(fleet, kind, count) of the events ever stored (pruning does not lower them),
+        read from the counts ``write`` keeps: a few rows, whatever the events table holds."""
         with self._read() as cur:
-            cur.execute("SELECT fleet, kind, count(*) FROM events GROUP BY fleet, kind")
+            cur.execute("SELECT fleet, kind, n FROM event_counts")
             return [(str(f), str(k), int(n)) for f, k, n in cur.fetchall()]
 
     def count(self, table: str) -> int:
@@ -589,3 +635,50 @@ class TelemetryStore(ABC):
                     )
                     removed += int(cur.rowcount or 0)
             return removed
+
+    def prune_devices(
+        self,
+        silent_before: float,
+        revoked: Iterable[tuple[str, str]] = (),
+        revoked_before: float = 0.0,
+    ) -> int:
+        """Forget the devices last heard from before ``silent_before``, and those of
+        ``revoked`` ((fleet, device) pairs) last heard from before ``revoked_before``:
+        their device row, model rows and heartbeats (their events age out by their own
+        rule). A device that reports again is stored anew. Returns the devices removed."""
+        gone_revoked = set(revoked)
+        with self._write() as cur:
+            cur.execute(
+                self._sql("SELECT fleet, device, last_seen FROM devices WHERE last_seen < ?"),
+                [max(silent_before, revoked_before)],
+            )
+            gone = sorted(
+                (str(f), str(d))
+                for f, d, seen in cur.fetchall()
+                if seen < silent_before or (seen < revoked_before and (f, d) in gone_revoked)
+            )
+            if gone:
+                for table in ("device_models", "heartbeats", "devices"):
+                    cur.executemany(
+                        self._sql(f"DELETE FROM {table} WHERE fleet = ? AND device = ?"), gone
+                    )
+            return len(gone)
+
+    def prune_models(self, before: float) -> int:
+        """Delete the model rows a device stopped reporting: last updated before
+        ``before`` while the device's heartbeats went on after it, and rows of devices no
+        longer stored. Returns how many."""
+        with self._write() as cur:
+            cur.execute(
+                self._sql(
+                    """DELETE FROM device_models WHERE NOT EXISTS (
+                        SELECT 1 FROM devices d WHERE d.fleet = device_models.fleet
+                        AND d.device = device_models.device)
+                    OR (updated_at < ? AND EXISTS (
+                        SELECT 1 FROM devices d WHERE d.fleet = device_models.fleet
+                        AND d.device = device_models.device
+                        AND d.last_heartbeat > device_models.updated_at))"""
+                ),
+                [before],
+            )
+            return int(cur.rowcount or 0)

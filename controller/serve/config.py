@@ -52,6 +52,13 @@ _KNOWN_KEYS: Final = (
     "heartbeat_retention_s",
     "event_retention_s",
     "event_max_per_device",
+    "device_retention_s",
+    "revoked_device_retention_s",
+    "model_retention_s",
+    "rollout_retention_s",
+    "rollout_keep_per_model",
+    "metadata_keep_versions",
+    "metadata_min_age_s",
     "max_requests_per_s",
     "rollout_tick_interval_s",
     "mqtt_tls",
@@ -100,6 +107,18 @@ class ServeConfig:
     # Lifecycle events kept: this long, and at most this many of each device (its newest).
     event_retention_s: float = 90 * 86400.0
     event_max_per_device: int = 1000
+    # Retention of the rest (docs/operations.md, "Retention"): devices silent this long are
+    # forgotten by the store, revoked ones sooner; a model a device stopped reporting.
+    device_retention_s: float = 90 * 86400.0
+    revoked_device_retention_s: float = 86400.0
+    model_retention_s: float = 7 * 86400.0
+    # Finished rollout records: kept this long, and the newest few per fleet and model.
+    rollout_retention_s: float = 90 * 86400.0
+    rollout_keep_per_model: int = 10
+    # Old snapshot/targets/rollout metadata versions and desired-state files: the newest
+    # this many before the current one are kept, and nothing younger than the age.
+    metadata_keep_versions: int = 20
+    metadata_min_age_s: float = 86400.0
     # Heartbeats counting more requests per model than this a second are refused
     # (controller.fleet.payloads.check_plausible).
     max_requests_per_s: float = 50_000.0
@@ -208,6 +227,13 @@ def load_serve_config(
         heartbeat_retention_s=float(_number(doc, "heartbeat_retention_s", 7 * 86400.0)),
         event_retention_s=float(_number(doc, "event_retention_s", 90 * 86400.0)),
         event_max_per_device=_number(doc, "event_max_per_device", 1000, integer=True),
+        device_retention_s=float(_number(doc, "device_retention_s", 90 * 86400.0)),
+        revoked_device_retention_s=float(_number(doc, "revoked_device_retention_s", 86400.0)),
+        model_retention_s=float(_number(doc, "model_retention_s", 7 * 86400.0)),
+        rollout_retention_s=float(_number(doc, "rollout_retention_s", 90 * 86400.0)),
+        rollout_keep_per_model=_number(doc, "rollout_keep_per_model", 10, integer=True),
+        metadata_keep_versions=_number(doc, "metadata_keep_versions", 20, integer=True),
+        metadata_min_age_s=float(_number(doc, "metadata_min_age_s", 86400.0)),
         max_requests_per_s=float(_number(doc, "max_requests_per_s", 50_000.0)),
         rollout_tick_interval_s=float(_number(doc, "rollout_tick_interval_s", 5.0)),
         mqtt_tls=mqtt_tls,

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -25,7 +26,8 @@ from controller.fleet.records import IngestBatch
 from controller.fleet.status import StalePolicy
 from controller.fleet.store import StoreUnavailable, TelemetryStore
 from controller.fleet.stores import open_store
-from tests.controller.conftest import edgectl_cmd
+from controller.repository.repo import Repository
+from tests.controller.conftest import Served, edgectl_cmd
 from tests.controller.private_postgres import PrivatePostgres, private_postgres
 from tests.e2e_support import wait_until
 from tests.helpers import Broker
@@ -153,6 +155,31 @@ def test_ingestion_stores_everything_it_received_across_a_restart(
         publisher.loop_stop()
         publisher.disconnect()
         ingestor.stop()
+
+
+def test_serve_says_the_store_is_away_and_carries_on_when_it_is_back(
+    server: PrivatePostgres,
+    repo: Repository,
+    start_serve: Callable[..., Served],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("EDGECTL_STORE", server.dsn)
+    served = start_serve(repo.path, "")  # no broker: the store, /metrics and the rollout job
+
+    def store_up() -> str:
+        with urllib.request.urlopen(f"{served.url}/metrics", timeout=60) as response:
+            text = response.read().decode()
+        return next(line for line in text.splitlines() if line.startswith("edgefleet_store_up"))
+
+    assert store_up() == "edgefleet_store_up 1"
+    server.stop()
+    wait_until(
+        lambda: store_up() == "edgefleet_store_up 0", 60, "/metrics to say the store is away"
+    )
+    server.start()
+    wait_until(lambda: store_up() == "edgefleet_store_up 1", 60, "/metrics to say it is back")
+    assert served.process.poll() is None
+    assert "unreachable" in served.stderr.read_text()  # and the log said why
 
 
 def test_a_store_on_a_server_that_is_down_is_not_opened(tmp_path: Path) -> None:
