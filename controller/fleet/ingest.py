@@ -34,11 +34,12 @@ store outage costs bounded memory and, with the bound at least the number of dev
 loses history rows but no device's latest heartbeat.
 
 Invariants:
-- A QoS 1 message is acknowledged only after the transaction holding it committed, or
+- A QoS 1 message is acknowledged only after the transaction holding it committed, on
+  the disk (a batch holding one is ``IngestBatch.durable``: SQLite syncs its commit), or
   when it is rejected for good (it does not parse); so a message this process received
-  but did not store is sent again by the broker, never lost. Redelivery may repeat a
-  stored message: events and heartbeats are stored once (the store's keys), status and
-  heartbeat figures only move forward (controller.fleet.store).
+  but did not store is sent again by the broker, never lost, power cuts included.
+  Redelivery may repeat a stored message: events and heartbeats are stored once (the
+  store's keys), status and heartbeat figures only move forward (controller.fleet.store).
 - Acknowledgements go out in the order the messages arrived, and only on the connection
   that delivered them (a packet id means nothing on the next one; the broker sends
   what was not acknowledged again there).
@@ -430,6 +431,8 @@ class Ingestor:
                 self._log_dropped("rejected", topic, PayloadError(f"{type(exc).__name__}: {exc}"))
             else:
                 parsed.append(item)
+        # On the disk before the acknowledgement: only a QoS 1 message is acknowledged.
+        batch.durable = any(qos for _t, _p, _r, qos, *_ack in parsed)
         return batch, parsed
 
     def _drop_poison(self, item: Item, exc: Exception) -> None:

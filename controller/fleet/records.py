@@ -86,12 +86,17 @@ class IngestBatch:
     Heartbeats come in either form: ``heartbeats`` (the contract's dataclass; its history
     is re-encoded) or ``heartbeat_facts`` (facts, received at, the payload as received,
     kept verbatim as history), which is what ingestion produces.
+
+    ``durable``: the store must have the batch on disk when ``write`` returns, because a
+    message of it is acknowledged right after (QoS 1). Ingestion clears it for a batch of
+    QoS 0 messages only, which SQLite then commits without waiting for the disk.
     """
 
     heartbeats: list[tuple[Heartbeat, float]] = field(default_factory=list)
     events: list[tuple[Event, float]] = field(default_factory=list)
     statuses: list[tuple[Status, float]] = field(default_factory=list)
     heartbeat_facts: list[tuple[HeartbeatFacts, float, str]] = field(default_factory=list)
+    durable: bool = True
 
     def __len__(self) -> int:
         return (

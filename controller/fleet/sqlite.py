@@ -1,11 +1,15 @@
 """The SQLite backend of the telemetry store: one file, WAL, batched transactions.
 
 WAL lets ``edgectl fleet status`` and ``/metrics`` read while ``edgectl serve`` writes.
-The write connection runs ``synchronous=FULL``: a commit is on the disk (the WAL
-fsynced) before ``write`` returns, because ingestion acknowledges QoS 1 events right
-after it and the device then deletes them; with ``NORMAL`` a power cut could lose the
-last committed, acknowledged batches (docs/benchmarks.md measures the cost, telemetry
-ingest, 2026-12-03).
+
+A ``durable`` batch (``IngestBatch.durable``: it holds a QoS 1 message, which ingestion
+acknowledges right after the commit, and the device then deletes) commits with
+``synchronous=FULL``: the WAL is fsynced before ``write`` returns. With ``NORMAL`` a
+commit reaches the disk only at the next checkpoint, and a power cut could lose
+acknowledged events. A batch of QoS 0 heartbeats only (nothing acknowledged; most of
+the traffic) commits with ``NORMAL``: a power cut may lose the last of those, never half
+a batch, and their fsync would cost about a tenth of the store's time (docs/benchmarks.md,
+telemetry ingest, 2026-12-03). A ``FULL`` commit also makes every commit before it durable.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from controller.fleet.records import IngestBatch
 from controller.fleet.store import StoreError, TelemetryStore
 
 
@@ -34,11 +39,22 @@ class SqliteStore(TelemetryStore):
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._write_conn = _connect(path, "FULL")  # durable before the acknowledgement
+            self._write_conn = _connect(path, "FULL")  # until a batch says otherwise
             self._read_conn = _connect(path, "NORMAL")  # it never writes
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the telemetry store {path}: {exc}") from None
+        self._synchronous = "FULL"
         self._create_tables()
+
+    def write(self, batch: IngestBatch) -> int:
+        """Store ``batch``; on the disk when this returns if ``batch.durable`` (module
+        docstring). Called from one thread (ingestion's writer)."""
+        mode = "FULL" if batch.durable else "NORMAL"
+        if mode != self._synchronous:
+            with self._write_lock:  # between transactions: SQLite ignores it inside one
+                self._write_conn.execute(f"PRAGMA synchronous={mode}")
+            self._synchronous = mode
+        return super().write(batch)
 
     @contextmanager
     def _writer(self) -> Iterator[sqlite3.Cursor]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import operator
+import random
 import sqlite3
 from collections import Counter
 from collections.abc import Iterator
@@ -156,6 +157,50 @@ def test_what_the_stores_hold_at_the_limits_still_parses() -> None:
     assert parse_event(event(1, reason=f"emoji {ASTRAL}")).reason == f"emoji {ASTRAL}"
     beat = parse_telemetry(heartbeat(lambda d: d["system"].update(disk_free_bytes=2**64)))
     assert beat.system.disk_free_bytes is None  # beyond what orjson reads as an integer
+
+
+def _noise(seed: int) -> str:
+    """``MAX_TEXT`` characters of 4 bytes each that do not compress: the largest index
+    entry a message that parses can ask of PostgreSQL."""
+    rng = random.Random(seed)
+    return "".join(chr(rng.randrange(0x10000, 0x10FFFF)) for _ in range(MAX_TEXT))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_the_largest_messages_that_parse_are_stored(tmp_path: Path, backend: str) -> None:
+    """Every text field at ``MAX_TEXT`` incompressible 4-byte characters at once, ``seq``
+    and counts at their largest, a long ``reason``: each kind is stored in one batch."""
+    texts = {
+        key: _noise(n)
+        for n, key in enumerate(("stream", "at", "model", "version", "previous", "phase"))
+    }
+    raw_event = event(2**63 - 1, **texts, rollout_id=_noise(9), reason=_noise(10) * 40)
+    raw_status = status(
+        agent_version=_noise(11), models={_noise(12): {"version": _noise(13), "state": _noise(14)}}
+    )
+
+    def largest(doc: dict[str, Any], at: str) -> None:
+        # Requests: the most a heartbeat of an hour may count (check_plausible).
+        entry = {"version": _noise(15), "state": _noise(16), "requests": 360_000_000}
+        doc.update(at=at, seq=2**63 - 1, agent_version=_noise(18), models={_noise(19): entry})
+        doc["outbox"] = {"pending": 2**31 - 1, "dropped": 2**31 - 1}
+        doc["interval_s"] = 3600.0
+
+    beats = [heartbeat(lambda doc, n=n: largest(doc, _noise(n))) for n in (20, 21)]
+    batch = IngestBatch()
+    for kind, raw in (("events", raw_event), ("status", raw_status), ("telemetry", beats[0])):
+        add_payload(batch, device_topic(FLEET, DEVICE, kind), raw, 1.0)
+    # The contract's parser too (its heartbeats are stored re-encoded).
+    add_to_batch(batch, parse_message(device_topic(FLEET, DEVICE, "telemetry"), beats[1]), 2.0)
+    with store_for(backend, tmp_path) as store:
+        assert store.write(batch) == 4
+        (stored,) = store.events(device=DEVICE)
+        assert (stored.stream, stored.seq, stored.model) == (
+            texts["stream"],
+            2**63 - 1,
+            texts["model"],
+        )
+        assert store.count("heartbeats") == 2
 
 
 # ------------------------------------------------------------------ through a real ingest
