@@ -3,9 +3,11 @@
 A private mosquitto on loopback; real `edgectl serve` processes ingesting into a store
 (SQLite by default, ``--store DSN`` for PostgreSQL); simulated devices in separate
 processes publishing real ``edgefleet.telemetry/1`` heartbeats (one model each, QoS 0
-as agents do by default) from ``--devices`` distinct device ids, at each offered rate of
-``--rates`` for ``--seconds``. ``--workers N`` runs N serve processes on one MQTT 5 shared
-subscription (``mqtt_shared_group``) and one store.
+as agents do by default; ``--qos 1`` as with ``heartbeat_qos = 1``: the controller then
+acknowledges each once its batch is on disk, as it does events) from ``--devices``
+distinct device ids, at each offered rate of ``--rates`` for ``--seconds``.
+``--workers N`` runs N serve processes on one MQTT 5 shared subscription
+(``mqtt_shared_group``) and one store.
 
 Every step starts fresh serve processes on an empty store, so steps do not inherit each
 other's backlog or table size. ``--baseline REV`` runs each step twice, once with the
@@ -22,7 +24,7 @@ store stopped growing), the controller's CPU (user+system seconds of all its pro
 per wall second, 100% = one core) and CPU per stored message.
 
     python bench/telemetry_ingest.py [--rates 5000,10000,15000] [--seconds 10] \
-        [--workers 2] [--baseline 96201a8] [--registry] [--record]
+        [--workers 2] [--baseline 96201a8] [--registry] [--qos 1] [--record]
 """
 
 from __future__ import annotations
@@ -85,13 +87,14 @@ def _template() -> bytes:
 
 
 def publisher(
-    port: int, rate: float, seconds: float, first: int, devices: int, out: mp.Queue
+    port: int, rate: float, seconds: float, first: int, devices: int, qos: int, out: mp.Queue
 ) -> None:  # type: ignore[type-arg]
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
     template = _template()
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{os.getpid()}")
+    client.max_inflight_messages_set(1000)  # QoS 1: not one broker round trip per 20
     client.connect("127.0.0.1", port)
     client.loop_start()
     sent = 0
@@ -113,7 +116,7 @@ def publisher(
                     b"%d" % _SEQ,
                     b"%d" % (i + 1),  # publishers' i ranges are disjoint
                 ),
-                qos=0,
+                qos=qos,
             )
             i += 1
             sent += 1
@@ -221,7 +224,7 @@ def measure_step(
         procs = [
             mp.Process(
                 target=publisher,
-                args=(port, share, args.seconds, k * 10**7, args.devices, results),
+                args=(port, share, args.seconds, k * 10**7, args.devices, args.qos, results),
             )
             for k in range(args.publishers)
         ]
@@ -283,7 +286,8 @@ def run(args: argparse.Namespace) -> list[str]:
         + f"; {args.devices:,} simulated devices"
         + (" enrolled in the device registry" if args.registry else "")
         + f", {args.publishers} publisher processes, "
-        f"{args.seconds:g} s per step; heartbeat {len(_template())} bytes; load average "
+        f"{args.seconds:g} s per step; heartbeat {len(_template())} bytes at QoS {args.qos}; "
+        f"load average "
         f"(1 min) {min(loads):.1f}–{max(loads):.1f} during the run.",
         "",
         "| code | offered msg/s | published | stored | stored msg/s (sustained) "
@@ -310,6 +314,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="serve processes (shared group)")
     parser.add_argument("--baseline", default="", metavar="REV", help="also run this revision")
     parser.add_argument("--store", default="", help="a postgresql:// DSN (default: SQLite)")
+    parser.add_argument(
+        "--qos", type=int, default=0, choices=(0, 1), help="heartbeats' QoS (1: acknowledged)"
+    )
     parser.add_argument(
         "--registry", action="store_true", help="enroll the simulated devices (checked per message)"
     )

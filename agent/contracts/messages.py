@@ -373,7 +373,7 @@ def parse_event(raw: bytes) -> Event:
     device, fleet = _identity(doc, where)
     seq = _field(doc, "seq", int, where)
     if not 1 <= seq <= MAX_SEQ:
-        raise PayloadError(f"{where}: seq expected 1 to {MAX_SEQ:,}, got {seq}")
+        raise PayloadError(f"{where}: seq expected >= 1 and at most {MAX_SEQ:,}, got {seq}")
     kind = _field(doc, "kind", str, where)
     if not is_name(kind):
         raise PayloadError(f"{where}: kind expected a short name, got {kind!r}")

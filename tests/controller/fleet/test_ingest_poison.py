@@ -322,7 +322,8 @@ def test_a_full_store_is_retried_and_nothing_is_dropped(
         publish(broker, [event(n, reason="r" * 2000) for n in range(1, 31)])
         wait_until(lambda: "(attempt 3)" in caplog.text, 30, "the batch to be retried")
         assert "database or disk is full" in caplog.text
-        assert store.count("events") == 0 and ingestor.unacknowledged == 30
+        wait_until(lambda: ingestor.unacknowledged == 30, 10, "all 30 held unacknowledged")
+        assert store.count("events") == 0
         assert ingestor.refusals[POISON] == 0 and ingestor.counts["rejected"] == 0
         with store._write_lock:
             store._write_conn.execute("PRAGMA max_page_count = 1073741823")
