@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -221,6 +221,8 @@ class Fault:
 
 @dataclass
 class Scenario:
+    """One serve under one fault: ``run`` it, ``close`` it whatever happened."""
+
     tmp: Path
     repo: Path
     bundle: Path
@@ -229,7 +231,6 @@ class Scenario:
     serve: Proc | None = None
     url: str = ""
     fleet: SimFleet | None = None
-    notes: list[str] = field(default_factory=list)
 
     def start(self) -> None:
         edgectl("init", self.repo)
@@ -258,7 +259,8 @@ class Scenario:
         """Start, inject ``fault`` once the first stage passed, hold it, clear it, and
         check that serve recovered by itself."""
         self.start()
-        assert self.fleet is not None
+        fleet = self.fleet
+        assert fleet is not None
         wait_until(lambda: the_rollout(self.repo).stage >= 1, 60, "the first stage to pass")
         wait_until(lambda: stored_messages(self.store), 30, "the first messages stored")
         self.alive()
@@ -294,9 +296,9 @@ class Scenario:
         assert sorted(done.passed, key=int) == [str(i) for i in range(len(STAGES))], done.passed
 
         # Ingestion caught up: every message the broker acknowledged is stored, once.
-        self.fleet.stop_sending()
-        published = self.fleet.published()
-        wait_until(lambda: self.fleet.acked() == published, 60, "the broker to take them all")  # type: ignore[union-attr]
+        fleet.stop_sending()
+        published = fleet.published()
+        wait_until(lambda: fleet.acked() == published, 60, "the broker to take them all")
         try:
             wait_until(
                 lambda: set(stored_messages(self.store)) >= published, 30, "every message stored"
@@ -310,10 +312,6 @@ class Scenario:
         assert len(stored) == len(set(stored)), "a message stored twice"
         assert set(stored) == published
         self.alive()
-        self.notes.append(
-            f"{len(published)} messages, stage {stage_at_fault + 1} at the fault, "
-            f"{len(STAGES)} stages passed once each"
-        )
 
     def close(self) -> None:
         if self.fleet is not None:
