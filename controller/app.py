@@ -13,8 +13,12 @@ Invariants:
 - The readiness line ``edgectl serve: listening on http://HOST:PORT`` is printed and
   flushed on stdout once the socket listens, with the bound port (so port 0 works).
 - An unreachable broker never stops the HTTP side; a failing re-sign is logged and
-  retried on the next check. A device registry that cannot be read is a start-up error
-  (ingestion would otherwise admit every device or none).
+  retried on the next check, whatever it raised (the task never dies of it). Every check
+  also loads the online roles' keys as a re-sign would: a key serve cannot sign with is
+  logged (once, naming the file) and shown in ``/metrics`` (``edgefleet_signing_ready``)
+  before the metadata it signs expires, and again once it is usable. A device registry
+  that cannot be read is a start-up error (ingestion would otherwise admit every device
+  or none).
 - SIGTERM and SIGINT cancel every named task, stop the HTTP server and disconnect MQTT.
 """
 
@@ -28,12 +32,14 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from aiohttp import web
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from agent.contracts import ROLLOUT_ROLE
 from controller.base.errors import ControllerError, UsageError
 from controller.fleet.ingest import Ingestor, IngestSettings
 from controller.fleet.records import FleetAggregates
@@ -43,6 +49,7 @@ from controller.fleet.store import StoreError, TelemetryStore
 from controller.fleet.stores import open_store
 from controller.identity.devices import REGISTRY_FILE, ca_dir, load_registry
 from controller.repository.expiry import ExpiryReader
+from controller.repository.keys import scan_signers
 from controller.repository.repo import Repository, resign_expiring
 from controller.repository.retention import MetadataRetention, prune_metadata
 from controller.repository.rotation import locked_repository
@@ -51,7 +58,12 @@ from controller.rollout.service import RolloutSettings, start_rollout_service
 from controller.serve.announcer import Announcer
 from controller.serve.config import ServeConfig
 from controller.serve.http import make_app, start_http
-from controller.serve.metrics import StoreHealth, render_aggregates
+from controller.serve.metrics import (
+    ServeHealth,
+    StoreHealth,
+    render_aggregates,
+    render_serve_health,
+)
 from controller.serve.mqtt_repo import RepoResponder
 from controller.serve.mqtt_tls import serve_tls_context
 
@@ -92,16 +104,82 @@ async def announce_loop(repo_dir: Path, announcer: Announcer, interval_s: float)
         await asyncio.sleep(interval_s)
 
 
-async def resign_loop(repo_dir: Path, interval_s: float) -> None:
-    """Re-sign online metadata before it expires; check every ``interval_s``."""
+ONLINE_ROLES = (ROLLOUT_ROLE, "snapshot", "timestamp")
+
+
+@dataclass
+class ServeState:
+    """What serve's own tasks found, for ``/metrics``: the MQTT clients (set once they
+    exist), whether each online role could be signed at the last check, failed re-signs."""
+
+    ingestor: Ingestor | None = None
+    announcer: Announcer | None = None
+    signing_ready: dict[str, bool] = field(default_factory=dict)
+    resign_failures: int = 0
+
+    def health(self) -> ServeHealth:
+        connected = {}
+        if self.ingestor is not None:
+            connected["ingest"] = self.ingestor.is_connected
+        if self.announcer is not None:
+            connected["announce"] = self.announcer.is_connected
+        return ServeHealth(connected, dict(self.signing_ready), self.resign_failures)
+
+
+def signing_problems(repo_dir: Path) -> dict[str, str]:
+    """Why each online role could not be signed now ("" when it can): its keys loaded as
+    a re-sign loads them (a key file that is not a key, or one this user may not read)."""
+    repo = Repository.open(repo_dir)
+    problems = {}
+    for role in ONLINE_ROLES:
+        try:
+            keyids, threshold = repo.role_keys(role)
+            found, ignored = scan_signers(repo.key_dirs, role, keyids, quiet=repo.revoking)
+            problems[role] = (
+                ""
+                if len(found) >= threshold
+                else f"it needs {threshold} key(s), {len(found)} usable in "
+                f"{', '.join(map(str, repo.key_dirs))}"
+                + (f" ({'; '.join(ignored)})" if ignored else "")
+            )
+        except (OSError, ControllerError) as exc:
+            problems[role] = str(exc)
+    return problems
+
+
+def _check_signing(repo_dir: Path, state: ServeState) -> None:
+    """Update ``state.signing_ready``; log when a role becomes unsignable or signable."""
+    for role, problem in signing_problems(repo_dir).items():
+        was_ready = state.signing_ready.get(role, True)
+        state.signing_ready[role] = not problem
+        if problem and was_ready:
+            logger.error(
+                "cannot sign %s metadata: %s; the repository is still served, re-signing "
+                "and rollout stages wait until the key is usable",
+                role,
+                problem,
+            )
+        elif not problem and not was_ready:
+            logger.info("the %s key is usable again", role)
+
+
+async def resign_loop(repo_dir: Path, interval_s: float, state: ServeState | None = None) -> None:
+    """Re-sign online metadata before it expires; check every ``interval_s``. With
+    ``state``, also check the online keys and count failures (``/metrics``)."""
+    state = state if state is not None else ServeState()
     while True:
+        try:
+            await asyncio.to_thread(_check_signing, repo_dir, state)
+        except Exception as exc:  # the repository unreadable: the re-sign below says so too
+            logger.error("cannot check the signing keys: %s", exc)
         try:
             changed = await asyncio.to_thread(_resign, repo_dir)
             if changed:
                 logger.info("re-signed metadata before expiry: %s", changed)
             else:
                 logger.debug("re-sign check: nothing due")
-        except (OSError, ControllerError) as exc:
+        except Exception as exc:  # whatever it is, the next check tries again
+            state.resign_failures += 1
             logger.error("re-signing failed (retrying in %.0f s): %s", interval_s, exc)
         await asyncio.sleep(interval_s)
 
@@ -212,10 +290,12 @@ def add_metrics_route(
     ingestor: Ingestor | None,
     policy: StalePolicy,
     repo_dir: Path | None = None,
+    state: ServeState | None = None,
 ) -> None:
     """``GET /metrics``: fleet aggregates from the store, in the Prometheus text format;
     with ``repo_dir``, also when the repository's metadata, CA, CRL and device
-    certificates expire (read at each scrape, ``controller.repository.expiry``)."""
+    certificates expire (read at each scrape, ``controller.repository.expiry``); with
+    ``state``, serve's MQTT connections and signing keys (``ServeState``)."""
     reader = ExpiryReader(repo_dir) if repo_dir is not None else None
 
     def render() -> str:
@@ -230,7 +310,8 @@ def add_metrics_route(
             logger.warning("/metrics without the fleet gauges: %s", exc)
             aggregates, events = FleetAggregates({}, {}, {}), []
         health = StoreHealth(up=store.up, errors=store.errors)
-        return render_aggregates(aggregates, events, counts, expiries, refusals, health)
+        text = render_aggregates(aggregates, events, counts, expiries, refusals, health)
+        return text + render_serve_health(state.health()) if state is not None else text
 
     async def handle(_request: web.Request) -> web.Response:
         text = await asyncio.to_thread(render)
@@ -276,7 +357,8 @@ async def serve(config: ServeConfig) -> None:
         ingestor = Ingestor(ingest_settings(config), store, tls=tls, roster=roster)
     app = make_app(config.repo_dir)
     policy = StalePolicy(config.heartbeat_interval_s, config.stale_after_heartbeats)
-    add_metrics_route(app, store, ingestor, policy, config.repo_dir)
+    state = ServeState(ingestor=ingestor)
+    add_metrics_route(app, store, ingestor, policy, config.repo_dir, state)
     try:
         runner, port = await start_http(app, config.listen_host, config.listen_port)
     except OSError as exc:
@@ -318,7 +400,7 @@ async def serve(config: ServeConfig) -> None:
     scheduler.start()
     tasks = [
         asyncio.create_task(
-            resign_loop(config.repo_dir, config.resign_check_interval_s), name="resign"
+            resign_loop(config.repo_dir, config.resign_check_interval_s, state), name="resign"
         ),
         asyncio.create_task(prune_loop(store, config, PRUNE_INTERVAL_S), name="prune"),
     ]
@@ -333,6 +415,7 @@ async def serve(config: ServeConfig) -> None:
             config.mqtt_keepalive_s,
             tls=tls,
         )
+        state.announcer = announcer
         announcer.start()
         tasks.append(
             asyncio.create_task(

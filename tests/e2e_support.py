@@ -119,7 +119,7 @@ def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> Pro
 
 
 def start_serve(
-    repo: Path, mqtt: str, log: Path, settings: dict[str, float] | None = None
+    repo: Path, mqtt: str, log: Path, settings: dict[str, float | str] | None = None
 ) -> tuple[Proc, str]:
     """Start `edgectl serve`; ``settings`` go to its ``[serve]`` table (controller.toml)."""
     args = [str(BIN / "edgectl"), "serve", "--repo", str(repo), "--mqtt", mqtt]

@@ -57,7 +57,7 @@ from agent.contracts import (
     check_version,
     resolve_release,
 )
-from controller.base.errors import ConflictError, UsageError
+from controller.base.errors import ConflictError, ControllerError, UsageError
 from controller.base.fsio import repo_lock
 from controller.fleet.store import TelemetryStore
 from controller.repository.history import (
@@ -425,6 +425,8 @@ class RolloutService:
         """The scheduled entry point: one tick, errors logged (the next tick retries)."""
         try:
             self.tick()
+        except ControllerError as exc:  # the store unreachable, a key that cannot sign
+            logger.error("rollout tick failed: %s; retrying on the next one", exc)
         except Exception:  # a store or repository hiccup must not kill the schedule
             logger.exception("rollout tick failed; retrying on the next one")
 

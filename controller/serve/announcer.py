@@ -49,6 +49,10 @@ class Announcer:
         self._client.on_connect_fail = self._on_connect_fail
         self._client.on_disconnect = self._on_disconnect
 
+    @property
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
     def start(self) -> None:
         """Start connecting in the background; never raises for an unreachable broker."""
         self._client.connect_async(self._host, self._port, keepalive=self._keepalive_s)

@@ -6,8 +6,9 @@ failed operations, devices by fleet and health, devices by model,
 version and install state, events stored, events devices dropped, messages this process
 ingested, messages it refused by reason (``controller.fleet.roster``), and, given the
 repository's ``Expiries`` (``controller.repository.expiry``), when what the operator must
-renew expires. Pure functions of their arguments: the
-counts come from the telemetry store (``TelemetryStore.fleet_aggregates``, or
+renew expires; and, given ``ServeHealth`` (``render_serve_health``), whether serve's MQTT
+clients are connected and whether it can sign each online role. Pure functions of their
+arguments: the counts come from the telemetry store (``TelemetryStore.fleet_aggregates``, or
 ``aggregate_rows`` of device rows already loaded), health from
 ``controller.fleet.status.health``.
 
@@ -63,6 +64,42 @@ class StoreHealth:
 
     up: bool = True
     errors: int = 0
+
+
+@dataclass(frozen=True)
+class ServeHealth:
+    """What ``edgectl serve`` itself depends on, as its tasks last found it: each MQTT
+    client's connection (``ingest``, ``announce``), whether each online role could be
+    signed at the last check (``controller.app.resign_loop``), re-signs that failed."""
+
+    mqtt_connected: Mapping[str, bool]
+    signing_ready: Mapping[str, bool]
+    resign_failures: int = 0
+
+
+def render_serve_health(health: ServeHealth) -> str:
+    """``ServeHealth`` in the Prometheus text format: appended to ``render_aggregates``."""
+    out = [
+        "# HELP edgefleet_mqtt_connected Whether serve's MQTT client is connected to the broker "
+        "(ingest: telemetry in, announce: announcements out); 0: it reconnects by itself.",
+        "# TYPE edgefleet_mqtt_connected gauge",
+    ]
+    for client, up in sorted(health.mqtt_connected.items()):
+        out.append(_sample("edgefleet_mqtt_connected", {"client": client}, int(up)))
+    out += [
+        "# HELP edgefleet_signing_ready Whether serve has the keys to sign the online role "
+        "(checked every resign_check_interval_s); 0: re-signing and rollout stages wait, the "
+        "log names the key file.",
+        "# TYPE edgefleet_signing_ready gauge",
+    ]
+    for role, ready in sorted(health.signing_ready.items()):
+        out.append(_sample("edgefleet_signing_ready", {"role": role}, int(ready)))
+    out += [
+        "# HELP edgefleet_resign_failures_total Re-signing checks that failed since serve started.",
+        "# TYPE edgefleet_resign_failures_total counter",
+        _sample("edgefleet_resign_failures_total", {}, health.resign_failures),
+    ]
+    return "\n".join(out) + "\n"
 
 
 def render_metrics(
