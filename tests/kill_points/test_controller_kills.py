@@ -22,13 +22,6 @@ from tests.kill_points.harness import SERVE_ENV, SPECS, Outcome, Runner, Spec
 
 pytestmark = pytest.mark.slow
 
-# Rotations: root N+1 is published before the role is re-signed with its new key.
-_ROTATION = r"repo/metadata/(\d+\.root|root|\d+\.targets|\d+\.snapshot)\.json$"
-_ROTATION_WHY = (
-    "issue 19 defect 5 (h1): `keys rotate` publishes root N+1 before it re-signs the role "
-    "with the new key, and nothing finishes a rotation left half-done: devices fail "
-    "verification ('signed by 0/1 keys') until the next re-sign"
-)
 # spec name -> (why, the written paths of the kill points that fail on it)
 KNOWN: dict[str, tuple[str, str]] = {
     "rollout promote": (
@@ -37,9 +30,6 @@ KNOWN: dict[str, tuple[str, str]] = {
         "back the record's stage: the fleet goes from 50% back to 10%",
         r"repo/metadata/timestamp\.json$",
     ),
-    "keys rotate targets": (_ROTATION_WHY, _ROTATION),
-    "keys rotate snapshot": (_ROTATION_WHY, _ROTATION),
-    "keys rotate timestamp": (_ROTATION_WHY, _ROTATION),
 }
 
 
