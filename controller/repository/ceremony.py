@@ -5,9 +5,11 @@ Orchestrators over ``controller.repository.repo`` (signing, thresholds) and
 touched:
 
 - A top-level role's key (targets, snapshot, timestamp) changes in a new root version
-  signed by the current root keys; then the role is re-signed with its new key and a new
-  snapshot and timestamp are published. Clients fetch ``N+1.root.json`` on their next
-  refresh, so they trust the new key before they see metadata signed by it.
+  signed by the current root keys. Before that root is published, the role is re-signed
+  by its old and its new key (``rotation.bridge``; a new snapshot and timestamp follow),
+  so a device verifies the repository whether it holds root N or N+1; after it, the role
+  is re-signed with its new key alone. Clients fetch ``N+1.root.json`` on their next
+  refresh.
 - A root rotation writes a root version whose root role lists the new key(s) and
   threshold, signed by a threshold of the previous root keys and of the new ones.
 - ``rollout`` is delegated by targets: its key changes in a new targets version (the
@@ -41,7 +43,7 @@ from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from agent.contracts import ROLLOUT_ROLE
-from controller.base.errors import UsageError
+from controller.base.errors import RepositoryError, UsageError
 from controller.base.fsio import atomic_write
 from controller.repository.keys import generate_key, key_id, load_key_file, save_key
 from controller.repository.repo import (
@@ -54,7 +56,14 @@ from controller.repository.repo import (
     check_root_signatures,
     save_policy,
 )
-from controller.repository.rotation import CeremonyResult, begin, end, finish_rotation
+from controller.repository.rotation import (
+    CeremonyResult,
+    begin,
+    bridge,
+    bridge_signers,
+    end,
+    finish_rotation,
+)
 
 __all__ = ["CeremonyResult", "finish_rotation"]  # where they lived before rotation.py
 
@@ -140,11 +149,13 @@ def _publish_or_park(
         logger.warning("root version %d waits for signatures: %s", root.signed.version, exc)
         return
     begin(repo, [result.role], "root", root)
+    result.resigned.update(bridge(repo, root.signed, now))  # both roots verify it
     repo.publish_root(root)
     result.root_version = int(root.signed.version)
     finished = finish_rotation(repo, now)
     end(repo)
-    result.resigned, result.revoked = finished.resigned, finished.revoked
+    result.resigned.update(finished.resigned)
+    result.revoked = finished.revoked
 
 
 def _rotate_rollout(repo: Repository, now: datetime) -> CeremonyResult:
@@ -237,16 +248,22 @@ def import_root(repo: Repository, path: Path, now: datetime | None = None) -> Ce
     Raises RootSignaturesMissingError (naming the counts) when a threshold is not met.
     """
     md = _read_root(path)
+    result = CeremonyResult("root", root_version=int(md.signed.version))
     if md.signed.version == repo.root_version() + 1:
         current = repo.load("root").signed
         check_root_signatures(md, current)  # before the journal
+        try:
+            bridge_signers(repo, md.signed)  # the new keys are here: before the journal
+        except RepositoryError as exc:
+            raise UsageError(f"{exc}; pass --key-dir where they are") from None
         begin(repo, _changed_roles(current, md.signed), "root", md)
         repo.revoking.update(_revoked_keyids(current, md.signed))
+        result.resigned.update(bridge(repo, md.signed, now))  # both roots verify it
     repo.publish_root(md)
-    result = CeremonyResult("root", root_version=int(md.signed.version))
     finished = finish_rotation(repo, now)
     end(repo)
-    result.resigned, result.revoked = finished.resigned, finished.revoked
+    result.resigned.update(finished.resigned)
+    result.revoked = finished.revoked
     return result
 
 

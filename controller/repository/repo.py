@@ -27,7 +27,8 @@ Invariants:
 - Writes go bottom-up (target files, then the role naming them, then snapshot, then
   timestamp), each atomic, so a client never sees a name for a file that is not there.
 - Only sha256 hashes; no ``custom`` fields; expiries always set from ``ExpiryPolicy``.
-- Metadata is signed by every available key the trusted metadata lists for the role and
+- Metadata is signed by every available key the trusted metadata lists for the role
+  (during a rotation's bridge, also by the next root's keys: ``Repository.bridging``) and
   written only when the role's threshold is met; a new root also needs the threshold of
   the previous root (``sign_root``), so clients can follow the chain N → N+1.
 - Callers hold ``repo_lock`` around any change; they enter through
@@ -133,6 +134,9 @@ class Repository:
         # Key ids a rotation in progress revokes: their files are expected until it
         # deletes them, so signing passes over them without a warning.
         self.revoking: set[str] = set()
+        # Keys of the next root version that also sign a role while a rotation publishes
+        # metadata both the current and the next root verify (``rotation.bridge``).
+        self.bridging: dict[str, list[Signer]] = {}
 
     @classmethod
     def open(cls, path: Path, extra_key_dirs: tuple[Path, ...] = ()) -> Repository:
@@ -270,7 +274,9 @@ class Repository:
             return
         if signers is None:
             keyids, threshold = self.role_keys(role)
-            found, ignored = scan_signers(self.key_dirs, role, keyids, quiet=self.revoking)
+            bridging = self.bridging.get(role, [])
+            quiet = self.revoking | {s.public_key.keyid for s in bridging}
+            found, ignored = scan_signers(self.key_dirs, role, keyids, quiet=quiet)
             if len(found) < threshold:
                 why = f" (ignored: {'; '.join(ignored)})" if ignored else ""
                 raise RepositoryError(
@@ -279,9 +285,10 @@ class Repository:
                     "--key-dir where the others are, or finish an interrupted rotation with "
                     f"`edgectl keys finish --repo {self.path}`"
                 )
-            signers = list(found.values())
+            signers = [*found.values(), *bridging]
         for signer in signers:
-            md.sign(signer, append=True)
+            if signer.public_key.keyid not in md.signatures:
+                md.sign(signer, append=True)
 
     def write_signed(self, role: str, md: Metadata[Any]) -> None:
         """The second half of ``write`` for a role other than root: write ``md`` as it is

@@ -6,9 +6,9 @@ device verifies the repository with python-tuf, ``edgectl serve``'s start-up pas
 the command (or its natural next one) completes, and no fleet's desired state went
 backwards. ``tests/kill_points/harness.py`` says how, step by step.
 
-``KNOWN`` lists the kill points that fail on a defect another change is fixing (issue 19,
-section 1): those points are expected failures (``xfail``) while they fail, and the test
-fails once they all recover, so the entry is dropped with the fix.
+``KNOWN`` lists kill points that fail on a defect a change in flight is fixing: those
+points are expected failures (``xfail``) while they fail, and the test fails once they
+all recover, so the entry is dropped with the fix. It is empty: every point recovers.
 """
 
 from __future__ import annotations
@@ -22,19 +22,8 @@ from tests.kill_points.harness import SERVE_ENV, SPECS, Outcome, Runner, Spec
 
 pytestmark = pytest.mark.slow
 
-# Rotations: root N+1 is published before the role is re-signed with its new key.
-_ROTATION = r"repo/metadata/(\d+\.root|root|\d+\.targets|\d+\.snapshot)\.json$"
-_ROTATION_WHY = (
-    "issue 19 defect 5 (h1): `keys rotate` publishes root N+1 before it re-signs the role "
-    "with the new key, and nothing finishes a rotation left half-done: devices fail "
-    "verification ('signed by 0/1 keys') until the next re-sign"
-)
 # spec name -> (why, the written paths of the kill points that fail on it)
-KNOWN: dict[str, tuple[str, str]] = {
-    "keys rotate targets": (_ROTATION_WHY, _ROTATION),
-    "keys rotate snapshot": (_ROTATION_WHY, _ROTATION),
-    "keys rotate timestamp": (_ROTATION_WHY, _ROTATION),
-}
+KNOWN: dict[str, tuple[str, str]] = {}
 
 
 @pytest.mark.parametrize(
