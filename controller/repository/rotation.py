@@ -261,25 +261,13 @@ def _publish_journaled(repo: Repository, journal: Journal, now: datetime | None)
                     raise RepositoryError(f"it is {md.signed.type} metadata")
                 check_root_signatures(md, repo.load("root").signed)
             except RepositoryError as exc:
-                logger.error(
-                    "the journaled root version %d cannot be published (%s): the rotation of "
-                    "%s is abandoned, the repository stays as it was before it",
-                    journal.version,
-                    exc,
-                    ", ".join(journal.roles),
-                )
+                _root_abandoned(journal, exc)
                 return
             bridge(repo, md.signed, now)
             try:
                 repo.publish_root(md)
             except RepositoryError as exc:
-                logger.error(
-                    "the journaled root version %d cannot be published (%s): the rotation of "
-                    "%s is abandoned, the repository stays as it was before it",
-                    journal.version,
-                    exc,
-                    ", ".join(journal.roles),
-                )
+                _root_abandoned(journal, exc)
         return
     if int(repo.load("targets").signed.version) != journal.version - 1:
         return
@@ -293,6 +281,16 @@ def _publish_journaled(repo: Repository, journal: Journal, now: datetime | None)
         return
     repo.write_signed("targets", md)
     repo.adopt_unpublished("targets", journal.version)
+
+
+def _root_abandoned(journal: Journal, exc: Exception) -> None:
+    logger.error(
+        "the journaled root version %d cannot be published (%s): the rotation of "
+        "%s is abandoned, the repository stays as it was before it",
+        journal.version,
+        exc,
+        ", ".join(journal.roles),
+    )
 
 
 def roll_forward(repo: Repository, now: datetime | None = None) -> CeremonyResult | None:
