@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from controller.base.errors import UsageError
+from controller.base.errors import ControllerError, UsageError
 from controller.commands.common import RAW, print_json
 
 if TYPE_CHECKING:
@@ -54,6 +54,20 @@ def _cmd_fleet_status(args: argparse.Namespace) -> int:
     store, policy = _open_view(args)
     try:
         rows = store.devices(fleet=args.fleet, model=args.model)
+        if args.fleet and not rows:
+            known = _known_fleets(store, args.repo or os.environ.get("EDGECTL_REPO"))
+            if args.fleet not in known:
+                raise ControllerError(
+                    f"no fleet {args.fleet!r}: "
+                    + (
+                        f"the fleets known are {', '.join(sorted(known))}"
+                        if known
+                        else "no fleet is known yet (no device enrolled or reporting, "
+                        "no release published)"
+                    )
+                    + " (from the telemetry store"
+                    + (", the device registry and the repository)" if args.repo else ")")
+                )
     finally:
         store.close()
     now = time.time()
@@ -64,6 +78,23 @@ def _cmd_fleet_status(args: argparse.Namespace) -> int:
         for line in _active_rollout_lines(args):
             print(line)
     return 0
+
+
+def _known_fleets(store: TelemetryStore, repo: str | None) -> set[str]:
+    """Every fleet the operator could mean: those that report to the store, and, with a
+    repository, those enrolled in its device registry and those it publishes to."""
+    from controller.base.errors import RepositoryError
+    from controller.identity.registry import load_registry
+    from controller.repository.repo import Repository
+
+    known = {r.fleet for r in store.devices()}
+    if repo:
+        try:
+            known |= {record.fleet for record in load_registry(Path(repo)).values()}
+            known |= set(Repository.open(Path(repo)).fleets())
+        except (RepositoryError, OSError):
+            pass  # no registry or no repository there: the store's fleets are all we know
+    return known
 
 
 def _active_rollout_lines(args: argparse.Namespace) -> list[str]:
