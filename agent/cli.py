@@ -21,7 +21,12 @@ import numpy as np
 
 import agent
 from agent.base.completion import add_completion_parser, completion_script
-from agent.base.errors import AgentError, ConfigError, IncompatibleStateError
+from agent.base.errors import (
+    AgentError,
+    AgentUnreachableError,
+    ConfigError,
+    IncompatibleStateError,
+)
 from agent.device.config import InferenceConfig, load_config
 
 EXIT_FAILURE = 1
@@ -203,22 +208,44 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     from agent.client import InferenceClient, load_input_file
 
     if args.socket is not None:
-        socket_path = args.socket
+        socket_path, source = args.socket, "given with --socket"
     elif args.config is not None:
         socket_path = load_config(args.config).inference.socket_path
+        source = f"[inference] socket_path in {args.config}"
     else:
-        socket_path = InferenceConfig().socket_path
-    with InferenceClient(socket_path, binary=not args.json) as client:
-        metadata = client.model_metadata(args.model)
-        inputs = load_input_file(args.input, metadata)
-        if args.shm:
-            outputs = _infer_shm(client, args, inputs)
-        else:
-            outputs = client.infer(
-                args.model, inputs, version=args.model_version, outputs=args.outputs
-            )
+        socket_path, source = InferenceConfig().socket_path, "the default, no --socket or --config"
+    try:
+        with InferenceClient(socket_path, binary=not args.json) as client:
+            metadata = client.model_metadata(args.model)
+            inputs = load_input_file(args.input, metadata)
+            if args.shm:
+                outputs = _infer_shm(client, args, inputs)
+            else:
+                outputs = client.infer(
+                    args.model, inputs, version=args.model_version, outputs=args.outputs
+                )
+    except AgentUnreachableError as exc:
+        raise AgentUnreachableError(f"{exc} ({_unreachable_hint(socket_path, source)})") from None
     print(json.dumps({name: _tensor_json(value) for name, value in outputs.items()}))
     return 0
+
+
+def _unreachable_hint(socket_path: Path, source: str) -> str:
+    """Which socket ``infer`` tried, where that path came from, and what to check."""
+    where = f"tried {socket_path}: {source}"
+    if not socket_path.exists():
+        return (
+            f"{where}; nothing is there: is the agent running (`systemctl status "
+            "edge-agent`)? Otherwise pass the agent's socket with --socket PATH or its "
+            "agent.toml with --config"
+        )
+    if not socket_path.is_socket():
+        return f"{where}; that is not a socket: pass the agent's socket with --socket PATH"
+    return (
+        f"{where}; no agent answers there (a socket left by an agent that stopped?), or "
+        "this user may not use it: check `systemctl status edge-agent` and the socket's "
+        "group and mode (the agent's `socket_group`, `allowed_users`, `allowed_groups`)"
+    )
 
 
 def _infer_shm(client: Any, args: argparse.Namespace, inputs: dict[str, Any]) -> dict[str, Any]:
