@@ -118,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # APScheduler logs two INFO lines per run of every job (each 5 s in serve): its
+    # chatter waits for -v; its warnings and errors always show.
+    logging.getLogger("apscheduler").setLevel(logging.NOTSET if args.verbose else logging.WARNING)
     try:
         if args.command != "serve":  # test-only hook; serve never honours it
             install_step_hook_from_env(os.environ)

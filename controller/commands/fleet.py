@@ -170,7 +170,7 @@ def certificates_json(record: DeviceRecord) -> dict[str, object]:
 
 
 def render_certificates(record: DeviceRecord) -> list[str]:
-    state = f"revoked at {record.revoked_at}" if record.revoked_at else "enrolled"
+    state = f"revoked at {record.revoked_at}" if record.revoked_at else "active"
     lines = [
         f"certificates (registry): fleet {record.fleet}, {state}, enrolled {record.enrolled_at}"
         + (f", renewed {record.renewed_at}" if record.renewed_at else ""),
