@@ -206,7 +206,9 @@ class MqttLink:
     def _handle_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
-        if self._connected.is_set():
+        if self._stopping.is_set():
+            logger.info("disconnected from the broker (stopping)")
+        elif self._connected.is_set():
             logger.warning("lost the broker connection (%s); reconnecting", reason)
         self._connected.clear()
 

@@ -323,7 +323,9 @@ class Ingestor:
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         with self._ack_lock:
             self._connection += 1
-        if self._connected.is_set():
+        if self._stopping.is_set():
+            logger.info("ingest: disconnected from the broker (stopping)")
+        elif self._connected.is_set():
             logger.warning("ingest: lost the broker (%s); reconnecting", reason)
         self._connected.clear()
 

@@ -40,6 +40,7 @@ class Announcer:
         """``tls``: connect over TLS with this context (``controller.serve.mqtt_tls``)."""
         self._host, self._port, self._keepalive_s = host, port, keepalive_s
         self._connected = threading.Event()
+        self._stopping = threading.Event()
         self._needs_announce = threading.Event()
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
         if tls is not None:
@@ -60,6 +61,7 @@ class Announcer:
 
     def stop(self) -> None:
         """Disconnect cleanly and stop the network thread."""
+        self._stopping.set()
         self._client.disconnect()
         self._client.loop_stop()
 
@@ -78,7 +80,12 @@ class Announcer:
 
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self._connected.clear()
-        logger.warning("lost MQTT broker %s:%d (%s); reconnecting", self._host, self._port, reason)
+        if self._stopping.is_set():
+            logger.info("disconnected from MQTT broker %s:%d (stopping)", self._host, self._port)
+        else:
+            logger.warning(
+                "lost MQTT broker %s:%d (%s); reconnecting", self._host, self._port, reason
+            )
 
     def take_needs_announce(self) -> bool:
         """True once after every (re)connection."""
