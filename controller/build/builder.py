@@ -338,9 +338,8 @@ def _select(
         c.verdict = "fails gate: " + "; ".join(c.failures)
         return None, f"--quantize {c.recipe} fails the quality gate"
     c.verdict = "chosen" if gate is not None else "chosen (no gate asked)"
-    return c, f"{c.recipe}: asked for with --quantize" + (
-        ", passes the gate" if gate is not None else ""
-    )
+    how = "asked for with --quantize" if opts.quantize else "the default (no --quantize given)"
+    return c, f"{c.recipe}: {how}" + (", passes the gate" if gate is not None else "")
 
 
 def _created_at() -> datetime:

@@ -49,6 +49,13 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _percent(value: Any) -> str:
+    """A share as the build table prints it (``100.00%``), not ``1``."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value * 100:.2f}%"
+    return _fmt(value)
+
+
 def _bytes(n: int) -> str:
     if n < 1024:
         return f"{n} B"
@@ -76,7 +83,7 @@ def render_list(releases: Sequence[Release], store_note: str = "") -> str:
             r.manifest.created_at or "-",
             _bytes(r.length),
             r.recipe,
-            _fmt(r.quality.get("top1_agreement")),
+            _percent(r.quality.get("top1_agreement")),
             _fmt(r.quality.get("cosine")),
             _fleets_text(r),
             "?" if r.devices is None else str(r.devices),

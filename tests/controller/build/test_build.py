@@ -39,6 +39,10 @@ def test_bundle_has_exactly_the_contract_members(linear_model: Path, tmp_path: P
     assert manifest.opset == 17
     assert manifest.build["quantization"] == "dynamic-matmul"
     assert manifest.build["recipe"] == "dynamic-matmul"
+    # no --quantize given: the reason says default, not "asked for with --quantize"
+    assert manifest.build["selection_reason"].startswith(
+        "dynamic-matmul: the default (no --quantize given)"
+    )
     assert manifest.build["golden_source"] == "generated"
     assert manifest.quality["outputs"]["y"]["top1_agreement"] >= 0.75
     assert manifest.quality["outputs"]["y"]["cosine"] > 0.99

@@ -139,6 +139,10 @@ def test_list_counts_devices_from_the_store_and_says_when_it_has_none(
     out = _edgectl("release", "list", "--repo", history_repo)
     assert out.returncode == 0, out.stderr
     assert "lab(prev)" in out.stdout and "dynamic-matmul" in out.stdout
+    # agreement as the build table prints it (a share in %), never a bare 1
+    at = out.stdout.splitlines()[0].index("AGREE")
+    cells = [line[at:].split()[0] for line in out.stdout.splitlines()[1:] if LIN in line]
+    assert cells and all(c.endswith("%") for c in cells), out.stdout
     assert "devices: unknown (no telemetry store at" in out.stdout
 
     store = open_store(str(history_repo / "telemetry.sqlite"))
