@@ -7,7 +7,8 @@ top-level keys and ``EDGE_AGENT_<SECTION>_<KEY>`` for keys in a section (for exa
 
 Invariants: a loaded ``AgentConfig`` has valid names, positive intervals and absolute
 or config-relative paths resolved to absolute ones. Loading raises ``ConfigError``
-naming the key, what was expected and what was found.
+naming the file (or the EDGE_AGENT_* variable that set the value), the key, what was
+expected and what was found; an unknown key or variable names the closest known one.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ Precedence, highest first: command-line flags, environment (``EDGECTL_REPO``,
 ``controller.toml``, the defaults below. Every key is documented in ``docs/configuration.md``.
 
 Invariants: a ``ServeConfig`` is valid once built (ports in range, intervals positive);
-loading raises UsageError naming the key, what was expected and what was found.
+loading raises UsageError naming where the value came from (the file, the variable or
+the flag), the key, what was expected and what was found. Keys outside ``[serve]`` are
+errors, never ignored.
 """
 
 from __future__ import annotations
