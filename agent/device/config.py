@@ -7,13 +7,16 @@ top-level keys and ``EDGE_AGENT_<SECTION>_<KEY>`` for keys in a section (for exa
 
 Invariants: a loaded ``AgentConfig`` has valid names, positive intervals and absolute
 or config-relative paths resolved to absolute ones. Loading raises ``ConfigError``
-naming the key, what was expected and what was found.
+naming the file (or the EDGE_AGENT_* variable that set the value), the key, what was
+expected and what was found; an unknown key or variable names the closest known one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
+import math
 import os
 import tomllib
 import types
@@ -203,7 +206,10 @@ def _coerce(raw: Any, kind: Any, base_dir: Path) -> Any:
     if kind is int:
         return raw if isinstance(raw, int) else int(str(raw), 0)
     if kind is float:
-        return float(raw) if isinstance(raw, int | float) else float(str(raw))
+        number = float(raw) if isinstance(raw, int | float) else float(str(raw))
+        if not math.isfinite(number):
+            raise ValueError(raw)
+        return number
     if isinstance(raw, str):
         return raw
     raise TypeError(raw)
@@ -224,9 +230,7 @@ def _build(cls: type[Any], values: Mapping[str, Any], prefix: str, base_dir: Pat
     values = _drop_retired(values, prefix)
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(
-            f"unknown config key '{prefix}{unknown[0]}'; known keys: {', '.join(sorted(known))}"
-        )
+        raise ConfigError(_unknown_key_message(prefix, unknown[0], known))
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name not in values:
@@ -241,6 +245,37 @@ def _build(cls: type[Any], values: Mapping[str, Any], prefix: str, base_dir: Pat
         raise ConfigError(f"config section {prefix or 'top level'}: {exc}") from None
 
 
+def _unknown_key_message(prefix: str, key: str, known: set[str]) -> str:
+    """Name the unknown key, the closest known one (or the section it belongs in)."""
+    message = f"unknown config key '{prefix}{key}'"
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    homes = [name for name, cls in _SECTIONS.items() if key in _field_names(cls)]
+    if not prefix and homes:
+        message += f"; did you mean [{homes[0]}] {key}?"
+    elif close:
+        message += f"; did you mean '{prefix}{close[0]}'?"
+    return f"{message} (known keys: {', '.join(sorted(known))})"
+
+
+def _field_names(cls: type[Any]) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _env_variables() -> dict[str, str]:
+    """Every EDGE_AGENT_* variable the agent reads → the config key it overrides."""
+    out = {
+        ENV_PREFIX + f.name.upper(): f.name
+        for f in dataclasses.fields(AgentConfig)
+        if f.name not in _SECTIONS
+    }
+    for section, cls in _SECTIONS.items():
+        for name in _field_names(cls):
+            out[f"{ENV_PREFIX}{section.upper()}_{name.upper()}"] = f"{section}.{name}"
+    for retired in _RETIRED:
+        out[ENV_PREFIX + retired.replace(".", "_").upper()] = retired
+    return out
+
+
 def _drop_retired(values: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
     """Drop keys older agents knew, with a warning (an upgrade must not stop a device)."""
     retired = [key for key in values if prefix + key in _RETIRED]
@@ -249,20 +284,32 @@ def _drop_retired(values: Mapping[str, Any], prefix: str) -> Mapping[str, Any]:
     return {k: v for k, v in values.items() if k not in retired} if retired else values
 
 
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    """Collect EDGE_AGENT_* variables into the same nested shape as the TOML file."""
+def _env_overrides(environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Collect EDGE_AGENT_* variables into the same nested shape as the TOML file, and
+    which variable set each key (``"mqtt.port"`` → ``"EDGE_AGENT_MQTT_PORT=1884"``).
+
+    A variable that names no key is an error naming the closest known variable."""
+    known = _env_variables()
     out: dict[str, Any] = {}
-    for key, value in environ.items():
-        if not key.startswith(ENV_PREFIX):
+    sources: dict[str, str] = {}
+    for var, value in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX):
             continue
-        name = key[len(ENV_PREFIX) :].lower()
-        for section in _SECTIONS:
-            if name.startswith(section + "_"):
-                out.setdefault(section, {})[name[len(section) + 1 :]] = value
-                break
+        key = known.get(var)
+        if key is None:
+            close = difflib.get_close_matches(var, sorted(known), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(
+                f"environment variable {var}={value}: no such config key{hint} "
+                f"(EDGE_AGENT_<KEY> or EDGE_AGENT_<SECTION>_<KEY>, docs/configuration.md)"
+            )
+        sources[key] = f"{var}={value}"
+        section, dot, name = key.partition(".")
+        if dot:
+            out.setdefault(section, {})[name] = value
         else:
-            out[name] = value
-    return out
+            out[key] = value
+    return out, sources
 
 
 def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -276,10 +323,28 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def parse_config(
-    doc: Mapping[str, Any], base_dir: Path, environ: Mapping[str, str] | None = None
+    doc: Mapping[str, Any],
+    base_dir: Path,
+    environ: Mapping[str, str] | None = None,
+    source: str = "",
 ) -> AgentConfig:
-    """Build an AgentConfig from a parsed TOML document plus environment overrides."""
-    values = _merge(dict(doc), _env_overrides(environ if environ is not None else {}))
+    """Build an AgentConfig from a parsed TOML document plus environment overrides.
+
+    ``source`` (the file's path) prefixes errors about the file's keys; an error about a
+    key an environment variable set names that variable instead."""
+    overrides, env_sources = _env_overrides(environ if environ is not None else {})
+    try:
+        return _parse(dict(doc), overrides, base_dir)
+    except ConfigError as exc:
+        message = str(exc)
+        for key, var in env_sources.items():
+            if f"'{key}'" in message:
+                raise ConfigError(f"environment variable {var}: {message}") from None
+        raise ConfigError(f"{source}: {message}" if source else message) from None
+
+
+def _parse(doc: dict[str, Any], overrides: Mapping[str, Any], base_dir: Path) -> AgentConfig:
+    values = _merge(doc, overrides)
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         raw = values.pop(name, {})
@@ -296,12 +361,16 @@ def parse_config(
 
 
 def _validate(config: AgentConfig) -> None:
-    try:
-        check_name("device", config.device_id)
-        check_name("fleet", config.fleet)
-    except InvalidNameError as exc:
-        raise ConfigError(str(exc)) from None
+    for name_key, kind, name in (
+        ("device_id", "device", config.device_id),
+        ("fleet", "fleet", config.fleet),
+    ):
+        try:
+            check_name(kind, name)
+        except InvalidNameError as exc:
+            raise ConfigError(f"config key {name_key!r}: {exc}") from None
     _validate_repository(config.repository)
+    _validate_mqtt(config.mqtt)
     positive = {
         "repository.poll_interval_s": config.repository.poll_interval_s,
         "repository.connect_timeout_s": config.repository.connect_timeout_s,
@@ -314,7 +383,6 @@ def _validate(config: AgentConfig) -> None:
         "repository.fallback_retry_s": config.repository.fallback_retry_s,
         "inference.max_concurrency": config.inference.max_concurrency,
         "inference.intra_op_threads": config.inference.intra_op_threads,
-        "mqtt.port": config.mqtt.port,
         "install.unpack_deadline_s": config.install.unpack_deadline_s,
         "install.smoke_test_deadline_s": config.install.smoke_test_deadline_s,
         "install.activate_deadline_s": config.install.activate_deadline_s,
@@ -340,6 +408,23 @@ def _validate(config: AgentConfig) -> None:
 
 
 TRANSPORTS = ("http", "mqtt", "auto")
+
+
+def _validate_mqtt(mqtt: MqttConfig) -> None:
+    # MQTT's keep-alive is a 16-bit count of seconds; 0 would turn it off.
+    for key, value in (("mqtt.port", mqtt.port), ("mqtt.keepalive_s", mqtt.keepalive_s)):
+        if not 1 <= value <= 65535:
+            raise ConfigError(f"config key {key!r}: expected 1..65535, got {value}")
+    if mqtt.reconnect_min_s <= 0:
+        raise ConfigError(
+            f"config key 'mqtt.reconnect_min_s': expected a positive number, "
+            f"got {mqtt.reconnect_min_s}"
+        )
+    if mqtt.reconnect_max_s < mqtt.reconnect_min_s:
+        raise ConfigError(
+            f"config key 'mqtt.reconnect_max_s': expected at least reconnect_min_s "
+            f"({mqtt.reconnect_min_s}), got {mqtt.reconnect_max_s}"
+        )
 
 
 def _validate_repository(repository: RepositoryConfig) -> None:
@@ -437,6 +522,11 @@ def _validate_inference(inference: InferenceConfig) -> None:
             f"config key 'inference.busy_poll_s': expected 0 (off) to 0.01 s, "
             f"got {inference.busy_poll_s}"
         )
+    if not 0 <= inference.socket_mode <= 0o7777:
+        raise ConfigError(
+            f"config key 'inference.socket_mode': expected a file mode 0..0o7777, "
+            f"got {inference.socket_mode:#o}"
+        )
     if inference.max_queue < 0:
         raise ConfigError(
             f"config key 'inference.max_queue': expected a number >= 0, got {inference.max_queue}"
@@ -479,4 +569,4 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> AgentCo
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     env = os.environ if environ is None else environ
-    return parse_config(doc, path.parent.resolve(), env)
+    return parse_config(doc, path.parent.resolve(), env, source=str(path))

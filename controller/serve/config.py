@@ -5,12 +5,16 @@ Precedence, highest first: command-line flags, environment (``EDGECTL_REPO``,
 ``controller.toml``, the defaults below. Every key is documented in ``docs/configuration.md``.
 
 Invariants: a ``ServeConfig`` is valid once built (ports in range, intervals positive);
-loading raises UsageError naming the key, what was expected and what was found.
+loading raises UsageError naming where the value came from (the file, the variable or
+the flag), the key, what was expected and what was found. Keys outside ``[serve]`` are
+errors, never ignored.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import math
 import secrets
 import socket
 import tomllib
@@ -148,60 +152,115 @@ def parse_endpoint(value: str, what: str, allow_zero: bool = False) -> tuple[str
     return host, port
 
 
-def _number(doc: Mapping[str, Any], key: str, default: float, integer: bool = False) -> Any:
+class _Values(dict[str, Any]):
+    """The merged keys, and where each came from (the file, a variable or a flag)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.origins: dict[str, str] = {}
+
+    def set(self, key: str, value: Any, origin: str) -> None:
+        self[key] = value
+        self.origins[key] = origin
+
+    def where(self, key: str) -> str:
+        """How an error names the key: ``FILE: [serve] key``, the variable or the flag."""
+        return self.origins.get(key, f"[serve] {key}")
+
+
+def _number(doc: _Values, key: str, default: float, integer: bool = False) -> Any:
     value = doc.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         kind = "an integer" if integer else "a number"
-        raise UsageError(f"[serve] {key} expected {kind}, got {value!r}")
-    if value <= 0:
-        raise UsageError(f"[serve] {key} expected > 0, got {value!r}")
+        raise UsageError(f"{doc.where(key)} expected {kind}, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"{doc.where(key)} expected > 0, got {value!r}")
+    return value
+
+
+def _keepalive(doc: _Values) -> int:
+    value: int = _number(doc, "mqtt_keepalive_s", 30, integer=True)
+    if value > 65535:  # MQTT's keep-alive is a 16-bit count of seconds
+        raise UsageError(f"{doc.where('mqtt_keepalive_s')} expected 1..65535, got {value}")
     return value
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    """The ``[serve]`` table of a controller.toml; raises UsageError."""
+    """The ``[serve]`` table of a controller.toml; raises UsageError naming the file and
+    the key for an unknown key, in ``[serve]`` or outside it."""
     try:
         doc = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist") from None
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise UsageError(f"cannot read config file {path}: {exc}") from None
+    for key in sorted(set(doc) - {"serve"}):
+        if key in _KNOWN_KEYS:
+            raise UsageError(
+                f"{path}: key {key!r} is outside the [serve] table, where it would be "
+                f"ignored; did you mean [serve] {key}?"
+            )
+        raise UsageError(f"{path}: unknown top-level key {key!r}: only a [serve] table is read")
     table = doc.get("serve", {})
     if not isinstance(table, dict):
         raise UsageError(f"{path}: [serve] expected a table")
-    unknown = sorted(set(table) - set(_KNOWN_KEYS))
-    if unknown:
-        raise UsageError(f"{path}: unknown keys in [serve]: {', '.join(unknown)}")
+    for key in sorted(set(table) - set(_KNOWN_KEYS)):
+        close = difflib.get_close_matches(key, _KNOWN_KEYS, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise UsageError(f"{path}: unknown key [serve] {key}{hint}")
     return table
+
+
+def _gather(path: Path | None, env: Mapping[str, str], flags: Mapping[str, str | None]) -> _Values:
+    """File, then environment, then flags: each key with where it came from."""
+    doc = _Values()
+    for key, value in (read_toml(path) if path else {}).items():
+        doc.set(key, value, f"{path}: [serve] {key}")
+    known_vars = sorted(ENV_KEYS.values())
+    for var in sorted(env):
+        if var.startswith("EDGECTL_") and var not in known_vars:
+            close = difflib.get_close_matches(var, known_vars, n=1)
+            if close:
+                raise UsageError(
+                    f"environment variable {var}={env[var]}: no such setting; "
+                    f"did you mean {close[0]}?"
+                )
+    for key, var in ENV_KEYS.items():
+        if env.get(var):
+            doc.set(key, env[var], f"environment variable {var}={env[var]}")
+    for key, flag_value in flags.items():
+        if flag_value is not None:
+            doc.set(key, flag_value, f"--{key}" if key in ENV_KEYS else f"[serve] {key}")
+    return doc
 
 
 def load_serve_config(
     path: Path | None, env: Mapping[str, str], flags: Mapping[str, str | None]
 ) -> ServeConfig:
     """Merge file, environment and flags (``repo``, ``listen``, ``mqtt``) into a config."""
-    doc: dict[str, Any] = read_toml(path) if path else {}
-    for key, var in ENV_KEYS.items():
-        if env.get(var):
-            doc[key] = env[var]
-    for key, flag_value in flags.items():
-        if flag_value is not None:
-            doc[key] = flag_value
+    doc = _gather(path, env, flags)
     repo = doc.get("repo")
+    if repo is not None and not isinstance(repo, str):
+        raise UsageError(f"{doc.where('repo')} expected a string, got {repo!r}")
     if not isinstance(repo, str) or not repo:
         raise UsageError("no repository given: pass --repo REPO_DIR or set [serve] repo")
-    listen_host, listen_port = parse_endpoint(
-        str(doc.get("listen", "127.0.0.1:8080")), "listen", allow_zero=True
-    )
-    mqtt = str(doc.get("mqtt", "127.0.0.1:1883"))
-    mqtt_host, mqtt_port = parse_endpoint(mqtt, "mqtt") if mqtt else (None, 1883)
+    listen = doc.get("listen", "127.0.0.1:8080")
+    mqtt = doc.get("mqtt", "127.0.0.1:1883")
+    for key, value in (("listen", listen), ("mqtt", mqtt)):
+        if not isinstance(value, str):
+            raise UsageError(f"{doc.where(key)} expected a HOST:PORT string, got {value!r}")
+    listen_host, listen_port = parse_endpoint(listen, doc.where("listen") + ":", allow_zero=True)
+    mqtt_host, mqtt_port = parse_endpoint(mqtt, doc.where("mqtt") + ":") if mqtt else (None, 1883)
     client_id = _string(doc, "mqtt_client_id")
     group = _string(doc, "mqtt_shared_group")
     if any(c in group for c in "/+#"):
-        raise UsageError(f"[serve] mqtt_shared_group must not contain '/', '+' or '#': {group!r}")
+        raise UsageError(
+            f"{doc.where('mqtt_shared_group')} must not contain '/', '+' or '#': {group!r}"
+        )
     ingest_id = _string(doc, "ingest_client_id") or default_ingest_client_id(repo, group)
     mqtt_tls = doc.get("mqtt_tls", False)
     if not isinstance(mqtt_tls, bool):
-        raise UsageError(f"[serve] mqtt_tls expected true or false, got {mqtt_tls!r}")
+        raise UsageError(f"{doc.where('mqtt_tls')} expected true or false, got {mqtt_tls!r}")
     tls_files = _tls_files(doc, Path(repo), mqtt_tls)
     return ServeConfig(
         repo_dir=Path(repo),
@@ -210,7 +269,7 @@ def load_serve_config(
         mqtt_host=mqtt_host,
         mqtt_port=mqtt_port,
         mqtt_client_id=client_id or f"edgectl-serve-{secrets.token_hex(4)}",
-        mqtt_keepalive_s=_number(doc, "mqtt_keepalive_s", 30, integer=True),
+        mqtt_keepalive_s=_keepalive(doc),
         announce_interval_s=float(_number(doc, "announce_interval_s", 0.5)),
         resign_check_interval_s=float(_number(doc, "resign_check_interval_s", 60.0)),
         store=_string(doc, "store"),
@@ -243,7 +302,7 @@ def load_serve_config(
     )
 
 
-def _tls_files(doc: Mapping[str, Any], repo_dir: Path, mqtt_tls: bool) -> dict[str, Path]:
+def _tls_files(doc: _Values, repo_dir: Path, mqtt_tls: bool) -> dict[str, Path]:
     """The CA, certificate and key paths; unset ones default to the files `edgectl broker
     config` wrote for the controller. Raises UsageError."""
     given = {key: _string(doc, key) for key in _TLS_FILE_KEYS}
@@ -251,7 +310,7 @@ def _tls_files(doc: Mapping[str, Any], repo_dir: Path, mqtt_tls: bool) -> dict[s
         named = [key for key, value in given.items() if value]
         if named:
             raise UsageError(
-                f"[serve] {named[0]} is set but mqtt_tls is false: set mqtt_tls = true"
+                f"{doc.where(named[0])} is set but mqtt_tls is false: set mqtt_tls = true"
             )
         return {}
     folder: Path | None = None
@@ -273,10 +332,10 @@ def _tls_files(doc: Mapping[str, Any], repo_dir: Path, mqtt_tls: bool) -> dict[s
     return files
 
 
-def _string(doc: Mapping[str, Any], key: str) -> str:
+def _string(doc: _Values, key: str) -> str:
     value = doc.get(key, "")
     if not isinstance(value, str):
-        raise UsageError(f"[serve] {key} expected a string, got {value!r}")
+        raise UsageError(f"{doc.where(key)} expected a string, got {value!r}")
     return value
 
 
@@ -303,13 +362,7 @@ def load_view_config(
 ) -> ViewConfig:
     """Find the store: ``--store``, ``EDGECTL_STORE``, ``[serve] store``, or the repository's
     ``telemetry.sqlite`` (``--repo``, ``EDGECTL_REPO``, ``[serve] repo``). Raises UsageError."""
-    doc: dict[str, Any] = read_toml(path) if path else {}
-    for key, var in ENV_KEYS.items():
-        if env.get(var):
-            doc[key] = env[var]
-    for key, flag_value in flags.items():
-        if flag_value is not None:
-            doc[key] = flag_value
+    doc = _gather(path, env, flags)
     store = _string(doc, "store")
     if not store:
         repo = _string(doc, "repo")
