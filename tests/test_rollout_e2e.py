@@ -43,7 +43,7 @@ LARGE = np.array([[12.0, -1.0, 2.0, 0.25]], dtype=np.float32)
 # No latency gate here: on a shared 2-core machine running 24 agents a p99 ratio is
 # noise, and a test must not depend on timings. The p99 gate is tested as a pure function
 # (tests/controller/rollout/test_gates.py) and on a device (tests/test_probation_rollback.py).
-GATES = "error_rate<0.01,failed_installs<0.02,min_devices=3"
+GATES = "error_rate<0.01,p99_ratio=off,failed_installs<0.02,min_devices=3"
 
 
 @dataclass

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 def _cmd_rollout_start(args: argparse.Namespace) -> int:
-    from controller.rollout.gates import parse_gates
+    from controller.rollout.gates import gates_from_cli
     from controller.rollout.service import start_rollout
     from controller.rollout.stages import OnFailure, parse_duration, parse_stages
 
@@ -25,6 +25,14 @@ def _cmd_rollout_start(args: argparse.Namespace) -> int:
         parse_duration(args.deadline, "--deadline") if args.deadline else max(3 * wait_s, 600.0)
     )
     canaries = [c.strip() for c in (args.canary or "").split(",") if c.strip()]
+    gates = gates_from_cli(args.gate)
+    if not args.json:
+        # The full effective set, before anything is written: a --gate that names one
+        # gate keeps the others at their defaults, and the operator sees which those are.
+        # On stdout like the rollout it starts (stderr stays one line on an error); with
+        # --json the document's "gates" holds the same set.
+        how = f"--gate {args.gate} over the defaults" if args.gate else "the defaults"
+        print(f"gates {gates.to_text()} ({how})", flush=True)
     r = start_rollout(
         Path(args.repo),
         fleet=args.fleet,
@@ -33,7 +41,7 @@ def _cmd_rollout_start(args: argparse.Namespace) -> int:
         stages=parse_stages(args.stages),
         wait_s=wait_s,
         deadline_s=deadline_s,
-        gates=parse_gates(args.gate),
+        gates=gates,
         canaries=canaries,
         on_failure=OnFailure(args.on_failure),
         probation=probation_policy(args),
@@ -124,7 +132,9 @@ def add_parser(sub: Subparsers) -> None:
         "(a hash of rollout id and device id) falls below the stage's percentage.",
         epilog="example:\n  edgectl rollout start resnet 1.3.0 --fleet lab --repo ./repo "
         "--bundle resnet-1.3.0.bundle --stages 1,10,50,100 --wait 10m \\\n"
-        f'    --gate "{DEFAULT_GATES}" --canary cam-01,cam-02,cam-03',
+        '    --gate "min_devices=2,p99_ratio<2" --canary cam-01,cam-02,cam-03\n'
+        f"gates: the defaults are {DEFAULT_GATES}; --gate replaces the gates it names and\n"
+        "keeps the others; NAME=off drops one (error_rate=off, min_devices=off).",
         formatter_class=RAW,
     )
     st.add_argument("model", metavar="MODEL")
@@ -142,7 +152,12 @@ def add_parser(sub: Subparsers) -> None:
         "--deadline",
         help="pause a stage with too few devices reporting after this (default max(3 x wait, 10m))",
     )
-    st.add_argument("--gate", default=DEFAULT_GATES, help="health gates (default %(default)s)")
+    st.add_argument(
+        "--gate",
+        metavar="GATES",
+        help=f"health gates over the defaults ({DEFAULT_GATES}): each gate given "
+        "replaces that gate only, NAME=off drops one, e.g. --gate min_devices=1,p99_ratio=off",
+    )
     st.add_argument("--canary", metavar="DEV,...", help="devices that take every stage")
     st.add_argument(
         "--on-failure",

@@ -64,8 +64,9 @@ DEVICES = ("device-1", "device-2", "device-3")
 CANARY = DEVICES[0]
 MODEL = "digits-mlp"
 # Three devices: the canary alone is the first stage's evidence, so min_devices=1. The
-# latency gate is left out: on a shared laptop a p99 ratio of three devices is noise.
-GATES = "error_rate<0.01,failed_installs<0.02,min_devices=1"
+# latency gate is dropped (p99_ratio=off): on a shared laptop a p99 ratio of three
+# devices is noise.
+GATES = "error_rate<0.01,p99_ratio=off,failed_installs<0.02,min_devices=1"
 
 
 class Demo:

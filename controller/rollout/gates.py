@@ -4,8 +4,9 @@ Pure: ``evaluate_gates`` is a function of the policy and an ``Evidence`` value (
 heartbeats and lifecycle events of one stage's window, gathered by
 ``controller.rollout.service``); it never reads a clock or a store.
 
-Gates (``edgectl rollout start --gate``), each ``metric<limit``; the stage keeps going
-while every figure stays *below* its limit:
+Gates (``edgectl rollout start --gate``, laid over ``DEFAULT_GATES`` by
+``gates_from_cli``: a gate given replaces that gate only, ``name=off`` drops one), each
+``metric<limit``; the stage keeps going while every figure stays *below* its limit:
 
 ``error_rate``       errors / served requests of the new version, summed over devices
                      (served = requests − client errors; a 4xx is the caller's fault),
@@ -93,7 +94,11 @@ class GatePolicy:
 
 
 def parse_gates(text: str) -> GatePolicy:
-    """``"error_rate<0.01,p99_ratio<1.5,min_devices=3"`` → GatePolicy; raises UsageError."""
+    """``"error_rate<0.01,p99_ratio<1.5,min_devices=3"`` → GatePolicy; raises UsageError.
+
+    The text is the full set: a limit not named is not a gate. This reads a stored
+    rollout's ``to_text()``; the operator's ``--gate`` goes through ``gates_from_cli``.
+    """
     limits: dict[str, float] = {}
     floors = {"min_devices": 3, "min_requests": 0}
     for raw in text.split(","):
@@ -125,6 +130,62 @@ def parse_gates(text: str) -> GatePolicy:
             raise UsageError(f"--gate: {name} is a share within (0, 1], got {limits[name]:g}")
     if "p99_ratio" in limits and not limits["p99_ratio"] > 0:
         raise UsageError(f"--gate: p99_ratio must be > 0, got {limits['p99_ratio']:g}")
+    return GatePolicy(
+        limits=tuple(Gate(m, limits[m]) for m in LIMIT_METRICS if m in limits),
+        min_devices=floors["min_devices"],
+        min_requests=floors["min_requests"],
+    )
+
+
+GATE_NAMES: Final = (*LIMIT_METRICS, *FLOOR_NAMES)
+OFF: Final = "off"
+
+
+def gates_from_cli(text: str | None) -> GatePolicy:
+    """The operator's ``--gate`` text laid over ``DEFAULT_GATES``: raises UsageError.
+
+    Each gate given replaces that gate only; the others keep their defaults.
+    ``metric=off`` drops a limit (``error_rate=off``), ``min_devices=off`` and
+    ``min_requests=off`` set the floor to 0. A stored rollout's gates are the full
+    effective set: read them with ``parse_gates``, never with this.
+    """
+    policy = parse_gates(DEFAULT_GATES)
+    limits = {g.metric: g.limit for g in policy.limits}
+    floors = {"min_devices": policy.min_devices, "min_requests": policy.min_requests}
+    overrides: list[str] = []
+    seen: set[str] = set()
+    floors_given: set[str] = set()
+    for raw in (text or "").split(","):
+        part = raw.strip()
+        if not part:
+            continue
+        name = part.split("<", 1)[0].split("=", 1)[0].strip()
+        if name not in GATE_NAMES:
+            raise UsageError(
+                f"--gate: unknown gate {name!r} in {part!r}; valid gates: {', '.join(GATE_NAMES)}"
+            )
+        if name in seen:
+            raise UsageError(f"--gate: {name} given twice")
+        seen.add(name)
+        if "=" in part and part.partition("=")[2].strip().lower() == OFF:
+            if name in LIMIT_METRICS:
+                limits.pop(name, None)
+            else:
+                floors[name] = 0
+            continue
+        if name in LIMIT_METRICS and "<" not in part:
+            raise UsageError(
+                f"--gate: {part!r}: {name} takes a limit ({name}<LIMIT) or {name}={OFF}"
+            )
+        if name in FLOOR_NAMES and "=" not in part:
+            raise UsageError(f"--gate: {part!r}: {name} takes a count ({name}=N) or {name}={OFF}")
+        overrides.append(part)
+        if name in FLOOR_NAMES:
+            floors_given.add(name)
+    given = parse_gates(",".join(overrides))
+    limits.update((g.metric, g.limit) for g in given.limits)
+    for name in floors_given:
+        floors[name] = getattr(given, name)
     return GatePolicy(
         limits=tuple(Gate(m, limits[m]) for m in LIMIT_METRICS if m in limits),
         min_devices=floors["min_devices"],

@@ -12,10 +12,12 @@ from controller.rollout.gates import (
     Incident,
     Sample,
     evaluate_gates,
+    gates_from_cli,
     parse_gates,
 )
 
 POLICY = parse_gates(DEFAULT_GATES)
+VALID = "error_rate, p99_ratio, failed_installs, rollbacks, min_devices, min_requests"
 
 
 def test_parse_gates() -> None:
@@ -45,6 +47,64 @@ def test_parse_gates() -> None:
 def test_parse_gates_refuses_with_a_reason(text: str, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         parse_gates(text)
+
+
+def test_gates_from_cli_keeps_the_defaults_it_does_not_name() -> None:
+    """Issue 20 item 1: ``--gate min_devices=1`` used to drop every other gate."""
+    assert gates_from_cli(None) == POLICY
+    assert gates_from_cli("") == POLICY
+    one = gates_from_cli("min_devices=1")
+    assert one.limits == POLICY.limits and one.min_devices == 1
+    assert one.to_text() == "error_rate<0.01,p99_ratio<1.5,failed_installs<0.02,min_devices=1"
+    looser = gates_from_cli(" p99_ratio<3 , min_requests=50")
+    assert looser.limits == (
+        Gate("error_rate", 0.01),
+        Gate("p99_ratio", 3.0),
+        Gate("failed_installs", 0.02),
+    )
+    assert (looser.min_devices, looser.min_requests) == (3, 50)
+    # An optional gate given is added to the defaults.
+    assert gates_from_cli("rollbacks<0.5").limit("rollbacks") == 0.5
+    assert gates_from_cli("rollbacks<0.5").limit("error_rate") == 0.01
+
+
+def test_gates_from_cli_drops_a_gate_only_when_told_off() -> None:
+    no_p99 = gates_from_cli("p99_ratio=off,min_devices=1")
+    assert [g.metric for g in no_p99.limits] == ["error_rate", "failed_installs"]
+    assert no_p99.min_devices == 1
+    assert gates_from_cli("error_rate=OFF").limit("error_rate") is None
+    assert gates_from_cli("min_devices=off").min_devices == 0
+    none = gates_from_cli("error_rate=off,p99_ratio=off,failed_installs=off")
+    assert none.limits == ()
+    # The stored text is the full effective set and reads back as-is.
+    for policy in (no_p99, none, gates_from_cli("min_devices=off,min_requests=10")):
+        assert parse_gates(policy.to_text()) == policy
+
+
+def test_stored_gates_still_parse_as_the_full_set() -> None:
+    """A record written before overrides existed holds its full set: no defaults added."""
+    stored = parse_gates("error_rate<0.01,failed_installs<0.02,min_devices=3")
+    assert stored.limit("p99_ratio") is None
+    assert [g.metric for g in stored.limits] == ["error_rate", "failed_installs"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("latency<2", f"unknown gate 'latency'.*valid gates: {VALID}"),
+        ("min_hosts=off", "unknown gate 'min_hosts'.*valid gates"),
+        ("error_rate<lots", "expected a number"),
+        ("error_rate<2", "share within"),
+        ("error_rate=0.02", "error_rate takes a limit"),
+        ("min_devices<2", "min_devices takes a count"),
+        ("min_devices=2.5", "whole number"),
+        ("p99_ratio<0", "must be > 0"),
+        ("error_rate<0.1,error_rate=off", "error_rate given twice"),
+    ],
+)
+def test_gates_from_cli_refuses_with_a_reason(text: str, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        gates_from_cli(text)
 
 
 def _samples(version: str, devices: int, requests: int, errors: int, p99: float, prefix: str):
