@@ -32,6 +32,7 @@ from controller.repository.release import release_bundle
 from controller.repository.repo import Repository, init_repository
 from tests.helpers import make_linear_model
 from tests.security.simulator import Forger, HostileMirror
+from tests.tally import counts, write_tally
 
 MODEL = "lin"
 FLEET = "lab"
@@ -83,12 +84,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    counts = (
-        report.when == "call"
-        or (report.when == "setup" and not report.passed)  # failed or skipped: not proven
-        or (report.when == "teardown" and report.failed)
-    )
-    if not counts:
+    if not counts(report):
         return
     for keyword in report.keywords:
         if keyword.startswith("attack-class-"):
@@ -120,27 +116,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.keywords[f"local-attack-{marker.args[0]}"] = True
 
 
-def _tally(
-    tr: Any, section: str, names: dict[Any, str], outcomes: dict[Any, list[bool]], verdict: str
-) -> None:
-    """Each attack's state, then ``N/M <section's first words> <verdict>``."""
-    tr.section(section)
-    for key, name in names.items():
-        results = outcomes.get(key)
-        state = "not run" if not results else verdict if all(results) else f"NOT {verdict.upper()}"
-        label = f"{key:>2}." if isinstance(key, int) else "-"
-        tr.write_line(f"{label} {name}: {state}")
-    done = sum(1 for results in outcomes.values() if results and all(results))
-    what = section.split(" (")[0]
-    tr.write_line(f"{done}/{len(names)} {what} {verdict}")
-
-
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     tr = terminalreporter
     if _outcomes:
-        _tally(tr, "attack classes (issue 8)", ATTACK_CLASSES, _outcomes, "rejected")
+        write_tally(tr, "attack classes (issue 8)", ATTACK_CLASSES, _outcomes, "rejected")
     if _device_outcomes:
-        _tally(tr, "device attacks (issue 18)", DEVICE_ATTACKS, _device_outcomes, "refused")
+        write_tally(tr, "device attacks (issue 18)", DEVICE_ATTACKS, _device_outcomes, "refused")
     if _local:
         tr.section("local attacks (issue 18)")
         contained = 0

@@ -16,6 +16,7 @@ import pytest
 from controller.build.builder import build_bundle
 from tests.helpers import Broker, make_linear_model, start_broker
 from tests.serve_faults.harness import MODEL, VERSION
+from tests.tally import counts, write_tally
 
 # What each case does to `edgectl serve`'s surroundings (issue 19, section 3).
 SERVE_FAULTS = {
@@ -42,12 +43,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    counts = (
-        report.when == "call"
-        or (report.when == "setup" and not report.passed)  # failed or skipped: not proven
-        or (report.when == "teardown" and report.failed)
-    )
-    if not counts:
+    if not counts(report):
         return
     for keyword in report.keywords:
         if keyword.startswith("serve-fault-"):
@@ -57,14 +53,7 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not _outcomes:
         return
-    tr = terminalreporter
-    tr.section("serve faults (issue 19)")
-    for key, name in SERVE_FAULTS.items():
-        results = _outcomes.get(key)
-        state = "not run" if not results else "recovered" if all(results) else "NOT RECOVERED"
-        tr.write_line(f"- {name}: {state}")
-    done = sum(1 for results in _outcomes.values() if results and all(results))
-    tr.write_line(f"{done}/{len(SERVE_FAULTS)} serve faults recovered")
+    write_tally(terminalreporter, "serve faults (issue 19)", SERVE_FAULTS, _outcomes, "recovered")
 
 
 @pytest.fixture(scope="session")

@@ -8,25 +8,11 @@ import pytest
 
 from agent.base.errors import ConfigError
 from agent.device.config import load_config
-
-MINIMAL = """
-device_id = "dev-1"
-fleet = "lab"
-trusted_root = "root.json"
-
-[repository]
-url = "http://127.0.0.1:8080/"
-"""
-
-
-def _write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "agent.toml"
-    path.write_text(text)
-    return path
+from tests.agent.device.config_files import MINIMAL, write_config
 
 
 def test_minimal_config_gets_defaults_and_resolves_relative_paths(tmp_path: Path) -> None:
-    config = load_config(_write(tmp_path, MINIMAL), environ={})
+    config = load_config(write_config(tmp_path, MINIMAL), environ={})
     assert config.device_id == "dev-1"
     assert config.mqtt.port == 1883
     assert config.repository.poll_interval_s == 300.0
@@ -40,7 +26,7 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
         "EDGE_AGENT_FLEET": "prod",
         "EDGE_AGENT_LOG_LEVEL": "DEBUG",
     }
-    config = load_config(_write(tmp_path, MINIMAL), environ=env)
+    config = load_config(write_config(tmp_path, MINIMAL), environ=env)
     assert (config.mqtt.port, config.fleet, config.log_level) == (1884, "prod", "DEBUG")
 
 
@@ -58,7 +44,7 @@ def test_environment_overrides_file(tmp_path: Path) -> None:
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        load_config(_write(tmp_path, text), environ={})
+        load_config(write_config(tmp_path, text), environ={})
 
 
 def test_missing_file(tmp_path: Path) -> None:

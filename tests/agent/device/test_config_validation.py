@@ -12,23 +12,9 @@ import pytest
 
 from agent.base.errors import ConfigError
 from agent.device.config import load_config
+from tests.agent.device.config_files import MINIMAL, write_config
 
 ROOT = Path(__file__).resolve().parents[3]
-
-MINIMAL = """
-device_id = "dev-1"
-fleet = "lab"
-trusted_root = "root.json"
-
-[repository]
-url = "http://127.0.0.1:8080/"
-"""
-
-
-def _write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "agent.toml"
-    path.write_text(text)
-    return path
 
 
 @pytest.mark.parametrize(
@@ -60,14 +46,14 @@ def test_bad_value_names_the_file_and_the_key(tmp_path: Path, extra: str, messag
     text = MINIMAL.replace("[repository]\n", extra + "\n[repository]\n", 1)
     if extra.startswith("[repository]"):
         text = MINIMAL + extra.replace("[repository]\n", "")
-    path = _write(tmp_path, text)
+    path = write_config(tmp_path, text)
     with pytest.raises(ConfigError, match=message) as exc:
         load_config(path, environ={})
     assert str(exc.value).startswith(f"{path}: "), exc.value
 
 
 def test_environment_override_out_of_range_names_the_variable(tmp_path: Path) -> None:
-    path = _write(tmp_path, MINIMAL)
+    path = write_config(tmp_path, MINIMAL)
     with pytest.raises(ConfigError) as exc:
         load_config(path, environ={"EDGE_AGENT_MQTT_PORT": "188830"})
     assert str(exc.value).startswith("environment variable EDGE_AGENT_MQTT_PORT=188830: ")
@@ -79,7 +65,7 @@ def test_environment_override_out_of_range_names_the_variable(tmp_path: Path) ->
 
 
 def test_typo_in_an_environment_variable_names_the_closest_one(tmp_path: Path) -> None:
-    path = _write(tmp_path, MINIMAL)
+    path = write_config(tmp_path, MINIMAL)
     with pytest.raises(
         ConfigError,
         match="EDGE_AGENT_MQTT_PROT=1: no such config key; did you mean EDGE_AGENT_MQTT_PORT\\?",
@@ -93,7 +79,7 @@ def test_typo_in_an_environment_variable_names_the_closest_one(tmp_path: Path) -
 
 
 def test_the_real_cli_reports_it_without_a_traceback(tmp_path: Path) -> None:
-    path = _write(
+    path = write_config(
         tmp_path, MINIMAL.replace("[repository]", "[mqtt]\nport = 188830\n\n[repository]")
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGE_AGENT_")}
