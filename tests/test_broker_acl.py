@@ -305,6 +305,61 @@ def test_no_certificate_and_revoked_devices_cannot_connect(
     still_fine.close()
 
 
+def test_a_device_revoked_while_connected_is_cut_off_by_the_reload(
+    setup: tuple[Setup, subprocess.Popen[bytes]],
+) -> None:
+    """What mosquitto 2.0 does to a live connection when `edgectl device revoke` and a
+    SIGHUP take the device's ACL lines away (issue 20, item 2): the connection stays
+    open, but every publish of it is refused (QoS 1: PUBACK 135; QoS 0: dropped) and
+    nothing is delivered to it any more, its subscriptions included; its next
+    connection is refused by the CRL."""
+    s, proc = setup
+    controller = Client("controller", s.port, s.ca, s.controller)
+    cam2 = Client("cam-2", s.port, s.ca, s.devices["cam-2"])
+    try:
+        assert controller.connect(), controller.connect_reason
+        assert controller.subscribe("edgefleet/v1/fleets/+/devices/+/#") == 1
+        assert cam2.connect(), cam2.connect_reason
+        for topic in (announce_topic("north"), response_topic("north", "cam-2")):
+            assert cam2.subscribe(topic) == 1
+        own = device_topic("north", "cam-2", "telemetry")
+        assert cam2.publish(own, b'{"before": 1}') == 0
+        assert controller.publish(announce_topic("north"), b'{"a": 1}') == 0
+        wait_until(lambda: len(cam2.messages) == 1, 10, "the announcement before")
+        wait_until(lambda: (own, b'{"before": 1}') in controller.messages, 10, "telemetry")
+
+        revoke_device(s.repo, "cam-2")
+        refresh_broker_files(s.repo)  # as `edgectl device revoke` does
+        os.kill(proc.pid, signal.SIGHUP)
+        log = s.broker_dir.parent / "mosquitto.log"
+        wait_until(lambda: "Reloading config" in log.read_text(), 10, "the broker's reload")
+
+        # Still connected: the broker answers it, and only with refusals. Each QoS 1
+        # answer below is also a barrier: mosquitto handles a connection's packets in
+        # order and writes to a socket in order, so what it would have forwarded or
+        # delivered before an acknowledgement arrives before that acknowledgement.
+        cam2.client.publish(own, b'{"after": "qos0"}', qos=0)
+        assert cam2.publish(own, b'{"after": 1}') == NOT_AUTHORIZED
+        status = device_topic("north", "cam-2", "status")
+        assert cam2.publish(status, b'{"online": true}') == NOT_AUTHORIZED
+        assert cam2.client.is_connected()
+        # Nothing reaches it any more: neither its fleet's announcement nor its answers.
+        assert controller.publish(announce_topic("north"), b'{"a": 2}') == 0
+        assert controller.publish(response_topic("north", "cam-2"), b"answer") == 0
+        assert cam2.publish(own, b'{"after": 2}') == NOT_AUTHORIZED
+        sent_by_cam2 = [p for t, p in controller.messages if "/devices/cam-2/" in t]
+        assert sent_by_cam2 == [b'{"before": 1}']
+        assert cam2.messages == [(announce_topic("north"), b'{"a": 1}')]
+        assert cam2.client.is_connected(), "mosquitto closed the revoked device's connection"
+        assert "Denied PUBLISH from test-cam-2" in log.read_text()
+
+        again = Client("cam-2-again", s.port, s.ca, s.devices["cam-2"])
+        assert not again.connect(), "a revoked certificate still connects"
+    finally:
+        controller.close()
+        cam2.close()
+
+
 def test_the_enrolled_agent_connects_over_tls_with_its_credential(
     setup: tuple[Setup, subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:

@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from controller.identity.devices import DeviceRecord
 
 
-def _open_view(args: argparse.Namespace) -> tuple[TelemetryStore, StalePolicy]:
+def _open_view(args: argparse.Namespace) -> tuple[TelemetryStore, StalePolicy, str | None]:
+    """The store, the staleness policy and the repository, if one was named (``--repo``,
+    ``EDGECTL_REPO``, ``[serve] repo``)."""
     from controller.fleet.status import StalePolicy
     from controller.fleet.stores import open_store
     from controller.serve.config import load_view_config
@@ -41,9 +43,20 @@ def _open_view(args: argparse.Namespace) -> tuple[TelemetryStore, StalePolicy]:
             f"no telemetry store at {view.store}: is `edgectl serve` running with this "
             "repository, or pass --store PATH|DSN"
         )
-    return open_store(view.store), StalePolicy(
-        view.heartbeat_interval_s, view.stale_after_heartbeats
-    )
+    policy = StalePolicy(view.heartbeat_interval_s, view.stale_after_heartbeats)
+    return open_store(view.store), policy, view.repo
+
+
+def _revoked(repo: str | None) -> frozenset[str] | None:
+    """The ids the repository's device registry marks revoked (none when no device was
+    ever enrolled there); None without a repository. Raises RepositoryError for a
+    registry it cannot read."""
+    from controller.identity.registry import load_registry
+
+    if not repo:
+        return None
+    registry = load_registry(Path(repo))
+    return frozenset(device for device, record in registry.items() if record.revoked_at)
 
 
 def _cmd_fleet_status(args: argparse.Namespace) -> int:
@@ -51,7 +64,7 @@ def _cmd_fleet_status(args: argparse.Namespace) -> int:
 
     from controller.fleet.status import device_json, render_fleet_table
 
-    store, policy = _open_view(args)
+    store, policy, repo = _open_view(args)
     try:
         rows = store.devices(fleet=args.fleet, model=args.model)
         if args.fleet and not rows:
@@ -71,10 +84,11 @@ def _cmd_fleet_status(args: argparse.Namespace) -> int:
     finally:
         store.close()
     now = time.time()
+    revoked = _revoked(repo)
     if args.json:
-        print_json([device_json(r, now, policy) for r in rows])
+        print_json([device_json(r, now, policy, revoked) for r in rows])
     else:
-        print(render_fleet_table(rows, now, policy, model=args.model))
+        print(render_fleet_table(rows, now, policy, model=args.model, revoked=revoked or ()))
         for line in _active_rollout_lines(args):
             print(line)
     return 0
@@ -121,7 +135,7 @@ def _cmd_device_show(args: argparse.Namespace) -> int:
 
     from controller.fleet.status import device_json, event_json, render_device
 
-    store, policy = _open_view(args)
+    store, policy, repo = _open_view(args)
     try:
         rows = store.devices(fleet=args.fleet, device=args.device_id)
         events = store.events(device=args.device_id, fleet=args.fleet, limit=args.events)
@@ -132,16 +146,19 @@ def _cmd_device_show(args: argparse.Namespace) -> int:
     if not rows and not events and record is None:
         raise UsageError(f"no device {args.device_id!r} in the telemetry store")
     now = time.time()
+    revoked = _revoked(repo)
     if args.json:
         doc = {
-            "devices": [device_json(r, now, policy) for r in rows],
+            "devices": [device_json(r, now, policy, revoked) for r in rows],
             "events": [event_json(e) for e in events],
             "heartbeats": [b.payload for b in beats],
             "certificates": None if record is None else certificates_json(record),
         }
         print_json(doc)
     else:
-        text = render_device(rows, events, beats, now, policy) if rows or events else ""
+        text = (
+            render_device(rows, events, beats, now, policy, revoked or ()) if rows or events else ""
+        )
         if record is not None:
             text = "\n".join(filter(None, [text, *render_certificates(record)]))
         print(text)

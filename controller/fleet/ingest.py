@@ -59,6 +59,11 @@ Invariants:
   logged (rate-limited), never stored (``controller.fleet.roster``,
   ``controller.fleet.payloads.check_plausible``). The roster is taken once per batch;
   checking a message against it is one dict lookup.
+- Each device's statuses and events, in the order they arrive, go through
+  ``controller.fleet.conflicts`` once (not again when a batch is split): an event showing
+  another agent using the device's identity is still stored, and the batch marks the
+  device's row; counted (``counts["identity_conflicts"]``) and logged as a WARNING at
+  most once an hour per device.
 - ``stop`` stores and acknowledges what was received before it returns, unless the store
   fails then: it does not retry, leaves those messages unacknowledged for the broker
   to send again (QoS 0 ones are counted as lost) and returns within ``stop_timeout_s``.
@@ -84,6 +89,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from agent.contracts import PayloadError, device_topic_filter
 from controller.fleet.backlog import QUEUED, Backlog, Item
+from controller.fleet.conflicts import ConflictWatch
 from controller.fleet.payloads import DEFAULT_MAX_REQUESTS_PER_S, Admission, add_payload
 from controller.fleet.records import IngestBatch
 from controller.fleet.roster import POISON, RefusedMessage, RosterReader
@@ -204,6 +210,7 @@ class Ingestor:
 
     _RETRY_FIRST_S: Final = 0.5
     _SHED_LOG_EVERY_S: Final = 10.0
+    _CONFLICT_LOG_EVERY_S: Final = 3600.0
 
     def __init__(
         self,
@@ -228,6 +235,9 @@ class Ingestor:
         self._stopping = threading.Event()
         self._writer: threading.Thread | None = None
         self._last_drop_log: dict[str, float] = {}
+        # Writer thread: two agents on one identity (controller.fleet.conflicts).
+        self._conflicts = ConflictWatch()
+        self._last_conflict_log: dict[tuple[str, str], float] = {}
         self._last_shed_log = -math.inf
         # Which connection a message came on: an acknowledgement is sent only on it. The
         # network thread moves it on (dis)connect, under the lock the writer acks under.
@@ -390,7 +400,8 @@ class Ingestor:
         left out (``_drop_poison``)."""
         roster = self._roster.current() if self._roster is not None else None
         admission = Admission(roster, self.settings.max_requests_per_s)
-        pieces = [self._parse(items, admission)]  # a stack: the first half is written first
+        # A stack: the first half is written first.
+        pieces = [self._parse(items, admission, observe=True)]
         while pieces:
             batch, parsed = pieces.pop()
             try:
@@ -402,7 +413,9 @@ class Ingestor:
                 else:
                     half = len(parsed) // 2
                     pieces.append(self._parse(parsed[half:], admission))
-                    pieces.append(self._parse(parsed[:half], admission))
+                    first = self._parse(parsed[:half], admission)
+                    first[0].conflicts = batch.conflicts  # found once, written once
+                    pieces.append(first)
                 continue
             self.counts["heartbeats"] += len(batch.heartbeats) + len(batch.heartbeat_facts)
             self.counts["events"] += len(batch.events)
@@ -411,10 +424,14 @@ class Ingestor:
         self._acknowledge(items)
         return True
 
-    def _parse(self, items: list[Item], admission: Admission) -> tuple[IngestBatch, list[Item]]:
+    def _parse(
+        self, items: list[Item], admission: Admission, observe: bool = False
+    ) -> tuple[IngestBatch, list[Item]]:
         """The batch of what ``items`` hold and the items it holds (one entry each): a
         message that breaks the contract or is refused is counted, logged and left out.
-        Pure but for the counts, so a part of ``items`` parses again to the same rows."""
+        Pure but for the counts, so a part of ``items`` parses again to the same rows;
+        with ``observe`` (the first parse of a batch), statuses and events also go
+        through the identity-conflict rule (``_observe``)."""
         batch = IngestBatch()
         parsed: list[Item] = []
         for item in items:
@@ -433,9 +450,42 @@ class Ingestor:
                 self._log_dropped("rejected", topic, PayloadError(f"{type(exc).__name__}: {exc}"))
             else:
                 parsed.append(item)
+                if observe:
+                    self._observe(batch, topic, received_at)
         # On the disk before the acknowledgement: only a QoS 1 message is acknowledged.
         batch.durable = any(qos for _t, _p, _r, qos, *_ack in parsed)
         return batch, parsed
+
+    def _observe(self, batch: IngestBatch, topic: str, received_at: float) -> None:
+        """Feed the status or event just added to ``batch`` (from ``topic``) to the
+        identity-conflict rule; mark a conflict in ``batch``, count and log it."""
+        if topic.endswith("/status"):
+            status = batch.statuses[-1][0]
+            self._conflicts.status(status.fleet, status.device)
+            return
+        if not topic.endswith("/events"):
+            return
+        event = batch.events[-1][0]
+        conflict = self._conflicts.event(event.fleet, event.device, event.stream, event.seq)
+        if conflict is None:
+            return
+        what = conflict.describe()
+        batch.conflicts.append((event.fleet, event.device, what, received_at))
+        self.counts["identity_conflicts"] += 1
+        key = (event.fleet, event.device)
+        now = time.monotonic()
+        if now - self._last_conflict_log.get(key, -math.inf) >= self._CONFLICT_LOG_EVERY_S:
+            self._last_conflict_log[key] = now
+            logger.warning(
+                "ingest: device %s (fleet %s): %s Find the second agent (broker log: two "
+                "connections taking the client id edge-agent-%s from each other); give it "
+                "its own identity (edgectl device add) or stop it. Logged at most once an "
+                "hour per device; counted in edgefleet_device_identity_conflicts_total",
+                event.device,
+                event.fleet,
+                what,
+                event.device,
+            )
 
     def _drop_poison(self, item: Item, exc: Exception) -> None:
         """Leave out a message the store refused on its own for what it holds: counted as

@@ -90,6 +90,10 @@ class IngestBatch:
     ``durable``: the store must have the batch on disk when ``write`` returns, because a
     message of it is acknowledged right after (QoS 1). Ingestion clears it for a batch of
     QoS 0 messages only, which SQLite then commits without waiting for the disk.
+
+    ``conflicts``: devices whose events showed another agent using their identity
+    (``controller.fleet.conflicts``), as (fleet, device, what it showed, when received);
+    the store marks their rows (``conflict_rows``). Not messages: ``len`` leaves them out.
     """
 
     heartbeats: list[tuple[Heartbeat, float]] = field(default_factory=list)
@@ -97,6 +101,7 @@ class IngestBatch:
     statuses: list[tuple[Status, float]] = field(default_factory=list)
     heartbeat_facts: list[tuple[HeartbeatFacts, float, str]] = field(default_factory=list)
     durable: bool = True
+    conflicts: list[tuple[str, str, str, float]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return (
@@ -129,6 +134,9 @@ class DeviceRow:
     outbox_pending: int
     outbox_dropped: int
     models: tuple[ModelRow, ...] = ()
+    # What last showed two agents using this identity, and when (controller.fleet.conflicts).
+    identity_conflict: str | None = None
+    identity_conflict_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -238,6 +246,17 @@ def status_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
                 )
             )
     return {"devices": devices, "models": models}
+
+
+def conflict_rows(batch: IngestBatch) -> list[tuple[Any, ...]]:
+    """The identity-conflict rows of ``batch`` (``_DEVICE_CONFLICT``): the latest of each
+    device, in key order."""
+    latest: dict[tuple[str, str], tuple[str, float]] = {}
+    for fleet, device, what, at in batch.conflicts:
+        known = latest.get((fleet, device))
+        if known is None or known[1] <= at:
+            latest[(fleet, device)] = (what, at)
+    return [(what, at, f, d) for (f, d), (what, at) in sorted(latest.items())]
 
 
 def event_rows(batch: IngestBatch) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:

@@ -10,13 +10,18 @@ Health of a device:
   device's own interval, from its heartbeats, else the configured default), even
   when the broker still calls it online: a hung agent or a half-open connection;
 - ``online`` otherwise.
+
+Marks beside the health (``device_marks``): ``revoked`` (the device registry says so,
+when the command was given the repository) and ``identity conflict?`` (ingest saw two
+agents using the device's identity, ``controller.fleet.conflicts``, within the last
+``CONFLICT_SHOWN_S``).
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -24,6 +29,8 @@ from typing import Any, Final
 from controller.fleet.records import DeviceRow, EventRow, HeartbeatRow, ModelRow
 
 HEALTH_STATES: Final = ("online", "stale", "offline")
+# An identity conflict is marked this long after ingest last saw it.
+CONFLICT_SHOWN_S: Final = 86400.0
 
 
 @dataclass(frozen=True)
@@ -42,13 +49,32 @@ def health(row: DeviceRow, now: float, policy: StalePolicy) -> str:
     return "online"
 
 
+def device_marks(row: DeviceRow, now: float, revoked: Collection[str] = ()) -> list[str]:
+    """``revoked`` and ``identity conflict?``, those that apply (module docstring)."""
+    marks = ["revoked"] if row.device in revoked else []
+    at = row.identity_conflict_at
+    if row.identity_conflict and at is not None and now - at <= CONFLICT_SHOWN_S:
+        marks.append("identity conflict?")
+    return marks
+
+
+def _marked(state: str, marks: Sequence[str]) -> str:
+    return " ".join([state, *(f"[{m}]" for m in marks)])
+
+
 def error_rate(requests: int, errors: int, client_errors: int) -> float | None:
     served = requests - client_errors
     return errors / served if served > 0 else None
 
 
-def device_json(row: DeviceRow, now: float, policy: StalePolicy) -> dict[str, Any]:
-    """One device as ``fleet status --json`` prints it."""
+def device_json(
+    row: DeviceRow, now: float, policy: StalePolicy, revoked: Collection[str] | None = None
+) -> dict[str, Any]:
+    """One device as ``fleet status --json`` prints it; ``revoked`` is None when the
+    registry was not read (no repository given)."""
+    conflict = None
+    if row.identity_conflict:
+        conflict = {"what": row.identity_conflict, "at": _iso(row.identity_conflict_at)}
     return {
         "fleet": row.fleet,
         "device": row.device,
@@ -60,6 +86,8 @@ def device_json(row: DeviceRow, now: float, policy: StalePolicy) -> dict[str, An
         "heartbeat_interval_s": row.interval_s,
         "system": row.system,
         "outbox": {"pending": row.outbox_pending, "dropped": row.outbox_dropped},
+        "revoked": None if revoked is None else row.device in revoked,
+        "identity_conflict": conflict,
         "models": {
             m.model: {
                 "version": m.version,
@@ -97,13 +125,18 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 
 def render_fleet_table(
-    rows: Sequence[DeviceRow], now: float, policy: StalePolicy, model: str | None = None
+    rows: Sequence[DeviceRow],
+    now: float,
+    policy: StalePolicy,
+    model: str | None = None,
+    revoked: Collection[str] = (),
 ) -> str:
-    """The ``fleet status`` table: one line per (device, model)."""
+    """The ``fleet status`` table: one line per (device, model); its marks beside its
+    health (``device_marks``)."""
     header = ("FLEET", "DEVICE", "HEALTH", "MODEL", "VERSION", "STATE", "ERR%", "P99", "LAST SEEN")
     lines = []
     for row in rows:
-        state = health(row, now, policy)
+        state = _marked(health(row, now, policy), device_marks(row, now, revoked))
         models: list[ModelRow | None] = [m for m in row.models if model is None or m.model == model]
         for m in models or [None]:
             rate = error_rate(m.requests, m.errors, m.client_errors) if m else None
@@ -122,6 +155,8 @@ def render_fleet_table(
             )
     counts = Counter(health(r, now, policy) for r in rows)
     summary = ", ".join(f"{counts[s]} {s}" for s in HEALTH_STATES)
+    marked = Counter(m for r in rows for m in device_marks(r, now, revoked))
+    summary += "".join(f"; {n} {m}" for m, n in sorted(marked.items()))
     return _table(header, lines) + f"\n\n{len(rows)} device(s): {summary}"
 
 
@@ -131,14 +166,20 @@ def render_device(
     beats: Sequence[HeartbeatRow],
     now: float,
     policy: StalePolicy,
+    revoked: Collection[str] = (),
 ) -> str:
     """``device show``: the device's state, its last heartbeats and recent events."""
     out = []
     for row in rows:
+        state = _marked(health(row, now, policy), device_marks(row, now, revoked))
         out.append(
-            f"device {row.device} (fleet {row.fleet}): {health(row, now, policy)}, "
+            f"device {row.device} (fleet {row.fleet}): {state}, "
             f"last seen {_ago(now - row.last_seen)}, agent {row.agent_version or '?'}"
         )
+        if row.identity_conflict and row.identity_conflict_at is not None:
+            out.append(
+                f"  {row.identity_conflict} (last seen {_ago(now - row.identity_conflict_at)})"
+            )
         out.append(f"  outbox: {row.outbox_pending} pending, {row.outbox_dropped} dropped")
         if row.system:
             out.append("  system: " + json.dumps(row.system, sort_keys=True))

@@ -58,6 +58,7 @@ from controller.fleet.records import (
     HeartbeatRow,
     IngestBatch,
     ModelRow,
+    conflict_rows,
     event_rows,
     heartbeat_rows,
     status_rows,
@@ -134,6 +135,8 @@ MIGRATIONS: Final = (
     ("heartbeats", "at", "TEXT"),
     ("heartbeats", "seq", "BIGINT"),
     ("events", "rollout_id", "TEXT"),
+    ("devices", "identity_conflict", "TEXT"),
+    ("devices", "identity_conflict_at", "DOUBLE PRECISION"),
 )
 
 _HEARTBEAT_INSERT: Final = """
@@ -189,6 +192,10 @@ _DEVICE_SEEN: Final = """
 INSERT INTO devices (fleet, device, last_seen) VALUES (?, ?, ?)
 ON CONFLICT (fleet, device) DO UPDATE SET
     last_seen = {greatest}(devices.last_seen, excluded.last_seen)
+"""
+# After _DEVICE_SEEN, which made the row of a device whose events showed the conflict.
+_DEVICE_CONFLICT: Final = """
+UPDATE devices SET identity_conflict = ?, identity_conflict_at = ? WHERE fleet = ? AND device = ?
 """
 _EVENT_INSERT: Final = """
 INSERT INTO events (fleet, device, stream, seq, at, received_at, kind, model, version,
@@ -367,7 +374,7 @@ class TelemetryStore(ABC):
 
     def write(self, batch: IngestBatch) -> int:
         """Store one batch in one transaction; return the rows it added or changed."""
-        if not len(batch):
+        if not len(batch) and not batch.conflicts:
             return 0
         beats = heartbeat_rows(batch)
         statuses = status_rows(batch)
@@ -376,6 +383,7 @@ class TelemetryStore(ABC):
             (_DEVICE_FROM_STATUS, statuses["devices"]),
             (_DEVICE_FROM_HEARTBEAT, beats["devices"]),
             (_DEVICE_SEEN, seen),
+            (_DEVICE_CONFLICT, conflict_rows(batch)),
             (_MODEL_FROM_STATUS, statuses["models"]),
             (_MODEL_UPSERT, beats["models"]),
             (_HEARTBEAT_INSERT, beats["history"]),
@@ -412,7 +420,8 @@ class TelemetryStore(ABC):
             args.append(model)
         query = (
             "SELECT d.fleet, d.device, d.online, d.status_at, d.last_seen, d.agent_version, "
-            "d.interval_s, d.system, d.outbox_pending, d.outbox_dropped FROM devices d"
+            "d.interval_s, d.system, d.outbox_pending, d.outbox_dropped, "
+            "d.identity_conflict, d.identity_conflict_at FROM devices d"
             + (" WHERE " + " AND ".join(where) if where else "")
             + " ORDER BY d.fleet, d.device"
         )
@@ -445,6 +454,8 @@ class TelemetryStore(ABC):
                 outbox_pending=int(r[8]),
                 outbox_dropped=int(r[9]),
                 models=tuple(by_device.get((r[0], r[1]), ())),
+                identity_conflict=r[10],
+                identity_conflict_at=r[11],
             )
             for r in rows
         ]

@@ -355,6 +355,8 @@ class ViewConfig:
     store: str
     heartbeat_interval_s: float = 10.0
     stale_after_heartbeats: float = 3.0
+    # The repository (--repo, EDGECTL_REPO, [serve] repo), for its device registry.
+    repo: str | None = None
 
 
 def load_view_config(
@@ -376,4 +378,5 @@ def load_view_config(
         store=store,
         heartbeat_interval_s=float(_number(doc, "heartbeat_interval_s", 10.0)),
         stale_after_heartbeats=float(_number(doc, "stale_after_heartbeats", 3.0)),
+        repo=_string(doc, "repo") or None,
     )

@@ -204,6 +204,17 @@ def render_aggregates(
         out.append(
             _sample("edgefleet_ingest_refused_total", {"reason": reason}, refused.get(reason, 0))
         )
+    out += [
+        "# HELP edgefleet_device_identity_conflicts_total Events showing two agents using "
+        "one device's identity (a copied configuration): their event streams alternate, or "
+        "one restarted its numbers while online (controller.fleet.conflicts).",
+        "# TYPE edgefleet_device_identity_conflicts_total counter",
+        _sample(
+            "edgefleet_device_identity_conflicts_total",
+            {},
+            ingest_counts.get("identity_conflicts", 0),
+        ),
+    ]
     if expiries is not None:
         out += _render_expiries(expiries)
     return "\n".join(out) + "\n"
