@@ -522,8 +522,7 @@ def _no_small_wrongs_in_the_views(walk: OperatorWalk) -> None:
 
 @_check("revoke", 2)
 def _serve_drops_what_a_revoked_device_sends(walk: OperatorWalk) -> None:
-    """Before the broker reloads, the device is still connected: `serve` refuses it. Once
-    item 2 is merged: `fleet status` marks the device revoked."""
+    """Before the broker reloads, the device is still connected: `serve` refuses it."""
     import urllib.request
 
     from tests.e2e_support import wait_until
@@ -561,6 +560,13 @@ def _after_the_reload_the_broker_refuses_the_live_connection(walk: OperatorWalk)
         return device["health"] != "online"
 
     wait_until(gone, 30, "the revoked device to stop reaching the controller")
+    # `fleet status` marks the device revoked, in its table and in its JSON.
+    table = walk.cli("edgectl", "fleet", "status", "--repo", "repo").stdout
+    (line,) = (row for row in table.splitlines() if WALK_DEVICE in row)
+    assert "[revoked]" in line and "1 revoked" in table, table
+    out = walk.cli("edgectl", "fleet", "status", "--repo", "repo", "--json")
+    (device,) = (d for d in json.loads(out.stdout) if d["device"] == WALK_DEVICE)
+    assert device["revoked"] is True, device
 
 
 def _reload_broker(walk: OperatorWalk) -> None:
