@@ -76,15 +76,15 @@ class QualityGateError(BuildError):
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """How to shrink and check the model; the defaults build as ``edgectl`` always did.
+    """How to shrink and check the model; the defaults are ``edgectl bundle build``'s.
 
     ``quantize`` None means the default: the smaller of the default recipe's model and the
     model unquantized (a model with nothing to quantize is kept as is, and so is a tiny
     one the recipe makes bigger), and the selection reason says which and why; an explicit
     recipe refuses a model it cannot quantize, and keeps a bigger model with a warning.
-    ``gate`` None means the default
-    gate for ``auto`` and no gate for an explicit recipe. ``latency_threads`` is the
-    intra-op thread count of the latency sessions (1: stable on a shared machine).
+    ``gate`` None means the default gate for ``auto`` and no gate otherwise.
+    ``latency_threads`` is the intra-op thread count of the latency sessions (1: stable
+    on a shared machine).
     """
 
     quantize: str | None = None
@@ -393,7 +393,7 @@ def _select_default(
             f"{head}, smaller than {unquantized} ({_bytes(quantized.size or 0)} against "
             f"{_bytes(base_size)})"
         )
-    if kept.error is not None:  # the unquantized model ran as the reference: pruning broke it
+    if kept.error is not None:  # only a pruned model can fail to run: the original did
         kept.verdict = "skipped: " + kept.error
         return None, f"{head}: {kept.error}"
     if kept.failures:
