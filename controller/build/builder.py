@@ -2,10 +2,11 @@
 
 Steps: check the model; load eval (and calibration) data and check it against the
 model's inputs; optionally prune; build one candidate per quantization recipe (one for
-an explicit ``--quantize``, several for ``auto``); measure each against the original
-(size, latency side by side, top-1 agreement, cosine, max abs diff, accuracy); keep the
-chosen one under the quality gate; record golden vectors with a tolerance derived from
-the measured drift; write the manifest; pack the tar.
+an explicit ``--quantize``, several for ``auto``, the default recipe and ``none`` without
+``--quantize``); measure each against the original (size, latency side by side, top-1
+agreement, cosine, max abs diff, accuracy); keep the chosen one under the quality gate
+(without ``--quantize``: the smaller of the two); record golden vectors with a tolerance
+derived from the measured drift; write the manifest; pack the tar.
 
 Invariants:
 - The same model, options, name, version, seed, case count and ``created_at`` give the
@@ -58,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES: Final = (*quantize.RECIPES, "auto")
 FALLBACK_CHOICES: Final = ("fp32",)
+# What the manifest records as asked for when no --quantize was given.
+DEFAULT_REQUEST: Final = f"default (the smaller of {quantize.DEFAULT_RECIPE} and none)"
 # Samples generated from the input signature when no --eval data is given.
 GENERATED_EVAL_SAMPLES: Final = 64
 # The first ONNX Runtime release that implements each default-domain opset (conservative).
@@ -73,12 +76,15 @@ class QualityGateError(BuildError):
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """How to shrink and check the model; the defaults build as ``edgectl`` always did.
+    """How to shrink and check the model; the defaults are ``edgectl bundle build``'s.
 
-    ``quantize`` None means the default recipe, which quietly keeps a model with nothing
-    to quantize as is; an explicit recipe refuses it. ``gate`` None means the default
-    gate for ``auto`` and no gate for an explicit recipe. ``latency_threads`` is the
-    intra-op thread count of the latency sessions (1: stable on a shared machine).
+    ``quantize`` None means the default: the smaller of the default recipe's model and the
+    model unquantized (a model with nothing to quantize is kept as is, and so is a tiny
+    one the recipe makes bigger), and the selection reason says which and why; an explicit
+    recipe refuses a model it cannot quantize, and keeps a bigger model with a warning.
+    ``gate`` None means the default gate for ``auto`` and no gate otherwise.
+    ``latency_threads`` is the intra-op thread count of the latency sessions (1: stable
+    on a shared machine).
     """
 
     quantize: str | None = None
@@ -151,7 +157,7 @@ def build_bundle(
     for c in candidates:
         _measure(c, feeds, expected, samples.labels, gate)
     latency = _latencies(original, candidates, specs, feeds[0], opts)
-    chosen, reason = _select(candidates, opts, gate, latency)
+    chosen, reason = _select(candidates, opts, gate, latency, len(base))
     table = evaluate.format_table(candidates, len(original), latency.get("original", 0.0))
     if chosen is None:
         if opts.fallback != "fp32":
@@ -232,8 +238,10 @@ def _candidates(
         recipes = list(quantize.AUTO_RECIPES)
         if opts.prune is not None:
             recipes.insert(0, "none")  # pruning alone is a candidate too
+    elif opts.quantize is None:  # the default: the default recipe or none, the smaller
+        recipes = [quantize.DEFAULT_RECIPE, "none"]
     else:
-        recipes = [opts.quantize or quantize.DEFAULT_RECIPE]
+        recipes = [opts.quantize]
     calib_feeds = evaluate.batches(specs, calibration, rows=1) if calibration else None
     out: list[Candidate] = []
     with tempfile.TemporaryDirectory(prefix="edgectl-calib-") as workdir:
@@ -246,13 +254,10 @@ def _candidates(
                     recipe, model, data, calib_feeds, judge, Path(workdir)
                 )
             except quantize.UnsupportedOpsError as exc:
-                if auto:
-                    out.append(Candidate(recipe, error=str(exc)))
-                    continue
-                if opts.quantize is None:  # the default recipe keeps such a model as is
-                    built, facts = data, {"quantization": "none", "quantization_note": str(exc)}
-                else:
+                if opts.quantize is not None and not auto:
                     raise
+                out.append(Candidate(recipe, error=str(exc)))  # the default keeps none
+                continue
             except BuildError as exc:
                 if not auto:
                     raise
@@ -327,19 +332,79 @@ def _latencies(
 
 
 def _select(
-    candidates: list[Candidate], opts: BuildOptions, gate: Gate | None, latency: dict[str, float]
+    candidates: list[Candidate],
+    opts: BuildOptions,
+    gate: Gate | None,
+    latency: dict[str, float],
+    base_size: int,
 ) -> tuple[Candidate | None, str]:
+    """The candidate to pack and why (None: nothing passed). ``base_size`` is the size of
+    the model the recipes started from (the original, or the pruned original)."""
     original_ms = latency.get("original")
+    if opts.quantize is None:
+        return _select_default(candidates, gate, base_size, pruned=opts.prune is not None)
     if opts.quantize == "auto":
         limit = opts.max_latency_ratio if original_ms else float("inf")
-        return evaluate.choose(candidates, original_ms or 1.0, limit)
-    (c,) = candidates
-    if c.failures:
-        c.verdict = "fails gate: " + "; ".join(c.failures)
-        return None, f"--quantize {c.recipe} fails the quality gate"
-    c.verdict = "chosen" if gate is not None else "chosen (no gate asked)"
-    how = "asked for with --quantize" if opts.quantize else "the default (no --quantize given)"
-    return c, f"{c.recipe}: {how}" + (", passes the gate" if gate is not None else "")
+        chosen, reason = evaluate.choose(candidates, original_ms or 1.0, limit)
+    else:
+        (chosen,) = candidates
+        if chosen.failures:
+            chosen.verdict = "fails gate: " + "; ".join(chosen.failures)
+            return None, f"--quantize {chosen.recipe} fails the quality gate"
+        chosen.verdict = "chosen" if gate is not None else "chosen (no gate asked)"
+        reason = f"{chosen.recipe}: asked for with --quantize"
+        reason += ", passes the gate" if gate is not None else ""
+    if chosen is not None and chosen.recipe != "none" and (chosen.size or 0) >= base_size:
+        note = (
+            f"{chosen.recipe} made the model bigger ({_bytes(chosen.size or 0)} against "
+            f"{_bytes(base_size)} unquantized); without --quantize the build keeps the smaller"
+        )
+        logger.warning("%s", note)
+        reason += f"; note: {note}"
+    return chosen, reason
+
+
+def _select_default(
+    candidates: list[Candidate], gate: Gate | None, base_size: int, *, pruned: bool
+) -> tuple[Candidate | None, str]:
+    """No --quantize: keep the smaller of the default recipe's model and the model
+    unquantized (the default recipe grows a tiny model: int8 weights bring scales, zero
+    points and conversion nodes), then judge the one kept by the gate, if one was asked."""
+    quantized, plain = candidates
+    assert plain.recipe == "none" and plain.size == base_size
+    unquantized = "the pruned model unquantized" if pruned else "the original model"
+    head = "the default (no --quantize given)"
+    if quantized.error is not None:
+        quantized.verdict = "skipped: " + quantized.error
+        kept = plain
+        why = f"{head} kept {unquantized}: {quantized.recipe} does not apply ({quantized.error})"
+    elif (quantized.size or 0) >= base_size:
+        grew = "bigger" if (quantized.size or 0) > base_size else "no smaller"
+        quantized.verdict = f"not kept: {grew} than {unquantized}"
+        kept = plain
+        why = (
+            f"{head} kept {unquantized} ({_bytes(base_size)}): {quantized.recipe} made it "
+            f"{grew} ({_bytes(quantized.size or 0)})"
+        )
+    else:
+        plain.verdict = f"not kept: {quantized.recipe} is smaller"
+        kept = quantized
+        why = (
+            f"{head}, smaller than {unquantized} ({_bytes(quantized.size or 0)} against "
+            f"{_bytes(base_size)})"
+        )
+    if kept.error is not None:  # only a pruned model can fail to run: the original did
+        kept.verdict = "skipped: " + kept.error
+        return None, f"{head}: {kept.error}"
+    if kept.failures:
+        kept.verdict = "fails gate: " + "; ".join(kept.failures)
+        return None, f"{kept.recipe}, the smaller kept by {head}, fails the quality gate"
+    kept.verdict = "chosen" if gate is not None else "chosen (no gate asked)"
+    return kept, f"{kept.recipe}: {why}" + (", passes the gate" if gate is not None else "")
+
+
+def _bytes(size: int) -> str:
+    return f"{size:,} bytes"
 
 
 def _created_at() -> datetime:
@@ -416,7 +481,7 @@ class _Record:
     def build_facts(self) -> dict[str, Any]:
         facts: dict[str, Any] = {
             **self.chosen.details,
-            "requested": self.opts.quantize or f"default ({quantize.DEFAULT_RECIPE})",
+            "requested": self.opts.quantize or DEFAULT_REQUEST,
             "recipe": self.chosen.recipe,
             "selection_reason": self.reason,
             "built_with_onnxruntime": str(ort.__version__),

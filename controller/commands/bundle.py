@@ -122,7 +122,8 @@ def add_parser(sub: Subparsers) -> None:
     b.add_argument(
         "--quantize",
         choices=("none", "dynamic", "dynamic-matmul", "static", "static-mixed", "fp16", "auto"),
-        help="recipe (default dynamic-matmul); static-mixed keeps the blocks most sensitive "
+        help="recipe (default: dynamic-matmul or none, whichever is smaller; the output says "
+        "which it kept and why); static-mixed keeps the blocks most sensitive "
         "to int8 in float (searched on the calibration data); auto tries them all under "
         "the gate",
     )

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import tarfile
 from pathlib import Path
@@ -14,6 +15,7 @@ from controller.base.errors import BuildError, BundleFileError, UsageError
 from controller.build.builder import BuildOptions, build_bundle
 from controller.build.bundle_file import read_bundle
 from tests.controller.conftest import edgectl_cmd
+from tests.helpers import make_linear_model
 
 
 def _members(path: Path) -> dict[str, tuple[tarfile.TarInfo, bytes]]:
@@ -37,18 +39,93 @@ def test_bundle_has_exactly_the_contract_members(linear_model: Path, tmp_path: P
     assert [(t.name, t.datatype, t.shape) for t in manifest.inputs] == [("x", "FP32", (-1, 4))]
     assert [(t.name, t.datatype, t.shape) for t in manifest.outputs] == [("y", "FP32", (-1, 3))]
     assert manifest.opset == 17
-    assert manifest.build["quantization"] == "dynamic-matmul"
-    assert manifest.build["recipe"] == "dynamic-matmul"
-    # no --quantize given: the reason says default, not "asked for with --quantize"
-    assert manifest.build["selection_reason"].startswith(
-        "dynamic-matmul: the default (no --quantize given)"
-    )
+    # no --quantize given on a model this small: the default keeps the original (see
+    # test_default_keeps_the_original_when_quantizing_makes_it_bigger)
+    assert manifest.build["quantization"] == "none" and manifest.build["recipe"] == "none"
+    assert manifest.build["selection_reason"].startswith("none: the default (no --quantize given)")
     assert manifest.build["golden_source"] == "generated"
     assert manifest.quality["outputs"]["y"]["top1_agreement"] >= 0.75
     assert manifest.quality["outputs"]["y"]["cosine"] > 0.99
     assert manifest.sizes["original_bytes"] == linear_model.stat().st_size
     assert manifest.members["model.onnx"]["size"] == len(members["model.onnx"][1])
     assert read_bundle(result.path).manifest == manifest
+
+
+def _cli_build(model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    cmd = edgectl_cmd("bundle", "build", model, "--name", "lin", "--version", "1.0.0", "-o", out)
+    return subprocess.run(
+        [*cmd, "--latency-runs", "0", *extra], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_default_keeps_the_original_when_quantizing_makes_it_bigger(
+    linear_model: Path, tmp_path: Path
+) -> None:
+    """A 4x3 MatMul grows under int8 (scales, zero points, conversion nodes): without
+    --quantize the build packs the original and says which it kept and why."""
+    original = linear_model.read_bytes()
+    out = _cli_build(linear_model, tmp_path / "b.bundle")
+    assert out.returncode == 0, out.stderr
+    bundle = read_bundle(tmp_path / "b.bundle")
+    assert _members(tmp_path / "b.bundle")["model.onnx"][1] == original
+    m = bundle.manifest
+    rows = {r["recipe"]: r for r in m.quality["candidates"]}
+    grown = rows["dynamic-matmul"]["size_bytes"]
+    assert grown > len(original) == rows["none"]["size_bytes"] == m.sizes["built_bytes"]
+    assert (m.build["recipe"], m.build["quantization"]) == ("none", "none")
+    assert m.build["requested"] == "default (the smaller of dynamic-matmul and none)"
+    why = (
+        f"none: the default (no --quantize given) kept the original model "
+        f"({len(original):,} bytes): dynamic-matmul made it bigger ({grown:,} bytes)"
+    )
+    assert m.build["selection_reason"] == why
+    assert f"recipe: none ({why})" in out.stdout
+    assert "dynamic-matmul: not kept: bigger than the original model" in out.stdout
+    assert "none: chosen (no gate asked)" in out.stdout
+    assert out.stderr == ""
+
+    doc = json.loads(_cli_build(linear_model, tmp_path / "j.bundle", "--json").stdout)
+    assert (doc["recipe"], doc["reason"]) == ("none", why)
+    assert [(c["recipe"], c["size"]) for c in doc["candidates"]] == [
+        ("dynamic-matmul", grown),
+        ("none", len(original)),
+    ]
+
+
+def test_default_keeps_the_quantized_model_when_it_is_smaller(tmp_path: Path) -> None:
+    model = make_linear_model(tmp_path / "big.onnx", seed=1, in_features=64, out_features=32)
+    out = _cli_build(model, tmp_path / "b.bundle", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    sizes = doc["sizes"]
+    assert doc["recipe"] == doc["build"]["quantization"] == "dynamic-matmul"
+    assert sizes["built_bytes"] < sizes["original_bytes"] == model.stat().st_size
+    assert doc["reason"] == (
+        "dynamic-matmul: the default (no --quantize given), smaller than the original model "
+        f"({sizes['built_bytes']:,} bytes against {sizes['original_bytes']:,} bytes)"
+    )
+    verdicts = {c["recipe"]: c["verdict"] for c in doc["candidates"]}
+    assert verdicts == {
+        "dynamic-matmul": "chosen (no gate asked)",
+        "none": "not kept: dynamic-matmul is smaller",
+    }
+
+
+def test_an_explicit_recipe_is_kept_even_when_bigger_with_a_warning(
+    linear_model: Path, tmp_path: Path
+) -> None:
+    out = _cli_build(linear_model, tmp_path / "b.bundle", "--quantize", "dynamic-matmul")
+    assert out.returncode == 0, out.stderr
+    m = read_bundle(tmp_path / "b.bundle").manifest
+    assert m.build["recipe"] == "dynamic-matmul"
+    assert m.sizes["built_bytes"] > m.sizes["original_bytes"]
+    note = (
+        f"dynamic-matmul made the model bigger ({m.sizes['built_bytes']:,} bytes against "
+        f"{m.sizes['original_bytes']:,} bytes unquantized); without --quantize the build "
+        "keeps the smaller"
+    )
+    assert m.build["selection_reason"] == f"dynamic-matmul: asked for with --quantize; note: {note}"
+    assert note in out.stderr and "WARNING" in out.stderr
 
 
 def test_golden_outputs_reproduce_in_onnx_runtime(linear_model: Path, tmp_path: Path) -> None:

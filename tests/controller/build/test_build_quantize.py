@@ -27,6 +27,7 @@ from controller.build.evaluate import Gate, parse_gate
 from controller.build.prune import prune, shrink, weight_names
 from controller.build.quantize import UnsupportedOpsError
 from tests.controller.conftest import edgectl_cmd
+from tests.helpers import make_linear_model
 
 # Few timed runs, and no latency limit: a 10 µs model's timings are noise.
 FAST: dict[str, Any] = {"latency_runs": 3, "max_latency_ratio": 1000.0}
@@ -167,6 +168,30 @@ def test_gate_refuses_a_bad_recipe_and_builds_nothing(
     assert not out.exists()
 
 
+def test_the_default_gates_the_model_it_keeps(digits: dict[str, Path], tmp_path: Path) -> None:
+    """Without --quantize the smaller model is kept first, then judged by --max-drift: a
+    quantized model that fails the gate is not swapped for the original silently."""
+    out = tmp_path / "b.bundle"
+    strict = BuildOptions(eval_data=digits["eval"], gate=parse_gate("abs=1e-7"), **FAST)
+    with pytest.raises(
+        QualityGateError,
+        match=r"(?s)dynamic-matmul, the smaller kept by the default \(no --quantize given\), "
+        r"fails the quality gate.*dynamic-matmul: fails gate: max abs diff.*none: not kept: dynamic-matmul is "
+        r"smaller.*--fallback fp32",
+    ):
+        build_bundle(digits["mlp"], "digits", "1.0.0", out, options=strict)
+    assert not out.exists()
+    # Pruned, the tiny 4x3 model still grows under int8: the pruned model is kept unquantized.
+    tiny = make_linear_model(tmp_path / "tiny.onnx", seed=1)
+    opts = BuildOptions(prune=0.5, latency_runs=0)
+    m = build_bundle(tiny, "t", "1.0.0", out, options=opts).manifest
+    assert m.build["recipe"] == "none" and m.build["pruning"]["sparsity_reached"] >= 0.5
+    assert m.build["selection_reason"].startswith(
+        "none: the default (no --quantize given) kept the pruned model unquantized"
+    )
+    assert _golden(out)[2] != tiny.read_bytes()
+
+
 def test_fallback_keeps_the_original(digits: dict[str, Path], tmp_path: Path) -> None:
     opts = BuildOptions(
         quantize="auto", eval_data=digits["eval"], prune=0.95, fallback="fp32", **FAST
@@ -284,11 +309,15 @@ def test_operators_the_quantizer_cannot_handle(digits: dict[str, Path], tmp_path
             digits["tree"], "t", "1.0.0", tmp_path / "o.bundle",
             options=BuildOptions(quantize="dynamic", latency_runs=0),
         )  # fmt: skip
-    # The default recipe keeps such a model as is, as it always did.
+    # The default keeps such a model as is, as it always did, and says why.
     result = build_bundle(
         digits["tree"], "t", "1.0.0", tmp_path / "o.bundle", options=BuildOptions(latency_runs=0)
     )
     assert result.manifest.build["quantization"] == "none"
+    assert result.reason.startswith(
+        "none: the default (no --quantize given) kept the original model: dynamic-matmul "
+        "does not apply (--quantize dynamic-matmul quantizes Gemm, MatMul; the model has none"
+    )
     (tmp_path / "custom.onnx").write_bytes(_matmul_model(custom_op=True))
     with pytest.raises(UnsupportedOpsError, match=r"custom domains: com\.example\.Frobnicate"):
         build_bundle(
