@@ -513,10 +513,17 @@ def _an_unknown_fleet_names_the_known_ones(walk: OperatorWalk) -> None:
 
 @_check("views", 11)
 def _no_small_wrongs_in_the_views(walk: OperatorWalk) -> None:
-    """What is on this branch of item 11; the rest (the quantized model bigger than the
-    original, `releases list`'s agreement, library chatter at WARNING) lands with it."""
+    """Item 11: the default build says it is the default; on this tiny model it keeps the
+    original (dynamic-matmul would make it bigger) and says so; `releases list` shows
+    agreement as a percentage; `device show` says "enrolled" once. (Library chatter at
+    WARNING and a clean stop: the end of the walk.)"""
     built = "".join(v for k, v in walk.stdout.items() if k.startswith("run:"))
     assert "digits 1.0.0" in built and "asked for with --quantize" not in built, built
+    assert "the default (no --quantize given) kept the original model" in built, built
+    assert "dynamic-matmul made it bigger" in built, built
+    listed = walk.cli("edgectl", "releases", "list", "--repo", "repo").stdout
+    (row,) = (line for line in listed.splitlines() if line.startswith(WALK_MODEL))
+    assert "100.00%" in row, listed
     assert "enrolled, enrolled" not in walk.stdout["views"]
 
 
