@@ -97,7 +97,10 @@ def test_bad_input_gets_a_clear_error(
         cwd=tmp_path,
     )
     assert out.returncode == code, out.stderr
-    assert out.stderr.startswith("edgectl: error: ") and message in out.stderr
+    progress, _, error = out.stderr.partition("edgectl: error: ")
+    assert error and message in error, out.stderr
+    # Before the error only progress lines (issue 20, item 12).
+    assert all(line.startswith("bundle build: ") for line in progress.splitlines()), out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "out.bundle").exists()
 
