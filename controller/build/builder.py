@@ -286,7 +286,7 @@ def _candidate_phase(recipe: str, number: int, count: int, opts: BuildOptions, s
     what = quantize.SUMMARY.get(recipe, recipe)
     if recipe == "none" and opts.prune is not None:
         what = "pruned, not quantized"
-    which = f"candidate {number}/{count}" if opts.quantize == "auto" else "the model"
+    which = f"candidate {number}/{count}" if count > 1 else "the model"
     text = f"quantizing {which}: {recipe} ({what})"
     return text + (": skipped, no --calibration data" if skip else "")
 

@@ -8,11 +8,13 @@
   one a line with its count (``12/33``) at most every ``PLAIN_COUNT_EVERY_S``.
 - ``--json``: nothing at all (``SILENT``).
 
-stdout is never touched: it carries the command's result only.
+stdout is never touched: it carries the command's result only. While the live display
+runs, whatever else goes to stderr (log lines, warnings) prints above it, whole.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -166,14 +168,27 @@ def progress_display(
         TimeElapsedColumn(),
         console=console,
         redirect_stdout=False,
-        redirect_stderr=False,
+        redirect_stderr=True,  # what is written to stderr meanwhile prints above the display
         expand=True,
     )
     live = _Live(display)
+    terminal = sys.stderr
     with display:
+        # Log lines (warnings) too: a handler holds the stream it was given at set-up.
+        moved = [
+            h
+            for h in logging.getLogger().handlers
+            if type(h) is logging.StreamHandler and h.stream is terminal
+        ]
+        for handler in moved:
+            handler.setStream(sys.stderr)
         try:
-            yield live
-        except BaseException:
-            live.finish(failed=True)
-            raise
-        live.finish()
+            try:
+                yield live
+            except BaseException:
+                live.finish(failed=True)
+                raise
+            live.finish()
+        finally:
+            for handler in moved:
+                handler.setStream(terminal)

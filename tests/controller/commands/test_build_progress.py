@@ -11,16 +11,18 @@ or a pseudo-terminal (the live display).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from controller.commands.progress import _Plain
+from controller.commands.progress import _Plain, progress_display
 from tests.controller.conftest import edgectl_cmd
 from tests.helpers import make_linear_model
 
@@ -158,3 +160,26 @@ def test_plain_lines_count_a_long_step(capsys: pytest.CaptureFixture[str]) -> No
         "bundle build:   profiling the sensitivity of each block (3): 2/3",
         "bundle build: evaluating 2 candidates",
     ]
+
+
+def test_log_lines_print_whole_above_the_live_display(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A warning logged while the display runs (e.g. a recipe that grew the model) prints
+    on its own line above it, not into the middle of a redrawn line."""
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")  # rich: treat stderr as a terminal
+    monkeypatch.setenv("COLUMNS", "100")
+    handler = logging.StreamHandler(sys.stderr)  # as edgectl's logging.basicConfig does
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with progress_display("bundle build") as progress:
+            progress.phase("quantizing the model: fp16 (float16 weights)")
+            logging.getLogger("controller.build.builder").warning("fp16 made the model bigger")
+            progress.phase("writing the bundle b.bundle")
+    finally:
+        root.removeHandler(handler)
+    assert handler.stream is sys.stderr  # given back
+    lines = [line.strip() for line in ESCAPES.sub("", capsys.readouterr().err).splitlines()]
+    assert "fp16 made the model bigger" in lines, lines
+    assert any(line.startswith("✓ writing the bundle b.bundle") for line in lines), lines
