@@ -50,6 +50,7 @@ from agent.contracts import (
 )
 from controller.base.errors import BuildError, UsageError
 from controller.base.fsio import atomic_write
+from controller.base.progress import SILENT, Progress
 from controller.build import evaluate, golden, mixed, quantize
 from controller.build.bundle_file import member_digest, pack_bundle
 from controller.build.evaluate import Candidate, Gate, Samples
@@ -120,14 +121,17 @@ def build_bundle(
     seed: int = 0,
     created_at: datetime | None = None,
     options: BuildOptions | None = None,
+    progress: Progress = SILENT,
 ) -> BuildResult:
     """Build a bundle from ``model_path`` and write it to ``output``.
 
-    Raises UsageError, BuildError or QualityGateError (see the module docstring).
+    ``progress`` hears of each phase and candidate (nothing by default). Raises
+    UsageError, BuildError or QualityGateError (see the module docstring).
     """
     opts = options or BuildOptions()
     _check_request(name, version, golden_cases, model_path, opts)
     _check_writable(output)
+    progress.phase(f"checking the model {model_path}")
     original = model_path.read_bytes()
     model = _load_checked(model_path, original)
     if opts.quantize not in (None, "auto"):
@@ -146,17 +150,22 @@ def build_bundle(
     )
     base_model, base, prune_facts = model, original, None
     if opts.prune is not None:
+        progress.phase(f"pruning to sparsity {opts.prune:g}")
         base_model, prune_facts = prune(model, opts.prune)
         base = base_model.SerializeToString()
+    progress.phase(_reference_phase(samples, calibration))
     feeds = evaluate.batches(specs, samples)
     expected = evaluate.run(reference, feeds)
     gate = opts.gate or (Gate() if opts.quantize == "auto" else None)
     judge_feeds = evaluate.batches(specs, calibration) if calibration else None
     judge = _calibration_judge(reference, judge_feeds, gate)
-    candidates = _candidates(opts, base_model, base, specs, calibration, judge)
-    for c in candidates:
+    candidates = _candidates(opts, base_model, base, specs, calibration, judge, progress)
+    runnable = [c for c in candidates if c.model is not None]
+    progress.phase(_evaluate_phase(len(runnable), samples), total=len(runnable))
+    for c in runnable:
         _measure(c, feeds, expected, samples.labels, gate)
-    latency = _latencies(original, candidates, specs, feeds[0], opts)
+        progress.advance()
+    latency = _latencies(original, candidates, specs, feeds[0], opts, progress)
     chosen, reason = _select(candidates, opts, gate, latency, len(base))
     table = evaluate.format_table(candidates, len(original), latency.get("original", 0.0))
     if chosen is None:
@@ -175,10 +184,12 @@ def build_bundle(
     record = _Record(
         opts, gate, samples, calibration, prune_facts, candidates, chosen, reason, latency
     )
+    progress.phase(f"recording {golden_cases} golden vectors and their tolerance")
     manifest, golden_npz = _manifest(
         original, chosen.model, record, name, version, golden_cases, seed, specs,
         created_at or _created_at(),
     )  # fmt: skip
+    progress.phase(f"writing the bundle {output}")
     data = pack_bundle(manifest.to_json_bytes(), chosen.model, golden_npz)
     try:
         atomic_write(output, data)
@@ -231,6 +242,7 @@ def _candidates(
     specs: tuple[evaluate.InputSpec, ...],
     calibration: Samples | None,
     judge: mixed.Judge | None,
+    progress: Progress = SILENT,
 ) -> list[Candidate]:
     """One candidate per recipe; ``auto`` notes recipes that cannot apply and goes on."""
     auto = opts.quantize == "auto"
@@ -245,13 +257,15 @@ def _candidates(
     calib_feeds = evaluate.batches(specs, calibration, rows=1) if calibration else None
     out: list[Candidate] = []
     with tempfile.TemporaryDirectory(prefix="edgectl-calib-") as workdir:
-        for recipe in recipes:
-            if recipe in quantize.CALIBRATED_RECIPES and calib_feeds is None:
+        for number, recipe in enumerate(recipes, 1):
+            skip = recipe in quantize.CALIBRATED_RECIPES and calib_feeds is None
+            progress.phase(_candidate_phase(recipe, number, len(recipes), opts, skip))
+            if skip:
                 out.append(Candidate(recipe, error="no --calibration data"))
                 continue
             try:
                 built, facts = quantize.apply(
-                    recipe, model, data, calib_feeds, judge, Path(workdir)
+                    recipe, model, data, calib_feeds, judge, Path(workdir), progress
                 )
             except quantize.UnsupportedOpsError as exc:
                 if opts.quantize is not None and not auto:
@@ -265,6 +279,26 @@ def _candidates(
                 continue
             out.append(Candidate(recipe, built, facts))
     return out
+
+
+def _reference_phase(samples: Samples, calibration: Samples | None) -> str:
+    where = "generated" if samples.source == "generated" else "eval"
+    text = f"running the original on {samples.count} {where} samples"
+    return text + (f" and {calibration.count} calibration samples" if calibration else "")
+
+
+def _candidate_phase(recipe: str, number: int, count: int, opts: BuildOptions, skip: bool) -> str:
+    what = quantize.SUMMARY.get(recipe, recipe)
+    if recipe == "none" and opts.prune is not None:
+        what = "pruned, not quantized"
+    which = f"candidate {number}/{count}" if count > 1 else "the model"
+    text = f"quantizing {which}: {recipe} ({what})"
+    return text + (": skipped, no --calibration data" if skip else "")
+
+
+def _evaluate_phase(runnable: int, samples: Samples) -> str:
+    noun = "candidate" if runnable == 1 else "candidates"
+    return f"evaluating {runnable} {noun} against the original on {samples.count} samples"
 
 
 def _calibration_judge(
@@ -314,11 +348,13 @@ def _latencies(
     specs: tuple[evaluate.InputSpec, ...],
     feed: dict[str, Any],
     opts: BuildOptions,
+    progress: Progress = SILENT,
 ) -> dict[str, float]:
     """Median latency (ms) of one batch (one sample, or the model's fixed batch) for the
     original and every candidate, measured side by side; {} when ``latency_runs`` is 0."""
     if opts.latency_runs == 0:
         return {}
+    progress.phase(f"timing latency: {opts.latency_runs} runs of each model, interleaved")
     one = {s.name: feed[s.name][: s.batch or 1] for s in specs}
     threads = opts.latency_threads
     sessions = {"original": evaluate.session(original, threads)}

@@ -26,6 +26,7 @@ import onnx
 from onnx import numpy_helper
 
 from controller.base.errors import BuildError
+from controller.base.progress import SILENT, Progress
 
 # Operators whose weights start a block of the sensitivity search.
 WEIGHTED_OPS: Final = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -98,7 +99,9 @@ def _count(dims: Sequence[int]) -> int:
     return total
 
 
-def search_mixed(static: StaticQuantizer, dst: Path, judge: Judge) -> dict[str, Any]:
+def search_mixed(
+    static: StaticQuantizer, dst: Path, judge: Judge, progress: Progress = SILENT
+) -> dict[str, Any]:
     """``static-mixed``: the fewest float blocks, then the most int8 weights, that make
     ``judge`` pass.
 
@@ -113,10 +116,11 @@ def search_mixed(static: StaticQuantizer, dst: Path, judge: Judge) -> dict[str, 
        the blocks needed, and the bytes shrink; keep as many as still pass.
 
     Raises BuildError when only the all-float model would pass (nothing left to gain).
-    Writes the chosen model to ``dst``.
+    Writes the chosen model to ``dst``; ``progress`` hears of each step.
     """
     facts = static.quantize(dst)
     parts = blocks(static.model)
+    progress.step("judging the all-int8 model on the calibration data")
     search: dict[str, Any] = {
         "criterion": "the quality gate on the calibration data (eval data held out)",
         "blocks": len(parts),
@@ -126,9 +130,11 @@ def search_mixed(static: StaticQuantizer, dst: Path, judge: Judge) -> dict[str, 
         return {**facts, "float_blocks": [], "float_weight_share": 0.0, "search": search}
     trial = dst.with_name("trial.onnx")
     sensitivity = []
+    progress.step(f"profiling the sensitivity of each block ({len(parts)})", total=len(parts))
     for block in parts:
         static.quantize(trial, only=block.nodes)
         sensitivity.append(judge(trial.read_bytes()).error)
+        progress.advance()
     order = sorted(range(len(parts)), key=lambda i: (-sensitivity[i] / max(parts[i].params, 1), i))
 
     def passes(k: int) -> bool:
@@ -137,6 +143,7 @@ def search_mixed(static: StaticQuantizer, dst: Path, judge: Judge) -> dict[str, 
         static.quantize(trial, exclude=kept)
         return judge(trial.read_bytes()).passes
 
+    progress.step("searching for the fewest blocks to keep in float")
     k = _smallest_passing(len(parts) - 1, passes)
     if k is None:
         raise BuildError(
@@ -146,6 +153,7 @@ def search_mixed(static: StaticQuantizer, dst: Path, judge: Judge) -> dict[str, 
     kept_blocks = [parts[i] for i in order[:k]]
     static.quantize(dst, exclude=[n for b in kept_blocks for n in b.nodes])
     mixed = onnx.load(str(dst))
+    progress.step(f"storing the largest weights of the float blocks ({k}) as int8")
     int8_weights = _int8_float_weights(mixed, kept_blocks, judge, search)
     onnx.save(mixed, str(dst))
     total = sum(b.params for b in parts) or 1

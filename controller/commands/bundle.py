@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 def _cmd_bundle_build(args: argparse.Namespace) -> int:
     from controller.build.builder import BuildOptions, build_bundle
     from controller.build.evaluate import parse_gate
+    from controller.commands.progress import progress_display  # rich: only when building
 
     options = BuildOptions(
         quantize=args.quantize,
@@ -27,15 +28,18 @@ def _cmd_bundle_build(args: argparse.Namespace) -> int:
         latency_runs=args.latency_runs,
         max_latency_ratio=args.max_latency_ratio,
     )
-    result = build_bundle(
-        Path(args.model),
-        args.name,
-        args.version,
-        Path(args.output),
-        golden_cases=args.golden_cases,
-        seed=args.seed,
-        options=options,
-    )
+    quiet, verbose = args.json, getattr(args, "verbose", False)
+    with progress_display("bundle build", quiet=quiet, verbose=verbose) as progress:
+        result = build_bundle(
+            Path(args.model),
+            args.name,
+            args.version,
+            Path(args.output),
+            golden_cases=args.golden_cases,
+            seed=args.seed,
+            options=options,
+            progress=progress,
+        )
     m = result.manifest
     if args.json:
         print_json(_build_json(result))
@@ -106,7 +110,9 @@ def add_parser(sub: Subparsers) -> None:
         "data (size, median latency, top-1 agreement, cosine, max abs diff, accuracy "
         "with labels), record golden vectors and pack a bundle. DATA.npz holds one array "
         "per model input (samples on the first axis) and optional integer 'labels'. "
-        "Set SOURCE_DATE_EPOCH and --latency-runs 0 for byte-identical bundles.",
+        "Set SOURCE_DATE_EPOCH and --latency-runs 0 for byte-identical bundles. "
+        "Progress goes to stderr: a live display on a terminal, one line per phase "
+        "otherwise, none with --json.",
         epilog="examples:\n  edgectl bundle build model.onnx --name resnet --version 1.2.0 "
         "-o resnet-1.2.0.bundle\n  edgectl bundle build model.onnx --name resnet --version "
         "1.3.0 -o r.bundle --quantize auto --calibration calib.npz --eval eval.npz "

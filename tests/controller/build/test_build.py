@@ -82,7 +82,7 @@ def test_default_keeps_the_original_when_quantizing_makes_it_bigger(
     assert f"recipe: none ({why})" in out.stdout
     assert "dynamic-matmul: not kept: bigger than the original model" in out.stdout
     assert "none: chosen (no gate asked)" in out.stdout
-    assert out.stderr == ""
+    assert all(line.startswith("bundle build: ") for line in out.stderr.splitlines()), out.stderr
 
     doc = json.loads(_cli_build(linear_model, tmp_path / "j.bundle", "--json").stdout)
     assert (doc["recipe"], doc["reason"]) == ("none", why)
@@ -174,7 +174,10 @@ def test_bad_input_gets_a_clear_error(
         cwd=tmp_path,
     )
     assert out.returncode == code, out.stderr
-    assert out.stderr.startswith("edgectl: error: ") and message in out.stderr
+    progress, _, error = out.stderr.partition("edgectl: error: ")
+    assert error and message in error, out.stderr
+    # Before the error only progress lines (issue 20, item 12).
+    assert all(line.startswith("bundle build: ") for line in progress.splitlines()), out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "out.bundle").exists()
 

@@ -412,7 +412,10 @@ def test_cli_errors_are_clear(
         capture_output=True, text=True,
     )  # fmt: skip
     assert out.returncode == code, out.stderr
-    assert out.stderr.startswith("edgectl: error: ") and message in out.stderr
+    progress, _, error = out.stderr.partition("edgectl: error: ")
+    assert error and message in error, out.stderr
+    # Before the error only progress lines (issue 20, item 12).
+    assert all(line.startswith("bundle build: ") for line in progress.splitlines()), out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "o.bundle").exists()
 
