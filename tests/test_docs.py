@@ -410,8 +410,6 @@ ITEM_PENDING = {
     "why the device does not install yet (waiting for probation, ...)",
     7: "a second `edge-agent run` on a copy of ~/edge-agent: the takeover is logged plainly "
     "and the controller flags the device whose event sequence restarts",
-    12: "`bundle build --quantize auto` shows progress per candidate and phase on stderr, "
-    "nothing extra with --json",
 }
 
 
@@ -503,6 +501,27 @@ def _the_views_show_the_device_and_the_release(walk: OperatorWalk) -> None:
     assert "completed" in shown.lower(), shown
     for text in (WALK_DEVICE, WALK_FLEET, "online", "1.0.0"):
         assert text in shown, f"{text!r} not in\n{shown}"
+
+
+@_check("device-add", 12)
+def _a_build_shows_its_progress_on_stderr(walk: OperatorWalk) -> None:
+    """Item 12: the build the docs show, again: plain progress lines per phase and per
+    candidate on stderr (not a terminal), none of ONNX Runtime's chatter, and with
+    --json nothing but the JSON document."""
+    import json
+
+    build = ("edgectl", "bundle", "build", "model.onnx", "--name", WALK_MODEL, "--version")
+    out = walk.cli(*build, "9.0.0", "-o", "progress.bundle")
+    assert out.returncode == 0, out.stderr
+    for phase in ("checking the model", "quantizing candidate 1/2", "quantizing candidate 2/2",
+                  "evaluating", "writing the bundle"):  # fmt: skip
+        assert f"bundle build: {phase}" in out.stderr, out.stderr
+    assert "bundle build:" not in out.stdout
+    for chatter in ("Collecting tensor data", "Number of tensors"):
+        assert chatter not in out.stdout + out.stderr
+    out = walk.cli(*build, "9.0.1", "-o", "progress-json.bundle", "--json")
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert json.loads(out.stdout)["recipe"] == "none"
 
 
 @_check("views", 6)

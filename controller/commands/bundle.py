@@ -51,7 +51,10 @@ def _cmd_bundle_build(args: argparse.Namespace) -> int:
     pruning = m.build.get("pruning")
     if isinstance(pruning, dict):
         print(f"  pruning: sparsity reached {pruning.get('sparsity_reached')}")
-    print(f"  sizes: {dict(m.sizes)}")
+    print(
+        "  sizes: "
+        + ", ".join(f"{k.removesuffix('_bytes')} {v:,} bytes" for k, v in m.sizes.items())
+    )
     print(
         f"  golden: {m.golden.cases} cases from {m.build.get('golden_source')}, "
         f"rtol {m.golden.rtol:g}, atol {m.golden.atol:g}"
