@@ -68,6 +68,12 @@ from agent.update.fetcher import FallbackFetcher, HttpxFetcher, ResumableFetcher
 from agent.update.journal import Phase, serving_version, should_skip
 from agent.update.lifecycle import ModelLifecycle
 from agent.update.mqtt_fetcher import URL_PREFIX, MqttFetcher, mqtt_url
+from agent.update.waiting import (
+    WaitingBoard,
+    after_check_error,
+    after_install_error,
+    before_install,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +107,10 @@ class UpdateService:
         self._metadata_dir = config.state_dir / "tuf"
         self._staging_dir = config.state_dir / "staging"
         self._fetcher = build_fetcher(config, base)
+        # Why each model is not on the version desired state names, as the last check
+        # left it (``agent.update.waiting``); the models the last desired state named.
+        self.waiting = WaitingBoard()
+        self._desired_models: set[str] = set()
 
     def close(self) -> None:
         self._fetcher.close()
@@ -114,13 +124,21 @@ class UpdateService:
                 return self._check()
             except FetchError as exc:
                 logger.warning("update check failed, will retry: %s", exc)
+                self._check_failed(exc)
                 return CheckResult(error=str(exc))
             except UntrustedInputError as exc:
                 logger.error("update check refused the repository: %s", exc)
+                self._check_failed(exc)
                 return CheckResult(error=str(exc))
             except AgentError as exc:
                 logger.error("update check failed, will retry: %s", exc)
+                self._check_failed(exc)
                 return CheckResult(error=str(exc))
+
+    def _check_failed(self, exc: AgentError) -> None:
+        """Every model the device knows waits on a check that read no desired state."""
+        models = self._desired_models | set(self._lifecycle.model_names())
+        self.waiting.set_all(models, after_check_error(exc))
 
     def _check(self) -> CheckResult:
         # Decisions below start from settled journals, whatever the repository says.
@@ -130,6 +148,8 @@ class UpdateService:
             updater.refresh()
         desired = self._read_desired_state(updater)
         result = CheckResult()
+        self._desired_models = set(desired.models) if desired is not None else set()
+        self.waiting.keep_only(self._desired_models)
         if desired is None:
             return result
         for model, release in sorted(desired.models.items()):
@@ -243,6 +263,7 @@ class UpdateService:
         self, updater: Updater, model: str, release: ModelRelease, result: CheckResult
     ) -> None:
         resolved = resolve_release(release, self._config.device_id)
+        self.waiting.set(model, None)
         if resolved is None:
             return
         version, target = resolved
@@ -252,15 +273,18 @@ class UpdateService:
                 self._lifecycle.roll_back(model, f"desired state went back to {version}")
                 result.installed[model] = version
             elif version != record.version:
-                logger.info(
-                    "%s: %s waits until probation of %s ends", model, version, record.version
+                waits = before_install(
+                    record, version, release.rollout_id, self._lifecycle.probation_left_s(model)
                 )
+                self.waiting.set(model, waits)
+                logger.info("%s: %s %s", model, version, waits.detail if waits else "waits")
             return
         if serving_version(record) == version:
             result.unchanged.append(model)
             return
         skip = should_skip(record, version, release.rollout_id)
         if skip is not None:
+            self.waiting.set(model, before_install(record, version, release.rollout_id))
             logger.debug("%s: not installing: %s", model, skip)
             return
         served = serving_version(record) or "nothing"
@@ -281,12 +305,15 @@ class UpdateService:
                 served,
             )
             result.refused[model] = str(exc)
+            self.waiting.set(model, after_install_error(exc, version))
         except (FetchError, InsufficientSpaceError, StorageError) as exc:
             logger.warning("install of %s put back, will retry: %s", target, exc)
             result.refused[model] = str(exc)
+            self.waiting.set(model, after_install_error(exc, version))
         except AgentError as exc:
             logger.error("refused target %s: %s; still serving %s %s", target, exc, model, served)
             result.refused[model] = str(exc)
+            self.waiting.set(model, after_install_error(exc, version))
         else:
             result.installed[model] = version
 
