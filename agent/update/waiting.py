@@ -86,15 +86,15 @@ def after_install_error(exc: AgentError, version: str) -> Waiting:
         return Waiting("no_space", _cut(detail), version)
     if isinstance(exc, StorageError):
         return Waiting("storage", _cut(detail), version)
-    if isinstance(exc, FetchError):
-        detail = f"download failed, retried on the next check: {detail}"
-        return Waiting("fetch_failed", _cut(detail), version)
-    if isinstance(exc, TamperedDownloadError):
+    if isinstance(exc, TamperedDownloadError):  # a FetchError too: checked first
         return Waiting(
             "refused",
             _cut(f"download failed verification, fetched again on the next check: {detail}"),
             version,
         )
+    if isinstance(exc, FetchError):
+        detail = f"download failed, retried on the next check: {detail}"
+        return Waiting("fetch_failed", _cut(detail), version)
     # The candidate itself: the journal says failed, and it is not retried for this rollout.
     return Waiting(
         "failed",
