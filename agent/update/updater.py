@@ -5,7 +5,9 @@ version: nothing to do; a version that failed here for this rollout: skip until 
 state changes; a version on probation: let probation finish, unless desired state went
 back to the previous release, which rolls back now) and what gets reported. The rules it
 applies live in ``agent.contracts`` (desired-state resolution) and ``agent.update.journal``; the
-install itself, phase by phase, is ``agent.update.lifecycle``'s.
+install itself, phase by phase, is ``agent.update.lifecycle``'s. Wherever it does not install
+the version desired state names (or fails to), it records why in ``waiting``
+(``agent.update.waiting``), which the status message and heartbeats carry.
 
 Invariants:
 - Every check builds a new ``tuf.ngclient.Updater`` (one refresh per Updater). Its
