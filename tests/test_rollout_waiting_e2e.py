@@ -55,7 +55,7 @@ def test_a_device_waiting_for_probation_says_so_in_rollout_and_fleet_status(
         broker=broker.address,
         repo_url=url,
         root=repo / "metadata" / "root.json",
-        poll_interval_s=30,
+        poll_interval_s=2,  # a check every 2 s: the reason's time must stay across checks
     )
     with open(config, "a") as f:
         f.write("[telemetry]\nheartbeat_interval_s = 1.0\n[install]\nprobation_tick_s = 0.25\n")
@@ -82,12 +82,26 @@ def test_a_device_waiting_for_probation_says_so_in_rollout_and_fleet_status(
 
         fleet = edgectl("fleet", "status", "--repo", repo, "--fleet", FLEET).stdout
         assert f"  {FLEET}/{DEVICE} {MODEL}: probation for 2.0.0" in fleet, fleet
-        (device,) = json.loads(
-            edgectl("fleet", "status", "--repo", repo, "--fleet", FLEET, "--json").stdout
+        first = _waiting(repo)
+        assert (first["code"], first["version"]) == ("probation", "2.0.0"), first
+        # A later check gives the same reason with less time left; it waits since the same
+        # moment (the time `rollout status` shows is how long it has waited).
+        later = wait_until(
+            lambda: (w := _waiting(repo))["detail"] != first["detail"] and w,
+            30,
+            "a later check's reason",
         )
-        waiting = device["models"][MODEL]["waiting"]
-        assert (waiting["code"], waiting["version"]) == ("probation", "2.0.0"), device
+        assert (later["code"], later["since"]) == ("probation", first["since"]), later
         assert served_version(client, MODEL) == "1.0.0"  # still waiting, as it said
     finally:
         agent.stop()
         serve.stop()
+
+
+def _waiting(repo: Path) -> dict[str, str]:
+    """The device's waiting reason for the model, as `fleet status --json` shows it."""
+    (device,) = json.loads(
+        edgectl("fleet", "status", "--repo", repo, "--fleet", FLEET, "--json").stdout
+    )
+    waiting: dict[str, str] = device["models"][MODEL]["waiting"]
+    return waiting

@@ -60,6 +60,7 @@ from agent.contracts import (
     ROLLOUT_ROLE,
     DesiredState,
     ModelRelease,
+    Waiting,
     desired_target_path,
     parse_desired_state,
     resolve_release,
@@ -264,31 +265,37 @@ class UpdateService:
     def _apply(
         self, updater: Updater, model: str, release: ModelRelease, result: CheckResult
     ) -> None:
+        # One reason per model and check, set once: a reason that stays keeps its ``since``.
+        self.waiting.set(model, self._apply_one(updater, model, release, result))
+
+    def _apply_one(
+        self, updater: Updater, model: str, release: ModelRelease, result: CheckResult
+    ) -> Waiting | None:
+        """Act on desired state for one model; return why the device does not run the
+        version named for it after this, or None when it does (or is given none)."""
         resolved = resolve_release(release, self._config.device_id)
-        self.waiting.set(model, None)
         if resolved is None:
-            return
+            return None
         version, target = resolved
         record = self._lifecycle.record(model)
         if record.phase is Phase.ACTIVE:
             if version == record.previous:
                 self._lifecycle.roll_back(model, f"desired state went back to {version}")
                 result.installed[model] = version
-            elif version != record.version:
-                waits = before_install(
-                    record, version, release.rollout_id, self._lifecycle.probation_left_s(model)
-                )
-                self.waiting.set(model, waits)
-                logger.info("%s: %s %s", model, version, waits.detail if waits else "waits")
-            return
+                return None
+            waits = before_install(
+                record, version, release.rollout_id, self._lifecycle.probation_left_s(model)
+            )
+            if waits is not None:
+                logger.info("%s: %s %s", model, version, waits.detail)
+            return waits
         if serving_version(record) == version:
             result.unchanged.append(model)
-            return
+            return None
         skip = should_skip(record, version, release.rollout_id)
         if skip is not None:
-            self.waiting.set(model, before_install(record, version, release.rollout_id))
             logger.debug("%s: not installing: %s", model, skip)
-            return
+            return before_install(record, version, release.rollout_id)
         served = serving_version(record) or "nothing"
         try:
             self._lifecycle.install(
@@ -307,17 +314,17 @@ class UpdateService:
                 served,
             )
             result.refused[model] = str(exc)
-            self.waiting.set(model, after_install_error(exc, version))
+            return after_install_error(exc, version)
         except (FetchError, InsufficientSpaceError, StorageError) as exc:
             logger.warning("install of %s put back, will retry: %s", target, exc)
             result.refused[model] = str(exc)
-            self.waiting.set(model, after_install_error(exc, version))
+            return after_install_error(exc, version)
         except AgentError as exc:
             logger.error("refused target %s: %s; still serving %s %s", target, exc, model, served)
             result.refused[model] = str(exc)
-            self.waiting.set(model, after_install_error(exc, version))
-        else:
-            result.installed[model] = version
+            return after_install_error(exc, version)
+        result.installed[model] = version
+        return None
 
     def _download_bundle(self, updater: Updater, model: str, version: str, target: str) -> Path:
         try:
