@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.base.errors import ConfigError
+from agent.contracts import waiting_doc
 from agent.device.cadence import Cadence, run_every
 from agent.device.config import AgentConfig
 from agent.device.liveness import Liveness, Verdict
@@ -190,6 +191,9 @@ class AgentApp:
         self._stop_loop = stop_loop_from_env()
 
     def models_status(self) -> Mapping[str, Mapping[str, Any]]:
+        """Each model served (its version and install state) and each model that waits
+        to install the version desired state names, with why (``waiting``): one not
+        served yet has version None."""
         status: dict[str, dict[str, Any]] = {}
         for name, model in sorted(self.registry.snapshot().items()):
             record = self.store.read_journal(name)
@@ -197,7 +201,15 @@ class AgentApp:
             if record.phase.value in ("failed", "rolled_back"):
                 status[name]["failed_version"] = record.version
                 status[name]["reason"] = record.reason
-        return status
+        for name, waiting in sorted(self.updates.waiting.snapshot().items()):
+            entry = status.get(name)
+            if entry is None:
+                entry = status[name] = {
+                    "version": None,
+                    "state": self.store.read_journal(name).phase.value,
+                }
+            entry["waiting"] = waiting_doc(waiting)
+        return dict(sorted(status.items()))
 
     def request_check(self) -> None:
         """Ask for an update check (event loop thread only)."""

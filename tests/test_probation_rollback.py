@@ -272,9 +272,19 @@ def test_too_little_disk_puts_the_install_back_and_keeps_serving(
         assert (phase, version) == (Phase.IDLE, "1.0.0")  # put back, not failed
         assert "not enough disk space" in reason
         assert device.served() == "1.0.0"
+        # The device says why it waits (issue 20, item 5), and `fleet status` shows it.
+        wait_until(
+            lambda: "dev-1 linear: no_space for 2.0.0" in _fleet_status(device.repo),
+            30,
+            "fleet status to say the device has no room for 2.0.0",
+        )
         # No part left behind (a check still reading desired state may hold one briefly).
         staging = small / "staging"
         wait_until(lambda: not list(staging.glob("*.part")), 30, f"no parts in {staging}")
     finally:
         device.agent.stop()
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def _fleet_status(repo: Path) -> str:
+    return edgectl("fleet", "status", "--repo", repo, "--fleet", FLEET).stdout

@@ -110,12 +110,73 @@ _SYSTEM_INT_RANGE: Final = (-(2**63), 2**64 - 1)
 _LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 
 
+# Why a device does not install the version desired state names for it (``Waiting.code``):
+# docs/rollouts.md says what each means and what the operator can do about it.
+WAITING_CODES: Final = frozenset(
+    {
+        "probation",  # the version serving now is on probation; the next waits for its end
+        "failed",  # this version failed to install here for this rollout: not retried
+        "rolled_back",  # this version was rolled back here for this rollout: not retried
+        "no_space",  # not enough free disk for the bundle and its unpacked copy
+        "storage",  # the device's disk refused a write (full, read-only)
+        "fetch_failed",  # the bundle's download failed (network, repository)
+        "refused",  # the download or its metadata failed verification
+        "check_failed",  # the update check could not read the repository
+        "untrusted",  # the repository's metadata was refused (expired, bad signature, ...)
+    }
+)
+# Characters of a waiting reason's detail kept (the agent cuts longer ones).
+MAX_DETAIL: Final = 1000
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Why a device does not install (yet) the version desired state names for a model.
+
+    ``code``: one of ``WAITING_CODES`` (a newer agent may send others: readers keep them);
+    ``detail``: one line for people; ``version``: the version waited for (None when the
+    device could not read desired state); ``since``: when the device first gave this code
+    for this version (ISO 8601, UTC). Optional in status and heartbeat messages (``waiting``
+    of a model): absent when the device runs what it should, or from an older agent.
+    """
+
+    code: str
+    detail: str
+    version: str | None = None
+    since: str = ""
+
+
+def waiting_doc(waiting: Waiting) -> dict[str, Any]:
+    """The JSON object of a waiting reason, as a model's ``waiting`` field carries it."""
+    return asdict(waiting)
+
+
+def parse_waiting(value: Any, where: str) -> Waiting | None:
+    """The ``waiting`` field of a model (status or heartbeat), or None when absent or not
+    an object with a text ``code``. Raises PayloadError on text no store can hold."""
+    if type(value) is not dict:
+        return None
+    code = value.get("code")
+    if type(code) is not str or not code:
+        return None
+    detail = value.get("detail")
+    since = value.get("since")
+    return Waiting(
+        code=_text(code, f"{where}: waiting.code"),
+        detail=_text(detail, f"{where}: waiting.detail", MAX_DETAIL) if type(detail) is str else "",
+        version=_text_or_none(value, "version", f"{where}: waiting"),
+        since=_text(since, f"{where}: waiting.since") if type(since) is str else "",
+    )
+
+
 @dataclass(frozen=True)
 class ModelFigures:
     """One model in a heartbeat: what serves and how it did since the last heartbeat.
 
     ``requests``/``errors`` count the interval only; latencies are seconds (None without
-    a successful request in the interval).
+    a successful request in the interval). ``waiting``: why the device does not install
+    the version desired state names for it, if it does not (absent from the payload
+    otherwise).
     """
 
     version: str | None
@@ -126,6 +187,14 @@ class ModelFigures:
     p50_s: float | None = None
     p95_s: float | None = None
     p99_s: float | None = None
+    waiting: Waiting | None = None
+
+
+def _model_doc(m: ModelFigures) -> dict[str, Any]:
+    doc = asdict(m)
+    if m.waiting is None:
+        del doc["waiting"]  # as before the field existed
+    return doc
 
 
 @dataclass(frozen=True)
@@ -192,7 +261,7 @@ def telemetry_payload(heartbeat: Heartbeat) -> bytes:
             "agent_version": heartbeat.agent_version,
             "uptime_s": round(heartbeat.uptime_s, 3),
             "system": asdict(heartbeat.system),
-            "models": {name: asdict(m) for name, m in sorted(heartbeat.models.items())},
+            "models": {name: _model_doc(m) for name, m in sorted(heartbeat.models.items())},
             "outbox": {"pending": heartbeat.outbox_pending, "dropped": heartbeat.outbox_dropped},
         }
     )
@@ -348,6 +417,7 @@ def parse_telemetry(raw: bytes) -> Heartbeat:
             p50_s=_number_or_none(entry, "p50_s"),
             p95_s=_number_or_none(entry, "p95_s"),
             p99_s=_number_or_none(entry, "p99_s"),
+            waiting=parse_waiting(entry.get("waiting"), model),
         )
     outbox = doc.get("outbox") if isinstance(doc.get("outbox"), dict) else {}
     assert isinstance(outbox, dict)
@@ -429,10 +499,16 @@ def parse_status(raw: bytes) -> Status:
 def _status_model(entry: dict[str, Any], where: str) -> dict[str, Any]:
     """A model of a status message, its version and state checked as the store keeps
     them (``controller.fleet.records.status_rows``: the version if text, the state as
-    text)."""
+    text), its ``waiting`` reason parsed (a ``Waiting``; dropped when not one)."""
     _text_or_none(entry, "version", where)
     _text(str(entry.get("state", "unknown")), f"{where}: state")
-    return dict(entry)
+    model = dict(entry)
+    waiting = parse_waiting(entry.get("waiting"), where)
+    if waiting is None:
+        model.pop("waiting", None)
+    else:
+        model["waiting"] = waiting
+    return model
 
 
 def parse_device_topic(topic: str) -> tuple[str, str, str]:

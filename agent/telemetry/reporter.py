@@ -41,6 +41,7 @@ from agent.contracts import (
     SystemFigures,
     device_topic,
     event_payload,
+    parse_waiting,
     telemetry_payload,
 )
 from agent.runtime.stats import Outcome, RequestStats, StatsSnapshot
@@ -144,6 +145,7 @@ def build_heartbeat(
             p50_s=figures.p50_s if figures else None,
             p95_s=figures.p95_s if figures else None,
             p99_s=figures.p99_s if figures else None,
+            waiting=parse_waiting(status.get("waiting"), name),
         )
     return Heartbeat(
         device=device,

@@ -131,6 +131,19 @@ class ModelLifecycle:
     def record(self, model: str) -> JournalRecord:
         return self._store.read_journal(model)
 
+    def model_names(self) -> list[str]:
+        """The models with a journal on this device."""
+        return self._store.model_names()
+
+    def probation_left_s(self, model: str) -> float | None:
+        """How long the probation of ``model``'s active version has still to run, on the
+        monotonic clock; None when none runs in this process (the next tick starts it)."""
+        record = self._store.read_journal(model)
+        clock = self._probation.get(model)
+        if record.phase is not Phase.ACTIVE or clock is None or clock.version != record.version:
+            return None
+        return record.probation.duration_s - clock.elapsed_s(self._monotonic())
+
     def _persist(self, record: JournalRecord) -> JournalRecord:
         """Write ``record`` (raises StorageError when the disk refuses), then report it."""
         self._store.write_journal(record)

@@ -5,7 +5,9 @@ version: nothing to do; a version that failed here for this rollout: skip until 
 state changes; a version on probation: let probation finish, unless desired state went
 back to the previous release, which rolls back now) and what gets reported. The rules it
 applies live in ``agent.contracts`` (desired-state resolution) and ``agent.update.journal``; the
-install itself, phase by phase, is ``agent.update.lifecycle``'s.
+install itself, phase by phase, is ``agent.update.lifecycle``'s. Wherever it does not install
+the version desired state names (or fails to), it records why in ``waiting``
+(``agent.update.waiting``), which the status message and heartbeats carry.
 
 Invariants:
 - Every check builds a new ``tuf.ngclient.Updater`` (one refresh per Updater). Its
@@ -58,6 +60,7 @@ from agent.contracts import (
     ROLLOUT_ROLE,
     DesiredState,
     ModelRelease,
+    Waiting,
     desired_target_path,
     parse_desired_state,
     resolve_release,
@@ -68,6 +71,12 @@ from agent.update.fetcher import FallbackFetcher, HttpxFetcher, ResumableFetcher
 from agent.update.journal import Phase, serving_version, should_skip
 from agent.update.lifecycle import ModelLifecycle
 from agent.update.mqtt_fetcher import URL_PREFIX, MqttFetcher, mqtt_url
+from agent.update.waiting import (
+    WaitingBoard,
+    after_check_error,
+    after_install_error,
+    before_install,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +110,10 @@ class UpdateService:
         self._metadata_dir = config.state_dir / "tuf"
         self._staging_dir = config.state_dir / "staging"
         self._fetcher = build_fetcher(config, base)
+        # Why each model is not on the version desired state names, as the last check
+        # left it (``agent.update.waiting``); the models the last desired state named.
+        self.waiting = WaitingBoard()
+        self._desired_models: set[str] = set()
 
     def close(self) -> None:
         self._fetcher.close()
@@ -114,13 +127,21 @@ class UpdateService:
                 return self._check()
             except FetchError as exc:
                 logger.warning("update check failed, will retry: %s", exc)
+                self._check_failed(exc)
                 return CheckResult(error=str(exc))
             except UntrustedInputError as exc:
                 logger.error("update check refused the repository: %s", exc)
+                self._check_failed(exc)
                 return CheckResult(error=str(exc))
             except AgentError as exc:
                 logger.error("update check failed, will retry: %s", exc)
+                self._check_failed(exc)
                 return CheckResult(error=str(exc))
+
+    def _check_failed(self, exc: AgentError) -> None:
+        """Every model the device knows waits on a check that read no desired state."""
+        models = self._desired_models | set(self._lifecycle.model_names())
+        self.waiting.set_all(models, after_check_error(exc))
 
     def _check(self) -> CheckResult:
         # Decisions below start from settled journals, whatever the repository says.
@@ -130,6 +151,8 @@ class UpdateService:
             updater.refresh()
         desired = self._read_desired_state(updater)
         result = CheckResult()
+        self._desired_models = set(desired.models) if desired is not None else set()
+        self.waiting.keep_only(self._desired_models)
         if desired is None:
             return result
         for model, release in sorted(desired.models.items()):
@@ -242,27 +265,37 @@ class UpdateService:
     def _apply(
         self, updater: Updater, model: str, release: ModelRelease, result: CheckResult
     ) -> None:
+        # One reason per model and check, set once: a reason that stays keeps its ``since``.
+        self.waiting.set(model, self._apply_one(updater, model, release, result))
+
+    def _apply_one(
+        self, updater: Updater, model: str, release: ModelRelease, result: CheckResult
+    ) -> Waiting | None:
+        """Act on desired state for one model; return why the device does not run the
+        version named for it after this, or None when it does (or is given none)."""
         resolved = resolve_release(release, self._config.device_id)
         if resolved is None:
-            return
+            return None
         version, target = resolved
         record = self._lifecycle.record(model)
         if record.phase is Phase.ACTIVE:
             if version == record.previous:
                 self._lifecycle.roll_back(model, f"desired state went back to {version}")
                 result.installed[model] = version
-            elif version != record.version:
-                logger.info(
-                    "%s: %s waits until probation of %s ends", model, version, record.version
-                )
-            return
+                return None
+            waits = before_install(
+                record, version, release.rollout_id, self._lifecycle.probation_left_s(model)
+            )
+            if waits is not None:
+                logger.info("%s: %s %s", model, version, waits.detail)
+            return waits
         if serving_version(record) == version:
             result.unchanged.append(model)
-            return
+            return None
         skip = should_skip(record, version, release.rollout_id)
         if skip is not None:
             logger.debug("%s: not installing: %s", model, skip)
-            return
+            return before_install(record, version, release.rollout_id)
         served = serving_version(record) or "nothing"
         try:
             self._lifecycle.install(
@@ -281,14 +314,17 @@ class UpdateService:
                 served,
             )
             result.refused[model] = str(exc)
+            return after_install_error(exc, version)
         except (FetchError, InsufficientSpaceError, StorageError) as exc:
             logger.warning("install of %s put back, will retry: %s", target, exc)
             result.refused[model] = str(exc)
+            return after_install_error(exc, version)
         except AgentError as exc:
             logger.error("refused target %s: %s; still serving %s %s", target, exc, model, served)
             result.refused[model] = str(exc)
-        else:
-            result.installed[model] = version
+            return after_install_error(exc, version)
+        result.installed[model] = version
+        return None
 
     def _download_bundle(self, updater: Updater, model: str, version: str, target: str) -> Path:
         try:

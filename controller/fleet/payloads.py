@@ -45,8 +45,9 @@ from agent.contracts import (
     parse_event,
     parse_status,
     parse_telemetry,
+    parse_waiting,
 )
-from controller.fleet.records import HeartbeatFacts, IngestBatch, ModelFacts
+from controller.fleet.records import HeartbeatFacts, IngestBatch, ModelFacts, waiting_json
 from controller.fleet.roster import IMPLAUSIBLE, RefusedMessage, Roster
 
 Message = Heartbeat | Event | Status
@@ -136,6 +137,7 @@ def parse_heartbeat(fleet: str, device: str, raw: bytes) -> HeartbeatFacts:
         tuple(_model(name, entry) for name, entry in sorted(models.items())),
         _text(at, "at"),
         _count(doc.get("seq"), "seq", MAX_SEQ),
+        _waiting(models),
     )
 
 
@@ -166,6 +168,19 @@ def _model(name: str, entry: Any) -> ModelFacts:
         _count(entry.get("client_errors"), "client_errors"),
         float(p99) if type(p99) in (int, float) else None,
     )
+
+
+def _waiting(models: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """(model, JSON) of the models that carry a waiting reason (``HeartbeatFacts.waiting``).
+    Rare (a device that waits): the contract's parser, so both paths agree."""
+    found = []
+    for name, entry in sorted(models.items()):
+        value = entry.get("waiting") if type(entry) is dict else None
+        if value is not None:
+            text = waiting_json(parse_waiting(value, f"telemetry: models[{name!r}]"))
+            if text is not None:
+                found.append((name, text))
+    return tuple(found)
 
 
 def _count(value: Any, what: str, limit: int = MAX_COUNT) -> int:

@@ -27,11 +27,37 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from agent.contracts import Event, Heartbeat, Status, telemetry_payload
+from agent.contracts import Event, Heartbeat, Status, Waiting, telemetry_payload, waiting_doc
 
 # One model of a heartbeat as the store keeps it:
 # (name, version, state, requests, errors, client_errors, p99_s).
 ModelFacts = tuple[str, str | None, str, int, int, int, float | None]
+
+
+def waiting_json(waiting: Waiting | None) -> str | None:
+    """How the store keeps a model's waiting reason: compact JSON, keys sorted."""
+    if waiting is None:
+        return None
+    return orjson.dumps(waiting_doc(waiting), option=orjson.OPT_SORT_KEYS).decode()
+
+
+def waiting_from_json(text: str | None) -> Waiting | None:
+    """A stored waiting reason back (None for none, or for text that is not one)."""
+    if not text:
+        return None
+    try:
+        doc = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("code"), str):
+        return None
+    version = doc.get("version")
+    return Waiting(
+        code=doc["code"],
+        detail=str(doc.get("detail") or ""),
+        version=version if isinstance(version, str) else None,
+        since=str(doc.get("since") or ""),
+    )
 
 
 class HeartbeatFacts(NamedTuple):
@@ -53,6 +79,9 @@ class HeartbeatFacts(NamedTuple):
     models: tuple[ModelFacts, ...]  # sorted by name
     at: str | None = None
     seq: int = 0
+    # (model, the JSON of its ``Waiting``) of the models that wait (``waiting_json``): why
+    # the device does not install the version desired state names for them.
+    waiting: tuple[tuple[str, str], ...] = ()
 
     @property
     def identity(self) -> tuple[str, int] | None:
@@ -76,6 +105,11 @@ def heartbeat_facts(beat: Heartbeat) -> HeartbeatFacts:
         ),
         beat.at,
         beat.seq,
+        tuple(
+            (name, text)
+            for name, m in sorted(beat.models.items())
+            if (text := waiting_json(m.waiting)) is not None
+        ),
     )
 
 
@@ -119,6 +153,8 @@ class ModelRow:
     client_errors: int
     p99_s: float | None
     updated_at: float
+    # Why the device does not install the version desired state names (None: it does).
+    waiting: Waiting | None = None
 
 
 @dataclass(frozen=True)
@@ -212,7 +248,11 @@ def heartbeat_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
                 facts.outbox_dropped,
             )
         )
-        models += [(fleet, device, *model, received, received) for model in facts.models]
+        waits = dict(facts.waiting)
+        models += [
+            (fleet, device, *model, waits.get(model[0]), received, received)
+            for model in facts.models
+        ]
     # In key order, as the other rows: two workers given the same redelivered heartbeats
     # then wait for each other on the unique key instead of deadlocking.
     history.sort(key=lambda row: (row[0], row[1], row[4] or "", row[5] or 0))
@@ -235,6 +275,7 @@ def status_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
         # The will and a clean goodbye may carry the versions too; an empty map says nothing.
         for name, entry in sorted(status.models.items()):
             version = entry.get("version")
+            waiting = entry.get("waiting")
             models.append(
                 (
                     fleet,
@@ -242,6 +283,7 @@ def status_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
                     name,
                     version if isinstance(version, str) else None,
                     str(entry.get("state", "unknown")),
+                    waiting_json(waiting if isinstance(waiting, Waiting) else None),
                     received,
                 )
             )

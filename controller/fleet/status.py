@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
+from agent.contracts import Waiting, waiting_doc
 from controller.fleet.records import DeviceRow, EventRow, HeartbeatRow, ModelRow
 
 HEALTH_STATES: Final = ("online", "stale", "offline")
@@ -96,10 +97,43 @@ def device_json(
                 "errors": m.errors,
                 "error_rate": error_rate(m.requests, m.errors, m.client_errors),
                 "p99_s": m.p99_s,
+                "waiting": waiting_doc(m.waiting) if m.waiting else None,
             }
             for m in row.models
         },
     }
+
+
+def _since(since: str, now: float) -> str:
+    """How long ago the ISO 8601 time ``since`` was ("" when it is not one)."""
+    try:
+        at = datetime.fromisoformat(since.replace("Z", "+00:00"))
+    except ValueError:
+        return ""
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return _ago(max(now - at.timestamp(), 0.0)).removesuffix(" ago")
+
+
+def waiting_line(waiting: Waiting, now: float) -> str:
+    """A waiting reason in one line: ``probation for 2.0.0, 30s: waits until ...``."""
+    head = waiting.code + (f" for {waiting.version}" if waiting.version else "")
+    lasted = _since(waiting.since, now)
+    return f"{head}{f', {lasted}' if lasted else ''}: {waiting.detail}"
+
+
+def render_waiting(rows: Sequence[DeviceRow], now: float, model: str | None = None) -> str:
+    """The notes under the ``fleet status`` table: each (device, model) that does not
+    install the version desired state names, and why ("" when none)."""
+    lines = [
+        f"  {row.fleet}/{row.device} {m.model}: {waiting_line(m.waiting, now)}"
+        for row in rows
+        for m in row.models
+        if m.waiting is not None and (model is None or m.model == model)
+    ]
+    return (
+        "\n".join(['waiting (see docs/rollouts.md, "Waiting devices"):', *lines]) if lines else ""
+    )
 
 
 def _iso(epoch: float | None) -> str | None:
@@ -157,7 +191,12 @@ def render_fleet_table(
     summary = ", ".join(f"{counts[s]} {s}" for s in HEALTH_STATES)
     marked = Counter(m for r in rows for m in device_marks(r, now, revoked))
     summary += "".join(f"; {n} {m}" for m, n in sorted(marked.items()))
-    return _table(header, lines) + f"\n\n{len(rows)} device(s): {summary}"
+    waiting = render_waiting(rows, now, model)
+    return (
+        _table(header, lines)
+        + f"\n\n{len(rows)} device(s): {summary}"
+        + (f"\n\n{waiting}" if waiting else "")
+    )
 
 
 def render_device(
@@ -191,6 +230,8 @@ def render_device(
                 + (f" ({rate * 100:.1f}%)" if rate is not None else "")
                 + (f", p99 {m.p99_s * 1000:.2f} ms" if m.p99_s is not None else "")
             )
+            if m.waiting is not None:
+                out.append(f"    waiting: {waiting_line(m.waiting, now)}")
     if beats:
         out.append("")
         out.append(

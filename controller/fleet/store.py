@@ -50,6 +50,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Final
 
+from agent.contracts import Waiting
 from controller.base.errors import ControllerError
 from controller.fleet.records import (
     DeviceRow,
@@ -62,6 +63,7 @@ from controller.fleet.records import (
     event_rows,
     heartbeat_rows,
     status_rows,
+    waiting_from_json,
 )
 
 
@@ -91,7 +93,7 @@ DDL: Final = (
         version TEXT, state TEXT NOT NULL,
         requests INTEGER NOT NULL DEFAULT 0, errors INTEGER NOT NULL DEFAULT 0,
         client_errors INTEGER NOT NULL DEFAULT 0, p99_s DOUBLE PRECISION,
-        updated_at DOUBLE PRECISION NOT NULL, figures_at DOUBLE PRECISION,
+        updated_at DOUBLE PRECISION NOT NULL, figures_at DOUBLE PRECISION, waiting TEXT,
         PRIMARY KEY (fleet, device, model))""",
     """CREATE TABLE IF NOT EXISTS heartbeats (
         id {serial}, fleet TEXT NOT NULL, device TEXT NOT NULL,
@@ -137,6 +139,8 @@ MIGRATIONS: Final = (
     ("events", "rollout_id", "TEXT"),
     ("devices", "identity_conflict", "TEXT"),
     ("devices", "identity_conflict_at", "DOUBLE PRECISION"),
+    # Why the device does not install the version desired state names (JSON, or NULL).
+    ("device_models", "waiting", "TEXT"),
 )
 
 _HEARTBEAT_INSERT: Final = """
@@ -154,28 +158,33 @@ ON CONFLICT (fleet, device) DO UPDATE SET
     outbox_pending = excluded.outbox_pending, outbox_dropped = excluded.outbox_dropped
 WHERE devices.last_heartbeat IS NULL OR devices.last_heartbeat <= excluded.last_heartbeat
 """
-# Version and state follow the newest of heartbeat and status; figures follow heartbeats.
+# Version, state and waiting reason follow the newest of heartbeat and status; figures
+# follow heartbeats.
 _MODEL_UPSERT: Final = """
 INSERT INTO device_models (fleet, device, model, version, state, requests, errors,
-                           client_errors, p99_s, updated_at, figures_at)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                           client_errors, p99_s, waiting, updated_at, figures_at)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (fleet, device, model) DO UPDATE SET
     version = CASE WHEN device_models.updated_at <= excluded.updated_at
                    THEN excluded.version ELSE device_models.version END,
     state = CASE WHEN device_models.updated_at <= excluded.updated_at
                  THEN excluded.state ELSE device_models.state END,
+    waiting = CASE WHEN device_models.updated_at <= excluded.updated_at
+                   THEN excluded.waiting ELSE device_models.waiting END,
     updated_at = {greatest}(device_models.updated_at, excluded.updated_at),
     requests = excluded.requests, errors = excluded.errors,
     client_errors = excluded.client_errors, p99_s = excluded.p99_s,
     figures_at = excluded.figures_at
 WHERE device_models.figures_at IS NULL OR device_models.figures_at <= excluded.figures_at
 """
-# A status changes the model's version and state only: figures come from heartbeats.
+# A status changes the model's version, state and waiting reason only: figures come from
+# heartbeats.
 _MODEL_FROM_STATUS: Final = """
-INSERT INTO device_models (fleet, device, model, version, state, updated_at)
-VALUES (?, ?, ?, ?, ?, ?)
+INSERT INTO device_models (fleet, device, model, version, state, waiting, updated_at)
+VALUES (?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (fleet, device, model) DO UPDATE SET
-    version = excluded.version, state = excluded.state, updated_at = excluded.updated_at
+    version = excluded.version, state = excluded.state, waiting = excluded.waiting,
+    updated_at = excluded.updated_at
 WHERE device_models.updated_at <= excluded.updated_at
 """
 _DEVICE_FROM_STATUS: Final = """
@@ -431,7 +440,7 @@ class TelemetryStore(ABC):
             cur.execute(
                 self._sql(
                     "SELECT fleet, device, model, version, state, requests, errors, "
-                    "client_errors, p99_s, updated_at FROM device_models"
+                    "client_errors, p99_s, updated_at, waiting FROM device_models"
                     + (" WHERE " + " AND ".join(model_where) if model_where else "")
                     + " ORDER BY fleet, device, model"
                 ),
@@ -439,8 +448,20 @@ class TelemetryStore(ABC):
             )
             model_rows = cur.fetchall()
         by_device: dict[tuple[str, str], list[ModelRow]] = {}
-        for f, d, *rest in model_rows:
-            by_device.setdefault((f, d), []).append(ModelRow(*rest))
+        for f, d, name, version, state, requests, errors, client_errors, p99, at, why in model_rows:
+            by_device.setdefault((f, d), []).append(
+                ModelRow(
+                    name,
+                    version,
+                    state,
+                    requests,
+                    errors,
+                    client_errors,
+                    p99,
+                    at,
+                    waiting_from_json(why),
+                )
+            )
         return [
             DeviceRow(
                 fleet=r[0],
@@ -597,6 +618,19 @@ class TelemetryStore(ABC):
         with self._read() as cur:
             cur.execute(self._sql(query), [model, version, fleet])
             return [(str(device), bool(runs)) for device, runs in cur.fetchall()]
+
+    def waiting(self, fleet: str, model: str) -> dict[str, Waiting]:
+        """The devices of ``fleet`` whose stored ``model`` says why it waits (its
+        ``waiting`` reason), by device id; the others are not in it."""
+        query = """
+            SELECT m.device, m.waiting FROM device_models m
+            JOIN devices d ON d.fleet = m.fleet AND d.device = m.device
+            WHERE m.fleet = ? AND m.model = ? AND m.waiting IS NOT NULL ORDER BY m.device"""
+        with self._read() as cur:
+            cur.execute(self._sql(query), [fleet, model])
+            rows = cur.fetchall()
+        found = {str(device): waiting_from_json(text) for device, text in rows}
+        return {device: w for device, w in found.items() if w is not None}
 
     def event_counts(self) -> list[tuple[str, str, int]]:
         """(fleet, kind, count) of the events ever stored (pruning does not lower them),

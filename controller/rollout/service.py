@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -52,6 +53,7 @@ from agent.contracts import (
     InvalidNameError,
     ModelRelease,
     ProbationPolicy,
+    Waiting,
     bundle_target_path,
     check_name,
     check_version,
@@ -106,6 +108,8 @@ ACTIONS: Final = ("pause", "resume", "promote", "abort")
 JOB_ID: Final = "rollouts"
 # Seconds of heartbeats read again on every tick, for those stored after the last read.
 WINDOW_OVERLAP_S: Final = 30.0
+# Devices ``rollout status`` names with their waiting reason (the counts cover them all).
+MAX_WAITING_SHOWN: Final = 10
 
 
 @dataclass(frozen=True)
@@ -520,16 +524,35 @@ class RolloutService:
 
     def fleet_counts(self, r: Rollout) -> dict[str, Any]:
         """Devices the store knows in the fleet, those the stage gives the new version,
-        and those that run it now (for ``rollout status``)."""
+        those that run it now, and why those given it and not running it wait (for
+        ``rollout status``): ``waiting`` counts them by reason code, ``waiting_devices``
+        names the first ``MAX_WAITING_SHOWN`` (longest waiting first)."""
         release = desired_release(r)
         known = expected = on_new = 0
+        waits = self.store.waiting(r.fleet, r.model)
+        waiting: list[tuple[str, Waiting]] = []
         for device, runs_new in self.store.devices_running(r.fleet, r.model, r.version):
             known += 1
             resolved = resolve_release(release, device)
             if resolved is not None and resolved[0] == r.version:
                 expected += 1
+                why = waits.get(device)
+                # A reason about another version is older than this rollout (the device
+                # has not checked since it started): it says nothing about this one.
+                if not runs_new and why is not None and why.version in (r.version, None):
+                    waiting.append((device, why))
             on_new += runs_new
-        return {"devices_known": known, "expected": expected, "on_new": on_new}
+        waiting.sort(key=lambda item: (item[1].since or "~", item[0]))
+        return {
+            "devices_known": known,
+            "expected": expected,
+            "on_new": on_new,
+            "waiting": dict(sorted(Counter(w.code for _d, w in waiting).items())),
+            "waiting_devices": [
+                {"device": device, "code": w.code, "detail": w.detail, "since": w.since}
+                for device, w in waiting[:MAX_WAITING_SHOWN]
+            ],
+        }
 
 
 def _sample(device: str, at: float, payload: dict[str, Any], model: str) -> Sample | None:

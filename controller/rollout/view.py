@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, Final
 
+from agent.contracts import Waiting
+from controller.fleet.status import waiting_line
 from controller.repository.history import is_going_back
 from controller.rollout.stages import Rollout, RolloutState
 
@@ -70,7 +72,36 @@ def _stage_line(r: Rollout, index: int, now: float) -> str:
         state = r.state.value
     devices = f"{on_new}/{expected} devices" if expected else "devices: no report yet"
     figures = _figures(rep)
+    waiting = rep.get("waiting")
+    if isinstance(waiting, Mapping) and waiting:
+        counts = ", ".join(f"{n} {code}" for code, n in sorted(waiting.items()))
+        figures = (f"{figures}; " if figures else "") + f"waiting: {counts}"
     return label + _bar(fraction) + f"  {state}, {devices}" + (f"; {figures}" if figures else "")
+
+
+def _waiting_lines(r: Rollout, now: float) -> list[str]:
+    """Of the current stage, the devices given the new version that wait, and why."""
+    listed = r.last_report.get("waiting_devices")
+    if r.state not in (RolloutState.RUNNING, RolloutState.PAUSED) or not isinstance(listed, list):
+        return []
+    lines = []
+    for entry in listed:
+        if not isinstance(entry, Mapping):
+            continue
+        waiting = Waiting(
+            code=str(entry.get("code", "")),
+            detail=str(entry.get("detail", "")),
+            version=r.version,
+            since=str(entry.get("since", "")),
+        )
+        lines.append(f"    {entry.get('device', '?')} waits: {waiting_line(waiting, now)}")
+    counts = r.last_report.get("waiting")
+    total = sum(counts.values()) if isinstance(counts, Mapping) else len(lines)
+    if total > len(lines):
+        lines.append(
+            f"    ... and {total - len(lines)} more (edgectl fleet status --fleet {r.fleet})"
+        )
+    return lines
 
 
 def render_rollout(r: Rollout, now: float) -> str:
@@ -85,6 +116,7 @@ def render_rollout(r: Rollout, now: float) -> str:
         + (f"; canaries {', '.join(r.canaries)}" if r.canaries else ""),
     ]
     lines += [_stage_line(r, i, now) for i in range(len(r.stages))]
+    lines += _waiting_lines(r, now)
     if r.halt is not None:
         lines.append(f"  halted ({r.halt.kind}) {_duration(now - r.halt.at)} ago: {r.halt.reason}")
     if r.is_active and not r.published:

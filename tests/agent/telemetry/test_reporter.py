@@ -14,6 +14,7 @@ from agent.contracts import (
     EVENT_KIND_BY_PHASE,
     PayloadError,
     SystemFigures,
+    Waiting,
     event_payload,
     parse_event,
     parse_status,
@@ -75,6 +76,32 @@ def test_a_heartbeat_reports_the_version_serving_with_its_interval_figures() -> 
     assert beat.models["idle"].version is None and beat.models["idle"].requests == 0
     parsed = parse_telemetry(telemetry_payload(beat))
     assert parsed == beat
+
+
+def test_a_heartbeat_carries_why_a_model_waits() -> None:
+    """The models' status (``AgentApp.models_status``) holds the update check's reasons:
+    the heartbeat carries them, a model not served yet too."""
+    waits = {"code": "no_space", "detail": "need 10 bytes, have 1", "version": "1.0.0",
+             "since": "2026-01-01T00:00:00Z"}  # fmt: skip
+    beat = build_heartbeat(
+        device="d1",
+        fleet="lab",
+        at="2026-01-01T00:00:00Z",
+        seq=1,
+        interval_s=10.0,
+        uptime_s=1.0,
+        system=SystemFigures(),
+        models_status={
+            "m": {"version": "2.0.0", "state": "committed"},
+            "new": {"version": None, "state": "idle", "waiting": waits},
+        },
+        interval={},
+    )
+    assert beat.models["m"].waiting is None
+    assert beat.models["new"].waiting == Waiting(**waits)
+    doc = json.loads(telemetry_payload(beat))
+    assert "waiting" not in doc["models"]["m"] and doc["models"]["new"]["waiting"] == waits
+    assert parse_telemetry(telemetry_payload(beat)) == beat
 
 
 def test_every_phase_becomes_an_event_with_its_reason() -> None:

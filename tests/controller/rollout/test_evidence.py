@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from agent.contracts import Event, ProbationPolicy, resolve_release
-from controller.fleet.records import EventRow, HeartbeatFacts, IngestBatch
+from agent.contracts import Event, ProbationPolicy, Waiting, resolve_release
+from controller.fleet.records import EventRow, HeartbeatFacts, IngestBatch, waiting_json
 from controller.fleet.store import TelemetryStore
 from controller.rollout.gates import (
     FAILURE_KINDS,
@@ -30,6 +32,7 @@ from controller.rollout.gates import (
     parse_gates,
 )
 from controller.rollout.service import (
+    MAX_WAITING_SHOWN,
     WINDOW_OVERLAP_S,
     RolloutService,
     RolloutSettings,
@@ -210,16 +213,33 @@ def test_later_ticks_read_only_the_newest_and_still_agree(store: TelemetryStore)
     assert stored == len(beats) and len(reference.window) > 50
 
 
-def _reference_counts(store: TelemetryStore, r: Rollout) -> dict[str, int]:
-    """``fleet_counts`` as it was: every device row of the fleet loaded."""
+def _reference_counts(store: TelemetryStore, r: Rollout) -> dict[str, Any]:
+    """``fleet_counts`` as it was: every device row of the fleet loaded; with the waiting
+    reasons of the devices given the new version that do not run it."""
     release = desired_release(r)
     known = expected = on_new = 0
+    waiting = []
     for row in store.devices(fleet=r.fleet):
         known += 1
         resolved = resolve_release(release, row.device)
-        expected += resolved is not None and resolved[0] == r.version
-        on_new += any(m.model == r.model and m.version == r.version for m in row.models)
-    return {"devices_known": known, "expected": expected, "on_new": on_new}
+        given = resolved is not None and resolved[0] == r.version
+        expected += given
+        runs = any(m.model == r.model and m.version == r.version for m in row.models)
+        on_new += runs
+        why = next((m.waiting for m in row.models if m.model == r.model), None)
+        if given and not runs and why is not None and why.version in (r.version, None):
+            waiting.append((why.since or "~", row.device, why))
+    waiting.sort(key=lambda item: item[:2])
+    return {
+        "devices_known": known,
+        "expected": expected,
+        "on_new": on_new,
+        "waiting": dict(sorted(Counter(w.code for _s, _d, w in waiting).items())),
+        "waiting_devices": [
+            {"device": d, "code": w.code, "detail": w.detail, "since": w.since}
+            for _s, d, w in waiting[:MAX_WAITING_SHOWN]
+        ],
+    }
 
 
 def test_fleet_counts_equal_those_of_the_device_rows(store: TelemetryStore) -> None:
@@ -231,12 +251,23 @@ def test_fleet_counts_equal_those_of_the_device_rows(store: TelemetryStore) -> N
             (name, rng.choice(("1.0.0", "2.0.0", None)), "committed", 1, 0, 0, None)
             for name in sorted(rng.sample((MODEL, "other"), rng.randrange(3)))
         )
-        facts = HeartbeatFacts(fleet, f"dev-{i % 250:03d}", "t", 10.0, {}, 0, 0, models)
+        # Some wait, for this rollout's version, another, or one they could not read.
+        waits = []
+        for name, *_ in models:
+            code = rng.choice(("probation", "no_space", None, None))
+            if code is not None:
+                version = rng.choice(("2.0.0", "1.5.0", None))
+                since = f"2026-01-01T00:{i % 60:02d}:00Z"
+                waits.append((name, waiting_json(Waiting(code, "d", version, since)) or ""))
+        facts = HeartbeatFacts(
+            fleet, f"dev-{i % 250:03d}", "t", 10.0, {}, 0, 0, models, waiting=tuple(waits)
+        )
         batch.heartbeat_facts.append((facts, T0 + i, "{}"))
     store.write(batch)
     r = replace(_rollout(T0), stages=(40.0, 100.0), canaries=("dev-001", "dev-002"))
     want = _reference_counts(store, r)
     assert want["on_new"] > 10 and 0 < want["expected"] < want["devices_known"]
+    assert sum(want["waiting"].values()) > 1
     assert RolloutService(Path("unused"), store, SETTINGS).fleet_counts(r) == want
 
 
