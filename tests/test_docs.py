@@ -406,8 +406,6 @@ def _check(after: str, item: int | None) -> Callable[[WalkCheck], WalkCheck]:
 ITEM_PENDING = {
     3: "after `reload-broker` the revoked agent's reconnections are refused: its log names "
     "each failed attempt's cause (rate-limited) and its local status shows it",
-    5: "between `rollout` and the canary's install, `rollout status` and `fleet status` show "
-    "why the device does not install yet (waiting for probation, ...)",
     7: "a second `edge-agent run` on a copy of ~/edge-agent: the takeover is logged plainly "
     "and the controller flags the device whose event sequence restarts",
 }
@@ -546,6 +544,34 @@ def _no_small_wrongs_in_the_views(walk: OperatorWalk) -> None:
     assert "enrolled, enrolled" not in walk.stdout["views"]
 
 
+@_check("views", 5)
+def _a_waiting_device_says_why(walk: OperatorWalk) -> None:
+    """Item 5: the device has just installed 1.0.0 and is on its probation (60 s by
+    default) when the operator starts the next version: `rollout status` and `fleet
+    status` say the device waits for that probation, not just "0 reporting"."""
+    from tests.e2e_support import wait_until
+    from tests.helpers import make_linear_model
+
+    make_linear_model(walk.home / "model-1.1.0.onnx", seed=7)
+    for words in (
+        ("bundle", "build", "model-1.1.0.onnx", "--name", WALK_MODEL, "--version", "1.1.0",
+         "-o", "digits-1.1.0.bundle"),
+        ("rollout", "start", WALK_MODEL, "1.1.0", "--fleet", WALK_FLEET, "--repo", "repo",
+         "--bundle", "digits-1.1.0.bundle", "--stages", "100", "--gate", "min_devices=1"),
+    ):  # fmt: skip
+        out = walk.cli("edgectl", *words)
+        assert out.returncode == 0, out.stderr
+
+    def says_why() -> str | None:
+        out = walk.cli("edgectl", "rollout", "status", "--repo", "repo", "--fleet", WALK_FLEET)
+        return out.stdout if f"{WALK_DEVICE} waits: probation for 1.1.0" in out.stdout else None
+
+    status = wait_until(says_why, 40, "rollout status to say why the device waits")
+    assert "waits until probation of 1.0.0 ends" in status, status
+    fleet = walk.cli("edgectl", "fleet", "status", "--repo", "repo", "--fleet", WALK_FLEET)
+    assert f"{WALK_FLEET}/{WALK_DEVICE} {WALK_MODEL}: probation for 1.1.0" in fleet.stdout, fleet
+
+
 @_check("revoke", 2)
 def _serve_drops_what_a_revoked_device_sends(walk: OperatorWalk) -> None:
     """Before the broker reloads, the device is still connected: `serve` refuses it."""
@@ -588,8 +614,8 @@ def _after_the_reload_the_broker_refuses_the_live_connection(walk: OperatorWalk)
     wait_until(gone, 30, "the revoked device to stop reaching the controller")
     # `fleet status` marks the device revoked, in its table and in its JSON.
     table = walk.cli("edgectl", "fleet", "status", "--repo", "repo").stdout
-    (line,) = (row for row in table.splitlines() if WALK_DEVICE in row)
-    assert "[revoked]" in line and "1 revoked" in table, table
+    line = next(row for row in table.splitlines() if row.startswith(f"{WALK_FLEET} "))
+    assert WALK_DEVICE in line and "[revoked]" in line and "1 revoked" in table, table
     out = walk.cli("edgectl", "fleet", "status", "--repo", "repo", "--json")
     (device,) = (d for d in json.loads(out.stdout) if d["device"] == WALK_DEVICE)
     assert device["revoked"] is True, device
