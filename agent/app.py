@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import agent
 from agent.base.errors import ConfigError
 from agent.device.cadence import Cadence, run_every
 from agent.device.config import AgentConfig
@@ -165,10 +166,14 @@ class AgentApp:
         )
         self.updates = UpdateService(config, self.lifecycle)
         self.metrics = InferenceMetrics()
-        self.server = InferenceServer.from_config(
-            self.registry, config.inference, stats=self.stats, metrics=self.metrics
-        )
         self.link = MqttLink(config, self._announced, self.models_status, self.outbox)
+        self.server = InferenceServer.from_config(
+            self.registry,
+            config.inference,
+            agent_status=self.agent_status,
+            stats=self.stats,
+            metrics=self.metrics,
+        )
         self.telemetry = TelemetryReporter(
             device=config.device_id,
             fleet=config.fleet,
@@ -198,6 +203,18 @@ class AgentApp:
                 status[name]["failed_version"] = record.version
                 status[name]["reason"] = record.reason
         return status
+
+    def agent_status(self) -> Mapping[str, Any]:
+        """What ``GET /v2/health/agent`` adds to live and ready: the device, the broker
+        connection (``MqttLink.broker_status``) and what keeps the watchdog from being
+        fed, if anything (read from the inference server's threads)."""
+        return {
+            "device": self.config.device_id,
+            "fleet": self.config.fleet,
+            "agent_version": agent.__version__,
+            "broker": self.link.broker_status(),
+            "problems": list(self._problems),
+        }
 
     def request_check(self) -> None:
         """Ask for an update check (event loop thread only)."""
