@@ -15,11 +15,16 @@ Takeovers: two agents with one identity (a copied config) each take the other's 
 id. A broker speaking MQTT 5 may say so: DISCONNECT reason code 0x8E, "Session taken
 over" (mosquitto from 2.0.15). Older ones (mosquitto 2.0.11, Debian 12's) just close the
 connection; then ``SUSPECT_AFTER`` closes in a row, each of a connection the broker had
-accepted at the first attempt, are taken for a takeover too (a broker restarting closes
-the connection once, and refuses the next attempt more often than not). Either way the
-agent says it plainly at ERROR, counts it, and waits before reconnecting: from the
+accepted at the first attempt and that lasted no longer than the other agent's wait
+could explain (twice ``reconnect_max_s``, and some), are taken for a takeover too (a
+broker restarting closes the connection once, and refuses the next attempt more often
+than not; a NAT dropping idle connections closes long-lived ones). Either way the
+agent says it plainly at ERROR, counts it, and waits before reconnecting, so two agents
+fighting over one identity do not thrash: after a takeover the broker named, from the
 config's ``reconnect_max_s``, doubling per takeover in a row, at most
-``TAKEOVER_BACKOFF_MAX_S``, so two agents fighting over one identity do not thrash.
+``TAKEOVER_BACKOFF_MAX_S``; after a suspected one, ``reconnect_max_s`` only, the longest
+wait the operator allows between attempts (a flaky path that closes connections, a NAT
+or a proxy, looks the same, and must not keep the agent away for minutes).
 """
 
 from __future__ import annotations
@@ -155,6 +160,8 @@ class LinkHealth:
         self.broker = broker
         self.client_id = client_id
         self._first_backoff_s = first_backoff_s
+        # A close counts towards a suspected takeover only after a connection this short.
+        self._short_s = 2 * max(first_backoff_s, 1.0) + 5.0
         self._repeat_every_s = repeat_every_s
         self._clock = clock
         self._wall = wall
@@ -226,7 +233,7 @@ class LinkHealth:
             if lasted_s > QUIET_S:
                 self._takeovers_in_row = self._closes_in_row = 0
             certain = reason_code == SESSION_TAKEN_OVER
-            if not certain and closed_by_broker:
+            if not certain and closed_by_broker and lasted_s <= self._short_s:
                 self._closes_in_row += 1
             elif not certain:
                 self._closes_in_row = 0
@@ -243,15 +250,17 @@ class LinkHealth:
                     logging.WARNING, f"lost the broker connection ({reason}); reconnecting"
                 ), None
             self._takeovers += 1
-            self._takeovers_in_row += 1
             self._last_takeover_at = at
-            delay_s = takeover_delay_s(self._takeovers_in_row, self._first_backoff_s)
-            how = (
-                "the broker says so: Session taken over"
-                if certain
-                else f"the broker closed this device's connection {self._closes_in_row} "
-                "times in a row, each soon after accepting it"
-            )
+            if certain:
+                self._takeovers_in_row += 1
+                delay_s = takeover_delay_s(self._takeovers_in_row, self._first_backoff_s)
+                how = "the broker says so: Session taken over"
+            else:
+                delay_s = takeover_delay_s(1, self._first_backoff_s)
+                how = (
+                    f"the broker closed this device's connection {self._closes_in_row} times "
+                    "in a row without a reason, accepting the next one at once each time"
+                )
             self._last_loss = (f"taken over by another client ({how})", at)
             count = self._takeovers
             return Say(

@@ -134,21 +134,27 @@ def test_closes_without_a_reason_are_a_takeover_from_the_third_in_a_row() -> Non
         "connected with this device's client id edge-agent-cam-1?); reconnecting"
     )
     assert third.level == logging.ERROR and "3 times in a row" in third.message
-    assert (delay3, delay4) == (30.0, 60.0)
+    # Only suspected: the wait is reconnect_max_s, never longer (a flaky path looks alike).
+    assert (delay3, delay4) == (30.0, 30.0)
     assert health.status()["takeovers"] == 2
 
 
-def test_a_refused_attempt_or_another_loss_breaks_the_run_of_closes() -> None:
-    for breaker in ("refused attempt", "other loss"):
-        health = _health(ManualClock())
+def test_a_refused_attempt_another_loss_or_a_long_connection_breaks_the_run() -> None:
+    for breaker in ("refused attempt", "other loss", "long connection"):
+        clock = ManualClock()
+        health = _health(clock)
         for _ in range(2):
             health.connected()
             health.ended("Unspecified error", reason_code=None, closed_by_broker=True)
         if breaker == "refused attempt":  # a broker restarting refuses for a while
             health.attempt_failed(REFUSED)
-        else:
+        elif breaker == "other loss":
             health.connected()
             health.ended("keep alive timeout", reason_code=None, closed_by_broker=False)
+        else:  # closed after longer than another agent's wait explains (a NAT, say)
+            health.connected()
+            clock.now += 2 * 30.0 + 6.0
+            health.ended("Unspecified error", reason_code=None, closed_by_broker=True)
         health.connected()
         line, delay_s = health.ended("Unspecified error", reason_code=None, closed_by_broker=True)
         assert line.level == logging.WARNING and delay_s is None, breaker
