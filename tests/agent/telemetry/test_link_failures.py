@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,6 +206,64 @@ def test_two_agents_with_one_identity_are_told_plainly(
     for status in statuses:
         assert status["last_takeover_at"] is not None
         assert status["last_loss"]["reason"].startswith("taken over by another client")
+
+
+class TakingOverBroker:
+    """A scripted MQTT 5 peer on a real socket: it accepts each connection (CONNACK) and
+    then ends it with DISCONNECT reason code 0x8E, Session taken over, as mosquitto does
+    from 2.0.15 on when another client connects with the same client id (the mosquitto
+    installed here, 2.0.11, only closes the connection: the test above covers that)."""
+
+    CONNACK = bytes([0x20, 3, 0, 0, 0])  # no session present, success, no properties
+    TAKEN_OVER = bytes([0xE0, 2, 0x8E, 0])  # DISCONNECT 0x8E, no properties
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        threading.Thread(target=self._serve, name="taking-over", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                peer, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            with peer:
+                peer.settimeout(5)
+                peer.recv(65536)  # the CONNECT
+                peer.sendall(self.CONNACK)
+                time.sleep(0.2)
+                peer.sendall(self.TAKEN_OVER)
+                time.sleep(0.2)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_takeover_the_broker_names_is_said_plainly_and_backs_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = TakingOverBroker()
+    link = MqttLink(_config(tmp_path, broker.port), lambda _v: None, lambda: {})
+    with caplog.at_level(logging.INFO):
+        link.start()
+        try:
+            wait_until(lambda: link.broker_status()["takeovers"] >= 2 or None, 60, "takeovers")
+            status = link.broker_status()
+        finally:
+            link.stop()
+            broker.close()
+    errors = [r.getMessage() for r in _lines(caplog, "took its session over")]
+    assert errors[0].startswith(
+        f"another client connected to the broker 127.0.0.1:{broker.port} with this "
+        "device's client id edge-agent-dev-1 and took its session over (the broker says "
+        "so: Session taken over; 1 time so far)"
+    )
+    # reconnect_max_s is 1: the first wait is 1 s, the next twice that.
+    assert errors[0].endswith("Reconnecting in 1 s") and errors[1].endswith("Reconnecting in 2 s")
+    assert status["last_loss"]["reason"] == (
+        "taken over by another client (the broker says so: Session taken over)"
+    )
 
 
 def test_the_broker_going_away_is_no_takeover(
