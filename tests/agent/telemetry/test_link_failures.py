@@ -284,5 +284,6 @@ def test_the_broker_going_away_is_no_takeover(
             link.stop()
             running.stop()
     assert status["takeovers"] == 0
-    assert _lines(caplog, "lost the broker connection (the broker closed it")
+    # A close, a reset or a DISCONNECT, as the broker's shutdown goes: a loss all the same.
+    assert _lines(caplog, "lost the broker connection (")
     assert not _lines(caplog, "took its session over")
