@@ -251,26 +251,38 @@ class LinkHealth:
                 ), None
             self._takeovers += 1
             self._last_takeover_at = at
+            count = f"{self._takeovers} time{'s' if self._takeovers > 1 else ''} so far"
+            ask = (
+                "is this device's config (agent.toml and its certificate) copied to another "
+                "machine running edge-agent? Stop the other one, or enroll it as a device of "
+                "its own"
+            )
             if certain:
                 self._takeovers_in_row += 1
                 delay_s = takeover_delay_s(self._takeovers_in_row, self._first_backoff_s)
                 how = "the broker says so: Session taken over"
+                self._last_loss = (f"taken over by another client ({how})", at)
+                message = (
+                    f"another client connected to the broker {self.broker} with this "
+                    f"device's client id {self.client_id} and took its session over ({how}; "
+                    f"{count}): {ask}. Reconnecting in {delay_s:.0f} s"
+                )
             else:
                 delay_s = takeover_delay_s(1, self._first_backoff_s)
                 how = (
                     f"the broker closed this device's connection {self._closes_in_row} times "
                     "in a row without a reason, accepting the next one at once each time"
                 )
-            self._last_loss = (f"taken over by another client ({how})", at)
-            count = self._takeovers
+                self._last_loss = (f"taken over by another client, most likely ({how})", at)
+                message = (
+                    f"{how} ({self.broker}): most likely another client connects with this "
+                    f"device's client id {self.client_id} and takes its session over "
+                    f"({count}): {ask}. (A proxy or NAT that keeps closing connections looks "
+                    f"the same.) Reconnecting in {delay_s:.0f} s"
+                )
             return Say(
                 logging.ERROR,
-                f"another client connected to the broker {self.broker} with this device's "
-                f"client id {self.client_id} and took its session over ({how}; "
-                f"{count} time{'s' if count > 1 else ''} so far): is this device's config "
-                "(agent.toml and its certificate) copied to another machine running "
-                "edge-agent? Stop the other one, or enroll it as a device of its own. "
-                f"Reconnecting in {delay_s:.0f} s",
+                message,
             ), delay_s
 
     # -- what it is now

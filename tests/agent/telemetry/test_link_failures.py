@@ -197,10 +197,11 @@ def test_two_agents_with_one_identity_are_told_plainly(
         finally:
             for link in links:
                 link.stop()
-    errors = [r for r in _lines(caplog, "took its session over") if r.levelno == logging.ERROR]
+    errors = [r for r in _lines(caplog, "session over") if r.levelno == logging.ERROR]
     assert len(errors) >= 2
     message = errors[0].getMessage()
-    assert f"another client connected to the broker 127.0.0.1:{broker.port}" in message
+    # mosquitto 2.0.11 closes the connection without a reason (from 2.0.15 it says 0x8E).
+    assert f"127.0.0.1:{broker.port}" in message
     assert "with this device's client id edge-agent-dev-1" in message
     assert "copied to another machine" in message and "Reconnecting in" in message
     for status in statuses:
@@ -286,4 +287,4 @@ def test_the_broker_going_away_is_no_takeover(
     assert status["takeovers"] == 0
     # A close, a reset or a DISCONNECT, as the broker's shutdown goes: a loss all the same.
     assert _lines(caplog, "lost the broker connection (")
-    assert not _lines(caplog, "took its session over")
+    assert not _lines(caplog, "session over")
