@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import agent
 from agent.base.errors import ConfigError
 from agent.contracts import waiting_doc
 from agent.device.cadence import Cadence, run_every
@@ -166,10 +167,14 @@ class AgentApp:
         )
         self.updates = UpdateService(config, self.lifecycle)
         self.metrics = InferenceMetrics()
-        self.server = InferenceServer.from_config(
-            self.registry, config.inference, stats=self.stats, metrics=self.metrics
-        )
         self.link = MqttLink(config, self._announced, self.models_status, self.outbox)
+        self.server = InferenceServer.from_config(
+            self.registry,
+            config.inference,
+            agent_status=self.agent_status,
+            stats=self.stats,
+            metrics=self.metrics,
+        )
         self.telemetry = TelemetryReporter(
             device=config.device_id,
             fleet=config.fleet,
@@ -210,6 +215,18 @@ class AgentApp:
                 }
             entry["waiting"] = waiting_doc(waiting)
         return dict(sorted(status.items()))
+
+    def agent_status(self) -> Mapping[str, Any]:
+        """What ``GET /v2/health/agent`` adds to live and ready: the device, the broker
+        connection (``MqttLink.broker_status``) and what keeps the watchdog from being
+        fed, if anything (read from the inference server's threads)."""
+        return {
+            "device": self.config.device_id,
+            "fleet": self.config.fleet,
+            "agent_version": agent.__version__,
+            "broker": self.link.broker_status(),
+            "problems": list(self._problems),
+        }
 
     def request_check(self) -> None:
         """Ask for an update check (event loop thread only)."""

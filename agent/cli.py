@@ -118,6 +118,23 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--socket", type=Path, help="the agent's inference socket")
     where.add_argument("--config", type=Path, help="read the socket path from agent.toml")
 
+    status = sub.add_parser(
+        "status",
+        help="what a running agent says about itself: its broker connection, failed "
+        "attempts and their cause, takeovers of its client id",
+        description="Ask a running agent for its status through the local socket "
+        "(GET /v2/health/agent) and print it: ready or not, the broker connection "
+        "(connected since when, or failing since when, how many attempts, the last "
+        "cause), the last lost connection, takeovers of the device's client id by "
+        "another client, and what keeps the systemd watchdog from being fed.",
+        epilog="example: edge-agent status --config /etc/edge-agent/agent.toml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    where = status.add_mutually_exclusive_group()
+    where.add_argument("--socket", type=Path, help="the agent's inference socket")
+    where.add_argument("--config", type=Path, help="read the socket path from agent.toml")
+
     add_completion_parser(sub, "edge-agent")
     return parser
 
@@ -204,16 +221,22 @@ def _tensor_json(array: np.ndarray[Any, Any]) -> dict[str, Any]:
     return {"shape": list(array.shape), "dtype": str(array.dtype), "data": data.tolist()}
 
 
+def _socket_of(args: argparse.Namespace) -> tuple[Path, str]:
+    """The agent's socket for ``infer`` and ``status``, and where that path came from."""
+    if args.socket is not None:
+        return args.socket, "given with --socket"
+    if args.config is not None:
+        return (
+            load_config(args.config).inference.socket_path,
+            f"[inference] socket_path in {args.config}",
+        )
+    return InferenceConfig().socket_path, "the default, no --socket or --config"
+
+
 def _cmd_infer(args: argparse.Namespace) -> int:
     from agent.client import InferenceClient, load_input_file
 
-    if args.socket is not None:
-        socket_path, source = args.socket, "given with --socket"
-    elif args.config is not None:
-        socket_path = load_config(args.config).inference.socket_path
-        source = f"[inference] socket_path in {args.config}"
-    else:
-        socket_path, source = InferenceConfig().socket_path, "the default, no --socket or --config"
+    socket_path, source = _socket_of(args)
     try:
         with InferenceClient(socket_path, binary=not args.json) as client:
             metadata = client.model_metadata(args.model)
@@ -230,8 +253,63 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from agent.client import InferenceClient
+
+    socket_path, source = _socket_of(args)
+    try:
+        with InferenceClient(socket_path, timeout_s=10.0) as client:
+            doc = client.agent_status()
+    except AgentUnreachableError as exc:
+        raise AgentUnreachableError(f"{exc} ({_unreachable_hint(socket_path, source)})") from None
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print("\n".join(status_lines(doc)))
+    return 0
+
+
+def status_lines(doc: dict[str, Any]) -> list[str]:
+    """``edge-agent status`` for a person: the agent, then its broker connection."""
+    device = doc.get("device", "?")
+    lines = [
+        f"device {device} in fleet {doc.get('fleet', '?')} (edge-agent "
+        f"{doc.get('agent_version', '?')}): {'ready' if doc.get('ready') else 'not ready'}"
+    ]
+    broker = doc.get("broker")
+    if isinstance(broker, dict):
+        where = f"broker {broker.get('address')} (client id {broker.get('client_id')})"
+        if broker.get("connected"):
+            lines.append(f"{where}: connected since {broker.get('since')}")
+        else:
+            lines.append(f"{where}: NOT connected since {broker.get('since')}")
+        failed = broker.get("failed_attempts") or 0
+        if failed:
+            lines.append(
+                f"  {failed} failed connection attempt{'s' if failed > 1 else ''} since "
+                f"{broker.get('failing_since')}"
+            )
+        error = broker.get("last_error")
+        if isinstance(error, dict):
+            lines.append(f"  last failed attempt ({error.get('at')}): {error.get('cause')}")
+        loss = broker.get("last_loss")
+        if isinstance(loss, dict):
+            lines.append(f"  last lost connection ({loss.get('at')}): {loss.get('reason')}")
+        takeovers = broker.get("takeovers") or 0
+        if takeovers:
+            lines.append(
+                f"  TAKEN OVER {takeovers} time{'s' if takeovers > 1 else ''} (last at "
+                f"{broker.get('last_takeover_at')}): another client connects with this "
+                "device's client id; is its config copied to another machine?"
+            )
+    for problem in doc.get("problems") or ():
+        lines.append(f"not feeding the watchdog: {problem}")
+    return lines
+
+
 def _unreachable_hint(socket_path: Path, source: str) -> str:
-    """Which socket ``infer`` tried, where that path came from, and what to check."""
+    """Which socket ``infer`` or ``status`` tried, where that path came from, and what to
+    check."""
     where = f"tried {socket_path}: {source}"
     if not socket_path.exists():
         return (
@@ -281,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         "infer": _cmd_infer,
         "enroll": _cmd_enroll,
         "request": _cmd_request,
+        "status": _cmd_status,
         "completion": _cmd_completion,
     }
     try:

@@ -178,6 +178,11 @@ class InferenceClient:
             return False
         return status == 200
 
+    def agent_status(self) -> dict[str, Any]:
+        """The agent's own status (``GET /v2/health/agent``): live, ready, the device and
+        its broker connection."""
+        return self._get_object("/v2/health/agent")
+
     def server_metadata(self) -> dict[str, Any]:
         return self._get_object("/v2")
 

@@ -4,7 +4,10 @@ connection (same URL and JSON header) is answered through ``agent.serving.repeat
 same limits, with the same errors, metrics and stats.
 
 Endpoints: health, server and model metadata, infer (JSON, binary tensor and system
-shared-memory extensions), shared-memory registration, and ``/metrics``.
+shared-memory extensions), shared-memory registration, and ``/metrics``. Beside OIP's
+``/v2/health/live`` and ``/v2/health/ready`` (unchanged), ``/v2/health/agent`` answers
+the agent's own status (its broker connection), which the server gets as a callable:
+serving does not import telemetry.
 
 Every request is answered on the thread of its connection (``agent.serving.http11``): parsing,
 ONNX Runtime and encoding run there, with no hop to another thread. ``Admission`` bounds
@@ -36,8 +39,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Mapping
+from typing import Any, Final
 
 import onnxruntime as ort
 
@@ -101,6 +104,7 @@ class Router:
         metrics: InferenceMetrics,
         stats: RequestStats | None,
         is_ready: Callable[[], bool],
+        agent_status: Callable[[], Mapping[str, Any]] | None = None,
         max_concurrency: int,
         max_queue: int,
         request_deadline_s: float,
@@ -114,6 +118,7 @@ class Router:
         self._request_deadline_s = request_deadline_s
         self._server_metadata = server_metadata
         self._is_ready = is_ready
+        self._agent_status = agent_status
         self._plans = PlanCache()  # checked request headers, reused by repeat requests
         # Infer URLs (exact bytes) that routed to a served model: (name, version).
         self._infer_urls: dict[bytes, tuple[str, str | None]] = {}
@@ -173,11 +178,14 @@ class Router:
         if not rest:
             _require(method, b"GET")
             return Response(200, self._server_metadata)
-        if rest[0] == "health" and len(rest) == 2 and rest[1] in ("live", "ready"):
+        if rest[0] == "health" and len(rest) == 2 and rest[1] in ("live", "ready", "agent"):
             _require(method, b"GET")
             if rest[1] == "live":
                 return Response(200, _LIVE_BODY)
-            if not self._stopping and self._is_ready():
+            ready = not self._stopping and self._is_ready()
+            if rest[1] == "agent":
+                return self._agent_health(ready)
+            if ready:
                 return Response(200, _READY_BODY)
             return Response(503, _NOT_READY_BODY)
         if rest[0] == "models" and len(rest) >= 2:
@@ -185,6 +193,15 @@ class Router:
         if rest[0] == "systemsharedmemory" and self._shm is not None:
             return self._route_shm(request, rest[1:])
         raise ModelNotFoundError(f"no such endpoint: {path}")
+
+    def _agent_health(self, ready: bool) -> Response:
+        """``GET /v2/health/agent``: 200 whenever the agent answers (``live`` and ``ready``
+        as OIP's endpoints say them), with the status the agent provides (the broker
+        connection); ``edge-agent status`` prints it."""
+        doc: dict[str, Any] = {"live": True, "ready": ready}
+        if self._agent_status is not None:
+            doc.update(self._agent_status())
+        return Response(200, json.dumps(doc).encode())
 
     def _route_model(self, request: Request, name: str, rest: list[str]) -> Response:
         version: str | None = None

@@ -42,9 +42,9 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import agent
 from agent.base.errors import ConfigError
@@ -76,8 +76,10 @@ class InferenceServer:
 
     ``is_ready`` says whether the agent as a whole may serve (default: at least one
     model is live); when it returns False, health/ready answers 503 and infer requests
-    get 503. Every infer request is recorded in ``stats`` (when given) under the version
-    that served it, and in ``metrics``. ``from_config`` builds one from ``[inference]``.
+    get 503. ``agent_status`` gives what ``/v2/health/agent`` adds to ``live`` and
+    ``ready`` (the agent's broker connection). Every infer request is recorded in
+    ``stats`` (when given) under the version that served it, and in ``metrics``.
+    ``from_config`` builds one from ``[inference]``.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class InferenceServer:
         tcp_host: str = "127.0.0.1",
         shared_memory: bool = True,
         is_ready: Callable[[], bool] | None = None,
+        agent_status: Callable[[], Mapping[str, Any]] | None = None,
         stats: RequestStats | None = None,
         metrics: InferenceMetrics | None = None,
         id_map: IdMap | None = None,
@@ -183,6 +186,7 @@ class InferenceServer:
             metrics=self.metrics,
             stats=stats,
             is_ready=is_ready or (lambda: len(registry) > 0),
+            agent_status=agent_status,
             max_concurrency=max_concurrency,
             max_queue=max_queue,
             request_deadline_s=request_deadline_s,
@@ -196,6 +200,7 @@ class InferenceServer:
         config: InferenceConfig,
         *,
         is_ready: Callable[[], bool] | None = None,
+        agent_status: Callable[[], Mapping[str, Any]] | None = None,
         stats: RequestStats | None = None,
         metrics: InferenceMetrics | None = None,
     ) -> InferenceServer:
@@ -223,6 +228,7 @@ class InferenceServer:
             tcp_host=config.tcp_host,
             shared_memory=config.shared_memory,
             is_ready=is_ready,
+            agent_status=agent_status,
             stats=stats,
             metrics=metrics,
         )

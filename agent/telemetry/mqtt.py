@@ -24,6 +24,15 @@ takes the certificate's CN (the device id) as the identity its ACL checks. Missi
 unreadable TLS files, and a key that is not its certificate's, are a ``ConfigError`` at
 construction, before anything connects (``agent.device.tls_identity``).
 
+The link speaks MQTT 5 (as the controller does), with a clean start and no session kept
+after a disconnect, as MQTT 3.1.1's clean session did: a broker's reason codes then say
+why it refused or ended a connection. Every failed connection attempt is logged with its
+cause (a refused TCP connection, a TLS failure, a refused CONNACK, a connection closed
+before it was accepted), rate-limited while the cause repeats, and a takeover of the
+device's client id by another client is logged plainly at ERROR and followed by a
+back-off (``agent.telemetry.link_health``). ``broker_status`` is what ``GET
+/v2/health/agent`` serves.
+
 Callbacks run on paho's network thread; ``on_announce`` must be thread-safe.
 """
 
@@ -33,6 +42,7 @@ import contextlib
 import json
 import logging
 import os
+import ssl
 import threading
 import time
 from collections import deque
@@ -41,12 +51,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 import agent
 from agent.contracts import ANNOUNCE_SCHEMA, announce_topic, device_topic, status_payload
 from agent.device.config import AgentConfig
 from agent.device.tls_identity import tls_context
+from agent.telemetry.link_health import (
+    LinkHealth,
+    Say,
+    closed_before_accepting,
+    describe_failure,
+)
 from agent.telemetry.outbox import Outbox
 
 logger = logging.getLogger(__name__)
@@ -60,6 +76,41 @@ _RECENT_ACKS = 1024
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class _LinkClient(mqtt.Client):
+    """paho's client, keeping why a connection failed or ended: the exception of the last
+    connection attempt (``reconnect`` raises it; paho's loop swallows it and calls
+    ``on_connect_fail`` without it), the last error reading the socket (paho only logs
+    it), and whether the broker closed the socket (a read of no bytes).
+
+    ``_sock_recv`` is a paho 2.x internal (the dependency is pinned below 3);
+    tests/agent/telemetry/test_link_failures.py runs it against real sockets.
+    """
+
+    attempt_error: BaseException | None = None
+    socket_error: OSError | None = None
+    peer_closed = False
+
+    def reconnect(self) -> MQTTErrorCode:
+        self.attempt_error, self.socket_error, self.peer_closed = None, None, False
+        try:
+            return super().reconnect()
+        except (OSError, ValueError) as exc:
+            self.attempt_error = exc
+            raise
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        try:
+            data = super()._sock_recv(bufsize)
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            self.socket_error = exc
+            raise
+        if not data:
+            self.peer_closed = True
+        return data
 
 
 class MqttLink:
@@ -87,20 +138,23 @@ class MqttLink:
         self._acks = threading.Condition()
         self._ack_serial = 0
         self._recent_acks: deque[tuple[int, int]] = deque(maxlen=_RECENT_ACKS)
-        client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"edge-agent-{config.device_id}",
-            clean_session=True,
+        client_id = f"edge-agent-{config.device_id}"
+        self._health = LinkHealth(
+            f"{config.mqtt.host}:{config.mqtt.port}",
+            client_id,
+            first_backoff_s=config.mqtt.reconnect_max_s,
         )
+        # CONNECT sent, no CONNACK yet: a close now is a failed attempt, not a loss.
+        self._attempting = False
+        client = _LinkClient(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
         if config.mqtt.username:
             client.username_pw_set(config.mqtt.username, config.mqtt.password or None)
         if config.mqtt.tls:
             client.tls_set_context(tls_context(config, os.environ))
-        client.reconnect_delay_set(
-            min_delay=max(1, int(config.mqtt.reconnect_min_s)),
-            max_delay=max(1, int(config.mqtt.reconnect_max_s)),
-        )
+        client.reconnect_delay_set(**self._reconnect_delays())
+        client.on_pre_connect = self._handle_pre_connect
         client.on_connect = self._handle_connect
+        client.on_connect_fail = self._handle_connect_fail
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
@@ -109,6 +163,19 @@ class MqttLink:
     @property
     def is_connected(self) -> bool:
         return self._connected.is_set()
+
+    def broker_status(self) -> dict[str, Any]:
+        """The broker connection now: address, client id, connected (since when), failed
+        attempts since the last connection and the last one's cause, the last loss, and
+        takeovers of the client id (``GET /v2/health/agent`` serves it)."""
+        return self._health.status(connected=self._connected.is_set())
+
+    def _reconnect_delays(self) -> dict[str, int]:
+        mqtt_cfg = self._config.mqtt
+        return {
+            "min_delay": max(1, int(mqtt_cfg.reconnect_min_s)),
+            "max_delay": max(1, int(mqtt_cfg.reconnect_max_s)),
+        }
 
     @property
     def is_running(self) -> bool:
@@ -125,7 +192,10 @@ class MqttLink:
         """Connect in the background; paho reconnects on its own after any loss."""
         mqtt_cfg = self._config.mqtt
         self._set_will()
-        self._client.connect_async(mqtt_cfg.host, mqtt_cfg.port, keepalive=mqtt_cfg.keepalive_s)
+        # A clean start, and no session expiry: nothing kept after a disconnect.
+        self._client.connect_async(
+            mqtt_cfg.host, mqtt_cfg.port, keepalive=mqtt_cfg.keepalive_s, clean_start=True
+        )
         self._client.loop_start()
         if self._outbox is not None:
             self._sender = threading.Thread(
@@ -187,18 +257,29 @@ class MqttLink:
 
     # paho callbacks (network thread) ------------------------------------------
 
+    def _handle_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+        self._attempting = True
+
+    def _handle_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
+        """The attempt failed before CONNECT went out (TCP, DNS or the TLS handshake)."""
+        self._attempting = False
+        exc = self._client.attempt_error
+        cause = (
+            describe_failure(exc, self._health.broker, self._config.mqtt.tls)
+            if exc is not None
+            else "the connection failed (no cause known)"
+        )
+        _say(self._health.attempt_failed(cause))
+
     def _handle_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
+        self._attempting = False
         if reason.is_failure:
-            logger.warning(
-                "broker %s:%d refused the connection: %s",
-                self._config.mqtt.host,
-                self._config.mqtt.port,
-                reason,
-            )
+            _say(self._health.attempt_failed(f"the broker refused the connection: {reason}"))
             return
-        logger.info("connected to broker %s:%d", self._config.mqtt.host, self._config.mqtt.port)
+        client.reconnect_delay_set(**self._reconnect_delays())  # after a takeover's back-off
+        _say(self._health.connected())
         self._connected.set()
         client.subscribe(self._announce_topic, qos=1)
         self.publish_status()
@@ -206,11 +287,41 @@ class MqttLink:
     def _handle_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any
     ) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        attempting, self._attempting = self._attempting, False
         if self._stopping.is_set():
             logger.info("disconnected from the broker (stopping)")
-        elif self._connected.is_set():
-            logger.warning("lost the broker connection (%s); reconnecting", reason)
-        self._connected.clear()
+            return
+        link = self._client
+        if not was_connected:
+            if attempting:  # CONNECT went out; the connection ended before a CONNACK
+                error = link.socket_error
+                cause = (
+                    describe_failure(error, self._health.broker, self._config.mqtt.tls)
+                    if error is not None
+                    else closed_before_accepting(self._config.mqtt.tls)
+                )
+                _say(self._health.attempt_failed(cause))
+            return
+        from_broker = bool(getattr(flags, "is_disconnect_packet_from_server", False))
+        code = getattr(reason, "value", None) if from_broker else None
+        error = link.socket_error
+        if isinstance(error, ssl.SSLError):  # e.g. a certificate revoked mid-connection
+            text = describe_failure(error, self._health.broker, self._config.mqtt.tls)
+        elif error is not None:
+            text = error.strerror or str(error)
+        else:
+            text = str(reason)
+        line, delay_s = self._health.ended(
+            text, reason_code=code, closed_by_broker=not from_broker and link.peer_closed
+        )
+        _say(line)
+        if delay_s is not None:
+            # paho waits min_delay before its next attempt (doubling up to max_delay if
+            # that fails too); a successful connection restores the configured delays.
+            whole_s = max(1, round(delay_s))
+            client.reconnect_delay_set(min_delay=whole_s, max_delay=whole_s)
 
     def _handle_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, props: Any
@@ -281,3 +392,8 @@ class MqttLink:
             "announcement for fleet %s (timestamp v%s)", self._config.fleet, timestamp_version
         )
         self._on_announce(timestamp_version)
+
+
+def _say(line: Say | None) -> None:
+    if line is not None:
+        logger.log(line.level, "%s", line.message)

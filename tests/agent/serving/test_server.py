@@ -207,6 +207,29 @@ def test_not_ready_is_503(registry: ModelRegistry) -> None:
         client.close()
 
 
+def test_the_agent_health_endpoint_adds_the_agents_status_and_leaves_oips_alone(
+    registry: ModelRegistry,
+) -> None:
+    """``/v2/health/agent`` (issue 20, item 3) answers 200 with live, ready and what the
+    agent provides; OIP's live and ready answer exactly as before."""
+    ready = threading.Event()
+    status = {"broker": {"address": "127.0.0.1:1", "connected": False, "failed_attempts": 3}}
+    with serving(registry, is_ready=ready.is_set, agent_status=lambda: status) as server:
+        assert raw(server, "GET", "/v2/health/agent") == (
+            200,
+            {"live": True, "ready": False, **status},
+        )
+        assert raw(server, "GET", "/v2/health/live") == (200, {"live": True})
+        assert raw(server, "GET", "/v2/health/ready") == (503, {"ready": False})
+        ready.set()
+        with InferenceClient(server.socket_path) as client:
+            assert client.agent_status() == {"live": True, "ready": True, **status}
+            assert client.live() and client.ready()
+        assert raw(server, "POST", "/v2/health/agent", b"{}")[0] == 405
+    with serving(registry) as server:  # without a provider: live and ready only
+        assert raw(server, "GET", "/v2/health/agent") == (200, {"live": True, "ready": True})
+
+
 def test_empty_registry_is_not_ready(tmp_path: Path) -> None:
     with serving(ModelRegistry()) as server:
         assert raw(server, "GET", "/v2/health/ready") == (503, {"ready": False})
