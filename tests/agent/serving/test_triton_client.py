@@ -84,7 +84,12 @@ def test_health_metadata_config_and_repository(client: Any, linear: LoadedModel)
     assert client.is_server_live() and client.is_server_ready()
     metadata = client.get_server_metadata()
     assert metadata["name"] == "edge-agent"
-    for extension in ("binary_tensor_data", "model_configuration", "statistics", "model_repository"):
+    for extension in (
+        "binary_tensor_data",
+        "model_configuration",
+        "statistics",
+        "model_repository",
+    ):
         assert extension in metadata["extensions"]
     assert client.is_model_ready("linear") and client.is_model_ready("linear", "1.0.0")
     assert not client.is_model_ready("linear", "0.9.0")  # held, not serving
@@ -176,7 +181,9 @@ def test_every_datatype_through_tritonclient(client: Any, binary: bool) -> None:
         got = result.as_numpy(f"out_{datatype.lower()}")
         if datatype == "BYTES":
             # The JSON form carries strings, the binary form bytes: both round-trip.
-            got = np.array([[v if isinstance(v, bytes) else v.encode() for v in row] for row in got])
+            got = np.array(
+                [[v if isinstance(v, bytes) else v.encode() for v in row] for row in got]
+            )
             assert got.tolist() == value.tolist()
         else:
             np.testing.assert_array_equal(got, value)
