@@ -216,6 +216,7 @@ class Repeat:
             if response is not None:
                 phases.input_ns = checked_at - started
                 phases.infer_ns = ran_at - checked_at
+                phases.output_ns = 0  # the model wrote them where the response is
                 return response
             bound_ns = ran_at - checked_at
         inputs: dict[str, np.ndarray] = {}
