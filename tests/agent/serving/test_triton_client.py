@@ -159,6 +159,13 @@ def test_infer_json_and_binary(client: Any, linear: LoadedModel, binary: bool) -
         assert result.get_response()["model_version"] == "1.0.0"
     result = client.infer("linear", [x], model_version="1.0.0")  # every output, by default
     assert result.as_numpy("y").shape == (2, 3)
+    # A compressed response may be asked for (it comes uncompressed, which the client
+    # reads as well); a compressed request is refused, saying how to send it.
+    result = client.infer("linear", [x], response_compression_algorithm="gzip")
+    assert result.as_numpy("y").shape == (2, 3)
+    error = _refusal(client.infer, "linear", [x], request_compression_algorithm="gzip")
+    assert error.status() == "415" and "request_compression_algorithm" in error.message()
+    assert client.infer("linear", [x]).as_numpy("y").shape == (2, 3)  # and goes on
 
 
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
