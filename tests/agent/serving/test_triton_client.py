@@ -159,6 +159,9 @@ def test_infer_json_and_binary(client: Any, linear: LoadedModel, binary: bool) -
         assert result.get_response()["model_version"] == "1.0.0"
     result = client.infer("linear", [x], model_version="1.0.0")  # every output, by default
     assert result.as_numpy("y").shape == (2, 3)
+    pending = [client.async_infer("linear", [x], outputs=wanted) for _ in range(3)]
+    for call in pending:
+        np.testing.assert_allclose(call.get_result().as_numpy("y"), result.as_numpy("y"))
     # A compressed response may be asked for (it comes uncompressed, which the client
     # reads as well); a compressed request is refused, saying how to send it.
     result = client.infer("linear", [x], response_compression_algorithm="gzip")
