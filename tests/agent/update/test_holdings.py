@@ -37,6 +37,11 @@ def test_failed_and_rolled_back_candidates_say_why_and_old_versions_are_on_disk(
         Held("1.0.0", "READY", "serving"),
         Held("2.0.0", "UNAVAILABLE", "rolled_back: error rate 0.4 over 0.05"),
     ]
+    gone = held_versions(_record(Phase.FAILED, "2.0.0", "1.0.0", "golden vectors"), [], "1.0.0")
+    assert gone == [  # removed from disk, still known and said why
+        Held("1.0.0", "READY", "serving"),
+        Held("2.0.0", "UNAVAILABLE", "failed: golden vectors"),
+    ]
     committed = held_versions(_record(Phase.COMMITTED, "2.0.0", "1.0.0"), ["1.0.0"], "2.0.0")
     assert committed == [
         Held("1.0.0", "UNAVAILABLE", "the previous version, on disk, not loaded"),
