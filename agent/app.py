@@ -56,9 +56,11 @@ from agent.runtime.memory import configure_allocator
 from agent.runtime.registry import ModelRegistry
 from agent.serving.metrics import InferenceMetrics
 from agent.serving.server import InferenceServer
+from agent.serving.triton import IndexEntry
 from agent.telemetry.mqtt import MqttLink
 from agent.telemetry.outbox import Outbox
 from agent.telemetry.reporter import IntervalStats, TelemetryReporter
+from agent.update.holdings import held_versions
 from agent.update.journal import JournalRecord, Phase
 from agent.update.lifecycle import ModelLifecycle, PhaseHook
 from agent.update.store import ModelStore
@@ -174,6 +176,7 @@ class AgentApp:
             agent_status=self.agent_status,
             stats=self.stats,
             metrics=self.metrics,
+            repository=self.repository_index,
         )
         self.telemetry = TelemetryReporter(
             device=config.device_id,
@@ -227,6 +230,22 @@ class AgentApp:
             "broker": self.link.broker_status(),
             "problems": list(self._problems),
         }
+
+    def repository_index(self) -> list[IndexEntry]:
+        """Every version of every model the device holds, with its state: Triton's
+        repository index (called on an inference connection's thread)."""
+        live = self.registry.snapshot()
+        entries: list[IndexEntry] = []
+        for name in sorted(set(self.store.model_names()) | set(live)):
+            try:
+                on_disk = self.store.versions_on_disk(name)
+            except OSError:  # a version removed while listed: list the others next time
+                on_disk = []
+            served = live.get(name)
+            record = self.store.read_journal(name)
+            for held in held_versions(record, on_disk, served.version if served else None):
+                entries.append(IndexEntry(name, *held))
+        return entries
 
     def request_check(self) -> None:
         """Ask for an update check (event loop thread only)."""

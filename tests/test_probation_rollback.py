@@ -4,6 +4,7 @@ which the agent keeps crashing (a crash loop during probation)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import threading
@@ -17,6 +18,7 @@ import pytest
 from agent.base.errors import InferenceError
 from agent.client import InferenceClient
 from agent.update.journal import Phase, parse_record
+from tests.agent._serving import StdlibUnixConnection
 from tests.e2e_support import (
     Proc,
     StatusWatcher,
@@ -54,6 +56,16 @@ class Device:
 
     def served(self, model: str = MODEL) -> str | None:
         return served_version(self.client, model)
+
+    def held(self, model: str = MODEL) -> dict[str, tuple[str, str]]:
+        """Version → (state, reason) of ``model`` in the agent's repository index."""
+        connection = StdlibUnixConnection(self.folder / "infer.sock")
+        try:
+            connection.request("POST", "/v2/repository/index")
+            index = json.loads(connection.getresponse().read())
+        finally:
+            connection.close()
+        return {e["version"]: (e["state"], e["reason"]) for e in index if e["name"] == model}
 
     def restart(self, env: dict[str, str] | None = None, log_name: str = "agent-r.log") -> None:
         self.agent.stop()
@@ -131,6 +143,10 @@ def test_a_version_that_errors_on_real_requests_is_rolled_back(
         device.release(bad, "2.0.0", "--probation-s", "120")
         wait_until(lambda: device.served() == "2.0.0", 60, "v2 to go live")
         assert device.journal()[0] is Phase.ACTIVE
+        assert device.held() == {  # Triton's repository index says so too
+            "1.0.0": ("UNAVAILABLE", "the previous version, kept for a rollback"),
+            "2.0.0": ("READY", "serving, on probation"),
+        }
         assert _requests(device.client, ONE, 5) == (5, 0)  # what golden vectors saw: fine
         _, failed = _requests(device.client, LARGE, 30)  # real traffic, out of the build's range
         assert failed > 0
@@ -138,6 +154,9 @@ def test_a_version_that_errors_on_real_requests_is_rolled_back(
         phase, version, reason = device.journal()
         assert (phase, version) == (Phase.ROLLED_BACK, "2.0.0")
         assert "error rate" in reason, reason
+        held = device.held()
+        assert held["1.0.0"] == ("READY", "serving")
+        assert held["2.0.0"][0] == "UNAVAILABLE" and "rolled_back: error rate" in held["2.0.0"][1]
         assert _requests(device.client, LARGE, 5) == (5, 0)  # the old version serves again
         wait_until(
             lambda: any(

@@ -8,11 +8,21 @@ recent latencies, so memory stays fixed however long the agent runs.
 Outcomes: ``ok``; ``client_error`` (the request was wrong, HTTP 4xx; never the model's
 fault, so it does not count against a version); ``error`` (the model or runtime failed
 on a valid request).
+
+Beside them, each version accumulates what Triton's statistics extension reports
+(``Execution``): successes and failures with their total durations, and for each
+success where its time went (``Phases``: waiting for a slot, preparing the inputs,
+running the model, encoding the outputs), as measured by the server. A failure is any
+infer request a version did not answer with a result, whatever the cause (a wrong
+request, a full queue, the model failing). The figures of a version are dropped with
+it (``forget``): they count since the version was loaded on this device, as long as it
+stays (live, or kept for a rollback's figures).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
@@ -48,14 +58,79 @@ class StatsSnapshot:
 EMPTY = StatsSnapshot(0, 0, 0, None, None, None, 0)
 
 
+class Phases:
+    """Where one answered infer request's time went, in nanoseconds: ``queue`` waiting for
+    a slot (admission), ``input`` reading and checking its tensors, ``infer`` the model's
+    run, ``output`` encoding the response. The server sets each as the request goes,
+    every one of them before a success is recorded (no ``__init__``: made per request,
+    it costs about half of one that sets zeros)."""
+
+    __slots__ = ("infer_ns", "input_ns", "output_ns", "queue_ns")
+    queue_ns: int
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Triton's statistics of one (model, version) at one instant: request counts and
+    total durations in nanoseconds; ``timed`` successes were measured phase by phase
+    (every success the server answers), ``last_inference_ms`` is the wall clock of the
+    last request (milliseconds since the epoch, 0: none yet)."""
+
+    success: int = 0
+    success_ns: int = 0
+    fail: int = 0
+    fail_ns: int = 0
+    timed: int = 0
+    queue_ns: int = 0
+    input_ns: int = 0
+    infer_ns: int = 0
+    output_ns: int = 0
+    last_inference_ms: int = 0
+
+
 class _Counters:
-    __slots__ = ("client_errors", "errors", "latencies", "requests")
+    __slots__ = (
+        "client_errors",
+        "errors",
+        "fail",
+        "fail_ns",
+        "infer_ns",
+        "input_ns",
+        "last_inference_ms",
+        "latencies",
+        "output_ns",
+        "queue_ns",
+        "requests",
+        "success",
+        "success_ns",
+        "timed",
+    )
 
     def __init__(self, window: int) -> None:
         self.requests = 0
         self.errors = 0
         self.client_errors = 0
         self.latencies: deque[float] = deque(maxlen=window)
+        self.success = self.success_ns = self.fail = self.fail_ns = 0
+        self.timed = self.queue_ns = self.input_ns = self.infer_ns = self.output_ns = 0
+        self.last_inference_ms = 0
+
+    def execution(self) -> Execution:
+        return Execution(
+            self.success,
+            self.success_ns,
+            self.fail,
+            self.fail_ns,
+            self.timed,
+            self.queue_ns,
+            self.input_ns,
+            self.infer_ns,
+            self.output_ns,
+            self.last_inference_ms,
+        )
 
 
 class RequestStats:
@@ -66,19 +141,67 @@ class RequestStats:
         self._lock = threading.Lock()
         self._by_version: dict[tuple[str, str], _Counters] = {}
 
-    def record(self, model: str, version: str, latency_s: float, outcome: Outcome) -> None:
+    def record(
+        self,
+        model: str,
+        version: str,
+        latency_s: float,
+        outcome: Outcome,
+        phases: Phases | None = None,
+    ) -> None:
+        """One infer request the version ran or tried to (``phases``: where a success's
+        time went)."""
         key = (model, version)
+        now_ms = time.time_ns() // 1_000_000
+        latency_ns = int(latency_s * 1e9)
         with self._lock:
             counters = self._by_version.get(key)
             if counters is None:
                 counters = self._by_version[key] = _Counters(self._window)
             counters.requests += 1
+            counters.last_inference_ms = now_ms
+            if outcome is Outcome.OK:
+                counters.latencies.append(latency_s)
+                counters.success += 1
+                counters.success_ns += latency_ns
+                if phases is not None:
+                    counters.timed += 1
+                    counters.queue_ns += phases.queue_ns
+                    counters.input_ns += phases.input_ns
+                    counters.infer_ns += phases.infer_ns
+                    counters.output_ns += phases.output_ns
+                return
+            counters.fail += 1
+            counters.fail_ns += latency_ns
             if outcome is Outcome.ERROR:
                 counters.errors += 1
-            elif outcome is Outcome.CLIENT_ERROR:
-                counters.client_errors += 1
             else:
-                counters.latencies.append(latency_s)
+                counters.client_errors += 1
+
+    def record_refused(self, model: str, version: str, latency_s: float) -> None:
+        """An infer request for the version refused before it could run (the agent not
+        ready, a JSON part too large, a full queue, a deadline passed in the queue): a
+        failure in Triton's statistics, no request of the version's otherwise (it says
+        nothing of the version's health)."""
+        now_ms = time.time_ns() // 1_000_000
+        with self._lock:
+            counters = self._by_version.get((model, version))
+            if counters is None:
+                counters = self._by_version[(model, version)] = _Counters(self._window)
+            counters.fail += 1
+            counters.fail_ns += int(latency_s * 1e9)
+            counters.last_inference_ms = now_ms
+
+    def execution(self, model: str, version: str) -> Execution:
+        """Triton's statistics of the version (zeros when it has none yet)."""
+        with self._lock:
+            counters = self._by_version.get((model, version))
+            return Execution() if counters is None else counters.execution()
+
+    def versions(self) -> list[tuple[str, str]]:
+        """Every (model, version) with figures, sorted."""
+        with self._lock:
+            return sorted(self._by_version)
 
     def snapshot(self, model: str, version: str) -> StatsSnapshot:
         with self._lock:

@@ -32,7 +32,8 @@ Invariants:
   → 503 with Retry-After (both answered at once; the rest of the body is drained for a
   bounded time so the client can read the answer), an oversized head → 431. Errors that
   leave the byte stream unparseable answer and then close.
-- A bad ``Inference-Header-Content-Length`` is a 400 answered after the body is read,
+- A bad ``Inference-Header-Content-Length`` is a 400, and a compressed body
+  (``Content-Encoding`` other than ``identity``) a 415, answered after the body is read,
   on a connection that stays usable.
 - ``100 Continue`` is sent before reading a body the limits and the quota accept, and
   only then.
@@ -111,6 +112,7 @@ class _Head:
 
     __slots__ = (
         "bad_header",
+        "bad_status",
         "body",
         "body_bytes",
         "charge",
@@ -136,6 +138,7 @@ class _Head:
         self.content_length: int | None = None
         self.header_length: int | None = None
         self.bad_header: str | None = None
+        self.bad_status = 400
         self.expect_continue = False
         self.chunked = False
         self.too_large = False
@@ -166,6 +169,7 @@ class _Head:
             try:
                 self.header_length = int(value)
             except ValueError:
+                self.bad_status = 400
                 self.bad_header = (
                     f"Inference-Header-Content-Length expected an integer, got {value!r}"
                 )
@@ -173,6 +177,13 @@ class _Head:
             self.expect_continue = True
         elif lower == b"transfer-encoding" and b"chunked" in value.lower():
             self.chunked = True
+        elif lower == b"content-encoding" and value.strip().lower() != b"identity":
+            self.bad_status = 415
+            self.bad_header = (
+                f"request bodies are read uncompressed, got Content-Encoding "
+                f"{value.decode('latin-1')!r}: send the body as it is (tritonclient: "
+                "leave request_compression_algorithm unset)"
+            )
 
     def on_headers_complete(self) -> None:
         # Asked now: llhttp resets what "Connection: close" set once the message is
@@ -271,7 +282,7 @@ class Connection:
                 body = self._read_body(parsed)
             received = time.monotonic()
             if parsed.bad_header is not None:
-                response = Response.error(400, parsed.bad_header)
+                response = Response.error(parsed.bad_status, parsed.bad_header)
             else:
                 response = self._dispatch(
                     Request(

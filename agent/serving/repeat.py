@@ -50,6 +50,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import weakref
+from time import perf_counter_ns
 from typing import Any, Final, NamedTuple
 
 import numpy as np
@@ -61,6 +62,7 @@ from agent.oip.response import encode_infer_response, template_key
 from agent.oip.shm import OwnedRegions
 from agent.oip.tensors import tensor_to_bytes
 from agent.runtime.models import Bound, BoundRun, LoadedModel, RunTerminatedError
+from agent.runtime.stats import Phases
 from agent.serving.http_messages import Request, Response
 
 _BINARY: Final = b"application/octet-stream"
@@ -192,9 +194,13 @@ class Repeat:
         body: bytes | bytearray | memoryview,
         shm: OwnedRegions | None,
         options: ort.RunOptions,
+        phases: Phases,
     ) -> Response:
-        """Answer a repeat (``body``: its body) on ``model``, the one it ``matches``.
-        Raises as the full path does."""
+        """Answer a repeat (``body``: its body) on ``model``, the one it ``matches``,
+        noting where its time goes in ``phases`` (a bound run has no outputs to encode:
+        the model wrote them where the response sends them from). Raises as the full
+        path does."""
+        started = perf_counter_ns()
         views: list[memoryview] = []  # held to the end: they keep the regions mapped
         addresses: list[int] | None = [] if self.bindable else None
         if self.shm_refs:
@@ -202,10 +208,17 @@ class Repeat:
             views = shm.views(self.shm_refs, addresses)  # every region checked as it is now
         if addresses is not None and self.in_body:
             addresses.append(_address_of(body))
+        bound_ns = 0  # a bound run that failed, to be run again unbound
         if addresses is not None and (not addresses or addresses[-1] >= 0):
+            checked_at = perf_counter_ns()
             response = self._run_bound(model, addresses, options)
+            ran_at = perf_counter_ns()
             if response is not None:
+                phases.input_ns = checked_at - started
+                phases.infer_ns = ran_at - checked_at
+                phases.output_ns = 0  # the model wrote them where the response is
                 return response
+            bound_ns = ran_at - checked_at
         inputs: dict[str, np.ndarray] = {}
         for spec in self.inputs:
             if spec.view < 0:
@@ -213,18 +226,25 @@ class Repeat:
             else:
                 array = np.frombuffer(views[spec.view], spec.wire)
             inputs[spec.name] = array.reshape(spec.shape)
+        read_at = perf_counter_ns()
         results = model.run(self.names, inputs, options)
+        ran_at = perf_counter_ns()
+        phases.input_ns = read_at - started - bound_ns
+        phases.infer_ns = ran_at - read_at + bound_ns
         parts: list[bytes | memoryview] = [self.template.header]
         for expected, array in zip(self.outputs, results, strict=True):
             if array.dtype != expected.dtype or array.shape != expected.shape:
                 outputs = dict(zip(self.names, results, strict=True))
-                return infer_response(
+                response = infer_response(
                     *encode_infer_response(model.name, model.version, outputs, self.request, shm)
                 )
+                phases.output_ns = perf_counter_ns() - ran_at
+                return response
             if expected.view < 0:
                 parts.append(tensor_to_bytes(array))
             else:
                 views[expected.view][:] = tensor_to_bytes(array)
+        phases.output_ns = perf_counter_ns() - ran_at
         if self.response is not None:
             return self.response
         return infer_response(parts, self.template.header_length)

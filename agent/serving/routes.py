@@ -4,10 +4,11 @@ connection (same URL and JSON header) is answered through ``agent.serving.repeat
 same limits, with the same errors, metrics and stats.
 
 Endpoints: health, server and model metadata, infer (JSON, binary tensor and system
-shared-memory extensions), shared-memory registration, and ``/metrics``. Beside OIP's
-``/v2/health/live`` and ``/v2/health/ready`` (unchanged), ``/v2/health/agent`` answers
-the agent's own status (its broker connection), which the server gets as a callable:
-serving does not import telemetry.
+shared-memory extensions), shared-memory registration, Triton's model configuration,
+statistics and (read-only) model repository extensions (``agent.serving.triton``), and
+``/metrics``. Beside OIP's ``/v2/health/live`` and ``/v2/health/ready`` (unchanged),
+``/v2/health/agent`` answers the agent's own status (its broker connection), which the
+server gets as a callable: serving does not import telemetry.
 
 Every request is answered on the thread of its connection (``agent.serving.http11``): parsing,
 ONNX Runtime and encoding run there, with no hop to another thread. ``Admission`` bounds
@@ -26,6 +27,9 @@ Invariants:
   still waiting at its deadline never runs, and one still running at its deadline is
   cancelled (ONNX Runtime's terminate flag) and answered 503: its result, even if it
   arrives, is never sent after the deadline.
+- Every infer request that reaches a version is counted in its statistics once: a
+  success with where its time went (``Phases``, measured here and in the repeat), or a
+  failure, whatever refused it.
 - JSON is parsed only within bounds, since parsing takes ~12 times its bytes in memory:
   an infer request's JSON part (the whole body, or its ``Inference-Header-Content-Length``)
   up to ``max_json_bytes``, parsed within admission (so at most ``max_concurrency`` at
@@ -40,6 +44,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
+from time import perf_counter_ns
 from typing import Any, Final
 
 import onnxruntime as ort
@@ -56,12 +61,19 @@ from agent.oip.response import encode_infer_response
 from agent.oip.shm import OwnedRegions, SharedMemoryDenied, SharedMemoryRegistry
 from agent.runtime.models import LoadedModel
 from agent.runtime.registry import ModelRegistry
-from agent.runtime.stats import Outcome, RequestStats
+from agent.runtime.stats import Outcome, Phases, RequestStats
 from agent.serving.admission import Admission, DeadlineExceeded, Overloaded, RunWatch
 from agent.serving.http_messages import RETRY_AFTER, Request, Response
 from agent.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.serving.metrics import InferenceMetrics
 from agent.serving.repeat import Repeat, infer_response, remember
+from agent.serving.triton import (
+    LOAD_REFUSED,
+    RepositoryIndex,
+    model_config,
+    repository_index,
+    statistics,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +82,14 @@ _MAX_REGISTER_BYTES: Final = 4096  # {"key", "offset", "byte_size"} and some roo
 _LIVE_BODY: Final = b'{"live":true}'
 _READY_BODY: Final = b'{"ready":true}'
 _NOT_READY_BODY: Final = b'{"ready":false}'
+# Triton endpoints the agent does not have, and what to use instead.
+_NOT_HERE: Final = {
+    "logging": "the agent logs to the journal (journalctl -u edge-agent), with no "
+    "Triton logging extension",
+    "trace": "the agent has no Triton trace extension; its metrics are at /metrics",
+    "cudasharedmemory": "the agent runs on the CPU and has no CUDA shared memory; use "
+    "system shared memory (/v2/systemsharedmemory) on its Unix socket",
+}
 
 
 class _Forbidden(InvalidRequestError):
@@ -102,7 +122,8 @@ class Router:
         server_metadata: bytes,
         shm: SharedMemoryRegistry | None,
         metrics: InferenceMetrics,
-        stats: RequestStats | None,
+        stats: RequestStats,
+        repository: RepositoryIndex,
         is_ready: Callable[[], bool],
         agent_status: Callable[[], Mapping[str, Any]] | None = None,
         max_concurrency: int,
@@ -115,6 +136,7 @@ class Router:
         self._shm = shm
         self._metrics = metrics
         self._stats = stats
+        self._repository = repository
         self._request_deadline_s = request_deadline_s
         self._server_metadata = server_metadata
         self._is_ready = is_ready
@@ -188,10 +210,17 @@ class Router:
             if ready:
                 return Response(200, _READY_BODY)
             return Response(503, _NOT_READY_BODY)
+        if rest == ["models", "stats"]:
+            _require(method, b"GET")
+            return self._statistics(None, None)
         if rest[0] == "models" and len(rest) >= 2:
             return self._route_model(request, rest[1], rest[2:])
         if rest[0] == "systemsharedmemory" and self._shm is not None:
             return self._route_shm(request, rest[1:])
+        if rest[0] == "repository":
+            return self._route_repository(request, rest[1:])
+        if rest[0] in _NOT_HERE:
+            raise ModelNotFoundError(f"no such endpoint: {path}: {_NOT_HERE[rest[0]]}")
         raise ModelNotFoundError(f"no such endpoint: {path}")
 
     def _agent_health(self, ready: bool) -> Response:
@@ -207,12 +236,14 @@ class Router:
         version: str | None = None
         if len(rest) >= 2 and rest[0] == "versions":
             version, rest = rest[1], rest[2:]
-        if len(rest) > 1 or (rest and rest[0] not in ("ready", "infer")):
-            raise ModelNotFoundError(
-                f"no such endpoint: /{'/'.join(['v2', 'models', name, *rest])}"
-            )
+        if len(rest) > 1 or (rest and rest[0] not in ("ready", "infer", "config", "stats")):
+            path = f"/{'/'.join(['v2', 'models', name, *rest])}"
+            why = f": {_NOT_HERE[rest[0]]}" if rest[0] in _NOT_HERE else ""
+            raise ModelNotFoundError(f"no such endpoint: {path}{why}")
         action = rest[0] if rest else "metadata"
         _require(request.method, b"POST" if action == "infer" else b"GET")
+        if action == "stats":
+            return self._statistics(name, version)
         model = self._resolve(name, version)  # the one reference this request uses
         if action == "infer":
             if len(self._infer_urls) >= _MAX_INFER_URLS:
@@ -222,7 +253,47 @@ class Router:
             return Response(200, json.dumps(model_metadata(model.manifest)).encode())
         if action == "ready":
             return Response(200, json.dumps({"name": model.name, "ready": True}).encode())
+        if action == "config":
+            return Response(200, json.dumps(model_config(model.manifest)).encode())
         return self._infer(model, request)
+
+    def _statistics(self, name: str | None, version: str | None) -> Response:
+        """Triton's statistics of every version with figures or live (of model ``name``,
+        of version ``version``); 404 when the model or version has neither."""
+        keys = set(self._stats.versions())
+        keys.update((n, m.version) for n, m in self._registry.snapshot().items())
+        chosen = sorted(
+            (n, v) for n, v in keys if name in (None, n) and version in (None, v)
+        )  # fmt: skip
+        if name is not None and not chosen:
+            served = self._registry.get(name)
+            if served is None and not any(n == name for n, _ in keys):
+                served_all = sorted(self._registry.snapshot())
+                raise ModelNotFoundError(f"unknown model {name!r} (serving: {served_all})")
+            raise ModelNotFoundError(
+                f"model {name!r} has no version {version!r} on this device"
+                + (f" (serving {served.version})" if served is not None else "")
+            )
+        doc = statistics((n, v, self._stats.execution(n, v)) for n, v in chosen)
+        return Response(200, json.dumps(doc).encode())
+
+    def _route_repository(self, request: Request, rest: list[str]) -> Response:
+        """``/index`` (POST, optional body ``{"ready": bool}``) and
+        ``/models/<name>/load`` or ``unload`` (POST: refused, 403)."""
+        if rest == ["index"]:
+            _require(request.method, b"POST")
+            if len(request.body) > _MAX_REGISTER_BYTES:
+                raise _TooLarge(
+                    f"repository index body of {len(request.body)} bytes, expected at most "
+                    f'{_MAX_REGISTER_BYTES}: {{"ready": true}} or nothing'
+                )
+            ready_only = _ready_filter(bytes(request.body))
+            doc = repository_index(self._repository(), ready_only)
+            return Response(200, json.dumps(doc).encode())
+        if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
+            _require(request.method, b"POST")
+            raise _Forbidden(f"cannot {rest[2]} {rest[1]!r}: {LOAD_REFUSED}")
+        raise ModelNotFoundError(f"no such endpoint: /v2/repository/{'/'.join(rest)}")
 
     def _resolve(self, name: str, version: str | None) -> LoadedModel:
         model = self._registry.get(name)
@@ -280,30 +351,38 @@ class Router:
         when it is an exact repeat of an earlier request on its connection."""
         if self._stopping or not self._is_ready():
             self._metrics.record_error(model.name, model.version, "not_ready")
+            self._refused(model, request)
             raise NotReadyError("the agent is not ready to serve (starting, stopping or draining)")
         header_length = request.header_length
         json_length = len(request.body) if header_length is None else header_length
         if json_length > self._max_json_bytes:
+            self._refused(model, request)
             raise _TooLarge(
                 f"the request's JSON is {json_length} bytes, at most {self._max_json_bytes} "
                 "are parsed ([inference] max_json_bytes): send large tensors as binary data "
                 "(Inference-Header-Content-Length) or in shared memory"
             )
         deadline = request.received + self._request_deadline_s
+        phases = Phases()
+        waited = perf_counter_ns()
         try:
             self.admission.enter(deadline)
-        except (Overloaded, DeadlineExceeded) as exc:
-            kind = "overloaded" if isinstance(exc, Overloaded) else "deadline"
-            self._metrics.record_error(model.name, model.version, kind)
+        except NotReadyError as exc:
+            if isinstance(exc, Overloaded | DeadlineExceeded):
+                kind = "overloaded" if isinstance(exc, Overloaded) else "deadline"
+                self._metrics.record_error(model.name, model.version, kind)
+            self._refused(model, request)
             raise
+        phases.queue_ns = perf_counter_ns() - waited
         try:
             # A repeat's options are reused while its runs end in time (see RunWatch).
             key, options = self._watch.begin(deadline, None if repeat is None else repeat.options)
             try:
+                shared = self._shared(request)
                 if repeat is not None:
-                    response = repeat.run(model, request.body, self._shared(request), options)
+                    response = repeat.run(model, request.body, shared, options, phases)
                 else:
-                    response = _execute(model, request, self._shared(request), self._plans, options)
+                    response = _execute(model, request, shared, self._plans, options, phases)
             except Exception as exc:
                 if repeat is not None:
                     repeat.options = ort.RunOptions()
@@ -314,9 +393,14 @@ class Router:
                 if repeat is not None:
                     repeat.options = ort.RunOptions()
                 return self._expired(model, request)
-            return self._succeeded(model, request, response)
+            return self._succeeded(model, request, response, phases)
         finally:
             self.admission.leave()
+
+    def _refused(self, model: LoadedModel, request: Request) -> None:
+        """An infer request for ``model`` refused before it ran: a failure in Triton's
+        statistics."""
+        self._stats.record_refused(model.name, model.version, time.monotonic() - request.received)
 
     def _shared(self, request: Request) -> OwnedRegions | None:
         """The regions of the request's peer (its uid); TCP peers have none."""
@@ -328,20 +412,20 @@ class Router:
         """A run that outlived the deadline: 503, and an error of the version (a request
         that only waited past it is not the version's fault and is not recorded here)."""
         self._metrics.record_error(model.name, model.version, "deadline")
-        if self._stats is not None:
-            latency = time.monotonic() - request.received
-            self._stats.record(model.name, model.version, latency, Outcome.ERROR)
+        latency = time.monotonic() - request.received
+        self._stats.record(model.name, model.version, latency, Outcome.ERROR)
         return _error_response(
             DeadlineExceeded(
                 f"no answer within the request deadline of {self._request_deadline_s:g} s"
             )
         )
 
-    def _succeeded(self, model: LoadedModel, request: Request, response: Response) -> Response:
+    def _succeeded(
+        self, model: LoadedModel, request: Request, response: Response, phases: Phases
+    ) -> Response:
         latency = time.monotonic() - request.received
         self._metrics.record_request(model.name, model.version, latency)
-        if self._stats is not None:
-            self._stats.record(model.name, model.version, latency, Outcome.OK)
+        self._stats.record(model.name, model.version, latency, Outcome.OK, phases)
         return response
 
     def _failed(self, model: LoadedModel, request: Request, exc: BaseException) -> Response:
@@ -358,8 +442,7 @@ class Router:
             response = Response.error(500, "internal error (see the agent's log)")
         self._metrics.record_request(model.name, model.version, None)
         self._metrics.record_error(model.name, model.version, kind)
-        if self._stats is not None:
-            self._stats.record(model.name, model.version, latency, outcome)
+        self._stats.record(model.name, model.version, latency, outcome)
         return response
 
 
@@ -369,9 +452,12 @@ def _execute(
     shm: OwnedRegions | None,
     plans: PlanCache,
     options: ort.RunOptions | None,
+    phases: Phases,
 ) -> Response:
-    """Parse, run and encode one infer request (``options``: the run's, to cancel it);
-    keep it as a ``Repeat`` in its connection's memo when it can be one."""
+    """Parse, run and encode one infer request (``options``: the run's, to cancel it;
+    ``phases``: where its time goes); keep it as a ``Repeat`` in its connection's memo
+    when it can be one."""
+    started = perf_counter_ns()
     parsed = parse_infer_request(
         request.body,
         model.manifest,
@@ -379,12 +465,39 @@ def _execute(
         shm=shm,
         plans=plans,
     )
+    parsed_at = perf_counter_ns()
     outputs = model.infer(parsed.inputs, parsed.output_names, run_options=options)
+    ran_at = perf_counter_ns()
     response = infer_response(
         *encode_infer_response(model.name, model.version, outputs, parsed, shm)
     )
+    phases.input_ns = parsed_at - started
+    phases.infer_ns = ran_at - parsed_at
+    phases.output_ns = perf_counter_ns() - ran_at
     remember(request, model, parsed, outputs)
     return response
+
+
+def _ready_filter(body: bytes) -> bool:
+    """The ``ready`` of a repository index request's body (none, empty or absent: False).
+    Raises InvalidRequestError for a body that is not a JSON object or whose ``ready`` is
+    not a boolean."""
+    if not body.strip():
+        return False
+    try:
+        doc: Any = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InvalidRequestError(f"repository index body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidRequestError(
+            f'repository index body: expected an object such as {{"ready": true}}, got {doc!r}'
+        )
+    ready = doc.get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidRequestError(
+            f"repository index body: expected ready to be true or false, got {ready!r}"
+        )
+    return ready
 
 
 def _require(method: bytes, allowed: bytes) -> None:

@@ -59,6 +59,8 @@ from agent.serving.metrics import InferenceMetrics
 from agent.serving.peers import IdMap, PeerCredentials, read_credentials, read_id_map
 from agent.serving.quota import TCP_PEER, Quota, share_of
 from agent.serving.routes import Router
+from agent.serving.triton import EXTENSIONS as TRITON_EXTENSIONS
+from agent.serving.triton import READY, IndexEntry, RepositoryIndex
 
 if TYPE_CHECKING:
     from agent.device.config import InferenceConfig
@@ -78,7 +80,9 @@ class InferenceServer:
     model is live); when it returns False, health/ready answers 503 and infer requests
     get 503. ``agent_status`` gives what ``/v2/health/agent`` adds to ``live`` and
     ``ready`` (the agent's broker connection). Every infer request is recorded in
-    ``stats`` (when given) under the version that served it, and in ``metrics``.
+    ``stats`` (a fresh one when not given) under the version that served it, and in
+    ``metrics``. ``repository`` lists the versions the device holds for Triton's
+    repository index (default: the live ones).
     ``from_config`` builds one from ``[inference]``.
     """
 
@@ -111,6 +115,7 @@ class InferenceServer:
         stats: RequestStats | None = None,
         metrics: InferenceMetrics | None = None,
         id_map: IdMap | None = None,
+        repository: RepositoryIndex | None = None,
     ) -> None:
         positive = {
             "max_body_bytes": max_body_bytes,
@@ -132,7 +137,7 @@ class InferenceServer:
             )
         check_body_limits(max_body_bytes, max_body_buffer_bytes, peer_share)
         self.registry = registry
-        self.stats = stats
+        self.stats = stats if stats is not None else RequestStats()
         self.metrics = metrics if metrics is not None else InferenceMetrics()
         self.socket_path = Path(socket_path)
         self.socket_mode = socket_mode
@@ -177,6 +182,7 @@ class InferenceServer:
         self._connections_lock = threading.Lock()
         self._serial = 0
         extensions = [e for e in EXTENSIONS if shared_memory or e != "system_shared_memory"]
+        extensions += TRITON_EXTENSIONS
         self._router = Router(
             registry,
             server_metadata=json.dumps(
@@ -184,7 +190,8 @@ class InferenceServer:
             ).encode(),
             shm=self.shm,
             metrics=self.metrics,
-            stats=stats,
+            stats=self.stats,
+            repository=repository or (lambda: live_versions(registry)),
             is_ready=is_ready or (lambda: len(registry) > 0),
             agent_status=agent_status,
             max_concurrency=max_concurrency,
@@ -203,6 +210,7 @@ class InferenceServer:
         agent_status: Callable[[], Mapping[str, Any]] | None = None,
         stats: RequestStats | None = None,
         metrics: InferenceMetrics | None = None,
+        repository: RepositoryIndex | None = None,
     ) -> InferenceServer:
         """A server with every limit and listener taken from the ``[inference]`` section."""
         return cls(
@@ -231,6 +239,7 @@ class InferenceServer:
             agent_status=agent_status,
             stats=stats,
             metrics=metrics,
+            repository=repository,
         )
 
     @property
@@ -490,6 +499,11 @@ class InferenceServer:
             f"peer uid {peer.uid} gid {peer.gid} is not in the allow-list "
             f"([inference] allowed_users / allowed_groups)"
         )
+
+
+def live_versions(registry: ModelRegistry) -> list[IndexEntry]:
+    """The repository index of a server told nothing else: the live version of each model."""
+    return [IndexEntry(n, m.version, READY, "") for n, m in registry.snapshot().items()]
 
 
 def may_poll(running: int, agent_cores: int, machine_cores: int) -> bool:

@@ -44,7 +44,7 @@ from agent.contracts import (
     parse_waiting,
     telemetry_payload,
 )
-from agent.runtime.stats import Outcome, RequestStats, StatsSnapshot
+from agent.runtime.stats import Outcome, Phases, RequestStats, StatsSnapshot
 from agent.telemetry.outbox import Outbox, PayloadBuilder
 from agent.update.journal import JournalRecord
 
@@ -83,8 +83,15 @@ class IntervalStats(RequestStats):
         self._interval_lock = threading.Lock()
         self._interval: dict[tuple[str, str], _Interval] = {}
 
-    def record(self, model: str, version: str, latency_s: float, outcome: Outcome) -> None:
-        super().record(model, version, latency_s, outcome)
+    def record(
+        self,
+        model: str,
+        version: str,
+        latency_s: float,
+        outcome: Outcome,
+        phases: Phases | None = None,
+    ) -> None:
+        super().record(model, version, latency_s, outcome, phases)
         with self._interval_lock:
             counters = self._interval.get((model, version))
             if counters is None:

@@ -1,6 +1,7 @@
 """The composition root's pure pieces: the loops' pass deadlines, how long each may go
 without a pass, and the update loop's back-off (the loops themselves run in a real agent:
-tests/test_update_liveness.py, tests/test_clock_step.py)."""
+tests/test_update_liveness.py, tests/test_clock_step.py); and the repository index it
+gives the inference server."""
 
 from __future__ import annotations
 
@@ -9,8 +10,19 @@ from pathlib import Path
 
 import pytest
 
-from agent.app import IdleBounds, PassDeadlines, idle_bounds, pass_deadlines, retry_delay_s
+from agent.app import (
+    AgentApp,
+    IdleBounds,
+    PassDeadlines,
+    idle_bounds,
+    pass_deadlines,
+    retry_delay_s,
+)
 from agent.device.config import AgentConfig, InstallConfig, RepositoryConfig, TelemetryConfig
+from agent.runtime.loading import load_model
+from agent.serving.triton import IndexEntry
+from agent.update.journal import JournalRecord, Phase
+from tests.agent._model_dir import make_model_dir
 
 
 def _config(tmp_path: Path) -> AgentConfig:
@@ -62,3 +74,29 @@ def test_the_retry_delay_doubles_up_to_the_poll_interval() -> None:
     assert retry_delay_s(1, 5.0, 1.0) == 1.0  # a poll shorter than the first delay wins
     with pytest.raises(ValueError, match="failures expected >= 1, got 0"):
         retry_delay_s(0, 5.0, 300.0)
+
+
+def test_the_repository_index_lists_what_the_store_holds_and_what_serves(
+    tmp_path: Path, linear_model: Path
+) -> None:
+    app = AgentApp(_config(tmp_path))
+    try:
+        assert app.repository_index() == []
+        make_model_dir(app.store.version_dir("linear", "1.0.0"), linear_model, version="1.0.0")
+        live = make_model_dir(
+            app.store.version_dir("linear", "2.0.0"), linear_model, version="2.0.0"
+        )
+        app.registry.activate(load_model(*live))
+        record = JournalRecord("linear", Phase.ACTIVE, version="2.0.0", previous="1.0.0")
+        app.store.write_journal(record)
+        assert app.repository_index() == [
+            IndexEntry(
+                "linear", "1.0.0", "UNAVAILABLE", "the previous version, kept for a rollback"
+            ),
+            IndexEntry("linear", "2.0.0", "READY", "serving, on probation"),
+        ]
+        # What the server answers is what the app says.
+        assert app.server._router._repository() == app.repository_index()
+    finally:
+        app.outbox.close()
+        app.updates.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.runtime.stats import Outcome, RequestStats
+from agent.runtime.stats import Execution, Outcome, Phases, RequestStats
 
 
 def test_counts_and_percentiles_per_version() -> None:
@@ -31,3 +31,24 @@ def test_window_is_bounded_and_forget_drops_versions() -> None:
     assert snap.requests == 1000 and snap.window == 10 and snap.p50_s == pytest.approx(994.5)
     stats.forget("m", keep_versions=set())
     assert stats.snapshot("m", "1.0.0").requests == 0
+
+
+def test_triton_figures_count_successes_failures_and_phases() -> None:
+    stats = RequestStats()
+    assert stats.execution("m", "1.0.0") == Execution()
+    phases = Phases()
+    phases.queue_ns, phases.input_ns, phases.infer_ns, phases.output_ns = 10, 20, 300, 40
+    stats.record("m", "1.0.0", 0.001, Outcome.OK, phases)
+    stats.record("m", "1.0.0", 0.002, Outcome.OK, phases)
+    stats.record("m", "1.0.0", 0.004, Outcome.CLIENT_ERROR)
+    stats.record("m", "1.0.0", 0.008, Outcome.ERROR)
+    stats.record_refused("m", "1.0.0", 0.016)  # a full queue: not the version's fault
+    e = stats.execution("m", "1.0.0")
+    assert (e.success, e.success_ns, e.fail, e.fail_ns) == (2, 3_000_000, 3, 28_000_000)
+    assert (e.timed, e.queue_ns, e.input_ns, e.infer_ns, e.output_ns) == (2, 20, 40, 600, 80)
+    assert e.last_inference_ms > 0
+    # A refusal says nothing of the version's health: probation does not see it.
+    assert stats.snapshot("m", "1.0.0").requests == 4
+    assert stats.versions() == [("m", "1.0.0")]
+    stats.forget("m", keep_versions=set())
+    assert stats.versions() == [] and stats.execution("m", "1.0.0") == Execution()

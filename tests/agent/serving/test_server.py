@@ -92,7 +92,13 @@ def test_health_and_metadata_endpoints(server: InferenceServer, client: Inferenc
     assert client.server_metadata() == {
         "name": "edge-agent",
         "version": agent.__version__,
-        "extensions": ["binary_tensor_data", "system_shared_memory"],
+        "extensions": [
+            "binary_tensor_data",
+            "system_shared_memory",
+            "model_configuration",
+            "statistics",
+            "model_repository",
+        ],
     }
     expected = {
         "name": "linear",

@@ -113,6 +113,10 @@ def test_full_queue_is_503_with_retry_after(gated: tuple[ModelRegistry, GatedSes
         first.join(10)
         second.join(10)
         assert results == [(1, 3), (1, 3)]
+        # Triton's statistics: the refusal is a failure; the wait in the queue is counted.
+        figures = server.stats.execution("linear", "1.0.0")
+        assert (figures.success, figures.fail, figures.timed) == (2, 1, 2)
+        assert figures.queue_ns > 0
 
 
 def test_request_past_its_deadline_is_503_and_never_runs(
