@@ -37,9 +37,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Final
-
-import onnxruntime as ort
+from typing import TYPE_CHECKING, Final
 
 from agent.base.errors import (
     InferenceError,
@@ -59,6 +57,9 @@ from agent.serving.http_messages import RETRY_AFTER, Request, Response
 from agent.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.serving.metrics import InferenceMetrics
 from agent.serving.repeat import Repeat, infer_response, remember
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 logger = logging.getLogger(__name__)
 
@@ -289,12 +290,16 @@ class Router:
                     response = _execute(model, request, self._shared(request), self._plans, options)
             except Exception as exc:
                 if repeat is not None:
+                    import onnxruntime as ort
+
                     repeat.options = ort.RunOptions()
                 if self._watch.end(key, options):
                     return self._expired(model, request)
                 return self._failed(model, request, exc)
             if self._watch.end(key, options) or time.monotonic() > deadline:
                 if repeat is not None:
+                    import onnxruntime as ort
+
                     repeat.options = ort.RunOptions()
                 return self._expired(model, request)
             return self._succeeded(model, request, response)
