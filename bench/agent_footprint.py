@@ -30,6 +30,11 @@ What it measures, for this tree and, with ``--baseline REV``, another revision's
   serves (``agent.cli`` then ``agent.app``), summed per top-level package (``agent``
   per subpackage), median of ``--runs`` processes.
 
+``--python`` runs the agents with another interpreter: a venv holding the agent's
+dependencies only (``pip install .``, as the Debian package's venv does) shows what a
+device holds, without the controller's and the tests' packages (rich, pulled in by
+httpx where it is installed).
+
 Prints a table and, with ``--record``, appends it to docs/benchmarks.md ("Agent
 footprint").
 
@@ -40,6 +45,7 @@ footprint").
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import re
@@ -79,6 +85,8 @@ from tests.helpers import start_broker, stop_process
 MODEL = "orient"
 MIB = 2**20
 IDLE_GOAL_MIB = 60.0
+# The interpreter that runs the agents and the import profile (``--python``).
+AGENT_PYTHON = sys.executable
 READY_GOAL_S = 1.5
 
 
@@ -104,7 +112,7 @@ def start_agent(code: Path, config: Path, log: Path) -> tuple[Proc, float]:
     with open(log, "ab") as out:
         started = time.perf_counter()
         process = subprocess.Popen(
-            [sys.executable, "-c", boot, "run", "--config", str(config)],
+            [AGENT_PYTHON, "-c", boot, "run", "--config", str(config)],
             stdout=out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -228,36 +236,48 @@ def arena_mib(model: Path, runs: int) -> tuple[float, float]:
 _IMPORT_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")
 
 
-def import_profile(code: Path, runs: int) -> tuple[float, dict[str, float], int]:
-    """(median total ms, median self ms per group, modules imported) of the run path's
-    imports. A group is a top-level package, or ``agent.<subpackage>``."""
-    totals: list[float] = []
-    groups: dict[str, list[float]] = defaultdict(list)
-    modules = 0
+def import_once(code: Path) -> tuple[float, dict[str, float], int]:
+    """(total ms, self ms per group, modules imported) of one process importing what the
+    run path imports before it serves. A group is a top-level package, or
+    ``agent.<subpackage>``."""
+    body = "import agent.cli, agent.app; print(len(sys.modules))"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [AGENT_PYTHON, "-X", "importtime", "-c", _boot(code, body)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        cwd="/",
+        timeout=120,
+    )
+    per: dict[str, float] = defaultdict(float)
+    for match in _IMPORT_LINE.finditer(out.stderr):
+        own_us, name = int(match.group(1)), match.group(4)
+        parts = name.split(".")
+        group = ".".join(parts[:2]) if parts[0] == "agent" and len(parts) > 1 else parts[0]
+        per[group] += own_us / 1000
+    return sum(per.values()), dict(per), int(out.stdout.strip())
+
+
+def import_profiles(
+    trees: list[tuple[str, Path]], runs: int
+) -> dict[str, tuple[float, dict[str, float], int]]:
+    """Per tree: the median total ms, median ms per group and modules of ``runs``
+    processes, the trees alternating (so load from other jobs hits each alike)."""
+    samples: dict[str, list[tuple[float, dict[str, float], int]]] = defaultdict(list)
     for _ in range(runs):
-        body = "import agent.cli, agent.app; print(len(sys.modules))"
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        out = subprocess.run(
-            [sys.executable, "-X", "importtime", "-c", _boot(code, body)],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=env,
-            cwd="/",
-            timeout=120,
+        for name, code in trees:
+            samples[name].append(import_once(code))
+    profiles = {}
+    for name, got in samples.items():
+        groups = {g for _, per, _ in got for g in per}
+        profiles[name] = (
+            statistics.median(total for total, _, _ in got),
+            {g: statistics.median(per.get(g, 0.0) for _, per, _ in got) for g in groups},
+            got[-1][2],
         )
-        modules = int(out.stdout.strip())
-        per: dict[str, float] = defaultdict(float)
-        for match in _IMPORT_LINE.finditer(out.stderr):
-            own_us, name = int(match.group(1)), match.group(4)
-            parts = name.split(".")
-            group = ".".join(parts[:2]) if parts[0] == "agent" and len(parts) > 1 else parts[0]
-            per[group] += own_us / 1000
-        totals.append(sum(per.values()))
-        for group in set(per) | set(groups):
-            groups[group].append(per.get(group, 0.0))
-    medians = {g: statistics.median(v + [0.0] * (runs - len(v))) for g, v in groups.items()}
-    return statistics.median(totals), medians, modules
+    return profiles
 
 
 # ---------------------------------------------------------------------------- one tree
@@ -268,6 +288,7 @@ class TreeResult:
     idle_none: Memory
     idle_cnn: Memory
     ready_s: list[float]
+    phases: dict[str, float]  # median seconds per phase of a start
     import_ms: float
     import_groups: dict[str, float]
     modules: int
@@ -313,13 +334,45 @@ def idle_memory(
         stop(proc)
 
 
-def start_to_ready(setup: Setup, code: Path, config: Path) -> float:
-    proc, started = start_agent(code, config, config.parent / "agent.log")
+# The agent's log lines that end each phase of a start (agent/cli.py, agent/app.py).
+PHASES = (
+    ("interpreter, imports, config", re.compile(r"INFO agent\.cli: edge-agent .*: device")),
+    ("app built, models restored", re.compile(r"INFO agent\.app: restored \d+ model")),
+    ("socket listening", re.compile(r"INFO agent\.app: inference socket listening")),
+)
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def _phases(log: str, started: float, answered: float) -> dict[str, float]:
+    """Seconds each phase of one start took, from the log's timestamps (1 ms) and the
+    wall clock at exec and at the first answer; the last phase is the first request."""
+    ends: list[float] = []
+    for _, pattern in PHASES:
+        line = next((x for x in log.splitlines() if pattern.search(x)), None)
+        stamp = _STAMP.match(line) if line else None
+        if stamp is None:
+            return {}
+        ends.append(dt.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    edges = [started, *ends, answered]
+    names = [name for name, _ in PHASES] + ["first request answered"]
+    return {name: edges[i + 1] - edges[i] for i, name in enumerate(names)}
+
+
+def start_to_ready(setup: Setup, code: Path, config: Path) -> tuple[float, dict[str, float]]:
+    """Seconds from exec to the first answer; and per phase (``PHASES``)."""
+    log = config.parent / "agent.log"
+    offset = log.stat().st_size if log.exists() else 0
+    wall = time.time()
+    proc, started = start_agent(code, config, log)
     try:
         answered = wait_answer(proc, config.parent / "infer.sock", setup.x, setup.want, 120)
-        return answered - started
+        wall_answered = time.time()
     finally:
         stop(proc)
+    with open(log, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    return answered - started, _phases(text, wall, wall_answered)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -360,18 +413,27 @@ def run(args: argparse.Namespace) -> tuple[list[str], dict[str, TreeResult], flo
                 print(f"  {name}: idle {none[name][-1]} / CNN {cnn[name][-1]}", flush=True)
                 loads.append(os.getloadavg()[0])
         ready: dict[str, list[float]] = defaultdict(list)
+        phases: dict[str, list[dict[str, float]]] = defaultdict(list)
         for _ in range(args.runs):
             for name, code in trees:
-                ready[name].append(start_to_ready(setup, code, configs[name][1]))
+                total, parts = start_to_ready(setup, code, configs[name][1])
+                ready[name].append(total)
+                if parts:
+                    phases[name].append(parts)
             loads.append(os.getloadavg()[0])
         print("  start to ready: " + ", ".join(f"{n} {v}" for n, v in ready.items()), flush=True)
         results = {}
-        for name, code in trees:
-            total, groups, modules = import_profile(code, args.runs)
+        profiles = import_profiles(trees, args.runs)
+        for name, _ in trees:
+            total, groups, modules = profiles[name]
             results[name] = TreeResult(
                 idle_none=_median_memory(none[name]),
                 idle_cnn=_median_memory(cnn[name]),
                 ready_s=ready[name],
+                phases={
+                    phase: statistics.median(p[phase] for p in phases[name])
+                    for phase in (phases[name][0] if phases[name] else {})
+                },
                 import_ms=total,
                 import_groups=groups,
                 modules=modules,
@@ -422,6 +484,11 @@ def table(
             for n in names
         ]
     )
+    for phase in results[names[-1]].phases:
+        rows.append(
+            [f"  start: {phase} (s, median)"]
+            + [f"{results[n].phases.get(phase, float('nan')):.3f}" for n in names]
+        )
     rows.append(
         [f"imports of the run path (ms, median of {args.runs}; modules)"]
         + [f"{results[n].import_ms:.0f} ({results[n].modules})" for n in names]
@@ -440,7 +507,8 @@ def table(
         f"3 times minus before; median of {args.runs}): **{arena:.1f} MiB**; that process's "
         f"RSS with numpy and onnxruntime imported, before the session: {ort_base:.1f} MiB. "
         f"Idle figures: median of {args.idle_runs} agents per tree, {args.settle_s:g} s "
-        "after the first answer.",
+        f"after the first answer. Agents run by `{AGENT_PYTHON}`"
+        + (" (this interpreter)." if sys.executable == AGENT_PYTHON else "."),
         "",
         markdown_table(["", *names], rows),
     ]
@@ -485,7 +553,15 @@ def main() -> None:
     parser.add_argument("--settle-s", type=float, default=5.0, help="idle time before sampling")
     parser.add_argument("--top", type=int, default=12, help="import groups shown")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="the interpreter of the agents, e.g. a venv with the agent's dependencies only, "
+        "as on a device (default: this one)",
+    )
     args = parse_arguments(parser)
+    global AGENT_PYTHON
+    AGENT_PYTHON = args.python
     load_before = os.getloadavg()[0]
     lines, results, arena, load_max = run(args)
     this = results["this tree"]
