@@ -15,9 +15,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 import agent
 from agent.base.completion import add_completion_parser, completion_script
@@ -28,6 +26,9 @@ from agent.base.errors import (
     IncompatibleStateError,
 )
 from agent.device.config import InferenceConfig, load_config
+
+if TYPE_CHECKING:
+    import numpy as np
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -328,6 +329,8 @@ def _unreachable_hint(socket_path: Path, source: str) -> str:
 
 def _infer_shm(client: Any, args: argparse.Namespace, inputs: dict[str, Any]) -> dict[str, Any]:
     import os
+
+    import numpy as np
 
     from agent.oip.shm import SharedMemoryRegion
 

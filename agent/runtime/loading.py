@@ -24,10 +24,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
 
 from agent.base.errors import GoldenMismatchError, InferenceError, ModelError
 from agent.contracts import (
@@ -43,6 +42,9 @@ from agent.contracts import (
 from agent.runtime.memory import configure_allocator
 from agent.runtime.models import LoadedModel
 
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
 logger = logging.getLogger(__name__)
 
 _CPU_PROVIDERS = ["CPUExecutionProvider"]
@@ -52,6 +54,8 @@ _CPU_PROVIDERS = ["CPUExecutionProvider"]
 
 
 def _session_options(intra_op_threads: int) -> ort.SessionOptions:
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = 1
@@ -122,6 +126,10 @@ def load_model(directory: Path, manifest: Manifest, *, intra_op_threads: int = 1
     if intra_op_threads < 0:
         raise ModelError(f"intra_op_threads expected >= 0, got {intra_op_threads}")
     configure_allocator()  # once per process; before the first session allocates
+    # Imported by the first model loaded, not at start: an agent with no model yet
+    # holds no ONNX Runtime.
+    import onnxruntime as ort
+
     directory = Path(directory)
     for member in (BUNDLE_MODEL, BUNDLE_GOLDEN):
         if not (directory / member).is_file():

@@ -28,13 +28,15 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import onnxruntime as ort
 
 from agent.base.errors import InferenceError, InvalidRequestError
 from agent.contracts import Manifest, TensorSpec
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ class LoadedModel:
     def _binding(self) -> Any:
         """ONNX Runtime's C++ session binding, for a real ``InferenceSession`` (None for
         anything else, such as a test double)."""
+        import onnxruntime as ort  # imported already: it made the session
+
         binding = getattr(self.session, "_sess", None)
         if type(self.session) is ort.InferenceSession and callable(getattr(binding, "run", None)):
             return binding
@@ -260,6 +264,8 @@ class BoundRun:
     __slots__ = ("_binding", "_label", "_run")
 
     def __init__(self, model: LoadedModel, inputs: Sequence[Bound], outputs: Sequence[Bound]):
+        import onnxruntime as ort  # imported already: it made the session
+
         binding = ort.IOBinding(model.session)
         for tensor in inputs:
             binding.bind_input(

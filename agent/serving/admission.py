@@ -21,11 +21,12 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from typing import Final
-
-import onnxruntime as ort
+from typing import TYPE_CHECKING, Final
 
 from agent.base.errors import NotReadyError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 _IDLE_CHECK_S: Final = 1.0
 
@@ -138,6 +139,8 @@ class RunWatch:
         theirs is still clear and stays so), else new ones (~10 µs after a model run has
         flushed the caches)."""
         if options is None:
+            import onnxruntime as ort  # imported already: a model loaded (lookup only)
+
             options = ort.RunOptions()
         key = next(self._keys)
         self._runs[key] = (deadline, options)

@@ -51,10 +51,9 @@ import ctypes
 import itertools
 import weakref
 from time import perf_counter_ns
-from typing import Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import numpy as np
-import onnxruntime as ort
 
 from agent.base.errors import InferenceError
 from agent.oip.documents import InferRequest, ResponseTemplate
@@ -64,6 +63,9 @@ from agent.oip.tensors import tensor_to_bytes
 from agent.runtime.models import Bound, BoundRun, LoadedModel, RunTerminatedError
 from agent.runtime.stats import Phases
 from agent.serving.http_messages import Request, Response
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 _BINARY: Final = b"application/octet-stream"
 _MAX_PER_CONNECTION: Final = 8  # distinct infer URLs remembered per connection
@@ -165,6 +167,8 @@ class Repeat:
         self.in_body = any(spec.view < 0 for spec in inputs)
         self.key = next(_KEYS)
         # The RunOptions of this repeat's runs, while they end in time (routes._infer).
+        import onnxruntime as ort  # imported already: a model loaded
+
         self.options = ort.RunOptions()
         self.addresses: list[int] | None = None
         self.buffers: list[np.ndarray] = []  # the binary outputs of bound runs

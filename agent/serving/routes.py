@@ -45,9 +45,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from time import perf_counter_ns
-from typing import Any, Final
-
-import onnxruntime as ort
+from typing import TYPE_CHECKING, Any, Final
 
 from agent.base.errors import (
     InferenceError,
@@ -74,6 +72,9 @@ from agent.serving.triton import (
     repository_index,
     statistics,
 )
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 logger = logging.getLogger(__name__)
 
@@ -385,12 +386,16 @@ class Router:
                     response = _execute(model, request, shared, self._plans, options, phases)
             except Exception as exc:
                 if repeat is not None:
+                    import onnxruntime as ort
+
                     repeat.options = ort.RunOptions()
                 if self._watch.end(key, options):
                     return self._expired(model, request)
                 return self._failed(model, request, exc)
             if self._watch.end(key, options) or time.monotonic() > deadline:
                 if repeat is not None:
+                    import onnxruntime as ort
+
                     repeat.options = ort.RunOptions()
                 return self._expired(model, request)
             return self._succeeded(model, request, response, phases)

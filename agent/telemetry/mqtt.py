@@ -56,7 +56,6 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 import agent
 from agent.contracts import ANNOUNCE_SCHEMA, announce_topic, device_topic, status_payload
 from agent.device.config import AgentConfig
-from agent.device.tls_identity import tls_context
 from agent.telemetry.link_health import (
     LinkHealth,
     Say,
@@ -150,6 +149,9 @@ class MqttLink:
         if config.mqtt.username:
             client.username_pw_set(config.mqtt.username, config.mqtt.password or None)
         if config.mqtt.tls:
+            # Here, not at the top: cryptography is for devices whose broker speaks TLS.
+            from agent.device.tls_identity import tls_context
+
             client.tls_set_context(tls_context(config, os.environ))
         client.reconnect_delay_set(**self._reconnect_delays())
         client.on_pre_connect = self._handle_pre_connect

