@@ -157,6 +157,13 @@ class Backlog:
 
     def _take(self, limit: float, end: float) -> list[Item]:
         items: list[Item] = []
+        if not self._qos1 and self._next <= end:  # QoS 0 only, all before ``end``
+            qos0, forget = self._qos0, self._forget
+            for _ in range(int(min(limit, len(qos0)))):
+                number, item = qos0.popitem(last=False)
+                forget(number, item[0])
+                items.append(item)
+            return items
         while len(items) < limit:
             head = self._head()
             if head >= end:

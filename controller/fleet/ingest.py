@@ -547,9 +547,9 @@ class Ingestor:
         batch = IngestBatch()
         parsed: list[Item] = []
         for item in items:
-            topic, payload, received_at, *_ack = item
+            topic, received_at = item[0], item[2]
             try:
-                add_payload(batch, topic, payload, received_at, admission)
+                add_payload(batch, topic, item[1], received_at, admission)
             except RefusedMessage as exc:
                 self.counts["refused"] += 1
                 self.refusals[exc.reason] += 1
@@ -562,10 +562,10 @@ class Ingestor:
                 self._log_dropped("rejected", topic, PayloadError(f"{type(exc).__name__}: {exc}"))
             else:
                 parsed.append(item)
-                if observe:
+                if observe and not topic.endswith("/telemetry"):
                     self._observe(batch, topic, received_at)
         # On the disk before the acknowledgement: only a QoS 1 message is acknowledged.
-        batch.durable = any(qos for _t, _p, _r, qos, *_ack in parsed)
+        batch.durable = any(item[3] for item in parsed)
         return batch, parsed
 
     def _observe(self, batch: IngestBatch, topic: str, received_at: float) -> None:
@@ -660,10 +660,10 @@ class Ingestor:
         delivered them; on a later one the broker has already sent them again."""
         with self._ack_lock:
             connection = self._connection
-            for *_message, qos, mid, delivered_on in items:
-                if qos:
-                    if delivered_on == connection:
-                        self._client.ack(mid, qos)
+            for item in items:
+                if item[3]:
+                    if item[5] == connection:
+                        self._client.ack(item[4], item[3])
                     self._settled_qos1 += 1
 
     def _leave_to_broker(self, items: list[Item]) -> None:
