@@ -210,9 +210,10 @@ def measure_step(
 ) -> tuple[int, int, float, float]:
     """(published, stored, stored per second, controller CPU seconds) of one step.
 
-    SQLite: a new file per step. PostgreSQL: the DSN's tables, counting what the step adds.
+    SQLite: a new file per step. PostgreSQL: a new schema per step in the DSN's database
+    (dropped after the step), as heartbeats repeat their keys from one step to the next.
     """
-    location = args.store or str(work / f"{step}.sqlite")
+    location = _pg_schema(args.store, step) if args.store else str(work / f"{step}.sqlite")
     controller = Controller(code, port, location, work, args.workers)
     store = open_store(location)
     try:
@@ -245,7 +246,23 @@ def measure_step(
     finally:
         store.close()
         controller.stop()
+        if args.store:
+            _pg_schema(args.store, step, drop=True)
     return published, last - before, (last - before) / wall, cpu
+
+
+def _pg_schema(dsn: str, step: str, drop: bool = False) -> str:
+    """A DSN of ``dsn``'s database whose tables are in a new schema for ``step`` (with
+    ``drop``: drop that schema)."""
+    import psycopg
+
+    schema = "telemetry_bench_" + step.replace("-", "_")
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        if not drop:
+            admin.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in dsn else "?"
+    return f"{dsn}{sep}options=-csearch_path%3D{schema}"
 
 
 def run(args: argparse.Namespace) -> list[str]:

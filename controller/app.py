@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -405,6 +406,13 @@ async def serve(config: ServeConfig) -> None:
         asyncio.create_task(prune_loop(store, config, PRUNE_INTERVAL_S), name="prune"),
     ]
     if ingestor is not None:
+        # Ingestion allocates a few containers per message, 100,000s a second, nearly all
+        # freed within a batch: the garbage collector's youngest generation is collected
+        # every 50,000 allocations instead of 700, and what was set up until now (never
+        # garbage) is left out of its full collections (docs/benchmarks.md, telemetry
+        # ingest, 2026-12-03 14:00).
+        gc.freeze()
+        gc.set_threshold(50_000, 20, 20)
         ingestor.start()
         logger.info("ingesting telemetry into %s", _redacted(config.store_location))
     if config.mqtt_host is not None:

@@ -19,7 +19,9 @@ from typing import Any, Final
 # Applied with ``fullmatch`` only: ``match`` with a ``$`` anchor also accepts a final
 # newline ("dev1\n"), which would then reach ACL lines, topics and file names. Digits are
 # spelled ``[0-9]``: ``\d`` matches every Unicode digit.
-_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# The form of a name, for a larger pattern to embed (a device topic).
+NAME_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+_NAME_RE: Final = re.compile(NAME_PATTERN)
 _NUM: Final = r"(?:0|[1-9][0-9]*)"
 _PRE_ID: Final = rf"(?:{_NUM}|[0-9]*[A-Za-z-][0-9A-Za-z-]*)"
 _SEMVER_RE: Final = re.compile(

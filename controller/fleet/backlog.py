@@ -83,16 +83,28 @@ class Backlog:
         """Hold ``item``; return QUEUED, or COALESCED or DROPPED when a QoS 0 message
         gave way (at the bound)."""
         with self._lock:
-            number = self._next
-            self._next += 1
-            outcome = QUEUED
-            if item[3]:
-                self._qos1.append((number, item))
-            else:
-                outcome = self._put_qos0(number, item)
+            outcome = self._put(item)
             if not self._ready.is_set():
                 self._ready.set()
         return outcome
+
+    def put_many(self, items: list[Item]) -> list[str]:
+        """Hold ``items``, in order, as ``put`` each; return the outcomes other than
+        QUEUED (a QoS 0 message that gave way for each)."""
+        with self._lock:
+            put = self._put
+            shed = [outcome for item in items if (outcome := put(item)) != QUEUED]
+            if items and not self._ready.is_set():
+                self._ready.set()
+        return shed
+
+    def _put(self, item: Item) -> str:
+        number = self._next
+        self._next += 1
+        if item[3]:
+            self._qos1.append((number, item))
+            return QUEUED
+        return self._put_qos0(number, item)
 
     def _put_qos0(self, number: int, item: Item) -> str:
         topic = item[0]
@@ -145,6 +157,13 @@ class Backlog:
 
     def _take(self, limit: float, end: float) -> list[Item]:
         items: list[Item] = []
+        if not self._qos1 and self._next <= end:  # QoS 0 only, all before ``end``
+            qos0, forget = self._qos0, self._forget
+            for _ in range(int(min(limit, len(qos0)))):
+                number, item = qos0.popitem(last=False)
+                forget(number, item[0])
+                items.append(item)
+            return items
         while len(items) < limit:
             head = self._head()
             if head >= end:

@@ -9,8 +9,9 @@ makes SQLite keep up with a large fleet: one commit per message is about half as
 (docs/benchmarks.md).
 
 Parsing a message is ``controller.fleet.payloads.add_payload`` (pure; heartbeats take a
-hot path there). paho reads the socket through ``_BufferedSocket`` (64 KiB per ``recv``
-instead of four system calls per message).
+hot path there). The socket is read 64 KiB at a time and PUBLISH packets are split out
+of it here (``read_packets``), all of one read put in the backlog at once; paho handles
+every other packet (``_IngestClient``).
 
 The client speaks MQTT 5 with a persistent session (``clean_start`` false, a session
 expiry), so QoS 1 events published while this process is down or reconnecting wait in
@@ -73,16 +74,17 @@ from __future__ import annotations
 
 import logging
 import math
-import socket
 import ssl
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -106,68 +108,162 @@ class _Refused(Exception):
         self.cause = cause
 
 
-class _BufferedSocket:
-    """The client's socket, read 64 KiB at a time.
+# A message as read off the wire: (topic, payload, qos, packet id).
+Received = tuple[str, bytes, int, int]
 
-    paho reads a packet with one ``recv`` for its first byte, one per byte of its length
-    and one for the rest, after a ``select``: four or five system calls per heartbeat,
-    which measured as the largest part of ingestion's CPU. This serves those small reads
-    from one buffer; ``pending`` (which paho asks of TLS sockets) tells paho's loop not to
-    wait in ``select`` while buffered bytes remain. Everything else is the socket's.
+_PUBLISH: Final = 0x30
+
+
+def read_packets(
+    buffer: bytes, pos: int = 0, mqtt5: bool = True
+) -> tuple[list[Received], tuple[int, bytes] | None, int]:
+    """Read the MQTT packets of ``buffer`` (bytes from the broker) from offset ``pos``.
+
+    Returns the PUBLISH packets of QoS 0 and 1 read, decoded as (topic, payload, qos,
+    packet id); the first packet of another kind (or a QoS 2 PUBLISH), as (its first
+    byte, its body), where reading stopped, else None; and the offset reading stopped at:
+    after that packet, or at a packet not all read yet (it waits for the next read).
+
+    A PUBLISH's MQTT 5 properties are skipped: this client announces no topic aliases
+    (so a topic is never empty for one) and no subscription identifiers, and ingestion
+    reads none. A topic that is not UTF-8 is decoded with replacement characters (the
+    topic's names then fail their check: rejected, counted). Raises ValueError for a
+    malformed packet (a length past its end, a remaining length over four bytes);
+    IndexError for one whose fields run past the bytes read.
     """
-
-    _CHUNK: Final = 65536
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._buffer = b""
-        self._pos = 0
-
-    def recv(self, size: int) -> bytes:
-        if self._pos >= len(self._buffer):
-            data = self._sock.recv(max(size, self._CHUNK))  # BlockingIOError when empty
-            if len(data) <= size:
-                return data
-            self._buffer, self._pos = data, 0
-        end = min(self._pos + size, len(self._buffer))
-        chunk = self._buffer[self._pos : end]
-        self._pos = end
-        return chunk
-
-    def pending(self) -> int:
-        return len(self._buffer) - self._pos
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
+    messages: list[Received] = []
+    size = len(buffer)
+    while size - pos >= 2:
+        header = buffer[pos]
+        length, shift, i = 0, 0, pos + 1
+        while True:
+            if i >= size:
+                return messages, None, pos  # the length is not all here yet
+            byte = buffer[i]
+            i += 1
+            length |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                break
+            shift += 7
+            if shift > 21:
+                raise ValueError("a remaining length longer than four bytes")
+        end = i + length
+        if end > size:
+            break
+        qos = (header >> 1) & 3
+        if header & 0xF0 != _PUBLISH or qos > 1:
+            return messages, (header, buffer[i:end]), end
+        if length < 2:
+            raise ValueError("a PUBLISH too short for its topic")
+        start = i + 2 + ((buffer[i] << 8) | buffer[i + 1])
+        topic = buffer[i + 2 : start].decode("utf-8", "replace")
+        mid = 0
+        if qos:
+            mid = (buffer[start] << 8) | buffer[start + 1]
+            start += 2
+        if mqtt5:
+            props, shift = 0, 0
+            while True:
+                byte = buffer[start]
+                start += 1
+                props |= (byte & 0x7F) << shift
+                if byte < 0x80:
+                    break
+                shift += 7
+                if shift > 21:
+                    raise ValueError("a property length longer than four bytes")
+            start += props
+        if start > end:
+            raise ValueError("a PUBLISH whose topic or properties run past its end")
+        messages.append((topic, buffer[start:end], qos, mid))
+        pos = end
+    return messages, None, pos
 
 
 class _IngestClient(mqtt.Client):
-    """paho's client reading through ``_BufferedSocket``, every buffered packet per loop,
-    handing each message straight to ``on_message`` (this client adds no per-topic
-    callbacks, so paho's topic matcher and callback lock are skipped).
+    """paho's client, reading the socket its own way: one ``recv`` of up to 64 KiB, every
+    complete packet in it split out by ``read_packets``, the PUBLISHes handed on in one
+    list per read (``on_received``), every other packet to paho's own handlers.
+
+    paho reads a packet with one ``recv`` for its first byte, one per byte of its length
+    and one for the rest, then builds a ``Properties`` object and an ``MQTTMessage`` per
+    PUBLISH: measured as more than half of ingestion's CPU (docs/benchmarks.md).
+    Acknowledging, keepalive, reconnecting and writing stay paho's. A QoS 2 PUBLISH
+    (never sent: the subscription is QoS 1) would take paho's path to ``on_message``.
 
     These overrides are paho 2.x internals (the dependency is pinned below 3);
     tests/controller/fleet/test_ingest*.py run them against a real mosquitto.
     """
+
+    _CHUNK: Final = 65536
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_received: Callable[[list[Received]], None] | None = None
+        self._rx = b""  # the start of a packet not all read yet
+        self._rx_sock: Any = None  # the socket it came from
 
     def _handle_on_message(self, message: mqtt.MQTTMessage) -> None:
         on_message = self.on_message
         if on_message is not None:
             on_message(self, self._userdata, message)
 
-    def _create_socket(self) -> Any:
-        sock = super()._create_socket()
-        return _BufferedSocket(sock) if isinstance(sock, socket.socket) else sock
-
-    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        # paho reads one packet per select() for QoS 0 traffic; read what is buffered.
-        rc = super().loop_read(max_packets)
-        for _ in range(1000):
-            sock = self._sock
-            if rc or not isinstance(sock, _BufferedSocket) or not sock.pending():
-                break
-            rc = super().loop_read(max_packets)
+    def _packet_read(self) -> MQTTErrorCode:
+        try:
+            data = self._sock_recv(self._CHUNK)
+        except BlockingIOError:
+            return MQTTErrorCode.MQTT_ERR_AGAIN
+        except OSError as err:  # a timeout, a reset, no socket
+            self._easy_log(mqtt.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+            return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        if not data:
+            return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        if self._rx_sock is not self._sock:  # a new connection: nothing of the last one
+            self._rx, self._rx_sock = b"", self._sock
+        buffer = self._rx + data if self._rx else data
+        rc, pos = MQTTErrorCode.MQTT_ERR_SUCCESS, 0
+        try:
+            while True:
+                messages, other, pos = read_packets(buffer, pos, self._protocol == mqtt.MQTTv5)
+                if messages and self.on_received is not None:
+                    self.on_received(messages)
+                if other is None:
+                    break
+                rc = self._handle_packet(*other)
+                if rc:
+                    break
+        except (ValueError, IndexError) as exc:
+            self._easy_log(mqtt.MQTT_LOG_ERR, "received a malformed packet: %s", exc)
+            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._rx = buffer[pos:]
+        with self._msgtime_mutex:
+            self._last_bytes_received = mqtt.time_func()
         return rc
+
+    def _handle_packet(self, header: int, body: bytes) -> MQTTErrorCode:
+        """Hand one packet to paho's handlers, as its own reading would."""
+        self._in_packet = _in_packet(header, body)
+        try:
+            return self._packet_handle()
+        except MalformedPacket as exc:
+            self._easy_log(mqtt.MQTT_LOG_ERR, "received a malformed packet: %s", exc)
+            return MQTTErrorCode.MQTT_ERR_PROTOCOL
+        finally:
+            self._in_packet = _in_packet(0, b"")
+
+
+def _in_packet(header: int, body: bytes) -> Any:
+    """paho's record of the packet it reads (``Client._in_packet``), all read."""
+    return {
+        "command": header,
+        "have_remaining": 1 if header else 0,
+        "remaining_count": [],
+        "remaining_mult": 1,
+        "remaining_length": len(body),
+        "packet": bytearray(body),
+        "to_process": 0,
+        "pos": 0,
+    }
 
 
 @dataclass(frozen=True)
@@ -258,6 +354,7 @@ class Ingestor:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_received = self._on_received
         self._client = client
 
     @property
@@ -349,6 +446,21 @@ class Ingestor:
         if outcome != QUEUED:
             self._count_shed(outcome)
 
+    def _on_received(self, messages: list[Received]) -> None:
+        """Hold the messages of one read for the writer (``_IngestClient``)."""
+        received_at, connection = time.time(), self._connection
+        qos1 = sum(1 for message in messages if message[2])
+        if qos1:
+            self._received_qos1 += qos1
+        shed = self._backlog.put_many(
+            [
+                (topic, payload, received_at, qos, mid, connection)
+                for topic, payload, qos, mid in messages
+            ]
+        )
+        for outcome in shed:
+            self._count_shed(outcome)
+
     def _count_shed(self, outcome: str) -> None:
         """Count a QoS 0 message given up at the bound; log it at most every 10 s."""
         self.counts[outcome] += 1
@@ -435,9 +547,9 @@ class Ingestor:
         batch = IngestBatch()
         parsed: list[Item] = []
         for item in items:
-            topic, payload, received_at, *_ack = item
+            topic, received_at = item[0], item[2]
             try:
-                add_payload(batch, topic, payload, received_at, admission)
+                add_payload(batch, topic, item[1], received_at, admission)
             except RefusedMessage as exc:
                 self.counts["refused"] += 1
                 self.refusals[exc.reason] += 1
@@ -450,10 +562,10 @@ class Ingestor:
                 self._log_dropped("rejected", topic, PayloadError(f"{type(exc).__name__}: {exc}"))
             else:
                 parsed.append(item)
-                if observe:
+                if observe and not topic.endswith("/telemetry"):
                     self._observe(batch, topic, received_at)
         # On the disk before the acknowledgement: only a QoS 1 message is acknowledged.
-        batch.durable = any(qos for _t, _p, _r, qos, *_ack in parsed)
+        batch.durable = any(item[3] for item in parsed)
         return batch, parsed
 
     def _observe(self, batch: IngestBatch, topic: str, received_at: float) -> None:
@@ -548,10 +660,10 @@ class Ingestor:
         delivered them; on a later one the broker has already sent them again."""
         with self._ack_lock:
             connection = self._connection
-            for *_message, qos, mid, delivered_on in items:
-                if qos:
-                    if delivered_on == connection:
-                        self._client.ack(mid, qos)
+            for item in items:
+                if item[3]:
+                    if item[5] == connection:
+                        self._client.ack(item[4], item[3])
                     self._settled_qos1 += 1
 
     def _leave_to_broker(self, items: list[Item]) -> None:

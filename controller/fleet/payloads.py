@@ -24,6 +24,7 @@ Invariants:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -35,6 +36,7 @@ from agent.contracts import (
     MAX_SEQ,
     MAX_TEXT,
     TELEMETRY_SCHEMA,
+    TOPIC_ROOT,
     Event,
     Heartbeat,
     InvalidNameError,
@@ -47,6 +49,7 @@ from agent.contracts import (
     parse_telemetry,
     parse_waiting,
 )
+from agent.contracts.names import NAME_PATTERN
 from controller.fleet.records import HeartbeatFacts, IngestBatch, ModelFacts, waiting_json
 from controller.fleet.roster import IMPLAUSIBLE, RefusedMessage, Roster
 
@@ -83,10 +86,6 @@ def add_to_batch(batch: IngestBatch, message: Message, received_at: float) -> No
         batch.statuses.append((message, received_at))
 
 
-_SYSTEM_NUMBERS: Final = ("cpu_percent", "load_1m", "temperature_c")
-_SYSTEM_INTEGERS: Final = ("disk_free_bytes", "memory_total_bytes", "memory_used_bytes")
-
-
 def parse_heartbeat(fleet: str, device: str, raw: bytes) -> HeartbeatFacts:
     """Check a heartbeat that arrived on ``fleet``/``device``'s topic; keep what is stored.
 
@@ -106,67 +105,118 @@ def parse_heartbeat(fleet: str, device: str, raw: bytes) -> HeartbeatFacts:
         raise PayloadError(f"telemetry: not valid JSON: {exc}") from None
     if type(doc) is not dict:
         raise PayloadError(f"telemetry: expected a JSON object, got {type(doc).__name__}")
-    if doc.get("schema") != TELEMETRY_SCHEMA:
-        raise PayloadError(f"schema expected {TELEMETRY_SCHEMA!r}, got {doc.get('schema')!r}")
-    if doc.get("device") != device or doc.get("fleet") != fleet:
+    get = doc.get
+    if get("schema") != TELEMETRY_SCHEMA:
+        raise PayloadError(f"schema expected {TELEMETRY_SCHEMA!r}, got {get('schema')!r}")
+    if get("device") != device or get("fleet") != fleet:
         raise PayloadError(
-            f"telemetry: payload names {doc.get('fleet')!r}/{doc.get('device')!r} but "
+            f"telemetry: payload names {get('fleet')!r}/{get('device')!r} but "
             f"arrived on the topic of {fleet}/{device}"
         )
-    at = doc.get("at")
+    at = get("at")
     if type(at) is not str:
         raise PayloadError(f"telemetry: field 'at' expected str, got {at!r}")
-    interval = doc.get("interval_s")
+    interval = get("interval_s")
     if not isinstance(interval, int | float):  # bool too, as parse_telemetry does
         raise PayloadError(f"telemetry: field 'interval_s' expected a number, got {interval!r}")
-    models = doc.get("models")
+    models = get("models")
     if type(models) is not dict:
         raise PayloadError(f"telemetry: field 'models' expected an object, got {models!r}")
-    version = doc.get("agent_version")
-    outbox = doc.get("outbox")
-    if type(outbox) is not dict:
-        outbox = {}
+    # Checked inline, in the order of HeartbeatFacts' fields: this runs for every
+    # heartbeat; the helpers (_text, _count) run only for what is not plainly good.
+    version = get("agent_version")
+    if type(version) is not str:
+        version = ""
+    elif "\x00" in version or len(version) > MAX_TEXT:
+        _text(version, "agent_version")
+    outbox = get("outbox")
+    if type(outbox) is dict:
+        pending, dropped = outbox.get("pending"), outbox.get("dropped")
+        if type(pending) is not int or not -MAX_COUNT <= pending <= MAX_COUNT:
+            pending = _count(pending, "outbox.pending")
+        if type(dropped) is not int or not -MAX_COUNT <= dropped <= MAX_COUNT:
+            dropped = _count(dropped, "outbox.dropped")
+    else:
+        pending = dropped = 0
+    system = _system(get("system"))
+    figures = []
+    waiting = False
+    for name, entry in sorted(models.items()) if len(models) > 1 else models.items():
+        figures.append(_model(name, entry))
+        if not waiting and type(entry) is dict and entry.get("waiting") is not None:
+            waiting = True
+    if "\x00" in at or len(at) > MAX_TEXT:
+        _text(at, "at")
+    seq = get("seq")
+    if type(seq) is not int:
+        seq = 0
+    elif not -MAX_SEQ <= seq <= MAX_SEQ:
+        _count(seq, "seq", MAX_SEQ)
     return HeartbeatFacts(
         fleet,
         device,
-        _text(version, "agent_version") if type(version) is str else "",
+        version,
         float(interval),
-        _system(doc.get("system")),
-        _count(outbox.get("pending"), "outbox.pending"),
-        _count(outbox.get("dropped"), "outbox.dropped"),
-        tuple(_model(name, entry) for name, entry in sorted(models.items())),
-        _text(at, "at"),
-        _count(doc.get("seq"), "seq", MAX_SEQ),
-        _waiting(models),
+        system,
+        pending,
+        dropped,
+        tuple(figures),
+        at,
+        seq,
+        _waiting(models) if waiting else (),
     )
+
+
+_NUMBERS: Final = (int, float)
 
 
 def _system(doc: Any) -> dict[str, Any]:
     if type(doc) is not dict:
         doc = {}
-    system: dict[str, Any] = {}
-    for key in _SYSTEM_NUMBERS:
-        value = doc.get(key)
-        system[key] = float(value) if type(value) in (int, float) else None
-    for key in _SYSTEM_INTEGERS:
-        value = doc.get(key)
-        system[key] = value if type(value) is int else None
-    return system
+    get = doc.get
+    cpu, load, temperature = get("cpu_percent"), get("load_1m"), get("temperature_c")
+    disk, total, used = get("disk_free_bytes"), get("memory_total_bytes"), get("memory_used_bytes")
+    return {
+        "cpu_percent": float(cpu) if type(cpu) in _NUMBERS else None,
+        "load_1m": float(load) if type(load) in _NUMBERS else None,
+        "temperature_c": float(temperature) if type(temperature) in _NUMBERS else None,
+        "disk_free_bytes": disk if type(disk) is int else None,
+        "memory_total_bytes": total if type(total) is int else None,
+        "memory_used_bytes": used if type(used) is int else None,
+    }
 
 
 def _model(name: str, entry: Any) -> ModelFacts:
     if type(entry) is not dict:
         raise PayloadError(f"telemetry: models[{name!r}] expected an object")
-    version, state = entry.get("version"), entry.get("state")
-    p99: Any = entry.get("p99_s")
+    get = entry.get
+    if "\x00" in name or len(name) > MAX_TEXT:
+        _text(name, "model name")
+    version, state = get("version"), get("state")
+    if type(version) is not str:
+        version = None
+    elif "\x00" in version or len(version) > MAX_TEXT:
+        _text(version, "version")
+    if type(state) is not str or not state:
+        state = "unknown"
+    elif "\x00" in state or len(state) > MAX_TEXT:
+        _text(state, "state")
+    requests, errors, client_errors = get("requests"), get("errors"), get("client_errors")
+    if type(requests) is not int or not -MAX_COUNT <= requests <= MAX_COUNT:
+        requests = _count(requests, "requests")
+    if type(errors) is not int or not -MAX_COUNT <= errors <= MAX_COUNT:
+        errors = _count(errors, "errors")
+    if type(client_errors) is not int or not -MAX_COUNT <= client_errors <= MAX_COUNT:
+        client_errors = _count(client_errors, "client_errors")
+    p99: Any = get("p99_s")
     return (
-        _text(name, "model name"),
-        _text(version, "version") if type(version) is str else None,
-        _text(state, "state") if type(state) is str and state else "unknown",
-        _count(entry.get("requests"), "requests"),
-        _count(entry.get("errors"), "errors"),
-        _count(entry.get("client_errors"), "client_errors"),
-        float(p99) if type(p99) in (int, float) else None,
+        name,
+        version,
+        state,
+        requests,
+        errors,
+        client_errors,
+        float(p99) if type(p99) in _NUMBERS else None,
     )
 
 
@@ -200,8 +250,18 @@ def _text(value: str, what: str) -> str:
     return value
 
 
+# A device topic whose names are valid, in one match (``_topic_names``' fast path).
+_DEVICE_TOPIC: Final = re.compile(
+    rf"{re.escape(TOPIC_ROOT)}/fleets/({NAME_PATTERN})/devices/({NAME_PATTERN})"
+    r"/(telemetry|events|status)"
+)
+
+
 def _topic_names(topic: str) -> tuple[str, str, str]:
     """(fleet, device, kind) of a device topic whose names are valid; PayloadError if not."""
+    match = _DEVICE_TOPIC.fullmatch(topic)
+    if match is not None:
+        return match.group(1, 2, 3)  # type: ignore[return-value]
     fleet, device, kind = parse_device_topic(topic)
     try:
         return check_name("fleet", fleet), check_name("device", device), kind
@@ -230,8 +290,14 @@ def check_plausible(facts: HeartbeatFacts, max_requests_per_s: float) -> None:
     """Raise RefusedMessage (``implausible``) when a model's counts are negative, its
     errors and client errors outnumber its requests, or its requests exceed
     ``most_requests``: figures no device serves, sent to outweigh the fleet's."""
-    most = most_requests(facts.interval_s, max_requests_per_s)
+    most = int(
+        max_requests_per_s
+        * min(max(facts.interval_s, MIN_INTERVAL_S), MAX_INTERVAL_S)
+        * INTERVALS_PER_HEARTBEAT
+    )  # most_requests, inline: this runs for every heartbeat
     for name, _version, _state, requests, errors, client_errors, _p99 in facts.models:
+        if 0 <= errors + client_errors <= requests <= most and errors >= 0 <= client_errors:
+            continue
         if min(requests, errors, client_errors) < 0:
             problem = f"a negative count ({requests}, {errors}, {client_errors})"
         elif errors + client_errors > requests:

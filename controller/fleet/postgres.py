@@ -2,10 +2,13 @@
 
 Each ``edgectl serve`` worker of a shared MQTT subscription holds a small pool of
 connections (``psycopg_pool``): the writer and a reader each take one, so readers never
-wait for the writer. Batches go through ``executemany`` (pipelined by psycopg) in one
-transaction; rows are written in key order so two workers touching the same devices
-cannot deadlock. A transaction that still fails on a serialization error or a deadlock
-is retried once.
+wait for the writer. A batch is one transaction; its heartbeat rows (history, devices,
+models: nearly all of ingestion's rows) go as one multi-row statement per table, the
+columns sent as arrays and read back with ``unnest`` (``bulk_statement``), which psycopg prepares
+once per connection; the rarer status and event rows through ``executemany`` (pipelined
+by psycopg). Rows are written in key order (``unnest`` keeps the arrays' order) so two
+workers touching the same devices cannot deadlock. A transaction that still fails on a
+serialization error or a deadlock is retried once.
 
 A database restart or failover never needs ``edgectl serve`` restarted: a connection is
 checked when taken from the pool, a broken one is replaced, and the pool reconnects in
@@ -19,6 +22,7 @@ live connection is about the data and is raised as psycopg raised it.
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -30,7 +34,15 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from controller.fleet.records import IngestBatch
-from controller.fleet.store import EVENT_INSERT, StoreError, StoreUnavailable, TelemetryStore
+from controller.fleet.store import (
+    DEVICE_FROM_HEARTBEAT,
+    EVENT_INSERT,
+    HEARTBEAT_INSERT,
+    MODEL_UPSERT,
+    StoreError,
+    StoreUnavailable,
+    TelemetryStore,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +56,30 @@ CONNECT_DEFAULTS: Final = {
     "keepalives_interval": "10",
     "keepalives_count": "3",
 }
+
+
+# The PostgreSQL types of the columns of the statements sent as one multi-row statement.
+_BULK_TYPES: Final = {
+    HEARTBEAT_INSERT: ("text", "text", "float8", "text", "text", "int8"),
+    DEVICE_FROM_HEARTBEAT: (
+        *("text", "text", "float8", "float8", "text", "float8", "text", "int4", "int4"),
+    ),
+    MODEL_UPSERT: (
+        *("text", "text", "text", "text", "text", "int4", "int4", "int4", "float8", "text"),
+        *("float8", "float8"),
+    ),
+}
+_VALUES: Final = re.compile(r"VALUES \((?:\?, )*\?\)")
+
+
+def bulk_statement(statement: str, types: tuple[str, ...]) -> str:
+    """``statement`` (an INSERT of one row of ``?`` parameters, in the store's dialect)
+    as one that inserts every row of its columns, each given as an array."""
+    arrays = ", ".join(f"%b::{kind}[]" for kind in types)
+    bulk, found = _VALUES.subn(f"SELECT * FROM unnest({arrays})", statement)
+    if found != 1 or bulk.count("?"):
+        raise ValueError(f"not an INSERT of one row of {len(types)} parameters: {statement}")
+    return bulk
 
 
 def describe(dsn: str) -> str:
@@ -93,6 +129,10 @@ class PostgresStore(TelemetryStore):
             raise StoreError(
                 f"the telemetry store ({self.where}) is unreachable: {str(exc).strip()}"
             ) from None
+        self._bulk = {
+            statement: self._sql(bulk_statement(statement, types))
+            for statement, types in _BULK_TYPES.items()
+        }
         self._pool: ConnectionPool[psycopg.Connection[Any]] = ConnectionPool(
             conninfo,
             min_size=2,  # the writer's and a reader's
@@ -156,6 +196,13 @@ class PostgresStore(TelemetryStore):
                 added[(str(fleet), str(kind))] += 1
             if not cur.nextset():
                 return added
+
+    def _write_rows(self, cur: Any, statement: str, rows: list[tuple[Any, ...]]) -> None:
+        bulk = self._bulk.get(statement)
+        if bulk is None or len(rows) == 1:
+            super()._write_rows(cur, statement, rows)
+        else:
+            cur.execute(bulk, [list(column) for column in zip(*rows, strict=True)])
 
     def write(self, batch: IngestBatch) -> int:
         try:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from operator import itemgetter
+from typing import Any, Final, NamedTuple
 
 import orjson
 
@@ -215,6 +216,9 @@ class HeartbeatRow:
     payload: dict[str, Any]
 
 
+_HISTORY_KEY: Final = itemgetter(0, 1, 4, 5)  # fleet, device, at, seq
+
+
 def heartbeat_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
     """The heartbeat rows of ``batch``: ``history`` (``_HEARTBEAT_INSERT``), ``devices``
     (``_DEVICE_FROM_HEARTBEAT``) and ``models`` (``_MODEL_UPSERT``)."""
@@ -226,14 +230,20 @@ def heartbeat_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
         ]
     history = []
     latest: dict[tuple[str, str], tuple[HeartbeatFacts, float]] = {}
+    keyed = True  # every heartbeat has its identity: rows sort on their columns alone
     for facts, received, payload in beats:
         key = (facts.fleet, facts.device)
-        at, seq = facts.identity or (None, None)
+        at: str | None = facts.at
+        seq: int | None = facts.seq
+        if not at or not facts.seq > 0:  # no identity (HeartbeatFacts.identity)
+            at = seq = None
+            keyed = False
         history.append((key[0], key[1], received, payload, at, seq))
         known = latest.get(key)
         if known is None or known[1] <= received:
             latest[key] = (facts, received)
     devices, models = [], []
+    dumps, sort_keys = orjson.dumps, orjson.OPT_SORT_KEYS
     for (fleet, device), (facts, received) in sorted(latest.items()):
         devices.append(
             (
@@ -243,19 +253,25 @@ def heartbeat_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
                 received,
                 facts.agent_version,
                 facts.interval_s,
-                orjson.dumps(facts.system, option=orjson.OPT_SORT_KEYS).decode(),
+                dumps(facts.system, option=sort_keys).decode(),
                 facts.outbox_pending,
                 facts.outbox_dropped,
             )
         )
-        waits = dict(facts.waiting)
-        models += [
-            (fleet, device, *model, waits.get(model[0]), received, received)
-            for model in facts.models
-        ]
+        if facts.waiting:
+            waits = dict(facts.waiting)
+            models += [
+                (fleet, device, *model, waits.get(model[0]), received, received)
+                for model in facts.models
+            ]
+        else:
+            models += [(fleet, device, *model, None, received, received) for model in facts.models]
     # In key order, as the other rows: two workers given the same redelivered heartbeats
     # then wait for each other on the unique key instead of deadlocking.
-    history.sort(key=lambda row: (row[0], row[1], row[4] or "", row[5] or 0))
+    if keyed:
+        history.sort(key=_HISTORY_KEY)
+    else:
+        history.sort(key=lambda row: (row[0], row[1], row[4] or "", row[5] or 0))
     return {"history": history, "devices": devices, "models": models}
 
 

@@ -212,6 +212,10 @@ INSERT INTO events (fleet, device, stream, seq, at, received_at, kind, model, ve
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (fleet, device, stream, seq) DO NOTHING"""
 EVENT_INSERT: Final = _EVENT_INSERT  # for a backend's own way of counting what it added
+# The statements of a heartbeat batch, for a backend's own way of sending many rows.
+HEARTBEAT_INSERT: Final = _HEARTBEAT_INSERT
+DEVICE_FROM_HEARTBEAT: Final = _DEVICE_FROM_HEARTBEAT
+MODEL_UPSERT: Final = _MODEL_UPSERT
 _EVENT_COLUMNS: Final = (
     "id, fleet, device, stream, seq, at, received_at, kind, model, version, previous, phase, "
     "reason, COALESCE(rollout_id, '')"
@@ -354,6 +358,11 @@ class TelemetryStore(ABC):
         if not counted:
             cur.execute(_SEED_EVENT_COUNTS)
 
+    def _write_rows(self, cur: Any, statement: str, rows: list[tuple[Any, ...]]) -> None:
+        """Run one of ``write``'s statements for every row of ``rows``, in order (a
+        backend may send them as one statement: ``controller.fleet.postgres``)."""
+        cur.executemany(self._sql(statement), rows)
+
     def _has_table(self, cur: Any, name: str) -> bool:
         cur.execute(
             self._sql("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?"), [name]
@@ -400,7 +409,7 @@ class TelemetryStore(ABC):
         with self._write() as cur:
             for statement, rows in plan:
                 if rows:
-                    cur.executemany(self._sql(statement), rows)
+                    self._write_rows(cur, statement, rows)
             if events:
                 added = self._insert_events(cur, events)
                 # Last and in key order: concurrent writers take these rows' locks alike.

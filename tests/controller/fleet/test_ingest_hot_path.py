@@ -1,11 +1,10 @@
 """The heartbeat hot path: same verdict and figures as the contract's parser, malformed
-heartbeats refused and counted (never stored, never fatal to a batch), and the buffered
-socket paho reads through."""
+heartbeats refused and counted (never stored, never fatal to a batch), and the way the
+ingest client splits PUBLISH packets out of what it reads."""
 
 from __future__ import annotations
 
 import json
-import socket
 import string
 from collections import Counter
 from pathlib import Path
@@ -15,7 +14,10 @@ import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt._packet import decode_publish
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.contracts import (
     ModelFigures,
@@ -26,7 +28,7 @@ from agent.contracts import (
     telemetry_payload,
 )
 from agent.telemetry.reporter import build_heartbeat
-from controller.fleet.ingest import Ingestor, IngestSettings, _BufferedSocket
+from controller.fleet.ingest import Ingestor, IngestSettings, Received, read_packets
 from controller.fleet.payloads import parse_heartbeat
 from controller.fleet.records import heartbeat_facts
 from tests.controller.test_store_support import store_for
@@ -224,22 +226,90 @@ def test_malformed_heartbeats_are_counted_and_the_rest_of_the_batch_is_stored(
         assert beat.payload == json.loads(good_payload())  # kept as received
 
 
-def test_the_buffered_socket_serves_small_reads_from_one_receive() -> None:
-    left, right = socket.socketpair()
-    try:
-        left.setblocking(False)
-        buffered = _BufferedSocket(left)
-        right.sendall(b"\x30\x05hello\x30\x02hi")
-        assert buffered.recv(1) == b"\x30"  # one recv of up to 64 KiB behind it
-        assert buffered.pending() == 10
-        assert [buffered.recv(1), buffered.recv(5)] == [b"\x05", b"hello"]
-        assert buffered.recv(100) == b"\x30\x02hi"  # a short read, as recv may return
-        assert buffered.pending() == 0
-        with pytest.raises(BlockingIOError):
-            buffered.recv(1)
-        right.sendall(b"x" * 100)
-        assert buffered.recv(100) == b"x" * 100  # large enough: returned without copying
-        assert buffered.fileno() == left.fileno()  # the rest is the socket's
-    finally:
-        left.close()
-        right.close()
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, byte = n >> 7, n & 0x7F
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _publish(topic: bytes, payload: bytes, qos: int, mid: int, props: Properties | None) -> bytes:
+    body = len(topic).to_bytes(2, "big") + topic
+    body += mid.to_bytes(2, "big") if qos else b""
+    body += props.pack() if props is not None else b""  # type: ignore[no-untyped-call]
+    body += payload
+    return bytes([0x30 | qos << 1]) + _varint(len(body)) + body
+
+
+def _properties(kind: int) -> Properties | None:
+    if kind == 0:
+        return None
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if kind >= 2:
+        props.UserProperty = [("k", "v" * 200)]  # a property length of two bytes
+        props.ContentType = "application/json"
+        props.MessageExpiryInterval = 60
+    return props
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text(min_size=1, max_size=40),
+            st.binary(max_size=300),
+            st.sampled_from([0, 1]),
+            st.integers(1, 65535),
+            st.sampled_from([1, 2]),
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.integers(1, 64),
+)
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+def test_read_packets_decodes_publishes_as_paho_does_whatever_the_reads(
+    messages: list[tuple[str, bytes, int, int, int]], step: int
+) -> None:
+    """PUBLISH packets (MQTT 5, with and without properties, QoS 0 and 1) read in pieces
+    of any size give what paho's own decoder gives, and a packet of another kind stops the
+    reading where it is, for paho to handle."""
+    wire = b"".join(_publish(t.encode(), p, q, m, _properties(k)) for t, p, q, m, k in messages)
+    expected = []
+    for topic, payload, qos, mid, kind in messages:
+        packet = _publish(topic.encode(), payload, qos, mid, _properties(kind))
+        header_len = 1
+        while packet[header_len] & 0x80:
+            header_len += 1
+        decoded = decode_publish(packet[0], packet[header_len + 1 :], MQTTProtocolVersion.MQTTv5)
+        expected.append((decoded.topic.decode(), decoded.payload, decoded.qos, decoded.mid))
+    ping = b"\xd0\x00"  # PINGRESP
+    wire += ping + wire
+    got: list[Received] = []
+    others: list[tuple[int, bytes]] = []
+    buffer = b""
+    for start in range(0, len(wire), step):
+        buffer += wire[start : start + step]
+        pos = 0
+        while True:
+            found, other, pos = read_packets(buffer, pos)
+            got += found
+            if other is None:
+                break
+            others.append(other)
+        buffer = buffer[pos:]
+    assert buffer == b""
+    assert got == expected + expected
+    assert others == [(0xD0, b"")]
+
+
+def test_read_packets_refuses_a_malformed_publish() -> None:
+    # A topic length past the packet's end.
+    with pytest.raises((ValueError, IndexError)):
+        read_packets(b"\x30\x04\x00\x09ab" + b"\x30\x02\x00\x00" * 4)
+    # A remaining length of five bytes.
+    with pytest.raises(ValueError, match="four bytes"):
+        read_packets(b"\x30\xff\xff\xff\xff\x01")
+    # Not all here yet: nothing read, nothing used.
+    assert read_packets(b"\x30\x0a\x00\x01t") == ([], None, 0)

@@ -277,3 +277,15 @@ def test_table_and_metrics_render_what_the_store_holds(store: TelemetryStore) ->
     # Counters past a million are written in full, not rounded to six digits.
     big = render_metrics(rows, [], {"heartbeats": 1_234_567_891}, 101.0, policy)
     assert 'edgefleet_ingest_messages_total{kind="heartbeats"} 1234567891' in big
+
+
+def test_postgres_sends_a_heartbeat_batch_as_one_statement_per_table() -> None:
+    from controller.fleet.postgres import _BULK_TYPES, bulk_statement
+
+    for statement, types in _BULK_TYPES.items():
+        bulk = bulk_statement(statement, types)
+        assert "VALUES" not in bulk and "?" not in bulk
+        assert bulk.count("::") == len(types) == statement.count("?")
+        assert bulk.split("SELECT * FROM unnest(")[1].startswith("%b::text[], %b::text[]")
+    with pytest.raises(ValueError, match="one row of 2 parameters"):
+        bulk_statement("INSERT INTO t (a, b) VALUES (?, ?), (?, ?)", ("int4", "int4"))
