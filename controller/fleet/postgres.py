@@ -30,7 +30,14 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from controller.fleet.records import IngestBatch
-from controller.fleet.store import EVENT_INSERT, StoreError, StoreUnavailable, TelemetryStore
+from controller.fleet.store import (
+    EVENT_INSERT,
+    HEARTBEAT_INSERT,
+    HeartbeatKey,
+    StoreError,
+    StoreUnavailable,
+    TelemetryStore,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +161,19 @@ class PostgresStore(TelemetryStore):
         while True:
             for fleet, kind in cur.fetchall():
                 added[(str(fleet), str(kind))] += 1
+            if not cur.nextset():
+                return added
+
+    def _insert_heartbeats(self, cur: Any, rows: list[tuple[Any, ...]]) -> set[HeartbeatKey]:
+        # Several writers at once: the keys of the rows this transaction's statements added.
+        cur.executemany(
+            self._sql(HEARTBEAT_INSERT) + " RETURNING fleet, device, at, seq", rows, returning=True
+        )
+        added: set[HeartbeatKey] = set()
+        while True:
+            for fleet, device, at, seq in cur.fetchall():
+                if seq is not None and seq > 0:
+                    added.add((str(fleet), str(device), str(at), int(seq)))
             if not cur.nextset():
                 return added
 

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from controller.base.errors import UsageError
+from controller.fleet.rollup import DeviceTotals, binned_median
 
 LIMIT_METRICS: Final = ("error_rate", "p99_ratio", "failed_installs", "rollbacks")
 FLOOR_NAMES: Final = ("min_devices", "min_requests")
@@ -243,6 +244,26 @@ class Evidence:
     baseline_p99_s: float | None = None
 
 
+@dataclass(frozen=True)
+class RolledEvidence:
+    """A stage window as the store sums it at ingest (``controller.fleet.rollup``), the
+    evidence a tick judges: the new version's sums by device, and the previous version's
+    served requests and p99 bins. What it gives against ``Evidence`` (the heartbeats, the
+    reference): the same counts and device sets over a window that starts at the time
+    bucket holding the stage start; a device's p99 is the mean of its heartbeats' p99s
+    (not their median); the previous version's p99 is the median of its heartbeats' p99s
+    read from log bins (within 0.99 %), not the median over devices of each one's median.
+    """
+
+    version: str
+    previous: str | None
+    devices: tuple[DeviceTotals, ...] = ()  # of ``version``
+    previous_served: int = 0
+    previous_latency: Mapping[int, int] = field(default_factory=dict)  # bin → heartbeats
+    incidents: tuple[Incident, ...] = ()
+    baseline_p99_s: float | None = None
+
+
 @dataclass
 class DeviceFigures:
     requests: int = 0
@@ -380,9 +401,22 @@ def weighted(figures: Mapping[str, DeviceFigures], cap: float | None) -> tuple[f
     return served, errors
 
 
-def evaluate_gates(policy: GatePolicy, evidence: Evidence) -> GateReport:
+def evaluate_gates(policy: GatePolicy, evidence: Evidence | RolledEvidence) -> GateReport:
     """Judge one stage window against ``policy`` (see the module docstring's rules)."""
-    new = per_device(evidence.samples, evidence.version)
+    if isinstance(evidence, RolledEvidence):
+        new = {
+            d.device: DeviceFigures(
+                d.requests, d.errors, d.client_errors, [d.p99_sum / d.p99_n] if d.p99_n else []
+            )
+            for d in evidence.devices
+        }
+        old_served = evidence.previous_served if evidence.previous else 0
+        old_p99 = binned_median(evidence.previous_latency) if evidence.previous else None
+    else:
+        new = per_device(evidence.samples, evidence.version)
+        old = per_device(evidence.samples, evidence.previous) if evidence.previous else {}
+        old_served = sum(f.served for f in old.values())
+        old_p99 = _median_p99(old)
     served = sum(f.served for f in new.values())
     errors = sum(f.errors for f in new.values())
     limit = policy.limit("error_rate")
@@ -390,9 +424,7 @@ def evaluate_gates(policy: GatePolicy, evidence: Evidence) -> GateReport:
         new, judge_n(policy, limit) if limit is not None else None
     )
     p99_new = _median_p99(new)
-    old = per_device(evidence.samples, evidence.previous) if evidence.previous else {}
-    old_served = sum(f.served for f in old.values())
-    baseline = _median_p99(old) if old_served >= MIN_LATENCY_REQUESTS else None
+    baseline = old_p99 if old_served >= MIN_LATENCY_REQUESTS else None
     baseline = baseline if baseline is not None else evidence.baseline_p99_s
     ratio = p99_new / baseline if p99_new is not None and baseline else None
     failed = _devices_with(evidence.incidents, FAILURE_KINDS)
