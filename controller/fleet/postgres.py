@@ -33,10 +33,12 @@ from controller.fleet.records import IngestBatch
 from controller.fleet.store import (
     EVENT_INSERT,
     HEARTBEAT_INSERT,
+    ROLLUP,
     HeartbeatKey,
     StoreError,
     StoreUnavailable,
     TelemetryStore,
+    rollup_upsert,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ class PostgresStore(TelemetryStore):
     least = "LEAST"
     truncate = "trunc({})"
     serial = "BIGSERIAL PRIMARY KEY"
+    without_rowid = ""
     # Another worker may add the column between our look and our ALTER.
     add_column = "ADD COLUMN IF NOT EXISTS"
     # SQLSTATE classes 22 (data exception: out of range, NUL in text), 23 (integrity) and
@@ -164,18 +167,41 @@ class PostgresStore(TelemetryStore):
             if not cur.nextset():
                 return added
 
-    def _insert_heartbeats(self, cur: Any, rows: list[tuple[Any, ...]]) -> set[HeartbeatKey]:
-        # Several writers at once: the keys of the rows this transaction's statements added.
-        cur.executemany(
-            self._sql(HEARTBEAT_INSERT) + " RETURNING fleet, device, at, seq", rows, returning=True
+    def _insert_heartbeats(self, cur: Any, rows: list[tuple[Any, ...]]) -> set[HeartbeatKey] | None:
+        # Several writers at once: when some rows were there already, the new ones are
+        # those this transaction wrote (their xmin), looked up by key in the unique index.
+        cur.executemany(self._sql(HEARTBEAT_INSERT), rows)
+        if cur.rowcount == len(rows):
+            return None
+        keyed = [r for r in rows if r[4] is not None and r[5] is not None]
+        cur.execute(
+            "SELECT h.fleet, h.device, h.at, h.seq FROM heartbeats h JOIN "
+            "unnest(%s::text[], %s::text[], %s::text[], %s::bigint[]) AS k(fleet, device, at, seq) "
+            "ON h.fleet = k.fleet AND h.device = k.device AND h.at = k.at AND h.seq = k.seq "
+            "WHERE h.xmin = pg_current_xact_id()::xid",
+            [
+                [r[0] for r in keyed],
+                [r[1] for r in keyed],
+                [r[4] for r in keyed],
+                [r[5] for r in keyed],
+            ],
         )
-        added: set[HeartbeatKey] = set()
-        while True:
-            for fleet, device, at, seq in cur.fetchall():
-                if seq is not None and seq > 0:
-                    added.add((str(fleet), str(device), str(at), int(seq)))
-            if not cur.nextset():
-                return added
+        return {(str(f), str(d), str(a), int(q)) for f, d, a, q in cur.fetchall()}
+
+    def _write_rollup(self, cur: Any, rows: dict[str, list[tuple[Any, ...]]]) -> None:
+        # One statement a table, its columns passed as arrays: executemany would cost
+        # the client ~20 µs a row (docs/benchmarks.md, rollout tick evidence).
+        for key, table, head, extra, sums in ROLLUP:
+            if rows[key]:
+                every = (*head, *extra, *sums)
+                arrays = ", ".join(f"%s::{kind}[]" for _c, kind in every)
+                statement = rollup_upsert(
+                    table,
+                    [c for c, _t in (*head, *extra)],
+                    [c for c, _t in sums],
+                    f"SELECT * FROM unnest({arrays})",
+                )
+                cur.execute(statement, [list(column) for column in zip(*rows[key], strict=True)])
 
     def write(self, batch: IngestBatch) -> int:
         try:

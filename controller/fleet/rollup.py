@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from math import ceil
 from typing import Any, Final
 
 # Width of a time bucket, seconds. A window is read from the start of the bucket that
@@ -99,14 +100,15 @@ def rollup_rows(
     beats: Iterable[tuple[str, str, float, Iterable[ModelFigures]]],
 ) -> dict[str, list[tuple[Any, ...]]]:
     """The rollup rows of heartbeats given as (fleet, device, received_at, models):
-    ``figures`` (``_ROLLUP_FIGURES``), ``latency`` (``_ROLLUP_LATENCY``) and ``devices``
-    (``_ROLLUP_DEVICES``), each summed over the heartbeats that share its key and sorted
-    by it. Models without a version are left out (no gate can count them)."""
+    ``figures``, ``latency`` and ``devices`` (in the column order of
+    ``controller.fleet.store.ROLLUP``), each summed over the heartbeats that share its
+    key and sorted by it. Models without a version are left out (no gate can count them)."""
     figures: dict[tuple[str, str, str, float], list[int]] = {}
     latency: dict[tuple[str, str, str, float, int], int] = {}
     devices: dict[tuple[str, str, str, float, str], list[Any]] = {}
+    floor, log, width = math.floor, math.log, BUCKET_S
     for fleet, device, received, models in beats:
-        bucket = bucket_of(received)
+        bucket = floor(received / width) * width
         for name, version, _state, requests, errors, client_errors, p99 in models:
             if version is None:
                 continue
@@ -119,18 +121,20 @@ def rollup_rows(
                 sums[1] += requests
                 sums[2] += errors
                 sums[3] += client_errors
-            p99 = counted_p99(requests, client_errors, p99)
-            if p99 is not None:
-                at = (*key, latency_bin(p99))
+            if p99 is not None and requests > client_errors:  # counted_p99
+                at = (fleet, name, version, bucket, ceil(log(max(p99, MIN_LATENCY_S)) / _LOG_GAMMA))
                 latency[at] = latency.get(at, 0) + 1
-            mine = devices.get((*key, device))
+            else:
+                p99 = None
+            mine_key = (fleet, name, version, bucket, device)
+            mine = devices.get(mine_key)
             if mine is None:
-                devices[(*key, device)] = [
+                devices[mine_key] = [
                     requests,
                     errors,
                     client_errors,
                     p99 or 0.0,
-                    int(p99 is not None),
+                    0 if p99 is None else 1,
                 ]
             else:
                 mine[0] += requests

@@ -82,10 +82,15 @@ HeartbeatKey = tuple[str, str, str, int]
 
 
 def _fresh(
-    beats: Iterable[tuple[HeartbeatFacts, float]], inserted: set[HeartbeatKey]
+    beats: Iterable[tuple[HeartbeatFacts, float]], inserted: set[HeartbeatKey] | None
 ) -> Iterator[tuple[str, str, float, tuple[ModelFacts, ...]]]:
     """The heartbeats of a batch the history did not hold before it, each once: those
-    ``inserted`` (the first of a key in the batch) and those without a key (always added)."""
+    ``inserted`` (the first of a key in the batch; None: all of them) and those without
+    a key (always added)."""
+    if inserted is None:
+        for facts, received in beats:
+            yield facts.fleet, facts.device, received, facts.models
+        return
     seen: set[HeartbeatKey] = set()
     for facts, received in beats:
         identity = facts.identity
@@ -150,17 +155,17 @@ DDL: Final = (
         fleet TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
         bucket DOUBLE PRECISION NOT NULL, beats BIGINT NOT NULL, requests BIGINT NOT NULL,
         errors BIGINT NOT NULL, client_errors BIGINT NOT NULL,
-        PRIMARY KEY (fleet, model, version, bucket))""",
+        PRIMARY KEY (fleet, model, version, bucket)){without_rowid}""",
     """CREATE TABLE IF NOT EXISTS rollout_latency (
         fleet TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
         bucket DOUBLE PRECISION NOT NULL, bin INTEGER NOT NULL, n BIGINT NOT NULL,
-        PRIMARY KEY (fleet, model, version, bucket, bin))""",
+        PRIMARY KEY (fleet, model, version, bucket, bin)){without_rowid}""",
     """CREATE TABLE IF NOT EXISTS rollout_devices (
         fleet TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
         bucket DOUBLE PRECISION NOT NULL, device TEXT NOT NULL, requests BIGINT NOT NULL,
         errors BIGINT NOT NULL, client_errors BIGINT NOT NULL,
         p99_sum DOUBLE PRECISION NOT NULL, p99_n BIGINT NOT NULL,
-        PRIMARY KEY (fleet, model, version, bucket, device))""",
+        PRIMARY KEY (fleet, model, version, bucket, device)){without_rowid}""",
 )
 ROLLUP_TABLES: Final = ("rollout_figures", "rollout_latency", "rollout_devices")
 # A store made before event_counts: counted once from the events it holds.
@@ -192,32 +197,50 @@ MIGRATIONS: Final = (
 
 # The rollup of new heartbeats (controller.fleet.rollup.rollup_rows), last in a batch's
 # transaction: with several PostgreSQL workers these rows are shared, so their locks are
-# held for as short a time as the batch allows, and taken in key order.
-_ROLLUP_FIGURES: Final = """
-INSERT INTO rollout_figures (fleet, model, version, bucket, beats, requests, errors,
-                             client_errors) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (fleet, model, version, bucket) DO UPDATE SET
-    beats = rollout_figures.beats + excluded.beats,
-    requests = rollout_figures.requests + excluded.requests,
-    errors = rollout_figures.errors + excluded.errors,
-    client_errors = rollout_figures.client_errors + excluded.client_errors
-"""
-_ROLLUP_LATENCY: Final = """
-INSERT INTO rollout_latency (fleet, model, version, bucket, bin, n) VALUES (?, ?, ?, ?, ?, ?)
-ON CONFLICT (fleet, model, version, bucket, bin) DO UPDATE SET
-    n = rollout_latency.n + excluded.n
-"""
-_ROLLUP_DEVICES: Final = """
-INSERT INTO rollout_devices (fleet, model, version, bucket, device, requests, errors,
-                             client_errors, p99_sum, p99_n)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (fleet, model, version, bucket, device) DO UPDATE SET
-    requests = rollout_devices.requests + excluded.requests,
-    errors = rollout_devices.errors + excluded.errors,
-    client_errors = rollout_devices.client_errors + excluded.client_errors,
-    p99_sum = rollout_devices.p99_sum + excluded.p99_sum,
-    p99_n = rollout_devices.p99_n + excluded.p99_n
-"""
+# held for as short a time as the batch allows, and taken in key order. Each table: the
+# rows' key in ``rollup_rows``, its name, its key columns and its summed columns (in the
+# order of the rows), with their PostgreSQL types (a backend may pass columns as arrays).
+ROLLUP: Final = (
+    (
+        "devices",
+        "rollout_devices",
+        (("fleet", "text"), ("model", "text"), ("version", "text"), ("bucket", "float8")),
+        (("device", "text"),),
+        (
+            ("requests", "int8"),
+            ("errors", "int8"),
+            ("client_errors", "int8"),
+            ("p99_sum", "float8"),
+            ("p99_n", "int8"),
+        ),
+    ),
+    (
+        "latency",
+        "rollout_latency",
+        (("fleet", "text"), ("model", "text"), ("version", "text"), ("bucket", "float8")),
+        (("bin", "int4"),),
+        (("n", "int8"),),
+    ),
+    (
+        "figures",
+        "rollout_figures",
+        (("fleet", "text"), ("model", "text"), ("version", "text"), ("bucket", "float8")),
+        (),
+        (("beats", "int8"), ("requests", "int8"), ("errors", "int8"), ("client_errors", "int8")),
+    ),
+)
+
+
+def rollup_upsert(table: str, keys: Sequence[str], sums: Sequence[str], source: str) -> str:
+    """The statement adding rows from ``source`` (``VALUES (...)``, a ``SELECT``) to a
+    rollup table: a new key inserted, a known one's sums added to."""
+    columns = ", ".join((*keys, *sums))
+    added = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in sums)
+    return (
+        f"INSERT INTO {table} ({columns}) {source} "
+        f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {added}"
+    )
+
 
 _HEARTBEAT_INSERT: Final = """
 INSERT INTO heartbeats (fleet, device, received_at, payload, at, seq) VALUES (?, ?, ?, ?, ?, ?)
@@ -340,6 +363,8 @@ class TelemetryStore(ABC):
     # Towards zero, as Python's int() of a float.
     truncate = "CAST({} AS INTEGER)"
     serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
+    # Tables keyed by their primary key alone: one B-tree to write on SQLite, not two.
+    without_rowid = " WITHOUT ROWID"
     add_column = "ADD COLUMN"
 
     def __init__(self) -> None:
@@ -416,6 +441,7 @@ class TelemetryStore(ABC):
 
     def _sql(self, text: str) -> str:
         text = text.replace("{greatest}", self.greatest).replace("{serial}", self.serial)
+        text = text.replace("{without_rowid}", self.without_rowid)
         return text.replace("?", self.placeholder) if self.placeholder != "?" else text
 
     def _create_tables(self) -> None:
@@ -506,7 +532,7 @@ class TelemetryStore(ABC):
             for statement, rows in plan:
                 if rows:
                     cur.executemany(self._sql(statement), rows)
-            inserted = self._insert_heartbeats(cur, beats["history"]) if beats["history"] else set()
+            inserted = self._insert_heartbeats(cur, beats["history"]) if beats["history"] else None
             if events:
                 added = self._insert_events(cur, events)
                 # Last and in key order: concurrent writers take these rows' locks alike.
@@ -519,21 +545,23 @@ class TelemetryStore(ABC):
 
     def _write_rollup(self, cur: Any, rows: dict[str, list[tuple[Any, ...]]]) -> None:
         """Add new heartbeats' sums to the rollup tables (``controller.fleet.rollup``)."""
-        for statement, key in (
-            (_ROLLUP_DEVICES, "devices"),
-            (_ROLLUP_LATENCY, "latency"),
-            (_ROLLUP_FIGURES, "figures"),
-        ):
+        for key, table, head, extra, sums in ROLLUP:
             if rows[key]:
+                names = [c for c, _type in (*head, *extra)]
+                values = f"VALUES ({', '.join('?' for _ in (*names, *sums))})"
+                statement = rollup_upsert(table, names, [c for c, _t in sums], values)
                 cur.executemany(self._sql(statement), rows[key])
 
-    def _insert_heartbeats(self, cur: Any, rows: list[tuple[Any, ...]]) -> set[HeartbeatKey]:
-        """Insert history rows; return the keys (fleet, device, at, seq) of those that were
-        new (the others were there: a redelivery). One writer at a time on SQLite: the new
-        rows are those past the largest id. Rows without a key are always added."""
+    def _insert_heartbeats(self, cur: Any, rows: list[tuple[Any, ...]]) -> set[HeartbeatKey] | None:
+        """Insert history rows; return None when every row was new (the common case),
+        else the keys (fleet, device, at, seq) of those that were (the others were
+        there: a redelivery). Rows without a key are always added. One writer at a time
+        on SQLite: the new rows are those past the largest id."""
         cur.execute("SELECT COALESCE(max(id), 0) FROM heartbeats")
         last = int(cur.fetchone()[0])
         cur.executemany(self._sql(_HEARTBEAT_INSERT), rows)
+        if cur.rowcount == len(rows):
+            return None
         cur.execute(
             self._sql("SELECT fleet, device, at, seq FROM heartbeats WHERE id > ? AND seq > 0"),
             [last],
