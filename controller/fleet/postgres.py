@@ -73,7 +73,6 @@ class PostgresStore(TelemetryStore):
     least = "LEAST"
     truncate = "trunc({})"
     serial = "BIGSERIAL PRIMARY KEY"
-    without_rowid = ""
     # Another worker may add the column between our look and our ALTER.
     add_column = "ADD COLUMN IF NOT EXISTS"
     # SQLSTATE classes 22 (data exception: out of range, NUL in text), 23 (integrity) and

@@ -28,6 +28,11 @@ Invariants:
   their retention (sooner when revoked), ``prune_models`` the models a device stopped
   naming. ``event_counts`` is kept as events are stored (``write`` counts only the rows
   it added), so ``/metrics`` never scans the events table and pruning never lowers it.
+- Rollout evidence is summed as heartbeats are stored (``controller.fleet.rollup``), in
+  the batch's transaction, from the heartbeats the history did not already hold (a
+  redelivery adds nothing); ``rollout_rollup`` reads it. The sums follow the heartbeats'
+  retention (``prune_heartbeats``); a store made before them sums the heartbeats it
+  holds when opened.
 - An event keeps the rollout it was sent under (``rollout_id``, empty from agents that
   predate it). A rollout's evidence is read by that id (``rollout_events``), reduced in
   SQL to a few rows per device: what an aborted rollout of the same version reported
@@ -155,17 +160,17 @@ DDL: Final = (
         fleet TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
         bucket DOUBLE PRECISION NOT NULL, beats BIGINT NOT NULL, requests BIGINT NOT NULL,
         errors BIGINT NOT NULL, client_errors BIGINT NOT NULL,
-        PRIMARY KEY (fleet, model, version, bucket)){without_rowid}""",
+        PRIMARY KEY (fleet, model, version, bucket))""",
     """CREATE TABLE IF NOT EXISTS rollout_latency (
         fleet TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
         bucket DOUBLE PRECISION NOT NULL, bin INTEGER NOT NULL, n BIGINT NOT NULL,
-        PRIMARY KEY (fleet, model, version, bucket, bin)){without_rowid}""",
+        PRIMARY KEY (fleet, model, version, bucket, bin))""",
     """CREATE TABLE IF NOT EXISTS rollout_devices (
         fleet TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
         bucket DOUBLE PRECISION NOT NULL, device TEXT NOT NULL, requests BIGINT NOT NULL,
         errors BIGINT NOT NULL, client_errors BIGINT NOT NULL,
         p99_sum DOUBLE PRECISION NOT NULL, p99_n BIGINT NOT NULL,
-        PRIMARY KEY (fleet, model, version, bucket, device)){without_rowid}""",
+        PRIMARY KEY (fleet, model, version, bucket, device))""",
 )
 ROLLUP_TABLES: Final = ("rollout_figures", "rollout_latency", "rollout_devices")
 # A store made before event_counts: counted once from the events it holds.
@@ -363,8 +368,6 @@ class TelemetryStore(ABC):
     # Towards zero, as Python's int() of a float.
     truncate = "CAST({} AS INTEGER)"
     serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
-    # Tables keyed by their primary key alone: one B-tree to write on SQLite, not two.
-    without_rowid = " WITHOUT ROWID"
     add_column = "ADD COLUMN"
 
     def __init__(self) -> None:
@@ -441,7 +444,6 @@ class TelemetryStore(ABC):
 
     def _sql(self, text: str) -> str:
         text = text.replace("{greatest}", self.greatest).replace("{serial}", self.serial)
-        text = text.replace("{without_rowid}", self.without_rowid)
         return text.replace("?", self.placeholder) if self.placeholder != "?" else text
 
     def _create_tables(self) -> None:

@@ -1,8 +1,10 @@
 """Rollout health gates: parsing the operator's gate text and judging a stage's evidence.
 
-Pure: ``evaluate_gates`` is a function of the policy and an ``Evidence`` value (the
-heartbeats and lifecycle events of one stage's window, gathered by
-``controller.rollout.service``); it never reads a clock or a store.
+Pure: ``evaluate_gates`` is a function of the policy and the evidence of one stage's
+window, gathered by ``controller.rollout.service``: a ``RolledEvidence`` (the sums the
+store keeps as it stores heartbeats, ``controller.fleet.rollup``: what a tick judges) or
+an ``Evidence`` (the heartbeats themselves and lifecycle events: the reference the
+rolled evidence is tested against); it never reads a clock or a store.
 
 Gates (``edgectl rollout start --gate``, laid over ``DEFAULT_GATES`` by
 ``gates_from_cli``: a gate given replaces that gate only, ``name=off`` drops one), each
@@ -15,7 +17,10 @@ Gates (``edgectl rollout start --gate``, laid over ``DEFAULT_GATES`` by
                      clean requests cannot hide another's failures.
 ``p99_ratio``        the median over devices of the new version's p99 latency, divided by
                      the previous version's (the same median over devices still running
-                     it, or the baseline measured earlier in the rollout).
+                     it, or the baseline measured earlier in the rollout). From a
+                     ``RolledEvidence``: a device's p99 is the mean of its heartbeats',
+                     the previous version's the median over its heartbeats (log bins,
+                     within 0.99 %).
 ``failed_installs``  devices whose install of the new version failed (golden vectors, an
                      unpackable or untrusted bundle, a phase deadline) or that rolled it
                      back (probation, crash loop), over the devices that tried it.
