@@ -924,7 +924,8 @@ class TelemetryStore(ABC):
         """Forget the devices last heard from before ``silent_before``, and those of
         ``revoked`` ((fleet, device) pairs) last heard from before ``revoked_before``:
         their device row, model rows and heartbeats (their events age out by their own
-        rule). A device that reports again is stored anew. Returns the devices removed."""
+        rule, their rollout sums with the heartbeats' retention). A device that reports
+        again is stored anew. Returns the devices removed."""
         gone_revoked = set(revoked)
         with self._write() as cur:
             cur.execute(
