@@ -57,7 +57,7 @@ from agent.contracts import (
     bundle_target_path,
     check_name,
     check_version,
-    resolve_release,
+    device_bucket,
 )
 from controller.base.errors import ConflictError, ControllerError, UsageError
 from controller.base.fsio import repo_lock
@@ -425,6 +425,9 @@ class RolloutService:
         # overlap for late writes) instead of the whole window again.
         self._windows: dict[tuple[str, int, float], dict[tuple[str, float], Sample]] = {}
         self._read_at: dict[tuple[str, int, float], float] = {}
+        # Each device's place in an active rollout (``device_bucket``): fixed for the
+        # rollout, so hashed once, not on every tick (fleet_counts).
+        self._buckets: dict[str, dict[str, float]] = {}
 
     def run_once(self) -> None:
         """The scheduled entry point: one tick, errors logged (the next tick retries)."""
@@ -447,6 +450,7 @@ class RolloutService:
         keep = {(r.id, r.stage, r.stage_started_at) for r in active}
         self._windows = {k: v for k, v in self._windows.items() if k in keep}
         self._read_at = {k: v for k, v in self._read_at.items() if k in keep}
+        self._buckets = {k: v for k, v in self._buckets.items() if k in {r.id for r in active}}
         for r in active:
             now_r = time.time() if now is None else now
             out.append(self._tick_one(r, now_r))
@@ -556,10 +560,14 @@ class RolloutService:
         known = expected = on_new = 0
         waits = self.store.waiting(r.fleet, r.model)
         waiting: list[tuple[str, Waiting]] = []
+        buckets = self._buckets.setdefault(r.id, {})
         for device, runs_new in self.store.devices_running(r.fleet, r.model, r.version):
             known += 1
-            resolved = resolve_release(release, device)
-            if resolved is not None and resolved[0] == r.version:
+            bucket = buckets.get(device)
+            if bucket is None:
+                bucket = buckets[device] = device_bucket(release.rollout_id, device)
+            # resolve_release(release, device) names the new version: the stage gives it
+            if device in release.canaries or bucket < release.percent:
                 expected += 1
                 why = waits.get(device)
                 # A reason about another version is older than this rollout (the device
