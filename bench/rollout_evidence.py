@@ -25,7 +25,8 @@ without it (the write path before it: the heartbeat insert alone, nothing summed
 Both gate reports are compared: the run stops if they differ.
 
     python bench/rollout_evidence.py [--devices 10000,100000] [--repeat 5] [--no-postgres]
-                                     [--ingest 20000] [--ingest-rounds 5] [--record]
+                                     [--ingest 20000] [--ingest-rounds 5] [--skip-heartbeats]
+                                     [--record]
 """
 
 from __future__ import annotations
@@ -209,6 +210,8 @@ def measure(
             ("heartbeats + gates, later tick", later_tick, f"{samples} heartbeats"),
             ("fleet_counts", counts, ""),
         )
+        if args.skip_heartbeats:
+            runs = (runs[0], runs[3])
         for label, run, shown in runs:
             median, best = median_ms(run, args.repeat)
             rows.append(
@@ -231,6 +234,12 @@ def main() -> None:
         "--ingest", type=int, default=20000, help="heartbeats written to time the store (0: none)"
     )
     parser.add_argument("--ingest-rounds", type=int, default=5, help="stores written, each way")
+    parser.add_argument(
+        "--skip-heartbeats",
+        action="store_true",
+        help="time only the rolled evidence and fleet_counts (the heartbeats are still read "
+        "once, to compare the verdicts)",
+    )
     parser.add_argument("--label", default="", help="what this run measures (for --record)")
     args = parse_arguments(parser, stores=True)
 

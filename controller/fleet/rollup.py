@@ -40,7 +40,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from math import ceil
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 # Width of a time bucket, seconds. A window is read from the start of the bucket that
 # holds its start: up to BUCKET_S seconds of heartbeats before it count too.
@@ -194,9 +194,9 @@ class VersionTotals:
     latency: Mapping[int, int] = field(default_factory=dict)  # bin → heartbeats
 
 
-@dataclass(frozen=True)
-class DeviceTotals:
-    """One device's sums over a window's buckets, on one version (``rollout_devices``)."""
+class DeviceTotals(NamedTuple):
+    """One device's sums over a window's buckets, on one version (``rollout_devices``):
+    a tuple, since a tick builds one per device on the new version."""
 
     device: str
     requests: int

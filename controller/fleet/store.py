@@ -814,6 +814,7 @@ class TelemetryStore(ABC):
                 str(v): VersionTotals(int(b), int(r), int(e), int(c), latency.get(str(v), {}))
                 for v, b, r, e, c in sums
             },
+            # PostgreSQL sums bigints as numeric (Decimal): ints and floats here.
             devices=tuple(
                 DeviceTotals(str(d), int(r), int(e), int(c), float(p), int(n))
                 for d, r, e, c, p, n in devices
