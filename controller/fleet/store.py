@@ -798,8 +798,10 @@ class TelemetryStore(ABC):
             bins = cur.fetchall()
             cur.execute(
                 self._sql(
-                    "SELECT device, sum(requests), sum(errors), sum(client_errors), "
-                    "sum(p99_sum), sum(p99_n) FROM rollout_devices "
+                    # Cast: PostgreSQL sums bigints as numeric (Decimal in Python).
+                    "SELECT device, CAST(sum(requests) AS BIGINT), CAST(sum(errors) AS BIGINT), "
+                    "CAST(sum(client_errors) AS BIGINT), sum(p99_sum), "
+                    "CAST(sum(p99_n) AS BIGINT) FROM rollout_devices "
                     "WHERE fleet = ? AND model = ? AND version = ? AND bucket >= ? "
                     "GROUP BY device ORDER BY device"
                 ),
@@ -814,11 +816,7 @@ class TelemetryStore(ABC):
                 str(v): VersionTotals(int(b), int(r), int(e), int(c), latency.get(str(v), {}))
                 for v, b, r, e, c in sums
             },
-            # PostgreSQL sums bigints as numeric (Decimal): ints and floats here.
-            devices=tuple(
-                DeviceTotals(str(d), int(r), int(e), int(c), float(p), int(n))
-                for d, r, e, c, p, n in devices
-            ),
+            devices=tuple(map(DeviceTotals._make, devices)),
         )
 
     def devices_running(self, fleet: str, model: str, version: str) -> list[tuple[str, bool]]:

@@ -269,7 +269,7 @@ class RolledEvidence:
     baseline_p99_s: float | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class DeviceFigures:
     requests: int = 0
     errors: int = 0
@@ -286,6 +286,8 @@ class DeviceFigures:
 
     @property
     def p99_s(self) -> float | None:
+        if len(self.p99s) == 1:  # a rolled device's, or a device's single heartbeat
+            return self.p99s[0]
         return statistics.median(self.p99s) if self.p99s else None
 
     def add(self, s: Sample) -> None:
@@ -400,8 +402,9 @@ def weighted(figures: Mapping[str, DeviceFigures], cap: float | None) -> tuple[f
     ``cap`` and its errors in proportion (``cap`` None: the plain sums)."""
     served = errors = 0.0
     for f in figures.values():
-        share = cap / f.served if cap is not None and f.served > cap else 1.0
-        served += max(f.served, 0) * share
+        mine = f.requests - f.client_errors  # f.served, read once: a tick has many devices
+        share = cap / mine if cap is not None and mine > cap else 1.0
+        served += max(mine, 0) * share
         errors += f.errors * share
     return served, errors
 
@@ -422,7 +425,7 @@ def evaluate_gates(policy: GatePolicy, evidence: Evidence | RolledEvidence) -> G
         old = per_device(evidence.samples, evidence.previous) if evidence.previous else {}
         old_served = sum(f.served for f in old.values())
         old_p99 = _median_p99(old)
-    served = sum(f.served for f in new.values())
+    served = sum(f.requests - f.client_errors for f in new.values())
     errors = sum(f.errors for f in new.values())
     limit = policy.limit("error_rate")
     weighted_served, weighted_errors = weighted(
