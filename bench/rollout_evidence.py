@@ -1,19 +1,31 @@
-"""What reading one rollout tick's telemetry (``RolloutService.evidence``) costs at fleet scale.
+"""What reading one rollout tick's telemetry costs at fleet scale, and what summing it at
+ingest costs the store's writes.
 
 A real telemetry store (SQLite in a temporary folder, and PostgreSQL in a fresh schema
 of ``EDGEFLEET_TEST_PG_DSN``, default the local server, unless ``--no-postgres``) filled
 through the store's own write path (``TelemetryStore.write`` of heartbeat facts, as
 ingestion stores them): for each size in ``--devices``, that many devices in the rolled
-out fleet, each with ``--beats`` heartbeats 10 s apart ending now, carrying the model's
-figures, plus a second fleet of a tenth of the size. A rollout's stage started 45 s ago.
-It times, median of ``--repeat`` calls each:
+out fleet (a tenth on the new version), each with ``--beats`` heartbeats 10 s apart
+ending now, carrying the model's figures, plus a second fleet of a tenth of the size. A
+rollout's stage started 45-105 s ago, on a minute (a rollup bucket's start, so that both
+reads cover the same heartbeats). It times, median of ``--repeat`` calls each:
 
-- the first tick of a stage: a fresh ``RolloutService``, the whole window read;
-- a later tick: the same service 5 s on, reading only the newest heartbeats (with the
-  ``WINDOW_OVERLAP_S`` overlap);
+- ``rolled_evidence``: what a tick judges, the sums the store kept at ingest
+  (``controller.fleet.rollup``), with the gates evaluated on it;
+- the heartbeats themselves (``RolloutService.evidence``, what a tick read before, kept
+  as the reference), with the gates evaluated: the first tick of a stage (a fresh
+  service, the whole window read) and a later one (the same service 5 s on, reading the
+  newest heartbeats with the ``WINDOW_OVERLAP_S`` overlap);
 - ``fleet_counts``, the device counts a tick saves for ``rollout status``.
 
+And, with ``--ingest N`` (default 20,000), ``TelemetryStore.write`` of N heartbeats in
+batches of 2,000 (ingestion's default batch) into a fresh store, with the rollup and
+without it (the write path before it: the heartbeat insert alone, nothing summed),
+``--ingest-rounds`` stores each way, alternating: the store's time per message.
+Both gate reports are compared: the run stops if they differ.
+
     python bench/rollout_evidence.py [--devices 10000,100000] [--repeat 5] [--no-postgres]
+                                     [--ingest 20000] [--ingest-rounds 5] [--skip-heartbeats]
                                      [--record]
 """
 
@@ -21,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -38,9 +51,11 @@ from _common import (
 )
 
 from agent.contracts import ProbationPolicy
+from controller.fleet import store as store_module
 from controller.fleet.records import HeartbeatFacts, IngestBatch
-from controller.fleet.store import TelemetryStore
-from controller.rollout.gates import parse_gates
+from controller.fleet.rollup import bucket_of
+from controller.fleet.store import HEARTBEAT_INSERT, TelemetryStore
+from controller.rollout.gates import evaluate_gates, parse_gates
 from controller.rollout.service import RolloutService
 from controller.rollout.stages import OnFailure, Rollout, new_rollout
 from tests.controller.test_store_support import store_for
@@ -48,9 +63,12 @@ from tests.controller.test_store_support import store_for
 FLEET = "fleet-00"
 MODEL = "detector"
 BATCH = 5000
+INGEST_BATCH = 2000
 
 
-def fill(store: TelemetryStore, fleet: str, devices: int, beats: int, now: float) -> None:
+def heartbeats(
+    fleet: str, devices: int, beats: int, now: float
+) -> list[tuple[HeartbeatFacts, float, str]]:
     """``devices`` devices of ``fleet``, each ``beats`` heartbeats 10 s apart up to ``now``."""
     rows = []
     for i in range(devices):
@@ -63,8 +81,66 @@ def fill(store: TelemetryStore, fleet: str, devices: int, beats: int, now: float
             received = now - 10.0 * (beats - 1 - k) - (i % 10)
             facts = HeartbeatFacts(fleet, device, "0.9.0", 10.0, {}, 0, 0, (model,), f"t{k}", k + 1)
             rows.append((facts, received, payload))
+    return rows
+
+
+def fill(store: TelemetryStore, fleet: str, devices: int, beats: int, now: float) -> None:
+    rows = heartbeats(fleet, devices, beats, now)
     for start in range(0, len(rows), BATCH):
         store.write(IngestBatch(heartbeat_facts=rows[start : start + BATCH]))
+
+
+def without_rollup(store: TelemetryStore) -> None:
+    """Make ``store`` write as it did before the rollup: the heartbeat insert alone."""
+
+    def insert(cur: object, rows: list[tuple[object, ...]]) -> set[tuple[str, str, str, int]]:
+        cur.executemany(store._sql(HEARTBEAT_INSERT), rows)  # type: ignore[attr-defined]
+        return set()
+
+    store._insert_heartbeats = insert  # type: ignore[method-assign]
+    store._write_rollup = lambda cur, rows: None  # type: ignore[method-assign]
+
+
+def ingest_cost(backend: str, folder: Path, args: argparse.Namespace) -> list[tuple[object, ...]]:
+    """The store's time per heartbeat in ``TelemetryStore.write``, with the rollup and
+    without it, ``--ingest-rounds`` fresh stores each, alternating: the median and the
+    best of the rounds, wall clock and this process's CPU (SQLite's work is in-process;
+    PostgreSQL's server is not counted in CPU)."""
+    out: list[tuple[object, ...]] = []
+    now = time.time()
+    # As ingestion meets them: in the order received, a device's heartbeats batches apart.
+    rows = sorted(heartbeats(FLEET, args.ingest // 2, 2, now), key=lambda row: row[1])
+    labels = ("with the rollup", "without (the write before it)")
+    spent: dict[str, list[tuple[float, float]]] = {label: [] for label in labels}
+    for n in range(args.ingest_rounds):
+        for label in labels:
+            with store_for(backend, folder / f"{n}-{label.split()[0]}") as store:
+                original = store_module.rollup_rows
+                if label.startswith("without"):
+                    without_rollup(store)
+                    store_module.rollup_rows = lambda beats: {}
+                try:
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    for at in range(0, len(rows), INGEST_BATCH):
+                        store.write(IngestBatch(heartbeat_facts=rows[at : at + INGEST_BATCH]))
+                    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                finally:
+                    store_module.rollup_rows = original
+            spent[label].append((wall / len(rows) * 1e6, cpu / len(rows) * 1e6))
+    for label in labels:
+        walls = [w for w, _c in spent[label]]
+        cpus = [c for _w, c in spent[label]]
+        out.append(
+            (
+                backend,
+                len(rows),
+                label,
+                f"{statistics.median(walls):.1f} / {min(walls):.1f}",
+                f"{statistics.median(cpus):.1f} / {min(cpus):.1f}",
+                args.ingest_rounds,
+            )
+        )
+    return out
 
 
 def rollout(now: float) -> Rollout:
@@ -81,7 +157,8 @@ def rollout(now: float) -> Rollout:
         canaries=(),
         on_failure=OnFailure.PAUSE,
         probation=ProbationPolicy(),
-        now=now - 45.0,
+        # On a rollup bucket's start: both reads then cover the same heartbeats.
+        now=bucket_of(now - 45.0),
     )
 
 
@@ -97,13 +174,30 @@ def measure(
         fill_s = time.perf_counter() - start
 
         def first_tick() -> int:
-            return len(RolloutService(folder, store).evidence(r, now).samples)
+            evidence = RolloutService(folder, store).evidence(r, now)
+            evaluate_gates(r.gates, evidence)
+            return len(evidence.samples)
 
         later = RolloutService(folder, store)
-        samples = len(later.evidence(r, now).samples)
+        raw = later.evidence(r, now)
+        samples = len(raw.samples)
+        rolled = later.rolled_evidence(r)
+        want, got = evaluate_gates(r.gates, raw), evaluate_gates(r.gates, rolled)
+        judged = [
+            ([b.gate for b in report.breaches], report.served, report.errors, report.healthy)
+            for report in (got, want)
+        ]
+        if judged[0] != judged[1] or got.reporting != want.reporting:
+            raise SystemExit(f"the rolled evidence judges otherwise: {judged}")
 
         def later_tick() -> int:
-            return len(later.evidence(r, now + 5.0).samples)
+            evidence = later.evidence(r, now + 5.0)
+            evaluate_gates(r.gates, evidence)
+            return len(evidence.samples)
+
+        def rolled_tick() -> int:
+            evaluate_gates(r.gates, later.rolled_evidence(r))
+            return len(rolled.devices)
 
         rows: list[tuple[object, ...]] = []
 
@@ -111,15 +205,17 @@ def measure(
             return int(later.fleet_counts(r)["devices_known"])
 
         runs = (
-            ("evidence, first tick of a stage", first_tick),
-            ("evidence, later tick", later_tick),
-            ("fleet_counts", counts),
+            ("rolled_evidence + gates (a tick)", rolled_tick, f"{len(rolled.devices)} devices"),
+            ("heartbeats + gates, first tick of a stage", first_tick, f"{samples} heartbeats"),
+            ("heartbeats + gates, later tick", later_tick, f"{samples} heartbeats"),
+            ("fleet_counts", counts, ""),
         )
-        for label, run in runs:
-            shown = samples if label.startswith("evidence") else ""
+        if args.skip_heartbeats:
+            runs = (runs[0], runs[3])
+        for label, run, shown in runs:
             median, best = median_ms(run, args.repeat)
             rows.append(
-                (backend, devices, label, shown, f"{median:.0f}", f"{best:.0f}", args.repeat)
+                (backend, devices, label, shown, f"{median:.1f}", f"{best:.1f}", args.repeat)
             )
         print(
             f"{backend}: {store.count('devices')} devices, {store.count('heartbeats')} "
@@ -134,6 +230,16 @@ def main() -> None:
     parser.add_argument("--devices", default="10000,100000", help="fleet sizes, comma-separated")
     parser.add_argument("--beats", type=int, default=8, help="heartbeats per device")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--ingest", type=int, default=20000, help="heartbeats written to time the store (0: none)"
+    )
+    parser.add_argument("--ingest-rounds", type=int, default=5, help="stores written, each way")
+    parser.add_argument(
+        "--skip-heartbeats",
+        action="store_true",
+        help="time only the rolled evidence and fleet_counts (the heartbeats are still read "
+        "once, to compare the verdicts)",
+    )
     parser.add_argument("--label", default="", help="what this run measures (for --record)")
     args = parse_arguments(parser, stores=True)
 
@@ -142,24 +248,45 @@ def main() -> None:
         for backend in store_backends(args):
             with tempfile.TemporaryDirectory(prefix="rollout-evidence-") as tmp:
                 rows += measure(backend, Path(tmp), devices, args)
-    headers = ("store", "devices", "call", "samples", "median ms", "min ms", "runs")
+    headers = ("store", "devices", "call", "read", "median ms", "min ms", "runs")
     table = markdown_table(headers, rows)
     print(table)
+    ingest: list[tuple[object, ...]] = []
+    if args.ingest:
+        for backend in store_backends(args):
+            with tempfile.TemporaryDirectory(prefix="rollout-ingest-") as tmp:
+                ingest += ingest_cost(backend, Path(tmp), args)
+        ingest_headers = (
+            "store",
+            "heartbeats",
+            "write",
+            "wall µs per heartbeat (median / best)",
+            "CPU µs per heartbeat (median / best)",
+            "rounds",
+        )
+        ingest_table = markdown_table(ingest_headers, ingest)
+        print(ingest_table)
+        table += (
+            "\n\n`TelemetryStore.write` of heartbeats in batches of "
+            f"{INGEST_BATCH} (the store's time only):\n\n{ingest_table}"
+        )
     if args.record:
         run_text = "\n".join(
             [
                 run_heading(command_line(), label=args.label),
-                f"`bench/rollout_evidence.py`: one `RolloutService.evidence` (and `fleet_counts`) "
-                "call for a rollout "
-                f"of a fleet of that many devices, {args.beats} heartbeats each 10 s apart, "
-                "stored through `TelemetryStore.write`; the stage started 45 s before.",
+                "`bench/rollout_evidence.py`: what a tick reads and judges for a rollout of a "
+                f"fleet of that many devices (a tenth on the new version), {args.beats} "
+                "heartbeats each 10 s apart, stored through `TelemetryStore.write`; the stage "
+                "started 45-105 s before, on a minute. `rolled_evidence`: the sums kept at "
+                "ingest; heartbeats: the reads before them (`RolloutService.evidence`).",
                 "",
                 table,
             ]
         )
         intro = (
             "What one rollout tick spends reading telemetry (`RolloutService.evidence`), "
-            "per active rollout, every `rollout_tick_interval_s` (5 s by default)."
+            "per active rollout, every `rollout_tick_interval_s` (5 s by default); since "
+            "2026-12-03 `RolloutService.rolled_evidence`, the sums kept at ingest."
         )
         record_section("Rollout tick evidence", intro, run_text)
 

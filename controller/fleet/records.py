@@ -221,7 +221,9 @@ _HISTORY_KEY: Final = itemgetter(0, 1, 4, 5)  # fleet, device, at, seq
 
 def heartbeat_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
     """The heartbeat rows of ``batch``: ``history`` (``_HEARTBEAT_INSERT``), ``devices``
-    (``_DEVICE_FROM_HEARTBEAT``) and ``models`` (``_MODEL_UPSERT``)."""
+    (``_DEVICE_FROM_HEARTBEAT``) and ``models`` (``_MODEL_UPSERT``); and ``beats``, each
+    heartbeat's (facts, received at) in batch order, for the rollup of those the history
+    did not hold yet (``controller.fleet.rollup``)."""
     beats = batch.heartbeat_facts
     if batch.heartbeats:
         beats = beats + [
@@ -272,7 +274,12 @@ def heartbeat_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:
         history.sort(key=_HISTORY_KEY)
     else:
         history.sort(key=lambda row: (row[0], row[1], row[4] or "", row[5] or 0))
-    return {"history": history, "devices": devices, "models": models}
+    return {
+        "history": history,
+        "devices": devices,
+        "models": models,
+        "beats": [(facts, received) for facts, received, _payload in beats],
+    }
 
 
 def status_rows(batch: IngestBatch) -> dict[str, list[tuple[Any, ...]]]:

@@ -28,6 +28,11 @@ Invariants:
   their retention (sooner when revoked), ``prune_models`` the models a device stopped
   naming. ``event_counts`` is kept as events are stored (``write`` counts only the rows
   it added), so ``/metrics`` never scans the events table and pruning never lowers it.
+- Rollout evidence is summed as heartbeats are stored (``controller.fleet.rollup``), in
+  the batch's transaction, from the heartbeats the history did not already hold (a
+  redelivery adds nothing); ``rollout_rollup`` reads it. The sums follow the heartbeats'
+  retention (``prune_heartbeats``); a store made before them sums the heartbeats it
+  holds when opened.
 - An event keeps the rollout it was sent under (``rollout_id``, empty from agents that
   predate it). A rollout's evidence is read by that id (``rollout_events``), reduced in
   SQL to a few rows per device: what an aborted rollout of the same version reported
@@ -56,8 +61,10 @@ from controller.fleet.records import (
     DeviceRow,
     EventRow,
     FleetAggregates,
+    HeartbeatFacts,
     HeartbeatRow,
     IngestBatch,
+    ModelFacts,
     ModelRow,
     conflict_rows,
     event_rows,
@@ -65,6 +72,39 @@ from controller.fleet.records import (
     status_rows,
     waiting_from_json,
 )
+from controller.fleet.rollup import (
+    BUCKET_S,
+    DeviceTotals,
+    RolloutRollup,
+    VersionTotals,
+    bucket_of,
+    payload_models,
+    rollup_rows,
+)
+
+# A stored heartbeat's key: (fleet, device, at, seq).
+HeartbeatKey = tuple[str, str, str, int]
+
+
+def _fresh(
+    beats: Iterable[tuple[HeartbeatFacts, float]], inserted: set[HeartbeatKey] | None
+) -> Iterator[tuple[str, str, float, tuple[ModelFacts, ...]]]:
+    """The heartbeats of a batch the history did not hold before it, each once: those
+    ``inserted`` (the first of a key in the batch; None: all of them) and those without
+    a key (always added)."""
+    if inserted is None:
+        for facts, received in beats:
+            yield facts.fleet, facts.device, received, facts.models
+        return
+    seen: set[HeartbeatKey] = set()
+    for facts, received in beats:
+        identity = facts.identity
+        if identity is not None:
+            key = (facts.fleet, facts.device, *identity)
+            if key not in inserted or key in seen:
+                continue
+            seen.add(key)
+        yield facts.fleet, facts.device, received, facts.models
 
 
 class StoreError(ControllerError):
@@ -115,7 +155,24 @@ DDL: Final = (
     """CREATE TABLE IF NOT EXISTS event_counts (
         fleet TEXT NOT NULL, kind TEXT NOT NULL, n BIGINT NOT NULL,
         PRIMARY KEY (fleet, kind))""",
+    # Rollout evidence summed as heartbeats are stored (controller.fleet.rollup).
+    """CREATE TABLE IF NOT EXISTS rollout_figures (
+        fleet TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
+        bucket DOUBLE PRECISION NOT NULL, beats BIGINT NOT NULL, requests BIGINT NOT NULL,
+        errors BIGINT NOT NULL, client_errors BIGINT NOT NULL,
+        PRIMARY KEY (fleet, model, version, bucket))""",
+    """CREATE TABLE IF NOT EXISTS rollout_latency (
+        fleet TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
+        bucket DOUBLE PRECISION NOT NULL, bin INTEGER NOT NULL, n BIGINT NOT NULL,
+        PRIMARY KEY (fleet, model, version, bucket, bin))""",
+    """CREATE TABLE IF NOT EXISTS rollout_devices (
+        fleet TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
+        bucket DOUBLE PRECISION NOT NULL, device TEXT NOT NULL, requests BIGINT NOT NULL,
+        errors BIGINT NOT NULL, client_errors BIGINT NOT NULL,
+        p99_sum DOUBLE PRECISION NOT NULL, p99_n BIGINT NOT NULL,
+        PRIMARY KEY (fleet, model, version, bucket, device))""",
 )
+ROLLUP_TABLES: Final = ("rollout_figures", "rollout_latency", "rollout_devices")
 # A store made before event_counts: counted once from the events it holds.
 _SEED_EVENT_COUNTS: Final = """
 INSERT INTO event_counts (fleet, kind, n) SELECT fleet, kind, count(*) FROM events
@@ -142,6 +199,53 @@ MIGRATIONS: Final = (
     # Why the device does not install the version desired state names (JSON, or NULL).
     ("device_models", "waiting", "TEXT"),
 )
+
+# The rollup of new heartbeats (controller.fleet.rollup.rollup_rows), last in a batch's
+# transaction: with several PostgreSQL workers these rows are shared, so their locks are
+# held for as short a time as the batch allows, and taken in key order. Each table: the
+# rows' key in ``rollup_rows``, its name, its key columns and its summed columns (in the
+# order of the rows), with their PostgreSQL types (a backend may pass columns as arrays).
+ROLLUP: Final = (
+    (
+        "devices",
+        "rollout_devices",
+        (("fleet", "text"), ("model", "text"), ("version", "text"), ("bucket", "float8")),
+        (("device", "text"),),
+        (
+            ("requests", "int8"),
+            ("errors", "int8"),
+            ("client_errors", "int8"),
+            ("p99_sum", "float8"),
+            ("p99_n", "int8"),
+        ),
+    ),
+    (
+        "latency",
+        "rollout_latency",
+        (("fleet", "text"), ("model", "text"), ("version", "text"), ("bucket", "float8")),
+        (("bin", "int4"),),
+        (("n", "int8"),),
+    ),
+    (
+        "figures",
+        "rollout_figures",
+        (("fleet", "text"), ("model", "text"), ("version", "text"), ("bucket", "float8")),
+        (),
+        (("beats", "int8"), ("requests", "int8"), ("errors", "int8"), ("client_errors", "int8")),
+    ),
+)
+
+
+def rollup_upsert(table: str, keys: Sequence[str], sums: Sequence[str], source: str) -> str:
+    """The statement adding rows from ``source`` (``VALUES (...)``, a ``SELECT``) to a
+    rollup table: a new key inserted, a known one's sums added to."""
+    columns = ", ".join((*keys, *sums))
+    added = ", ".join(f"{c} = {table}.{c} + excluded.{c}" for c in sums)
+    return (
+        f"INSERT INTO {table} ({columns}) {source} "
+        f"ON CONFLICT ({', '.join(keys)}) DO UPDATE SET {added}"
+    )
+
 
 _HEARTBEAT_INSERT: Final = """
 INSERT INTO heartbeats (fleet, device, received_at, payload, at, seq) VALUES (?, ?, ?, ?, ?, ?)
@@ -351,12 +455,41 @@ class TelemetryStore(ABC):
 
     def _create_tables_with(self, cur: Any) -> None:
         counted = self._has_table(cur, "event_counts")
+        rolled = self._has_table(cur, "rollout_figures")
         for statement in DDL:
             cur.execute(self._sql(statement))
         self._migrate(cur)
         cur.execute(HEARTBEAT_KEY)
         if not counted:
             cur.execute(_SEED_EVENT_COUNTS)
+        if not rolled:
+            self._seed_rollup(cur)
+
+    def _seed_rollup(self, cur: Any, chunk: int = 5000) -> None:
+        """A store made before the rollup tables: sum the heartbeats it holds into them
+        once (every stored row counts, as the heartbeats a window read did)."""
+        last = 0
+        while True:
+            cur.execute(
+                self._sql(
+                    "SELECT id, fleet, device, received_at, payload FROM heartbeats "
+                    "WHERE id > ? ORDER BY id LIMIT ?"
+                ),
+                [last, chunk],
+            )
+            rows = cur.fetchall()
+            if not rows:
+                return
+            last = int(rows[-1][0])
+            beats = []
+            for _id, fleet, device, received, payload in rows:
+                try:
+                    doc = json.loads(payload)
+                except ValueError:
+                    continue
+                if isinstance(doc, dict):
+                    beats.append((str(fleet), str(device), float(received), payload_models(doc)))
+            self._write_rollup(cur, rollup_rows(beats))
 
     def _write_rows(self, cur: Any, statement: str, rows: list[tuple[Any, ...]]) -> None:
         """Run one of ``write``'s statements for every row of ``rows``, in order (a
@@ -404,19 +537,46 @@ class TelemetryStore(ABC):
             (_DEVICE_CONFLICT, conflict_rows(batch)),
             (_MODEL_FROM_STATUS, statuses["models"]),
             (_MODEL_UPSERT, beats["models"]),
-            (_HEARTBEAT_INSERT, beats["history"]),
         )
         with self._write() as cur:
             for statement, rows in plan:
                 if rows:
                     self._write_rows(cur, statement, rows)
+            inserted = self._insert_heartbeats(cur, beats["history"]) if beats["history"] else None
             if events:
                 added = self._insert_events(cur, events)
                 # Last and in key order: concurrent writers take these rows' locks alike.
                 counts = [(f, k, n) for (f, k), n in sorted(added.items())]
                 if counts:
                     cur.executemany(self._sql(_COUNT_EVENTS), counts)
+            if beats["history"]:
+                self._write_rollup(cur, rollup_rows(_fresh(beats["beats"], inserted)))
         return len(batch)
+
+    def _write_rollup(self, cur: Any, rows: dict[str, list[tuple[Any, ...]]]) -> None:
+        """Add new heartbeats' sums to the rollup tables (``controller.fleet.rollup``)."""
+        for key, table, head, extra, sums in ROLLUP:
+            if rows[key]:
+                names = [c for c, _type in (*head, *extra)]
+                values = f"VALUES ({', '.join('?' for _ in (*names, *sums))})"
+                statement = rollup_upsert(table, names, [c for c, _t in sums], values)
+                cur.executemany(self._sql(statement), rows[key])
+
+    def _insert_heartbeats(self, cur: Any, rows: list[tuple[Any, ...]]) -> set[HeartbeatKey] | None:
+        """Insert history rows; return None when every row was new (the common case),
+        else the keys (fleet, device, at, seq) of those that were (the others were
+        there: a redelivery). Rows without a key are always added. One writer at a time
+        on SQLite: the new rows are those past the largest id."""
+        cur.execute("SELECT COALESCE(max(id), 0) FROM heartbeats")
+        last = int(cur.fetchone()[0])
+        self._write_rows(cur, _HEARTBEAT_INSERT, rows)
+        if cur.rowcount == len(rows):
+            return None
+        cur.execute(
+            self._sql("SELECT fleet, device, at, seq FROM heartbeats WHERE id > ? AND seq > 0"),
+            [last],
+        )
+        return {(str(f), str(d), str(a), int(q)) for f, d, a, q in cur.fetchall()}
 
     def devices(
         self, fleet: str | None = None, model: str | None = None, device: str | None = None
@@ -615,6 +775,58 @@ class TelemetryStore(ABC):
             rows = cur.fetchall()
         return [HeartbeatRow(fleet, d, float(t), json.loads(p)) for d, t, p in rows]
 
+    def rollout_rollup(
+        self, fleet: str, model: str, version: str, others: Sequence[str], since: float
+    ) -> RolloutRollup:
+        """The rollup (``controller.fleet.rollup``) of ``model`` in ``fleet`` from the
+        bucket holding ``since`` on: the sums of ``version`` and of each of ``others``,
+        and those of ``version`` by device (by id). Three indexed reads: a few rows per
+        version and bucket, and one row per device that reported ``version``."""
+        versions = [version, *others]
+        marks = ", ".join("?" for _ in versions)
+        start = bucket_of(since)
+        head = [fleet, model, *versions, start]
+        where = f"fleet = ? AND model = ? AND version IN ({marks}) AND bucket >= ?"
+        with self._read() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT version, sum(beats), sum(requests), sum(errors), sum(client_errors) "
+                    f"FROM rollout_figures WHERE {where} GROUP BY version"
+                ),
+                head,
+            )
+            sums = cur.fetchall()
+            cur.execute(
+                self._sql(
+                    f"SELECT version, bin, sum(n) FROM rollout_latency WHERE {where} "
+                    "GROUP BY version, bin"
+                ),
+                head,
+            )
+            bins = cur.fetchall()
+            cur.execute(
+                self._sql(
+                    # Cast: PostgreSQL sums bigints as numeric (Decimal in Python).
+                    "SELECT device, CAST(sum(requests) AS BIGINT), CAST(sum(errors) AS BIGINT), "
+                    "CAST(sum(client_errors) AS BIGINT), sum(p99_sum), "
+                    "CAST(sum(p99_n) AS BIGINT) FROM rollout_devices "
+                    "WHERE fleet = ? AND model = ? AND version = ? AND bucket >= ? "
+                    "GROUP BY device ORDER BY device"
+                ),
+                [fleet, model, version, start],
+            )
+            devices = cur.fetchall()
+        latency: dict[str, dict[int, int]] = {}
+        for v, index, n in bins:
+            latency.setdefault(str(v), {})[int(index)] = int(n)
+        return RolloutRollup(
+            versions={
+                str(v): VersionTotals(int(b), int(r), int(e), int(c), latency.get(str(v), {}))
+                for v, b, r, e, c in sums
+            },
+            devices=tuple(map(DeviceTotals._make, devices)),
+        )
+
     def devices_running(self, fleet: str, model: str, version: str) -> list[tuple[str, bool]]:
         """Every device of ``fleet``, by id, and whether its stored models (what
         ``devices()`` attaches) include ``model`` at ``version``: only ids and a flag
@@ -649,18 +861,38 @@ class TelemetryStore(ABC):
             return [(str(f), str(k), int(n)) for f, k, n in cur.fetchall()]
 
     def count(self, table: str) -> int:
-        """Rows in ``table`` (devices, device_models, heartbeats or events)."""
-        if table not in ("devices", "device_models", "heartbeats", "events"):
+        """Rows in ``table`` (devices, device_models, heartbeats, events or a rollup table)."""
+        if table not in ("devices", "device_models", "heartbeats", "events", *ROLLUP_TABLES):
             raise ValueError(f"unknown table {table!r}")
         with self._read() as cur:
             cur.execute(f"SELECT count(*) FROM {table}")
             return int(cur.fetchone()[0])
 
     def prune_heartbeats(self, before: float) -> int:
-        """Delete heartbeats received before ``before`` (epoch seconds); return how many."""
+        """Delete heartbeats received before ``before`` (epoch seconds), and the rollup
+        buckets that hold only such heartbeats (ending at or before ``before``); return
+        how many heartbeats."""
         with self._write() as cur:
             cur.execute(self._sql("DELETE FROM heartbeats WHERE received_at < ?"), [before])
-            return int(cur.rowcount or 0)
+            removed = int(cur.rowcount or 0)
+            ended = before - BUCKET_S
+            cur.execute(
+                self._sql(
+                    "SELECT DISTINCT fleet, model, version FROM rollout_figures WHERE bucket <= ?"
+                ),
+                [ended],
+            )
+            # By primary key prefix: the per-device table has no index on the bucket alone.
+            for key in cur.fetchall():
+                for table in ROLLUP_TABLES:
+                    cur.execute(
+                        self._sql(
+                            f"DELETE FROM {table} WHERE fleet = ? AND model = ? AND version = ? "
+                            "AND bucket <= ?"
+                        ),
+                        [*key, ended],
+                    )
+            return removed
 
     def prune_events(self, before: float, max_per_device: int, active_since: float = 0.0) -> int:
         """Delete events received before ``before`` (epoch seconds) and, of each device
@@ -699,7 +931,8 @@ class TelemetryStore(ABC):
         """Forget the devices last heard from before ``silent_before``, and those of
         ``revoked`` ((fleet, device) pairs) last heard from before ``revoked_before``:
         their device row, model rows and heartbeats (their events age out by their own
-        rule). A device that reports again is stored anew. Returns the devices removed."""
+        rule, their rollout sums with the heartbeats' retention). A device that reports
+        again is stored anew. Returns the devices removed."""
         gone_revoked = set(revoked)
         with self._write() as cur:
             cur.execute(

@@ -1,8 +1,10 @@
 """Rollout health gates: parsing the operator's gate text and judging a stage's evidence.
 
-Pure: ``evaluate_gates`` is a function of the policy and an ``Evidence`` value (the
-heartbeats and lifecycle events of one stage's window, gathered by
-``controller.rollout.service``); it never reads a clock or a store.
+Pure: ``evaluate_gates`` is a function of the policy and the evidence of one stage's
+window, gathered by ``controller.rollout.service``: a ``RolledEvidence`` (the sums the
+store keeps as it stores heartbeats, ``controller.fleet.rollup``: what a tick judges) or
+an ``Evidence`` (the heartbeats themselves and lifecycle events: the reference the
+rolled evidence is tested against); it never reads a clock or a store.
 
 Gates (``edgectl rollout start --gate``, laid over ``DEFAULT_GATES`` by
 ``gates_from_cli``: a gate given replaces that gate only, ``name=off`` drops one), each
@@ -15,7 +17,10 @@ Gates (``edgectl rollout start --gate``, laid over ``DEFAULT_GATES`` by
                      clean requests cannot hide another's failures.
 ``p99_ratio``        the median over devices of the new version's p99 latency, divided by
                      the previous version's (the same median over devices still running
-                     it, or the baseline measured earlier in the rollout).
+                     it, or the baseline measured earlier in the rollout). From a
+                     ``RolledEvidence``: a device's p99 is the mean of its heartbeats',
+                     the previous version's the median over its heartbeats (log bins,
+                     within 0.99 %).
 ``failed_installs``  devices whose install of the new version failed (golden vectors, an
                      unpackable or untrusted bundle, a phase deadline) or that rolled it
                      back (probation, crash loop), over the devices that tried it.
@@ -55,6 +60,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from controller.base.errors import UsageError
+from controller.fleet.rollup import DeviceTotals, binned_median
 
 LIMIT_METRICS: Final = ("error_rate", "p99_ratio", "failed_installs", "rollbacks")
 FLOOR_NAMES: Final = ("min_devices", "min_requests")
@@ -243,7 +249,27 @@ class Evidence:
     baseline_p99_s: float | None = None
 
 
-@dataclass
+@dataclass(frozen=True)
+class RolledEvidence:
+    """A stage window as the store sums it at ingest (``controller.fleet.rollup``), the
+    evidence a tick judges: the new version's sums by device, and the previous version's
+    served requests and p99 bins. What it gives against ``Evidence`` (the heartbeats, the
+    reference): the same counts and device sets over a window that starts at the time
+    bucket holding the stage start; a device's p99 is the mean of its heartbeats' p99s
+    (not their median); the previous version's p99 is the median of its heartbeats' p99s
+    read from log bins (within 0.99 %), not the median over devices of each one's median.
+    """
+
+    version: str
+    previous: str | None
+    devices: tuple[DeviceTotals, ...] = ()  # of ``version``
+    previous_served: int = 0
+    previous_latency: Mapping[int, int] = field(default_factory=dict)  # bin → heartbeats
+    incidents: tuple[Incident, ...] = ()
+    baseline_p99_s: float | None = None
+
+
+@dataclass(slots=True)
 class DeviceFigures:
     requests: int = 0
     errors: int = 0
@@ -260,6 +286,8 @@ class DeviceFigures:
 
     @property
     def p99_s(self) -> float | None:
+        if len(self.p99s) == 1:  # a rolled device's, or a device's single heartbeat
+            return self.p99s[0]
         return statistics.median(self.p99s) if self.p99s else None
 
     def add(self, s: Sample) -> None:
@@ -374,25 +402,37 @@ def weighted(figures: Mapping[str, DeviceFigures], cap: float | None) -> tuple[f
     ``cap`` and its errors in proportion (``cap`` None: the plain sums)."""
     served = errors = 0.0
     for f in figures.values():
-        share = cap / f.served if cap is not None and f.served > cap else 1.0
-        served += max(f.served, 0) * share
+        mine = f.requests - f.client_errors  # f.served, read once: a tick has many devices
+        share = cap / mine if cap is not None and mine > cap else 1.0
+        served += max(mine, 0) * share
         errors += f.errors * share
     return served, errors
 
 
-def evaluate_gates(policy: GatePolicy, evidence: Evidence) -> GateReport:
+def evaluate_gates(policy: GatePolicy, evidence: Evidence | RolledEvidence) -> GateReport:
     """Judge one stage window against ``policy`` (see the module docstring's rules)."""
-    new = per_device(evidence.samples, evidence.version)
-    served = sum(f.served for f in new.values())
+    if isinstance(evidence, RolledEvidence):
+        new = {
+            d.device: DeviceFigures(
+                d.requests, d.errors, d.client_errors, [d.p99_sum / d.p99_n] if d.p99_n else []
+            )
+            for d in evidence.devices
+        }
+        old_served = evidence.previous_served if evidence.previous else 0
+        old_p99 = binned_median(evidence.previous_latency) if evidence.previous else None
+    else:
+        new = per_device(evidence.samples, evidence.version)
+        old = per_device(evidence.samples, evidence.previous) if evidence.previous else {}
+        old_served = sum(f.served for f in old.values())
+        old_p99 = _median_p99(old)
+    served = sum(f.requests - f.client_errors for f in new.values())
     errors = sum(f.errors for f in new.values())
     limit = policy.limit("error_rate")
     weighted_served, weighted_errors = weighted(
         new, judge_n(policy, limit) if limit is not None else None
     )
     p99_new = _median_p99(new)
-    old = per_device(evidence.samples, evidence.previous) if evidence.previous else {}
-    old_served = sum(f.served for f in old.values())
-    baseline = _median_p99(old) if old_served >= MIN_LATENCY_REQUESTS else None
+    baseline = old_p99 if old_served >= MIN_LATENCY_REQUESTS else None
     baseline = baseline if baseline is not None else evidence.baseline_p99_s
     ratio = p99_new / baseline if p99_new is not None and baseline else None
     failed = _devices_with(evidence.incidents, FAILURE_KINDS)

@@ -57,7 +57,7 @@ from agent.contracts import (
     bundle_target_path,
     check_name,
     check_version,
-    resolve_release,
+    device_bucket,
 )
 from controller.base.errors import ConflictError, ControllerError, UsageError
 from controller.base.fsio import repo_lock
@@ -82,6 +82,7 @@ from controller.rollout.gates import (
     GatePolicy,
     GateReport,
     Incident,
+    RolledEvidence,
     Sample,
     evaluate_gates,
 )
@@ -424,6 +425,9 @@ class RolloutService:
         # overlap for late writes) instead of the whole window again.
         self._windows: dict[tuple[str, int, float], dict[tuple[str, float], Sample]] = {}
         self._read_at: dict[tuple[str, int, float], float] = {}
+        # Each device's place in an active rollout (``device_bucket``): fixed for the
+        # rollout, so hashed once, not on every tick (fleet_counts).
+        self._buckets: dict[str, dict[str, float]] = {}
 
     def run_once(self) -> None:
         """The scheduled entry point: one tick, errors logged (the next tick retries)."""
@@ -446,6 +450,7 @@ class RolloutService:
         keep = {(r.id, r.stage, r.stage_started_at) for r in active}
         self._windows = {k: v for k, v in self._windows.items() if k in keep}
         self._read_at = {k: v for k, v in self._read_at.items() if k in keep}
+        self._buckets = {k: v for k, v in self._buckets.items() if k in {r.id for r in active}}
         for r in active:
             now_r = time.time() if now is None else now
             out.append(self._tick_one(r, now_r))
@@ -456,7 +461,7 @@ class RolloutService:
         counts: dict[str, Any] = {}
         if seen.state is RolloutState.RUNNING:
             # Store reads happen outside the lock: they may take a while on a big fleet.
-            report = evaluate_gates(seen.gates, self.evidence(seen, now))
+            report = evaluate_gates(seen.gates, self.rolled_evidence(seen))
             counts = self.fleet_counts(seen)
         with repo_lock(self.repo_dir):
             current = self.records.load(seen.id)
@@ -478,8 +483,38 @@ class RolloutService:
 
     # ------------------------------------------------------------------ reading telemetry
 
+    def rolled_evidence(self, r: Rollout) -> RolledEvidence:
+        """What a tick judges: the sums the store keeps as it stores heartbeats
+        (``store.rollout_rollup``: a few rows per version and minute, and one row per
+        device on the new version), and the events as ``evidence`` reads them. Its cost
+        does not grow with the heartbeats of the window, nor with the devices still on
+        the previous version."""
+        others = [r.previous] if r.previous else []
+        rollup = self.store.rollout_rollup(r.fleet, r.model, r.version, others, r.stage_started_at)
+        old = rollup.versions.get(r.previous) if r.previous else None
+        return RolledEvidence(
+            version=r.version,
+            previous=r.previous,
+            devices=rollup.devices,
+            previous_served=old.requests - old.client_errors if old else 0,
+            previous_latency=old.latency if old else {},
+            incidents=self._incidents(r),
+            baseline_p99_s=r.baseline_p99_s,
+        )
+
+    def _incidents(self, r: Rollout) -> tuple[Incident, ...]:
+        return tuple(
+            Incident(e.device, e.received_at, e.kind, e.reason)
+            for e in self.store.rollout_events(
+                r.fleet, r.id, r.model, r.version, r.stage_started_at, sorted(FAILURE_KINDS)
+            )
+        )
+
     def evidence(self, r: Rollout, now: float) -> Evidence:
-        """The heartbeats and events of ``r``'s model since its stage started.
+        """The heartbeats and events of ``r``'s model since its stage started: the
+        reference ``rolled_evidence`` is checked against (tests/controller/rollout/
+        test_rollup_verdicts.py) and measured beside (bench/rollout_evidence.py); a tick
+        judges ``rolled_evidence``.
 
         Heartbeats are read in one query (``store.fleet_heartbeats``) from ``read_from``:
         the stage start on its first tick, later the last read less WINDOW_OVERLAP_S. A
@@ -508,17 +543,11 @@ class RolloutService:
                 window[(beat.device, beat.received_at)] = sample
         self._read_at[key] = now
         samples = list(window.values())
-        incidents = tuple(
-            Incident(e.device, e.received_at, e.kind, e.reason)
-            for e in self.store.rollout_events(
-                r.fleet, r.id, r.model, r.version, since, sorted(FAILURE_KINDS)
-            )
-        )
         return Evidence(
             version=r.version,
             previous=r.previous,
             samples=tuple(samples),
-            incidents=incidents,
+            incidents=self._incidents(r),
             baseline_p99_s=r.baseline_p99_s,
         )
 
@@ -531,10 +560,14 @@ class RolloutService:
         known = expected = on_new = 0
         waits = self.store.waiting(r.fleet, r.model)
         waiting: list[tuple[str, Waiting]] = []
+        buckets = self._buckets.setdefault(r.id, {})
         for device, runs_new in self.store.devices_running(r.fleet, r.model, r.version):
             known += 1
-            resolved = resolve_release(release, device)
-            if resolved is not None and resolved[0] == r.version:
+            bucket = buckets.get(device)
+            if bucket is None:
+                bucket = buckets[device] = device_bucket(release.rollout_id, device)
+            # resolve_release(release, device) names the new version: the stage gives it
+            if device in release.canaries or bucket < release.percent:
                 expected += 1
                 why = waits.get(device)
                 # A reason about another version is older than this rollout (the device

@@ -135,13 +135,18 @@ class World:
         window's evidence, the report and its breaches."""
         (rollout,) = [r for r in RolloutStore(self.repo).find(fleet, MODEL) if r.version == NEW]
         with self.store() as store:
-            evidence = RolloutService(self.repo, store).evidence(rollout, time.time())
+            service = RolloutService(self.repo, store)
+            evidence = service.evidence(rollout, time.time())
+            rolled = evaluate_gates(rollout.gates, service.rolled_evidence(rollout))
         report = evaluate_gates(rollout.gates, evidence)
         return {
             "samples": sorted(evidence.samples, key=repr),
             "incidents": sorted(evidence.incidents, key=repr),
             "summary": report.summary(),
             "breaches": sorted(b.describe() for b in report.breaches),
+            # What a tick judges: the sums the store keeps (the same verdicts).
+            "rolled": (rolled.served, rolled.errors, rolled.reporting, rolled.failed),
+            "rolled_breaches": sorted(b.gate for b in rolled.breaches),
         }
 
     def stored(self, device: str) -> tuple[int, int]:
