@@ -184,17 +184,23 @@ def parse_infer_request(
     )
 
 
-def _split_data(body: bytes) -> tuple[bytes, list[bytes]]:
+def _split_data(body: bytes, most: int) -> tuple[bytes, list[bytes]] | None:
     """``body`` with the text of each flat ``"data": [...]`` list replaced by a placeholder
-    string (``_MARK`` and its index), and those texts. Only a list without ``[``, ``"`` or
-    ``{`` in it is cut out, so its text ends at the first ``]``. A match inside a string
-    or under another key is harmless: its placeholder does not land on an input's
-    ``data`` and ``_parse_split`` gives up."""
+    string (``_MARK`` and its index), and those texts; None when ``body`` has more than
+    ``most`` ``"data"`` lists (the model's inputs: then not all are inputs' data, and a
+    body made of ``"data"`` lists costs a few loops here, not one per list). Only a list
+    without ``[``, ``"`` or ``{`` in it is cut out, so its text ends at the first ``]``. A
+    match inside a string or under another key is harmless: its placeholder does not land
+    on an input's ``data`` and ``_parse_split`` gives up."""
     pieces: list[bytes] = []
     texts: list[bytes] = []
     done = 0
+    seen = 0
     found = _DATA_LIST.search(body)
     while found is not None:
+        seen += 1
+        if seen > most:
+            return None
         start = found.end() - 1
         end = body.find(b"]", start) + 1
         if not end:
@@ -212,9 +218,10 @@ def _parse_split(body: bytes, manifest: Manifest, shm: SharedMemory | None) -> I
     """A whole-JSON request read with its flat ``data`` lists cut out (``_split_data``)
     and read into arrays directly; None when that cannot decide: then the plain path
     parses the body again and says what, if anything, is wrong."""
-    rest, texts = _split_data(body)
-    if not texts:
+    split = _split_data(body, len(manifest.inputs))
+    if split is None or not split[1]:
         return None
+    rest, texts = split
     try:
         doc = load_json(rest)
         if not isinstance(doc, dict):

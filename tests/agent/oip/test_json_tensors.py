@@ -374,3 +374,19 @@ def test_the_client_round_trips_through_both_codecs() -> None:
     response = build_infer_response("m", "1.0.0", {"y": parsed})
     np.testing.assert_array_equal(parse_infer_response(response)["y"], x)
     assert math.prod(parsed.shape) == 10000
+
+
+def test_a_body_of_data_keys_is_cut_at_most_once_per_input() -> None:
+    """A body made of ``"data"`` lists (50,000 of them under one input) would make the
+    fast path loop per list: past the model's count of inputs it gives up at once, and
+    the plain path answers (duplicate keys: the last one counts, as in ``json.loads``)."""
+    manifest = _manifest(TensorSpec("t", "FP32", (-1,)))
+    many = _body([_tensor("FP32", [1], "[1]," + '"data":[2],' * 50_000 + '"data":[3]')])
+    assert request_module._split_data(many, 1) is None
+    assert _outcome(many, manifest) == {
+        "t": (np.dtype(np.float32), (1,), np.float32([3]).tobytes())
+    }
+    two = _body([_tensor("FP32", [1], "[1]", more=',"parameters":{"data":[2]}')])
+    assert request_module._split_data(two, 1) is None
+    assert request_module._split_data(two, 2) is not None
+    assert _outcome(two, manifest) == _plain_outcome(two, manifest)
