@@ -118,6 +118,13 @@ def shape_fits(expected: Sequence[int], got: Sequence[int]) -> bool:
 _PARSERS: list[simdjson.Parser] = []
 
 
+def _take_parser() -> simdjson.Parser:
+    try:
+        return _PARSERS.pop()  # atomic: two threads never get the same one
+    except IndexError:
+        return simdjson.Parser()
+
+
 def _give_back(parser: simdjson.Parser) -> None:
     if not _PARSERS:
         _PARSERS.append(parser)
@@ -131,7 +138,7 @@ def load_json(text: bytes) -> Any:
     library reads the rest. So the values, and every error (``json.JSONDecodeError``,
     ``UnicodeDecodeError``, ``RecursionError``), are ``json.loads``'.
     """
-    parser = _PARSERS.pop() if _PARSERS else simdjson.Parser()
+    parser = _take_parser()
     try:
         return parser.parse(text, True)
     except (ValueError, RuntimeError):
@@ -163,7 +170,7 @@ def tensor_from_json_text(datatype: str, shape: Sequence[int], text: bytes) -> n
     target = np.dtype(OIP_TO_NUMPY[datatype])
     if floats and target.kind != "f":
         return None  # tensor_from_json refuses it, naming the values
-    parser = _PARSERS.pop() if _PARSERS else simdjson.Parser()
+    parser = _take_parser()
     try:
         parsed = parser.parse(text)
         if not isinstance(parsed, simdjson.Array):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -390,3 +392,33 @@ def test_a_body_of_data_keys_is_cut_at_most_once_per_input() -> None:
     assert request_module._split_data(two, 1) is None
     assert request_module._split_data(two, 2) is not None
     assert _outcome(two, manifest) == _plain_outcome(two, manifest)
+
+
+def test_threads_parsing_at_once_each_get_their_own_answer() -> None:
+    """Concurrent calls share the idle parser safely: each takes its own (an empty pool
+    makes a new one) and gets its own document's values. (This stresses the pool; the
+    check-then-pop race it once had was too narrow for it to catch.)"""
+    manifest = _manifest(TensorSpec("t", "FP32", (-1,)))
+    bodies = [_body([_tensor("FP32", [3], f"[{i},{i}.5,-{i}e1]")]) for i in range(8)]
+    failures: list[BaseException] = []
+
+    def parse(i: int) -> None:
+        try:
+            for _ in range(300):
+                got = parse_infer_request(bodies[i], manifest).inputs["t"]
+                assert got.tolist() == [i, i + 0.5, -10 * i], got
+                assert load_json(b'{"i":%d}' % i) == {"i": i}
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=parse, args=(i,)) for i in range(8)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between any two bytecodes, nearly
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not failures, failures[0]
