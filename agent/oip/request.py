@@ -184,16 +184,18 @@ def parse_infer_request(
     )
 
 
-def _split_data(body: bytes, most: int) -> tuple[bytes, list[bytes]] | None:
+def _split_data(body: bytes, most: int) -> tuple[bytes, list[tuple[int, int]]] | None:
     """``body`` with the text of each flat ``"data": [...]`` list replaced by a placeholder
-    string (``_MARK`` and its index), and those texts; None when ``body`` has more than
+    string (``_MARK`` and its index), and where those texts are in ``body`` (start, end:
+    not copied; each large copy costs page faults under the agent's malloc settings,
+    agent/runtime/memory.py); None when ``body`` has more than
     ``most`` ``"data"`` lists (the model's inputs: then not all are inputs' data, and a
     body made of ``"data"`` lists costs a few loops here, not one per list). Only a list
     without ``[``, ``"`` or ``{`` in it is cut out, so its text ends at the first ``]``. A
     match inside a string or under another key is harmless: its placeholder does not land
     on an input's ``data`` and ``_parse_split`` gives up."""
     pieces: list[bytes] = []
-    texts: list[bytes] = []
+    texts: list[tuple[int, int]] = []
     done = 0
     seen = 0
     found = _DATA_LIST.search(body)
@@ -207,7 +209,7 @@ def _split_data(body: bytes, most: int) -> tuple[bytes, list[bytes]] | None:
             break
         if not any(body.find(mark, start + 1, end) >= 0 for mark in _NOT_FLAT):
             pieces += (body[done:start], b'"', f"{_MARK}{len(texts)}".encode(), b'"')
-            texts.append(body[start:end])
+            texts.append((start, end))
             done = end
         found = _DATA_LIST.search(body, end)
     pieces.append(body[done:])
@@ -234,8 +236,8 @@ def _parse_split(body: bytes, manifest: Manifest, shm: SharedMemory | None) -> I
     for p in plan.inputs:
         if not (isinstance(p.data, str) and p.data.startswith(_MARK)):
             continue
-        index = int(p.data[len(_MARK) :])
-        array = tensor_from_json_text(p.datatype, p.shape, texts[index])
+        start, end = texts[int(p.data[len(_MARK) :])]
+        array = tensor_from_json_text(p.datatype, p.shape, body, start, end)
         if array is None:
             return None
         inputs[p.name] = array

@@ -151,13 +151,15 @@ def load_json(text: bytes) -> Any:
 _FLOAT_MARKS: Final = (b".", b"e", b"E")
 
 
-def tensor_from_json_text(datatype: str, shape: Sequence[int], text: bytes) -> np.ndarray | None:
-    """The array ``tensor_from_json`` makes of the JSON list ``text`` (the raw text of a
-    tensor's ``data``, flat: no nested lists), read into a numpy buffer without Python
-    numbers; None when this path cannot say (BOOL, BYTES, no values, text that is not a
-    flat list of numbers, integers beyond int64, floats for an integer datatype, a count
-    or a value the tensor refuses): ``tensor_from_json`` on the parsed list decides then,
-    with its messages.
+def tensor_from_json_text(
+    datatype: str, shape: Sequence[int], text: bytes, start: int = 0, end: int | None = None
+) -> np.ndarray | None:
+    """The array ``tensor_from_json`` makes of the JSON list ``text[start:end]`` (the raw
+    text of a tensor's ``data``, flat: no nested lists; read in place, not copied), read
+    into a numpy buffer without Python numbers; None when this path cannot say (BOOL,
+    BYTES, no values, text that is not a flat list of numbers, integers beyond int64,
+    floats for an integer datatype, a count or a value the tensor refuses):
+    ``tensor_from_json`` on the parsed list decides then, with its messages.
 
     Integers-only text is read as int64 and floats as doubles (correctly rounded, as
     Python reads them), then cast as ``tensor_from_json`` casts the array numpy makes of
@@ -166,13 +168,14 @@ def tensor_from_json_text(datatype: str, shape: Sequence[int], text: bytes) -> n
     count = math.prod(shape)
     if datatype in ("BOOL", "BYTES") or not count:
         return None
-    floats = any(text.find(mark) >= 0 for mark in _FLOAT_MARKS)
+    end = len(text) if end is None else end
+    floats = any(text.find(mark, start, end) >= 0 for mark in _FLOAT_MARKS)
     target = np.dtype(OIP_TO_NUMPY[datatype])
     if floats and target.kind != "f":
         return None  # tensor_from_json refuses it, naming the values
     parser = _take_parser()
     try:
-        parsed = parser.parse(text)
+        parsed = parser.parse(memoryview(text)[start:end])
         if not isinstance(parsed, simdjson.Array):
             return None
         buffer = parsed.as_buffer(of_type="d" if floats else "i")
