@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -152,7 +153,11 @@ _FLOAT_MARKS: Final = (b".", b"e", b"E")
 
 
 def tensor_from_json_text(
-    datatype: str, shape: Sequence[int], text: bytes, start: int = 0, end: int | None = None
+    datatype: str,
+    shape: Sequence[int],
+    text: bytes | bytearray | mmap.mmap,
+    start: int = 0,
+    end: int | None = None,
 ) -> np.ndarray | None:
     """The array ``tensor_from_json`` makes of the JSON list ``text[start:end]`` (the raw
     text of a tensor's ``data``, flat: no nested lists; read in place, not copied), read

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import sys
 import threading
 from collections.abc import Sequence
@@ -422,3 +423,35 @@ def test_threads_parsing_at_once_each_get_their_own_answer() -> None:
     finally:
         sys.setswitchinterval(interval)
     assert not failures, failures[0]
+
+
+def test_a_body_in_a_receive_buffer_is_read_in_place_and_gives_the_same_arrays() -> None:
+    """The server hands a large body as a view of its receive buffer (an mmap, or a
+    bytearray): the fast path reads the buffer it covers whole in place, and a view of
+    part of one (a kept buffer larger than the body), copied; the arrays are the same."""
+    x = np.random.default_rng(9).normal(size=(1, 3000)).astype(np.float32)
+    manifest = _manifest(TensorSpec("x", "FP32", (-1, 3000)))
+    body = build_infer_request({"x": x})
+    whole_map = mmap.mmap(-1, len(body))
+    whole_map[:] = body
+    bigger_map = mmap.mmap(-1, len(body) + 100)
+    bigger_map[: len(body)] = body
+    padded = bytearray(b"  " + body)
+    views = {
+        "bytes": body,
+        "bytearray view": memoryview(bytearray(body)),
+        "mmap view, whole": memoryview(whole_map),
+        "mmap view, a prefix": memoryview(bigger_map)[: len(body)],
+        "view at an offset": memoryview(padded)[2:],
+        "view of a view": memoryview(memoryview(bytearray(body))),
+    }
+    assert request_module._findable(memoryview(views["mmap view, whole"])) is whole_map
+    assert isinstance(request_module._findable(memoryview(padded)[2:]), bytes)
+    for label, source in views.items():
+        got = parse_infer_request(source, manifest).inputs["x"]
+        np.testing.assert_array_equal(got, x, err_msg=label)
+    for view in views.values():
+        if isinstance(view, memoryview):
+            view.release()
+    whole_map.close()
+    bigger_map.close()
