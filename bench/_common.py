@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import importlib
 import multiprocessing as mp
 import os
@@ -23,6 +24,7 @@ import platform
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -281,3 +283,60 @@ def replace_section(heading: str, section: str, path: Path = BENCHMARKS_MD) -> N
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
     tail = ["", *lines[end:]] if end < len(lines) else []
     path.write_text("\n".join([*lines[:start], *body, *tail]) + "\n")
+
+
+def export_revision(rev: str, into: Path, packages: Sequence[str] = ("agent",)) -> Path:
+    """The ``packages`` of git revision ``rev`` (for ``--baseline``), under ``into``."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", rev, *packages], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def model_folder(
+    directory: Path, onnx_path: Path, name: str, inputs: Any, output: Any
+) -> tuple[Path, Any]:
+    """An installed model's folder for the agent (model, one golden case, manifest) made
+    straight from ``onnx_path`` with input spec ``inputs`` and output spec ``output``
+    (``agent.contracts.TensorSpec``); the folder and its ``Manifest``."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from agent.contracts import (
+        BUNDLE_GOLDEN,
+        BUNDLE_MANIFEST,
+        BUNDLE_MODEL,
+        GOLDEN_INPUT_PREFIX,
+        GOLDEN_OUTPUT_PREFIX,
+        GoldenSpec,
+        Manifest,
+    )
+
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(onnx_path, directory / BUNDLE_MODEL)
+    shape = tuple(1 if d < 0 else d for d in inputs.shape)
+    x = np.random.default_rng(0).random(shape, dtype=np.float32)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    y = session.run([output.name], {inputs.name: x})[0]
+    np.savez(
+        directory / BUNDLE_GOLDEN,
+        **{GOLDEN_INPUT_PREFIX + inputs.name: x[None], GOLDEN_OUTPUT_PREFIX + output.name: y[None]},
+    )
+    members = {}
+    for member in (BUNDLE_MODEL, BUNDLE_GOLDEN):
+        data = (directory / member).read_bytes()
+        members[member] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest = Manifest(
+        name=name,
+        version="1.0.0",
+        inputs=(inputs,),
+        outputs=(output,),
+        opset=17,
+        min_ort_version="1.17.0",
+        golden=GoldenSpec(cases=1, rtol=1e-3, atol=1e-4),
+        members=members,
+    )
+    (directory / BUNDLE_MANIFEST).write_bytes(manifest.to_json_bytes())
+    return directory, manifest

@@ -64,6 +64,7 @@ from _common import (
     ROOT,
     arguments,
     command_line,
+    export_revision,
     goal,
     markdown_table,
     orientation_model,
@@ -88,16 +89,6 @@ IDLE_GOAL_MIB = 60.0
 # The interpreter that runs the agents and the import profile (``--python``).
 AGENT_PYTHON = sys.executable
 READY_GOAL_S = 1.5
-
-
-def export_revision(rev: str, into: Path) -> Path:
-    """The ``agent/`` package of git revision ``rev``, under ``into``."""
-    into.mkdir(parents=True)
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", rev, "agent"], check=True, capture_output=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
 
 
 def _boot(code: Path, body: str) -> str:

@@ -29,7 +29,6 @@ appends it to docs/benchmarks.md with the command, machine and date.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import shutil
 import socket
@@ -47,6 +46,7 @@ from _common import (
     arguments,
     command_line,
     goal,
+    model_folder,
     orientation_model,
     parse_arguments,
     record_section,
@@ -56,13 +56,7 @@ from _common import (
 
 from agent.client import InferenceClient
 from agent.contracts import (
-    BUNDLE_GOLDEN,
     BUNDLE_MANIFEST,
-    BUNDLE_MODEL,
-    GOLDEN_INPUT_PREFIX,
-    GOLDEN_OUTPUT_PREFIX,
-    GoldenSpec,
-    Manifest,
     TensorSpec,
 )
 from agent.device.config import InferenceConfig
@@ -72,50 +66,17 @@ from agent.runtime.models import LoadedModel
 from agent.runtime.registry import ModelRegistry
 
 
-def _bundle_dir(
-    directory: Path, onnx_path: Path, name: str, inputs: TensorSpec, output: TensorSpec
-) -> tuple[Path, Manifest]:
-    import onnxruntime as ort
-
-    directory.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(onnx_path, directory / BUNDLE_MODEL)
-    shape = tuple(1 if d < 0 else d for d in inputs.shape)
-    x = np.random.default_rng(0).random(shape, dtype=np.float32)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    y = session.run([output.name], {inputs.name: x})[0]
-    np.savez(
-        directory / BUNDLE_GOLDEN,
-        **{GOLDEN_INPUT_PREFIX + inputs.name: x[None], GOLDEN_OUTPUT_PREFIX + output.name: y[None]},
-    )
-    members = {}
-    for member in (BUNDLE_MODEL, BUNDLE_GOLDEN):
-        data = (directory / member).read_bytes()
-        members[member] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    manifest = Manifest(
-        name=name,
-        version="1.0.0",
-        inputs=(inputs,),
-        outputs=(output,),
-        opset=17,
-        min_ort_version="1.17.0",
-        golden=GoldenSpec(cases=1, rtol=1e-3, atol=1e-4),
-        members=members,
-    )
-    (directory / BUNDLE_MANIFEST).write_bytes(manifest.to_json_bytes())
-    return directory, manifest
-
-
 def build_models(base: Path) -> dict[str, Path]:
     from tests.helpers import make_linear_model
 
     tiny = make_linear_model(base / "tiny.onnx", seed=1)
     cnn = orientation_model()
     return {
-        "tiny": _bundle_dir(
+        "tiny": model_folder(
             base / "tiny", tiny, "tiny", TensorSpec("x", "FP32", (-1, 4)),
             TensorSpec("y", "FP32", (-1, 3)),
         )[0],
-        "cnn": _bundle_dir(
+        "cnn": model_folder(
             base / "cnn", cnn, "cnn", TensorSpec("x", "FP32", (-1, 3, 224, 224)),
             TensorSpec("fetch_name_0", "FP32", (-1, 4)),
         )[0],

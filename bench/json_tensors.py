@@ -30,11 +30,9 @@ saying so. Install it with::
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -50,9 +48,11 @@ from _common import (
     ROOT,
     arguments,
     command_line,
+    export_revision,
     goal,
     load_average,
     markdown_table,
+    model_folder,
     orientation_model,
     parse_arguments,
     percentile,
@@ -61,13 +61,7 @@ from _common import (
 )
 
 from agent.contracts import (
-    BUNDLE_GOLDEN,
-    BUNDLE_MANIFEST,
     BUNDLE_MODEL,
-    GOLDEN_INPUT_PREFIX,
-    GOLDEN_OUTPUT_PREFIX,
-    GoldenSpec,
-    Manifest,
     TensorSpec,
 )
 
@@ -98,53 +92,22 @@ def _linear_onnx(path: Path, width: int, seed: int) -> Path:
     return path
 
 
-def _bundle(directory: Path, onnx_path: Path, name: str, x: TensorSpec, y: TensorSpec) -> Path:
-    """An agent model folder (model, golden data, manifest) for ``onnx_path``."""
-    import onnxruntime as ort
-
-    directory.mkdir(parents=True)
-    shutil.copyfile(onnx_path, directory / BUNDLE_MODEL)
-    sample = np.random.default_rng(0).random((1, *x.shape[1:]), dtype=np.float32)
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    out = session.run([y.name], {x.name: sample})[0]
-    np.savez(
-        directory / BUNDLE_GOLDEN,
-        **{GOLDEN_INPUT_PREFIX + x.name: sample[None], GOLDEN_OUTPUT_PREFIX + y.name: out[None]},
-    )
-    members = {}
-    for member in (BUNDLE_MODEL, BUNDLE_GOLDEN):
-        data = (directory / member).read_bytes()
-        members[member] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    manifest = Manifest(
-        name=name,
-        version="1.0.0",
-        inputs=(x,),
-        outputs=(y,),
-        opset=17,
-        min_ort_version="1.17.0",
-        golden=GoldenSpec(cases=1, rtol=1e-3, atol=1e-4),
-        members=members,
-    )
-    (directory / BUNDLE_MANIFEST).write_bytes(manifest.to_json_bytes())
-    return directory
-
-
 def build_models(base: Path) -> dict[str, Path]:
     """The bench's models as agent model folders, by name."""
     cnn = orientation_model()
     return {
-        "cnn": _bundle(
+        "cnn": model_folder(
             base / "cnn", cnn, "cnn", TensorSpec("x", "FP32", (-1, 3, 224, 224)),
             TensorSpec("fetch_name_0", "FP32", (-1, 4)),
-        ),
-        "tiny": _bundle(
+        )[0],
+        "tiny": model_folder(
             base / "tiny", _linear_onnx(base / "tiny.onnx", 3, 1), "tiny",
             TensorSpec("x", "FP32", (-1, 4)), TensorSpec("y", "FP32", (-1, 3)),
-        ),
-        "bigout": _bundle(
+        )[0],
+        "bigout": model_folder(
             base / "bigout", _linear_onnx(base / "bigout.onnx", BIG_OUTPUT, 2), "bigout",
             TensorSpec("x", "FP32", (-1, 4)), TensorSpec("y", "FP32", (-1, BIG_OUTPUT)),
-        ),
+        )[0],
     }  # fmt: skip
 
 
@@ -401,16 +364,6 @@ def in_process_cnn(body: bytes) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- the run
-
-
-def export_revision(rev: str, into: Path) -> Path:
-    """The ``agent/`` package of git revision ``rev``, under ``into``."""
-    into.mkdir(parents=True)
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", rev, "agent"], check=True, capture_output=True
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
 
 
 def measure(

@@ -41,10 +41,10 @@ import time
 from pathlib import Path
 
 from _common import (
-    ROOT,
     arguments,
     command_line,
     cpu_seconds,
+    export_revision,
     parse_arguments,
     record_section,
     run_heading,
@@ -193,18 +193,6 @@ def _wait_subscribed(log: Path) -> None:
     raise RuntimeError(f"edgectl serve did not subscribe:\n{log.read_text()}")
 
 
-def export_revision(rev: str, into: Path) -> Path:
-    """The ``agent/`` and ``controller/`` packages of git revision ``rev``, under ``into``."""
-    into.mkdir(parents=True)
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", rev, "agent", "controller"],
-        check=True,
-        capture_output=True,
-    ).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
-
-
 def measure_step(
     args: argparse.Namespace, port: int, rate: float, code: Path | None, work: Path, step: str
 ) -> tuple[int, int, float, float]:
@@ -275,7 +263,7 @@ def run(args: argparse.Namespace) -> list[str]:
         write_registry(work / "repo", args.devices)
     variants: list[tuple[str, Path | None]] = [("this tree", None)]
     if args.baseline:
-        code = export_revision(args.baseline, work / "baseline")
+        code = export_revision(args.baseline, work / "baseline", ("agent", "controller"))
         variants.insert(0, (f"before ({args.baseline})", code))
     backend = "PostgreSQL" if args.store else "SQLite (WAL)"
     rows = []
