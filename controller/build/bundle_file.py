@@ -28,10 +28,9 @@ from agent.contracts import (
     Manifest,
     parse_manifest,
 )
+from agent.contracts.bundle_container import TAR_V1, write_container
 from controller.base.errors import BundleFileError, UsageError
 
-# A fixed member mtime keeps bundles reproducible (2000-01-01T00:00:00Z).
-BUNDLE_MTIME: Final = 946_684_800
 # A bundle is refused beyond this size; models for edge devices are far smaller.
 MAX_BUNDLE_BYTES: Final = 4 << 30
 
@@ -51,23 +50,11 @@ def member_digest(data: bytes) -> dict[str, int | str]:
 
 
 def pack_bundle(manifest: bytes, model: bytes, golden: bytes) -> bytes:
-    """The bytes of a bundle holding the three members, in contract order."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in (
-            (BUNDLE_MANIFEST, manifest),
-            (BUNDLE_MODEL, model),
-            (BUNDLE_GOLDEN, golden),
-        ):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            info.mtime = BUNDLE_MTIME
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            info.type = tarfile.REGTYPE
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
+    """The bytes of a bundle holding the three members, in contract order (the container
+    writer is ``agent.contracts.bundle_container``: deltas rebuild through it too)."""
+    return write_container(
+        TAR_V1, [(BUNDLE_MANIFEST, manifest), (BUNDLE_MODEL, model), (BUNDLE_GOLDEN, golden)]
+    )
 
 
 def read_bundle(path: Path) -> BundleInfo:
