@@ -48,6 +48,7 @@ ATTACK_CLASSES = {
     8: "signatures below the root threshold",
     9: "delegated role signing outside its paths",
     10: "root key rotation followed, attacker's root rejected",
+    11: "a delta that rebuilds into something else, or declares oversized output (issue 22)",
 }
 # What a device holding a valid certificate tries against the fleet (issue 18).
 DEVICE_ATTACKS = {
@@ -243,8 +244,10 @@ def forger(repo: Repository) -> Forger:
     return Forger(repo)
 
 
-def release(repo: Repository, bundle: Path) -> None:
-    release_bundle(bundle, FLEET, repo.path, probation=NOW_SERVING)
+def release(repo: Repository, bundle: Path, delta_from: int = 0) -> None:
+    """Release ``bundle`` to the fleet; without deltas unless asked (the attacks on the
+    bundle's transfer need the device to fetch the full bundle)."""
+    release_bundle(bundle, FLEET, repo.path, probation=NOW_SERVING, delta_from=delta_from)
 
 
 @pytest.fixture
