@@ -8,6 +8,7 @@ new bundle:
   same name and size is the smaller of ``xor`` against the old tensor and plain
   ``zstd``; any other is ``zstd`` (new). The rest of the protobuf is ``zstd`` with the old
   model's rest as dictionary. Byte planes (the element size) are tried for tensors.
+- ``golden.npz`` (a stored zip) is split the same way into its arrays, matched by name.
 - every other member is ``copy`` when unchanged, else ``zstd`` with its old counterpart as
   dictionary (or without, whichever is smaller).
 
@@ -18,11 +19,11 @@ new bundle's exact bytes (``DeltaError`` otherwise). Pure: bytes in, bytes out.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
-from agent.contracts import BUNDLE_MANIFEST, BUNDLE_MODEL, parse_manifest
+from agent.contracts import BUNDLE_GOLDEN, BUNDLE_MANIFEST, BUNDLE_MODEL, parse_manifest
 from agent.contracts.bundle_container import read_container
 from agent.contracts.delta import (
     DELTA_SCHEMA,
@@ -36,7 +37,7 @@ from agent.contracts.delta import (
 
 # Dictionary (patch-from) compression costs time on large inputs and gains only when the
 # ranges line up; above this, a part is compressed without one.
-_MAX_DICT_BYTES: Final = 8 << 20
+_MAX_DICT_BYTES: Final = 2 << 20
 # Element size of ONNX TensorProto.DataType values, for byte planes.
 _ELEMENT_SIZE: Final = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 10: 2, 11: 8, 12: 4, 13: 8, 16: 2}
 
@@ -51,8 +52,9 @@ class Tensor:
     planes: int
 
 
-def _level(size: int) -> int:
-    return 19 if size <= (1 << 20) else 9
+def _level(size: int, ref: bytes) -> int:
+    # A raw-content dictionary finds far matches only at the high levels.
+    return 19 if size <= (1 << 20) or ref else 9
 
 
 def _zstd(data: bytes, ref: bytes = b"") -> bytes:
@@ -60,7 +62,7 @@ def _zstd(data: bytes, ref: bytes = b"") -> bytes:
 
     window = max(10, min(27, (len(data) + len(ref)).bit_length() + 1))
     params = zstandard.ZstdCompressionParameters.from_level(
-        _level(len(data)), window_log=window, source_size=len(data), write_content_size=True
+        _level(len(data), ref), window_log=window, source_size=len(data), write_content_size=True
     )
     return zstandard.ZstdCompressor(dict_data=zstd_dict(ref), compression_params=params).compress(
         data
@@ -139,6 +141,29 @@ def onnx_tensors(model: bytes) -> list[Tensor]:
     return sorted(found, key=lambda t: t.offset)
 
 
+def npz_arrays(npz: bytes) -> list[Tensor]:
+    """The data of each entry of a stored (uncompressed) zip, as written for
+    ``golden.npz``: local file headers in order; [] for anything else."""
+    import struct
+
+    found: list[Tensor] = []
+    pos = 0
+    while npz[pos : pos + 4] == b"PK\x03\x04":
+        if pos + 30 > len(npz):
+            return []
+        flags, method = struct.unpack("<HH", npz[pos + 6 : pos + 10])
+        size = struct.unpack("<I", npz[pos + 18 : pos + 22])[0]
+        name_len, extra_len = struct.unpack("<HH", npz[pos + 26 : pos + 30])
+        start = pos + 30 + name_len + extra_len
+        if method != 0 or flags & 0x08 or start + size > len(npz):
+            return []
+        name = npz[pos + 30 : pos + 30 + name_len].decode("utf-8", "replace")
+        if size:
+            found.append(Tensor(name, start, size, 4 if size % 4 == 0 else 1))
+        pos = start + size
+    return found
+
+
 def _rest_ranges(size: int, tensors: list[Tensor]) -> list[tuple[int, int]]:
     """(offset, length) of the bytes of a model outside its tensors."""
     out, cursor = [], 0
@@ -190,18 +215,20 @@ def _best(
     return part
 
 
-def _model_member(
-    payload: _Payload, new: bytes, old: bytes | None
+def _segmented_member(
+    payload: _Payload,
+    member: str,
+    new: bytes,
+    old: bytes | None,
+    segments: Callable[[bytes], list[Tensor]],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(body part, inserts) of ``model.onnx``."""
-    new_tensors = onnx_tensors(new)
-    old_tensors = onnx_tensors(old) if old is not None else []
+    """(body part, inserts) of a member split into named segments (tensors, arrays)."""
+    new_tensors = segments(new)
+    old_tensors = segments(old) if old is not None else []
     old_rest = _rest_ranges(len(old), old_tensors) if old is not None else []
     rest = b"".join(new[o : o + n] for o, n in _rest_ranges(len(new), new_tensors))
     old_rest_bytes = b"".join(old[o : o + n] for o, n in old_rest) if old is not None else b""
-    body = _best(
-        payload, rest, [[BUNDLE_MODEL, o, n] for o, n in old_rest], old_rest_bytes, planes=1
-    )
+    body = _best(payload, rest, [[member, o, n] for o, n in old_rest], old_rest_bytes, planes=1)
     old_bytes = old or b""
     by_hash = {
         hashlib.sha256(old_bytes[t.offset : t.offset + t.size]).digest(): t for t in old_tensors
@@ -214,7 +241,7 @@ def _model_member(
         same = by_hash.get(hashlib.sha256(data).digest())
         base = same or by_name.get(t.name)
         if base is not None and old is not None:
-            ranges = [[BUNDLE_MODEL, base.offset, base.size]]
+            ranges = [[member, base.offset, base.size]]
             ref = old[base.offset : base.offset + base.size]
         else:
             ranges, ref = [], b""
@@ -222,6 +249,12 @@ def _model_member(
         inserts.append({"at": t.offset - removed, "part": part})
         removed += t.size
     return body, inserts
+
+
+_SEGMENTS: Final[dict[str, Callable[[bytes], list[Tensor]]]] = {
+    BUNDLE_MODEL: onnx_tensors,
+    BUNDLE_GOLDEN: npz_arrays,
+}
 
 
 def make_delta(old_bundle: bytes, new_bundle: bytes) -> bytes:
@@ -244,8 +277,8 @@ def make_delta(old_bundle: bytes, new_bundle: bytes) -> bytes:
     members = []
     for name, data in new_members:
         old = old_map.get(name)
-        if name == BUNDLE_MODEL:
-            body, inserts = _model_member(payload, data, old)
+        if name in _SEGMENTS:
+            body, inserts = _segmented_member(payload, name, data, old, _SEGMENTS[name])
         else:
             ranges = [[name, 0, len(old)]] if old is not None else []
             body, inserts = _best(payload, data, ranges, old or b"", planes=1), []
