@@ -2,7 +2,7 @@
 
 Every attack test carries ``@pytest.mark.attack(N)`` (N = the class in issue 8); a class
 counts as rejected when all of its tests passed. The tally is printed at the end of the
-run: ``10/10 attack classes rejected``. The device adversary suite
+run: ``11/11 attack classes rejected`` (class 11, deltas, is issue 22's). The device adversary suite
 (``test_device_adversary.py``, issue 18) marks each test ``@pytest.mark.device_attack(KEY)``
 with a key of ``DEVICE_ATTACKS``: ``8/8 device attacks refused``. Every local attack test
 (``test_local_adversary.py``) carries ``@pytest.mark.local_attack(name)``: an attack counts
