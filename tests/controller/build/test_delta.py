@@ -225,3 +225,21 @@ def test_target_paths() -> None:
     assert path == "bundles/lin/2.0.0.from-1.0.0.delta"
     assert parse_delta_target(path) == ("lin", "2.0.0", "1.0.0")
     assert parse_delta_target("bundles/lin/2.0.0.bundle") is None
+
+
+def test_golden_arrays_are_found_and_unchanged_inputs_copied() -> None:
+    from controller.build.delta import npz_arrays
+    from controller.build.golden import npz_bytes
+
+    x = {"x": RNG.standard_normal((4, 1, 256)).astype(np.float32)}
+    old_golden = npz_bytes(x, {"y": np.ones((4, 1, 128), np.float32)})
+    new_golden = npz_bytes(x, {"y": np.zeros((4, 1, 128), np.float32)})
+    arrays = {a.name: a for a in npz_arrays(new_golden)}
+    assert set(arrays) == {"input:x.npy", "output:y.npy"}
+    old = bundle("1.0.0", model_bytes(W, B), golden=old_golden)
+    new = bundle("2.0.0", model_bytes(W, B), golden=new_golden)
+    delta = make_delta(old, new)
+    assert apply(delta, old) == new
+    golden = parse_delta_header(delta, 1 << 30).doc["members"][2]
+    assert golden["name"] == "golden.npz"
+    assert [i["part"]["op"] for i in golden["inserts"]][0] == "copy"  # the inputs
