@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from agent.client import InferenceClient
+from controller.build.builder import BuildOptions, build_bundle
 from tests.e2e_support import (
     bundle_output,
     edgectl,
-    edgectl_bundles,
     paused,
     served_version,
     start_agent,
@@ -25,7 +25,7 @@ from tests.e2e_support import (
     wait_until,
     write_agent_config,
 )
-from tests.helpers import Broker
+from tests.helpers import Broker, make_linear_model
 
 FLEET = "lab"
 MODEL = "linear"
@@ -38,7 +38,17 @@ def test_agent_moves_by_delta_and_falls_back_to_the_full_bundle(
 ) -> None:
     repo = tmp_path / "repo"
     edgectl("init", repo)
-    bundles = edgectl_bundles(tmp_path, MODEL, ["1.0.0", "2.0.0", "3.0.0"])
+    bundles = {  # built in this process: three `edgectl bundle build` would cost seconds
+        version: build_bundle(
+            make_linear_model(tmp_path / f"{seed}.onnx", seed=seed),
+            MODEL,
+            version,
+            tmp_path / f"{version}.bundle",
+            4,
+            options=BuildOptions(latency_runs=0),
+        ).path
+        for seed, version in enumerate(["1.0.0", "2.0.0", "3.0.0"], start=1)
+    }
     edgectl("release", bundles["1.0.0"], "--fleet", FLEET, "--repo", repo, *QUICK)
     serve, url = start_serve(repo, broker.address, tmp_path / "serve.log")
     config = write_agent_config(
