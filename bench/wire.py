@@ -63,9 +63,9 @@ def head_initializers(model: Any) -> list[str]:
     """The weight (and bias) initializers of the last Gemm/MatMul/Conv whose weight is one."""
     names = {i.name for i in model.graph.initializer}
     for node in reversed(model.graph.node):
-        if node.op_type in ("Gemm", "MatMul", "Conv") and len(node.input) > 1:
-            if node.input[1] in names:
-                return [n for n in node.input[1:3] if n in names]
+        weighted = len(node.input) > 1 and node.input[1] in names
+        if node.op_type in ("Gemm", "MatMul", "Conv") and weighted:
+            return [n for n in node.input[1:3] if n in names]
     raise SystemExit("no head layer with initializer weights found")
 
 
