@@ -33,7 +33,9 @@ Invariants:
   downloaded like any target, applied to the installed files, and the rebuilt file is
   verified against the *full bundle's* signed length and hashes before it is used. Any
   failure (no base on disk, a base that differs, a bad delta, a rebuild that does not
-  match, a transfer error) falls back to the full bundle, logged once per delta.
+  match, a transfer error) falls back to the full bundle, logged once per delta; a cut
+  or timed-out transfer of the delta is resumed on the next check, any other failure
+  writes the delta off while the agent runs.
 - The transport is chosen by ``[repository] transport``: HTTP, MQTT chunks, or HTTP
   falling back to MQTT (``agent.update.fetcher``, ``agent.update.mqtt_fetcher``).
 
@@ -136,9 +138,10 @@ class UpdateService:
         # left it (``agent.update.waiting``); the models the last desired state named.
         self.waiting = WaitingBoard()
         self._desired_models: set[str] = set()
-        # Delta target paths that failed here: not tried again by this process, and
-        # their failure logged once (the full bundle is used instead).
+        # Delta target paths that failed here for good (not a transfer that may resume):
+        # not tried again by this process. Every failure of a delta is logged once.
         self._failed_deltas: set[str] = set()
+        self._logged_deltas: set[str] = set()
 
     @property
     def _fetcher(self) -> ResumableFetcher:
@@ -439,7 +442,19 @@ class UpdateService:
             full.verify_length_and_hashes(io.BytesIO(data))
             atomic_write(path, data)
         except (AgentError, OSError, tuf_errors.LengthOrHashMismatchError, MemoryError) as exc:
-            self._failed_deltas.add(delta_path)
+            # A transfer cut or timed out (not altered bytes) or a full disk is tried again
+            # on the next check, resuming its part: on a poor link the delta is the better
+            # bet. Anything else about this delta will not change: never again.
+            transient = isinstance(exc, FetchError | InsufficientSpaceError) and not isinstance(
+                exc, TamperedDownloadError
+            )
+            if not transient:
+                self._failed_deltas.add(delta_path)
+                for leftover in [staged, *staged.parent.glob(f"{staged.name}.*.part")]:
+                    remove_tree(leftover)
+            if delta_path in self._logged_deltas:
+                return None
+            self._logged_deltas.add(delta_path)
             what = (
                 f"rebuilt bundle does not match the signed target {full.path}: {_describe(exc)}"
                 if isinstance(exc, tuf_errors.LengthOrHashMismatchError)
@@ -452,8 +467,6 @@ class UpdateService:
                 delta_path,
                 what,
             )
-            for leftover in [staged, *staged.parent.glob(f"{staged.name}.*.part")]:
-                remove_tree(leftover)
             return None
         logger.info(
             "%s %s rebuilt from %s and verified against %s", model, version, delta_path, full.path

@@ -500,6 +500,31 @@ def test_a_delta_altered_by_the_mirror_falls_back_to_the_full_bundle(
     assert caplog.text.count("not used") == 1
 
 
+def test_a_cut_delta_is_resumed_on_the_next_check_and_logged_once(
+    repo: Repository,
+    device: Device,
+    mirror: HostileMirror,
+    bundles: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A transfer cut (not altered bytes) does not write the delta off: with the full
+    bundle cut too, the install is put back, and the next check resumes the delta."""
+    release(repo, bundles["2.0.0"], delta_from=2)
+    path = delta_target_path(MODEL, "2.0.0", "1.0.0")
+    target = repo.load("targets").signed.targets[path]
+    delta_url = "/" + str(repo.target_file_path(path, target).relative_to(repo.path))
+    mirror.set(delta_url, Cut(0.5))
+    mirror.set(bundle_url(repo, "2.0.0"), Cut(0.5))
+    with caplog.at_level(logging.INFO, logger="agent.update.updater"):
+        assert MODEL in device.check().refused
+        assert device.serving() == "1.0.0"
+        assert device.check().installed == {MODEL: "2.0.0"}
+    ranges = mirror.fetched(delta_url)
+    assert ranges[0] == "" and ranges[1].startswith("bytes=") and len(ranges) == 2
+    assert caplog.text.count("not used") == 1
+    assert "rebuilt from" in caplog.text
+
+
 def test_a_missing_base_falls_back_to_the_full_bundle(
     repo: Repository,
     device: Device,
