@@ -14,13 +14,16 @@ Invariants:
 - A new version is published with its deltas from the ``delta_from`` highest earlier
   versions of the model the targets list (``bundles/<model>/<version>.from-<old>.delta``,
   ``controller.build.delta``), in the same signing as the bundle; a delta is kept only
-  when it is at most ``DELTA_MAX_SHARE`` of the bundle's length.
+  when it is at most ``DELTA_MAX_SHARE`` of the bundle's length. Deltas are made before
+  the repository lock is taken (``prepare_deltas``); under it, a delta whose old bundle
+  is still the same bytes is used, any other is made then.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -142,9 +145,10 @@ def release_bundle(
     manifest = info.manifest
     now = now or datetime.now(UTC).replace(microsecond=0)
     target_path = bundle_target_path(manifest.name, manifest.version)
+    prepared = prepare_deltas(repo_dir, target_path, bundle.read_bytes(), delta_from)
     with locked_repository(repo_dir, now=now) as repo:
         bundle_added, deltas = _add_bundle(
-            repo, target_path, bundle, info.sha256, info.length, now, delta_from
+            repo, target_path, bundle, info.sha256, info.length, now, delta_from, prepared
         )
         current = _current_desired(repo, fleet)
         rollout_id = new_rollout_id(manifest.name, manifest.version)
@@ -197,6 +201,7 @@ def _add_bundle(
     length: int,
     now: datetime,
     delta_from: int = 0,
+    prepared: Mapping[tuple[str, str], bytes] | None = None,
 ) -> tuple[bool, _Deltas]:
     """Add the bundle (and its deltas) to top-level targets, in one signing; False when
     those exact bytes are already there (no delta is made then)."""
@@ -214,7 +219,7 @@ def _add_bundle(
     stored = repo.store_target(target_path, data)
     if stored.hashes["sha256"] != sha256:
         raise RepositoryError(f"{bundle} changed while it was being released; try again")
-    changes, deltas = _make_deltas(repo, target_path, data, delta_from)
+    changes, deltas = _make_deltas(repo, target_path, data, delta_from, prepared or {})
     repo.update_targets("targets", {target_path: stored, **changes}, now)
     return True, deltas
 
@@ -234,21 +239,61 @@ def earlier_versions(repo: Repository, model: str, version: str, count: int) -> 
     return sorted(found, key=version_key)[-count:]
 
 
-def _make_deltas(
-    repo: Repository, target_path: str, data: bytes, delta_from: int
-) -> tuple[dict[str, TargetFile], _Deltas]:
-    """Store the deltas to the bundle ``data`` worth publishing; return their targets."""
+def prepare_deltas(
+    repo_dir: Path, target_path: str, data: bytes, delta_from: int
+) -> dict[tuple[str, str], bytes]:
+    """The deltas to the bundle ``data`` from the earlier versions, made before the
+    repository lock is taken (making them takes seconds on a large model, and the rollout
+    job waits on the lock): (old version, its bundle's sha256) → delta or b"" (none
+    possible). Nothing when the bundle is already published or the repository cannot be
+    read now; under the lock, ``_make_deltas`` makes what is missing."""
+    if delta_from <= 0:
+        return {}
+    try:
+        repo = Repository.open(repo_dir)
+        targets = repo.load("targets").signed.targets
+    except (OSError, RepositoryError):
+        return {}
+    if target_path in targets:
+        return {}
+    model, version = _model_version(target_path)
+    out: dict[tuple[str, str], bytes] = {}
+    for old in earlier_versions(repo, model, version, delta_from):
+        target = targets[bundle_target_path(model, old)]
+        try:
+            old_data = repo.target_file_path(target.path, target).read_bytes()
+            out[(old, target.hashes["sha256"])] = make_delta(old_data, data)
+        except (OSError, BundleError):
+            continue  # made (and its failure reported) under the lock
+    return out
+
+
+def _model_version(target_path: str) -> tuple[str, str]:
     model, version = target_path.split("/")[1], target_path.rsplit("/", 1)[1]
-    version = version.removesuffix(".bundle")
+    return model, version.removesuffix(".bundle")
+
+
+def _make_deltas(
+    repo: Repository,
+    target_path: str,
+    data: bytes,
+    delta_from: int,
+    prepared: Mapping[tuple[str, str], bytes],
+) -> tuple[dict[str, TargetFile], _Deltas]:
+    """Store the deltas to the bundle ``data`` worth publishing; return their targets.
+    A delta in ``prepared`` for the same old bundle bytes is used as it is."""
+    model, version = _model_version(target_path)
     targets = repo.load("targets").signed.targets
     changes: dict[str, TargetFile] = {}
     kept: list[tuple[str, int]] = []
     skipped: list[tuple[str, str]] = []
     for old in earlier_versions(repo, model, version, delta_from):
         old_path = bundle_target_path(model, old)
+        sha = targets[old_path].hashes["sha256"]
         try:
-            old_data = repo.target_file_path(old_path, targets[old_path]).read_bytes()
-            delta = make_delta(old_data, data)
+            delta = prepared.get((old, sha)) or make_delta(
+                repo.target_file_path(old_path, targets[old_path]).read_bytes(), data
+            )
         except (OSError, BundleError) as exc:
             logger.warning("no delta %s → %s of %s: %s", old, version, model, exc)
             skipped.append((old, str(exc)))
@@ -298,9 +343,10 @@ def publish_bundle(
     manifest = info.manifest
     now = now or datetime.now(UTC).replace(microsecond=0)
     target_path = bundle_target_path(manifest.name, manifest.version)
+    prepared = prepare_deltas(repo_dir, target_path, bundle.read_bytes(), delta_from)
     with locked_repository(repo_dir, now=now) as repo:
         added, deltas = _add_bundle(
-            repo, target_path, bundle, info.sha256, info.length, now, delta_from
+            repo, target_path, bundle, info.sha256, info.length, now, delta_from, prepared
         )
         if added:
             repo.publish(now)

@@ -201,3 +201,22 @@ def test_a_delta_over_the_margin_is_not_published(
     ((old, why),) = second.deltas_skipped
     assert old == "1.0.0" and "of the bundle: not kept" in why
     assert not [p for p in repo.load("targets").signed.targets if p.endswith(".delta")]
+
+
+def test_deltas_are_made_before_the_lock_and_published_as_made(
+    repo: Repository, bundles: dict[str, Path]
+) -> None:
+    from agent.contracts.delta import delta_target_path
+    from controller.repository.release import prepare_deltas
+
+    release_bundle(bundles["v1"], FLEET, repo.path)
+    target = bundle_target_path(MODEL, "2.0.0")
+    prepared = prepare_deltas(repo.path, target, bundles["v2"].read_bytes(), 2)
+    v1 = repo.load("targets").signed.targets[bundle_target_path(MODEL, "1.0.0")]
+    assert list(prepared) == [("1.0.0", v1.hashes["sha256"])]
+    release_bundle(bundles["v2"], FLEET, repo.path)
+    path = delta_target_path(MODEL, "2.0.0", "1.0.0")
+    published = repo.load("targets").signed.targets[path]
+    assert repo.target_file_path(path, published).read_bytes() == next(iter(prepared.values()))
+    # Published already: nothing to prepare.
+    assert prepare_deltas(repo.path, target, bundles["v2"].read_bytes(), 2) == {}
