@@ -13,6 +13,13 @@ nothing: a release key can sign a bad archive by mistake. Unpacking refuses
   manifest before anything but the manifest is written, and again while writing,
 - a manifest whose model name or version differs from what desired state asked for.
 
+A bundle of manifest schema /2 stores each member but the manifest as one zstd frame
+named ``<member>.zst``; its stored size must be the manifest's ``stored_size``, and it is
+decompressed as a stream straight into its file, refused as soon as the output passes the
+declared size, when it ends short, or when the sha256 of the output differs
+(``agent.contracts.compression``). A /1 bundle (uncompressed) unpacks as it always did.
+No more than one chunk of a member is held in memory.
+
 It writes into a fresh temporary directory beside the destination, fsyncs every file,
 and renames the directory into place: a crash leaves either nothing or a whole version.
 Raises ``BundleError`` naming the member and the rule.
@@ -35,13 +42,27 @@ from agent.contracts import (
     Manifest,
     parse_manifest,
 )
+from agent.contracts.compression import STORED_SUFFIX, decompress_member
 
 MAX_MANIFEST_BYTES = 1024 * 1024
 _COPY_CHUNK = 1024 * 1024
 
 
-def _check_member(member: tarfile.TarInfo, seen: set[str], max_member_bytes: int) -> None:
-    name = member.name
+def _member_name(member: tarfile.TarInfo, manifest: Manifest | None) -> str:
+    """The member's name once unpacked: ``model.onnx.zst`` → ``model.onnx`` under /2."""
+    if manifest is None or not manifest.compressed:
+        return member.name
+    if not member.name.endswith(STORED_SUFFIX):
+        raise BundleError(
+            f"bundle member {member.name!r}: a {manifest.schema} bundle stores members as "
+            f"<name>{STORED_SUFFIX}"
+        )
+    return member.name.removesuffix(STORED_SUFFIX)
+
+
+def _check_member(
+    member: tarfile.TarInfo, name: str, seen: set[str], max_member_bytes: int
+) -> None:
     if not member.isreg() or member.issparse():
         raise BundleError(
             f"bundle member {name!r} is not a regular file (links and devices are refused)"
@@ -119,8 +140,9 @@ def _extract(
     with archive:
         try:
             for member in archive:
-                _check_member(member, seen, max_member_bytes)
-                seen.add(member.name)
+                name = _member_name(member, manifest)
+                _check_member(member, name, seen, max_member_bytes)
+                seen.add(name)
                 total += member.size
                 if total > max_total_bytes:
                     raise BundleError(
@@ -135,7 +157,10 @@ def _extract(
                     _check_declared_sizes(manifest, len(raw), max_member_bytes, max_total_bytes)
                     _write_synced(staging / BUNDLE_MANIFEST, raw)
                     continue
-                _extract_member(member, source, staging, manifest)
+                if manifest.compressed:
+                    _extract_compressed(name, member, source, staging, manifest)
+                else:
+                    _extract_member(member, source, staging, manifest)
         except tarfile.TarError as exc:
             raise BundleError(f"bundle archive is corrupt: {exc}") from None
     if manifest is None:
@@ -213,3 +238,21 @@ def _extract_member(
         raise BundleError(
             f"bundle member {member.name!r}: sha256 expected {expected['sha256']}, got {digest}"
         )
+
+
+def _extract_compressed(
+    name: str, member: tarfile.TarInfo, source: IO[bytes], staging: Path, manifest: Manifest
+) -> None:
+    """Stream one zstd member into its file, bounded by the sizes the manifest declares."""
+    expected = manifest.members.get(name)
+    if expected is None:
+        raise BundleError(f"bundle member {name!r} is not listed in the manifest")
+    if member.size != expected["stored_size"]:
+        raise BundleError(
+            f"bundle member {member.name!r}: stored size expected {expected['stored_size']}, "
+            f"got {member.size}"
+        )
+    with open(staging / name, "wb") as dst:
+        decompress_member(name, source, int(expected["size"]), str(expected["sha256"]), dst.write)
+        dst.flush()
+        os.fsync(dst.fileno())
