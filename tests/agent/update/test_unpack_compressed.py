@@ -180,7 +180,7 @@ def test_manifest_schema_2_requires_the_encoding_and_1_forbids_it() -> None:
     with pytest.raises(BundleError, match="manifest/1 members are not compressed"):
         parse_manifest(json.dumps(doc).encode())
     doc["schema"] = "edgefleet.manifest/3"
-    with pytest.raises(BundleError, match="schema expected .*/1' or .*/2', got .*/3'"):
+    with pytest.raises(BundleError, match=r"schema expected .*/1' or .*/2', got .*/3'"):
         parse_manifest(json.dumps(doc).encode())
 
 
