@@ -8,8 +8,9 @@ with a key of ``DEVICE_ATTACKS``: ``8/8 device attacks refused``. The bundle att
 suite (``test_bundle_attacks.py``, issue 22) marks each test
 ``@pytest.mark.bundle_attack(KEY)`` of ``BUNDLE_ATTACKS``: ``4/4 bundle attacks
 refused``. Every local attack test (``test_local_adversary.py``) carries
-``@pytest.mark.local_attack(name)``: an attack counts as contained when its test passed, and the run ends with ``N/N local attacks contained``
-(with the agent's RSS growth each test recorded as ``rss_growth_mib``).
+``@pytest.mark.local_attack(name)``: an attack counts as contained when its test passed,
+and the run ends with ``N/N local attacks contained`` (with the agent's RSS growth each
+test recorded as ``rss_growth_mib``).
 """
 
 from __future__ import annotations
