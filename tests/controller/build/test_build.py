@@ -97,6 +97,8 @@ def test_default_keeps_the_original_when_quantizing_makes_it_bigger(
     assert out.returncode == 0, out.stderr
     bundle = read_bundle(tmp_path / "b.bundle")
     assert _members(tmp_path / "b.bundle")["model.onnx"][1] == original
+    assert "bytes shipped (format 2, edgefleet.manifest/2, zstd)" in out.stdout
+    assert f"shipped {bundle.manifest.sizes['shipped_bytes']:,} bytes" in out.stdout
     m = bundle.manifest
     rows = {r["recipe"]: r for r in m.quality["candidates"]}
     grown = rows["dynamic-matmul"]["size_bytes"]
@@ -242,3 +244,31 @@ def test_tampered_bundle_is_refused(
     (tmp_path / "t.bundle").write_bytes(bytes(data))
     with pytest.raises(BundleFileError, match=error):
         read_bundle(tmp_path / "t.bundle")
+
+
+def test_auto_ranks_candidates_by_shipped_bytes() -> None:
+    """A pruned model bigger on disk but smaller once compressed wins under ``auto``;
+    stored as is (format 1), model bytes decide."""
+    from controller.build.evaluate import Candidate, choose
+
+    def candidates(stored: bool) -> list[Candidate]:
+        dense = Candidate("dynamic", b"d" * 1000, stored=b"s" * 900 if stored else None)
+        pruned = Candidate("none", b"p" * 4000, stored=b"s" * 300 if stored else None)
+        return [dense, pruned]
+
+    chosen, why = choose(candidates(stored=True), 1.0, 1.1)
+    assert chosen is not None and chosen.recipe == "none"
+    assert why.endswith("ranked by shipped (compressed) bytes, 300")
+    rows = [c.record(4000, 1.0) for c in candidates(stored=True)]
+    assert [r["shipped_bytes"] for r in rows] == [900, 300]
+    chosen, _ = choose(candidates(stored=False), 1.0, 1.1)
+    assert chosen is not None and chosen.recipe == "dynamic"
+
+
+def test_cli_format_1_for_old_agents(linear_model: Path, tmp_path: Path) -> None:
+    out = _cli_build(linear_model, tmp_path / "b.bundle", "--format", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["schema"] == "edgefleet.manifest/1"
+    assert all(c["shipped"] == c["size"] for c in doc["candidates"] if c["size"])
+    assert read_bundle(tmp_path / "b.bundle").manifest.schema == "edgefleet.manifest/1"
