@@ -16,7 +16,8 @@ object into a sink in chunks of ``CHUNK_BYTES``, and refuses with ``BundleError`
   window over ``MAX_WINDOW_BYTES`` (the decoder's memory),
 - an output whose sha256 differs from the manifest's.
 
-Never more than one chunk of output is held in memory.
+Never more than one chunk of output is held in memory. ``zstandard`` is imported on
+first use (about 9 ms and 1 MiB): an agent that is not installing a bundle never loads it.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from typing import IO, Any, Final
-
-import zstandard
 
 from agent.base.errors import BundleError
 
@@ -42,6 +41,8 @@ CHUNK_BYTES: Final = 1 << 20
 
 def compress_member(data: bytes) -> bytes:
     """``data`` as one zstd frame: deterministic for a given libzstd release."""
+    import zstandard
+
     compressor = zstandard.ZstdCompressor(
         level=ZSTD_LEVEL, write_checksum=True, write_content_size=True, threads=0
     )
@@ -50,6 +51,8 @@ def compress_member(data: bytes) -> bytes:
 
 def codec_facts() -> dict[str, Any]:
     """What the manifest records about the compressor (``build.compression``)."""
+    import zstandard
+
     return {
         "codec": ENCODING_ZSTD,
         "level": ZSTD_LEVEL,
@@ -70,6 +73,8 @@ def decompress_member(
 
     Raises BundleError naming the member and what was wrong (see the module docstring).
     """
+    import zstandard
+
     decompressor = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_BYTES)
     digest = hashlib.sha256()
     total = 0
