@@ -13,7 +13,9 @@ import pytest
 from agent.contracts import BUNDLE_REQUIRED_MEMBERS, parse_manifest
 from controller.base.errors import BuildError, BundleFileError, UsageError
 from controller.build.builder import BuildOptions, build_bundle
-from controller.build.bundle_file import read_bundle
+from agent.contracts.compression import compress_member
+from agent.update.unpack import unpack_bundle
+from controller.build.bundle_file import pack_bundle, read_bundle
 from tests.controller.conftest import edgectl_cmd
 from tests.helpers import bundle_members, make_linear_model
 
@@ -182,6 +184,19 @@ def test_build_is_reproducible(
     b = build_bundle(linear_model, "lin", "1.0.0", tmp_path / "b.bundle", options=untimed)
     assert a.path.read_bytes() == b.path.read_bytes()
     assert a.manifest.created_at == "2023-11-14T22:13:20Z"
+    # What a delta relies on: the agent's unpacked files give the signed bytes again.
+    folder = tmp_path / "unpacked"
+    unpack_bundle(
+        a.path, folder, expected_name="lin", expected_version="1.0.0",
+        max_member_bytes=1 << 20, max_total_bytes=1 << 20,
+    )  # fmt: skip
+    rebuilt = pack_bundle(
+        (folder / "manifest.json").read_bytes(),
+        compress_member((folder / "model.onnx").read_bytes()),
+        compress_member((folder / "golden.npz").read_bytes()),
+        compressed=True,
+    )
+    assert rebuilt == a.path.read_bytes()
 
 
 @pytest.mark.parametrize(
