@@ -10,7 +10,8 @@ nothing: a release key can sign a bad archive by mistake. Unpacking refuses
 - members over ``max_member_bytes``, over the size their manifest gives them, or whose
   size or sha256 differ from the manifest,
 - an archive whose unpacked total exceeds ``max_total_bytes``: judged from the
-  manifest before anything but the manifest is written, and again while writing,
+  manifest before anything but the manifest is written, and again while writing
+  (and members that would not fit in the filesystem's free space: put back, not failed),
 - a manifest whose model name or version differs from what desired state asked for.
 
 A bundle of manifest schema /2 stores each member but the manifest as one zstd frame
@@ -30,11 +31,12 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from agent.base.errors import BundleError
-from agent.base.fsutil import durable_rename, fsync_dir, remove_tree
+from agent.base.errors import BundleError, InsufficientSpaceError
+from agent.base.fsutil import durable_rename, free_bytes, fsync_dir, remove_tree
 from agent.contracts import (
     BUNDLE_MANIFEST,
     BUNDLE_OPTIONAL_MEMBERS,
@@ -102,8 +104,14 @@ def unpack_bundle(
     expected_version: str,
     max_member_bytes: int,
     max_total_bytes: int,
+    free_space: Callable[[Path], int] = free_bytes,
 ) -> Manifest:
-    """Unpack ``bundle`` into ``destination`` (which must not exist) and return its manifest."""
+    """Unpack ``bundle`` into ``destination`` (which must not exist) and return its manifest.
+
+    Raises InsufficientSpaceError (the install is put back, not failed) when the members
+    the manifest declares would not fit in ``free_space`` of the destination's filesystem:
+    a compressed bundle unpacks to more than the download that was checked for room.
+    """
     if destination.exists():
         raise FileExistsError(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +120,12 @@ def unpack_bundle(
     staging.mkdir()
     try:
         manifest = _extract(
-            bundle, staging, expected_name, expected_version, max_member_bytes, max_total_bytes
+            bundle,
+            staging,
+            expected_name,
+            expected_version,
+            (max_member_bytes, max_total_bytes),
+            free_space,
         )
         fsync_dir(staging)
         durable_rename(staging, destination)
@@ -127,9 +140,10 @@ def _extract(
     staging: Path,
     expected_name: str,
     expected_version: str,
-    max_member_bytes: int,
-    max_total_bytes: int,
+    limits: tuple[int, int],
+    free_space: Callable[[Path], int],
 ) -> Manifest:
+    max_member_bytes, max_total_bytes = limits
     try:
         archive = tarfile.open(bundle, mode="r:")  # noqa: SIM115 - closed by the with below
     except (tarfile.TarError, OSError) as exc:
@@ -155,6 +169,7 @@ def _extract(
                     raw = _read_manifest_bytes(member, source)
                     manifest = _check_manifest(raw, expected_name, expected_version)
                     _check_declared_sizes(manifest, len(raw), max_member_bytes, max_total_bytes)
+                    _check_room(manifest, staging, free_space)
                     _write_synced(staging / BUNDLE_MANIFEST, raw)
                     continue
                 if manifest.compressed:
@@ -215,6 +230,18 @@ def _check_declared_sizes(
         raise BundleError(
             f"bundle unpacks to more than the limit of {max_total_bytes} bytes "
             f"(its manifest declares {total})"
+        )
+
+
+def _check_room(manifest: Manifest, staging: Path, free_space: Callable[[Path], int]) -> None:
+    """Refuse to start writing members that the filesystem cannot hold."""
+    declared = sum(int(entry["size"]) for entry in manifest.members.values())
+    available = free_space(staging)
+    if available < declared:
+        raise InsufficientSpaceError(
+            f"not enough disk space to unpack {manifest.name} {manifest.version}: its members "
+            f"unpack to {declared} bytes, {available} are free in {staging.parent}; free some "
+            "space and the install resumes on the next check"
         )
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from agent.base.errors import BundleError
+from agent.base.errors import BundleError, InsufficientSpaceError
 from agent.contracts import parse_manifest
 from agent.contracts.compression import CHUNK_BYTES, compress_member, decompress_member
 from agent.update.unpack import unpack_bundle
@@ -188,3 +188,20 @@ def test_compression_is_deterministic() -> None:
     data = bytes(range(256)) * 4000
     assert compress_member(data) == compress_member(data)
     assert zstandard.ZstdDecompressor().decompress(compress_member(data)) == data
+
+
+def test_members_that_would_not_fit_on_disk_are_not_started(tmp_path: Path) -> None:
+    """The room checked before the download was for the compressed file; the manifest's
+    declared sizes are checked against the free space before a member is written."""
+    bundle = write_tar(tmp_path / "b.tar", compressed_entries())
+    with pytest.raises(InsufficientSpaceError, match="unpack to 562 bytes, 561 are free"):
+        unpack_bundle(
+            bundle,
+            tmp_path / "out" / "1.0.0",
+            expected_name="m",
+            expected_version="1.0.0",
+            max_member_bytes=LIMIT,
+            max_total_bytes=LIMIT,
+            free_space=lambda _: len(MODEL) + len(GOLDEN) - 1,
+        )
+    assert list((tmp_path / "out").iterdir()) == []
