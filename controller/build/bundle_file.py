@@ -1,12 +1,15 @@
 """The bundle file: a plain tar with a fixed member list (see ``agent.contracts``).
 
 Invariants of what ``pack_bundle`` writes:
-- Uncompressed POSIX (ustar) tar; members exactly ``manifest.json``, ``model.onnx``,
-  ``golden.npz``, in that order; regular files only; uid/gid 0, no user/group names,
-  mode 0644, mtime ``BUNDLE_MTIME``. Same inputs → same bytes.
+- Uncompressed POSIX (ustar) tar; members exactly ``manifest.json``, then ``model.onnx``
+  and ``golden.npz`` (schema /1) or ``model.onnx.zst`` and ``golden.npz.zst`` (schema /2,
+  one zstd frame each, ``stored_members``), in that order; regular files only; uid/gid 0,
+  no user/group names, mode 0644, mtime ``BUNDLE_MTIME``. Same inputs → same bytes (for
+  /2: with the same libzstd release).
 
 ``read_bundle`` is the controller's check before publishing: it accepts exactly what
-``pack_bundle`` writes and verifies every member against the manifest's size and sha256.
+``pack_bundle`` writes and verifies every member against the manifest's size and sha256
+(for /2, of the content decompressed under the same bounds as the agent's).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from agent.contracts import (
     Manifest,
     parse_manifest,
 )
+from agent.contracts.compression import ENCODING_ZSTD, STORED_SUFFIX, decompress_member
 from controller.base.errors import BundleFileError, UsageError
 
 # A fixed member mtime keeps bundles reproducible (2000-01-01T00:00:00Z).
@@ -50,14 +54,26 @@ def member_digest(data: bytes) -> dict[str, int | str]:
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def pack_bundle(manifest: bytes, model: bytes, golden: bytes) -> bytes:
-    """The bytes of a bundle holding the three members, in contract order."""
+def stored_member_digest(data: bytes, stored: bytes) -> dict[str, int | str]:
+    """The ``members`` entry of a schema /2 manifest: ``stored`` is ``data``'s zstd frame."""
+    return {**member_digest(data), "encoding": ENCODING_ZSTD, "stored_size": len(stored)}
+
+
+def pack_bundle(
+    manifest: bytes, model: bytes, golden: bytes, *, compressed: bool = False
+) -> bytes:
+    """The bytes of a bundle holding the three members, in contract order.
+
+    With ``compressed``, ``model`` and ``golden`` are already zstd frames (schema /2) and
+    are stored as ``model.onnx.zst`` and ``golden.npz.zst``.
+    """
+    suffix = STORED_SUFFIX if compressed else ""
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in (
             (BUNDLE_MANIFEST, manifest),
-            (BUNDLE_MODEL, model),
-            (BUNDLE_GOLDEN, golden),
+            (BUNDLE_MODEL + suffix, model),
+            (BUNDLE_GOLDEN + suffix, golden),
         ):
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -85,6 +101,8 @@ def read_bundle(path: Path) -> BundleInfo:
     members = _read_members(path, data)
     try:
         manifest = parse_manifest(members[BUNDLE_MANIFEST])
+        if manifest.compressed:
+            members = _decompressed(manifest, members)
     except BundleError as exc:
         raise BundleFileError(f"bundle {path}: {exc}") from None
     if set(manifest.members) != set(members) - {BUNDLE_MANIFEST}:
@@ -102,8 +120,36 @@ def read_bundle(path: Path) -> BundleInfo:
     return BundleInfo(manifest, hashlib.sha256(data).hexdigest(), len(data))
 
 
+def _decompressed(manifest: Manifest, stored: dict[str, bytes]) -> dict[str, bytes]:
+    """A /2 bundle's members decompressed under the agent's bounds (BundleError if not)."""
+    out = {BUNDLE_MANIFEST: stored[BUNDLE_MANIFEST]}
+    for stored_name, data in stored.items():
+        if stored_name == BUNDLE_MANIFEST:
+            continue
+        if not stored_name.endswith(STORED_SUFFIX):
+            raise BundleError(f"member {stored_name!r} of a compressed bundle is not <name>.zst")
+        name = stored_name.removesuffix(STORED_SUFFIX)
+        expected = manifest.members.get(name)
+        if expected is None:
+            raise BundleError(f"member {stored_name!r} is not listed in the manifest")
+        if len(data) != expected["stored_size"]:
+            raise BundleError(
+                f"member {stored_name!r}: stored size expected {expected['stored_size']}, "
+                f"got {len(data)}"
+            )
+        parts: list[bytes] = []
+        decompress_member(
+            name, io.BytesIO(data), int(expected["size"]), str(expected["sha256"]), parts.append
+        )
+        out[name] = b"".join(parts)
+    return out
+
+
 def _read_members(path: Path, data: bytes) -> dict[str, bytes]:
-    allowed = BUNDLE_REQUIRED_MEMBERS + BUNDLE_OPTIONAL_MEMBERS
+    compressed = BUNDLE_REQUIRED_MEMBERS[:1] + tuple(
+        m + STORED_SUFFIX for m in BUNDLE_REQUIRED_MEMBERS[1:] + BUNDLE_OPTIONAL_MEMBERS
+    )
+    allowed = BUNDLE_REQUIRED_MEMBERS + BUNDLE_OPTIONAL_MEMBERS + compressed[1:]
     members: dict[str, bytes] = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
@@ -121,8 +167,9 @@ def _read_members(path: Path, data: bytes) -> dict[str, bytes]:
     except tarfile.TarError as exc:
         raise BundleFileError(f"{path} is not a bundle (not an uncompressed tar): {exc}") from None
     names = list(members)
-    if names[:3] != list(BUNDLE_REQUIRED_MEMBERS):
+    if names[:3] not in (list(BUNDLE_REQUIRED_MEMBERS), list(compressed[:3])):
         raise BundleFileError(
-            f"bundle {path}: members expected to start {list(BUNDLE_REQUIRED_MEMBERS)}, got {names}"
+            f"bundle {path}: members expected to start {list(BUNDLE_REQUIRED_MEMBERS)} "
+            f"(or {list(compressed[:3])} compressed), got {names}"
         )
     return members
