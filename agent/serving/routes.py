@@ -77,7 +77,7 @@ if TYPE_CHECKING:
     from agent.oip.response import encode_infer_response
     from agent.serving.repeat import Repeat, infer_response, remember
 
-# Set by ``_import_infer_path`` with the first infer request, and the names above with it.
+# Set by ``import_infer_path`` with the first infer request, and the names above with it.
 _INFER_PATH = False
 
 logger = logging.getLogger(__name__)
@@ -471,7 +471,7 @@ def _execute(
     ``phases``: where its time goes); keep it as a ``Repeat`` in its connection's memo
     when it can be one."""
     if not _INFER_PATH:
-        _import_infer_path()
+        import_infer_path()
     started = perf_counter_ns()
     parsed = parse_infer_request(
         request.body,
@@ -493,11 +493,13 @@ def _execute(
     return response
 
 
-def _import_infer_path() -> None:
+def import_infer_path() -> None:
     """Import what parses, encodes and repeats infer requests, with the first infer request
     for a served model (numpy with them, which the model's load has already brought in):
     an agent that serves no model never imports numpy (tests/agent/test_startup_imports.py).
-    Idempotent; a race only imports twice what ``sys.modules`` already holds."""
+    The agent calls it once it has restored a model, before it listens, so the first
+    request does not wait for these imports (~30 ms). Idempotent; a race only imports
+    twice what ``sys.modules`` already holds."""
     global _INFER_PATH, Repeat, encode_infer_response, infer_response
     global parse_infer_request, remember
     from agent.oip.request import parse_infer_request
