@@ -55,6 +55,7 @@ from agent.device.sdnotify import Notifier, NotifyError
 from agent.runtime.memory import configure_allocator
 from agent.runtime.registry import ModelRegistry
 from agent.serving.metrics import InferenceMetrics
+from agent.serving.routes import import_infer_path
 from agent.serving.server import InferenceServer
 from agent.serving.triton import IndexEntry
 from agent.telemetry.mqtt import MqttLink
@@ -261,6 +262,8 @@ class AgentApp:
         self._notify(STATUS="restoring the last good versions")
         configure_allocator()  # before the first model loads (see agent.runtime.memory)
         restored = await asyncio.to_thread(self.lifecycle.restore)
+        if restored:  # the infer path's imports now, not in the first request's time
+            await asyncio.to_thread(import_infer_path)
         logger.info("restored %d model(s) from %s", len(restored), self.config.state_dir)
         self.telemetry.agent_started(self.models_status())
         await self.server.start()

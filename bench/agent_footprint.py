@@ -30,6 +30,17 @@ What it measures, for this tree and, with ``--baseline REV``, another revision's
   serves (``agent.cli`` then ``agent.app``), summed per top-level package (``agent``
   per subpackage), median of ``--runs`` processes.
 
+- **what the idle RSS is made of** (``--breakdown``): resident memory added by each step
+  of what an idle agent imports and makes, each in new processes of ``--python`` on this
+  tree (median of ``--runs``): the bare interpreter; the run path (``agent.cli``,
+  ``agent.app``); each third-party package of the run path on top of the standard library
+  modules the agent imports anyway (they overlap, so they do not add up to the run path);
+  what the first update check imports on top of the run path; the HTTP fetcher's client;
+  numpy and ONNX Runtime on top of the run path (an agent imports them with its first
+  model); idle threads. With ``--arena-max N,M``, idle agents of this tree with no model
+  are also measured with ``MALLOC_ARENA_MAX=N`` (glibc's malloc arenas) in their
+  environment.
+
 ``--python`` runs the agents with another interpreter: a venv holding the agent's
 dependencies only (``pip install .``, as the Debian package's venv does) shows what a
 device holds, without the controller's and the tests' packages (rich, pulled in by
@@ -96,10 +107,13 @@ def _boot(code: Path, body: str) -> str:
     return f"import sys; sys.path.insert(0, {str(code)!r}); {body}"
 
 
-def start_agent(code: Path, config: Path, log: Path) -> tuple[Proc, float]:
+def start_agent(
+    code: Path, config: Path, log: Path, extra_env: dict[str, str] | None = None
+) -> tuple[Proc, float]:
     """``edge-agent run`` of the tree at ``code``; (the process, when it was started)."""
     boot = _boot(code, "from agent.cli import main; sys.exit(main())")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(extra_env or {})
     with open(log, "ab") as out:
         started = time.perf_counter()
         process = subprocess.Popen(
@@ -271,6 +285,86 @@ def import_profiles(
     return profiles
 
 
+# ---------------------------------------------------------------------------- RSS breakdown
+
+# The standard library modules the agent imports anyway: the base each third-party package
+# of the run path is measured on.
+STDLIB_BASE = (
+    "asyncio,ssl,json,logging,sqlite3,tarfile,hashlib,http.client,email.message,ctypes,"
+    "dataclasses,socket,threading"
+)
+RUN_PATH = "agent.cli,agent.app"
+UPDATE_CHECK = "agent.update.updater,agent.update.fetcher,agent.update.mqtt_fetcher"
+ED25519 = "cryptography.hazmat.primitives.asymmetric.ed25519"
+# (label, modules imported first, what is measured: modules to import or a statement)
+BREAKDOWN: tuple[tuple[str, str, str], ...] = (
+    ("the run path (agent.cli, agent.app)", "", RUN_PATH),
+    ("  paho-mqtt, on the standard library", STDLIB_BASE, "paho.mqtt.client"),
+    ("  prometheus-client, on the standard library", STDLIB_BASE, "prometheus_client"),
+    ("  psutil, on the standard library", STDLIB_BASE, "psutil"),
+    ("  httptools, on the standard library", STDLIB_BASE, "httptools"),
+    ("the first update check's imports, on the run path", RUN_PATH, UPDATE_CHECK),
+    ("  python-tuf's client (with securesystemslib, cryptography)", RUN_PATH, "tuf.ngclient"),
+    ("  cryptography's ed25519 alone", RUN_PATH, ED25519),
+    ("  httpx, on the run path", RUN_PATH, "httpx"),
+    ("  urllib3 (python-tuf imports it), on the run path", RUN_PATH, "urllib3"),
+    ("the HTTP fetcher's httpx.Client (certifi's CAs loaded)", f"{RUN_PATH},{UPDATE_CHECK}",
+     "!import httpx; c = httpx.Client()"),
+    ("numpy (first model), on the run path", RUN_PATH, "numpy"),
+    ("onnxruntime (first model), on the run path and numpy", f"{RUN_PATH},numpy", "onnxruntime"),
+    ("5 idle threads (stacks)", RUN_PATH,
+     "!import threading, time; e = threading.Event(); "
+     "[threading.Thread(target=e.wait, daemon=True).start() for _ in range(5)]; time.sleep(0.2)"),
+)  # fmt: skip
+
+_STEP = """
+import sys
+sys.path.insert(0, {code!r})
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+for name in {first!r}.split(","):
+    if name:
+        __import__(name)
+before = rss()
+what = {what!r}
+if what.startswith("!"):
+    exec(what[1:])
+else:
+    for name in what.split(","):
+        __import__(name)
+print(before, rss())
+"""
+
+
+def _step_mib(code: Path, first: str, what: str) -> tuple[float, float]:
+    """(RSS before, RSS added) in MiB of one new process doing one breakdown step."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [AGENT_PYTHON, "-c", _STEP.format(code=str(code), first=first, what=what)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        cwd="/",
+        timeout=120,
+    )
+    before, after = (int(v) for v in out.stdout.split())
+    return before / MIB, (after - before) / MIB
+
+
+def breakdown(code: Path, runs: int) -> list[list[object]]:
+    """Rows (step, MiB added) of ``BREAKDOWN``, each the median of ``runs`` processes;
+    the first row is the bare interpreter."""
+    bare = statistics.median(_step_mib(code, "", "!pass")[0] for _ in range(runs))
+    rows: list[list[object]] = [["the interpreter (python -c, site)", f"{bare:.1f}"]]
+    for label, first, what in BREAKDOWN:
+        added = statistics.median(_step_mib(code, first, what)[1] for _ in range(runs))
+        rows.append([label, f"+{added:.1f}"])
+    return rows
+
+
 # ---------------------------------------------------------------------------- one tree
 
 
@@ -310,9 +404,14 @@ def device(setup: Setup, name: str, fleet: str) -> Path:
 
 
 def idle_memory(
-    setup: Setup, code: Path, config: Path, settle_s: float, with_model: bool
+    setup: Setup,
+    code: Path,
+    config: Path,
+    settle_s: float,
+    with_model: bool,
+    extra_env: dict[str, str] | None = None,
 ) -> Memory:
-    proc, _ = start_agent(code, config, config.parent / "agent.log")
+    proc, _ = start_agent(code, config, config.parent / "agent.log", extra_env)
     socket = config.parent / "infer.sock"
     try:
         if with_model:
@@ -413,6 +512,22 @@ def run(args: argparse.Namespace) -> tuple[list[str], dict[str, TreeResult], flo
                     phases[name].append(parts)
             loads.append(os.getloadavg()[0])
         print("  start to ready: " + ", ".join(f"{n} {v}" for n, v in ready.items()), flush=True)
+        # This tree's idle agent, no model, with MALLOC_ARENA_MAX set and not (alternating).
+        arena_runs: dict[str, list[Memory]] = defaultdict(list)
+        for _ in range(args.idle_runs if args.arena_max else 0):
+            for value in ["", *args.arena_max]:
+                env = {"MALLOC_ARENA_MAX": value} if value else {}
+                empty = configs["this tree"][0]
+                memory = idle_memory(setup, ROOT, empty, args.settle_s, False, env)
+                arena_runs[value or "unset"].append(memory)
+            loads.append(os.getloadavg()[0])
+        extra: list[list[object]] = [
+            [f"idle, no model, MALLOC_ARENA_MAX {value}, RSS (USS) (MiB)"]
+            + [""] * (len(trees) - 1)
+            + [f"{_median_memory(got).rss:.1f} ({_median_memory(got).uss:.1f})"]
+            for value, got in arena_runs.items()
+        ]
+        breakdown_rows = breakdown(ROOT, args.runs) if args.breakdown else []
         results = {}
         profiles = import_profiles(trees, args.runs)
         for name, _ in trees:
@@ -437,7 +552,17 @@ def run(args: argparse.Namespace) -> tuple[list[str], dict[str, TreeResult], flo
         broker.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    return table(results, arena, ort_base, args), results, arena, max(loads)
+    lines = table(results, arena, ort_base, args, extra)
+    if breakdown_rows:
+        lines += [
+            "",
+            f"What this tree's idle RSS is made of (`--breakdown`; MiB, each step in new "
+            f"processes of `{AGENT_PYTHON}`, median of {args.runs}; the steps overlap where "
+            "they share modules):",
+            "",
+            markdown_table(["step", "RSS (MiB)"], breakdown_rows),
+        ]
+    return lines, results, arena, max(loads)
 
 
 def _median_memory(samples: list[Memory]) -> Memory:
@@ -449,7 +574,11 @@ def _median_memory(samples: list[Memory]) -> Memory:
 
 
 def table(
-    results: dict[str, TreeResult], arena: float, ort_base: float, args: argparse.Namespace
+    results: dict[str, TreeResult],
+    arena: float,
+    ort_base: float,
+    args: argparse.Namespace,
+    extra: list[list[object]],
 ) -> list[str]:
     names = list(results)
     rows: list[list[object]] = []
@@ -462,6 +591,7 @@ def table(
             )
 
     memory_rows("idle, no model", "idle_none")
+    rows.extend(extra)
     memory_rows("idle, CNN loaded", "idle_cnn")
     rows.append(
         ["idle, CNN loaded, RSS minus the model's arena (MiB)"]
@@ -544,6 +674,16 @@ def main() -> None:
     parser.add_argument("--settle-s", type=float, default=5.0, help="idle time before sampling")
     parser.add_argument("--top", type=int, default=12, help="import groups shown")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also measure what the idle RSS is made of"
+    )
+    parser.add_argument(
+        "--arena-max",
+        type=lambda text: [v.strip() for v in text.split(",") if v.strip()],
+        default=[],
+        metavar="N,M",
+        help="also measure this tree's idle agents with MALLOC_ARENA_MAX=N (and unset)",
+    )
     parser.add_argument(
         "--python",
         default=sys.executable,

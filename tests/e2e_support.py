@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.client import InferenceClient
-from tests.helpers import Broker, make_linear_model, stop_process
+from tests.helpers import Broker, bundle_members, make_linear_model, stop_process
 
 BIN = Path(sys.executable).parent
 T = TypeVar("T")
@@ -188,10 +187,8 @@ def bundle_output(bundle: Path, x: np.ndarray) -> np.ndarray:
     Runtime in this process: the answer a device serving that bundle must give."""
     import onnxruntime as ort
 
-    with tarfile.open(bundle) as tar:
-        member = tar.extractfile("model.onnx")
-        assert member is not None
-        session = ort.InferenceSession(member.read(), providers=["CPUExecutionProvider"])
+    model = bundle_members(bundle)["model.onnx"]
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
     return np.asarray(session.run(None, {"x": x})[0])
 
 

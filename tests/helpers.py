@@ -235,3 +235,22 @@ def _save_model(graph: Any, path: Path, *, check: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))
     return path
+
+
+def bundle_members(path: Path) -> dict[str, bytes]:
+    """Every member of a bundle file by its unpacked name, decompressed (schema /2 stores
+    ``model.onnx`` as ``model.onnx.zst``), in tar order. For tests: no bounds."""
+    import tarfile
+
+    import zstandard
+
+    out: dict[str, bytes] = {}
+    with tarfile.open(path, "r:") as tar:
+        for info in tar:
+            f = tar.extractfile(info)
+            assert f is not None
+            data = f.read()
+            if info.name.endswith(".zst"):
+                data = zstandard.ZstdDecompressor().decompress(data)
+            out[info.name.removesuffix(".zst")] = data
+    return out

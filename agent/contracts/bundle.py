@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from agent.base.errors import BundleError
 from agent.contracts._fields import _require
+from agent.contracts.compression import ENCODING_ZSTD, STORED_SUFFIX
 from agent.contracts.names import InvalidNameError, check_name, check_version
 
 # ---------------------------------------------------------------------------- datatypes
@@ -66,7 +67,14 @@ BUNDLE_OPTIONAL_MEMBERS: Final = ("labels.txt",)
 # the first axis of each array indexes the golden case.
 GOLDEN_INPUT_PREFIX: Final = "input:"
 GOLDEN_OUTPUT_PREFIX: Final = "output:"
-MANIFEST_SCHEMA: Final = "edgefleet.manifest/1"
+# /1: an uncompressed tar, members stored as they unpack. /2: every member but the
+# manifest stored as one zstd frame named ``<member>.zst`` (agent.contracts.compression),
+# and each ``members`` entry also gives ``encoding`` and ``stored_size``. The controller
+# writes /2 unless asked for /1; the agent reads both.
+MANIFEST_SCHEMA_V1: Final = "edgefleet.manifest/1"
+MANIFEST_SCHEMA_V2: Final = "edgefleet.manifest/2"
+MANIFEST_SCHEMA: Final = MANIFEST_SCHEMA_V2
+MANIFEST_SCHEMAS: Final = (MANIFEST_SCHEMA_V1, MANIFEST_SCHEMA_V2)
 
 
 @dataclass(frozen=True)
@@ -98,7 +106,10 @@ class Manifest:
     """The bundle's ``manifest.json``: what the model is, how it was built, how good it is.
 
     ``members`` maps every file of the bundle (other than the manifest) to its size in
-    bytes and sha256, so unpacking can refuse anything unexpected or oversized.
+    bytes and sha256 (unpacked), so unpacking can refuse anything unexpected or
+    oversized; schema /2 adds ``encoding`` (``zstd``) and ``stored_size`` (in the tar).
+    A Manifest made without a ``schema`` is /1 (members as they unpack): the builder
+    says /2 when it compresses.
     """
 
     name: str
@@ -113,7 +124,16 @@ class Manifest:
     sizes: Mapping[str, int] = field(default_factory=dict)
     quality: Mapping[str, Any] = field(default_factory=dict)
     created_at: str = ""
-    schema: str = MANIFEST_SCHEMA
+    schema: str = MANIFEST_SCHEMA_V1
+
+    @property
+    def compressed(self) -> bool:
+        """True when the members are stored as zstd frames (schema /2)."""
+        return self.schema == MANIFEST_SCHEMA_V2
+
+    def stored_name(self, member: str) -> str:
+        """The name of ``member`` inside the tar: ``model.onnx.zst`` under /2."""
+        return member + STORED_SUFFIX if self.compressed else member
 
     def to_json_bytes(self) -> bytes:
         doc = asdict(self)
@@ -145,8 +165,9 @@ def parse_manifest(raw: bytes) -> Manifest:
         raise BundleError("manifest.json: expected a JSON object")
     where = "manifest.json"
     schema = _require(doc, "schema", str, where)
-    if schema != MANIFEST_SCHEMA:
-        raise BundleError(f"{where}: schema expected {MANIFEST_SCHEMA!r}, got {schema!r}")
+    if schema not in MANIFEST_SCHEMAS:
+        known = " or ".join(repr(s) for s in MANIFEST_SCHEMAS)
+        raise BundleError(f"{where}: schema expected {known}, got {schema!r}")
     try:
         name = check_name("model", _require(doc, "name", str, where))
         version = check_version(_require(doc, "version", str, where))
@@ -180,6 +201,7 @@ def parse_manifest(raw: bytes) -> Manifest:
         digest = _require(info, "sha256", str, f"{where} members[{member!r}]")
         if size < 0 or not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise BundleError(f"{where}: members[{member!r}] has a bad size or sha256")
+        _check_encoding(info, schema, f"{where} members[{member!r}]")
     for required in (BUNDLE_MODEL, BUNDLE_GOLDEN):
         if required not in members:
             raise BundleError(f"{where}: members must list {required!r}")
@@ -196,4 +218,18 @@ def parse_manifest(raw: bytes) -> Manifest:
         sizes=doc.get("sizes", {}) if isinstance(doc.get("sizes", {}), dict) else {},
         quality=doc.get("quality", {}) if isinstance(doc.get("quality", {}), dict) else {},
         created_at=str(doc.get("created_at", "")),
+        schema=schema,
     )
+
+
+def _check_encoding(info: Mapping[str, Any], schema: str, where: str) -> None:
+    """/1 members are stored as they are; /2 members as zstd frames of a given size."""
+    if schema == MANIFEST_SCHEMA_V1:
+        if "encoding" in info or "stored_size" in info:
+            raise BundleError(f"{where}: {MANIFEST_SCHEMA_V1} members are not compressed")
+        return
+    encoding = _require(info, "encoding", str, where)
+    if encoding != ENCODING_ZSTD:
+        raise BundleError(f"{where}: encoding expected {ENCODING_ZSTD!r}, got {encoding!r}")
+    if _require(info, "stored_size", int, where) < 0:
+        raise BundleError(f"{where}: stored_size must be 0 or more")

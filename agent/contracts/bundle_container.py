@@ -1,19 +1,29 @@
 """The bundle container: how a bundle's members become the one file TUF signs, and back.
 
 This is the single place that knows the container's bytes. The controller writes bundles
-with ``write_container`` (``controller.build.bundle_file.pack_bundle``); a delta
-(``agent.contracts.delta``) rebuilds the exact published file by writing the rebuilt
-members through the same function, so both must produce the same bytes from the same
-members.
+through ``write_stored`` (``controller.build.bundle_file.pack_bundle``, members already
+compressed by the builder); a delta (``agent.contracts.delta``) rebuilds the exact
+published file with ``write_container``, which stores the members the same way
+(``agent.contracts.compression.compress_member``, the one place the zstd parameters
+live) and writes them through the same ``write_stored``. Readers (the controller's
+``read_bundle``, its history, delta writers) go through ``read_stored``,
+``read_container`` and ``read_manifest_member``.
 
 Containers, by the name a delta records:
-- ``tar/1``: an uncompressed POSIX (ustar) tar; members in the given order, regular
-  files, mode 0644, uid/gid 0, no user/group names, mtime ``BUNDLE_MTIME``. Same members
-  → same bytes.
+- ``tar/1`` (manifest schema /1): an uncompressed POSIX (ustar) tar; members in the given
+  order, regular files, mode 0644, uid/gid 0, no user/group names, mtime
+  ``BUNDLE_MTIME``. Same members → same bytes.
+- ``tar/2-zstd`` (manifest schema /2): the same tar, ``manifest.json`` stored as it is
+  and first, every other member one zstd frame named ``<member>.zst``. Same members →
+  same bytes *with the same libzstd release* (zstd does not promise identical frames
+  across releases; a delta records the release, ``libzstd_version``).
 
-A new bundle format adds its name here (``write_container``/``read_container``) and to
-``CONTAINERS``; deltas name the container they were made for, and an agent refuses a
-delta of a container it does not know (then downloads the full bundle).
+In both, ``manifest.json`` is the first member and is not compressed, so reading a
+bundle's manifest never touches the model (``read_manifest_member``).
+
+A new bundle format adds its name here and to ``CONTAINERS``; deltas name the container
+they were made for, and an agent refuses a delta of a container it does not know (then
+downloads the full bundle).
 """
 
 from __future__ import annotations
@@ -21,27 +31,48 @@ from __future__ import annotations
 import io
 import tarfile
 from collections.abc import Sequence
-from typing import Final
+from pathlib import Path
+from typing import IO, Final
 
 from agent.base.errors import BundleError
+from agent.contracts.bundle import BUNDLE_MANIFEST, Manifest, parse_manifest
+from agent.contracts.compression import STORED_SUFFIX, compress_member, decompress_member
 
 # A fixed member mtime keeps bundles reproducible (2000-01-01T00:00:00Z).
 BUNDLE_MTIME: Final = 946_684_800
 TAR_V1: Final = "tar/1"
-CONTAINERS: Final = (TAR_V1,)
+TAR_V2_ZSTD: Final = "tar/2-zstd"
+CONTAINERS: Final = (TAR_V1, TAR_V2_ZSTD)
+# The manifest member is read whole; a larger one is refused (the agent's bound too).
+MAX_MANIFEST_BYTES: Final = 1024 * 1024
 
 
-def write_container(kind: str, members: Sequence[tuple[str, bytes]]) -> bytes:
-    """The bytes of a bundle file of container ``kind`` holding ``members`` in order.
+def container_of(manifest: Manifest) -> str:
+    """The container a bundle with this manifest is written in."""
+    return TAR_V2_ZSTD if manifest.compressed else TAR_V1
 
-    Raises BundleError for an unknown container.
-    """
-    if kind != TAR_V1:
+
+def _check_kind(kind: str) -> None:
+    if kind not in CONTAINERS:
         raise BundleError(f"unknown bundle container {kind!r}; known: {', '.join(CONTAINERS)}")
+
+
+def stored_name(kind: str, name: str) -> str:
+    """The name of member ``name`` inside a container of ``kind``."""
+    _check_kind(kind)
+    if kind == TAR_V1 or name == BUNDLE_MANIFEST:
+        return name
+    return name + STORED_SUFFIX
+
+
+def write_stored(kind: str, members: Sequence[tuple[str, bytes]]) -> bytes:
+    """The bytes of a bundle file of ``kind`` whose members, in order, are stored as given
+    (for ``tar/2-zstd``: each member but the manifest already its zstd frame, made by
+    ``compress_member``). Raises BundleError for an unknown container."""
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
-            info = tarfile.TarInfo(name)
+            info = tarfile.TarInfo(stored_name(kind, name))
             info.size = len(data)
             info.mode = 0o644
             info.mtime = BUNDLE_MTIME
@@ -52,12 +83,22 @@ def write_container(kind: str, members: Sequence[tuple[str, bytes]]) -> bytes:
     return out.getvalue()
 
 
-def read_container(data: bytes) -> tuple[str, list[tuple[str, bytes]]]:
-    """The container kind and the members (in order) of a bundle file's bytes, for a
-    writer of deltas. It does not judge the members (``read_bundle`` and ``unpack`` do);
-    it only guarantees that ``write_container`` of the result gives ``data`` back, and
-    raises BundleError when it cannot (a file this module did not write).
-    """
+def write_container(kind: str, members: Sequence[tuple[str, bytes]]) -> bytes:
+    """The bytes of a bundle file of container ``kind`` holding ``members`` (their
+    unpacked contents) in order. Raises BundleError for an unknown container."""
+    _check_kind(kind)
+    return write_stored(
+        kind,
+        [
+            (name, data if stored_name(kind, name) == name else compress_member(data))
+            for name, data in members
+        ],
+    )
+
+
+def read_stored(data: bytes) -> list[tuple[str, bytes]]:
+    """The members of a bundle file as stored in the tar (names as in the tar, bytes not
+    decompressed), in order. Raises BundleError when it is not a tar of regular files."""
     members: list[tuple[str, bytes]] = []
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
@@ -68,7 +109,83 @@ def read_container(data: bytes) -> tuple[str, list[tuple[str, bytes]]]:
                 assert extracted is not None  # a regular file always has content
                 members.append((info.name, extracted.read()))
     except tarfile.TarError as exc:
-        raise BundleError(f"not a bundle container this version knows: {exc}") from None
-    if write_container(TAR_V1, members) != data:
-        raise BundleError("the bundle's bytes are not what write_container writes for its members")
-    return TAR_V1, members
+        raise BundleError(f"not a bundle (not an uncompressed tar): {exc}") from None
+    return members
+
+
+def read_manifest_member(source: Path | IO[bytes]) -> bytes:
+    """The bytes of the bundle's first member, which must be ``manifest.json`` (stored as
+    it is in every container), without reading further. Raises BundleError or OSError."""
+    try:
+        if isinstance(source, Path):
+            tar = tarfile.open(source, mode="r:")  # noqa: SIM115 - closed by the with below
+        else:
+            tar = tarfile.open(fileobj=source, mode="r:")  # noqa: SIM115
+        with tar:
+            info = tar.next()
+            if info is None or info.name != BUNDLE_MANIFEST or not info.isreg():
+                found = None if info is None else info.name
+                raise BundleError(
+                    f"the first bundle member must be {BUNDLE_MANIFEST}, got {found!r}"
+                )
+            if info.size > MAX_MANIFEST_BYTES:
+                raise BundleError(
+                    f"{BUNDLE_MANIFEST} is {info.size} bytes, over {MAX_MANIFEST_BYTES}"
+                )
+            extracted = tar.extractfile(info)
+            assert extracted is not None  # a regular file always has content
+            return extracted.read()
+    except tarfile.TarError as exc:
+        raise BundleError(f"not a bundle (not an uncompressed tar): {exc}") from None
+
+
+def unstore(manifest: Manifest, stored: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
+    """The unpacked members (in order) of a bundle's ``stored`` members under its manifest:
+    for schema /2 each ``<member>.zst`` must have the manifest's ``stored_size`` and is
+    decompressed under the agent's bounds (``decompress_member``: its declared size and
+    sha256); /1 members are returned as they are. Raises BundleError naming the member."""
+    if not manifest.compressed:
+        return list(stored)
+    out: list[tuple[str, bytes]] = []
+    for stored_as, data in stored:
+        if stored_as == BUNDLE_MANIFEST:
+            out.append((stored_as, data))
+            continue
+        if not stored_as.endswith(STORED_SUFFIX):
+            raise BundleError(f"member {stored_as!r} of a compressed bundle is not <name>.zst")
+        name = stored_as.removesuffix(STORED_SUFFIX)
+        expected = manifest.members.get(name)
+        if expected is None:
+            raise BundleError(f"member {stored_as!r} is not listed in the manifest")
+        if len(data) != expected["stored_size"]:
+            raise BundleError(
+                f"member {stored_as!r}: stored size expected {expected['stored_size']}, "
+                f"got {len(data)}"
+            )
+        parts: list[bytes] = []
+        decompress_member(
+            name, io.BytesIO(data), int(expected["size"]), str(expected["sha256"]), parts.append
+        )
+        out.append((name, b"".join(parts)))
+    return out
+
+
+def read_container(data: bytes, *, verify: bool = True) -> tuple[str, list[tuple[str, bytes]]]:
+    """The container kind and the unpacked members (in order, the manifest first) of a
+    bundle file's bytes, for a writer of deltas. It does not judge the members beyond
+    the bounds of ``unstore`` (``read_bundle`` and ``unpack`` do); with ``verify`` it
+    guarantees that ``write_container`` of the result gives ``data`` back, and raises
+    BundleError when it does not (a file this module did not write, or a /2 bundle
+    compressed by another libzstd release)."""
+    stored = read_stored(data)
+    if not stored or stored[0][0] != BUNDLE_MANIFEST:
+        raise BundleError(f"the first bundle member must be {BUNDLE_MANIFEST}")
+    manifest = parse_manifest(stored[0][1])
+    kind = container_of(manifest)
+    members = unstore(manifest, stored)
+    if verify and write_container(kind, members) != data:
+        raise BundleError(
+            f"the bundle's bytes are not what write_container ({kind}) writes for its members"
+            + (" (compressed by another libzstd release?)" if kind == TAR_V2_ZSTD else "")
+        )
+    return kind, members

@@ -12,7 +12,8 @@ header (UTF-8 JSON, sorted keys), then the payload (the blobs the header points 
 Header (``schema`` ``edgefleet.delta/1``)::
 
     {"schema", "model", "from", "to",
-     "container": "tar/1",                 # agent.contracts.bundle_container
+     "container": "tar/1" | "tar/2-zstd",  # agent.contracts.bundle_container
+     "libzstd": "1.5.6",                   # tar/2-zstd only: the release that compressed
      "target": {"length", "sha256"},       # the full bundle (informative only)
      "base": {member: {"size", "sha256"}}, # the old members it reads; checked first
      "members": [{"name", "size", "sha256", "body": PART, "inserts": [{"at", "part"}]}]}
@@ -35,6 +36,13 @@ Applying never trusts a size: the header's sizes are bounded by ``max_output_byt
 before any work, each part must produce exactly its declared size (decompression reads at
 most that many bytes plus one), and every base member's size and sha256 are checked
 before anything is rebuilt. Every refusal is a ``DeltaError`` naming the rule.
+
+A ``tar/2-zstd`` delta rebuilds the members uncompressed and compresses them again the
+way the controller did (``write_container``). zstd promises the same frames only from the
+same libzstd release, so a delta records the controller's release, and an agent whose
+libzstd differs refuses the delta before reading any installed file or rebuilding
+anything (the caller downloads the full bundle). That is a shortcut, not the guard: the
+rebuilt file is verified against the signed target whatever the header says.
 """
 
 from __future__ import annotations
@@ -48,7 +56,8 @@ from typing import Any, Final
 
 from agent.base.errors import BundleError
 from agent.contracts.bundle import BUNDLE_OPTIONAL_MEMBERS, BUNDLE_REQUIRED_MEMBERS
-from agent.contracts.bundle_container import CONTAINERS, write_container
+from agent.contracts.bundle_container import CONTAINERS, TAR_V2_ZSTD, write_container
+from agent.contracts.compression import libzstd_version
 from agent.contracts.names import InvalidNameError, check_name, check_version
 
 DELTA_MAGIC: Final = b"EFDELTA\x00"
@@ -183,6 +192,8 @@ def parse_delta_header(delta: bytes, max_output_bytes: int) -> DeltaHeader:
     container = doc.get("container")
     if container not in CONTAINERS:
         raise DeltaError(f"delta for container {container!r}; this agent knows {CONTAINERS}")
+    if container == TAR_V2_ZSTD and not isinstance(doc.get("libzstd"), str):
+        raise DeltaError(f"delta header: a {TAR_V2_ZSTD} delta must name its libzstd release")
     target = doc.get("target")
     if not isinstance(target, dict) or not isinstance(target.get("sha256"), str):
         raise DeltaError("delta header: target must be {length, sha256}")
@@ -320,6 +331,12 @@ def apply_delta(
     if (header.model, header.old, header.new) != (model, old, new):
         raise DeltaError(
             f"delta is {header.model} {header.old} → {header.new}, expected {model} {old} → {new}"
+        )
+    if header.container == TAR_V2_ZSTD and header.doc["libzstd"] != libzstd_version():
+        raise DeltaError(
+            f"delta rebuilds a bundle compressed with libzstd {header.doc['libzstd']}, this "
+            f"agent has libzstd {libzstd_version()} (frames may differ across releases): "
+            "not tried"
         )
     base: dict[str, bytes] = {}
     for name, info in sorted(header.base.items()):

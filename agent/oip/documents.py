@@ -22,13 +22,15 @@ Invariants:
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, NamedTuple, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol
 
 from agent.contracts import Manifest
+
+if TYPE_CHECKING:  # numpy comes with the first model (an idle agent without one skips it)
+    import numpy as np
 
 PLATFORM: Final = "onnxruntime_onnx"
 EXTENSIONS: Final = ("binary_tensor_data", "system_shared_memory")
@@ -130,6 +132,36 @@ class RequestPlan(NamedTuple):
     binary_output: bool
     responses: dict[tuple[Any, ...], ResponseTemplate] | None
     is_reusable: bool  # no input carries JSON data: the plan holds where values are, not them
+
+
+class PlanCache:
+    """Request plans by (manifest identity, shared memory available, header bytes).
+
+    Thread-safe: lookups take no lock; inserts do. Bounded: when full, the oldest plan
+    goes (first in, first out; a plan still in use comes back on its next miss). A plan
+    holds its manifest, so a manifest's ``id`` cannot be reused while a plan keyed by it
+    lives, and a lookup also checks identity: another version never uses this one's plan.
+    """
+
+    def __init__(self, max_plans: int = 256, max_header_bytes: int = 4096) -> None:
+        self.max_plans = max_plans
+        self.max_header_bytes = max_header_bytes
+        self._lock = threading.Lock()
+        self._plans: dict[tuple[int, bool, bytes], RequestPlan] = {}
+
+    def get(self, manifest: Manifest, shm_available: bool, header: bytes) -> RequestPlan | None:
+        plan = self._plans.get((id(manifest), shm_available, header))
+        return plan if plan is not None and plan.manifest is manifest else None
+
+    def put(self, shm_available: bool, header: bytes, plan: RequestPlan) -> None:
+        key = (id(plan.manifest), shm_available, header)
+        with self._lock:
+            while len(self._plans) >= self.max_plans:
+                del self._plans[next(iter(self._plans))]
+            self._plans[key] = plan
+
+    def __len__(self) -> int:
+        return len(self._plans)
 
 
 # ---------------------------------------------------------------------------- responses

@@ -26,8 +26,9 @@ Invariants:
 
 Plans: parsing checks a request's JSON header into a ``RequestPlan`` (where each input's
 bytes are, the outputs asked for, id, parameters), then builds the arrays from it. A
-``PlanCache`` (bounded; the server's router owns one) keeps plans by manifest identity, whether
-shared memory is available and the header's exact bytes, so a repeated header skips the
+``PlanCache`` (in ``agent.oip.documents``: no numpy; bounded; the server's router owns one)
+keeps plans by manifest identity, whether shared memory is available and the header's
+exact bytes, so a repeated header skips the
 JSON and its checks: the same bytes against the same manifest pass the same checks. Only
 headers whose inputs carry no JSON ``data`` are kept. What depends on a request's own
 bytes is checked on every request, plan or not: the binary section's length, BOOL bytes,
@@ -52,7 +53,6 @@ import math
 import mmap
 import re
 import secrets
-import threading
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final
@@ -66,6 +66,7 @@ from agent.oip.documents import (
     InferRequest,
     InputPlan,
     OutputRequest,
+    PlanCache,
     RequestPlan,
     SharedMemory,
     ShmRef,
@@ -91,39 +92,6 @@ _NOT_FLAT: Final = (b"[", b'"', b"{")
 # A placeholder for a cut-out list is this process's secret plus its number: a client
 # cannot write one, so a placeholder found is one this module put there.
 _MARK: Final = "edgefleet-data-" + secrets.token_hex(8) + "-"
-
-# ---------------------------------------------------------------------------- plans
-
-
-class PlanCache:
-    """Request plans by (manifest identity, shared memory available, header bytes).
-
-    Thread-safe: lookups take no lock; inserts do. Bounded: when full, the oldest plan
-    goes (first in, first out; a plan still in use comes back on its next miss). A plan
-    holds its manifest, so a manifest's ``id`` cannot be reused while a plan keyed by it
-    lives, and a lookup also checks identity: another version never uses this one's plan.
-    """
-
-    def __init__(self, max_plans: int = 256, max_header_bytes: int = 4096) -> None:
-        self.max_plans = max_plans
-        self.max_header_bytes = max_header_bytes
-        self._lock = threading.Lock()
-        self._plans: dict[tuple[int, bool, bytes], RequestPlan] = {}
-
-    def get(self, manifest: Manifest, shm_available: bool, header: bytes) -> RequestPlan | None:
-        plan = self._plans.get((id(manifest), shm_available, header))
-        return plan if plan is not None and plan.manifest is manifest else None
-
-    def put(self, shm_available: bool, header: bytes, plan: RequestPlan) -> None:
-        key = (id(plan.manifest), shm_available, header)
-        with self._lock:
-            while len(self._plans) >= self.max_plans:
-                del self._plans[next(iter(self._plans))]
-            self._plans[key] = plan
-
-    def __len__(self) -> int:
-        return len(self._plans)
-
 
 # ---------------------------------------------------------------------------- requests
 

@@ -37,12 +37,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Final
 
 from agent.base.errors import InferenceError, InvalidRequestError, ModelNotFoundError
 from agent.oip.acl import grant_user
+
+if TYPE_CHECKING:  # numpy is imported where arrays are made: the agent's registry needs none
+    import numpy as np
 
 SHM_DIR: Final = Path("/dev/shm")
 _KEY: Final = re.compile(r"/?[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}")
@@ -326,6 +327,8 @@ class SharedMemoryRegion:
             raise
         os.close(fd)
         self.buffer = memoryview(self._mapping)
+        import numpy as np
+
         probe = np.frombuffer(self.buffer, dtype=np.uint8)
         self._base = int(probe.ctypes.data)  # the mapping's address, for offset_of
         del probe
@@ -358,6 +361,8 @@ class SharedMemoryRegion:
 
     def array(self, offset: int, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
         """A copy of the array stored at ``offset``."""
+        import numpy as np
+
         count = int(np.prod(shape))
         return (
             np.frombuffer(self.buffer, dtype=dtype, count=count, offset=offset)
@@ -371,6 +376,8 @@ class SharedMemoryRegion:
         Raises InvalidRequestError when it does not fit or ``offset`` is not aligned
         to the dtype.
         """
+        import numpy as np
+
         kind = np.dtype(dtype)
         count = int(np.prod(shape))
         if offset < 0 or offset + count * kind.itemsize > self.byte_size:

@@ -30,12 +30,11 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
-
 from agent.base.errors import InferenceError, InvalidRequestError
 from agent.contracts import Manifest, TensorSpec
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # numpy comes with the first model loaded (agent.runtime.loading)
+    import numpy as np
     import onnxruntime as ort
 
 logger = logging.getLogger(__name__)

@@ -27,8 +27,6 @@ from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 
-import numpy as np
-
 
 class Outcome(Enum):
     OK = "ok"
@@ -204,6 +202,8 @@ class RequestStats:
             return sorted(self._by_version)
 
     def snapshot(self, model: str, version: str) -> StatsSnapshot:
+        import numpy as np  # only with a model's figures: an idle agent has none
+
         with self._lock:
             counters = self._by_version.get((model, version))
             if counters is None:

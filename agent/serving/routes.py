@@ -53,9 +53,7 @@ from agent.base.errors import (
     ModelNotFoundError,
     NotReadyError,
 )
-from agent.oip.documents import model_metadata
-from agent.oip.request import PlanCache, parse_infer_request
-from agent.oip.response import encode_infer_response
+from agent.oip.documents import PlanCache, model_metadata
 from agent.oip.shm import OwnedRegions, SharedMemoryDenied, SharedMemoryRegistry
 from agent.runtime.models import LoadedModel
 from agent.runtime.registry import ModelRegistry
@@ -64,7 +62,6 @@ from agent.serving.admission import Admission, DeadlineExceeded, Overloaded, Run
 from agent.serving.http_messages import RETRY_AFTER, Request, Response
 from agent.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.serving.metrics import InferenceMetrics
-from agent.serving.repeat import Repeat, infer_response, remember
 from agent.serving.triton import (
     LOAD_REFUSED,
     RepositoryIndex,
@@ -75,6 +72,13 @@ from agent.serving.triton import (
 
 if TYPE_CHECKING:
     import onnxruntime as ort
+
+    from agent.oip.request import parse_infer_request
+    from agent.oip.response import encode_infer_response
+    from agent.serving.repeat import Repeat, infer_response, remember
+
+# Set by ``import_infer_path`` with the first infer request, and the names above with it.
+_INFER_PATH = False
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +180,11 @@ class Router:
                 if known is not None:  # an infer URL seen before: skip parsing the path
                     model = self._resolve(*known)
                     repeat = request.memo.get(request.url)
-                    if isinstance(repeat, Repeat) and repeat.matches(request, model):
+                    if (
+                        _INFER_PATH
+                        and isinstance(repeat, Repeat)
+                        and repeat.matches(request, model)
+                    ):
                         return self._infer(model, request, repeat)
                     return self._infer(model, request)
             return self._route(request)
@@ -462,6 +470,8 @@ def _execute(
     """Parse, run and encode one infer request (``options``: the run's, to cancel it;
     ``phases``: where its time goes); keep it as a ``Repeat`` in its connection's memo
     when it can be one."""
+    if not _INFER_PATH:
+        import_infer_path()
     started = perf_counter_ns()
     parsed = parse_infer_request(
         request.body,
@@ -481,6 +491,22 @@ def _execute(
     phases.output_ns = perf_counter_ns() - ran_at
     remember(request, model, parsed, outputs)
     return response
+
+
+def import_infer_path() -> None:
+    """Import what parses, encodes and repeats infer requests, with the first infer request
+    for a served model (numpy with them, which the model's load has already brought in):
+    an agent that serves no model never imports numpy (tests/agent/test_startup_imports.py).
+    The agent calls it once it has restored a model, before it listens, so the first
+    request does not wait for these imports (~30 ms). Idempotent; a race only imports
+    twice what ``sys.modules`` already holds."""
+    global _INFER_PATH, Repeat, encode_infer_response, infer_response
+    global parse_infer_request, remember
+    from agent.oip.request import parse_infer_request
+    from agent.oip.response import encode_infer_response
+    from agent.serving.repeat import Repeat, infer_response, remember
+
+    _INFER_PATH = True
 
 
 def _ready_filter(body: bytes) -> bool:

@@ -29,7 +29,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-import numpy as np
 import psutil  # type: ignore[import-untyped]
 
 import agent
@@ -114,6 +113,8 @@ class IntervalStats(RequestStats):
 def _snapshot(c: _Interval) -> StatsSnapshot:
     if not c.latencies:
         return StatsSnapshot(c.requests, c.errors, c.client_errors, None, None, None, 0)
+    import numpy as np  # latencies come from a model, which brought numpy in
+
     lat = np.fromiter(c.latencies, dtype=np.float64)
     p50, p95, p99 = (float(v) for v in np.percentile(lat, [50, 95, 99]))
     return StatsSnapshot(c.requests, c.errors, c.client_errors, p50, p95, p99, lat.size)

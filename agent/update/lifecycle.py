@@ -48,7 +48,6 @@ from agent.base.errors import (
 from agent.base.fsutil import remove_tree
 from agent.contracts import ProbationPolicy, parse_manifest
 from agent.device.config import AgentConfig
-from agent.runtime.loading import check_golden, load_model, warm_up
 from agent.runtime.memory import release_memory
 from agent.runtime.models import LoadedModel
 from agent.runtime.registry import ModelRegistry
@@ -451,6 +450,9 @@ class ModelLifecycle:
             raise ModelError(f"{model} {version} is not on disk: {exc.strerror}") from None
         except UntrustedInputError as exc:
             raise ModelError(f"{model} {version}: {exc}") from None
+        # ONNX Runtime and numpy come with the first model: an agent without one has neither.
+        from agent.runtime.loading import check_golden, load_model, warm_up
+
         loaded = load_model(
             directory, manifest, intra_op_threads=self._config.inference.intra_op_threads
         )

@@ -10,8 +10,16 @@ nothing: a release key can sign a bad archive by mistake. Unpacking refuses
 - members over ``max_member_bytes``, over the size their manifest gives them, or whose
   size or sha256 differ from the manifest,
 - an archive whose unpacked total exceeds ``max_total_bytes``: judged from the
-  manifest before anything but the manifest is written, and again while writing,
+  manifest before anything but the manifest is written, and again while writing
+  (and members that would not fit in the filesystem's free space: put back, not failed),
 - a manifest whose model name or version differs from what desired state asked for.
+
+A bundle of manifest schema /2 stores each member but the manifest as one zstd frame
+named ``<member>.zst``; its stored size must be the manifest's ``stored_size``, and it is
+decompressed as a stream straight into its file, refused as soon as the output passes the
+declared size, when it ends short, or when the sha256 of the output differs
+(``agent.contracts.compression``). A /1 bundle (uncompressed) unpacks as it always did.
+No more than one chunk of a member is held in memory.
 
 It writes into a fresh temporary directory beside the destination, fsyncs every file,
 and renames the directory into place: a crash leaves either nothing or a whole version.
@@ -23,11 +31,12 @@ from __future__ import annotations
 import hashlib
 import os
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from agent.base.errors import BundleError
-from agent.base.fsutil import durable_rename, fsync_dir, remove_tree
+from agent.base.errors import BundleError, InsufficientSpaceError
+from agent.base.fsutil import durable_rename, free_bytes, fsync_dir, remove_tree
 from agent.contracts import (
     BUNDLE_MANIFEST,
     BUNDLE_OPTIONAL_MEMBERS,
@@ -35,13 +44,27 @@ from agent.contracts import (
     Manifest,
     parse_manifest,
 )
+from agent.contracts.compression import STORED_SUFFIX, decompress_member
 
 MAX_MANIFEST_BYTES = 1024 * 1024
 _COPY_CHUNK = 1024 * 1024
 
 
-def _check_member(member: tarfile.TarInfo, seen: set[str], max_member_bytes: int) -> None:
-    name = member.name
+def _member_name(member: tarfile.TarInfo, manifest: Manifest | None) -> str:
+    """The member's name once unpacked: ``model.onnx.zst`` → ``model.onnx`` under /2."""
+    if manifest is None or not manifest.compressed:
+        return member.name
+    if not member.name.endswith(STORED_SUFFIX):
+        raise BundleError(
+            f"bundle member {member.name!r}: a {manifest.schema} bundle stores members as "
+            f"<name>{STORED_SUFFIX}"
+        )
+    return member.name.removesuffix(STORED_SUFFIX)
+
+
+def _check_member(
+    member: tarfile.TarInfo, name: str, seen: set[str], max_member_bytes: int
+) -> None:
     if not member.isreg() or member.issparse():
         raise BundleError(
             f"bundle member {name!r} is not a regular file (links and devices are refused)"
@@ -81,8 +104,14 @@ def unpack_bundle(
     expected_version: str,
     max_member_bytes: int,
     max_total_bytes: int,
+    free_space: Callable[[Path], int] = free_bytes,
 ) -> Manifest:
-    """Unpack ``bundle`` into ``destination`` (which must not exist) and return its manifest."""
+    """Unpack ``bundle`` into ``destination`` (which must not exist) and return its manifest.
+
+    Raises InsufficientSpaceError (the install is put back, not failed) when the members
+    the manifest declares would not fit in ``free_space`` of the destination's filesystem:
+    a compressed bundle unpacks to more than the download that was checked for room.
+    """
     if destination.exists():
         raise FileExistsError(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +120,12 @@ def unpack_bundle(
     staging.mkdir()
     try:
         manifest = _extract(
-            bundle, staging, expected_name, expected_version, max_member_bytes, max_total_bytes
+            bundle,
+            staging,
+            expected_name,
+            expected_version,
+            (max_member_bytes, max_total_bytes),
+            free_space,
         )
         fsync_dir(staging)
         durable_rename(staging, destination)
@@ -106,9 +140,10 @@ def _extract(
     staging: Path,
     expected_name: str,
     expected_version: str,
-    max_member_bytes: int,
-    max_total_bytes: int,
+    limits: tuple[int, int],
+    free_space: Callable[[Path], int],
 ) -> Manifest:
+    max_member_bytes, max_total_bytes = limits
     try:
         archive = tarfile.open(bundle, mode="r:")  # noqa: SIM115 - closed by the with below
     except (tarfile.TarError, OSError) as exc:
@@ -119,8 +154,9 @@ def _extract(
     with archive:
         try:
             for member in archive:
-                _check_member(member, seen, max_member_bytes)
-                seen.add(member.name)
+                name = _member_name(member, manifest)
+                _check_member(member, name, seen, max_member_bytes)
+                seen.add(name)
                 total += member.size
                 if total > max_total_bytes:
                     raise BundleError(
@@ -133,9 +169,13 @@ def _extract(
                     raw = _read_manifest_bytes(member, source)
                     manifest = _check_manifest(raw, expected_name, expected_version)
                     _check_declared_sizes(manifest, len(raw), max_member_bytes, max_total_bytes)
+                    _check_room(manifest, staging, free_space)
                     _write_synced(staging / BUNDLE_MANIFEST, raw)
                     continue
-                _extract_member(member, source, staging, manifest)
+                if manifest.compressed:
+                    _extract_compressed(name, member, source, staging, manifest)
+                else:
+                    _extract_member(member, source, staging, manifest)
         except tarfile.TarError as exc:
             raise BundleError(f"bundle archive is corrupt: {exc}") from None
     if manifest is None:
@@ -193,6 +233,18 @@ def _check_declared_sizes(
         )
 
 
+def _check_room(manifest: Manifest, staging: Path, free_space: Callable[[Path], int]) -> None:
+    """Refuse to start writing members that the filesystem cannot hold."""
+    declared = sum(int(entry["size"]) for entry in manifest.members.values())
+    available = free_space(staging)
+    if available < declared:
+        raise InsufficientSpaceError(
+            f"not enough disk space to unpack {manifest.name} {manifest.version}: its members "
+            f"unpack to {declared} bytes, {available} are free in {staging.parent}; free some "
+            "space and the install resumes on the next check"
+        )
+
+
 def _extract_member(
     member: tarfile.TarInfo, source: IO[bytes], staging: Path, manifest: Manifest
 ) -> None:
@@ -213,3 +265,21 @@ def _extract_member(
         raise BundleError(
             f"bundle member {member.name!r}: sha256 expected {expected['sha256']}, got {digest}"
         )
+
+
+def _extract_compressed(
+    name: str, member: tarfile.TarInfo, source: IO[bytes], staging: Path, manifest: Manifest
+) -> None:
+    """Stream one zstd member into its file, bounded by the sizes the manifest declares."""
+    expected = manifest.members.get(name)
+    if expected is None:
+        raise BundleError(f"bundle member {name!r} is not listed in the manifest")
+    if member.size != expected["stored_size"]:
+        raise BundleError(
+            f"bundle member {member.name!r}: stored size expected {expected['stored_size']}, "
+            f"got {member.size}"
+        )
+    with open(staging / name, "wb") as dst:
+        decompress_member(name, source, int(expected["size"]), str(expected["sha256"]), dst.write)
+        dst.flush()
+        os.fsync(dst.fileno())

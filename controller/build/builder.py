@@ -6,7 +6,9 @@ an explicit ``--quantize``, several for ``auto``, the default recipe and ``none`
 ``--quantize``); measure each against the original (size, latency side by side, top-1
 agreement, cosine, max abs diff, accuracy); keep the chosen one under the quality gate
 (without ``--quantize``: the smaller of the two); record golden vectors with a tolerance
-derived from the measured drift; write the manifest; pack the tar.
+derived from the measured drift; write the manifest; pack the tar (by default, manifest
+schema /2: every member but the manifest one zstd frame; ``auto`` ranks candidates by
+those shipped bytes, so a pruned model's zeros count).
 
 Invariants:
 - The same model, options, name, version, seed, case count and ``created_at`` give the
@@ -40,6 +42,8 @@ import onnxruntime as ort
 from agent.contracts import (
     BUNDLE_GOLDEN,
     BUNDLE_MODEL,
+    MANIFEST_SCHEMA_V1,
+    MANIFEST_SCHEMA_V2,
     ORT_TO_OIP,
     GoldenSpec,
     InvalidNameError,
@@ -48,11 +52,12 @@ from agent.contracts import (
     check_name,
     check_version,
 )
+from agent.contracts.compression import codec_facts, compress_member
 from controller.base.errors import BuildError, UsageError
 from controller.base.fsio import atomic_write
 from controller.base.progress import SILENT, Progress
 from controller.build import evaluate, golden, mixed, quantize
-from controller.build.bundle_file import member_digest, pack_bundle
+from controller.build.bundle_file import member_digest, pack_bundle, stored_member_digest
 from controller.build.evaluate import Candidate, Gate, Samples
 from controller.build.prune import check_sparsity, prune
 
@@ -60,6 +65,8 @@ logger = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES: Final = (*quantize.RECIPES, "auto")
 FALLBACK_CHOICES: Final = ("fp32",)
+# --format: 2 (manifest schema /2, members zstd-compressed) or 1 (uncompressed, /1).
+BUNDLE_FORMATS: Final = (1, 2)
 # What the manifest records as asked for when no --quantize was given.
 DEFAULT_REQUEST: Final = f"default (the smaller of {quantize.DEFAULT_RECIPE} and none)"
 # Samples generated from the input signature when no --eval data is given.
@@ -86,6 +93,8 @@ class BuildOptions:
     ``gate`` None means the default gate for ``auto`` and no gate otherwise.
     ``latency_threads`` is the intra-op thread count of the latency sessions (1: stable
     on a shared machine).
+    ``bundle_format`` 2 writes manifest schema /2 (members zstd-compressed), 1 the
+    uncompressed /1 bundle that agents older than /2 read.
     """
 
     quantize: str | None = None
@@ -97,6 +106,7 @@ class BuildOptions:
     latency_runs: int = 20
     latency_threads: int = 1
     max_latency_ratio: float = 1.1
+    bundle_format: int = 2
 
 
 @dataclass(frozen=True)
@@ -161,6 +171,11 @@ def build_bundle(
     judge = _calibration_judge(reference, judge_feeds, gate)
     candidates = _candidates(opts, base_model, base, specs, calibration, judge, progress)
     runnable = [c for c in candidates if c.model is not None]
+    if opts.bundle_format == 2:
+        progress.phase(f"compressing {len(runnable)} candidate model(s) with zstd")
+        for c in runnable:
+            assert c.model is not None
+            c.stored = compress_member(c.model)
     progress.phase(_evaluate_phase(len(runnable), samples), total=len(runnable))
     for c in runnable:
         _measure(c, feeds, expected, samples.labels, gate)
@@ -176,6 +191,8 @@ def build_bundle(
                 "model with --fallback fp32."
             )
         chosen = Candidate("none", original, {"quantization": "none", "fallback": "fp32"})
+        if opts.bundle_format == 2:
+            chosen.stored = compress_member(original)
         chosen.outputs = evaluate.compare(expected, expected, samples.labels)
         chosen.worst = evaluate.summary(chosen.outputs)
         reason = f"{reason}; kept the original fp32 model (--fallback fp32)"
@@ -185,12 +202,14 @@ def build_bundle(
         opts, gate, samples, calibration, prune_facts, candidates, chosen, reason, latency
     )
     progress.phase(f"recording {golden_cases} golden vectors and their tolerance")
-    manifest, golden_npz = _manifest(
-        original, chosen.model, record, name, version, golden_cases, seed, specs,
+    manifest, stored_model, stored_golden = _manifest(
+        original, chosen, record, name, version, golden_cases, seed, specs,
         created_at or _created_at(),
     )  # fmt: skip
     progress.phase(f"writing the bundle {output}")
-    data = pack_bundle(manifest.to_json_bytes(), chosen.model, golden_npz)
+    data = pack_bundle(
+        manifest.to_json_bytes(), stored_model, stored_golden, compressed=manifest.compressed
+    )
     try:
         atomic_write(output, data)
     except OSError as exc:
@@ -227,6 +246,8 @@ def _check_request(
         )
     if opts.prune is not None:
         check_sparsity(opts.prune)
+    if opts.bundle_format not in BUNDLE_FORMATS:
+        raise UsageError(f"--format expected 1 or 2, got {opts.bundle_format!r}")
     if not opts.max_latency_ratio > 0:
         raise UsageError(f"--max-latency-ratio must be positive, got {opts.max_latency_ratio}")
     if opts.latency_runs < 0:
@@ -569,7 +590,7 @@ class _Record:
 
 def _manifest(
     original: bytes,
-    built: bytes,
+    chosen: Candidate,
     record: _Record,
     name: str,
     version: str,
@@ -577,7 +598,10 @@ def _manifest(
     seed: int,
     specs: tuple[evaluate.InputSpec, ...],
     created_at: datetime,
-) -> tuple[Manifest, bytes]:
+) -> tuple[Manifest, bytes, bytes]:
+    """The manifest, and the model and golden members as the bundle stores them."""
+    built = chosen.model
+    assert built is not None
     session = evaluate.session(built)
     inputs, golden_facts = _golden_inputs(record.samples, session, specs, cases, seed)
     outputs = golden.run_cases(session, inputs)
@@ -592,6 +616,22 @@ def _manifest(
     opset = _opset(built)
     quality = record.quality(len(original))
     quality["golden_tolerance"] = tolerance_facts
+    sizes = {"original_bytes": len(original), "built_bytes": len(built)}
+    build = {**record.build_facts(), **golden_facts}
+    if chosen.stored is not None:  # schema /2: both members as zstd frames
+        stored_model, stored_golden = chosen.stored, compress_member(golden_npz)
+        members = {
+            BUNDLE_MODEL: stored_member_digest(built, stored_model),
+            BUNDLE_GOLDEN: stored_member_digest(golden_npz, stored_golden),
+        }
+        sizes["shipped_bytes"] = len(stored_model)
+        build["compression"] = codec_facts()
+        schema = MANIFEST_SCHEMA_V2
+    else:
+        stored_model, stored_golden = built, golden_npz
+        members = {BUNDLE_MODEL: member_digest(built), BUNDLE_GOLDEN: member_digest(golden_npz)}
+        sizes["shipped_bytes"] = len(built)
+        schema = MANIFEST_SCHEMA_V1
     manifest = Manifest(
         name=name,
         version=version,
@@ -600,13 +640,14 @@ def _manifest(
         opset=opset,
         min_ort_version=min_ort_version(opset),
         golden=GoldenSpec(count, rtol, atol),
-        members={BUNDLE_MODEL: member_digest(built), BUNDLE_GOLDEN: member_digest(golden_npz)},
-        build={**record.build_facts(), **golden_facts},
-        sizes={"original_bytes": len(original), "built_bytes": len(built)},
+        members=members,
+        build=build,
+        sizes=sizes,
         quality=quality,
         created_at=created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        schema=schema,
     )
-    return manifest, golden_npz
+    return manifest, stored_model, stored_golden
 
 
 def _golden_inputs(

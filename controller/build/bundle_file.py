@@ -1,19 +1,21 @@
 """The bundle file: a plain tar with a fixed member list (see ``agent.contracts``).
 
 Invariants of what ``pack_bundle`` writes:
-- Uncompressed POSIX (ustar) tar; members exactly ``manifest.json``, ``model.onnx``,
-  ``golden.npz``, in that order; regular files only; uid/gid 0, no user/group names,
-  mode 0644, mtime ``BUNDLE_MTIME``. Same inputs → same bytes.
+- Uncompressed POSIX (ustar) tar; members exactly ``manifest.json``, then ``model.onnx``
+  and ``golden.npz`` (schema /1) or ``model.onnx.zst`` and ``golden.npz.zst`` (schema /2,
+  one zstd frame each, ``stored_members``), in that order; regular files only; uid/gid 0,
+  no user/group names, mode 0644, mtime ``BUNDLE_MTIME``
+  (``agent.contracts.bundle_container`` writes and reads the tar). Same inputs → same bytes (for
+  /2: with the same libzstd release).
 
 ``read_bundle`` is the controller's check before publishing: it accepts exactly what
-``pack_bundle`` writes and verifies every member against the manifest's size and sha256.
+``pack_bundle`` writes and verifies every member against the manifest's size and sha256
+(for /2, of the content decompressed under the same bounds as the agent's).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -28,7 +30,8 @@ from agent.contracts import (
     Manifest,
     parse_manifest,
 )
-from agent.contracts.bundle_container import TAR_V1, write_container
+from agent.contracts.bundle_container import TAR_V1, TAR_V2_ZSTD, read_stored, unstore, write_stored
+from agent.contracts.compression import ENCODING_ZSTD, STORED_SUFFIX
 from controller.base.errors import BundleFileError, UsageError
 
 # A bundle is refused beyond this size; models for edge devices are far smaller.
@@ -49,11 +52,24 @@ def member_digest(data: bytes) -> dict[str, int | str]:
     return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def pack_bundle(manifest: bytes, model: bytes, golden: bytes) -> bytes:
-    """The bytes of a bundle holding the three members, in contract order (the container
-    writer is ``agent.contracts.bundle_container``: deltas rebuild through it too)."""
-    return write_container(
-        TAR_V1, [(BUNDLE_MANIFEST, manifest), (BUNDLE_MODEL, model), (BUNDLE_GOLDEN, golden)]
+def stored_member_digest(data: bytes, stored: bytes) -> dict[str, int | str]:
+    """The ``members`` entry of a schema /2 manifest: ``stored`` is ``data``'s zstd frame."""
+    return {**member_digest(data), "encoding": ENCODING_ZSTD, "stored_size": len(stored)}
+
+
+def pack_bundle(
+    manifest: bytes, model: bytes, golden: bytes, *, compressed: bool = False
+) -> bytes:
+    """The bytes of a bundle holding the three members, in contract order.
+
+    With ``compressed``, ``model`` and ``golden`` are already zstd frames (schema /2,
+    made by ``compress_member``) and are stored as ``model.onnx.zst`` and
+    ``golden.npz.zst``. The container writer is ``agent.contracts.bundle_container``:
+    deltas rebuild through it too.
+    """
+    return write_stored(
+        TAR_V2_ZSTD if compressed else TAR_V1,
+        [(BUNDLE_MANIFEST, manifest), (BUNDLE_MODEL, model), (BUNDLE_GOLDEN, golden)],
     )
 
 
@@ -72,6 +88,8 @@ def read_bundle(path: Path) -> BundleInfo:
     members = _read_members(path, data)
     try:
         manifest = parse_manifest(members[BUNDLE_MANIFEST])
+        if manifest.compressed:
+            members = _decompressed(manifest, members)
     except BundleError as exc:
         raise BundleFileError(f"bundle {path}: {exc}") from None
     if set(manifest.members) != set(members) - {BUNDLE_MANIFEST}:
@@ -89,27 +107,31 @@ def read_bundle(path: Path) -> BundleInfo:
     return BundleInfo(manifest, hashlib.sha256(data).hexdigest(), len(data))
 
 
+def _decompressed(manifest: Manifest, stored: dict[str, bytes]) -> dict[str, bytes]:
+    """A /2 bundle's members decompressed under the agent's bounds (BundleError if not)."""
+    return dict(unstore(manifest, list(stored.items())))
+
+
 def _read_members(path: Path, data: bytes) -> dict[str, bytes]:
-    allowed = BUNDLE_REQUIRED_MEMBERS + BUNDLE_OPTIONAL_MEMBERS
+    compressed = BUNDLE_REQUIRED_MEMBERS[:1] + tuple(
+        m + STORED_SUFFIX for m in BUNDLE_REQUIRED_MEMBERS[1:] + BUNDLE_OPTIONAL_MEMBERS
+    )
+    allowed = BUNDLE_REQUIRED_MEMBERS + BUNDLE_OPTIONAL_MEMBERS + compressed[1:]
     members: dict[str, bytes] = {}
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for info in tar:
-                if not info.isreg():
-                    raise BundleFileError(f"bundle {path}: member {info.name!r} is not a file")
-                if info.name not in allowed or info.name in members:
-                    raise BundleFileError(
-                        f"bundle {path}: unexpected member {info.name!r}; "
-                        f"expected {', '.join(allowed)}"
-                    )
-                extracted = tar.extractfile(info)
-                assert extracted is not None  # a regular file always has content
-                members[info.name] = extracted.read()
-    except tarfile.TarError as exc:
-        raise BundleFileError(f"{path} is not a bundle (not an uncompressed tar): {exc}") from None
+        stored = read_stored(data)
+    except BundleError as exc:
+        raise BundleFileError(f"bundle {path}: {exc}") from None
+    for name, content in stored:
+        if name not in allowed or name in members:
+            raise BundleFileError(
+                f"bundle {path}: unexpected member {name!r}; expected {', '.join(allowed)}"
+            )
+        members[name] = content
     names = list(members)
-    if names[:3] != list(BUNDLE_REQUIRED_MEMBERS):
+    if names[:3] not in (list(BUNDLE_REQUIRED_MEMBERS), list(compressed[:3])):
         raise BundleFileError(
-            f"bundle {path}: members expected to start {list(BUNDLE_REQUIRED_MEMBERS)}, got {names}"
+            f"bundle {path}: members expected to start {list(BUNDLE_REQUIRED_MEMBERS)} "
+            f"(or {list(compressed[:3])} compressed), got {names}"
         )
     return members

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from agent.contracts import BUNDLE_GOLDEN, BUNDLE_MANIFEST, BUNDLE_MODEL, parse_manifest
-from agent.contracts.bundle_container import read_container
+from agent.contracts.bundle_container import TAR_V2_ZSTD, read_container, write_container
+from agent.contracts.compression import libzstd_version
 from agent.contracts.delta import (
     DELTA_SCHEMA,
     DeltaError,
@@ -263,8 +264,10 @@ def make_delta(old_bundle: bytes, new_bundle: bytes) -> bytes:
     Raises DeltaError when the bundles are not two versions of one model, or a container
     this version cannot reproduce, or when the delta would not rebuild the exact bytes.
     """
-    old_kind, old_members = read_container(old_bundle)
-    kind, new_members = read_container(new_bundle)
+    # The old container does not matter (the device holds its members unpacked); the new
+    # one's reproduction is checked below by the rebuild itself, without compressing twice.
+    _, old_members = read_container(old_bundle, verify=False)
+    kind, new_members = read_container(new_bundle, verify=False)
     old_map = dict(old_members)
     new_manifest = parse_manifest(dict(new_members)[BUNDLE_MANIFEST])
     old_manifest = parse_manifest(old_map[BUNDLE_MANIFEST])
@@ -299,6 +302,7 @@ def make_delta(old_bundle: bytes, new_bundle: bytes) -> bytes:
         "from": old_manifest.version,
         "to": new_manifest.version,
         "container": kind,
+        **({"libzstd": libzstd_version()} if kind == TAR_V2_ZSTD else {}),
         "target": {"length": len(new_bundle), "sha256": hashlib.sha256(new_bundle).hexdigest()},
         "base": {
             n: {"size": len(old_map[n]), "sha256": hashlib.sha256(old_map[n]).hexdigest()}
@@ -306,7 +310,6 @@ def make_delta(old_bundle: bytes, new_bundle: bytes) -> bytes:
         },
         "members": members,
     }
-    del old_kind  # the old container does not matter: the device holds its members
     delta = pack_delta(header, b"".join(payload.parts))
     rebuilt = apply_delta(
         delta,
@@ -317,5 +320,15 @@ def make_delta(old_bundle: bytes, new_bundle: bytes) -> bytes:
         max_output_bytes=max(len(new_bundle), 1) * 2,
     )
     if rebuilt != new_bundle:
+        if write_container(kind, new_members) != new_bundle:
+            raise DeltaError(
+                f"the new bundle is not what write_container ({kind}) writes for its members"
+                + (
+                    f" (compressed by another libzstd than this one, {libzstd_version()}?)"
+                    if kind == TAR_V2_ZSTD
+                    else ""
+                )
+                + ": no delta can rebuild it"
+            )
         raise DeltaError("the delta does not rebuild the new bundle's exact bytes")
     return delta

@@ -435,10 +435,20 @@ class Candidate:
     worst: dict[str, float | None] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     verdict: str = ""
+    # The model as the bundle stores it (its zstd frame, schema /2), set by the builder.
+    stored: bytes | None = None
 
     @property
     def size(self) -> int | None:
         return None if self.model is None else len(self.model)
+
+    @property
+    def shipped(self) -> int | None:
+        """The model's bytes as a device downloads them: its stored (compressed) size,
+        or its size when it is stored as is."""
+        if self.model is None:
+            return None
+        return len(self.stored) if self.stored is not None else len(self.model)
 
     def record(self, original_size: int, original_latency_ms: float) -> dict[str, Any]:
         """The candidate's row in the manifest (JSON, ASCII keys)."""
@@ -449,6 +459,7 @@ class Candidate:
         assert self.size is not None
         row["size_bytes"] = self.size
         row["size_ratio"] = round(self.size / original_size, 4)
+        row["shipped_bytes"] = self.shipped
         if self.latency_ms is not None:
             row["latency_ms"] = round(self.latency_ms, 4)
             row["latency_ratio"] = round(self.latency_ms / original_latency_ms, 4)
@@ -461,7 +472,8 @@ class Candidate:
 def choose(
     candidates: Sequence[Candidate], original_latency_ms: float, max_latency_ratio: float
 ) -> tuple[Candidate | None, str]:
-    """The smallest candidate that passed the gate and is fast enough, and why.
+    """The candidate with the fewest shipped bytes (what a device downloads: the model
+    compressed, in a compressed bundle) that passed the gate and is fast enough, and why.
 
     Sets each candidate's ``verdict``. Ties in size go to the faster candidate.
     """
@@ -479,11 +491,13 @@ def choose(
             ok.append(c)
     if not ok:
         return None, "no candidate passed the gate within the latency limit"
-    best = min(ok, key=lambda c: (c.size or 0, c.latency_ms or 0.0))
+    best = min(ok, key=lambda c: (c.shipped or 0, c.latency_ms or 0.0))
     best.verdict = "chosen"
     others = [c.recipe for c in ok if c is not best]
     why = f"{best.recipe}: smallest candidate that passes the gate within {max_latency_ratio:g}x"
     why += " the original's latency" + (f" (also passing: {', '.join(others)})" if others else "")
+    if best.stored is not None:
+        why += f"; ranked by shipped (compressed) bytes, {best.shipped:,}"
     return best, why
 
 
@@ -491,15 +505,18 @@ def format_table(
     candidates: Sequence[Candidate], original_size: int, original_latency_ms: float
 ) -> str:
     """The candidate table as fixed-width text, one row per candidate."""
-    head = ("recipe", "size", "ratio", "latency", "ratio", "top-1", "cosine", "max abs", "acc")
+    head = (
+        "recipe", "size", "shipped", "ratio", "latency", "ratio", "top-1", "cosine", "max abs",
+        "acc",
+    )  # fmt: skip
     rows = [head]
     rows.append(
-        ("original", _kb(original_size), "1.00", f"{original_latency_ms:.3f}ms", "1.00")
+        ("original", _kb(original_size), "-", "1.00", f"{original_latency_ms:.3f}ms", "1.00")
         + ("-",) * 4
     )
     for c in candidates:
         if c.error is not None or c.size is None:
-            rows.append((c.recipe, *("-",) * 8))
+            rows.append((c.recipe, *("-",) * 9))
             continue
         w = c.worst
         lat = c.latency_ms
@@ -507,6 +524,7 @@ def format_table(
             (
                 c.recipe,
                 _kb(c.size),
+                _kb(c.shipped or 0),
                 f"{c.size / original_size:.2f}",
                 "-" if lat is None else f"{lat:.3f}ms",
                 "-" if lat is None else f"{lat / original_latency_ms:.2f}",

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from controller.commands.common import RAW, print_json
 
 if TYPE_CHECKING:
+    from agent.contracts import Manifest
     from controller.build.builder import BuildResult
     from controller.commands.common import Subparsers
 
@@ -27,6 +28,7 @@ def _cmd_bundle_build(args: argparse.Namespace) -> int:
         fallback=args.fallback,
         latency_runs=args.latency_runs,
         max_latency_ratio=args.max_latency_ratio,
+        bundle_format=args.format,
     )
     quiet, verbose = args.json, getattr(args, "verbose", False)
     with progress_display("bundle build", quiet=quiet, verbose=verbose) as progress:
@@ -46,7 +48,7 @@ def _cmd_bundle_build(args: argparse.Namespace) -> int:
         return 0
     print(result.table)
     print(f"built {m.name} {m.version} -> {result.path}")
-    print(f"  sha256 {result.sha256}, {result.length} bytes")
+    print(f"  sha256 {result.sha256}, {result.length:,} bytes shipped ({_format_name(m)})")
     print(f"  recipe: {m.build.get('recipe')} ({result.reason})")
     pruning = m.build.get("pruning")
     if isinstance(pruning, dict):
@@ -62,6 +64,10 @@ def _cmd_bundle_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _format_name(m: Manifest) -> str:
+    return f"format 2, {m.schema}, zstd" if m.compressed else f"format 1, {m.schema}, uncompressed"
+
+
 def _build_json(result: BuildResult) -> dict[str, object]:
     m = result.manifest
     return {
@@ -70,6 +76,7 @@ def _build_json(result: BuildResult) -> dict[str, object]:
         "path": str(result.path),
         "sha256": result.sha256,
         "length": result.length,
+        "schema": m.schema,
         "recipe": m.build.get("recipe"),
         "reason": result.reason,
         "sizes": dict(m.sizes),
@@ -84,6 +91,7 @@ def _build_json(result: BuildResult) -> dict[str, object]:
             {
                 "recipe": c.recipe,
                 "size": c.size,
+                "shipped": c.shipped,
                 "latency_ms": c.latency_ms,
                 "worst": c.worst,
                 "verdict": c.verdict,
@@ -108,7 +116,8 @@ def add_parser(sub: Subparsers) -> None:
         "build",
         help="shrink a model, measure it and pack it with golden vectors into a bundle",
         description="Check the model, optionally prune it, quantize it (one recipe, or "
-        "'auto': try them all and keep the smallest that passes the quality gate and is "
+        "'auto': try them all and keep the one with the fewest shipped (compressed) bytes "
+        "that passes the quality gate and is "
         "at most 10% slower), measure every candidate against the original on the eval "
         "data (size, median latency, top-1 agreement, cosine, max abs diff, accuracy "
         "with labels), record golden vectors and pack a bundle. DATA.npz holds one array "
@@ -178,6 +187,14 @@ def add_parser(sub: Subparsers) -> None:
         default=1.1,
         metavar="R",
         help="auto keeps only candidates at most R times the original's latency (default 1.1)",
+    )
+    b.add_argument(
+        "--format",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="bundle format: 2 (default; manifest schema /2, members zstd-compressed) or 1 "
+        "(uncompressed, schema /1, for agents that predate /2)",
     )
     b.add_argument("--json", action="store_true", help="print the summary as JSON, no table")
     b.set_defaults(func=_cmd_bundle_build)

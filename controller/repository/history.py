@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -31,7 +30,6 @@ from typing import Any, Final
 
 from agent.base.errors import BundleError
 from agent.contracts import (
-    BUNDLE_MANIFEST,
     DesiredState,
     InvalidNameError,
     Manifest,
@@ -41,6 +39,7 @@ from agent.contracts import (
     parse_manifest,
     version_key,
 )
+from agent.contracts.bundle_container import read_manifest_member
 from agent.contracts.delta import parse_delta_target
 from controller.base.errors import RepositoryError, UsageError
 from controller.base.fsio import atomic_write, durable_unlink
@@ -263,12 +262,9 @@ def delta_targets(targets: Mapping[str, Any]) -> dict[tuple[str, str], list[tupl
 def read_stored_manifest(bundle_file: Path) -> Manifest:
     """The manifest inside a stored bundle, without reading the model. Raises RepositoryError."""
     try:
-        with tarfile.open(bundle_file, mode="r:") as tar:
-            member = tar.extractfile(BUNDLE_MANIFEST)
-            if member is None:
-                raise RepositoryError(f"{bundle_file}: {BUNDLE_MANIFEST} is not a file")
-            return parse_manifest(member.read())
-    except (OSError, tarfile.TarError, KeyError, BundleError) as exc:
+        # The manifest is the first member, stored as it is, in every bundle format.
+        return parse_manifest(read_manifest_member(bundle_file))
+    except (OSError, BundleError) as exc:
         raise RepositoryError(f"stored bundle {bundle_file} is unreadable: {exc}") from None
 
 

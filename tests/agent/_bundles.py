@@ -9,6 +9,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from agent.contracts.compression import compress_member
+
 
 def manifest_for(
     members: dict[str, bytes], name: str = "m", version: str = "1.0.0"
@@ -47,3 +49,28 @@ def good_entries(
     members = {"model.onnx": b"model-bytes", "golden.npz": b"golden-bytes"}
     manifest = json.dumps(manifest_for(members, name, version)).encode()
     return [("manifest.json", manifest), *members.items()]
+
+
+def compressed_manifest_for(
+    members: dict[str, bytes],
+    stored: dict[str, bytes],
+    name: str = "m",
+    version: str = "1.0.0",
+) -> dict[str, Any]:
+    """A schema /2 manifest: ``members`` as they unpack, ``stored`` as the tar holds them."""
+    doc = manifest_for(members, name, version)
+    doc["schema"] = "edgefleet.manifest/2"
+    for member, entry in doc["members"].items():
+        entry["encoding"] = "zstd"
+        entry["stored_size"] = len(stored[member])
+    return doc
+
+
+def compressed_entries(
+    members: dict[str, bytes] | None = None, name: str = "m", version: str = "1.0.0"
+) -> list[tarfile.TarInfo | tuple[str, bytes]]:
+    """A good schema /2 bundle: each member one zstd frame, named ``<member>.zst``."""
+    members = members or {"model.onnx": b"model-bytes" * 50, "golden.npz": b"golden-bytes"}
+    stored = {k: compress_member(v) for k, v in members.items()}
+    manifest = json.dumps(compressed_manifest_for(members, stored, name, version)).encode()
+    return [("manifest.json", manifest), *((k + ".zst", v) for k, v in stored.items())]

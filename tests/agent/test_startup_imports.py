@@ -2,9 +2,11 @@
 
 The ``run`` path imports what serving the restored models needs, nothing more: python-tuf's
 client, httpx, the fetchers and TLS come with the first update check (after the socket
-listens), ONNX Runtime with the first model loaded, and the inference client and the
-controller never. The other commands (``enroll``, ``request``, ``infer``, ``completion``)
-do not pay for numpy or asyncio's serving stack either. Each check runs a new interpreter
+listens), ONNX Runtime and numpy with the first model loaded, the infer path (request
+parsing, response encoding, repeats, orjson, simdjson) with the first infer request, and
+the inference client and the controller never. The other commands (``enroll``,
+``request``, ``infer``, ``completion``) do not pay for numpy or asyncio's serving stack
+either. Each check runs a new interpreter
 and reads its ``sys.modules``; bench/agent_footprint.py measures what these cost.
 """
 
@@ -21,6 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 NOT_AT_START = (
     "onnx",  # the agent needs ONNX Runtime only, never the onnx package
     "onnxruntime",  # with the first model loaded
+    "numpy",  # with the first model loaded: an agent without one never imports it
+    "orjson",  # JSON tensors: the first infer request (agent.oip.tensors)
+    "simdjson",
+    "agent.oip.request",  # the infer path: the first infer request for a served model
+    "agent.oip.response",
+    "agent.oip.tensors",
+    "agent.serving.repeat",
+    "agent.runtime.loading",  # the first model loaded
     "httpx",  # the HTTP fetcher: the first update check
     "rich",  # pulled in by httpx where installed
     "tuf.ngclient",  # python-tuf's client: the first update check
@@ -87,5 +97,33 @@ def test_an_agent_built_from_its_config_has_imported_no_update_client_yet(
 
 def test_the_other_commands_import_neither_numpy_nor_the_agent_runtime(tmp_path: Path) -> None:
     modules = _modules(tmp_path, "import agent.cli")
-    assert _loaded(modules, ("numpy", "agent.app", "agent.runtime", "agent.serving")) == []
+    assert _loaded(modules, ("agent.app", "agent.runtime", "agent.serving")) == []
     assert _loaded(modules, NOT_AT_START) == []
+
+
+# What an idle agent without a model imports after it started: the update check, its
+# fetchers, telemetry, the serving stack's routes. None of it may bring numpy in.
+IDLE_LATER = (
+    "agent.update.updater",
+    "agent.update.tuf_client",
+    "agent.update.fetcher",
+    "agent.update.mqtt_fetcher",
+    "agent.update.lifecycle",
+    "agent.update.unpack",
+    "agent.telemetry.reporter",
+    "agent.telemetry.mqtt",
+    "agent.serving.server",
+    "agent.serving.routes",
+    "agent.serving.triton",
+    "agent.oip.shm",
+    "agent.runtime.stats",
+)
+
+
+def test_an_idle_agent_without_a_model_never_imports_numpy(tmp_path: Path) -> None:
+    """numpy (~12 MiB resident) comes with the first model loaded and nothing else: the
+    modules an idle agent uses after start (its update checks, heartbeats, the routes that
+    answer 404 for a model it does not have) import neither numpy nor the infer path."""
+    modules = _modules(tmp_path, "import " + ", ".join(("agent.cli", "agent.app", *IDLE_LATER)))
+    assert _loaded(modules, ("numpy", "onnxruntime", "orjson", "simdjson")) == []
+    assert _loaded(modules, ("agent.oip.request", "agent.runtime.loading")) == []

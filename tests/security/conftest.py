@@ -4,10 +4,13 @@ Every attack test carries ``@pytest.mark.attack(N)`` (N = the class in issue 8);
 counts as rejected when all of its tests passed. The tally is printed at the end of the
 run: ``11/11 attack classes rejected`` (class 11, deltas, is issue 22's). The device adversary suite
 (``test_device_adversary.py``, issue 18) marks each test ``@pytest.mark.device_attack(KEY)``
-with a key of ``DEVICE_ATTACKS``: ``8/8 device attacks refused``. Every local attack test
-(``test_local_adversary.py``) carries ``@pytest.mark.local_attack(name)``: an attack counts
-as contained when its test passed, and the run ends with ``N/N local attacks contained``
-(with the agent's RSS growth each test recorded as ``rss_growth_mib``).
+with a key of ``DEVICE_ATTACKS``: ``8/8 device attacks refused``. The bundle attack
+suite (``test_bundle_attacks.py``, issue 22) marks each test
+``@pytest.mark.bundle_attack(KEY)`` of ``BUNDLE_ATTACKS``: ``4/4 bundle attacks
+refused``. Every local attack test (``test_local_adversary.py``) carries
+``@pytest.mark.local_attack(name)``: an attack counts as contained when its test passed,
+and the run ends with ``N/N local attacks contained`` (with the agent's RSS growth each
+test recorded as ``rss_growth_mib``).
 """
 
 from __future__ import annotations
@@ -61,6 +64,13 @@ DEVICE_ATTACKS = {
     "chunk_flood": "flood the MQTT chunk transport with requests",
     "revoked": "keep publishing after being revoked while connected",
 }
+# Signed bundles that are bad inside their compression (issue 22, bundle schema /2).
+BUNDLE_ATTACKS = {
+    "bomb": "a compression bomb: a member decompresses far past its declared size",
+    "garbage": "a zstd frame of garbage",
+    "truncated": "a truncated zstd frame",
+    "hash": "a valid frame of other content (sha256 mismatch after decompression)",
+}
 # What a hostile local user tries against the agent's socket (issue 18).
 LOCAL_ATTACKS = {
     "header-only bodies": "heads announcing the largest body, and no body",
@@ -71,6 +81,7 @@ LOCAL_ATTACKS = {
 }
 _outcomes: dict[int, list[bool]] = {}
 _device_outcomes: dict[str, list[bool]] = {}
+_bundle_outcomes: dict[str, list[bool]] = {}
 _local: dict[str, list[tuple[bool, float | None]]] = {}
 
 
@@ -81,6 +92,9 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line(
         "markers", "local_attack(name): the test proves a local attack is contained"
+    )
+    config.addinivalue_line(
+        "markers", "bundle_attack(key): the test proves a bundle attack of BUNDLE_ATTACKS refused"
     )
 
 
@@ -95,6 +109,9 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         elif keyword.startswith("device-attack-"):
             key = keyword.removeprefix("device-attack-")
             _device_outcomes.setdefault(key, []).append(report.passed)
+        elif keyword.startswith("bundle-attack-"):
+            key = keyword.removeprefix("bundle-attack-")
+            _bundle_outcomes.setdefault(key, []).append(report.passed)
         elif keyword.startswith("local-attack-") and not report.skipped:  # skipped: "not run"
             growth = dict(report.user_properties).get("rss_growth_mib")
             _local.setdefault(keyword.removeprefix("local-attack-"), []).append(
@@ -111,6 +128,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if marker is not None:
             assert marker.args[0] in DEVICE_ATTACKS, marker.args[0]
             item.keywords[f"device-attack-{marker.args[0]}"] = True
+        marker = item.get_closest_marker("bundle_attack")
+        if marker is not None:
+            assert marker.args[0] in BUNDLE_ATTACKS, marker.args[0]
+            item.keywords[f"bundle-attack-{marker.args[0]}"] = True
         marker = item.get_closest_marker("local_attack")
         if marker is not None:
             assert marker.args[0] in LOCAL_ATTACKS, marker.args[0]
@@ -123,6 +144,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         write_tally(tr, "attack classes (issue 8)", ATTACK_CLASSES, _outcomes, "rejected")
     if _device_outcomes:
         write_tally(tr, "device attacks (issue 18)", DEVICE_ATTACKS, _device_outcomes, "refused")
+    if _bundle_outcomes:
+        write_tally(tr, "bundle attacks (issue 22)", BUNDLE_ATTACKS, _bundle_outcomes, "refused")
     if _local:
         tr.section("local attacks (issue 18)")
         contained = 0

@@ -13,18 +13,21 @@ import pytest
 from agent.contracts import BUNDLE_REQUIRED_MEMBERS, parse_manifest
 from controller.base.errors import BuildError, BundleFileError, UsageError
 from controller.build.builder import BuildOptions, build_bundle
-from controller.build.bundle_file import read_bundle
+from agent.contracts.compression import compress_member
+from agent.update.unpack import unpack_bundle
+from controller.build.bundle_file import pack_bundle, read_bundle
 from tests.controller.conftest import edgectl_cmd
-from tests.helpers import make_linear_model
+from tests.helpers import bundle_members, make_linear_model
 
 
 def _members(path: Path) -> dict[str, tuple[tarfile.TarInfo, bytes]]:
+    """Members by unpacked name (``model.onnx.zst`` → ``model.onnx``), decompressed."""
+    contents = bundle_members(path)
     out = {}
     with tarfile.open(path, "r:") as tar:
         for info in tar:
-            f = tar.extractfile(info)
-            assert f is not None
-            out[info.name] = (info, f.read())
+            name = info.name.removesuffix(".zst")
+            out[name] = (info, contents[name])
     return out
 
 
@@ -32,6 +35,8 @@ def test_bundle_has_exactly_the_contract_members(linear_model: Path, tmp_path: P
     result = build_bundle(linear_model, "lin", "1.0.0", tmp_path / "b.bundle")
     members = _members(result.path)
     assert list(members) == list(BUNDLE_REQUIRED_MEMBERS)
+    stored = [info.name for info, _ in members.values()]
+    assert stored == ["manifest.json", "model.onnx.zst", "golden.npz.zst"]
     for info, _ in members.values():
         assert info.isreg() and info.mode == 0o644 and info.uid == 0 and info.gid == 0
     manifest = parse_manifest(members["manifest.json"][1])
@@ -48,7 +53,33 @@ def test_bundle_has_exactly_the_contract_members(linear_model: Path, tmp_path: P
     assert manifest.quality["outputs"]["y"]["cosine"] > 0.99
     assert manifest.sizes["original_bytes"] == linear_model.stat().st_size
     assert manifest.members["model.onnx"]["size"] == len(members["model.onnx"][1])
+    assert manifest.schema == "edgefleet.manifest/2" and manifest.compressed
+    model_entry = manifest.members["model.onnx"]
+    assert model_entry["encoding"] == "zstd"
+    assert model_entry["stored_size"] == members["model.onnx"][0].size
+    assert manifest.sizes["shipped_bytes"] == model_entry["stored_size"]
+    assert manifest.build["compression"]["level"] == 19
+    for row in manifest.quality["candidates"]:
+        assert row["shipped_bytes"] > 0
     assert read_bundle(result.path).manifest == manifest
+
+
+def test_format_1_writes_the_uncompressed_bundle_old_agents_read(
+    linear_model: Path, tmp_path: Path
+) -> None:
+    result = build_bundle(
+        linear_model, "lin", "1.0.0", tmp_path / "b.bundle", options=BuildOptions(bundle_format=1)
+    )
+    members = _members(result.path)
+    assert [info.name for info, _ in members.values()] == list(BUNDLE_REQUIRED_MEMBERS)
+    m = result.manifest
+    assert m.schema == "edgefleet.manifest/1" and not m.compressed
+    assert set(m.members["model.onnx"]) == {"size", "sha256"}  # what a /1 reader knows
+    assert m.sizes["shipped_bytes"] == m.sizes["built_bytes"] == len(members["model.onnx"][1])
+    assert "compression" not in m.build
+    assert read_bundle(result.path).manifest == m
+    with pytest.raises(UsageError, match="--format expected 1 or 2"):
+        build_bundle(linear_model, "lin", "1.0.0", tmp_path / "c", options=BuildOptions(bundle_format=3))
 
 
 def _cli_build(model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -68,6 +99,8 @@ def test_default_keeps_the_original_when_quantizing_makes_it_bigger(
     assert out.returncode == 0, out.stderr
     bundle = read_bundle(tmp_path / "b.bundle")
     assert _members(tmp_path / "b.bundle")["model.onnx"][1] == original
+    assert "bytes shipped (format 2, edgefleet.manifest/2, zstd)" in out.stdout
+    assert f"shipped {bundle.manifest.sizes['shipped_bytes']:,} bytes" in out.stdout
     m = bundle.manifest
     rows = {r["recipe"]: r for r in m.quality["candidates"]}
     grown = rows["dynamic-matmul"]["size_bytes"]
@@ -151,6 +184,19 @@ def test_build_is_reproducible(
     b = build_bundle(linear_model, "lin", "1.0.0", tmp_path / "b.bundle", options=untimed)
     assert a.path.read_bytes() == b.path.read_bytes()
     assert a.manifest.created_at == "2023-11-14T22:13:20Z"
+    # What a delta relies on: the agent's unpacked files give the signed bytes again.
+    folder = tmp_path / "unpacked"
+    unpack_bundle(
+        a.path, folder, expected_name="lin", expected_version="1.0.0",
+        max_member_bytes=1 << 20, max_total_bytes=1 << 20,
+    )  # fmt: skip
+    rebuilt = pack_bundle(
+        (folder / "manifest.json").read_bytes(),
+        compress_member((folder / "model.onnx").read_bytes()),
+        compress_member((folder / "golden.npz").read_bytes()),
+        compressed=True,
+    )
+    assert rebuilt == a.path.read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -194,12 +240,50 @@ def test_invalid_graph_and_unwritable_output(linear_model: Path, tmp_path: Path)
         build_bundle(linear_model, "lin", "1.0.0", tmp_path / "no" / "such" / "o.bundle")
 
 
-def test_tampered_bundle_is_refused(linear_model: Path, tmp_path: Path) -> None:
-    path = build_bundle(linear_model, "lin", "1.0.0", tmp_path / "b.bundle").path
+@pytest.mark.parametrize(
+    ("fmt", "member", "error"),
+    [
+        (1, "model.onnx", r"member model\.onnx expected size"),
+        (2, "model.onnx.zst", r"'model\.onnx' is not valid zstd data"),
+    ],
+)
+def test_tampered_bundle_is_refused(
+    linear_model: Path, tmp_path: Path, fmt: int, member: str, error: str
+) -> None:
+    opts = BuildOptions(bundle_format=fmt, latency_runs=0)
+    path = build_bundle(linear_model, "lin", "1.0.0", tmp_path / "b.bundle", options=opts).path
     with tarfile.open(path, "r:") as tar:
-        offset = tar.getmember("model.onnx").offset_data
+        offset = tar.getmember(member).offset_data
     data = bytearray(path.read_bytes())
     data[offset + 10] ^= 0xFF
     (tmp_path / "t.bundle").write_bytes(bytes(data))
-    with pytest.raises(BundleFileError, match=r"member model\.onnx expected size"):
+    with pytest.raises(BundleFileError, match=error):
         read_bundle(tmp_path / "t.bundle")
+
+
+def test_auto_ranks_candidates_by_shipped_bytes() -> None:
+    """A pruned model bigger on disk but smaller once compressed wins under ``auto``;
+    stored as is (format 1), model bytes decide."""
+    from controller.build.evaluate import Candidate, choose
+
+    def candidates(stored: bool) -> list[Candidate]:
+        dense = Candidate("dynamic", b"d" * 1000, stored=b"s" * 900 if stored else None)
+        pruned = Candidate("none", b"p" * 4000, stored=b"s" * 300 if stored else None)
+        return [dense, pruned]
+
+    chosen, why = choose(candidates(stored=True), 1.0, 1.1)
+    assert chosen is not None and chosen.recipe == "none"
+    assert why.endswith("ranked by shipped (compressed) bytes, 300")
+    rows = [c.record(4000, 1.0) for c in candidates(stored=True)]
+    assert [r["shipped_bytes"] for r in rows] == [900, 300]
+    chosen, _ = choose(candidates(stored=False), 1.0, 1.1)
+    assert chosen is not None and chosen.recipe == "dynamic"
+
+
+def test_cli_format_1_for_old_agents(linear_model: Path, tmp_path: Path) -> None:
+    out = _cli_build(linear_model, tmp_path / "b.bundle", "--format", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["schema"] == "edgefleet.manifest/1"
+    assert all(c["shipped"] == c["size"] for c in doc["candidates"] if c["size"])
+    assert read_bundle(tmp_path / "b.bundle").manifest.schema == "edgefleet.manifest/1"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from controller.build.evaluate import Gate, parse_gate
 from controller.build.prune import prune, shrink, weight_names
 from controller.build.quantize import UnsupportedOpsError
 from tests.controller.conftest import edgectl_cmd
-from tests.helpers import make_linear_model
+from tests.helpers import bundle_members, make_linear_model
 
 # Few timed runs, and no latency limit: a 10 µs model's timings are noise.
 FAST: dict[str, Any] = {"latency_runs": 3, "max_latency_ratio": 1000.0}
@@ -63,8 +62,7 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _golden(path: Path) -> tuple[Any, dict[str, np.ndarray], bytes]:
-    with tarfile.open(path, "r:") as tar:
-        files = {i.name: tar.extractfile(i).read() for i in tar}  # type: ignore[union-attr]
+    files = bundle_members(path)
     manifest = parse_manifest(files["manifest.json"])
     with np.load(io.BytesIO(files["golden.npz"])) as npz:
         arrays = {k: npz[k] for k in npz.files}
