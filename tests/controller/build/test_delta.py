@@ -10,8 +10,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.contracts import GoldenSpec, Manifest, TensorSpec
-from agent.contracts.bundle_container import TAR_V1, read_container, write_container
+from agent.base.errors import BundleError
+from agent.contracts import MANIFEST_SCHEMA_V2, GoldenSpec, Manifest, TensorSpec
+from agent.contracts.bundle_container import (
+    TAR_V1,
+    TAR_V2_ZSTD,
+    read_container,
+    read_stored,
+    write_container,
+    write_stored,
+)
+from agent.contracts.compression import codec_facts, compress_member, libzstd_version
 from agent.contracts.delta import (
     DELTA_MAGIC,
     DeltaError,
@@ -21,7 +30,7 @@ from agent.contracts.delta import (
     parse_delta_header,
     parse_delta_target,
 )
-from controller.build.bundle_file import member_digest, pack_bundle
+from controller.build.bundle_file import member_digest, pack_bundle, stored_member_digest
 from controller.build.delta import make_delta, onnx_tensors
 
 
@@ -243,3 +252,120 @@ def test_golden_arrays_are_found_and_unchanged_inputs_copied() -> None:
     golden = parse_delta_header(delta, 1 << 30).doc["members"][2]
     assert golden["name"] == "golden.npz"
     assert [i["part"]["op"] for i in golden["inserts"]][0] == "copy"  # the inputs
+
+
+# ---------------------------------------------------------------------------- format 2
+
+
+def bundle2(version: str, model: bytes, golden: bytes = b"golden" * 50) -> bytes:
+    """A manifest /2 bundle (members zstd frames), packed as the builder packs it."""
+    stored_model, stored_golden = compress_member(model), compress_member(golden)
+    manifest = Manifest(
+        name="lin",
+        version=version,
+        inputs=(TensorSpec("x", "FP32", (-1, 4)),),
+        outputs=(TensorSpec("y", "FP32", (-1, 3)),),
+        opset=17,
+        min_ort_version="1.17",
+        golden=GoldenSpec(cases=1, rtol=1e-3, atol=1e-4),
+        members={
+            "model.onnx": stored_member_digest(model, stored_model),
+            "golden.npz": stored_member_digest(golden, stored_golden),
+        },
+        build={"compression": codec_facts()},
+        schema=MANIFEST_SCHEMA_V2,
+    )
+    return pack_bundle(manifest.to_json_bytes(), stored_model, stored_golden, compressed=True)
+
+
+def test_format2_container_gives_unpacked_members_and_round_trips() -> None:
+    model = model_bytes(W, B)
+    data = bundle2("1.0.0", model)
+    kind, found = read_container(data)
+    assert kind == TAR_V2_ZSTD
+    assert [n for n, _ in found] == ["manifest.json", "model.onnx", "golden.npz"]
+    assert dict(found)["model.onnx"] == model
+    assert write_container(kind, found) == data
+
+
+def test_format2_container_is_bounded_by_the_manifest() -> None:
+    # A frame that decompresses past the size the manifest declares is refused there.
+    model = model_bytes(W, B)
+    data = bundle2("1.0.0", model)
+    stored = read_stored(data)
+    doc = json.loads(stored[0][1])
+    doc["members"]["model.onnx"]["size"] = 100
+    forged = write_stored(
+        TAR_V2_ZSTD,
+        [("manifest.json", json.dumps(doc).encode())]
+        + [(n.removesuffix(".zst"), d) for n, d in stored[1:]],
+    )
+    with pytest.raises(BundleError, match="more than the 100 bytes"):
+        read_container(forged)
+
+
+@pytest.mark.parametrize("old_format", [1, 2])
+def test_delta_to_format2_rebuilds_from_the_unpacked_files(old_format: int) -> None:
+    # The device holds the old version's members unpacked whatever its bundle's format.
+    old_model = model_bytes(W, B)
+    old = (bundle if old_format == 1 else bundle2)("1.0.0", old_model)
+    new = bundle2("2.0.0", model_bytes(W, RNG.standard_normal(128).astype(np.float32)))
+    delta = make_delta(old, new)
+    header = parse_delta_header(delta, 1 << 30)
+    assert header.container == TAR_V2_ZSTD
+    assert header.doc["libzstd"] == libzstd_version()
+    assert apply(delta, old) == new
+    assert members(old)["model.onnx"] == old_model
+    assert len(delta) < len(new) * 0.2
+
+
+def test_other_libzstd_is_refused_before_reading_the_installed_files() -> None:
+    old = bundle2("1.0.0", model_bytes(W, B))
+    delta = make_delta(old, bundle2("2.0.0", model_bytes(W, B * 2)))
+
+    def other(doc: dict[str, Any]) -> None:
+        doc["libzstd"] = "0.0.1"
+
+    def no_read(name: str) -> bytes:
+        raise AssertionError(f"read {name}")
+
+    with pytest.raises(DeltaError, match="libzstd 0.0.1, this agent has libzstd"):
+        apply_delta(
+            _rewrite(delta, other),
+            no_read,
+            model="lin",
+            old="1.0.0",
+            new="2.0.0",
+            max_output_bytes=1 << 30,
+        )
+
+    def missing(doc: dict[str, Any]) -> None:
+        del doc["libzstd"]
+
+    with pytest.raises(DeltaError, match="must name its libzstd release"):
+        parse_delta_header(_rewrite(delta, missing), 1 << 30)
+
+
+def test_format2_bundle_another_writer_made_is_refused() -> None:
+    # Frames made with other parameters (level 3 here, as another libzstd might) are a
+    # valid bundle that no delta can rebuild: make_delta says so.
+    import zstandard
+
+    model = model_bytes(W, B)
+    old = bundle2("1.0.0", model)
+    new = bundle2("2.0.0", model_bytes(W, B * 3))
+    stored = read_stored(new)
+    doc = json.loads(stored[0][1])
+    frames = {
+        n.removesuffix(".zst"): zstandard.ZstdCompressor(level=3, write_checksum=True).compress(
+            dict(read_container(new)[1])[n.removesuffix(".zst")]
+        )
+        for n, _ in stored[1:]
+    }
+    for name, frame in frames.items():
+        doc["members"][name]["stored_size"] = len(frame)
+    other = write_stored(
+        TAR_V2_ZSTD, [("manifest.json", json.dumps(doc).encode()), *frames.items()]
+    )
+    with pytest.raises(DeltaError, match="not what write_container"):
+        make_delta(old, other)
