@@ -14,10 +14,13 @@ the agent's ``apply_delta``, checked byte for byte against v2's bundle:
 4. a different model under the same name (v1 is the other model): the release keeps no
    delta above ``DELTA_MAX_SHARE`` of the bundle, so the device downloads the full one.
 
-Scenarios 1, 2 and 4 are built unquantized (``--quantize none``). "Full, compressed" is the
-whole bundle file through zstd level 19: a stand-in for compressed bundles (issue 22 part
-1), not their format. Prints the table and rewrites the ``## Bytes on the wire`` section
-of docs/benchmarks.md unless ``--no-write``.
+Scenarios 1, 2 and 4 are built unquantized (``--quantize none``). Every version is built
+in both bundle formats: "full, uncompressed" is v2's format 1 bundle, "full, compressed"
+its format 2 bundle (zstd members, what ``bundle build`` writes by default), and the delta
+is the one ``edgectl release`` publishes for the format 2 bundles (v1 → v2, container
+``tar/2-zstd``), applied to v1's members unpacked, as a device holds them; its apply time
+includes compressing v2's members again. Prints the table and rewrites the ``## Bytes on
+the wire`` section of docs/benchmarks.md unless ``--no-write``.
 
 Run: ``python bench/wire.py [--no-write]``.
 """
@@ -103,20 +106,14 @@ def head_bytes(source: Path) -> int:
     return sum(len(i.raw_data) for i in model.graph.initializer if i.name in head)
 
 
-def build(model: Path, name: str, version: str, recipe: str, folder: Path) -> bytes:
-    out = folder / f"{name}-{version}-{recipe}.bundle"
-    options = BuildOptions(quantize=recipe, latency_runs=0)
+def build(model: Path, name: str, version: str, recipe: str, folder: Path, fmt: int = 2) -> bytes:
+    out = folder / f"{name}-{version}-{recipe}-{model.stem}-f{fmt}.bundle"
+    options = BuildOptions(quantize=recipe, latency_runs=0, bundle_format=fmt)
     build_bundle(model, name, version, out, options=options)
     return out.read_bytes()
 
 
-def zstd19(data: bytes) -> int:
-    import zstandard
-
-    return len(zstandard.ZstdCompressor(level=19).compress(data))
-
-
-def measure(old: bytes, new: bytes, repeat: int) -> dict[str, Any]:
+def measure(old: bytes, new: bytes, new_format1: bytes, repeat: int) -> dict[str, Any]:
     started = time.perf_counter()
     delta = make_delta(old, new)
     encode_s = time.perf_counter() - started
@@ -132,8 +129,8 @@ def measure(old: bytes, new: bytes, repeat: int) -> dict[str, Any]:
         if rebuilt != new:
             raise SystemExit("the delta did not rebuild v2's exact bytes")
     return {
-        "full": len(new),
-        "compressed": zstd19(new),
+        "full": len(new_format1),
+        "compressed": len(new),
         "delta": len(delta),
         "encode_s": encode_s,
         "apply_s": statistics.median(times),
@@ -157,19 +154,21 @@ def run_model(
     for seed, kind in enumerate(SCENARIOS, start=1):
         if kind in ("head", "finetune"):
             v2_model = variant(source, kind, folder / f"{name}-{kind}.onnx", seed)
-            old, new = base, build(v2_model, name, "2.0.0", "none", folder)
+            old, recipe = base, "none"
         elif kind == "requant":
+            v2_model, recipe = source, "dynamic"
             old = build(source, name, "1.0.0", "dynamic-matmul", folder)
-            new = build(source, name, "2.0.0", "dynamic", folder)
         else:
+            v2_model, recipe = source, "none"
             old = build(other, name, "1.0.0", "none", folder)
-            new = build(source, name, "2.0.0", "none", folder)
-        rows[kind] = measure(old, new, repeat)
+        new = build(v2_model, name, "2.0.0", recipe, folder)
+        new_format1 = build(v2_model, name, "2.0.0", recipe, folder, fmt=1)
+        rows[kind] = measure(old, new, new_format1, repeat)
         r = rows[kind]
         if kind == "head":
             r["head_bytes"] = head_bytes(source)
         print(
-            f"{label} {kind}: full {r['full']:,} B, zstd-19 {r['compressed']:,} B, delta "
+            f"{label} {kind}: full {r['full']:,} B, format 2 {r['compressed']:,} B, delta "
             f"{r['delta']:,} B ({r['delta'] / r['full']:.2%}); encode {r['encode_s']:.1f} s, "
             f"apply {r['apply_s'] * 1000:.0f} ms (load {load_average()})",
             flush=True,
@@ -208,11 +207,13 @@ def section(results: dict[str, dict[str, dict[str, Any]]], load_before: str) -> 
         f"Machine: {machine()}. Load average before {load_before}, after {load_average()}.",
         f"Command: `{command_line()}`.",
         "",
-        "Full, compressed: the whole bundle file through zstd level 19, a stand-in for the",
-        "compressed bundles of issue 22 part 1 (not merged when this ran). Delta: the file",
-        "`edgectl release` publishes (`bundles/<model>/<v2>.from-<v1>.delta`), applied by the",
-        "agent's code and checked byte for byte against v2's bundle; encode and apply times",
-        "are one encode and the median of the applies, on this shared machine.",
+        "Full, uncompressed: v2's format 1 bundle; full, compressed: v2's format 2 bundle",
+        "(zstd members, the default of `bundle build`). Delta: the file `edgectl release`",
+        "publishes between the format 2 bundles (`bundles/<model>/<v2>.from-<v1>.delta`,",
+        "container `tar/2-zstd`), applied by the agent's code to v1's unpacked members and",
+        "checked byte for byte against v2's format 2 bundle; apply includes compressing v2's",
+        "members again (level 19). Encode and apply times are one encode and the median of",
+        "the applies, on this shared machine.",
         "",
         "| model | scenario | full, uncompressed | full, compressed | delta | delta / full "
         "| encode | apply | goal |",

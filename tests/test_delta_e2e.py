@@ -2,8 +2,9 @@
 
 A private mosquitto, `edgectl serve` on 127.0.0.1, a real `edge-agent` process: the agent
 serving v1 moves to v2 by the delta `edgectl release` published (the full bundle is
-never requested); then the stored delta to v3 is corrupted on the server, and the agent
-falls back to the full v3 bundle, saying so once.
+never requested; v1 is a format 1 bundle, v2 format 2, so the delta crosses formats);
+then the stored delta to v3 is corrupted on the server, and the agent falls back to the
+full v3 bundle, saying so once.
 """
 
 from __future__ import annotations
@@ -38,14 +39,16 @@ def test_agent_moves_by_delta_and_falls_back_to_the_full_bundle(
 ) -> None:
     repo = tmp_path / "repo"
     edgectl("init", repo)
-    bundles = {  # built in this process: three `edgectl bundle build` would cost seconds
+    # Built in this process: three `edgectl bundle build` would cost seconds. v1 is a
+    # format 1 bundle, v2 and v3 format 2 (zstd members): the delta 1 → 2 crosses formats.
+    bundles = {
         version: build_bundle(
             make_linear_model(tmp_path / f"{seed}.onnx", seed=seed),
             MODEL,
             version,
             tmp_path / f"{version}.bundle",
             4,
-            options=BuildOptions(latency_runs=0),
+            options=BuildOptions(latency_runs=0, bundle_format=1 if seed == 1 else 2),
         ).path
         for seed, version in enumerate(["1.0.0", "2.0.0", "3.0.0"], start=1)
     }
