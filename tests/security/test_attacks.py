@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from agent.contracts import ROLLOUT_ROLE, bundle_target_path, desired_target_path
-from agent.contracts.delta import delta_target_path, pack_delta
+from agent.contracts.bundle_container import TAR_V2_ZSTD
+from agent.contracts.delta import delta_target_path, pack_delta, parse_delta_header
 from agent.update.journal import Phase
 from controller.base.fsio import repo_lock
 from controller.build.delta import make_delta
@@ -463,6 +464,27 @@ def test_11_signed_delta_declaring_oversized_output_is_refused_before_work(
         result = device.check()
     assert result.installed == {MODEL: "2.0.0"}, result
     assert "must be an integer in [0, " in caplog.text and "downloading the full" in caplog.text
+
+
+def test_a_delta_compressed_by_another_libzstd_is_skipped_and_logged_once(
+    repo: Repository,
+    device: Device,
+    mirror: HostileMirror,
+    bundles: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The bundles here are format 2: a delta rebuilds them by compressing again, which
+    # gives the signed frames only with the controller's libzstd release.
+    release_bundle(bundles["2.0.0"], FLEET, repo.path, probation=NOW_SERVING, delta_from=0)
+    honest = make_delta(bundles["1.0.0"].read_bytes(), bundles["2.0.0"].read_bytes())
+    assert parse_delta_header(honest, 1 << 30).container == TAR_V2_ZSTD
+    url = sign_delta(repo, rewrite_delta(honest, lambda d: d.update(libzstd="0.0.1")))
+    with caplog.at_level(logging.WARNING, logger="agent.update.updater"):
+        result = device.check()
+    assert mirror.fetched(url) == [""]
+    assert result.installed == {MODEL: "2.0.0"}, result
+    assert caplog.text.count("compressed with libzstd 0.0.1") == 1, caplog.text
+    assert mirror.fetched(bundle_url(repo, "2.0.0")) == [""]
 
 
 def test_a_delta_is_used_when_listed_and_smaller(
