@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import io
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Final
 
@@ -96,47 +96,80 @@ def write_container(kind: str, members: Sequence[tuple[str, bytes]]) -> bytes:
     )
 
 
+class StoredMembers:
+    """The one reader of bundle files: their members as stored in the tar, streamed in
+    order (``with StoredMembers(path) as members: for info in members: members.open(info)``).
+
+    It judges nothing (the caller checks names, types and sizes on the ``TarInfo`` before
+    opening); it turns the tar module's errors into BundleError: "not a readable tar
+    archive" when opening, "archive is corrupt" while walking the members. Reading an
+    opened member may still raise ``tarfile.TarError`` (a truncated file), which callers
+    streaming large members catch around their loop."""
+
+    def __init__(self, source: Path | IO[bytes]) -> None:
+        try:
+            if isinstance(source, Path):
+                self._tar = tarfile.open(source, mode="r:")  # noqa: SIM115 - __exit__ closes
+            else:
+                self._tar = tarfile.open(fileobj=source, mode="r:")  # noqa: SIM115
+        except (tarfile.TarError, OSError) as exc:
+            raise BundleError(f"bundle is not a readable tar archive: {exc}") from None
+
+    def __enter__(self) -> StoredMembers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._tar.close()
+
+    def __iter__(self) -> Iterator[tarfile.TarInfo]:
+        while True:
+            try:
+                info = self._tar.next()
+            except tarfile.TarError as exc:
+                raise BundleError(f"bundle archive is corrupt: {exc}") from None
+            if info is None:
+                return
+            yield info
+
+    def open(self, info: tarfile.TarInfo) -> IO[bytes]:
+        """The content of a regular member (BundleError for any other)."""
+        if not info.isreg():
+            raise BundleError(f"bundle member {info.name!r} is not a regular file")
+        extracted = self._tar.extractfile(info)
+        if extracted is None:
+            raise BundleError(f"bundle member {info.name!r} has no content")
+        return extracted
+
+
 def read_stored(data: bytes) -> list[tuple[str, bytes]]:
     """The members of a bundle file as stored in the tar (names as in the tar, bytes not
     decompressed), in order. Raises BundleError when it is not a tar of regular files."""
-    members: list[tuple[str, bytes]] = []
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for info in tar:
-                if not info.isreg():
-                    raise BundleError(f"bundle member {info.name!r} is not a regular file")
-                extracted = tar.extractfile(info)
-                assert extracted is not None  # a regular file always has content
-                members.append((info.name, extracted.read()))
+        with StoredMembers(io.BytesIO(data)) as stored:
+            return [(info.name, stored.open(info).read()) for info in stored]
     except tarfile.TarError as exc:
-        raise BundleError(f"not a bundle (not an uncompressed tar): {exc}") from None
-    return members
+        raise BundleError(f"bundle archive is corrupt: {exc}") from None
 
 
 def read_manifest_member(source: Path | IO[bytes]) -> bytes:
     """The bytes of the bundle's first member, which must be ``manifest.json`` (stored as
     it is in every container), without reading further. Raises BundleError or OSError."""
     try:
-        if isinstance(source, Path):
-            tar = tarfile.open(source, mode="r:")  # noqa: SIM115 - closed by the with below
-        else:
-            tar = tarfile.open(fileobj=source, mode="r:")  # noqa: SIM115
-        with tar:
-            info = tar.next()
-            if info is None or info.name != BUNDLE_MANIFEST or not info.isreg():
-                found = None if info is None else info.name
-                raise BundleError(
-                    f"the first bundle member must be {BUNDLE_MANIFEST}, got {found!r}"
-                )
-            if info.size > MAX_MANIFEST_BYTES:
-                raise BundleError(
-                    f"{BUNDLE_MANIFEST} is {info.size} bytes, over {MAX_MANIFEST_BYTES}"
-                )
-            extracted = tar.extractfile(info)
-            assert extracted is not None  # a regular file always has content
-            return extracted.read()
+        with StoredMembers(source) as stored:
+            for info in stored:
+                check_manifest_member(info)
+                return stored.open(info).read(MAX_MANIFEST_BYTES + 1)
     except tarfile.TarError as exc:
-        raise BundleError(f"not a bundle (not an uncompressed tar): {exc}") from None
+        raise BundleError(f"bundle archive is corrupt: {exc}") from None
+    raise BundleError("bundle is empty")
+
+
+def check_manifest_member(info: tarfile.TarInfo) -> None:
+    """Refuse a first member that is not a ``manifest.json`` of at most 1 MiB."""
+    if info.name != BUNDLE_MANIFEST:
+        raise BundleError(f"the first bundle member must be {BUNDLE_MANIFEST}, got {info.name!r}")
+    if info.size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{BUNDLE_MANIFEST} is {info.size} bytes, over {MAX_MANIFEST_BYTES}")
 
 
 def unstore(manifest: Manifest, stored: Sequence[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
