@@ -220,14 +220,15 @@ def section(results: dict[str, dict[str, dict[str, Any]]], load_before: str) -> 
         "the applies, on this shared machine.",
         "",
         "| model | scenario | full, uncompressed | full, compressed | delta | delta / full "
-        "| encode | apply | goal |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| delta / compressed | encode | apply | goal |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, rows in results.items():
         for kind, r in rows.items():
             lines.append(
                 f"| {label} | {SCENARIOS[kind]} | {r['full']:,} B | {r['compressed']:,} B | "
-                f"{r['delta']:,} B | {r['delta'] / r['full']:.2%} | {r['encode_s']:.1f} s | "
+                f"{r['delta']:,} B | {r['delta'] / r['full']:.2%} | "
+                f"{r['delta'] / r['compressed']:.2%} | {r['encode_s']:.1f} s | "
                 f"{r['apply_s'] * 1000:.0f} ms | {verdict(kind, r)} |"
             )
     return "\n".join(lines) + "\n"
