@@ -53,7 +53,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from agent.contracts import Waiting
 from controller.base.errors import ControllerError
@@ -105,6 +105,14 @@ def _fresh(
                 continue
             seen.add(key)
         yield facts.fleet, facts.device, received, facts.models
+
+
+class RolloutCensus(NamedTuple):
+    """``TelemetryStore.rollout_census``: the counts a rollout tick reads."""
+
+    generation: int
+    running: int
+    waiting: tuple[tuple[str, str | None, Waiting], ...]
 
 
 class StoreError(ControllerError):
@@ -173,6 +181,61 @@ DDL: Final = (
         PRIMARY KEY (fleet, model, version, bucket, device))""",
 )
 ROLLUP_TABLES: Final = ("rollout_figures", "rollout_latency", "rollout_devices")
+# What a rollout tick counts without reading every device row (``rollout_census``): the
+# devices of each fleet, with a generation that changes whenever one is added or removed,
+# and the model rows of each fleet, model and version ('' for none). Kept by triggers
+# (``COUNT_TRIGGERS``, a backend's own), so only a device added or removed, or a model
+# row added, removed or moved to another version, writes to them: a heartbeat that
+# changes none of these writes nothing more. A model row exists only with its device's
+# row (``write`` stores both; ``prune_devices`` removes both).
+COUNT_TABLES: Final = (
+    """CREATE TABLE IF NOT EXISTS fleet_sizes (
+        fleet TEXT NOT NULL PRIMARY KEY, devices BIGINT NOT NULL, generation BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS model_versions (
+        fleet TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
+        devices BIGINT NOT NULL, PRIMARY KEY (fleet, model, version))""",
+)
+# The counts of the rows a store held before the count tables (made in the same
+# transaction as the triggers).
+_SEED_COUNTS: Final = (
+    "INSERT INTO fleet_sizes (fleet, devices, generation) "
+    "SELECT fleet, count(*), 1 FROM devices GROUP BY fleet",
+    "INSERT INTO model_versions (fleet, model, version, devices) "
+    "SELECT fleet, model, COALESCE(version, ''), count(*) FROM device_models GROUP BY 1, 2, 3",
+)
+# SQLite's triggers (row by row; an upsert that updates fires no INSERT trigger).
+COUNT_TRIGGERS: Final = (
+    """CREATE TRIGGER IF NOT EXISTS devices_added AFTER INSERT ON devices BEGIN
+        INSERT INTO fleet_sizes (fleet, devices, generation) VALUES (NEW.fleet, 1, 1)
+        ON CONFLICT (fleet) DO UPDATE SET devices = devices + 1, generation = generation + 1;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS devices_removed AFTER DELETE ON devices BEGIN
+        UPDATE fleet_sizes SET devices = devices - 1, generation = generation + 1
+        WHERE fleet = OLD.fleet;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS device_models_added AFTER INSERT ON device_models BEGIN
+        INSERT INTO model_versions (fleet, model, version, devices)
+        VALUES (NEW.fleet, NEW.model, COALESCE(NEW.version, ''), 1)
+        ON CONFLICT (fleet, model, version) DO UPDATE SET devices = devices + 1;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS device_models_removed AFTER DELETE ON device_models BEGIN
+        UPDATE model_versions SET devices = devices - 1
+        WHERE fleet = OLD.fleet AND model = OLD.model AND version = COALESCE(OLD.version, '');
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS device_models_moved AFTER UPDATE OF version ON device_models
+    WHEN COALESCE(OLD.version, '') <> COALESCE(NEW.version, '') BEGIN
+        UPDATE model_versions SET devices = devices - 1
+        WHERE fleet = OLD.fleet AND model = OLD.model AND version = COALESCE(OLD.version, '');
+        INSERT INTO model_versions (fleet, model, version, devices)
+        VALUES (NEW.fleet, NEW.model, COALESCE(NEW.version, ''), 1)
+        ON CONFLICT (fleet, model, version) DO UPDATE SET devices = devices + 1;
+    END""",
+)
+# The model rows that say why their device waits, without a scan of the fleet's rows.
+WAITING_INDEX: Final = (
+    "CREATE INDEX IF NOT EXISTS device_models_waiting ON device_models (fleet, model) "
+    "WHERE waiting IS NOT NULL"
+)
 # A store made before event_counts: counted once from the events it holds.
 _SEED_EVENT_COUNTS: Final = """
 INSERT INTO event_counts (fleet, kind, n) SELECT fleet, kind, count(*) FROM events
@@ -456,14 +519,29 @@ class TelemetryStore(ABC):
     def _create_tables_with(self, cur: Any) -> None:
         counted = self._has_table(cur, "event_counts")
         rolled = self._has_table(cur, "rollout_figures")
+        sized = self._has_table(cur, "model_versions")
         for statement in DDL:
             cur.execute(self._sql(statement))
         self._migrate(cur)
         cur.execute(HEARTBEAT_KEY)
+        cur.execute(WAITING_INDEX)
         if not counted:
             cur.execute(_SEED_EVENT_COUNTS)
         if not rolled:
             self._seed_rollup(cur)
+        if not sized:
+            self._lock_for_counts(cur)
+            for statement in (*COUNT_TABLES, *_SEED_COUNTS):
+                cur.execute(statement)
+        for statement in self.count_triggers:
+            cur.execute(statement)
+
+    # The triggers that keep COUNT_TABLES; a backend may have its own.
+    count_triggers: Sequence[str] = COUNT_TRIGGERS
+
+    def _lock_for_counts(self, cur: Any) -> None:
+        """Keep other writers out while the count tables are seeded (SQLite: the
+        transaction already holds the only writer's lock)."""
 
     def _seed_rollup(self, cur: Any, chunk: int = 5000) -> None:
         """A store made before the rollup tables: sum the heartbeats it holds into them
@@ -840,6 +918,53 @@ class TelemetryStore(ABC):
             cur.execute(self._sql(query), [model, version, fleet])
             return [(str(device), bool(runs)) for device, runs in cur.fetchall()]
 
+    def rollout_census(self, fleet: str, model: str, version: str) -> RolloutCensus:
+        """What a rollout tick counts, from a few rows: the generation of ``fleet``'s
+        devices (it changes whenever one is added or removed; 0 before any was), how many
+        devices' ``model`` is at ``version``, and the model rows of ``model`` in
+        ``fleet`` that say why their device waits (device, version, reason), by device.
+        Read in that order: a device added after the generation was read shows as a new
+        generation on the next read."""
+        with self._read() as cur:
+            cur.execute(self._sql("SELECT generation FROM fleet_sizes WHERE fleet = ?"), [fleet])
+            row = cur.fetchone()
+            generation = int(row[0]) if row is not None else 0
+            cur.execute(
+                self._sql(
+                    "SELECT devices FROM model_versions WHERE fleet = ? AND model = ? "
+                    "AND version = ?"
+                ),
+                [fleet, model, version],
+            )
+            row = cur.fetchone()
+            running = int(row[0]) if row is not None else 0
+            cur.execute(
+                self._sql(
+                    "SELECT m.device, m.version, m.waiting FROM device_models m "
+                    "JOIN devices d ON d.fleet = m.fleet AND d.device = m.device "
+                    "WHERE m.fleet = ? AND m.model = ? AND m.waiting IS NOT NULL "
+                    "ORDER BY m.device"
+                ),
+                [fleet, model],
+            )
+            rows = cur.fetchall()
+        waits = []
+        for device, at, text in rows:
+            why = waiting_from_json(text)
+            if why is not None:
+                waits.append((str(device), None if at is None else str(at), why))
+        return RolloutCensus(generation, running, tuple(waits))
+
+    def fleet_device_ids(self, fleet: str) -> tuple[int, list[str]]:
+        """The generation of ``fleet``'s devices (``rollout_census``), then their ids
+        (read after it: an id added in between shows as a new generation next time)."""
+        with self._read() as cur:
+            cur.execute(self._sql("SELECT generation FROM fleet_sizes WHERE fleet = ?"), [fleet])
+            row = cur.fetchone()
+            cur.execute(self._sql("SELECT device FROM devices WHERE fleet = ?"), [fleet])
+            ids = [str(device) for (device,) in cur.fetchall()]
+        return (int(row[0]) if row is not None else 0), ids
+
     def waiting(self, fleet: str, model: str) -> dict[str, Waiting]:
         """The devices of ``fleet`` whose stored ``model`` says why it waits (its
         ``waiting`` reason), by device id; the others are not in it."""
@@ -862,7 +987,8 @@ class TelemetryStore(ABC):
 
     def count(self, table: str) -> int:
         """Rows in ``table`` (devices, device_models, heartbeats, events or a rollup table)."""
-        if table not in ("devices", "device_models", "heartbeats", "events", *ROLLUP_TABLES):
+        tables = ("devices", "device_models", "heartbeats", "events", *ROLLUP_TABLES)
+        if table not in (*tables, "fleet_sizes", "model_versions"):
             raise ValueError(f"unknown table {table!r}")
         with self._read() as cur:
             cur.execute(f"SELECT count(*) FROM {table}")
