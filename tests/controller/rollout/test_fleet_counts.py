@@ -1,0 +1,128 @@
+"""``fleet_counts`` reads counts the store keeps (``store.rollout_census``: tables kept by
+triggers) and the fleet's ids only when devices came or went. After every round of a
+random mix of what changes them (heartbeats and statuses moving versions and waiting
+reasons, late messages that must change nothing, devices appearing through events alone,
+silent and revoked devices pruned and coming back, model rows pruned, the stage moving)
+its counts equal those counted from scratch from the device rows, and the count tables
+equal a count of the rows they count, on SQLite and PostgreSQL. One service lives through
+all the rounds, so what it keeps between ticks is checked too."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from pathlib import Path
+
+from agent.contracts import Event, Waiting, parse_status, status_payload
+from controller.fleet.records import HeartbeatFacts, IngestBatch, waiting_json
+from controller.fleet.store import TelemetryStore
+from controller.rollout.service import RolloutService
+from tests.controller.rollout.test_evidence import (
+    FLEET,
+    MODEL,
+    SETTINGS,
+    T0,
+    _reference_counts,
+    _rollout,
+)
+
+DEVICES = [f"dev-{i:03d}" for i in range(120)]
+VERSIONS = ("1.0.0", "2.0.0", None)
+
+
+def _waits(rng: random.Random, names: list[str], minute: int) -> tuple[tuple[str, str], ...]:
+    out = []
+    for name in names:
+        code = rng.choice(("probation", "no_space", None, None))
+        if code is not None:
+            version = rng.choice(("2.0.0", "1.5.0", None))
+            since = f"2026-01-01T00:{minute % 60:02d}:{rng.randrange(60):02d}Z"
+            out.append((name, waiting_json(Waiting(code, "d", version, since)) or ""))
+    return tuple(out)
+
+
+def _round(
+    rng: random.Random, now: float, seq: int, stored: list[str], joins: bool
+) -> IngestBatch:
+    """Heartbeats, statuses and (``joins``) events; without ``joins`` only from devices
+    ``stored``, so that no device row is added (the service's ids stay valid)."""
+    batch = IngestBatch()
+    pool = DEVICES if joins else stored
+    for device in rng.sample(pool, min(40, len(pool))):
+        fleet = FLEET if device < "dev-100" else "other"
+        names = sorted(rng.sample((MODEL, "aux"), rng.randrange(1, 3)))
+        models = tuple(
+            (name, rng.choice(VERSIONS), "committed", 1, 0, 0, None) for name in names
+        )
+        # A late heartbeat (received before what is stored) must change nothing.
+        at = now - rng.choice((0.0, 0.0, 0.0, 50.0))
+        facts = HeartbeatFacts(
+            fleet, device, "t", 10.0, {}, 0, 0, models, f"t{seq}", seq, _waits(rng, names, seq)
+        )
+        batch.heartbeat_facts.append((facts, at + rng.random(), "{}"))
+    for device in rng.sample([d for d in pool if d < "dev-100"], 8):
+        version = rng.choice(VERSIONS)
+        doc: dict[str, object] = {"version": version, "state": "committed"}
+        if rng.random() < 0.5:
+            doc["waiting"] = Waiting("probation", "d", rng.choice(("2.0.0", None)), None).__dict__
+        raw = status_payload(device, FLEET, True, {MODEL: doc}, "t", "2026-01-01T00:00:00Z")
+        batch.statuses.append((parse_status(raw), now - rng.choice((0.0, 0.0, 60.0))))
+    # Devices the store first hears of through an event: a device row, no model rows.
+    for k in range(2 if joins else 0):
+        device = f"new-{seq:03d}-{k}"
+        batch.events.append(
+            (Event(device, FLEET, "s", 1, "", "committed", MODEL, "2.0.0"), now + rng.random())
+        )
+    return batch
+
+
+def _table_counts(store: TelemetryStore) -> tuple[dict[str, int], dict[tuple[str, ...], int]]:
+    """The count tables as they are and as the rows they count say, compared by the caller."""
+    sizes: dict[str, int] = {}
+    versions: dict[tuple[str, ...], int] = {}
+    for row in store.devices():
+        sizes[row.fleet] = sizes.get(row.fleet, 0) + 1
+        for m in row.models:
+            key = (row.fleet, m.model, m.version or "")
+            versions[key] = versions.get(key, 0) + 1
+    return sizes, versions
+
+
+def _kept_counts(store: TelemetryStore) -> tuple[dict[str, int], dict[tuple[str, ...], int]]:
+    with store._read() as cur:
+        cur.execute("SELECT fleet, devices FROM fleet_sizes")
+        sizes = {str(f): int(n) for f, n in cur.fetchall() if n}
+        cur.execute("SELECT fleet, model, version, devices FROM model_versions")
+        versions = {(str(f), str(m), str(v)): int(n) for f, m, v, n in cur.fetchall() if n}
+    return sizes, versions
+
+
+def test_fleet_counts_equal_a_count_from_scratch_through_every_kind_of_change(
+    store: TelemetryStore,
+) -> None:
+    rng = random.Random(21)
+    service = RolloutService(Path("unused"), store, SETTINGS)
+    base = _rollout(T0)
+    seen_waiting = seen_prunes = 0
+    for seq in range(1, 41):
+        now = T0 + 10.0 * seq
+        # Rounds that add devices, rounds that only change those stored, rounds that
+        # only remove some: the service's ids must follow each.
+        kind = seq % 4
+        if kind in (1, 2) or seq < 4:
+            stored = [row.device for row in store.devices()]
+            store.write(_round(rng, now, seq, stored, joins=kind == 2 or seq < 4))
+        if kind == 0:  # silent devices leave; revoked ones leave at once
+            revoked = [(FLEET, d) for d in rng.sample(DEVICES[:100], 3)]
+            seen_prunes += store.prune_devices(now - 45.0, revoked, now + 1.0)
+        if kind == 3:  # model rows a device stopped naming
+            store.prune_models(now - 15.0)
+        stages = (rng.choice((1.0, 10.0, 40.0, 75.0)), 100.0)
+        canaries = tuple(rng.sample(DEVICES, 3)) + ("dev-never-seen",)
+        r = replace(base, stages=stages, stage=rng.randrange(2), canaries=canaries)
+        want = _reference_counts(store, r)
+        assert service.fleet_counts(r) == want, f"round {seq}"
+        assert _kept_counts(store) == _table_counts(store), f"round {seq}"
+        seen_waiting += sum(want["waiting"].values())
+    # The mix did what it is for: devices waited, left and came back, versions moved.
+    assert seen_waiting > 20 and seen_prunes > 10
