@@ -10,12 +10,17 @@ all the rounds, so what it keeps between ticks is checked too."""
 from __future__ import annotations
 
 import random
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from agent.contracts import Event, Waiting, parse_status, status_payload
 from controller.fleet.records import HeartbeatFacts, IngestBatch, waiting_json
 from controller.fleet.store import TelemetryStore
+from controller.fleet.stores import is_postgres, open_store
 from controller.rollout.service import RolloutService
 from tests.controller.rollout.test_evidence import (
     FLEET,
@@ -25,6 +30,7 @@ from tests.controller.rollout.test_evidence import (
     _reference_counts,
     _rollout,
 )
+from tests.controller.test_store_support import store_location
 
 DEVICES = [f"dev-{i:03d}" for i in range(120)]
 VERSIONS = ("1.0.0", "2.0.0", None)
@@ -126,3 +132,64 @@ def test_fleet_counts_equal_a_count_from_scratch_through_every_kind_of_change(
         seen_waiting += sum(want["waiting"].values())
     # The mix did what it is for: devices waited, left and came back, versions moved.
     assert seen_waiting > 20 and seen_prunes > 10
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_a_store_made_before_the_count_tables_counts_the_rows_it_holds(
+    tmp_path: Path, backend: str
+) -> None:
+    rng = random.Random(5)
+    with store_location(backend, tmp_path) as location:
+        store = open_store(location)
+        try:
+            store.write(_round(rng, T0, 1, [], joins=True))
+        finally:
+            store.close()
+        # As the release before them left it: no count tables, no triggers.
+        with connect(location) as db:
+            for trigger, table in TRIGGERS:
+                db.execute(f"DROP TRIGGER IF EXISTS {trigger}" + (" ON " + table) * db.pg)
+            db.execute("DROP TABLE fleet_sizes")
+            db.execute("DROP TABLE model_versions")
+        store = open_store(location)
+        try:
+            assert _kept_counts(store) == _table_counts(store)
+            store.write(_round(rng, T0 + 10, 2, [], joins=True))
+            assert _kept_counts(store) == _table_counts(store)
+            r = _rollout(T0)
+            want = _reference_counts(store, r)
+            assert want["devices_known"] > 50
+            assert RolloutService(Path("unused"), store, SETTINGS).fleet_counts(r) == want
+        finally:
+            store.close()
+
+
+TRIGGERS = (
+    ("devices_added", "devices"),
+    ("devices_removed", "devices"),
+    ("device_models_added", "device_models"),
+    ("device_models_removed", "device_models"),
+    ("device_models_moved", "device_models"),
+)
+
+
+class connect:  # noqa: N801 - a context manager read as a verb
+    """An autocommitting connection to the store at ``location``, either backend."""
+
+    def __init__(self, location: str) -> None:
+        self.pg = is_postgres(location)
+        if self.pg:
+            import psycopg
+
+            self.conn: Any = psycopg.connect(location, autocommit=True)
+        else:
+            self.conn = sqlite3.connect(location, isolation_level=None)
+
+    def __enter__(self) -> connect:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.conn.close()
+
+    def execute(self, sql: str) -> None:
+        self.conn.execute(sql)
