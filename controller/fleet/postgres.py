@@ -186,9 +186,8 @@ class PostgresStore(TelemetryStore):
 
     count_triggers = COUNT_TRIGGERS
 
-    def _lock_for_counts(self, cur: Any) -> None:
-        # No writer may add a row between the count and the trigger that counts it.
-        cur.execute("LOCK TABLE devices, device_models IN SHARE ROW EXCLUSIVE MODE")
+    # No writer may add a row between the count and the trigger that counts it.
+    lock_for_counts = ("LOCK TABLE devices, device_models IN SHARE ROW EXCLUSIVE MODE",)
 
     def __init__(self, dsn: str, timeout_s: float = 5.0) -> None:
         super().__init__()

@@ -530,18 +530,16 @@ class TelemetryStore(ABC):
         if not rolled:
             self._seed_rollup(cur)
         if not sized:
-            self._lock_for_counts(cur)
-            for statement in (*COUNT_TABLES, *_SEED_COUNTS):
+            for statement in (*self.lock_for_counts, *COUNT_TABLES, *_SEED_COUNTS):
                 cur.execute(statement)
         for statement in self.count_triggers:
             cur.execute(statement)
 
     # The triggers that keep COUNT_TABLES; a backend may have its own.
     count_triggers: Sequence[str] = COUNT_TRIGGERS
-
-    def _lock_for_counts(self, cur: Any) -> None:
-        """Keep other writers out while the count tables are seeded (SQLite: the
-        transaction already holds the only writer's lock)."""
+    # What keeps other writers out while the count tables are seeded (SQLite: nothing;
+    # the transaction holds the only writer's lock already).
+    lock_for_counts: Sequence[str] = ()
 
     def _seed_rollup(self, cur: Any, chunk: int = 5000) -> None:
         """A store made before the rollup tables: sum the heartbeats it holds into them

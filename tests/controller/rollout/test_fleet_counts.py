@@ -47,9 +47,7 @@ def _waits(rng: random.Random, names: list[str], minute: int) -> tuple[tuple[str
     return tuple(out)
 
 
-def _round(
-    rng: random.Random, now: float, seq: int, stored: list[str], joins: bool
-) -> IngestBatch:
+def _round(rng: random.Random, now: float, seq: int, stored: list[str], joins: bool) -> IngestBatch:
     """Heartbeats, statuses and (``joins``) events; without ``joins`` only from devices
     ``stored``, so that no device row is added (the service's ids stay valid)."""
     batch = IngestBatch()
@@ -57,9 +55,7 @@ def _round(
     for device in rng.sample(pool, min(40, len(pool))):
         fleet = FLEET if device < "dev-100" else "other"
         names = sorted(rng.sample((MODEL, "aux"), rng.randrange(1, 3)))
-        models = tuple(
-            (name, rng.choice(VERSIONS), "committed", 1, 0, 0, None) for name in names
-        )
+        models = tuple((name, rng.choice(VERSIONS), "committed", 1, 0, 0, None) for name in names)
         # A late heartbeat (received before what is stored) must change nothing.
         at = now - rng.choice((0.0, 0.0, 0.0, 50.0))
         facts = HeartbeatFacts(
@@ -124,7 +120,7 @@ def test_fleet_counts_equal_a_count_from_scratch_through_every_kind_of_change(
         if kind == 3:  # model rows a device stopped naming
             store.prune_models(now - 15.0)
         stages = (rng.choice((1.0, 10.0, 40.0, 75.0)), 100.0)
-        canaries = tuple(rng.sample(DEVICES, 3)) + ("dev-never-seen",)
+        canaries = (*rng.sample(DEVICES, 3), "dev-never-seen")
         r = replace(base, stages=stages, stage=rng.randrange(2), canaries=canaries)
         want = _reference_counts(store, r)
         assert service.fleet_counts(r) == want, f"round {seq}"
@@ -173,7 +169,7 @@ TRIGGERS = (
 )
 
 
-class connect:  # noqa: N801 - a context manager read as a verb
+class connect:
     """An autocommitting connection to the store at ``location``, either backend."""
 
     def __init__(self, location: str) -> None:
