@@ -85,18 +85,26 @@ _VALUES: Final = re.compile(r"VALUES \((?:\?, )*\?\)")
 COUNT_TRIGGERS: Final = (
     """CREATE OR REPLACE FUNCTION edgefleet_devices_added() RETURNS trigger
     LANGUAGE plpgsql AS $$ BEGIN
-        INSERT INTO fleet_sizes (fleet, devices, generation)
-        SELECT fleet, count(*), 1 FROM added GROUP BY fleet ORDER BY fleet
-        ON CONFLICT (fleet) DO UPDATE SET devices = fleet_sizes.devices + excluded.devices,
-            generation = fleet_sizes.generation + 1;
+        WITH counted AS (
+            INSERT INTO fleet_sizes (fleet, devices, generation)
+            SELECT fleet, count(*), 1 FROM added GROUP BY fleet ORDER BY fleet
+            ON CONFLICT (fleet) DO UPDATE SET devices = fleet_sizes.devices + excluded.devices,
+                generation = fleet_sizes.generation + 1
+            RETURNING fleet, generation)
+        INSERT INTO fleet_changes (fleet, generation, device)
+        SELECT a.fleet, c.generation, a.device FROM added a JOIN counted c ON c.fleet = a.fleet;
         RETURN NULL;
     END $$""",
     """CREATE OR REPLACE FUNCTION edgefleet_devices_removed() RETURNS trigger
     LANGUAGE plpgsql AS $$ BEGIN
-        UPDATE fleet_sizes SET devices = fleet_sizes.devices - gone.n,
-            generation = fleet_sizes.generation + 1
-        FROM (SELECT fleet, count(*) AS n FROM removed GROUP BY fleet) gone
-        WHERE fleet_sizes.fleet = gone.fleet;
+        WITH counted AS (
+            UPDATE fleet_sizes SET devices = fleet_sizes.devices - gone.n,
+                generation = fleet_sizes.generation + 1
+            FROM (SELECT fleet, count(*) AS n FROM removed GROUP BY fleet ORDER BY fleet) gone
+            WHERE fleet_sizes.fleet = gone.fleet
+            RETURNING fleet_sizes.fleet, fleet_sizes.generation)
+        INSERT INTO fleet_changes (fleet, generation, device)
+        SELECT r.fleet, c.generation, r.device FROM removed r JOIN counted c ON c.fleet = r.fleet;
         RETURN NULL;
     END $$""",
     """CREATE OR REPLACE FUNCTION edgefleet_models_added() RETURNS trigger

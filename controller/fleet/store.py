@@ -183,14 +183,25 @@ DDL: Final = (
 ROLLUP_TABLES: Final = ("rollout_figures", "rollout_latency", "rollout_devices")
 # What a rollout tick counts without reading every device row (``rollout_census``): the
 # devices of each fleet, with a generation that changes whenever one is added or removed,
-# and the model rows of each fleet, model and version ('' for none). Kept by triggers
+# the devices added or removed by each generation (``fleet_changes``), and the model rows
+# of each fleet, model and version ('' for none). Kept by triggers
 # (``COUNT_TRIGGERS``, a backend's own), so only a device added or removed, or a model
 # row added, removed or moved to another version, writes to them: a heartbeat that
 # changes none of these writes nothing more. A model row exists only with its device's
 # row (``write`` stores both; ``prune_devices`` removes both).
+#
+# A fleet's generation is its row of fleet_sizes, updated by every transaction that adds
+# or removes one of its devices: a second such transaction waits for the first to commit
+# (the row's lock), so generations are numbered in commit order and a reader that sees
+# generation G sees every change up to G. ``changes_from``: the changes of generations
+# up to it were pruned (``prune_devices``).
 COUNT_TABLES: Final = (
     """CREATE TABLE IF NOT EXISTS fleet_sizes (
-        fleet TEXT NOT NULL PRIMARY KEY, devices BIGINT NOT NULL, generation BIGINT NOT NULL)""",
+        fleet TEXT NOT NULL PRIMARY KEY, devices BIGINT NOT NULL, generation BIGINT NOT NULL,
+        changes_from BIGINT NOT NULL DEFAULT 0)""",
+    """CREATE TABLE IF NOT EXISTS fleet_changes (
+        fleet TEXT NOT NULL, generation BIGINT NOT NULL, device TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS fleet_changes_generation ON fleet_changes (fleet, generation)",
     """CREATE TABLE IF NOT EXISTS model_versions (
         fleet TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
         devices BIGINT NOT NULL, PRIMARY KEY (fleet, model, version))""",
@@ -198,8 +209,8 @@ COUNT_TABLES: Final = (
 # The counts of the rows a store held before the count tables (made in the same
 # transaction as the triggers).
 _SEED_COUNTS: Final = (
-    "INSERT INTO fleet_sizes (fleet, devices, generation) "
-    "SELECT fleet, count(*), 1 FROM devices GROUP BY fleet",
+    "INSERT INTO fleet_sizes (fleet, devices, generation, changes_from) "
+    "SELECT fleet, count(*), 1, 1 FROM devices GROUP BY fleet",
     "INSERT INTO model_versions (fleet, model, version, devices) "
     "SELECT fleet, model, COALESCE(version, ''), count(*) FROM device_models GROUP BY 1, 2, 3",
 )
@@ -208,10 +219,14 @@ COUNT_TRIGGERS: Final = (
     """CREATE TRIGGER IF NOT EXISTS devices_added AFTER INSERT ON devices BEGIN
         INSERT INTO fleet_sizes (fleet, devices, generation) VALUES (NEW.fleet, 1, 1)
         ON CONFLICT (fleet) DO UPDATE SET devices = devices + 1, generation = generation + 1;
+        INSERT INTO fleet_changes (fleet, generation, device)
+        SELECT NEW.fleet, generation, NEW.device FROM fleet_sizes WHERE fleet = NEW.fleet;
     END""",
     """CREATE TRIGGER IF NOT EXISTS devices_removed AFTER DELETE ON devices BEGIN
         UPDATE fleet_sizes SET devices = devices - 1, generation = generation + 1
         WHERE fleet = OLD.fleet;
+        INSERT INTO fleet_changes (fleet, generation, device)
+        SELECT OLD.fleet, generation, OLD.device FROM fleet_sizes WHERE fleet = OLD.fleet;
     END""",
     """CREATE TRIGGER IF NOT EXISTS device_models_added AFTER INSERT ON device_models BEGIN
         INSERT INTO model_versions (fleet, model, version, devices)
@@ -231,6 +246,8 @@ COUNT_TRIGGERS: Final = (
         ON CONFLICT (fleet, model, version) DO UPDATE SET devices = devices + 1;
     END""",
 )
+# Generations of each fleet's device changes kept (``prune_devices``).
+KEEP_CHANGES: Final = 10_000
 # The model rows that say why their device waits, without a scan of the fleet's rows.
 WAITING_INDEX: Final = (
     "CREATE INDEX IF NOT EXISTS device_models_waiting ON device_models (fleet, model) "
@@ -940,18 +957,47 @@ class TelemetryStore(ABC):
                 self._sql(
                     "SELECT m.device, m.version, m.waiting FROM device_models m "
                     "JOIN devices d ON d.fleet = m.fleet AND d.device = m.device "
-                    "WHERE m.fleet = ? AND m.model = ? AND m.waiting IS NOT NULL "
-                    "ORDER BY m.device"
+                    # No ORDER BY: SQLite would walk the primary key for it, not this index.
+                    "WHERE m.fleet = ? AND m.model = ? AND m.waiting IS NOT NULL"
                 ),
                 [fleet, model],
             )
             rows = cur.fetchall()
         waits = []
-        for device, at, text in rows:
+        for device, at, text in sorted(rows):
             why = waiting_from_json(text)
             if why is not None:
                 waits.append((str(device), None if at is None else str(at), why))
         return RolloutCensus(generation, running, tuple(waits))
+
+    def fleet_changes(self, fleet: str, after: int, upto: int) -> dict[str, bool] | None:
+        """The devices of ``fleet`` added or removed by generations ``after`` + 1 to
+        ``upto`` (as ``rollout_census`` read it), each with whether the store holds it
+        now; None when those changes were pruned (read the ids again)."""
+        with self._read() as cur:
+            cur.execute(self._sql("SELECT changes_from FROM fleet_sizes WHERE fleet = ?"), [fleet])
+            row = cur.fetchone()
+            if row is None or after < int(row[0]):
+                return None
+            cur.execute(
+                self._sql(
+                    "SELECT DISTINCT device FROM fleet_changes WHERE fleet = ? "
+                    "AND generation > ? AND generation <= ?"
+                ),
+                [fleet, after, upto],
+            )
+            changed = sorted(str(device) for (device,) in cur.fetchall())
+            present: set[str] = set()
+            for at in range(0, len(changed), 500):
+                chunk = changed[at : at + 500]
+                marks = ", ".join("?" for _ in chunk)
+                query = f"SELECT device FROM devices WHERE fleet = ? AND device IN ({marks})"
+                cur.execute(
+                    self._sql(query),
+                    [fleet, *chunk],
+                )
+                present.update(str(device) for (device,) in cur.fetchall())
+        return {device: device in present for device in changed}
 
     def fleet_device_ids(self, fleet: str) -> tuple[int, list[str]]:
         """The generation of ``fleet``'s devices (``rollout_census``), then their ids
@@ -986,7 +1032,7 @@ class TelemetryStore(ABC):
     def count(self, table: str) -> int:
         """Rows in ``table`` (devices, device_models, heartbeats, events or a rollup table)."""
         tables = ("devices", "device_models", "heartbeats", "events", *ROLLUP_TABLES)
-        if table not in (*tables, "fleet_sizes", "model_versions"):
+        if table not in (*tables, "fleet_sizes", "fleet_changes", "model_versions"):
             raise ValueError(f"unknown table {table!r}")
         with self._read() as cur:
             cur.execute(f"SELECT count(*) FROM {table}")
@@ -1073,6 +1119,19 @@ class TelemetryStore(ABC):
                     cur.executemany(
                         self._sql(f"DELETE FROM {table} WHERE fleet = ? AND device = ?"), gone
                     )
+            # Keep the newest KEEP_CHANGES generations of changes of each fleet: a reader
+            # further behind reads the ids again.
+            cur.execute(
+                self._sql(
+                    "UPDATE fleet_sizes SET changes_from = generation - ? "
+                    "WHERE changes_from < generation - ?"
+                ),
+                [KEEP_CHANGES, KEEP_CHANGES],
+            )
+            cur.execute(
+                "DELETE FROM fleet_changes WHERE generation <= (SELECT changes_from "
+                "FROM fleet_sizes WHERE fleet_sizes.fleet = fleet_changes.fleet)"
+            )
             return len(gone)
 
     def prune_models(self, before: float) -> int:

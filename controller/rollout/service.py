@@ -42,7 +42,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from bisect import bisect_left
+from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -560,15 +560,22 @@ class RolloutService:
         Read from a few rows (``store.rollout_census``): the counts the store keeps as
         devices and their versions change, and the model rows that say why they wait.
         The fleet's device ids (each device's place in the rollout is a hash of its id)
-        are read once per rollout and again only when the store says devices were added
-        or removed since (a new generation); the places are kept sorted, so the devices a
-        stage gives the new version are counted by bisection."""
+        are read once per rollout; after that only the devices added or removed since
+        (``store.fleet_changes``, when the store's generation of the fleet moved). The
+        places are kept sorted, so the devices a stage gives the new version are counted
+        by bisection."""
         release = desired_release(r)
         census = self.store.rollout_census(r.fleet, r.model, r.version)
         members = self._members.get(r.id)
-        if members is None or members.generation != census.generation:
-            members = _Members.read(self.store, r.fleet, release.rollout_id, members)
-            self._members[r.id] = members
+        if members is None:
+            members = self._members[r.id] = _Members.read(self.store, r.fleet, release.rollout_id)
+        elif members.generation != census.generation:
+            changes = self.store.fleet_changes(r.fleet, members.generation, census.generation)
+            if changes is None:  # pruned since: every id again
+                members = _Members.read(self.store, r.fleet, release.rollout_id)
+                self._members[r.id] = members
+            else:
+                members.follow(changes, census.generation, release.rollout_id)
         places = members.places
         canaries = set(release.canaries)
         # resolve_release(release, device) names the new version: the stage gives it
@@ -600,7 +607,7 @@ class RolloutService:
         }
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Members:
     """A fleet's devices as of a generation of the store, and their places in one
     rollout (``device_bucket``), by id and sorted."""
@@ -610,17 +617,23 @@ class _Members:
     ordered: list[float]
 
     @classmethod
-    def read(
-        cls, store: TelemetryStore, fleet: str, rollout_id: str, before: _Members | None
-    ) -> _Members:
-        """The fleet's ids from the store; only those not in ``before`` are hashed."""
+    def read(cls, store: TelemetryStore, fleet: str, rollout_id: str) -> _Members:
+        """Every id of the fleet, from the store."""
         generation, ids = store.fleet_device_ids(fleet)
-        known = before.places if before is not None else {}
-        places = {
-            device: known[device] if device in known else device_bucket(rollout_id, device)
-            for device in ids
-        }
+        places = {device: device_bucket(rollout_id, device) for device in ids}
         return cls(generation, places, sorted(places.values()))
+
+    def follow(self, changes: dict[str, bool], generation: int, rollout_id: str) -> None:
+        """Take in the devices added (True) and removed (False) up to ``generation``."""
+        for device, present in changes.items():
+            place = self.places.get(device)
+            if present and place is None:
+                place = self.places[device] = device_bucket(rollout_id, device)
+                insort(self.ordered, place)
+            elif not present and place is not None:
+                del self.places[device]
+                del self.ordered[bisect_left(self.ordered, place)]
+        self.generation = generation
 
 
 def _sample(device: str, at: float, payload: dict[str, Any], model: str) -> Sample | None:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from agent.contracts import Event, Waiting, parse_status, status_payload
+from controller.fleet import store as store_module
 from controller.fleet.records import HeartbeatFacts, IngestBatch, waiting_json
 from controller.fleet.store import TelemetryStore
 from controller.fleet.stores import is_postgres, open_store
@@ -99,9 +100,21 @@ def _kept_counts(store: TelemetryStore) -> tuple[dict[str, int], dict[tuple[str,
     return sizes, versions
 
 
+@pytest.mark.parametrize("keep", [10_000, 1])
 def test_fleet_counts_equal_a_count_from_scratch_through_every_kind_of_change(
-    store: TelemetryStore,
+    store: TelemetryStore, keep: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """With the store's log of device changes kept (the service follows it) and pruned
+    to one generation (the service reads the ids again when it fell behind)."""
+    monkeypatch.setattr(store_module, "KEEP_CHANGES", keep)
+    full_reads = []
+    read_ids = store.fleet_device_ids
+
+    def counted(fleet: str) -> tuple[int, list[str]]:
+        full_reads.append(fleet)
+        return read_ids(fleet)
+
+    monkeypatch.setattr(store, "fleet_device_ids", counted)
     rng = random.Random(21)
     service = RolloutService(Path("unused"), store, SETTINGS)
     base = _rollout(T0)
@@ -128,6 +141,8 @@ def test_fleet_counts_equal_a_count_from_scratch_through_every_kind_of_change(
         seen_waiting += sum(want["waiting"].values())
     # The mix did what it is for: devices waited, left and came back, versions moved.
     assert seen_waiting > 20 and seen_prunes > 10
+    # The ids were read once and followed from then on, or read again after a prune.
+    assert len(full_reads) == 1 if keep > 1 else len(full_reads) > 5
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
