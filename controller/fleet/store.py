@@ -33,6 +33,11 @@ Invariants:
   redelivery adds nothing); ``rollout_rollup`` reads it. The sums follow the heartbeats'
   retention (``prune_heartbeats``); a store made before them sums the heartbeats it
   holds when opened.
+- Devices are counted as they are stored: per fleet (with a generation that moves, in
+  commit order, with every device added or removed, and a log of which), and model rows
+  per fleet, model and version, kept by triggers in the transaction that changes them
+  (``COUNT_TABLES``); ``rollout_census`` and ``fleet_changes`` read them, so a rollout
+  tick reads a few rows, not every device. A model row exists only with its device's.
 - An event keeps the rollout it was sent under (``rollout_id``, empty from agents that
   predate it). A rollout's evidence is read by that id (``rollout_events``), reduced in
   SQL to a few rows per device: what an aborted rollout of the same version reported
@@ -547,10 +552,11 @@ class TelemetryStore(ABC):
         if not rolled:
             self._seed_rollup(cur)
         if not sized:
-            for statement in (*self.lock_for_counts, *COUNT_TABLES, *_SEED_COUNTS):
+            # With the tables only: two PostgreSQL workers replacing a function at once
+            # can fail ("tuple concurrently updated"); here the lock orders them.
+            statements = (*self.lock_for_counts, *COUNT_TABLES, *_SEED_COUNTS)
+            for statement in (*statements, *self.count_triggers):
                 cur.execute(statement)
-        for statement in self.count_triggers:
-            cur.execute(statement)
 
     # The triggers that keep COUNT_TABLES; a backend may have its own.
     count_triggers: Sequence[str] = COUNT_TRIGGERS
