@@ -1121,7 +1121,10 @@ class TelemetryStore(ABC):
                 if seen < silent_before or (seen < revoked_before and (f, d) in gone_revoked)
             )
             if gone:
-                for table in ("device_models", "heartbeats", "devices"):
+                # Devices first, as ``write`` takes them (and the counts their triggers
+                # keep: fleet_sizes before model_versions), so that a prune beside
+                # ingestion on PostgreSQL cannot deadlock with it.
+                for table in ("devices", "heartbeats", "device_models"):
                     cur.executemany(
                         self._sql(f"DELETE FROM {table} WHERE fleet = ? AND device = ?"), gone
                     )

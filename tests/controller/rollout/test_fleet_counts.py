@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import threading
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -204,3 +205,55 @@ class connect:
 
     def execute(self, sql: str) -> None:
         self.conn.execute(sql)
+
+
+def test_a_tick_misses_no_device_two_postgresql_writers_add_and_remove_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """Two workers (two stores on one database) add and remove devices of the fleet while
+    the service ticks: its ids follow the log by generation, which the writers number in
+    commit order, so once they stop its counts equal a count from scratch."""
+    with store_location("postgres", tmp_path) as location:
+        stores = [open_store(location) for _ in range(3)]
+        try:
+            reader = stores[2]
+            service = RolloutService(Path("unused"), reader, SETTINGS)
+            r = replace(_rollout(T0), stages=(50.0, 100.0))
+            service.fleet_counts(r)  # the ids read once, before the writers start
+            failures: list[BaseException] = []
+
+            def work(store: TelemetryStore, seed: int) -> None:
+                rng = random.Random(seed)
+                try:
+                    for k in range(40):
+                        devices = [f"w{seed}-{k:02d}-{j}" for j in range(rng.randrange(1, 6))]
+                        batch = IngestBatch()
+                        for device in devices:
+                            model = (MODEL, rng.choice(VERSIONS), "committed", 1, 0, 0, None)
+                            facts = HeartbeatFacts(
+                                FLEET, device, "t", 10.0, {}, 0, 0, (model,), "t", 1
+                            )
+                            batch.heartbeat_facts.append((facts, T0 + k, "{}"))
+                        store.write(batch)
+                        if k % 3 == 2:  # the devices of an earlier round revoked
+                            gone = [(FLEET, f"w{seed}-{k - 2:02d}-{j}") for j in range(5)]
+                            store.prune_devices(0.0, gone, T0 + 1_000.0)
+                except BaseException as exc:
+                    failures.append(exc)
+
+            threads = [threading.Thread(target=work, args=(s, n)) for n, s in enumerate(stores[:2])]
+            for thread in threads:
+                thread.start()
+            ticks = 0
+            while any(thread.is_alive() for thread in threads):
+                service.fleet_counts(r)
+                ticks += 1
+            for thread in threads:
+                thread.join()
+            assert not failures, failures
+            assert service.fleet_counts(r) == _reference_counts(reader, r)
+            assert _kept_counts(reader) == _table_counts(reader)
+            assert ticks > 3 and _reference_counts(reader, r)["devices_known"] > 50
+        finally:
+            for store in stores:
+                store.close()
