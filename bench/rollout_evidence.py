@@ -16,12 +16,23 @@ reads cover the same heartbeats). It times, median of ``--repeat`` calls each:
   as the reference), with the gates evaluated: the first tick of a stage (a fresh
   service, the whole window read) and a later one (the same service 5 s on, reading the
   newest heartbeats with the ``WINDOW_OVERLAP_S`` overlap);
-- ``fleet_counts``, the device counts a tick saves for ``rollout status``.
+- ``fleet_counts``, the device counts a tick saves for ``rollout status``;
+- the whole tick, ``RolloutService.tick`` end to end as ``edgectl serve``'s job runs it:
+  a real repository (``init_repository``, 1.0.0 released to the fleet, 2.0.0 rolled out
+  by ``start_rollout`` at 10 %), its records settled, the evidence read and judged, the
+  counts, the record saved and desired state published under the repository lock. The
+  first tick of a rollout (it reads the fleet's ids and hashes each device's place),
+  later ones, and ticks that each follow a batch adding one device (the store's log of
+  device changes followed).
 
 And, with ``--ingest N`` (default 20,000), ``TelemetryStore.write`` of N heartbeats in
 batches of 2,000 (ingestion's default batch) into a fresh store, with the rollup and
 without it (the write path before it: the heartbeat insert alone, nothing summed),
-``--ingest-rounds`` stores each way, alternating: the store's time per message.
+``--ingest-rounds`` stores each way, alternating: the store's time per message. A third
+way: with the rollup but without the triggers that keep the device counts
+(``rollout_census``). Half of these heartbeats are a device's first (its device and model
+rows inserted, which the triggers count); in a fleet already known only a model moving to
+another version fires one.
 Both gate reports are compared: the run stops if they differ.
 
     python bench/rollout_evidence.py [--devices 10000,100000] [--repeat 5] [--no-postgres]
@@ -33,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -51,14 +63,18 @@ from _common import (
 )
 
 from agent.contracts import ProbationPolicy
+from controller.build.builder import build_bundle
 from controller.fleet import store as store_module
 from controller.fleet.records import HeartbeatFacts, IngestBatch
 from controller.fleet.rollup import bucket_of
 from controller.fleet.store import HEARTBEAT_INSERT, TelemetryStore
+from controller.repository.release import release_bundle
+from controller.repository.repo import init_repository
 from controller.rollout.gates import evaluate_gates, parse_gates
-from controller.rollout.service import RolloutService
-from controller.rollout.stages import OnFailure, Rollout, new_rollout
+from controller.rollout.service import RolloutService, start_rollout
+from controller.rollout.stages import OnFailure, Rollout, RolloutState, new_rollout
 from tests.controller.test_store_support import store_for
+from tests.helpers import make_linear_model
 
 FLEET = "fleet-00"
 MODEL = "detector"
@@ -101,6 +117,22 @@ def without_rollup(store: TelemetryStore) -> None:
     store._write_rollup = lambda cur, rows: None  # type: ignore[method-assign]
 
 
+def without_count_triggers(store: TelemetryStore) -> None:
+    """Drop the triggers that keep the count tables (``rollout_census``): the write as it
+    was before them."""
+    tables = {"devices_added": "devices", "devices_removed": "devices"}
+    with store._write() as cur:
+        for name in (
+            "devices_added",
+            "devices_removed",
+            "device_models_added",
+            "device_models_removed",
+            "device_models_moved",
+        ):
+            on = f" ON {tables.get(name, 'device_models')}" if store.placeholder == "%s" else ""
+            cur.execute(f"DROP TRIGGER IF EXISTS {name}{on}")
+
+
 def ingest_cost(backend: str, folder: Path, args: argparse.Namespace) -> list[tuple[object, ...]]:
     """The store's time per heartbeat in ``TelemetryStore.write``, with the rollup and
     without it, ``--ingest-rounds`` fresh stores each, alternating: the median and the
@@ -110,23 +142,36 @@ def ingest_cost(backend: str, folder: Path, args: argparse.Namespace) -> list[tu
     now = time.time()
     # As ingestion meets them: in the order received, a device's heartbeats batches apart.
     rows = sorted(heartbeats(FLEET, args.ingest // 2, 2, now), key=lambda row: row[1])
-    labels = ("with the rollup", "without (the write before it)")
+    labels = (
+        "with the rollup",
+        "with the rollup, without the count triggers",
+        "without (the write before it)",
+    )
     spent: dict[str, list[tuple[float, float]]] = {label: [] for label in labels}
+    # The second half: every device's second heartbeat (the first ones sort before them).
+    known: dict[str, list[float]] = {label: [] for label in labels}
+    half = len(rows) // 2
     for n in range(args.ingest_rounds):
-        for label in labels:
-            with store_for(backend, folder / f"{n}-{label.split()[0]}") as store:
+        for way, label in enumerate(labels):
+            with store_for(backend, folder / f"{n}-{way}") as store:
                 original = store_module.rollup_rows
+                if label.startswith("without") or "triggers" in label:
+                    without_count_triggers(store)
                 if label.startswith("without"):
                     without_rollup(store)
                     store_module.rollup_rows = lambda beats: {}
                 try:
                     wall, cpu = time.perf_counter(), time.process_time()
                     for at in range(0, len(rows), INGEST_BATCH):
+                        if at == half:
+                            cpu_half = time.process_time()
                         store.write(IngestBatch(heartbeat_facts=rows[at : at + INGEST_BATCH]))
                     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                    cpu_half = time.process_time() - cpu_half
                 finally:
                     store_module.rollup_rows = original
             spent[label].append((wall / len(rows) * 1e6, cpu / len(rows) * 1e6))
+            known[label].append(cpu_half / (len(rows) - half) * 1e6)
     for label in labels:
         walls = [w for w, _c in spent[label]]
         cpus = [c for _w, c in spent[label]]
@@ -137,6 +182,7 @@ def ingest_cost(backend: str, folder: Path, args: argparse.Namespace) -> list[tu
                 label,
                 f"{statistics.median(walls):.1f} / {min(walls):.1f}",
                 f"{statistics.median(cpus):.1f} / {min(cpus):.1f}",
+                f"{statistics.median(known[label]):.1f} / {min(known[label]):.1f}",
                 args.ingest_rounds,
             )
         )
@@ -160,6 +206,70 @@ def rollout(now: float) -> Rollout:
         # On a rollup bucket's start: both reads then cover the same heartbeats.
         now=bucket_of(now - 45.0),
     )
+
+
+# The whole tick's rollout: the gates of ``rollout`` with room for the fill's error
+# rate (about 1 %), so the stage goes on and every tick judges it.
+TICK_GATES = "error_rate<0.05,min_devices=3"
+
+
+def repository_with_rollout(folder: Path, now: float) -> Path:
+    """A repository where the fleet runs 1.0.0 and a rollout of 2.0.0 at 10 % started
+    45-105 s before ``now``, on a minute (as ``rollout``)."""
+    repo = init_repository(folder / "repo")
+    bundles = []
+    for seed, version in ((1, "1.0.0"), (2, "2.0.0")):
+        model = make_linear_model(folder / f"{version}.onnx", seed=seed)
+        bundles.append(build_bundle(model, MODEL, version, folder / f"{version}.bundle", 4).path)
+    release_bundle(bundles[0], FLEET, repo.path)
+    start_rollout(
+        repo.path,
+        fleet=FLEET,
+        model=MODEL,
+        version="2.0.0",
+        stages=(10, 100),
+        wait_s=600.0,
+        deadline_s=1800.0,
+        gates=parse_gates(TICK_GATES),
+        bundle=bundles[1],
+        now=bucket_of(now - 45.0),
+    )
+    return repo.path
+
+
+def whole_ticks(
+    store: TelemetryStore, folder: Path, devices: int, now: float, repeat: int
+) -> list[tuple[str, str, list[float]]]:
+    """``RolloutService.tick`` timed end to end: the first of a rollout, ``repeat`` later
+    ones, and ``repeat`` that each follow a batch adding a device to the fleet."""
+    repo_dir = repository_with_rollout(folder, now)
+    service = RolloutService(repo_dir, store)
+
+    def tick(at: float) -> float:
+        start = time.perf_counter()
+        (after,) = service.tick(at)
+        spent = time.perf_counter() - start
+        if after.state is not RolloutState.RUNNING or after.stage != 0:
+            raise SystemExit(f"the tick moved the rollout: {after.state.value} {after.stage}")
+        return spent
+
+    first = [tick(now)]
+    later = [tick(now + 5.0 * k) for k in range(1, repeat + 1)]
+    joined = []
+    for k in range(repeat):
+        at = now + 5.0 * (repeat + 1 + k)
+        extra = heartbeats(FLEET, 1, 1, at)
+        facts, received, payload = extra[0]
+        extra = [(facts._replace(device=f"{FLEET}-joined-{k:03d}"), received, payload)]
+        store.write(IngestBatch(heartbeat_facts=extra))
+        joined.append(tick(at))
+    counts = service.records.load(service.records.active()[0].id).last_report
+    shown = f"{counts.get('on_new')}/{counts.get('expected')} of {counts.get('devices_known')}"
+    return [
+        ("whole tick, first of the rollout (ids read, places hashed)", shown, first),
+        ("whole tick, later", shown, later),
+        ("whole tick after a batch adding a device", shown, joined),
+    ]
 
 
 def measure(
@@ -214,8 +324,15 @@ def measure(
             runs = (runs[0], runs[3])
         for label, run, shown in runs:
             median, best = median_ms(run, args.repeat)
+            load = f"{os.getloadavg()[0]:.1f}"
             rows.append(
-                (backend, devices, label, shown, f"{median:.1f}", f"{best:.1f}", args.repeat)
+                (backend, devices, label, shown, f"{median:.1f}", f"{best:.1f}", args.repeat, load)
+            )
+        for label, shown, spent in whole_ticks(store, folder, devices, now, args.repeat):
+            load = f"{os.getloadavg()[0]:.1f}"
+            median, best = statistics.median(spent) * 1000, min(spent) * 1000
+            rows.append(
+                (backend, devices, label, shown, f"{median:.1f}", f"{best:.1f}", len(spent), load)
             )
         print(
             f"{backend}: {store.count('devices')} devices, {store.count('heartbeats')} "
@@ -248,7 +365,7 @@ def main() -> None:
         for backend in store_backends(args):
             with tempfile.TemporaryDirectory(prefix="rollout-evidence-") as tmp:
                 rows += measure(backend, Path(tmp), devices, args)
-    headers = ("store", "devices", "call", "read", "median ms", "min ms", "runs")
+    headers = ("store", "devices", "call", "read", "median ms", "min ms", "runs", "load 1 min")
     table = markdown_table(headers, rows)
     print(table)
     ingest: list[tuple[object, ...]] = []
@@ -262,6 +379,7 @@ def main() -> None:
             "write",
             "wall µs per heartbeat (median / best)",
             "CPU µs per heartbeat (median / best)",
+            "devices known (second half): CPU µs per heartbeat",
             "rounds",
         )
         ingest_table = markdown_table(ingest_headers, ingest)

@@ -75,6 +75,84 @@ _BULK_TYPES: Final = {
 _VALUES: Final = re.compile(r"VALUES \((?:\?, )*\?\)")
 
 
+# The count tables' triggers (``controller.fleet.store.COUNT_TABLES``). Rows added or
+# removed are counted once a statement, from its transition table: a batch's bulk insert
+# of devices seen for the first time is one upsert per fleet, not one per device. A model
+# row moved to another version is counted row by row, only when its version changes
+# (the WHEN is checked as the row is updated; a heartbeat that keeps its version fires
+# nothing). Counter rows are updated in key order, so two writers moving devices both
+# ways cannot deadlock on them (``write`` retries a deadlock once anyway).
+COUNT_TRIGGERS: Final = (
+    """CREATE OR REPLACE FUNCTION edgefleet_devices_added() RETURNS trigger
+    LANGUAGE plpgsql AS $$ BEGIN
+        WITH counted AS (
+            INSERT INTO fleet_sizes (fleet, devices, generation)
+            SELECT fleet, count(*), 1 FROM added GROUP BY fleet ORDER BY fleet
+            ON CONFLICT (fleet) DO UPDATE SET devices = fleet_sizes.devices + excluded.devices,
+                generation = fleet_sizes.generation + 1
+            RETURNING fleet, generation)
+        INSERT INTO fleet_changes (fleet, generation, device)
+        SELECT a.fleet, c.generation, a.device FROM added a JOIN counted c ON c.fleet = a.fleet;
+        RETURN NULL;
+    END $$""",
+    """CREATE OR REPLACE FUNCTION edgefleet_devices_removed() RETURNS trigger
+    LANGUAGE plpgsql AS $$ BEGIN
+        WITH counted AS (
+            UPDATE fleet_sizes SET devices = fleet_sizes.devices - gone.n,
+                generation = fleet_sizes.generation + 1
+            FROM (SELECT fleet, count(*) AS n FROM removed GROUP BY fleet ORDER BY fleet) gone
+            WHERE fleet_sizes.fleet = gone.fleet
+            RETURNING fleet_sizes.fleet, fleet_sizes.generation)
+        INSERT INTO fleet_changes (fleet, generation, device)
+        SELECT r.fleet, c.generation, r.device FROM removed r JOIN counted c ON c.fleet = r.fleet;
+        RETURN NULL;
+    END $$""",
+    """CREATE OR REPLACE FUNCTION edgefleet_models_added() RETURNS trigger
+    LANGUAGE plpgsql AS $$ BEGIN
+        INSERT INTO model_versions (fleet, model, version, devices)
+        SELECT fleet, model, COALESCE(version, ''), count(*) FROM added
+        GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+        ON CONFLICT (fleet, model, version)
+        DO UPDATE SET devices = model_versions.devices + excluded.devices;
+        RETURN NULL;
+    END $$""",
+    """CREATE OR REPLACE FUNCTION edgefleet_models_removed() RETURNS trigger
+    LANGUAGE plpgsql AS $$ BEGIN
+        UPDATE model_versions SET devices = model_versions.devices - gone.n
+        FROM (SELECT fleet, model, COALESCE(version, '') AS version, count(*) AS n
+              FROM removed GROUP BY 1, 2, 3) gone
+        WHERE model_versions.fleet = gone.fleet AND model_versions.model = gone.model
+          AND model_versions.version = gone.version;
+        RETURN NULL;
+    END $$""",
+    """CREATE OR REPLACE FUNCTION edgefleet_models_moved() RETURNS trigger
+    LANGUAGE plpgsql AS $$ BEGIN
+        INSERT INTO model_versions (fleet, model, version, devices)
+        SELECT NEW.fleet, NEW.model, v.version, v.n
+        FROM (VALUES (COALESCE(OLD.version, ''), -1), (COALESCE(NEW.version, ''), 1))
+             AS v(version, n) ORDER BY v.version
+        ON CONFLICT (fleet, model, version)
+        DO UPDATE SET devices = model_versions.devices + excluded.devices;
+        RETURN NULL;
+    END $$""",
+    """CREATE OR REPLACE TRIGGER devices_added AFTER INSERT ON devices
+    REFERENCING NEW TABLE AS added FOR EACH STATEMENT
+    EXECUTE FUNCTION edgefleet_devices_added()""",
+    """CREATE OR REPLACE TRIGGER devices_removed AFTER DELETE ON devices
+    REFERENCING OLD TABLE AS removed FOR EACH STATEMENT
+    EXECUTE FUNCTION edgefleet_devices_removed()""",
+    """CREATE OR REPLACE TRIGGER device_models_added AFTER INSERT ON device_models
+    REFERENCING NEW TABLE AS added FOR EACH STATEMENT
+    EXECUTE FUNCTION edgefleet_models_added()""",
+    """CREATE OR REPLACE TRIGGER device_models_removed AFTER DELETE ON device_models
+    REFERENCING OLD TABLE AS removed FOR EACH STATEMENT
+    EXECUTE FUNCTION edgefleet_models_removed()""",
+    """CREATE OR REPLACE TRIGGER device_models_moved AFTER UPDATE OF version ON device_models
+    FOR EACH ROW WHEN (COALESCE(OLD.version, '') <> COALESCE(NEW.version, ''))
+    EXECUTE FUNCTION edgefleet_models_moved()""",
+)
+
+
 def bulk_statement(statement: str, types: tuple[str, ...]) -> str:
     """``statement`` (an INSERT of one row of ``?`` parameters, in the store's dialect)
     as one that inserts every row of its columns, each given as an array."""
@@ -113,6 +191,11 @@ class PostgresStore(TelemetryStore):
         psycopg.IntegrityError,
         pg_errors.ProgramLimitExceeded,
     )
+
+    count_triggers = COUNT_TRIGGERS
+
+    # No writer may add a row between the count and the trigger that counts it.
+    lock_for_counts = ("LOCK TABLE devices, device_models IN SHARE ROW EXCLUSIVE MODE",)
 
     def __init__(self, dsn: str, timeout_s: float = 5.0) -> None:
         super().__init__()

@@ -102,34 +102,36 @@ def rollup_rows(
     """The rollup rows of heartbeats given as (fleet, device, received_at, models):
     ``figures``, ``latency`` and ``devices`` (in the column order of
     ``controller.fleet.store.ROLLUP``), each summed over the heartbeats that share its
-    key and sorted by it. Models without a version are left out (no gate can count them)."""
-    figures: dict[tuple[str, str, str, float], list[int]] = {}
-    latency: dict[tuple[str, str, str, float, int], int] = {}
-    devices: dict[tuple[str, str, str, float, str], list[Any]] = {}
-    floor, log, width = math.floor, math.log, BUCKET_S
+    key and sorted by it. Models without a version are left out (no gate can count them).
+
+    Runs for every stored heartbeat: the sums of one (fleet, model, version, bucket) are
+    kept together (its figures, its bins, its devices), so each heartbeat builds and
+    hashes one key tuple, not three."""
+    # (fleet, model, version, bucket) -> [figures, {bin: n}, {device: sums}]
+    groups: dict[tuple[str, str, str, float], list[Any]] = {}
+    floor, log, width, low = math.floor, math.log, BUCKET_S, MIN_LATENCY_S
     for fleet, device, received, models in beats:
         bucket = floor(received / width) * width
         for name, version, _state, requests, errors, client_errors, p99 in models:
             if version is None:
                 continue
             key = (fleet, name, version, bucket)
-            sums = figures.get(key)
-            if sums is None:
-                figures[key] = [1, requests, errors, client_errors]
-            else:
-                sums[0] += 1
-                sums[1] += requests
-                sums[2] += errors
-                sums[3] += client_errors
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = [[0, 0, 0, 0], {}, {}]
+            sums, bins, devices = group
+            sums[0] += 1
+            sums[1] += requests
+            sums[2] += errors
+            sums[3] += client_errors
             if p99 is not None and requests > client_errors:  # counted_p99
-                at = (fleet, name, version, bucket, ceil(log(max(p99, MIN_LATENCY_S)) / _LOG_GAMMA))
-                latency[at] = latency.get(at, 0) + 1
+                at = ceil(log(max(p99, low)) / _LOG_GAMMA)
+                bins[at] = bins.get(at, 0) + 1
             else:
                 p99 = None
-            mine_key = (fleet, name, version, bucket, device)
-            mine = devices.get(mine_key)
+            mine = devices.get(device)
             if mine is None:
-                devices[mine_key] = [
+                devices[device] = [
                     requests,
                     errors,
                     client_errors,
@@ -143,11 +145,15 @@ def rollup_rows(
                 if p99 is not None:
                     mine[3] += p99
                     mine[4] += 1
-    return {
-        "figures": [(*k, *v) for k, v in sorted(figures.items())],
-        "latency": [(*k, n) for k, n in sorted(latency.items())],
-        "devices": [(*k, *v) for k, v in sorted(devices.items())],
-    }
+    figures: list[tuple[Any, ...]] = []
+    latency: list[tuple[Any, ...]] = []
+    by_device: list[tuple[Any, ...]] = []
+    for key in sorted(groups):
+        sums, bins, devices = groups[key]
+        figures.append((*key, *sums))
+        latency += [(*key, at, bins[at]) for at in sorted(bins)]
+        by_device += [(*key, device, *devices[device]) for device in sorted(devices)]
+    return {"figures": figures, "latency": latency, "devices": by_device}
 
 
 def payload_models(payload: Mapping[str, Any]) -> list[ModelFigures]:

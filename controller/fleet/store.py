@@ -33,6 +33,11 @@ Invariants:
   redelivery adds nothing); ``rollout_rollup`` reads it. The sums follow the heartbeats'
   retention (``prune_heartbeats``); a store made before them sums the heartbeats it
   holds when opened.
+- Devices are counted as they are stored: per fleet (with a generation that moves, in
+  commit order, with every device added or removed, and a log of which), and model rows
+  per fleet, model and version, kept by triggers in the transaction that changes them
+  (``COUNT_TABLES``); ``rollout_census`` and ``fleet_changes`` read them, so a rollout
+  tick reads a few rows, not every device. A model row exists only with its device's.
 - An event keeps the rollout it was sent under (``rollout_id``, empty from agents that
   predate it). A rollout's evidence is read by that id (``rollout_events``), reduced in
   SQL to a few rows per device: what an aborted rollout of the same version reported
@@ -53,7 +58,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from agent.contracts import Waiting
 from controller.base.errors import ControllerError
@@ -105,6 +110,14 @@ def _fresh(
                 continue
             seen.add(key)
         yield facts.fleet, facts.device, received, facts.models
+
+
+class RolloutCensus(NamedTuple):
+    """``TelemetryStore.rollout_census``: the counts a rollout tick reads."""
+
+    generation: int
+    running: int
+    waiting: tuple[tuple[str, str | None, Waiting], ...]
 
 
 class StoreError(ControllerError):
@@ -173,6 +186,78 @@ DDL: Final = (
         PRIMARY KEY (fleet, model, version, bucket, device))""",
 )
 ROLLUP_TABLES: Final = ("rollout_figures", "rollout_latency", "rollout_devices")
+# What a rollout tick counts without reading every device row (``rollout_census``): the
+# devices of each fleet, with a generation that changes whenever one is added or removed,
+# the devices added or removed by each generation (``fleet_changes``), and the model rows
+# of each fleet, model and version ('' for none). Kept by triggers
+# (``COUNT_TRIGGERS``, a backend's own), so only a device added or removed, or a model
+# row added, removed or moved to another version, writes to them: a heartbeat that
+# changes none of these writes nothing more. A model row exists only with its device's
+# row (``write`` stores both; ``prune_devices`` removes both).
+#
+# A fleet's generation is its row of fleet_sizes, updated by every transaction that adds
+# or removes one of its devices: a second such transaction waits for the first to commit
+# (the row's lock), so generations are numbered in commit order and a reader that sees
+# generation G sees every change up to G. ``changes_from``: the changes of generations
+# up to it were pruned (``prune_devices``).
+COUNT_TABLES: Final = (
+    """CREATE TABLE IF NOT EXISTS fleet_sizes (
+        fleet TEXT NOT NULL PRIMARY KEY, devices BIGINT NOT NULL, generation BIGINT NOT NULL,
+        changes_from BIGINT NOT NULL DEFAULT 0)""",
+    """CREATE TABLE IF NOT EXISTS fleet_changes (
+        fleet TEXT NOT NULL, generation BIGINT NOT NULL, device TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS fleet_changes_generation ON fleet_changes (fleet, generation)",
+    """CREATE TABLE IF NOT EXISTS model_versions (
+        fleet TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
+        devices BIGINT NOT NULL, PRIMARY KEY (fleet, model, version))""",
+)
+# The counts of the rows a store held before the count tables (made in the same
+# transaction as the triggers).
+_SEED_COUNTS: Final = (
+    "INSERT INTO fleet_sizes (fleet, devices, generation, changes_from) "
+    "SELECT fleet, count(*), 1, 1 FROM devices GROUP BY fleet",
+    "INSERT INTO model_versions (fleet, model, version, devices) "
+    "SELECT fleet, model, COALESCE(version, ''), count(*) FROM device_models GROUP BY 1, 2, 3",
+)
+# SQLite's triggers (row by row; an upsert that updates fires no INSERT trigger).
+COUNT_TRIGGERS: Final = (
+    """CREATE TRIGGER IF NOT EXISTS devices_added AFTER INSERT ON devices BEGIN
+        INSERT INTO fleet_sizes (fleet, devices, generation) VALUES (NEW.fleet, 1, 1)
+        ON CONFLICT (fleet) DO UPDATE SET devices = devices + 1, generation = generation + 1;
+        INSERT INTO fleet_changes (fleet, generation, device)
+        SELECT NEW.fleet, generation, NEW.device FROM fleet_sizes WHERE fleet = NEW.fleet;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS devices_removed AFTER DELETE ON devices BEGIN
+        UPDATE fleet_sizes SET devices = devices - 1, generation = generation + 1
+        WHERE fleet = OLD.fleet;
+        INSERT INTO fleet_changes (fleet, generation, device)
+        SELECT OLD.fleet, generation, OLD.device FROM fleet_sizes WHERE fleet = OLD.fleet;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS device_models_added AFTER INSERT ON device_models BEGIN
+        INSERT INTO model_versions (fleet, model, version, devices)
+        VALUES (NEW.fleet, NEW.model, COALESCE(NEW.version, ''), 1)
+        ON CONFLICT (fleet, model, version) DO UPDATE SET devices = devices + 1;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS device_models_removed AFTER DELETE ON device_models BEGIN
+        UPDATE model_versions SET devices = devices - 1
+        WHERE fleet = OLD.fleet AND model = OLD.model AND version = COALESCE(OLD.version, '');
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS device_models_moved AFTER UPDATE OF version ON device_models
+    WHEN COALESCE(OLD.version, '') <> COALESCE(NEW.version, '') BEGIN
+        UPDATE model_versions SET devices = devices - 1
+        WHERE fleet = OLD.fleet AND model = OLD.model AND version = COALESCE(OLD.version, '');
+        INSERT INTO model_versions (fleet, model, version, devices)
+        VALUES (NEW.fleet, NEW.model, COALESCE(NEW.version, ''), 1)
+        ON CONFLICT (fleet, model, version) DO UPDATE SET devices = devices + 1;
+    END""",
+)
+# Generations of each fleet's device changes kept (``prune_devices``).
+KEEP_CHANGES: Final = 10_000
+# The model rows that say why their device waits, without a scan of the fleet's rows.
+WAITING_INDEX: Final = (
+    "CREATE INDEX IF NOT EXISTS device_models_waiting ON device_models (fleet, model) "
+    "WHERE waiting IS NOT NULL"
+)
 # A store made before event_counts: counted once from the events it holds.
 _SEED_EVENT_COUNTS: Final = """
 INSERT INTO event_counts (fleet, kind, n) SELECT fleet, kind, count(*) FROM events
@@ -456,14 +541,28 @@ class TelemetryStore(ABC):
     def _create_tables_with(self, cur: Any) -> None:
         counted = self._has_table(cur, "event_counts")
         rolled = self._has_table(cur, "rollout_figures")
+        sized = self._has_table(cur, "model_versions")
         for statement in DDL:
             cur.execute(self._sql(statement))
         self._migrate(cur)
         cur.execute(HEARTBEAT_KEY)
+        cur.execute(WAITING_INDEX)
         if not counted:
             cur.execute(_SEED_EVENT_COUNTS)
         if not rolled:
             self._seed_rollup(cur)
+        if not sized:
+            # With the tables only: two PostgreSQL workers replacing a function at once
+            # can fail ("tuple concurrently updated"); here the lock orders them.
+            statements = (*self.lock_for_counts, *COUNT_TABLES, *_SEED_COUNTS)
+            for statement in (*statements, *self.count_triggers):
+                cur.execute(statement)
+
+    # The triggers that keep COUNT_TABLES; a backend may have its own.
+    count_triggers: Sequence[str] = COUNT_TRIGGERS
+    # What keeps other writers out while the count tables are seeded (SQLite: nothing;
+    # the transaction holds the only writer's lock already).
+    lock_for_counts: Sequence[str] = ()
 
     def _seed_rollup(self, cur: Any, chunk: int = 5000) -> None:
         """A store made before the rollup tables: sum the heartbeats it holds into them
@@ -840,6 +939,82 @@ class TelemetryStore(ABC):
             cur.execute(self._sql(query), [model, version, fleet])
             return [(str(device), bool(runs)) for device, runs in cur.fetchall()]
 
+    def rollout_census(self, fleet: str, model: str, version: str) -> RolloutCensus:
+        """What a rollout tick counts, from a few rows: the generation of ``fleet``'s
+        devices (it changes whenever one is added or removed; 0 before any was), how many
+        devices' ``model`` is at ``version``, and the model rows of ``model`` in
+        ``fleet`` that say why their device waits (device, version, reason), by device.
+        Read in that order: a device added after the generation was read shows as a new
+        generation on the next read."""
+        with self._read() as cur:
+            cur.execute(self._sql("SELECT generation FROM fleet_sizes WHERE fleet = ?"), [fleet])
+            row = cur.fetchone()
+            generation = int(row[0]) if row is not None else 0
+            cur.execute(
+                self._sql(
+                    "SELECT devices FROM model_versions WHERE fleet = ? AND model = ? "
+                    "AND version = ?"
+                ),
+                [fleet, model, version],
+            )
+            row = cur.fetchone()
+            running = int(row[0]) if row is not None else 0
+            cur.execute(
+                self._sql(
+                    "SELECT m.device, m.version, m.waiting FROM device_models m "
+                    "JOIN devices d ON d.fleet = m.fleet AND d.device = m.device "
+                    # No ORDER BY: SQLite would walk the primary key for it, not this index.
+                    "WHERE m.fleet = ? AND m.model = ? AND m.waiting IS NOT NULL"
+                ),
+                [fleet, model],
+            )
+            rows = cur.fetchall()
+        waits = []
+        for device, at, text in sorted(rows):
+            why = waiting_from_json(text)
+            if why is not None:
+                waits.append((str(device), None if at is None else str(at), why))
+        return RolloutCensus(generation, running, tuple(waits))
+
+    def fleet_changes(self, fleet: str, after: int, upto: int) -> dict[str, bool] | None:
+        """The devices of ``fleet`` added or removed by generations ``after`` + 1 to
+        ``upto`` (as ``rollout_census`` read it), each with whether the store holds it
+        now; None when those changes were pruned (read the ids again)."""
+        with self._read() as cur:
+            cur.execute(self._sql("SELECT changes_from FROM fleet_sizes WHERE fleet = ?"), [fleet])
+            row = cur.fetchone()
+            if row is None or after < int(row[0]):
+                return None
+            cur.execute(
+                self._sql(
+                    "SELECT DISTINCT device FROM fleet_changes WHERE fleet = ? "
+                    "AND generation > ? AND generation <= ?"
+                ),
+                [fleet, after, upto],
+            )
+            changed = sorted(str(device) for (device,) in cur.fetchall())
+            present: set[str] = set()
+            for at in range(0, len(changed), 500):
+                chunk = changed[at : at + 500]
+                marks = ", ".join("?" for _ in chunk)
+                query = f"SELECT device FROM devices WHERE fleet = ? AND device IN ({marks})"
+                cur.execute(
+                    self._sql(query),
+                    [fleet, *chunk],
+                )
+                present.update(str(device) for (device,) in cur.fetchall())
+        return {device: device in present for device in changed}
+
+    def fleet_device_ids(self, fleet: str) -> tuple[int, list[str]]:
+        """The generation of ``fleet``'s devices (``rollout_census``), then their ids
+        (read after it: an id added in between shows as a new generation next time)."""
+        with self._read() as cur:
+            cur.execute(self._sql("SELECT generation FROM fleet_sizes WHERE fleet = ?"), [fleet])
+            row = cur.fetchone()
+            cur.execute(self._sql("SELECT device FROM devices WHERE fleet = ?"), [fleet])
+            ids = [str(device) for (device,) in cur.fetchall()]
+        return (int(row[0]) if row is not None else 0), ids
+
     def waiting(self, fleet: str, model: str) -> dict[str, Waiting]:
         """The devices of ``fleet`` whose stored ``model`` says why it waits (its
         ``waiting`` reason), by device id; the others are not in it."""
@@ -862,7 +1037,8 @@ class TelemetryStore(ABC):
 
     def count(self, table: str) -> int:
         """Rows in ``table`` (devices, device_models, heartbeats, events or a rollup table)."""
-        if table not in ("devices", "device_models", "heartbeats", "events", *ROLLUP_TABLES):
+        tables = ("devices", "device_models", "heartbeats", "events", *ROLLUP_TABLES)
+        if table not in (*tables, "fleet_sizes", "fleet_changes", "model_versions"):
             raise ValueError(f"unknown table {table!r}")
         with self._read() as cur:
             cur.execute(f"SELECT count(*) FROM {table}")
@@ -945,10 +1121,26 @@ class TelemetryStore(ABC):
                 if seen < silent_before or (seen < revoked_before and (f, d) in gone_revoked)
             )
             if gone:
-                for table in ("device_models", "heartbeats", "devices"):
+                # Devices first, as ``write`` takes them (and the counts their triggers
+                # keep: fleet_sizes before model_versions), so that a prune beside
+                # ingestion on PostgreSQL cannot deadlock with it.
+                for table in ("devices", "heartbeats", "device_models"):
                     cur.executemany(
                         self._sql(f"DELETE FROM {table} WHERE fleet = ? AND device = ?"), gone
                     )
+            # Keep the newest KEEP_CHANGES generations of changes of each fleet: a reader
+            # further behind reads the ids again.
+            cur.execute(
+                self._sql(
+                    "UPDATE fleet_sizes SET changes_from = generation - ? "
+                    "WHERE changes_from < generation - ?"
+                ),
+                [KEEP_CHANGES, KEEP_CHANGES],
+            )
+            cur.execute(
+                "DELETE FROM fleet_changes WHERE generation <= (SELECT changes_from "
+                "FROM fleet_sizes WHERE fleet_sizes.fleet = fleet_changes.fleet)"
+            )
             return len(gone)
 
     def prune_models(self, before: float) -> int:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -427,9 +428,8 @@ class RolloutService:
         # overlap for late writes) instead of the whole window again.
         self._windows: dict[tuple[str, int, float], dict[tuple[str, float], Sample]] = {}
         self._read_at: dict[tuple[str, int, float], float] = {}
-        # Each device's place in an active rollout (``device_bucket``): fixed for the
-        # rollout, so hashed once, not on every tick (fleet_counts).
-        self._buckets: dict[str, dict[str, float]] = {}
+        # The fleet's devices and their places in each active rollout (fleet_counts).
+        self._members: dict[str, _Members] = {}
 
     def run_once(self) -> None:
         """The scheduled entry point: one tick, errors logged (the next tick retries)."""
@@ -452,7 +452,7 @@ class RolloutService:
         keep = {(r.id, r.stage, r.stage_started_at) for r in active}
         self._windows = {k: v for k, v in self._windows.items() if k in keep}
         self._read_at = {k: v for k, v in self._read_at.items() if k in keep}
-        self._buckets = {k: v for k, v in self._buckets.items() if k in {r.id for r in active}}
+        self._members = {k: v for k, v in self._members.items() if k in {r.id for r in active}}
         for r in active:
             now_r = time.time() if now is None else now
             out.append(self._tick_one(r, now_r))
@@ -557,37 +557,85 @@ class RolloutService:
         """Devices the store knows in the fleet, those the stage gives the new version,
         those that run it now, and why those given it and not running it wait (for
         ``rollout status``): ``waiting`` counts them by reason code, ``waiting_devices``
-        names the first ``MAX_WAITING_SHOWN`` (longest waiting first)."""
+        names the first ``MAX_WAITING_SHOWN`` (longest waiting first).
+
+        Read from a few rows (``store.rollout_census``): the counts the store keeps as
+        devices and their versions change, and the model rows that say why they wait.
+        The fleet's device ids (each device's place in the rollout is a hash of its id)
+        are read once per rollout; after that only the devices added or removed since
+        (``store.fleet_changes``, when the store's generation of the fleet moved). The
+        places are kept sorted, so the devices a stage gives the new version are counted
+        by bisection."""
         release = desired_release(r)
-        known = expected = on_new = 0
-        waits = self.store.waiting(r.fleet, r.model)
+        census = self.store.rollout_census(r.fleet, r.model, r.version)
+        members = self._members.get(r.id)
+        if members is None:
+            members = self._members[r.id] = _Members.read(self.store, r.fleet, release.rollout_id)
+        elif members.generation != census.generation:
+            changes = self.store.fleet_changes(r.fleet, members.generation, census.generation)
+            if changes is None:  # pruned since: every id again
+                members = _Members.read(self.store, r.fleet, release.rollout_id)
+                self._members[r.id] = members
+            else:
+                members.follow(changes, census.generation, release.rollout_id)
+        places = members.places
+        canaries = set(release.canaries)
+        # resolve_release(release, device) names the new version: the stage gives it
+        expected = bisect_left(members.ordered, release.percent) + sum(
+            1 for c in canaries if c in places and places[c] >= release.percent
+        )
         waiting: list[tuple[str, Waiting]] = []
-        buckets = self._buckets.setdefault(r.id, {})
-        for device, runs_new in self.store.devices_running(r.fleet, r.model, r.version):
-            known += 1
-            bucket = buckets.get(device)
-            if bucket is None:
-                bucket = buckets[device] = device_bucket(release.rollout_id, device)
-            # resolve_release(release, device) names the new version: the stage gives it
-            if device in release.canaries or bucket < release.percent:
-                expected += 1
-                why = waits.get(device)
-                # A reason about another version is older than this rollout (the device
-                # has not checked since it started): it says nothing about this one.
-                if not runs_new and why is not None and why.version in (r.version, None):
-                    waiting.append((device, why))
-            on_new += runs_new
+        for device, version, why in census.waiting:
+            place = places.get(device)
+            if place is None or version == r.version:
+                continue  # added after the ids were read (counted next tick), or runs it
+            # A reason about another version is older than this rollout (the device
+            # has not checked since it started): it says nothing about this one.
+            if (device in canaries or place < release.percent) and why.version in (
+                r.version,
+                None,
+            ):
+                waiting.append((device, why))
         waiting.sort(key=lambda item: (item[1].since or "~", item[0]))
         return {
-            "devices_known": known,
+            "devices_known": len(places),
             "expected": expected,
-            "on_new": on_new,
+            "on_new": census.running,
             "waiting": dict(sorted(Counter(w.code for _d, w in waiting).items())),
             "waiting_devices": [
                 {"device": device, "code": w.code, "detail": w.detail, "since": w.since}
                 for device, w in waiting[:MAX_WAITING_SHOWN]
             ],
         }
+
+
+@dataclass
+class _Members:
+    """A fleet's devices as of a generation of the store, and their places in one
+    rollout (``device_bucket``), by id and sorted."""
+
+    generation: int
+    places: dict[str, float]
+    ordered: list[float]
+
+    @classmethod
+    def read(cls, store: TelemetryStore, fleet: str, rollout_id: str) -> _Members:
+        """Every id of the fleet, from the store."""
+        generation, ids = store.fleet_device_ids(fleet)
+        places = {device: device_bucket(rollout_id, device) for device in ids}
+        return cls(generation, places, sorted(places.values()))
+
+    def follow(self, changes: dict[str, bool], generation: int, rollout_id: str) -> None:
+        """Take in the devices added (True) and removed (False) up to ``generation``."""
+        for device, present in changes.items():
+            place = self.places.get(device)
+            if present and place is None:
+                place = self.places[device] = device_bucket(rollout_id, device)
+                insort(self.ordered, place)
+            elif not present and place is not None:
+                del self.places[device]
+                del self.ordered[bisect_left(self.ordered, place)]
+        self.generation = generation
 
 
 def _sample(device: str, at: float, payload: dict[str, Any], model: str) -> Sample | None:
