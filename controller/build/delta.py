@@ -1,7 +1,9 @@
 """Writing a delta between two bundle files (the format: ``agent.contracts.delta``).
 
-``make_delta(old_bundle, new_bundle)`` reads both containers, then for each member of the
-new bundle:
+``make_delta(old_bundle, new_bundle)`` reads both containers (``read_container``: the
+members unpacked, a format 2 bundle's frames decompressed under its manifest's bounds;
+the old bundle's format does not matter, the device holds its members unpacked), then for
+each member of the new bundle:
 
 - ``model.onnx`` is split into its tensors (each initializer's ``raw_data``) and the rest
   of the protobuf. A tensor whose bytes exist in the old model is ``copy``; one of the
@@ -13,7 +15,10 @@ new bundle:
   dictionary (or without, whichever is smaller).
 
 The result is checked before it is returned: applying it to the old members must give the
-new bundle's exact bytes (``DeltaError`` otherwise). Pure: bytes in, bytes out.
+new bundle's exact bytes (``DeltaError`` otherwise, saying so when the new bundle itself
+is not what ``write_container`` writes, e.g. a format 2 bundle compressed by another
+libzstd release). A format 2 delta records this process's libzstd release, the one that
+reproduced the bundle. Pure: bytes in, bytes out.
 """
 
 from __future__ import annotations
