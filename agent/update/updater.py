@@ -33,7 +33,9 @@ Invariants:
   downloaded like any target, applied to the installed files, and the rebuilt file is
   verified against the *full bundle's* signed length and hashes before it is used. Any
   failure (no base on disk, a base that differs, a bad delta, a rebuild that does not
-  match, a transfer error) falls back to the full bundle, logged once per delta; a cut
+  match, a transfer error, a format 2 delta made with another libzstd release than this
+  agent's, refused before any rebuild) falls back to the full bundle, logged once per
+  delta; a cut
   or timed-out transfer of the delta is resumed on the next check, any other failure
   writes the delta off while the agent runs.
 - The transport is chosen by ``[repository] transport``: HTTP, MQTT chunks, or HTTP
