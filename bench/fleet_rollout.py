@@ -24,12 +24,22 @@ number of devices with a stage window of heartbeats each.
 
 Appends a run to the "Fleet rollout" section of docs/benchmarks.md (``--no-record`` to
 skip).
+
+``--deltas`` measures instead the move v1 → v2 of devices that serve v1, twice side by
+side in one run: released without deltas (``--delta-from 0``) and with them (the
+default). v2 is v1 with its last layer's bias retrained (the bench model is one linear
+layer: ``W`` unchanged, 1,000 new bias values). Each simulated device serves v1 from one
+shared folder of v1's unpacked members (the delta's base, read only), applies the delta
+with the agent's code and verifies the rebuilt bundle against the signed target. Bytes
+served are the bytes the devices fetched (the agent's own log of each transfer: the
+delta, or the full bundle, or both when a delta fell back), summed over the fleet.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -64,11 +74,19 @@ class SkipLoadLifecycle:
     """The part of ``agent.update.lifecycle.ModelLifecycle`` the update service calls, with the
     model load skipped: the verified download is deleted and the version committed."""
 
-    def __init__(self, on_commit: Any) -> None:
-        from agent.update.journal import JournalRecord
+    def __init__(self, on_commit: Any, serving: str = "", installed: str = "") -> None:
+        from agent.update.journal import JournalRecord, Phase
 
         self._records: dict[str, JournalRecord] = {}
         self._on_commit = on_commit
+        self._serving, self._installed = serving, Path(installed)
+        if serving:  # a device already serving ``serving``, its files in ``installed``
+            self._records[MODEL] = JournalRecord(
+                model=MODEL, phase=Phase.COMMITTED, version=serving, entered_at=time.time()
+            )
+
+    def installed_dir(self, model: str, version: str) -> Path:
+        return self._installed if version == self._serving else Path("/nonexistent")
 
     def record(self, model: str) -> Any:
         from agent.update.journal import JournalRecord
@@ -80,8 +98,9 @@ class SkipLoadLifecycle:
     ) -> None:
         from agent.update.journal import JournalRecord, Phase, serving_version
 
+        _FETCHED.bytes = 0
         path = download()  # TUF download: length and sha256 checked against signed metadata
-        size = path.stat().st_size
+        size = _FETCHED.bytes or path.stat().st_size
         path.unlink()
         before = self.record(model)
         self._records[model] = JournalRecord(
@@ -97,9 +116,33 @@ class SkipLoadLifecycle:
     def roll_back(self, model: str, reason: str) -> bool:
         return False
 
+    def put_back_interrupted(self) -> None:
+        """Nothing is ever interrupted here: installs are not resumed across restarts."""
+
+    def model_names(self) -> list[str]:
+        return list(self._records)
+
+    def probation_left_s(self, model: str) -> float:
+        return 0.0
+
+
+_FETCHED = threading.local()
+
+
+class _FetchedBytes(logging.Handler):
+    """Sums, per checking thread, the bytes of each transfer the update service logs
+    (``installing <model> <version> from <target> (<bytes> bytes…)``)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        args = record.args
+        if record.msg.startswith("installing ") and isinstance(args, tuple) and len(args) >= 4:
+            _FETCHED.bytes = getattr(_FETCHED, "bytes", 0) + int(args[3])
+
 
 class SimAgent:
-    def __init__(self, device: str, state: Path, url: str, root: Path) -> None:
+    def __init__(
+        self, device: str, state: Path, url: str, root: Path, serving: str = "", installed: str = ""
+    ) -> None:
         from agent.device.config import AgentConfig, RepositoryConfig
         from agent.update.updater import UpdateService
 
@@ -111,7 +154,7 @@ class SimAgent:
             repository=RepositoryConfig(url=url, read_timeout_s=60, download_deadline_s=300),
         )
         self.device = device
-        self.lifecycle = SkipLoadLifecycle(self._committed)
+        self.lifecycle = SkipLoadLifecycle(self._committed, serving, installed)
         self.updates = UpdateService(config, self.lifecycle)  # type: ignore[arg-type]
         self.lock = threading.Lock()
         self.wanted = False
@@ -137,7 +180,14 @@ def run_worker(args: argparse.Namespace) -> None:
     from agent.contracts import announce_topic
 
     devices = [f"sim-{i:04d}" for i in range(args.first, args.first + args.count)]
-    agents = [SimAgent(d, Path(args.state) / d, args.url, Path(args.root)) for d in devices]
+    updater_log = logging.getLogger("agent.update.updater")
+    updater_log.setLevel(logging.INFO)
+    updater_log.propagate = False
+    updater_log.addHandler(_FetchedBytes())
+    agents = [
+        SimAgent(d, Path(args.state) / d, args.url, Path(args.root), args.serving, args.installed)
+        for d in devices
+    ]
     pool = ThreadPoolExecutor(args.threads, thread_name_prefix="check")
     list(pool.map(lambda a: a.check(), agents))  # bootstrap: trusted metadata cached
     pending = threading.Lock()
@@ -179,14 +229,31 @@ def run_worker(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------- the controller side
 
 
-def build_bundle_of(mb: float, out: Path, work: Path) -> Path:
+def build_bundle_of(
+    mb: float, out: Path, work: Path, version: str = "1.0.0", bias_seed: int | None = None
+) -> Path:
+    """A bundle of one linear layer of about ``mb`` MB; with ``bias_seed``, its bias
+    replaced by new random values (the last layer retrained, ``W`` unchanged)."""
     from controller.build.builder import BuildOptions, build_bundle
     from tests.helpers import make_linear_model
 
     in_features = max(4, int(mb * 2**20 / 4 / 1000))
     model = make_linear_model(work / "big.onnx", seed=7, in_features=in_features, out_features=1000)
+    if bias_seed is not None:
+        import numpy as np
+        import onnx
+        from onnx import numpy_helper
+
+        proto = onnx.load(str(model))
+        for init in proto.graph.initializer:
+            if init.name == "b":
+                rng = np.random.default_rng(bias_seed)
+                new = rng.normal(size=numpy_helper.to_array(init).shape).astype(np.float32)
+                init.CopyFrom(numpy_helper.from_array(new, "b"))
+        model = work / f"big-{version}.onnx"
+        onnx.save(proto, str(model))
     options = BuildOptions(quantize="none", latency_runs=0)
-    return build_bundle(model, MODEL, "1.0.0", out, 4, options=options).path
+    return build_bundle(model, MODEL, version, out, 4, options=options).path
 
 
 def tick_cost(devices: int, beats: int) -> tuple[float, float]:
@@ -250,17 +317,23 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=300.0)
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument(
+        "--deltas", action="store_true", help="v1 → v2 without and with deltas, side by side"
+    )
+    parser.add_argument(
         "--record-to", type=Path, default=BENCHMARKS_MD, help="default docs/benchmarks.md"
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     for name in ("first", "count"):
         parser.add_argument(f"--{name}", type=int, default=0, help=argparse.SUPPRESS)
-    for name in ("broker", "url", "root", "state"):
+    for name in ("broker", "url", "root", "state", "serving", "installed"):
         parser.add_argument(f"--{name}", default="", help=argparse.SUPPRESS)
     parser.add_argument("--lifetime", type=float, default=900.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         run_worker(args)
+        return
+    if args.deltas:
+        run_delta_bench(args)
         return
     run_bench(args)
 
@@ -349,8 +422,138 @@ def run_bench(args: argparse.Namespace) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def run_delta_bench(args: argparse.Namespace) -> None:
+    """v1 → v2 on devices serving v1: released without deltas, then with; side by side."""
+    from agent.update.unpack import unpack_bundle
+    from tests.e2e_support import edgectl, start_serve
+    from tests.helpers import start_broker
+
+    work = Path(tempfile.mkdtemp(prefix="fleet-deltas-"))
+    broker = start_broker(work / "broker")
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        v1 = build_bundle_of(args.mb, work / "v1.bundle", work)
+        v2 = build_bundle_of(args.mb, work / "v2.bundle", work, "2.0.0", bias_seed=8)
+        installed = work / "installed-1.0.0"
+        unpack_bundle(v1, installed, expected_name=MODEL, expected_version="1.0.0",
+                      max_member_bytes=1 << 32, max_total_bytes=1 << 33)  # fmt: skip
+        for label, delta_from in (("full bundle", "0"), ("delta", "2")):
+            results[label] = _move(args, work / label.replace(" ", "-"), broker.address,
+                                   v1, v2, installed, delta_from, edgectl, start_serve)  # fmt: skip
+            r = results[label]
+            print(
+                f"{label}: committed {r['done']}/{args.devices} (errors {r['errors']}); "
+                f"bytes fetched {r['bytes']:,}; release -> last {r['last']:.1f} s "
+                f"(median {r['p50']:.1f} s); serve CPU {r['cpu']:.1f} s",
+                flush=True,
+            )
+    finally:
+        broker.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    if not args.no_record:
+        record_deltas(args, v1_size=results["full bundle"]["size"], results=results)
+
+
+def _move(
+    args: argparse.Namespace, work: Path, broker: str, v1: Path, v2: Path, installed: Path,
+    delta_from: str, edgectl: Any, start_serve: Any,
+) -> dict[str, Any]:  # fmt: skip
+    work.mkdir()
+    repo = work / "repo"
+    edgectl("init", repo)
+    edgectl("release", v1, "--fleet", FLEET, "--repo", repo, "--delta-from", "0")
+    serve, url = start_serve(repo, broker, work / "serve.log")
+    workers: list[subprocess.Popen[str]] = []
+    commits: dict[str, float] = {}
+    fetched: dict[str, int] = {}
+    errors: list[str] = []
+    ready = threading.Semaphore(0)
+    try:
+        per = -(-args.devices // args.workers)
+        for first in range(0, args.devices, per):
+            cmd = [
+                sys.executable, __file__, "--worker", "--first", str(first),
+                "--count", str(min(per, args.devices - first)), "--broker", broker,
+                "--url", url, "--root", str(repo / "metadata" / "root.json"),
+                "--state", str(work / "devices"), "--threads", str(args.threads),
+                "--serving", "1.0.0", "--installed", str(installed),
+            ]  # fmt: skip
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            workers.append(proc)
+            threading.Thread(
+                target=_read, args=(proc, commits, errors, ready, "2.0.0", fetched), daemon=True
+            ).start()
+        for _ in workers:
+            if not ready.acquire(timeout=args.timeout):
+                raise SystemExit("workers did not bootstrap in time")
+        time.sleep(1.0)
+        cpu0 = cpu_seconds(serve.process.pid)
+        t0 = time.time()
+        out = edgectl("release", v2, "--fleet", FLEET, "--repo", repo, "--delta-from", delta_from)
+        deadline = time.monotonic() + args.timeout
+        while len(commits) < args.devices and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cpu1 = cpu_seconds(serve.process.pid)
+        lat = sorted(v - t0 for v in commits.values())
+        return {
+            "size": v2.stat().st_size,
+            "release": out.stdout.strip().splitlines(),
+            "done": len(commits),
+            "errors": len(errors),
+            "error_sample": errors[:3],
+            "bytes": sum(fetched.values()),
+            "last": lat[-1] if lat else float("nan"),
+            "p50": lat[len(lat) // 2] if lat else float("nan"),
+            "cpu": cpu1 - cpu0,
+        }
+    finally:
+        for proc in workers:
+            proc.terminate()
+        for proc in workers:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        serve.stop()
+
+
+def record_deltas(args: argparse.Namespace, v1_size: int, results: dict[str, Any]) -> None:
+    command = (
+        f"python bench/fleet_rollout.py --deltas --devices {args.devices} --workers "
+        f"{args.workers} --threads {args.threads} --mb {args.mb:g}"
+    )
+    full, delta = results["full bundle"], results["delta"]
+    lines = [
+        run_heading(command),
+        f"v1 → v2 (the last layer's bias retrained) on {args.devices} devices serving v1; "
+        f"v2's bundle {full['size']:,} B (format 2); {args.workers} worker processes x "
+        f"{args.threads} threads; model loading skipped (simulated). Bytes: what the "
+        "devices fetched, summed.",
+        "",
+        "| figure | without deltas | with deltas | with / without |",
+        "|---|---|---|---|",
+        f"| devices committed (errors) | {full['done']} ({full['errors']}) | "
+        f"{delta['done']} ({delta['errors']}) | |",
+        f"| bytes served | {full['bytes']:,} | {delta['bytes']:,} | "
+        f"{delta['bytes'] / max(full['bytes'], 1):.2%} |",
+        f"| release → median device committed | {full['p50']:.1f} s | {delta['p50']:.1f} s | "
+        f"{delta['p50'] / full['p50']:.2f}× |",
+        f"| release → last device committed | {full['last']:.1f} s | {delta['last']:.1f} s | "
+        f"{delta['last'] / full['last']:.2f}× |",
+        f"| `edgectl serve` CPU meanwhile | {full['cpu']:.1f} s | {delta['cpu']:.1f} s | |",
+    ]
+    intro = (
+        "`bench/fleet_rollout.py`: simulated agents on the real update path (TUF refresh, "
+        "desired state, download, length and sha256 verification; loading the model is "
+        "skipped) against one `edgectl serve`. See the script's docstring for what is real."
+    )
+    record_section(HEADING, intro, "\n".join(lines), args.record_to)
+    print(f"recorded in {args.record_to}")
+
+
 def _read(proc: subprocess.Popen[str], commits: dict[str, float], errors: list[str],
-          ready: threading.Semaphore) -> None:  # fmt: skip
+          ready: threading.Semaphore, version: str = "1.0.0",
+          fetched: dict[str, int] | None = None) -> None:  # fmt: skip
     assert proc.stdout is not None
     for line in proc.stdout:
         if line.strip() == "ready":
@@ -362,8 +565,10 @@ def _read(proc: subprocess.Popen[str], commits: dict[str, float], errors: list[s
             continue
         if "error" in doc:
             errors.append(f"{doc['device']}: {doc['error']}")
-        elif doc.get("version") == "1.0.0":
+        elif doc.get("version") == version:
             commits.setdefault(doc["device"], float(doc["at"]))
+            if fetched is not None:
+                fetched[doc["device"]] = int(doc["bytes"])
 
 
 def record(

@@ -104,7 +104,9 @@ def test_release_reaches_the_device_and_serves(world: dict[str, object], broker:
 
         # v3 released, then its bytes changed on the server before the agent fetches it.
         with paused(serve):
-            edgectl("release", bundles["3.0.0"], "--fleet", FLEET, "--repo", repo, *QUICK)
+            # The full bundle is what is tampered with: no delta to use instead.
+            edgectl("release", bundles["3.0.0"], "--fleet", FLEET, "--repo", repo, *QUICK,
+                    "--delta-from", "0")  # fmt: skip
             tamper_stored_bundle(repo, MODEL, "3.0.0")
         refusal = f"refused target bundles/{MODEL}/3.0.0.bundle"
         wait_until(lambda: refusal in agent.text(), 60, "the agent to refuse the tampered bundle")

@@ -49,14 +49,19 @@ def compress_member(data: bytes) -> bytes:
     return compressor.compress(data)
 
 
-def codec_facts() -> dict[str, Any]:
-    """What the manifest records about the compressor (``build.compression``)."""
+def libzstd_version() -> str:
+    """The libzstd release this process compresses with, e.g. ``1.5.6``."""
     import zstandard
 
+    return ".".join(str(p) for p in zstandard.ZSTD_VERSION)
+
+
+def codec_facts() -> dict[str, Any]:
+    """What the manifest records about the compressor (``build.compression``)."""
     return {
         "codec": ENCODING_ZSTD,
         "level": ZSTD_LEVEL,
-        "libzstd": ".".join(str(p) for p in zstandard.ZSTD_VERSION),
+        "libzstd": libzstd_version(),
         "checksum": True,
         "threads": 1,
     }

@@ -133,6 +133,10 @@ class ModelLifecycle:
     def record(self, model: str) -> JournalRecord:
         return self._store.read_journal(model)
 
+    def installed_dir(self, model: str, version: str) -> Path:
+        """Where ``version`` of ``model`` is unpacked (it may not be there): a delta's base."""
+        return self._store.version_dir(model, version)
+
     def model_names(self) -> list[str]:
         """The models with a journal on this device."""
         return self._store.model_names()

@@ -44,9 +44,13 @@ from agent.contracts import (
     Manifest,
     parse_manifest,
 )
+from agent.contracts.bundle_container import (
+    MAX_MANIFEST_BYTES,
+    StoredMembers,
+    check_manifest_member,
+)
 from agent.contracts.compression import STORED_SUFFIX, decompress_member
 
-MAX_MANIFEST_BYTES = 1024 * 1024
 _COPY_CHUNK = 1024 * 1024
 
 
@@ -144,14 +148,11 @@ def _extract(
     free_space: Callable[[Path], int],
 ) -> Manifest:
     max_member_bytes, max_total_bytes = limits
-    try:
-        archive = tarfile.open(bundle, mode="r:")  # noqa: SIM115 - closed by the with below
-    except (tarfile.TarError, OSError) as exc:
-        raise BundleError(f"bundle is not a readable tar archive: {exc}") from None
     manifest: Manifest | None = None
     seen: set[str] = set()
     total = 0
-    with archive:
+    # The one reader of bundle files (agent.contracts.bundle_container), streamed.
+    with StoredMembers(bundle) as archive:
         try:
             for member in archive:
                 name = _member_name(member, manifest)
@@ -162,9 +163,7 @@ def _extract(
                     raise BundleError(
                         f"bundle unpacks to more than the limit of {max_total_bytes} bytes"
                     )
-                source = archive.extractfile(member)
-                if source is None:
-                    raise BundleError(f"bundle member {member.name!r} has no content")
+                source = archive.open(member)
                 if manifest is None:
                     raw = _read_manifest_bytes(member, source)
                     manifest = _check_manifest(raw, expected_name, expected_version)
@@ -187,10 +186,7 @@ def _extract(
 
 
 def _read_manifest_bytes(member: tarfile.TarInfo, source: IO[bytes]) -> bytes:
-    if member.name != BUNDLE_MANIFEST:
-        raise BundleError(f"the first bundle member must be {BUNDLE_MANIFEST}, got {member.name!r}")
-    if member.size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{BUNDLE_MANIFEST} is {member.size} bytes, over {MAX_MANIFEST_BYTES}")
+    check_manifest_member(member)
     return source.read(MAX_MANIFEST_BYTES + 1)
 
 

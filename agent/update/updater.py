@@ -28,6 +28,16 @@ Invariants:
   ``staging/<name>.<sha256 prefix>.part``, resumed from its size on the next check after
   an interruption, never past the signed length, verified as a whole against the signed
   length and hashes, then renamed into place. A part that fails verification is deleted.
+- A delta (``agent.contracts.delta``) is tried before the full bundle when the signed
+  targets list one from the version the device serves, smaller than the bundle: it is
+  downloaded like any target, applied to the installed files, and the rebuilt file is
+  verified against the *full bundle's* signed length and hashes before it is used. Any
+  failure (no base on disk, a base that differs, a bad delta, a rebuild that does not
+  match, a transfer error, a format 2 delta made with another libzstd release than this
+  agent's, refused before any rebuild) falls back to the full bundle, logged once per
+  delta; a cut
+  or timed-out transfer of the delta is resumed on the next check, any other failure
+  writes the delta off while the agent runs.
 - The transport is chosen by ``[repository] transport``: HTTP, MQTT chunks, or HTTP
   falling back to MQTT (``agent.update.fetcher``, ``agent.update.mqtt_fetcher``).
 
@@ -36,6 +46,7 @@ Blocking: call ``check`` from a worker thread, never the event loop.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
@@ -57,7 +68,7 @@ from agent.base.errors import (
     TamperedDownloadError,
     UntrustedInputError,
 )
-from agent.base.fsutil import durable_rename, free_bytes, remove_tree
+from agent.base.fsutil import atomic_write, durable_rename, free_bytes, remove_tree
 from agent.contracts import (
     ROLLOUT_ROLE,
     DesiredState,
@@ -67,6 +78,7 @@ from agent.contracts import (
     parse_desired_state,
     resolve_release,
 )
+from agent.contracts.delta import DeltaError, apply_delta, delta_target_path
 from agent.device.config import AgentConfig
 from agent.update.journal import Phase, serving_version, should_skip
 from agent.update.lifecycle import ModelLifecycle
@@ -128,6 +140,10 @@ class UpdateService:
         # left it (``agent.update.waiting``); the models the last desired state named.
         self.waiting = WaitingBoard()
         self._desired_models: set[str] = set()
+        # Delta target paths that failed here for good (not a transfer that may resume):
+        # not tried again by this process. Every failure of a delta is logged once.
+        self._failed_deltas: set[str] = set()
+        self._logged_deltas: set[str] = set()
 
     @property
     def _fetcher(self) -> ResumableFetcher:
@@ -328,7 +344,9 @@ class UpdateService:
                 version,
                 release.rollout_id,
                 release.probation,
-                lambda: self._download_bundle(updater, model, version, target),
+                lambda: self._download_bundle(
+                    updater, model, version, target, serving_version(record)
+                ),
             )
         except TamperedDownloadError as exc:
             logger.error(
@@ -351,7 +369,9 @@ class UpdateService:
         result.installed[model] = version
         return None
 
-    def _download_bundle(self, updater: Updater, model: str, version: str, target: str) -> Path:
+    def _download_bundle(
+        self, updater: Updater, model: str, version: str, target: str, served: str | None = None
+    ) -> Path:
         try:
             with self._tuf_errors(f"the targets metadata for {target}"):
                 info = updater.get_targetinfo(target)
@@ -366,9 +386,94 @@ class UpdateService:
             raise UntrustedInputError(
                 f"bundle is {info.length} bytes, over repository.max_bundle_bytes={limit}"
             )
+        path = self._staging_dir / f"{model}-{version}.bundle"
+        if served is not None and served != version:
+            rebuilt = self._try_delta(updater, model, version, served, info, path)
+            if rebuilt is not None:
+                return rebuilt
         self._check_disk_space(info.length)
         logger.info("installing %s %s from %s (%d bytes)", model, version, target, info.length)
-        return self._download(updater, info, self._staging_dir / f"{model}-{version}.bundle")
+        return self._download(updater, info, path)
+
+    def _try_delta(
+        self, updater: Updater, model: str, version: str, old: str, full: TargetFile, path: Path
+    ) -> Path | None:
+        """The bundle rebuilt from a delta and verified against ``full``'s signed length
+        and hashes, at ``path``; None (logged once per delta) when there is no usable delta:
+        the caller downloads the full bundle."""
+        delta_path = delta_target_path(model, version, old)
+        if delta_path in self._failed_deltas:
+            return None
+        try:
+            with self._tuf_errors(f"the targets metadata for {delta_path}"):
+                info = updater.get_targetinfo(delta_path)
+        except AgentError:
+            return None  # the full bundle's lookup says what is wrong, if anything
+        if info is None or info.length >= full.length:
+            return None
+        staged = self._staging_dir / f"{model}-{version}.from-{old}.delta"
+        try:
+            base_dir = self._lifecycle.installed_dir(model, old)
+            if not base_dir.is_dir():
+                raise DeltaError(f"the installed files of {model} {old} are not on disk")
+            self._check_disk_space(info.length + full.length)
+            logger.info(
+                "installing %s %s from %s (%d bytes, the bundle is %d)",
+                model,
+                version,
+                delta_path,
+                info.length,
+                full.length,
+            )
+            downloaded = self._download(updater, info, staged)
+            try:
+                delta = downloaded.read_bytes()
+            finally:
+                remove_tree(downloaded)
+            data = apply_delta(
+                delta,
+                lambda name: (base_dir / name).read_bytes(),
+                model=model,
+                old=old,
+                new=version,
+                max_output_bytes=self._config.repository.max_bundle_bytes,
+            )
+            del delta
+            # The check that matters: the rebuilt file against the full bundle's
+            # signed length and hashes, whatever the delta's header claims.
+            full.verify_length_and_hashes(io.BytesIO(data))
+            atomic_write(path, data)
+        except (AgentError, OSError, tuf_errors.LengthOrHashMismatchError, MemoryError) as exc:
+            # A transfer cut or timed out (not altered bytes) or a full disk is tried again
+            # on the next check, resuming its part: on a poor link the delta is the better
+            # bet. Anything else about this delta will not change: never again.
+            transient = isinstance(exc, FetchError | InsufficientSpaceError) and not isinstance(
+                exc, TamperedDownloadError
+            )
+            if not transient:
+                self._failed_deltas.add(delta_path)
+                for leftover in [staged, *staged.parent.glob(f"{staged.name}.*.part")]:
+                    remove_tree(leftover)
+            if delta_path in self._logged_deltas:
+                return None
+            self._logged_deltas.add(delta_path)
+            what = (
+                f"rebuilt bundle does not match the signed target {full.path}: {_describe(exc)}"
+                if isinstance(exc, tuf_errors.LengthOrHashMismatchError)
+                else f"{type(exc).__name__}: {exc}"
+            )
+            logger.warning(
+                "%s %s: delta %s not used (%s); downloading the full bundle",
+                model,
+                version,
+                delta_path,
+                what,
+            )
+            return None
+        logger.info(
+            "%s %s rebuilt from %s and verified against %s", model, version, delta_path, full.path
+        )
+        return path
 
     # ------------------------------------------------------------------ helpers
 

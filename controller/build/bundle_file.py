@@ -4,7 +4,8 @@ Invariants of what ``pack_bundle`` writes:
 - Uncompressed POSIX (ustar) tar; members exactly ``manifest.json``, then ``model.onnx``
   and ``golden.npz`` (schema /1) or ``model.onnx.zst`` and ``golden.npz.zst`` (schema /2,
   one zstd frame each, ``stored_members``), in that order; regular files only; uid/gid 0,
-  no user/group names, mode 0644, mtime ``BUNDLE_MTIME``. Same inputs → same bytes (for
+  no user/group names, mode 0644, mtime ``BUNDLE_MTIME``
+  (``agent.contracts.bundle_container`` writes and reads the tar). Same inputs → same bytes (for
   /2: with the same libzstd release).
 
 ``read_bundle`` is the controller's check before publishing: it accepts exactly what
@@ -15,8 +16,6 @@ Invariants of what ``pack_bundle`` writes:
 from __future__ import annotations
 
 import hashlib
-import io
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -31,11 +30,10 @@ from agent.contracts import (
     Manifest,
     parse_manifest,
 )
-from agent.contracts.compression import ENCODING_ZSTD, STORED_SUFFIX, decompress_member
+from agent.contracts.bundle_container import TAR_V1, TAR_V2_ZSTD, read_stored, unstore, write_stored
+from agent.contracts.compression import ENCODING_ZSTD, STORED_SUFFIX
 from controller.base.errors import BundleFileError, UsageError
 
-# A fixed member mtime keeps bundles reproducible (2000-01-01T00:00:00Z).
-BUNDLE_MTIME: Final = 946_684_800
 # A bundle is refused beyond this size; models for edge devices are far smaller.
 MAX_BUNDLE_BYTES: Final = 4 << 30
 
@@ -64,26 +62,15 @@ def pack_bundle(
 ) -> bytes:
     """The bytes of a bundle holding the three members, in contract order.
 
-    With ``compressed``, ``model`` and ``golden`` are already zstd frames (schema /2) and
-    are stored as ``model.onnx.zst`` and ``golden.npz.zst``.
+    With ``compressed``, ``model`` and ``golden`` are already zstd frames (schema /2,
+    made by ``compress_member``) and are stored as ``model.onnx.zst`` and
+    ``golden.npz.zst``. The container writer is ``agent.contracts.bundle_container``:
+    deltas rebuild through it too.
     """
-    suffix = STORED_SUFFIX if compressed else ""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for name, data in (
-            (BUNDLE_MANIFEST, manifest),
-            (BUNDLE_MODEL + suffix, model),
-            (BUNDLE_GOLDEN + suffix, golden),
-        ):
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            info.mode = 0o644
-            info.mtime = BUNDLE_MTIME
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            info.type = tarfile.REGTYPE
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
+    return write_stored(
+        TAR_V2_ZSTD if compressed else TAR_V1,
+        [(BUNDLE_MANIFEST, manifest), (BUNDLE_MODEL, model), (BUNDLE_GOLDEN, golden)],
+    )
 
 
 def read_bundle(path: Path) -> BundleInfo:
@@ -122,27 +109,7 @@ def read_bundle(path: Path) -> BundleInfo:
 
 def _decompressed(manifest: Manifest, stored: dict[str, bytes]) -> dict[str, bytes]:
     """A /2 bundle's members decompressed under the agent's bounds (BundleError if not)."""
-    out = {BUNDLE_MANIFEST: stored[BUNDLE_MANIFEST]}
-    for stored_name, data in stored.items():
-        if stored_name == BUNDLE_MANIFEST:
-            continue
-        if not stored_name.endswith(STORED_SUFFIX):
-            raise BundleError(f"member {stored_name!r} of a compressed bundle is not <name>.zst")
-        name = stored_name.removesuffix(STORED_SUFFIX)
-        expected = manifest.members.get(name)
-        if expected is None:
-            raise BundleError(f"member {stored_name!r} is not listed in the manifest")
-        if len(data) != expected["stored_size"]:
-            raise BundleError(
-                f"member {stored_name!r}: stored size expected {expected['stored_size']}, "
-                f"got {len(data)}"
-            )
-        parts: list[bytes] = []
-        decompress_member(
-            name, io.BytesIO(data), int(expected["size"]), str(expected["sha256"]), parts.append
-        )
-        out[name] = b"".join(parts)
-    return out
+    return dict(unstore(manifest, list(stored.items())))
 
 
 def _read_members(path: Path, data: bytes) -> dict[str, bytes]:
@@ -152,20 +119,15 @@ def _read_members(path: Path, data: bytes) -> dict[str, bytes]:
     allowed = BUNDLE_REQUIRED_MEMBERS + BUNDLE_OPTIONAL_MEMBERS + compressed[1:]
     members: dict[str, bytes] = {}
     try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for info in tar:
-                if not info.isreg():
-                    raise BundleFileError(f"bundle {path}: member {info.name!r} is not a file")
-                if info.name not in allowed or info.name in members:
-                    raise BundleFileError(
-                        f"bundle {path}: unexpected member {info.name!r}; "
-                        f"expected {', '.join(allowed)}"
-                    )
-                extracted = tar.extractfile(info)
-                assert extracted is not None  # a regular file always has content
-                members[info.name] = extracted.read()
-    except tarfile.TarError as exc:
-        raise BundleFileError(f"{path} is not a bundle (not an uncompressed tar): {exc}") from None
+        stored = read_stored(data)
+    except BundleError as exc:
+        raise BundleFileError(f"bundle {path}: {exc}") from None
+    for name, content in stored:
+        if name not in allowed or name in members:
+            raise BundleFileError(
+                f"bundle {path}: unexpected member {name!r}; expected {', '.join(allowed)}"
+            )
+        members[name] = content
     names = list(members)
     if names[:3] not in (list(BUNDLE_REQUIRED_MEMBERS), list(compressed[:3])):
         raise BundleFileError(

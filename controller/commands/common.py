@@ -48,3 +48,17 @@ def probation_policy(args: argparse.Namespace) -> ProbationPolicy:
         max_error_rate=float(values["max_error_rate"]),
         max_p99_ratio=float(values["max_p99_ratio"]),
     )
+
+
+def delta_from_argument(parser: argparse.ArgumentParser) -> None:
+    """``--delta-from K`` (release, rollout start)."""
+    from controller.repository.release import DEFAULT_DELTA_FROM
+
+    parser.add_argument(
+        "--delta-from",
+        type=int,
+        default=DEFAULT_DELTA_FROM,
+        metavar="K",
+        help="also publish deltas from the K highest earlier versions of the model, kept "
+        "when at most 80%% of the bundle (default %(default)s; 0: none)",
+    )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from agent.contracts import ProbationPolicy
 from controller.base.errors import UsageError
-from controller.commands.common import RAW, print_json, probation_policy
+from controller.commands.common import RAW, delta_from_argument, print_json, probation_policy
 
 if TYPE_CHECKING:
     from controller.commands.common import Subparsers
@@ -28,7 +28,11 @@ def _cmd_release(args: argparse.Namespace) -> int:
     from controller.repository.release import release_bundle
 
     r = release_bundle(
-        Path(args.bundle), args.fleet, Path(args.repo), probation=probation_policy(args)
+        Path(args.bundle),
+        args.fleet,
+        Path(args.repo),
+        probation=probation_policy(args),
+        delta_from=args.delta_from,
     )
     if args.json:
         print_json(dataclasses.asdict(r))
@@ -36,12 +40,23 @@ def _cmd_release(args: argparse.Namespace) -> int:
     what = "published" if r.bundle_added else "already published (same bytes)"
     print(f"{r.model} {r.version}: {what} as {r.target_path}")
     print(f"  sha256 {r.sha256}, {r.length} bytes")
+    print_deltas(r.deltas, r.deltas_skipped, r.length)
     if r.fleet_changed:
         print(f"  fleet {r.fleet}: desired version {r.version} (rollout {r.rollout_id})")
     else:
         print(f"  fleet {r.fleet}: already at {r.version}; nothing to change")
     print("  metadata versions: " + ", ".join(f"{k} {v}" for k, v in r.versions.items()))
     return 0
+
+
+def print_deltas(
+    kept: Sequence[tuple[str, int]], skipped: Sequence[tuple[str, str]], length: int
+) -> None:
+    """One line per delta published with a bundle, and per delta not kept."""
+    for old, size in kept:
+        print(f"  delta from {old}: {size} bytes ({size / max(length, 1):.1%} of the bundle)")
+    for old, why in skipped:
+        print(f"  no delta from {old}: {why}")
 
 
 # these verbs reads or retires releases (``releases`` group). A bundle file named like a
@@ -318,6 +333,7 @@ def add_parser(sub: Subparsers) -> None:
     r.add_argument("bundle", metavar="FILE")
     r.add_argument("--fleet", required=True)
     r.add_argument("--repo", required=True, metavar="REPO_DIR")
+    delta_from_argument(r)
     default = ProbationPolicy()
     prob = r.add_argument_group(
         "probation", "what each device checks after activating the release before it commits"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.contracts import ProbationPolicy
-from controller.commands.common import RAW, print_json, probation_policy
+from controller.commands.common import RAW, delta_from_argument, print_json, probation_policy
 
 if TYPE_CHECKING:
     from controller.commands.common import Subparsers
@@ -46,6 +46,7 @@ def _cmd_rollout_start(args: argparse.Namespace) -> int:
         on_failure=OnFailure(args.on_failure),
         probation=probation_policy(args),
         bundle=Path(args.bundle) if args.bundle else None,
+        delta_from=args.delta_from,
     )
     _print_rollout(r, args.json)
     return 0
@@ -142,6 +143,7 @@ def add_parser(sub: Subparsers) -> None:
     st.add_argument("--fleet", required=True)
     st.add_argument("--repo", required=True, metavar="REPO_DIR")
     st.add_argument("--bundle", metavar="FILE", help="publish this bundle first (release key)")
+    delta_from_argument(st)
     st.add_argument(
         "--stages", default="1,10,50,100", help="percentages, ending at 100 (default %(default)s)"
     )

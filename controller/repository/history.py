@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -31,7 +30,6 @@ from typing import Any, Final
 
 from agent.base.errors import BundleError
 from agent.contracts import (
-    BUNDLE_MANIFEST,
     DesiredState,
     InvalidNameError,
     Manifest,
@@ -41,6 +39,8 @@ from agent.contracts import (
     parse_manifest,
     version_key,
 )
+from agent.contracts.bundle_container import read_manifest_member
+from agent.contracts.delta import parse_delta_target
 from controller.base.errors import RepositoryError, UsageError
 from controller.base.fsio import atomic_write, durable_unlink
 from controller.fleet.records import DeviceRow
@@ -88,6 +88,8 @@ class Release:
     manifest: Manifest
     fleets: tuple[FleetReference, ...] = ()
     devices: int | None = None
+    # (from version, bytes) of each delta published to this version, oldest first.
+    deltas: tuple[tuple[str, int], ...] = ()
 
     @property
     def recipe(self) -> str:
@@ -246,15 +248,23 @@ def _split_target(path: str) -> tuple[str, str] | None:
     return (parts[0], parts[1]) if len(parts) == 2 else None
 
 
+def delta_targets(targets: Mapping[str, Any]) -> dict[tuple[str, str], list[tuple[str, str, int]]]:
+    """(model, version) → [(target path, from version, length)] of the deltas to it."""
+    out: dict[tuple[str, str], list[tuple[str, str, int]]] = {}
+    for path, target in targets.items():
+        parsed = parse_delta_target(path)
+        if parsed is not None:
+            model, version, old = parsed
+            out.setdefault((model, version), []).append((path, old, int(target.length)))
+    return out
+
+
 def read_stored_manifest(bundle_file: Path) -> Manifest:
     """The manifest inside a stored bundle, without reading the model. Raises RepositoryError."""
     try:
-        with tarfile.open(bundle_file, mode="r:") as tar:
-            member = tar.extractfile(BUNDLE_MANIFEST)
-            if member is None:
-                raise RepositoryError(f"{bundle_file}: {BUNDLE_MANIFEST} is not a file")
-            return parse_manifest(member.read())
-    except (OSError, tarfile.TarError, KeyError, BundleError) as exc:
+        # The manifest is the first member, stored as it is, in every bundle format.
+        return parse_manifest(read_manifest_member(bundle_file))
+    except (OSError, BundleError) as exc:
         raise RepositoryError(f"stored bundle {bundle_file} is unreadable: {exc}") from None
 
 
@@ -283,6 +293,7 @@ def load_releases(
     targets = repo.load("targets").signed.targets
     desired = desired_states(repo)
     counts = device_counts(devices) if devices is not None else None
+    deltas = delta_targets(targets)
     releases = []
     for path, target in targets.items():
         split = _split_target(path)
@@ -299,6 +310,12 @@ def load_releases(
                 manifest=read_stored_manifest(repo.target_file_path(path, target)),
                 fleets=tuple(fleet_references(desired, name, version)),
                 devices=None if counts is None else counts.get((name, version), 0),
+                deltas=tuple(
+                    sorted(
+                        ((old, length) for (_p, old, length) in deltas.get((name, version), [])),
+                        key=lambda d: version_key(d[0]),
+                    )
+                ),
             )
         )
     if model is not None and not releases:
@@ -416,12 +433,20 @@ def retire_locked(
             f"strand them. Move them first: edgectl rollout start {model} VERSION "
             "--fleet FLEET --repo REPO (and let it complete)"
         )
-    retired[target_path] = {
-        "retired_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "sha256": target.hashes["sha256"],
-    }
+    # Deltas retire with their versions: those to it and those from it.
+    going = [target_path] + [
+        path
+        for path in md.signed.targets
+        if (d := parse_delta_target(path)) is not None and d[0] == model and version in (d[1], d[2])
+    ]
+    for path in going:
+        retired[path] = {
+            "retired_at": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "sha256": md.signed.targets[path].hashes["sha256"],
+        }
     _write_retired(repo_dir, retired)  # first: an interruption cannot orphan the file
-    del md.signed.targets[target_path]
+    for path in going:
+        del md.signed.targets[path]
     targets_version = repo.sign_next_version("targets", md, now)
     repo.publish(now)
     pruned = _prune_locked(repo, now, grace)

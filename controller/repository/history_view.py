@@ -33,6 +33,7 @@ def release_json(r: Release) -> dict[str, Any]:
         "target": r.target_path,
         "sha256": r.sha256,
         "bundle_bytes": r.length,
+        "deltas": [{"from": old, "bytes": size} for old, size in r.deltas],
         "recipe": r.manifest.build.get("recipe"),
         "quality": dict(r.quality),
         "fleets": [{"fleet": f.fleet, "role": f.role, "percent": f.percent} for f in r.fleets],
@@ -75,13 +76,17 @@ def _fleets_text(r: Release) -> str:
 
 def render_list(releases: Sequence[Release], store_note: str = "") -> str:
     """The ``release list`` table."""
-    header = ("MODEL", "VERSION", "DATE", "SIZE", "RECIPE", "AGREE", "COSINE", "FLEETS", "DEVICES")
+    header = (
+        "MODEL", "VERSION", "DATE", "SIZE", "DELTAS", "RECIPE", "AGREE", "COSINE", "FLEETS",
+        "DEVICES",
+    )  # fmt: skip
     rows = [
         (
             r.model,
             r.version,
             r.manifest.created_at or "-",
             _bytes(r.length),
+            ",".join(f"{old}:{_bytes(size)}" for old, size in r.deltas) or "-",
             r.recipe,
             _percent(r.quality.get("top1_agreement")),
             _fmt(r.quality.get("cosine")),
@@ -107,6 +112,10 @@ def render_show(r: Release) -> str:
     lines = [
         f"{r.model} {r.version}  built {m.created_at or '-'}",
         f"  target   {r.target_path}  {_bytes(r.length)}  sha256 {r.sha256}",
+        *(
+            f"  delta    from {old}: {_bytes(size)} ({size / max(r.length, 1):.1%} of the bundle)"
+            for old, size in r.deltas
+        ),
         f"  opset {m.opset}, needs onnxruntime >= {m.min_ort_version}",
         "  inputs:",
         *(f"    {t}" for t in signature(m)["inputs"]),

@@ -11,17 +11,25 @@ Invariants:
   the fleet was told to run before, when it differs.
 - Nothing is signed when nothing changes (releasing what a fleet already runs).
 - ``next_desired_state`` is pure: data in, data out, no clock or randomness.
+- A new version is published with its deltas from the ``delta_from`` highest earlier
+  versions of the model the targets list (``bundles/<model>/<version>.from-<old>.delta``,
+  ``controller.build.delta``), in the same signing as the bundle; a delta is kept only
+  when it is at most ``DELTA_MAX_SHARE`` of the bundle's length. Deltas are made before
+  the repository lock is taken (``prepare_deltas``); under it, a delta whose old bundle
+  is still the same bytes is used, any other is made then.
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from agent.base.errors import DesiredStateError
+from agent.base.errors import BundleError, DesiredStateError
 from agent.contracts import (
     ROLLOUT_ROLE,
     DesiredState,
@@ -32,13 +40,25 @@ from agent.contracts import (
     check_name,
     desired_target_path,
     parse_desired_state,
+    version_key,
 )
+from agent.contracts.delta import delta_target_path
 from controller.base.errors import ConflictError, RepositoryError, UsageError
 from controller.build.bundle_file import read_bundle
+from controller.build.delta import make_delta
 from controller.repository.repo import Repository
 from controller.repository.rotation import locked_repository, roll_forward
 
+if TYPE_CHECKING:
+    from tuf.api.metadata import TargetFile
+
 logger = logging.getLogger(__name__)
+
+# Deltas from this many earlier versions by default (``--delta-from``).
+DEFAULT_DELTA_FROM = 2
+# A delta is published only when it is at most this share of the full bundle: below
+# that, the saving on the wire is worth the device's work of rebuilding.
+DELTA_MAX_SHARE = 0.8
 
 
 @dataclass(frozen=True)
@@ -55,6 +75,10 @@ class ReleaseResult:
     fleet_changed: bool
     rollout_id: str
     versions: dict[str, int]
+    # (from version, delta length) of each delta published with the bundle; deltas
+    # made and not kept (not small enough) are in ``deltas_skipped`` (from, reason).
+    deltas: tuple[tuple[str, int], ...] = ()
+    deltas_skipped: tuple[tuple[str, str], ...] = ()
 
 
 def next_desired_state(
@@ -101,11 +125,13 @@ def release_bundle(
     repo_dir: Path,
     now: datetime | None = None,
     probation: ProbationPolicy | None = None,
+    delta_from: int = DEFAULT_DELTA_FROM,
 ) -> ReleaseResult:
     """Publish ``bundle`` and make it the desired release of ``fleet``.
 
     ``probation`` is the policy devices apply after activating it (default: the
-    contract's defaults).
+    contract's defaults). ``delta_from`` earlier versions get a delta to this one (0:
+    none).
 
     Raises UsageError (bad fleet name, missing file), BundleFileError (malformed bundle),
     RepositoryError (no repository, damaged metadata), ConflictError (the version is
@@ -119,8 +145,11 @@ def release_bundle(
     manifest = info.manifest
     now = now or datetime.now(UTC).replace(microsecond=0)
     target_path = bundle_target_path(manifest.name, manifest.version)
+    prepared = prepare_deltas(repo_dir, target_path, bundle.read_bytes(), delta_from)
     with locked_repository(repo_dir, now=now) as repo:
-        bundle_added = _add_bundle(repo, target_path, bundle, info.sha256, info.length, now)
+        bundle_added, deltas = _add_bundle(
+            repo, target_path, bundle, info.sha256, info.length, now, delta_from, prepared
+        )
         current = _current_desired(repo, fleet)
         rollout_id = new_rollout_id(manifest.name, manifest.version)
         desired = next_desired_state(
@@ -153,28 +182,130 @@ def release_bundle(
         fleet_changed=desired is not None,
         rollout_id=rollout_id,
         versions=versions,
+        deltas=deltas.kept,
+        deltas_skipped=deltas.skipped,
     )
 
 
+@dataclass(frozen=True)
+class _Deltas:
+    kept: tuple[tuple[str, int], ...] = ()
+    skipped: tuple[tuple[str, str], ...] = ()
+
+
 def _add_bundle(
-    repo: Repository, target_path: str, bundle: Path, sha256: str, length: int, now: datetime
-) -> bool:
-    """Add the bundle to top-level targets; False when those exact bytes are already there."""
+    repo: Repository,
+    target_path: str,
+    bundle: Path,
+    sha256: str,
+    length: int,
+    now: datetime,
+    delta_from: int = 0,
+    prepared: Mapping[tuple[str, str], bytes] | None = None,
+) -> tuple[bool, _Deltas]:
+    """Add the bundle (and its deltas) to top-level targets, in one signing; False when
+    those exact bytes are already there (no delta is made then)."""
     existing = repo.load("targets").signed.targets.get(target_path)
     if existing is not None:
         if existing.hashes.get("sha256") == sha256 and existing.length == length:
-            return False
+            return False, _Deltas()
         model, version = target_path.split("/")[1], target_path.rsplit("/", 1)[1]
         raise ConflictError(
             f"version {version.removesuffix('.bundle')} of {model} is already released with "
             f"different content (sha256 {existing.hashes.get('sha256')}, this bundle "
             f"{sha256}); bump the version"
         )
-    stored = repo.store_target(target_path, bundle.read_bytes())
+    data = bundle.read_bytes()
+    stored = repo.store_target(target_path, data)
     if stored.hashes["sha256"] != sha256:
         raise RepositoryError(f"{bundle} changed while it was being released; try again")
-    repo.update_targets("targets", {target_path: stored}, now)
-    return True
+    changes, deltas = _make_deltas(repo, target_path, data, delta_from, prepared or {})
+    repo.update_targets("targets", {target_path: stored, **changes}, now)
+    return True, deltas
+
+
+def earlier_versions(repo: Repository, model: str, version: str, count: int) -> list[str]:
+    """The ``count`` highest versions of ``model`` below ``version`` in the signed targets."""
+    if count <= 0:
+        return []
+    prefix = f"bundles/{model}/"
+    found = []
+    for path in repo.load("targets").signed.targets:
+        name = path.removeprefix(prefix)
+        if path.startswith(prefix) and name.endswith(".bundle") and "/" not in name:
+            old = name.removesuffix(".bundle")
+            if version_key(old) < version_key(version):
+                found.append(old)
+    return sorted(found, key=version_key)[-count:]
+
+
+def prepare_deltas(
+    repo_dir: Path, target_path: str, data: bytes, delta_from: int
+) -> dict[tuple[str, str], bytes]:
+    """The deltas to the bundle ``data`` from the earlier versions, made before the
+    repository lock is taken (making them takes seconds on a large model, and the rollout
+    job waits on the lock): (old version, its bundle's sha256) → delta or b"" (none
+    possible). Nothing when the bundle is already published or the repository cannot be
+    read now; under the lock, ``_make_deltas`` makes what is missing."""
+    if delta_from <= 0:
+        return {}
+    try:
+        repo = Repository.open(repo_dir)
+        targets = repo.load("targets").signed.targets
+    except (OSError, RepositoryError):
+        return {}
+    if target_path in targets:
+        return {}
+    model, version = _model_version(target_path)
+    out: dict[tuple[str, str], bytes] = {}
+    for old in earlier_versions(repo, model, version, delta_from):
+        target = targets[bundle_target_path(model, old)]
+        try:
+            old_data = repo.target_file_path(target.path, target).read_bytes()
+            out[(old, target.hashes["sha256"])] = make_delta(old_data, data)
+        except (OSError, BundleError):
+            continue  # made (and its failure reported) under the lock
+    return out
+
+
+def _model_version(target_path: str) -> tuple[str, str]:
+    model, version = target_path.split("/")[1], target_path.rsplit("/", 1)[1]
+    return model, version.removesuffix(".bundle")
+
+
+def _make_deltas(
+    repo: Repository,
+    target_path: str,
+    data: bytes,
+    delta_from: int,
+    prepared: Mapping[tuple[str, str], bytes],
+) -> tuple[dict[str, TargetFile], _Deltas]:
+    """Store the deltas to the bundle ``data`` worth publishing; return their targets.
+    A delta in ``prepared`` for the same old bundle bytes is used as it is."""
+    model, version = _model_version(target_path)
+    targets = repo.load("targets").signed.targets
+    changes: dict[str, TargetFile] = {}
+    kept: list[tuple[str, int]] = []
+    skipped: list[tuple[str, str]] = []
+    for old in earlier_versions(repo, model, version, delta_from):
+        old_path = bundle_target_path(model, old)
+        sha = targets[old_path].hashes["sha256"]
+        try:
+            delta = prepared.get((old, sha)) or make_delta(
+                repo.target_file_path(old_path, targets[old_path]).read_bytes(), data
+            )
+        except (OSError, BundleError) as exc:
+            logger.warning("no delta %s → %s of %s: %s", old, version, model, exc)
+            skipped.append((old, str(exc)))
+            continue
+        if len(delta) > DELTA_MAX_SHARE * len(data):
+            share = len(delta) / len(data)
+            skipped.append((old, f"{len(delta)} bytes, {share:.0%} of the bundle: not kept"))
+            continue
+        path = delta_target_path(model, version, old)
+        changes[path] = repo.store_target(path, delta)
+        kept.append((old, len(delta)))
+    return changes, _Deltas(tuple(kept), tuple(skipped))
 
 
 def _current_desired(repo: Repository, fleet: str) -> DesiredState | None:
@@ -197,7 +328,12 @@ def current_desired_state(repo: Repository, fleet: str) -> DesiredState | None:
         ) from None
 
 
-def publish_bundle(bundle: Path, repo_dir: Path, now: datetime | None = None) -> ReleaseResult:
+def publish_bundle(
+    bundle: Path,
+    repo_dir: Path,
+    now: datetime | None = None,
+    delta_from: int = DEFAULT_DELTA_FROM,
+) -> ReleaseResult:
     """Add ``bundle`` to top-level targets (release key) without pointing any fleet at it.
 
     ``edgectl rollout start --bundle`` uses it; the rollout then moves the fleet.
@@ -207,8 +343,11 @@ def publish_bundle(bundle: Path, repo_dir: Path, now: datetime | None = None) ->
     manifest = info.manifest
     now = now or datetime.now(UTC).replace(microsecond=0)
     target_path = bundle_target_path(manifest.name, manifest.version)
+    prepared = prepare_deltas(repo_dir, target_path, bundle.read_bytes(), delta_from)
     with locked_repository(repo_dir, now=now) as repo:
-        added = _add_bundle(repo, target_path, bundle, info.sha256, info.length, now)
+        added, deltas = _add_bundle(
+            repo, target_path, bundle, info.sha256, info.length, now, delta_from, prepared
+        )
         if added:
             repo.publish(now)
         versions = repo.versions()
@@ -224,6 +363,8 @@ def publish_bundle(bundle: Path, repo_dir: Path, now: datetime | None = None) ->
         fleet_changed=False,
         rollout_id="",
         versions=versions,
+        deltas=deltas.kept,
+        deltas_skipped=deltas.skipped,
     )
 
 

@@ -70,6 +70,7 @@ from controller.repository.history import (
     retire_locked,
 )
 from controller.repository.release import (
+    DEFAULT_DELTA_FROM,
     current_desired_state,
     new_rollout_id,
     publish_bundle,
@@ -146,6 +147,7 @@ def start_rollout(
     probation: ProbationPolicy | None = None,
     bundle: Path | None = None,
     now: float | None = None,
+    delta_from: int = DEFAULT_DELTA_FROM,
 ) -> Rollout:
     """Start a staged rollout and write its first stage into the fleet's desired state.
 
@@ -164,7 +166,7 @@ def start_rollout(
     except InvalidNameError as exc:
         raise UsageError(str(exc)) from None
     if bundle is not None:
-        published = publish_bundle(bundle, repo_dir, _utc(now))
+        published = publish_bundle(bundle, repo_dir, _utc(now), delta_from=delta_from)
         if (published.model, published.version) != (model, version):
             raise UsageError(
                 f"{bundle} holds {published.model} {published.version}, not {model} {version}"

@@ -2,7 +2,7 @@
 
 Every attack test carries ``@pytest.mark.attack(N)`` (N = the class in issue 8); a class
 counts as rejected when all of its tests passed. The tally is printed at the end of the
-run: ``10/10 attack classes rejected``. The device adversary suite
+run: ``11/11 attack classes rejected`` (class 11, deltas, is issue 22's). The device adversary suite
 (``test_device_adversary.py``, issue 18) marks each test ``@pytest.mark.device_attack(KEY)``
 with a key of ``DEVICE_ATTACKS``: ``8/8 device attacks refused``. The bundle attack
 suite (``test_bundle_attacks.py``, issue 22) marks each test
@@ -51,6 +51,7 @@ ATTACK_CLASSES = {
     8: "signatures below the root threshold",
     9: "delegated role signing outside its paths",
     10: "root key rotation followed, attacker's root rejected",
+    11: "a delta that rebuilds into something else, or declares oversized output (issue 22)",
 }
 # What a device holding a valid certificate tries against the fleet (issue 18).
 DEVICE_ATTACKS = {
@@ -266,8 +267,10 @@ def forger(repo: Repository) -> Forger:
     return Forger(repo)
 
 
-def release(repo: Repository, bundle: Path) -> None:
-    release_bundle(bundle, FLEET, repo.path, probation=NOW_SERVING)
+def release(repo: Repository, bundle: Path, delta_from: int = 0) -> None:
+    """Release ``bundle`` to the fleet; without deltas unless asked (the attacks on the
+    bundle's transfer need the device to fetch the full bundle)."""
+    release_bundle(bundle, FLEET, repo.path, probation=NOW_SERVING, delta_from=delta_from)
 
 
 @pytest.fixture

@@ -8,7 +8,10 @@ attack and the defence.
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
+import struct
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,12 +19,16 @@ from typing import Any
 import pytest
 
 from agent.contracts import ROLLOUT_ROLE, bundle_target_path, desired_target_path
+from agent.contracts.bundle_container import TAR_V2_ZSTD
+from agent.contracts.delta import delta_target_path, pack_delta, parse_delta_header
 from agent.update.journal import Phase
 from controller.base.fsio import repo_lock
+from controller.build.delta import make_delta
 from controller.repository.ceremony import rotate
 from controller.repository.keys import generate_key, load_key_file
+from controller.repository.release import release_bundle
 from controller.repository.repo import Repository
-from tests.security.conftest import FLEET, MODEL, Device, release
+from tests.security.conftest import FLEET, MODEL, NOW_SERVING, Device, release
 from tests.security.simulator import (
     Behaviour,
     Cut,
@@ -393,6 +400,168 @@ def test_a_resumed_part_of_other_bytes_fails_the_whole_file_hash(
     assert device.check().installed == {MODEL: "2.0.0"}
 
 
+# ---------------------------------------------------------------------------- 11
+
+
+def sign_delta(repo: Repository, delta: bytes, version: str = "2.0.0", old: str = "1.0.0") -> str:
+    """Sign ``delta`` into targets (release key) as the delta ``old`` → ``version``: what a
+    buggy or compromised delta writer on the controller would publish. Its URL path."""
+    path = delta_target_path(MODEL, version, old)
+    with repo_lock(repo.path):
+        stored = repo.store_target(path, delta)
+        repo.update_targets("targets", {path: stored})
+        repo.publish()
+    return "/" + str(repo.target_file_path(path, stored).relative_to(repo.path))
+
+
+def rewrite_delta(delta: bytes, change: Any) -> bytes:
+    (length,) = struct.unpack(">I", delta[8:12])
+    doc = json.loads(delta[12 : 12 + length])
+    change(doc)
+    return pack_delta(doc, delta[12 + length :])
+
+
+@pytest.mark.attack(11)
+def test_11_signed_delta_that_rebuilds_another_bundle_is_refused_and_the_full_one_used(
+    repo: Repository,
+    device: Device,
+    mirror: HostileMirror,
+    bundles: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release_bundle(bundles["2.0.0"], FLEET, repo.path, probation=NOW_SERVING, delta_from=0)
+    # A well-formed delta from the installed 1.0.0 that rebuilds 3.0.0's bundle, relabelled
+    # as the delta to 2.0.0: every check of the delta itself passes, only the rebuilt
+    # file's hash against the signed 2.0.0 target can tell.
+    evil = make_delta(bundles["1.0.0"].read_bytes(), bundles["3.0.0"].read_bytes())
+    url = sign_delta(repo, rewrite_delta(evil, lambda d: d.update(to="2.0.0")))
+    with caplog.at_level(logging.WARNING, logger="agent.update.updater"):
+        result = device.check()
+    assert mirror.fetched(url) == [""]
+    assert result.installed == {MODEL: "2.0.0"}, result
+    assert device.serving() == "2.0.0"
+    assert "length or hash mismatch" in caplog.text and "downloading the full bundle" in caplog.text
+    assert mirror.fetched(bundle_url(repo, "2.0.0")) == [""]
+
+
+@pytest.mark.attack(11)
+def test_11_signed_delta_declaring_oversized_output_is_refused_before_work(
+    repo: Repository,
+    device: Device,
+    mirror: HostileMirror,
+    bundles: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release_bundle(bundles["2.0.0"], FLEET, repo.path, probation=NOW_SERVING, delta_from=0)
+    honest = make_delta(bundles["1.0.0"].read_bytes(), bundles["2.0.0"].read_bytes())
+
+    def inflate(doc: dict[str, Any]) -> None:
+        doc["members"][1]["size"] = 1 << 40  # a terabyte of "model"
+        doc["members"][1]["body"]["size"] = 1 << 40
+
+    sign_delta(repo, rewrite_delta(honest, inflate))
+    with caplog.at_level(logging.WARNING, logger="agent.update.updater"):
+        result = device.check()
+    assert result.installed == {MODEL: "2.0.0"}, result
+    assert "must be an integer in [0, " in caplog.text and "downloading the full" in caplog.text
+
+
+def test_a_delta_compressed_by_another_libzstd_is_skipped_and_logged_once(
+    repo: Repository,
+    device: Device,
+    mirror: HostileMirror,
+    bundles: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The bundles here are format 2: a delta rebuilds them by compressing again, which
+    # gives the signed frames only with the controller's libzstd release.
+    release_bundle(bundles["2.0.0"], FLEET, repo.path, probation=NOW_SERVING, delta_from=0)
+    honest = make_delta(bundles["1.0.0"].read_bytes(), bundles["2.0.0"].read_bytes())
+    assert parse_delta_header(honest, 1 << 30).container == TAR_V2_ZSTD
+    url = sign_delta(repo, rewrite_delta(honest, lambda d: d.update(libzstd="0.0.1")))
+    with caplog.at_level(logging.WARNING, logger="agent.update.updater"):
+        result = device.check()
+    assert mirror.fetched(url) == [""]
+    assert result.installed == {MODEL: "2.0.0"}, result
+    assert caplog.text.count("compressed with libzstd 0.0.1") == 1, caplog.text
+    assert mirror.fetched(bundle_url(repo, "2.0.0")) == [""]
+
+
+def test_a_delta_is_used_when_listed_and_smaller(
+    repo: Repository, device: Device, mirror: HostileMirror, bundles: dict[str, Path]
+) -> None:
+    release(repo, bundles["2.0.0"], delta_from=2)  # publishes the delta from 1.0.0
+    path = delta_target_path(MODEL, "2.0.0", "1.0.0")
+    target = repo.load("targets").signed.targets[path]
+    assert (
+        target.length
+        < repo.load("targets").signed.targets[bundle_target_path(MODEL, "2.0.0")].length
+    )
+    assert device.check().installed == {MODEL: "2.0.0"}
+    assert device.serving() == "2.0.0"
+    delta_url = "/" + str(repo.target_file_path(path, target).relative_to(repo.path))
+    assert mirror.fetched(delta_url) == [""]
+    assert mirror.fetched(bundle_url(repo, "2.0.0")) == []  # the full bundle never moved
+
+
+def test_a_delta_altered_by_the_mirror_falls_back_to_the_full_bundle(
+    repo: Repository,
+    device: Device,
+    mirror: HostileMirror,
+    bundles: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release(repo, bundles["2.0.0"], delta_from=2)
+    path = delta_target_path(MODEL, "2.0.0", "1.0.0")
+    target = repo.load("targets").signed.targets[path]
+    url = "/" + str(repo.target_file_path(path, target).relative_to(repo.path))
+    mirror.set(url, Replace(b"\0" * target.length))
+    with caplog.at_level(logging.WARNING, logger="agent.update.updater"):
+        assert device.check().installed == {MODEL: "2.0.0"}
+    assert mirror.fetched(bundle_url(repo, "2.0.0")) == [""]
+    assert caplog.text.count("not used") == 1
+
+
+def test_a_cut_delta_is_resumed_on_the_next_check_and_logged_once(
+    repo: Repository,
+    device: Device,
+    mirror: HostileMirror,
+    bundles: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A transfer cut (not altered bytes) does not write the delta off: with the full
+    bundle cut too, the install is put back, and the next check resumes the delta."""
+    release(repo, bundles["2.0.0"], delta_from=2)
+    path = delta_target_path(MODEL, "2.0.0", "1.0.0")
+    target = repo.load("targets").signed.targets[path]
+    delta_url = "/" + str(repo.target_file_path(path, target).relative_to(repo.path))
+    mirror.set(delta_url, Cut(0.5))
+    mirror.set(bundle_url(repo, "2.0.0"), Cut(0.5))
+    with caplog.at_level(logging.INFO, logger="agent.update.updater"):
+        assert MODEL in device.check().refused
+        assert device.serving() == "1.0.0"
+        assert device.check().installed == {MODEL: "2.0.0"}
+    ranges = mirror.fetched(delta_url)
+    assert ranges[0] == "" and ranges[1].startswith("bytes=") and len(ranges) == 2
+    assert caplog.text.count("not used") == 1
+    assert "rebuilt from" in caplog.text
+
+
+def test_a_missing_base_falls_back_to_the_full_bundle(
+    repo: Repository,
+    device: Device,
+    mirror: HostileMirror,
+    bundles: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    release(repo, bundles["2.0.0"], delta_from=2)
+    shutil.rmtree(device.config.state_dir / "models" / MODEL / "1.0.0")
+    with caplog.at_level(logging.WARNING, logger="agent.update.updater"):
+        assert device.check().installed == {MODEL: "2.0.0"}
+    assert "are not on disk" in caplog.text
+    assert mirror.fetched(bundle_url(repo, "2.0.0")) == [""]
+
+
 def test_the_suite_knows_every_attack_class() -> None:
     """A guard for the tally: every class of issue 8 has a test above."""
     import inspect
@@ -405,4 +574,4 @@ def test_the_suite_knows_every_attack_class() -> None:
         for marker in getattr(fn, "pytestmark", [])
         if marker.name == "attack"
     }
-    assert classes == set(range(1, 11))
+    assert classes == set(range(1, 12))

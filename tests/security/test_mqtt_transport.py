@@ -3,6 +3,7 @@ responder, then the whole update path of a device through ``edgectl serve``."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,3 +148,27 @@ def test_auto_falls_back_to_mqtt_when_http_is_unreachable(
     finally:
         device.close()
     assert "falling back to MQTT" in caplog.text
+
+
+def test_a_delta_moves_over_mqtt_too(
+    tmp_path: Path,
+    repo: Repository,
+    broker: Broker,
+    responder: RepoResponder,
+    bundles: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The chunk transport carries a delta like any target; the device rebuilds 2.0.0 from
+    its installed 1.0.0 and never asks for the full bundle."""
+    release(repo, bundles["1.0.0"])
+    device = _mqtt_device(tmp_path / "dev", repo, broker, mqtt_chunk_bytes=4096)
+    try:
+        assert device.check().installed == {MODEL: "1.0.0"}
+        release(repo, bundles["2.0.0"], delta_from=2)
+        with caplog.at_level(logging.INFO, logger="agent.update.updater"):
+            assert device.check().installed == {MODEL: "2.0.0"}
+        assert f"rebuilt from bundles/{MODEL}/2.0.0.from-1.0.0.delta" in caplog.text
+        assert f"from bundles/{MODEL}/2.0.0.bundle" not in caplog.text
+        assert device.serving() == "2.0.0"
+    finally:
+        device.close()

@@ -132,7 +132,7 @@ def test_releases_retire_and_prune_json_name_what_was_removed_and_kept(
     repo_dir: Path, bundles: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     for key in ("v1", "v2"):
-        publish_bundle(bundles[key], repo_dir)
+        publish_bundle(bundles[key], repo_dir, delta_from=0)  # deltas: test_history.py
     repo = str(repo_dir)
     # 1.0.0 was retired two days ago, 2.0.0 now: a one-day grace prunes only 1.0.0.
     old = retire_release(repo_dir, MODEL, "1.0.0", now=datetime.now(UTC) - timedelta(days=2))

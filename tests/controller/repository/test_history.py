@@ -271,7 +271,12 @@ def test_retire_is_refused_while_a_fleet_names_it_then_allowed(
 
     assert prune_retired(history_repo, now=T0 + timedelta(days=6)) == []
     assert stored.exists()
-    assert prune_retired(history_repo, now=T0 + timedelta(days=7)) == [target]
+    # The deltas to and from 1.0.0 retired with it (published by the later releases).
+    assert prune_retired(history_repo, now=T0 + timedelta(days=7)) == [
+        target,
+        "bundles/lin/1.1.0.from-1.0.0.delta",
+        "bundles/lin/2.0.0.from-1.0.0.delta",
+    ]
     assert not stored.exists() and read_retired(history_repo) == {}
 
 
@@ -417,5 +422,6 @@ def test_an_interrupted_retirement_never_orphans_its_bundle_file(
         except UsageError as exc:
             assert "it was retired at 2030-01-01T00:00:00Z" in str(exc)
         assert target not in Repository.open(repo_dir).load("targets").signed.targets
-        assert prune_retired(repo_dir, now=T0 + timedelta(days=7)) == [target]
+        pruned = prune_retired(repo_dir, now=T0 + timedelta(days=7))
+        assert pruned[0] == target and all(p.endswith(".delta") for p in pruned[1:])
         assert not stored.exists() and read_retired(repo_dir) == {}

@@ -152,3 +152,71 @@ def test_serve_exposes_only_public_files(
         with pytest.raises(HTTPError) as err:
             urllib.request.urlopen(f"{url}{path}", timeout=5)
         assert err.value.code == 404, path
+
+
+def test_release_publishes_a_delta_from_earlier_versions_and_list_shows_it(
+    repo: Repository, bundles: dict[str, Path]
+) -> None:
+    from agent.contracts.bundle_container import read_container
+    from agent.contracts.delta import apply_delta, delta_target_path
+    from controller.repository.history import load_releases
+    from controller.repository.history_view import release_json, render_list, render_show
+
+    release_bundle(bundles["v1"], FLEET, repo.path)
+    second = release_bundle(bundles["v2"], FLEET, repo.path)
+    path = delta_target_path(MODEL, "2.0.0", "1.0.0")
+    targets = repo.load("targets").signed.targets
+    assert second.deltas == (("1.0.0", targets[path].length),)
+    assert targets[path].length <= 0.8 * second.length
+    # What is published rebuilds the released bundle from 1.0.0's members.
+    delta = repo.target_file_path(path, targets[path]).read_bytes()
+    base = dict(read_container(bundles["v1"].read_bytes())[1])
+    rebuilt = apply_delta(
+        delta, base.__getitem__, model=MODEL, old="1.0.0", new="2.0.0", max_output_bytes=1 << 30
+    )
+    assert rebuilt == bundles["v2"].read_bytes()
+
+    releases = load_releases(repo.path, MODEL)
+    assert [r.deltas for r in releases] == [(), (("1.0.0", targets[path].length),)]
+    assert "1.0.0:" in render_list(releases).splitlines()[2]
+    assert "delta    from 1.0.0:" in render_show(releases[1])
+    assert release_json(releases[1])["deltas"] == [{"from": "1.0.0", "bytes": targets[path].length}]
+
+
+def test_delta_from_zero_publishes_none(repo: Repository, bundles: dict[str, Path]) -> None:
+    release_bundle(bundles["v1"], FLEET, repo.path)
+    assert release_bundle(bundles["v2"], FLEET, repo.path, delta_from=0).deltas == ()
+    assert not [p for p in repo.load("targets").signed.targets if p.endswith(".delta")]
+
+
+def test_a_delta_over_the_margin_is_not_published(
+    repo: Repository, bundles: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from controller.repository import release as release_module
+
+    monkeypatch.setattr(release_module, "DELTA_MAX_SHARE", 0.01)
+    release_bundle(bundles["v1"], FLEET, repo.path)
+    second = release_bundle(bundles["v2"], FLEET, repo.path)
+    assert second.deltas == ()
+    ((old, why),) = second.deltas_skipped
+    assert old == "1.0.0" and "of the bundle: not kept" in why
+    assert not [p for p in repo.load("targets").signed.targets if p.endswith(".delta")]
+
+
+def test_deltas_are_made_before_the_lock_and_published_as_made(
+    repo: Repository, bundles: dict[str, Path]
+) -> None:
+    from agent.contracts.delta import delta_target_path
+    from controller.repository.release import prepare_deltas
+
+    release_bundle(bundles["v1"], FLEET, repo.path)
+    target = bundle_target_path(MODEL, "2.0.0")
+    prepared = prepare_deltas(repo.path, target, bundles["v2"].read_bytes(), 2)
+    v1 = repo.load("targets").signed.targets[bundle_target_path(MODEL, "1.0.0")]
+    assert list(prepared) == [("1.0.0", v1.hashes["sha256"])]
+    release_bundle(bundles["v2"], FLEET, repo.path)
+    path = delta_target_path(MODEL, "2.0.0", "1.0.0")
+    published = repo.load("targets").signed.targets[path]
+    assert repo.target_file_path(path, published).read_bytes() == next(iter(prepared.values()))
+    # Published already: nothing to prepare.
+    assert prepare_deltas(repo.path, target, bundles["v2"].read_bytes(), 2) == {}
