@@ -152,6 +152,31 @@ def load_json(text: bytes) -> Any:
 _FLOAT_MARKS: Final = (b".", b"e", b"E")
 
 
+def _numbers(text: memoryview, of_type: str) -> Any:
+    """The numbers of the flat JSON list ``text`` in a buffer of C type ``of_type``
+    (``"d"``, ``"i"``: a copy, not the parser's); None when simdjson refuses it (not
+    numbers, an integer beyond int64, a double's range, ...).
+
+    The parser goes back to the pool only after ``_array_buffer`` returned: simdjson
+    refuses to parse again while an ``Array`` of its last document lives, so a parser
+    given back while one did (a local, or a traceback's frame) made the next thread's
+    parse fail over to the plain path."""
+    parser = _take_parser()
+    try:
+        buffer = _array_buffer(parser, text, of_type)
+    except (ValueError, TypeError, RuntimeError):
+        buffer = None  # the exception, its frame and the Array go with this handler
+    _give_back(parser)
+    return buffer
+
+
+def _array_buffer(parser: simdjson.Parser, text: memoryview, of_type: str) -> Any:
+    parsed = parser.parse(text)
+    if not isinstance(parsed, simdjson.Array):
+        return None
+    return parsed.as_buffer(of_type=of_type)
+
+
 def tensor_from_json_text(
     datatype: str,
     shape: Sequence[int],
@@ -178,16 +203,9 @@ def tensor_from_json_text(
     target = np.dtype(OIP_TO_NUMPY[datatype])
     if floats and target.kind != "f":
         return None  # tensor_from_json refuses it, naming the values
-    parser = _take_parser()
-    try:
-        parsed = parser.parse(memoryview(text)[start:end])
-        if not isinstance(parsed, simdjson.Array):
-            return None
-        buffer = parsed.as_buffer(of_type="d" if floats else "i")
-    except (ValueError, TypeError, RuntimeError):
-        return None  # not numbers, an integer beyond int64, a double's range, ...
-    finally:
-        _give_back(parser)
+    buffer = _numbers(memoryview(text)[start:end], "d" if floats else "i")
+    if buffer is None:
+        return None
     values = np.frombuffer(buffer, np.float64 if floats else np.int64)
     if values.size != count:
         return None
