@@ -32,6 +32,7 @@ import json
 import math
 import mmap
 import struct
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -111,24 +112,16 @@ def shape_fits(expected: Sequence[int], got: Sequence[int]) -> bool:
 
 # ---------------------------------------------------------------------------- JSON text
 
-# The idle simdjson parser. A parser keeps the buffers of the largest document it read
-# (about 2.6 times its size), so reusing one saves allocating and faulting them in per
-# request; a parser reads one document at a time, so each call takes its own and gives
-# it back after. One is kept (rarely two, when two calls give theirs back at once):
-# parsing holds the GIL, so more would only keep memory.
-_PARSERS: list[simdjson.Parser] = []
-
-
-def _take_parser() -> simdjson.Parser:
-    try:
-        return _PARSERS.pop()  # atomic: two threads never get the same one
-    except IndexError:
-        return simdjson.Parser()
-
-
-def _give_back(parser: simdjson.Parser) -> None:
-    if not _PARSERS:
-        _PARSERS.append(parser)
+# The one simdjson parser, taken under its lock. A parser keeps the buffers of the largest
+# document it read (about 2.6 times its size), so one kept saves allocating and faulting
+# them in per request, and one is enough: simdjson holds the GIL while it parses, so two
+# threads never parse at once anyway. A pool of idle parsers made a new one (and threw it
+# away) whenever a thread was switched out between taking and returning its parser, which
+# the GIL does to a thread right after a long parse when others wait: under 4 concurrent
+# CNN requests, one parse in six. Waiting on the lock lets the GIL go to the other
+# connections (their model runs) meanwhile.
+_PARSER: Final = simdjson.Parser()
+_PARSER_LOCK: Final = threading.Lock()
 
 
 def load_json(text: bytes) -> Any:
@@ -139,13 +132,11 @@ def load_json(text: bytes) -> Any:
     library reads the rest. So the values, and every error (``json.JSONDecodeError``,
     ``UnicodeDecodeError``, ``RecursionError``), are ``json.loads``'.
     """
-    parser = _take_parser()
-    try:
-        return parser.parse(text, True)
-    except (ValueError, RuntimeError):
-        pass
-    finally:
-        _give_back(parser)
+    with _PARSER_LOCK:
+        try:
+            return _PARSER.parse(text, True)
+        except (ValueError, RuntimeError):
+            pass
     return json.loads(text)
 
 
@@ -157,17 +148,15 @@ def _numbers(text: memoryview, of_type: str) -> Any:
     (``"d"``, ``"i"``: a copy, not the parser's); None when simdjson refuses it (not
     numbers, an integer beyond int64, a double's range, ...).
 
-    The parser goes back to the pool only after ``_array_buffer`` returned: simdjson
-    refuses to parse again while an ``Array`` of its last document lives, so a parser
-    given back while one did (a local, or a traceback's frame) made the next thread's
-    parse fail over to the plain path."""
-    parser = _take_parser()
-    try:
-        buffer = _array_buffer(parser, text, of_type)
-    except (ValueError, TypeError, RuntimeError):
-        buffer = None  # the exception, its frame and the Array go with this handler
-    _give_back(parser)
-    return buffer
+    The lock is released only after ``_array_buffer`` returned: simdjson refuses to
+    parse again while an ``Array`` of its last document lives, so a parser handed on
+    while one did (a local, or a traceback's frame) made the next thread's parse fail
+    over to the plain path (~10 times the CPU)."""
+    with _PARSER_LOCK:
+        try:
+            return _array_buffer(_PARSER, text, of_type)
+        except (ValueError, TypeError, RuntimeError):
+            return None  # the exception, its frame and the Array go with this handler
 
 
 def _array_buffer(parser: simdjson.Parser, text: memoryview, of_type: str) -> Any:
