@@ -396,9 +396,8 @@ def test_a_body_of_data_keys_is_cut_at_most_once_per_input() -> None:
 
 
 def test_threads_parsing_at_once_each_get_their_own_answer() -> None:
-    """Concurrent calls share the idle parser safely: each takes its own (an empty pool
-    makes a new one) and gets its own document's values. (This stresses the pool; the
-    check-then-pop race it once had was too narrow for it to catch.)"""
+    """Concurrent calls share the parser safely: each takes it in turn and gets its own
+    document's values."""
     manifest = _manifest(TensorSpec("t", "FP32", (-1,)))
     bodies = [_body([_tensor("FP32", [3], f"[{i},{i}.5,-{i}e1]")]) for i in range(8)]
     failures: list[BaseException] = []
@@ -458,10 +457,10 @@ def test_a_body_in_a_receive_buffer_is_read_in_place_and_gives_the_same_arrays()
 
 
 def test_threads_reading_data_text_at_once_all_take_the_fast_path() -> None:
-    """A parser goes back to the pool only once nothing of its document is alive: a
-    thread that took it while another's document still referred to it was refused by
-    simdjson and fell back to the plain path (~10x the CPU), which under 4 concurrent
-    CNN requests took a third of them."""
+    """The parser is handed on only once nothing of its document is alive: a thread
+    that took it while another's document still referred to it was refused by simdjson
+    and fell back to the plain path (~10x the CPU), which under 4 concurrent CNN
+    requests took a third of them."""
     texts = [b"[%d.5,%d,-%de1,0.25]" % (i, i, i) for i in range(8)]
     misses: list[int] = []
     failures: list[BaseException] = []
