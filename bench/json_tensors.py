@@ -11,10 +11,11 @@ library's, one keep-alive connection per client thread) and the same request bod
 
 Each is measured as p50 latency (one client per server, the servers' requests
 interleaved one by one, so a change of the machine's load falls on all of them alike)
-and throughput (4 client threads, one server at a time); a round measures every server
-once per workload, the servers' order rotating between rounds; the figures are the
-medians of the rounds, and each ratio is the median of the rounds' ratios with their
-range (lowest–highest). Every request is checked for status 200, and each server's CNN
+and throughput (4 client threads, one server at a time); a round starts every server
+afresh (two processes of one tree differ by up to ~20 % in tiny p50 for as long as they
+run) and measures each once per workload, the servers' order rotating between rounds;
+the figures are the medians of the rounds, and each ratio is the median of the rounds'
+ratios with their range (lowest–highest). Every request is checked for status 200, and each server's CNN
 answer once against ONNX Runtime in-process.
 
 Servers: this tree's agent; ``--baseline REV`` also runs the agent of git revision REV
@@ -43,7 +44,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -301,17 +302,21 @@ class Client:
 
 def latencies_ms(servers: Sequence[Server], model: str, body: bytes, count: int) -> list[float]:
     """p50 of ``count`` requests to each server (after 2 each to warm up), in ms, one
-    connection per server, the servers' requests interleaved one by one (A, B, C, A, B,
-    C, ...): a change of the machine's load in the middle of a measurement falls on
-    every server alike, not on whichever was measured then."""
+    connection per server, the servers' requests interleaved one by one, each turn
+    starting one server further (A B C, B C A, C A B, ...): a change of the machine's
+    load in the middle of a measurement falls on every server alike, not on whichever
+    was measured then, and no server always follows the same one (measured with one
+    tree twice, the first of a pair came out ~5 % slower in 2 runs of 3)."""
     clients = [Client(server.port) for server in servers]
     times: list[list[float]] = [[] for _ in servers]
+    pairs = list(zip(clients, times, strict=True))
     try:
         for _ in range(2):
             for client in clients:
                 client.infer(model, body)
-        for _ in range(count):
-            for client, taken in zip(clients, times, strict=True):
+        for turn in range(count):
+            first = turn % len(pairs)
+            for client, taken in pairs[first:] + pairs[:first]:
                 start = time.perf_counter()
                 client.infer(model, body)
                 taken.append(time.perf_counter() - start)
@@ -376,25 +381,38 @@ def in_process_cnn(body: bytes) -> np.ndarray:
 
 
 def measure(
-    servers: Sequence[Server],
+    start: Callable[[Path], list[Server]],
+    scratch: Path,
     work: dict[str, tuple[str, bytes]],
     rounds: int,
     requests: int,
     tiny_requests: int,
-) -> dict[tuple[str, str, str], list[float]]:
-    """Each round's figure of each (workload, metric, server label)."""
+) -> tuple[dict[tuple[str, str, str], list[float]], list[str]]:
+    """Each round's figure of each (workload, metric, server label), and the labels.
+    Every round starts the servers afresh (``start``): two processes of one tree,
+    measured side by side, differ in tiny-request p50 by up to ~20 % for as long as they
+    run (where the scheduler puts them, on a shared machine), so rounds of the same
+    processes would not be independent samples."""
     samples: dict[tuple[str, str, str], list[float]] = {}
+    labels: list[str] = []
     for r in range(rounds):
-        order = list(servers[r % len(servers) :]) + list(servers[: r % len(servers)])
-        for workload, (model, body) in work.items():
-            count = tiny_requests if workload == "tiny JSON" else requests
-            for server, p50 in zip(order, latencies_ms(order, model, body, count), strict=True):
-                samples.setdefault((workload, "p50 ms", server.label), []).append(p50)
-            for server in order:
-                rate = throughput(server.port, model, body, count)
-                samples.setdefault((workload, "req/s", server.label), []).append(rate)
+        servers = start(scratch / f"round-{r + 1}")
+        try:
+            labels = [server.label for server in servers]
+            order = servers[r % len(servers) :] + servers[: r % len(servers)]
+            for workload, (model, body) in work.items():
+                count = tiny_requests if workload == "tiny JSON" else requests
+                p50s = latencies_ms(order, model, body, count)
+                for server, p50 in zip(order, p50s, strict=True):
+                    samples.setdefault((workload, "p50 ms", server.label), []).append(p50)
+                for server in order:
+                    rate = throughput(server.port, model, body, count)
+                    samples.setdefault((workload, "req/s", server.label), []).append(rate)
+        finally:
+            for server in servers:
+                server.close()
         print(f"round {r + 1}/{rounds} done, load average {load_average()}", flush=True)
-    return samples
+    return samples, labels
 
 
 def ratios(
@@ -491,37 +509,46 @@ def main() -> None:
     args = parse_arguments(parser)
     work = bodies()
     print(f"CNN JSON request: {len(work['CNN JSON'][1]):,} bytes; load average {load_average()}")
-    servers: list[Server] = []
+    skipped = ""
+    if not args.mlserver_python:
+        skipped = "MLServer skipped: no --mlserver-python given"
+    elif not Path(args.mlserver_python).exists():
+        skipped = f"MLServer skipped: {args.mlserver_python} does not exist"
+    if skipped:
+        print(skipped + " (see this script's docstring to install it)")
     with tempfile.TemporaryDirectory(prefix="ef-json-bench-") as scratch:
         base = Path(scratch)
         models = build_models(base / "models")
         expected = in_process_cnn(work["CNN JSON"][1])
-        try:
-            servers.append(start_agent("agent (this tree)", ROOT, models, base))
-            if args.baseline:
-                old = export_revision(args.baseline, base / "baseline")
-                servers.append(start_agent(f"agent ({args.baseline})", old, models, base))
-            skipped = ""
-            if not args.mlserver_python:
-                skipped = "MLServer skipped: no --mlserver-python given"
-            elif not Path(args.mlserver_python).exists():
-                skipped = f"MLServer skipped: {args.mlserver_python} does not exist"
-            else:
-                servers.append(start_mlserver(args.mlserver_python, models, base))
-            if skipped:
-                print(skipped + " (see this script's docstring to install it)")
-            for server in servers:
-                check_cnn(server, work["CNN JSON"][1], expected)
-            results = measure(servers, work, args.rounds, args.requests, args.tiny_requests)
-        finally:
-            for server in servers:
-                server.close()
-    table, goals = report(results, [s.label for s in servers], work)
+        old = export_revision(args.baseline, base / "baseline") if args.baseline else None
+
+        def start(folder: Path) -> list[Server]:
+            """This round's servers, each checked once on the CNN against ONNX Runtime."""
+            folder.mkdir()
+            servers: list[Server] = []
+            try:
+                servers.append(start_agent("agent (this tree)", ROOT, models, folder))
+                if old is not None:
+                    label = f"agent ({args.baseline})"
+                    servers.append(start_agent(label, old, models, folder))
+                if not skipped:
+                    servers.append(start_mlserver(args.mlserver_python, models, folder))
+                for server in servers:
+                    check_cnn(server, work["CNN JSON"][1], expected)
+            except BaseException:
+                for server in servers:
+                    server.close()
+                raise
+            return servers
+
+        results, labels = measure(start, base, work, args.rounds, args.requests, args.tiny_requests)
+    table, goals = report(results, labels, work)
     print(table)
     print("\n".join(goals))
     if args.record:
         note = (
-            f"; {args.rounds} rounds, medians; {args.requests} requests per CNN/output "
+            f"; {args.rounds} rounds (servers started afresh each), medians; "
+            f"{args.requests} requests per CNN/output "
             f"measurement, {args.tiny_requests} per tiny one; throughput with {CLIENTS} "
             "client threads"
         )
