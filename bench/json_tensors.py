@@ -15,8 +15,8 @@ and throughput (4 client threads, one server at a time); a round starts every se
 afresh (two processes of one tree differ by up to ~20 % in tiny p50 for as long as they
 run) and measures each once per workload, the servers' order rotating between rounds;
 the figures are the medians of the rounds, and each ratio is the median of the rounds'
-ratios with their range (lowest–highest). Every request is checked for status 200, and each server's CNN
-answer once against ONNX Runtime in-process.
+ratios with their range (lowest–highest). Every request is checked for status 200, and
+each server's CNN answer once per round against ONNX Runtime in-process.
 
 Servers: this tree's agent; ``--baseline REV`` also runs the agent of git revision REV
 (``git archive``, as bench/telemetry_ingest.py does); ``--mlserver-python PATH`` also runs
