@@ -34,7 +34,7 @@ import mmap
 import struct
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
 import orjson
@@ -143,7 +143,7 @@ def load_json(text: bytes) -> Any:
 _FLOAT_MARKS: Final = (b".", b"e", b"E")
 
 
-def _numbers(text: memoryview, of_type: str) -> Any:
+def _numbers(text: memoryview, of_type: Literal["d", "i"]) -> Any:
     """The numbers of the flat JSON list ``text`` in a buffer of C type ``of_type``
     (``"d"``, ``"i"``: a copy, not the parser's); None when simdjson refuses it (not
     numbers, an integer beyond int64, a double's range, ...).
@@ -159,7 +159,7 @@ def _numbers(text: memoryview, of_type: str) -> Any:
             return None  # the exception, its frame and the Array go with this handler
 
 
-def _array_buffer(parser: simdjson.Parser, text: memoryview, of_type: str) -> Any:
+def _array_buffer(parser: simdjson.Parser, text: memoryview, of_type: Literal["d", "i"]) -> Any:
     parsed = parser.parse(text)
     if not isinstance(parsed, simdjson.Array):
         return None
