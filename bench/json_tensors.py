@@ -237,12 +237,15 @@ class Server:
 def start_agent(label: str, tree: Path, models: dict[str, Path], work: Path) -> Server:
     """The agent of ``tree`` (a folder holding ``agent/``) serving ``models``."""
     port = _free_port()
-    folder = Path(tempfile.mkdtemp(prefix="ef-json-", dir="/tmp"))
+    folder = Path(tempfile.mkdtemp(prefix="sock-", dir=work))  # removed with ``work``
     env = {**os.environ, "PYTHONPATH": str(tree)}
     argv = [sys.executable, "-c", _AGENT, str(port), str(folder), *map(str, models.values())]
     server = Server(label, argv, port, tree, env, work / f"{label.split()[0]}-{port}.log")
     server.wait_ready("/v2/health/ready")
-    served_from = server.log.read_text().split()[-1]
+    deadline = time.monotonic() + 10  # it answers a moment before it prints "ready"
+    while "ready" not in (said := server.log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    served_from = (said.split() or [""])[-1]
     if not served_from.startswith(str(tree)):
         server.close()
         raise RuntimeError(f"{label} imported agent from {served_from}, not {tree}")
