@@ -121,6 +121,8 @@ def shape_fits(expected: Sequence[int], got: Sequence[int]) -> bool:
 # CNN requests, one parse in six. Waiting on the lock lets the GIL go to the other
 # connections (their model runs) meanwhile.
 _PARSER: Final = simdjson.Parser()
+# Smaller JSON documents are read by the standard library (see ``load_json``).
+SMALL_JSON_BYTES: Final = 16 * 1024
 _PARSER_LOCK: Final = threading.Lock()
 
 
@@ -131,7 +133,14 @@ def load_json(text: bytes) -> Any:
     deeper than 1024, where ``json.loads`` takes them or says why not); the standard
     library reads the rest. So the values, and every error (``json.JSONDecodeError``,
     ``UnicodeDecodeError``, ``RecursionError``), are ``json.loads``'.
+
+    A document under ``SMALL_JSON_BYTES`` is read by the standard library alone: warm,
+    simdjson reads a tiny request in a third of the time, yet end to end the tiny-model
+    request came back ~25 % later with it (side by side, fresh processes, a loaded
+    2-core VM: docs/benchmarks.md, "JSON tensors").
     """
+    if len(text) < SMALL_JSON_BYTES:
+        return json.loads(text)
     with _PARSER_LOCK:
         try:
             return _PARSER.parse(text, True)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from agent.base.errors import InvalidRequestError
 from agent.contracts import OIP_TO_NUMPY, GoldenSpec, Manifest, TensorSpec
 from agent.oip import request as request_module
+from agent.oip import tensors as tensors_module
 from agent.oip.request import SPLIT_MIN_BYTES, parse_infer_request
 from agent.oip.response import build_infer_request, build_infer_response, parse_infer_response
 from agent.oip.tensors import load_json, tensor_from_json_text, tensor_to_json
@@ -283,7 +284,11 @@ def test_small_bodies_take_the_plain_path_and_text_alone_never_decides() -> None
         b"",
     ],
 )
-def test_load_json_means_what_the_standard_library_means(text: bytes) -> None:
+def test_load_json_means_what_the_standard_library_means(
+    text: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tensors_module, "SMALL_JSON_BYTES", 0)  # simdjson reads these too
+
     def outcome(load: Any) -> Any:
         try:
             return ("value", repr(load(text)))
