@@ -29,7 +29,8 @@ saying so. Install it with::
     python3 -m venv /tmp/mlserver-venv && /tmp/mlserver-venv/bin/pip install mlserver onnxruntime
 
     python bench/json_tensors.py [--baseline 1f8f332]
-        [--mlserver-python /tmp/mlserver-venv/bin/python] [--rounds 5] [--requests 40] [--record]
+        [--mlserver-python /tmp/mlserver-venv/bin/python] [--rounds 5] [--requests 120]
+        [--tiny-requests 1000] [--output-requests 40] [--record]
 """
 
 from __future__ import annotations
@@ -388,8 +389,7 @@ def measure(
     scratch: Path,
     work: dict[str, tuple[str, bytes]],
     rounds: int,
-    requests: int,
-    tiny_requests: int,
+    counts: dict[str, int],
 ) -> tuple[dict[tuple[str, str, str], list[float]], list[str]]:
     """Each round's figure of each (workload, metric, server label), and the labels.
     Every round starts the servers afresh (``start``): two processes of one tree,
@@ -404,7 +404,7 @@ def measure(
             labels = [server.label for server in servers]
             order = servers[r % len(servers) :] + servers[: r % len(servers)]
             for workload, (model, body) in work.items():
-                count = tiny_requests if workload == "tiny JSON" else requests
+                count = counts[workload]
                 p50s = latencies_ms(order, model, body, count)
                 for server, p50 in zip(order, p50s, strict=True):
                     samples.setdefault((workload, "p50 ms", server.label), []).append(p50)
@@ -507,8 +507,11 @@ def main() -> None:
         "--mlserver-python", default="", metavar="PATH", help="the Python of an MLServer venv"
     )
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--requests", type=int, default=40, help="per measurement (CNN, output)")
-    parser.add_argument("--tiny-requests", type=int, default=300, help="per measurement (tiny)")
+    parser.add_argument("--requests", type=int, default=120, help="per measurement (CNN)")
+    parser.add_argument("--tiny-requests", type=int, default=1000, help="per measurement (tiny)")
+    parser.add_argument(
+        "--output-requests", type=int, default=40, help="per measurement (150k-float output)"
+    )
     args = parse_arguments(parser)
     work = bodies()
     print(f"CNN JSON request: {len(work['CNN JSON'][1]):,} bytes; load average {load_average()}")
@@ -544,15 +547,20 @@ def main() -> None:
                 raise
             return servers
 
-        results, labels = measure(start, base, work, args.rounds, args.requests, args.tiny_requests)
+        counts = {
+            "CNN JSON": args.requests,
+            "tiny JSON": args.tiny_requests,
+            "150k-float output JSON": args.output_requests,
+        }
+        results, labels = measure(start, base, work, args.rounds, counts)
     table, goals = report(results, labels, work)
     print(table)
     print("\n".join(goals))
     if args.record:
         note = (
             f"; {args.rounds} rounds (servers started afresh each), medians; "
-            f"{args.requests} requests per CNN/output "
-            f"measurement, {args.tiny_requests} per tiny one; throughput with {CLIENTS} "
+            f"{args.requests} requests per CNN measurement, {args.tiny_requests} per tiny "
+            f"one, {args.output_requests} per output one; throughput with {CLIENTS} "
             "client threads"
         )
         if skipped:
