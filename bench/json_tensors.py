@@ -30,7 +30,8 @@ saying so. Install it with::
 
     python bench/json_tensors.py [--baseline 1f8f332]
         [--mlserver-python /tmp/mlserver-venv/bin/python] [--rounds 5] [--requests 120]
-        [--tiny-requests 1000] [--output-requests 40] [--record]
+        [--tiny-requests 1000] [--output-requests 40] [--workloads cnn,tiny,output]
+        [--record]
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ from agent.contracts import (
 
 BIG_OUTPUT = 3 * 224 * 224
 CLIENTS = 4
+# --workloads names: the workloads of ``bodies``
+WORKLOADS = {"cnn": "CNN JSON", "tiny": "tiny JSON", "output": "150k-float output JSON"}
 
 # ---------------------------------------------------------------------------- models
 
@@ -454,8 +457,8 @@ def report(
     goals = []
     base = next((o for o in others if o.startswith("agent ")), None)
     ml = next((o for o in others if o == "MLServer"), None)
-    cnn_rate = results[("CNN JSON", "req/s", this)]
-    if base:
+    if base and "CNN JSON" in work:
+        cnn_rate = results[("CNN JSON", "req/s", this)]
         before = results[("CNN JSON", "req/s", base)]
         each = ratios(samples, "CNN JSON", "req/s", this, base)
         goals.append(
@@ -466,6 +469,7 @@ def report(
                 f"(rounds {min(each):.2f}–{max(each):.2f}×)",
             )
         )
+    if base and "tiny JSON" in work:
         tiny_now = results[("tiny JSON", "p50 ms", this)]
         tiny_before = results[("tiny JSON", "p50 ms", base)]
         each = ratios(samples, "tiny JSON", "p50 ms", this, base)
@@ -477,6 +481,7 @@ def report(
                 f"{statistics.median(each):.3f}× (rounds {min(each):.3f}–{max(each):.3f}×)",
             )
         )
+    if base and "150k-float output JSON" in work:
         out_now = results[("150k-float output JSON", "p50 ms", this)]
         out_before = results[("150k-float output JSON", "p50 ms", base)]
         goals.append(
@@ -486,7 +491,8 @@ def report(
                 f"{out_now:.1f} vs {out_before:.1f} ms",
             )
         )
-    if ml:
+    if ml and "CNN JSON" in work:
+        cnn_rate = results[("CNN JSON", "req/s", this)]
         ml_rate = results[("CNN JSON", "req/s", ml)]
         ml_p50 = results[("CNN JSON", "p50 ms", ml)]
         now_p50 = results[("CNN JSON", "p50 ms", this)]
@@ -512,9 +518,19 @@ def main() -> None:
     parser.add_argument(
         "--output-requests", type=int, default=40, help="per measurement (150k-float output)"
     )
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help=f"which to measure, comma-separated, of {','.join(WORKLOADS)} (default: all)",
+    )
     args = parse_arguments(parser)
-    work = bodies()
-    print(f"CNN JSON request: {len(work['CNN JSON'][1]):,} bytes; load average {load_average()}")
+    every = bodies()
+    chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in chosen if w not in WORKLOADS]
+    if unknown or not chosen:
+        parser.error(f"--workloads: expected some of {','.join(WORKLOADS)}, got {args.workloads!r}")
+    work = {WORKLOADS[w]: every[WORKLOADS[w]] for w in chosen}
+    print(f"CNN JSON request: {len(every['CNN JSON'][1]):,} bytes; load average {load_average()}")
     skipped = ""
     if not args.mlserver_python:
         skipped = "MLServer skipped: no --mlserver-python given"
@@ -525,7 +541,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="ef-json-bench-") as scratch:
         base = Path(scratch)
         models = build_models(base / "models")
-        expected = in_process_cnn(work["CNN JSON"][1])
+        expected = in_process_cnn(every["CNN JSON"][1])
         old = export_revision(args.baseline, base / "baseline") if args.baseline else None
 
         def start(folder: Path) -> list[Server]:
@@ -540,7 +556,7 @@ def main() -> None:
                 if not skipped:
                     servers.append(start_mlserver(args.mlserver_python, models, folder))
                 for server in servers:
-                    check_cnn(server, work["CNN JSON"][1], expected)
+                    check_cnn(server, every["CNN JSON"][1], expected)
             except BaseException:
                 for server in servers:
                     server.close()
@@ -563,6 +579,8 @@ def main() -> None:
             f"one, {args.output_requests} per output one; throughput with {CLIENTS} "
             "client threads"
         )
+        if len(work) < len(WORKLOADS):
+            note += f"; workloads: {', '.join(work)} only"
         if skipped:
             note += f"; {skipped}"
         record_section(
