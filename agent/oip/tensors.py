@@ -136,8 +136,8 @@ def load_json(text: bytes) -> Any:
 
     A document under ``SMALL_JSON_BYTES`` is read by the standard library alone: warm,
     simdjson reads a tiny request in a third of the time, yet end to end the tiny-model
-    request came back ~25 % later with it (side by side, fresh processes, a loaded
-    2-core VM: docs/benchmarks.md, "JSON tensors").
+    request came back ~40 % later with it (p50 ~450 against ~320 µs, side by side on
+    fresh processes, a loaded 2-core VM: docs/benchmarks.md, "JSON tensors").
     """
     if len(text) < SMALL_JSON_BYTES:
         return json.loads(text)
