@@ -137,7 +137,10 @@ def load_json(text: bytes) -> Any:
     A document under ``SMALL_JSON_BYTES`` is read by the standard library alone: warm,
     simdjson reads a tiny request in a third of the time, yet end to end the tiny-model
     request came back ~40 % later with it (p50 ~450 against ~320 µs, side by side on
-    fresh processes, a loaded 2-core VM: docs/benchmarks.md, "JSON tensors").
+    fresh processes, a loaded 2-core VM: docs/benchmarks.md, "JSON tensors"). Why is not
+    known: a change that only took work away (no statistics recorded) moved that p50 as
+    much the other way, so it follows how the server's thread and its client meet on the
+    VM's cores more than the server's CPU.
     """
     if len(text) < SMALL_JSON_BYTES:
         return json.loads(text)
