@@ -32,8 +32,9 @@ import json
 import math
 import mmap
 import struct
+import threading
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import numpy as np
 import orjson
@@ -111,24 +112,18 @@ def shape_fits(expected: Sequence[int], got: Sequence[int]) -> bool:
 
 # ---------------------------------------------------------------------------- JSON text
 
-# The idle simdjson parser. A parser keeps the buffers of the largest document it read
-# (about 2.6 times its size), so reusing one saves allocating and faulting them in per
-# request; a parser reads one document at a time, so each call takes its own and gives
-# it back after. One is kept (rarely two, when two calls give theirs back at once):
-# parsing holds the GIL, so more would only keep memory.
-_PARSERS: list[simdjson.Parser] = []
-
-
-def _take_parser() -> simdjson.Parser:
-    try:
-        return _PARSERS.pop()  # atomic: two threads never get the same one
-    except IndexError:
-        return simdjson.Parser()
-
-
-def _give_back(parser: simdjson.Parser) -> None:
-    if not _PARSERS:
-        _PARSERS.append(parser)
+# The one simdjson parser, taken under its lock. A parser keeps the buffers of the largest
+# document it read (about 2.6 times its size), so one kept saves allocating and faulting
+# them in per request, and one is enough: simdjson holds the GIL while it parses, so two
+# threads never parse at once anyway. A pool of idle parsers made a new one (and threw it
+# away) whenever a thread was switched out between taking and returning its parser, which
+# the GIL does to a thread right after a long parse when others wait: under 4 concurrent
+# CNN requests, one parse in six. Waiting on the lock lets the GIL go to the other
+# connections (their model runs) meanwhile.
+_PARSER: Final = simdjson.Parser()
+# Smaller JSON documents are read by the standard library (see ``load_json``).
+SMALL_JSON_BYTES: Final = 16 * 1024
+_PARSER_LOCK: Final = threading.Lock()
 
 
 def load_json(text: bytes) -> Any:
@@ -138,18 +133,49 @@ def load_json(text: bytes) -> Any:
     deeper than 1024, where ``json.loads`` takes them or says why not); the standard
     library reads the rest. So the values, and every error (``json.JSONDecodeError``,
     ``UnicodeDecodeError``, ``RecursionError``), are ``json.loads``'.
+
+    A document under ``SMALL_JSON_BYTES`` is read by the standard library alone: warm,
+    simdjson reads a tiny request in a third of the time, yet end to end the tiny-model
+    request came back ~40 % later with it (p50 ~450 against ~320 µs, side by side on
+    fresh processes, a loaded 2-core VM: docs/benchmarks.md, "JSON tensors"). Why is not
+    known: a change that only took work away (no statistics recorded) moved that p50 as
+    much the other way, so it follows how the server's thread and its client meet on the
+    VM's cores more than the server's CPU.
     """
-    parser = _take_parser()
-    try:
-        return parser.parse(text, True)
-    except (ValueError, RuntimeError):
-        pass
-    finally:
-        _give_back(parser)
+    if len(text) < SMALL_JSON_BYTES:
+        return json.loads(text)
+    with _PARSER_LOCK:
+        try:
+            return _PARSER.parse(text, True)
+        except (ValueError, RuntimeError):
+            pass
     return json.loads(text)
 
 
 _FLOAT_MARKS: Final = (b".", b"e", b"E")
+
+
+def _numbers(text: memoryview, of_type: Literal["d", "i"]) -> Any:
+    """The numbers of the flat JSON list ``text`` in a buffer of C type ``of_type``
+    (``"d"``, ``"i"``: a copy, not the parser's); None when simdjson refuses it (not
+    numbers, an integer beyond int64, a double's range, ...).
+
+    The lock is released only after ``_array_buffer`` returned: simdjson refuses to
+    parse again while an ``Array`` of its last document lives, so a parser handed on
+    while one did (a local, or a traceback's frame) made the next thread's parse fail
+    over to the plain path (~10 times the CPU)."""
+    with _PARSER_LOCK:
+        try:
+            return _array_buffer(_PARSER, text, of_type)
+        except (ValueError, TypeError, RuntimeError):
+            return None  # the exception, its frame and the Array go with this handler
+
+
+def _array_buffer(parser: simdjson.Parser, text: memoryview, of_type: Literal["d", "i"]) -> Any:
+    parsed = parser.parse(text)
+    if not isinstance(parsed, simdjson.Array):
+        return None
+    return parsed.as_buffer(of_type=of_type)
 
 
 def tensor_from_json_text(
@@ -178,16 +204,9 @@ def tensor_from_json_text(
     target = np.dtype(OIP_TO_NUMPY[datatype])
     if floats and target.kind != "f":
         return None  # tensor_from_json refuses it, naming the values
-    parser = _take_parser()
-    try:
-        parsed = parser.parse(memoryview(text)[start:end])
-        if not isinstance(parsed, simdjson.Array):
-            return None
-        buffer = parsed.as_buffer(of_type="d" if floats else "i")
-    except (ValueError, TypeError, RuntimeError):
-        return None  # not numbers, an integer beyond int64, a double's range, ...
-    finally:
-        _give_back(parser)
+    buffer = _numbers(memoryview(text)[start:end], "d" if floats else "i")
+    if buffer is None:
+        return None
     values = np.frombuffer(buffer, np.float64 if floats else np.int64)
     if values.size != count:
         return None
@@ -416,9 +435,23 @@ def tensor_to_json(name: str, array: np.ndarray) -> dict[str, Any]:
     else:
         if not data.dtype.isnative:
             data = data.astype(data.dtype.newbyteorder("="))
-        if data.dtype.kind == "f" and not np.isfinite(data).all():
+        if data.dtype.kind == "f" and not _all_finite(data):
             data = _Written(data.tolist())
     return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": data}
+
+
+# Up to this many values, finiteness is checked on Python floats: numpy's ufunc and
+# reduction machinery (``np.isfinite(a).all()``) costs more than the values, most of all
+# on cold caches, which is how a small model's requests find them (it was what made the
+# tiny-model answer a few percent dearer in CPU than writing it with ``json.dumps``).
+_FEW: Final = 64
+
+
+def _all_finite(data: np.ndarray) -> bool:
+    """Whether every value of a float array is finite (no NaN, no ±infinity)."""
+    if data.size <= _FEW:
+        return all(map(math.isfinite, data.tolist()))
+    return bool(np.isfinite(data).all())
 
 
 def tensor_to_bytes(array: np.ndarray) -> bytes | memoryview:
