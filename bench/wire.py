@@ -216,8 +216,8 @@ def section(results: dict[str, dict[str, dict[str, Any]]], load_before: str) -> 
         "publishes between the format 2 bundles (`bundles/<model>/<v2>.from-<v1>.delta`,",
         "container `tar/2-zstd`), applied by the agent's code to v1's unpacked members and",
         "checked byte for byte against v2's format 2 bundle; apply includes compressing v2's",
-        "members again (level 19). Encode and apply times are one encode and the median of",
-        "the applies, on this shared machine.",
+        "members again (at the bundle's zstd level). Encode and apply times are one encode and",
+        "the median of the applies, on this shared machine.",
         "",
         "| model | scenario | full, uncompressed | full, compressed | delta | delta / full "
         "| delta / compressed | encode | apply | goal |",

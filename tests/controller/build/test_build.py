@@ -11,10 +11,10 @@ import onnxruntime as ort
 import pytest
 
 from agent.contracts import BUNDLE_REQUIRED_MEMBERS, parse_manifest
+from agent.contracts.compression import ZSTD_LEVEL, compress_member
+from agent.update.unpack import unpack_bundle
 from controller.base.errors import BuildError, BundleFileError, UsageError
 from controller.build.builder import BuildOptions, build_bundle
-from agent.contracts.compression import compress_member
-from agent.update.unpack import unpack_bundle
 from controller.build.bundle_file import pack_bundle, read_bundle
 from tests.controller.conftest import edgectl_cmd
 from tests.helpers import bundle_members, make_linear_model
@@ -58,7 +58,7 @@ def test_bundle_has_exactly_the_contract_members(linear_model: Path, tmp_path: P
     assert model_entry["encoding"] == "zstd"
     assert model_entry["stored_size"] == members["model.onnx"][0].size
     assert manifest.sizes["shipped_bytes"] == model_entry["stored_size"]
-    assert manifest.build["compression"]["level"] == 19
+    assert manifest.build["compression"]["level"] == ZSTD_LEVEL == 6
     for row in manifest.quality["candidates"]:
         assert row["shipped_bytes"] > 0
     assert read_bundle(result.path).manifest == manifest
@@ -79,7 +79,9 @@ def test_format_1_writes_the_uncompressed_bundle_old_agents_read(
     assert "compression" not in m.build
     assert read_bundle(result.path).manifest == m
     with pytest.raises(UsageError, match="--format expected 1 or 2"):
-        build_bundle(linear_model, "lin", "1.0.0", tmp_path / "c", options=BuildOptions(bundle_format=3))
+        build_bundle(
+            linear_model, "lin", "1.0.0", tmp_path / "c", options=BuildOptions(bundle_format=3)
+        )
 
 
 def _cli_build(model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
