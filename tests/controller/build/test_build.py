@@ -58,7 +58,7 @@ def test_bundle_has_exactly_the_contract_members(linear_model: Path, tmp_path: P
     assert model_entry["encoding"] == "zstd"
     assert model_entry["stored_size"] == members["model.onnx"][0].size
     assert manifest.sizes["shipped_bytes"] == model_entry["stored_size"]
-    assert manifest.build["compression"]["level"] == ZSTD_LEVEL == 6
+    assert manifest.build["compression"]["level"] == ZSTD_LEVEL == 16
     for row in manifest.quality["candidates"]:
         assert row["shipped_bytes"] > 0
     assert read_bundle(result.path).manifest == manifest
