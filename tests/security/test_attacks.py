@@ -419,6 +419,11 @@ def sign_delta(repo: Repository, delta: bytes, version: str = "2.0.0", old: str 
     return "/" + str(repo.target_file_path(path, stored).relative_to(repo.path))
 
 
+def delta_url(repo: Repository, version: str = "2.0.0", old: str = "1.0.0") -> str:
+    """The URL path of the published delta ``old`` → ``version``."""
+    return target_url(repo, delta_target_path(MODEL, version, old))
+
+
 def delta_length(repo: Repository, version: str = "2.0.0", old: str = "1.0.0") -> int:
     """The signed length of the published delta ``old`` → ``version``."""
     return int(repo.load("targets").signed.targets[delta_target_path(MODEL, version, old)].length)
@@ -515,8 +520,8 @@ def test_a_delta_is_used_when_listed_and_smaller(
     assert delta_length(repo) < bundle_length
     assert device.check().installed == {MODEL: "2.0.0"}
     assert device.serving() == "2.0.0"
-    delta_url = target_url(repo, delta_target_path(MODEL, "2.0.0", "1.0.0"))
-    assert mirror.fetched(delta_url) == [""]
+    url = delta_url(repo)
+    assert mirror.fetched(url) == [""]
     assert mirror.fetched(bundle_url(repo, "2.0.0")) == []  # the full bundle never moved
 
 
@@ -528,7 +533,7 @@ def test_a_delta_altered_by_the_mirror_falls_back_to_the_full_bundle(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     release(repo, bundles["2.0.0"], delta_from=2)
-    url = target_url(repo, delta_target_path(MODEL, "2.0.0", "1.0.0"))
+    url = delta_url(repo)
     mirror.set(url, Replace(b"\0" * delta_length(repo)))
     assert check_logged(device, caplog).installed == {MODEL: "2.0.0"}
     assert mirror.fetched(bundle_url(repo, "2.0.0")) == [""]
@@ -545,14 +550,14 @@ def test_a_cut_delta_is_resumed_on_the_next_check_and_logged_once(
     """A transfer cut (not altered bytes) does not write the delta off: with the full
     bundle cut too, the install is put back, and the next check resumes the delta."""
     release(repo, bundles["2.0.0"], delta_from=2)
-    delta_url = target_url(repo, delta_target_path(MODEL, "2.0.0", "1.0.0"))
-    mirror.set(delta_url, Cut(0.5))
+    url = delta_url(repo)
+    mirror.set(url, Cut(0.5))
     mirror.set(bundle_url(repo, "2.0.0"), Cut(0.5))
     with caplog.at_level(logging.INFO, logger="agent.update.updater"):
         assert MODEL in device.check().refused
         assert device.serving() == "1.0.0"
         assert device.check().installed == {MODEL: "2.0.0"}
-    ranges = mirror.fetched(delta_url)
+    ranges = mirror.fetched(url)
     assert ranges[0] == "" and ranges[1].startswith("bytes=") and len(ranges) == 2
     assert caplog.text.count("not used") == 1
     assert "rebuilt from" in caplog.text
