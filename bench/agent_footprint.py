@@ -241,14 +241,12 @@ def arena_mib(model: Path, runs: int) -> tuple[float, float]:
 _IMPORT_LINE = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")
 
 
-def import_once(code: Path) -> tuple[float, dict[str, float], int]:
-    """(total ms, self ms per group, modules imported) of one process importing what the
-    run path imports before it serves. A group is a top-level package, or
-    ``agent.<subpackage>``."""
-    body = "import agent.cli, agent.app; print(len(sys.modules))"
+def _run_agent_python(*args: str) -> subprocess.CompletedProcess[str]:
+    """``AGENT_PYTHON *args`` in a new process, from / without PYTHONPATH (so it imports
+    only what its own boot code puts on the path); its output captured."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run(
-        [AGENT_PYTHON, "-X", "importtime", "-c", _boot(code, body)],
+    return subprocess.run(
+        [AGENT_PYTHON, *args],
         capture_output=True,
         text=True,
         check=True,
@@ -256,6 +254,14 @@ def import_once(code: Path) -> tuple[float, dict[str, float], int]:
         cwd="/",
         timeout=120,
     )
+
+
+def import_once(code: Path) -> tuple[float, dict[str, float], int]:
+    """(total ms, self ms per group, modules imported) of one process importing what the
+    run path imports before it serves. A group is a top-level package, or
+    ``agent.<subpackage>``."""
+    body = "import agent.cli, agent.app; print(len(sys.modules))"
+    out = _run_agent_python("-X", "importtime", "-c", _boot(code, body))
     per: dict[str, float] = defaultdict(float)
     for match in _IMPORT_LINE.finditer(out.stderr):
         own_us, name = int(match.group(1)), match.group(4)
@@ -340,16 +346,7 @@ print(before, rss())
 
 def _step_mib(code: Path, first: str, what: str) -> tuple[float, float]:
     """(RSS before, RSS added) in MiB of one new process doing one breakdown step."""
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run(
-        [AGENT_PYTHON, "-c", _STEP.format(code=str(code), first=first, what=what)],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-        cwd="/",
-        timeout=120,
-    )
+    out = _run_agent_python("-c", _STEP.format(code=str(code), first=first, what=what))
     before, after = (int(v) for v in out.stdout.split())
     return before / MIB, (after - before) / MIB
 

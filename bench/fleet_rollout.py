@@ -355,21 +355,9 @@ def run_bench(args: argparse.Namespace) -> None:
         commits: dict[str, float] = {}
         errors: list[str] = []
         ready = threading.Semaphore(0)
-        per = -(-args.devices // args.workers)
-        for first in range(0, args.devices, per):
-            cmd = [
-                sys.executable, __file__, "--worker", "--first", str(first),
-                "--count", str(min(per, args.devices - first)), "--broker", broker.address,
-                "--url", url, "--root", str(repo / "metadata" / "root.json"),
-                "--state", str(work / "devices"), "--threads", str(args.threads),
-            ]  # fmt: skip
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-            workers.append(proc)
-            threading.Thread(target=_read, args=(proc, commits, errors, ready), daemon=True).start()
+        spawn_workers(args, workers, broker.address, url, repo, work, [], (commits, errors, ready))
         t_boot = time.monotonic()
-        for _ in workers:
-            if not ready.acquire(timeout=args.timeout):
-                raise SystemExit("workers did not bootstrap in time")
+        wait_ready(workers, ready, args.timeout)
         boot_s = time.monotonic() - t_boot
         time.sleep(1.0)  # let the retained announcement's checks settle
         cpu0 = cpu_seconds(serve.process.pid)
@@ -409,13 +397,7 @@ def run_bench(args: argparse.Namespace) -> None:
                 len(errors),
             )
     finally:
-        for proc in workers:
-            proc.terminate()
-        for proc in workers:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_workers(workers)
         if serve is not None:
             serve.stop()
         broker.stop()
@@ -469,23 +451,12 @@ def _move(
     errors: list[str] = []
     ready = threading.Semaphore(0)
     try:
-        per = -(-args.devices // args.workers)
-        for first in range(0, args.devices, per):
-            cmd = [
-                sys.executable, __file__, "--worker", "--first", str(first),
-                "--count", str(min(per, args.devices - first)), "--broker", broker,
-                "--url", url, "--root", str(repo / "metadata" / "root.json"),
-                "--state", str(work / "devices"), "--threads", str(args.threads),
-                "--serving", "1.0.0", "--installed", str(installed),
-            ]  # fmt: skip
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-            workers.append(proc)
-            threading.Thread(
-                target=_read, args=(proc, commits, errors, ready, "2.0.0", fetched), daemon=True
-            ).start()
-        for _ in workers:
-            if not ready.acquire(timeout=args.timeout):
-                raise SystemExit("workers did not bootstrap in time")
+        spawn_workers(
+            args, workers, broker, url, repo, work,
+            ["--serving", "1.0.0", "--installed", str(installed)],
+            (commits, errors, ready, "2.0.0", fetched),
+        )  # fmt: skip
+        wait_ready(workers, ready, args.timeout)
         time.sleep(1.0)
         cpu0 = cpu_seconds(serve.process.pid)
         t0 = time.time()
@@ -507,13 +478,7 @@ def _move(
             "cpu": cpu1 - cpu0,
         }
     finally:
-        for proc in workers:
-            proc.terminate()
-        for proc in workers:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_workers(workers)
         serve.stop()
 
 
@@ -549,6 +514,47 @@ def record_deltas(args: argparse.Namespace, v1_size: int, results: dict[str, Any
     )
     record_section(HEADING, intro, "\n".join(lines), args.record_to)
     print(f"recorded in {args.record_to}")
+
+
+def spawn_workers(
+    args: argparse.Namespace, workers: list[subprocess.Popen[str]], broker: str, url: str,
+    repo: Path, work: Path, extra: list[str], read_args: tuple[Any, ...],
+) -> None:  # fmt: skip
+    """Start the worker processes that simulate ``args.devices`` devices (``extra`` added
+    to each command line), each appended to ``workers`` as it starts (so the caller's
+    ``finally`` stops those started before a failure) and read by ``_read(proc,
+    *read_args)`` on a thread of its own."""
+    per = -(-args.devices // args.workers)
+    for first in range(0, args.devices, per):
+        cmd = [
+            sys.executable, __file__, "--worker", "--first", str(first),
+            "--count", str(min(per, args.devices - first)), "--broker", broker,
+            "--url", url, "--root", str(repo / "metadata" / "root.json"),
+            "--state", str(work / "devices"), "--threads", str(args.threads),
+            *extra,
+        ]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        workers.append(proc)
+        threading.Thread(target=_read, args=(proc, *read_args), daemon=True).start()
+
+
+def wait_ready(
+    workers: list[subprocess.Popen[str]], ready: threading.Semaphore, timeout: float
+) -> None:
+    """Wait for every worker's "ready" line (its devices bootstrapped)."""
+    for _ in workers:
+        if not ready.acquire(timeout=timeout):
+            raise SystemExit("workers did not bootstrap in time")
+
+
+def stop_workers(workers: list[subprocess.Popen[str]]) -> None:
+    for proc in workers:
+        proc.terminate()
+    for proc in workers:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _read(proc: subprocess.Popen[str], commits: dict[str, float], errors: list[str],

@@ -182,6 +182,22 @@ def start_agent(
     )
 
 
+def start_serve_and_agent(folder: Path, repo: Path, broker: str, fleet: str) -> tuple[Proc, Proc]:
+    """`edgectl serve` for ``repo`` (its log in ``folder``) and one `edge-agent`, dev-1 of
+    ``fleet``, its files in ``folder / "device"``, trusting the repository's root and
+    polling hourly: the set-up of the one-device end-to-end tests. (serve, agent)."""
+    serve, url = start_serve(repo, broker, folder / "serve.log")
+    config = write_agent_config(
+        folder / "device",
+        device="dev-1",
+        fleet=fleet,
+        broker=broker,
+        repo_url=url,
+        root=repo / "metadata" / "root.json",
+    )
+    return serve, start_agent(config)
+
+
 def bundle_output(bundle: Path, x: np.ndarray) -> np.ndarray:
     """What the bundle's model computes for input ``x`` (its first output), run by ONNX
     Runtime in this process: the answer a device serving that bundle must give."""

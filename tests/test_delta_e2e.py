@@ -21,10 +21,8 @@ from tests.e2e_support import (
     edgectl,
     paused,
     served_version,
-    start_agent,
-    start_serve,
+    start_serve_and_agent,
     wait_until,
-    write_agent_config,
 )
 from tests.helpers import Broker, make_linear_model
 
@@ -53,16 +51,7 @@ def test_agent_moves_by_delta_and_falls_back_to_the_full_bundle(
         for seed, version in enumerate(["1.0.0", "2.0.0", "3.0.0"], start=1)
     }
     edgectl("release", bundles["1.0.0"], "--fleet", FLEET, "--repo", repo, *QUICK)
-    serve, url = start_serve(repo, broker.address, tmp_path / "serve.log")
-    config = write_agent_config(
-        tmp_path / "device",
-        device="dev-1",
-        fleet=FLEET,
-        broker=broker.address,
-        repo_url=url,
-        root=repo / "metadata" / "root.json",
-    )
-    agent = start_agent(config)
+    serve, agent = start_serve_and_agent(tmp_path, repo, broker.address, FLEET)
     client = InferenceClient(tmp_path / "device" / "infer.sock")
     try:
         wait_until(lambda: served_version(client, MODEL) == "1.0.0", 30, "v1 to be served")

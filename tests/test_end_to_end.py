@@ -23,11 +23,9 @@ from tests.e2e_support import (
     edgectl_bundles,
     paused,
     served_version,
-    start_agent,
-    start_serve,
+    start_serve_and_agent,
     tamper_stored_bundle,
     wait_until,
-    write_agent_config,
 )
 from tests.helpers import Broker
 
@@ -44,16 +42,7 @@ def world(tmp_path: Path, broker: Broker) -> Iterator[dict[str, object]]:
     edgectl("init", repo)
     bundles = edgectl_bundles(tmp_path, MODEL, ["1.0.0", "2.0.0", "3.0.0"])
     edgectl("release", bundles["1.0.0"], "--fleet", FLEET, "--repo", repo, *QUICK)
-    serve, url = start_serve(repo, broker.address, tmp_path / "serve.log")
-    config = write_agent_config(
-        tmp_path / "device",
-        device="dev-1",
-        fleet=FLEET,
-        broker=broker.address,
-        repo_url=url,
-        root=repo / "metadata" / "root.json",
-    )
-    agent = start_agent(config)
+    serve, agent = start_serve_and_agent(tmp_path, repo, broker.address, FLEET)
     procs: list[Proc] = [serve, agent]
     try:
         yield {

@@ -22,6 +22,7 @@ from agent.contracts import ROLLOUT_ROLE, bundle_target_path, desired_target_pat
 from agent.contracts.bundle_container import TAR_V2_ZSTD
 from agent.contracts.delta import delta_target_path, pack_delta, parse_delta_header
 from agent.update.journal import Phase
+from agent.update.updater import CheckResult
 from controller.base.fsio import repo_lock
 from controller.build.delta import make_delta
 from controller.repository.ceremony import rotate
@@ -42,11 +43,15 @@ from tests.security.simulator import (
 )
 
 
-def bundle_url(repo: Repository, version: str) -> str:
-    """The URL path of a released bundle (its consistent-snapshot name)."""
-    path = bundle_target_path(MODEL, version)
+def target_url(repo: Repository, path: str) -> str:
+    """The URL path of a published target (its consistent-snapshot name)."""
     target = repo.load("targets").signed.targets[path]
     return "/" + str(repo.target_file_path(path, target).relative_to(repo.path))
+
+
+def bundle_url(repo: Repository, version: str) -> str:
+    """The URL path of a released bundle."""
+    return target_url(repo, bundle_target_path(MODEL, version))
 
 
 def release_2_0_0_served_as(
@@ -414,6 +419,29 @@ def sign_delta(repo: Repository, delta: bytes, version: str = "2.0.0", old: str 
     return "/" + str(repo.target_file_path(path, stored).relative_to(repo.path))
 
 
+def delta_url(repo: Repository, version: str = "2.0.0", old: str = "1.0.0") -> str:
+    """The URL path of the published delta ``old`` → ``version``."""
+    return target_url(repo, delta_target_path(MODEL, version, old))
+
+
+def delta_length(repo: Repository, version: str = "2.0.0", old: str = "1.0.0") -> int:
+    """The signed length of the published delta ``old`` → ``version``."""
+    return int(repo.load("targets").signed.targets[delta_target_path(MODEL, version, old)].length)
+
+
+def release_2_0_0_without_delta(repo: Repository, bundles: dict[str, Path]) -> None:
+    """Release 2.0.0 with no delta published (the tests sign their own)."""
+    release_bundle(bundles["2.0.0"], FLEET, repo.path, probation=NOW_SERVING, delta_from=0)
+
+
+def check_logged(
+    device: Device, caplog: pytest.LogCaptureFixture, level: int = logging.WARNING
+) -> CheckResult:
+    """An update check, the updater's log from ``level`` kept in ``caplog``."""
+    with caplog.at_level(level, logger="agent.update.updater"):
+        return device.check()
+
+
 def rewrite_delta(delta: bytes, change: Any) -> bytes:
     (length,) = struct.unpack(">I", delta[8:12])
     doc = json.loads(delta[12 : 12 + length])
@@ -429,14 +457,13 @@ def test_11_signed_delta_that_rebuilds_another_bundle_is_refused_and_the_full_on
     bundles: dict[str, Path],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    release_bundle(bundles["2.0.0"], FLEET, repo.path, probation=NOW_SERVING, delta_from=0)
+    release_2_0_0_without_delta(repo, bundles)
     # A well-formed delta from the installed 1.0.0 that rebuilds 3.0.0's bundle, relabelled
     # as the delta to 2.0.0: every check of the delta itself passes, only the rebuilt
     # file's hash against the signed 2.0.0 target can tell.
     evil = make_delta(bundles["1.0.0"].read_bytes(), bundles["3.0.0"].read_bytes())
     url = sign_delta(repo, rewrite_delta(evil, lambda d: d.update(to="2.0.0")))
-    with caplog.at_level(logging.WARNING, logger="agent.update.updater"):
-        result = device.check()
+    result = check_logged(device, caplog)
     assert mirror.fetched(url) == [""]
     assert result.installed == {MODEL: "2.0.0"}, result
     assert device.serving() == "2.0.0"
@@ -452,7 +479,7 @@ def test_11_signed_delta_declaring_oversized_output_is_refused_before_work(
     bundles: dict[str, Path],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    release_bundle(bundles["2.0.0"], FLEET, repo.path, probation=NOW_SERVING, delta_from=0)
+    release_2_0_0_without_delta(repo, bundles)
     honest = make_delta(bundles["1.0.0"].read_bytes(), bundles["2.0.0"].read_bytes())
 
     def inflate(doc: dict[str, Any]) -> None:
@@ -460,8 +487,7 @@ def test_11_signed_delta_declaring_oversized_output_is_refused_before_work(
         doc["members"][1]["body"]["size"] = 1 << 40
 
     sign_delta(repo, rewrite_delta(honest, inflate))
-    with caplog.at_level(logging.WARNING, logger="agent.update.updater"):
-        result = device.check()
+    result = check_logged(device, caplog)
     assert result.installed == {MODEL: "2.0.0"}, result
     assert "must be an integer in [0, " in caplog.text and "downloading the full" in caplog.text
 
@@ -475,12 +501,11 @@ def test_a_delta_compressed_by_another_libzstd_is_skipped_and_logged_once(
 ) -> None:
     # The bundles here are format 2: a delta rebuilds them by compressing again, which
     # gives the signed frames only with the controller's libzstd release.
-    release_bundle(bundles["2.0.0"], FLEET, repo.path, probation=NOW_SERVING, delta_from=0)
+    release_2_0_0_without_delta(repo, bundles)
     honest = make_delta(bundles["1.0.0"].read_bytes(), bundles["2.0.0"].read_bytes())
     assert parse_delta_header(honest, 1 << 30).container == TAR_V2_ZSTD
     url = sign_delta(repo, rewrite_delta(honest, lambda d: d.update(libzstd="0.0.1")))
-    with caplog.at_level(logging.WARNING, logger="agent.update.updater"):
-        result = device.check()
+    result = check_logged(device, caplog)
     assert mirror.fetched(url) == [""]
     assert result.installed == {MODEL: "2.0.0"}, result
     assert caplog.text.count("compressed with libzstd 0.0.1") == 1, caplog.text
@@ -491,16 +516,12 @@ def test_a_delta_is_used_when_listed_and_smaller(
     repo: Repository, device: Device, mirror: HostileMirror, bundles: dict[str, Path]
 ) -> None:
     release(repo, bundles["2.0.0"], delta_from=2)  # publishes the delta from 1.0.0
-    path = delta_target_path(MODEL, "2.0.0", "1.0.0")
-    target = repo.load("targets").signed.targets[path]
-    assert (
-        target.length
-        < repo.load("targets").signed.targets[bundle_target_path(MODEL, "2.0.0")].length
-    )
+    bundle_length = repo.load("targets").signed.targets[bundle_target_path(MODEL, "2.0.0")].length
+    assert delta_length(repo) < bundle_length
     assert device.check().installed == {MODEL: "2.0.0"}
     assert device.serving() == "2.0.0"
-    delta_url = "/" + str(repo.target_file_path(path, target).relative_to(repo.path))
-    assert mirror.fetched(delta_url) == [""]
+    url = delta_url(repo)
+    assert mirror.fetched(url) == [""]
     assert mirror.fetched(bundle_url(repo, "2.0.0")) == []  # the full bundle never moved
 
 
@@ -512,12 +533,9 @@ def test_a_delta_altered_by_the_mirror_falls_back_to_the_full_bundle(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     release(repo, bundles["2.0.0"], delta_from=2)
-    path = delta_target_path(MODEL, "2.0.0", "1.0.0")
-    target = repo.load("targets").signed.targets[path]
-    url = "/" + str(repo.target_file_path(path, target).relative_to(repo.path))
-    mirror.set(url, Replace(b"\0" * target.length))
-    with caplog.at_level(logging.WARNING, logger="agent.update.updater"):
-        assert device.check().installed == {MODEL: "2.0.0"}
+    url = delta_url(repo)
+    mirror.set(url, Replace(b"\0" * delta_length(repo)))
+    assert check_logged(device, caplog).installed == {MODEL: "2.0.0"}
     assert mirror.fetched(bundle_url(repo, "2.0.0")) == [""]
     assert caplog.text.count("not used") == 1
 
@@ -532,16 +550,14 @@ def test_a_cut_delta_is_resumed_on_the_next_check_and_logged_once(
     """A transfer cut (not altered bytes) does not write the delta off: with the full
     bundle cut too, the install is put back, and the next check resumes the delta."""
     release(repo, bundles["2.0.0"], delta_from=2)
-    path = delta_target_path(MODEL, "2.0.0", "1.0.0")
-    target = repo.load("targets").signed.targets[path]
-    delta_url = "/" + str(repo.target_file_path(path, target).relative_to(repo.path))
-    mirror.set(delta_url, Cut(0.5))
+    url = delta_url(repo)
+    mirror.set(url, Cut(0.5))
     mirror.set(bundle_url(repo, "2.0.0"), Cut(0.5))
     with caplog.at_level(logging.INFO, logger="agent.update.updater"):
         assert MODEL in device.check().refused
         assert device.serving() == "1.0.0"
         assert device.check().installed == {MODEL: "2.0.0"}
-    ranges = mirror.fetched(delta_url)
+    ranges = mirror.fetched(url)
     assert ranges[0] == "" and ranges[1].startswith("bytes=") and len(ranges) == 2
     assert caplog.text.count("not used") == 1
     assert "rebuilt from" in caplog.text
@@ -556,8 +572,7 @@ def test_a_missing_base_falls_back_to_the_full_bundle(
 ) -> None:
     release(repo, bundles["2.0.0"], delta_from=2)
     shutil.rmtree(device.config.state_dir / "models" / MODEL / "1.0.0")
-    with caplog.at_level(logging.WARNING, logger="agent.update.updater"):
-        assert device.check().installed == {MODEL: "2.0.0"}
+    assert check_logged(device, caplog).installed == {MODEL: "2.0.0"}
     assert "are not on disk" in caplog.text
     assert mirror.fetched(bundle_url(repo, "2.0.0")) == [""]
 

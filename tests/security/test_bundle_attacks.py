@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,21 @@ def release_unchecked(repo: Repository, bundle: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(release_module, "read_bundle", bundle_file.read_bundle)
 
 
+@pytest.fixture
+def release_hostile(
+    repo: Repository, bundles: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., None]:
+    """Release as 2.0.0 the good 2.0.0 bundle with ``stored_model`` as its model member
+    (see ``hostile_bundle``), past the controller's check (``release_unchecked``)."""
+
+    def mount(name: str, stored_model: bytes, *, model_size: int | None = None) -> None:
+        out = tmp_path / f"{name}.bundle"
+        bundle = hostile_bundle(bundles["2.0.0"], out, stored_model, model_size=model_size)
+        release_unchecked(repo, bundle, monkeypatch)
+
+    return mount
+
+
 def assert_refused_and_still_serving(device: Device, reason: str) -> None:
     result = device.check()
     assert MODEL in result.refused, result
@@ -80,63 +96,41 @@ def assert_refused_and_still_serving(device: Device, reason: str) -> None:
 
 @pytest.mark.bundle_attack("bomb")
 def test_a_compression_bomb_stops_at_the_declared_size(
-    repo: Repository,
-    device: Device,
-    bundles: dict[str, Path],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    device: Device, release_hostile: Callable[..., None]
 ) -> None:
     """64 MiB of zeros in a frame of a few kB, under a manifest that declares the real
     model's few hundred bytes: decompression stops one byte past the declared size."""
     bomb = compress_member(b"\0" * (64 << 20))
-    bundle = hostile_bundle(bundles["2.0.0"], tmp_path / "bomb.bundle", bomb)
-    release_unchecked(repo, bundle, monkeypatch)
+    release_hostile("bomb", bomb)
     assert_refused_and_still_serving(device, "decompresses to more than the")
 
 
 @pytest.mark.bundle_attack("garbage")
 def test_a_garbage_zstd_frame_is_refused(
-    repo: Repository,
-    device: Device,
-    bundles: dict[str, Path],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    device: Device, bundles: dict[str, Path], release_hostile: Callable[..., None]
 ) -> None:
     good = bundle_members(bundles["2.0.0"])["model.onnx"]
     frame = bytearray(compress_member(good))
     frame[len(frame) // 2 :] = bytes(len(frame) - len(frame) // 2)  # the tail zeroed
-    bundle = hostile_bundle(bundles["2.0.0"], tmp_path / "garbage.bundle", bytes(frame))
-    release_unchecked(repo, bundle, monkeypatch)
+    release_hostile("garbage", bytes(frame))
     assert_refused_and_still_serving(device, "is not valid zstd data")
 
 
 @pytest.mark.bundle_attack("truncated")
 def test_a_truncated_zstd_frame_is_refused(
-    repo: Repository,
-    device: Device,
-    bundles: dict[str, Path],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    device: Device, bundles: dict[str, Path], release_hostile: Callable[..., None]
 ) -> None:
     good = bundle_members(bundles["2.0.0"])["model.onnx"]
     frame = compress_member(good)
-    bundle = hostile_bundle(bundles["2.0.0"], tmp_path / "cut.bundle", frame[: len(frame) // 2])
-    release_unchecked(repo, bundle, monkeypatch)
+    release_hostile("cut", frame[: len(frame) // 2])
     assert_refused_and_still_serving(device, "a truncated or corrupt zstd frame")
 
 
 @pytest.mark.bundle_attack("hash")
 def test_content_of_another_hash_after_decompression_is_refused(
-    repo: Repository,
-    device: Device,
-    bundles: dict[str, Path],
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    device: Device, bundles: dict[str, Path], release_hostile: Callable[..., None]
 ) -> None:
     """A valid frame of another model (the evil 6.6.6's) under 2.0.0's sha256."""
     evil = bundle_members(bundles["6.6.6"])["model.onnx"]
-    bundle = hostile_bundle(
-        bundles["2.0.0"], tmp_path / "swap.bundle", compress_member(evil), model_size=len(evil)
-    )
-    release_unchecked(repo, bundle, monkeypatch)
+    release_hostile("swap", compress_member(evil), model_size=len(evil))
     assert_refused_and_still_serving(device, "sha256 of the decompressed content expected")

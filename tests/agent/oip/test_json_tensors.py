@@ -12,7 +12,7 @@ import math
 import mmap
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -400,33 +400,43 @@ def test_a_body_of_data_keys_is_cut_at_most_once_per_input() -> None:
     assert _outcome(two, manifest) == _plain_outcome(two, manifest)
 
 
+def _race(work: Callable[[int], None], threads: int = 8) -> None:
+    """``work(i)`` for i in range(``threads``), all at once on threads that switch between
+    nearly any two bytecodes; the first exception any of them raised is re-raised."""
+    failures: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as exc:
+            failures.append(exc)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert not failures, failures[0]
+
+
 def test_threads_parsing_at_once_each_get_their_own_answer() -> None:
     """Concurrent calls share the parser safely: each takes it in turn and gets its own
     document's values."""
     manifest = _manifest(TensorSpec("t", "FP32", (-1,)))
     bodies = [_body([_tensor("FP32", [3], f"[{i},{i}.5,-{i}e1]")]) for i in range(8)]
-    failures: list[BaseException] = []
 
     def parse(i: int) -> None:
-        try:
-            for _ in range(300):
-                got = parse_infer_request(bodies[i], manifest).inputs["t"]
-                assert got.tolist() == [i, i + 0.5, -10 * i], got
-                assert load_json(b'{"i":%d}' % i) == {"i": i}
-        except BaseException as exc:
-            failures.append(exc)
+        for _ in range(300):
+            got = parse_infer_request(bodies[i], manifest).inputs["t"]
+            assert got.tolist() == [i, i + 0.5, -10 * i], got
+            assert load_json(b'{"i":%d}' % i) == {"i": i}
 
-    threads = [threading.Thread(target=parse, args=(i,)) for i in range(8)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # threads switch between any two bytecodes, nearly
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-    finally:
-        sys.setswitchinterval(interval)
-    assert not failures, failures[0]
+    _race(parse)
 
 
 def test_a_body_in_a_receive_buffer_is_read_in_place_and_gives_the_same_arrays() -> None:
@@ -468,28 +478,14 @@ def test_threads_reading_data_text_at_once_all_take_the_fast_path() -> None:
     requests took a third of them."""
     texts = [b"[%d.5,%d,-%de1,0.25]" % (i, i, i) for i in range(8)]
     misses: list[int] = []
-    failures: list[BaseException] = []
 
     def read(i: int) -> None:
-        try:
-            for _ in range(300):
-                got = tensor_from_json_text("FP32", [2, 2], texts[i])
-                if got is None:
-                    misses.append(i)
-                    continue
-                assert got.tolist() == [[i + 0.5, i], [-10 * i, 0.25]], got
-        except BaseException as exc:
-            failures.append(exc)
+        for _ in range(300):
+            got = tensor_from_json_text("FP32", [2, 2], texts[i])
+            if got is None:
+                misses.append(i)
+                continue
+            assert got.tolist() == [[i + 0.5, i], [-10 * i, 0.25]], got
 
-    threads = [threading.Thread(target=read, args=(i,)) for i in range(8)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(60)
-    finally:
-        sys.setswitchinterval(interval)
-    assert not failures, failures[0]
+    _race(read)
     assert not misses, f"{len(misses)} of 2400 reads fell back to the plain path"

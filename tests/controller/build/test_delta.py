@@ -54,8 +54,9 @@ def model_bytes(w: np.ndarray, b: np.ndarray, head: np.ndarray | None = None) ->
     return bytes(helper.make_model(graph).SerializeToString())
 
 
-def bundle(version: str, model: bytes, golden: bytes = b"golden" * 50, name: str = "lin") -> bytes:
-    manifest = Manifest(
+def lin_manifest(version: str, members: dict[str, Any], name: str = "lin", **more: Any) -> Manifest:
+    """The manifest of the test's linear model (x: n x 4 -> y: n x 3) with ``members``."""
+    return Manifest(
         name=name,
         version=version,
         inputs=(TensorSpec("x", "FP32", (-1, 4)),),
@@ -63,8 +64,14 @@ def bundle(version: str, model: bytes, golden: bytes = b"golden" * 50, name: str
         opset=17,
         min_ort_version="1.17",
         golden=GoldenSpec(cases=1, rtol=1e-3, atol=1e-4),
-        members={"model.onnx": member_digest(model), "golden.npz": member_digest(golden)},
+        members=members,
+        **more,
     )
+
+
+def bundle(version: str, model: bytes, golden: bytes = b"golden" * 50, name: str = "lin") -> bytes:
+    members = {"model.onnx": member_digest(model), "golden.npz": member_digest(golden)}
+    manifest = lin_manifest(version, members, name)
     return pack_bundle(manifest.to_json_bytes(), model, golden)
 
 
@@ -260,20 +267,12 @@ def test_golden_arrays_are_found_and_unchanged_inputs_copied() -> None:
 def bundle2(version: str, model: bytes, golden: bytes = b"golden" * 50) -> bytes:
     """A manifest /2 bundle (members zstd frames), packed as the builder packs it."""
     stored_model, stored_golden = compress_member(model), compress_member(golden)
-    manifest = Manifest(
-        name="lin",
-        version=version,
-        inputs=(TensorSpec("x", "FP32", (-1, 4)),),
-        outputs=(TensorSpec("y", "FP32", (-1, 3)),),
-        opset=17,
-        min_ort_version="1.17",
-        golden=GoldenSpec(cases=1, rtol=1e-3, atol=1e-4),
-        members={
-            "model.onnx": stored_member_digest(model, stored_model),
-            "golden.npz": stored_member_digest(golden, stored_golden),
-        },
-        build={"compression": codec_facts()},
-        schema=MANIFEST_SCHEMA_V2,
+    members = {
+        "model.onnx": stored_member_digest(model, stored_model),
+        "golden.npz": stored_member_digest(golden, stored_golden),
+    }
+    manifest = lin_manifest(
+        version, members, build={"compression": codec_facts()}, schema=MANIFEST_SCHEMA_V2
     )
     return pack_bundle(manifest.to_json_bytes(), stored_model, stored_golden, compressed=True)
 
