@@ -197,7 +197,10 @@ def host_side(tmp_path: Path) -> Iterator[dict[str, object]]:
     edgectl("init", repo)
     bundle = tmp_path / "linear-1.0.0.bundle"
     model = make_linear_model(tmp_path / "linear.onnx", seed=1)
-    edgectl("bundle", "build", model, "--name", "linear", "--version", "1.0.0", "-o", bundle)
+    # Format 1: the previous release's agent, installed first, reads no other (a fleet of
+    # older agents is what `bundle build --format 1` is for, docs/bundle-format.md).
+    edgectl("bundle", "build", model, "--name", "linear", "--version", "1.0.0", "-o", bundle,
+            "--format", "1")  # fmt: skip
     edgectl("release", bundle, "--fleet", FLEET, "--repo", repo, "--probation-s", "1")
     serve, url = start_serve(repo, "", tmp_path / "serve.log")
     port = free_port()
