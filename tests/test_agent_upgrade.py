@@ -112,7 +112,7 @@ def test_a_journal_of_a_newer_agent_stops_edge_agent_run_naming_file_and_schemas
     journal = device / "state" / "models" / MODEL / "journal.json"
     journal.parent.mkdir(parents=True)
     doc = json.loads(V1_WRITTEN_BY_3C52CD2["committed"])
-    doc.update(schema="edgefleet.journal/2", served_from="slot-b")
+    doc.update(schema="edgefleet.journal/3", served_from="slot-b")
     raw = json.dumps(doc).encode()
     journal.write_bytes(raw)
     (journal.parent / "1.0.0").mkdir()
@@ -129,7 +129,7 @@ def test_a_journal_of_a_newer_agent_stops_edge_agent_run_naming_file_and_schemas
         agent.stop()
     log = agent.text()
     assert f"edge-agent: error: {journal} was written by a newer edge-agent" in log, log
-    assert "'edgefleet.journal/2'" in log and f"'{JOURNAL_SCHEMA}'" in log, log
+    assert "'edgefleet.journal/3'" in log and f"'{JOURNAL_SCHEMA}'" in log, log
     assert "Traceback" not in log, log
     assert journal.read_bytes() == raw  # neither forgotten nor overwritten
     assert not (device / "infer.sock").exists()

@@ -7,13 +7,16 @@
     ├── IncompatibleStateError the state folder was written by a newer agent (install it)
     ├── UntrustedInputError    something from outside was rejected (never retried blindly)
     │   ├── BundleError        a bundle or its manifest is malformed or unsafe
+    │   │   └── NewerFormatError   (also UnsupportedContractError) a bundle format unknown here
     │   └── DesiredStateError  the fleet's desired state is malformed
     ├── FetchError             a transient transport failure (retried on the next poll)
     │   └── TamperedDownloadError  bytes did not match their signed length or hash
     ├── InsufficientSpaceError not enough disk for an install (retried on the next check)
     ├── StorageError           the device's own disk failed a write (full, read-only, I/O)
     ├── ModelError             a model could not be loaded or failed its golden vectors
-    │   └── GoldenMismatchError
+    │   ├── GoldenMismatchError
+    │   └── RuntimeTooOldError (also UnsupportedContractError) needs a newer ONNX Runtime
+    ├── UnsupportedContractError  a candidate this agent cannot read, another version may
     └── InferenceError         a request could not be served
         ├── InvalidRequestError    the client sent something wrong (HTTP 400)
         ├── ModelNotFoundError     unknown model or version (HTTP 404)
@@ -48,6 +51,19 @@ class UntrustedInputError(AgentError):
 
 class BundleError(UntrustedInputError):
     """A bundle or its manifest is malformed or unsafe to unpack."""
+
+
+class UnsupportedContractError(AgentError):
+    """A candidate needs a contract this agent does not have (a newer bundle format, a
+    newer ONNX Runtime): not the release's fault, nor an integrity failure, but this
+    agent's. It fails the install here, and the journal records which agent version
+    refused, so that an agent of another version (an upgrade) tries the candidate again
+    (``agent.update.journal.should_skip``). Raised through its subclasses only."""
+
+
+class NewerFormatError(BundleError, UnsupportedContractError):
+    """A bundle in a format this agent does not read: an unknown manifest schema of the
+    ``edgefleet.manifest/<n>`` form, member encoding or container kind."""
 
 
 class DesiredStateError(UntrustedInputError):
@@ -88,6 +104,10 @@ class ModelError(AgentError):
 
 class GoldenMismatchError(ModelError):
     """A model did not reproduce its golden vectors within tolerance."""
+
+
+class RuntimeTooOldError(ModelError, UnsupportedContractError):
+    """A bundle needs a newer ONNX Runtime (``min_ort_version``) than this agent ships."""
 
 
 class InferenceError(AgentError):

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from agent.base.errors import BundleError
+from agent.base.errors import BundleError, NewerFormatError
 from agent.contracts._fields import _require
 from agent.contracts.compression import ENCODING_ZSTD, STORED_SUFFIX
 from agent.contracts.names import InvalidNameError, check_name, check_version
@@ -75,6 +75,9 @@ MANIFEST_SCHEMA_V1: Final = "edgefleet.manifest/1"
 MANIFEST_SCHEMA_V2: Final = "edgefleet.manifest/2"
 MANIFEST_SCHEMA: Final = MANIFEST_SCHEMA_V2
 MANIFEST_SCHEMAS: Final = (MANIFEST_SCHEMA_V1, MANIFEST_SCHEMA_V2)
+# Any schema of this form that is not in MANIFEST_SCHEMAS is a format this agent does not
+# read (NewerFormatError: another agent version may); anything else is malformed.
+_MANIFEST_SCHEMA_RE: Final = re.compile(r"edgefleet\.manifest/[1-9][0-9]{0,8}")
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,8 @@ def parse_manifest(raw: bytes) -> Manifest:
     schema = _require(doc, "schema", str, where)
     if schema not in MANIFEST_SCHEMAS:
         known = " or ".join(repr(s) for s in MANIFEST_SCHEMAS)
-        raise BundleError(f"{where}: schema expected {known}, got {schema!r}")
+        error = NewerFormatError if _MANIFEST_SCHEMA_RE.fullmatch(schema) else BundleError
+        raise error(f"{where}: schema expected {known}, got {schema!r}")
     try:
         name = check_name("model", _require(doc, "name", str, where))
         version = check_version(_require(doc, "version", str, where))
@@ -230,6 +234,6 @@ def _check_encoding(info: Mapping[str, Any], schema: str, where: str) -> None:
         return
     encoding = _require(info, "encoding", str, where)
     if encoding != ENCODING_ZSTD:
-        raise BundleError(f"{where}: encoding expected {ENCODING_ZSTD!r}, got {encoding!r}")
+        raise NewerFormatError(f"{where}: encoding expected {ENCODING_ZSTD!r}, got {encoding!r}")
     if _require(info, "stored_size", int, where) < 0:
         raise BundleError(f"{where}: stored_size must be 0 or more")

@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import IO, Final
 
-from agent.base.errors import BundleError
+from agent.base.errors import BundleError, NewerFormatError
 from agent.contracts.bundle import BUNDLE_MANIFEST, Manifest, parse_manifest
 from agent.contracts.compression import STORED_SUFFIX, compress_member, decompress_member
 
@@ -54,7 +54,7 @@ def container_of(manifest: Manifest) -> str:
 
 def _check_kind(kind: str) -> None:
     if kind not in CONTAINERS:
-        raise BundleError(f"unknown bundle container {kind!r}; known: {', '.join(CONTAINERS)}")
+        raise NewerFormatError(f"unknown bundle container {kind!r}; known: {', '.join(CONTAINERS)}")
 
 
 def stored_name(kind: str, name: str) -> str:

@@ -28,7 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from agent.base.errors import GoldenMismatchError, InferenceError, ModelError
+from agent.base.errors import (
+    GoldenMismatchError,
+    InferenceError,
+    ModelError,
+    RuntimeTooOldError,
+)
 from agent.contracts import (
     BUNDLE_GOLDEN,
     BUNDLE_MODEL,
@@ -137,7 +142,7 @@ def load_model(directory: Path, manifest: Manifest, *, intra_op_threads: int = 1
     have = _version_tuple(ort.__version__)
     need = _version_tuple(manifest.min_ort_version)
     if have < need:
-        raise ModelError(
+        raise RuntimeTooOldError(
             f"{manifest.name} {manifest.version} needs ONNX Runtime >= "
             f"{manifest.min_ort_version}, this agent has {ort.__version__}"
         )

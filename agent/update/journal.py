@@ -28,12 +28,21 @@ Invariants:
 - The orchestrator persists the new record *before* the side effect of the phase it
   enters (download, unpack, load, swap, …), so a restart resumes from a known state.
 - A candidate that ended ``failed`` or ``rolled_back`` is not installed again for the
-  same rollout (``should_skip``); a new rollout id, or another version, retries.
+  same rollout (``should_skip``); a new rollout id, or another version, retries. One
+  exception: a candidate that failed because this agent lacks a contract it needs (a
+  bundle format it does not read, a newer ONNX Runtime: ``UnsupportedContractError``)
+  records the refusing agent's version (``format_refused_by``), and an agent of another
+  version (an upgrade) tries it once more. Integrity failures (hashes, signatures, golden
+  vectors, probation) never record it.
 
 Schemas (what an upgraded agent finds on disk; ``tests/agent/update/_old_records.py``
 holds a record of each as the older agent wrote it):
 
-- ``edgefleet.journal/1`` (``JOURNAL_SCHEMA``), this record, since the journal exists;
+- ``edgefleet.journal/2`` (``JOURNAL_SCHEMA``), this record: /1 plus ``format_refused_by``;
+- ``edgefleet.journal/1``, since the journal exists: read with ``format_refused_by`` set
+  to ``LEGACY_REFUSER`` when it is ``failed`` with a reason an agent gives for a format
+  it does not read (``_LEGACY_CONTRACT_REASONS``: the /1 agents did not classify), else
+  empty, so an upgraded agent retries what an older one refused for its format only;
 - before it, no journal: ``<model>/active.json`` ``{"version", "previous"}`` (what
   served, after its golden vectors passed here) and ``<model>/failed.json``
   ``{"version", "reason"}`` (a candidate refused here); ``record_from_pointers`` turns
@@ -94,9 +103,22 @@ TRANSITIONS: Final[Mapping[Phase, frozenset[Phase]]] = {
     Phase.FAILED: frozenset({Phase.DOWNLOADING}),
 }
 
-JOURNAL_VERSION: Final = 1
+JOURNAL_VERSION: Final = 2
 JOURNAL_SCHEMA: Final = f"edgefleet.journal/{JOURNAL_VERSION}"
 _SCHEMA_RE: Final = re.compile(r"edgefleet\.journal/([1-9][0-9]{0,8})")
+# The fields each schema this agent reads has (a /1 record has no format_refused_by).
+_V2_ONLY_FIELDS: Final = frozenset({"format_refused_by"})
+# ``format_refused_by`` of a /1 record that failed for its format: an agent before the
+# journal recorded who refused; never the version of a running agent.
+LEGACY_REFUSER: Final = "an agent before edgefleet.journal/2"
+# The reasons with which agents writing /1 refused a candidate for a contract they lacked
+# (their exact messages: a manifest schema they did not know, a member encoding, an ONNX
+# Runtime too old). Nothing else in a /1 record is retried by an upgraded agent.
+_LEGACY_CONTRACT_REASONS: Final = (
+    re.compile(r"schema expected '[^']*'(?: or '[^']*')*, got 'edgefleet\.manifest/[0-9]+'"),
+    re.compile(r"encoding expected 'zstd', got '"),
+    re.compile(r"needs ONNX Runtime >= \S+, this agent has "),
+)
 # Restarts while a version is on probation before the agent calls it a crash loop.
 CRASH_LOOP_RESTARTS: Final = 3
 # Restarts that interrupt installs of the same candidate before it is given up.
@@ -143,6 +165,10 @@ class JournalRecord:
     # The previous version's p99 latency (s) and sample count when the candidate went live.
     baseline_p99_s: float | None = None
     baseline_samples: int = 0
+    # ``failed`` because the agent lacked a contract the candidate needs
+    # (``UnsupportedContractError``): that agent's version, and another retries it
+    # (``should_skip``). Empty for every other failure, and outside ``failed``.
+    format_refused_by: str = ""
 
     def to_json_bytes(self) -> bytes:
         doc = asdict(self)
@@ -167,18 +193,30 @@ def parse_record(raw: bytes) -> JournalRecord:
     match = _SCHEMA_RE.fullmatch(schema) if isinstance(schema, str) else None
     if match is None:
         raise JournalFormatError(f"journal schema expected {JOURNAL_SCHEMA!r}, got {schema!r}")
-    if int(match.group(1)) > JOURNAL_VERSION:
+    version = int(match.group(1))
+    if version > JOURNAL_VERSION:
         raise NewerJournalError(schema)
-    # edgefleet.journal/1 is the first schema; an older one would be upgraded here.
-    unknown = sorted(set(doc) - {f.name for f in fields(JournalRecord)})
+    known = {f.name for f in fields(JournalRecord)}
+    if version == 1:
+        known -= _V2_ONLY_FIELDS
+    unknown = sorted(set(doc) - known)
     if unknown:
         raise JournalFormatError(f"journal record fields this agent does not know: {unknown}")
     try:
         doc["phase"] = Phase(doc["phase"])
         doc["probation"] = ProbationPolicy(**doc.get("probation", {}))
-        return JournalRecord(**doc)
+        record = JournalRecord(**doc)
     except (ValueError, TypeError, KeyError) as exc:
         raise JournalFormatError(f"unreadable journal record: {exc!r}") from None
+    if version == 1 and record.phase is Phase.FAILED and legacy_contract_refusal(record.reason):
+        record = replace(record, format_refused_by=LEGACY_REFUSER)
+    return record
+
+
+def legacy_contract_refusal(reason: str) -> bool:
+    """Whether a /1 record's reason is one an agent gave for a candidate in a format (or
+    needing a runtime) it did not have; see ``_LEGACY_CONTRACT_REASONS``."""
+    return any(pattern.search(reason) for pattern in _LEGACY_CONTRACT_REASONS)
 
 
 def record_from_pointers(
@@ -286,6 +324,7 @@ def begin_install(
         probation_started_at=None,
         baseline_p99_s=None,
         baseline_samples=0,
+        format_refused_by="",
     )
 
 
@@ -326,18 +365,43 @@ def retry_later(record: JournalRecord, now: float, reason: str) -> JournalRecord
     return replace(idle, version=record.previous, previous=None)
 
 
-def should_skip(record: JournalRecord, version: str, rollout_id: str) -> str | None:
-    """Why a candidate must not be installed now, or None when it may be."""
+def fail(record: JournalRecord, now: float, reason: str, refused_by: str = "") -> JournalRecord:
+    """The candidate failed here; ``refused_by``: the version of this agent when it
+    failed for a contract this agent lacks (``UnsupportedContractError``), else ""."""
+    failed = transition(record, Phase.FAILED, now, reason=reason)
+    return replace(failed, format_refused_by=refused_by)
+
+
+def should_skip(
+    record: JournalRecord, version: str, rollout_id: str, agent_version: str
+) -> str | None:
+    """Why a candidate must not be installed now by the agent of ``agent_version``, or
+    None when it may be.
+
+    It is skipped when it failed or was rolled back here for this very rollout, unless
+    it failed for a contract the refusing agent lacked (``format_refused_by``) and the
+    agent running now is another version: an upgrade may read it, so it tries once (and
+    records its own version if it refuses too).
+    """
     if (
-        record.phase in (Phase.FAILED, Phase.ROLLED_BACK)
-        and record.version == version
-        and record.rollout_id == rollout_id
+        record.phase not in (Phase.FAILED, Phase.ROLLED_BACK)
+        or record.version != version
+        or record.rollout_id != rollout_id
     ):
-        return (
-            f"{version} {record.phase.value} here for rollout {rollout_id} ({record.reason}); "
-            "waiting for desired state to name another release"
-        )
-    return None
+        return None
+    refused_by = record.format_refused_by if record.phase is Phase.FAILED else ""
+    if refused_by and refused_by != agent_version:
+        return None
+    retry = (
+        f"; refused by this agent, edge-agent {agent_version}, for a contract it lacks: "
+        "another agent version retries it"
+        if refused_by
+        else ""
+    )
+    return (
+        f"{version} {record.phase.value} here for rollout {rollout_id} ({record.reason}){retry}; "
+        "waiting for desired state to name another release"
+    )
 
 
 @dataclass(frozen=True)

@@ -37,12 +37,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
+import agent
 from agent.base.errors import (
     AgentError,
     FetchError,
     InsufficientSpaceError,
     ModelError,
     StorageError,
+    UnsupportedContractError,
     UntrustedInputError,
 )
 from agent.base.fsutil import remove_tree
@@ -57,6 +59,7 @@ from agent.update.journal import (
     JournalRecord,
     Phase,
     begin_install,
+    fail,
     probation_carried_s,
     recover,
     retry_later,
@@ -113,7 +116,11 @@ class ModelLifecycle:
         phase_hook: PhaseHook | None = None,
         on_swap: Callable[[str, str, str], None] | None = None,
         on_transition: Callable[[JournalRecord], None] | None = None,
+        agent_version: str = agent.__version__,
     ) -> None:
+        # The version a refusal for a contract this agent lacks is recorded under, and
+        # that decides whether such a refusal is retried (journal.should_skip).
+        self.agent_version = agent_version
         self._config = config
         self._registry = registry
         self._store = store
@@ -229,7 +236,8 @@ class ModelLifecycle:
         Raises FetchError, InsufficientSpaceError or StorageError for a transient
         failure (the journal goes back to idle and the next check retries) and AgentError
         for a failure of the candidate itself (the journal records ``failed`` with the
-        reason; not retried for this rollout).
+        reason; not retried for this rollout; for an ``UnsupportedContractError`` it also
+        records this agent's version, and an agent of another version retries it).
         """
         with self._lock:
             cfg = self._config
@@ -273,7 +281,8 @@ class ModelLifecycle:
                 self._put_back(record, error)
                 raise error from exc
             except AgentError as exc:
-                self._persist(transition(record, Phase.FAILED, self._clock(), reason=str(exc)))
+                refused_by = self.agent_version if isinstance(exc, UnsupportedContractError) else ""
+                self._persist(fail(record, self._clock(), str(exc), refused_by))
                 self._prune(model, set(), drop=frozenset({version}))
                 raise
             self._activate(record, loaded)

@@ -325,7 +325,11 @@ class UpdateService:
                 result.installed[model] = version
                 return None
             waits = before_install(
-                record, version, release.rollout_id, self._lifecycle.probation_left_s(model)
+                record,
+                version,
+                release.rollout_id,
+                self._lifecycle.probation_left_s(model),
+                agent_version=self._lifecycle.agent_version,
             )
             if waits is not None:
                 logger.info("%s: %s %s", model, version, waits.detail)
@@ -333,10 +337,24 @@ class UpdateService:
         if serving_version(record) == version:
             result.unchanged.append(model)
             return None
-        skip = should_skip(record, version, release.rollout_id)
+        agent_version = self._lifecycle.agent_version
+        skip = should_skip(record, version, release.rollout_id, agent_version)
         if skip is not None:
             logger.debug("%s: not installing: %s", model, skip)
-            return before_install(record, version, release.rollout_id)
+            return before_install(record, version, release.rollout_id, agent_version=agent_version)
+        if record.format_refused_by and (record.version, record.rollout_id) == (
+            version,
+            release.rollout_id,
+        ):
+            logger.info(
+                "%s: %s was refused here by %s for a contract it lacked (%s); "
+                "edge-agent %s tries it again",
+                model,
+                version,
+                record.format_refused_by,
+                record.reason,
+                agent_version,
+            )
         served = serving_version(record) or "nothing"
         try:
             self._lifecycle.install(

@@ -29,10 +29,11 @@ from agent.base.errors import (
     InsufficientSpaceError,
     StorageError,
     TamperedDownloadError,
+    UnsupportedContractError,
     UntrustedInputError,
 )
 from agent.contracts import MAX_DETAIL, Waiting
-from agent.update.journal import JournalRecord, Phase
+from agent.update.journal import JournalRecord, Phase, should_skip
 
 
 def _cut(text: str) -> str:
@@ -45,9 +46,13 @@ def before_install(
     version: str,
     rollout_id: str,
     probation_left_s: float | None = None,
+    *,
+    agent_version: str,
 ) -> Waiting | None:
-    """Why ``version`` (of rollout ``rollout_id``) is not installed now over ``record``,
-    or None when it may be (or is served already). ``since`` is left empty.
+    """Why ``version`` (of rollout ``rollout_id``) is not installed now over ``record``
+    by the agent of ``agent_version``, or None when it may be (or is served already).
+    ``since`` is left empty. A failed or rolled-back candidate waits as ``should_skip``
+    says (``agent.update.journal``).
 
     ``probation_left_s``: how long the probation of the active version has still to run,
     when known. A version desired state names while the previous one is on probation
@@ -62,17 +67,18 @@ def before_install(
             f"waits until probation of {record.version} ends{left}",
             version,
         )
-    if (
-        record.phase in (Phase.FAILED, Phase.ROLLED_BACK)
-        and record.version == version
-        and record.rollout_id == rollout_id
-    ):
+    if should_skip(record, version, rollout_id, agent_version) is not None:
         how = "failed" if record.phase is Phase.FAILED else "was rolled back"
+        other = (
+            " (a contract this agent lacks: another agent version retries it)"
+            if record.format_refused_by
+            else ""
+        )
         return Waiting(
             record.phase.value,
             _cut(
                 f"{version} {how} here for rollout {rollout_id} ({record.reason}); not "
-                "retried until desired state names another rollout"
+                f"retried until desired state names another rollout{other}"
             ),
             version,
         )
@@ -95,7 +101,17 @@ def after_install_error(exc: AgentError, version: str) -> Waiting:
     if isinstance(exc, FetchError):
         detail = f"download failed, retried on the next check: {detail}"
         return Waiting("fetch_failed", _cut(detail), version)
-    # The candidate itself: the journal says failed, and it is not retried for this rollout.
+    # The candidate itself: the journal says failed, and it is not retried for this rollout
+    # (by this agent, when the agent lacked a contract the candidate needs).
+    if isinstance(exc, UnsupportedContractError):
+        return Waiting(
+            "failed",
+            _cut(
+                f"{version} failed here ({detail}); not retried by this agent until desired "
+                "state names another rollout; another agent version retries it"
+            ),
+            version,
+        )
     return Waiting(
         "failed",
         _cut(

@@ -13,9 +13,12 @@ wait_for() {  # wait_for SECONDS CMD...: poll CMD until it succeeds
     return 1
 }
 infer() { edge-agent infer linear --input /probe/input.npy --socket /run/edge-agent/infer.sock; }
-served() { systemctl show -P StatusText edge-agent.service | grep -q "serving linear 1.0.0"; }
+served() { systemctl show -P StatusText edge-agent.service | grep -q "serving linear ${1:-1.0.0}"; }
 STATE=/var/lib/private/edge-agent/models/linear
-committed() { python3 -c "import json, sys; d = json.load(open('$STATE/journal.json')); sys.exit((d['phase'], d['version']) != ('committed', '1.0.0'))"; }
+journal_says() {  # journal_says PHASE VERSION: the model's journal is in PHASE on VERSION
+    python3 -c "import json, sys; d = json.load(open('$STATE/journal.json')); sys.exit((d['phase'], d['version']) != ('$1', '$2'))"
+}
+committed() { journal_says committed "${1:-1.0.0}"; }
 t0=$(date +%s.%N)
 elapsed() { python3 -c "import time; print('$1=%.1f' % (time.time() - $t0))" >> "$R/timings"; }
 
@@ -48,20 +51,34 @@ check infer wait_for 30 infer
 elapsed inference_s
 infer > "$R/infer_before_upgrade.json" 2>&1
 
-# Upgrade while it serves: the same version keeps serving from the same state, with no
-# reinstall (the journal stays committed, the version folder is the same folder).
 wait_for 60 committed
 touch "$STATE/1.0.0/.probe-marker"
+
+# The host releases 2.0.0 as a format 2 bundle (zstd members): this previous agent reads
+# manifest /1 only, so it refuses it by its schema check, keeps serving 1.0.0, and its
+# journal says 2.0.0 failed for that rollout.
+touch "$R/release-format-2"
+check format_2_released wait_for 120 test -e "$R/format-2-released"
+check previous_refuses_format_2 wait_for 120 journal_says failed 2.0.0
+check previous_refusal_is_the_schema grep -q "schema expected 'edgefleet.manifest/1', got 'edgefleet.manifest/2'" "$STATE/journal.json"
+check previous_keeps_serving served 1.0.0
+check previous_still_answers infer
+
+# Upgrade while it serves: what the previous agent left is read, not forgotten (1.0.0
+# serves again from the same folder, no reinstall), and the format 2 release it refused
+# is tried again by this agent, installed and served, with no new release.
 upgrade_at=$(date +%s)
 check upgrade dpkg -i /probe/edge-agent.deb
 check upgraded_version sh -c 'edge-agent --version | grep -q "edge-agent 0.1.0"'
 check active_after_upgrade wait_for 60 systemctl is-active --quiet edge-agent.service
-check served_after_upgrade wait_for 60 served
+check restored_after_upgrade wait_for 60 sh -c "journalctl -u edge-agent.service --since @$upgrade_at --no-pager | grep -q 'serving linear 1.0.0 (restored from disk)'"
+check served_after_upgrade wait_for 120 served 2.0.0
+check format_2_committed wait_for 60 committed 2.0.0
+check format_2_retried sh -c "journalctl -u edge-agent.service --since @$upgrade_at --no-pager | grep -q 'linear: 2.0.0 was refused here by .* for a contract it lacked'"
 check same_answer_after_upgrade wait_for 30 infer
 infer > "$R/infer_output.json" 2>&1
-check journal_kept committed
 check version_folder_kept test -e "$STATE/1.0.0/.probe-marker"
-check not_reinstalled sh -c "! journalctl -u edge-agent.service --since @$upgrade_at --no-pager | grep -q 'installing linear'"
+check not_reinstalled sh -c "! journalctl -u edge-agent.service --since @$upgrade_at --no-pager | grep -q 'installing linear 1.0.0'"
 elapsed upgrade_s
 check runs_unprivileged sh -c '[ "$(stat -c %u /proc/$(systemctl show -P MainPID edge-agent)/)" != 0 ]'
 

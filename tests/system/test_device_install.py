@@ -4,8 +4,13 @@ On the host: a repository with one release served by `edgectl serve` on 127.0.0.
 mosquitto from `edgectl broker config`, an enrollment archive from `edgectl device add`.
 The container shares the host's network (no --private-network), so the agent reaches
 both on loopback. Inside, ``probe.sh`` (a Type=simple unit wanted by multi-user.target)
-installs the previous release's .deb, enrolls, serves, then upgrades to this tree's .deb
-and checks the same version keeps serving from the same state; then READY, inference on
+installs the previous release's .deb, enrolls, serves; asks the host (a file on the bind
+mount, ``FormatTwoRelease``) to release 2.0.0 as a format 2 bundle, which the previous
+agent refuses by its schema check (its journal: failed for that rollout) while it keeps
+serving 1.0.0; then upgrades to this tree's .deb and checks that 1.0.0 serves again from
+the same state without a reinstall and that the upgraded agent retries the refused
+release (a refusal for a format the refusing agent lacked, not for integrity) and serves
+2.0.0 with no new release; then READY, inference on
 the socket, the watchdog restart of a SIGSTOPped agent and of an agent whose update loop
 died; then local users under the shipped unit (its dynamic user, no ``PrivateUsers=``):
 alice and bob, two real accounts, each with a shared-memory region granted to the agent by
@@ -201,6 +206,11 @@ def host_side(tmp_path: Path) -> Iterator[dict[str, object]]:
     # older agents is what `bundle build --format 1` is for, docs/bundle-format.md).
     edgectl("bundle", "build", model, "--name", "linear", "--version", "1.0.0", "-o", bundle,
             "--format", "1")  # fmt: skip
+    # 2.0.0, the same model in format 2 (the default): released while the previous agent
+    # serves (FormatTwoRelease), refused by it, served once the agent is upgraded. The
+    # same model, so the device answers as before.
+    bundle_2 = tmp_path / "linear-2.0.0.bundle"
+    edgectl("bundle", "build", model, "--name", "linear", "--version", "2.0.0", "-o", bundle_2)
     edgectl("release", bundle, "--fleet", FLEET, "--repo", repo, "--probation-s", "1")
     serve, url = start_serve(repo, "", tmp_path / "serve.log")
     port = free_port()
@@ -220,13 +230,45 @@ def host_side(tmp_path: Path) -> Iterator[dict[str, object]]:
         broker.send_signal(signal.SIGHUP)  # the ACL names each device: reload it, as add says
         watcher = StatusWatcher(port, broker_dir)
         try:
-            yield {"enroll": enroll, "watcher": watcher, "serve": serve}
+            yield {
+                "enroll": enroll,
+                "watcher": watcher,
+                "serve": serve,
+                "release_format_2": ("release", bundle_2, "--fleet", FLEET, "--repo", repo,
+                                     "--probation-s", "1"),
+            }  # fmt: skip
         finally:
             watcher.close()
     finally:
         broker.terminate()
         broker.wait(10)
         serve.stop()
+
+
+class FormatTwoRelease:
+    """Runs `edgectl release` of the format 2 bundle once the probe asks for it (it creates
+    ``release-format-2`` in its results folder), then says so (``format-2-released``, or
+    ``format_2_released.log`` with the error). Polls until ``stop``."""
+
+    def __init__(self, results: Path, args: tuple[str | Path, ...]) -> None:
+        self._results, self._args = results, args
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="format-2-release", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            if (self._results / "release-format-2").exists():
+                out = edgectl(*self._args, check=False)
+                if out.returncode == 0:
+                    (self._results / "format-2-released").touch()
+                else:
+                    (self._results / "format_2_released.log").write_text(out.stdout + out.stderr)
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(150)
 
 
 def _boot(machine: Path, probe_dir: Path, log: Path) -> float:
@@ -291,7 +333,13 @@ def test_the_deb_under_real_systemd(tmp_path: Path, host_side: dict[str, object]
     wants.mkdir(parents=True, exist_ok=True)
     (wants / "edgefleet-probe.service").symlink_to("/etc/systemd/system/edgefleet-probe.service")
 
-    boot_s = _boot(machine, probe_dir, tmp_path / "nspawn.log")
+    release = host_side["release_format_2"]
+    assert isinstance(release, tuple)
+    releaser = FormatTwoRelease(probe_dir / "results", release)
+    try:
+        boot_s = _boot(machine, probe_dir, tmp_path / "nspawn.log")
+    finally:
+        releaser.stop()
     results_dir = probe_dir / "results"
     results_file = results_dir / "results"
     if not results_file.exists():
@@ -318,8 +366,12 @@ def test_the_deb_under_real_systemd(tmp_path: Path, host_side: dict[str, object]
     expected = {
         "install_previous", "previous_version", "enabled", "group", "not_failed_before_enroll",
         "enroll", "key_mode", "config_mode", "ready", "socket_mode", "served", "infer",
-        "upgrade", "upgraded_version", "active_after_upgrade", "served_after_upgrade",
-        "same_answer_after_upgrade", "journal_kept", "version_folder_kept", "not_reinstalled",
+        # a format 2 release the previous agent refused, served once upgraded (session 30)
+        "format_2_released", "previous_refuses_format_2", "previous_refusal_is_the_schema",
+        "previous_keeps_serving", "previous_still_answers",
+        "upgrade", "upgraded_version", "active_after_upgrade", "restored_after_upgrade",
+        "served_after_upgrade", "format_2_committed", "format_2_retried",
+        "same_answer_after_upgrade", "version_folder_kept", "not_reinstalled",
         "runs_unprivileged", "watchdog_restart", "watchdog_logged", "served_after_restart",
         "dead_loop_restart", "dead_loop_logged", "served_after_dead_loop",
         # local users: shared memory per owner, shares, allow-lists (issue #18, defects 3, 5)

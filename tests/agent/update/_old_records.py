@@ -33,3 +33,7 @@ POINTERS_WRITTEN_BY_E3FAC1E = {
     "active_first": b'{"version": "0.3.0", "previous": null}',
     "failed": b'{"version": "2.0.0", "reason": "golden vectors differ: max abs error 0.31 > atol 0.0001"}',  # noqa: E501
 }
+# A /2 bundle (zstd members) refused by the agent of 3ada5d04 (the system test's previous
+# release, which reads manifest /1 only): its unpack's BundleError, journaled as failed by
+# running that commit's ``begin_install``, ``transition`` and ``to_json_bytes``.
+V1_FORMAT_REFUSED_BY_3ADA5D0 = b'{"baseline_p99_s": null, "baseline_samples": 0, "deadline_at": null, "entered_at": 1780000101.5, "interrupted": 0, "interrupted_version": "2.0.0", "model": "linear", "phase": "failed", "previous": "1.0.0", "probation": {"duration_s": 1.0, "max_error_rate": 0.05, "max_p99_ratio": 2.0, "min_requests": 0}, "probation_started_at": null, "reason": "manifest.json: schema expected \'edgefleet.manifest/1\', got \'edgefleet.manifest/2\'", "restarts": 0, "rollout_id": "r-2", "schema": "edgefleet.journal/1", "version": "2.0.0"}'  # noqa: E501

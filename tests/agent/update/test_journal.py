@@ -36,6 +36,7 @@ from tests.agent.update._old_records import (
 )
 
 POLICY = ProbationPolicy(duration_s=30)
+AGENT = "0.1.0"
 
 
 def _installing(phase: Phase = Phase.DOWNLOADING, serving: str | None = "1.0.0") -> JournalRecord:
@@ -126,9 +127,9 @@ def test_a_candidate_that_keeps_crashing_the_install_fails() -> None:
     assert record.phase is Phase.FAILED
     assert serving_version(record) == "1.0.0"
     assert f"interrupted {MAX_INTERRUPTED_INSTALLS} times" in record.reason
-    assert should_skip(record, "2.0.0", "r2") is not None
-    assert should_skip(record, "2.0.0", "r3") is None  # a new rollout retries
-    assert should_skip(record, "3.0.0", "r2") is None
+    assert should_skip(record, "2.0.0", "r2", AGENT) is not None
+    assert should_skip(record, "2.0.0", "r3", AGENT) is None  # a new rollout retries
+    assert should_skip(record, "3.0.0", "r2", AGENT) is None
 
 
 def test_a_new_candidate_resets_the_interrupted_count() -> None:
@@ -243,11 +244,11 @@ def test_a_record_written_by_the_first_journal_still_reads_and_recovers(phase: s
 
 def test_a_newer_schema_is_refused_naming_both_schemas() -> None:
     doc = json.loads(V1_WRITTEN_BY_3C52CD2["committed"])
-    doc.update(schema="edgefleet.journal/2", checksum="abc")
+    doc.update(schema="edgefleet.journal/3", checksum="abc")
     with pytest.raises(NewerJournalError) as refused:
         parse_record(json.dumps(doc).encode())
-    assert refused.value.found == "edgefleet.journal/2"
-    assert "edgefleet.journal/2" in str(refused.value)
+    assert refused.value.found == "edgefleet.journal/3"
+    assert "edgefleet.journal/3" in str(refused.value)
     assert JOURNAL_SCHEMA in str(refused.value)
     assert not isinstance(refused.value, JournalFormatError)  # never "treat as empty"
 

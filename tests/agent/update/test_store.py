@@ -76,13 +76,13 @@ def test_a_journal_of_a_newer_agent_is_refused_naming_the_file_and_schemas(
     tmp_path: Path,
 ) -> None:
     doc = json.loads(V1_WRITTEN_BY_3C52CD2["committed"])
-    doc.update(schema="edgefleet.journal/2", signature="zz")
+    doc.update(schema="edgefleet.journal/3", signature="zz")
     raw = json.dumps(doc).encode()
     folder = _model(tmp_path, "digits", {"journal.json": raw})
     with pytest.raises(IncompatibleStateError) as refused:
         ModelStore(tmp_path).read_journal("digits")
     message = str(refused.value)
     assert str(folder / "journal.json") in message
-    assert "'edgefleet.journal/2'" in message and f"'{JOURNAL_SCHEMA}'" in message
+    assert "'edgefleet.journal/3'" in message and f"'{JOURNAL_SCHEMA}'" in message
     assert re.search(r"edge-agent \d+\.\d+\.\d+", message)
     assert (folder / "journal.json").read_bytes() == raw

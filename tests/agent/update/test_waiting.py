@@ -24,6 +24,8 @@ from agent.update.waiting import (
     carry,
 )
 
+AGENT = "0.1.0"
+
 
 def _record(phase: Phase, version: str = "1.0.0", **kw: object) -> JournalRecord:
     return JournalRecord(model="m", phase=phase, version=version, **kw)  # type: ignore[arg-type]
@@ -31,20 +33,24 @@ def _record(phase: Phase, version: str = "1.0.0", **kw: object) -> JournalRecord
 
 def test_a_release_waits_for_the_probation_of_the_version_serving_and_says_how_long() -> None:
     active = _record(Phase.ACTIVE, previous="0.9.0", rollout_id="r1")
-    waits = before_install(active, "2.0.0", "r2", probation_left_s=29.6)
+    waits = before_install(active, "2.0.0", "r2", probation_left_s=29.6, agent_version=AGENT)
     assert waits == Waiting("probation", "waits until probation of 1.0.0 ends (in 30 s)", "2.0.0")
     # Not known yet (no probation tick in this process): no time promised.
-    waits = before_install(active, "2.0.0", "r2")
+    waits = before_install(active, "2.0.0", "r2", agent_version=AGENT)
     assert waits is not None and waits.detail == "waits until probation of 1.0.0 ends"
     # Overdue (the next tick ends it): never a negative time.
-    waits = before_install(active, "2.0.0", "r2", probation_left_s=-3.0)
+    waits = before_install(active, "2.0.0", "r2", probation_left_s=-3.0, agent_version=AGENT)
     assert waits is not None and waits.detail.endswith("(in 0 s)")
 
 
 def test_the_version_on_probation_or_the_one_before_does_not_wait() -> None:
     active = _record(Phase.ACTIVE, previous="0.9.0")
-    assert before_install(active, "1.0.0", "r1") is None  # it is the one serving
-    assert before_install(active, "0.9.0", "r0") is None  # going back: a rollback, at once
+    assert (
+        before_install(active, "1.0.0", "r1", agent_version=AGENT) is None
+    )  # it is the one serving
+    assert (
+        before_install(active, "0.9.0", "r0", agent_version=AGENT) is None
+    )  # going back: a rollback, at once
 
 
 @pytest.mark.parametrize(
@@ -55,20 +61,20 @@ def test_a_version_that_failed_here_for_this_rollout_waits_for_another_rollout(
     phase: Phase, code: str, how: str
 ) -> None:
     record = _record(phase, "2.0.0", rollout_id="r2", reason="smoke test: output mismatch")
-    waits = before_install(record, "2.0.0", "r2")
+    waits = before_install(record, "2.0.0", "r2", agent_version=AGENT)
     assert waits is not None and (waits.code, waits.version) == (code, "2.0.0")
     assert waits.detail == (
         f"2.0.0 {how} here for rollout r2 (smoke test: output mismatch); not retried until "
         "desired state names another rollout"
     )
     # Another rollout of the same version, or another version: it may be installed.
-    assert before_install(record, "2.0.0", "r3") is None
-    assert before_install(record, "2.0.1", "r2") is None
+    assert before_install(record, "2.0.0", "r3", agent_version=AGENT) is None
+    assert before_install(record, "2.0.1", "r2", agent_version=AGENT) is None
 
 
 def test_an_idle_or_committed_device_does_not_wait() -> None:
-    assert before_install(_record(Phase.COMMITTED), "2.0.0", "r2") is None
-    assert before_install(JournalRecord(model="m"), "2.0.0", "r2") is None
+    assert before_install(_record(Phase.COMMITTED), "2.0.0", "r2", agent_version=AGENT) is None
+    assert before_install(JournalRecord(model="m"), "2.0.0", "r2", agent_version=AGENT) is None
 
 
 @pytest.mark.parametrize(
