@@ -21,9 +21,11 @@ reads cover the same heartbeats). It times, median of ``--repeat`` calls each:
   a real repository (``init_repository``, 1.0.0 released to the fleet, 2.0.0 rolled out
   by ``start_rollout`` at 10 %), its records settled, the evidence read and judged, the
   counts, the record saved and desired state published under the repository lock. The
-  first tick of a rollout (it reads the fleet's ids and hashes each device's place),
-  later ones, and ticks that each follow a batch adding one device (the store's log of
-  device changes followed).
+  first tick of a rollout: after `edgectl rollout start` stored each device's place in
+  the rollout (``place_rollout``, timed on its own; each first tick a fresh service, as
+  a restarted `edgectl serve`), and, once, when nothing placed them (the tick then reads
+  the fleet's ids and hashes each device's place itself); later ones, and ticks that
+  each follow a batch adding one device (the store's log of device changes followed).
 
 And, with ``--ingest N`` (default 20,000), ``TelemetryStore.write`` of N heartbeats in
 batches of 2,000 (ingestion's default batch) into a fresh store, with the rollup and
@@ -71,7 +73,7 @@ from controller.fleet.store import HEARTBEAT_INSERT, TelemetryStore
 from controller.repository.release import release_bundle
 from controller.repository.repo import init_repository
 from controller.rollout.gates import evaluate_gates, parse_gates
-from controller.rollout.service import RolloutService, start_rollout
+from controller.rollout.service import RolloutService, place_rollout, start_rollout
 from controller.rollout.stages import OnFailure, Rollout, RolloutState, new_rollout
 from tests.controller.test_store_support import store_for
 from tests.helpers import make_linear_model
@@ -240,8 +242,10 @@ def repository_with_rollout(folder: Path, now: float) -> Path:
 def whole_ticks(
     store: TelemetryStore, folder: Path, devices: int, now: float, repeat: int
 ) -> list[tuple[str, str, list[float]]]:
-    """``RolloutService.tick`` timed end to end: the first of a rollout, ``repeat`` later
-    ones, and ``repeat`` that each follow a batch adding a device to the fleet."""
+    """``RolloutService.tick`` timed end to end: the first of a rollout when nothing placed
+    its devices (once), what `edgectl rollout start` does to place them, ``repeat`` first
+    ticks after it (each a fresh service), ``repeat`` later ones, and ``repeat`` that each
+    follow a batch adding a device to the fleet."""
     repo_dir = repository_with_rollout(folder, now)
     service = RolloutService(repo_dir, store)
 
@@ -253,7 +257,16 @@ def whole_ticks(
             raise SystemExit(f"the tick moved the rollout: {after.state.value} {after.stage}")
         return spent
 
-    first = [tick(now)]
+    unplaced = [tick(now)]
+    (r,) = service.records.active()
+    store.drop_places([r.id])
+    start = time.perf_counter()
+    place_rollout(store, r)
+    placing = [time.perf_counter() - start]
+    first = []
+    for _ in range(repeat):
+        service = RolloutService(repo_dir, store)
+        first.append(tick(now))
     later = [tick(now + 5.0 * k) for k in range(1, repeat + 1)]
     joined = []
     for k in range(repeat):
@@ -266,7 +279,9 @@ def whole_ticks(
     counts = service.records.load(service.records.active()[0].id).last_report
     shown = f"{counts.get('on_new')}/{counts.get('expected')} of {counts.get('devices_known')}"
     return [
-        ("whole tick, first of the rollout (ids read, places hashed)", shown, first),
+        ("rollout start: the devices placed (`place_rollout`)", shown, placing),
+        ("whole tick, first of the rollout (devices placed at rollout start)", shown, first),
+        ("whole tick, first of the rollout, nothing placed (it places them)", shown, unplaced),
         ("whole tick, later", shown, later),
         ("whole tick after a batch adding a device", shown, joined),
     ]

@@ -58,6 +58,7 @@ from agent.contracts.desired import (
     ModelRelease,
     ProbationPolicy,
     device_bucket,
+    device_buckets,
     parse_desired_state,
     resolve_release,
 )
@@ -159,6 +160,7 @@ __all__ = [
     "check_version",
     "desired_target_path",
     "device_bucket",
+    "device_buckets",
     "device_topic",
     "device_topic_filter",
     "event_payload",

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+import struct
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
@@ -144,9 +145,33 @@ def parse_desired_state(raw: bytes, expected_fleet: str) -> DesiredState:
 
 
 def device_bucket(rollout_id: str, device_id: str) -> float:
-    """The device's place in a rollout, in [0, 100): stable per (rollout, device)."""
+    """The device's place in a rollout, in [0, 100): stable per (rollout, device).
+
+    The first 8 bytes of sha256(``rollout_id`` NUL ``device_id``), big-endian, over 2**64,
+    times 100. The agent decides by it; the controller counts by it (``device_buckets``
+    computes the same for many devices at once).
+    """
     digest = hashlib.sha256(f"{rollout_id}\x00{device_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 * 100.0
+
+
+# 100 / 2**64 is a power of two times 100: exact in a double, so x * _SCALE rounds as
+# x / 2**64 * 100.0 does (both are the one rounding of x * 100 * 2**-64).
+_SCALE: Final = 100.0 / 2**64
+_FIRST_8: Final = struct.Struct(">Q").unpack_from
+
+
+def device_buckets(rollout_id: str, device_ids: Iterable[str]) -> list[float]:
+    """``device_bucket(rollout_id, d)`` for each of ``device_ids``, in order: the same
+    numbers (tests/agent/contracts compares them), about twice as fast: the hash of the
+    rollout's prefix is computed once and copied for each device."""
+    prefix = hashlib.sha256(f"{rollout_id}\x00".encode())
+    out = []
+    for device_id in device_ids:
+        h = prefix.copy()
+        h.update(device_id.encode())
+        out.append(_FIRST_8(h.digest())[0] * _SCALE)
+    return out
 
 
 def resolve_release(release: ModelRelease, device_id: str) -> tuple[str, str] | None:

@@ -48,8 +48,46 @@ def _cmd_rollout_start(args: argparse.Namespace) -> int:
         bundle=Path(args.bundle) if args.bundle else None,
         delta_from=args.delta_from,
     )
+    note = _place_devices(args, r)
     _print_rollout(r, args.json)
+    if note and not args.json:
+        print(note, flush=True)
     return 0
+
+
+def _place_devices(args: argparse.Namespace, r: Rollout) -> str:
+    """Store each device's place in the new rollout in the telemetry store, so that the
+    rollout's first tick in `edgectl serve` does not hash every device id; what was done,
+    in one line. Best effort: when the store cannot be found or reached, the first tick
+    places them (and says so in its log)."""
+    import os
+
+    from controller.base.errors import UsageError
+    from controller.fleet.store import StoreError
+    from controller.fleet.stores import open_store
+    from controller.rollout.service import place_rollout
+    from controller.serve.config import load_view_config
+
+    later = "the first rollout tick of `edgectl serve` places them"
+    try:
+        view = load_view_config(
+            Path(args.config) if args.config else None,
+            os.environ,
+            {"store": args.store, "repo": args.repo},
+        )
+    except UsageError as exc:
+        return f"devices: not placed ({exc}); {later}"
+    if "://" not in view.store and "=" not in view.store and not Path(view.store).exists():
+        return f"devices: not placed (no telemetry store at {view.store}); {later}"
+    try:
+        store = open_store(view.store)
+        try:
+            _generation, placed = place_rollout(store, r)
+        finally:
+            store.close()
+    except StoreError as exc:
+        return f"devices: not placed (telemetry store {view.store} unreachable: {exc}); {later}"
+    return f"devices: {placed} placed in the rollout (telemetry store {view.store})"
 
 
 def _cmd_rollout_status(args: argparse.Namespace) -> int:
@@ -169,6 +207,13 @@ def add_parser(sub: Subparsers) -> None:
         "default %(default)s",
     )
     _add_probation_options(st)
+    st.add_argument(
+        "--store",
+        metavar="PATH|DSN",
+        help="telemetry store where each device's place in the rollout is kept (default: "
+        "REPO_DIR/telemetry.sqlite; env EDGECTL_STORE)",
+    )
+    st.add_argument("--config", metavar="controller.toml", help="read [serve] store here")
     st.add_argument("--json", action="store_true", help="print the rollout as JSON")
     st.set_defaults(func=_cmd_rollout_start)
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Final
 
@@ -289,6 +289,17 @@ class PostgresStore(TelemetryStore):
             super()._write_rows(cur, statement, rows)
         else:
             cur.execute(bulk, [list(column) for column in zip(*rows, strict=True)])
+
+    def _insert_places(
+        self, cur: Any, rollout_id: str, devices: Sequence[str], places: Sequence[float]
+    ) -> None:
+        # One statement, the columns as arrays (executemany costs ~20 µs a row).
+        cur.execute(
+            "INSERT INTO rollout_places (rollout_id, device, place) "
+            "SELECT %s, * FROM unnest(%s::text[], %s::float8[]) "
+            "ON CONFLICT (rollout_id, device) DO NOTHING",
+            [rollout_id, list(devices), list(places)],
+        )
 
     def _insert_heartbeats(self, cur: Any, rows: list[tuple[Any, ...]]) -> set[HeartbeatKey] | None:
         # Several writers at once: when some rows were there already, the new ones are

@@ -56,7 +56,7 @@ import json
 import threading
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Final, NamedTuple
 
@@ -118,6 +118,8 @@ class RolloutCensus(NamedTuple):
     generation: int
     running: int
     waiting: tuple[tuple[str, str | None, Waiting], ...]
+    # The fleet's devices at ``generation`` (fleet_sizes).
+    devices: int = 0
 
 
 class StoreError(ControllerError):
@@ -163,6 +165,19 @@ DDL: Final = (
     "CREATE INDEX IF NOT EXISTS events_device ON events (device, id)",
     "CREATE INDEX IF NOT EXISTS events_received ON events (received_at)",
     "CREATE INDEX IF NOT EXISTS events_version ON events (fleet, model, version, received_at)",
+    # Each device's place in a rollout (``device_buckets``), stored once per rollout
+    # (``place_fleet``: `edgectl rollout start`, else the rollout's first tick) and kept
+    # up with the fleet's device changes (``follow_places``), so that a tick counts the
+    # devices a stage gives the new version by an index (``count_places``) instead of
+    # hashing every id. A set is the fleet's devices as of ``generation``
+    # (``rollout_census``); dropped when its rollout ends (``drop_places``).
+    """CREATE TABLE IF NOT EXISTS rollout_places (
+        rollout_id TEXT NOT NULL, device TEXT NOT NULL, place DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (rollout_id, device))""",
+    "CREATE INDEX IF NOT EXISTS rollout_places_place ON rollout_places (rollout_id, place)",
+    """CREATE TABLE IF NOT EXISTS rollout_place_sets (
+        rollout_id TEXT NOT NULL PRIMARY KEY, fleet TEXT NOT NULL,
+        generation BIGINT NOT NULL)""",
     # Events ever stored, by fleet and kind (``/metrics``): counted as they are stored,
     # never lowered by pruning, so a scrape reads a few rows instead of every event.
     """CREATE TABLE IF NOT EXISTS event_counts (
@@ -947,9 +962,11 @@ class TelemetryStore(ABC):
         Read in that order: a device added after the generation was read shows as a new
         generation on the next read."""
         with self._read() as cur:
-            cur.execute(self._sql("SELECT generation FROM fleet_sizes WHERE fleet = ?"), [fleet])
+            cur.execute(
+                self._sql("SELECT generation, devices FROM fleet_sizes WHERE fleet = ?"), [fleet]
+            )
             row = cur.fetchone()
-            generation = int(row[0]) if row is not None else 0
+            generation, devices = (int(row[0]), int(row[1])) if row is not None else (0, 0)
             cur.execute(
                 self._sql(
                     "SELECT devices FROM model_versions WHERE fleet = ? AND model = ? "
@@ -974,7 +991,7 @@ class TelemetryStore(ABC):
             why = waiting_from_json(text)
             if why is not None:
                 waits.append((str(device), None if at is None else str(at), why))
-        return RolloutCensus(generation, running, tuple(waits))
+        return RolloutCensus(generation, running, tuple(waits), devices)
 
     def fleet_changes(self, fleet: str, after: int, upto: int) -> dict[str, bool] | None:
         """The devices of ``fleet`` added or removed by generations ``after`` + 1 to
@@ -1014,6 +1031,127 @@ class TelemetryStore(ABC):
             cur.execute(self._sql("SELECT device FROM devices WHERE fleet = ?"), [fleet])
             ids = [str(device) for (device,) in cur.fetchall()]
         return (int(row[0]) if row is not None else 0), ids
+
+    # rollout places ------------------------------------------------------------
+
+    def places_generation(self, rollout_id: str) -> int | None:
+        """The generation of the fleet's devices (``rollout_census``) the places stored
+        for ``rollout_id`` stand at; None when none are stored."""
+        with self._read() as cur:
+            cur.execute(
+                self._sql("SELECT generation FROM rollout_place_sets WHERE rollout_id = ?"),
+                [rollout_id],
+            )
+            row = cur.fetchone()
+        return None if row is None else int(row[0])
+
+    def place_fleet(
+        self, rollout_id: str, fleet: str, place: Callable[[Sequence[str]], list[float]]
+    ) -> tuple[int, int]:
+        """Store the place in rollout ``rollout_id`` of every device of ``fleet`` (``place``
+        computes them for a list of ids: ``device_buckets``), replacing any stored; return
+        the generation they stand at and how many devices were placed."""
+        generation, ids = self.fleet_device_ids(fleet)
+        places = place(ids)
+        with self._write() as cur:
+            cur.execute(self._sql("DELETE FROM rollout_places WHERE rollout_id = ?"), [rollout_id])
+            self._insert_places(cur, rollout_id, ids, places)
+            self._set_places_generation(cur, rollout_id, fleet, generation)
+        return generation, len(ids)
+
+    def follow_places(
+        self,
+        rollout_id: str,
+        fleet: str,
+        changes: Mapping[str, bool],
+        generation: int,
+        place: Callable[[Sequence[str]], list[float]],
+    ) -> None:
+        """Take the devices added (True) and removed (False) by the generations up to
+        ``generation`` (``fleet_changes``) into the places of ``rollout_id``."""
+        added = [device for device, present in changes.items() if present]
+        removed = [device for device, present in changes.items() if not present]
+        with self._write() as cur:
+            if added:
+                self._insert_places(cur, rollout_id, added, place(added))
+            for at in range(0, len(removed), 500):
+                chunk = removed[at : at + 500]
+                marks = ", ".join("?" for _ in chunk)
+                cur.execute(
+                    self._sql(
+                        f"DELETE FROM rollout_places WHERE rollout_id = ? AND device IN ({marks})"
+                    ),
+                    [rollout_id, *chunk],
+                )
+            self._set_places_generation(cur, rollout_id, fleet, generation)
+
+    def count_places(self, rollout_id: str, below: float) -> int:
+        """How many devices placed in ``rollout_id`` have a place under ``below`` (those
+        a stage of ``below`` percent gives the new version: ``resolve_release``)."""
+        with self._read() as cur:
+            cur.execute(
+                self._sql("SELECT count(*) FROM rollout_places WHERE rollout_id = ? AND place < ?"),
+                [rollout_id, below],
+            )
+            (n,) = cur.fetchone()
+        return int(n)
+
+    def places_of(self, rollout_id: str, devices: Iterable[str]) -> dict[str, float]:
+        """The stored places in ``rollout_id`` of those of ``devices`` that are placed."""
+        wanted = sorted(set(devices))
+        found: dict[str, float] = {}
+        with self._read() as cur:
+            for at in range(0, len(wanted), 500):
+                chunk = wanted[at : at + 500]
+                marks = ", ".join("?" for _ in chunk)
+                cur.execute(
+                    self._sql(
+                        "SELECT device, place FROM rollout_places WHERE rollout_id = ? "
+                        f"AND device IN ({marks})"
+                    ),
+                    [rollout_id, *chunk],
+                )
+                found.update((str(d), float(p)) for d, p in cur.fetchall())
+        return found
+
+    def placed_rollouts(self) -> list[str]:
+        """The rollout ids with places stored."""
+        with self._read() as cur:
+            cur.execute("SELECT rollout_id FROM rollout_place_sets ORDER BY rollout_id")
+            return [str(rollout_id) for (rollout_id,) in cur.fetchall()]
+
+    def drop_places(self, rollout_ids: Iterable[str]) -> None:
+        """Forget the places of these rollouts (they ended)."""
+        with self._write() as cur:
+            for rollout_id in sorted(set(rollout_ids)):
+                for table in ("rollout_places", "rollout_place_sets"):
+                    cur.execute(
+                        self._sql(f"DELETE FROM {table} WHERE rollout_id = ?"), [rollout_id]
+                    )
+
+    def _set_places_generation(
+        self, cur: Any, rollout_id: str, fleet: str, generation: int
+    ) -> None:
+        cur.execute(
+            self._sql(
+                "INSERT INTO rollout_place_sets (rollout_id, fleet, generation) VALUES (?, ?, ?) "
+                "ON CONFLICT (rollout_id) DO UPDATE SET generation = excluded.generation"
+            ),
+            [rollout_id, fleet, generation],
+        )
+
+    def _insert_places(
+        self, cur: Any, rollout_id: str, devices: Sequence[str], places: Sequence[float]
+    ) -> None:
+        """Insert these places (a device placed already keeps its row: the same place).
+        A backend may send them as one statement (``controller.fleet.postgres``)."""
+        cur.executemany(
+            self._sql(
+                "INSERT INTO rollout_places (rollout_id, device, place) VALUES (?, ?, ?) "
+                "ON CONFLICT (rollout_id, device) DO NOTHING"
+            ),
+            [(rollout_id, device, place) for device, place in zip(devices, places, strict=True)],
+        )
 
     def waiting(self, fleet: str, model: str) -> dict[str, Waiting]:
         """The devices of ``fleet`` whose stored ``model`` says why it waits (its

@@ -42,11 +42,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
@@ -59,6 +59,7 @@ from agent.contracts import (
     check_name,
     check_version,
     device_bucket,
+    device_buckets,
 )
 from controller.base.errors import ConflictError, ControllerError, UsageError
 from controller.base.fsio import repo_lock
@@ -428,8 +429,9 @@ class RolloutService:
         # overlap for late writes) instead of the whole window again.
         self._windows: dict[tuple[str, int, float], dict[tuple[str, float], Sample]] = {}
         self._read_at: dict[tuple[str, int, float], float] = {}
-        # The fleet's devices and their places in each active rollout (fleet_counts).
-        self._members: dict[str, _Members] = {}
+        # The generation of the fleet's devices (rollout_census) at which the store's
+        # places of each active rollout stand, as this service last left them.
+        self._placed: dict[str, int] = {}
 
     def run_once(self) -> None:
         """The scheduled entry point: one tick, errors logged (the next tick retries)."""
@@ -452,7 +454,9 @@ class RolloutService:
         keep = {(r.id, r.stage, r.stage_started_at) for r in active}
         self._windows = {k: v for k, v in self._windows.items() if k in keep}
         self._read_at = {k: v for k, v in self._read_at.items() if k in keep}
-        self._members = {k: v for k, v in self._members.items() if k in {r.id for r in active}}
+        ended = {r.id for r in records if not r.is_active} - {r.id for r in active}
+        self._placed = {k: v for k, v in self._placed.items() if k not in ended}
+        self._drop_places(ended)
         for r in active:
             now_r = time.time() if now is None else now
             out.append(self._tick_one(r, now_r))
@@ -553,6 +557,38 @@ class RolloutService:
             baseline_p99_s=r.baseline_p99_s,
         )
 
+    def _follow_places(self, r: Rollout, generation: int) -> None:
+        """Bring the store's places of ``r`` to ``generation`` of its fleet's devices:
+        placed when none are stored (`edgectl rollout start` could not reach the store),
+        the devices added or removed since followed, or placed again when those changes
+        were pruned."""
+        placed = self._placed.get(r.id)
+        if placed is None:
+            placed = self.store.places_generation(r.id)
+        if placed is None:
+            logger.info(
+                "rollout %s: placing the devices of fleet %s (rollout start did not)", r.id, r.fleet
+            )
+            placed, _ = place_rollout(self.store, r)
+        if placed != generation:
+            changes = self.store.fleet_changes(r.fleet, placed, generation)
+            if changes is None:  # pruned since: every id again
+                placed, _ = place_rollout(self.store, r)
+            else:
+                self.store.follow_places(
+                    r.id, r.fleet, changes, generation, partial(device_buckets, r.id)
+                )
+                placed = generation
+        self._placed[r.id] = placed
+
+    def _drop_places(self, ended: set[str]) -> None:
+        """Forget the stored places of the rollouts that ended."""
+        if not ended:
+            return
+        gone = ended.intersection(self.store.placed_rollouts())
+        if gone:
+            self.store.drop_places(gone)
+
     def fleet_counts(self, r: Rollout) -> dict[str, Any]:
         """Devices the store knows in the fleet, those the stage gives the new version,
         those that run it now, and why those given it and not running it wait (for
@@ -561,34 +597,26 @@ class RolloutService:
 
         Read from a few rows (``store.rollout_census``): the counts the store keeps as
         devices and their versions change, and the model rows that say why they wait.
-        The fleet's device ids (each device's place in the rollout is a hash of its id)
-        are read once per rollout; after that only the devices added or removed since
-        (``store.fleet_changes``, when the store's generation of the fleet moved). The
-        places are kept sorted, so the devices a stage gives the new version are counted
-        by bisection."""
+        Each device's place in the rollout (a hash of rollout id and device id,
+        ``device_bucket``) is stored once per rollout (``place_rollout``: `edgectl
+        rollout start` does it, else the first tick here), then kept up with the devices
+        added or removed since (``store.fleet_changes``, when the store's generation of
+        the fleet moved); the devices a stage gives the new version are counted by the
+        store's index of places (``store.count_places``)."""
         release = desired_release(r)
         census = self.store.rollout_census(r.fleet, r.model, r.version)
-        members = self._members.get(r.id)
-        if members is None:
-            members = self._members[r.id] = _Members.read(self.store, r.fleet, release.rollout_id)
-        elif members.generation != census.generation:
-            changes = self.store.fleet_changes(r.fleet, members.generation, census.generation)
-            if changes is None:  # pruned since: every id again
-                members = _Members.read(self.store, r.fleet, release.rollout_id)
-                self._members[r.id] = members
-            else:
-                members.follow(changes, census.generation, release.rollout_id)
-        places = members.places
+        self._follow_places(r, census.generation)
         canaries = set(release.canaries)
         # resolve_release(release, device) names the new version: the stage gives it
-        expected = bisect_left(members.ordered, release.percent) + sum(
-            1 for c in canaries if c in places and places[c] >= release.percent
+        placed_canaries = self.store.places_of(r.id, canaries) if canaries else {}
+        expected = self.store.count_places(r.id, release.percent) + sum(
+            1 for place in placed_canaries.values() if place >= release.percent
         )
         waiting: list[tuple[str, Waiting]] = []
         for device, version, why in census.waiting:
-            place = places.get(device)
-            if place is None or version == r.version:
-                continue  # added after the ids were read (counted next tick), or runs it
+            if version == r.version:
+                continue  # it runs it
+            place = device_bucket(r.id, device)
             # A reason about another version is older than this rollout (the device
             # has not checked since it started): it says nothing about this one.
             if (device in canaries or place < release.percent) and why.version in (
@@ -598,7 +626,7 @@ class RolloutService:
                 waiting.append((device, why))
         waiting.sort(key=lambda item: (item[1].since or "~", item[0]))
         return {
-            "devices_known": len(places),
+            "devices_known": census.devices,
             "expected": expected,
             "on_new": census.running,
             "waiting": dict(sorted(Counter(w.code for _d, w in waiting).items())),
@@ -607,35 +635,6 @@ class RolloutService:
                 for device, w in waiting[:MAX_WAITING_SHOWN]
             ],
         }
-
-
-@dataclass
-class _Members:
-    """A fleet's devices as of a generation of the store, and their places in one
-    rollout (``device_bucket``), by id and sorted."""
-
-    generation: int
-    places: dict[str, float]
-    ordered: list[float]
-
-    @classmethod
-    def read(cls, store: TelemetryStore, fleet: str, rollout_id: str) -> _Members:
-        """Every id of the fleet, from the store."""
-        generation, ids = store.fleet_device_ids(fleet)
-        places = {device: device_bucket(rollout_id, device) for device in ids}
-        return cls(generation, places, sorted(places.values()))
-
-    def follow(self, changes: dict[str, bool], generation: int, rollout_id: str) -> None:
-        """Take in the devices added (True) and removed (False) up to ``generation``."""
-        for device, present in changes.items():
-            place = self.places.get(device)
-            if present and place is None:
-                place = self.places[device] = device_bucket(rollout_id, device)
-                insort(self.ordered, place)
-            elif not present and place is not None:
-                del self.places[device]
-                del self.ordered[bisect_left(self.ordered, place)]
-        self.generation = generation
 
 
 def _sample(device: str, at: float, payload: dict[str, Any], model: str) -> Sample | None:
@@ -666,6 +665,16 @@ def _log_change(r: Rollout) -> None:
         logger.warning("rollout %s %s: %s", r.id, r.state.value, r.halt.reason)
     else:
         logger.info("rollout %s: %s at %g%%", r.id, r.state.value, r.percent)
+
+
+def place_rollout(store: TelemetryStore, r: Rollout) -> tuple[int, int]:
+    """Store the place in ``r`` of every device of its fleet (``device_buckets``), which
+    a rollout tick then counts by (``RolloutService.fleet_counts``); return the
+    generation of the fleet's devices they stand at and how many were placed.
+    `edgectl rollout start` calls it, so that the rollout's first tick does not hash
+    every device id."""
+    # r.id is the rollout id desired state names (desired_release), which devices hash.
+    return store.place_fleet(r.id, r.fleet, partial(device_buckets, r.id))
 
 
 def start_rollout_service(

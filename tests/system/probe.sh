@@ -59,10 +59,14 @@ touch "$STATE/1.0.0/.probe-marker"
 # journal says 2.0.0 failed for that rollout.
 touch "$R/release-format-2"
 check format_2_released wait_for 120 test -e "$R/format-2-released"
+# The host's serve announces nothing (it has no broker link) and the poll is minutes
+# apart: a restart makes the agent check at once (its first check runs at start).
+systemctl restart edge-agent.service
 check previous_refuses_format_2 wait_for 120 journal_says failed 2.0.0
 check previous_refusal_is_the_schema grep -q "schema expected 'edgefleet.manifest/1', got 'edgefleet.manifest/2'" "$STATE/journal.json"
 check previous_keeps_serving served 1.0.0
 check previous_still_answers infer
+journalctl -u edge-agent.service --no-pager > "$R/previous-agent-journal.log" 2>&1
 
 # Upgrade while it serves: what the previous agent left is read, not forgotten (1.0.0
 # serves again from the same folder, no reinstall), and the format 2 release it refused

@@ -357,10 +357,14 @@ def test_the_deb_under_real_systemd(tmp_path: Path, host_side: dict[str, object]
         f"agent memory while bob hoards: {hoard.read_text().strip() if hoard.exists() else '?'}"
     )
     failed = {name: value for name, value in results.items() if value != "ok"}
+    # The previous agent's journal when what it did with the format 2 release went wrong.
+    previous = any(name.startswith(("previous_", "format_2_")) for name in failed)
     logs = "\n".join(
-        f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}"
+        f"--- {p.name}\n{p.read_text(errors='replace')[-(6000 if previous else 2500) :]}"
         for p in sorted(results_dir.glob("*.log"))
-        if p.stem in failed or p.name in ("agent-journal.log", "hoard.log")
+        if p.stem in failed
+        or p.name in ("agent-journal.log", "hoard.log")
+        or (previous and p.name == "previous-agent-journal.log")
     )
     assert (results_dir / "done").exists() and not failed, f"probe results {results}\n{logs}"
     expected = {
