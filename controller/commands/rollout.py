@@ -66,6 +66,7 @@ def _place_devices(args: argparse.Namespace, r: Rollout) -> str:
     from controller.fleet.store import StoreError
     from controller.fleet.stores import open_store
     from controller.rollout.service import place_rollout
+    from controller.rollout.store import RolloutStore
     from controller.serve.config import load_view_config
 
     later = "the first rollout tick of `edgectl serve` places them"
@@ -82,7 +83,8 @@ def _place_devices(args: argparse.Namespace, r: Rollout) -> str:
     try:
         store = open_store(view.store)
         try:
-            _generation, placed = place_rollout(store, r)
+            ended = [x.id for x in RolloutStore(Path(args.repo)).all() if not x.is_active]
+            _generation, placed = place_rollout(store, r, ended)
         finally:
             store.close()
     except StoreError as exc:

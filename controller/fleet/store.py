@@ -56,7 +56,7 @@ import json
 import threading
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Final, NamedTuple
 
@@ -165,12 +165,12 @@ DDL: Final = (
     "CREATE INDEX IF NOT EXISTS events_device ON events (device, id)",
     "CREATE INDEX IF NOT EXISTS events_received ON events (received_at)",
     "CREATE INDEX IF NOT EXISTS events_version ON events (fleet, model, version, received_at)",
-    # Each device's place in a rollout (``device_buckets``), stored once per rollout
-    # (``place_fleet``: `edgectl rollout start`, else the rollout's first tick) and kept
-    # up with the fleet's device changes (``follow_places``), so that a tick counts the
-    # devices a stage gives the new version by an index (``count_places``) instead of
-    # hashing every id. A set is the fleet's devices as of ``generation``
-    # (``rollout_census``); dropped when its rollout ends (``drop_places``).
+    # Each device's place in a rollout (``device_buckets``), stored once per rollout by
+    # `edgectl rollout start` (``place_fleet``), so that a tick counts the devices a stage
+    # gives the new version by an index (``count_places``) instead of hashing every id.
+    # A set is the fleet's devices as of ``generation`` (``rollout_census``); a tick
+    # follows the changes since in memory. The next rollout start drops the sets of the
+    # rollouts that ended (``drop_places``).
     """CREATE TABLE IF NOT EXISTS rollout_places (
         rollout_id TEXT NOT NULL, device TEXT NOT NULL, place DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (rollout_id, device))""",
@@ -1058,32 +1058,6 @@ class TelemetryStore(ABC):
             self._insert_places(cur, rollout_id, ids, places)
             self._set_places_generation(cur, rollout_id, fleet, generation)
         return generation, len(ids)
-
-    def follow_places(
-        self,
-        rollout_id: str,
-        fleet: str,
-        changes: Mapping[str, bool],
-        generation: int,
-        place: Callable[[Sequence[str]], list[float]],
-    ) -> None:
-        """Take the devices added (True) and removed (False) by the generations up to
-        ``generation`` (``fleet_changes``) into the places of ``rollout_id``."""
-        added = [device for device, present in changes.items() if present]
-        removed = [device for device, present in changes.items() if not present]
-        with self._write() as cur:
-            if added:
-                self._insert_places(cur, rollout_id, added, place(added))
-            for at in range(0, len(removed), 500):
-                chunk = removed[at : at + 500]
-                marks = ", ".join("?" for _ in chunk)
-                cur.execute(
-                    self._sql(
-                        f"DELETE FROM rollout_places WHERE rollout_id = ? AND device IN ({marks})"
-                    ),
-                    [rollout_id, *chunk],
-                )
-            self._set_places_generation(cur, rollout_id, fleet, generation)
 
     def count_places(self, rollout_id: str, below: float) -> int:
         """How many devices placed in ``rollout_id`` have a place under ``below`` (those

@@ -42,9 +42,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from pathlib import Path
@@ -429,9 +430,9 @@ class RolloutService:
         # overlap for late writes) instead of the whole window again.
         self._windows: dict[tuple[str, int, float], dict[tuple[str, float], Sample]] = {}
         self._read_at: dict[tuple[str, int, float], float] = {}
-        # The generation of the fleet's devices (rollout_census) at which the store's
-        # places of each active rollout stand, as this service last left them.
-        self._placed: dict[str, int] = {}
+        # The fleet's devices and their places in each active rollout (fleet_counts):
+        # over the places `edgectl rollout start` stored, or read here when it did not.
+        self._members: dict[str, _Placed | _Members] = {}
 
     def run_once(self) -> None:
         """The scheduled entry point: one tick, errors logged (the next tick retries)."""
@@ -454,9 +455,7 @@ class RolloutService:
         keep = {(r.id, r.stage, r.stage_started_at) for r in active}
         self._windows = {k: v for k, v in self._windows.items() if k in keep}
         self._read_at = {k: v for k, v in self._read_at.items() if k in keep}
-        ended = {r.id for r in records if not r.is_active} - {r.id for r in active}
-        self._placed = {k: v for k, v in self._placed.items() if k not in ended}
-        self._drop_places(ended)
+        self._members = {k: v for k, v in self._members.items() if k in {r.id for r in active}}
         for r in active:
             now_r = time.time() if now is None else now
             out.append(self._tick_one(r, now_r))
@@ -557,38 +556,6 @@ class RolloutService:
             baseline_p99_s=r.baseline_p99_s,
         )
 
-    def _follow_places(self, r: Rollout, generation: int) -> None:
-        """Bring the store's places of ``r`` to ``generation`` of its fleet's devices:
-        placed when none are stored (`edgectl rollout start` could not reach the store),
-        the devices added or removed since followed, or placed again when those changes
-        were pruned."""
-        placed = self._placed.get(r.id)
-        if placed is None:
-            placed = self.store.places_generation(r.id)
-        if placed is None:
-            logger.info(
-                "rollout %s: placing the devices of fleet %s (rollout start did not)", r.id, r.fleet
-            )
-            placed, _ = place_rollout(self.store, r)
-        if placed != generation:
-            changes = self.store.fleet_changes(r.fleet, placed, generation)
-            if changes is None:  # pruned since: every id again
-                placed, _ = place_rollout(self.store, r)
-            else:
-                self.store.follow_places(
-                    r.id, r.fleet, changes, generation, partial(device_buckets, r.id)
-                )
-                placed = generation
-        self._placed[r.id] = placed
-
-    def _drop_places(self, ended: set[str]) -> None:
-        """Forget the stored places of the rollouts that ended."""
-        if not ended:
-            return
-        gone = ended.intersection(self.store.placed_rollouts())
-        if gone:
-            self.store.drop_places(gone)
-
     def fleet_counts(self, r: Rollout) -> dict[str, Any]:
         """Devices the store knows in the fleet, those the stage gives the new version,
         those that run it now, and why those given it and not running it wait (for
@@ -597,26 +564,48 @@ class RolloutService:
 
         Read from a few rows (``store.rollout_census``): the counts the store keeps as
         devices and their versions change, and the model rows that say why they wait.
-        Each device's place in the rollout (a hash of rollout id and device id,
-        ``device_bucket``) is stored once per rollout (``place_rollout``: `edgectl
-        rollout start` does it, else the first tick here), then kept up with the devices
-        added or removed since (``store.fleet_changes``, when the store's generation of
-        the fleet moved); the devices a stage gives the new version are counted by the
-        store's index of places (``store.count_places``)."""
+        Which devices a stage gives the new version depends on each one's place in the
+        rollout (a hash of rollout id and device id, ``device_bucket``). `edgectl rollout
+        start` stores the places (``place_rollout``): a tick then counts them by the
+        store's index (``store.count_places``) and follows the devices added or removed
+        since in memory (``_Placed``), writing nothing. Without them (rollout start could
+        not reach the store) the fleet's ids are read and hashed once per rollout in this
+        process (``_Members``), then followed likewise. Either follows the store's log
+        (``store.fleet_changes``) when the fleet's generation moved; when that log was
+        pruned past it, the ids are read again."""
         release = desired_release(r)
         census = self.store.rollout_census(r.fleet, r.model, r.version)
-        self._follow_places(r, census.generation)
+        members = self._members.get(r.id)
+        if members is None:
+            stored = self.store.places_generation(r.id)
+            if stored is not None:
+                members = _Placed(stored)
+            else:
+                logger.info(
+                    "rollout %s: reading the ids of fleet %s (rollout start did not place them)",
+                    r.id,
+                    r.fleet,
+                )
+                members = _Members.read(self.store, r.fleet, r.id)
+            self._members[r.id] = members
+        if members.generation != census.generation:
+            changes = self.store.fleet_changes(r.fleet, members.generation, census.generation)
+            if changes is None:  # pruned since: every id again
+                members = self._members[r.id] = _Members.read(self.store, r.fleet, r.id)
+            else:
+                members.follow(self.store, r.id, changes, census.generation)
         canaries = set(release.canaries)
         # resolve_release(release, device) names the new version: the stage gives it
-        placed_canaries = self.store.places_of(r.id, canaries) if canaries else {}
-        expected = self.store.count_places(r.id, release.percent) + sum(
-            1 for place in placed_canaries.values() if place >= release.percent
+        expected = members.below(self.store, r.id, release.percent) + sum(
+            1
+            for c, place in members.places_of(self.store, r.id, canaries).items()
+            if place >= release.percent
         )
         waiting: list[tuple[str, Waiting]] = []
         for device, version, why in census.waiting:
-            if version == r.version:
-                continue  # it runs it
-            place = device_bucket(r.id, device)
+            place = members.place(r.id, device)
+            if place is None or version == r.version:
+                continue  # added after the ids were read (counted next tick), or runs it
             # A reason about another version is older than this rollout (the device
             # has not checked since it started): it says nothing about this one.
             if (device in canaries or place < release.percent) and why.version in (
@@ -634,6 +623,106 @@ class RolloutService:
                 {"device": device, "code": w.code, "detail": w.detail, "since": w.since}
                 for device, w in waiting[:MAX_WAITING_SHOWN]
             ],
+        }
+
+
+@dataclass
+class _Members:
+    """A fleet's devices as of a generation of the store, and their places in one
+    rollout (``device_buckets``), by id and sorted: read when no places are stored."""
+
+    generation: int
+    places: dict[str, float]
+    ordered: list[float]
+
+    @classmethod
+    def read(cls, store: TelemetryStore, fleet: str, rollout_id: str) -> _Members:
+        """Every id of the fleet, from the store."""
+        generation, ids = store.fleet_device_ids(fleet)
+        places = dict(zip(ids, device_buckets(rollout_id, ids), strict=True))
+        return cls(generation, places, sorted(places.values()))
+
+    def follow(
+        self, store: TelemetryStore, rollout_id: str, changes: dict[str, bool], generation: int
+    ) -> None:
+        """Take in the devices added (True) and removed (False) up to ``generation``."""
+        del store
+        for device, present in changes.items():
+            place = self.places.get(device)
+            if present and place is None:
+                place = self.places[device] = device_bucket(rollout_id, device)
+                insort(self.ordered, place)
+            elif not present and place is not None:
+                del self.places[device]
+                del self.ordered[bisect_left(self.ordered, place)]
+        self.generation = generation
+
+    def below(self, store: TelemetryStore, rollout_id: str, percent: float) -> int:
+        """How many devices have a place under ``percent``."""
+        return bisect_left(self.ordered, percent)
+
+    def places_of(
+        self, store: TelemetryStore, rollout_id: str, devices: set[str]
+    ) -> dict[str, float]:
+        """The places of those of ``devices`` that are known."""
+        return {d: self.places[d] for d in devices if d in self.places}
+
+    def place(self, rollout_id: str, device: str) -> float | None:
+        """The device's place, None when it is not known."""
+        return self.places.get(device)
+
+
+@dataclass
+class _Placed:
+    """A fleet's devices over the places stored at ``rollout start`` (as of ``stored``, a
+    generation of the store): what changed since, kept in memory, so a tick writes
+    nothing. ``changed``: the devices added or removed since, with whether each is in
+    the fleet now; ``in_store``: whether each of those (and each canary asked about) has
+    a stored place; ``hashed``: their places."""
+
+    generation: int
+    changed: dict[str, bool] = field(default_factory=dict)
+    in_store: dict[str, bool] = field(default_factory=dict)
+    hashed: dict[str, float] = field(default_factory=dict)
+
+    def _look_up(self, store: TelemetryStore, rollout_id: str, devices: set[str]) -> None:
+        new = devices - self.in_store.keys()
+        if new:
+            stored = store.places_of(rollout_id, new)
+            self.in_store.update((d, d in stored) for d in new)
+
+    def follow(
+        self, store: TelemetryStore, rollout_id: str, changes: dict[str, bool], generation: int
+    ) -> None:
+        """Take in the devices added (True) and removed (False) up to ``generation``."""
+        self._look_up(store, rollout_id, set(changes))
+        self.changed.update(changes)
+        self.generation = generation
+
+    def place(self, rollout_id: str, device: str) -> float:
+        """The device's place (every device asked about is in the fleet)."""
+        place = self.hashed.get(device)
+        if place is None:
+            place = self.hashed[device] = device_bucket(rollout_id, device)
+        return place
+
+    def below(self, store: TelemetryStore, rollout_id: str, percent: float) -> int:
+        """How many devices have a place under ``percent``: those stored, plus those
+        added since, minus those removed since."""
+        count = store.count_places(rollout_id, percent)
+        for device, present in self.changed.items():
+            delta = int(present) - int(self.in_store[device])
+            if delta and self.place(rollout_id, device) < percent:
+                count += delta
+        return count
+
+    def places_of(
+        self, store: TelemetryStore, rollout_id: str, devices: set[str]
+    ) -> dict[str, float]:
+        """The places of those of ``devices`` that are in the fleet now."""
+        self._look_up(store, rollout_id, devices)
+        return {
+            d: self.place(rollout_id, d) for d in devices if self.changed.get(d, self.in_store[d])
         }
 
 
@@ -667,12 +756,16 @@ def _log_change(r: Rollout) -> None:
         logger.info("rollout %s: %s at %g%%", r.id, r.state.value, r.percent)
 
 
-def place_rollout(store: TelemetryStore, r: Rollout) -> tuple[int, int]:
+def place_rollout(store: TelemetryStore, r: Rollout, ended: Sequence[str] = ()) -> tuple[int, int]:
     """Store the place in ``r`` of every device of its fleet (``device_buckets``), which
-    a rollout tick then counts by (``RolloutService.fleet_counts``); return the
-    generation of the fleet's devices they stand at and how many were placed.
-    `edgectl rollout start` calls it, so that the rollout's first tick does not hash
-    every device id."""
+    a rollout tick then counts by (``RolloutService.fleet_counts``), and forget the
+    places of the rollouts ``ended`` (those of the repository no longer active); return
+    the generation of the fleet's devices they stand at and how many were placed.
+    `edgectl rollout start` calls it, so that no tick hashes every device id nor writes
+    anything of it."""
+    gone = set(ended).intersection(store.placed_rollouts()) - {r.id}
+    if gone:
+        store.drop_places(gone)
     # r.id is the rollout id desired state names (desired_release), which devices hash.
     return store.place_fleet(r.id, r.fleet, partial(device_buckets, r.id))
 

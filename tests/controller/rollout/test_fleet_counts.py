@@ -23,7 +23,7 @@ from controller.fleet import store as store_module
 from controller.fleet.records import HeartbeatFacts, IngestBatch, waiting_json
 from controller.fleet.store import TelemetryStore
 from controller.fleet.stores import is_postgres, open_store
-from controller.rollout.service import RolloutService
+from controller.rollout.service import RolloutService, place_rollout
 from tests.controller.rollout.test_evidence import (
     FLEET,
     MODEL,
@@ -101,13 +101,22 @@ def _kept_counts(store: TelemetryStore) -> tuple[dict[str, int], dict[tuple[str,
     return sizes, versions
 
 
+@pytest.mark.parametrize("placed", [False, True], ids=["ids-read", "placed-at-start"])
 @pytest.mark.parametrize("keep", [10_000, 1])
 def test_fleet_counts_equal_a_count_from_scratch_through_every_kind_of_change(
-    store: TelemetryStore, keep: int, monkeypatch: pytest.MonkeyPatch
+    store: TelemetryStore, keep: int, placed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With the store's log of device changes kept (the service follows it) and pruned
-    to one generation (the service reads the ids again when it fell behind)."""
+    to one generation (the service reads the ids again when it fell behind); over ids
+    the service read itself, or over places `edgectl rollout start` stored (a fleet
+    already there; the changes since followed in memory)."""
     monkeypatch.setattr(store_module, "KEEP_CHANGES", keep)
+    rng = random.Random(21)
+    base = _rollout(T0)
+    if placed:
+        store.write(_round(rng, T0, 0, [], joins=True))
+        place_rollout(store, base)
+        assert store.count_places(base.id, 100.0) == len(store.devices(fleet=FLEET))
     full_reads = []
     read_ids = store.fleet_device_ids
 
@@ -116,9 +125,7 @@ def test_fleet_counts_equal_a_count_from_scratch_through_every_kind_of_change(
         return read_ids(fleet)
 
     monkeypatch.setattr(store, "fleet_device_ids", counted)
-    rng = random.Random(21)
     service = RolloutService(Path("unused"), store, SETTINGS)
-    base = _rollout(T0)
     seen_waiting = seen_prunes = 0
     for seq in range(1, 41):
         now = T0 + 10.0 * seq
@@ -142,8 +149,12 @@ def test_fleet_counts_equal_a_count_from_scratch_through_every_kind_of_change(
         seen_waiting += sum(want["waiting"].values())
     # The mix did what it is for: devices waited, left and came back, versions moved.
     assert seen_waiting > 20 and seen_prunes > 10
-    # The ids were read once and followed from then on, or read again after a prune.
-    assert len(full_reads) == 1 if keep > 1 else len(full_reads) > 5
+    # The ids were read once (none when placed) and followed from then on, or read
+    # again after a prune.
+    if keep > 1:
+        assert len(full_reads) == (0 if placed else 1)
+    else:
+        assert len(full_reads) > 5
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])

@@ -91,7 +91,7 @@ def test_the_controller_counts_the_devices_the_agents_rule_gives_the_new_version
     assert 0 < store.count_places(r.id, 50.0) < len(devices)
 
 
-def test_the_first_tick_reads_no_id_once_the_devices_are_placed(
+def test_the_first_tick_reads_no_id_nor_writes_once_the_devices_are_placed(
     store: TelemetryStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     devices = [f"dev-{i:04d}" for i in range(500)]
@@ -104,15 +104,18 @@ def test_the_first_tick_reads_no_id_once_the_devices_are_placed(
     # Devices added and removed after the placing are followed, not read again.
     _fleet(store, ["dev-late-1", "dev-late-2"], T0 + 10)
     store.prune_devices(T0 - 1.0, [(FLEET, "dev-0007")], T0 + 11)
+    generation = store.places_generation(r.id)
     counts = RolloutService(Path("unused"), store, SETTINGS).fleet_counts(r)
     assert reads == []
+    assert store.places_generation(r.id) == generation  # followed in memory only
+    assert store.count_places(r.id, 100.0) == len(devices)
     now = [*(d for d in devices if d != "dev-0007"), "dev-late-1", "dev-late-2"]
     release = desired_release(r)
     assert counts["devices_known"] == len(now)
     assert counts["expected"] == sum(1 for d in now if resolve_release(release, d)[0] == "2.0.0")  # type: ignore[index]
 
 
-def test_without_places_the_first_tick_places_the_devices_once_for_every_service(
+def test_without_places_each_service_reads_the_ids_once_and_writes_nothing(
     store: TelemetryStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _fleet(store, [f"dev-{i:04d}" for i in range(300)])
@@ -120,11 +123,13 @@ def test_without_places_the_first_tick_places_the_devices_once_for_every_service
     reads: list[str] = []
     read_ids = store.fleet_device_ids
     monkeypatch.setattr(store, "fleet_device_ids", lambda f: reads.append(f) or read_ids(f))
-    first = RolloutService(Path("unused"), store, SETTINGS).fleet_counts(r)
-    assert reads == [FLEET] and store.places_generation(r.id) is not None
-    # `edgectl serve` restarted: the places are in the store, not read again.
-    again = RolloutService(Path("unused"), store, SETTINGS).fleet_counts(r)
-    assert reads == [FLEET] and again == first
+    service = RolloutService(Path("unused"), store, SETTINGS)
+    first = service.fleet_counts(r)
+    assert service.fleet_counts(r) == first
+    assert reads == [FLEET] and store.places_generation(r.id) is None
+    # `edgectl serve` restarted: it reads them again (nothing placed them).
+    assert RolloutService(Path("unused"), store, SETTINGS).fleet_counts(r) == first
+    assert reads == [FLEET, FLEET]
 
 
 def test_rollout_start_places_the_devices_and_the_places_go_when_the_rollout_ends(
@@ -150,8 +155,13 @@ def test_rollout_start_places_the_devices_and_the_places_go_when_the_rollout_end
                              str(repo.path)]) == 0  # fmt: skip
         capsys.readouterr()
         assert RolloutStore(repo.path).load(rollout_id).state is RolloutState.ABORTED
-        service.tick()
-        assert store.placed_rollouts() == []
+        # The next rollout start drops the places of the one that ended.
+        again = ["rollout", "start", MODEL, "2.0.0", "--fleet", FLEET, "--repo",
+                 str(repo.path), "--stages", "50,100", "--json"]  # fmt: skip
+        assert edgectl_main(again) == 0
+        second = json.loads(capsys.readouterr().out)["id"]
+        assert second != rollout_id
+        assert store.placed_rollouts() == [second]
         assert store.count_places(rollout_id, 100.0) == 0
     finally:
         store.close()
