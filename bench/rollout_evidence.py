@@ -250,9 +250,9 @@ def whole_ticks(
     repo_dir = repository_with_rollout(folder, now)
     service = RolloutService(repo_dir, store)
 
-    def tick(at: float) -> float:
+    def tick(at: float, by: RolloutService | None = None) -> float:
         start = time.perf_counter()
-        (after,) = service.tick(at)
+        (after,) = (by or service).tick(at)
         spent = time.perf_counter() - start
         if after.state is not RolloutState.RUNNING or after.stage != 0:
             raise SystemExit(f"the tick moved the rollout: {after.state.value} {after.stage}")
@@ -263,11 +263,14 @@ def whole_ticks(
     start = time.perf_counter()
     place_rollout(store, r)
     placing = [time.perf_counter() - start]
-    first = []
-    for _ in range(repeat):
-        service = RolloutService(repo_dir, store)
-        first.append(tick(now))
-    later = [tick(now + 5.0 * k) for k in range(1, repeat + 1)]
+    # First ticks (each of a fresh service, as after a restart) and later ticks of one
+    # service, alternately: side by side under the same load.
+    service = RolloutService(repo_dir, store)
+    tick(now)
+    first, later = [], []
+    for k in range(1, repeat + 1):
+        first.append(tick(now + 5.0 * k, RolloutService(repo_dir, store)))
+        later.append(tick(now + 5.0 * k))
     joined = []
     for k in range(repeat):
         at = now + 5.0 * (repeat + 1 + k)
