@@ -108,8 +108,8 @@ JOURNAL_SCHEMA: Final = f"edgefleet.journal/{JOURNAL_VERSION}"
 _SCHEMA_RE: Final = re.compile(r"edgefleet\.journal/([1-9][0-9]{0,8})")
 # The fields each schema this agent reads has (a /1 record has no format_refused_by).
 _V2_ONLY_FIELDS: Final = frozenset({"format_refused_by"})
-# ``format_refused_by`` of a /1 record that failed for its format: an agent before the
-# journal recorded who refused; never the version of a running agent.
+# ``format_refused_by`` of a /1 record that failed for its format: the agents writing /1
+# did not record who refused; never the version of a running agent.
 LEGACY_REFUSER: Final = "an agent before edgefleet.journal/2"
 # The reasons with which agents writing /1 refused a candidate for a contract they lacked
 # (their exact messages: a manifest schema they did not know, a member encoding, an ONNX
