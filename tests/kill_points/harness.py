@@ -36,7 +36,9 @@ for an explicit rollback (``rollout abort``); and a serve pass never moves one b
 from where it was just before it (serve is no operator), except to finish an interrupted
 ``rollout abort`` exactly as the uninterrupted command would have left the fleet.
 
-Not covered: the telemetry store (no command here writes it: ``serve`` alone does), the
+Not covered: the telemetry store (``serve`` writes it; of the commands here only
+``rollout start`` does, each device's place in the rollout, in one transaction of a
+cache a tick does without: not a durable step of the repository), the
 repository lock's release (a SIGKILL releases an ``flock`` with the process, so "after
 the last write" and "after the unlock" are the same state on disk), creating folders
 (an empty folder is no state), and ``init``, ``keys`` ceremony commands other than
