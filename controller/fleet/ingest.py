@@ -193,22 +193,22 @@ class _IngestClient(mqtt.Client):
 
     Under sustained traffic the socket is read at most once per ``READ_EVERY_S``: a read
     that emptied the socket less than that ago waits out the rest before the next one,
-    so the bytes that arrive meanwhile are read at once (up to ``CHUNK``). Each read
-    costs the network thread a wake-up, a ``select``, paho's loop and the GIL taken
-    from the writer, about as much CPU as decoding a hundred heartbeats: at 10,000
-    heartbeats a second the broker's writes came ~9 heartbeats a read, and this thread
-    spent 14-18 µs of CPU per heartbeat (docs/benchmarks.md, telemetry ingest,
-    2026-12-03 19:40). The wait only delays what arrives within ``READ_EVERY_S`` of the
-    last read (a few ms; the writer batches for ``IngestSettings.flush_s`` anyway), and
-    never applies after a read that filled ``CHUNK`` (more may wait: read on at once),
-    so it caps nothing: one read per 5 ms of up to 256 KiB is 50 MB/s.
+    so what arrives meanwhile is read at once (up to ``CHUNK`` bytes). Each read costs
+    the network thread a wake-up, a ``select``, paho's loop and the GIL taken from the
+    writer thread: read as the bytes came, at 10,000 heartbeats a second, about 9
+    heartbeats a read, this thread spent 9-14 µs of CPU a heartbeat, 6-7 with a read at
+    most every 5 ms and 4.5-5 every 20 ms (docs/benchmarks.md, telemetry ingest,
+    2026-12-03 19:40 UTC). The wait delays only what arrives within ``READ_EVERY_S`` of
+    the last read (the writer batches for ``IngestSettings.flush_s`` anyway) and never
+    follows a read that filled ``CHUNK`` (more may be waiting: read on at once), so it
+    caps nothing: 512 KiB a read every 10 ms would be 50 MB/s.
 
     These overrides are paho 2.x internals (the dependency is pinned below 3);
     tests/controller/fleet/test_ingest*.py run them against a real mosquitto.
     """
 
-    CHUNK: Final = 262144
-    READ_EVERY_S: Final = 0.005
+    CHUNK: Final = 524288
+    READ_EVERY_S: Final = 0.01
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
