@@ -26,10 +26,14 @@ the controller's CPU per message by thread (``/proc/<pid>/task``, named by ``py-
 dump``): the ``ingest-writer`` thread (parsing, checks, the store), the ingest client's
 MQTT network thread (reading the socket, splitting packets, the backlog) and all the
 others (HTTP, the announcer's and the repository responder's MQTT clients, the rollout
-scheduler, asyncio's threads).
+scheduler, asyncio's threads). ``--parts`` runs ``bench/ingest_parts.py`` before and
+after the steps and reports its in-process CPU per heartbeat: the same work timed in one
+process, a yardstick of how fast the machine runs this code in those minutes (on the
+shared 2-core VMs it went from 17 µs to 40 between sessions, and the whole figure with
+it), so that runs on different days compare by their ratio to it.
 
     python bench/telemetry_ingest.py [--rates 5000,10000,15000] [--seconds 10] \
-        [--workers 2] [--baseline 96201a8] [--registry] [--qos 1] [--threads] [--record]
+        [--workers 2] [--baseline 96201a8] [--registry] [--qos 1] [--threads] [--parts] [--record]
 """
 
 from __future__ import annotations
@@ -281,6 +285,20 @@ class Controller:
             p.wait(timeout=60)
 
 
+def parts_cpu_us() -> float:
+    """``bench/ingest_parts.py``'s CPU µs per heartbeat for all its parts (40,000 heartbeats)."""
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("ingest_parts.py")), "--heartbeats", "40000"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    found = re.search(r"^\| all of the above \| ([0-9.]+) \|", out, re.M)
+    if found is None:
+        raise RuntimeError(f"ingest_parts.py printed no total:\n{out}")
+    return float(found.group(1))
+
+
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
     """Thread id -> user + system CPU seconds so far, of each thread of process ``pid``."""
     out = {}
@@ -464,6 +482,7 @@ def run(args: argparse.Namespace) -> list[str]:
     backend = "PostgreSQL" if args.store else "SQLite (WAL)"
     rows = []
     loads = [os.getloadavg()[0]]
+    parts = [parts_cpu_us()] if args.parts else []
     try:
         for rate in args.rates:
             for n, (name, code) in enumerate(variants):
@@ -487,6 +506,8 @@ def run(args: argparse.Namespace) -> list[str]:
                 )
                 print(rows[-1], flush=True)
                 loads.append(os.getloadavg()[0])
+        if args.parts:
+            parts.append(parts_cpu_us())
     finally:
         broker.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -499,7 +520,13 @@ def run(args: argparse.Namespace) -> list[str]:
         f"{args.seconds:g} s per step ({args.publisher} publishers); "
         f"heartbeat {len(_template())} bytes at QoS {args.qos}; "
         f"load average "
-        f"(1 min) {min(loads):.1f}–{max(loads):.1f} during the run.",
+        f"(1 min) {min(loads):.1f}–{max(loads):.1f} during the run."
+        + (
+            f" In-process parts (`ingest_parts.py`, this tree) before and after: "
+            f"{parts[0]:.1f} and {parts[-1]:.1f} µs CPU per heartbeat."
+            if parts
+            else ""
+        ),
         "",
         "| code | offered msg/s | published | stored | stored msg/s (step start to last row) "
         "| stored msg/s (steady, while publishing) | controller CPU | controller CPU µs/msg "
@@ -543,6 +570,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--registry", action="store_true", help="enroll the simulated devices (checked per message)"
+    )
+    parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="also time bench/ingest_parts.py before and after (the machine's yardstick)",
     )
     parser.add_argument(
         "--threads",
