@@ -9,9 +9,10 @@ makes SQLite keep up with a large fleet: one commit per message is about half as
 (docs/benchmarks.md).
 
 Parsing a message is ``controller.fleet.payloads.add_payload`` (pure; heartbeats take a
-hot path there). The socket is read 64 KiB at a time and PUBLISH packets are split out
-of it here (``read_packets``), all of one read put in the backlog at once; paho handles
-every other packet (``_IngestClient``).
+hot path there). The socket is read up to 512 KiB at a time, under sustained traffic at
+most once per 10 ms, and PUBLISH packets are split out of it here (``read_packets``), all
+of one read put in the backlog at once; paho handles every other packet
+(``_IngestClient``).
 
 The client speaks MQTT 5 with a persistent session (``clean_start`` false, a session
 expiry), so QoS 1 events published while this process is down or reconnecting wait in
@@ -181,7 +182,7 @@ def read_packets(
 
 
 class _IngestClient(mqtt.Client):
-    """paho's client, reading the socket its own way: one ``recv`` of up to 64 KiB, every
+    """paho's client, reading the socket its own way: one read of up to ``CHUNK``, every
     complete packet in it split out by ``read_packets``, the PUBLISHes handed on in one
     list per read (``on_received``), every other packet to paho's own handlers.
 
