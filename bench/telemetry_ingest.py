@@ -21,10 +21,19 @@ older than that check ignores the file).
 For every step it reports what was published, what the controller stored (rows in
 ``heartbeats``), the sustained stored rate (stored / time from the step's start until the
 store stopped growing), the controller's CPU (user+system seconds of all its processes
-per wall second, 100% = one core) and CPU per stored message.
+per wall second, 100% = one core) and CPU per stored message. ``--threads`` also splits
+the controller's CPU per message by thread (``/proc/<pid>/task``, named by ``py-spy
+dump``): the ``ingest-writer`` thread (parsing, checks, the store), the ingest client's
+MQTT network thread (reading the socket, splitting packets, the backlog) and all the
+others (HTTP, the announcer's and the repository responder's MQTT clients, the rollout
+scheduler, asyncio's threads). ``--parts`` runs ``bench/ingest_parts.py`` before and
+after the steps and reports its in-process CPU per heartbeat: the same work timed in one
+process, a yardstick of how fast the machine runs this code in those minutes (on the
+shared 2-core VMs it went from 17 µs to 40 between sessions, and the whole figure with
+it), so that runs on different days compare by their ratio to it.
 
     python bench/telemetry_ingest.py [--rates 5000,10000,15000] [--seconds 10] \
-        [--workers 2] [--baseline 96201a8] [--registry] [--qos 1] [--record]
+        [--workers 2] [--baseline 96201a8] [--registry] [--qos 1] [--threads] [--parts] [--record]
 """
 
 from __future__ import annotations
@@ -244,11 +253,63 @@ class Controller:
     def cpu_s(self) -> float:
         return sum(cpu_seconds(p.pid) for p in self.procs)
 
+    def thread_cpu_s(self) -> dict[tuple[int, int], float]:
+        """(pid, thread id) -> CPU seconds so far, of every thread of every process."""
+        return {
+            (p.pid, tid): cpu for p in self.procs for tid, cpu in thread_cpu_seconds(p.pid).items()
+        }
+
+    def thread_roles(self) -> dict[tuple[int, int], str]:
+        """(pid, thread id) -> "writer", "network" (the ingest client's MQTT thread) or
+        "other", from the Python thread names ``py-spy dump`` shows (briefly pausing the
+        process: call it after the CPU was read)."""
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        roles = {}
+        for p in self.procs:
+            dump = subprocess.run(
+                [spy, "dump", "--pid", str(p.pid)], capture_output=True, text=True, timeout=60
+            ).stdout
+            for tid, name in re.findall(r'^Thread (\d+) \(\w+\): "([^"]*)"', dump, re.M):
+                role = "other"
+                if name == "ingest-writer":
+                    role = "writer"
+                elif name.startswith("paho-mqtt-client-bench-ingest-"):
+                    role = "network"
+                roles[(p.pid, int(tid))] = role
+        return roles
+
     def stop(self) -> None:
         for p in self.procs:
             p.terminate()
         for p in self.procs:
             p.wait(timeout=60)
+
+
+def parts_cpu_us() -> float:
+    """``bench/ingest_parts.py``'s CPU µs per heartbeat for all its parts (40,000 heartbeats)."""
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("ingest_parts.py")), "--heartbeats", "40000"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    found = re.search(r"^\| all of the above \| ([0-9.]+) \|", out, re.M)
+    if found is None:
+        raise RuntimeError(f"ingest_parts.py printed no total:\n{out}")
+    return float(found.group(1))
+
+
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """Thread id -> user + system CPU seconds so far, of each thread of process ``pid``."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:  # the thread ended
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
 
 
 def write_registry(repo: Path, devices: int) -> None:
@@ -281,6 +342,8 @@ class Step(NamedTuple):
     cpu_s: float  # the controller's processes
     publishers_cpu_s: float
     broker_cpu_s: float
+    # ``--threads``: the controller's CPU seconds by role (writer, network, other).
+    roles_cpu_s: dict[str, float]
 
 
 def measure_step(
@@ -310,6 +373,7 @@ def measure_step(
     try:
         before = store.count("heartbeats")
         cpu0, broker0 = controller.cpu_s(), cpu_seconds(broker_pid)
+        threads0 = controller.thread_cpu_s() if args.threads else {}
         t0 = time.monotonic()
         results: mp.Queue[tuple[int, float, float]] = mp.Queue()
         share = rate / args.publishers
@@ -354,6 +418,13 @@ def measure_step(
         wall = last_change - t0
         cpu = controller.cpu_s() - cpu0
         broker_cpu = cpu_seconds(broker_pid) - broker0
+        roles_cpu: dict[str, float] = {}
+        if args.threads:
+            threads1 = controller.thread_cpu_s()
+            roles = controller.thread_roles()
+            for key, spent in threads1.items():
+                role = roles.get(key, "other")  # a thread py-spy did not show: no Python
+                roles_cpu[role] = roles_cpu.get(role, 0.0) + spent - threads0.get(key, 0.0)
     finally:
         store.close()
         controller.stop()
@@ -367,6 +438,7 @@ def measure_step(
         cpu,
         sum(cpu_s for _sent, _start, cpu_s in done),
         broker_cpu,
+        roles_cpu,
     )
 
 
@@ -410,6 +482,7 @@ def run(args: argparse.Namespace) -> list[str]:
     backend = "PostgreSQL" if args.store else "SQLite (WAL)"
     rows = []
     loads = [os.getloadavg()[0]]
+    parts = [parts_cpu_us()] if args.parts else []
     try:
         for rate in args.rates:
             for n, (name, code) in enumerate(variants):
@@ -422,9 +495,19 @@ def run(args: argparse.Namespace) -> list[str]:
                     f"{got.per_s:,.0f} | {got.steady_per_s:,.0f} | "
                     f"{100 * got.cpu_s / wall:.0f}% | {per_msg * got.cpu_s:.1f} | "
                     f"{per_msg * got.publishers_cpu_s:.1f} | {per_msg * got.broker_cpu_s:.1f} |"
+                    + (
+                        "".join(
+                            f" {per_msg * got.roles_cpu_s.get(role, 0.0):.1f} |"
+                            for role in ("writer", "network", "other")
+                        )
+                        if args.threads
+                        else ""
+                    )
                 )
                 print(rows[-1], flush=True)
                 loads.append(os.getloadavg()[0])
+        if args.parts:
+            parts.append(parts_cpu_us())
     finally:
         broker.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -437,12 +520,24 @@ def run(args: argparse.Namespace) -> list[str]:
         f"{args.seconds:g} s per step ({args.publisher} publishers); "
         f"heartbeat {len(_template())} bytes at QoS {args.qos}; "
         f"load average "
-        f"(1 min) {min(loads):.1f}–{max(loads):.1f} during the run.",
+        f"(1 min) {min(loads):.1f}–{max(loads):.1f} during the run."
+        + (
+            f" In-process parts (`ingest_parts.py`, this tree) before and after: "
+            f"{parts[0]:.1f} and {parts[-1]:.1f} µs CPU per heartbeat."
+            if parts
+            else ""
+        ),
         "",
         "| code | offered msg/s | published | stored | stored msg/s (step start to last row) "
         "| stored msg/s (steady, while publishing) | controller CPU | controller CPU µs/msg "
-        "| publishers CPU µs/msg | broker CPU µs/msg |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| publishers CPU µs/msg | broker CPU µs/msg |"
+        + (
+            " of which: ingest-writer thread µs/msg | MQTT network thread µs/msg "
+            "| other threads µs/msg |"
+            if args.threads
+            else ""
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if args.threads else ""),
     ]
     return header + rows
 
@@ -475,6 +570,16 @@ def main() -> None:
     )
     parser.add_argument(
         "--registry", action="store_true", help="enroll the simulated devices (checked per message)"
+    )
+    parser.add_argument(
+        "--parts",
+        action="store_true",
+        help="also time bench/ingest_parts.py before and after (the machine's yardstick)",
+    )
+    parser.add_argument(
+        "--threads",
+        action="store_true",
+        help="split the controller's CPU per message by thread (needs py-spy)",
     )
     args = parse_arguments(parser)
     args.rates = [float(r) for r in args.rates.split(",")]

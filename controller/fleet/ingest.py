@@ -9,9 +9,10 @@ makes SQLite keep up with a large fleet: one commit per message is about half as
 (docs/benchmarks.md).
 
 Parsing a message is ``controller.fleet.payloads.add_payload`` (pure; heartbeats take a
-hot path there). The socket is read 64 KiB at a time and PUBLISH packets are split out
-of it here (``read_packets``), all of one read put in the backlog at once; paho handles
-every other packet (``_IngestClient``).
+hot path there). The socket is read up to 512 KiB at a time, under sustained traffic at
+most once per 10 ms, and PUBLISH packets are split out of it here (``read_packets``), all
+of one read put in the backlog at once; paho handles every other packet
+(``_IngestClient``).
 
 The client speaks MQTT 5 with a persistent session (``clean_start`` false, a session
 expiry), so QoS 1 events published while this process is down or reconnecting wait in
@@ -181,7 +182,7 @@ def read_packets(
 
 
 class _IngestClient(mqtt.Client):
-    """paho's client, reading the socket its own way: one ``recv`` of up to 64 KiB, every
+    """paho's client, reading the socket its own way: one read of up to ``CHUNK``, every
     complete packet in it split out by ``read_packets``, the PUBLISHes handed on in one
     list per read (``on_received``), every other packet to paho's own handlers.
 
@@ -191,17 +192,31 @@ class _IngestClient(mqtt.Client):
     Acknowledging, keepalive, reconnecting and writing stay paho's. A QoS 2 PUBLISH
     (never sent: the subscription is QoS 1) would take paho's path to ``on_message``.
 
+    Under sustained traffic the socket is read at most once per ``READ_EVERY_S``: a read
+    that emptied the socket less than that ago waits out the rest before the next one,
+    so what arrives meanwhile is read at once (up to ``CHUNK`` bytes). Each read costs
+    the network thread a wake-up, a ``select``, paho's loop and the GIL taken from the
+    writer thread: read as the bytes came, at 10,000 heartbeats a second, about 9
+    heartbeats a read, this thread spent 9-14 µs of CPU a heartbeat, 6-7 with a read at
+    most every 5 ms and 4.5-5 every 20 ms (docs/benchmarks.md, telemetry ingest,
+    2026-12-03 19:40 UTC). The wait delays only what arrives within ``READ_EVERY_S`` of
+    the last read (the writer batches for ``IngestSettings.flush_s`` anyway) and never
+    follows a read that filled ``CHUNK`` (more may be waiting: read on at once), so it
+    caps nothing: 512 KiB a read every 10 ms would be 50 MB/s.
+
     These overrides are paho 2.x internals (the dependency is pinned below 3);
     tests/controller/fleet/test_ingest*.py run them against a real mosquitto.
     """
 
-    _CHUNK: Final = 65536
+    CHUNK: Final = 524288
+    READ_EVERY_S: Final = 0.01
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.on_received: Callable[[list[Received]], None] | None = None
         self._rx = b""  # the start of a packet not all read yet
         self._rx_sock: Any = None  # the socket it came from
+        self._drained_at = -math.inf  # when a read last emptied the socket (monotonic)
 
     def _handle_on_message(self, message: mqtt.MQTTMessage) -> None:
         on_message = self.on_message
@@ -209,8 +224,11 @@ class _IngestClient(mqtt.Client):
             on_message(self, self._userdata, message)
 
     def _packet_read(self) -> MQTTErrorCode:
+        wait = self._drained_at + self.READ_EVERY_S - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
         try:
-            data = self._sock_recv(self._CHUNK)
+            data = self._recv_available()
         except BlockingIOError:
             return MQTTErrorCode.MQTT_ERR_AGAIN
         except OSError as err:  # a timeout, a reset, no socket
@@ -218,6 +236,7 @@ class _IngestClient(mqtt.Client):
             return MQTTErrorCode.MQTT_ERR_CONN_LOST
         if not data:
             return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        self._drained_at = time.monotonic() if len(data) < self.CHUNK else -math.inf
         if self._rx_sock is not self._sock:  # a new connection: nothing of the last one
             self._rx, self._rx_sock = b"", self._sock
         buffer = self._rx + data if self._rx else data
@@ -239,6 +258,27 @@ class _IngestClient(mqtt.Client):
         with self._msgtime_mutex:
             self._last_bytes_received = mqtt.time_func()
         return rc
+
+    def _recv_available(self) -> bytes:
+        """What the socket holds, up to ``CHUNK`` bytes: one ``recv`` on a plain socket;
+        on TLS, records until none is left (a TLS socket's ``recv`` returns one record,
+        at most 16 KiB). Raises BlockingIOError when nothing is there; b"" at the end of
+        the stream (only when nothing came before it)."""
+        data = self._sock_recv(self.CHUNK)
+        if not data or len(data) == self.CHUNK or not isinstance(self._sock, ssl.SSLSocket):
+            return data
+        parts = [data]
+        size = len(data)
+        while size < self.CHUNK:
+            try:
+                more = self._sock_recv(self.CHUNK - size)
+            except BlockingIOError:
+                break
+            if not more:  # the end of the stream: the next read says so
+                break
+            parts.append(more)
+            size += len(more)
+        return b"".join(parts)
 
     def _handle_packet(self, header: int, body: bytes) -> MQTTErrorCode:
         """Hand one packet to paho's handlers, as its own reading would."""
@@ -487,9 +527,9 @@ class Ingestor:
         items = backlog.take(size)
         deadline = time.monotonic() + self.settings.flush_s
         while items and len(items) < size and not backlog.is_closed:
-            if time.monotonic() >= deadline:
+            # Woken by the next put (one per read of the socket) or by close.
+            if not backlog.wait(deadline - time.monotonic()):
                 break
-            time.sleep(0.002)
             items += backlog.take(size - len(items))
         return items
 
