@@ -142,7 +142,7 @@ class Memory:
     pss: float
     uss: float
     # RSS (MiB) by kind of mapping (``MAPPINGS``), from /proc/PID/smaps
-    mappings: dict[str, float] = field(default_factory=dict)
+    mappings: dict[str, float] = field(default_factory=dict, repr=False)
 
     @staticmethod
     def of(pid: int) -> Memory:
