@@ -16,11 +16,12 @@ What it measures, for this tree and, with ``--baseline REV``, another revision's
 - **idle, CNN**: an agent of the CNN's fleet, once it serves the CNN and has answered
   one request, ``--settle-s`` later.
 - **the model's own ORT arena**: RSS of a bare Python process that imports numpy and
-  onnxruntime, creates the CNN's session with the agent's session options and runs it
-  once, minus the RSS of the same process just before it creates the session. It is
-  what the model costs in any ONNX Runtime process (weights, the optimised graph, the
-  arena after a run); ONNX Runtime's library itself is not in it. Median of
-  ``--runs`` processes.
+  onnxruntime, creates the CNN's session with the agent's session options (this tree's
+  ``agent.runtime.loading._session_options``) and runs it 3 times, minus the RSS of the
+  same process just before it creates the session. It is what the model costs in any
+  ONNX Runtime process (weights, the optimised graph, the arena after a run, and the
+  pages of ONNX Runtime's code that building the session touches); ONNX Runtime's
+  library as imported is not in it. Median of ``--runs`` processes.
 - **start to ready**: with the CNN installed on disk (by the agent above, stopped
   since), from ``exec`` of a new ``edge-agent run`` to the first inference answered
   correctly on its socket (the client retries every 2 ms until then); median and range
@@ -30,6 +31,9 @@ What it measures, for this tree and, with ``--baseline REV``, another revision's
   serves (``agent.cli`` then ``agent.app``), summed per top-level package (``agent``
   per subpackage), median of ``--runs`` processes.
 
+- **where the idle RSS lies**: each idle agent's RSS by kind of mapping
+  (``/proc/PID/smaps``: ONNX Runtime's library, numpy's, other files, heap, anonymous),
+  median per kind.
 - **what the idle RSS is made of** (``--breakdown``): resident memory added by each step
   of what an idle agent imports and makes, each in new processes of ``--python`` on this
   tree (median of ``--runs``): the bare interpreter; the run path (``agent.cli``,
@@ -37,9 +41,13 @@ What it measures, for this tree and, with ``--baseline REV``, another revision's
   modules the agent imports anyway (they overlap, so they do not add up to the run path);
   what the first update check imports on top of the run path; the HTTP fetcher's client;
   numpy and ONNX Runtime on top of the run path (an agent imports them with its first
-  model); idle threads. With ``--arena-max N,M``, idle agents of this tree with no model
-  are also measured with ``MALLOC_ARENA_MAX=N`` (glibc's malloc arenas) in their
-  environment.
+  model); idle threads; and how much of ONNX Runtime's resident code serving the CNN
+  uses (the CNN loaded as the agent loads it, golden cases and 60 runs; then the
+  library's code pages dropped from the process, ``MADV_DONTNEED``, clean file pages that
+  fault back from the page cache, and 60 runs more: what is resident again is what
+  serving touches; the rest was touched only while loading). With ``--arena-max N,M``,
+  idle agents of this tree with no model are also measured with ``MALLOC_ARENA_MAX=N``
+  (glibc's malloc arenas) in their environment.
 
 ``--python`` runs the agents with another interpreter: a venv holding the agent's
 dependencies only (``pip install .``, as the Debian package's venv does) shows what a
@@ -67,7 +75,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -78,6 +86,7 @@ from _common import (
     export_revision,
     goal,
     markdown_table,
+    model_folder,
     orientation_model,
     parse_arguments,
     record_section,
@@ -85,6 +94,7 @@ from _common import (
 )
 
 from agent.client import InferenceClient
+from agent.contracts import TensorSpec
 from tests.e2e_support import (
     Proc,
     bundle_output,
@@ -131,13 +141,57 @@ class Memory:
     rss: float
     pss: float
     uss: float
+    # RSS (MiB) by kind of mapping (``MAPPINGS``), from /proc/PID/smaps
+    mappings: dict[str, float] = field(default_factory=dict, repr=False)
 
     @staticmethod
     def of(pid: int) -> Memory:
         import psutil
 
         info = psutil.Process(pid).memory_full_info()
-        return Memory(info.rss / MIB, info.pss / MIB, info.uss / MIB)
+        return Memory(info.rss / MIB, info.pss / MIB, info.uss / MIB, resident_by_mapping(pid))
+
+
+# Kinds of mapping an idle agent's RSS is told apart by (``resident_by_mapping``).
+MAPPINGS = (
+    "ONNX Runtime's library: code",
+    "ONNX Runtime's library: data",
+    "numpy's libraries (OpenBLAS among them)",
+    "other files (Python, libraries, extension modules)",
+    "heap (brk: malloc below the mmap threshold)",
+    "anonymous (mmap: Python's object arenas, ORT's weights and arena)",
+    "stacks and the rest",
+)
+
+
+def _kind(path: str, perms: str) -> str:
+    if "onnxruntime" in path:
+        return MAPPINGS[0] if "x" in perms else MAPPINGS[1]
+    if "/numpy" in path:
+        return MAPPINGS[2]
+    if path == "[heap]":
+        return MAPPINGS[4]
+    if not path:
+        return MAPPINGS[5]
+    if path.startswith("["):
+        return MAPPINGS[6]
+    return MAPPINGS[3]
+
+
+def resident_by_mapping(pid: int) -> dict[str, float]:
+    """RSS (MiB) of ``pid`` by kind of mapping (``MAPPINGS``), from /proc/PID/smaps."""
+    found = dict.fromkeys(MAPPINGS, 0.0)
+    kind = MAPPINGS[-1]
+    with open(f"/proc/{pid}/smaps") as smaps:
+        for line in smaps:
+            parts = line.split()
+            if not parts:
+                continue
+            if not parts[0].endswith(":"):  # a mapping's first line: range perms ... path
+                kind = _kind(parts[5] if len(parts) > 5 else "", parts[1])
+            elif parts[0] == "Rss:":
+                found[kind] += int(parts[1]) / 1024
+    return found
 
 
 def _answer(client: InferenceClient, x: np.ndarray) -> np.ndarray | None:
@@ -203,14 +257,11 @@ import onnxruntime as ort
 import psutil
 sys.path.insert(0, {code!r})
 from agent.runtime.memory import configure_allocator
+from agent.runtime.loading import _session_options
 configure_allocator()
+options = _session_options(1)  # the agent's own, as it runs the model
 process = psutil.Process()
 before = process.memory_info().rss
-options = ort.SessionOptions()
-options.intra_op_num_threads = 1
-options.inter_op_num_threads = 1
-options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
 session = ort.InferenceSession({model!r}, options, providers=["CPUExecutionProvider"])
 x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
 for _ in range(3):
@@ -219,12 +270,13 @@ print(json.dumps({{"before": before, "after": process.memory_info().rss}}))
 """
 
 
-def arena_mib(model: Path, runs: int) -> tuple[float, float]:
-    """(median arena MiB, median RSS MiB of the bare process with ORT imported)."""
+def arena_mib(model: Path, runs: int, code: Path = ROOT) -> tuple[float, float]:
+    """(median arena MiB, median RSS MiB of the bare process with ORT imported), with the
+    session options of the tree at ``code``."""
     arenas, bases = [], []
     for _ in range(runs):
         out = subprocess.run(
-            [sys.executable, "-c", ARENA_SCRIPT.format(code=str(ROOT), model=str(model))],
+            [sys.executable, "-c", ARENA_SCRIPT.format(code=str(code), model=str(model))],
             capture_output=True,
             text=True,
             check=True,
@@ -351,6 +403,56 @@ def _step_mib(code: Path, first: str, what: str) -> tuple[float, float]:
     return before / MIB, (after - before) / MIB
 
 
+_CODE_USE = """
+import ctypes, json, sys
+from pathlib import Path
+sys.path.insert(0, {code!r})
+import numpy as np
+from agent.contracts import parse_manifest
+from agent.runtime.loading import check_golden, load_model
+
+def code_pages():
+    resident, ranges, ort = 0, [], False
+    for line in open("/proc/self/smaps"):
+        parts = line.split()
+        if not parts[0].endswith(":"):
+            ort = "onnxruntime" in line and parts[1] == "r-xp"
+            if ort:
+                ranges.append([int(v, 16) for v in parts[0].split("-")])
+        elif ort and parts[0] == "Rss:":
+            resident += int(parts[1]) * 1024
+    return resident, ranges
+
+folder = Path({folder!r})
+model = load_model(folder, parse_manifest((folder / "manifest.json").read_bytes()))
+check_golden(model)
+x = np.random.default_rng(0).random((1, 3, 224, 224), dtype=np.float32)
+for _ in range(60):
+    model.infer({{"x": x}})
+loaded, ranges = code_pages()
+libc = ctypes.CDLL(None)
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+for low, high in ranges:
+    if libc.madvise(low, high - low, 4):  # MADV_DONTNEED: clean file pages, read-only
+        raise OSError(ctypes.get_errno(), "madvise")
+for _ in range(60):
+    model.infer({{"x": x}})
+print(json.dumps([loaded, code_pages()[0]]))
+"""
+
+
+def code_use(code: Path, folder: Path, runs: int) -> tuple[float, float]:
+    """(MiB of ONNX Runtime's code resident once the CNN in ``folder`` is loaded and
+    served, MiB of it that serving touches again once dropped), medians of ``runs``."""
+    loaded, used = [], []
+    for _ in range(runs):
+        out = _run_agent_python("-c", _CODE_USE.format(code=str(code), folder=str(folder)))
+        first, again = json.loads(out.stdout.strip().splitlines()[-1])
+        loaded.append(first / MIB)
+        used.append(again / MIB)
+    return statistics.median(loaded), statistics.median(used)
+
+
 def breakdown(code: Path, runs: int) -> list[list[object]]:
     """Rows (step, MiB added) of ``BREAKDOWN``, each the median of ``runs`` processes;
     the first row is the bare interpreter."""
@@ -374,6 +476,7 @@ class TreeResult:
     import_ms: float
     import_groups: dict[str, float]
     modules: int
+    arena: float = 0.0  # the model's arena with this tree's session options (MiB)
 
 
 @dataclass
@@ -525,6 +628,19 @@ def run(args: argparse.Namespace) -> tuple[list[str], dict[str, TreeResult], flo
             for value, got in arena_runs.items()
         ]
         breakdown_rows = breakdown(ROOT, args.runs) if args.breakdown else []
+        if args.breakdown:
+            folder, _ = model_folder(
+                work / "cnn-folder", orientation_model(), MODEL,
+                TensorSpec("x", "FP32", (-1, 3, 224, 224)),
+                TensorSpec("fetch_name_0", "FP32", (-1, 4)),
+            )  # fmt: skip
+            loaded, used = code_use(ROOT, folder, args.runs)
+            breakdown_rows += [
+                ["ONNX Runtime's code resident, the CNN loaded and served (60 runs)",
+                 f"{loaded:.1f}"],
+                ["  of it, what 60 more runs touch again once it is dropped", f"{used:.1f}"],
+            ]  # fmt: skip
+        mapping_lines = mapping_table(trees, none, cnn)
         results = {}
         profiles = import_profiles(trees, args.runs)
         for name, _ in trees:
@@ -541,7 +657,10 @@ def run(args: argparse.Namespace) -> tuple[list[str], dict[str, TreeResult], flo
                 import_groups=groups,
                 modules=modules,
             )
-        arena, ort_base = arena_mib(orientation_model(), args.runs)
+        arenas = {name: arena_mib(orientation_model(), args.runs, code) for name, code in trees}
+        arena, ort_base = arenas["this tree"]
+        for name, _ in trees:
+            results[name].arena = arenas[name][0]
         loads.append(os.getloadavg()[0])
     finally:
         if serve is not None:
@@ -549,7 +668,7 @@ def run(args: argparse.Namespace) -> tuple[list[str], dict[str, TreeResult], flo
         broker.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    lines = table(results, arena, ort_base, args, extra)
+    lines = [*table(results, arena, ort_base, args, extra), "", *mapping_lines]
     if breakdown_rows:
         lines += [
             "",
@@ -567,7 +686,29 @@ def _median_memory(samples: list[Memory]) -> Memory:
         statistics.median(m.rss for m in samples),
         statistics.median(m.pss for m in samples),
         statistics.median(m.uss for m in samples),
+        {k: statistics.median(m.mappings.get(k, 0.0) for m in samples) for k in MAPPINGS},
     )
+
+
+def mapping_table(
+    trees: list[tuple[str, Path]],
+    none: dict[str, list[Memory]],
+    cnn: dict[str, list[Memory]],
+) -> list[str]:
+    """Where the idle agents' RSS lies, by kind of mapping (median per kind)."""
+    columns = [(f"{name}, no model", none[name]) for name, _ in trees]
+    columns += [(f"{name}, CNN", cnn[name]) for name, _ in trees]
+    medians = [_median_memory(samples) for _, samples in columns]
+    rows: list[list[object]] = [
+        [kind, *[f"{m.mappings[kind]:.1f}" for m in medians]] for kind in MAPPINGS
+    ]
+    rows.append(["all (RSS)", *[f"{m.rss:.1f}" for m in medians]])
+    return [
+        "Where the idle agents' RSS lies (MiB, `/proc/PID/smaps` by kind of mapping, median "
+        "of the idle agents above per kind):",
+        "",
+        markdown_table(["mapping", *[label for label, _ in columns]], rows),
+    ]
 
 
 def table(
@@ -591,8 +732,12 @@ def table(
     rows.extend(extra)
     memory_rows("idle, CNN loaded", "idle_cnn")
     rows.append(
+        ["the model's arena, with the tree's session options (MiB)"]
+        + [f"{results[n].arena:.1f}" for n in names]
+    )
+    rows.append(
         ["idle, CNN loaded, RSS minus the model's arena (MiB)"]
-        + [f"{results[n].idle_cnn.rss - arena:.1f}" for n in names]
+        + [f"{results[n].idle_cnn.rss - results[n].arena:.1f}" for n in names]
     )
     rows.append(
         [f"start to ready, CNN (s, median of {args.runs}; range)"]

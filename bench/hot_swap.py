@@ -398,7 +398,11 @@ def report(result: Result, args: argparse.Namespace) -> tuple[str, list[str]]:
 ALLOCATOR_CONFIGS = (
     "default", "trim", "arena-max-2", "ort-no-arena", "ort-no-mem-pattern",
     "ort-no-arena+no-mem-pattern", "mmap-threshold", "mmap-threshold+trim",
+    "mmap-threshold+trim+mem-pattern",
 )  # fmt: skip
+# A setting names what it changes from the agent's own session options: "no-mem-pattern"
+# and "mem-pattern" turn ONNX Runtime's memory pattern off and on (the agent runs without
+# one since session 30e; the runs before it, with), "ort-no-arena" the CPU arena off.
 
 
 def allocator_child(config: str, swaps: int, work: Path) -> dict[str, float]:
@@ -426,8 +430,12 @@ def allocator_child(config: str, swaps: int, work: Path) -> dict[str, float]:
 
     def session_options(threads: int) -> ort.SessionOptions:
         opts = base_options(threads)
-        opts.enable_cpu_mem_arena = "ort-no-arena" not in options
-        opts.enable_mem_pattern = "no-mem-pattern" not in config
+        if "ort-no-arena" in options:
+            opts.enable_cpu_mem_arena = False
+        if "no-mem-pattern" in config:
+            opts.enable_mem_pattern = False
+        elif "mem-pattern" in options:
+            opts.enable_mem_pattern = True
         return opts
 
     loading._session_options = session_options  # type: ignore[assignment]
@@ -484,7 +492,8 @@ def allocator_child(config: str, swaps: int, work: Path) -> dict[str, float]:
 
 def allocators(args: argparse.Namespace) -> str:
     rows = []
-    for config in ALLOCATOR_CONFIGS:
+    chosen = [c.strip() for c in args.allocator_configs.split(",") if c.strip()]
+    for config in chosen or ALLOCATOR_CONFIGS:
         command = [sys.executable, __file__, "--allocator-child", config]
         command += ["--swaps", str(args.swaps), "--workdir", args.workdir]
         env = dict(os.environ)
@@ -548,6 +557,12 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the run folder (logs)")
     parser.add_argument(
         "--allocators", action="store_true", help="compare allocator settings in-process"
+    )
+    parser.add_argument(
+        "--allocator-configs",
+        default="",
+        metavar="A,B",
+        help=f"with --allocators: only these settings (of {','.join(ALLOCATOR_CONFIGS)})",
     )
     parser.add_argument("--allocator-child", help=argparse.SUPPRESS)
     args = parse_arguments(parser)
