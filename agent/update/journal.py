@@ -2,25 +2,28 @@
 
 Phases (DESIGN.md)::
 
-    idle ─► downloading ─► verified ─► staged ─► smoke_tested ─► active ─► committed
-                 │             │          │            │            └──► rolled_back
-                 └─────────────┴──────────┴────────────┴──► failed
-                 (and back to idle when a restart abandons an install)
+    idle ─► downloading ─► verified ─► staged ─► smoke_tested ─┬─────────► active ─► committed
+                 │             │          │            │        └─► shadow ─┘      └──► rolled_back
+                 └─────────────┴──────────┴────────────┴──────────────┴──► failed
+                 (and back to idle when a restart abandons an install, or desired
+                 state names another version during a shadow)
 
 The record of a model says which version it serves in every phase, so after a crash at
 any instant the agent knows what to load (``serving_version``):
 
-============  =====================================  ==========================
+============  =========================================  ==========================
 phase         ``version`` is                         the device serves
-============  =====================================  ==========================
-idle          the version in service (or None)        ``version``
-downloading…  the candidate being installed           ``previous``
+============  =========================================  ==========================
+idle          the version in service (or None)            ``version``
+downloading…  the candidate being installed               ``previous``
 smoke_tested
-active        the candidate, live, on probation       ``version``
-committed     the version in service                  ``version``
-rolled_back   the candidate that was rolled back      ``previous``
-failed        the candidate that failed               ``previous``
-============  =====================================  ==========================
+shadow        the candidate, loaded beside ``previous``  ``previous`` (the candidate
+              and given a copy of live requests           answers no client)
+active        the candidate, live, on probation           ``version``
+committed     the version in service                      ``version``
+rolled_back   the candidate that was rolled back          ``previous``
+failed        the candidate that failed                   ``previous``
+============  =========================================  ==========================
 
 Invariants:
 - ``transition`` is the only way to change a record; it raises ``IllegalTransitionError``
@@ -28,12 +31,27 @@ Invariants:
 - The orchestrator persists the new record *before* the side effect of the phase it
   enters (download, unpack, load, swap, …), so a restart resumes from a known state.
 - A candidate that ended ``failed`` or ``rolled_back`` is not installed again for the
-  same rollout (``should_skip``); a new rollout id, or another version, retries.
+  same rollout (``should_skip``); a new rollout id, or another version, retries. A
+  candidate that failed its shadow is ``failed`` like one that failed its golden vectors.
+- Shadow (between ``smoke_tested`` and ``active``, ``agent.update.lifecycle``): the
+  candidate is loaded beside ``previous``, which alone answers clients, and is judged on
+  copies of live requests (``ShadowPolicy``, carried in the record while in shadow).
+  After a restart in shadow the device serves ``previous`` and the shadow starts again
+  from the start, on nothing the dead process had compared (``recover``); each such
+  restart counts as an interrupted install, so a candidate that crashes the agent in
+  shadow fails after ``MAX_INTERRUPTED_INSTALLS``.
 
 Schemas (what an upgraded agent finds on disk; ``tests/agent/update/_old_records.py``
 holds a record of each as the older agent wrote it):
 
-- ``edgefleet.journal/1`` (``JOURNAL_SCHEMA``), this record, since the journal exists;
+- ``edgefleet.journal/2`` (``JOURNAL_SCHEMA``): schema 1 plus the phase ``shadow`` and
+  the field ``shadow`` (the candidate's ``ShadowPolicy``, only in that phase). A record
+  is written in the *lowest* schema that holds it: every record outside a shadow is
+  written as ``edgefleet.journal/1``, byte for byte as before, so an older agent put
+  back on the device (a downgrade) reads them all; only a record in shadow is schema 2,
+  and an older agent finding one stops with ``NewerJournalError`` (it cannot know what
+  ``shadow`` serves) rather than guess. Reading schema 1, ``shadow`` is None.
+- ``edgefleet.journal/1``, since the journal exists;
 - before it, no journal: ``<model>/active.json`` ``{"version", "previous"}`` (what
   served, after its golden vectors passed here) and ``<model>/failed.json``
   ``{"version", "reason"}`` (a candidate refused here); ``record_from_pointers`` turns
@@ -63,7 +81,13 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any, Final
 
-from agent.contracts import InvalidNameError, ProbationPolicy, check_version
+from agent.contracts import (
+    InvalidNameError,
+    ProbationPolicy,
+    ShadowPolicy,
+    check_shadow_policy,
+    check_version,
+)
 
 
 class Phase(StrEnum):
@@ -72,6 +96,7 @@ class Phase(StrEnum):
     VERIFIED = "verified"
     STAGED = "staged"
     SMOKE_TESTED = "smoke_tested"
+    SHADOW = "shadow"
     ACTIVE = "active"
     COMMITTED = "committed"
     ROLLED_BACK = "rolled_back"
@@ -87,15 +112,19 @@ TRANSITIONS: Final[Mapping[Phase, frozenset[Phase]]] = {
     Phase.DOWNLOADING: frozenset({Phase.VERIFIED, Phase.FAILED, Phase.IDLE}),
     Phase.VERIFIED: frozenset({Phase.STAGED, Phase.FAILED, Phase.IDLE}),
     Phase.STAGED: frozenset({Phase.SMOKE_TESTED, Phase.FAILED, Phase.IDLE}),
-    Phase.SMOKE_TESTED: frozenset({Phase.ACTIVE, Phase.FAILED, Phase.IDLE}),
+    Phase.SMOKE_TESTED: frozenset({Phase.ACTIVE, Phase.SHADOW, Phase.FAILED, Phase.IDLE}),
+    # Idle: desired state named another version during the shadow (``cancel_shadow``).
+    Phase.SHADOW: frozenset({Phase.ACTIVE, Phase.FAILED, Phase.IDLE}),
     Phase.ACTIVE: frozenset({Phase.COMMITTED, Phase.ROLLED_BACK}),
     Phase.COMMITTED: frozenset({Phase.DOWNLOADING}),
     Phase.ROLLED_BACK: frozenset({Phase.DOWNLOADING}),
     Phase.FAILED: frozenset({Phase.DOWNLOADING}),
 }
 
-JOURNAL_VERSION: Final = 1
+JOURNAL_VERSION: Final = 2
 JOURNAL_SCHEMA: Final = f"edgefleet.journal/{JOURNAL_VERSION}"
+# The schema of a record that holds nothing schema 2 added (module docstring).
+JOURNAL_SCHEMA_1: Final = "edgefleet.journal/1"
 _SCHEMA_RE: Final = re.compile(r"edgefleet\.journal/([1-9][0-9]{0,8})")
 # Restarts while a version is on probation before the agent calls it a crash loop.
 CRASH_LOOP_RESTARTS: Final = 3
@@ -143,10 +172,16 @@ class JournalRecord:
     # The previous version's p99 latency (s) and sample count when the candidate went live.
     baseline_p99_s: float | None = None
     baseline_samples: int = 0
+    # The candidate's shadow policy, while it is in shadow (schema 2); None otherwise.
+    shadow: ShadowPolicy | None = None
 
     def to_json_bytes(self) -> bytes:
         doc = asdict(self)
-        doc["schema"] = JOURNAL_SCHEMA
+        if self.phase is Phase.SHADOW or self.shadow is not None:
+            doc["schema"] = JOURNAL_SCHEMA
+        else:
+            del doc["shadow"]  # schema 1, as an older agent reads it
+            doc["schema"] = JOURNAL_SCHEMA_1
         doc["phase"] = self.phase.value
         return json.dumps(doc, sort_keys=True).encode()
 
@@ -169,13 +204,23 @@ def parse_record(raw: bytes) -> JournalRecord:
         raise JournalFormatError(f"journal schema expected {JOURNAL_SCHEMA!r}, got {schema!r}")
     if int(match.group(1)) > JOURNAL_VERSION:
         raise NewerJournalError(schema)
-    # edgefleet.journal/1 is the first schema; an older one would be upgraded here.
-    unknown = sorted(set(doc) - {f.name for f in fields(JournalRecord)})
+    # edgefleet.journal/1 is schema 2 without its phase shadow and field shadow: read as
+    # it is (shadow None). A schema older than 1 would be upgraded here.
+    known = {f.name for f in fields(JournalRecord)}
+    if int(match.group(1)) < 2:
+        known.discard("shadow")
+    unknown = sorted(set(doc) - known)
     if unknown:
         raise JournalFormatError(f"journal record fields this agent does not know: {unknown}")
     try:
         doc["phase"] = Phase(doc["phase"])
         doc["probation"] = ProbationPolicy(**doc.get("probation", {}))
+        if doc.get("shadow") is not None:
+            doc["shadow"] = check_shadow_policy(ShadowPolicy(**doc["shadow"]))
+        if doc["phase"] is Phase.SHADOW and doc.get("shadow") is None:
+            raise ValueError("a record in shadow names no shadow policy")
+        if int(match.group(1)) < 2 and doc["phase"] is Phase.SHADOW:
+            raise ValueError("phase shadow in a schema 1 record")
         return JournalRecord(**doc)
     except (ValueError, TypeError, KeyError) as exc:
         raise JournalFormatError(f"unreadable journal record: {exc!r}") from None
@@ -257,7 +302,24 @@ def transition(
         entered_at=now,
         deadline_at=now + deadline_s if deadline_s is not None else None,
         reason=reason,
+        # The shadow policy is kept while in shadow only (schema 1 records outside it).
+        shadow=record.shadow if to is Phase.SHADOW else None,
     )
+
+
+def enter_shadow(record: JournalRecord, policy: ShadowPolicy, now: float) -> JournalRecord:
+    """A smoke-tested candidate goes into shadow under ``policy``."""
+    shadowed = transition(record, Phase.SHADOW, now)
+    return replace(shadowed, shadow=policy)
+
+
+def cancel_shadow(record: JournalRecord, now: float, reason: str) -> JournalRecord:
+    """Stop a shadow that no verdict ended (desired state names another version now):
+    back to idle on the version in service, the candidate neither failed nor counted."""
+    if record.phase is not Phase.SHADOW:
+        raise IllegalTransitionError(f"{record.model}: only a shadow can be cancelled")
+    idle = transition(record, Phase.IDLE, now, reason=reason)
+    return replace(idle, version=record.previous, previous=None)
 
 
 def begin_install(
@@ -391,6 +453,8 @@ def recover(record: JournalRecord, now: float) -> Recovery:
 
     - settled phases: serve what the record says;
     - pre-active phases: abandon the install, serve the previous version;
+    - shadow: serve the previous version and shadow the candidate again from the start
+      (``recover_shadow``);
     - active (probation): count the restart; at ``CRASH_LOOP_RESTARTS`` roll back,
       otherwise resume probation on the candidate (the previous one is the fallback),
       with the elapsed time ``probation_carried_s`` allows.
@@ -400,6 +464,8 @@ def recover(record: JournalRecord, now: float) -> Recovery:
     if record.phase in PRE_ACTIVE:
         new = abandon(record, now, "the agent restarted")
         return Recovery(new, serving_version(new), None, new.reason)
+    if record.phase is Phase.SHADOW:
+        return recover_shadow(record, now)
     restarts = record.restarts + 1
     if restarts >= CRASH_LOOP_RESTARTS:
         reason = f"crash loop: the agent restarted {restarts} times during probation"
@@ -417,3 +483,35 @@ def recover(record: JournalRecord, now: float) -> Recovery:
     else:
         note += f", {carried_s:.0f}s of {record.probation.duration_s:g}s passed"
     return Recovery(resumed, record.version, record.previous, note, carried_s)
+
+
+def recover_shadow(record: JournalRecord, now: float) -> Recovery:
+    """After a restart in shadow: serve ``previous``; the shadow starts over.
+
+    The record stays in shadow (entered again at ``now``: its figures were the dead
+    process's, in memory, and are gone), with the restart counted as an interrupted
+    install of the candidate. At ``MAX_INTERRUPTED_INSTALLS`` the candidate fails
+    instead: one that crashes the agent while it runs in shadow cannot make it restart
+    forever. ``Recovery.load`` is the version to serve; the lifecycle loads the
+    candidate beside it again.
+    """
+    count = record.interrupted + 1
+    if count >= MAX_INTERRUPTED_INSTALLS:
+        reason = f"shadow interrupted {count} times by a restart of the agent"
+        failed = replace(
+            transition(record, Phase.FAILED, now, reason=reason), interrupted=count, shadow=None
+        )
+        return Recovery(failed, failed.previous, None, reason)
+    note = (
+        f"the agent restarted during the shadow of {record.version}: serving "
+        f"{record.previous} and shadowing again from the start (restart {count})"
+    )
+    again = replace(
+        record,
+        entered_at=now,
+        deadline_at=None,
+        reason=note,
+        interrupted=count,
+        interrupted_version=record.version,
+    )
+    return Recovery(again, record.previous, None, note)

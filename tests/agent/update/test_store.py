@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from agent.base.errors import IncompatibleStateError
-from agent.update.journal import JOURNAL_SCHEMA, Phase, parse_record, serving_version
+from agent.update.journal import (
+    JOURNAL_SCHEMA,
+    JOURNAL_SCHEMA_1,
+    Phase,
+    parse_record,
+    serving_version,
+)
 from agent.update.store import ModelStore
 from tests.agent.update._old_records import POINTERS_WRITTEN_BY_E3FAC1E, V1_WRITTEN_BY_3C52CD2
 
@@ -36,7 +42,7 @@ def test_pointer_files_become_a_journal_once(tmp_path: Path) -> None:
         Phase.FAILED, "2.0.0", "1.1.0"
     )  # fmt: skip
     assert sorted(p.name for p in folder.iterdir()) == ["1.1.0", "journal.json"]
-    assert json.loads((folder / "journal.json").read_bytes())["schema"] == JOURNAL_SCHEMA
+    assert json.loads((folder / "journal.json").read_bytes())["schema"] == JOURNAL_SCHEMA_1
     assert store.migrate_pointers("digits", now=8.0) is None  # nothing left to migrate
     assert store.read_journal("digits") == record
 
@@ -76,13 +82,13 @@ def test_a_journal_of_a_newer_agent_is_refused_naming_the_file_and_schemas(
     tmp_path: Path,
 ) -> None:
     doc = json.loads(V1_WRITTEN_BY_3C52CD2["committed"])
-    doc.update(schema="edgefleet.journal/2", signature="zz")
+    doc.update(schema="edgefleet.journal/3", signature="zz")
     raw = json.dumps(doc).encode()
     folder = _model(tmp_path, "digits", {"journal.json": raw})
     with pytest.raises(IncompatibleStateError) as refused:
         ModelStore(tmp_path).read_journal("digits")
     message = str(refused.value)
     assert str(folder / "journal.json") in message
-    assert "'edgefleet.journal/2'" in message and f"'{JOURNAL_SCHEMA}'" in message
+    assert "'edgefleet.journal/3'" in message and f"'{JOURNAL_SCHEMA}'" in message
     assert re.search(r"edge-agent \d+\.\d+\.\d+", message)
     assert (folder / "journal.json").read_bytes() == raw
