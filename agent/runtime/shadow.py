@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import statistics
 import threading
 import time
 from collections import deque
@@ -126,7 +125,13 @@ def compare_outputs(
 
 def median_ratio(ratios: Sequence[float]) -> float | None:
     """The median of per-request run-time ratios (candidate / serving); None for none."""
-    return float(statistics.median(ratios)) if ratios else None
+    if not ratios:
+        return None
+    ordered = sorted(ratios)
+    middle = len(ordered) // 2
+    if len(ordered) % 2:
+        return float(ordered[middle])
+    return (ordered[middle - 1] + ordered[middle]) / 2.0
 
 
 @dataclass(frozen=True)
@@ -207,7 +212,8 @@ class ShadowRunner:
         self._rng = rng
         self._nice = nice
         self._cond = threading.Condition()
-        self._busy = False
+        self._busy = False  # claimed, submitted or running: the one slot is taken
+        self._running = False
         self._job: _Job | None = None
         self._closed = False
         self._figures = ShadowFigures(version=candidate.version, serving=serving)
@@ -258,10 +264,13 @@ class ShadowRunner:
             self._cond.notify_all()
 
     def release(self) -> None:
-        """Give back a claim whose serving run failed (nothing to compare)."""
+        """Give back a claim not submitted (the serving run failed: nothing to compare);
+        nothing to do once it was submitted. The server calls it when each claimed request
+        ends, whatever happened."""
         with self._cond:
-            self._busy = False
-            self._cond.notify_all()
+            if self._busy and self._job is None and not self._running:
+                self._busy = False
+                self._cond.notify_all()
 
     # -- the lifecycle's side
 
@@ -300,10 +309,11 @@ class ShadowRunner:
                     self._cond.notify_all()
                     return
                 job, self._job = self._job, None
+                self._running = True
             assert job is not None
             self._run(job)
             with self._cond:
-                self._busy = False
+                self._busy = self._running = False
                 self._cond.notify_all()
 
     def _run(self, job: _Job) -> None:

@@ -62,6 +62,13 @@ def before_install(
             f"waits until probation of {record.version} ends{left}",
             version,
         )
+    if record.phase is Phase.SHADOW and version == record.version:
+        return Waiting(
+            "shadow",
+            f"in shadow beside {record.previous}: compared on copies of live requests "
+            "before it answers a client",
+            version,
+        )
     if (
         record.phase in (Phase.FAILED, Phase.ROLLED_BACK)
         and record.version == version
