@@ -13,8 +13,10 @@ Invariants:
   copies its inputs and outputs (the server reuses their memory) and hands them over;
   its client's answer never waits for the candidate.
 - The candidate runs on the runner's own thread, at the lowest CPU priority the system
-  gives a thread (``nice`` 19 on Linux): with ``intra_op_threads = 1`` (the default) ONNX
-  Runtime runs the session on that thread, so the serving version's runs come first.
+  gives a thread: Linux's ``SCHED_IDLE`` policy (it runs only on a CPU nothing else
+  wants, and any other thread that wakes takes the CPU from it at once), else ``nice``
+  19. With ``intra_op_threads = 1`` (the default) ONNX Runtime runs the session on that
+  thread, so the serving version's runs come first.
 - Run times are compared like with like: the CPU time of the thread that ran each side
   (``cpu_timed``), so a shadow run slowed by the priority it yields is not read as a
   slower model; with more intra-op threads (ONNX Runtime's pool does the work, not the
@@ -297,10 +299,7 @@ class ShadowRunner:
 
     def _work(self) -> None:
         if self._nice is not None:
-            try:  # per thread on Linux: this thread's id is a process id to setpriority
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._nice)
-            except (OSError, AttributeError) as exc:
-                logger.debug("shadow thread keeps its priority: %s", exc)
+            lowest(threading.get_native_id(), self._nice)
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._closed or self._job is not None)
@@ -332,6 +331,23 @@ class ShadowRunner:
             self._figures = add_comparison(self._figures, comparison)
             if job.serving_s > 0:
                 self._ratios.append(spent / job.serving_s)
+
+
+def lowest(tid: int, nice: int) -> str:
+    """Give thread ``tid`` the lowest CPU priority it can take (per thread on Linux, where
+    a thread's id is a process id to these calls): ``SCHED_IDLE``, else ``nice``. Returns
+    which it got ("" when neither)."""
+    try:
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        return "SCHED_IDLE"
+    except (OSError, AttributeError) as exc:
+        logger.debug("shadow thread: no SCHED_IDLE (%s), trying nice %d", exc, nice)
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, nice)
+        return f"nice {nice}"
+    except (OSError, AttributeError) as exc:
+        logger.debug("shadow thread keeps its priority: %s", exc)
+        return ""
 
 
 def _bump(

@@ -211,3 +211,22 @@ def test_the_registry_holds_a_shadow_beside_what_serves(tmp_path: Path) -> None:
 def _joined(runner: ShadowRunner) -> list[threading.Thread]:
     runner._thread.join(10.0)
     return [runner._thread]
+
+
+def test_the_candidate_thread_takes_the_lowest_priority(tmp_path: Path) -> None:
+    import os
+
+    serving = _model(tmp_path, seed=1, version="1.0.0")
+    runner = ShadowRunner(_model(tmp_path, seed=2, version="2.0.0"), "1.0.0", 1.0)
+    try:
+        _feed(runner, serving, 1)  # the thread has run a candidate: it set its priority first
+        tid = runner._thread.native_id
+        assert tid is not None
+        assert (
+            os.sched_getscheduler(tid) == os.SCHED_IDLE
+            or os.getpriority(os.PRIO_PROCESS, tid) == 19
+        )
+        # The serving threads keep theirs.
+        assert os.sched_getscheduler(0) != os.SCHED_IDLE
+    finally:
+        runner.close()
