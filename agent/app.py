@@ -218,6 +218,10 @@ class AgentApp:
                     "state": self.store.read_journal(name).phase.value,
                 }
             entry["waiting"] = waiting_doc(waiting)
+        for name in self.lifecycle.model_names():
+            shadow = self.lifecycle.shadow_doc(name)
+            if shadow is not None and name in status:
+                status[name]["shadow"] = shadow
         return dict(sorted(status.items()))
 
     def agent_status(self) -> Mapping[str, Any]:

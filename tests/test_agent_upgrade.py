@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from agent.client import InferenceClient
-from agent.contracts import ProbationPolicy
-from agent.update.journal import JOURNAL_SCHEMA, Phase, parse_record
+from agent.contracts import ProbationPolicy, ShadowPolicy
+from agent.update.journal import JOURNAL_SCHEMA, JOURNAL_SCHEMA_1, Phase, parse_record
 from controller.build.builder import build_bundle
 from controller.repository.release import release_bundle
 from controller.repository.repo import init_repository
@@ -39,6 +39,7 @@ FLEET = "lab"
 MODEL = "linear"
 X = np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32)
 QUICK = ProbationPolicy(duration_s=0.5, min_requests=0)
+NO_SHADOW = ShadowPolicy(enabled=False)  # (tests/test_shadow_e2e.py judges shadows)
 # ``<model>/active.json`` as the agent before the journal wrote it (e3fac1e:
 # ``json.dumps({"version": ..., "previous": ...})``), for a first install.
 ACTIVE_JSON_FIRST_INSTALL = b'{"version": "1.0.0", "previous": null}'
@@ -52,7 +53,7 @@ def test_an_agent_serves_what_an_agent_before_the_journal_recorded_without_reins
     init_repository(repo)
     bundle = build_bundle(make_linear_model(tmp_path / "m.onnx", seed=3), MODEL, "1.0.0",
                           tmp_path / "1.0.0.bundle").path  # fmt: skip
-    release_bundle(bundle, FLEET, repo, probation=QUICK)
+    release_bundle(bundle, FLEET, repo, probation=QUICK, shadow=NO_SHADOW)
     serve, url = start_serve(repo, broker.address, tmp_path / "serve.log")
     device = tmp_path / "device"
     config = write_agent_config(device, device="dev-1", fleet=FLEET, broker=broker.address,
@@ -90,7 +91,7 @@ def test_an_agent_serves_what_an_agent_before_the_journal_recorded_without_reins
         )
         record = parse_record((models / "journal.json").read_bytes())
         assert (record.phase, record.version) == (Phase.COMMITTED, "1.0.0")
-        assert json.loads((models / "journal.json").read_bytes())["schema"] == JOURNAL_SCHEMA
+        assert json.loads((models / "journal.json").read_bytes())["schema"] == JOURNAL_SCHEMA_1
         assert not (models / "active.json").exists()
         assert "migrated active.json" in agent.text()
         assert "installing" not in agent.text(), agent.text()

@@ -31,7 +31,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.client import InferenceClient
-from agent.contracts import ProbationPolicy
+from agent.contracts import ProbationPolicy, ShadowPolicy
 from agent.update.journal import JournalRecord, Phase, parse_record
 from controller.build.builder import build_bundle
 from controller.repository.release import release_bundle
@@ -94,7 +94,13 @@ class SteppedDevice:
 
     def release(self, version: str, probation_s: float) -> None:
         policy = ProbationPolicy(duration_s=probation_s)
-        release_bundle(self.bundles[version], FLEET, self.repo.path, probation=policy)
+        release_bundle(
+            self.bundles[version],
+            FLEET,
+            self.repo.path,
+            probation=policy,
+            shadow=ShadowPolicy(enabled=False),
+        )
 
     def journal(self) -> JournalRecord:
         return parse_record((self.state / "models" / MODEL / "journal.json").read_bytes())

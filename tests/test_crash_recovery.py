@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from agent.client import InferenceClient
-from agent.contracts import ProbationPolicy
+from agent.contracts import ProbationPolicy, ShadowPolicy
 from agent.update.journal import Phase, parse_record, serving_version
 from controller.build.builder import build_bundle
 from controller.repository.release import release_bundle
@@ -39,6 +39,7 @@ PHASES = ["downloading", "verified", "staged", "smoke_tested", "active", "commit
 ROUNDS = 3
 X = np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32)
 QUICK = ProbationPolicy(duration_s=0.5, min_requests=0)
+NO_SHADOW = ShadowPolicy(enabled=False)  # (tests/test_shadow_e2e.py judges shadows)
 
 
 def _journal(device: Path) -> dict[str, object]:
@@ -73,7 +74,7 @@ def test_sigkill_at_every_phase_recovers(tmp_path: Path, broker: Broker) -> None
         bundle = tmp_path / f"{version}.bundle"
         build_bundle(models[n % 2], MODEL, version, bundle)
         expected[version] = bundle_output(bundle, X)
-        release_bundle(bundle, FLEET, repo, probation=QUICK)
+        release_bundle(bundle, FLEET, repo, probation=QUICK, shadow=NO_SHADOW)
         return version
 
     release(0)

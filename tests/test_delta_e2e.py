@@ -28,7 +28,8 @@ from tests.helpers import Broker, make_linear_model
 
 FLEET = "lab"
 MODEL = "linear"
-QUICK = ("--probation-s", "0.5")
+# Shadows off: these tests judge other paths (tests/test_shadow_e2e.py judges shadows).
+QUICK = ("--probation-s", "0.5", "--no-shadow")
 X = np.array([[0.5, -1.0, 2.0, 0.25]], dtype=np.float32)
 
 

@@ -32,7 +32,8 @@ from tests.helpers import Broker
 FLEET = "lab"
 MODEL = "linear"
 # A short probation, so the next release does not wait a minute for this one's to end.
-QUICK = ("--probation-s", "0.5")
+# Shadows off: these tests judge other paths (tests/test_shadow_e2e.py judges shadows).
+QUICK = ("--probation-s", "0.5", "--no-shadow")
 X = np.array([[0.5, -1.0, 2.0, 0.25], [1.0, 1.0, 1.0, 1.0]], dtype=np.float32)
 
 

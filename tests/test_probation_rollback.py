@@ -94,7 +94,7 @@ class Device:
             "--quantize",
             quantize,
         )
-        edgectl("release", bundle, "--fleet", FLEET, "--repo", self.repo, *probation)
+        edgectl("release", bundle, "--fleet", FLEET, "--repo", self.repo, *probation, "--no-shadow")
 
 
 @pytest.fixture
@@ -169,7 +169,13 @@ def test_a_version_that_errors_on_real_requests_is_rolled_back(
         )
         # Not retried for the same rollout: a later check leaves v1 in place.
         edgectl(
-            "release", device.tmp / f"{MODEL}-2.0.0.bundle", "--fleet", FLEET, "--repo", device.repo
+            "release",
+            device.tmp / f"{MODEL}-2.0.0.bundle",
+            "--fleet",
+            FLEET,
+            "--repo",
+            device.repo,
+            "--no-shadow",
         )
         assert device.served() == "1.0.0"
     finally:

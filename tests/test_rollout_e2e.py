@@ -133,7 +133,9 @@ def fleet(tmp_path: Path, broker: Broker) -> Iterator[Fleet]:
     f = Fleet(tmp_path, repo, folders)
     try:
         v1 = f.bundle(make_linear_model(tmp_path / "v1.onnx", seed=1), "1.0.0")
-        edgectl("release", v1, "--fleet", FLEET, "--repo", repo, "--probation-s", "0.5")
+        edgectl(
+            "release", v1, "--fleet", FLEET, "--repo", repo, "--probation-s", "0.5", "--no-shadow"
+        )
         wait_until(
             lambda: all(f.serving(d) == "1.0.0" for d in DEVICES), 90, "1.0.0 on every device"
         )
@@ -154,7 +156,7 @@ def _start(fleet: Fleet, bundle: Path, version: str) -> None:
     edgectl(
         "rollout", "start", MODEL, version, "--fleet", FLEET, "--repo", fleet.repo,
         "--bundle", bundle, "--stages", "1,10,50,100", "--wait", "4s", "--deadline", "60s",
-        "--gate", GATES, "--canary", ",".join(CANARIES), "--probation-s", "1",
+        "--gate", GATES, "--canary", ",".join(CANARIES), "--probation-s", "1", "--no-shadow",
     )  # fmt: skip
 
 

@@ -68,7 +68,7 @@ def test_a_device_waiting_for_probation_says_so_in_rollout_and_fleet_status(
         edgectl(
             "rollout", "start", MODEL, "2.0.0", "--fleet", FLEET, "--repo", repo,
             "--bundle", v2, "--stages", "100", "--wait", "60s", "--deadline", "600s",
-            "--gate", "min_devices=1", "--probation-s", "1",
+            "--gate", "min_devices=1", "--probation-s", "1", "--no-shadow",
         )  # fmt: skip
 
         def rollout_says_why() -> str | None:

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
 FLEET = "lab"
 MODEL = "linear"
-QUICK = ("--probation-s", "0.5")
+# Shadows off: these tests judge other paths (tests/test_shadow_e2e.py judges shadows).
+QUICK = ("--probation-s", "0.5", "--no-shadow")
 INSTALL_KINDS = [
     "install_started",
     "verified",

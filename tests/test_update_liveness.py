@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from agent.client import InferenceClient
-from agent.contracts import ROLLOUT_ROLE, ProbationPolicy
+from agent.contracts import ROLLOUT_ROLE, ProbationPolicy, ShadowPolicy
 from controller.build.builder import build_bundle
 from controller.repository.release import release_bundle
 from controller.repository.repo import Repository, init_repository
@@ -93,7 +93,13 @@ class Fleet:
 
     def release(self, version: str) -> None:
         policy = ProbationPolicy(duration_s=0.5)
-        release_bundle(self.bundles[version], FLEET, self.repo.path, probation=policy)
+        release_bundle(
+            self.bundles[version],
+            FLEET,
+            self.repo.path,
+            probation=policy,
+            shadow=ShadowPolicy(enabled=False),
+        )
 
     def next_rollout_url(self) -> str:
         """The URL of the rollout role the next release will publish."""

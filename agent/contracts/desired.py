@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Final
 
 from agent.base.errors import BundleError, DesiredStateError
@@ -38,6 +39,98 @@ class ProbationPolicy:
     max_p99_ratio: float = 2.0
 
 
+# ---- shadow policy (what a candidate must show in shadow before it answers a client)
+
+
+@dataclass(frozen=True)
+class ShadowPolicy:
+    """What a candidate must show in shadow, beside the serving version, before it goes live.
+
+    In shadow the device copies a sampled share (``sample_rate``) of its live requests to
+    the candidate, at most one candidate run at a time (a request arriving while one runs
+    is not copied: counted as dropped), and compares the answers; the serving version
+    alone answers clients. The verdict comes when ``samples`` requests were compared, or
+    at ``max_duration_s``:
+
+    - more than ``max_errors`` candidate runs that failed fail it at once;
+    - once ``samples`` requests were compared: it fails on top-1 agreement below
+      ``min_agreement`` (class-score outputs), a cosine below ``min_cosine``, a
+      difference above ``max_abs_diff``, a median run-time ratio above
+      ``max_latency_ratio``; it passes otherwise;
+    - at ``max_duration_s`` with fewer than ``samples`` compared: the rules are applied to
+      what was compared, if anything was; with nothing compared (no traffic for this
+      model at all) the candidate passes on its golden vectors alone, as it would
+      without a shadow, and its probation judges it on live traffic.
+
+    ``min_cosine`` and ``max_abs_diff`` of None: not checked. A desired state without a
+    ``shadow`` object (written before shadows existed) gets these defaults.
+    """
+
+    enabled: bool = True
+    samples: int = 20
+    max_duration_s: float = 120.0
+    sample_rate: float = 1.0
+    min_agreement: float = 0.98
+    min_cosine: float | None = None
+    max_abs_diff: float | None = None
+    max_latency_ratio: float = 3.0
+    max_errors: int = 0
+
+
+def check_shadow_policy(policy: ShadowPolicy) -> ShadowPolicy:
+    """``policy`` if every field is in range; ValueError naming the field otherwise."""
+    if type(policy.enabled) is not bool:
+        raise ValueError(f"enabled expected true or false, got {policy.enabled!r}")
+    for key in ("samples", "max_errors"):
+        value = getattr(policy, key)
+        if type(value) is not int or value < 0:
+            raise ValueError(f"{key} expected an integer >= 0, got {value!r}")
+    if policy.samples < 1:
+        raise ValueError(f"samples expected at least 1, got {policy.samples}")
+    numbers = {
+        "max_duration_s": (policy.max_duration_s, 0.0, None),
+        "sample_rate": (policy.sample_rate, 0.0, 1.0),
+        "min_agreement": (policy.min_agreement, 0.0, 1.0),
+        "min_cosine": (policy.min_cosine, -1.0, 1.0),
+        "max_abs_diff": (policy.max_abs_diff, 0.0, None),
+        "max_latency_ratio": (policy.max_latency_ratio, 0.0, None),
+    }
+    for key, (value, low, high) in numbers.items():
+        if value is None:
+            if key in ("min_cosine", "max_abs_diff"):
+                continue
+            raise ValueError(f"{key} expected a finite number, got None")
+        if type(value) not in (int, float) or not math.isfinite(value):
+            raise ValueError(f"{key} expected a finite number, got {value!r}")
+        if value < low or (high is not None and value > high):
+            span = f"{low:g}..{high:g}" if high is not None else f">= {low:g}"
+            raise ValueError(f"{key} expected {span}, got {value!r}")
+    if policy.sample_rate <= 0.0:
+        raise ValueError(f"sample_rate expected more than 0 (up to 1), got {policy.sample_rate!r}")
+    if policy.max_latency_ratio <= 0.0:
+        raise ValueError(
+            f"max_latency_ratio expected more than 0, got {policy.max_latency_ratio!r}"
+        )
+    return policy
+
+
+def parse_shadow_policy(doc: Any, where: str) -> ShadowPolicy:
+    """A ``shadow`` object as desired state (or a journal record) carries it: absent
+    (None) is the defaults; DesiredStateError naming the field for anything else wrong."""
+    if doc is None:
+        return ShadowPolicy()
+    if not isinstance(doc, dict):
+        raise DesiredStateError(f"{where}: shadow expected an object, got {type(doc).__name__}")
+    known = {f.name for f in fields(ShadowPolicy)}
+    unknown = sorted(set(doc) - known)
+    if unknown:
+        raise DesiredStateError(f"{where}: shadow fields this agent does not know: {unknown}")
+    try:
+        return check_shadow_policy(ShadowPolicy(**doc))
+    except ValueError as exc:
+        raise DesiredStateError(f"{where}: shadow: {exc}") from None
+
+
 @dataclass(frozen=True)
 class ModelRelease:
     """One model's entry in a fleet's desired state.
@@ -55,6 +148,7 @@ class ModelRelease:
     previous_target: str | None = None
     canaries: tuple[str, ...] = ()
     probation: ProbationPolicy = field(default_factory=ProbationPolicy)
+    shadow: ShadowPolicy = field(default_factory=ShadowPolicy)
 
 
 @dataclass(frozen=True)
@@ -140,6 +234,7 @@ def parse_desired_state(raw: bytes, expected_fleet: str) -> DesiredState:
             previous_target=bundle_target_path(name, previous) if previous else None,
             canaries=tuple(str(c) for c in canaries),
             probation=policy,
+            shadow=parse_shadow_policy(entry.get("shadow"), w),
         )
     return DesiredState(fleet=fleet, models=models, issued_at=str(doc.get("issued_at", "")))
 

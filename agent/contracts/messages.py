@@ -88,6 +88,7 @@ EVENT_KIND_BY_PHASE: Final[Mapping[str, str]] = {
     "verified": "verified",
     "staged": "unpacked",
     "smoke_tested": "smoke_tested",
+    "shadow": "shadow_started",
     "active": "activated",
     "committed": "committed",
     "rolled_back": "rolled_back",
@@ -115,6 +116,7 @@ _LONE_SURROGATE: Final = re.compile("[\ud800-\udfff]")
 WAITING_CODES: Final = frozenset(
     {
         "probation",  # the version serving now is on probation; the next waits for its end
+        "shadow",  # this version is in shadow beside the one serving, not answering yet
         "failed",  # this version failed to install here for this rollout: not retried
         "rolled_back",  # this version was rolled back here for this rollout: not retried
         "no_space",  # not enough free disk for the bundle and its unpacked copy
@@ -169,6 +171,54 @@ def parse_waiting(value: Any, where: str) -> Waiting | None:
     )
 
 
+# ---- shadow evidence (a candidate compared with the serving version; issue 23 part 1)
+
+SHADOW_STATES: Final = frozenset({"running", "passed", "failed", "cancelled"})
+
+
+@dataclass(frozen=True)
+class ShadowReport:
+    """A model's ``shadow`` object in heartbeats: the candidate ``version`` compared with
+    the ``serving`` one on copies of live requests, while in shadow (``state`` running)
+    and after its verdict (passed, failed, cancelled) while the device's journal still
+    names it. Figures as ``agent.runtime.shadow.ShadowFigures``: None where not measured
+    (no class-score output: no ``agreement``; nothing compared yet)."""
+
+    version: str
+    serving: str | None = None
+    state: str = "running"
+    samples: int = 0
+    agreement: float | None = None
+    cosine_min: float | None = None
+    max_abs: float | None = None
+    latency_ratio: float | None = None
+    errors: int = 0
+    dropped: int = 0
+
+
+def parse_shadow_report(value: Any, where: str) -> ShadowReport | None:
+    """The ``shadow`` field of a heartbeat's model, or None when absent or not an object
+    naming a ``version``. Raises PayloadError on text or counts no store can hold."""
+    if type(value) is not dict or type(value.get("version")) is not str:
+        return None
+    w = f"{where}: shadow"
+    return ShadowReport(
+        version=_text(value["version"], f"{w}.version"),
+        serving=_text_or_none(value, "serving", w),
+        state=_text(value["state"], f"{w}.state") if type(value.get("state")) is str else "",
+        samples=_int_within(value, "samples", MAX_COUNT, w),
+        agreement=_number_or_none(value, "agreement"),
+        cosine_min=_number_or_none(value, "cosine_min"),
+        max_abs=_number_or_none(value, "max_abs"),
+        latency_ratio=_number_or_none(value, "latency_ratio"),
+        errors=_int_within(value, "errors", MAX_COUNT, w),
+        dropped=_int_within(value, "dropped", MAX_COUNT, w),
+    )
+
+
+# ---- end of shadow evidence
+
+
 @dataclass(frozen=True)
 class ModelFigures:
     """One model in a heartbeat: what serves and how it did since the last heartbeat.
@@ -176,7 +226,8 @@ class ModelFigures:
     ``requests``/``errors`` count the interval only; latencies are seconds (None without
     a successful request in the interval). ``waiting``: why the device does not install
     the version desired state names for it, if it does not (absent from the payload
-    otherwise).
+    otherwise). ``shadow``: a candidate in shadow, or its verdict (``ShadowReport``;
+    absent otherwise).
     """
 
     version: str | None
@@ -188,12 +239,16 @@ class ModelFigures:
     p95_s: float | None = None
     p99_s: float | None = None
     waiting: Waiting | None = None
+    # The candidate in shadow, or its last verdict (absent from the payload when None).
+    shadow: ShadowReport | None = None
 
 
 def _model_doc(m: ModelFigures) -> dict[str, Any]:
     doc = asdict(m)
     if m.waiting is None:
         del doc["waiting"]  # as before the field existed
+    if m.shadow is None:
+        del doc["shadow"]  # as before the field existed
     return doc
 
 
@@ -418,6 +473,7 @@ def parse_telemetry(raw: bytes) -> Heartbeat:
             p95_s=_number_or_none(entry, "p95_s"),
             p99_s=_number_or_none(entry, "p99_s"),
             waiting=parse_waiting(entry.get("waiting"), model),
+            shadow=parse_shadow_report(entry.get("shadow"), model),
         )
     outbox = doc.get("outbox") if isinstance(doc.get("outbox"), dict) else {}
     assert isinstance(outbox, dict)

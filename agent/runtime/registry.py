@@ -7,6 +7,9 @@ Invariants:
 - A request takes its reference to a ``LoadedModel`` once, at its start, and finishes on
   it. The registry keeps no other reference to a replaced model, so the old session is
   freed when the last in-flight request drops it: zero failed requests across a swap.
+- Beside the live versions it holds, per model, at most one candidate in shadow
+  (``agent.runtime.shadow.ShadowRunner``): it answers no request, the server only offers
+  it copies. Setting or clearing one never changes what serves.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from agent.runtime.models import LoadedModel
+from agent.runtime.shadow import ShadowRunner
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +36,7 @@ class ModelRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._models: Mapping[str, LoadedModel] = MappingProxyType({})
+        self._shadows: Mapping[str, ShadowRunner] = MappingProxyType({})
 
     def get(self, name: str) -> LoadedModel | None:
         """The live version of ``name``, or None. Hold the result for the whole request."""
@@ -60,6 +65,21 @@ class ModelRegistry:
             self._models = MappingProxyType(models)
         if previous is not None:
             logger.info("removed %s %s", name, previous.version)
+        return previous
+
+    def shadow(self, name: str) -> ShadowRunner | None:
+        """The candidate of ``name`` in shadow, or None (the common case: one dict lookup)."""
+        return self._shadows.get(name)
+
+    def set_shadow(self, name: str, runner: ShadowRunner | None) -> ShadowRunner | None:
+        """Put ``runner`` in shadow for ``name`` (None: none); return the one it replaced
+        (the caller closes it)."""
+        with self._lock:
+            shadows = dict(self._shadows)
+            previous = shadows.pop(name, None)
+            if runner is not None:
+                shadows[name] = runner
+            self._shadows = MappingProxyType(shadows)
         return previous
 
     def snapshot(self) -> dict[str, LoadedModel]:

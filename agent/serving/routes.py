@@ -75,6 +75,7 @@ if TYPE_CHECKING:
 
     from agent.oip.request import parse_infer_request
     from agent.oip.response import encode_infer_response
+    from agent.runtime.shadow import ShadowRunner
     from agent.serving.repeat import Repeat, infer_response, remember
 
 # Set by ``import_infer_path`` with the first infer request, and the names above with it.
@@ -383,6 +384,15 @@ class Router:
             self._refused(model, request)
             raise
         phases.queue_ns = perf_counter_ns() - waited
+        # A candidate in shadow for this model (agent.runtime.shadow) gets a copy of this
+        # request when it claims it: the full path then runs, which has the inputs and
+        # outputs as arrays. The client's answer never waits for the candidate.
+        tap = self._registry.shadow(model.name)
+        if tap is not None:
+            if tap.claim(model.version):
+                repeat = None
+            else:
+                tap = None
         try:
             # A repeat's options are reused while its runs end in time (see RunWatch).
             key, options = self._watch.begin(deadline, None if repeat is None else repeat.options)
@@ -391,7 +401,7 @@ class Router:
                 if repeat is not None:
                     response = repeat.run(model, request.body, shared, options, phases)
                 else:
-                    response = _execute(model, request, shared, self._plans, options, phases)
+                    response = _execute(model, request, shared, self._plans, options, phases, tap)
             except Exception as exc:
                 if repeat is not None:
                     import onnxruntime as ort
@@ -409,6 +419,8 @@ class Router:
             return self._succeeded(model, request, response, phases)
         finally:
             self.admission.leave()
+            if tap is not None:
+                tap.release()  # a claim the run did not submit (nothing once it did)
 
     def _refused(self, model: LoadedModel, request: Request) -> None:
         """An infer request for ``model`` refused before it ran: a failure in Triton's
@@ -466,10 +478,12 @@ def _execute(
     plans: PlanCache,
     options: ort.RunOptions | None,
     phases: Phases,
+    tap: ShadowRunner | None = None,
 ) -> Response:
     """Parse, run and encode one infer request (``options``: the run's, to cancel it;
     ``phases``: where its time goes); keep it as a ``Repeat`` in its connection's memo
-    when it can be one."""
+    when it can be one. ``tap``: a shadow runner that claimed this request, handed a
+    copy of its inputs and outputs after the run (or released when the run fails)."""
     if not _INFER_PATH:
         import_infer_path()
     started = perf_counter_ns()
@@ -481,8 +495,11 @@ def _execute(
         plans=plans,
     )
     parsed_at = perf_counter_ns()
+    cpu = time.thread_time() if tap is not None else 0.0
     outputs = model.infer(parsed.inputs, parsed.output_names, run_options=options)
     ran_at = perf_counter_ns()
+    if tap is not None:  # copies them: the caller releases the claim if this is not reached
+        tap.submit(parsed.inputs, outputs, (ran_at - parsed_at) / 1e9, time.thread_time() - cpu)
     response = infer_response(
         *encode_infer_response(model.name, model.version, outputs, parsed, shm)
     )

@@ -40,6 +40,7 @@ from agent.contracts import (
     SystemFigures,
     device_topic,
     event_payload,
+    parse_shadow_report,
     parse_waiting,
     telemetry_payload,
 )
@@ -154,6 +155,7 @@ def build_heartbeat(
             p95_s=figures.p95_s if figures else None,
             p99_s=figures.p99_s if figures else None,
             waiting=parse_waiting(status.get("waiting"), name),
+            shadow=parse_shadow_report(status.get("shadow"), name),
         )
     return Heartbeat(
         device=device,

@@ -8,7 +8,7 @@ rolled back (the device still says why). Each gets one of Triton's states, with 
 - ``READY``: the live version (serving; on probation when it is a candidate that went
   live);
 - ``LOADING``: the candidate being installed (downloading, verified, staged,
-  smoke-tested), not serving yet;
+  smoke-tested, in shadow), not serving yet;
 - ``UNAVAILABLE``: not loaded: the previous version (kept for a rollback while the
   candidate is on probation), the candidate that failed or was rolled back (with its
   reason), an older version kept on disk.
@@ -38,7 +38,9 @@ def held_versions(record: JournalRecord, on_disk: list[str], live: str | None) -
     ones; ``live``: the one serving, if any), sorted by version string."""
     versions = set(on_disk) | ({live} if live else set())
     candidate = record.version
-    if candidate and (record.phase in PRE_ACTIVE or record.phase in _REFUSED):
+    if candidate and (
+        record.phase in PRE_ACTIVE or record.phase in _REFUSED or record.phase is Phase.SHADOW
+    ):
         versions.add(candidate)
     held = []
     for version in sorted(versions):
@@ -48,6 +50,15 @@ def held_versions(record: JournalRecord, on_disk: list[str], live: str | None) -
             else:
                 reason = "serving"
             held.append(Held(version, "READY", reason))
+        elif version == candidate and record.phase is Phase.SHADOW:
+            held.append(
+                Held(
+                    version,
+                    "LOADING",
+                    f"in shadow beside {record.previous}: given copies of live requests, "
+                    "answers no client",
+                )
+            )
         elif version == candidate and record.phase in PRE_ACTIVE:
             held.append(Held(version, "LOADING", f"installing ({record.phase.value})"))
         elif version == candidate and record.phase in _REFUSED:

@@ -2,25 +2,28 @@
 
 Phases (DESIGN.md)::
 
-    idle ─► downloading ─► verified ─► staged ─► smoke_tested ─► active ─► committed
-                 │             │          │            │            └──► rolled_back
-                 └─────────────┴──────────┴────────────┴──► failed
-                 (and back to idle when a restart abandons an install)
+    idle ─► downloading ─► verified ─► staged ─► smoke_tested ─┬─────────► active ─► committed
+                 │             │          │            │        └─► shadow ─┘      └──► rolled_back
+                 └─────────────┴──────────┴────────────┴──────────────┴──► failed
+                 (and back to idle when a restart abandons an install, or desired
+                 state names another version during a shadow)
 
 The record of a model says which version it serves in every phase, so after a crash at
 any instant the agent knows what to load (``serving_version``):
 
-============  =====================================  ==========================
+============  =========================================  ==========================
 phase         ``version`` is                         the device serves
-============  =====================================  ==========================
-idle          the version in service (or None)        ``version``
-downloading…  the candidate being installed           ``previous``
+============  =========================================  ==========================
+idle          the version in service (or None)            ``version``
+downloading…  the candidate being installed               ``previous``
 smoke_tested
-active        the candidate, live, on probation       ``version``
-committed     the version in service                  ``version``
-rolled_back   the candidate that was rolled back      ``previous``
-failed        the candidate that failed               ``previous``
-============  =====================================  ==========================
+shadow        the candidate, loaded beside ``previous``  ``previous`` (the candidate
+              and given a copy of live requests           answers no client)
+active        the candidate, live, on probation           ``version``
+committed     the version in service                      ``version``
+rolled_back   the candidate that was rolled back          ``previous``
+failed        the candidate that failed                   ``previous``
+============  =========================================  ==========================
 
 Invariants:
 - ``transition`` is the only way to change a record; it raises ``IllegalTransitionError``
@@ -34,15 +37,31 @@ Invariants:
   records the refusing agent's version (``format_refused_by``), and an agent of another
   version (an upgrade) tries it once more. Integrity failures (hashes, signatures, golden
   vectors, probation) never record it.
+- A candidate that failed its shadow is ``failed`` like one that failed its golden vectors.
+- Shadow (between ``smoke_tested`` and ``active``, ``agent.update.lifecycle``): the
+  candidate is loaded beside ``previous``, which alone answers clients, and is judged on
+  copies of live requests (``ShadowPolicy``, carried in the record while in shadow).
+  After a restart in shadow the device serves ``previous`` and the shadow starts again
+  from the start, on nothing the dead process had compared (``recover``); each such
+  restart counts as an interrupted install, so a candidate that crashes the agent in
+  shadow fails after ``MAX_INTERRUPTED_INSTALLS``.
 
 Schemas (what an upgraded agent finds on disk; ``tests/agent/update/_old_records.py``
 holds a record of each as the older agent wrote it):
 
-- ``edgefleet.journal/2`` (``JOURNAL_SCHEMA``), this record: /1 plus ``format_refused_by``;
-- ``edgefleet.journal/1``, since the journal exists: read with ``format_refused_by`` set
-  to ``LEGACY_REFUSER`` when it is ``failed`` with a reason an agent gives for a format
-  it does not read (``_LEGACY_CONTRACT_REASONS``: the /1 agents did not classify), else
-  empty, so an upgraded agent retries what an older one refused for its format only;
+- ``edgefleet.journal/2`` (``JOURNAL_SCHEMA``): schema 1 plus the phase ``shadow``, the
+  field ``shadow`` (the candidate's ``ShadowPolicy``, only in that phase) and the field
+  ``format_refused_by``. A record is written in the *lowest* schema that holds it: a
+  record outside a shadow with no ``format_refused_by`` is written as
+  ``edgefleet.journal/1``, byte for byte as before, so an older agent put back on the
+  device (a downgrade) reads it; a record in shadow, or one a format refusal marked, is
+  schema 2, and an older agent finding one stops with ``NewerJournalError`` rather than
+  guess. Reading schema 1, ``shadow`` is None and ``format_refused_by`` is set to
+  ``LEGACY_REFUSER`` when the record is ``failed`` with a reason an agent gives for a
+  format it does not read (``_LEGACY_CONTRACT_REASONS``: the /1 agents did not
+  classify), else empty, so an upgraded agent retries what an older one refused for its
+  format only;
+- ``edgefleet.journal/1``, since the journal exists;
 - before it, no journal: ``<model>/active.json`` ``{"version", "previous"}`` (what
   served, after its golden vectors passed here) and ``<model>/failed.json``
   ``{"version", "reason"}`` (a candidate refused here); ``record_from_pointers`` turns
@@ -72,7 +91,13 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any, Final
 
-from agent.contracts import InvalidNameError, ProbationPolicy, check_version
+from agent.contracts import (
+    InvalidNameError,
+    ProbationPolicy,
+    ShadowPolicy,
+    check_shadow_policy,
+    check_version,
+)
 
 
 class Phase(StrEnum):
@@ -81,6 +106,7 @@ class Phase(StrEnum):
     VERIFIED = "verified"
     STAGED = "staged"
     SMOKE_TESTED = "smoke_tested"
+    SHADOW = "shadow"
     ACTIVE = "active"
     COMMITTED = "committed"
     ROLLED_BACK = "rolled_back"
@@ -96,7 +122,9 @@ TRANSITIONS: Final[Mapping[Phase, frozenset[Phase]]] = {
     Phase.DOWNLOADING: frozenset({Phase.VERIFIED, Phase.FAILED, Phase.IDLE}),
     Phase.VERIFIED: frozenset({Phase.STAGED, Phase.FAILED, Phase.IDLE}),
     Phase.STAGED: frozenset({Phase.SMOKE_TESTED, Phase.FAILED, Phase.IDLE}),
-    Phase.SMOKE_TESTED: frozenset({Phase.ACTIVE, Phase.FAILED, Phase.IDLE}),
+    Phase.SMOKE_TESTED: frozenset({Phase.ACTIVE, Phase.SHADOW, Phase.FAILED, Phase.IDLE}),
+    # Idle: desired state named another version during the shadow (``cancel_shadow``).
+    Phase.SHADOW: frozenset({Phase.ACTIVE, Phase.FAILED, Phase.IDLE}),
     Phase.ACTIVE: frozenset({Phase.COMMITTED, Phase.ROLLED_BACK}),
     Phase.COMMITTED: frozenset({Phase.DOWNLOADING}),
     Phase.ROLLED_BACK: frozenset({Phase.DOWNLOADING}),
@@ -105,9 +133,11 @@ TRANSITIONS: Final[Mapping[Phase, frozenset[Phase]]] = {
 
 JOURNAL_VERSION: Final = 2
 JOURNAL_SCHEMA: Final = f"edgefleet.journal/{JOURNAL_VERSION}"
+# The schema of a record that holds nothing schema 2 added (module docstring).
+JOURNAL_SCHEMA_1: Final = "edgefleet.journal/1"
 _SCHEMA_RE: Final = re.compile(r"edgefleet\.journal/([1-9][0-9]{0,8})")
 # The fields each schema this agent reads has (a /1 record has no format_refused_by).
-_V2_ONLY_FIELDS: Final = frozenset({"format_refused_by"})
+_V2_ONLY_FIELDS: Final = frozenset({"format_refused_by", "shadow"})
 # ``format_refused_by`` of a /1 record that failed for its format: the agents writing /1
 # did not record who refused; never the version of a running agent.
 LEGACY_REFUSER: Final = "an agent before edgefleet.journal/2"
@@ -169,10 +199,17 @@ class JournalRecord:
     # (``UnsupportedContractError``): that agent's version, and another retries it
     # (``should_skip``). Empty for every other failure, and outside ``failed``.
     format_refused_by: str = ""
+    # The candidate's shadow policy, while it is in shadow (schema 2); None otherwise.
+    shadow: ShadowPolicy | None = None
 
     def to_json_bytes(self) -> bytes:
         doc = asdict(self)
-        doc["schema"] = JOURNAL_SCHEMA
+        if self.phase is Phase.SHADOW or self.shadow is not None or self.format_refused_by:
+            doc["schema"] = JOURNAL_SCHEMA
+        else:
+            for name in _V2_ONLY_FIELDS:  # schema 1, as an older agent reads it
+                del doc[name]
+            doc["schema"] = JOURNAL_SCHEMA_1
         doc["phase"] = self.phase.value
         return json.dumps(doc, sort_keys=True).encode()
 
@@ -205,6 +242,12 @@ def parse_record(raw: bytes) -> JournalRecord:
     try:
         doc["phase"] = Phase(doc["phase"])
         doc["probation"] = ProbationPolicy(**doc.get("probation", {}))
+        if doc.get("shadow") is not None:
+            doc["shadow"] = check_shadow_policy(ShadowPolicy(**doc["shadow"]))
+        if doc["phase"] is Phase.SHADOW and doc.get("shadow") is None:
+            raise ValueError("a record in shadow names no shadow policy")
+        if version == 1 and doc["phase"] is Phase.SHADOW:
+            raise ValueError("phase shadow in a schema 1 record")
         record = JournalRecord(**doc)
     except (ValueError, TypeError, KeyError) as exc:
         raise JournalFormatError(f"unreadable journal record: {exc!r}") from None
@@ -295,7 +338,24 @@ def transition(
         entered_at=now,
         deadline_at=now + deadline_s if deadline_s is not None else None,
         reason=reason,
+        # The shadow policy is kept while in shadow only (schema 1 records outside it).
+        shadow=record.shadow if to is Phase.SHADOW else None,
     )
+
+
+def enter_shadow(record: JournalRecord, policy: ShadowPolicy, now: float) -> JournalRecord:
+    """A smoke-tested candidate goes into shadow under ``policy``."""
+    shadowed = transition(record, Phase.SHADOW, now)
+    return replace(shadowed, shadow=policy)
+
+
+def cancel_shadow(record: JournalRecord, now: float, reason: str) -> JournalRecord:
+    """Stop a shadow that no verdict ended (desired state names another version now):
+    back to idle on the version in service, the candidate neither failed nor counted."""
+    if record.phase is not Phase.SHADOW:
+        raise IllegalTransitionError(f"{record.model}: only a shadow can be cancelled")
+    idle = transition(record, Phase.IDLE, now, reason=reason)
+    return replace(idle, version=record.previous, previous=None)
 
 
 def begin_install(
@@ -455,6 +515,8 @@ def recover(record: JournalRecord, now: float) -> Recovery:
 
     - settled phases: serve what the record says;
     - pre-active phases: abandon the install, serve the previous version;
+    - shadow: serve the previous version and shadow the candidate again from the start
+      (``recover_shadow``);
     - active (probation): count the restart; at ``CRASH_LOOP_RESTARTS`` roll back,
       otherwise resume probation on the candidate (the previous one is the fallback),
       with the elapsed time ``probation_carried_s`` allows.
@@ -464,6 +526,8 @@ def recover(record: JournalRecord, now: float) -> Recovery:
     if record.phase in PRE_ACTIVE:
         new = abandon(record, now, "the agent restarted")
         return Recovery(new, serving_version(new), None, new.reason)
+    if record.phase is Phase.SHADOW:
+        return recover_shadow(record, now)
     restarts = record.restarts + 1
     if restarts >= CRASH_LOOP_RESTARTS:
         reason = f"crash loop: the agent restarted {restarts} times during probation"
@@ -481,3 +545,35 @@ def recover(record: JournalRecord, now: float) -> Recovery:
     else:
         note += f", {carried_s:.0f}s of {record.probation.duration_s:g}s passed"
     return Recovery(resumed, record.version, record.previous, note, carried_s)
+
+
+def recover_shadow(record: JournalRecord, now: float) -> Recovery:
+    """After a restart in shadow: serve ``previous``; the shadow starts over.
+
+    The record stays in shadow (entered again at ``now``: its figures were the dead
+    process's, in memory, and are gone), with the restart counted as an interrupted
+    install of the candidate. At ``MAX_INTERRUPTED_INSTALLS`` the candidate fails
+    instead: one that crashes the agent while it runs in shadow cannot make it restart
+    forever. ``Recovery.load`` is the version to serve; the lifecycle loads the
+    candidate beside it again.
+    """
+    count = record.interrupted + 1
+    if count >= MAX_INTERRUPTED_INSTALLS:
+        reason = f"shadow interrupted {count} times by a restart of the agent"
+        failed = replace(
+            transition(record, Phase.FAILED, now, reason=reason), interrupted=count, shadow=None
+        )
+        return Recovery(failed, failed.previous, None, reason)
+    note = (
+        f"the agent restarted during the shadow of {record.version}: serving "
+        f"{record.previous} and shadowing again from the start (restart {count})"
+    )
+    again = replace(
+        record,
+        entered_at=now,
+        deadline_at=None,
+        reason=note,
+        interrupted=count,
+        interrupted_version=record.version,
+    )
+    return Recovery(again, record.previous, None, note)

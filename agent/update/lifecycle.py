@@ -24,6 +24,15 @@ what the journal vouches for (``agent.update.journal.probation_carried_s``).
 The device always serves a version that passed its golden vectors here: a candidate is
 loaded, checked and warmed while the old version serves, and a reference swap makes it
 live; in-flight requests finish on the old session.
+
+Shadow (``ShadowPolicy`` enabled, and a previous version serving): the smoke-tested
+candidate is not swapped in but put in shadow beside the serving version
+(``agent.runtime.shadow.ShadowRunner``, held by the registry, which the inference
+server offers copies of live requests); each probation tick judges it
+(``agent.update.shadow.evaluate_shadow``): pass → active (probation as without a
+shadow), fail → failed with the figures in the reason; the candidate never answers a
+client in shadow. The last shadow's figures stay readable per model (``shadow_doc``)
+for heartbeats while the journal names that candidate.
 """
 
 from __future__ import annotations
@@ -48,17 +57,20 @@ from agent.base.errors import (
     UntrustedInputError,
 )
 from agent.base.fsutil import remove_tree
-from agent.contracts import ProbationPolicy, parse_manifest
+from agent.contracts import ProbationPolicy, ShadowPolicy, parse_manifest
 from agent.device.config import AgentConfig
 from agent.runtime.memory import release_memory
 from agent.runtime.models import LoadedModel
 from agent.runtime.registry import ModelRegistry
+from agent.runtime.shadow import ShadowFigures, ShadowRunner
 from agent.runtime.stats import RequestStats, StatsSnapshot
 from agent.update.journal import (
     PRE_ACTIVE,
     JournalRecord,
     Phase,
     begin_install,
+    cancel_shadow,
+    enter_shadow,
     fail,
     probation_carried_s,
     recover,
@@ -67,6 +79,7 @@ from agent.update.journal import (
     transition,
 )
 from agent.update.probation import ProbationClock, Verdict, evaluate_probation
+from agent.update.shadow import ShadowVerdict, evaluate_shadow
 from agent.update.store import ModelStore
 from agent.update.unpack import unpack_bundle
 
@@ -134,6 +147,10 @@ class ModelLifecycle:
         # Every persisted record, in order: the source of lifecycle events (telemetry).
         self._on_transition = on_transition or (lambda record: None)
         self._lock = threading.RLock()
+        # The candidate in shadow per model in this process: its runner and when it
+        # started (monotonic); the last shadow's figures and verdict per model.
+        self._shadows: dict[str, tuple[ShadowRunner, float]] = {}
+        self._shadow_results: dict[str, tuple[ShadowFigures, str]] = {}
 
     # ------------------------------------------------------------------ journal
 
@@ -192,6 +209,8 @@ class ModelLifecycle:
                     if record.phase is Phase.ACTIVE and served == record.version:
                         # The candidate resumed (not the fallback that rolled it back).
                         self._start_probation(model, served, plan.probation_carried_s)
+                if record.phase is Phase.SHADOW:
+                    self._resume_shadow(record, served)
         return restored
 
     def _restore_one(
@@ -202,7 +221,10 @@ class ModelLifecycle:
             try:
                 self._registry.activate(self._load_checked(model, load))
                 logger.info("serving %s %s (restored from disk)", model, load)
-                self._prune(model, {load} | ({fallback} if fallback else set()))
+                keep = {load} | ({fallback} if fallback else set())
+                if record.phase is Phase.SHADOW and record.version:
+                    keep.add(record.version)  # shadowed again from the start
+                self._prune(model, keep)
                 return load
             except AgentError as exc:
                 logger.error("cannot restore %s %s: %s", model, load, exc)
@@ -230,8 +252,10 @@ class ModelLifecycle:
         rollout_id: str,
         policy: ProbationPolicy,
         download: Callable[[], Path],
+        shadow: ShadowPolicy | None = None,
     ) -> None:
-        """Install ``version`` through every phase up to probation, or fail cleanly.
+        """Install ``version`` through every phase up to probation (or up to its shadow,
+        when ``shadow`` is enabled and a previous version serves), or fail cleanly.
 
         Raises FetchError, InsufficientSpaceError or StorageError for a transient
         failure (the journal goes back to idle and the next check retries) and AgentError
@@ -285,6 +309,9 @@ class ModelLifecycle:
                 self._persist(fail(record, self._clock(), str(exc), refused_by))
                 self._prune(model, set(), drop=frozenset({version}))
                 raise
+            if shadow is not None and shadow.enabled and self._serves(model, record.previous):
+                self._start_shadow(record, loaded, shadow)
+                return
             self._activate(record, loaded)
 
     def _put_back(self, record: JournalRecord, exc: AgentError) -> None:
@@ -343,11 +370,11 @@ class ModelLifecycle:
         finally:
             remove_tree(bundle)
 
-    def _activate(self, record: JournalRecord, loaded: LoadedModel) -> None:
+    def _activate(self, record: JournalRecord, loaded: LoadedModel, reason: str = "") -> None:
         model, version = record.model, loaded.version
         baseline = self._stats.snapshot(model, record.previous) if record.previous else None
         now = self._clock()
-        active = transition(record, Phase.ACTIVE, now)
+        active = transition(record, Phase.ACTIVE, now, reason=reason)
         active = self._persist(_with_probation(active, now, baseline))
         self._start_probation(model, version, 0.0)
         self._registry.activate(loaded)
@@ -364,10 +391,145 @@ class ModelLifecycle:
             active.probation.duration_s,
         )
 
+    # ------------------------------------------------------------------ shadow
+
+    def _serves(self, model: str, version: str | None) -> bool:
+        live = self._registry.get(model)
+        return version is not None and live is not None and live.version == version
+
+    def _start_shadow(
+        self, record: JournalRecord, loaded: LoadedModel, policy: ShadowPolicy
+    ) -> None:
+        """Persist the shadow, then put ``loaded`` in shadow beside the serving version."""
+        record = self._persist(enter_shadow(record, policy, self._clock()))
+        self._run_shadow(record, loaded)
+
+    def _run_shadow(self, record: JournalRecord, loaded: LoadedModel) -> None:
+        assert record.shadow is not None and record.previous is not None
+        runner = ShadowRunner(
+            loaded,
+            record.previous,
+            record.shadow.sample_rate,
+            cpu_timed=self._config.inference.intra_op_threads == 1,
+        )
+        replaced = self._registry.set_shadow(record.model, runner)
+        if replaced is not None:
+            replaced.close()
+        self._shadows[record.model] = (runner, self._monotonic())
+        self._shadow_results[record.model] = (runner.figures(), "running")
+        logger.info(
+            "%s %s in shadow beside %s: %d requests to compare, at most %gs",
+            record.model,
+            record.version,
+            record.previous,
+            record.shadow.samples,
+            record.shadow.max_duration_s,
+        )
+
+    def _resume_shadow(self, record: JournalRecord, served: str | None) -> None:
+        """After a restart in shadow (``recover_shadow``): load the candidate beside the
+        version restored and shadow it again from the start. A candidate that no longer
+        loads fails; with nothing serving to compare with, the shadow is cancelled and
+        the next check installs it again."""
+        model, version = record.model, record.version
+        assert version is not None
+        if served is None or served != record.previous:
+            self._persist(
+                cancel_shadow(
+                    record, self._clock(), f"{record.previous} does not serve: shadow cancelled"
+                )
+            )
+            return
+        try:
+            loaded = self._load_checked(model, version)
+        except AgentError as exc:
+            self._persist(
+                transition(
+                    record, Phase.FAILED, self._clock(), reason=f"shadow after a restart: {exc}"
+                )
+            )
+            self._prune(model, set(), drop=frozenset({version}))
+            return
+        self._run_shadow(record, loaded)
+
+    def _stop_shadow(self, model: str) -> ShadowRunner | None:
+        runner, _ = self._shadows.pop(model, (None, 0.0))
+        registered = self._registry.set_shadow(model, None)
+        for r in {id(x): x for x in (runner, registered) if x is not None}.values():
+            r.close()
+        return runner
+
+    def cancel_shadow(self, model: str, reason: str) -> bool:
+        """Stop the shadow of ``model`` without a verdict (desired state names another
+        version now): back to idle on the version in service. False if none runs."""
+        with self._lock:
+            record = self._store.read_journal(model)
+            if record.phase is not Phase.SHADOW:
+                return False
+            self._persist(cancel_shadow(record, self._clock(), reason))
+            runner = self._stop_shadow(model)
+            if runner is not None:
+                self._shadow_results[model] = (runner.figures(), "cancelled")
+            logger.info("%s: shadow of %s cancelled: %s", model, record.version, reason)
+            return True
+
+    def shadow_doc(self, model: str) -> dict[str, object] | None:
+        """The shadow figures of ``model``'s candidate for heartbeats: while it is in
+        shadow, and after its verdict while the journal still names it; None otherwise."""
+        result = self._shadow_results.get(model)
+        if result is None:
+            return None
+        figures, state = result
+        shadowed = self._shadows.get(model)
+        if shadowed is not None:
+            figures, state = shadowed[0].figures(), "running"
+        if self._store.read_journal(model).version != figures.version:
+            return None
+        return shadow_figures_doc(figures, state)
+
+    def _judge_shadow(self, record: JournalRecord) -> bool:
+        """Judge the candidate of ``record`` in shadow; True when it was settled."""
+        model = record.model
+        assert record.shadow is not None
+        shadowed = self._shadows.get(model)
+        if shadowed is None or shadowed[0].candidate.version != record.version:
+            # Not started by this process (``restore`` resumes every shadow): start it.
+            self._resume_shadow(record, self._live_version(model))
+            return self._store.read_journal(model).phase is not Phase.SHADOW
+        runner, started = shadowed
+        figures = runner.figures()
+        decision = evaluate_shadow(record.shadow, figures, self._monotonic() - started)
+        if decision.verdict is ShadowVerdict.WAIT:
+            return False
+        self._stop_shadow(model)
+        if decision.verdict is ShadowVerdict.PASS:
+            self._shadow_results[model] = (figures, "passed")
+            logger.info("%s %s: %s", model, record.version, decision.reason)
+            self._activate(record, runner.candidate, decision.reason)
+            return True
+        self._shadow_results[model] = (figures, "failed")
+        self._persist(transition(record, Phase.FAILED, self._clock(), reason=decision.reason))
+        logger.error(
+            "%s %s failed in shadow (it answered no client): %s",
+            model,
+            record.version,
+            decision.reason,
+        )
+        version = record.version
+        del runner, shadowed
+        self._prune(model, set(), drop=frozenset({version}) if version else frozenset())
+        release_memory()
+        return True
+
+    def _live_version(self, model: str) -> str | None:
+        live = self._registry.get(model)
+        return live.version if live is not None else None
+
     # ------------------------------------------------------------------ probation
 
     def judge_probation(self) -> list[str]:
-        """Judge every model on probation; commit or roll back. Returns settled models.
+        """Judge every model on probation (commit or roll back) and every candidate in
+        shadow (activate or fail). Returns the models settled.
 
         While an install or a rollback holds the lifecycle, it judges nothing and returns
         at once (the next tick judges): a tick never waits behind a download, so its own
@@ -379,6 +541,10 @@ class ModelLifecycle:
         try:
             for model in self._store.model_names():
                 record = self._store.read_journal(model)
+                if record.phase is Phase.SHADOW:
+                    if self._judge_shadow(record):
+                        settled.append(model)
+                    continue
                 if record.phase is not Phase.ACTIVE or record.version is None:
                     continue
                 decision = evaluate_probation(
@@ -513,3 +679,20 @@ def _baseline(record: JournalRecord) -> StatsSnapshot | None:
         p99_s=record.baseline_p99_s,
         window=record.baseline_samples,
     )
+
+
+def shadow_figures_doc(figures: ShadowFigures, state: str) -> dict[str, object]:
+    """A shadow's figures as a model's ``shadow`` object in heartbeats (docs/protocol.md);
+    ``state``: running, passed, failed or cancelled."""
+    return {
+        "version": figures.version,
+        "serving": figures.serving,
+        "state": state,
+        "samples": figures.samples,
+        "agreement": figures.agreement,
+        "cosine_min": figures.cosine_min,
+        "max_abs": figures.max_abs,
+        "latency_ratio": figures.latency_ratio,
+        "errors": figures.errors,
+        "dropped": figures.dropped,
+    }

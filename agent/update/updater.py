@@ -319,6 +319,15 @@ class UpdateService:
             return None
         version, target = resolved
         record = self._lifecycle.record(model)
+        if record.phase is Phase.SHADOW:
+            if version == record.version:
+                return before_install(
+                    record, version, release.rollout_id, agent_version=self._lifecycle.agent_version
+                )
+            # Desired state names another version (the previous one, or a newer one):
+            # the shadow ends without a verdict; the candidate answered no client.
+            self._lifecycle.cancel_shadow(model, f"desired state names {version} now")
+            record = self._lifecycle.record(model)
         if record.phase is Phase.ACTIVE:
             if version == record.previous:
                 self._lifecycle.roll_back(model, f"desired state went back to {version}")
@@ -365,6 +374,7 @@ class UpdateService:
                 lambda: self._download_bundle(
                     updater, model, version, target, serving_version(record)
                 ),
+                release.shadow,
             )
         except TamperedDownloadError as exc:
             logger.error(

@@ -67,6 +67,13 @@ def before_install(
             f"waits until probation of {record.version} ends{left}",
             version,
         )
+    if record.phase is Phase.SHADOW and version == record.version:
+        return Waiting(
+            "shadow",
+            f"in shadow beside {record.previous}: compared on copies of live requests "
+            "before it answers a client",
+            version,
+        )
     if should_skip(record, version, rollout_id, agent_version) is not None:
         how = "failed" if record.phase is Phase.FAILED else "was rolled back"
         other = (

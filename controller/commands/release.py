@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING
 
 from agent.contracts import ProbationPolicy
 from controller.base.errors import UsageError
-from controller.commands.common import RAW, delta_from_argument, print_json, probation_policy
+from controller.commands.common import (
+    RAW,
+    add_shadow_options,
+    delta_from_argument,
+    print_json,
+    probation_policy,
+    shadow_policy,
+)
 
 if TYPE_CHECKING:
     from controller.commands.common import Subparsers
@@ -32,6 +39,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
         args.fleet,
         Path(args.repo),
         probation=probation_policy(args),
+        shadow=shadow_policy(args),
         delta_from=args.delta_from,
     )
     if args.json:
@@ -366,6 +374,7 @@ def add_parser(sub: Subparsers) -> None:
         metavar="RATIO",
         help="p99 latency vs the previous version that rolls back (default %(default)s)",
     )
+    add_shadow_options(r)
     r.add_argument("--json", action="store_true", help="print JSON for scripts")
     r.set_defaults(func=_cmd_release)
 

@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.contracts import ProbationPolicy
-from controller.commands.common import RAW, delta_from_argument, print_json, probation_policy
+from controller.commands.common import (
+    RAW,
+    add_shadow_options,
+    delta_from_argument,
+    print_json,
+    probation_policy,
+    shadow_policy,
+)
 
 if TYPE_CHECKING:
     from controller.commands.common import Subparsers
@@ -45,6 +52,7 @@ def _cmd_rollout_start(args: argparse.Namespace) -> int:
         canaries=canaries,
         on_failure=OnFailure(args.on_failure),
         probation=probation_policy(args),
+        shadow=shadow_policy(args),
         bundle=Path(args.bundle) if args.bundle else None,
         delta_from=args.delta_from,
     )
@@ -209,6 +217,7 @@ def add_parser(sub: Subparsers) -> None:
         "default %(default)s",
     )
     _add_probation_options(st)
+    add_shadow_options(st)
     st.add_argument(
         "--store",
         metavar="PATH|DSN",

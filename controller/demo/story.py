@@ -7,9 +7,11 @@ and Unix socket), then:
 1. trains a small real classifier (an MLP on scikit-learn's 8x8 digits), builds it with
    ``--quantize auto`` (the candidate table is shown), releases v1 and runs inference
    with a real digit on every device;
-2. rolls v2 out in stages with a canary while real requests flow, showing the progress;
-3. rolls out a bad v3 (it passes its golden vectors but fails real requests): the
-   rollout gate halts it at its first stage and the canary rolls back to v2.
+2. rolls v2 out in stages with a canary while real requests flow, showing the progress:
+   each device runs v2 in shadow beside v1 on copies of live requests before it answers;
+3. rolls out a bad v3 (it passes its golden vectors but fails real requests): the canary
+   catches it in shadow, where it answers no client, and the rollout gate halts it at its
+   first stage; the demo counts the client requests that failed meanwhile (none).
 
 The fleet table (``edgectl fleet status``) is shown after each step. Every step prints
 the command it runs, so the demo doubles as a tour of the CLI. Everything is cleaned up
@@ -66,7 +68,11 @@ MODEL = "digits-mlp"
 # Three devices: the canary alone is the first stage's evidence, so min_devices=1. The
 # latency gate is dropped (p99_ratio=off): on a shared laptop a p99 ratio of three
 # devices is noise.
-GATES = "error_rate<0.01,p99_ratio=off,failed_installs<0.02,min_devices=1"
+# shadow_agreement: the lowest top-1 agreement a device saw in shadow (v2 is retrained,
+# so it agrees on most digits, not all).
+GATES = "error_rate<0.01,p99_ratio=off,failed_installs<0.02,shadow_agreement>0.9,min_devices=1"
+# v2 is compared with v1 on 20 real digits per device in shadow; it must agree on 90%.
+SHADOW = ("--shadow-samples", "20", "--shadow-min-agreement", "0.9")
 
 
 class Demo:
@@ -269,6 +275,7 @@ class Demo:
             "edgectl", "rollout", "start", MODEL, version, "--fleet", FLEET, "--repo",
             self.repo, "--bundle", bundle, "--stages", "1,50,100", "--wait", "3s",
             "--deadline", "60s", "--gate", GATES, "--canary", CANARY, "--probation-s", "2",
+            *SHADOW,
         )  # fmt: skip
 
     def run(self) -> None:
@@ -334,16 +341,19 @@ class Demo:
             self.work / "v3.onnx", train_mlp(self.digits, 32, 2), fails_on_real_digits=True
         )
         v3 = self.build("3.0.0", v3_onnx, "--latency-runs", "0")
+        # Client requests from here on: v3 runs in shadow on the canary, answering none.
+        sent_before, failed_before = self.traffic_sent, self.traffic_failed
         self.start_rollout("3.0.0", v3)
         halted = self.watch_rollout("3.0.0", lambda r: r["state"] != "running", 90)
         wait(
             lambda: (
-                self.phase_of(CANARY, "3.0.0") is Phase.ROLLED_BACK
-                and self.serving(CANARY) == "2.0.0"
+                self.phase_of(CANARY, "3.0.0") is Phase.FAILED and self.serving(CANARY) == "2.0.0"
             ),
             60,
-            f"{CANARY} to roll back to 2.0.0",
+            f"{CANARY} to fail v3 in shadow, still serving 2.0.0",
         )
+        v3_sent = self.traffic_sent - sent_before
+        v3_failed = self.traffic_failed - failed_before
         run("edgectl", "rollout", "status", "--repo", self.repo, "--model", MODEL)
         halt = halted.get("halt") or {}
         self.mark(
@@ -354,10 +364,16 @@ class Demo:
             reason=halt.get("reason"),
         )
         self.mark(
-            "v3_rolled_back",
+            "v3_caught_in_shadow",
             canary=CANARY,
             phase=str(getattr(self.phase_of(CANARY, "3.0.0"), "value", None)),
             devices={d: self.serving(d) for d in DEVICES},
+            requests=v3_sent,
+            failed_requests=v3_failed,
+        )
+        print(
+            f"    {CANARY} caught v3 in shadow: {v3_sent} client requests while it was "
+            f"rolled out, {v3_failed} failed (v3 answered none of them)"
         )
         self.fleet_table()
 
@@ -365,7 +381,9 @@ class Demo:
         traffic.join(10)
         step("what the canary's agent logged about v3")
         for line in (self.work / f"{CANARY}.log").read_text().splitlines():
-            if "3.0.0" in line and any(k in line for k in ("roll", "probation", "install")):
+            if "3.0.0" in line and any(
+                k in line for k in ("roll", "probation", "install", "shadow")
+            ):
                 print(f"    {line[:160]}")
         elapsed = time.monotonic() - started
         self.mark(
@@ -373,6 +391,10 @@ class Demo:
             seconds=round(elapsed, 1),
             requests=self.traffic_sent,
             failed_requests=self.traffic_failed,
+        )
+        print(
+            f"    client requests: {self.traffic_sent} sent, {self.traffic_failed} failed "
+            "(every release, the bad one included)"
         )
         step(f"done in {elapsed:.0f}s: everything is cleaned up on exit")
 

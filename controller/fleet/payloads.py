@@ -45,12 +45,19 @@ from agent.contracts import (
     check_name,
     parse_device_topic,
     parse_event,
+    parse_shadow_report,
     parse_status,
     parse_telemetry,
     parse_waiting,
 )
 from agent.contracts.names import NAME_PATTERN
-from controller.fleet.records import HeartbeatFacts, IngestBatch, ModelFacts, waiting_json
+from controller.fleet.records import (
+    HeartbeatFacts,
+    IngestBatch,
+    ModelFacts,
+    shadow_json,
+    waiting_json,
+)
 from controller.fleet.roster import IMPLAUSIBLE, RefusedMessage, Roster
 
 Message = Heartbeat | Event | Status
@@ -140,11 +147,13 @@ def parse_heartbeat(fleet: str, device: str, raw: bytes) -> HeartbeatFacts:
         pending = dropped = 0
     system = _system(get("system"))
     figures = []
-    waiting = False
+    waiting = shadowed = False
     for name, entry in sorted(models.items()) if len(models) > 1 else models.items():
         figures.append(_model(name, entry))
         if not waiting and type(entry) is dict and entry.get("waiting") is not None:
             waiting = True
+        if not shadowed and type(entry) is dict and entry.get("shadow") is not None:
+            shadowed = True
     if "\x00" in at or len(at) > MAX_TEXT:
         _text(at, "at")
     seq = get("seq")
@@ -164,6 +173,7 @@ def parse_heartbeat(fleet: str, device: str, raw: bytes) -> HeartbeatFacts:
         at,
         seq,
         _waiting(models) if waiting else (),
+        _shadows(models) if shadowed else (),
     )
 
 
@@ -230,6 +240,18 @@ def _waiting(models: dict[str, Any]) -> tuple[tuple[str, str], ...]:
             text = waiting_json(parse_waiting(value, f"telemetry: models[{name!r}]"))
             if text is not None:
                 found.append((name, text))
+    return tuple(found)
+
+
+def _shadows(models: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """(model, JSON) of the models that carry a shadow report (``HeartbeatFacts.shadows``).
+    Rare (a device with a candidate in shadow): the contract's parser, so both paths agree."""
+    found = []
+    for name, entry in sorted(models.items()):
+        value = entry.get("shadow") if type(entry) is dict else None
+        report = parse_shadow_report(value, f"telemetry: models[{name!r}]")
+        if report is not None:
+            found.append((name, shadow_json(report)))
     return tuple(found)
 
 

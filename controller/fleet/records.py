@@ -28,11 +28,74 @@ from typing import Any, Final, NamedTuple
 
 import orjson
 
-from agent.contracts import Event, Heartbeat, Status, Waiting, telemetry_payload, waiting_doc
+from agent.contracts import (
+    Event,
+    Heartbeat,
+    ShadowReport,
+    Status,
+    Waiting,
+    telemetry_payload,
+    waiting_doc,
+)
 
 # One model of a heartbeat as the store keeps it:
 # (name, version, state, requests, errors, client_errors, p99_s).
 ModelFacts = tuple[str, str | None, str, int, int, int, float | None]
+
+
+# ---- shadow reports (a candidate compared in shadow on the device; issue 23 part 1)
+
+
+def shadow_json(report: ShadowReport) -> str:
+    """How ingest carries a model's shadow report to the store: compact JSON."""
+    return orjson.dumps(asdict(report), option=orjson.OPT_SORT_KEYS).decode()
+
+
+@dataclass(frozen=True)
+class ShadowRow:
+    """The latest shadow report a device sent for one candidate version of a model."""
+
+    fleet: str
+    device: str
+    model: str
+    version: str
+    received_at: float
+    report: ShadowReport
+
+
+def shadow_rows(batch: IngestBatch) -> list[tuple[Any, ...]]:
+    """The rows of ``shadow_reports`` (``_SHADOW_UPSERT``) the heartbeats of ``batch``
+    carry: the latest per (fleet, device, model, version), in key order."""
+    latest: dict[tuple[str, str, str, str], tuple[float, dict[str, Any]]] = {}
+    found = [(f, r) for f, r, _payload in batch.heartbeat_facts if f.shadows]
+    found += [(heartbeat_facts(b), r) for b, r in batch.heartbeats]
+    for facts, received in found:
+        for model, text in facts.shadows:
+            doc = orjson.loads(text)
+            key = (facts.fleet, facts.device, model, str(doc["version"]))
+            if key not in latest or latest[key][0] <= received:
+                latest[key] = (received, doc)
+    rows = []
+    for key, (received, doc) in sorted(latest.items()):
+        rows.append(
+            (
+                *key,
+                received,
+                str(doc.get("state") or ""),
+                int(doc.get("samples") or 0),
+                doc.get("agreement"),
+                doc.get("cosine_min"),
+                doc.get("max_abs"),
+                doc.get("latency_ratio"),
+                int(doc.get("errors") or 0),
+                int(doc.get("dropped") or 0),
+                doc.get("serving"),
+            )
+        )
+    return rows
+
+
+# ---- end of shadow reports
 
 
 def waiting_json(waiting: Waiting | None) -> str | None:
@@ -83,6 +146,9 @@ class HeartbeatFacts(NamedTuple):
     # (model, the JSON of its ``Waiting``) of the models that wait (``waiting_json``): why
     # the device does not install the version desired state names for them.
     waiting: tuple[tuple[str, str], ...] = ()
+    # (model, the JSON of its ``ShadowReport``) of the models with a candidate in shadow,
+    # or its verdict (``shadow_json``).
+    shadows: tuple[tuple[str, str], ...] = ()
 
     @property
     def identity(self) -> tuple[str, int] | None:
@@ -110,6 +176,11 @@ def heartbeat_facts(beat: Heartbeat) -> HeartbeatFacts:
             (name, text)
             for name, m in sorted(beat.models.items())
             if (text := waiting_json(m.waiting)) is not None
+        ),
+        tuple(
+            (name, shadow_json(m.shadow))
+            for name, m in sorted(beat.models.items())
+            if m.shadow is not None
         ),
     )
 

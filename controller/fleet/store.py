@@ -60,7 +60,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Final, NamedTuple
 
-from agent.contracts import Waiting
+from agent.contracts import ShadowReport, Waiting
 from controller.base.errors import ControllerError
 from controller.fleet.records import (
     DeviceRow,
@@ -71,9 +71,11 @@ from controller.fleet.records import (
     IngestBatch,
     ModelFacts,
     ModelRow,
+    ShadowRow,
     conflict_rows,
     event_rows,
     heartbeat_rows,
+    shadow_rows,
     status_rows,
     waiting_from_json,
 )
@@ -290,6 +292,33 @@ HEARTBEAT_KEY: Final = (
 )
 # Columns added since the first release: (table, column, type), added when missing.
 # Rows stored before a column was added hold NULL in it.
+# ---- shadow reports (issue 23 part 1): the latest report of each device per candidate
+# version of a model in shadow (``controller.fleet.records.shadow_rows``), read by the
+# rollout gates shadow_agreement and shadow_latency_ratio (``shadow_reports``). Pruned
+# with the model rows (``prune_models``: older than the model retention).
+SHADOW_DDL: Final = (
+    """CREATE TABLE IF NOT EXISTS shadow_reports (
+        fleet TEXT NOT NULL, device TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL, state TEXT NOT NULL,
+        samples INTEGER NOT NULL DEFAULT 0, agreement DOUBLE PRECISION,
+        cosine_min DOUBLE PRECISION, max_abs DOUBLE PRECISION,
+        latency_ratio DOUBLE PRECISION, errors INTEGER NOT NULL DEFAULT 0,
+        dropped INTEGER NOT NULL DEFAULT 0, serving TEXT,
+        PRIMARY KEY (fleet, device, model, version))""",
+)
+_SHADOW_UPSERT: Final = """
+INSERT INTO shadow_reports (fleet, device, model, version, received_at, state, samples,
+                            agreement, cosine_min, max_abs, latency_ratio, errors, dropped,
+                            serving)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (fleet, device, model, version) DO UPDATE SET
+    received_at = excluded.received_at, state = excluded.state, samples = excluded.samples,
+    agreement = excluded.agreement, cosine_min = excluded.cosine_min,
+    max_abs = excluded.max_abs, latency_ratio = excluded.latency_ratio,
+    errors = excluded.errors, dropped = excluded.dropped, serving = excluded.serving
+WHERE shadow_reports.received_at <= excluded.received_at"""
+# ---- end of shadow reports
+
 MIGRATIONS: Final = (
     ("heartbeats", "at", "TEXT"),
     ("heartbeats", "seq", "BIGINT"),
@@ -557,7 +586,7 @@ class TelemetryStore(ABC):
         counted = self._has_table(cur, "event_counts")
         rolled = self._has_table(cur, "rollout_figures")
         sized = self._has_table(cur, "model_versions")
-        for statement in DDL:
+        for statement in (*DDL, *SHADOW_DDL):
             cur.execute(self._sql(statement))
         self._migrate(cur)
         cur.execute(HEARTBEAT_KEY)
@@ -665,6 +694,9 @@ class TelemetryStore(ABC):
                     cur.executemany(self._sql(_COUNT_EVENTS), counts)
             if beats["history"]:
                 self._write_rollup(cur, rollup_rows(_fresh(beats["beats"], inserted)))
+            shadows = shadow_rows(batch)
+            if shadows:
+                self._write_rows(cur, _SHADOW_UPSERT, shadows)
         return len(batch)
 
     def _write_rollup(self, cur: Any, rows: dict[str, list[tuple[Any, ...]]]) -> None:
@@ -1140,6 +1172,52 @@ class TelemetryStore(ABC):
         found = {str(device): waiting_from_json(text) for device, text in rows}
         return {device: w for device, w in found.items() if w is not None}
 
+    def shadow_reports(self, fleet: str, model: str, version: str) -> list[ShadowRow]:
+        """The latest shadow report of each device of ``fleet`` for ``model`` ``version``
+        (the candidate), by device."""
+        query = """
+            SELECT device, received_at, state, samples, agreement, cosine_min, max_abs,
+                   latency_ratio, errors, dropped, serving
+            FROM shadow_reports WHERE fleet = ? AND model = ? AND version = ?
+            ORDER BY device"""
+        with self._read() as cur:
+            cur.execute(self._sql(query), [fleet, model, version])
+            rows = cur.fetchall()
+        return [
+            ShadowRow(
+                fleet,
+                str(device),
+                model,
+                version,
+                float(received),
+                ShadowReport(
+                    version=version,
+                    serving=serving,
+                    state=str(state),
+                    samples=int(samples),
+                    agreement=agreement,
+                    cosine_min=cosine_min,
+                    max_abs=max_abs,
+                    latency_ratio=latency_ratio,
+                    errors=int(errors),
+                    dropped=int(dropped),
+                ),
+            )
+            for (
+                device,
+                received,
+                state,
+                samples,
+                agreement,
+                cosine_min,
+                max_abs,
+                latency_ratio,
+                errors,
+                dropped,
+                serving,
+            ) in rows
+        ]
+
     def event_counts(self) -> list[tuple[str, str, int]]:
         """(fleet, kind, count) of the events ever stored (pruning does not lower them),
         read from the counts ``write`` keeps: a few rows, whatever the events table holds."""
@@ -1272,4 +1350,6 @@ class TelemetryStore(ABC):
                 ),
                 [before],
             )
-            return int(cur.rowcount or 0)
+            removed = int(cur.rowcount or 0)
+            cur.execute(self._sql("DELETE FROM shadow_reports WHERE received_at < ?"), [before])
+            return removed

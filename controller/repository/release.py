@@ -36,6 +36,7 @@ from agent.contracts import (
     InvalidNameError,
     ModelRelease,
     ProbationPolicy,
+    ShadowPolicy,
     bundle_target_path,
     check_name,
     desired_target_path,
@@ -89,6 +90,7 @@ def next_desired_state(
     rollout_id: str,
     issued_at: str,
     probation: ProbationPolicy | None = None,
+    shadow: ShadowPolicy | None = None,
 ) -> DesiredState | None:
     """The fleet's desired state after releasing ``model`` ``version`` to all its devices.
 
@@ -110,6 +112,7 @@ def next_desired_state(
         previous_target=bundle_target_path(model, previous) if previous else None,
         canaries=(),
         probation=probation or ProbationPolicy(),
+        shadow=shadow or ShadowPolicy(),
     )
     return DesiredState(fleet=fleet, models=models, issued_at=issued_at)
 
@@ -126,12 +129,13 @@ def release_bundle(
     now: datetime | None = None,
     probation: ProbationPolicy | None = None,
     delta_from: int = DEFAULT_DELTA_FROM,
+    shadow: ShadowPolicy | None = None,
 ) -> ReleaseResult:
     """Publish ``bundle`` and make it the desired release of ``fleet``.
 
-    ``probation`` is the policy devices apply after activating it (default: the
-    contract's defaults). ``delta_from`` earlier versions get a delta to this one (0:
-    none).
+    ``probation`` is the policy devices apply after activating it, ``shadow`` the one
+    they apply before (default: the contract's defaults). ``delta_from`` earlier
+    versions get a delta to this one (0: none).
 
     Raises UsageError (bad fleet name, missing file), BundleFileError (malformed bundle),
     RepositoryError (no repository, damaged metadata), ConflictError (the version is
@@ -160,6 +164,7 @@ def release_bundle(
             rollout_id,
             now.strftime("%Y-%m-%dT%H:%M:%SZ"),
             probation,
+            shadow,
         )
         if desired is not None:
             path = desired_target_path(fleet)

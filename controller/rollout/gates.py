@@ -26,6 +26,21 @@ Gates (``edgectl rollout start --gate``, laid over ``DEFAULT_GATES`` by
                      back (probation, crash loop), over the devices that tried it.
 ``rollbacks``        the rolled-back share alone (optional, stricter on its own).
 
+Two gates on what devices saw of the new version *in shadow* (beside the serving version,
+on copies of live requests, before it answered a client: ``agent.update.lifecycle``);
+optional (not in ``DEFAULT_GATES``), judged on the shadow reports of devices that reached
+a verdict (``passed`` or ``failed``: the device compared the samples its policy asks for),
+the worst device naming the figure:
+
+``shadow_agreement``      ``shadow_agreement>LIMIT``: the lowest top-1 agreement over
+                          devices must stay *above* the limit (the one gate written with
+                          ``>``); devices whose outputs are not class scores report none.
+``shadow_latency_ratio``  the highest median run-time ratio candidate / serving.
+
+A candidate that fails its shadow on a device also sends ``install_failed``, which
+``failed_installs`` counts: the shadow gates add the fleet's own thresholds to the
+devices' policy, so a rollout halts at its first stage with no client-visible error.
+
 And two evidence floors, ``name=value``:
 
 ``min_devices``      devices reporting heartbeats on the new version in the stage window
@@ -62,7 +77,18 @@ from typing import Any, Final
 from controller.base.errors import UsageError
 from controller.fleet.rollup import DeviceTotals, binned_median
 
-LIMIT_METRICS: Final = ("error_rate", "p99_ratio", "failed_installs", "rollbacks")
+LIMIT_METRICS: Final = (
+    "error_rate",
+    "p99_ratio",
+    "failed_installs",
+    "rollbacks",
+    "shadow_agreement",
+    "shadow_latency_ratio",
+)
+# The limits a figure must stay above (``metric>limit``); every other one, below.
+ABOVE_METRICS: Final = frozenset({"shadow_agreement"})
+# Shadow reports judged: those of a device that reached its verdict.
+SHADOW_VERDICTS: Final = frozenset({"passed", "failed"})
 FLOOR_NAMES: Final = ("min_devices", "min_requests")
 DEFAULT_GATES: Final = "error_rate<0.01,p99_ratio<1.5,failed_installs<0.02,min_devices=3"
 MIN_REQUESTS_TO_JUDGE: Final = 20
@@ -92,7 +118,9 @@ class GatePolicy:
         return next((g.limit for g in self.limits if g.metric == metric), None)
 
     def to_text(self) -> str:
-        parts = [f"{g.metric}<{g.limit:g}" for g in self.limits]
+        parts = [
+            f"{g.metric}{'>' if g.metric in ABOVE_METRICS else '<'}{g.limit:g}" for g in self.limits
+        ]
         parts.append(f"min_devices={self.min_devices}")
         if self.min_requests:
             parts.append(f"min_requests={self.min_requests}")
@@ -111,12 +139,19 @@ def parse_gates(text: str) -> GatePolicy:
         part = raw.strip()
         if not part:
             continue
-        if "<" in part:
-            name, _, value = part.partition("<")
+        if "<" in part or ">" in part:
+            sign = "<" if "<" in part else ">"
+            name, _, value = part.partition(sign)
             name = name.strip()
             if name not in LIMIT_METRICS:
                 raise UsageError(
                     f"--gate: unknown metric {name!r}; expected one of {', '.join(LIMIT_METRICS)}"
+                )
+            wanted = ">" if name in ABOVE_METRICS else "<"
+            if sign != wanted:
+                raise UsageError(
+                    f"--gate: {part!r}: {name} is written {name}{wanted}LIMIT (the figure must "
+                    f"stay {'above' if wanted == '>' else 'below'} it)"
                 )
             limits[name] = _number(value, part, integer=False)
         elif "=" in part:
@@ -136,6 +171,14 @@ def parse_gates(text: str) -> GatePolicy:
             raise UsageError(f"--gate: {name} is a share within (0, 1], got {limits[name]:g}")
     if "p99_ratio" in limits and not limits["p99_ratio"] > 0:
         raise UsageError(f"--gate: p99_ratio must be > 0, got {limits['p99_ratio']:g}")
+    if "shadow_agreement" in limits and not 0 <= limits["shadow_agreement"] < 1:
+        raise UsageError(
+            f"--gate: shadow_agreement is a share within [0, 1), got {limits['shadow_agreement']:g}"
+        )
+    if "shadow_latency_ratio" in limits and not limits["shadow_latency_ratio"] > 0:
+        raise UsageError(
+            f"--gate: shadow_latency_ratio must be > 0, got {limits['shadow_latency_ratio']:g}"
+        )
     return GatePolicy(
         limits=tuple(Gate(m, limits[m]) for m in LIMIT_METRICS if m in limits),
         min_devices=floors["min_devices"],
@@ -165,7 +208,7 @@ def gates_from_cli(text: str | None) -> GatePolicy:
         part = raw.strip()
         if not part:
             continue
-        name = part.split("<", 1)[0].split("=", 1)[0].strip()
+        name = part.split("<", 1)[0].split(">", 1)[0].split("=", 1)[0].strip()
         if name not in GATE_NAMES:
             raise UsageError(
                 f"--gate: unknown gate {name!r} in {part!r}; valid gates: {', '.join(GATE_NAMES)}"
@@ -179,9 +222,10 @@ def gates_from_cli(text: str | None) -> GatePolicy:
             else:
                 floors[name] = 0
             continue
-        if name in LIMIT_METRICS and "<" not in part:
+        if name in LIMIT_METRICS and "<" not in part and ">" not in part:
+            sign = ">" if name in ABOVE_METRICS else "<"
             raise UsageError(
-                f"--gate: {part!r}: {name} takes a limit ({name}<LIMIT) or {name}={OFF}"
+                f"--gate: {part!r}: {name} takes a limit ({name}{sign}LIMIT) or {name}={OFF}"
             )
         if name in FLOOR_NAMES and "=" not in part:
             raise UsageError(f"--gate: {part!r}: {name} takes a count ({name}=N) or {name}={OFF}")
@@ -238,6 +282,18 @@ class Incident:
 
 
 @dataclass(frozen=True)
+class ShadowSample:
+    """A device's latest shadow report for the new version (``TelemetryStore.shadow_reports``):
+    its state (running, passed, failed, cancelled) and figures."""
+
+    device: str
+    state: str
+    samples: int
+    agreement: float | None = None
+    latency_ratio: float | None = None
+
+
+@dataclass(frozen=True)
 class Evidence:
     """What one stage's window holds for a rollout of ``version`` over ``previous``."""
 
@@ -247,6 +303,7 @@ class Evidence:
     incidents: tuple[Incident, ...] = ()
     # The previous version's p99 measured earlier in the rollout (a fallback baseline).
     baseline_p99_s: float | None = None
+    shadows: tuple[ShadowSample, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -267,6 +324,7 @@ class RolledEvidence:
     previous_latency: Mapping[int, int] = field(default_factory=dict)  # bin → heartbeats
     incidents: tuple[Incident, ...] = ()
     baseline_p99_s: float | None = None
+    shadows: tuple[ShadowSample, ...] = ()
 
 
 @dataclass(slots=True)
@@ -321,7 +379,8 @@ class Breach:
         named = ", ".join(f"{d} ({fig})" for d, fig in self.devices.items())
         more = self.device_count - len(self.devices)
         return (
-            f"gate {self.gate}<{self.limit:g} broke: {self.observed:.4g} ({self.detail})"
+            f"gate {self.gate}{'>' if self.gate in ABOVE_METRICS else '<'}{self.limit:g} "
+            f"broke: {self.observed:.4g} ({self.detail})"
             + (f" on {named}" if named else "")
             + (f" and {more} more" if more > 0 else "")
         )
@@ -354,6 +413,10 @@ class GateReport:
     rolled_back: int
     min_devices: int
     min_requests: int
+    # The worst shadow figures over devices that reached a verdict (None: none did).
+    shadow_agreement: float | None = None
+    shadow_latency_ratio: float | None = None
+    shadowed: int = 0
 
     @property
     def enough(self) -> bool:
@@ -389,6 +452,9 @@ class GateReport:
             "rolled_back": self.rolled_back,
             "enough": self.enough,
             "breaches": [b.gate for b in self.breaches],
+            "shadowed": self.shadowed,
+            "shadow_agreement": self.shadow_agreement,
+            "shadow_latency_ratio": self.shadow_latency_ratio,
         }
 
 
@@ -445,9 +511,13 @@ def evaluate_gates(policy: GatePolicy, evidence: Evidence | RolledEvidence) -> G
             _latency_breach(policy, new, served, p99_new, baseline, ratio),
             _failure_breach(policy, "failed_installs", failed, attempted),
             _failure_breach(policy, "rollbacks", rolled_back, attempted),
+            *_shadow_breaches(policy, evidence.shadows),
         )
         if b is not None
     ]
+    judged = [x for x in evidence.shadows if x.state in SHADOW_VERDICTS]
+    agreements = [x.agreement for x in judged if x.agreement is not None]
+    ratios = [x.latency_ratio for x in judged if x.latency_ratio is not None]
     return GateReport(
         breaches=tuple(breaches),
         reporting=tuple(sorted(new)),
@@ -462,7 +532,42 @@ def evaluate_gates(policy: GatePolicy, evidence: Evidence | RolledEvidence) -> G
         rolled_back=len(rolled_back),
         min_devices=policy.min_devices,
         min_requests=policy.min_requests,
+        shadow_agreement=min(agreements) if agreements else None,
+        shadow_latency_ratio=max(ratios) if ratios else None,
+        shadowed=len(judged),
     )
+
+
+def _shadow_breaches(
+    policy: GatePolicy, shadows: Iterable[ShadowSample]
+) -> tuple[Breach | None, Breach | None]:
+    """The shadow gates (module docstring): each breaks on the worst device that reached
+    a verdict, naming every device past the limit."""
+    judged = [x for x in shadows if x.state in SHADOW_VERDICTS]
+    found: list[Breach | None] = []
+    for gate, above in (("shadow_agreement", True), ("shadow_latency_ratio", False)):
+        limit = policy.limit(gate)
+        if limit is None:
+            found.append(None)
+            continue
+        figures = [
+            (x.device, v, x.samples)
+            for x in judged
+            if (v := x.agreement if above else x.latency_ratio) is not None
+        ]
+        bad = [(d, v, n) for d, v, n in figures if (v <= limit if above else v >= limit)]
+        if not bad:
+            found.append(None)
+            continue
+        worst = min(v for _d, v, _n in bad) if above else max(v for _d, v, _n in bad)
+        what = "top-1 agreement" if above else "run-time ratio"
+        ranked = [
+            ((1 - v) if above else v, d, f"{what} {v:.3g} over {n} requests") for d, v, n in bad
+        ]
+        devices, count = _named(ranked)
+        detail = f"{len(bad)} of {len(figures)} devices in shadow past the limit"
+        found.append(Breach(gate, limit, worst, detail, devices, count))
+    return found[0], found[1]
 
 
 def _median_p99(figures: Mapping[str, DeviceFigures]) -> float | None:

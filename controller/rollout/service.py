@@ -55,6 +55,7 @@ from agent.contracts import (
     InvalidNameError,
     ModelRelease,
     ProbationPolicy,
+    ShadowPolicy,
     Waiting,
     bundle_target_path,
     check_name,
@@ -88,6 +89,7 @@ from controller.rollout.gates import (
     Incident,
     RolledEvidence,
     Sample,
+    ShadowSample,
     evaluate_gates,
 )
 from controller.rollout.stages import (
@@ -147,6 +149,7 @@ def start_rollout(
     canaries: Sequence[str] = (),
     on_failure: OnFailure = OnFailure.PAUSE,
     probation: ProbationPolicy | None = None,
+    shadow: ShadowPolicy | None = None,
     bundle: Path | None = None,
     now: float | None = None,
     delta_from: int = DEFAULT_DELTA_FROM,
@@ -204,6 +207,7 @@ def start_rollout(
             on_failure=on_failure,
             probation=probation or ProbationPolicy(),
             now=now,
+            shadow=shadow,
         )
         records.save(rollout)
         try:
@@ -505,6 +509,21 @@ class RolloutService:
             previous_latency=old.latency if old else {},
             incidents=self._incidents(r),
             baseline_p99_s=r.baseline_p99_s,
+            shadows=self._shadows(r),
+        )
+
+    def _shadows(self, r: Rollout) -> tuple[ShadowSample, ...]:
+        """The devices' latest shadow reports of the new version (the shadow gates)."""
+        return tuple(
+            ShadowSample(
+                row.device,
+                row.report.state,
+                row.report.samples,
+                row.report.agreement,
+                row.report.latency_ratio,
+            )
+            for row in self.store.shadow_reports(r.fleet, r.model, r.version)
+            if row.received_at >= r.created_at
         )
 
     def _incidents(self, r: Rollout) -> tuple[Incident, ...]:
@@ -554,6 +573,7 @@ class RolloutService:
             samples=tuple(samples),
             incidents=self._incidents(r),
             baseline_p99_s=r.baseline_p99_s,
+            shadows=self._shadows(r),
         )
 
     def fleet_counts(self, r: Rollout) -> dict[str, Any]:

@@ -46,7 +46,14 @@ from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Final
 
-from agent.contracts import ModelRelease, ProbationPolicy, bundle_target_path
+from agent.base.errors import DesiredStateError
+from agent.contracts import (
+    ModelRelease,
+    ProbationPolicy,
+    ShadowPolicy,
+    bundle_target_path,
+    parse_shadow_policy,
+)
 from controller.base.errors import ControllerError, UsageError
 from controller.rollout.gates import GatePolicy, GateReport, parse_gates
 
@@ -156,6 +163,9 @@ class Rollout:
     # Per stage index: the summary of the report it passed with.
     passed: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     history: tuple[tuple[float, str], ...] = ()
+    # What each device checks in shadow before the release answers a client (a record
+    # written before shadows existed: the defaults, as desired state without one).
+    shadow: ShadowPolicy = field(default_factory=ShadowPolicy)
 
     @property
     def percent(self) -> float:
@@ -241,6 +251,7 @@ def new_rollout(
     on_failure: OnFailure,
     probation: ProbationPolicy,
     now: float,
+    shadow: ShadowPolicy | None = None,
 ) -> Rollout:
     """A running rollout at its first stage. Raises UsageError on bad stages or times."""
     if wait_s < 0:
@@ -269,6 +280,7 @@ def new_rollout(
         stage_started_at=now,
         updated_at=now,
         history=((now, f"started at stage 1 ({_pct(check_stages(stages)[0])})"),),
+        shadow=shadow or ShadowPolicy(),
     )
 
 
@@ -439,6 +451,7 @@ def desired_release(r: Rollout) -> ModelRelease:
         previous_target=bundle_target_path(r.model, r.previous) if r.previous else None,
         canaries=canaries,
         probation=r.probation,
+        shadow=r.shadow,
     )
 
 
@@ -493,8 +506,9 @@ def parse_rollout(raw: bytes) -> Rollout:
             last_report=dict(doc.get("last_report", {})),
             passed={str(k): dict(v) for k, v in doc.get("passed", {}).items()},
             history=tuple((float(at), str(note)) for at, note in doc.get("history", [])),
+            shadow=parse_shadow_policy(doc.get("shadow"), "rollout record"),
         )
     except RolloutRecordError:
         raise
-    except (ValueError, KeyError, TypeError, UsageError) as exc:
+    except (ValueError, KeyError, TypeError, UsageError, DesiredStateError) as exc:
         raise RolloutRecordError(f"bad rollout record: {type(exc).__name__}: {exc}") from None

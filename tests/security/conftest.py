@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from agent.contracts import ProbationPolicy
+from agent.contracts import ProbationPolicy, ShadowPolicy
 from agent.device.config import AgentConfig, InferenceConfig, MqttConfig, RepositoryConfig
 from agent.runtime.registry import ModelRegistry
 from agent.telemetry.reporter import IntervalStats
@@ -40,6 +40,8 @@ from tests.tally import counts, write_tally
 MODEL = "lin"
 FLEET = "lab"
 NOW_SERVING = ProbationPolicy(duration_s=0)
+# Served at once, as before shadows (tests/test_shadow_e2e.py judges shadows).
+NO_SHADOW = ShadowPolicy(enabled=False)
 ATTACK_CLASSES = {
     1: "arbitrary bundle (not signed by the release key)",
     2: "rollback to older metadata",
@@ -270,7 +272,9 @@ def forger(repo: Repository) -> Forger:
 def release(repo: Repository, bundle: Path, delta_from: int = 0) -> None:
     """Release ``bundle`` to the fleet; without deltas unless asked (the attacks on the
     bundle's transfer need the device to fetch the full bundle)."""
-    release_bundle(bundle, FLEET, repo.path, probation=NOW_SERVING, delta_from=delta_from)
+    release_bundle(
+        bundle, FLEET, repo.path, probation=NOW_SERVING, shadow=NO_SHADOW, delta_from=delta_from
+    )
 
 
 @pytest.fixture

@@ -27,7 +27,13 @@ from securesystemslib.signer import Signer
 from tuf.api.metadata import Metadata, MetaFile
 from tuf.api.serialization.json import JSONSerializer
 
-from agent.contracts import DesiredState, ModelRelease, ProbationPolicy, bundle_target_path
+from agent.contracts import (
+    DesiredState,
+    ModelRelease,
+    ProbationPolicy,
+    ShadowPolicy,
+    bundle_target_path,
+)
 from controller.repository.repo import Repository
 from controller.serve.http import resolve_static
 
@@ -256,7 +262,8 @@ class Forger:
 
 def evil_desired_state(fleet: str, model: str, version: str) -> bytes:
     """A desired state sending every device of ``fleet`` from ``model`` 1.0.0 to
-    ``version`` at once, with no probation: what an attacker signs with the rollout key."""
+    ``version`` at once, with no probation nor shadow: what an attacker signs with the
+    rollout key."""
     entry = ModelRelease(
         version=version,
         target=bundle_target_path(model, version),
@@ -265,6 +272,7 @@ def evil_desired_state(fleet: str, model: str, version: str) -> bytes:
         previous="1.0.0",
         previous_target=bundle_target_path(model, "1.0.0"),
         probation=ProbationPolicy(duration_s=0),
+        shadow=ShadowPolicy(enabled=False),
     )
     return DesiredState(fleet=fleet, models={model: entry}, issued_at="x").to_json_bytes()
 

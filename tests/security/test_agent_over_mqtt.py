@@ -49,7 +49,15 @@ def test_a_real_agent_installs_and_updates_over_mqtt_only(tmp_path: Path, broker
     try:
         wait_until(lambda: served() == "1.0.0", 60, "1.0.0 over MQTT")
         edgectl(
-            "release", bundles["2.0.0"], "--fleet", "lab", "--repo", repo, "--probation-s", "0.5"
+            "release",
+            bundles["2.0.0"],
+            "--fleet",
+            "lab",
+            "--repo",
+            repo,
+            "--probation-s",
+            "0.5",
+            "--no-shadow",
         )
         wait_until(lambda: served() == "2.0.0", 60, "2.0.0 over MQTT")
         assert "http://" not in agent.text()  # no URL was ever used

@@ -29,7 +29,7 @@ from controller.repository.ceremony import rotate
 from controller.repository.keys import generate_key, load_key_file
 from controller.repository.release import release_bundle
 from controller.repository.repo import Repository
-from tests.security.conftest import FLEET, MODEL, NOW_SERVING, Device, release
+from tests.security.conftest import FLEET, MODEL, NO_SHADOW, NOW_SERVING, Device, release
 from tests.security.simulator import (
     Behaviour,
     Cut,
@@ -431,7 +431,9 @@ def delta_length(repo: Repository, version: str = "2.0.0", old: str = "1.0.0") -
 
 def release_2_0_0_without_delta(repo: Repository, bundles: dict[str, Path]) -> None:
     """Release 2.0.0 with no delta published (the tests sign their own)."""
-    release_bundle(bundles["2.0.0"], FLEET, repo.path, probation=NOW_SERVING, delta_from=0)
+    release_bundle(
+        bundles["2.0.0"], FLEET, repo.path, probation=NOW_SERVING, shadow=NO_SHADOW, delta_from=0
+    )
 
 
 def check_logged(

@@ -16,6 +16,7 @@ from agent.contracts import (
     InvalidNameError,
     ModelRelease,
     PayloadError,
+    ShadowPolicy,
     announce_topic,
     bundle_target_path,
     check_name,
@@ -201,6 +202,41 @@ def test_desired_state_target_must_match_version() -> None:
         DesiredStateError, match=re.escape("target expected 'bundles/m/2.0.0.bundle'")
     ):
         parse_desired_state(raw, "lab")
+
+
+def test_desired_state_carries_the_shadow_policy_and_an_old_one_gets_the_defaults() -> None:
+    policy = ShadowPolicy(samples=7, sample_rate=0.5, min_cosine=0.99, max_abs_diff=None)
+    state = _desired(shadow=policy)
+    assert parse_desired_state(state.to_json_bytes(), "lab").models["m"].shadow == policy
+    off = _desired(shadow=ShadowPolicy(enabled=False))
+    assert not parse_desired_state(off.to_json_bytes(), "lab").models["m"].shadow.enabled
+    doc = json.loads(_desired().to_json_bytes())
+    del doc["models"]["m"]["shadow"]  # as a controller before shadows wrote it
+    assert parse_desired_state(json.dumps(doc).encode(), "lab").models["m"].shadow == ShadowPolicy()
+
+
+@pytest.mark.parametrize(
+    ("shadow", "message"),
+    [
+        ([], "shadow expected an object, got list"),
+        ({"samples": 0}, "samples expected at least 1"),
+        ({"samples": 2.5}, "samples expected an integer"),
+        ({"sample_rate": 0}, "sample_rate expected more than 0"),
+        ({"sample_rate": 1.5}, "sample_rate expected 0..1, got 1.5"),
+        ({"min_agreement": -0.1}, "min_agreement expected 0..1"),
+        ({"max_latency_ratio": 0}, "max_latency_ratio expected more than 0"),
+        ({"max_duration_s": -1}, "max_duration_s expected >= 0"),
+        ({"enabled": "yes"}, "enabled expected true or false"),
+        ({"min_cosine": 2}, "min_cosine expected -1..1"),
+        ({"surprise": 1}, "shadow fields this agent does not know: ['surprise']"),
+    ],
+)
+def test_a_bad_shadow_policy_is_refused_naming_the_field(shadow: object, message: str) -> None:
+    doc = json.loads(_desired().to_json_bytes())
+    doc["models"]["m"]["shadow"] = shadow
+    with pytest.raises(DesiredStateError, match=re.escape(message)) as refused:
+        parse_desired_state(json.dumps(doc).encode(), "lab")
+    assert "models['m']" in str(refused.value)
 
 
 def test_bucket_is_stable_and_roughly_uniform() -> None:

@@ -48,3 +48,15 @@ def test_failed_and_rolled_back_candidates_say_why_and_old_versions_are_on_disk(
         Held("2.0.0", "READY", "serving"),
     ]
     assert held_versions(_record(Phase.IDLE, None, None), [], None) == []
+
+
+def test_a_candidate_in_shadow_is_loading_beside_the_version_serving() -> None:
+    held = held_versions(_record(Phase.SHADOW, "2.0.0", "1.0.0"), ["2.0.0", "1.0.0"], "1.0.0")
+    assert held == [
+        Held("1.0.0", "READY", "serving"),
+        Held(
+            "2.0.0",
+            "LOADING",
+            "in shadow beside 1.0.0: given copies of live requests, answers no client",
+        ),
+    ]

@@ -7,10 +7,11 @@ from dataclasses import replace
 
 import pytest
 
-from agent.contracts import ProbationPolicy
+from agent.contracts import ProbationPolicy, ShadowPolicy
 from agent.update.journal import (
     CRASH_LOOP_RESTARTS,
     JOURNAL_SCHEMA,
+    JOURNAL_SCHEMA_1,
     MAX_INTERRUPTED_INSTALLS,
     TRANSITIONS,
     IllegalTransitionError,
@@ -20,6 +21,8 @@ from agent.update.journal import (
     Phase,
     abandon,
     begin_install,
+    cancel_shadow,
+    enter_shadow,
     parse_record,
     probation_carried_s,
     record_from_pointers,
@@ -300,3 +303,83 @@ def test_pointer_files_of_an_agent_before_the_journal_become_a_record() -> None:
 def test_unreadable_pointer_files_are_refused(active: bytes) -> None:
     with pytest.raises(JournalFormatError, match=r"active\.json"):
         record_from_pointers("digits", active, None, now=5.0)
+
+
+# ---------------------------------------------------------------- shadow
+SHADOW = ShadowPolicy(samples=5, max_duration_s=30.0)
+
+
+def _in_shadow() -> JournalRecord:
+    return enter_shadow(_installing(Phase.SMOKE_TESTED), SHADOW, now=150.0)
+
+
+def test_shadow_sits_between_smoke_tested_and_active_and_serves_the_previous_version() -> None:
+    record = _in_shadow()
+    assert (record.phase, record.shadow, record.entered_at) == (Phase.SHADOW, SHADOW, 150.0)
+    assert serving_version(record) == "1.0.0"  # the candidate answers no client
+    live = transition(record, Phase.ACTIVE, now=160.0)
+    assert serving_version(live) == "2.0.0" and live.shadow is None
+    failed = transition(record, Phase.FAILED, now=160.0, reason="shadow: agreement 0.5")
+    assert serving_version(failed) == "1.0.0" and failed.shadow is None
+    assert should_skip(failed, "2.0.0", "r2") is not None
+    for illegal in (Phase.COMMITTED, Phase.ROLLED_BACK, Phase.DOWNLOADING, Phase.STAGED):
+        with pytest.raises(IllegalTransitionError, match="shadow ->"):
+            transition(record, illegal, now=160.0)
+    with pytest.raises(IllegalTransitionError):
+        enter_shadow(_installing(Phase.STAGED), SHADOW, now=1.0)
+
+
+def test_cancelling_a_shadow_goes_idle_on_the_served_version_without_failing_it() -> None:
+    idle = cancel_shadow(_in_shadow(), now=170.0, reason="desired state names 3.0.0")
+    assert (idle.phase, idle.version, idle.previous, idle.shadow) == (
+        Phase.IDLE, "1.0.0", None, None
+    )  # fmt: skip
+    assert should_skip(idle, "2.0.0", "r2") is None
+    with pytest.raises(IllegalTransitionError):
+        cancel_shadow(_installing(Phase.ACTIVE), now=1.0, reason="x")
+
+
+def test_a_restart_in_shadow_serves_the_previous_version_and_shadows_again() -> None:
+    record = _in_shadow()
+    plan = recover(record, now=500.0)
+    assert (plan.load, plan.fallback) == ("1.0.0", None)
+    again = plan.record
+    assert (again.phase, again.shadow, again.entered_at, again.interrupted) == (
+        Phase.SHADOW, SHADOW, 500.0, 1
+    )  # fmt: skip
+    assert "again from the start" in plan.note
+    # A candidate that keeps crashing the agent in shadow fails, serving the previous one.
+    for _ in range(MAX_INTERRUPTED_INSTALLS - 2):
+        again = recover(again, now=600.0).record
+        assert again.phase is Phase.SHADOW
+    last = recover(again, now=700.0)
+    assert (last.record.phase, last.load, last.record.shadow) == (Phase.FAILED, "1.0.0", None)
+    assert f"interrupted {MAX_INTERRUPTED_INSTALLS} times" in last.record.reason
+
+
+def test_only_a_record_in_shadow_is_written_in_schema_2() -> None:
+    record = _in_shadow()
+    doc = json.loads(record.to_json_bytes())
+    assert doc["schema"] == JOURNAL_SCHEMA == "edgefleet.journal/2"
+    assert doc["shadow"]["samples"] == 5
+    assert parse_record(record.to_json_bytes()) == record
+    # Everything else is schema 1 as an older agent wrote it: same keys, same schema.
+    for phase in (Phase.SMOKE_TESTED, Phase.ACTIVE):
+        other = json.loads(_installing(phase).to_json_bytes())
+        assert other["schema"] == JOURNAL_SCHEMA_1 and "shadow" not in other
+    older = json.loads(V1_WRITTEN_BY_3C52CD2["active"])
+    assert set(json.loads(_installing(Phase.ACTIVE).to_json_bytes())) == set(older)
+
+
+def test_a_schema_1_record_cannot_hold_a_shadow_and_a_shadow_needs_its_policy() -> None:
+    doc = json.loads(_in_shadow().to_json_bytes())
+    doc["schema"] = "edgefleet.journal/1"
+    with pytest.raises(JournalFormatError, match="shadow"):
+        parse_record(json.dumps(doc).encode())
+    doc = json.loads(_in_shadow().to_json_bytes())
+    doc["shadow"] = None
+    with pytest.raises(JournalFormatError, match="shadow policy"):
+        parse_record(json.dumps(doc).encode())
+    doc["shadow"] = {"samples": -1}
+    with pytest.raises(JournalFormatError, match="samples"):
+        parse_record(json.dumps(doc).encode())

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from agent.base.errors import IncompatibleStateError
-from agent.update.journal import JOURNAL_SCHEMA, Phase, parse_record, serving_version
+from agent.update.journal import (
+    JOURNAL_SCHEMA,
+    JOURNAL_SCHEMA_1,
+    Phase,
+    parse_record,
+    serving_version,
+)
 from agent.update.store import ModelStore
 from tests.agent.update._old_records import POINTERS_WRITTEN_BY_E3FAC1E, V1_WRITTEN_BY_3C52CD2
 
@@ -36,7 +42,7 @@ def test_pointer_files_become_a_journal_once(tmp_path: Path) -> None:
         Phase.FAILED, "2.0.0", "1.1.0"
     )  # fmt: skip
     assert sorted(p.name for p in folder.iterdir()) == ["1.1.0", "journal.json"]
-    assert json.loads((folder / "journal.json").read_bytes())["schema"] == JOURNAL_SCHEMA
+    assert json.loads((folder / "journal.json").read_bytes())["schema"] == JOURNAL_SCHEMA_1
     assert store.migrate_pointers("digits", now=8.0) is None  # nothing left to migrate
     assert store.read_journal("digits") == record
 

@@ -17,7 +17,10 @@ from controller.rollout.gates import (
 )
 
 POLICY = parse_gates(DEFAULT_GATES)
-VALID = "error_rate, p99_ratio, failed_installs, rollbacks, min_devices, min_requests"
+VALID = (
+    "error_rate, p99_ratio, failed_installs, rollbacks, shadow_agreement, shadow_latency_ratio, "
+    "min_devices, min_requests"
+)
 
 
 def test_parse_gates() -> None:
