@@ -321,7 +321,7 @@ def test_shadow_sits_between_smoke_tested_and_active_and_serves_the_previous_ver
     assert serving_version(live) == "2.0.0" and live.shadow is None
     failed = transition(record, Phase.FAILED, now=160.0, reason="shadow: agreement 0.5")
     assert serving_version(failed) == "1.0.0" and failed.shadow is None
-    assert should_skip(failed, "2.0.0", "r2") is not None
+    assert should_skip(failed, "2.0.0", "r2", AGENT) is not None
     for illegal in (Phase.COMMITTED, Phase.ROLLED_BACK, Phase.DOWNLOADING, Phase.STAGED):
         with pytest.raises(IllegalTransitionError, match="shadow ->"):
             transition(record, illegal, now=160.0)
@@ -334,7 +334,7 @@ def test_cancelling_a_shadow_goes_idle_on_the_served_version_without_failing_it(
     assert (idle.phase, idle.version, idle.previous, idle.shadow) == (
         Phase.IDLE, "1.0.0", None, None
     )  # fmt: skip
-    assert should_skip(idle, "2.0.0", "r2") is None
+    assert should_skip(idle, "2.0.0", "r2", AGENT) is None
     with pytest.raises(IllegalTransitionError):
         cancel_shadow(_installing(Phase.ACTIVE), now=1.0, reason="x")
 

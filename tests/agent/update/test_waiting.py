@@ -141,7 +141,7 @@ def test_the_board_keeps_each_models_reason_until_a_check_clears_it() -> None:
 
 def test_a_version_in_shadow_waits_with_code_shadow_and_another_does_not() -> None:
     record = JournalRecord("m", phase=Phase.SHADOW, version="2.0.0", previous="1.0.0")
-    waits = before_install(record, "2.0.0", "r2")
+    waits = before_install(record, "2.0.0", "r2", agent_version=AGENT)
     assert waits is not None and waits.code == "shadow" and waits.code in WAITING_CODES
     assert "in shadow beside 1.0.0" in waits.detail and waits.version == "2.0.0"
-    assert before_install(record, "3.0.0", "r3") is None  # the updater cancels the shadow
+    assert before_install(record, "3.0.0", "r3", agent_version=AGENT) is None  # the updater cancels the shadow
