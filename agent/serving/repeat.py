@@ -218,6 +218,8 @@ class Repeat:
             response = self._run_bound(model, addresses, options)
             ran_at = perf_counter_ns()
             if response is not None:
+                if model.drift is not None:
+                    self._observe_bound(model, body, views)
                 phases.input_ns = checked_at - started
                 phases.infer_ns = ran_at - checked_at
                 phases.output_ns = 0  # the model wrote them where the response is
@@ -233,6 +235,8 @@ class Repeat:
         read_at = perf_counter_ns()
         results = model.run(self.names, inputs, options)
         ran_at = perf_counter_ns()
+        if model.drift is not None:
+            model.drift.observe(inputs, dict(zip(self.names, results, strict=True)))
         phases.input_ns = read_at - started - bound_ns
         phases.infer_ns = ran_at - read_at + bound_ns
         parts: list[bytes | memoryview] = [self.template.header]
@@ -252,6 +256,29 @@ class Repeat:
         if self.response is not None:
             return self.response
         return infer_response(parts, self.template.header_length)
+
+    def _observe_bound(
+        self, model: LoadedModel, body: bytes | bytearray | memoryview, views: list[memoryview]
+    ) -> None:
+        """Count a bound run in the model's drift sketch: its inputs where they lie, its
+        outputs where the run wrote them (views, no copies)."""
+        assert model.drift is not None
+        inputs = {
+            spec.name: (
+                np.frombuffer(body, spec.wire, spec.n_values, spec.offset)
+                if spec.view < 0
+                else np.frombuffer(views[spec.view], spec.wire)
+            ).reshape(spec.shape)
+            for spec in self.inputs
+        }
+        outputs: dict[str, np.ndarray] = {}
+        buffers = iter(self.buffers)
+        for name, spec in zip(self.names, self.outputs, strict=True):
+            if spec.view < 0:
+                outputs[name] = next(buffers)
+            else:
+                outputs[name] = np.frombuffer(views[spec.view], spec.dtype).reshape(spec.shape)
+        model.drift.observe(inputs, outputs)
 
     def _run_bound(
         self, model: LoadedModel, addresses: list[int], options: ort.RunOptions

@@ -483,6 +483,8 @@ def _execute(
     parsed_at = perf_counter_ns()
     outputs = model.infer(parsed.inputs, parsed.output_names, run_options=options)
     ran_at = perf_counter_ns()
+    if model.drift is not None:  # what it serves, against its bundle's reference
+        model.drift.observe(parsed.inputs, outputs)
     response = infer_response(
         *encode_infer_response(model.name, model.version, outputs, parsed, shm)
     )
