@@ -44,13 +44,20 @@ from agent.contracts import (
     Status,
     check_name,
     parse_device_topic,
+    parse_drift,
     parse_event,
     parse_status,
     parse_telemetry,
     parse_waiting,
 )
 from agent.contracts.names import NAME_PATTERN
-from controller.fleet.records import HeartbeatFacts, IngestBatch, ModelFacts, waiting_json
+from controller.fleet.records import (
+    DriftFacts,
+    HeartbeatFacts,
+    IngestBatch,
+    ModelFacts,
+    waiting_json,
+)
 from controller.fleet.roster import IMPLAUSIBLE, RefusedMessage, Roster
 
 Message = Heartbeat | Event | Status
@@ -140,11 +147,13 @@ def parse_heartbeat(fleet: str, device: str, raw: bytes) -> HeartbeatFacts:
         pending = dropped = 0
     system = _system(get("system"))
     figures = []
-    waiting = False
+    waiting = drift = False
     for name, entry in sorted(models.items()) if len(models) > 1 else models.items():
         figures.append(_model(name, entry))
         if not waiting and type(entry) is dict and entry.get("waiting") is not None:
             waiting = True
+        if not drift and type(entry) is dict and entry.get("drift_samples") is not None:
+            drift = True
     if "\x00" in at or len(at) > MAX_TEXT:
         _text(at, "at")
     seq = get("seq")
@@ -164,6 +173,7 @@ def parse_heartbeat(fleet: str, device: str, raw: bytes) -> HeartbeatFacts:
         at,
         seq,
         _waiting(models) if waiting else (),
+        _drift(models) if drift else (),
     )
 
 
@@ -230,6 +240,22 @@ def _waiting(models: dict[str, Any]) -> tuple[tuple[str, str], ...]:
             text = waiting_json(parse_waiting(value, f"telemetry: models[{name!r}]"))
             if text is not None:
                 found.append((name, text))
+    return tuple(found)
+
+
+def _drift(models: dict[str, Any]) -> tuple[DriftFacts, ...]:
+    """(model, version, drift, input drift, samples) of the models whose version has a
+    drift reference (``HeartbeatFacts.drift``), through the contract's parser."""
+    found: list[DriftFacts] = []
+    for name, entry in sorted(models.items()):
+        if type(entry) is not dict:
+            continue
+        drift, input_drift, samples = parse_drift(entry, f"telemetry: models[{name!r}]")
+        if samples is not None:
+            version = entry.get("version")
+            found.append(
+                (name, version if type(version) is str else None, drift, input_drift, samples)
+            )
     return tuple(found)
 
 

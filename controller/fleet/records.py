@@ -30,6 +30,9 @@ import orjson
 
 from agent.contracts import Event, Heartbeat, Status, Waiting, telemetry_payload, waiting_doc
 
+# One model's drift in a heartbeat: (model, version, drift, input drift, samples).
+DriftFacts = tuple[str, str | None, float | None, float | None, int]
+
 # One model of a heartbeat as the store keeps it:
 # (name, version, state, requests, errors, client_errors, p99_s).
 ModelFacts = tuple[str, str | None, str, int, int, int, float | None]
@@ -83,6 +86,9 @@ class HeartbeatFacts(NamedTuple):
     # (model, the JSON of its ``Waiting``) of the models that wait (``waiting_json``): why
     # the device does not install the version desired state names for them.
     waiting: tuple[tuple[str, str], ...] = ()
+    # (model, version, drift, input drift, samples) of the models whose version has a
+    # drift reference (``agent.contracts.parse_drift``), by name; issue 23.
+    drift: tuple[DriftFacts, ...] = ()
 
     @property
     def identity(self) -> tuple[str, int] | None:
@@ -110,6 +116,11 @@ def heartbeat_facts(beat: Heartbeat) -> HeartbeatFacts:
             (name, text)
             for name, m in sorted(beat.models.items())
             if (text := waiting_json(m.waiting)) is not None
+        ),
+        tuple(
+            (name, m.version, m.drift, m.input_drift, m.drift_samples)
+            for name, m in sorted(beat.models.items())
+            if m.drift_samples is not None
         ),
     )
 
@@ -156,6 +167,11 @@ class ModelRow:
     updated_at: float
     # Why the device does not install the version desired state names (None: it does).
     waiting: Waiting | None = None
+    # -- drift of ``version`` against its bundle's reference (issue 23): None when it has
+    # no reference (``drift_samples`` None) or too few samples yet (the PSIs None).
+    drift: float | None = None
+    input_drift: float | None = None
+    drift_samples: int | None = None
 
 
 @dataclass(frozen=True)
@@ -350,3 +366,52 @@ def event_rows(batch: IngestBatch) -> tuple[list[tuple[Any, ...]], list[tuple[An
         key = (e.fleet, e.device)
         seen[key] = max(seen.get(key, received), received)
     return events, [(f, d, t) for (f, d), t in sorted(seen.items())]
+
+
+# ---------------------------------------------------------------------------- drift (issue 23)
+
+
+def drift_rows(
+    beats: list[tuple[HeartbeatFacts, float]], fresh: set[tuple[str, str, str, int]] | None
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The drift rows of a batch's heartbeats: ``models`` (``_DRIFT_UPDATE``: the drift
+    of each model of a device's latest heartbeat that carries some) and ``history``
+    (``_DRIFT_HISTORY_INSERT``: every heartbeat's, once: a redelivery, a key not in
+    ``fresh``, adds none; ``fresh`` None: all are new). Both sorted by key."""
+    latest: dict[tuple[str, str], tuple[HeartbeatFacts, float]] = {}
+    history = []
+    seen: set[tuple[str, str, str, int]] = set()
+    for facts, received in beats:
+        if not facts.drift:
+            continue
+        key = (facts.fleet, facts.device)
+        known = latest.get(key)
+        if known is None or known[1] <= received:
+            latest[key] = (facts, received)
+        identity = facts.identity
+        if identity is not None:
+            beat = (facts.fleet, facts.device, *identity)
+            if (fresh is not None and beat not in fresh) or beat in seen:
+                continue
+            seen.add(beat)
+        for model, version, drift, input_drift, samples in facts.drift:
+            if version is not None:
+                history.append(
+                    (
+                        facts.fleet,
+                        facts.device,
+                        model,
+                        version,
+                        received,
+                        drift,
+                        input_drift,
+                        samples,
+                    )
+                )
+    models = [
+        (version, drift, input_drift, samples, received, fleet, device, model, received)
+        for (fleet, device), (facts, received) in sorted(latest.items())
+        for model, version, drift, input_drift, samples in facts.drift
+    ]
+    history.sort(key=lambda row: row[:5])
+    return models, history

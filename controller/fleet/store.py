@@ -72,6 +72,7 @@ from controller.fleet.records import (
     ModelFacts,
     ModelRow,
     conflict_rows,
+    drift_rows,
     event_rows,
     heartbeat_rows,
     status_rows,
@@ -86,6 +87,19 @@ from controller.fleet.rollup import (
     payload_models,
     rollup_rows,
 )
+
+
+class DriftPoint(NamedTuple):
+    """One heartbeat's drift of a model (``TelemetryStore.drift_history``)."""
+
+    device: str
+    model: str
+    version: str
+    at: float
+    drift: float | None
+    input_drift: float | None
+    samples: int
+
 
 # A stored heartbeat's key: (fleet, device, at, seq).
 HeartbeatKey = tuple[str, str, str, int]
@@ -283,7 +297,35 @@ MIGRATIONS: Final = (
     ("devices", "identity_conflict_at", "DOUBLE PRECISION"),
     # Why the device does not install the version desired state names (JSON, or NULL).
     ("device_models", "waiting", "TEXT"),
+    # -- drift (issue 23): the latest drift a device reported for a model, of the version
+    # ``drift_version`` (read only while the model row is still on it), at ``drift_at``.
+    ("device_models", "drift", "DOUBLE PRECISION"),
+    ("device_models", "input_drift", "DOUBLE PRECISION"),
+    ("device_models", "drift_samples", "INTEGER"),
+    ("device_models", "drift_version", "TEXT"),
+    ("device_models", "drift_at", "DOUBLE PRECISION"),
 )
+# -- drift (issue 23): every heartbeat's drift, for the fleet's drift alert (how long a
+# device stayed above a threshold) and the rollout's drift gate; pruned with the
+# heartbeats (``prune_heartbeats``).
+DRIFT_DDL: Final = (
+    """CREATE TABLE IF NOT EXISTS drift_history (
+        fleet TEXT NOT NULL, device TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL, drift DOUBLE PRECISION,
+        input_drift DOUBLE PRECISION, samples INTEGER NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS drift_history_fleet ON drift_history (fleet, received_at)",
+    "CREATE INDEX IF NOT EXISTS drift_history_version "
+    "ON drift_history (fleet, model, version, received_at)",
+)
+_DRIFT_UPDATE: Final = """
+UPDATE device_models SET drift_version = ?, drift = ?, input_drift = ?, drift_samples = ?,
+    drift_at = ?
+WHERE fleet = ? AND device = ? AND model = ? AND (drift_at IS NULL OR drift_at <= ?)
+"""
+_DRIFT_HISTORY_INSERT: Final = """
+INSERT INTO drift_history (fleet, device, model, version, received_at, drift, input_drift,
+                           samples) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+"""
 
 # The rollup of new heartbeats (controller.fleet.rollup.rollup_rows), last in a batch's
 # transaction: with several PostgreSQL workers these rows are shared, so their locks are
@@ -545,6 +587,8 @@ class TelemetryStore(ABC):
         for statement in DDL:
             cur.execute(self._sql(statement))
         self._migrate(cur)
+        for statement in DRIFT_DDL:
+            cur.execute(statement)
         cur.execute(HEARTBEAT_KEY)
         cur.execute(WAITING_INDEX)
         if not counted:
@@ -650,6 +694,12 @@ class TelemetryStore(ABC):
                     cur.executemany(self._sql(_COUNT_EVENTS), counts)
             if beats["history"]:
                 self._write_rollup(cur, rollup_rows(_fresh(beats["beats"], inserted)))
+                # Drift (issue 23): after the model rows it updates.
+                models, history = drift_rows(beats["beats"], inserted)
+                if models:
+                    self._write_rows(cur, _DRIFT_UPDATE, models)
+                if history:
+                    self._write_rows(cur, _DRIFT_HISTORY_INSERT, history)
         return len(batch)
 
     def _write_rollup(self, cur: Any, rows: dict[str, list[tuple[Any, ...]]]) -> None:
@@ -708,7 +758,8 @@ class TelemetryStore(ABC):
             cur.execute(
                 self._sql(
                     "SELECT fleet, device, model, version, state, requests, errors, "
-                    "client_errors, p99_s, updated_at, waiting FROM device_models"
+                    "client_errors, p99_s, updated_at, waiting, "
+                    "drift_version, drift, input_drift, drift_samples FROM device_models"
                     + (" WHERE " + " AND ".join(model_where) if model_where else "")
                     + " ORDER BY fleet, device, model"
                 ),
@@ -716,7 +767,22 @@ class TelemetryStore(ABC):
             )
             model_rows = cur.fetchall()
         by_device: dict[tuple[str, str], list[ModelRow]] = {}
-        for f, d, name, version, state, requests, errors, client_errors, p99, at, why in model_rows:
+        for (
+            f,
+            d,
+            name,
+            version,
+            state,
+            requests,
+            errors,
+            client_errors,
+            p99,
+            at,
+            why,
+            *dr,
+        ) in model_rows:
+            # Drift of another version than the row's (the device moved on) is not shown.
+            drift = dr[1:] if dr[0] is not None and dr[0] == version else (None, None, None)
             by_device.setdefault((f, d), []).append(
                 ModelRow(
                     name,
@@ -728,6 +794,7 @@ class TelemetryStore(ABC):
                     p99,
                     at,
                     waiting_from_json(why),
+                    *drift,
                 )
             )
         return [
@@ -1044,6 +1111,44 @@ class TelemetryStore(ABC):
             cur.execute(f"SELECT count(*) FROM {table}")
             return int(cur.fetchone()[0])
 
+    # -- drift (issue 23)
+
+    def drift_history(
+        self,
+        fleet: str | None,
+        since: float,
+        model: str | None = None,
+        version: str | None = None,
+        device: str | None = None,
+    ) -> list[DriftPoint]:
+        """The drift heartbeats reported (in ``fleet``; of ``model`` at ``version``; by
+        ``device``) since ``since``, by device, model and time."""
+        where = "received_at >= ?"
+        args: list[Any] = [float(since)]
+        for column, value in (("fleet", fleet), ("device", device)):
+            if value is not None:
+                where += f" AND {column} = ?"
+                args.append(value)
+        if model is not None:
+            where += " AND model = ?"
+            args.append(model)
+        if version is not None:
+            where += " AND version = ?"
+            args.append(version)
+        with self._read() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT device, model, version, received_at, drift, input_drift, samples "
+                    f"FROM drift_history WHERE {where} ORDER BY device, model, received_at"
+                ),
+                args,
+            )
+            rows = cur.fetchall()
+        return [
+            DriftPoint(str(d), str(m), str(v), float(t), f, i, int(n))
+            for d, m, v, t, f, i, n in rows
+        ]
+
     def prune_heartbeats(self, before: float) -> int:
         """Delete heartbeats received before ``before`` (epoch seconds), and the rollup
         buckets that hold only such heartbeats (ending at or before ``before``); return
@@ -1051,6 +1156,7 @@ class TelemetryStore(ABC):
         with self._write() as cur:
             cur.execute(self._sql("DELETE FROM heartbeats WHERE received_at < ?"), [before])
             removed = int(cur.rowcount or 0)
+            cur.execute(self._sql("DELETE FROM drift_history WHERE received_at < ?"), [before])
             ended = before - BUCKET_S
             cur.execute(
                 self._sql(
