@@ -204,6 +204,13 @@ class FleetAggregates:
     devices: dict[tuple[str, str], int]
     dropped: dict[str, int]
     models: dict[tuple[str, str, str, str], int]
+    # (fleet, model, version) -> the drift its devices last reported (issue 23): max,
+    # mean, devices with a score, devices above ``SIGNIFICANT_DRIFT``.
+    drift: dict[tuple[str, str, str], tuple[float, float, int, int]] = field(default_factory=dict)
+
+
+# A PSI above this is the usual reading of a significant shift (docs/operations.md).
+SIGNIFICANT_DRIFT: Final = 0.25
 
 
 @dataclass(frozen=True)

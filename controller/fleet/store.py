@@ -63,6 +63,7 @@ from typing import Any, Final, NamedTuple
 from agent.contracts import Waiting
 from controller.base.errors import ControllerError
 from controller.fleet.records import (
+    SIGNIFICANT_DRIFT,
     DeviceRow,
     EventRow,
     FleetAggregates,
@@ -482,6 +483,14 @@ SELECT fleet, count(*),
 FROM devices GROUP BY fleet
 """
 # Models of stored devices only, as ``devices()`` attaches them.
+# The drift of each fleet, model and version its devices run, from their latest reports
+# (only rows whose drift is of the version they run; issue 23).
+_DRIFT_COUNTS: Final = """
+SELECT fleet, model, version, max(drift), avg(drift), count(*),
+       sum(CASE WHEN drift > ? THEN 1 ELSE 0 END)
+FROM device_models WHERE drift IS NOT NULL AND drift_version = version
+GROUP BY fleet, model, version
+"""
 _MODEL_COUNTS: Final = """
 SELECT m.fleet, m.model, COALESCE(m.version, ''), m.state, count(*)
 FROM device_models m JOIN devices d ON d.fleet = m.fleet AND d.device = m.device
@@ -831,6 +840,8 @@ class TelemetryStore(ABC):
             health_rows = cur.fetchall()
             cur.execute(_MODEL_COUNTS)
             model_rows = cur.fetchall()
+            cur.execute(self._sql(_DRIFT_COUNTS), [SIGNIFICANT_DRIFT])
+            drift_rows_ = cur.fetchall()
         devices: dict[tuple[str, str], int] = {}
         dropped: dict[str, int] = {}
         for fleet, n, offline, stale, lost in health_rows:
@@ -839,7 +850,11 @@ class TelemetryStore(ABC):
             devices.update({(str(fleet), h): k for h, k in counts.items() if k})
             dropped[str(fleet)] = int(lost)
         models = {(str(f), str(m), str(v), str(s)): int(n) for f, m, v, s, n in model_rows}
-        return FleetAggregates(devices, dropped, models)
+        drift = {
+            (str(f), str(m), str(v)): (float(top), float(mean), int(n), int(high))
+            for f, m, v, top, mean, n, high in drift_rows_
+        }
+        return FleetAggregates(devices, dropped, models, drift)
 
     def events(
         self, device: str | None = None, fleet: str | None = None, limit: int = 50

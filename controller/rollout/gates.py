@@ -25,6 +25,11 @@ Gates (``edgectl rollout start --gate``, laid over ``DEFAULT_GATES`` by
                      unpackable or untrusted bundle, a phase deadline) or that rolled it
                      back (probation, crash loop), over the devices that tried it.
 ``rollbacks``        the rolled-back share alone (optional, stricter on its own).
+``drift``            the largest drift (PSI of a device's outputs against the bundle's
+                     drift reference, ``agent.runtime.drift``) among the devices on the new
+                     version, each device's newest score in the window (optional, e.g.
+                     ``drift<0.2``). With it, a stage passes only once a device reported a
+                     score: no reference in the bundle, or no traffic, is no evidence.
 
 And two evidence floors, ``name=value``:
 
@@ -62,7 +67,7 @@ from typing import Any, Final
 from controller.base.errors import UsageError
 from controller.fleet.rollup import DeviceTotals, binned_median
 
-LIMIT_METRICS: Final = ("error_rate", "p99_ratio", "failed_installs", "rollbacks")
+LIMIT_METRICS: Final = ("error_rate", "p99_ratio", "failed_installs", "rollbacks", "drift")
 FLOOR_NAMES: Final = ("min_devices", "min_requests")
 DEFAULT_GATES: Final = "error_rate<0.01,p99_ratio<1.5,failed_installs<0.02,min_devices=3"
 MIN_REQUESTS_TO_JUDGE: Final = 20
@@ -136,6 +141,8 @@ def parse_gates(text: str) -> GatePolicy:
             raise UsageError(f"--gate: {name} is a share within (0, 1], got {limits[name]:g}")
     if "p99_ratio" in limits and not limits["p99_ratio"] > 0:
         raise UsageError(f"--gate: p99_ratio must be > 0, got {limits['p99_ratio']:g}")
+    if "drift" in limits and not limits["drift"] > 0:
+        raise UsageError(f"--gate: drift is a PSI > 0, got {limits['drift']:g}")
     return GatePolicy(
         limits=tuple(Gate(m, limits[m]) for m in LIMIT_METRICS if m in limits),
         min_devices=floors["min_devices"],
@@ -247,6 +254,9 @@ class Evidence:
     incidents: tuple[Incident, ...] = ()
     # The previous version's p99 measured earlier in the rollout (a fallback baseline).
     baseline_p99_s: float | None = None
+    # -- drift (issue 23): each device's newest drift score on the new version in the
+    # window (``controller.fleet.drift.latest_drift``), by device.
+    drift: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -267,6 +277,8 @@ class RolledEvidence:
     previous_latency: Mapping[int, int] = field(default_factory=dict)  # bin → heartbeats
     incidents: tuple[Incident, ...] = ()
     baseline_p99_s: float | None = None
+    # -- drift (issue 23): as ``Evidence.drift``.
+    drift: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -354,10 +366,19 @@ class GateReport:
     rolled_back: int
     min_devices: int
     min_requests: int
+    # -- drift (issue 23): the worst device's drift on the new version, the devices that
+    # reported one, and whether a drift gate asks for it (then passing needs one).
+    drift: float | None = None
+    drift_devices: int = 0
+    drift_gated: bool = False
 
     @property
     def enough(self) -> bool:
-        return len(self.reporting) >= self.min_devices and self.served >= self.min_requests
+        return (
+            len(self.reporting) >= self.min_devices
+            and self.served >= self.min_requests
+            and (not self.drift_gated or self.drift_devices > 0)
+        )
 
     @property
     def healthy(self) -> bool:
@@ -373,6 +394,11 @@ class GateReport:
             )
         if self.served < self.min_requests:
             parts.append(f"only {self.served} of min_requests={self.min_requests} requests")
+        if self.drift_gated and not self.drift_devices:
+            parts.append(
+                "no drift evidence: no device on the new version reported a drift score (the "
+                "bundle needs a reference, `bundle build --eval`, and a device 100 samples)"
+            )
         return " and ".join(parts)
 
     def summary(self) -> dict[str, Any]:
@@ -389,6 +415,8 @@ class GateReport:
             "rolled_back": self.rolled_back,
             "enough": self.enough,
             "breaches": [b.gate for b in self.breaches],
+            "drift": self.drift,
+            "drift_devices": self.drift_devices,
         }
 
 
@@ -445,6 +473,7 @@ def evaluate_gates(policy: GatePolicy, evidence: Evidence | RolledEvidence) -> G
             _latency_breach(policy, new, served, p99_new, baseline, ratio),
             _failure_breach(policy, "failed_installs", failed, attempted),
             _failure_breach(policy, "rollbacks", rolled_back, attempted),
+            _drift_breach(policy, evidence.drift),
         )
         if b is not None
     ]
@@ -462,7 +491,25 @@ def evaluate_gates(policy: GatePolicy, evidence: Evidence | RolledEvidence) -> G
         rolled_back=len(rolled_back),
         min_devices=policy.min_devices,
         min_requests=policy.min_requests,
+        drift=max(evidence.drift.values(), default=None),
+        drift_devices=len(evidence.drift),
+        drift_gated=policy.limit("drift") is not None,
     )
+
+
+def _drift_breach(policy: GatePolicy, drift: Mapping[str, float]) -> Breach | None:
+    """The drift gate: the worst device's newest drift on the new version against the
+    limit (one device whose outputs moved away from the reference is enough)."""
+    limit = policy.limit("drift")
+    if limit is None or not drift:
+        return None
+    worst = max(drift.values())
+    if worst < limit:
+        return None
+    ranked = [(d, device, f"PSI {d:.3f}") for device, d in drift.items() if d >= limit]
+    devices, count = _named(ranked)
+    detail = f"the worst of {len(drift)} devices' drift against the bundle's reference"
+    return Breach("drift", limit, worst, detail, devices, count)
 
 
 def _median_p99(figures: Mapping[str, DeviceFigures]) -> float | None:

@@ -19,7 +19,7 @@ from agent.contracts import (
 )
 from controller.fleet.drift import DriftPolicy, drift_alerts, latest_drift
 from controller.fleet.payloads import parse_heartbeat
-from controller.fleet.records import IngestBatch, heartbeat_facts
+from controller.fleet.records import FleetAggregates, IngestBatch, heartbeat_facts
 from controller.fleet.status import StalePolicy, device_json, render_device, render_fleet_table
 from controller.fleet.store import DriftPoint
 from tests.controller.test_store_support import store_for
@@ -174,3 +174,30 @@ def test_fleet_status_and_device_show_print_drift_and_mark_the_alert(
     assert device_json(rows[3], 1000.0, StalePolicy())["models"]["lin"]["drift_samples"] is None
     shown = render_device(rows[:1], [], [], 1000.0, StalePolicy(), (), alerts)
     assert "drift: 0.410 (PSI of outputs), inputs 0.410, on 1500 samples; above" in shown
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_metrics_give_the_drift_of_each_version_from_the_store_as_from_rows(
+    backend: str, tmp_path: Path
+) -> None:
+    from controller.serve.metrics import aggregate_rows, render_aggregates
+
+    with store_for(backend, tmp_path) as store:
+        batch = IngestBatch()
+        for device, drift in (("d1", 0.4), ("d2", 0.1), ("d3", None)):
+            raw = telemetry_payload(beat(device, 1, drift))
+            facts = parse_heartbeat("lab", device, raw)
+            batch.heartbeat_facts.append((facts, 1000.0, raw.decode()))
+        store.write(batch)
+        aggregates = store.fleet_aggregates(1000.0, 10.0, 3.0)
+        rows = store.devices()
+    assert aggregates.drift == {("lab", "lin", "1.0.0"): (0.4, pytest.approx(0.25), 2, 1)}
+    assert aggregate_rows(rows, 1000.0, StalePolicy()).drift == aggregates.drift
+    text = render_aggregates(aggregates, [], {})
+    labels = '{fleet="lab",model="lin",version="1.0.0"}'
+    assert f"edgefleet_model_drift_max{labels} 0.4" in text
+    assert f"edgefleet_model_drift_devices{labels} 2" in text
+    assert f"edgefleet_model_drift_significant_devices{labels} 1" in text
+    # Every series has its HELP and TYPE lines even without a sample.
+    empty = render_aggregates(FleetAggregates({}, {}, {}), [], {})
+    assert "# TYPE edgefleet_model_drift_mean gauge" in empty

@@ -17,7 +17,7 @@ from controller.rollout.gates import (
 )
 
 POLICY = parse_gates(DEFAULT_GATES)
-VALID = "error_rate, p99_ratio, failed_installs, rollbacks, min_devices, min_requests"
+VALID = "error_rate, p99_ratio, failed_installs, rollbacks, drift, min_devices, min_requests"
 
 
 def test_parse_gates() -> None:
