@@ -34,7 +34,9 @@ def test_the_demo_reaches_every_milestone_and_cleans_up(tmp_path: Path) -> None:
     summary = json.loads(summary_path.read_text())
     assert summary["ok"] is True
     milestones = {m["name"]: m for m in summary["milestones"]}
-    assert list(milestones) == ["v1_served", "v2_rolled_out", "v3_halted", "v3_rolled_back", "done"]
+    assert list(milestones) == [
+        "v1_served", "v2_rolled_out", "v3_halted", "v3_rolled_back", "drift", "done",
+    ]  # fmt: skip
     # The printed lines carry the same facts as the summary file.
     printed = [line for line in out.stdout.splitlines() if line.startswith("MILESTONE ")]
     assert [line.split()[1] for line in printed] == list(milestones)
@@ -54,6 +56,12 @@ def test_the_demo_reaches_every_milestone_and_cleans_up(tmp_path: Path) -> None:
     back = milestones["v3_rolled_back"]
     assert back["phase"] == "rolled_back"
     assert back["devices"] == dict.fromkeys(sorted(DEVICES), "2.0.0")
+
+    drift = milestones["drift"]  # issue 23: one device fed inverted digits
+    shifted = drift["shifted"]
+    assert drift["alerted"] == [shifted], drift
+    assert drift["drift"][shifted] > 0.25, drift
+    assert all(d < 0.1 for device, d in drift["drift"].items() if device != shifted), drift
 
     done = milestones["done"]
     assert done["requests"] > 0 and done["failed_requests"] > 0
