@@ -10,6 +10,9 @@ noisy neighbour hits both alike), for three models:
 - an image-sized input (1x3x224x224 float32, strided to 256 values a row) through a
   1x1 convolution and a global pool to 10 classes.
 
+Then the same MLP through a real inference server in another process, twice (one name
+with the sketch, one without), requests interleaved: the p50 and p99 a client sees.
+
 It reports the median of each in µs, the sketch's share of the run, and the sketch's
 mean (which includes the binning of the kept values every 32 requests): the
 per-request cost docs/benchmarks.md records. Pure in-process: no server, no socket.
@@ -25,6 +28,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -96,6 +100,67 @@ def _loaded(folder: Path, onnx_path: Path, shape: tuple[int, ...], outputs: int)
     return model, DriftSketch(reference, {"y": "float32"}, {"x": "float32"}), sample[:1]
 
 
+def _serve(socket_path: str, ready: Any) -> None:
+    """A real inference server (another process, as on a device) serving the digits-sized
+    MLP twice: ``plain`` without a drift sketch, ``sketched`` with one."""
+    import asyncio
+    import dataclasses
+
+    from agent.runtime.registry import ModelRegistry
+    from agent.serving.routes import import_infer_path
+    from agent.serving.server import InferenceServer
+
+    folder = Path(tempfile.mkdtemp(prefix="ef-drift-"))
+    model, sketch, _x = _loaded(folder, _dense(folder / "mlp.onnx", 64, 10, True), (1, 64), 10)
+    registry = ModelRegistry()
+    registry.activate(dataclasses.replace(model, name="plain"))  # type: ignore[type-var]
+    registry.activate(dataclasses.replace(model, name="sketched", drift=sketch))  # type: ignore[type-var]
+    import_infer_path()
+    server = InferenceServer(registry, Path(socket_path))
+
+    async def run() -> None:
+        await server.start()
+        ready.set()
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+def served(rounds: int) -> None:
+    """Answered requests with and without the sketch, through the real server, calls
+    interleaved (plain, sketched, plain, ...), binary tensors on the Unix socket."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import SocketProcess
+
+    from agent.client import InferenceClient
+
+    server = SocketProcess("inference server", _serve)
+    try:
+        x = np.random.default_rng(2).standard_normal((1, 64)).astype(np.float32)
+        times: dict[str, list[int]] = {"plain": [], "sketched": []}
+        with InferenceClient(server.socket_path) as client:
+            for _ in range(200):
+                for name in times:
+                    client.infer(name, {"x": x})
+            for i in range(rounds):
+                for name in ("plain", "sketched") if i % 2 else ("sketched", "plain"):
+                    start = time.perf_counter_ns()
+                    client.infer(name, {"x": x})
+                    times[name].append(time.perf_counter_ns() - start)
+        plain = statistics.median(times["plain"]) / 1000
+        sketched = statistics.median(times["sketched"]) / 1000
+        p99 = {k: float(np.percentile(v, 99)) / 1000 for k, v in times.items()}
+        print(
+            f"served (client to answer), digits MLP-sized: p50 {plain:.1f} µs without the "
+            f"sketch, {sketched:.1f} µs with it ({sketched / plain:.3f}x); p99 "
+            f"{p99['plain']:.1f} / {p99['sketched']:.1f} µs ({p99['sketched'] / p99['plain']:.3f}x)"
+        )
+    finally:
+        server.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3000)
@@ -129,6 +194,7 @@ def main() -> None:
             mean_us = statistics.fmean(observes) / 1000  # with the binning every 32 requests
             share = observe_us / run_us
             print(f"{label:<34} {run_us:>8.1f} {observe_us:>11.1f} {share:>7.1%} {mean_us:>16.1f}")
+    served(args.rounds)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The inference server counts what it serves in the version's drift sketch, on every
-path a request can take: the full path, an unbound repeat, a bound repeat (I/O binding).
+path a request can take: the full path, an unbound repeat, a bound repeat (I/O binding),
+each once its response is written.
 Real server, real Unix socket, real ONNX Runtime; the counts are checked exactly."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from agent.runtime.drift import DriftSketch
 from agent.runtime.registry import ModelRegistry
 from tests.agent._serving import serving
 from tests.agent.serving.test_repeat_bound import LARGE, _linear
+from tests.e2e_support import wait_until
 
 UNIFORM = (1 / 3, 1 / 3, 1 / 3)
 
@@ -38,6 +40,9 @@ def test_every_answered_row_is_counted_in_the_sketch(tmp_path: Path, rows: int) 
         if rows == LARGE:
             assert model.bound_runs  # the later ones ran bound
     expected = sum(class_counts(plain.infer({"x": x})["y"], 3) for x in frames)
-    figures = sketch.figures()
-    assert figures.samples == count * rows
+    # Counted once each response is written (off the client's path): the last one may
+    # land just after the client has read it.
+    figures = wait_until(
+        lambda: f if (f := sketch.figures()).samples == count * rows else None, 10, "the count"
+    )
     assert figures.psi == pytest.approx(psi(expected.tolist(), UNIFORM), abs=1e-6)
