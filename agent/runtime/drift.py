@@ -13,7 +13,8 @@ the largest over outputs (``psi``) and over inputs (``input_psi``); below
 ``MIN_SAMPLES`` samples there is no score (None), as the expected PSI of no drift is
 about (bins − 1) / samples.
 
-Cost: ``observe`` runs on the request's thread after the model answered: it copies what
+Cost: ``observe`` runs on the request's connection once the answer is written (the
+server defers it, ``agent.serving.http_messages.after_response``): it copies what
 the request's tensors hold (the scores, at most ``MAX_VALUES_PER_ROW`` values a row of
 the others) and appends them under a lock; every ``FLUSH_EVERY`` requests (or when a
 heartbeat reads the figures) the kept values are binned together, one numpy call per
