@@ -82,7 +82,7 @@ class _Tensor:
             if array.ndim != 2 or array.shape[1] != self.classes or array.dtype.kind != "f":
                 return None
             return array.copy()
-        if array.ndim == 0 or array.shape[0] == 0 or array.dtype.kind not in "fiub":
+        if array.ndim == 0 or array.shape[0] == 0 or array.dtype.kind not in "fiu":
             return None
         return row_values(array).ravel()  # ravel of a strided view copies
 

@@ -44,7 +44,7 @@ def _shares(counts: np.ndarray) -> tuple[float, ...]:
 def quantile_histogram(array: np.ndarray, *, with_moments: bool) -> Histogram | None:
     """Deciles of ``array``'s binned values (``row_values``) and their shares; None when
     the values are not numeric or take a single value (nothing to bin)."""
-    if array.dtype.kind not in "fiub" or array.size == 0 or array.shape[0] == 0:
+    if array.dtype.kind not in "fiu" or array.size == 0 or array.shape[0] == 0:
         return None
     values = row_values(array).ravel()
     finite = values[np.isfinite(values)] if values.dtype.kind == "f" else values
