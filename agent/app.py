@@ -52,6 +52,7 @@ from agent.device.cadence import Cadence, run_every
 from agent.device.config import AgentConfig
 from agent.device.liveness import Liveness, Verdict
 from agent.device.sdnotify import Notifier, NotifyError
+from agent.runtime.drift import DriftFigures
 from agent.runtime.memory import configure_allocator, release_memory
 from agent.runtime.registry import ModelRegistry
 from agent.serving.metrics import InferenceMetrics
@@ -188,6 +189,7 @@ class AgentApp:
             models_status=self.models_status,
             publish_heartbeat=self.link.publish_heartbeat,
             disk_path=config.state_dir,
+            drift=self.drift_figures,
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._check_wanted = asyncio.Event()
@@ -198,6 +200,14 @@ class AgentApp:
         self.idle = idle_bounds(config)
         self._problems: tuple[str, ...] = ()
         self._stop_loop = stop_loop_from_env()
+
+    def drift_figures(self) -> dict[tuple[str, str], DriftFigures]:
+        """The drift of each serving version whose bundle has a reference (heartbeats)."""
+        return {
+            (name, model.version): model.drift.figures()
+            for name, model in self.registry.snapshot().items()
+            if model.drift is not None
+        }
 
     def models_status(self) -> Mapping[str, Mapping[str, Any]]:
         """Each model served (its version and install state) and each model that waits

@@ -39,6 +39,7 @@ def test_the_demo_reaches_every_milestone_and_cleans_up(tmp_path: Path) -> None:
         "v2_rolled_out",
         "v3_halted",
         "v3_caught_in_shadow",
+        "drift",
         "done",
     ]
     # The printed lines carry the same facts as the summary file.
@@ -61,6 +62,14 @@ def test_the_demo_reaches_every_milestone_and_cleans_up(tmp_path: Path) -> None:
     assert caught["phase"] == "failed"
     assert caught["devices"] == dict.fromkeys(sorted(DEVICES), "2.0.0")
     assert caught["requests"] > 0 and caught["failed_requests"] == 0, caught
+
+    drift = milestones["drift"]  # issue 23: one device fed inverted digits
+    shifted = drift["shifted"]
+    assert drift["alerted"] == [shifted], drift
+    assert drift["drift"][shifted] > 0.25, drift
+    # The others get real digits: not significant (typically ~0.01; a heartbeat taken in
+    # the middle of a burst has read 0.11 once, the rows being sent in order).
+    assert all(d < 0.25 for device, d in drift["drift"].items() if device != shifted), drift
 
     done = milestones["done"]
     assert done["requests"] > 0 and done["failed_requests"] == 0, done

@@ -18,6 +18,7 @@ from agent.base.errors import BundleError, NewerFormatError
 from agent.contracts._fields import _require
 from agent.contracts.compression import ENCODING_ZSTD, STORED_SUFFIX
 from agent.contracts.names import InvalidNameError, check_name, check_version
+from agent.contracts.reference import Reference, parse_reference
 
 # ---------------------------------------------------------------------------- datatypes
 
@@ -128,6 +129,9 @@ class Manifest:
     quality: Mapping[str, Any] = field(default_factory=dict)
     created_at: str = ""
     schema: str = MANIFEST_SCHEMA_V1
+    # The drift reference (agent.contracts.reference), recorded by builds with eval
+    # data; None (and absent from the JSON) without.
+    reference: Reference | None = None
 
     @property
     def compressed(self) -> bool:
@@ -142,6 +146,10 @@ class Manifest:
         doc = asdict(self)
         doc["inputs"] = [t.to_json() for t in self.inputs]
         doc["outputs"] = [t.to_json() for t in self.outputs]
+        if self.reference is None:
+            del doc["reference"]  # as before the key existed
+        else:
+            doc["reference"] = self.reference.to_json()
         return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=True).encode()
 
 
@@ -223,6 +231,7 @@ def parse_manifest(raw: bytes) -> Manifest:
         quality=doc.get("quality", {}) if isinstance(doc.get("quality", {}), dict) else {},
         created_at=str(doc.get("created_at", "")),
         schema=schema,
+        reference=None if doc.get("reference") is None else parse_reference(doc["reference"]),
     )
 
 

@@ -241,6 +241,18 @@ class ModelFigures:
     waiting: Waiting | None = None
     # The candidate in shadow, or its last verdict (absent from the payload when None).
     shadow: ShadowReport | None = None
+    # -- drift (issue 23): the serving version's outputs (``drift``) and inputs
+    # (``input_drift``) against its bundle's reference, as a population stability index
+    # over the last ``drift_samples`` samples (agent.runtime.drift). ``drift_samples``
+    # None: the version has no reference (the three fields are absent from the payload);
+    # a PSI is None below the sketch's minimum of samples.
+    drift: float | None = None
+    input_drift: float | None = None
+    drift_samples: int | None = None
+
+
+# The drift fields of a heartbeat's model, all absent when the version has no reference.
+DRIFT_FIELDS: Final = ("drift", "input_drift", "drift_samples")
 
 
 def _model_doc(m: ModelFigures) -> dict[str, Any]:
@@ -249,7 +261,30 @@ def _model_doc(m: ModelFigures) -> dict[str, Any]:
         del doc["waiting"]  # as before the field existed
     if m.shadow is None:
         del doc["shadow"]  # as before the field existed
+    if m.drift_samples is None:
+        for key in DRIFT_FIELDS:
+            del doc[key]
     return doc
+
+
+def parse_drift(
+    entry: Mapping[str, Any], where: str
+) -> tuple[float | None, float | None, int | None]:
+    """(drift, input_drift, drift_samples) of a heartbeat's model: all None when
+    ``drift_samples`` is absent (no reference). Raises PayloadError for a PSI that is not
+    a number >= 0, or a sample count that is not a count."""
+    samples = entry.get("drift_samples")
+    if samples is None:
+        return None, None, None
+    if type(samples) is not int or not 0 <= samples <= MAX_COUNT:
+        raise PayloadError(f"{where}: drift_samples expected a count, got {samples!r}")
+    scores = []
+    for key in ("drift", "input_drift"):
+        value = entry.get(key)
+        if value is not None and (type(value) not in (int, float) or not 0 <= value < math.inf):
+            raise PayloadError(f"{where}: {key} expected a number >= 0 or null, got {value!r}")
+        scores.append(None if value is None else float(value))
+    return scores[0], scores[1], samples
 
 
 @dataclass(frozen=True)
@@ -463,6 +498,7 @@ def parse_telemetry(raw: bytes) -> Heartbeat:
         if not isinstance(entry, dict):
             raise PayloadError(f"{where}: models[{name!r}] expected an object")
         model = f"{where}: models[{name!r}]"
+        drift, input_drift, drift_samples = parse_drift(entry, model)
         models[_text(str(name), f"{where}: model name")] = ModelFigures(
             version=_text_or_none(entry, "version", model),
             state=_text_or_none(entry, "state", model) or "unknown",
@@ -474,6 +510,9 @@ def parse_telemetry(raw: bytes) -> Heartbeat:
             p99_s=_number_or_none(entry, "p99_s"),
             waiting=parse_waiting(entry.get("waiting"), model),
             shadow=parse_shadow_report(entry.get("shadow"), model),
+            drift=drift,
+            input_drift=input_drift,
+            drift_samples=drift_samples,
         )
     outbox = doc.get("outbox") if isinstance(doc.get("outbox"), dict) else {}
     assert isinstance(outbox, dict)

@@ -44,6 +44,7 @@ from agent.contracts import (
     Manifest,
     TensorSpec,
 )
+from agent.runtime.drift import sketch_for
 from agent.runtime.memory import configure_allocator
 from agent.runtime.models import LoadedModel
 
@@ -175,6 +176,11 @@ def load_model(directory: Path, manifest: Manifest, *, intra_op_threads: int = 1
         manifest=manifest,
         directory=directory,
         session=session,
+        drift=sketch_for(
+            manifest.reference,
+            {t.name: OIP_TO_NUMPY[t.datatype] for t in manifest.outputs},
+            {t.name: OIP_TO_NUMPY[t.datatype] for t in manifest.inputs},
+        ),
     )
 
 

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from agent.base.errors import InferenceError, InvalidRequestError
 from agent.contracts import Manifest, TensorSpec
+from agent.runtime.drift import DriftSketch
 
 if TYPE_CHECKING:  # numpy comes with the first model loaded (agent.runtime.loading)
     import numpy as np
@@ -62,6 +63,8 @@ class LoadedModel:
     manifest: Manifest
     directory: Path
     session: ort.InferenceSession = field(repr=False, compare=False)
+    # What it serves against its bundle's drift reference (None: the bundle has none).
+    drift: DriftSketch | None = field(default=None, repr=False, compare=False)
 
     @cached_property
     def input_specs(self) -> Mapping[str, TensorSpec]:

@@ -64,7 +64,7 @@ from typing import Any, Final, Protocol
 import httptools
 
 from agent.base.sockets import poll_recv_into, send_parts, set_timeout
-from agent.serving.http_messages import RETRY_AFTER, Dispatch, Request, Response
+from agent.serving.http_messages import AFTER_RESPONSE, RETRY_AFTER, Dispatch, Request, Response
 from agent.serving.quota import Quota, Refusal
 
 logger = logging.getLogger(__name__)
@@ -300,12 +300,23 @@ class Connection:
             del body  # the last reference: a reusable body buffer is free again
             close = response.close or not parsed.keep_alive or parsed.chunked or self._draining
             self._write(response, close=close, http_1_0=parsed.http_1_0)
+            after = self._memo.pop(AFTER_RESPONSE, None)
+            if after is not None:  # routing's bookkeeping, off the client's path
+                self._run_after(after)
             return not close
         finally:
             self._busy = False
             if self._charged:
                 self._host.body_quota.give(self.peer_key, self._charged)
                 self._charged = 0
+
+    def _run_after(self, work: Callable[[], None]) -> None:
+        """Run what routing left for after the response (http_messages.after_response);
+        a failure there is logged, never the connection's end."""
+        try:
+            work()
+        except Exception:
+            logger.exception("bookkeeping after a response failed")
 
     def _recv_into(self, view: memoryview, timeout: float) -> int:
         """``recv_into`` waiting at most ``timeout`` s (raises TimeoutError)."""

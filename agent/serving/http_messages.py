@@ -134,6 +134,18 @@ class Request:
 
 Dispatch = Callable[[Request], Response]
 
+# The key of ``Request.memo`` under which routing leaves work to run once the response
+# is written (a callable; the connection pops and runs it): bookkeeping off the
+# client's path, such as counting a request in the version's drift sketch. Not a URL
+# (URLs hold no NUL).
+AFTER_RESPONSE: Final = b"\x00after"
+
+
+def after_response(request: Request, work: Callable[[], None]) -> None:
+    """Run ``work`` on the request's connection once its response is written (before the
+    connection reads its next request)."""
+    request.memo[AFTER_RESPONSE] = work
+
 
 def refuse(sock: socket.socket, response: Response) -> None:
     """Answer a connection the server will not serve (403, 503) and close it, without

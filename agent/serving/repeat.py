@@ -62,7 +62,7 @@ from agent.oip.shm import OwnedRegions
 from agent.oip.tensors import tensor_to_bytes
 from agent.runtime.models import Bound, BoundRun, LoadedModel, RunTerminatedError
 from agent.runtime.stats import Phases
-from agent.serving.http_messages import Request, Response
+from agent.serving.http_messages import Request, Response, after_response
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -199,11 +199,13 @@ class Repeat:
         shm: OwnedRegions | None,
         options: ort.RunOptions,
         phases: Phases,
+        request: Request | None = None,
     ) -> Response:
         """Answer a repeat (``body``: its body) on ``model``, the one it ``matches``,
         noting where its time goes in ``phases`` (a bound run has no outputs to encode:
         the model wrote them where the response sends them from). Raises as the full
-        path does."""
+        path does. With ``request``, the model's drift sketch counts the run once the
+        response is written (``after_response``; else at once)."""
         started = perf_counter_ns()
         views: list[memoryview] = []  # held to the end: they keep the regions mapped
         addresses: list[int] | None = [] if self.bindable else None
@@ -218,6 +220,8 @@ class Repeat:
             response = self._run_bound(model, addresses, options)
             ran_at = perf_counter_ns()
             if response is not None:
+                if model.drift is not None:
+                    self._observe_bound(model, body, views, request)
                 phases.input_ns = checked_at - started
                 phases.infer_ns = ran_at - checked_at
                 phases.output_ns = 0  # the model wrote them where the response is
@@ -233,6 +237,13 @@ class Repeat:
         read_at = perf_counter_ns()
         results = model.run(self.names, inputs, options)
         ran_at = perf_counter_ns()
+        drift = model.drift
+        if drift is not None:
+            outputs_ = dict(zip(self.names, results, strict=True))
+            if request is None:
+                drift.observe(inputs, outputs_)
+            else:
+                after_response(request, lambda: drift.observe(inputs, outputs_))
         phases.input_ns = read_at - started - bound_ns
         phases.infer_ns = ran_at - read_at + bound_ns
         parts: list[bytes | memoryview] = [self.template.header]
@@ -252,6 +263,39 @@ class Repeat:
         if self.response is not None:
             return self.response
         return infer_response(parts, self.template.header_length)
+
+    def _observe_bound(
+        self,
+        model: LoadedModel,
+        body: bytes | bytearray | memoryview,
+        views: list[memoryview],
+        request: Request | None,
+    ) -> None:
+        """Count a bound run in the model's drift sketch, once the response is written
+        (with ``request``): its inputs where they lie, its outputs where the run wrote
+        them (views, no copies; the connection reads no other request before, so the
+        body and this repeat's buffers are as the run left them)."""
+        drift = model.drift
+        assert drift is not None
+        if request is not None:
+            after_response(request, lambda: self._observe_bound(model, body, views, None))
+            return
+        inputs = {
+            spec.name: (
+                np.frombuffer(body, spec.wire, spec.n_values, spec.offset)
+                if spec.view < 0
+                else np.frombuffer(views[spec.view], spec.wire)
+            ).reshape(spec.shape)
+            for spec in self.inputs
+        }
+        outputs: dict[str, np.ndarray] = {}
+        buffers = iter(self.buffers)
+        for name, spec in zip(self.names, self.outputs, strict=True):
+            if spec.view < 0:
+                outputs[name] = next(buffers)
+            else:
+                outputs[name] = np.frombuffer(views[spec.view], spec.dtype).reshape(spec.shape)
+        drift.observe(inputs, outputs)
 
     def _run_bound(
         self, model: LoadedModel, addresses: list[int], options: ort.RunOptions

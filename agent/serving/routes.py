@@ -59,7 +59,7 @@ from agent.runtime.models import LoadedModel
 from agent.runtime.registry import ModelRegistry
 from agent.runtime.stats import Outcome, Phases, RequestStats
 from agent.serving.admission import Admission, DeadlineExceeded, Overloaded, RunWatch
-from agent.serving.http_messages import RETRY_AFTER, Request, Response
+from agent.serving.http_messages import RETRY_AFTER, Request, Response, after_response
 from agent.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.serving.metrics import InferenceMetrics
 from agent.serving.triton import (
@@ -399,7 +399,9 @@ class Router:
             try:
                 shared = self._shared(request)
                 if repeat is not None:
-                    response = repeat.run(model, request.body, shared, options, phases)
+                    response = repeat.run(
+                        model, request.body, shared, options, phases, request=request
+                    )
                 else:
                     response = _execute(model, request, shared, self._plans, options, phases, tap)
             except Exception as exc:
@@ -500,6 +502,10 @@ def _execute(
     ran_at = perf_counter_ns()
     if tap is not None:  # copies them: the caller releases the claim if this is not reached
         tap.submit(parsed.inputs, outputs, (ran_at - parsed_at) / 1e9, time.thread_time() - cpu)
+    drift = model.drift
+    if drift is not None:  # what it serves, against its bundle's reference: counted
+        inputs = parsed.inputs  # once the answer is written (off the client's path)
+        after_response(request, lambda: drift.observe(inputs, outputs))
     response = infer_response(
         *encode_infer_response(model.name, model.version, outputs, parsed, shm)
     )

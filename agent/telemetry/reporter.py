@@ -44,6 +44,7 @@ from agent.contracts import (
     parse_waiting,
     telemetry_payload,
 )
+from agent.runtime.drift import DriftFigures
 from agent.runtime.stats import Outcome, Phases, RequestStats, StatsSnapshot
 from agent.telemetry.outbox import Outbox, PayloadBuilder
 from agent.update.journal import JournalRecord
@@ -54,6 +55,7 @@ logger = logging.getLogger(__name__)
 INTERVAL_WINDOW: Final = 8192
 
 ModelsStatus = Callable[[], Mapping[str, Mapping[str, Any]]]
+DriftSource = Callable[[], Mapping[tuple[str, str], DriftFigures]]
 
 
 def utc_now() -> str:
@@ -138,13 +140,16 @@ def build_heartbeat(
     outbox_pending: int = 0,
     outbox_dropped: int = 0,
     agent_version: str = agent.__version__,
+    drift: Mapping[tuple[str, str], DriftFigures] | None = None,
 ) -> Heartbeat:
-    """The heartbeat for one interval: every model the device serves, with its figures."""
+    """The heartbeat for one interval: every model the device serves, with its figures
+    (``drift``: the sketch of each (model, version) that has a reference)."""
     models = {}
     for name, status in models_status.items():
         version = status.get("version")
         version = version if isinstance(version, str) else None
         figures = interval.get((name, version)) if version else None
+        sketch = (drift or {}).get((name, version)) if version else None
         models[name] = ModelFigures(
             version=version,
             state=str(status.get("state", "unknown")),
@@ -156,6 +161,9 @@ def build_heartbeat(
             p99_s=figures.p99_s if figures else None,
             waiting=parse_waiting(status.get("waiting"), name),
             shadow=parse_shadow_report(status.get("shadow"), name),
+            drift=sketch.psi if sketch else None,
+            input_drift=sketch.input_psi if sketch else None,
+            drift_samples=sketch.samples if sketch else None,
         )
     return Heartbeat(
         device=device,
@@ -249,7 +257,11 @@ class TelemetryReporter:
         publish_heartbeat: Callable[[bytes], bool],
         disk_path: Path,
         clock: Callable[[], float] = time.monotonic,
+        drift: DriftSource | None = None,
     ) -> None:
+        """``drift``: the drift of each serving (model, version) with a reference, read
+        at each heartbeat (none: heartbeats carry no drift)."""
+        self._drift = drift
         self._device, self._fleet = device, fleet
         self._interval_s = interval_s
         self._stats = stats
@@ -278,6 +290,7 @@ class TelemetryReporter:
             interval=self._stats.take_interval(),
             outbox_pending=self._outbox.pending,
             outbox_dropped=self._outbox.dropped,
+            drift=self._drift() if self._drift is not None else None,
         )
         sent = self._publish_heartbeat(telemetry_payload(beat))
         if not sent:

@@ -57,6 +57,7 @@ from controller.base.errors import BuildError, UsageError
 from controller.base.fsio import atomic_write
 from controller.base.progress import SILENT, Progress
 from controller.build import evaluate, golden, mixed, quantize
+from controller.build import reference as drift_reference
 from controller.build.bundle_file import member_digest, pack_bundle, stored_member_digest
 from controller.build.evaluate import Candidate, Gate, Samples
 from controller.build.prune import check_sparsity, prune
@@ -611,6 +612,13 @@ def _manifest(
     ]
     reference = golden.run_cases(evaluate.session(original), inputs)
     rtol, atol, tolerance_facts = golden.derive_tolerance(outputs, variants, reference)
+    drift = (
+        None
+        if record.samples.source == "generated"
+        else drift_reference.measure_reference(
+            session, evaluate.batches(specs, record.samples), record.samples.inputs
+        )
+    )
     golden_npz = golden.npz_bytes(inputs, outputs)
     count = len(next(iter(inputs.values())))
     opset = _opset(built)
@@ -646,6 +654,7 @@ def _manifest(
         quality=quality,
         created_at=created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
         schema=schema,
+        reference=drift,
     )
     return manifest, stored_model, stored_golden
 

@@ -21,6 +21,7 @@ Invariants:
 from __future__ import annotations
 
 import hashlib
+import math
 import statistics
 import time
 import zipfile
@@ -494,8 +495,14 @@ def choose(
     best = min(ok, key=lambda c: (c.shipped or 0, c.latency_ms or 0.0))
     best.verdict = "chosen"
     others = [c.recipe for c in ok if c is not best]
-    why = f"{best.recipe}: smallest candidate that passes the gate within {max_latency_ratio:g}x"
-    why += " the original's latency" + (f" (also passing: {', '.join(others)})" if others else "")
+    if math.isfinite(max_latency_ratio):
+        why = (
+            f"{best.recipe}: smallest candidate that passes the gate within {max_latency_ratio:g}x"
+        )
+        why += " the original's latency"
+    else:  # the builder passes inf when latency was not measured (--latency-runs 0)
+        why = f"{best.recipe}: smallest candidate that passes the gate (latency not measured)"
+    why += f" (also passing: {', '.join(others)})" if others else ""
     if best.stored is not None:
         why += f"; ranked by shipped (compressed) bytes, {best.shipped:,}"
     return best, why
@@ -511,7 +518,8 @@ def format_table(
     )  # fmt: skip
     rows = [head]
     rows.append(
-        ("original", _kb(original_size), "-", "1.00", f"{original_latency_ms:.3f}ms", "1.00")
+        ("original", _kb(original_size), "-", "1.00")
+        + ((f"{original_latency_ms:.3f}ms", "1.00") if original_latency_ms else ("-", "-"))
         + ("-",) * 4
     )
     for c in candidates:
@@ -527,7 +535,9 @@ def format_table(
                 _kb(c.shipped or 0),
                 f"{c.size / original_size:.2f}",
                 "-" if lat is None else f"{lat:.3f}ms",
-                "-" if lat is None else f"{lat / original_latency_ms:.2f}",
+                "-"
+                if lat is None or not original_latency_ms
+                else f"{lat / original_latency_ms:.2f}",
                 _fmt(w.get("top1_agreement"), "{:.2%}"),
                 _fmt(w.get("cosine"), "{:.5f}"),
                 _fmt(w.get("max_abs_diff"), "{:.3g}"),
@@ -537,6 +547,8 @@ def format_table(
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
     verdicts = [f"  {c.recipe}: {c.verdict}" for c in candidates if c.verdict]
+    if not original_latency_ms:
+        verdicts.append("  latency: not measured (--latency-runs 0)")
     return "\n".join(lines + verdicts)
 
 

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from controller.build.reference import describe as describe_reference
 from controller.commands.common import RAW, print_json
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ def _cmd_bundle_build(args: argparse.Namespace) -> int:
         f"  golden: {m.golden.cases} cases from {m.build.get('golden_source')}, "
         f"rtol {m.golden.rtol:g}, atol {m.golden.atol:g}"
     )
+    print(f"  {describe_reference(m.reference)}")
     return 0
 
 
@@ -87,6 +89,7 @@ def _build_json(result: BuildResult) -> dict[str, object]:
             "atol": m.golden.atol,
         },
         "build": m.build,
+        "reference": None if m.reference is None else m.reference.to_json(),
         "candidates": [
             {
                 "recipe": c.recipe,

@@ -21,6 +21,8 @@ from controller.commands.common import RAW, print_json
 
 if TYPE_CHECKING:
     from controller.commands.common import Subparsers
+    from controller.fleet.drift import DriftAlert, DriftPolicy
+    from controller.fleet.records import DeviceRow
     from controller.fleet.status import StalePolicy
     from controller.fleet.store import TelemetryStore
     from controller.identity.devices import DeviceRecord
@@ -65,8 +67,10 @@ def _cmd_fleet_status(args: argparse.Namespace) -> int:
     from controller.fleet.status import device_json, render_fleet_table
 
     store, policy, repo = _open_view(args)
+    drift_policy = _drift_policy(args)
     try:
         rows = store.devices(fleet=args.fleet, model=args.model)
+        alerts = _drift_alerts(store, rows, drift_policy, time.time(), fleet=args.fleet)
         if args.fleet and not rows:
             known = _known_fleets(store, args.repo or os.environ.get("EDGECTL_REPO"))
             if args.fleet not in known:
@@ -86,12 +90,68 @@ def _cmd_fleet_status(args: argparse.Namespace) -> int:
     now = time.time()
     revoked = _revoked(repo)
     if args.json:
-        print_json([device_json(r, now, policy, revoked) for r in rows])
+        print_json([device_json(r, now, policy, revoked, alerts) for r in rows])
     else:
-        print(render_fleet_table(rows, now, policy, model=args.model, revoked=revoked or ()))
+        print(
+            render_fleet_table(
+                rows,
+                now,
+                policy,
+                model=args.model,
+                revoked=revoked or (),
+                alerts=alerts,
+                drift_policy=drift_policy,
+            )
+        )
         for line in _active_rollout_lines(args):
             print(line)
     return 0
+
+
+def _drift_policy(args: argparse.Namespace) -> DriftPolicy:
+    """``--drift-threshold`` and ``--drift-window`` (UsageError when out of range)."""
+    from controller.fleet.drift import DEFAULT_THRESHOLD, DEFAULT_WINDOW_S, DriftPolicy
+
+    threshold = getattr(args, "drift_threshold", None)
+    window = getattr(args, "drift_window", None)
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    window = DEFAULT_WINDOW_S if window is None else window
+    if not threshold > 0:
+        raise UsageError(f"--drift-threshold must be a PSI > 0, got {threshold:g}")
+    if not window >= 0:
+        raise UsageError(f"--drift-window must be 0 or more, got {window:g}")
+    return DriftPolicy(threshold, window)
+
+
+def _drift_alerts(
+    store: TelemetryStore,
+    rows: list[DeviceRow],
+    policy: DriftPolicy,
+    now: float,
+    fleet: str | None = None,
+    device: str | None = None,
+) -> dict[tuple[str, str], DriftAlert]:
+    """The drift alerts of ``rows`` (``controller.fleet.drift``), from the drift the store
+    kept of the last two windows (a run that started before is as long as the window)."""
+    from controller.fleet.drift import drift_alerts
+
+    if not any(m.drift_samples is not None for r in rows for m in r.models):
+        return {}  # no model with a reference: nothing to read
+    points = store.drift_history(fleet, now - 2 * policy.window_s - 1, device=device)
+    versions = {(r.device, m.model): m.version for r in rows for m in r.models}
+    return drift_alerts(points, now, policy, versions)
+
+
+def _duration(text: str) -> float:
+    """``600``, ``90s``, ``10m``, ``1h`` -> seconds (argparse type)."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
+    scale = units.get(text[-1:], 1.0)
+    try:
+        return float(text[:-1] if text[-1:] in units else text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration such as 600, 90s, 10m or 1h, got {text!r}"
+        ) from None
 
 
 def _known_fleets(store: TelemetryStore, repo: str | None) -> set[str]:
@@ -138,6 +198,9 @@ def _cmd_device_show(args: argparse.Namespace) -> int:
     store, policy, repo = _open_view(args)
     try:
         rows = store.devices(fleet=args.fleet, device=args.device_id)
+        alerts = _drift_alerts(
+            store, rows, _drift_policy(args), time.time(), args.fleet, args.device_id
+        )
         events = store.events(device=args.device_id, fleet=args.fleet, limit=args.events)
         beats = store.heartbeats(args.device_id, limit=args.heartbeats)
     finally:
@@ -149,7 +212,7 @@ def _cmd_device_show(args: argparse.Namespace) -> int:
     revoked = _revoked(repo)
     if args.json:
         doc = {
-            "devices": [device_json(r, now, policy, revoked) for r in rows],
+            "devices": [device_json(r, now, policy, revoked, alerts) for r in rows],
             "events": [event_json(e) for e in events],
             "heartbeats": [b.payload for b in beats],
             "certificates": None if record is None else certificates_json(record),
@@ -157,7 +220,9 @@ def _cmd_device_show(args: argparse.Namespace) -> int:
         print_json(doc)
     else:
         text = (
-            render_device(rows, events, beats, now, policy, revoked or ()) if rows or events else ""
+            render_device(rows, events, beats, now, policy, revoked or (), alerts)
+            if rows or events
+            else ""
         )
         if record is not None:
             text = "\n".join(filter(None, [text, *render_certificates(record)]))
@@ -233,6 +298,18 @@ def add_parser(sub: Subparsers) -> None:
     )
     fs.add_argument("--fleet", help="only this fleet")
     fs.add_argument("--model", help="only devices that run this model")
+    fs.add_argument(
+        "--drift-threshold",
+        type=float,
+        metavar="PSI",
+        help="mark (!) a device whose drift stayed above this PSI (default 0.25: significant)",
+    )
+    fs.add_argument(
+        "--drift-window",
+        type=_duration,
+        metavar="DURATION",
+        help="... for at least this long: 600, 90s, 10m, 1h (default 10m)",
+    )
     _add_store_options(fs)
     fs.set_defaults(func=_cmd_fleet_status)
 

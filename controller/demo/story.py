@@ -12,6 +12,9 @@ and Unix socket), then:
 3. rolls out a bad v3 (it passes its golden vectors but fails real requests): the canary
    catches it in shadow, where it answers no client, and the rollout gate halts it at its
    first stage; the demo counts the client requests that failed meanwhile (none).
+4. feeds one device inverted digits: its drift (against the reference v2's bundle
+   recorded on the eval data) rises in the fleet table and it is marked, while the
+   others stay low.
 
 The fleet table (``edgectl fleet status``) is shown after each step. Every step prints
 the command it runs, so the demo doubles as a tour of the CLI. Everything is cleaned up
@@ -143,8 +146,55 @@ class Demo:
         found = [r for r in rollouts if r.get("version") == version]
         return found[-1] if found else None
 
-    def fleet_table(self) -> None:
-        run("edgectl", "fleet", "status", "--repo", self.repo, "--fleet", FLEET)
+    def fleet_table(self, *extra: str) -> None:
+        run("edgectl", "fleet", "status", "--repo", self.repo, "--fleet", FLEET, *extra)
+
+    # -- drift (issue 23)
+
+    def fleet_drift(self, window: str) -> dict[str, dict[str, Any]]:
+        """Each device's drift of the model, as ``fleet status --json`` gives it."""
+        out = run(
+            "edgectl", "fleet", "status", "--repo", self.repo, "--fleet", FLEET, "--json",
+            "--drift-window", window, quiet=True,
+        )  # fmt: skip
+        return {r["device"]: r["models"].get(MODEL, {}) for r in json.loads(out)}
+
+    def drift_step(self) -> None:
+        """One device gets inverted digits (16 - pixel), the others real ones: its drift
+        rises in the fleet table and, once above 0.25 for the (demo's short) window, it
+        is marked; the others stay low."""
+        shifted, window = DEVICES[-1], "5s"
+        step(
+            f"drift: {shifted} now gets inverted digits (16 - pixel), the others real ones; "
+            "v2 was built with --eval, so its bundle carries the reference drift is judged by"
+        )
+        rows = self.digits.eval_x
+        for device in DEVICES:
+            with InferenceClient(self.socket_of(device), timeout_s=5.0) as client:
+                for i in range(60):  # 1,200 digits in requests of 20
+                    batch = rows[(i * 20) % (len(rows) - 20) :][:20]
+                    client.infer(MODEL, {"pixels": 16.0 - batch if device == shifted else batch})
+        print(f"    sent 1,200 digits to each device ({shifted}: inverted)")
+
+        def risen() -> dict[str, dict[str, Any]] | None:
+            found = self.fleet_drift(window)
+            return found if (found.get(shifted, {}).get("drift") or 0) > 0.25 else None
+
+        wait(risen, 30, f"{shifted}'s next heartbeat")
+        self.fleet_table()  # risen; not marked yet: it has not stayed there for the window
+
+        def marked() -> dict[str, dict[str, Any]] | None:
+            found = self.fleet_drift(window)
+            return found if found.get(shifted, {}).get("drift_alert") else None
+
+        drift = wait(marked, 60, f"{shifted}'s drift to stay above 0.25 for {window}")
+        self.fleet_table("--drift-window", window)
+        self.mark(
+            "drift",
+            shifted=shifted,
+            drift={d: drift.get(d, {}).get("drift") for d in DEVICES},
+            alerted=[d for d in DEVICES if drift.get(d, {}).get("drift_alert")],
+        )
 
     # -- steps
 
@@ -385,6 +435,8 @@ class Demo:
                 k in line for k in ("roll", "probation", "install", "shadow")
             ):
                 print(f"    {line[:160]}")
+
+        self.drift_step()
         elapsed = time.monotonic() - started
         self.mark(
             "done",

@@ -44,6 +44,7 @@ from agent.contracts import (
     Status,
     check_name,
     parse_device_topic,
+    parse_drift,
     parse_event,
     parse_shadow_report,
     parse_status,
@@ -52,6 +53,7 @@ from agent.contracts import (
 )
 from agent.contracts.names import NAME_PATTERN
 from controller.fleet.records import (
+    DriftFacts,
     HeartbeatFacts,
     IngestBatch,
     ModelFacts,
@@ -147,13 +149,15 @@ def parse_heartbeat(fleet: str, device: str, raw: bytes) -> HeartbeatFacts:
         pending = dropped = 0
     system = _system(get("system"))
     figures = []
-    waiting = shadowed = False
+    waiting = shadowed = drift = False
     for name, entry in sorted(models.items()) if len(models) > 1 else models.items():
         figures.append(_model(name, entry))
         if not waiting and type(entry) is dict and entry.get("waiting") is not None:
             waiting = True
         if not shadowed and type(entry) is dict and entry.get("shadow") is not None:
             shadowed = True
+        if not drift and type(entry) is dict and entry.get("drift_samples") is not None:
+            drift = True
     if "\x00" in at or len(at) > MAX_TEXT:
         _text(at, "at")
     seq = get("seq")
@@ -174,6 +178,7 @@ def parse_heartbeat(fleet: str, device: str, raw: bytes) -> HeartbeatFacts:
         seq,
         _waiting(models) if waiting else (),
         _shadows(models) if shadowed else (),
+        _drift(models) if drift else (),
     )
 
 
@@ -252,6 +257,22 @@ def _shadows(models: dict[str, Any]) -> tuple[tuple[str, str], ...]:
         report = parse_shadow_report(value, f"telemetry: models[{name!r}]")
         if report is not None:
             found.append((name, shadow_json(report)))
+    return tuple(found)
+
+
+def _drift(models: dict[str, Any]) -> tuple[DriftFacts, ...]:
+    """(model, version, drift, input drift, samples) of the models whose version has a
+    drift reference (``HeartbeatFacts.drift``), through the contract's parser."""
+    found: list[DriftFacts] = []
+    for name, entry in sorted(models.items()):
+        if type(entry) is not dict:
+            continue
+        drift, input_drift, samples = parse_drift(entry, f"telemetry: models[{name!r}]")
+        if samples is not None:
+            version = entry.get("version")
+            found.append(
+                (name, version if type(version) is str else None, drift, input_drift, samples)
+            )
     return tuple(found)
 
 

@@ -38,6 +38,9 @@ from agent.contracts import (
     waiting_doc,
 )
 
+# One model's drift in a heartbeat: (model, version, drift, input drift, samples).
+DriftFacts = tuple[str, str | None, float | None, float | None, int]
+
 # One model of a heartbeat as the store keeps it:
 # (name, version, state, requests, errors, client_errors, p99_s).
 ModelFacts = tuple[str, str | None, str, int, int, int, float | None]
@@ -149,6 +152,9 @@ class HeartbeatFacts(NamedTuple):
     # (model, the JSON of its ``ShadowReport``) of the models with a candidate in shadow,
     # or its verdict (``shadow_json``).
     shadows: tuple[tuple[str, str], ...] = ()
+    # (model, version, drift, input drift, samples) of the models whose version has a
+    # drift reference (``agent.contracts.parse_drift``), by name; issue 23.
+    drift: tuple[DriftFacts, ...] = ()
 
     @property
     def identity(self) -> tuple[str, int] | None:
@@ -181,6 +187,11 @@ def heartbeat_facts(beat: Heartbeat) -> HeartbeatFacts:
             (name, shadow_json(m.shadow))
             for name, m in sorted(beat.models.items())
             if m.shadow is not None
+        ),
+        tuple(
+            (name, m.version, m.drift, m.input_drift, m.drift_samples)
+            for name, m in sorted(beat.models.items())
+            if m.drift_samples is not None
         ),
     )
 
@@ -227,6 +238,11 @@ class ModelRow:
     updated_at: float
     # Why the device does not install the version desired state names (None: it does).
     waiting: Waiting | None = None
+    # -- drift of ``version`` against its bundle's reference (issue 23): None when it has
+    # no reference (``drift_samples`` None) or too few samples yet (the PSIs None).
+    drift: float | None = None
+    input_drift: float | None = None
+    drift_samples: int | None = None
 
 
 @dataclass(frozen=True)
@@ -259,6 +275,13 @@ class FleetAggregates:
     devices: dict[tuple[str, str], int]
     dropped: dict[str, int]
     models: dict[tuple[str, str, str, str], int]
+    # (fleet, model, version) -> the drift its devices last reported (issue 23): max,
+    # mean, devices with a score, devices above ``SIGNIFICANT_DRIFT``.
+    drift: dict[tuple[str, str, str], tuple[float, float, int, int]] = field(default_factory=dict)
+
+
+# A PSI above this is the usual reading of a significant shift (docs/operations.md).
+SIGNIFICANT_DRIFT: Final = 0.25
 
 
 @dataclass(frozen=True)
@@ -421,3 +444,52 @@ def event_rows(batch: IngestBatch) -> tuple[list[tuple[Any, ...]], list[tuple[An
         key = (e.fleet, e.device)
         seen[key] = max(seen.get(key, received), received)
     return events, [(f, d, t) for (f, d), t in sorted(seen.items())]
+
+
+# ---------------------------------------------------------------------------- drift (issue 23)
+
+
+def drift_rows(
+    beats: list[tuple[HeartbeatFacts, float]], fresh: set[tuple[str, str, str, int]] | None
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """The drift rows of a batch's heartbeats: ``models`` (``_DRIFT_UPDATE``: the drift
+    of each model of a device's latest heartbeat that carries some) and ``history``
+    (``_DRIFT_HISTORY_INSERT``: every heartbeat's, once: a redelivery, a key not in
+    ``fresh``, adds none; ``fresh`` None: all are new). Both sorted by key."""
+    latest: dict[tuple[str, str], tuple[HeartbeatFacts, float]] = {}
+    history = []
+    seen: set[tuple[str, str, str, int]] = set()
+    for facts, received in beats:
+        if not facts.drift:
+            continue
+        key = (facts.fleet, facts.device)
+        known = latest.get(key)
+        if known is None or known[1] <= received:
+            latest[key] = (facts, received)
+        identity = facts.identity
+        if identity is not None:
+            beat = (facts.fleet, facts.device, *identity)
+            if (fresh is not None and beat not in fresh) or beat in seen:
+                continue
+            seen.add(beat)
+        for model, version, drift, input_drift, samples in facts.drift:
+            if version is not None:
+                history.append(
+                    (
+                        facts.fleet,
+                        facts.device,
+                        model,
+                        version,
+                        received,
+                        drift,
+                        input_drift,
+                        samples,
+                    )
+                )
+    models = [
+        (version, drift, input_drift, samples, received, fleet, device, model, received)
+        for (fleet, device), (facts, received) in sorted(latest.items())
+        for model, version, drift, input_drift, samples in facts.drift
+    ]
+    history.sort(key=lambda row: row[:5])
+    return models, history

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
 from agent.contracts import Waiting, waiting_doc
+from controller.fleet.drift import DriftAlert, DriftPolicy, drift_cell
 from controller.fleet.records import DeviceRow, EventRow, HeartbeatRow, ModelRow
 
 HEALTH_STATES: Final = ("online", "stale", "offline")
@@ -69,10 +70,15 @@ def error_rate(requests: int, errors: int, client_errors: int) -> float | None:
 
 
 def device_json(
-    row: DeviceRow, now: float, policy: StalePolicy, revoked: Collection[str] | None = None
+    row: DeviceRow,
+    now: float,
+    policy: StalePolicy,
+    revoked: Collection[str] | None = None,
+    alerts: Mapping[tuple[str, str], DriftAlert] | None = None,
 ) -> dict[str, Any]:
     """One device as ``fleet status --json`` prints it; ``revoked`` is None when the
-    registry was not read (no repository given)."""
+    registry was not read (no repository given); ``alerts``: the drift alerts of the
+    fleet (``controller.fleet.drift.drift_alerts``)."""
     conflict = None
     if row.identity_conflict:
         conflict = {"what": row.identity_conflict, "at": _iso(row.identity_conflict_at)}
@@ -98,9 +104,25 @@ def device_json(
                 "error_rate": error_rate(m.requests, m.errors, m.client_errors),
                 "p99_s": m.p99_s,
                 "waiting": waiting_doc(m.waiting) if m.waiting else None,
+                **_drift_json(row, m, alerts),
             }
             for m in row.models
         },
+    }
+
+
+def _drift_json(
+    row: DeviceRow, m: ModelRow, alerts: Mapping[tuple[str, str], DriftAlert] | None
+) -> dict[str, Any]:
+    """A model's drift fields in JSON (issue 23): ``drift_alert`` None when not marked."""
+    alert = (alerts or {}).get((row.device, m.model))
+    return {
+        "drift": m.drift,
+        "input_drift": m.input_drift,
+        "drift_samples": m.drift_samples,
+        "drift_alert": None
+        if alert is None
+        else {"since": _iso(alert.since), "drift": alert.drift},
     }
 
 
@@ -164,10 +186,18 @@ def render_fleet_table(
     policy: StalePolicy,
     model: str | None = None,
     revoked: Collection[str] = (),
+    alerts: Mapping[tuple[str, str], DriftAlert] | None = None,
+    drift_policy: DriftPolicy | None = None,
 ) -> str:
     """The ``fleet status`` table: one line per (device, model); its marks beside its
-    health (``device_marks``)."""
-    header = ("FLEET", "DEVICE", "HEALTH", "MODEL", "VERSION", "STATE", "ERR%", "P99", "LAST SEEN")
+    health (``device_marks``); a drift ``alerts`` marks with ``!`` (``drift_policy``:
+    what the alerts were judged by, for the summary)."""
+    alerts = alerts or {}
+    header = (
+        *("FLEET", "DEVICE", "HEALTH", "MODEL", "VERSION", "STATE", "ERR%", "P99"),
+        "DRIFT",
+        "LAST SEEN",
+    )
     lines = []
     for row in rows:
         state = _marked(health(row, now, policy), device_marks(row, now, revoked))
@@ -184,6 +214,7 @@ def render_fleet_table(
                     m.state if m else "-",
                     f"{rate * 100:.1f}" if rate is not None else "-",
                     f"{m.p99_s * 1000:.1f}ms" if m and m.p99_s is not None else "-",
+                    _drift_text(row, m, alerts),
                     _ago(now - row.last_seen),
                 )
             )
@@ -191,12 +222,28 @@ def render_fleet_table(
     summary = ", ".join(f"{counts[s]} {s}" for s in HEALTH_STATES)
     marked = Counter(m for r in rows for m in device_marks(r, now, revoked))
     summary += "".join(f"; {n} {m}" for m, n in sorted(marked.items()))
+    drifting = [k for k in alerts if model is None or k[1] == model]
+    if drifting:
+        rule = drift_policy or DriftPolicy()
+        summary += (
+            f"; {len(drifting)} drifting (!: drift above {rule.threshold:g} "
+            f"for {_ago(rule.window_s).removesuffix(' ago')} or more)"
+        )
     waiting = render_waiting(rows, now, model)
     return (
         _table(header, lines)
         + f"\n\n{len(rows)} device(s): {summary}"
         + (f"\n\n{waiting}" if waiting else "")
     )
+
+
+def _drift_text(
+    row: DeviceRow, m: ModelRow | None, alerts: Mapping[tuple[str, str], DriftAlert]
+) -> str:
+    if m is None:
+        return "-"
+    cell = drift_cell(m.drift, m.drift_samples)
+    return cell + " !" if (row.device, m.model) in alerts else cell
 
 
 def render_device(
@@ -206,6 +253,7 @@ def render_device(
     now: float,
     policy: StalePolicy,
     revoked: Collection[str] = (),
+    alerts: Mapping[tuple[str, str], DriftAlert] | None = None,
 ) -> str:
     """``device show``: the device's state, its last heartbeats and recent events."""
     out = []
@@ -232,6 +280,14 @@ def render_device(
             )
             if m.waiting is not None:
                 out.append(f"    waiting: {waiting_line(m.waiting, now)}")
+            if m.drift_samples is not None:
+                alert = (alerts or {}).get((row.device, m.model))
+                out.append(
+                    f"    drift: {drift_cell(m.drift, m.drift_samples)} (PSI of outputs), "
+                    f"inputs {drift_cell(m.input_drift, m.drift_samples)}, "
+                    f"on {m.drift_samples} samples"
+                    + (f"; above the alert threshold since {_iso(alert.since)}" if alert else "")
+                )
     if beats:
         out.append("")
         out.append(

@@ -63,6 +63,7 @@ from typing import Any, Final, NamedTuple
 from agent.contracts import ShadowReport, Waiting
 from controller.base.errors import ControllerError
 from controller.fleet.records import (
+    SIGNIFICANT_DRIFT,
     DeviceRow,
     EventRow,
     FleetAggregates,
@@ -73,6 +74,7 @@ from controller.fleet.records import (
     ModelRow,
     ShadowRow,
     conflict_rows,
+    drift_rows,
     event_rows,
     heartbeat_rows,
     shadow_rows,
@@ -88,6 +90,19 @@ from controller.fleet.rollup import (
     payload_models,
     rollup_rows,
 )
+
+
+class DriftPoint(NamedTuple):
+    """One heartbeat's drift of a model (``TelemetryStore.drift_history``)."""
+
+    device: str
+    model: str
+    version: str
+    at: float
+    drift: float | None
+    input_drift: float | None
+    samples: int
+
 
 # A stored heartbeat's key: (fleet, device, at, seq).
 HeartbeatKey = tuple[str, str, str, int]
@@ -327,7 +342,35 @@ MIGRATIONS: Final = (
     ("devices", "identity_conflict_at", "DOUBLE PRECISION"),
     # Why the device does not install the version desired state names (JSON, or NULL).
     ("device_models", "waiting", "TEXT"),
+    # -- drift (issue 23): the latest drift a device reported for a model, of the version
+    # ``drift_version`` (read only while the model row is still on it), at ``drift_at``.
+    ("device_models", "drift", "DOUBLE PRECISION"),
+    ("device_models", "input_drift", "DOUBLE PRECISION"),
+    ("device_models", "drift_samples", "INTEGER"),
+    ("device_models", "drift_version", "TEXT"),
+    ("device_models", "drift_at", "DOUBLE PRECISION"),
 )
+# -- drift (issue 23): every heartbeat's drift, for the fleet's drift alert (how long a
+# device stayed above a threshold) and the rollout's drift gate; pruned with the
+# heartbeats (``prune_heartbeats``).
+DRIFT_DDL: Final = (
+    """CREATE TABLE IF NOT EXISTS drift_history (
+        fleet TEXT NOT NULL, device TEXT NOT NULL, model TEXT NOT NULL, version TEXT NOT NULL,
+        received_at DOUBLE PRECISION NOT NULL, drift DOUBLE PRECISION,
+        input_drift DOUBLE PRECISION, samples INTEGER NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS drift_history_fleet ON drift_history (fleet, received_at)",
+    "CREATE INDEX IF NOT EXISTS drift_history_version "
+    "ON drift_history (fleet, model, version, received_at)",
+)
+_DRIFT_UPDATE: Final = """
+UPDATE device_models SET drift_version = ?, drift = ?, input_drift = ?, drift_samples = ?,
+    drift_at = ?
+WHERE fleet = ? AND device = ? AND model = ? AND (drift_at IS NULL OR drift_at <= ?)
+"""
+_DRIFT_HISTORY_INSERT: Final = """
+INSERT INTO drift_history (fleet, device, model, version, received_at, drift, input_drift,
+                           samples) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+"""
 
 # The rollup of new heartbeats (controller.fleet.rollup.rollup_rows), last in a batch's
 # transaction: with several PostgreSQL workers these rows are shared, so their locks are
@@ -484,6 +527,14 @@ SELECT fleet, count(*),
 FROM devices GROUP BY fleet
 """
 # Models of stored devices only, as ``devices()`` attaches them.
+# The drift of each fleet, model and version its devices run, from their latest reports
+# (only rows whose drift is of the version they run; issue 23).
+_DRIFT_COUNTS: Final = """
+SELECT fleet, model, version, max(drift), avg(drift), count(*),
+       sum(CASE WHEN drift > ? THEN 1 ELSE 0 END)
+FROM device_models WHERE drift IS NOT NULL AND drift_version = version
+GROUP BY fleet, model, version
+"""
 _MODEL_COUNTS: Final = """
 SELECT m.fleet, m.model, COALESCE(m.version, ''), m.state, count(*)
 FROM device_models m JOIN devices d ON d.fleet = m.fleet AND d.device = m.device
@@ -589,6 +640,8 @@ class TelemetryStore(ABC):
         for statement in (*DDL, *SHADOW_DDL):
             cur.execute(self._sql(statement))
         self._migrate(cur)
+        for statement in DRIFT_DDL:
+            cur.execute(statement)
         cur.execute(HEARTBEAT_KEY)
         cur.execute(WAITING_INDEX)
         if not counted:
@@ -694,6 +747,12 @@ class TelemetryStore(ABC):
                     cur.executemany(self._sql(_COUNT_EVENTS), counts)
             if beats["history"]:
                 self._write_rollup(cur, rollup_rows(_fresh(beats["beats"], inserted)))
+                # Drift (issue 23): after the model rows it updates.
+                models, history = drift_rows(beats["beats"], inserted)
+                if models:
+                    self._write_rows(cur, _DRIFT_UPDATE, models)
+                if history:
+                    self._write_rows(cur, _DRIFT_HISTORY_INSERT, history)
             shadows = shadow_rows(batch)
             if shadows:
                 self._write_rows(cur, _SHADOW_UPSERT, shadows)
@@ -755,7 +814,8 @@ class TelemetryStore(ABC):
             cur.execute(
                 self._sql(
                     "SELECT fleet, device, model, version, state, requests, errors, "
-                    "client_errors, p99_s, updated_at, waiting FROM device_models"
+                    "client_errors, p99_s, updated_at, waiting, "
+                    "drift_version, drift, input_drift, drift_samples FROM device_models"
                     + (" WHERE " + " AND ".join(model_where) if model_where else "")
                     + " ORDER BY fleet, device, model"
                 ),
@@ -763,7 +823,22 @@ class TelemetryStore(ABC):
             )
             model_rows = cur.fetchall()
         by_device: dict[tuple[str, str], list[ModelRow]] = {}
-        for f, d, name, version, state, requests, errors, client_errors, p99, at, why in model_rows:
+        for (
+            f,
+            d,
+            name,
+            version,
+            state,
+            requests,
+            errors,
+            client_errors,
+            p99,
+            at,
+            why,
+            *dr,
+        ) in model_rows:
+            # Drift of another version than the row's (the device moved on) is not shown.
+            drift = dr[1:] if dr[0] is not None and dr[0] == version else (None, None, None)
             by_device.setdefault((f, d), []).append(
                 ModelRow(
                     name,
@@ -775,6 +850,7 @@ class TelemetryStore(ABC):
                     p99,
                     at,
                     waiting_from_json(why),
+                    *drift,
                 )
             )
         return [
@@ -811,6 +887,8 @@ class TelemetryStore(ABC):
             health_rows = cur.fetchall()
             cur.execute(_MODEL_COUNTS)
             model_rows = cur.fetchall()
+            cur.execute(self._sql(_DRIFT_COUNTS), [SIGNIFICANT_DRIFT])
+            drift_rows_ = cur.fetchall()
         devices: dict[tuple[str, str], int] = {}
         dropped: dict[str, int] = {}
         for fleet, n, offline, stale, lost in health_rows:
@@ -819,7 +897,11 @@ class TelemetryStore(ABC):
             devices.update({(str(fleet), h): k for h, k in counts.items() if k})
             dropped[str(fleet)] = int(lost)
         models = {(str(f), str(m), str(v), str(s)): int(n) for f, m, v, s, n in model_rows}
-        return FleetAggregates(devices, dropped, models)
+        drift = {
+            (str(f), str(m), str(v)): (float(top), float(mean), int(n), int(high))
+            for f, m, v, top, mean, n, high in drift_rows_
+        }
+        return FleetAggregates(devices, dropped, models, drift)
 
     def events(
         self, device: str | None = None, fleet: str | None = None, limit: int = 50
@@ -1234,6 +1316,44 @@ class TelemetryStore(ABC):
             cur.execute(f"SELECT count(*) FROM {table}")
             return int(cur.fetchone()[0])
 
+    # -- drift (issue 23)
+
+    def drift_history(
+        self,
+        fleet: str | None,
+        since: float,
+        model: str | None = None,
+        version: str | None = None,
+        device: str | None = None,
+    ) -> list[DriftPoint]:
+        """The drift heartbeats reported (in ``fleet``; of ``model`` at ``version``; by
+        ``device``) since ``since``, by device, model and time."""
+        where = "received_at >= ?"
+        args: list[Any] = [float(since)]
+        for column, value in (("fleet", fleet), ("device", device)):
+            if value is not None:
+                where += f" AND {column} = ?"
+                args.append(value)
+        if model is not None:
+            where += " AND model = ?"
+            args.append(model)
+        if version is not None:
+            where += " AND version = ?"
+            args.append(version)
+        with self._read() as cur:
+            cur.execute(
+                self._sql(
+                    "SELECT device, model, version, received_at, drift, input_drift, samples "
+                    f"FROM drift_history WHERE {where} ORDER BY device, model, received_at"
+                ),
+                args,
+            )
+            rows = cur.fetchall()
+        return [
+            DriftPoint(str(d), str(m), str(v), float(t), f, i, int(n))
+            for d, m, v, t, f, i, n in rows
+        ]
+
     def prune_heartbeats(self, before: float) -> int:
         """Delete heartbeats received before ``before`` (epoch seconds), and the rollup
         buckets that hold only such heartbeats (ending at or before ``before``); return
@@ -1241,6 +1361,7 @@ class TelemetryStore(ABC):
         with self._write() as cur:
             cur.execute(self._sql("DELETE FROM heartbeats WHERE received_at < ?"), [before])
             removed = int(cur.rowcount or 0)
+            cur.execute(self._sql("DELETE FROM drift_history WHERE received_at < ?"), [before])
             ended = before - BUCKET_S
             cur.execute(
                 self._sql(

@@ -25,6 +25,11 @@ Gates (``edgectl rollout start --gate``, laid over ``DEFAULT_GATES`` by
                      unpackable or untrusted bundle, a phase deadline) or that rolled it
                      back (probation, crash loop), over the devices that tried it.
 ``rollbacks``        the rolled-back share alone (optional, stricter on its own).
+``drift``            the largest drift (PSI of a device's outputs against the bundle's
+                     drift reference, ``agent.runtime.drift``) among the devices on the new
+                     version, each device's newest score in the window (optional, e.g.
+                     ``drift<0.2``). With it, a stage passes only once a device reported a
+                     score: no reference in the bundle, or no traffic, is no evidence.
 
 Two gates on what devices saw of the new version *in shadow* (beside the serving version,
 on copies of live requests, before it answered a client: ``agent.update.lifecycle``);
@@ -84,6 +89,7 @@ LIMIT_METRICS: Final = (
     "rollbacks",
     "shadow_agreement",
     "shadow_latency_ratio",
+    "drift",
 )
 # The limits a figure must stay above (``metric>limit``); every other one, below.
 ABOVE_METRICS: Final = frozenset({"shadow_agreement"})
@@ -179,6 +185,8 @@ def parse_gates(text: str) -> GatePolicy:
         raise UsageError(
             f"--gate: shadow_latency_ratio must be > 0, got {limits['shadow_latency_ratio']:g}"
         )
+    if "drift" in limits and not limits["drift"] > 0:
+        raise UsageError(f"--gate: drift is a PSI > 0, got {limits['drift']:g}")
     return GatePolicy(
         limits=tuple(Gate(m, limits[m]) for m in LIMIT_METRICS if m in limits),
         min_devices=floors["min_devices"],
@@ -304,6 +312,9 @@ class Evidence:
     # The previous version's p99 measured earlier in the rollout (a fallback baseline).
     baseline_p99_s: float | None = None
     shadows: tuple[ShadowSample, ...] = ()
+    # -- drift (issue 23): each device's newest drift score on the new version in the
+    # window (``controller.fleet.drift.latest_drift``), by device.
+    drift: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -325,6 +336,8 @@ class RolledEvidence:
     incidents: tuple[Incident, ...] = ()
     baseline_p99_s: float | None = None
     shadows: tuple[ShadowSample, ...] = ()
+    # -- drift (issue 23): as ``Evidence.drift``.
+    drift: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -417,10 +430,19 @@ class GateReport:
     shadow_agreement: float | None = None
     shadow_latency_ratio: float | None = None
     shadowed: int = 0
+    # -- drift (issue 23): the worst device's drift on the new version, the devices that
+    # reported one, and whether a drift gate asks for it (then passing needs one).
+    drift: float | None = None
+    drift_devices: int = 0
+    drift_gated: bool = False
 
     @property
     def enough(self) -> bool:
-        return len(self.reporting) >= self.min_devices and self.served >= self.min_requests
+        return (
+            len(self.reporting) >= self.min_devices
+            and self.served >= self.min_requests
+            and (not self.drift_gated or self.drift_devices > 0)
+        )
 
     @property
     def healthy(self) -> bool:
@@ -436,6 +458,11 @@ class GateReport:
             )
         if self.served < self.min_requests:
             parts.append(f"only {self.served} of min_requests={self.min_requests} requests")
+        if self.drift_gated and not self.drift_devices:
+            parts.append(
+                "no drift evidence: no device on the new version reported a drift score (the "
+                "bundle needs a reference, `bundle build --eval`, and a device 100 samples)"
+            )
         return " and ".join(parts)
 
     def summary(self) -> dict[str, Any]:
@@ -455,6 +482,8 @@ class GateReport:
             "shadowed": self.shadowed,
             "shadow_agreement": self.shadow_agreement,
             "shadow_latency_ratio": self.shadow_latency_ratio,
+            "drift": self.drift,
+            "drift_devices": self.drift_devices,
         }
 
 
@@ -512,6 +541,7 @@ def evaluate_gates(policy: GatePolicy, evidence: Evidence | RolledEvidence) -> G
             _failure_breach(policy, "failed_installs", failed, attempted),
             _failure_breach(policy, "rollbacks", rolled_back, attempted),
             *_shadow_breaches(policy, evidence.shadows),
+            _drift_breach(policy, evidence.drift),
         )
         if b is not None
     ]
@@ -535,6 +565,9 @@ def evaluate_gates(policy: GatePolicy, evidence: Evidence | RolledEvidence) -> G
         shadow_agreement=min(agreements) if agreements else None,
         shadow_latency_ratio=max(ratios) if ratios else None,
         shadowed=len(judged),
+        drift=max(evidence.drift.values(), default=None),
+        drift_devices=len(evidence.drift),
+        drift_gated=policy.limit("drift") is not None,
     )
 
 
@@ -568,6 +601,21 @@ def _shadow_breaches(
         detail = f"{len(bad)} of {len(figures)} devices in shadow past the limit"
         found.append(Breach(gate, limit, worst, detail, devices, count))
     return found[0], found[1]
+
+
+def _drift_breach(policy: GatePolicy, drift: Mapping[str, float]) -> Breach | None:
+    """The drift gate: the worst device's newest drift on the new version against the
+    limit (one device whose outputs moved away from the reference is enough)."""
+    limit = policy.limit("drift")
+    if limit is None or not drift:
+        return None
+    worst = max(drift.values())
+    if worst < limit:
+        return None
+    ranked = [(d, device, f"PSI {d:.3f}") for device, d in drift.items() if d >= limit]
+    devices, count = _named(ranked)
+    detail = f"the worst of {len(drift)} devices' drift against the bundle's reference"
+    return Breach("drift", limit, worst, detail, devices, count)
 
 
 def _median_p99(figures: Mapping[str, DeviceFigures]) -> float | None:

@@ -65,6 +65,7 @@ from agent.contracts import (
 )
 from controller.base.errors import ConflictError, ControllerError, UsageError
 from controller.base.fsio import repo_lock
+from controller.fleet.drift import latest_drift
 from controller.fleet.store import TelemetryStore
 from controller.repository.history import (
     DEFAULT_GRACE,
@@ -510,6 +511,7 @@ class RolloutService:
             incidents=self._incidents(r),
             baseline_p99_s=r.baseline_p99_s,
             shadows=self._shadows(r),
+            drift=self._drift(r),
         )
 
     def _shadows(self, r: Rollout) -> tuple[ShadowSample, ...]:
@@ -525,6 +527,14 @@ class RolloutService:
             for row in self.store.shadow_reports(r.fleet, r.model, r.version)
             if row.received_at >= r.created_at
         )
+
+    def _drift(self, r: Rollout) -> dict[str, float]:
+        """Each device's newest drift on the new version in the stage window, when a
+        drift gate asks for it (issue 23; no read otherwise)."""
+        if r.gates.limit("drift") is None:
+            return {}
+        points = self.store.drift_history(r.fleet, r.stage_started_at, r.model, r.version)
+        return latest_drift(points)
 
     def _incidents(self, r: Rollout) -> tuple[Incident, ...]:
         return tuple(
@@ -574,6 +584,7 @@ class RolloutService:
             incidents=self._incidents(r),
             baseline_p99_s=r.baseline_p99_s,
             shadows=self._shadows(r),
+            drift=self._drift(r),
         )
 
     def fleet_counts(self, r: Rollout) -> dict[str, Any]:

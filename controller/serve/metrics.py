@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from controller.fleet.records import DeviceRow, FleetAggregates
+from controller.fleet.records import SIGNIFICANT_DRIFT, DeviceRow, FleetAggregates
 from controller.fleet.roster import REFUSAL_REASONS
 from controller.fleet.status import HEALTH_STATES, StalePolicy, health
 from controller.repository.expiry import Expiries
@@ -49,12 +49,19 @@ def aggregate_rows(rows: Iterable[DeviceRow], now: float, policy: StalePolicy) -
     by_health: Counter[tuple[str, str]] = Counter()
     by_version: Counter[tuple[str, str, str, str]] = Counter()
     dropped: Counter[str] = Counter()
+    drifts: dict[tuple[str, str, str], list[float]] = {}
     for row in rows:
         by_health[(row.fleet, health(row, now, policy))] += 1
         dropped[row.fleet] += row.outbox_dropped
         for m in row.models:
             by_version[(row.fleet, m.model, m.version or "", m.state)] += 1
-    return FleetAggregates(dict(by_health), dict(dropped), dict(by_version))
+            if m.drift is not None and m.version is not None:
+                drifts.setdefault((row.fleet, m.model, m.version), []).append(m.drift)
+    drift = {
+        key: (max(v), sum(v) / len(v), len(v), sum(d > SIGNIFICANT_DRIFT for d in v))
+        for key, v in drifts.items()
+    }
+    return FleetAggregates(dict(by_health), dict(dropped), dict(by_version), drift)
 
 
 @dataclass(frozen=True)
@@ -215,9 +222,31 @@ def render_aggregates(
             ingest_counts.get("identity_conflicts", 0),
         ),
     ]
+    out += _render_drift(aggregates)
     if expiries is not None:
         out += _render_expiries(expiries)
     return "\n".join(out) + "\n"
+
+
+def _render_drift(aggregates: FleetAggregates) -> list[str]:
+    """Model-quality drift by fleet, model and version (issue 23), from each device's
+    latest report (docs/operations.md, "Reading drift")."""
+    series = (
+        ("edgefleet_model_drift_max", "The largest drift (PSI of outputs against the "
+         "bundle's reference) its devices last reported.", 0),
+        ("edgefleet_model_drift_mean", "The mean drift its devices last reported.", 1),
+        ("edgefleet_model_drift_devices", "Devices that reported a drift score (a "
+         "reference, and enough samples).", 2),
+        ("edgefleet_model_drift_significant_devices", "Devices whose last drift was above "
+         f"{SIGNIFICANT_DRIFT:g} (significant).", 3),
+    )  # fmt: skip
+    out: list[str] = []
+    for name, text, index in series:
+        out += [f"# HELP {name} {text}", f"# TYPE {name} gauge"]
+        for (fleet, model, version), figures in sorted(aggregates.drift.items()):
+            labels = {"fleet": fleet, "model": model, "version": version}
+            out.append(_sample(name, labels, figures[index]))
+    return out
 
 
 def _render_expiries(expiries: Expiries) -> list[str]:

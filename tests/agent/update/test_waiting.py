@@ -144,4 +144,5 @@ def test_a_version_in_shadow_waits_with_code_shadow_and_another_does_not() -> No
     waits = before_install(record, "2.0.0", "r2", agent_version=AGENT)
     assert waits is not None and waits.code == "shadow" and waits.code in WAITING_CODES
     assert "in shadow beside 1.0.0" in waits.detail and waits.version == "2.0.0"
-    assert before_install(record, "3.0.0", "r3", agent_version=AGENT) is None  # the updater cancels the shadow
+    # the updater cancels the shadow
+    assert before_install(record, "3.0.0", "r3", agent_version=AGENT) is None

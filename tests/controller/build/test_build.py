@@ -289,3 +289,13 @@ def test_cli_format_1_for_old_agents(linear_model: Path, tmp_path: Path) -> None
     assert doc["schema"] == "edgefleet.manifest/1"
     assert all(c["shipped"] == c["size"] for c in doc["candidates"] if c["size"])
     assert read_bundle(tmp_path / "b.bundle").manifest.schema == "edgefleet.manifest/1"
+
+
+def test_a_build_without_latency_says_it_was_not_measured(tmp_path: Path) -> None:
+    # --latency-runs 0: no "within infx the original's latency", no 0.000ms original.
+    model = make_linear_model(tmp_path / "lin.onnx", seed=1)
+    options = BuildOptions(quantize="auto", latency_runs=0)
+    result = build_bundle(model, "lin", "1.0.0", tmp_path / "b.bundle", options=options)
+    assert "inf" not in result.reason and "latency not measured" in result.reason
+    assert "0.000ms" not in result.table
+    assert "latency: not measured (--latency-runs 0)" in result.table

@@ -90,6 +90,13 @@ _model_fields = dict.fromkeys(
     ("version", "state", "requests", "errors", "client_errors", "p99_s"),
     st.one_of(st.sampled_from(["", 0, 1.5, True, None]), _value),
 )
+# Drift (issue 23): absent from the good payload, added (or not) with any value.
+_model_fields.update(
+    dict.fromkeys(
+        ("drift", "input_drift", "drift_samples"),
+        st.one_of(st.sampled_from([0, 0.2, 1500, -1, None, True]), _value),
+    )
+)
 
 
 @st.composite

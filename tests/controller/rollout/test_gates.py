@@ -19,7 +19,7 @@ from controller.rollout.gates import (
 POLICY = parse_gates(DEFAULT_GATES)
 VALID = (
     "error_rate, p99_ratio, failed_installs, rollbacks, shadow_agreement, shadow_latency_ratio, "
-    "min_devices, min_requests"
+    "drift, min_devices, min_requests"
 )
 
 

@@ -240,3 +240,32 @@ def test_a_record_saved_before_a_crash_is_discarded_by_the_next_tick(
     after = RolloutStore(repo.path).load(r.id)
     assert after.state is RolloutState.ABANDONED and not after.published
     assert _percent(repo.path) == 100
+
+
+def _drift_beat(device: str, at: float, drift: float | None) -> tuple:
+    hb, received = _beat(device, "2.0.0", at, 100, 0, 0.01)
+    figures = replace(hb.models[MODEL], drift=drift, input_drift=drift, drift_samples=1500)
+    return replace(hb, models={MODEL: figures}), received
+
+
+def test_the_drift_gate_reads_the_stores_drift_and_halts_or_waits_for_evidence(
+    repo: Repository, bundles: dict[str, Path], store: TelemetryStore
+) -> None:
+    # Issue 23: the canaries' newest drift on the new version, from the store.
+    release_bundle(bundles["v1"], FLEET, repo.path)
+    gates = parse_gates("error_rate<0.01,drift<0.2,min_devices=3")
+    _start(repo.path, bundles["v2"], gates=gates, on_failure=OnFailure.PAUSE)
+    service = RolloutService(repo.path, store)
+    store.write(IngestBatch(heartbeats=[_beat(d, "2.0.0", T0 + 5, 100, 0, 0.01) for d in CANARIES]))
+    (r,) = service.tick(T0 + 70)  # healthy figures, the wait over, but no drift reported
+    assert r.state is RolloutState.RUNNING and r.stage == 0
+    assert r.last_report["drift_devices"] == 0 and not r.last_report["enough"]
+    store.write(
+        IngestBatch(
+            heartbeats=[_drift_beat(d, T0 + 80, 0.02) for d in CANARIES[:2]]
+            + [_drift_beat("dev-02", T0 + 80, 0.35)]
+        )
+    )
+    (r,) = service.tick(T0 + 90)
+    assert r.state is RolloutState.PAUSED and r.halt is not None
+    assert "drift<0.2 broke: 0.35" in r.halt.reason and "dev-02 (PSI 0.350)" in r.halt.reason
