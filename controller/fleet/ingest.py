@@ -368,6 +368,10 @@ class Ingestor:
         self.refusals: Counter[str] = Counter()
         self._backlog = Backlog(settings.qos0_backlog_max)
         self._connected = threading.Event()
+        # Set once the broker acknowledged the subscription of the current connection:
+        # only from then on does it route the fleet's messages here (QoS 0 ones published
+        # before are not held for a subscription that does not exist yet).
+        self._subscribed = threading.Event()
         self._stopping = threading.Event()
         self._writer: threading.Thread | None = None
         self._last_drop_log: dict[str, float] = {}
@@ -392,6 +396,7 @@ class Ingestor:
         client.max_inflight_messages_set(1000)
         client.manual_ack_set(True)
         client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_received = self._on_received
@@ -400,6 +405,12 @@ class Ingestor:
     @property
     def is_connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def is_subscribed(self) -> bool:
+        """Connected, and the broker acknowledged the subscription (``is_connected`` is
+        set before the SUBSCRIBE is even sent)."""
+        return self._connected.is_set() and self._subscribed.is_set()
 
     @property
     def qos0_waiting(self) -> int:
@@ -459,6 +470,7 @@ class Ingestor:
             return
         with self._ack_lock:
             self._connection += 1
+        self._subscribed.clear()
         self._connected.set()
         client.subscribe(self.settings.subscription, options=SubscribeOptions(qos=1))
         logger.info(
@@ -467,7 +479,19 @@ class Ingestor:
             getattr(flags, "session_present", "?"),
         )
 
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: Any, reasons: Any, _p: Any) -> None:
+        refused = [r for r in reasons if getattr(r, "is_failure", False)]
+        if refused:
+            logger.warning(
+                "ingest: broker refused the subscription to %s: %s",
+                self.settings.subscription,
+                ", ".join(str(r) for r in refused),
+            )
+            return
+        self._subscribed.set()
+
     def _on_disconnect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self._subscribed.clear()
         with self._ack_lock:
             self._connection += 1
         if self._stopping.is_set():

@@ -89,7 +89,7 @@ def ingestor_for(broker: Broker, store: TelemetryStore, name: str, group: str = 
         store,
     )
     ingestor.start()
-    wait_until(lambda: ingestor.is_connected, 10, f"{name} to connect")
+    wait_until(lambda: ingestor.is_subscribed, 10, f"{name} to connect")
     return ingestor
 
 

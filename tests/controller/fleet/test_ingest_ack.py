@@ -98,7 +98,7 @@ def start_ingest(broker: Broker, store: TelemetryStore, **settings: Any) -> Inge
     )
     ingestor = Ingestor(ingest_settings, store)
     ingestor.start()
-    wait_until(lambda: ingestor.is_connected, 10, "the ingestor to connect")
+    wait_until(lambda: ingestor.is_subscribed, 10, "the ingestor to connect")
     return ingestor
 
 

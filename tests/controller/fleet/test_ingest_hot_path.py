@@ -206,7 +206,7 @@ def test_malformed_heartbeats_are_counted_and_the_rest_of_the_batch_is_stored(
             store,
         )
         ingestor.start()
-        wait_until(lambda: ingestor.is_connected, 10, "the ingestor to connect")
+        wait_until(lambda: ingestor.is_subscribed, 10, "the ingestor to connect")
         publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="hot-sim")
         publisher.connect(broker.host, broker.port)
         publisher.loop_start()

@@ -234,7 +234,7 @@ def ingest(broker: Broker, store: TelemetryStore) -> Ingestor:
         store,
     )
     ingestor.start()
-    wait_until(lambda: ingestor.is_connected, 10, "the ingestor to connect")
+    wait_until(lambda: ingestor.is_subscribed, 10, "the ingestor to connect")
     return ingestor
 
 

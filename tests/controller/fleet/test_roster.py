@@ -186,7 +186,7 @@ def test_ingestion_counts_and_drops_what_the_registry_refuses(
             roster=RosterReader(path, load),
         )
         ingestor.start()
-        wait_until(lambda: ingestor.is_connected, 10, "the ingestor to connect")
+        wait_until(lambda: ingestor.is_subscribed, 10, "the ingestor to connect")
         publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="roster-sim")
         publisher.connect(broker.host, broker.port)
         publisher.loop_start()

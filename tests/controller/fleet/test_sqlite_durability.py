@@ -87,7 +87,7 @@ def test_ingest_commits_what_it_acknowledges_with_synchronous_full(
         wait_until(lambda: ingestor.unacknowledged == 0, 10, "the acknowledgement")
 
     try:
-        wait_until(lambda: ingestor.is_connected, 10, "the ingestor to connect")
+        wait_until(lambda: ingestor.is_subscribed, 10, "the ingestor to connect")
         publish(heartbeat_topic, good_payload(), 0, "heartbeats", 1)
         assert synchronous(store) == NORMAL
         event = Event("cam-1", "lab", "s1", 1, "now", "committed", "m", "1.0.0")

@@ -131,7 +131,7 @@ def test_ingestion_stores_everything_it_received_across_a_restart(
     ingestor.start()
     publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="device-sim")
     try:
-        wait_until(lambda: ingestor.is_connected, 10, "the ingestor to connect")
+        wait_until(lambda: ingestor.is_subscribed, 10, "the ingestor to connect")
         publisher.connect(broker.host, broker.port)
         publisher.loop_start()
         topic = device_topic(FLEET, "d1", "events")
