@@ -37,8 +37,10 @@ mosquitto:
 
 # The device-install system test (tests/system/) boots the .deb under real systemd in
 # systemd-nspawn on a debootstrapped Debian root; systemd-analyze checks the units. The
-# fault-injection run (tests/chaos/) steps one agent's clock with libfaketime.
-SYSTEM_PACKAGES := debootstrap systemd-container faketime
+# fault-injection run (tests/chaos/) steps one agent's clock with libfaketime. nginx serves the
+# repository statically and as a site gateway's cache; prometheus (and promtool) checks the
+# dashboard's queries and the alert rules against real scrapes.
+SYSTEM_PACKAGES := debootstrap systemd-container faketime nginx prometheus
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
