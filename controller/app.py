@@ -43,6 +43,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from agent.contracts import ROLLOUT_ROLE
 from controller.base.errors import ControllerError, UsageError
 from controller.fleet.ingest import Ingestor, IngestSettings
+from controller.fleet.lease import Leadership, LeaseKeeper, NotLeaderError
 from controller.fleet.records import FleetAggregates
 from controller.fleet.roster import RosterEntry, RosterReader
 from controller.fleet.status import StalePolicy
@@ -63,6 +64,7 @@ from controller.serve.metrics import (
     ServeHealth,
     StoreHealth,
     render_aggregates,
+    render_leadership,
     render_serve_health,
 )
 from controller.serve.mqtt_repo import RepoResponder
@@ -79,23 +81,35 @@ def read_timestamp_version(repo_dir: Path) -> int:
     return int(doc["signed"]["version"])
 
 
-def _resign(repo_dir: Path) -> dict[str, int]:
+def _resign(repo_dir: Path, leadership: Leadership | None = None) -> dict[str, int]:
     # locked_repository first finishes an interrupted key rotation and refuses keys or a
     # lock this user cannot use (naming the chown).
     with locked_repository(repo_dir) as repo:
+        if leadership is not None:  # fencing: checked under the lock, right before signing
+            leadership.check("re-signing")
         return resign_expiring(repo)
 
 
-async def announce_loop(repo_dir: Path, announcer: Announcer, interval_s: float) -> None:
-    """Announce on start, on every new timestamp version and after every reconnection."""
+async def announce_loop(
+    repo_dir: Path, announcer: Announcer, interval_s: float, leadership: Leadership | None = None
+) -> None:
+    """Announce on start, on every new timestamp version and after every reconnection;
+    with ``leadership``, only while this process leads, and again on each takeover (an
+    announcement repeated is a refresh)."""
     announced: int | None = None
     while True:
+        if leadership is not None and not leadership.is_leader:
+            announced = None  # the next time this process leads, it announces at once
+            await asyncio.sleep(interval_s)
+            continue
         try:
             version = await asyncio.to_thread(read_timestamp_version, repo_dir)
             reconnected = announcer.take_needs_announce()
             if version != announced or reconnected:
                 fleets = await asyncio.to_thread(lambda: Repository.open(repo_dir).fleets())
                 now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                if leadership is not None and not leadership.is_leader:
+                    continue  # lost while reading: the leader announces
                 if announcer.announce(fleets, version, now):
                     announced = version
                 elif reconnected:
@@ -164,21 +178,33 @@ def _check_signing(repo_dir: Path, state: ServeState) -> None:
             logger.info("the %s key is usable again", role)
 
 
-async def resign_loop(repo_dir: Path, interval_s: float, state: ServeState | None = None) -> None:
+async def resign_loop(
+    repo_dir: Path,
+    interval_s: float,
+    state: ServeState | None = None,
+    leadership: Leadership | None = None,
+) -> None:
     """Re-sign online metadata before it expires; check every ``interval_s``. With
-    ``state``, also check the online keys and count failures (``/metrics``)."""
+    ``state``, also check the online keys and count failures (``/metrics``); with
+    ``leadership``, re-sign only while this process leads (every process checks that its
+    keys could sign, so a follower ready to take over says so)."""
     state = state if state is not None else ServeState()
     while True:
         try:
             await asyncio.to_thread(_check_signing, repo_dir, state)
         except Exception as exc:  # the repository unreadable: the re-sign below says so too
             logger.error("cannot check the signing keys: %s", exc)
+        if leadership is not None and not leadership.is_leader:
+            await asyncio.sleep(interval_s)
+            continue
         try:
-            changed = await asyncio.to_thread(_resign, repo_dir)
+            changed = await asyncio.to_thread(_resign, repo_dir, leadership)
             if changed:
                 logger.info("re-signed metadata before expiry: %s", changed)
             else:
                 logger.debug("re-sign check: nothing due")
+        except NotLeaderError as exc:
+            logger.warning("re-signing skipped: %s", exc)
         except Exception as exc:  # whatever it is, the next check tries again
             state.resign_failures += 1
             logger.error("re-signing failed (retrying in %.0f s): %s", interval_s, exc)
@@ -263,10 +289,18 @@ def prune_once(store: TelemetryStore, config: ServeConfig, now: float, active_si
         raise failed
 
 
-async def prune_loop(store: TelemetryStore, config: ServeConfig, interval_s: float) -> None:
-    """``prune_once`` every ``interval_s``."""
+async def prune_loop(
+    store: TelemetryStore,
+    config: ServeConfig,
+    interval_s: float,
+    leadership: Leadership | None = None,
+) -> None:
+    """``prune_once`` every ``interval_s`` (with ``leadership``: in the leader only)."""
     active_since = 0.0  # the first pass looks at every device's events
     while True:
+        if leadership is not None and not leadership.is_leader:
+            await asyncio.sleep(min(interval_s, leadership.lease_s))
+            continue
         now = time.time()
         try:
             await asyncio.to_thread(prune_once, store, config, now, active_since)
@@ -292,11 +326,13 @@ def add_metrics_route(
     policy: StalePolicy,
     repo_dir: Path | None = None,
     state: ServeState | None = None,
+    leadership: Leadership | None = None,
 ) -> None:
     """``GET /metrics``: fleet aggregates from the store, in the Prometheus text format;
     with ``repo_dir``, also when the repository's metadata, CA, CRL and device
     certificates expire (read at each scrape, ``controller.repository.expiry``); with
-    ``state``, serve's MQTT connections and signing keys (``ServeState``)."""
+    ``state``, serve's MQTT connections and signing keys (``ServeState``); with
+    ``leadership``, whether this process leads (``render_leadership``)."""
     reader = ExpiryReader(repo_dir) if repo_dir is not None else None
 
     def render() -> str:
@@ -312,7 +348,11 @@ def add_metrics_route(
             aggregates, events = FleetAggregates({}, {}, {}), []
         health = StoreHealth(up=store.up, errors=store.errors)
         text = render_aggregates(aggregates, events, counts, expiries, refusals, health)
-        return text + render_serve_health(state.health()) if state is not None else text
+        if state is not None:
+            text += render_serve_health(state.health())
+        if leadership is not None:
+            text += render_leadership(leadership.instance, leadership.is_leader, leadership.epoch)
+        return text
 
     async def handle(_request: web.Request) -> web.Response:
         text = await asyncio.to_thread(render)
@@ -359,7 +399,10 @@ async def serve(config: ServeConfig) -> None:
     app = make_app(config.repo_dir)
     policy = StalePolicy(config.heartbeat_interval_s, config.stale_after_heartbeats)
     state = ServeState(ingestor=ingestor)
-    add_metrics_route(app, store, ingestor, policy, config.repo_dir, state)
+    # One leader among the serve processes sharing the store (controller.fleet.lease).
+    leadership = Leadership(config.instance_id, config.lease_s)
+    keeper = LeaseKeeper(store, leadership)
+    add_metrics_route(app, store, ingestor, policy, config.repo_dir, state, leadership)
     try:
         runner, port = await start_http(app, config.listen_host, config.listen_port)
     except OSError as exc:
@@ -367,7 +410,8 @@ async def serve(config: ServeConfig) -> None:
             f"cannot listen on {config.listen_host}:{config.listen_port}: {exc}"
         ) from None
     print(READY_LINE.format(host=config.listen_host, port=port), flush=True)
-    logger.info("serving %s on port %d", config.repo_dir, port)
+    logger.info("serving %s on port %d as %s", config.repo_dir, port, config.instance_id)
+    keeper.start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -397,13 +441,15 @@ async def serve(config: ServeConfig) -> None:
             tick_interval_s=config.rollout_tick_interval_s,
             heartbeat_interval_s=config.heartbeat_interval_s,
         ),
+        leadership,
     )
     scheduler.start()
     tasks = [
         asyncio.create_task(
-            resign_loop(config.repo_dir, config.resign_check_interval_s, state), name="resign"
+            resign_loop(config.repo_dir, config.resign_check_interval_s, state, leadership),
+            name="resign",
         ),
-        asyncio.create_task(prune_loop(store, config, PRUNE_INTERVAL_S), name="prune"),
+        asyncio.create_task(prune_loop(store, config, PRUNE_INTERVAL_S, leadership), name="prune"),
     ]
     if ingestor is not None:
         # Ingestion allocates a few containers per message, 100,000s a second, nearly all
@@ -427,7 +473,7 @@ async def serve(config: ServeConfig) -> None:
         announcer.start()
         tasks.append(
             asyncio.create_task(
-                announce_loop(config.repo_dir, announcer, config.announce_interval_s),
+                announce_loop(config.repo_dir, announcer, config.announce_interval_s, leadership),
                 name="announce",
             )
         )
@@ -442,6 +488,7 @@ async def serve(config: ServeConfig) -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await runner.cleanup()
+        await asyncio.to_thread(keeper.stop)  # released: another serve leads at its next try
         if announcer is not None:
             await asyncio.to_thread(announcer.stop)
         if responder is not None:  # repository over MQTT (issue 8)

@@ -64,11 +64,13 @@ def _revoked(repo: str | None) -> frozenset[str] | None:
 def _cmd_fleet_status(args: argparse.Namespace) -> int:
     import time
 
+    from controller.fleet.lease import LEASE_NAME, leader_line
     from controller.fleet.status import device_json, render_fleet_table
 
     store, policy, repo = _open_view(args)
     drift_policy = _drift_policy(args)
     try:
+        lease = store.lease_read(LEASE_NAME)
         rows = store.devices(fleet=args.fleet, model=args.model)
         alerts = _drift_alerts(store, rows, drift_policy, time.time(), fleet=args.fleet)
         if args.fleet and not rows:
@@ -105,6 +107,23 @@ def _cmd_fleet_status(args: argparse.Namespace) -> int:
         )
         for line in _active_rollout_lines(args):
             print(line)
+        if lease is not None:  # some edgectl serve took the lease in this store
+            print(leader_line(lease))
+    return 0
+
+
+def _cmd_fleet_leader(args: argparse.Namespace) -> int:
+    from controller.fleet.lease import LEASE_NAME, leader_json, leader_line
+
+    store, _policy, _repo = _open_view(args)
+    try:
+        lease = store.lease_read(LEASE_NAME)
+    finally:
+        store.close()
+    if args.json:
+        print_json(leader_json(lease))
+    else:
+        print(leader_line(lease))
     return 0
 
 
@@ -312,6 +331,18 @@ def add_parser(sub: Subparsers) -> None:
     )
     _add_store_options(fs)
     fs.set_defaults(func=_cmd_fleet_status)
+    fl = fsub.add_parser(
+        "leader",
+        help="which edgectl serve leads (runs rollouts, announces, signs) and its lease",
+        description="The edgectl serve holding the controller lease in the store: its "
+        "instance id, the lease's epoch (one more at every takeover) and the seconds until "
+        'the lease expires unless renewed (docs/operations.md, "Controllers that fail over").',
+        epilog="example:\n  edgectl fleet leader --json "
+        "--store postgresql://edgefleet@db/edgefleet",
+        formatter_class=RAW,
+    )
+    _add_store_options(fl)
+    fl.set_defaults(func=_cmd_fleet_leader)
 
 
 def add_device_show_parser(dsub: Subparsers) -> None:

@@ -193,6 +193,7 @@ class PostgresStore(TelemetryStore):
     )
 
     count_triggers = COUNT_TRIGGERS
+    db_now = "extract(epoch from now())::float8"
 
     # No writer may add a row between the count and the trigger that counts it.
     lock_for_counts = ("LOCK TABLE devices, device_models IN SHARE ROW EXCLUSIVE MODE",)
@@ -265,6 +266,10 @@ class PostgresStore(TelemetryStore):
 
     def _writer(self) -> AbstractContextManager[Any]:
         return self._cursor()
+
+    def _lease_cursor(self) -> AbstractContextManager[Any]:
+        # Its own pooled connection: a renewal never waits behind an ingestion batch.
+        return self._observed(self._cursor())
 
     def _reader(self) -> AbstractContextManager[Any]:
         return self._cursor()

@@ -58,10 +58,12 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from enum import StrEnum
 from typing import Any, Final, NamedTuple
 
 from agent.contracts import ShadowReport, Waiting
 from controller.base.errors import ControllerError
+from controller.fleet.lease import LeaseRow
 from controller.fleet.records import (
     SIGNIFICANT_DRIFT,
     DeviceRow,
@@ -137,6 +139,26 @@ class RolloutCensus(NamedTuple):
     waiting: tuple[tuple[str, str | None, Waiting], ...]
     # The fleet's devices at ``generation`` (fleet_sizes).
     devices: int = 0
+
+
+class Promotion(NamedTuple):
+    """A promotion claimed in the store (``TelemetryStore.claim_promotion``)."""
+
+    rollout_id: str
+    stage: int
+    percent: float
+    holder: str
+    epoch: int
+    claimed_at: float
+
+
+class Claim(StrEnum):
+    """What ``claim_promotion`` found: claimed now; claimed before (by this or an earlier
+    leader, whose write may not have happened); refused, the lease not held."""
+
+    CLAIMED = "claimed"
+    CLAIMED_BEFORE = "claimed before"
+    NOT_LEADER = "not leader"
 
 
 class StoreError(ControllerError):
@@ -216,6 +238,17 @@ DDL: Final = (
         errors BIGINT NOT NULL, client_errors BIGINT NOT NULL,
         p99_sum DOUBLE PRECISION NOT NULL, p99_n BIGINT NOT NULL,
         PRIMARY KEY (fleet, model, version, bucket, device))""",
+    # Which `edgectl serve` leads (controller.fleet.lease): one row per lease, its
+    # deadline in Unix seconds by the database clock, its epoch one more at every takeover.
+    """CREATE TABLE IF NOT EXISTS leader_lease (
+        name TEXT NOT NULL PRIMARY KEY, holder TEXT NOT NULL, epoch BIGINT NOT NULL,
+        deadline DOUBLE PRECISION NOT NULL, acquired_at DOUBLE PRECISION NOT NULL)""",
+    # Each promotion of a rollout to a stage (the index it moved to; len(stages): it
+    # completed), claimed by the leader before it writes desired state: once, by the key.
+    """CREATE TABLE IF NOT EXISTS rollout_promotions (
+        rollout_id TEXT NOT NULL, stage INTEGER NOT NULL, percent DOUBLE PRECISION NOT NULL,
+        holder TEXT NOT NULL, epoch BIGINT NOT NULL, claimed_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (rollout_id, stage))""",
 )
 ROLLUP_TABLES: Final = ("rollout_figures", "rollout_latency", "rollout_devices")
 # What a rollout tick counts without reading every device row (``rollout_census``): the
@@ -552,6 +585,8 @@ class TelemetryStore(ABC):
     truncate = "CAST({} AS INTEGER)"
     serial = "INTEGER PRIMARY KEY AUTOINCREMENT"
     add_column = "ADD COLUMN"
+    # The database's clock, Unix seconds (the lease's deadlines are by it).
+    db_now = "((julianday('now') - 2440587.5) * 86400.0)"
 
     def __init__(self) -> None:
         self._write_lock = threading.Lock()
@@ -1474,3 +1509,117 @@ class TelemetryStore(ABC):
             removed = int(cur.rowcount or 0)
             cur.execute(self._sql("DELETE FROM shadow_reports WHERE received_at < ?"), [before])
             return removed
+
+    # -- leadership (controller.fleet.lease)
+
+    def _lease_cursor(self) -> AbstractContextManager[Any]:
+        """A write transaction for the lease (a backend may avoid waiting for ingestion's
+        writer: PostgreSQL takes its own pooled connection)."""
+        return self._write()
+
+    def _now_sql(self, text: str) -> str:
+        return self._sql(text).replace("{now}", self.db_now)
+
+    def lease_claim(self, name: str, holder: str, lease_s: float) -> LeaseRow:
+        """Renew ``holder``'s lease ``name`` while it holds it unexpired, else take it when
+        it is free or expired (a new epoch); return the lease as it is then, its deadline
+        by the database clock. One transaction; concurrent claims take it once."""
+        with self._lease_cursor() as cur:
+            cur.execute(
+                self._now_sql(
+                    "INSERT INTO leader_lease (name, holder, epoch, deadline, acquired_at) "
+                    "VALUES (?, ?, 1, {now} + ?, {now}) ON CONFLICT (name) DO NOTHING"
+                ),
+                [name, holder, lease_s],
+            )
+            cur.execute(
+                self._now_sql(
+                    "UPDATE leader_lease SET deadline = {now} + ? "
+                    "WHERE name = ? AND holder = ? AND deadline > {now}"
+                ),
+                [lease_s, name, holder],
+            )
+            if not cur.rowcount:
+                cur.execute(
+                    self._now_sql(
+                        "UPDATE leader_lease SET holder = ?, epoch = epoch + 1, "
+                        "deadline = {now} + ?, acquired_at = {now} "
+                        "WHERE name = ? AND deadline <= {now}"
+                    ),
+                    [holder, lease_s, name],
+                )
+            cur.execute(
+                self._now_sql(
+                    "SELECT holder, epoch, deadline - {now} FROM leader_lease WHERE name = ?"
+                ),
+                [name],
+            )
+            got, epoch, remaining = cur.fetchone()
+            return LeaseRow(str(got), int(epoch), float(remaining))
+
+    def lease_release(self, name: str, holder: str, epoch: int) -> None:
+        """End ``holder``'s lease at once (a clean stop), if it still holds that epoch."""
+        with self._lease_cursor() as cur:
+            cur.execute(
+                self._now_sql(
+                    "UPDATE leader_lease SET deadline = {now} "
+                    "WHERE name = ? AND holder = ? AND epoch = ? AND deadline > {now}"
+                ),
+                [name, holder, epoch],
+            )
+
+    def lease_read(self, name: str) -> LeaseRow | None:
+        """The lease ``name`` now (None before anyone took it)."""
+        with self._read() as cur:
+            cur.execute(
+                self._now_sql(
+                    "SELECT holder, epoch, deadline - {now} FROM leader_lease WHERE name = ?"
+                ),
+                [name],
+            )
+            row = cur.fetchone()
+            return None if row is None else LeaseRow(str(row[0]), int(row[1]), float(row[2]))
+
+    def claim_promotion(
+        self, rollout_id: str, stage: int, percent: float, name: str, holder: str, epoch: int
+    ) -> Claim:
+        """Claim the promotion of ``rollout_id`` to ``stage``, fenced by the database: the
+        row is added only while ``holder`` holds lease ``name`` at ``epoch`` unexpired (by
+        the database clock), and at most once per (rollout, stage) (the primary key)."""
+        with self._lease_cursor() as cur:
+            cur.execute(
+                self._now_sql(
+                    "INSERT INTO rollout_promotions "
+                    "(rollout_id, stage, percent, holder, epoch, claimed_at) "
+                    "SELECT ?, ?, ?, holder, epoch, {now} FROM leader_lease "
+                    "WHERE name = ? AND holder = ? AND epoch = ? AND deadline > {now} "
+                    "ON CONFLICT (rollout_id, stage) DO NOTHING"
+                ),
+                [rollout_id, stage, percent, name, holder, epoch],
+            )
+            if cur.rowcount == 1:
+                return Claim.CLAIMED
+            cur.execute(
+                self._now_sql(
+                    "SELECT 1 FROM leader_lease "
+                    "WHERE name = ? AND holder = ? AND epoch = ? AND deadline > {now}"
+                ),
+                [name, holder, epoch],
+            )
+            return Claim.CLAIMED_BEFORE if cur.fetchone() is not None else Claim.NOT_LEADER
+
+    def promotions(self, rollout_id: str | None = None) -> list[Promotion]:
+        """The promotions claimed (of ``rollout_id``), in the order they were claimed."""
+        query = (
+            "SELECT rollout_id, stage, percent, holder, epoch, claimed_at FROM rollout_promotions"
+        )
+        args: list[Any] = []
+        if rollout_id is not None:
+            query += " WHERE rollout_id = ?"
+            args.append(rollout_id)
+        with self._read() as cur:
+            cur.execute(self._sql(query + " ORDER BY claimed_at, rollout_id, stage"), args)
+            return [
+                Promotion(str(r), int(s), float(p), str(h), int(e), float(c))
+                for r, s, p, h, e, c in cur.fetchall()
+            ]

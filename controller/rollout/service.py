@@ -66,7 +66,8 @@ from agent.contracts import (
 from controller.base.errors import ConflictError, ControllerError, UsageError
 from controller.base.fsio import repo_lock
 from controller.fleet.drift import latest_drift
-from controller.fleet.store import TelemetryStore
+from controller.fleet.lease import Leadership, NotLeaderError
+from controller.fleet.store import Claim, TelemetryStore
 from controller.repository.history import (
     DEFAULT_GRACE,
     RetireRefusedError,
@@ -424,11 +425,18 @@ class RolloutService:
     """Advances and halts every active rollout of one repository; ``tick`` is one pass."""
 
     def __init__(
-        self, repo_dir: Path, store: TelemetryStore, settings: RolloutSettings | None = None
+        self,
+        repo_dir: Path,
+        store: TelemetryStore,
+        settings: RolloutSettings | None = None,
+        leadership: Leadership | None = None,
     ) -> None:
         self.repo_dir = repo_dir
         self.store = store
         self.settings = settings or RolloutSettings()
+        # With several `edgectl serve` (controller.fleet.lease): only the leader ticks, and
+        # it checks it still leads right before each write (None: this process alone).
+        self.leadership = leadership
         self.records = RolloutStore(repo_dir)
         # Samples already read, per stage window: (rollout id, stage, started) → samples by
         # (device, received_at). Later ticks read only the newest heartbeats (with an
@@ -441,8 +449,12 @@ class RolloutService:
 
     def run_once(self) -> None:
         """The scheduled entry point: one tick, errors logged (the next tick retries)."""
+        if self.leadership is not None and not self.leadership.is_leader:
+            return  # a follower: the leader ticks
         try:
             self.tick()
+        except NotLeaderError as exc:
+            logger.warning("rollout tick stopped, nothing written: %s", exc)
         except ControllerError as exc:  # the store unreachable, a key that cannot sign
             logger.error("rollout tick failed: %s; retrying on the next one", exc)
         except Exception:  # a store or repository hiccup must not kill the schedule
@@ -455,6 +467,7 @@ class RolloutService:
         active = [r for r in records if r.is_active]
         if any((r.is_active and not r.published) or r.pending for r in records):
             with repo_lock(self.repo_dir):
+                self._fence("settling rollout records")
                 settle_records(self.repo_dir, self.records, time.time() if now is None else now)
             active = self.records.active()
         keep = {(r.id, r.stage, r.stage_started_at) for r in active}
@@ -486,10 +499,43 @@ class RolloutService:
                 after = advance(current, report, now)
                 if after.state is RolloutState.RUNNING and after.stage == current.stage:
                     after = replace(after, last_report={**after.last_report, **counts})
+            token = self._fence(f"rollout {current.id}")
+            promoted_to = promotion_of(current, after)
+            if token is not None and promoted_to is not None:
+                self._claim(current, after, promoted_to, token.holder, token.epoch)
+                self._fence(f"promoting rollout {current.id}")  # again, right before signing
             after = _commit(Repository.open(self.repo_dir), self.records, current, after, now)
         if after.state is not current.state or after.stage != current.stage:
             _log_change(after)
         return after
+
+    def _fence(self, what: str) -> Any:
+        """The lease token when this process leads (None: no lease in use); raises
+        NotLeaderError when it does not lead now."""
+        return None if self.leadership is None else self.leadership.check(what)
+
+    def _claim(self, current: Rollout, after: Rollout, stage: int, holder: str, epoch: int) -> None:
+        """Claim the promotion of ``current`` to ``stage`` in the store (once per rollout
+        and stage, fenced by the lease's epoch in the database). Claimed before: an
+        earlier leader claimed it and did not write it (the record still names the stage
+        before; it held the repository lock as it claimed, so it is not writing now):
+        this leader writes it, still once. Raises NotLeaderError."""
+        assert self.leadership is not None
+        claim = self.store.claim_promotion(
+            current.id, stage, after.percent, self.leadership.name, holder, epoch
+        )
+        if claim is Claim.NOT_LEADER:
+            raise NotLeaderError(
+                f"the store refused epoch {epoch}'s claim to promote rollout {current.id} "
+                "(the lease was taken over)"
+            )
+        if claim is Claim.CLAIMED_BEFORE:
+            logger.warning(
+                "rollout %s: the promotion to stage %d was claimed before and not written "
+                "(the leader that claimed it stopped); writing it now",
+                current.id,
+                stage + 1,
+            )
 
     # ------------------------------------------------------------------ reading telemetry
 
@@ -801,15 +847,29 @@ def place_rollout(store: TelemetryStore, r: Rollout, ended: Sequence[str] = ()) 
     return store.place_fleet(r.id, r.fleet, partial(device_buckets, r.id))
 
 
+def promotion_of(before: Rollout, after: Rollout) -> int | None:
+    """The stage index a tick moves a running rollout to (``len(stages)``: it completes),
+    or None when it promotes nothing (a halt, the same stage)."""
+    if before.state is not RolloutState.RUNNING:
+        return None
+    if after.state is RolloutState.COMPLETED:
+        return len(after.stages)
+    if after.state is RolloutState.RUNNING and after.stage > before.stage:
+        return after.stage
+    return None
+
+
 def start_rollout_service(
     scheduler: Any,
     repo_dir: Path,
     store: TelemetryStore,
     settings: RolloutSettings | None = None,
+    leadership: Leadership | None = None,
 ) -> RolloutService:
     """Add the rollout job to an APScheduler scheduler (started or not); return the
-    service. The first tick runs at once, then every ``tick_interval_s``."""
-    service = RolloutService(repo_dir, store, settings)
+    service. The first tick runs at once, then every ``tick_interval_s``; with
+    ``leadership``, a tick does something only in the leader."""
+    service = RolloutService(repo_dir, store, settings, leadership)
     scheduler.add_job(
         service.run_once,
         "interval",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import math
+import os
 import secrets
 import socket
 import tomllib
@@ -69,6 +70,8 @@ _KNOWN_KEYS: Final = (
     "mqtt_ca_file",
     "mqtt_cert_file",
     "mqtt_key_file",
+    "lease_s",
+    "instance_id",
 )
 _TLS_FILE_KEYS: Final = {
     "mqtt_ca_file": "ca.crt",
@@ -134,6 +137,10 @@ class ServeConfig:
     mqtt_ca_file: Path | None = None
     mqtt_cert_file: Path | None = None
     mqtt_key_file: Path | None = None
+    # Leadership among the serve processes sharing the store (controller.fleet.lease): the
+    # lease's length, and this process's name in it ("" = HOSTNAME-PID).
+    lease_s: float = 15.0
+    instance_id: str = ""
 
     @property
     def store_location(self) -> str:
@@ -211,7 +218,9 @@ def read_toml(path: Path) -> dict[str, Any]:
     return table
 
 
-def _gather(path: Path | None, env: Mapping[str, str], flags: Mapping[str, str | None]) -> _Values:
+def _gather(
+    path: Path | None, env: Mapping[str, str], flags: Mapping[str, str | float | None]
+) -> _Values:
     """File, then environment, then flags: each key with where it came from."""
     doc = _Values()
     for key, value in (read_toml(path) if path else {}).items():
@@ -230,12 +239,12 @@ def _gather(path: Path | None, env: Mapping[str, str], flags: Mapping[str, str |
             doc.set(key, env[var], f"environment variable {var}={env[var]}")
     for key, flag_value in flags.items():
         if flag_value is not None:
-            doc.set(key, flag_value, f"--{key}" if key in ENV_KEYS else f"[serve] {key}")
+            doc.set(key, flag_value, f"--{key.replace('_', '-')}")
     return doc
 
 
 def load_serve_config(
-    path: Path | None, env: Mapping[str, str], flags: Mapping[str, str | None]
+    path: Path | None, env: Mapping[str, str], flags: Mapping[str, str | float | None]
 ) -> ServeConfig:
     """Merge file, environment and flags (``repo``, ``listen``, ``mqtt``) into a config."""
     doc = _gather(path, env, flags)
@@ -299,7 +308,24 @@ def load_serve_config(
         mqtt_ca_file=tls_files.get("mqtt_ca_file"),
         mqtt_cert_file=tls_files.get("mqtt_cert_file"),
         mqtt_key_file=tls_files.get("mqtt_key_file"),
+        lease_s=_lease_s(doc),
+        instance_id=_string(doc, "instance_id") or default_instance_id(),
     )
+
+
+def default_instance_id() -> str:
+    """``HOSTNAME-PID``: unique among the serve processes sharing a store."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _lease_s(doc: _Values) -> float:
+    value = float(_number(doc, "lease_s", 15.0))
+    if value < 1.0:
+        raise UsageError(
+            f"{doc.where('lease_s')} expected at least 1 second, got {value:g} (a lease "
+            "shorter than the store's round trips would change hands all the time)"
+        )
+    return value
 
 
 def _tls_files(doc: _Values, repo_dir: Path, mqtt_tls: bool) -> dict[str, Path]:

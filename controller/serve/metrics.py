@@ -109,6 +109,28 @@ def render_serve_health(health: ServeHealth) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_leadership(instance: str, leader: bool, epoch: int) -> str:
+    """Whether this ``edgectl serve`` holds the controller lease (``controller.fleet.lease``)
+    and the lease's epoch as it last saw it, in the Prometheus text format: appended to
+    ``render_aggregates``. Across the serve processes of one store, the sum of
+    ``edgefleet_leader`` is 1 (0 for longer than ``lease_s``: no one leads)."""
+    return (
+        "\n".join(
+            [
+                "# HELP edgefleet_leader 1 when this edgectl serve holds the controller lease "
+                "(runs rollouts, announces, signs), else 0.",
+                "# TYPE edgefleet_leader gauge",
+                _sample("edgefleet_leader", {"instance": instance}, int(leader)),
+                "# HELP edgefleet_leader_epoch The controller lease's fencing epoch as this serve "
+                "last read it (one more at every takeover).",
+                "# TYPE edgefleet_leader_epoch gauge",
+                _sample("edgefleet_leader_epoch", {}, epoch),
+            ]
+        )
+        + "\n"
+    )
+
+
 def render_metrics(
     rows: Sequence[DeviceRow],
     event_counts: Sequence[tuple[str, str, int]],
