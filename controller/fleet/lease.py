@@ -32,6 +32,8 @@ Everything here but ``LeaseKeeper`` is pure (the clock is injected).
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -171,6 +173,26 @@ class Leadership:
         return token
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this host (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def dead_local_holder(holder: str, hostname: str, alive: Callable[[int], bool]) -> bool:
+    """Whether ``holder`` names a process of this host (the default instance id,
+    ``HOSTNAME-PID``) that no longer runs: its lease can be taken at once, not after it
+    expires (a serve killed and started again on one host leads again at once). A reused
+    pid only makes this say False: the lease then expires as usual."""
+    host, sep, pid = holder.rpartition("-")
+    return bool(sep) and host == hostname and pid.isdigit() and not alive(int(pid))
+
+
 def leader_json(row: LeaseRow | None) -> dict[str, object]:
     """The lease as ``edgectl fleet leader --json`` prints it: the holder, its epoch and
     the seconds until the lease expires (``leader`` null when none holds it now)."""
@@ -204,6 +226,8 @@ class LeaseStore(Protocol):
 
     def lease_release(self, name: str, holder: str, epoch: int) -> None: ...
 
+    def lease_take_from(self, name: str, dead: str, holder: str, lease_s: float) -> LeaseRow: ...
+
 
 class LeaseKeeper:
     """A thread that renews (or tries to take) the lease every ``renew_interval``."""
@@ -223,6 +247,8 @@ class LeaseKeeper:
         self._failing = False
         self._leading = False
         self._follows: tuple[str, int] | None = None
+        hostname = socket.gethostname()
+        self._dead: Callable[[str], bool] = lambda h: dead_local_holder(h, hostname, pid_alive)
 
     def renew_once(self) -> None:
         """One renewal; its outcome goes to ``leadership`` (a failure changes nothing:
@@ -240,6 +266,17 @@ class LeaseKeeper:
         if self._failing:
             logger.info("the controller lease can be renewed again")
         self._failing = False
+        if row.holder != lead.instance and row.remaining_s > 0 and self._dead(row.holder):
+            logger.warning(
+                "the controller lease is held by %s, a process of this host that no longer "
+                "runs: taking it over now",
+                row.holder,
+            )
+            started = lead.clock()
+            try:
+                row = self.store.lease_take_from(lead.name, row.holder, lead.instance, lead.lease_s)
+            except Exception as exc:  # it expires by itself
+                logger.error("cannot take over the controller lease: %s", exc)
         gained = lead.renewed(started, row)
         self._note(row, gained)
 

@@ -1557,6 +1557,26 @@ class TelemetryStore(ABC):
             got, epoch, remaining = cur.fetchone()
             return LeaseRow(str(got), int(epoch), float(remaining))
 
+    def lease_take_from(self, name: str, dead: str, holder: str, lease_s: float) -> LeaseRow:
+        """Take lease ``name`` from ``dead`` (a holder known to have stopped), a new epoch;
+        return the lease as it is then (unchanged when ``dead`` no longer holds it)."""
+        with self._lease_cursor() as cur:
+            cur.execute(
+                self._now_sql(
+                    "UPDATE leader_lease SET holder = ?, epoch = epoch + 1, "
+                    "deadline = {now} + ?, acquired_at = {now} WHERE name = ? AND holder = ?"
+                ),
+                [holder, lease_s, name, dead],
+            )
+            cur.execute(
+                self._now_sql(
+                    "SELECT holder, epoch, deadline - {now} FROM leader_lease WHERE name = ?"
+                ),
+                [name],
+            )
+            got, epoch, remaining = cur.fetchone()
+            return LeaseRow(str(got), int(epoch), float(remaining))
+
     def lease_release(self, name: str, holder: str, epoch: int) -> None:
         """End ``holder``'s lease at once (a clean stop), if it still holds that epoch."""
         with self._lease_cursor() as cur:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,14 +15,18 @@ import pytest
 
 from controller.fleet.lease import (
     Leadership,
+    LeaseKeeper,
     LeaseRow,
     NotLeaderError,
+    dead_local_holder,
     holds,
     leader_json,
     leader_line,
     safety_margin,
 )
 from controller.fleet.store import Claim
+from controller.fleet.stores import open_store
+from controller.serve.metrics import render_leadership
 from tests.controller.test_store_support import store_for
 
 BACKENDS = ["sqlite", "postgres"]
@@ -181,3 +186,59 @@ def test_a_promotion_is_claimed_once_and_only_under_the_held_epoch(
             (2, 50.0, "a", 1),
         ]
         assert store.promotions("other") == []
+
+
+def test_a_dead_holder_of_this_host_is_told_from_a_live_or_foreign_one() -> None:
+    def alive(pid: int) -> bool:
+        return pid == 42
+
+    assert dead_local_holder("box-7", "box", alive)
+    assert not dead_local_holder("box-42", "box", alive)  # still runs
+    assert not dead_local_holder("other-7", "box", alive)  # another host: wait for expiry
+    assert not dead_local_holder("ctl-a", "box", alive)  # not HOSTNAME-PID
+    assert dead_local_holder("my-box-7", "my-box", alive)
+
+
+def test_keepers_on_one_store_elect_one_leader_and_a_clean_stop_hands_over_at_once(
+    tmp_path: Path,
+) -> None:
+    store = open_store(str(tmp_path / "t.sqlite"))
+    gained: list[tuple[str, int]] = []
+    try:
+        a = LeaseKeeper(store, Leadership("a", 5.0), lambda t: gained.append((t.holder, t.epoch)))
+        b = LeaseKeeper(store, Leadership("b", 5.0), lambda t: gained.append((t.holder, t.epoch)))
+        a.renew_once()
+        b.renew_once()
+        assert a.leadership.is_leader and not b.leadership.is_leader
+        assert b.leadership.seen is not None and b.leadership.seen.holder == "a"
+        a.stop()  # releases: b takes it at its next try, epoch 2
+        b.renew_once()
+        assert b.leadership.is_leader and not a.leadership.is_leader
+        assert gained == [("a", 1), ("b", 2)]
+    finally:
+        store.close()
+
+
+def test_a_lease_held_by_a_dead_process_of_this_host_is_taken_at_once(tmp_path: Path) -> None:
+    store = open_store(str(tmp_path / "t.sqlite"))
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", "pass"])
+        proc.wait(10)  # its pid is free now (reuse within the test is all but impossible)
+        dead = f"{socket.gethostname()}-{proc.pid}"
+        store.lease_claim("controller", dead, 60.0)
+        keeper = LeaseKeeper(store, Leadership("me", 60.0))
+        keeper.renew_once()
+        token = keeper.leadership.token()
+        assert token is not None and token.epoch == 2
+        # the row moved only from that holder
+        assert store.lease_take_from("controller", dead, "x", 60.0)[:2] == ("me", 2)
+    finally:
+        store.close()
+
+
+def test_leadership_in_metrics() -> None:
+    text = render_leadership("host-1", True, 7)
+    assert 'edgefleet_leader{instance="host-1"} 1\n' in text
+    assert "edgefleet_leader_epoch 7\n" in text
+    assert "# TYPE edgefleet_leader gauge" in text
+    assert 'edgefleet_leader{instance="b"} 0' in render_leadership("b", False, 0)
