@@ -7,7 +7,11 @@ announcement), the re-signing task (online roles re-signed under the repository 
 when less than half their lifetime is left), the telemetry ingestor (devices' status,
 heartbeats and events into the store, ``controller.fleet.ingest``, admitting only what the
 device registry allows, ``controller.fleet.roster``) and the task that prunes what is past its
-retention (heartbeats, events, devices, models, rollout records, old metadata).
+retention (heartbeats, events, devices, models, rollout records, old metadata), and the
+lease keeper (``controller.fleet.lease``): of several ``serve`` sharing a store, only the
+leader runs the rollout job, announces, re-signs and prunes, checking it still leads
+right before each signing or promotion; every ``serve`` serves HTTP, ``/metrics`` and
+ingests.
 
 Invariants:
 - The readiness line ``edgectl serve: listening on http://HOST:PORT`` is printed and

@@ -35,6 +35,12 @@ Wiring into ``edgectl serve`` (``controller.app``)::
 
 The tick is synchronous (store reads, signing, fsync); APScheduler's asyncio executor
 runs it in a worker thread, one at a time (``max_instances=1``, ``coalesce``).
+
+With several ``edgectl serve`` on one store, the job is given their ``Leadership``
+(``controller.fleet.lease``): a follower's tick does nothing; the leader checks it still
+leads under the repository lock right before each write, and claims each promotion in
+the store first (``store.claim_promotion``: once per rollout and stage, refused by the
+database unless the lease's epoch is the leader's).
 """
 
 from __future__ import annotations
