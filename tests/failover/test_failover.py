@@ -13,9 +13,11 @@ Short lease (3 s) and ticks (0.5 s), four stages of 3 s: each case takes about a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
+import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,6 +63,7 @@ class Cluster:
     repo: Path
     dsn: str
     serves: dict[str, Proc]
+    urls: dict[str, str]
     folders: dict[str, Path]
     store: TelemetryStore
 
@@ -110,14 +113,16 @@ def cluster(tmp_path: Path, broker: Broker) -> Iterator[Cluster]:
     with fresh_pg_schema() as dsn:
         store = open_store(dsn)
         serves: dict[str, Proc] = {}
+        urls: dict[str, str] = {}
         procs: list[Proc] = []
         try:
             # ctl-1 first, so it leads; the agents fetch from ctl-0, which is never the
             # first leader (each case stops the first leader).
-            serves["ctl-1"], _ = _serve(tmp_path, repo, broker, dsn, "ctl-1")
+            serves["ctl-1"], urls["ctl-1"] = _serve(tmp_path, repo, broker, dsn, "ctl-1")
             wait_until(lambda: store.lease_read(LEASE_NAME), 20, "ctl-1 to take the lease")
-            serves["ctl-0"], url = _serve(tmp_path, repo, broker, dsn, "ctl-0")
-            serves["ctl-2"], _ = _serve(tmp_path, repo, broker, dsn, "ctl-2")
+            for name in ("ctl-0", "ctl-2"):
+                serves[name], urls[name] = _serve(tmp_path, repo, broker, dsn, name)
+            url = urls["ctl-0"]
             folders: dict[str, Path] = {}
             configs = []
             for device in DEVICES:
@@ -150,7 +155,7 @@ def cluster(tmp_path: Path, broker: Broker) -> Iterator[Cluster]:
                         tmp_path / f"agents-{i // PER_PROCESS}.log",
                     )
                 )
-            c = Cluster(tmp_path, repo, dsn, serves, folders, store)
+            c = Cluster(tmp_path, repo, dsn, serves, urls, folders, store)
             v1 = _bundle(tmp_path, 1, "1.0.0")
             edgectl("release", v1, "--fleet", FLEET, "--repo", repo, "--probation-s", "0.5",
                     "--no-shadow")  # fmt: skip
@@ -255,11 +260,24 @@ def test_a_leader_killed_mid_rollout_is_replaced_and_the_rollout_completes_once(
     duplicated = _duplicates(done, claims)
     assert duplicated == 0
     _everyone_on(c, "2.0.0")
+    # The leader says so in /metrics, the other one too; `fleet leader` names it.
+    other = ({"ctl-0", "ctl-2"} - {nxt.holder}).pop()
+    leader_metrics = _metrics(c.urls[nxt.holder])
+    assert f'edgefleet_leader{{instance="{nxt.holder}"}} 1' in leader_metrics
+    assert f"edgefleet_leader_epoch {nxt.epoch}" in leader_metrics
+    assert f'edgefleet_leader{{instance="{other}"}} 0' in _metrics(c.urls[other])
+    shown = json.loads(edgectl("fleet", "leader", "--store", c.dsn, "--json").stdout)
+    assert (shown["leader"], shown["epoch"]) == (nxt.holder, nxt.epoch), shown
     after_s = nxt.claimed_at - killed_at
     RESULTS["killed"] = {"after_s": after_s, "duplicated": duplicated}
     print(f"leader killed; next promotion after {after_s:.1f} s by {nxt.holder} epoch {nxt.epoch}")
     for at, note in done.history:
         print(f"{at - done.created_at:6.1f}s {note}")
+
+
+def _metrics(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as page:
+        return str(page.read().decode())
 
 
 STALE_ACTS = (
