@@ -432,6 +432,7 @@ async def serve(config: ServeConfig) -> None:
             config.mqtt_port,
             f"{config.mqtt_client_id}-repo",
             tls=tls,
+            shared_group=config.mqtt_shared_group,
         )
         responder.start()
     # --- end repository over MQTT ---

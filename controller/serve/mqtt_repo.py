@@ -79,8 +79,12 @@ class RepoResponder:
         keepalive_s: int = 30,
         limits: ResponderLimits | None = None,
         tls: ssl.SSLContext | None = None,
+        shared_group: str = "",
     ) -> None:
         self._repo_dir = repo_dir
+        # Several `edgectl serve` on one broker: a shared subscription, so each request is
+        # answered by one of them, not by all.
+        self._filter = f"$share/{shared_group}/{REQUEST_FILTER}" if shared_group else REQUEST_FILTER
         self._host, self._port, self._keepalive_s = host, port, keepalive_s
         self._limits = limits or ResponderLimits()
         self._queue: queue.Queue[tuple[str, ChunkRequest] | None] = queue.Queue(
@@ -125,8 +129,8 @@ class RepoResponder:
         if reason.is_failure:
             logger.warning("MQTT broker refused the repository responder: %s", reason)
             return
-        client.subscribe(REQUEST_FILTER, qos=1)
-        logger.info("answering repository requests on %s", REQUEST_FILTER)
+        client.subscribe(self._filter, qos=1)
+        logger.info("answering repository requests on %s", self._filter)
 
     def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
         try:

@@ -172,3 +172,28 @@ def test_a_delta_moves_over_mqtt_too(
         assert device.serving() == "2.0.0"
     finally:
         device.close()
+
+
+def test_responders_of_several_serve_on_a_shared_group_answer_each_request_once(
+    repo: Repository, broker: Broker, bundles: dict[str, Path]
+) -> None:
+    """Several `edgectl serve` (controllers that fail over, issue 24) share the requests."""
+    release(repo, bundles["1.0.0"])
+    responders = [
+        RepoResponder(repo.path, broker.host, broker.port, f"r-{i}", shared_group="ctl")
+        for i in range(3)
+    ]
+    for r in responders:
+        r.start()
+    fetcher = _fetcher(broker, chunk_bytes=1000, window=4)
+    try:
+        for r in responders:
+            assert r.subscribed.wait(10)
+        data = b"".join(fetcher.fetch(URL_PREFIX + "metadata/timestamp.json"))
+        assert data == (repo.path / "metadata" / "timestamp.json").read_bytes()
+        chunks = -(-len(data) // 1000)
+        assert sum(r.answered for r in responders) == chunks
+    finally:
+        fetcher.close()
+        for r in responders:
+            r.stop()
