@@ -415,15 +415,15 @@ async def serve(config: ServeConfig) -> None:
         ) from None
     print(READY_LINE.format(host=config.listen_host, port=port), flush=True)
     logger.info("serving %s on port %d as %s", config.repo_dir, port, config.instance_id)
-    # The first try before the tasks start: alone on its store, serve leads from its first
-    # rollout tick and re-sign check on.
-    await asyncio.to_thread(keeper.renew_once)
-    keeper.start()
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # The first try before the tasks start: alone on its store, serve leads from its first
+    # rollout tick and re-sign check on.
+    await asyncio.to_thread(keeper.renew_once)
+    keeper.start()
 
     announcer: Announcer | None = None
     # --- repository over MQTT (issue 8): chunk answers for devices without HTTP ---
