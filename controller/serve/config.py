@@ -32,6 +32,8 @@ ENV_KEYS: Final = {
     "mqtt": "EDGECTL_MQTT",
     "store": "EDGECTL_STORE",
 }
+# Keys `edgectl serve` also takes as flags without a variable (errors name the flag).
+FLAG_KEYS: Final = ("lease_s", "instance_id")
 # The telemetry store's file inside the repository folder when ``store`` is not set
 # (beside metadata/ and targets/, never served over HTTP).
 DEFAULT_STORE_NAME: Final = "telemetry.sqlite"
@@ -239,7 +241,8 @@ def _gather(
             doc.set(key, env[var], f"environment variable {var}={env[var]}")
     for key, flag_value in flags.items():
         if flag_value is not None:
-            doc.set(key, flag_value, f"--{key.replace('_', '-')}")
+            named = key in ENV_KEYS or key in FLAG_KEYS
+            doc.set(key, flag_value, f"--{key.replace('_', '-')}" if named else f"[serve] {key}")
     return doc
 
 
