@@ -65,7 +65,7 @@ lint: $(STAMP) prometheus-rules
 # `make system-deps`) checks their syntax and runs the rules' unit tests. Without promtool
 # it says so and goes on, except under CI (CI or EDGEFLEET_REQUIRE_SYSTEM_TEST=1 set),
 # where a check not run is a failure.
-prometheus-rules:
+prometheus-rules: system-deps
 	@if command -v promtool >/dev/null 2>&1; then \
 		promtool check config packaging/prometheus.yml && \
 		promtool check rules packaging/prometheus-rules.yml && \
