@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck pytest mosquitto system-deps deb venv bench-deps clean
+.PHONY: demo test lint typecheck pytest mosquitto system-deps deb venv bench-deps clean prometheus-rules
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,9 +57,25 @@ system-deps:
 deb: $(STAMP)
 	$(BIN)/python packaging/build_deb.py --output build
 
-lint: $(STAMP)
+lint: $(STAMP) prometheus-rules
 	$(BIN)/ruff check agent controller tests bench
 	$(BIN)/ruff format --check agent controller tests bench
+
+# The alert rules and the scrape config in packaging/: promtool (Debian package prometheus,
+# `make system-deps`) checks their syntax and runs the rules' unit tests. Without promtool
+# it says so and goes on, except under CI (CI or EDGEFLEET_REQUIRE_SYSTEM_TEST=1 set),
+# where a check not run is a failure.
+prometheus-rules: system-deps
+	@if command -v promtool >/dev/null 2>&1; then \
+		promtool check config packaging/prometheus.yml && \
+		promtool check rules packaging/prometheus-rules.yml && \
+		promtool test rules packaging/prometheus-rules.test.yml; \
+	elif [ -n "$$CI" ] || [ "$$EDGEFLEET_REQUIRE_SYSTEM_TEST" = 1 ]; then \
+		echo "promtool is missing: the alert rules in packaging/ must be checked here (make system-deps, or apt-get install prometheus)"; \
+		exit 1; \
+	else \
+		echo "SKIPPED: promtool is missing, packaging/prometheus-rules.yml is not checked (make system-deps, or apt-get install prometheus)"; \
+	fi
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict agent controller

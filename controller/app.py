@@ -59,8 +59,10 @@ from controller.repository.keys import scan_signers
 from controller.repository.repo import Repository, resign_expiring
 from controller.repository.retention import MetadataRetention, prune_metadata
 from controller.repository.rotation import locked_repository
+from controller.rollout.metrics import render_rollouts
 from controller.rollout.retention import RolloutRetention, prune_rollout_records
 from controller.rollout.service import RolloutSettings, start_rollout_service
+from controller.rollout.store import RolloutStore
 from controller.serve.announcer import Announcer
 from controller.serve.config import ServeConfig
 from controller.serve.http import make_app, start_http
@@ -334,7 +336,8 @@ def add_metrics_route(
 ) -> None:
     """``GET /metrics``: fleet aggregates from the store, in the Prometheus text format;
     with ``repo_dir``, also when the repository's metadata, CA, CRL and device
-    certificates expire (read at each scrape, ``controller.repository.expiry``); with
+    certificates expire (read at each scrape, ``controller.repository.expiry``) and the
+    latest rollout of each fleet and model (``controller.rollout.metrics``); with
     ``state``, serve's MQTT connections and signing keys (``ServeState``); with
     ``leadership``, whether this process leads (``render_leadership``)."""
     reader = ExpiryReader(repo_dir) if repo_dir is not None else None
@@ -352,6 +355,11 @@ def add_metrics_route(
             aggregates, events = FleetAggregates({}, {}, {}), []
         health = StoreHealth(up=store.up, errors=store.errors)
         text = render_aggregates(aggregates, events, counts, expiries, refusals, health)
+        if repo_dir is not None:
+            try:
+                text += render_rollouts(RolloutStore(repo_dir).all())
+            except OSError as exc:  # the folder unreadable: the rest of the page still
+                logger.warning("/metrics without the rollout gauges: %s", exc)
         if state is not None:
             text += render_serve_health(state.health())
         if leadership is not None:

@@ -129,7 +129,8 @@ def test_the_grafana_dashboard_queries_metrics_the_code_exports() -> None:
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p.get("targets", []))
     sources = {
         "edge_agent_": (ROOT / "agent" / "serving" / "metrics.py").read_text(),
-        "edgefleet_": (ROOT / "controller" / "serve" / "metrics.py").read_text(),
+        "edgefleet_": (ROOT / "controller" / "serve" / "metrics.py").read_text()
+        + (ROOT / "controller" / "rollout" / "metrics.py").read_text(),
     }
     names = set(re.findall(r"\b(edge_agent_[a-z_]+|edgefleet_[a-z_]+)", exprs))
     assert len(names) >= 10, names

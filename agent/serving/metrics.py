@@ -22,6 +22,10 @@ Metric names (all prefixed ``edge_agent_``):
   charge: bodies being received, and buffers connections keep for reuse);
 - ``model_swaps_total{model,version}``, ``model_rollbacks_total{model,version}``: the
   version made live, and the version rolled back to.
+
+A version's error, swap and rollback series start at 0 once it answers a request or is
+made live (``_start_at_zero``): a healthy device exposes them, and a first error is an
+increase, not a series appearing.
 """
 
 from __future__ import annotations
@@ -133,11 +137,22 @@ class InferenceMetrics:
         tally = self._tallies.get((model, version))
         if tally is None:
             tally = self._tallies.setdefault((model, version), _Tally())
+            self._start_at_zero(model, version)
         with tally.lock:
             tally.requests += 1
             if latency_s is not None:
                 tally.buckets[bisect.bisect_left(_BUCKETS, latency_s)] += 1
                 tally.total += latency_s
+
+    def _start_at_zero(self, model: str, version: str) -> None:
+        """Give a version its error, swap and rollback series at 0 (once it serves or is
+        made live), so a healthy device exposes them: a query or an alert on errors has a
+        series to divide, and the first error is an increase Prometheus sees (a counter
+        that appears at 1 has no earlier sample to rise from)."""
+        for kind in ERROR_KINDS:
+            self._errors.labels(model, version, kind)
+        self._swaps.labels(model, version)
+        self._rollbacks.labels(model, version)
 
     def record_error(self, model: str, version: str, kind: str) -> None:
         """One failed infer request (``kind`` in ERROR_KINDS)."""
@@ -145,10 +160,12 @@ class InferenceMetrics:
 
     def record_swap(self, model: str, version: str) -> None:
         """``version`` of ``model`` was made live (the updater calls this)."""
+        self._start_at_zero(model, version)
         self._swaps.labels(model, version).inc()
 
     def record_rollback(self, model: str, version: str) -> None:
         """``model`` was rolled back to ``version`` (the updater calls this)."""
+        self._start_at_zero(model, version)
         self._rollbacks.labels(model, version).inc()
 
     def forget(self, model: str, version: str) -> None:

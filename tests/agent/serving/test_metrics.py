@@ -66,3 +66,19 @@ def test_concurrent_recording_loses_nothing() -> None:
     text = metrics.render().decode()
     assert 'edge_agent_infer_requests_total{model="m",version="1"} 20000.0' in text
     assert 'edge_agent_infer_latency_seconds_count{model="m",version="1"} 20000.0' in text
+
+
+def test_a_serving_or_live_version_has_error_swap_and_rollback_series_at_zero() -> None:
+    metrics = InferenceMetrics()
+    metrics.record_request("m", "1.0.0", 0.001)
+    metrics.record_swap("m", "2.0.0")
+    text = metrics.render().decode()
+    for version in ("1.0.0", "2.0.0"):
+        for kind in ("client_error", "model_error", "overloaded", "deadline", "not_ready"):
+            line = f'edge_agent_infer_errors_total{{kind="{kind}",model="m",version="{version}"}}'
+            assert f"{line} 0.0" in text, line
+        assert f'edge_agent_model_rollbacks_total{{model="m",version="{version}"}} 0.0' in text
+    assert 'edge_agent_model_swaps_total{model="m",version="1.0.0"} 0.0' in text
+    assert 'edge_agent_model_swaps_total{model="m",version="2.0.0"} 1.0' in text
+    metrics.forget("m", "1.0.0")
+    assert 'version="1.0.0"' not in metrics.render().decode()

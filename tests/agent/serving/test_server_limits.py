@@ -342,7 +342,13 @@ def test_json_past_max_json_bytes_is_413_and_not_the_models_error(linear: Loaded
         assert status == 413 and "at most 4096" in doc["error"], doc
         with InferenceClient(server.socket_path) as client:  # binary: the JSON is small
             assert client.infer("linear", {"x": x})["y"].shape == (100, 3)
-            assert "model_error" not in client.metrics()
+            errors = [
+                line
+                for line in client.metrics().splitlines()
+                if line.startswith("edge_agent_infer_errors_total{")
+                and 'kind="model_error"' in line
+            ]
+            assert errors and all(line.endswith(" 0.0") for line in errors), errors
 
 
 def _rss_now() -> int:
