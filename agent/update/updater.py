@@ -482,14 +482,16 @@ class UpdateService:
                 served,
                 self._next_try(),
             )
-            result.refused[model] = result.source_refused[model] = str(tampered)
+            result.refused[model] = str(tampered)
+            result.source_refused[model] = str(exc)
             return after_install_error(tampered, version)
         except FetchError as exc:
             failed = self._source_error(exc)
             logger.warning(
                 "install of %s put back, will retry%s: %s", target, self._next_try(), failed
             )
-            result.refused[model] = result.source_refused[model] = str(failed)
+            result.refused[model] = str(failed)
+            result.source_refused[model] = str(exc)
             return after_install_error(failed, version)
         except (InsufficientSpaceError, StorageError) as exc:
             logger.warning("install of %s put back, will retry: %s", target, exc)
