@@ -163,7 +163,9 @@ class UpdateService:
         self.waiting = WaitingBoard()
         self._desired_models: set[str] = set()
         # Delta target paths that failed here for good (not a transfer that may resume):
-        # not tried again by this process. Every failure of a delta is logged once.
+        # not tried again by this process. Every failure of a delta is logged once. With
+        # several sources, a delta whose bytes one source altered is written off for that
+        # source only ("<source> <path>"): the others may serve it intact.
         self._failed_deltas: set[str] = set()
         self._logged_deltas: set[str] = set()
 
@@ -552,7 +554,8 @@ class UpdateService:
         and hashes, at ``path``; None (logged once per delta) when there is no usable delta:
         the caller downloads the full bundle."""
         delta_path = delta_target_path(model, version, old)
-        if delta_path in self._failed_deltas:
+        written_off = {delta_path, f"{self._base_url} {delta_path}"}
+        if written_off & self._failed_deltas:
             return None
         try:
             with self._tuf_errors(f"the targets metadata for {delta_path}"):
@@ -601,7 +604,10 @@ class UpdateService:
                 exc, TamperedDownloadError
             )
             if not transient:
-                self._failed_deltas.add(delta_path)
+                altered_here = isinstance(exc, TamperedDownloadError) and len(self._sources) > 1
+                self._failed_deltas.add(
+                    f"{self._base_url} {delta_path}" if altered_here else delta_path
+                )
                 for leftover in [staged, *staged.parent.glob(f"{staged.name}.*.part")]:
                     remove_tree(leftover)
             if delta_path in self._logged_deltas:

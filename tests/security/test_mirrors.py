@@ -24,6 +24,7 @@ from agent.update.journal import Phase
 from controller.repository.repo import Repository
 from tests.security.conftest import MODEL, Device, quick_repository, release
 from tests.security.simulator import Cut, HostileMirror, Replace
+from tests.security.test_attacks import delta_length, delta_url
 
 BUNDLES = "/targets/bundles/"
 
@@ -278,3 +279,24 @@ def test_12_every_mirror_tampering_installs_nothing_and_says_why(
     first.tamper_prefix = second.tamper_prefix = None
     assert serving.check().installed == {MODEL: "2.0.0"}
     assert serving.serving() == "2.0.0"
+
+
+@pytest.mark.attack(12)
+def test_12_a_delta_altered_by_one_mirror_is_still_used_from_the_next(
+    repo: Repository,
+    serving: Device,
+    first: HostileMirror,
+    second: HostileMirror,
+    bundles: dict[str, Path],
+) -> None:
+    """The first source alters the delta and the full bundle: the delta is written off
+    for that source only, and the second source serves the delta, not the bundle."""
+    release(repo, bundles["2.0.0"], delta_from=2)
+    delta = delta_url(repo)
+    first.set(delta, Replace(b"\0" * delta_length(repo)))
+    first.tamper_prefix = BUNDLES
+
+    assert_second_served(serving, first, "length or hash mismatch")
+    assert first.fetched(delta) == [""] and first.fetched(bundle_url(repo, "2.0.0")) == [""]
+    assert second.fetched(delta) == [""]
+    assert second.fetched(bundle_url(repo, "2.0.0")) == []  # the full bundle never moved
