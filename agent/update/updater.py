@@ -234,6 +234,7 @@ class UpdateService:
         self._failures = []
         self.source_failures = []
         merged = CheckResult()
+        completed = False  # a source gave desired state: its decisions stand
         try:
             for index, base in enumerate(self._sources):
                 self._source = index
@@ -241,10 +242,17 @@ class UpdateService:
                 try:
                     attempt = self._check_source()
                 except (FetchError, UntrustedInputError) as exc:
-                    if last:
+                    if last and not completed:
                         raise self._every_source_failed(exc) from exc
+                    if last:
+                        # An earlier source read desired state and installed what it
+                        # could: keep that, and the reasons it gave for the rest.
+                        logger.warning("repository %s failed too (%s)", base, exc)
+                        self._failures.append(f"{base}: {exc}")
+                        break
                     self._source_failed(base, exc)
                     continue
+                completed = True
                 merged.installed.update(attempt.installed)
                 merged.refused = attempt.refused
                 merged.unchanged = [m for m in attempt.unchanged if m not in merged.installed]

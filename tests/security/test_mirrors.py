@@ -300,3 +300,27 @@ def test_12_a_delta_altered_by_one_mirror_is_still_used_from_the_next(
     assert first.fetched(delta) == [""] and first.fetched(bundle_url(repo, "2.0.0")) == [""]
     assert second.fetched(delta) == [""]
     assert second.fetched(bundle_url(repo, "2.0.0")) == []  # the full bundle never moved
+
+
+def test_what_a_first_mirror_installed_stands_when_the_last_source_is_unreachable(
+    repo: Repository,
+    bundles: dict[str, Path],
+    first: HostileMirror,
+    make_mirrored_device: Callable[..., Device],
+) -> None:
+    """The first source serves desired state but not the bundle; the last source cannot
+    be reached: the check reports both, and the model waits with the first one's reason."""
+    release(repo, bundles["1.0.0"])
+    dead = closed_port_url()
+    device = make_mirrored_device(first.url, url=dead)
+    first.tamper_prefix = BUNDLES
+
+    result = device.check()
+    assert result.installed == {} and result.error is None, result
+    assert [f.split(": ", 1)[0] for f in result.source_failures] == [first.url + "/", dead]
+    assert "length or hash mismatch" in result.refused[MODEL]
+    waiting = device.updates.waiting.snapshot()[MODEL]
+    assert waiting.code == "refused" and first.url in waiting.detail, waiting
+
+    first.tamper_prefix = None
+    assert device.check().installed == {MODEL: "1.0.0"}
