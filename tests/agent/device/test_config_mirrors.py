@@ -9,6 +9,7 @@ import pytest
 
 from agent.app import pass_deadlines
 from agent.base.errors import ConfigError
+from agent.cli import status_lines
 from agent.device.config import load_config
 from tests.agent.device.config_files import MINIMAL, write_config
 
@@ -80,3 +81,21 @@ def test_a_bad_mirror_from_the_environment_names_the_variable(tmp_path: Path) ->
         load_config(path, environ={"EDGE_AGENT_REPOSITORY_MIRRORS": "gw.site:8080"})
     assert str(exc.value).startswith("environment variable EDGE_AGENT_REPOSITORY_MIRRORS=")
     assert "entry 1 is not an http:// or https:// URL" in str(exc.value)
+
+
+def test_edge_agent_status_shows_the_sources_that_failed_in_the_last_check() -> None:
+    doc = {
+        "device": "dev-1",
+        "fleet": "lab",
+        "repository": {
+            "sources": ["http://gw:8080/", "http://central/"],
+            "failed_last_check": ["http://gw:8080/: lin: length or hash mismatch: ..."],
+        },
+    }
+    lines = status_lines(doc)
+    assert (
+        "repository source failed in the last update check: http://gw:8080/: lin: length or "
+        "hash mismatch: ..." in lines
+    ), lines
+    quiet = status_lines({**doc, "repository": {"sources": [], "failed_last_check": []}})
+    assert not any("repository" in line for line in quiet), quiet
