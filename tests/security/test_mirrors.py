@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.contracts import bundle_target_path
+from agent.contracts import bundle_target_path, desired_target_path
 from agent.update.journal import Phase
 from controller.repository.repo import Repository
-from tests.security.conftest import MODEL, Device, quick_repository, release
+from tests.security.conftest import FLEET, MODEL, Device, quick_repository, release
 from tests.security.simulator import Cut, HostileMirror, Replace
 from tests.security.test_attacks import delta_length, delta_url
 
@@ -324,3 +324,14 @@ def test_what_a_first_mirror_installed_stands_when_the_last_source_is_unreachabl
 
     first.tamper_prefix = None
     assert device.check().installed == {MODEL: "1.0.0"}
+
+
+@pytest.mark.attack(12)
+def test_12_a_mirror_altering_desired_state_is_refused_and_the_next_serves(
+    repo: Repository, serving: Device, first: HostileMirror, bundles: dict[str, Path]
+) -> None:
+    """Desired state is a signed target too: altered bytes fail its hash, and the whole
+    check moves to the next source."""
+    release(repo, bundles["2.0.0"])
+    first.tamper_prefix = "/targets/" + desired_target_path(FLEET).rpartition("/")[0]
+    assert_second_served(serving, first, "length or hash mismatch")
