@@ -100,15 +100,19 @@ class PassDeadlines:
 def pass_deadlines(config: AgentConfig) -> PassDeadlines:
     """Generous bounds from the config: they catch a hang, never a slow network.
 
-    A check: every transfer running to ``download_deadline_s``, then the install phases'
-    deadlines. A probation tick (which never waits behind an install): a rollback's
-    load and swap. A heartbeat: twice its interval, at least a minute.
+    A check: every transfer running to ``download_deadline_s``, on each repository source
+    in turn, then the install phases' deadlines. A probation tick (which never waits
+    behind an install): a rollback's load and swap. A heartbeat: twice its interval, at
+    least a minute.
     """
     install = config.install
+    repository = config.repository
+    # A check may run on every repository source in turn (mirrors, url; agent.update.updater).
+    sources = 1 if repository.transport == "mqtt" else max(1, len(repository.sources))
     phases_s = install.unpack_deadline_s + install.smoke_test_deadline_s
     phases_s += install.activate_deadline_s
     return PassDeadlines(
-        update_s=CHECK_TRANSFERS * config.repository.download_deadline_s + phases_s,
+        update_s=sources * CHECK_TRANSFERS * repository.download_deadline_s + phases_s,
         probation_s=install.smoke_test_deadline_s + install.activate_deadline_s + PASS_SLACK_S,
         telemetry_s=max(PASS_SLACK_S, 2 * config.telemetry.heartbeat_interval_s),
     )
@@ -236,13 +240,20 @@ class AgentApp:
 
     def agent_status(self) -> Mapping[str, Any]:
         """What ``GET /v2/health/agent`` adds to live and ready: the device, the broker
-        connection (``MqttLink.broker_status``) and what keeps the watchdog from being
-        fed, if anything (read from the inference server's threads)."""
+        connection (``MqttLink.broker_status``), the repository sources and which failed
+        during the last check, and what keeps the watchdog from being fed, if anything
+        (read from the inference server's threads)."""
         return {
             "device": self.config.device_id,
             "fleet": self.config.fleet,
             "agent_version": agent.__version__,
             "broker": self.link.broker_status(),
+            # The repository sources in the order a check tries them, and each one that
+            # failed during the last check ("<url>: <why>"; a later one may have served it).
+            "repository": {
+                "sources": list(self.updates.sources),
+                "failed_last_check": list(self.updates.source_failures),
+            },
             "problems": list(self._problems),
         }
 

@@ -271,7 +271,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def status_lines(doc: dict[str, Any]) -> list[str]:
-    """``edge-agent status`` for a person: the agent, then its broker connection."""
+    """``edge-agent status`` for a person: the agent, then its broker connection, the
+    repository sources that failed in the last update check (mirrors, url)."""
     device = doc.get("device", "?")
     lines = [
         f"device {device} in fleet {doc.get('fleet', '?')} (edge-agent "
@@ -303,6 +304,10 @@ def status_lines(doc: dict[str, Any]) -> list[str]:
                 f"{broker.get('last_takeover_at')}): another client connects with this "
                 "device's client id; is its config copied to another machine?"
             )
+    repository = doc.get("repository")
+    if isinstance(repository, dict):
+        for failure in repository.get("failed_last_check") or ():
+            lines.append(f"repository source failed in the last update check: {failure}")
     for problem in doc.get("problems") or ():
         lines.append(f"not feeding the watchdog: {problem}")
     return lines

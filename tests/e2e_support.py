@@ -150,7 +150,10 @@ def write_agent_config(
     repo_url: str,
     root: Path,
     poll_interval_s: float = 3600.0,
+    mirrors: list[str] | None = None,
 ) -> Path:
+    """An agent.toml for one device in ``folder``; ``mirrors``: repository URLs tried
+    before ``repo_url`` (``[repository] mirrors``)."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(root, folder / "root.json")
     host, port = broker.rsplit(":", 1)
@@ -166,7 +169,8 @@ def write_agent_config(
         f"port = {port}\n"
         "[repository]\n"
         f'url = "{repo_url}"\n'
-        f"poll_interval_s = {poll_interval_s}\n"
+        + (f"mirrors = {json.dumps(mirrors)}\n" if mirrors else "")
+        + f"poll_interval_s = {poll_interval_s}\n"
         "poll_jitter_s = 0\n"
         "[inference]\n"
         f'socket_path = "{folder / "infer.sock"}"\n'

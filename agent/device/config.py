@@ -1,9 +1,10 @@
 """The agent's configuration: frozen dataclasses loaded once from TOML.
 
 Every key has a default except the device's identity (``device_id``, ``fleet``) and the
-repository URL. Environment variables override the file: ``EDGE_AGENT_<KEY>`` for
-top-level keys and ``EDGE_AGENT_<SECTION>_<KEY>`` for keys in a section (for example
-``EDGE_AGENT_MQTT_PORT=1884``). docs/configuration.md lists every key.
+repository URL (``url``, or ``mirrors``). Environment variables override the file:
+``EDGE_AGENT_<KEY>`` for top-level keys and ``EDGE_AGENT_<SECTION>_<KEY>`` for keys in a
+section (for example ``EDGE_AGENT_MQTT_PORT=1884``); a list (``repository.mirrors``) is
+comma-separated there. docs/configuration.md lists every key.
 
 Invariants: a loaded ``AgentConfig`` has valid names, positive intervals and absolute
 or config-relative paths resolved to absolute ones. Loading raises ``ConfigError``
@@ -69,6 +70,11 @@ class MqttConfig:
 @dataclass(frozen=True)
 class RepositoryConfig:
     url: str = ""
+    # Untrusted copies of the repository (site gateways, CDNs, static hosts), tried in
+    # this order before ``url`` on every check; a mirror that cannot be reached, or whose
+    # metadata or bytes fail TUF's verification, hands the check to the next one. With
+    # mirrors, ``url`` may be empty. ``sources`` is the whole list, in order.
+    mirrors: tuple[str, ...] = ()
     # The announcement over MQTT is the fast path; the poll catches lost messages.
     poll_interval_s: float = 300.0
     poll_jitter_s: float = 30.0
@@ -89,6 +95,11 @@ class RepositoryConfig:
     mqtt_chunk_bytes: int = 64 * 1024
     mqtt_window: int = 4
     fallback_retry_s: float = 300.0
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """Every HTTP repository URL, in the order a check tries them: mirrors, then url."""
+        return (*self.mirrors, self.url) if self.url else self.mirrors
 
 
 @dataclass(frozen=True)
@@ -190,9 +201,20 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
+# The one list type a key may have: a list of strings (a comma-separated string in the
+# environment).
+_STRINGS = tuple[str, ...]
+
+
 def _coerce(raw: Any, kind: Any, base_dir: Path) -> Any:
     """Coerce a TOML value, or a string from the environment, to ``kind``."""
     if isinstance(raw, bool) and kind is not bool:
+        raise TypeError(raw)
+    if kind == _STRINGS:
+        if isinstance(raw, str):  # from the environment: "a, b"
+            return tuple(item.strip() for item in raw.split(",") if item.strip())
+        if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
+            return tuple(raw)
         raise TypeError(raw)
     if kind is Path:
         path = Path(str(raw))
@@ -220,7 +242,7 @@ def _convert(key: str, raw: Any, kind: Any, base_dir: Path) -> Any:
     try:
         return _coerce(raw, kind, base_dir)
     except (TypeError, ValueError):
-        name = getattr(kind, "__name__", str(kind))
+        name = "a list of strings" if kind == _STRINGS else getattr(kind, "__name__", str(kind))
         raise ConfigError(f"config key {key!r}: expected {name}, got {raw!r}") from None
 
 
@@ -236,7 +258,7 @@ def _build(cls: type[Any], values: Mapping[str, Any], prefix: str, base_dir: Pat
         if f.name not in values:
             continue
         kind = hints[f.name]
-        if isinstance(kind, types.GenericAlias | types.UnionType):
+        if isinstance(kind, types.GenericAlias | types.UnionType) and kind != _STRINGS:
             raise ConfigError(f"config key {prefix}{f.name} has an unsupported type")
         kwargs[f.name] = _convert(prefix + f.name, values[f.name], kind, base_dir)
     try:
@@ -433,11 +455,31 @@ def _validate_repository(repository: RepositoryConfig) -> None:
             f"config key 'repository.transport': expected one of {', '.join(TRANSPORTS)}, "
             f"got {repository.transport!r}"
         )
-    if repository.transport != "mqtt" and not repository.url.startswith(("http://", "https://")):
+    if repository.transport == "mqtt" and repository.mirrors:
+        raise ConfigError(
+            "config key 'repository.mirrors': transport mqtt fetches through the broker "
+            "only; remove the mirrors, or set transport to http or auto (mirrors first, "
+            "then url, then MQTT)"
+        )
+    url_needed = repository.url or not repository.mirrors
+    if repository.transport != "mqtt" and url_needed and not _is_http_url(repository.url):
         raise ConfigError(
             f"config key 'repository.url': expected an http:// or https:// URL "
             f"(transport {repository.transport}), got {repository.url!r}"
         )
+    for number, mirror in enumerate(repository.mirrors, 1):
+        if not _is_http_url(mirror):
+            raise ConfigError(
+                f"config key 'repository.mirrors': entry {number} is not an http:// or "
+                f"https:// URL with a host: {mirror!r}"
+            )
+    seen = [source.rstrip("/") for source in repository.sources]
+    for source in seen:
+        if seen.count(source) > 1:
+            raise ConfigError(
+                f"config key 'repository.mirrors': {source!r} is listed twice (mirrors "
+                "and url together): list each repository once"
+            )
     if repository.min_bytes_per_s < 0:
         raise ConfigError("config key 'repository.min_bytes_per_s' must not be negative")
     if repository.mqtt_chunk_bytes > MAX_CHUNK_BYTES:
@@ -445,6 +487,11 @@ def _validate_repository(repository: RepositoryConfig) -> None:
             f"config key 'repository.mqtt_chunk_bytes': expected at most "
             f"{MAX_CHUNK_BYTES}, got {repository.mqtt_chunk_bytes}"
         )
+
+
+def _is_http_url(url: str) -> bool:
+    scheme, _, rest = url.partition("://")
+    return scheme in ("http", "https") and bool(rest.split("/", 1)[0])
 
 
 def _validate_telemetry(telemetry: TelemetryConfig) -> None:

@@ -40,12 +40,25 @@ Invariants:
   writes the delta off while the agent runs.
 - The transport is chosen by ``[repository] transport``: HTTP, MQTT chunks, or HTTP
   falling back to MQTT (``agent.update.fetcher``, ``agent.update.mqtt_fetcher``).
+- Sources: HTTP checks try ``[repository] mirrors`` then ``url`` (``sources``), always in
+  that order, from the first, on every check. A source fails the check when it cannot
+  be reached or answers with errors (``FetchError``), when its metadata fails TUF's
+  verification (``UntrustedInputError``), or when a bundle it serves fails (a transfer
+  error, or bytes that do not match the signed length and hashes): the whole check is
+  then run again on the next source (models installed already are found unchanged), and
+  the last source's failure names every source's. Sources are untrusted: python-tuf
+  persists metadata only once it verified it, so a tampering source can neither make the
+  device accept anything nor roll back what the next source is checked against. With
+  ``auto``, MQTT is the last resort behind the last HTTP source. Staged parts are per
+  source (``<name>.<sha256 prefix>.<source tag>.part`` when there are several), so bytes
+  from one source are never resumed from another.
 
 Blocking: call ``check`` from a worker thread, never the event loop.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -111,6 +124,12 @@ class CheckResult:
     refused: dict[str, str] = field(default_factory=dict)
     unchanged: list[str] = field(default_factory=list)
     error: str | None = None
+    # Each repository source that failed during the check, "<url>: <why>", in order
+    # (a later source may have succeeded).
+    source_failures: list[str] = field(default_factory=list)
+    # Models refused for their source's fault (a transfer, or altered bytes): the next
+    # source is tried for them.
+    source_refused: dict[str, str] = field(default_factory=dict)
 
 
 class UpdateService:
@@ -124,38 +143,64 @@ class UpdateService:
         if repository.transport == "mqtt":
             from agent.update.mqtt_fetcher import URL_PREFIX
 
-            base: str = URL_PREFIX
+            self._sources: tuple[str, ...] = (URL_PREFIX,)
         else:
-            base = repository.url.rstrip("/") + "/"
-        self._base_url = base
-        self._metadata_url = base + "metadata/"
-        self._targets_url = base + "targets/"
+            self._sources = tuple(url.rstrip("/") + "/" for url in repository.sources)
+        # The source the running check uses (checks never overlap: ``_lock``).
+        self._source = 0
+        # The failures of the sources the running check tried before this one.
+        self._failures: list[str] = []
+        # What the last check said of each source that failed (agent status).
+        self.source_failures: list[str] = []
         self._metadata_dir = config.state_dir / "tuf"
         self._staging_dir = config.state_dir / "staging"
-        # Built by the first check (``_fetcher``): its imports are the heavy part of the
-        # update path. Its TLS files were checked at start by the MQTT link (same [mqtt]).
-        self._built_fetcher: ResumableFetcher | None = None
+        # Built on first use of each source (``_fetcher``): their imports are the heavy
+        # part of the update path. Their TLS files were checked at start by the MQTT link.
+        self._built_fetchers: dict[int, ResumableFetcher] = {}
         self._fetcher_lock = threading.Lock()
         # Why each model is not on the version desired state names, as the last check
         # left it (``agent.update.waiting``); the models the last desired state named.
         self.waiting = WaitingBoard()
         self._desired_models: set[str] = set()
         # Delta target paths that failed here for good (not a transfer that may resume):
-        # not tried again by this process. Every failure of a delta is logged once.
+        # not tried again by this process. Every failure of a delta is logged once. With
+        # several sources, a delta whose bytes one source altered is written off for that
+        # source only ("<source> <path>"): the others may serve it intact.
         self._failed_deltas: set[str] = set()
         self._logged_deltas: set[str] = set()
 
     @property
+    def sources(self) -> tuple[str, ...]:
+        """The repository base URLs a check tries, in order."""
+        return self._sources
+
+    @property
+    def _base_url(self) -> str:
+        return self._sources[self._source]
+
+    @property
+    def _metadata_url(self) -> str:
+        return self._base_url + "metadata/"
+
+    @property
+    def _targets_url(self) -> str:
+        return self._base_url + "targets/"
+
+    @property
     def _fetcher(self) -> ResumableFetcher:
         with self._fetcher_lock:
-            if self._built_fetcher is None:
-                self._built_fetcher = build_fetcher(self._config, self._base_url)
-            return self._built_fetcher
+            index = self._source
+            fetcher = self._built_fetchers.get(index)
+            if fetcher is None:
+                last = index == len(self._sources) - 1
+                fetcher = build_fetcher(self._config, self._base_url, mqtt_fallback=last)
+                self._built_fetchers[index] = fetcher
+            return fetcher
 
     def close(self) -> None:
         with self._fetcher_lock:
-            if self._built_fetcher is not None:
-                self._built_fetcher.close()
+            for fetcher in self._built_fetchers.values():
+                fetcher.close()
 
     # ------------------------------------------------------------------ one check
 
@@ -183,8 +228,69 @@ class UpdateService:
         self.waiting.set_all(models, after_check_error(exc))
 
     def _check(self) -> CheckResult:
+        """Run the check on each source in order until one serves it without fault."""
         # Decisions below start from settled journals, whatever the repository says.
         self._lifecycle.put_back_interrupted()
+        self._failures = []
+        self.source_failures = []
+        merged = CheckResult()
+        completed = False  # a source gave desired state: its decisions stand
+        try:
+            for index, base in enumerate(self._sources):
+                self._source = index
+                last = index == len(self._sources) - 1
+                try:
+                    attempt = self._check_source()
+                except (FetchError, UntrustedInputError) as exc:
+                    if last and not completed:
+                        raise self._every_source_failed(exc) from exc
+                    if last:
+                        # An earlier source read desired state and installed what it
+                        # could: keep that, and the reasons it gave for the rest.
+                        logger.warning("repository %s failed too (%s)", base, exc)
+                        self._failures.append(f"{base}: {exc}")
+                        break
+                    self._source_failed(base, exc)
+                    continue
+                completed = True
+                merged.installed.update(attempt.installed)
+                merged.refused = attempt.refused
+                merged.unchanged = [m for m in attempt.unchanged if m not in merged.installed]
+                merged.source_refused = attempt.source_refused
+                if not attempt.source_refused or last:
+                    break
+                why = "; ".join(f"{m}: {r}" for m, r in sorted(attempt.source_refused.items()))
+                self._source_failed(base, FetchError(why))
+            merged.source_failures = list(self._failures)
+            return merged
+        finally:
+            self.source_failures = list(self._failures)
+            self._source = 0
+
+    def _source_failed(self, base: str, exc: AgentError) -> None:
+        """Note a source's failure (the check goes on with the next source)."""
+        logger.warning(
+            "repository %s failed (%s); trying the next one, %s",
+            base,
+            exc,
+            self._sources[self._source + 1],
+        )
+        self._failures.append(f"{base}: {exc}")
+
+    def _every_source_failed(self, exc: AgentError) -> AgentError:
+        """The last source's error, naming every source's failure when there are several
+        (of the same class as ``exc``: the status tells an untrusted repository from an
+        unreachable one by the last source)."""
+        if len(self._sources) == 1:
+            return exc
+        self._failures.append(f"{self._base_url}: {exc}")
+        error = type(exc)(
+            f"every repository source failed ({len(self._sources)}): " + "; ".join(self._failures)
+        )
+        return error
+
+    def _check_source(self) -> CheckResult:
+        """One check against the current source."""
         updater = self._new_updater()
         with self._tuf_errors("metadata refresh"):
             updater.refresh()
@@ -377,16 +483,27 @@ class UpdateService:
                 release.shadow,
             )
         except TamperedDownloadError as exc:
+            tampered = self._source_error(exc)
             logger.error(
-                "refused target %s: %s; still serving %s %s; will fetch it again on the next check",
+                "refused target %s: %s; still serving %s %s; will fetch it again%s",
                 target,
-                exc,
+                tampered,
                 model,
                 served,
+                self._next_try(),
             )
-            result.refused[model] = str(exc)
-            return after_install_error(exc, version)
-        except (FetchError, InsufficientSpaceError, StorageError) as exc:
+            result.refused[model] = str(tampered)
+            result.source_refused[model] = str(exc)
+            return after_install_error(tampered, version)
+        except FetchError as exc:
+            failed = self._source_error(exc)
+            logger.warning(
+                "install of %s put back, will retry%s: %s", target, self._next_try(), failed
+            )
+            result.refused[model] = str(failed)
+            result.source_refused[model] = str(exc)
+            return after_install_error(failed, version)
+        except (InsufficientSpaceError, StorageError) as exc:
             logger.warning("install of %s put back, will retry: %s", target, exc)
             result.refused[model] = str(exc)
             return after_install_error(exc, version)
@@ -396,6 +513,21 @@ class UpdateService:
             return after_install_error(exc, version)
         result.installed[model] = version
         return None
+
+    def _next_try(self) -> str:
+        if self._source + 1 < len(self._sources):
+            return f" from {self._sources[self._source + 1]} now"
+        return " on the next check"
+
+    def _source_error(self, exc: FetchError) -> FetchError:
+        """``exc`` naming its source when there are several, and every earlier source's
+        failure when it is the last."""
+        if len(self._sources) == 1:
+            return exc
+        if self._source + 1 < len(self._sources):
+            return type(exc)(f"{self._base_url}: {exc}")
+        earlier = "".join(f"{failure}; " for failure in self._failures)
+        return type(exc)(f"every repository source failed: {earlier}{self._base_url}: {exc}")
 
     def _download_bundle(
         self, updater: Updater, model: str, version: str, target: str, served: str | None = None
@@ -430,7 +562,8 @@ class UpdateService:
         and hashes, at ``path``; None (logged once per delta) when there is no usable delta:
         the caller downloads the full bundle."""
         delta_path = delta_target_path(model, version, old)
-        if delta_path in self._failed_deltas:
+        written_off = {delta_path, f"{self._base_url} {delta_path}"}
+        if written_off & self._failed_deltas:
             return None
         try:
             with self._tuf_errors(f"the targets metadata for {delta_path}"):
@@ -479,7 +612,10 @@ class UpdateService:
                 exc, TamperedDownloadError
             )
             if not transient:
-                self._failed_deltas.add(delta_path)
+                altered_here = isinstance(exc, TamperedDownloadError) and len(self._sources) > 1
+                self._failed_deltas.add(
+                    f"{self._base_url} {delta_path}" if altered_here else delta_path
+                )
                 for leftover in [staged, *staged.parent.glob(f"{staged.name}.*.part")]:
                     remove_tree(leftover)
             if delta_path in self._logged_deltas:
@@ -549,8 +685,8 @@ class UpdateService:
         if not sha256:
             raise UntrustedInputError(f"{info.path}: the signed target has no sha256 hash")
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{sha256[:16]}.part")
-        _drop_stale_parts(path, partial)
+        partial = path.with_name(f"{path.name}.{sha256[:16]}{self._part_tag()}.part")
+        _drop_stale_parts(path, partial, f"{path.name}.{sha256[:16]}.")
         try:
             self._transfer(info, partial)
             with open(partial, "rb") as f:
@@ -564,7 +700,15 @@ class UpdateService:
                 "device (or fix the state folder) and the next check resumes"
             ) from exc
         durable_rename(partial, path)
+        for other in path.parent.glob(f"{path.name}.{sha256[:16]}.*part"):
+            remove_tree(other)  # the same bytes, partly from other sources: not needed now
         return path
+
+    def _part_tag(self) -> str:
+        """What tells the staged parts of each source apart ("" with one source)."""
+        if len(self._sources) == 1:
+            return ""
+        return "." + hashlib.sha256(self._base_url.encode()).hexdigest()[:8]
 
     def _transfer(self, info: TargetFile, partial: Path) -> None:
         """Append to ``partial`` from its current size up to the signed length."""
@@ -593,17 +737,19 @@ class UpdateService:
             raise FetchError(f"{info.path}: {exc}") from exc
 
 
-def _drop_stale_parts(path: Path, keep: Path) -> None:
-    """Delete parts of other bytes under ``path``'s name, and any part left untouched for
+def _drop_stale_parts(path: Path, keep: Path, same_bytes: str) -> None:
+    """Delete parts of other bytes under ``path``'s name (parts of the same bytes from
+    other sources, named ``same_bytes...``, stay), and any part left untouched for
     ``_STALE_PART_S`` (a version desired state no longer names)."""
     now = time.time()
     for part in path.parent.glob("*.part"):
         if part == keep:
             continue
         try:
-            stale = part.name.startswith(path.name + ".") or now - part.stat().st_mtime > (
-                _STALE_PART_S
+            other_bytes = part.name.startswith(path.name + ".") and not part.name.startswith(
+                same_bytes
             )
+            stale = other_bytes or now - part.stat().st_mtime > _STALE_PART_S
         except OSError:
             continue
         if stale:
@@ -633,8 +779,13 @@ def _write_bounded(body: Iterator[bytes], out: BinaryIO, allowed: int, what: str
             close()
 
 
-def build_fetcher(config: AgentConfig, base_url: str) -> ResumableFetcher:
-    """The fetcher ``[repository] transport`` asks for."""
+def build_fetcher(
+    config: AgentConfig, base_url: str, mqtt_fallback: bool = True
+) -> ResumableFetcher:
+    """The fetcher ``[repository] transport`` asks for, for the source at ``base_url``.
+
+    With ``auto``, only the last HTTP source (``mqtt_fallback``) falls back to MQTT: the
+    broker is the last resort, after every HTTP source."""
     from agent.device.tls_identity import tls_context
     from agent.update.fetcher import FallbackFetcher, HttpxFetcher, TransferLimits
     from agent.update.mqtt_fetcher import MqttFetcher, mqtt_url
@@ -662,7 +813,7 @@ def build_fetcher(config: AgentConfig, base_url: str) -> ResumableFetcher:
     if repository.transport == "mqtt":
         return over_mqtt()
     http = HttpxFetcher(limits)
-    if repository.transport == "auto":
+    if repository.transport == "auto" and mqtt_fallback:
         return FallbackFetcher(
             http, over_mqtt(), lambda url: mqtt_url(base_url, url), repository.fallback_retry_s
         )

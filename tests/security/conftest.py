@@ -2,7 +2,8 @@
 
 Every attack test carries ``@pytest.mark.attack(N)`` (N = the class in issue 8); a class
 counts as rejected when all of its tests passed. The tally is printed at the end of the
-run: ``11/11 attack classes rejected`` (class 11, deltas, is issue 22's). The device adversary suite
+run: ``12/12 attack classes rejected`` (class 11, deltas, is issue 22's; class 12,
+mirrors, issue 24's: ``test_mirrors.py``). The device adversary suite
 (``test_device_adversary.py``, issue 18) marks each test ``@pytest.mark.device_attack(KEY)``
 with a key of ``DEVICE_ATTACKS``: ``8/8 device attacks refused``. The bundle attack
 suite (``test_bundle_attacks.py``, issue 22) marks each test
@@ -54,6 +55,7 @@ ATTACK_CLASSES = {
     9: "delegated role signing outside its paths",
     10: "root key rotation followed, attacker's root rejected",
     11: "a delta that rebuilds into something else, or declares oversized output (issue 22)",
+    12: "a tampering mirror: refused, the device falls back to the next repository URL (issue 24)",
 }
 # What a device holding a valid certificate tries against the fleet (issue 18).
 DEVICE_ATTACKS = {

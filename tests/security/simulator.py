@@ -3,7 +3,8 @@
 ``HostileMirror`` is a real HTTP server on 127.0.0.1 that serves a repository folder the
 way any static host would (``Range`` included), until a test tells it to misbehave for a
 path: serve other bytes (tamper, replay, roll back, mix and match), stream without end,
-drip under the read timeout, or cut the connection half way.
+drip under the read timeout, or cut the connection half way; or to alter every file
+under a prefix (``tamper_prefix``).
 
 ``Forger`` writes metadata the way an attacker holding some keys would: any role,
 any version, signed by whatever keys the attacker has, published under a snapshot and
@@ -80,6 +81,9 @@ class HostileMirror:
         self.repo_dir = repo_dir
         self.behaviours: dict[str, Behaviour] = {}
         self.metadata_dir: Path | None = None  # replay a captured metadata folder
+        # Flip a byte in the middle of every file served under this URL path prefix (a
+        # tampering mirror that does not know which file it will be asked for).
+        self.tamper_prefix: str | None = None
         self.requests: list[tuple[str, str]] = []  # (path, Range header)
         mirror = self
 
@@ -133,6 +137,10 @@ class HostileMirror:
         if isinstance(behaviour, Endless):
             return _endless(h, behaviour)
         data = behaviour.data if isinstance(behaviour, Replace) else self._file(path)
+        if data and self.tamper_prefix is not None and path.startswith(self.tamper_prefix):
+            flipped = bytearray(data)
+            flipped[len(flipped) // 2] ^= 0xFF
+            data = bytes(flipped)
         if data is None:
             h.send_response(404)
             h.send_header("Content-Length", "0")

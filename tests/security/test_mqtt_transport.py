@@ -21,6 +21,7 @@ from controller.serve.mqtt_repo import RepoResponder, ResponderLimits
 from tests.e2e_support import Proc, paused, start_serve, tamper_stored_bundle
 from tests.helpers import Broker, free_port
 from tests.security.conftest import MODEL, Device, quick_repository, release
+from tests.security.simulator import HostileMirror
 
 LIMITS = TransferLimits(connect_timeout_s=5.0, read_timeout_s=1.0, deadline_s=20.0)
 
@@ -147,6 +148,38 @@ def test_auto_falls_back_to_mqtt_when_http_is_unreachable(
         assert device.check().installed == {MODEL: "1.0.0"}
     finally:
         device.close()
+    assert "falling back to MQTT" in caplog.text
+
+
+def test_auto_with_mirrors_tries_mqtt_last_after_every_http_source(
+    tmp_path: Path,
+    repo: Repository,
+    broker: Broker,
+    served: Proc,
+    bundles: dict[str, Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``auto`` with mirrors (issue 24): a mirror altering the bundle, then an unreachable
+    url, then MQTT, the last resort: the genuine bundle arrives over the broker."""
+    release(repo, bundles["1.0.0"])
+    dead = f"http://127.0.0.1:{free_port()}"
+    mirror = HostileMirror(repo.path)
+    mirror.tamper_prefix = "/targets/bundles/"
+    device = Device(
+        tmp_path / "dev",
+        repo.metadata_dir / "1.root.json",
+        quick_repository(dead, transport="auto", mirrors=(mirror.url,)),
+        MqttConfig(host=broker.host, port=broker.port),
+    )
+    try:
+        result = device.check()
+        assert result.installed == {MODEL: "1.0.0"}, result
+        (failure,) = result.source_failures
+        assert failure.startswith(mirror.url) and "length or hash mismatch" in failure
+        assert device.serving() == "1.0.0"
+    finally:
+        device.close()
+        mirror.close()
     assert "falling back to MQTT" in caplog.text
 
 
