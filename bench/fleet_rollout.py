@@ -75,8 +75,10 @@ class SkipLoadLifecycle:
     model load skipped: the verified download is deleted and the version committed."""
 
     def __init__(self, on_commit: Any, serving: str = "", installed: str = "") -> None:
+        import agent
         from agent.update.journal import JournalRecord, Phase
 
+        self.agent_version = agent.__version__
         self._records: dict[str, JournalRecord] = {}
         self._on_commit = on_commit
         self._serving, self._installed = serving, Path(installed)
@@ -94,7 +96,13 @@ class SkipLoadLifecycle:
         return self._records.get(model, JournalRecord(model=model))
 
     def install(
-        self, model: str, version: str, rollout_id: str, probation: Any, download: Any
+        self,
+        model: str,
+        version: str,
+        rollout_id: str,
+        probation: Any,
+        download: Any,
+        shadow: Any = None,
     ) -> None:
         from agent.update.journal import JournalRecord, Phase, serving_version
 
@@ -115,6 +123,9 @@ class SkipLoadLifecycle:
 
     def roll_back(self, model: str, reason: str) -> bool:
         return False
+
+    def cancel_shadow(self, model: str, reason: str) -> bool:
+        return False  # no shadows here: nothing is loaded
 
     def put_back_interrupted(self) -> None:
         """Nothing is ever interrupted here: installs are not resumed across restarts."""

@@ -161,3 +161,28 @@ def start_nginx(prefix: Path, conf_text: str | None, port: int, conf: Path | Non
 def start_static_repository(prefix: Path, repo: Path, limit_rate: str = "") -> Nginx:
     port = free_port()
     return start_nginx(prefix, static_repository_conf(prefix, repo, port, limit_rate), port)
+
+
+def counting_proxy_conf(prefix: Path, port: int, upstream: str) -> str:
+    """nginx in front of ``upstream`` (`edgectl serve`'s URL), caching nothing: its access
+    log counts every byte the controller's repository serves."""
+    return (
+        _main_context(prefix) + "http {\n" + _http_context(prefix) + "    server {\n"
+        f"    listen 127.0.0.1:{port};\n"
+        "    location / {\n"
+        f"        proxy_pass {upstream};\n"
+        "        proxy_buffering off;\n"
+        "    }\n"
+        "    }\n"
+        "}\n"
+    )
+
+
+def start_counting_proxy(prefix: Path, upstream: str) -> Nginx:
+    port = free_port()
+    return start_nginx(prefix, counting_proxy_conf(prefix, port, upstream), port)
+
+
+def start_gateway_nginx(folder: Path, port: int) -> Nginx:
+    """nginx on the config `edgectl gateway config` wrote into ``folder``."""
+    return start_nginx(folder, None, port, conf=folder / "nginx.conf")
