@@ -591,6 +591,7 @@ def _gateway_move(
         wait_ready(workers, ready, args.timeout)
         time.sleep(1.0)
         logged = len(central.requests())
+        load = Path("/proc/loadavg").read_text().split()[0]
         cpu0 = cpu_seconds(serve.process.pid)
         t0 = time.time()
         edgectl("release", bundle, "--fleet", FLEET, "--repo", repo)
@@ -613,6 +614,7 @@ def _gateway_move(
             "last": lat[-1] if lat else float("nan"),
             "p50": lat[len(lat) // 2] if lat else float("nan"),
             "cpu": cpu1 - cpu0,
+            "load": load,
         }
     finally:
         stop_workers(workers)
@@ -664,6 +666,7 @@ def record_gateway(args: argparse.Namespace, bundle_size: int, results: dict[str
         f"| release → last device committed | {direct['last']:.1f} s | {behind['last']:.1f} s "
         f"| {behind['last'] / direct['last']:.2f}× |",
         f"| `edgectl serve` CPU meanwhile | {direct['cpu']:.1f} s | {behind['cpu']:.1f} s | |",
+        f"| load average (1 min) at the release | {direct['load']} | {behind['load']} | |",
     ]
     intro = (
         "`bench/fleet_rollout.py`: simulated agents on the real update path (TUF refresh, "
