@@ -1,6 +1,7 @@
 """A fleet of simulated agents on the real update path, against one controller.
 
     python bench/fleet_rollout.py [--devices 1000] [--workers 4] [--threads 24] [--mb 5]
+    python bench/fleet_rollout.py --gateway [--gateways 4] [--devices 1000] ...
 
 What runs for real: a private mosquitto; ``edgectl serve`` (aiohttp serving the TUF
 repository, the MQTT announcer, the telemetry ingestor); ``edgectl release`` of a bundle
@@ -33,6 +34,12 @@ shared folder of v1's unpacked members (the delta's base, read only), applies th
 with the agent's code and verifies the rebuilt bundle against the signed target. Bytes
 served are the bytes the devices fetched (the agent's own log of each transfer: the
 delta, or the full bundle, or both when a delta fell back), summed over the fleet.
+
+``--gateway`` releases one bundle to the fleet twice, side by side in one run: devices
+straight on the controller, then split over ``--gateways`` site gateways (an nginx
+``proxy_cache`` mirror and a mosquitto bridged to the central broker per site, both from
+``edgectl gateway config``; each worker's devices use one site). The controller's bytes are
+counted by an nginx in front of ``edgectl serve`` that caches nothing (its access log).
 """
 
 from __future__ import annotations
@@ -75,8 +82,10 @@ class SkipLoadLifecycle:
     model load skipped: the verified download is deleted and the version committed."""
 
     def __init__(self, on_commit: Any, serving: str = "", installed: str = "") -> None:
+        import agent
         from agent.update.journal import JournalRecord, Phase
 
+        self.agent_version = agent.__version__
         self._records: dict[str, JournalRecord] = {}
         self._on_commit = on_commit
         self._serving, self._installed = serving, Path(installed)
@@ -94,7 +103,13 @@ class SkipLoadLifecycle:
         return self._records.get(model, JournalRecord(model=model))
 
     def install(
-        self, model: str, version: str, rollout_id: str, probation: Any, download: Any
+        self,
+        model: str,
+        version: str,
+        rollout_id: str,
+        probation: Any,
+        download: Any,
+        shadow: Any = None,
     ) -> None:
         from agent.update.journal import JournalRecord, Phase, serving_version
 
@@ -115,6 +130,9 @@ class SkipLoadLifecycle:
 
     def roll_back(self, model: str, reason: str) -> bool:
         return False
+
+    def cancel_shadow(self, model: str, reason: str) -> bool:
+        return False  # no shadows here: nothing is loaded
 
     def put_back_interrupted(self) -> None:
         """Nothing is ever interrupted here: installs are not resumed across restarts."""
@@ -320,6 +338,12 @@ def main() -> None:
         "--deltas", action="store_true", help="v1 → v2 without and with deltas, side by side"
     )
     parser.add_argument(
+        "--gateway",
+        action="store_true",
+        help="devices behind --gateways site gateways vs direct, side by side",
+    )
+    parser.add_argument("--gateways", type=int, default=4, help="site gateways (--gateway)")
+    parser.add_argument(
         "--record-to", type=Path, default=BENCHMARKS_MD, help="default docs/benchmarks.md"
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -334,6 +358,9 @@ def main() -> None:
         return
     if args.deltas:
         run_delta_bench(args)
+        return
+    if args.gateway:
+        run_gateway_bench(args)
         return
     run_bench(args)
 
@@ -480,6 +507,174 @@ def _move(
     finally:
         stop_workers(workers)
         serve.stop()
+
+
+def run_gateway_bench(args: argparse.Namespace) -> None:
+    """The same release to the same fleet, direct and behind site gateways; side by side."""
+    work = Path(tempfile.mkdtemp(prefix="fleet-gateway-"))
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        bundle = build_bundle_of(args.mb, work / "big.bundle", work)
+        for label, gateways in (("direct", 0), (f"{args.gateways} gateways", args.gateways)):
+            results[label] = _gateway_move(args, work / f"run-{gateways}", bundle, gateways)
+            r = results[label]
+            print(
+                f"{label}: committed {r['done']}/{args.devices} (errors {r['errors']}); "
+                f"controller served {r['served']:,} B ({r['bundle_fetches']} bundle "
+                f"fetches); release -> last {r['last']:.1f} s (median {r['p50']:.1f} s); "
+                f"serve CPU {r['cpu']:.1f} s",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if not args.no_record:
+        record_gateway(args, bundle_size=results["direct"]["size"], results=results)
+
+
+def _gateway_move(
+    args: argparse.Namespace, work: Path, bundle: Path, gateways: int
+) -> dict[str, Any]:
+    """One release to ``args.devices`` simulated devices: straight from the controller
+    (``gateways`` 0) or split over ``gateways`` sites, each an nginx mirror and a bridged
+    mosquitto written by `edgectl gateway config`. The controller's bytes are counted by
+    an nginx in front of `edgectl serve` that caches nothing (its access log)."""
+    import os
+
+    from tests.e2e_support import edgectl, start_serve
+    from tests.gateway.servers import start_counting_proxy, start_gateway_nginx
+    from tests.helpers import free_port, mosquitto_binary, start_broker, wait_for_port
+
+    work.mkdir()
+    broker = start_broker(work / "broker")
+    stoppers: list[Any] = [broker]
+    workers: list[subprocess.Popen[str]] = []
+    commits: dict[str, float] = {}
+    errors: list[str] = []
+    ready = threading.Semaphore(0)
+    try:
+        repo = work / "repo"
+        edgectl("init", repo)
+        serve, serve_url = start_serve(repo, broker.address, work / "serve.log")
+        stoppers.append(serve)
+        central = start_counting_proxy(work / "central", serve_url)
+        stoppers.append(central)
+        sites = [(broker.address, central.url)]
+        for g in range(gateways):
+            folder, http, mqtt = work / f"gateway-{g}", free_port(), free_port()
+            run_as = ["--run-as", "root"] if os.geteuid() == 0 else []
+            edgectl("gateway", "config", "--site", f"site-{g}", "--upstream", central.url,
+                    "--central-broker", broker.address, "--listen", f"127.0.0.1:{http}",
+                    "--site-broker-port", str(mqtt), "--site-broker-bind", "127.0.0.1",
+                    "--fleet", FLEET, "-o", folder, *run_as)  # fmt: skip
+            stoppers.append(start_gateway_nginx(folder, http))
+            log = open(folder / "mosquitto.out", "wb")  # noqa: SIM115 - closed with it
+            proc = subprocess.Popen([mosquitto_binary(), "-c", str(folder / "mosquitto.conf")],
+                                    stdout=log, stderr=log)  # fmt: skip
+            stoppers.append(_Stoppable(proc))
+            wait_for_port(mqtt)
+            sites.append((f"127.0.0.1:{mqtt}", f"http://127.0.0.1:{http}"))
+        if gateways:
+            sites = sites[1:]
+        time.sleep(1.0)  # the bridges connect
+        per = -(-args.devices // args.workers)
+        for i, first in enumerate(range(0, args.devices, per)):
+            site_broker, url = sites[i % len(sites)]
+            cmd = [
+                sys.executable, __file__, "--worker", "--first", str(first),
+                "--count", str(min(per, args.devices - first)), "--broker", site_broker,
+                "--url", url + "/", "--root", str(repo / "metadata" / "root.json"),
+                "--state", str(work / "devices"), "--threads", str(args.threads),
+            ]  # fmt: skip
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            workers.append(proc)
+            threading.Thread(target=_read, args=(proc, commits, errors, ready), daemon=True).start()
+        wait_ready(workers, ready, args.timeout)
+        time.sleep(1.0)
+        logged = len(central.requests())
+        load = Path("/proc/loadavg").read_text().split()[0]
+        cpu0 = cpu_seconds(serve.process.pid)
+        t0 = time.time()
+        edgectl("release", bundle, "--fleet", FLEET, "--repo", repo)
+        deadline = time.monotonic() + args.timeout
+        while len(commits) < args.devices and time.monotonic() < deadline:
+            time.sleep(0.05)
+        cpu1 = cpu_seconds(serve.process.pid)
+        time.sleep(0.5)  # nginx logs a request when it is done
+        served = central.requests()[logged:]
+        (target,) = (repo / "targets" / "bundles" / MODEL).glob("*.bundle")
+        lat = sorted(v - t0 for v in commits.values())
+        return {
+            "size": target.stat().st_size,
+            "done": len(commits),
+            "errors": len(errors),
+            "error_sample": errors[:3],
+            "served": sum(r.bytes for r in served),
+            "requests": len(served),
+            "bundle_fetches": sum(1 for r in served if r.path.endswith(target.name)),
+            "last": lat[-1] if lat else float("nan"),
+            "p50": lat[len(lat) // 2] if lat else float("nan"),
+            "cpu": cpu1 - cpu0,
+            "load": load,
+        }
+    finally:
+        stop_workers(workers)
+        for item in reversed(stoppers):
+            item.stop()
+
+
+class _Stoppable:
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def record_gateway(args: argparse.Namespace, bundle_size: int, results: dict[str, Any]) -> None:
+    command = (
+        f"python bench/fleet_rollout.py --gateway --gateways {args.gateways} --devices "
+        f"{args.devices} --workers {args.workers} --threads {args.threads} --mb {args.mb:g}"
+    )
+    direct, behind = results["direct"], results[f"{args.gateways} gateways"]
+    lines = [
+        run_heading(command),
+        f"One release of a {bundle_size:,} B bundle to {args.devices} simulated devices, "
+        f"straight from the controller, then split over {args.gateways} site gateways (each "
+        "an nginx `proxy_cache` mirror and a mosquitto bridged to the central broker, both "
+        "from `edgectl gateway config`, all on this machine); "
+        f"{args.workers} worker processes x {args.threads} threads; model loading skipped "
+        "(simulated). Controller bytes: the access log of an nginx in front of "
+        "`edgectl serve` that caches nothing, from the release to the last commit "
+        "(metadata included).",
+        "",
+        f"| figure | direct | {args.gateways} gateways | gateways / direct |",
+        "|---|---|---|---|",
+        f"| devices committed (errors) | {direct['done']} ({direct['errors']}) | "
+        f"{behind['done']} ({behind['errors']}) | |",
+        f"| bytes served by the controller | {direct['served']:,} | {behind['served']:,} | "
+        f"{behind['served'] / max(direct['served'], 1):.2%} |",
+        f"| requests to the controller | {direct['requests']:,} | {behind['requests']:,} | "
+        f"{behind['requests'] / max(direct['requests'], 1):.2%} |",
+        f"| bundle fetches from the controller | {direct['bundle_fetches']} | "
+        f"{behind['bundle_fetches']} | |",
+        f"| release → median device committed | {direct['p50']:.1f} s | {behind['p50']:.1f} s "
+        f"| {behind['p50'] / direct['p50']:.2f}× |",
+        f"| release → last device committed | {direct['last']:.1f} s | {behind['last']:.1f} s "
+        f"| {behind['last'] / direct['last']:.2f}× |",
+        f"| `edgectl serve` CPU meanwhile | {direct['cpu']:.1f} s | {behind['cpu']:.1f} s | |",
+        f"| load average (1 min) at the release | {direct['load']} | {behind['load']} | |",
+    ]
+    intro = (
+        "`bench/fleet_rollout.py`: simulated agents on the real update path (TUF refresh, "
+        "desired state, download, length and sha256 verification; loading the model is "
+        "skipped) against one `edgectl serve`. See the script's docstring for what is real."
+    )
+    record_section(HEADING, intro, "\n".join(lines), args.record_to)
+    print(f"recorded in {args.record_to}")
 
 
 def record_deltas(args: argparse.Namespace, v1_size: int, results: dict[str, Any]) -> None:

@@ -3,8 +3,8 @@
 This module assembles the parser from one module per command group in
 ``controller.commands`` (``repo``: init and keys; ``bundle``; ``release``: release and
 releases; ``rollout``; ``serve``; ``fleet``: fleet status; ``device``: device and
-broker), each exposing ``add_parser(sub)``, and maps errors to exit codes once, here
-(docs/cli.md has the table):
+broker; ``gateway``: site gateways), each exposing ``add_parser(sub)``, and maps errors
+to exit codes once, here (docs/cli.md has the table):
 
 - 0 success
 - 1 any other ``ControllerError`` (the message says why), and any ``OSError`` (a missing
@@ -30,7 +30,7 @@ from pathlib import Path
 from agent.base.completion import add_completion_parser, completion_script
 from controller.base.errors import ControllerError, UsageError
 from controller.base.fsio import install_step_hook_from_env
-from controller.commands import bundle, device, fleet, release, repo, rollout, serve
+from controller.commands import bundle, device, fleet, gateway, release, repo, rollout, serve
 from controller.commands.common import RAW
 from controller.commands.release import RELEASE_VERBS, route_release_verbs
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (repo, bundle, release, serve, fleet, device, rollout):
+    for group in (repo, bundle, release, serve, fleet, device, gateway, rollout):
         group.add_parser(sub)
     add_completion_parser(sub, "edgectl").set_defaults(func=_cmd_completion)
     return parser

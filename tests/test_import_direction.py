@@ -54,6 +54,7 @@ MAY_IMPORT: dict[str, set[str]] = {
         "controller.identity",
     }
     | _CONTROLLER_FLOOR,
+    "controller.gateway": _CONTROLLER_FLOOR,
     "controller.app": {
         "controller.serve",
         "controller.rollout",
@@ -70,6 +71,7 @@ MAY_IMPORT: dict[str, set[str]] = {
         "controller.fleet",
         "controller.identity",
         "controller.build",
+        "controller.gateway",
     }
     | _CONTROLLER_FLOOR,
     "controller.cli": {"controller.commands"} | _CONTROLLER_FLOOR,
