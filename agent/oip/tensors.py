@@ -217,7 +217,7 @@ def tensor_from_json_text(
     return values.astype(target, copy=False).reshape(shape)
 
 
-class _Written(list[Any]):
+class Written(list[Any]):
     """The values of a tensor that only the standard library writes as ``json.loads``
     reads them back (NaN, Infinity): ``dump_json`` hands the document to it."""
 
@@ -436,8 +436,23 @@ def tensor_to_json(name: str, array: np.ndarray) -> dict[str, Any]:
         if not data.dtype.isnative:
             data = data.astype(data.dtype.newbyteorder("="))
         if data.dtype.kind == "f" and not _all_finite(data):
-            data = _Written(data.tolist())
+            data = Written(data.tolist())
     return {"name": name, "datatype": datatype, "shape": list(array.shape), "data": data}
+
+
+def nested_json(array: np.ndarray) -> Any:
+    """A numeric array as ``dump_json`` writes it in nested lists (TensorFlow Serving's
+    form): the array itself (orjson writes it from its buffer) when that writes what the
+    standard library would; else nested Python values the standard library writes (NaN
+    and Infinity as its tokens, a 0-d array as its one value)."""
+    if (
+        array.ndim
+        and array.dtype.isnative
+        and (array.dtype.kind != "f" or _all_finite(array.ravel()))
+    ):
+        return np.ascontiguousarray(array)
+    values = array.tolist()
+    return Written(values) if isinstance(values, list) else values
 
 
 # Up to this many values, finiteness is checked on Python floats: numpy's ufunc and
