@@ -816,3 +816,47 @@ def test_row_answers_need_a_shared_batch_axis() -> None:
     assert json.loads(encode_predict(outputs, row=False)) == {
         "outputs": {"a": [[0.0] * 3] * 2, "b": [0.0] * 3}
     }
+
+
+def test_a_candidate_in_shadow_gets_copies_and_drift_counts_tfs_requests(tmp_path: Path) -> None:
+    """A TensorFlow Serving request is offered to a candidate in shadow and counted in the
+    serving version's drift sketch, as an OIP request is."""
+    import dataclasses
+
+    from agent.contracts.reference import Histogram, Reference
+    from agent.runtime.drift import DriftSketch
+    from agent.runtime.shadow import ShadowRunner
+    from tests.agent._model_dir import make_model_dir
+    from tests.e2e_support import wait_until
+    from tests.helpers import make_linear_model
+
+    def linear(version: str, seed: int) -> LoadedModel:
+        onnx_path = make_linear_model(tmp_path / f"linear-{version}.onnx", seed=seed)
+        return load_model(*make_model_dir(tmp_path / version, onnx_path, version=version))
+
+    sketch = DriftSketch(
+        Reference(100, {"y": Histogram("classes", (1 / 3, 1 / 3, 1 / 3))}, {}), half_window=10**9
+    )
+    live = dataclasses.replace(linear("1.0.0", 1), drift=sketch)
+    candidate = linear("2.0.0", 4)
+    registry = ModelRegistry()
+    registry.activate(live)
+    runner = ShadowRunner(candidate, "1.0.0", 1.0)
+    registry.set_shadow("linear", runner)
+    rng = np.random.default_rng(7)
+    frames = [rng.normal(size=(3, 4)).astype(np.float32) for _ in range(8)]
+    try:
+        with serving(registry) as server:
+            for index, x in enumerate(frames):
+                body = json.dumps({"instances" if index % 2 else "inputs": x.tolist()}).encode()
+                status, document = call(server, "POST", "/v1/models/linear:predict", body)
+                assert status == 200
+                got = document["predictions" if index % 2 else "outputs"]
+                np.testing.assert_allclose(got, live.infer({"x": x})["y"], rtol=1e-6)
+                assert runner.wait_idle(10.0)
+            f = runner.figures()
+            assert (f.samples, f.errors, f.dropped, f.top1_rows) == (8, 0, 0, 24)
+            wait_until(lambda: sketch.figures().samples == 24 or None, 10, "the drift count")
+    finally:
+        registry.set_shadow("linear", None)
+        runner.close()
