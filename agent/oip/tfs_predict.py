@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import mmap
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, NamedTuple
@@ -33,6 +34,7 @@ import numpy as np
 
 from agent.base.errors import InvalidRequestError
 from agent.contracts import Manifest, TensorSpec
+from agent.oip.request import _findable
 from agent.oip.tensors import (
     SMALL_JSON_BYTES,
     Written,
@@ -40,16 +42,15 @@ from agent.oip.tensors import (
     dump_json,
     load_json,
     nested_json,
+    nested_tensor_from_json_text,
     shape_fits,
     tensor_from_json,
-    tensor_from_json_text,
 )
 from agent.oip.tfs import SIGNATURE, TF_DTYPES
 
 # The one tensor of a body that a fast read can take: the key, then its list's opening.
 _TENSOR_LIST: Final = re.compile(rb'"(instances|inputs)"\s*:\s*\[')
-# What a nested list of plain numbers holds besides brackets and commas.
-_NUMBER_TEXT: Final = b"0123456789+-.eE \t\r\n"
+_BLANK_OR_COMMA: Final = frozenset(b" \t\r\n,")
 _FIELDS: Final = frozenset({"signature_name", "instances", "inputs"})
 
 
@@ -73,13 +74,13 @@ def parse_predict(body: bytes | bytearray | memoryview, manifest: Manifest) -> P
     a shape that does not fit the manifest's, a ``b64`` value that is not base64 or not
     for a string input.
     """
-    text = body if isinstance(body, bytes) else bytes(body)
-    if len(text) >= SMALL_JSON_BYTES:
-        fast = _parse_fast(text, manifest)
+    view = memoryview(body)
+    if len(view) >= SMALL_JSON_BYTES:
+        fast = _parse_fast(_findable(view), manifest)
         if fast is not None:
             return fast
     try:
-        doc = load_json(text)
+        doc = load_json(body if isinstance(body, bytes) else view.tobytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidRequestError(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -249,7 +250,7 @@ def _decode_b64(name: str, value: Any) -> Any:
 # ---------------------------------------------------------------------------- fast path
 
 
-def _parse_fast(text: bytes, manifest: Manifest) -> Predict | None:
+def _parse_fast(text: bytes | bytearray | mmap.mmap, manifest: Manifest) -> Predict | None:
     """A single-input model's tensor read from its text when the body is
     ``{"instances"|"inputs": <nested list of numbers>[, "signature_name": ...]}``; None
     when this path cannot say (the plain path then decides, with its messages)."""
@@ -259,7 +260,7 @@ def _parse_fast(text: bytes, manifest: Manifest) -> Predict | None:
     if spec.datatype in ("BOOL", "BYTES"):
         return None
     found = _TENSOR_LIST.search(text)
-    if found is None or _TENSOR_LIST.search(text, found.end()) is not None:
+    if found is None:
         return None
     start = found.end() - 1
     stop = len(text)
@@ -267,49 +268,24 @@ def _parse_fast(text: bytes, manifest: Manifest) -> Predict | None:
         at = text.find(mark, start)
         if 0 <= at < stop:
             stop = at
-    listed = text[start:stop].rstrip(b" \t\r\n,")
-    end = start + len(listed)
-    skeleton = listed.translate(None, _NUMBER_TEXT)
-    shape = _regular_shape(skeleton)
-    if shape is None or not shape_fits(spec.shape, shape):
-        return None
+    end = stop
+    while end > start and text[end - 1] in _BLANK_OR_COMMA:
+        end -= 1
+    head, tail = bytes(text[:start]), bytes(text[end:])
+    if _TENSOR_LIST.search(head) or _TENSOR_LIST.search(tail):
+        return None  # another tensor (the plain path says what is wrong)
     try:
-        rest = load_json(text[:start] + b"null" + text[end:])
+        rest = load_json(head + b"null" + tail)
         _check_fields(rest)
     except (InvalidRequestError, ValueError, RecursionError):
         return None
     row = found.group(1) == b"instances"
     if rest.get("instances" if row else "inputs", 0) is not None:
         return None
-    flat = b"[" + listed.translate(None, b"[]") + b"]"
-    array = tensor_from_json_text(spec.datatype, shape, flat)
-    if array is None:
+    array = nested_tensor_from_json_text(spec.datatype, text, start, end)
+    if array is None or not shape_fits(spec.shape, array.shape):
         return None
     return Predict({spec.name: array}, row)
-
-
-def _regular_shape(skeleton: bytes) -> list[int] | None:
-    """The shape of a nested list whose text, numbers and blanks taken out, is
-    ``skeleton`` (brackets and commas), when it is regular; None otherwise."""
-    depth = len(skeleton) - len(skeleton.lstrip(b"["))
-    if depth == 0 or skeleton.strip(b"[],"):
-        return None
-    dims: list[int] = []
-    child = 0  # the skeleton length of one element a level down (a number: 0)
-    for level in range(1, depth + 1):
-        close = skeleton.find(b"]" * level)
-        if close < 0:
-            return None
-        length = close + level - (depth - level)  # from its "[" to its "]", inclusive
-        if (length - 1) % (child + 1):
-            return None
-        dims.append((length - 1) // (child + 1))
-        child = length
-    dims.reverse()
-    canonical = b""
-    for index, d in enumerate(reversed(dims)):
-        canonical = b"[" + (b"," * (d - 1) if index == 0 else b",".join([canonical] * d)) + b"]"
-    return dims if canonical == skeleton else None
 
 
 # ---------------------------------------------------------------------------- responses

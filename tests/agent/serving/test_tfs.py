@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,8 +32,9 @@ from agent.contracts import (
     Manifest,
     TensorSpec,
 )
+from agent.oip.tensors import nested_tensor_from_json_text
 from agent.oip.tfs import model_status, names_version, tfs_version, version_text
-from agent.oip.tfs_predict import _regular_shape, encode_predict, parse_predict
+from agent.oip.tfs_predict import _parse_fast, encode_predict, parse_predict
 from agent.runtime.loading import load_model
 from agent.runtime.models import LoadedModel
 from agent.runtime.registry import ModelRegistry
@@ -757,13 +760,27 @@ def test_versions_map_to_integers_in_semver_order() -> None:
     }
 
 
-def test_regular_shapes_of_skeletons() -> None:
-    assert _regular_shape(b"[,,]") == [3]
-    assert _regular_shape(b"[[,],[,],[,]]") == [3, 2]
-    assert _regular_shape(b"[[[,]],[[,]]]") == [2, 1, 2]
-    assert _regular_shape(b"[[,],[],[,,]]") is None  # ragged, the same count as [3, 2]
-    assert _regular_shape(b"[[,],[,]") is None
-    assert _regular_shape(b",") is None
+def test_nested_lists_are_read_only_when_regular() -> None:
+    def read(text: bytes) -> list[int] | None:
+        array = nested_tensor_from_json_text("FP32", text, 0, len(text))
+        return None if array is None else list(array.shape)
+
+    assert read(b"[1, 2, 3]") == [3]
+    assert read(b"[[1, 2], [3, 4], [5, 6]]") == [3, 2]
+    assert read(b"[[[1, 2]], [[3, 4]]]") == [2, 1, 2]
+    assert read(b"[[1, 2], [3], [4, 5, 6]]") is None  # ragged, the count of [3, 2]
+    assert read(b"[[1, [2]], [3, 4]]") is None  # a list among the values
+    assert read(b"[[1, 2], 3]") is None
+    assert read(b"[[], []]") is None
+    assert read(b"[1, 2") is None
+    assert read(b'[1, "a"]') is None
+    with tempfile.TemporaryFile() as file:  # as the server may hold a large body
+        file.write(b"  [[1, 2], [3, 4]]  [[1, [2]], [3, 4]]")
+        file.flush()
+        with mmap.mmap(file.fileno(), 0) as mapped:
+            got = nested_tensor_from_json_text("FP32", mapped, 2, 18)
+            assert got is not None and got.tolist() == [[1.0, 2.0], [3.0, 4.0]]
+            assert nested_tensor_from_json_text("INT32", mapped, 20, 38) is None
 
 
 def _manifest(shape: tuple[int, ...], datatype: str = "FP32") -> Manifest:
@@ -786,8 +803,12 @@ def test_large_bodies_take_the_fast_path_to_the_same_arrays(key: str) -> None:
     body = json.dumps({"signature_name": "serving_default", key: x.tolist()}).encode()
     assert len(body) > 16 * 1024
     parsed = parse_predict(body, _manifest((-1, 3, 32)))
+    assert _parse_fast(body, _manifest((-1, 3, 32))) is not None  # (it did take it)
     assert parsed.row == (key == "instances")
     np.testing.assert_array_equal(parsed.inputs["x"], x)
+    # As the server hands a large body over: a buffer, not bytes.
+    from_buffer = parse_predict(memoryview(bytearray(body)), _manifest((-1, 3, 32)))
+    np.testing.assert_array_equal(from_buffer.inputs["x"], x)
     ints = rng.integers(-1000, 1000, size=(700, 4))
     got = parse_predict(json.dumps({key: ints.tolist()}).encode(), _manifest((-1, 4), "INT32"))
     np.testing.assert_array_equal(got.inputs["x"], ints.astype(np.int32))
