@@ -159,7 +159,7 @@ def main() -> None:
             "TensorFlow Serving dialect vs OIP JSON",
             "The same agent and model, the same tensor sent as OIP JSON and as TensorFlow "
             "Serving's `instances`, interleaved on two connections (bench/tfs_dialect.py).",
-            run_heading(command_line()) + "\n" + table + "\n\n" + "\n".join(goals) + "\n",
+            run_heading(command_line()) + "\n\n" + table + "\n\n" + "\n".join(goals) + "\n",
         )
 
 
