@@ -317,7 +317,7 @@ class Router:
                 raise _NotImplemented(
                     f":{verb} is not served: models here have one signature, "
                     f"{tfs_docs.SIGNATURE!r}, run by :predict (docs/inference-api.md, "
-                    '"TensorFlow Serving")'
+                    "TensorFlow Serving's REST API)"
                 )
             model = self._resolve_tfs(name, version)
             self._remember_url(request.url, name, version, tfs=True)

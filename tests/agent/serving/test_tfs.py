@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import mmap
 import socket
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from agent.base.errors import InvalidRequestError
 from agent.client import InferenceClient
@@ -881,3 +885,98 @@ def test_a_candidate_in_shadow_gets_copies_and_drift_counts_tfs_requests(tmp_pat
     finally:
         registry.set_shadow("linear", None)
         runner.close()
+
+
+# ---------------------------------------------------------------------------- hostile bodies
+
+_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=4)
+    | st.just({"b64": "AA=="}),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=16,
+)
+_keys = st.sampled_from(["instances", "inputs", "signature_name", "examples", "x", "tag", "b64"])
+
+
+@st.composite
+def _big_nested(draw: st.DrawFn) -> bytes:
+    """A body past the fast path's threshold: nested numbers, sometimes ragged or with a
+    stray token, under instances or inputs."""
+    rows = draw(st.integers(1, 3000))
+    width = draw(st.sampled_from([1, 2, 4, 5]))
+    row = "[" + ", ".join(["1.5"] * width) + "]"
+    items = [row] * rows
+    spoil = draw(st.sampled_from(["", "ragged", "deeper", "string", "nan", "int"]))
+    if spoil == "ragged":
+        items[-1] = "[1.5]"
+    elif spoil == "deeper":
+        items[0] = "[[1.5], " + ", ".join(["1.5"] * (width - 1)) + "]" if width > 1 else "[[1.5]]"
+    elif spoil == "string":
+        items[rows // 2] = '["a"' + ", 1.5" * (width - 1) + "]"
+    elif spoil == "nan":
+        items[0] = "[" + ", ".join(["NaN"] * width) + "]"
+    elif spoil == "int":
+        items = ["[" + ", ".join(["7"] * width) + "]"] * rows
+    key = draw(st.sampled_from(["instances", "inputs"]))
+    return f'{{"{key}": [{", ".join(items)}]}}'.encode()
+
+
+@st.composite
+def _hostile(draw: st.DrawFn) -> tuple[str, str, bytes]:
+    model = draw(st.sampled_from(["half_plus_three", "sensors", "echo", "pairs", "nope"]))
+    version = draw(
+        st.sampled_from(["", "/versions/123", "/versions/2001000", "/versions/x", "/labels/a"])
+    )
+    verb = draw(st.sampled_from([":predict", ":predict", ":regress", "", "/metadata", ":x"]))
+    method = "GET" if verb in ("", "/metadata") and draw(st.booleans()) else "POST"
+    kind = draw(st.sampled_from(["document", "big", "garbage"]))
+    if kind == "document":
+        body = json.dumps(
+            draw(st.dictionaries(_keys, _values, max_size=3)), allow_nan=True
+        ).encode()
+    elif kind == "big":
+        body = draw(_big_nested())
+    else:
+        body = draw(st.binary(max_size=64))
+    return method, f"/v1/models/{model}{version}{verb}", body
+
+
+def test_hostile_tfs_requests_never_get_a_5xx(
+    server: InferenceServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """1,500 hostile TensorFlow Serving requests (random documents, large nested bodies
+    spoiled in one place, garbage) on one keep-alive connection: never a 5xx (but the
+    501 of ``:regress``), always an ``{"error"}`` body on an error, and no unexpected
+    error in the log."""
+    connection = StdlibUnixConnection(server.socket_path)
+    statuses: Counter[int] = Counter()
+
+    @settings(
+        max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None
+    )
+    @given(st.lists(_hostile(), min_size=50, max_size=50))
+    def batch(requests: list[tuple[str, str, bytes]]) -> None:
+        for method, path, body in requests:
+            connection.request(method, path, body=body)
+            response = connection.getresponse()
+            payload = response.read()
+            statuses[response.status] += 1
+            allowed = 501 if path.endswith(":regress") else 499  # the one 5xx: on purpose
+            assert response.status <= allowed, (path, body[:200], payload)
+            if response.status >= 400:
+                assert isinstance(json.loads(payload)["error"], str)
+
+    try:
+        with caplog.at_level(logging.ERROR):
+            batch()
+    finally:
+        connection.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert sum(statuses.values()) == 1500
+    assert statuses[200] and statuses[400] and statuses[404]
