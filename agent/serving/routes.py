@@ -8,7 +8,11 @@ shared-memory extensions), shared-memory registration, Triton's model configurat
 statistics and (read-only) model repository extensions (``agent.serving.triton``), and
 ``/metrics``. Beside OIP's ``/v2/health/live`` and ``/v2/health/ready`` (unchanged),
 ``/v2/health/agent`` answers the agent's own status (its broker connection), which the
-server gets as a callable: serving does not import telemetry.
+server gets as a callable: serving does not import telemetry. TensorFlow Serving's REST
+API (``/v1/models/...``: status, metadata, ``:predict``; ``:classify`` and ``:regress``
+answer 501) is a second dialect at the edge only: a predict request is translated into
+the input arrays an OIP request gives (``agent.oip.tfs_predict``) and runs through
+``_infer`` like any other, within the same limits, errors, metrics and stats.
 
 Every request is answered on the thread of its connection (``agent.serving.http11``): parsing,
 ONNX Runtime and encoding run there, with no hop to another thread. ``Admission`` bounds
