@@ -980,3 +980,30 @@ def test_hostile_tfs_requests_never_get_a_5xx(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert sum(statuses.values()) == 1500
     assert statuses[200] and statuses[400] and statuses[404]
+
+
+def test_a_tfs_request_is_refused_by_admission_as_an_oip_one(
+    models: dict[str, LoadedModel],
+) -> None:
+    """While the agent is not ready, both dialects get 503 with Retry-After, and each is
+    counted once as refused (statistics) and as a not_ready error (metrics)."""
+    registry = ModelRegistry()
+    registry.activate(models["half_plus_three"])
+    with serving(registry, is_ready=lambda: False) as server:
+        status, headers, body = http(
+            server, "POST", "/v1/models/half_plus_three:predict", b'{"instances": [1.0]}'
+        )
+        assert status == 503 and headers["retry-after"] == "1"
+        assert "not ready" in json.loads(body)["error"]
+        after_tfs = server.stats.execution("half_plus_three", "0.0.123").fail
+        oip = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1.0]}]}'
+        assert http(server, "POST", "/v2/models/half_plus_three/infer", oip)[0] == 503
+        after_oip = server.stats.execution("half_plus_three", "0.0.123").fail
+        text = server.metrics.render().decode()
+    assert (after_tfs, after_oip) == (1, 2)
+    errors = [
+        line
+        for line in text.splitlines()
+        if line.startswith("edge_agent_infer_errors_total{") and 'kind="not_ready"' in line
+    ]
+    assert len(errors) == 1 and errors[0].endswith(" 2.0"), errors
