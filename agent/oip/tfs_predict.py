@@ -50,7 +50,6 @@ from agent.oip.tfs import SIGNATURE, TF_DTYPES
 
 # The one tensor of a body that a fast read can take: the key, then its list's opening.
 _TENSOR_LIST: Final = re.compile(rb'"(instances|inputs)"\s*:\s*\[')
-_BLANK_OR_COMMA: Final = frozenset(b" \t\r\n,")
 _FIELDS: Final = frozenset({"signature_name", "instances", "inputs"})
 
 
@@ -263,14 +262,12 @@ def _parse_fast(text: bytes | bytearray | mmap.mmap, manifest: Manifest) -> Pred
     if found is None:
         return None
     start = found.end() - 1
-    stop = len(text)
-    for mark in (b'"', b"{", b"}"):
-        at = text.find(mark, start)
-        if 0 <= at < stop:
-            stop = at
-    end = stop
-    while end > start and text[end - 1] in _BLANK_OR_COMMA:
-        end -= 1
+    # The list ends at the last "]" before the document's closing "}" (found from the
+    # end, not by scanning the list): anything else in between (a string holding "]",
+    # another list) leaves text simdjson refuses as one list of numbers.
+    end = text.rfind(b"]", start, max(text.rfind(b"}"), start)) + 1
+    if end <= start:
+        return None
     head, tail = bytes(text[:start]), bytes(text[end:])
     if _TENSOR_LIST.search(head) or _TENSOR_LIST.search(tail):
         return None  # another tensor (the plain path says what is wrong)

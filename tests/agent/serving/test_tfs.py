@@ -830,6 +830,14 @@ def test_large_bodies_the_fast_path_cannot_take_get_the_plain_answer() -> None:
     wrong_shape = json.dumps({"instances": rows}).encode()
     with pytest.raises(InvalidRequestError, match=r"shape expected \[-1, 4\]"):
         parse_predict(wrong_shape, _manifest((-1, 4)))
+    tricky = json.dumps({"instances": rows, "signature_name": "serving_default"}).encode()
+    assert _parse_fast(tricky, _manifest((-1, 3))) is not None
+    bracket_in_string = tricky.replace(b'"serving_default"', b'"a]b"')
+    with pytest.raises(InvalidRequestError, match="signature 'a]b' not found"):
+        parse_predict(bracket_in_string, _manifest((-1, 3)))
+    two_lists = json.dumps({"inputs": rows, "instances": rows}).encode()
+    with pytest.raises(InvalidRequestError, match="not both"):
+        parse_predict(two_lists, _manifest((-1, 3)))
     with_nan = b'{"instances": [' + b",".join([b"[1.0, NaN, 2.0]"] * 2000) + b"]}"
     assert np.isnan(parse_predict(with_nan, _manifest((-1, 3))).inputs["x"][:, 1]).all()
 
