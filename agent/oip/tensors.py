@@ -237,8 +237,7 @@ def nested_tensor_from_json_text(
     target = np.dtype(OIP_TO_NUMPY[datatype])
     if floats and target.kind != "f":
         return None
-    # Counted in place by numpy: 4 times as fast as bytes.count (and an mmap has none).
-    brackets = int(np.count_nonzero(np.frombuffer(text, np.uint8, end - start, start) == 91))
+    brackets = _count_byte(text, start, end, ord("["))
     with _PARSER_LOCK:
         try:
             found = _nested_buffer(
@@ -257,6 +256,26 @@ def nested_tensor_from_json_text(
         if values.min() < info.min or values.max() > info.max:
             return None
     return values.astype(target, copy=False).reshape(shape)
+
+
+# Bytes compared at a time by ``_count_byte``: its scratch stays a small allocation.
+_COUNT_CHUNK: Final = 1 << 16
+
+
+def _count_byte(text: bytes | bytearray | mmap.mmap, start: int, end: int, byte: int) -> int:
+    """How many times ``byte`` occurs in ``text[start:end]``, counted in place by numpy
+    (4 times as fast as ``bytes.count``, which an mmap lacks) a chunk at a time: one
+    comparison of the whole text would allocate a temporary as large as it, which the
+    agent's malloc settings map and fault in afresh each time (~3 ms for a 3 MB body)."""
+    data = np.frombuffer(text, np.uint8, end - start, start)
+    scratch = np.empty(min(_COUNT_CHUNK, len(data)), np.bool_)
+    total = 0
+    for at in range(0, len(data), _COUNT_CHUNK):
+        part = data[at : at + _COUNT_CHUNK]
+        found = scratch[: len(part)]
+        np.equal(part, byte, out=found)
+        total += int(np.count_nonzero(found))
+    return total
 
 
 def _nested_buffer(
