@@ -778,6 +778,11 @@ def test_nested_lists_are_read_only_when_regular() -> None:
     assert read(b"[[], []]") is None
     assert read(b"[1, 2") is None
     assert read(b'[1, "a"]') is None
+    # Past the first 64 KiB the brackets are still all counted: a list among the values
+    # of the last row is found.
+    rows = ", ".join(["[1.5, 2.5]"] * 20_000)
+    assert read(f"[{rows}]".encode()) == [20_000, 2]
+    assert read(f"[{rows[:-5]}[2.5]]]".encode()) is None
     with tempfile.TemporaryFile() as file:  # as the server may hold a large body
         file.write(b"  [[1, 2], [3, 4]]  [[1, [2]], [3, 4]]")
         file.flush()
