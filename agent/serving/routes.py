@@ -8,7 +8,11 @@ shared-memory extensions), shared-memory registration, Triton's model configurat
 statistics and (read-only) model repository extensions (``agent.serving.triton``), and
 ``/metrics``. Beside OIP's ``/v2/health/live`` and ``/v2/health/ready`` (unchanged),
 ``/v2/health/agent`` answers the agent's own status (its broker connection), which the
-server gets as a callable: serving does not import telemetry.
+server gets as a callable: serving does not import telemetry. TensorFlow Serving's REST
+API (``/v1/models/...``: status, metadata, ``:predict``; ``:classify`` and ``:regress``
+answer 501) is a second dialect at the edge only: a predict request is translated into
+the input arrays an OIP request gives (``agent.oip.tfs_predict``) and runs through
+``_infer`` like any other, within the same limits, errors, metrics and stats.
 
 Every request is answered on the thread of its connection (``agent.serving.http11``): parsing,
 ONNX Runtime and encoding run there, with no hop to another thread. ``Admission`` bounds
@@ -53,6 +57,8 @@ from agent.base.errors import (
     ModelNotFoundError,
     NotReadyError,
 )
+from agent.contracts import version_key
+from agent.oip import tfs as tfs_docs
 from agent.oip.documents import PlanCache, model_metadata
 from agent.oip.shm import OwnedRegions, SharedMemoryDenied, SharedMemoryRegistry
 from agent.runtime.models import LoadedModel
@@ -64,6 +70,9 @@ from agent.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from agent.serving.metrics import InferenceMetrics
 from agent.serving.triton import (
     LOAD_REFUSED,
+    LOADING,
+    READY,
+    IndexEntry,
     RepositoryIndex,
     model_config,
     repository_index,
@@ -75,6 +84,7 @@ if TYPE_CHECKING:
 
     from agent.oip.request import parse_infer_request
     from agent.oip.response import encode_infer_response
+    from agent.oip.tfs_predict import encode_predict, parse_predict
     from agent.runtime.shadow import ShadowRunner
     from agent.serving.repeat import Repeat, infer_response, remember
 
@@ -104,6 +114,10 @@ class _Forbidden(InvalidRequestError):
 
 class _TooLarge(InvalidRequestError):
     """A part of the request is larger than the server parses."""
+
+
+class _NotImplemented(InvalidRequestError):
+    """An endpoint of a dialect the agent knows but does not serve (501)."""
 
 
 class _MethodNotAllowed(InvalidRequestError):
@@ -148,8 +162,9 @@ class Router:
         self._is_ready = is_ready
         self._agent_status = agent_status
         self._plans = PlanCache()  # checked request headers, reused by repeat requests
-        # Infer URLs (exact bytes) that routed to a served model: (name, version).
-        self._infer_urls: dict[bytes, tuple[str, str | None]] = {}
+        # Infer URLs (exact bytes) that routed to a served model: (name, version, whether
+        # TensorFlow Serving's dialect), so a repeated URL skips parsing its path.
+        self._infer_urls: dict[bytes, tuple[str, str | None, bool]] = {}
         self.admission = Admission(max_concurrency, max_queue)
         # Read when /metrics is rendered, not written per request (two locks saved each).
         admission = self.admission
@@ -179,7 +194,10 @@ class Router:
             if request.method == b"POST":
                 known = self._infer_urls.get(request.url)
                 if known is not None:  # an infer URL seen before: skip parsing the path
-                    model = self._resolve(*known)
+                    name, version, tfs = known
+                    if tfs:
+                        return self._infer(self._resolve_tfs(name, version), request, tfs=True)
+                    model = self._resolve(name, version)
                     repeat = request.memo.get(request.url)
                     if (
                         _INFER_PATH
@@ -203,6 +221,8 @@ class Router:
             _require(request.method, b"GET")
             return Response(200, self._metrics.render(), content_type=METRICS_CONTENT_TYPE.encode())
         parts = path.split("/")
+        if len(parts) >= 3 and not parts[0] and parts[1] == "v1":
+            return self._route_tfs(request, path, parts[2:])
         if len(parts) < 2 or parts[0] or parts[1] != "v2":
             raise ModelNotFoundError(f"no such endpoint: {path}")
         rest = parts[2:]
@@ -256,9 +276,7 @@ class Router:
             return self._statistics(name, version)
         model = self._resolve(name, version)  # the one reference this request uses
         if action == "infer":
-            if len(self._infer_urls) >= _MAX_INFER_URLS:
-                self._infer_urls.clear()
-            self._infer_urls[request.url] = (name, version)
+            self._remember_url(request.url, name, version, tfs=False)
         if action == "metadata":
             return Response(200, json.dumps(model_metadata(model.manifest)).encode())
         if action == "ready":
@@ -266,6 +284,103 @@ class Router:
         if action == "config":
             return Response(200, json.dumps(model_config(model.manifest)).encode())
         return self._infer(model, request)
+
+    def _remember_url(self, url: bytes, name: str, version: str | None, *, tfs: bool) -> None:
+        if len(self._infer_urls) >= _MAX_INFER_URLS:
+            self._infer_urls.clear()
+        self._infer_urls[url] = (name, version, tfs)
+
+    # -- TensorFlow Serving's REST dialect
+
+    def _route_tfs(self, request: Request, path: str, rest: list[str]) -> Response:
+        """``/v1/models/<name>[/versions/<v>]`` (GET: status), ``.../metadata`` (GET),
+        ``...:predict`` (POST), ``...:classify`` and ``...:regress`` (POST: 501)."""
+        verb: str | None = None
+        if rest and ":" in rest[-1]:
+            last, verb = rest[-1].split(":", 1)
+            rest = [*rest[:-1], last]
+        if len(rest) < 2 or rest[0] != "models" or not rest[1]:
+            raise ModelNotFoundError(
+                f"no such endpoint: {path} (TensorFlow Serving's REST API is under "
+                "/v1/models/<name>)"
+            )
+        name, tail = rest[1], rest[2:]
+        version: str | None = None
+        if len(tail) >= 2 and tail[0] == "versions":
+            version, tail = tail[1], tail[2:]
+        elif len(tail) >= 2 and tail[0] == "labels":
+            raise ModelNotFoundError(
+                f"version labels are not supported ({path}): a device serves one version of "
+                "each model; leave the version out, or name it with /versions/<v>"
+            )
+        if verb is not None:
+            if tail or verb not in ("predict", "classify", "regress"):
+                raise ModelNotFoundError(f"no such endpoint: {path}")
+            _require(request.method, b"POST")
+            if verb != "predict":
+                raise _NotImplemented(
+                    f":{verb} is not served: models here have one signature, "
+                    f"{tfs_docs.SIGNATURE!r}, run by :predict (docs/inference-api.md, "
+                    "TensorFlow Serving's REST API)"
+                )
+            model = self._resolve_tfs(name, version)
+            self._remember_url(request.url, name, version, tfs=True)
+            return self._infer(model, request, tfs=True)
+        if tail == ["metadata"]:
+            _require(request.method, b"GET")
+            model = self._resolve_tfs(name, version)
+            return Response(200, json.dumps(tfs_docs.model_metadata(model.manifest)).encode())
+        if tail:
+            raise ModelNotFoundError(f"no such endpoint: {path}")
+        _require(request.method, b"GET")
+        return self._tfs_status(name, version)
+
+    def _resolve_tfs(self, name: str, version: str | None) -> LoadedModel:
+        """The live version of ``name`` (the one named when ``version`` is given), as
+        TensorFlow Serving says it is not found."""
+        model = self._registry.get(name)
+        if model is not None and (
+            version is None or tfs_docs.names_version(version, model.version)
+        ):
+            return model
+        asked = f"Latest({name})" if version is None else f"Specific({name}, {version})"
+        if model is None:
+            why = f"this device serves {sorted(self._registry.snapshot())}"
+        else:
+            why = (
+                f"this device serves {name} {model.version} "
+                f"(version {tfs_docs.version_text(model.version)})"
+            )
+        raise ModelNotFoundError(f"Servable not found for request: {asked}; {why}")
+
+    def _tfs_status(self, name: str, version: str | None) -> Response:
+        """GetModelStatus: every version of ``name`` the device holds (or the one named),
+        AVAILABLE when live, LOADING, END when held but not served (with the reason)."""
+        held = [e for e in self._repository() if e.name == name]
+        if not held:
+            live = self._registry.get(name)
+            if live is not None:
+                held = [IndexEntry(name, live.version, READY, "")]
+        if not held:
+            raise ModelNotFoundError(
+                f"Could not find any versions of model {name}; this device serves "
+                f"{sorted(self._registry.snapshot())}"
+            )
+        if version is not None:
+            chosen = [e for e in held if tfs_docs.names_version(version, e.version)]
+            if not chosen:
+                known = [tfs_docs.version_text(e.version) for e in held]
+                raise ModelNotFoundError(
+                    f"Could not find version {version} of model {name}; it has {known}"
+                )
+            held = chosen
+        held.sort(key=lambda e: version_key(e.version), reverse=True)
+        states = {READY: tfs_docs.AVAILABLE, LOADING: tfs_docs.LOADING}
+        doc = tfs_docs.model_status(
+            (e.version, states.get(e.state, tfs_docs.END), "" if e.state == READY else e.reason)
+            for e in held
+        )
+        return Response(200, json.dumps(doc).encode())
 
     def _statistics(self, name: str | None, version: str | None) -> Response:
         """Triton's statistics of every version with figures or live (of model ``name``,
@@ -355,15 +470,21 @@ class Router:
     # -- infer
 
     def _infer(
-        self, model: LoadedModel, request: Request, repeat: Repeat | None = None
+        self,
+        model: LoadedModel,
+        request: Request,
+        repeat: Repeat | None = None,
+        *,
+        tfs: bool = False,
     ) -> Response:
         """Run an infer request within the limits: the full path, or through ``repeat``
-        when it is an exact repeat of an earlier request on its connection."""
+        when it is an exact repeat of an earlier request on its connection. ``tfs``: a
+        TensorFlow Serving predict request (its body all JSON), run by the same path."""
         if self._stopping or not self._is_ready():
             self._metrics.record_error(model.name, model.version, "not_ready")
             self._refused(model, request)
             raise NotReadyError("the agent is not ready to serve (starting, stopping or draining)")
-        header_length = request.header_length
+        header_length = None if tfs else request.header_length
         json_length = len(request.body) if header_length is None else header_length
         if json_length > self._max_json_bytes:
             self._refused(model, request)
@@ -402,6 +523,8 @@ class Router:
                     response = repeat.run(
                         model, request.body, shared, options, phases, request=request
                     )
+                elif tfs:
+                    response = _execute_tfs(model, request, options, phases, tap)
                 else:
                     response = _execute(model, request, shared, self._plans, options, phases, tap)
             except Exception as exc:
@@ -516,6 +639,37 @@ def _execute(
     return response
 
 
+def _execute_tfs(
+    model: LoadedModel,
+    request: Request,
+    options: ort.RunOptions | None,
+    phases: Phases,
+    tap: ShadowRunner | None,
+) -> Response:
+    """``_execute`` for a TensorFlow Serving predict request: its body translated into
+    the input arrays an OIP request gives, run, its outputs written as TensorFlow Serving
+    writes them. The shadow copy and the drift count are ``_execute``'s."""
+    if not _INFER_PATH:
+        import_infer_path()
+    started = perf_counter_ns()
+    parsed = parse_predict(request.body, model.manifest)
+    parsed_at = perf_counter_ns()
+    cpu = time.thread_time() if tap is not None else 0.0
+    outputs = model.infer(parsed.inputs, run_options=options)
+    ran_at = perf_counter_ns()
+    if tap is not None:
+        tap.submit(parsed.inputs, outputs, (ran_at - parsed_at) / 1e9, time.thread_time() - cpu)
+    drift = model.drift
+    if drift is not None:
+        inputs = parsed.inputs
+        after_response(request, lambda: drift.observe(inputs, outputs))
+    response = Response(200, encode_predict(outputs, parsed.row))
+    phases.input_ns = parsed_at - started
+    phases.infer_ns = ran_at - parsed_at
+    phases.output_ns = perf_counter_ns() - ran_at
+    return response
+
+
 def import_infer_path() -> None:
     """Import what parses, encodes and repeats infer requests, with the first infer request
     for a served model (numpy with them, which the model's load has already brought in):
@@ -524,9 +678,10 @@ def import_infer_path() -> None:
     request does not wait for these imports (~30 ms). Idempotent; a race only imports
     twice what ``sys.modules`` already holds."""
     global _INFER_PATH, Repeat, encode_infer_response, infer_response
-    global parse_infer_request, remember
+    global parse_infer_request, remember, parse_predict, encode_predict
     from agent.oip.request import parse_infer_request
     from agent.oip.response import encode_infer_response
+    from agent.oip.tfs_predict import encode_predict, parse_predict
     from agent.serving.repeat import Repeat, infer_response, remember
 
     _INFER_PATH = True
@@ -568,6 +723,8 @@ def _error_response(exc: InferenceError) -> Response:
         return Response.error(403, str(exc))
     if isinstance(exc, _TooLarge):
         return Response.error(413, str(exc))
+    if isinstance(exc, _NotImplemented):
+        return Response.error(501, str(exc))
     if isinstance(exc, InvalidRequestError):
         return Response.error(400, str(exc))
     if isinstance(exc, ModelNotFoundError):

@@ -238,7 +238,7 @@ def test_a_bound_run_past_its_deadline_is_503_and_the_next_is_bound_again(
 
     with serving(registry, request_deadline_s=deadline_s) as server:
         router = server._router
-        router._infer_urls[url] = ("slow", None)  # as the first request of a connection
+        router._infer_urls[url] = ("slow", None, False)  # as the first request of a connection
         for _ in range(2):
             assert router.dispatch(request(time.monotonic())).status == 200
         assert isinstance(memo[url], Repeat)
