@@ -177,7 +177,7 @@ def _run(
     # -c core.fsmonitor=false: status never starts a monitor daemon or hook for a build.
     argv = [git, "-c", "core.fsmonitor=false", *args]
     try:
-        done = subprocess.run(  # noqa: S603 - an argument list, no shell
+        done = subprocess.run(  # an argument list, no shell
             argv,
             cwd=cwd,
             env=dict(env),
