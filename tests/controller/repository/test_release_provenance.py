@@ -24,6 +24,8 @@ from controller.repository.history import diff_releases, find_release
 from controller.repository.history_view import diff_json, release_json, render_diff, render_show
 from controller.repository.release import release_bundle
 from controller.repository.repo import init_repository
+from controller.rollout.gates import parse_gates
+from controller.rollout.service import start_rollout
 from tests.controller.build.test_provenance import git, make_repo
 from tests.controller.conftest import edgectl_cmd
 from tests.helpers import make_linear_model
@@ -155,3 +157,20 @@ def test_a_delta_rebuilds_the_manifest_with_its_source(built: dict[str, Path]) -
     assert manifest.source is not None
     assert manifest.source["svn_revision"] == "r1234"
     assert manifest.source["git_commit"] == COMMITS["1.1.0"]
+
+
+def test_rollout_start_require_clean_judges_the_bundle_it_publishes(
+    released: Path, built: dict[str, Path]
+) -> None:
+    def start(version: str, bundle: Path | None) -> None:
+        start_rollout(
+            released, fleet="lab", model="lin", version=version, stages=(100,), wait_s=1,
+            deadline_s=60, gates=parse_gates("error_rate<0.01"), bundle=bundle, require_clean=True,
+        )  # fmt: skip
+
+    before = _files(released)
+    with pytest.raises(UsageError, match=r"--require-clean refuses .* \(lin 1\.2\.0\): it was"):
+        start("1.2.0", built["1.2.0"])
+    with pytest.raises(UsageError, match=r"--require-clean judges the bundle .* --bundle FILE"):
+        start("1.0.0", None)
+    assert _files(released) == before
