@@ -14,7 +14,10 @@ Invariants:
 - The same model, options, name, version, seed, case count and ``created_at`` give the
   same bytes when latency is not measured (``latency_runs=0``): timings are the only
   non-deterministic facts (``created_at`` defaults to ``$SOURCE_DATE_EPOCH`` when set,
-  else the current time).
+  else the current time). The manifest's ``source`` records the model's Git work tree as
+  it is (commit, dirty or not), so the same state of the tree is part of "the same".
+- Git never fails a build (``controller.build.provenance``): without it, or outside a
+  work tree, the manifest has no ``git_*`` keys and ``BuildResult.source_notes`` says why.
 - The manifest is an ``agent.contracts.Manifest`` and round-trips ``parse_manifest``.
 - Nothing that fails the gate is written: QualityGateError (a BuildError) unless the
   operator asked for ``fallback="fp32"``, which keeps the original model.

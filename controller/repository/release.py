@@ -10,6 +10,8 @@ Invariants:
 - A fleet's desired state keeps other models' entries; ``previous`` names the version
   the fleet was told to run before, when it differs.
 - Nothing is signed when nothing changes (releasing what a fleet already runs).
+- ``require_clean`` (``--require-clean``) judges the bundle's manifest before anything is
+  prepared or written: no Git record, a dirty tree or an uncommitted model file refuse it.
 - ``next_desired_state`` is pure: data in, data out, no clock or randomness.
 - A new version is published with its deltas from the ``delta_from`` highest earlier
   versions of the model the targets list (``bundles/<model>/<version>.from-<old>.delta``,
