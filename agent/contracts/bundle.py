@@ -80,6 +80,47 @@ MANIFEST_SCHEMAS: Final = (MANIFEST_SCHEMA_V1, MANIFEST_SCHEMA_V2)
 # read (NewerFormatError: another agent version may); anything else is malformed.
 _MANIFEST_SCHEMA_RE: Final = re.compile(r"edgefleet\.manifest/[1-9][0-9]{0,8}")
 
+# ---------------------------------------------------------------------------- source
+
+# The manifest's optional ``source`` key: where the model came from, a flat object of
+# ASCII keys to strings (docs/bundle-format.md#source-where-the-model-came-from). Keys
+# starting with ``git_`` are what ``bundle build`` read from the Git work tree the model
+# lay in; the others are the operator's ``--source KEY=VALUE``. Strings only, so every
+# reader (the agent, a second TUF client, jq) reads it the same way.
+SOURCE_KEY_RE: Final = re.compile(r"[a-z][a-z0-9_.-]{0,63}")
+SOURCE_GIT_PREFIX: Final = "git_"
+SOURCE_MAX_ENTRIES: Final = 64
+SOURCE_MAX_VALUE_CHARS: Final = 1024
+
+
+def source_value_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a ``source`` value (None: it can)."""
+    if not value:
+        return "is empty"
+    if len(value) > SOURCE_MAX_VALUE_CHARS:
+        return f"is {len(value)} characters long, over {SOURCE_MAX_VALUE_CHARS}"
+    if not value.isprintable():
+        return "holds control or unprintable characters"
+    return None
+
+
+def parse_source(doc: Any, where: str = "manifest.json source") -> dict[str, str]:
+    """A manifest's ``source``: at most 64 keys matching ``SOURCE_KEY_RE``, each to a
+    printable string of 1 to 1024 characters. Raises BundleError naming the key."""
+    if not isinstance(doc, dict):
+        raise BundleError(f"{where}: expected an object of strings, got {type(doc).__name__}")
+    if len(doc) > SOURCE_MAX_ENTRIES:
+        raise BundleError(f"{where}: {len(doc)} keys, at most {SOURCE_MAX_ENTRIES}")
+    for key, value in doc.items():
+        if not SOURCE_KEY_RE.fullmatch(key):
+            raise BundleError(f"{where}: key {key!r} does not match {SOURCE_KEY_RE.pattern}")
+        if not isinstance(value, str):
+            raise BundleError(f"{where}[{key!r}]: expected a string, got {type(value).__name__}")
+        problem = source_value_problem(value)
+        if problem is not None:
+            raise BundleError(f"{where}[{key!r}]: the value {problem}")
+    return dict(doc)
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -132,6 +173,9 @@ class Manifest:
     # The drift reference (agent.contracts.reference), recorded by builds with eval
     # data; None (and absent from the JSON) without.
     reference: Reference | None = None
+    # Where the model came from (``parse_source``): the Git work tree it lay in and the
+    # operator's --source entries; None (and absent from the JSON) when nothing is known.
+    source: Mapping[str, str] | None = None
 
     @property
     def compressed(self) -> bool:
@@ -150,6 +194,10 @@ class Manifest:
             del doc["reference"]  # as before the key existed
         else:
             doc["reference"] = self.reference.to_json()
+        if self.source is None:
+            del doc["source"]  # as before the key existed
+        else:
+            doc["source"] = dict(self.source)
         return json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=True).encode()
 
 
@@ -232,6 +280,7 @@ def parse_manifest(raw: bytes) -> Manifest:
         created_at=str(doc.get("created_at", "")),
         schema=schema,
         reference=None if doc.get("reference") is None else parse_reference(doc["reference"]),
+        source=None if doc.get("source") is None else parse_source(doc["source"]),
     )
 
 

@@ -14,7 +14,10 @@ Invariants:
 - The same model, options, name, version, seed, case count and ``created_at`` give the
   same bytes when latency is not measured (``latency_runs=0``): timings are the only
   non-deterministic facts (``created_at`` defaults to ``$SOURCE_DATE_EPOCH`` when set,
-  else the current time).
+  else the current time). The manifest's ``source`` records the model's Git work tree as
+  it is (commit, dirty or not), so the same state of the tree is part of "the same".
+- Git never fails a build (``controller.build.provenance``): without it, or outside a
+  work tree, the manifest has no ``git_*`` keys and ``BuildResult.source_notes`` says why.
 - The manifest is an ``agent.contracts.Manifest`` and round-trips ``parse_manifest``.
 - Nothing that fails the gate is written: QualityGateError (a BuildError) unless the
   operator asked for ``fallback="fp32"``, which keeps the original model.
@@ -32,6 +35,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -56,7 +60,7 @@ from agent.contracts.compression import codec_facts, compress_member
 from controller.base.errors import BuildError, UsageError
 from controller.base.fsio import atomic_write
 from controller.base.progress import SILENT, Progress
-from controller.build import evaluate, golden, mixed, quantize
+from controller.build import evaluate, golden, mixed, provenance, quantize
 from controller.build import reference as drift_reference
 from controller.build.bundle_file import member_digest, pack_bundle, stored_member_digest
 from controller.build.evaluate import Candidate, Gate, Samples
@@ -96,6 +100,8 @@ class BuildOptions:
     on a shared machine).
     ``bundle_format`` 2 writes manifest schema /2 (members zstd-compressed), 1 the
     uncompressed /1 bundle that agents older than /2 read.
+    ``source`` is the operator's ``--source`` entries, recorded in the manifest's
+    ``source`` beside what Git says of the model's work tree (``controller.build.provenance``).
     """
 
     quantize: str | None = None
@@ -108,6 +114,7 @@ class BuildOptions:
     latency_threads: int = 1
     max_latency_ratio: float = 1.1
     bundle_format: int = 2
+    source: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,8 @@ class BuildResult:
     table: str = ""
     reason: str = ""
     candidates: tuple[Candidate, ...] = field(default=())
+    # Why the manifest has no Git record, or what was left out of it (credentials).
+    source_notes: tuple[str, ...] = ()
 
 
 def build_bundle(
@@ -142,6 +151,8 @@ def build_bundle(
     opts = options or BuildOptions()
     _check_request(name, version, golden_cases, model_path, opts)
     _check_writable(output)
+    progress.phase(f"reading where {model_path.name} came from (Git, --source)")
+    source = provenance.collect(model_path, opts.source)
     progress.phase(f"checking the model {model_path}")
     original = model_path.read_bytes()
     model = _load_checked(model_path, original)
@@ -200,8 +211,9 @@ def build_bundle(
         prune_facts = None
     assert chosen.model is not None
     record = _Record(
-        opts, gate, samples, calibration, prune_facts, candidates, chosen, reason, latency
-    )
+        opts, gate, samples, calibration, prune_facts, candidates, chosen, reason, latency,
+        source.entries,
+    )  # fmt: skip
     progress.phase(f"recording {golden_cases} golden vectors and their tolerance")
     manifest, stored_model, stored_golden = _manifest(
         original, chosen, record, name, version, golden_cases, seed, specs,
@@ -218,8 +230,9 @@ def build_bundle(
     info = member_digest(data)
     logger.info("built %s %s into %s (%s)", name, version, output, chosen.recipe)
     return BuildResult(
-        output, manifest, str(info["sha256"]), len(data), table, reason, tuple(candidates)
-    )
+        output, manifest, str(info["sha256"]), len(data), table, reason, tuple(candidates),
+        source.notes,
+    )  # fmt: skip
 
 
 def _check_request(
@@ -255,6 +268,7 @@ def _check_request(
         raise UsageError(f"--latency-runs must be 0 or more, got {opts.latency_runs}")
     if not model_path.is_file():
         raise UsageError(f"model {model_path} does not exist or is not a file")
+    provenance.parse_source_options([f"{k}={v}" for k, v in opts.source.items()])
 
 
 def _candidates(
@@ -535,6 +549,7 @@ class _Record:
     chosen: Candidate
     reason: str
     latency: dict[str, float]
+    source: dict[str, str]
 
     def build_facts(self) -> dict[str, Any]:
         facts: dict[str, Any] = {
@@ -655,6 +670,7 @@ def _manifest(
         created_at=created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
         schema=schema,
         reference=drift,
+        source=record.source or None,
     )
     return manifest, stored_model, stored_golden
 

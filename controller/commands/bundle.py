@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from controller.build.provenance import describe as describe_source
 from controller.build.reference import describe as describe_reference
 from controller.commands.common import RAW, print_json
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 def _cmd_bundle_build(args: argparse.Namespace) -> int:
     from controller.build.builder import BuildOptions, build_bundle
     from controller.build.evaluate import parse_gate
+    from controller.build.provenance import parse_source_options
     from controller.commands.progress import progress_display  # rich: only when building
 
     options = BuildOptions(
@@ -30,6 +32,7 @@ def _cmd_bundle_build(args: argparse.Namespace) -> int:
         latency_runs=args.latency_runs,
         max_latency_ratio=args.max_latency_ratio,
         bundle_format=args.format,
+        source=parse_source_options(args.source or []),
     )
     quiet, verbose = args.json, getattr(args, "verbose", False)
     with progress_display("bundle build", quiet=quiet, verbose=verbose) as progress:
@@ -63,6 +66,10 @@ def _cmd_bundle_build(args: argparse.Namespace) -> int:
         f"rtol {m.golden.rtol:g}, atol {m.golden.atol:g}"
     )
     print(f"  {describe_reference(m.reference)}")
+    source = describe_source(m.source)
+    print("  source:" if source else "  source: not recorded")
+    for line in [*source, *(f"({note})" for note in result.source_notes)]:
+        print(f"    {line}")
     return 0
 
 
@@ -90,6 +97,8 @@ def _build_json(result: BuildResult) -> dict[str, object]:
         },
         "build": m.build,
         "reference": None if m.reference is None else m.reference.to_json(),
+        "source": None if m.source is None else dict(m.source),
+        "source_notes": list(result.source_notes),
         "candidates": [
             {
                 "recipe": c.recipe,
@@ -198,6 +207,16 @@ def add_parser(sub: Subparsers) -> None:
         default=2,
         help="bundle format: 2 (default; manifest schema /2, members zstd-compressed) or 1 "
         "(uncompressed, schema /1, for agents that predate /2)",
+    )
+    b.add_argument(
+        "--source",
+        action="append",
+        metavar="KEY=VALUE",
+        help="record where the model came from beyond Git, e.g. svn_revision=r1234, "
+        "dataset_sha256=..., training_run=...; repeatable (key: a-z 0-9 . _ -, not git_*; "
+        "value: printable, at most 1024 characters). When the model lies in a Git work "
+        "tree, its remote (without credentials), commit, branch, tags and whether it was "
+        "dirty are recorded too",
     )
     b.add_argument("--json", action="store_true", help="print the summary as JSON, no table")
     b.set_defaults(func=_cmd_bundle_build)

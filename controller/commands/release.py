@@ -41,6 +41,7 @@ def _cmd_release(args: argparse.Namespace) -> int:
         probation=probation_policy(args),
         shadow=shadow_policy(args),
         delta_from=args.delta_from,
+        require_clean=args.require_clean,
     )
     if args.json:
         print_json(dataclasses.asdict(r))
@@ -342,6 +343,13 @@ def add_parser(sub: Subparsers) -> None:
     r.add_argument("--fleet", required=True)
     r.add_argument("--repo", required=True, metavar="REPO_DIR")
     delta_from_argument(r)
+    r.add_argument(
+        "--require-clean",
+        action="store_true",
+        help="refuse a bundle whose manifest does not show it was built from a clean Git "
+        "work tree (no uncommitted changes, the model file committed or ignored); a bundle "
+        "with no Git record is refused too. Checked before anything is written",
+    )
     default = ProbationPolicy()
     prob = r.add_argument_group(
         "probation", "what each device checks after activating the release before it commits"

@@ -55,6 +55,7 @@ def _cmd_rollout_start(args: argparse.Namespace) -> int:
         shadow=shadow_policy(args),
         bundle=Path(args.bundle) if args.bundle else None,
         delta_from=args.delta_from,
+        require_clean=args.require_clean,
     )
     note = _place_devices(args, r)
     _print_rollout(r, args.json)
@@ -191,6 +192,12 @@ def add_parser(sub: Subparsers) -> None:
     st.add_argument("--fleet", required=True)
     st.add_argument("--repo", required=True, metavar="REPO_DIR")
     st.add_argument("--bundle", metavar="FILE", help="publish this bundle first (release key)")
+    st.add_argument(
+        "--require-clean",
+        action="store_true",
+        help="with --bundle: refuse it unless its manifest shows a clean Git work tree "
+        "(as `edgectl release --require-clean`)",
+    )
     delta_from_argument(st)
     st.add_argument(
         "--stages", default="1,10,50,100", help="percentages, ending at 100 (default %(default)s)"

@@ -166,7 +166,8 @@ def signature(manifest: Manifest) -> dict[str, list[str]]:
 
 
 def diff_manifests(old: Manifest, new: Manifest, old_length: int, new_length: int) -> ReleaseDiff:
-    """Compare two releases of one model: signature, opset, recipe, sizes, quality."""
+    """Compare two releases of one model: signature, opset, recipe, sizes, quality, and
+    each key of their ``source`` (where the model came from)."""
     if old.name != new.name:
         raise UsageError(f"diff compares releases of one model, got {old.name} and {new.name}")
     sig_old, sig_new = signature(old), signature(new)
@@ -186,6 +187,9 @@ def diff_manifests(old: Manifest, new: Manifest, old_length: int, new_length: in
     pairs.append(
         ("golden", golden_text(old), golden_text(new)),
     )
+    s_old, s_new = old.source or {}, new.source or {}
+    for key in sorted(set(s_old) | set(s_new)):
+        pairs.append((f"source.{key}", s_old.get(key), s_new.get(key)))
     changes = tuple(Change(f, a, b) for f, a, b in pairs if a != b)
     changed = sig_old != sig_new
     warnings: tuple[str, ...] = ()

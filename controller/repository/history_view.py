@@ -14,6 +14,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from controller.build.provenance import describe as describe_source
 from controller.repository.history import (
     Release,
     ReleaseDiff,
@@ -36,6 +37,7 @@ def release_json(r: Release) -> dict[str, Any]:
         "deltas": [{"from": old, "bytes": size} for old, size in r.deltas],
         "recipe": r.manifest.build.get("recipe"),
         "quality": dict(r.quality),
+        "source": None if r.manifest.source is None else dict(r.manifest.source),
         "fleets": [{"fleet": f.fleet, "role": f.role, "percent": f.percent} for f in r.fleets],
         "devices": r.devices,
         "manifest": manifest,
@@ -127,6 +129,9 @@ def render_show(r: Release) -> str:
         if key in m.build:
             lines.append(f"    {key}: {_fmt(m.build[key])}")
     lines.append("  sizes: " + ", ".join(f"{k} {v}" for k, v in sorted(m.sizes.items())))
+    source = describe_source(m.source)
+    lines.append("  source:" if source else "  source: not recorded")
+    lines.extend(f"    {line}" for line in source)
     candidates = m.quality.get("candidates")
     if isinstance(candidates, list) and candidates:
         lines.append("  candidates the build tried:")
@@ -163,7 +168,7 @@ def render_diff(d: ReleaseDiff) -> str:
     """``release diff``: one line per changed field (the CLI prints warnings on stderr)."""
     lines = [f"{d.model} {d.old} -> {d.new}"]
     if not d.changes:
-        lines.append("  no differences in signature, opset, recipe, sizes or quality")
+        lines.append("  no differences in signature, opset, recipe, sizes, quality or source")
     for c in d.changes:
         lines.append(f"  {c.field}: {_fmt(c.before)} -> {_fmt(c.after)}")
     return "\n".join(lines)

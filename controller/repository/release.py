@@ -10,6 +10,8 @@ Invariants:
 - A fleet's desired state keeps other models' entries; ``previous`` names the version
   the fleet was told to run before, when it differs.
 - Nothing is signed when nothing changes (releasing what a fleet already runs).
+- ``require_clean`` (``--require-clean``) judges the bundle's manifest before anything is
+  prepared or written: no Git record, a dirty tree or an uncommitted model file refuse it.
 - ``next_desired_state`` is pure: data in, data out, no clock or randomness.
 - A new version is published with its deltas from the ``delta_from`` highest earlier
   versions of the model the targets list (``bundles/<model>/<version>.from-<old>.delta``,
@@ -34,6 +36,7 @@ from agent.contracts import (
     ROLLOUT_ROLE,
     DesiredState,
     InvalidNameError,
+    Manifest,
     ModelRelease,
     ProbationPolicy,
     ShadowPolicy,
@@ -47,6 +50,7 @@ from agent.contracts.delta import delta_target_path
 from controller.base.errors import ConflictError, RepositoryError, UsageError
 from controller.build.bundle_file import read_bundle
 from controller.build.delta import make_delta
+from controller.build.provenance import unclean_reason
 from controller.repository.repo import Repository
 from controller.repository.rotation import locked_repository, roll_forward
 
@@ -130,12 +134,15 @@ def release_bundle(
     probation: ProbationPolicy | None = None,
     delta_from: int = DEFAULT_DELTA_FROM,
     shadow: ShadowPolicy | None = None,
+    require_clean: bool = False,
 ) -> ReleaseResult:
     """Publish ``bundle`` and make it the desired release of ``fleet``.
 
     ``probation`` is the policy devices apply after activating it, ``shadow`` the one
     they apply before (default: the contract's defaults). ``delta_from`` earlier
-    versions get a delta to this one (0: none).
+    versions get a delta to this one (0: none). ``require_clean`` refuses, before anything
+    is written, a bundle whose manifest does not show a clean Git work tree
+    (``controller.build.provenance.unclean_reason``).
 
     Raises UsageError (bad fleet name, missing file), BundleFileError (malformed bundle),
     RepositoryError (no repository, damaged metadata), ConflictError (the version is
@@ -147,6 +154,8 @@ def release_bundle(
         raise UsageError(str(exc)) from None
     info = read_bundle(bundle)
     manifest = info.manifest
+    if require_clean:
+        check_clean(manifest, bundle)
     now = now or datetime.now(UTC).replace(microsecond=0)
     target_path = bundle_target_path(manifest.name, manifest.version)
     prepared = prepare_deltas(repo_dir, target_path, bundle.read_bytes(), delta_from)
@@ -190,6 +199,17 @@ def release_bundle(
         deltas=deltas.kept,
         deltas_skipped=deltas.skipped,
     )
+
+
+def check_clean(manifest: Manifest, bundle: Path) -> None:
+    """``--require-clean``: raise UsageError unless ``manifest`` records a clean Git tree."""
+    why = unclean_reason(manifest.source)
+    if why is not None:
+        raise UsageError(
+            f"--require-clean refuses {bundle} ({manifest.name} {manifest.version}): {why}. "
+            "Commit the changes and rebuild it from the clean work tree (edgectl bundle "
+            "build), or release it without --require-clean; nothing was published"
+        )
 
 
 @dataclass(frozen=True)
@@ -338,6 +358,7 @@ def publish_bundle(
     repo_dir: Path,
     now: datetime | None = None,
     delta_from: int = DEFAULT_DELTA_FROM,
+    require_clean: bool = False,
 ) -> ReleaseResult:
     """Add ``bundle`` to top-level targets (release key) without pointing any fleet at it.
 
@@ -346,6 +367,8 @@ def publish_bundle(
     """
     info = read_bundle(bundle)
     manifest = info.manifest
+    if require_clean:
+        check_clean(manifest, bundle)
     now = now or datetime.now(UTC).replace(microsecond=0)
     target_path = bundle_target_path(manifest.name, manifest.version)
     prepared = prepare_deltas(repo_dir, target_path, bundle.read_bytes(), delta_from)

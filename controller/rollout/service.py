@@ -161,13 +161,16 @@ def start_rollout(
     bundle: Path | None = None,
     now: float | None = None,
     delta_from: int = DEFAULT_DELTA_FROM,
+    require_clean: bool = False,
 ) -> Rollout:
     """Start a staged rollout and write its first stage into the fleet's desired state.
 
-    With ``bundle``, publish it first (release key). Raises UsageError (bad names, the
-    version is not published, the fleet already runs it), ConflictError (another rollout
-    of the model is active in the fleet), RepositoryError, OSError (the repository could
-    not be written; the record is then discarded, by this call or the next settle).
+    With ``bundle``, publish it first (release key); ``require_clean`` refuses it unless
+    its manifest shows a clean Git work tree (``release_bundle``'s rule), and needs it.
+    Raises UsageError (bad names, the version is not published, the fleet already runs
+    it), ConflictError (another rollout of the model is active in the fleet),
+    RepositoryError, OSError (the repository could not be written; the record is then
+    discarded, by this call or the next settle).
     """
     now = time.time() if now is None else now
     try:
@@ -178,8 +181,16 @@ def start_rollout(
             check_name("device", device)
     except InvalidNameError as exc:
         raise UsageError(str(exc)) from None
+    if require_clean and bundle is None:
+        raise UsageError(
+            "--require-clean judges the bundle this command publishes: give --bundle FILE "
+            f"(a published {model} {version} was judged, or not, by the command that "
+            "published it; `edgectl releases show` prints its source)"
+        )
     if bundle is not None:
-        published = publish_bundle(bundle, repo_dir, _utc(now), delta_from=delta_from)
+        published = publish_bundle(
+            bundle, repo_dir, _utc(now), delta_from=delta_from, require_clean=require_clean
+        )
         if (published.model, published.version) != (model, version):
             raise UsageError(
                 f"{bundle} holds {published.model} {published.version}, not {model} {version}"
