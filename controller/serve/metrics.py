@@ -120,7 +120,7 @@ def render_leadership(instance: str, leader: bool, epoch: int) -> str:
                 "# HELP edgefleet_leader 1 when this edgectl serve holds the controller lease "
                 "(runs rollouts, announces, signs), else 0.",
                 "# TYPE edgefleet_leader gauge",
-                _sample("edgefleet_leader", {"instance": instance}, int(leader)),
+                _sample("edgefleet_leader", {"holder": instance}, int(leader)),
                 "# HELP edgefleet_leader_epoch The controller lease's fencing epoch as this serve "
                 "last read it (one more at every takeover).",
                 "# TYPE edgefleet_leader_epoch gauge",

@@ -263,9 +263,9 @@ def test_a_leader_killed_mid_rollout_is_replaced_and_the_rollout_completes_once(
     # The leader says so in /metrics, the other one too; `fleet leader` names it.
     other = ({"ctl-0", "ctl-2"} - {nxt.holder}).pop()
     leader_metrics = _metrics(c.urls[nxt.holder])
-    assert f'edgefleet_leader{{instance="{nxt.holder}"}} 1' in leader_metrics
+    assert f'edgefleet_leader{{holder="{nxt.holder}"}} 1' in leader_metrics
     assert f"edgefleet_leader_epoch {nxt.epoch}" in leader_metrics
-    assert f'edgefleet_leader{{instance="{other}"}} 0' in _metrics(c.urls[other])
+    assert f'edgefleet_leader{{holder="{other}"}} 0' in _metrics(c.urls[other])
     shown = json.loads(edgectl("fleet", "leader", "--store", c.dsn, "--json").stdout)
     assert (shown["leader"], shown["epoch"]) == (nxt.holder, nxt.epoch), shown
     after_s = nxt.claimed_at - killed_at

@@ -238,7 +238,7 @@ def test_a_lease_held_by_a_dead_process_of_this_host_is_taken_at_once(tmp_path: 
 
 def test_leadership_in_metrics() -> None:
     text = render_leadership("host-1", True, 7)
-    assert 'edgefleet_leader{instance="host-1"} 1\n' in text
+    assert 'edgefleet_leader{holder="host-1"} 1\n' in text
     assert "edgefleet_leader_epoch 7\n" in text
     assert "# TYPE edgefleet_leader gauge" in text
-    assert 'edgefleet_leader{instance="b"} 0' in render_leadership("b", False, 0)
+    assert 'edgefleet_leader{holder="b"} 0' in render_leadership("b", False, 0)
