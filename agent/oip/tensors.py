@@ -207,14 +207,7 @@ def tensor_from_json_text(
     buffer = _numbers(memoryview(text)[start:end], "d" if floats else "i")
     if buffer is None:
         return None
-    values = np.frombuffer(buffer, np.float64 if floats else np.int64)
-    if values.size != count:
-        return None
-    if target.kind in "iu":
-        info = np.iinfo(target)
-        if values.min() < info.min or values.max() > info.max:
-            return None
-    return values.astype(target, copy=False).reshape(shape)
+    return _cast_read(buffer, floats, target, shape)
 
 
 def nested_tensor_from_json_text(
@@ -248,6 +241,14 @@ def nested_tensor_from_json_text(
     if found is None:
         return None
     buffer, shape = found
+    return _cast_read(buffer, floats, target, shape)
+
+
+def _cast_read(
+    buffer: Any, floats: bool, target: np.dtype[Any], shape: Sequence[int]
+) -> np.ndarray | None:
+    """The doubles or int64s read into ``buffer`` as ``target`` in ``shape``; None when
+    their count is not the shape's or a value lies outside an integer target's range."""
     values = np.frombuffer(buffer, np.float64 if floats else np.int64)
     if values.size != math.prod(shape):
         return None

@@ -1548,14 +1548,10 @@ class TelemetryStore(ABC):
                     ),
                     [holder, lease_s, name],
                 )
-            cur.execute(
-                self._now_sql(
-                    "SELECT holder, epoch, deadline - {now} FROM leader_lease WHERE name = ?"
-                ),
-                [name],
-            )
-            got, epoch, remaining = cur.fetchone()
-            return LeaseRow(str(got), int(epoch), float(remaining))
+            row = self._lease_row(cur, name)
+            if row is None:  # only take_from can find none: no one ever claimed it
+                raise StoreError(f"the lease {name!r} has never been claimed")
+            return row
 
     def lease_take_from(self, name: str, dead: str, holder: str, lease_s: float) -> LeaseRow:
         """Take lease ``name`` from ``dead`` (a holder known to have stopped), a new epoch;
@@ -1568,14 +1564,10 @@ class TelemetryStore(ABC):
                 ),
                 [holder, lease_s, name, dead],
             )
-            cur.execute(
-                self._now_sql(
-                    "SELECT holder, epoch, deadline - {now} FROM leader_lease WHERE name = ?"
-                ),
-                [name],
-            )
-            got, epoch, remaining = cur.fetchone()
-            return LeaseRow(str(got), int(epoch), float(remaining))
+            row = self._lease_row(cur, name)
+            if row is None:  # only take_from can find none: no one ever claimed it
+                raise StoreError(f"the lease {name!r} has never been claimed")
+            return row
 
     def lease_release(self, name: str, holder: str, epoch: int) -> None:
         """End ``holder``'s lease at once (a clean stop), if it still holds that epoch."""
@@ -1591,14 +1583,19 @@ class TelemetryStore(ABC):
     def lease_read(self, name: str) -> LeaseRow | None:
         """The lease ``name`` now (None before anyone took it)."""
         with self._read() as cur:
-            cur.execute(
-                self._now_sql(
-                    "SELECT holder, epoch, deadline - {now} FROM leader_lease WHERE name = ?"
-                ),
-                [name],
-            )
-            row = cur.fetchone()
-            return None if row is None else LeaseRow(str(row[0]), int(row[1]), float(row[2]))
+            return self._lease_row(cur, name)
+
+    def _lease_row(self, cur: Any, name: str) -> LeaseRow | None:
+        """The lease ``name`` as ``cur`` sees it, its deadline as seconds from the
+        database's now (None before anyone took it)."""
+        cur.execute(
+            self._now_sql(
+                "SELECT holder, epoch, deadline - {now} FROM leader_lease WHERE name = ?"
+            ),
+            [name],
+        )
+        row = cur.fetchone()
+        return None if row is None else LeaseRow(str(row[0]), int(row[1]), float(row[2]))
 
     def claim_promotion(
         self, rollout_id: str, stage: int, percent: float, name: str, holder: str, epoch: int
