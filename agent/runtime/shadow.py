@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from agent.base.errors import AgentError
 from agent.runtime.models import LoadedModel
 
 if TYPE_CHECKING:
@@ -323,7 +324,9 @@ class ShadowRunner:
             spent = timer() - started
             comparison = compare_outputs(job.outputs, got)
         except Exception as exc:  # the candidate failing on a live request: evidence
-            message = f"{type(exc).__name__}: {exc}"[:500]
+            # An AgentError already names what failed; other types name themselves.
+            named = isinstance(exc, AgentError)
+            message = (str(exc) if named else f"{type(exc).__name__}: {exc}")[:500]
             with self._cond:
                 self._figures = _bump(self._figures, errors=1, last_error=message)
             return

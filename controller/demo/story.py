@@ -71,11 +71,13 @@ MODEL = "digits-mlp"
 # Three devices: the canary alone is the first stage's evidence, so min_devices=1. The
 # latency gate is dropped (p99_ratio=off): on a shared laptop a p99 ratio of three
 # devices is noise.
-# shadow_agreement: the lowest top-1 agreement a device saw in shadow (v2 is retrained,
-# so it agrees on most digits, not all).
-GATES = "error_rate<0.01,p99_ratio=off,failed_installs<0.02,shadow_agreement>0.9,min_devices=1"
-# v2 is compared with v1 on 20 real digits per device in shadow; it must agree on 90%.
-SHADOW = ("--shadow-samples", "20", "--shadow-min-agreement", "0.9")
+# shadow_agreement: the lowest top-1 agreement a device saw in shadow (v2 is v1 trained
+# further on more digits, so it agrees on ~99% of them, not all).
+GATES = "error_rate<0.01,p99_ratio=off,failed_installs<0.02,shadow_agreement>0.8,min_devices=1"
+# v2 is compared with v1 on 20 real digits per device in shadow; it must agree on 80%.
+# The margin is deliberate: at ~99% agreement, four disagreements in 20 (which would
+# fail) come about once in 30,000 devices; at 90%, one device in four would fail by chance.
+SHADOW = ("--shadow-samples", "20", "--shadow-min-agreement", "0.8")
 
 
 class Demo:
@@ -368,7 +370,9 @@ class Demo:
 
         step(f"v2: a staged rollout (1% -> 50% -> 100%) with {CANARY} as the canary")
         v2_onnx = write_onnx(
-            self.work / "v2.onnx", train_mlp(self.digits, 32, 2), fails_on_real_digits=False
+            self.work / "v2.onnx",
+            train_mlp(self.digits, 24, 1, retrain_on_more=True),
+            fails_on_real_digits=False,
         )
         v2 = self.build(
             "2.0.0", v2_onnx, "--quantize", "auto", "--calibration", calib, "--eval",
@@ -388,7 +392,9 @@ class Demo:
 
         step("v3 is bad: it passes its golden vectors but fails on real digits")
         v3_onnx = write_onnx(
-            self.work / "v3.onnx", train_mlp(self.digits, 32, 2), fails_on_real_digits=True
+            self.work / "v3.onnx",
+            train_mlp(self.digits, 24, 1, retrain_on_more=True),
+            fails_on_real_digits=True,
         )
         v3 = self.build("3.0.0", v3_onnx, "--latency-runs", "0")
         # Client requests from here on: v3 runs in shadow on the canary, answering none.

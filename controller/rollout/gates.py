@@ -632,6 +632,11 @@ def _devices_with(incidents: Iterable[Incident], kinds: Iterable[str]) -> dict[s
     return out
 
 
+def _clip(reason: str, limit: int = 300) -> str:
+    """A device's reason, short enough for a status line; a cut one ends in '...'."""
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
+
+
 def _named(ranked: list[tuple[float, str, str]]) -> tuple[dict[str, str], int]:
     ranked.sort(key=lambda t: (-t[0], t[1]))
     return {d: text for _, d, text in ranked[:MAX_NAMED_DEVICES]}, len(ranked)
@@ -699,6 +704,6 @@ def _failure_breach(
     share = len(failed) / max(len(attempted), len(failed))
     if share < limit:
         return None
-    devices, count = _named([(1.0, d, reason[:120]) for d, reason in failed.items()])
+    devices, count = _named([(1.0, d, _clip(reason)) for d, reason in failed.items()])
     detail = f"{len(failed)} of {max(len(attempted), len(failed))} devices"
     return Breach(gate, limit, share, detail, devices, count)
