@@ -150,10 +150,11 @@ def _start_mosquitto(conf: Path, log: Path) -> subprocess.Popen[bytes]:
 
 @contextmanager
 def tls_broker(
-    tmp_path: Path, devices: Mapping[str, str]
+    tmp_path: Path, devices: Mapping[str, str], sites: Mapping[str, str] | None = None
 ) -> Iterator[tuple[Setup, subprocess.Popen[bytes]]]:
     """A real mosquitto running `edgectl broker config`'s output for a new repository, with
-    ``devices`` (id -> fleet) enrolled as `edgectl device add` does; stopped afterwards."""
+    ``devices`` (id -> fleet) enrolled as `edgectl device add` does (behind the site
+    gateway ``sites`` names, if any); stopped afterwards."""
     repo = tmp_path / "repo"
     init_repository(repo)
     port = free_port()
@@ -169,7 +170,7 @@ def tls_broker(
     identities: dict[str, Identity] = {}
     archives: dict[str, Path] = {}
     for device, fleet in devices.items():
-        _, archive = add_device(repo, device, fleet, options)
+        _, archive = add_device(repo, device, fleet, options, site=(sites or {}).get(device))
         archives[device] = tmp_path / f"{device}.tar"
         archives[device].write_bytes(archive)
         identities[device] = _unpack(archives[device], tmp_path / "ids" / device)

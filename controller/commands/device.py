@@ -44,13 +44,17 @@ def _cmd_device_add(args: argparse.Namespace) -> int:
         raise UsageError(f"{output} exists; pass --force to overwrite it")
     csr_pem = _read_csr(args.csr)
     repo = Path(args.repo)
-    record, archive = add_device(repo, args.device_id, args.fleet, options, csr_pem=csr_pem)
+    record, archive = add_device(
+        repo, args.device_id, args.fleet, options, csr_pem=csr_pem, site=args.site
+    )
     atomic_write(output, archive, mode=0o600)
     refreshed = refresh_broker_files(repo)
     if args.json:
         _print_archive_json(record, output, csr_pem, refreshed)
         return 0
     print(f"enrolled {record.device_id} in fleet {record.fleet} -> {output}")
+    if record.site is not None:
+        print(f"  behind site {record.site}'s gateway: its bridge may relay this device's topics")
     print(f"  certificate serial {record.serial:x}, valid until {record.not_after}")
     if csr_pem is None:
         print("  the archive holds the device's private key: copy it over a trusted channel")
@@ -270,6 +274,12 @@ def _add_device_enrollment(dsub: Subparsers) -> None:
         "--csr",
         metavar="FILE",
         help="the device's certificate request (from `edge-agent request`): no key is made here",
+    )
+    da.add_argument(
+        "--site",
+        metavar="NAME",
+        help="the site gateway the device is behind (`edgectl gateway enroll NAME`): only "
+        "that gateway's bridge may relay the device's topics",
     )
     da.add_argument("--no-tls", action="store_true", help="plain MQTT (tests only)")
     da.add_argument("--days", type=int, default=825, help="certificate lifetime (default 825)")

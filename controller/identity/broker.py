@@ -12,6 +12,10 @@ ACL file then keeps each device on its own topics in its own fleet:
   ``%u`` cannot do this: mosquitto substitutes only ``%u`` and ``%c``, never the fleet,
   so a pattern would let a device publish under its own id in every fleet's tree;
 - no line at all for a revoked device or an unknown certificate;
+- one ``user`` block per unrevoked site gateway (CN ``gateway:<site>``, the identity its
+  bridge dials with, ``controller.identity.gateways``): the devices enrolled with
+  ``--site <site>`` and their lines again, so a site's bridge relays its own devices'
+  topics and nothing of anyone else's;
 - one ``user`` block for the controller's identity (CN ``edgectl`` by default): read
   every device topic, publish announcements and repository responses.
 
@@ -47,6 +51,7 @@ from controller.base.errors import UsageError
 from controller.base.fsio import atomic_write, make_dir
 from controller.identity.ca import DeviceCA
 from controller.identity.devices import DeviceRecord, ca_dir, load_registry, write_crl
+from controller.identity.gateways import GatewayRecord, gateway_identity, load_gateways
 from controller.identity.registry import registry_lock
 
 logger = logging.getLogger(__name__)
@@ -67,9 +72,15 @@ class BrokerOptions:
     controller_identity: str = DEFAULT_CONTROLLER_IDENTITY
 
 
-def render_acl(devices: Iterable[DeviceRecord], controller_identity: str) -> str:
+def render_acl(
+    devices: Iterable[DeviceRecord],
+    controller_identity: str,
+    gateways: Iterable[GatewayRecord] = (),
+) -> str:
     """The mosquitto ACL file for ``devices``: each unrevoked device confined to its own
-    topics in its own fleet; revoked ones get no line."""
+    topics in its own fleet; revoked ones get no line. Each unrevoked site gateway (its
+    bridge's identity) gets the union of what its site's unrevoked devices may do."""
+    devices = list(devices)
     fleets = f"{TOPIC_ROOT}/fleets"
     lines = [
         "# Written by `edgectl broker config`; rewritten on `edgectl device add/revoke`.",
@@ -89,6 +100,22 @@ def render_acl(devices: Iterable[DeviceRecord], controller_identity: str) -> str
         lines += [f"user {record.device_id}", f"topic read {fleets}/{record.fleet}/announce"]
         lines += [f"topic write {own}/{kind}" for kind in DEVICE_WRITES]
         lines += [f"topic read {own}/{kind}" for kind in DEVICE_READS]
+    for gateway in sorted(gateways, key=lambda g: g.site):
+        if gateway.is_revoked:
+            continue
+        behind = [d for d in devices if d.site == gateway.site and not d.is_revoked]
+        lines += [
+            "",
+            f"# Site {gateway.site}'s gateway (its bridge): the topics of its site's devices only.",
+            f"user {gateway_identity(gateway.site)}",
+        ]
+        lines += [
+            f"topic read {fleets}/{fleet}/announce" for fleet in sorted({d.fleet for d in behind})
+        ]
+        for record in sorted(behind, key=lambda r: r.device_id):
+            own = f"{fleets}/{record.fleet}/devices/{record.device_id}"
+            lines += [f"topic write {own}/{kind}" for kind in DEVICE_WRITES]
+            lines += [f"topic read {own}/{kind}" for kind in DEVICE_READS]
     lines += [
         "",
         "# The controller: announcements out, device topics in, repository answers out.",
@@ -196,7 +223,10 @@ def refresh_broker_files(repo_dir: Path, resign_crl: bool = False) -> Sequence[P
     if resign_crl:
         write_crl(repo_dir, devices)
     acl = folder / "acl"
-    atomic_write(acl, render_acl(devices.values(), record["controller_identity"]).encode(), 0o644)
+    text = render_acl(
+        devices.values(), record["controller_identity"], load_gateways(repo_dir).values()
+    )
+    atomic_write(acl, text.encode(), 0o644)
     written = [acl]
     for name in ("ca.crt", "crl.pem"):
         atomic_write(folder / name, (ca_dir(repo_dir) / name).read_bytes(), mode=0o644)

@@ -48,6 +48,7 @@ from agent.contracts.enrollment import (
 )
 from controller.base.errors import RepositoryError, UsageError
 from controller.identity.ca import ClientPublicKey, DeviceCA, public_key_from_csr
+from controller.identity.gateways import GatewayRecord, check_site, load_gateways
 from controller.identity.registry import (
     DEFAULT_CERT_DAYS,
     REGISTRY_FILE,
@@ -138,9 +139,11 @@ def add_device(
     now: dt.datetime | None = None,
     *,
     csr_pem: bytes | None = None,
+    site: str | None = None,
 ) -> tuple[DeviceRecord, bytes]:
     """Enroll ``device_id`` in ``fleet``: issue its certificate, record it, return the
-    record and the enrollment archive bytes.
+    record and the enrollment archive bytes. ``site``: the site gateway the device is
+    behind (its bridge may then speak for the device at the central broker).
 
     With ``csr_pem`` (the device's PEM certificate signing request) the certificate is
     for the request's key and the archive has no ``device.key``; otherwise a key is made
@@ -148,6 +151,8 @@ def add_device(
     check out) and RepositoryError (no repository).
     """
     _check_options(device_id, fleet, options)
+    if site is not None:
+        check_site(site, "--site")
     # Checked before the registry is touched: a bad request enrolls nothing.
     device_key = public_key_from_csr(csr_pem, device_id) if csr_pem is not None else None
     root_bytes = _read_root(repo_dir)
@@ -175,6 +180,7 @@ def add_device(
             enrolled_at=when.isoformat(),
             previous=kept,
             endpoints=dataclasses.replace(options, cert_days=DEFAULT_CERT_DAYS),
+            site=site,
         )
         records[device_id] = record
         save_registry(repo_dir, records)
@@ -273,13 +279,17 @@ def revoke_device(repo_dir: Path, device_id: str, now: dt.datetime | None = None
 def write_crl(
     repo_dir: Path, records: dict[str, DeviceRecord] | None = None, now: dt.datetime | None = None
 ) -> Path:
-    """Re-sign the CRL from the registry (every revoked serial, current or previous);
-    return its path. Raises RepositoryError."""
+    """Re-sign the CRL from the registries (every revoked serial, current or previous, of
+    devices and of site gateways); return its path. Raises RepositoryError."""
     entries = records if records is not None else load_registry(repo_dir)
     ca = DeviceCA.open(ca_dir(repo_dir))
+    holders: list[DeviceRecord | GatewayRecord] = [
+        *entries.values(),
+        *load_gateways(repo_dir).values(),
+    ]
     revoked = [
         (serial, dt.datetime.fromisoformat(at))
-        for r in entries.values()
+        for r in holders
         for serial, at in r.revoked_serials()
     ]
     ca.write_crl(revoked, now)

@@ -9,6 +9,7 @@ Format (schema ``edgefleet.devices/1``; serials are decimal strings, times ISO 8
         "serial": "...", "not_after": "...",    the current certificate
         "enrolled_at": "...", "revoked_at": null,
         "renewed_at": "...",                    optional: the last `edgectl device renew`
+        "site": "plant-7",                      optional: the site gateway it is behind
         "previous": [                           optional: earlier certificates of this id
           {"serial": "...", "not_after": "...", "revoked_at": null}],
         "endpoints": {"repository_url": "...", "mqtt_host": "...",
@@ -22,7 +23,10 @@ new one (``revoked_at`` set when ``--revoke-previous`` or ``device revoke`` put 
 CRL), and, after a revoked id is added again, the revoked ones so they stay on the CRL.
 ``endpoints`` are what ``device add`` wrote into the device's ``agent.toml``, so
 ``device renew`` writes the same config. Files written before renewal existed have
-neither ``previous`` nor ``endpoints`` and load as records with none.
+neither ``previous`` nor ``endpoints`` and load as records with none. ``site``
+(``device add --site``) lets that site's gateway bridge the device's topics to the
+central broker (``controller.identity.gateways``); a device without one is bridged by
+no gateway.
 
 Invariants: the current serial and every ``previous`` serial were issued to the device id
 by the device CA; a revoked record's certificates are all revoked; expired entries are
@@ -121,6 +125,7 @@ class DeviceRecord:
     previous: tuple[IssuedCert, ...] = ()
     endpoints: EnrollOptions | None = None
     renewed_at: str | None = None
+    site: str | None = None
 
     @property
     def is_revoked(self) -> bool:
@@ -148,6 +153,8 @@ class DeviceRecord:
             doc["renewed_at"] = self.renewed_at
         if self.endpoints is not None:
             doc["endpoints"] = self.endpoints.endpoints_json()
+        if self.site is not None:
+            doc["site"] = self.site
         return doc
 
     @classmethod
@@ -163,6 +170,7 @@ class DeviceRecord:
             previous=tuple(IssuedCert.from_json(c) for c in doc.get("previous", [])),
             endpoints=None if endpoints is None else EnrollOptions.from_endpoints_json(endpoints),
             renewed_at=doc.get("renewed_at"),
+            site=None if doc.get("site") is None else str(doc["site"]),
         )
 
 
