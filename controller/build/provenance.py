@@ -338,6 +338,22 @@ def describe(source: Mapping[str, str] | None) -> list[str]:
     return lines
 
 
+def short(source: Mapping[str, str] | None) -> str:
+    """The source in one cell (``releases list``): the commit's first 10 hex digits, with
+    ``+dirty`` for a dirty tree, and how many operator keys (``--source``) there are;
+    ``-`` when nothing was recorded."""
+    if not source:
+        return "-"
+    parts = []
+    if "git_commit" in source:
+        dirty = "+dirty" if source.get("git_dirty") == "true" else ""
+        parts.append(f"{source['git_commit'][:10]}{dirty}")
+    extra = sum(1 for key in source if not key.startswith(SOURCE_GIT_PREFIX))
+    if extra:
+        parts.append(f"{extra} key{'s' if extra > 1 else ''}")
+    return " ".join(parts) or "-"
+
+
 def unclean_reason(source: Mapping[str, str] | None) -> str | None:
     """Why a bundle with this ``source`` fails ``edgectl release --require-clean``
     (None: it passes): no Git record, a dirty work tree, or a model file Git does not

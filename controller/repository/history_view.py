@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from controller.build.provenance import describe as describe_source
+from controller.build.provenance import short as short_source
 from controller.repository.history import (
     Release,
     ReleaseDiff,
@@ -79,8 +80,8 @@ def _fleets_text(r: Release) -> str:
 def render_list(releases: Sequence[Release], store_note: str = "") -> str:
     """The ``release list`` table."""
     header = (
-        "MODEL", "VERSION", "DATE", "SIZE", "DELTAS", "RECIPE", "AGREE", "COSINE", "FLEETS",
-        "DEVICES",
+        "MODEL", "VERSION", "DATE", "SIZE", "DELTAS", "RECIPE", "SOURCE", "AGREE", "COSINE",
+        "FLEETS", "DEVICES",
     )  # fmt: skip
     rows = [
         (
@@ -90,6 +91,7 @@ def render_list(releases: Sequence[Release], store_note: str = "") -> str:
             _bytes(r.length),
             ",".join(f"{old}:{_bytes(size)}" for old, size in r.deltas) or "-",
             r.recipe,
+            short_source(r.manifest.source),
             _percent(r.quality.get("top1_agreement")),
             _fmt(r.quality.get("cosine")),
             _fleets_text(r),

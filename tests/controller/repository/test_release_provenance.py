@@ -20,8 +20,14 @@ from agent.contracts.delta import apply_delta
 from controller.base.errors import UsageError
 from controller.build.builder import BuildOptions, build_bundle
 from controller.build.delta import make_delta
-from controller.repository.history import diff_releases, find_release
-from controller.repository.history_view import diff_json, release_json, render_diff, render_show
+from controller.repository.history import diff_releases, find_release, load_releases
+from controller.repository.history_view import (
+    diff_json,
+    release_json,
+    render_diff,
+    render_list,
+    render_show,
+)
 from controller.repository.release import release_bundle
 from controller.repository.repo import init_repository
 from controller.rollout.gates import parse_gates
@@ -174,3 +180,15 @@ def test_rollout_start_require_clean_judges_the_bundle_it_publishes(
     with pytest.raises(UsageError, match=r"--require-clean judges the bundle .* --bundle FILE"):
         start("1.0.0", None)
     assert _files(released) == before
+
+
+def test_list_shows_each_release_source_in_a_column(released: Path, built: dict[str, Path]) -> None:
+    release_bundle(built["1.2.0"], "lab", released)  # dirty; no --require-clean
+    release_bundle(built["0.9.0"], "lab", released)  # outside any work tree
+    lines = render_list(load_releases(released, "lin")).splitlines()
+    start, end = lines[0].index("SOURCE"), lines[0].index("AGREE")
+    cells = {line.split()[1]: line[start:end].split() for line in lines[1:]}
+    assert cells["1.0.0"][0] == COMMITS["1.0.0"][:10]
+    assert cells["1.1.0"] == [COMMITS["1.1.0"][:10], "1", "key"]  # and one --source key
+    assert cells["1.2.0"][0] == f"{COMMITS['1.1.0'][:10]}+dirty"
+    assert cells["0.9.0"][0] == "-"
