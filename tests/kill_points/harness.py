@@ -42,7 +42,8 @@ cache a tick does without: not a durable step of the repository), the
 repository lock's release (a SIGKILL releases an ``flock`` with the process, so "after
 the last write" and "after the unlock" are the same state on disk), creating folders
 (an empty folder is no state), and ``init``, ``keys`` ceremony commands other than
-``rotate``, ``device renew`` (not in the issue's list).
+``rotate``, ``device renew`` (not in the issue's list). ``gateway enroll`` and ``gateway
+revoke`` (site gateways' bridge identities) are covered like ``device add``/``revoke``.
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ from controller.identity.broker import (
 )
 from controller.identity.ca import CREATING_DIR, DeviceCA, read_crl
 from controller.identity.devices import EnrollOptions, add_device, ca_dir, load_registry
+from controller.identity.gateways import enroll_gateway, load_gateways
 from controller.repository.expiry import has_device_ca
 from controller.repository.history import read_retired
 from controller.repository.keys import key_files
@@ -303,8 +305,10 @@ def summary(case: Case, before_keys: dict[str, list[str]]) -> dict[str, Any]:
         "rotated": {r: sorted(repo.role_keys(r)[0]) != before_keys[r] for r in ALL_ROLES},
         "key_files": {r: len(key_files(repo.keys_dir, r)) for r in ALL_ROLES},
         "devices": {d: (r.fleet, r.is_revoked) for d, r in sorted(registry.items())},
+        "gateways": {s: g.is_revoked for s, g in sorted(load_gateways(case.repo).items())},
         "crl": crl_problem(case),
         "broker": broker_problem(case),
+        "gateway_files": gateway_files_problem(case),
     }
 
 
@@ -324,9 +328,10 @@ def crl_problem(case: Case) -> str:
     except Exception as exc:
         return f"the device CA or its CRL is unusable: {exc}"
     listed = {entry.serial_number for entry in crl}
+    holders = [*load_registry(case.repo).items(), *load_gateways(case.repo).items()]
     missing = [
         f"{d}:{serial:x}"
-        for d, r in load_registry(case.repo).items()
+        for d, r in holders
         for serial, _ in r.revoked_serials()
         if serial not in listed
     ]
@@ -358,12 +363,37 @@ def broker_problem(case: Case) -> str:
                 problems.append(f"{name} differs from the CA's")
         except OSError as exc:
             problems.append(f"{name}: {exc.strerror}")
-    acl = render_acl(load_registry(case.repo).values(), record["controller_identity"])
+    acl = render_acl(
+        load_registry(case.repo).values(),
+        record["controller_identity"],
+        load_gateways(case.repo).values(),
+    )
     try:
         if (folder / "acl").read_text() != acl:
             problems.append("the ACL does not match the registry")
     except OSError as exc:
         problems.append(f"acl: {exc.strerror}")
+    return "; ".join(problems)
+
+
+def gateway_files_problem(case: Case) -> str:
+    """'' when every unrevoked gateway's folder (``out/gw-<site>``, as the specs write it)
+    holds its current certificate and the key of that certificate."""
+    problems = []
+    for site, record in sorted(load_gateways(case.repo).items()):
+        if record.is_revoked:
+            continue
+        folder = case.out / f"gw-{site}"
+        try:
+            cert = x509.load_pem_x509_certificate((folder / "gateway.crt").read_bytes())
+            key = serialization.load_pem_private_key((folder / "gateway.key").read_bytes(), None)
+        except (OSError, ValueError) as exc:
+            problems.append(f"{site}: {exc}")
+            continue
+        if cert.serial_number != record.serial:
+            problems.append(f"{site}: gateway.crt is not its current certificate")
+        if key.public_key() != cert.public_key():
+            problems.append(f"{site}: gateway.key does not match gateway.crt")
     return "; ".join(problems)
 
 
@@ -554,15 +584,35 @@ def broker_and_device(case: Case) -> None:
     enroll(case, "dev-1")
 
 
-def _device_add(device_id: str, output: str) -> Callable[[Case], list[str | Path]]:
+def _device_add(
+    device_id: str, output: str, site: str | None = None
+) -> Callable[[Case], list[str | Path]]:
     def argv(c: Case) -> list[str | Path]:
         return [
             "device", "add", device_id, "--fleet", FLEET, "--repo", c.repo,
             "--repository-url", "http://127.0.0.1:1/", "--broker", "127.0.0.1:8883",
-            "-o", c.out / output, "--force",
+            "-o", c.out / output, "--force", *(["--site", site] if site else []),
         ]  # fmt: skip
 
     return argv
+
+
+def _gateway(action: str, site: str) -> Callable[[Case], list[str | Path]]:
+    def argv(c: Case) -> list[str | Path]:
+        out = ["-o", c.out / f"gw-{site}"] if action == "enroll" else []
+        return ["gateway", action, site, "--repo", c.repo, *out]
+
+    return argv
+
+
+def broker_device_and_gateway(case: Case) -> None:
+    """The broker folder, dev-1 behind site plant-7, and plant-7's gateway enrolled."""
+    configure_broker(case)
+    _, archive = add_device(case.repo, "dev-1", FLEET, enroll_options(), site="plant-7")
+    case.out.mkdir(exist_ok=True)
+    (case.out / "dev-1.tar").write_bytes(archive)
+    enroll_gateway(case.repo, "plant-7", case.out / "gw-plant-7")
+    refresh_broker_files(case.repo)
 
 
 def _rollout(action: str) -> Callable[[Case], list[str | Path]]:
@@ -665,6 +715,24 @@ SPECS: Final = (
         lambda c: ["device", "revoke", "dev-1", "--repo", c.repo],
         _device_add("dev-1", "dev-1-again.tar"),
         prepare=broker_and_device,
+        identity=True,
+    ),
+    # Killed once it recorded the certificate but before the key reached gw-plant-7/: run
+    # again, it issues a new one and revokes the lost one (the CRL must list it).
+    Spec(
+        "gateway enroll",
+        "released",
+        _gateway("enroll", "plant-7"),
+        _device_add("dev-2", "dev-2.tar", site="plant-7"),
+        prepare=broker_and_device,
+        identity=True,
+    ),
+    Spec(
+        "gateway revoke",
+        "released",
+        _gateway("revoke", "plant-7"),
+        _gateway("enroll", "plant-7"),
+        prepare=broker_device_and_gateway,
         identity=True,
     ),
 )
