@@ -5,7 +5,8 @@ counts as rejected when all of its tests passed. The tally is printed at the end
 run: ``12/12 attack classes rejected`` (class 11, deltas, is issue 22's; class 12,
 mirrors, issue 24's: ``test_mirrors.py``). The device adversary suite
 (``test_device_adversary.py``, issue 18) marks each test ``@pytest.mark.device_attack(KEY)``
-with a key of ``DEVICE_ATTACKS``: ``8/8 device attacks refused``. The bundle attack
+with a key of ``DEVICE_ATTACKS``: ``9/9 device attacks refused`` (``other_site``, a
+site gateway's identity, is ``test_site_gateway.py``'s). The bundle attack
 suite (``test_bundle_attacks.py``, issue 22) marks each test
 ``@pytest.mark.bundle_attack(KEY)`` of ``BUNDLE_ATTACKS``: ``4/4 bundle attacks
 refused``. Every local attack test (``test_local_adversary.py``) carries
@@ -67,6 +68,7 @@ DEVICE_ATTACKS = {
     "outweigh": "outweigh the fleet with one device's volume of clean requests",
     "chunk_flood": "flood the MQTT chunk transport with requests",
     "revoked": "keep publishing after being revoked while connected",
+    "other_site": "a site gateway's bridge (or its LAN) publishing for another site's device",
 }
 # Signed bundles that are bad inside their compression (issue 22, bundle schema /2).
 BUNDLE_ATTACKS = {

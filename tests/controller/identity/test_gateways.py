@@ -1,6 +1,6 @@
 """Site gateway identities: `edgectl gateway enroll/revoke`, the gateway's ACL block (pure),
 the CRL, and the options that are refused. The real brokers run in
-tests/gateway/test_bridge_identity.py."""
+tests/security/test_site_gateway.py."""
 
 from __future__ import annotations
 

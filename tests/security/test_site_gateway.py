@@ -79,6 +79,7 @@ def edgectl(*args: str | Path) -> str:
     return done.stdout
 
 
+@pytest.mark.device_attack("other_site")
 def test_a_site_bridge_speaks_only_for_its_own_devices(tmp_path: Path) -> None:
     with tls_broker(tmp_path, DEVICES, SITES) as (s, central):
         out = edgectl("gateway", "enroll", SITE, "--repo", s.repo, "-o", tmp_path / "gw-id")
