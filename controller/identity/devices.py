@@ -48,17 +48,20 @@ from agent.contracts.enrollment import (
 )
 from controller.base.errors import RepositoryError, UsageError
 from controller.identity.ca import ClientPublicKey, DeviceCA, public_key_from_csr
-from controller.identity.gateways import GatewayRecord, check_site, load_gateways
+from controller.identity.gateways import check_site, load_gateways
 from controller.identity.registry import (
     DEFAULT_CERT_DAYS,
     REGISTRY_FILE,
     REGISTRY_SCHEMA,
+    CertHolder,
     DeviceRecord,
     EnrollOptions,
     IssuedCert,
     ca_dir,
     load_registry,
     registry_lock,
+    revoke_all,
+    revoked_cert,
     save_registry,
     unexpired,
 )
@@ -228,7 +231,7 @@ def renew_device(
         cert, key_pem = _issue(ca, device_id, record.fleet, cert_days, when, device_key)
         earlier = unexpired((record.current, *record.previous), when)
         if revoke_previous:
-            earlier = tuple(_revoked(c, when) for c in earlier)
+            earlier = tuple(revoked_cert(c, when) for c in earlier)
         record = dataclasses.replace(
             record,
             serial=cert.serial_number,
@@ -263,11 +266,7 @@ def revoke_device(repo_dir: Path, device_id: str, now: dt.datetime | None = None
         if record is None:
             known = ", ".join(sorted(records)) or "none"
             raise UsageError(f"no enrolled device {device_id!r} (enrolled: {known})")
-        revoked = dataclasses.replace(
-            record,
-            revoked_at=record.revoked_at or when.isoformat(),
-            previous=tuple(_revoked(c, when) for c in unexpired(record.previous, when)),
-        )
+        revoked = revoke_all(record, when)
         if revoked != record:
             record = revoked
             records[device_id] = record
@@ -283,7 +282,7 @@ def write_crl(
     devices and of site gateways); return its path. Raises RepositoryError."""
     entries = records if records is not None else load_registry(repo_dir)
     ca = DeviceCA.open(ca_dir(repo_dir))
-    holders: list[DeviceRecord | GatewayRecord] = [
+    holders: list[CertHolder] = [
         *entries.values(),
         *load_gateways(repo_dir).values(),
     ]
@@ -324,10 +323,6 @@ def _renewable(records: dict[str, DeviceRecord], repo_dir: Path, device_id: str)
             f"{record.fleet} --repo {repo_dir} ...`"
         )
     return record
-
-
-def _revoked(cert: IssuedCert, when: dt.datetime) -> IssuedCert:
-    return cert if cert.revoked_at else dataclasses.replace(cert, revoked_at=when.isoformat())
 
 
 def _issue(

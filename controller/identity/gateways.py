@@ -29,9 +29,7 @@ Writes are atomic (0600) and happen under ``REPO_DIR/ca/.lock``.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +41,15 @@ from controller.base.fsio import atomic_write, make_dir
 from controller.identity.ca import DeviceCA
 from controller.identity.registry import (
     DEFAULT_CERT_DAYS,
+    CertHolder,
     IssuedCert,
     ca_dir,
+    read_registry_file,
     registry_lock,
+    revoke_all,
+    revoked_cert,
     unexpired,
+    write_registry_file,
 )
 
 logger = logging.getLogger(__name__)
@@ -74,7 +77,7 @@ def check_site(site: str, option: str = "site") -> str:
 
 
 @dataclass(frozen=True)
-class GatewayRecord:
+class GatewayRecord(CertHolder):
     """A site's gateway: its current certificate and earlier unexpired ones."""
 
     site: str
@@ -83,17 +86,6 @@ class GatewayRecord:
     enrolled_at: str
     revoked_at: str | None = None
     previous: tuple[IssuedCert, ...] = ()
-
-    @property
-    def is_revoked(self) -> bool:
-        return self.revoked_at is not None
-
-    @property
-    def current(self) -> IssuedCert:
-        return IssuedCert(self.serial, self.not_after, self.revoked_at)
-
-    def revoked_serials(self) -> list[tuple[int, str]]:
-        return [(c.serial, c.revoked_at) for c in (self.current, *self.previous) if c.revoked_at]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -120,34 +112,16 @@ class GatewayRecord:
 def load_gateways(repo_dir: Path) -> dict[str, GatewayRecord]:
     """Every gateway ever enrolled, by site; empty when none was. Raises RepositoryError."""
     path = ca_dir(repo_dir) / GATEWAYS_FILE
+    entries = read_registry_file(path, GATEWAYS_SCHEMA, "gateways", "gateway registry")
     try:
-        doc = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise RepositoryError(f"cannot read the gateway registry {path}: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("schema") != GATEWAYS_SCHEMA:
-        raise RepositoryError(f"{path}: expected schema {GATEWAYS_SCHEMA!r}")
-    try:
-        return {
-            site: GatewayRecord.from_json(site, entry) for site, entry in doc["gateways"].items()
-        }
+        return {site: GatewayRecord.from_json(site, entry) for site, entry in entries.items()}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise RepositoryError(f"{path}: malformed entry ({exc!r})") from None
 
 
 def _save_gateways(repo_dir: Path, records: dict[str, GatewayRecord]) -> None:
-    doc = {
-        "schema": GATEWAYS_SCHEMA,
-        "gateways": {s: r.to_json() for s, r in sorted(records.items())},
-    }
-    atomic_write(
-        ca_dir(repo_dir) / GATEWAYS_FILE, json.dumps(doc, indent=2).encode() + b"\n", 0o600
-    )
-
-
-def _revoked(cert: IssuedCert, when: dt.datetime) -> IssuedCert:
-    return cert if cert.revoked_at else dataclasses.replace(cert, revoked_at=when.isoformat())
+    entries = {s: r.to_json() for s, r in records.items()}
+    write_registry_file(ca_dir(repo_dir) / GATEWAYS_FILE, GATEWAYS_SCHEMA, "gateways", entries)
 
 
 def enroll_gateway(
@@ -182,9 +156,8 @@ def enroll_gateway(
         cert = identity.certificate
         kept: tuple[IssuedCert, ...] = ()
         if earlier is not None:
-            kept = tuple(
-                _revoked(c, when) for c in unexpired((earlier.current, *earlier.previous), when)
-            )
+            everything = (earlier.current, *earlier.previous)
+            kept = tuple(revoked_cert(c, when) for c in unexpired(everything, when))
         record = GatewayRecord(
             site=site,
             serial=cert.serial_number,
@@ -218,11 +191,7 @@ def revoke_gateway(repo_dir: Path, site: str, now: dt.datetime | None = None) ->
         if record is None:
             known = ", ".join(sorted(records)) or "none"
             raise UsageError(f"no gateway enrolled for site {site!r} (enrolled: {known})")
-        revoked = dataclasses.replace(
-            record,
-            revoked_at=record.revoked_at or when.isoformat(),
-            previous=tuple(_revoked(c, when) for c in unexpired(record.previous, when)),
-        )
+        revoked = revoke_all(record, when)
         if revoked != record:
             records[site] = record = revoked
             _save_gateways(repo_dir, records)

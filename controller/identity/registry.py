@@ -38,13 +38,14 @@ happen under ``REPO_DIR/ca/.lock`` (:func:`registry_lock`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import fcntl
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from controller.base.errors import RepositoryError
 from controller.base.fsio import atomic_write
@@ -112,20 +113,14 @@ class IssuedCert:
         )
 
 
-@dataclass(frozen=True)
-class DeviceRecord:
-    """A device's registry entry; ``serial``/``not_after`` are its current certificate."""
+class CertHolder:
+    """What a device's and a gateway's record share: a current certificate (``serial``,
+    ``not_after``, ``revoked_at``) and earlier unexpired ones (``previous``)."""
 
-    device_id: str
-    fleet: str
     serial: int
     not_after: str
-    enrolled_at: str
-    revoked_at: str | None = None
-    previous: tuple[IssuedCert, ...] = ()
-    endpoints: EnrollOptions | None = None
-    renewed_at: str | None = None
-    site: str | None = None
+    revoked_at: str | None
+    previous: tuple[IssuedCert, ...]
 
     @property
     def is_revoked(self) -> bool:
@@ -138,6 +133,22 @@ class DeviceRecord:
     def revoked_serials(self) -> list[tuple[int, str]]:
         """(serial, revoked at) of every certificate of this record that is revoked."""
         return [(c.serial, c.revoked_at) for c in (self.current, *self.previous) if c.revoked_at]
+
+
+@dataclass(frozen=True)
+class DeviceRecord(CertHolder):
+    """A device's registry entry; ``serial``/``not_after`` are its current certificate."""
+
+    device_id: str
+    fleet: str
+    serial: int
+    not_after: str
+    enrolled_at: str
+    revoked_at: str | None = None
+    previous: tuple[IssuedCert, ...] = ()
+    endpoints: EnrollOptions | None = None
+    renewed_at: str | None = None
+    site: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         # Serials are 159-bit: strings, so any JSON reader keeps them exact.
@@ -193,32 +204,60 @@ def registry_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
-def load_registry(repo_dir: Path) -> dict[str, DeviceRecord]:
-    """Every device ever enrolled, by id; empty when none was. Raises RepositoryError."""
-    path = ca_dir(repo_dir) / REGISTRY_FILE
+def read_registry_file(path: Path, schema: str, section: str, what: str) -> dict[str, Any]:
+    """The ``section`` object of the registry file at ``path`` (JSON with ``schema``), by
+    name; empty when the file does not exist. Raises RepositoryError naming ``what``."""
     try:
         doc = json.loads(path.read_bytes())
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as exc:
-        raise RepositoryError(f"cannot read the device registry {path}: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("schema") != REGISTRY_SCHEMA:
-        raise RepositoryError(f"{path}: expected schema {REGISTRY_SCHEMA!r}")
+        raise RepositoryError(f"cannot read the {what} {path}: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("schema") != schema:
+        raise RepositoryError(f"{path}: expected schema {schema!r}")
+    entries = doc.get(section)
+    if not isinstance(entries, dict):
+        raise RepositoryError(f"{path}: malformed ({section!r} is not an object)")
+    return entries
+
+
+def write_registry_file(
+    path: Path, schema: str, section: str, entries: dict[str, dict[str, Any]]
+) -> None:
+    """Write a registry file atomically (0600); call it under :func:`registry_lock`."""
+    doc = {"schema": schema, section: dict(sorted(entries.items()))}
+    atomic_write(path, json.dumps(doc, indent=2).encode() + b"\n", 0o600)
+
+
+def load_registry(repo_dir: Path) -> dict[str, DeviceRecord]:
+    """Every device ever enrolled, by id; empty when none was. Raises RepositoryError."""
+    path = ca_dir(repo_dir) / REGISTRY_FILE
+    entries = read_registry_file(path, REGISTRY_SCHEMA, "devices", "device registry")
     try:
-        return {
-            device: DeviceRecord.from_json(device, entry)
-            for device, entry in doc["devices"].items()
-        }
-    except (KeyError, TypeError, ValueError) as exc:
+        return {device: DeviceRecord.from_json(device, entry) for device, entry in entries.items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise RepositoryError(f"{path}: malformed entry ({exc!r})") from None
 
 
 def save_registry(repo_dir: Path, records: dict[str, DeviceRecord]) -> None:
     """Write the registry atomically (0600); call it under :func:`registry_lock`."""
-    doc = {
-        "schema": REGISTRY_SCHEMA,
-        "devices": {d: r.to_json() for d, r in sorted(records.items())},
-    }
-    atomic_write(
-        ca_dir(repo_dir) / REGISTRY_FILE, json.dumps(doc, indent=2).encode() + b"\n", 0o600
+    entries = {d: r.to_json() for d, r in records.items()}
+    write_registry_file(ca_dir(repo_dir) / REGISTRY_FILE, REGISTRY_SCHEMA, "devices", entries)
+
+
+def revoked_cert(cert: IssuedCert, when: dt.datetime) -> IssuedCert:
+    """``cert`` revoked at ``when``, unless it was revoked before."""
+    return cert if cert.revoked_at else dataclasses.replace(cert, revoked_at=when.isoformat())
+
+
+R = TypeVar("R", bound=CertHolder)
+
+
+def revoke_all(record: R, when: dt.datetime) -> R:
+    """``record`` (a device's or a gateway's) with its current certificate and every
+    unexpired previous one revoked; the same record when they already were."""
+    return dataclasses.replace(  # type: ignore[type-var]  # R is a dataclass
+        record,
+        revoked_at=record.revoked_at or when.isoformat(),
+        previous=tuple(revoked_cert(c, when) for c in unexpired(record.previous, when)),
     )
