@@ -81,7 +81,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy --strict agent controller
 
 pytest: $(STAMP) mosquitto system-deps
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest --durations=15 $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
