@@ -48,12 +48,11 @@ from agent.contracts.enrollment import (
 )
 from controller.base.errors import RepositoryError, UsageError
 from controller.identity.ca import ClientPublicKey, DeviceCA, public_key_from_csr
-from controller.identity.gateways import check_site, load_gateways
+from controller.identity.gateways import check_site
 from controller.identity.registry import (
     DEFAULT_CERT_DAYS,
     REGISTRY_FILE,
     REGISTRY_SCHEMA,
-    CertHolder,
     DeviceRecord,
     EnrollOptions,
     IssuedCert,
@@ -64,6 +63,7 @@ from controller.identity.registry import (
     revoked_cert,
     save_registry,
     unexpired,
+    write_crl,
 )
 
 # Re-exported: callers (broker, expiry, tests) import the registry's names from here.
@@ -273,26 +273,6 @@ def revoke_device(repo_dir: Path, device_id: str, now: dt.datetime | None = None
             save_registry(repo_dir, records)
         write_crl(repo_dir, records, when)
     return record
-
-
-def write_crl(
-    repo_dir: Path, records: dict[str, DeviceRecord] | None = None, now: dt.datetime | None = None
-) -> Path:
-    """Re-sign the CRL from the registries (every revoked serial, current or previous, of
-    devices and of site gateways); return its path. Raises RepositoryError."""
-    entries = records if records is not None else load_registry(repo_dir)
-    ca = DeviceCA.open(ca_dir(repo_dir))
-    holders: list[CertHolder] = [
-        *entries.values(),
-        *load_gateways(repo_dir).values(),
-    ]
-    revoked = [
-        (serial, dt.datetime.fromisoformat(at))
-        for r in holders
-        for serial, at in r.revoked_serials()
-    ]
-    ca.write_crl(revoked, now)
-    return ca.crl_path
 
 
 # ------------------------------------------------------------------ shared steps

@@ -11,7 +11,8 @@ and read their fleets' announcements and their own repository answers. A gateway
 anyone on a plain site LAN) therefore cannot speak for a device of another site, nor for
 a device enrolled without a site.
 
-The gateway registry is ``REPO_DIR/ca/gateways.json`` (schema ``edgefleet.gateways/1``;
+The gateway registry (read and written by ``controller.identity.registry``) is
+``REPO_DIR/ca/gateways.json`` (schema ``edgefleet.gateways/1``;
 serials are decimal strings, times ISO 8601 UTC)::
 
     {"schema": "edgefleet.gateways/1",
@@ -23,7 +24,7 @@ serials are decimal strings, times ISO 8601 UTC)::
 Invariants: one current certificate per site; enrolling a site again revokes its earlier
 certificates (a gateway re-enrolled after a loss must not leave the lost key working);
 revoking puts every unexpired certificate of the site on the CRL, which
-``controller.identity.devices.write_crl`` signs together with the devices' serials.
+``controller.identity.registry.write_crl`` signs together with the devices' serials.
 Writes are atomic (0600) and happen under ``REPO_DIR/ca/.lock``.
 """
 
@@ -31,31 +32,43 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 from agent.contracts import InvalidNameError, check_name
-from controller.base.errors import RepositoryError, UsageError
+from controller.base.errors import UsageError
 from controller.base.fsio import atomic_write, make_dir
 from controller.identity.ca import DeviceCA
 from controller.identity.registry import (
     DEFAULT_CERT_DAYS,
-    CertHolder,
+    GATEWAYS_FILE,
+    GATEWAYS_SCHEMA,
+    GatewayRecord,
     IssuedCert,
     ca_dir,
-    read_registry_file,
+    load_gateways,
     registry_lock,
     revoke_all,
     revoked_cert,
+    save_gateways,
     unexpired,
-    write_registry_file,
+    write_crl,
 )
+
+# Re-exported: the gateway registry's names, where its commands are.
+__all__ = [
+    "GATEWAYS_FILE",
+    "GATEWAYS_SCHEMA",
+    "GatewayRecord",
+    "check_site",
+    "enroll_gateway",
+    "gateway_identity",
+    "load_gateways",
+    "revoke_gateway",
+]
 
 logger = logging.getLogger(__name__)
 
-GATEWAYS_FILE: Final = "gateways.json"
-GATEWAYS_SCHEMA: Final = "edgefleet.gateways/1"
 GATEWAY_CN_PREFIX: Final = "gateway:"
 # What `gateway enroll -o DIR` writes: the bridge's TLS files for `gateway config`.
 GATEWAY_CERT: Final = "gateway.crt"
@@ -76,54 +89,6 @@ def check_site(site: str, option: str = "site") -> str:
         raise UsageError(f"{option}: {exc}") from None
 
 
-@dataclass(frozen=True)
-class GatewayRecord(CertHolder):
-    """A site's gateway: its current certificate and earlier unexpired ones."""
-
-    site: str
-    serial: int
-    not_after: str
-    enrolled_at: str
-    revoked_at: str | None = None
-    previous: tuple[IssuedCert, ...] = ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "serial": str(self.serial),
-            "not_after": self.not_after,
-            "enrolled_at": self.enrolled_at,
-            "revoked_at": self.revoked_at,
-            "previous": [c.to_json() for c in self.previous],
-        }
-
-    @classmethod
-    def from_json(cls, site: str, doc: dict[str, Any]) -> GatewayRecord:
-        revoked_at = doc.get("revoked_at")
-        return cls(
-            site=site,
-            serial=int(doc["serial"]),
-            not_after=str(doc["not_after"]),
-            enrolled_at=str(doc["enrolled_at"]),
-            revoked_at=None if revoked_at is None else str(revoked_at),
-            previous=tuple(IssuedCert.from_json(c) for c in doc.get("previous", [])),
-        )
-
-
-def load_gateways(repo_dir: Path) -> dict[str, GatewayRecord]:
-    """Every gateway ever enrolled, by site; empty when none was. Raises RepositoryError."""
-    path = ca_dir(repo_dir) / GATEWAYS_FILE
-    entries = read_registry_file(path, GATEWAYS_SCHEMA, "gateways", "gateway registry")
-    try:
-        return {site: GatewayRecord.from_json(site, entry) for site, entry in entries.items()}
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise RepositoryError(f"{path}: malformed entry ({exc!r})") from None
-
-
-def _save_gateways(repo_dir: Path, records: dict[str, GatewayRecord]) -> None:
-    entries = {s: r.to_json() for s, r in records.items()}
-    write_registry_file(ca_dir(repo_dir) / GATEWAYS_FILE, GATEWAYS_SCHEMA, "gateways", entries)
-
-
 def enroll_gateway(
     repo_dir: Path,
     site: str,
@@ -139,8 +104,6 @@ def enroll_gateway(
     caller re-signs the CRL: ``refresh_broker_files(..., resign_crl=True)``). Raises
     UsageError (bad site name or lifetime) and RepositoryError (no repository).
     """
-    from controller.identity.devices import write_crl
-
     check_site(site)
     if days < 1:
         raise UsageError(f"--days expected a positive number of days, got {days}")
@@ -166,7 +129,7 @@ def enroll_gateway(
             previous=kept,
         )
         records[site] = record
-        _save_gateways(repo_dir, records)
+        save_gateways(repo_dir, records)
         if kept:
             write_crl(repo_dir, now=when)
     make_dir(output, 0o755)
@@ -182,8 +145,6 @@ def revoke_gateway(repo_dir: Path, site: str, now: dt.datetime | None = None) ->
 
     Raises UsageError for a site that never had a gateway enrolled.
     """
-    from controller.identity.devices import write_crl
-
     when = now or dt.datetime.now(dt.UTC)
     with registry_lock(ca_dir(repo_dir)):
         records = load_gateways(repo_dir)
@@ -194,6 +155,6 @@ def revoke_gateway(repo_dir: Path, site: str, now: dt.datetime | None = None) ->
         revoked = revoke_all(record, when)
         if revoked != record:
             records[site] = record = revoked
-            _save_gateways(repo_dir, records)
+            save_gateways(repo_dir, records)
         write_crl(repo_dir, now=when)
     return record

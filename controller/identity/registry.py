@@ -1,5 +1,7 @@
 """The device registry, ``REPO_DIR/ca/devices.json``: who is enrolled, in which fleet,
-with which certificates, and where each device was told to connect.
+with which certificates, and where each device was told to connect. Also the site
+gateways' registry (``REPO_DIR/ca/gateways.json``, format in
+``controller.identity.gateways``) and the CRL signed from both (``write_crl``).
 
 Format (schema ``edgefleet.devices/1``; serials are decimal strings, times ISO 8601 UTC)::
 
@@ -49,9 +51,11 @@ from typing import Any, Final, TypeVar
 
 from controller.base.errors import RepositoryError
 from controller.base.fsio import atomic_write
-from controller.identity.ca import CA_DIR_NAME
+from controller.identity.ca import CA_DIR_NAME, DeviceCA
 
 REGISTRY_FILE: Final = "devices.json"
+GATEWAYS_FILE: Final = "gateways.json"
+GATEWAYS_SCHEMA: Final = "edgefleet.gateways/1"
 REGISTRY_SCHEMA: Final = "edgefleet.devices/1"
 DEFAULT_CERT_DAYS: Final = 825
 
@@ -185,6 +189,39 @@ class DeviceRecord(CertHolder):
         )
 
 
+@dataclass(frozen=True)
+class GatewayRecord(CertHolder):
+    """A site's gateway: its current certificate and earlier unexpired ones."""
+
+    site: str
+    serial: int
+    not_after: str
+    enrolled_at: str
+    revoked_at: str | None = None
+    previous: tuple[IssuedCert, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "serial": str(self.serial),
+            "not_after": self.not_after,
+            "enrolled_at": self.enrolled_at,
+            "revoked_at": self.revoked_at,
+            "previous": [c.to_json() for c in self.previous],
+        }
+
+    @classmethod
+    def from_json(cls, site: str, doc: dict[str, Any]) -> GatewayRecord:
+        revoked_at = doc.get("revoked_at")
+        return cls(
+            site=site,
+            serial=int(doc["serial"]),
+            not_after=str(doc["not_after"]),
+            enrolled_at=str(doc["enrolled_at"]),
+            revoked_at=None if revoked_at is None else str(revoked_at),
+            previous=tuple(IssuedCert.from_json(c) for c in doc.get("previous", [])),
+        )
+
+
 def unexpired(certs: tuple[IssuedCert, ...], now: dt.datetime) -> tuple[IssuedCert, ...]:
     return tuple(c for c in certs if not c.has_expired(now))
 
@@ -245,6 +282,21 @@ def save_registry(repo_dir: Path, records: dict[str, DeviceRecord]) -> None:
     write_registry_file(ca_dir(repo_dir) / REGISTRY_FILE, REGISTRY_SCHEMA, "devices", entries)
 
 
+def load_gateways(repo_dir: Path) -> dict[str, GatewayRecord]:
+    """Every gateway ever enrolled, by site; empty when none was. Raises RepositoryError."""
+    path = ca_dir(repo_dir) / GATEWAYS_FILE
+    entries = read_registry_file(path, GATEWAYS_SCHEMA, "gateways", "gateway registry")
+    try:
+        return {site: GatewayRecord.from_json(site, entry) for site, entry in entries.items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise RepositoryError(f"{path}: malformed entry ({exc!r})") from None
+
+
+def save_gateways(repo_dir: Path, records: dict[str, GatewayRecord]) -> None:
+    entries = {s: r.to_json() for s, r in records.items()}
+    write_registry_file(ca_dir(repo_dir) / GATEWAYS_FILE, GATEWAYS_SCHEMA, "gateways", entries)
+
+
 def revoked_cert(cert: IssuedCert, when: dt.datetime) -> IssuedCert:
     """``cert`` revoked at ``when``, unless it was revoked before."""
     return cert if cert.revoked_at else dataclasses.replace(cert, revoked_at=when.isoformat())
@@ -261,3 +313,23 @@ def revoke_all(record: R, when: dt.datetime) -> R:
         revoked_at=record.revoked_at or when.isoformat(),
         previous=tuple(revoked_cert(c, when) for c in unexpired(record.previous, when)),
     )
+
+
+def write_crl(
+    repo_dir: Path, records: dict[str, DeviceRecord] | None = None, now: dt.datetime | None = None
+) -> Path:
+    """Re-sign the CRL from the registries (every revoked serial, current or previous, of
+    devices and of site gateways); return its path. Raises RepositoryError."""
+    entries = records if records is not None else load_registry(repo_dir)
+    ca = DeviceCA.open(ca_dir(repo_dir))
+    holders: list[CertHolder] = [
+        *entries.values(),
+        *load_gateways(repo_dir).values(),
+    ]
+    revoked = [
+        (serial, dt.datetime.fromisoformat(at))
+        for r in holders
+        for serial, at in r.revoked_serials()
+    ]
+    ca.write_crl(revoked, now)
+    return ca.crl_path
