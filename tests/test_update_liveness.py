@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,7 @@ from agent.client import InferenceClient
 from agent.contracts import ROLLOUT_ROLE, ProbationPolicy, ShadowPolicy
 from controller.build.builder import build_bundle
 from controller.repository.release import release_bundle
-from controller.repository.repo import Repository, init_repository
+from controller.repository.repo import Repository, init_repository, next_version
 from tests.e2e_support import Proc, served_version, start_agent, wait_until, write_agent_config
 from tests.helpers import Broker, make_linear_model
 from tests.security.simulator import HostileMirror, Replace
@@ -90,20 +91,26 @@ class Fleet:
     repo: Repository
     mirror: HostileMirror
     bundles: dict[str, Path]
+    # The time the next release signs at, once next_rollout_url predicted its version.
+    pinned: datetime | None = None
 
     def release(self, version: str) -> None:
         policy = ProbationPolicy(duration_s=0.5)
+        now, self.pinned = self.pinned, None
         release_bundle(
             self.bundles[version],
             FLEET,
             self.repo.path,
+            now=now,
             probation=policy,
             shadow=ShadowPolicy(enabled=False),
         )
 
     def next_rollout_url(self) -> str:
-        """The URL of the rollout role the next release will publish."""
-        version = int(self.repo.load(ROLLOUT_ROLE).signed.version) + 1
+        """The URL of the rollout role the next release will publish (it signs at the
+        time pinned here, so its version is known: ``next_version``)."""
+        self.pinned = datetime.now(UTC).replace(microsecond=0)
+        version = next_version(int(self.repo.load(ROLLOUT_ROLE).signed.version), self.pinned)
         return f"/metadata/{version}.{ROLLOUT_ROLE}.json"
 
 

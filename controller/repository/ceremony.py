@@ -54,6 +54,7 @@ from controller.repository.repo import (
     Repository,
     RootSignaturesMissingError,
     check_root_signatures,
+    next_version,
     save_policy,
 )
 from controller.repository.rotation import (
@@ -168,7 +169,7 @@ def _rotate_rollout(repo: Repository, now: datetime) -> CeremonyResult:
     for old in list(targets.signed.delegations.roles[ROLLOUT_ROLE].keyids):
         targets.signed.revoke_key(old, ROLLOUT_ROLE)
     targets.signed.add_key(signer.public_key, ROLLOUT_ROLE)
-    targets.signed.version += 1
+    targets.signed.version = next_version(int(targets.signed.version), now)
     repo.sign("targets", targets, now)
     begin(repo, [ROLLOUT_ROLE], "targets", targets)
     repo.write_signed("targets", targets)

@@ -108,6 +108,22 @@ def _utc_now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
+def next_version(current: int, now: datetime | None = None) -> int:
+    """The version to sign after ``current`` for every role but root: one more, or the
+    time ``now`` in whole seconds since the epoch when that is higher.
+
+    TUF clients refuse a version lower than one they trusted (the rollback rule). A
+    repository restored from an older backup would count on from the backup's versions,
+    below what its devices saw, and every change it signed would be refused until the
+    count passed theirs: the fleet would stop following. Floored by the clock, the next
+    release after a restore is past anything devices saw, unless the repository signed
+    faster than once a second on average since the backup. Root keeps counting by one:
+    its versions are a chain a client walks step by step.
+    """
+    floor = int((now or _utc_now()).timestamp())
+    return max(current + 1, floor)
+
+
 def is_repository(path: Path) -> bool:
     """True when ``path`` already holds a repository (or the remains of one)."""
     return (path / SETTINGS_FILE).exists() or any(
@@ -383,7 +399,7 @@ class Repository:
     def sign_next_version(self, role: str, md: Metadata[Any], now: datetime | None = None) -> int:
         """Bump ``md``'s version, sign and write it; a targets role becomes what ``load``
         returns and ``publish`` names. Returns the new version."""
-        md.signed.version += 1
+        md.signed.version = next_version(int(md.signed.version), now)
         self.write(role, md, now)
         if role in ("targets", ROLLOUT_ROLE):
             self._unpublished[role] = int(md.signed.version)
@@ -399,7 +415,7 @@ class Repository:
             snapshot.signed.meta[f"{role}.json"] = MetaFile(
                 version=int(self.load(role).signed.version)
             )
-        snapshot.signed.version += 1
+        snapshot.signed.version = next_version(int(snapshot.signed.version), now)
         self.write("snapshot", snapshot, now)
         self._unpublished.clear()
         snapshot_version = int(snapshot.signed.version)
@@ -411,7 +427,7 @@ class Repository:
         if not snapshot_version:
             snapshot_version = int(timestamp.signed.snapshot_meta.version)
         timestamp.signed.snapshot_meta = MetaFile(version=snapshot_version)
-        timestamp.signed.version += 1
+        timestamp.signed.version = next_version(int(timestamp.signed.version), now)
         self.write("timestamp", timestamp, now)
         return int(timestamp.signed.version)
 

@@ -72,7 +72,12 @@ def _signed(path: Path) -> dict[str, Any]:
 def _kept_versions(
     files: dict[str, dict[int, Path]], current: dict[str, int], keep: int
 ) -> dict[str, set[int]]:
-    kept = {role: {v for v in files[role] if v >= current[role] - keep} for role in PRUNED_ROLES}
+    # The current version and the ``keep`` versions before it, by rank: versions are not
+    # consecutive (``repo.next_version`` floors them by the clock).
+    kept = {
+        role: set(sorted(v for v in files[role] if v <= current[role])[-(keep + 1) :])
+        for role in PRUNED_ROLES
+    }
     for version in sorted(kept["snapshot"]):
         try:
             meta = _signed(files["snapshot"][version]).get("meta", {})

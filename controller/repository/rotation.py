@@ -1,7 +1,7 @@
 """A key rotation as one step that only ever rolls forward, and the way into a change.
 
-A rotation publishes a new delegator version (root N+1, or targets N+1 for ``rollout``)
-that lists the new key, then re-signs the role with it (``finish_rotation``). Metadata
+A rotation publishes a new delegator version (root N+1, or a higher targets version for
+``rollout``) that lists the new key, then re-signs the role with it (``finish_rotation``). Metadata
 signed by the old key alone fails for a device that fetched root N+1, metadata signed by
 the new key alone for one still at root N; so, the standard TUF way, a rotation of a
 top-level role first publishes the role signed by the old *and* the new keys
@@ -35,8 +35,9 @@ Invariants:
   then the role is re-signed right after root N+1, as before bridges.
 - ``finish_rotation`` is idempotent and works from the published metadata alone: a
   damaged journal still finishes the rotation (without republishing anything).
-- A journaled version that no longer fits (not the next version, signatures missing) is
-  never published: the rotation is abandoned, the repository stays as it was before it.
+- A journaled version that no longer fits (not above the published one for targets, not
+  the next one for root, signatures missing) is never published: the rotation is
+  abandoned, the repository stays as it was before it.
 """
 
 from __future__ import annotations
@@ -269,7 +270,9 @@ def _publish_journaled(repo: Repository, journal: Journal, now: datetime | None)
             except RepositoryError as exc:
                 _root_abandoned(journal, exc)
         return
-    if int(repo.load("targets").signed.version) != journal.version - 1:
+    # Published already (or something newer was): nothing to do. Targets versions are
+    # not consecutive (``repo.next_version``), so "the next one" is any higher version.
+    if int(repo.load("targets").signed.version) >= journal.version:
         return
     if not _is_signed(repo.load("root").signed, "targets", md):
         logger.error(

@@ -181,13 +181,13 @@ def test_4_mix_and_match_targets_from_another_snapshot_is_refused(
     older = repo.load("targets")
     release(repo, bundles["2.0.0"])
     current = int(repo.load("targets").signed.version)
-    assert current == older.signed.version + 1
+    assert current > older.signed.version
     mirror.set(f"/metadata/{current}.targets.json", Replace(older.to_bytes()))
 
     assert_refresh_rejected(
         device,
         "version mismatch (rollback or mix-and-match)",
-        f"Expected targets v{current}, got v{current - 1}",
+        f"Expected targets v{current}, got v{older.signed.version}",
     )
     assert_still_serving(device)
 

@@ -15,6 +15,7 @@ Mounting needs root and CAP_SYS_ADMIN; without them those cases skip, saying so.
 from __future__ import annotations
 
 import os
+import re
 import resource
 import signal
 import subprocess
@@ -192,7 +193,9 @@ def test_a_read_only_metadata_folder_stops_a_release_half_way_and_nothing_is_pub
     read_only(metadata)
     release = ["release", str(bundles["v2"]), "--fleet", FLEET, "--repo", str(repo_dir)]
     line = _one_line_error(*_run(release, capsys))
-    assert f"{metadata}/3.targets.json: Read-only file system (EROFS)" in line, line
+    assert re.search(rf"{metadata}/[0-9]+\.targets\.json: Read-only file system \(EROFS\)", line), (
+        line
+    )
     assert any((repo_dir / "targets" / "bundles" / MODEL).glob("*.2.0.0.bundle"))
     assert _versions(repo_dir) == versions
     assert _verifies(repo_dir, device, tmp_path / "fresh-2") == "1.0.0"

@@ -75,13 +75,13 @@ def test_a_stray_file_among_the_keys_is_ignored_with_a_warning(
     with caplog.at_level(logging.WARNING):
         changed = _resign_later(repo.path, 20)  # the timestamp is due: serve re-signs it
 
-    assert changed == {"timestamp": 2}
+    assert list(changed) == ["timestamp"] and changed["timestamp"] > 1
     warnings = " ".join(r.getMessage() for r in caplog.records)
     assert f"ignoring a file among the timestamp keys: cannot load the key {stray}" in warnings
     assert f"ignoring a file among the timestamp keys: {revoked}: its key" in warnings
     assert "is not one of the timestamp role's current keys" in warnings
     client.refresh()
-    assert client.trusted("timestamp") == 2
+    assert client.trusted("timestamp") == changed["timestamp"]
 
 
 def _give_to(path: Path, uid: int) -> None:

@@ -226,7 +226,7 @@ def test_expiry_per_role_is_kept_and_applied_now_to_online_roles(repo: Repositor
     with repo_lock(repo.path):
         policy, resigned = set_expiry(repo, "timestamp", 0.25)
     assert policy.timestamp_days == 0.25
-    assert resigned == {"timestamp": before + 1}
+    assert list(resigned) == ["timestamp"] and resigned["timestamp"] > before
     left = repo.load("timestamp").signed.expires - datetime.now(UTC)
     assert timedelta(hours=5) < left <= timedelta(hours=6)
     assert Repository.open(repo.path).policy.timestamp_days == 0.25

@@ -47,11 +47,14 @@ def _updater(repo: Repository, url: str, client: Path) -> Updater:
 def test_release_bumps_versions_and_sets_previous(
     repo: Repository, bundles: dict[str, Path]
 ) -> None:
+    initial = repo.versions()
     first = release_bundle(bundles["v1"], FLEET, repo.path)
     assert first.bundle_added and first.fleet_changed
-    assert first.versions == {"root": 1, "targets": 2, "snapshot": 2, "timestamp": 2, "rollout": 2}
     second = release_bundle(bundles["v2"], FLEET, repo.path)
-    assert second.versions == {"root": 1, "targets": 3, "snapshot": 3, "timestamp": 3, "rollout": 3}
+    # Each release signs a higher version of every role but root (repo.next_version).
+    for role in ("targets", "snapshot", "timestamp", "rollout"):
+        assert initial[role] < first.versions[role] < second.versions[role], role
+    assert first.versions["root"] == second.versions["root"] == 1
     raw = repo.read_target("rollout", desired_target_path(FLEET))
     assert raw is not None
     entry = parse_desired_state(raw, FLEET).models[MODEL]
@@ -63,13 +66,14 @@ def test_release_bumps_versions_and_sets_previous(
 def test_same_bytes_again_is_idempotent_and_repoints(
     repo: Repository, bundles: dict[str, Path]
 ) -> None:
-    release_bundle(bundles["v1"], FLEET, repo.path)
+    first = release_bundle(bundles["v1"], FLEET, repo.path)
     again = release_bundle(bundles["v1"], FLEET, repo.path)
     assert not again.bundle_added and not again.fleet_changed
-    assert again.versions["timestamp"] == 2
+    assert again.versions == first.versions  # nothing signed
     other_fleet = release_bundle(bundles["v1"], "field", repo.path)
     assert not other_fleet.bundle_added and other_fleet.fleet_changed
-    assert other_fleet.versions["targets"] == 2 and other_fleet.versions["rollout"] == 3
+    assert other_fleet.versions["targets"] == first.versions["targets"]
+    assert other_fleet.versions["rollout"] > first.versions["rollout"]
     assert repo.fleets() == ["field", FLEET]
 
 
@@ -135,10 +139,10 @@ def test_updater_downloads_desired_state_and_bundle(
 def test_serve_exposes_only_public_files(
     repo: Repository, bundles: dict[str, Path], start_serve: Callable[..., Served]
 ) -> None:
-    release_bundle(bundles["v1"], FLEET, repo.path)
+    released = release_bundle(bundles["v1"], FLEET, repo.path)
     url = start_serve(repo.path).url
     with urllib.request.urlopen(f"{url}/metadata/timestamp.json", timeout=5) as resp:
-        assert json.load(resp)["signed"]["version"] == 2
+        assert json.load(resp)["signed"]["version"] == released.versions["timestamp"]
     for path in (
         "/metadata/../keys/root.pem",
         "/metadata/%2e%2e/keys/root.pem",

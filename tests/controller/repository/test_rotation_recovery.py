@@ -159,16 +159,18 @@ def test_a_rollout_rotation_interrupted_before_its_snapshot_is_rolled_forward(
     client = Client(tmp_path, repo)
     client.refresh()
     targets_before = repo.versions()["targets"]
-    with monkeypatch.context() as m:  # targets v2 is journaled; Ctrl-C before it is written
+    with monkeypatch.context() as m:  # targets is journaled; Ctrl-C before it is written
         _interrupt(m, Repository, "write_signed")
         assert main(["keys", "rotate", ROLLOUT_ROLE, "--repo", str(repo.path)]) == 130
-    assert not (repo.metadata_dir / f"{targets_before + 1}.targets.json").exists()
+    journal = read_journal(repo.path)
+    assert journal is not None and journal.version > targets_before
+    assert not (repo.metadata_dir / f"{journal.version}.targets.json").exists()
 
     assert main(["keys", "expiry", "timestamp", "1", "--repo", str(repo.path)]) == 0
 
     reopened = Repository.open(repo.path)
     new_keyids, _ = reopened.role_keys(ROLLOUT_ROLE)
-    assert reopened.versions()["targets"] == targets_before + 1
+    assert reopened.versions()["targets"] == journal.version  # the journaled one, published
     assert _key_ids(repo.keys_dir, ROLLOUT_ROLE) == new_keyids
     path = desired_target_path("lab")
     with locked_repository(repo.path) as locked:  # the new rollout key signs what follows

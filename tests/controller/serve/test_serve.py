@@ -54,11 +54,11 @@ def test_release_is_announced_retained(
     broker: Broker,
     start_serve: Callable[..., Served],
 ) -> None:
-    release_bundle(bundles["v1"], FLEET, repo.path)
+    released = release_bundle(bundles["v1"], FLEET, repo.path)
     served = start_serve(repo.path, broker.address)
     client, got = _subscribe(broker, announce_topic(FLEET))
     try:
-        first = _wait_for_version(got, 2)
+        first = _wait_for_version(got, released.versions["timestamp"])
         assert first["schema"] == ANNOUNCE_SCHEMA and first["fleet"] == FLEET
         result = release_bundle(bundles["v2"], FLEET, repo.path)
         _wait_for_version(got, result.versions["timestamp"])
@@ -93,12 +93,16 @@ def test_serve_keeps_serving_http_without_a_broker(
 def test_resign_only_when_half_the_lifetime_is_gone(repo: Repository) -> None:
     now = datetime.now(UTC)
     assert resign_expiring(repo, now) == {}
+    before = repo.versions()
     changed = resign_expiring(repo, now + timedelta(hours=13))
-    assert changed == {"timestamp": 2}
+    assert list(changed) == ["timestamp"] and changed["timestamp"] > before["timestamp"]
+    assert changed == {"timestamp": repo.versions()["timestamp"]}
     changed = resign_expiring(repo, now + timedelta(days=4))
-    assert changed == {"snapshot": 2, "timestamp": 3}
+    assert sorted(changed) == ["snapshot", "timestamp"]
     changed = resign_expiring(repo, now + timedelta(days=16))
-    assert changed == {"rollout": 2, "snapshot": 3, "timestamp": 4}
+    assert sorted(changed) == ["rollout", "snapshot", "timestamp"]
+    after = repo.versions()
+    assert all(after[role] == changed[role] > before[role] for role in changed)
     assert repo.load("timestamp").signed.expires > now + timedelta(days=16)
     assert not needs_resign(now + timedelta(days=1), timedelta(days=1), now)
 
