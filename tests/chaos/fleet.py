@@ -257,14 +257,26 @@ class AgentProcess:
                 out[int(seq)] = kind
         return out
 
+    def dump_stacks(self) -> None:
+        """Have the running agent write every thread's stack to its log (SIGUSR1: the
+        agent's faulthandler), for a device that did not converge: what it waits on."""
+        with self._lock:
+            if self.proc is None or self.proc.process.poll() is not None:
+                return
+            self.proc.process.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+
     def diagnose(self) -> str:
         """Evidence for a device that did not converge, read from its logs (after it
-        stopped: an update loop that died shows its exception only at shutdown)."""
+        stopped: an update loop that died shows its exception only at shutdown), with
+        the agent's own threads from the last stack dump (``dump_stacks``)."""
         texts = [(log.name, log.read_text(errors="replace")) for log in self.logs()]
+        stacks = agent_threads(texts[-1][1]) if texts else ""
+        stacks = f"; its threads at the end: {stacks}" if stacks else ""
         for name, text in reversed(texts):
             died = [m.group(0) for m in _TRACEBACK.finditer(text) if _is_loop_death(m.group(0))]
             if died:
-                return f"its update loop had died ({name}): {_summary(died[-1])}"
+                return f"its update loop had died ({name}): {_summary(died[-1])}{stacks}"
         notes = [
             line
             for _, text in texts
@@ -272,7 +284,34 @@ class AgentProcess:
             if (" WARNING " in line or " ERROR " in line or "waits until" in line)
             and "agent.serving.routes" not in line
         ]
-        return "its update loop ran; its last notes: " + " | ".join(notes[-3:])
+        return "its update loop ran; its last notes: " + " | ".join(notes[-3:]) + stacks
+
+
+_THREAD = re.compile(
+    r"^(?:Current thread|Thread) 0x[0-9a-f]+ \(most recent call first\):\n((?:  .*\n?)*)", re.M
+)
+_FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+) in (?P<func>\S+)')
+
+
+def agent_threads(text: str) -> str:
+    """The threads of a log's last faulthandler dump that stand in the project's code,
+    each as its innermost frames (file:line func), innermost first."""
+    found = list(_THREAD.finditer(text))
+    last = found[-1:]
+    for earlier in reversed(found[:-1]):  # one dump: blocks separated by blank lines only
+        if text[earlier.end() : last[0].start()].strip():
+            break
+        last.insert(0, earlier)
+    out = []
+    for match in last:
+        frames = [f.groupdict() for f in _FRAME.finditer(match.group(1))]
+        if not any("/agent/" in f["file"] for f in frames):
+            continue
+        # The innermost frames (what it waits in), then the project's frames above them.
+        picked = frames[:5] + [f for f in frames[5:] if "/agent/" in f["file"]][:6]
+        shown = [f"{Path(f['file']).name}:{f['line']} {f['func']}" for f in picked]
+        out.append(" < ".join(shown))
+    return " || ".join(out)
 
 
 def _is_loop_death(traceback: str) -> bool:

@@ -359,6 +359,8 @@ class ChaosRun:
             client.join(40)
         if self.monitor is not None:
             self.monitor.join(10)
+        for device in self._unconverged:
+            self.agents[device].dump_stacks()
         for agent in self.agents.values():
             agent.stop()
         for device, reason in self._unconverged.items():

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ import pytest
 from agent.update.journal import JournalRecord, Phase
 from tests.chaos import invariants as inv
 from tests.chaos import schedule as sch
+from tests.chaos.fleet import agent_threads
 from tests.chaos.proxy import FaultLog, FaultProxy, ProxyHub, ProxySettings, Switch
 
 DEVICES = [f"dev-{i:02d}" for i in range(6)]
@@ -32,6 +35,28 @@ def _plan(seed: int, duration_s: float = 150.0) -> sch.Plan:
     return sch.make_plan(
         seed, duration_s, DEVICES, disk_device="dev-03", clock_device="dev-01", fleets=FLEETS
     )
+
+
+def test_the_stack_dump_of_a_stuck_agent_names_its_waiting_threads(tmp_path: Path) -> None:
+    """``agent_threads`` reads a real faulthandler dump (what SIGUSR1 makes an agent write):
+    the threads standing in the project's code, the last dump only."""
+    script = tmp_path / "agent" / "stuck.py"
+    script.parent.mkdir()
+    script.write_text(
+        "import faulthandler, sys, threading, time\n"
+        "faulthandler.dump_traceback(all_threads=True)  # an earlier dump\n"
+        "def waits_for_the_lock():\n"
+        "    threading.Event().wait(5)\n"
+        "threading.Thread(target=waits_for_the_lock, daemon=True).start()\n"
+        "time.sleep(0.3)\n"
+        "print('a log line', file=sys.stderr)\n"
+        "faulthandler.dump_traceback(all_threads=True)\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=30)
+    threads = agent_threads(done.stderr).split(" || ")
+    assert len(threads) == 2, done.stderr
+    assert any("stuck.py:4 waits_for_the_lock" in t for t in threads), threads
+    assert agent_threads("no dump in this log\n") == ""
 
 
 # ---------------------------------------------------------------------------- the plan
