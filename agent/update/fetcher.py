@@ -13,6 +13,12 @@ the way the client needs them. Every fetcher here is a ``ResumableFetcher``:
   has no overall deadline: a drip just under the read timeout would run on until the
   hash check. ``TransferGuard`` is the rule, as a pure function of byte counts and a
   clock.
+- every body is closed when its download ends, however it ends (``download_file``):
+  python-tuf's own loop leaves the body behind when it refuses one (too long, or a disk
+  that refused the temporary file), and a body left to the garbage collector closes at
+  a random moment; in httpcore 1.0.x that moment can fall while the same thread holds
+  its connection pool's (non-reentrant) lock, and the update check then waits on itself
+  forever (encode/httpcore#990, #996).
 - ``fetch_from(url, offset)`` resumes a target download (HTTP ``Range``); it returns the
   offset the body really starts at (0 when the server ignored the range), so the caller
   appends or starts over. The hash is always checked on the whole file by the caller.
@@ -25,12 +31,15 @@ from __future__ import annotations
 import abc
 import logging
 import re
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import IO
 
 import httpx
-from tuf.api.exceptions import DownloadError, DownloadHTTPError
+from tuf.api.exceptions import DownloadError, DownloadHTTPError, DownloadLengthMismatchError
 from tuf.ngclient.fetcher import FetcherInterface
 
 import agent
@@ -117,6 +126,30 @@ class ResumableFetcher(FetcherInterface):
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         return self.fetch_from(url, 0)[1]
+
+    @contextmanager
+    def download_file(self, url: str, max_length: int) -> Iterator[IO[bytes]]:
+        """python-tuf's ``download_file`` (a temporary file of at most ``max_length``
+        bytes), except that the body is closed before this returns or raises, whatever
+        ended it (module docstring: a body left to the garbage collector can deadlock)."""
+        with tempfile.TemporaryFile() as temp_file:
+            chunks = self.fetch(url)
+            try:
+                received = 0
+                for chunk in chunks:
+                    received += len(chunk)
+                    if received > max_length:
+                        raise DownloadLengthMismatchError(
+                            f"Downloaded {received} bytes exceeding the maximum allowed "
+                            f"length of {max_length}"
+                        )
+                    temp_file.write(chunk)
+            finally:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()
+            temp_file.seek(0)
+            yield temp_file
 
     def close(self) -> None:
         """Release connections."""

@@ -3,6 +3,7 @@ pure functions of byte counts and an injected clock."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -10,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import pytest
-from tuf.api.exceptions import DownloadError, DownloadHTTPError
+from tuf.api.exceptions import DownloadError, DownloadHTTPError, DownloadLengthMismatchError
 
 from agent.update.fetcher import (
     FallbackFetcher,
@@ -26,6 +27,8 @@ BODY = bytes(range(256)) * 40  # 10,240 bytes
 
 class _Handler(BaseHTTPRequestHandler):
     ranges_seen: ClassVar[list[str]] = []
+    # Set when a client closed the connection of /endless before its end.
+    closed_early: ClassVar[threading.Event] = threading.Event()
 
     def log_message(self, format: str, *args: object) -> None:
         pass
@@ -67,6 +70,20 @@ class _Handler(BaseHTTPRequestHandler):
                 except OSError:
                     return
                 time.sleep(0.1)
+        elif self.path == "/endless":
+            # 4 MiB, far more than a client that stops reading leaves in the buffers;
+            # a write blocked for 10 s ends it (bounded).
+            self.connection.settimeout(10)
+            self.send_response(200)
+            self.send_header("Content-Length", str(4 * 2**20))
+            self.end_headers()
+            try:
+                for _ in range(256):
+                    self.wfile.write(b"e" * 2**14)
+            except (BrokenPipeError, ConnectionResetError):
+                _Handler.closed_early.set()
+            except OSError:
+                return
         elif self.path == "/gone":
             self.send_error(410)
         elif self.path == "/broken":
@@ -118,6 +135,30 @@ def test_a_drip_breaks_the_minimum_progress_rule_long_before_the_deadline(server
     with pytest.raises(DownloadError, match="below the minimum progress of 100 bytes/s"):
         list(fetcher.fetch(f"{server}/drip"))
     assert time.monotonic() - started < 3.0
+
+
+def test_a_body_refused_for_its_length_is_closed_then_not_by_the_garbage_collector(
+    server: str,
+) -> None:
+    """python-tuf refuses a body longer than it may be halfway through; the fetcher closes
+    the body then. Left to the garbage collector, it would close at a random moment, in
+    httpcore 1.0.x possibly inside its pool's lock on the same thread: the update check
+    deadlocked that way in the chaos test (encode/httpcore#990). With the collector off
+    and the error kept, the server sees the connection closed only if the fetcher closed it."""
+    _Handler.closed_early = threading.Event()
+    fetcher = _fetcher()
+    gc.disable()
+    try:
+        # The error is kept, as the agent keeps it (``raise ... from``, logged, wrapped):
+        # its traceback holds python-tuf's frame, and that frame the body.
+        with pytest.raises(DownloadLengthMismatchError) as kept:
+            fetcher.download_bytes(f"{server}/endless", 1000)
+        assert _Handler.closed_early.wait(8), "the refused body's connection stayed open"
+        del kept
+        assert fetcher.download_bytes(f"{server}/ok", 1000) == b"x" * 1000
+    finally:
+        gc.enable()
+        fetcher.close()
 
 
 def test_unreachable_server_is_a_download_error() -> None:
