@@ -184,9 +184,9 @@ class HttpxFetcher(ResumableFetcher):
                 raise DownloadError(
                     f"{url}: asked for bytes from {offset}, the server answered from {start}"
                 )
-            return offset, self._body(url, response, guard)
+            return offset, _HttpBody(url, response, guard)
         if status == 200:
-            return 0, self._body(url, response, guard)
+            return 0, _HttpBody(url, response, guard)
         response.close()
         raise DownloadHTTPError(f"{url}: HTTP {status}", 404 if status in _NOT_FOUND else status)
 
@@ -198,17 +198,43 @@ class HttpxFetcher(ResumableFetcher):
         except httpx.HTTPError as exc:
             raise DownloadError(f"cannot fetch {url}: {exc}") from exc
 
-    def _body(self, url: str, response: httpx.Response, guard: TransferGuard) -> Iterator[bytes]:
+
+class _HttpBody(Iterator[bytes]):
+    """A response's body as a fetcher hands it out: the guard's rules checked after every
+    read from the network, httpx's errors raised as ``DownloadError``, and ``close``
+    closing the response whether or not reading began (a generator's ``close`` runs
+    nothing before its first step: the connection would stay taken until the garbage
+    collector, see the module docstring). It closes itself at its end or first error."""
+
+    def __init__(self, url: str, response: httpx.Response, guard: TransferGuard) -> None:
+        self._url = url
+        self._response = response
+        self._guard = guard
+        self._chunks: Iterator[bytes] | None = None
+
+    def __iter__(self) -> _HttpBody:
+        return self
+
+    def __next__(self) -> bytes:
+        if self._response.is_closed:
+            raise DownloadError(f"{self._url}: read after the body was closed")
         try:
-            # No chunk size: httpx would buffer up to it, and the rules must be checked
-            # after every read from the network, however small.
-            for chunk in response.iter_bytes():
-                guard.observe(len(chunk))
-                yield chunk
+            if self._chunks is None:
+                # No chunk size: httpx would buffer up to it, and the rules must be
+                # checked after every read from the network, however small.
+                self._chunks = self._response.iter_bytes()
+            chunk = next(self._chunks)
+            self._guard.observe(len(chunk))
         except httpx.HTTPError as exc:
-            raise DownloadError(f"{url}: transfer failed: {exc}") from exc
-        finally:
-            response.close()
+            self.close()
+            raise DownloadError(f"{self._url}: transfer failed: {exc}") from exc
+        except BaseException:  # StopIteration (the end), the guard's DownloadError, ...
+            self.close()
+            raise
+        return chunk
+
+    def close(self) -> None:
+        self._response.close()
 
 
 def _range_start(content_range: str) -> int | None:

@@ -721,6 +721,9 @@ class UpdateService:
         url = self._target_url(info)
         try:
             start, body = self._fetcher.fetch_from(url, have)
+        except tuf_errors.DownloadError as exc:
+            raise FetchError(f"{info.path}: {exc}") from exc
+        try:
             if have:
                 logger.info(
                     "%s: resuming at byte %d of %d%s",
@@ -735,6 +738,12 @@ class UpdateService:
                 _write_bounded(body, out, info.length - start, info.path)
         except tuf_errors.DownloadError as exc:
             raise FetchError(f"{info.path}: {exc}") from exc
+        finally:
+            # However it ended (the part's file refused too): a body left open holds its
+            # connection until the garbage collector closes it (agent.update.fetcher).
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
 
 
 def _drop_stale_parts(path: Path, keep: Path, same_bytes: str) -> None:
@@ -774,9 +783,6 @@ def _write_bounded(body: Iterator[bytes], out: BinaryIO, allowed: int, what: str
     finally:
         out.flush()
         os.fsync(out.fileno())
-        close = getattr(body, "close", None)
-        if close is not None:
-            close()
 
 
 def build_fetcher(

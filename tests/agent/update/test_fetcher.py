@@ -161,6 +161,23 @@ def test_a_body_refused_for_its_length_is_closed_then_not_by_the_garbage_collect
         fetcher.close()
 
 
+def test_a_body_closed_before_its_first_read_frees_its_connection(server: str) -> None:
+    """A caller that cannot start on a body (its part file refused) closes it: that
+    closes the connection too, not only a body that was read from."""
+    _Handler.closed_early = threading.Event()
+    fetcher = _fetcher()
+    try:
+        start, body = fetcher.fetch_from(f"{server}/endless", 0)
+        assert start == 0
+        close = body.close
+        close()
+        assert _Handler.closed_early.wait(8), "the unread body's connection stayed open"
+        with pytest.raises(DownloadError, match="after the body was closed"):
+            next(iter(body))
+    finally:
+        fetcher.close()
+
+
 def test_unreachable_server_is_a_download_error() -> None:
     with pytest.raises(DownloadError, match="cannot fetch"):
         list(_fetcher().fetch("http://127.0.0.1:9/nothing"))
