@@ -4,6 +4,7 @@ pure functions of byte counts and an injected clock."""
 from __future__ import annotations
 
 import gc
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -159,6 +160,17 @@ def test_a_body_refused_for_its_length_is_closed_then_not_by_the_garbage_collect
     finally:
         gc.enable()
         fetcher.close()
+
+
+def test_python_tuf_downloads_through_download_file_or_download_bytes_only() -> None:
+    """The closing above lives in ``download_file`` (``download_bytes`` calls it): were
+    python-tuf's Updater to iterate ``fetch`` itself, the fix would lapse silently."""
+    import inspect
+
+    from tuf.ngclient import updater
+
+    calls = set(re.findall(r"self\._fetcher\.(\w+)\(", inspect.getsource(updater)))
+    assert calls <= {"download_file", "download_bytes"}, calls
 
 
 def test_a_body_closed_before_its_first_read_frees_its_connection(server: str) -> None:
