@@ -72,9 +72,6 @@ logger = logging.getLogger(__name__)
 # Not EDGE_AGENT_*: that prefix is reserved for config overrides.
 PAUSE_ENV = "EDGEFLEET_TEST_PAUSE_AT"
 STOP_LOOP_ENV = "EDGEFLEET_TEST_STOP_LOOP"
-# Transfers one check may make, each up to the download deadline: root, timestamp,
-# snapshot, targets, the rollout role, desired state, a bundle, and one to spare.
-CHECK_TRANSFERS = 8
 # Slack on top of a probation tick's own deadlines, a heartbeat's least deadline, and on
 # top of each loop's cadence before it is late.
 PASS_SLACK_S = 60.0
@@ -92,7 +89,7 @@ class LoopStoppedForTest(RuntimeError):
 class PassDeadlines:
     """How long one pass of each loop may run before the watchdog calls it stuck."""
 
-    update_s: float  # counted again from every journal record the check persists
+    update_s: float  # counted again from every transfer's progress and journal record
     probation_s: float
     telemetry_s: float
 
@@ -100,19 +97,26 @@ class PassDeadlines:
 def pass_deadlines(config: AgentConfig) -> PassDeadlines:
     """Generous bounds from the config: they catch a hang, never a slow network.
 
-    A check: every transfer running to ``download_deadline_s``, on each repository source
-    in turn, then the install phases' deadlines. A probation tick (which never waits
-    behind an install): a rollback's load and swap. A heartbeat: twice its interval, at
-    least a minute.
+    A check renews its deadline whenever it makes progress: a transfer that starts or
+    receives data (``TransferLimits.on_progress``) and every journal record an install
+    persists. So its bound is the longest step that reports nothing: a transfer waiting
+    up to ``download_deadline_s`` for its next bytes, or an install phase up to its own
+    deadline, plus a minute for what lies between (hashing a bundle, applying a delta).
+    Neither the number of transfers nor of repository sources adds to it: a check stuck
+    in the middle (a lock that is never released) is caught after that bound, not after
+    every transfer of every source could have run to its deadline. A probation tick
+    (which never waits behind an install): a rollback's load and swap. A heartbeat: twice
+    its interval, at least a minute.
     """
     install = config.install
-    repository = config.repository
-    # A check may run on every repository source in turn (mirrors, url; agent.update.updater).
-    sources = 1 if repository.transport == "mqtt" else max(1, len(repository.sources))
-    phases_s = install.unpack_deadline_s + install.smoke_test_deadline_s
-    phases_s += install.activate_deadline_s
+    longest_step_s = max(
+        config.repository.download_deadline_s,
+        install.unpack_deadline_s,
+        install.smoke_test_deadline_s,
+        install.activate_deadline_s,
+    )
     return PassDeadlines(
-        update_s=sources * CHECK_TRANSFERS * repository.download_deadline_s + phases_s,
+        update_s=longest_step_s + PASS_SLACK_S,
         probation_s=install.smoke_test_deadline_s + install.activate_deadline_s + PASS_SLACK_S,
         telemetry_s=max(PASS_SLACK_S, 2 * config.telemetry.heartbeat_interval_s),
     )
@@ -173,7 +177,7 @@ class AgentApp:
             on_swap=self._swapped,
             on_transition=self._transitioned,
         )
-        self.updates = UpdateService(config, self.lifecycle)
+        self.updates = UpdateService(config, self.lifecycle, on_progress=self._check_progressed)
         self.metrics = InferenceMetrics()
         self.link = MqttLink(config, self._announced, self.models_status, self.outbox)
         self.server = InferenceServer.from_config(
@@ -460,6 +464,9 @@ class AgentApp:
     def _announced(self, timestamp_version: int | None) -> None:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.request_check)
+
+    def _check_progressed(self) -> None:
+        self.liveness.renew("update")  # a transfer started or received data
 
     def _transitioned(self, record: JournalRecord) -> None:
         self.liveness.renew("update")  # an install that persists a record makes progress

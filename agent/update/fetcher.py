@@ -65,13 +65,17 @@ class TransferLimits:
     deadline_s: float = 600.0
     min_bytes_per_s: float = 0.0
     progress_window_s: float = 30.0
+    # Called when a transfer starts and after every piece of data it receives (not while
+    # it only waits): the agent's watchdog counts an update check's deadline from there.
+    on_progress: Callable[[], None] | None = None
 
 
 class TransferGuard:
     """Enforces a transfer's overall deadline and minimum progress.
 
     Call ``observe(n)`` after every piece of ``n`` bytes (``n`` may be 0 for "still
-    waiting"). Raises ``DownloadError`` naming the rule broken; never touches I/O.
+    waiting"). Raises ``DownloadError`` naming the rule broken; never touches I/O. Reports
+    progress to ``limits.on_progress`` at the start and for every piece of data.
     """
 
     def __init__(
@@ -84,6 +88,8 @@ class TransferGuard:
         self._window_started = self._started
         self._window_bytes = 0
         self.received = 0
+        if limits.on_progress is not None:
+            limits.on_progress()
 
     def remaining_s(self) -> float:
         """Seconds left before the overall deadline (may be negative)."""
@@ -94,6 +100,8 @@ class TransferGuard:
         self.received += n
         self._window_bytes += n
         limits = self._limits
+        if n and limits.on_progress is not None:
+            limits.on_progress()
         if now - self._started > limits.deadline_s:
             raise DownloadError(
                 f"{self._what}: download exceeded its deadline of {limits.deadline_s:g}s "

@@ -64,7 +64,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,9 +135,17 @@ class CheckResult:
 class UpdateService:
     """Keeps the device's models at the versions its fleet's desired state names."""
 
-    def __init__(self, config: AgentConfig, lifecycle: ModelLifecycle) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        lifecycle: ModelLifecycle,
+        on_progress: Callable[[], None] | None = None,
+    ) -> None:
+        """``on_progress``: called as each transfer starts and as its data arrives (the
+        agent's watchdog renews the check's deadline then)."""
         self._config = config
         self._lifecycle = lifecycle
+        self._on_progress = on_progress
         self._lock = threading.Lock()
         repository = config.repository
         if repository.transport == "mqtt":
@@ -193,7 +201,9 @@ class UpdateService:
             fetcher = self._built_fetchers.get(index)
             if fetcher is None:
                 last = index == len(self._sources) - 1
-                fetcher = build_fetcher(self._config, self._base_url, mqtt_fallback=last)
+                fetcher = build_fetcher(
+                    self._config, self._base_url, mqtt_fallback=last, on_progress=self._on_progress
+                )
                 self._built_fetchers[index] = fetcher
             return fetcher
 
@@ -786,7 +796,10 @@ def _write_bounded(body: Iterator[bytes], out: BinaryIO, allowed: int, what: str
 
 
 def build_fetcher(
-    config: AgentConfig, base_url: str, mqtt_fallback: bool = True
+    config: AgentConfig,
+    base_url: str,
+    mqtt_fallback: bool = True,
+    on_progress: Callable[[], None] | None = None,
 ) -> ResumableFetcher:
     """The fetcher ``[repository] transport`` asks for, for the source at ``base_url``.
 
@@ -803,6 +816,7 @@ def build_fetcher(
         deadline_s=repository.download_deadline_s,
         min_bytes_per_s=repository.min_bytes_per_s,
         progress_window_s=repository.progress_window_s,
+        on_progress=on_progress,
     )
 
     def over_mqtt() -> MqttFetcher:

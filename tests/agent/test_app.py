@@ -5,7 +5,9 @@ gives the inference server."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -19,10 +21,12 @@ from agent.app import (
     retry_delay_s,
 )
 from agent.device.config import AgentConfig, InstallConfig, RepositoryConfig, TelemetryConfig
+from agent.device.liveness import Liveness
 from agent.runtime.loading import load_model
 from agent.serving.triton import IndexEntry
 from agent.update.journal import JournalRecord, Phase
 from tests.agent._model_dir import make_model_dir
+from tests.helpers import ManualClock
 
 
 def _config(tmp_path: Path) -> AgentConfig:
@@ -50,12 +54,57 @@ def _config(tmp_path: Path) -> AgentConfig:
 def test_pass_deadlines_follow_the_config(tmp_path: Path) -> None:
     config = _config(tmp_path)
     assert pass_deadlines(config) == PassDeadlines(
-        update_s=8 * 100.0 + 10.0 + 20.0 + 5.0,  # every transfer to its deadline, the phases
+        update_s=100.0 + 60.0,  # the longest step that reports no progress, and slack
         probation_s=20.0 + 5.0 + 60.0,  # a rollback's load and swap, and slack
         telemetry_s=60.0,  # at least a minute
     )
     slow = replace(config, telemetry=TelemetryConfig(heartbeat_interval_s=45.0))
     assert pass_deadlines(slow).telemetry_s == 90.0
+
+
+def test_the_update_pass_is_bounded_by_its_longest_silent_step(tmp_path: Path) -> None:
+    """A smoke test longer than a download's deadline is the longest step then."""
+    config = _config(tmp_path)
+    slow = replace(config, install=replace(config.install, smoke_test_deadline_s=300.0))
+    assert pass_deadlines(slow).update_s == 300.0 + 60.0
+
+
+def test_a_transfer_of_the_update_check_renews_its_pass(tmp_path: Path) -> None:
+    """The update check's fetcher reports each transfer's progress to the watchdog: a
+    pass that downloads is renewed, a pass that hangs is not (real HTTP on 127.0.0.1)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"m" * 1000)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    config = _config(tmp_path)
+    app = AgentApp(replace(config, repository=replace(config.repository, url=base)))
+    clock = ManualClock()
+    app.liveness = Liveness(clock)
+    try:
+        app.liveness.watch("update", lambda: True)
+        app.liveness.begin("update", 10.0)
+        clock.now += 50.0
+        assert not app.liveness.verdict().is_healthy  # 50 s into a 10 s pass
+        fetcher = app.updates._fetcher  # the one a check of the first source uses
+        assert fetcher.download_bytes(f"{base}/metadata/1.root.json", 2000) == b"m" * 1000
+        assert app.liveness.verdict().is_healthy  # renewed by the transfer
+        clock.now += 11.0
+        assert not app.liveness.verdict().is_healthy  # nothing since: a hang shows
+    finally:
+        app.updates.close()
+        app.outbox.close()
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def test_a_loop_is_late_after_its_longest_gap_and_a_minute(tmp_path: Path) -> None:

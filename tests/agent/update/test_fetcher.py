@@ -246,6 +246,20 @@ def test_guard_minimum_progress_is_judged_per_window() -> None:
         guard.observe(0)
 
 
+def test_guard_reports_progress_at_the_start_and_for_data_only() -> None:
+    """What renews the update check's watchdog deadline: a transfer starting and bytes
+    arriving; a transfer that only waits (``observe(0)``) reports nothing."""
+    reports: list[int] = []
+    limits = TransferLimits(deadline_s=10.0, on_progress=lambda: reports.append(1))
+    guard = TransferGuard("x", limits, clock=ManualClock())
+    assert len(reports) == 1
+    guard.observe(0)
+    guard.observe(0)
+    assert len(reports) == 1
+    guard.observe(512)
+    assert len(reports) == 2
+
+
 def test_guard_without_a_progress_rule_only_has_the_deadline() -> None:
     clock = ManualClock()
     guard = TransferGuard("f", TransferLimits(deadline_s=100.0, min_bytes_per_s=0), clock)
