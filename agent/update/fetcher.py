@@ -153,9 +153,7 @@ class ResumableFetcher(FetcherInterface):
                         )
                     temp_file.write(chunk)
             finally:
-                close = getattr(chunks, "close", None)
-                if close is not None:
-                    close()
+                close_body(chunks)
             temp_file.seek(0)
             yield temp_file
 
@@ -243,6 +241,14 @@ class _HttpBody(Iterator[bytes]):
 
     def close(self) -> None:
         self._response.close()
+
+
+def close_body(body: Iterator[bytes]) -> None:
+    """Close a body a fetcher handed out, however far it was read (module docstring: a
+    body left to the garbage collector can deadlock the check)."""
+    close = getattr(body, "close", None)
+    if close is not None:
+        close()
 
 
 def _range_start(content_range: str) -> int | None:

@@ -728,12 +728,12 @@ class UpdateService:
             have = 0
         if have == info.length:
             return  # complete already: only the verification was missing
+        from agent.update.fetcher import close_body  # built already: no import cost here
+
         url = self._target_url(info)
+        body: Iterator[bytes] | None = None
         try:
             start, body = self._fetcher.fetch_from(url, have)
-        except tuf_errors.DownloadError as exc:
-            raise FetchError(f"{info.path}: {exc}") from exc
-        try:
             if have:
                 logger.info(
                     "%s: resuming at byte %d of %d%s",
@@ -751,9 +751,8 @@ class UpdateService:
         finally:
             # However it ended (the part's file refused too): a body left open holds its
             # connection until the garbage collector closes it (agent.update.fetcher).
-            close = getattr(body, "close", None)
-            if close is not None:
-                close()
+            if body is not None:
+                close_body(body)
 
 
 def _drop_stale_parts(path: Path, keep: Path, same_bytes: str) -> None:
